@@ -1,0 +1,48 @@
+# agentq — `make run` starts the demo, `make test` runs the whole suite. Both install what they need.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PORT ?= 8000
+
+.PHONY: install run test test-chaos lint bench clean redis
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Starts the local Redis if nothing answers on its port (it keeps nothing on disk).
+redis:
+	@redis-cli -u "$${REDIS_URL:-redis://127.0.0.1:6379/0}" ping >/dev/null 2>&1 || \
+		redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+
+run: install redis
+	$(BIN)/agentq db init
+	@$(BIN)/agentq demo seed --mock-url http://127.0.0.1:$${AGENTQ_DEMO_UPSTREAM_PORT:-8765}/v1 > var/demo.json
+	@echo
+	@echo "  agentq is starting at http://127.0.0.1:$(PORT)"
+	@echo "  demo API key: $$(cat var/demo-api-key)"
+	@echo "  demo agent id: $$($(BIN)/python -c 'import json;print(json.load(open("var/demo.json"))["agent_id"])')"
+	@echo "  try the curl session in README.md; Ctrl-C stops everything"
+	@echo
+	PATH="$(CURDIR)/$(BIN):$$PATH" PORT=$(PORT) $(BIN)/honcho -f Procfile.demo start
+
+test: install redis
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q -m "not chaos"
+
+test-chaos: install redis
+	$(BIN)/pytest -q -m chaos -s
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install redis
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .ruff_cache

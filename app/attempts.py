@@ -1,0 +1,25 @@
+"""Recording every upstream attempt (and counting it in the metrics) in the transaction that settles a run."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from sqlalchemy.orm import Session
+
+from app import metrics
+from app.fallback import AttemptRecord
+from app.models import ModelAttempt
+
+
+def record_attempts(
+    session: Session, attempts: Iterable[AttemptRecord], *, message_id: int | None = None,
+    debug_log_id: int | None = None,
+) -> None:
+    attempts = list(attempts)
+    session.add_all(
+        ModelAttempt(message_id=message_id, debug_log_id=debug_log_id, model_name=a.model_name, outcome=a.outcome,
+                     error=a.error, latency_ms=a.latency_ms, first_token_ms=a.first_token_ms,
+                     prompt_tokens=a.prompt_tokens, completion_tokens=a.completion_tokens, cost=a.cost)
+        for a in attempts
+    )
+    metrics.observe_attempts(attempts)

@@ -1,0 +1,129 @@
+"""Admin-managed catalog: upstream models with their prices, and agents built on them.
+
+Both are deleted softly: conversations, messages and cost records keep pointing at what produced them.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.db import transaction
+from app.errors import Conflict, NotFound, ValidationFailed
+from app.models import Agent, LlmModel
+
+
+def _live_model(session: Session, model_id: int) -> LlmModel:
+    model = session.get(LlmModel, model_id)
+    if model is None or model.deleted_at is not None:
+        raise NotFound("No such model.")
+    return model
+
+
+def _live_agent(session: Session, agent_id: int) -> Agent:
+    agent = session.get(Agent, agent_id)
+    if agent is None or agent.deleted_at is not None:
+        raise NotFound("No such agent.")
+    return agent
+
+
+def _flush_unique_name(session: Session) -> None:
+    try:
+        session.flush()
+    except IntegrityError as exc:
+        raise Conflict("A model with this name already exists.", code="name_taken") from exc
+
+
+def create_model(fields: dict[str, Any]) -> LlmModel:
+    with transaction() as session:
+        model = LlmModel(**fields)
+        session.add(model)
+        _flush_unique_name(session)
+        session.refresh(model)
+        return model
+
+
+def list_models() -> list[LlmModel]:
+    with transaction() as session:
+        return list(session.scalars(select(LlmModel).where(LlmModel.deleted_at.is_(None)).order_by(LlmModel.id)))
+
+
+def get_model(model_id: int) -> LlmModel:
+    with transaction() as session:
+        return _live_model(session, model_id)
+
+
+def update_model(model_id: int, changes: dict[str, Any]) -> LlmModel:
+    with transaction() as session:
+        model = _live_model(session, model_id)
+        for key, value in changes.items():
+            setattr(model, key, value)
+        _flush_unique_name(session)
+        session.refresh(model)
+        return model
+
+
+def delete_model(model_id: int) -> None:
+    """Refused while a live agent still uses the model, so no agent is left without one."""
+    with transaction() as session:
+        model = _live_model(session, model_id)
+        in_use = session.scalar(
+            select(Agent.id).where(
+                Agent.deleted_at.is_(None), or_(Agent.model_id == model_id, Agent.fallback_model_id == model_id)
+            ).limit(1)
+        )
+        if in_use is not None:
+            raise Conflict(f"Agent {in_use} still uses this model.", code="model_in_use")
+        model.deleted_at = datetime.now(UTC)
+
+
+def _check_models(session: Session, fields: dict[str, Any]) -> None:
+    for key in ("model_id", "fallback_model_id"):
+        model_id = fields.get(key)
+        if model_id is None:
+            continue
+        model = session.get(LlmModel, model_id)
+        if model is None or model.deleted_at is not None:
+            raise ValidationFailed(f"{key} {model_id} does not name a model.")
+
+
+def create_agent(fields: dict[str, Any]) -> Agent:
+    with transaction() as session:
+        _check_models(session, fields)
+        agent = Agent(**fields)
+        session.add(agent)
+        session.flush()
+        session.refresh(agent)
+        return agent
+
+
+def list_agents() -> list[Agent]:
+    with transaction() as session:
+        return list(session.scalars(select(Agent).where(Agent.deleted_at.is_(None)).order_by(Agent.id)))
+
+
+def get_agent(agent_id: int) -> Agent:
+    with transaction() as session:
+        return _live_agent(session, agent_id)
+
+
+def update_agent(agent_id: int, changes: dict[str, Any]) -> Agent:
+    with transaction() as session:
+        agent = _live_agent(session, agent_id)
+        _check_models(session, changes)
+        if "model_id" in changes and changes["model_id"] is None:
+            raise ValidationFailed("model_id cannot be removed.")
+        for key, value in changes.items():
+            setattr(agent, key, value)
+        session.flush()
+        session.refresh(agent)
+        return agent
+
+
+def delete_agent(agent_id: int) -> None:
+    with transaction() as session:
+        _live_agent(session, agent_id).deleted_at = datetime.now(UTC)

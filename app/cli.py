@@ -1,0 +1,142 @@
+"""The `agentq` command: thin wrappers that parse arguments and call one function of the application."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+
+def _metrics_dir() -> None:
+    """Counters of every process land in one directory; must be set before prometheus_client loads."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        path = Path(tempfile.gettempdir()) / f"agentq-metrics-{os.getuid()}"
+        path.mkdir(parents=True, exist_ok=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+
+
+def _amount(value: str) -> Decimal:
+    try:
+        return Decimal(value)
+    except InvalidOperation as exc:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an amount") from exc
+
+
+def _print(payload: object) -> None:
+    print(json.dumps(payload, ensure_ascii=False, default=str))
+
+
+def cmd_db_init(args: argparse.Namespace) -> int:
+    from app.schema import init_schema
+
+    print(init_schema())
+    return 0
+
+
+def cmd_users_create(args: argparse.Namespace) -> int:
+    from app.users import create_user
+
+    created = create_user(args.name, is_admin=args.admin, balance=args.balance)
+    _print({"id": created.user.id, "name": created.user.name, "api_key": created.api_key})
+    return 0
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    _metrics_dir()
+    from web.server import serve
+
+    serve(args.host, args.port, workers=args.workers, threads=args.threads)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    _metrics_dir()
+    from dramatiq.cli import main as dramatiq_main
+    from dramatiq.cli import make_argument_parser
+
+    from app.config import get_settings
+
+    os.environ.setdefault("dramatiq_queue_prefetch", str(max(1, args.threads)))
+    argv = ["workers.actors", "--processes", str(args.processes), "--threads", str(args.threads),
+            "--worker-shutdown-timeout", str(int(get_settings().shutdown_grace_seconds * 1000))]
+    if args.queues:
+        argv += ["--queues", *args.queues]
+    return int(dramatiq_main(make_argument_parser().parse_args(argv)) or 0)
+
+
+def cmd_mock_llm(args: argparse.Namespace) -> int:
+    from app.mock_upstream import main
+
+    main(["--host", args.host, "--port", str(args.port)])
+    return 0
+
+
+def cmd_demo_seed(args: argparse.Namespace) -> int:
+    from app.demo import seed_demo
+
+    demo = seed_demo(args.mock_url, Path(args.key_file))
+    _print({"user_id": demo.user_id, "agent_id": demo.agent_id, "api_key": demo.api_key})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agentq", description="agentq: LLM agent turns on Dramatiq workers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
+    db.add_parser("init", help="create or upgrade the schema (safe to run twice)").set_defaults(func=cmd_db_init)
+
+    users = sub.add_parser("users", help="accounts").add_subparsers(dest="users_command", required=True)
+    create = users.add_parser("create", help="create a user and print its API key once")
+    create.add_argument("name")
+    create.add_argument("--admin", action="store_true")
+    create.add_argument("--balance", type=_amount, default=Decimal(0))
+    create.set_defaults(func=cmd_users_create)
+
+    web = sub.add_parser("web", help="serve the HTTP API with gunicorn")
+    web.add_argument("--host", default=os.environ.get("AGENTQ_HOST", "127.0.0.1"))
+    web.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    web.add_argument("--workers", type=int, default=int(os.environ.get("AGENTQ_WEB_WORKERS", "2")))
+    web.add_argument("--threads", type=int, default=int(os.environ.get("AGENTQ_WEB_THREADS", "64")))
+    web.set_defaults(func=cmd_web)
+
+    worker = sub.add_parser("worker", help="run Dramatiq worker processes")
+    worker.add_argument("--processes", type=int, default=int(os.environ.get("AGENTQ_WORKER_PROCESSES", "2")))
+    worker.add_argument("--threads", type=int, default=int(os.environ.get("AGENTQ_WORKER_THREADS", "16")))
+    worker.add_argument("--queues", nargs="+", default=None)
+    worker.set_defaults(func=cmd_worker)
+
+    mock = sub.add_parser("mock-llm", help="run the OpenAI-compatible mock upstream (demo and tests)")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=8765)
+    mock.set_defaults(func=cmd_mock_llm)
+
+    demo = sub.add_parser("demo", help="the built-in demo").add_subparsers(dest="demo_command", required=True)
+    seed = demo.add_parser("seed", help="create (or reuse) the demo user, model and agent")
+    seed.add_argument("--mock-url", default="http://127.0.0.1:8765/v1")
+    seed.add_argument("--key-file", default="var/demo-api-key")
+    seed.set_defaults(func=cmd_demo_seed)
+
+    from app.cli_ops import add_ops_commands
+
+    add_ops_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from app.errors import AgentqError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except AgentqError as exc:
+        print(json.dumps({"error": {"code": exc.code, "message": exc.message}}, ensure_ascii=False), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Settings read from the environment (and an optional `.env` file).
+
+One immutable object built once per process; code asks for `get_settings()`
+instead of reading `os.environ`, so tests can point a whole process at another
+database or Redis by setting variables before it starts.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SQLITE_PATH = Path("var") / "agentq.sqlite3"
+
+
+class Settings(BaseSettings):
+    """Every knob of agentq; `AGENTQ_` prefixed except the two URLs the contract names."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_prefix="AGENTQ_", extra="ignore", frozen=True)
+
+    database_url: str = Field(
+        default=f"sqlite:///{DEFAULT_SQLITE_PATH}", validation_alias="DATABASE_URL"
+    )
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", validation_alias="REDIS_URL")
+
+    max_active_conversations: int = Field(default=3, ge=1)
+    dedup_window_seconds: int = Field(default=300, ge=0)
+    max_content_chars: int = Field(default=32000, ge=1)
+    blocked_terms: str = ""
+    moderation_url: str | None = None
+    moderation_api_key_env: str | None = None
+
+    lease_seconds: float = Field(default=30.0, gt=0)
+    recovery_interval_seconds: float = Field(default=5.0, gt=0)
+    enqueue_grace_seconds: float = Field(default=5.0, gt=0)
+    stale_pending_seconds: float = Field(default=300.0, gt=0)
+    turn_grace_seconds: float = Field(default=60.0, ge=0)
+    default_max_tokens: int = Field(default=1024, ge=1)
+    default_context_window: int = Field(default=8192, ge=256)
+    max_retries: int = Field(default=3, ge=0)
+    max_deliveries: int = Field(default=5, ge=1)
+    min_backoff_ms: int = Field(default=1000, ge=0)
+    max_backoff_ms: int = Field(default=30000, ge=0)
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+    broker_heartbeat_ms: int = Field(default=15000, ge=1000)
+    broker_maintenance_chance: int = Field(default=50, ge=1)
+    broker_namespace: str = "agentq-dramatiq"
+
+    stream_maxlen: int = Field(default=10000, ge=100)
+    stream_ttl_seconds: int = Field(default=3600, ge=60)
+    stream_heartbeat_seconds: float = Field(default=15.0, gt=0)
+    stream_max_seconds: float = Field(default=3900.0, gt=0)
+
+    db_pool_size: int = Field(default=10, ge=1)
+    log_json: bool = False
+    log_level: str = "INFO"
+
+    @field_validator("database_url")
+    @classmethod
+    def _psycopg_driver(cls, url: str) -> str:
+        """A bare `postgresql://` URL would pick psycopg2, which is not installed."""
+        if url.startswith("postgresql://") or url.startswith("postgres://"):
+            return "postgresql+psycopg://" + url.split("://", 1)[1]
+        return url
+
+    @property
+    def blocked_term_list(self) -> list[str]:
+        return [t.strip().casefold() for t in self.blocked_terms.split(",") if t.strip()]
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+MONEY_QUANTUM = Decimal("0.000001")

@@ -1,0 +1,165 @@
+"""Conversations a user owns: creating (with de-duplication), listing, reading, deleting.
+
+Another user's conversation, or a deleted one, is simply not found: ownership is part of every query.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from app.auth import Principal
+from app.config import get_settings
+from app.db import transaction
+from app.errors import MalformedRequest, NotFound
+from app.models import Agent, Conversation, ConversationMessage, User
+from app.models.base import utc_now
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedConversation:
+    conversation: Conversation
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationPage:
+    items: list[Conversation]
+    next_cursor: str | None
+
+
+def owned_conversation(session: Session, principal: Principal, conversation_id: int) -> Conversation:
+    conversation = session.get(Conversation, conversation_id)
+    if conversation is None or conversation.user_id != principal.id or conversation.deleted_at is not None:
+        raise NotFound("No such conversation.")
+    return conversation
+
+
+def create_conversation(
+    principal: Principal, agent_id: int, project_id: int | None, title: str | None
+) -> CreatedConversation:
+    """Returns the user's empty conversation with the same agent and project made within the dedup window.
+
+    Clients that double-submit "new chat" get one conversation, not two; the user row lock makes
+    two concurrent requests agree.
+    """
+    window = get_settings().dedup_window_seconds
+    with transaction() as session:
+        session.execute(select(User.id).where(User.id == principal.id).with_for_update())
+        agent = session.get(Agent, agent_id)
+        if agent is None or agent.deleted_at is not None:
+            raise NotFound("No such agent.")
+        if window > 0:
+            existing = session.scalar(
+                select(Conversation)
+                .where(
+                    Conversation.user_id == principal.id,
+                    Conversation.agent_id == agent_id,
+                    Conversation.project_id.is_(None) if project_id is None
+                    else Conversation.project_id == project_id,
+                    Conversation.deleted_at.is_(None),
+                    Conversation.message_count == 0,
+                    Conversation.created_at >= utc_now() - timedelta(seconds=window),
+                )
+                .order_by(Conversation.id.desc())
+                .limit(1)
+            )
+            if existing is not None:
+                return CreatedConversation(existing, created=False)
+        conversation = Conversation(user_id=principal.id, agent_id=agent_id, project_id=project_id, title=title,
+                                    message_count=0, total_tokens=0)
+        session.add(conversation)
+        session.flush()
+        return CreatedConversation(conversation, created=True)
+
+
+def _encode_cursor(conversation: Conversation) -> str:
+    raw = f"{conversation.updated_at.isoformat()}|{conversation.id}"
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, int]:
+    try:
+        stamp, ident = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
+        moment = datetime.fromisoformat(stamp)
+        return moment, int(ident)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedRequest("cursor is not one this API returned.", code="invalid_cursor") from exc
+
+
+def list_conversations(principal: Principal, limit: int, cursor: str | None) -> ConversationPage:
+    """Newest activity first, and only conversations where the assistant has answered successfully once."""
+    query = (
+        select(Conversation)
+        .where(
+            Conversation.user_id == principal.id,
+            Conversation.deleted_at.is_(None),
+            Conversation.last_success_at.is_not(None),
+        )
+        .order_by(Conversation.updated_at.desc(), Conversation.id.desc())
+        .limit(limit + 1)
+    )
+    if cursor:
+        moment, ident = _decode_cursor(cursor)
+        if get_settings().is_sqlite:
+            moment = moment.astimezone(UTC).replace(tzinfo=None)
+        query = query.where(
+            or_(
+                Conversation.updated_at < moment,
+                and_(Conversation.updated_at == moment, Conversation.id < ident),
+            )
+        )
+    with transaction() as session:
+        rows = list(session.scalars(query))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return ConversationPage(rows, _encode_cursor(rows[-1]) if more and rows else None)
+
+
+def get_conversation(principal: Principal, conversation_id: int) -> Conversation:
+    with transaction() as session:
+        return owned_conversation(session, principal, conversation_id)
+
+
+def delete_conversation(principal: Principal, conversation_id: int) -> None:
+    """Hidden from the user at once; its messages and charges stay for accounting."""
+    with transaction() as session:
+        owned_conversation(session, principal, conversation_id).deleted_at = utc_now()
+
+
+def list_messages(principal: Principal, conversation_id: int) -> list[ConversationMessage]:
+    with transaction() as session:
+        owned_conversation(session, principal, conversation_id)
+        return list(
+            session.scalars(
+                select(ConversationMessage)
+                .where(ConversationMessage.conversation_id == conversation_id)
+                .order_by(ConversationMessage.seq)
+            )
+        )
+
+
+def get_message(principal: Principal, message_id: int) -> ConversationMessage:
+    with transaction() as session:
+        message = session.get(ConversationMessage, message_id)
+        if message is None:
+            raise NotFound("No such message.")
+        owned_conversation(session, principal, message.conversation_id)
+        return message
+
+
+def record_turn_end(session: Session, conversation_id: int, success_tokens: int | None) -> None:
+    """Statistics at a turn's end: activity always; tokens and "has an answer" only for a success.
+
+    `message_count` was already counted when the turn was accepted (it allocates the seq numbers).
+    """
+    now = utc_now()
+    values: dict[str, object] = {"updated_at": now}
+    if success_tokens is not None:
+        values["total_tokens"] = Conversation.total_tokens + success_tokens
+        values["last_success_at"] = now
+    session.execute(update(Conversation).where(Conversation.id == conversation_id).values(**values))

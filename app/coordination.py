@@ -1,0 +1,181 @@
+"""The Redis fast path for "one turn per conversation" and "N active conversations per user".
+
+A conversation lock (owner token, lease) and a per-user set of slots are taken when a turn is
+accepted, renewed by the worker while the model streams, and freed at the terminal status; if their
+holder dies they expire by themselves. They only ever *refuse early*: the database repeats every
+check (`app.turn_intake`), and a refusal is confirmed against the database before it is returned,
+so a lock left behind by a crash never blocks a conversation that is really idle. When Redis is
+unreachable every call degrades to a no-op and the database's guarantees stand alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+
+import redis
+from sqlalchemy import select
+
+from app.config import get_settings
+from app.db import transaction
+from app.errors import ConversationBusy, TooManyActiveConversations
+from app.models import ConversationMessage, Turn
+from app.redis_client import get_redis, key
+from app.turn_status import IN_FLIGHT, TurnStatus
+
+log = logging.getLogger(__name__)
+
+BUSY = -1
+AT_LIMIT = -2
+
+
+@cache
+def _script(name: str) -> str:
+    return resources.files("app").joinpath("lua", f"{name}.lua").read_text()
+
+
+def _run(name: str, keys: list[str], args: list[object]) -> object:
+    client = get_redis()
+    return client.register_script(_script(name))(keys=keys, args=args, client=client)
+
+
+def lock_key(conversation_id: int) -> str:
+    return key("conversation", conversation_id, "lock")
+
+
+def slots_key(user_id: int) -> str:
+    return key("user", user_id, "slots")
+
+
+def turn_owner(turn_id: int) -> str:
+    return f"turn:{turn_id}"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _lease_ms() -> int:
+    return int(get_settings().lease_seconds * 1000)
+
+
+@dataclass
+class TurnSlots:
+    """The lock and slot an accepted request holds until its turn is bound to them."""
+
+    user_id: int
+    conversation_id: int
+    owner: str | None = field(default=None)
+
+    def bind(self, turn_id: int) -> None:
+        """Hand the lock from this request to the turn, whose worker renews and frees it."""
+        if self.owner is None:
+            return
+        try:
+            _run("renew_turn_slots", [lock_key(self.conversation_id), slots_key(self.user_id)],
+                 [turn_owner(turn_id), _now_ms(), _lease_ms(), self.conversation_id, self.owner])
+        except redis.RedisError:
+            log.warning("could not hand the conversation lock to turn %s", turn_id, exc_info=True)
+        self.owner = None
+
+    def release(self) -> None:
+        if self.owner is None:
+            return
+        _release(self.user_id, self.conversation_id, self.owner)
+        self.owner = None
+
+
+def _release(user_id: int, conversation_id: int, owner: str) -> None:
+    try:
+        _run("release_turn_slots", [lock_key(conversation_id), slots_key(user_id)], [owner, conversation_id])
+    except redis.RedisError:
+        log.warning("could not free the lock of conversation %s", conversation_id, exc_info=True)
+
+
+def _stale_turn_owner(owner: bytes | str) -> bool:
+    """True when the lock names a turn the database says has ended (its holder died before freeing it)."""
+    text = owner.decode() if isinstance(owner, bytes) else owner
+    if not text.startswith("turn:"):
+        return False
+    with transaction() as session:
+        status = session.scalar(select(ConversationMessage.status).where(ConversationMessage.id == int(text[5:])))
+    return status is None or TurnStatus(status).is_terminal
+
+
+def _forget_idle_slots(user_id: int) -> None:
+    """Drop slots of conversations the database says are idle."""
+    with transaction() as session:
+        active = {
+            str(cid)
+            for cid in session.scalars(
+                select(Turn.conversation_id)
+                .join(ConversationMessage, ConversationMessage.id == Turn.assistant_message_id)
+                .where(Turn.user_id == user_id, ConversationMessage.role == "assistant",
+                       ConversationMessage.status.in_([s.value for s in IN_FLIGHT]))
+            )
+        }
+    client = get_redis()
+    members = {m.decode() for m in client.zrange(slots_key(user_id), 0, -1)}
+    stale = members - active
+    if stale:
+        client.zrem(slots_key(user_id), *stale)
+
+
+def acquire_turn_slots(user_id: int, conversation_id: int) -> TurnSlots:
+    """Take the conversation's lock and a user slot, or raise the refusal the database confirms."""
+    settings = get_settings()
+    owner = f"intake:{secrets.token_hex(8)}"
+    keys = [lock_key(conversation_id), slots_key(user_id)]
+    try:
+        for attempt in range(2):
+            result = _run("acquire_turn_slots", keys,
+                          [owner, _now_ms(), _lease_ms(), settings.max_active_conversations, conversation_id])
+            code = int(result[0])  # type: ignore[index]
+            if code == 1:
+                return TurnSlots(user_id, conversation_id, owner)
+            if code == BUSY:
+                holder = result[1]  # type: ignore[index]
+                if attempt == 0 and _stale_turn_owner(holder):
+                    _release(user_id, conversation_id, holder.decode() if isinstance(holder, bytes) else holder)
+                    continue
+                raise ConversationBusy()
+            if attempt == 0:
+                _forget_idle_slots(user_id)
+                continue
+            raise TooManyActiveConversations(settings.max_active_conversations)
+    except redis.RedisError:
+        log.warning("Redis unreachable; the database alone guards conversation %s", conversation_id)
+    return TurnSlots(user_id, conversation_id, None)
+
+
+@dataclass(frozen=True, slots=True)
+class HeldTurn:
+    """What a worker needs to renew and free a turn's lock and slot."""
+
+    turn_id: int
+    user_id: int
+    conversation_id: int
+
+
+def renew(turns: Iterable[HeldTurn]) -> set[int]:
+    """Renew the locks of the turns this process works on; returns the ids whose lock another holds."""
+    lost: set[int] = set()
+    now, lease = _now_ms(), _lease_ms()
+    for held in turns:
+        try:
+            ok = _run("renew_turn_slots", [lock_key(held.conversation_id), slots_key(held.user_id)],
+                      [turn_owner(held.turn_id), now, lease, held.conversation_id, ""])
+        except redis.RedisError:
+            return lost
+        if not ok:
+            lost.add(held.turn_id)
+    return lost
+
+
+def release(held: HeldTurn) -> None:
+    _release(held.user_id, held.conversation_id, turn_owner(held.turn_id))

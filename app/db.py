@@ -1,0 +1,89 @@
+"""The database engine and the one way to open a unit of work.
+
+Services open `transaction()` once per use case and nothing else commits. On SQLite (the embedded
+default) every transaction starts with BEGIN IMMEDIATE so concurrent writers queue on the busy
+timeout instead of failing half-way with "database is locked".
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import get_settings
+
+_lock = threading.Lock()
+_engines: dict[str, tuple[Engine, sessionmaker[Session]]] = {}
+
+
+def _sqlite_engine(url: str) -> Engine:
+    path = url.split("///", 1)[1] if "///" in url else ""
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection) -> None:  # type: ignore[no-untyped-def]
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _build_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        return _sqlite_engine(url)
+    settings = get_settings()
+    return create_engine(
+        url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_pool_size * 4,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+    )
+
+
+def _engine_and_factory() -> tuple[Engine, sessionmaker[Session]]:
+    url = get_settings().database_url
+    found = _engines.get(url)
+    if found is None:
+        with _lock:
+            found = _engines.get(url)
+            if found is None:
+                engine = _build_engine(url)
+                found = (engine, sessionmaker(engine, expire_on_commit=False))
+                _engines[url] = found
+    return found
+
+
+def get_engine() -> Engine:
+    return _engine_and_factory()[0]
+
+
+@contextmanager
+def transaction() -> Iterator[Session]:
+    """One unit of work: commits when the block ends, rolls back on any exception."""
+    factory = _engine_and_factory()[1]
+    with factory.begin() as session:
+        yield session
+
+
+def dispose_engines() -> None:
+    """Drop pooled connections; called after fork so children never share a parent's sockets."""
+    with _lock:
+        for engine, _ in _engines.values():
+            engine.dispose(close=False)
+        _engines.clear()

@@ -1,0 +1,76 @@
+"""Running an admin's execution test: the same moderation, timeout and fallback as a user turn, no money.
+
+The result goes to the admin debug log (model that answered, tokens, cost at the model's prices,
+latency, status, error), which is what the cost analysis sums; no balance or ledger is touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from app.attempts import record_attempts
+from app.config import get_settings
+from app.db import transaction
+from app.fallback import AgentParams, AnswerSink, call_with_fallback
+from app.leases import Holding, keeper
+from app.models import Agent, DebugRun, LlmModel
+from app.moderation import moderate
+from app.prompt import build_prompt
+from app.targets import target_of
+from app.turn_state import LeaseLost, claim_debug_run, finish_debug_run
+from app.turn_status import TurnStatus
+
+log = logging.getLogger(__name__)
+
+
+def run_debug_run(run_id: int) -> None:
+    settings = get_settings()
+    with transaction() as session:
+        claim = claim_debug_run(session, run_id, settings.lease_seconds)
+        if not claim.acquired:
+            return
+        run = session.get_one(DebugRun, run_id)
+        agent = session.get_one(Agent, run.agent_id)
+        primary = target_of(session.get_one(LlmModel, agent.model_id))
+        fallback = target_of(session.get_one(LlmModel, agent.fallback_model_id)) if agent.fallback_model_id else None
+        content, system_prompt = run.input, agent.system_prompt
+        params = AgentParams(agent.timeout_seconds, agent.temperature, agent.max_tokens)
+    token = claim.token
+    assert token is not None
+    started = time.monotonic()
+    verdict = moderate(content)
+    try:
+        with keeper.holding(Holding(run_id, token, threading.Event(), None)) as holding:
+            if not verdict.passed:
+                with transaction() as session:
+                    finish_debug_run(session, run_id, token, TurnStatus.CONTENT_VIOLATION,
+                                     error_message=f"moderation: {verdict.reason}")
+                return
+            outcome = call_with_fallback(
+                primary, fallback,
+                lambda t: build_prompt(system_prompt, [], content, context_window=t.context_window,
+                                       max_tokens=params.max_tokens).messages,
+                params, AnswerSink(), holding.stop)
+            latency_ms = int((time.monotonic() - started) * 1000)
+            with transaction() as session:
+                if outcome.completion is not None and outcome.model is not None:
+                    usage = outcome.completion.usage
+                    finish_debug_run(
+                        session, run_id, token, TurnStatus.SUCCESS, output=outcome.completion.text,
+                        model=outcome.model.name, prompt_tokens=usage.prompt_tokens,
+                        completion_tokens=usage.completion_tokens,
+                        cost=outcome.model.cost(usage.prompt_tokens, usage.completion_tokens),
+                        latency_ms=latency_ms, error_message=None)
+                else:
+                    finish_debug_run(session, run_id, token, TurnStatus.LLM_ERROR, latency_ms=latency_ms,
+                                     error_message=outcome.error_message)
+                record_attempts(session, outcome.attempts, debug_log_id=run_id)
+    except LeaseLost:
+        log.warning("test run %s was taken over by another worker", run_id)
+
+
+def abandon_run(run_id: int, reason: str) -> None:
+    with transaction() as session:
+        finish_debug_run(session, run_id, None, TurnStatus.ERROR, error_message=reason)

@@ -1,0 +1,57 @@
+"""The built-in demo of `make run`: a user with credit, a model served by the mock upstream, an agent.
+
+Running it again reuses what it made (the demo key is kept in a file), so `make run` can be
+repeated without piling up demo users.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+from sqlalchemy import select
+
+from app import ledger
+from app.auth import hash_api_key, new_api_key
+from app.db import transaction
+from app.models import Agent, LlmModel, User
+
+DEMO_MODEL = "demo-echo"
+DEMO_AGENT = "Demo agent"
+
+
+@dataclass(frozen=True, slots=True)
+class Demo:
+    user_id: int
+    agent_id: int
+    api_key: str
+
+
+def seed_demo(mock_url: str, key_file: Path) -> Demo:
+    api_key = key_file.read_text().strip() if key_file.exists() else new_api_key()
+    with transaction() as session:
+        user = session.scalar(select(User).where(User.api_key_hash == hash_api_key(api_key)))
+        if user is None:
+            user = User(name="demo", api_key_hash=hash_api_key(api_key), is_admin=True,
+                        balance=Decimal(0), reserved=Decimal(0))
+            session.add(user)
+            session.flush()
+            ledger.add_credit(session, user.id, Decimal("100"))
+        model = session.scalar(select(LlmModel).where(LlmModel.name == DEMO_MODEL, LlmModel.deleted_at.is_(None)))
+        if model is None:
+            model = LlmModel(name=DEMO_MODEL, model="echo;gap=0.05", base_url=mock_url,
+                             input_price_per_1k=Decimal("0.001"), output_price_per_1k=Decimal("0.002"),
+                             context_window=8192)
+            session.add(model)
+            session.flush()
+        agent = session.scalar(select(Agent).where(Agent.name == DEMO_AGENT, Agent.deleted_at.is_(None)))
+        if agent is None:
+            agent = Agent(name=DEMO_AGENT, system_prompt="You are a helpful demo agent.", model_id=model.id,
+                          timeout_seconds=30)
+            session.add(agent)
+            session.flush()
+        demo = Demo(user.id, agent.id, api_key)
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(api_key + "\n")
+    return demo

@@ -1,0 +1,39 @@
+"""Sending work to the workers: the queue and actor names, and the one call that enqueues.
+
+The application never imports the actors; it sends a message by name through the broker that
+`workers.broker.install_broker()` set up for this process. Every caller sends only after its
+transaction committed, and a send that fails is not an error for the caller: recovery re-sends
+whatever stayed pending (see `app.recovery`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import dramatiq
+from dramatiq import Message
+
+log = logging.getLogger(__name__)
+
+TURNS_QUEUE = "turns"
+DEBUG_QUEUE = "debug"
+RUN_TURN = "run_turn"
+RUN_DEBUG = "run_debug_run"
+
+
+def _send(queue: str, actor: str, ident: int) -> bool:
+    message = Message(queue_name=queue, actor_name=actor, args=(ident,), kwargs={}, options={})
+    try:
+        dramatiq.get_broker().enqueue(message)
+    except Exception:
+        log.warning("could not enqueue %s(%s); recovery will send it", actor, ident, exc_info=True)
+        return False
+    return True
+
+
+def send_turn(turn_id: int) -> bool:
+    return _send(TURNS_QUEUE, RUN_TURN, turn_id)
+
+
+def send_debug_run(debug_log_id: int) -> bool:
+    return _send(DEBUG_QUEUE, RUN_DEBUG, debug_log_id)

@@ -1,0 +1,73 @@
+"""Failures a caller can act on, each with the contract's HTTP status and a stable snake_case code.
+
+Services raise these; the web layer renders them as `{"error": {"code", "message"}}` and the CLI
+prints them. Anything else escaping a route is a bug and is logged as one.
+"""
+
+from __future__ import annotations
+
+
+class AgentqError(Exception):
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class MalformedRequest(AgentqError):
+    status = 400
+    code = "malformed_request"
+
+
+class Unauthorized(AgentqError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(AgentqError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(AgentqError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(AgentqError):
+    status = 409
+    code = "conflict"
+
+
+class ConversationBusy(Conflict):
+    code = "conversation_busy"
+
+    def __init__(self) -> None:
+        super().__init__("A turn of this conversation is still pending or processing.")
+
+
+class ContentTooLarge(AgentqError):
+    status = 413
+    code = "content_too_large"
+
+
+class ValidationFailed(AgentqError):
+    status = 422
+    code = "validation_failed"
+
+
+class TooManyActiveConversations(AgentqError):
+    status = 429
+    code = "too_many_active_conversations"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"You already have {limit} conversations with a turn in flight; wait for one to end.")
+
+
+class ServiceUnavailable(AgentqError):
+    status = 503
+    code = "service_unavailable"

@@ -1,0 +1,121 @@
+"""The fallback policy: when a model attempt fails, whether and how the turn tries its fallback model.
+
+A timeout, a connection failure, a stream that breaks or goes silent, a 429 and a 5xx switch to the
+fallback once. A 400 (for instance a prompt over the context window) switches only when the fallback
+has a larger window, since the same request would fail the same way. Every attempt is returned as a
+record, failed ones included, so operators see providers' failure rates and costs. Partial text of a
+failed attempt is never kept: the answer is the fallback's alone.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from app.llm_client import AttemptFailed, Completion, ModelTarget, estimate_tokens, stream_chat
+
+ALWAYS_FALL_BACK = frozenset({"timeout", "connection_error", "stream_cut", "rate_limited", "server_error",
+                              "client_error"})
+
+
+@dataclass(frozen=True, slots=True)
+class AgentParams:
+    timeout_seconds: float
+    temperature: float | None
+    max_tokens: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    model_name: str
+    outcome: str
+    error: str | None
+    latency_ms: int
+    first_token_ms: int | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    cost: Decimal | None
+
+
+@dataclass
+class Outcome:
+    """What the attempts produced: an answer from `model`, a cancellation, or the reasons of every failure."""
+
+    completion: Completion | None = None
+    model: ModelTarget | None = None
+    cancelled_partial: str | None = None
+    attempts: list[AttemptRecord] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def error_message(self) -> str:
+        return "; ".join(self.errors)
+
+
+class AnswerSink:
+    """Where streamed text goes while it is produced (the turn's live stream); a no-op by default."""
+
+    def attempt_started(self, model_name: str, restart: bool) -> None:
+        """Called before each attempt; `restart` is true when earlier text of this turn is void."""
+
+    def delta(self, text: str) -> None:
+        """Called with each piece of text as it arrives."""
+
+
+def should_fall_back(failure: AttemptFailed, primary: ModelTarget, fallback: ModelTarget | None) -> bool:
+    if fallback is None or failure.kind == "cancelled":
+        return False
+    if failure.kind in ALWAYS_FALL_BACK:
+        return True
+    if failure.kind == "bad_request":
+        return (fallback.context_window or 0) > (primary.context_window or 0)
+    return False
+
+
+def _record(target: ModelTarget, outcome: str, error: str | None, latency_ms: int, first_token_ms: int | None,
+            prompt_tokens: int | None, completion_tokens: int | None) -> AttemptRecord:
+    cost = None
+    if prompt_tokens is not None and completion_tokens is not None:
+        cost = target.cost(prompt_tokens, completion_tokens)
+    return AttemptRecord(target.name, outcome, error, latency_ms, first_token_ms, prompt_tokens,
+                         completion_tokens, cost)
+
+
+def call_with_fallback(
+    primary: ModelTarget,
+    fallback: ModelTarget | None,
+    prompt_for: Callable[[ModelTarget], list[dict[str, str]]],
+    params: AgentParams,
+    sink: AnswerSink,
+    stop: threading.Event,
+) -> Outcome:
+    outcome = Outcome()
+    targets = [primary] + ([fallback] if fallback is not None else [])
+    for index, target in enumerate(targets):
+        sink.attempt_started(target.name, restart=index > 0)
+        messages = prompt_for(target)
+        try:
+            completion = stream_chat(target, messages, timeout_seconds=params.timeout_seconds,
+                                     temperature=params.temperature, max_tokens=params.max_tokens,
+                                     on_delta=sink.delta, stop=stop)
+        except AttemptFailed as failure:
+            prompt_estimate = sum(estimate_tokens(m["content"]) + 4 for m in messages) + 2
+            produced = estimate_tokens(failure.partial) if failure.partial else 0
+            outcome.attempts.append(_record(target, failure.kind, failure.detail, failure.latency_ms,
+                                            failure.first_token_ms, prompt_estimate, produced))
+            outcome.errors.append(f"{target.name}: {failure}")
+            if failure.kind == "cancelled":
+                outcome.model = target
+                outcome.cancelled_partial = failure.partial
+                return outcome
+            if index == 0 and should_fall_back(failure, primary, fallback):
+                continue
+            return outcome
+        outcome.attempts.append(_record(target, "success", None, completion.latency_ms, completion.first_token_ms,
+                                        completion.usage.prompt_tokens, completion.usage.completion_tokens))
+        outcome.completion = completion
+        outcome.model = target
+        return outcome
+    return outcome

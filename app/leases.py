@@ -1,0 +1,127 @@
+"""Keeping the leases of the turns this process works on alive, from one background thread.
+
+A lease is renewed on a timer, not per chunk, so a model that takes minutes to send its first token
+does not lose its turn; when the process dies the renewals stop and the lease runs out, which is
+what lets recovery hand the turn to another worker. The same tick renews the Redis lock and slot of
+each turn, and notices a lease another worker took (its holder is told to stop) and a stop request
+from a user.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import tuple_, update
+
+from app import coordination
+from app.config import get_settings
+from app.db import transaction
+from app.models import DebugRun, Turn
+from app.models.base import utc_now
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Holding:
+    ident: int
+    token: str
+    stop: threading.Event
+    turn: coordination.HeldTurn | None
+    """Set for a user turn (it has a conversation lock and a user slot); None for an admin test run."""
+
+
+class LeaseKeeper:
+    def __init__(self) -> None:
+        self._held: dict[tuple[str, int], Holding] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        self.cancel_check: Callable[[list[int]], set[int]] | None = None
+
+    @contextmanager
+    def holding(self, holding: Holding) -> Iterator[Holding]:
+        kind = "turn" if holding.turn is not None else "debug"
+        with self._lock:
+            self._held[(kind, holding.ident)] = holding
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+                self._thread.start()
+        try:
+            yield holding
+        finally:
+            with self._lock:
+                self._held.pop((kind, holding.ident), None)
+
+    def held_count(self) -> int:
+        return len(self._held)
+
+    def _run(self) -> None:
+        settings = get_settings()
+        renew_every = settings.lease_seconds / 3
+        tick = min(0.5, renew_every)
+        since_renewal = renew_every
+        while True:
+            self._wake.wait(tick)
+            since_renewal += tick
+            with self._lock:
+                held = list(self._held.values())
+            if not held:
+                continue
+            try:
+                self._check_cancels(held)
+                if since_renewal >= renew_every:
+                    since_renewal = 0.0
+                    self._renew(held, settings.lease_seconds)
+            except Exception:
+                log.warning("lease renewal failed; retrying next tick", exc_info=True)
+
+    def _check_cancels(self, held: list[Holding]) -> None:
+        if self.cancel_check is None:
+            return
+        turns = [h.ident for h in held if h.turn is not None]
+        if not turns:
+            return
+        for ident in self.cancel_check(turns):
+            for h in held:
+                if h.turn is not None and h.ident == ident:
+                    h.stop.set()
+
+    def _renew(self, held: list[Holding], lease_seconds: float) -> None:
+        expires = utc_now() + timedelta(seconds=lease_seconds)
+        turns = [(h.ident, h.token) for h in held if h.turn is not None]
+        debug = [(h.ident, h.token) for h in held if h.turn is None]
+        kept: set[tuple[str, int]] = set()
+        with transaction() as session:
+            if turns:
+                rows = session.execute(
+                    update(Turn)
+                    .where(tuple_(Turn.assistant_message_id, Turn.lease_token).in_(turns))
+                    .values(lease_expires_at=expires)
+                    .returning(Turn.assistant_message_id)
+                    .execution_options(synchronize_session=False)
+                )
+                kept.update(("turn", r[0]) for r in rows)
+            if debug:
+                rows = session.execute(
+                    update(DebugRun)
+                    .where(tuple_(DebugRun.id, DebugRun.lease_token).in_(debug))
+                    .values(lease_expires_at=expires)
+                    .returning(DebugRun.id)
+                    .execution_options(synchronize_session=False)
+                )
+                kept.update(("debug", r[0]) for r in rows)
+        for h in held:
+            kind = "turn" if h.turn is not None else "debug"
+            if (kind, h.ident) not in kept:
+                log.warning("lease of %s %s was taken over; stopping", kind, h.ident)
+                h.stop.set()
+        coordination.renew(h.turn for h in held if h.turn is not None)
+
+
+keeper = LeaseKeeper()

@@ -1,0 +1,77 @@
+"""Credit: reservations, charges and top-ups. The only module that changes a balance.
+
+Every change of `users.balance` writes one `credit_transactions` row with the balance after it, so
+the ledger of a user always adds up to their balance. A turn reserves its worst-case cost before
+the model is called (`reserved`), and `charge_turn` settles it; the unique `message_id` of the
+ledger makes a second charge of the same turn fail in the database itself.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.models import CreditTransaction, User
+from app.money import quantize
+
+
+def _locked_user(session: Session, user_id: int) -> User:
+    user = session.execute(select(User).where(User.id == user_id).with_for_update()).scalar_one()
+    return user
+
+
+def _write(session: Session, user: User, amount: Decimal, message_id: int | None) -> CreditTransaction:
+    user.balance = quantize(user.balance + amount)
+    entry = CreditTransaction(
+        user_id=user.id,
+        message_id=message_id,
+        kind="charge" if message_id is not None else "credit",
+        amount=quantize(amount),
+        balance_after=user.balance,
+    )
+    session.add(entry)
+    session.flush()
+    return entry
+
+
+def add_credit(session: Session, user_id: int, amount: Decimal) -> Decimal:
+    """Top up (or take back, when negative) credit; a balance is clamped at zero, never below."""
+    user = _locked_user(session, user_id)
+    change = max(quantize(amount), -user.balance)
+    if change != 0:
+        _write(session, user, change, None)
+    return user.balance
+
+
+def reserve(session: Session, user_id: int, amount: Decimal) -> bool:
+    """Hold `amount` of the available balance for a turn; False when it is not there."""
+    amount = quantize(amount)
+    result = session.execute(
+        update(User)
+        .where(User.id == user_id, User.balance - User.reserved >= amount)
+        .values(reserved=User.reserved + amount)
+    )
+    return result.rowcount == 1
+
+
+def release(session: Session, user_id: int, amount: Decimal) -> None:
+    """Give back a reservation of a turn that will not be charged."""
+    if amount <= 0:
+        return
+    user = _locked_user(session, user_id)
+    user.reserved = max(quantize(user.reserved - amount), Decimal(0))
+
+
+def charge_turn(session: Session, user_id: int, message_id: int, cost: Decimal, reserved: Decimal) -> Decimal:
+    """Settle a turn: release its reservation and charge its real cost, at most the whole balance.
+
+    Returns what was charged. A cost of zero writes no ledger row.
+    """
+    user = _locked_user(session, user_id)
+    user.reserved = max(quantize(user.reserved - reserved), Decimal(0))
+    charged = min(quantize(cost), user.balance)
+    if charged > 0:
+        _write(session, user, -charged, message_id)
+    return charged

@@ -1,0 +1,227 @@
+"""Calling one upstream model, streaming, with the agent's timeout as a hard bound.
+
+The official openai SDK does the HTTP; this module adds what a chat backend needs on top:
+one pooled client per endpoint and key (never one per turn), the SDK's own retries off (the
+fallback policy decides what happens next), and a deadline that really holds: the time to the
+first token and each silence between chunks are bounded by the read timeout, and a watchdog
+shuts the socket when the whole attempt runs out of time or the turn is stopped, which wakes a
+read blocked on a stalled stream at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import httpx2
+import openai
+
+from app.money import token_cost
+
+DEFAULT_API_KEY = "sk-no-key-configured"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelTarget:
+    """A snapshot of an `llm_models` row, safe to use outside the transaction that read it."""
+
+    id: int
+    name: str
+    model: str
+    base_url: str | None
+    api_key_env: str | None
+    input_price_per_1k: Decimal
+    output_price_per_1k: Decimal
+    context_window: int | None
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
+        return token_cost(prompt_tokens, completion_tokens, self.input_price_per_1k, self.output_price_per_1k)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    reported: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    text: str
+    usage: Usage
+    first_token_ms: int | None
+    latency_ms: int
+
+
+class AttemptFailed(Exception):
+    """One attempt failed; `kind` is what the fallback policy decides on."""
+
+    def __init__(self, kind: str, detail: str, *, partial: str = "", status_code: int | None = None,
+                 first_token_ms: int | None = None, latency_ms: int = 0) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+        self.partial = partial
+        self.status_code = status_code
+        self.first_token_ms = first_token_ms
+        self.latency_ms = latency_ms
+
+
+_clients: dict[tuple[str | None, str], openai.OpenAI] = {}
+_clients_lock = threading.Lock()
+
+
+def client_for(target: ModelTarget) -> openai.OpenAI:
+    """One client, and so one connection pool, per endpoint and key for the life of the process."""
+    api_key = os.environ.get(target.api_key_env or "", "") or os.environ.get("OPENAI_API_KEY", "") or DEFAULT_API_KEY
+    cache_key = (target.base_url, api_key)
+    client = _clients.get(cache_key)
+    if client is None:
+        with _clients_lock:
+            client = _clients.get(cache_key)
+            if client is None:
+                http = openai.DefaultHttpx2Client(
+                    limits=httpx2.Limits(max_connections=2000, max_keepalive_connections=200)
+                )
+                client = openai.OpenAI(api_key=api_key, base_url=target.base_url, max_retries=0, http_client=http)
+                _clients[cache_key] = client
+    return client
+
+
+def reset_clients() -> None:
+    with _clients_lock:
+        _clients.clear()
+
+
+class _Watchdog:
+    """Shuts the response's socket when the deadline passes or `stop` is set, waking a blocked read."""
+
+    def __init__(self, deadline: float, stop: threading.Event) -> None:
+        self._deadline = deadline
+        self._stop = stop
+        self._done = threading.Event()
+        self._sock: socket.socket | None = None
+        self.fired: str | None = None
+
+    def watch(self, response: Any) -> None:
+        stream = getattr(response, "extensions", {}).get("network_stream")
+        self._sock = stream.get_extra_info("socket") if stream is not None else None
+        threading.Thread(target=self._run, name="llm-watchdog", daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            remaining = self._deadline - time.monotonic()
+            if self._stop.is_set():
+                self.fired = "cancelled"
+            elif remaining <= 0:
+                self.fired = "timeout"
+            if self.fired:
+                if self._sock is not None:
+                    with contextlib.suppress(OSError):
+                        self._sock.shutdown(socket.SHUT_RDWR)
+                return
+            self._stop.wait(min(remaining, 0.2))
+
+    def close(self) -> None:
+        self._done.set()
+
+
+def _status_kind(status: int) -> str:
+    if status == 429:
+        return "rate_limited"
+    if status >= 500:
+        return "server_error"
+    if status == 400:
+        return "bad_request"
+    return "client_error"
+
+
+def stream_chat(
+    target: ModelTarget,
+    messages: list[dict[str, str]],
+    *,
+    timeout_seconds: float,
+    temperature: float | None,
+    max_tokens: int | None,
+    on_delta: Callable[[str], None],
+    stop: threading.Event,
+) -> Completion:
+    """Stream one completion; raise `AttemptFailed` with the failure's kind, or return the whole answer."""
+    started = time.monotonic()
+    deadline = started + timeout_seconds
+    watchdog = _Watchdog(deadline, stop)
+    parts: list[str] = []
+    first_token_ms: int | None = None
+    usage: Usage | None = None
+
+    def failed(kind: str, detail: str, status: int | None = None) -> AttemptFailed:
+        return AttemptFailed(kind, detail, partial="".join(parts), status_code=status, first_token_ms=first_token_ms,
+                             latency_ms=int((time.monotonic() - started) * 1000))
+
+    extra: dict[str, Any] = {}
+    if temperature is not None:
+        extra["temperature"] = temperature
+    if max_tokens is not None:
+        extra["max_tokens"] = max_tokens
+    try:
+        stream = client_for(target).chat.completions.create(
+            model=target.model,
+            messages=messages,  # type: ignore[arg-type]
+            stream=True,
+            stream_options={"include_usage": True},
+            timeout=openai.Timeout(timeout_seconds, connect=min(timeout_seconds, 10.0)),
+            **extra,
+        )
+    except openai.APITimeoutError as exc:
+        raise failed("timeout", f"no response within {timeout_seconds:g}s") from exc
+    except openai.APIConnectionError as exc:
+        raise failed("connection_error", str(exc.__cause__ or exc)) from exc
+    except openai.APIStatusError as exc:
+        raise failed(_status_kind(exc.status_code), f"HTTP {exc.status_code}: {exc.message}", exc.status_code) from exc
+    watchdog.watch(stream.response)
+    try:
+        for chunk in stream:
+            if stop.is_set():
+                raise failed("cancelled", "stopped on request")
+            if chunk.usage is not None:
+                usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens, reported=True)
+            for choice in chunk.choices:
+                text = choice.delta.content if choice.delta else None
+                if text:
+                    if first_token_ms is None:
+                        first_token_ms = int((time.monotonic() - started) * 1000)
+                    parts.append(text)
+                    on_delta(text)
+            if time.monotonic() > deadline:
+                raise failed("timeout", f"the attempt ran past {timeout_seconds:g}s")
+    except AttemptFailed:
+        raise
+    except (httpx2.TransportError, openai.APIError, OSError) as exc:
+        if watchdog.fired == "cancelled" or stop.is_set():
+            raise failed("cancelled", "stopped on request") from exc
+        if watchdog.fired == "timeout" or isinstance(exc, httpx2.TimeoutException):
+            raise failed("timeout", f"the stream went silent or ran past {timeout_seconds:g}s") from exc
+        raise failed("stream_cut", f"the stream broke: {exc!r}") from exc
+    finally:
+        watchdog.close()
+        stream.close()
+    text = "".join(parts)
+    if usage is None:
+        usage = Usage(estimate_tokens_of_messages(messages), estimate_tokens(text), reported=False)
+    return Completion(text, usage, first_token_ms, int((time.monotonic() - started) * 1000))
+
+
+def estimate_tokens(text: str) -> int:
+    """About four characters a token: used for budgets and when a provider reports no usage."""
+    return (len(text) + 3) // 4
+
+
+def estimate_tokens_of_messages(messages: list[dict[str, str]]) -> int:
+    return sum(estimate_tokens(m.get("content", "")) + 4 for m in messages) + 2

@@ -1,0 +1,42 @@
+"""Prometheus metrics, correct across several gunicorn and worker processes.
+
+Processes write counters and histograms through prometheus_client's multiprocess mode (the
+directory in PROMETHEUS_MULTIPROC_DIR, which `agentq web` and `agentq worker` set up); gauges that
+describe shared state (turns in flight, queue and dead-letter depth) are read from the database
+and the broker when /metrics is scraped, so they are right whichever process answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client import Counter, Histogram
+
+if TYPE_CHECKING:
+    from app.fallback import AttemptRecord
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+
+TURNS = Counter("agentq_turns_total", "Turns that reached a terminal status.", ["status"])
+ATTEMPTS = Counter("agentq_model_attempts_total", "Upstream model attempts.", ["model", "outcome"])
+FALLBACKS = Counter("agentq_fallbacks_total", "Runs that switched to their fallback model.")
+LLM_LATENCY = Histogram("agentq_llm_latency_seconds", "Duration of an upstream attempt.", ["model"],
+                        buckets=LATENCY_BUCKETS)
+FIRST_TOKEN = Histogram("agentq_llm_first_token_seconds", "Time to the first token of an attempt.", ["model"],
+                        buckets=LATENCY_BUCKETS)
+
+
+def observe_attempts(attempts: Iterable[AttemptRecord]) -> None:
+    attempts = list(attempts)
+    if len(attempts) > 1:
+        FALLBACKS.inc()
+    for attempt in attempts:
+        ATTEMPTS.labels(attempt.model_name, attempt.outcome).inc()
+        LLM_LATENCY.labels(attempt.model_name).observe(attempt.latency_ms / 1000)
+        if attempt.first_token_ms is not None:
+            FIRST_TOKEN.labels(attempt.model_name).observe(attempt.first_token_ms / 1000)
+
+
+def observe_terminal(status: str) -> None:
+    TURNS.labels(status).inc()

@@ -1,0 +1,175 @@
+"""An OpenAI-compatible chat server for the demo and the tests: it can be slow, fail, stall or cut a stream.
+
+Behaviour is chosen by the upstream model name, so one server plays every provider a test needs:
+`echo` answers with the last user message; directives joined by `;` change that, e.g.
+`echo;ttft=1;gap=0.05`, `fail=429`, `stall_after=3`, `cut_after=2`, `words=40`, `no_usage`.
+Every request body is logged (`GET /_requests`), and each stream's fate is recorded
+(`GET /_streams`: completed, cut, stalled or disconnected by the client), so tests can prove what
+the worker sent and that it closed a connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass
+class Script:
+    ttft: float = 0.0
+    gap: float = 0.0
+    fail: int | None = None
+    stall_after: int | None = None
+    cut_after: int | None = None
+    words: int | None = None
+    usage: bool = True
+    hang_headers: float = 0.0
+
+    @classmethod
+    def parse(cls, model: str) -> Script:
+        script = cls()
+        for part in model.split(";")[1:]:
+            name, _, value = part.partition("=")
+            if name == "no_usage":
+                script.usage = False
+            elif name in ("ttft", "gap", "hang_headers"):
+                setattr(script, name, float(value))
+            elif name in ("fail", "stall_after", "cut_after", "words"):
+                setattr(script, name, int(value))
+        return script
+
+
+def _estimate(text: str) -> int:
+    return len(text) // 4 + 1
+
+
+def answer_words(body: dict[str, Any], script: Script) -> list[str]:
+    if script.words is not None:
+        return [f"w{i}" for i in range(script.words)]
+    last_user = next((m.get("content", "") for m in reversed(body.get("messages", [])) if m.get("role") == "user"), "")
+    return f"echo: {last_user}".split(" ")
+
+
+@dataclass
+class MockState:
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    streams: dict[str, str] = field(default_factory=dict)
+
+
+STATE = web.AppKey("state", MockState)
+
+
+def _chunk(ident: str, model: str, delta: dict[str, Any], finish: str | None = None) -> bytes:
+    payload = {"id": ident, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return f"data: {json.dumps(payload)}\n\n".encode()
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    body = await request.json()
+    state.requests.append({"path": request.path, "body": body, "at": time.time()})
+    model = body.get("model", "echo")
+    script = Script.parse(model)
+    if script.hang_headers:
+        await asyncio.sleep(script.hang_headers)
+    if script.fail is not None:
+        return web.json_response({"error": {"message": f"scripted failure {script.fail}", "type": "mock"}},
+                                 status=script.fail)
+    words = answer_words(body, script)
+    prompt_tokens = sum(_estimate(str(m.get("content", ""))) for m in body.get("messages", []))
+    ident = f"chatcmpl-{uuid.uuid4().hex[:12]}"
+    if not body.get("stream"):
+        text = " ".join(words)
+        return web.json_response({
+            "id": ident, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
+                      "total_tokens": prompt_tokens + len(words)},
+        })
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    state.streams[ident] = "streaming"
+    try:
+        await asyncio.sleep(script.ttft)
+        await response.write(_chunk(ident, model, {"role": "assistant", "content": ""}))
+        for index, word in enumerate(words):
+            if script.cut_after is not None and index == script.cut_after:
+                state.streams[ident] = "cut"
+                request.transport.close()  # type: ignore[union-attr]
+                return response
+            if script.stall_after is not None and index == script.stall_after:
+                state.streams[ident] = "stalled"
+                while request.transport is not None and not request.transport.is_closing():
+                    await asyncio.sleep(0.05)
+                state.streams[ident] = "disconnected"
+                return response
+            if index and script.gap:
+                await asyncio.sleep(script.gap)
+            await response.write(_chunk(ident, model, {"content": word if index == 0 else " " + word}))
+        await response.write(_chunk(ident, model, {}, "stop"))
+        if script.usage and (body.get("stream_options") or {}).get("include_usage"):
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
+                     "total_tokens": prompt_tokens + len(words)}
+            payload = {"id": ident, "object": "chat.completion.chunk", "created": int(time.time()),
+                       "model": model, "choices": [], "usage": usage}
+            await response.write(f"data: {json.dumps(payload)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        state.streams[ident] = "completed"
+    except (ConnectionResetError, asyncio.CancelledError):
+        state.streams[ident] = "disconnected"
+        raise
+    return response
+
+
+async def moderations(request: web.Request) -> web.Response:
+    body = await request.json()
+    request.app[STATE].requests.append({"path": request.path, "body": body, "at": time.time()})
+    text = body.get("input", "")
+    flagged = "flag-me" in (text if isinstance(text, str) else " ".join(text)).lower()
+    return web.json_response({"id": "modr-mock", "model": "mock-moderation",
+                              "results": [{"flagged": flagged, "categories": {}, "category_scores": {}}]})
+
+
+async def list_requests(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATE].requests)
+
+
+async def clear(request: web.Request) -> web.Response:
+    request.app[STATE].requests.clear()
+    request.app[STATE].streams.clear()
+    return web.json_response({"ok": True})
+
+
+async def list_streams(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATE].streams)
+
+
+def build_app() -> web.Application:
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[STATE] = MockState()
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/moderations", moderations)
+    app.router.add_get("/_requests", list_requests)
+    app.router.add_delete("/_requests", clear)
+    app.router.add_get("/_streams", list_streams)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765)
+    args = parser.parse_args(argv)
+    web.run_app(build_app(), host=args.host, port=args.port, print=None, access_log=None, backlog=2048)
+
+
+if __name__ == "__main__":
+    main()

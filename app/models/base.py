@@ -1,0 +1,47 @@
+"""Declarative base shared by every table, with the naming rules `schema.sql` follows."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from sqlalchemy import BigInteger, DateTime, Identity, Integer, MetaData, Numeric, func
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "pk": "pk_%(table_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "ix": "ix_%(table_name)s_%(column_0_name)s",
+}
+
+Money = Numeric(18, 6, asdecimal=True)
+"""Every amount of credit: balances, prices per 1k tokens, costs. Never a float."""
+
+Id = BigInteger().with_variant(Integer, "sqlite")
+"""64-bit ids on PostgreSQL; SQLite only auto-increments an INTEGER primary key."""
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {Decimal: Money}
+
+
+def id_column() -> Mapped[int]:
+    return mapped_column(Id, Identity(), primary_key=True)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def created_at_column() -> Mapped[datetime]:
+    """Set by the application clock so SQLite and PostgreSQL store comparable values."""
+    return mapped_column(DateTime(timezone=True), nullable=False, default=utc_now, server_default=func.now())
+
+
+def updated_at_column() -> Mapped[datetime]:
+    return mapped_column(
+        DateTime(timezone=True), nullable=False, default=utc_now, server_default=func.now(), onupdate=utc_now
+    )

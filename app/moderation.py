@@ -1,0 +1,59 @@
+"""The moderation policy applied to every input before any model is called.
+
+Blocked terms match case-insensitively anywhere in the text (so Chinese terms, which have no word
+boundaries, work too). When `AGENTQ_MODERATION_URL` names an OpenAI-compatible endpoint, its verdict
+is asked as well; if that endpoint cannot be reached the input passes and a warning is logged
+(fail-open: an outage of the moderation provider must not stop every conversation).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import openai
+
+from app.config import get_settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    passed: bool
+    reason: str | None = None
+
+    @property
+    def label(self) -> str:
+        return "pass" if self.passed else "violation"
+
+
+def check_blocked_terms(content: str) -> Verdict:
+    folded = content.casefold()
+    for term in get_settings().blocked_term_list:
+        if term in folded:
+            return Verdict(False, f"blocked term {term!r}")
+    return Verdict(True)
+
+
+def _check_endpoint(content: str, url: str) -> Verdict:
+    settings = get_settings()
+    key = os.environ.get(settings.moderation_api_key_env or "", "") or "sk-no-key-configured"
+    try:
+        client = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=10.0)
+        result = client.moderations.create(input=content).results[0]
+    except openai.OpenAIError as exc:
+        log.warning("moderation endpoint failed, input passes: %s", exc)
+        return Verdict(True)
+    if result.flagged:
+        return Verdict(False, "flagged by the moderation endpoint")
+    return Verdict(True)
+
+
+def moderate(content: str) -> Verdict:
+    verdict = check_blocked_terms(content)
+    url = get_settings().moderation_url
+    if verdict.passed and url:
+        verdict = _check_endpoint(content, url)
+    return verdict

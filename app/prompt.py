@@ -1,0 +1,63 @@
+"""What is sent upstream for a turn: the agent's system prompt, the history that fits, the new message.
+
+The worker and the admin prompt preview both call `build_prompt`, so the preview is exactly what
+a turn would send. History is the conversation's successful turns only (a failed or cancelled turn
+never becomes context), trimmed oldest-first to fit the model's context window with room for the
+answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.config import get_settings
+from app.llm_client import estimate_tokens, estimate_tokens_of_messages
+from app.models import ConversationMessage
+from app.turn_status import TurnStatus
+
+ChatMessage = dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    messages: list[ChatMessage]
+    estimated_tokens: int
+
+
+def successful_history(session: Session, conversation_id: int, before_seq: int | None = None) -> list[ChatMessage]:
+    query = (
+        select(ConversationMessage.role, ConversationMessage.content)
+        .where(ConversationMessage.conversation_id == conversation_id,
+               ConversationMessage.status == TurnStatus.SUCCESS.value)
+        .order_by(ConversationMessage.seq)
+    )
+    if before_seq is not None:
+        query = query.where(ConversationMessage.seq < before_seq)
+    return [{"role": role, "content": content} for role, content in session.execute(query)]
+
+
+def build_prompt(
+    system_prompt: str, history: list[ChatMessage], content: str, *, context_window: int | None,
+    max_tokens: int | None,
+) -> Prompt:
+    settings = get_settings()
+    window = context_window or settings.default_context_window
+    answer_room = max_tokens or settings.default_max_tokens
+    head = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    tail = [{"role": "user", "content": content}]
+    budget = window - answer_room - estimate_tokens_of_messages(head + tail)
+    kept: list[ChatMessage] = []
+    for message in reversed(history):
+        cost = estimate_tokens(message["content"]) + 4
+        if cost > budget:
+            break
+        kept.append(message)
+        budget -= cost
+    kept.reverse()
+    if kept and kept[0]["role"] == "assistant":
+        kept = kept[1:]
+    messages = head + kept + tail
+    return Prompt(messages, estimate_tokens_of_messages(messages))

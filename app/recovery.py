@@ -1,0 +1,145 @@
+"""Finding work that fell between the cracks and sending it again. Runs in every worker process.
+
+Three cracks, one sweep every `AGENTQ_RECOVERY_INTERVAL_SECONDS`:
+- a turn accepted while its Dramatiq message could not be sent (Redis down, API process killed
+  after the commit): still `pending`, its outbox mark empty or older than `AGENTQ_STALE_PENDING_SECONDS`;
+- every `pending` turn after Redis lost its data (its queues went with it), noticed because the
+  epoch key this module keeps in Redis is gone;
+- a `processing` turn whose lease ran out: its worker died, so another takes it over without waiting
+  for Dramatiq's own redelivery.
+Sending is idempotent (a worker that finds a turn finished or owned does nothing), and a
+compare-and-set on `enqueued_at` keeps several sweepers from sending the same turn twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import redis
+from sqlalchemy import select, update
+
+from app import dispatch
+from app.config import get_settings
+from app.db import transaction
+from app.models import ConversationMessage, DebugRun, Turn
+from app.models.base import utc_now
+from app.redis_client import get_redis, key
+from app.turn_status import TurnStatus
+
+log = logging.getLogger(__name__)
+
+EPOCH_KEY = key("epoch")
+
+
+@dataclass
+class RecoveryReport:
+    sent: list[int] = field(default_factory=list)
+    debug_sent: list[int] = field(default_factory=list)
+    redis_lost: bool = False
+
+
+def _redis_lost_its_data() -> bool:
+    """True once after Redis restarts empty (or is flushed): the epoch key is gone and is set again."""
+    try:
+        return bool(get_redis().set(EPOCH_KEY, utc_now().isoformat(), nx=True))
+    except redis.RedisError:
+        return False
+
+
+def _claim_send(model: type[Turn] | type[DebugRun], ident_column, ident: int, seen: datetime | None) -> bool:  # type: ignore[no-untyped-def]
+    """Compare-and-set the outbox mark so only one sweeper sends this turn now."""
+    guard = model.enqueued_at.is_(None) if seen is None else model.enqueued_at == seen
+    with transaction() as session:
+        return session.execute(
+            update(model).where(ident_column == ident, guard).values(enqueued_at=utc_now())
+            .execution_options(synchronize_session=False)
+        ).rowcount == 1
+
+
+def _unmark(model: type[Turn] | type[DebugRun], ident_column, ident: int) -> None:  # type: ignore[no-untyped-def]
+    with transaction() as session:
+        session.execute(update(model).where(ident_column == ident).values(enqueued_at=None)
+                        .execution_options(synchronize_session=False))
+
+
+def _due(status: str, enqueued_at: datetime | None, created_at: datetime, lease_expires_at: datetime | None,
+         now: datetime, redis_lost: bool) -> bool:
+    settings = get_settings()
+    if status == TurnStatus.PENDING:
+        if redis_lost:
+            return True
+        if enqueued_at is None:
+            return created_at < now - timedelta(seconds=settings.enqueue_grace_seconds)
+        return enqueued_at < now - timedelta(seconds=settings.stale_pending_seconds)
+    lease_over = lease_expires_at is None or lease_expires_at < now
+    recently_sent = enqueued_at is not None and enqueued_at > now - timedelta(seconds=settings.lease_seconds)
+    return lease_over and not recently_sent
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
+
+
+def recover_once() -> RecoveryReport:
+    report = RecoveryReport(redis_lost=_redis_lost_its_data())
+    now = utc_now()
+    in_flight = (TurnStatus.PENDING.value, TurnStatus.PROCESSING.value)
+    with transaction() as session:
+        turns = session.execute(
+            select(Turn.assistant_message_id, ConversationMessage.status, Turn.enqueued_at, Turn.created_at,
+                   Turn.lease_expires_at)
+            .join(ConversationMessage, ConversationMessage.id == Turn.assistant_message_id)
+            .where(ConversationMessage.role == "assistant", ConversationMessage.status.in_(in_flight))
+        ).all()
+        runs = session.execute(
+            select(DebugRun.id, DebugRun.status, DebugRun.enqueued_at, DebugRun.created_at, DebugRun.lease_expires_at)
+            .where(DebugRun.status.in_(in_flight))
+        ).all()
+    for ident, status, enqueued_at, created_at, lease in turns:
+        if _due(status, _aware(enqueued_at), _aware(created_at), _aware(lease), now, report.redis_lost) \
+                and _claim_send(Turn, Turn.assistant_message_id, ident, enqueued_at):
+            if dispatch.send_turn(ident):
+                report.sent.append(ident)
+            else:
+                _unmark(Turn, Turn.assistant_message_id, ident)
+    for ident, status, enqueued_at, created_at, lease in runs:
+        if _due(status, _aware(enqueued_at), _aware(created_at), _aware(lease), now, report.redis_lost) \
+                and _claim_send(DebugRun, DebugRun.id, ident, enqueued_at):
+            if dispatch.send_debug_run(ident):
+                report.debug_sent.append(ident)
+            else:
+                _unmark(DebugRun, DebugRun.id, ident)
+    if report.sent or report.debug_sent:
+        log.info("recovery re-sent turns %s and test runs %s (redis lost data: %s)",
+                 report.sent, report.debug_sent, report.redis_lost)
+    return report
+
+
+class RecoveryLoop:
+    """The sweep on a timer, in a daemon thread, with jitter so processes do not sweep in step."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="recovery", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        interval = get_settings().recovery_interval_seconds
+        while not self._stop.wait(interval * random.uniform(0.5, 1.0)):
+            try:
+                recover_once()
+            except Exception:
+                log.warning("recovery sweep failed; retrying", exc_info=True)
+
+
+__all__ = ["RecoveryLoop", "RecoveryReport", "recover_once"]

@@ -1,0 +1,40 @@
+"""One Redis connection pool per process, created on first use (never at import)."""
+
+from __future__ import annotations
+
+import threading
+
+import redis
+
+from app.config import get_settings
+
+_lock = threading.Lock()
+_clients: dict[str, redis.Redis] = {}
+
+
+def get_redis() -> redis.Redis:
+    url = get_settings().redis_url
+    client = _clients.get(url)
+    if client is None:
+        with _lock:
+            client = _clients.get(url)
+            if client is None:
+                client = redis.Redis.from_url(
+                    url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30,
+                    max_connections=1000,
+                )
+                _clients[url] = client
+    return client
+
+
+def reset_redis() -> None:
+    """Forget pools after fork so a child never reuses its parent's sockets."""
+    with _lock:
+        _clients.clear()
+
+
+KEY_PREFIX = "agentq:"
+
+
+def key(*parts: object) -> str:
+    return KEY_PREFIX + ":".join(str(p) for p in parts)

@@ -1,0 +1,148 @@
+"""Accepting a turn: the user's message and the assistant's placeholder, both `pending`.
+
+The rows, the sequence numbers and the busy/limit checks are one transaction on the database, which
+is the authority (a Redis fast path may refuse earlier, never accept alone). The Dramatiq message
+is sent only after the commit; a failed send leaves `enqueued_at` empty and recovery sends it later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app import coordination, dispatch
+from app.auth import Principal
+from app.config import get_settings
+from app.conversations import owned_conversation
+from app.db import transaction
+from app.errors import ContentTooLarge, ConversationBusy, TooManyActiveConversations, ValidationFailed
+from app.models import Conversation, ConversationMessage, Turn, User
+from app.models.base import utc_now
+from app.turn_status import IN_FLIGHT
+
+_IN_FLIGHT = tuple(s.value for s in IN_FLIGHT)
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptedTurn:
+    user_message: ConversationMessage
+    assistant_message: ConversationMessage
+    replayed: bool = False
+
+
+def check_content(content: str) -> None:
+    if not content.strip():
+        raise ValidationFailed("content must not be empty.")
+    limit = get_settings().max_content_chars
+    if len(content) > limit:
+        raise ContentTooLarge(f"content is {len(content)} characters; the limit is {limit}.")
+
+
+def conversation_in_flight(session: Session, conversation_id: int) -> bool:
+    return session.scalar(
+        select(ConversationMessage.id).where(
+            ConversationMessage.conversation_id == conversation_id,
+            ConversationMessage.role == "assistant",
+            ConversationMessage.status.in_(_IN_FLIGHT),
+        )
+    ) is not None
+
+
+def active_conversations(session: Session, user_id: int) -> int:
+    """How many conversations of the user have a turn pending or processing (the per-user limit)."""
+    return session.scalar(
+        select(func.count())
+        .select_from(Turn)
+        .join(ConversationMessage, ConversationMessage.id == Turn.assistant_message_id)
+        .where(
+            Turn.user_id == user_id,
+            ConversationMessage.role == "assistant",
+            ConversationMessage.status.in_(_IN_FLIGHT),
+        )
+    ) or 0
+
+
+def _replay(session: Session, user_id: int, key: str) -> AcceptedTurn | None:
+    turn = session.scalar(select(Turn).where(Turn.user_id == user_id, Turn.idempotency_key == key))
+    if turn is None:
+        return None
+    return AcceptedTurn(
+        session.get_one(ConversationMessage, turn.user_message_id),
+        session.get_one(ConversationMessage, turn.assistant_message_id),
+        replayed=True,
+    )
+
+
+def _insert_turn(
+    session: Session, principal: Principal, conversation_id: int, content: str, key: str | None
+) -> AcceptedTurn:
+    session.execute(select(User.id).where(User.id == principal.id).with_for_update())
+    if key is not None:
+        replay = _replay(session, principal.id, key)
+        if replay is not None:
+            return replay
+    owned_conversation(session, principal, conversation_id)
+    if conversation_in_flight(session, conversation_id):
+        raise ConversationBusy()
+    limit = get_settings().max_active_conversations
+    if active_conversations(session, principal.id) >= limit:
+        raise TooManyActiveConversations(limit)
+    now = utc_now()
+    last_seq = session.execute(
+        update(Conversation)
+        .where(Conversation.id == conversation_id)
+        .values(message_count=Conversation.message_count + 2, updated_at=now)
+        .returning(Conversation.message_count)
+    ).scalar_one()
+    user_message = ConversationMessage(conversation_id=conversation_id, seq=last_seq - 1, role="user",
+                                       content=content, status="pending", created_at=now, updated_at=now)
+    assistant_message = ConversationMessage(conversation_id=conversation_id, seq=last_seq, role="assistant",
+                                            content="", status="pending", created_at=now, updated_at=now)
+    session.add_all([user_message, assistant_message])
+    session.flush()
+    session.add(Turn(assistant_message_id=assistant_message.id, user_message_id=user_message.id,
+                     conversation_id=conversation_id, user_id=principal.id, idempotency_key=key,
+                     enqueued_at=now, created_at=now, updated_at=now))
+    session.flush()
+    return AcceptedTurn(user_message, assistant_message)
+
+
+def submit_turn(principal: Principal, conversation_id: int, content: str, idempotency_key: str | None) -> AcceptedTurn:
+    """Accept one turn (202) or refuse it: 409 busy, 429 over the per-user limit, 413/422 bad content."""
+    check_content(content)
+    if idempotency_key is not None:
+        with transaction() as session:
+            replay = _replay(session, principal.id, idempotency_key)
+        if replay is not None:
+            return replay
+    lock = coordination.acquire_turn_slots(principal.id, conversation_id)
+    try:
+        with transaction() as session:
+            accepted = _insert_turn(session, principal, conversation_id, content, idempotency_key)
+    except IntegrityError as exc:
+        lock.release()
+        if idempotency_key is not None:
+            with transaction() as session:
+                replay = _replay(session, principal.id, idempotency_key)
+            if replay is not None:
+                return replay
+        raise ConversationBusy() from exc
+    except BaseException:
+        lock.release()
+        raise
+    if accepted.replayed:
+        lock.release()
+        return accepted
+    lock.bind(accepted.assistant_message.id)
+    if not dispatch.send_turn(accepted.assistant_message.id):
+        _mark_not_enqueued(accepted.assistant_message.id)
+    return accepted
+
+
+def _mark_not_enqueued(turn_id: int) -> None:
+    """Leave the outbox mark empty so recovery sends the turn as soon as Redis is back."""
+    with transaction() as session:
+        session.execute(update(Turn).where(Turn.assistant_message_id == turn_id).values(enqueued_at=None))

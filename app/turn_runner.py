@@ -1,0 +1,222 @@
+"""Running one turn in a worker: claim, moderate, reserve, call the model (with fallback), settle.
+
+The actor calls `run_turn` with the assistant message id. Delivery is at least once, so a run that
+finds the turn finished, or owned by a live worker, returns without calling any model; and the final
+transaction (status, answer, statistics, charge, attempt records) is guarded by the lease, so a
+worker that lost its turn to another cannot write anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from app import coordination, ledger
+from app.attempts import record_attempts
+from app.config import get_settings
+from app.conversations import record_turn_end
+from app.db import transaction
+from app.fallback import AgentParams, AnswerSink, Outcome, call_with_fallback
+from app.leases import Holding, keeper
+from app.live_stream import TurnStream
+from app.llm_client import ModelTarget, estimate_tokens
+from app.models import Agent, Conversation, ConversationMessage, LlmModel, Turn
+from app.moderation import moderate
+from app.prompt import ChatMessage, build_prompt, successful_history
+from app.targets import max_cost, target_of
+from app.turn_state import LeaseLost, TransitionRefused, claim_turn, fail_turn_unowned, finish_turn
+from app.turn_status import TurnStatus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TurnContext:
+    turn_id: int
+    token: str
+    user_id: int
+    conversation_id: int
+    content: str
+    system_prompt: str
+    history: list[ChatMessage]
+    params: AgentParams
+    primary: ModelTarget
+    fallback: ModelTarget | None
+    reserved: Decimal
+
+    @property
+    def held(self) -> coordination.HeldTurn:
+        return coordination.HeldTurn(self.turn_id, self.user_id, self.conversation_id)
+
+    def prompt_for(self, target: ModelTarget) -> list[ChatMessage]:
+        return build_prompt(self.system_prompt, self.history, self.content,
+                            context_window=target.context_window, max_tokens=self.params.max_tokens).messages
+
+
+def _load_context(session: Session, turn: Turn, token: str) -> TurnContext:
+    user_message = session.get_one(ConversationMessage, turn.user_message_id)
+    conversation = session.get_one(Conversation, turn.conversation_id)
+    agent = session.get_one(Agent, conversation.agent_id)
+    primary = target_of(session.get_one(LlmModel, agent.model_id))
+    fallback = target_of(session.get_one(LlmModel, agent.fallback_model_id)) if agent.fallback_model_id else None
+    return TurnContext(
+        turn_id=turn.assistant_message_id, token=token, user_id=turn.user_id,
+        conversation_id=turn.conversation_id, content=user_message.content, system_prompt=agent.system_prompt,
+        history=successful_history(session, turn.conversation_id, before_seq=user_message.seq),
+        params=AgentParams(agent.timeout_seconds, agent.temperature, agent.max_tokens),
+        primary=primary, fallback=fallback, reserved=turn.reserved_amount,
+    )
+
+
+def run_turn(turn_id: int) -> None:
+    settings = get_settings()
+    with transaction() as session:
+        claim = claim_turn(session, turn_id, settings.lease_seconds)
+        if not claim.acquired:
+            log.info("turn %s not run: %s", turn_id, claim.outcome.value)
+            return
+        assert claim.turn is not None and claim.token is not None
+        context = _load_context(session, claim.turn, claim.token)
+        deliveries = claim.turn.deliveries
+    stream = TurnStream(turn_id)
+    if deliveries > settings.max_deliveries:
+        _settle_failure(context, TurnStatus.ERROR, f"gave up after {deliveries - 1} deliveries", stream)
+        return
+    stop = threading.Event()
+    holding = Holding(turn_id, context.token, stop, context.held)
+    try:
+        with keeper.holding(holding):
+            _execute(context, stop, stream)
+    except LeaseLost:
+        log.warning("turn %s was taken over by another worker; this run stops", turn_id)
+        return
+    except BaseException:
+        _expire_lease(context)
+        raise
+    coordination.release(context.held)
+
+
+def _expire_lease(context: TurnContext) -> None:
+    """Let a retry of this message take the turn over at once instead of waiting for the lease."""
+    try:
+        with transaction() as session:
+            session.execute(
+                update(Turn)
+                .where(Turn.assistant_message_id == context.turn_id, Turn.lease_token == context.token)
+                .values(lease_expires_at=None)
+            )
+    except Exception:
+        log.warning("could not expire the lease of turn %s; it runs out by itself", context.turn_id)
+
+
+def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) -> None:
+    started = time.monotonic()
+    stream.status(TurnStatus.PROCESSING, context.primary.name)
+    verdict = moderate(context.content)
+    if not verdict.passed:
+        _settle_failure(context, TurnStatus.CONTENT_VIOLATION, f"moderation: {verdict.reason}", stream)
+        return
+    if not _reserve(context):
+        _settle_failure(context, TurnStatus.INSUFFICIENT_BALANCE,
+                        "the available balance does not cover the largest possible cost of this turn", stream)
+        return
+    outcome = call_with_fallback(context.primary, context.fallback, context.prompt_for, context.params,
+                                 stream, stop)
+    elapsed_ms = int((time.monotonic() - started) * 1000)
+    if outcome.completion is not None:
+        _settle_success(context, outcome, elapsed_ms, stream)
+    elif outcome.cancelled_partial is not None:
+        _settle_cancelled(context, outcome, elapsed_ms, stream)
+    else:
+        _settle_failure(context, TurnStatus.LLM_ERROR, outcome.error_message, stream, outcome)
+
+
+def _reserve(context: TurnContext) -> bool:
+    """Hold the worst case (estimated prompt plus the answer's token limit, at the dearest model's prices)."""
+    if context.reserved > 0:
+        return True
+    targets = [context.primary] + ([context.fallback] if context.fallback else [])
+    amount = max(max_cost(t, context.prompt_for(t), context.params.max_tokens) for t in targets)
+    with transaction() as session:
+        if not ledger.reserve(session, context.user_id, amount):
+            return False
+        owned = session.execute(
+            update(Turn)
+            .where(Turn.assistant_message_id == context.turn_id, Turn.lease_token == context.token)
+            .values(reserved_amount=amount)
+        ).rowcount
+        if owned != 1:
+            raise LeaseLost(f"turn {context.turn_id} was taken over")
+    object.__setattr__(context, "reserved", amount)
+    return True
+
+
+def _settle_success(context: TurnContext, outcome: Outcome, elapsed_ms: int, stream: TurnStream) -> None:
+    completion, model = outcome.completion, outcome.model
+    assert completion is not None and model is not None
+    usage = completion.usage
+    cost = model.cost(usage.prompt_tokens, usage.completion_tokens)
+    with transaction() as session:
+        turn = finish_turn(session, context.turn_id, context.token, TurnStatus.SUCCESS, content=completion.text,
+                           model=model.name, prompt_tokens=usage.prompt_tokens,
+                           completion_tokens=usage.completion_tokens, cost=cost, latency_ms=elapsed_ms)
+        turn.cost_estimated = not usage.reported
+        record_turn_end(session, context.conversation_id, usage.prompt_tokens + usage.completion_tokens)
+        ledger.charge_turn(session, context.user_id, context.turn_id, cost, context.reserved)
+        record_attempts(session, outcome.attempts, message_id=context.turn_id)
+    stream.finished(TurnStatus.SUCCESS, model.name)
+
+
+def _settle_cancelled(context: TurnContext, outcome: Outcome, elapsed_ms: int, stream: TurnStream) -> None:
+    """A stopped turn keeps its partial text and pays for the tokens it generated (estimated, marked so)."""
+    model = outcome.model
+    assert model is not None
+    partial = outcome.cancelled_partial or ""
+    prompt_tokens = sum(estimate_tokens(m["content"]) + 4 for m in context.prompt_for(model)) + 2
+    completion_tokens = estimate_tokens(partial) if partial else 0
+    cost = model.cost(prompt_tokens, completion_tokens) if partial else Decimal(0)
+    with transaction() as session:
+        turn = finish_turn(session, context.turn_id, context.token, TurnStatus.CANCELLED, content=partial,
+                           model=model.name, prompt_tokens=prompt_tokens if partial else 0,
+                           completion_tokens=completion_tokens, cost=cost, latency_ms=elapsed_ms,
+                           error_message="stopped on request")
+        turn.cost_estimated = True
+        record_turn_end(session, context.conversation_id, None)
+        ledger.charge_turn(session, context.user_id, context.turn_id, cost, context.reserved)
+        record_attempts(session, outcome.attempts, message_id=context.turn_id)
+    stream.finished(TurnStatus.CANCELLED, model.name)
+
+
+def _settle_failure(context: TurnContext, status: TurnStatus, reason: str, stream: TurnStream,
+                    outcome: Outcome | None = None) -> None:
+    with transaction() as session:
+        finish_turn(session, context.turn_id, context.token, status, error_message=reason)
+        record_turn_end(session, context.conversation_id, None)
+        ledger.release(session, context.user_id, context.reserved)
+        if outcome is not None:
+            record_attempts(session, outcome.attempts, message_id=context.turn_id)
+    stream.finished(status, None)
+
+
+def abandon_turn(turn_id: int, reason: str) -> bool:
+    """End a turn as `error` when its message died (retries exhausted); frees its reservation and slot."""
+    with transaction() as session:
+        turn = fail_turn_unowned(session, turn_id, TurnStatus.ERROR, reason)
+        if turn is None:
+            return False
+        record_turn_end(session, turn.conversation_id, None)
+        ledger.release(session, turn.user_id, turn.reserved_amount)
+        turn.reserved_amount = Decimal(0)
+        held = coordination.HeldTurn(turn_id, turn.user_id, turn.conversation_id)
+    coordination.release(held)
+    TurnStream(turn_id).finished(TurnStatus.ERROR, None)
+    return True
+
+
+__all__ = ["AnswerSink", "TransitionRefused", "abandon_turn", "run_turn"]

@@ -1,0 +1,227 @@
+"""The turn's state machine: the only code that writes a turn's status.
+
+Every change is an UPDATE guarded by the statuses it may leave (`turn_status.sources_for`) and, for
+a worker, by the lease token it holds; when the guard matches nothing the change is refused loudly,
+so a redelivered message or a worker that lost its lease can never overwrite a finished turn.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from enum import Enum
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.models import ConversationMessage, DebugRun, Turn
+from app.models.base import utc_now
+from app.turn_status import TurnStatus, sources_for
+
+
+class TransitionRefused(RuntimeError):
+    """The turn was not in a status from which the requested change is legal."""
+
+
+class LeaseLost(RuntimeError):
+    """Another worker took the turn over; this one must stop writing."""
+
+
+class Claim(Enum):
+    CLAIMED = "claimed"
+    TAKEN_OVER = "taken_over"
+    OWNED_ELSEWHERE = "owned_elsewhere"
+    FINISHED = "finished"
+    MISSING = "missing"
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    outcome: Claim
+    turn: Turn | None = None
+    token: str | None = None
+
+    @property
+    def acquired(self) -> bool:
+        return self.outcome in (Claim.CLAIMED, Claim.TAKEN_OVER)
+
+
+def _as_aware(moment: datetime | None) -> datetime | None:
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
+
+
+def new_lease_token() -> str:
+    return secrets.token_hex(16)
+
+
+def claim_turn(session: Session, turn_id: int, lease_seconds: float) -> ClaimResult:
+    """Take a pending turn, or take over a processing one whose lease ran out (its worker died).
+
+    The turn row is locked for the decision, so two workers given the same message agree on one owner.
+    """
+    turn = session.execute(
+        select(Turn).where(Turn.assistant_message_id == turn_id).with_for_update()
+    ).scalar_one_or_none()
+    if turn is None:
+        return ClaimResult(Claim.MISSING)
+    status = session.scalar(select(ConversationMessage.status).where(ConversationMessage.id == turn_id))
+    now = utc_now()
+    if TurnStatus(status).is_terminal:
+        return ClaimResult(Claim.FINISHED, turn)
+    if status == TurnStatus.PROCESSING:
+        expires = _as_aware(turn.lease_expires_at)
+        if expires is not None and expires > now:
+            return ClaimResult(Claim.OWNED_ELSEWHERE, turn)
+        outcome = Claim.TAKEN_OVER
+    else:
+        _move(session, turn, TurnStatus.PROCESSING, {})
+        outcome = Claim.CLAIMED
+    token = new_lease_token()
+    turn.lease_token = token
+    turn.lease_expires_at = now + timedelta(seconds=lease_seconds)
+    turn.deliveries += 1
+    session.flush()
+    return ClaimResult(outcome, turn, token)
+
+
+def _move(session: Session, turn: Turn, target: TurnStatus, answer: dict[str, Any]) -> None:
+    sources = sources_for(target)
+    now = utc_now()
+    common: dict[str, Any] = {"status": target.value, "updated_at": now}
+    if "error_message" in answer:
+        common["error_message"] = answer["error_message"]
+    moved = session.execute(
+        update(ConversationMessage)
+        .where(ConversationMessage.id == turn.user_message_id, ConversationMessage.status.in_(sources))
+        .values(**common)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    moved += session.execute(
+        update(ConversationMessage)
+        .where(ConversationMessage.id == turn.assistant_message_id, ConversationMessage.status.in_(sources))
+        .values(**{**common, **answer})
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if moved != 2:
+        raise TransitionRefused(f"turn {turn.assistant_message_id} cannot move to {target.value}")
+
+
+def release_lease(session: Session, turn_id: int, token: str) -> Turn:
+    """Give up the lease as the turn ends; fails if another worker owns it now."""
+    turn = session.execute(
+        select(Turn).where(Turn.assistant_message_id == turn_id).with_for_update()
+    ).scalar_one()
+    if turn.lease_token != token:
+        raise LeaseLost(f"turn {turn_id} is owned by another worker")
+    turn.lease_token = None
+    turn.lease_expires_at = None
+    return turn
+
+
+def finish_turn(
+    session: Session,
+    turn_id: int,
+    token: str,
+    target: TurnStatus,
+    *,
+    content: str | None = None,
+    model: str | None = None,
+    prompt_tokens: int | None = None,
+    completion_tokens: int | None = None,
+    cost: Decimal | None = None,
+    latency_ms: int | None = None,
+    error_message: str | None = None,
+) -> Turn:
+    """Move a turn this worker owns to a terminal status and store what it produced."""
+    if not target.is_terminal:
+        raise ValueError(f"{target} is not terminal")
+    turn = release_lease(session, turn_id, token)
+    answer: dict[str, Any] = {"error_message": error_message}
+    if content is not None:
+        answer["content"] = content
+    if model is not None:
+        answer["model"] = model
+    if prompt_tokens is not None or completion_tokens is not None:
+        answer.update(
+            prompt_tokens=prompt_tokens or 0,
+            completion_tokens=completion_tokens or 0,
+            total_tokens=(prompt_tokens or 0) + (completion_tokens or 0),
+        )
+    if cost is not None:
+        answer["cost"] = cost
+    if latency_ms is not None:
+        answer["latency_ms"] = latency_ms
+    _move(session, turn, target, answer)
+    return turn
+
+
+def fail_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_message: str) -> Turn | None:
+    """End an in-flight turn without holding its lease: retries exhausted, or cancelled before a worker.
+
+    Returns None when the turn had already ended.
+    """
+    turn = session.execute(
+        select(Turn).where(Turn.assistant_message_id == turn_id).with_for_update()
+    ).scalar_one_or_none()
+    if turn is None:
+        return None
+    try:
+        _move(session, turn, target, {"error_message": error_message})
+    except TransitionRefused:
+        return None
+    turn.lease_token = None
+    turn.lease_expires_at = None
+    return turn
+
+
+def reopen_turn(session: Session, turn_id: int) -> Turn:
+    """An operator's requeue of a turn that ended as `error`: it becomes pending again."""
+    turn = session.execute(select(Turn).where(Turn.assistant_message_id == turn_id).with_for_update()).scalar_one()
+    _move(session, turn, TurnStatus.PENDING, {"error_message": None})
+    turn.lease_token = None
+    turn.lease_expires_at = None
+    turn.enqueued_at = utc_now()
+    return turn
+
+
+def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> ClaimResult:
+    """The same claim for an admin test run, whose status lives on its single log row."""
+    run = session.execute(select(DebugRun).where(DebugRun.id == run_id).with_for_update()).scalar_one_or_none()
+    if run is None:
+        return ClaimResult(Claim.MISSING)
+    now = utc_now()
+    if TurnStatus(run.status).is_terminal:
+        return ClaimResult(Claim.FINISHED)
+    if run.status == TurnStatus.PROCESSING:
+        expires = _as_aware(run.lease_expires_at)
+        if expires is not None and expires > now:
+            return ClaimResult(Claim.OWNED_ELSEWHERE)
+        outcome = Claim.TAKEN_OVER
+    else:
+        run.status = TurnStatus.PROCESSING.value
+        outcome = Claim.CLAIMED
+    token = new_lease_token()
+    run.lease_token = token
+    run.lease_expires_at = now + timedelta(seconds=lease_seconds)
+    session.flush()
+    return ClaimResult(outcome, None, token)
+
+
+def finish_debug_run(session: Session, run_id: int, token: str | None, target: TurnStatus,
+                     **result: Any) -> bool:
+    """Guarded like a turn's end: by the statuses it may leave and, for a worker, by its lease."""
+    query = update(DebugRun).where(DebugRun.id == run_id, DebugRun.status.in_(sources_for(target)))
+    if token is not None:
+        query = query.where(DebugRun.lease_token == token)
+    moved = session.execute(
+        query.values(status=target.value, lease_token=None, lease_expires_at=None, updated_at=utc_now(), **result)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if moved != 1 and token is not None:
+        raise LeaseLost(f"test run {run_id} is owned by another worker or already ended")
+    return moved == 1

@@ -1,0 +1,39 @@
+"""The statuses of a turn (and of an admin test run) and which changes between them are legal.
+
+`app.turn_state` is the only writer of a status and asks `sources_for` which current statuses may
+move to the requested one; everything else only reads these names.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class TurnStatus(StrEnum):
+    PENDING = "pending"
+    PROCESSING = "processing"
+    SUCCESS = "success"
+    ERROR = "error"
+    INSUFFICIENT_BALANCE = "insufficient_balance"
+    CONTENT_VIOLATION = "content_violation"
+    LLM_ERROR = "llm_error"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self not in IN_FLIGHT
+
+
+IN_FLIGHT: frozenset[TurnStatus] = frozenset({TurnStatus.PENDING, TurnStatus.PROCESSING})
+TERMINAL: frozenset[TurnStatus] = frozenset(TurnStatus) - IN_FLIGHT
+
+_ALLOWED: dict[TurnStatus, frozenset[TurnStatus]] = {
+    TurnStatus.PENDING: frozenset({TurnStatus.PROCESSING, TurnStatus.CANCELLED, TurnStatus.ERROR}),
+    TurnStatus.PROCESSING: TERMINAL,
+    TurnStatus.ERROR: frozenset({TurnStatus.PENDING}),
+}
+
+
+def sources_for(target: TurnStatus) -> tuple[str, ...]:
+    """The statuses from which `target` may be reached, as plain strings for a WHERE clause."""
+    return tuple(sorted(s.value for s, targets in _ALLOWED.items() if target in targets))

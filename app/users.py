@@ -1,0 +1,66 @@
+"""Accounts: creating users with their first key, reading a balance and its ledger, adding credit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+from sqlalchemy import select
+
+from app import ledger
+from app.auth import hash_api_key, new_api_key
+from app.db import transaction
+from app.errors import NotFound, ValidationFailed
+from app.models import CreditTransaction, User
+
+
+@dataclass(frozen=True, slots=True)
+class NewUser:
+    user: User
+    api_key: str
+
+
+def create_user(name: str, *, is_admin: bool = False, balance: Decimal = Decimal(0)) -> NewUser:
+    """The key is returned once and never stored; an opening balance is a ledger credit like any other."""
+    if not name.strip():
+        raise ValidationFailed("name must not be blank.")
+    if balance < 0:
+        raise ValidationFailed("balance must not be negative.")
+    api_key = new_api_key()
+    with transaction() as session:
+        user = User(name=name.strip(), api_key_hash=hash_api_key(api_key), is_admin=is_admin,
+                    balance=Decimal(0), reserved=Decimal(0))
+        session.add(user)
+        session.flush()
+        if balance > 0:
+            ledger.add_credit(session, user.id, balance)
+        session.flush()
+        session.refresh(user)
+    return NewUser(user=user, api_key=api_key)
+
+
+def get_user(user_id: int) -> User:
+    with transaction() as session:
+        user = session.get(User, user_id)
+        if user is None:
+            raise NotFound("No such user.")
+        return user
+
+
+def add_credit(user_id: int, amount: Decimal) -> Decimal:
+    with transaction() as session:
+        if session.get(User, user_id) is None:
+            raise NotFound("No such user.")
+        return ledger.add_credit(session, user_id, amount)
+
+
+def list_transactions(user_id: int, limit: int = 100) -> list[CreditTransaction]:
+    with transaction() as session:
+        return list(
+            session.scalars(
+                select(CreditTransaction)
+                .where(CreditTransaction.user_id == user_id)
+                .order_by(CreditTransaction.id.desc())
+                .limit(limit)
+            )
+        )

@@ -1,0 +1,39 @@
+"""What a worker process runs besides its actors, and what happens when a message dies."""
+
+from __future__ import annotations
+
+from app import debug_runner, llm_client, turn_runner
+from app.db import dispose_engines
+from app.dispatch import RUN_TURN
+from app.leases import keeper
+from app.recovery import RecoveryLoop
+from app.redis_client import reset_redis
+from app.stop_requests import stopped_turns
+
+_recovery: RecoveryLoop | None = None
+
+
+def after_fork() -> None:
+    dispose_engines()
+    reset_redis()
+    llm_client.reset_clients()
+
+
+def start() -> None:
+    global _recovery
+    keeper.cancel_check = stopped_turns
+    if _recovery is None:
+        _recovery = RecoveryLoop()
+        _recovery.start()
+
+
+def stop() -> None:
+    if _recovery is not None:
+        _recovery.stop()
+
+
+def message_died(actor_name: str, ident: int, reason: str) -> None:
+    if actor_name == RUN_TURN:
+        turn_runner.abandon_turn(ident, reason)
+    else:
+        debug_runner.abandon_run(ident, reason)

@@ -1,0 +1,235 @@
+"""Fixtures: a fresh PostgreSQL database and Redis database per run, the mock upstream, real workers.
+
+Every test starts from empty tables and an empty Redis database. The API is driven in-process
+through Flask's test client (the same app `agentq web` serves); turns are run by real
+`agentq worker` processes talking to the real PostgreSQL, Redis and mock upstream over HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import redis as redis_lib
+
+from tests.support import ROOT, Process, agentq, free_port, wait_for, wait_http
+
+PG_ADMIN_URL = os.environ.get("AGENTQ_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_DB = int(os.environ.get("AGENTQ_TEST_REDIS_DB", "9"))
+RUN_ID = uuid.uuid4().hex[:8]
+DB_NAME = f"agentq_test_{RUN_ID}"
+LOG_DIR = Path(tempfile.mkdtemp(prefix=f"agentq-test-{RUN_ID}-"))
+MOCK_PORT = free_port()
+MOCK_URL = f"http://127.0.0.1:{MOCK_PORT}/v1"
+
+TEST_ENV = {
+    "DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{DB_NAME}",
+    "REDIS_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
+    "AGENTQ_LEASE_SECONDS": "3",
+    "AGENTQ_RECOVERY_INTERVAL_SECONDS": "1",
+    "AGENTQ_ENQUEUE_GRACE_SECONDS": "1",
+    "AGENTQ_MIN_BACKOFF_MS": "200",
+    "AGENTQ_MAX_BACKOFF_MS": "1000",
+    "AGENTQ_MAX_RETRIES": "2",
+    "AGENTQ_SHUTDOWN_GRACE_SECONDS": "10",
+    "AGENTQ_BROKER_HEARTBEAT_MS": "5000",
+    "AGENTQ_BROKER_MAINTENANCE_CHANCE": "200",
+    "PROMETHEUS_MULTIPROC_DIR": str(LOG_DIR / "metrics"),
+}
+(LOG_DIR / "metrics").mkdir()
+os.environ.update(TEST_ENV)
+
+TABLES = ("model_attempts", "admin_debug_logs", "credit_transactions", "turns", "conversation_messages",
+          "conversations", "agents", "llm_models", "users")
+
+
+def child_env(**overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env.update(TEST_ENV)
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture(scope="session")
+def database() -> Iterator[str]:
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{DB_NAME}"')
+    with psycopg.connect(TEST_ENV["DATABASE_URL"].replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute((ROOT / "schema.sql").read_text())
+    yield TEST_ENV["DATABASE_URL"]
+    from app.db import dispose_engines
+
+    dispose_engines()
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def redis_client() -> redis_lib.Redis:
+    client = redis_lib.Redis.from_url(TEST_ENV["REDIS_URL"])
+    client.flushdb()
+    return client
+
+
+@pytest.fixture(scope="session")
+def mock_upstream() -> Iterator[Process]:
+    process = Process("mock-upstream", agentq("mock-llm", "--port", str(MOCK_PORT)), child_env(), LOG_DIR).start()
+    wait_http(f"http://127.0.0.1:{MOCK_PORT}/_requests")
+    yield process
+    process.kill_group()
+
+
+@pytest.fixture
+def upstream(mock_upstream: Process) -> Iterator[UpstreamLog]:
+    log = UpstreamLog()
+    log.clear()
+    yield log
+
+
+class UpstreamLog:
+    """What the mock upstream received, and what became of each stream."""
+
+    base = f"http://127.0.0.1:{MOCK_PORT}"
+
+    def clear(self) -> None:
+        httpx.delete(f"{self.base}/_requests")
+
+    def requests(self, path: str = "/v1/chat/completions") -> list[dict[str, Any]]:
+        return [r for r in httpx.get(f"{self.base}/_requests").json() if r["path"] == path]
+
+    def streams(self) -> dict[str, str]:
+        return httpx.get(f"{self.base}/_streams").json()
+
+
+@pytest.fixture
+def clean(database: str, redis_client: redis_lib.Redis) -> Iterator[None]:
+    with psycopg.connect(database.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+    redis_client.flushdb()
+    yield
+
+
+class Workers:
+    """`agentq worker` processes for the test session; tests may kill and restart them."""
+
+    def __init__(self) -> None:
+        self.processes: list[Process] = []
+
+    def start(self, processes: int = 1, threads: int = 8, **env: str) -> Process:
+        name = f"worker-{len(self.processes)}"
+        process = Process(name, agentq("worker", "--processes", str(processes), "--threads", str(threads)),
+                          child_env(**env), LOG_DIR).start()
+        self.processes.append(process)
+        wait_for(lambda: "Worker process is ready" in process.output() or "ready for action" in process.output()
+                 or len(process.children()) >= processes, timeout=30, interval=0.1, what=f"{name} to boot")
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            process.kill_group()
+        self.processes.clear()
+
+
+@pytest.fixture(scope="session")
+def workers(database: str, mock_upstream: Process) -> Iterator[Workers]:
+    pool = Workers()
+    pool.start()
+    yield pool
+    pool.stop_all()
+
+
+@pytest.fixture
+def app(database: str) -> Any:
+    from web import create_app
+
+    return create_app({"TESTING": True})
+
+
+class Api:
+    """The HTTP API through Flask's test client, with a key per call."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def call(self, method: str, path: str, key: str | None = None, json: Any = None,
+             headers: dict[str, str] | None = None, **kwargs: Any) -> Any:
+        all_headers = dict(headers or {})
+        if key is not None:
+            all_headers["Authorization"] = f"Bearer {key}"
+        return self.client.open(path, method=method, json=json, headers=all_headers, **kwargs)
+
+    def get(self, path: str, key: str | None = None, **kw: Any) -> Any:
+        return self.call("GET", path, key, **kw)
+
+    def post(self, path: str, key: str | None = None, json: Any = None, **kw: Any) -> Any:
+        return self.call("POST", path, key, json=json, **kw)
+
+    def patch(self, path: str, key: str | None = None, json: Any = None, **kw: Any) -> Any:
+        return self.call("PATCH", path, key, json=json, **kw)
+
+    def delete(self, path: str, key: str | None = None, **kw: Any) -> Any:
+        return self.call("DELETE", path, key, **kw)
+
+
+@pytest.fixture
+def api(app: Any, clean: None) -> Api:
+    return Api(app.test_client())
+
+
+class World:
+    """Users, models and agents made through the services, for tests that are about something else."""
+
+    def __init__(self, api: Api) -> None:
+        self.api = api
+        from app.users import create_user
+
+        self.admin_key = create_user("admin", is_admin=True).api_key
+
+    def user(self, name: str = "alice", balance: str = "10") -> tuple[int, str]:
+        from app.users import create_user
+
+        created = create_user(name, balance=Decimal(balance))
+        return created.user.id, created.api_key
+
+    def model(self, name: str = "primary", upstream: str = "echo", price_in: str = "0.001",
+              price_out: str = "0.002", **extra: Any) -> int:
+        body = {"name": name, "model": upstream, "base_url": MOCK_URL, "input_price_per_1k": price_in,
+                "output_price_per_1k": price_out, **extra}
+        response = self.api.post("/api/admin/models", self.admin_key, body)
+        assert response.status_code == 201, response.json
+        return response.json["id"]
+
+    def agent(self, model_id: int, fallback_id: int | None = None, **extra: Any) -> int:
+        body = {"name": "helper", "system_prompt": "You are helpful.", "model_id": model_id,
+                "fallback_model_id": fallback_id, **extra}
+        response = self.api.post("/api/admin/agents", self.admin_key, body)
+        assert response.status_code == 201, response.json
+        return response.json["id"]
+
+    def conversation(self, key: str, agent_id: int, project_id: int | None = None) -> int:
+        response = self.api.post("/api/conversations", key, {"agent_id": agent_id, "project_id": project_id})
+        assert response.status_code in (200, 201), response.json
+        return response.json["id"]
+
+    def send(self, key: str, conversation_id: int, content: str = "hello", **kw: Any) -> Any:
+        return self.api.post(f"/api/conversations/{conversation_id}/messages", key, {"content": content}, **kw)
+
+    def message(self, key: str, message_id: int) -> dict[str, Any]:
+        return self.api.get(f"/api/messages/{message_id}", key).json
+
+    def wait_terminal(self, key: str, message_id: int, timeout: float = 30.0) -> dict[str, Any]:
+        return wait_for(lambda: (m := self.message(key, message_id))["status"] not in ("pending", "processing")
+                        and m, timeout=timeout, what=f"message {message_id} to end")
+
+
+@pytest.fixture
+def world(api: Api) -> World:
+    return World(api)

@@ -1,0 +1,200 @@
+"""The whole turn, through the API, a real worker process, the openai SDK and the mock upstream."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from tests.support import wait_for
+
+
+@pytest.fixture(autouse=True)
+def _running(workers, upstream) -> None:  # type: ignore[no-untyped-def]
+    """Every test here needs a worker and a clean upstream log."""
+
+
+def test_a_turn_is_answered_stored_and_charged_once(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    model_id = world.model(price_in="1.000000", price_out="2.000000")
+    agent_id = world.agent(model_id)
+    user_id, key = world.user(balance="10")
+    conversation_id = world.conversation(key, agent_id)
+
+    accepted = world.send(key, conversation_id, "hello world")
+    assert accepted.status_code == 202
+    user_message, assistant = accepted.json["user_message"], accepted.json["assistant_message"]
+    assert (user_message["status"], assistant["status"]) == ("pending", "pending")
+    assert (user_message["seq"], assistant["seq"]) == (1, 2)
+    assert (user_message["role"], assistant["role"]) == ("user", "assistant")
+
+    done = world.wait_terminal(key, assistant["id"])
+    assert done["status"] == "success"
+    assert done["content"] == "echo: hello world"
+    assert done["model"] == "primary"
+    assert done["error_message"] is None and done["error_display"] is None
+    sent = upstream.requests()
+    assert len(sent) == 1
+    body = sent[0]["body"]
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert body["messages"] == [{"role": "system", "content": "You are helpful."},
+                                {"role": "user", "content": "hello world"}]
+    prompt_tokens, completion_tokens = done["prompt_tokens"], done["completion_tokens"]
+    assert (prompt_tokens, completion_tokens) == (8, 3)  # the mock counts len//4+1 a message
+    cost = (Decimal(prompt_tokens) * 1 + Decimal(completion_tokens) * 2) / 1000
+    assert done["cost"] == f"{cost:.6f}"
+    assert done["latency_ms"] >= 0
+
+    assert world.message(key, user_message["id"])["status"] == "success"
+    me = world.api.get("/api/me", key).json
+    assert me["balance"] == f"{Decimal(10) - cost:.6f}"
+    ledger = world.api.get("/api/me/transactions", key).json["items"]
+    assert [(t["message_id"], t["amount"]) for t in ledger] == [(assistant["id"], f"{-cost:.6f}"), (None, "10.000000")]
+    assert ledger[0]["balance_after"] == me["balance"]
+
+    conversation = world.api.get(f"/api/conversations/{conversation_id}", key).json
+    assert conversation["message_count"] == 2
+    assert conversation["total_tokens"] == prompt_tokens + completion_tokens
+
+
+def test_history_holds_only_successful_turns(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    good = world.model("good")
+    failing = world.model("failing", upstream="echo;fail=500")
+    agent_id = world.agent(good)
+    _, key = world.user()
+    conversation_id = world.conversation(key, agent_id)
+
+    first = world.send(key, conversation_id, "first").json["assistant_message"]
+    assert world.wait_terminal(key, first["id"])["status"] == "success"
+    world.api.patch(f"/api/admin/agents/{agent_id}", world.admin_key, {"model_id": failing})
+    second = world.send(key, conversation_id, "second").json["assistant_message"]
+    failed = world.wait_terminal(key, second["id"])
+    assert failed["status"] == "llm_error"
+    assert "500" in failed["error_message"]
+    assert failed["error_display"] == "The model is unavailable right now. Please try again in a moment."
+    zh = world.api.get(f"/api/messages/{second['id']}", key, headers={"Accept-Language": "zh-CN,zh;q=0.9"}).json
+    assert zh["error_display"] == "模型暂时不可用，请稍后重试。"
+    world.api.patch(f"/api/admin/agents/{agent_id}", world.admin_key, {"model_id": good})
+    upstream.clear()
+    third = world.send(key, conversation_id, "third").json["assistant_message"]
+    assert third["seq"] == 6
+    assert world.wait_terminal(key, third["id"])["status"] == "success"
+    assert upstream.requests()[0]["body"]["messages"] == [
+        {"role": "system", "content": "You are helpful."},
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "echo: first"},
+        {"role": "user", "content": "third"},
+    ]
+    conversation = world.api.get(f"/api/conversations/{conversation_id}", key).json
+    assert conversation["message_count"] == 6
+    messages = world.api.get(f"/api/conversations/{conversation_id}/messages", key).json["items"]
+    assert [m["seq"] for m in messages] == [1, 2, 3, 4, 5, 6]
+    assert [m["status"] for m in messages] == ["success", "success", "llm_error", "llm_error", "success", "success"]
+    success_tokens = sum(m["total_tokens"] for m in messages if m["role"] == "assistant" and m["status"] == "success")
+    assert conversation["total_tokens"] == success_tokens
+
+
+def test_a_redelivered_message_neither_calls_the_model_again_nor_charges_twice(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    from app import dispatch
+
+    agent_id = world.agent(world.model(price_in="1", price_out="1"))
+    user_id, key = world.user(balance="5")
+    conversation_id = world.conversation(key, agent_id)
+    assistant = world.send(key, conversation_id, "once").json["assistant_message"]
+    done = world.wait_terminal(key, assistant["id"])
+    assert done["status"] == "success"
+
+    for _ in range(2):
+        assert dispatch.send_turn(assistant["id"])
+    from app.operations import queue_snapshot
+
+    wait_for(lambda: queue_snapshot().queues[0].ready == 0, what="the duplicate deliveries to be consumed")
+    wait_for(lambda: _attempt_count(assistant["id"]) == 1, what="attempt records")
+    assert len(upstream.requests()) == 1
+    ledger = world.api.get("/api/me/transactions", key).json["items"]
+    assert len([t for t in ledger if t["message_id"] == assistant["id"]]) == 1
+    assert world.api.get("/api/me", key).json["balance"] == f"{Decimal(5) - Decimal(done['cost']):.6f}"
+
+
+def _attempt_count(message_id: int) -> int:
+    from sqlalchemy import func, select
+
+    from app.db import transaction
+    from app.models import ModelAttempt
+
+    with transaction() as session:
+        return session.scalar(select(func.count()).select_from(ModelAttempt)
+                              .where(ModelAttempt.message_id == message_id)) or 0
+
+
+def test_concurrent_duplicate_deliveries_run_the_model_once(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """Two copies of one message in flight at once: the turn's row lock lets one worker thread claim it."""
+    from app import dispatch
+
+    agent_id = world.agent(world.model(upstream="echo;ttft=0.5"))
+    _, key = world.user()
+    conversation_id = world.conversation(key, agent_id)
+    assistant = world.send(key, conversation_id, "twice").json["assistant_message"]
+    assert dispatch.send_turn(assistant["id"])
+    assert world.wait_terminal(key, assistant["id"])["status"] == "success"
+    wait_for(lambda: _attempt_count(assistant["id"]) == 1, what="the attempt record")
+    assert len(upstream.requests()) == 1
+    ledger = world.api.get("/api/me/transactions", key).json["items"]
+    assert len([t for t in ledger if t["message_id"] == assistant["id"]]) == 1
+
+
+def test_sequence_numbers_survive_a_redis_flush(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    conversation_id = world.conversation(key, agent_id)
+    first = world.send(key, conversation_id, "one").json["assistant_message"]
+    world.wait_terminal(key, first["id"])
+    redis_client.flushall()
+    second = world.send(key, conversation_id, "two").json
+    assert (second["user_message"]["seq"], second["assistant_message"]["seq"]) == (3, 4)
+    assert world.wait_terminal(key, second["assistant_message"]["id"])["status"] == "success"
+    seqs = [m["seq"] for m in world.api.get(f"/api/conversations/{conversation_id}/messages", key).json["items"]]
+    assert seqs == [1, 2, 3, 4]
+
+
+def test_idempotency_key_returns_the_first_answer(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    conversation_id = world.conversation(key, agent_id)
+    headers = {"Idempotency-Key": "retry-123"}
+    first = world.send(key, conversation_id, "pay once", headers=headers)
+    again = world.send(key, conversation_id, "pay once", headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert again.json["assistant_message"]["id"] == first.json["assistant_message"]["id"]
+    world.wait_terminal(key, first.json["assistant_message"]["id"])
+    later = world.send(key, conversation_id, "pay once", headers=headers)
+    assert later.status_code == 202
+    assert later.json["assistant_message"]["id"] == first.json["assistant_message"]["id"]
+    assert later.json["assistant_message"]["status"] == "success"
+    assert len(world.api.get(f"/api/conversations/{conversation_id}/messages", key).json["items"]) == 2
+    assert len(upstream.requests()) == 1
+
+
+def test_a_turn_accepted_while_redis_is_unreachable_is_sent_by_recovery(world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The API's enqueue fails (its broker points at a closed port); the worker's recovery sends the turn."""
+    import dramatiq
+
+    from app.models import Turn
+    from workers.broker import install_broker
+
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    conversation_id = world.conversation(key, agent_id)
+    broker = install_broker()
+    dead_client = type(broker.client).from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    monkeypatch.setattr(broker, "client", dead_client)
+    monkeypatch.setattr(broker, "scripts", {n: dead_client.register_script(s.script)
+                                            for n, s in broker.scripts.items()})
+    assert dramatiq.get_broker() is broker
+    accepted = world.send(key, conversation_id, "while redis is away")
+    assert accepted.status_code == 202
+    assistant_id = accepted.json["assistant_message"]["id"]
+    from app.db import transaction
+
+    with transaction() as session:
+        assert session.get_one(Turn, assistant_id).enqueued_at is None
+    assert world.wait_terminal(key, assistant_id)["status"] == "success"

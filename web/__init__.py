@@ -1,0 +1,56 @@
+"""The Flask application: `create_app()` builds it; nothing connects at import time."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask_openapi3 import Info, OpenAPI
+from werkzeug.routing import IntegerConverter
+
+from web.errors import SafeJSONProvider, install_error_handlers, on_validation_error
+from web.schemas import ErrorResponse
+
+
+class IdConverter(IntegerConverter):
+    """A path id is 1..2**63-1 in ASCII digits; anything else is simply not found (404), never a 500."""
+
+    regex = r"[0-9]{1,19}"
+
+    def __init__(self, url_map: Any) -> None:
+        super().__init__(url_map, min=1, max=2**63 - 1)
+
+
+class AgentqAPI(OpenAPI):
+    json_provider_class = SafeJSONProvider
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> AgentqAPI:
+    from web.routes import admin, conversations, health, me
+
+    app = AgentqAPI(
+        __name__,
+        info=Info(title="agentq", version="0.1.0",
+                  description="Execution backend of an LLM agent chat platform."),
+        security_schemes={"bearerAuth": {"type": "http", "scheme": "bearer"}},
+        validation_error_status=422,
+        validation_error_model=ErrorResponse,
+        validation_error_callback=on_validation_error,
+        doc_ui=False,
+    )
+    app.config["MAX_CONTENT_LENGTH"] = 8 * 1024 * 1024
+    app.json.ensure_ascii = False  # type: ignore[attr-defined]
+    if test_config:
+        app.config.update(test_config)
+    app.url_map.converters["id"] = IdConverter
+    install_error_handlers(app)
+    for blueprint in (health.bp, me.bp, admin.bp, conversations.bp):
+        app.register_api(blueprint)
+
+    @app.get("/openapi.json", doc_ui=False)
+    def openapi_json() -> dict[str, Any]:
+        return app.api_doc
+
+    from workers.broker import install_broker
+
+    install_broker()
+    return app

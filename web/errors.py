@@ -1,0 +1,76 @@
+"""Every error the API returns, in the contract's shape: `{"error": {"code", "message"}}`.
+
+Domain errors carry their own status and code; request parsing maps to 400 (the body is not a
+JSON object) or 422 (a field fails validation); an unexpected exception is logged with its
+traceback and answered 500 without details, which a test treats as a bug.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from flask.json.provider import DefaultJSONProvider
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+from app.errors import AgentqError
+
+log = logging.getLogger(__name__)
+
+_BODY_SHAPE_ERRORS = frozenset({"model_type", "json_invalid", "dict_type", "model_attributes_type"})
+
+
+def error_response(status: int, code: str, message: str) -> Response:
+    response = jsonify({"error": {"code": code, "message": message}})
+    response.status_code = status
+    return response
+
+
+class SafeJSONProvider(DefaultJSONProvider):
+    """A body nested thousands of levels deep is malformed input, not a server error."""
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        try:
+            return super().loads(s, **kwargs)
+        except RecursionError as exc:
+            raise ValueError("JSON nested too deeply") from exc
+
+
+def on_validation_error(exc: ValidationError) -> Response:
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    first = errors[0] if errors else {"loc": (), "type": "model_type", "msg": "invalid"}
+    if not first["loc"] and first["type"] in _BODY_SHAPE_ERRORS:
+        return error_response(400, "malformed_body", "The request body must be a JSON object.")
+    where = ".".join(str(part) for part in first["loc"]) or "body"
+    return error_response(422, "validation_failed", f"Invalid value for '{where}': {first['msg']}.")
+
+
+def require_object_body() -> Response | None:
+    """flask-openapi3 would parse a JSON *string* body as a second JSON document; refuse it."""
+    body_expected = request.method in ("POST", "PUT", "PATCH") and request.get_data(cache=True)
+    if body_expected and not isinstance(request.get_json(silent=True), dict):
+        return error_response(400, "malformed_body", "The request body must be a JSON object.")
+    return None
+
+
+def install_error_handlers(app: Flask) -> None:
+    @app.errorhandler(AgentqError)
+    def _domain(exc: AgentqError) -> Response:
+        return error_response(exc.status, exc.code, exc.message)
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Response:
+        if exc.code is None:
+            return exc.get_response()
+        code = (exc.name or "error").lower().replace(" ", "_")
+        response = error_response(exc.code, code, exc.description or exc.name)
+        if exc.code == 405:
+            response.headers["Allow"] = exc.get_response().headers.get("Allow", "")
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal_error", "An internal error occurred; it has been logged.")

@@ -1,0 +1,39 @@
+"""The /metrics exposition: every process's counters merged, plus gauges read from shared state."""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from app import operations
+
+
+class SharedStateCollector:
+    """Gauges that must be the same whichever process is scraped: read at scrape time."""
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        snapshot = operations.queue_snapshot()
+        in_flight = GaugeMetricFamily("agentq_turns_in_flight", "Turns pending or processing.", labels=["status"])
+        for status, count in snapshot.turns_by_status.items():
+            in_flight.add_metric([status], count)
+        yield in_flight
+        depth = GaugeMetricFamily("agentq_queue_depth", "Messages in a queue.", labels=["queue", "state"])
+        for queue in snapshot.queues:
+            depth.add_metric([queue.name, "ready"], queue.ready)
+            depth.add_metric([queue.name, "delayed"], queue.delayed)
+        yield depth
+        dead = GaugeMetricFamily("agentq_dead_letters", "Messages in a dead-letter queue.", labels=["queue"])
+        for queue in snapshot.queues:
+            dead.add_metric([queue.name], queue.dead)
+        yield dead
+
+
+def exposition() -> tuple[bytes, str]:
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        MultiProcessCollector(registry)
+    registry.register(SharedStateCollector())
+    return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,83 @@
+"""JSON shapes of the contract, built from the domain's rows."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import request
+
+from app.error_display import error_display, prefers_chinese
+from app.models import Agent, Conversation, ConversationMessage, CreditTransaction, DebugRun, LlmModel, User
+from app.money import render as money
+
+__all__ = ["money"]
+
+
+def timestamp(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def wants_chinese() -> bool:
+    return prefers_chinese(request.headers.get("Accept-Language"))
+
+
+def message(m: ConversationMessage, chinese: bool | None = None) -> dict[str, Any]:
+    chinese = wants_chinese() if chinese is None else chinese
+    return {
+        "id": m.id, "conversation_id": m.conversation_id, "seq": m.seq, "role": m.role, "content": m.content,
+        "status": m.status, "error_message": m.error_message,
+        "error_display": error_display(m.status, chinese) if m.error_message or m.status != "success" else None,
+        "model": m.model, "prompt_tokens": m.prompt_tokens, "completion_tokens": m.completion_tokens,
+        "total_tokens": m.total_tokens, "cost": money(m.cost), "latency_ms": m.latency_ms,
+        "created_at": timestamp(m.created_at), "updated_at": timestamp(m.updated_at),
+    }
+
+
+def conversation(c: Conversation) -> dict[str, Any]:
+    return {
+        "id": c.id, "agent_id": c.agent_id, "project_id": c.project_id, "title": c.title,
+        "message_count": c.message_count, "total_tokens": c.total_tokens,
+        "created_at": timestamp(c.created_at), "updated_at": timestamp(c.updated_at),
+    }
+
+
+def me(u: User) -> dict[str, Any]:
+    return {"id": u.id, "name": u.name, "is_admin": u.is_admin, "balance": money(u.balance),
+            "available_balance": money(u.balance - u.reserved)}
+
+
+def transaction(t: CreditTransaction) -> dict[str, Any]:
+    return {"id": t.id, "message_id": t.message_id, "amount": money(t.amount),
+            "balance_after": money(t.balance_after), "created_at": timestamp(t.created_at)}
+
+
+def llm_model(m: LlmModel) -> dict[str, Any]:
+    return {
+        "id": m.id, "name": m.name, "model": m.model, "base_url": m.base_url, "api_key_env": m.api_key_env,
+        "input_price_per_1k": money(m.input_price_per_1k), "output_price_per_1k": money(m.output_price_per_1k),
+        "context_window": m.context_window, "created_at": timestamp(m.created_at),
+        "updated_at": timestamp(m.updated_at),
+    }
+
+
+def agent(a: Agent) -> dict[str, Any]:
+    return {
+        "id": a.id, "name": a.name, "system_prompt": a.system_prompt, "model_id": a.model_id,
+        "fallback_model_id": a.fallback_model_id, "timeout_seconds": a.timeout_seconds,
+        "temperature": a.temperature, "max_tokens": a.max_tokens, "created_at": timestamp(a.created_at),
+        "updated_at": timestamp(a.updated_at),
+    }
+
+
+def debug_log(r: DebugRun) -> dict[str, Any]:
+    return {
+        "id": r.id, "agent_id": r.agent_id, "admin_id": r.admin_id, "status": r.status, "input": r.input,
+        "output": r.output, "model": r.model, "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": r.completion_tokens, "cost": money(r.cost), "latency_ms": r.latency_ms,
+        "error_message": r.error_message, "created_at": timestamp(r.created_at),
+    }

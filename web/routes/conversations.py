@@ -1,0 +1,57 @@
+"""Conversations and their messages: create, list, read, delete, and send a message (a turn)."""
+
+from __future__ import annotations
+
+from flask_openapi3 import Tag
+
+from app import conversations, turn_intake
+from web import render
+from web.auth import principal
+from web.routes import api_blueprint
+from web.schemas import ContentBody, ConversationBody, ConversationPath, IdempotencyHeader, MessagePath, PageQuery
+
+bp = api_blueprint("conversations")
+tag = Tag(name="conversations")
+
+
+@bp.post("/conversations", tags=[tag])
+def create_conversation(body: ConversationBody) -> tuple[dict, int]:
+    result = conversations.create_conversation(principal(), body.agent_id, body.project_id, body.title)
+    return render.conversation(result.conversation), 201 if result.created else 200
+
+
+@bp.get("/conversations", tags=[tag])
+def list_conversations(query: PageQuery) -> dict:
+    page = conversations.list_conversations(principal(), query.limit, query.cursor)
+    return {"items": [render.conversation(c) for c in page.items], "next_cursor": page.next_cursor}
+
+
+@bp.get("/conversations/<id:conversation_id>", tags=[tag])
+def get_conversation(path: ConversationPath) -> dict:
+    return render.conversation(conversations.get_conversation(principal(), path.conversation_id))
+
+
+@bp.delete("/conversations/<id:conversation_id>", tags=[tag])
+def delete_conversation(path: ConversationPath) -> tuple[str, int]:
+    conversations.delete_conversation(principal(), path.conversation_id)
+    return "", 204
+
+
+@bp.post("/conversations/<id:conversation_id>/messages", tags=[tag])
+def send_message(path: ConversationPath, body: ContentBody, header: IdempotencyHeader) -> tuple[dict, int]:
+    accepted = turn_intake.submit_turn(principal(), path.conversation_id, body.content, header.idempotency_key)
+    chinese = render.wants_chinese()
+    return {"user_message": render.message(accepted.user_message, chinese),
+            "assistant_message": render.message(accepted.assistant_message, chinese)}, 202
+
+
+@bp.get("/conversations/<id:conversation_id>/messages", tags=[tag])
+def list_messages(path: ConversationPath) -> dict:
+    chinese = render.wants_chinese()
+    return {"items": [render.message(m, chinese) for m in conversations.list_messages(principal(),
+                                                                                      path.conversation_id)]}
+
+
+@bp.get("/messages/<id:message_id>", tags=[tag])
+def get_message(path: MessagePath) -> dict:
+    return render.message(conversations.get_message(principal(), path.message_id))

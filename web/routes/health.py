@@ -1,0 +1,31 @@
+"""Liveness, readiness and metrics; no key needed."""
+
+from __future__ import annotations
+
+from flask import Response, jsonify
+from flask_openapi3 import APIBlueprint, Tag
+
+from app import readiness
+from web import prometheus
+
+bp = APIBlueprint("health", __name__)
+tag = Tag(name="operations")
+
+
+@bp.get("/healthz", tags=[tag])
+def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@bp.get("/readyz", tags=[tag])
+def readyz() -> Response | tuple[Response, int]:
+    report = readiness.check()
+    if not report.ready:
+        return jsonify({"error": {"code": "not_ready", "message": report.summary}, "checks": report.checks}), 503
+    return jsonify({"status": "ready", "checks": report.checks})
+
+
+@bp.get("/metrics", tags=[tag])
+def metrics() -> Response:
+    body, content_type = prometheus.exposition()
+    return Response(body, content_type=content_type)

@@ -1,0 +1,28 @@
+"""The caller's own account, its ledger, and the agents they may chat with."""
+
+from __future__ import annotations
+
+from flask_openapi3 import Tag
+
+from app import catalog, users
+from web import render
+from web.auth import principal
+from web.routes import api_blueprint
+
+bp = api_blueprint("me")
+tag = Tag(name="account")
+
+
+@bp.get("/me", tags=[tag])
+def get_me() -> dict:
+    return render.me(users.get_user(principal().id))
+
+
+@bp.get("/me/transactions", tags=[tag])
+def get_transactions() -> dict:
+    return {"items": [render.transaction(t) for t in users.list_transactions(principal().id)]}
+
+
+@bp.get("/agents", tags=[tag])
+def list_chat_agents() -> dict:
+    return {"items": [{"id": a.id, "name": a.name} for a in catalog.list_agents()]}

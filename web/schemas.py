@@ -1,0 +1,158 @@
+"""Request models: what each route accepts, validated by flask-openapi3 and documented in /openapi.json."""
+
+from __future__ import annotations
+
+import copy
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
+
+MAX_ID = 2**63 - 1
+
+Ident = Annotated[int, Strict(), Field(ge=1, le=MAX_ID)]
+Name = Annotated[str, Field(min_length=1, max_length=200)]
+Price = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=6)]
+Amount = Annotated[Decimal, Field(max_digits=18, decimal_places=6)]
+
+
+class CachedSchemaModel(BaseModel):
+    """flask-openapi3 asks query and header models for their JSON schema on every request; cache it."""
+
+    @classmethod
+    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        cache: dict[Any, dict[str, Any]] | None = cls.__dict__.get("_schema_cache")
+        if cache is None:
+            cache = {}
+            type.__setattr__(cls, "_schema_cache", cache)
+        key = (args, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = super().model_json_schema(*args, **kwargs)
+        return copy.deepcopy(cache[key])
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class CreateUserBody(Body):
+    name: Name
+    is_admin: Annotated[bool, Strict()] = False
+    balance: Price = Decimal(0)
+
+
+class CreditBody(Body):
+    amount: Amount
+
+
+def _http_url(value: str | None) -> str | None:
+    if value is not None and not value.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
+class ModelBody(Body):
+    name: Name
+    model: Name
+    base_url: Annotated[str | None, Field(max_length=500)] = None
+    api_key_env: Annotated[str | None, Field(max_length=200, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = None
+    input_price_per_1k: Price
+    output_price_per_1k: Price
+    context_window: Annotated[int | None, Strict(), Field(ge=1, le=100_000_000)] = None
+
+    _url = field_validator("base_url")(_http_url)
+
+
+class ModelPatch(Body):
+    name: Name | None = None
+    model: Name | None = None
+    base_url: Annotated[str | None, Field(max_length=500)] = None
+    api_key_env: Annotated[str | None, Field(max_length=200, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = None
+    input_price_per_1k: Price | None = None
+    output_price_per_1k: Price | None = None
+    context_window: Annotated[int | None, Strict(), Field(ge=1, le=100_000_000)] = None
+
+    _url = field_validator("base_url")(_http_url)
+
+
+Timeout = Annotated[int, Strict(), Field(ge=1, le=3600)]
+Temperature = Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)]
+MaxTokens = Annotated[int, Strict(), Field(ge=1, le=1_000_000)]
+
+
+class AgentBody(Body):
+    name: Name
+    system_prompt: Annotated[str, Field(max_length=200_000)]
+    model_id: Ident
+    fallback_model_id: Ident | None = None
+    timeout_seconds: Timeout = 120
+    temperature: Temperature | None = None
+    max_tokens: MaxTokens | None = None
+
+
+class AgentPatch(Body):
+    name: Name | None = None
+    system_prompt: Annotated[str | None, Field(max_length=200_000)] = None
+    model_id: Ident | None = None
+    fallback_model_id: Ident | None = None
+    timeout_seconds: Timeout | None = None
+    temperature: Temperature | None = None
+    max_tokens: MaxTokens | None = None
+
+
+class ConversationBody(Body):
+    agent_id: Ident
+    project_id: Annotated[int | None, Strict(), Field(ge=0, le=MAX_ID)] = None
+    title: Annotated[str | None, Field(max_length=500)] = None
+
+
+class ContentBody(Body):
+    content: Annotated[str, Strict()]
+
+
+class PromptPreviewBody(ContentBody):
+    conversation_id: Ident | None = None
+
+
+class IdPath(BaseModel):
+    id: int
+
+
+class ConversationPath(BaseModel):
+    conversation_id: int
+
+
+class MessagePath(BaseModel):
+    message_id: int
+
+
+class PageQuery(CachedSchemaModel):
+    limit: Annotated[int, Field(ge=1, le=100)] = 20
+    cursor: Annotated[str | None, Field(max_length=500)] = None
+
+
+class DebugLogQuery(CachedSchemaModel):
+    agent_id: Annotated[int | None, Field(ge=1, le=MAX_ID)] = None
+    limit: Annotated[int, Field(ge=1, le=200)] = 50
+    before_id: Annotated[int | None, Field(ge=1, le=MAX_ID)] = None
+
+
+class DebugCostQuery(CachedSchemaModel):
+    group_by: Literal["agent", "model", "admin"] = "agent"
+
+
+class IdempotencyHeader(CachedSchemaModel):
+    idempotency_key: Annotated[str | None, Field(alias="Idempotency-Key", min_length=1, max_length=200)] = None
+
+
+class LanguageHeader(CachedSchemaModel):
+    accept_language: Annotated[str | None, Field(alias="Accept-Language", max_length=500)] = None
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,52 @@
+"""`agentq web`: the API under gunicorn (threaded workers), configured in code rather than a file."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+
+class _Gunicorn(BaseApplication):
+    def __init__(self, options: dict[str, Any]) -> None:
+        self._options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self._options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        from web import create_app
+
+        return create_app()
+
+
+def _child_exit(server: Any, worker: Any) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def _post_fork(server: Any, worker: Any) -> None:
+    from app.db import dispose_engines
+    from app.redis_client import reset_redis
+
+    dispose_engines()
+    reset_redis()
+
+
+def serve(host: str, port: int, *, workers: int, threads: int) -> None:
+    _Gunicorn({
+        "bind": f"{host}:{port}",
+        "workers": workers,
+        "worker_class": "gthread",
+        "threads": threads,
+        "timeout": 120,
+        "graceful_timeout": 30,
+        "keepalive": 5,
+        "accesslog": None,
+        "child_exit": _child_exit,
+        "post_fork": _post_fork,
+        "preload_app": False,
+    }).run()

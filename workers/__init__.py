@@ -1,0 +1,1 @@
+"""Dramatiq set-up and actors; `agentq worker` runs `workers.actors`."""
