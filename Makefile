@@ -21,6 +21,7 @@ redis:
 		redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
 
 run: install redis
+	mkdir -p var
 	$(BIN)/agentq db init
 	@$(BIN)/agentq demo seed --mock-url http://127.0.0.1:$${AGENTQ_DEMO_UPSTREAM_PORT:-8765}/v1 > var/demo.json
 	@echo

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from app.cli_debug import add_debug_commands
+from app.cli_dlq import add_dlq_commands
+
 
 def add_ops_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Filled in by the operations and debugging features."""
+    add_dlq_commands(sub)
+    add_debug_commands(sub)
