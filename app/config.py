@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     max_backoff_ms: int = Field(default=30000, ge=0)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
     broker_heartbeat_ms: int = Field(default=15000, ge=1000)
-    broker_maintenance_chance: int = Field(default=50, ge=1)
+    broker_maintenance_chance: int = Field(default=100_000, ge=1, le=1_000_000)
     broker_namespace: str = "agentq-dramatiq"
 
     stream_maxlen: int = Field(default=10000, ge=100)

@@ -6,7 +6,7 @@ processes and the CLI call it, and it connects to nothing until the first messag
 Middleware chosen, and why:
 - Retries (backoff from `AGENTQ_MIN_BACKOFF_MS` to `AGENTQ_MAX_BACKOFF_MS`, `AGENTQ_MAX_RETRIES`):
   unexpected failures (database or Redis errors, bugs) are retried; exhausted ones are dead letters.
-- RunOutcomes, after Retries: a message that died ends its turn as `error` at once.
+- RunOutcomes: a message that died (nacked into the dead-letter queue) ends its run as `error` at once.
 - WorkerServices: the lease keeper and the recovery sweep live in every worker process.
 - No TimeLimit: a run is bounded by the agent's own timeout per attempt (see app.llm_client), which
   Dramatiq's asynchronous exception could only break in the middle of a database write.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 
 import dramatiq
+import redis
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries
 
@@ -30,8 +31,10 @@ _installed: RedisBroker | None = None
 
 def build_broker() -> RedisBroker:
     settings = get_settings()
+    client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=1000, timeout=10, socket_timeout=30, socket_connect_timeout=5))
     broker = RedisBroker(
-        url=settings.redis_url,
+        client=client,
         namespace=settings.broker_namespace,
         heartbeat_timeout=settings.broker_heartbeat_ms,
         maintenance_chance=settings.broker_maintenance_chance,

@@ -16,12 +16,13 @@ log = logging.getLogger(__name__)
 class RunOutcomes(Middleware):
     """Ends a turn (or admin test run) as `error` when its message dies with retries exhausted."""
 
-    def after_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message, *,
-                              result: object = None, exception: BaseException | None = None) -> None:
-        """Runs after Retries, which has marked the message failed if it will not be retried."""
-        if exception is None or not message.failed or message.actor_name not in (RUN_TURN, RUN_DEBUG):
+    def after_nack(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+        """A nack is the message going to the dead-letter queue; its options hold the last traceback."""
+        if message.actor_name not in (RUN_TURN, RUN_DEBUG):
             return
-        reason = f"retries exhausted: {type(exception).__name__}: {exception}"
+        trace = (message.options.get("traceback") or "").strip().splitlines()
+        last_error = trace[-1] if trace else "unknown error"
+        reason = f"retries exhausted after {message.options.get('retries', 0)} attempts: {last_error}"
         try:
             worker_services.message_died(message.actor_name, int(message.args[0]), reason)
         except Exception:

@@ -1,0 +1,81 @@
+"""Keys and ownership: 401 without a known key, 403 on admin routes for users, 404 on others' resources."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture
+def owned(world, workers, upstream):  # type: ignore[no-untyped-def]
+    """Alice's conversation with one finished turn, and Bob's key."""
+    agent_id = world.agent(world.model())
+    _, alice = world.user("alice")
+    _, bob = world.user("bob")
+    conversation_id = world.conversation(alice, agent_id)
+    assistant = world.send(alice, conversation_id, "mine").json["assistant_message"]
+    world.wait_terminal(alice, assistant["id"])
+    return {"alice": alice, "bob": bob, "conversation": conversation_id, "message": assistant["id"],
+            "user_message": assistant["id"] - 1, "agent": agent_id}
+
+
+def test_another_users_resources_are_not_found_on_every_route(world, owned) -> None:  # type: ignore[no-untyped-def]
+    c, m, um = owned["conversation"], owned["message"], owned["user_message"]
+    routes = [
+        ("GET", f"/api/conversations/{c}", None),
+        ("DELETE", f"/api/conversations/{c}", None),
+        ("GET", f"/api/conversations/{c}/messages", None),
+        ("POST", f"/api/conversations/{c}/messages", {"content": "hijack"}),
+        ("GET", f"/api/messages/{m}", None),
+        ("GET", f"/api/messages/{um}", None),
+    ]
+    for method, path, body in routes:
+        response = world.api.call(method, path, owned["bob"], json=body)
+        assert response.status_code == 404, (method, path, response.json)
+        assert response.json["error"]["code"] == "not_found"
+    assert world.api.get("/api/conversations", owned["bob"]).json["items"] == []
+    assert world.api.get(f"/api/conversations/{c}", owned["alice"]).status_code == 200
+
+
+USER_ROUTES = [("GET", "/api/me"), ("GET", "/api/me/transactions"), ("GET", "/api/agents"),
+               ("GET", "/api/conversations"), ("POST", "/api/conversations"), ("GET", "/api/conversations/1"),
+               ("DELETE", "/api/conversations/1"), ("GET", "/api/conversations/1/messages"),
+               ("POST", "/api/conversations/1/messages"), ("GET", "/api/messages/1")]
+ADMIN_ROUTES = [("POST", "/api/admin/users"), ("POST", "/api/admin/users/1/credits"),
+                ("POST", "/api/admin/models"), ("GET", "/api/admin/models"), ("GET", "/api/admin/models/1"),
+                ("PATCH", "/api/admin/models/1"), ("DELETE", "/api/admin/models/1"),
+                ("POST", "/api/admin/agents"), ("GET", "/api/admin/agents"), ("GET", "/api/admin/agents/1"),
+                ("PATCH", "/api/admin/agents/1"), ("DELETE", "/api/admin/agents/1")]
+
+
+@pytest.mark.parametrize(("method", "path"), USER_ROUTES + ADMIN_ROUTES)
+@pytest.mark.parametrize("header", [None, "Bearer aq_not-a-real-key", "Basic abc", "Bearer "])
+def test_every_api_route_needs_a_known_key(api, method, path, header) -> None:  # type: ignore[no-untyped-def]
+    headers = {"Authorization": header} if header else {}
+    response = api.call(method, path, headers=headers, json={})
+    assert response.status_code == 401
+    assert response.json["error"]["code"] in ("missing_api_key", "invalid_api_key")
+
+
+@pytest.mark.parametrize(("method", "path"), ADMIN_ROUTES)
+def test_admin_routes_are_forbidden_to_users(world, method, path) -> None:  # type: ignore[no-untyped-def]
+    _, key = world.user()
+    response = world.api.call(method, path, key, json={})
+    assert response.status_code == 403
+    assert response.json == {"error": {"code": "forbidden", "message": "This route is for administrators."}}
+
+
+def test_admin_can_create_users_and_move_credit_never_below_zero(world) -> None:  # type: ignore[no-untyped-def]
+    created = world.api.post("/api/admin/users", world.admin_key, {"name": "carol", "balance": "5.5"})
+    assert created.status_code == 201
+    assert created.json["balance"] == "5.500000" and created.json["api_key"].startswith("aq_")
+    user_id, key = created.json["id"], created.json["api_key"]
+    assert world.api.get("/api/me", key).json["balance"] == "5.500000"
+    assert world.api.post(f"/api/admin/users/{user_id}/credits", world.admin_key,
+                          {"amount": "-2.25"}).json == {"balance": "3.250000"}
+    assert world.api.post(f"/api/admin/users/{user_id}/credits", world.admin_key,
+                          {"amount": "-100"}).json == {"balance": "0.000000"}
+    ledger = world.api.get("/api/me/transactions", key).json["items"]
+    assert [t["amount"] for t in ledger] == ["-3.250000", "-2.250000", "5.500000"]
+    assert [t["balance_after"] for t in ledger] == ["0.000000", "3.250000", "5.500000"]
+    assert all(t["message_id"] is None for t in ledger)
+    assert world.api.post("/api/admin/users/999999/credits", world.admin_key, {"amount": "1"}).status_code == 404

@@ -1,0 +1,89 @@
+"""A table of bad inputs, each with its exact status and error code; no input yields a 5xx."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.config import get_settings
+
+
+@pytest.fixture
+def setup(world):  # type: ignore[no-untyped-def]
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    conversation_id = world.conversation(key, agent_id)
+    return {"key": key, "admin": world.admin_key, "conversation": conversation_id, "agent": agent_id}
+
+
+BIG = "x" * (get_settings().max_content_chars + 1)
+
+CASES = [
+    # (who, method, path, body or raw bytes, status, code)
+    ("user", "POST", "/api/conversations/{c}/messages", b"not json", 400, "malformed_body"),
+    ("user", "POST", "/api/conversations/{c}/messages", b"[1, 2]", 400, "malformed_body"),
+    ("user", "POST", "/api/conversations/{c}/messages", b'"{\\"content\\": \\"x\\"}"', 400, "malformed_body"),
+    ("user", "POST", "/api/conversations/{c}/messages", b"null", 400, "malformed_body"),
+    ("user", "POST", "/api/conversations/{c}/messages", b"[" * 5000, 400, "malformed_body"),
+    ("user", "POST", "/api/conversations/{c}/messages", b"", 400, "malformed_body"),
+    ("user", "POST", "/api/conversations/{c}/messages", b"\xff\xfe", 400, "malformed_body"),
+    ("user", "POST", "/api/conversations/{c}/messages", {}, 422, "validation_failed"),
+    ("user", "POST", "/api/conversations/{c}/messages", {"content": 5}, 422, "validation_failed"),
+    ("user", "POST", "/api/conversations/{c}/messages", {"content": None}, 422, "validation_failed"),
+    ("user", "POST", "/api/conversations/{c}/messages", {"content": "   "}, 422, "validation_failed"),
+    ("user", "POST", "/api/conversations/{c}/messages", {"content": BIG}, 413, "content_too_large"),
+    ("user", "POST", "/api/conversations/999999/messages", {"content": "hi"}, 404, "not_found"),
+    ("user", "POST", "/api/conversations/99999999999999999999/messages", {"content": "hi"}, 404, "not_found"),
+    ("user", "POST", "/api/conversations/-1/messages", {"content": "hi"}, 404, "not_found"),
+    ("user", "POST", "/api/conversations/abc/messages", {"content": "hi"}, 404, "not_found"),
+    ("user", "GET", "/api/messages/0", None, 404, "not_found"),
+    ("user", "GET", "/api/nowhere", None, 404, "not_found"),
+    ("user", "PUT", "/api/conversations/{c}", {}, 405, "method_not_allowed"),
+    ("user", "POST", "/api/conversations", {"agent_id": "one"}, 422, "validation_failed"),
+    ("user", "POST", "/api/conversations", {"agent_id": 0}, 422, "validation_failed"),
+    ("user", "POST", "/api/conversations", {"agent_id": 2**70}, 422, "validation_failed"),
+    ("user", "POST", "/api/conversations", {"agent_id": 999999}, 404, "not_found"),
+    ("user", "POST", "/api/conversations", {"agent_id": "{a}", "title": "t" * 501}, 422, "validation_failed"),
+    ("user", "GET", "/api/conversations?limit=0", None, 422, "validation_failed"),
+    ("user", "GET", "/api/conversations?limit=abc", None, 422, "validation_failed"),
+    ("user", "GET", "/api/conversations?cursor=%%%", None, 400, "invalid_cursor"),
+    ("admin", "POST", "/api/admin/models", {"name": "m"}, 422, "validation_failed"),
+    ("admin", "POST", "/api/admin/models", {"name": "m", "model": "x", "input_price_per_1k": "-1",
+                                            "output_price_per_1k": "1"}, 422, "validation_failed"),
+    ("admin", "POST", "/api/admin/models", {"name": "m", "model": "x", "input_price_per_1k": "NaN",
+                                            "output_price_per_1k": "1"}, 422, "validation_failed"),
+    ("admin", "POST", "/api/admin/models", {"name": "m", "model": "x", "input_price_per_1k": "0.0000001",
+                                            "output_price_per_1k": "1"}, 422, "validation_failed"),
+    ("admin", "POST", "/api/admin/models", {"name": "primary", "model": "x", "input_price_per_1k": "1",
+                                            "output_price_per_1k": "1"}, 409, "name_taken"),
+    ("admin", "POST", "/api/admin/models", {"name": "m", "model": "x", "base_url": "ftp://x",
+                                            "input_price_per_1k": "1", "output_price_per_1k": "1"},
+     422, "validation_failed"),
+    ("admin", "POST", "/api/admin/agents", {"name": "a", "system_prompt": "s", "model_id": 999999},
+     422, "validation_failed"),
+    ("admin", "POST", "/api/admin/agents", {"name": "a", "system_prompt": "s", "model_id": 1,
+                                            "timeout_seconds": 0}, 422, "validation_failed"),
+    ("admin", "POST", "/api/admin/agents", {"name": "a", "system_prompt": "s", "model_id": 1,
+                                            "timeout_seconds": 3601}, 422, "validation_failed"),
+    ("admin", "POST", "/api/admin/agents", {"name": "a", "system_prompt": "s", "model_id": 1,
+                                            "temperature": 3}, 422, "validation_failed"),
+    ("admin", "PATCH", "/api/admin/agents/{a}", {"model_id": None}, 422, "validation_failed"),
+    ("admin", "DELETE", "/api/admin/models/1", None, 409, "model_in_use"),
+    ("admin", "POST", "/api/admin/users", {"name": ""}, 422, "validation_failed"),
+    ("admin", "POST", "/api/admin/users", {"name": "x", "balance": "-1"}, 422, "validation_failed"),
+    ("admin", "POST", "/api/admin/users", {"name": "x", "is_admin": "yes"}, 422, "validation_failed"),
+    ("admin", "POST", "/api/admin/users/1/credits", {"amount": "abc"}, 422, "validation_failed"),
+    ("admin", "POST", "/api/admin/users/1/credits", {}, 422, "validation_failed"),
+]
+
+
+@pytest.mark.parametrize(("who", "method", "path", "body", "status", "code"), CASES)
+def test_bad_input_gets_its_exact_status(setup, world, who, method, path, body, status, code) -> None:  # type: ignore[no-untyped-def]
+    key = setup["key"] if who == "user" else setup["admin"]
+    url = path.format(c=setup["conversation"], a=setup["agent"])
+    if isinstance(body, bytes):
+        response = world.api.call(method, url, key, data=body, content_type="application/json")
+    else:
+        response = world.api.call(method, url, key, json=body)
+    assert response.status_code == status, response.get_data(as_text=True)[:300]
+    assert response.json["error"]["code"] == code
+    assert response.json["error"]["message"]

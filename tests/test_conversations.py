@@ -1,0 +1,106 @@
+"""Conversation rules: de-duplication, the listing filter and order, deletion, statistics."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support import wait_for
+
+
+@pytest.fixture(autouse=True)
+def _running(workers, upstream) -> None:  # type: ignore[no-untyped-def]
+    """Turns here run on a real worker."""
+
+
+def test_creating_twice_within_the_window_returns_the_same_empty_conversation(world) -> None:  # type: ignore[no-untyped-def]
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    first = world.api.post("/api/conversations", key, {"agent_id": agent_id, "project_id": 7})
+    again = world.api.post("/api/conversations", key, {"agent_id": agent_id, "project_id": 7})
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.json["id"] == first.json["id"]
+    other_project = world.api.post("/api/conversations", key, {"agent_id": agent_id, "project_id": 8})
+    no_project = world.api.post("/api/conversations", key, {"agent_id": agent_id})
+    assert (other_project.status_code, no_project.status_code) == (201, 201)
+    assert len({first.json["id"], other_project.json["id"], no_project.json["id"]}) == 3
+    _, other_key = world.user("bob")
+    theirs = world.api.post("/api/conversations", other_key, {"agent_id": agent_id, "project_id": 7})
+    assert theirs.status_code == 201 and theirs.json["id"] != first.json["id"]
+
+
+def test_a_conversation_with_messages_is_not_reused(world) -> None:  # type: ignore[no-untyped-def]
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    first = world.conversation(key, agent_id)
+    world.wait_terminal(key, world.send(key, first).json["assistant_message"]["id"])
+    second = world.api.post("/api/conversations", key, {"agent_id": agent_id})
+    assert second.status_code == 201 and second.json["id"] != first
+
+
+def test_dedup_window_zero_always_creates(world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from app.config import Settings, get_settings
+
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    monkeypatch.setattr("app.conversations.get_settings",
+                        lambda: Settings(**{**get_settings().model_dump(), "dedup_window_seconds": 0}))
+    a = world.api.post("/api/conversations", key, {"agent_id": agent_id})
+    b = world.api.post("/api/conversations", key, {"agent_id": agent_id})
+    assert (a.status_code, b.status_code) == (201, 201) and a.json["id"] != b.json["id"]
+
+
+def test_listing_shows_only_conversations_with_a_successful_answer_newest_first(world) -> None:  # type: ignore[no-untyped-def]
+    good = world.model("good")
+    bad = world.model("bad", upstream="echo;fail=503")
+    good_agent, bad_agent = world.agent(good), world.agent(bad)
+    _, key = world.user()
+    empty = world.conversation(key, good_agent, project_id=1)
+    failed = world.conversation(key, bad_agent)
+    world.wait_terminal(key, world.send(key, failed).json["assistant_message"]["id"])
+    answered = []
+    for project in (2, 3, 4):
+        conversation_id = world.conversation(key, good_agent, project_id=project)
+        world.wait_terminal(key, world.send(key, conversation_id).json["assistant_message"]["id"])
+        answered.append(conversation_id)
+    listing = world.api.get("/api/conversations", key).json
+    assert [c["id"] for c in listing["items"]] == list(reversed(answered))
+    assert listing["next_cursor"] is None
+    assert empty not in [c["id"] for c in listing["items"]]
+
+    page1 = world.api.get("/api/conversations?limit=2", key).json
+    assert [c["id"] for c in page1["items"]] == [answered[2], answered[1]]
+    page2 = world.api.get(f"/api/conversations?limit=2&cursor={page1['next_cursor']}", key).json
+    assert [c["id"] for c in page2["items"]] == [answered[0]]
+    assert page2["next_cursor"] is None
+
+    world.wait_terminal(key, world.send(key, answered[0], "again").json["assistant_message"]["id"])
+    assert world.api.get("/api/conversations", key).json["items"][0]["id"] == answered[0]
+
+
+def test_deleting_hides_the_conversation_and_its_messages(world) -> None:  # type: ignore[no-untyped-def]
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    conversation_id = world.conversation(key, agent_id)
+    assistant = world.send(key, conversation_id).json["assistant_message"]
+    world.wait_terminal(key, assistant["id"])
+    assert world.api.delete(f"/api/conversations/{conversation_id}", key).status_code == 204
+    assert world.api.get(f"/api/conversations/{conversation_id}", key).status_code == 404
+    assert world.api.get(f"/api/conversations/{conversation_id}/messages", key).status_code == 404
+    assert world.api.get(f"/api/messages/{assistant['id']}", key).status_code == 404
+    assert world.send(key, conversation_id).status_code == 404
+    assert world.api.get("/api/conversations", key).json["items"] == []
+    assert world.api.delete(f"/api/conversations/{conversation_id}", key).status_code == 404
+
+
+def test_statistics_count_every_message_and_only_successful_tokens(world) -> None:  # type: ignore[no-untyped-def]
+    good, bad = world.model("good"), world.model("bad", upstream="echo;fail=429")
+    agent_id = world.agent(good)
+    _, key = world.user()
+    conversation_id = world.conversation(key, agent_id)
+    ok = world.wait_terminal(key, world.send(key, conversation_id, "a b c").json["assistant_message"]["id"])
+    world.api.patch(f"/api/admin/agents/{agent_id}", world.admin_key, {"model_id": bad})
+    failed = world.wait_terminal(key, world.send(key, conversation_id).json["assistant_message"]["id"])
+    assert failed["status"] == "llm_error"
+    stats = wait_for(lambda: world.api.get(f"/api/conversations/{conversation_id}", key).json, what="stats")
+    assert stats["message_count"] == 4
+    assert stats["total_tokens"] == ok["total_tokens"]

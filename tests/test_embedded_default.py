@@ -1,0 +1,86 @@
+"""The embedded default (SQLite) end to end, as `make run` starts it, driven by the README's curl session.
+
+Everything runs as real processes: `agentq db init`, `agentq demo seed`, `agentq web` (gunicorn) and
+`agentq worker`, against the mock upstream; the shell block of README.md marked `curl-session` is
+executed as printed, so the README cannot rot.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import LOG_DIR, MOCK_URL, child_env
+from tests.support import ROOT, Process, agentq, free_port, wait_http
+
+
+def readme_curl_session() -> str:
+    text = (ROOT / "README.md").read_text()
+    match = re.search(r"<!-- curl-session -->\s*```bash\n(.*?)```", text, re.S)
+    assert match, "README.md must keep its curl session between the curl-session marker and a bash fence"
+    return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def sqlite_deployment(mock_upstream, tmp_path_factory) -> Iterator[dict[str, str]]:  # type: ignore[no-untyped-def]
+    work: Path = tmp_path_factory.mktemp("sqlite")
+    port = free_port()
+    env = child_env(DATABASE_URL=f"sqlite:///{work}/agentq.sqlite3", AGENTQ_BROKER_NAMESPACE="agentq-sqlite-test",
+                    PORT=str(port))
+    subprocess.run(agentq("db", "init"), env=env, check=True, cwd=ROOT, capture_output=True)
+    seeded = subprocess.run(agentq("demo", "seed", "--mock-url", MOCK_URL, "--key-file", str(work / "key")),
+                            env=env, check=True, cwd=ROOT, capture_output=True, text=True)
+    demo = json.loads(seeded.stdout)
+    web = Process("sqlite-web", agentq("web", "--port", str(port), "--workers", "1", "--threads", "8"), env,
+                  LOG_DIR).start()
+    worker = Process("sqlite-worker", agentq("worker", "--processes", "1", "--threads", "4"), env, LOG_DIR).start()
+    wait_http(f"http://127.0.0.1:{port}/healthz")
+    yield {"url": f"http://127.0.0.1:{port}", "key": demo["api_key"], "agent_id": str(demo["agent_id"]),
+           "key_file": str(work / "key")}
+    web.stop()
+    worker.stop()
+
+
+def test_readme_curl_session_answers_on_the_sqlite_default(sqlite_deployment) -> None:  # type: ignore[no-untyped-def]
+    script = readme_curl_session()
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=60,
+                            env=child_env(AGENTQ=sqlite_deployment["url"], KEY=sqlite_deployment["key"],
+                                          AGENT=sqlite_deployment["agent_id"]), cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    final = json.loads(result.stdout.strip().splitlines()[-1])
+    assert final["status"] == "success"
+    assert final["role"] == "assistant" and final["seq"] == 2
+    assert final["content"] == "echo: Hello, agent!"
+    assert final["model"] == "demo-echo"
+    assert final["cost"] == "0.000018"
+
+
+def test_idempotent_redelivery_and_balance_on_sqlite(sqlite_deployment) -> None:  # type: ignore[no-untyped-def]
+    import httpx
+
+    base, headers = sqlite_deployment["url"], {"Authorization": f"Bearer {sqlite_deployment['key']}"}
+    before = httpx.get(f"{base}/api/me", headers=headers).json()["balance"]
+    conversation = httpx.post(f"{base}/api/conversations", headers=headers,
+                              json={"agent_id": int(sqlite_deployment["agent_id"]), "project_id": 99}).json()
+    accepted = httpx.post(f"{base}/api/conversations/{conversation['id']}/messages",
+                          headers={**headers, "Idempotency-Key": "sqlite-1"}, json={"content": "two words"})
+    again = httpx.post(f"{base}/api/conversations/{conversation['id']}/messages",
+                       headers={**headers, "Idempotency-Key": "sqlite-1"}, json={"content": "two words"})
+    assert accepted.status_code == again.status_code == 202
+    message_id = accepted.json()["assistant_message"]["id"]
+    assert again.json()["assistant_message"]["id"] == message_id
+    from tests.support import wait_for
+
+    done = wait_for(lambda: (m := httpx.get(f"{base}/api/messages/{message_id}", headers=headers).json())["status"]
+                    == "success" and m, what="the SQLite turn")
+    from decimal import Decimal
+
+    after = httpx.get(f"{base}/api/me", headers=headers).json()["balance"]
+    assert Decimal(before) - Decimal(after) == Decimal(done["cost"])
+    ledger = httpx.get(f"{base}/api/me/transactions", headers=headers).json()["items"]
+    assert len([t for t in ledger if t["message_id"] == message_id]) == 1

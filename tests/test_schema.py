@@ -1,0 +1,80 @@
+"""`schema.sql` is the schema: it must equal the models, and applying it must be repeatable."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+
+import psycopg
+from sqlalchemy import create_engine, inspect
+
+from app.models import Base
+from tests.conftest import PG_ADMIN_URL, child_env
+from tests.support import ROOT, agentq
+
+PG = "postgresql://postgres@127.0.0.1:5432"
+
+
+def _dump(database: str) -> str:
+    out = subprocess.run(["pg_dump", "--schema-only", "--no-owner", "-h", "127.0.0.1", "-U", "postgres", database],
+                         check=True, capture_output=True, text=True).stdout
+    return "\n".join(line for line in out.splitlines()
+                     if line.strip() and not line.startswith(("--", "\\restrict", "\\unrestrict")))
+
+
+def _scratch_database() -> str:
+    name = f"agentq_schema_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return name
+
+
+def _drop(name: str) -> None:
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_schema_sql_equals_the_models() -> None:
+    from_sql, from_models = _scratch_database(), _scratch_database()
+    try:
+        with psycopg.connect(f"{PG}/{from_sql}", autocommit=True) as conn:
+            conn.execute((ROOT / "schema.sql").read_text())
+        engine = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:5432/{from_models}")
+        Base.metadata.create_all(engine)
+        engine.dispose()
+        sql_dump, model_dump = _dump(from_sql), _dump(from_models)
+        assert "CREATE TABLE public.conversation_messages" in sql_dump
+        assert sql_dump == model_dump
+    finally:
+        _drop(from_sql)
+        _drop(from_models)
+
+
+def test_db_init_is_safe_to_run_twice_on_postgresql() -> None:
+    name = _scratch_database()
+    try:
+        env = child_env(DATABASE_URL=f"postgresql://postgres@127.0.0.1:5432/{name}")
+        for _ in range(2):
+            result = subprocess.run(agentq("db", "init"), env=env, capture_output=True, text=True, cwd=ROOT)
+            assert result.returncode == 0, result.stderr
+            assert "applied schema.sql" in result.stdout
+        engine = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}")
+        assert set(inspect(engine).get_table_names()) == set(Base.metadata.tables)
+        engine.dispose()
+    finally:
+        _drop(name)
+
+
+def test_db_init_creates_the_sqlite_default(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    url = f"sqlite:///{tmp_path}/agentq.sqlite3"
+    env = child_env(DATABASE_URL=url)
+    for _ in range(2):
+        result = subprocess.run(agentq("db", "init"), env=env, capture_output=True, text=True, cwd=ROOT)
+        assert result.returncode == 0, result.stderr
+    engine = create_engine(url)
+    inspector = inspect(engine)
+    assert set(inspector.get_table_names()) == set(Base.metadata.tables)
+    index_names = {i["name"] for i in inspector.get_indexes("conversation_messages")}
+    assert {"idx_conversation_messages_status", "idx_conversation_messages_role_status",
+            "uq_conversation_messages_in_flight"} <= index_names
+    engine.dispose()
