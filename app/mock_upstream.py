@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -66,6 +67,35 @@ class MockState:
 STATE = web.AppKey("state", MockState)
 
 
+def client_gone(request: web.Request) -> bool:
+    """A closed or half-closed client connection, seen by peeking at the socket without reading it."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return True
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        with socket.fromfd(sock.fileno(), sock.family, sock.type) as peek:
+            return peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+async def pause(request: web.Request, seconds: float) -> None:
+    """Sleep, but notice at once when the client closes the connection (as a real provider would)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if client_gone(request):
+            raise ConnectionResetError("client went away")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        await asyncio.sleep(min(remaining, 0.05))
+
+
 def _chunk(ident: str, model: str, delta: dict[str, Any], finish: str | None = None) -> bytes:
     payload = {"id": ident, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
@@ -98,7 +128,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     state.streams[ident] = "streaming"
     try:
-        await asyncio.sleep(script.ttft)
+        await pause(request, script.ttft)
         await response.write(_chunk(ident, model, {"role": "assistant", "content": ""}))
         for index, word in enumerate(words):
             if script.cut_after is not None and index == script.cut_after:
@@ -107,12 +137,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 return response
             if script.stall_after is not None and index == script.stall_after:
                 state.streams[ident] = "stalled"
-                while request.transport is not None and not request.transport.is_closing():
-                    await asyncio.sleep(0.05)
-                state.streams[ident] = "disconnected"
-                return response
+                await pause(request, 3600)
             if index and script.gap:
-                await asyncio.sleep(script.gap)
+                await pause(request, script.gap)
             await response.write(_chunk(ident, model, {"content": word if index == 0 else " " + word}))
         await response.write(_chunk(ident, model, {}, "stop"))
         if script.usage and (body.get("stream_options") or {}).get("include_usage"):
@@ -123,7 +150,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             await response.write(f"data: {json.dumps(payload)}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
         state.streams[ident] = "completed"
-    except (ConnectionResetError, asyncio.CancelledError):
+    except ConnectionResetError:
+        state.streams[ident] = "disconnected"
+    except asyncio.CancelledError:
         state.streams[ident] = "disconnected"
         raise
     return response

@@ -26,6 +26,7 @@ from app.fallback import AgentParams, AnswerSink, Outcome, call_with_fallback
 from app.leases import Holding, keeper
 from app.live_stream import TurnStream
 from app.llm_client import ModelTarget, estimate_tokens
+from app.logging_setup import turn_context
 from app.models import Agent, Conversation, ConversationMessage, LlmModel, Turn
 from app.moderation import moderate
 from app.prompt import ChatMessage, build_prompt, successful_history
@@ -75,6 +76,11 @@ def _load_context(session: Session, turn: Turn, token: str) -> TurnContext:
 
 
 def run_turn(turn_id: int) -> None:
+    with turn_context(turn_id):
+        _run_turn(turn_id)
+
+
+def _run_turn(turn_id: int) -> None:
     settings = get_settings()
     with transaction() as session:
         claim = claim_turn(session, turn_id, settings.lease_seconds)
@@ -84,6 +90,7 @@ def run_turn(turn_id: int) -> None:
         assert claim.turn is not None and claim.token is not None
         context = _load_context(session, claim.turn, claim.token)
         deliveries = claim.turn.deliveries
+    log.info("turn %s %s (delivery %s)", turn_id, claim.outcome.value, deliveries)
     stream = TurnStream(turn_id)
     if deliveries > settings.max_deliveries:
         _settle_failure(context, TurnStatus.ERROR, f"gave up after {deliveries - 1} deliveries", stream)
@@ -134,7 +141,7 @@ def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) ->
     elif outcome.cancelled_partial is not None:
         _settle_cancelled(context, outcome, elapsed_ms, stream)
     else:
-        _settle_failure(context, TurnStatus.LLM_ERROR, outcome.error_message, stream, outcome)
+        _settle_failure(context, TurnStatus.LLM_ERROR, outcome.error_message, stream, outcome, elapsed_ms)
 
 
 def _reserve(context: TurnContext) -> bool:
@@ -194,9 +201,9 @@ def _settle_cancelled(context: TurnContext, outcome: Outcome, elapsed_ms: int, s
 
 
 def _settle_failure(context: TurnContext, status: TurnStatus, reason: str, stream: TurnStream,
-                    outcome: Outcome | None = None) -> None:
+                    outcome: Outcome | None = None, elapsed_ms: int | None = None) -> None:
     with transaction() as session:
-        finish_turn(session, context.turn_id, context.token, status, error_message=reason)
+        finish_turn(session, context.turn_id, context.token, status, error_message=reason, latency_ms=elapsed_ms)
         record_turn_end(session, context.conversation_id, None)
         ledger.release(session, context.user_id, context.reserved)
         if outcome is not None:

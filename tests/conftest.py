@@ -26,7 +26,8 @@ PG_ADMIN_URL = os.environ.get("AGENTQ_TEST_PG", "postgresql://postgres@127.0.0.1
 REDIS_DB = int(os.environ.get("AGENTQ_TEST_REDIS_DB", "9"))
 RUN_ID = uuid.uuid4().hex[:8]
 DB_NAME = f"agentq_test_{RUN_ID}"
-LOG_DIR = Path(tempfile.mkdtemp(prefix=f"agentq-test-{RUN_ID}-"))
+LOG_DIR = Path(os.environ.get("AGENTQ_TEST_LOG_DIR") or tempfile.mkdtemp(prefix=f"agentq-test-{RUN_ID}-"))
+LOG_DIR.mkdir(parents=True, exist_ok=True)
 MOCK_PORT = free_port()
 MOCK_URL = f"http://127.0.0.1:{MOCK_PORT}/v1"
 
@@ -43,8 +44,10 @@ TEST_ENV = {
     "AGENTQ_BROKER_HEARTBEAT_MS": "5000",
     "AGENTQ_BROKER_MAINTENANCE_CHANCE": "200000",
     "PROMETHEUS_MULTIPROC_DIR": str(LOG_DIR / "metrics"),
+    "AGENTQ_BLOCKED_TERMS": "forbidden-word, 禁止词",
+    "AGENTQ_MODERATION_URL": MOCK_URL,
 }
-(LOG_DIR / "metrics").mkdir()
+(LOG_DIR / "metrics").mkdir(exist_ok=True)
 os.environ.update(TEST_ENV)
 
 TABLES = ("model_attempts", "admin_debug_logs", "credit_transactions", "turns", "conversation_messages",
@@ -144,6 +147,18 @@ def workers(database: str, mock_upstream: Process) -> Iterator[Workers]:
     pool.start()
     yield pool
     pool.stop_all()
+
+
+@pytest.fixture(scope="session")
+def web_server(database: str) -> Iterator[str]:
+    """A real `agentq web` (gunicorn, threaded workers) on the test database, for concurrency over HTTP."""
+    port = free_port()
+    process = Process("web", agentq("web", "--port", str(port), "--workers", "2", "--threads", "32"), child_env(),
+                      LOG_DIR).start()
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/healthz")
+    yield url
+    process.stop()
 
 
 @pytest.fixture

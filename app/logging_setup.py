@@ -1,0 +1,81 @@
+"""Logging for `agentq web` and `agentq worker`: one format, and the id of the turn a line is about.
+
+With `AGENTQ_LOG_JSON=true` every record is one JSON object on one line (for a log shipper);
+otherwise a plain line. `turn_context` puts a turn's id in a context variable for the duration of
+its run, so every line logged while it runs, from any module, carries `turn_id` without passing it.
+Dramatiq's CLI configures logging in each worker process itself, so the worker calls
+`configure_logging` again once the process has booted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from datetime import UTC, datetime
+
+from app.config import get_settings
+
+_turn_id: ContextVar[int | None] = ContextVar("agentq_turn_id", default=None)
+
+PLAIN_FORMAT = "[%(asctime)s] [PID %(process)d] [%(threadName)s] [%(name)s] [%(levelname)s] %(turn)s%(message)s"
+
+
+@contextmanager
+def turn_context(turn_id: int) -> Iterator[None]:
+    token = _turn_id.set(turn_id)
+    try:
+        yield
+    finally:
+        _turn_id.reset(token)
+
+
+def current_turn_id() -> int | None:
+    return _turn_id.get()
+
+
+class TurnIdFilter(logging.Filter):
+    """Stamps each record with the turn being run by this thread (or None)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        turn_id = _turn_id.get()
+        record.turn_id = turn_id
+        record.turn = f"[turn {turn_id}] " if turn_id is not None else ""
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        payload: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat().replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "process": record.process,
+            "thread": record.threadName,
+        }
+        turn_id = getattr(record, "turn_id", None)
+        if turn_id is not None:
+            payload["turn_id"] = turn_id
+        if record.exc_info:
+            payload["exception"] = self.formatException(record.exc_info)
+        return json.dumps(payload, ensure_ascii=False, default=str)
+
+
+def configure_logging() -> None:
+    """Replace the root logger's handlers with one on stderr (as it is now) in agentq's format."""
+    settings = get_settings()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(TurnIdFilter())
+    handler.setFormatter(JsonFormatter() if settings.log_json else logging.Formatter(PLAIN_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(settings.log_level.upper())
+
+
+__all__ = ["JsonFormatter", "configure_logging", "current_turn_id", "turn_context"]

@@ -1,0 +1,184 @@
+"""One turn per conversation, N active conversations per user, balances under concurrency, crashed holders.
+
+Bursts go over real HTTP to `agentq web` (gunicorn) so requests really race; the database is the
+authority, so the same guarantees are checked with the API's Redis unreachable.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from app.db import transaction
+from app.models import ConversationMessage, CreditTransaction, User
+from tests.conftest import LOG_DIR, child_env
+from tests.support import Process, agentq, free_port, wait_for, wait_http
+
+
+@pytest.fixture(autouse=True)
+def _running(workers, upstream) -> None:  # type: ignore[no-untyped-def]
+    """Turns here run on real workers."""
+
+
+def burst(url: str, key: str, conversation_id: int, count: int = 12) -> list[int]:
+    def post(i: int) -> int:
+        return httpx.post(f"{url}/api/conversations/{conversation_id}/messages", timeout=30,
+                          headers={"Authorization": f"Bearer {key}"}, json={"content": f"burst {i}"}).status_code
+
+    with ThreadPoolExecutor(count) as pool:
+        return sorted(pool.map(post, range(count)))
+
+
+def test_a_burst_of_posts_to_one_idle_conversation_gets_exactly_one_202(world, web_server) -> None:  # type: ignore[no-untyped-def]
+    agent_id = world.agent(world.model(upstream="echo;ttft=0.5"))
+    _, key = world.user()
+    conversation_id = world.conversation(key, agent_id)
+    assert burst(web_server, key, conversation_id) == [202] + [409] * 11
+    busy = world.send(key, conversation_id)
+    assert busy.status_code == 409
+    assert busy.json["error"]["code"] == "conversation_busy"
+    messages = world.api.get(f"/api/conversations/{conversation_id}/messages", key).json["items"]
+    assert len(messages) == 2
+    world.wait_terminal(key, messages[1]["id"])
+    assert world.send(key, conversation_id).status_code == 202
+
+
+def test_the_database_alone_keeps_one_turn_per_conversation_when_redis_is_unreachable(world) -> None:  # type: ignore[no-untyped-def]
+    """An API whose Redis is down still answers; the turn it stores is sent by the workers' recovery."""
+    port = free_port()
+    web = Process("web-no-redis", agentq("web", "--port", str(port), "--workers", "1", "--threads", "16"),
+                  child_env(REDIS_URL="redis://127.0.0.1:9/0"), LOG_DIR).start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/healthz")
+        assert httpx.get(f"{url}/readyz").status_code == 503
+        agent_id = world.agent(world.model())
+        _, key = world.user()
+        conversation_id = world.conversation(key, agent_id)
+        assert burst(url, key, conversation_id) == [202] + [409] * 11
+        assistant = world.api.get(f"/api/conversations/{conversation_id}/messages", key).json["items"][1]
+        assert world.wait_terminal(key, assistant["id"])["status"] == "success"
+    finally:
+        web.stop()
+
+
+def test_the_per_user_limit_refuses_the_next_conversation_and_frees_slots_at_the_end(world) -> None:  # type: ignore[no-untyped-def]
+    slow = world.model("slow", upstream="echo;ttft=1.5")
+    agent_id = world.agent(slow, timeout_seconds=10)
+    _, key = world.user()
+    _, other = world.user("bob")
+    conversations = [world.conversation(key, agent_id, project_id=i) for i in range(4)]
+    accepted = [world.send(key, c).json["assistant_message"]["id"] for c in conversations[:3]]
+    refused = world.send(key, conversations[3])
+    assert refused.status_code == 429
+    assert refused.json["error"]["code"] == "too_many_active_conversations"
+    assert world.send(other, world.conversation(other, agent_id)).status_code == 202
+    for message_id in accepted:
+        assert world.wait_terminal(key, message_id)["status"] == "success"
+    assert world.send(key, conversations[3]).status_code == 202
+
+
+def test_a_killed_worker_frees_its_lock_and_slot_by_itself(world, workers, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """kill -9 of the only worker mid-answer: its turns are taken over once the 3 s lease runs out."""
+    stalled = world.model("stalled", upstream="echo;ttft=60")
+    agent_id = world.agent(stalled, timeout_seconds=120)
+    _, key = world.user()
+    conversations = [world.conversation(key, agent_id, project_id=i) for i in range(4)]
+    held = [world.send(key, c).json["assistant_message"]["id"] for c in conversations[:3]]
+    wait_for(lambda: all(world.message(key, m)["status"] == "processing" for m in held), what="turns to start")
+    assert redis_client.exists(f"agentq:conversation:{conversations[0]}:lock") == 1
+    for process in list(workers.processes):
+        process.kill_group(signal.SIGKILL)
+    workers.processes.clear()
+    assert world.send(key, conversations[0]).status_code == 409
+    assert world.send(key, conversations[3]).status_code == 429
+
+    fast = world.model("fast")
+    world.api.patch(f"/api/admin/agents/{agent_id}", world.admin_key, {"model_id": fast})
+    killed_at = time.monotonic()
+    workers.start()
+    for message_id in held:
+        done = world.wait_terminal(key, message_id, timeout=30)
+        assert (done["status"], done["model"]) == ("success", "fast")
+    recovered_in = time.monotonic() - killed_at
+    assert recovered_in < 15, f"takeover took {recovered_in:.1f}s"
+    assert world.send(key, conversations[3]).status_code == 202
+    assert world.send(key, conversations[0]).status_code == 202
+
+
+def test_fifty_concurrent_turns_never_overdraw_and_the_ledger_adds_up(world, monkeypatch, app) -> None:  # type: ignore[no-untyped-def]
+    from app.config import Settings, get_settings
+
+    raised = Settings(**{**get_settings().model_dump(), "max_active_conversations": 100})
+    monkeypatch.setattr("app.turn_intake.get_settings", lambda: raised)
+    monkeypatch.setattr("app.coordination.get_settings", lambda: raised)
+    agent_id = world.agent(world.model(upstream="echo;words=50", price_in="0", price_out="2"), max_tokens=50)
+    user_id, key = world.user(balance="1")
+    conversations = [world.conversation(key, agent_id, project_id=i) for i in range(50)]
+
+    def post(conversation_id: int) -> Any:
+        client = app.test_client()
+        response = client.post(f"/api/conversations/{conversation_id}/messages", json={"content": "spend"},
+                               headers={"Authorization": f"Bearer {key}"})
+        return response.status_code, response.json["assistant_message"]["id"]
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(post, conversations))
+    assert [status for status, _ in results] == [202] * 50
+    finals = [world.wait_terminal(key, message_id, timeout=60) for _, message_id in results]
+    statuses = sorted(m["status"] for m in finals)
+    assert statuses == ["insufficient_balance"] * 40 + ["success"] * 10
+    assert all(m["cost"] == "0.100000" for m in finals if m["status"] == "success")
+    with transaction() as session:
+        user = session.get_one(User, user_id)
+        ledger_sum = session.scalar(select(func.sum(CreditTransaction.amount))
+                                    .where(CreditTransaction.user_id == user_id))
+        charges = session.scalar(select(func.count()).select_from(CreditTransaction)
+                                 .where(CreditTransaction.user_id == user_id, CreditTransaction.kind == "charge"))
+    assert user.balance == Decimal("0") and user.reserved == Decimal("0")
+    assert ledger_sum == user.balance
+    assert charges == 10
+
+
+def test_the_database_refuses_a_second_turn_in_flight(world) -> None:  # type: ignore[no-untyped-def]
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    conversation_id = world.conversation(key, agent_id)
+    with pytest.raises(IntegrityError), transaction() as session:
+        for seq in (1, 2):
+            session.add(ConversationMessage(conversation_id=conversation_id, seq=seq, role="assistant",
+                                            content="", status="pending"))
+        session.flush()
+
+
+def test_a_worker_that_lost_its_lease_stops_and_cannot_write(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """Another owner takes the turn over: the first worker stops its upstream call and writes nothing."""
+    from app.models import Turn
+    from app.turn_state import LeaseLost, claim_turn, finish_turn
+    from app.turn_status import TurnStatus
+
+    agent_id = world.agent(world.model(upstream="echo;ttft=60"), timeout_seconds=120)
+    _, key = world.user()
+    assistant = world.send(key, world.conversation(key, agent_id)).json["assistant_message"]
+    wait_for(lambda: list(upstream.streams().values()) == ["streaming"], what="the worker to call the model")
+    with transaction() as session:
+        assert claim_turn(session, assistant["id"], lease_seconds=300).outcome.value == "owned_elsewhere"
+        session.get_one(Turn, assistant["id"]).lease_expires_at = None
+    with transaction() as session:
+        takeover = claim_turn(session, assistant["id"], lease_seconds=300)
+    assert takeover.outcome.value == "taken_over" and takeover.token
+    wait_for(lambda: list(upstream.streams().values()) == ["disconnected"], what="the first worker to give up")
+    with pytest.raises(LeaseLost), transaction() as session:
+        finish_turn(session, assistant["id"], "not-the-owner", TurnStatus.SUCCESS, content="overwrite")
+    with transaction() as session:
+        finish_turn(session, assistant["id"], takeover.token, TurnStatus.SUCCESS, content="the new owner's")
+    final = world.message(key, assistant["id"])
+    assert (final["status"], final["content"]) == ("success", "the new owner's")

@@ -1,0 +1,151 @@
+"""Timeouts, fallback, moderation and balance checks, against a mock upstream that really misbehaves."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import select
+
+from app.db import transaction
+from app.models import ModelAttempt
+
+
+@pytest.fixture(autouse=True)
+def _running(workers, upstream) -> None:  # type: ignore[no-untyped-def]
+    """Turns here run on a real worker against the mock upstream."""
+
+
+def attempts(message_id: int) -> list[tuple[str, str]]:
+    with transaction() as session:
+        rows = session.execute(select(ModelAttempt.model_name, ModelAttempt.outcome)
+                               .where(ModelAttempt.message_id == message_id).order_by(ModelAttempt.id)).all()
+    return [(r[0], r[1]) for r in rows]
+
+
+def sent_models(upstream) -> list[str]:  # type: ignore[no-untyped-def]
+    return [r["body"]["model"] for r in upstream.requests()]
+
+
+FAILURES = [
+    ("echo;ttft=5", "timeout"),
+    ("echo;hang_headers=5", "timeout"),
+    ("echo;stall_after=2", "timeout"),
+    ("echo;fail=429", "rate_limited"),
+    ("echo;fail=500", "server_error"),
+    ("echo;fail=503", "server_error"),
+    ("echo;cut_after=2", "stream_cut"),
+]
+
+
+@pytest.mark.parametrize(("primary_upstream", "outcome"), FAILURES)
+def test_each_failure_switches_to_the_fallback_once(world, upstream, primary_upstream, outcome) -> None:  # type: ignore[no-untyped-def]
+    primary = world.model("primary", upstream=primary_upstream)
+    fallback = world.model("fallback", upstream="echo")
+    agent_id = world.agent(primary, fallback, timeout_seconds=1)
+    _, key = world.user()
+    conversation_id = world.conversation(key, agent_id)
+    assistant = world.send(key, conversation_id, "hi there").json["assistant_message"]
+    done = world.wait_terminal(key, assistant["id"])
+    assert done["status"] == "success"
+    assert done["model"] == "fallback"
+    assert done["content"] == "echo: hi there"
+    assert sent_models(upstream) == [primary_upstream, "echo"]
+    assert attempts(assistant["id"]) == [("primary", outcome), ("fallback", "success")]
+
+
+def test_a_connection_failure_switches_to_the_fallback(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    closed = world.api.post("/api/admin/models", world.admin_key, {
+        "name": "unreachable", "model": "echo", "base_url": "http://127.0.0.1:9/v1",
+        "input_price_per_1k": "0", "output_price_per_1k": "0"}).json["id"]
+    agent_id = world.agent(closed, world.model("fallback"), timeout_seconds=2)
+    _, key = world.user()
+    assistant = world.send(key, world.conversation(key, agent_id)).json["assistant_message"]
+    done = world.wait_terminal(key, assistant["id"])
+    assert (done["status"], done["model"]) == ("success", "fallback")
+    assert attempts(assistant["id"]) == [("unreachable", "connection_error"), ("fallback", "success")]
+
+
+def test_both_failing_is_an_llm_error_with_both_reasons_and_no_charge(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    agent_id = world.agent(world.model("primary", upstream="echo;fail=500"),
+                           world.model("fallback", upstream="echo;fail=429"), timeout_seconds=2)
+    _, key = world.user(balance="3")
+    assistant = world.send(key, world.conversation(key, agent_id)).json["assistant_message"]
+    done = world.wait_terminal(key, assistant["id"])
+    assert done["status"] == "llm_error"
+    assert "primary: server_error" in done["error_message"]
+    assert "fallback: rate_limited" in done["error_message"]
+    assert done["cost"] is None
+    me = world.api.get("/api/me", key).json
+    assert me["balance"] == me["available_balance"] == "3.000000"
+    assert len(world.api.get("/api/me/transactions", key).json["items"]) == 1
+    assert sent_models(upstream) == ["echo;fail=500", "echo;fail=429"]
+
+
+def test_a_stalled_stream_ends_within_the_timeout_plus_a_small_bound(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    agent_id = world.agent(world.model("primary", upstream="echo;words=50;stall_after=3"), timeout_seconds=2)
+    _, key = world.user()
+    assistant = world.send(key, world.conversation(key, agent_id)).json["assistant_message"]
+    done = world.wait_terminal(key, assistant["id"])
+    assert done["status"] == "llm_error"
+    with transaction() as session:
+        attempt = session.scalars(select(ModelAttempt).where(ModelAttempt.message_id == assistant["id"])).one()
+    assert attempt.outcome == "timeout"
+    assert 2000 <= attempt.latency_ms <= 2500
+    assert 2000 <= done["latency_ms"] <= 3000
+    from tests.support import wait_for
+
+    wait_for(lambda: list(upstream.streams().values()) == ["disconnected"], what="the upstream to see the close")
+
+
+def test_a_400_falls_back_only_to_a_larger_context_window(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    primary = world.model("small", upstream="echo;fail=400", context_window=1000)
+    same = world.model("same", upstream="echo", context_window=1000)
+    larger = world.model("larger", upstream="echo", context_window=2000)
+    _, key = world.user()
+    refused = world.send(key, world.conversation(key, world.agent(primary, same))).json["assistant_message"]
+    assert world.wait_terminal(key, refused["id"])["status"] == "llm_error"
+    assert sent_models(upstream) == ["echo;fail=400"]
+    upstream.clear()
+    agent_id = world.agent(primary, larger)
+    helped = world.send(key, world.conversation(key, agent_id)).json["assistant_message"]
+    done = world.wait_terminal(key, helped["id"])
+    assert (done["status"], done["model"]) == ("success", "larger")
+    assert sent_models(upstream) == ["echo;fail=400", "echo"]
+
+
+@pytest.mark.parametrize("content", ["this has a FORBIDDEN-word inside", "这句话包含禁止词。", "please flag-me now"])
+def test_moderation_refuses_before_any_model_call(world, upstream, content) -> None:  # type: ignore[no-untyped-def]
+    agent_id = world.agent(world.model())
+    _, key = world.user(balance="1")
+    assistant = world.send(key, world.conversation(key, agent_id), content).json["assistant_message"]
+    done = world.wait_terminal(key, assistant["id"])
+    assert done["status"] == "content_violation"
+    assert done["error_message"].startswith("moderation:")
+    assert done["error_display"] == "This message breaks the content policy and was not sent to the model."
+    chinese = world.api.get(f"/api/messages/{assistant['id']}", key, headers={"Accept-Language": "zh"}).json
+    assert chinese["error_display"] == "消息内容违反了内容政策，未发送给模型。"
+    assert upstream.requests() == []
+    assert world.api.get("/api/me", key).json["balance"] == "1.000000"
+
+
+def test_insufficient_balance_ends_the_turn_without_calling_the_model(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    agent_id = world.agent(world.model(price_in="1", price_out="1"), max_tokens=500)
+    _, key = world.user(balance="0.4")
+    assistant = world.send(key, world.conversation(key, agent_id)).json["assistant_message"]
+    done = world.wait_terminal(key, assistant["id"])
+    assert done["status"] == "insufficient_balance"
+    assert done["error_display"] == "Your balance is too low for this message. Please top up and try again."
+    assert upstream.requests() == []
+    me = world.api.get("/api/me", key).json
+    assert me["balance"] == me["available_balance"] == "0.400000"
+
+
+def test_the_reservation_is_settled_to_the_real_cost(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    agent_id = world.agent(world.model(price_in="1", price_out="1"), max_tokens=500)
+    _, key = world.user(balance="0.6")
+    assistant = world.send(key, world.conversation(key, agent_id), "cheap").json["assistant_message"]
+    done = world.wait_terminal(key, assistant["id"])
+    assert done["status"] == "success"
+    me = world.api.get("/api/me", key).json
+    assert me["balance"] == me["available_balance"] == f"{Decimal('0.6') - Decimal(done['cost']):.6f}"
