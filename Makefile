@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8000
 
-.PHONY: install run test test-chaos lint bench clean redis
+.PHONY: install run test test-chaos lint bench clean redis chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ redis:
 	@redis-cli -u "$${REDIS_URL:-redis://127.0.0.1:6379/0}" ping >/dev/null 2>&1 || \
 		redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
 
+# Debian's headless Chromium and its driver, for the tests that open the pages in a real browser.
+chromium:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
+		(apt-get update -q && apt-get install -y -q chromium chromium-driver)
+
 run: install redis
 	mkdir -p var
 	$(BIN)/agentq db init
@@ -32,7 +37,7 @@ run: install redis
 	@echo
 	PATH="$(CURDIR)/$(BIN):$$PATH" PORT=$(PORT) $(BIN)/honcho -f Procfile.demo start
 
-test: install redis
+test: install redis chromium
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -m "not chaos"
 

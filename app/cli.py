@@ -47,6 +47,9 @@ def cmd_users_create(args: argparse.Namespace) -> int:
 
 def cmd_web(args: argparse.Namespace) -> int:
     _metrics_dir()
+    from app.logging_setup import configure_logging
+
+    configure_logging()
     from web.server import serve
 
     serve(args.host, args.port, workers=args.workers, threads=args.threads)
@@ -55,6 +58,9 @@ def cmd_web(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     _metrics_dir()
+    from app.logging_setup import configure_logging
+
+    configure_logging()
     from dramatiq.cli import main as dramatiq_main
     from dramatiq.cli import make_argument_parser
 
@@ -101,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--host", default=os.environ.get("AGENTQ_HOST", "127.0.0.1"))
     web.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
     web.add_argument("--workers", type=int, default=int(os.environ.get("AGENTQ_WEB_WORKERS", "2")))
-    web.add_argument("--threads", type=int, default=int(os.environ.get("AGENTQ_WEB_THREADS", "64")))
+    web.add_argument("--threads", type=int, default=int(os.environ.get("AGENTQ_WEB_THREADS", "256")))
     web.set_defaults(func=cmd_web)
 
     worker = sub.add_parser("worker", help="run Dramatiq worker processes")

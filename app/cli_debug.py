@@ -1,9 +1,82 @@
-"""`agentq debug route|prompt|execute AGENT_ID "content"`."""
+"""`agentq debug route|prompt|execute AGENT_ID "content" --admin-id ID`: the admin debugging API from a shell.
+
+Each command prints the JSON the API answers, built by the same renderers; `execute --wait` polls the
+debug log until the run ends and prints it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+import time
+
+POLL_SECONDS = 0.2
+
+
+def _print(payload: object) -> None:
+    print(json.dumps(payload, ensure_ascii=False))
+
+
+def cmd_debug_route(args: argparse.Namespace) -> int:
+    from app import debugging
+    from web import render
+
+    debugging.admin_principal(args.admin_id)
+    _print(render.route_decision(debugging.route_decision(args.agent_id, args.content)))
+    return 0
+
+
+def cmd_debug_prompt(args: argparse.Namespace) -> int:
+    from app import debugging
+    from web import render
+
+    debugging.admin_principal(args.admin_id)
+    _print(render.prompt_preview(debugging.preview_prompt(args.agent_id, args.content, args.conversation_id)))
+    return 0
+
+
+def cmd_debug_execute(args: argparse.Namespace) -> int:
+    from app import debugging
+    from app.turn_status import TurnStatus
+    from web import render
+    from workers.broker import install_broker
+
+    admin = debugging.admin_principal(args.admin_id)
+    install_broker()
+    log_id = debugging.start_execution(admin, args.agent_id, args.content)
+    if not args.wait:
+        _print({"debug_log_id": log_id})
+        return 0
+    deadline = time.monotonic() + args.timeout
+    run = debugging.get_debug_log(log_id)
+    while not TurnStatus(run.status).is_terminal and time.monotonic() < deadline:
+        time.sleep(POLL_SECONDS)
+        run = debugging.get_debug_log(log_id)
+    _print(render.debug_log(run))
+    if not TurnStatus(run.status).is_terminal:
+        print(f"debug log {log_id} is still {run.status} after {args.timeout:g}s", file=sys.stderr)
+        return 1
+    return 0
 
 
 def add_debug_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Registered by the admin debugging feature."""
+    debug = sub.add_parser("debug", help="admin debugging: route test, prompt preview, execution test")
+    commands = debug.add_subparsers(dest="debug_command", required=True)
+    helps = {
+        "route": ("the routing decision of a turn, without calling a model", cmd_debug_route),
+        "prompt": ("the messages a turn would send upstream, without calling a model", cmd_debug_prompt),
+        "execute": ("a test run through the workers, priced but never charged", cmd_debug_execute),
+    }
+    parsers: dict[str, argparse.ArgumentParser] = {}
+    for name, (text, func) in helps.items():
+        parser = commands.add_parser(name, help=text)
+        parser.add_argument("agent_id", type=int)
+        parser.add_argument("content")
+        parser.add_argument("--admin-id", type=int, required=True, help="the administrator the test is run as")
+        parser.set_defaults(func=func)
+        parsers[name] = parser
+    parsers["prompt"].add_argument("--conversation-id", type=int, default=None,
+                                   help="take the history of this conversation (any user's)")
+    parsers["execute"].add_argument("--wait", action="store_true", help="wait for the run to end and print its log")
+    parsers["execute"].add_argument("--timeout", type=float, default=600.0, help="seconds --wait waits at most")

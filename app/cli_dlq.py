@@ -1,9 +1,72 @@
-"""`agentq dlq list / show ID / requeue ID|--all / purge ID|--all`."""
+"""`agentq dlq list / show ID / requeue ID|--all / purge ID|--all`: dead letters from a shell.
+
+Each command prints one JSON object, in the same shape as the admin API's answer, so a script can
+read it; an unknown id prints the contract's error object on stderr and exits 1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+
+from app import dead_letters
+from app.errors import MalformedRequest
+
+
+def _print(payload: object) -> None:
+    print(json.dumps(payload, ensure_ascii=False, default=str))
+
+
+def _one_or_all(args: argparse.Namespace, command: str) -> int | None:
+    if (args.id is None) == (not args.all):
+        raise MalformedRequest(f"Give either a dead letter's ID or --all to `dlq {command}`.")
+    return args.id
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    _print({"items": [v.as_json() for v in dead_letters.list_dead_letters()]})
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    _print(dead_letters.get_dead_letter(args.id).as_json(detail=True))
+    return 0
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
+    from workers.broker import install_broker
+
+    ident = _one_or_all(args, "requeue")
+    install_broker()
+    if ident is not None:
+        dead_letters.requeue(ident)
+        _print({"requeued": [ident], "skipped": []})
+        return 0
+    outcome = dead_letters.requeue_all()
+    _print(outcome.as_json())
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    ident = _one_or_all(args, "purge")
+    if ident is not None:
+        dead_letters.purge(ident)
+        _print({"purged": [ident]})
+        return 0
+    _print({"purged": dead_letters.purge_all()})
+    return 0
 
 
 def add_dlq_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Registered by the dead-letter feature."""
+    dlq = sub.add_parser("dlq", help="dead letters: messages whose retries ran out")
+    commands = dlq.add_subparsers(dest="dlq_command", required=True)
+    commands.add_parser("list", help="list the dead letters, newest first").set_defaults(func=cmd_list)
+    show = commands.add_parser("show", help="one dead letter, with its last traceback")
+    show.add_argument("id", type=int)
+    show.set_defaults(func=cmd_show)
+    for name, func, text in (("requeue", cmd_requeue, "run the dead letter's turn again (it goes back to pending)"),
+                             ("purge", cmd_purge, "delete the dead letter for good (its turn stays error)")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("id", type=int, nargs="?")
+        command.add_argument("--all", action="store_true", help="every dead letter")
+        command.set_defaults(func=func)

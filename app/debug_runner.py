@@ -2,6 +2,8 @@
 
 The result goes to the admin debug log (model that answered, tokens, cost at the model's prices,
 latency, status, error), which is what the cost analysis sums; no balance or ledger is touched.
+Delivery is at least once: the claim on the log row makes a redelivered message a no-op, and the
+final write is guarded by the lease, so a worker that lost the run to another writes nothing.
 """
 
 from __future__ import annotations
@@ -10,15 +12,17 @@ import logging
 import threading
 import time
 
+from sqlalchemy import update
+
 from app.attempts import record_attempts
 from app.config import get_settings
 from app.db import transaction
 from app.fallback import AgentParams, AnswerSink, call_with_fallback
 from app.leases import Holding, keeper
-from app.models import Agent, DebugRun, LlmModel
+from app.models import Agent, DebugRun
 from app.moderation import moderate
 from app.prompt import build_prompt
-from app.targets import target_of
+from app.targets import agent_targets
 from app.turn_state import LeaseLost, claim_debug_run, finish_debug_run
 from app.turn_status import TurnStatus
 
@@ -30,19 +34,19 @@ def run_debug_run(run_id: int) -> None:
     with transaction() as session:
         claim = claim_debug_run(session, run_id, settings.lease_seconds)
         if not claim.acquired:
+            log.info("test run %s not run: %s", run_id, claim.outcome.value)
             return
         run = session.get_one(DebugRun, run_id)
         agent = session.get_one(Agent, run.agent_id)
-        primary = target_of(session.get_one(LlmModel, agent.model_id))
-        fallback = target_of(session.get_one(LlmModel, agent.fallback_model_id)) if agent.fallback_model_id else None
+        primary, fallback = agent_targets(session, agent)
         content, system_prompt = run.input, agent.system_prompt
         params = AgentParams(agent.timeout_seconds, agent.temperature, agent.max_tokens)
     token = claim.token
     assert token is not None
     started = time.monotonic()
-    verdict = moderate(content)
     try:
         with keeper.holding(Holding(run_id, token, threading.Event(), None)) as holding:
+            verdict = moderate(content)
             if not verdict.passed:
                 with transaction() as session:
                     finish_debug_run(session, run_id, token, TurnStatus.CONTENT_VIOLATION,
@@ -69,6 +73,19 @@ def run_debug_run(run_id: int) -> None:
                 record_attempts(session, outcome.attempts, debug_log_id=run_id)
     except LeaseLost:
         log.warning("test run %s was taken over by another worker", run_id)
+    except BaseException:
+        _expire_lease(run_id, token)
+        raise
+
+
+def _expire_lease(run_id: int, token: str) -> None:
+    """Let Dramatiq's retry of this message take the run over at once instead of waiting for the lease."""
+    try:
+        with transaction() as session:
+            session.execute(update(DebugRun).where(DebugRun.id == run_id, DebugRun.lease_token == token)
+                            .values(lease_expires_at=None).execution_options(synchronize_session=False))
+    except Exception:
+        log.warning("could not expire the lease of test run %s; it runs out by itself", run_id)
 
 
 def abandon_run(run_id: int, reason: str) -> None:

@@ -94,6 +94,11 @@ def call_with_fallback(
     outcome = Outcome()
     targets = [primary] + ([fallback] if fallback is not None else [])
     for index, target in enumerate(targets):
+        if stop.is_set():
+            outcome.model = target
+            outcome.cancelled_partial = ""
+            outcome.errors.append(f"{target.name}: cancelled before the call")
+            return outcome
         sink.attempt_started(target.name, restart=index > 0)
         messages = prompt_for(target)
         try:

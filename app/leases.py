@@ -116,12 +116,16 @@ class LeaseKeeper:
                     .execution_options(synchronize_session=False)
                 )
                 kept.update(("debug", r[0]) for r in rows)
-        for h in held:
-            kind = "turn" if h.turn is not None else "debug"
-            if (kind, h.ident) not in kept:
-                log.warning("lease of %s %s was taken over; stopping", kind, h.ident)
-                h.stop.set()
-        coordination.renew(h.turn for h in held if h.turn is not None)
+        with self._lock:
+            current = [h for h in held if self._held.get(("turn" if h.turn is not None else "debug", h.ident)) is h]
+            for h in current:
+                kind = "turn" if h.turn is not None else "debug"
+                if (kind, h.ident) not in kept:
+                    log.warning("lease of %s %s was taken over; stopping", kind, h.ident)
+                    h.stop.set()
+            # Under the lock: a turn that ended since the snapshot has freed its lock and slot, and
+            # renewing them now would take them again for a whole lease.
+            coordination.renew(h.turn for h in current if h.turn is not None)
 
 
 keeper = LeaseKeeper()

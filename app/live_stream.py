@@ -1,10 +1,11 @@
 """The live stream of a turn's answer: what the worker produces, kept in a Redis Stream for readers.
 
-Entries are `delta` (a piece of text), `status` (a status or model change; `restart` is true when a
-fallback starts over and earlier text of the turn is void) and `done`. The stream has a bounded
-length and expires, so an abandoned one costs nothing; the database stays the record, and a reader
-arriving after the stream is gone is served from it. Publishing is best effort: a Redis failure
-never fails a turn.
+Entries are `delta` (a piece of text, with the attempt it belongs to and its start offset in that
+attempt's text), `status` (a status or model change; `restart` is true when a fallback starts over
+and the earlier text of the turn is void) and `done`. The stream has a bounded length and expires,
+so an abandoned one costs nothing. The database stays the record: a reader arriving after the
+stream is gone, or finding a gap in it (Redis lost data mid-turn), is served from the stored
+message (see `app.answer_stream`). Publishing is best effort: a Redis failure never fails a turn.
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ class TurnStream(AnswerSink):
         self._key = stream_key(turn_id)
         self._broken = False
         self._settings = get_settings()
+        self._attempt = -1
+        self._offset = 0
 
-    def _add(self, fields: dict[str, str], expire: bool = False) -> None:
+    def _add(self, fields: dict[str, str | int], expire: bool = False) -> None:
         if self._broken:
             return
         try:
@@ -51,19 +54,23 @@ class TurnStream(AnswerSink):
             log.warning("live stream of turn %s unavailable; readers fall back to the database", self.turn_id)
 
     def status(self, status: TurnStatus, model: str | None, restart: bool = False) -> None:
-        payload = {"status": status.value, "model": model}
+        payload: dict[str, object] = {"status": status.value, "model": model}
         if restart:
             payload["restart"] = True
-        self._add({"type": "status", "data": json.dumps(payload)}, expire=True)
+        self._add({"type": "status", "a": max(self._attempt, 0), "data": json.dumps(payload)}, expire=True)
 
     def attempt_started(self, model_name: str, restart: bool) -> None:
+        self._attempt += 1
+        self._offset = 0
         if restart:
             self.status(TurnStatus.PROCESSING, model_name, restart=True)
 
     def delta(self, text: str) -> None:
-        self._add({"type": "delta", "data": text})
+        self._add({"type": "delta", "a": self._attempt, "o": self._offset, "data": text})
+        self._offset += len(text)
 
     def finished(self, status: TurnStatus, model: str | None) -> None:
         """The last entry: readers then load the stored message and send `done`."""
         metrics.observe_terminal(status.value)
-        self._add({"type": "done", "data": json.dumps({"status": status.value, "model": model})}, expire=True)
+        payload = {"status": status.value, "model": model}
+        self._add({"type": "done", "a": max(self._attempt, 0), "data": json.dumps(payload)}, expire=True)

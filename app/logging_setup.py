@@ -78,4 +78,22 @@ def configure_logging() -> None:
     root.setLevel(settings.log_level.upper())
 
 
-__all__ = ["JsonFormatter", "configure_logging", "current_turn_id", "turn_context"]
+def gunicorn_logconfig() -> dict[str, object]:
+    """The same handler for gunicorn's own loggers, as the `logconfig_dict` it applies in every process."""
+    settings = get_settings()
+    formatter: dict[str, object] = {"()": JsonFormatter} if settings.log_json else {"format": PLAIN_FORMAT}
+    handler = {"class": "logging.StreamHandler", "formatter": "agentq", "filters": ["turn"],
+               "stream": "ext://sys.stderr"}
+    gunicorn_logger = {"level": settings.log_level.upper(), "handlers": ["agentq"], "propagate": False}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"turn": {"()": TurnIdFilter}},
+        "formatters": {"agentq": formatter},
+        "handlers": {"agentq": handler},
+        "root": {"level": settings.log_level.upper(), "handlers": ["agentq"]},
+        "loggers": {"gunicorn.error": gunicorn_logger, "gunicorn.access": gunicorn_logger},
+    }
+
+
+__all__ = ["JsonFormatter", "configure_logging", "current_turn_id", "gunicorn_logconfig", "turn_context"]

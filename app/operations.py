@@ -1,8 +1,10 @@
-"""What operators look at: queue depths from the broker's own Redis keys, turns in flight from the database."""
+"""What operators look at: queue depths from the broker's own Redis keys, turns in flight and recent failures
+from the database."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 import redis
 from sqlalchemy import func, select
@@ -11,10 +13,13 @@ from app.config import get_settings
 from app.db import transaction
 from app.dispatch import DEBUG_QUEUE, TURNS_QUEUE
 from app.models import ConversationMessage
+from app.models.base import utc_now
 from app.redis_client import get_redis
-from app.turn_status import IN_FLIGHT
+from app.turn_status import IN_FLIGHT, TurnStatus
 
 QUEUES = (TURNS_QUEUE, DEBUG_QUEUE)
+FAILURES = (TurnStatus.ERROR, TurnStatus.LLM_ERROR, TurnStatus.INSUFFICIENT_BALANCE, TurnStatus.CONTENT_VIOLATION,
+            TurnStatus.CANCELLED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +38,11 @@ class QueueSnapshot:
 
 
 def broker_key(queue: str, suffix: str = "") -> str:
-    """The Redis broker's key for a queue: `<namespace>:<queue>` plus `.DQ` (delayed) or `.XQ` (dead)."""
+    """The Redis broker's key for a queue: `<namespace>:<queue>` plus `.DQ` (delayed) or `.XQ` (dead).
+
+    Delayed messages are counted from the `.DQ.msgs` bodies: a worker moves the ids of `.DQ` into
+    its own unacked set as soon as it sees them, so the list itself is nearly always empty.
+    """
     return f"{get_settings().broker_namespace}:{queue}{suffix}"
 
 
@@ -43,7 +52,7 @@ def queue_snapshot() -> QueueSnapshot:
         pipe = get_redis().pipeline(transaction=False)
         for queue in QUEUES:
             pipe.llen(broker_key(queue))
-            pipe.llen(broker_key(queue, ".DQ"))
+            pipe.hlen(broker_key(queue, ".DQ.msgs"))
             pipe.zcard(broker_key(queue, ".XQ"))
         counts = pipe.execute()
         for index, queue in enumerate(QUEUES):
@@ -61,3 +70,37 @@ def queue_snapshot() -> QueueSnapshot:
     snapshot.turns_by_status = {s.value: 0 for s in sorted(IN_FLIGHT)}
     snapshot.turns_by_status.update({status: count for status, count in rows})
     return snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class RecentFailure:
+    message_id: int
+    conversation_id: int
+    status: str
+    error_message: str | None
+    updated_at: datetime
+
+
+@dataclass
+class FailureReport:
+    since: datetime
+    counts: dict[str, int]
+    latest: list[RecentFailure]
+
+
+def recent_failures(hours: float = 24, limit: int = 20) -> FailureReport:
+    """Turns that ended in a failure status within the last `hours`: counts by status and the latest few."""
+    since = utc_now() - timedelta(hours=hours)
+    failed = [s.value for s in FAILURES]
+    recent = (ConversationMessage.role == "assistant", ConversationMessage.status.in_(failed),
+              ConversationMessage.updated_at >= since)
+    with transaction() as session:
+        counts = dict(session.execute(
+            select(ConversationMessage.status, func.count()).where(*recent).group_by(ConversationMessage.status)
+        ).all())
+        latest = [RecentFailure(*row) for row in session.execute(
+            select(ConversationMessage.id, ConversationMessage.conversation_id, ConversationMessage.status,
+                   ConversationMessage.error_message, ConversationMessage.updated_at)
+            .where(*recent).order_by(ConversationMessage.updated_at.desc()).limit(limit)
+        ).all()]
+    return FailureReport(since, {s: counts.get(s, 0) for s in failed}, latest)

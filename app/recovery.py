@@ -1,12 +1,16 @@
 """Finding work that fell between the cracks and sending it again. Runs in every worker process.
 
-Three cracks, one sweep every `AGENTQ_RECOVERY_INTERVAL_SECONDS`:
+Four cracks, one sweep every `AGENTQ_RECOVERY_INTERVAL_SECONDS`:
 - a turn accepted while its Dramatiq message could not be sent (Redis down, API process killed
   after the commit): still `pending`, its outbox mark empty or older than `AGENTQ_STALE_PENDING_SECONDS`;
 - every `pending` turn after Redis lost its data (its queues went with it), noticed because the
   epoch key this module keeps in Redis is gone;
 - a `processing` turn whose lease ran out: its worker died, so another takes it over without waiting
-  for Dramatiq's own redelivery.
+  for Dramatiq's own redelivery;
+- a `processing` turn whose worker still renews its lease but is stuck: once a delivery has run
+  longer than the agent's timeout for each of its models plus `AGENTQ_TURN_GRACE_SECONDS`, its lease
+  is revoked (the stuck run stops at its next write) and the turn is sent again; a turn delivered more
+  than `AGENTQ_MAX_DELIVERIES` times then ends as `error`.
 Sending is idempotent (a worker that finds a turn finished or owned does nothing), and a
 compare-and-set on `enqueued_at` keeps several sweepers from sending the same turn twice.
 """
@@ -25,9 +29,10 @@ from sqlalchemy import select, update
 from app import dispatch
 from app.config import get_settings
 from app.db import transaction
-from app.models import ConversationMessage, DebugRun, Turn
+from app.models import Agent, Conversation, ConversationMessage, DebugRun, Turn
 from app.models.base import utc_now
 from app.redis_client import get_redis, key
+from app.turn_state import revoke_lease
 from app.turn_status import TurnStatus
 
 log = logging.getLogger(__name__)
@@ -80,6 +85,25 @@ def _due(status: str, enqueued_at: datetime | None, created_at: datetime, lease_
     return lease_over and not recently_sent
 
 
+def _overdue(status: str, processing_since: datetime, lease_expires_at: datetime | None, timeout_seconds: int,
+             has_fallback: bool, now: datetime) -> bool:
+    """A live lease on a delivery that has outrun every model attempt it could make, plus the grace."""
+    if status != TurnStatus.PROCESSING or lease_expires_at is None or lease_expires_at < now:
+        return False
+    bound = timeout_seconds * (2 if has_fallback else 1) + get_settings().turn_grace_seconds
+    return processing_since < now - timedelta(seconds=bound)
+
+
+def _revoke_overdue(ident: int, token: str | None) -> bool:
+    if token is None:
+        return False
+    with transaction() as session:
+        revoked = revoke_lease(session, ident, token)
+    if revoked:
+        log.warning("turn %s ran past its timeout and grace; its lease is revoked and it is sent again", ident)
+    return revoked
+
+
 def _aware(moment: datetime | None) -> datetime | None:
     return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
 
@@ -91,17 +115,22 @@ def recover_once() -> RecoveryReport:
     with transaction() as session:
         turns = session.execute(
             select(Turn.assistant_message_id, ConversationMessage.status, Turn.enqueued_at, Turn.created_at,
-                   Turn.lease_expires_at)
+                   Turn.lease_expires_at, Turn.lease_token, ConversationMessage.updated_at, Agent.timeout_seconds,
+                   Agent.fallback_model_id)
             .join(ConversationMessage, ConversationMessage.id == Turn.assistant_message_id)
+            .join(Conversation, Conversation.id == Turn.conversation_id)
+            .join(Agent, Agent.id == Conversation.agent_id)
             .where(ConversationMessage.role == "assistant", ConversationMessage.status.in_(in_flight))
         ).all()
         runs = session.execute(
             select(DebugRun.id, DebugRun.status, DebugRun.enqueued_at, DebugRun.created_at, DebugRun.lease_expires_at)
             .where(DebugRun.status.in_(in_flight))
         ).all()
-    for ident, status, enqueued_at, created_at, lease in turns:
-        if _due(status, _aware(enqueued_at), _aware(created_at), _aware(lease), now, report.redis_lost) \
-                and _claim_send(Turn, Turn.assistant_message_id, ident, enqueued_at):
+    for ident, status, enqueued_at, created_at, lease, token, since, timeout, fallback in turns:
+        overdue = _overdue(status, _aware(since), _aware(lease), timeout, fallback is not None, now) \
+            and _revoke_overdue(ident, token)
+        due = overdue or _due(status, _aware(enqueued_at), _aware(created_at), _aware(lease), now, report.redis_lost)
+        if due and _claim_send(Turn, Turn.assistant_message_id, ident, enqueued_at):
             if dispatch.send_turn(ident):
                 report.sent.append(ident)
             else:

@@ -33,8 +33,6 @@ def reset_redis() -> None:
         _clients.clear()
 
 
-KEY_PREFIX = "agentq:"
-
-
 def key(*parts: object) -> str:
-    return KEY_PREFIX + ":".join(str(p) for p in parts)
+    """A key of agentq's own (locks, slots, streams, stop flags), under `AGENTQ_REDIS_KEY_PREFIX`."""
+    return get_settings().redis_key_prefix + ":" + ":".join(str(p) for p in parts)

@@ -27,10 +27,10 @@ from app.leases import Holding, keeper
 from app.live_stream import TurnStream
 from app.llm_client import ModelTarget, estimate_tokens
 from app.logging_setup import turn_context
-from app.models import Agent, Conversation, ConversationMessage, LlmModel, Turn
+from app.models import Agent, Conversation, ConversationMessage, Turn
 from app.moderation import moderate
 from app.prompt import ChatMessage, build_prompt, successful_history
-from app.targets import max_cost, target_of
+from app.targets import agent_targets, worst_case_cost
 from app.turn_state import LeaseLost, TransitionRefused, claim_turn, fail_turn_unowned, finish_turn
 from app.turn_status import TurnStatus
 
@@ -64,8 +64,7 @@ def _load_context(session: Session, turn: Turn, token: str) -> TurnContext:
     user_message = session.get_one(ConversationMessage, turn.user_message_id)
     conversation = session.get_one(Conversation, turn.conversation_id)
     agent = session.get_one(Agent, conversation.agent_id)
-    primary = target_of(session.get_one(LlmModel, agent.model_id))
-    fallback = target_of(session.get_one(LlmModel, agent.fallback_model_id)) if agent.fallback_model_id else None
+    primary, fallback = agent_targets(session, agent)
     return TurnContext(
         turn_id=turn.assistant_message_id, token=token, user_id=turn.user_id,
         conversation_id=turn.conversation_id, content=user_message.content, system_prompt=agent.system_prompt,
@@ -90,12 +89,15 @@ def _run_turn(turn_id: int) -> None:
         assert claim.turn is not None and claim.token is not None
         context = _load_context(session, claim.turn, claim.token)
         deliveries = claim.turn.deliveries
+        cancel_requested = claim.turn.cancel_requested_at is not None
     log.info("turn %s %s (delivery %s)", turn_id, claim.outcome.value, deliveries)
     stream = TurnStream(turn_id)
     if deliveries > settings.max_deliveries:
         _settle_failure(context, TurnStatus.ERROR, f"gave up after {deliveries - 1} deliveries", stream)
         return
     stop = threading.Event()
+    if cancel_requested:
+        stop.set()
     holding = Holding(turn_id, context.token, stop, context.held)
     try:
         with keeper.holding(holding):
@@ -124,6 +126,9 @@ def _expire_lease(context: TurnContext) -> None:
 
 def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) -> None:
     started = time.monotonic()
+    if stop.is_set():
+        _settle_cancelled(context, Outcome(model=context.primary, cancelled_partial=""), 0, stream)
+        return
     stream.status(TurnStatus.PROCESSING, context.primary.name)
     verdict = moderate(context.content)
     if not verdict.passed:
@@ -149,7 +154,7 @@ def _reserve(context: TurnContext) -> bool:
     if context.reserved > 0:
         return True
     targets = [context.primary] + ([context.fallback] if context.fallback else [])
-    amount = max(max_cost(t, context.prompt_for(t), context.params.max_tokens) for t in targets)
+    amount = worst_case_cost(targets, context.prompt_for, context.params.max_tokens)
     with transaction() as session:
         if not ledger.reserve(session, context.user_id, amount):
             return False

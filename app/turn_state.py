@@ -63,6 +63,7 @@ def claim_turn(session: Session, turn_id: int, lease_seconds: float) -> ClaimRes
     """Take a pending turn, or take over a processing one whose lease ran out (its worker died).
 
     The turn row is locked for the decision, so two workers given the same message agree on one owner.
+    A takeover restarts the assistant message's `updated_at`, from which recovery times a delivery.
     """
     turn = session.execute(
         select(Turn).where(Turn.assistant_message_id == turn_id).with_for_update()
@@ -78,6 +79,10 @@ def claim_turn(session: Session, turn_id: int, lease_seconds: float) -> ClaimRes
         if expires is not None and expires > now:
             return ClaimResult(Claim.OWNED_ELSEWHERE, turn)
         outcome = Claim.TAKEN_OVER
+        session.execute(
+            update(ConversationMessage).where(ConversationMessage.id == turn_id).values(updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
     else:
         _move(session, turn, TurnStatus.PROCESSING, {})
         outcome = Claim.CLAIMED
@@ -87,6 +92,18 @@ def claim_turn(session: Session, turn_id: int, lease_seconds: float) -> ClaimRes
     turn.deliveries += 1
     session.flush()
     return ClaimResult(outcome, turn, token)
+
+
+def revoke_lease(session: Session, turn_id: int, token: str) -> bool:
+    """Take an overdue turn from a worker that still renews its lease but makes no progress.
+
+    Its keeper then finds the lease gone and stops the run, whose last write the lease guards.
+    """
+    return session.execute(
+        update(Turn).where(Turn.assistant_message_id == turn_id, Turn.lease_token == token)
+        .values(lease_token=None, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    ).rowcount == 1
 
 
 def _move(session: Session, turn: Turn, target: TurnStatus, answer: dict[str, Any]) -> None:
@@ -180,13 +197,34 @@ def fail_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_
 
 
 def reopen_turn(session: Session, turn_id: int) -> Turn:
-    """An operator's requeue of a turn that ended as `error`: it becomes pending again."""
-    turn = session.execute(select(Turn).where(Turn.assistant_message_id == turn_id).with_for_update()).scalar_one()
+    """An operator's requeue of a turn that ended as `error`: it becomes pending again.
+
+    Its delivery count starts over, or a turn that died after several deliveries would be given up at once.
+    """
+    turn = session.execute(
+        select(Turn).where(Turn.assistant_message_id == turn_id).with_for_update()
+    ).scalar_one_or_none()
+    if turn is None:
+        raise TransitionRefused(f"turn {turn_id} does not exist")
     _move(session, turn, TurnStatus.PENDING, {"error_message": None})
     turn.lease_token = None
     turn.lease_expires_at = None
     turn.enqueued_at = utc_now()
+    turn.deliveries = 0
     return turn
+
+
+def reopen_debug_run(session: Session, run_id: int) -> None:
+    """The same requeue for an admin test run that ended as `error`."""
+    moved = session.execute(
+        update(DebugRun)
+        .where(DebugRun.id == run_id, DebugRun.status.in_(sources_for(TurnStatus.PENDING)))
+        .values(status=TurnStatus.PENDING.value, error_message=None, lease_token=None, lease_expires_at=None,
+                enqueued_at=utc_now(), updated_at=utc_now())
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if moved != 1:
+        raise TransitionRefused(f"test run {run_id} cannot move to pending")
 
 
 def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> ClaimResult:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app import debug_runner, llm_client, turn_runner
+from app import debug_runner, dispatch, llm_client, turn_runner
 from app.db import dispose_engines
 from app.dispatch import RUN_TURN
 from app.leases import keeper
@@ -11,6 +11,7 @@ from app.redis_client import reset_redis
 from app.stop_requests import stopped_turns
 
 _recovery: RecoveryLoop | None = None
+_draining = False
 
 
 def after_fork() -> None:
@@ -28,8 +29,20 @@ def start() -> None:
 
 
 def stop() -> None:
+    """The worker is shutting down: no more sweeps, and no new run starts in this process."""
+    global _draining
+    _draining = True
     if _recovery is not None:
         _recovery.stop()
+
+
+def draining() -> bool:
+    return _draining
+
+
+def hand_back(actor_name: str, ident: int) -> bool:
+    """Send a run that reached this stopping process again, for another worker; False if it cannot be sent."""
+    return dispatch.send_turn(ident) if actor_name == RUN_TURN else dispatch.send_debug_run(ident)
 
 
 def message_died(actor_name: str, ident: int, reason: str) -> None:

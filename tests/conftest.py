@@ -50,7 +50,7 @@ TEST_ENV = {
 (LOG_DIR / "metrics").mkdir(exist_ok=True)
 os.environ.update(TEST_ENV)
 
-TABLES = ("model_attempts", "admin_debug_logs", "credit_transactions", "turns", "conversation_messages",
+TABLES = ("dead_letters", "model_attempts", "admin_debug_logs", "credit_transactions", "turns", "conversation_messages",
           "conversations", "agents", "llm_models", "users")
 
 
@@ -114,8 +114,14 @@ class UpstreamLog:
 
 @pytest.fixture
 def clean(database: str, redis_client: redis_lib.Redis) -> Iterator[None]:
-    with psycopg.connect(database.replace("+psycopg", ""), autocommit=True) as conn:
-        conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+    for attempt in range(10):
+        try:
+            with psycopg.connect(database.replace("+psycopg", ""), autocommit=True) as conn:
+                conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+            break
+        except psycopg.errors.DeadlockDetected:
+            if attempt == 9:
+                raise
     redis_client.flushdb()
     yield
 

@@ -94,3 +94,66 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
 
 def agentq(*args: str) -> list[str]:
     return [str(VENV_BIN / "agentq"), *args]
+
+
+class SseEvent:
+    def __init__(self, event: str, data: str, ident: str | None) -> None:
+        self.event = event
+        self.data = data
+        self.id = ident
+
+    def json(self):  # type: ignore[no-untyped-def]
+        import json
+
+        return json.loads(self.data)
+
+    def __repr__(self) -> str:
+        return f"SseEvent({self.event!r}, {self.data[:60]!r}, id={self.id!r})"
+
+
+def read_sse(url: str, key: str, last_event_id: str | None = None, stop_after: int | None = None,
+             timeout: float = 60.0) -> list[SseEvent]:
+    """Read an event stream until `done` (or `stop_after` delta events, then drop the connection)."""
+    headers = {"Authorization": f"Bearer {key}"}
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = last_event_id
+    events: list[SseEvent] = []
+    deltas = 0
+    with httpx.stream("GET", url, headers=headers, timeout=timeout) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        event, data, ident = "message", [], None
+        for line in response.iter_lines():
+            if line == "":
+                if data:
+                    events.append(SseEvent(event, "\n".join(data), ident))
+                    if event == "done":
+                        return events
+                    if event == "delta":
+                        deltas += 1
+                        if stop_after is not None and deltas >= stop_after:
+                            return events
+                event, data, ident = "message", [], None
+            elif line.startswith(":"):
+                continue
+            else:
+                name, _, value = line.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                if name == "event":
+                    event = value
+                elif name == "data":
+                    data.append(value)
+                elif name == "id":
+                    ident = value
+    return events
+
+
+def visible_text(events: list[SseEvent]) -> str:
+    """What a client shows: deltas concatenated, cleared by a `status` event that says `restart`."""
+    text = ""
+    for event in events:
+        if event.event == "status" and event.json().get("restart"):
+            text = ""
+        elif event.event == "delta":
+            text += event.json()["text"]
+    return text

@@ -31,6 +31,7 @@ def sqlite_deployment(mock_upstream, tmp_path_factory) -> Iterator[dict[str, str
     work: Path = tmp_path_factory.mktemp("sqlite")
     port = free_port()
     env = child_env(DATABASE_URL=f"sqlite:///{work}/agentq.sqlite3", AGENTQ_BROKER_NAMESPACE="agentq-sqlite-test",
+                    AGENTQ_REDIS_KEY_PREFIX="agentq-sqlite-test",
                     PORT=str(port))
     subprocess.run(agentq("db", "init"), env=env, check=True, cwd=ROOT, capture_output=True)
     seeded = subprocess.run(agentq("demo", "seed", "--mock-url", MOCK_URL, "--key-file", str(work / "key")),

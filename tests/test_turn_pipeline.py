@@ -17,7 +17,7 @@ def _running(workers, upstream) -> None:  # type: ignore[no-untyped-def]
 def test_a_turn_is_answered_stored_and_charged_once(world, upstream) -> None:  # type: ignore[no-untyped-def]
     model_id = world.model(price_in="1.000000", price_out="2.000000")
     agent_id = world.agent(model_id)
-    user_id, key = world.user(balance="10")
+    _, key = world.user(balance="10")
     conversation_id = world.conversation(key, agent_id)
 
     accepted = world.send(key, conversation_id, "hello world")
@@ -97,7 +97,7 @@ def test_a_redelivered_message_neither_calls_the_model_again_nor_charges_twice(w
     from app import dispatch
 
     agent_id = world.agent(world.model(price_in="1", price_out="1"))
-    user_id, key = world.user(balance="5")
+    _, key = world.user(balance="5")
     conversation_id = world.conversation(key, agent_id)
     assistant = world.send(key, conversation_id, "once").json["assistant_message"]
     done = world.wait_terminal(key, assistant["id"])
@@ -148,7 +148,7 @@ def test_sequence_numbers_survive_a_redis_flush(world, redis_client) -> None:  #
     conversation_id = world.conversation(key, agent_id)
     first = world.send(key, conversation_id, "one").json["assistant_message"]
     world.wait_terminal(key, first["id"])
-    redis_client.flushall()
+    redis_client.flushdb()
     second = world.send(key, conversation_id, "two").json
     assert (second["user_message"]["seq"], second["assistant_message"]["seq"]) == (3, 4)
     assert world.wait_terminal(key, second["assistant_message"]["id"])["status"] == "success"

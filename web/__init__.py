@@ -25,7 +25,7 @@ class AgentqAPI(OpenAPI):
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> AgentqAPI:
-    from web.routes import admin, conversations, debug, health, me, ops
+    from web.routes import admin, chat, console, conversations, debug, health, me, ops, streaming
 
     app = AgentqAPI(
         __name__,
@@ -43,8 +43,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> AgentqAPI:
         app.config.update(test_config)
     app.url_map.converters["id"] = IdConverter
     install_error_handlers(app)
-    for blueprint in (health.bp, me.bp, admin.bp, conversations.bp, debug.bp, ops.bp):
+    for blueprint in (health.bp, me.bp, admin.bp, conversations.bp, streaming.bp, debug.bp, ops.bp):
         app.register_api(blueprint)
+    app.register_blueprint(console.bp)
+    app.register_blueprint(chat.bp)
 
     @app.get("/openapi.json", doc_ui=False)
     def openapi_json() -> dict[str, Any]:

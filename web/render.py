@@ -7,9 +7,11 @@ from typing import Any
 
 from flask import request
 
+from app.debugging import CostLine, RouteDecision
 from app.error_display import error_display, prefers_chinese
 from app.models import Agent, Conversation, ConversationMessage, CreditTransaction, DebugRun, LlmModel, User
 from app.money import render as money
+from app.prompt import Prompt
 
 __all__ = ["money"]
 
@@ -81,3 +83,18 @@ def debug_log(r: DebugRun) -> dict[str, Any]:
         "completion_tokens": r.completion_tokens, "cost": money(r.cost), "latency_ms": r.latency_ms,
         "error_message": r.error_message, "created_at": timestamp(r.created_at),
     }
+
+
+def route_decision(d: RouteDecision) -> dict[str, Any]:
+    return {"model": d.model, "fallback_model": d.fallback_model, "timeout_seconds": d.timeout_seconds,
+            "moderation": d.moderation.label, "moderation_reason": d.moderation.reason,
+            "estimated_prompt_tokens": d.estimated_prompt_tokens, "estimated_cost": money(d.estimated_cost)}
+
+
+def prompt_preview(p: Prompt) -> dict[str, Any]:
+    return {"messages": p.messages, "estimated_prompt_tokens": p.estimated_tokens}
+
+
+def debug_cost(c: CostLine) -> dict[str, Any]:
+    return {"key": c.key, "runs": c.runs, "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+            "cost": money(c.cost)}

@@ -37,6 +37,8 @@ def _post_fork(server: Any, worker: Any) -> None:
 
 
 def serve(host: str, port: int, *, workers: int, threads: int) -> None:
+    from app.logging_setup import gunicorn_logconfig
+
     _Gunicorn({
         "bind": f"{host}:{port}",
         "workers": workers,
@@ -46,6 +48,7 @@ def serve(host: str, port: int, *, workers: int, threads: int) -> None:
         "graceful_timeout": 30,
         "keepalive": 5,
         "accesslog": None,
+        "logconfig_dict": gunicorn_logconfig(),
         "child_exit": _child_exit,
         "post_fork": _post_fork,
         "preload_app": False,

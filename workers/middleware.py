@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 
 import dramatiq
-from dramatiq.middleware import Middleware
+from dramatiq.middleware import Middleware, SkipMessage
 
-from app import worker_services
+from app import dead_letters, worker_services
 from app.dispatch import RUN_DEBUG, RUN_TURN
+from app.logging_setup import configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -18,10 +19,13 @@ class RunOutcomes(Middleware):
 
     def after_nack(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
         """A nack is the message going to the dead-letter queue; its options hold the last traceback."""
+        try:
+            dead_letters.record_death(message)
+        except Exception:
+            log.exception("could not record dead letter %s; listing adopts it from the broker", message.message_id)
         if message.actor_name not in (RUN_TURN, RUN_DEBUG):
             return
-        trace = (message.options.get("traceback") or "").strip().splitlines()
-        last_error = trace[-1] if trace else "unknown error"
+        last_error = dead_letters.error_summary(message.options.get("traceback")) or "unknown error"
         reason = f"retries exhausted after {message.options.get('retries', 0)} attempts: {last_error}"
         try:
             worker_services.message_died(message.actor_name, int(message.args[0]), reason)
@@ -33,13 +37,23 @@ class WorkerServices(Middleware):
     """Starts the lease keeper's companions (recovery sweep, stop watcher) in each worker process."""
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
-        """A forked process must not reuse its parent's database or Redis sockets."""
+        """A forked process must not reuse its parent's sockets, and logs in agentq's format, not Dramatiq's."""
         worker_services.after_fork()
+        configure_logging()
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         """Background services start once the worker threads exist."""
         worker_services.start()
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        """Stop sweeping before the threads drain."""
+        """Stop sweeping and fetching before the threads drain, so a stopping worker takes no new run."""
         worker_services.stop()
+        for consumer in worker.consumers.values():
+            consumer.pause()
+
+    def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+        """A run that reaches an idle thread after SIGTERM goes back to the queue for another worker."""
+        if not worker_services.draining() or message.actor_name not in (RUN_TURN, RUN_DEBUG):
+            return
+        if worker_services.hand_back(message.actor_name, int(message.args[0])):
+            raise SkipMessage(f"worker shutting down; {message.actor_name}{tuple(message.args)} handed back")

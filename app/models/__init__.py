@@ -3,6 +3,7 @@
 from app.models.base import Base
 from app.models.catalog import Agent, LlmModel
 from app.models.conversations import Conversation, ConversationMessage, Turn
+from app.models.dead_letters import DeadLetter
 from app.models.debugging import DebugRun, ModelAttempt
 from app.models.users import CreditTransaction, User
 
@@ -12,6 +13,7 @@ __all__ = [
     "Conversation",
     "ConversationMessage",
     "CreditTransaction",
+    "DeadLetter",
     "DebugRun",
     "LlmModel",
     "ModelAttempt",

@@ -2,6 +2,44 @@
 
 from __future__ import annotations
 
+from flask_openapi3 import Tag
+
+from app import debugging
+from web import render
+from web.auth import principal
 from web.routes import api_blueprint
+from web.schemas import ContentBody, DebugCostQuery, DebugLogQuery, IdPath, PromptPreviewBody
 
 bp = api_blueprint("debug", admin=True)
+tag = Tag(name="admin: debugging")
+
+
+@bp.post("/admin/agents/<id:id>/debug/route", tags=[tag])
+def route_test(path: IdPath, body: ContentBody) -> dict:
+    return render.route_decision(debugging.route_decision(path.id, body.content))
+
+
+@bp.post("/admin/agents/<id:id>/debug/prompt", tags=[tag])
+def prompt_preview(path: IdPath, body: PromptPreviewBody) -> dict:
+    return render.prompt_preview(debugging.preview_prompt(path.id, body.content, body.conversation_id))
+
+
+@bp.post("/admin/agents/<id:id>/debug/execute", tags=[tag])
+def execution_test(path: IdPath, body: ContentBody) -> tuple[dict, int]:
+    return {"debug_log_id": debugging.start_execution(principal(), path.id, body.content)}, 202
+
+
+@bp.get("/admin/debug-logs/<id:id>", tags=[tag])
+def get_debug_log(path: IdPath) -> dict:
+    return render.debug_log(debugging.get_debug_log(path.id))
+
+
+@bp.get("/admin/debug-logs", tags=[tag])
+def list_debug_logs(query: DebugLogQuery) -> dict:
+    page = debugging.list_debug_logs(query.agent_id, query.limit, query.before_id)
+    return {"items": [render.debug_log(r) for r in page.items], "next_before_id": page.next_before_id}
+
+
+@bp.get("/admin/debug-costs", tags=[tag])
+def debug_costs(query: DebugCostQuery) -> dict:
+    return {"items": [render.debug_cost(c) for c in debugging.debug_costs(query.group_by)]}

@@ -1,0 +1,169 @@
+"""Following a turn's answer as events, for the SSE endpoint: live from Redis, the rest from the database.
+
+Event ids are `<redis entry id>.<attempt>.<offset>`: the attempt (0 for the primary model, 1 after a
+fallback restart) and how many characters of that attempt's text the client has after the event.
+With the Redis id a reconnecting client resumes exactly where it was while the live stream exists;
+with the attempt and offset it still gets exactly the rest from the stored message when the live
+stream is gone or has a gap (Redis lost data). A client that connects after the turn ended gets one
+`delta` with the whole text, so concatenated deltas always equal the final content; a live client
+clears its text when a `status` event says `restart`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from sqlalchemy import func, select
+
+from app.config import get_settings
+from app.db import transaction
+from app.errors import NotFound
+from app.live_stream import stream_key
+from app.models import Conversation, ConversationMessage, ModelAttempt
+from app.redis_client import get_redis
+from app.turn_status import TurnStatus
+
+HEARTBEAT = "heartbeat"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    event: str
+    data: Any
+    id: str | None = None
+
+
+@dataclass
+class Cursor:
+    """Where a client is: the last Redis entry it saw, and its position in the answer's text."""
+
+    entry: str = "0-0"
+    attempt: int = 0
+    offset: int = 0
+
+    @classmethod
+    def parse(cls, last_event_id: str | None) -> Cursor | None:
+        if not last_event_id:
+            return None
+        try:
+            entry, attempt, offset = last_event_id.strip().split(".")
+            return cls(entry, int(attempt), int(offset))
+        except ValueError:
+            return None
+
+    def event_id(self) -> str:
+        return f"{self.entry}.{self.attempt}.{self.offset}"
+
+
+def authorize_stream(user_id: int, message_id: int) -> None:
+    """404 for a message that is not the caller's assistant message, before any streaming starts."""
+    with transaction() as session:
+        row = session.execute(
+            select(ConversationMessage.role, Conversation.user_id, Conversation.deleted_at)
+            .join(Conversation, Conversation.id == ConversationMessage.conversation_id)
+            .where(ConversationMessage.id == message_id)
+        ).first()
+    if row is None or row.user_id != user_id or row.deleted_at is not None or row.role != "assistant":
+        raise NotFound("No such assistant message.")
+
+
+def _load(message_id: int) -> tuple[ConversationMessage, int]:
+    """The stored message and the index of the attempt that produced its text."""
+    with transaction() as session:
+        message = session.get_one(ConversationMessage, message_id)
+        attempts = session.scalar(select(func.count()).select_from(ModelAttempt)
+                                  .where(ModelAttempt.message_id == message_id)) or 0
+    return message, max(attempts - 1, 0)
+
+
+def _finish_from_database(message_id: int, cursor: Cursor | None) -> Iterator[StreamEvent]:
+    """The rest of an ended turn from the stored message: what the client lacks, then `done`."""
+    message, final_attempt = _load(message_id)
+    content = message.content
+    if cursor is not None and cursor.attempt != final_attempt:
+        yield StreamEvent("status", {"status": message.status, "model": message.model, "restart": True},
+                          Cursor("0-0", final_attempt, 0).event_id())
+        cursor = Cursor("0-0", final_attempt, 0)
+    start = cursor.offset if cursor is not None else 0
+    yield StreamEvent("status", {"status": message.status, "model": message.model})
+    if len(content) > start:
+        yield StreamEvent("delta", {"text": content[start:]}, Cursor("final", final_attempt, len(content)).event_id())
+    yield StreamEvent("done", message)
+
+
+def _terminal(message_id: int) -> bool:
+    with transaction() as session:
+        status = session.scalar(select(ConversationMessage.status).where(ConversationMessage.id == message_id))
+    return status is not None and TurnStatus(status).is_terminal
+
+
+def follow_answer(message_id: int, last_event_id: str | None) -> Iterator[StreamEvent]:
+    settings = get_settings()
+    cursor = Cursor.parse(last_event_id)
+    message, _ = _load(message_id)
+    if TurnStatus(message.status).is_terminal and cursor is None:
+        yield from _finish_from_database(message_id, None)
+        return
+    if cursor is None:
+        cursor = Cursor()
+        yield StreamEvent("status", {"status": message.status, "model": message.model})
+    deadline = time.monotonic() + settings.stream_max_seconds
+    block_ms = int(min(settings.stream_heartbeat_seconds, 5.0) * 1000)
+    quiet_since = time.monotonic()
+    key = stream_key(message_id)
+    while time.monotonic() < deadline:
+        try:
+            found = get_redis().xread({key: cursor.entry}, count=200, block=block_ms)
+        except redis.RedisError:
+            found = None
+            time.sleep(0.5)
+        entries = found[0][1] if found else []
+        if not entries:
+            if _terminal(message_id):
+                yield from _finish_from_database(message_id, cursor)
+                return
+            if time.monotonic() - quiet_since >= settings.stream_heartbeat_seconds:
+                quiet_since = time.monotonic()
+                yield StreamEvent(HEARTBEAT, None)
+            continue
+        quiet_since = time.monotonic()
+        for raw_id, fields in entries:
+            entry = raw_id.decode()
+            kind = fields[b"type"].decode()
+            attempt = int(fields.get(b"a", b"0"))
+            if kind == "delta":
+                start = int(fields[b"o"])
+                text = fields[b"data"].decode()
+                if attempt != cursor.attempt or start > cursor.offset:
+                    yield from _wait_and_finish(message_id, cursor, deadline)
+                    return
+                fresh = text[cursor.offset - start:]
+                cursor = Cursor(entry, attempt, start + len(text))
+                if fresh:
+                    yield StreamEvent("delta", {"text": fresh}, cursor.event_id())
+            elif kind == "status":
+                payload = json.loads(fields[b"data"])
+                if payload.get("restart"):
+                    cursor = Cursor(entry, attempt, 0)
+                else:
+                    cursor = Cursor(entry, cursor.attempt, cursor.offset)
+                yield StreamEvent("status", payload, cursor.event_id())
+            else:
+                cursor = Cursor(entry, cursor.attempt, cursor.offset)
+                yield from _wait_and_finish(message_id, cursor, deadline)
+                return
+
+
+def _wait_and_finish(message_id: int, cursor: Cursor, deadline: float) -> Iterator[StreamEvent]:
+    """The live stream has a gap (Redis lost entries): wait for the stored answer and send its rest."""
+    while time.monotonic() < deadline:
+        if _terminal(message_id):
+            yield from _finish_from_database(message_id, cursor)
+            return
+        time.sleep(0.2)
+        yield StreamEvent(HEARTBEAT, None)

@@ -1,0 +1,330 @@
+"""Dead letters: messages whose retries ran out, listed, requeued and purged on the broker's own data.
+
+Dramatiq 2 has no API for its dead-letter queue, so this module reads the Redis broker's keys
+(`<namespace>:<queue>.XQ`, a zset of message ids scored by when they died, and `.XQ.msgs`, their
+bodies). The broker says which messages are dead; the `dead_letters` table adds what the broker
+cannot keep (the final error and retry count, recorded by the worker at the nack) and the integer
+id of the contract. A dead message the worker could not record (the database was down) is adopted
+from its body when listed, and a requeue works from the row even if Redis has lost the entry.
+
+A requeue reopens the run (`error` -> `pending`) and marks the row in one transaction, then takes
+the entry out of the broker (atomically, so two operators cannot both resend it) and sends a fresh
+message; a send that fails leaves the run for recovery to send.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import dramatiq
+import redis
+from dramatiq.common import q_name
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app import dispatch
+from app.db import transaction
+from app.errors import Conflict, ConversationBusy, NotFound, ServiceUnavailable
+from app.models import ConversationMessage, DeadLetter, DebugRun, Turn
+from app.models.base import utc_now
+from app.operations import QUEUES, broker_key
+from app.redis_client import get_redis
+from app.turn_state import TransitionRefused, reopen_debug_run, reopen_turn
+
+log = logging.getLogger(__name__)
+
+RUN_ACTORS = (dispatch.RUN_TURN, dispatch.RUN_DEBUG)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterView:
+    row: DeadLetter
+    run_status: str | None
+    in_broker: bool | None
+    """False when the broker no longer holds the message (Redis lost it); None when Redis is unreachable."""
+
+    def as_json(self, *, detail: bool = False) -> dict[str, Any]:
+        """The contract's item (`id`, `queue`, `actor`, `args`, `retries`, `error`, `dead_at`) and a little more."""
+        row = self.row
+        item: dict[str, Any] = {
+            "id": row.id, "queue": row.queue, "actor": row.actor, "args": row.args, "retries": row.retries,
+            "error": row.error, "dead_at": _iso(row.dead_at), "run_id": row.run_id, "run_status": self.run_status,
+            "in_broker": self.in_broker,
+        }
+        if detail:
+            item["traceback"] = row.traceback
+        return item
+
+
+@dataclass(frozen=True, slots=True)
+class RequeueOutcome:
+    requeued: list[int]
+    skipped: dict[int, str]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"requeued": self.requeued,
+                "skipped": [{"id": ident, "reason": reason} for ident, reason in self.skipped.items()]}
+
+
+@dataclass(frozen=True, slots=True)
+class _BrokerEntry:
+    queue: str
+    redis_message_id: str
+    dead_at: datetime
+    message: dramatiq.Message[Any] | None
+
+
+@cache
+def _take_script() -> str:
+    return resources.files("app").joinpath("lua", "take_dead_letter.lua").read_text()
+
+
+def _iso(moment: datetime) -> str:
+    aware = moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    return aware.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def error_summary(trace: str | None) -> str | None:
+    """The `Type: message` line of the last exception in a formatted traceback.
+
+    Not simply the last line: SQLAlchemy and psycopg append the SQL, its parameters and a link.
+    """
+    lines = (trace or "").rstrip().splitlines()
+    if not lines:
+        return None
+    last_frame = max((i for i, line in enumerate(lines) if line.startswith(" ")), default=-1)
+    return lines[last_frame + 1] if last_frame + 1 < len(lines) else lines[-1]
+
+
+def _run_id(actor: str, args: list[Any]) -> int | None:
+    if actor in RUN_ACTORS and args and isinstance(args[0], int):
+        return args[0]
+    return None
+
+
+def _store(session: Session, values: dict[str, Any], *, overwrite: bool) -> None:
+    """Insert the row of a dead message, or (from the worker, which knows best) overwrite its error."""
+    query = select(DeadLetter).where(DeadLetter.redis_message_id == values["redis_message_id"]).with_for_update()
+    existing = session.scalar(query)
+    if existing is None:
+        try:
+            with session.begin_nested():
+                session.add(DeadLetter(**values))
+            return
+        except IntegrityError:
+            existing = session.scalar(query)
+    if existing is not None and overwrite:
+        existing.retries, existing.error, existing.traceback = values["retries"], values["error"], values["traceback"]
+
+
+def record_death(message: dramatiq.Message[Any]) -> None:
+    """Called by the worker as the broker dead-letters `message`: keep its final error and retry count."""
+    trace = message.options.get("traceback")
+    attempts = int(message.options.get("retries", 0))
+    args = list(message.args)
+    with transaction() as session:
+        _store(session, {
+            "redis_message_id": message.options["redis_message_id"], "queue": q_name(message.queue_name),
+            "actor": message.actor_name, "args": args, "run_id": _run_id(message.actor_name, args),
+            "retries": max(attempts - 1, 0), "error": error_summary(trace) or "unknown error", "traceback": trace,
+        }, overwrite=True)
+
+
+def _broker_entries() -> dict[str, _BrokerEntry]:
+    client = get_redis()
+    entries: dict[str, _BrokerEntry] = {}
+    for queue in QUEUES:
+        scored = client.zrange(broker_key(queue, ".XQ"), 0, -1, withscores=True)
+        if not scored:
+            continue
+        ids = [member.decode() for member, _ in scored]
+        bodies = client.hmget(broker_key(queue, ".XQ.msgs"), ids)
+        for (_, score), ident, body in zip(scored, ids, bodies, strict=True):
+            message = None
+            if body is not None:
+                try:
+                    message = dramatiq.Message.decode(body)
+                except Exception:
+                    log.warning("dead letter %s of queue %s has an unreadable body", ident, queue)
+            entries[ident] = _BrokerEntry(queue, ident, datetime.fromtimestamp(score / 1000, UTC), message)
+    return entries
+
+
+def _adopt(session: Session, entry: _BrokerEntry) -> None:
+    """A dead message no worker recorded: what its body says (the state of its last enqueue) must do."""
+    message = entry.message
+    actor = message.actor_name if message else "unknown"
+    args = list(message.args) if message else []
+    options = message.options if message else {}
+    error = error_summary(options.get("traceback")) or "unknown error"
+    _store(session, {
+        "redis_message_id": entry.redis_message_id, "queue": entry.queue, "actor": actor, "args": args,
+        "run_id": _run_id(actor, args), "retries": int(options.get("retries", 0)),
+        "error": f"{error} (from the broker's copy; the last attempt was not recorded)",
+        "traceback": options.get("traceback"), "dead_at": entry.dead_at,
+    }, overwrite=False)
+
+
+def _take_from_broker(queue: str, redis_message_id: str) -> bool:
+    client = get_redis()
+    script = client.register_script(_take_script())
+    return bool(script(keys=[broker_key(queue, ".XQ"), broker_key(queue, ".XQ.msgs")], args=[redis_message_id],
+                       client=client))
+
+
+def _reconcile() -> set[str] | None:
+    """Adopt dead messages without a row and drop broker entries already requeued; the ids the broker holds.
+
+    None when Redis is unreachable: the rows alone are listed then.
+    """
+    try:
+        entries = _broker_entries()
+    except redis.RedisError:
+        log.warning("Redis unreachable; dead letters are listed from the database alone")
+        return None
+    if not entries:
+        return set()
+    with transaction() as session:
+        known = {row.redis_message_id: row for row in session.scalars(
+            select(DeadLetter).where(DeadLetter.redis_message_id.in_(entries)))}
+        for ident, entry in entries.items():
+            if ident not in known:
+                _adopt(session, entry)
+    for ident, row in known.items():
+        if row.requeued_at is not None:
+            _take_from_broker(row.queue, ident)
+    return {ident for ident in entries if ident not in known or known[ident].requeued_at is None}
+
+
+def _run_statuses(session: Session, rows: list[DeadLetter]) -> dict[tuple[str, int], str]:
+    turns = [r.run_id for r in rows if r.actor == dispatch.RUN_TURN and r.run_id is not None]
+    runs = [r.run_id for r in rows if r.actor == dispatch.RUN_DEBUG and r.run_id is not None]
+    statuses: dict[tuple[str, int], str] = {}
+    if turns:
+        for ident, status in session.execute(
+                select(ConversationMessage.id, ConversationMessage.status).where(ConversationMessage.id.in_(turns))):
+            statuses[(dispatch.RUN_TURN, ident)] = status
+    if runs:
+        for ident, status in session.execute(select(DebugRun.id, DebugRun.status).where(DebugRun.id.in_(runs))):
+            statuses[(dispatch.RUN_DEBUG, ident)] = status
+    return statuses
+
+
+def _views(rows: list[DeadLetter], in_broker: set[str] | None) -> list[DeadLetterView]:
+    with transaction() as session:
+        statuses = _run_statuses(session, rows)
+    return [
+        DeadLetterView(row, statuses.get((row.actor, row.run_id)) if row.run_id is not None else None,
+                       None if in_broker is None else row.redis_message_id in in_broker)
+        for row in rows
+    ]
+
+
+def list_dead_letters() -> list[DeadLetterView]:
+    """Open dead letters, the most recent first."""
+    in_broker = _reconcile()
+    with transaction() as session:
+        rows = list(session.scalars(
+            select(DeadLetter).where(DeadLetter.requeued_at.is_(None))
+            .order_by(DeadLetter.dead_at.desc(), DeadLetter.id.desc())))
+    return _views(rows, in_broker)
+
+
+def get_dead_letter(dead_letter_id: int) -> DeadLetterView:
+    in_broker = _reconcile()
+    with transaction() as session:
+        row = session.get(DeadLetter, dead_letter_id)
+    if row is None or row.requeued_at is not None:
+        raise NotFound(f"Dead letter {dead_letter_id} does not exist.")
+    return _views([row], in_broker)[0]
+
+
+def _reopen(session: Session, row: DeadLetter) -> None:
+    if row.actor not in RUN_ACTORS or row.run_id is None:
+        raise Conflict(f"Dead letter {row.id} is a {row.actor!r} message, which cannot be requeued.")
+    try:
+        with session.begin_nested():
+            if row.actor == dispatch.RUN_TURN:
+                reopen_turn(session, row.run_id)
+            else:
+                reopen_debug_run(session, row.run_id)
+    except TransitionRefused as exc:
+        raise Conflict(f"Dead letter {row.id}: its run is no longer in error, so it cannot be requeued.",
+                       code="run_not_in_error") from exc
+    except IntegrityError as exc:
+        raise ConversationBusy() from exc
+
+
+def _send(row: DeadLetter) -> None:
+    """Send the reopened run; if Redis refuses, clear its outbox mark so recovery sends it within its grace."""
+    assert row.run_id is not None
+    is_turn = row.actor == dispatch.RUN_TURN
+    if (dispatch.send_turn if is_turn else dispatch.send_debug_run)(row.run_id):
+        return
+    model, ident = (Turn, Turn.assistant_message_id) if is_turn else (DebugRun, DebugRun.id)
+    with transaction() as session:
+        session.execute(update(model).where(ident == row.run_id).values(enqueued_at=None)
+                        .execution_options(synchronize_session=False))
+
+
+def requeue(dead_letter_id: int) -> DeadLetter:
+    """Run a dead letter's turn (or test run) again: it goes back to `pending` and is sent to a worker."""
+    with transaction() as session:
+        row = session.scalar(select(DeadLetter).where(DeadLetter.id == dead_letter_id).with_for_update())
+        if row is None or row.requeued_at is not None:
+            raise NotFound(f"Dead letter {dead_letter_id} does not exist.")
+        _reopen(session, row)
+        row.requeued_at = utc_now()
+    try:
+        _take_from_broker(row.queue, row.redis_message_id)
+    except redis.RedisError:
+        log.warning("could not remove dead letter %s from the broker; the next listing will", row.id)
+    _send(row)
+    log.info("dead letter %s requeued: %s%s", row.id, row.actor, json.dumps(row.args))
+    return row
+
+
+def requeue_all() -> RequeueOutcome:
+    """Requeue every open dead letter that can be; the others are reported with the reason."""
+    outcome = RequeueOutcome([], {})
+    for view in list_dead_letters():
+        try:
+            outcome.requeued.append(requeue(view.row.id).id)
+        except (Conflict, NotFound) as exc:
+            outcome.skipped[view.row.id] = exc.message
+    return outcome
+
+
+def purge(dead_letter_id: int) -> None:
+    """Forget a dead letter for good: out of the broker first, then its row; its run stays `error`."""
+    with transaction() as session:
+        row = session.scalar(select(DeadLetter).where(DeadLetter.id == dead_letter_id).with_for_update())
+        if row is None or row.requeued_at is not None:
+            raise NotFound(f"Dead letter {dead_letter_id} does not exist.")
+        try:
+            _take_from_broker(row.queue, row.redis_message_id)
+        except redis.RedisError as exc:
+            raise ServiceUnavailable("Redis is unreachable; the dead letter was kept.") from exc
+        session.delete(row)
+
+
+def purge_all() -> list[int]:
+    purged = []
+    for view in list_dead_letters():
+        try:
+            purge(view.row.id)
+        except NotFound:
+            continue
+        purged.append(view.row.id)
+    return purged
+
+
+__all__ = ["DeadLetterView", "RequeueOutcome", "error_summary", "get_dead_letter", "list_dead_letters", "purge",
+           "purge_all", "record_death", "requeue", "requeue_all"]

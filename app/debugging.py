@@ -1,0 +1,192 @@
+"""Admin debugging: what a turn of an agent would do, a real test run of it, and what test runs cost.
+
+The route test and the prompt preview answer from the same pieces the worker uses (`agent_targets`,
+`moderate`, `successful_history`, `build_prompt`, `worst_case_cost`) and call no model, so they cost
+nothing and leave no record. An execution test is a row of `admin_debug_logs` run by the workers
+(`app.debug_runner`) with the agent's timeout and fallback; it is priced at the model's prices and
+never touches a balance or the ledger. The cost analysis sums those rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Literal
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.selectable import ScalarSelect
+
+from app import dispatch
+from app.auth import Principal
+from app.db import transaction
+from app.errors import Forbidden, NotFound
+from app.llm_client import ModelTarget
+from app.models import Agent, Conversation, DebugRun, LlmModel, User
+from app.models.base import utc_now
+from app.moderation import Verdict, moderate
+from app.prompt import ChatMessage, Prompt, build_prompt, successful_history
+from app.targets import agent_targets, worst_case_cost
+from app.turn_intake import check_content
+
+GroupBy = Literal["agent", "model", "admin"]
+_RUN_COLUMN_OF = {"agent": DebugRun.agent_id, "admin": DebugRun.admin_id}
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDecision:
+    model: str
+    fallback_model: str | None
+    timeout_seconds: int
+    moderation: Verdict
+    estimated_prompt_tokens: int
+    estimated_cost: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class DebugLogPage:
+    items: list[DebugRun]
+    next_before_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class CostLine:
+    key: int
+    runs: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class _AgentSetup:
+    """A snapshot of the agent's configuration, usable after the transaction that read it."""
+
+    system_prompt: str
+    timeout_seconds: int
+    max_tokens: int | None
+    primary: ModelTarget
+    fallback: ModelTarget | None
+
+    def prompt_for(self, target: ModelTarget, history: list[ChatMessage], content: str) -> Prompt:
+        return build_prompt(self.system_prompt, history, content, context_window=target.context_window,
+                            max_tokens=self.max_tokens)
+
+
+def _agent_setup(session: Session, agent_id: int) -> _AgentSetup:
+    agent = session.get(Agent, agent_id)
+    if agent is None or agent.deleted_at is not None:
+        raise NotFound("No such agent.")
+    primary, fallback = agent_targets(session, agent)
+    return _AgentSetup(agent.system_prompt, agent.timeout_seconds, agent.max_tokens, primary, fallback)
+
+
+def admin_principal(user_id: int) -> Principal:
+    """The CLI acts as a named admin, since debug logs record who ran a test."""
+    with transaction() as session:
+        user = session.get(User, user_id)
+        if user is None:
+            raise NotFound(f"No user has id {user_id}.")
+        if not user.is_admin:
+            raise Forbidden(f"User {user_id} is not an administrator; debugging is for administrators.")
+        return Principal(id=user.id, name=user.name, is_admin=True)
+
+
+def route_decision(agent_id: int, content: str) -> RouteDecision:
+    """What a new turn of the agent would get now; the estimated cost is the worst case a turn reserves."""
+    check_content(content)
+    with transaction() as session:
+        setup = _agent_setup(session, agent_id)
+    targets = [setup.primary] + ([setup.fallback] if setup.fallback is not None else [])
+    prompt = setup.prompt_for(setup.primary, [], content)
+    return RouteDecision(
+        model=setup.primary.name,
+        fallback_model=setup.fallback.name if setup.fallback is not None else None,
+        timeout_seconds=setup.timeout_seconds,
+        moderation=moderate(content),
+        estimated_prompt_tokens=prompt.estimated_tokens,
+        estimated_cost=worst_case_cost(targets, lambda t: setup.prompt_for(t, [], content).messages,
+                                       setup.max_tokens),
+    )
+
+
+def preview_prompt(agent_id: int, content: str, conversation_id: int | None = None) -> Prompt:
+    """The messages the primary model would receive; any user's conversation may supply the history."""
+    check_content(content)
+    with transaction() as session:
+        setup = _agent_setup(session, agent_id)
+        history: list[ChatMessage] = []
+        if conversation_id is not None:
+            conversation = session.get(Conversation, conversation_id)
+            if conversation is None or conversation.deleted_at is not None:
+                raise NotFound("No such conversation.")
+            history = successful_history(session, conversation_id)
+    return setup.prompt_for(setup.primary, history, content)
+
+
+def start_execution(admin: Principal, agent_id: int, content: str) -> int:
+    """Record the test run, then send it to the workers; a failed send is left to recovery."""
+    check_content(content)
+    with transaction() as session:
+        _agent_setup(session, agent_id)
+        run = DebugRun(agent_id=agent_id, admin_id=admin.id, input=content, enqueued_at=utc_now())
+        session.add(run)
+        session.flush()
+        run_id = run.id
+    if not dispatch.send_debug_run(run_id):
+        with transaction() as session:
+            session.execute(update(DebugRun).where(DebugRun.id == run_id).values(enqueued_at=None))
+    return run_id
+
+
+def get_debug_log(log_id: int) -> DebugRun:
+    with transaction() as session:
+        run = session.get(DebugRun, log_id)
+        if run is None:
+            raise NotFound("No such debug log.")
+        return run
+
+
+def list_debug_logs(agent_id: int | None = None, limit: int = 50, before_id: int | None = None) -> DebugLogPage:
+    """Newest first; ids only grow, so `before_id` pages stably while new runs arrive."""
+    query = select(DebugRun).order_by(DebugRun.id.desc()).limit(limit + 1)
+    if agent_id is not None:
+        query = query.where(DebugRun.agent_id == agent_id)
+    if before_id is not None:
+        query = query.where(DebugRun.id < before_id)
+    with transaction() as session:
+        rows = list(session.scalars(query))
+    items = rows[:limit]
+    return DebugLogPage(items, items[-1].id if len(rows) > limit else None)
+
+
+def _model_id_of_run() -> ScalarSelect[int]:
+    """A log names its model; the live model of that name wins, else the newest one (names recur after deletes)."""
+    return (
+        select(LlmModel.id)
+        .where(LlmModel.name == DebugRun.model)
+        .order_by(LlmModel.deleted_at.is_(None).desc(), LlmModel.id.desc())
+        .limit(1)
+        .correlate(DebugRun)
+        .scalar_subquery()
+    )
+
+
+def debug_costs(group_by: GroupBy) -> list[CostLine]:
+    """Runs, tokens and cost per agent, model or admin; runs no model answered have no model to count under."""
+    key = _model_id_of_run() if group_by == "model" else _RUN_COLUMN_OF[group_by]
+    runs = select(key.label("key"), DebugRun.prompt_tokens, DebugRun.completion_tokens, DebugRun.cost).subquery()
+    query = (
+        select(runs.c.key, func.count(), func.coalesce(func.sum(runs.c.prompt_tokens), 0),
+               func.coalesce(func.sum(runs.c.completion_tokens), 0), func.coalesce(func.sum(runs.c.cost), 0))
+        .where(runs.c.key.is_not(None))
+        .group_by(runs.c.key)
+        .order_by(runs.c.key)
+    )
+    with transaction() as session:
+        return [CostLine(int(k), int(n), int(p), int(c), Decimal(cost))
+                for k, n, p, c, cost in session.execute(query)]
+
+
+__all__ = ["CostLine", "DebugLogPage", "RouteDecision", "admin_principal", "debug_costs", "get_debug_log",
+           "list_debug_logs", "preview_prompt", "route_decision", "start_execution"]

@@ -1,0 +1,68 @@
+"""Admin CRUD of models and agents, what users see of agents, and the service endpoints."""
+
+from __future__ import annotations
+
+
+def test_models_can_be_created_read_changed_and_deleted(world) -> None:  # type: ignore[no-untyped-def]
+    admin = world.admin_key
+    created = world.api.post("/api/admin/models", admin, {
+        "name": "gpt", "model": "gpt-4o-mini", "base_url": "https://api.example.test/v1", "api_key_env": "GPT_KEY",
+        "input_price_per_1k": "0.00015", "output_price_per_1k": 0.0006, "context_window": 128000})
+    assert created.status_code == 201
+    model = created.json
+    assert {k: model[k] for k in ("name", "model", "base_url", "api_key_env", "input_price_per_1k",
+                                  "output_price_per_1k", "context_window")} == {
+        "name": "gpt", "model": "gpt-4o-mini", "base_url": "https://api.example.test/v1", "api_key_env": "GPT_KEY",
+        "input_price_per_1k": "0.000150", "output_price_per_1k": "0.000600", "context_window": 128000}
+    assert world.api.get(f"/api/admin/models/{model['id']}", admin).json == model
+    assert [m["id"] for m in world.api.get("/api/admin/models", admin).json["items"]] == [model["id"]]
+    patched = world.api.patch(f"/api/admin/models/{model['id']}", admin, {"output_price_per_1k": "0.001"}).json
+    assert patched["output_price_per_1k"] == "0.001000" and patched["input_price_per_1k"] == "0.000150"
+    assert world.api.delete(f"/api/admin/models/{model['id']}", admin).status_code == 204
+    assert world.api.get(f"/api/admin/models/{model['id']}", admin).status_code == 404
+    assert world.api.get("/api/admin/models", admin).json["items"] == []
+    again = world.api.post("/api/admin/models", admin, {"name": "gpt", "model": "x", "input_price_per_1k": "0",
+                                                        "output_price_per_1k": "0"})
+    assert again.status_code == 201
+
+
+def test_agents_can_be_created_read_changed_and_deleted(world) -> None:  # type: ignore[no-untyped-def]
+    admin = world.admin_key
+    primary, fallback = world.model("primary"), world.model("fallback")
+    created = world.api.post("/api/admin/agents", admin, {"name": "Helper", "system_prompt": "Be brief.",
+                                                          "model_id": primary, "fallback_model_id": fallback,
+                                                          "temperature": 0.2, "max_tokens": 256})
+    assert created.status_code == 201
+    agent = created.json
+    assert agent["timeout_seconds"] == 120
+    assert (agent["model_id"], agent["fallback_model_id"], agent["temperature"], agent["max_tokens"]) == (
+        primary, fallback, 0.2, 256)
+    assert world.api.get(f"/api/admin/agents/{agent['id']}", admin).json == agent
+    patched = world.api.patch(f"/api/admin/agents/{agent['id']}", admin,
+                              {"timeout_seconds": 30, "fallback_model_id": None}).json
+    assert (patched["timeout_seconds"], patched["fallback_model_id"], patched["name"]) == (30, None, "Helper")
+    _, key = world.user()
+    assert world.api.get("/api/agents", key).json == {"items": [{"id": agent["id"], "name": "Helper"}]}
+    assert world.api.delete(f"/api/admin/models/{primary}", admin).json["error"]["code"] == "model_in_use"
+    assert world.api.delete(f"/api/admin/agents/{agent['id']}", admin).status_code == 204
+    assert world.api.get("/api/agents", key).json == {"items": []}
+    assert world.api.get(f"/api/admin/agents/{agent['id']}", admin).status_code == 404
+    assert world.api.post("/api/conversations", key, {"agent_id": agent["id"]}).status_code == 404
+    assert world.api.delete(f"/api/admin/models/{primary}", admin).status_code == 204
+
+
+def test_service_endpoints(api) -> None:  # type: ignore[no-untyped-def]
+    assert api.get("/healthz").json == {"status": "ok"}
+    ready = api.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json == {"status": "ready", "checks": {"database": "ok", "redis": "ok"}}
+    document = api.get("/openapi.json").json
+    assert document["openapi"].startswith("3.")
+    paths = document["paths"]
+    for path in ("/api/conversations/{conversation_id}/messages", "/api/messages/{message_id}/stream",
+                 "/api/messages/{message_id}/cancel", "/api/admin/agents", "/api/me/transactions"):
+        assert path in paths, path
+    assert "bearerAuth" in document["components"]["securitySchemes"]
+    metrics = api.get("/metrics")
+    assert metrics.status_code == 200
+    assert "agentq_turns_in_flight" in metrics.get_data(as_text=True)

@@ -1,0 +1,167 @@
+"""Streaming answers over SSE through a real `agentq web`, resuming, late readers, fallback restarts, stop."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+
+import httpx
+import pytest
+
+from tests.conftest import LOG_DIR, child_env
+from tests.support import Process, agentq, free_port, read_sse, visible_text, wait_for, wait_http
+
+
+@pytest.fixture(autouse=True)
+def _running(workers, upstream) -> None:  # type: ignore[no-untyped-def]
+    """Answers here are produced by a real worker."""
+
+
+def start_turn(world, upstream_model: str, content: str = "stream me", **agent: object):  # type: ignore[no-untyped-def]
+    agent_id = world.agent(world.model(upstream=upstream_model), **agent)
+    _, key = world.user(balance="10")
+    conversation_id = world.conversation(key, agent_id)
+    assistant = world.send(key, conversation_id, content).json["assistant_message"]
+    return key, assistant["id"], conversation_id
+
+
+def test_concatenated_deltas_equal_the_stored_content(world, web_server) -> None:  # type: ignore[no-untyped-def]
+    key, message_id, _ = start_turn(world, "echo;words=30;gap=0.03")
+    events = read_sse(f"{web_server}/api/messages/{message_id}/stream", key)
+    assert events[-1].event == "done"
+    done = events[-1].json()
+    assert done["status"] == "success" and done["id"] == message_id
+    deltas = [e for e in events if e.event == "delta"]
+    assert len(deltas) >= 10
+    assert "".join(e.json()["text"] for e in deltas) == done["content"] == world.message(key, message_id)["content"]
+    assert done["content"] == " ".join(f"w{i}" for i in range(30))
+    ids = [e.id for e in deltas]
+    assert len(set(ids)) == len(ids)
+    statuses = [e.json()["status"] for e in events if e.event == "status"]
+    assert statuses[-1] == "success" and "processing" in statuses
+
+
+def test_a_dropped_connection_resumes_with_no_gap_and_no_repeat(world, web_server) -> None:  # type: ignore[no-untyped-def]
+    key, message_id, _ = start_turn(world, "echo;words=40;gap=0.03")
+    url = f"{web_server}/api/messages/{message_id}/stream"
+    first = read_sse(url, key, stop_after=5)
+    last_id = [e for e in first if e.id][-1].id
+    rest = read_sse(url, key, last_event_id=last_id)
+    assert rest[-1].event == "done"
+    text = visible_text(first) + visible_text(rest)
+    assert text == rest[-1].json()["content"] == " ".join(f"w{i}" for i in range(40))
+
+
+def test_resuming_after_the_end_and_after_the_live_stream_is_gone(world, web_server, redis_client) -> None:  # type: ignore[no-untyped-def]
+    key, message_id, _ = start_turn(world, "echo;words=20;gap=0.02")
+    url = f"{web_server}/api/messages/{message_id}/stream"
+    first = read_sse(url, key, stop_after=3)
+    last_id = [e for e in first if e.id][-1].id
+    final = world.wait_terminal(key, message_id)
+    after_end = read_sse(url, key, last_event_id=last_id)
+    assert visible_text(first) + visible_text(after_end) == final["content"]
+    redis_client.flushdb()
+    from_database = read_sse(url, key, last_event_id=last_id)
+    assert visible_text(first) + visible_text(from_database) == final["content"]
+    assert from_database[-1].event == "done"
+
+
+def test_a_late_reader_gets_the_whole_text_and_done(world, web_server) -> None:  # type: ignore[no-untyped-def]
+    key, message_id, _ = start_turn(world, "echo;words=12")
+    final = world.wait_terminal(key, message_id)
+    events = read_sse(f"{web_server}/api/messages/{message_id}/stream", key)
+    assert [e.event for e in events] == ["status", "delta", "done"]
+    assert events[1].json()["text"] == final["content"]
+    assert events[2].json() == final
+
+
+def test_a_fallback_switch_mid_turn_restarts_the_text(world, web_server, upstream) -> None:  # type: ignore[no-untyped-def]
+    primary = world.model("primary", upstream="echo;words=30;gap=0.02;cut_after=6")
+    fallback = world.model("fallback", upstream="echo;words=8;gap=0.02")
+    agent_id = world.agent(primary, fallback)
+    _, key = world.user()
+    message_id = world.send(key, world.conversation(key, agent_id)).json["assistant_message"]["id"]
+    events = read_sse(f"{web_server}/api/messages/{message_id}/stream", key)
+    restarts = [e for e in events if e.event == "status" and e.json().get("restart")]
+    assert [r.json()["model"] for r in restarts] == ["fallback"]
+    before_restart = visible_text(events[: events.index(restarts[0])])
+    assert before_restart.startswith("w0 w1")
+    done = events[-1].json()
+    assert (done["status"], done["model"]) == ("success", "fallback")
+    assert visible_text(events) == done["content"] == " ".join(f"w{i}" for i in range(8))
+    late = read_sse(f"{web_server}/api/messages/{message_id}/stream", key)
+    assert "".join(e.json()["text"] for e in late if e.event == "delta") == done["content"]
+
+
+def test_a_client_that_disconnects_does_not_stop_the_answer(world, web_server) -> None:  # type: ignore[no-untyped-def]
+    key, message_id, _ = start_turn(world, "echo;words=30;gap=0.02")
+    read_sse(f"{web_server}/api/messages/{message_id}/stream", key, stop_after=2)
+    final = world.wait_terminal(key, message_id)
+    assert final["status"] == "success" and final["content"].endswith("w29")
+    ledger = world.api.get("/api/me/transactions", key).json["items"]
+    assert [t["message_id"] for t in ledger if t["message_id"]] == [message_id]
+
+
+def test_stop_ends_the_turn_closes_upstream_keeps_the_text_and_charges_it(world, web_server, upstream) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    key, message_id, conversation_id = start_turn(world, "echo;words=400;gap=0.05")
+    seen = read_sse(f"{web_server}/api/messages/{message_id}/stream", key, stop_after=5)
+    asked = time.monotonic()
+    response = world.api.post(f"/api/messages/{message_id}/cancel", key)
+    assert response.status_code == 202
+    final = world.wait_terminal(key, message_id, timeout=5)
+    took = time.monotonic() - asked
+    assert final["status"] == "cancelled"
+    assert took < 2.0, f"stop took {took:.2f}s"
+    assert final["content"].startswith(visible_text(seen))
+    assert 0 < len(final["content"]) < len(" ".join(f"w{i}" for i in range(400)))
+    assert final["error_display"] == "The answer was stopped."
+    wait_for(lambda: list(upstream.streams().values()) == ["disconnected"], what="upstream to see the close")
+    assert Decimal(final["cost"]) > 0
+    ledger = world.api.get("/api/me/transactions", key).json["items"]
+    assert [(t["message_id"], t["amount"]) for t in ledger if t["message_id"]] == [(message_id, f"-{final['cost']}")]
+    user_message = world.message(key, message_id - 1)
+    assert user_message["status"] == "cancelled"
+    assert world.send(key, conversation_id, "next").status_code == 202
+
+
+def test_stopping_a_pending_turn_or_a_finished_one(world) -> None:  # type: ignore[no-untyped-def]
+    key, message_id, _ = start_turn(world, "echo;ttft=0.3")
+    assert world.api.post(f"/api/messages/{message_id}/cancel", key).status_code == 202
+    final = world.wait_terminal(key, message_id)
+    assert final["status"] == "cancelled"
+    again = world.api.post(f"/api/messages/{message_id}/cancel", key)
+    assert again.status_code == 202 and again.json["status"] == "cancelled"
+    _, other = world.user("mallory")
+    assert world.api.post(f"/api/messages/{message_id}/cancel", other).status_code == 404
+    assert world.api.get(f"/api/messages/{message_id}/stream", other).status_code == 404
+    assert world.api.post(f"/api/messages/{message_id - 1}/cancel", key).status_code == 404
+
+
+def test_two_hundred_concurrent_readers_on_one_api_process(world, database) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    web = Process("web-sse", agentq("web", "--port", str(port), "--workers", "1", "--threads", "256"),
+                  child_env(), LOG_DIR).start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/healthz")
+        agent_id = world.agent(world.model(upstream="echo;words=20;gap=0.05"))
+        _, key = world.user(balance="100")
+        messages = []
+        for project in range(3):
+            conversation_id = world.conversation(key, agent_id, project_id=project)
+            messages.append(world.send(key, conversation_id, f"reader test {project}").json["assistant_message"]["id"])
+
+        def reader(i: int) -> tuple[str, str]:
+            events = read_sse(f"{url}/api/messages/{messages[i % 3]}/stream", key, timeout=120)
+            return visible_text(events), events[-1].json()["content"]
+
+        with ThreadPoolExecutor(200) as pool:
+            results = list(pool.map(reader, range(200)))
+        assert len(results) == 200
+        assert all(text == content and content.endswith("w19") for text, content in results)
+        assert httpx.get(f"{url}/healthz").status_code == 200
+        assert "Traceback" not in web.output()
+    finally:
+        web.stop()

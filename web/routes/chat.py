@@ -1,0 +1,12 @@
+"""The chat page at /: one server-rendered template and a plain script that uses the public API."""
+
+from __future__ import annotations
+
+from flask import Blueprint, render_template
+
+bp = Blueprint("chat", __name__)
+
+
+@bp.get("/")
+def chat_page() -> str:
+    return render_template("chat.html")

@@ -1,0 +1,31 @@
+"""Watching an answer as it is produced, and stopping it."""
+
+from __future__ import annotations
+
+from flask import Response, request, stream_with_context
+from flask_openapi3 import Tag
+
+from app import answer_stream, cancellation
+from web import render
+from web.auth import principal
+from web.routes import api_blueprint
+from web.schemas import MessagePath
+from web.sse import sse
+
+bp = api_blueprint("streaming")
+tag = Tag(name="streaming")
+
+
+@bp.get("/messages/<id:message_id>/stream", tags=[tag],
+        responses={200: {"description": "text/event-stream of delta, status and done events"}})
+def stream_answer(path: MessagePath) -> Response:
+    answer_stream.authorize_stream(principal().id, path.message_id)
+    events = answer_stream.follow_answer(path.message_id, request.headers.get("Last-Event-ID"))
+    body = stream_with_context(sse(events, render.wants_chinese()))
+    return Response(body, mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@bp.post("/messages/<id:message_id>/cancel", tags=[tag])
+def cancel(path: MessagePath) -> tuple[dict, int]:
+    return render.message(cancellation.cancel_turn(principal(), path.message_id)), 202
