@@ -24,9 +24,10 @@ from sqlalchemy import select
 from app.config import get_settings
 from app.db import transaction
 from app.errors import ConversationBusy, TooManyActiveConversations
-from app.models import ConversationMessage, Turn
+from app.in_flight import active_conversation_ids
+from app.models import ConversationMessage
 from app.redis_client import get_redis, key
-from app.turn_status import IN_FLIGHT, TurnStatus
+from app.turn_status import TurnStatus
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +111,7 @@ def _stale_turn_owner(owner: bytes | str) -> bool:
 def _forget_idle_slots(user_id: int) -> None:
     """Drop slots of conversations the database says are idle."""
     with transaction() as session:
-        active = {
-            str(cid)
-            for cid in session.scalars(
-                select(Turn.conversation_id)
-                .join(ConversationMessage, ConversationMessage.id == Turn.assistant_message_id)
-                .where(Turn.user_id == user_id, ConversationMessage.role == "assistant",
-                       ConversationMessage.status.in_([s.value for s in IN_FLIGHT]))
-            )
-        }
+        active = {str(cid) for cid in active_conversation_ids(session, user_id)}
     client = get_redis()
     members = {m.decode() for m in client.zrange(slots_key(user_id), 0, -1)}
     stale = members - active

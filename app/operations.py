@@ -15,7 +15,7 @@ from app.dispatch import DEBUG_QUEUE, TURNS_QUEUE
 from app.models import ConversationMessage
 from app.models.base import utc_now
 from app.redis_client import get_redis
-from app.turn_status import IN_FLIGHT, TurnStatus
+from app.turn_status import IN_FLIGHT_VALUES, TurnStatus
 
 QUEUES = (TURNS_QUEUE, DEBUG_QUEUE)
 FAILURES = (TurnStatus.ERROR, TurnStatus.LLM_ERROR, TurnStatus.INSUFFICIENT_BALANCE, TurnStatus.CONTENT_VIOLATION,
@@ -64,10 +64,10 @@ def queue_snapshot() -> QueueSnapshot:
         rows = session.execute(
             select(ConversationMessage.status, func.count())
             .where(ConversationMessage.role == "assistant",
-                   ConversationMessage.status.in_([s.value for s in IN_FLIGHT]))
+                   ConversationMessage.status.in_(IN_FLIGHT_VALUES))
             .group_by(ConversationMessage.status)
         ).all()
-    snapshot.turns_by_status = {s.value: 0 for s in sorted(IN_FLIGHT)}
+    snapshot.turns_by_status = dict.fromkeys(IN_FLIGHT_VALUES, 0)
     snapshot.turns_by_status.update({status: count for status, count in rows})
     return snapshot
 

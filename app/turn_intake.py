@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -19,11 +19,9 @@ from app.config import get_settings
 from app.conversations import owned_conversation
 from app.db import transaction
 from app.errors import ContentTooLarge, ConversationBusy, TooManyActiveConversations, ValidationFailed
+from app.in_flight import active_conversation_ids, conversation_in_flight
 from app.models import Conversation, ConversationMessage, Turn, User
 from app.models.base import utc_now
-from app.turn_status import IN_FLIGHT
-
-_IN_FLIGHT = tuple(s.value for s in IN_FLIGHT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,30 +37,6 @@ def check_content(content: str) -> None:
     limit = get_settings().max_content_chars
     if len(content) > limit:
         raise ContentTooLarge(f"content is {len(content)} characters; the limit is {limit}.")
-
-
-def conversation_in_flight(session: Session, conversation_id: int) -> bool:
-    return session.scalar(
-        select(ConversationMessage.id).where(
-            ConversationMessage.conversation_id == conversation_id,
-            ConversationMessage.role == "assistant",
-            ConversationMessage.status.in_(_IN_FLIGHT),
-        )
-    ) is not None
-
-
-def active_conversations(session: Session, user_id: int) -> int:
-    """How many conversations of the user have a turn pending or processing (the per-user limit)."""
-    return session.scalar(
-        select(func.count())
-        .select_from(Turn)
-        .join(ConversationMessage, ConversationMessage.id == Turn.assistant_message_id)
-        .where(
-            Turn.user_id == user_id,
-            ConversationMessage.role == "assistant",
-            ConversationMessage.status.in_(_IN_FLIGHT),
-        )
-    ) or 0
 
 
 def _replay(session: Session, user_id: int, key: str) -> AcceptedTurn | None:
@@ -88,7 +62,7 @@ def _insert_turn(
     if conversation_in_flight(session, conversation_id):
         raise ConversationBusy()
     limit = get_settings().max_active_conversations
-    if active_conversations(session, principal.id) >= limit:
+    if len(active_conversation_ids(session, principal.id)) >= limit:
         raise TooManyActiveConversations(limit)
     now = utc_now()
     last_seq = session.execute(

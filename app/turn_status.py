@@ -26,6 +26,7 @@ class TurnStatus(StrEnum):
 
 IN_FLIGHT: frozenset[TurnStatus] = frozenset({TurnStatus.PENDING, TurnStatus.PROCESSING})
 TERMINAL: frozenset[TurnStatus] = frozenset(TurnStatus) - IN_FLIGHT
+IN_FLIGHT_VALUES: tuple[str, ...] = tuple(sorted(s.value for s in IN_FLIGHT))
 
 _ALLOWED: dict[TurnStatus, frozenset[TurnStatus]] = {
     TurnStatus.PENDING: frozenset({TurnStatus.PROCESSING, TurnStatus.CANCELLED, TurnStatus.ERROR}),
