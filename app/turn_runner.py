@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 
 from sqlalchemy import update
@@ -134,10 +134,12 @@ def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) ->
     if not verdict.passed:
         _settle_failure(context, TurnStatus.CONTENT_VIOLATION, f"moderation: {verdict.reason}", stream)
         return
-    if not _reserve(context):
+    reserved = _reserve(context)
+    if reserved is None:
         _settle_failure(context, TurnStatus.INSUFFICIENT_BALANCE,
                         "the available balance does not cover the largest possible cost of this turn", stream)
         return
+    context = replace(context, reserved=reserved)
     outcome = call_with_fallback(context.primary, context.fallback, context.prompt_for, context.params,
                                  stream, stop)
     elapsed_ms = int((time.monotonic() - started) * 1000)
@@ -149,15 +151,19 @@ def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) ->
         _settle_failure(context, TurnStatus.LLM_ERROR, outcome.error_message, stream, outcome, elapsed_ms)
 
 
-def _reserve(context: TurnContext) -> bool:
-    """Hold the worst case (estimated prompt plus the answer's token limit, at the dearest model's prices)."""
+def _reserve(context: TurnContext) -> Decimal | None:
+    """Hold the worst case (estimated prompt plus the answer's token limit, at the dearest model's prices).
+
+    Returns what is held, or None when the available balance cannot cover it. A turn taken over from a
+    dead worker keeps the reservation that worker made.
+    """
     if context.reserved > 0:
-        return True
+        return context.reserved
     targets = [context.primary] + ([context.fallback] if context.fallback else [])
     amount = worst_case_cost(targets, context.prompt_for, context.params.max_tokens)
     with transaction() as session:
         if not ledger.reserve(session, context.user_id, amount):
-            return False
+            return None
         owned = session.execute(
             update(Turn)
             .where(Turn.assistant_message_id == context.turn_id, Turn.lease_token == context.token)
@@ -165,8 +171,7 @@ def _reserve(context: TurnContext) -> bool:
         ).rowcount
         if owned != 1:
             raise LeaseLost(f"turn {context.turn_id} was taken over")
-    object.__setattr__(context, "reserved", amount)
-    return True
+    return amount
 
 
 def _settle_success(context: TurnContext, outcome: Outcome, elapsed_ms: int, stream: TurnStream) -> None:
