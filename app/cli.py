@@ -61,12 +61,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from app.logging_setup import configure_logging
 
     configure_logging()
+    import dramatiq.worker
     from dramatiq.cli import main as dramatiq_main
     from dramatiq.cli import make_argument_parser
 
     from app.config import get_settings
 
-    os.environ.setdefault("dramatiq_queue_prefetch", str(max(1, args.threads)))
+    # A process takes no more turns than it has threads. Dramatiq reads `dramatiq_queue_prefetch` into this
+    # global when it is first imported, which building the parser already did (the dlq commands import the
+    # broker), so setting the environment variable here came too late and left twice the threads.
+    dramatiq.worker.QUEUE_PREFETCH = dramatiq.worker.QUEUE_PREFETCH or max(1, args.threads)
     argv = ["workers.actors", "--processes", str(args.processes), "--threads", str(args.threads),
             "--worker-shutdown-timeout", str(int(get_settings().shutdown_grace_seconds * 1000))]
     if args.queues:

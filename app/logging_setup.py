@@ -85,6 +85,7 @@ def gunicorn_logconfig() -> dict[str, object]:
     handler = {"class": "logging.StreamHandler", "formatter": "agentq", "filters": ["turn"],
                "stream": "ext://sys.stderr"}
     gunicorn_logger = {"level": settings.log_level.upper(), "handlers": ["agentq"], "propagate": False}
+    access_logger = {**gunicorn_logger, "level": "WARNING"}
     return {
         "version": 1,
         "disable_existing_loggers": False,
@@ -92,7 +93,7 @@ def gunicorn_logconfig() -> dict[str, object]:
         "formatters": {"agentq": formatter},
         "handlers": {"agentq": handler},
         "root": {"level": settings.log_level.upper(), "handlers": ["agentq"]},
-        "loggers": {"gunicorn.error": gunicorn_logger, "gunicorn.access": gunicorn_logger},
+        "loggers": {"gunicorn.error": gunicorn_logger, "gunicorn.access": access_logger},
     }
 
 

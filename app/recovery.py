@@ -4,7 +4,7 @@ Four cracks, one sweep every `AGENTQ_RECOVERY_INTERVAL_SECONDS`:
 - a turn accepted while its Dramatiq message could not be sent (Redis down, API process killed
   after the commit): still `pending`, its outbox mark empty or older than `AGENTQ_STALE_PENDING_SECONDS`;
 - every `pending` turn after Redis lost its data (its queues went with it), noticed because the
-  epoch key this module keeps in Redis is gone;
+  epoch key this module keeps in Redis is gone (it is set again once a sweep has re-sent them all);
 - a `processing` turn whose lease ran out: its worker died, so another takes it over without waiting
   for Dramatiq's own redelivery;
 - a `processing` turn whose worker still renews its lease but is stuck: once a delivery has run
@@ -45,14 +45,26 @@ class RecoveryReport:
     sent: list[int] = field(default_factory=list)
     debug_sent: list[int] = field(default_factory=list)
     redis_lost: bool = False
+    unsent: int = 0
 
 
 def _redis_lost_its_data() -> bool:
-    """True once after Redis restarts empty (or is flushed): the epoch key is gone and is set again."""
+    """True while the epoch key is missing: Redis restarted empty or was flushed, and its queues with it.
+
+    The key is set again only by a sweep that has re-sent every pending turn (`_mark_epoch`), so a
+    sweep that dies half-way (database down, process killed) leaves the work to the next one.
+    """
     try:
-        return bool(get_redis().set(EPOCH_KEY, utc_now().isoformat(), nx=True))
+        return not get_redis().exists(EPOCH_KEY)
     except redis.RedisError:
         return False
+
+
+def _mark_epoch() -> None:
+    try:
+        get_redis().set(EPOCH_KEY, utc_now().isoformat(), nx=True)
+    except redis.RedisError:
+        log.warning("could not mark Redis as recovered; the next sweep re-sends pending turns again")
 
 
 def _claim_send(model: type[Turn] | type[DebugRun], ident_column, ident: int, seen: datetime | None) -> bool:  # type: ignore[no-untyped-def]
@@ -134,6 +146,7 @@ def recover_once() -> RecoveryReport:
             if dispatch.send_turn(ident):
                 report.sent.append(ident)
             else:
+                report.unsent += 1
                 _unmark(Turn, Turn.assistant_message_id, ident)
     for ident, status, enqueued_at, created_at, lease in runs:
         if _due(status, _aware(enqueued_at), _aware(created_at), _aware(lease), now, report.redis_lost) \
@@ -141,7 +154,10 @@ def recover_once() -> RecoveryReport:
             if dispatch.send_debug_run(ident):
                 report.debug_sent.append(ident)
             else:
+                report.unsent += 1
                 _unmark(DebugRun, DebugRun.id, ident)
+    if report.redis_lost and report.unsent == 0:
+        _mark_epoch()
     if report.sent or report.debug_sent:
         log.info("recovery re-sent turns %s and test runs %s (redis lost data: %s)",
                  report.sent, report.debug_sent, report.redis_lost)

@@ -1,0 +1,47 @@
+"""The floor's Dramatiq actor: it does nothing, on the broker agentq's workers use.
+
+The broker is `workers.broker.build_broker()` itself (same Redis pool, namespace, heartbeat and
+middleware) less `WorkerServices`, whose lease keeper and recovery sweep are agentq's own work and
+belong to the pipeline figure, not to the floor. Run by `python -m dramatiq bench.noop_actor`.
+"""
+
+from __future__ import annotations
+
+import dramatiq
+from dramatiq import Message
+
+from workers.broker import build_broker
+from workers.middleware import WorkerServices
+
+QUEUE = "bench_noop"
+ACTOR = "bench_noop"
+
+broker = build_broker()
+broker.middleware = [m for m in broker.middleware if not isinstance(m, WorkerServices)]
+dramatiq.set_broker(broker)
+
+
+@dramatiq.actor(actor_name=ACTOR, queue_name=QUEUE)
+def noop(ident: int) -> None:
+    """Nothing: the cost of a message is all Dramatiq's and Redis's."""
+
+
+def enqueue(ident: int) -> None:
+    """Exactly what `app.dispatch` does for a turn: a Message built by hand, sent through the broker."""
+    broker.enqueue(Message(queue_name=QUEUE, actor_name=ACTOR, args=(ident,), kwargs={}, options={}))
+
+
+SLEEP_QUEUE = "bench_sleep"
+SLEEP_ACTOR = "bench_sleep"
+
+
+@dramatiq.actor(actor_name=SLEEP_ACTOR, queue_name=SLEEP_QUEUE)
+def sleeper(seconds: float) -> None:
+    """A message that only waits, like a turn waiting on its upstream: Dramatiq's own latency-bound ceiling."""
+    import time
+
+    time.sleep(seconds)
+
+
+def enqueue_sleep(seconds: float) -> None:
+    broker.enqueue(Message(queue_name=SLEEP_QUEUE, actor_name=SLEEP_ACTOR, args=(seconds,), kwargs={}, options={}))

@@ -1,0 +1,97 @@
+"""The operator's page at /admin in a real headless Chromium, against real web and worker processes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from selenium.common.exceptions import StaleElementReferenceException
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
+
+from tests.browser import chromium
+from tests.stack import RedisServer, Stack, drop_database, scratch_database
+from tests.support import Process
+
+
+@pytest.fixture(scope="module")
+def stack(mock_upstream: Process) -> Iterator[Stack]:
+    name = scratch_database("agentq_admin_page")
+    redis = RedisServer("admin-page-redis").start()
+    services = Stack("admin-page", f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", redis).init()
+    services.start_web()
+    services.start_worker()
+    yield services
+    services.stop()
+    redis.kill()
+    drop_database(name)
+
+
+def dead_turn(stack: Stack, key: str, agent_id: int, content: str) -> int:
+    conversation_id = stack.conversation(key, agent_id)
+    with stack.claims_fail(conversation_id):
+        turn = stack.send(key, conversation_id, content)
+        assert stack.wait_terminal(key, turn["id"])["status"] == "error"
+    return turn["id"]
+
+
+def text_of(driver: WebDriver, selector: str) -> str:
+    return driver.find_element(By.CSS_SELECTOR, selector).text
+
+
+def dead_rows(driver: WebDriver) -> list[str]:
+    return [row.text for row in driver.find_elements(By.CSS_SELECTOR, "#dead-letters tbody tr")]
+
+
+def test_the_operators_page_shows_a_dead_letter_and_requeues_and_deletes(stack: Stack) -> None:
+    agent_id = stack.agent(stack.model("page-model", "echo"))
+    _, key = stack.user("page-user")
+    first = dead_turn(stack, key, agent_id, "requeue me from the page")
+    second = dead_turn(stack, key, agent_id, "delete me from the page")
+    letters = {item["args"][0]: item["id"] for item in stack.call("GET", "/api/admin/dead-letters").json()["items"]}
+    assert set(letters) == {first, second}
+
+    with chromium() as driver:
+        wait = WebDriverWait(driver, 20, poll_frequency=0.1, ignored_exceptions=[StaleElementReferenceException])
+        driver.get(f"{stack.base_url}/admin")
+        assert driver.title == "agentq operations"
+        wait.until(lambda d: "Enter an admin API key" in text_of(d, "#status"))
+        driver.find_element(By.ID, "api-key").send_keys(stack.admin_key)
+        driver.find_element(By.ID, "save-key").click()
+
+        wait.until(lambda d: len(dead_rows(d)) == 2)
+        row = driver.find_element(By.ID, f"dead-letter-{letters[first]}")
+        assert "run_turn" in row.text and f"[{first}]" in row.text
+        assert "simulated database failure" in row.text
+        assert driver.execute_script("return sessionStorage.getItem('agentq-admin-key')") == stack.admin_key
+        queues = text_of(driver, "#queues tbody")
+        assert queues.splitlines()[0].split() == ["turns", "0", "0", "2"]
+        assert "error 2" in text_of(driver, "#failure-counts tbody")
+        assert text_of(driver, "#turns-pending") == "0"
+
+        row.find_element(By.CSS_SELECTOR, "button.requeue").click()
+        wait.until(lambda d: len(dead_rows(d)) == 1)
+        assert stack.wait_terminal(key, first)["status"] == "success"
+        assert stack.message(key, first)["content"] == "echo: requeue me from the page"
+
+        driver.refresh()
+        wait.until(lambda d: len(dead_rows(d)) == 1 and "Updated" in text_of(d, "#status"))
+        driver.find_element(By.CSS_SELECTOR, f"#dead-letter-{letters[second]} button.delete").click()
+        wait.until(lambda d: dead_rows(d) == [])
+        wait.until(lambda d: text_of(d, "#queues tbody").splitlines()[0].split() == ["turns", "0", "0", "0"])
+
+    assert stack.call("GET", "/api/admin/dead-letters").json()["items"] == []
+    assert stack.message(key, second)["status"] == "error"
+
+
+def test_the_operators_page_refuses_a_users_key(stack: Stack) -> None:
+    _, key = stack.user("not-an-admin")
+    with chromium() as driver:
+        wait = WebDriverWait(driver, 20, poll_frequency=0.1, ignored_exceptions=[StaleElementReferenceException])
+        driver.get(f"{stack.base_url}/admin")
+        driver.find_element(By.ID, "api-key").send_keys(key)
+        driver.find_element(By.ID, "save-key").click()
+        wait.until(lambda d: "admin" in text_of(d, "#status").lower()
+                   and "error" in d.find_element(By.ID, "status").get_attribute("class"))
+        assert dead_rows(driver) == []

@@ -1,0 +1,276 @@
+"""Chaos: a few hundred turns while workers are SIGKILLed, Redis is flushed and PostgreSQL restarts.
+
+Everything is real and this test's own: a throwaway PostgreSQL cluster (initdb + pg_ctl, as the
+`postgres` OS user, on a free port), the test Redis database, an `agentq web` with two gunicorn
+workers and two `agentq worker --processes 2` groups. Clients submit through HTTP and retry with an
+Idempotency-Key when a request fails during a restart. At the end every turn must have succeeded
+and been charged exactly once, every balance must equal its ledger, and no Redis lock or slot may
+be left held. Run by `make test-chaos`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import REDIS_DB
+from tests.stack import SharedRedis, Stack
+from tests.support import Process, free_port, wait_for
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+USERS = 40
+TURNS_PER_USER = 5
+BALANCE = Decimal("10")
+UPSTREAM = "echo;ttft=0.2;gap=0.02"
+CONTENT = "please answer this message with a few words so that the stream takes a little while"
+DEADLINE_SECONDS = 150
+
+pytestmark = pytest.mark.chaos
+
+
+class Postgres:
+    """A PostgreSQL cluster in a temporary directory owned by `postgres`, on a port of its own."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="agentq-chaos-pg-"))
+        self.data = self.root / "data"
+        shutil.chown(self.root, "postgres", "postgres")
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _as_postgres(self, *argv: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", *argv], check=True, capture_output=True, timeout=120)
+
+    def init(self) -> Postgres:
+        self._as_postgres(str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
+                          "--no-sync")
+        return self
+
+    def start(self) -> None:
+        options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c max_connections=400 "
+                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
+        self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-o", options,
+                          "-l", str(self.root / "postgres.log"), "-w", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def destroy(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    server = Postgres().init()
+    server.start()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture(scope="module")
+def redis_db(redis_client: Any) -> SharedRedis:
+    """The test Redis database: flushed here, and once more on purpose during the run (never FLUSHALL)."""
+    redis_client.flushdb()
+    return SharedRedis(f"redis://127.0.0.1:6379/{REDIS_DB}")
+
+
+CHAOS_ENV = {
+    "AGENTQ_LEASE_SECONDS": "3",
+    "AGENTQ_RECOVERY_INTERVAL_SECONDS": "1",
+    "AGENTQ_BROKER_HEARTBEAT_MS": "5000",
+    "AGENTQ_MAX_RETRIES": "20",
+    "AGENTQ_MIN_BACKOFF_MS": "200",
+    "AGENTQ_MAX_BACKOFF_MS": "2000",
+    "AGENTQ_SHUTDOWN_GRACE_SECONDS": "5",
+    "AGENTQ_MAX_DELIVERIES": "10",
+    "AGENTQ_DB_POOL_SIZE": "5",
+}
+
+
+class Client(threading.Thread):
+    """One user sending its turns one after another, retrying through outages with an Idempotency-Key."""
+
+    def __init__(self, base_url: str, key: str, agent_id: int, turns: int, stop: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self.http = httpx.Client(base_url=base_url, timeout=10, headers={"Authorization": f"Bearer {key}"})
+        self.agent_id, self.turns, self.stop = agent_id, turns, stop
+        self.sent: list[int] = []
+        self.final: dict[int, dict[str, Any]] = {}
+        self.retries = 0
+        self.failure: str | None = None
+
+    def _call(self, method: str, path: str, ok: tuple[int, ...], **kwargs: Any) -> dict[str, Any]:
+        while not self.stop.is_set():
+            try:
+                response = self.http.request(method, path, **kwargs)
+                if response.status_code in ok:
+                    return response.json()
+                if response.status_code < 500:
+                    raise AssertionError(f"{method} {path}: {response.status_code} {response.text}")
+            except httpx.HTTPError:
+                pass
+            self.retries += 1
+            time.sleep(0.3)
+        raise TimeoutError(f"{method} {path} gave up")
+
+    def run(self) -> None:
+        try:
+            conversation = self._call("POST", "/api/conversations", (200, 201), json={"agent_id": self.agent_id})
+            for n in range(self.turns):
+                accepted = self._call("POST", f"/api/conversations/{conversation['id']}/messages", (202,),
+                                      json={"content": f"{CONTENT} #{n}"},
+                                      headers={"Idempotency-Key": uuid.uuid4().hex})
+                turn_id = accepted["assistant_message"]["id"]
+                self.sent.append(turn_id)
+                while True:
+                    message = self._call("GET", f"/api/messages/{turn_id}", (200,))
+                    if message["status"] not in ("pending", "processing"):
+                        self.final[turn_id] = message
+                        break
+                    time.sleep(0.4)
+        except Exception as exc:
+            self.failure = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.http.close()
+
+
+class Chaos(threading.Thread):
+    """Kills worker processes at random moments (restarting their group), flushes Redis once, restarts PostgreSQL
+    once, until the clients are done."""
+
+    def __init__(self, stack: Stack, postgres: Postgres, redis: SharedRedis, done: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self.stack, self.postgres, self.redis, self.done = stack, postgres, redis, done
+        self.events: list[str] = []
+        self.hit: set[int] = set()
+        self.error: str | None = None
+        self.rng = random.Random()
+
+    def _kill_a_worker(self) -> None:
+        """SIGKILL one process of a group that is fully up; Dramatiq then stops the group, which is restarted."""
+        live = wait_for(lambda: [p for p in self.stack.workers if p.pid not in self.hit and p.popen is not None
+                                 and p.popen.poll() is None and len(p.children()) == 2],
+                        timeout=60, interval=0.2, what="a worker group that is up")
+        group = self.rng.choice(live)
+        victim = self.rng.choice(group.children())
+        self.hit.add(group.pid)
+        os.kill(victim, signal.SIGKILL)
+        self.events.append(f"SIGKILL worker process {victim}")
+        self.stack.start_worker(processes=2, threads=8, wait=False)
+
+    def _flush_redis(self) -> None:
+        self.redis.client().flushdb()
+        self.events.append("FLUSHDB of the Redis database")
+
+    def _restart_postgres(self) -> None:
+        self.postgres.stop("fast")
+        self.postgres.start()
+        self.events.append("PostgreSQL restarted")
+
+    def run(self) -> None:
+        plan = [self._kill_a_worker, self._kill_a_worker, self._flush_redis, self._kill_a_worker,
+                self._restart_postgres, self._kill_a_worker, self._kill_a_worker]
+        try:
+            for action in plan:
+                if self.done.wait(self.rng.uniform(0.5, 2.0)):
+                    return
+                action()
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+
+
+@pytest.mark.timeout(300)
+def test_turns_survive_killed_workers_a_flushed_redis_and_a_postgres_restart(postgres: Postgres,
+                                                                          redis_db: SharedRedis,
+                                                                          mock_upstream: Process) -> None:
+    started = time.monotonic()
+    stack = Stack("chaos", postgres.url, redis_db, **CHAOS_ENV).init()
+    try:
+        stack.start_web(web_workers=2)
+        for _ in range(2):
+            stack.start_worker(processes=2, threads=8)
+        agent_id = stack.agent(stack.model("chaos-model", UPSTREAM))
+        users = [stack.user(f"user-{i}", str(BALANCE)) for i in range(USERS)]
+
+        stop, done = threading.Event(), threading.Event()
+        clients = [Client(stack.base_url, key, agent_id, TURNS_PER_USER, stop) for _, key in users]
+        chaos = Chaos(stack, postgres, redis_db, done)
+        for client in clients:
+            client.start()
+        chaos.start()
+        for client in clients:
+            client.join(timeout=max(1.0, DEADLINE_SECONDS - (time.monotonic() - started)))
+        done.set()
+        stop.set()
+        chaos.join(timeout=60)
+        report(stack, redis_db, users, clients, chaos, started)
+    finally:
+        stack.stop()
+
+
+def report(stack: Stack, redis: SharedRedis, users: list[tuple[int, str]],
+           clients: list[Client], chaos: Chaos, started: float) -> None:
+    unfinished = stack.sql(
+        "SELECT t.assistant_message_id, m.status, t.deliveries, t.lease_expires_at, t.enqueued_at, m.updated_at, "
+        "now() FROM turns t JOIN conversation_messages m ON m.id = t.assistant_message_id "
+        "WHERE m.status IN ('pending', 'processing')")
+    for row in unfinished:
+        print(f"chaos: unfinished turn {row}")
+    failures = [c.failure for c in clients if c.failure or c.is_alive()]
+    assert failures == [], failures
+    assert chaos.error is None
+    turn_ids = [t for c in clients for t in c.sent]
+    statuses = Counter(m["status"] for c in clients for m in c.final.values())
+    rows = stack.sql("SELECT m.status, count(*) FROM conversation_messages m WHERE m.role = 'assistant' "
+                     "GROUP BY m.status")
+    charges = dict(stack.sql("SELECT message_id, count(*) FROM credit_transactions WHERE message_id IS NOT NULL "
+                             "GROUP BY message_id"))
+    balances = stack.sql(
+        "SELECT u.id, u.balance, u.reserved, COALESCE(sum(t.amount), 0) FROM users u "
+        "LEFT JOIN credit_transactions t ON t.user_id = u.id WHERE NOT u.is_admin GROUP BY u.id")
+    deliveries = Counter(d for (d,) in stack.sql("SELECT deliveries FROM turns"))
+    client = redis.client()
+    locks = list(client.scan_iter("agentq:conversation:*:lock"))
+    held_slots = {k: client.zcard(k) for k in client.scan_iter("agentq:user:*:slots") if client.zcard(k)}
+
+    print(f"\nchaos: {len(turn_ids)} turns from {len(users)} users in {time.monotonic() - started:.1f}s; "
+          f"events: {chaos.events}")
+    print(f"chaos: statuses {dict(statuses)}; database {dict(rows)}; deliveries per turn {dict(deliveries)}; "
+          f"client retries {sum(c.retries for c in clients)}")
+    print(f"chaos: charged once {sum(1 for t in turn_ids if charges.get(t) == 1)}/{len(turn_ids)}; "
+          f"balances equal to ledger {sum(1 for _, b, r, s in balances if b == s and r == 0)}/{len(balances)}; "
+          f"locks left {len(locks)}; slots left {sum(held_slots.values())}")
+
+    assert len(turn_ids) == len(set(turn_ids)) == USERS * TURNS_PER_USER
+    assert statuses == Counter({"success": USERS * TURNS_PER_USER})
+    assert dict(rows) == {"success": USERS * TURNS_PER_USER}
+    assert all(charges.get(t) == 1 for t in turn_ids)
+    assert sum(charges.values()) == len(turn_ids)
+    assert len(balances) == USERS
+    assert all(balance == ledger and reserved == 0 for _, balance, reserved, ledger in balances)
+    assert all(balance < BALANCE for _, balance, _, _ in balances)
+    assert locks == []
+    assert held_slots == {}
+    assert len([e for e in chaos.events if e.startswith("SIGKILL")]) >= 3
+    assert "FLUSHDB of the Redis database" in chaos.events and "PostgreSQL restarted" in chaos.events

@@ -1,0 +1,278 @@
+"""Dead letters through the admin API and `agentq dlq`, with messages that really die in a worker.
+
+A message dies for real: a trigger in PostgreSQL refuses to let the turns of one conversation move to
+`processing` (an unexpected database error, as an outage would raise), so every delivery fails,
+Dramatiq retries it `AGENTQ_MAX_RETRIES` times with backoff and dead-letters it, and the worker ends
+the turn as `error`. Dropping the trigger is fixing the cause; a requeue then runs the turn again.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text
+
+from tests.conftest import child_env
+from tests.support import ROOT, agentq, wait_for
+
+NAMESPACE = "agentq-dramatiq"
+
+
+@pytest.fixture(autouse=True)
+def _running(workers, upstream, api, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """A worker, a clean upstream log, no dead letters left by another test, and recovery past the flush.
+
+    The `clean` fixture empties Redis; the next recovery sweep takes that for lost data and sends every
+    pending turn again, which would give a failing turn of this test a second message to die with.
+    """
+    from app.db import transaction
+    from app.recovery import EPOCH_KEY
+
+    with transaction() as session:
+        session.execute(text("TRUNCATE dead_letters RESTART IDENTITY"))
+    wait_for(lambda: redis_client.exists(EPOCH_KEY), what="a recovery sweep after the Redis flush")
+
+
+@contextmanager
+def claims_fail(conversation_id: int) -> Iterator[None]:
+    """Every attempt to start a turn of this conversation raises a database error, until the block ends."""
+    from app.db import transaction
+
+    name = f"agentq_test_refuse_{conversation_id}"
+    with transaction() as session:
+        session.execute(text(
+            "CREATE OR REPLACE FUNCTION agentq_test_refuse_claim() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'simulated database failure'; END $$"))
+        session.execute(text(
+            f"CREATE TRIGGER {name} BEFORE UPDATE ON conversation_messages FOR EACH ROW "
+            f"WHEN (NEW.status = 'processing' AND NEW.conversation_id = {int(conversation_id)}) "
+            "EXECUTE FUNCTION agentq_test_refuse_claim()"))
+    try:
+        yield
+    finally:
+        with transaction() as session:
+            session.execute(text(f"DROP TRIGGER IF EXISTS {name} ON conversation_messages"))
+
+
+def dead_turn(world: Any, key: str, agent_id: int, content: str) -> tuple[int, dict[str, Any]]:
+    """Submit a turn whose every delivery fails; return its conversation and the turn as it ended."""
+    conversation_id = world.conversation(key, agent_id)
+    with claims_fail(conversation_id):
+        accepted = world.send(key, conversation_id, content)
+        assert accepted.status_code == 202, accepted.json
+        ended = world.wait_terminal(key, accepted.json["assistant_message"]["id"])
+    return conversation_id, ended
+
+
+def dead_count(redis_client: Any, queue: str = "turns") -> int:
+    return int(redis_client.zcard(f"{NAMESPACE}:{queue}.XQ"))
+
+
+def queue_of(api: Any, admin_key: str, name: str) -> dict[str, Any]:
+    body = api.get("/api/admin/queues", admin_key).json
+    return next(q for q in body["queues"] if q["name"] == name)
+
+
+def ledger_rows(message_id: int) -> int:
+    from app.db import transaction
+    from app.models import CreditTransaction
+
+    with transaction() as session:
+        return len(session.scalars(select(CreditTransaction).where(CreditTransaction.message_id == message_id)).all())
+
+
+def dlq(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(agentq("dlq", *args), env=child_env(), capture_output=True, text=True, cwd=ROOT,
+                          timeout=60)
+
+
+def test_a_turn_whose_retries_run_out_is_a_dead_letter_and_runs_again_when_requeued(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+    api, admin = world.api, world.admin_key
+    agent_id = world.agent(world.model(price_in="1", price_out="1"))
+    _, key = world.user(balance="10")
+    conversation_id, ended = dead_turn(world, key, agent_id, "try me")
+    turn_id = ended["id"]
+
+    assert ended["status"] == "error"
+    assert ended["error_message"].startswith("retries exhausted after 3 attempts: ")
+    assert "simulated database failure" in ended["error_message"]
+    assert world.api.get("/api/me", key).json["balance"] == "10.000000"
+    assert dead_count(redis_client) == 1
+    assert queue_of(api, admin, "turns")["dead_letters"] == 1
+    assert api.get("/api/admin/queues", admin).json["turns"] == {"pending": 0, "processing": 0}
+
+    items = api.get("/api/admin/dead-letters", admin).json["items"]
+    assert len(items) == 1
+    item = items[0]
+    assert (item["queue"], item["actor"], item["args"], item["retries"]) == ("turns", "run_turn", [turn_id], 2)
+    assert "simulated database failure" in item["error"]
+    assert "from the broker's copy" not in item["error"]
+    died = datetime.fromisoformat(item["dead_at"])
+    assert timedelta(0) <= datetime.now(UTC) - died < timedelta(seconds=30)
+    assert (item["run_status"], item["in_broker"]) == ("error", True)
+    detail = api.get(f"/api/admin/dead-letters/{item['id']}", admin).json
+    assert {k: detail[k] for k in item} == item
+    assert "RaiseException" in detail["traceback"]
+
+    requeued = api.post(f"/api/admin/dead-letters/{item['id']}/requeue", admin)
+    assert requeued.status_code == 202, requeued.json
+    assert requeued.json == {"requeued": [item["id"]], "skipped": []}
+    done = world.wait_terminal(key, turn_id)
+    assert done["status"] == "success"
+    assert done["content"] == "echo: try me"
+    assert done["error_message"] is None
+    assert ledger_rows(turn_id) == 1
+    assert [m["status"] for m in api.get(f"/api/conversations/{conversation_id}/messages", key).json["items"]] \
+        == ["success", "success"]
+
+    assert api.get("/api/admin/dead-letters", admin).json["items"] == []
+    assert dead_count(redis_client) == 0
+    assert queue_of(api, admin, "turns")["dead_letters"] == 0
+    assert api.post(f"/api/admin/dead-letters/{item['id']}/requeue", admin).status_code == 404
+    assert api.get(f"/api/admin/dead-letters/{item['id']}", admin).status_code == 404
+
+
+def test_purging_dead_letters_through_the_api_leaves_none(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+    api, admin = world.api, world.admin_key
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    ended = [dead_turn(world, key, agent_id, f"doomed {i}")[1] for i in range(2)]
+    assert [t["status"] for t in ended] == ["error", "error"]
+    assert dead_count(redis_client) == 2
+
+    ids = [i["id"] for i in api.get("/api/admin/dead-letters", admin).json["items"]]
+    assert len(ids) == 2
+    _, user_key = world.user("mallory")
+    assert api.delete(f"/api/admin/dead-letters/{ids[0]}", user_key).status_code == 403
+    assert api.delete(f"/api/admin/dead-letters/{ids[0]}").status_code == 401
+    assert api.delete(f"/api/admin/dead-letters/{ids[0]}", admin).status_code == 204
+    assert api.delete(f"/api/admin/dead-letters/{ids[0]}", admin).status_code == 404
+    assert [i["id"] for i in api.get("/api/admin/dead-letters", admin).json["items"]] == ids[1:]
+    assert dead_count(redis_client) == 1
+    assert api.delete(f"/api/admin/dead-letters/{ids[1]}", admin).status_code == 204
+
+    assert api.get("/api/admin/dead-letters", admin).json["items"] == []
+    assert dead_count(redis_client) == 0
+    assert queue_of(api, admin, "turns")["dead_letters"] == 0
+    assert [world.message(key, t["id"])["status"] for t in ended] == ["error", "error"]
+
+
+def test_the_dlq_command_lists_shows_requeues_and_purges(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    first = dead_turn(world, key, agent_id, "first")[1]
+    second = dead_turn(world, key, agent_id, "second")[1]
+    third = dead_turn(world, key, agent_id, "third")[1]
+
+    listed = dlq("list")
+    assert listed.returncode == 0, listed.stderr
+    items = json.loads(listed.stdout)["items"]
+    assert sorted(i["args"][0] for i in items) == sorted([first["id"], second["id"], third["id"]])
+    assert {(i["queue"], i["actor"], i["retries"]) for i in items} == {("turns", "run_turn", 2)}
+    assert all("simulated database failure" in i["error"] and i["dead_at"] for i in items)
+    by_turn = {i["args"][0]: i["id"] for i in items}
+
+    shown = dlq("show", str(by_turn[first["id"]]))
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["args"] == [first["id"]]
+    assert "simulated database failure" in json.loads(shown.stdout)["traceback"]
+
+    requeued = dlq("requeue", str(by_turn[first["id"]]))
+    assert requeued.returncode == 0, requeued.stderr
+    assert json.loads(requeued.stdout) == {"requeued": [by_turn[first["id"]]], "skipped": []}
+    assert world.wait_terminal(key, first["id"])["status"] == "success"
+
+    purged = dlq("purge", str(by_turn[second["id"]]))
+    assert purged.returncode == 0, purged.stderr
+    assert json.loads(purged.stdout) == {"purged": [by_turn[second["id"]]]}
+    assert [i["args"] for i in json.loads(dlq("list").stdout)["items"]] == [[third["id"]]]
+
+    everything = dlq("requeue", "--all")
+    assert everything.returncode == 0, everything.stderr
+    assert json.loads(everything.stdout) == {"requeued": [by_turn[third["id"]]], "skipped": []}
+    assert world.wait_terminal(key, third["id"])["status"] == "success"
+    assert world.message(key, second["id"])["status"] == "error"
+    assert [ledger_rows(t["id"]) for t in (first, second, third)] == [1, 0, 1]
+    assert json.loads(dlq("list").stdout) == {"items": []}
+    assert dead_count(redis_client) == 0
+
+    missing = dlq("show", "999999")
+    assert missing.returncode == 1
+    assert json.loads(missing.stderr)["error"]["code"] == "not_found"
+    assert dlq("purge").returncode == 1
+    assert dlq("requeue", "1", "--all").returncode == 1
+
+
+def test_purge_all_empties_the_dead_letter_queue(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    for i in range(2):
+        dead_turn(world, key, agent_id, f"gone {i}")
+    assert dead_count(redis_client) == 2
+
+    purged = dlq("purge", "--all")
+    assert purged.returncode == 0, purged.stderr
+    assert len(json.loads(purged.stdout)["purged"]) == 2
+    assert dead_count(redis_client) == 0
+    assert json.loads(dlq("list").stdout) == {"items": []}
+    assert queue_of(world.api, world.admin_key, "turns")["dead_letters"] == 0
+
+
+def test_a_dead_letter_the_worker_could_not_record_is_adopted_from_the_broker(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+    from app.db import transaction
+
+    api, admin = world.api, world.admin_key
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    turn = dead_turn(world, key, agent_id, "unrecorded")[1]
+    with transaction() as session:
+        session.execute(text("DELETE FROM dead_letters"))
+
+    items = api.get("/api/admin/dead-letters", admin).json["items"]
+    assert len(items) == 1
+    assert (items[0]["args"], items[0]["retries"], items[0]["in_broker"]) == ([turn["id"]], 2, True)
+    assert "simulated database failure" in items[0]["error"]
+    assert "from the broker's copy" in items[0]["error"]
+    assert api.post(f"/api/admin/dead-letters/{items[0]['id']}/requeue", admin).status_code == 202
+    assert world.wait_terminal(key, turn["id"])["status"] == "success"
+
+
+def test_a_dead_letter_lost_by_redis_is_still_listed_and_requeued_from_its_row(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+    api, admin = world.api, world.admin_key
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    turn = dead_turn(world, key, agent_id, "forgotten")[1]
+    redis_client.delete(f"{NAMESPACE}:turns.XQ", f"{NAMESPACE}:turns.XQ.msgs")
+
+    items = api.get("/api/admin/dead-letters", admin).json["items"]
+    assert [(i["args"], i["in_broker"]) for i in items] == [([turn["id"]], False)]
+    assert api.post("/api/admin/dead-letters/requeue-all", admin).json == {"requeued": [items[0]["id"]],
+                                                                          "skipped": []}
+    assert world.wait_terminal(key, turn["id"])["status"] == "success"
+    assert api.get("/api/admin/dead-letters", admin).json["items"] == []
+
+
+def test_a_dead_letter_whose_turn_ended_otherwise_is_not_requeued(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+    from app.db import transaction
+
+    api, admin = world.api, world.admin_key
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    turn = dead_turn(world, key, agent_id, "settled")[1]
+    with transaction() as session:
+        session.execute(text("UPDATE conversation_messages SET status = 'cancelled' WHERE id = :id"),
+                        {"id": turn["id"]})
+    item = api.get("/api/admin/dead-letters", admin).json["items"][0]
+    assert item["run_status"] == "cancelled"
+    refused = api.post(f"/api/admin/dead-letters/{item['id']}/requeue", admin)
+    assert refused.status_code == 409
+    assert refused.json["error"]["code"] == "run_not_in_error"
+    assert api.post("/api/admin/dead-letters/requeue-all", admin).json["requeued"] == []
+    assert world.message(key, turn["id"])["status"] == "cancelled"
+    assert dead_count(redis_client) == 1

@@ -1,0 +1,263 @@
+"""Crash recovery, shutdown and observability, on services of this module's own (see tests/stack.py).
+
+Each test starts the real `agentq worker` processes it needs against a private database, Redis
+server and metrics directory, served by a real `agentq web` (two gunicorn workers), and kills,
+stops or restarts them. Leases are 3 s and the recovery sweep runs every second (tests/conftest.py),
+so the bounds asserted here are those settings' bounds plus scheduling slack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.stack import RedisServer, Stack, drop_database, scratch_database
+from tests.support import Process, wait_for
+
+LEASE_SECONDS = 3.0
+RECOVERY_INTERVAL = 1.0
+
+
+@pytest.fixture(scope="module")
+def stack(mock_upstream: Process) -> Iterator[Stack]:
+    name = scratch_database("agentq_recovery")
+    redis = RedisServer("recovery-redis").start()
+    services = Stack("recovery", f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", redis,
+                     AGENTQ_LOG_JSON="true").init()
+    services.start_web()
+    yield services
+    services.stop()
+    redis.kill()
+    drop_database(name)
+
+
+@pytest.fixture(autouse=True)
+def _own_workers(stack: Stack) -> Iterator[None]:
+    """Every test starts the workers it needs; none outlives it."""
+    yield
+    for process in stack.workers:
+        process.kill_group()
+    stack.workers.clear()
+
+
+def log_records(process: Process) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in process.output().splitlines() if line.strip()]
+
+
+def claims_of(process: Process, turn_id: int) -> list[dict[str, Any]]:
+    """The log lines in which a worker process claimed or took over the turn."""
+    return [r for r in log_records(process)
+            if r.get("turn_id") == turn_id and ("claimed" in r["message"] or "taken_over" in r["message"])]
+
+
+def deliveries(stack: Stack, turn_id: int) -> int:
+    return stack.sql("SELECT deliveries FROM turns WHERE assistant_message_id = %(id)s", {"id": turn_id})[0][0]
+
+
+def charges(stack: Stack, turn_id: int) -> int:
+    return stack.sql("SELECT count(*) FROM credit_transactions WHERE message_id = %(id)s", {"id": turn_id})[0][0]
+
+
+def slow_agent(stack: Stack, name: str, upstream: str, **extra: Any) -> int:
+    return stack.agent(stack.model(name, upstream), **extra)
+
+
+def test_a_turn_whose_worker_is_killed_is_taken_over_by_another_within_the_lease(stack: Stack) -> None:
+    first, second = stack.start_worker(), stack.start_worker()
+    agent_id = slow_agent(stack, "slow-kill", "echo;words=30;gap=0.1")
+    _, key = stack.user("kill-victim")
+    turn = stack.send(key, stack.conversation(key, agent_id), "survive this")
+    stack.wait_status(key, turn["id"], ("processing",))
+
+    owner = wait_for(lambda: [(p, r["process"]) for p in (first, second) for r in claims_of(p, turn["id"])],
+                     what="the claim's log line")
+    assert len(owner) == 1
+    victim_group, victim_pid = owner[0]
+    survivor = second if victim_group is first else first
+    assert victim_pid in victim_group.children()
+    os.kill(victim_pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    takeover = wait_for(lambda: claims_of(survivor, turn["id"]), timeout=LEASE_SECONDS + 4 * RECOVERY_INTERVAL + 3,
+                        interval=0.05, what="another worker to take the turn over")
+    taken_after = time.monotonic() - killed_at
+    assert "taken_over" in takeover[0]["message"]
+    done = stack.wait_terminal(key, turn["id"])
+    assert done["status"] == "success"
+    assert done["content"] == " ".join(f"w{i}" for i in range(30))
+    assert (deliveries(stack, turn["id"]), charges(stack, turn["id"])) == (2, 1)
+    assert taken_after <= LEASE_SECONDS + 2 * RECOVERY_INTERVAL + 1.5
+    print(f"\ntakeover {taken_after:.2f}s after SIGKILL (lease {LEASE_SECONDS}s, sweep {RECOVERY_INTERVAL}s)")
+    wait_for(lambda: victim_group.popen is not None and victim_group.popen.poll() is not None,
+             what="the killed worker's parent to exit")
+
+
+def test_a_turn_accepted_while_redis_is_down_runs_once_redis_is_back(stack: Stack) -> None:
+    stack.start_worker()
+    agent_id = stack.agent(stack.model("plain-redis", "echo"))
+    _, key = stack.user("redis-down")
+    conversation_id = stack.conversation(key, agent_id)
+    assert stack.http.get("/readyz").status_code == 200
+
+    stack.redis.kill()
+    unready = stack.http.get("/readyz")
+    assert unready.status_code == 503
+    assert unready.json()["checks"]["database"] == "ok"
+    assert unready.json()["checks"]["redis"].startswith("error")
+    turn = stack.send(key, conversation_id, "while redis sleeps")
+    assert stack.message(key, turn["id"])["status"] == "pending"
+    assert stack.sql("SELECT enqueued_at FROM turns WHERE assistant_message_id = %(id)s", {"id": turn["id"]}) \
+        == [(None,)]
+
+    stack.redis.start()
+    back_at = time.monotonic()
+    assert stack.http.get("/readyz").status_code == 200
+    done = stack.wait_terminal(key, turn["id"], timeout=30)
+    ran_after = time.monotonic() - back_at
+    assert done["status"] == "success"
+    assert done["content"] == "echo: while redis sleeps"
+    assert (deliveries(stack, turn["id"]), charges(stack, turn["id"])) == (1, 1)
+    print(f"\nturn accepted without Redis answered {ran_after:.2f}s after Redis came back")
+
+
+def test_sigterm_finishes_running_turns_within_the_grace_and_leaves_the_rest(stack: Stack) -> None:
+    agent_id = slow_agent(stack, "slow-term", "echo;words=20;gap=0.1")
+    long_agent = slow_agent(stack, "long-term", "echo;words=80;gap=0.1")
+    _, key = stack.user("shutdown")
+
+    graceful = stack.start_worker(AGENTQ_SHUTDOWN_GRACE_SECONDS="8")
+    running = stack.send(key, stack.conversation(key, agent_id), "finish me")
+    stack.wait_status(key, running["id"], ("processing",))
+    graceful.popen.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+    wait_for(lambda: "Shutting down" in graceful.output(), what="the worker to start shutting down")
+    waiting = stack.send(key, stack.conversation(key, agent_id), "not you")
+    wait_for(lambda: graceful.popen.poll() is not None, timeout=15, what="the worker to exit")  # type: ignore[union-attr]
+    assert stack.message(key, running["id"])["status"] == "success"
+    assert stack.message(key, waiting["id"])["status"] == "pending"
+    assert deliveries(stack, waiting["id"]) == 0
+
+    impatient = stack.start_worker(AGENTQ_SHUTDOWN_GRACE_SECONDS="1")
+    assert stack.wait_terminal(key, waiting["id"])["status"] == "success"
+    abandoned = stack.send(key, stack.conversation(key, long_agent), "too long to wait for")
+    stack.wait_status(key, abandoned["id"], ("processing",))
+    impatient.popen.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+    wait_for(lambda: impatient.popen.poll() is not None, timeout=10, what="the worker to exit")  # type: ignore[union-attr]
+    assert stack.message(key, abandoned["id"])["status"] == "processing"
+
+    stack.start_worker()
+    done = stack.wait_terminal(key, abandoned["id"], timeout=LEASE_SECONDS + 3 * RECOVERY_INTERVAL + 15)
+    assert done["status"] == "success"
+    assert (deliveries(stack, abandoned["id"]), charges(stack, abandoned["id"])) == (2, 1)
+    assert (charges(stack, running["id"]), charges(stack, waiting["id"])) == (1, 1)
+
+
+def _stick(stack: Stack, turn_id: int) -> None:
+    """What a worker stuck in a turn looks like from the database: processing, under a lease it keeps renewing."""
+    stack.sql("UPDATE conversation_messages SET status = 'processing', updated_at = now() "
+              "WHERE id IN (SELECT unnest(ARRAY[assistant_message_id, user_message_id]) FROM turns "
+              "WHERE assistant_message_id = %(id)s)", {"id": turn_id})
+    stack.sql("UPDATE turns SET lease_token = 'stuck', lease_expires_at = now() + interval '1 hour', "
+              "deliveries = 1 WHERE assistant_message_id = %(id)s", {"id": turn_id})
+
+
+@pytest.mark.parametrize(("max_deliveries", "outcome"), [("5", "success"), ("1", "error")])
+def test_a_turn_processing_past_its_timeout_and_grace_is_sent_again_or_ended(stack: Stack, max_deliveries: str,
+                                                                              outcome: str) -> None:
+    grace = 2
+    agent_id = stack.agent(stack.model(f"stuck-{max_deliveries}", "echo"), timeout_seconds=1)
+    _, key = stack.user(f"stuck-{max_deliveries}")
+    turn = stack.send(key, stack.conversation(key, agent_id), "are you there")
+    _stick(stack, turn["id"])
+    stuck_at = time.monotonic()
+    stack.start_worker(AGENTQ_TURN_GRACE_SECONDS=str(grace), AGENTQ_MAX_DELIVERIES=max_deliveries)
+
+    done = stack.wait_terminal(key, turn["id"], timeout=1 + grace + 3 * RECOVERY_INTERVAL + 10)
+    ended_after = time.monotonic() - stuck_at
+    assert done["status"] == outcome
+    assert deliveries(stack, turn["id"]) == 2
+    assert charges(stack, turn["id"]) == (1 if outcome == "success" else 0)
+    if outcome == "error":
+        assert done["error_message"] == "gave up after 1 deliveries"
+    assert ended_after >= 1 + grace
+    print(f"\nstuck turn ended as {outcome} {ended_after:.2f}s after it stuck (bound: timeout 1s + grace {grace}s)")
+
+
+def scrape(stack: Stack) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = stack.http.get("/metrics")
+    assert response.status_code == 200
+    values = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return values
+
+
+def metric(values: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return values.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_count_real_turns_across_worker_and_web_processes(stack: Stack) -> None:
+    stack.start_worker(processes=2)
+    slow = slow_agent(stack, "metrics-slow", "echo;ttft=0.2;words=30;gap=0.1")
+    good_model = stack.model("metrics-good", "echo;ttft=0.05")
+    plain = stack.agent(good_model)
+    falling_back = stack.agent(stack.model("metrics-broken", "echo;fail=500"), good_model)
+    _, key = stack.user("metrics")
+    before = scrape(stack)
+
+    in_flight = stack.send(key, stack.conversation(key, slow), "watch me")
+    stack.wait_status(key, in_flight["id"], ("processing",))
+    during = scrape(stack)
+    assert metric(during, "agentq_turns_in_flight", status="processing") == 1
+    turns = [stack.send(key, stack.conversation(key, plain), f"plain {i}") for i in range(2)]
+    assert stack.wait_terminal(key, in_flight["id"])["status"] == "success"
+    turns += [stack.send(key, stack.conversation(key, falling_back), f"fallback {i}") for i in range(2)]
+    assert [stack.wait_terminal(key, t["id"])["status"] for t in turns] == ["success"] * 4
+    turns.append(in_flight)
+
+    scrapes = [scrape(stack) for _ in range(6)]
+    assert all(s == scrapes[0] for s in scrapes[1:])
+    after = scrapes[-1]
+
+    def grew(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert grew("agentq_turns_total", status="success") == 5
+    assert grew("agentq_model_attempts_total", model="metrics-good", outcome="success") == 4
+    assert grew("agentq_model_attempts_total", model="metrics-slow", outcome="success") == 1
+    broken = {k: v for k, v in after.items() if k[0] == "agentq_model_attempts_total"
+              and ("model", "metrics-broken") in k[1]}
+    assert sum(broken.values()) == 2 and all(("outcome", "success") not in k[1] for k in broken)
+    assert grew("agentq_fallbacks_total") == 2
+    assert grew("agentq_llm_latency_seconds_count", model="metrics-good") == 4
+    assert grew("agentq_llm_first_token_seconds_count", model="metrics-good") == 4
+    assert grew("agentq_llm_first_token_seconds_bucket", model="metrics-slow", le="0.1") == 0
+    assert grew("agentq_llm_first_token_seconds_count", model="metrics-slow") == 1
+    assert metric(after, "agentq_turns_in_flight", status="processing") == 0
+    assert metric(after, "agentq_turns_in_flight", status="pending") == 0
+    assert metric(after, "agentq_queue_depth", queue="turns", state="ready") == 0
+    assert metric(after, "agentq_queue_depth", queue="turns", state="delayed") == 0
+    assert metric(after, "agentq_dead_letters", queue="turns") == 0
+
+
+def test_worker_logs_are_json_lines_that_carry_the_turn_id(stack: Stack) -> None:
+    worker = stack.start_worker()
+    agent_id = stack.agent(stack.model("logged", "echo"))
+    _, key = stack.user("logs")
+    turn = stack.send(key, stack.conversation(key, agent_id), "log me")
+    assert stack.wait_terminal(key, turn["id"])["status"] == "success"
+
+    records = wait_for(lambda: claims_of(worker, turn["id"]) and log_records(worker), what="the claim's log line")
+    assert {"time", "level", "logger", "message", "process"} <= set(records[0])
+    assert next(r["message"] for r in records if r.get("turn_id") == turn["id"]) \
+        == f"turn {turn['id']} claimed (delivery 1)"
+    assert stack.web is not None
+    web_records = log_records(stack.web)
+    assert any("Booting worker" in r["message"] for r in web_records)
