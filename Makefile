@@ -39,7 +39,7 @@ run: install redis
 
 test: install redis chromium
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q -m "not chaos"
+	$(BIN)/pytest -q
 
 test-chaos: install redis
 	$(BIN)/pytest -q -m chaos -s

@@ -23,8 +23,8 @@ from sqlalchemy import func, select
 from app.config import get_settings
 from app.db import transaction
 from app.errors import NotFound
-from app.live_stream import stream_key
-from app.models import Conversation, ConversationMessage, ModelAttempt
+from app.live_stream import attempt_number, stream_key
+from app.models import Conversation, ConversationMessage, ModelAttempt, Turn
 from app.redis_client import get_redis
 from app.turn_status import TurnStatus
 
@@ -52,9 +52,10 @@ class Cursor:
             return None
         try:
             entry, attempt, offset = last_event_id.strip().split(".")
-            return cls(entry, int(attempt), int(offset))
+            cursor = cls(entry, int(attempt), int(offset))
         except ValueError:
             return None
+        return cursor if cursor.attempt >= 0 and cursor.offset >= 0 else None
 
     def event_id(self) -> str:
         return f"{self.entry}.{self.attempt}.{self.offset}"
@@ -73,19 +74,20 @@ def authorize_stream(user_id: int, message_id: int) -> None:
 
 
 def _load(message_id: int) -> tuple[ConversationMessage, int]:
-    """The stored message and the index of the attempt that produced its text."""
+    """The stored message and the number of the attempt that produced its text (see `attempt_number`)."""
     with transaction() as session:
         message = session.get_one(ConversationMessage, message_id)
+        delivery = session.scalar(select(Turn.deliveries).where(Turn.assistant_message_id == message_id)) or 0
         attempts = session.scalar(select(func.count()).select_from(ModelAttempt)
                                   .where(ModelAttempt.message_id == message_id)) or 0
-    return message, max(attempts - 1, 0)
+    return message, attempt_number(delivery, max(attempts - 1, 0))
 
 
 def _finish_from_database(message_id: int, cursor: Cursor | None) -> Iterator[StreamEvent]:
     """The rest of an ended turn from the stored message: what the client lacks, then `done`."""
     message, final_attempt = _load(message_id)
     content = message.content
-    if cursor is not None and cursor.attempt != final_attempt:
+    if cursor is not None and (cursor.attempt != final_attempt or cursor.offset > len(content)):
         yield StreamEvent("status", {"status": message.status, "model": message.model, "restart": True},
                           Cursor("0-0", final_attempt, 0).event_id())
         cursor = Cursor("0-0", final_attempt, 0)
@@ -139,6 +141,8 @@ def follow_answer(message_id: int, last_event_id: str | None) -> Iterator[Stream
             if kind == "delta":
                 start = int(fields[b"o"])
                 text = fields[b"data"].decode()
+                if attempt != cursor.attempt and cursor.offset == 0 and start == 0:
+                    cursor = Cursor(cursor.entry, attempt, 0)
                 if attempt != cursor.attempt or start > cursor.offset:
                     yield from _wait_and_finish(message_id, cursor, deadline)
                     return

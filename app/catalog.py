@@ -32,10 +32,13 @@ def _live_agent(session: Session, agent_id: int) -> Agent:
 
 
 def _flush_unique_name(session: Session) -> None:
+    """Only the live-name index becomes 409 name_taken; any other integrity error is a bug and stays one."""
     try:
         session.flush()
     except IntegrityError as exc:
-        raise Conflict("A model with this name already exists.", code="name_taken") from exc
+        if "uq_llm_models_live_name" in str(exc.orig) or "llm_models.name" in str(exc.orig):
+            raise Conflict("A model with this name already exists.", code="name_taken") from exc
+        raise
 
 
 def create_model(fields: dict[str, Any]) -> LlmModel:
@@ -115,8 +118,6 @@ def update_agent(agent_id: int, changes: dict[str, Any]) -> Agent:
     with transaction() as session:
         agent = _live_agent(session, agent_id)
         _check_models(session, changes)
-        if "model_id" in changes and changes["model_id"] is None:
-            raise ValidationFailed("model_id cannot be removed.")
         for key, value in changes.items():
             setattr(agent, key, value)
         session.flush()

@@ -77,18 +77,25 @@ def create_conversation(
         return CreatedConversation(conversation, created=True)
 
 
+def _utc(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes; every stored time is UTC."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
 def _encode_cursor(conversation: Conversation) -> str:
-    raw = f"{conversation.updated_at.isoformat()}|{conversation.id}"
+    raw = f"{_utc(conversation.updated_at).isoformat()}|{conversation.id}"
     return base64.urlsafe_b64encode(raw.encode()).decode()
 
 
 def _decode_cursor(cursor: str) -> tuple[datetime, int]:
     try:
         stamp, ident = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
-        moment = datetime.fromisoformat(stamp)
-        return moment, int(ident)
-    except (ValueError, UnicodeDecodeError) as exc:
+        moment, number = _utc(datetime.fromisoformat(stamp)), int(ident)
+    except (ValueError, UnicodeDecodeError, OverflowError) as exc:
         raise MalformedRequest("cursor is not one this API returned.", code="invalid_cursor") from exc
+    if not 1 <= number <= 2**63 - 1:
+        raise MalformedRequest("cursor is not one this API returned.", code="invalid_cursor")
+    return moment, number
 
 
 def list_conversations(principal: Principal, limit: int, cursor: str | None) -> ConversationPage:
@@ -106,7 +113,7 @@ def list_conversations(principal: Principal, limit: int, cursor: str | None) -> 
     if cursor:
         moment, ident = _decode_cursor(cursor)
         if get_settings().is_sqlite:
-            moment = moment.astimezone(UTC).replace(tzinfo=None)
+            moment = moment.replace(tzinfo=None)
         query = query.where(
             or_(
                 Conversation.updated_at < moment,

@@ -19,6 +19,7 @@ from functools import cache
 from importlib import resources
 
 import redis
+from redis.commands.core import Script
 from sqlalchemy import select
 
 from app.config import get_settings
@@ -36,13 +37,13 @@ AT_LIMIT = -2
 
 
 @cache
-def _script(name: str) -> str:
-    return resources.files("app").joinpath("lua", f"{name}.lua").read_text()
+def _script(name: str) -> Script:
+    """Loaded and hashed once per process; each call names the client, so it survives a fork."""
+    return Script(get_redis(), resources.files("app").joinpath("lua", f"{name}.lua").read_text().encode())
 
 
 def _run(name: str, keys: list[str], args: list[object]) -> object:
-    client = get_redis()
-    return client.register_script(_script(name))(keys=keys, args=args, client=client)
+    return _script(name)(keys=keys, args=args, client=get_redis())
 
 
 def lock_key(conversation_id: int) -> str:
@@ -98,9 +99,8 @@ def _release(user_id: int, conversation_id: int, owner: str) -> None:
         log.warning("could not free the lock of conversation %s", conversation_id, exc_info=True)
 
 
-def _stale_turn_owner(owner: bytes | str) -> bool:
+def _stale_turn_owner(text: str) -> bool:
     """True when the lock names a turn the database says has ended (its holder died before freeing it)."""
-    text = owner.decode() if isinstance(owner, bytes) else owner
     if not text.startswith("turn:"):
         return False
     with transaction() as session:
@@ -120,7 +120,11 @@ def _forget_idle_slots(user_id: int) -> None:
 
 
 def acquire_turn_slots(user_id: int, conversation_id: int) -> TurnSlots:
-    """Take the conversation's lock and a user slot, or raise the refusal the database confirms."""
+    """Take the conversation's lock and a user slot, or raise the refusal the database confirms.
+
+    A lock held by another request still being accepted (`intake:`) is not a refusal: that request
+    may yet fail, or be this one's retry with the same Idempotency-Key, so the database decides.
+    """
     settings = get_settings()
     owner = f"intake:{secrets.token_hex(8)}"
     keys = [lock_key(conversation_id), slots_key(user_id)]
@@ -133,8 +137,11 @@ def acquire_turn_slots(user_id: int, conversation_id: int) -> TurnSlots:
                 return TurnSlots(user_id, conversation_id, owner)
             if code == BUSY:
                 holder = result[1]  # type: ignore[index]
+                holder = holder.decode() if isinstance(holder, bytes) else holder
+                if holder.startswith("intake:"):
+                    break
                 if attempt == 0 and _stale_turn_owner(holder):
-                    _release(user_id, conversation_id, holder.decode() if isinstance(holder, bytes) else holder)
+                    _release(user_id, conversation_id, holder)
                     continue
                 raise ConversationBusy()
             if attempt == 0:
@@ -156,18 +163,21 @@ class HeldTurn:
 
 
 def renew(turns: Iterable[HeldTurn]) -> set[int]:
-    """Renew the locks of the turns this process works on; returns the ids whose lock another holds."""
-    lost: set[int] = set()
+    """Renew the locks of the turns this process works on, in one pipeline; returns the ids another holds."""
+    held = list(turns)
+    if not held:
+        return set()
     now, lease = _now_ms(), _lease_ms()
-    for held in turns:
-        try:
-            ok = _run("renew_turn_slots", [lock_key(held.conversation_id), slots_key(held.user_id)],
-                      [turn_owner(held.turn_id), now, lease, held.conversation_id, ""])
-        except redis.RedisError:
-            return lost
-        if not ok:
-            lost.add(held.turn_id)
-    return lost
+    script = _script("renew_turn_slots")
+    pipe = get_redis().pipeline(transaction=False)
+    for turn in held:
+        script(keys=[lock_key(turn.conversation_id), slots_key(turn.user_id)],
+               args=[turn_owner(turn.turn_id), now, lease, turn.conversation_id, ""], client=pipe)
+    try:
+        results = pipe.execute()
+    except redis.RedisError:
+        return set()
+    return {turn.turn_id for turn, ok in zip(held, results, strict=True) if not ok}
 
 
 def release(held: HeldTurn) -> None:

@@ -31,7 +31,8 @@ from sqlalchemy.orm import Session
 
 from app import dispatch
 from app.db import transaction
-from app.errors import Conflict, ConversationBusy, NotFound, ServiceUnavailable
+from app.errors import Conflict, ConversationBusy, NotFound, ServiceUnavailable, TooManyActiveConversations
+from app.in_flight import check_user_limit, lock_user
 from app.models import ConversationMessage, DeadLetter, DebugRun, Turn
 from app.models.base import utc_now
 from app.operations import QUEUES, broker_key
@@ -252,6 +253,10 @@ def _reopen(session: Session, row: DeadLetter) -> None:
     try:
         with session.begin_nested():
             if row.actor == dispatch.RUN_TURN:
+                turn = session.get(Turn, row.run_id)
+                if turn is not None:
+                    lock_user(session, turn.user_id)
+                    check_user_limit(session, turn.user_id)
                 reopen_turn(session, row.run_id)
             else:
                 reopen_debug_run(session, row.run_id)
@@ -297,7 +302,7 @@ def requeue_all() -> RequeueOutcome:
     for view in list_dead_letters():
         try:
             outcome.requeued.append(requeue(view.row.id).id)
-        except (Conflict, NotFound) as exc:
+        except (Conflict, NotFound, TooManyActiveConversations) as exc:
             outcome.skipped[view.row.id] = exc.message
     return outcome
 

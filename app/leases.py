@@ -93,39 +93,47 @@ class LeaseKeeper:
                     h.stop.set()
 
     def _renew(self, held: list[Holding], lease_seconds: float) -> None:
+        """One guarded UPDATE per kind of run; a run whose token no longer matches was taken over.
+
+        The same statement reads each turn's stop request from the database, so a stop is honoured
+        even when Redis lost the flag the API set.
+        """
         expires = utc_now() + timedelta(seconds=lease_seconds)
-        turns = [(h.ident, h.token) for h in held if h.turn is not None]
-        debug = [(h.ident, h.token) for h in held if h.turn is None]
         kept: set[tuple[str, int]] = set()
+        stopped: set[int] = set()
         with transaction() as session:
-            if turns:
+            tables = (("turn", Turn, Turn.assistant_message_id), ("debug", DebugRun, DebugRun.id))
+            for kind, model, ident_column in tables:
+                pairs = [(h.ident, h.token) for h in held if _kind(h) == kind]
+                if not pairs:
+                    continue
+                returned = [ident_column]
+                if model is Turn:
+                    returned.append(Turn.cancel_requested_at)
                 rows = session.execute(
-                    update(Turn)
-                    .where(tuple_(Turn.assistant_message_id, Turn.lease_token).in_(turns))
+                    update(model)
+                    .where(tuple_(ident_column, model.lease_token).in_(pairs))
                     .values(lease_expires_at=expires)
-                    .returning(Turn.assistant_message_id)
+                    .returning(*returned)
                     .execution_options(synchronize_session=False)
-                )
-                kept.update(("turn", r[0]) for r in rows)
-            if debug:
-                rows = session.execute(
-                    update(DebugRun)
-                    .where(tuple_(DebugRun.id, DebugRun.lease_token).in_(debug))
-                    .values(lease_expires_at=expires)
-                    .returning(DebugRun.id)
-                    .execution_options(synchronize_session=False)
-                )
-                kept.update(("debug", r[0]) for r in rows)
+                ).all()
+                kept.update((kind, row[0]) for row in rows)
+                stopped.update(row[0] for row in rows if kind == "turn" and row[1] is not None)
         with self._lock:
-            current = [h for h in held if self._held.get(("turn" if h.turn is not None else "debug", h.ident)) is h]
+            current = [h for h in held if self._held.get((_kind(h), h.ident)) is h]
             for h in current:
-                kind = "turn" if h.turn is not None else "debug"
-                if (kind, h.ident) not in kept:
-                    log.warning("lease of %s %s was taken over; stopping", kind, h.ident)
+                if (_kind(h), h.ident) not in kept:
+                    log.warning("lease of %s %s was taken over; stopping", _kind(h), h.ident)
+                    h.stop.set()
+                elif _kind(h) == "turn" and h.ident in stopped:
                     h.stop.set()
             # Under the lock: a turn that ended since the snapshot has freed its lock and slot, and
             # renewing them now would take them again for a whole lease.
             coordination.renew(h.turn for h in current if h.turn is not None)
+
+
+def _kind(holding: Holding) -> str:
+    return "turn" if holding.turn is not None else "debug"
 
 
 keeper = LeaseKeeper()

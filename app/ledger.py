@@ -13,8 +13,9 @@ from decimal import Decimal
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app.errors import ValidationFailed
 from app.models import CreditTransaction, User
-from app.money import quantize
+from app.money import MAX_AMOUNT, quantize
 
 
 def _locked_user(session: Session, user_id: int) -> User:
@@ -40,6 +41,8 @@ def add_credit(session: Session, user_id: int, amount: Decimal) -> Decimal:
     """Top up (or take back, when negative) credit; a balance is clamped at zero, never below."""
     user = _locked_user(session, user_id)
     change = max(quantize(amount), -user.balance)
+    if user.balance + change > MAX_AMOUNT:
+        raise ValidationFailed(f"A balance cannot exceed {MAX_AMOUNT}.", code="balance_too_large")
     if change != 0:
         _write(session, user, change, None)
     return user.balance

@@ -28,13 +28,21 @@ def stream_key(turn_id: int) -> str:
     return key("turn", turn_id, "stream")
 
 
+def attempt_number(delivery: int, index: int) -> int:
+    """Numbers every attempt of every delivery apart, so text of a run that died is never mistaken for the
+    text of the run that took the turn over."""
+    return delivery * 100 + index
+
+
 class TurnStream(AnswerSink):
-    def __init__(self, turn_id: int) -> None:
+    def __init__(self, turn_id: int, delivery: int = 0) -> None:
         self.turn_id = turn_id
         self._key = stream_key(turn_id)
         self._broken = False
         self._settings = get_settings()
-        self._attempt = -1
+        self._delivery = delivery
+        self._index = -1
+        self._attempt = attempt_number(delivery, 0)
         self._offset = 0
 
     def _add(self, fields: dict[str, str | int], expire: bool = False) -> None:
@@ -57,12 +65,14 @@ class TurnStream(AnswerSink):
         payload: dict[str, object] = {"status": status.value, "model": model}
         if restart:
             payload["restart"] = True
-        self._add({"type": "status", "a": max(self._attempt, 0), "data": json.dumps(payload)}, expire=True)
+        self._add({"type": "status", "a": self._attempt, "data": json.dumps(payload)}, expire=True)
 
     def attempt_started(self, model_name: str, restart: bool) -> None:
-        self._attempt += 1
+        """A fallback, or the first attempt of a delivery that took the turn over, voids earlier text."""
+        self._index += 1
+        self._attempt = attempt_number(self._delivery, self._index)
         self._offset = 0
-        if restart:
+        if restart or self._delivery > 1:
             self.status(TurnStatus.PROCESSING, model_name, restart=True)
 
     def delta(self, text: str) -> None:
@@ -73,4 +83,4 @@ class TurnStream(AnswerSink):
         """The last entry: readers then load the stored message and send `done`."""
         metrics.observe_terminal(status.value)
         payload = {"status": status.value, "model": model}
-        self._add({"type": "done", "a": max(self._attempt, 0), "data": json.dumps(payload)}, expire=True)
+        self._add({"type": "done", "a": self._attempt, "data": json.dumps(payload)}, expire=True)

@@ -7,6 +7,8 @@ from decimal import ROUND_HALF_UP, Decimal
 from app.config import MONEY_QUANTUM
 
 _THOUSAND = Decimal(1000)
+MAX_AMOUNT = Decimal("999999999999.999999")
+"""The largest amount NUMERIC(18, 6) holds."""
 
 
 def quantize(amount: Decimal | int | str) -> Decimal:

@@ -37,7 +37,10 @@ from app.turn_status import TurnStatus
 
 log = logging.getLogger(__name__)
 
-EPOCH_KEY = key("epoch")
+
+def epoch_key() -> str:
+    """Set by the first sweep after Redis starts empty; its absence means Redis lost its data."""
+    return key("epoch")
 
 
 @dataclass
@@ -55,14 +58,14 @@ def _redis_lost_its_data() -> bool:
     sweep that dies half-way (database down, process killed) leaves the work to the next one.
     """
     try:
-        return not get_redis().exists(EPOCH_KEY)
+        return not get_redis().exists(epoch_key())
     except redis.RedisError:
         return False
 
 
 def _mark_epoch() -> None:
     try:
-        get_redis().set(EPOCH_KEY, utc_now().isoformat(), nx=True)
+        get_redis().set(epoch_key(), utc_now().isoformat(), nx=True)
     except redis.RedisError:
         log.warning("could not mark Redis as recovered; the next sweep re-sends pending turns again")
 

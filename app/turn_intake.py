@@ -19,8 +19,8 @@ from app.config import get_settings
 from app.conversations import owned_conversation
 from app.db import transaction
 from app.errors import ContentTooLarge, ConversationBusy, TooManyActiveConversations, ValidationFailed
-from app.in_flight import active_conversation_ids, conversation_in_flight
-from app.models import Conversation, ConversationMessage, Turn, User
+from app.in_flight import check_user_limit, conversation_in_flight, lock_user
+from app.models import Conversation, ConversationMessage, Turn
 from app.models.base import utc_now
 
 
@@ -39,10 +39,17 @@ def check_content(content: str) -> None:
         raise ContentTooLarge(f"content is {len(content)} characters; the limit is {limit}.")
 
 
-def _replay(session: Session, user_id: int, key: str) -> AcceptedTurn | None:
+def _replay(session: Session, user_id: int, key: str, conversation_id: int) -> AcceptedTurn | None:
+    """The first answer to a request with this Idempotency-Key, if there was one.
+
+    A key names one request: reusing it for another conversation is the client's mistake, not a retry.
+    """
     turn = session.scalar(select(Turn).where(Turn.user_id == user_id, Turn.idempotency_key == key))
     if turn is None:
         return None
+    if turn.conversation_id != conversation_id:
+        raise ValidationFailed("This Idempotency-Key was already used for another conversation.",
+                               code="idempotency_key_reused")
     return AcceptedTurn(
         session.get_one(ConversationMessage, turn.user_message_id),
         session.get_one(ConversationMessage, turn.assistant_message_id),
@@ -53,17 +60,15 @@ def _replay(session: Session, user_id: int, key: str) -> AcceptedTurn | None:
 def _insert_turn(
     session: Session, principal: Principal, conversation_id: int, content: str, key: str | None
 ) -> AcceptedTurn:
-    session.execute(select(User.id).where(User.id == principal.id).with_for_update())
+    lock_user(session, principal.id)
+    owned_conversation(session, principal, conversation_id)
     if key is not None:
-        replay = _replay(session, principal.id, key)
+        replay = _replay(session, principal.id, key, conversation_id)
         if replay is not None:
             return replay
-    owned_conversation(session, principal, conversation_id)
     if conversation_in_flight(session, conversation_id):
         raise ConversationBusy()
-    limit = get_settings().max_active_conversations
-    if len(active_conversation_ids(session, principal.id)) >= limit:
-        raise TooManyActiveConversations(limit)
+    check_user_limit(session, principal.id)
     now = utc_now()
     last_seq = session.execute(
         update(Conversation)
@@ -85,14 +90,24 @@ def _insert_turn(
 
 
 def submit_turn(principal: Principal, conversation_id: int, content: str, idempotency_key: str | None) -> AcceptedTurn:
-    """Accept one turn (202) or refuse it: 409 busy, 429 over the per-user limit, 413/422 bad content."""
+    """Accept one turn (202) or refuse it: 404 not theirs, 409 busy, 429 over the per-user limit, 413/422 bad content.
+
+    Whoever refuses (the Redis fast path or the database), another user's conversation is 404 first,
+    so a refusal never tells anyone that a conversation exists or is busy.
+    """
     check_content(content)
     if idempotency_key is not None:
         with transaction() as session:
-            replay = _replay(session, principal.id, idempotency_key)
+            owned_conversation(session, principal, conversation_id)
+            replay = _replay(session, principal.id, idempotency_key, conversation_id)
         if replay is not None:
             return replay
-    lock = coordination.acquire_turn_slots(principal.id, conversation_id)
+    try:
+        lock = coordination.acquire_turn_slots(principal.id, conversation_id)
+    except (ConversationBusy, TooManyActiveConversations):
+        with transaction() as session:
+            owned_conversation(session, principal, conversation_id)
+        raise
     try:
         with transaction() as session:
             accepted = _insert_turn(session, principal, conversation_id, content, idempotency_key)
@@ -100,7 +115,7 @@ def submit_turn(principal: Principal, conversation_id: int, content: str, idempo
         lock.release()
         if idempotency_key is not None:
             with transaction() as session:
-                replay = _replay(session, principal.id, idempotency_key)
+                replay = _replay(session, principal.id, idempotency_key, conversation_id)
             if replay is not None:
                 return replay
         raise ConversationBusy() from exc

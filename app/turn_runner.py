@@ -91,7 +91,7 @@ def _run_turn(turn_id: int) -> None:
         deliveries = claim.turn.deliveries
         cancel_requested = claim.turn.cancel_requested_at is not None
     log.info("turn %s %s (delivery %s)", turn_id, claim.outcome.value, deliveries)
-    stream = TurnStream(turn_id)
+    stream = TurnStream(turn_id, deliveries)
     if deliveries > settings.max_deliveries:
         _settle_failure(context, TurnStatus.ERROR, f"gave up after {deliveries - 1} deliveries", stream)
         return

@@ -235,18 +235,20 @@ def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> Clai
     now = utc_now()
     if TurnStatus(run.status).is_terminal:
         return ClaimResult(Claim.FINISHED)
-    if run.status == TurnStatus.PROCESSING:
-        expires = _as_aware(run.lease_expires_at)
-        if expires is not None and expires > now:
-            return ClaimResult(Claim.OWNED_ELSEWHERE)
-        outcome = Claim.TAKEN_OVER
-    else:
-        run.status = TurnStatus.PROCESSING.value
-        outcome = Claim.CLAIMED
+    expires = _as_aware(run.lease_expires_at)
+    if run.status == TurnStatus.PROCESSING and expires is not None and expires > now:
+        return ClaimResult(Claim.OWNED_ELSEWHERE)
+    outcome = Claim.TAKEN_OVER if run.status == TurnStatus.PROCESSING else Claim.CLAIMED
     token = new_lease_token()
-    run.lease_token = token
-    run.lease_expires_at = now + timedelta(seconds=lease_seconds)
-    session.flush()
+    moved = session.execute(
+        update(DebugRun)
+        .where(DebugRun.id == run_id, DebugRun.status.in_((TurnStatus.PENDING.value, TurnStatus.PROCESSING.value)))
+        .values(status=TurnStatus.PROCESSING.value, lease_token=token,
+                lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if moved != 1:
+        raise TransitionRefused(f"test run {run_id} cannot move to processing")
     return ClaimResult(outcome, None, token)
 
 

@@ -54,13 +54,11 @@ def add_credit(user_id: int, amount: Decimal) -> Decimal:
         return ledger.add_credit(session, user_id, amount)
 
 
-def list_transactions(user_id: int, limit: int = 100) -> list[CreditTransaction]:
+def list_transactions(user_id: int, limit: int = 100, before_id: int | None = None) -> list[CreditTransaction]:
+    """Newest first; `before_id` continues after the last row of the previous page."""
+    query = (select(CreditTransaction).where(CreditTransaction.user_id == user_id)
+             .order_by(CreditTransaction.id.desc()).limit(limit))
+    if before_id is not None:
+        query = query.where(CreditTransaction.id < before_id)
     with transaction() as session:
-        return list(
-            session.scalars(
-                select(CreditTransaction)
-                .where(CreditTransaction.user_id == user_id)
-                .order_by(CreditTransaction.id.desc())
-                .limit(limit)
-            )
-        )
+        return list(session.scalars(query))

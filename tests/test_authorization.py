@@ -36,6 +36,19 @@ def test_another_users_resources_are_not_found_on_every_route(world, owned) -> N
     assert world.api.get(f"/api/conversations/{c}", owned["alice"]).status_code == 200
 
 
+def test_another_users_busy_conversation_is_not_found_not_busy(world, workers, upstream) -> None:  # type: ignore[no-untyped-def]
+    """A refusal from the Redis fast path must not reveal that someone else's conversation is busy."""
+    agent_id = world.agent(world.model(upstream="echo;ttft=1"))
+    _, alice = world.user("alice")
+    _, bob = world.user("bob")
+    conversation_id = world.conversation(alice, agent_id)
+    assistant = world.send(alice, conversation_id).json["assistant_message"]
+    assert world.send(alice, conversation_id).status_code == 409
+    intruder = world.send(bob, conversation_id)
+    assert intruder.status_code == 404 and intruder.json["error"]["code"] == "not_found"
+    world.wait_terminal(alice, assistant["id"])
+
+
 USER_ROUTES = [("GET", "/api/me"), ("GET", "/api/me/transactions"), ("GET", "/api/agents"),
                ("GET", "/api/conversations"), ("POST", "/api/conversations"), ("GET", "/api/conversations/1"),
                ("DELETE", "/api/conversations/1"), ("GET", "/api/conversations/1/messages"),

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
 from app.config import get_settings
+
+
+def cursor(raw: str) -> str:
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
 
 
 @pytest.fixture
@@ -31,6 +38,9 @@ CASES = [
     ("user", "POST", "/api/conversations/{c}/messages", {"content": None}, 422, "validation_failed"),
     ("user", "POST", "/api/conversations/{c}/messages", {"content": "   "}, 422, "validation_failed"),
     ("user", "POST", "/api/conversations/{c}/messages", {"content": BIG}, 413, "content_too_large"),
+    ("user", "POST", "/api/conversations/{c}/messages", b'{"content": "hi \\ud800"}', 422, "validation_failed"),
+    ("user", "POST", "/api/conversations/{c}/messages", {"content": "nul \x00 byte"}, 422, "validation_failed"),
+    ("user", "POST", "/api/conversations", {"agent_id": 1, "title": "a\x00b"}, 422, "validation_failed"),
     ("user", "POST", "/api/conversations/999999/messages", {"content": "hi"}, 404, "not_found"),
     ("user", "POST", "/api/conversations/99999999999999999999/messages", {"content": "hi"}, 404, "not_found"),
     ("user", "POST", "/api/conversations/-1/messages", {"content": "hi"}, 404, "not_found"),
@@ -46,6 +56,12 @@ CASES = [
     ("user", "GET", "/api/conversations?limit=0", None, 422, "validation_failed"),
     ("user", "GET", "/api/conversations?limit=abc", None, 422, "validation_failed"),
     ("user", "GET", "/api/conversations?cursor=%%%", None, 400, "invalid_cursor"),
+    ("user", "GET", f"/api/conversations?cursor={cursor('2026-01-01T00:00:00+00:00|99999999999999999999999')}",
+     None, 400, "invalid_cursor"),
+    ("user", "GET", f"/api/conversations?cursor={cursor('0001-01-01T00:00:00+05:00|1')}", None, 400,
+     "invalid_cursor"),
+    ("user", "GET", "/api/me/transactions?limit=0", None, 422, "validation_failed"),
+    ("user", "GET", "/api/me/transactions?cursor=-5", None, 422, "validation_failed"),
     ("admin", "POST", "/api/admin/models", {"name": "m"}, 422, "validation_failed"),
     ("admin", "POST", "/api/admin/models", {"name": "m", "model": "x", "input_price_per_1k": "-1",
                                             "output_price_per_1k": "1"}, 422, "validation_failed"),
@@ -67,6 +83,13 @@ CASES = [
     ("admin", "POST", "/api/admin/agents", {"name": "a", "system_prompt": "s", "model_id": 1,
                                             "temperature": 3}, 422, "validation_failed"),
     ("admin", "PATCH", "/api/admin/agents/{a}", {"model_id": None}, 422, "validation_failed"),
+    ("admin", "PATCH", "/api/admin/agents/{a}", {"timeout_seconds": None}, 422, "validation_failed"),
+    ("admin", "PATCH", "/api/admin/agents/{a}", {"name": None}, 422, "validation_failed"),
+    ("admin", "PATCH", "/api/admin/agents/{a}", {"temperature": True}, 422, "validation_failed"),
+    ("admin", "PATCH", "/api/admin/models/1", {"name": None}, 422, "validation_failed"),
+    ("admin", "PATCH", "/api/admin/models/1", {"input_price_per_1k": None}, 422, "validation_failed"),
+    ("admin", "POST", "/api/admin/users", {"name": "nul\x00"}, 422, "validation_failed"),
+    ("admin", "POST", "/api/admin/users/2/credits", {"amount": "999999999999.999999"}, 422, "balance_too_large"),
     ("admin", "DELETE", "/api/admin/models/1", None, 409, "model_in_use"),
     ("admin", "POST", "/api/admin/users", {"name": ""}, 422, "validation_failed"),
     ("admin", "POST", "/api/admin/users", {"name": "x", "balance": "-1"}, 422, "validation_failed"),

@@ -118,7 +118,7 @@ def test_fifty_concurrent_turns_never_overdraw_and_the_ledger_adds_up(world, mon
     from app.config import Settings, get_settings
 
     raised = Settings(**{**get_settings().model_dump(), "max_active_conversations": 100})
-    monkeypatch.setattr("app.turn_intake.get_settings", lambda: raised)
+    monkeypatch.setattr("app.in_flight.get_settings", lambda: raised)
     monkeypatch.setattr("app.coordination.get_settings", lambda: raised)
     agent_id = world.agent(world.model(upstream="echo;words=50", price_in="0", price_out="2"), max_tokens=50)
     user_id, key = world.user(balance="1")

@@ -32,11 +32,11 @@ def _running(workers, upstream, api, redis_client) -> None:  # type: ignore[no-u
     pending turn again, which would give a failing turn of this test a second message to die with.
     """
     from app.db import transaction
-    from app.recovery import EPOCH_KEY
+    from app.recovery import epoch_key
 
     with transaction() as session:
         session.execute(text("TRUNCATE dead_letters RESTART IDENTITY"))
-    wait_for(lambda: redis_client.exists(EPOCH_KEY), what="a recovery sweep after the Redis flush")
+    wait_for(lambda: redis_client.exists(epoch_key()), what="a recovery sweep after the Redis flush")
 
 
 @contextmanager

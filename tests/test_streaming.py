@@ -165,3 +165,14 @@ def test_two_hundred_concurrent_readers_on_one_api_process(world, database) -> N
         assert "Traceback" not in web.output()
     finally:
         web.stop()
+
+
+def test_a_stop_survives_redis_losing_its_flag(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """The worker reads stop requests from the database too, with each lease renewal."""
+    key, message_id, _ = start_turn(world, "echo;words=400;gap=0.05")
+    wait_for(lambda: len(world.message(key, message_id)["content"]) == 0
+             and world.message(key, message_id)["status"] == "processing", what="the worker to start")
+    assert world.api.post(f"/api/messages/{message_id}/cancel", key).status_code == 202
+    redis_client.flushdb()
+    final = world.wait_terminal(key, message_id, timeout=10)
+    assert final["status"] == "cancelled"

@@ -198,3 +198,27 @@ def test_a_turn_accepted_while_redis_is_unreachable_is_sent_by_recovery(world, m
     with transaction() as session:
         assert session.get_one(Turn, assistant_id).enqueued_at is None
     assert world.wait_terminal(key, assistant_id)["status"] == "success"
+
+
+def test_an_idempotency_key_belongs_to_one_conversation(world) -> None:  # type: ignore[no-untyped-def]
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    first, second = world.conversation(key, agent_id, project_id=1), world.conversation(key, agent_id, project_id=2)
+    headers = {"Idempotency-Key": "only-once"}
+    assert world.send(key, first, "hello", headers=headers).status_code == 202
+    reused = world.send(key, second, "hello", headers=headers)
+    assert reused.status_code == 422
+    assert reused.json["error"]["code"] == "idempotency_key_reused"
+    assert world.send(key, 999999, "hello", headers=headers).status_code == 404
+    assert world.api.get(f"/api/conversations/{second}/messages", key).json["items"] == []
+
+
+def test_the_ledger_is_paged_newest_first(world) -> None:  # type: ignore[no-untyped-def]
+    user_id, key = world.user(balance="1")
+    for amount in ("2", "3", "4"):
+        world.api.post(f"/api/admin/users/{user_id}/credits", world.admin_key, {"amount": amount})
+    page = world.api.get("/api/me/transactions?limit=3", key).json
+    assert [t["amount"] for t in page["items"]] == ["4.000000", "3.000000", "2.000000"]
+    rest = world.api.get(f"/api/me/transactions?limit=3&cursor={page['next_cursor']}", key).json
+    assert [t["amount"] for t in rest["items"]] == ["1.000000"]
+    assert rest["next_cursor"] is None

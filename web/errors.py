@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import redis
+import sqlalchemy.exc
 from flask import Flask, Response, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from pydantic import ValidationError
@@ -68,6 +70,18 @@ def install_error_handlers(app: Flask) -> None:
         response = error_response(exc.code, code, exc.description or exc.name)
         if exc.code == 405:
             response.headers["Allow"] = exc.get_response().headers.get("Allow", "")
+        return response
+
+    @app.errorhandler(sqlalchemy.exc.OperationalError)
+    @app.errorhandler(sqlalchemy.exc.InterfaceError)
+    @app.errorhandler(redis.ConnectionError)
+    @app.errorhandler(redis.TimeoutError)
+    def _unavailable(exc: Exception) -> Response:
+        """A database or Redis outage (a restart, a failover) is the service's state, not the request's fault."""
+        log.warning("dependency unavailable on %s %s: %s", request.method, request.path, exc)
+        response = error_response(503, "service_unavailable",
+                                  "A backing service is unavailable for a moment; retry shortly.")
+        response.headers["Retry-After"] = "1"
         return response
 
     @app.errorhandler(Exception)

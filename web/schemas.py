@@ -6,12 +6,25 @@ import copy
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 MAX_ID = 2**63 - 1
 
+
+def _storable(text: str) -> str:
+    """Text PostgreSQL can store: valid UTF-8 (no lone surrogates) and no NUL character."""
+    if "\x00" in text:
+        raise ValueError("must not contain NUL characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("must be valid Unicode text") from exc
+    return text
+
+
+Text = Annotated[str, Strict(), AfterValidator(_storable)]
 Ident = Annotated[int, Strict(), Field(ge=1, le=MAX_ID)]
-Name = Annotated[str, Field(min_length=1, max_length=200)]
+Name = Annotated[Text, Field(min_length=1, max_length=200)]
 Price = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=6)]
 Amount = Annotated[Decimal, Field(max_digits=18, decimal_places=6)]
 
@@ -51,11 +64,22 @@ def _http_url(value: str | None) -> str | None:
     return value
 
 
+Url = Annotated[Text, Field(max_length=500)]
+EnvName = Annotated[Text, Field(max_length=200, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+
+
+def _refuse_nulls(body: BaseModel, required: tuple[str, ...]) -> None:
+    """A PATCH may leave a field out, but may not set one the resource cannot do without to null."""
+    nulled = [name for name in required if name in body.model_fields_set and getattr(body, name) is None]
+    if nulled:
+        raise ValueError(f"{', '.join(nulled)} cannot be null")
+
+
 class ModelBody(Body):
     name: Name
     model: Name
-    base_url: Annotated[str | None, Field(max_length=500)] = None
-    api_key_env: Annotated[str | None, Field(max_length=200, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = None
+    base_url: Url | None = None
+    api_key_env: EnvName | None = None
     input_price_per_1k: Price
     output_price_per_1k: Price
     context_window: Annotated[int | None, Strict(), Field(ge=1, le=100_000_000)] = None
@@ -66,23 +90,29 @@ class ModelBody(Body):
 class ModelPatch(Body):
     name: Name | None = None
     model: Name | None = None
-    base_url: Annotated[str | None, Field(max_length=500)] = None
-    api_key_env: Annotated[str | None, Field(max_length=200, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = None
+    base_url: Url | None = None
+    api_key_env: EnvName | None = None
     input_price_per_1k: Price | None = None
     output_price_per_1k: Price | None = None
     context_window: Annotated[int | None, Strict(), Field(ge=1, le=100_000_000)] = None
 
     _url = field_validator("base_url")(_http_url)
 
+    @model_validator(mode="after")
+    def _required_stay(self) -> ModelPatch:
+        _refuse_nulls(self, ("name", "model", "input_price_per_1k", "output_price_per_1k"))
+        return self
+
 
 Timeout = Annotated[int, Strict(), Field(ge=1, le=3600)]
-Temperature = Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)]
+Temperature = Annotated[float, Strict(), Field(ge=0, le=2, allow_inf_nan=False)]
+Prompt = Annotated[Text, Field(max_length=200_000)]
 MaxTokens = Annotated[int, Strict(), Field(ge=1, le=1_000_000)]
 
 
 class AgentBody(Body):
     name: Name
-    system_prompt: Annotated[str, Field(max_length=200_000)]
+    system_prompt: Prompt
     model_id: Ident
     fallback_model_id: Ident | None = None
     timeout_seconds: Timeout = 120
@@ -92,22 +122,27 @@ class AgentBody(Body):
 
 class AgentPatch(Body):
     name: Name | None = None
-    system_prompt: Annotated[str | None, Field(max_length=200_000)] = None
+    system_prompt: Prompt | None = None
     model_id: Ident | None = None
     fallback_model_id: Ident | None = None
     timeout_seconds: Timeout | None = None
     temperature: Temperature | None = None
     max_tokens: MaxTokens | None = None
 
+    @model_validator(mode="after")
+    def _required_stay(self) -> AgentPatch:
+        _refuse_nulls(self, ("name", "system_prompt", "model_id", "timeout_seconds"))
+        return self
+
 
 class ConversationBody(Body):
     agent_id: Ident
     project_id: Annotated[int | None, Strict(), Field(ge=0, le=MAX_ID)] = None
-    title: Annotated[str | None, Field(max_length=500)] = None
+    title: Annotated[Text | None, Field(max_length=500)] = None
 
 
 class ContentBody(Body):
-    content: Annotated[str, Strict()]
+    content: Text
 
 
 class PromptPreviewBody(ContentBody):
@@ -131,6 +166,11 @@ class PageQuery(CachedSchemaModel):
     cursor: Annotated[str | None, Field(max_length=500)] = None
 
 
+class LedgerQuery(CachedSchemaModel):
+    limit: Annotated[int, Field(ge=1, le=500)] = 100
+    cursor: Annotated[int | None, Field(ge=1, le=MAX_ID)] = None
+
+
 class DebugLogQuery(CachedSchemaModel):
     agent_id: Annotated[int | None, Field(ge=1, le=MAX_ID)] = None
     limit: Annotated[int, Field(ge=1, le=200)] = 50
@@ -142,7 +182,7 @@ class DebugCostQuery(CachedSchemaModel):
 
 
 class IdempotencyHeader(CachedSchemaModel):
-    idempotency_key: Annotated[str | None, Field(alias="Idempotency-Key", min_length=1, max_length=200)] = None
+    idempotency_key: Annotated[Text | None, Field(alias="Idempotency-Key", min_length=1, max_length=200)] = None
 
 
 class LanguageHeader(CachedSchemaModel):

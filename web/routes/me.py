@@ -8,6 +8,7 @@ from app import catalog, users
 from web import render
 from web.auth import principal
 from web.routes import api_blueprint
+from web.schemas import LedgerQuery
 
 bp = api_blueprint("me")
 tag = Tag(name="account")
@@ -19,8 +20,11 @@ def get_me() -> dict:
 
 
 @bp.get("/me/transactions", tags=[tag])
-def get_transactions() -> dict:
-    return {"items": [render.transaction(t) for t in users.list_transactions(principal().id)]}
+def get_transactions(query: LedgerQuery) -> dict:
+    """Newest first; pass `next_cursor` back as `cursor` for the next page."""
+    rows = users.list_transactions(principal().id, query.limit, query.cursor)
+    next_cursor = rows[-1].id if len(rows) == query.limit else None
+    return {"items": [render.transaction(t) for t in rows], "next_cursor": next_cursor}
 
 
 @bp.get("/agents", tags=[tag])
