@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from app import metrics
 from app.fallback import AttemptRecord
 from app.models import ModelAttempt
+from app.models.base import utc_now
 
 
 def record_attempts(
@@ -16,10 +18,14 @@ def record_attempts(
     debug_log_id: int | None = None,
 ) -> None:
     attempts = list(attempts)
-    session.add_all(
-        ModelAttempt(message_id=message_id, debug_log_id=debug_log_id, model_name=a.model_name, outcome=a.outcome,
-                     error=a.error, latency_ms=a.latency_ms, first_token_ms=a.first_token_ms,
-                     prompt_tokens=a.prompt_tokens, completion_tokens=a.completion_tokens, cost=a.cost)
+    if not attempts:
+        return
+    now = utc_now()
+    session.execute(insert(ModelAttempt), [
+        {"message_id": message_id, "debug_log_id": debug_log_id, "model_name": a.model_name, "outcome": a.outcome,
+         "error": a.error, "latency_ms": a.latency_ms, "first_token_ms": a.first_token_ms,
+         "prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens, "cost": a.cost,
+         "created_at": now}
         for a in attempts
-    )
+    ])
     metrics.observe_attempts(attempts)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -40,13 +41,28 @@ def hash_api_key(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
 
 
+_CACHE_SECONDS = 10.0
+_CACHE_SIZE = 10_000
+_known: dict[str, tuple[float, Principal]] = {}
+
+
 def authenticate(api_key: str | None) -> Principal:
+    """Who holds this key. Known keys are remembered for a few seconds per process, which saves a
+    transaction on every request; keys cannot be revoked through the API, and an admin flag changed
+    in the database takes effect within `_CACHE_SECONDS`."""
     if not api_key:
         raise Unauthorized("Send your API key as 'Authorization: Bearer <key>'.", code="missing_api_key")
+    digest = hash_api_key(api_key)
+    now = time.monotonic()
+    cached = _known.get(digest)
+    if cached is not None and cached[0] > now:
+        return cached[1]
     with transaction() as session:
-        row = session.execute(
-            select(User.id, User.name, User.is_admin).where(User.api_key_hash == hash_api_key(api_key))
-        ).first()
+        row = session.execute(select(User.id, User.name, User.is_admin).where(User.api_key_hash == digest)).first()
     if row is None:
         raise Unauthorized("The API key is not known.", code="invalid_api_key")
-    return Principal(id=row.id, name=row.name, is_admin=row.is_admin)
+    principal = Principal(id=row.id, name=row.name, is_admin=row.is_admin)
+    if len(_known) >= _CACHE_SIZE:
+        _known.clear()
+    _known[digest] = (now + _CACHE_SECONDS, principal)
+    return principal

@@ -39,6 +39,16 @@ def owned_conversation(session: Session, principal: Principal, conversation_id: 
     return conversation
 
 
+def require_owned(session: Session, principal: Principal, conversation_id: int) -> None:
+    """The same check as `owned_conversation`, without loading the row: for the hot path of a turn."""
+    found = session.scalar(
+        select(Conversation.id).where(Conversation.id == conversation_id, Conversation.user_id == principal.id,
+                                      Conversation.deleted_at.is_(None))
+    )
+    if found is None:
+        raise NotFound("No such conversation.")
+
+
 def create_conversation(
     principal: Principal, agent_id: int, project_id: int | None, title: str | None
 ) -> CreatedConversation:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from sqlalchemy import select, update
+from sqlalchemy import case, insert, select, update
 from sqlalchemy.orm import Session
 
 from app.errors import ValidationFailed
 from app.models import CreditTransaction, User
+from app.models.base import utc_now
 from app.money import MAX_AMOUNT, quantize
 
 
@@ -63,18 +64,29 @@ def release(session: Session, user_id: int, amount: Decimal) -> None:
     """Give back a reservation of a turn that will not be charged."""
     if amount <= 0:
         return
-    user = _locked_user(session, user_id)
-    user.reserved = max(quantize(user.reserved - amount), Decimal(0))
+    session.execute(
+        update(User).where(User.id == user_id)
+        .values(reserved=case((User.reserved > amount, User.reserved - amount), else_=0))
+        .execution_options(synchronize_session=False)
+    )
 
 
 def charge_turn(session: Session, user_id: int, message_id: int, cost: Decimal, reserved: Decimal) -> Decimal:
     """Settle a turn: release its reservation and charge its real cost, at most the whole balance.
 
-    Returns what was charged. A cost of zero writes no ledger row.
+    Returns what was charged. A cost of zero writes no ledger row. Plain statements, not ORM objects:
+    this runs once for every turn.
     """
-    user = _locked_user(session, user_id)
-    user.reserved = max(quantize(user.reserved - reserved), Decimal(0))
-    charged = min(quantize(cost), user.balance)
+    row = session.execute(select(User.balance, User.reserved).where(User.id == user_id).with_for_update()).one()
+    charged = min(quantize(cost), row.balance)
+    balance = quantize(row.balance - charged)
+    session.execute(
+        update(User).where(User.id == user_id)
+        .values(balance=balance, reserved=max(quantize(row.reserved - reserved), Decimal(0)))
+        .execution_options(synchronize_session=False)
+    )
     if charged > 0:
-        _write(session, user, -charged, message_id)
+        session.execute(insert(CreditTransaction).values(
+            user_id=user_id, message_id=message_id, kind="charge", amount=-charged, balance_after=balance,
+            created_at=utc_now()))
     return charged

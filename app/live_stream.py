@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
+from collections import deque
 
 import redis
 
@@ -34,32 +37,69 @@ def attempt_number(delivery: int, index: int) -> int:
     return delivery * 100 + index
 
 
+class _Publisher:
+    """One thread per process writes every turn's stream entries, in pipelines.
+
+    A worker thread only appends to a queue (no network wait on the streaming path); the publisher
+    wakes at once, sends whatever has accumulated in one round trip, so bursts of small deltas cost
+    one pipeline rather than one call each, and a lone delta is not held back.
+    """
+
+    def __init__(self) -> None:
+        self._items: deque[tuple[str, dict[str, str | int], bool]] = deque()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def add(self, key: str, fields: dict[str, str | int], expire: bool) -> None:
+        self._items.append((key, fields, expire))
+        if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+            self._start()
+        self._wake.set()
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._run, name="stream-publisher", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        settings = get_settings()
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            batch = []
+            while self._items:
+                batch.append(self._items.popleft())
+            if not batch:
+                continue
+            try:
+                pipe = get_redis().pipeline(transaction=False)
+                for key, fields, expire in batch:
+                    pipe.xadd(key, fields, maxlen=settings.stream_maxlen, approximate=True)
+                    if expire:
+                        pipe.expire(key, settings.stream_ttl_seconds)
+                pipe.execute()
+            except redis.RedisError:
+                log.warning("could not publish %d stream entries; readers fall back to the database", len(batch))
+
+
+_publisher = _Publisher()
+
+
 class TurnStream(AnswerSink):
     def __init__(self, turn_id: int, delivery: int = 0) -> None:
         self.turn_id = turn_id
         self._key = stream_key(turn_id)
-        self._broken = False
-        self._settings = get_settings()
         self._delivery = delivery
         self._index = -1
         self._attempt = attempt_number(delivery, 0)
         self._offset = 0
 
     def _add(self, fields: dict[str, str | int], expire: bool = False) -> None:
-        if self._broken:
-            return
-        try:
-            client = get_redis()
-            if expire:
-                pipe = client.pipeline(transaction=False)
-                pipe.xadd(self._key, fields, maxlen=self._settings.stream_maxlen, approximate=True)
-                pipe.expire(self._key, self._settings.stream_ttl_seconds)
-                pipe.execute()
-            else:
-                client.xadd(self._key, fields, maxlen=self._settings.stream_maxlen, approximate=True)
-        except redis.RedisError:
-            self._broken = True
-            log.warning("live stream of turn %s unavailable; readers fall back to the database", self.turn_id)
+        _publisher.add(self._key, fields, expire)
 
     def status(self, status: TurnStatus, model: str | None, restart: bool = False) -> None:
         payload: dict[str, object] = {"status": status.value, "model": model}

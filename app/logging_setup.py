@@ -76,6 +76,19 @@ def configure_logging() -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(settings.log_level.upper())
+    quiet_chatty_libraries()
+
+
+CHATTY = ("httpx", "httpx2", "httpcore", "httpcore2", "openai")
+
+
+def quiet_chatty_libraries() -> None:
+    """The HTTP clients log a line per upstream request at INFO: a cost on every turn, and noise.
+
+    Attempts are recorded in `model_attempts` and the metrics; their warnings still show.
+    """
+    for name in CHATTY:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def gunicorn_logconfig() -> dict[str, object]:
@@ -93,7 +106,8 @@ def gunicorn_logconfig() -> dict[str, object]:
         "formatters": {"agentq": formatter},
         "handlers": {"agentq": handler},
         "root": {"level": settings.log_level.upper(), "handlers": ["agentq"]},
-        "loggers": {"gunicorn.error": gunicorn_logger, "gunicorn.access": access_logger},
+        "loggers": {"gunicorn.error": gunicorn_logger, "gunicorn.access": access_logger,
+                    **{name: {"level": "WARNING"} for name in CHATTY}},
     }
 
 

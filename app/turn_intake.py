@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import coordination, dispatch
 from app.auth import Principal
 from app.config import get_settings
-from app.conversations import owned_conversation
+from app.conversations import require_owned
 from app.db import transaction
 from app.errors import ContentTooLarge, ConversationBusy, TooManyActiveConversations, ValidationFailed
 from app.in_flight import check_user_limit, conversation_in_flight, lock_user
@@ -61,7 +61,7 @@ def _insert_turn(
     session: Session, principal: Principal, conversation_id: int, content: str, key: str | None
 ) -> AcceptedTurn:
     lock_user(session, principal.id)
-    owned_conversation(session, principal, conversation_id)
+    require_owned(session, principal, conversation_id)
     if key is not None:
         replay = _replay(session, principal.id, key, conversation_id)
         if replay is not None:
@@ -80,13 +80,22 @@ def _insert_turn(
                                        content=content, status="pending", created_at=now, updated_at=now)
     assistant_message = ConversationMessage(conversation_id=conversation_id, seq=last_seq, role="assistant",
                                             content="", status="pending", created_at=now, updated_at=now)
-    session.add_all([user_message, assistant_message])
-    session.flush()
-    session.add(Turn(assistant_message_id=assistant_message.id, user_message_id=user_message.id,
-                     conversation_id=conversation_id, user_id=principal.id, idempotency_key=key,
-                     enqueued_at=now, created_at=now, updated_at=now))
-    session.flush()
+    user_message.id, assistant_message.id = session.execute(
+        insert(ConversationMessage).returning(ConversationMessage.id, sort_by_parameter_order=True),
+        [_row(user_message), _row(assistant_message)],
+    ).scalars().all()
+    session.execute(insert(Turn).values(
+        assistant_message_id=assistant_message.id, user_message_id=user_message.id, conversation_id=conversation_id,
+        user_id=principal.id, idempotency_key=key, enqueued_at=now, created_at=now, updated_at=now))
     return AcceptedTurn(user_message, assistant_message)
+
+
+_INSERTED = ("conversation_id", "seq", "role", "content", "status", "created_at", "updated_at")
+
+
+def _row(message: ConversationMessage) -> dict[str, object]:
+    """The columns a new message is inserted with; the rest keep their defaults (NULL, as rendered)."""
+    return {name: getattr(message, name) for name in _INSERTED}
 
 
 def submit_turn(principal: Principal, conversation_id: int, content: str, idempotency_key: str | None) -> AcceptedTurn:
@@ -98,7 +107,7 @@ def submit_turn(principal: Principal, conversation_id: int, content: str, idempo
     check_content(content)
     if idempotency_key is not None:
         with transaction() as session:
-            owned_conversation(session, principal, conversation_id)
+            require_owned(session, principal, conversation_id)
             replay = _replay(session, principal.id, idempotency_key, conversation_id)
         if replay is not None:
             return replay
@@ -106,7 +115,7 @@ def submit_turn(principal: Principal, conversation_id: int, content: str, idempo
         lock = coordination.acquire_turn_slots(principal.id, conversation_id)
     except (ConversationBusy, TooManyActiveConversations):
         with transaction() as session:
-            owned_conversation(session, principal, conversation_id)
+            require_owned(session, principal, conversation_id)
         raise
     try:
         with transaction() as session:

@@ -13,9 +13,11 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from decimal import Decimal
+from functools import cache
+from typing import Any
 
-from sqlalchemy import update
-from sqlalchemy.orm import Session
+from sqlalchemy import Row, Select, bindparam, select, update
+from sqlalchemy.orm import Session, aliased
 
 from app import coordination, ledger
 from app.attempts import record_attempts
@@ -27,11 +29,11 @@ from app.leases import Holding, keeper
 from app.live_stream import TurnStream
 from app.llm_client import ModelTarget, estimate_tokens
 from app.logging_setup import turn_context
-from app.models import Agent, Conversation, ConversationMessage, Turn
+from app.models import Agent, Conversation, ConversationMessage, LlmModel, Turn
 from app.moderation import moderate
 from app.prompt import ChatMessage, build_prompt, successful_history
-from app.targets import agent_targets, worst_case_cost
-from app.turn_state import LeaseLost, TransitionRefused, claim_turn, fail_turn_unowned, finish_turn
+from app.targets import worst_case_cost
+from app.turn_state import LeaseLost, TransitionRefused, TurnRow, claim_turn, fail_turn_unowned, finish_turn
 from app.turn_status import TurnStatus
 
 log = logging.getLogger(__name__)
@@ -60,17 +62,47 @@ class TurnContext:
                             context_window=target.context_window, max_tokens=self.params.max_tokens).messages
 
 
-def _load_context(session: Session, turn: Turn, token: str) -> TurnContext:
-    user_message = session.get_one(ConversationMessage, turn.user_message_id)
-    conversation = session.get_one(Conversation, turn.conversation_id)
-    agent = session.get_one(Agent, conversation.agent_id)
-    primary, fallback = agent_targets(session, agent)
+_primary = aliased(LlmModel)
+_fallback = aliased(LlmModel)
+_MODEL_FIELDS = ("id", "name", "model", "base_url", "api_key_env", "input_price_per_1k", "output_price_per_1k",
+                 "context_window")
+
+
+def _target(row: Row[Any], prefix: str) -> ModelTarget | None:
+    values = {field: getattr(row, f"{prefix}_{field}") for field in _MODEL_FIELDS}
+    return None if values["id"] is None else ModelTarget(**values)
+
+
+@cache
+def _context_query() -> Select[Any]:
+    """Built once: constructing a statement with a dozen labelled columns costs more than running it."""
+    user_message = aliased(ConversationMessage)
+    return (
+        select(user_message.content, user_message.seq, Agent.system_prompt, Agent.timeout_seconds,
+               Agent.temperature, Agent.max_tokens,
+               *(getattr(_primary, f).label(f"p_{f}") for f in _MODEL_FIELDS),
+               *(getattr(_fallback, f).label(f"f_{f}") for f in _MODEL_FIELDS))
+        .select_from(Conversation)
+        .join(user_message, user_message.id == bindparam("user_message_id"))
+        .join(Agent, Agent.id == Conversation.agent_id)
+        .join(_primary, _primary.id == Agent.model_id)
+        .outerjoin(_fallback, _fallback.id == Agent.fallback_model_id)
+        .where(Conversation.id == bindparam("conversation_id"))
+    )
+
+
+def _load_context(session: Session, turn: TurnRow, token: str) -> TurnContext:
+    """Everything the run needs, in one query plus the history: the user's message, the agent, its models."""
+    row = session.execute(_context_query(), {"user_message_id": turn.user_message_id,
+                                             "conversation_id": turn.conversation_id}).one()
+    primary = _target(row, "p")
+    assert primary is not None
     return TurnContext(
         turn_id=turn.assistant_message_id, token=token, user_id=turn.user_id,
-        conversation_id=turn.conversation_id, content=user_message.content, system_prompt=agent.system_prompt,
-        history=successful_history(session, turn.conversation_id, before_seq=user_message.seq),
-        params=AgentParams(agent.timeout_seconds, agent.temperature, agent.max_tokens),
-        primary=primary, fallback=fallback, reserved=turn.reserved_amount,
+        conversation_id=turn.conversation_id, content=row.content, system_prompt=row.system_prompt,
+        history=successful_history(session, turn.conversation_id, before_seq=row.seq),
+        params=AgentParams(row.timeout_seconds, row.temperature, row.max_tokens),
+        primary=primary, fallback=_target(row, "f"), reserved=turn.reserved_amount,
     )
 
 
@@ -81,6 +113,7 @@ def run_turn(turn_id: int) -> None:
 
 def _run_turn(turn_id: int) -> None:
     settings = get_settings()
+    affordable = True
     with transaction() as session:
         claim = claim_turn(session, turn_id, settings.lease_seconds)
         if not claim.acquired:
@@ -90,10 +123,18 @@ def _run_turn(turn_id: int) -> None:
         context = _load_context(session, claim.turn, claim.token)
         deliveries = claim.turn.deliveries
         cancel_requested = claim.turn.cancel_requested_at is not None
+        if deliveries <= settings.max_deliveries and not cancel_requested and context.reserved == 0:
+            reserved = _reserve(session, context)
+            affordable = reserved is not None
+            context = replace(context, reserved=reserved or Decimal(0))
     log.info("turn %s %s (delivery %s)", turn_id, claim.outcome.value, deliveries)
     stream = TurnStream(turn_id, deliveries)
     if deliveries > settings.max_deliveries:
         _settle_failure(context, TurnStatus.ERROR, f"gave up after {deliveries - 1} deliveries", stream)
+        return
+    if not affordable:
+        _settle_failure(context, TurnStatus.INSUFFICIENT_BALANCE,
+                        "the available balance does not cover the largest possible cost of this turn", stream)
         return
     stop = threading.Event()
     if cancel_requested:
@@ -134,12 +175,6 @@ def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) ->
     if not verdict.passed:
         _settle_failure(context, TurnStatus.CONTENT_VIOLATION, f"moderation: {verdict.reason}", stream)
         return
-    reserved = _reserve(context)
-    if reserved is None:
-        _settle_failure(context, TurnStatus.INSUFFICIENT_BALANCE,
-                        "the available balance does not cover the largest possible cost of this turn", stream)
-        return
-    context = replace(context, reserved=reserved)
     outcome = call_with_fallback(context.primary, context.fallback, context.prompt_for, context.params,
                                  stream, stop)
     elapsed_ms = int((time.monotonic() - started) * 1000)
@@ -151,26 +186,19 @@ def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) ->
         _settle_failure(context, TurnStatus.LLM_ERROR, outcome.error_message, stream, outcome, elapsed_ms)
 
 
-def _reserve(context: TurnContext) -> Decimal | None:
+def _reserve(session: Session, context: TurnContext) -> Decimal | None:
     """Hold the worst case (estimated prompt plus the answer's token limit, at the dearest model's prices).
 
-    Returns what is held, or None when the available balance cannot cover it. A turn taken over from a
-    dead worker keeps the reservation that worker made.
+    Runs in the claim's transaction, under the turn's row lock. Returns what is held, or None when the
+    available balance cannot cover it. A turn taken over from a dead worker keeps the reservation that
+    worker made, so this runs once per turn.
     """
-    if context.reserved > 0:
-        return context.reserved
     targets = [context.primary] + ([context.fallback] if context.fallback else [])
     amount = worst_case_cost(targets, context.prompt_for, context.params.max_tokens)
-    with transaction() as session:
-        if not ledger.reserve(session, context.user_id, amount):
-            return None
-        owned = session.execute(
-            update(Turn)
-            .where(Turn.assistant_message_id == context.turn_id, Turn.lease_token == context.token)
-            .values(reserved_amount=amount)
-        ).rowcount
-        if owned != 1:
-            raise LeaseLost(f"turn {context.turn_id} was taken over")
+    if not ledger.reserve(session, context.user_id, amount):
+        return None
+    session.execute(update(Turn).where(Turn.assistant_message_id == context.turn_id).values(reserved_amount=amount)
+                    .execution_options(synchronize_session=False))
     return amount
 
 
@@ -180,10 +208,9 @@ def _settle_success(context: TurnContext, outcome: Outcome, elapsed_ms: int, str
     usage = completion.usage
     cost = model.cost(usage.prompt_tokens, usage.completion_tokens)
     with transaction() as session:
-        turn = finish_turn(session, context.turn_id, context.token, TurnStatus.SUCCESS, content=completion.text,
-                           model=model.name, prompt_tokens=usage.prompt_tokens,
-                           completion_tokens=usage.completion_tokens, cost=cost, latency_ms=elapsed_ms)
-        turn.cost_estimated = not usage.reported
+        finish_turn(session, context.turn_id, context.token, TurnStatus.SUCCESS, content=completion.text,
+                    model=model.name, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                    cost=cost, cost_estimated=not usage.reported, latency_ms=elapsed_ms)
         record_turn_end(session, context.conversation_id, usage.prompt_tokens + usage.completion_tokens)
         ledger.charge_turn(session, context.user_id, context.turn_id, cost, context.reserved)
         record_attempts(session, outcome.attempts, message_id=context.turn_id)
@@ -199,11 +226,10 @@ def _settle_cancelled(context: TurnContext, outcome: Outcome, elapsed_ms: int, s
     completion_tokens = estimate_tokens(partial) if partial else 0
     cost = model.cost(prompt_tokens, completion_tokens) if partial else Decimal(0)
     with transaction() as session:
-        turn = finish_turn(session, context.turn_id, context.token, TurnStatus.CANCELLED, content=partial,
-                           model=model.name, prompt_tokens=prompt_tokens if partial else 0,
-                           completion_tokens=completion_tokens, cost=cost, latency_ms=elapsed_ms,
-                           error_message="stopped on request")
-        turn.cost_estimated = True
+        finish_turn(session, context.turn_id, context.token, TurnStatus.CANCELLED, content=partial,
+                    model=model.name, prompt_tokens=prompt_tokens if partial else 0,
+                    completion_tokens=completion_tokens, cost=cost, cost_estimated=True, latency_ms=elapsed_ms,
+                    error_message="stopped on request")
         record_turn_end(session, context.conversation_id, None)
         ledger.charge_turn(session, context.user_id, context.turn_id, cost, context.reserved)
         record_attempts(session, outcome.attempts, message_id=context.turn_id)

@@ -39,9 +39,26 @@ class Claim(Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class TurnRow:
+    """A turn's bookkeeping as its owner read it (plain values, no ORM identity to keep in sync)."""
+
+    assistant_message_id: int
+    user_message_id: int
+    conversation_id: int
+    user_id: int
+    deliveries: int
+    reserved_amount: Decimal
+    cancel_requested_at: datetime | None
+
+
+_TURN_ROW = (Turn.assistant_message_id, Turn.user_message_id, Turn.conversation_id, Turn.user_id, Turn.deliveries,
+             Turn.reserved_amount, Turn.cancel_requested_at)
+
+
+@dataclass(frozen=True, slots=True)
 class ClaimResult:
     outcome: Claim
-    turn: Turn | None = None
+    turn: TurnRow | None = None
     token: str | None = None
 
     @property
@@ -63,35 +80,49 @@ def claim_turn(session: Session, turn_id: int, lease_seconds: float) -> ClaimRes
     """Take a pending turn, or take over a processing one whose lease ran out (its worker died).
 
     The turn row is locked for the decision, so two workers given the same message agree on one owner.
-    A takeover restarts the assistant message's `updated_at`, from which recovery times a delivery.
     """
-    turn = session.execute(
-        select(Turn).where(Turn.assistant_message_id == turn_id).with_for_update()
-    ).scalar_one_or_none()
-    if turn is None:
+    row = session.execute(
+        select(*_TURN_ROW, Turn.lease_expires_at).where(Turn.assistant_message_id == turn_id).with_for_update()
+    ).first()
+    if row is None:
         return ClaimResult(Claim.MISSING)
     status = session.scalar(select(ConversationMessage.status).where(ConversationMessage.id == turn_id))
     now = utc_now()
     if TurnStatus(status).is_terminal:
-        return ClaimResult(Claim.FINISHED, turn)
+        return ClaimResult(Claim.FINISHED)
     if status == TurnStatus.PROCESSING:
-        expires = _as_aware(turn.lease_expires_at)
+        expires = _as_aware(row.lease_expires_at)
         if expires is not None and expires > now:
-            return ClaimResult(Claim.OWNED_ELSEWHERE, turn)
+            return ClaimResult(Claim.OWNED_ELSEWHERE)
         outcome = Claim.TAKEN_OVER
-        session.execute(
-            update(ConversationMessage).where(ConversationMessage.id == turn_id).values(updated_at=now)
-            .execution_options(synchronize_session=False)
-        )
+        session.execute(update(ConversationMessage).where(ConversationMessage.id == turn_id).values(updated_at=now)
+                        .execution_options(synchronize_session=False))
     else:
-        _move(session, turn, TurnStatus.PROCESSING, {})
+        _move_both(session, row.user_message_id, turn_id, TurnStatus.PROCESSING, now)
         outcome = Claim.CLAIMED
     token = new_lease_token()
-    turn.lease_token = token
-    turn.lease_expires_at = now + timedelta(seconds=lease_seconds)
-    turn.deliveries += 1
-    session.flush()
+    session.execute(
+        update(Turn).where(Turn.assistant_message_id == turn_id)
+        .values(lease_token=token, lease_expires_at=now + timedelta(seconds=lease_seconds),
+                deliveries=Turn.deliveries + 1, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    turn = TurnRow(row.assistant_message_id, row.user_message_id, row.conversation_id, row.user_id,
+                   row.deliveries + 1, row.reserved_amount, row.cancel_requested_at)
     return ClaimResult(outcome, turn, token)
+
+
+def _move_both(session: Session, user_message_id: int, turn_id: int, target: TurnStatus, now: datetime) -> None:
+    """Both messages of a turn in one guarded UPDATE, when nothing but the status changes."""
+    moved = session.execute(
+        update(ConversationMessage)
+        .where(ConversationMessage.id.in_((user_message_id, turn_id)),
+               ConversationMessage.status.in_(sources_for(target)))
+        .values(status=target.value, updated_at=now)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if moved != 2:
+        raise TransitionRefused(f"turn {turn_id} cannot move to {target.value}")
 
 
 def revoke_lease(session: Session, turn_id: int, token: str) -> bool:
@@ -107,37 +138,34 @@ def revoke_lease(session: Session, turn_id: int, token: str) -> bool:
 
 
 def _move(session: Session, turn: Turn, target: TurnStatus, answer: dict[str, Any]) -> None:
-    sources = sources_for(target)
+    """Both messages to `target` (the assistant's with its answer), guarded by the statuses they may leave."""
     now = utc_now()
+    if not answer:
+        _move_both(session, turn.user_message_id, turn.assistant_message_id, target, now)
+        return
+    _move_with_answer(session, turn.user_message_id, turn.assistant_message_id, target, answer, now)
+
+
+def _move_with_answer(session: Session, user_message_id: int, turn_id: int, target: TurnStatus,
+                      answer: dict[str, Any], now: datetime) -> None:
+    sources = sources_for(target)
     common: dict[str, Any] = {"status": target.value, "updated_at": now}
     if "error_message" in answer:
         common["error_message"] = answer["error_message"]
     moved = session.execute(
         update(ConversationMessage)
-        .where(ConversationMessage.id == turn.user_message_id, ConversationMessage.status.in_(sources))
+        .where(ConversationMessage.id == user_message_id, ConversationMessage.status.in_(sources))
         .values(**common)
         .execution_options(synchronize_session=False)
     ).rowcount
     moved += session.execute(
         update(ConversationMessage)
-        .where(ConversationMessage.id == turn.assistant_message_id, ConversationMessage.status.in_(sources))
+        .where(ConversationMessage.id == turn_id, ConversationMessage.status.in_(sources))
         .values(**{**common, **answer})
         .execution_options(synchronize_session=False)
     ).rowcount
     if moved != 2:
-        raise TransitionRefused(f"turn {turn.assistant_message_id} cannot move to {target.value}")
-
-
-def release_lease(session: Session, turn_id: int, token: str) -> Turn:
-    """Give up the lease as the turn ends; fails if another worker owns it now."""
-    turn = session.execute(
-        select(Turn).where(Turn.assistant_message_id == turn_id).with_for_update()
-    ).scalar_one()
-    if turn.lease_token != token:
-        raise LeaseLost(f"turn {turn_id} is owned by another worker")
-    turn.lease_token = None
-    turn.lease_expires_at = None
-    return turn
+        raise TransitionRefused(f"turn {turn_id} cannot move to {target.value}")
 
 
 def finish_turn(
@@ -151,13 +179,26 @@ def finish_turn(
     prompt_tokens: int | None = None,
     completion_tokens: int | None = None,
     cost: Decimal | None = None,
+    cost_estimated: bool = False,
     latency_ms: int | None = None,
     error_message: str | None = None,
-) -> Turn:
-    """Move a turn this worker owns to a terminal status and store what it produced."""
+) -> TurnRow:
+    """Move a turn this worker owns to a terminal status and store what it produced.
+
+    The lease is given up by the same guarded UPDATE that proves this worker still holds it.
+    """
     if not target.is_terminal:
         raise ValueError(f"{target} is not terminal")
-    turn = release_lease(session, turn_id, token)
+    now = utc_now()
+    row = session.execute(
+        update(Turn)
+        .where(Turn.assistant_message_id == turn_id, Turn.lease_token == token)
+        .values(lease_token=None, lease_expires_at=None, cost_estimated=cost_estimated, updated_at=now)
+        .returning(*_TURN_ROW)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if row is None:
+        raise LeaseLost(f"turn {turn_id} is owned by another worker")
     answer: dict[str, Any] = {"error_message": error_message}
     if content is not None:
         answer["content"] = content
@@ -173,8 +214,8 @@ def finish_turn(
         answer["cost"] = cost
     if latency_ms is not None:
         answer["latency_ms"] = latency_ms
-    _move(session, turn, target, answer)
-    return turn
+    _move_with_answer(session, row.user_message_id, turn_id, target, answer, now)
+    return TurnRow(*row)
 
 
 def fail_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_message: str) -> Turn | None:
