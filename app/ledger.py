@@ -9,8 +9,10 @@ ledger makes a second charge of the same turn fail in the database itself.
 from __future__ import annotations
 
 from decimal import Decimal
+from functools import cache
+from types import SimpleNamespace
 
-from sqlalchemy import case, insert, select, update
+from sqlalchemy import bindparam, case, insert, select, update
 from sqlalchemy.orm import Session
 
 from app.errors import ValidationFailed
@@ -49,14 +51,26 @@ def add_credit(session: Session, user_id: int, amount: Decimal) -> Decimal:
     return user.balance
 
 
+@cache
+def _statements() -> SimpleNamespace:
+    """Built once: every turn reserves and settles."""
+    return SimpleNamespace(
+        reserve=update(User)
+        .where(User.id == bindparam("user"), User.balance - User.reserved >= bindparam("amount"))
+        .values(reserved=User.reserved + bindparam("amount")),
+        lock=select(User.balance, User.reserved).where(User.id == bindparam("user")).with_for_update(),
+        settle=update(User).where(User.id == bindparam("user"))
+        .values(balance=bindparam("new_balance"), reserved=bindparam("new_reserved")),
+        charge=insert(CreditTransaction).values(
+            user_id=bindparam("user"), message_id=bindparam("message"), kind="charge", amount=bindparam("charged"),
+            balance_after=bindparam("new_balance"), created_at=bindparam("at")),
+    )
+
+
 def reserve(session: Session, user_id: int, amount: Decimal) -> bool:
     """Hold `amount` of the available balance for a turn; False when it is not there."""
-    amount = quantize(amount)
-    result = session.execute(
-        update(User)
-        .where(User.id == user_id, User.balance - User.reserved >= amount)
-        .values(reserved=User.reserved + amount)
-    )
+    result = session.execute(_statements().reserve, {"user": user_id, "amount": quantize(amount)},
+                             execution_options={"synchronize_session": False})
     return result.rowcount == 1
 
 
@@ -77,16 +91,14 @@ def charge_turn(session: Session, user_id: int, message_id: int, cost: Decimal, 
     Returns what was charged. A cost of zero writes no ledger row. Plain statements, not ORM objects:
     this runs once for every turn.
     """
-    row = session.execute(select(User.balance, User.reserved).where(User.id == user_id).with_for_update()).one()
+    sql = _statements()
+    row = session.execute(sql.lock, {"user": user_id}).one()
     charged = min(quantize(cost), row.balance)
     balance = quantize(row.balance - charged)
-    session.execute(
-        update(User).where(User.id == user_id)
-        .values(balance=balance, reserved=max(quantize(row.reserved - reserved), Decimal(0)))
-        .execution_options(synchronize_session=False)
-    )
+    session.execute(sql.settle, {"user": user_id, "new_balance": balance,
+                                 "new_reserved": max(quantize(row.reserved - reserved), Decimal(0))},
+                    execution_options={"synchronize_session": False})
     if charged > 0:
-        session.execute(insert(CreditTransaction).values(
-            user_id=user_id, message_id=message_id, kind="charge", amount=-charged, balance_after=balance,
-            created_at=utc_now()))
+        session.execute(sql.charge, {"user": user_id, "message": message_id, "charged": -charged,
+                                     "new_balance": balance, "at": utc_now()})
     return charged

@@ -9,8 +9,9 @@ answer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
-from sqlalchemy import select
+from sqlalchemy import Select, bindparam, select
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
@@ -27,16 +28,23 @@ class Prompt:
     estimated_tokens: int
 
 
-def successful_history(session: Session, conversation_id: int, before_seq: int | None = None) -> list[ChatMessage]:
-    query = (
+@cache
+def _history_query() -> Select[tuple[str, str]]:
+    """Built once: every turn reads its history."""
+    return (
         select(ConversationMessage.role, ConversationMessage.content)
-        .where(ConversationMessage.conversation_id == conversation_id,
-               ConversationMessage.status == TurnStatus.SUCCESS.value)
+        .where(ConversationMessage.conversation_id == bindparam("conversation"),
+               ConversationMessage.status == TurnStatus.SUCCESS.value,
+               ConversationMessage.seq < bindparam("before"))
         .order_by(ConversationMessage.seq)
     )
-    if before_seq is not None:
-        query = query.where(ConversationMessage.seq < before_seq)
-    return [{"role": role, "content": content} for role, content in session.execute(query)]
+
+
+def successful_history(session: Session, conversation_id: int, before_seq: int | None = None) -> list[ChatMessage]:
+    """The conversation's successful turns before `before_seq` (all of them when it is None), oldest first."""
+    rows = session.execute(_history_query(), {"conversation": conversation_id,
+                                              "before": before_seq if before_seq is not None else 2**31 - 1})
+    return [{"role": role, "content": content} for role, content in rows]
 
 
 def build_prompt(

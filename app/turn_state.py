@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import Enum
+from functools import cache
+from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from app.models import ConversationMessage, DebugRun, Turn
@@ -55,6 +57,38 @@ _TURN_ROW = (Turn.assistant_message_id, Turn.user_message_id, Turn.conversation_
              Turn.reserved_amount, Turn.cancel_requested_at)
 
 
+@cache
+def _statements() -> SimpleNamespace:
+    """The statements every turn runs, built once: building one costs more than executing it."""
+    answer_columns = ("content", "model", "prompt_tokens", "completion_tokens", "total_tokens", "cost", "latency_ms")
+    return SimpleNamespace(
+        lock_turn=select(*_TURN_ROW, Turn.lease_expires_at)
+        .where(Turn.assistant_message_id == bindparam("turn_id")).with_for_update(),
+        status=select(ConversationMessage.status).where(ConversationMessage.id == bindparam("turn_id")),
+        move_both=update(ConversationMessage)
+        .where(ConversationMessage.id.in_(bindparam("ids", expanding=True)),
+               ConversationMessage.status.in_(bindparam("sources", expanding=True)))
+        .values(status=bindparam("new_status"), updated_at=bindparam("at")),
+        take_lease=update(Turn).where(Turn.assistant_message_id == bindparam("turn_id"))
+        .values(lease_token=bindparam("token"), lease_expires_at=bindparam("expires"),
+                deliveries=Turn.deliveries + 1, updated_at=bindparam("at")),
+        give_up_lease=update(Turn)
+        .where(Turn.assistant_message_id == bindparam("turn_id"), Turn.lease_token == bindparam("token"))
+        .values(lease_token=None, lease_expires_at=None, cost_estimated=bindparam("estimated"),
+                updated_at=bindparam("at"))
+        .returning(*_TURN_ROW),
+        move_user=update(ConversationMessage)
+        .where(ConversationMessage.id == bindparam("message_id"),
+               ConversationMessage.status.in_(bindparam("sources", expanding=True)))
+        .values(status=bindparam("new_status"), error_message=bindparam("error"), updated_at=bindparam("at")),
+        move_answer=update(ConversationMessage)
+        .where(ConversationMessage.id == bindparam("message_id"),
+               ConversationMessage.status.in_(bindparam("sources", expanding=True)))
+        .values(status=bindparam("new_status"), error_message=bindparam("error"), updated_at=bindparam("at"),
+                **{name: bindparam(f"a_{name}") for name in answer_columns}),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ClaimResult:
     outcome: Claim
@@ -81,12 +115,11 @@ def claim_turn(session: Session, turn_id: int, lease_seconds: float) -> ClaimRes
 
     The turn row is locked for the decision, so two workers given the same message agree on one owner.
     """
-    row = session.execute(
-        select(*_TURN_ROW, Turn.lease_expires_at).where(Turn.assistant_message_id == turn_id).with_for_update()
-    ).first()
+    sql = _statements()
+    row = session.execute(sql.lock_turn, {"turn_id": turn_id}).first()
     if row is None:
         return ClaimResult(Claim.MISSING)
-    status = session.scalar(select(ConversationMessage.status).where(ConversationMessage.id == turn_id))
+    status = session.scalar(sql.status, {"turn_id": turn_id})
     now = utc_now()
     if TurnStatus(status).is_terminal:
         return ClaimResult(Claim.FINISHED)
@@ -101,12 +134,9 @@ def claim_turn(session: Session, turn_id: int, lease_seconds: float) -> ClaimRes
         _move_both(session, row.user_message_id, turn_id, TurnStatus.PROCESSING, now)
         outcome = Claim.CLAIMED
     token = new_lease_token()
-    session.execute(
-        update(Turn).where(Turn.assistant_message_id == turn_id)
-        .values(lease_token=token, lease_expires_at=now + timedelta(seconds=lease_seconds),
-                deliveries=Turn.deliveries + 1, updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
+    session.execute(sql.take_lease, {"turn_id": turn_id, "token": token,
+                                     "expires": now + timedelta(seconds=lease_seconds), "at": now},
+                    execution_options={"synchronize_session": False})
     turn = TurnRow(row.assistant_message_id, row.user_message_id, row.conversation_id, row.user_id,
                    row.deliveries + 1, row.reserved_amount, row.cancel_requested_at)
     return ClaimResult(outcome, turn, token)
@@ -115,11 +145,10 @@ def claim_turn(session: Session, turn_id: int, lease_seconds: float) -> ClaimRes
 def _move_both(session: Session, user_message_id: int, turn_id: int, target: TurnStatus, now: datetime) -> None:
     """Both messages of a turn in one guarded UPDATE, when nothing but the status changes."""
     moved = session.execute(
-        update(ConversationMessage)
-        .where(ConversationMessage.id.in_((user_message_id, turn_id)),
-               ConversationMessage.status.in_(sources_for(target)))
-        .values(status=target.value, updated_at=now)
-        .execution_options(synchronize_session=False)
+        _statements().move_both,
+        {"ids": [user_message_id, turn_id], "sources": list(sources_for(target)), "new_status": target.value,
+         "at": now},
+        execution_options={"synchronize_session": False},
     ).rowcount
     if moved != 2:
         raise TransitionRefused(f"turn {turn_id} cannot move to {target.value}")
@@ -174,7 +203,7 @@ def finish_turn(
     token: str,
     target: TurnStatus,
     *,
-    content: str | None = None,
+    content: str = "",
     model: str | None = None,
     prompt_tokens: int | None = None,
     completion_tokens: int | None = None,
@@ -189,32 +218,25 @@ def finish_turn(
     """
     if not target.is_terminal:
         raise ValueError(f"{target} is not terminal")
+    sql = _statements()
     now = utc_now()
-    row = session.execute(
-        update(Turn)
-        .where(Turn.assistant_message_id == turn_id, Turn.lease_token == token)
-        .values(lease_token=None, lease_expires_at=None, cost_estimated=cost_estimated, updated_at=now)
-        .returning(*_TURN_ROW)
-        .execution_options(synchronize_session=False)
-    ).first()
+    row = session.execute(sql.give_up_lease, {"turn_id": turn_id, "token": token, "estimated": cost_estimated,
+                                              "at": now}, execution_options={"synchronize_session": False}).first()
     if row is None:
         raise LeaseLost(f"turn {turn_id} is owned by another worker")
-    answer: dict[str, Any] = {"error_message": error_message}
-    if content is not None:
-        answer["content"] = content
-    if model is not None:
-        answer["model"] = model
-    if prompt_tokens is not None or completion_tokens is not None:
-        answer.update(
-            prompt_tokens=prompt_tokens or 0,
-            completion_tokens=completion_tokens or 0,
-            total_tokens=(prompt_tokens or 0) + (completion_tokens or 0),
-        )
-    if cost is not None:
-        answer["cost"] = cost
-    if latency_ms is not None:
-        answer["latency_ms"] = latency_ms
-    _move_with_answer(session, row.user_message_id, turn_id, target, answer, now)
+    counted = prompt_tokens is not None or completion_tokens is not None
+    common = {"sources": list(sources_for(target)), "new_status": target.value, "error": error_message, "at": now}
+    moved = session.execute(sql.move_user, {**common, "message_id": row.user_message_id},
+                            execution_options={"synchronize_session": False}).rowcount
+    moved += session.execute(sql.move_answer, {
+        **common, "message_id": turn_id, "a_content": content, "a_model": model,
+        "a_prompt_tokens": (prompt_tokens or 0) if counted else None,
+        "a_completion_tokens": (completion_tokens or 0) if counted else None,
+        "a_total_tokens": (prompt_tokens or 0) + (completion_tokens or 0) if counted else None,
+        "a_cost": cost, "a_latency_ms": latency_ms,
+    }, execution_options={"synchronize_session": False}).rowcount
+    if moved != 2:
+        raise TransitionRefused(f"turn {turn_id} cannot move to {target.value}")
     return TurnRow(*row)
 
 
