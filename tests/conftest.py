@@ -254,3 +254,18 @@ class World:
 @pytest.fixture
 def world(api: Api) -> World:
     return World(api)
+
+
+@pytest.fixture
+def unreachable_broker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process's Dramatiq broker pointed at a closed port: every send fails, as when Redis is down."""
+    import dramatiq
+
+    from workers.broker import install_broker
+
+    broker = install_broker()
+    dead_client = type(broker.client).from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    monkeypatch.setattr(broker, "client", dead_client)
+    monkeypatch.setattr(broker, "scripts", {n: dead_client.register_script(s.script)
+                                            for n, s in broker.scripts.items()})
+    assert dramatiq.get_broker() is broker

@@ -302,21 +302,11 @@ def test_an_execution_test_whose_models_all_fail_ends_as_llm_error(world, upstre
     assert _attempts(log["id"]) == [("broken", "server_error", None)]
 
 
-def test_an_execution_test_accepted_while_redis_is_unreachable_is_sent_by_recovery(world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import dramatiq
-
+def test_an_execution_test_accepted_while_redis_is_unreachable_is_sent_by_recovery(world, unreachable_broker) -> None:  # type: ignore[no-untyped-def]
     from app.db import transaction
     from app.models import DebugRun
-    from workers.broker import install_broker
 
     agent_id = world.agent(world.model())
-    broker = install_broker()
-    dead_client = type(broker.client).from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
-    monkeypatch.setattr(broker, "client", dead_client)
-    monkeypatch.setattr(broker, "scripts", {n: dead_client.register_script(s.script)
-                                            for n, s in broker.scripts.items()})
-    assert dramatiq.get_broker() is broker
-
     log_id = _execute(world, agent_id, "while redis is away")
 
     with transaction() as session:

@@ -174,22 +174,13 @@ def test_idempotency_key_returns_the_first_answer(world, upstream) -> None:  # t
     assert len(upstream.requests()) == 1
 
 
-def test_a_turn_accepted_while_redis_is_unreachable_is_sent_by_recovery(world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_turn_accepted_while_redis_is_unreachable_is_sent_by_recovery(world, unreachable_broker) -> None:  # type: ignore[no-untyped-def]
     """The API's enqueue fails (its broker points at a closed port); the worker's recovery sends the turn."""
-    import dramatiq
-
     from app.models import Turn
-    from workers.broker import install_broker
 
     agent_id = world.agent(world.model())
     _, key = world.user()
     conversation_id = world.conversation(key, agent_id)
-    broker = install_broker()
-    dead_client = type(broker.client).from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
-    monkeypatch.setattr(broker, "client", dead_client)
-    monkeypatch.setattr(broker, "scripts", {n: dead_client.register_script(s.script)
-                                            for n, s in broker.scripts.items()})
-    assert dramatiq.get_broker() is broker
     accepted = world.send(key, conversation_id, "while redis is away")
     assert accepted.status_code == 202
     assistant_id = accepted.json["assistant_message"]["id"]
