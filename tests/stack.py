@@ -24,8 +24,6 @@ import psycopg
 from tests.conftest import LOG_DIR, MOCK_URL, PG_ADMIN_URL, child_env
 from tests.support import ROOT, Process, agentq, free_port, wait_for, wait_http
 
-NAMESPACE = "agentq-dramatiq"
-
 
 class RedisServer:
     """A private, memory-only redis-server on a free port, which a test may kill and start again (empty)."""
@@ -82,6 +80,8 @@ class Stack:
         self.name = name
         self.database_url = database_url
         self.redis = redis
+        self.key_prefix = f"agentq-{name}"
+        """Its own Redis keys and queues: a stack may share a Redis database with the session's workers."""
         self.metrics_dir = Path(tempfile.mkdtemp(prefix=f"{name}-metrics-", dir=LOG_DIR))
         self.extra_env = env
         self.web: Process | None = None
@@ -97,7 +97,8 @@ class Stack:
 
     def env(self, **overrides: str) -> dict[str, str]:
         return child_env(DATABASE_URL=self.database_url, REDIS_URL=self.redis.url,
-                         PROMETHEUS_MULTIPROC_DIR=str(self.metrics_dir), **{**self.extra_env, **overrides})
+                         PROMETHEUS_MULTIPROC_DIR=str(self.metrics_dir), AGENTQ_REDIS_KEY_PREFIX=self.key_prefix,
+                         AGENTQ_BROKER_NAMESPACE=f"{self.key_prefix}-dramatiq", **{**self.extra_env, **overrides})
 
     def run(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(agentq(*args), env=self.env(**env), capture_output=True, text=True, cwd=ROOT,
@@ -215,4 +216,4 @@ def drop_database(name: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-__all__ = ["NAMESPACE", "RedisServer", "SharedRedis", "Stack", "drop_database", "scratch_database"]
+__all__ = ["RedisServer", "SharedRedis", "Stack", "drop_database", "scratch_database"]

@@ -251,8 +251,9 @@ def report(stack: Stack, redis: SharedRedis, users: list[tuple[int, str]],
         "LEFT JOIN credit_transactions t ON t.user_id = u.id WHERE NOT u.is_admin GROUP BY u.id")
     deliveries = Counter(d for (d,) in stack.sql("SELECT deliveries FROM turns"))
     client = redis.client()
-    locks = list(client.scan_iter("agentq:conversation:*:lock"))
-    held_slots = {k: client.zcard(k) for k in client.scan_iter("agentq:user:*:slots") if client.zcard(k)}
+    locks = list(client.scan_iter(f"{stack.key_prefix}:conversation:*:lock"))
+    held_slots = {k: client.zcard(k) for k in client.scan_iter(f"{stack.key_prefix}:user:*:slots")
+                  if client.zcard(k)}
 
     print(f"\nchaos: {len(turn_ids)} turns from {len(users)} users in {time.monotonic() - started:.1f}s; "
           f"events: {chaos.events}")
