@@ -35,7 +35,7 @@ run: install redis
 	@echo "  demo agent id: $$($(BIN)/python -c 'import json;print(json.load(open("var/demo.json"))["agent_id"])')"
 	@echo "  try the curl session in README.md; Ctrl-C stops everything"
 	@echo
-	PATH="$(CURDIR)/$(BIN):$$PATH" PORT=$(PORT) $(BIN)/honcho -f Procfile.demo start
+	PATH="$(CURDIR)/$(BIN):$$PATH" AGENTQ_WEB_PORT=$(PORT) $(BIN)/honcho -f Procfile.demo start
 
 test: install redis chromium
 	$(BIN)/ruff check .
