@@ -11,6 +11,7 @@ from app.debugging import CostLine, RouteDecision
 from app.error_display import error_display, prefers_chinese
 from app.models import Agent, Conversation, ConversationMessage, CreditTransaction, DebugRun, LlmModel, User
 from app.money import render as money
+from app.operations import FailureReport, QueueSnapshot
 from app.prompt import Prompt
 
 __all__ = ["money"]
@@ -98,3 +99,22 @@ def prompt_preview(p: Prompt) -> dict[str, Any]:
 def debug_cost(c: CostLine) -> dict[str, Any]:
     return {"key": c.key, "runs": c.runs, "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
             "cost": money(c.cost)}
+
+
+def queues(snapshot: QueueSnapshot) -> dict[str, Any]:
+    return {
+        "queues": [{"name": q.name, "ready": q.ready, "delayed": q.delayed, "dead_letters": q.dead}
+                   for q in snapshot.queues],
+        "turns": snapshot.turns_by_status,
+        "redis_error": snapshot.redis_error,
+    }
+
+
+def failures(report: FailureReport) -> dict[str, Any]:
+    return {
+        "since": timestamp(report.since),
+        "counts": report.counts,
+        "items": [{"message_id": f.message_id, "conversation_id": f.conversation_id, "status": f.status,
+                   "error_message": f.error_message, "updated_at": timestamp(f.updated_at)}
+                  for f in report.latest],
+    }

@@ -177,6 +177,11 @@ class DebugLogQuery(CachedSchemaModel):
     before_id: Annotated[int | None, Field(ge=1, le=MAX_ID)] = None
 
 
+class FailureQuery(CachedSchemaModel):
+    hours: Annotated[float, Field(gt=0, le=24 * 365)] = 24
+    limit: Annotated[int, Field(ge=1, le=200)] = 20
+
+
 class DebugCostQuery(CachedSchemaModel):
     group_by: Literal["agent", "model", "admin"] = "agent"
 

@@ -2,47 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 from flask_openapi3 import Tag
-from pydantic import Field
 
 from app import dead_letters, operations
 from web import render
 from web.routes import api_blueprint
-from web.schemas import CachedSchemaModel, IdPath
+from web.schemas import FailureQuery, IdPath
 
 bp = api_blueprint("ops", admin=True)
 tag = Tag(name="admin: operations")
 
 
-class FailureQuery(CachedSchemaModel):
-    hours: Annotated[float, Field(gt=0, le=24 * 365)] = 24
-    limit: Annotated[int, Field(ge=1, le=200)] = 20
-
-
 @bp.get("/admin/queues", tags=[tag])
 def queues() -> dict[str, Any]:
-    snapshot = operations.queue_snapshot()
-    return {
-        "queues": [{"name": q.name, "ready": q.ready, "delayed": q.delayed, "dead_letters": q.dead}
-                   for q in snapshot.queues],
-        "turns": snapshot.turns_by_status,
-        "redis_error": snapshot.redis_error,
-    }
+    return render.queues(operations.queue_snapshot())
 
 
 @bp.get("/admin/failures", tags=[tag])
 def failures(query: FailureQuery) -> dict[str, Any]:
     """Turns that ended in a failure status lately: counts by status and the latest ones (the /admin page)."""
-    report = operations.recent_failures(query.hours, query.limit)
-    return {
-        "since": render.timestamp(report.since),
-        "counts": report.counts,
-        "items": [{"message_id": f.message_id, "conversation_id": f.conversation_id, "status": f.status,
-                   "error_message": f.error_message, "updated_at": render.timestamp(f.updated_at)}
-                  for f in report.latest],
-    }
+    return render.failures(operations.recent_failures(query.hours, query.limit))
 
 
 @bp.get("/admin/dead-letters", tags=[tag])
