@@ -18,8 +18,6 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import cache
-from importlib import resources
 from typing import Any
 
 import dramatiq
@@ -31,12 +29,11 @@ from sqlalchemy.orm import Session
 
 from app import dispatch
 from app.db import transaction
+from app.dead_letter_queue import BrokerEntry, dead_entries, take_entry
 from app.errors import Conflict, ConversationBusy, NotFound, ServiceUnavailable, TooManyActiveConversations
 from app.in_flight import check_user_limit, lock_user
 from app.models import ConversationMessage, DeadLetter, DebugRun, Turn
 from app.models.base import utc_now
-from app.operations import QUEUES, broker_key
-from app.redis_client import get_redis
 from app.turn_state import TransitionRefused, reopen_debug_run, reopen_turn
 
 log = logging.getLogger(__name__)
@@ -72,19 +69,6 @@ class RequeueOutcome:
     def as_json(self) -> dict[str, Any]:
         return {"requeued": self.requeued,
                 "skipped": [{"id": ident, "reason": reason} for ident, reason in self.skipped.items()]}
-
-
-@dataclass(frozen=True, slots=True)
-class _BrokerEntry:
-    queue: str
-    redis_message_id: str
-    dead_at: datetime
-    message: dramatiq.Message[Any] | None
-
-
-@cache
-def _take_script() -> str:
-    return resources.files("app").joinpath("lua", "take_dead_letter.lua").read_text()
 
 
 def _iso(moment: datetime) -> str:
@@ -138,27 +122,7 @@ def record_death(message: dramatiq.Message[Any]) -> None:
         }, overwrite=True)
 
 
-def _broker_entries() -> dict[str, _BrokerEntry]:
-    client = get_redis()
-    entries: dict[str, _BrokerEntry] = {}
-    for queue in QUEUES:
-        scored = client.zrange(broker_key(queue, ".XQ"), 0, -1, withscores=True)
-        if not scored:
-            continue
-        ids = [member.decode() for member, _ in scored]
-        bodies = client.hmget(broker_key(queue, ".XQ.msgs"), ids)
-        for (_, score), ident, body in zip(scored, ids, bodies, strict=True):
-            message = None
-            if body is not None:
-                try:
-                    message = dramatiq.Message.decode(body)
-                except Exception:
-                    log.warning("dead letter %s of queue %s has an unreadable body", ident, queue)
-            entries[ident] = _BrokerEntry(queue, ident, datetime.fromtimestamp(score / 1000, UTC), message)
-    return entries
-
-
-def _adopt(session: Session, entry: _BrokerEntry) -> None:
+def _adopt(session: Session, entry: BrokerEntry) -> None:
     """A dead message no worker recorded: what its body says (the state of its last enqueue) must do."""
     message = entry.message
     actor = message.actor_name if message else "unknown"
@@ -173,20 +137,13 @@ def _adopt(session: Session, entry: _BrokerEntry) -> None:
     }, overwrite=False)
 
 
-def _take_from_broker(queue: str, redis_message_id: str) -> bool:
-    client = get_redis()
-    script = client.register_script(_take_script())
-    return bool(script(keys=[broker_key(queue, ".XQ"), broker_key(queue, ".XQ.msgs")], args=[redis_message_id],
-                       client=client))
-
-
 def _reconcile() -> set[str] | None:
     """Adopt dead messages without a row and drop broker entries already requeued; the ids the broker holds.
 
     None when Redis is unreachable: the rows alone are listed then.
     """
     try:
-        entries = _broker_entries()
+        entries = dead_entries()
     except redis.RedisError:
         log.warning("Redis unreachable; dead letters are listed from the database alone")
         return None
@@ -200,7 +157,7 @@ def _reconcile() -> set[str] | None:
                 _adopt(session, entry)
     for ident, row in known.items():
         if row.requeued_at is not None:
-            _take_from_broker(row.queue, ident)
+            take_entry(row.queue, ident)
     return {ident for ident in entries if ident not in known or known[ident].requeued_at is None}
 
 
@@ -288,7 +245,7 @@ def requeue(dead_letter_id: int) -> DeadLetter:
         _reopen(session, row)
         row.requeued_at = utc_now()
     try:
-        _take_from_broker(row.queue, row.redis_message_id)
+        take_entry(row.queue, row.redis_message_id)
     except redis.RedisError:
         log.warning("could not remove dead letter %s from the broker; the next listing will", row.id)
     _send(row)
@@ -314,7 +271,7 @@ def purge(dead_letter_id: int) -> None:
         if row is None or row.requeued_at is not None:
             raise NotFound(f"Dead letter {dead_letter_id} does not exist.")
         try:
-            _take_from_broker(row.queue, row.redis_message_id)
+            take_entry(row.queue, row.redis_message_id)
         except redis.RedisError as exc:
             raise ServiceUnavailable("Redis is unreachable; the dead letter was kept.") from exc
         session.delete(row)

@@ -1,0 +1,64 @@
+"""The Redis broker's dead-letter queues, read and edited through their keys.
+
+Dramatiq 2 has no API for them: a queue's dead messages are the zset `<namespace>:<queue>.XQ` (ids
+scored by when they died) and the hash `.XQ.msgs` (their bodies). Reading is two commands per queue;
+removing an entry is one Lua script, so two operators cannot both take (and resend) the same message.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import dramatiq
+from redis.commands.core import Script
+
+from app.operations import QUEUES, broker_key
+from app.redis_client import get_redis
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerEntry:
+    queue: str
+    redis_message_id: str
+    dead_at: datetime
+    message: dramatiq.Message[Any] | None
+    """None when the body is missing or unreadable."""
+
+
+@cache
+def _take_script() -> Script:
+    return Script(get_redis(), resources.files("app").joinpath("lua", "take_dead_letter.lua").read_text().encode())
+
+
+def dead_entries() -> dict[str, BrokerEntry]:
+    """Every dead message of agentq's queues, by the broker's message id."""
+    client = get_redis()
+    entries: dict[str, BrokerEntry] = {}
+    for queue in QUEUES:
+        scored = client.zrange(broker_key(queue, ".XQ"), 0, -1, withscores=True)
+        if not scored:
+            continue
+        ids = [member.decode() for member, _ in scored]
+        bodies = client.hmget(broker_key(queue, ".XQ.msgs"), ids)
+        for (_, score), ident, body in zip(scored, ids, bodies, strict=True):
+            message = None
+            if body is not None:
+                try:
+                    message = dramatiq.Message.decode(body)
+                except Exception:
+                    log.warning("dead letter %s of queue %s has an unreadable body", ident, queue)
+            entries[ident] = BrokerEntry(queue, ident, datetime.fromtimestamp(score / 1000, UTC), message)
+    return entries
+
+
+def take_entry(queue: str, redis_message_id: str) -> bool:
+    """Remove one dead message; False when it was already gone."""
+    return bool(_take_script()(keys=[broker_key(queue, ".XQ"), broker_key(queue, ".XQ.msgs")],
+                               args=[redis_message_id], client=get_redis()))
