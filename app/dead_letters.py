@@ -31,7 +31,7 @@ from app import dispatch
 from app.db import transaction
 from app.dead_letter_queue import BrokerEntry, dead_entries, take_entry
 from app.errors import Conflict, ConversationBusy, NotFound, ServiceUnavailable, TooManyActiveConversations
-from app.in_flight import check_user_limit, lock_user
+from app.in_flight import check_can_start, lock_user
 from app.models import ConversationMessage, DeadLetter, DebugRun, Turn
 from app.models.base import utc_now
 from app.turn_state import TransitionRefused, reopen_debug_run, reopen_turn
@@ -213,7 +213,7 @@ def _reopen(session: Session, row: DeadLetter) -> None:
                 turn = session.get(Turn, row.run_id)
                 if turn is not None:
                     lock_user(session, turn.user_id)
-                    check_user_limit(session, turn.user_id)
+                    check_can_start(session, turn.user_id, turn.conversation_id)
                 reopen_turn(session, row.run_id)
             else:
                 reopen_debug_run(session, row.run_id)

@@ -1,4 +1,4 @@
-"""Which turns are in flight: the database's answer to "is this conversation busy" and "how many for a user".
+"""Which turns are in flight, and the rules of starting one: "is this conversation busy", "how many for a user".
 
 The API's checks (`app.turn_intake`) and the Redis fast path's confirmation of a refusal
 (`app.coordination`) ask the same questions, so they ask them here.
@@ -10,19 +10,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
-from app.errors import TooManyActiveConversations
+from app.errors import ConversationBusy, TooManyActiveConversations
 from app.models import ConversationMessage, Turn, User
 from app.turn_status import IN_FLIGHT_VALUES
-
-
-def conversation_in_flight(session: Session, conversation_id: int) -> bool:
-    return session.scalar(
-        select(ConversationMessage.id).where(
-            ConversationMessage.conversation_id == conversation_id,
-            ConversationMessage.role == "assistant",
-            ConversationMessage.status.in_(IN_FLIGHT_VALUES),
-        )
-    ) is not None
 
 
 def active_conversation_ids(session: Session, user_id: int) -> set[int]:
@@ -40,8 +30,12 @@ def lock_user(session: Session, user_id: int) -> None:
     session.execute(select(User.id).where(User.id == user_id).with_for_update())
 
 
-def check_user_limit(session: Session, user_id: int) -> None:
-    """Refuse one more conversation in flight past AGENTQ_MAX_ACTIVE_CONVERSATIONS (the user row is locked)."""
+def check_can_start(session: Session, user_id: int, conversation_id: int) -> None:
+    """The two rules of starting a turn, from one query (the user's row is locked by the caller):
+    409 while this conversation has a turn in flight, 429 at AGENTQ_MAX_ACTIVE_CONVERSATIONS."""
+    active = active_conversation_ids(session, user_id)
+    if conversation_id in active:
+        raise ConversationBusy()
     limit = get_settings().max_active_conversations
-    if len(active_conversation_ids(session, user_id)) >= limit:
+    if len(active) >= limit:
         raise TooManyActiveConversations(limit)

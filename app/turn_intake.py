@@ -8,8 +8,10 @@ is sent only after the commit; a failed send leaves `enqueued_at` empty and reco
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
+from types import SimpleNamespace
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -18,9 +20,9 @@ from app.auth import Principal
 from app.config import get_settings
 from app.conversations import require_owned
 from app.db import transaction
-from app.errors import ContentTooLarge, ConversationBusy, TooManyActiveConversations, ValidationFailed
-from app.in_flight import check_user_limit, conversation_in_flight, lock_user
-from app.models import Conversation, ConversationMessage, Turn
+from app.errors import ContentTooLarge, ConversationBusy, NotFound, TooManyActiveConversations, ValidationFailed
+from app.in_flight import check_can_start
+from app.models import Conversation, ConversationMessage, Turn, User
 from app.models.base import utc_now
 
 
@@ -57,40 +59,53 @@ def _replay(session: Session, user_id: int, key: str, conversation_id: int) -> A
     )
 
 
+_INSERTED = ("conversation_id", "seq", "role", "content", "status", "created_at", "updated_at")
+
+
+@cache
+def _statements() -> SimpleNamespace:
+    """The statements of every accepted turn, built once: building one costs more than running it."""
+    message = {name: bindparam(name) for name in _INSERTED}
+    return SimpleNamespace(
+        lock_owner=select(User.id).select_from(Conversation).join(User, User.id == Conversation.user_id)
+        .where(Conversation.id == bindparam("conversation"), Conversation.user_id == bindparam("user"),
+               Conversation.deleted_at.is_(None))
+        .with_for_update(of=User),
+        bump_seq=update(Conversation).where(Conversation.id == bindparam("conversation"))
+        .values(message_count=Conversation.message_count + 2, updated_at=bindparam("at"))
+        .returning(Conversation.message_count),
+        insert_message=insert(ConversationMessage).values(**message).returning(ConversationMessage.id),
+        insert_turn=insert(Turn).values(
+            assistant_message_id=bindparam("assistant"), user_message_id=bindparam("user_message"),
+            conversation_id=bindparam("conversation"), user_id=bindparam("user"), idempotency_key=bindparam("key"),
+            enqueued_at=bindparam("at"), created_at=bindparam("at"), updated_at=bindparam("at")),
+    )
+
+
 def _insert_turn(
     session: Session, principal: Principal, conversation_id: int, content: str, key: str | None
 ) -> AcceptedTurn:
-    lock_user(session, principal.id)
-    require_owned(session, principal, conversation_id)
+    """One transaction: the user's row lock (which also proves ownership), checks, seq numbers, three rows."""
+    sql = _statements()
+    if session.scalar(sql.lock_owner, {"conversation": conversation_id, "user": principal.id}) is None:
+        raise NotFound("No such conversation.")
     if key is not None:
         replay = _replay(session, principal.id, key, conversation_id)
         if replay is not None:
             return replay
-    if conversation_in_flight(session, conversation_id):
-        raise ConversationBusy()
-    check_user_limit(session, principal.id)
+    check_can_start(session, principal.id, conversation_id)
     now = utc_now()
-    last_seq = session.execute(
-        update(Conversation)
-        .where(Conversation.id == conversation_id)
-        .values(message_count=Conversation.message_count + 2, updated_at=now)
-        .returning(Conversation.message_count)
-    ).scalar_one()
+    last_seq = session.execute(sql.bump_seq, {"conversation": conversation_id, "at": now}).scalar_one()
     user_message = ConversationMessage(conversation_id=conversation_id, seq=last_seq - 1, role="user",
                                        content=content, status="pending", created_at=now, updated_at=now)
     assistant_message = ConversationMessage(conversation_id=conversation_id, seq=last_seq, role="assistant",
                                             content="", status="pending", created_at=now, updated_at=now)
-    user_message.id, assistant_message.id = session.execute(
-        insert(ConversationMessage).returning(ConversationMessage.id, sort_by_parameter_order=True),
-        [_row(user_message), _row(assistant_message)],
-    ).scalars().all()
-    session.execute(insert(Turn).values(
-        assistant_message_id=assistant_message.id, user_message_id=user_message.id, conversation_id=conversation_id,
-        user_id=principal.id, idempotency_key=key, enqueued_at=now, created_at=now, updated_at=now))
+    for message in (user_message, assistant_message):
+        message.id = session.execute(sql.insert_message, _row(message)).scalar_one()
+    session.execute(sql.insert_turn, {"assistant": assistant_message.id, "user_message": user_message.id,
+                                      "conversation": conversation_id, "user": principal.id, "key": key,
+                                      "at": now})
     return AcceptedTurn(user_message, assistant_message)
-
-
-_INSERTED = ("conversation_id", "seq", "role", "content", "status", "created_at", "updated_at")
 
 
 def _row(message: ConversationMessage) -> dict[str, object]:
