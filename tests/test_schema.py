@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import subprocess
-import uuid
 
 import psycopg
 from sqlalchemy import create_engine, inspect
 
 from app.models import Base
-from tests.conftest import PG_ADMIN_URL, child_env
+from tests.conftest import child_env
+from tests.stack import drop_database, scratch_database
 from tests.support import ROOT, agentq
 
 PG = "postgresql://postgres@127.0.0.1:5432"
@@ -22,20 +22,8 @@ def _dump(database: str) -> str:
                      if line.strip() and not line.startswith(("--", "\\restrict", "\\unrestrict")))
 
 
-def _scratch_database() -> str:
-    name = f"agentq_schema_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return name
-
-
-def _drop(name: str) -> None:
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def test_schema_sql_equals_the_models() -> None:
-    from_sql, from_models = _scratch_database(), _scratch_database()
+    from_sql, from_models = scratch_database("agentq_schema"), scratch_database("agentq_schema")
     try:
         with psycopg.connect(f"{PG}/{from_sql}", autocommit=True) as conn:
             conn.execute((ROOT / "schema.sql").read_text())
@@ -46,12 +34,12 @@ def test_schema_sql_equals_the_models() -> None:
         assert "CREATE TABLE public.conversation_messages" in sql_dump
         assert sql_dump == model_dump
     finally:
-        _drop(from_sql)
-        _drop(from_models)
+        drop_database(from_sql)
+        drop_database(from_models)
 
 
 def test_db_init_is_safe_to_run_twice_on_postgresql() -> None:
-    name = _scratch_database()
+    name = scratch_database("agentq_schema")
     try:
         env = child_env(DATABASE_URL=f"postgresql://postgres@127.0.0.1:5432/{name}")
         for _ in range(2):
@@ -62,7 +50,7 @@ def test_db_init_is_safe_to_run_twice_on_postgresql() -> None:
         assert set(inspect(engine).get_table_names()) == set(Base.metadata.tables)
         engine.dispose()
     finally:
-        _drop(name)
+        drop_database(name)
 
 
 def test_db_init_creates_the_sqlite_default(tmp_path) -> None:  # type: ignore[no-untyped-def]
