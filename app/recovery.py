@@ -32,7 +32,7 @@ from app.db import transaction
 from app.models import Agent, Conversation, ConversationMessage, DebugRun, Turn
 from app.models.base import utc_now
 from app.redis_client import get_redis, key
-from app.turn_state import revoke_lease
+from app.turn_state import revoke_debug_lease, revoke_lease
 from app.turn_status import TurnStatus
 
 log = logging.getLogger(__name__)
@@ -109,13 +109,14 @@ def _overdue(status: str, processing_since: datetime, lease_expires_at: datetime
     return processing_since < now - timedelta(seconds=bound)
 
 
-def _revoke_overdue(ident: int, token: str | None) -> bool:
+def _revoke_overdue(ident: int, token: str | None, *, debug: bool = False) -> bool:
     if token is None:
         return False
     with transaction() as session:
-        revoked = revoke_lease(session, ident, token)
+        revoked = (revoke_debug_lease if debug else revoke_lease)(session, ident, token)
     if revoked:
-        log.warning("turn %s ran past its timeout and grace; its lease is revoked and it is sent again", ident)
+        log.warning("%s %s ran past its timeout and grace; its lease is revoked and it is sent again",
+                    "test run" if debug else "turn", ident)
     return revoked
 
 
@@ -138,7 +139,9 @@ def recover_once() -> RecoveryReport:
             .where(ConversationMessage.role == "assistant", ConversationMessage.status.in_(in_flight))
         ).all()
         runs = session.execute(
-            select(DebugRun.id, DebugRun.status, DebugRun.enqueued_at, DebugRun.created_at, DebugRun.lease_expires_at)
+            select(DebugRun.id, DebugRun.status, DebugRun.enqueued_at, DebugRun.created_at, DebugRun.lease_expires_at,
+                   DebugRun.lease_token, DebugRun.updated_at, Agent.timeout_seconds, Agent.fallback_model_id)
+            .join(Agent, Agent.id == DebugRun.agent_id)
             .where(DebugRun.status.in_(in_flight))
         ).all()
     for ident, status, enqueued_at, created_at, lease, token, since, timeout, fallback in turns:
@@ -151,9 +154,11 @@ def recover_once() -> RecoveryReport:
             else:
                 report.unsent += 1
                 _unmark(Turn, Turn.assistant_message_id, ident)
-    for ident, status, enqueued_at, created_at, lease in runs:
-        if _due(status, _aware(enqueued_at), _aware(created_at), _aware(lease), now, report.redis_lost) \
-                and _claim_send(DebugRun, DebugRun.id, ident, enqueued_at):
+    for ident, status, enqueued_at, created_at, lease, token, since, timeout, fallback in runs:
+        overdue = _overdue(status, _aware(since), _aware(lease), timeout, fallback is not None, now) \
+            and _revoke_overdue(ident, token, debug=True)
+        due = overdue or _due(status, _aware(enqueued_at), _aware(created_at), _aware(lease), now, report.redis_lost)
+        if due and _claim_send(DebugRun, DebugRun.id, ident, enqueued_at):
             if dispatch.send_debug_run(ident):
                 report.debug_sent.append(ident)
             else:

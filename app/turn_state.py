@@ -166,6 +166,15 @@ def revoke_lease(session: Session, turn_id: int, token: str) -> bool:
     ).rowcount == 1
 
 
+def revoke_debug_lease(session: Session, run_id: int, token: str) -> bool:
+    """The same revoke for an admin test run."""
+    return session.execute(
+        update(DebugRun).where(DebugRun.id == run_id, DebugRun.lease_token == token)
+        .values(lease_token=None, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    ).rowcount == 1
+
+
 def _move(session: Session, turn: Turn, target: TurnStatus, answer: dict[str, Any]) -> None:
     """Both messages to `target` (the assistant's with its answer), guarded by the statuses they may leave."""
     now = utc_now()
