@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
@@ -17,7 +17,7 @@ from app.config import get_settings
 from app.db import transaction
 from app.errors import MalformedRequest, NotFound
 from app.models import Agent, Conversation, ConversationMessage, User
-from app.models.base import utc_now
+from app.models.base import as_utc, utc_now
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,20 +87,15 @@ def create_conversation(
         return CreatedConversation(conversation, created=True)
 
 
-def _utc(moment: datetime) -> datetime:
-    """SQLite hands back naive datetimes; every stored time is UTC."""
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-
-
 def _encode_cursor(conversation: Conversation) -> str:
-    raw = f"{_utc(conversation.updated_at).isoformat()}|{conversation.id}"
+    raw = f"{as_utc(conversation.updated_at).isoformat()}|{conversation.id}"
     return base64.urlsafe_b64encode(raw.encode()).decode()
 
 
 def _decode_cursor(cursor: str) -> tuple[datetime, int]:
     try:
         stamp, ident = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
-        moment, number = _utc(datetime.fromisoformat(stamp)), int(ident)
+        moment, number = as_utc(datetime.fromisoformat(stamp)), int(ident)
     except (ValueError, UnicodeDecodeError, OverflowError) as exc:
         raise MalformedRequest("cursor is not one this API returned.", code="invalid_cursor") from exc
     if not 1 <= number <= 2**63 - 1:

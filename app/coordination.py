@@ -15,11 +15,8 @@ import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from functools import cache
-from importlib import resources
 
 import redis
-from redis.commands.core import Script
 from sqlalchemy import select
 
 from app.config import get_settings
@@ -27,7 +24,7 @@ from app.db import transaction
 from app.errors import ConversationBusy, TooManyActiveConversations
 from app.in_flight import active_conversation_ids
 from app.models import ConversationMessage
-from app.redis_client import get_redis, key
+from app.redis_client import get_redis, key, lua_script
 from app.turn_status import TurnStatus
 
 log = logging.getLogger(__name__)
@@ -36,14 +33,8 @@ BUSY = -1
 AT_LIMIT = -2
 
 
-@cache
-def _script(name: str) -> Script:
-    """Loaded and hashed once per process; each call names the client, so it survives a fork."""
-    return Script(get_redis(), resources.files("app").joinpath("lua", f"{name}.lua").read_text().encode())
-
-
 def _run(name: str, keys: list[str], args: list[object]) -> object:
-    return _script(name)(keys=keys, args=args, client=get_redis())
+    return lua_script(name)(keys=keys, args=args, client=get_redis())
 
 
 def lock_key(conversation_id: int) -> str:
@@ -168,7 +159,7 @@ def renew(turns: Iterable[HeldTurn]) -> set[int]:
     if not held:
         return set()
     now, lease = _now_ms(), _lease_ms()
-    script = _script("renew_turn_slots")
+    script = lua_script("renew_turn_slots")
     pipe = get_redis().pipeline(transaction=False)
     for turn in held:
         script(keys=[lock_key(turn.conversation_id), slots_key(turn.user_id)],

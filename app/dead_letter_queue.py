@@ -10,15 +10,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import cache
-from importlib import resources
 from typing import Any
 
 import dramatiq
-from redis.commands.core import Script
 
 from app.operations import QUEUES, broker_key
-from app.redis_client import get_redis
+from app.redis_client import get_redis, lua_script
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +27,6 @@ class BrokerEntry:
     dead_at: datetime
     message: dramatiq.Message[Any] | None
     """None when the body is missing or unreadable."""
-
-
-@cache
-def _take_script() -> Script:
-    return Script(get_redis(), resources.files("app").joinpath("lua", "take_dead_letter.lua").read_text().encode())
 
 
 def dead_entries() -> dict[str, BrokerEntry]:
@@ -60,5 +52,5 @@ def dead_entries() -> dict[str, BrokerEntry]:
 
 def take_entry(queue: str, redis_message_id: str) -> bool:
     """Remove one dead message; False when it was already gone."""
-    return bool(_take_script()(keys=[broker_key(queue, ".XQ"), broker_key(queue, ".XQ.msgs")],
+    return bool(lua_script("take_dead_letter")(keys=[broker_key(queue, ".XQ"), broker_key(queue, ".XQ.msgs")],
                                args=[redis_message_id], client=get_redis()))

@@ -17,23 +17,22 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import dramatiq
 import redis
 from dramatiq.common import q_name
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app import dispatch
+from app import dispatch, outbox
 from app.db import transaction
 from app.dead_letter_queue import BrokerEntry, dead_entries, take_entry
 from app.errors import Conflict, ConversationBusy, NotFound, ServiceUnavailable, TooManyActiveConversations
 from app.in_flight import check_can_start, lock_user
 from app.models import ConversationMessage, DeadLetter, DebugRun, Turn
-from app.models.base import utc_now
+from app.models.base import iso_utc, utc_now
 from app.turn_state import TransitionRefused, reopen_debug_run, reopen_turn
 
 log = logging.getLogger(__name__)
@@ -53,7 +52,7 @@ class DeadLetterView:
         row = self.row
         item: dict[str, Any] = {
             "id": row.id, "queue": row.queue, "actor": row.actor, "args": row.args, "retries": row.retries,
-            "error": row.error, "dead_at": _iso(row.dead_at), "run_id": row.run_id, "run_status": self.run_status,
+            "error": row.error, "dead_at": iso_utc(row.dead_at), "run_id": row.run_id, "run_status": self.run_status,
             "in_broker": self.in_broker,
         }
         if detail:
@@ -69,11 +68,6 @@ class RequeueOutcome:
     def as_json(self) -> dict[str, Any]:
         return {"requeued": self.requeued,
                 "skipped": [{"id": ident, "reason": reason} for ident, reason in self.skipped.items()]}
-
-
-def _iso(moment: datetime) -> str:
-    aware = moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-    return aware.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def error_summary(trace: str | None) -> str | None:
@@ -225,15 +219,8 @@ def _reopen(session: Session, row: DeadLetter) -> None:
 
 
 def _send(row: DeadLetter) -> None:
-    """Send the reopened run; if Redis refuses, clear its outbox mark so recovery sends it within its grace."""
     assert row.run_id is not None
-    is_turn = row.actor == dispatch.RUN_TURN
-    if (dispatch.send_turn if is_turn else dispatch.send_debug_run)(row.run_id):
-        return
-    model, ident = (Turn, Turn.assistant_message_id) if is_turn else (DebugRun, DebugRun.id)
-    with transaction() as session:
-        session.execute(update(model).where(ident == row.run_id).values(enqueued_at=None)
-                        .execution_options(synchronize_session=False))
+    (outbox.send_turn if row.actor == dispatch.RUN_TURN else outbox.send_debug_run)(row.run_id)
 
 
 def requeue(dead_letter_id: int) -> DeadLetter:

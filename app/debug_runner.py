@@ -12,8 +12,6 @@ import logging
 import threading
 import time
 
-from sqlalchemy import update
-
 from app.attempts import record_attempts
 from app.config import get_settings
 from app.db import transaction
@@ -23,7 +21,7 @@ from app.models import Agent, DebugRun
 from app.moderation import moderate
 from app.prompt import build_prompt
 from app.targets import agent_targets
-from app.turn_state import LeaseLost, claim_debug_run, finish_debug_run
+from app.turn_state import LeaseLost, claim_debug_run, finish_debug_run, revoke_debug_lease
 from app.turn_status import TurnStatus
 
 log = logging.getLogger(__name__)
@@ -82,10 +80,9 @@ def _expire_lease(run_id: int, token: str) -> None:
     """Let Dramatiq's retry of this message take the run over at once instead of waiting for the lease."""
     try:
         with transaction() as session:
-            session.execute(update(DebugRun).where(DebugRun.id == run_id, DebugRun.lease_token == token)
-                            .values(lease_expires_at=None).execution_options(synchronize_session=False))
+            revoke_debug_lease(session, run_id, token)
     except Exception:
-        log.warning("could not expire the lease of test run %s; it runs out by itself", run_id)
+        log.warning("could not give up the lease of test run %s; it runs out by itself", run_id)
 
 
 def abandon_run(run_id: int, reason: str) -> None:

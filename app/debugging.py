@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Literal
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.selectable import ScalarSelect
 
-from app import dispatch
+from app import outbox
 from app.auth import Principal
 from app.db import transaction
 from app.errors import Forbidden, NotFound
@@ -133,9 +133,7 @@ def start_execution(admin: Principal, agent_id: int, content: str) -> int:
         session.add(run)
         session.flush()
         run_id = run.id
-    if not dispatch.send_debug_run(run_id):
-        with transaction() as session:
-            session.execute(update(DebugRun).where(DebugRun.id == run_id).values(enqueued_at=None))
+    outbox.send_debug_run(run_id)
     return run_id
 
 

@@ -21,15 +21,16 @@ import logging
 import random
 import threading
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import redis
 from sqlalchemy import select, update
 
-from app import dispatch
+from app import outbox
 from app.config import get_settings
 from app.db import transaction
 from app.models import Agent, Conversation, ConversationMessage, DebugRun, Turn
+from app.models.base import optional_utc as utc
 from app.models.base import utc_now
 from app.redis_client import get_redis, key
 from app.turn_state import revoke_debug_lease, revoke_lease
@@ -80,12 +81,6 @@ def _claim_send(model: type[Turn] | type[DebugRun], ident_column, ident: int, se
         ).rowcount == 1
 
 
-def _unmark(model: type[Turn] | type[DebugRun], ident_column, ident: int) -> None:  # type: ignore[no-untyped-def]
-    with transaction() as session:
-        session.execute(update(model).where(ident_column == ident).values(enqueued_at=None)
-                        .execution_options(synchronize_session=False))
-
-
 def _due(status: str, enqueued_at: datetime | None, created_at: datetime, lease_expires_at: datetime | None,
          now: datetime, redis_lost: bool) -> bool:
     settings = get_settings()
@@ -120,10 +115,6 @@ def _revoke_overdue(ident: int, token: str | None, *, debug: bool = False) -> bo
     return revoked
 
 
-def _aware(moment: datetime | None) -> datetime | None:
-    return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
-
-
 def recover_once() -> RecoveryReport:
     report = RecoveryReport(redis_lost=_redis_lost_its_data())
     now = utc_now()
@@ -145,25 +136,23 @@ def recover_once() -> RecoveryReport:
             .where(DebugRun.status.in_(in_flight))
         ).all()
     for ident, status, enqueued_at, created_at, lease, token, since, timeout, fallback in turns:
-        overdue = _overdue(status, _aware(since), _aware(lease), timeout, fallback is not None, now) \
+        overdue = _overdue(status, utc(since), utc(lease), timeout, fallback is not None, now) \
             and _revoke_overdue(ident, token)
-        due = overdue or _due(status, _aware(enqueued_at), _aware(created_at), _aware(lease), now, report.redis_lost)
+        due = overdue or _due(status, utc(enqueued_at), utc(created_at), utc(lease), now, report.redis_lost)
         if due and _claim_send(Turn, Turn.assistant_message_id, ident, enqueued_at):
-            if dispatch.send_turn(ident):
+            if outbox.send_turn(ident):
                 report.sent.append(ident)
             else:
                 report.unsent += 1
-                _unmark(Turn, Turn.assistant_message_id, ident)
     for ident, status, enqueued_at, created_at, lease, token, since, timeout, fallback in runs:
-        overdue = _overdue(status, _aware(since), _aware(lease), timeout, fallback is not None, now) \
+        overdue = _overdue(status, utc(since), utc(lease), timeout, fallback is not None, now) \
             and _revoke_overdue(ident, token, debug=True)
-        due = overdue or _due(status, _aware(enqueued_at), _aware(created_at), _aware(lease), now, report.redis_lost)
+        due = overdue or _due(status, utc(enqueued_at), utc(created_at), utc(lease), now, report.redis_lost)
         if due and _claim_send(DebugRun, DebugRun.id, ident, enqueued_at):
-            if dispatch.send_debug_run(ident):
+            if outbox.send_debug_run(ident):
                 report.debug_sent.append(ident)
             else:
                 report.unsent += 1
-                _unmark(DebugRun, DebugRun.id, ident)
     if report.redis_lost and report.unsent == 0:
         _mark_epoch()
     if report.sent or report.debug_sent:

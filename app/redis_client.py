@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import threading
+from functools import cache
+from importlib import resources
 
 import redis
+from redis.commands.core import Script
 
 from app.config import get_settings
 
@@ -36,3 +39,9 @@ def reset_redis() -> None:
 def key(*parts: object) -> str:
     """A key of agentq's own (locks, slots, streams, stop flags), under `AGENTQ_REDIS_KEY_PREFIX`."""
     return get_settings().redis_key_prefix + ":" + ":".join(str(p) for p in parts)
+
+
+@cache
+def lua_script(name: str) -> Script:
+    """A script of app/lua, read and hashed once per process; callers pass the client, so it survives a fork."""
+    return Script(get_redis(), resources.files("app").joinpath("lua", f"{name}.lua").read_text().encode())

@@ -15,7 +15,7 @@ from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app import coordination, dispatch
+from app import coordination, outbox
 from app.auth import Principal
 from app.config import get_settings
 from app.conversations import require_owned
@@ -150,12 +150,5 @@ def submit_turn(principal: Principal, conversation_id: int, content: str, idempo
         lock.release()
         return accepted
     lock.bind(accepted.assistant_message.id)
-    if not dispatch.send_turn(accepted.assistant_message.id):
-        _mark_not_enqueued(accepted.assistant_message.id)
+    outbox.send_turn(accepted.assistant_message.id)
     return accepted
-
-
-def _mark_not_enqueued(turn_id: int) -> None:
-    """Leave the outbox mark empty so recovery sends the turn as soon as Redis is back."""
-    with transaction() as session:
-        session.execute(update(Turn).where(Turn.assistant_message_id == turn_id).values(enqueued_at=None))

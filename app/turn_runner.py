@@ -33,7 +33,15 @@ from app.models import Agent, Conversation, ConversationMessage, LlmModel, Turn
 from app.moderation import moderate
 from app.prompt import ChatMessage, build_prompt, successful_history
 from app.targets import worst_case_cost
-from app.turn_state import LeaseLost, TransitionRefused, TurnRow, claim_turn, fail_turn_unowned, finish_turn
+from app.turn_state import (
+    LeaseLost,
+    TransitionRefused,
+    TurnRow,
+    claim_turn,
+    fail_turn_unowned,
+    finish_turn,
+    revoke_lease,
+)
 from app.turn_status import TurnStatus
 
 log = logging.getLogger(__name__)
@@ -156,13 +164,9 @@ def _expire_lease(context: TurnContext) -> None:
     """Let a retry of this message take the turn over at once instead of waiting for the lease."""
     try:
         with transaction() as session:
-            session.execute(
-                update(Turn)
-                .where(Turn.assistant_message_id == context.turn_id, Turn.lease_token == context.token)
-                .values(lease_expires_at=None)
-            )
+            revoke_lease(session, context.turn_id, context.token)
     except Exception:
-        log.warning("could not expire the lease of turn %s; it runs out by itself", context.turn_id)
+        log.warning("could not give up the lease of turn %s; it runs out by itself", context.turn_id)
 
 
 def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) -> None:

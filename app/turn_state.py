@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import Enum
 from functools import cache
@@ -20,6 +20,7 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from app.models import ConversationMessage, DebugRun, Turn
+from app.models.base import optional_utc as utc
 from app.models.base import utc_now
 from app.turn_status import TurnStatus, sources_for
 
@@ -100,12 +101,6 @@ class ClaimResult:
         return self.outcome in (Claim.CLAIMED, Claim.TAKEN_OVER)
 
 
-def _as_aware(moment: datetime | None) -> datetime | None:
-    if moment is None or moment.tzinfo is not None:
-        return moment
-    return moment.replace(tzinfo=UTC)
-
-
 def new_lease_token() -> str:
     return secrets.token_hex(16)
 
@@ -124,7 +119,7 @@ def claim_turn(session: Session, turn_id: int, lease_seconds: float) -> ClaimRes
     if TurnStatus(status).is_terminal:
         return ClaimResult(Claim.FINISHED)
     if status == TurnStatus.PROCESSING:
-        expires = _as_aware(row.lease_expires_at)
+        expires = utc(row.lease_expires_at)
         if expires is not None and expires > now:
             return ClaimResult(Claim.OWNED_ELSEWHERE)
         outcome = Claim.TAKEN_OVER
@@ -307,7 +302,7 @@ def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> Clai
     now = utc_now()
     if TurnStatus(run.status).is_terminal:
         return ClaimResult(Claim.FINISHED)
-    expires = _as_aware(run.lease_expires_at)
+    expires = utc(run.lease_expires_at)
     if run.status == TurnStatus.PROCESSING and expires is not None and expires > now:
         return ClaimResult(Claim.OWNED_ELSEWHERE)
     outcome = Claim.TAKEN_OVER if run.status == TurnStatus.PROCESSING else Claim.CLAIMED

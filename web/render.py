@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from flask import request
@@ -10,6 +10,7 @@ from flask import request
 from app.debugging import CostLine, RouteDecision
 from app.error_display import error_display, prefers_chinese
 from app.models import Agent, Conversation, ConversationMessage, CreditTransaction, DebugRun, LlmModel, User
+from app.models.base import iso_utc
 from app.money import render as money
 from app.operations import FailureReport, QueueSnapshot
 from app.prompt import Prompt
@@ -18,11 +19,7 @@ __all__ = ["money"]
 
 
 def timestamp(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return None if moment is None else iso_utc(moment)
 
 
 def wants_chinese() -> bool:

@@ -36,6 +36,20 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(moment: datetime) -> datetime:
+    """Every stored time is UTC, but SQLite hands them back naive."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def optional_utc(moment: datetime | None) -> datetime | None:
+    return None if moment is None else as_utc(moment)
+
+
+def iso_utc(moment: datetime) -> str:
+    """The contract's time format: ISO 8601 in UTC with a Z."""
+    return as_utc(moment).isoformat().replace("+00:00", "Z")
+
+
 def created_at_column() -> Mapped[datetime]:
     """Set by the application clock so SQLite and PostgreSQL store comparable values."""
     return mapped_column(DateTime(timezone=True), nullable=False, default=utc_now, server_default=func.now())
