@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from app import metrics
 from app.fallback import AttemptRecord
-from app.models import ModelAttempt
+from app.models import ModelAttempt, table
 from app.models.base import utc_now
 
 
@@ -21,7 +21,7 @@ def record_attempts(
     if not attempts:
         return
     now = utc_now()
-    session.execute(insert(ModelAttempt), [
+    session.execute(insert(table(ModelAttempt)), [
         {"message_id": message_id, "debug_log_id": debug_log_id, "model_name": a.model_name, "outcome": a.outcome,
          "error": a.error, "latency_ms": a.latency_ms, "first_token_ms": a.first_token_ms,
          "prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens, "cost": a.cost,

@@ -8,15 +8,17 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cache
+from types import SimpleNamespace
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import BigInteger, and_, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.auth import Principal
 from app.config import get_settings
 from app.db import transaction
 from app.errors import MalformedRequest, NotFound
-from app.models import Agent, Conversation, ConversationMessage, User
+from app.models import Agent, Conversation, ConversationMessage, User, table
 from app.models.base import as_utc, utc_now
 
 
@@ -170,8 +172,21 @@ def record_turn_end(session: Session, conversation_id: int, success_tokens: int 
     `message_count` was already counted when the turn was accepted (it allocates the seq numbers).
     """
     now = utc_now()
-    values: dict[str, object] = {"updated_at": now}
-    if success_tokens is not None:
-        values["total_tokens"] = Conversation.total_tokens + success_tokens
-        values["last_success_at"] = now
-    session.execute(update(Conversation).where(Conversation.id == conversation_id).values(**values))
+    if success_tokens is None:
+        session.execute(_turn_end_statements().touch, {"conversation": conversation_id, "at": now})
+    else:
+        session.execute(_turn_end_statements().success,
+                        {"conversation": conversation_id, "at": now, "tokens": success_tokens})
+
+
+@cache
+def _turn_end_statements() -> SimpleNamespace:
+    """Built once on the Core table (see `app.models.table`): every turn ends with one of these."""
+    conversations = table(Conversation)
+    this = conversations.c.id == bindparam("conversation")
+    return SimpleNamespace(
+        touch=update(conversations).where(this).values(updated_at=bindparam("at")),
+        success=update(conversations).where(this).values(
+            total_tokens=conversations.c.total_tokens + bindparam("tokens", type_=BigInteger),
+            last_success_at=bindparam("at"), updated_at=bindparam("at")),
+    )

@@ -6,28 +6,39 @@ The API's checks (`app.turn_intake`) and the Redis fast path's confirmation of a
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from functools import cache
+from types import SimpleNamespace
+
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
 from app.errors import ConversationBusy, TooManyActiveConversations
-from app.models import ConversationMessage, Turn, User
+from app.models import ConversationMessage, Turn, User, table
 from app.turn_status import IN_FLIGHT_VALUES
 
 
 def active_conversation_ids(session: Session, user_id: int) -> set[int]:
     """The user's conversations with a turn pending or processing (what the per-user limit counts)."""
-    return set(session.scalars(
-        select(Turn.conversation_id)
-        .join(ConversationMessage, ConversationMessage.id == Turn.assistant_message_id)
-        .where(Turn.user_id == user_id, ConversationMessage.role == "assistant",
-               ConversationMessage.status.in_(IN_FLIGHT_VALUES))
-    ))
+    return set(session.scalars(_statements().active, {"user": user_id}))
+
+
+@cache
+def _statements() -> SimpleNamespace:
+    """Built once on the Core tables (see `app.models.table`): every accepted turn asks these."""
+    turns, messages, users = table(Turn), table(ConversationMessage), table(User)
+    return SimpleNamespace(
+        active=select(turns.c.conversation_id)
+        .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
+        .where(turns.c.user_id == bindparam("user"), messages.c.role == "assistant",
+               messages.c.status.in_(IN_FLIGHT_VALUES)),
+        lock_user=select(users.c.id).where(users.c.id == bindparam("user")).with_for_update(),
+    )
 
 
 def lock_user(session: Session, user_id: int) -> None:
     """Serialise a user's turn starts, so the per-user limit and idempotency keys hold under concurrency."""
-    session.execute(select(User.id).where(User.id == user_id).with_for_update())
+    session.execute(_statements().lock_user, {"user": user_id})
 
 
 def check_can_start(session: Session, user_id: int, conversation_id: int) -> None:

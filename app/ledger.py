@@ -16,7 +16,7 @@ from sqlalchemy import bindparam, case, insert, select, update
 from sqlalchemy.orm import Session
 
 from app.errors import ValidationFailed
-from app.models import CreditTransaction, User
+from app.models import CreditTransaction, User, table
 from app.models.base import utc_now
 from app.money import MAX_AMOUNT, quantize
 
@@ -53,15 +53,22 @@ def add_credit(session: Session, user_id: int, amount: Decimal) -> Decimal:
 
 @cache
 def _statements() -> SimpleNamespace:
-    """Built once: every turn reserves and settles."""
+    """Built once on the Core tables (see `app.models.table`): every turn reserves and settles."""
+    users, ledger = table(User), table(CreditTransaction)
+    unreserved = case((users.c.reserved > bindparam("held"), users.c.reserved - bindparam("held")), else_=0)
     return SimpleNamespace(
-        reserve=update(User)
-        .where(User.id == bindparam("user"), User.balance - User.reserved >= bindparam("amount"))
-        .values(reserved=User.reserved + bindparam("amount")),
-        lock=select(User.balance, User.reserved).where(User.id == bindparam("user")).with_for_update(),
-        settle=update(User).where(User.id == bindparam("user"))
+        reserve=update(users)
+        .where(users.c.id == bindparam("user"), users.c.balance - users.c.reserved >= bindparam("amount"))
+        .values(reserved=users.c.reserved + bindparam("amount")),
+        release=update(users).where(users.c.id == bindparam("user")).values(reserved=unreserved),
+        settle_covered=update(users)
+        .where(users.c.id == bindparam("user"), users.c.balance >= bindparam("cost"))
+        .values(balance=users.c.balance - bindparam("cost"), reserved=unreserved)
+        .returning(users.c.balance),
+        lock=select(users.c.balance, users.c.reserved).where(users.c.id == bindparam("user")).with_for_update(),
+        settle=update(users).where(users.c.id == bindparam("user"))
         .values(balance=bindparam("new_balance"), reserved=bindparam("new_reserved")),
-        charge=insert(CreditTransaction).values(
+        charge=insert(ledger).values(
             user_id=bindparam("user"), message_id=bindparam("message"), kind="charge", amount=bindparam("charged"),
             balance_after=bindparam("new_balance"), created_at=bindparam("at")),
     )
@@ -69,36 +76,35 @@ def _statements() -> SimpleNamespace:
 
 def reserve(session: Session, user_id: int, amount: Decimal) -> bool:
     """Hold `amount` of the available balance for a turn; False when it is not there."""
-    result = session.execute(_statements().reserve, {"user": user_id, "amount": quantize(amount)},
-                             execution_options={"synchronize_session": False})
-    return result.rowcount == 1
+    return session.execute(_statements().reserve, {"user": user_id, "amount": quantize(amount)}).rowcount == 1
 
 
 def release(session: Session, user_id: int, amount: Decimal) -> None:
     """Give back a reservation of a turn that will not be charged."""
     if amount <= 0:
         return
-    session.execute(
-        update(User).where(User.id == user_id)
-        .values(reserved=case((User.reserved > amount, User.reserved - amount), else_=0))
-        .execution_options(synchronize_session=False)
-    )
+    session.execute(_statements().release, {"user": user_id, "held": quantize(amount)})
 
 
 def charge_turn(session: Session, user_id: int, message_id: int, cost: Decimal, reserved: Decimal) -> Decimal:
     """Settle a turn: release its reservation and charge its real cost, at most the whole balance.
 
-    Returns what was charged. A cost of zero writes no ledger row. Plain statements, not ORM objects:
-    this runs once for every turn.
+    Returns what was charged. A cost of zero writes no ledger row. The balance almost always covers
+    the cost (it was reserved), so one guarded UPDATE settles it; only a balance that fell short
+    meanwhile takes the locked read that clamps the charge.
     """
     sql = _statements()
-    row = session.execute(sql.lock, {"user": user_id}).one()
-    charged = min(quantize(cost), row.balance)
-    balance = quantize(row.balance - charged)
-    session.execute(sql.settle, {"user": user_id, "new_balance": balance,
-                                 "new_reserved": max(quantize(row.reserved - reserved), Decimal(0))},
-                    execution_options={"synchronize_session": False})
+    cost, held = quantize(cost), quantize(reserved)
+    balance = session.execute(sql.settle_covered, {"user": user_id, "cost": cost, "held": held}).scalar()
+    if balance is not None:
+        charged = cost
+    else:
+        row = session.execute(sql.lock, {"user": user_id}).one()
+        charged = min(cost, row.balance)
+        balance = quantize(row.balance - charged)
+        session.execute(sql.settle, {"user": user_id, "new_balance": balance,
+                                     "new_reserved": max(quantize(row.reserved - held), Decimal(0))})
     if charged > 0:
         session.execute(sql.charge, {"user": user_id, "message": message_id, "charged": -charged,
-                                     "new_balance": balance, "at": utc_now()})
+                                     "new_balance": quantize(balance), "at": utc_now()})
     return charged

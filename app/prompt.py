@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from app.config import get_settings
 from app.llm_client import estimate_tokens, estimate_tokens_of_messages
-from app.models import ConversationMessage
+from app.models import ConversationMessage, table
 from app.turn_status import TurnStatus
 
 ChatMessage = dict[str, str]
@@ -30,13 +30,13 @@ class Prompt:
 
 @cache
 def _history_query() -> Select[tuple[str, str]]:
-    """Built once: every turn reads its history."""
+    """Built once on the Core table (see `app.models.table`): every turn reads its history."""
+    messages = table(ConversationMessage)
     return (
-        select(ConversationMessage.role, ConversationMessage.content)
-        .where(ConversationMessage.conversation_id == bindparam("conversation"),
-               ConversationMessage.status == TurnStatus.SUCCESS.value,
-               ConversationMessage.seq < bindparam("before"))
-        .order_by(ConversationMessage.seq)
+        select(messages.c.role, messages.c.content)
+        .where(messages.c.conversation_id == bindparam("conversation"),
+               messages.c.status == TurnStatus.SUCCESS.value, messages.c.seq < bindparam("before"))
+        .order_by(messages.c.seq)
     )
 
 

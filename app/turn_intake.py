@@ -22,7 +22,7 @@ from app.conversations import require_owned
 from app.db import transaction
 from app.errors import ContentTooLarge, ConversationBusy, NotFound, TooManyActiveConversations, ValidationFailed
 from app.in_flight import check_can_start
-from app.models import Conversation, ConversationMessage, Turn, User
+from app.models import Conversation, ConversationMessage, Turn, User, table
 from app.models.base import utc_now
 
 
@@ -64,18 +64,19 @@ _INSERTED = ("conversation_id", "seq", "role", "content", "status", "created_at"
 
 @cache
 def _statements() -> SimpleNamespace:
-    """The statements of every accepted turn, built once: building one costs more than running it."""
-    message = {name: bindparam(name) for name in _INSERTED}
+    """The statements of every accepted turn, built once on the Core tables (see `app.models.table`)."""
+    users, conversations, messages, turns = table(User), table(Conversation), table(ConversationMessage), table(Turn)
     return SimpleNamespace(
-        lock_owner=select(User.id).select_from(Conversation).join(User, User.id == Conversation.user_id)
-        .where(Conversation.id == bindparam("conversation"), Conversation.user_id == bindparam("user"),
-               Conversation.deleted_at.is_(None))
-        .with_for_update(of=User),
-        bump_seq=update(Conversation).where(Conversation.id == bindparam("conversation"))
-        .values(message_count=Conversation.message_count + 2, updated_at=bindparam("at"))
-        .returning(Conversation.message_count),
-        insert_message=insert(ConversationMessage).values(**message).returning(ConversationMessage.id),
-        insert_turn=insert(Turn).values(
+        lock_owner=select(users.c.id)
+        .join_from(conversations, users, users.c.id == conversations.c.user_id)
+        .where(conversations.c.id == bindparam("conversation"), conversations.c.user_id == bindparam("user"),
+               conversations.c.deleted_at.is_(None))
+        .with_for_update(of=users),
+        bump_seq=update(conversations).where(conversations.c.id == bindparam("conversation"))
+        .values(message_count=conversations.c.message_count + 2, updated_at=bindparam("at"))
+        .returning(conversations.c.message_count),
+        insert_messages=insert(messages).returning(messages.c.id, messages.c.seq, sort_by_parameter_order=True),
+        insert_turn=insert(turns).values(
             assistant_message_id=bindparam("assistant"), user_message_id=bindparam("user_message"),
             conversation_id=bindparam("conversation"), user_id=bindparam("user"), idempotency_key=bindparam("key"),
             enqueued_at=bindparam("at"), created_at=bindparam("at"), updated_at=bindparam("at")),
@@ -100,8 +101,8 @@ def _insert_turn(
                                        content=content, status="pending", created_at=now, updated_at=now)
     assistant_message = ConversationMessage(conversation_id=conversation_id, seq=last_seq, role="assistant",
                                             content="", status="pending", created_at=now, updated_at=now)
-    for message in (user_message, assistant_message):
-        message.id = session.execute(sql.insert_message, _row(message)).scalar_one()
+    inserted = session.execute(sql.insert_messages, [_row(user_message), _row(assistant_message)])
+    user_message.id, assistant_message.id = (message_id for message_id, _ in inserted)
     session.execute(sql.insert_turn, {"assistant": assistant_message.id, "user_message": user_message.id,
                                       "conversation": conversation_id, "user": principal.id, "key": key,
                                       "at": now})

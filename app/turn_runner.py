@@ -14,10 +14,11 @@ import time
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from functools import cache
+from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import Row, Select, bindparam, select, update
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy import Row, bindparam, select, update
+from sqlalchemy.orm import Session
 
 from app import coordination, ledger
 from app.attempts import record_attempts
@@ -29,7 +30,7 @@ from app.leases import Holding, keeper
 from app.live_stream import TurnStream
 from app.llm_client import ModelTarget, estimate_tokens
 from app.logging_setup import turn_context
-from app.models import Agent, Conversation, ConversationMessage, LlmModel, Turn
+from app.models import Agent, Conversation, ConversationMessage, LlmModel, Turn, table
 from app.moderation import moderate
 from app.prompt import ChatMessage, build_prompt, successful_history
 from app.targets import worst_case_cost
@@ -70,8 +71,6 @@ class TurnContext:
                             context_window=target.context_window, max_tokens=self.params.max_tokens).messages
 
 
-_primary = aliased(LlmModel)
-_fallback = aliased(LlmModel)
 _MODEL_FIELDS = ("id", "name", "model", "base_url", "api_key_env", "input_price_per_1k", "output_price_per_1k",
                  "context_window")
 
@@ -82,26 +81,31 @@ def _target(row: Row[Any], prefix: str) -> ModelTarget | None:
 
 
 @cache
-def _context_query() -> Select[Any]:
-    """Built once: constructing a statement with a dozen labelled columns costs more than running it."""
-    user_message = aliased(ConversationMessage)
-    return (
-        select(user_message.content, user_message.seq, Agent.system_prompt, Agent.timeout_seconds,
-               Agent.temperature, Agent.max_tokens,
-               *(getattr(_primary, f).label(f"p_{f}") for f in _MODEL_FIELDS),
-               *(getattr(_fallback, f).label(f"f_{f}") for f in _MODEL_FIELDS))
-        .select_from(Conversation)
-        .join(user_message, user_message.id == bindparam("user_message_id"))
-        .join(Agent, Agent.id == Conversation.agent_id)
-        .join(_primary, _primary.id == Agent.model_id)
-        .outerjoin(_fallback, _fallback.id == Agent.fallback_model_id)
-        .where(Conversation.id == bindparam("conversation_id"))
+def _statements() -> SimpleNamespace:
+    """Built once on the Core tables (see `app.models.table`): constructing the context query's
+    dozens of labelled columns costs more than running it."""
+    messages, agents, conversations = table(ConversationMessage), table(Agent), table(Conversation)
+    primary, fallback = table(LlmModel).alias("primary_model"), table(LlmModel).alias("fallback_model")
+    turns = table(Turn)
+    return SimpleNamespace(
+        context=select(messages.c.content, messages.c.seq, agents.c.system_prompt, agents.c.timeout_seconds,
+                       agents.c.temperature, agents.c.max_tokens,
+                       *(primary.c[f].label(f"p_{f}") for f in _MODEL_FIELDS),
+                       *(fallback.c[f].label(f"f_{f}") for f in _MODEL_FIELDS))
+        .select_from(conversations
+                     .join(messages, messages.c.id == bindparam("user_message_id"))
+                     .join(agents, agents.c.id == conversations.c.agent_id)
+                     .join(primary, primary.c.id == agents.c.model_id)
+                     .outerjoin(fallback, fallback.c.id == agents.c.fallback_model_id))
+        .where(conversations.c.id == bindparam("conversation_id")),
+        hold=update(turns).where(turns.c.assistant_message_id == bindparam("turn_id"))
+        .values(reserved_amount=bindparam("amount")),
     )
 
 
 def _load_context(session: Session, turn: TurnRow, token: str) -> TurnContext:
     """Everything the run needs, in one query plus the history: the user's message, the agent, its models."""
-    row = session.execute(_context_query(), {"user_message_id": turn.user_message_id,
+    row = session.execute(_statements().context, {"user_message_id": turn.user_message_id,
                                              "conversation_id": turn.conversation_id}).one()
     primary = _target(row, "p")
     assert primary is not None
@@ -201,8 +205,7 @@ def _reserve(session: Session, context: TurnContext) -> Decimal | None:
     amount = worst_case_cost(targets, context.prompt_for, context.params.max_tokens)
     if not ledger.reserve(session, context.user_id, amount):
         return None
-    session.execute(update(Turn).where(Turn.assistant_message_id == context.turn_id).values(reserved_amount=amount)
-                    .execution_options(synchronize_session=False))
+    session.execute(_statements().hold, {"turn_id": context.turn_id, "amount": amount})
     return amount
 
 

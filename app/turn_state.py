@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
-from app.models import ConversationMessage, DebugRun, Turn
+from app.models import ConversationMessage, DebugRun, Turn, table
 from app.models.base import optional_utc as utc
 from app.models.base import utc_now
 from app.turn_status import TurnStatus, sources_for
@@ -54,37 +54,38 @@ class TurnRow:
     cancel_requested_at: datetime | None
 
 
-_TURN_ROW = (Turn.assistant_message_id, Turn.user_message_id, Turn.conversation_id, Turn.user_id, Turn.deliveries,
-             Turn.reserved_amount, Turn.cancel_requested_at)
+_TURN_COLUMNS = ("assistant_message_id", "user_message_id", "conversation_id", "user_id", "deliveries",
+                 "reserved_amount", "cancel_requested_at")
 
 
 @cache
 def _statements() -> SimpleNamespace:
-    """The statements every turn runs, built once: building one costs more than executing it."""
+    """The statements every turn runs, built once on the Core tables (see `app.models.table`)."""
+    turns, messages = table(Turn), table(ConversationMessage)
+    turn_row = [turns.c[name] for name in _TURN_COLUMNS]
     answer_columns = ("content", "model", "prompt_tokens", "completion_tokens", "total_tokens", "cost", "latency_ms")
+    guarded = messages.c.status.in_(bindparam("sources", expanding=True))
     return SimpleNamespace(
-        lock_turn=select(*_TURN_ROW, Turn.lease_expires_at)
-        .where(Turn.assistant_message_id == bindparam("turn_id")).with_for_update(),
-        status=select(ConversationMessage.status).where(ConversationMessage.id == bindparam("turn_id")),
-        move_both=update(ConversationMessage)
-        .where(ConversationMessage.id.in_(bindparam("ids", expanding=True)),
-               ConversationMessage.status.in_(bindparam("sources", expanding=True)))
+        lock_turn=select(*turn_row, turns.c.lease_expires_at, messages.c.status)
+        .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
+        .where(turns.c.assistant_message_id == bindparam("turn_id")).with_for_update(of=turns),
+        touch_answer=update(messages).where(messages.c.id == bindparam("turn_id")).values(updated_at=bindparam("at")),
+        move_both=update(messages)
+        .where(messages.c.id.in_(bindparam("ids", expanding=True)), guarded)
         .values(status=bindparam("new_status"), updated_at=bindparam("at")),
-        take_lease=update(Turn).where(Turn.assistant_message_id == bindparam("turn_id"))
+        take_lease=update(turns).where(turns.c.assistant_message_id == bindparam("turn_id"))
         .values(lease_token=bindparam("token"), lease_expires_at=bindparam("expires"),
-                deliveries=Turn.deliveries + 1, updated_at=bindparam("at")),
-        give_up_lease=update(Turn)
-        .where(Turn.assistant_message_id == bindparam("turn_id"), Turn.lease_token == bindparam("token"))
+                deliveries=turns.c.deliveries + 1, updated_at=bindparam("at")),
+        give_up_lease=update(turns)
+        .where(turns.c.assistant_message_id == bindparam("turn_id"), turns.c.lease_token == bindparam("token"))
         .values(lease_token=None, lease_expires_at=None, cost_estimated=bindparam("estimated"),
                 updated_at=bindparam("at"))
-        .returning(*_TURN_ROW),
-        move_user=update(ConversationMessage)
-        .where(ConversationMessage.id == bindparam("message_id"),
-               ConversationMessage.status.in_(bindparam("sources", expanding=True)))
+        .returning(*turn_row),
+        move_user=update(messages)
+        .where(messages.c.id == bindparam("message_id"), guarded)
         .values(status=bindparam("new_status"), error_message=bindparam("error"), updated_at=bindparam("at")),
-        move_answer=update(ConversationMessage)
-        .where(ConversationMessage.id == bindparam("message_id"),
-               ConversationMessage.status.in_(bindparam("sources", expanding=True)))
+        move_answer=update(messages)
+        .where(messages.c.id == bindparam("message_id"), guarded)
         .values(status=bindparam("new_status"), error_message=bindparam("error"), updated_at=bindparam("at"),
                 **{name: bindparam(f"a_{name}") for name in answer_columns}),
     )
@@ -114,24 +115,21 @@ def claim_turn(session: Session, turn_id: int, lease_seconds: float) -> ClaimRes
     row = session.execute(sql.lock_turn, {"turn_id": turn_id}).first()
     if row is None:
         return ClaimResult(Claim.MISSING)
-    status = session.scalar(sql.status, {"turn_id": turn_id})
     now = utc_now()
-    if TurnStatus(status).is_terminal:
+    if TurnStatus(row.status).is_terminal:
         return ClaimResult(Claim.FINISHED)
-    if status == TurnStatus.PROCESSING:
+    if row.status == TurnStatus.PROCESSING:
         expires = utc(row.lease_expires_at)
         if expires is not None and expires > now:
             return ClaimResult(Claim.OWNED_ELSEWHERE)
         outcome = Claim.TAKEN_OVER
-        session.execute(update(ConversationMessage).where(ConversationMessage.id == turn_id).values(updated_at=now)
-                        .execution_options(synchronize_session=False))
+        session.execute(sql.touch_answer, {"turn_id": turn_id, "at": now})
     else:
         _move_both(session, row.user_message_id, turn_id, TurnStatus.PROCESSING, now)
         outcome = Claim.CLAIMED
     token = new_lease_token()
     session.execute(sql.take_lease, {"turn_id": turn_id, "token": token,
-                                     "expires": now + timedelta(seconds=lease_seconds), "at": now},
-                    execution_options={"synchronize_session": False})
+                                     "expires": now + timedelta(seconds=lease_seconds), "at": now})
     turn = TurnRow(row.assistant_message_id, row.user_message_id, row.conversation_id, row.user_id,
                    row.deliveries + 1, row.reserved_amount, row.cancel_requested_at)
     return ClaimResult(outcome, turn, token)
@@ -143,7 +141,6 @@ def _move_both(session: Session, user_message_id: int, turn_id: int, target: Tur
         _statements().move_both,
         {"ids": [user_message_id, turn_id], "sources": list(sources_for(target)), "new_status": target.value,
          "at": now},
-        execution_options={"synchronize_session": False},
     ).rowcount
     if moved != 2:
         raise TransitionRefused(f"turn {turn_id} cannot move to {target.value}")
@@ -225,20 +222,19 @@ def finish_turn(
     sql = _statements()
     now = utc_now()
     row = session.execute(sql.give_up_lease, {"turn_id": turn_id, "token": token, "estimated": cost_estimated,
-                                              "at": now}, execution_options={"synchronize_session": False}).first()
+                                              "at": now}).first()
     if row is None:
         raise LeaseLost(f"turn {turn_id} is owned by another worker")
     counted = prompt_tokens is not None or completion_tokens is not None
     common = {"sources": list(sources_for(target)), "new_status": target.value, "error": error_message, "at": now}
-    moved = session.execute(sql.move_user, {**common, "message_id": row.user_message_id},
-                            execution_options={"synchronize_session": False}).rowcount
+    moved = session.execute(sql.move_user, {**common, "message_id": row.user_message_id}).rowcount
     moved += session.execute(sql.move_answer, {
         **common, "message_id": turn_id, "a_content": content, "a_model": model,
         "a_prompt_tokens": (prompt_tokens or 0) if counted else None,
         "a_completion_tokens": (completion_tokens or 0) if counted else None,
         "a_total_tokens": (prompt_tokens or 0) + (completion_tokens or 0) if counted else None,
         "a_cost": cost, "a_latency_ms": latency_ms,
-    }, execution_options={"synchronize_session": False}).rowcount
+    }).rowcount
     if moved != 2:
         raise TransitionRefused(f"turn {turn_id} cannot move to {target.value}")
     return TurnRow(*row)
