@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     stream_max_seconds: float = Field(default=3900.0, gt=0)
 
     db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=0, ge=0)
     log_json: bool = False
     log_level: str = "INFO"
 

@@ -50,7 +50,7 @@ def _build_engine(url: str) -> Engine:
     return create_engine(
         url,
         pool_size=settings.db_pool_size,
-        max_overflow=settings.db_pool_size * 4,
+        max_overflow=settings.db_max_overflow,
         pool_pre_ping=True,
         pool_recycle=1800,
     )

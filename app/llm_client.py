@@ -1,18 +1,16 @@
 """Calling one upstream model, streaming, with the agent's timeout as a hard bound.
 
 The official openai SDK does the HTTP; this module adds what a chat backend needs on top:
-one pooled client per endpoint and key (never one per turn), the SDK's own retries off (the
-fallback policy decides what happens next), and a deadline that really holds: the time to the
-first token and each silence between chunks are bounded by the read timeout, and a watchdog
-shuts the socket when the whole attempt runs out of time or the turn is stopped, which wakes a
-read blocked on a stalled stream at once.
+one pooled client per endpoint and key (never one per turn) whose connections outlive a stream
+(`app.upstream_transport`), the SDK's own retries off (the fallback policy decides what happens
+next), and a deadline that really holds: the time to the first token and each silence between
+chunks are bounded by the read timeout, and `app.attempt_watchdog` shuts the socket when the whole
+attempt runs out of time or the turn is stopped, which wakes a read blocked on a stalled stream.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +21,9 @@ from typing import Any
 import httpx2
 import openai
 
+from app.attempt_watchdog import watch_attempt
 from app.money import token_cost
+from app.upstream_transport import KeepAliveTransport
 
 DEFAULT_API_KEY = "sk-no-key-configured"
 
@@ -87,9 +87,9 @@ def client_for(target: ModelTarget) -> openai.OpenAI:
         with _clients_lock:
             client = _clients.get(cache_key)
             if client is None:
-                http = openai.DefaultHttpx2Client(
-                    limits=httpx2.Limits(max_connections=2000, max_keepalive_connections=200)
-                )
+                transport = KeepAliveTransport(limits=httpx2.Limits(max_connections=2000,
+                                                                    max_keepalive_connections=200))
+                http = openai.DefaultHttpx2Client(transport=transport)
                 client = openai.OpenAI(api_key=api_key, base_url=target.base_url, max_retries=0, http_client=http)
                 _clients[cache_key] = client
     return client
@@ -98,39 +98,6 @@ def client_for(target: ModelTarget) -> openai.OpenAI:
 def reset_clients() -> None:
     with _clients_lock:
         _clients.clear()
-
-
-class _Watchdog:
-    """Shuts the response's socket when the deadline passes or `stop` is set, waking a blocked read."""
-
-    def __init__(self, deadline: float, stop: threading.Event) -> None:
-        self._deadline = deadline
-        self._stop = stop
-        self._done = threading.Event()
-        self._sock: socket.socket | None = None
-        self.fired: str | None = None
-
-    def watch(self, response: Any) -> None:
-        stream = getattr(response, "extensions", {}).get("network_stream")
-        self._sock = stream.get_extra_info("socket") if stream is not None else None
-        threading.Thread(target=self._run, name="llm-watchdog", daemon=True).start()
-
-    def _run(self) -> None:
-        while not self._done.is_set():
-            remaining = self._deadline - time.monotonic()
-            if self._stop.is_set():
-                self.fired = "cancelled"
-            elif remaining <= 0:
-                self.fired = "timeout"
-            if self.fired:
-                if self._sock is not None:
-                    with contextlib.suppress(OSError):
-                        self._sock.shutdown(socket.SHUT_RDWR)
-                return
-            self._stop.wait(min(remaining, 0.2))
-
-    def close(self) -> None:
-        self._done.set()
 
 
 def _status_kind(status: int) -> str:
@@ -156,7 +123,6 @@ def stream_chat(
     """Stream one completion; raise `AttemptFailed` with the failure's kind, or return the whole answer."""
     started = time.monotonic()
     deadline = started + timeout_seconds
-    watchdog = _Watchdog(deadline, stop)
     parts: list[str] = []
     first_token_ms: int | None = None
     usage: Usage | None = None
@@ -185,7 +151,7 @@ def stream_chat(
         raise failed("connection_error", str(exc.__cause__ or exc)) from exc
     except openai.APIStatusError as exc:
         raise failed(_status_kind(exc.status_code), f"HTTP {exc.status_code}: {exc.message}", exc.status_code) from exc
-    watchdog.watch(stream.response)
+    watchdog = watch_attempt(deadline, stop, stream.response)
     try:
         for chunk in stream:
             if stop.is_set():

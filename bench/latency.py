@@ -20,6 +20,8 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from bench.deploy import Deployment
 from bench.driver import drive, ends, wait_all_terminal
@@ -53,6 +55,8 @@ class LatencyBound:
     intake_post_p99_ms: float
     timeline: list[tuple[float, int, float]] = field(default_factory=list)
     """(seconds since release, turns processing, worker RSS MB) samples."""
+    profile: dict[str, Any] | None = None
+    """With `--profile`: py-spy of the worker processes from the release on (slows them: a separate run)."""
 
 
 class _Sampler:
@@ -76,7 +80,7 @@ class _Sampler:
 
 
 def run(dep: Deployment, agent: str, upstream_wait: float, turns: int, processes: int, threads: int,
-        clients: int = 16) -> LatencyBound:
+        clients: int = 16, profile_dir: Path | None = None) -> LatencyBound:
     dep.stop_worker()
     client = dep.redis()
     queue = f"{dep.namespace}:{TURNS_QUEUE}"
@@ -92,6 +96,13 @@ def run(dep: Deployment, agent: str, upstream_wait: float, turns: int, processes
     rss_idle = rss_mb([worker.pid])
     assert dep.mock is not None
     cpu_before, mock_before = cpu_seconds([worker.pid]), cpu_seconds([dep.mock.pid])
+    recorder = None
+    if profile_dir is not None:
+        from bench import profiling
+
+        ideal_seconds = turns / (processes * threads) * upstream_wait
+        recorder = profiling.Recorder(profile_dir, {"worker": profiling.children(worker.pid)},
+                                      max(5, int(ideal_seconds * 1.5)))
     released = time.time()
     client.rename(hold, queue)
     sampler = _Sampler(dep, intake.ids, worker.pid, released)
@@ -99,6 +110,7 @@ def run(dep: Deployment, agent: str, upstream_wait: float, turns: int, processes
         wait_all_terminal(dep, intake.ids, timeout=max(120.0, turns / threads * upstream_wait * 4))
     finally:
         sampler.close()
+        profile = recorder.finish() if recorder is not None else None
     worker_cpu = cpu_seconds([worker.pid]) - cpu_before
     mock_cpu = cpu_seconds([dep.mock.pid]) - mock_before
     end = ends(dep, intake.ids)
@@ -117,5 +129,5 @@ def run(dep: Deployment, agent: str, upstream_wait: float, turns: int, processes
         rss_marginal_per_turn_kb=(rss_peak - rss_idle) * 1024 / peak_in_flight if peak_in_flight else float("nan"),
         worker_cpu_ms_per_turn=worker_cpu * 1000 / turns, upstream_cpu_ms_per_turn=mock_cpu * 1000 / turns,
         intake_posts_per_second=intake.rate, intake_post_p50_ms=percentile(intake.latencies, 50),
-        intake_post_p99_ms=percentile(intake.latencies, 99), timeline=sampler.samples,
+        intake_post_p99_ms=percentile(intake.latencies, 99), timeline=sampler.samples, profile=profile,
     )

@@ -151,6 +151,29 @@ def round_trips(dep: Deployment, turns: int) -> dict[str, Any]:
     }
 
 
+class Recorder:
+    """py-spy on a set of processes for a fixed time, summarised per kind ("web", "worker") when finished."""
+
+    def __init__(self, out: Path, targets: dict[str, list[int]], seconds: int) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.seconds = seconds
+        self._recorders = [(kind, out / f"{kind}-{pid}.txt", _record(pid, out / f"{kind}-{pid}.txt", seconds))
+                           for kind, pids in targets.items() for pid in pids]
+
+    def finish(self) -> dict[str, Any]:
+        for _, _, recorder in self._recorders:
+            try:
+                recorder.wait(timeout=self.seconds + 30)
+            except subprocess.TimeoutExpired:
+                recorder.kill()
+        kinds = {kind for kind, _, _ in self._recorders}
+        return {kind: summarise([path for k, path, _ in self._recorders if k == kind]) for kind in sorted(kinds)}
+
+
+def children(pid: int) -> list[int]:
+    return [p for p in descendants(pid) if p != pid]
+
+
 def run(dep: Deployment, plan: Any) -> dict[str, Any]:
     if dep.worker is None:
         dep.start_worker(plan.worker_processes, plan.worker_threads)
@@ -159,24 +182,14 @@ def run(dep: Deployment, plan: Any) -> dict[str, Any]:
     turns = plan.pipeline_turns
     conversations = dep.conversations("instant", per_user=math.ceil(turns / len(dep.seed.users)) + 1)
     out = dep.base / "profile"
-    out.mkdir(exist_ok=True)
-    targets = {"web": [p for p in descendants(dep.web.pid) if p != dep.web.pid],
-               "worker": [p for p in descendants(dep.worker.pid) if p != dep.worker.pid]}
-    seconds = max(10, int(turns / 25))
-    recorders = [(kind, out / f"{kind}-{pid}.txt", _record(pid, out / f"{kind}-{pid}.txt", seconds))
-                 for kind, pids in targets.items() for pid in pids]
+    recorder = Recorder(out, {"web": children(dep.web.pid), "worker": children(dep.worker.pid)},
+                        max(10, int(turns / 25)))
     time.sleep(1.0)
     watcher = TurnWatcher(dep)
     try:
         drive(dep, conversations, turns, plan.pipeline_clients, wait=watcher)
     finally:
         watcher.close()
-        for _, _, recorder in recorders:
-            try:
-                recorder.wait(timeout=seconds + 30)
-            except subprocess.TimeoutExpired:
-                recorder.kill()
-    for kind in targets:
-        result[kind] = summarise([path for k, path, _ in recorders if k == kind])
+        result.update(recorder.finish())
     result["stacks_dir"] = str(out)
     return result

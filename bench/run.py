@@ -7,8 +7,9 @@ Phases, in this order, on one deployment:
 4. latency-bound: upstream waits 1 s before its first token, C = 200 (2 x 100 threads) -- the target;
 5. the same C = 200 with a 10 s wait, where this 2-core machine's CPU is not the limit;
 6. C = 1000 (2 x 500 threads), 20 s wait: the measured way to hold 1,000 turns in flight here.
-`--profile` adds py-spy profiles of the web and worker processes during a second pipeline run, and
-counts Redis commands per turn with MONITOR (both slow the run down, so they never feed the table).
+`--profile` adds py-spy profiles of the web and worker processes during a second pipeline run and
+of the workers during a second 1 s latency-bound run, and counts Redis commands per turn with
+MONITOR (all of them slow the run down, so they never feed the table).
 Everything started is stopped on exit, error or Ctrl-C.
 """
 
@@ -110,7 +111,7 @@ def measure(dep: Deployment, plan: Plan, phases: set[str], profile: bool) -> tup
         stream = streaming.run(dep, plan.stream_turns, plan.stream_clients, plan.stream_ttft)
         results["streaming"] = _public(stream, drop=("overheads_ms",))
         raw["overheads_ms"] = stream.overheads_ms
-    if profile:
+    if profile and "pipeline" in phases:
         from bench import profiling
 
         _phase("profile: py-spy on web and workers, Redis MONITOR, during a second pipeline run")
@@ -122,8 +123,13 @@ def measure(dep: Deployment, plan: Plan, phases: set[str], profile: bool) -> tup
         if phase in phases:
             _phase(f"latency-bound: {turns} turns, C={plan.worker_processes * threads}, upstream waits {wait:g} s")
             runs.append(latency.run(dep, agent, wait, turns, plan.worker_processes, threads))
+            if profile and phase == "latency":
+                _phase("profile: py-spy on the workers during a second latency-bound run")
+                results.setdefault("profile", {})["latency_bound"] = latency.run(
+                    dep, agent, wait, turns, plan.worker_processes, threads,
+                    profile_dir=dep.base / "profile-latency").profile
     if runs:
-        results["latency_bound"] = [_public(r) for r in runs]
+        results["latency_bound"] = [_public(r, drop=("profile",)) for r in runs]
     results["targets"] = _targets(results)
     return results, raw
 
@@ -144,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a fifth of the turns: a smoke test, not figures")
     parser.add_argument("--phases", default="floor,pipeline,streaming,latency,latency10,hold",
                         help="comma-separated subset of floor,pipeline,streaming,latency,latency10,hold")
-    parser.add_argument("--profile", action="store_true", help="also profile the pipeline (py-spy, MONITOR)")
+    parser.add_argument("--profile", action="store_true", help="also profile the pipeline (py-spy, MONITOR) and the 1 s latency-bound run (py-spy)")
     parser.add_argument("--keep", action="store_true", help="keep the temp directory (logs, data) afterwards")
     parser.add_argument("--no-write", action="store_true", help="print the table only; write no files")
     args = parser.parse_args(argv)

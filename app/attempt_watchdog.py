@@ -1,0 +1,95 @@
+"""Hard bounds on upstream attempts: shut an attempt's socket at its deadline or when its turn is stopped.
+
+A read blocked on a stalled stream wakes at once when its socket is shut down, which the read
+timeout alone cannot do for a stream that trickles. One thread per process watches every attempt
+in flight (a thread per attempt costs a start and its own wake-ups for each of hundreds of turns
+held at once); it wakes at the nearest deadline and at least every `TICK_SECONDS` to look at the
+stop flags. Shutting a socket and ending the watch take the same lock, so a socket is never shut
+after its attempt has ended and its connection may have gone back to the pool for another turn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+TICK_SECONDS = 0.1
+
+
+class Watch:
+    """One attempt under watch; `fired` tells why its socket was shut ("timeout" or "cancelled")."""
+
+    __slots__ = ("_watchdog", "deadline", "fired", "sock", "stop")
+
+    def __init__(self, watchdog: _Watchdog, deadline: float, stop: threading.Event, sock: socket.socket | None):
+        self._watchdog = watchdog
+        self.deadline = deadline
+        self.stop = stop
+        self.sock = sock
+        self.fired: str | None = None
+
+    def close(self) -> None:
+        """The attempt ended: from now on its socket is left alone."""
+        self._watchdog.forget(self)
+
+
+class _Watchdog:
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        """A forked child starts with no watches, a free lock, and starts its own thread when needed."""
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._watches: set[Watch] = set()
+        self._pid = 0
+
+    def watch(self, deadline: float, stop: threading.Event, response: Any) -> Watch:
+        stream = getattr(response, "extensions", {}).get("network_stream")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        entry = Watch(self, deadline, stop, sock)
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pid = os.getpid()
+                threading.Thread(target=self._run, name="attempt-watchdog", daemon=True).start()
+            self._watches.add(entry)
+            self._changed.notify()
+        return entry
+
+    def forget(self, entry: Watch) -> None:
+        with self._lock:
+            self._watches.discard(entry)
+
+    def _run(self) -> None:
+        with self._lock:
+            while True:
+                now = time.monotonic()
+                nearest = now + TICK_SECONDS
+                for entry in list(self._watches):
+                    if entry.stop.is_set():
+                        self._fire(entry, "cancelled")
+                    elif entry.deadline <= now:
+                        self._fire(entry, "timeout")
+                    else:
+                        nearest = min(nearest, entry.deadline)
+                self._changed.wait(max(nearest - now, 0.001) if self._watches else None)
+
+    def _fire(self, entry: Watch, reason: str) -> None:
+        self._watches.discard(entry)
+        entry.fired = reason
+        if entry.sock is not None:
+            with contextlib.suppress(OSError):
+                entry.sock.shutdown(socket.SHUT_RDWR)
+
+
+_watchdog = _Watchdog()
+
+
+def watch_attempt(deadline: float, stop: threading.Event, response: Any) -> Watch:
+    """Watch the attempt whose HTTP response this is until `Watch.close`."""
+    return _watchdog.watch(deadline, stop, response)
