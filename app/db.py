@@ -81,6 +81,15 @@ def transaction() -> Iterator[Session]:
         yield session
 
 
+def open_pool() -> None:
+    """Open the pool's connections now, so the first turns of a fresh worker do not pay for them."""
+    engine = get_engine()
+    size = get_settings().db_pool_size if engine.dialect.name == "postgresql" else 1
+    connections = [engine.connect() for _ in range(size)]
+    for connection in connections:
+        connection.close()
+
+
 def dispose_engines() -> None:
     """Drop pooled connections; called after fork so children never share a parent's sockets."""
     with _lock:

@@ -95,6 +95,15 @@ def client_for(target: ModelTarget) -> openai.OpenAI:
     return client
 
 
+def import_sdk_resources() -> None:
+    """The SDK imports its chat resources at the first call; a worker does it while it boots instead."""
+    client = openai.OpenAI(api_key=DEFAULT_API_KEY, base_url="http://127.0.0.1:9/v1", max_retries=0)
+    try:
+        _ = client.chat.completions.create
+    finally:
+        client.close()
+
+
 def reset_clients() -> None:
     with _clients_lock:
         _clients.clear()

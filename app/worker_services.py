@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 from app import debug_runner, dispatch, llm_client, turn_runner
-from app.db import dispose_engines
+from app.db import dispose_engines, open_pool
 from app.dispatch import RUN_TURN
 from app.leases import keeper
 from app.recovery import RecoveryLoop
 from app.redis_client import reset_redis
 from app.stop_requests import stopped_turns
+
+log = logging.getLogger(__name__)
 
 _recovery: RecoveryLoop | None = None
 _draining = False
@@ -22,10 +26,21 @@ def after_fork() -> None:
 
 def start() -> None:
     global _recovery
+    _warm_up()
     keeper.cancel_check = stopped_turns
     if _recovery is None:
         _recovery = RecoveryLoop()
         _recovery.start()
+
+
+def _warm_up() -> None:
+    """Pay for the database pool and the SDK's lazy imports before the worker says it is ready,
+    not in the first turns it runs (which would otherwise be slower than every later one)."""
+    try:
+        open_pool()
+    except Exception:
+        log.warning("could not open database connections at boot; they open on first use", exc_info=True)
+    llm_client.import_sdk_resources()
 
 
 def stop() -> None:
