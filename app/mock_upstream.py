@@ -2,8 +2,10 @@
 
 Behaviour is chosen by the upstream model name, so one server plays every provider a test needs:
 `echo` answers with the last user message; directives joined by `;` change that, e.g.
-`echo;ttft=1;gap=0.05`, `fail=429`, `stall_after=3`, `cut_after=2`, `words=40`, `no_usage`.
-Every request body is logged (`GET /_requests`), and each stream's fate is recorded
+`echo;ttft=1;gap=0.05`, `fail=429`, `stall_after=3`, `cut_after=2`, `words=40`, `no_usage`,
+`hold_after_done=30` (the body stays open after `[DONE]`).
+Every request body is logged with the client's port (`GET /_requests`: one port per connection),
+and each stream's fate is recorded
 (`GET /_streams`: completed, cut, stalled or disconnected by the client), so tests can prove what
 the worker sent and that it closed a connection.
 """
@@ -32,6 +34,7 @@ class Script:
     words: int | None = None
     usage: bool = True
     hang_headers: float = 0.0
+    hold_after_done: float = 0.0
 
     @classmethod
     def parse(cls, model: str) -> Script:
@@ -40,7 +43,7 @@ class Script:
             name, _, value = part.partition("=")
             if name == "no_usage":
                 script.usage = False
-            elif name in ("ttft", "gap", "hang_headers"):
+            elif name in ("ttft", "gap", "hang_headers", "hold_after_done"):
                 setattr(script, name, float(value))
             elif name in ("fail", "stall_after", "cut_after", "words"):
                 setattr(script, name, int(value))
@@ -105,7 +108,9 @@ def _chunk(ident: str, model: str, delta: dict[str, Any], finish: str | None = N
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     body = await request.json()
-    state.requests.append({"path": request.path, "body": body, "at": time.time()})
+    peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+    state.requests.append({"path": request.path, "body": body, "at": time.time(),
+                           "client_port": peer[1] if peer else None})
     model = body.get("model", "echo")
     script = Script.parse(model)
     if script.hang_headers:
@@ -150,6 +155,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             await response.write(f"data: {json.dumps(payload)}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
         state.streams[ident] = "completed"
+        if script.hold_after_done:
+            await pause(request, script.hold_after_done)
     except ConnectionResetError:
         state.streams[ident] = "disconnected"
     except asyncio.CancelledError:

@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a fifth of the turns: a smoke test, not figures")
     parser.add_argument("--phases", default="floor,pipeline,streaming,latency,latency10,hold",
                         help="comma-separated subset of floor,pipeline,streaming,latency,latency10,hold")
-    parser.add_argument("--profile", action="store_true", help="also profile the pipeline (py-spy, MONITOR) and the 1 s latency-bound run (py-spy)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile the pipeline (py-spy, MONITOR) and the 1 s latency-bound run")
     parser.add_argument("--keep", action="store_true", help="keep the temp directory (logs, data) afterwards")
     parser.add_argument("--no-write", action="store_true", help="print the table only; write no files")
     args = parser.parse_args(argv)

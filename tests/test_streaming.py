@@ -176,3 +176,31 @@ def test_a_stop_survives_redis_losing_its_flag(world, redis_client) -> None:  # 
     redis_client.flushdb()
     final = world.wait_terminal(key, message_id, timeout=10)
     assert final["status"] == "cancelled"
+
+
+def test_deltas_queued_together_are_published_as_one_entry_per_stream_and_attempt() -> None:
+    """What the publisher sends in one pipeline: contiguous deltas joined, nothing else merged or reordered."""
+    from collections import deque
+
+    from app.live_stream import _coalesce
+
+    queued = deque([
+        ("s1", {"type": "status", "a": 100, "data": "{}"}, True),
+        ("s1", {"type": "delta", "a": 100, "o": 0, "data": "Hel"}, False),
+        ("s2", {"type": "delta", "a": 100, "o": 0, "data": "x"}, False),
+        ("s1", {"type": "delta", "a": 100, "o": 3, "data": "lo"}, False),
+        ("s1", {"type": "delta", "a": 101, "o": 0, "data": "new"}, False),
+        ("s1", {"type": "delta", "a": 101, "o": 3, "data": "er"}, False),
+        ("s2", {"type": "delta", "a": 100, "o": 1, "data": "y"}, False),
+        ("s1", {"type": "done", "a": 101, "data": "{}"}, True),
+        ("s1", {"type": "delta", "a": 101, "o": 9, "data": "late"}, False),
+    ])
+    assert _coalesce(queued) == [
+        ("s1", {"type": "status", "a": 100, "data": "{}"}, True),
+        ("s1", {"type": "delta", "a": 100, "o": 0, "data": "Hello"}, False),
+        ("s2", {"type": "delta", "a": 100, "o": 0, "data": "xy"}, False),
+        ("s1", {"type": "delta", "a": 101, "o": 0, "data": "newer"}, False),
+        ("s1", {"type": "done", "a": 101, "data": "{}"}, True),
+        ("s1", {"type": "delta", "a": 101, "o": 9, "data": "late"}, False),
+    ]
+    assert not queued

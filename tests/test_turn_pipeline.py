@@ -213,3 +213,24 @@ def test_the_ledger_is_paged_newest_first(world) -> None:  # type: ignore[no-unt
     rest = world.api.get(f"/api/me/transactions?limit=3&cursor={page['next_cursor']}", key).json
     assert [t["amount"] for t in rest["items"]] == ["1.000000"]
     assert rest["next_cursor"] is None
+
+
+def test_a_turn_whose_balance_was_taken_back_meanwhile_is_charged_what_is_left(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """The reservation covered the turn, then an admin took credit back: the charge stops at zero, never below."""
+    model_id = world.model(upstream="echo;ttft=1.5;words=50", price_in="1.000000", price_out="10.000000")
+    agent_id = world.agent(model_id, max_tokens=60)
+    user_id, key = world.user(balance="1")
+    conversation_id = world.conversation(key, agent_id)
+    assistant = world.send(key, conversation_id, "hello").json["assistant_message"]
+    wait_for(lambda: world.message(key, assistant["id"])["status"] == "processing", what="the turn to start")
+    taken = world.api.post(f"/api/admin/users/{user_id}/credits", world.admin_key, {"amount": "-0.9"})
+    assert taken.json == {"balance": "0.100000"}
+
+    done = world.wait_terminal(key, assistant["id"])
+    assert done["status"] == "success"
+    assert Decimal(done["cost"]) > Decimal("0.1")
+    me = world.api.get("/api/me", key).json
+    assert (me["balance"], me["available_balance"]) == ("0.000000", "0.000000")
+    ledger = world.api.get("/api/me/transactions", key).json["items"]
+    assert [(t["message_id"], t["amount"], t["balance_after"]) for t in ledger] == [
+        (assistant["id"], "-0.100000", "0.000000"), (None, "-0.900000", "0.100000"), (None, "1.000000", "1.000000")]

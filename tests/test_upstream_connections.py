@@ -1,0 +1,54 @@
+"""Upstream connections: kept alive from one streamed turn to the next, dropped when a stream does not end."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.support import wait_for
+
+
+@pytest.fixture(autouse=True)
+def _running(workers, upstream) -> None:  # type: ignore[no-untyped-def]
+    """Turns here run on the session's worker (one process) against the mock upstream."""
+
+
+def run_turns(world, upstream_model: str, contents: list[str]) -> list[dict]:  # type: ignore[no-untyped-def]
+    agent_id = world.agent(world.model(f"m-{time.monotonic_ns()}", upstream=upstream_model))
+    _, key = world.user()
+    conversation_id = world.conversation(key, agent_id)
+    finished = []
+    for content in contents:
+        assistant = world.send(key, conversation_id, content).json["assistant_message"]
+        finished.append(world.wait_terminal(key, assistant["id"]))
+    return finished
+
+
+def client_ports(upstream, model: str) -> list[int]:  # type: ignore[no-untyped-def]
+    return [r["client_port"] for r in upstream.requests() if r["body"]["model"] == model]
+
+
+def test_consecutive_turns_share_one_upstream_connection(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    model = "echo;words=5"
+    upstream.clear()
+    finished = run_turns(world, model, ["one", "two", "three"])
+    assert [t["status"] for t in finished] == ["success"] * 3
+    ports = client_ports(upstream, model)
+    assert len(ports) == 3
+    assert len(set(ports)) == 1
+
+
+def test_a_stream_whose_body_stays_open_after_done_ends_the_turn_and_its_connection(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    model = "echo;hold_after_done=30"
+    upstream.clear()
+    started = time.monotonic()
+    finished = run_turns(world, model, ["held open", "next"])
+    assert [t["status"] for t in finished] == ["success", "success"]
+    assert [t["content"] for t in finished] == ["echo: held open", "echo: next"]
+    assert time.monotonic() - started < 10
+    ports = client_ports(upstream, model)
+    assert len(ports) == 2
+    assert ports[0] != ports[1]
+    wait_for(lambda: sorted(upstream.streams().values()) == ["disconnected", "disconnected"],
+             what="the mock to see both held connections closed by the worker")
