@@ -16,7 +16,7 @@ from functools import cache
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, case, select, update
 from sqlalchemy.orm import Session
 
 from app.models import ConversationMessage, DebugRun, Turn, table
@@ -81,13 +81,15 @@ def _statements() -> SimpleNamespace:
         .values(lease_token=None, lease_expires_at=None, cost_estimated=bindparam("estimated"),
                 updated_at=bindparam("at"))
         .returning(*turn_row),
-        move_user=update(messages)
-        .where(messages.c.id == bindparam("message_id"), guarded)
+        move_both_noting=update(messages)
+        .where(messages.c.id.in_(bindparam("ids", expanding=True)), guarded)
         .values(status=bindparam("new_status"), error_message=bindparam("error"), updated_at=bindparam("at")),
-        move_answer=update(messages)
-        .where(messages.c.id == bindparam("message_id"), guarded)
+        finish_both=update(messages)
+        .where(messages.c.id.in_(bindparam("ids", expanding=True)), guarded)
         .values(status=bindparam("new_status"), error_message=bindparam("error"), updated_at=bindparam("at"),
-                **{name: bindparam(f"a_{name}") for name in answer_columns}),
+                **{name: case((messages.c.id == bindparam("turn_id"),
+                               bindparam(f"a_{name}", type_=messages.c[name].type)), else_=messages.c[name])
+                   for name in answer_columns}),
     )
 
 
@@ -167,35 +169,13 @@ def revoke_debug_lease(session: Session, run_id: int, token: str) -> bool:
     ).rowcount == 1
 
 
-def _move(session: Session, turn: Turn, target: TurnStatus, answer: dict[str, Any]) -> None:
-    """Both messages to `target` (the assistant's with its answer), guarded by the statuses they may leave."""
-    now = utc_now()
-    if not answer:
-        _move_both(session, turn.user_message_id, turn.assistant_message_id, target, now)
-        return
-    _move_with_answer(session, turn.user_message_id, turn.assistant_message_id, target, answer, now)
-
-
-def _move_with_answer(session: Session, user_message_id: int, turn_id: int, target: TurnStatus,
-                      answer: dict[str, Any], now: datetime) -> None:
-    sources = sources_for(target)
-    common: dict[str, Any] = {"status": target.value, "updated_at": now}
-    if "error_message" in answer:
-        common["error_message"] = answer["error_message"]
-    moved = session.execute(
-        update(ConversationMessage)
-        .where(ConversationMessage.id == user_message_id, ConversationMessage.status.in_(sources))
-        .values(**common)
-        .execution_options(synchronize_session=False)
-    ).rowcount
-    moved += session.execute(
-        update(ConversationMessage)
-        .where(ConversationMessage.id == turn_id, ConversationMessage.status.in_(sources))
-        .values(**{**common, **answer})
-        .execution_options(synchronize_session=False)
-    ).rowcount
+def _move_noting(session: Session, turn: Turn, target: TurnStatus, error_message: str | None) -> None:
+    """Both messages to `target` with this error message (or none), guarded by the statuses they may leave."""
+    moved = session.execute(_statements().move_both_noting, {
+        "ids": [turn.user_message_id, turn.assistant_message_id], "sources": list(sources_for(target)),
+        "new_status": target.value, "error": error_message, "at": utc_now()}).rowcount
     if moved != 2:
-        raise TransitionRefused(f"turn {turn_id} cannot move to {target.value}")
+        raise TransitionRefused(f"turn {turn.assistant_message_id} cannot move to {target.value}")
 
 
 def finish_turn(
@@ -226,10 +206,9 @@ def finish_turn(
     if row is None:
         raise LeaseLost(f"turn {turn_id} is owned by another worker")
     counted = prompt_tokens is not None or completion_tokens is not None
-    common = {"sources": list(sources_for(target)), "new_status": target.value, "error": error_message, "at": now}
-    moved = session.execute(sql.move_user, {**common, "message_id": row.user_message_id}).rowcount
-    moved += session.execute(sql.move_answer, {
-        **common, "message_id": turn_id, "a_content": content, "a_model": model,
+    moved = session.execute(sql.finish_both, {
+        "ids": [row.user_message_id, turn_id], "turn_id": turn_id, "sources": list(sources_for(target)),
+        "new_status": target.value, "error": error_message, "at": now, "a_content": content, "a_model": model,
         "a_prompt_tokens": (prompt_tokens or 0) if counted else None,
         "a_completion_tokens": (completion_tokens or 0) if counted else None,
         "a_total_tokens": (prompt_tokens or 0) + (completion_tokens or 0) if counted else None,
@@ -251,7 +230,7 @@ def fail_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_
     if turn is None:
         return None
     try:
-        _move(session, turn, target, {"error_message": error_message})
+        _move_noting(session, turn, target, error_message)
     except TransitionRefused:
         return None
     turn.lease_token = None
@@ -269,7 +248,7 @@ def reopen_turn(session: Session, turn_id: int) -> Turn:
     ).scalar_one_or_none()
     if turn is None:
         raise TransitionRefused(f"turn {turn_id} does not exist")
-    _move(session, turn, TurnStatus.PENDING, {"error_message": None})
+    _move_noting(session, turn, TurnStatus.PENDING, None)
     turn.lease_token = None
     turn.lease_expires_at = None
     turn.enqueued_at = utc_now()
