@@ -71,7 +71,7 @@ def _statements() -> SimpleNamespace:
         .join_from(conversations, users, users.c.id == conversations.c.user_id)
         .where(conversations.c.id == bindparam("conversation"), conversations.c.user_id == bindparam("user"),
                conversations.c.deleted_at.is_(None))
-        .with_for_update(of=users),
+        .with_for_update(of=[users, conversations]),
         bump_seq=update(conversations).where(conversations.c.id == bindparam("conversation"))
         .values(message_count=conversations.c.message_count + 2, updated_at=bindparam("at"))
         .returning(conversations.c.message_count),
@@ -86,7 +86,9 @@ def _statements() -> SimpleNamespace:
 def _insert_turn(
     session: Session, principal: Principal, conversation_id: int, content: str, key: str | None
 ) -> AcceptedTurn:
-    """One transaction: the user's row lock (which also proves ownership), checks, seq numbers, three rows."""
+    """One transaction: the user's and the conversation's row locks (which also prove ownership), checks,
+    seq numbers, three rows. The conversation is locked too so that its `deleted_at` is read as committed
+    after any wait, not from the snapshot taken before it."""
     sql = _statements()
     if session.scalar(sql.lock_owner, {"conversation": conversation_id, "user": principal.id}) is None:
         raise NotFound("No such conversation.")

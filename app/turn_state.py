@@ -68,7 +68,7 @@ def _statements() -> SimpleNamespace:
     return SimpleNamespace(
         lock_turn=select(*turn_row, turns.c.lease_expires_at, messages.c.status)
         .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
-        .where(turns.c.assistant_message_id == bindparam("turn_id")).with_for_update(of=turns),
+        .where(turns.c.assistant_message_id == bindparam("turn_id")).with_for_update(of=[turns, messages]),
         touch_answer=update(messages).where(messages.c.id == bindparam("turn_id")).values(updated_at=bindparam("at")),
         move_both=update(messages)
         .where(messages.c.id.in_(bindparam("ids", expanding=True)), guarded)
@@ -111,7 +111,10 @@ def new_lease_token() -> str:
 def claim_turn(session: Session, turn_id: int, lease_seconds: float) -> ClaimResult:
     """Take a pending turn, or take over a processing one whose lease ran out (its worker died).
 
-    The turn row is locked for the decision, so two workers given the same message agree on one owner.
+    The turn and its answer are locked for the decision, so two workers given the same message agree
+    on one owner. Both rows are locked, not just the turn: a row read through a join but not locked
+    would come from the snapshot taken before the wait, so a worker that waited for another's final
+    commit would see the lease given up but the status still `processing`, and run the turn again.
     """
     sql = _statements()
     row = session.execute(sql.lock_turn, {"turn_id": turn_id}).first()

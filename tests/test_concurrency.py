@@ -182,3 +182,43 @@ def test_a_worker_that_lost_its_lease_stops_and_cannot_write(world, upstream) ->
         finish_turn(session, assistant["id"], takeover.token, TurnStatus.SUCCESS, content="the new owner's")
     final = world.message(key, assistant["id"])
     assert (final["status"], final["content"]) == ("success", "the new owner's")
+
+
+def test_a_claim_that_waited_for_the_owners_final_commit_sees_the_turn_finished(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """A redelivered message blocks on the turn while its owner settles; once the owner commits, the
+    waiting claim must see the turn ended (not a processing turn without a lease) and call no model."""
+    import threading
+
+    from app.models import Turn
+    from app.turn_state import claim_turn, finish_turn
+    from app.turn_status import TurnStatus
+
+    agent_id = world.agent(world.model(upstream="echo;ttft=60"), timeout_seconds=120)
+    _, key = world.user()
+    assistant = world.send(key, world.conversation(key, agent_id)).json["assistant_message"]
+    wait_for(lambda: list(upstream.streams().values()) == ["streaming"], what="the worker to call the model")
+    with transaction() as session:
+        token = session.get_one(Turn, assistant["id"]).lease_token
+    assert token
+
+    claims = []
+    settled = threading.Event()
+    with transaction() as owner:
+        finish_turn(owner, assistant["id"], token, TurnStatus.SUCCESS, content="settled by the owner")
+
+        def redelivered() -> None:
+            with transaction() as session:
+                outcome = claim_turn(session, assistant["id"], lease_seconds=300).outcome
+            claims.append((settled.is_set(), outcome))
+
+        waiting = threading.Thread(target=redelivered)
+        waiting.start()
+        waiting.join(timeout=1.0)
+        assert waiting.is_alive(), "the second claim should wait for the owner's row locks"
+        settled.set()
+    waiting.join(timeout=10)
+    assert [(after, outcome.value) for after, outcome in claims] == [(True, "finished")]
+    final = world.message(key, assistant["id"])
+    assert (final["status"], final["content"]) == ("success", "settled by the owner")
+    wait_for(lambda: list(upstream.streams().values()) == ["disconnected"], what="the worker to give up its call")
+    assert len(upstream.requests()) == 1
