@@ -5,7 +5,8 @@ timeout alone cannot do for a stream that trickles. One thread per process watch
 in flight (a thread per attempt costs a start and its own wake-ups for each of hundreds of turns
 held at once); it wakes at the nearest deadline and at least every `TICK_SECONDS` to look at the
 stop flags. Shutting a socket and ending the watch take the same lock, so a socket is never shut
-after its attempt has ended and its connection may have gone back to the pool for another turn.
+after its watch was closed; the upstream transport closes the watch before it lets a finished
+connection go back to the pool for another turn (`app.upstream_transport.guard_release`).
 """
 
 from __future__ import annotations
@@ -33,8 +34,12 @@ class Watch:
         self.fired: str | None = None
 
     def close(self) -> None:
-        """The attempt ended: from now on its socket is left alone."""
+        """The attempt ended: from now on its socket is left alone. Safe to call more than once."""
         self._watchdog.forget(self)
+
+    def bound(self, seconds: float) -> None:
+        """Shut the socket at the latest `seconds` from now (the end of a finished stream is being read)."""
+        self._watchdog.advance(self, time.monotonic() + seconds)
 
 
 class _Watchdog:
@@ -47,6 +52,7 @@ class _Watchdog:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._watches: set[Watch] = set()
+        self._thread: threading.Thread | None = None
         self._pid = 0
 
     def watch(self, deadline: float, stop: threading.Event, response: Any) -> Watch:
@@ -54,9 +60,10 @@ class _Watchdog:
         sock = stream.get_extra_info("socket") if stream is not None else None
         entry = Watch(self, deadline, stop, sock)
         with self._lock:
-            if self._pid != os.getpid():
-                self._pid = os.getpid()
-                threading.Thread(target=self._run, name="attempt-watchdog", daemon=True).start()
+            if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
+                thread = threading.Thread(target=self._run, name="attempt-watchdog", daemon=True)
+                thread.start()
+                self._thread, self._pid = thread, os.getpid()
             self._watches.add(entry)
             self._changed.notify()
         return entry
@@ -64,6 +71,12 @@ class _Watchdog:
     def forget(self, entry: Watch) -> None:
         with self._lock:
             self._watches.discard(entry)
+
+    def advance(self, entry: Watch, deadline: float) -> None:
+        with self._lock:
+            if entry in self._watches and deadline < entry.deadline:
+                entry.deadline = deadline
+                self._changed.notify()
 
     def _run(self) -> None:
         with self._lock:

@@ -21,9 +21,9 @@ from typing import Any
 import httpx2
 import openai
 
-from app.attempt_watchdog import watch_attempt
+from app.attempt_watchdog import Watch, watch_attempt
 from app.money import token_cost
-from app.upstream_transport import KeepAliveTransport
+from app.upstream_transport import KeepAliveTransport, guard_release
 
 DEFAULT_API_KEY = "sk-no-key-configured"
 
@@ -160,8 +160,10 @@ def stream_chat(
         raise failed("connection_error", str(exc.__cause__ or exc)) from exc
     except openai.APIStatusError as exc:
         raise failed(_status_kind(exc.status_code), f"HTTP {exc.status_code}: {exc.message}", exc.status_code) from exc
-    watchdog = watch_attempt(deadline, stop, stream.response)
+    watchdog: Watch | None = None
     try:
+        watchdog = watch_attempt(deadline, stop, stream.response)
+        guard_release(stream.response, watchdog)
         for chunk in stream:
             if stop.is_set():
                 raise failed("cancelled", "stopped on request")
@@ -179,13 +181,15 @@ def stream_chat(
     except AttemptFailed:
         raise
     except (httpx2.TransportError, openai.APIError, OSError) as exc:
-        if watchdog.fired == "cancelled" or stop.is_set():
+        fired = watchdog.fired if watchdog is not None else None
+        if fired == "cancelled" or stop.is_set():
             raise failed("cancelled", "stopped on request") from exc
-        if watchdog.fired == "timeout" or isinstance(exc, httpx2.TimeoutException):
+        if fired == "timeout" or isinstance(exc, httpx2.TimeoutException):
             raise failed("timeout", f"the stream went silent or ran past {timeout_seconds:g}s") from exc
         raise failed("stream_cut", f"the stream broke: {exc!r}") from exc
     finally:
-        watchdog.close()
+        if watchdog is not None:
+            watchdog.close()
         stream.close()
     text = "".join(parts)
     if usage is None:

@@ -71,8 +71,9 @@ def _statements() -> SimpleNamespace:
         .join_from(conversations, users, users.c.id == conversations.c.user_id)
         .where(conversations.c.id == bindparam("conversation"), conversations.c.user_id == bindparam("user"),
                conversations.c.deleted_at.is_(None))
-        .with_for_update(of=[users, conversations]),
-        bump_seq=update(conversations).where(conversations.c.id == bindparam("conversation"))
+        .with_for_update(of=users),
+        bump_seq=update(conversations)
+        .where(conversations.c.id == bindparam("conversation"), conversations.c.deleted_at.is_(None))
         .values(message_count=conversations.c.message_count + 2, updated_at=bindparam("at"))
         .returning(conversations.c.message_count),
         insert_messages=insert(messages).returning(messages.c.id, messages.c.seq, sort_by_parameter_order=True),
@@ -86,9 +87,11 @@ def _statements() -> SimpleNamespace:
 def _insert_turn(
     session: Session, principal: Principal, conversation_id: int, content: str, key: str | None
 ) -> AcceptedTurn:
-    """One transaction: the user's and the conversation's row locks (which also prove ownership), checks,
-    seq numbers, three rows. The conversation is locked too so that its `deleted_at` is read as committed
-    after any wait, not from the snapshot taken before it."""
+    """One transaction: the user's row lock (which also proves ownership), checks, seq numbers, three rows.
+
+    The conversation is not locked with the user (a settling turn takes them in the other order), so
+    the read of `deleted_at` may predate a wait for the user's lock; the seq update checks it again
+    on the committed row, and a conversation deleted meanwhile is 404."""
     sql = _statements()
     if session.scalar(sql.lock_owner, {"conversation": conversation_id, "user": principal.id}) is None:
         raise NotFound("No such conversation.")
@@ -98,7 +101,9 @@ def _insert_turn(
             return replay
     check_can_start(session, principal.id, conversation_id)
     now = utc_now()
-    last_seq = session.execute(sql.bump_seq, {"conversation": conversation_id, "at": now}).scalar_one()
+    last_seq = session.execute(sql.bump_seq, {"conversation": conversation_id, "at": now}).scalar()
+    if last_seq is None:
+        raise NotFound("No such conversation.")
     user_message = ConversationMessage(conversation_id=conversation_id, seq=last_seq - 1, role="user",
                                        content=content, status="pending", created_at=now, updated_at=now)
     assistant_message = ConversationMessage(conversation_id=conversation_id, seq=last_seq, role="assistant",

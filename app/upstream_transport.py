@@ -4,9 +4,15 @@ The openai SDK's synchronous stream stops reading at `data: [DONE]` and closes t
 the end of the HTTP/1.1 chunked body has been read, so httpcore cannot reuse the connection and
 every turn pays a new TCP (and, against a real provider, TLS) handshake (openai-python #3440; its
 maintainers prefer a fix in the transport layer). This transport watches each event stream for
-`[DONE]`; when the SDK then closes it, it reads what is left of the body with a short read timeout,
+`[DONE]`; when the SDK then closes it, it reads what is left of the body (each read waits at most
+50 ms, and the attempt's watchdog shuts the socket if the whole drain takes longer than 0.2 s),
 which lets the connection go back to the pool. A stream closed before `[DONE]` (a stop, a timeout,
-a cut), or whose end does not arrive within that timeout, is closed as before.
+a cut), or whose end does not arrive in time, is closed as before.
+
+The watchdog of the attempt must stop watching a socket before its connection can serve another
+turn, and the SDK closes the response from inside its own iteration, before the caller gets
+control back: so the caller hands its watch to the stream (`guard_release`), which closes it
+between the drain and the release.
 """
 
 from __future__ import annotations
@@ -14,13 +20,22 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import httpx2
 
-DONE_MARKER = b"data: [DONE]"
+DONE_MARKER = b"\ndata: [DONE]"
 DRAIN_READ_TIMEOUT_SECONDS = 0.05
-DRAIN_MAX_READS = 4
+DRAIN_MAX_SECONDS = 0.2
+DRAIN_MAX_EVENTS = 4
+
+
+class ReleaseGuard(Protocol):
+    """What watches the connection's socket (`app.attempt_watchdog.Watch`)."""
+
+    def bound(self, seconds: float) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class _ReusableEventStream(httpx2.SyncByteStream):
@@ -28,8 +43,9 @@ class _ReusableEventStream(httpx2.SyncByteStream):
         self._inner = inner
         self._raw = raw
         self._timeouts = timeouts
-        self._tail = b""
+        self._tail = b"\n"
         self.saw_done = False
+        self.guard: ReleaseGuard | None = None
 
     def __iter__(self) -> Iterator[bytes]:
         for chunk in self._inner:
@@ -40,12 +56,23 @@ class _ReusableEventStream(httpx2.SyncByteStream):
             yield chunk
 
     def close(self) -> None:
+        """Drain a finished body, stop the watch, and only then let the connection go back to the pool."""
         if self.saw_done and self._timeouts is not None:
             self._timeouts["read"] = DRAIN_READ_TIMEOUT_SECONDS
+            if self.guard is not None:
+                self.guard.bound(DRAIN_MAX_SECONDS)
             with contextlib.suppress(Exception):
-                for _ in itertools.islice(self._raw, DRAIN_MAX_READS):
+                for _ in itertools.islice(self._raw, DRAIN_MAX_EVENTS):
                     pass
+        if self.guard is not None:
+            self.guard.close()
         self._inner.close()
+
+
+def guard_release(response: httpx2.Response, guard: ReleaseGuard) -> None:
+    """Have `guard` bound the drain of this response and be closed before its connection is released."""
+    if isinstance(response.stream, _ReusableEventStream):
+        response.stream.guard = guard
 
 
 class KeepAliveTransport(httpx2.HTTPTransport):

@@ -222,3 +222,48 @@ def test_a_claim_that_waited_for_the_owners_final_commit_sees_the_turn_finished(
     assert (final["status"], final["content"]) == ("success", "settled by the owner")
     wait_for(lambda: list(upstream.streams().values()) == ["disconnected"], what="the worker to give up its call")
     assert len(upstream.requests()) == 1
+
+
+def test_a_new_turn_racing_a_settlement_of_the_same_conversation_is_refused_without_a_deadlock(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """A settlement locks the conversation, then the user; the database part of intake must never
+    lock them the other way round (it runs alone when Redis is unreachable or its lock was lost)."""
+    import threading
+
+    from app import ledger
+    from app.auth import Principal
+    from app.conversations import record_turn_end
+    from app.errors import ConversationBusy
+    from app.models import Turn
+    from app.turn_intake import _insert_turn
+    from app.turn_state import finish_turn
+    from app.turn_status import TurnStatus
+
+    agent_id = world.agent(world.model(upstream="echo;ttft=60"), timeout_seconds=120)
+    user_id, key = world.user()
+    conversation_id = world.conversation(key, agent_id)
+    assistant = world.send(key, conversation_id).json["assistant_message"]
+    wait_for(lambda: list(upstream.streams().values()) == ["streaming"], what="the worker to call the model")
+    with transaction() as session:
+        token = session.get_one(Turn, assistant["id"]).lease_token
+    assert token
+
+    refusals: list[BaseException] = []
+
+    def intake() -> None:
+        try:
+            with transaction() as session:
+                _insert_turn(session, Principal(user_id, "alice", False), conversation_id, "racing", None)
+        except BaseException as exc:
+            refusals.append(exc)
+
+    with transaction() as settling:
+        finish_turn(settling, assistant["id"], token, TurnStatus.SUCCESS, content="settled")
+        record_turn_end(settling, conversation_id, 3)
+        racing = threading.Thread(target=intake)
+        racing.start()
+        racing.join(timeout=2.0)
+        ledger.charge_turn(settling, user_id, assistant["id"], Decimal("0.000001"), Decimal(0))
+    racing.join(timeout=10)
+    assert not racing.is_alive()
+    assert [type(exc) for exc in refusals] == [ConversationBusy]
+    assert world.message(key, assistant["id"])["status"] == "success"
