@@ -66,3 +66,36 @@ def test_service_endpoints(api) -> None:  # type: ignore[no-untyped-def]
     metrics = api.get("/metrics")
     assert metrics.status_code == 200
     assert "agentq_turns_in_flight" in metrics.get_data(as_text=True)
+
+
+def test_a_request_that_finds_no_free_database_connection_in_time_is_503_with_retry_after(world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The pool has no overflow: when every connection stays busy past the pool timeout, the API says
+    the service is saturated (503, retry shortly) instead of failing with an internal error."""
+    import time
+
+    from sqlalchemy import text
+
+    from app.config import get_settings
+    from app.db import dispose_engines, transaction
+
+    _, key = world.user()
+    world.api.get("/api/me", key)  # the key is known now; the next request needs the pool only once
+    monkeypatch.setenv("AGENTQ_DB_POOL_SIZE", "1")
+    monkeypatch.setenv("AGENTQ_DB_POOL_TIMEOUT_SECONDS", "0.3")
+    get_settings.cache_clear()
+    dispose_engines()
+    try:
+        with transaction() as holder:
+            holder.execute(text("SELECT 1"))
+            started = time.monotonic()
+            saturated = world.api.get("/api/conversations", key)
+            waited = time.monotonic() - started
+        assert saturated.status_code == 503
+        assert saturated.json["error"]["code"] == "service_unavailable"
+        assert saturated.headers["Retry-After"] == "1"
+        assert 0.3 <= waited < 5
+        assert world.api.get("/api/conversations", key).status_code == 200
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+        dispose_engines()

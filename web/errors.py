@@ -74,10 +74,12 @@ def install_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(sqlalchemy.exc.OperationalError)
     @app.errorhandler(sqlalchemy.exc.InterfaceError)
+    @app.errorhandler(sqlalchemy.exc.TimeoutError)
     @app.errorhandler(redis.ConnectionError)
     @app.errorhandler(redis.TimeoutError)
     def _unavailable(exc: Exception) -> Response:
-        """A database or Redis outage (a restart, a failover) is the service's state, not the request's fault."""
+        """A database or Redis outage (a restart, a failover), or no pooled database connection free within
+        AGENTQ_DB_POOL_TIMEOUT_SECONDS, is the service's state, not the request's fault."""
         log.warning("dependency unavailable on %s %s: %s", request.method, request.path, exc)
         response = error_response(503, "service_unavailable",
                                   "A backing service is unavailable for a moment; retry shortly.")
