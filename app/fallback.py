@@ -1,8 +1,9 @@
 """The fallback policy: when a model attempt fails, whether and how the turn tries its fallback model.
 
 A timeout, a connection failure, a stream that breaks or goes silent, a 429 and a 5xx switch to the
-fallback once. A 400 (for instance a prompt over the context window) switches only when the fallback
-has a larger window, since the same request would fail the same way. Every attempt is returned as a
+fallback once, and so does a stream whose chunks are not chat completion chunks. A 400 (for
+instance a prompt over the context window) switches only when the fallback has a larger window,
+since the same request would fail the same way. Every attempt is returned as a
 record, failed ones included, so operators see providers' failure rates and costs. Partial text of a
 failed attempt is never kept: the answer is the fallback's alone.
 """
@@ -17,7 +18,7 @@ from decimal import Decimal
 from app.llm_client import AttemptFailed, Completion, ModelTarget, estimate_tokens, stream_chat
 
 ALWAYS_FALL_BACK = frozenset({"timeout", "connection_error", "stream_cut", "rate_limited", "server_error",
-                              "client_error"})
+                              "client_error", "bad_response"})
 
 
 @dataclass(frozen=True, slots=True)

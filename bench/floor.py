@@ -5,6 +5,10 @@
 (b) One streamed chat completion through the openai SDK, configured as agentq configures it,
     against the mock upstream answering at once with the same prompt a bench turn sends: the
     client's CPU only (the mock upstream's CPU is left out, here and in the pipeline figure).
+    The issue's floor is the SDK's typed stream (`client.chat.completions.create(stream=True)`,
+    a `ChatCompletionChunk` model per chunk); agentq opens the same request through the SDK's
+    `client.post` and reads plain JSON chunks (`app.llm_client.open_chat_stream`), which is
+    measured alongside as (b'), so the ratio can be read against either.
 
 `python -m bench.floor enqueue N` and `python -m bench.floor sdk ...` are the measuring children;
 each prints one JSON line with the CPU of its measured loop alone (imports and set-up excluded).
@@ -39,6 +43,8 @@ class DramatiqFloor:
 
 @dataclass
 class SdkFloor:
+    call: str
+    """"typed" (chat.completions.create) or "agentq" (app.llm_client.open_chat_stream)."""
     completions: int
     threads: int
     deltas_per_completion: float
@@ -84,10 +90,10 @@ def measure_dramatiq(dep: Deployment, processes: int, threads: int, messages: in
     )
 
 
-def measure_sdk(dep: Deployment, completions: int, threads: int) -> SdkFloor:
+def measure_sdk(dep: Deployment, completions: int, threads: int, call: str = "typed") -> SdkFloor:
     result = _child(["sdk", "--base-url", f"{dep.mock_url}/v1", "--model", "echo", "-n", str(completions),
-                     "--threads", str(threads)], dep, timeout=600)
-    return SdkFloor(completions=completions, threads=threads, deltas_per_completion=result["deltas"],
+                     "--threads", str(threads), "--call", call], dep, timeout=600)
+    return SdkFloor(call=call, completions=completions, threads=threads, deltas_per_completion=result["deltas"],
                     per_completion_cpu_ms=result["cpu"] * 1000 / completions,
                     completions_per_second=completions / result["wall"])
 
@@ -107,30 +113,34 @@ def _enqueue(messages: int) -> dict[str, float]:
     return {"cpu": time.process_time() - cpu, "startup": startup}
 
 
-def _sdk(base_url: str, model: str, completions: int, threads: int) -> dict[str, float]:
+def _sdk(base_url: str, model: str, completions: int, threads: int, call: str) -> dict[str, float]:
     from decimal import Decimal
 
     import openai
 
-    from app.llm_client import ModelTarget, client_for
+    from app.llm_client import ModelTarget, client_for, open_chat_stream, read_chunk
 
     client = client_for(ModelTarget(0, "floor", model, base_url, None, Decimal(0), Decimal(0), None))
     deltas = [0]
     lock = threading.Lock()
+    timeout = openai.Timeout(60, connect=10)
+
+    def typed(messages: list[dict[str, str]]) -> int:
+        stream = client.chat.completions.create(model=model, messages=messages, stream=True,  # type: ignore[arg-type]
+                                                stream_options={"include_usage": True}, timeout=timeout)
+        with stream:
+            return sum(1 for chunk in stream for choice in chunk.choices if choice.delta and choice.delta.content)
+
+    def as_agentq(messages: list[dict[str, str]]) -> int:
+        body = {"model": model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
+        with open_chat_stream(client, body, timeout) as stream:
+            return sum(len(read_chunk(chunk)[0]) for chunk in stream)
+
+    read = typed if call == "typed" else as_agentq
 
     def one(index: int) -> None:
         messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": turn_content(str(index))}]
-        stream = client.chat.completions.create(model=model, messages=messages, stream=True,  # type: ignore[arg-type]
-                                                stream_options={"include_usage": True},
-                                                timeout=openai.Timeout(60, connect=10))
-        count = 0
-        try:
-            for chunk in stream:
-                for choice in chunk.choices:
-                    if choice.delta and choice.delta.content:
-                        count += 1
-        finally:
-            stream.close()
+        count = read(messages)
         with lock:
             deltas[0] += count
 
@@ -166,11 +176,12 @@ def main(argv: list[str] | None = None) -> None:
     sdk.add_argument("--model", default="echo")
     sdk.add_argument("-n", type=int, default=500)
     sdk.add_argument("--threads", type=int, default=4)
+    sdk.add_argument("--call", choices=("typed", "agentq"), default="typed")
     args = parser.parse_args(argv)
     if args.what == "enqueue":
         result = _enqueue(args.messages)
     else:
-        result = _sdk(args.base_url, args.model, args.n, args.threads)
+        result = _sdk(args.base_url, args.model, args.n, args.threads, args.call)
     print(json.dumps(result))
 
 
