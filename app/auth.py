@@ -12,11 +12,12 @@ import time
 from dataclasses import dataclass
 from functools import cache
 
-from sqlalchemy import Select, bindparam, select
+from sqlalchemy import bindparam, select
 
 from app.db import transaction
 from app.errors import Forbidden, Unauthorized
 from app.models import User, table
+from app.prepared import Prepared
 
 KEY_PREFIX = "aq_"
 
@@ -48,9 +49,10 @@ _known: dict[str, tuple[float, Principal]] = {}
 
 
 @cache
-def _key_owner() -> Select[tuple[int, str, bool]]:
+def _key_owner() -> Prepared:
     users = table(User)
-    return select(users.c.id, users.c.name, users.c.is_admin).where(users.c.api_key_hash == bindparam("digest"))
+    return Prepared(select(users.c.id, users.c.name, users.c.is_admin)
+                    .where(users.c.api_key_hash == bindparam("digest")))
 
 
 def authenticate(api_key: str | None) -> Principal:
@@ -65,7 +67,7 @@ def authenticate(api_key: str | None) -> Principal:
     if cached is not None and cached[0] > now:
         return cached[1]
     with transaction() as session:
-        row = session.execute(_key_owner(), {"digest": digest}).first()
+        row = _key_owner()(session, {"digest": digest}).first()
     if row is None:
         raise Unauthorized("The API key is not known.", code="invalid_api_key")
     principal = Principal(id=row.id, name=row.name, is_admin=row.is_admin)

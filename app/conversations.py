@@ -20,6 +20,7 @@ from app.db import transaction
 from app.errors import MalformedRequest, NotFound
 from app.models import Agent, Conversation, ConversationMessage, User, table
 from app.models.base import as_utc, utc_now
+from app.prepared import Prepared
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,10 +174,9 @@ def record_turn_end(session: Session, conversation_id: int, success_tokens: int 
     """
     now = utc_now()
     if success_tokens is None:
-        session.execute(_turn_end_statements().touch, {"conversation": conversation_id, "at": now})
+        _turn_end_statements().touch(session, {"conversation": conversation_id, "at": now})
     else:
-        session.execute(_turn_end_statements().success,
-                        {"conversation": conversation_id, "at": now, "tokens": success_tokens})
+        _turn_end_statements().success(session, {"conversation": conversation_id, "at": now, "tokens": success_tokens})
 
 
 @cache
@@ -185,8 +185,8 @@ def _turn_end_statements() -> SimpleNamespace:
     conversations = table(Conversation)
     this = conversations.c.id == bindparam("conversation")
     return SimpleNamespace(
-        touch=update(conversations).where(this).values(updated_at=bindparam("at")),
-        success=update(conversations).where(this).values(
+        touch=Prepared(update(conversations).where(this).values(updated_at=bindparam("at"))),
+        success=Prepared(update(conversations).where(this).values(
             total_tokens=conversations.c.total_tokens + bindparam("tokens", type_=BigInteger),
-            last_success_at=bindparam("at"), updated_at=bindparam("at")),
+            last_success_at=bindparam("at"), updated_at=bindparam("at"))),
     )

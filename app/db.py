@@ -3,19 +3,30 @@
 Services open `transaction()` once per use case and nothing else commits. On SQLite (the embedded
 default) every transaction starts with BEGIN IMMEDIATE so concurrent writers queue on the busy
 timeout instead of failing half-way with "database is locked".
+
+A pooled PostgreSQL connection is pinged before use only when it sat idle in the pool for longer
+than `IDLE_PING_SECONDS` (SQLAlchemy's "pessimistic disconnect handling" through the checkout
+event): `pool_pre_ping` would add a round trip to every transaction, three a turn, to guard
+against a server restart that a connection in steady use notices on its next statement anyway
+(that statement fails, the pool is invalidated, and the unit of work is retried: a Dramatiq retry
+in a worker, a 503 with Retry-After in the API).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import get_settings
+
+IDLE_PING_SECONDS = 1.0
 
 _lock = threading.Lock()
 _engines: dict[str, tuple[Engine, sessionmaker[Session]]] = {}
@@ -47,14 +58,33 @@ def _build_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         return _sqlite_engine(url)
     settings = get_settings()
-    return create_engine(
+    engine = create_engine(
         url,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout_seconds,
-        pool_pre_ping=True,
         pool_recycle=1800,
     )
+    _ping_idle_connections(engine)
+    return engine
+
+
+def _ping_idle_connections(engine: Engine) -> None:
+    @event.listens_for(engine, "checkin")
+    def _returned(_dbapi_connection, record) -> None:  # type: ignore[no-untyped-def]
+        record.info["returned_at"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _taken(dbapi_connection, record, _proxy) -> None:  # type: ignore[no-untyped-def]
+        returned = record.info.get("returned_at")
+        if returned is None or time.monotonic() - returned < IDLE_PING_SECONDS:
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            raise DisconnectionError("a pooled connection failed its ping") from exc
+        if not alive:
+            raise DisconnectionError("a pooled connection failed its ping")
 
 
 def _engine_and_factory() -> tuple[Engine, sessionmaker[Session]]:

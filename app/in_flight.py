@@ -9,18 +9,19 @@ from __future__ import annotations
 from functools import cache
 from types import SimpleNamespace
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, literal, select
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
 from app.errors import ConversationBusy, TooManyActiveConversations
 from app.models import ConversationMessage, Turn, User, table
+from app.prepared import Prepared
 from app.turn_status import IN_FLIGHT_VALUES
 
 
 def active_conversation_ids(session: Session, user_id: int) -> set[int]:
     """The user's conversations with a turn pending or processing (what the per-user limit counts)."""
-    return set(session.scalars(_statements().active, {"user": user_id}))
+    return set(_statements().active(session, {"user": user_id}).scalars())
 
 
 @cache
@@ -28,17 +29,17 @@ def _statements() -> SimpleNamespace:
     """Built once on the Core tables (see `app.models.table`): every accepted turn asks these."""
     turns, messages, users = table(Turn), table(ConversationMessage), table(User)
     return SimpleNamespace(
-        active=select(turns.c.conversation_id)
-        .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
-        .where(turns.c.user_id == bindparam("user"), messages.c.role == "assistant",
-               messages.c.status.in_(IN_FLIGHT_VALUES)),
-        lock_user=select(users.c.id).where(users.c.id == bindparam("user")).with_for_update(),
+        active=Prepared(select(turns.c.conversation_id)
+                        .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
+                        .where(turns.c.user_id == bindparam("user"), messages.c.role == "assistant",
+                               messages.c.status.in_([literal(status) for status in IN_FLIGHT_VALUES]))),
+        lock_user=Prepared(select(users.c.id).where(users.c.id == bindparam("user")).with_for_update()),
     )
 
 
 def lock_user(session: Session, user_id: int) -> None:
     """Serialise a user's turn starts, so the per-user limit and idempotency keys hold under concurrency."""
-    session.execute(_statements().lock_user, {"user": user_id})
+    _statements().lock_user(session, {"user": user_id})
 
 
 def check_can_start(session: Session, user_id: int, conversation_id: int) -> None:

@@ -19,6 +19,7 @@ from app.errors import ValidationFailed
 from app.models import CreditTransaction, User, table
 from app.models.base import utc_now
 from app.money import MAX_AMOUNT, quantize
+from app.prepared import Prepared
 
 
 def _locked_user(session: Session, user_id: int) -> User:
@@ -57,33 +58,35 @@ def _statements() -> SimpleNamespace:
     users, ledger = table(User), table(CreditTransaction)
     unreserved = case((users.c.reserved > bindparam("held"), users.c.reserved - bindparam("held")), else_=0)
     return SimpleNamespace(
-        reserve=update(users)
-        .where(users.c.id == bindparam("user"), users.c.balance - users.c.reserved >= bindparam("amount"))
-        .values(reserved=users.c.reserved + bindparam("amount")),
-        release=update(users).where(users.c.id == bindparam("user")).values(reserved=unreserved),
-        settle_covered=update(users)
-        .where(users.c.id == bindparam("user"), users.c.balance >= bindparam("cost"))
-        .values(balance=users.c.balance - bindparam("cost"), reserved=unreserved)
-        .returning(users.c.balance),
-        lock=select(users.c.balance, users.c.reserved).where(users.c.id == bindparam("user")).with_for_update(),
-        settle=update(users).where(users.c.id == bindparam("user"))
-        .values(balance=bindparam("new_balance"), reserved=bindparam("new_reserved")),
-        charge=insert(ledger).values(
+        reserve=Prepared(update(users)
+                         .where(users.c.id == bindparam("user"),
+                                users.c.balance - users.c.reserved >= bindparam("amount"))
+                         .values(reserved=users.c.reserved + bindparam("amount"))),
+        release=Prepared(update(users).where(users.c.id == bindparam("user")).values(reserved=unreserved)),
+        settle_covered=Prepared(update(users)
+                                .where(users.c.id == bindparam("user"), users.c.balance >= bindparam("cost"))
+                                .values(balance=users.c.balance - bindparam("cost"), reserved=unreserved)
+                                .returning(users.c.balance)),
+        lock=Prepared(select(users.c.balance, users.c.reserved).where(users.c.id == bindparam("user"))
+                      .with_for_update()),
+        settle=Prepared(update(users).where(users.c.id == bindparam("user"))
+                        .values(balance=bindparam("new_balance"), reserved=bindparam("new_reserved"))),
+        charge=Prepared(insert(ledger).values(
             user_id=bindparam("user"), message_id=bindparam("message"), kind="charge", amount=bindparam("charged"),
-            balance_after=bindparam("new_balance"), created_at=bindparam("at")),
+            balance_after=bindparam("new_balance"), created_at=bindparam("at"))),
     )
 
 
 def reserve(session: Session, user_id: int, amount: Decimal) -> bool:
     """Hold `amount` of the available balance for a turn; False when it is not there."""
-    return session.execute(_statements().reserve, {"user": user_id, "amount": quantize(amount)}).rowcount == 1
+    return _statements().reserve(session, {"user": user_id, "amount": quantize(amount)}).rowcount == 1
 
 
 def release(session: Session, user_id: int, amount: Decimal) -> None:
     """Give back a reservation of a turn that will not be charged."""
     if amount <= 0:
         return
-    session.execute(_statements().release, {"user": user_id, "held": quantize(amount)})
+    _statements().release(session, {"user": user_id, "held": quantize(amount)})
 
 
 def charge_turn(session: Session, user_id: int, message_id: int, cost: Decimal, reserved: Decimal) -> Decimal:
@@ -95,16 +98,16 @@ def charge_turn(session: Session, user_id: int, message_id: int, cost: Decimal, 
     """
     sql = _statements()
     cost, held = quantize(cost), quantize(reserved)
-    balance = session.execute(sql.settle_covered, {"user": user_id, "cost": cost, "held": held}).scalar()
+    balance = sql.settle_covered(session, {"user": user_id, "cost": cost, "held": held}).scalar()
     if balance is not None:
         charged = cost
     else:
-        row = session.execute(sql.lock, {"user": user_id}).one()
+        row = sql.lock(session, {"user": user_id}).one()
         charged = min(cost, row.balance)
         balance = quantize(row.balance - charged)
-        session.execute(sql.settle, {"user": user_id, "new_balance": balance,
-                                     "new_reserved": max(quantize(row.reserved - held), Decimal(0))})
+        sql.settle(session, {"user": user_id, "new_balance": balance,
+                             "new_reserved": max(quantize(row.reserved - held), Decimal(0))})
     if charged > 0:
-        session.execute(sql.charge, {"user": user_id, "message": message_id, "charged": -charged,
-                                     "new_balance": quantize(balance), "at": utc_now()})
+        sql.charge(session, {"user": user_id, "message": message_id, "charged": -charged,
+                             "new_balance": quantize(balance), "at": utc_now()})
     return charged

@@ -84,6 +84,12 @@ _clients: dict[tuple[str | None, str], openai.OpenAI] = {}
 _clients_lock = threading.Lock()
 
 
+def _new_client(api_key: str, base_url: str | None) -> openai.OpenAI:
+    transport = KeepAliveTransport(limits=httpx2.Limits(max_connections=2000, max_keepalive_connections=200))
+    return openai.OpenAI(api_key=api_key, base_url=base_url, max_retries=0,
+                         http_client=openai.DefaultHttpx2Client(transport=transport))
+
+
 def client_for(target: ModelTarget) -> openai.OpenAI:
     """One client, and so one connection pool, per endpoint and key for the life of the process."""
     api_key = os.environ.get(target.api_key_env or "", "") or os.environ.get("OPENAI_API_KEY", "") or DEFAULT_API_KEY
@@ -93,12 +99,16 @@ def client_for(target: ModelTarget) -> openai.OpenAI:
         with _clients_lock:
             client = _clients.get(cache_key)
             if client is None:
-                transport = KeepAliveTransport(limits=httpx2.Limits(max_connections=2000,
-                                                                    max_keepalive_connections=200))
-                http = openai.DefaultHttpx2Client(transport=transport)
-                client = openai.OpenAI(api_key=api_key, base_url=target.base_url, max_retries=0, http_client=http)
-                _clients[cache_key] = client
+                client = _clients[cache_key] = _new_client(api_key, target.base_url)
     return client
+
+
+def warm_up() -> None:
+    """The first client of a process imports the HTTP stack (httpcore2, anyio, trio, truststore: about
+    half a second of CPU); a worker pays for it while it boots, not in its first wave of turns."""
+    import encodings.idna  # noqa: F401  (imported by the first request's host name)
+
+    _new_client(DEFAULT_API_KEY, "http://127.0.0.1:9/v1").close()
 
 
 def open_chat_stream(client: openai.OpenAI, body: dict[str, Any], timeout: openai.Timeout) -> openai.Stream[Any]:

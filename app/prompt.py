@@ -11,12 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 
-from sqlalchemy import Select, bindparam, select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
 from app.llm_client import estimate_tokens, estimate_tokens_of_messages
 from app.models import ConversationMessage, table
+from app.prepared import Prepared
 from app.turn_status import TurnStatus
 
 ChatMessage = dict[str, str]
@@ -29,10 +30,10 @@ class Prompt:
 
 
 @cache
-def _history_query() -> Select[tuple[str, str]]:
-    """Built once on the Core table (see `app.models.table`): every turn reads its history."""
+def _history_query() -> Prepared:
+    """Built once on the Core table and run on the driver (`app.prepared`): every turn reads its history."""
     messages = table(ConversationMessage)
-    return (
+    return Prepared(
         select(messages.c.role, messages.c.content)
         .where(messages.c.conversation_id == bindparam("conversation"),
                messages.c.status == TurnStatus.SUCCESS.value, messages.c.seq < bindparam("before"))
@@ -42,8 +43,8 @@ def _history_query() -> Select[tuple[str, str]]:
 
 def successful_history(session: Session, conversation_id: int, before_seq: int | None = None) -> list[ChatMessage]:
     """The conversation's successful turns before `before_seq` (all of them when it is None), oldest first."""
-    rows = session.execute(_history_query(), {"conversation": conversation_id,
-                                              "before": before_seq if before_seq is not None else 2**31 - 1})
+    rows = _history_query()(session, {"conversation": conversation_id,
+                                      "before": before_seq if before_seq is not None else 2**31 - 1})
     return [{"role": role, "content": content} for role, content in rows]
 
 

@@ -24,6 +24,7 @@ from app.errors import ContentTooLarge, ConversationBusy, NotFound, TooManyActiv
 from app.in_flight import check_can_start
 from app.models import Conversation, ConversationMessage, Turn, User, table
 from app.models.base import utc_now
+from app.prepared import Prepared
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,28 +60,30 @@ def _replay(session: Session, user_id: int, key: str, conversation_id: int) -> A
     )
 
 
-_INSERTED = ("conversation_id", "seq", "role", "content", "status", "created_at", "updated_at")
-
-
 @cache
 def _statements() -> SimpleNamespace:
     """The statements of every accepted turn, built once on the Core tables (see `app.models.table`)."""
     users, conversations, messages, turns = table(User), table(Conversation), table(ConversationMessage), table(Turn)
+    pending = {"conversation_id": bindparam("conversation"), "status": "pending", "created_at": bindparam("at"),
+               "updated_at": bindparam("at")}
     return SimpleNamespace(
-        lock_owner=select(users.c.id)
-        .join_from(conversations, users, users.c.id == conversations.c.user_id)
-        .where(conversations.c.id == bindparam("conversation"), conversations.c.user_id == bindparam("user"),
-               conversations.c.deleted_at.is_(None))
-        .with_for_update(of=users),
-        bump_seq=update(conversations)
-        .where(conversations.c.id == bindparam("conversation"), conversations.c.deleted_at.is_(None))
-        .values(message_count=conversations.c.message_count + 2, updated_at=bindparam("at"))
-        .returning(conversations.c.message_count),
-        insert_messages=insert(messages).returning(messages.c.id, messages.c.seq, sort_by_parameter_order=True),
-        insert_turn=insert(turns).values(
+        lock_owner=Prepared(select(users.c.id)
+                            .join_from(conversations, users, users.c.id == conversations.c.user_id)
+                            .where(conversations.c.id == bindparam("conversation"),
+                                   conversations.c.user_id == bindparam("user"), conversations.c.deleted_at.is_(None))
+                            .with_for_update(of=users)),
+        bump_seq=Prepared(update(conversations)
+                          .where(conversations.c.id == bindparam("conversation"), conversations.c.deleted_at.is_(None))
+                          .values(message_count=conversations.c.message_count + 2, updated_at=bindparam("at"))
+                          .returning(conversations.c.message_count)),
+        insert_messages=Prepared(insert(messages).values([
+            {**pending, "seq": bindparam("question_seq"), "role": "user", "content": bindparam("content")},
+            {**pending, "seq": bindparam("answer_seq"), "role": "assistant", "content": ""},
+        ]).returning(messages.c.id, messages.c.seq)),
+        insert_turn=Prepared(insert(turns).values(
             assistant_message_id=bindparam("assistant"), user_message_id=bindparam("user_message"),
             conversation_id=bindparam("conversation"), user_id=bindparam("user"), idempotency_key=bindparam("key"),
-            enqueued_at=bindparam("at"), created_at=bindparam("at"), updated_at=bindparam("at")),
+            enqueued_at=bindparam("at"), created_at=bindparam("at"), updated_at=bindparam("at"))),
     )
 
 
@@ -93,7 +96,7 @@ def _insert_turn(
     the read of `deleted_at` may predate a wait for the user's lock; the seq update checks it again
     on the committed row, and a conversation deleted meanwhile is 404."""
     sql = _statements()
-    if session.scalar(sql.lock_owner, {"conversation": conversation_id, "user": principal.id}) is None:
+    if sql.lock_owner(session, {"conversation": conversation_id, "user": principal.id}).first() is None:
         raise NotFound("No such conversation.")
     if key is not None:
         replay = _replay(session, principal.id, key, conversation_id)
@@ -101,24 +104,20 @@ def _insert_turn(
             return replay
     check_can_start(session, principal.id, conversation_id)
     now = utc_now()
-    last_seq = session.execute(sql.bump_seq, {"conversation": conversation_id, "at": now}).scalar()
+    last_seq = sql.bump_seq(session, {"conversation": conversation_id, "at": now}).scalar()
     if last_seq is None:
         raise NotFound("No such conversation.")
-    user_message = ConversationMessage(conversation_id=conversation_id, seq=last_seq - 1, role="user",
-                                       content=content, status="pending", created_at=now, updated_at=now)
-    assistant_message = ConversationMessage(conversation_id=conversation_id, seq=last_seq, role="assistant",
-                                            content="", status="pending", created_at=now, updated_at=now)
-    inserted = session.execute(sql.insert_messages, [_row(user_message), _row(assistant_message)])
-    user_message.id, assistant_message.id = (message_id for message_id, _ in inserted)
-    session.execute(sql.insert_turn, {"assistant": assistant_message.id, "user_message": user_message.id,
-                                      "conversation": conversation_id, "user": principal.id, "key": key,
-                                      "at": now})
+    ids = {row.seq: row.id for row in sql.insert_messages(session, {
+        "conversation": conversation_id, "at": now, "question_seq": last_seq - 1, "answer_seq": last_seq,
+        "content": content})}
+    user_message = ConversationMessage(id=ids[last_seq - 1], conversation_id=conversation_id, seq=last_seq - 1,
+                                       role="user", content=content, status="pending", created_at=now, updated_at=now)
+    assistant_message = ConversationMessage(id=ids[last_seq], conversation_id=conversation_id, seq=last_seq,
+                                            role="assistant", content="", status="pending", created_at=now,
+                                            updated_at=now)
+    sql.insert_turn(session, {"assistant": assistant_message.id, "user_message": user_message.id,
+                              "conversation": conversation_id, "user": principal.id, "key": key, "at": now})
     return AcceptedTurn(user_message, assistant_message)
-
-
-def _row(message: ConversationMessage) -> dict[str, object]:
-    """The columns a new message is inserted with; the rest keep their defaults (NULL, as rendered)."""
-    return {name: getattr(message, name) for name in _INSERTED}
 
 
 def submit_turn(principal: Principal, conversation_id: int, content: str, idempotency_key: str | None) -> AcceptedTurn:

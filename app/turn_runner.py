@@ -31,7 +31,9 @@ from app.live_stream import TurnStream
 from app.llm_client import ModelTarget, estimate_tokens
 from app.logging_setup import turn_context
 from app.models import Agent, Conversation, ConversationMessage, LlmModel, Turn, table
+from app.models.base import utc_now
 from app.moderation import moderate
+from app.prepared import Prepared
 from app.prompt import ChatMessage, build_prompt, successful_history
 from app.targets import worst_case_cost
 from app.turn_state import (
@@ -88,31 +90,32 @@ def _statements() -> SimpleNamespace:
     primary, fallback = table(LlmModel).alias("primary_model"), table(LlmModel).alias("fallback_model")
     turns = table(Turn)
     return SimpleNamespace(
-        context=select(messages.c.content, messages.c.seq, agents.c.system_prompt, agents.c.timeout_seconds,
-                       agents.c.temperature, agents.c.max_tokens,
-                       *(primary.c[f].label(f"p_{f}") for f in _MODEL_FIELDS),
-                       *(fallback.c[f].label(f"f_{f}") for f in _MODEL_FIELDS))
-        .select_from(conversations
-                     .join(messages, messages.c.id == bindparam("user_message_id"))
-                     .join(agents, agents.c.id == conversations.c.agent_id)
-                     .join(primary, primary.c.id == agents.c.model_id)
-                     .outerjoin(fallback, fallback.c.id == agents.c.fallback_model_id))
-        .where(conversations.c.id == bindparam("conversation_id")),
-        hold=update(turns).where(turns.c.assistant_message_id == bindparam("turn_id"))
-        .values(reserved_amount=bindparam("amount")),
+        context=Prepared(
+            select(messages.c.content, messages.c.seq, agents.c.system_prompt, agents.c.timeout_seconds,
+                   agents.c.temperature, agents.c.max_tokens,
+                   *(primary.c[f].label(f"p_{f}") for f in _MODEL_FIELDS),
+                   *(fallback.c[f].label(f"f_{f}") for f in _MODEL_FIELDS))
+            .select_from(conversations
+                         .join(messages, messages.c.id == bindparam("user_message_id"))
+                         .join(agents, agents.c.id == conversations.c.agent_id)
+                         .join(primary, primary.c.id == agents.c.model_id)
+                         .outerjoin(fallback, fallback.c.id == agents.c.fallback_model_id))
+            .where(conversations.c.id == bindparam("conversation_id"))),
+        hold=Prepared(update(turns).where(turns.c.assistant_message_id == bindparam("turn_id"))
+                      .values(reserved_amount=bindparam("amount"), updated_at=bindparam("at"))),
     )
 
 
 def _load_context(session: Session, turn: TurnRow, token: str) -> TurnContext:
     """Everything the run needs, in one query plus the history: the user's message, the agent, its models."""
-    row = session.execute(_statements().context, {"user_message_id": turn.user_message_id,
-                                             "conversation_id": turn.conversation_id}).one()
+    row = _statements().context(session, {"user_message_id": turn.user_message_id,
+                                           "conversation_id": turn.conversation_id}).one()
     primary = _target(row, "p")
     assert primary is not None
     return TurnContext(
         turn_id=turn.assistant_message_id, token=token, user_id=turn.user_id,
         conversation_id=turn.conversation_id, content=row.content, system_prompt=row.system_prompt,
-        history=successful_history(session, turn.conversation_id, before_seq=row.seq),
+        history=successful_history(session, turn.conversation_id, before_seq=row.seq) if row.seq > 1 else [],
         params=AgentParams(row.timeout_seconds, row.temperature, row.max_tokens),
         primary=primary, fallback=_target(row, "f"), reserved=turn.reserved_amount,
     )
@@ -205,7 +208,7 @@ def _reserve(session: Session, context: TurnContext) -> Decimal | None:
     amount = worst_case_cost(targets, context.prompt_for, context.params.max_tokens)
     if not ledger.reserve(session, context.user_id, amount):
         return None
-    session.execute(_statements().hold, {"turn_id": context.turn_id, "amount": amount})
+    _statements().hold(session, {"turn_id": context.turn_id, "amount": amount, "at": utc_now()})
     return amount
 
 

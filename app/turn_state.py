@@ -16,12 +16,13 @@ from functools import cache
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import bindparam, case, select, update
+from sqlalchemy import bindparam, case, literal, select, update
 from sqlalchemy.orm import Session
 
 from app.models import ConversationMessage, DebugRun, Turn, table
 from app.models.base import optional_utc as utc
 from app.models.base import utc_now
+from app.prepared import Prepared
 from app.turn_status import TurnStatus, sources_for
 
 
@@ -60,37 +61,58 @@ _TURN_COLUMNS = ("assistant_message_id", "user_message_id", "conversation_id", "
 
 @cache
 def _statements() -> SimpleNamespace:
-    """The statements every turn runs, built once on the Core tables (see `app.models.table`)."""
+    """The statements every turn runs, built once on the Core tables and run on the driver (`app.prepared`)."""
     turns, messages = table(Turn), table(ConversationMessage)
     turn_row = [turns.c[name] for name in _TURN_COLUMNS]
-    answer_columns = ("content", "model", "prompt_tokens", "completion_tokens", "total_tokens", "cost", "latency_ms")
-    guarded = messages.c.status.in_(bindparam("sources", expanding=True))
     return SimpleNamespace(
-        lock_turn=select(*turn_row, turns.c.lease_expires_at, messages.c.status)
-        .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
-        .where(turns.c.assistant_message_id == bindparam("turn_id")).with_for_update(of=[turns, messages]),
-        touch_answer=update(messages).where(messages.c.id == bindparam("turn_id")).values(updated_at=bindparam("at")),
-        move_both=update(messages)
-        .where(messages.c.id.in_(bindparam("ids", expanding=True)), guarded)
-        .values(status=bindparam("new_status"), updated_at=bindparam("at")),
-        take_lease=update(turns).where(turns.c.assistant_message_id == bindparam("turn_id"))
-        .values(lease_token=bindparam("token"), lease_expires_at=bindparam("expires"),
-                deliveries=turns.c.deliveries + 1, updated_at=bindparam("at")),
-        give_up_lease=update(turns)
-        .where(turns.c.assistant_message_id == bindparam("turn_id"), turns.c.lease_token == bindparam("token"))
-        .values(lease_token=None, lease_expires_at=None, cost_estimated=bindparam("estimated"),
-                updated_at=bindparam("at"))
-        .returning(*turn_row),
-        move_both_noting=update(messages)
-        .where(messages.c.id.in_(bindparam("ids", expanding=True)), guarded)
-        .values(status=bindparam("new_status"), error_message=bindparam("error"), updated_at=bindparam("at")),
-        finish_both=update(messages)
-        .where(messages.c.id.in_(bindparam("ids", expanding=True)), guarded)
-        .values(status=bindparam("new_status"), error_message=bindparam("error"), updated_at=bindparam("at"),
-                **{name: case((messages.c.id == bindparam("turn_id"),
-                               bindparam(f"a_{name}", type_=messages.c[name].type)), else_=messages.c[name])
-                   for name in answer_columns}),
+        lock_turn=Prepared(select(*turn_row, turns.c.lease_expires_at, messages.c.status)
+                           .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
+                           .where(turns.c.assistant_message_id == bindparam("turn_id"))
+                           .with_for_update(of=[turns, messages])),
+        touch_answer=Prepared(update(messages).where(messages.c.id == bindparam("turn_id"))
+                              .values(updated_at=bindparam("at"))),
+        take_lease=Prepared(update(turns).where(turns.c.assistant_message_id == bindparam("turn_id"))
+                            .values(lease_token=bindparam("token"), lease_expires_at=bindparam("expires"),
+                                    deliveries=turns.c.deliveries + 1, updated_at=bindparam("at"))),
+        give_up_lease=Prepared(update(turns)
+                               .where(turns.c.assistant_message_id == bindparam("turn_id"),
+                                      turns.c.lease_token == bindparam("token"))
+                               .values(lease_token=None, lease_expires_at=None, cost_estimated=bindparam("estimated"),
+                                       updated_at=bindparam("at"))
+                               .returning(*turn_row)),
     )
+
+
+_ANSWER_COLUMNS = ("content", "model", "prompt_tokens", "completion_tokens", "total_tokens", "cost", "latency_ms")
+
+
+@cache
+def _both_moving(target: TurnStatus, *, noting: bool = False, answering: bool = False) -> Prepared:
+    """Both messages of a turn to `target` in one UPDATE guarded by the statuses `target` may be reached from.
+
+    `noting` also sets the error message; `answering` also stores the answer's columns, on the
+    assistant's row only."""
+    messages = table(ConversationMessage)
+    values: dict[str, Any] = {"status": target.value, "updated_at": bindparam("at")}
+    if noting or answering:
+        values["error_message"] = bindparam("error")
+    if answering:
+        values.update({name: case((messages.c.id == bindparam("answer"),
+                                   bindparam(f"a_{name}", type_=messages.c[name].type)), else_=messages.c[name])
+                       for name in _ANSWER_COLUMNS})
+    return Prepared(update(messages)
+                    .where(messages.c.id.in_([bindparam("question"), bindparam("answer")]),
+                           messages.c.status.in_([literal(source) for source in sources_for(target)]))
+                    .values(**values))
+
+
+def _move_both(session: Session, target: TurnStatus, question: int, answer: int, *, noting: bool = False,
+               answering: bool = False, **values: Any) -> None:
+    """Run `_both_moving`; a turn whose messages were not both in a status `target` is reached from is refused."""
+    moved = _both_moving(target, noting=noting, answering=answering)(
+        session, {"question": question, "answer": answer, **values}).rowcount
+    if moved != 2:
+        raise TransitionRefused(f"turn {answer} cannot move to {target.value}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +139,7 @@ def claim_turn(session: Session, turn_id: int, lease_seconds: float) -> ClaimRes
     commit would see the lease given up but the status still `processing`, and run the turn again.
     """
     sql = _statements()
-    row = session.execute(sql.lock_turn, {"turn_id": turn_id}).first()
+    row = sql.lock_turn(session, {"turn_id": turn_id}).first()
     if row is None:
         return ClaimResult(Claim.MISSING)
     now = utc_now()
@@ -128,27 +150,16 @@ def claim_turn(session: Session, turn_id: int, lease_seconds: float) -> ClaimRes
         if expires is not None and expires > now:
             return ClaimResult(Claim.OWNED_ELSEWHERE)
         outcome = Claim.TAKEN_OVER
-        session.execute(sql.touch_answer, {"turn_id": turn_id, "at": now})
+        sql.touch_answer(session, {"turn_id": turn_id, "at": now})
     else:
-        _move_both(session, row.user_message_id, turn_id, TurnStatus.PROCESSING, now)
+        _move_both(session, TurnStatus.PROCESSING, row.user_message_id, turn_id, at=now)
         outcome = Claim.CLAIMED
     token = new_lease_token()
-    session.execute(sql.take_lease, {"turn_id": turn_id, "token": token,
-                                     "expires": now + timedelta(seconds=lease_seconds), "at": now})
+    sql.take_lease(session, {"turn_id": turn_id, "token": token, "expires": now + timedelta(seconds=lease_seconds),
+                             "at": now})
     turn = TurnRow(row.assistant_message_id, row.user_message_id, row.conversation_id, row.user_id,
                    row.deliveries + 1, row.reserved_amount, row.cancel_requested_at)
     return ClaimResult(outcome, turn, token)
-
-
-def _move_both(session: Session, user_message_id: int, turn_id: int, target: TurnStatus, now: datetime) -> None:
-    """Both messages of a turn in one guarded UPDATE, when nothing but the status changes."""
-    moved = session.execute(
-        _statements().move_both,
-        {"ids": [user_message_id, turn_id], "sources": list(sources_for(target)), "new_status": target.value,
-         "at": now},
-    ).rowcount
-    if moved != 2:
-        raise TransitionRefused(f"turn {turn_id} cannot move to {target.value}")
 
 
 def revoke_lease(session: Session, turn_id: int, token: str) -> bool:
@@ -174,11 +185,8 @@ def revoke_debug_lease(session: Session, run_id: int, token: str) -> bool:
 
 def _move_noting(session: Session, turn: Turn, target: TurnStatus, error_message: str | None) -> None:
     """Both messages to `target` with this error message (or none), guarded by the statuses they may leave."""
-    moved = session.execute(_statements().move_both_noting, {
-        "ids": [turn.user_message_id, turn.assistant_message_id], "sources": list(sources_for(target)),
-        "new_status": target.value, "error": error_message, "at": utc_now()}).rowcount
-    if moved != 2:
-        raise TransitionRefused(f"turn {turn.assistant_message_id} cannot move to {target.value}")
+    _move_both(session, target, turn.user_message_id, turn.assistant_message_id, noting=True, error=error_message,
+               at=utc_now())
 
 
 def finish_turn(
@@ -202,23 +210,18 @@ def finish_turn(
     """
     if not target.is_terminal:
         raise ValueError(f"{target} is not terminal")
-    sql = _statements()
     now = utc_now()
-    row = session.execute(sql.give_up_lease, {"turn_id": turn_id, "token": token, "estimated": cost_estimated,
-                                              "at": now}).first()
+    row = _statements().give_up_lease(session, {"turn_id": turn_id, "token": token, "estimated": cost_estimated,
+                                                "at": now}).first()
     if row is None:
         raise LeaseLost(f"turn {turn_id} is owned by another worker")
     counted = prompt_tokens is not None or completion_tokens is not None
-    moved = session.execute(sql.finish_both, {
-        "ids": [row.user_message_id, turn_id], "turn_id": turn_id, "sources": list(sources_for(target)),
-        "new_status": target.value, "error": error_message, "at": now, "a_content": content, "a_model": model,
-        "a_prompt_tokens": (prompt_tokens or 0) if counted else None,
-        "a_completion_tokens": (completion_tokens or 0) if counted else None,
-        "a_total_tokens": (prompt_tokens or 0) + (completion_tokens or 0) if counted else None,
-        "a_cost": cost, "a_latency_ms": latency_ms,
-    }).rowcount
-    if moved != 2:
-        raise TransitionRefused(f"turn {turn_id} cannot move to {target.value}")
+    _move_both(session, target, row.user_message_id, turn_id, answering=True, error=error_message, at=now,
+               a_content=content, a_model=model,
+               a_prompt_tokens=(prompt_tokens or 0) if counted else None,
+               a_completion_tokens=(completion_tokens or 0) if counted else None,
+               a_total_tokens=(prompt_tokens or 0) + (completion_tokens or 0) if counted else None,
+               a_cost=cost, a_latency_ms=latency_ms)
     return TurnRow(*row)
 
 

@@ -34,12 +34,13 @@ def start() -> None:
 
 
 def _warm_up() -> None:
-    """Pay for the database pool before the worker says it is ready, not in the first turns it runs
-    (which would otherwise be slower than every later one)."""
+    """Pay for the database pool and the HTTP stack's imports before the worker says it is ready,
+    not in the first turns it runs (which would otherwise be slower than every later one)."""
     try:
         open_pool()
     except Exception:
         log.warning("could not open database connections at boot; they open on first use", exc_info=True)
+    llm_client.warm_up()
 
 
 def stop() -> None:

@@ -30,9 +30,13 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     if floor:
         out.append(("floor (a): no-op Dramatiq message, enqueue + worker CPU",
                     f"{_fmt(floor['dramatiq']['per_message_cpu_ms'])} ms", "", ""))
-        out.append(("floor (b): openai SDK streamed completion, client CPU",
+        out.append(("floor (b): openai SDK typed streamed completion, client CPU",
                     f"{_fmt(floor['sdk']['per_completion_cpu_ms'])} ms", "", ""))
         out.append(("floor = (a) + (b)", f"{_fmt(floor['per_turn_cpu_ms'])} ms", "", ""))
+        if "sdk_as_agentq" in floor:
+            out.append(("floor (b'): the same completion as agentq opens it (SDK client.post, JSON chunks)",
+                        f"{_fmt(floor['sdk_as_agentq']['per_completion_cpu_ms'])} ms", "", ""))
+            out.append(("floor' = (a) + (b')", f"{_fmt(floor['per_turn_cpu_ms_as_agentq'])} ms", "", ""))
     if pipe:
         out.append(("pipeline: CPU per turn, web + workers",
                     f"{_fmt(pipe['cpu_ms'])} ms (web {_fmt(pipe['web_cpu_ms'])}, "
@@ -40,6 +44,9 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                     "<= 2x floor", _verdict(targets.get("cpu_per_turn"))))
         out.append(("pipeline: CPU per turn / floor", f"{_fmt(results.get('cpu_ratio', float('nan')))}x", "<= 2",
                      _verdict(targets.get("cpu_per_turn"))))
+        if "cpu_ratio_as_agentq" in results:
+            out.append(("pipeline: CPU per turn / floor'", f"{_fmt(results['cpu_ratio_as_agentq'])}x", "(<= 2)",
+                        _verdict(targets.get("cpu_per_turn_as_agentq"))))
         out.append(("pipeline: turns per second", _fmt(pipe["turns_per_second"], 1), "", ""))
         out.append(("pipeline: POST latency p50 / p99",
                     f"{_fmt(pipe['post_p50_ms'], 1)} / {_fmt(pipe['post_p99_ms'], 1)} ms", "p99 <= 25 ms",
@@ -54,6 +61,8 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         verdict = _verdict(targets.get("efficiency")) if target else ""
         value = f"{_fmt(run['efficiency'])} (from first start {_fmt(run['efficiency_from_first_start'])})"
         out.append((f"{label}: efficiency", value, target, verdict))
+        out.append((f"{label}: CPU per turn, workers / mock upstream",
+                    f"{_fmt(run['worker_cpu_ms_per_turn'])} / {_fmt(run['upstream_cpu_ms_per_turn'])} ms", "", ""))
         out.append((f"{label}: peak in flight, RSS per turn in flight",
                     f"{run['peak_in_flight']}, {_fmt(run['rss_per_turn_mb'])} MB "
                     f"(marginal {_fmt(run['rss_marginal_per_turn_kb'], 0)} KB)", "", ""))

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger
+
+
+class QuietAccessLogger(Logger):
+    """gunicorn builds every access log line (its "atoms") whenever any logging config is given, and
+    only then asks the logger, set to WARNING here, whether to write it; ask first."""
+
+    def access(self, resp: Any, req: Any, environ: Any, request_time: Any) -> None:
+        if self.access_log.isEnabledFor(logging.INFO):
+            super().access(resp, req, environ, request_time)
 
 
 class _Gunicorn(BaseApplication):
@@ -48,6 +59,7 @@ def serve(host: str, port: int, *, workers: int, threads: int) -> None:
         "graceful_timeout": 30,
         "keepalive": 5,
         "accesslog": None,
+        "logger_class": QuietAccessLogger,
         "logconfig_dict": gunicorn_logconfig(),
         "child_exit": _child_exit,
         "post_fork": _post_fork,
