@@ -9,12 +9,12 @@ from __future__ import annotations
 from functools import cache
 from types import SimpleNamespace
 
-from sqlalchemy import bindparam, literal, select
+from sqlalchemy import bindparam, literal_column, select
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
 from app.errors import ConversationBusy, TooManyActiveConversations
-from app.models import ConversationMessage, Turn, User, table
+from app.models import Conversation, ConversationMessage, User, table
 from app.prepared import Prepared
 from app.turn_status import IN_FLIGHT_VALUES
 
@@ -26,13 +26,19 @@ def active_conversation_ids(session: Session, user_id: int) -> set[int]:
 
 @cache
 def _statements() -> SimpleNamespace:
-    """Built once on the Core tables (see `app.models.table`): every accepted turn asks these."""
-    turns, messages, users = table(Turn), table(ConversationMessage), table(User)
+    """Built once on the Core tables and run on the driver (`app.prepared`): every accepted turn asks these.
+
+    `active` starts from the user's conversations and probes the partial unique index of answers in
+    flight (`uq_conversation_messages_in_flight`), so its cost follows the number of the user's
+    conversations, not of every turn they ever had. The index's predicate is repeated as constants,
+    not parameters: a prepared statement's generic plan could not prove a parameter matches it."""
+    conversations, messages, users = table(Conversation), table(ConversationMessage), table(User)
     return SimpleNamespace(
-        active=Prepared(select(turns.c.conversation_id)
-                        .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
-                        .where(turns.c.user_id == bindparam("user"), messages.c.role == "assistant",
-                               messages.c.status.in_([literal(status) for status in IN_FLIGHT_VALUES]))),
+        active=Prepared(select(messages.c.conversation_id)
+                        .join_from(conversations, messages, messages.c.conversation_id == conversations.c.id)
+                        .where(conversations.c.user_id == bindparam("user"),
+                               messages.c.role == literal_column("'assistant'"),
+                               messages.c.status.in_([literal_column(f"'{status}'") for status in IN_FLIGHT_VALUES]))),
         lock_user=Prepared(select(users.c.id).where(users.c.id == bindparam("user")).with_for_update()),
     )
 

@@ -120,7 +120,8 @@ class Prepared:
     """One Core statement, run through `__call__(session, params)` on the session's transaction.
 
     `params` is one mapping, or a sequence of mappings to run the statement once for each (no rows
-    are returned then)."""
+    are returned then; a loop of executes, since psycopg's `executemany` sets up a pipeline that
+    costs more than the one or two rows a turn writes)."""
 
     __slots__ = ("_forms", "statement")
 
@@ -150,8 +151,11 @@ class Prepared:
         cursor = driver_connection.cursor(row_factory=namedtuple_row)
         try:
             if many:
-                cursor.executemany(form.sql, batch)
-                return Rows([], cursor.rowcount)
+                changed = 0
+                for values in batch:
+                    cursor.execute(form.sql, values)
+                    changed += cursor.rowcount
+                return Rows([], changed)
             cursor.execute(form.sql, batch[0])
             return Rows(cursor.fetchall() if cursor.description is not None else [], cursor.rowcount)
         except dialect.loaded_dbapi.Error as exc:
