@@ -116,6 +116,7 @@ CREATE TABLE IF NOT EXISTS turns (
     idempotency_key varchar(200),
     lease_token varchar(64),
     lease_expires_at timestamp with time zone,
+    deadline_at timestamp with time zone,
     enqueued_at timestamp with time zone,
     deliveries integer DEFAULT 0 NOT NULL,
     reserved_amount numeric(18, 6) DEFAULT 0 NOT NULL,
@@ -130,6 +131,8 @@ CREATE TABLE IF NOT EXISTS turns (
     CONSTRAINT fk_turns_user_id FOREIGN KEY (user_id) REFERENCES users (id),
     CONSTRAINT uq_turns_user_message_id UNIQUE (user_message_id)
 );
+-- Added after the first release: an older database gets it here.
+ALTER TABLE turns ADD COLUMN IF NOT EXISTS deadline_at timestamp with time zone;
 CREATE UNIQUE INDEX IF NOT EXISTS uq_turns_idempotency_key ON turns (user_id, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS idx_turns_user_id ON turns (user_id);
@@ -167,6 +170,7 @@ CREATE TABLE IF NOT EXISTS admin_debug_logs (
     error_message text,
     lease_token varchar(64),
     lease_expires_at timestamp with time zone,
+    deadline_at timestamp with time zone,
     enqueued_at timestamp with time zone,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
@@ -176,6 +180,7 @@ CREATE TABLE IF NOT EXISTS admin_debug_logs (
     CONSTRAINT ck_admin_debug_logs_status_known CHECK (status IN ('pending', 'processing', 'success', 'error',
         'insufficient_balance', 'content_violation', 'llm_error', 'cancelled'))
 );
+ALTER TABLE admin_debug_logs ADD COLUMN IF NOT EXISTS deadline_at timestamp with time zone;
 CREATE INDEX IF NOT EXISTS idx_admin_debug_logs_agent_id ON admin_debug_logs (agent_id, id);
 CREATE INDEX IF NOT EXISTS idx_admin_debug_logs_status ON admin_debug_logs (status);
 

@@ -10,7 +10,9 @@ Four cracks, one sweep every `AGENTQ_RECOVERY_INTERVAL_SECONDS`:
 - a `processing` turn whose worker still renews its lease but is stuck: once a delivery has run
   longer than the agent's timeout for each of its models plus `AGENTQ_TURN_GRACE_SECONDS`, its lease
   is revoked (the stuck run stops at its next write) and the turn is sent again; a turn delivered more
-  than `AGENTQ_MAX_DELIVERIES` times then ends as `error`.
+  than `AGENTQ_MAX_DELIVERIES` times then ends as `error`. That deadline is written with the lease
+  when the delivery starts (`turns.deadline_at`), so the sweep's query returns only what is due:
+  a sweep costs the same with a thousand turns in flight as with none.
 Sending is idempotent (a worker that finds a turn finished or owned does nothing), and a
 compare-and-set on `enqueued_at` keeps several sweepers from sending the same turn twice.
 """
@@ -22,19 +24,23 @@ import random
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import cache
+from types import SimpleNamespace
+from typing import Any
 
 import redis
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, DateTime, and_, bindparam, literal_column, or_, select, true, update
 
 from app import outbox
 from app.config import get_settings
 from app.db import transaction
-from app.models import Agent, Conversation, ConversationMessage, DebugRun, Turn
+from app.models import ConversationMessage, DebugRun, Turn, table
 from app.models.base import optional_utc as utc
 from app.models.base import utc_now
+from app.prepared import Prepared
 from app.redis_client import get_redis, key
 from app.turn_state import revoke_debug_lease, revoke_lease
-from app.turn_status import TurnStatus
+from app.turn_status import IN_FLIGHT_VALUES, TurnStatus
 
 log = logging.getLogger(__name__)
 
@@ -81,27 +87,44 @@ def _claim_send(model: type[Turn] | type[DebugRun], ident_column, ident: int, se
         ).rowcount == 1
 
 
-def _due(status: str, enqueued_at: datetime | None, created_at: datetime, lease_expires_at: datetime | None,
-         now: datetime, redis_lost: bool) -> bool:
-    settings = get_settings()
-    if status == TurnStatus.PENDING:
-        if redis_lost:
-            return True
-        if enqueued_at is None:
-            return created_at < now - timedelta(seconds=settings.enqueue_grace_seconds)
-        return enqueued_at < now - timedelta(seconds=settings.stale_pending_seconds)
-    lease_over = lease_expires_at is None or lease_expires_at < now
-    recently_sent = enqueued_at is not None and enqueued_at > now - timedelta(seconds=settings.lease_seconds)
-    return lease_over and not recently_sent
+def _due(status: Any, enqueued_at: Any, created_at: Any, lease_expires_at: Any, deadline_at: Any, *,
+         redis_lost: bool) -> ColumnElement[bool]:
+    """The four cracks as one condition on a run's columns (a turn's, or an admin test run's), so the
+    database returns only what is due, not every run in flight to be looked at here."""
+    now = bindparam("now", type_=DateTime(timezone=True))
+    pending, processing = status == literal_column("'pending'"), status == literal_column("'processing'")
+    unsent = true() if redis_lost else or_(
+        and_(enqueued_at.is_(None), created_at < bindparam("unsent_before", type_=DateTime(timezone=True))),
+        enqueued_at < bindparam("stale_before", type_=DateTime(timezone=True)))
+    lease_over = or_(lease_expires_at.is_(None), lease_expires_at < now)
+    not_just_sent = or_(enqueued_at.is_(None), enqueued_at <= bindparam("sent_before", type_=DateTime(timezone=True)))
+    overdue = and_(lease_expires_at >= now, deadline_at < now)
+    return or_(and_(pending, unsent), and_(processing, lease_over, not_just_sent), and_(processing, overdue))
 
 
-def _overdue(status: str, processing_since: datetime, lease_expires_at: datetime | None, timeout_seconds: int,
-             has_fallback: bool, now: datetime) -> bool:
-    """A live lease on a delivery that has outrun every model attempt it could make, plus the grace."""
-    if status != TurnStatus.PROCESSING or lease_expires_at is None or lease_expires_at < now:
-        return False
-    bound = timeout_seconds * (2 if has_fallback else 1) + get_settings().turn_grace_seconds
-    return processing_since < now - timedelta(seconds=bound)
+@cache
+def _due_runs(redis_lost: bool) -> SimpleNamespace:
+    turns, messages, runs = table(Turn), table(ConversationMessage), table(DebugRun)
+    in_flight = [literal_column(f"'{status}'") for status in IN_FLIGHT_VALUES]
+    return SimpleNamespace(
+        turns=Prepared(
+            select(turns.c.assistant_message_id, messages.c.status, turns.c.enqueued_at, turns.c.lease_expires_at,
+                   turns.c.lease_token)
+            .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
+            .where(messages.c.role == literal_column("'assistant'"), messages.c.status.in_(in_flight),
+                   _due(messages.c.status, turns.c.enqueued_at, turns.c.created_at, turns.c.lease_expires_at,
+                        turns.c.deadline_at, redis_lost=redis_lost))),
+        runs=Prepared(
+            select(runs.c.id, runs.c.status, runs.c.enqueued_at, runs.c.lease_expires_at, runs.c.lease_token)
+            .where(runs.c.status.in_(in_flight),
+                   _due(runs.c.status, runs.c.enqueued_at, runs.c.created_at, runs.c.lease_expires_at,
+                        runs.c.deadline_at, redis_lost=redis_lost))),
+    )
+
+
+def _live(lease_expires_at: datetime | None, now: datetime) -> bool:
+    """A processing run the database called due with a live lease is overdue: its lease is revoked first."""
+    return lease_expires_at is not None and utc(lease_expires_at) >= now
 
 
 def _revoke_overdue(ident: int, token: str | None, *, debug: bool = False) -> bool:
@@ -117,38 +140,26 @@ def _revoke_overdue(ident: int, token: str | None, *, debug: bool = False) -> bo
 
 def recover_once() -> RecoveryReport:
     report = RecoveryReport(redis_lost=_redis_lost_its_data())
+    settings = get_settings()
     now = utc_now()
-    in_flight = (TurnStatus.PENDING.value, TurnStatus.PROCESSING.value)
+    cutoffs = {"now": now, "unsent_before": now - timedelta(seconds=settings.enqueue_grace_seconds),
+               "stale_before": now - timedelta(seconds=settings.stale_pending_seconds),
+               "sent_before": now - timedelta(seconds=settings.lease_seconds)}
+    due = _due_runs(report.redis_lost)
     with transaction() as session:
-        turns = session.execute(
-            select(Turn.assistant_message_id, ConversationMessage.status, Turn.enqueued_at, Turn.created_at,
-                   Turn.lease_expires_at, Turn.lease_token, ConversationMessage.updated_at, Agent.timeout_seconds,
-                   Agent.fallback_model_id)
-            .join(ConversationMessage, ConversationMessage.id == Turn.assistant_message_id)
-            .join(Conversation, Conversation.id == Turn.conversation_id)
-            .join(Agent, Agent.id == Conversation.agent_id)
-            .where(ConversationMessage.role == "assistant", ConversationMessage.status.in_(in_flight))
-        ).all()
-        runs = session.execute(
-            select(DebugRun.id, DebugRun.status, DebugRun.enqueued_at, DebugRun.created_at, DebugRun.lease_expires_at,
-                   DebugRun.lease_token, DebugRun.updated_at, Agent.timeout_seconds, Agent.fallback_model_id)
-            .join(Agent, Agent.id == DebugRun.agent_id)
-            .where(DebugRun.status.in_(in_flight))
-        ).all()
-    for ident, status, enqueued_at, created_at, lease, token, since, timeout, fallback in turns:
-        overdue = _overdue(status, utc(since), utc(lease), timeout, fallback is not None, now) \
-            and _revoke_overdue(ident, token)
-        due = overdue or _due(status, utc(enqueued_at), utc(created_at), utc(lease), now, report.redis_lost)
-        if due and _claim_send(Turn, Turn.assistant_message_id, ident, enqueued_at):
+        turns, runs = due.turns(session, cutoffs).rows, due.runs(session, cutoffs).rows
+    for ident, status, enqueued_at, lease, token in turns:
+        if status == TurnStatus.PROCESSING and _live(lease, now) and not _revoke_overdue(ident, token):
+            continue
+        if _claim_send(Turn, Turn.assistant_message_id, ident, enqueued_at):
             if outbox.send_turn(ident):
                 report.sent.append(ident)
             else:
                 report.unsent += 1
-    for ident, status, enqueued_at, created_at, lease, token, since, timeout, fallback in runs:
-        overdue = _overdue(status, utc(since), utc(lease), timeout, fallback is not None, now) \
-            and _revoke_overdue(ident, token, debug=True)
-        due = overdue or _due(status, utc(enqueued_at), utc(created_at), utc(lease), now, report.redis_lost)
-        if due and _claim_send(DebugRun, DebugRun.id, ident, enqueued_at):
+    for ident, status, enqueued_at, lease, token in runs:
+        if status == TurnStatus.PROCESSING and _live(lease, now) and not _revoke_overdue(ident, token, debug=True):
+            continue
+        if _claim_send(DebugRun, DebugRun.id, ident, enqueued_at):
             if outbox.send_debug_run(ident):
                 report.debug_sent.append(ident)
             else:

@@ -1,14 +1,17 @@
 """Creating or upgrading the schema: `schema.sql` on PostgreSQL, the models on SQLite.
 
 Every statement of `schema.sql` is idempotent, so `agentq db init` is safe to run twice and from
-several machines at once (an advisory lock serialises them).
+several machines at once (an advisory lock serialises them); a column added after a release is
+added to an older database by its `ALTER TABLE … ADD COLUMN IF NOT EXISTS`. On SQLite the models
+create what is missing, and a nullable column a table lacks is added to it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import text
+from sqlalchemy import Engine, inspect, text
+from sqlalchemy.schema import CreateColumn
 
 from app.db import get_engine
 from app.models import Base
@@ -26,4 +29,19 @@ def init_schema() -> str:
             connection.exec_driver_sql(sql)
         return f"applied {SCHEMA_FILE.name} to {engine.url.render_as_string(hide_password=True)}"
     Base.metadata.create_all(engine)
-    return f"created tables in {engine.url.render_as_string(hide_password=True)}"
+    added = _add_missing_columns(engine)
+    return (f"created tables in {engine.url.render_as_string(hide_password=True)}"
+            + (f"; added columns {', '.join(added)}" if added else ""))
+
+
+def _add_missing_columns(engine: Engine) -> list[str]:
+    existing = {name: {c["name"] for c in inspect(engine).get_columns(name)} for name in Base.metadata.tables}
+    added = []
+    with engine.begin() as connection:
+        for name, table in Base.metadata.tables.items():
+            for column in table.columns:
+                if column.name not in existing[name] and column.nullable:
+                    ddl = CreateColumn(column).compile(dialect=engine.dialect)
+                    connection.exec_driver_sql(f"ALTER TABLE {name} ADD COLUMN {ddl}")
+                    added.append(f"{name}.{column.name}")
+    return added

@@ -19,7 +19,8 @@ from typing import Any
 from sqlalchemy import bindparam, case, literal, select, update
 from sqlalchemy.orm import Session
 
-from app.models import ConversationMessage, DebugRun, Turn, table
+from app.config import get_settings
+from app.models import Agent, Conversation, ConversationMessage, DebugRun, Turn, table
 from app.models.base import optional_utc as utc
 from app.models.base import utc_now
 from app.prepared import Prepared
@@ -63,17 +64,22 @@ _TURN_COLUMNS = ("assistant_message_id", "user_message_id", "conversation_id", "
 def _statements() -> SimpleNamespace:
     """The statements every turn runs, built once on the Core tables and run on the driver (`app.prepared`)."""
     turns, messages = table(Turn), table(ConversationMessage)
+    conversations, agents = table(Conversation), table(Agent)
     turn_row = [turns.c[name] for name in _TURN_COLUMNS]
     return SimpleNamespace(
-        lock_turn=Prepared(select(*turn_row, turns.c.lease_expires_at, messages.c.status)
+        lock_turn=Prepared(select(*turn_row, turns.c.lease_expires_at, messages.c.status, agents.c.timeout_seconds,
+                                  agents.c.fallback_model_id)
                            .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
+                           .join(conversations, conversations.c.id == turns.c.conversation_id)
+                           .join(agents, agents.c.id == conversations.c.agent_id)
                            .where(turns.c.assistant_message_id == bindparam("turn_id"))
                            .with_for_update(of=[turns, messages])),
         touch_answer=Prepared(update(messages).where(messages.c.id == bindparam("turn_id"))
                               .values(updated_at=bindparam("at"))),
         take_lease=Prepared(update(turns).where(turns.c.assistant_message_id == bindparam("turn_id"))
                             .values(lease_token=bindparam("token"), lease_expires_at=bindparam("expires"),
-                                    deliveries=turns.c.deliveries + 1, updated_at=bindparam("at"))),
+                                    deadline_at=bindparam("deadline"), deliveries=turns.c.deliveries + 1,
+                                    updated_at=bindparam("at"))),
         give_up_lease=Prepared(update(turns)
                                .where(turns.c.assistant_message_id == bindparam("turn_id"),
                                       turns.c.lease_token == bindparam("token"))
@@ -130,6 +136,12 @@ def new_lease_token() -> str:
     return secrets.token_hex(16)
 
 
+def delivery_deadline(now: datetime, timeout_seconds: float, has_fallback: bool) -> datetime:
+    """When a delivery started at `now` has outrun every model attempt it could make, plus the grace."""
+    bound = timeout_seconds * (2 if has_fallback else 1) + get_settings().turn_grace_seconds
+    return now + timedelta(seconds=bound)
+
+
 def claim_turn(session: Session, turn_id: int, lease_seconds: float) -> ClaimResult:
     """Take a pending turn, or take over a processing one whose lease ran out (its worker died).
 
@@ -137,6 +149,7 @@ def claim_turn(session: Session, turn_id: int, lease_seconds: float) -> ClaimRes
     on one owner. Both rows are locked, not just the turn: a row read through a join but not locked
     would come from the snapshot taken before the wait, so a worker that waited for another's final
     commit would see the lease given up but the status still `processing`, and run the turn again.
+    The delivery's deadline (`delivery_deadline`) is written with the lease, for recovery to find.
     """
     sql = _statements()
     row = sql.lock_turn(session, {"turn_id": turn_id}).first()
@@ -156,6 +169,7 @@ def claim_turn(session: Session, turn_id: int, lease_seconds: float) -> ClaimRes
         outcome = Claim.CLAIMED
     token = new_lease_token()
     sql.take_lease(session, {"turn_id": turn_id, "token": token, "expires": now + timedelta(seconds=lease_seconds),
+                             "deadline": delivery_deadline(now, row.timeout_seconds, row.fallback_model_id is not None),
                              "at": now})
     turn = TurnRow(row.assistant_message_id, row.user_message_id, row.conversation_id, row.user_id,
                    row.deliveries + 1, row.reserved_amount, row.cancel_requested_at)
@@ -287,12 +301,15 @@ def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> Clai
     if run.status == TurnStatus.PROCESSING and expires is not None and expires > now:
         return ClaimResult(Claim.OWNED_ELSEWHERE)
     outcome = Claim.TAKEN_OVER if run.status == TurnStatus.PROCESSING else Claim.CLAIMED
+    agent = session.get_one(Agent, run.agent_id)
     token = new_lease_token()
     moved = session.execute(
         update(DebugRun)
         .where(DebugRun.id == run_id, DebugRun.status.in_((TurnStatus.PENDING.value, TurnStatus.PROCESSING.value)))
         .values(status=TurnStatus.PROCESSING.value, lease_token=token,
-                lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
+                deadline_at=delivery_deadline(now, agent.timeout_seconds, agent.fallback_model_id is not None),
+                updated_at=now)
         .execution_options(synchronize_session=False)
     ).rowcount
     if moved != 1:

@@ -158,13 +158,15 @@ def test_sigterm_finishes_running_turns_within_the_grace_and_leaves_the_rest(sta
     assert (charges(stack, running["id"]), charges(stack, waiting["id"])) == (1, 1)
 
 
-def _stick(stack: Stack, turn_id: int) -> None:
-    """What a worker stuck in a turn looks like from the database: processing, under a lease it keeps renewing."""
+def _stick(stack: Stack, turn_id: int, deadline_seconds: float) -> None:
+    """What a worker stuck in a turn looks like from the database: processing, under a lease it keeps renewing,
+    with the deadline its claim wrote (the agent's timeout for each model plus the grace, from now)."""
     stack.sql("UPDATE conversation_messages SET status = 'processing', updated_at = now() "
               "WHERE id IN (SELECT unnest(ARRAY[assistant_message_id, user_message_id]) FROM turns "
               "WHERE assistant_message_id = %(id)s)", {"id": turn_id})
     stack.sql("UPDATE turns SET lease_token = 'stuck', lease_expires_at = now() + interval '1 hour', "
-              "deliveries = 1 WHERE assistant_message_id = %(id)s", {"id": turn_id})
+              "deadline_at = now() + make_interval(secs => %(deadline)s), deliveries = 1 "
+              "WHERE assistant_message_id = %(id)s", {"id": turn_id, "deadline": deadline_seconds})
 
 
 @pytest.mark.parametrize(("max_deliveries", "outcome"), [("5", "success"), ("1", "error")])
@@ -174,7 +176,7 @@ def test_a_turn_processing_past_its_timeout_and_grace_is_sent_again_or_ended(sta
     agent_id = stack.agent(stack.model(f"stuck-{max_deliveries}", "echo"), timeout_seconds=1)
     _, key = stack.user(f"stuck-{max_deliveries}")
     turn = stack.send(key, stack.conversation(key, agent_id), "are you there")
-    _stick(stack, turn["id"])
+    _stick(stack, turn["id"], deadline_seconds=1 + grace)
     stuck_at = time.monotonic()
     stack.start_worker(AGENTQ_TURN_GRACE_SECONDS=str(grace), AGENTQ_MAX_DELIVERIES=max_deliveries)
 
@@ -196,7 +198,9 @@ def test_an_admin_test_run_processing_past_its_timeout_and_grace_is_sent_again(s
     assert accepted.status_code == 202
     run_id = accepted.json()["debug_log_id"]
     stack.sql("UPDATE admin_debug_logs SET status = 'processing', lease_token = 'stuck', "
-              "lease_expires_at = now() + interval '1 hour', updated_at = now() WHERE id = %(id)s", {"id": run_id})
+              "lease_expires_at = now() + interval '1 hour', "
+              "deadline_at = now() + make_interval(secs => %(deadline)s), updated_at = now() WHERE id = %(id)s",
+              {"id": run_id, "deadline": 1 + grace})
     stuck_at = time.monotonic()
     stack.start_worker(AGENTQ_TURN_GRACE_SECONDS=str(grace))
 

@@ -66,3 +66,33 @@ def test_db_init_creates_the_sqlite_default(tmp_path) -> None:  # type: ignore[n
     assert {"idx_conversation_messages_status", "idx_conversation_messages_role_status",
             "uq_conversation_messages_in_flight"} <= index_names
     engine.dispose()
+
+
+def test_db_init_adds_a_later_column_to_an_older_postgresql_database() -> None:
+    name = scratch_database("agentq_schema")
+    try:
+        with psycopg.connect(f"{PG}/{name}", autocommit=True) as conn:
+            conn.execute((ROOT / "schema.sql").read_text())
+            conn.execute("ALTER TABLE turns DROP COLUMN deadline_at")
+        env = child_env(DATABASE_URL=f"postgresql://postgres@127.0.0.1:5432/{name}")
+        result = subprocess.run(agentq("db", "init"), env=env, capture_output=True, text=True, cwd=ROOT)
+        assert result.returncode == 0, result.stderr
+        engine = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}")
+        assert "deadline_at" in {c["name"] for c in inspect(engine).get_columns("turns")}
+        engine.dispose()
+    finally:
+        drop_database(name)
+
+
+def test_db_init_adds_a_later_column_to_an_older_sqlite_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    url = f"sqlite:///{tmp_path}/agentq.sqlite3"
+    env = child_env(DATABASE_URL=url)
+    assert subprocess.run(agentq("db", "init"), env=env, capture_output=True, cwd=ROOT).returncode == 0
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("ALTER TABLE turns DROP COLUMN deadline_at")
+    result = subprocess.run(agentq("db", "init"), env=env, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "added columns turns.deadline_at" in result.stdout
+    assert "deadline_at" in {c["name"] for c in inspect(engine).get_columns("turns")}
+    engine.dispose()

@@ -98,8 +98,10 @@ class Turn(Base):
     """Worker-side state of one turn, keyed by its assistant message (whose status is the turn's status).
 
     `lease_token`/`lease_expires_at` say which worker owns the turn and until when; a worker whose lease
-    was taken over can no longer write. `enqueued_at` is the outbox mark: NULL means the Dramatiq message
-    may never have been sent, so recovery sends it.
+    was taken over can no longer write. `deadline_at` is when the current delivery has outrun every
+    model attempt it could make (timeout for each model, plus the grace): recovery revokes it then.
+    `enqueued_at` is the outbox mark: NULL means the Dramatiq message may never have been sent, so
+    recovery sends it.
     """
 
     __tablename__ = "turns"
@@ -126,6 +128,7 @@ class Turn(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
     lease_token: Mapped[str | None] = mapped_column(String(64), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    deadline_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     deliveries: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
     reserved_amount: Mapped[Decimal] = mapped_column(Money, nullable=False, server_default=text("0"))
