@@ -12,7 +12,7 @@ from app import metrics
 from app.fallback import AttemptRecord
 from app.models import ModelAttempt, table
 from app.models.base import utc_now
-from app.prepared import Prepared
+from app.prepared import Batch, Prepared
 
 _COLUMNS = ("message_id", "debug_log_id", "model_name", "outcome", "error", "latency_ms", "first_token_ms",
             "prompt_tokens", "completion_tokens", "cost", "created_at")
@@ -24,14 +24,14 @@ def _insert() -> Prepared:
 
 
 def record_attempts(
-    session: Session, attempts: Iterable[AttemptRecord], *, message_id: int | None = None,
+    unit: Session | Batch, attempts: Iterable[AttemptRecord], *, message_id: int | None = None,
     debug_log_id: int | None = None,
 ) -> None:
     attempts = list(attempts)
     if not attempts:
         return
     now = utc_now()
-    _insert()(session, [
+    _insert()(unit, [
         {"message_id": message_id, "debug_log_id": debug_log_id, "model_name": a.model_name, "outcome": a.outcome,
          "error": a.error, "latency_ms": a.latency_ms, "first_token_ms": a.first_token_ms,
          "prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens, "cost": a.cost,

@@ -20,7 +20,7 @@ from app.db import transaction
 from app.errors import MalformedRequest, NotFound
 from app.models import Agent, Conversation, ConversationMessage, User, table
 from app.models.base import as_utc, utc_now
-from app.prepared import Prepared
+from app.prepared import Batch, Prepared
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,16 +167,16 @@ def get_message(principal: Principal, message_id: int) -> ConversationMessage:
         return message
 
 
-def record_turn_end(session: Session, conversation_id: int, success_tokens: int | None) -> None:
+def record_turn_end(unit: Session | Batch, conversation_id: int, success_tokens: int | None) -> None:
     """Statistics at a turn's end: activity always; tokens and "has an answer" only for a success.
 
     `message_count` was already counted when the turn was accepted (it allocates the seq numbers).
     """
     now = utc_now()
     if success_tokens is None:
-        _turn_end_statements().touch(session, {"conversation": conversation_id, "at": now})
+        _turn_end_statements().touch(unit, {"conversation": conversation_id, "at": now})
     else:
-        _turn_end_statements().success(session, {"conversation": conversation_id, "at": now, "tokens": success_tokens})
+        _turn_end_statements().success(unit, {"conversation": conversation_id, "at": now, "tokens": success_tokens})
 
 
 @cache

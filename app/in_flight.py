@@ -15,13 +15,30 @@ from sqlalchemy.orm import Session
 from app.config import get_settings
 from app.errors import ConversationBusy, TooManyActiveConversations
 from app.models import Conversation, ConversationMessage, User, table
-from app.prepared import Prepared
+from app.prepared import Batch, Prepared, then
 from app.turn_status import IN_FLIGHT_VALUES
 
 
 def active_conversation_ids(session: Session, user_id: int) -> set[int]:
     """The user's conversations with a turn pending or processing (what the per-user limit counts)."""
     return set(_statements().active(session, {"user": user_id}).scalars())
+
+
+def check_can_start(unit: Session | Batch, user_id: int, conversation_id: int) -> None:
+    """The two rules of starting a turn, from one query (the user's row is locked by the caller):
+    409 while this conversation has a turn in flight, 429 at AGENTQ_MAX_ACTIVE_CONVERSATIONS.
+    On a batch the query goes out with the batch and the rules are checked once it is back."""
+    active = _statements().active(unit, {"user": user_id})
+
+    def check() -> None:
+        ids = set(active.scalars())
+        if conversation_id in ids:
+            raise ConversationBusy()
+        limit = get_settings().max_active_conversations
+        if len(ids) >= limit:
+            raise TooManyActiveConversations(limit)
+
+    then(unit, check)
 
 
 @cache
@@ -47,13 +64,3 @@ def lock_user(session: Session, user_id: int) -> None:
     """Serialise a user's turn starts, so the per-user limit and idempotency keys hold under concurrency."""
     _statements().lock_user(session, {"user": user_id})
 
-
-def check_can_start(session: Session, user_id: int, conversation_id: int) -> None:
-    """The two rules of starting a turn, from one query (the user's row is locked by the caller):
-    409 while this conversation has a turn in flight, 429 at AGENTQ_MAX_ACTIVE_CONVERSATIONS."""
-    active = active_conversation_ids(session, user_id)
-    if conversation_id in active:
-        raise ConversationBusy()
-    limit = get_settings().max_active_conversations
-    if len(active) >= limit:
-        raise TooManyActiveConversations(limit)

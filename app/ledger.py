@@ -12,14 +12,14 @@ from decimal import Decimal
 from functools import cache
 from types import SimpleNamespace
 
-from sqlalchemy import bindparam, case, insert, select, update
+from sqlalchemy import BigInteger, DateTime, bindparam, case, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from app.errors import ValidationFailed
 from app.models import CreditTransaction, User, table
-from app.models.base import utc_now
+from app.models.base import Money, utc_now
 from app.money import MAX_AMOUNT, quantize
-from app.prepared import Prepared
+from app.prepared import Batch, Prepared
 
 
 def _locked_user(session: Session, user_id: int) -> User:
@@ -54,26 +54,32 @@ def add_credit(session: Session, user_id: int, amount: Decimal) -> Decimal:
 
 @cache
 def _statements() -> SimpleNamespace:
-    """Built once on the Core tables (see `app.models.table`): every turn reserves and settles."""
+    """Built once on the Core tables and run on the driver (`app.prepared`): every turn reserves and settles.
+
+    A charge is what the balance can cover: `cost`, or the whole balance when it fell short of the
+    cost since the reservation (an operator took credit back). `charge` writes the ledger row from
+    the user's row, locked, and `settle` then moves the balance the same way, so the two statements
+    need nothing from each other and go out together in a batch."""
     users, ledger = table(User), table(CreditTransaction)
-    unreserved = case((users.c.reserved > bindparam("held"), users.c.reserved - bindparam("held")), else_=0)
+    held, cost = bindparam("held", type_=Money), bindparam("cost", type_=Money)
+    unreserved = case((users.c.reserved > held, users.c.reserved - held), else_=0)
+    covered = users.c.balance >= cost
     return SimpleNamespace(
         reserve=Prepared(update(users)
                          .where(users.c.id == bindparam("user"),
                                 users.c.balance - users.c.reserved >= bindparam("amount"))
                          .values(reserved=users.c.reserved + bindparam("amount"))),
         release=Prepared(update(users).where(users.c.id == bindparam("user")).values(reserved=unreserved)),
-        settle_covered=Prepared(update(users)
-                                .where(users.c.id == bindparam("user"), users.c.balance >= bindparam("cost"))
-                                .values(balance=users.c.balance - bindparam("cost"), reserved=unreserved)
-                                .returning(users.c.balance)),
-        lock=Prepared(select(users.c.balance, users.c.reserved).where(users.c.id == bindparam("user"))
-                      .with_for_update()),
+        charge=Prepared(insert(ledger).from_select(
+            ["user_id", "message_id", "kind", "amount", "balance_after", "created_at"],
+            select(users.c.id, bindparam("message", type_=BigInteger), literal("charge"),
+                   -case((covered, cost), else_=users.c.balance),
+                   case((covered, users.c.balance - cost), else_=0),
+                   bindparam("at", type_=DateTime(timezone=True)))
+            .where(users.c.id == bindparam("user"), users.c.balance > 0, cost > 0)
+            .with_for_update())),
         settle=Prepared(update(users).where(users.c.id == bindparam("user"))
-                        .values(balance=bindparam("new_balance"), reserved=bindparam("new_reserved"))),
-        charge=Prepared(insert(ledger).values(
-            user_id=bindparam("user"), message_id=bindparam("message"), kind="charge", amount=bindparam("charged"),
-            balance_after=bindparam("new_balance"), created_at=bindparam("at"))),
+                        .values(balance=case((covered, users.c.balance - cost), else_=0), reserved=unreserved)),
     )
 
 
@@ -82,32 +88,19 @@ def reserve(session: Session, user_id: int, amount: Decimal) -> bool:
     return _statements().reserve(session, {"user": user_id, "amount": quantize(amount)}).rowcount == 1
 
 
-def release(session: Session, user_id: int, amount: Decimal) -> None:
+def release(unit: Session | Batch, user_id: int, amount: Decimal) -> None:
     """Give back a reservation of a turn that will not be charged."""
     if amount <= 0:
         return
-    _statements().release(session, {"user": user_id, "held": quantize(amount)})
+    _statements().release(unit, {"user": user_id, "held": quantize(amount)})
 
 
-def charge_turn(session: Session, user_id: int, message_id: int, cost: Decimal, reserved: Decimal) -> Decimal:
+def charge_turn(unit: Session | Batch, user_id: int, message_id: int, cost: Decimal, reserved: Decimal) -> None:
     """Settle a turn: release its reservation and charge its real cost, at most the whole balance.
 
-    Returns what was charged. A cost of zero writes no ledger row. The balance almost always covers
-    the cost (it was reserved), so one guarded UPDATE settles it; only a balance that fell short
-    meanwhile takes the locked read that clamps the charge.
-    """
+    A charge of zero writes no ledger row; the unique `message_id` of the ledger refuses a second one."""
     sql = _statements()
-    cost, held = quantize(cost), quantize(reserved)
-    balance = sql.settle_covered(session, {"user": user_id, "cost": cost, "held": held}).scalar()
-    if balance is not None:
-        charged = cost
-    else:
-        row = sql.lock(session, {"user": user_id}).one()
-        charged = min(cost, row.balance)
-        balance = quantize(row.balance - charged)
-        sql.settle(session, {"user": user_id, "new_balance": balance,
-                             "new_reserved": max(quantize(row.reserved - held), Decimal(0))})
-    if charged > 0:
-        sql.charge(session, {"user": user_id, "message": message_id, "charged": -charged,
-                             "new_balance": quantize(balance), "at": utc_now()})
-    return charged
+    values = {"user": user_id, "message": message_id, "cost": quantize(cost), "held": quantize(reserved),
+              "at": utc_now()}
+    sql.charge(unit, values)
+    sql.settle(unit, values)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import cache
 from types import SimpleNamespace
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import BigInteger, DateTime, String, Text, and_, bindparam, insert, literal, select, union_all, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -24,7 +24,7 @@ from app.errors import ContentTooLarge, ConversationBusy, NotFound, TooManyActiv
 from app.in_flight import check_can_start
 from app.models import Conversation, ConversationMessage, Turn, User, table
 from app.models.base import utc_now
-from app.prepared import Prepared
+from app.prepared import Batch, Prepared, Rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,28 +62,41 @@ def _replay(session: Session, user_id: int, key: str, conversation_id: int) -> A
 
 @cache
 def _statements() -> SimpleNamespace:
-    """The statements of every accepted turn, built once on the Core tables (see `app.models.table`)."""
+    """The statements of every accepted turn, built once on the Core tables and run on the driver.
+
+    The two messages take their seq numbers from the conversation's counter as `bump_seq` left it,
+    and the turn row its ids from the two messages, in SQL: the three writes need nothing from each
+    other in Python, so they go out in one batch (`app.prepared.Batch`)."""
     users, conversations, messages, turns = table(User), table(Conversation), table(ConversationMessage), table(Turn)
-    pending = {"conversation_id": bindparam("conversation"), "status": "pending", "created_at": bindparam("at"),
-               "updated_at": bindparam("at")}
+    at = bindparam("at", type_=DateTime(timezone=True))
+    this = (conversations.c.id == bindparam("conversation", type_=BigInteger), conversations.c.deleted_at.is_(None))
+    question, answer = messages.alias("question"), messages.alias("answer")
+    new_message = ("conversation_id", "seq", "role", "content", "status", "created_at", "updated_at")
     return SimpleNamespace(
         lock_owner=Prepared(select(users.c.id)
                             .join_from(conversations, users, users.c.id == conversations.c.user_id)
-                            .where(conversations.c.id == bindparam("conversation"),
-                                   conversations.c.user_id == bindparam("user"), conversations.c.deleted_at.is_(None))
+                            .where(*this, conversations.c.user_id == bindparam("user"))
                             .with_for_update(of=users)),
-        bump_seq=Prepared(update(conversations)
-                          .where(conversations.c.id == bindparam("conversation"), conversations.c.deleted_at.is_(None))
-                          .values(message_count=conversations.c.message_count + 2, updated_at=bindparam("at"))
+        bump_seq=Prepared(update(conversations).where(*this)
+                          .values(message_count=conversations.c.message_count + 2, updated_at=at)
                           .returning(conversations.c.message_count)),
-        insert_messages=Prepared(insert(messages).values([
-            {**pending, "seq": bindparam("question_seq"), "role": "user", "content": bindparam("content")},
-            {**pending, "seq": bindparam("answer_seq"), "role": "assistant", "content": ""},
-        ]).returning(messages.c.id, messages.c.seq)),
-        insert_turn=Prepared(insert(turns).values(
-            assistant_message_id=bindparam("assistant"), user_message_id=bindparam("user_message"),
-            conversation_id=bindparam("conversation"), user_id=bindparam("user"), idempotency_key=bindparam("key"),
-            enqueued_at=bindparam("at"), created_at=bindparam("at"), updated_at=bindparam("at"))),
+        insert_messages=Prepared(insert(messages).from_select(new_message, union_all(
+            select(conversations.c.id, conversations.c.message_count - 1, literal("user"),
+                   bindparam("content", type_=Text), literal("pending"), at, at).where(*this),
+            select(conversations.c.id, conversations.c.message_count, literal("assistant"), literal(""),
+                   literal("pending"), at, at).where(*this),
+        )).returning(messages.c.id, messages.c.seq)),
+        insert_turn=Prepared(insert(turns).from_select(
+            ("assistant_message_id", "user_message_id", "conversation_id", "user_id", "idempotency_key",
+             "enqueued_at", "created_at", "updated_at"),
+            select(answer.c.id, question.c.id, conversations.c.id, bindparam("user", type_=BigInteger),
+                   bindparam("key", type_=String), at, at, at)
+            .select_from(conversations
+                         .join(answer, and_(answer.c.conversation_id == conversations.c.id,
+                                            answer.c.seq == conversations.c.message_count))
+                         .join(question, and_(question.c.conversation_id == conversations.c.id,
+                                              question.c.seq == conversations.c.message_count - 1)))
+            .where(*this))),
     )
 
 
@@ -92,32 +105,45 @@ def _insert_turn(
 ) -> AcceptedTurn:
     """One transaction: the user's row lock (which also proves ownership), checks, seq numbers, three rows.
 
+    Two round trips and the commit: the lock with the busy/limit query, then the three writes. A
+    request with an Idempotency-Key looks for its first answer between the two, before the checks
+    (its own turn may be the one in flight).
+
     The conversation is not locked with the user (a settling turn takes them in the other order), so
     the read of `deleted_at` may predate a wait for the user's lock; the seq update checks it again
     on the committed row, and a conversation deleted meanwhile is 404."""
     sql = _statements()
-    if sql.lock_owner(session, {"conversation": conversation_id, "user": principal.id}).first() is None:
-        raise NotFound("No such conversation.")
+    ids = {"conversation": conversation_id, "user": principal.id}
+    with Batch(session) as batch:
+        owner = sql.lock_owner(batch, ids)
+        batch.then(lambda: _found(owner))
+        if key is None:
+            check_can_start(batch, principal.id, conversation_id)
     if key is not None:
         replay = _replay(session, principal.id, key, conversation_id)
         if replay is not None:
             return replay
-    check_can_start(session, principal.id, conversation_id)
+        check_can_start(session, principal.id, conversation_id)
     now = utc_now()
-    last_seq = sql.bump_seq(session, {"conversation": conversation_id, "at": now}).scalar()
-    if last_seq is None:
-        raise NotFound("No such conversation.")
-    ids = {row.seq: row.id for row in sql.insert_messages(session, {
-        "conversation": conversation_id, "at": now, "question_seq": last_seq - 1, "answer_seq": last_seq,
-        "content": content})}
-    user_message = ConversationMessage(id=ids[last_seq - 1], conversation_id=conversation_id, seq=last_seq - 1,
-                                       role="user", content=content, status="pending", created_at=now, updated_at=now)
-    assistant_message = ConversationMessage(id=ids[last_seq], conversation_id=conversation_id, seq=last_seq,
+    with Batch(session) as batch:
+        seq = sql.bump_seq(batch, {"conversation": conversation_id, "at": now})
+        inserted = sql.insert_messages(batch, {"conversation": conversation_id, "at": now, "content": content})
+        sql.insert_turn(batch, {**ids, "key": key, "at": now})
+        batch.then(lambda: _found(seq))
+    last_seq = seq.scalar()
+    message_ids = {row.seq: row.id for row in inserted}
+    user_message = ConversationMessage(id=message_ids[last_seq - 1], conversation_id=conversation_id,
+                                       seq=last_seq - 1, role="user", content=content, status="pending",
+                                       created_at=now, updated_at=now)
+    assistant_message = ConversationMessage(id=message_ids[last_seq], conversation_id=conversation_id, seq=last_seq,
                                             role="assistant", content="", status="pending", created_at=now,
                                             updated_at=now)
-    sql.insert_turn(session, {"assistant": assistant_message.id, "user_message": user_message.id,
-                              "conversation": conversation_id, "user": principal.id, "key": key, "at": now})
     return AcceptedTurn(user_message, assistant_message)
+
+
+def _found(rows: Rows) -> None:
+    if rows.first() is None:
+        raise NotFound("No such conversation.")
 
 
 def submit_turn(principal: Principal, conversation_id: int, content: str, idempotency_key: str | None) -> AcceptedTurn:

@@ -33,7 +33,7 @@ from app.logging_setup import turn_context
 from app.models import Agent, Conversation, ConversationMessage, LlmModel, Turn, table
 from app.models.base import utc_now
 from app.moderation import moderate
-from app.prepared import Prepared
+from app.prepared import Batch, Prepared
 from app.prompt import ChatMessage, build_prompt, successful_history
 from app.targets import worst_case_cost
 from app.turn_state import (
@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class TurnContext:
     turn_id: int
+    question_id: int
     token: str
     user_id: int
     conversation_id: int
@@ -113,7 +114,7 @@ def _load_context(session: Session, turn: TurnRow, token: str) -> TurnContext:
     primary = _target(row, "p")
     assert primary is not None
     return TurnContext(
-        turn_id=turn.assistant_message_id, token=token, user_id=turn.user_id,
+        turn_id=turn.assistant_message_id, question_id=turn.user_message_id, token=token, user_id=turn.user_id,
         conversation_id=turn.conversation_id, content=row.content, system_prompt=row.system_prompt,
         history=successful_history(session, turn.conversation_id, before_seq=row.seq) if row.seq > 1 else [],
         params=AgentParams(row.timeout_seconds, row.temperature, row.max_tokens),
@@ -217,13 +218,14 @@ def _settle_success(context: TurnContext, outcome: Outcome, elapsed_ms: int, str
     assert completion is not None and model is not None
     usage = completion.usage
     cost = model.cost(usage.prompt_tokens, usage.completion_tokens)
-    with transaction() as session:
-        finish_turn(session, context.turn_id, context.token, TurnStatus.SUCCESS, content=completion.text,
-                    model=model.name, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                    cost=cost, cost_estimated=not usage.reported, latency_ms=elapsed_ms)
-        record_turn_end(session, context.conversation_id, usage.prompt_tokens + usage.completion_tokens)
-        ledger.charge_turn(session, context.user_id, context.turn_id, cost, context.reserved)
-        record_attempts(session, outcome.attempts, message_id=context.turn_id)
+    with transaction() as session, Batch(session) as batch:
+        finish_turn(batch, context.turn_id, context.question_id, context.token, TurnStatus.SUCCESS,
+                    content=completion.text, model=model.name, prompt_tokens=usage.prompt_tokens,
+                    completion_tokens=usage.completion_tokens, cost=cost, cost_estimated=not usage.reported,
+                    latency_ms=elapsed_ms)
+        record_turn_end(batch, context.conversation_id, usage.prompt_tokens + usage.completion_tokens)
+        ledger.charge_turn(batch, context.user_id, context.turn_id, cost, context.reserved)
+        record_attempts(batch, outcome.attempts, message_id=context.turn_id)
     stream.finished(TurnStatus.SUCCESS, model.name)
 
 
@@ -235,25 +237,26 @@ def _settle_cancelled(context: TurnContext, outcome: Outcome, elapsed_ms: int, s
     prompt_tokens = sum(estimate_tokens(m["content"]) + 4 for m in context.prompt_for(model)) + 2
     completion_tokens = estimate_tokens(partial) if partial else 0
     cost = model.cost(prompt_tokens, completion_tokens) if partial else Decimal(0)
-    with transaction() as session:
-        finish_turn(session, context.turn_id, context.token, TurnStatus.CANCELLED, content=partial,
-                    model=model.name, prompt_tokens=prompt_tokens if partial else 0,
+    with transaction() as session, Batch(session) as batch:
+        finish_turn(batch, context.turn_id, context.question_id, context.token, TurnStatus.CANCELLED,
+                    content=partial, model=model.name, prompt_tokens=prompt_tokens if partial else 0,
                     completion_tokens=completion_tokens, cost=cost, cost_estimated=True, latency_ms=elapsed_ms,
                     error_message="stopped on request")
-        record_turn_end(session, context.conversation_id, None)
-        ledger.charge_turn(session, context.user_id, context.turn_id, cost, context.reserved)
-        record_attempts(session, outcome.attempts, message_id=context.turn_id)
+        record_turn_end(batch, context.conversation_id, None)
+        ledger.charge_turn(batch, context.user_id, context.turn_id, cost, context.reserved)
+        record_attempts(batch, outcome.attempts, message_id=context.turn_id)
     stream.finished(TurnStatus.CANCELLED, model.name)
 
 
 def _settle_failure(context: TurnContext, status: TurnStatus, reason: str, stream: TurnStream,
                     outcome: Outcome | None = None, elapsed_ms: int | None = None) -> None:
-    with transaction() as session:
-        finish_turn(session, context.turn_id, context.token, status, error_message=reason, latency_ms=elapsed_ms)
-        record_turn_end(session, context.conversation_id, None)
-        ledger.release(session, context.user_id, context.reserved)
+    with transaction() as session, Batch(session) as batch:
+        finish_turn(batch, context.turn_id, context.question_id, context.token, status, error_message=reason,
+                    latency_ms=elapsed_ms)
+        record_turn_end(batch, context.conversation_id, None)
+        ledger.release(batch, context.user_id, context.reserved)
         if outcome is not None:
-            record_attempts(session, outcome.attempts, message_id=context.turn_id)
+            record_attempts(batch, outcome.attempts, message_id=context.turn_id)
     stream.finished(status, None)
 
 

@@ -23,7 +23,7 @@ from app.config import get_settings
 from app.models import Agent, Conversation, ConversationMessage, DebugRun, Turn, table
 from app.models.base import optional_utc as utc
 from app.models.base import utc_now
-from app.prepared import Prepared
+from app.prepared import Batch, Prepared, then
 from app.turn_status import TurnStatus, sources_for
 
 
@@ -84,8 +84,7 @@ def _statements() -> SimpleNamespace:
                                .where(turns.c.assistant_message_id == bindparam("turn_id"),
                                       turns.c.lease_token == bindparam("token"))
                                .values(lease_token=None, lease_expires_at=None, cost_estimated=bindparam("estimated"),
-                                       updated_at=bindparam("at"))
-                               .returning(*turn_row)),
+                                       updated_at=bindparam("at"))),
     )
 
 
@@ -112,13 +111,17 @@ def _both_moving(target: TurnStatus, *, noting: bool = False, answering: bool = 
                     .values(**values))
 
 
-def _move_both(session: Session, target: TurnStatus, question: int, answer: int, *, noting: bool = False,
+def _move_both(unit: Session | Batch, target: TurnStatus, question: int, answer: int, *, noting: bool = False,
                answering: bool = False, **values: Any) -> None:
     """Run `_both_moving`; a turn whose messages were not both in a status `target` is reached from is refused."""
     moved = _both_moving(target, noting=noting, answering=answering)(
-        session, {"question": question, "answer": answer, **values}).rowcount
-    if moved != 2:
-        raise TransitionRefused(f"turn {answer} cannot move to {target.value}")
+        unit, {"question": question, "answer": answer, **values})
+
+    def check() -> None:
+        if moved.rowcount != 2:
+            raise TransitionRefused(f"turn {answer} cannot move to {target.value}")
+
+    then(unit, check)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,15 +165,18 @@ def claim_turn(session: Session, turn_id: int, lease_seconds: float) -> ClaimRes
         expires = utc(row.lease_expires_at)
         if expires is not None and expires > now:
             return ClaimResult(Claim.OWNED_ELSEWHERE)
-        outcome = Claim.TAKEN_OVER
-        sql.touch_answer(session, {"turn_id": turn_id, "at": now})
-    else:
-        _move_both(session, TurnStatus.PROCESSING, row.user_message_id, turn_id, at=now)
-        outcome = Claim.CLAIMED
+    outcome = Claim.TAKEN_OVER if row.status == TurnStatus.PROCESSING else Claim.CLAIMED
     token = new_lease_token()
-    sql.take_lease(session, {"turn_id": turn_id, "token": token, "expires": now + timedelta(seconds=lease_seconds),
-                             "deadline": delivery_deadline(now, row.timeout_seconds, row.fallback_model_id is not None),
-                             "at": now})
+    with Batch(session) as batch:
+        if outcome is Claim.TAKEN_OVER:
+            sql.touch_answer(batch, {"turn_id": turn_id, "at": now})
+        else:
+            _move_both(batch, TurnStatus.PROCESSING, row.user_message_id, turn_id, at=now)
+        sql.take_lease(batch, {"turn_id": turn_id, "token": token,
+                               "expires": now + timedelta(seconds=lease_seconds),
+                               "deadline": delivery_deadline(now, row.timeout_seconds,
+                                                             row.fallback_model_id is not None),
+                               "at": now})
     turn = TurnRow(row.assistant_message_id, row.user_message_id, row.conversation_id, row.user_id,
                    row.deliveries + 1, row.reserved_amount, row.cancel_requested_at)
     return ClaimResult(outcome, turn, token)
@@ -204,8 +210,9 @@ def _move_noting(session: Session, turn: Turn, target: TurnStatus, error_message
 
 
 def finish_turn(
-    session: Session,
+    unit: Session | Batch,
     turn_id: int,
+    question_id: int,
     token: str,
     target: TurnStatus,
     *,
@@ -217,26 +224,31 @@ def finish_turn(
     cost_estimated: bool = False,
     latency_ms: int | None = None,
     error_message: str | None = None,
-) -> TurnRow:
+) -> None:
     """Move a turn this worker owns to a terminal status and store what it produced.
 
-    The lease is given up by the same guarded UPDATE that proves this worker still holds it.
+    The lease is given up by the same guarded UPDATE that proves this worker still holds it: on a
+    batch, the messages' UPDATE goes out with it, and a lost lease raises `LeaseLost` once the
+    results are in, which rolls both back.
     """
     if not target.is_terminal:
         raise ValueError(f"{target} is not terminal")
     now = utc_now()
-    row = _statements().give_up_lease(session, {"turn_id": turn_id, "token": token, "estimated": cost_estimated,
-                                                "at": now}).first()
-    if row is None:
-        raise LeaseLost(f"turn {turn_id} is owned by another worker")
+    lease = _statements().give_up_lease(unit, {"turn_id": turn_id, "token": token, "estimated": cost_estimated,
+                                               "at": now})
+
+    def held() -> None:
+        if lease.rowcount != 1:
+            raise LeaseLost(f"turn {turn_id} is owned by another worker")
+
+    then(unit, held)
     counted = prompt_tokens is not None or completion_tokens is not None
-    _move_both(session, target, row.user_message_id, turn_id, answering=True, error=error_message, at=now,
+    _move_both(unit, target, question_id, turn_id, answering=True, error=error_message, at=now,
                a_content=content, a_model=model,
                a_prompt_tokens=(prompt_tokens or 0) if counted else None,
                a_completion_tokens=(completion_tokens or 0) if counted else None,
                a_total_tokens=(prompt_tokens or 0) + (completion_tokens or 0) if counted else None,
                a_cost=cost, a_latency_ms=latency_ms)
-    return TurnRow(*row)
 
 
 def fail_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_message: str) -> Turn | None:

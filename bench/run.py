@@ -2,7 +2,8 @@
 
 Phases, in this order, on one deployment:
 1. floor (a) no-op Dramatiq actor, (b) openai SDK stream against the instant upstream;
-2. pipeline: full turns through the API against the instant upstream (closed loop);
+2. pipeline: full turns through the API against the instant upstream (closed loop, saturating),
+   then POST latency at a steady 75 % of the throughput it measured (open loop);
 3. streaming overhead: first SSE delta seen by a client vs the upstream's first token;
 4. latency-bound: upstream waits 1 s before its first token, C = 200 (2 x 100 threads) -- the target;
 5. the same C = 200 with a 10 s wait, where this 2-core machine's CPU is not the limit;
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import floor, latency, pipeline, report, streaming
+from bench import floor, latency, pipeline, report, steady, streaming
 from bench.deploy import Deployment
 from bench.procs import ROOT, BenchError, stop_all
 
@@ -41,6 +42,8 @@ class Plan:
     sdk_threads: int = 4
     pipeline_turns: int = 1000
     pipeline_clients: int = 8
+    steady_turns: int = 1000
+    steady_share: float = 0.75
     stream_turns: int = 200
     stream_clients: int = 4
     stream_ttft: float = 0.25
@@ -51,8 +54,8 @@ class Plan:
     hold_threads: int = 500
 
     def scaled(self, factor: float) -> Plan:
-        counts = ("noop_messages", "sdk_completions", "pipeline_turns", "stream_turns", "bound_turns", "slow_turns",
-                  "hold_turns")
+        counts = ("noop_messages", "sdk_completions", "pipeline_turns", "steady_turns", "stream_turns", "bound_turns",
+                  "slow_turns", "hold_turns")
         return dataclasses.replace(self, **{name: max(20, int(getattr(self, name) * factor)) for name in counts})
 
 
@@ -109,6 +112,11 @@ def measure(dep: Deployment, plan: Plan, phases: set[str], profile: bool) -> tup
         if "floor" in results:
             results["cpu_ratio"] = pipe.cpu_ms / results["floor"]["per_turn_cpu_ms"]
             results["cpu_ratio_as_agentq"] = pipe.cpu_ms / results["floor"]["per_turn_cpu_ms_as_agentq"]
+        _phase(f"steady load: {plan.steady_turns} turns at {plan.steady_share:.0%} of "
+               f"{pipe.turns_per_second:.1f} turns/s, open loop")
+        load = steady.run(dep, plan.steady_turns, pipe.turns_per_second, plan.steady_share)
+        results["steady"] = _public(load, drop=("post_latencies_ms",))
+        raw["steady_latencies_ms"] = load.post_latencies_ms
     if "streaming" in phases:
         _phase(f"streaming overhead: {plan.stream_turns} turns, {plan.stream_clients} SSE clients")
         if dep.worker is None:
@@ -146,6 +154,7 @@ def _targets(results: dict[str, Any]) -> dict[str, bool | None]:
         "cpu_per_turn": results["cpu_ratio"] <= 2.0 if "cpu_ratio" in results else None,
         "cpu_per_turn_as_agentq": results["cpu_ratio_as_agentq"] <= 2.0 if "cpu_ratio_as_agentq" in results else None,
         "post_p99": pipe["post_p99_ms"] <= 25.0 if pipe else None,
+        "post_p99_steady": results["steady"]["post_p99_ms"] <= 25.0 if "steady" in results else None,
         "efficiency": (bound[0]["efficiency"] >= 0.9 and bound[0]["peak_in_flight"] >= 200) if bound else None,
         "streaming_p50": stream["overhead_p50_ms"] <= 10.0 if stream else None,
     }

@@ -159,6 +159,14 @@ def test_the_database_refuses_a_second_turn_in_flight(world) -> None:  # type: i
         session.flush()
 
 
+def question_of(turn_id: int) -> int:
+    """The user message of a turn (what `finish_turn` moves with the answer)."""
+    from app.models import Turn
+
+    with transaction() as session:
+        return session.get_one(Turn, turn_id).user_message_id
+
+
 def test_a_worker_that_lost_its_lease_stops_and_cannot_write(world, upstream) -> None:  # type: ignore[no-untyped-def]
     """Another owner takes the turn over: the first worker stops its upstream call and writes nothing."""
     from app.models import Turn
@@ -177,9 +185,11 @@ def test_a_worker_that_lost_its_lease_stops_and_cannot_write(world, upstream) ->
     assert takeover.outcome.value == "taken_over" and takeover.token
     wait_for(lambda: list(upstream.streams().values()) == ["disconnected"], what="the first worker to give up")
     with pytest.raises(LeaseLost), transaction() as session:
-        finish_turn(session, assistant["id"], "not-the-owner", TurnStatus.SUCCESS, content="overwrite")
+        finish_turn(session, assistant["id"], question_of(assistant["id"]), "not-the-owner", TurnStatus.SUCCESS,
+                    content="overwrite")
     with transaction() as session:
-        finish_turn(session, assistant["id"], takeover.token, TurnStatus.SUCCESS, content="the new owner's")
+        finish_turn(session, assistant["id"], question_of(assistant["id"]), takeover.token, TurnStatus.SUCCESS,
+                    content="the new owner's")
     final = world.message(key, assistant["id"])
     assert (final["status"], final["content"]) == ("success", "the new owner's")
 
@@ -203,8 +213,9 @@ def test_a_claim_that_waited_for_the_owners_final_commit_sees_the_turn_finished(
 
     claims = []
     settled = threading.Event()
+    question = question_of(assistant["id"])
     with transaction() as owner:
-        finish_turn(owner, assistant["id"], token, TurnStatus.SUCCESS, content="settled by the owner")
+        finish_turn(owner, assistant["id"], question, token, TurnStatus.SUCCESS, content="settled by the owner")
 
         def redelivered() -> None:
             with transaction() as session:
@@ -256,8 +267,9 @@ def test_a_new_turn_racing_a_settlement_of_the_same_conversation_is_refused_with
         except BaseException as exc:
             refusals.append(exc)
 
+    question = question_of(assistant["id"])
     with transaction() as settling:
-        finish_turn(settling, assistant["id"], token, TurnStatus.SUCCESS, content="settled")
+        finish_turn(settling, assistant["id"], question, token, TurnStatus.SUCCESS, content="settled")
         record_turn_end(settling, conversation_id, 3)
         racing = threading.Thread(target=intake)
         racing.start()
@@ -267,3 +279,37 @@ def test_a_new_turn_racing_a_settlement_of_the_same_conversation_is_refused_with
     assert not racing.is_alive()
     assert [type(exc) for exc in refusals] == [ConversationBusy]
     assert world.message(key, assistant["id"])["status"] == "success"
+
+
+def test_a_batched_settlement_with_a_lost_lease_writes_nothing(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """The settlement's statements go out together (`app.prepared.Batch`); the lease check comes back with
+    them, and a lost lease rolls back the status, the statistics, the charge and the attempt record alike."""
+    from app import ledger
+    from app.attempts import record_attempts
+    from app.conversations import record_turn_end
+    from app.fallback import AttemptRecord
+    from app.models import CreditTransaction, ModelAttempt, Turn
+    from app.prepared import Batch
+    from app.turn_state import LeaseLost, finish_turn
+    from app.turn_status import TurnStatus
+
+    agent_id = world.agent(world.model(upstream="echo;ttft=60"), timeout_seconds=120)
+    user_id, key = world.user(balance="5")
+    conversation_id = world.conversation(key, agent_id)
+    assistant = world.send(key, conversation_id).json["assistant_message"]
+    wait_for(lambda: list(upstream.streams().values()) == ["streaming"], what="the worker to call the model")
+    with transaction() as session:
+        reserved = session.get_one(Turn, assistant["id"]).reserved_amount
+    attempt = AttemptRecord("primary", "success", None, 5, 1, 3, 4, Decimal("0.5"))
+    with pytest.raises(LeaseLost), transaction() as session, Batch(session) as batch:
+        finish_turn(batch, assistant["id"], question_of(assistant["id"]), "not-the-owner", TurnStatus.SUCCESS,
+                    content="stolen", prompt_tokens=3, completion_tokens=4, cost=Decimal("0.5"))
+        record_turn_end(batch, conversation_id, 7)
+        ledger.charge_turn(batch, user_id, assistant["id"], Decimal("0.5"), reserved)
+        record_attempts(batch, [attempt], message_id=assistant["id"])
+    assert world.message(key, assistant["id"])["status"] == "processing"
+    assert world.api.get(f"/api/conversations/{conversation_id}", key).json["total_tokens"] == 0
+    assert world.api.get("/api/me", key).json["balance"] == "5.000000"
+    with transaction() as session:
+        assert session.query(CreditTransaction).filter_by(message_id=assistant["id"]).count() == 0
+        assert session.query(ModelAttempt).filter_by(message_id=assistant["id"]).count() == 0
