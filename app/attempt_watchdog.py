@@ -4,9 +4,11 @@ A read blocked on a stalled stream wakes at once when its socket is shut down, w
 timeout alone cannot do for a stream that trickles. One thread per process watches every attempt
 in flight (a thread per attempt costs a start and its own wake-ups for each of hundreds of turns
 held at once); it wakes at the nearest deadline and at least every `TICK_SECONDS` to look at the
-stop flags. Shutting a socket and ending the watch take the same lock, so a socket is never shut
-after its watch was closed; the upstream transport closes the watch before it lets a finished
-connection go back to the pool for another turn (`app.upstream_transport.guard_release`).
+stop flags, and a new attempt wakes it only when its deadline comes before that (each wake looks
+at every attempt in flight, so waking for each new one cost O(attempts) per turn). Shutting a
+socket and ending the watch take the same lock, so a socket is never shut after its watch was
+closed; the upstream transport closes the watch before it lets a finished connection go back to
+the pool for another turn (`app.upstream_transport.guard_release`).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class _Watchdog:
         self._watches: set[Watch] = set()
         self._thread: threading.Thread | None = None
         self._pid = 0
+        self._wakes_at = 0.0
 
     def watch(self, deadline: float, stop: threading.Event, response: Any) -> Watch:
         stream = getattr(response, "extensions", {}).get("network_stream")
@@ -65,7 +68,8 @@ class _Watchdog:
                 thread.start()
                 self._thread, self._pid = thread, os.getpid()
             self._watches.add(entry)
-            self._changed.notify()
+            if deadline < self._wakes_at:
+                self._changed.notify()
         return entry
 
     def forget(self, entry: Watch) -> None:
@@ -76,7 +80,8 @@ class _Watchdog:
         with self._lock:
             if entry in self._watches and deadline < entry.deadline:
                 entry.deadline = deadline
-                self._changed.notify()
+                if deadline < self._wakes_at:
+                    self._changed.notify()
 
     def _run(self) -> None:
         with self._lock:
@@ -90,6 +95,7 @@ class _Watchdog:
                         self._fire(entry, "timeout")
                     else:
                         nearest = min(nearest, entry.deadline)
+                self._wakes_at = nearest if self._watches else float("inf")
                 self._changed.wait(max(nearest - now, 0.001) if self._watches else None)
 
     def _fire(self, entry: Watch, reason: str) -> None:

@@ -29,7 +29,7 @@ import openai
 
 from app.attempt_watchdog import Watch, watch_attempt
 from app.money import token_cost
-from app.upstream_transport import KeepAliveTransport, guard_release
+from app.upstream_transport import ShardedTransport, guard_release
 
 DEFAULT_API_KEY = "sk-no-key-configured"
 
@@ -84,8 +84,22 @@ _clients: dict[tuple[str | None, str], openai.OpenAI] = {}
 _clients_lock = threading.Lock()
 
 
+THREADS_PER_POOL = 32
+"""Threads that share one upstream connection pool (see `app.upstream_transport.ShardedTransport`)."""
+
+_pools_per_client = 1
+
+
+def size_pools(threads: int) -> None:
+    """A worker process running `threads` turns at once splits each client's connections into pools of
+    at most `THREADS_PER_POOL` threads; called at boot, before the first client is made."""
+    global _pools_per_client
+    _pools_per_client = max(1, -(-threads // THREADS_PER_POOL))
+
+
 def _new_client(api_key: str, base_url: str | None) -> openai.OpenAI:
-    transport = KeepAliveTransport(limits=httpx2.Limits(max_connections=2000, max_keepalive_connections=200))
+    transport = ShardedTransport(_pools_per_client,
+                                 httpx2.Limits(max_connections=4000, max_keepalive_connections=1000))
     return openai.OpenAI(api_key=api_key, base_url=base_url, max_retries=0,
                          http_client=openai.DefaultHttpx2Client(transport=transport))
 

@@ -24,8 +24,9 @@ def after_fork() -> None:
     llm_client.reset_clients()
 
 
-def start() -> None:
+def start(threads: int) -> None:
     global _recovery
+    llm_client.size_pools(threads)
     _warm_up()
     keeper.cancel_check = stopped_turns
     if _recovery is None:

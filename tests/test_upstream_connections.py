@@ -52,3 +52,33 @@ def test_a_stream_whose_body_stays_open_after_done_ends_the_turn_and_its_connect
     assert ports[0] != ports[1]
     wait_for(lambda: sorted(upstream.streams().values()) == ["disconnected", "disconnected"],
              what="the mock to see both held connections closed by the worker")
+
+
+def test_threads_take_turns_over_the_pools_and_each_keeps_its_own(upstream) -> None:  # type: ignore[no-untyped-def]
+    """A process with many threads splits its upstream connections into pools (`ShardedTransport`): thread
+    n uses pool n mod shards, and a connection goes back to the pool its thread will use next time."""
+    import threading
+
+    import httpx2
+
+    from app import llm_client
+    from app.upstream_transport import ShardedTransport
+    from tests.conftest import MOCK_URL
+
+    llm_client.size_pools(8)
+    assert llm_client._pools_per_client == 1
+    llm_client.size_pools(33)
+    assert llm_client._pools_per_client == 2
+    llm_client.size_pools(1)
+    client = httpx2.Client(transport=ShardedTransport(2, httpx2.Limits(max_connections=10)))
+    upstream.clear()
+    for index in range(4):
+        thread = threading.Thread(target=lambda i=index: client.post(
+            f"{MOCK_URL}/chat/completions", json={"model": f"thread-{i}", "messages": []}).raise_for_status())
+        thread.start()
+        thread.join()
+    client.close()
+    ports = {r["body"]["model"]: r["client_port"] for r in upstream.requests()}
+    assert ports["thread-0"] == ports["thread-2"]
+    assert ports["thread-1"] == ports["thread-3"]
+    assert ports["thread-0"] != ports["thread-1"]

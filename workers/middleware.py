@@ -43,7 +43,7 @@ class WorkerServices(Middleware):
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         """Background services start once the worker threads exist."""
-        worker_services.start()
+        worker_services.start(worker.worker_threads)
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         """Stop sweeping and fetching before the threads drain, so a stopping worker takes no new run."""
