@@ -38,14 +38,19 @@ def test_schema_sql_equals_the_models() -> None:
         drop_database(from_models)
 
 
+def db_init(url: str) -> subprocess.CompletedProcess[str]:
+    """`agentq db init` on `url`, as an operator runs it; it must succeed."""
+    result = subprocess.run(agentq("db", "init"), env=child_env(DATABASE_URL=url), capture_output=True, text=True,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 def test_db_init_is_safe_to_run_twice_on_postgresql() -> None:
     name = scratch_database("agentq_schema")
     try:
-        env = child_env(DATABASE_URL=f"postgresql://postgres@127.0.0.1:5432/{name}")
         for _ in range(2):
-            result = subprocess.run(agentq("db", "init"), env=env, capture_output=True, text=True, cwd=ROOT)
-            assert result.returncode == 0, result.stderr
-            assert "applied schema.sql" in result.stdout
+            assert "applied schema.sql" in db_init(f"postgresql://postgres@127.0.0.1:5432/{name}").stdout
         engine = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}")
         assert set(inspect(engine).get_table_names()) == set(Base.metadata.tables)
         engine.dispose()
@@ -55,10 +60,8 @@ def test_db_init_is_safe_to_run_twice_on_postgresql() -> None:
 
 def test_db_init_creates_the_sqlite_default(tmp_path) -> None:  # type: ignore[no-untyped-def]
     url = f"sqlite:///{tmp_path}/agentq.sqlite3"
-    env = child_env(DATABASE_URL=url)
     for _ in range(2):
-        result = subprocess.run(agentq("db", "init"), env=env, capture_output=True, text=True, cwd=ROOT)
-        assert result.returncode == 0, result.stderr
+        db_init(url)
     engine = create_engine(url)
     inspector = inspect(engine)
     assert set(inspector.get_table_names()) == set(Base.metadata.tables)
@@ -74,9 +77,7 @@ def test_db_init_adds_a_later_column_to_an_older_postgresql_database() -> None:
         with psycopg.connect(f"{PG}/{name}", autocommit=True) as conn:
             conn.execute((ROOT / "schema.sql").read_text())
             conn.execute("ALTER TABLE turns DROP COLUMN deadline_at")
-        env = child_env(DATABASE_URL=f"postgresql://postgres@127.0.0.1:5432/{name}")
-        result = subprocess.run(agentq("db", "init"), env=env, capture_output=True, text=True, cwd=ROOT)
-        assert result.returncode == 0, result.stderr
+        db_init(f"postgresql://postgres@127.0.0.1:5432/{name}")
         engine = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}")
         assert "deadline_at" in {c["name"] for c in inspect(engine).get_columns("turns")}
         engine.dispose()
@@ -86,13 +87,10 @@ def test_db_init_adds_a_later_column_to_an_older_postgresql_database() -> None:
 
 def test_db_init_adds_a_later_column_to_an_older_sqlite_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
     url = f"sqlite:///{tmp_path}/agentq.sqlite3"
-    env = child_env(DATABASE_URL=url)
-    assert subprocess.run(agentq("db", "init"), env=env, capture_output=True, cwd=ROOT).returncode == 0
+    db_init(url)
     engine = create_engine(url)
     with engine.begin() as connection:
         connection.exec_driver_sql("ALTER TABLE turns DROP COLUMN deadline_at")
-    result = subprocess.run(agentq("db", "init"), env=env, capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    assert "added columns turns.deadline_at" in result.stdout
+    assert "added columns turns.deadline_at" in db_init(url).stdout
     assert "deadline_at" in {c["name"] for c in inspect(engine).get_columns("turns")}
     engine.dispose()
