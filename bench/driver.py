@@ -161,6 +161,8 @@ def drive(dep: Deployment, conversations: dict[int, list[int]], turns: int, clie
 
 
 def wait_all_terminal(dep: Deployment, ids: list[int], timeout: float) -> None:
+    """Poll until no turn of `ids` is in flight. The times a run reports come from the database (`ends`), not
+    from this loop, so it polls slowly: each poll looks up every id, and its CPU competes with the run."""
     deadline = time.monotonic() + timeout
     while True:
         left = dep.sql("SELECT count(*) FROM conversation_messages WHERE id = ANY(%s) "
@@ -169,7 +171,7 @@ def wait_all_terminal(dep: Deployment, ids: list[int], timeout: float) -> None:
             return
         if time.monotonic() > deadline:
             raise BenchError(f"{left} of {len(ids)} turns still in flight after {timeout:g}s")
-        time.sleep(0.05)
+        time.sleep(0.25)
 
 
 def ends(dep: Deployment, ids: list[int]) -> dict[str, object]:
