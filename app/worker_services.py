@@ -7,6 +7,7 @@ import logging
 from app import debug_runner, dispatch, llm_client, turn_runner
 from app.db import dispose_engines, open_pool
 from app.dispatch import RUN_TURN
+from app.heap import freeze_after_boot
 from app.leases import keeper
 from app.recovery import RecoveryLoop
 from app.redis_client import reset_redis
@@ -32,6 +33,7 @@ def start(threads: int) -> None:
     if _recovery is None:
         _recovery = RecoveryLoop()
         _recovery.start()
+    freeze_after_boot()
 
 
 def _warm_up() -> None:

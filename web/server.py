@@ -47,6 +47,12 @@ def _post_fork(server: Any, worker: Any) -> None:
     reset_redis()
 
 
+def _post_worker_init(worker: Any) -> None:
+    from app.heap import freeze_after_boot
+
+    freeze_after_boot()
+
+
 def serve(host: str, port: int, *, workers: int, threads: int) -> None:
     from app.logging_setup import gunicorn_logconfig
 
@@ -63,5 +69,6 @@ def serve(host: str, port: int, *, workers: int, threads: int) -> None:
         "logconfig_dict": gunicorn_logconfig(),
         "child_exit": _child_exit,
         "post_fork": _post_fork,
+        "post_worker_init": _post_worker_init,
         "preload_app": False,
     }).run()
