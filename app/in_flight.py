@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import cache
 from types import SimpleNamespace
 
-from sqlalchemy import bindparam, literal_column, select
+from sqlalchemy import ColumnElement, Table, and_, bindparam, literal_column, select
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
@@ -17,6 +17,17 @@ from app.errors import ConversationBusy, TooManyActiveConversations
 from app.models import Conversation, ConversationMessage, User, table
 from app.prepared import Batch, Prepared, then
 from app.turn_status import IN_FLIGHT_VALUES
+
+
+def in_flight(status: ColumnElement[str]) -> ColumnElement[bool]:
+    """`status` is pending or processing, written as constants: a prepared statement's generic plan can
+    then use the partial indexes whose predicate says the same (a parameter could be anything)."""
+    return status.in_([literal_column(f"'{value}'") for value in IN_FLIGHT_VALUES])
+
+
+def answer_in_flight(messages: Table) -> ColumnElement[bool]:
+    """An assistant message of a turn still in flight: the predicate of `uq_conversation_messages_in_flight`."""
+    return and_(messages.c.role == literal_column("'assistant'"), in_flight(messages.c.status))
 
 
 def active_conversation_ids(session: Session, user_id: int) -> set[int]:
@@ -46,16 +57,13 @@ def _statements() -> SimpleNamespace:
     """Built once on the Core tables and run on the driver (`app.prepared`): every accepted turn asks these.
 
     `active` starts from the user's conversations and probes the partial unique index of answers in
-    flight (`uq_conversation_messages_in_flight`), so its cost follows the number of the user's
-    conversations, not of every turn they ever had. The index's predicate is repeated as constants,
-    not parameters: a prepared statement's generic plan could not prove a parameter matches it."""
+    flight (`answer_in_flight`), so its cost follows the number of the user's conversations, not of
+    every turn they ever had."""
     conversations, messages, users = table(Conversation), table(ConversationMessage), table(User)
     return SimpleNamespace(
         active=Prepared(select(messages.c.conversation_id)
                         .join_from(conversations, messages, messages.c.conversation_id == conversations.c.id)
-                        .where(conversations.c.user_id == bindparam("user"),
-                               messages.c.role == literal_column("'assistant'"),
-                               messages.c.status.in_([literal_column(f"'{status}'") for status in IN_FLIGHT_VALUES]))),
+                        .where(conversations.c.user_id == bindparam("user"), answer_in_flight(messages))),
         lock_user=Prepared(select(users.c.id).where(users.c.id == bindparam("user")).with_for_update()),
     )
 

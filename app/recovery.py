@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cache
@@ -34,13 +35,12 @@ from sqlalchemy import ColumnElement, DateTime, and_, bindparam, literal_column,
 from app import outbox
 from app.config import get_settings
 from app.db import transaction
+from app.in_flight import answer_in_flight, in_flight
 from app.models import ConversationMessage, DebugRun, Turn, table
-from app.models.base import optional_utc as utc
 from app.models.base import utc_now
 from app.prepared import Prepared
 from app.redis_client import get_redis, key
 from app.turn_state import revoke_debug_lease, revoke_lease
-from app.turn_status import IN_FLIGHT_VALUES, TurnStatus
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +88,10 @@ def _claim_send(model: type[Turn] | type[DebugRun], ident_column, ident: int, se
 
 
 def _due(status: Any, enqueued_at: Any, created_at: Any, lease_expires_at: Any, deadline_at: Any, *,
-         redis_lost: bool) -> ColumnElement[bool]:
-    """The four cracks as one condition on a run's columns (a turn's, or an admin test run's), so the
-    database returns only what is due, not every run in flight to be looked at here."""
+         redis_lost: bool) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
+    """The four cracks as conditions on a run's columns (a turn's, or an admin test run's), so the
+    database returns only what is due: (due, overdue), overdue being the stuck runs whose live lease
+    is revoked before they are sent again."""
     now = bindparam("now", type_=DateTime(timezone=True))
     pending, processing = status == literal_column("'pending'"), status == literal_column("'processing'")
     unsent = true() if redis_lost else or_(
@@ -98,33 +99,27 @@ def _due(status: Any, enqueued_at: Any, created_at: Any, lease_expires_at: Any, 
         enqueued_at < bindparam("stale_before", type_=DateTime(timezone=True)))
     lease_over = or_(lease_expires_at.is_(None), lease_expires_at < now)
     not_just_sent = or_(enqueued_at.is_(None), enqueued_at <= bindparam("sent_before", type_=DateTime(timezone=True)))
-    overdue = and_(lease_expires_at >= now, deadline_at < now)
-    return or_(and_(pending, unsent), and_(processing, lease_over, not_just_sent), and_(processing, overdue))
+    overdue = and_(processing, lease_expires_at >= now, deadline_at < now)
+    return or_(and_(pending, unsent), and_(processing, lease_over, not_just_sent), overdue), overdue
 
 
 @cache
 def _due_runs(redis_lost: bool) -> SimpleNamespace:
     turns, messages, runs = table(Turn), table(ConversationMessage), table(DebugRun)
-    in_flight = [literal_column(f"'{status}'") for status in IN_FLIGHT_VALUES]
+    turn_due, turn_overdue = _due(messages.c.status, turns.c.enqueued_at, turns.c.created_at,
+                                  turns.c.lease_expires_at, turns.c.deadline_at, redis_lost=redis_lost)
+    run_due, run_overdue = _due(runs.c.status, runs.c.enqueued_at, runs.c.created_at, runs.c.lease_expires_at,
+                                runs.c.deadline_at, redis_lost=redis_lost)
     return SimpleNamespace(
         turns=Prepared(
-            select(turns.c.assistant_message_id, messages.c.status, turns.c.enqueued_at, turns.c.lease_expires_at,
-                   turns.c.lease_token)
+            select(turns.c.assistant_message_id, turns.c.enqueued_at, turns.c.lease_token,
+                   turn_overdue.label("overdue"))
             .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
-            .where(messages.c.role == literal_column("'assistant'"), messages.c.status.in_(in_flight),
-                   _due(messages.c.status, turns.c.enqueued_at, turns.c.created_at, turns.c.lease_expires_at,
-                        turns.c.deadline_at, redis_lost=redis_lost))),
+            .where(answer_in_flight(messages), turn_due)),
         runs=Prepared(
-            select(runs.c.id, runs.c.status, runs.c.enqueued_at, runs.c.lease_expires_at, runs.c.lease_token)
-            .where(runs.c.status.in_(in_flight),
-                   _due(runs.c.status, runs.c.enqueued_at, runs.c.created_at, runs.c.lease_expires_at,
-                        runs.c.deadline_at, redis_lost=redis_lost))),
+            select(runs.c.id, runs.c.enqueued_at, runs.c.lease_token, run_overdue.label("overdue"))
+            .where(in_flight(runs.c.status), run_due)),
     )
-
-
-def _live(lease_expires_at: datetime | None, now: datetime) -> bool:
-    """A processing run the database called due with a live lease is overdue: its lease is revoked first."""
-    return lease_expires_at is not None and utc(lease_expires_at) >= now
 
 
 def _revoke_overdue(ident: int, token: str | None, *, debug: bool = False) -> bool:
@@ -138,6 +133,19 @@ def _revoke_overdue(ident: int, token: str | None, *, debug: bool = False) -> bo
     return revoked
 
 
+def _send_due(rows: list[Any], model: type[Turn] | type[DebugRun], ident_column: Any,
+              send: Callable[[int], bool], sent: list[int], report: RecoveryReport) -> None:
+    """Send each due run again (an overdue one once its lease is revoked), unless another sweeper just did."""
+    for ident, enqueued_at, token, overdue in rows:
+        if overdue and not _revoke_overdue(ident, token, debug=model is DebugRun):
+            continue
+        if _claim_send(model, ident_column, ident, enqueued_at):
+            if send(ident):
+                sent.append(ident)
+            else:
+                report.unsent += 1
+
+
 def recover_once() -> RecoveryReport:
     report = RecoveryReport(redis_lost=_redis_lost_its_data())
     settings = get_settings()
@@ -148,22 +156,8 @@ def recover_once() -> RecoveryReport:
     due = _due_runs(report.redis_lost)
     with transaction() as session:
         turns, runs = due.turns(session, cutoffs).rows, due.runs(session, cutoffs).rows
-    for ident, status, enqueued_at, lease, token in turns:
-        if status == TurnStatus.PROCESSING and _live(lease, now) and not _revoke_overdue(ident, token):
-            continue
-        if _claim_send(Turn, Turn.assistant_message_id, ident, enqueued_at):
-            if outbox.send_turn(ident):
-                report.sent.append(ident)
-            else:
-                report.unsent += 1
-    for ident, status, enqueued_at, lease, token in runs:
-        if status == TurnStatus.PROCESSING and _live(lease, now) and not _revoke_overdue(ident, token, debug=True):
-            continue
-        if _claim_send(DebugRun, DebugRun.id, ident, enqueued_at):
-            if outbox.send_debug_run(ident):
-                report.debug_sent.append(ident)
-            else:
-                report.unsent += 1
+    _send_due(turns, Turn, Turn.assistant_message_id, outbox.send_turn, report.sent, report)
+    _send_due(runs, DebugRun, DebugRun.id, outbox.send_debug_run, report.debug_sent, report)
     if report.redis_lost and report.unsent == 0:
         _mark_epoch()
     if report.sent or report.debug_sent:

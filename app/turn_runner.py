@@ -28,7 +28,7 @@ from app.db import transaction
 from app.fallback import AgentParams, AnswerSink, Outcome, call_with_fallback
 from app.leases import Holding, keeper
 from app.live_stream import TurnStream
-from app.llm_client import ModelTarget, estimate_tokens
+from app.llm_client import ModelTarget, estimate_tokens, estimate_tokens_of_messages
 from app.logging_setup import turn_context
 from app.models import Agent, Conversation, ConversationMessage, LlmModel, Turn, table
 from app.models.base import utc_now
@@ -213,20 +213,35 @@ def _reserve(session: Session, context: TurnContext) -> Decimal | None:
     return amount
 
 
+def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, model: ModelTarget | None = None,
+            cost: Decimal | None = None, success_tokens: int | None = None, outcome: Outcome | None = None,
+            **answer: Any) -> None:
+    """End the turn in one batch: both messages and the answer, the statistics, the money, the attempts.
+
+    A turn with a `cost` is charged it (zero writes no ledger row); one without has its reservation
+    released."""
+    with transaction() as session, Batch(session) as batch:
+        finish_turn(batch, context.turn_id, context.question_id, context.token, target,
+                    model=model.name if model else None, cost=cost, **answer)
+        record_turn_end(batch, context.conversation_id, success_tokens)
+        if cost is None:
+            ledger.release(batch, context.user_id, context.reserved)
+        else:
+            ledger.charge_turn(batch, context.user_id, context.turn_id, cost, context.reserved)
+        if outcome is not None:
+            record_attempts(batch, outcome.attempts, message_id=context.turn_id)
+    stream.finished(target, model.name if model else None)
+
+
 def _settle_success(context: TurnContext, outcome: Outcome, elapsed_ms: int, stream: TurnStream) -> None:
     completion, model = outcome.completion, outcome.model
     assert completion is not None and model is not None
     usage = completion.usage
-    cost = model.cost(usage.prompt_tokens, usage.completion_tokens)
-    with transaction() as session, Batch(session) as batch:
-        finish_turn(batch, context.turn_id, context.question_id, context.token, TurnStatus.SUCCESS,
-                    content=completion.text, model=model.name, prompt_tokens=usage.prompt_tokens,
-                    completion_tokens=usage.completion_tokens, cost=cost, cost_estimated=not usage.reported,
-                    latency_ms=elapsed_ms)
-        record_turn_end(batch, context.conversation_id, usage.prompt_tokens + usage.completion_tokens)
-        ledger.charge_turn(batch, context.user_id, context.turn_id, cost, context.reserved)
-        record_attempts(batch, outcome.attempts, message_id=context.turn_id)
-    stream.finished(TurnStatus.SUCCESS, model.name)
+    _settle(context, TurnStatus.SUCCESS, stream, model=model, cost=model.cost(usage.prompt_tokens,
+                                                                             usage.completion_tokens),
+            success_tokens=usage.prompt_tokens + usage.completion_tokens, outcome=outcome, content=completion.text,
+            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+            cost_estimated=not usage.reported, latency_ms=elapsed_ms)
 
 
 def _settle_cancelled(context: TurnContext, outcome: Outcome, elapsed_ms: int, stream: TurnStream) -> None:
@@ -234,30 +249,17 @@ def _settle_cancelled(context: TurnContext, outcome: Outcome, elapsed_ms: int, s
     model = outcome.model
     assert model is not None
     partial = outcome.cancelled_partial or ""
-    prompt_tokens = sum(estimate_tokens(m["content"]) + 4 for m in context.prompt_for(model)) + 2
+    prompt_tokens = estimate_tokens_of_messages(context.prompt_for(model))
     completion_tokens = estimate_tokens(partial) if partial else 0
     cost = model.cost(prompt_tokens, completion_tokens) if partial else Decimal(0)
-    with transaction() as session, Batch(session) as batch:
-        finish_turn(batch, context.turn_id, context.question_id, context.token, TurnStatus.CANCELLED,
-                    content=partial, model=model.name, prompt_tokens=prompt_tokens if partial else 0,
-                    completion_tokens=completion_tokens, cost=cost, cost_estimated=True, latency_ms=elapsed_ms,
-                    error_message="stopped on request")
-        record_turn_end(batch, context.conversation_id, None)
-        ledger.charge_turn(batch, context.user_id, context.turn_id, cost, context.reserved)
-        record_attempts(batch, outcome.attempts, message_id=context.turn_id)
-    stream.finished(TurnStatus.CANCELLED, model.name)
+    _settle(context, TurnStatus.CANCELLED, stream, model=model, cost=cost, outcome=outcome, content=partial,
+            prompt_tokens=prompt_tokens if partial else 0, completion_tokens=completion_tokens, cost_estimated=True,
+            latency_ms=elapsed_ms, error_message="stopped on request")
 
 
 def _settle_failure(context: TurnContext, status: TurnStatus, reason: str, stream: TurnStream,
                     outcome: Outcome | None = None, elapsed_ms: int | None = None) -> None:
-    with transaction() as session, Batch(session) as batch:
-        finish_turn(batch, context.turn_id, context.question_id, context.token, status, error_message=reason,
-                    latency_ms=elapsed_ms)
-        record_turn_end(batch, context.conversation_id, None)
-        ledger.release(batch, context.user_id, context.reserved)
-        if outcome is not None:
-            record_attempts(batch, outcome.attempts, message_id=context.turn_id)
-    stream.finished(status, None)
+    _settle(context, status, stream, outcome=outcome, error_message=reason, latency_ms=elapsed_ms)
 
 
 def abandon_turn(turn_id: int, reason: str) -> bool:
