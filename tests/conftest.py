@@ -7,6 +7,7 @@ through Flask's test client (the same app `agentq web` serves); turns are run by
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 import uuid
@@ -112,12 +113,26 @@ class UpstreamLog:
         return httpx.get(f"{self.base}/_streams").json()
 
 
+RUN_TABLES = ("conversation_messages", "admin_debug_logs")
+"""Tables whose ids are the arguments of Dramatiq messages (a turn is its answer's message id)."""
+RUN_ID_BLOCK = 1_000_000
+_RUN_ID_BLOCKS = itertools.count(1)
+
+
 @pytest.fixture
 def clean(database: str, redis_client: redis_lib.Redis) -> Iterator[None]:
+    """Empty tables and Redis; ids start at 1 again, except the ids messages carry.
+
+    A test may end with a message still in a worker's memory (a retry waiting for its backoff, a stalled
+    call): it outlives the flush and runs in a later test. Each test's turns and test runs therefore get
+    ids of their own, so such a message finds no run rather than another test's run with the same id."""
     for attempt in range(10):
         try:
             with psycopg.connect(database.replace("+psycopg", ""), autocommit=True) as conn:
                 conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+                first_run_id = next(_RUN_ID_BLOCKS) * RUN_ID_BLOCK + 1
+                for table in RUN_TABLES:
+                    conn.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), {first_run_id}, false)")
             break
         except psycopg.errors.DeadlockDetected:
             if attempt == 9:

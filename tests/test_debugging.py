@@ -327,7 +327,7 @@ DEBUG_ROUTES = [("POST", "/api/admin/agents/1/debug/route", {"content": "hi"}),
 def test_debug_routes_are_for_admins_only(world, upstream, method, path, body) -> None:  # type: ignore[no-untyped-def]
     agent_id = world.agent(world.model())
     assert agent_id == 1
-    _execute(world, agent_id, "an admin's run")
+    log_id = _execute(world, agent_id, "an admin's run")
     _, alice = world.user("alice")
 
     anonymous = world.api.call(method, path, None, json=body)
@@ -338,7 +338,7 @@ def test_debug_routes_are_for_admins_only(world, upstream, method, path, body) -
     assert (unknown.status_code, unknown.json["error"]["code"]) == (401, "invalid_api_key")
     assert (user.status_code, user.json["error"]["code"]) == (403, "forbidden")
     assert _count("admin_debug_logs") == 1
-    _wait_log(world, 1)
+    _wait_log(world, log_id)
     assert len(upstream.requests()) == 1
 
 
