@@ -19,7 +19,7 @@ from app.errors import ValidationFailed
 from app.models import CreditTransaction, User, table
 from app.models.base import Money, utc_now
 from app.money import MAX_AMOUNT, quantize
-from app.prepared import Batch, Prepared
+from app.prepared import Batch, Prepared, Rows
 
 
 def _locked_user(session: Session, user_id: int) -> User:
@@ -83,9 +83,9 @@ def _statements() -> SimpleNamespace:
     )
 
 
-def reserve(session: Session, user_id: int, amount: Decimal) -> bool:
-    """Hold `amount` of the available balance for a turn; False when it is not there."""
-    return _statements().reserve(session, {"user": user_id, "amount": quantize(amount)}).rowcount == 1
+def reserve(unit: Session | Batch, user_id: int, amount: Decimal) -> Rows:
+    """Hold `amount` of the available balance for a turn: held when the rowcount is 1, not there when 0."""
+    return _statements().reserve(unit, {"user": user_id, "amount": quantize(amount)})
 
 
 def release(unit: Session | Batch, user_id: int, amount: Decimal) -> None:

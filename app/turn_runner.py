@@ -13,11 +13,8 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from decimal import Decimal
-from functools import cache
-from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import Row, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from app import coordination, ledger
@@ -30,13 +27,13 @@ from app.leases import Holding, keeper
 from app.live_stream import TurnStream
 from app.llm_client import ModelTarget, estimate_tokens, estimate_tokens_of_messages
 from app.logging_setup import turn_context
-from app.models import Agent, Conversation, ConversationMessage, LlmModel, Turn, table
-from app.models.base import utc_now
 from app.moderation import moderate
-from app.prepared import Batch, Prepared
+from app.prepared import Batch
 from app.prompt import ChatMessage, build_prompt, successful_history
 from app.targets import worst_case_cost
 from app.turn_state import (
+    MODEL_FIELDS,
+    ClaimResult,
     LeaseLost,
     TransitionRefused,
     TurnRow,
@@ -74,48 +71,21 @@ class TurnContext:
                             context_window=target.context_window, max_tokens=self.params.max_tokens).messages
 
 
-_MODEL_FIELDS = ("id", "name", "model", "base_url", "api_key_env", "input_price_per_1k", "output_price_per_1k",
-                 "context_window")
-
-
-def _target(row: Row[Any], prefix: str) -> ModelTarget | None:
-    values = {field: getattr(row, f"{prefix}_{field}") for field in _MODEL_FIELDS}
+def _target(row: Any, prefix: str) -> ModelTarget | None:
+    values = {field: getattr(row, f"{prefix}_{field}") for field in MODEL_FIELDS}
     return None if values["id"] is None else ModelTarget(**values)
 
 
-@cache
-def _statements() -> SimpleNamespace:
-    """Built once on the Core tables (see `app.models.table`): constructing the context query's
-    dozens of labelled columns costs more than running it."""
-    messages, agents, conversations = table(ConversationMessage), table(Agent), table(Conversation)
-    primary, fallback = table(LlmModel).alias("primary_model"), table(LlmModel).alias("fallback_model")
-    turns = table(Turn)
-    return SimpleNamespace(
-        context=Prepared(
-            select(messages.c.content, messages.c.seq, agents.c.system_prompt, agents.c.timeout_seconds,
-                   agents.c.temperature, agents.c.max_tokens,
-                   *(primary.c[f].label(f"p_{f}") for f in _MODEL_FIELDS),
-                   *(fallback.c[f].label(f"f_{f}") for f in _MODEL_FIELDS))
-            .select_from(conversations
-                         .join(messages, messages.c.id == bindparam("user_message_id"))
-                         .join(agents, agents.c.id == conversations.c.agent_id)
-                         .join(primary, primary.c.id == agents.c.model_id)
-                         .outerjoin(fallback, fallback.c.id == agents.c.fallback_model_id))
-            .where(conversations.c.id == bindparam("conversation_id"))),
-        hold=Prepared(update(turns).where(turns.c.assistant_message_id == bindparam("turn_id"))
-                      .values(reserved_amount=bindparam("amount"), updated_at=bindparam("at"))),
-    )
-
-
-def _load_context(session: Session, turn: TurnRow, token: str) -> TurnContext:
-    """Everything the run needs, in one query plus the history: the user's message, the agent, its models."""
-    row = _statements().context(session, {"user_message_id": turn.user_message_id,
-                                           "conversation_id": turn.conversation_id}).one()
+def _load_context(session: Session, claim: ClaimResult) -> TurnContext:
+    """Everything the run needs: what the claim read under its lock, and the history (none on a first turn)."""
+    turn, row = claim.turn, claim.run
+    assert turn is not None and claim.token is not None
     primary = _target(row, "p")
     assert primary is not None
     return TurnContext(
-        turn_id=turn.assistant_message_id, question_id=turn.user_message_id, token=token, user_id=turn.user_id,
-        conversation_id=turn.conversation_id, content=row.content, system_prompt=row.system_prompt,
+        turn_id=turn.assistant_message_id, question_id=turn.user_message_id, token=claim.token,
+        user_id=turn.user_id, conversation_id=turn.conversation_id, content=row.content,
+        system_prompt=row.system_prompt,
         history=successful_history(session, turn.conversation_id, before_seq=row.seq) if row.seq > 1 else [],
         params=AgentParams(row.timeout_seconds, row.temperature, row.max_tokens),
         primary=primary, fallback=_target(row, "f"), reserved=turn.reserved_amount,
@@ -129,20 +99,23 @@ def run_turn(turn_id: int) -> None:
 
 def _run_turn(turn_id: int) -> None:
     settings = get_settings()
-    affordable = True
+    loaded: list[TurnContext] = []
     with transaction() as session:
-        claim = claim_turn(session, turn_id, settings.lease_seconds)
-        if not claim.acquired:
-            log.info("turn %s not run: %s", turn_id, claim.outcome.value)
-            return
-        assert claim.turn is not None and claim.token is not None
-        context = _load_context(session, claim.turn, claim.token)
-        deliveries = claim.turn.deliveries
-        cancel_requested = claim.turn.cancel_requested_at is not None
-        if deliveries <= settings.max_deliveries and not cancel_requested and context.reserved == 0:
-            reserved = _reserve(session, context)
-            affordable = reserved is not None
-            context = replace(context, reserved=reserved or Decimal(0))
+
+        def worst_case(claim: ClaimResult) -> Decimal:
+            context = _load_context(session, claim)
+            loaded.append(context)
+            assert claim.turn is not None
+            return _worst_case(context, claim.turn)
+
+        claim = claim_turn(session, turn_id, settings.lease_seconds, hold=worst_case)
+    if not claim.acquired:
+        log.info("turn %s not run: %s", turn_id, claim.outcome.value)
+        return
+    assert claim.turn is not None
+    context = replace(loaded[0], reserved=claim.turn.reserved_amount)
+    deliveries, affordable = claim.turn.deliveries, claim.affordable
+    cancel_requested = claim.turn.cancel_requested_at is not None
     log.info("turn %s %s (delivery %s)", turn_id, claim.outcome.value, deliveries)
     stream = TurnStream(turn_id, deliveries)
     if deliveries > settings.max_deliveries:
@@ -198,19 +171,16 @@ def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) ->
         _settle_failure(context, TurnStatus.LLM_ERROR, outcome.error_message, stream, outcome, elapsed_ms)
 
 
-def _reserve(session: Session, context: TurnContext) -> Decimal | None:
-    """Hold the worst case (estimated prompt plus the answer's token limit, at the dearest model's prices).
+def _worst_case(context: TurnContext, turn: TurnRow) -> Decimal:
+    """What the claim holds of the user's balance: the worst case (estimated prompt plus the answer's
+    token limit, at the dearest model's prices), for a delivery that will call a model.
 
-    Runs in the claim's transaction, under the turn's row lock. Returns what is held, or None when the
-    available balance cannot cover it. A turn taken over from a dead worker keeps the reservation that
-    worker made, so this runs once per turn.
-    """
+    Nothing for a turn taken over from a dead worker (it keeps the reservation that worker made, so a
+    turn reserves once), one given up after too many deliveries, or one cancelled before it started."""
+    if turn.reserved_amount or turn.deliveries > get_settings().max_deliveries or turn.cancel_requested_at:
+        return Decimal(0)
     targets = [context.primary] + ([context.fallback] if context.fallback else [])
-    amount = worst_case_cost(targets, context.prompt_for, context.params.max_tokens)
-    if not ledger.reserve(session, context.user_id, amount):
-        return None
-    _statements().hold(session, {"turn_id": context.turn_id, "amount": amount, "at": utc_now()})
-    return amount
+    return worst_case_cost(targets, context.prompt_for, context.params.max_tokens)
 
 
 def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, model: ModelTarget | None = None,

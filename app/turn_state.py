@@ -8,7 +8,8 @@ so a redelivered message or a worker that lost its lease can never overwrite a f
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import Enum
@@ -19,8 +20,9 @@ from typing import Any
 from sqlalchemy import bindparam, case, literal, select, update
 from sqlalchemy.orm import Session
 
+from app import ledger
 from app.config import get_settings
-from app.models import Agent, Conversation, ConversationMessage, DebugRun, Turn, table
+from app.models import Agent, Conversation, ConversationMessage, DebugRun, LlmModel, Turn, table
 from app.models.base import optional_utc as utc
 from app.models.base import utc_now
 from app.prepared import Batch, Prepared, then
@@ -59,21 +61,35 @@ class TurnRow:
 _TURN_COLUMNS = ("assistant_message_id", "user_message_id", "conversation_id", "user_id", "deliveries",
                  "reserved_amount", "cancel_requested_at")
 
+MODEL_FIELDS = ("id", "name", "model", "base_url", "api_key_env", "input_price_per_1k", "output_price_per_1k",
+                "context_window")
+"""What a run reads of each of its agent's models, as `p_<field>` (primary) and `f_<field>` (fallback)."""
+
 
 @cache
 def _statements() -> SimpleNamespace:
     """The statements every turn runs, built once on the Core tables and run on the driver (`app.prepared`)."""
-    turns, messages = table(Turn), table(ConversationMessage)
+    turns, messages, question = table(Turn), table(ConversationMessage), table(ConversationMessage).alias("question")
     conversations, agents = table(Conversation), table(Agent)
+    primary, fallback = table(LlmModel).alias("primary_model"), table(LlmModel).alias("fallback_model")
     turn_row = [turns.c[name] for name in _TURN_COLUMNS]
     return SimpleNamespace(
-        lock_turn=Prepared(select(*turn_row, turns.c.lease_expires_at, messages.c.status, agents.c.timeout_seconds,
-                                  agents.c.fallback_model_id)
+        lock_turn=Prepared(select(*turn_row, turns.c.lease_expires_at, messages.c.status,
+                                  question.c.content, question.c.seq, agents.c.system_prompt,
+                                  agents.c.timeout_seconds, agents.c.temperature, agents.c.max_tokens,
+                                  agents.c.fallback_model_id,
+                                  *(primary.c[f].label(f"p_{f}") for f in MODEL_FIELDS),
+                                  *(fallback.c[f].label(f"f_{f}") for f in MODEL_FIELDS))
                            .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
+                           .join(question, question.c.id == turns.c.user_message_id)
                            .join(conversations, conversations.c.id == turns.c.conversation_id)
                            .join(agents, agents.c.id == conversations.c.agent_id)
+                           .join(primary, primary.c.id == agents.c.model_id)
+                           .outerjoin(fallback, fallback.c.id == agents.c.fallback_model_id)
                            .where(turns.c.assistant_message_id == bindparam("turn_id"))
                            .with_for_update(of=[turns, messages])),
+        hold=Prepared(update(turns).where(turns.c.assistant_message_id == bindparam("turn_id"))
+                      .values(reserved_amount=bindparam("amount"))),
         touch_answer=Prepared(update(messages).where(messages.c.id == bindparam("turn_id"))
                               .values(updated_at=bindparam("at"))),
         take_lease=Prepared(update(turns).where(turns.c.assistant_message_id == bindparam("turn_id"))
@@ -126,9 +142,15 @@ def _move_both(unit: Session | Batch, target: TurnStatus, question: int, answer:
 
 @dataclass(frozen=True, slots=True)
 class ClaimResult:
+    """A claim's outcome; a taken turn comes with its lease token and `run`, the row read under the lock:
+    the user's message (`content`, `seq`), the agent's settings and its models (`MODEL_FIELDS`).
+    `affordable` is False when the worst case the caller asked to hold was not available."""
+
     outcome: Claim
     turn: TurnRow | None = None
     token: str | None = None
+    run: Any = None
+    affordable: bool = True
 
     @property
     def acquired(self) -> bool:
@@ -145,7 +167,8 @@ def delivery_deadline(now: datetime, timeout_seconds: float, has_fallback: bool)
     return now + timedelta(seconds=bound)
 
 
-def claim_turn(session: Session, turn_id: int, lease_seconds: float) -> ClaimResult:
+def claim_turn(session: Session, turn_id: int, lease_seconds: float,
+               hold: Callable[[ClaimResult], Decimal] | None = None) -> ClaimResult:
     """Take a pending turn, or take over a processing one whose lease ran out (its worker died).
 
     The turn and its answer are locked for the decision, so two workers given the same message agree
@@ -153,6 +176,12 @@ def claim_turn(session: Session, turn_id: int, lease_seconds: float) -> ClaimRes
     would come from the snapshot taken before the wait, so a worker that waited for another's final
     commit would see the lease given up but the status still `processing`, and run the turn again.
     The delivery's deadline (`delivery_deadline`) is written with the lease, for recovery to find.
+
+    Two round trips and the commit: the lock, which reads the run's inputs with it, and one batch of
+    writes. `hold(claim)` says, from those inputs, how much of the user's balance to reserve (the
+    caller's rule; zero for nothing), which goes out in that batch with the status and the lease. A
+    reservation the balance cannot cover is taken back in the same transaction and reported as not
+    `affordable` (a third round trip, on that rare path only).
     """
     sql = _statements()
     row = sql.lock_turn(session, {"turn_id": turn_id}).first()
@@ -166,20 +195,29 @@ def claim_turn(session: Session, turn_id: int, lease_seconds: float) -> ClaimRes
         if expires is not None and expires > now:
             return ClaimResult(Claim.OWNED_ELSEWHERE)
     outcome = Claim.TAKEN_OVER if row.status == TurnStatus.PROCESSING else Claim.CLAIMED
-    token = new_lease_token()
+    turn = TurnRow(row.assistant_message_id, row.user_message_id, row.conversation_id, row.user_id,
+                   row.deliveries + 1, row.reserved_amount, row.cancel_requested_at)
+    claim = ClaimResult(outcome, turn, new_lease_token(), row)
+    amount = hold(claim) if hold is not None else Decimal(0)
     with Batch(session) as batch:
         if outcome is Claim.TAKEN_OVER:
             sql.touch_answer(batch, {"turn_id": turn_id, "at": now})
         else:
             _move_both(batch, TurnStatus.PROCESSING, row.user_message_id, turn_id, at=now)
-        sql.take_lease(batch, {"turn_id": turn_id, "token": token,
+        sql.take_lease(batch, {"turn_id": turn_id, "token": claim.token,
                                "expires": now + timedelta(seconds=lease_seconds),
                                "deadline": delivery_deadline(now, row.timeout_seconds,
                                                              row.fallback_model_id is not None),
                                "at": now})
-    turn = TurnRow(row.assistant_message_id, row.user_message_id, row.conversation_id, row.user_id,
-                   row.deliveries + 1, row.reserved_amount, row.cancel_requested_at)
-    return ClaimResult(outcome, turn, token)
+        if amount > 0:
+            reserved = ledger.reserve(batch, row.user_id, amount)
+            sql.hold(batch, {"turn_id": turn_id, "amount": amount})
+    if amount <= 0:
+        return claim
+    if reserved.rowcount != 1:
+        sql.hold(session, {"turn_id": turn_id, "amount": Decimal(0)})
+        return replace(claim, affordable=False)
+    return replace(claim, turn=replace(turn, reserved_amount=amount))
 
 
 def revoke_lease(session: Session, turn_id: int, token: str) -> bool:
