@@ -88,13 +88,14 @@ def _statements() -> SimpleNamespace:
                            .outerjoin(fallback, fallback.c.id == agents.c.fallback_model_id)
                            .where(turns.c.assistant_message_id == bindparam("turn_id"))
                            .with_for_update(of=[turns, messages])),
-        hold=Prepared(update(turns).where(turns.c.assistant_message_id == bindparam("turn_id"))
-                      .values(reserved_amount=bindparam("amount"))),
+        unhold=Prepared(update(turns).where(turns.c.assistant_message_id == bindparam("turn_id"))
+                        .values(reserved_amount=turns.c.reserved_amount - bindparam("hold"))),
         touch_answer=Prepared(update(messages).where(messages.c.id == bindparam("turn_id"))
                               .values(updated_at=bindparam("at"))),
         take_lease=Prepared(update(turns).where(turns.c.assistant_message_id == bindparam("turn_id"))
                             .values(lease_token=bindparam("token"), lease_expires_at=bindparam("expires"),
                                     deadline_at=bindparam("deadline"), deliveries=turns.c.deliveries + 1,
+                                    reserved_amount=turns.c.reserved_amount + bindparam("hold"),
                                     updated_at=bindparam("at"))),
         give_up_lease=Prepared(update(turns)
                                .where(turns.c.assistant_message_id == bindparam("turn_id"),
@@ -208,14 +209,13 @@ def claim_turn(session: Session, turn_id: int, lease_seconds: float,
                                "expires": now + timedelta(seconds=lease_seconds),
                                "deadline": delivery_deadline(now, row.timeout_seconds,
                                                              row.fallback_model_id is not None),
-                               "at": now})
+                               "hold": amount, "at": now})
         if amount > 0:
             reserved = ledger.reserve(batch, row.user_id, amount)
-            sql.hold(batch, {"turn_id": turn_id, "amount": amount})
     if amount <= 0:
         return claim
     if reserved.rowcount != 1:
-        sql.hold(session, {"turn_id": turn_id, "amount": Decimal(0)})
+        sql.unhold(session, {"turn_id": turn_id, "hold": amount})
         return replace(claim, affordable=False)
     return replace(claim, turn=replace(turn, reserved_amount=amount))
 

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import select
 
 from app.db import transaction
-from app.models import ModelAttempt
+from app.models import ModelAttempt, Turn
 
 
 @pytest.fixture(autouse=True)
@@ -140,6 +140,9 @@ def test_insufficient_balance_ends_the_turn_without_calling_the_model(world, ups
     assert upstream.requests() == []
     me = world.api.get("/api/me", key).json
     assert me["balance"] == me["available_balance"] == "0.400000"
+    with transaction() as session:
+        turn = session.get_one(Turn, assistant["id"])
+        assert (turn.reserved_amount, turn.deliveries, turn.lease_token) == (Decimal(0), 1, None)
 
 
 def test_the_reservation_is_settled_to_the_real_cost(world, upstream) -> None:  # type: ignore[no-untyped-def]
