@@ -6,13 +6,12 @@ from collections.abc import Iterable
 from functools import cache
 
 from sqlalchemy import bindparam, insert
-from sqlalchemy.orm import Session
 
 from app import metrics
 from app.fallback import AttemptRecord
 from app.models import ModelAttempt, table
 from app.models.base import utc_now
-from app.prepared import Batch, Prepared
+from app.prepared import Batch, Prepared, Unit
 
 _COLUMNS = ("message_id", "debug_log_id", "model_name", "outcome", "error", "latency_ms", "first_token_ms",
             "prompt_tokens", "completion_tokens", "cost", "created_at")
@@ -24,7 +23,7 @@ def _insert() -> Prepared:
 
 
 def record_attempts(
-    unit: Session | Batch, attempts: Iterable[AttemptRecord], *, message_id: int | None = None,
+    unit: Unit | Batch, attempts: Iterable[AttemptRecord], *, message_id: int | None = None,
     debug_log_id: int | None = None,
 ) -> None:
     attempts = list(attempts)

@@ -20,7 +20,7 @@ from app.db import transaction
 from app.errors import MalformedRequest, NotFound
 from app.models import Agent, Conversation, ConversationMessage, User, table
 from app.models.base import as_utc, utc_now
-from app.prepared import Batch, Prepared
+from app.prepared import Batch, Prepared, Unit
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +167,7 @@ def get_message(principal: Principal, message_id: int) -> ConversationMessage:
         return message
 
 
-def record_turn_end(unit: Session | Batch, conversation_id: int, success_tokens: int | None) -> None:
+def record_turn_end(unit: Unit | Batch, conversation_id: int, success_tokens: int | None) -> None:
     """Statistics at a turn's end: activity always; tokens and "has an answer" only for a success.
 
     `message_count` was already counted when the turn was accepted (it allocates the seq numbers).

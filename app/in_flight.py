@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from app.config import get_settings
 from app.errors import ConversationBusy, TooManyActiveConversations
 from app.models import Conversation, ConversationMessage, User, table
-from app.prepared import Batch, Prepared, then
+from app.prepared import Batch, Prepared, Unit, then
 from app.turn_status import IN_FLIGHT_VALUES
 
 
@@ -35,7 +35,7 @@ def active_conversation_ids(session: Session, user_id: int) -> set[int]:
     return set(_statements().active(session, {"user": user_id}).scalars())
 
 
-def check_can_start(unit: Session | Batch, user_id: int, conversation_id: int) -> None:
+def check_can_start(unit: Unit | Batch, user_id: int, conversation_id: int) -> None:
     """The two rules of starting a turn, from one query (the user's row is locked by the caller):
     409 while this conversation has a turn in flight, 429 at AGENTQ_MAX_ACTIVE_CONVERSATIONS.
     On a batch the query goes out with the batch and the rules are checked once it is back."""

@@ -19,7 +19,7 @@ from app.errors import ValidationFailed
 from app.models import CreditTransaction, User, table
 from app.models.base import Money, utc_now
 from app.money import MAX_AMOUNT, quantize
-from app.prepared import Batch, Prepared, Rows
+from app.prepared import Batch, Prepared, Rows, Unit
 
 
 def _locked_user(session: Session, user_id: int) -> User:
@@ -83,19 +83,19 @@ def _statements() -> SimpleNamespace:
     )
 
 
-def reserve(unit: Session | Batch, user_id: int, amount: Decimal) -> Rows:
+def reserve(unit: Unit | Batch, user_id: int, amount: Decimal) -> Rows:
     """Hold `amount` of the available balance for a turn: held when the rowcount is 1, not there when 0."""
     return _statements().reserve(unit, {"user": user_id, "amount": quantize(amount)})
 
 
-def release(unit: Session | Batch, user_id: int, amount: Decimal) -> None:
+def release(unit: Unit | Batch, user_id: int, amount: Decimal) -> None:
     """Give back a reservation of a turn that will not be charged."""
     if amount <= 0:
         return
     _statements().release(unit, {"user": user_id, "held": quantize(amount)})
 
 
-def charge_turn(unit: Session | Batch, user_id: int, message_id: int, cost: Decimal, reserved: Decimal) -> None:
+def charge_turn(unit: Unit | Batch, user_id: int, message_id: int, cost: Decimal, reserved: Decimal) -> None:
     """Settle a turn: release its reservation and charge its real cost, at most the whole balance.
 
     A charge of zero writes no ledger row; the unique `message_id` of the ledger refuses a second one."""

@@ -24,12 +24,14 @@ from typing import Any
 
 from psycopg.rows import namedtuple_row
 from sqlalchemy import Boolean, DateTime, Float, Integer, Numeric, String
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import ClauseElement
 
 Params = Mapping[str, Any]
+Unit = Session | Connection
+"""Where statements run: an ORM session, or a plain connection (`app.db.plain_transaction`)."""
 
 _PLAIN_TYPES = (Integer, String, DateTime, Boolean)
 """Types whose values psycopg reads exactly as SQLAlchemy's PostgreSQL dialect hands them back.
@@ -135,7 +137,7 @@ class Prepared:
             form = self._forms[dialect.name] = _driver_form(self.statement, dialect)
         return form
 
-    def __call__(self, unit: Session | Batch, params: Params | Sequence[Params] | None = None) -> Rows:
+    def __call__(self, unit: Unit | Batch, params: Params | Sequence[Params] | None = None) -> Rows:
         if isinstance(unit, Batch):
             return unit.add(self, params)
         return _run(unit, [(self, params)])[0]
@@ -157,8 +159,8 @@ class Batch:
     nothing else may run on the session inside it, or it would run before the queued statements.
     """
 
-    def __init__(self, session: Session) -> None:
-        self.session = session
+    def __init__(self, unit: Unit) -> None:
+        self.unit = unit
         self._queued: list[tuple[Prepared, Params | Sequence[Params] | None, Rows]] = []
         self._checks: list[Callable[[], None]] = []
 
@@ -172,7 +174,7 @@ class Batch:
 
     def send(self) -> None:
         queued, self._queued = self._queued, []
-        results = _run(self.session, [(prepared, params) for prepared, params, _ in queued]) if queued else []
+        results = _run(self.unit, [(prepared, params) for prepared, params, _ in queued]) if queued else []
         for (_, _, pending), result in zip(queued, results, strict=True):
             pending.rows, pending.rowcount = result.rows, result.rowcount
         checks, self._checks = self._checks, []
@@ -187,7 +189,7 @@ class Batch:
             self.send()
 
 
-def then(unit: Session | Batch, check: Callable[[], None]) -> None:
+def then(unit: Unit | Batch, check: Callable[[], None]) -> None:
     """Run `check` on a statement's outcome: now on a session, once the results are in on a batch."""
     if isinstance(unit, Batch):
         unit.then(check)
@@ -195,13 +197,13 @@ def then(unit: Session | Batch, check: Callable[[], None]) -> None:
         check()
 
 
-def _run(session: Session, statements: list[tuple[Prepared, Params | Sequence[Params] | None]]) -> list[Rows]:
-    connection = session.connection()
+def _run(unit: Unit, statements: list[tuple[Prepared, Params | Sequence[Params] | None]]) -> list[Rows]:
+    connection = unit if isinstance(unit, Connection) else unit.connection()
     dialect = connection.dialect
     if dialect.name != "postgresql":
         results = []
         for prepared, params in statements:
-            result = session.execute(prepared.statement, params)  # type: ignore[arg-type]
+            result = connection.execute(prepared.statement, params)  # type: ignore[arg-type]
             results.append(Rows(list(result) if result.returns_rows else [], result.rowcount))
         return results
     work = [(prepared._form(dialect), params) for prepared, params in statements]
@@ -252,4 +254,4 @@ def _complete(form: _DriverForm, params: Params | None) -> dict[str, Any]:
     return values
 
 
-__all__ = ["Batch", "NotPreparable", "Prepared", "Rows", "then"]
+__all__ = ["Batch", "NotPreparable", "Prepared", "Rows", "Unit", "then"]

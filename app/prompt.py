@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from functools import cache
 
 from sqlalchemy import bindparam, select
-from sqlalchemy.orm import Session
 
 from app.config import get_settings
 from app.llm_client import estimate_tokens, estimate_tokens_of_messages
 from app.models import ConversationMessage, table
-from app.prepared import Prepared
+from app.prepared import Prepared, Unit
 from app.turn_status import TurnStatus
 
 ChatMessage = dict[str, str]
@@ -41,7 +40,7 @@ def _history_query() -> Prepared:
     )
 
 
-def successful_history(session: Session, conversation_id: int, before_seq: int | None = None) -> list[ChatMessage]:
+def successful_history(session: Unit, conversation_id: int, before_seq: int | None = None) -> list[ChatMessage]:
     """The conversation's successful turns before `before_seq` (all of them when it is None), oldest first."""
     rows = _history_query()(session, {"conversation": conversation_id,
                                       "before": before_seq if before_seq is not None else 2**31 - 1})

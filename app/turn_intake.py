@@ -13,18 +13,17 @@ from types import SimpleNamespace
 
 from sqlalchemy import BigInteger, DateTime, String, Text, and_, bindparam, insert, literal, select, union_all, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from app import coordination, outbox
 from app.auth import Principal
 from app.config import get_settings
 from app.conversations import require_owned
-from app.db import transaction
+from app.db import plain_transaction, transaction
 from app.errors import ContentTooLarge, ConversationBusy, NotFound, TooManyActiveConversations, ValidationFailed
 from app.in_flight import check_can_start
 from app.models import Conversation, ConversationMessage, Turn, User, table
 from app.models.base import utc_now
-from app.prepared import Batch, Prepared, Rows
+from app.prepared import Batch, Prepared, Rows, Unit
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,22 +41,23 @@ def check_content(content: str) -> None:
         raise ContentTooLarge(f"content is {len(content)} characters; the limit is {limit}.")
 
 
-def _replay(session: Session, user_id: int, key: str, conversation_id: int) -> AcceptedTurn | None:
+def _replay(unit: Unit, user_id: int, key: str, conversation_id: int) -> AcceptedTurn | None:
     """The first answer to a request with this Idempotency-Key, if there was one.
 
     A key names one request: reusing it for another conversation is the client's mistake, not a retry.
     """
-    turn = session.scalar(select(Turn).where(Turn.user_id == user_id, Turn.idempotency_key == key))
+    turns, messages = table(Turn), table(ConversationMessage)
+    turn = unit.execute(select(turns.c.conversation_id, turns.c.user_message_id, turns.c.assistant_message_id)
+                        .where(turns.c.user_id == user_id, turns.c.idempotency_key == key)).first()
     if turn is None:
         return None
     if turn.conversation_id != conversation_id:
         raise ValidationFailed("This Idempotency-Key was already used for another conversation.",
                                code="idempotency_key_reused")
-    return AcceptedTurn(
-        session.get_one(ConversationMessage, turn.user_message_id),
-        session.get_one(ConversationMessage, turn.assistant_message_id),
-        replayed=True,
-    )
+    rows = unit.execute(select(messages).where(messages.c.id.in_([turn.user_message_id,
+                                                                  turn.assistant_message_id])))
+    found = {row.id: ConversationMessage(**row._asdict()) for row in rows}
+    return AcceptedTurn(found[turn.user_message_id], found[turn.assistant_message_id], replayed=True)
 
 
 @cache
@@ -101,7 +101,7 @@ def _statements() -> SimpleNamespace:
 
 
 def _insert_turn(
-    session: Session, principal: Principal, conversation_id: int, content: str, key: str | None
+    session: Unit, principal: Principal, conversation_id: int, content: str, key: str | None
 ) -> AcceptedTurn:
     """One transaction: the user's row lock (which also proves ownership), checks, seq numbers, three rows.
 
@@ -166,8 +166,8 @@ def submit_turn(principal: Principal, conversation_id: int, content: str, idempo
             require_owned(session, principal, conversation_id)
         raise
     try:
-        with transaction() as session:
-            accepted = _insert_turn(session, principal, conversation_id, content, idempotency_key)
+        with plain_transaction() as connection:
+            accepted = _insert_turn(connection, principal, conversation_id, content, idempotency_key)
     except IntegrityError as exc:
         lock.release()
         if idempotency_key is not None:

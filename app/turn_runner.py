@@ -15,20 +15,18 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy.orm import Session
-
 from app import coordination, ledger
 from app.attempts import record_attempts
 from app.config import get_settings
 from app.conversations import record_turn_end
-from app.db import transaction
+from app.db import plain_transaction, transaction
 from app.fallback import AgentParams, AnswerSink, Outcome, call_with_fallback
 from app.leases import Holding, keeper
 from app.live_stream import TurnStream
 from app.llm_client import ModelTarget, estimate_tokens, estimate_tokens_of_messages
 from app.logging_setup import turn_context
 from app.moderation import moderate
-from app.prepared import Batch
+from app.prepared import Batch, Unit
 from app.prompt import ChatMessage, build_prompt, successful_history
 from app.targets import worst_case_cost
 from app.turn_state import (
@@ -76,7 +74,7 @@ def _target(row: Any, prefix: str) -> ModelTarget | None:
     return None if values["id"] is None else ModelTarget(**values)
 
 
-def _load_context(session: Session, claim: ClaimResult) -> TurnContext:
+def _load_context(unit: Unit, claim: ClaimResult) -> TurnContext:
     """Everything the run needs: what the claim read under its lock, and the history (none on a first turn)."""
     turn, row = claim.turn, claim.run
     assert turn is not None and claim.token is not None
@@ -86,7 +84,7 @@ def _load_context(session: Session, claim: ClaimResult) -> TurnContext:
         turn_id=turn.assistant_message_id, question_id=turn.user_message_id, token=claim.token,
         user_id=turn.user_id, conversation_id=turn.conversation_id, content=row.content,
         system_prompt=row.system_prompt,
-        history=successful_history(session, turn.conversation_id, before_seq=row.seq) if row.seq > 1 else [],
+        history=successful_history(unit, turn.conversation_id, before_seq=row.seq) if row.seq > 1 else [],
         params=AgentParams(row.timeout_seconds, row.temperature, row.max_tokens),
         primary=primary, fallback=_target(row, "f"), reserved=turn.reserved_amount,
     )
@@ -100,15 +98,15 @@ def run_turn(turn_id: int) -> None:
 def _run_turn(turn_id: int) -> None:
     settings = get_settings()
     loaded: list[TurnContext] = []
-    with transaction() as session:
+    with plain_transaction() as connection:
 
         def worst_case(claim: ClaimResult) -> Decimal:
-            context = _load_context(session, claim)
+            context = _load_context(connection, claim)
             loaded.append(context)
             assert claim.turn is not None
             return _worst_case(context, claim.turn)
 
-        claim = claim_turn(session, turn_id, settings.lease_seconds, hold=worst_case)
+        claim = claim_turn(connection, turn_id, settings.lease_seconds, hold=worst_case)
     if not claim.acquired:
         log.info("turn %s not run: %s", turn_id, claim.outcome.value)
         return
@@ -190,7 +188,7 @@ def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, mod
 
     A turn with a `cost` is charged it (zero writes no ledger row); one without has its reservation
     released."""
-    with transaction() as session, Batch(session) as batch:
+    with plain_transaction() as connection, Batch(connection) as batch:
         finish_turn(batch, context.turn_id, context.question_id, context.token, target,
                     model=model.name if model else None, cost=cost, **answer)
         record_turn_end(batch, context.conversation_id, success_tokens)

@@ -25,7 +25,7 @@ from app.config import get_settings
 from app.models import Agent, Conversation, ConversationMessage, DebugRun, LlmModel, Turn, table
 from app.models.base import optional_utc as utc
 from app.models.base import utc_now
-from app.prepared import Batch, Prepared, then
+from app.prepared import Batch, Prepared, Unit, then
 from app.turn_status import TurnStatus, sources_for
 
 
@@ -128,7 +128,7 @@ def _both_moving(target: TurnStatus, *, noting: bool = False, answering: bool = 
                     .values(**values))
 
 
-def _move_both(unit: Session | Batch, target: TurnStatus, question: int, answer: int, *, noting: bool = False,
+def _move_both(unit: Unit | Batch, target: TurnStatus, question: int, answer: int, *, noting: bool = False,
                answering: bool = False, **values: Any) -> None:
     """Run `_both_moving`; a turn whose messages were not both in a status `target` is reached from is refused."""
     moved = _both_moving(target, noting=noting, answering=answering)(
@@ -168,7 +168,7 @@ def delivery_deadline(now: datetime, timeout_seconds: float, has_fallback: bool)
     return now + timedelta(seconds=bound)
 
 
-def claim_turn(session: Session, turn_id: int, lease_seconds: float,
+def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
                hold: Callable[[ClaimResult], Decimal] | None = None) -> ClaimResult:
     """Take a pending turn, or take over a processing one whose lease ran out (its worker died).
 
@@ -248,7 +248,7 @@ def _move_noting(session: Session, turn: Turn, target: TurnStatus, error_message
 
 
 def finish_turn(
-    unit: Session | Batch,
+    unit: Unit | Batch,
     turn_id: int,
     question_id: int,
     token: str,
