@@ -4,7 +4,7 @@ Why: a turn runs about fifteen statements, and through SQLAlchemy's execution pa
 compiled-cache lookup, parameter processing, result set-up) each cost this machine about twice what
 the driver itself spends (`make bench`: 150 µs against 70 µs a statement). A `Prepared` statement is
 still one Core statement on the models' tables, compiled by SQLAlchemy; on PostgreSQL it then runs
-on the psycopg cursor of the session's own connection, inside the session's transaction, and
+on the psycopg cursor of the unit's own connection (a session's or a plain one), inside its transaction, and
 psycopg prepares it server-side after a few runs. Driver errors come out as SQLAlchemy's exceptions
 (an `IntegrityError` stays an `IntegrityError`) and a lost connection invalidates the pool, as
 SQLAlchemy itself would. On SQLite, the embedded default, the statement runs through SQLAlchemy unchanged:
@@ -119,7 +119,7 @@ def _driver_form(statement: ClauseElement, dialect: Dialect) -> _DriverForm:
 
 
 class Prepared:
-    """One Core statement, run by `__call__(unit, params)`: at once on a session, or queued on a `Batch`.
+    """One Core statement, run by `__call__(unit, params)`: at once on a unit, or queued on a `Batch`.
 
     `params` is one mapping, or a sequence of mappings to run the statement once for each (no rows
     are returned then; single executes, since psycopg's `executemany` sets up a pipeline of its
@@ -154,9 +154,9 @@ class Batch:
     check once the results are in, before the transaction commits: a guard that matched nothing
     raises there and the whole transaction rolls back. On SQLite the statements run one by one.
 
-    Use it as `with transaction() as session, Batch(session) as batch:`; results are read after
+    Use it as `with plain_transaction() as connection, Batch(connection) as batch:`; results are read after
     the `with` (a `Rows` returned by a queued statement is filled in when the batch is sent), and
-    nothing else may run on the session inside it, or it would run before the queued statements.
+    nothing else may run on the unit inside it, or it would run before the queued statements.
     """
 
     def __init__(self, unit: Unit) -> None:
@@ -190,7 +190,7 @@ class Batch:
 
 
 def then(unit: Unit | Batch, check: Callable[[], None]) -> None:
-    """Run `check` on a statement's outcome: now on a session, once the results are in on a batch."""
+    """Run `check` on a statement's outcome: now on a unit, once the results are in on a batch."""
     if isinstance(unit, Batch):
         unit.then(check)
     else:

@@ -11,10 +11,10 @@ import pytest
 from sqlalchemy import JSON, BigInteger, Column, DateTime, MetaData, String, Table, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from app.db import get_engine, transaction
+from app.db import get_engine, plain_transaction, transaction
 from app.models import ConversationMessage, Turn, User, table
 from app.models.base import utc_now
-from app.prepared import NotPreparable, Prepared
+from app.prepared import Batch, NotPreparable, Prepared
 
 metadata = MetaData()
 probe = Table(
@@ -65,6 +65,24 @@ def test_driver_errors_are_sqlalchemy_errors_and_roll_back(probe_table: None) ->
         add(session, {"id": 7})
     with transaction() as session:
         assert session.execute(select(probe.c.id)).scalars().all() == [7]
+
+
+def test_a_plain_connection_runs_statements_and_batches_in_its_transaction(probe_table: None) -> None:
+    """The hot paths run on `plain_transaction` (no ORM session): the same statements, the same rollback."""
+    add = Prepared(insert(probe).values(id=bindparam("id"), kind=bindparam("kind")))
+    rename = Prepared(update(probe).where(probe.c.id == bindparam("id")).values(note=bindparam("note")))
+    with plain_transaction() as connection:
+        add(connection, {"id": 1, "kind": "plain"})
+        with Batch(connection) as batch:
+            added = add(batch, {"id": 2, "kind": "batched"})
+            renamed = rename(batch, {"id": 1, "note": "in the batch"})
+    assert (added.rowcount, renamed.rowcount) == (1, 1)
+    with pytest.raises(IntegrityError), plain_transaction() as connection, Batch(connection) as batch:
+        add(batch, {"id": 3, "kind": "rolled back"})
+        add(batch, {"id": 2, "kind": "duplicate"})
+    with transaction() as session:
+        rows = session.execute(select(probe.c.id, probe.c.kind, probe.c.note).order_by(probe.c.id)).all()
+    assert [tuple(r) for r in rows] == [(1, "plain", "in the batch"), (2, "batched", None)]
 
 
 @pytest.mark.parametrize("statement", [
