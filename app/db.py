@@ -1,6 +1,7 @@
-"""The database engine and the one way to open a unit of work.
+"""The database engine and the two ways to open a unit of work.
 
-Services open `transaction()` once per use case and nothing else commits. On SQLite (the embedded
+Services open `transaction()` (an ORM session) once per use case, or `plain_transaction()` (a Core
+connection) where a hot path needs no ORM; nothing else commits. On SQLite (the embedded
 default) every transaction starts with BEGIN IMMEDIATE so concurrent writers queue on the busy
 timeout instead of failing half-way with "database is locked".
 
@@ -114,9 +115,10 @@ def transaction() -> Iterator[Session]:
 
 @contextmanager
 def plain_transaction() -> Iterator[Connection]:
-    """A unit of work on a plain connection, for the hot paths that run only `app.prepared` statements
-    (a turn's claim and settlement): an ORM session's set-up and commit bookkeeping cost more than
-    the statements themselves (this machine: 180 against 110 µs of CPU a transaction)."""
+    """A unit of work on a plain connection, for the hot paths that need no ORM (a turn's intake, claim
+    and settlement: `app.prepared` statements and Core selects): an ORM session's set-up and commit
+    bookkeeping cost more than those statements (this machine: 180 against 110 µs of CPU a
+    transaction)."""
     with get_engine().begin() as connection:
         yield connection
 

@@ -25,6 +25,7 @@ from app.config import get_settings
 from app.models import Agent, Conversation, ConversationMessage, DebugRun, LlmModel, Turn, table
 from app.models.base import optional_utc as utc
 from app.models.base import utc_now
+from app.money import quantize
 from app.prepared import Batch, Prepared, Unit, then
 from app.turn_status import TurnStatus, sources_for
 
@@ -180,9 +181,10 @@ def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
 
     Two round trips and the commit: the lock, which reads the run's inputs with it, and one batch of
     writes. `hold(claim)` says, from those inputs, how much of the user's balance to reserve (the
-    caller's rule; zero for nothing), which goes out in that batch with the status and the lease. A
+    caller's rule; zero for nothing), which goes out in that batch with the status and the lease; it
+    may read more on the way (the runner reads a later turn's history: one round trip more). A
     reservation the balance cannot cover is taken back in the same transaction and reported as not
-    `affordable` (a third round trip, on that rare path only).
+    `affordable` (one round trip more, on that rare path only).
     """
     sql = _statements()
     row = sql.lock_turn(session, {"turn_id": turn_id}).first()
@@ -199,7 +201,7 @@ def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
     turn = TurnRow(row.assistant_message_id, row.user_message_id, row.conversation_id, row.user_id,
                    row.deliveries + 1, row.reserved_amount, row.cancel_requested_at)
     claim = ClaimResult(outcome, turn, new_lease_token(), row)
-    amount = hold(claim) if hold is not None else Decimal(0)
+    amount = max(quantize(hold(claim)), Decimal(0)) if hold is not None else Decimal(0)
     with Batch(session) as batch:
         if outcome is Claim.TAKEN_OVER:
             sql.touch_answer(batch, {"turn_id": turn_id, "at": now})
@@ -210,14 +212,13 @@ def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
                                "deadline": delivery_deadline(now, row.timeout_seconds,
                                                              row.fallback_model_id is not None),
                                "hold": amount, "at": now})
-        if amount > 0:
-            reserved = ledger.reserve(batch, row.user_id, amount)
-    if amount <= 0:
+        reserved = ledger.reserve(batch, row.user_id, amount) if amount > 0 else None
+    if reserved is None:
         return claim
     if reserved.rowcount != 1:
         sql.unhold(session, {"turn_id": turn_id, "hold": amount})
         return replace(claim, affordable=False)
-    return replace(claim, turn=replace(turn, reserved_amount=amount))
+    return replace(claim, turn=replace(turn, reserved_amount=turn.reserved_amount + amount))
 
 
 def revoke_lease(session: Session, turn_id: int, token: str) -> bool:
