@@ -19,10 +19,16 @@ from app.prepared import Batch, Prepared, Unit, then
 from app.turn_status import IN_FLIGHT_VALUES
 
 
+def status_is(status: ColumnElement[str], *values: str) -> ColumnElement[bool]:
+    """`status` is one of `values`, written as constants: a prepared statement's generic plan can then
+    use the partial indexes whose predicate says the same (a parameter could be anything)."""
+    constants = [literal_column(f"'{value}'") for value in values]
+    return status == constants[0] if len(constants) == 1 else status.in_(constants)
+
+
 def in_flight(status: ColumnElement[str]) -> ColumnElement[bool]:
-    """`status` is pending or processing, written as constants: a prepared statement's generic plan can
-    then use the partial indexes whose predicate says the same (a parameter could be anything)."""
-    return status.in_([literal_column(f"'{value}'") for value in IN_FLIGHT_VALUES])
+    """`status` is pending or processing (see `status_is`)."""
+    return status_is(status, *IN_FLIGHT_VALUES)
 
 
 def answer_in_flight(messages: Table) -> ColumnElement[bool]:

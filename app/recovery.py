@@ -30,17 +30,18 @@ from types import SimpleNamespace
 from typing import Any
 
 import redis
-from sqlalchemy import ColumnElement, DateTime, and_, bindparam, literal_column, or_, select, true, update
+from sqlalchemy import ColumnElement, DateTime, and_, bindparam, or_, select, true, update
 
 from app import outbox
 from app.config import get_settings
 from app.db import transaction
-from app.in_flight import answer_in_flight, in_flight
+from app.in_flight import answer_in_flight, in_flight, status_is
 from app.models import ConversationMessage, DebugRun, Turn, table
 from app.models.base import utc_now
 from app.prepared import Prepared
 from app.redis_client import get_redis, key
 from app.turn_state import revoke_debug_lease, revoke_lease
+from app.turn_status import TurnStatus
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def _due(status: Any, enqueued_at: Any, created_at: Any, lease_expires_at: Any, 
     database returns only what is due: (due, overdue), overdue being the stuck runs whose live lease
     is revoked before they are sent again."""
     now = bindparam("now", type_=DateTime(timezone=True))
-    pending, processing = status == literal_column("'pending'"), status == literal_column("'processing'")
+    pending, processing = status_is(status, TurnStatus.PENDING), status_is(status, TurnStatus.PROCESSING)
     unsent = true() if redis_lost else or_(
         and_(enqueued_at.is_(None), created_at < bindparam("unsent_before", type_=DateTime(timezone=True))),
         enqueued_at < bindparam("stale_before", type_=DateTime(timezone=True)))

@@ -24,6 +24,7 @@ from app.in_flight import check_can_start
 from app.models import Conversation, ConversationMessage, Turn, User, table
 from app.models.base import utc_now
 from app.prepared import Batch, Prepared, Rows, Unit
+from app.turn_status import TurnStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +73,7 @@ def _statements() -> SimpleNamespace:
     this = (conversations.c.id == bindparam("conversation", type_=BigInteger), conversations.c.deleted_at.is_(None))
     question, answer = messages.alias("question"), messages.alias("answer")
     new_message = ("conversation_id", "seq", "role", "content", "status", "created_at", "updated_at")
+    pending = literal(TurnStatus.PENDING.value)
     return SimpleNamespace(
         lock_owner=Prepared(select(users.c.id)
                             .join_from(conversations, users, users.c.id == conversations.c.user_id)
@@ -82,9 +84,9 @@ def _statements() -> SimpleNamespace:
                           .returning(conversations.c.message_count)),
         insert_messages=Prepared(insert(messages).from_select(new_message, union_all(
             select(conversations.c.id, conversations.c.message_count - 1, literal("user"),
-                   bindparam("content", type_=Text), literal("pending"), at, at).where(*this),
+                   bindparam("content", type_=Text), pending, at, at).where(*this),
             select(conversations.c.id, conversations.c.message_count, literal("assistant"), literal(""),
-                   literal("pending"), at, at).where(*this),
+                   pending, at, at).where(*this),
         )).returning(messages.c.id, messages.c.seq)),
         insert_turn=Prepared(insert(turns).from_select(
             ("assistant_message_id", "user_message_id", "conversation_id", "user_id", "idempotency_key",
@@ -101,7 +103,7 @@ def _statements() -> SimpleNamespace:
 
 
 def _insert_turn(
-    session: Unit, principal: Principal, conversation_id: int, content: str, key: str | None
+    unit: Unit, principal: Principal, conversation_id: int, content: str, key: str | None
 ) -> AcceptedTurn:
     """One transaction: the user's row lock (which also proves ownership), checks, seq numbers, three rows.
 
@@ -114,31 +116,30 @@ def _insert_turn(
     on the committed row, and a conversation deleted meanwhile is 404."""
     sql = _statements()
     ids = {"conversation": conversation_id, "user": principal.id}
-    with Batch(session) as batch:
+    with Batch(unit) as batch:
         owner = sql.lock_owner(batch, ids)
         batch.then(lambda: _found(owner))
         if key is None:
             check_can_start(batch, principal.id, conversation_id)
     if key is not None:
-        replay = _replay(session, principal.id, key, conversation_id)
+        replay = _replay(unit, principal.id, key, conversation_id)
         if replay is not None:
             return replay
-        check_can_start(session, principal.id, conversation_id)
+        check_can_start(unit, principal.id, conversation_id)
     now = utc_now()
-    with Batch(session) as batch:
+    with Batch(unit) as batch:
         seq = sql.bump_seq(batch, {"conversation": conversation_id, "at": now})
         inserted = sql.insert_messages(batch, {"conversation": conversation_id, "at": now, "content": content})
         sql.insert_turn(batch, {**ids, "key": key, "at": now})
         batch.then(lambda: _found(seq))
     last_seq = seq.scalar()
     message_ids = {row.seq: row.id for row in inserted}
-    user_message = ConversationMessage(id=message_ids[last_seq - 1], conversation_id=conversation_id,
-                                       seq=last_seq - 1, role="user", content=content, status="pending",
-                                       created_at=now, updated_at=now)
-    assistant_message = ConversationMessage(id=message_ids[last_seq], conversation_id=conversation_id, seq=last_seq,
-                                            role="assistant", content="", status="pending", created_at=now,
-                                            updated_at=now)
-    return AcceptedTurn(user_message, assistant_message)
+
+    def written(seq: int, role: str, text: str) -> ConversationMessage:
+        return ConversationMessage(id=message_ids[seq], conversation_id=conversation_id, seq=seq, role=role,
+                                   content=text, status=TurnStatus.PENDING.value, created_at=now, updated_at=now)
+
+    return AcceptedTurn(written(last_seq - 1, "user", content), written(last_seq, "assistant", ""))
 
 
 def _found(rows: Rows) -> None:

@@ -116,7 +116,7 @@ def _run_turn(turn_id: int) -> None:
     cancel_requested = claim.turn.cancel_requested_at is not None
     log.info("turn %s %s (delivery %s)", turn_id, claim.outcome.value, deliveries)
     stream = TurnStream(turn_id, deliveries)
-    if deliveries > settings.max_deliveries:
+    if _given_up(claim.turn):
         _settle_failure(context, TurnStatus.ERROR, f"gave up after {deliveries - 1} deliveries", stream)
         return
     if not affordable:
@@ -169,13 +169,18 @@ def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) ->
         _settle_failure(context, TurnStatus.LLM_ERROR, outcome.error_message, stream, outcome, elapsed_ms)
 
 
+def _given_up(turn: TurnRow) -> bool:
+    """Delivered more than `AGENTQ_MAX_DELIVERIES` times: the turn ends as `error` without a model call."""
+    return turn.deliveries > get_settings().max_deliveries
+
+
 def _worst_case(context: TurnContext, turn: TurnRow) -> Decimal:
     """What the claim holds of the user's balance: the worst case (estimated prompt plus the answer's
     token limit, at the dearest model's prices), for a delivery that will call a model.
 
     Nothing for a turn taken over from a dead worker (it keeps the reservation that worker made, so a
     turn reserves once), one given up after too many deliveries, or one cancelled before it started."""
-    if turn.reserved_amount or turn.deliveries > get_settings().max_deliveries or turn.cancel_requested_at:
+    if turn.reserved_amount or _given_up(turn) or turn.cancel_requested_at:
         return Decimal(0)
     targets = [context.primary] + ([context.fallback] if context.fallback else [])
     return worst_case_cost(targets, context.prompt_for, context.params.max_tokens)

@@ -27,7 +27,7 @@ from app.models.base import optional_utc as utc
 from app.models.base import utc_now
 from app.money import quantize
 from app.prepared import Batch, Prepared, Unit, then
-from app.turn_status import TurnStatus, sources_for
+from app.turn_status import IN_FLIGHT_VALUES, TurnStatus, sources_for
 
 
 class TransitionRefused(RuntimeError):
@@ -44,6 +44,11 @@ class Claim(Enum):
     OWNED_ELSEWHERE = "owned_elsewhere"
     FINISHED = "finished"
     MISSING = "missing"
+
+    @property
+    def acquires(self) -> bool:
+        """The run is this worker's from now on."""
+        return self in (Claim.CLAIMED, Claim.TAKEN_OVER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,11 +161,22 @@ class ClaimResult:
 
     @property
     def acquired(self) -> bool:
-        return self.outcome in (Claim.CLAIMED, Claim.TAKEN_OVER)
+        return self.outcome.acquires
 
 
 def new_lease_token() -> str:
     return secrets.token_hex(16)
+
+
+def _claim_outcome(status: str, lease_expires_at: datetime | None, now: datetime) -> Claim:
+    """Who may run a turn (or admin test run) in `status` now: a pending one is claimed, a processing
+    one is taken over once its lease ran out (its worker died), an ended one is left alone."""
+    if TurnStatus(status).is_terminal:
+        return Claim.FINISHED
+    if status != TurnStatus.PROCESSING:
+        return Claim.CLAIMED
+    expires = utc(lease_expires_at)
+    return Claim.OWNED_ELSEWHERE if expires is not None and expires > now else Claim.TAKEN_OVER
 
 
 def delivery_deadline(now: datetime, timeout_seconds: float, has_fallback: bool) -> datetime:
@@ -191,13 +207,9 @@ def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
     if row is None:
         return ClaimResult(Claim.MISSING)
     now = utc_now()
-    if TurnStatus(row.status).is_terminal:
-        return ClaimResult(Claim.FINISHED)
-    if row.status == TurnStatus.PROCESSING:
-        expires = utc(row.lease_expires_at)
-        if expires is not None and expires > now:
-            return ClaimResult(Claim.OWNED_ELSEWHERE)
-    outcome = Claim.TAKEN_OVER if row.status == TurnStatus.PROCESSING else Claim.CLAIMED
+    outcome = _claim_outcome(row.status, row.lease_expires_at, now)
+    if not outcome.acquires:
+        return ClaimResult(outcome)
     turn = TurnRow(row.assistant_message_id, row.user_message_id, row.conversation_id, row.user_id,
                    row.deliveries + 1, row.reserved_amount, row.cancel_requested_at)
     claim = ClaimResult(outcome, turn, new_lease_token(), row)
@@ -346,17 +358,14 @@ def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> Clai
     if run is None:
         return ClaimResult(Claim.MISSING)
     now = utc_now()
-    if TurnStatus(run.status).is_terminal:
-        return ClaimResult(Claim.FINISHED)
-    expires = utc(run.lease_expires_at)
-    if run.status == TurnStatus.PROCESSING and expires is not None and expires > now:
-        return ClaimResult(Claim.OWNED_ELSEWHERE)
-    outcome = Claim.TAKEN_OVER if run.status == TurnStatus.PROCESSING else Claim.CLAIMED
+    outcome = _claim_outcome(run.status, run.lease_expires_at, now)
+    if not outcome.acquires:
+        return ClaimResult(outcome)
     agent = session.get_one(Agent, run.agent_id)
     token = new_lease_token()
     moved = session.execute(
         update(DebugRun)
-        .where(DebugRun.id == run_id, DebugRun.status.in_((TurnStatus.PENDING.value, TurnStatus.PROCESSING.value)))
+        .where(DebugRun.id == run_id, DebugRun.status.in_(IN_FLIGHT_VALUES))
         .values(status=TurnStatus.PROCESSING.value, lease_token=token,
                 lease_expires_at=now + timedelta(seconds=lease_seconds),
                 deadline_at=delivery_deadline(now, agent.timeout_seconds, agent.fallback_model_id is not None),
