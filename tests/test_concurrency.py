@@ -167,6 +167,15 @@ def question_of(turn_id: int) -> int:
         return session.get_one(Turn, turn_id).user_message_id
 
 
+def the_only_call(upstream) -> str:  # type: ignore[no-untyped-def]
+    """The upstream call of this test's turn, once it is the only one streaming.
+
+    Later checks follow this call by its id: a call left over from an earlier test may still change state."""
+    streams = wait_for(lambda: (found := upstream.streams()) and list(found.values()) == ["streaming"] and found,
+                       what="the worker to call the model")
+    return next(iter(streams))
+
+
 def test_a_worker_that_lost_its_lease_stops_and_cannot_write(world, upstream) -> None:  # type: ignore[no-untyped-def]
     """Another owner takes the turn over: the first worker stops its upstream call and writes nothing."""
     from app.models import Turn
@@ -176,14 +185,17 @@ def test_a_worker_that_lost_its_lease_stops_and_cannot_write(world, upstream) ->
     agent_id = world.agent(world.model(upstream="echo;ttft=60"), timeout_seconds=120)
     _, key = world.user()
     assistant = world.send(key, world.conversation(key, agent_id)).json["assistant_message"]
-    wait_for(lambda: list(upstream.streams().values()) == ["streaming"], what="the worker to call the model")
+    call = the_only_call(upstream)
     with transaction() as session:
         assert claim_turn(session, assistant["id"], lease_seconds=300).outcome.value == "owned_elsewhere"
-        session.get_one(Turn, assistant["id"]).lease_expires_at = None
     with transaction() as session:
+        # The lease runs out and is taken over in one transaction: the owner's lease keeper renews every
+        # second, and a renewal committed between the two would leave the lease alive.
+        session.get_one(Turn, assistant["id"]).lease_expires_at = None
+        session.flush()
         takeover = claim_turn(session, assistant["id"], lease_seconds=300)
     assert takeover.outcome.value == "taken_over" and takeover.token
-    wait_for(lambda: list(upstream.streams().values()) == ["disconnected"], what="the first worker to give up")
+    wait_for(lambda: upstream.streams().get(call) == "disconnected", what="the first worker to give up")
     with pytest.raises(LeaseLost), transaction() as session:
         finish_turn(session, assistant["id"], question_of(assistant["id"]), "not-the-owner", TurnStatus.SUCCESS,
                     content="overwrite")
@@ -206,7 +218,7 @@ def test_a_claim_that_waited_for_the_owners_final_commit_sees_the_turn_finished(
     agent_id = world.agent(world.model(upstream="echo;ttft=60"), timeout_seconds=120)
     _, key = world.user()
     assistant = world.send(key, world.conversation(key, agent_id)).json["assistant_message"]
-    wait_for(lambda: list(upstream.streams().values()) == ["streaming"], what="the worker to call the model")
+    call = the_only_call(upstream)
     with transaction() as session:
         token = session.get_one(Turn, assistant["id"]).lease_token
     assert token
@@ -231,7 +243,7 @@ def test_a_claim_that_waited_for_the_owners_final_commit_sees_the_turn_finished(
     assert [(after, outcome.value) for after, outcome in claims] == [(True, "finished")]
     final = world.message(key, assistant["id"])
     assert (final["status"], final["content"]) == ("success", "settled by the owner")
-    wait_for(lambda: list(upstream.streams().values()) == ["disconnected"], what="the worker to give up its call")
+    wait_for(lambda: upstream.streams().get(call) == "disconnected", what="the worker to give up its call")
     assert len(upstream.requests()) == 1
 
 
@@ -253,7 +265,7 @@ def test_a_new_turn_racing_a_settlement_of_the_same_conversation_is_refused_with
     user_id, key = world.user()
     conversation_id = world.conversation(key, agent_id)
     assistant = world.send(key, conversation_id).json["assistant_message"]
-    wait_for(lambda: list(upstream.streams().values()) == ["streaming"], what="the worker to call the model")
+    the_only_call(upstream)
     with transaction() as session:
         token = session.get_one(Turn, assistant["id"]).lease_token
     assert token
@@ -297,7 +309,7 @@ def test_a_batched_settlement_with_a_lost_lease_writes_nothing(world, upstream) 
     user_id, key = world.user(balance="5")
     conversation_id = world.conversation(key, agent_id)
     assistant = world.send(key, conversation_id).json["assistant_message"]
-    wait_for(lambda: list(upstream.streams().values()) == ["streaming"], what="the worker to call the model")
+    the_only_call(upstream)
     with transaction() as session:
         reserved = session.get_one(Turn, assistant["id"]).reserved_amount
     attempt = AttemptRecord("primary", "success", None, 5, 1, 3, 4, Decimal("0.5"))
