@@ -182,3 +182,15 @@ def ends(dep: Deployment, ids: list[int]) -> dict[str, object]:
         "SELECT extract(epoch FROM min(updated_at - make_interval(secs => coalesce(latency_ms, 0) / 1000.0))), "
         "extract(epoch FROM max(updated_at)) FROM conversation_messages WHERE id = ANY(%s)", (ids,))[0]
     return {"statuses": statuses, "first_start": float(first_start), "last_end": float(last_end)}
+
+
+def upstream_arrivals(dep: Deployment, prefix: str) -> dict[str, float]:
+    """When the upstream received each chat request, by the tag (`turn_content`) of turns tagged `prefix…`."""
+    arrived: dict[str, float] = {}
+    for request in httpx.get(f"{dep.mock_url}/_requests", timeout=60).json():
+        if request["path"] != "/v1/chat/completions":
+            continue
+        user = next((m["content"] for m in reversed(request["body"]["messages"]) if m["role"] == "user"), "")
+        if user.startswith(f"[{prefix}"):
+            arrived[user[1:user.index("]")]] = request["at"]
+    return arrived

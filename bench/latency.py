@@ -3,9 +3,9 @@ wait do C worker threads get, and what does a turn in flight cost in memory?
 
 The turns are POSTed through the API first (that intake rate is reported, and measured without
 workers competing for the CPU), their Dramatiq messages held aside in Redis (the queue's list is
-renamed) while `agentq worker` boots, then released at once. The measured time runs from the
-release to the last terminal status in the database, so worker boot and HTTP intake, which a
-real deployment does not repeat per wave, are not in it:
+renamed) while `agentq worker` boots, then released at once, with the workers' doorbell rung as a
+send does. The measured time runs from the release to the last terminal status in the database, so
+worker boot and HTTP intake, which a real deployment does not repeat per wave, are not in it:
 
     efficiency = (turns / C x upstream wait) / measured time
 
@@ -26,6 +26,7 @@ from typing import Any
 from bench.deploy import Deployment
 from bench.driver import drive, ends, wait_all_terminal
 from bench.procs import BenchError, cpu_seconds, percentile, rss_mb, wait_for
+from workers.doorbell import channel_name
 
 TURNS_QUEUE = "turns"
 
@@ -105,6 +106,7 @@ def run(dep: Deployment, agent: str, upstream_wait: float, turns: int, processes
                                       max(5, int(ideal_seconds * 1.5)))
     released = time.time()
     client.rename(hold, queue)
+    client.publish(channel_name(dep.namespace), TURNS_QUEUE)  # what a send does after its message is in the queue
     sampler = _Sampler(dep, intake.ids, worker.pid, released)
     try:
         wait_all_terminal(dep, intake.ids, timeout=max(120.0, turns / threads * upstream_wait * 4))

@@ -77,6 +77,11 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         out.append(("streaming overhead p50 / p99",
                     f"{_fmt(stream['overhead_p50_ms'], 1)} / {_fmt(stream['overhead_p99_ms'], 1)} ms", "p50 <= 10 ms",
                     _verdict(targets.get("streaming_p50"))))
+    idle = results.get("pickup")
+    if idle:
+        out.append((f"pickup on an idle deployment, one user, turns {idle['pause_s']:g} s apart: "
+                    "POST sent to upstream request p50 / p90",
+                    f"{_fmt(idle['p50_ms'], 1)} / {_fmt(idle['p90_ms'], 1)} ms", "", ""))
     return out
 
 

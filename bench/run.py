@@ -5,9 +5,10 @@ Phases, in this order, on one deployment:
 2. pipeline: full turns through the API against the instant upstream (closed loop, saturating),
    then POST latency at a steady 75 % of the throughput it measured (open loop);
 3. streaming overhead: first SSE delta seen by a client vs the upstream's first token;
-4. latency-bound: upstream waits 1 s before its first token, C = 200 (2 x 100 threads) -- the target;
-5. the same C = 200 with a 10 s wait, where this 2-core machine's CPU is not the limit;
-6. C = 1000 (2 x 500 threads), 20 s wait: the measured way to hold 1,000 turns in flight here.
+4. pickup on an idle deployment: a lone user's turn, POST sent to the upstream's request;
+5. latency-bound: upstream waits 1 s before its first token, C = 200 (2 x 100 threads) -- the target;
+6. the same C = 200 with a 10 s wait, where this 2-core machine's CPU is not the limit;
+7. C = 1000 (2 x 500 threads), 20 s wait: the measured way to hold 1,000 turns in flight here.
 `--profile` adds py-spy profiles of the web and worker processes during a second pipeline run and
 of the workers during a second 1 s latency-bound run, and counts Redis commands per turn with
 MONITOR (all of them slow the run down, so they never feed the table).
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import floor, latency, pipeline, report, steady, streaming
+from bench import floor, latency, pickup, pipeline, report, steady, streaming
 from bench.deploy import Deployment
 from bench.procs import ROOT, BenchError, stop_all
 
@@ -47,6 +48,8 @@ class Plan:
     stream_turns: int = 200
     stream_clients: int = 4
     stream_ttft: float = 0.25
+    pickup_turns: int = 20
+    pickup_pause: float = 1.0
     bound_turns: int = 1000
     bound_threads: int = 100
     slow_turns: int = 400
@@ -54,8 +57,8 @@ class Plan:
     hold_threads: int = 500
 
     def scaled(self, factor: float) -> Plan:
-        counts = ("noop_messages", "sdk_completions", "pipeline_turns", "steady_turns", "stream_turns", "bound_turns",
-                  "slow_turns", "hold_turns")
+        counts = ("noop_messages", "sdk_completions", "pipeline_turns", "steady_turns", "stream_turns", "pickup_turns",
+                  "bound_turns", "slow_turns", "hold_turns")
         return dataclasses.replace(self, **{name: max(20, int(getattr(self, name) * factor)) for name in counts})
 
 
@@ -124,6 +127,12 @@ def measure(dep: Deployment, plan: Plan, phases: set[str], profile: bool) -> tup
         stream = streaming.run(dep, plan.stream_turns, plan.stream_clients, plan.stream_ttft)
         results["streaming"] = _public(stream, drop=("overheads_ms",))
         raw["overheads_ms"] = stream.overheads_ms
+    if "pickup" in phases:
+        _phase(f"pickup on an idle deployment: {plan.pickup_turns} turns of one user, {plan.pickup_pause:g} s apart")
+        if dep.worker is None:
+            dep.start_worker(plan.worker_processes, plan.worker_threads)
+        idle = pickup.run(dep, plan.pickup_turns, plan.pickup_pause)
+        results["pickup"] = _public(idle)
     if profile and "pipeline" in phases:
         from bench import profiling
 
@@ -163,8 +172,8 @@ def _targets(results: dict[str, Any]) -> dict[str, bool | None]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a fifth of the turns: a smoke test, not figures")
-    parser.add_argument("--phases", default="floor,pipeline,streaming,latency,latency10,hold",
-                        help="comma-separated subset of floor,pipeline,streaming,latency,latency10,hold")
+    parser.add_argument("--phases", default="floor,pipeline,streaming,pickup,latency,latency10,hold",
+                        help="comma-separated subset of floor,pipeline,streaming,pickup,latency,latency10,hold")
     parser.add_argument("--profile", action="store_true",
                         help="also profile the pipeline (py-spy, MONITOR) and the 1 s latency-bound run")
     parser.add_argument("--keep", action="store_true", help="keep the temp directory (logs, data) afterwards")

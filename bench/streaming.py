@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from bench.deploy import Deployment
-from bench.driver import post_turn, work_items
+from bench.driver import post_turn, upstream_arrivals, work_items
 from bench.procs import BenchError, percentile
 
 
@@ -87,13 +87,7 @@ def run(dep: Deployment, turns: int, clients: int, ttft: float) -> Streaming:
         thread.join()
     if errors:
         raise errors[0]
-    arrived: dict[str, float] = {}
-    for request in httpx.get(f"{dep.mock_url}/_requests", timeout=60).json():
-        if request["path"] != "/v1/chat/completions":
-            continue
-        user = next((m["content"] for m in reversed(request["body"]["messages"]) if m["role"] == "user"), "")
-        if user.startswith("[s"):
-            arrived[user[1:user.index("]")]] = request["at"]
+    arrived = upstream_arrivals(dep, "s")
     overheads, post_to_first = [], []
     for tag, (sent_at, first) in seen.items():
         if tag not in arrived:

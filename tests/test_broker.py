@@ -1,26 +1,59 @@
-"""The worker's Redis consumer: a place freed by a worker thread is refilled at once, not after a backoff.
+"""The worker's Redis consumer wakes when it has something to do, not after a backoff: when a worker
+thread frees a place, and when a message is sent to its queue (the doorbell).
 
-The consumer here waits at most 10 s for a freed place (the worker's own waits at most `POLL_CAP_MS`),
-so a consumer that slept instead of waking at the ack would show as a 10 s wait."""
+The consumers here wait up to 30 s between two looks at their queue (a worker's wait at most
+`AGENTQ_BROKER_POLL_MS`, 1 s), so a consumer that slept instead of waking would show as a 30 s wait."""
 
 from __future__ import annotations
 
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import dramatiq
+import pytest
+from dramatiq.brokers.redis import RedisBroker
 
-from workers.broker import RefillingConsumer, build_broker
+from workers.broker import PromptRedisBroker, RefillingConsumer, build_broker
+
+LONG_WAIT_MS = 30_000
+
+
+@pytest.fixture
+def slow_polling_broker(monkeypatch: pytest.MonkeyPatch) -> Iterator[PromptRedisBroker]:
+    """The broker a worker builds when its idle consumers look at their queue every 30 s."""
+    from app.config import get_settings
+
+    monkeypatch.setenv("AGENTQ_BROKER_POLL_MS", str(LONG_WAIT_MS))
+    get_settings.cache_clear()
+    broker = build_broker()
+    monkeypatch.undo()
+    get_settings.cache_clear()
+    assert isinstance(broker, PromptRedisBroker)
+    yield broker
+
+
+def probe(queue: str, index: int) -> dramatiq.Message:
+    return dramatiq.Message(queue_name=queue, actor_name="probe", args=(index,), kwargs={}, options={})
+
+
+def first_message(consumer: RefillingConsumer, within: float) -> tuple[dramatiq.broker.MessageProxy, float]:
+    """Ask the consumer until it hands out a message, as Dramatiq's consumer thread does; (message, seconds)."""
+    started = time.monotonic()
+    while time.monotonic() - started < within:
+        message = next(consumer)
+        if message is not None:
+            return message, time.monotonic() - started
+    raise AssertionError(f"no message within {within}s")
 
 
 def test_a_consumer_with_every_place_taken_fetches_as_soon_as_a_thread_acks(redis_client) -> None:  # type: ignore[no-untyped-def]
     broker = build_broker()
     queue = f"refill-{uuid.uuid4().hex[:8]}"
     for index in range(2):
-        broker.enqueue(dramatiq.Message(queue_name=queue, actor_name="probe", args=(index,), kwargs={}, options={}))
-    assert isinstance(broker.consume(queue, prefetch=1), RefillingConsumer)
-    consumer = RefillingConsumer(broker, queue, prefetch=1, timeout=10_000)
+        broker.enqueue(probe(queue, index))
+    consumer = RefillingConsumer(broker, queue, prefetch=1, timeout=LONG_WAIT_MS)
     first = next(consumer)
     assert first is not None and first.args == (0,)
 
@@ -41,3 +74,37 @@ def test_a_consumer_with_every_place_taken_fetches_as_soon_as_a_thread_acks(redi
     assert woke - started < 5, f"the consumer slept {woke - started:.1f}s instead of waking at the ack"
     consumer.ack(second)
     consumer.close()
+
+
+def test_an_idle_consumer_wakes_when_a_message_is_sent_to_its_queue(slow_polling_broker) -> None:  # type: ignore[no-untyped-def]
+    broker = slow_polling_broker
+    queue = f"ring-{uuid.uuid4().hex[:8]}"
+    consumer = broker.consume(queue, prefetch=4, timeout=LONG_WAIT_MS)
+    assert isinstance(consumer, RefillingConsumer)
+    try:
+        assert next(consumer) is None, "the queue is empty"
+        for index in range(3):
+            threading.Timer(0.2, broker.enqueue, args=(probe(queue, index),)).start()
+            message, waited = first_message(consumer, within=5)
+            assert message.args == (index,)
+            assert waited < 5, f"the consumer took {waited:.1f}s to notice a message sent 0.2s in"
+            consumer.ack(message)
+    finally:
+        consumer.close()
+
+
+def test_a_message_sent_without_a_ring_is_found_at_the_next_look(redis_client) -> None:  # type: ignore[no-untyped-def]
+    """The ring is only a hint: a message it missed waits for the consumer's next look, no longer."""
+    broker = build_broker()
+    assert isinstance(broker, PromptRedisBroker)
+    queue = f"quiet-{uuid.uuid4().hex[:8]}"
+    consumer = RefillingConsumer(broker, queue, prefetch=1, timeout=500, doorbell=broker.doorbell)
+    try:
+        assert next(consumer) is None
+        threading.Timer(0.2, RedisBroker.enqueue, args=(broker, probe(queue, 0))).start()
+        message, waited = first_message(consumer, within=5)
+        assert message.args == (0,)
+        assert 0.2 <= waited < 2, f"found after {waited:.2f}s with looks every 0.5s"
+        consumer.ack(message)
+    finally:
+        consumer.close()

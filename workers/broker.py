@@ -12,43 +12,56 @@ Middleware chosen, and why:
   Dramatiq's asynchronous exception could only break in the middle of a database write.
 - No ShutdownNotifications: on SIGTERM running turns finish within the shutdown grace period.
 
-The Redis broker's consumers have no blocking fetch: a consumer whose queue was empty, or whose
-threads were all busy, sleeps with a growing backoff capped by the worker timeout (1 s by default)
-before it looks again, so a turn could sit in Redis for up to a second next to a free thread. The
-cap here is `POLL_CAP_MS` (bench: 1 s waits on 2 x 100 threads went from 0.58 to 0.95 efficiency);
-an idle work-queue consumer then makes ten small Redis calls a second (measured: about 20 ms of
-CPU a second for a two-process worker). A consumer whose places are all taken (every thread has a
-turn) does not poll at all: it waits for a worker thread to ack or nack, and fetches at once
-(`RefillingConsumer`), so a thread that finished a turn does not idle for a backoff next to
-queued turns (the latency-bound bench showed a fifth of the threads idle that way).
+The Redis broker's consumers have no blocking fetch: an idle consumer sleeps a growing backoff
+between looks at its queue. Here a consumer waits instead for one of two wake-ups, and looks at
+once: a message sent to its queue (the doorbell, `workers/doorbell.py`: every send publishes the
+queue's name, and a listener thread in each worker process wakes the consumers of that queue), or,
+when every place is taken (each thread has a turn), a worker thread's ack or nack freeing one
+(`RefillingConsumer`), so a thread that finished a turn does not idle next to queued turns (the
+latency-bound bench showed a fifth of the threads idle that way). Without a wake-up it looks again
+after `AGENTQ_BROKER_POLL_MS` (1 s), the safety net for a missed ring. Delay queues (retries waiting
+for their backoff, `.DQ`) are not rung: their messages are not due yet.
 """
 
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import dramatiq
 import redis
+from dramatiq import Message
 from dramatiq.broker import Consumer, MessageProxy
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries
 
 from app.config import get_settings
+from workers.doorbell import Doorbell, channel_name
 from workers.middleware import RunOutcomes, WorkerServices
 
 _lock = threading.Lock()
 _installed: RedisBroker | None = None
 
-POLL_CAP_MS = 100
-"""Longest sleep of a consumer between two fetches, in milliseconds."""
+DELAY_QUEUE_SUFFIX = ".DQ"
 
 
 class RefillingConsumer(_RedisConsumer):
-    """Dramatiq's Redis consumer, except that with every place taken it waits for one to be freed."""
+    """Dramatiq's Redis consumer, except that it waits for a wake-up instead of sleeping a backoff.
 
-    def __init__(self, broker: RedisBroker, queue_name: str, prefetch: int, timeout: int) -> None:
-        super().__init__(broker, queue_name, prefetch, timeout)
+    `timeout` (ms) is the longest wait between two looks at the queue. Dramatiq's own consumer sleeps
+    its backoff after a look that found nothing; it is given 1 ms here, and the waiting is done on
+    the two events, so a wake-up is never slept through.
+    """
+
+    def __init__(self, broker: RedisBroker, queue_name: str, prefetch: int, timeout: int,
+                 doorbell: Doorbell | None = None) -> None:
+        super().__init__(broker, queue_name, prefetch, 1)
+        self._wait_seconds = timeout / 1000
         self._freed = threading.Event()
+        self._rung = threading.Event()
+        self._doorbell = doorbell
+        if doorbell is not None:
+            doorbell.listen(queue_name, self._rung)
 
     def ack(self, message: MessageProxy) -> None:
         try:
@@ -63,29 +76,43 @@ class RefillingConsumer(_RedisConsumer):
             self._freed.set()
 
     def __next__(self) -> MessageProxy | None:
-        """None (Dramatiq's "nothing yet") after waiting, at most the timeout, for a thread to free a place."""
-        if self.message_cache or self.outstanding_message_count < self.prefetch:
-            return super().__next__()
-        self._freed.wait(self.timeout / 1000)
-        self._freed.clear()
-        return None
+        """A message, or None (Dramatiq's "nothing yet") after waiting for a place or a message."""
+        if not self.message_cache and self.outstanding_message_count >= self.prefetch:
+            self._freed.wait(self._wait_seconds)
+            self._freed.clear()
+            return None
+        message = super().__next__()
+        if message is None:
+            self._rung.wait(self._wait_seconds)
+            self._rung.clear()
+        return message
+
+    def close(self) -> None:
+        if self._doorbell is not None:
+            self._doorbell.forget(self.queue_name, self._rung)
+        super().close()
 
 
 class PromptRedisBroker(RedisBroker):
-    """The Redis broker whose consumers of work queues look for messages at least every `POLL_CAP_MS`."""
+    """The Redis broker whose sends ring the doorbell and whose consumers wake up for them."""
 
-    @property
-    def consumer_class(self) -> type[RefillingConsumer]:
-        return RefillingConsumer
+    def __init__(self, *, poll_ms: int, **options: Any) -> None:
+        super().__init__(**options)
+        self.poll_ms = poll_ms
+        self.doorbell = Doorbell(self.client, channel_name(self.namespace))
+
+    def enqueue(self, message: Message, *, delay: int | None = None) -> Message:
+        sent = super().enqueue(message, delay=delay)
+        if delay is None:
+            self.doorbell.ring(sent.queue_name)
+        return sent
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
-        """Dramatiq passes its worker timeout as `timeout`, which only bounds the consumer's idle backoff.
-
-        Delay queues (retries waiting for their backoff, `.DQ`) keep Dramatiq's pace: nothing there is urgent.
-        """
-        if not queue_name.endswith(".DQ"):
-            timeout = min(timeout, POLL_CAP_MS)
-        return super().consume(queue_name, prefetch, timeout)
+        """A work queue's consumer is woken by the doorbell and looks at least every `poll_ms`; a delay
+        queue's looks every `timeout` (Dramatiq's worker timeout, 1 s): nothing there is due yet."""
+        if queue_name.endswith(DELAY_QUEUE_SUFFIX):
+            return RefillingConsumer(self, queue_name, prefetch, timeout)
+        return RefillingConsumer(self, queue_name, prefetch, self.poll_ms, self.doorbell)
 
 
 def build_broker() -> RedisBroker:
@@ -93,6 +120,7 @@ def build_broker() -> RedisBroker:
     client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
         settings.redis_url, max_connections=1000, timeout=10, socket_timeout=30, socket_connect_timeout=5))
     broker = PromptRedisBroker(
+        poll_ms=settings.broker_poll_ms,
         client=client,
         namespace=settings.broker_namespace,
         heartbeat_timeout=settings.broker_heartbeat_ms,

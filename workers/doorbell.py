@@ -1,0 +1,89 @@
+"""Waking idle consumers when a message is sent to their queue, instead of leaving them to poll.
+
+Dramatiq's Redis broker has no blocking fetch: an idle consumer looks at its queue, sleeps a growing
+backoff and looks again. A turn sent to an idle worker therefore waited about half that backoff
+before a worker took it (a lone user's turn, looks capped at 100 ms: 50 ms at the median, up to
+170 ms), and idle workers kept Redis busy with looks that found nothing. Here every send also
+publishes the queue's name on one pub/sub channel of the broker's namespace, and one thread in each
+worker process wakes that process's consumers of the queue, which look at once.
+
+The ring is a hint, never a guarantee: a send never fails because of it, and a ring missed (the
+listener reconnecting, Redis restarting) costs at most one poll interval (`AGENTQ_BROKER_POLL_MS`),
+which is how long an idle consumer waits between two looks without one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import redis
+
+log = logging.getLogger(__name__)
+
+RECONNECT_SECONDS = 1.0
+
+
+def channel_name(namespace: str) -> str:
+    return f"{namespace}:doorbell"
+
+
+class Doorbell:
+    """One channel per broker namespace; `ring` on the sending side, `listen` on the consuming side."""
+
+    def __init__(self, client: redis.Redis, channel: str) -> None:
+        self._client = client
+        self.channel = channel
+        self._lock = threading.Lock()
+        self._bells: dict[str, set[threading.Event]] = {}
+        self._listener: threading.Thread | None = None
+
+    def ring(self, queue_name: str) -> None:
+        """Tell the listening workers that `queue_name` has a message (after it was sent)."""
+        try:
+            self._client.publish(self.channel, queue_name)
+        except redis.RedisError:
+            log.debug("could not ring the doorbell of %s; idle workers find the message at their next look",
+                      queue_name, exc_info=True)
+
+    def listen(self, queue_name: str, bell: threading.Event) -> None:
+        """Set `bell` whenever a message is sent to `queue_name`; starts this process's listener once."""
+        with self._lock:
+            self._bells.setdefault(queue_name, set()).add(bell)
+            if self._listener is None or not self._listener.is_alive():
+                self._listener = threading.Thread(target=self._listen, name="doorbell", daemon=True)
+                self._listener.start()
+
+    def forget(self, queue_name: str, bell: threading.Event) -> None:
+        with self._lock:
+            self._bells.get(queue_name, set()).discard(bell)
+
+    def _wake(self, queue_name: str | None) -> None:
+        """Wake the consumers of one queue, or of every queue (`None`: rings may have been missed)."""
+        with self._lock:
+            bells = [b for name, group in self._bells.items() if queue_name in (None, name) for b in group]
+        for bell in bells:
+            bell.set()
+
+    def _listen(self) -> None:
+        lost = False
+        while True:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(self.channel)
+                if lost:
+                    log.info("doorbell listener is back on Redis")
+                    lost = False
+                self._wake(None)
+                while True:
+                    message = pubsub.get_message(timeout=RECONNECT_SECONDS)
+                    if message is not None and message["type"] == "message":
+                        self._wake(message["data"].decode())
+            except (redis.RedisError, OSError) as exc:
+                if not lost:
+                    log.warning("doorbell listener lost Redis (%s); idle workers poll until it is back", exc)
+                    lost = True
+                time.sleep(RECONNECT_SECONDS)
+            finally:
+                pubsub.close()
