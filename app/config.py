@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     broker_heartbeat_ms: int = Field(default=15000, ge=1000)
     broker_maintenance_chance: int = Field(default=100_000, ge=1, le=1_000_000)
     broker_namespace: str = "agentq-dramatiq"
-    broker_poll_ms: int = Field(default=1000, ge=10)
+    broker_poll_ms: int = Field(default=1000, ge=10, le=60_000)
     redis_key_prefix: str = "agentq"
 
     stream_maxlen: int = Field(default=10000, ge=100)

@@ -15,6 +15,7 @@ import dramatiq
 import pytest
 from dramatiq.brokers.redis import RedisBroker
 
+from tests.support import wait_for
 from workers.broker import PromptRedisBroker, RefillingConsumer, build_broker
 
 LONG_WAIT_MS = 30_000
@@ -26,12 +27,14 @@ def slow_polling_broker(monkeypatch: pytest.MonkeyPatch) -> Iterator[PromptRedis
     from app.config import get_settings
 
     monkeypatch.setenv("AGENTQ_BROKER_POLL_MS", str(LONG_WAIT_MS))
+    monkeypatch.setenv("AGENTQ_BROKER_NAMESPACE", f"doorbell-{uuid.uuid4().hex[:8]}")
     get_settings.cache_clear()
     broker = build_broker()
     monkeypatch.undo()
     get_settings.cache_clear()
     assert isinstance(broker, PromptRedisBroker)
     yield broker
+    broker.close()
 
 
 def probe(queue: str, index: int) -> dramatiq.Message:
@@ -104,7 +107,35 @@ def test_a_message_sent_without_a_ring_is_found_at_the_next_look(redis_client) -
         threading.Timer(0.2, RedisBroker.enqueue, args=(broker, probe(queue, 0))).start()
         message, waited = first_message(consumer, within=5)
         assert message.args == (0,)
-        assert 0.2 <= waited < 2, f"found after {waited:.2f}s with looks every 0.5s"
+        assert waited < 2, f"found after {waited:.2f}s with looks every 0.5s"
+        consumer.ack(message)
+    finally:
+        consumer.close()
+        broker.close()
+
+
+def test_the_doorbell_listens_again_after_its_connection_is_killed(slow_polling_broker, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """Redis drops every subscriber's connection (a restart, a failover): the next send still wakes the consumer."""
+    broker = slow_polling_broker
+    queue = f"again-{uuid.uuid4().hex[:8]}"
+    consumer = broker.consume(queue, prefetch=4)
+    try:
+        threading.Timer(0.2, broker.enqueue, args=(probe(queue, 0),)).start()
+        message, _ = first_message(consumer, within=5)
+        consumer.ack(message)
+
+        def listeners() -> int:
+            return int(redis_client.pubsub_numsub(broker.doorbell.channel)[0][1])
+
+        assert listeners() == 1
+        killed = redis_client.client_kill_filter(_type="pubsub")
+        assert killed >= 1
+        wait_for(lambda: listeners() == 0, timeout=5, what="the listener's connection to go")
+        wait_for(lambda: listeners() == 1, timeout=10, what="the listener to subscribe again")
+        threading.Timer(0.2, broker.enqueue, args=(probe(queue, 1),)).start()
+        message, waited = first_message(consumer, within=5)
+        assert message.args == (1,)
+        assert waited < 5, f"the consumer took {waited:.1f}s after the listener came back"
         consumer.ack(message)
     finally:
         consumer.close()

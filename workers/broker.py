@@ -19,8 +19,9 @@ queue's name, and a listener thread in each worker process wakes the consumers o
 when every place is taken (each thread has a turn), a worker thread's ack or nack freeing one
 (`RefillingConsumer`), so a thread that finished a turn does not idle next to queued turns (the
 latency-bound bench showed a fifth of the threads idle that way). Without a wake-up it looks again
-after `AGENTQ_BROKER_POLL_MS` (1 s), the safety net for a missed ring. Delay queues (retries waiting
-for their backoff, `.DQ`) are not rung: their messages are not due yet.
+after `AGENTQ_BROKER_POLL_MS` (1 s): the safety net for a missed ring and for messages Dramatiq puts
+back without a send (a stopping worker's prefetched ones, a dead worker's). Delay queues (retries
+waiting for their backoff, `.DQ`) are not rung and look every second: their messages are not due yet.
 """
 
 from __future__ import annotations
@@ -106,6 +107,10 @@ class PromptRedisBroker(RedisBroker):
         if delay is None:
             self.doorbell.ring(sent.queue_name)
         return sent
+
+    def close(self) -> None:
+        self.doorbell.close()
+        super().close()
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
         """A work queue's consumer is woken by the doorbell and looks at least every `poll_ms`; a delay

@@ -23,6 +23,9 @@ import redis
 log = logging.getLogger(__name__)
 
 RECONNECT_SECONDS = 1.0
+QUIET_SECONDS = 15.0
+"""A listener that heard nothing from Redis for this long pings it, so a dead connection is noticed."""
+PONG_SECONDS = 5.0
 
 
 def channel_name(namespace: str) -> str:
@@ -38,6 +41,8 @@ class Doorbell:
         self._lock = threading.Lock()
         self._bells: dict[str, set[threading.Event]] = {}
         self._listener: threading.Thread | None = None
+        self._closed = threading.Event()
+        self._lost = False
 
     def ring(self, queue_name: str) -> None:
         """Tell the listening workers that `queue_name` has a message (after it was sent)."""
@@ -51,13 +56,17 @@ class Doorbell:
         """Set `bell` whenever a message is sent to `queue_name`; starts this process's listener once."""
         with self._lock:
             self._bells.setdefault(queue_name, set()).add(bell)
-            if self._listener is None or not self._listener.is_alive():
+            if not self._closed.is_set() and (self._listener is None or not self._listener.is_alive()):
                 self._listener = threading.Thread(target=self._listen, name="doorbell", daemon=True)
                 self._listener.start()
 
     def forget(self, queue_name: str, bell: threading.Event) -> None:
         with self._lock:
             self._bells.get(queue_name, set()).discard(bell)
+
+    def close(self) -> None:
+        """Stop listening (the broker is closing); the listener lets its connection go within a second."""
+        self._closed.set()
 
     def _wake(self, queue_name: str | None) -> None:
         """Wake the consumers of one queue, or of every queue (`None`: rings may have been missed)."""
@@ -67,23 +76,40 @@ class Doorbell:
             bell.set()
 
     def _listen(self) -> None:
-        lost = False
-        while True:
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        """Subscribe, wake every consumer once the subscription is live, then wake them by queue.
+
+        Any failure (Redis gone, a connection that stopped answering a ping) is logged once per outage
+        and the listener subscribes again; meanwhile consumers look at their queues on their timer."""
+        while not self._closed.is_set():
+            pubsub = self._client.pubsub()
             try:
                 pubsub.subscribe(self.channel)
-                if lost:
-                    log.info("doorbell listener is back on Redis")
-                    lost = False
-                self._wake(None)
-                while True:
-                    message = pubsub.get_message(timeout=RECONNECT_SECONDS)
-                    if message is not None and message["type"] == "message":
-                        self._wake(message["data"].decode())
-            except (redis.RedisError, OSError) as exc:
-                if not lost:
+                self._relay(pubsub)
+            except Exception as exc:
+                if not self._lost and not self._closed.is_set():
                     log.warning("doorbell listener lost Redis (%s); idle workers poll until it is back", exc)
-                    lost = True
-                time.sleep(RECONNECT_SECONDS)
+                self._lost = True
+                self._closed.wait(RECONNECT_SECONDS)
             finally:
                 pubsub.close()
+
+    def _relay(self, pubsub: redis.client.PubSub) -> None:
+        heard, pinged = time.monotonic(), None
+        while not self._closed.is_set():
+            message = pubsub.get_message(timeout=RECONNECT_SECONDS)
+            now = time.monotonic()
+            if message is None:
+                if pinged is not None and now - pinged > PONG_SECONDS:
+                    raise redis.ConnectionError(f"no answer to a ping within {PONG_SECONDS:g}s")
+                if pinged is None and now - heard > QUIET_SECONDS:
+                    pubsub.ping()
+                    pinged = now
+                continue
+            heard, pinged = now, None
+            if message["type"] == "subscribe":
+                if self._lost:
+                    log.info("doorbell listener is back on Redis")
+                    self._lost = False
+                self._wake(None)
+            elif message["type"] == "message":
+                self._wake(message["data"].decode(errors="replace"))
