@@ -1,23 +1,27 @@
-"""The floor's Dramatiq actor: it does nothing, on the broker agentq's workers use.
+"""The floor's Dramatiq actor: it does nothing, on Dramatiq's own Redis broker set up as agentq's.
 
-The broker is `workers.broker.build_broker()` itself (same Redis pool, namespace, heartbeat and
-middleware) less `WorkerServices`, whose lease keeper and recovery sweep are agentq's own work and
-belong to the pipeline figure, not to the floor. Run by `python -m dramatiq bench.noop_actor`.
+The broker is Dramatiq's `RedisBroker` with agentq's options (`workers.broker.broker_options`: the
+same Redis pool, namespace, heartbeat and middleware) less `WorkerServices`, whose lease keeper and
+recovery sweep are agentq's own work. agentq's broker subclass (the doorbell, the consumer that
+waits for a wake-up) is left out too: what it costs belongs to the pipeline figure, not to the
+floor. Run by `python -m dramatiq bench.noop_actor`.
 """
 
 from __future__ import annotations
 
 import dramatiq
 from dramatiq import Message
+from dramatiq.brokers.redis import RedisBroker
 
-from workers.broker import build_broker
+from workers.broker import broker_options
 from workers.middleware import WorkerServices
 
 QUEUE = "bench_noop"
 ACTOR = "bench_noop"
 
-broker = build_broker()
-broker.middleware = [m for m in broker.middleware if not isinstance(m, WorkerServices)]
+options = broker_options()
+options["middleware"] = [m for m in options["middleware"] if not isinstance(m, WorkerServices)]
+broker = RedisBroker(**options)
 dramatiq.set_broker(broker)
 
 

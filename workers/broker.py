@@ -120,17 +120,17 @@ class PromptRedisBroker(RedisBroker):
         return RefillingConsumer(self, queue_name, prefetch, self.poll_ms, self.doorbell)
 
 
-def build_broker() -> RedisBroker:
+def broker_options() -> dict[str, Any]:
+    """What agentq gives Dramatiq's Redis broker: its Redis pool, namespace, heartbeat and middleware."""
     settings = get_settings()
     client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
         settings.redis_url, max_connections=1000, timeout=10, socket_timeout=30, socket_connect_timeout=5))
-    broker = PromptRedisBroker(
-        poll_ms=settings.broker_poll_ms,
-        client=client,
-        namespace=settings.broker_namespace,
-        heartbeat_timeout=settings.broker_heartbeat_ms,
-        maintenance_chance=settings.broker_maintenance_chance,
-        middleware=[
+    return {
+        "client": client,
+        "namespace": settings.broker_namespace,
+        "heartbeat_timeout": settings.broker_heartbeat_ms,
+        "maintenance_chance": settings.broker_maintenance_chance,
+        "middleware": [
             AgeLimit(),
             Callbacks(),
             Pipelines(),
@@ -139,8 +139,11 @@ def build_broker() -> RedisBroker:
             RunOutcomes(),
             WorkerServices(),
         ],
-    )
-    return broker
+    }
+
+
+def build_broker() -> RedisBroker:
+    return PromptRedisBroker(poll_ms=get_settings().broker_poll_ms, **broker_options())
 
 
 def install_broker() -> RedisBroker:
