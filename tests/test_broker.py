@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import dramatiq
 import pytest
@@ -51,6 +51,15 @@ def first_message(consumer: RefillingConsumer, within: float) -> tuple[dramatiq.
     raise AssertionError(f"no message within {within}s")
 
 
+def taken_after_send(consumer: RefillingConsumer, send: Callable[[dramatiq.Message], object], index: int) -> float:
+    """Send message `index` 0.2 s from now, while the consumer waits; seconds until it handed it out (acked)."""
+    threading.Timer(0.2, send, args=(probe(consumer.queue_name, index),)).start()
+    message, waited = first_message(consumer, within=5)
+    assert message.args == (index,)
+    consumer.ack(message)
+    return waited
+
+
 def test_a_consumer_with_every_place_taken_fetches_as_soon_as_a_thread_acks(redis_client) -> None:  # type: ignore[no-untyped-def]
     broker = build_broker()
     queue = f"refill-{uuid.uuid4().hex[:8]}"
@@ -87,11 +96,8 @@ def test_an_idle_consumer_wakes_when_a_message_is_sent_to_its_queue(slow_polling
     try:
         assert next(consumer) is None, "the queue is empty"
         for index in range(3):
-            threading.Timer(0.2, broker.enqueue, args=(probe(queue, index),)).start()
-            message, waited = first_message(consumer, within=5)
-            assert message.args == (index,)
+            waited = taken_after_send(consumer, broker.enqueue, index)
             assert waited < 5, f"the consumer took {waited:.1f}s to notice a message sent 0.2s in"
-            consumer.ack(message)
     finally:
         consumer.close()
 
@@ -104,11 +110,8 @@ def test_a_message_sent_without_a_ring_is_found_at_the_next_look(redis_client) -
     consumer = RefillingConsumer(broker, queue, prefetch=1, timeout=500, doorbell=broker.doorbell)
     try:
         assert next(consumer) is None
-        threading.Timer(0.2, RedisBroker.enqueue, args=(broker, probe(queue, 0))).start()
-        message, waited = first_message(consumer, within=5)
-        assert message.args == (0,)
+        waited = taken_after_send(consumer, lambda message: RedisBroker.enqueue(broker, message), 0)
         assert waited < 2, f"found after {waited:.2f}s with looks every 0.5s"
-        consumer.ack(message)
     finally:
         consumer.close()
         broker.close()
@@ -120,9 +123,7 @@ def test_the_doorbell_listens_again_after_its_connection_is_killed(slow_polling_
     queue = f"again-{uuid.uuid4().hex[:8]}"
     consumer = broker.consume(queue, prefetch=4)
     try:
-        threading.Timer(0.2, broker.enqueue, args=(probe(queue, 0),)).start()
-        message, _ = first_message(consumer, within=5)
-        consumer.ack(message)
+        taken_after_send(consumer, broker.enqueue, 0)
 
         def listeners() -> int:
             return int(redis_client.pubsub_numsub(broker.doorbell.channel)[0][1])
@@ -132,10 +133,7 @@ def test_the_doorbell_listens_again_after_its_connection_is_killed(slow_polling_
         assert killed >= 1
         wait_for(lambda: listeners() == 0, timeout=5, what="the listener's connection to go")
         wait_for(lambda: listeners() == 1, timeout=10, what="the listener to subscribe again")
-        threading.Timer(0.2, broker.enqueue, args=(probe(queue, 1),)).start()
-        message, waited = first_message(consumer, within=5)
-        assert message.args == (1,)
+        waited = taken_after_send(consumer, broker.enqueue, 1)
         assert waited < 5, f"the consumer took {waited:.1f}s after the listener came back"
-        consumer.ack(message)
     finally:
         consumer.close()
