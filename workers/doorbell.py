@@ -1,11 +1,16 @@
 """Waking idle consumers when a message is sent to their queue, instead of leaving them to poll.
 
 Dramatiq's Redis broker has no blocking fetch: an idle consumer looks at its queue, sleeps a growing
-backoff and looks again. A turn sent to an idle worker therefore waited about half that backoff
-before a worker took it (a lone user's turn, looks capped at 100 ms: 50 ms at the median, up to
-170 ms), and idle workers kept Redis busy with looks that found nothing. Here every send also
+backoff and looks again. A turn sent to an idle worker therefore waited for that worker's next look
+(a lone user's turn, looks capped at 100 ms: 40-53 ms at the median from its POST to the model's
+request, against 21-23 ms with the ring; `make bench`, `pickup`), and idle workers kept Redis busy
+with looks that found nothing. Here every send also
 publishes the queue's name on one pub/sub channel of the broker's namespace, and one thread in each
 worker process wakes that process's consumers of the queue, which look at once.
+
+Every listening process hears every ring, and each of its idle consumers of that queue looks: one
+of them gets the message, the others find nothing. With many mostly idle worker processes that is
+one empty look each per send, which is what each of them spent every 100 ms polling before.
 
 The ring is a hint, never a guarantee: a send never fails because of it, and a ring missed (the
 listener reconnecting, Redis restarting) costs at most one poll interval (`AGENTQ_BROKER_POLL_MS`),
