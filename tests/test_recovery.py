@@ -1,4 +1,5 @@
-"""Crash recovery, shutdown and observability, on services of this module's own (see tests/stack.py).
+"""Crash recovery, shutdown, waking an idle worker and observability, on services of this module's own
+(see tests/stack.py).
 
 Each test starts the real `agentq worker` processes it needs against a private database, Redis
 server and metrics directory, served by a real `agentq web` (two gunicorn workers), and kills,
@@ -285,3 +286,19 @@ def test_worker_logs_are_json_lines_that_carry_the_turn_id(stack: Stack) -> None
     assert stack.web is not None
     web_records = log_records(stack.web)
     assert any("Booting worker" in r["message"] for r in web_records)
+
+
+def test_an_idle_worker_takes_a_sent_turn_at_once_not_at_its_next_look(stack: Stack) -> None:
+    """The doorbell end to end: the API's send rings, the worker process's listener wakes its consumer.
+
+    The only worker left looks at its queue every 30 s on its own, so each turn ending within 5 s
+    of its POST was woken by the ring (the first look after boot cannot take the second turn)."""
+    for process in stack.workers:
+        process.kill_group()
+    worker = stack.start_worker(AGENTQ_BROKER_POLL_MS="30000")
+    agent_id = stack.agent(stack.model("rung", "echo"))
+    _, key = stack.user("rung")
+    for index in range(2):
+        turn = stack.send(key, stack.conversation(key, agent_id), f"ring {index}")
+        assert stack.wait_terminal(key, turn["id"], timeout=5)["status"] == "success"
+    assert claims_of(worker, turn["id"])
