@@ -109,6 +109,8 @@ def test_rows_read_on_the_driver_equal_rows_read_through_sqlalchemy(world: Any) 
                  .join(users, users.c.id == turns.c.user_id)
                  .where(turns.c.assistant_message_id == bindparam("turn")))
     with transaction() as session:
+        # One snapshot for both reads: a worker may claim the turn between them.
+        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
         by_driver = Prepared(statement)(session, {"turn": assistant_id}).one()
         by_sqlalchemy = session.execute(statement, {"turn": assistant_id}).one()
     assert tuple(by_driver) == tuple(by_sqlalchemy)
