@@ -218,6 +218,10 @@ class Deployment:
         wait_for(ready, 120, f"{name} to boot", interval=0.1)
         return worker
 
+    def ensure_worker(self, processes: int, threads: int) -> Proc:
+        """The running `agentq worker`, or a new one when none runs (a phase measured alone needs its own)."""
+        return self.worker if self.worker is not None else self.start_worker(processes, threads)
+
     def stop_worker(self) -> None:
         if self.worker is not None:
             self.worker.stop(grace=40)

@@ -23,12 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.dispatch import TURNS_QUEUE
 from bench.deploy import Deployment
 from bench.driver import drive, ends, wait_all_terminal
 from bench.procs import BenchError, cpu_seconds, percentile, rss_mb, wait_for
-from workers.doorbell import channel_name
-
-TURNS_QUEUE = "turns"
+from workers.doorbell import Doorbell, channel_name
 
 
 @dataclass
@@ -106,7 +105,7 @@ def run(dep: Deployment, agent: str, upstream_wait: float, turns: int, processes
                                       max(5, int(ideal_seconds * 1.5)))
     released = time.time()
     client.rename(hold, queue)
-    client.publish(channel_name(dep.namespace), TURNS_QUEUE)  # what a send does after its message is in the queue
+    Doorbell(client, channel_name(dep.namespace)).ring(TURNS_QUEUE)  # what a send does once its message is queued
     sampler = _Sampler(dep, intake.ids, worker.pid, released)
     try:
         wait_all_terminal(dep, intake.ids, timeout=max(120.0, turns / threads * upstream_wait * 4))

@@ -175,8 +175,7 @@ def children(pid: int) -> list[int]:
 
 
 def run(dep: Deployment, plan: Any) -> dict[str, Any]:
-    if dep.worker is None:
-        dep.start_worker(plan.worker_processes, plan.worker_threads)
+    dep.ensure_worker(plan.worker_processes, plan.worker_threads)
     assert dep.web is not None and dep.worker is not None
     result: dict[str, Any] = {"round_trips": round_trips(dep, 50)}
     turns = plan.pipeline_turns

@@ -122,15 +122,13 @@ def measure(dep: Deployment, plan: Plan, phases: set[str], profile: bool) -> tup
         raw["steady_latencies_ms"] = load.post_latencies_ms
     if "streaming" in phases:
         _phase(f"streaming overhead: {plan.stream_turns} turns, {plan.stream_clients} SSE clients")
-        if dep.worker is None:
-            dep.start_worker(plan.worker_processes, plan.worker_threads)
+        dep.ensure_worker(plan.worker_processes, plan.worker_threads)
         stream = streaming.run(dep, plan.stream_turns, plan.stream_clients, plan.stream_ttft)
         results["streaming"] = _public(stream, drop=("overheads_ms",))
         raw["overheads_ms"] = stream.overheads_ms
     if "pickup" in phases:
         _phase(f"pickup on an idle deployment: {plan.pickup_turns} turns of one user, {plan.pickup_pause:g} s apart")
-        if dep.worker is None:
-            dep.start_worker(plan.worker_processes, plan.worker_threads)
+        dep.ensure_worker(plan.worker_processes, plan.worker_threads)
         idle = pickup.run(dep, plan.pickup_turns, plan.pickup_pause)
         results["pickup"] = _public(idle)
     if profile and "pipeline" in phases:

@@ -41,20 +41,12 @@ def probe(queue: str, index: int) -> dramatiq.Message:
     return dramatiq.Message(queue_name=queue, actor_name="probe", args=(index,), kwargs={}, options={})
 
 
-def first_message(consumer: RefillingConsumer, within: float) -> tuple[dramatiq.broker.MessageProxy, float]:
-    """Ask the consumer until it hands out a message, as Dramatiq's consumer thread does; (message, seconds)."""
-    started = time.monotonic()
-    while time.monotonic() - started < within:
-        message = next(consumer)
-        if message is not None:
-            return message, time.monotonic() - started
-    raise AssertionError(f"no message within {within}s")
-
-
 def taken_after_send(consumer: RefillingConsumer, send: Callable[[dramatiq.Message], object], index: int) -> float:
     """Send message `index` 0.2 s from now, while the consumer waits; seconds until it handed it out (acked)."""
     threading.Timer(0.2, send, args=(probe(consumer.queue_name, index),)).start()
-    message, waited = first_message(consumer, within=5)
+    started = time.monotonic()
+    message = wait_for(lambda: next(consumer), timeout=5, interval=0, what="the consumer to hand out the message")
+    waited = time.monotonic() - started
     assert message.args == (index,)
     consumer.ack(message)
     return waited

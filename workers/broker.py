@@ -34,6 +34,7 @@ import redis
 from dramatiq import Message
 from dramatiq.broker import Consumer, MessageProxy
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
+from dramatiq.common import dq_name
 from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries
 
 from app.config import get_settings
@@ -42,9 +43,6 @@ from workers.middleware import RunOutcomes, WorkerServices
 
 _lock = threading.Lock()
 _installed: RedisBroker | None = None
-
-DELAY_QUEUE_SUFFIX = ".DQ"
-
 
 class RefillingConsumer(_RedisConsumer):
     """Dramatiq's Redis consumer, except that it waits for a wake-up instead of sleeping a backoff.
@@ -115,7 +113,7 @@ class PromptRedisBroker(RedisBroker):
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
         """A work queue's consumer is woken by the doorbell and looks at least every `poll_ms`; a delay
         queue's looks every `timeout` (Dramatiq's worker timeout, 1 s): nothing there is due yet."""
-        if queue_name.endswith(DELAY_QUEUE_SUFFIX):
+        if queue_name == dq_name(queue_name):
             return RefillingConsumer(self, queue_name, prefetch, timeout)
         return RefillingConsumer(self, queue_name, prefetch, self.poll_ms, self.doorbell)
 
