@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -118,45 +118,54 @@ def work_items(dep: Deployment, conversations: dict[int, list[int]], turns: int)
                 return
 
 
-def drive(dep: Deployment, conversations: dict[int, list[int]], turns: int, clients: int, *,
-          wait: TurnWatcher | None, timeout: float = 300.0) -> Intake:
-    """POST `turns` turns from `clients` threads; with `wait`, each client waits for its turn's end first
-    (a closed loop: `clients` turns in flight), else clients POST back to back."""
-    work = work_items(dep, conversations, turns)
-    work_lock = threading.Lock()
-    intake = Intake()
-    intake_lock = threading.Lock()
+def run_clients(dep: Deployment, work: Iterator[tuple[str, int]], clients: int, name: str,
+                one: Callable[[httpx.Client, str, int], None]) -> None:
+    """Run `one(http, api key, conversation)` for each work item, from `clients` threads with a keep-alive
+    connection each; the first error stops every client and is raised here."""
+    lock = threading.Lock()
     errors: list[BaseException] = []
-    deadline = time.monotonic() + timeout
 
     def client() -> None:
         with httpx.Client(base_url=dep.web_url, timeout=60) as http:
             while not errors:
-                with work_lock:
+                with lock:
                     item = next(work, None)
                 if item is None:
                     return
-                key, conversation = item
                 try:
-                    message_id, sent_at, latency = post_turn(http, key, conversation, f"c{conversation}")
-                    done = wait.expect(message_id) if wait is not None else None
-                    with intake_lock:
-                        intake.posted.append(Posted(message_id, sent_at, latency))
-                        intake.first_post_at = min(intake.first_post_at or sent_at, sent_at)
-                        intake.last_post_done_at = max(intake.last_post_done_at, sent_at + latency / 1000)
-                    if done is not None and not done.wait(max(0.0, deadline - time.monotonic())):
-                        raise BenchError(f"turn {message_id} did not end within {timeout:g}s")
+                    one(http, *item)
                 except BaseException as exc:
                     errors.append(exc)
                     return
 
-    threads = [threading.Thread(target=client, name=f"client-{i}") for i in range(clients)]
+    threads = [threading.Thread(target=client, name=f"{name}-{i}") for i in range(clients)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     if errors:
         raise errors[0]
+
+
+def drive(dep: Deployment, conversations: dict[int, list[int]], turns: int, clients: int, *,
+          wait: TurnWatcher | None, timeout: float = 300.0) -> Intake:
+    """POST `turns` turns from `clients` threads; with `wait`, each client waits for its turn's end first
+    (a closed loop: `clients` turns in flight), else clients POST back to back."""
+    intake = Intake()
+    intake_lock = threading.Lock()
+    deadline = time.monotonic() + timeout
+
+    def one(http: httpx.Client, key: str, conversation: int) -> None:
+        message_id, sent_at, latency = post_turn(http, key, conversation, f"c{conversation}")
+        done = wait.expect(message_id) if wait is not None else None
+        with intake_lock:
+            intake.posted.append(Posted(message_id, sent_at, latency))
+            intake.first_post_at = min(intake.first_post_at or sent_at, sent_at)
+            intake.last_post_done_at = max(intake.last_post_done_at, sent_at + latency / 1000)
+        if done is not None and not done.wait(max(0.0, deadline - time.monotonic())):
+            raise BenchError(f"turn {message_id} did not end within {timeout:g}s")
+
+    run_clients(dep, work_items(dep, conversations, turns), clients, "client", one)
     return intake
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from bench.deploy import Deployment
-from bench.driver import post_turn, upstream_arrivals, work_items
+from bench.driver import post_turn, run_clients, upstream_arrivals, work_items
 from bench.procs import BenchError, percentile
 
 
@@ -57,36 +57,17 @@ def _first_delta(http: httpx.Client, key: str, message_id: int) -> float:
 def run(dep: Deployment, turns: int, clients: int, ttft: float) -> Streaming:
     httpx.delete(f"{dep.mock_url}/_requests", timeout=30)
     conversations = dep.conversations("stream", per_user=math.ceil(turns / len(dep.seed.users)) + 1)
-    work = work_items(dep, conversations, turns)
     lock = threading.Lock()
     seen: dict[str, tuple[float, float]] = {}
-    errors: list[BaseException] = []
 
-    def client() -> None:
-        with httpx.Client(base_url=dep.web_url, timeout=60) as http:
-            while not errors:
-                with lock:
-                    item = next(work, None)
-                if item is None:
-                    return
-                key, conversation = item
-                tag = f"s{conversation}"
-                try:
-                    message_id, sent_at, _ = post_turn(http, key, conversation, tag)
-                    first = _first_delta(http, key, message_id)
-                except BaseException as exc:
-                    errors.append(exc)
-                    return
-                with lock:
-                    seen[tag] = (sent_at, first)
+    def one(http: httpx.Client, key: str, conversation: int) -> None:
+        tag = f"s{conversation}"
+        message_id, sent_at, _ = post_turn(http, key, conversation, tag)
+        first = _first_delta(http, key, message_id)
+        with lock:
+            seen[tag] = (sent_at, first)
 
-    threads = [threading.Thread(target=client, name=f"sse-{i}") for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
+    run_clients(dep, work_items(dep, conversations, turns), clients, "sse", one)
     arrived = upstream_arrivals(dep, "s")
     overheads, post_to_first = [], []
     for tag, (sent_at, first) in seen.items():
