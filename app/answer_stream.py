@@ -1,7 +1,9 @@
 """Following a turn's answer as events, for the SSE endpoint: live from Redis, the rest from the database.
 
-Event ids are `<redis entry id>.<attempt>.<offset>`: the attempt (0 for the primary model, 1 after a
-fallback restart) and how many characters of that attempt's text the client has after the event.
+Event ids are `<redis entry id>.<attempt>.<offset>`: the attempt (`app.live_stream.attempt_number`:
+delivery x 100 + 0 for the primary model, + 1 after a fallback restart, so a delivery that took the
+turn over from a dead worker never continues that worker's text) and how many characters of that
+attempt's text the client has after the event.
 With the Redis id a reconnecting client resumes exactly where it was while the live stream exists;
 with the attempt and offset it still gets exactly the rest from the stored message when the live
 stream is gone or has a gap (Redis lost data). A client that connects after the turn ended gets one

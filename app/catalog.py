@@ -24,7 +24,8 @@ def _live_model(session: Session, model_id: int) -> LlmModel:
     return model
 
 
-def _live_agent(session: Session, agent_id: int) -> Agent:
+def live_agent(session: Session, agent_id: int) -> Agent:
+    """The agent, unless it does not exist or was deleted (404 either way: a deleted agent takes no new work)."""
     agent = session.get(Agent, agent_id)
     if agent is None or agent.deleted_at is not None:
         raise NotFound("No such agent.")
@@ -111,12 +112,12 @@ def list_agents() -> list[Agent]:
 
 def get_agent(agent_id: int) -> Agent:
     with transaction() as session:
-        return _live_agent(session, agent_id)
+        return live_agent(session, agent_id)
 
 
 def update_agent(agent_id: int, changes: dict[str, Any]) -> Agent:
     with transaction() as session:
-        agent = _live_agent(session, agent_id)
+        agent = live_agent(session, agent_id)
         _check_models(session, changes)
         for key, value in changes.items():
             setattr(agent, key, value)
@@ -127,4 +128,4 @@ def update_agent(agent_id: int, changes: dict[str, Any]) -> Agent:
 
 def delete_agent(agent_id: int) -> None:
     with transaction() as session:
-        _live_agent(session, agent_id).deleted_at = datetime.now(UTC)
+        live_agent(session, agent_id).deleted_at = datetime.now(UTC)

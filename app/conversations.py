@@ -15,10 +15,12 @@ from sqlalchemy import BigInteger, and_, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.auth import Principal
+from app.catalog import live_agent
 from app.config import get_settings
 from app.db import transaction
 from app.errors import MalformedRequest, NotFound
-from app.models import Agent, Conversation, ConversationMessage, User, table
+from app.in_flight import lock_user
+from app.models import Conversation, ConversationMessage, table
 from app.models.base import as_utc, utc_now
 from app.prepared import Batch, Prepared, Unit
 
@@ -62,10 +64,8 @@ def create_conversation(
     """
     window = get_settings().dedup_window_seconds
     with transaction() as session:
-        session.execute(select(User.id).where(User.id == principal.id).with_for_update())
-        agent = session.get(Agent, agent_id)
-        if agent is None or agent.deleted_at is not None:
-            raise NotFound("No such agent.")
+        lock_user(session, principal.id)
+        live_agent(session, agent_id)
         if window > 0:
             existing = session.scalar(
                 select(Conversation)

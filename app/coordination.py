@@ -30,7 +30,6 @@ from app.turn_status import TurnStatus
 log = logging.getLogger(__name__)
 
 BUSY = -1
-AT_LIMIT = -2
 
 
 def _run(name: str, keys: list[str], args: list[object]) -> object:

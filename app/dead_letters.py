@@ -32,7 +32,7 @@ from app.dead_letter_queue import BrokerEntry, dead_entries, take_entry
 from app.errors import Conflict, ConversationBusy, NotFound, ServiceUnavailable, TooManyActiveConversations
 from app.in_flight import check_can_start, lock_user
 from app.models import ConversationMessage, DeadLetter, DebugRun, Turn
-from app.models.base import iso_utc, utc_now
+from app.models.base import utc_now
 from app.turn_state import TransitionRefused, reopen_debug_run, reopen_turn
 
 log = logging.getLogger(__name__)
@@ -47,27 +47,12 @@ class DeadLetterView:
     in_broker: bool | None
     """False when the broker no longer holds the message (Redis lost it); None when Redis is unreachable."""
 
-    def as_json(self, *, detail: bool = False) -> dict[str, Any]:
-        """The contract's item (`id`, `queue`, `actor`, `args`, `retries`, `error`, `dead_at`) and a little more."""
-        row = self.row
-        item: dict[str, Any] = {
-            "id": row.id, "queue": row.queue, "actor": row.actor, "args": row.args, "retries": row.retries,
-            "error": row.error, "dead_at": iso_utc(row.dead_at), "run_id": row.run_id, "run_status": self.run_status,
-            "in_broker": self.in_broker,
-        }
-        if detail:
-            item["traceback"] = row.traceback
-        return item
-
 
 @dataclass(frozen=True, slots=True)
 class RequeueOutcome:
     requeued: list[int]
     skipped: dict[int, str]
-
-    def as_json(self) -> dict[str, Any]:
-        return {"requeued": self.requeued,
-                "skipped": [{"id": ident, "reason": reason} for ident, reason in self.skipped.items()]}
+    """Dead letters left as they were, with the reason."""
 
 
 def error_summary(trace: str | None) -> str | None:
@@ -82,7 +67,8 @@ def error_summary(trace: str | None) -> str | None:
     return lines[last_frame + 1] if last_frame + 1 < len(lines) else lines[-1]
 
 
-def _run_id(actor: str, args: list[Any]) -> int | None:
+def run_id(actor: str, args: list[Any]) -> int | None:
+    """The turn or test run a message of `actor` runs; None for any other message."""
     if actor in RUN_ACTORS and args and isinstance(args[0], int):
         return args[0]
     return None
@@ -111,7 +97,7 @@ def record_death(message: dramatiq.Message[Any]) -> None:
     with transaction() as session:
         _store(session, {
             "redis_message_id": message.options["redis_message_id"], "queue": q_name(message.queue_name),
-            "actor": message.actor_name, "args": args, "run_id": _run_id(message.actor_name, args),
+            "actor": message.actor_name, "args": args, "run_id": run_id(message.actor_name, args),
             "retries": max(attempts - 1, 0), "error": error_summary(trace) or "unknown error", "traceback": trace,
         }, overwrite=True)
 
@@ -125,7 +111,7 @@ def _adopt(session: Session, entry: BrokerEntry) -> None:
     error = error_summary(options.get("traceback")) or "unknown error"
     _store(session, {
         "redis_message_id": entry.redis_message_id, "queue": entry.queue, "actor": actor, "args": args,
-        "run_id": _run_id(actor, args), "retries": int(options.get("retries", 0)),
+        "run_id": run_id(actor, args), "retries": int(options.get("retries", 0)),
         "error": f"{error} (from the broker's copy; the last attempt was not recorded)",
         "traceback": options.get("traceback"), "dead_at": entry.dead_at,
     }, overwrite=False)
@@ -223,7 +209,12 @@ def _send(row: DeadLetter) -> None:
     (outbox.send_turn if row.actor == dispatch.RUN_TURN else outbox.send_debug_run)(row.run_id)
 
 
-def requeue(dead_letter_id: int) -> DeadLetter:
+def requeue(dead_letter_id: int) -> RequeueOutcome:
+    """Requeue one dead letter; its outcome in the shape of `requeue_all`'s."""
+    return RequeueOutcome([_requeue(dead_letter_id).id], {})
+
+
+def _requeue(dead_letter_id: int) -> DeadLetter:
     """Run a dead letter's turn (or test run) again: it goes back to `pending` and is sent to a worker."""
     with transaction() as session:
         row = session.scalar(select(DeadLetter).where(DeadLetter.id == dead_letter_id).with_for_update())
@@ -245,7 +236,7 @@ def requeue_all() -> RequeueOutcome:
     outcome = RequeueOutcome([], {})
     for view in list_dead_letters():
         try:
-            outcome.requeued.append(requeue(view.row.id).id)
+            outcome.requeued.append(_requeue(view.row.id).id)
         except (Conflict, NotFound, TooManyActiveConversations) as exc:
             outcome.skipped[view.row.id] = exc.message
     return outcome

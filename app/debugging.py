@@ -1,7 +1,8 @@
 """Admin debugging: what a turn of an agent would do, a real test run of it, and what test runs cost.
 
-The route test and the prompt preview answer from the same pieces the worker uses (`agent_targets`,
-`moderate`, `successful_history`, `build_prompt`, `worst_case_cost`) and call no model, so they cost
+The route test and the prompt preview answer from the same pieces the worker uses (`moderate`,
+`successful_history`, `build_prompt`, `worst_case_cost`, and the agent's models as the same
+`ModelTarget`s, through `agent_targets`) and call no model, so they cost
 nothing and leave no record. An execution test is a row of `admin_debug_logs` run by the workers
 (`app.debug_runner`) with the agent's timeout and fallback; it is priced at the model's prices and
 never touches a balance or the ledger. The cost analysis sums those rows.
@@ -19,10 +20,11 @@ from sqlalchemy.sql.selectable import ScalarSelect
 
 from app import outbox
 from app.auth import Principal
+from app.catalog import live_agent
 from app.db import transaction
 from app.errors import Forbidden, NotFound
 from app.llm_client import ModelTarget
-from app.models import Agent, Conversation, DebugRun, LlmModel, User
+from app.models import Conversation, DebugRun, LlmModel, User
 from app.models.base import utc_now
 from app.moderation import Verdict, moderate
 from app.prompt import ChatMessage, Prompt, build_prompt, successful_history
@@ -74,9 +76,7 @@ class _AgentSetup:
 
 
 def _agent_setup(session: Session, agent_id: int) -> _AgentSetup:
-    agent = session.get(Agent, agent_id)
-    if agent is None or agent.deleted_at is not None:
-        raise NotFound("No such agent.")
+    agent = live_agent(session, agent_id)
     primary, fallback = agent_targets(session, agent)
     return _AgentSetup(agent.system_prompt, agent.timeout_seconds, agent.max_tokens, primary, fallback)
 

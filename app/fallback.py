@@ -15,7 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from app.llm_client import AttemptFailed, Completion, ModelTarget, estimate_tokens, stream_chat
+from app.llm_client import (
+    AttemptFailed,
+    Completion,
+    ModelTarget,
+    estimate_tokens,
+    estimate_tokens_of_messages,
+    stream_chat,
+)
 
 ALWAYS_FALL_BACK = frozenset({"timeout", "connection_error", "stream_cut", "rate_limited", "server_error",
                               "client_error", "bad_response"})
@@ -107,7 +114,7 @@ def call_with_fallback(
                                      temperature=params.temperature, max_tokens=params.max_tokens,
                                      on_delta=sink.delta, stop=stop)
         except AttemptFailed as failure:
-            prompt_estimate = sum(estimate_tokens(m["content"]) + 4 for m in messages) + 2
+            prompt_estimate = estimate_tokens_of_messages(messages)
             produced = estimate_tokens(failure.partial) if failure.partial else 0
             outcome.attempts.append(_record(target, failure.kind, failure.detail, failure.latency_ms,
                                             failure.first_token_ms, prompt_estimate, produced))

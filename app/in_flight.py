@@ -75,6 +75,7 @@ def _statements() -> SimpleNamespace:
 
 
 def lock_user(session: Session, user_id: int) -> None:
-    """Serialise a user's turn starts, so the per-user limit and idempotency keys hold under concurrency."""
+    """Serialise what one user does that a check must see whole: a requeue's limit check, a new
+    conversation's de-duplication (a turn's intake takes the same lock in its own first batch)."""
     _statements().lock_user(session, {"user": user_id})
 

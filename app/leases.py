@@ -58,9 +58,6 @@ class LeaseKeeper:
             with self._lock:
                 self._held.pop((kind, holding.ident), None)
 
-    def held_count(self) -> int:
-        return len(self._held)
-
     def _run(self) -> None:
         settings = get_settings()
         renew_every = settings.lease_seconds / 3

@@ -110,7 +110,6 @@ _publisher = _Publisher()
 
 class TurnStream(AnswerSink):
     def __init__(self, turn_id: int, delivery: int = 0) -> None:
-        self.turn_id = turn_id
         self._key = stream_key(turn_id)
         self._delivery = delivery
         self._index = -1

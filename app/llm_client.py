@@ -20,7 +20,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from decimal import Decimal
 from typing import Any
 
@@ -51,6 +51,10 @@ class ModelTarget:
         return token_cost(prompt_tokens, completion_tokens, self.input_price_per_1k, self.output_price_per_1k)
 
 
+MODEL_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ModelTarget))
+"""The `llm_models` columns a `ModelTarget` holds, under the same names."""
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
     prompt_tokens: int
@@ -69,13 +73,12 @@ class Completion:
 class AttemptFailed(Exception):
     """One attempt failed; `kind` is what the fallback policy decides on."""
 
-    def __init__(self, kind: str, detail: str, *, partial: str = "", status_code: int | None = None,
-                 first_token_ms: int | None = None, latency_ms: int = 0) -> None:
+    def __init__(self, kind: str, detail: str, *, partial: str = "", first_token_ms: int | None = None,
+                 latency_ms: int = 0) -> None:
         super().__init__(f"{kind}: {detail}")
         self.kind = kind
         self.detail = detail
         self.partial = partial
-        self.status_code = status_code
         self.first_token_ms = first_token_ms
         self.latency_ms = latency_ms
 
@@ -163,8 +166,8 @@ def stream_chat(
     first_token_ms: int | None = None
     usage: Usage | None = None
 
-    def failed(kind: str, detail: str, status: int | None = None) -> AttemptFailed:
-        return AttemptFailed(kind, detail, partial="".join(parts), status_code=status, first_token_ms=first_token_ms,
+    def failed(kind: str, detail: str) -> AttemptFailed:
+        return AttemptFailed(kind, detail, partial="".join(parts), first_token_ms=first_token_ms,
                              latency_ms=int((time.monotonic() - started) * 1000))
 
     body: dict[str, Any] = {"model": target.model, "messages": messages, "stream": True,
@@ -181,7 +184,7 @@ def stream_chat(
     except openai.APIConnectionError as exc:
         raise failed("connection_error", str(exc.__cause__ or exc)) from exc
     except openai.APIStatusError as exc:
-        raise failed(_status_kind(exc.status_code), f"HTTP {exc.status_code}: {exc.message}", exc.status_code) from exc
+        raise failed(_status_kind(exc.status_code), f"HTTP {exc.status_code}: {exc.message}") from exc
     watchdog: Watch | None = None
     try:
         watchdog = watch_attempt(deadline, stop, stream.response)

@@ -33,10 +33,6 @@ def turn_context(turn_id: int) -> Iterator[None]:
         _turn_id.reset(token)
 
 
-def current_turn_id() -> int | None:
-    return _turn_id.get()
-
-
 class TurnIdFilter(logging.Filter):
     """Stamps each record with the turn being run by this thread (or None)."""
 
@@ -111,4 +107,4 @@ def gunicorn_logconfig() -> dict[str, object]:
     }
 
 
-__all__ = ["JsonFormatter", "configure_logging", "current_turn_id", "gunicorn_logconfig", "turn_context"]
+__all__ = ["JsonFormatter", "configure_logging", "gunicorn_logconfig", "turn_context"]

@@ -18,8 +18,7 @@ from app.redis_client import get_redis
 from app.turn_status import IN_FLIGHT_VALUES, TurnStatus
 
 QUEUES = (TURNS_QUEUE, DEBUG_QUEUE)
-FAILURES = (TurnStatus.ERROR, TurnStatus.LLM_ERROR, TurnStatus.INSUFFICIENT_BALANCE, TurnStatus.CONTENT_VIOLATION,
-            TurnStatus.CANCELLED)
+FAILURES = tuple(s for s in TurnStatus if s.is_terminal and s is not TurnStatus.SUCCESS)
 
 
 @dataclass(frozen=True, slots=True)

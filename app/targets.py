@@ -4,24 +4,29 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
-from app.llm_client import ModelTarget, estimate_tokens_of_messages
+from app.llm_client import MODEL_FIELDS, ModelTarget, estimate_tokens_of_messages
 from app.models import Agent, LlmModel
 
 
 def target_of(model: LlmModel) -> ModelTarget:
-    return ModelTarget(
-        id=model.id, name=model.name, model=model.model, base_url=model.base_url, api_key_env=model.api_key_env,
-        input_price_per_1k=model.input_price_per_1k, output_price_per_1k=model.output_price_per_1k,
-        context_window=model.context_window,
-    )
+    return ModelTarget(**{field: getattr(model, field) for field in MODEL_FIELDS})
+
+
+def target_in_row(row: Any, prefix: str) -> ModelTarget | None:
+    """A model read as `<prefix>_<field>` columns, as a turn's claim reads both of its agent's models in its
+    lock query (`app.turn_state`); None when the row has none (an agent without a fallback)."""
+    values = {field: getattr(row, f"{prefix}_{field}") for field in MODEL_FIELDS}
+    return None if values["id"] is None else ModelTarget(**values)
 
 
 def agent_targets(session: Session, agent: Agent) -> tuple[ModelTarget, ModelTarget | None]:
-    """An agent's primary and fallback, loaded the one way so a test run and a route test agree with a turn."""
+    """An agent's primary and fallback for a test run and the route test, loaded from their rows (a turn
+    reads the same columns with its claim, `target_in_row`): the same targets, the same prices."""
     primary = target_of(session.get_one(LlmModel, agent.model_id))
     fallback = target_of(session.get_one(LlmModel, agent.fallback_model_id)) if agent.fallback_model_id else None
     return primary, fallback

@@ -20,7 +20,7 @@ from app.attempts import record_attempts
 from app.config import get_settings
 from app.conversations import record_turn_end
 from app.db import plain_transaction, transaction
-from app.fallback import AgentParams, AnswerSink, Outcome, call_with_fallback
+from app.fallback import AgentParams, Outcome, call_with_fallback
 from app.leases import Holding, keeper
 from app.live_stream import TurnStream
 from app.llm_client import ModelTarget, estimate_tokens, estimate_tokens_of_messages
@@ -28,12 +28,10 @@ from app.logging_setup import turn_context
 from app.moderation import moderate
 from app.prepared import Batch, Unit
 from app.prompt import ChatMessage, build_prompt, successful_history
-from app.targets import worst_case_cost
+from app.targets import target_in_row, worst_case_cost
 from app.turn_state import (
-    MODEL_FIELDS,
     ClaimResult,
     LeaseLost,
-    TransitionRefused,
     TurnRow,
     claim_turn,
     fail_turn_unowned,
@@ -69,16 +67,11 @@ class TurnContext:
                             context_window=target.context_window, max_tokens=self.params.max_tokens).messages
 
 
-def _target(row: Any, prefix: str) -> ModelTarget | None:
-    values = {field: getattr(row, f"{prefix}_{field}") for field in MODEL_FIELDS}
-    return None if values["id"] is None else ModelTarget(**values)
-
-
 def _load_context(unit: Unit, claim: ClaimResult) -> TurnContext:
     """Everything the run needs: what the claim read under its lock, and the history (none on a first turn)."""
     turn, row = claim.turn, claim.run
     assert turn is not None and claim.token is not None
-    primary = _target(row, "p")
+    primary = target_in_row(row, "p")
     assert primary is not None
     return TurnContext(
         turn_id=turn.assistant_message_id, question_id=turn.user_message_id, token=claim.token,
@@ -86,7 +79,7 @@ def _load_context(unit: Unit, claim: ClaimResult) -> TurnContext:
         system_prompt=row.system_prompt,
         history=successful_history(unit, turn.conversation_id, before_seq=row.seq) if row.seq > 1 else [],
         params=AgentParams(row.timeout_seconds, row.temperature, row.max_tokens),
-        primary=primary, fallback=_target(row, "f"), reserved=turn.reserved_amount,
+        primary=primary, fallback=target_in_row(row, "f"), reserved=turn.reserved_amount,
     )
 
 
@@ -250,4 +243,4 @@ def abandon_turn(turn_id: int, reason: str) -> bool:
     return True
 
 
-__all__ = ["AnswerSink", "TransitionRefused", "abandon_turn", "run_turn"]
+__all__ = ["abandon_turn", "run_turn"]

@@ -22,12 +22,13 @@ from sqlalchemy.orm import Session
 
 from app import ledger
 from app.config import get_settings
+from app.llm_client import MODEL_FIELDS
 from app.models import Agent, Conversation, ConversationMessage, DebugRun, LlmModel, Turn, table
 from app.models.base import optional_utc as utc
 from app.models.base import utc_now
 from app.money import quantize
 from app.prepared import Batch, Prepared, Unit, then
-from app.turn_status import IN_FLIGHT_VALUES, TurnStatus, sources_for
+from app.turn_status import TurnStatus, sources_for
 
 
 class TransitionRefused(RuntimeError):
@@ -67,10 +68,6 @@ class TurnRow:
 _TURN_COLUMNS = ("assistant_message_id", "user_message_id", "conversation_id", "user_id", "deliveries",
                  "reserved_amount", "cancel_requested_at")
 
-MODEL_FIELDS = ("id", "name", "model", "base_url", "api_key_env", "input_price_per_1k", "output_price_per_1k",
-                "context_window")
-"""What a run reads of each of its agent's models, as `p_<field>` (primary) and `f_<field>` (fallback)."""
-
 
 @cache
 def _statements() -> SimpleNamespace:
@@ -107,7 +104,7 @@ def _statements() -> SimpleNamespace:
                                .where(turns.c.assistant_message_id == bindparam("turn_id"),
                                       turns.c.lease_token == bindparam("token"))
                                .values(lease_token=None, lease_expires_at=None, cost_estimated=bindparam("estimated"),
-                                       updated_at=bindparam("at"))),
+                                       reserved_amount=0, updated_at=bindparam("at"))),
     )
 
 
@@ -150,7 +147,8 @@ def _move_both(unit: Unit | Batch, target: TurnStatus, question: int, answer: in
 @dataclass(frozen=True, slots=True)
 class ClaimResult:
     """A claim's outcome; a taken turn comes with its lease token and `run`, the row read under the lock:
-    the user's message (`content`, `seq`), the agent's settings and its models (`MODEL_FIELDS`).
+    the user's message (`content`, `seq`), the agent's settings and its models (`MODEL_FIELDS`, as `p_<field>`
+    for the primary and `f_<field>` for the fallback: `app.targets.target_in_row`).
     `affordable` is False when the worst case the caller asked to hold was not available."""
 
     outcome: Claim
@@ -280,7 +278,9 @@ def finish_turn(
 
     The lease is given up by the same guarded UPDATE that proves this worker still holds it: on a
     batch, the messages' UPDATE goes out with it, and a lost lease raises `LeaseLost` once the
-    results are in, which rolls both back.
+    results are in, which rolls both back. That UPDATE also empties the turn's reservation, which the
+    caller charges or releases in the same transaction: an ended turn holds nothing, so a requeued one
+    reserves again instead of inheriting an amount already given back (and giving it back twice).
     """
     if not target.is_terminal:
         raise ValueError(f"{target} is not terminal")
@@ -353,7 +353,8 @@ def reopen_debug_run(session: Session, run_id: int) -> None:
 
 
 def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> ClaimResult:
-    """The same claim for an admin test run, whose status lives on its single log row."""
+    """The same claim for an admin test run, whose status lives on its single log row: a pending run
+    moves to `processing` as the transition table allows, a taken-over one keeps its status and gets a new lease."""
     run = session.execute(select(DebugRun).where(DebugRun.id == run_id).with_for_update()).scalar_one_or_none()
     if run is None:
         return ClaimResult(Claim.MISSING)
@@ -363,13 +364,16 @@ def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> Clai
         return ClaimResult(outcome)
     agent = session.get_one(Agent, run.agent_id)
     token = new_lease_token()
+    if outcome is Claim.TAKEN_OVER:
+        take = update(DebugRun).where(DebugRun.id == run_id, DebugRun.status == TurnStatus.PROCESSING.value)
+    else:
+        take = (update(DebugRun).where(DebugRun.id == run_id,
+                                       DebugRun.status.in_(sources_for(TurnStatus.PROCESSING)))
+                .values(status=TurnStatus.PROCESSING.value))
     moved = session.execute(
-        update(DebugRun)
-        .where(DebugRun.id == run_id, DebugRun.status.in_(IN_FLIGHT_VALUES))
-        .values(status=TurnStatus.PROCESSING.value, lease_token=token,
-                lease_expires_at=now + timedelta(seconds=lease_seconds),
-                deadline_at=delivery_deadline(now, agent.timeout_seconds, agent.fallback_model_id is not None),
-                updated_at=now)
+        take.values(lease_token=token, lease_expires_at=now + timedelta(seconds=lease_seconds),
+                    deadline_at=delivery_deadline(now, agent.timeout_seconds, agent.fallback_model_id is not None),
+                    updated_at=now)
         .execution_options(synchronize_session=False)
     ).rowcount
     if moved != 1:

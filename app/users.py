@@ -54,11 +54,23 @@ def add_credit(user_id: int, amount: Decimal) -> Decimal:
         return ledger.add_credit(session, user_id, amount)
 
 
-def list_transactions(user_id: int, limit: int = 100, before_id: int | None = None) -> list[CreditTransaction]:
-    """Newest first; `before_id` continues after the last row of the previous page."""
+@dataclass(frozen=True, slots=True)
+class LedgerPage:
+    items: list[CreditTransaction]
+    next_cursor: int | None
+    """The id to pass back as `cursor`; None on the last page."""
+
+
+def list_transactions(user_id: int, limit: int = 100, before_id: int | None = None) -> LedgerPage:
+    """Newest first; `before_id` continues after the last row of the previous page.
+
+    One row more than the page is read, so a cursor is given only when another row follows (a page that
+    ends exactly at the oldest row would otherwise point to an empty one)."""
     query = (select(CreditTransaction).where(CreditTransaction.user_id == user_id)
-             .order_by(CreditTransaction.id.desc()).limit(limit))
+             .order_by(CreditTransaction.id.desc()).limit(limit + 1))
     if before_id is not None:
         query = query.where(CreditTransaction.id < before_id)
     with transaction() as session:
-        return list(session.scalars(query))
+        rows = list(session.scalars(query))
+    page = rows[:limit]
+    return LedgerPage(page, page[-1].id if len(rows) > limit else None)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from app import debug_runner, dispatch, llm_client, turn_runner
+import dramatiq
+
+from app import dead_letters, debug_runner, dispatch, llm_client, turn_runner
 from app.db import dispose_engines, open_pool
 from app.dispatch import RUN_TURN
 from app.heap import freeze_after_boot
@@ -54,17 +57,33 @@ def stop() -> None:
         _recovery.stop()
 
 
-def draining() -> bool:
-    return _draining
+def hand_back_if_draining(message: dramatiq.Message[Any]) -> bool:
+    """A run that reaches an idle thread after SIGTERM is sent again, for another worker, instead of
+    starting here; False when this process is not stopping, the message is not a run, or it cannot be sent."""
+    ident = dead_letters.run_id(message.actor_name, list(message.args))
+    if not _draining or ident is None:
+        return False
+    return dispatch.send_turn(ident) if message.actor_name == RUN_TURN else dispatch.send_debug_run(ident)
 
 
-def hand_back(actor_name: str, ident: int) -> bool:
-    """Send a run that reached this stopping process again, for another worker; False if it cannot be sent."""
-    return dispatch.send_turn(ident) if actor_name == RUN_TURN else dispatch.send_debug_run(ident)
-
-
-def message_died(actor_name: str, ident: int, reason: str) -> None:
-    if actor_name == RUN_TURN:
-        turn_runner.abandon_turn(ident, reason)
-    else:
-        debug_runner.abandon_run(ident, reason)
+def message_died(message: dramatiq.Message[Any]) -> None:
+    """The broker dead-lettered `message` (its retries ran out): keep the record operators list and
+    requeue from, and end its run as `error` at once rather than at the recovery sweep. Neither step
+    may fail the broker's nack: a record that could not be written is adopted from the broker when
+    the dead letters are listed, and a run left in flight is ended by recovery."""
+    try:
+        dead_letters.record_death(message)
+    except Exception:
+        log.exception("could not record dead letter %s; listing adopts it from the broker", message.message_id)
+    ident = dead_letters.run_id(message.actor_name, list(message.args))
+    if ident is None:
+        return
+    last_error = dead_letters.error_summary(message.options.get("traceback")) or "unknown error"
+    reason = f"retries exhausted after {message.options.get('retries', 0)} attempts: {last_error}"
+    try:
+        if message.actor_name == RUN_TURN:
+            turn_runner.abandon_turn(ident, reason)
+        else:
+            debug_runner.abandon_run(ident, reason)
+    except Exception:
+        log.exception("could not end run %s after its message died; recovery will", ident)

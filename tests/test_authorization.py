@@ -91,4 +91,9 @@ def test_admin_can_create_users_and_move_credit_never_below_zero(world) -> None:
     assert [t["amount"] for t in ledger] == ["-3.250000", "-2.250000", "5.500000"]
     assert [t["balance_after"] for t in ledger] == ["0.000000", "3.250000", "5.500000"]
     assert all(t["message_id"] is None for t in ledger)
+    first = world.api.get("/api/me/transactions?limit=2", key).json
+    assert [t["amount"] for t in first["items"]] == ["-3.250000", "-2.250000"]
+    rest = world.api.get(f"/api/me/transactions?limit=2&cursor={first['next_cursor']}", key).json
+    assert ([t["amount"] for t in rest["items"]], rest["next_cursor"]) == (["5.500000"], None)
+    assert world.api.get("/api/me/transactions?limit=3", key).json["next_cursor"] is None
     assert world.api.post("/api/admin/users/999999/credits", world.admin_key, {"amount": "1"}).status_code == 404

@@ -16,13 +16,13 @@ import pytest
 from dramatiq.brokers.redis import RedisBroker
 
 from tests.support import wait_for
-from workers.broker import PromptRedisBroker, RefillingConsumer, build_broker
+from workers.broker import DoorbellRedisBroker, RefillingConsumer, build_broker
 
 LONG_WAIT_MS = 30_000
 
 
 @pytest.fixture
-def slow_polling_broker(monkeypatch: pytest.MonkeyPatch) -> Iterator[PromptRedisBroker]:
+def slow_polling_broker(monkeypatch: pytest.MonkeyPatch) -> Iterator[DoorbellRedisBroker]:
     """The broker a worker builds when its idle consumers look at their queue every 30 s."""
     from app.config import get_settings
 
@@ -32,7 +32,7 @@ def slow_polling_broker(monkeypatch: pytest.MonkeyPatch) -> Iterator[PromptRedis
     broker = build_broker()
     monkeypatch.undo()
     get_settings.cache_clear()
-    assert isinstance(broker, PromptRedisBroker)
+    assert isinstance(broker, DoorbellRedisBroker)
     yield broker
     broker.close()
 
@@ -97,7 +97,7 @@ def test_an_idle_consumer_wakes_when_a_message_is_sent_to_its_queue(slow_polling
 def test_a_message_sent_without_a_ring_is_found_at_the_next_look(redis_client) -> None:  # type: ignore[no-untyped-def]
     """The ring is only a hint: a message it missed waits for the consumer's next look, no longer."""
     broker = build_broker()
-    assert isinstance(broker, PromptRedisBroker)
+    assert isinstance(broker, DoorbellRedisBroker)
     queue = f"quiet-{uuid.uuid4().hex[:8]}"
     consumer = RefillingConsumer(broker, queue, prefetch=1, timeout=500, doorbell=broker.doorbell)
     try:

@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -159,15 +160,20 @@ def test_sigterm_finishes_running_turns_within_the_grace_and_leaves_the_rest(sta
     assert (charges(stack, running["id"]), charges(stack, waiting["id"])) == (1, 1)
 
 
-def _stick(stack: Stack, turn_id: int, deadline_seconds: float) -> None:
+def _stick(stack: Stack, turn_id: int, deadline_seconds: float, reserved: str) -> None:
     """What a worker stuck in a turn looks like from the database: processing, under a lease it keeps renewing,
-    with the deadline its claim wrote (the agent's timeout for each model plus the grace, from now)."""
+    with the deadline and the reservation its claim wrote (the agent's timeout for each model plus the grace,
+    from now; `reserved` held on the turn and on its user)."""
+    stack.sql("UPDATE users SET reserved = reserved + %(amount)s::numeric "
+              "WHERE id = (SELECT user_id FROM turns WHERE assistant_message_id = %(id)s)",
+              {"id": turn_id, "amount": reserved})
     stack.sql("UPDATE conversation_messages SET status = 'processing', updated_at = now() "
               "WHERE id IN (SELECT unnest(ARRAY[assistant_message_id, user_message_id]) FROM turns "
               "WHERE assistant_message_id = %(id)s)", {"id": turn_id})
     stack.sql("UPDATE turns SET lease_token = 'stuck', lease_expires_at = now() + interval '1 hour', "
-              "deadline_at = now() + make_interval(secs => %(deadline)s), deliveries = 1 "
-              "WHERE assistant_message_id = %(id)s", {"id": turn_id, "deadline": deadline_seconds})
+              "deadline_at = now() + make_interval(secs => %(deadline)s), deliveries = 1, "
+              "reserved_amount = %(amount)s::numeric WHERE assistant_message_id = %(id)s",
+              {"id": turn_id, "deadline": deadline_seconds, "amount": reserved})
 
 
 @pytest.mark.parametrize(("max_deliveries", "outcome"), [("5", "success"), ("1", "error")])
@@ -177,7 +183,7 @@ def test_a_turn_processing_past_its_timeout_and_grace_is_sent_again_or_ended(sta
     agent_id = stack.agent(stack.model(f"stuck-{max_deliveries}", "echo"), timeout_seconds=1)
     _, key = stack.user(f"stuck-{max_deliveries}")
     turn = stack.send(key, stack.conversation(key, agent_id), "are you there")
-    _stick(stack, turn["id"], deadline_seconds=1 + grace)
+    _stick(stack, turn["id"], deadline_seconds=1 + grace, reserved="0.250000")
     stuck_at = time.monotonic()
     stack.start_worker(AGENTQ_TURN_GRACE_SECONDS=str(grace), AGENTQ_MAX_DELIVERIES=max_deliveries)
 
@@ -188,6 +194,10 @@ def test_a_turn_processing_past_its_timeout_and_grace_is_sent_again_or_ended(sta
     assert charges(stack, turn["id"]) == (1 if outcome == "success" else 0)
     if outcome == "error":
         assert done["error_message"] == "gave up after 1 deliveries"
+    # The stuck delivery's reservation is charged or given back once, and the ended turn holds none (a
+    # requeued turn would otherwise skip its own reservation and give this one back a second time).
+    assert stack.sql("SELECT t.reserved_amount, u.reserved FROM turns t JOIN users u ON u.id = t.user_id "
+                     "WHERE t.assistant_message_id = %(id)s", {"id": turn["id"]})[0] == (Decimal(0), Decimal(0))
     assert ended_after >= 1 + grace
     print(f"\nstuck turn ended as {outcome} {ended_after:.2f}s after it stuck (bound: timeout 1s + grace {grace}s)")
 

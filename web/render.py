@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import request
 
+from app.dead_letters import DeadLetterView, RequeueOutcome
 from app.debugging import CostLine, RouteDecision
 from app.error_display import error_display, prefers_chinese
 from app.models import Agent, Conversation, ConversationMessage, CreditTransaction, DebugRun, LlmModel, User
@@ -31,7 +32,7 @@ def message(m: ConversationMessage, chinese: bool | None = None) -> dict[str, An
     return {
         "id": m.id, "conversation_id": m.conversation_id, "seq": m.seq, "role": m.role, "content": m.content,
         "status": m.status, "error_message": m.error_message,
-        "error_display": error_display(m.status, chinese) if m.error_message or m.status != "success" else None,
+        "error_display": error_display(m.status, chinese),
         "model": m.model, "prompt_tokens": m.prompt_tokens, "completion_tokens": m.completion_tokens,
         "total_tokens": m.total_tokens, "cost": money(m.cost), "latency_ms": m.latency_ms,
         "created_at": timestamp(m.created_at), "updated_at": timestamp(m.updated_at),
@@ -48,7 +49,7 @@ def conversation(c: Conversation) -> dict[str, Any]:
 
 def me(u: User) -> dict[str, Any]:
     return {"id": u.id, "name": u.name, "is_admin": u.is_admin, "balance": money(u.balance),
-            "available_balance": money(u.balance - u.reserved)}
+            "available_balance": money(u.available_balance)}
 
 
 def transaction(t: CreditTransaction) -> dict[str, Any]:
@@ -115,3 +116,21 @@ def failures(report: FailureReport) -> dict[str, Any]:
                    "error_message": f.error_message, "updated_at": timestamp(f.updated_at)}
                   for f in report.latest],
     }
+
+
+def dead_letter(view: DeadLetterView, *, detail: bool = False) -> dict[str, Any]:
+    """The contract's item (`id`, `queue`, `actor`, `args`, `retries`, `error`, `dead_at`) and a little more."""
+    row = view.row
+    item: dict[str, Any] = {
+        "id": row.id, "queue": row.queue, "actor": row.actor, "args": row.args, "retries": row.retries,
+        "error": row.error, "dead_at": timestamp(row.dead_at), "run_id": row.run_id, "run_status": view.run_status,
+        "in_broker": view.in_broker,
+    }
+    if detail:
+        item["traceback"] = row.traceback
+    return item
+
+
+def requeue_outcome(outcome: RequeueOutcome) -> dict[str, Any]:
+    return {"requeued": outcome.requeued,
+            "skipped": [{"id": ident, "reason": reason} for ident, reason in outcome.skipped.items()]}

@@ -190,10 +190,6 @@ class IdempotencyHeader(CachedSchemaModel):
     idempotency_key: Annotated[Text | None, Field(alias="Idempotency-Key", min_length=1, max_length=200)] = None
 
 
-class LanguageHeader(CachedSchemaModel):
-    accept_language: Annotated[str | None, Field(alias="Accept-Language", max_length=500)] = None
-
-
 class ErrorDetail(BaseModel):
     code: str
     message: str

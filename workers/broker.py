@@ -92,7 +92,7 @@ class RefillingConsumer(_RedisConsumer):
         super().close()
 
 
-class PromptRedisBroker(RedisBroker):
+class DoorbellRedisBroker(RedisBroker):
     """The Redis broker whose sends ring the doorbell and whose consumers wake up for them."""
 
     def __init__(self, *, poll_ms: int, **options: Any) -> None:
@@ -141,7 +141,7 @@ def broker_options() -> dict[str, Any]:
 
 
 def build_broker() -> RedisBroker:
-    return PromptRedisBroker(poll_ms=get_settings().broker_poll_ms, **broker_options())
+    return DoorbellRedisBroker(poll_ms=get_settings().broker_poll_ms, **broker_options())
 
 
 def install_broker() -> RedisBroker:

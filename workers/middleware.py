@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
 import dramatiq
 from dramatiq.middleware import Middleware, SkipMessage
 
-from app import dead_letters, worker_services
-from app.dispatch import RUN_DEBUG, RUN_TURN
+from app import worker_services
 from app.logging_setup import configure_logging
-
-log = logging.getLogger(__name__)
 
 
 class RunOutcomes(Middleware):
@@ -19,18 +14,7 @@ class RunOutcomes(Middleware):
 
     def after_nack(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
         """A nack is the message going to the dead-letter queue; its options hold the last traceback."""
-        try:
-            dead_letters.record_death(message)
-        except Exception:
-            log.exception("could not record dead letter %s; listing adopts it from the broker", message.message_id)
-        if message.actor_name not in (RUN_TURN, RUN_DEBUG):
-            return
-        last_error = dead_letters.error_summary(message.options.get("traceback")) or "unknown error"
-        reason = f"retries exhausted after {message.options.get('retries', 0)} attempts: {last_error}"
-        try:
-            worker_services.message_died(message.actor_name, int(message.args[0]), reason)
-        except Exception:
-            log.exception("could not end run %s after its message died; recovery will", message.args)
+        worker_services.message_died(message)
 
 
 class WorkerServices(Middleware):
@@ -53,7 +37,5 @@ class WorkerServices(Middleware):
 
     def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
         """A run that reaches an idle thread after SIGTERM goes back to the queue for another worker."""
-        if not worker_services.draining() or message.actor_name not in (RUN_TURN, RUN_DEBUG):
-            return
-        if worker_services.hand_back(message.actor_name, int(message.args[0])):
+        if worker_services.hand_back_if_draining(message):
             raise SkipMessage(f"worker shutting down; {message.actor_name}{tuple(message.args)} handed back")

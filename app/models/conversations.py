@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from decimal import Decimal
 
@@ -21,12 +22,15 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, Id, Money, created_at_column, id_column, updated_at_column
+from app.turn_status import IN_FLIGHT_VALUES, TurnStatus
 
-IN_FLIGHT_SQL = "status IN ('pending', 'processing')"
-ALL_STATUSES_SQL = (
-    "status IN ('pending', 'processing', 'success', 'error', 'insufficient_balance', "
-    "'content_violation', 'llm_error', 'cancelled')"
-)
+
+def _status_in(statuses: Iterable[str]) -> str:
+    return "status IN (" + ", ".join(f"'{s}'" for s in statuses) + ")"
+
+
+IN_FLIGHT_SQL = _status_in(IN_FLIGHT_VALUES)
+ALL_STATUSES_SQL = _status_in(s.value for s in TurnStatus)
 
 
 class Conversation(Base):

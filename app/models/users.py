@@ -29,6 +29,12 @@ class User(Base):
     created_at: Mapped[datetime] = created_at_column()
     updated_at: Mapped[datetime] = updated_at_column()
 
+    @property
+    def available_balance(self) -> Decimal:
+        """What a new turn may still reserve: the balance less what turns in flight hold
+        (`app.ledger.reserve` applies the same rule in SQL)."""
+        return self.balance - self.reserved
+
 
 class CreditTransaction(Base):
     """One row per change of a balance; the unique `message_id` is what makes a turn chargeable once."""

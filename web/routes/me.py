@@ -22,9 +22,8 @@ def get_me() -> dict:
 @bp.get("/me/transactions", tags=[tag])
 def get_transactions(query: LedgerQuery) -> dict:
     """Newest first; pass `next_cursor` back as `cursor` for the next page."""
-    rows = users.list_transactions(principal().id, query.limit, query.cursor)
-    next_cursor = rows[-1].id if len(rows) == query.limit else None
-    return {"items": [render.transaction(t) for t in rows], "next_cursor": next_cursor}
+    page = users.list_transactions(principal().id, query.limit, query.cursor)
+    return {"items": [render.transaction(t) for t in page.items], "next_cursor": page.next_cursor}
 
 
 @bp.get("/agents", tags=[tag])

@@ -28,23 +28,22 @@ def failures(query: FailureQuery) -> dict[str, Any]:
 
 @bp.get("/admin/dead-letters", tags=[tag])
 def list_dead_letters() -> dict[str, Any]:
-    return {"items": [view.as_json() for view in dead_letters.list_dead_letters()]}
+    return {"items": [render.dead_letter(view) for view in dead_letters.list_dead_letters()]}
 
 
 @bp.post("/admin/dead-letters/requeue-all", tags=[tag])
 def requeue_all() -> tuple[dict[str, Any], int]:
-    return dead_letters.requeue_all().as_json(), 202
+    return render.requeue_outcome(dead_letters.requeue_all()), 202
 
 
 @bp.get("/admin/dead-letters/<id:id>", tags=[tag])
 def get_dead_letter(path: IdPath) -> dict[str, Any]:
-    return dead_letters.get_dead_letter(path.id).as_json(detail=True)
+    return render.dead_letter(dead_letters.get_dead_letter(path.id), detail=True)
 
 
 @bp.post("/admin/dead-letters/<id:id>/requeue", tags=[tag])
 def requeue(path: IdPath) -> tuple[dict[str, Any], int]:
-    dead_letters.requeue(path.id)
-    return {"requeued": [path.id], "skipped": []}, 202
+    return render.requeue_outcome(dead_letters.requeue(path.id)), 202
 
 
 @bp.delete("/admin/dead-letters/<id:id>", tags=[tag])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from app.cli_debug import add_debug_commands
-from app.cli_dlq import add_dlq_commands
+from cli.debug import add_debug_commands
+from cli.dlq import add_dlq_commands
 
 
 def add_ops_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

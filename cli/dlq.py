@@ -24,26 +24,26 @@ def _one_or_all(args: argparse.Namespace, command: str) -> int | None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    _print({"items": [v.as_json() for v in dead_letters.list_dead_letters()]})
+    from web import render
+
+    _print({"items": [render.dead_letter(v) for v in dead_letters.list_dead_letters()]})
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    _print(dead_letters.get_dead_letter(args.id).as_json(detail=True))
+    from web import render
+
+    _print(render.dead_letter(dead_letters.get_dead_letter(args.id), detail=True))
     return 0
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
+    from web import render
     from workers.broker import install_broker
 
     ident = _one_or_all(args, "requeue")
     install_broker()
-    if ident is not None:
-        dead_letters.requeue(ident)
-        _print({"requeued": [ident], "skipped": []})
-        return 0
-    outcome = dead_letters.requeue_all()
-    _print(outcome.as_json())
+    _print(render.requeue_outcome(dead_letters.requeue(ident) if ident is not None else dead_letters.requeue_all()))
     return 0
 
 

@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--key-file", default="var/demo-api-key")
     seed.set_defaults(func=cmd_demo_seed)
 
-    from app.cli_ops import add_ops_commands
+    from cli.ops import add_ops_commands
 
     add_ops_commands(sub)
     return parser
