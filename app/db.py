@@ -15,6 +15,7 @@ in a worker, a 503 with Retry-After in the API).
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -22,8 +23,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from app.config import get_settings
 
@@ -40,7 +43,7 @@ def _sqlite_engine(url: str) -> Engine:
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+    def _on_connect(dbapi_connection: sqlite3.Connection, _record: ConnectionPoolEntry) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
@@ -49,7 +52,7 @@ def _sqlite_engine(url: str) -> Engine:
         cursor.close()
 
     @event.listens_for(engine, "begin")
-    def _on_begin(connection) -> None:  # type: ignore[no-untyped-def]
+    def _on_begin(connection: Connection) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
@@ -72,11 +75,12 @@ def _build_engine(url: str) -> Engine:
 
 def _ping_idle_connections(engine: Engine) -> None:
     @event.listens_for(engine, "checkin")
-    def _returned(_dbapi_connection, record) -> None:  # type: ignore[no-untyped-def]
+    def _returned(_dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry) -> None:
         record.info["returned_at"] = time.monotonic()
 
     @event.listens_for(engine, "checkout")
-    def _taken(dbapi_connection, record, _proxy) -> None:  # type: ignore[no-untyped-def]
+    def _taken(dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry,
+               _proxy: PoolProxiedConnection) -> None:
         returned = record.info.get("returned_at")
         if returned is None or time.monotonic() - returned < IDLE_PING_SECONDS:
             return

@@ -31,6 +31,7 @@ from typing import Any
 
 import redis
 from sqlalchemy import ColumnElement, DateTime, and_, bindparam, or_, select, true, update
+from sqlalchemy.orm import InstrumentedAttribute
 
 from app import outbox
 from app.config import get_settings
@@ -78,7 +79,8 @@ def _mark_epoch() -> None:
         log.warning("could not mark Redis as recovered; the next sweep re-sends pending turns again")
 
 
-def _claim_send(model: type[Turn] | type[DebugRun], ident_column, ident: int, seen: datetime | None) -> bool:  # type: ignore[no-untyped-def]
+def _claim_send(model: type[Turn] | type[DebugRun], ident_column: InstrumentedAttribute[int], ident: int,
+                seen: datetime | None) -> bool:
     """Compare-and-set the outbox mark so only one sweeper sends this turn now."""
     guard = model.enqueued_at.is_(None) if seen is None else model.enqueued_at == seen
     with transaction() as session:

@@ -17,6 +17,7 @@ from typing import Any
 
 from app import coordination, ledger
 from app.attempts import record_attempts
+from app.cancellation import STOPPED
 from app.config import get_settings
 from app.conversations import record_turn_end
 from app.db import plain_transaction, transaction
@@ -220,7 +221,7 @@ def _settle_cancelled(context: TurnContext, outcome: Outcome, elapsed_ms: int, s
     cost = model.cost(prompt_tokens, completion_tokens) if partial else Decimal(0)
     _settle(context, TurnStatus.CANCELLED, stream, model=model, cost=cost, outcome=outcome, content=partial,
             prompt_tokens=prompt_tokens if partial else 0, completion_tokens=completion_tokens, cost_estimated=True,
-            latency_ms=elapsed_ms, error_message="stopped on request")
+            latency_ms=elapsed_ms, error_message=STOPPED)
 
 
 def _settle_failure(context: TurnContext, status: TurnStatus, reason: str, stream: TurnStream,

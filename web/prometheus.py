@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from app import operations
@@ -14,7 +15,7 @@ from app import operations
 class SharedStateCollector:
     """Gauges that must be the same whichever process is scraped: read at scrape time."""
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[Metric]:
         snapshot = operations.queue_snapshot()
         in_flight = GaugeMetricFamily("agentq_turns_in_flight", "Turns pending or processing.", labels=["status"])
         for status, count in snapshot.turns_by_status.items():
