@@ -236,8 +236,6 @@ def abandon_turn(turn_id: int, reason: str) -> bool:
         if turn is None:
             return False
         record_turn_end(session, turn.conversation_id, None)
-        ledger.release(session, turn.user_id, turn.reserved_amount)
-        turn.reserved_amount = Decimal(0)
         held = coordination.HeldTurn(turn_id, turn.user_id, turn.conversation_id)
     coordination.release(held)
     TurnStream(turn_id).finished(TurnStatus.ERROR, None)

@@ -305,7 +305,8 @@ def finish_turn(
 def fail_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_message: str) -> Turn | None:
     """End an in-flight turn without holding its lease: retries exhausted, or cancelled before a worker.
 
-    Returns None when the turn had already ended.
+    Whatever a worker had reserved for it is given back here, as a settlement would (`finish_turn`),
+    so an ended turn holds nothing. Returns None when the turn had already ended.
     """
     turn = session.execute(
         select(Turn).where(Turn.assistant_message_id == turn_id).with_for_update()
@@ -318,6 +319,8 @@ def fail_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_
         return None
     turn.lease_token = None
     turn.lease_expires_at = None
+    ledger.release(session, turn.user_id, turn.reserved_amount)
+    turn.reserved_amount = Decimal(0)
     return turn
 
 
