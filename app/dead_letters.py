@@ -26,7 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app import dispatch, outbox
+from app import dispatch, live_stream, outbox
 from app.db import transaction
 from app.dead_letter_queue import BrokerEntry, dead_entries, take_entry
 from app.errors import Conflict, ConversationBusy, NotFound, ServiceUnavailable, TooManyActiveConversations
@@ -206,7 +206,11 @@ def _reopen(session: Session, row: DeadLetter) -> None:
 
 def _send(row: DeadLetter) -> None:
     assert row.run_id is not None
-    (outbox.send_turn if row.actor == dispatch.RUN_TURN else outbox.send_debug_run)(row.run_id)
+    if row.actor == dispatch.RUN_TURN:
+        live_stream.forget(row.run_id)
+        outbox.send_turn(row.run_id)
+    else:
+        outbox.send_debug_run(row.run_id)
 
 
 def requeue(dead_letter_id: int) -> RequeueOutcome:

@@ -36,9 +36,15 @@ class Holding:
     """Set for a user turn (it has a conversation lock and a user slot); None for an admin test run."""
 
 
+def _key(holding: Holding) -> tuple[str, int, str]:
+    """A delivery, not a run: a stale delivery of a turn (its lease taken over by another thread of the same
+    process) and the live one are held apart, so the stale one leaving cannot end the live one's renewals."""
+    return (_kind(holding), holding.ident, holding.token)
+
+
 class LeaseKeeper:
     def __init__(self) -> None:
-        self._held: dict[tuple[str, int], Holding] = {}
+        self._held: dict[tuple[str, int, str], Holding] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
@@ -46,9 +52,8 @@ class LeaseKeeper:
 
     @contextmanager
     def holding(self, holding: Holding) -> Iterator[Holding]:
-        kind = "turn" if holding.turn is not None else "debug"
         with self._lock:
-            self._held[(kind, holding.ident)] = holding
+            self._held[_key(holding)] = holding
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
                 self._thread.start()
@@ -56,7 +61,7 @@ class LeaseKeeper:
             yield holding
         finally:
             with self._lock:
-                self._held.pop((kind, holding.ident), None)
+                self._held.pop(_key(holding), None)
 
     def _run(self) -> None:
         settings = get_settings()
@@ -90,13 +95,13 @@ class LeaseKeeper:
                     h.stop.set()
 
     def _renew(self, held: list[Holding], lease_seconds: float) -> None:
-        """One guarded UPDATE per kind of run; a run whose token no longer matches was taken over.
+        """One guarded UPDATE per kind of run; a delivery whose token no longer matches was taken over.
 
         The same statement reads each turn's stop request from the database, so a stop is honoured
         even when Redis lost the flag the API set.
         """
         expires = utc_now() + timedelta(seconds=lease_seconds)
-        kept: set[tuple[str, int]] = set()
+        kept: set[tuple[str, int, str]] = set()
         stopped: set[int] = set()
         with transaction() as session:
             tables = (("turn", Turn, Turn.assistant_message_id), ("debug", DebugRun, DebugRun.id))
@@ -104,7 +109,7 @@ class LeaseKeeper:
                 pairs = [(h.ident, h.token) for h in held if _kind(h) == kind]
                 if not pairs:
                     continue
-                returned = [ident_column]
+                returned = [ident_column, model.lease_token]
                 if model is Turn:
                     returned.append(Turn.cancel_requested_at)
                 rows = session.execute(
@@ -114,19 +119,19 @@ class LeaseKeeper:
                     .returning(*returned)
                     .execution_options(synchronize_session=False)
                 ).all()
-                kept.update((kind, row[0]) for row in rows)
-                stopped.update(row[0] for row in rows if kind == "turn" and row[1] is not None)
+                kept.update((kind, row[0], row[1]) for row in rows)
+                stopped.update(row[0] for row in rows if kind == "turn" and row[2] is not None)
         with self._lock:
-            current = [h for h in held if self._held.get((_kind(h), h.ident)) is h]
+            current = [h for h in held if self._held.get(_key(h)) is h]
             for h in current:
-                if (_kind(h), h.ident) not in kept:
+                if _key(h) not in kept:
                     log.warning("lease of %s %s was taken over; stopping", _kind(h), h.ident)
                     h.stop.set()
                 elif _kind(h) == "turn" and h.ident in stopped:
                     h.stop.set()
             # Under the lock: a turn that ended since the snapshot has freed its lock and slot, and
             # renewing them now would take them again for a whole lease.
-            coordination.renew(h.turn for h in current if h.turn is not None)
+            coordination.renew(h.turn for h in current if h.turn is not None and _key(h) in kept)
 
 
 def _kind(holding: Holding) -> str:

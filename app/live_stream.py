@@ -31,6 +31,16 @@ def stream_key(turn_id: int) -> str:
     return key("turn", turn_id, "stream")
 
 
+def forget(turn_id: int) -> None:
+    """Drop a turn's live stream before it runs again (a requeue), so a reader follows the new run live
+    instead of first reading the old run to its `done`. Best effort: the new run's attempts are numbered
+    apart from the old one's, so a stream left behind costs a reader the live view, never the text."""
+    try:
+        get_redis().delete(stream_key(turn_id))
+    except redis.RedisError:
+        log.warning("could not drop the old live stream of turn %s", turn_id)
+
+
 def attempt_number(delivery: int, index: int) -> int:
     """Numbers every attempt of every delivery apart, so text of a run that died is never mistaken for the
     text of the run that took the turn over."""

@@ -35,6 +35,7 @@ from app.turn_state import (
     LeaseLost,
     TurnRow,
     claim_turn,
+    deliveries_since_requeue,
     fail_turn_unowned,
     finish_turn,
     revoke_lease,
@@ -111,7 +112,8 @@ def _run_turn(turn_id: int) -> None:
     log.info("turn %s %s (delivery %s)", turn_id, claim.outcome.value, deliveries)
     stream = TurnStream(turn_id, deliveries)
     if _given_up(claim.turn):
-        _settle_failure(context, TurnStatus.ERROR, f"gave up after {deliveries - 1} deliveries", stream)
+        _settle_failure(context, TurnStatus.ERROR,
+                        f"gave up after {deliveries_since_requeue(deliveries) - 1} deliveries", stream)
         return
     if not affordable:
         _settle_failure(context, TurnStatus.INSUFFICIENT_BALANCE,
@@ -164,8 +166,9 @@ def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) ->
 
 
 def _given_up(turn: TurnRow) -> bool:
-    """Delivered more than `AGENTQ_MAX_DELIVERIES` times: the turn ends as `error` without a model call."""
-    return turn.deliveries > get_settings().max_deliveries
+    """Delivered more than `AGENTQ_MAX_DELIVERIES` times (since its last requeue): the turn ends as `error`
+    without a model call."""
+    return deliveries_since_requeue(turn.deliveries) > get_settings().max_deliveries
 
 
 def _worst_case(context: TurnContext, turn: TurnRow) -> Decimal:

@@ -324,11 +324,21 @@ def fail_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_
     return turn
 
 
-def reopen_turn(session: Session, turn_id: int) -> Turn:
-    """An operator's requeue of a turn that ended as `error`: it becomes pending again.
+DELIVERIES_PER_REQUEUE = 1000
+"""A requeued turn's deliveries are numbered on from the next thousand. A delivery's number names the
+attempts it streams (`app.live_stream.attempt_number`), which must never repeat within a turn, or a
+client resuming with an event id of the run before the requeue would be sent the wrong part of the
+new answer; the give-up rule counts only the deliveries since the requeue (`deliveries_since_requeue`),
+or a turn that died after several deliveries would be given up at once."""
 
-    Its delivery count starts over, or a turn that died after several deliveries would be given up at once.
-    """
+
+def deliveries_since_requeue(deliveries: int) -> int:
+    return deliveries % DELIVERIES_PER_REQUEUE
+
+
+def reopen_turn(session: Session, turn_id: int) -> Turn:
+    """An operator's requeue of a turn that ended as `error`: it becomes pending again, its delivery
+    count at the start of the next thousand (`DELIVERIES_PER_REQUEUE`)."""
     turn = session.execute(
         select(Turn).where(Turn.assistant_message_id == turn_id).with_for_update()
     ).scalar_one_or_none()
@@ -338,7 +348,7 @@ def reopen_turn(session: Session, turn_id: int) -> Turn:
     turn.lease_token = None
     turn.lease_expires_at = None
     turn.enqueued_at = utc_now()
-    turn.deliveries = 0
+    turn.deliveries = (turn.deliveries // DELIVERIES_PER_REQUEUE + 1) * DELIVERIES_PER_REQUEUE
     return turn
 
 

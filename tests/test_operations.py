@@ -87,6 +87,26 @@ def ledger_rows(message_id: int) -> int:
         return len(session.scalars(select(CreditTransaction).where(CreditTransaction.message_id == message_id)).all())
 
 
+def deliveries_of(turn_id: int) -> int:
+    from app.db import transaction
+    from app.models import Turn
+
+    with transaction() as session:
+        return session.get_one(Turn, turn_id).deliveries
+
+
+def answer_text(body: str) -> str:
+    """What a client shows after reading an event stream: the deltas since the last `restart`."""
+    text = ""
+    for block in body.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and not line.startswith(":"))
+        if fields.get("event") == "status" and json.loads(fields["data"]).get("restart"):
+            text = ""
+        elif fields.get("event") == "delta":
+            text += json.loads(fields["data"])["text"]
+    return text
+
+
 def dlq(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(agentq("dlq", *args), env=child_env(), capture_output=True, text=True, cwd=ROOT,
                           timeout=60)
@@ -130,6 +150,12 @@ def test_a_turn_whose_retries_run_out_is_a_dead_letter_and_runs_again_when_reque
     assert ledger_rows(turn_id) == 1
     assert [m["status"] for m in api.get(f"/api/conversations/{conversation_id}/messages", key).json["items"]] \
         == ["success", "success"]
+    assert deliveries_of(turn_id) == 1001
+    # A client that followed a run from before the requeue (its first delivery's attempt, 100) resumes with
+    # that run's event id: it is told to start over and gets the whole new answer, not its tail.
+    resumed = api.get(f"/api/messages/{turn_id}/stream", key, headers={"Last-Event-ID": "0-0.100.3"})
+    assert resumed.status_code == 200
+    assert answer_text(resumed.get_data(as_text=True)) == "echo: try me"
 
     assert api.get("/api/admin/dead-letters", admin).json["items"] == []
     assert dead_count(redis_client) == 0

@@ -1,0 +1,61 @@
+"""The lease keeper against the real database: what it renews, and whom it tells to stop."""
+
+from __future__ import annotations
+
+import threading
+from contextlib import ExitStack
+from datetime import timedelta
+
+from sqlalchemy import select, update
+
+from app.auth import Principal
+from app.coordination import HeldTurn
+from app.db import plain_transaction, transaction
+from app.leases import Holding, LeaseKeeper
+from app.models import ConversationMessage, Turn
+from app.models.base import utc_now
+from app.turn_intake import _insert_turn
+from tests.support import wait_for
+
+
+def _processing_turn(world, token: str) -> HeldTurn:  # type: ignore[no-untyped-def]
+    """A turn in flight under `token`, written in one transaction so no worker ever sees it pending."""
+    user_id, key = world.user()
+    conversation_id = world.conversation(key, world.agent(world.model()))
+    now = utc_now()
+    with plain_transaction() as connection:
+        accepted = _insert_turn(connection, Principal(user_id, "alice", False), conversation_id, "hi", None)
+        turn_id = accepted.assistant_message.id
+        connection.execute(update(Turn).where(Turn.assistant_message_id == turn_id).values(
+            lease_token=token, lease_expires_at=now + timedelta(seconds=10), deadline_at=now + timedelta(hours=1),
+            deliveries=2))
+        connection.execute(update(ConversationMessage).where(ConversationMessage.id.in_(
+            [turn_id, accepted.user_message.id])).values(status="processing"))
+    return HeldTurn(turn_id, user_id, conversation_id)
+
+
+def _lease_expiry(turn_id: int):  # type: ignore[no-untyped-def]
+    with transaction() as session:
+        return session.scalar(select(Turn.lease_expires_at).where(Turn.assistant_message_id == turn_id))
+
+
+def test_a_stale_delivery_leaving_does_not_end_the_live_deliverys_renewals(world) -> None:  # type: ignore[no-untyped-def]
+    """Two threads of one process hold the same turn: the first delivery's lease was taken over by the
+    second. The stale one is told to stop at the next renewal, and its leaving keeps the live one renewed."""
+    turn = _processing_turn(world, token="live")
+    before = _lease_expiry(turn.turn_id)
+    keeper = LeaseKeeper()
+    stale = Holding(turn.turn_id, "stale", threading.Event(), turn)
+    live = Holding(turn.turn_id, "live", threading.Event(), turn)
+    with ExitStack() as live_stack:
+        with keeper.holding(stale):
+            live_stack.enter_context(keeper.holding(live))
+            wait_for(stale.stop.is_set, timeout=5, what="the stale delivery to be told to stop")
+        renewed = wait_for(lambda: (at := _lease_expiry(turn.turn_id)) != before and at, timeout=5,
+                           what="the live delivery's lease to be renewed")
+        # Renewed by the keeper (3 s leases in the tests), not left at the 10 s the turn was given.
+        assert renewed < before
+        later = wait_for(lambda: (at := _lease_expiry(turn.turn_id)) > renewed and at, timeout=5,
+                         what="a renewal after the stale delivery left")
+        assert later > renewed
+        assert not live.stop.is_set()
