@@ -172,6 +172,7 @@ CREATE TABLE IF NOT EXISTS admin_debug_logs (
     lease_expires_at timestamp with time zone,
     deadline_at timestamp with time zone,
     enqueued_at timestamp with time zone,
+    deliveries integer DEFAULT 0 NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     CONSTRAINT pk_admin_debug_logs PRIMARY KEY (id),
@@ -181,6 +182,7 @@ CREATE TABLE IF NOT EXISTS admin_debug_logs (
         'insufficient_balance', 'content_violation', 'llm_error', 'cancelled'))
 );
 ALTER TABLE admin_debug_logs ADD COLUMN IF NOT EXISTS deadline_at timestamp with time zone;
+ALTER TABLE admin_debug_logs ADD COLUMN IF NOT EXISTS deliveries integer DEFAULT 0 NOT NULL;
 CREATE INDEX IF NOT EXISTS idx_admin_debug_logs_agent_id ON admin_debug_logs (agent_id, id);
 CREATE INDEX IF NOT EXISTS idx_admin_debug_logs_status ON admin_debug_logs (status);
 

@@ -21,7 +21,14 @@ from app.models import Agent, DebugRun
 from app.moderation import moderate
 from app.prompt import build_prompt
 from app.targets import agent_targets
-from app.turn_state import LeaseLost, claim_debug_run, finish_debug_run, revoke_debug_lease
+from app.turn_state import (
+    LeaseLost,
+    claim_debug_run,
+    finish_debug_run,
+    gave_up_reason,
+    given_up,
+    revoke_debug_lease,
+)
 from app.turn_status import TurnStatus
 
 log = logging.getLogger(__name__)
@@ -33,6 +40,9 @@ def run_debug_run(run_id: int) -> None:
         claim = claim_debug_run(session, run_id, settings.lease_seconds)
         if not claim.acquired:
             log.info("test run %s not run: %s", run_id, claim.outcome.value)
+            return
+        if given_up(claim.run):
+            finish_debug_run(session, run_id, claim.token, TurnStatus.ERROR, error_message=gave_up_reason(claim.run))
             return
         run = session.get_one(DebugRun, run_id)
         agent = session.get_one(Agent, run.agent_id)

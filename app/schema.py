@@ -3,7 +3,7 @@
 Every statement of `schema.sql` is idempotent, so `agentq db init` is safe to run twice and from
 several machines at once (an advisory lock serialises them); a column added after a release is
 added to an older database by its `ALTER TABLE … ADD COLUMN IF NOT EXISTS`. On SQLite the models
-create what is missing, and a nullable column a table lacks is added to it.
+create what is missing, and a column a table lacks is added to it when it is nullable or has a default.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _add_missing_columns(engine: Engine) -> list[str]:
     with engine.begin() as connection:
         for name, table in Base.metadata.tables.items():
             for column in table.columns:
-                if column.name not in existing[name] and column.nullable:
+                if column.name not in existing[name] and (column.nullable or column.server_default is not None):
                     ddl = CreateColumn(column).compile(dialect=engine.dialect)
                     connection.exec_driver_sql(f"ALTER TABLE {name} ADD COLUMN {ddl}")
                     added.append(f"{name}.{column.name}")

@@ -35,9 +35,10 @@ from app.turn_state import (
     LeaseLost,
     TurnRow,
     claim_turn,
-    deliveries_since_requeue,
     fail_turn_unowned,
     finish_turn,
+    gave_up_reason,
+    given_up,
     revoke_lease,
 )
 from app.turn_status import TurnStatus
@@ -111,9 +112,8 @@ def _run_turn(turn_id: int) -> None:
     cancel_requested = claim.turn.cancel_requested_at is not None
     log.info("turn %s %s (delivery %s)", turn_id, claim.outcome.value, deliveries)
     stream = TurnStream(turn_id, deliveries)
-    if _given_up(claim.turn):
-        _settle_failure(context, TurnStatus.ERROR,
-                        f"gave up after {deliveries_since_requeue(deliveries) - 1} deliveries", stream)
+    if given_up(deliveries):
+        _settle_failure(context, TurnStatus.ERROR, gave_up_reason(deliveries), stream)
         return
     if not affordable:
         _settle_failure(context, TurnStatus.INSUFFICIENT_BALANCE,
@@ -165,19 +165,13 @@ def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) ->
         _settle_failure(context, TurnStatus.LLM_ERROR, outcome.error_message, stream, outcome, elapsed_ms)
 
 
-def _given_up(turn: TurnRow) -> bool:
-    """Delivered more than `AGENTQ_MAX_DELIVERIES` times (since its last requeue): the turn ends as `error`
-    without a model call."""
-    return deliveries_since_requeue(turn.deliveries) > get_settings().max_deliveries
-
-
 def _worst_case(context: TurnContext, turn: TurnRow) -> Decimal:
     """What the claim holds of the user's balance: the worst case (estimated prompt plus the answer's
     token limit, at the dearest model's prices), for a delivery that will call a model.
 
     Nothing for a turn taken over from a dead worker (it keeps the reservation that worker made, so a
     turn reserves once), one given up after too many deliveries, or one cancelled before it started."""
-    if turn.reserved_amount or _given_up(turn) or turn.cancel_requested_at:
+    if turn.reserved_amount or given_up(turn.deliveries) or turn.cancel_requested_at:
         return Decimal(0)
     targets = [context.primary] + ([context.fallback] if context.fallback else [])
     return worst_case_cost(targets, context.prompt_for, context.params.max_tokens)

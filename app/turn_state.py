@@ -336,6 +336,16 @@ def deliveries_since_requeue(deliveries: int) -> int:
     return deliveries % DELIVERIES_PER_REQUEUE
 
 
+def given_up(deliveries: int) -> bool:
+    """Delivered more than `AGENTQ_MAX_DELIVERIES` times since the last requeue: the run (a turn or an
+    admin test run) ends as `error` without a model call, whatever keeps killing or stalling it."""
+    return deliveries_since_requeue(deliveries) > get_settings().max_deliveries
+
+
+def gave_up_reason(deliveries: int) -> str:
+    return f"gave up after {deliveries_since_requeue(deliveries) - 1} deliveries"
+
+
 def reopen_turn(session: Session, turn_id: int) -> Turn:
     """An operator's requeue of a turn that ended as `error`: it becomes pending again, its delivery
     count at the start of the next thousand (`DELIVERIES_PER_REQUEUE`)."""
@@ -353,12 +363,13 @@ def reopen_turn(session: Session, turn_id: int) -> Turn:
 
 
 def reopen_debug_run(session: Session, run_id: int) -> None:
-    """The same requeue for an admin test run that ended as `error`."""
+    """The same requeue for an admin test run that ended as `error`; its delivery count simply starts over
+    (a test run streams to no one, so no attempt numbers need keeping apart)."""
     moved = session.execute(
         update(DebugRun)
         .where(DebugRun.id == run_id, DebugRun.status.in_(sources_for(TurnStatus.PENDING)))
         .values(status=TurnStatus.PENDING.value, error_message=None, lease_token=None, lease_expires_at=None,
-                enqueued_at=utc_now(), updated_at=utc_now())
+                deliveries=0, enqueued_at=utc_now(), updated_at=utc_now())
         .execution_options(synchronize_session=False)
     ).rowcount
     if moved != 1:
@@ -367,7 +378,8 @@ def reopen_debug_run(session: Session, run_id: int) -> None:
 
 def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> ClaimResult:
     """The same claim for an admin test run, whose status lives on its single log row: a pending run
-    moves to `processing` as the transition table allows, a taken-over one keeps its status and gets a new lease."""
+    moves to `processing` as the transition table allows, a taken-over one keeps its status and gets a new
+    lease. Each counts a delivery; `run` is then the row's new `deliveries`, for `given_up`."""
     run = session.execute(select(DebugRun).where(DebugRun.id == run_id).with_for_update()).scalar_one_or_none()
     if run is None:
         return ClaimResult(Claim.MISSING)
@@ -383,15 +395,16 @@ def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> Clai
         take = (update(DebugRun).where(DebugRun.id == run_id,
                                        DebugRun.status.in_(sources_for(TurnStatus.PROCESSING)))
                 .values(status=TurnStatus.PROCESSING.value))
-    moved = session.execute(
+    taken = session.execute(
         take.values(lease_token=token, lease_expires_at=now + timedelta(seconds=lease_seconds),
                     deadline_at=delivery_deadline(now, agent.timeout_seconds, agent.fallback_model_id is not None),
-                    updated_at=now)
+                    deliveries=DebugRun.deliveries + 1, updated_at=now)
+        .returning(DebugRun.deliveries)
         .execution_options(synchronize_session=False)
-    ).rowcount
-    if moved != 1:
+    ).first()
+    if taken is None:
         raise TransitionRefused(f"test run {run_id} cannot move to processing")
-    return ClaimResult(outcome, None, token)
+    return ClaimResult(outcome, None, token, run=taken.deliveries)
 
 
 def finish_debug_run(session: Session, run_id: int, token: str | None, target: TurnStatus,

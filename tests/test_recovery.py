@@ -202,25 +202,33 @@ def test_a_turn_processing_past_its_timeout_and_grace_is_sent_again_or_ended(sta
     print(f"\nstuck turn ended as {outcome} {ended_after:.2f}s after it stuck (bound: timeout 1s + grace {grace}s)")
 
 
-def test_an_admin_test_run_processing_past_its_timeout_and_grace_is_sent_again(stack: Stack) -> None:
+@pytest.mark.parametrize(("max_deliveries", "outcome"), [("5", "success"), ("1", "error")])
+def test_an_admin_test_run_processing_past_its_timeout_and_grace_is_sent_again_or_ended(
+        stack: Stack, max_deliveries: str, outcome: str) -> None:
+    """Like a turn: a test run whose deliveries keep dying is given up after `AGENTQ_MAX_DELIVERIES`,
+    instead of being sent again for ever."""
     grace = 2
-    agent_id = stack.agent(stack.model("stuck-debug", "echo"), timeout_seconds=1)
+    agent_id = stack.agent(stack.model(f"stuck-debug-{max_deliveries}", "echo"), timeout_seconds=1)
     accepted = stack.call("POST", f"/api/admin/agents/{agent_id}/debug/execute", json={"content": "still there?"})
     assert accepted.status_code == 202
     run_id = accepted.json()["debug_log_id"]
     stack.sql("UPDATE admin_debug_logs SET status = 'processing', lease_token = 'stuck', "
-              "lease_expires_at = now() + interval '1 hour', "
+              "lease_expires_at = now() + interval '1 hour', deliveries = 1, "
               "deadline_at = now() + make_interval(secs => %(deadline)s), updated_at = now() WHERE id = %(id)s",
               {"id": run_id, "deadline": 1 + grace})
     stuck_at = time.monotonic()
-    stack.start_worker(AGENTQ_TURN_GRACE_SECONDS=str(grace))
+    stack.start_worker(AGENTQ_TURN_GRACE_SECONDS=str(grace), AGENTQ_MAX_DELIVERIES=max_deliveries)
 
     def ended() -> dict[str, Any] | None:
         log = stack.call("GET", f"/api/admin/debug-logs/{run_id}").json()
         return log if log["status"] not in ("pending", "processing") else None
 
     log = wait_for(ended, timeout=1 + grace + 3 * RECOVERY_INTERVAL + 10, what="the stuck test run to end")
-    assert (log["status"], log["output"]) == ("success", "echo: still there?")
+    if outcome == "success":
+        assert (log["status"], log["output"]) == ("success", "echo: still there?")
+    else:
+        assert (log["status"], log["output"], log["error_message"]) == ("error", "", "gave up after 1 deliveries")
+    assert stack.sql("SELECT deliveries FROM admin_debug_logs WHERE id = %(id)s", {"id": run_id})[0][0] == 2
     assert time.monotonic() - stuck_at >= 1 + grace
 
 
