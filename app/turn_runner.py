@@ -114,24 +114,22 @@ def _run_turn(turn_id: int) -> None:
     stream = TurnStream(turn_id, deliveries)
     if given_up(deliveries):
         _settle_failure(context, TurnStatus.ERROR, gave_up_reason(deliveries), stream)
-        return
-    if not affordable:
+    elif not affordable:
         _settle_failure(context, TurnStatus.INSUFFICIENT_BALANCE,
                         "the available balance does not cover the largest possible cost of this turn", stream)
-        return
-    stop = threading.Event()
-    if cancel_requested:
-        stop.set()
-    holding = Holding(turn_id, context.token, stop, context.held)
-    try:
-        with keeper.holding(holding):
-            _execute(context, stop, stream)
-    except LeaseLost:
-        log.warning("turn %s was taken over by another worker; this run stops", turn_id)
-        return
-    except BaseException:
-        _expire_lease(context)
-        raise
+    else:
+        stop = threading.Event()
+        if cancel_requested:
+            stop.set()
+        try:
+            with keeper.holding(Holding(turn_id, context.token, stop, context.held)):
+                _execute(context, stop, stream)
+        except LeaseLost:
+            log.warning("turn %s was taken over by another worker; this run stops", turn_id)
+            return
+        except BaseException:
+            _expire_lease(context)
+            raise
     coordination.release(context.held)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from decimal import Decimal
 
 import pytest
@@ -9,6 +10,7 @@ from sqlalchemy import select
 
 from app.db import transaction
 from app.models import ModelAttempt, Turn
+from tests.support import wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -94,7 +96,6 @@ def test_a_stalled_stream_ends_within_the_timeout_plus_a_small_bound(world, upst
     assert attempt.outcome == "timeout"
     assert 2000 <= attempt.latency_ms <= 2500
     assert 2000 <= done["latency_ms"] <= 3000
-    from tests.support import wait_for
 
     wait_for(lambda: list(upstream.streams().values()) == ["disconnected"], what="the upstream to see the close")
 
@@ -130,10 +131,27 @@ def test_moderation_refuses_before_any_model_call(world, upstream, content) -> N
     assert world.api.get("/api/me", key).json["balance"] == "1.000000"
 
 
-def test_insufficient_balance_ends_the_turn_without_calling_the_model(world, upstream) -> None:  # type: ignore[no-untyped-def]
+@pytest.fixture
+def long_intake_lease(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The API of this process takes conversation locks for a minute, so a lock the worker did not free is
+    still there when the test looks (the workers keep their own 3 s leases)."""
+    from app.config import get_settings
+
+    monkeypatch.setenv("AGENTQ_LEASE_SECONDS", "60")
+    get_settings.cache_clear()
+    yield
+    monkeypatch.undo()
+    get_settings.cache_clear()
+
+
+def test_insufficient_balance_ends_the_turn_without_calling_the_model(world, upstream, redis_client,  # type: ignore[no-untyped-def]
+                                                                      long_intake_lease) -> None:
+    from app.coordination import lock_key, slots_key
+
     agent_id = world.agent(world.model(price_in="1", price_out="1"), max_tokens=500)
-    _, key = world.user(balance="0.4")
-    assistant = world.send(key, world.conversation(key, agent_id)).json["assistant_message"]
+    user_id, key = world.user(balance="0.4")
+    conversation_id = world.conversation(key, agent_id)
+    assistant = world.send(key, conversation_id).json["assistant_message"]
     done = world.wait_terminal(key, assistant["id"])
     assert done["status"] == "insufficient_balance"
     assert done["error_display"] == "Your balance is too low for this message. Please top up and try again."
@@ -143,6 +161,9 @@ def test_insufficient_balance_ends_the_turn_without_calling_the_model(world, ups
     with transaction() as session:
         turn = session.get_one(Turn, assistant["id"])
         assert (turn.reserved_amount, turn.deliveries, turn.lease_token) == (Decimal(0), 1, None)
+    # The conversation's lock and the user's slot are freed by the worker, not left to run out.
+    wait_for(lambda: (redis_client.exists(lock_key(conversation_id)), redis_client.zcard(slots_key(user_id)))
+             == (0, 0), timeout=10, what="the worker to free the conversation's lock and the user's slot")
 
 
 def test_the_reservation_is_settled_to_the_real_cost(world, upstream) -> None:  # type: ignore[no-untyped-def]
