@@ -147,42 +147,53 @@ def _found(rows: Rows) -> None:
         raise NotFound("No such conversation.")
 
 
+def _first_answer(principal: Principal, conversation_id: int, key: str | None) -> AcceptedTurn | None:
+    """The first answer to this Idempotency-Key, if any, after the ownership check that every refusal and
+    replay starts with (another user's conversation is 404 before anything else)."""
+    with transaction() as session:
+        require_owned(session, principal, conversation_id)
+        return _replay(session, principal.id, key, conversation_id) if key is not None else None
+
+
+def _replayed(replay: AcceptedTurn) -> AcceptedTurn:
+    """A replayed turn still pending is sent again: the first request may have committed and then died
+    (or lost the database) before its send, and its retry must not wait for the stale-pending sweep.
+    A second message is harmless: the claim runs a turn once."""
+    if replay.assistant_message.status == TurnStatus.PENDING:
+        outbox.send_turn(replay.assistant_message.id)
+    return replay
+
+
 def submit_turn(principal: Principal, conversation_id: int, content: str, idempotency_key: str | None) -> AcceptedTurn:
     """Accept one turn (202) or refuse it: 404 not theirs, 409 busy, 429 over the per-user limit, 413/422 bad content.
 
     Whoever refuses (the Redis fast path or the database), another user's conversation is 404 first,
-    so a refusal never tells anyone that a conversation exists or is busy.
+    so a refusal never tells anyone that a conversation exists or is busy; and a request with an
+    Idempotency-Key whose first request committed meanwhile gets that first answer, not a refusal.
     """
     check_content(content)
-    if idempotency_key is not None:
-        with transaction() as session:
-            require_owned(session, principal, conversation_id)
-            replay = _replay(session, principal.id, idempotency_key, conversation_id)
-        if replay is not None:
-            return replay
+    if idempotency_key is not None and (replay := _first_answer(principal, conversation_id, idempotency_key)):
+        return _replayed(replay)
     try:
         lock = coordination.acquire_turn_slots(principal.id, conversation_id)
     except (ConversationBusy, TooManyActiveConversations):
-        with transaction() as session:
-            require_owned(session, principal, conversation_id)
+        if replay := _first_answer(principal, conversation_id, idempotency_key):
+            return _replayed(replay)
         raise
     try:
         with plain_transaction() as connection:
             accepted = _insert_turn(connection, principal, conversation_id, content, idempotency_key)
     except IntegrityError as exc:
         lock.release()
-        if idempotency_key is not None:
-            with transaction() as session:
-                replay = _replay(session, principal.id, idempotency_key, conversation_id)
-            if replay is not None:
-                return replay
+        if replay := _first_answer(principal, conversation_id, idempotency_key):
+            return _replayed(replay)
         raise ConversationBusy() from exc
     except BaseException:
         lock.release()
         raise
     if accepted.replayed:
         lock.release()
-        return accepted
+        return _replayed(accepted)
     lock.bind(accepted.assistant_message.id)
     outbox.send_turn(accepted.assistant_message.id)
     return accepted

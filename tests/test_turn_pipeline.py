@@ -174,6 +174,59 @@ def test_idempotency_key_returns_the_first_answer(world, upstream) -> None:  # t
     assert len(upstream.requests()) == 1
 
 
+def test_a_retry_that_looked_before_its_first_request_committed_gets_the_first_answer(  # type: ignore[no-untyped-def]
+        world, upstream, monkeypatch) -> None:
+    """The retry looks for its key and finds nothing; the first request then commits and hands the
+    conversation's lock to its turn; the retry, refused by that lock, answers with the first turn (202),
+    not 409."""
+    from app import turn_intake
+    from app.auth import Principal
+
+    agent_id = world.agent(world.model(upstream="echo;ttft=2"), timeout_seconds=10)
+    user_id, key = world.user()
+    conversation_id = world.conversation(key, agent_id)
+    headers = {"Idempotency-Key": "racing"}
+    looked_up = turn_intake._replay
+    first = []
+
+    def first_request_commits_meanwhile(unit, user, idempotency_key, conversation):  # type: ignore[no-untyped-def]
+        found = looked_up(unit, user, idempotency_key, conversation)
+        if not first:
+            first.append(None)
+            first[0] = world.send(key, conversation_id, "once", headers=headers)
+        return found
+
+    monkeypatch.setattr(turn_intake, "_replay", first_request_commits_meanwhile)
+    retry = turn_intake.submit_turn(Principal(user_id, "alice", False), conversation_id, "once", "racing")
+    assert first[0].status_code == 202
+    first_id = first[0].json["assistant_message"]["id"]
+    assert (retry.replayed, retry.assistant_message.id) == (True, first_id)
+    assert world.wait_terminal(key, first_id)["status"] == "success"
+    assert len(world.api.get(f"/api/conversations/{conversation_id}/messages", key).json["items"]) == 2
+
+
+def test_a_retry_of_a_turn_committed_but_never_sent_sends_it(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """The first request committed its turn and died before sending it; its retry with the same key answers
+    with that turn and sends it, so it runs now, not after the stale-pending sweep (300 s)."""
+    from app.auth import Principal
+    from app.db import plain_transaction
+    from app.recovery import epoch_key
+    from app.turn_intake import _insert_turn
+
+    # After the test's Redis flush the next sweep re-sends every pending turn; let it pass first.
+    wait_for(lambda: redis_client.exists(epoch_key()), what="a recovery sweep after the Redis flush")
+    agent_id = world.agent(world.model())
+    user_id, key = world.user()
+    conversation_id = world.conversation(key, agent_id)
+    with plain_transaction() as connection:
+        committed = _insert_turn(connection, Principal(user_id, "alice", False), conversation_id, "lost send",
+                                 "died-before-send")
+    retry = world.send(key, conversation_id, "lost send", headers={"Idempotency-Key": "died-before-send"})
+    assert retry.status_code == 202
+    assert retry.json["assistant_message"]["id"] == committed.assistant_message.id
+    assert world.wait_terminal(key, committed.assistant_message.id, timeout=15)["status"] == "success"
+
+
 def test_a_turn_accepted_while_redis_is_unreachable_is_sent_by_recovery(world, unreachable_broker) -> None:  # type: ignore[no-untyped-def]
     """The API's enqueue fails (its broker points at a closed port); the worker's recovery sends the turn."""
     from app.models import Turn
