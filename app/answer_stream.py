@@ -106,6 +106,29 @@ def _terminal(message_id: int) -> bool:
     return status is not None and TurnStatus(status).is_terminal
 
 
+_LOOK_BACK_PAGE = 200
+
+
+def _fresh_start(key: str) -> tuple[Cursor, dict[str, Any] | None]:
+    """Where a new reader of a turn in flight starts: just after the last restart of the live stream (a
+    fallback, a takeover), with that restart's status as its first event, so it is never sent text the
+    restart voided and its deltas alone concatenate to the answer; from the start when there was none."""
+    end = "+"
+    try:
+        while True:
+            page = get_redis().xrevrange(key, max=end, min="-", count=_LOOK_BACK_PAGE)
+            for raw_id, fields in page:
+                if fields[b"type"] == b"status":
+                    payload = json.loads(fields[b"data"])
+                    if payload.pop("restart", False):
+                        return Cursor(raw_id.decode(), int(fields.get(b"a", b"0")), 0), payload
+            if len(page) < _LOOK_BACK_PAGE:
+                return Cursor(), None
+            end = "(" + page[-1][0].decode()
+    except redis.RedisError:
+        return Cursor(), None
+
+
 def follow_answer(message_id: int, last_event_id: str | None) -> Iterator[StreamEvent]:
     settings = get_settings()
     cursor = Cursor.parse(last_event_id)
@@ -114,8 +137,8 @@ def follow_answer(message_id: int, last_event_id: str | None) -> Iterator[Stream
         yield from _finish_from_database(message_id, None)
         return
     if cursor is None:
-        cursor = Cursor()
-        yield StreamEvent("status", {"status": message.status, "model": message.model})
+        cursor, status = _fresh_start(stream_key(message_id))
+        yield StreamEvent("status", status or {"status": message.status, "model": message.model})
     deadline = time.monotonic() + settings.stream_max_seconds
     block_ms = int(min(settings.stream_heartbeat_seconds, 5.0) * 1000)
     quiet_since = time.monotonic()

@@ -93,6 +93,34 @@ def test_a_fallback_switch_mid_turn_restarts_the_text(world, web_server, upstrea
     assert "".join(e.json()["text"] for e in late if e.event == "delta") == done["content"]
 
 
+def test_a_reader_joining_after_a_fallback_restart_gets_only_the_new_text(  # type: ignore[no-untyped-def]
+        world, web_server, upstream, redis_client) -> None:
+    """Joining mid-turn, after the restart and before the fallback's first token: the reader starts at the
+    restart, so its deltas alone concatenate to the answer, as the contract says, with no restart to handle."""
+    import json
+
+    from app.live_stream import stream_key
+
+    primary = world.model("primary", upstream="echo;words=30;gap=0.02;cut_after=6")
+    fallback = world.model("fallback", upstream="echo;words=8;gap=0.02;ttft=2")
+    _, key = world.user()
+    message_id = world.send(key, world.conversation(key, world.agent(primary, fallback))).json[
+        "assistant_message"]["id"]
+
+    def restarted() -> bool:
+        return any(fields[b"type"] == b"status" and json.loads(fields[b"data"]).get("restart")
+                   for _, fields in redis_client.xrange(stream_key(message_id)))
+
+    wait_for(restarted, what="the fallback restart in the live stream")
+    events = read_sse(f"{web_server}/api/messages/{message_id}/stream", key)
+    assert events[0].event == "status" and events[0].json()["model"] == "fallback"
+    assert not any(e.event == "status" and e.json().get("restart") for e in events)
+    done = events[-1].json()
+    assert (done["status"], done["model"]) == ("success", "fallback")
+    assert "".join(e.json()["text"] for e in events if e.event == "delta") == done["content"] \
+        == " ".join(f"w{i}" for i in range(8))
+
+
 def test_a_client_that_disconnects_does_not_stop_the_answer(world, web_server) -> None:  # type: ignore[no-untyped-def]
     key, message_id, _ = start_turn(world, "echo;words=30;gap=0.02")
     read_sse(f"{web_server}/api/messages/{message_id}/stream", key, stop_after=2)
