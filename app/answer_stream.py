@@ -27,7 +27,7 @@ from app.db import transaction
 from app.errors import NotFound
 from app.live_stream import attempt_number, stream_key
 from app.models import Conversation, ConversationMessage, ModelAttempt, Turn
-from app.redis_client import get_redis
+from app.redis_client import SOCKET_TIMEOUT_SECONDS, get_redis
 from app.turn_status import TurnStatus
 
 HEARTBEAT = "heartbeat"
@@ -140,7 +140,7 @@ def follow_answer(message_id: int, last_event_id: str | None) -> Iterator[Stream
         cursor, status = _fresh_start(stream_key(message_id))
         yield StreamEvent("status", status or {"status": message.status, "model": message.model})
     deadline = time.monotonic() + settings.stream_max_seconds
-    block_ms = int(min(settings.stream_heartbeat_seconds, 5.0) * 1000)
+    block_ms = int(min(settings.stream_heartbeat_seconds, SOCKET_TIMEOUT_SECONDS - 1) * 1000)
     quiet_since = time.monotonic()
     key = stream_key(message_id)
     while time.monotonic() < deadline:
@@ -188,11 +188,20 @@ def follow_answer(message_id: int, last_event_id: str | None) -> Iterator[Stream
                 return
 
 
+GAP_POLL_SECONDS = 1.0
+"""How often a reader waiting out a gap looks at the database: a Redis blip can put every live reader of
+every turn in this state at once, for as long as their turns run."""
+
+
 def _wait_and_finish(message_id: int, cursor: Cursor, deadline: float) -> Iterator[StreamEvent]:
     """The live stream has a gap (Redis lost entries): wait for the stored answer and send its rest."""
+    heartbeat = get_settings().stream_heartbeat_seconds
+    quiet_since = time.monotonic()
     while time.monotonic() < deadline:
         if _terminal(message_id):
             yield from _finish_from_database(message_id, cursor)
             return
-        time.sleep(0.2)
-        yield StreamEvent(HEARTBEAT, None)
+        time.sleep(GAP_POLL_SECONDS)
+        if time.monotonic() - quiet_since >= heartbeat:
+            quiet_since = time.monotonic()
+            yield StreamEvent(HEARTBEAT, None)

@@ -14,6 +14,10 @@ from app.config import get_settings
 _lock = threading.Lock()
 _clients: dict[str, redis.Redis] = {}
 
+SOCKET_TIMEOUT_SECONDS = 5.0
+"""How long a reply may take; a blocking read (`XREAD BLOCK`) must ask Redis for less, or a quiet
+stream would end each wait in a client-side timeout and a dropped connection."""
+
 
 def get_redis() -> redis.Redis:
     url = get_settings().redis_url
@@ -23,7 +27,7 @@ def get_redis() -> redis.Redis:
             client = _clients.get(url)
             if client is None:
                 client = redis.Redis.from_url(
-                    url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30,
+                    url, socket_timeout=SOCKET_TIMEOUT_SECONDS, socket_connect_timeout=2, health_check_interval=30,
                     max_connections=1000,
                 )
                 _clients[url] = client
