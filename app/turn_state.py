@@ -306,12 +306,17 @@ def fail_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_
     """End an in-flight turn without holding its lease: retries exhausted, or cancelled before a worker.
 
     Whatever a worker had reserved for it is given back here, as a settlement would (`finish_turn`),
-    so an ended turn holds nothing. Returns None when the turn had already ended.
+    so an ended turn holds nothing. A turn under a live lease is left alone: another delivery (of a
+    duplicate message) is running it and settles it itself, and if that one dies too the lease runs out
+    and recovery takes over. Returns None when the turn was not ended here.
     """
     turn = session.execute(
         select(Turn).where(Turn.assistant_message_id == turn_id).with_for_update()
     ).scalar_one_or_none()
     if turn is None:
+        return None
+    expires = utc(turn.lease_expires_at)
+    if expires is not None and expires > utc_now():
         return None
     try:
         _move_noting(session, turn, target, error_message)

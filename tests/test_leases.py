@@ -59,3 +59,24 @@ def test_a_stale_delivery_leaving_does_not_end_the_live_deliverys_renewals(world
                          what="a renewal after the stale delivery left")
         assert later > renewed
         assert not live.stop.is_set()
+
+
+def test_a_dying_duplicate_message_leaves_a_turn_another_delivery_runs(world) -> None:  # type: ignore[no-untyped-def]
+    """Retries of a duplicate message ran out while another delivery holds the turn's live lease: the turn is
+    that delivery's to settle. Once no live lease is left, the same dead message ends it as `error`."""
+    from app.turn_runner import abandon_turn
+
+    turn = _processing_turn(world, token="running")
+    assert abandon_turn(turn.turn_id, "retries exhausted after 3 attempts: boom") is False
+    with transaction() as session:
+        status = session.scalar(select(ConversationMessage.status).where(ConversationMessage.id == turn.turn_id))
+        token = session.scalar(select(Turn.lease_token).where(Turn.assistant_message_id == turn.turn_id))
+    assert (status, token) == ("processing", "running")
+
+    with transaction() as session:
+        session.execute(update(Turn).where(Turn.assistant_message_id == turn.turn_id)
+                        .values(lease_expires_at=utc_now() - timedelta(seconds=1)))
+    assert abandon_turn(turn.turn_id, "retries exhausted after 3 attempts: boom") is True
+    with transaction() as session:
+        status = session.scalar(select(ConversationMessage.status).where(ConversationMessage.id == turn.turn_id))
+    assert status == "error"
