@@ -66,3 +66,19 @@ def test_send_watch_reload_and_stop(world, web_server) -> None:  # type: ignore[
         stored = world.message(key, second_id)
         assert stored["status"] == "cancelled"
         assert assistant_box(driver, second_id).find_element(By.CLASS_NAME, "text").text == stored["content"]
+
+
+def test_an_agents_name_is_shown_as_text_not_markup(world, web_server) -> None:  # type: ignore[no-untyped-def]
+    """An admin-chosen name with markup in it is the option's text; no element of it reaches the page."""
+    name = '<img id="injected" src="x">&amp; co'
+    agent_id = world.agent(world.model(), name=name)
+    _, key = world.user(balance="10")
+    with chromium() as driver:
+        driver.get(f"{web_server}/")
+        driver.find_element(By.ID, "api-key").send_keys(key)
+        driver.find_element(By.ID, "connect").click()
+        option = wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, f"#agent option[value='{agent_id}']"),
+                          what="the agent list")[0]
+        assert option.get_attribute("textContent") == name
+        assert driver.find_elements(By.ID, "injected") == []
+

@@ -43,7 +43,12 @@ async function connect() {
   const me = await api("GET", "/api/me");
   $("whoami").textContent = `${me.name} · balance ${me.balance}`;
   const agents = await api("GET", "/api/agents");
-  $("agent").innerHTML = agents.items.map((a) => `<option value="${a.id}">${a.name}</option>`).join("");
+  $("agent").replaceChildren(...agents.items.map((a) => {
+    const option = document.createElement("option");
+    option.value = a.id;
+    option.textContent = a.name;
+    return option;
+  }));
   await loadConversations();
   const saved = JSON.parse(sessionStorage.getItem("agentq_streaming") || "null");
   if (saved) {
