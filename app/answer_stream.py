@@ -14,6 +14,7 @@ clears its text when a `status` event says `restart`.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +32,10 @@ from app.redis_client import SOCKET_TIMEOUT_SECONDS, get_redis
 from app.turn_status import TurnStatus
 
 HEARTBEAT = "heartbeat"
+FINAL = "final"
+"""The entry of the last event sent from the stored message: nothing is left in the live stream."""
+_ENTRY = re.compile(rf"\d{{1,20}}-\d{{1,20}}|{FINAL}")
+"""A Redis stream entry id, or `final`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,12 +55,16 @@ class Cursor:
 
     @classmethod
     def parse(cls, last_event_id: str | None) -> Cursor | None:
+        """The cursor an id of ours names, or None (a fresh start) for anything else: an entry Redis
+        would refuse would otherwise fail every read of the stream, and its reader would poll."""
         if not last_event_id:
             return None
         try:
             entry, attempt, offset = last_event_id.strip().split(".")
             cursor = cls(entry, int(attempt), int(offset))
         except ValueError:
+            return None
+        if not _ENTRY.fullmatch(entry):
             return None
         return cursor if cursor.attempt >= 0 and cursor.offset >= 0 else None
 
@@ -96,7 +105,7 @@ def _finish_from_database(message_id: int, cursor: Cursor | None) -> Iterator[St
     start = cursor.offset if cursor is not None else 0
     yield StreamEvent("status", {"status": message.status, "model": message.model})
     if len(content) > start:
-        yield StreamEvent("delta", {"text": content[start:]}, Cursor("final", final_attempt, len(content)).event_id())
+        yield StreamEvent("delta", {"text": content[start:]}, Cursor(FINAL, final_attempt, len(content)).event_id())
     yield StreamEvent("done", message)
 
 
@@ -133,8 +142,8 @@ def follow_answer(message_id: int, last_event_id: str | None) -> Iterator[Stream
     settings = get_settings()
     cursor = Cursor.parse(last_event_id)
     message, _ = _load(message_id)
-    if TurnStatus(message.status).is_terminal and cursor is None:
-        yield from _finish_from_database(message_id, None)
+    if TurnStatus(message.status).is_terminal and (cursor is None or cursor.entry == FINAL):
+        yield from _finish_from_database(message_id, cursor)
         return
     if cursor is None:
         cursor, status = _fresh_start(stream_key(message_id))

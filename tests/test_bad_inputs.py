@@ -38,6 +38,9 @@ CASES = [
     ("user", "POST", "/api/conversations/{c}/messages", {"content": None}, 422, "validation_failed"),
     ("user", "POST", "/api/conversations/{c}/messages", {"content": "   "}, 422, "validation_failed"),
     ("user", "POST", "/api/conversations/{c}/messages", {"content": BIG}, 413, "content_too_large"),
+    # A body larger than any content this route takes is refused before it is read, short content or not.
+    ("user", "POST", "/api/conversations/{c}/messages", {"content": "hi", "pad": "x" * 1_000_000}, 413,
+     "content_too_large"),
     ("user", "POST", "/api/conversations/{c}/messages", b'{"content": "hi \\ud800"}', 422, "validation_failed"),
     ("user", "POST", "/api/conversations/{c}/messages", {"content": "nul \x00 byte"}, 422, "validation_failed"),
     ("user", "POST", "/api/conversations", {"agent_id": 1, "title": "a\x00b"}, 422, "validation_failed"),

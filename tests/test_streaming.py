@@ -75,6 +75,18 @@ def test_a_late_reader_gets_the_whole_text_and_done(world, web_server) -> None: 
     assert events[2].json() == final
 
 
+def test_an_event_id_that_is_not_ours_is_a_fresh_start(world, web_server) -> None:  # type: ignore[no-untyped-def]
+    """A Last-Event-ID naming no stream entry reads like a first connection (every read of the stream
+    with it would fail), and one from the stored text's last event resumes with nothing more to send."""
+    key, message_id, _ = start_turn(world, "echo;words=12")
+    final = world.wait_terminal(key, message_id)
+    url = f"{web_server}/api/messages/{message_id}/stream"
+    events = read_sse(url, key, last_event_id="not-an-entry.0.0")
+    assert [e.event for e in events] == ["status", "delta", "done"]
+    assert events[1].json()["text"] == final["content"]
+    assert [e.event for e in read_sse(url, key, last_event_id=events[1].id)] == ["status", "done"]
+
+
 def test_a_fallback_switch_mid_turn_restarts_the_text(world, web_server, upstream) -> None:  # type: ignore[no-untyped-def]
     primary = world.model("primary", upstream="echo;words=30;gap=0.02;cut_after=6")
     fallback = world.model("fallback", upstream="echo;words=8;gap=0.02")

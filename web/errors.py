@@ -49,6 +49,13 @@ def on_validation_error(exc: ValidationError) -> Response:
     return error_response(422, "validation_failed", f"Invalid value for '{where}': {first['msg']}.")
 
 
+def body_limit(chars: int) -> int:
+    """The most a JSON body carrying `chars` characters of text can take: 12 bytes for the escaped form of
+    a character outside the BMP (`\\ud83d\\ude00`), and room for the other fields. Enforced before the body is
+    read, so a client cannot make a worker read and parse megabytes only to be told 413 afterwards."""
+    return chars * 12 + 64 * 1024
+
+
 def require_object_body() -> Response | None:
     """flask-openapi3 would parse a JSON *string* body as a second JSON document; refuse it."""
     body_expected = request.method in ("POST", "PUT", "PATCH") and request.get_data(cache=True)
@@ -66,6 +73,8 @@ def install_error_handlers(app: Flask) -> None:
     def _http(exc: HTTPException) -> Response:
         if exc.code is None:
             return exc.get_response()
+        if exc.code == 413:
+            return error_response(413, "content_too_large", "The request body is larger than this route accepts.")
         code = (exc.name or "error").lower().replace(" ", "_")
         response = error_response(exc.code, code, exc.description or exc.name)
         if exc.code == 405:

@@ -106,7 +106,8 @@ class ModelPatch(Body):
 
 Timeout = Annotated[int, Strict(), Field(ge=1, le=3600)]
 Temperature = Annotated[float, Strict(), Field(ge=0, le=2, allow_inf_nan=False)]
-Prompt = Annotated[Text, Field(max_length=200_000)]
+PROMPT_MAX_CHARS = 200_000
+Prompt = Annotated[Text, Field(max_length=PROMPT_MAX_CHARS)]
 MaxTokens = Annotated[int, Strict(), Field(ge=1, le=1_000_000)]
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from flask import request
 from flask_openapi3 import APIBlueprint
 
+from app.config import get_settings
 from web.auth import load_admin, load_principal
-from web.errors import require_object_body
-from web.schemas import ErrorResponse
+from web.errors import body_limit, require_object_body
+from web.schemas import PROMPT_MAX_CHARS, ErrorResponse
 
 SECURITY = [{"bearerAuth": []}]
 ERRORS = {400: ErrorResponse, 401: ErrorResponse, 403: ErrorResponse, 404: ErrorResponse,
@@ -17,5 +21,15 @@ def api_blueprint(name: str, *, admin: bool = False) -> APIBlueprint:
     """A blueprint under /api whose routes need a key (an admin's, when `admin`) and take JSON objects."""
     blueprint = APIBlueprint(name, __name__, url_prefix="/api", abp_security=SECURITY, abp_responses=ERRORS)
     blueprint.before_request(load_admin if admin else load_principal)
+    blueprint.before_request(_limit_body(admin))
     blueprint.before_request(require_object_body)
     return blueprint
+
+
+def _limit_body(admin: bool) -> Callable[[], None]:
+    """The largest text a user's route takes is a message's content; an admin's, an agent's prompt."""
+
+    def limit() -> None:
+        request.max_content_length = body_limit(PROMPT_MAX_CHARS if admin else get_settings().max_content_chars)
+
+    return limit
