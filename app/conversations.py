@@ -140,12 +140,6 @@ def get_conversation(principal: Principal, conversation_id: int) -> Conversation
         return owned_conversation(session, principal, conversation_id)
 
 
-def delete_conversation(principal: Principal, conversation_id: int) -> None:
-    """Hidden from the user at once; its messages and charges stay for accounting."""
-    with transaction() as session:
-        owned_conversation(session, principal, conversation_id).deleted_at = utc_now()
-
-
 def list_messages(principal: Principal, conversation_id: int) -> list[ConversationMessage]:
     with transaction() as session:
         owned_conversation(session, principal, conversation_id)

@@ -166,6 +166,28 @@ def test_stop_ends_the_turn_closes_upstream_keeps_the_text_and_charges_it(world,
     assert world.send(key, conversation_id, "next").status_code == 202
 
 
+def test_deleting_a_conversation_stops_its_turn(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """Once the conversation is hidden its user can no longer stop the turn, so deleting stops it: it ends
+    `cancelled` with the text so far, the upstream call is closed, and the user's slot is free."""
+    from app.db import transaction
+    from app.models import ConversationMessage
+
+    earlier = set(upstream.streams())
+    key, message_id, conversation_id = start_turn(world, "echo;words=400;gap=0.05")
+    call = wait_for(lambda: next((c for c, state in upstream.streams().items()
+                                  if c not in earlier and state == "streaming"), None), what="the model to be called")
+    assert world.api.delete(f"/api/conversations/{conversation_id}", key).status_code == 204
+    assert world.api.post(f"/api/messages/{message_id}/cancel", key).status_code == 404
+
+    def ended() -> str | None:
+        with transaction() as session:
+            status = session.get_one(ConversationMessage, message_id).status
+        return status if status not in ("pending", "processing") else None
+
+    assert wait_for(ended, timeout=5, what="the turn to end") == "cancelled"
+    wait_for(lambda: upstream.streams().get(call) == "disconnected", what="upstream to see the close")
+
+
 def test_stopping_a_pending_turn_or_a_finished_one(world) -> None:  # type: ignore[no-untyped-def]
     key, message_id, _ = start_turn(world, "echo;ttft=0.3")
     assert world.api.post(f"/api/messages/{message_id}/cancel", key).status_code == 202

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask_openapi3 import Tag
 
-from app import conversations, turn_intake
+from app import cancellation, conversations, turn_intake
 from web import render
 from web.auth import principal
 from web.routes import api_blueprint
@@ -33,7 +33,7 @@ def get_conversation(path: ConversationPath) -> dict:
 
 @bp.delete("/conversations/<id:conversation_id>", tags=[tag])
 def delete_conversation(path: ConversationPath) -> tuple[str, int]:
-    conversations.delete_conversation(principal(), path.conversation_id)
+    cancellation.delete_conversation(principal(), path.conversation_id)
     return "", 204
 
 
