@@ -6,6 +6,7 @@ Another user's conversation, or a deleted one, is simply not found: ownership is
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cache
@@ -140,16 +141,32 @@ def get_conversation(principal: Principal, conversation_id: int) -> Conversation
         return owned_conversation(session, principal, conversation_id)
 
 
-def list_messages(principal: Principal, conversation_id: int) -> list[ConversationMessage]:
+MESSAGE_BATCH = 200
+
+
+def list_messages(principal: Principal, conversation_id: int) -> Iterator[ConversationMessage]:
+    """Every message of the conversation by `seq`: ownership is checked now (404 before anything is
+    sent), the rows are read as the caller consumes them, `MESSAGE_BATCH` at a time, each batch in a
+    short transaction of its own. A conversation can grow without bound (a turn stopped while pending
+    costs nothing), so it is never held in memory whole, nor a connection held while a client reads."""
     with transaction() as session:
         owned_conversation(session, principal, conversation_id)
-        return list(
-            session.scalars(
+    return _messages_by_seq(conversation_id)
+
+
+def _messages_by_seq(conversation_id: int) -> Iterator[ConversationMessage]:
+    after = 0
+    while True:
+        with transaction() as session:
+            batch = list(session.scalars(
                 select(ConversationMessage)
-                .where(ConversationMessage.conversation_id == conversation_id)
+                .where(ConversationMessage.conversation_id == conversation_id, ConversationMessage.seq > after)
                 .order_by(ConversationMessage.seq)
-            )
-        )
+                .limit(MESSAGE_BATCH)))
+        yield from batch
+        if len(batch) < MESSAGE_BATCH:
+            return
+        after = batch[-1].seq
 
 
 def get_message(principal: Principal, message_id: int) -> ConversationMessage:

@@ -104,3 +104,24 @@ def test_statistics_count_every_message_and_only_successful_tokens(world) -> Non
     stats = wait_for(lambda: world.api.get(f"/api/conversations/{conversation_id}", key).json, what="stats")
     assert stats["message_count"] == 4
     assert stats["total_tokens"] == ok["total_tokens"]
+
+
+@pytest.mark.parametrize("batch", [3, 4])
+def test_a_conversations_messages_are_listed_whole_across_read_batches(world, monkeypatch, batch: int) -> None:  # type: ignore[no-untyped-def]
+    """The list is read a batch at a time and written as it is read: every message once, in `seq` order,
+    whether the last batch is full (3) or not (4), and the same JSON a client would get in one piece."""
+    from app import conversations
+
+    monkeypatch.setattr(conversations, "MESSAGE_BATCH", batch)
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    conversation_id = world.conversation(key, agent_id)
+    for question in ("one", "two", "three"):
+        answer = world.send(key, conversation_id, question).json["assistant_message"]
+        world.wait_terminal(key, answer["id"])
+    response = world.api.get(f"/api/conversations/{conversation_id}/messages", key)
+    assert (response.status_code, response.mimetype) == (200, "application/json")
+    items = response.json["items"]
+    assert [m["seq"] for m in items] == [1, 2, 3, 4, 5, 6]
+    assert [m["content"] for m in items] == ["one", "echo: one", "two", "echo: two", "three", "echo: three"]
+    assert items[1] == world.message(key, items[1]["id"])

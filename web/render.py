@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Any
 
-from flask import request
+from flask import Response, current_app, request, stream_with_context
 
 from app.dead_letters import DeadLetterView, RequeueOutcome
 from app.debugging import CostLine, RouteDecision
@@ -134,3 +135,16 @@ def dead_letter(view: DeadLetterView, *, detail: bool = False) -> dict[str, Any]
 def requeue_outcome(outcome: RequeueOutcome) -> dict[str, Any]:
     return {"requeued": outcome.requeued,
             "skipped": [{"id": ident, "reason": reason} for ident, reason in outcome.skipped.items()]}
+
+
+def streamed_items(items: Iterable[dict[str, Any]]) -> Response:
+    """`{"items": [...]}` written as the items come, for a list that has no bound: the body is the one
+    `jsonify` would build, without the whole list in memory at once."""
+
+    def body() -> Iterator[str]:
+        yield '{"items": ['
+        for index, item in enumerate(items):
+            yield ("," if index else "") + current_app.json.dumps(item)
+        yield "]}"
+
+    return Response(stream_with_context(body()), mimetype="application/json")

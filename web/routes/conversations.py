@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from flask import Response
 from flask_openapi3 import Tag
 
 from app import cancellation, conversations, turn_intake
@@ -46,10 +47,10 @@ def send_message(path: ConversationPath, body: ContentBody, header: IdempotencyH
 
 
 @bp.get("/conversations/<id:conversation_id>/messages", tags=[tag])
-def list_messages(path: ConversationPath) -> dict:
+def list_messages(path: ConversationPath) -> Response:
     chinese = render.wants_chinese()
-    return {"items": [render.message(m, chinese) for m in conversations.list_messages(principal(),
-                                                                                      path.conversation_id)]}
+    messages = conversations.list_messages(principal(), path.conversation_id)
+    return render.streamed_items(render.message(m, chinese) for m in messages)
 
 
 @bp.get("/messages/<id:message_id>", tags=[tag])
