@@ -163,6 +163,7 @@ CREATE TABLE IF NOT EXISTS admin_debug_logs (
     input text NOT NULL,
     output text DEFAULT '' NOT NULL,
     model varchar(200),
+    model_id bigint,
     prompt_tokens integer,
     completion_tokens integer,
     cost numeric(18, 6),
@@ -178,11 +179,14 @@ CREATE TABLE IF NOT EXISTS admin_debug_logs (
     CONSTRAINT pk_admin_debug_logs PRIMARY KEY (id),
     CONSTRAINT fk_admin_debug_logs_agent_id FOREIGN KEY (agent_id) REFERENCES agents (id),
     CONSTRAINT fk_admin_debug_logs_admin_id FOREIGN KEY (admin_id) REFERENCES users (id),
+    CONSTRAINT fk_admin_debug_logs_model_id FOREIGN KEY (model_id) REFERENCES llm_models (id),
     CONSTRAINT ck_admin_debug_logs_status_known CHECK (status IN ('pending', 'processing', 'success', 'error',
         'insufficient_balance', 'content_violation', 'llm_error', 'cancelled'))
 );
 ALTER TABLE admin_debug_logs ADD COLUMN IF NOT EXISTS deadline_at timestamp with time zone;
 ALTER TABLE admin_debug_logs ADD COLUMN IF NOT EXISTS deliveries integer DEFAULT 0 NOT NULL;
+ALTER TABLE admin_debug_logs ADD COLUMN IF NOT EXISTS model_id bigint
+    CONSTRAINT fk_admin_debug_logs_model_id REFERENCES llm_models (id);
 CREATE INDEX IF NOT EXISTS idx_admin_debug_logs_agent_id ON admin_debug_logs (agent_id, id);
 CREATE INDEX IF NOT EXISTS idx_admin_debug_logs_status ON admin_debug_logs (status);
 

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import dramatiq
+import redis
 
 from app.operations import QUEUES, broker_key
 from app.redis_client import get_redis, lua_script
@@ -54,3 +55,11 @@ def take_entry(queue: str, redis_message_id: str) -> bool:
     """Remove one dead message; False when it was already gone."""
     return bool(lua_script("take_dead_letter")(keys=[broker_key(queue, ".XQ"), broker_key(queue, ".XQ.msgs")],
                                args=[redis_message_id], client=get_redis()))
+
+
+def holds_entry(queue: str, redis_message_id: str) -> bool:
+    """Whether the broker still holds this dead message; True when Redis cannot say (keep the record)."""
+    try:
+        return get_redis().zscore(broker_key(queue, ".XQ"), redis_message_id) is not None
+    except redis.RedisError:
+        return True

@@ -28,10 +28,10 @@ from sqlalchemy.orm import Session
 
 from app import dispatch, live_stream, outbox
 from app.db import transaction
-from app.dead_letter_queue import BrokerEntry, dead_entries, take_entry
+from app.dead_letter_queue import BrokerEntry, dead_entries, holds_entry, take_entry
 from app.errors import Conflict, ConversationBusy, NotFound, ServiceUnavailable, TooManyActiveConversations
 from app.in_flight import check_can_start, lock_user
-from app.models import ConversationMessage, DeadLetter, DebugRun, Turn
+from app.models import Conversation, ConversationMessage, DeadLetter, DebugRun, Turn
 from app.models.base import utc_now
 from app.turn_state import TransitionRefused, reopen_debug_run, reopen_turn
 
@@ -74,14 +74,27 @@ def run_id(actor: str, args: list[Any]) -> int | None:
     return None
 
 
+class _Purged(Exception):
+    """The broker no longer holds the message whose row was about to be written."""
+
+
 def _store(session: Session, values: dict[str, Any], *, overwrite: bool) -> None:
-    """Insert the row of a dead message, or (from the worker, which knows best) overwrite its error."""
+    """Insert the row of a dead message, or (from the worker, which knows best) overwrite its error.
+
+    A new row is written only while the broker still holds the message, checked after the insert and
+    before the commit: a purge takes the message out of the broker before it deletes the row, so a
+    listing or a late worker that raced it cannot bring back a letter the operator purged."""
     query = select(DeadLetter).where(DeadLetter.redis_message_id == values["redis_message_id"]).with_for_update()
     existing = session.scalar(query)
     if existing is None:
         try:
             with session.begin_nested():
                 session.add(DeadLetter(**values))
+                session.flush()
+                if not holds_entry(values["queue"], values["redis_message_id"]):
+                    raise _Purged
+            return
+        except _Purged:
             return
         except IntegrityError:
             existing = session.scalar(query)
@@ -193,6 +206,9 @@ def _reopen(session: Session, row: DeadLetter) -> None:
                 turn = session.get(Turn, row.run_id)
                 if turn is not None:
                     lock_user(session, turn.user_id)
+                    if session.get_one(Conversation, turn.conversation_id).deleted_at is not None:
+                        raise Conflict(f"Dead letter {row.id}: its conversation was deleted, so its turn is not "
+                                       "run again.", code="conversation_deleted")
                     check_can_start(session, turn.user_id, turn.conversation_id)
                 reopen_turn(session, row.run_id)
             else:

@@ -71,7 +71,7 @@ def run_debug_run(run_id: int) -> None:
                     usage = outcome.completion.usage
                     finish_debug_run(
                         session, run_id, token, TurnStatus.SUCCESS, output=outcome.completion.text,
-                        model=outcome.model.name, prompt_tokens=usage.prompt_tokens,
+                        model=outcome.model.name, model_id=outcome.model.id, prompt_tokens=usage.prompt_tokens,
                         completion_tokens=usage.completion_tokens,
                         cost=outcome.model.cost(usage.prompt_tokens, usage.completion_tokens),
                         latency_ms=latency_ms, error_message=None)

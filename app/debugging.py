@@ -159,7 +159,8 @@ def list_debug_logs(agent_id: int | None = None, limit: int = 50, before_id: int
 
 
 def _model_id_of_run() -> ScalarSelect[int]:
-    """A log names its model; the live model of that name wins, else the newest one (names recur after deletes)."""
+    """For a log written before `model_id` was kept: the live model of its model's name wins, else the
+    newest one (names recur after deletes)."""
     return (
         select(LlmModel.id)
         .where(LlmModel.name == DebugRun.model)
@@ -172,7 +173,7 @@ def _model_id_of_run() -> ScalarSelect[int]:
 
 def debug_costs(group_by: GroupBy) -> list[CostLine]:
     """Runs, tokens and cost per agent, model or admin; runs no model answered have no model to count under."""
-    key = _model_id_of_run() if group_by == "model" else _RUN_COLUMN_OF[group_by]
+    key = func.coalesce(DebugRun.model_id, _model_id_of_run()) if group_by == "model" else _RUN_COLUMN_OF[group_by]
     runs = select(key.label("key"), DebugRun.prompt_tokens, DebugRun.completion_tokens, DebugRun.cost).subquery()
     query = (
         select(runs.c.key, func.count(), func.coalesce(func.sum(runs.c.prompt_tokens), 0),

@@ -23,8 +23,10 @@ from app.prepared import Batch, Prepared, Rows, Unit
 
 
 def _locked_user(session: Session, user_id: int) -> User:
-    user = session.execute(select(User).where(User.id == user_id).with_for_update()).scalar_one()
-    return user
+    """The user's row as the lock found it: a balance read earlier in the session (before a settlement
+    committed) is overwritten, or the new balance would be computed from a stale one and lose that charge."""
+    return session.execute(select(User).where(User.id == user_id).with_for_update()
+                           .execution_options(populate_existing=True)).scalar_one()
 
 
 def _write(session: Session, user: User, amount: Decimal, message_id: int | None) -> CreditTransaction:

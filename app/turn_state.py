@@ -17,7 +17,7 @@ from functools import cache
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import bindparam, case, literal, select, update
+from sqlalchemy import bindparam, case, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from app import ledger
@@ -414,10 +414,13 @@ def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> Clai
 
 def finish_debug_run(session: Session, run_id: int, token: str | None, target: TurnStatus,
                      **result: Any) -> bool:
-    """Guarded like a turn's end: by the statuses it may leave and, for a worker, by its lease."""
+    """Guarded like a turn's end: by the statuses it may leave and, for a worker, by its lease; without a
+    token (its message died) only a run under no live lease is ended, as `fail_turn_unowned` does."""
     query = update(DebugRun).where(DebugRun.id == run_id, DebugRun.status.in_(sources_for(target)))
     if token is not None:
         query = query.where(DebugRun.lease_token == token)
+    else:
+        query = query.where(or_(DebugRun.lease_expires_at.is_(None), DebugRun.lease_expires_at <= utc_now()))
     moved = session.execute(
         query.values(status=target.value, lease_token=None, lease_expires_at=None, updated_at=utc_now(), **result)
         .execution_options(synchronize_session=False)

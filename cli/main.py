@@ -12,7 +12,8 @@ from pathlib import Path
 
 
 def _metrics_dir() -> None:
-    """Counters of every process land in one directory; must be set before prometheus_client loads."""
+    """Counters of every process land in one directory, which must be known before prometheus_client is
+    first imported (it picks its storage then): so before anything else, the parser's imports included."""
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         path = Path(tempfile.gettempdir()) / f"agentq-metrics-{os.getuid()}"
         path.mkdir(parents=True, exist_ok=True)
@@ -52,7 +53,6 @@ def cmd_users_create(args: argparse.Namespace) -> int:
 
 
 def cmd_web(args: argparse.Namespace) -> int:
-    _metrics_dir()
     from app.logging_setup import configure_logging
 
     configure_logging()
@@ -63,7 +63,6 @@ def cmd_web(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    _metrics_dir()
     from app.logging_setup import configure_logging
 
     configure_logging()
@@ -144,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _metrics_dir()
     from app.errors import AgentqError
 
     args = build_parser().parse_args(argv)

@@ -325,3 +325,27 @@ def test_a_batched_settlement_with_a_lost_lease_writes_nothing(world, upstream) 
     with transaction() as session:
         assert session.query(CreditTransaction).filter_by(message_id=assistant["id"]).count() == 0
         assert session.query(ModelAttempt).filter_by(message_id=assistant["id"]).count() == 0
+
+
+def test_a_credit_that_waited_for_a_settlement_adds_to_the_settled_balance(world) -> None:  # type: ignore[no-untyped-def]
+    """An admin's top-up arrives while a settlement holds the user's row: it waits for the row, then adds to
+    the balance the settlement left, not to the one it may have read before (the charge would be lost)."""
+    import threading
+
+    from sqlalchemy import update
+
+    from app import users
+
+    user_id, _ = world.user(balance="10")
+    credited: list[Decimal] = []
+    with transaction() as settling:
+        settling.execute(update(User).where(User.id == user_id).values(balance=User.balance - 3))
+        credit = threading.Thread(target=lambda: credited.append(users.add_credit(user_id, Decimal("5"))))
+        credit.start()
+        wait_for(lambda: settling.connection().exec_driver_sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ).scalar(), what="the credit to wait for the user's row")
+    credit.join(timeout=10)
+    assert credited == [Decimal("12")]
+    with transaction() as session:
+        assert session.get_one(User, user_id).balance == Decimal("12")

@@ -404,6 +404,10 @@ def test_the_cost_summary_adds_up_across_runs_agents_models_and_admins(world) ->
     assert summary("agent") == [line(on_cheap, 2, 18, 8, "0.034000"), line(on_dear, 1, 6, 2, "0.028000"),
                                 line(on_broken, 1, 0, 0, "0.000000"), line(rescued, 1, 8, 3, "0.014000")]
     assert summary("model") == [line(cheap, 3, 26, 11, "0.048000"), line(dear, 1, 6, 2, "0.028000")]
+    # A model's runs stay its own when it is renamed (and a new model under its old name gets none of them).
+    assert world.api.patch(f"/api/admin/models/{cheap}", world.admin_key, {"name": "cheap v2"}).status_code == 200
+    world.model("cheap", price_in="1", price_out="2")
+    assert summary("model") == [line(cheap, 3, 26, 11, "0.048000"), line(dear, 1, 6, 2, "0.028000")]
     assert summary("admin") == [line(first_admin, 3, 22, 8, "0.056000"), line(second.user.id, 2, 10, 5, "0.020000")]
     assert world.api.get("/api/admin/debug-costs", world.admin_key).json["items"] == summary("agent")
     total = sum(Decimal(log["cost"] or 0) for log in logs)

@@ -80,3 +80,29 @@ def test_a_dying_duplicate_message_leaves_a_turn_another_delivery_runs(world) ->
     with transaction() as session:
         status = session.scalar(select(ConversationMessage.status).where(ConversationMessage.id == turn.turn_id))
     assert status == "error"
+
+
+def test_a_dying_duplicate_message_leaves_a_test_run_another_delivery_runs(world) -> None:  # type: ignore[no-untyped-def]
+    """The same rule for an admin test run: ended by its dead message only once no live lease is left."""
+    from app.debug_runner import abandon_run
+    from app.models import DebugRun
+
+    admin_id = world.api.get("/api/me", world.admin_key).json["id"]
+    agent_id = world.agent(world.model())
+    with transaction() as session:
+        run = DebugRun(agent_id=agent_id, admin_id=admin_id, input="hi", status="processing", lease_token="running",
+                       lease_expires_at=utc_now() + timedelta(seconds=30))
+        session.add(run)
+        session.flush()
+        run_id = run.id
+
+    def status() -> str:
+        with transaction() as session:
+            return session.get_one(DebugRun, run_id).status
+
+    abandon_run(run_id, "retries exhausted after 3 attempts: boom")
+    assert status() == "processing"
+    with transaction() as session:
+        session.get_one(DebugRun, run_id).lease_expires_at = utc_now() - timedelta(seconds=1)
+    abandon_run(run_id, "retries exhausted after 3 attempts: boom")
+    assert status() == "error"

@@ -189,6 +189,45 @@ def test_purging_dead_letters_through_the_api_leaves_none(world, redis_client) -
     assert [world.message(key, t["id"])["status"] for t in ended] == ["error", "error"]
 
 
+def test_a_dead_turn_of_a_deleted_conversation_is_not_run_again(world) -> None:  # type: ignore[no-untyped-def]
+    """Deleting the conversation was its user's last word: a requeue is refused (409) and the turn stays `error`,
+    instead of running, hidden, charged and holding a slot the user could no longer free."""
+    api, admin = world.api, world.admin_key
+    agent_id = world.agent(world.model())
+    _, key = world.user(balance="10")
+    conversation_id, ended = dead_turn(world, key, agent_id, "gone")
+    assert api.delete(f"/api/conversations/{conversation_id}", key).status_code == 204
+    item = api.get("/api/admin/dead-letters", admin).json["items"][0]
+    refused = api.post(f"/api/admin/dead-letters/{item['id']}/requeue", admin)
+    assert (refused.status_code, refused.json["error"]["code"]) == (409, "conversation_deleted")
+    assert api.post("/api/admin/dead-letters/requeue-all", admin).json["requeued"] == []
+    from app.db import transaction
+    from app.models import ConversationMessage
+
+    with transaction() as session:
+        assert session.get_one(ConversationMessage, ended["id"]).status == "error"
+    assert ledger_rows(ended["id"]) == 0
+
+
+def test_a_purged_dead_letter_is_not_brought_back_by_a_late_record(world) -> None:  # type: ignore[no-untyped-def]
+    """The worker's record of a death can come after the operator purged the letter (the listing adopted it
+    from the broker first): the broker no longer holds the message, so no row comes back."""
+    import uuid
+
+    import dramatiq
+
+    from app.db import transaction
+    from app.dead_letters import record_death
+    from app.models import DeadLetter
+
+    message = dramatiq.Message(queue_name="turns", actor_name="run_turn", args=(123,), kwargs={},
+                               options={"redis_message_id": uuid.uuid4().hex, "retries": 3,
+                                        "traceback": "Traceback...\nRuntimeError: boom"})
+    record_death(message)
+    with transaction() as session:
+        assert session.scalars(select(DeadLetter)).all() == []
+
+
 def test_the_dlq_command_lists_shows_requeues_and_purges(world, redis_client) -> None:  # type: ignore[no-untyped-def]
     agent_id = world.agent(world.model())
     _, key = world.user()

@@ -29,6 +29,8 @@ class DebugRun(Base):
     input: Mapped[str] = mapped_column(Text, nullable=False)
     output: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("''"))
     model: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    model_id: Mapped[int | None] = mapped_column(Id, ForeignKey("llm_models.id"), nullable=True)
+    """The model that answered, by id: the cost analysis groups by it (a model's name can change or recur)."""
     prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     cost: Mapped[Decimal | None] = mapped_column(Money, nullable=True)
