@@ -3,7 +3,9 @@
 A timeout, a connection failure, a stream that breaks or goes silent, a 429 and a 5xx switch to the
 fallback once, and so does a stream whose chunks are not chat completion chunks. A 400 (for
 instance a prompt over the context window) switches only when the fallback has a larger window,
-since the same request would fail the same way. Every attempt is returned as a
+since the same request would fail the same way. Any other refusal (401, 403, 404, 422: a wrong key,
+a removed model) ends the turn as `llm_error` on the primary: answering it with the fallback would hide
+the misconfiguration and charge the fallback's prices. Every attempt is returned as a
 record, failed ones included, so operators see providers' failure rates and costs. Partial text of a
 failed attempt is never kept: the answer is the fallback's alone.
 """
@@ -15,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+from app.config import get_settings
 from app.llm_client import (
     AttemptFailed,
     Completion,
@@ -25,7 +28,7 @@ from app.llm_client import (
 )
 
 ALWAYS_FALL_BACK = frozenset({"timeout", "connection_error", "stream_cut", "rate_limited", "server_error",
-                              "client_error", "bad_response"})
+                              "bad_response"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +81,8 @@ def should_fall_back(failure: AttemptFailed, primary: ModelTarget, fallback: Mod
     if failure.kind in ALWAYS_FALL_BACK:
         return True
     if failure.kind == "bad_request":
-        return (fallback.context_window or 0) > (primary.context_window or 0)
+        default = get_settings().default_context_window
+        return (fallback.context_window or default) > (primary.context_window or default)
     return False
 
 

@@ -116,6 +116,36 @@ def test_a_400_falls_back_only_to_a_larger_context_window(world, upstream) -> No
     assert sent_models(upstream) == ["echo;fail=400", "echo"]
 
 
+@pytest.mark.parametrize("status", [401, 404])
+def test_a_refusal_other_than_400_429_or_5xx_does_not_fall_back(world, upstream, status: int) -> None:  # type: ignore[no-untyped-def]
+    """A wrong key or a removed model is the primary's configuration to fix: the turn ends `llm_error` on it
+    (the fallback would hide it, at the fallback's prices)."""
+    primary = world.model("primary", upstream=f"echo;fail={status}")
+    agent_id = world.agent(primary, world.model("fallback", upstream="echo"))
+    _, key = world.user()
+    assistant = world.send(key, world.conversation(key, agent_id)).json["assistant_message"]
+    assert world.wait_terminal(key, assistant["id"])["status"] == "llm_error"
+    assert sent_models(upstream) == [f"echo;fail={status}"]
+    assert attempts(assistant["id"]) == [("primary", "client_error")]
+
+
+def test_a_400_compares_windows_with_the_default_for_a_model_that_sets_none(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """A model without a window is prompted within `AGENTQ_DEFAULT_CONTEXT_WINDOW` (8192): a 4096 fallback is
+    smaller, and a 4096 primary's fallback without a window is larger."""
+    _, key = world.user()
+    unset = world.model("unset", upstream="echo;fail=400")
+    smaller = world.model("smaller", upstream="echo", context_window=4096)
+    refused = world.send(key, world.conversation(key, world.agent(unset, smaller))).json["assistant_message"]
+    assert world.wait_terminal(key, refused["id"])["status"] == "llm_error"
+    assert sent_models(upstream) == ["echo;fail=400"]
+    upstream.clear()
+    small = world.model("small", upstream="echo;fail=400", context_window=4096)
+    default = world.model("default", upstream="echo")
+    helped = world.send(key, world.conversation(key, world.agent(small, default))).json["assistant_message"]
+    assert (world.wait_terminal(key, helped["id"])["model"], sent_models(upstream)) == (
+        "default", ["echo;fail=400", "echo"])
+
+
 @pytest.mark.parametrize("content", ["this has a FORBIDDEN-word inside", "这句话包含禁止词。", "please flag-me now"])
 def test_moderation_refuses_before_any_model_call(world, upstream, content) -> None:  # type: ignore[no-untyped-def]
     agent_id = world.agent(world.model())
