@@ -186,6 +186,7 @@ def stream_chat(
     except openai.APIStatusError as exc:
         raise failed(_status_kind(exc.status_code), f"HTTP {exc.status_code}: {exc.message}") from exc
     watchdog: Watch | None = None
+    finished = False
     try:
         watchdog = watch_attempt(deadline, stop, stream.response)
         guard_release(stream.response, watchdog)
@@ -193,6 +194,7 @@ def stream_chat(
             if stop.is_set():
                 raise failed("cancelled", "stopped on request")
             texts, reported = read_chunk(chunk)
+            finished = finished or finishes(chunk)
             if reported is not None:
                 usage = reported
             for text in texts:
@@ -202,6 +204,12 @@ def stream_chat(
                 on_delta(text)
             if time.monotonic() > deadline:
                 raise failed("timeout", f"the attempt ran past {timeout_seconds:g}s")
+        if stop.is_set() or (watchdog is not None and watchdog.fired == "cancelled"):
+            raise failed("cancelled", "stopped on request")
+        if watchdog is not None and watchdog.fired == "timeout":
+            raise failed("timeout", f"the attempt ran past {timeout_seconds:g}s")
+        if not finished:
+            raise failed("stream_cut", "the stream ended before the model finished (no finish_reason)")
     except AttemptFailed:
         raise
     except (ValueError, TypeError, AttributeError) as exc:
@@ -236,6 +244,12 @@ def read_chunk(chunk: Any) -> tuple[list[str], Usage | None]:
         return texts, None
     return texts, Usage(int(reported.get("prompt_tokens") or 0), int(reported.get("completion_tokens") or 0),
                         reported=True)
+
+
+def finishes(chunk: Any) -> bool:
+    """Whether a decoded chunk ends the answer (a choice's `finish_reason`). A body that ends without one
+    was cut (a proxy that closed it cleanly, a body read to its close when the watchdog shut it)."""
+    return any(choice.get("finish_reason") for choice in chunk.get("choices") or ())
 
 
 def estimate_tokens(text: str) -> int:

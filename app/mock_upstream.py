@@ -2,7 +2,8 @@
 
 Behaviour is chosen by the upstream model name, so one server plays every provider a test needs:
 `echo` answers with the last user message; directives joined by `;` change that, e.g.
-`echo;ttft=1;gap=0.05`, `fail=429`, `stall_after=3`, `cut_after=2`, `garbage_after=2` (a chunk
+`echo;ttft=1;gap=0.05`, `fail=429`, `stall_after=3`, `cut_after=2`, `end_after=2` (the body ends
+cleanly there, with no finish_reason and no `[DONE]`), `garbage_after=2` (a chunk
 that is not a chat completion chunk), `words=40`, `no_usage`,
 `hold_after_done=30` (the body stays open after `[DONE]`).
 Every request body is logged with the client's port (`GET /_requests`: one port per connection),
@@ -31,6 +32,7 @@ class Script:
     fail: int | None = None
     stall_after: int | None = None
     cut_after: int | None = None
+    end_after: int | None = None
     garbage_after: int | None = None
     words: int | None = None
     usage: bool = True
@@ -46,7 +48,7 @@ class Script:
                 script.usage = False
             elif name in ("ttft", "gap", "hang_headers", "hold_after_done"):
                 setattr(script, name, float(value))
-            elif name in ("fail", "stall_after", "cut_after", "garbage_after", "words"):
+            elif name in ("fail", "stall_after", "cut_after", "end_after", "garbage_after", "words"):
                 setattr(script, name, int(value))
         return script
 
@@ -119,6 +121,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             if script.cut_after is not None and index == script.cut_after:
                 state.streams[ident] = "cut"
                 request.transport.close()  # type: ignore[union-attr]
+                return response
+            if script.end_after is not None and index == script.end_after:
+                state.streams[ident] = "ended"
+                await response.write_eof()
                 return response
             if script.garbage_after is not None and index == script.garbage_after:
                 await response.write(b'data: ["not", "a", "chunk"]\n\n')

@@ -37,6 +37,7 @@ FAILURES = [
     ("echo;fail=500", "server_error"),
     ("echo;fail=503", "server_error"),
     ("echo;cut_after=2", "stream_cut"),
+    ("echo;end_after=2", "stream_cut"),
     ("echo;garbage_after=2", "bad_response"),
 ]
 
