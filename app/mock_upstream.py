@@ -157,9 +157,11 @@ async def moderations(request: web.Request) -> web.Response:
     body = await request.json()
     request.app[STATE].requests.append({"path": request.path, "body": body, "at": time.time()})
     text = body.get("input", "")
-    flagged = "flag-me" in (text if isinstance(text, str) else " ".join(text)).lower()
+    text = (text if isinstance(text, str) else " ".join(text)).lower()
+    if "malformed-moderation" in text:
+        return web.json_response({"id": "modr-mock", "model": "mock-moderation", "results": []})
     return web.json_response({"id": "modr-mock", "model": "mock-moderation",
-                              "results": [{"flagged": flagged, "categories": {}, "category_scores": {}}]})
+                              "results": [{"flagged": "flag-me" in text, "categories": {}, "category_scores": {}}]})
 
 
 async def list_requests(request: web.Request) -> web.Response:

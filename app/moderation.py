@@ -42,11 +42,11 @@ def _check_endpoint(content: str, url: str) -> Verdict:
     key = os.environ.get(settings.moderation_api_key_env or "", "") or "sk-no-key-configured"
     try:
         client = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=10.0)
-        result = client.moderations.create(input=content).results[0]
-    except openai.OpenAIError as exc:
-        log.warning("moderation endpoint failed, input passes: %s", exc)
+        flagged = bool(client.moderations.create(input=content).results[0].flagged)
+    except (openai.OpenAIError, IndexError, AttributeError) as exc:
+        log.warning("moderation endpoint failed or answered without a result, input passes: %r", exc)
         return Verdict(True)
-    if result.flagged:
+    if flagged:
         return Verdict(False, "flagged by the moderation endpoint")
     return Verdict(True)
 

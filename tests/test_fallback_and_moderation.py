@@ -147,6 +147,17 @@ def test_a_400_compares_windows_with_the_default_for_a_model_that_sets_none(worl
         "default", ["echo;fail=400", "echo"])
 
 
+def test_a_moderation_reply_without_a_result_lets_the_turn_through(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """An endpoint that answers but says nothing is an outage of that endpoint: it fails open, as one that does
+    not answer does (the turn would otherwise crash, be retried and end as `error`)."""
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    assistant = world.send(key, world.conversation(key, agent_id), "hello malformed-moderation").json[
+        "assistant_message"]
+    done = world.wait_terminal(key, assistant["id"])
+    assert (done["status"], done["content"]) == ("success", "echo: hello malformed-moderation")
+
+
 @pytest.mark.parametrize("content", ["this has a FORBIDDEN-word inside", "这句话包含禁止词。", "please flag-me now"])
 def test_moderation_refuses_before_any_model_call(world, upstream, content) -> None:  # type: ignore[no-untyped-def]
     agent_id = world.agent(world.model())
