@@ -253,8 +253,12 @@ def finishes(chunk: Any) -> bool:
 
 
 def estimate_tokens(text: str) -> int:
-    """About four characters a token: used for budgets and when a provider reports no usage."""
-    return (len(text) + 3) // 4
+    """About four characters a token for ASCII text, and one a character for the rest (tokenizers give
+    Chinese, Japanese or Korean text about a token a character): used to fit a prompt into a context
+    window, for the reservation, and when a provider reports no usage. Counting CJK at four a token would
+    let a prompt run four times over the window, and the provider refuse every later turn."""
+    ascii_chars = len(text.encode("ascii", "ignore"))
+    return (ascii_chars + 3) // 4 + len(text) - ascii_chars
 
 
 def estimate_tokens_of_messages(messages: list[dict[str, str]]) -> int:
