@@ -8,7 +8,10 @@ charging the tokens generated. Either way the conversation and the user's slot a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from app import coordination
 from app.auth import Principal
@@ -33,7 +36,8 @@ def cancel_turn(principal: Principal, message_id: int) -> ConversationMessage:
         if message is None or message.role != "assistant":
             raise NotFound("No such assistant message.")
         owned_conversation(session, principal, message.conversation_id)
-    _stop(message_id)
+        stopped = _stop(session, message_id)
+    _announce(stopped)
     with transaction() as session:
         return session.get_one(ConversationMessage, message_id)
 
@@ -42,32 +46,46 @@ def delete_conversation(principal: Principal, conversation_id: int) -> None:
     """Hide a conversation from its user at once (its messages and charges stay for accounting), and stop
     the turn it has in flight: deleting is the user's last word on it, and once the conversation is hidden
     they could no longer stop a turn that would otherwise run, be charged and hold one of their slots."""
+    stopped = None
     with transaction() as session:
         conversation = owned_conversation(session, principal, conversation_id)
         in_flight = session.scalar(select(ConversationMessage.id).where(
             ConversationMessage.conversation_id == conversation_id, answer_in_flight(table(ConversationMessage))))
+        if in_flight is not None:
+            stopped = _stop(session, in_flight)
         conversation.deleted_at = utc_now()
-    if in_flight is not None:
-        _stop(in_flight)
+    _announce(stopped)
 
 
-def _stop(message_id: int) -> None:
-    """A pending turn is cancelled here; a processing one is flagged for its worker, which settles it."""
-    cancelled_pending = False
-    with transaction() as session:
-        turn = session.execute(
-            select(Turn).where(Turn.assistant_message_id == message_id).with_for_update()
-        ).scalar_one()
-        status = session.scalar(select(ConversationMessage.status).where(ConversationMessage.id == message_id))
-        if TurnStatus(status).is_terminal:
-            return
-        turn.cancel_requested_at = utc_now()
-        if status == TurnStatus.PENDING:
-            fail_turn_unowned(session, message_id, TurnStatus.CANCELLED, STOPPED)
-            record_turn_end(session, turn.conversation_id, None)
-            cancelled_pending = True
-        held = coordination.HeldTurn(message_id, turn.user_id, turn.conversation_id)
-    publish_stop(message_id)
-    if cancelled_pending:
-        coordination.release(held)
-        TurnStream(message_id).finished(TurnStatus.CANCELLED, None)
+@dataclass(frozen=True, slots=True)
+class _Stopped:
+    held: coordination.HeldTurn
+    cancelled: bool
+    """True for a pending turn, cancelled here; False for a processing one, flagged for its worker."""
+
+
+def _stop(session: Session, message_id: int) -> _Stopped | None:
+    """In the caller's transaction: cancel a pending turn, or flag a processing one for its worker, which
+    settles it; None when the turn had already ended."""
+    turn = session.execute(
+        select(Turn).where(Turn.assistant_message_id == message_id).with_for_update()
+    ).scalar_one()
+    status = session.scalar(select(ConversationMessage.status).where(ConversationMessage.id == message_id))
+    if TurnStatus(status).is_terminal:
+        return None
+    turn.cancel_requested_at = utc_now()
+    cancelled = status == TurnStatus.PENDING
+    if cancelled:
+        fail_turn_unowned(session, message_id, TurnStatus.CANCELLED, STOPPED)
+        record_turn_end(session, turn.conversation_id, None)
+    return _Stopped(coordination.HeldTurn(message_id, turn.user_id, turn.conversation_id), cancelled)
+
+
+def _announce(stopped: _Stopped | None) -> None:
+    """After the commit: tell the worker through Redis, and free what a cancelled pending turn held."""
+    if stopped is None:
+        return
+    publish_stop(stopped.held.turn_id)
+    if stopped.cancelled:
+        coordination.release(stopped.held)
+        TurnStream(stopped.held.turn_id).finished(TurnStatus.CANCELLED, None)

@@ -23,6 +23,7 @@ from app.errors import MalformedRequest, NotFound
 from app.in_flight import lock_user
 from app.models import Conversation, ConversationMessage, table
 from app.models.base import as_utc, utc_now
+from app.paging import page_of
 from app.prepared import Batch, Prepared, Unit
 
 
@@ -131,9 +132,8 @@ def list_conversations(principal: Principal, limit: int, cursor: str | None) -> 
         )
     with transaction() as session:
         rows = list(session.scalars(query))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return ConversationPage(rows, _encode_cursor(rows[-1]) if more and rows else None)
+    page, last = page_of(rows, limit)
+    return ConversationPage(page, _encode_cursor(last) if last is not None else None)
 
 
 def get_conversation(principal: Principal, conversation_id: int) -> Conversation:

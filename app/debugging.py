@@ -27,6 +27,7 @@ from app.llm_client import ModelTarget
 from app.models import Conversation, DebugRun, LlmModel, User
 from app.models.base import utc_now
 from app.moderation import Verdict, moderate
+from app.paging import page_of
 from app.prompt import ChatMessage, Prompt, build_prompt, successful_history
 from app.targets import agent_targets, worst_case_cost
 from app.turn_intake import check_content
@@ -154,8 +155,8 @@ def list_debug_logs(agent_id: int | None = None, limit: int = 50, before_id: int
         query = query.where(DebugRun.id < before_id)
     with transaction() as session:
         rows = list(session.scalars(query))
-    items = rows[:limit]
-    return DebugLogPage(items, items[-1].id if len(rows) > limit else None)
+    items, last = page_of(rows, limit)
+    return DebugLogPage(items, last.id if last is not None else None)
 
 
 def _model_id_of_run() -> ScalarSelect[int]:

@@ -187,6 +187,16 @@ def stream_chat(
         raise failed(_status_kind(exc.status_code), f"HTTP {exc.status_code}: {exc.message}") from exc
     watchdog: Watch | None = None
     finished = False
+
+    def interrupted() -> AttemptFailed | None:
+        """Why the stream ended early, when the stop or the watchdog ended it (a read then fails or ends)."""
+        fired = watchdog.fired if watchdog is not None else None
+        if fired == "cancelled" or stop.is_set():
+            return failed("cancelled", "stopped on request")
+        if fired == "timeout":
+            return failed("timeout", f"the stream went silent or ran past {timeout_seconds:g}s")
+        return None
+
     try:
         watchdog = watch_attempt(deadline, stop, stream.response)
         guard_release(stream.response, watchdog)
@@ -204,10 +214,8 @@ def stream_chat(
                 on_delta(text)
             if time.monotonic() > deadline:
                 raise failed("timeout", f"the attempt ran past {timeout_seconds:g}s")
-        if stop.is_set() or (watchdog is not None and watchdog.fired == "cancelled"):
-            raise failed("cancelled", "stopped on request")
-        if watchdog is not None and watchdog.fired == "timeout":
-            raise failed("timeout", f"the attempt ran past {timeout_seconds:g}s")
+        if (early := interrupted()) is not None:
+            raise early
         if not finished:
             raise failed("stream_cut", "the stream ended before the model finished (no finish_reason)")
     except AttemptFailed:
@@ -215,10 +223,9 @@ def stream_chat(
     except (ValueError, TypeError, AttributeError) as exc:
         raise failed("bad_response", f"the stream sent a chunk that is not a chat completion chunk: {exc!r}") from exc
     except (httpx2.TransportError, openai.APIError, OSError) as exc:
-        fired = watchdog.fired if watchdog is not None else None
-        if fired == "cancelled" or stop.is_set():
-            raise failed("cancelled", "stopped on request") from exc
-        if fired == "timeout" or isinstance(exc, httpx2.TimeoutException):
+        if (early := interrupted()) is not None:
+            raise early from exc
+        if isinstance(exc, httpx2.TimeoutException):
             raise failed("timeout", f"the stream went silent or ran past {timeout_seconds:g}s") from exc
         raise failed("stream_cut", f"the stream broke: {exc!r}") from exc
     finally:

@@ -173,8 +173,13 @@ def _claim_outcome(status: str, lease_expires_at: datetime | None, now: datetime
         return Claim.FINISHED
     if status != TurnStatus.PROCESSING:
         return Claim.CLAIMED
+    return Claim.OWNED_ELSEWHERE if _lease_live(lease_expires_at, now) else Claim.TAKEN_OVER
+
+
+def _lease_live(lease_expires_at: datetime | None, now: datetime) -> bool:
+    """Some delivery still holds the run: it renews the lease, or died less than a lease ago."""
     expires = utc(lease_expires_at)
-    return Claim.OWNED_ELSEWHERE if expires is not None and expires > now else Claim.TAKEN_OVER
+    return expires is not None and expires > now
 
 
 def delivery_deadline(now: datetime, timeout_seconds: float, has_fallback: bool) -> datetime:
@@ -315,8 +320,7 @@ def fail_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_
     ).scalar_one_or_none()
     if turn is None:
         return None
-    expires = utc(turn.lease_expires_at)
-    if expires is not None and expires > utc_now():
+    if _lease_live(turn.lease_expires_at, utc_now()):
         return None
     try:
         _move_noting(session, turn, target, error_message)

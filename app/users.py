@@ -12,6 +12,7 @@ from app.auth import hash_api_key, new_api_key
 from app.db import transaction
 from app.errors import NotFound, ValidationFailed
 from app.models import CreditTransaction, User
+from app.paging import page_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,13 +65,12 @@ class LedgerPage:
 def list_transactions(user_id: int, limit: int = 100, before_id: int | None = None) -> LedgerPage:
     """Newest first; `before_id` continues after the last row of the previous page.
 
-    One row more than the page is read, so a cursor is given only when another row follows (a page that
-    ends exactly at the oldest row would otherwise point to an empty one)."""
+    One row more than the page is read (`app.paging.page_of`)."""
     query = (select(CreditTransaction).where(CreditTransaction.user_id == user_id)
              .order_by(CreditTransaction.id.desc()).limit(limit + 1))
     if before_id is not None:
         query = query.where(CreditTransaction.id < before_id)
     with transaction() as session:
         rows = list(session.scalars(query))
-    page = rows[:limit]
-    return LedgerPage(page, page[-1].id if len(rows) > limit else None)
+    page, last = page_of(rows, limit)
+    return LedgerPage(page, last.id if last is not None else None)

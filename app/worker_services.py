@@ -60,8 +60,10 @@ def stop() -> None:
 def hand_back_if_draining(message: dramatiq.Message[Any]) -> bool:
     """A run that reaches an idle thread after SIGTERM is sent again, for another worker, instead of
     starting here; False when this process is not stopping, the message is not a run, or it cannot be sent."""
+    if not _draining:
+        return False
     ident = dead_letters.run_id(message.actor_name, list(message.args))
-    if not _draining or ident is None:
+    if ident is None:
         return False
     return dispatch.send_turn(ident) if message.actor_name == RUN_TURN else dispatch.send_debug_run(ident)
 
