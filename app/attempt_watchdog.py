@@ -1,14 +1,18 @@
 """Hard bounds on upstream attempts: shut an attempt's socket at its deadline or when its turn is stopped.
 
-A read blocked on a stalled stream wakes at once when its socket is shut down, which the read
-timeout alone cannot do for a stream that trickles. One thread per process watches every attempt
-in flight (a thread per attempt costs a start and its own wake-ups for each of hundreds of turns
-held at once); it wakes at the nearest deadline and at least every `TICK_SECONDS` to look at the
-stop flags, and a new attempt wakes it only when its deadline comes before that (each wake looks
-at every attempt in flight, so waking for each new one cost O(attempts) per turn). Shutting a
-socket and ending the watch take the same lock, so a socket is never shut after its watch was
-closed; the upstream transport closes the watch before it lets a finished connection go back to
-the pool for another turn (`app.upstream_transport.guard_release`).
+A read blocked on a stalled stream, or on response headers that do not come, wakes at once when its
+socket is shut down, which the read timeout alone cannot do for a stream that trickles. The watch
+starts before the request is sent; the upstream transport attaches the request's socket to it when
+it writes the request (`Watch.attach`), so a stop or the deadline ends the wait for the response
+headers as well as the stream, and a watch that fired before its socket was known shuts it then.
+
+One thread per process watches every attempt in flight (a thread per attempt costs a start and its
+own wake-ups for each of hundreds of turns held at once); it wakes at the nearest deadline and at
+least every `TICK_SECONDS` to look at the stop flags, and a new attempt wakes it only when its
+deadline comes before that (each wake looks at every attempt in flight, so waking for each new one
+cost O(attempts) per turn). Shutting a socket and ending the watch take the same lock, so a socket
+is never shut after its watch was closed; the upstream transport closes the watch before it lets a
+connection go back to the pool for another turn (`app.upstream_transport`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import os
 import socket
 import threading
 import time
-from typing import Any
 
 TICK_SECONDS = 0.1
 
@@ -34,6 +37,10 @@ class Watch:
         self.stop = stop
         self.sock = sock
         self.fired: str | None = None
+
+    def attach(self, sock: socket.socket | None) -> None:
+        """The attempt's request is being written to `sock`: watch it (shut it now if the watch already fired)."""
+        self._watchdog.attach(self, sock)
 
     def close(self) -> None:
         """The attempt ended: from now on its socket is left alone. Safe to call more than once."""
@@ -58,10 +65,8 @@ class _Watchdog:
         self._pid = 0
         self._wakes_at = 0.0
 
-    def watch(self, deadline: float, stop: threading.Event, response: Any) -> Watch:
-        stream = getattr(response, "extensions", {}).get("network_stream")
-        sock = stream.get_extra_info("socket") if stream is not None else None
-        entry = Watch(self, deadline, stop, sock)
+    def watch(self, deadline: float, stop: threading.Event) -> Watch:
+        entry = Watch(self, deadline, stop, None)
         with self._lock:
             if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
                 thread = threading.Thread(target=self._run, name="attempt-watchdog", daemon=True)
@@ -71,6 +76,14 @@ class _Watchdog:
             if deadline < self._wakes_at:
                 self._changed.notify()
         return entry
+
+    def attach(self, entry: Watch, sock: socket.socket | None) -> None:
+        with self._lock:
+            if entry in self._watches:
+                entry.sock = sock
+            elif entry.fired is not None and sock is not None:
+                entry.sock = sock
+                _shut(sock)
 
     def forget(self, entry: Watch) -> None:
         with self._lock:
@@ -102,13 +115,17 @@ class _Watchdog:
         self._watches.discard(entry)
         entry.fired = reason
         if entry.sock is not None:
-            with contextlib.suppress(OSError):
-                entry.sock.shutdown(socket.SHUT_RDWR)
+            _shut(entry.sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 _watchdog = _Watchdog()
 
 
-def watch_attempt(deadline: float, stop: threading.Event, response: Any) -> Watch:
-    """Watch the attempt whose HTTP response this is until `Watch.close`."""
-    return _watchdog.watch(deadline, stop, response)
+def watch_attempt(deadline: float, stop: threading.Event) -> Watch:
+    """Watch an attempt, from before its request is sent, until `Watch.close`."""
+    return _watchdog.watch(deadline, stop)

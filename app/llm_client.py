@@ -27,9 +27,9 @@ from typing import Any
 import httpx2
 import openai
 
-from app.attempt_watchdog import Watch, watch_attempt
+from app.attempt_watchdog import watch_attempt
 from app.money import token_cost
-from app.upstream_transport import ShardedTransport, guard_release
+from app.upstream_transport import ShardedTransport, guarding
 
 DEFAULT_API_KEY = "sk-no-key-configured"
 
@@ -176,30 +176,30 @@ def stream_chat(
         body["temperature"] = temperature
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
-    try:
-        stream = open_chat_stream(client_for(target), body,
-                                  openai.Timeout(timeout_seconds, connect=min(timeout_seconds, 10.0)))
-    except openai.APITimeoutError as exc:
-        raise failed("timeout", f"no response within {timeout_seconds:g}s") from exc
-    except openai.APIConnectionError as exc:
-        raise failed("connection_error", str(exc.__cause__ or exc)) from exc
-    except openai.APIStatusError as exc:
-        raise failed(_status_kind(exc.status_code), f"HTTP {exc.status_code}: {exc.message}") from exc
-    watchdog: Watch | None = None
+    no_response = f"no response within {timeout_seconds:g}s"
+    silent = f"the stream went silent or ran past {timeout_seconds:g}s"
+    watchdog = watch_attempt(deadline, stop)
     finished = False
 
-    def interrupted() -> AttemptFailed | None:
-        """Why the stream ended early, when the stop or the watchdog ended it (a read then fails or ends)."""
-        fired = watchdog.fired if watchdog is not None else None
-        if fired == "cancelled" or stop.is_set():
+    def interrupted(timed_out: str) -> AttemptFailed | None:
+        """Why the attempt ended early, when the stop or the watchdog ended it (a read then fails or ends)."""
+        if watchdog.fired == "cancelled" or stop.is_set():
             return failed("cancelled", "stopped on request")
-        if fired == "timeout":
-            return failed("timeout", f"the stream went silent or ran past {timeout_seconds:g}s")
+        if watchdog.fired == "timeout":
+            return failed("timeout", timed_out)
         return None
 
     try:
-        watchdog = watch_attempt(deadline, stop, stream.response)
-        guard_release(stream.response, watchdog)
+        with guarding(watchdog):
+            stream = open_chat_stream(client_for(target), body,
+                                      openai.Timeout(timeout_seconds, connect=min(timeout_seconds, 10.0)))
+    except (openai.APIConnectionError, openai.APIStatusError) as exc:
+        watchdog.close()
+        raise (interrupted(no_response) or _refusal(exc, failed, no_response)) from exc
+    except BaseException:
+        watchdog.close()
+        raise
+    try:
         for chunk in stream:
             if stop.is_set():
                 raise failed("cancelled", "stopped on request")
@@ -214,7 +214,7 @@ def stream_chat(
                 on_delta(text)
             if time.monotonic() > deadline:
                 raise failed("timeout", f"the attempt ran past {timeout_seconds:g}s")
-        if (early := interrupted()) is not None:
+        if (early := interrupted(silent)) is not None:
             raise early
         if not finished:
             raise failed("stream_cut", "the stream ended before the model finished (no finish_reason)")
@@ -223,19 +223,28 @@ def stream_chat(
     except (ValueError, TypeError, AttributeError) as exc:
         raise failed("bad_response", f"the stream sent a chunk that is not a chat completion chunk: {exc!r}") from exc
     except (httpx2.TransportError, openai.APIError, OSError) as exc:
-        if (early := interrupted()) is not None:
+        if (early := interrupted(silent)) is not None:
             raise early from exc
         if isinstance(exc, httpx2.TimeoutException):
-            raise failed("timeout", f"the stream went silent or ran past {timeout_seconds:g}s") from exc
+            raise failed("timeout", silent) from exc
         raise failed("stream_cut", f"the stream broke: {exc!r}") from exc
     finally:
-        if watchdog is not None:
-            watchdog.close()
+        watchdog.close()
         stream.close()
     text = "".join(parts)
     if usage is None:
         usage = Usage(estimate_tokens_of_messages(messages), estimate_tokens(text), reported=False)
     return Completion(text, usage, first_token_ms, int((time.monotonic() - started) * 1000))
+
+
+def _refusal(exc: openai.APIError, failed: Callable[[str, str], AttemptFailed], no_response: str) -> AttemptFailed:
+    """The failure of an attempt whose response never started: no connection, no headers in time, or an
+    HTTP error status."""
+    if isinstance(exc, openai.APITimeoutError):
+        return failed("timeout", no_response)
+    if isinstance(exc, openai.APIStatusError):
+        return failed(_status_kind(exc.status_code), f"HTTP {exc.status_code}: {exc.message}")
+    return failed("connection_error", str(exc.__cause__ or exc))
 
 
 def read_chunk(chunk: Any) -> tuple[list[str], Usage | None]:

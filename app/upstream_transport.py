@@ -9,20 +9,25 @@ maintainers prefer a fix in the transport layer). This transport watches each ev
 which lets the connection go back to the pool. A stream closed before `[DONE]` (a stop, a timeout,
 a cut), or whose end does not arrive in time, is closed as before.
 
-The watchdog of the attempt must stop watching a socket before its connection can serve another
-turn, and the SDK closes the response from inside its own iteration, before the caller gets
-control back: so the caller hands its watch to the stream (`guard_release`), which closes it
-between the drain and the release.
+An attempt's watchdog (`app.attempt_watchdog`) needs the socket of the request it bounds from the
+moment the request is sent, before any response exists, so that a stop or the deadline can end a
+wait for the response headers too. The caller marks the request its thread sends as an attempt's
+(`guarding`); the connection's stream, when that request is written to it, hands its socket to the
+attempt's guard. The guard must stop watching the socket before its connection can serve another
+turn, and the SDK closes the response from inside its own iteration, before the caller gets control
+back: so the response closes the guard itself, between the drain and the release.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import socket
 import threading
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
+import httpcore2
 import httpx2
 
 DONE_MARKER = b"\ndata: [DONE]"
@@ -31,22 +36,103 @@ DRAIN_MAX_SECONDS = 0.2
 DRAIN_MAX_EVENTS = 4
 
 
-class ReleaseGuard(Protocol):
-    """What watches the connection's socket (`app.attempt_watchdog.Watch`)."""
+class AttemptGuard(Protocol):
+    """What watches an attempt's socket (`app.attempt_watchdog.Watch`)."""
+
+    def attach(self, sock: socket.socket | None) -> None: ...
 
     def bound(self, seconds: float) -> None: ...
 
     def close(self) -> None: ...
 
 
+_sending = threading.local()
+
+
+@contextlib.contextmanager
+def guarding(guard: AttemptGuard) -> Iterator[None]:
+    """The request this thread sends inside the block is `guard`'s attempt: its socket is handed to the
+    guard when the request is written, and its response closes the guard before the connection is released."""
+    _sending.guard = guard
+    try:
+        yield
+    finally:
+        _sending.guard = None
+
+
+def _current_guard() -> AttemptGuard | None:
+    return getattr(_sending, "guard", None)
+
+
+class _AttemptSocketStream(httpcore2.NetworkStream):
+    """A connection's byte stream that hands its socket to the attempt whose request is written to it."""
+
+    def __init__(self, inner: httpcore2.NetworkStream) -> None:
+        self._inner = inner
+        self._sock: socket.socket | None = inner.get_extra_info("socket")
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, timeout)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        guard = _current_guard()
+        if guard is not None:
+            guard.attach(self._sock)
+        self._inner.write(buffer, timeout)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore2.NetworkStream:
+        return _AttemptSocketStream(self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _AttemptSocketBackend(httpcore2.NetworkBackend):
+    """httpcore's own socket backend, whose streams are `_AttemptSocketStream`s."""
+
+    def __init__(self) -> None:
+        self._inner = httpcore2.SyncBackend()
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options: Iterable[Any] | None = None) -> httpcore2.NetworkStream:
+        return _AttemptSocketStream(self._inner.connect_tcp(host, port, timeout, local_address, socket_options))
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: Iterable[Any] | None = None) -> httpcore2.NetworkStream:
+        return _AttemptSocketStream(self._inner.connect_unix_socket(path, timeout, socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+class _GuardedStream(httpx2.SyncByteStream):
+    """A response body that is not an event stream (an error's): closing it ends the attempt's watch first."""
+
+    def __init__(self, inner: httpx2.SyncByteStream, guard: AttemptGuard) -> None:
+        self._inner = inner
+        self._guard = guard
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._inner
+
+    def close(self) -> None:
+        self._guard.close()
+        self._inner.close()
+
+
 class _ReusableEventStream(httpx2.SyncByteStream):
-    def __init__(self, inner: httpx2.SyncByteStream, raw: Iterable[bytes], timeouts: dict[str, Any] | None) -> None:
+    def __init__(self, inner: httpx2.SyncByteStream, raw: Iterable[bytes], timeouts: dict[str, Any] | None,
+                 guard: AttemptGuard | None) -> None:
         self._inner = inner
         self._raw = raw
         self._timeouts = timeouts
         self._tail = b"\n"
         self.saw_done = False
-        self.guard: ReleaseGuard | None = None
+        self.guard = guard
 
     def __iter__(self) -> Iterator[bytes]:
         for chunk in self._inner:
@@ -70,25 +156,30 @@ class _ReusableEventStream(httpx2.SyncByteStream):
         self._inner.close()
 
 
-def guard_release(response: httpx2.Response, guard: ReleaseGuard) -> None:
-    """Have `guard` bound the drain of this response and be closed before its connection is released."""
-    if isinstance(response.stream, _ReusableEventStream):
-        response.stream.guard = guard
-
-
 class KeepAliveTransport(httpx2.HTTPTransport):
-    """`httpx2.HTTPTransport` whose event-stream responses are drained after `[DONE]` (see the module)."""
+    """`httpx2.HTTPTransport` whose event-stream responses are drained after `[DONE]`, and whose sockets
+    are watched by the attempt that sends a request on them (see the module)."""
+
+    def __init__(self, tls: Any, limits: httpx2.Limits) -> None:
+        super().__init__(verify=tls, limits=limits)
+        self._pool = httpcore2.ConnectionPool(
+            ssl_context=tls, max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections, keepalive_expiry=limits.keepalive_expiry,
+            network_backend=_AttemptSocketBackend())
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        guard = _current_guard()
         response = super().handle_request(request)
         stream = response.stream
-        raw = getattr(stream, "_httpcore_stream", None)
-        content_type = response.headers.get("content-type", "")
-        if raw is None or not content_type.startswith("text/event-stream") or not isinstance(
-                stream, httpx2.SyncByteStream):
+        if not isinstance(stream, httpx2.SyncByteStream):
             return response
-        timeouts = request.extensions.get("timeout")
-        response.stream = _ReusableEventStream(stream, raw, timeouts if isinstance(timeouts, dict) else None)
+        raw = getattr(stream, "_httpcore_stream", None)
+        if raw is not None and response.headers.get("content-type", "").startswith("text/event-stream"):
+            timeouts = request.extensions.get("timeout")
+            response.stream = _ReusableEventStream(stream, raw, timeouts if isinstance(timeouts, dict) else None,
+                                                   guard)
+        elif guard is not None:
+            response.stream = _GuardedStream(stream, guard)
         return response
 
 
@@ -109,7 +200,7 @@ class ShardedTransport(httpx2.BaseTransport):
             max_keepalive_connections=None if limits.max_keepalive_connections is None
             else max(1, limits.max_keepalive_connections // shards),
             keepalive_expiry=limits.keepalive_expiry)
-        self._shards = [KeepAliveTransport(verify=tls, limits=share) for _ in range(shards)]
+        self._shards = [KeepAliveTransport(tls, share) for _ in range(shards)]
         self._next = itertools.count()
         self._mine = threading.local()
 

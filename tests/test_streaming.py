@@ -166,6 +166,24 @@ def test_stop_ends_the_turn_closes_upstream_keeps_the_text_and_charges_it(world,
     assert world.send(key, conversation_id, "next").status_code == 202
 
 
+def test_a_stop_before_the_response_headers_ends_the_turn_at_once(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """A provider that has not sent its response headers yet (queued, overloaded) does not hold a stop for
+    the attempt's timeout: the watch has the request's socket from the moment the request is written."""
+    import time
+
+    key, message_id, _ = start_turn(world, "echo;hang_headers=30")
+    wait_for(lambda: any(r["body"]["model"] == "echo;hang_headers=30" for r in upstream.requests()),
+             what="the model to be called")
+    asked = time.monotonic()
+    assert world.api.post(f"/api/messages/{message_id}/cancel", key).status_code == 202
+    final = world.wait_terminal(key, message_id, timeout=10)
+    took = time.monotonic() - asked
+    assert (final["status"], final["content"], final["cost"]) == ("cancelled", "", "0.000000")
+    assert took < 2.0, f"stop took {took:.2f}s"
+    assert world.api.get("/api/me", key).json["balance"] == "10.000000"
+    assert [t for t in world.api.get("/api/me/transactions", key).json["items"] if t["message_id"]] == []
+
+
 def test_deleting_a_conversation_stops_its_turn(world, upstream) -> None:  # type: ignore[no-untyped-def]
     """Once the conversation is hidden its user can no longer stop the turn, so deleting stops it: it ends
     `cancelled` with the text so far, the upstream call is closed, and the user's slot is free."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 
 import pytest
@@ -82,3 +84,20 @@ def test_threads_take_turns_over_the_pools_and_each_keeps_its_own(upstream) -> N
     assert ports["thread-0"] == ports["thread-2"]
     assert ports["thread-1"] == ports["thread-3"]
     assert ports["thread-0"] != ports["thread-1"]
+
+
+def test_a_watch_that_fired_before_its_request_was_written_shuts_the_socket_then() -> None:
+    """A stop that comes while the connection is still being made fires a watch with no socket yet; the
+    socket the request is then written to is shut at once, so the wait for the headers ends."""
+    from app.attempt_watchdog import watch_attempt
+
+    stop = threading.Event()
+    stop.set()
+    watch = watch_attempt(time.monotonic() + 60, stop)
+    wait_for(lambda: watch.fired, what="the watch to fire")
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.settimeout(2)
+        watch.attach(ours)
+        assert ours.recv(1) == b""
+    assert watch.fired == "cancelled"
