@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     stream_ttl_seconds: int = Field(default=3600, ge=60)
     stream_heartbeat_seconds: float = Field(default=15.0, gt=0)
     stream_max_seconds: float = Field(default=3900.0, gt=0)
+    max_streams_per_user: int = Field(default=32, ge=1)
 
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=0, ge=0)

@@ -68,6 +68,14 @@ class TooManyActiveConversations(AgentqError):
         super().__init__(f"You already have {limit} conversations with a turn in flight; wait for one to end.")
 
 
+class TooManyStreams(AgentqError):
+    status = 429
+    code = "too_many_streams"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"You already have {limit} answer streams open on this server; close one first.")
+
+
 class ServiceUnavailable(AgentqError):
     status = 503
     code = "service_unavailable"

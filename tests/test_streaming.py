@@ -222,7 +222,7 @@ def test_stopping_a_pending_turn_or_a_finished_one(world) -> None:  # type: igno
 def test_two_hundred_concurrent_readers_on_one_api_process(world, database) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
     web = Process("web-sse", agentq("web", "--port", str(port), "--workers", "1", "--threads", "256"),
-                  child_env(), LOG_DIR).start()
+                  child_env(AGENTQ_MAX_STREAMS_PER_USER="200"), LOG_DIR).start()
     try:
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/healthz")
@@ -245,6 +245,47 @@ def test_two_hundred_concurrent_readers_on_one_api_process(world, database) -> N
         assert "Traceback" not in web.output()
     finally:
         web.stop()
+
+
+def test_each_user_holds_a_bounded_number_of_open_streams_per_api_process(world) -> None:  # type: ignore[no-untyped-def]
+    """An open stream holds a server thread, so one user cannot take them all: beyond the bound a stream is
+    refused with 429 `too_many_streams`, other users are not affected, and a closed stream frees its slot
+    (the server notices at its next write, a heartbeat at the latest)."""
+    port = free_port()
+    web = Process("web-stream-cap", agentq("web", "--port", str(port), "--workers", "1", "--threads", "16"),
+                  child_env(AGENTQ_MAX_STREAMS_PER_USER="2", AGENTQ_STREAM_HEARTBEAT_SECONDS="0.3"), LOG_DIR).start()
+    agent_id = world.agent(world.model(upstream="echo;words=400;gap=0.05"))
+    (_, key), (_, other_key) = world.user("alice"), world.user("bob")
+    message_id, other_message_id = (world.send(k, world.conversation(k, agent_id), "stream me")
+                                    .json["assistant_message"]["id"] for k in (key, other_key))
+    url = f"http://127.0.0.1:{port}/api/messages/{{}}/stream"
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {key}"}) as mine, \
+                httpx.Client(timeout=30, headers={"Authorization": f"Bearer {other_key}"}) as theirs:
+            first = mine.send(mine.build_request("GET", url.format(message_id)), stream=True)
+            second = mine.send(mine.build_request("GET", url.format(message_id)), stream=True)
+            assert (first.status_code, second.status_code) == (200, 200)
+            refused = mine.get(url.format(message_id))
+            assert refused.status_code == 429
+            assert refused.json()["error"]["code"] == "too_many_streams"
+            other = theirs.send(theirs.build_request("GET", url.format(other_message_id)), stream=True)
+            assert other.status_code == 200
+            other.close()
+            first.close()
+
+            def admitted() -> bool:
+                response = mine.send(mine.build_request("GET", url.format(message_id)), stream=True)
+                response.close()
+                return response.status_code == 200
+
+            wait_for(admitted, timeout=10, what="the closed stream's slot to be freed")
+            second.close()
+        assert "Traceback" not in web.output()
+    finally:
+        web.stop()
+        for k, m in ((key, message_id), (other_key, other_message_id)):
+            world.api.post(f"/api/messages/{m}/cancel", k)
 
 
 def test_a_stop_survives_redis_losing_its_flag(world, redis_client) -> None:  # type: ignore[no-untyped-def]

@@ -19,11 +19,12 @@ tag = Tag(name="streaming")
 @bp.get("/messages/<id:message_id>/stream", tags=[tag],
         responses={200: {"description": "text/event-stream of delta, status and done events"}})
 def stream_answer(path: MessagePath) -> Response:
-    answer_stream.authorize_stream(principal().id, path.message_id)
-    events = answer_stream.follow_answer(path.message_id, request.headers.get("Last-Event-ID"))
-    body = stream_with_context(sse(events, render.wants_chinese()))
-    return Response(body, mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    opened = answer_stream.open_answer_stream(principal().id, path.message_id, request.headers.get("Last-Event-ID"))
+    body = stream_with_context(sse(opened.events, render.wants_chinese()))
+    response = Response(body, mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response.call_on_close(opened.close)
+    return response
 
 
 @bp.post("/messages/<id:message_id>/cancel", tags=[tag])
