@@ -10,9 +10,10 @@ One thread per process watches every attempt in flight (a thread per attempt cos
 own wake-ups for each of hundreds of turns held at once); it wakes at the nearest deadline and at
 least every `TICK_SECONDS` to look at the stop flags, and a new attempt wakes it only when its
 deadline comes before that (each wake looks at every attempt in flight, so waking for each new one
-cost O(attempts) per turn). Shutting a socket and ending the watch take the same lock, so a socket
-is never shut after its watch was closed; the upstream transport closes the watch before it lets a
-connection go back to the pool for another turn (`app.upstream_transport`).
+cost O(attempts) per turn). Shutting a socket, detaching it and ending the watch take the same
+lock, so a socket is never shut after it was detached or its watch closed; the upstream transport
+detaches a socket before it lets the connection go back to the pool for another turn or closes it
+(`app.upstream_transport`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ class Watch:
     def attach(self, sock: socket.socket | None) -> None:
         """The attempt's request is being written to `sock`: watch it (shut it now if the watch already fired)."""
         self._watchdog.attach(self, sock)
+
+    def detach(self, sock: socket.socket | None) -> None:
+        """`sock`'s connection is about to be released or closed: never shut it from now on. The attempt is
+        still watched (a redirect's next request attaches its own socket; a fire is still reported)."""
+        self._watchdog.detach(self, sock)
 
     def close(self) -> None:
         """The attempt ended: from now on its socket is left alone. Safe to call more than once."""
@@ -85,6 +91,11 @@ class _Watchdog:
                 entry.sock = sock
                 _shut(sock)
 
+    def detach(self, entry: Watch, sock: socket.socket | None) -> None:
+        with self._lock:
+            if entry.sock is sock:
+                entry.sock = None
+
     def forget(self, entry: Watch) -> None:
         with self._lock:
             self._watches.discard(entry)
@@ -119,8 +130,10 @@ class _Watchdog:
 
 
 def _shut(sock: socket.socket) -> None:
+    """Shut the TCP socket under a TLS one too, without `SSLSocket.shutdown`, which drops the TLS object
+    under a reader in another thread (it would fail with an AttributeError instead of seeing the end)."""
     with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 _watchdog = _Watchdog()

@@ -214,14 +214,14 @@ def stream_chat(
                 on_delta(text)
             if time.monotonic() > deadline:
                 raise failed("timeout", f"the attempt ran past {timeout_seconds:g}s")
-        if (early := interrupted(silent)) is not None:
-            raise early
         if not finished:
-            raise failed("stream_cut", "the stream ended before the model finished (no finish_reason)")
+            raise interrupted(silent) or failed("stream_cut",
+                                                "the stream ended before the model finished (no finish_reason)")
     except AttemptFailed:
         raise
     except (ValueError, TypeError, AttributeError) as exc:
-        raise failed("bad_response", f"the stream sent a chunk that is not a chat completion chunk: {exc!r}") from exc
+        raise interrupted(silent) or failed(
+            "bad_response", f"the stream sent a chunk that is not a chat completion chunk: {exc!r}") from exc
     except (httpx2.TransportError, openai.APIError, OSError) as exc:
         if (early := interrupted(silent)) is not None:
             raise early from exc
@@ -229,8 +229,10 @@ def stream_chat(
             raise failed("timeout", silent) from exc
         raise failed("stream_cut", f"the stream broke: {exc!r}") from exc
     finally:
-        watchdog.close()
-        stream.close()
+        try:
+            stream.close()
+        finally:
+            watchdog.close()
     text = "".join(parts)
     if usage is None:
         usage = Usage(estimate_tokens_of_messages(messages), estimate_tokens(text), reported=False)

@@ -5,7 +5,8 @@ Behaviour is chosen by the upstream model name, so one server plays every provid
 `echo;ttft=1;gap=0.05`, `fail=429`, `stall_after=3`, `cut_after=2`, `end_after=2` (the body ends
 cleanly there, with no finish_reason and no `[DONE]`), `garbage_after=2` (a chunk
 that is not a chat completion chunk), `words=40`, `no_usage`,
-`hold_after_done=30` (the body stays open after `[DONE]`).
+`hold_after_done=30` (the body stays open after `[DONE]`), `redirect` (a 307 to the same path first; the
+directives then apply to the redirected request).
 Every request body is logged with the client's port (`GET /_requests`: one port per connection),
 and each stream's fate is recorded
 (`GET /_streams`: completed, cut, stalled or disconnected by the client), so tests can prove what
@@ -38,6 +39,7 @@ class Script:
     usage: bool = True
     hang_headers: float = 0.0
     hold_after_done: float = 0.0
+    redirect: bool = False
 
     @classmethod
     def parse(cls, model: str) -> Script:
@@ -46,6 +48,8 @@ class Script:
             name, _, value = part.partition("=")
             if name == "no_usage":
                 script.usage = False
+            elif name == "redirect":
+                script.redirect = True
             elif name in ("ttft", "gap", "hang_headers", "hold_after_done"):
                 setattr(script, name, float(value))
             elif name in ("fail", "stall_after", "cut_after", "end_after", "garbage_after", "words"):
@@ -95,6 +99,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                            "client_port": peer[1] if peer else None})
     model = body.get("model", "echo")
     script = Script.parse(model)
+    if script.redirect and "redirected" not in request.query:
+        raise web.HTTPTemporaryRedirect(f"{request.path}?redirected=1")
     if script.hang_headers:
         await asyncio.sleep(script.hang_headers)
     if script.fail is not None:

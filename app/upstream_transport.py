@@ -13,9 +13,11 @@ An attempt's watchdog (`app.attempt_watchdog`) needs the socket of the request i
 moment the request is sent, before any response exists, so that a stop or the deadline can end a
 wait for the response headers too. The caller marks the request its thread sends as an attempt's
 (`guarding`); the connection's stream, when that request is written to it, hands its socket to the
-attempt's guard. The guard must stop watching the socket before its connection can serve another
-turn, and the SDK closes the response from inside its own iteration, before the caller gets control
-back: so the response closes the guard itself, between the drain and the release.
+attempt's guard (a redirect's second request hands over its own). The guard must let go of the socket
+before its connection can serve another turn or its file descriptor be closed and reused, and the SDK
+closes the response from inside its own iteration, before the caller gets control back: so the
+response detaches the socket itself, between the drain and the release, and so does the connection's
+stream before it closes the socket. The guard keeps watching the attempt until its caller closes it.
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ class AttemptGuard(Protocol):
 
     def attach(self, sock: socket.socket | None) -> None: ...
 
-    def bound(self, seconds: float) -> None: ...
+    def detach(self, sock: socket.socket | None) -> None: ...
 
-    def close(self) -> None: ...
+    def bound(self, seconds: float) -> None: ...
 
 
 _sending = threading.local()
@@ -52,7 +54,7 @@ _sending = threading.local()
 @contextlib.contextmanager
 def guarding(guard: AttemptGuard) -> Iterator[None]:
     """The request this thread sends inside the block is `guard`'s attempt: its socket is handed to the
-    guard when the request is written, and its response closes the guard before the connection is released."""
+    guard when the request is written, and taken back before the connection is released or closed."""
     _sending.guard = guard
     try:
         yield
@@ -70,6 +72,7 @@ class _AttemptSocketStream(httpcore2.NetworkStream):
     def __init__(self, inner: httpcore2.NetworkStream) -> None:
         self._inner = inner
         self._sock: socket.socket | None = inner.get_extra_info("socket")
+        self._guard: AttemptGuard | None = None
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         return self._inner.read(max_bytes, timeout)
@@ -77,10 +80,13 @@ class _AttemptSocketStream(httpcore2.NetworkStream):
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
         guard = _current_guard()
         if guard is not None:
+            self._guard = guard
             guard.attach(self._sock)
         self._inner.write(buffer, timeout)
 
     def close(self) -> None:
+        if self._guard is not None:
+            self._guard.detach(self._sock)
         self._inner.close()
 
     def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
@@ -110,29 +116,32 @@ class _AttemptSocketBackend(httpcore2.NetworkBackend):
 
 
 class _GuardedStream(httpx2.SyncByteStream):
-    """A response body that is not an event stream (an error's): closing it ends the attempt's watch first."""
+    """A response body that is not an event stream (an error's, a redirect's): closing it detaches the
+    attempt's socket first."""
 
-    def __init__(self, inner: httpx2.SyncByteStream, guard: AttemptGuard) -> None:
+    def __init__(self, inner: httpx2.SyncByteStream, guard: AttemptGuard, sock: socket.socket | None) -> None:
         self._inner = inner
         self._guard = guard
+        self._sock = sock
 
     def __iter__(self) -> Iterator[bytes]:
         yield from self._inner
 
     def close(self) -> None:
-        self._guard.close()
+        self._guard.detach(self._sock)
         self._inner.close()
 
 
 class _ReusableEventStream(httpx2.SyncByteStream):
     def __init__(self, inner: httpx2.SyncByteStream, raw: Iterable[bytes], timeouts: dict[str, Any] | None,
-                 guard: AttemptGuard | None) -> None:
+                 guard: AttemptGuard | None, sock: socket.socket | None) -> None:
         self._inner = inner
         self._raw = raw
         self._timeouts = timeouts
         self._tail = b"\n"
         self.saw_done = False
         self.guard = guard
+        self._sock = sock
 
     def __iter__(self) -> Iterator[bytes]:
         for chunk in self._inner:
@@ -143,7 +152,8 @@ class _ReusableEventStream(httpx2.SyncByteStream):
             yield chunk
 
     def close(self) -> None:
-        """Drain a finished body, stop the watch, and only then let the connection go back to the pool."""
+        """Drain a finished body, detach its socket from the watch, and only then let the connection go back
+        to the pool."""
         if self.saw_done and self._timeouts is not None:
             self._timeouts["read"] = DRAIN_READ_TIMEOUT_SECONDS
             if self.guard is not None:
@@ -152,7 +162,7 @@ class _ReusableEventStream(httpx2.SyncByteStream):
                 for _ in itertools.islice(self._raw, DRAIN_MAX_EVENTS):
                     pass
         if self.guard is not None:
-            self.guard.close()
+            self.guard.detach(self._sock)
         self._inner.close()
 
 
@@ -173,13 +183,15 @@ class KeepAliveTransport(httpx2.HTTPTransport):
         stream = response.stream
         if not isinstance(stream, httpx2.SyncByteStream):
             return response
+        network = response.extensions.get("network_stream")
+        sock = network.get_extra_info("socket") if network is not None else None
         raw = getattr(stream, "_httpcore_stream", None)
         if raw is not None and response.headers.get("content-type", "").startswith("text/event-stream"):
             timeouts = request.extensions.get("timeout")
             response.stream = _ReusableEventStream(stream, raw, timeouts if isinstance(timeouts, dict) else None,
-                                                   guard)
+                                                   guard, sock)
         elif guard is not None:
-            response.stream = _GuardedStream(stream, guard)
+            response.stream = _GuardedStream(stream, guard, sock)
         return response
 
 

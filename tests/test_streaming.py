@@ -166,13 +166,16 @@ def test_stop_ends_the_turn_closes_upstream_keeps_the_text_and_charges_it(world,
     assert world.send(key, conversation_id, "next").status_code == 202
 
 
-def test_a_stop_before_the_response_headers_ends_the_turn_at_once(world, upstream) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("upstream_model", ["echo;hang_headers=30", "echo;redirect;hang_headers=30"])
+def test_a_stop_before_the_response_headers_ends_the_turn_at_once(world, upstream, upstream_model) -> None:  # type: ignore[no-untyped-def]
     """A provider that has not sent its response headers yet (queued, overloaded) does not hold a stop for
-    the attempt's timeout: the watch has the request's socket from the moment the request is written."""
+    the attempt's timeout: the watch has the request's socket from the moment the request is written, and
+    the socket of the request a redirect sends next."""
     import time
 
-    key, message_id, _ = start_turn(world, "echo;hang_headers=30")
-    wait_for(lambda: any(r["body"]["model"] == "echo;hang_headers=30" for r in upstream.requests()),
+    key, message_id, _ = start_turn(world, upstream_model)
+    calls = 2 if "redirect" in upstream_model else 1
+    wait_for(lambda: sum(r["body"]["model"] == upstream_model for r in upstream.requests()) == calls,
              what="the model to be called")
     asked = time.monotonic()
     assert world.api.post(f"/api/messages/{message_id}/cancel", key).status_code == 202

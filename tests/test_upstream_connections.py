@@ -101,3 +101,27 @@ def test_a_watch_that_fired_before_its_request_was_written_shuts_the_socket_then
         watch.attach(ours)
         assert ours.recv(1) == b""
     assert watch.fired == "cancelled"
+
+
+def test_a_detached_socket_is_never_shut_and_the_attempt_stays_watched() -> None:
+    """The transport detaches a socket before its connection goes back to the pool (another turn may use it
+    next): a stop after that reaches the attempt, and only the socket attached since."""
+    from app.attempt_watchdog import watch_attempt
+
+    stop = threading.Event()
+    watch = watch_attempt(time.monotonic() + 60, stop)
+    pooled, pooled_peer = socket.socketpair()
+    redirected, redirected_peer = socket.socketpair()
+    with pooled, pooled_peer, redirected, redirected_peer:
+        watch.attach(pooled)
+        watch.detach(pooled)
+        stop.set()
+        wait_for(lambda: watch.fired, what="the watch to fire")
+        pooled_peer.sendall(b"x")
+        pooled.settimeout(2)
+        assert pooled.recv(1) == b"x"
+        watch.attach(redirected)
+        redirected.settimeout(2)
+        assert redirected.recv(1) == b""
+    assert watch.fired == "cancelled"
+    watch.close()

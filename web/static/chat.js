@@ -107,6 +107,12 @@ async function follow(messageId, lastEventId, text) {
   const headers = { "Authorization": "Bearer " + state.key };
   if (lastEventId) headers["Last-Event-ID"] = lastEventId;
   const response = await fetch(`/api/messages/${messageId}/stream`, { headers });
+  if (!response.ok) {
+    const refusal = await response.json().catch(() => null);
+    finish();
+    say(refusal?.error?.message || `The answer's stream was refused (HTTP ${response.status}).`);
+    return;
+  }
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
