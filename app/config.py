@@ -72,6 +72,11 @@ class Settings(BaseSettings):
             return "postgresql+psycopg://" + url.split("://", 1)[1]
         return url
 
+    def answer_limit(self, max_tokens: int | None) -> int:
+        """The longest answer a turn may get: its agent's `max_tokens`, else `AGENTQ_DEFAULT_MAX_TOKENS`.
+        Sent upstream, so that the prompt's room for the answer and the reservation, which price it, hold."""
+        return max_tokens or self.default_max_tokens
+
     @property
     def blocked_term_list(self) -> list[str]:
         return [t.strip().casefold() for t in self.blocked_terms.split(",") if t.strip()]

@@ -19,7 +19,7 @@ from app.auth import Principal
 from app.catalog import live_agent
 from app.config import get_settings
 from app.db import transaction
-from app.errors import MalformedRequest, NotFound
+from app.errors import NotFound, ValidationFailed
 from app.in_flight import lock_user
 from app.models import Conversation, ConversationMessage, table
 from app.models.base import as_utc, utc_now
@@ -102,9 +102,9 @@ def _decode_cursor(cursor: str) -> tuple[datetime, int]:
         stamp, ident = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
         moment, number = as_utc(datetime.fromisoformat(stamp)), int(ident)
     except (ValueError, UnicodeDecodeError, OverflowError) as exc:
-        raise MalformedRequest("cursor is not one this API returned.", code="invalid_cursor") from exc
+        raise ValidationFailed("cursor is not one this API returned.", code="invalid_cursor") from exc
     if not 1 <= number <= 2**63 - 1:
-        raise MalformedRequest("cursor is not one this API returned.", code="invalid_cursor")
+        raise ValidationFailed("cursor is not one this API returned.", code="invalid_cursor")
     return moment, number
 
 

@@ -95,9 +95,9 @@ def admin_principal(user_id: int) -> Principal:
 
 def route_decision(agent_id: int, content: str) -> RouteDecision:
     """What a new turn of the agent would get now; the estimated cost is the worst case a turn reserves."""
-    check_content(content)
     with transaction() as session:
         setup = _agent_setup(session, agent_id)
+    check_content(content)
     targets = [setup.primary] + ([setup.fallback] if setup.fallback is not None else [])
     prompt = setup.prompt_for(setup.primary, [], content)
     return RouteDecision(
@@ -113,7 +113,6 @@ def route_decision(agent_id: int, content: str) -> RouteDecision:
 
 def preview_prompt(agent_id: int, content: str, conversation_id: int | None = None) -> Prompt:
     """The messages the primary model would receive; any user's conversation may supply the history."""
-    check_content(content)
     with transaction() as session:
         setup = _agent_setup(session, agent_id)
         history: list[ChatMessage] = []
@@ -122,14 +121,15 @@ def preview_prompt(agent_id: int, content: str, conversation_id: int | None = No
             if conversation is None or conversation.deleted_at is not None:
                 raise NotFound("No such conversation.")
             history = successful_history(session, conversation_id)
+    check_content(content)
     return setup.prompt_for(setup.primary, history, content)
 
 
 def start_execution(admin: Principal, agent_id: int, content: str) -> int:
     """Record the test run, then send it to the workers; a failed send is left to recovery."""
-    check_content(content)
     with transaction() as session:
         _agent_setup(session, agent_id)
+        check_content(content)
         run = DebugRun(agent_id=agent_id, admin_id=admin.id, input=content, enqueued_at=utc_now())
         session.add(run)
         session.flush()

@@ -115,7 +115,8 @@ def call_with_fallback(
         messages = prompt_for(target)
         try:
             completion = stream_chat(target, messages, timeout_seconds=params.timeout_seconds,
-                                     temperature=params.temperature, max_tokens=params.max_tokens,
+                                     temperature=params.temperature,
+                                     max_tokens=get_settings().answer_limit(params.max_tokens),
                                      on_delta=sink.delta, stop=stop)
         except AttemptFailed as failure:
             prompt_estimate = estimate_tokens_of_messages(messages)

@@ -53,7 +53,7 @@ def build_prompt(
 ) -> Prompt:
     settings = get_settings()
     window = context_window or settings.default_context_window
-    answer_room = max_tokens or settings.default_max_tokens
+    answer_room = settings.answer_limit(max_tokens)
     head = [{"role": "system", "content": system_prompt}] if system_prompt else []
     tail = [{"role": "user", "content": content}]
     budget = window - answer_room - estimate_tokens_of_messages(head + tail)

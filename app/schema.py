@@ -16,7 +16,8 @@ from sqlalchemy.schema import CreateColumn
 from app.db import get_engine
 from app.models import Base
 
-SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schema.sql"
+SCHEMA_FILE = Path(__file__).parent / "schema.sql"
+"""The top-level `schema.sql`, through `app/schema.sql` (a link to it, so that an installed package holds a copy)."""
 _LOCK_ID = 0x61676E74
 
 

@@ -34,8 +34,7 @@ def agent_targets(session: Session, agent: Agent) -> tuple[ModelTarget, ModelTar
 
 def max_cost(target: ModelTarget, messages: list[dict[str, str]], max_tokens: int | None) -> Decimal:
     """The most a turn can cost on `target`: its estimated prompt and an answer as long as allowed."""
-    answer = max_tokens or get_settings().default_max_tokens
-    return target.cost(estimate_tokens_of_messages(messages), answer)
+    return target.cost(estimate_tokens_of_messages(messages), get_settings().answer_limit(max_tokens))
 
 
 def worst_case_cost(

@@ -167,11 +167,15 @@ def _replayed(replay: AcceptedTurn) -> AcceptedTurn:
 def submit_turn(principal: Principal, conversation_id: int, content: str, idempotency_key: str | None) -> AcceptedTurn:
     """Accept one turn (202) or refuse it: 404 not theirs, 409 busy, 429 over the per-user limit, 413/422 bad content.
 
-    Whoever refuses (the Redis fast path or the database), another user's conversation is 404 first,
+    Whoever refuses (the content check, the Redis fast path or the database), another user's conversation is 404 first,
     so a refusal never tells anyone that a conversation exists or is busy; and a request with an
     Idempotency-Key whose first request committed meanwhile gets that first answer, not a refusal.
     """
-    check_content(content)
+    try:
+        check_content(content)
+    except (ContentTooLarge, ValidationFailed):
+        _first_answer(principal, conversation_id, None)
+        raise
     if idempotency_key is not None and (replay := _first_answer(principal, conversation_id, idempotency_key)):
         return _replayed(replay)
     try:

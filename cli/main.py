@@ -11,6 +11,15 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 
+def _dotenv() -> None:
+    """A `.env` file in the working directory supplies the environment of every process this command starts,
+    not only `app.config`'s settings: a model's key (`api_key_env`, `OPENAI_API_KEY`), the server's and the
+    workers' defaults below. Variables already set win."""
+    from dotenv import load_dotenv
+
+    load_dotenv(Path.cwd() / ".env", override=False)
+
+
 def _metrics_dir() -> None:
     """Counters of every process land in one directory, which must be known before prometheus_client is
     first imported (it picks its storage then): so before anything else, the parser's imports included."""
@@ -143,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _dotenv()
     _metrics_dir()
     from app.errors import AgentqError
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
@@ -37,6 +38,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_started: list[Process] = []
+
+
+def _stop_leftovers() -> None:
+    """A test that failed before stopping what it started leaves no process behind the run (a worker left
+    running would take the next run's turns)."""
+    for process in _started:
+        process.kill_group(signal.SIGKILL)
+
+
+atexit.register(_stop_leftovers)
+
+
 class Process:
     """A real child process (agentq web, agentq worker, the mock upstream) with its output in a file."""
 
@@ -51,6 +65,7 @@ class Process:
         log = self.log_path.open("ab")
         self.popen = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                       start_new_session=True)
+        _started.append(self)
         return self
 
     @property

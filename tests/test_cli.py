@@ -31,3 +31,31 @@ def test_counters_go_to_the_shared_directory_when_none_is_configured(tmp_path: P
                          capture_output=True, text=True, timeout=60)
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.splitlines()[-1].split() == [str(tmp_path / f"agentq-metrics-{os.getuid()}"), "MmapedValue"]
+
+
+DOTENV_REACHES = """
+import os
+from decimal import Decimal
+from cli.main import build_parser, main
+try:
+    main(["--help"])
+except SystemExit:
+    pass
+from app.llm_client import ModelTarget, client_for
+target = ModelTarget(1, "m", "echo", "http://127.0.0.1:9/v1", "PROVIDER_KEY", Decimal(0), Decimal(0), None)
+print(client_for(target).api_key, os.environ["OPENAI_API_KEY"], build_parser().parse_args(["worker"]).threads)
+"""
+
+
+def test_a_dotenv_file_supplies_model_keys_and_the_commands_defaults(tmp_path: Path) -> None:
+    """`.env` reaches what reads the environment directly, not only the settings: a model's key and the
+    worker's defaults; a variable set in the environment itself wins."""
+    (tmp_path / ".env").write_text("PROVIDER_KEY=sk-from-dotenv\nOPENAI_API_KEY=sk-dotenv-loses\n"
+                                   "AGENTQ_WORKER_THREADS=5\n")
+    env = {k: v for k, v in child_env(OPENAI_API_KEY="sk-from-environment").items()
+           if k not in ("PROVIDER_KEY", "AGENTQ_WORKER_THREADS")}
+    env["PYTHONPATH"] = str(ROOT)
+    ran = subprocess.run([str(VENV_BIN / "python"), "-c", DOTENV_REACHES], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.splitlines()[-1].split() == ["sk-from-dotenv", "sk-from-environment", "5"]

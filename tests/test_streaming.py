@@ -254,14 +254,14 @@ def test_each_user_holds_a_bounded_number_of_open_streams_per_api_process(world)
     """An open stream holds a server thread, so one user cannot take them all: beyond the bound a stream is
     refused with 429 `too_many_streams`, other users are not affected, and a closed stream frees its slot
     (the server notices at its next write, a heartbeat at the latest)."""
-    port = free_port()
-    web = Process("web-stream-cap", agentq("web", "--port", str(port), "--workers", "1", "--threads", "16"),
-                  child_env(AGENTQ_MAX_STREAMS_PER_USER="2", AGENTQ_STREAM_HEARTBEAT_SECONDS="0.3"), LOG_DIR).start()
     agent_id = world.agent(world.model(upstream="echo;words=400;gap=0.05"))
     (_, key), (_, other_key) = world.user("alice"), world.user("bob")
     message_id, other_message_id = (world.send(k, world.conversation(k, agent_id), "stream me")
                                     .json["assistant_message"]["id"] for k in (key, other_key))
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api/messages/{{}}/stream"
+    web = Process("web-stream-cap", agentq("web", "--port", str(port), "--workers", "1", "--threads", "16"),
+                  child_env(AGENTQ_MAX_STREAMS_PER_USER="2", AGENTQ_STREAM_HEARTBEAT_SECONDS="0.3"), LOG_DIR).start()
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz")
         with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {key}"}) as mine, \

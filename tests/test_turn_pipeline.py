@@ -36,6 +36,7 @@ def test_a_turn_is_answered_stored_and_charged_once(world, upstream) -> None:  #
     assert len(sent) == 1
     body = sent[0]["body"]
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert body["max_tokens"] == 1024  # the agent sets none: AGENTQ_DEFAULT_MAX_TOKENS, which the reservation priced
     assert body["messages"] == [{"role": "system", "content": "You are helpful."},
                                 {"role": "user", "content": "hello world"}]
     prompt_tokens, completion_tokens = done["prompt_tokens"], done["completion_tokens"]
