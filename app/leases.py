@@ -19,10 +19,10 @@ from datetime import timedelta
 from sqlalchemy import tuple_, update
 
 from app import coordination
+from app.clock import lease_now
 from app.config import get_settings
 from app.db import transaction
 from app.models import DebugRun, Turn
-from app.models.base import utc_now
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +100,10 @@ class LeaseKeeper:
         The same statement reads each turn's stop request from the database, so a stop is honoured
         even when Redis lost the flag the API set.
         """
-        expires = utc_now() + timedelta(seconds=lease_seconds)
         kept: set[tuple[str, int, str]] = set()
         stopped: set[int] = set()
         with transaction() as session:
+            expires = lease_now(session) + timedelta(seconds=lease_seconds)
             tables = (("turn", Turn, Turn.assistant_message_id), ("debug", DebugRun, DebugRun.id))
             for kind, model, ident_column in tables:
                 pairs = [(h.ident, h.token) for h in held if _kind(h) == kind]

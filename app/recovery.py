@@ -34,6 +34,7 @@ from sqlalchemy import ColumnElement, DateTime, and_, bindparam, or_, select, tr
 from sqlalchemy.orm import InstrumentedAttribute
 
 from app import outbox
+from app.clock import lease_now
 from app.config import get_settings
 from app.db import transaction
 from app.in_flight import answer_in_flight, in_flight, status_is
@@ -152,12 +153,12 @@ def _send_due(rows: list[Any], model: type[Turn] | type[DebugRun], ident_column:
 def recover_once() -> RecoveryReport:
     report = RecoveryReport(redis_lost=_redis_lost_its_data())
     settings = get_settings()
-    now = utc_now()
-    cutoffs = {"now": now, "unsent_before": now - timedelta(seconds=settings.enqueue_grace_seconds),
-               "stale_before": now - timedelta(seconds=settings.stale_pending_seconds),
-               "sent_before": now - timedelta(seconds=settings.lease_seconds)}
     due = _due_runs(report.redis_lost)
     with transaction() as session:
+        now = lease_now(session)
+        cutoffs = {"now": now, "unsent_before": now - timedelta(seconds=settings.enqueue_grace_seconds),
+                   "stale_before": now - timedelta(seconds=settings.stale_pending_seconds),
+                   "sent_before": now - timedelta(seconds=settings.lease_seconds)}
         turns, runs = due.turns(session, cutoffs).rows, due.runs(session, cutoffs).rows
     _send_due(turns, Turn, Turn.assistant_message_id, outbox.send_turn, report.sent, report)
     _send_due(runs, DebugRun, DebugRun.id, outbox.send_debug_run, report.debug_sent, report)

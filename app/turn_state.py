@@ -21,6 +21,7 @@ from sqlalchemy import bindparam, case, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from app import ledger
+from app.clock import DatabaseNow, lease_now, lease_time
 from app.config import get_settings
 from app.llm_client import MODEL_FIELDS
 from app.models import Agent, Conversation, ConversationMessage, DebugRun, LlmModel, Turn, table
@@ -77,7 +78,7 @@ def _statements() -> SimpleNamespace:
     primary, fallback = table(LlmModel).alias("primary_model"), table(LlmModel).alias("fallback_model")
     turn_row = [turns.c[name] for name in _TURN_COLUMNS]
     return SimpleNamespace(
-        lock_turn=Prepared(select(*turn_row, turns.c.lease_expires_at, messages.c.status,
+        lock_turn=Prepared(select(*turn_row, turns.c.lease_expires_at, DatabaseNow().label("now"), messages.c.status,
                                   question.c.content, question.c.seq, agents.c.system_prompt,
                                   agents.c.timeout_seconds, agents.c.temperature, agents.c.max_tokens,
                                   agents.c.fallback_model_id,
@@ -209,7 +210,7 @@ def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
     row = sql.lock_turn(session, {"turn_id": turn_id}).first()
     if row is None:
         return ClaimResult(Claim.MISSING)
-    now = utc_now()
+    now = lease_time(row.now)
     outcome = _claim_outcome(row.status, row.lease_expires_at, now)
     if not outcome.acquires:
         return ClaimResult(outcome)
@@ -320,7 +321,7 @@ def fail_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_
     ).scalar_one_or_none()
     if turn is None:
         return None
-    if _lease_live(turn.lease_expires_at, utc_now()):
+    if _lease_live(turn.lease_expires_at, lease_now(session)):
         return None
     try:
         _move_noting(session, turn, target, error_message)
@@ -392,7 +393,7 @@ def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> Clai
     run = session.execute(select(DebugRun).where(DebugRun.id == run_id).with_for_update()).scalar_one_or_none()
     if run is None:
         return ClaimResult(Claim.MISSING)
-    now = utc_now()
+    now = lease_now(session)
     outcome = _claim_outcome(run.status, run.lease_expires_at, now)
     if not outcome.acquires:
         return ClaimResult(outcome)
@@ -424,7 +425,7 @@ def finish_debug_run(session: Session, run_id: int, token: str | None, target: T
     if token is not None:
         query = query.where(DebugRun.lease_token == token)
     else:
-        query = query.where(or_(DebugRun.lease_expires_at.is_(None), DebugRun.lease_expires_at <= utc_now()))
+        query = query.where(or_(DebugRun.lease_expires_at.is_(None), DebugRun.lease_expires_at <= lease_now(session)))
     moved = session.execute(
         query.values(status=target.value, lease_token=None, lease_expires_at=None, updated_at=utc_now(), **result)
         .execution_options(synchronize_session=False)

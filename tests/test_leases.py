@@ -106,3 +106,23 @@ def test_a_dying_duplicate_message_leaves_a_test_run_another_delivery_runs(world
         session.get_one(DebugRun, run_id).lease_expires_at = utc_now() - timedelta(seconds=1)
     abandon_run(run_id, "retries exhausted after 3 attempts: boom")
     assert status() == "error"
+
+
+def test_leases_are_judged_by_the_databases_clock_not_by_a_worker_clock_running_ahead(world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A worker machine whose clock runs a minute ahead (no NTP) neither takes a live turn over when a
+    duplicate message reaches it nor re-sends the turn from its recovery sweep: leases are written and
+    judged by the database's clock, so only one clock matters."""
+    import app.recovery
+    import app.turn_state
+    from app.recovery import recover_once
+    from app.turn_state import Claim, claim_turn
+
+    turn = _processing_turn(world, token="live")
+    for module in (app.turn_state, app.recovery):
+        monkeypatch.setattr(module, "utc_now", lambda: utc_now() + timedelta(minutes=1))
+    with plain_transaction() as connection:
+        claim = claim_turn(connection, turn.turn_id, lease_seconds=30)
+    assert claim.outcome is Claim.OWNED_ELSEWHERE
+    assert turn.turn_id not in recover_once().sent
+    with transaction() as session:
+        assert session.scalar(select(Turn.lease_token).where(Turn.assistant_message_id == turn.turn_id)) == "live"

@@ -1,0 +1,50 @@
+"""The clock that leases are written and judged by: the database server's.
+
+A lease is written by the worker that holds it and judged by others: the claim of a redelivered
+message, the recovery sweep of any worker process, the handler of a dead message, often on other
+machines. Judged by each machine's own clock, a worker whose clock runs a lease ahead of the
+others' would take over every live turn and call its model a second time; judged by the database's,
+the machines' clocks do not matter. On PostgreSQL that is `clock_timestamp()` (the time when the
+statement reads it, not when its transaction began: a claim may wait for a row lock first). SQLite
+is embedded, so every process using it runs on one machine, with one clock: there the time is this
+process's.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import DateTime, select
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
+
+from app.models.base import optional_utc, utc_now
+from app.prepared import Unit
+
+
+class DatabaseNow(FunctionElement[datetime]):
+    """The database server's time, as a column of a query; NULL where the server has no clock of its own."""
+
+    type = DateTime(timezone=True)
+    inherit_cache = True
+
+
+@compiles(DatabaseNow)
+def _no_server_clock(element: DatabaseNow, compiler: Any, **kw: Any) -> str:
+    return "NULL"
+
+
+@compiles(DatabaseNow, "postgresql")
+def _server_clock(element: DatabaseNow, compiler: Any, **kw: Any) -> str:
+    return "clock_timestamp()"
+
+
+def lease_time(read: datetime | None) -> datetime:
+    """The time a `DatabaseNow` column read, or this process's where the database has none."""
+    return optional_utc(read) or utc_now()
+
+
+def lease_now(unit: Unit) -> datetime:
+    """The time to judge and write leases by, read in a statement of its own."""
+    return lease_time(unit.execute(select(DatabaseNow())).scalar())
