@@ -4,10 +4,15 @@ A lease is written by the worker that holds it and judged by others: the claim o
 message, the recovery sweep of any worker process, the handler of a dead message, often on other
 machines. Judged by each machine's own clock, a worker whose clock runs a lease ahead of the
 others' would take over every live turn and call its model a second time; judged by the database's,
-the machines' clocks do not matter. On PostgreSQL that is `clock_timestamp()` (the time when the
-statement reads it, not when its transaction began: a claim may wait for a row lock first). SQLite
-is embedded, so every process using it runs on one machine, with one clock: there the time is this
-process's.
+the machines' clocks do not matter to who runs a turn. On PostgreSQL that is `clock_timestamp()`,
+the time the statement reads the row (a claim that waited for a row lock reads it again when the
+lock holder changed the row; when it did not, the time is from before the wait, which only makes a
+lease look alive longer). SQLite is embedded, so every process using it runs on one machine, with
+one clock: there the time is this process's.
+
+Only leases and deadlines use it. A message's timestamps are the writer's clock, as is the outbox
+mark (`enqueued_at`) that tells the sweep when a turn was last sent: a skewed clock there only makes
+a re-send come early (a duplicate message, which the claim makes harmless) or late by the skew.
 """
 
 from __future__ import annotations

@@ -218,16 +218,17 @@ def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
                    row.deliveries + 1, row.reserved_amount, row.cancel_requested_at)
     claim = ClaimResult(outcome, turn, new_lease_token(), row)
     amount = max(quantize(hold(claim)), Decimal(0)) if hold is not None else Decimal(0)
+    at = utc_now()
     with Batch(session) as batch:
         if outcome is Claim.TAKEN_OVER:
-            sql.touch_answer(batch, {"turn_id": turn_id, "at": now})
+            sql.touch_answer(batch, {"turn_id": turn_id, "at": at})
         else:
-            _move_both(batch, TurnStatus.PROCESSING, row.user_message_id, turn_id, at=now)
+            _move_both(batch, TurnStatus.PROCESSING, row.user_message_id, turn_id, at=at)
         sql.take_lease(batch, {"turn_id": turn_id, "token": claim.token,
                                "expires": now + timedelta(seconds=lease_seconds),
                                "deadline": delivery_deadline(now, row.timeout_seconds,
                                                              row.fallback_model_id is not None),
-                               "hold": amount, "at": now})
+                               "hold": amount, "at": at})
         reserved = ledger.reserve(batch, row.user_id, amount) if amount > 0 else None
     if reserved is None:
         return claim
@@ -408,7 +409,7 @@ def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> Clai
     taken = session.execute(
         take.values(lease_token=token, lease_expires_at=now + timedelta(seconds=lease_seconds),
                     deadline_at=delivery_deadline(now, agent.timeout_seconds, agent.fallback_model_id is not None),
-                    deliveries=DebugRun.deliveries + 1, updated_at=now)
+                    deliveries=DebugRun.deliveries + 1, updated_at=utc_now())
         .returning(DebugRun.deliveries)
         .execution_options(synchronize_session=False)
     ).first()

@@ -27,7 +27,8 @@ def test_counters_go_to_the_shared_directory_when_none_is_configured(tmp_path: P
     good at that import, and the API's /metrics would then never see a worker's counter."""
     env = {k: v for k, v in child_env().items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     env["TMPDIR"] = str(tmp_path)
-    ran = subprocess.run([str(VENV_BIN / "python"), "-c", STORAGE_AFTER_START], env=env, cwd=ROOT,
+    env["PYTHONPATH"] = str(ROOT)
+    ran = subprocess.run([str(VENV_BIN / "python"), "-c", STORAGE_AFTER_START], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=60)
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.splitlines()[-1].split() == [str(tmp_path / f"agentq-metrics-{os.getuid()}"), "MmapedValue"]
