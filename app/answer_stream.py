@@ -28,8 +28,8 @@ from app.db import transaction
 from app.errors import NotFound
 from app.live_stream import attempt_number, stream_key
 from app.models import Conversation, ConversationMessage, ModelAttempt, Turn
-from app.reader_slots import reader_slots
 from app.redis_client import SOCKET_TIMEOUT_SECONDS, get_redis
+from app.stream_slots import stream_slots
 from app.turn_status import TurnStatus
 
 HEARTBEAT = "heartbeat"
@@ -78,15 +78,15 @@ class OpenedStream:
     """A reader's events, and what frees its stream slot once the server has closed the response."""
 
     events: Iterator[StreamEvent]
-    close: Callable[[], None]
+    free_slot: Callable[[], None]
 
 
 def open_answer_stream(user_id: int, message_id: int, last_event_id: str | None) -> OpenedStream:
     """404 for a message that is not the caller's, 429 beyond the user's open streams in this process
-    (`app.reader_slots`), else the answer's events from where `last_event_id` left off."""
+    (`app.stream_slots`), else the answer's events from where `last_event_id` left off."""
     _authorize(user_id, message_id)
-    close = reader_slots.take(user_id, get_settings().max_streams_per_user)
-    return OpenedStream(follow_answer(message_id, last_event_id), close)
+    free_slot = stream_slots.take(user_id, get_settings().max_streams_per_user)
+    return OpenedStream(follow_answer(message_id, last_event_id), free_slot)
 
 
 def _authorize(user_id: int, message_id: int) -> None:

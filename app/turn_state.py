@@ -210,25 +210,25 @@ def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
     row = sql.lock_turn(session, {"turn_id": turn_id}).first()
     if row is None:
         return ClaimResult(Claim.MISSING)
-    now = lease_time(row.now)
-    outcome = _claim_outcome(row.status, row.lease_expires_at, now)
+    lease_clock = lease_time(row.now)
+    outcome = _claim_outcome(row.status, row.lease_expires_at, lease_clock)
     if not outcome.acquires:
         return ClaimResult(outcome)
     turn = TurnRow(row.assistant_message_id, row.user_message_id, row.conversation_id, row.user_id,
                    row.deliveries + 1, row.reserved_amount, row.cancel_requested_at)
     claim = ClaimResult(outcome, turn, new_lease_token(), row)
     amount = max(quantize(hold(claim)), Decimal(0)) if hold is not None else Decimal(0)
-    at = utc_now()
+    written_at = utc_now()
     with Batch(session) as batch:
         if outcome is Claim.TAKEN_OVER:
-            sql.touch_answer(batch, {"turn_id": turn_id, "at": at})
+            sql.touch_answer(batch, {"turn_id": turn_id, "at": written_at})
         else:
-            _move_both(batch, TurnStatus.PROCESSING, row.user_message_id, turn_id, at=at)
+            _move_both(batch, TurnStatus.PROCESSING, row.user_message_id, turn_id, at=written_at)
         sql.take_lease(batch, {"turn_id": turn_id, "token": claim.token,
-                               "expires": now + timedelta(seconds=lease_seconds),
-                               "deadline": delivery_deadline(now, row.timeout_seconds,
+                               "expires": lease_clock + timedelta(seconds=lease_seconds),
+                               "deadline": delivery_deadline(lease_clock, row.timeout_seconds,
                                                              row.fallback_model_id is not None),
-                               "hold": amount, "at": at})
+                               "hold": amount, "at": written_at})
         reserved = ledger.reserve(batch, row.user_id, amount) if amount > 0 else None
     if reserved is None:
         return claim
@@ -394,8 +394,8 @@ def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> Clai
     run = session.execute(select(DebugRun).where(DebugRun.id == run_id).with_for_update()).scalar_one_or_none()
     if run is None:
         return ClaimResult(Claim.MISSING)
-    now = lease_now(session)
-    outcome = _claim_outcome(run.status, run.lease_expires_at, now)
+    lease_clock = lease_now(session)
+    outcome = _claim_outcome(run.status, run.lease_expires_at, lease_clock)
     if not outcome.acquires:
         return ClaimResult(outcome)
     agent = session.get_one(Agent, run.agent_id)
@@ -407,8 +407,9 @@ def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> Clai
                                        DebugRun.status.in_(sources_for(TurnStatus.PROCESSING)))
                 .values(status=TurnStatus.PROCESSING.value))
     taken = session.execute(
-        take.values(lease_token=token, lease_expires_at=now + timedelta(seconds=lease_seconds),
-                    deadline_at=delivery_deadline(now, agent.timeout_seconds, agent.fallback_model_id is not None),
+        take.values(lease_token=token, lease_expires_at=lease_clock + timedelta(seconds=lease_seconds),
+                    deadline_at=delivery_deadline(lease_clock, agent.timeout_seconds,
+                                                  agent.fallback_model_id is not None),
                     deliveries=DebugRun.deliveries + 1, updated_at=utc_now())
         .returning(DebugRun.deliveries)
         .execution_options(synchronize_session=False)

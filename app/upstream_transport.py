@@ -116,10 +116,10 @@ class _AttemptSocketBackend(httpcore2.NetworkBackend):
 
 
 class _GuardedStream(httpx2.SyncByteStream):
-    """A response body that is not an event stream (an error's, a redirect's): closing it detaches the
-    attempt's socket first."""
+    """A response body whose closing detaches the attempt's socket first (an error's, a redirect's; an
+    event stream's is the subclass below)."""
 
-    def __init__(self, inner: httpx2.SyncByteStream, guard: AttemptGuard, sock: socket.socket | None) -> None:
+    def __init__(self, inner: httpx2.SyncByteStream, guard: AttemptGuard | None, sock: socket.socket | None) -> None:
         self._inner = inner
         self._guard = guard
         self._sock = sock
@@ -128,20 +128,19 @@ class _GuardedStream(httpx2.SyncByteStream):
         yield from self._inner
 
     def close(self) -> None:
-        self._guard.detach(self._sock)
+        if self._guard is not None:
+            self._guard.detach(self._sock)
         self._inner.close()
 
 
-class _ReusableEventStream(httpx2.SyncByteStream):
+class _ReusableEventStream(_GuardedStream):
     def __init__(self, inner: httpx2.SyncByteStream, raw: Iterable[bytes], timeouts: dict[str, Any] | None,
                  guard: AttemptGuard | None, sock: socket.socket | None) -> None:
-        self._inner = inner
+        super().__init__(inner, guard, sock)
         self._raw = raw
         self._timeouts = timeouts
         self._tail = b"\n"
         self.saw_done = False
-        self.guard = guard
-        self._sock = sock
 
     def __iter__(self) -> Iterator[bytes]:
         for chunk in self._inner:
@@ -152,18 +151,15 @@ class _ReusableEventStream(httpx2.SyncByteStream):
             yield chunk
 
     def close(self) -> None:
-        """Drain a finished body, detach its socket from the watch, and only then let the connection go back
-        to the pool."""
+        """Drain a finished body before the socket is detached and the connection goes back to the pool."""
         if self.saw_done and self._timeouts is not None:
             self._timeouts["read"] = DRAIN_READ_TIMEOUT_SECONDS
-            if self.guard is not None:
-                self.guard.bound(DRAIN_MAX_SECONDS)
+            if self._guard is not None:
+                self._guard.bound(DRAIN_MAX_SECONDS)
             with contextlib.suppress(Exception):
                 for _ in itertools.islice(self._raw, DRAIN_MAX_EVENTS):
                     pass
-        if self.guard is not None:
-            self.guard.detach(self._sock)
-        self._inner.close()
+        super().close()
 
 
 class KeepAliveTransport(httpx2.HTTPTransport):

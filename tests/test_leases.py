@@ -12,7 +12,7 @@ from app.auth import Principal
 from app.coordination import HeldTurn
 from app.db import plain_transaction, transaction
 from app.leases import Holding, LeaseKeeper
-from app.models import ConversationMessage, Turn
+from app.models import ConversationMessage, DebugRun, Turn
 from app.models.base import utc_now
 from app.turn_intake import _insert_turn
 from tests.support import wait_for
@@ -115,14 +115,24 @@ def test_leases_are_judged_by_the_databases_clock_not_by_a_worker_clock_running_
     import app.recovery
     import app.turn_state
     from app.recovery import recover_once
-    from app.turn_state import Claim, claim_turn
+    from app.turn_state import Claim, claim_debug_run, claim_turn
 
     turn = _processing_turn(world, token="live")
+    run_id = world.api.post(f"/api/admin/agents/{world.agent(world.model('tester'))}/debug/execute", world.admin_key,
+                            {"content": "hi"}).json["debug_log_id"]
+    with transaction() as session:
+        session.execute(update(DebugRun).where(DebugRun.id == run_id).values(
+            status="processing", lease_token="live", lease_expires_at=utc_now() + timedelta(seconds=10),
+            deadline_at=utc_now() + timedelta(hours=1)))
     for module in (app.turn_state, app.recovery):
         monkeypatch.setattr(module, "utc_now", lambda: utc_now() + timedelta(minutes=1))
     with plain_transaction() as connection:
         claim = claim_turn(connection, turn.turn_id, lease_seconds=30)
-    assert claim.outcome is Claim.OWNED_ELSEWHERE
-    assert turn.turn_id not in recover_once().sent
+    with transaction() as session:
+        run_claim = claim_debug_run(session, run_id, lease_seconds=30)
+    assert (claim.outcome, run_claim.outcome) == (Claim.OWNED_ELSEWHERE, Claim.OWNED_ELSEWHERE)
+    swept = recover_once()
+    assert turn.turn_id not in swept.sent and run_id not in swept.debug_sent
     with transaction() as session:
         assert session.scalar(select(Turn.lease_token).where(Turn.assistant_message_id == turn.turn_id)) == "live"
+        assert session.scalar(select(DebugRun.lease_token).where(DebugRun.id == run_id)) == "live"

@@ -23,7 +23,7 @@ def stream_answer(path: MessagePath) -> Response:
     body = stream_with_context(sse(opened.events, render.wants_chinese()))
     response = Response(body, mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    response.call_on_close(opened.close)
+    response.call_on_close(opened.free_slot)
     return response
 
 

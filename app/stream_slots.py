@@ -16,7 +16,9 @@ from collections.abc import Callable
 from app.errors import TooManyStreams
 
 
-class ReaderSlots:
+class StreamSlots:
+    """Open answer streams by user, in this process: a stream holds one of its server threads."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._held: dict[int, int] = {}
@@ -44,9 +46,5 @@ class ReaderSlots:
 
         return free
 
-    def held(self, user_id: int) -> int:
-        with self._lock:
-            return self._held.get(user_id, 0)
 
-
-reader_slots = ReaderSlots()
+stream_slots = StreamSlots()
