@@ -160,93 +160,117 @@ def stream_chat(
     stop: threading.Event,
 ) -> Completion:
     """Stream one completion; raise `AttemptFailed` with the failure's kind, or return the whole answer."""
-    started = time.monotonic()
-    deadline = started + timeout_seconds
-    parts: list[str] = []
-    first_token_ms: int | None = None
-    usage: Usage | None = None
-
-    def failed(kind: str, detail: str) -> AttemptFailed:
-        return AttemptFailed(kind, detail, partial="".join(parts), first_token_ms=first_token_ms,
-                             latency_ms=int((time.monotonic() - started) * 1000))
-
+    attempt = _Attempt(timeout_seconds, stop)
     body: dict[str, Any] = {"model": target.model, "messages": messages, "stream": True,
                             "stream_options": {"include_usage": True}}
     if temperature is not None:
         body["temperature"] = temperature
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
-    no_response = f"no response within {timeout_seconds:g}s"
-    silent = f"the stream went silent or ran past {timeout_seconds:g}s"
-    watchdog = watch_attempt(deadline, stop)
-    finished = False
-
-    def interrupted(timed_out: str) -> AttemptFailed | None:
-        """Why the attempt ended early, when the stop or the watchdog ended it (a read then fails or ends)."""
-        if watchdog.fired == "cancelled" or stop.is_set():
-            return failed("cancelled", "stopped on request")
-        if watchdog.fired == "timeout":
-            return failed("timeout", timed_out)
-        return None
-
     try:
-        with guarding(watchdog):
+        with guarding(attempt.watch):
             stream = open_chat_stream(client_for(target), body,
                                       openai.Timeout(timeout_seconds, connect=min(timeout_seconds, 10.0)))
     except (openai.APIConnectionError, openai.APIStatusError) as exc:
-        watchdog.close()
-        raise (interrupted(no_response) or _refusal(exc, failed, no_response)) from exc
+        attempt.watch.close()
+        raise attempt.refused(exc) from exc
     except BaseException:
-        watchdog.close()
+        attempt.watch.close()
         raise
     try:
         for chunk in stream:
-            if stop.is_set():
-                raise failed("cancelled", "stopped on request")
-            texts, reported = read_chunk(chunk)
-            finished = finished or finishes(chunk)
-            if reported is not None:
-                usage = reported
-            for text in texts:
-                if first_token_ms is None:
-                    first_token_ms = int((time.monotonic() - started) * 1000)
-                parts.append(text)
-                on_delta(text)
-            if time.monotonic() > deadline:
-                raise failed("timeout", f"the attempt ran past {timeout_seconds:g}s")
-        if not finished:
-            raise interrupted(silent) or failed("stream_cut",
-                                                "the stream ended before the model finished (no finish_reason)")
+            attempt.take(chunk, on_delta)
+        attempt.check_finished()
     except AttemptFailed:
         raise
     except (ValueError, TypeError, AttributeError) as exc:
-        raise interrupted(silent) or failed(
+        raise attempt.interrupted(attempt.silent) or attempt.failed(
             "bad_response", f"the stream sent a chunk that is not a chat completion chunk: {exc!r}") from exc
     except (httpx2.TransportError, openai.APIError, OSError) as exc:
-        if (early := interrupted(silent)) is not None:
-            raise early from exc
-        if isinstance(exc, httpx2.TimeoutException):
-            raise failed("timeout", silent) from exc
-        raise failed("stream_cut", f"the stream broke: {exc!r}") from exc
+        raise attempt.broken(exc) from exc
     finally:
         try:
             stream.close()
         finally:
-            watchdog.close()
-    text = "".join(parts)
-    if usage is None:
-        usage = Usage(estimate_tokens_of_messages(messages), estimate_tokens(text), reported=False)
-    return Completion(text, usage, first_token_ms, int((time.monotonic() - started) * 1000))
+            attempt.watch.close()
+    return attempt.completion(messages)
 
 
-def _refusal(exc: openai.APIError, failed: Callable[[str, str], AttemptFailed], no_response: str) -> AttemptFailed:
-    """The failure of an attempt whose response never started: no connection, no headers in time, or an
-    HTTP error status."""
-    if isinstance(exc, openai.APITimeoutError):
-        return failed("timeout", no_response)
-    if isinstance(exc, openai.APIStatusError):
-        return failed(_status_kind(exc.status_code), f"HTTP {exc.status_code}: {exc.message}")
-    return failed("connection_error", str(exc.__cause__ or exc))
+class _Attempt:
+    """One streamed completion under way: what it has produced, and why it ended when it ended early
+    (the stop or the watchdog shut its socket, and a read then failed or ended)."""
+
+    def __init__(self, timeout_seconds: float, stop: threading.Event) -> None:
+        self.started = time.monotonic()
+        self.deadline = self.started + timeout_seconds
+        self.stop = stop
+        self.parts: list[str] = []
+        self.first_token_ms: int | None = None
+        self.usage: Usage | None = None
+        self.finished = False
+        self.no_response = f"no response within {timeout_seconds:g}s"
+        self.silent = f"the stream went silent or ran past {timeout_seconds:g}s"
+        self.ran_past = f"the attempt ran past {timeout_seconds:g}s"
+        self.watch = watch_attempt(self.deadline, stop)
+
+    def _elapsed_ms(self) -> int:
+        return int((time.monotonic() - self.started) * 1000)
+
+    def failed(self, kind: str, detail: str) -> AttemptFailed:
+        return AttemptFailed(kind, detail, partial="".join(self.parts), first_token_ms=self.first_token_ms,
+                             latency_ms=self._elapsed_ms())
+
+    def interrupted(self, timed_out: str) -> AttemptFailed | None:
+        if self.watch.fired == "cancelled" or self.stop.is_set():
+            return self.failed("cancelled", "stopped on request")
+        if self.watch.fired == "timeout":
+            return self.failed("timeout", timed_out)
+        return None
+
+    def refused(self, exc: openai.APIError) -> AttemptFailed:
+        """The failure of an attempt whose response never started: a stop or the deadline, no connection,
+        no headers in time, or an HTTP error status."""
+        if (early := self.interrupted(self.no_response)) is not None:
+            return early
+        if isinstance(exc, openai.APITimeoutError):
+            return self.failed("timeout", self.no_response)
+        if isinstance(exc, openai.APIStatusError):
+            return self.failed(_status_kind(exc.status_code), f"HTTP {exc.status_code}: {exc.message}")
+        return self.failed("connection_error", str(exc.__cause__ or exc))
+
+    def broken(self, exc: Exception) -> AttemptFailed:
+        """The failure of a stream that stopped in the middle: the stop, the deadline, silence, or a cut."""
+        if (early := self.interrupted(self.silent)) is not None:
+            return early
+        if isinstance(exc, httpx2.TimeoutException):
+            return self.failed("timeout", self.silent)
+        return self.failed("stream_cut", f"the stream broke: {exc!r}")
+
+    def take(self, chunk: Any, on_delta: Callable[[str], None]) -> None:
+        if self.stop.is_set():
+            raise self.failed("cancelled", "stopped on request")
+        texts, reported = read_chunk(chunk)
+        self.finished = self.finished or finishes(chunk)
+        if reported is not None:
+            self.usage = reported
+        for text in texts:
+            if self.first_token_ms is None:
+                self.first_token_ms = self._elapsed_ms()
+            self.parts.append(text)
+            on_delta(text)
+        if time.monotonic() > self.deadline:
+            raise self.failed("timeout", self.ran_past)
+
+    def check_finished(self) -> None:
+        """A body that ended without a `finish_reason` was cut, by the watchdog or on the way."""
+        if not self.finished:
+            raise self.interrupted(self.silent) or self.failed(
+                "stream_cut", "the stream ended before the model finished (no finish_reason)")
+
+    def completion(self, messages: list[dict[str, str]]) -> Completion:
+        text = "".join(self.parts)
+        usage = self.usage or Usage(estimate_tokens_of_messages(messages), estimate_tokens(text), reported=False)
+        return Completion(text, usage, self.first_token_ms, self._elapsed_ms())
 
 
 def read_chunk(chunk: Any) -> tuple[list[str], Usage | None]:

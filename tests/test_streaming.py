@@ -210,7 +210,7 @@ def test_deleting_a_conversation_stops_its_turn(world, upstream) -> None:  # typ
 
 
 def test_stopping_a_pending_turn_or_a_finished_one(world) -> None:  # type: ignore[no-untyped-def]
-    key, message_id, _ = start_turn(world, "echo;ttft=0.3")
+    key, message_id, _ = start_turn(world, "echo;ttft=3")  # a worker that claimed it first stops it too
     assert world.api.post(f"/api/messages/{message_id}/cancel", key).status_code == 202
     final = world.wait_terminal(key, message_id)
     assert final["status"] == "cancelled"
