@@ -20,7 +20,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import DateTime, select
+from sqlalchemy import ColumnElement, DateTime, func, literal, select
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
@@ -53,3 +53,8 @@ def lease_time(read: datetime | None) -> datetime:
 def lease_now(unit: Unit) -> datetime:
     """The time to judge and write leases by, read in a statement of its own."""
     return lease_time(unit.execute(select(DatabaseNow())).scalar())
+
+
+def lease_clock() -> ColumnElement[datetime]:
+    """The same time inside a statement that judges leases, with no statement of its own to read it."""
+    return func.coalesce(DatabaseNow(), literal(utc_now(), DateTime(timezone=True)))

@@ -37,9 +37,6 @@ from app.turn_state import TransitionRefused, reopen_debug_run, reopen_turn
 
 log = logging.getLogger(__name__)
 
-RUN_ACTORS = (dispatch.RUN_TURN, dispatch.RUN_DEBUG)
-
-
 @dataclass(frozen=True, slots=True)
 class DeadLetterView:
     row: DeadLetter
@@ -65,13 +62,6 @@ def error_summary(trace: str | None) -> str | None:
         return None
     last_frame = max((i for i, line in enumerate(lines) if line.startswith(" ")), default=-1)
     return lines[last_frame + 1] if last_frame + 1 < len(lines) else lines[-1]
-
-
-def run_id(actor: str, args: list[Any]) -> int | None:
-    """The turn or test run a message of `actor` runs; None for any other message."""
-    if actor in RUN_ACTORS and args and isinstance(args[0], int):
-        return args[0]
-    return None
 
 
 class _Purged(Exception):
@@ -110,7 +100,7 @@ def record_death(message: dramatiq.Message[Any]) -> None:
     with transaction() as session:
         _store(session, {
             "redis_message_id": message.options["redis_message_id"], "queue": q_name(message.queue_name),
-            "actor": message.actor_name, "args": args, "run_id": run_id(message.actor_name, args),
+            "actor": message.actor_name, "args": args, "run_id": dispatch.run_of(message.actor_name, args),
             "retries": max(attempts - 1, 0), "error": error_summary(trace) or "unknown error", "traceback": trace,
         }, overwrite=True)
 
@@ -124,7 +114,7 @@ def _adopt(session: Session, entry: BrokerEntry) -> None:
     error = error_summary(options.get("traceback")) or "unknown error"
     _store(session, {
         "redis_message_id": entry.redis_message_id, "queue": entry.queue, "actor": actor, "args": args,
-        "run_id": run_id(actor, args), "retries": int(options.get("retries", 0)),
+        "run_id": dispatch.run_of(actor, args), "retries": int(options.get("retries", 0)),
         "error": f"{error} (from the broker's copy; the last attempt was not recorded)",
         "traceback": options.get("traceback"), "dead_at": entry.dead_at,
     }, overwrite=False)
@@ -198,7 +188,7 @@ def get_dead_letter(dead_letter_id: int) -> DeadLetterView:
 
 
 def _reopen(session: Session, row: DeadLetter) -> None:
-    if row.actor not in RUN_ACTORS or row.run_id is None:
+    if row.run_id is None:
         raise Conflict(f"Dead letter {row.id} is a {row.actor!r} message, which cannot be requeued.")
     try:
         with session.begin_nested():

@@ -9,6 +9,7 @@ whatever stayed pending (see `app.recovery`).
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import dramatiq
 from dramatiq import Message
@@ -19,6 +20,14 @@ TURNS_QUEUE = "turns"
 DEBUG_QUEUE = "debug"
 RUN_TURN = "run_turn"
 RUN_DEBUG = "run_debug_run"
+RUN_ACTORS = (RUN_TURN, RUN_DEBUG)
+
+
+def run_of(actor: str, args: list[Any]) -> int | None:
+    """The turn or admin test run a message of `actor` runs; None for any other message."""
+    if actor in RUN_ACTORS and args and isinstance(args[0], int):
+        return args[0]
+    return None
 
 
 def _send(queue: str, actor: str, ident: int) -> bool:

@@ -30,7 +30,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import redis
-from sqlalchemy import ColumnElement, DateTime, and_, bindparam, or_, select, true, update
+from sqlalchemy import ColumnElement, DateTime, and_, bindparam, not_, or_, select, true, update
 from sqlalchemy.orm import InstrumentedAttribute
 
 from app import outbox
@@ -42,7 +42,7 @@ from app.models import ConversationMessage, DebugRun, Turn, table
 from app.models.base import utc_now
 from app.prepared import Prepared
 from app.redis_client import get_redis, key
-from app.turn_state import revoke_debug_lease, revoke_lease
+from app.turn_state import lease_over, revoke_debug_lease, revoke_lease
 from app.turn_status import TurnStatus
 
 log = logging.getLogger(__name__)
@@ -101,10 +101,10 @@ def _due(status: Any, enqueued_at: Any, created_at: Any, lease_expires_at: Any, 
     unsent = true() if redis_lost else or_(
         and_(enqueued_at.is_(None), created_at < bindparam("unsent_before", type_=DateTime(timezone=True))),
         enqueued_at < bindparam("stale_before", type_=DateTime(timezone=True)))
-    lease_over = or_(lease_expires_at.is_(None), lease_expires_at < now)
+    over = lease_over(lease_expires_at, now)
     not_just_sent = or_(enqueued_at.is_(None), enqueued_at <= bindparam("sent_before", type_=DateTime(timezone=True)))
-    overdue = and_(processing, lease_expires_at >= now, deadline_at < now)
-    return or_(and_(pending, unsent), and_(processing, lease_over, not_just_sent), overdue), overdue
+    overdue = and_(processing, not_(over), deadline_at < now)
+    return or_(and_(pending, unsent), and_(processing, over, not_just_sent), overdue), overdue
 
 
 @cache

@@ -17,11 +17,11 @@ from functools import cache
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import bindparam, case, literal, or_, select, update
+from sqlalchemy import ColumnElement, bindparam, case, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from app import ledger
-from app.clock import DatabaseNow, lease_now, lease_time
+from app.clock import DatabaseNow, lease_clock, lease_time
 from app.config import get_settings
 from app.llm_client import MODEL_FIELDS
 from app.models import Agent, Conversation, ConversationMessage, DebugRun, LlmModel, Turn, table
@@ -183,6 +183,11 @@ def _lease_live(lease_expires_at: datetime | None, now: datetime) -> bool:
     return expires is not None and expires > now
 
 
+def lease_over(lease_expires_at: ColumnElement[datetime | None], now: ColumnElement[datetime]) -> ColumnElement[bool]:
+    """`_lease_live`'s rule in SQL, negated: no delivery holds the run."""
+    return or_(lease_expires_at.is_(None), lease_expires_at <= now)
+
+
 def delivery_deadline(now: datetime, timeout_seconds: float, has_fallback: bool) -> datetime:
     """When a delivery started at `now` has outrun every model attempt it could make, plus the grace."""
     bound = timeout_seconds * (2 if has_fallback else 1) + get_settings().turn_grace_seconds
@@ -210,8 +215,8 @@ def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
     row = sql.lock_turn(session, {"turn_id": turn_id}).first()
     if row is None:
         return ClaimResult(Claim.MISSING)
-    lease_clock = lease_time(row.now)
-    outcome = _claim_outcome(row.status, row.lease_expires_at, lease_clock)
+    judged_at = lease_time(row.now)
+    outcome = _claim_outcome(row.status, row.lease_expires_at, judged_at)
     if not outcome.acquires:
         return ClaimResult(outcome)
     turn = TurnRow(row.assistant_message_id, row.user_message_id, row.conversation_id, row.user_id,
@@ -225,8 +230,8 @@ def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
         else:
             _move_both(batch, TurnStatus.PROCESSING, row.user_message_id, turn_id, at=written_at)
         sql.take_lease(batch, {"turn_id": turn_id, "token": claim.token,
-                               "expires": lease_clock + timedelta(seconds=lease_seconds),
-                               "deadline": delivery_deadline(lease_clock, row.timeout_seconds,
+                               "expires": judged_at + timedelta(seconds=lease_seconds),
+                               "deadline": delivery_deadline(judged_at, row.timeout_seconds,
                                                              row.fallback_model_id is not None),
                                "hold": amount, "at": written_at})
         reserved = ledger.reserve(batch, row.user_id, amount) if amount > 0 else None
@@ -317,12 +322,13 @@ def fail_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_
     duplicate message) is running it and settles it itself, and if that one dies too the lease runs out
     and recovery takes over. Returns None when the turn was not ended here.
     """
-    turn = session.execute(
-        select(Turn).where(Turn.assistant_message_id == turn_id).with_for_update()
-    ).scalar_one_or_none()
-    if turn is None:
+    locked = session.execute(
+        select(Turn, DatabaseNow()).where(Turn.assistant_message_id == turn_id).with_for_update()
+    ).first()
+    if locked is None:
         return None
-    if _lease_live(turn.lease_expires_at, lease_now(session)):
+    turn, now = locked
+    if _lease_live(turn.lease_expires_at, lease_time(now)):
         return None
     try:
         _move_noting(session, turn, target, error_message)
@@ -391,11 +397,12 @@ def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> Clai
     """The same claim for an admin test run, whose status lives on its single log row: a pending run
     moves to `processing` as the transition table allows, a taken-over one keeps its status and gets a new
     lease. Each counts a delivery; `run` is then the row's new `deliveries`, for `given_up`."""
-    run = session.execute(select(DebugRun).where(DebugRun.id == run_id).with_for_update()).scalar_one_or_none()
-    if run is None:
+    locked = session.execute(select(DebugRun, DatabaseNow()).where(DebugRun.id == run_id).with_for_update()).first()
+    if locked is None:
         return ClaimResult(Claim.MISSING)
-    lease_clock = lease_now(session)
-    outcome = _claim_outcome(run.status, run.lease_expires_at, lease_clock)
+    run, now = locked
+    judged_at = lease_time(now)
+    outcome = _claim_outcome(run.status, run.lease_expires_at, judged_at)
     if not outcome.acquires:
         return ClaimResult(outcome)
     agent = session.get_one(Agent, run.agent_id)
@@ -407,8 +414,8 @@ def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> Clai
                                        DebugRun.status.in_(sources_for(TurnStatus.PROCESSING)))
                 .values(status=TurnStatus.PROCESSING.value))
     taken = session.execute(
-        take.values(lease_token=token, lease_expires_at=lease_clock + timedelta(seconds=lease_seconds),
-                    deadline_at=delivery_deadline(lease_clock, agent.timeout_seconds,
+        take.values(lease_token=token, lease_expires_at=judged_at + timedelta(seconds=lease_seconds),
+                    deadline_at=delivery_deadline(judged_at, agent.timeout_seconds,
                                                   agent.fallback_model_id is not None),
                     deliveries=DebugRun.deliveries + 1, updated_at=utc_now())
         .returning(DebugRun.deliveries)
@@ -427,7 +434,7 @@ def finish_debug_run(session: Session, run_id: int, token: str | None, target: T
     if token is not None:
         query = query.where(DebugRun.lease_token == token)
     else:
-        query = query.where(or_(DebugRun.lease_expires_at.is_(None), DebugRun.lease_expires_at <= lease_now(session)))
+        query = query.where(lease_over(DebugRun.lease_expires_at, lease_clock()))
     moved = session.execute(
         query.values(status=target.value, lease_token=None, lease_expires_at=None, updated_at=utc_now(), **result)
         .execution_options(synchronize_session=False)

@@ -62,7 +62,7 @@ def hand_back_if_draining(message: dramatiq.Message[Any]) -> bool:
     starting here; False when this process is not stopping, the message is not a run, or it cannot be sent."""
     if not _draining:
         return False
-    ident = dead_letters.run_id(message.actor_name, list(message.args))
+    ident = dispatch.run_of(message.actor_name, list(message.args))
     if ident is None:
         return False
     return dispatch.send_turn(ident) if message.actor_name == RUN_TURN else dispatch.send_debug_run(ident)
@@ -77,7 +77,7 @@ def message_died(message: dramatiq.Message[Any]) -> None:
         dead_letters.record_death(message)
     except Exception:
         log.exception("could not record dead letter %s; listing adopts it from the broker", message.message_id)
-    ident = dead_letters.run_id(message.actor_name, list(message.args))
+    ident = dispatch.run_of(message.actor_name, list(message.args))
     if ident is None:
         return
     last_error = dead_letters.error_summary(message.options.get("traceback")) or "unknown error"

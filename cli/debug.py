@@ -7,15 +7,13 @@ debug log until the run ends and prints it.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
+from cli.output import print_json
+
 POLL_SECONDS = 0.2
 
-
-def _print(payload: object) -> None:
-    print(json.dumps(payload, ensure_ascii=False))
 
 
 def cmd_debug_route(args: argparse.Namespace) -> int:
@@ -23,7 +21,7 @@ def cmd_debug_route(args: argparse.Namespace) -> int:
     from web import render
 
     debugging.admin_principal(args.admin_id)
-    _print(render.route_decision(debugging.route_decision(args.agent_id, args.content)))
+    print_json(render.route_decision(debugging.route_decision(args.agent_id, args.content)))
     return 0
 
 
@@ -32,7 +30,7 @@ def cmd_debug_prompt(args: argparse.Namespace) -> int:
     from web import render
 
     debugging.admin_principal(args.admin_id)
-    _print(render.prompt_preview(debugging.preview_prompt(args.agent_id, args.content, args.conversation_id)))
+    print_json(render.prompt_preview(debugging.preview_prompt(args.agent_id, args.content, args.conversation_id)))
     return 0
 
 
@@ -46,14 +44,14 @@ def cmd_debug_execute(args: argparse.Namespace) -> int:
     install_broker()
     log_id = debugging.start_execution(admin, args.agent_id, args.content)
     if not args.wait:
-        _print({"debug_log_id": log_id})
+        print_json({"debug_log_id": log_id})
         return 0
     deadline = time.monotonic() + args.timeout
     run = debugging.get_debug_log(log_id)
     while not TurnStatus(run.status).is_terminal and time.monotonic() < deadline:
         time.sleep(POLL_SECONDS)
         run = debugging.get_debug_log(log_id)
-    _print(render.debug_log(run))
+    print_json(render.debug_log(run))
     if not TurnStatus(run.status).is_terminal:
         print(f"debug log {log_id} is still {run.status} after {args.timeout:g}s", file=sys.stderr)
         return 1

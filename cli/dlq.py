@@ -7,14 +7,10 @@ read it; an unknown id prints the contract's error object on stderr and exits 1.
 from __future__ import annotations
 
 import argparse
-import json
 
 from app import dead_letters
 from app.errors import MalformedRequest
-
-
-def _print(payload: object) -> None:
-    print(json.dumps(payload, ensure_ascii=False, default=str))
+from cli.output import print_json
 
 
 def _one_or_all(args: argparse.Namespace, command: str) -> int | None:
@@ -26,14 +22,14 @@ def _one_or_all(args: argparse.Namespace, command: str) -> int | None:
 def cmd_list(args: argparse.Namespace) -> int:
     from web import render
 
-    _print({"items": [render.dead_letter(v) for v in dead_letters.list_dead_letters()]})
+    print_json({"items": [render.dead_letter(v) for v in dead_letters.list_dead_letters()]})
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     from web import render
 
-    _print(render.dead_letter(dead_letters.get_dead_letter(args.id), detail=True))
+    print_json(render.dead_letter(dead_letters.get_dead_letter(args.id), detail=True))
     return 0
 
 
@@ -43,7 +39,7 @@ def cmd_requeue(args: argparse.Namespace) -> int:
 
     ident = _one_or_all(args, "requeue")
     install_broker()
-    _print(render.requeue_outcome(dead_letters.requeue(ident) if ident is not None else dead_letters.requeue_all()))
+    print_json(render.requeue_outcome(dead_letters.requeue(ident) if ident is not None else dead_letters.requeue_all()))
     return 0
 
 
@@ -51,9 +47,9 @@ def cmd_purge(args: argparse.Namespace) -> int:
     ident = _one_or_all(args, "purge")
     if ident is not None:
         dead_letters.purge(ident)
-        _print({"purged": [ident]})
+        print_json({"purged": [ident]})
         return 0
-    _print({"purged": dead_letters.purge_all()})
+    print_json({"purged": dead_letters.purge_all()})
     return 0
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+
+from cli.output import print_error, print_json
 
 
 def _dotenv() -> None:
@@ -42,9 +43,6 @@ def _amount(value: str) -> Decimal:
     return amount
 
 
-def _print(payload: object) -> None:
-    print(json.dumps(payload, ensure_ascii=False, default=str))
-
 
 def cmd_db_init(args: argparse.Namespace) -> int:
     from app.schema import init_schema
@@ -57,7 +55,7 @@ def cmd_users_create(args: argparse.Namespace) -> int:
     from app.users import create_user
 
     created = create_user(args.name, is_admin=args.admin, balance=args.balance)
-    _print({"id": created.user.id, "name": created.user.name, "api_key": created.api_key})
+    print_json({"id": created.user.id, "name": created.user.name, "api_key": created.api_key})
     return 0
 
 
@@ -103,7 +101,7 @@ def cmd_demo_seed(args: argparse.Namespace) -> int:
     from app.demo import seed_demo
 
     demo = seed_demo(args.mock_url, Path(args.key_file))
-    _print({"user_id": demo.user_id, "agent_id": demo.agent_id, "api_key": demo.api_key})
+    print_json({"user_id": demo.user_id, "agent_id": demo.agent_id, "api_key": demo.api_key})
     return 0
 
 
@@ -160,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except AgentqError as exc:
-        print(json.dumps({"error": {"code": exc.code, "message": exc.message}}, ensure_ascii=False), file=sys.stderr)
+        print_error(exc.code, exc.message)
         return 1
 
 
