@@ -78,6 +78,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from dramatiq.cli import make_argument_parser
 
     from app.config import get_settings
+    from workers.group import run_group
 
     # A process takes no more turns than it has threads. Dramatiq reads `dramatiq_queue_prefetch` into this
     # global when it is first imported, which building the parser already did (the dlq commands import the
@@ -87,7 +88,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
             "--worker-shutdown-timeout", str(int(get_settings().shutdown_grace_seconds * 1000))]
     if args.queues:
         argv += ["--queues", *args.queues]
-    return int(dramatiq_main(make_argument_parser().parse_args(argv)) or 0)
+    return run_group(lambda: int(dramatiq_main(make_argument_parser().parse_args(argv)) or 0),
+                     restart=not args.no_restart)
 
 
 def cmd_mock_llm(args: argparse.Namespace) -> int:
@@ -130,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--processes", type=int, default=int(os.environ.get("AGENTQ_WORKER_PROCESSES", "2")))
     worker.add_argument("--threads", type=int, default=int(os.environ.get("AGENTQ_WORKER_THREADS", "16")))
     worker.add_argument("--queues", nargs="+", default=None)
+    worker.add_argument("--no-restart", action="store_true",
+                        help="exit when one process dies (Dramatiq's own way) instead of starting the group again; "
+                             "for a supervisor that restarts the command itself")
     worker.set_defaults(func=cmd_worker)
 
     mock = sub.add_parser("mock-llm", help="run the OpenAI-compatible mock upstream (demo and tests)")

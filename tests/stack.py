@@ -120,11 +120,13 @@ class Stack:
         wait_http(f"http://127.0.0.1:{self.web_port}/healthz")
         return self.web
 
-    def start_worker(self, processes: int = 1, threads: int = 4, wait: bool = True, **env: str) -> Process:
+    def start_worker(self, processes: int = 1, threads: int = 4, wait: bool = True, restart: bool = True,
+                     queues: list[str] | None = None, **env: str) -> Process:
         self.started += 1
         name = f"{self.name}-worker-{self.started}"
-        process = Process(name, agentq("worker", "--processes", str(processes), "--threads", str(threads)),
-                          self.env(**env), LOG_DIR).start()
+        argv = ["worker", "--processes", str(processes), "--threads", str(threads)]
+        argv += ([] if restart else ["--no-restart"]) + (["--queues", *queues] if queues else [])
+        process = Process(name, agentq(*argv), self.env(**env), LOG_DIR).start()
         self.workers.append(process)
         if wait:
             wait_for(lambda: process.output().count("Worker process is ready") >= processes, timeout=60,

@@ -2,10 +2,10 @@
 
 Everything is real and this test's own: a throwaway PostgreSQL cluster (initdb + pg_ctl, as the
 `postgres` OS user, on a free port), the test Redis database, an `agentq web` with two gunicorn
-workers and two `agentq worker --processes 2` groups. Clients submit through HTTP and retry with an
-Idempotency-Key when a request fails during a restart. At the end every turn must have succeeded
-and been charged exactly once, every balance must equal its ledger, and no Redis lock or slot may
-be left held. Run by `make test-chaos`.
+workers and two `agentq worker --processes 2` groups, which start again when one of their processes is
+killed. Clients submit through HTTP and retry with an Idempotency-Key when a request fails during a
+restart. At the end every turn must have succeeded and been charged exactly once, every balance must
+equal its ledger, and no Redis lock or slot may be left held. Run by `make test-chaos`.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ USERS = 40
 TURNS_PER_USER = 5
 BALANCE = Decimal("10")
 UPSTREAM = "echo;ttft=0.2;gap=0.02"
+RESTARTED = "starting the group again"
 CONTENT = "please answer this message with a few words so that the stream takes a little while"
 DEADLINE_SECONDS = 150
 
@@ -155,29 +156,41 @@ class Client(threading.Thread):
             self.http.close()
 
 
+def _fully_up(group: Process) -> bool:
+    """Both processes of every start of this group are ready (a killed one's group logs its restart)."""
+    output = group.output()
+    starts = 1 + output.count(RESTARTED)
+    running = [pid for pid in group.children() if not _exited(pid)]
+    return output.count("Worker process is ready") >= 2 * starts and len(running) == 2
+
+
+def _exited(pid: int) -> bool:
+    """A killed process stays its parent's child, a zombie, until the parent reaps it (Dramatiq's within a second)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    except OSError:
+        return True
+
+
 class Chaos(threading.Thread):
-    """Kills worker processes at random moments (restarting their group), flushes Redis once, restarts PostgreSQL
-    once, until the clients are done."""
+    """Kills worker processes at random moments (their group starts again), flushes Redis once, restarts
+    PostgreSQL once, until the clients are done."""
 
     def __init__(self, stack: Stack, postgres: Postgres, redis: SharedRedis, done: threading.Event) -> None:
         super().__init__(daemon=True)
         self.stack, self.postgres, self.redis, self.done = stack, postgres, redis, done
         self.events: list[str] = []
-        self.hit: set[int] = set()
         self.error: str | None = None
         self.rng = random.Random()
 
     def _kill_a_worker(self) -> None:
-        """SIGKILL one process of a group that is fully up; Dramatiq then stops the group, which is restarted."""
-        live = wait_for(lambda: [p for p in self.stack.workers if p.pid not in self.hit and p.popen is not None
-                                 and p.popen.poll() is None and len(p.children()) == 2],
-                        timeout=60, interval=0.2, what="a worker group that is up")
-        group = self.rng.choice(live)
-        victim = self.rng.choice(group.children())
-        self.hit.add(group.pid)
+        """SIGKILL one process of a group that is fully up; Dramatiq stops the group and `agentq worker` starts it
+        again."""
+        live = wait_for(lambda: [p for p in self.stack.workers if _fully_up(p)], timeout=60, interval=0.2,
+                        what="a worker group that is up")
+        victim = self.rng.choice([pid for pid in self.rng.choice(live).children() if not _exited(pid)])
         os.kill(victim, signal.SIGKILL)
         self.events.append(f"SIGKILL worker process {victim}")
-        self.stack.start_worker(processes=2, threads=8, wait=False)
 
     def _flush_redis(self) -> None:
         self.redis.client().flushdb()
@@ -273,5 +286,8 @@ def report(stack: Stack, redis: SharedRedis, users: list[tuple[int, str]],
     assert all(balance < BALANCE for _, balance, _, _ in balances)
     assert locks == []
     assert held_slots == {}
-    assert len([e for e in chaos.events if e.startswith("SIGKILL")]) >= 3
+    kills = len([e for e in chaos.events if e.startswith("SIGKILL")])
+    assert kills >= 3
+    assert sum(group.output().count(RESTARTED) for group in stack.workers) == kills
+    assert all(group.popen is not None and group.popen.poll() is None for group in stack.workers)
     assert "FLUSHDB of the Redis database" in chaos.events and "PostgreSQL restarted" in chaos.events

@@ -59,6 +59,12 @@ def claims_of(process: Process, turn_id: int) -> list[dict[str, Any]]:
             if r.get("turn_id") == turn_id and ("claimed" in r["message"] or "taken_over" in r["message"])]
 
 
+def ended_test_run(stack: Stack, run_id: int) -> dict[str, Any] | None:
+    """The admin test run's log once it has ended, else None."""
+    log = stack.call("GET", f"/api/admin/debug-logs/{run_id}").json()
+    return log if log["status"] not in ("pending", "processing") else None
+
+
 def deliveries(stack: Stack, turn_id: int) -> int:
     return stack.sql("SELECT deliveries FROM turns WHERE assistant_message_id = %(id)s", {"id": turn_id})[0][0]
 
@@ -72,7 +78,7 @@ def slow_agent(stack: Stack, name: str, upstream: str, **extra: Any) -> int:
 
 
 def test_a_turn_whose_worker_is_killed_is_taken_over_by_another_within_the_lease(stack: Stack) -> None:
-    first, second = stack.start_worker(), stack.start_worker()
+    first, second = stack.start_worker(restart=False), stack.start_worker(restart=False)
     agent_id = slow_agent(stack, "slow-kill", "echo;words=30;gap=0.1")
     _, key = stack.user("kill-victim")
     turn = stack.send(key, stack.conversation(key, agent_id), "survive this")
@@ -99,6 +105,32 @@ def test_a_turn_whose_worker_is_killed_is_taken_over_by_another_within_the_lease
     print(f"\ntakeover {taken_after:.2f}s after SIGKILL (lease {LEASE_SECONDS}s, sweep {RECOVERY_INTERVAL}s)")
     wait_for(lambda: victim_group.popen is not None and victim_group.popen.poll() is not None,
              what="the killed worker's parent to exit")
+
+
+def test_a_group_whose_process_is_killed_starts_again_and_finishes_the_dead_processs_turn(stack: Stack) -> None:
+    group = stack.start_worker(processes=2, threads=2)
+    agent_id = slow_agent(stack, "slow-restart", "echo;words=30;gap=0.1")
+    _, key = stack.user("restart-victim")
+    turn = stack.send(key, stack.conversation(key, agent_id), "survive a restart")
+    stack.wait_status(key, turn["id"], ("processing",))
+    victim = wait_for(lambda: claims_of(group, turn["id"]), what="the claim's log line")[0]["process"]
+    first_processes = group.children()
+    assert victim in first_processes
+    os.kill(victim, signal.SIGKILL)
+
+    wait_for(lambda: "starting the group again" in group.output(), timeout=30, what="the group to stop and restart")
+    wait_for(lambda: group.output().count("Worker process is ready") >= 4, timeout=60, what="the new group to boot")
+    assert group.popen is not None and group.popen.poll() is None
+    assert len(group.children()) == 2 and not set(group.children()) & set(first_processes)
+    done = stack.wait_terminal(key, turn["id"], timeout=LEASE_SECONDS + 4 * RECOVERY_INTERVAL + 30)
+    assert done["status"] == "success"
+    assert done["content"] == " ".join(f"w{i}" for i in range(30))
+    assert (deliveries(stack, turn["id"]), charges(stack, turn["id"])) == (2, 1)
+    assert any("taken_over" in r["message"] for r in claims_of(group, turn["id"]))
+
+    group.popen.send_signal(signal.SIGTERM)
+    assert group.popen.wait(timeout=30) == 0
+    assert group.output().count("starting the group again") == 1
 
 
 def test_a_turn_accepted_while_redis_is_down_runs_once_redis_is_back(stack: Stack) -> None:
@@ -218,18 +250,30 @@ def test_an_admin_test_run_processing_past_its_timeout_and_grace_is_sent_again_o
               {"id": run_id, "deadline": 1 + grace})
     stuck_at = time.monotonic()
     stack.start_worker(AGENTQ_TURN_GRACE_SECONDS=str(grace), AGENTQ_MAX_DELIVERIES=max_deliveries)
-
-    def ended() -> dict[str, Any] | None:
-        log = stack.call("GET", f"/api/admin/debug-logs/{run_id}").json()
-        return log if log["status"] not in ("pending", "processing") else None
-
-    log = wait_for(ended, timeout=1 + grace + 3 * RECOVERY_INTERVAL + 10, what="the stuck test run to end")
+    log = wait_for(lambda: ended_test_run(stack, run_id), timeout=1 + grace + 3 * RECOVERY_INTERVAL + 10,
+                   what="the stuck test run to end")
     if outcome == "success":
         assert (log["status"], log["output"]) == ("success", "echo: still there?")
     else:
         assert (log["status"], log["output"], log["error_message"]) == ("error", "", "gave up after 1 deliveries")
     assert stack.sql("SELECT deliveries FROM admin_debug_logs WHERE id = %(id)s", {"id": run_id})[0][0] == 2
     assert time.monotonic() - stuck_at >= 1 + grace
+
+
+def test_a_worker_started_with_queues_serves_only_those_queues(stack: Stack) -> None:
+    agent_id = stack.agent(stack.model("queues-model", "echo"))
+    _, key = stack.user("queues")
+    stack.start_worker(queues=["turns"])
+    accepted = stack.call("POST", f"/api/admin/agents/{agent_id}/debug/execute", json={"content": "later"})
+    assert accepted.status_code == 202
+    run_id = accepted.json()["debug_log_id"]
+    turn = stack.send(key, stack.conversation(key, agent_id), "now")
+    assert stack.wait_terminal(key, turn["id"])["status"] == "success"
+    assert stack.call("GET", f"/api/admin/debug-logs/{run_id}").json()["status"] == "pending"
+
+    stack.start_worker(queues=["debug"])
+    log = wait_for(lambda: ended_test_run(stack, run_id), timeout=30, what="the test run to end")
+    assert (log["status"], log["output"]) == ("success", "echo: later")
 
 
 def scrape(stack: Stack) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

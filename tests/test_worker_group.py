@@ -1,0 +1,71 @@
+"""The restart rule of `workers.group.run_group`, each case in a fresh Python process of its own (the rule
+installs signal handlers and a wake-up descriptor, which a test process should not keep).
+
+Starting real groups, killing one of their processes and stopping them with SIGTERM is in
+tests/test_recovery.py and tests/test_chaos.py; here the group is a function whose exit codes and
+signals each case chooses, so the cases a real group rarely shows can be asserted exactly.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+from tests.support import ROOT
+
+PRELUDE = """
+import os, signal, sys, time
+from workers.group import run_group
+starts = []
+def log(code):
+    starts.append(code)
+    print("start", code, flush=True)
+    return code
+"""
+
+
+def run(body: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(body)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_a_group_that_cannot_start_is_not_started_again() -> None:
+    done = run("sys.exit(run_group(lambda: log(2)))")
+    assert (done.returncode, done.stdout.split("\n").count("start 2")) == (2, 1)
+    assert "cannot start" in done.stderr
+
+
+def test_a_group_that_died_is_started_again_until_a_stop_signal() -> None:
+    done = run("""
+        def start():
+            if len(starts) == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # the operator's stop, while the second group runs
+                return log(0)
+            return log(1)  # a process died: Dramatiq stopped the group
+        sys.exit(run_group(start))
+    """)
+    assert done.returncode == 0
+    assert done.stdout.split() == ["start", "1", "start", "0"]
+    assert done.stderr.count("starting the group again in 1 s") == 1
+
+
+def test_a_stop_during_the_delay_ends_the_wait_at_once() -> None:
+    done = run("""
+        import threading
+        def start():
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+            return log(1)
+        began = time.monotonic()
+        code = run_group(start)
+        print("waited", round(time.monotonic() - began, 1), flush=True)
+        sys.exit(code)
+    """)
+    assert done.returncode == 1
+    assert done.stdout.split()[:2] == ["start", "1"] and done.stdout.count("start") == 1
+    assert float(done.stdout.split()[-1]) < 1.0
+
+
+def test_without_restart_the_group_runs_once_as_dramatiq_would() -> None:
+    done = run("sys.exit(run_group(lambda: log(1), restart=False))")
+    assert (done.returncode, done.stdout.split()) == (1, ["start", "1"])
