@@ -56,6 +56,15 @@ class Watch:
         """Shut the socket at the latest `seconds` from now (the end of a finished stream is being read)."""
         self._watchdog.advance(self, time.monotonic() + seconds)
 
+    def remaining(self) -> float:
+        """Seconds left before the deadline (negative once past): the longest a step without a socket to shut,
+        a name lookup or a connect, may take."""
+        return self.deadline - time.monotonic()
+
+    def ended(self) -> bool:
+        """The attempt was stopped or ran out of time: nothing more should be started for it."""
+        return self.fired is not None or self.stop.is_set() or self.remaining() <= 0
+
 
 class _Watchdog:
     def __init__(self) -> None:

@@ -18,11 +18,18 @@ before its connection can serve another turn or its file descriptor be closed an
 closes the response from inside its own iteration, before the caller gets control back: so the
 response detaches the socket itself, between the drain and the release, and so does the connection's
 stream before it closes the socket. The guard keeps watching the attempt until its caller closes it.
+
+Before a new connection has a socket there is nothing to shut, so the attempt's own bounds are applied
+to the steps that come first: the name lookup runs on a thread of its own while the attempt waits for
+it, its stop or its deadline, whichever comes first (`getaddrinfo` has no timeout, and a stalled name
+server holds it for the resolver's own retries, tens of seconds), and each connect gets at most the
+attempt's remaining time. A stop during a connect waits for that connect's timeout.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import itertools
 import socket
 import threading
@@ -46,6 +53,10 @@ class AttemptGuard(Protocol):
     def detach(self, sock: socket.socket | None) -> None: ...
 
     def bound(self, seconds: float) -> None: ...
+
+    def remaining(self) -> float: ...
+
+    def ended(self) -> bool: ...
 
 
 _sending = threading.local()
@@ -97,15 +108,70 @@ class _AttemptSocketStream(httpcore2.NetworkStream):
         return self._inner.get_extra_info(info)
 
 
+def resolve_host(host: str, port: int) -> list[tuple[Any, ...]]:
+    """The name service's addresses for `host` (the system resolver; the tests stand in a stalled one)."""
+    return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+
+
+class _Lookup(threading.Thread):
+    """One name lookup on a thread of its own, so that the attempt waiting for it can give up on it."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(name="upstream-lookup", daemon=True)
+        self.host, self.port = host, port
+        self.done = threading.Event()
+        self.addresses: list[str] = []
+        self.error: OSError | None = None
+
+    def run(self) -> None:
+        try:
+            self.addresses = list(dict.fromkeys(str(info[4][0]) for info in resolve_host(self.host, self.port)))
+        except OSError as exc:
+            self.error = exc
+        finally:
+            self.done.set()
+
+
+def _addresses(host: str, port: int, guard: AttemptGuard) -> list[str]:
+    """`host`'s addresses, or a connect error as soon as the attempt is stopped or out of time."""
+    try:
+        ipaddress.ip_address(host)
+        return [host]
+    except ValueError:
+        pass
+    lookup = _Lookup(host, port)
+    lookup.start()
+    while not lookup.done.wait(min(0.1, max(guard.remaining(), 0.0))):
+        if guard.ended():
+            raise httpcore2.ConnectTimeout(f"looking up {host} did not end within the attempt's time")
+    if lookup.error is not None:
+        raise httpcore2.ConnectError(f"looking up {host}: {lookup.error}") from lookup.error
+    return lookup.addresses
+
+
 class _AttemptSocketBackend(httpcore2.NetworkBackend):
-    """httpcore's own socket backend, whose streams are `_AttemptSocketStream`s."""
+    """httpcore's own socket backend, whose streams are `_AttemptSocketStream`s, and whose new connections
+    are bounded by the attempt that needs them (see the module)."""
 
     def __init__(self) -> None:
         self._inner = httpcore2.SyncBackend()
 
     def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
                     socket_options: Iterable[Any] | None = None) -> httpcore2.NetworkStream:
-        return _AttemptSocketStream(self._inner.connect_tcp(host, port, timeout, local_address, socket_options))
+        guard = _current_guard()
+        if guard is None:
+            return _AttemptSocketStream(self._inner.connect_tcp(host, port, timeout, local_address, socket_options))
+        failure: Exception = httpcore2.ConnectError(f"{host} has no address")
+        for address in _addresses(host, port, guard):
+            if guard.ended():
+                raise httpcore2.ConnectTimeout(f"connecting to {host} did not end within the attempt's time")
+            within = guard.remaining() if timeout is None else min(timeout, guard.remaining())
+            try:
+                return _AttemptSocketStream(self._inner.connect_tcp(address, port, within, local_address,
+                                                                    socket_options))
+            except (httpcore2.ConnectError, httpcore2.ConnectTimeout) as exc:
+                failure = exc
+        raise failure
 
     def connect_unix_socket(self, path: str, timeout: float | None = None,
                             socket_options: Iterable[Any] | None = None) -> httpcore2.NetworkStream:
