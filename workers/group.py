@@ -10,31 +10,35 @@ those of any dead worker.
 
 A stop asked for by a signal (SIGTERM, SIGINT) is told apart from a death by the signal itself,
 not by exit codes: Python writes the number of every signal it handles to a wake-up descriptor,
-whatever handler Dramatiq installed. Exit codes with which Dramatiq reports a group that cannot
-start at all (its actors fail to import, its broker is unreachable) end this process instead of
-looping. Between restarts the delay doubles from one second to thirty, and starts over once a
-group has run for a minute.
+whatever handler Dramatiq installed. A group whose actors fail to import (a broken deployment,
+which would fail the same way again) ends this process instead of looping; anything else, an
+unreachable Redis included, is started again. Between restarts the delay doubles from one second
+to thirty, and starts over once a group has run for a minute. SIGHUP keeps Dramatiq's meaning:
+the group stops and the command runs again from the start (between two groups, the next one
+starts at once).
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import select
 import signal
+import sys
 import time
 from collections.abc import Callable
 from types import FrameType
 
-from dramatiq.cli import RET_CONNECT, RET_IMPORT, RET_PIDFILE
+from dramatiq.cli import HANDLED_SIGNALS, RET_IMPORT
 
 log = logging.getLogger("agentq.worker")
 
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
-CANNOT_START = frozenset({RET_IMPORT, RET_CONNECT, RET_PIDFILE})
 FIRST_DELAY_SECONDS = 1.0
 LONGEST_DELAY_SECONDS = 30.0
 STABLE_SECONDS = 60.0
+CHILD_STOP_SECONDS = 120.0
 
 
 class _SignalLog:
@@ -46,27 +50,35 @@ class _SignalLog:
             os.set_blocking(end, False)
         signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
         os.register_at_fork(after_in_child=self._forget)
-        self.listen()
+        self.handle_here()
 
     def _forget(self) -> None:
         """A forked worker process must not write its own signals (the SIGTERM the group's parent sends the
-        survivors of a death) into the parent's log, where they would read as a stop asked of the group."""
+        survivors of a death) into the parent's log, where they would read as a stop asked of the group,
+        nor ignore them until Dramatiq gives it handlers of its own. Fork hooks are inherited, so a process
+        that a worker forks in turn runs this again: by then the descriptors' numbers may belong to someone
+        else, and are left alone."""
+        if self._read < 0:
+            return
         signal.set_wakeup_fd(-1)
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
         for end in (self._read, self._write):
             os.close(end)
+        self._read = self._write = -1
 
     @staticmethod
-    def listen() -> None:
-        """Handle the stop signals here (only their numbers matter): between two groups Dramatiq's handler,
-        still installed, would signal the old group's process ids, which may belong to others by then."""
+    def handle_here() -> None:
+        """Between two groups Dramatiq's handlers, still installed, would signal the old group's process ids,
+        which may belong to others by then; these only let the number reach the log."""
 
         def noted(_signum: int, _frame: FrameType | None) -> None:
             return None
 
-        for sig in (*STOP_SIGNALS, signal.SIGHUP):
+        for sig in HANDLED_SIGNALS:
             signal.signal(sig, noted)
 
-    def received(self) -> set[int]:
+    def drain(self) -> set[int]:
         numbers: set[int] = set()
         while True:
             try:
@@ -78,37 +90,60 @@ class _SignalLog:
             numbers.update(chunk)
 
     def wait(self, seconds: float) -> set[int]:
-        """Sleep up to `seconds`, waking for a signal; returns the signals received meanwhile."""
+        """Sleep up to `seconds`, but not through a stop: returns the signals received meanwhile."""
         select.select([self._read], [], [], seconds)
-        return self.received()
+        return self.drain()
 
 
 def run_group(start: Callable[[], int], *, restart: bool = True) -> int:
-    """Run the group `start` starts (Dramatiq's main) until it is stopped by a signal; returns its exit code."""
+    """Run the group `start` starts (Dramatiq's main) until an operator's signal stops it, starting it again
+    whenever it returns for any other reason, since nothing else would: returns the exit code of the stop.
+
+    Without `restart` the group runs once, as Dramatiq's own command does, for a supervisor that restarts
+    the command itself."""
     if not restart:
         return start()
     signals = _SignalLog()
-    delay, code = FIRST_DELAY_SECONDS, 0
+    delay = FIRST_DELAY_SECONDS
     while True:
-        # Blocked until Dramatiq has its handlers in place (it unblocks them then; so does this loop once it
-        # returns): a stop arriving in between is delivered to Dramatiq, one that arrived before is in the log.
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        if STOP_SIGNALS & signals.received():
-            return code
-        started = time.monotonic()
-        code = start()
+        # Dramatiq blocks these itself only once it is under way; blocked from here, one that comes before
+        # its handlers are in place waits for them, and one that came before this line is in the log.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        if STOP_SIGNALS & signals.drain():
+            return 0
+        started, path = time.monotonic(), list(sys.path)
+        try:
+            code = start()
+        except BaseException:
+            _stop_children()
+            raise
+        finally:
+            signals.handle_here()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+            sys.path[:] = path
         ran = time.monotonic() - started
-        signals.listen()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-        if STOP_SIGNALS & signals.received():
+        if STOP_SIGNALS & signals.drain():
             return code
-        if code in CANNOT_START:
-            log.critical("the worker group cannot start (exit code %s); not starting it again", code)
+        if code == RET_IMPORT:
+            log.critical("the worker group cannot start: its actors fail to import (exit code %s); "
+                         "not starting it again", code)
             return code
         if ran >= STABLE_SECONDS:
             delay = FIRST_DELAY_SECONDS
         log.error("a worker process exited unexpectedly and its group stopped (exit code %s, after %.0f s); "
                   "starting the group again in %.0f s", code, ran, delay)
         if STOP_SIGNALS & signals.wait(delay):
-            return code
+            return 0
         delay = min(delay * 2, LONGEST_DELAY_SECONDS)
+
+
+def _stop_children() -> None:
+    """Dramatiq's main failed half-way (a fork refused for want of memory): stop the processes it started,
+    which would otherwise keep this one from exiting."""
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(CHILD_STOP_SECONDS)
+        if child.is_alive():
+            child.kill()
