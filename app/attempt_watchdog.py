@@ -32,7 +32,8 @@ class Watch:
 
     __slots__ = ("_watchdog", "deadline", "fired", "sock", "stop")
 
-    def __init__(self, watchdog: _Watchdog, deadline: float, stop: threading.Event, sock: socket.socket | None):
+    def __init__(self, watchdog: _Watchdog, deadline: float, stop: threading.Event,
+                 sock: socket.socket | None) -> None:
         self._watchdog = watchdog
         self.deadline = deadline
         self.stop = stop

@@ -15,16 +15,15 @@ from sqlalchemy.orm import Session
 
 from app import coordination
 from app.auth import Principal
-from app.conversations import owned_conversation, record_turn_end
+from app.conversations import owned_conversation
 from app.db import transaction
 from app.errors import NotFound
 from app.in_flight import answer_in_flight
-from app.live_stream import TurnStream
 from app.models import ConversationMessage, Turn, table
 from app.models.base import utc_now
 from app.stop_requests import publish_stop
-from app.turn_state import fail_turn_unowned
 from app.turn_status import TurnStatus
+from app.unowned_end import announce_unowned_end, end_unowned
 
 STOPPED = "stopped on request"
 
@@ -59,9 +58,9 @@ def delete_conversation(principal: Principal, conversation_id: int) -> None:
 
 @dataclass(frozen=True, slots=True)
 class _Stopped:
-    held: coordination.HeldTurn
-    cancelled: bool
-    """True for a pending turn, cancelled here; False for a processing one, flagged for its worker."""
+    turn_id: int
+    cancelled: coordination.HeldTurn | None
+    """What a pending turn, cancelled here, held; None for a processing one, flagged for its worker."""
 
 
 def _stop(session: Session, message_id: int) -> _Stopped | None:
@@ -74,18 +73,15 @@ def _stop(session: Session, message_id: int) -> _Stopped | None:
     if TurnStatus(status).is_terminal:
         return None
     turn.cancel_requested_at = utc_now()
-    cancelled = status == TurnStatus.PENDING
-    if cancelled:
-        fail_turn_unowned(session, message_id, TurnStatus.CANCELLED, STOPPED)
-        record_turn_end(session, turn.conversation_id, None)
-    return _Stopped(coordination.HeldTurn(message_id, turn.user_id, turn.conversation_id), cancelled)
+    if status != TurnStatus.PENDING:
+        return _Stopped(message_id, None)
+    return _Stopped(message_id, end_unowned(session, message_id, TurnStatus.CANCELLED, STOPPED))
 
 
 def _announce(stopped: _Stopped | None) -> None:
     """After the commit: tell the worker through Redis, and free what a cancelled pending turn held."""
     if stopped is None:
         return
-    publish_stop(stopped.held.turn_id)
-    if stopped.cancelled:
-        coordination.release(stopped.held)
-        TurnStream(stopped.held.turn_id).finished(TurnStatus.CANCELLED, None)
+    publish_stop(stopped.turn_id)
+    if stopped.cancelled is not None:
+        announce_unowned_end(stopped.cancelled, TurnStatus.CANCELLED)

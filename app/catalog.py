@@ -5,7 +5,6 @@ Both are deleted softly: conversations, messages and cost records keep pointing 
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import or_, select
@@ -15,6 +14,7 @@ from sqlalchemy.orm import Session
 from app.db import transaction
 from app.errors import Conflict, NotFound, ValidationFailed
 from app.models import Agent, LlmModel
+from app.models.base import utc_now
 
 
 def _live_model(session: Session, model_id: int) -> LlmModel:
@@ -82,7 +82,7 @@ def delete_model(model_id: int) -> None:
         )
         if in_use is not None:
             raise Conflict(f"Agent {in_use} still uses this model.", code="model_in_use")
-        model.deleted_at = datetime.now(UTC)
+        model.deleted_at = utc_now()
 
 
 def _check_models(session: Session, fields: dict[str, Any]) -> None:
@@ -90,9 +90,10 @@ def _check_models(session: Session, fields: dict[str, Any]) -> None:
         model_id = fields.get(key)
         if model_id is None:
             continue
-        model = session.get(LlmModel, model_id)
-        if model is None or model.deleted_at is not None:
-            raise ValidationFailed(f"{key} {model_id} does not name a model.")
+        try:
+            _live_model(session, model_id)
+        except NotFound:
+            raise ValidationFailed(f"{key} {model_id} does not name a model.") from None
 
 
 def create_agent(fields: dict[str, Any]) -> Agent:
@@ -128,4 +129,4 @@ def update_agent(agent_id: int, changes: dict[str, Any]) -> Agent:
 
 def delete_agent(agent_id: int) -> None:
     with transaction() as session:
-        live_agent(session, agent_id).deleted_at = datetime.now(UTC)
+        live_agent(session, agent_id).deleted_at = utc_now()

@@ -10,6 +10,7 @@ unreachable every call degrades to a no-op and the database's guarantees stand a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
@@ -152,22 +153,23 @@ class HeldTurn:
     conversation_id: int
 
 
-def renew(turns: Iterable[HeldTurn]) -> set[int]:
-    """Renew the locks of the turns this process works on, in one pipeline; returns the ids another holds."""
+def renew(turns: Iterable[HeldTurn]) -> None:
+    """Renew the locks of the turns this process works on, in one pipeline.
+
+    A lock another turn took meanwhile (Redis lost its keys and a later turn of the conversation took
+    them) is left to it: the lock only spares the database work, and the lease, renewed in the database
+    by the same keeper, is what decides which worker runs a turn."""
     held = list(turns)
     if not held:
-        return set()
+        return
     now, lease = _now_ms(), _lease_ms()
     script = lua_script("renew_turn_slots")
     pipe = get_redis().pipeline(transaction=False)
     for turn in held:
         script(keys=[lock_key(turn.conversation_id), slots_key(turn.user_id)],
                args=[turn_owner(turn.turn_id), now, lease, turn.conversation_id, ""], client=pipe)
-    try:
-        results = pipe.execute()
-    except redis.RedisError:
-        return set()
-    return {turn.turn_id for turn, ok in zip(held, results, strict=True) if not ok}
+    with contextlib.suppress(redis.RedisError):
+        pipe.execute()
 
 
 def release(held: HeldTurn) -> None:

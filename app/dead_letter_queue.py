@@ -15,7 +15,7 @@ from typing import Any
 import dramatiq
 import redis
 
-from app.operations import QUEUES, broker_key
+from app.dispatch import QUEUES, broker_key
 from app.redis_client import get_redis, lua_script
 
 log = logging.getLogger(__name__)

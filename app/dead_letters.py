@@ -1,11 +1,10 @@
 """Dead letters: messages whose retries ran out, listed, requeued and purged on the broker's own data.
 
-Dramatiq 2 has no API for its dead-letter queue, so this module reads the Redis broker's keys
-(`<namespace>:<queue>.XQ`, a zset of message ids scored by when they died, and `.XQ.msgs`, their
-bodies). The broker says which messages are dead; the `dead_letters` table adds what the broker
-cannot keep (the final error and retry count, recorded by the worker at the nack) and the integer
-id of the contract. A dead message the worker could not record (the database was down) is adopted
-from its body when listed, and a requeue works from the row even if Redis has lost the entry.
+The broker says which messages are dead (`app.dead_letter_queue` reads its keys); the `dead_letters`
+table adds what the broker cannot keep (the final error and retry count, recorded by the worker at
+the nack) and the integer id of the contract. A dead message the worker could not record (the
+database was down) is adopted from its body when listed, and a requeue works from the row even if
+Redis has lost the entry.
 
 A requeue reopens the run (`error` -> `pending`) and marks the row in one transaction, then takes
 the entry out of the broker (atomically, so two operators cannot both resend it) and sends a fresh

@@ -14,6 +14,8 @@ from typing import Any
 import dramatiq
 from dramatiq import Message
 
+from app.config import get_settings
+
 log = logging.getLogger(__name__)
 
 TURNS_QUEUE = "turns"
@@ -21,6 +23,13 @@ DEBUG_QUEUE = "debug"
 RUN_TURN = "run_turn"
 RUN_DEBUG = "run_debug_run"
 RUN_ACTORS = (RUN_TURN, RUN_DEBUG)
+QUEUES = (TURNS_QUEUE, DEBUG_QUEUE)
+
+
+def broker_key(queue: str, suffix: str = "") -> str:
+    """The Redis broker's key for a queue: `<namespace>:<queue>` plus `.DQ` (delayed) or `.XQ` (dead), each
+    with `.msgs` for the bodies; what operators read, since Dramatiq 2 has no API for these queues."""
+    return f"{get_settings().broker_namespace}:{queue}{suffix}"
 
 
 def run_of(actor: str, args: list[Any]) -> int | None:

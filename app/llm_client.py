@@ -107,16 +107,26 @@ def _new_client(api_key: str, base_url: str | None) -> openai.OpenAI:
                          http_client=openai.DefaultHttpx2Client(transport=transport))
 
 
+def api_key_for(api_key_env: str | None) -> str:
+    """The key in the variable `api_key_env` names, else `OPENAI_API_KEY`; an endpoint that needs none (a
+    local server) still gets a placeholder, since the SDK refuses to build a client without one."""
+    return os.environ.get(api_key_env or "", "") or os.environ.get("OPENAI_API_KEY", "") or DEFAULT_API_KEY
+
+
 def client_for(target: ModelTarget) -> openai.OpenAI:
+    return client_at(target.base_url, target.api_key_env)
+
+
+def client_at(base_url: str | None, api_key_env: str | None) -> openai.OpenAI:
     """One client, and so one connection pool, per endpoint and key for the life of the process."""
-    api_key = os.environ.get(target.api_key_env or "", "") or os.environ.get("OPENAI_API_KEY", "") or DEFAULT_API_KEY
-    cache_key = (target.base_url, api_key)
+    api_key = api_key_for(api_key_env)
+    cache_key = (base_url, api_key)
     client = _clients.get(cache_key)
     if client is None:
         with _clients_lock:
             client = _clients.get(cache_key)
             if client is None:
-                client = _clients[cache_key] = _new_client(api_key, target.base_url)
+                client = _clients[cache_key] = _new_client(api_key, base_url)
     return client
 
 

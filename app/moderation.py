@@ -3,20 +3,24 @@
 Blocked terms match case-insensitively anywhere in the text (so Chinese terms, which have no word
 boundaries, work too). When `AGENTQ_MODERATION_URL` names an OpenAI-compatible endpoint, its verdict
 is asked as well; if that endpoint cannot be reached the input passes and a warning is logged
-(fail-open: an outage of the moderation provider must not stop every conversation).
+(fail-open: an outage of the moderation provider must not stop every conversation). Its key is
+found as a model's is (`AGENTQ_MODERATION_API_KEY_ENV`, else `OPENAI_API_KEY`), and its client is
+kept for the process like a model's.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import openai
 
 from app.config import get_settings
+from app.llm_client import client_at
 
 log = logging.getLogger(__name__)
+
+MODERATION_TIMEOUT_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,11 +42,10 @@ def check_blocked_terms(content: str) -> Verdict:
 
 
 def _check_endpoint(content: str, url: str) -> Verdict:
-    settings = get_settings()
-    key = os.environ.get(settings.moderation_api_key_env or "", "") or "sk-no-key-configured"
+    client = client_at(url, get_settings().moderation_api_key_env)
     try:
-        client = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=10.0)
-        flagged = bool(client.moderations.create(input=content).results[0].flagged)
+        flagged = bool(client.moderations.create(input=content, timeout=MODERATION_TIMEOUT_SECONDS)
+                       .results[0].flagged)
     except (openai.OpenAIError, IndexError, AttributeError) as exc:
         log.warning("moderation endpoint failed or answered without a result, input passes: %r", exc)
         return Verdict(True)

@@ -9,15 +9,13 @@ from datetime import datetime, timedelta
 import redis
 from sqlalchemy import func, select
 
-from app.config import get_settings
 from app.db import transaction
-from app.dispatch import DEBUG_QUEUE, TURNS_QUEUE
+from app.dispatch import QUEUES, broker_key
 from app.models import ConversationMessage
 from app.models.base import utc_now
 from app.redis_client import get_redis
 from app.turn_status import IN_FLIGHT_VALUES, TurnStatus
 
-QUEUES = (TURNS_QUEUE, DEBUG_QUEUE)
 FAILURES = tuple(s for s in TurnStatus if s.is_terminal and s is not TurnStatus.SUCCESS)
 
 
@@ -36,16 +34,9 @@ class QueueSnapshot:
     redis_error: str | None = None
 
 
-def broker_key(queue: str, suffix: str = "") -> str:
-    """The Redis broker's key for a queue: `<namespace>:<queue>` plus `.DQ` (delayed) or `.XQ` (dead).
-
-    Delayed messages are counted from the `.DQ.msgs` bodies: a worker moves the ids of `.DQ` into
-    its own unacked set as soon as it sees them, so the list itself is nearly always empty.
-    """
-    return f"{get_settings().broker_namespace}:{queue}{suffix}"
-
-
 def queue_snapshot() -> QueueSnapshot:
+    """Delayed messages are counted from the `.DQ.msgs` bodies: a worker moves the ids of `.DQ` into its
+    own unacked set as soon as it sees them, so the list itself is nearly always empty."""
     snapshot = QueueSnapshot()
     try:
         pipe = get_redis().pipeline(transaction=False)

@@ -35,13 +35,13 @@ from app.turn_state import (
     LeaseLost,
     TurnRow,
     claim_turn,
-    fail_turn_unowned,
     finish_turn,
     gave_up_reason,
     given_up,
     revoke_lease,
 )
 from app.turn_status import TurnStatus
+from app.unowned_end import announce_unowned_end, end_unowned
 
 log = logging.getLogger(__name__)
 
@@ -227,13 +227,10 @@ def _settle_failure(context: TurnContext, status: TurnStatus, reason: str, strea
 def abandon_turn(turn_id: int, reason: str) -> bool:
     """End a turn as `error` when its message died (retries exhausted); frees its reservation and slot."""
     with transaction() as session:
-        turn = fail_turn_unowned(session, turn_id, TurnStatus.ERROR, reason)
-        if turn is None:
-            return False
-        record_turn_end(session, turn.conversation_id, None)
-        held = coordination.HeldTurn(turn_id, turn.user_id, turn.conversation_id)
-    coordination.release(held)
-    TurnStream(turn_id).finished(TurnStatus.ERROR, None)
+        held = end_unowned(session, turn_id, TurnStatus.ERROR, reason)
+    if held is None:
+        return False
+    announce_unowned_end(held, TurnStatus.ERROR)
     return True
 
 

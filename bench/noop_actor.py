@@ -33,19 +33,3 @@ def noop(ident: int) -> None:
 def enqueue(ident: int) -> None:
     """Exactly what `app.dispatch` does for a turn: a Message built by hand, sent through the broker."""
     broker.enqueue(Message(queue_name=QUEUE, actor_name=ACTOR, args=(ident,), kwargs={}, options={}))
-
-
-SLEEP_QUEUE = "bench_sleep"
-SLEEP_ACTOR = "bench_sleep"
-
-
-@dramatiq.actor(actor_name=SLEEP_ACTOR, queue_name=SLEEP_QUEUE)
-def sleeper(seconds: float) -> None:
-    """A message that only waits, like a turn waiting on its upstream: Dramatiq's own latency-bound ceiling."""
-    import time
-
-    time.sleep(seconds)
-
-
-def enqueue_sleep(seconds: float) -> None:
-    broker.enqueue(Message(queue_name=SLEEP_QUEUE, actor_name=SLEEP_ACTOR, args=(seconds,), kwargs={}, options={}))

@@ -21,7 +21,6 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 T = TypeVar("T")
 
 _started: list[Proc] = []

@@ -81,8 +81,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from workers.group import run_group
 
     # A process takes no more turns than it has threads. Dramatiq reads `dramatiq_queue_prefetch` into this
-    # global when it is first imported, which building the parser already did (the dlq commands import the
-    # broker), so setting the environment variable here came too late and left twice the threads.
+    # global when `dramatiq.worker` is first imported, which building the parser has already done, so the
+    # environment variable cannot be used here; without it Dramatiq prefetches twice the threads.
     dramatiq.worker.QUEUE_PREFETCH = dramatiq.worker.QUEUE_PREFETCH or max(1, args.threads)
     argv = ["workers.actors", "--processes", str(args.processes), "--threads", str(args.threads),
             "--worker-shutdown-timeout", str(int(get_settings().shutdown_grace_seconds * 1000))]

@@ -17,8 +17,6 @@ from app.money import render as money
 from app.operations import FailureReport, QueueSnapshot
 from app.prompt import Prompt
 
-__all__ = ["money"]
-
 
 def timestamp(moment: datetime | None) -> str | None:
     return None if moment is None else iso_utc(moment)
@@ -65,6 +63,11 @@ def llm_model(m: LlmModel) -> dict[str, Any]:
         "context_window": m.context_window, "created_at": timestamp(m.created_at),
         "updated_at": timestamp(m.updated_at),
     }
+
+
+def agent_choice(a: Agent) -> dict[str, Any]:
+    """What a user picks an agent by: its prompt and models are the operators'."""
+    return {"id": a.id, "name": a.name}
 
 
 def agent(a: Agent) -> dict[str, Any]:

@@ -18,7 +18,7 @@ class RunOutcomes(Middleware):
 
 
 class WorkerServices(Middleware):
-    """Starts the lease keeper's companions (recovery sweep, stop watcher) in each worker process."""
+    """Starts the lease keeper's companions (the recovery sweep, the stop check) in each worker process."""
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
         """A forked process must not reuse its parent's sockets, and logs in agentq's format, not Dramatiq's."""

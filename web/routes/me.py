@@ -28,4 +28,4 @@ def get_transactions(query: LedgerQuery) -> dict:
 
 @bp.get("/agents", tags=[tag])
 def list_chat_agents() -> dict:
-    return {"items": [{"id": a.id, "name": a.name} for a in catalog.list_agents()]}
+    return {"items": [render.agent_choice(a) for a in catalog.list_agents()]}
