@@ -28,11 +28,12 @@ from sqlalchemy.orm import Session
 from app import dispatch, live_stream, outbox
 from app.db import transaction
 from app.dead_letter_queue import BrokerEntry, dead_entries, holds_entry, take_entry
+from app.debug_run_state import reopen_debug_run
 from app.errors import Conflict, ConversationBusy, NotFound, ServiceUnavailable, TooManyActiveConversations
 from app.in_flight import check_can_start, lock_user
 from app.models import Conversation, ConversationMessage, DeadLetter, DebugRun, Turn
 from app.models.base import utc_now
-from app.turn_state import TransitionRefused, reopen_debug_run, reopen_turn
+from app.turn_state import TransitionRefused, reopen_turn
 
 log = logging.getLogger(__name__)
 

@@ -15,20 +15,15 @@ import time
 from app.attempts import record_attempts
 from app.config import get_settings
 from app.db import transaction
+from app.debug_run_state import claim_debug_run, finish_debug_run, revoke_debug_lease
+from app.deliveries import gave_up_reason, given_up
 from app.fallback import AgentParams, AnswerSink, call_with_fallback
 from app.leases import Holding, keeper
 from app.models import Agent, DebugRun
 from app.moderation import moderate
 from app.prompt import build_prompt
 from app.targets import agent_targets
-from app.turn_state import (
-    LeaseLost,
-    claim_debug_run,
-    finish_debug_run,
-    gave_up_reason,
-    given_up,
-    revoke_debug_lease,
-)
+from app.turn_state import LeaseLost
 from app.turn_status import TurnStatus
 
 log = logging.getLogger(__name__)

@@ -37,12 +37,13 @@ from app import outbox
 from app.clock import lease_now
 from app.config import get_settings
 from app.db import transaction
+from app.debug_run_state import revoke_debug_lease
 from app.in_flight import answer_in_flight, in_flight, status_is
 from app.models import ConversationMessage, DebugRun, Turn, table
 from app.models.base import utc_now
 from app.prepared import Prepared
 from app.redis_client import get_redis, key
-from app.turn_state import lease_over, revoke_debug_lease, revoke_lease
+from app.turn_state import lease_over, revoke_lease
 from app.turn_status import TurnStatus
 
 log = logging.getLogger(__name__)

@@ -21,6 +21,7 @@ from app.cancellation import STOPPED
 from app.config import get_settings
 from app.conversations import record_turn_end
 from app.db import plain_transaction, transaction
+from app.deliveries import gave_up_reason, given_up
 from app.fallback import AgentParams, Outcome, call_with_fallback
 from app.leases import Holding, keeper
 from app.live_stream import TurnStream
@@ -36,8 +37,6 @@ from app.turn_state import (
     TurnRow,
     claim_turn,
     finish_turn,
-    gave_up_reason,
-    given_up,
     revoke_lease,
 )
 from app.turn_status import TurnStatus

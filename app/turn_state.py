@@ -2,7 +2,9 @@
 
 Every change is an UPDATE guarded by the statuses it may leave (`turn_status.sources_for`) and, for
 a worker, by the lease token it holds; when the guard matches nothing the change is refused loudly,
-so a redelivered message or a worker that lost its lease can never overwrite a finished turn.
+so a redelivered message or a worker that lost its lease can never overwrite a finished turn. Who
+may claim a run under which lease (`claim_outcome`, `lease_over`) is defined here once, and an admin
+test run's state machine (`app.debug_run_state`) follows the same rule.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from sqlalchemy import ColumnElement, bindparam, case, literal, or_, select, upd
 from sqlalchemy.orm import Session
 
 from app import ledger
-from app.clock import DatabaseNow, lease_clock, lease_time
-from app.config import get_settings
+from app.clock import DatabaseNow, lease_time
+from app.deliveries import DELIVERIES_PER_REQUEUE, delivery_deadline
 from app.llm_client import MODEL_FIELDS
-from app.models import Agent, Conversation, ConversationMessage, DebugRun, LlmModel, Turn, table
+from app.models import Agent, Conversation, ConversationMessage, LlmModel, Turn, table
 from app.models.base import optional_utc as utc
 from app.models.base import utc_now
 from app.money import quantize
@@ -167,7 +169,7 @@ def new_lease_token() -> str:
     return secrets.token_hex(16)
 
 
-def _claim_outcome(status: str, lease_expires_at: datetime | None, now: datetime) -> Claim:
+def claim_outcome(status: str, lease_expires_at: datetime | None, now: datetime) -> Claim:
     """Who may run a turn (or admin test run) in `status` now: a pending one is claimed, a processing
     one is taken over once its lease ran out (its worker died), an ended one is left alone."""
     if TurnStatus(status).is_terminal:
@@ -186,12 +188,6 @@ def _lease_live(lease_expires_at: datetime | None, now: datetime) -> bool:
 def lease_over(lease_expires_at: ColumnElement[datetime | None], now: ColumnElement[datetime]) -> ColumnElement[bool]:
     """`_lease_live`'s rule in SQL, negated: no delivery holds the run."""
     return or_(lease_expires_at.is_(None), lease_expires_at <= now)
-
-
-def delivery_deadline(now: datetime, timeout_seconds: float, has_fallback: bool) -> datetime:
-    """When a delivery started at `now` has outrun every model attempt it could make, plus the grace."""
-    bound = timeout_seconds * (2 if has_fallback else 1) + get_settings().turn_grace_seconds
-    return now + timedelta(seconds=bound)
 
 
 def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
@@ -216,7 +212,7 @@ def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
     if row is None:
         return ClaimResult(Claim.MISSING)
     judged_at = lease_time(row.now)
-    outcome = _claim_outcome(row.status, row.lease_expires_at, judged_at)
+    outcome = claim_outcome(row.status, row.lease_expires_at, judged_at)
     if not outcome.acquires:
         return ClaimResult(outcome)
     turn = TurnRow(row.assistant_message_id, row.user_message_id, row.conversation_id, row.user_id,
@@ -250,15 +246,6 @@ def revoke_lease(session: Session, turn_id: int, token: str) -> bool:
     """
     return session.execute(
         update(Turn).where(Turn.assistant_message_id == turn_id, Turn.lease_token == token)
-        .values(lease_token=None, lease_expires_at=None)
-        .execution_options(synchronize_session=False)
-    ).rowcount == 1
-
-
-def revoke_debug_lease(session: Session, run_id: int, token: str) -> bool:
-    """The same revoke for an admin test run."""
-    return session.execute(
-        update(DebugRun).where(DebugRun.id == run_id, DebugRun.lease_token == token)
         .values(lease_token=None, lease_expires_at=None)
         .execution_options(synchronize_session=False)
     ).rowcount == 1
@@ -341,28 +328,6 @@ def fail_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_
     return turn
 
 
-DELIVERIES_PER_REQUEUE = 1000
-"""A requeued turn's deliveries are numbered on from the next thousand. A delivery's number names the
-attempts it streams (`app.live_stream.attempt_number`), which must never repeat within a turn, or a
-client resuming with an event id of the run before the requeue would be sent the wrong part of the
-new answer; the give-up rule counts only the deliveries since the requeue (`deliveries_since_requeue`),
-or a turn that died after several deliveries would be given up at once."""
-
-
-def deliveries_since_requeue(deliveries: int) -> int:
-    return deliveries % DELIVERIES_PER_REQUEUE
-
-
-def given_up(deliveries: int) -> bool:
-    """Delivered more than `AGENTQ_MAX_DELIVERIES` times since the last requeue: the run (a turn or an
-    admin test run) ends as `error` without a model call, whatever keeps killing or stalling it."""
-    return deliveries_since_requeue(deliveries) > get_settings().max_deliveries
-
-
-def gave_up_reason(deliveries: int) -> str:
-    return f"gave up after {deliveries_since_requeue(deliveries) - 1} deliveries"
-
-
 def reopen_turn(session: Session, turn_id: int) -> Turn:
     """An operator's requeue of a turn that ended as `error`: it becomes pending again, its delivery
     count at the start of the next thousand (`DELIVERIES_PER_REQUEUE`)."""
@@ -377,68 +342,3 @@ def reopen_turn(session: Session, turn_id: int) -> Turn:
     turn.enqueued_at = utc_now()
     turn.deliveries = (turn.deliveries // DELIVERIES_PER_REQUEUE + 1) * DELIVERIES_PER_REQUEUE
     return turn
-
-
-def reopen_debug_run(session: Session, run_id: int) -> None:
-    """The same requeue for an admin test run that ended as `error`; its delivery count simply starts over
-    (a test run streams to no one, so no attempt numbers need keeping apart)."""
-    moved = session.execute(
-        update(DebugRun)
-        .where(DebugRun.id == run_id, DebugRun.status.in_(sources_for(TurnStatus.PENDING)))
-        .values(status=TurnStatus.PENDING.value, error_message=None, lease_token=None, lease_expires_at=None,
-                deliveries=0, enqueued_at=utc_now(), updated_at=utc_now())
-        .execution_options(synchronize_session=False)
-    ).rowcount
-    if moved != 1:
-        raise TransitionRefused(f"test run {run_id} cannot move to pending")
-
-
-def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> ClaimResult:
-    """The same claim for an admin test run, whose status lives on its single log row: a pending run
-    moves to `processing` as the transition table allows, a taken-over one keeps its status and gets a new
-    lease. Each counts a delivery; `run` is then the row's new `deliveries`, for `given_up`."""
-    locked = session.execute(select(DebugRun, DatabaseNow()).where(DebugRun.id == run_id).with_for_update()).first()
-    if locked is None:
-        return ClaimResult(Claim.MISSING)
-    run, now = locked
-    judged_at = lease_time(now)
-    outcome = _claim_outcome(run.status, run.lease_expires_at, judged_at)
-    if not outcome.acquires:
-        return ClaimResult(outcome)
-    agent = session.get_one(Agent, run.agent_id)
-    token = new_lease_token()
-    if outcome is Claim.TAKEN_OVER:
-        take = update(DebugRun).where(DebugRun.id == run_id, DebugRun.status == TurnStatus.PROCESSING.value)
-    else:
-        take = (update(DebugRun).where(DebugRun.id == run_id,
-                                       DebugRun.status.in_(sources_for(TurnStatus.PROCESSING)))
-                .values(status=TurnStatus.PROCESSING.value))
-    taken = session.execute(
-        take.values(lease_token=token, lease_expires_at=judged_at + timedelta(seconds=lease_seconds),
-                    deadline_at=delivery_deadline(judged_at, agent.timeout_seconds,
-                                                  agent.fallback_model_id is not None),
-                    deliveries=DebugRun.deliveries + 1, updated_at=utc_now())
-        .returning(DebugRun.deliveries)
-        .execution_options(synchronize_session=False)
-    ).first()
-    if taken is None:
-        raise TransitionRefused(f"test run {run_id} cannot move to processing")
-    return ClaimResult(outcome, None, token, run=taken.deliveries)
-
-
-def finish_debug_run(session: Session, run_id: int, token: str | None, target: TurnStatus,
-                     **result: Any) -> bool:
-    """Guarded like a turn's end: by the statuses it may leave and, for a worker, by its lease; without a
-    token (its message died) only a run under no live lease is ended, as `fail_turn_unowned` does."""
-    query = update(DebugRun).where(DebugRun.id == run_id, DebugRun.status.in_(sources_for(target)))
-    if token is not None:
-        query = query.where(DebugRun.lease_token == token)
-    else:
-        query = query.where(lease_over(DebugRun.lease_expires_at, lease_clock()))
-    moved = session.execute(
-        query.values(status=target.value, lease_token=None, lease_expires_at=None, updated_at=utc_now(), **result)
-        .execution_options(synchronize_session=False)
-    ).rowcount
-    if moved != 1 and token is not None:
-        raise LeaseLost(f"test run {run_id} is owned by another worker or already ended")
-    return moved == 1

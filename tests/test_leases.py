@@ -114,8 +114,9 @@ def test_leases_are_judged_by_the_databases_clock_not_by_a_worker_clock_running_
     judged by the database's clock, so only one clock matters."""
     import app.recovery
     import app.turn_state
+    from app.debug_run_state import claim_debug_run
     from app.recovery import recover_once
-    from app.turn_state import Claim, claim_debug_run, claim_turn
+    from app.turn_state import Claim, claim_turn
 
     turn = _processing_turn(world, token="live")
     run_id = world.api.post(f"/api/admin/agents/{world.agent(world.model('tester'))}/debug/execute", world.admin_key,

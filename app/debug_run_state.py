@@ -1,0 +1,103 @@
+"""The admin test run's state machine: its claim, its end, an operator's requeue, a revoked lease.
+
+A test run's status lives on its single log row (`admin_debug_logs`), with the same statuses,
+transition table, lease and delivery rules as a turn's (`app.turn_state`, `app.deliveries`), but no
+second message, no reservation and no charge.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.clock import DatabaseNow, lease_clock, lease_time
+from app.deliveries import delivery_deadline
+from app.models import Agent, DebugRun
+from app.models.base import utc_now
+from app.turn_state import (
+    Claim,
+    ClaimResult,
+    LeaseLost,
+    TransitionRefused,
+    claim_outcome,
+    lease_over,
+    new_lease_token,
+)
+from app.turn_status import TurnStatus, sources_for
+
+
+def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> ClaimResult:
+    """The same claim for an admin test run, whose status lives on its single log row: a pending run
+    moves to `processing` as the transition table allows, a taken-over one keeps its status and gets a new
+    lease. Each counts a delivery; `run` is then the row's new `deliveries`, for `given_up`."""
+    locked = session.execute(select(DebugRun, DatabaseNow()).where(DebugRun.id == run_id).with_for_update()).first()
+    if locked is None:
+        return ClaimResult(Claim.MISSING)
+    run, now = locked
+    judged_at = lease_time(now)
+    outcome = claim_outcome(run.status, run.lease_expires_at, judged_at)
+    if not outcome.acquires:
+        return ClaimResult(outcome)
+    agent = session.get_one(Agent, run.agent_id)
+    token = new_lease_token()
+    if outcome is Claim.TAKEN_OVER:
+        take = update(DebugRun).where(DebugRun.id == run_id, DebugRun.status == TurnStatus.PROCESSING.value)
+    else:
+        take = (update(DebugRun).where(DebugRun.id == run_id,
+                                       DebugRun.status.in_(sources_for(TurnStatus.PROCESSING)))
+                .values(status=TurnStatus.PROCESSING.value))
+    taken = session.execute(
+        take.values(lease_token=token, lease_expires_at=judged_at + timedelta(seconds=lease_seconds),
+                    deadline_at=delivery_deadline(judged_at, agent.timeout_seconds,
+                                                  agent.fallback_model_id is not None),
+                    deliveries=DebugRun.deliveries + 1, updated_at=utc_now())
+        .returning(DebugRun.deliveries)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if taken is None:
+        raise TransitionRefused(f"test run {run_id} cannot move to processing")
+    return ClaimResult(outcome, None, token, run=taken.deliveries)
+
+
+def finish_debug_run(session: Session, run_id: int, token: str | None, target: TurnStatus,
+                     **result: Any) -> bool:
+    """Guarded like a turn's end: by the statuses it may leave and, for a worker, by its lease; without a
+    token (its message died) only a run under no live lease is ended, as `fail_turn_unowned` does."""
+    query = update(DebugRun).where(DebugRun.id == run_id, DebugRun.status.in_(sources_for(target)))
+    if token is not None:
+        query = query.where(DebugRun.lease_token == token)
+    else:
+        query = query.where(lease_over(DebugRun.lease_expires_at, lease_clock()))
+    moved = session.execute(
+        query.values(status=target.value, lease_token=None, lease_expires_at=None, updated_at=utc_now(), **result)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if moved != 1 and token is not None:
+        raise LeaseLost(f"test run {run_id} is owned by another worker or already ended")
+    return moved == 1
+
+
+def reopen_debug_run(session: Session, run_id: int) -> None:
+    """The same requeue for an admin test run that ended as `error`; its delivery count simply starts over
+    (a test run streams to no one, so no attempt numbers need keeping apart)."""
+    moved = session.execute(
+        update(DebugRun)
+        .where(DebugRun.id == run_id, DebugRun.status.in_(sources_for(TurnStatus.PENDING)))
+        .values(status=TurnStatus.PENDING.value, error_message=None, lease_token=None, lease_expires_at=None,
+                deliveries=0, enqueued_at=utc_now(), updated_at=utc_now())
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if moved != 1:
+        raise TransitionRefused(f"test run {run_id} cannot move to pending")
+
+
+def revoke_debug_lease(session: Session, run_id: int, token: str) -> bool:
+    """The same revoke for an admin test run."""
+    return session.execute(
+        update(DebugRun).where(DebugRun.id == run_id, DebugRun.lease_token == token)
+        .values(lease_token=None, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    ).rowcount == 1
