@@ -24,10 +24,10 @@ import redis
 from sqlalchemy import func, select
 
 from app.config import get_settings
+from app.conversations import owned_message
 from app.db import transaction
-from app.errors import NotFound
 from app.live_stream import attempt_number, stream_key
-from app.models import Conversation, ConversationMessage, ModelAttempt, Turn
+from app.models import ConversationMessage, ModelAttempt, Turn
 from app.redis_client import SOCKET_TIMEOUT_SECONDS, get_redis
 from app.stream_slots import stream_slots
 from app.turn_status import TurnStatus
@@ -92,13 +92,7 @@ def open_answer_stream(user_id: int, message_id: int, last_event_id: str | None)
 def _authorize(user_id: int, message_id: int) -> None:
     """404 for a message that is not the caller's assistant message, before any streaming starts."""
     with transaction() as session:
-        row = session.execute(
-            select(ConversationMessage.role, Conversation.user_id, Conversation.deleted_at)
-            .join(Conversation, Conversation.id == ConversationMessage.conversation_id)
-            .where(ConversationMessage.id == message_id)
-        ).first()
-    if row is None or row.user_id != user_id or row.deleted_at is not None or row.role != "assistant":
-        raise NotFound("No such assistant message.")
+        owned_message(session, user_id, message_id, answer=True)
 
 
 def _load(message_id: int) -> tuple[ConversationMessage, int]:

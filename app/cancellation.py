@@ -15,9 +15,8 @@ from sqlalchemy.orm import Session
 
 from app import coordination
 from app.auth import Principal
-from app.conversations import owned_conversation
+from app.conversations import owned_conversation, owned_message
 from app.db import transaction
-from app.errors import NotFound
 from app.in_flight import answer_in_flight
 from app.models import ConversationMessage, Turn, table
 from app.models.base import utc_now
@@ -31,10 +30,7 @@ STOPPED = "stopped on request"
 def cancel_turn(principal: Principal, message_id: int) -> ConversationMessage:
     """Ask a turn to stop; returns its message as it is now (already ended turns are left as they are)."""
     with transaction() as session:
-        message = session.get(ConversationMessage, message_id)
-        if message is None or message.role != "assistant":
-            raise NotFound("No such assistant message.")
-        owned_conversation(session, principal, message.conversation_id)
+        owned_message(session, principal.id, message_id, answer=True)
         stopped = _stop(session, message_id)
     _announce(stopped)
     with transaction() as session:

@@ -7,7 +7,6 @@ database or Redis by setting variables before it starts.
 
 from __future__ import annotations
 
-from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 
@@ -77,6 +76,11 @@ class Settings(BaseSettings):
         Sent upstream, so that the prompt's room for the answer and the reservation, which price it, hold."""
         return max_tokens or self.default_max_tokens
 
+    def context_window(self, declared: int | None) -> int:
+        """A model's context window: its own, else `AGENTQ_DEFAULT_CONTEXT_WINDOW`; what the prompt is cut to
+        fit, and what tells whether a fallback could take a prompt its primary refused as too long."""
+        return declared or self.default_context_window
+
     @property
     def blocked_term_list(self) -> list[str]:
         return [t.strip().casefold() for t in self.blocked_terms.split(",") if t.strip()]
@@ -91,4 +95,3 @@ def get_settings() -> Settings:
     return Settings()
 
 
-MONEY_QUANTUM = Decimal("0.000001")

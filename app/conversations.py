@@ -169,13 +169,24 @@ def _messages_by_seq(conversation_id: int) -> Iterator[ConversationMessage]:
         after = batch[-1].seq
 
 
+def owned_message(session: Session, user_id: int, message_id: int, *, answer: bool = False) -> ConversationMessage:
+    """The user's message (with `answer`, only an assistant's): another user's, one of a deleted conversation
+    and one that does not exist are the same 404, so ids reveal nothing."""
+    query = (select(ConversationMessage)
+             .join(Conversation, Conversation.id == ConversationMessage.conversation_id)
+             .where(ConversationMessage.id == message_id, Conversation.user_id == user_id,
+                    Conversation.deleted_at.is_(None)))
+    if answer:
+        query = query.where(ConversationMessage.role == "assistant")
+    message = session.scalar(query)
+    if message is None:
+        raise NotFound("No such assistant message." if answer else "No such message.")
+    return message
+
+
 def get_message(principal: Principal, message_id: int) -> ConversationMessage:
     with transaction() as session:
-        message = session.get(ConversationMessage, message_id)
-        if message is None:
-            raise NotFound("No such message.")
-        owned_conversation(session, principal, message.conversation_id)
-        return message
+        return owned_message(session, principal.id, message_id)
 
 
 def record_turn_end(unit: Unit | Batch, conversation_id: int, success_tokens: int | None) -> None:

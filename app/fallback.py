@@ -81,8 +81,8 @@ def should_fall_back(failure: AttemptFailed, primary: ModelTarget, fallback: Mod
     if failure.kind in ALWAYS_FALL_BACK:
         return True
     if failure.kind == "bad_request":
-        default = get_settings().default_context_window
-        return (fallback.context_window or default) > (primary.context_window or default)
+        settings = get_settings()
+        return settings.context_window(fallback.context_window) > settings.context_window(primary.context_window)
     return False
 
 

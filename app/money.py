@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from decimal import ROUND_HALF_UP, Decimal
 
-from app.config import MONEY_QUANTUM
-
+MONEY_QUANTUM = Decimal("0.000001")
 _THOUSAND = Decimal(1000)
 MAX_AMOUNT = Decimal("999999999999.999999")
 """The largest amount NUMERIC(18, 6) holds."""
+
+
+def checked_balance(amount: Decimal) -> Decimal:
+    """A balance as an account is opened with, from the API or the command line: finite, not negative,
+    at most six decimals (never rounded: a user is credited what was typed), within NUMERIC(18, 6)."""
+    if not amount.is_finite() or amount < 0 or amount > MAX_AMOUNT or amount != amount.quantize(MONEY_QUANTUM):
+        raise ValueError(f"a balance must be between 0 and {MAX_AMOUNT}, with at most 6 decimals, not {amount}")
+    return amount
 
 
 def quantize(amount: Decimal | int | str) -> Decimal:

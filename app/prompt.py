@@ -52,7 +52,7 @@ def build_prompt(
     max_tokens: int | None,
 ) -> Prompt:
     settings = get_settings()
-    window = context_window or settings.default_context_window
+    window = settings.context_window(context_window)
     answer_room = settings.answer_limit(max_tokens)
     head = [{"role": "system", "content": system_prompt}] if system_prompt else []
     tail = [{"role": "user", "content": content}]

@@ -12,6 +12,7 @@ from app.auth import hash_api_key, new_api_key
 from app.db import transaction
 from app.errors import NotFound, ValidationFailed
 from app.models import CreditTransaction, User
+from app.money import checked_balance
 from app.paging import page_of
 
 
@@ -25,8 +26,10 @@ def create_user(name: str, *, is_admin: bool = False, balance: Decimal = Decimal
     """The key is returned once and never stored; an opening balance is a ledger credit like any other."""
     if not name.strip():
         raise ValidationFailed("name must not be blank.")
-    if balance < 0:
-        raise ValidationFailed("balance must not be negative.")
+    try:
+        checked_balance(balance)
+    except ValueError as exc:
+        raise ValidationFailed(f"{exc}.") from None
     api_key = new_api_key()
     with transaction() as session:
         user = User(name=name.strip(), api_key_hash=hash_api_key(api_key), is_admin=is_admin,

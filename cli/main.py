@@ -31,16 +31,14 @@ def _metrics_dir() -> None:
 
 
 def _amount(value: str) -> Decimal:
-    """A balance as the API takes it: finite, not negative, six decimal places, within NUMERIC(18, 6)."""
-    from app.money import MAX_AMOUNT
+    from app.money import checked_balance
 
     try:
-        amount = Decimal(value)
+        return checked_balance(Decimal(value))
     except InvalidOperation as exc:
         raise argparse.ArgumentTypeError(f"{value!r} is not an amount") from exc
-    if not amount.is_finite() or amount < 0 or amount > MAX_AMOUNT or amount != amount.quantize(Decimal("0.000001")):
-        raise argparse.ArgumentTypeError(f"{value!r} must be between 0 and {MAX_AMOUNT}, with at most 6 decimals")
-    return amount
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 
