@@ -2,7 +2,7 @@
 
 Dramatiq 2 has no API for them: a queue's dead messages are the zset `<namespace>:<queue>.XQ` (ids
 scored by when they died) and the hash `.XQ.msgs` (their bodies). Reading is two commands per queue;
-removing an entry is one Lua script, so two operators cannot both take (and resend) the same message.
+removing an entry is one Lua script, so its id and its body go together.
 """
 
 from __future__ import annotations
@@ -51,10 +51,10 @@ def dead_entries() -> dict[str, BrokerEntry]:
     return entries
 
 
-def take_entry(queue: str, redis_message_id: str) -> bool:
-    """Remove one dead message; False when it was already gone."""
-    return bool(lua_script("take_dead_letter")(keys=[broker_key(queue, ".XQ"), broker_key(queue, ".XQ.msgs")],
-                               args=[redis_message_id], client=get_redis()))
+def take_entry(queue: str, redis_message_id: str) -> None:
+    """Remove one dead message, its id and its body together (one already gone is left gone)."""
+    lua_script("take_dead_letter")(keys=[broker_key(queue, ".XQ"), broker_key(queue, ".XQ.msgs")],
+                                   args=[redis_message_id], client=get_redis())
 
 
 def holds_entry(queue: str, redis_message_id: str) -> bool:

@@ -6,9 +6,9 @@ the nack) and the integer id of the contract. A dead message the worker could no
 database was down) is adopted from its body when listed, and a requeue works from the row even if
 Redis has lost the entry.
 
-A requeue reopens the run (`error` -> `pending`) and marks the row in one transaction, then takes
-the entry out of the broker (atomically, so two operators cannot both resend it) and sends a fresh
-message; a send that fails leaves the run for recovery to send.
+A requeue reopens the run (`error` -> `pending`) and marks the row in one transaction (the row's lock
+and its `requeued_at` let only one of two operators through), then takes the entry out of the
+broker and sends a fresh message; a send that fails leaves the run for recovery to send.
 """
 
 from __future__ import annotations

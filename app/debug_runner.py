@@ -53,7 +53,7 @@ def run_debug_run(run_id: int) -> None:
             if not verdict.passed:
                 with transaction() as session:
                     finish_debug_run(session, run_id, token, TurnStatus.CONTENT_VIOLATION,
-                                     error_message=f"moderation: {verdict.reason}")
+                                     error_message=verdict.error_message)
                 return
             outcome = call_with_fallback(
                 primary, fallback,

@@ -29,7 +29,7 @@ from app.models.base import utc_now
 from app.moderation import Verdict, moderate
 from app.paging import page_of
 from app.prompt import ChatMessage, Prompt, build_prompt, successful_history
-from app.targets import agent_targets, worst_case_cost
+from app.targets import agent_targets, attempt_order, worst_case_cost
 from app.turn_intake import check_content
 
 GroupBy = Literal["agent", "model", "admin"]
@@ -98,7 +98,7 @@ def route_decision(agent_id: int, content: str) -> RouteDecision:
     with transaction() as session:
         setup = _agent_setup(session, agent_id)
     check_content(content)
-    targets = [setup.primary] + ([setup.fallback] if setup.fallback is not None else [])
+    targets = attempt_order(setup.primary, setup.fallback)
     prompt = setup.prompt_for(setup.primary, [], content)
     return RouteDecision(
         model=setup.primary.name,

@@ -26,6 +26,7 @@ from app.llm_client import (
     estimate_tokens_of_messages,
     stream_chat,
 )
+from app.targets import attempt_order
 
 ALWAYS_FALL_BACK = frozenset({"timeout", "connection_error", "stream_cut", "rate_limited", "server_error",
                               "bad_response"})
@@ -104,7 +105,7 @@ def call_with_fallback(
     stop: threading.Event,
 ) -> Outcome:
     outcome = Outcome()
-    targets = [primary] + ([fallback] if fallback is not None else [])
+    targets = attempt_order(primary, fallback)
     for index, target in enumerate(targets):
         if stop.is_set():
             outcome.model = target

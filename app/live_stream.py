@@ -148,7 +148,9 @@ class TurnStream(AnswerSink):
         self._offset += len(text)
 
     def finished(self, status: TurnStatus, model: str | None) -> None:
-        """The last entry: readers then load the stored message and send `done`."""
+        """The last entry: readers then load the stored message and send `done`. Every end of a turn is
+        announced here, after its commit (a worker's settlement, an end no worker held), so the count of
+        ended turns is taken here too, once per end."""
         metrics.observe_terminal(status.value)
         payload = {"status": status.value, "model": model}
         self._add({"type": "done", "a": self._attempt, "data": json.dumps(payload)}, expire=True)

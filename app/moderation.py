@@ -29,6 +29,11 @@ class Verdict:
     reason: str | None = None
 
     @property
+    def error_message(self) -> str:
+        """What a run refused by moderation records as its error (a turn's, a test run's)."""
+        return f"moderation: {self.reason}"
+
+    @property
     def label(self) -> str:
         return "pass" if self.passed else "violation"
 

@@ -32,6 +32,11 @@ def agent_targets(session: Session, agent: Agent) -> tuple[ModelTarget, ModelTar
     return primary, fallback
 
 
+def attempt_order(primary: ModelTarget, fallback: ModelTarget | None) -> list[ModelTarget]:
+    """The models a run may call, in the order it calls them: the fallback at most once, after the primary."""
+    return [primary] if fallback is None else [primary, fallback]
+
+
 def max_cost(target: ModelTarget, messages: list[dict[str, str]], max_tokens: int | None) -> Decimal:
     """The most a turn can cost on `target`: its estimated prompt and an answer as long as allowed."""
     return target.cost(estimate_tokens_of_messages(messages), get_settings().answer_limit(max_tokens))

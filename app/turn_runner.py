@@ -30,7 +30,7 @@ from app.logging_setup import turn_context
 from app.moderation import moderate
 from app.prepared import Batch, Unit
 from app.prompt import ChatMessage, build_prompt, successful_history
-from app.targets import target_in_row, worst_case_cost
+from app.targets import attempt_order, target_in_row, worst_case_cost
 from app.turn_state import (
     ClaimResult,
     LeaseLost,
@@ -149,7 +149,7 @@ def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) ->
     stream.status(TurnStatus.PROCESSING, context.primary.name)
     verdict = moderate(context.content)
     if not verdict.passed:
-        _settle_failure(context, TurnStatus.CONTENT_VIOLATION, f"moderation: {verdict.reason}", stream)
+        _settle_failure(context, TurnStatus.CONTENT_VIOLATION, verdict.error_message, stream)
         return
     outcome = call_with_fallback(context.primary, context.fallback, context.prompt_for, context.params,
                                  stream, stop)
@@ -170,7 +170,7 @@ def _worst_case(context: TurnContext, turn: TurnRow) -> Decimal:
     turn reserves once), one given up after too many deliveries, or one cancelled before it started."""
     if turn.reserved_amount or given_up(turn.deliveries) or turn.cancel_requested_at:
         return Decimal(0)
-    targets = [context.primary] + ([context.fallback] if context.fallback else [])
+    targets = attempt_order(context.primary, context.fallback)
     return worst_case_cost(targets, context.prompt_for, context.params.max_tokens)
 
 
