@@ -97,7 +97,8 @@ class _SignalLog:
 
 def run_group(start: Callable[[], int], *, restart: bool = True) -> int:
     """Run the group `start` starts (Dramatiq's main) until an operator's signal stops it, starting it again
-    whenever it returns for any other reason, since nothing else would: returns the exit code of the stop.
+    whenever it returns for any other reason, since nothing else would. Returns the exit code of the stop,
+    or of a group that cannot start.
 
     Without `restart` the group runs once, as Dramatiq's own command does, for a supervisor that restarts
     the command itself."""
