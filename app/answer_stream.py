@@ -24,7 +24,7 @@ import redis
 from sqlalchemy import func, select
 
 from app.config import get_settings
-from app.conversations import owned_message
+from app.conversations import require_owned_answer
 from app.db import transaction
 from app.live_stream import attempt_number, stream_key
 from app.models import ConversationMessage, ModelAttempt, Turn
@@ -92,7 +92,7 @@ def open_answer_stream(user_id: int, message_id: int, last_event_id: str | None)
 def _authorize(user_id: int, message_id: int) -> None:
     """404 for a message that is not the caller's assistant message, before any streaming starts."""
     with transaction() as session:
-        owned_message(session, user_id, message_id, answer=True)
+        require_owned_answer(session, user_id, message_id)
 
 
 def _load(message_id: int) -> tuple[ConversationMessage, int]:

@@ -32,17 +32,19 @@ class Watch:
 
     __slots__ = ("_watchdog", "deadline", "fired", "sock", "stop")
 
-    def __init__(self, watchdog: _Watchdog, deadline: float, stop: threading.Event,
-                 sock: socket.socket | None) -> None:
+    def __init__(self, watchdog: _Watchdog, deadline: float, stop: threading.Event) -> None:
         self._watchdog = watchdog
         self.deadline = deadline
         self.stop = stop
-        self.sock = sock
+        self.sock: socket.socket | None = None
         self.fired: str | None = None
 
     def attach(self, sock: socket.socket | None) -> None:
-        """The attempt's request is being written to `sock`: watch it (shut it now if the watch already fired)."""
-        self._watchdog.attach(self, sock)
+        """The attempt's request is being written to `sock`: watch it (shut it now if the watch already fired).
+        A request is written in several pieces; once its socket is attached the others need not take the lock
+        every attempt of the process shares (a fire since then has shut that socket already)."""
+        if sock is None or self.sock is not sock:
+            self._watchdog.attach(self, sock)
 
     def detach(self, sock: socket.socket | None) -> None:
         """`sock`'s connection is about to be released or closed: never shut it from now on. The attempt is
@@ -82,7 +84,7 @@ class _Watchdog:
         self._wakes_at = 0.0
 
     def watch(self, deadline: float, stop: threading.Event) -> Watch:
-        entry = Watch(self, deadline, stop, None)
+        entry = Watch(self, deadline, stop)
         with self._lock:
             if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
                 thread = threading.Thread(target=self._run, name="attempt-watchdog", daemon=True)
@@ -98,7 +100,6 @@ class _Watchdog:
             if entry in self._watches:
                 entry.sock = sock
             elif entry.fired is not None and sock is not None:
-                entry.sock = sock
                 _shut(sock)
 
     def detach(self, entry: Watch, sock: socket.socket | None) -> None:

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from app import coordination
 from app.auth import Principal
-from app.conversations import owned_conversation, owned_message
+from app.conversations import owned_conversation, require_owned_answer
 from app.db import transaction
 from app.in_flight import answer_in_flight
 from app.models import ConversationMessage, Turn, table
@@ -30,11 +30,11 @@ STOPPED = "stopped on request"
 def cancel_turn(principal: Principal, message_id: int) -> ConversationMessage:
     """Ask a turn to stop; returns its message as it is now (already ended turns are left as they are)."""
     with transaction() as session:
-        owned_message(session, principal.id, message_id, answer=True)
+        require_owned_answer(session, principal.id, message_id)
         stopped = _stop(session, message_id)
+        message = session.get_one(ConversationMessage, message_id)
     _announce(stopped)
-    with transaction() as session:
-        return session.get_one(ConversationMessage, message_id)
+    return message
 
 
 def delete_conversation(principal: Principal, conversation_id: int) -> None:
@@ -65,6 +65,8 @@ def _stop(session: Session, message_id: int) -> _Stopped | None:
     turn = session.execute(
         select(Turn).where(Turn.assistant_message_id == message_id).with_for_update()
     ).scalar_one()
+    # Read after the lock, in a statement of its own: read with the lock, it would be the status from before
+    # a settlement this stop waited for.
     status = session.scalar(select(ConversationMessage.status).where(ConversationMessage.id == message_id))
     if TurnStatus(status).is_terminal:
         return None

@@ -10,9 +10,11 @@ lock holder changed the row; when it did not, the time is from before the wait, 
 lease look alive longer). SQLite is embedded, so every process using it runs on one machine, with
 one clock: there the time is this process's.
 
-Only leases and deadlines use it. A message's timestamps are the writer's clock, as is the outbox
-mark (`enqueued_at`) that tells the sweep when a turn was last sent: a skewed clock there only makes
-a re-send come early (a duplicate message, which the claim makes harmless) or late by the skew.
+Leases and deadlines are written with it. A message's timestamps are the writer's clock, as is the
+outbox mark (`enqueued_at`) that tells the sweep when a turn was last sent; the sweep measures every
+mark against the database's time too (one reference for all its cutoffs, whichever machine sweeps),
+so a writer's skewed clock only makes a re-send come early (a duplicate message, which the claim
+makes harmless) or late by the skew.
 """
 
 from __future__ import annotations

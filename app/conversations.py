@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cache
 from types import SimpleNamespace
+from typing import Any
 
-from sqlalchemy import BigInteger, and_, bindparam, or_, select, update
+from sqlalchemy import BigInteger, Select, and_, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.auth import Principal
@@ -132,8 +133,7 @@ def list_conversations(principal: Principal, limit: int, cursor: str | None) -> 
         )
     with transaction() as session:
         rows = list(session.scalars(query))
-    page, last = page_of(rows, limit)
-    return ConversationPage(page, _encode_cursor(last) if last is not None else None)
+    return ConversationPage(*page_of(rows, limit, _encode_cursor))
 
 
 def get_conversation(principal: Principal, conversation_id: int) -> Conversation:
@@ -169,24 +169,29 @@ def _messages_by_seq(conversation_id: int) -> Iterator[ConversationMessage]:
         after = batch[-1].seq
 
 
-def owned_message(session: Session, user_id: int, message_id: int, *, answer: bool = False) -> ConversationMessage:
-    """The user's message (with `answer`, only an assistant's): another user's, one of a deleted conversation
-    and one that does not exist are the same 404, so ids reveal nothing."""
-    query = (select(ConversationMessage)
-             .join(Conversation, Conversation.id == ConversationMessage.conversation_id)
-             .where(ConversationMessage.id == message_id, Conversation.user_id == user_id,
-                    Conversation.deleted_at.is_(None)))
-    if answer:
-        query = query.where(ConversationMessage.role == "assistant")
-    message = session.scalar(query)
-    if message is None:
-        raise NotFound("No such assistant message." if answer else "No such message.")
-    return message
+def _owned_message(columns: Any, user_id: int, message_id: int) -> Select[Any]:
+    """Another user's message, one of a deleted conversation and one that does not exist are the same 404,
+    so ids reveal nothing."""
+    return (select(columns)
+            .join(Conversation, Conversation.id == ConversationMessage.conversation_id)
+            .where(ConversationMessage.id == message_id, Conversation.user_id == user_id,
+                   Conversation.deleted_at.is_(None)))
+
+
+def require_owned_answer(session: Session, user_id: int, message_id: int) -> None:
+    """404 unless the message is the user's assistant message: the check alone, without loading the row
+    (opening a stream, stopping a turn)."""
+    query = _owned_message(ConversationMessage.id, user_id, message_id).where(ConversationMessage.role == "assistant")
+    if session.scalar(query) is None:
+        raise NotFound("No such assistant message.")
 
 
 def get_message(principal: Principal, message_id: int) -> ConversationMessage:
     with transaction() as session:
-        return owned_message(session, principal.id, message_id)
+        message = session.scalar(_owned_message(ConversationMessage, principal.id, message_id))
+    if message is None:
+        raise NotFound("No such message.")
+    return message
 
 
 def record_turn_end(unit: Unit | Batch, conversation_id: int, success_tokens: int | None) -> None:

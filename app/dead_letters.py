@@ -37,6 +37,7 @@ from app.turn_state import TransitionRefused, reopen_turn
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True, slots=True)
 class DeadLetterView:
     row: DeadLetter

@@ -33,15 +33,17 @@ def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> Clai
     """The same claim for an admin test run, whose status lives on its single log row: a pending run
     moves to `processing` as the transition table allows, a taken-over one keeps its status and gets a new
     lease. Each counts a delivery; `run` is then the row's new `deliveries`, for `given_up`."""
-    locked = session.execute(select(DebugRun, DatabaseNow()).where(DebugRun.id == run_id).with_for_update()).first()
+    locked = session.execute(
+        select(DebugRun, Agent.timeout_seconds, Agent.fallback_model_id, DatabaseNow())
+        .join(Agent, Agent.id == DebugRun.agent_id).where(DebugRun.id == run_id).with_for_update(of=DebugRun)
+    ).first()
     if locked is None:
         return ClaimResult(Claim.MISSING)
-    run, now = locked
+    run, timeout_seconds, fallback_model_id, now = locked
     judged_at = lease_time(now)
     outcome = claim_outcome(run.status, run.lease_expires_at, judged_at)
     if not outcome.acquires:
         return ClaimResult(outcome)
-    agent = session.get_one(Agent, run.agent_id)
     token = new_lease_token()
     if outcome is Claim.TAKEN_OVER:
         take = update(DebugRun).where(DebugRun.id == run_id, DebugRun.status == TurnStatus.PROCESSING.value)
@@ -51,8 +53,7 @@ def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> Clai
                 .values(status=TurnStatus.PROCESSING.value))
     taken = session.execute(
         take.values(lease_token=token, lease_expires_at=judged_at + timedelta(seconds=lease_seconds),
-                    deadline_at=delivery_deadline(judged_at, agent.timeout_seconds,
-                                                  agent.fallback_model_id is not None),
+                    deadline_at=delivery_deadline(judged_at, timeout_seconds, fallback_model_id is not None),
                     deliveries=DebugRun.deliveries + 1, updated_at=utc_now())
         .returning(DebugRun.deliveries)
         .execution_options(synchronize_session=False)

@@ -155,8 +155,7 @@ def list_debug_logs(agent_id: int | None = None, limit: int = 50, before_id: int
         query = query.where(DebugRun.id < before_id)
     with transaction() as session:
         rows = list(session.scalars(query))
-    items, last = page_of(rows, limit)
-    return DebugLogPage(items, last.id if last is not None else None)
+    return DebugLogPage(*page_of(rows, limit, lambda row: row.id))
 
 
 def _model_id_of_run() -> ScalarSelect[int]:

@@ -49,9 +49,14 @@ def _send(queue: str, actor: str, ident: int) -> bool:
     return True
 
 
+def send_run(actor: str, ident: int) -> bool:
+    """Send the run a message of `actor` (`RUN_ACTORS`) carries, on that actor's queue."""
+    return _send(TURNS_QUEUE if actor == RUN_TURN else DEBUG_QUEUE, actor, ident)
+
+
 def send_turn(turn_id: int) -> bool:
-    return _send(TURNS_QUEUE, RUN_TURN, turn_id)
+    return send_run(RUN_TURN, turn_id)
 
 
 def send_debug_run(debug_log_id: int) -> bool:
-    return _send(DEBUG_QUEUE, RUN_DEBUG, debug_log_id)
+    return send_run(RUN_DEBUG, debug_log_id)

@@ -170,58 +170,62 @@ def stream_chat(
     stop: threading.Event,
 ) -> Completion:
     """Stream one completion; raise `AttemptFailed` with the failure's kind, or return the whole answer."""
-    attempt = _Attempt(timeout_seconds, stop)
     body: dict[str, Any] = {"model": target.model, "messages": messages, "stream": True,
                             "stream_options": {"include_usage": True}}
     if temperature is not None:
         body["temperature"] = temperature
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
-    try:
-        with guarding(attempt.watch):
-            stream = open_chat_stream(client_for(target), body,
-                                      openai.Timeout(timeout_seconds, connect=min(timeout_seconds, 10.0)))
-    except (openai.APIConnectionError, openai.APIStatusError) as exc:
-        attempt.watch.close()
-        raise attempt.refused(exc) from exc
-    except BaseException:
-        attempt.watch.close()
-        raise
-    try:
-        for chunk in stream:
-            attempt.take(chunk, on_delta)
-        attempt.check_finished()
-    except AttemptFailed:
-        raise
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise attempt.interrupted(attempt.silent) or attempt.failed(
-            "bad_response", f"the stream sent a chunk that is not a chat completion chunk: {exc!r}") from exc
-    except (httpx2.TransportError, openai.APIError, OSError) as exc:
-        raise attempt.broken(exc) from exc
-    finally:
+    with _Attempt(timeout_seconds, stop) as attempt:
         try:
-            stream.close()
+            with guarding(attempt.watch):
+                stream = open_chat_stream(client_for(target), body,
+                                          openai.Timeout(timeout_seconds, connect=min(timeout_seconds, 10.0)))
+        except (openai.APIConnectionError, openai.APIStatusError) as exc:
+            raise attempt.refused(exc) from exc
+        try:
+            for chunk in stream:
+                attempt.take(chunk, on_delta)
+            attempt.check_finished()
+        except AttemptFailed:
+            raise
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise attempt.interrupted(attempt.silent) or attempt.failed(
+                "bad_response", f"the stream sent a chunk that is not a chat completion chunk: {exc!r}") from exc
+        except (httpx2.TransportError, openai.APIError, OSError) as exc:
+            raise attempt.broken(exc) from exc
         finally:
-            attempt.watch.close()
-    return attempt.completion(messages)
+            stream.close()
+        return attempt.completion(messages)
 
 
 class _Attempt:
     """One streamed completion under way: what it has produced, and why it ended when it ended early
-    (the stop or the watchdog shut its socket, and a read then failed or ended)."""
+    (the stop or the watchdog shut its socket, and a read then failed or ended). Its watch (the deadline,
+    the stop) is kept until the attempt's block ends, however it ends."""
 
     def __init__(self, timeout_seconds: float, stop: threading.Event) -> None:
         self.started = time.monotonic()
-        self.deadline = self.started + timeout_seconds
-        self.stop = stop
+        self.timeout_seconds = timeout_seconds
         self.parts: list[str] = []
         self.first_token_ms: int | None = None
         self.usage: Usage | None = None
         self.finished = False
-        self.no_response = f"no response within {timeout_seconds:g}s"
-        self.silent = f"the stream went silent or ran past {timeout_seconds:g}s"
-        self.ran_past = f"the attempt ran past {timeout_seconds:g}s"
-        self.watch = watch_attempt(self.deadline, stop)
+        self.watch = watch_attempt(self.started + timeout_seconds, stop)
+
+    def __enter__(self) -> _Attempt:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.watch.close()
+
+    @property
+    def no_response(self) -> str:
+        return f"no response within {self.timeout_seconds:g}s"
+
+    @property
+    def silent(self) -> str:
+        return f"the stream went silent or ran past {self.timeout_seconds:g}s"
 
     def _elapsed_ms(self) -> int:
         return int((time.monotonic() - self.started) * 1000)
@@ -231,7 +235,7 @@ class _Attempt:
                              latency_ms=self._elapsed_ms())
 
     def interrupted(self, timed_out: str) -> AttemptFailed | None:
-        if self.watch.fired == "cancelled" or self.stop.is_set():
+        if self.watch.fired == "cancelled" or self.watch.stop.is_set():
             return self.failed("cancelled", "stopped on request")
         if self.watch.fired == "timeout":
             return self.failed("timeout", timed_out)
@@ -257,10 +261,10 @@ class _Attempt:
         return self.failed("stream_cut", f"the stream broke: {exc!r}")
 
     def take(self, chunk: Any, on_delta: Callable[[str], None]) -> None:
-        if self.stop.is_set():
+        if self.watch.stop.is_set():
             raise self.failed("cancelled", "stopped on request")
-        texts, reported = read_chunk(chunk)
-        self.finished = self.finished or finishes(chunk)
+        texts, reported, finishes = read_chunk(chunk)
+        self.finished = self.finished or finishes
         if reported is not None:
             self.usage = reported
         for text in texts:
@@ -268,8 +272,8 @@ class _Attempt:
                 self.first_token_ms = self._elapsed_ms()
             self.parts.append(text)
             on_delta(text)
-        if time.monotonic() > self.deadline:
-            raise self.failed("timeout", self.ran_past)
+        if self.watch.remaining() < 0:
+            raise self.failed("timeout", f"the attempt ran past {self.timeout_seconds:g}s")
 
     def check_finished(self) -> None:
         """A body that ended without a `finish_reason` was cut, by the watchdog or on the way."""
@@ -283,25 +287,27 @@ class _Attempt:
         return Completion(text, usage, self.first_token_ms, self._elapsed_ms())
 
 
-def read_chunk(chunk: Any) -> tuple[list[str], Usage | None]:
-    """The answer's text pieces and the reported usage in one decoded chunk.
+def read_chunk(chunk: Any) -> tuple[list[str], Usage | None, bool]:
+    """The answer's text pieces, the reported usage and whether the chunk ends the answer (a choice's
+    `finish_reason`: a body that ends without one was cut, by a proxy that closed it cleanly or by the
+    watchdog) in one decoded chunk, read in one pass over its choices.
 
     Raises TypeError or AttributeError when the chunk is not shaped like a chat completion chunk.
     """
-    texts = [text for choice in chunk.get("choices") or () if (text := (choice.get("delta") or {}).get("content"))]
-    if not all(isinstance(text, str) for text in texts):
-        raise TypeError("a delta's content is not a string")
+    texts: list[str] = []
+    finishes = False
+    for choice in chunk.get("choices") or ():
+        text = (choice.get("delta") or {}).get("content")
+        if text:
+            if not isinstance(text, str):
+                raise TypeError("a delta's content is not a string")
+            texts.append(text)
+        finishes = finishes or bool(choice.get("finish_reason"))
     reported = chunk.get("usage")
     if not reported:
-        return texts, None
+        return texts, None, finishes
     return texts, Usage(int(reported.get("prompt_tokens") or 0), int(reported.get("completion_tokens") or 0),
-                        reported=True)
-
-
-def finishes(chunk: Any) -> bool:
-    """Whether a decoded chunk ends the answer (a choice's `finish_reason`). A body that ends without one
-    was cut (a proxy that closed it cleanly, a body read to its close when the watchdog shut it)."""
-    return any(choice.get("finish_reason") for choice in chunk.get("choices") or ())
+                        reported=True), finishes
 
 
 def estimate_tokens(text: str) -> int:

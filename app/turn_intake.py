@@ -147,12 +147,6 @@ def _found(rows: Rows) -> None:
         raise NotFound("No such conversation.")
 
 
-def _require_conversation(principal: Principal, conversation_id: int) -> None:
-    """404 unless the conversation is the caller's: a refused content too is judged only after that."""
-    with transaction() as session:
-        require_owned(session, principal, conversation_id)
-
-
 def _first_answer(principal: Principal, conversation_id: int, key: str | None) -> AcceptedTurn | None:
     """The first answer to this Idempotency-Key, if any, after the ownership check that every refusal and
     replay starts with (another user's conversation is 404 before anything else)."""
@@ -180,7 +174,7 @@ def submit_turn(principal: Principal, conversation_id: int, content: str, idempo
     try:
         check_content(content)
     except (ContentTooLarge, ValidationFailed):
-        _require_conversation(principal, conversation_id)
+        _first_answer(principal, conversation_id, None)  # another user's conversation is 404 before this
         raise
     if idempotency_key is not None and (replay := _first_answer(principal, conversation_id, idempotency_key)):
         return _replayed(replay)

@@ -39,6 +39,8 @@ from typing import Any, Protocol
 import httpcore2
 import httpx2
 
+from app.attempt_watchdog import TICK_SECONDS
+
 DONE_MARKER = b"\ndata: [DONE]"
 DRAIN_READ_TIMEOUT_SECONDS = 0.05
 DRAIN_MAX_SECONDS = 0.2
@@ -88,6 +90,11 @@ class _AttemptSocketStream(httpcore2.NetworkStream):
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         return self._inner.read(max_bytes, timeout)
 
+    @property
+    def guard(self) -> AttemptGuard | None:
+        """The attempt whose request was last written here, until the response lets go of the socket."""
+        return self._guard
+
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
         guard = _current_guard()
         if guard is not None:
@@ -95,9 +102,14 @@ class _AttemptSocketStream(httpcore2.NetworkStream):
             guard.attach(self._sock)
         self._inner.write(buffer, timeout)
 
-    def close(self) -> None:
+    def release(self) -> None:
+        """The attempt lets go of the socket: before the connection goes back to the pool or is closed."""
         if self._guard is not None:
             self._guard.detach(self._sock)
+            self._guard = None
+
+    def close(self) -> None:
+        self.release()
         self._inner.close()
 
     def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
@@ -141,7 +153,7 @@ def _addresses(host: str, port: int, guard: AttemptGuard) -> list[str]:
         pass
     lookup = _Lookup(host, port)
     lookup.start()
-    while not lookup.done.wait(min(0.1, max(guard.remaining(), 0.0))):
+    while not lookup.done.wait(min(TICK_SECONDS, max(guard.remaining(), 0.0))):
         if guard.ended():
             raise httpcore2.ConnectTimeout(f"looking up {host} did not end within the attempt's time")
     if lookup.error is not None:
@@ -182,27 +194,25 @@ class _AttemptSocketBackend(httpcore2.NetworkBackend):
 
 
 class _GuardedStream(httpx2.SyncByteStream):
-    """A response body whose closing detaches the attempt's socket first (an error's, a redirect's; an
-    event stream's is the subclass below)."""
+    """A response body whose closing has the attempt let go of the connection's socket first (an error's,
+    a redirect's; an event stream's is the subclass below)."""
 
-    def __init__(self, inner: httpx2.SyncByteStream, guard: AttemptGuard | None, sock: socket.socket | None) -> None:
+    def __init__(self, inner: httpx2.SyncByteStream, network: _AttemptSocketStream) -> None:
         self._inner = inner
-        self._guard = guard
-        self._sock = sock
+        self._network = network
 
     def __iter__(self) -> Iterator[bytes]:
         yield from self._inner
 
     def close(self) -> None:
-        if self._guard is not None:
-            self._guard.detach(self._sock)
+        self._network.release()
         self._inner.close()
 
 
 class _ReusableEventStream(_GuardedStream):
-    def __init__(self, inner: httpx2.SyncByteStream, raw: Iterable[bytes], timeouts: dict[str, Any] | None,
-                 guard: AttemptGuard | None, sock: socket.socket | None) -> None:
-        super().__init__(inner, guard, sock)
+    def __init__(self, inner: httpx2.SyncByteStream, network: _AttemptSocketStream, raw: Iterable[bytes],
+                 timeouts: dict[str, Any] | None) -> None:
+        super().__init__(inner, network)
         self._raw = raw
         self._timeouts = timeouts
         self._tail = b"\n"
@@ -220,8 +230,8 @@ class _ReusableEventStream(_GuardedStream):
         """Drain a finished body before the socket is detached and the connection goes back to the pool."""
         if self.saw_done and self._timeouts is not None:
             self._timeouts["read"] = DRAIN_READ_TIMEOUT_SECONDS
-            if self._guard is not None:
-                self._guard.bound(DRAIN_MAX_SECONDS)
+            if (guard := self._network.guard) is not None:
+                guard.bound(DRAIN_MAX_SECONDS)
             with contextlib.suppress(Exception):
                 for _ in itertools.islice(self._raw, DRAIN_MAX_EVENTS):
                     pass
@@ -234,26 +244,26 @@ class KeepAliveTransport(httpx2.HTTPTransport):
 
     def __init__(self, tls: Any, limits: httpx2.Limits) -> None:
         super().__init__(verify=tls, limits=limits)
+        # The parent's own pool, rebuilt with the same TLS context and limits: httpx2 has no parameter for
+        # httpcore's `network_backend`, which is how each connection's socket reaches its attempt.
         self._pool = httpcore2.ConnectionPool(
             ssl_context=tls, max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections, keepalive_expiry=limits.keepalive_expiry,
             network_backend=_AttemptSocketBackend())
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-        guard = _current_guard()
         response = super().handle_request(request)
         stream = response.stream
-        if not isinstance(stream, httpx2.SyncByteStream):
+        network = response.extensions.get("network_stream")  # the connection's own `_AttemptSocketStream`
+        if not isinstance(stream, httpx2.SyncByteStream) or not isinstance(network, _AttemptSocketStream):
             return response
-        network = response.extensions.get("network_stream")
-        sock = network.get_extra_info("socket") if network is not None else None
         raw = getattr(stream, "_httpcore_stream", None)
         if raw is not None and response.headers.get("content-type", "").startswith("text/event-stream"):
             timeouts = request.extensions.get("timeout")
-            response.stream = _ReusableEventStream(stream, raw, timeouts if isinstance(timeouts, dict) else None,
-                                                   guard, sock)
-        elif guard is not None:
-            response.stream = _GuardedStream(stream, guard, sock)
+            response.stream = _ReusableEventStream(stream, network, raw,
+                                                   timeouts if isinstance(timeouts, dict) else None)
+        elif network.guard is not None:
+            response.stream = _GuardedStream(stream, network)
         return response
 
 

@@ -75,5 +75,4 @@ def list_transactions(user_id: int, limit: int = 100, before_id: int | None = No
         query = query.where(CreditTransaction.id < before_id)
     with transaction() as session:
         rows = list(session.scalars(query))
-    page, last = page_of(rows, limit)
-    return LedgerPage(page, last.id if last is not None else None)
+    return LedgerPage(*page_of(rows, limit, lambda row: row.id))

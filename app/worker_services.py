@@ -65,7 +65,7 @@ def hand_back_if_draining(message: dramatiq.Message[Any]) -> bool:
     ident = dispatch.run_of(message.actor_name, list(message.args))
     if ident is None:
         return False
-    return dispatch.send_turn(ident) if message.actor_name == RUN_TURN else dispatch.send_debug_run(ident)
+    return dispatch.send_run(message.actor_name, ident)
 
 
 def message_died(message: dramatiq.Message[Any]) -> None:

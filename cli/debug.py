@@ -15,7 +15,6 @@ from cli.output import print_json
 POLL_SECONDS = 0.2
 
 
-
 def cmd_debug_route(args: argparse.Namespace) -> int:
     from app import debugging
     from web import render

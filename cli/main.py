@@ -41,7 +41,6 @@ def _amount(value: str) -> Decimal:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-
 def cmd_db_init(args: argparse.Namespace) -> int:
     from app.schema import init_schema
 

@@ -13,7 +13,6 @@ def cursor(raw: str) -> str:
     return base64.urlsafe_b64encode(raw.encode()).decode()
 
 
-
 @pytest.fixture
 def setup(world):  # type: ignore[no-untyped-def]
     agent_id = world.agent(world.model())

@@ -44,6 +44,7 @@ from workers.middleware import RunOutcomes, WorkerServices
 _lock = threading.Lock()
 _installed: RedisBroker | None = None
 
+
 class RefillingConsumer(_RedisConsumer):
     """Dramatiq's Redis consumer, except that it waits for a wake-up instead of sleeping a backoff.
 

@@ -32,13 +32,15 @@ from types import FrameType
 
 from dramatiq.cli import HANDLED_SIGNALS, RET_IMPORT
 
+from app.config import get_settings
+
 log = logging.getLogger("agentq.worker")
 
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 FIRST_DELAY_SECONDS = 1.0
 LONGEST_DELAY_SECONDS = 30.0
 STABLE_SECONDS = 60.0
-CHILD_STOP_SECONDS = 120.0
+CHILD_STOP_MARGIN_SECONDS = 10.0
 
 
 class _SignalLog:
@@ -85,7 +87,7 @@ class _SignalLog:
                 chunk = os.read(self._read, 256)
             except BlockingIOError:
                 return numbers
-            if not chunk:
+            if not chunk:  # only if the write end were closed: never loop on an ended pipe
                 return numbers
             numbers.update(chunk)
 
@@ -140,11 +142,13 @@ def run_group(start: Callable[[], int], *, restart: bool = True) -> int:
 
 def _stop_children() -> None:
     """Dramatiq's main failed half-way (a fork refused for want of memory): stop the processes it started,
-    which would otherwise keep this one from exiting."""
+    which would otherwise keep this one from exiting. Each finishes its turns within the shutdown grace
+    Dramatiq was given, as at any stop."""
     children = multiprocessing.active_children()
     for child in children:
         child.terminate()
+    within = get_settings().shutdown_grace_seconds + CHILD_STOP_MARGIN_SECONDS
     for child in children:
-        child.join(CHILD_STOP_SECONDS)
+        child.join(within)
         if child.is_alive():
             child.kill()
