@@ -22,22 +22,28 @@ stream before it closes the socket. The guard keeps watching the attempt until i
 Before a new connection has a socket there is nothing to shut, so the attempt's own bounds are applied
 to the steps that come first: the name lookup runs on a thread of its own while the attempt waits for
 it, its stop or its deadline, whichever comes first (`getaddrinfo` has no timeout, and a stalled name
-server holds it for the resolver's own retries, tens of seconds), and each connect gets at most the
-attempt's remaining time. A stop during a connect waits for that connect's timeout.
+server holds it for the resolver's own retries, tens of seconds). Each TCP connect is bounded the same
+way: it is started without blocking and waited for a tick at a time, so it ends at its own timeout,
+the attempt's deadline or the attempt's stop, whichever comes first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import itertools
+import os
+import select
 import socket
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 import httpcore2
 import httpx2
+from httpcore2._backends.sync import SyncStream  # httpcore's socket stream (TLS, timeouts); not re-exported
 
 from app.attempt_watchdog import TICK_SECONDS
 
@@ -161,6 +167,38 @@ def _addresses(host: str, port: int, guard: AttemptGuard) -> list[str]:
     return lookup.addresses
 
 
+def _connect(address: str, port: int, guard: AttemptGuard, timeout: float | None, local_address: str | None,
+             socket_options: Iterable[Any]) -> socket.socket:
+    """A connected socket, or a connect error at `timeout` or as soon as the attempt is stopped or out of
+    time (a blocking connect cannot be interrupted: an unreachable host held a stop for the whole timeout)."""
+    info = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)[0]
+    sock = socket.socket(info[0], socket.SOCK_STREAM)
+    try:
+        if local_address is not None:
+            sock.bind((local_address, 0))
+        sock.setblocking(False)
+        code = sock.connect_ex(info[4])
+        give_up = time.monotonic() + (timeout if timeout is not None else guard.remaining())
+        writable = select.poll()
+        writable.register(sock, select.POLLOUT)
+        while code == errno.EINPROGRESS:
+            if guard.ended() or time.monotonic() >= give_up:
+                raise httpcore2.ConnectTimeout(f"connecting to {address}:{port} did not end within the attempt's time")
+            wait = min(TICK_SECONDS, guard.remaining(), give_up - time.monotonic())
+            if writable.poll(max(wait, 0.0) * 1000):
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code != 0:
+            raise httpcore2.ConnectError(f"connecting to {address}:{port}: {os.strerror(code)}")
+        sock.setblocking(True)
+        for option in socket_options:
+            sock.setsockopt(*option)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
 class _AttemptSocketBackend(httpcore2.NetworkBackend):
     """httpcore's own socket backend, whose streams are `_AttemptSocketStream`s, and whose new connections
     are bounded by the attempt that needs them (see the module)."""
@@ -175,12 +213,9 @@ class _AttemptSocketBackend(httpcore2.NetworkBackend):
             return _AttemptSocketStream(self._inner.connect_tcp(host, port, timeout, local_address, socket_options))
         failure: Exception = httpcore2.ConnectError(f"{host} has no address")
         for address in _addresses(host, port, guard):
-            if guard.ended():
-                raise httpcore2.ConnectTimeout(f"connecting to {host} did not end within the attempt's time")
-            within = guard.remaining() if timeout is None else min(timeout, guard.remaining())
             try:
-                return _AttemptSocketStream(self._inner.connect_tcp(address, port, within, local_address,
-                                                                    socket_options))
+                return _AttemptSocketStream(SyncStream(
+                    _connect(address, port, guard, timeout, local_address, socket_options or ())))
             except (httpcore2.ConnectError, httpcore2.ConnectTimeout) as exc:
                 failure = exc
         raise failure

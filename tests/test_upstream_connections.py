@@ -127,14 +127,31 @@ def test_a_detached_socket_is_never_shut_and_the_attempt_stays_watched() -> None
     watch.close()
 
 
+def _attempt_at(host: str, port: int, timeout: float, stop: threading.Event) -> tuple[object, float]:
+    """One streamed attempt of the real SDK at `host:port` through agentq's client: its result or failure
+    and how long it took."""
+    from decimal import Decimal
+
+    from app.llm_client import AttemptFailed, ModelTarget, stream_chat
+
+    target = ModelTarget(id=0, name=host, model="echo", base_url=f"http://{host}:{port}/v1",
+                         api_key_env=None, input_price_per_1k=Decimal(0), output_price_per_1k=Decimal(0),
+                         context_window=None)
+    started = time.monotonic()
+    try:
+        result: object = stream_chat(target, [{"role": "user", "content": "hi"}], timeout_seconds=timeout,
+                                     temperature=None, max_tokens=None, on_delta=lambda _text: None, stop=stop)
+    except AttemptFailed as failure:
+        result = failure
+    return result, time.monotonic() - started
+
+
 def test_a_stalled_name_lookup_ends_at_the_attempts_deadline_or_its_stop(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """`getaddrinfo` has no timeout: a name server that does not answer held a new connection for the
     resolver's retries, past the agent's timeout and deaf to a stop. Only the lookup is stood in for (no
     name server here stalls on demand); the SDK's request then goes to the real mock upstream."""
-    from decimal import Decimal
-
     from app import upstream_transport
-    from app.llm_client import AttemptFailed, ModelTarget, stream_chat
+    from app.llm_client import AttemptFailed
     from tests.conftest import MOCK_PORT
 
     released = threading.Event()
@@ -145,32 +162,47 @@ def test_a_stalled_name_lookup_ends_at_the_attempts_deadline_or_its_stop(monkeyp
             released.wait(60)
         return system_lookup("127.0.0.1", port)
 
-    def attempt(host: str, timeout: float, stop: threading.Event) -> tuple[object, float]:
-        target = ModelTarget(id=0, name=host, model="echo", base_url=f"http://{host}:{MOCK_PORT}/v1",
-                             api_key_env=None, input_price_per_1k=Decimal(0), output_price_per_1k=Decimal(0),
-                             context_window=None)
-        started = time.monotonic()
-        try:
-            result: object = stream_chat(target, [{"role": "user", "content": "hi"}], timeout_seconds=timeout,
-                                         temperature=None, max_tokens=None, on_delta=lambda _text: None, stop=stop)
-        except AttemptFailed as failure:
-            result = failure
-        return result, time.monotonic() - started
-
     monkeypatch.setattr(upstream_transport, "resolve_host", name_service)
     try:
-        timed_out, took = attempt("stalled.upstream.test", 1.0, threading.Event())
+        timed_out, took = _attempt_at("stalled.upstream.test", MOCK_PORT, 1.0, threading.Event())
         assert isinstance(timed_out, AttemptFailed)
         assert (timed_out.kind, timed_out.detail) == ("timeout", "no response within 1s")
         assert 1.0 <= took < 1.8
 
         stop = threading.Event()
         threading.Timer(0.3, stop.set).start()
-        stopped, took = attempt("stalled.upstream.test", 30.0, stop)
+        stopped, took = _attempt_at("stalled.upstream.test", MOCK_PORT, 30.0, stop)
         assert isinstance(stopped, AttemptFailed) and stopped.kind == "cancelled"
         assert took < 1.2
 
-        answered, _ = attempt("resolved.upstream.test", 10.0, threading.Event())
+        answered, _ = _attempt_at("resolved.upstream.test", MOCK_PORT, 10.0, threading.Event())
         assert getattr(answered, "text", None) == "echo: hi"
     finally:
         released.set()
+
+
+def test_a_stalled_connect_ends_at_the_attempts_deadline_or_its_stop() -> None:
+    """A host that drops the connection's SYN (here a real listener whose accept queue is full) held a
+    blocking connect for its whole timeout, deaf to a stop; the connect is now waited for a tick at a time."""
+    from app.llm_client import AttemptFailed
+    from tests.conftest import MOCK_PORT
+
+    with socket.socket() as listener, socket.socket() as queued:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        queued.connect(("127.0.0.1", port))
+
+        stop = threading.Event()
+        threading.Timer(0.3, stop.set).start()
+        stopped, took = _attempt_at("127.0.0.1", port, 5.0, stop)
+        assert isinstance(stopped, AttemptFailed) and stopped.kind == "cancelled"
+        assert took < 1.2
+
+        timed_out, took = _attempt_at("127.0.0.1", port, 1.0, threading.Event())
+        assert isinstance(timed_out, AttemptFailed)
+        assert (timed_out.kind, timed_out.detail) == ("timeout", "no response within 1s")
+        assert 1.0 <= took < 1.8
+
+    answered, _ = _attempt_at("127.0.0.1", MOCK_PORT, 10.0, threading.Event())
+    assert getattr(answered, "text", None) == "echo: hi"
