@@ -31,8 +31,9 @@ from app.dead_letter_queue import BrokerEntry, dead_entries, holds_entry, take_e
 from app.debug_run_state import reopen_debug_run
 from app.errors import Conflict, ConversationBusy, NotFound, ServiceUnavailable, TooManyActiveConversations
 from app.in_flight import check_can_start, lock_user
-from app.models import Conversation, ConversationMessage, DeadLetter, DebugRun, Turn
+from app.models import Conversation, DeadLetter, Turn
 from app.models.base import utc_now
+from app.run_kinds import KINDS, TURN, kind_of
 from app.turn_state import TransitionRefused, reopen_turn
 
 log = logging.getLogger(__name__)
@@ -146,16 +147,13 @@ def _reconcile() -> set[str] | None:
 
 
 def _run_statuses(session: Session, rows: list[DeadLetter]) -> dict[tuple[str, int], str]:
-    turns = [r.run_id for r in rows if r.actor == dispatch.RUN_TURN and r.run_id is not None]
-    runs = [r.run_id for r in rows if r.actor == dispatch.RUN_DEBUG and r.run_id is not None]
     statuses: dict[tuple[str, int], str] = {}
-    if turns:
-        for ident, status in session.execute(
-                select(ConversationMessage.id, ConversationMessage.status).where(ConversationMessage.id.in_(turns))):
-            statuses[(dispatch.RUN_TURN, ident)] = status
-    if runs:
-        for ident, status in session.execute(select(DebugRun.id, DebugRun.status).where(DebugRun.id.in_(runs))):
-            statuses[(dispatch.RUN_DEBUG, ident)] = status
+    for kind in KINDS:
+        idents = [r.run_id for r in rows if r.actor == kind.actor and r.run_id is not None]
+        if idents:
+            for ident, status in session.execute(select(kind.status_key, kind.status)
+                                                 .where(kind.status_key.in_(idents))):
+                statuses[(kind.actor, ident)] = status
     return statuses
 
 
@@ -193,7 +191,7 @@ def _reopen(session: Session, row: DeadLetter) -> None:
         raise Conflict(f"Dead letter {row.id} is a {row.actor!r} message, which cannot be requeued.")
     try:
         with session.begin_nested():
-            if row.actor == dispatch.RUN_TURN:
+            if kind_of(row.actor) is TURN:
                 turn = session.get(Turn, row.run_id)
                 if turn is not None:
                     lock_user(session, turn.user_id)
@@ -212,12 +210,11 @@ def _reopen(session: Session, row: DeadLetter) -> None:
 
 
 def _send(row: DeadLetter) -> None:
-    assert row.run_id is not None
-    if row.actor == dispatch.RUN_TURN:
+    kind = kind_of(row.actor)
+    assert kind is not None and row.run_id is not None
+    if kind is TURN:
         live_stream.forget(row.run_id)
-        outbox.send_turn(row.run_id)
-    else:
-        outbox.send_debug_run(row.run_id)
+    outbox.send(kind, row.run_id)
 
 
 def requeue(dead_letter_id: int) -> RequeueOutcome:

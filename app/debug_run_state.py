@@ -1,4 +1,4 @@
-"""The admin test run's state machine: its claim, its end, an operator's requeue, a revoked lease.
+"""The admin test run's state machine: its claim, its end, an operator's requeue.
 
 A test run's status lives on its single log row (`admin_debug_logs`), with the same statuses,
 transition table, lease and delivery rules as a turn's (`app.turn_state`, `app.deliveries`), but no
@@ -94,11 +94,3 @@ def reopen_debug_run(session: Session, run_id: int) -> None:
     if moved != 1:
         raise TransitionRefused(f"test run {run_id} cannot move to pending")
 
-
-def revoke_debug_lease(session: Session, run_id: int, token: str) -> bool:
-    """The same revoke for an admin test run."""
-    return session.execute(
-        update(DebugRun).where(DebugRun.id == run_id, DebugRun.lease_token == token)
-        .values(lease_token=None, lease_expires_at=None)
-        .execution_options(synchronize_session=False)
-    ).rowcount == 1

@@ -15,13 +15,14 @@ import time
 from app.attempts import record_attempts
 from app.config import get_settings
 from app.db import transaction
-from app.debug_run_state import claim_debug_run, finish_debug_run, revoke_debug_lease
+from app.debug_run_state import claim_debug_run, finish_debug_run
 from app.deliveries import gave_up_reason, given_up
 from app.fallback import AgentParams, AnswerSink, call_with_fallback
 from app.leases import Holding, keeper
 from app.models import Agent, DebugRun
 from app.moderation import moderate
 from app.prompt import build_prompt
+from app.run_kinds import TEST_RUN
 from app.targets import agent_targets
 from app.turn_state import LeaseLost
 from app.turn_status import TurnStatus
@@ -77,17 +78,8 @@ def run_debug_run(run_id: int) -> None:
     except LeaseLost:
         log.warning("test run %s was taken over by another worker", run_id)
     except BaseException:
-        _expire_lease(run_id, token)
+        TEST_RUN.give_up_lease(run_id, token)
         raise
-
-
-def _expire_lease(run_id: int, token: str) -> None:
-    """Let Dramatiq's retry of this message take the run over at once instead of waiting for the lease."""
-    try:
-        with transaction() as session:
-            revoke_debug_lease(session, run_id, token)
-    except Exception:
-        log.warning("could not give up the lease of test run %s; it runs out by itself", run_id)
 
 
 def abandon_run(run_id: int, reason: str) -> None:

@@ -39,7 +39,9 @@ def run_of(actor: str, args: list[Any]) -> int | None:
     return None
 
 
-def _send(queue: str, actor: str, ident: int) -> bool:
+def enqueue(queue: str, actor: str, ident: int) -> bool:
+    """Send run `ident` to `actor` on `queue` (`app.run_kinds` says which); False when the broker could not
+    take it, which is logged here and handled by the caller's outbox."""
     message = Message(queue_name=queue, actor_name=actor, args=(ident,), kwargs={}, options={})
     try:
         dramatiq.get_broker().enqueue(message)
@@ -47,16 +49,3 @@ def _send(queue: str, actor: str, ident: int) -> bool:
         log.warning("could not enqueue %s(%s); recovery will send it", actor, ident, exc_info=True)
         return False
     return True
-
-
-def send_run(actor: str, ident: int) -> bool:
-    """Send the run a message of `actor` (`RUN_ACTORS`) carries, on that actor's queue."""
-    return _send(TURNS_QUEUE if actor == RUN_TURN else DEBUG_QUEUE, actor, ident)
-
-
-def send_turn(turn_id: int) -> bool:
-    return send_run(RUN_TURN, turn_id)
-
-
-def send_debug_run(debug_log_id: int) -> bool:
-    return send_run(RUN_DEBUG, debug_log_id)

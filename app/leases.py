@@ -22,7 +22,8 @@ from app import coordination
 from app.clock import lease_now
 from app.config import get_settings
 from app.db import transaction
-from app.models import DebugRun, Turn
+from app.models import Turn
+from app.run_kinds import KINDS, TEST_RUN, TURN, RunKind
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class Holding:
 def _key(holding: Holding) -> tuple[str, int, str]:
     """A delivery, not a run: a stale delivery of a turn (its lease taken over by another thread of the same
     process) and the live one are held apart, so the stale one leaving cannot end the live one's renewals."""
-    return (_kind(holding), holding.ident, holding.token)
+    return (_kind(holding).label, holding.ident, holding.token)
 
 
 class LeaseKeeper:
@@ -104,38 +105,37 @@ class LeaseKeeper:
         stopped: set[int] = set()
         with transaction() as session:
             expires = lease_now(session) + timedelta(seconds=lease_seconds)
-            tables = (("turn", Turn, Turn.assistant_message_id), ("debug", DebugRun, DebugRun.id))
-            for kind, model, ident_column in tables:
-                pairs = [(h.ident, h.token) for h in held if _kind(h) == kind]
+            for kind in KINDS:
+                pairs = [(h.ident, h.token) for h in held if _kind(h) is kind]
                 if not pairs:
                     continue
-                returned = [ident_column, model.lease_token]
-                if model is Turn:
+                returned = [kind.key, kind.model.lease_token]
+                if kind is TURN:
                     returned.append(Turn.cancel_requested_at)
                 rows = session.execute(
-                    update(model)
-                    .where(tuple_(ident_column, model.lease_token).in_(pairs))
+                    update(kind.model)
+                    .where(tuple_(kind.key, kind.model.lease_token).in_(pairs))
                     .values(lease_expires_at=expires)
                     .returning(*returned)
                     .execution_options(synchronize_session=False)
                 ).all()
-                kept.update((kind, row[0], row[1]) for row in rows)
-                stopped.update(row[0] for row in rows if kind == "turn" and row[2] is not None)
+                kept.update((kind.label, row[0], row[1]) for row in rows)
+                stopped.update(row[0] for row in rows if kind is TURN and row[2] is not None)
         with self._lock:
             current = [h for h in held if self._held.get(_key(h)) is h]
             for h in current:
                 if _key(h) not in kept:
-                    log.warning("lease of %s %s was taken over; stopping", _kind(h), h.ident)
+                    log.warning("lease of %s %s was taken over; stopping", _kind(h).label, h.ident)
                     h.stop.set()
-                elif _kind(h) == "turn" and h.ident in stopped:
+                elif _kind(h) is TURN and h.ident in stopped:
                     h.stop.set()
             # Under the lock: a turn that ended since the snapshot has freed its lock and slot, and
             # renewing them now would take them again for a whole lease.
             coordination.renew(h.turn for h in current if h.turn is not None and _key(h) in kept)
 
 
-def _kind(holding: Holding) -> str:
-    return "turn" if holding.turn is not None else "debug"
+def _kind(holding: Holding) -> RunKind:
+    return TURN if holding.turn is not None else TEST_RUN
 
 
 keeper = LeaseKeeper()

@@ -11,33 +11,32 @@ import logging
 
 from sqlalchemy import update
 
-from app import dispatch
 from app.db import transaction
-from app.models import DebugRun, Turn
+from app.run_kinds import TEST_RUN, TURN, RunKind
 
 log = logging.getLogger(__name__)
 
 
-def send_turn(turn_id: int) -> bool:
-    if dispatch.send_turn(turn_id):
+def send(kind: RunKind, ident: int) -> bool:
+    if kind.send(ident):
         return True
-    _leave_for_recovery(Turn, turn_id)
+    _leave_for_recovery(kind, ident)
     return False
+
+
+def send_turn(turn_id: int) -> bool:
+    return send(TURN, turn_id)
 
 
 def send_debug_run(run_id: int) -> bool:
-    if dispatch.send_debug_run(run_id):
-        return True
-    _leave_for_recovery(DebugRun, run_id)
-    return False
+    return send(TEST_RUN, run_id)
 
 
-def _leave_for_recovery(model: type[Turn] | type[DebugRun], ident: int) -> None:
-    column = Turn.assistant_message_id if model is Turn else DebugRun.id
+def _leave_for_recovery(kind: RunKind, ident: int) -> None:
     try:
         with transaction() as session:
-            session.execute(update(model).where(column == ident).values(enqueued_at=None)
+            session.execute(update(kind.model).where(kind.key == ident).values(enqueued_at=None)
                             .execution_options(synchronize_session=False))
     except Exception:
         log.warning("could not clear the outbox mark of %s %s; the stale-pending sweep sends it",
-                    model.__tablename__, ident, exc_info=True)
+                    kind.label, ident, exc_info=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cache
@@ -31,19 +30,18 @@ from typing import Any
 
 import redis
 from sqlalchemy import ColumnElement, DateTime, and_, bindparam, not_, or_, select, true, update
-from sqlalchemy.orm import InstrumentedAttribute
 
 from app import outbox
 from app.clock import lease_now
 from app.config import get_settings
 from app.db import transaction
-from app.debug_run_state import revoke_debug_lease
 from app.in_flight import answer_in_flight, in_flight, status_is
 from app.models import ConversationMessage, DebugRun, Turn, table
 from app.models.base import utc_now
 from app.prepared import Prepared
 from app.redis_client import get_redis, key
-from app.turn_state import lease_over, revoke_lease
+from app.run_kinds import TEST_RUN, TURN, RunKind
+from app.turn_state import lease_over
 from app.turn_status import TurnStatus
 
 log = logging.getLogger(__name__)
@@ -81,13 +79,12 @@ def _mark_epoch() -> None:
         log.warning("could not mark Redis as recovered; the next sweep re-sends pending turns again")
 
 
-def _claim_send(model: type[Turn] | type[DebugRun], ident_column: InstrumentedAttribute[int], ident: int,
-                seen: datetime | None) -> bool:
-    """Compare-and-set the outbox mark so only one sweeper sends this turn now."""
-    guard = model.enqueued_at.is_(None) if seen is None else model.enqueued_at == seen
+def _claim_send(kind: RunKind, ident: int, seen: datetime | None) -> bool:
+    """Compare-and-set the outbox mark so only one sweeper sends this run now."""
+    guard = kind.model.enqueued_at.is_(None) if seen is None else kind.model.enqueued_at == seen
     with transaction() as session:
         return session.execute(
-            update(model).where(ident_column == ident, guard).values(enqueued_at=utc_now())
+            update(kind.model).where(kind.key == ident, guard).values(enqueued_at=utc_now())
             .execution_options(synchronize_session=False)
         ).rowcount == 1
 
@@ -127,25 +124,24 @@ def _due_runs(redis_lost: bool) -> SimpleNamespace:
     )
 
 
-def _revoke_overdue(ident: int, token: str | None, *, debug: bool = False) -> bool:
+def _revoke_overdue(kind: RunKind, ident: int, token: str | None) -> bool:
     if token is None:
         return False
     with transaction() as session:
-        revoked = (revoke_debug_lease if debug else revoke_lease)(session, ident, token)
+        revoked = kind.revoke_lease(session, ident, token)
     if revoked:
         log.warning("%s %s ran past its timeout and grace; its lease is revoked and it is sent again",
-                    "test run" if debug else "turn", ident)
+                    kind.label, ident)
     return revoked
 
 
-def _send_due(rows: list[Any], model: type[Turn] | type[DebugRun], ident_column: Any,
-              send: Callable[[int], bool], sent: list[int], report: RecoveryReport) -> None:
+def _send_due(rows: list[Any], kind: RunKind, sent: list[int], report: RecoveryReport) -> None:
     """Send each due run again (an overdue one once its lease is revoked), unless another sweeper just did."""
     for ident, enqueued_at, token, overdue in rows:
-        if overdue and not _revoke_overdue(ident, token, debug=model is DebugRun):
+        if overdue and not _revoke_overdue(kind, ident, token):
             continue
-        if _claim_send(model, ident_column, ident, enqueued_at):
-            if send(ident):
+        if _claim_send(kind, ident, enqueued_at):
+            if outbox.send(kind, ident):
                 sent.append(ident)
             else:
                 report.unsent += 1
@@ -161,8 +157,8 @@ def recover_once() -> RecoveryReport:
                    "stale_before": now - timedelta(seconds=settings.stale_pending_seconds),
                    "sent_before": now - timedelta(seconds=settings.lease_seconds)}
         turns, runs = due.turns(session, cutoffs).rows, due.runs(session, cutoffs).rows
-    _send_due(turns, Turn, Turn.assistant_message_id, outbox.send_turn, report.sent, report)
-    _send_due(runs, DebugRun, DebugRun.id, outbox.send_debug_run, report.debug_sent, report)
+    _send_due(turns, TURN, report.sent, report)
+    _send_due(runs, TEST_RUN, report.debug_sent, report)
     if report.redis_lost and report.unsent == 0:
         _mark_epoch()
     if report.sent or report.debug_sent:

@@ -30,6 +30,7 @@ from app.logging_setup import turn_context
 from app.moderation import moderate
 from app.prepared import Batch, Unit
 from app.prompt import ChatMessage, build_prompt, successful_history
+from app.run_kinds import TURN
 from app.targets import attempt_order, target_in_row, worst_case_cost
 from app.turn_state import (
     ClaimResult,
@@ -37,7 +38,6 @@ from app.turn_state import (
     TurnRow,
     claim_turn,
     finish_turn,
-    revoke_lease,
 )
 from app.turn_status import TurnStatus
 from app.unowned_end import announce_unowned_end, end_unowned
@@ -127,18 +127,9 @@ def _run_turn(turn_id: int) -> None:
             log.warning("turn %s was taken over by another worker; this run stops", turn_id)
             return
         except BaseException:
-            _expire_lease(context)
+            TURN.give_up_lease(context.turn_id, context.token)
             raise
     coordination.release(context.held)
-
-
-def _expire_lease(context: TurnContext) -> None:
-    """Let a retry of this message take the turn over at once instead of waiting for the lease."""
-    try:
-        with transaction() as session:
-            revoke_lease(session, context.turn_id, context.token)
-    except Exception:
-        log.warning("could not give up the lease of turn %s; it runs out by itself", context.turn_id)
 
 
 def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) -> None:

@@ -239,18 +239,6 @@ def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
     return replace(claim, turn=replace(turn, reserved_amount=turn.reserved_amount + amount))
 
 
-def revoke_lease(session: Session, turn_id: int, token: str) -> bool:
-    """Take an overdue turn from a worker that still renews its lease but makes no progress.
-
-    Its keeper then finds the lease gone and stops the run, whose last write the lease guards.
-    """
-    return session.execute(
-        update(Turn).where(Turn.assistant_message_id == turn_id, Turn.lease_token == token)
-        .values(lease_token=None, lease_expires_at=None)
-        .execution_options(synchronize_session=False)
-    ).rowcount == 1
-
-
 def _move_noting(session: Session, turn: Turn, target: TurnStatus, error_message: str | None) -> None:
     """Both messages to `target` with this error message (or none), guarded by the statuses they may leave."""
     _move_both(session, target, turn.user_message_id, turn.assistant_message_id, noting=True, error=error_message,

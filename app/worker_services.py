@@ -9,11 +9,11 @@ import dramatiq
 
 from app import dead_letters, debug_runner, dispatch, llm_client, turn_runner
 from app.db import dispose_engines, open_pool
-from app.dispatch import RUN_TURN
 from app.heap import freeze_after_boot
 from app.leases import keeper
 from app.recovery import RecoveryLoop
 from app.redis_client import reset_redis
+from app.run_kinds import TURN, kind_of
 from app.stop_requests import stopped_turns
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,10 @@ def hand_back_if_draining(message: dramatiq.Message[Any]) -> bool:
     starting here; False when this process is not stopping, the message is not a run, or it cannot be sent."""
     if not _draining:
         return False
-    ident = dispatch.run_of(message.actor_name, list(message.args))
-    if ident is None:
+    kind, ident = kind_of(message.actor_name), dispatch.run_of(message.actor_name, list(message.args))
+    if kind is None or ident is None:
         return False
-    return dispatch.send_run(message.actor_name, ident)
+    return kind.send(ident)
 
 
 def message_died(message: dramatiq.Message[Any]) -> None:
@@ -83,7 +83,7 @@ def message_died(message: dramatiq.Message[Any]) -> None:
     last_error = dead_letters.error_summary(message.options.get("traceback")) or "unknown error"
     reason = f"retries exhausted after {message.options.get('retries', 0)} attempts: {last_error}"
     try:
-        if message.actor_name == RUN_TURN:
+        if kind_of(message.actor_name) is TURN:
             turn_runner.abandon_turn(ident, reason)
         else:
             debug_runner.abandon_run(ident, reason)

@@ -95,7 +95,7 @@ def test_history_holds_only_successful_turns(world, upstream) -> None:  # type: 
 
 
 def test_a_redelivered_message_neither_calls_the_model_again_nor_charges_twice(world, upstream) -> None:  # type: ignore[no-untyped-def]
-    from app import dispatch
+    from app.run_kinds import TURN
 
     agent_id = world.agent(world.model(price_in="1", price_out="1"))
     _, key = world.user(balance="5")
@@ -105,7 +105,7 @@ def test_a_redelivered_message_neither_calls_the_model_again_nor_charges_twice(w
     assert done["status"] == "success"
 
     for _ in range(2):
-        assert dispatch.send_turn(assistant["id"])
+        assert TURN.send(assistant["id"])
     from app.operations import queue_snapshot
 
     wait_for(lambda: queue_snapshot().queues[0].ready == 0, what="the duplicate deliveries to be consumed")
@@ -129,13 +129,13 @@ def _attempt_count(message_id: int) -> int:
 
 def test_concurrent_duplicate_deliveries_run_the_model_once(world, upstream) -> None:  # type: ignore[no-untyped-def]
     """Two copies of one message in flight at once: the turn's row lock lets one worker thread claim it."""
-    from app import dispatch
+    from app.run_kinds import TURN
 
     agent_id = world.agent(world.model(upstream="echo;ttft=0.5"))
     _, key = world.user()
     conversation_id = world.conversation(key, agent_id)
     assistant = world.send(key, conversation_id, "twice").json["assistant_message"]
-    assert dispatch.send_turn(assistant["id"])
+    assert TURN.send(assistant["id"])
     assert world.wait_terminal(key, assistant["id"])["status"] == "success"
     wait_for(lambda: _attempt_count(assistant["id"]) == 1, what="the attempt record")
     assert len(upstream.requests()) == 1
