@@ -146,12 +146,28 @@ def _attempt_at(host: str, port: int, timeout: float, stop: threading.Event) -> 
     return result, time.monotonic() - started
 
 
+def _assert_ends_at_its_stop_and_its_deadline(host: str, port: int) -> None:
+    """An attempt at an upstream that never gets connected is `cancelled` soon after a stop at 0.3 s (its
+    timeout is 5 s) and fails with `timeout` at its 1 s timeout."""
+    from app.llm_client import AttemptFailed
+
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    stopped, took = _attempt_at(host, port, 5.0, stop)
+    assert isinstance(stopped, AttemptFailed) and stopped.kind == "cancelled"
+    assert took < 1.2
+
+    timed_out, took = _attempt_at(host, port, 1.0, threading.Event())
+    assert isinstance(timed_out, AttemptFailed)
+    assert (timed_out.kind, timed_out.detail) == ("timeout", "no response within 1s")
+    assert 1.0 <= took < 1.8
+
+
 def test_a_stalled_name_lookup_ends_at_the_attempts_deadline_or_its_stop(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """`getaddrinfo` has no timeout: a name server that does not answer held a new connection for the
     resolver's retries, past the agent's timeout and deaf to a stop. Only the lookup is stood in for (no
     name server here stalls on demand); the SDK's request then goes to the real mock upstream."""
     from app import upstream_transport
-    from app.llm_client import AttemptFailed
     from tests.conftest import MOCK_PORT
 
     released = threading.Event()
@@ -164,17 +180,7 @@ def test_a_stalled_name_lookup_ends_at_the_attempts_deadline_or_its_stop(monkeyp
 
     monkeypatch.setattr(upstream_transport, "resolve_host", name_service)
     try:
-        timed_out, took = _attempt_at("stalled.upstream.test", MOCK_PORT, 1.0, threading.Event())
-        assert isinstance(timed_out, AttemptFailed)
-        assert (timed_out.kind, timed_out.detail) == ("timeout", "no response within 1s")
-        assert 1.0 <= took < 1.8
-
-        stop = threading.Event()
-        threading.Timer(0.3, stop.set).start()
-        stopped, took = _attempt_at("stalled.upstream.test", MOCK_PORT, 30.0, stop)
-        assert isinstance(stopped, AttemptFailed) and stopped.kind == "cancelled"
-        assert took < 1.2
-
+        _assert_ends_at_its_stop_and_its_deadline("stalled.upstream.test", MOCK_PORT)
         answered, _ = _attempt_at("resolved.upstream.test", MOCK_PORT, 10.0, threading.Event())
         assert getattr(answered, "text", None) == "echo: hi"
     finally:
@@ -184,7 +190,6 @@ def test_a_stalled_name_lookup_ends_at_the_attempts_deadline_or_its_stop(monkeyp
 def test_a_stalled_connect_ends_at_the_attempts_deadline_or_its_stop() -> None:
     """A host that drops the connection's SYN (here a real listener whose accept queue is full) held a
     blocking connect for its whole timeout, deaf to a stop; the connect is now waited for a tick at a time."""
-    from app.llm_client import AttemptFailed
     from tests.conftest import MOCK_PORT
 
     with socket.socket() as listener, socket.socket() as queued:
@@ -193,16 +198,7 @@ def test_a_stalled_connect_ends_at_the_attempts_deadline_or_its_stop() -> None:
         port = listener.getsockname()[1]
         queued.connect(("127.0.0.1", port))
 
-        stop = threading.Event()
-        threading.Timer(0.3, stop.set).start()
-        stopped, took = _attempt_at("127.0.0.1", port, 5.0, stop)
-        assert isinstance(stopped, AttemptFailed) and stopped.kind == "cancelled"
-        assert took < 1.2
-
-        timed_out, took = _attempt_at("127.0.0.1", port, 1.0, threading.Event())
-        assert isinstance(timed_out, AttemptFailed)
-        assert (timed_out.kind, timed_out.detail) == ("timeout", "no response within 1s")
-        assert 1.0 <= took < 1.8
+        _assert_ends_at_its_stop_and_its_deadline("127.0.0.1", port)
 
     answered, _ = _attempt_at("127.0.0.1", MOCK_PORT, 10.0, threading.Event())
     assert getattr(answered, "text", None) == "echo: hi"
