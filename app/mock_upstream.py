@@ -10,14 +10,15 @@ directives then apply to the redirected request).
 Every request body is logged with the client's port (`GET /_requests`: one port per connection),
 and each stream's fate is recorded
 (`GET /_streams`: completed, cut, stalled or disconnected by the client), so tests can prove what
-the worker sent and that it closed a connection.
+the worker sent and that it closed a connection. `--tls-cert`/`--tls-key` serve it over https, as a
+provider is.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
+import ssl
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -195,14 +196,11 @@ def build_app() -> web.Application:
     return app
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8765)
-    args = parser.parse_args(argv)
-    web.run_app(build_app(), host=args.host, port=args.port, print=None, access_log=None, backlog=2048,
-                handler_cancellation=True)
-
-
-if __name__ == "__main__":
-    main()
+def serve(host: str, port: int, tls_cert: str | None = None, tls_key: str | None = None) -> None:
+    """Run the server until it is stopped; over https when given a certificate and its key."""
+    tls = None
+    if tls_cert:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(tls_cert, tls_key)
+    web.run_app(build_app(), host=host, port=port, print=None, access_log=None, backlog=2048,
+                handler_cancellation=True, ssl_context=tls)

@@ -22,9 +22,9 @@ stream before it closes the socket. The guard keeps watching the attempt until i
 Before a new connection has a socket there is nothing to shut, so the attempt's own bounds are applied
 to the steps that come first: the name lookup runs on a thread of its own while the attempt waits for
 it, its stop or its deadline, whichever comes first (`getaddrinfo` has no timeout, and a stalled name
-server holds it for the resolver's own retries, tens of seconds). Each TCP connect is bounded the same
-way: it is started without blocking and waited for a tick at a time, so it ends at its own timeout,
-the attempt's deadline or the attempt's stop, whichever comes first.
+server holds it for the resolver's own retries, tens of seconds). Each TCP connect and TLS handshake
+is bounded the same way: it runs without blocking and is waited for a tick at a time, so it ends at
+its own timeout, the attempt's deadline or the attempt's stop, whichever comes first.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import itertools
 import os
 import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -43,7 +44,7 @@ from typing import Any, Protocol
 
 import httpcore2
 import httpx2
-from httpcore2._backends.sync import SyncStream  # httpcore's socket stream (TLS, timeouts); not re-exported
+from httpcore2._backends.sync import SyncStream  # httpcore's socket stream; not re-exported (pinned <2.17)
 
 from app.attempt_watchdog import TICK_SECONDS
 
@@ -120,7 +121,10 @@ class _AttemptSocketStream(httpcore2.NetworkStream):
 
     def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
                   timeout: float | None = None) -> httpcore2.NetworkStream:
-        return _AttemptSocketStream(self._inner.start_tls(ssl_context, server_hostname, timeout))
+        guard = _current_guard()
+        if guard is None or self._sock is None or isinstance(self._sock, ssl.SSLSocket):
+            return _AttemptSocketStream(self._inner.start_tls(ssl_context, server_hostname, timeout))
+        return _AttemptSocketStream(SyncStream(_handshake(self._sock, ssl_context, server_hostname, guard, timeout)))
 
     def get_extra_info(self, info: str) -> Any:
         return self._inner.get_extra_info(info)
@@ -167,35 +171,88 @@ def _addresses(host: str, port: int, guard: AttemptGuard) -> list[str]:
     return lookup.addresses
 
 
+def _wait_until_ready(sock: socket.socket, events: int, guard: AttemptGuard, give_up: float, step: str) -> None:
+    """Wait, a tick at a time, until `sock` is ready for `events`; a connect timeout once the attempt is
+    stopped or out of time, or at `give_up` (the step's own timeout)."""
+    ready = select.poll()
+    ready.register(sock, events)
+    while True:
+        if guard.ended():
+            raise httpcore2.ConnectTimeout(f"{step} was given up: the attempt was stopped or ran out of time")
+        left = give_up - time.monotonic()
+        if left <= 0:
+            raise httpcore2.ConnectTimeout(f"{step} did not end within its timeout")
+        if ready.poll(min(TICK_SECONDS, left, max(guard.remaining(), 0.0)) * 1000):
+            return
+
+
 def _connect(address: str, port: int, guard: AttemptGuard, timeout: float | None, local_address: str | None,
              socket_options: Iterable[Any]) -> socket.socket:
     """A connected socket, or a connect error at `timeout` or as soon as the attempt is stopped or out of
-    time (a blocking connect cannot be interrupted: an unreachable host held a stop for the whole timeout)."""
-    info = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)[0]
-    sock = socket.socket(info[0], socket.SOCK_STREAM)
+    time (a blocking connect cannot be interrupted: a host that drops the SYN held a stop for the whole
+    timeout). Every `OSError` is a connect error, as in httpcore's own backend, so the SDK reports it."""
+    step = f"connecting to {address}:{port}"
+    if guard.ended():
+        raise httpcore2.ConnectTimeout(f"{step} was given up: the attempt was stopped or ran out of time")
+    give_up = time.monotonic() + (guard.remaining() if timeout is None else timeout)
+    try:
+        # The address is numeric already: no lookup, just its family and socket address (an IPv6 scope too).
+        family, _, _, _, sockaddr = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM,
+                                                       flags=socket.AI_NUMERICHOST)[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise httpcore2.ConnectError(f"{step}: {exc}") from exc
     try:
         if local_address is not None:
             sock.bind((local_address, 0))
         sock.setblocking(False)
-        code = sock.connect_ex(info[4])
-        give_up = time.monotonic() + (timeout if timeout is not None else guard.remaining())
-        writable = select.poll()
-        writable.register(sock, select.POLLOUT)
-        while code == errno.EINPROGRESS:
-            if guard.ended() or time.monotonic() >= give_up:
-                raise httpcore2.ConnectTimeout(f"connecting to {address}:{port} did not end within the attempt's time")
-            wait = min(TICK_SECONDS, guard.remaining(), give_up - time.monotonic())
-            if writable.poll(max(wait, 0.0) * 1000):
-                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        code = sock.connect_ex(sockaddr)
+        if code in (errno.EINPROGRESS, errno.EINTR):
+            _wait_until_ready(sock, select.POLLOUT, guard, give_up, step)
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code != 0:
-            raise httpcore2.ConnectError(f"connecting to {address}:{port}: {os.strerror(code)}")
+            raise httpcore2.ConnectError(f"{step}: {os.strerror(code)}")
         sock.setblocking(True)
         for option in socket_options:
             sock.setsockopt(*option)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
+    except OSError as exc:
+        sock.close()
+        raise httpcore2.ConnectError(f"{step}: {exc}") from exc
     except BaseException:
         sock.close()
+        raise
+
+
+def _handshake(sock: socket.socket, ssl_context: ssl.SSLContext, server_hostname: str | None,
+               guard: AttemptGuard, timeout: float | None) -> ssl.SSLSocket:
+    """`sock` with TLS, its handshake bounded like the connect before it (a server that accepts and then
+    says nothing held a stop for the connect timeout)."""
+    step = f"the TLS handshake with {server_hostname}"
+    give_up = time.monotonic() + (guard.remaining() if timeout is None else timeout)
+    try:
+        tls = ssl_context.wrap_socket(sock, server_hostname=server_hostname, do_handshake_on_connect=False)
+    except OSError as exc:
+        sock.close()
+        raise httpcore2.ConnectError(f"{step}: {exc}") from exc
+    try:
+        tls.setblocking(False)
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                _wait_until_ready(tls, select.POLLIN, guard, give_up, step)
+            except ssl.SSLWantWriteError:
+                _wait_until_ready(tls, select.POLLOUT, guard, give_up, step)
+        tls.setblocking(True)
+        return tls
+    except OSError as exc:
+        tls.close()
+        raise httpcore2.ConnectError(f"{step}: {exc}") from exc
+    except BaseException:
+        tls.close()
         raise
 
 

@@ -90,9 +90,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_mock_llm(args: argparse.Namespace) -> int:
-    from app.mock_upstream import main
+    from app.mock_upstream import serve
 
-    main(["--host", args.host, "--port", str(args.port)])
+    serve(args.host, args.port, args.tls_cert, args.tls_key)
     return 0
 
 
@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     mock = sub.add_parser("mock-llm", help="run the OpenAI-compatible mock upstream (demo and tests)")
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=8765)
+    mock.add_argument("--tls-cert", default=None, help="serve https with this certificate (PEM)")
+    mock.add_argument("--tls-key", default=None, help="the certificate's private key (PEM)")
     mock.set_defaults(func=cmd_mock_llm)
 
     demo = sub.add_parser("demo", help="the built-in demo").add_subparsers(dest="demo_command", required=True)

@@ -6,6 +6,7 @@ import atexit
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -97,10 +98,10 @@ class Process:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def wait_http(url: str, timeout: float = 30.0) -> None:
+def wait_http(url: str, timeout: float = 30.0, verify: ssl.SSLContext | bool = True) -> None:
     def ready() -> bool:
         try:
-            return httpx.get(url, timeout=1.0).status_code < 500
+            return httpx.get(url, timeout=1.0, verify=verify).status_code < 500
         except httpx.HTTPError:
             return False
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.support import wait_for
+from tests.support import wait_for, wait_http
 
 
 @pytest.fixture(autouse=True)
@@ -127,14 +127,15 @@ def test_a_detached_socket_is_never_shut_and_the_attempt_stays_watched() -> None
     watch.close()
 
 
-def _attempt_at(host: str, port: int, timeout: float, stop: threading.Event) -> tuple[object, float]:
+def _attempt_at(host: str, port: int, timeout: float, stop: threading.Event,
+                scheme: str = "http") -> tuple[object, float]:
     """One streamed attempt of the real SDK at `host:port` through agentq's client: its result or failure
     and how long it took."""
     from decimal import Decimal
 
     from app.llm_client import AttemptFailed, ModelTarget, stream_chat
 
-    target = ModelTarget(id=0, name=host, model="echo", base_url=f"http://{host}:{port}/v1",
+    target = ModelTarget(id=0, name=host, model="echo", base_url=f"{scheme}://{host}:{port}/v1",
                          api_key_env=None, input_price_per_1k=Decimal(0), output_price_per_1k=Decimal(0),
                          context_window=None)
     started = time.monotonic()
@@ -146,18 +147,18 @@ def _attempt_at(host: str, port: int, timeout: float, stop: threading.Event) -> 
     return result, time.monotonic() - started
 
 
-def _assert_ends_at_its_stop_and_its_deadline(host: str, port: int) -> None:
+def _assert_ends_at_its_stop_and_its_deadline(host: str, port: int, scheme: str = "http") -> None:
     """An attempt at an upstream that never gets connected is `cancelled` soon after a stop at 0.3 s (its
-    timeout is 5 s) and fails with `timeout` at its 1 s timeout."""
+    timeout, 5 s, is half the connect timeout's 10 s cap) and fails with `timeout` at its 1 s timeout."""
     from app.llm_client import AttemptFailed
 
     stop = threading.Event()
     threading.Timer(0.3, stop.set).start()
-    stopped, took = _attempt_at(host, port, 5.0, stop)
+    stopped, took = _attempt_at(host, port, 5.0, stop, scheme)
     assert isinstance(stopped, AttemptFailed) and stopped.kind == "cancelled"
     assert took < 1.2
 
-    timed_out, took = _attempt_at(host, port, 1.0, threading.Event())
+    timed_out, took = _attempt_at(host, port, 1.0, threading.Event(), scheme)
     assert isinstance(timed_out, AttemptFailed)
     assert (timed_out.kind, timed_out.detail) == ("timeout", "no response within 1s")
     assert 1.0 <= took < 1.8
@@ -202,3 +203,46 @@ def test_a_stalled_connect_ends_at_the_attempts_deadline_or_its_stop() -> None:
 
     answered, _ = _attempt_at("127.0.0.1", MOCK_PORT, 10.0, threading.Event())
     assert getattr(answered, "text", None) == "echo: hi"
+
+
+def test_a_stalled_tls_handshake_ends_at_the_attempts_deadline_or_its_stop() -> None:
+    """A server that accepts the connection and then says nothing (here a real listener that never reads)
+    held the TLS handshake for the connect timeout, deaf to a stop."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        _assert_ends_at_its_stop_and_its_deadline("127.0.0.1", listener.getsockname()[1], scheme="https")
+
+
+def test_an_https_upstream_answers_through_the_bounded_handshake_and_keeps_its_connection(  # type: ignore[no-untyped-def]
+        tmp_path, monkeypatch) -> None:
+    """The handshake agentq runs itself (non-blocking, a tick at a time) against a real TLS server: the
+    certificate is verified, the stream is read over the TLS socket, and the connection is reused."""
+    import ssl
+    import subprocess
+
+    import httpx
+
+    from tests.conftest import LOG_DIR, child_env
+    from tests.support import Process, agentq, free_port
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    trusted = ssl.create_default_context(cafile=str(cert))
+    port = free_port()
+    server = Process("mock-upstream-tls", agentq("mock-llm", "--port", str(port), "--tls-cert", str(cert),
+                                                 "--tls-key", str(key)), child_env(), LOG_DIR).start()
+    try:
+        wait_http(f"https://127.0.0.1:{port}/_requests", verify=trusted)
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # read when the endpoint's client makes its TLS context
+        for _ in range(2):
+            answered, _ = _attempt_at("127.0.0.1", port, 10.0, threading.Event(), scheme="https")
+            assert getattr(answered, "text", None) == "echo: hi"
+        requests = [r for r in httpx.get(f"https://127.0.0.1:{port}/_requests", verify=trusted).json()
+                    if r["path"] == "/v1/chat/completions"]
+        assert len(requests) == 2
+        assert len({r["client_port"] for r in requests}) == 1
+    finally:
+        server.kill_group()
