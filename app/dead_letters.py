@@ -25,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app import dispatch, live_stream, outbox
+from app import live_stream, outbox
 from app.db import transaction
 from app.dead_letter_queue import BrokerEntry, dead_entries, holds_entry, take_entry
 from app.debug_run_state import reopen_debug_run
@@ -33,7 +33,7 @@ from app.errors import Conflict, ConversationBusy, NotFound, ServiceUnavailable,
 from app.in_flight import check_can_start, lock_user
 from app.models import Conversation, DeadLetter, Turn
 from app.models.base import utc_now
-from app.run_kinds import KINDS, TURN, kind_of
+from app.run_kinds import KINDS, TURN, kind_of, run_id_of
 from app.turn_state import TransitionRefused, reopen_turn
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def record_death(message: dramatiq.Message[Any]) -> None:
     with transaction() as session:
         _store(session, {
             "redis_message_id": message.options["redis_message_id"], "queue": q_name(message.queue_name),
-            "actor": message.actor_name, "args": args, "run_id": dispatch.run_of(message.actor_name, args),
+            "actor": message.actor_name, "args": args, "run_id": run_id_of(message.actor_name, args),
             "retries": max(attempts - 1, 0), "error": error_summary(trace) or "unknown error", "traceback": trace,
         }, overwrite=True)
 
@@ -116,7 +116,7 @@ def _adopt(session: Session, entry: BrokerEntry) -> None:
     error = error_summary(options.get("traceback")) or "unknown error"
     _store(session, {
         "redis_message_id": entry.redis_message_id, "queue": entry.queue, "actor": actor, "args": args,
-        "run_id": dispatch.run_of(actor, args), "retries": int(options.get("retries", 0)),
+        "run_id": run_id_of(actor, args), "retries": int(options.get("retries", 0)),
         "error": f"{error} (from the broker's copy; the last attempt was not recorded)",
         "traceback": options.get("traceback"), "dead_at": entry.dead_at,
     }, overwrite=False)
@@ -151,8 +151,8 @@ def _run_statuses(session: Session, rows: list[DeadLetter]) -> dict[tuple[str, i
     for kind in KINDS:
         idents = [r.run_id for r in rows if r.actor == kind.actor and r.run_id is not None]
         if idents:
-            for ident, status in session.execute(select(kind.status_key, kind.status)
-                                                 .where(kind.status_key.in_(idents))):
+            for ident, status in session.execute(select(kind.status_row_id, kind.status)
+                                                 .where(kind.status_row_id.in_(idents))):
                 statuses[(kind.actor, ident)] = status
     return statuses
 

@@ -9,7 +9,6 @@ whatever stayed pending (see `app.recovery`).
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import dramatiq
 from dramatiq import Message
@@ -22,7 +21,6 @@ TURNS_QUEUE = "turns"
 DEBUG_QUEUE = "debug"
 RUN_TURN = "run_turn"
 RUN_DEBUG = "run_debug_run"
-RUN_ACTORS = (RUN_TURN, RUN_DEBUG)
 QUEUES = (TURNS_QUEUE, DEBUG_QUEUE)
 
 
@@ -30,13 +28,6 @@ def broker_key(queue: str, suffix: str = "") -> str:
     """The Redis broker's key for a queue: `<namespace>:<queue>` plus `.DQ` (delayed) or `.XQ` (dead), each
     with `.msgs` for the bodies; what operators read, since Dramatiq 2 has no API for these queues."""
     return f"{get_settings().broker_namespace}:{queue}{suffix}"
-
-
-def run_of(actor: str, args: list[Any]) -> int | None:
-    """The turn or admin test run a message of `actor` runs; None for any other message."""
-    if actor in RUN_ACTORS and args and isinstance(args[0], int):
-        return args[0]
-    return None
 
 
 def enqueue(queue: str, actor: str, ident: int) -> bool:

@@ -1,4 +1,4 @@
-"""Keeping the leases of the turns this process works on alive, from one background thread.
+"""Keeping the leases of the runs (turns and test runs) this process works on alive, from one thread.
 
 A lease is renewed on a timer, not per chunk, so a model that takes minutes to send its first token
 does not lose its turn; when the process dies the renewals stop and the lease runs out, which is

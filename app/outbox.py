@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 
 def send(kind: RunKind, ident: int) -> bool:
+    """Send a committed run, or leave it marked for recovery; False then. `send_turn` and `send_debug_run`
+    are this for the kind their callers always have."""
     if kind.send(ident):
         return True
     _leave_for_recovery(kind, ident)

@@ -2,16 +2,19 @@
 
 Much of what surrounds a run does not care which kind it is: sending it and leaving it to recovery
 when the send fails (`app.outbox`), the recovery sweep, lease renewal (`app.leases`), a stuck or
-failed delivery giving up its lease, dead letters and a stopping worker's hand-back. Those places
-look the kind up here, by its actor's name when all they have is a Dramatiq message, instead of
-branching on it. What does differ (a turn's conversation lock, user slot, reservation and charge)
-stays with each kind's state machine, `app.turn_state` and `app.debug_run_state`.
+failed delivery giving up its lease, a dead letter's run status and its re-send, a stopping worker's
+hand-back. Those places take the kind from here (by its actor's name when all they have is a Dramatiq
+message) instead of naming tables, columns and queues themselves. What does differ (a turn's
+conversation lock, user slot, reservation, charge and live stream) stays with each kind's state
+machine and runner, which the few places that need it still choose between.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import update
 from sqlalchemy.orm import InstrumentedAttribute, Session
@@ -25,16 +28,21 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, eq=False)
 class RunKind:
+    """One kind of run; compared by identity (`kind is TURN`)."""
+
     label: str
     """What logs and operators call a run of this kind."""
     actor: str
+    """The Dramatiq actor that runs it; its message's only argument is the run's id."""
     queue: str
     model: type[Turn] | type[DebugRun]
+    """The table holding the run's outbox mark, lease and delivery count."""
     key: InstrumentedAttribute[int]
-    """The column that names a run of this kind in `model` (a turn is named by its answer's message id)."""
-    status_key: InstrumentedAttribute[int]
+    """The column of `model` that is the run's id (a turn's id is its answer message's)."""
+    status_row_id: InstrumentedAttribute[int]
     status: InstrumentedAttribute[str]
-    """Where a run's status is kept: a turn's on its answer message, which the API reads."""
+    """The run's status, and the id column of the row that holds it: a turn's is on its answer message,
+    which the API reads, not on `model`."""
 
     def send(self, ident: int) -> bool:
         """Enqueue a run's message; False when the broker could not take it (see `app.outbox`)."""
@@ -70,3 +78,16 @@ KINDS = (TURN, TEST_RUN)
 def kind_of(actor: str) -> RunKind | None:
     """The kind of run a message of `actor` carries; None for a message that is not a run."""
     return next((kind for kind in KINDS if kind.actor == actor), None)
+
+
+def run_of(actor: str, args: Sequence[Any]) -> tuple[RunKind, int] | None:
+    """The kind and id of the run a message of `actor` with `args` carries; None for any other message."""
+    kind = kind_of(actor)
+    if kind is None or not args or not isinstance(args[0], int):
+        return None
+    return kind, args[0]
+
+
+def run_id_of(actor: str, args: Sequence[Any]) -> int | None:
+    run = run_of(actor, args)
+    return None if run is None else run[1]

@@ -7,13 +7,13 @@ from typing import Any
 
 import dramatiq
 
-from app import dead_letters, debug_runner, dispatch, llm_client, turn_runner
+from app import dead_letters, debug_runner, llm_client, turn_runner
 from app.db import dispose_engines, open_pool
 from app.heap import freeze_after_boot
 from app.leases import keeper
 from app.recovery import RecoveryLoop
 from app.redis_client import reset_redis
-from app.run_kinds import TURN, kind_of
+from app.run_kinds import TURN, run_of
 from app.stop_requests import stopped_turns
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,10 @@ def hand_back_if_draining(message: dramatiq.Message[Any]) -> bool:
     starting here; False when this process is not stopping, the message is not a run, or it cannot be sent."""
     if not _draining:
         return False
-    kind, ident = kind_of(message.actor_name), dispatch.run_of(message.actor_name, list(message.args))
-    if kind is None or ident is None:
+    run = run_of(message.actor_name, message.args)
+    if run is None:
         return False
+    kind, ident = run
     return kind.send(ident)
 
 
@@ -77,13 +78,14 @@ def message_died(message: dramatiq.Message[Any]) -> None:
         dead_letters.record_death(message)
     except Exception:
         log.exception("could not record dead letter %s; listing adopts it from the broker", message.message_id)
-    ident = dispatch.run_of(message.actor_name, list(message.args))
-    if ident is None:
+    run = run_of(message.actor_name, message.args)
+    if run is None:
         return
+    kind, ident = run
     last_error = dead_letters.error_summary(message.options.get("traceback")) or "unknown error"
     reason = f"retries exhausted after {message.options.get('retries', 0)} attempts: {last_error}"
     try:
-        if kind_of(message.actor_name) is TURN:
+        if kind is TURN:
             turn_runner.abandon_turn(ident, reason)
         else:
             debug_runner.abandon_run(ident, reason)
