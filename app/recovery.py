@@ -4,7 +4,9 @@ Four cracks, one sweep every `AGENTQ_RECOVERY_INTERVAL_SECONDS`:
 - a turn accepted while its Dramatiq message could not be sent (Redis down, API process killed
   after the commit): still `pending`, its outbox mark empty or older than `AGENTQ_STALE_PENDING_SECONDS`;
 - every `pending` turn after Redis lost its data (its queues went with it), noticed because the
-  epoch key this module keeps in Redis is gone (it is set again once a sweep has re-sent them all);
+  epoch key this module keeps in Redis is gone (it is set again once a sweep has re-sent them all,
+  and only if Redis kept the mark that sweep left before sending: lost again meanwhile, it lost the
+  re-sent messages too, and the next sweep sends them again);
 - a `processing` turn whose lease ran out: its worker died, so another takes it over without waiting
   for Dramatiq's own redelivery;
 - a `processing` turn whose worker still renews its lease but is stuck: once a delivery has run
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -39,7 +42,7 @@ from app.in_flight import answer_in_flight, in_flight, status_is
 from app.models import ConversationMessage, DebugRun, Turn, table
 from app.models.base import utc_now
 from app.prepared import Prepared
-from app.redis_client import get_redis, key
+from app.redis_client import get_redis, key, lua_script
 from app.run_kinds import TEST_RUN, TURN, RunKind
 from app.turn_state import lease_over
 from app.turn_status import TurnStatus
@@ -72,11 +75,33 @@ def _redis_lost_its_data() -> bool:
         return False
 
 
-def _mark_epoch() -> None:
+SWEEP_MARK_SECONDS = 3600
+"""How long the mark of a sweep that died before it ended stays in Redis."""
+
+
+def _leave_sweep_mark() -> str | None:
+    """Before a sweep re-sends everything pending into the Redis that lost its data: a key that goes if
+    Redis loses its data again, with the messages the sweep sent. None when Redis is unreachable (the
+    sends fail too, and the epoch is not set)."""
+    mark = f"{epoch_key()}:sweep:{secrets.token_hex(8)}"
     try:
-        get_redis().set(epoch_key(), utc_now().isoformat(), nx=True)
+        get_redis().set(mark, "1", ex=SWEEP_MARK_SECONDS)
+    except redis.RedisError:
+        return None
+    return mark
+
+
+def _mark_epoch(sweep_mark: str | None) -> None:
+    if sweep_mark is None:
+        return
+    try:
+        marked = lua_script("mark_epoch")(keys=[sweep_mark, epoch_key()], args=[utc_now().isoformat()],
+                                          client=get_redis())
     except redis.RedisError:
         log.warning("could not mark Redis as recovered; the next sweep re-sends pending turns again")
+        return
+    if not marked:
+        log.warning("Redis lost its data again while pending turns were re-sent; the next sweep re-sends them")
 
 
 def _claim_send(kind: RunKind, ident: int, seen: datetime | None) -> bool:
@@ -149,6 +174,7 @@ def _send_due(rows: list[Any], kind: RunKind, sent: list[int], report: RecoveryR
 
 def recover_once() -> RecoveryReport:
     report = RecoveryReport(redis_lost=_redis_lost_its_data())
+    sweep_mark = _leave_sweep_mark() if report.redis_lost else None
     settings = get_settings()
     due = _due_runs(report.redis_lost)
     with transaction() as session:
@@ -160,7 +186,7 @@ def recover_once() -> RecoveryReport:
     _send_due(turns, TURN, report.sent, report)
     _send_due(runs, TEST_RUN, report.debug_sent, report)
     if report.redis_lost and report.unsent == 0:
-        _mark_epoch()
+        _mark_epoch(sweep_mark)
     if report.sent or report.debug_sent:
         log.info("recovery re-sent turns %s and test runs %s (redis lost data: %s)",
                  report.sent, report.debug_sent, report.redis_lost)

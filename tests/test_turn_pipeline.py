@@ -228,6 +228,51 @@ def test_a_retry_of_a_turn_committed_but_never_sent_sends_it(world, redis_client
     assert world.wait_terminal(key, committed.assistant_message.id, timeout=15)["status"] == "success"
 
 
+def test_turns_re_sent_into_a_redis_that_loses_its_data_again_are_sent_again_by_the_next_sweep(  # type: ignore[no-untyped-def]
+        world, redis_client, monkeypatch) -> None:
+    """After Redis lost its data, recovery re-sends every pending turn, then marks Redis as recovered. Had
+    Redis lost its data again during those sends, the messages went with it: the mark the sweep left in
+    Redis before sending is gone too, so the epoch is not set and the next sweep sends them all again
+    (they waited for the stale-pending rule, 300 s, when the epoch was set regardless)."""
+    import app.recovery
+    from app import outbox
+    from app.auth import Principal
+    from app.db import plain_transaction
+    from app.turn_intake import _insert_turn
+
+    wait_for(lambda: redis_client.exists(app.recovery.epoch_key()), what="the workers' sweep after the flush")
+    own_epoch = f"{app.recovery.epoch_key()}:this-test"
+    monkeypatch.setattr(app.recovery, "epoch_key", lambda: own_epoch)  # the workers' sweeps keep their own
+    agent_id = world.agent(world.model())
+    turns, keys = [], {}
+    for name in ("alice", "bob"):
+        user_id, key = world.user(name)
+        with plain_transaction() as connection:
+            accepted = _insert_turn(connection, Principal(user_id, name, False),
+                                    world.conversation(key, agent_id), "lost twice", None)
+        turns.append(accepted.assistant_message.id)
+        keys[accepted.assistant_message.id] = key
+
+    def send_into_a_redis_that_loses_it(kind, ident):  # type: ignore[no-untyped-def]
+        for mark in redis_client.keys(f"{own_epoch}:sweep:*"):
+            redis_client.delete(mark)
+        return True
+
+    with monkeypatch.context() as lost:
+        lost.setattr(outbox, "send", send_into_a_redis_that_loses_it)
+        first = app.recovery.recover_once()
+    assert first.redis_lost and sorted(first.sent) == turns
+    assert not redis_client.exists(own_epoch)
+
+    second = app.recovery.recover_once()
+    assert second.redis_lost and sorted(second.sent) == turns
+    assert redis_client.exists(own_epoch)
+    for turn_id in turns:
+        assert world.wait_terminal(keys[turn_id], turn_id)["status"] == "success"
+    third = app.recovery.recover_once()
+    assert (third.redis_lost, third.sent) == (False, [])
+
+
 def test_a_turn_accepted_while_redis_is_unreachable_is_sent_by_recovery(world, unreachable_broker) -> None:  # type: ignore[no-untyped-def]
     """The API's enqueue fails (its broker points at a closed port); the worker's recovery sends the turn."""
     from app.models import Turn
