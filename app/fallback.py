@@ -6,8 +6,10 @@ instance a prompt over the context window) switches only when the fallback has a
 since the same request would fail the same way. Any other refusal (401, 403, 404, 422: a wrong key,
 a removed model) ends the turn as `llm_error` on the primary: answering it with the fallback would hide
 the misconfiguration and charge the fallback's prices. Every attempt is returned as a
-record, failed ones included, so operators see providers' failure rates and costs. Partial text of a
-failed attempt is never kept: the answer is the fallback's alone.
+record, failed ones included, so operators see providers' failure rates and costs. A failed attempt
+is never charged, and its partial text is never part of an answer: the answer is the fallback's alone.
+A turn that ends without one (every attempt failed, or a stop came before the fallback was called)
+keeps the last attempt's text as its content, because that is what its stream's readers were sent.
 """
 
 from __future__ import annotations
@@ -57,7 +59,13 @@ class Outcome:
 
     completion: Completion | None = None
     model: ModelTarget | None = None
-    cancelled_partial: str | None = None
+    """The model that answered, or, for a stop, the one whose text is kept."""
+    cancelled: bool = False
+    partial: str = ""
+    """The text of the last attempt that did not finish (failed or stopped): what the live stream shows
+    after its last restart, so the stored answer keeps it and concatenated deltas equal the content."""
+    partial_failed: bool = False
+    """The kept text is a failed attempt's (a stop came between it and the fallback): kept, not charged."""
     attempts: list[AttemptRecord] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -106,10 +114,11 @@ def call_with_fallback(
 ) -> Outcome:
     outcome = Outcome()
     targets = attempt_order(primary, fallback)
+    failed: ModelTarget | None = None
     for index, target in enumerate(targets):
         if stop.is_set():
-            outcome.model = target
-            outcome.cancelled_partial = ""
+            # Stopped before the fallback's call: the primary's text is what was streamed, and is kept.
+            outcome.model, outcome.cancelled, outcome.partial_failed = failed or target, True, failed is not None
             outcome.errors.append(f"{target.name}: cancelled before the call")
             return outcome
         sink.attempt_started(target.name, restart=index > 0)
@@ -125,11 +134,12 @@ def call_with_fallback(
             outcome.attempts.append(_record(target, failure.kind, failure.detail, failure.latency_ms,
                                             failure.first_token_ms, prompt_estimate, produced))
             outcome.errors.append(f"{target.name}: {failure}")
+            outcome.partial = failure.partial
             if failure.kind == "cancelled":
-                outcome.model = target
-                outcome.cancelled_partial = failure.partial
+                outcome.model, outcome.cancelled = target, True
                 return outcome
             if index == 0 and should_fall_back(failure, primary, fallback):
+                failed = target
                 continue
             return outcome
         outcome.attempts.append(_record(target, "success", None, completion.latency_ms, completion.first_token_ms,

@@ -135,7 +135,7 @@ def _run_turn(turn_id: int) -> None:
 def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) -> None:
     started = time.monotonic()
     if stop.is_set():
-        _settle_cancelled(context, Outcome(model=context.primary, cancelled_partial=""), 0, stream)
+        _settle_cancelled(context, Outcome(model=context.primary, cancelled=True), 0, stream)
         return
     stream.status(TurnStatus.PROCESSING, context.primary.name)
     verdict = moderate(context.content)
@@ -147,10 +147,11 @@ def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) ->
     elapsed_ms = int((time.monotonic() - started) * 1000)
     if outcome.completion is not None:
         _settle_success(context, outcome, elapsed_ms, stream)
-    elif outcome.cancelled_partial is not None:
+    elif outcome.cancelled:
         _settle_cancelled(context, outcome, elapsed_ms, stream)
     else:
-        _settle_failure(context, TurnStatus.LLM_ERROR, outcome.error_message, stream, outcome, elapsed_ms)
+        _settle_failure(context, TurnStatus.LLM_ERROR, outcome.error_message, stream, outcome, elapsed_ms,
+                        content=outcome.partial)
 
 
 def _worst_case(context: TurnContext, turn: TurnRow) -> Decimal:
@@ -197,21 +198,24 @@ def _settle_success(context: TurnContext, outcome: Outcome, elapsed_ms: int, str
 
 
 def _settle_cancelled(context: TurnContext, outcome: Outcome, elapsed_ms: int, stream: TurnStream) -> None:
-    """A stopped turn keeps its partial text and pays for the tokens it generated (estimated, marked so)."""
+    """A stopped turn keeps its partial text and pays for the tokens it generated (estimated, marked so),
+    unless that text came from a failed attempt, which is never charged."""
     model = outcome.model
     assert model is not None
-    partial = outcome.cancelled_partial or ""
-    prompt_tokens = estimate_tokens_of_messages(context.prompt_for(model))
-    completion_tokens = estimate_tokens(partial) if partial else 0
-    cost = model.cost(prompt_tokens, completion_tokens) if partial else Decimal(0)
-    _settle(context, TurnStatus.CANCELLED, stream, model=model, cost=cost, outcome=outcome, content=partial,
-            prompt_tokens=prompt_tokens if partial else 0, completion_tokens=completion_tokens, cost_estimated=True,
+    charged = bool(outcome.partial) and not outcome.partial_failed
+    prompt_tokens = estimate_tokens_of_messages(context.prompt_for(model)) if charged else 0
+    completion_tokens = estimate_tokens(outcome.partial) if charged else 0
+    cost = model.cost(prompt_tokens, completion_tokens) if charged else Decimal(0)
+    _settle(context, TurnStatus.CANCELLED, stream, model=model, cost=cost, outcome=outcome, content=outcome.partial,
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost_estimated=True,
             latency_ms=elapsed_ms, error_message=STOPPED)
 
 
 def _settle_failure(context: TurnContext, status: TurnStatus, reason: str, stream: TurnStream,
-                    outcome: Outcome | None = None, elapsed_ms: int | None = None) -> None:
-    _settle(context, status, stream, outcome=outcome, error_message=reason, latency_ms=elapsed_ms)
+                    outcome: Outcome | None = None, elapsed_ms: int | None = None, content: str = "") -> None:
+    """A turn that ends without an answer; `content` is the text its last attempt streamed before it failed
+    (kept, as a stop keeps it: a reader of the stream already has it)."""
+    _settle(context, status, stream, outcome=outcome, error_message=reason, latency_ms=elapsed_ms, content=content)
 
 
 def abandon_turn(turn_id: int, reason: str) -> bool:

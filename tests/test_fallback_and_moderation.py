@@ -216,3 +216,50 @@ def test_the_reservation_is_settled_to_the_real_cost(world, upstream) -> None:  
     assert done["status"] == "success"
     me = world.api.get("/api/me", key).json
     assert me["balance"] == me["available_balance"] == f"{Decimal('0.6') - Decimal(done['cost']):.6f}"
+
+
+def test_a_stop_between_a_failed_primary_and_the_fallback_keeps_the_primarys_text(upstream, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The stop is checked before each attempt; one that lands after the primary failed mid-answer and before
+    the fallback is called ends the turn with the primary's streamed text, as the primary's, not the fallback's
+    (which produced nothing and is never called). The stop is set at that moment by wrapping the fallback rule."""
+    import threading
+
+    from app import fallback as fallback_policy
+    from app.fallback import AgentParams, AnswerSink, call_with_fallback
+    from app.llm_client import ModelTarget
+    from tests.conftest import MOCK_URL
+
+    def target(name: str, upstream_model: str) -> ModelTarget:
+        return ModelTarget(id=0, name=name, model=upstream_model, base_url=MOCK_URL, api_key_env=None,
+                           input_price_per_1k=Decimal(0), output_price_per_1k=Decimal(0), context_window=None)
+
+    class Streamed(AnswerSink):
+        def __init__(self) -> None:
+            self.attempts: list[str] = []
+            self.text = ""
+
+        def attempt_started(self, model_name: str, restart: bool) -> None:
+            self.attempts.append(model_name)
+
+        def delta(self, text: str) -> None:
+            self.text += text
+
+    stop = threading.Event()
+    falls_back = fallback_policy.should_fall_back
+
+    def stopped_meanwhile(*args, **kwargs):  # type: ignore[no-untyped-def]
+        decision = falls_back(*args, **kwargs)
+        stop.set()
+        return decision
+
+    monkeypatch.setattr(fallback_policy, "should_fall_back", stopped_meanwhile)
+    sink = Streamed()
+    outcome = call_with_fallback(target("primary", "echo;words=30;gap=0.01;cut_after=6"),
+                                 target("fallback", "echo;words=8"),
+                                 lambda _target: [{"role": "user", "content": "hi"}],
+                                 AgentParams(timeout_seconds=10, temperature=None, max_tokens=None), sink, stop)
+    assert (outcome.cancelled, outcome.partial_failed, outcome.model.name if outcome.model else None) \
+        == (True, True, "primary")
+    assert sink.attempts == ["primary"]
+    assert sink.text.startswith("w0 w1") and outcome.partial == sink.text
+    assert [r["body"]["model"] for r in upstream.requests()] == ["echo;words=30;gap=0.01;cut_after=6"]

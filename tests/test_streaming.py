@@ -133,6 +133,29 @@ def test_a_reader_joining_after_a_fallback_restart_gets_only_the_new_text(  # ty
         == " ".join(f"w{i}" for i in range(8))
 
 
+@pytest.mark.parametrize("fallback_upstream", [None, "echo;words=8;gap=0.02;cut_after=3"])
+def test_a_turn_whose_models_fail_mid_answer_keeps_the_text_its_readers_were_sent(  # type: ignore[no-untyped-def]
+        world, web_server, upstream, fallback_upstream) -> None:
+    """An `llm_error` after text was streamed keeps the last attempt's text as its content (as a stop keeps
+    it): a reader from the start, whose deltas after the last restart are that text, and a late reader,
+    whose one delta is the content, both end with the stored answer. Nothing is charged."""
+    primary = world.model("primary", upstream="echo;words=30;gap=0.02;cut_after=6")
+    fallback = world.model("fallback", upstream=fallback_upstream) if fallback_upstream else None
+    _, key = world.user()
+    message_id = world.send(key, world.conversation(key, world.agent(primary, fallback))).json[
+        "assistant_message"]["id"]
+    events = read_sse(f"{web_server}/api/messages/{message_id}/stream", key)
+    done = events[-1].json()
+    assert (done["status"], done["cost"], done["model"]) == ("llm_error", None, None)
+    restarts = [e.json()["model"] for e in events if e.event == "status" and e.json().get("restart")]
+    assert restarts == (["fallback"] if fallback else [])
+    assert done["content"].startswith("w0 w1") and len(done["content"].split()) < (8 if fallback else 30)
+    assert visible_text(events) == done["content"] == world.message(key, message_id)["content"]
+    late = read_sse(f"{web_server}/api/messages/{message_id}/stream", key)
+    assert "".join(e.json()["text"] for e in late if e.event == "delta") == done["content"]
+    assert [t for t in world.api.get("/api/me/transactions", key).json["items"] if t["message_id"]] == []
+
+
 def test_a_client_that_disconnects_does_not_stop_the_answer(world, web_server) -> None:  # type: ignore[no-untyped-def]
     key, message_id, _ = start_turn(world, "echo;words=30;gap=0.02")
     read_sse(f"{web_server}/api/messages/{message_id}/stream", key, stop_after=2)
