@@ -4,7 +4,9 @@ Four cracks, one sweep every `AGENTQ_RECOVERY_INTERVAL_SECONDS`:
 - a turn accepted while its Dramatiq message could not be sent (Redis down, API process killed
   after the commit): still `pending`, its outbox mark empty or older than `AGENTQ_STALE_PENDING_SECONDS`;
 - every `pending` turn after Redis lost its data (its queues went with it), noticed because the
-  epoch key this module keeps in Redis is gone (it is set again once a sweep has re-sent them all,
+  epoch key this module keeps in Redis is gone, or names another run of the Redis server (one that
+  restarted from a snapshot older than its last messages keeps an old epoch key but not those
+  messages); it is set again, to this run, once a sweep has re-sent them all,
   and only if Redis kept the mark that sweep left before sending: lost again meanwhile, it lost the
   re-sent messages too, and the next sweep sends them again);
 - a `processing` turn whose lease ran out: its worker died, so another takes it over without waiting
@@ -63,14 +65,24 @@ class RecoveryReport:
     unsent: int = 0
 
 
+def epoch_value(client: redis.Redis) -> str:
+    """What the epoch key holds: the Redis server's run (`INFO server` `run_id`, new at each start), and when."""
+    return f"{client.info('server')['run_id']} {utc_now().isoformat()}"
+
+
 def _redis_lost_its_data() -> bool:
-    """True while the epoch key is missing: Redis restarted empty or was flushed, and its queues with it.
+    """True while the epoch key is missing or was written in another run of the Redis server: Redis was
+    flushed, or restarted empty or from a snapshot, and lost some or all of its queues.
 
     The key is set again only by a sweep that has re-sent every pending turn (`_mark_epoch`), so a
-    sweep that dies half-way (database down, process killed) leaves the work to the next one.
+    sweep that dies half-way (database down, process killed) leaves the work to the next one. A restart
+    that lost nothing (an append-only file written at every command) costs one extra message per pending
+    turn, a no-op at its claim.
     """
     try:
-        return not get_redis().exists(epoch_key())
+        client = get_redis()
+        epoch = client.get(epoch_key())
+        return epoch is None or epoch.split(b" ", 1)[0].decode() != str(client.info("server")["run_id"])
     except redis.RedisError:
         return False
 
@@ -95,8 +107,8 @@ def _mark_epoch(sweep_mark: str | None) -> None:
     if sweep_mark is None:
         return
     try:
-        marked = lua_script("mark_epoch")(keys=[sweep_mark, epoch_key()], args=[utc_now().isoformat()],
-                                          client=get_redis())
+        client = get_redis()
+        marked = lua_script("mark_epoch")(keys=[sweep_mark, epoch_key()], args=[epoch_value(client)], client=client)
     except redis.RedisError:
         log.warning("could not mark Redis as recovered; the next sweep re-sends pending turns again")
         return

@@ -273,6 +273,28 @@ def test_turns_re_sent_into_a_redis_that_loses_its_data_again_are_sent_again_by_
     assert (third.redis_lost, third.sent) == (False, [])
 
 
+def test_a_redis_restarted_from_an_older_snapshot_has_its_pending_turns_sent_again(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """A Redis restarted from its last snapshot keeps the epoch key from before but not the messages sent
+    since: the epoch names the server run that wrote it, so the next sweep sees another run and sends every
+    pending turn again (it waited for the stale-pending rule, 300 s). The restart is stood in for by the
+    snapshot's state: a committed turn whose message is gone, and an epoch written by an earlier run."""
+    from app.auth import Principal
+    from app.db import plain_transaction
+    from app.recovery import epoch_key
+    from app.turn_intake import _insert_turn
+
+    wait_for(lambda: redis_client.exists(epoch_key()), what="a recovery sweep after the Redis flush")
+    user_id, key = world.user()
+    conversation_id = world.conversation(key, world.agent(world.model()))
+    with plain_transaction() as connection:
+        lost = _insert_turn(connection, Principal(user_id, "alice", False), conversation_id, "sent after the snapshot",
+                            None).assistant_message.id
+    redis_client.set(epoch_key(), "0123456789abcdef0123456789abcdef01234567 2026-12-01T00:00:00+00:00")
+    assert world.wait_terminal(key, lost, timeout=15)["status"] == "success"
+    run_id = redis_client.info("server")["run_id"]
+    assert redis_client.get(epoch_key()).split(b" ")[0].decode() == run_id
+
+
 def test_a_turn_accepted_while_redis_is_unreachable_is_sent_by_recovery(world, unreachable_broker) -> None:  # type: ignore[no-untyped-def]
     """The API's enqueue fails (its broker points at a closed port); the worker's recovery sends the turn."""
     from app.models import Turn
