@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,24 +66,29 @@ class LeaseKeeper:
                 self._held.pop(_key(holding), None)
 
     def _run(self) -> None:
+        """Renew when a third of the lease has passed by the clock, then look for stops: a look that hangs (a
+        Redis that stopped answering waits for its socket timeout) must not hold back the renewals, or healthy
+        turns would lose their leases and run twice."""
         settings = get_settings()
         renew_every = settings.lease_seconds / 3
         tick = min(0.5, renew_every)
-        since_renewal = renew_every
+        renewed_at = float("-inf")
         while True:
             self._wake.wait(tick)
-            since_renewal += tick
             with self._lock:
                 held = list(self._held.values())
             if not held:
                 continue
+            if time.monotonic() - renewed_at >= renew_every:
+                try:
+                    self._renew(held, settings.lease_seconds)
+                    renewed_at = time.monotonic()
+                except Exception:
+                    log.warning("lease renewal failed; retrying next tick", exc_info=True)
             try:
                 self._check_cancels(held)
-                if since_renewal >= renew_every:
-                    since_renewal = 0.0
-                    self._renew(held, settings.lease_seconds)
             except Exception:
-                log.warning("lease renewal failed; retrying next tick", exc_info=True)
+                log.warning("looking for stop requests failed; looking again next tick", exc_info=True)
 
     def _check_cancels(self, held: list[Holding]) -> None:
         if self.cancel_check is None:

@@ -61,6 +61,37 @@ def test_a_stale_delivery_leaving_does_not_end_the_live_deliverys_renewals(world
         assert not live.stop.is_set()
 
 
+def test_a_stop_check_that_hangs_does_not_hold_back_the_renewals(world) -> None:  # type: ignore[no-untyped-def]
+    """Each tick also looks for stop requests in Redis; a Redis that stops answering makes that look wait for
+    its socket timeout. Renewals are due by the clock, not by counting ticks, so the lease (3 s in the tests,
+    renewed every second) stays ahead of the database's clock through looks of 1.5 s each."""
+    import time
+
+    from sqlalchemy import text
+
+    turn = _processing_turn(world, token="live")
+    with transaction() as session:
+        session.execute(update(Turn).where(Turn.assistant_message_id == turn.turn_id)
+                        .values(lease_expires_at=utc_now() + timedelta(seconds=2.5)))
+
+    def hanging_redis(turn_ids: list[int]) -> set[int]:
+        time.sleep(1.5)
+        return set()
+
+    keeper = LeaseKeeper()
+    keeper.cancel_check = hanging_redis
+    alive = []
+    with keeper.holding(Holding(turn.turn_id, "live", threading.Event(), turn)):
+        ends = time.monotonic() + 8
+        while time.monotonic() < ends:
+            with transaction() as session:
+                alive.append(session.scalar(text(
+                    "SELECT lease_expires_at > clock_timestamp() FROM turns WHERE assistant_message_id = :id"),
+                    {"id": turn.turn_id}))
+            time.sleep(0.1)
+    assert len(alive) > 40 and all(alive), f"the lease ran out in {alive.count(False)} of {len(alive)} samples"
+
+
 def test_a_dying_duplicate_message_leaves_a_turn_another_delivery_runs(world) -> None:  # type: ignore[no-untyped-def]
     """Retries of a duplicate message ran out while another delivery holds the turn's live lease: the turn is
     that delivery's to settle. Once no live lease is left, the same dead message ends it as `error`."""
