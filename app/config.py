@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(default=1024, ge=1)
     default_context_window: int = Field(default=8192, ge=256)
     max_retries: int = Field(default=3, ge=0)
+    outage_retries: int = Field(default=20, ge=0)
     max_deliveries: int = Field(default=5, ge=1, le=500)
     min_backoff_ms: int = Field(default=1000, ge=0)
     max_backoff_ms: int = Field(default=30000, ge=0)

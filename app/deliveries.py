@@ -1,15 +1,37 @@
-"""How many times a run may be delivered, and how long a delivery may take.
+"""How many times a run may be delivered, how long a delivery may take, and when a failed one is retried.
 
 A turn or an admin test run is delivered again when its worker died (its lease ran out) or it ran
 past its deadline; both rules live here, so the claim that writes the deadline, the recovery sweep
-that finds a delivery overdue and the runners that give a run up agree on them.
+that finds a delivery overdue and the runners that give a run up agree on them. So does the rule
+that decides whether a message whose delivery raised is retried or dead-lettered (`retry_failed`).
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+import psycopg
+import redis
+import sqlalchemy.exc
+
 from app.config import get_settings
+
+OUTAGES = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.TimeoutError, psycopg.OperationalError,
+           redis.ConnectionError, redis.TimeoutError)
+"""Errors of a database or Redis that cannot be reached (down, restarting, its pool exhausted): the run
+itself is not at fault, and it can be neither claimed nor settled until the service is back."""
+
+
+def retry_failed(retries: int, exception: BaseException) -> bool:
+    """Dramatiq's `retry_when`: whether a message whose delivery raised is sent again after its backoff
+    (`AGENTQ_MIN_BACKOFF_MS` doubling up to `AGENTQ_MAX_BACKOFF_MS`) rather than dead-lettered.
+
+    An outage is waited out for `AGENTQ_OUTAGE_RETRIES` retries (about eight minutes with the default
+    backoff): a worker that cannot reach PostgreSQL fails every claim at once, so a restart of a few
+    seconds used up `AGENTQ_MAX_RETRIES` of every run it took meanwhile and dead-lettered them all, to be
+    requeued by hand. Any other error is retried `AGENTQ_MAX_RETRIES` times."""
+    settings = get_settings()
+    return retries < (settings.outage_retries if isinstance(exception, OUTAGES) else settings.max_retries)
 
 
 def delivery_deadline(now: datetime, timeout_seconds: float, has_fallback: bool) -> datetime:

@@ -242,6 +242,40 @@ def test_turns_survive_killed_workers_a_flushed_redis_and_a_postgres_restart(pos
         stack.stop()
 
 
+@pytest.mark.timeout(180)
+def test_runs_taken_during_a_database_outage_wait_it_out_instead_of_dying(postgres: Postgres, redis_db: SharedRedis,
+                                                                        mock_upstream: Process) -> None:
+    """A worker that cannot reach PostgreSQL fails every claim at once. With `AGENTQ_MAX_RETRIES` (2 here,
+    backoff 0.2-1 s) a restart of a few seconds dead-lettered every run taken meanwhile, and, the database
+    being down, could not even end them: they waited for the stale-pending rule. An outage's errors get
+    `AGENTQ_OUTAGE_RETRIES` instead; the runs are answered once the database is back, none is dead."""
+    stack = Stack("outage", postgres.url, redis_db, AGENTQ_MAX_RETRIES="2", AGENTQ_OUTAGE_RETRIES="60",
+                  AGENTQ_MIN_BACKOFF_MS="200", AGENTQ_MAX_BACKOFF_MS="1000", AGENTQ_LEASE_SECONDS="3",
+                  AGENTQ_RECOVERY_INTERVAL_SECONDS="1").init()
+    try:
+        stack.start_web(web_workers=1)
+        agent_id = stack.agent(stack.model("outage-model", "echo"))
+        turns = []
+        for i in range(4):
+            _, key = stack.user(f"outage-user-{i}")
+            turns.append((key, stack.send(key, stack.conversation(key, agent_id), "through the outage")["id"]))
+        postgres.stop("fast")
+        try:
+            worker = stack.start_worker(processes=1, threads=4)
+            # Each run has now failed more often than AGENTQ_MAX_RETRIES would have allowed.
+            wait_for(lambda: worker.output().count("Retrying message") >= 4 * 4, timeout=60,
+                     what="the runs to be retried past AGENTQ_MAX_RETRIES")
+        finally:
+            postgres.start()
+        for key, message_id in turns:
+            assert stack.wait_terminal(key, message_id, timeout=60)["status"] == "success"
+        ids = [message_id for _, message_id in turns]
+        assert stack.sql("SELECT count(*) FROM dead_letters WHERE run_id = ANY(%(ids)s)", {"ids": ids}) == [(0,)]
+        assert "Retries exceeded" not in worker.output()
+    finally:
+        stack.stop()
+
+
 def report(stack: Stack, redis: SharedRedis, users: list[tuple[int, str]],
            clients: list[Client], chaos: Chaos, started: float) -> None:
     unfinished = stack.sql(

@@ -38,6 +38,7 @@ from dramatiq.common import dq_name
 from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries
 
 from app.config import get_settings
+from app.deliveries import retry_failed
 from workers.doorbell import Doorbell, channel_name
 from workers.middleware import RunOutcomes, WorkerServices
 
@@ -133,8 +134,7 @@ def broker_options() -> dict[str, Any]:
             AgeLimit(),
             Callbacks(),
             Pipelines(),
-            Retries(max_retries=settings.max_retries, min_backoff=settings.min_backoff_ms,
-                    max_backoff=settings.max_backoff_ms),
+            Retries(retry_when=retry_failed, min_backoff=settings.min_backoff_ms, max_backoff=settings.max_backoff_ms),
             RunOutcomes(),
             WorkerServices(),
         ],
