@@ -37,6 +37,8 @@ FINAL = "final"
 """The entry of the last event sent from the stored message: nothing is left in the live stream."""
 _ENTRY = re.compile(rf"\d{{1,20}}-\d{{1,20}}|{FINAL}")
 """A Redis stream entry id, or `final`."""
+_MAX_ENTRY_PART = 2**64 - 1
+"""Each half of an entry id is a 64-bit number: Redis refuses a larger one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +67,8 @@ class Cursor:
             cursor = cls(entry, int(attempt), int(offset))
         except ValueError:
             return None
-        if not _ENTRY.fullmatch(entry):
+        if not _ENTRY.fullmatch(entry) or any(int(part) > _MAX_ENTRY_PART for part in entry.split("-")
+                                                  if part != FINAL):
             return None
         return cursor if cursor.attempt >= 0 and cursor.offset >= 0 else None
 
@@ -156,6 +159,10 @@ def follow_answer(message_id: int, last_event_id: str | None) -> Iterator[Stream
     if TurnStatus(message.status).is_terminal and (cursor is None or cursor.entry == FINAL):
         yield from _finish_from_database(message_id, cursor)
         return
+    if cursor is not None and cursor.entry == FINAL:
+        # The id of an ended turn's stored text, for a turn running again since (an operator's requeue):
+        # its live stream is read from the start, the client's attempt and offset judging what it lacks.
+        cursor = Cursor("0-0", cursor.attempt, cursor.offset)
     if cursor is None:
         cursor, status = _fresh_start(stream_key(message_id))
         yield StreamEvent("status", status or {"status": message.status, "model": message.model})
@@ -192,7 +199,7 @@ def follow_answer(message_id: int, last_event_id: str | None) -> Iterator[Stream
                     yield from _wait_and_finish(message_id, cursor, deadline)
                     return
                 fresh = text[cursor.offset - start:]
-                cursor = Cursor(entry, attempt, start + len(text))
+                cursor = Cursor(entry, attempt, max(cursor.offset, start + len(text)))
                 if fresh:
                     yield StreamEvent("delta", {"text": fresh}, cursor.event_id())
             elif kind == "status":

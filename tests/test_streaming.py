@@ -87,6 +87,27 @@ def test_an_event_id_that_is_not_ours_is_a_fresh_start(world, web_server) -> Non
     assert [e.event for e in read_sse(url, key, last_event_id=events[1].id)] == ["status", "done"]
 
 
+@pytest.mark.parametrize("last_event_id", ["99999999999999999999-0.0.0", "final.0.0", "0-0.{attempt}.500"])
+def test_a_last_event_id_that_cannot_be_resumed_live_still_gets_the_answer_right(  # type: ignore[no-untyped-def]
+        world, web_server, last_event_id) -> None:
+    """Ids a reader could send but no live stream can continue from: an entry number above 64 bits (Redis
+    refuses it: every read failed and the reader polled with no live text), the stored text's id for a turn
+    still running (the same), and an offset past the text (the next delta moved the reader back and sent
+    text it claimed to have). The first two follow the turn live; the third is sent the answer at its end."""
+    from app.live_stream import attempt_number
+
+    key, message_id, _ = start_turn(world, "echo;words=30;gap=0.03")
+    events = read_sse(f"{web_server}/api/messages/{message_id}/stream", key,
+                      last_event_id=last_event_id.format(attempt=attempt_number(1, 0)))
+    done = events[-1].json()
+    assert done["status"] == "success" and visible_text(events) == done["content"]
+    deltas = [e for e in events if e.event == "delta"]
+    if last_event_id.endswith(".500"):
+        assert [e.json()["text"] for e in deltas] == [done["content"]]
+    else:
+        assert len(deltas) >= 5
+
+
 def test_a_fallback_switch_mid_turn_restarts_the_text(world, web_server, upstream) -> None:  # type: ignore[no-untyped-def]
     primary = world.model("primary", upstream="echo;words=30;gap=0.02;cut_after=6")
     fallback = world.model("fallback", upstream="echo;words=8;gap=0.02")
