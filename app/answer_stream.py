@@ -113,9 +113,10 @@ def _finish_from_database(message_id: int, cursor: Cursor | None) -> Iterator[St
     message, final_attempt = _load(message_id)
     content = message.content
     if cursor is not None and (cursor.attempt != final_attempt or cursor.offset > len(content)):
+        # Its id names the stored text (`final`): resuming from it must not read the live stream's voided text.
+        cursor = Cursor(FINAL, final_attempt, 0)
         yield StreamEvent("status", {"status": message.status, "model": message.model, "restart": True},
-                          Cursor("0-0", final_attempt, 0).event_id())
-        cursor = Cursor("0-0", final_attempt, 0)
+                          cursor.event_id())
     start = cursor.offset if cursor is not None else 0
     yield StreamEvent("status", {"status": message.status, "model": message.model})
     if len(content) > start:

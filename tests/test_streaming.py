@@ -126,6 +126,28 @@ def test_a_fallback_switch_mid_turn_restarts_the_text(world, web_server, upstrea
     assert "".join(e.json()["text"] for e in late if e.event == "delta") == done["content"]
 
 
+def test_resuming_from_a_restart_sent_from_the_stored_text_never_replays_voided_text(  # type: ignore[no-untyped-def]
+        world, web_server, upstream) -> None:
+    """A reader whose id cannot continue an ended turn (here an offset past the fallback's text) is sent a
+    restart and the stored text. Coming back with that restart's id sends the stored text again, never the
+    primary's voided text, which is still in the live stream ahead of the fallback's."""
+    from app.live_stream import attempt_number
+
+    primary = world.model("primary", upstream="echo;words=30;gap=0.02;cut_after=6")
+    fallback = world.model("fallback", upstream="echo;words=8")
+    _, key = world.user()
+    message_id = world.send(key, world.conversation(key, world.agent(primary, fallback))).json[
+        "assistant_message"]["id"]
+    content = world.wait_terminal(key, message_id)["content"]
+    assert content == " ".join(f"w{i}" for i in range(8))
+    url = f"{web_server}/api/messages/{message_id}/stream"
+    back = read_sse(url, key, last_event_id=f"0-0.{attempt_number(1, 1)}.500")
+    restart = next(e for e in back if e.event == "status" and e.json().get("restart"))
+    assert visible_text(back) == content
+    again = read_sse(url, key, last_event_id=restart.id)
+    assert "".join(e.json()["text"] for e in again if e.event == "delta") == content
+
+
 def test_a_reader_joining_after_a_fallback_restart_gets_only_the_new_text(  # type: ignore[no-untyped-def]
         world, web_server, upstream, redis_client) -> None:
     """Joining mid-turn, after the restart and before the fallback's first token: the reader starts at the
