@@ -22,10 +22,16 @@ class NewUser:
     api_key: str
 
 
+NAME_MAX_CHARS = 200
+"""The length of `users.name`; checked here for every caller (the API's schema checks it too, the CLI not)."""
+
+
 def create_user(name: str, *, is_admin: bool = False, balance: Decimal = Decimal(0)) -> NewUser:
     """The key is returned once and never stored; an opening balance is a ledger credit like any other."""
     if not name.strip():
         raise ValidationFailed("name must not be blank.")
+    if len(name.strip()) > NAME_MAX_CHARS or "\x00" in name:
+        raise ValidationFailed(f"name must be at most {NAME_MAX_CHARS} characters, with no NUL character.")
     try:
         checked_balance(balance)
     except ValueError as exc:
