@@ -10,6 +10,7 @@ never touches a balance or the ledger. The cost analysis sums those rows.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Literal
@@ -27,7 +28,7 @@ from app.llm_client import ModelTarget
 from app.models import Conversation, DebugRun, LlmModel, User
 from app.models.base import utc_now
 from app.moderation import Verdict, moderate
-from app.paging import page_of
+from app.paging import PAGE_OF_A_WHOLE_LIST, every_row, page_of
 from app.prompt import ChatMessage, Prompt, build_prompt, successful_history
 from app.targets import agent_targets, attempt_order, worst_case_cost
 from app.turn_intake import check_content
@@ -156,6 +157,15 @@ def list_debug_logs(agent_id: int | None = None, limit: int = 50, before_id: int
     with transaction() as session:
         rows = list(session.scalars(query))
     return DebugLogPage(*page_of(rows, limit, lambda row: row.id))
+
+
+def every_debug_log(agent_id: int | None = None, before_id: int | None = None) -> Iterator[DebugRun]:
+    """Every log (of one agent), newest first, read a page at a time."""
+    def read_page(cursor: int | None) -> tuple[list[DebugRun], int | None]:
+        page = list_debug_logs(agent_id, PAGE_OF_A_WHOLE_LIST, cursor)
+        return page.items, page.next_before_id
+
+    return every_row(read_page, before_id)
 
 
 def _model_id_of_run() -> ScalarSelect[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -13,7 +14,7 @@ from app.db import transaction
 from app.errors import NotFound, ValidationFailed
 from app.models import CreditTransaction, User
 from app.money import checked_balance
-from app.paging import page_of
+from app.paging import PAGE_OF_A_WHOLE_LIST, every_row, page_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,3 +83,12 @@ def list_transactions(user_id: int, limit: int = 100, before_id: int | None = No
     with transaction() as session:
         rows = list(session.scalars(query))
     return LedgerPage(*page_of(rows, limit, lambda row: row.id))
+
+
+def every_transaction(user_id: int, before_id: int | None = None) -> Iterator[CreditTransaction]:
+    """The whole ledger, newest first, read a page at a time (a ledger grows without bound)."""
+    def read_page(cursor: int | None) -> tuple[list[CreditTransaction], int | None]:
+        page = list_transactions(user_id, PAGE_OF_A_WHOLE_LIST, cursor)
+        return page.items, page.next_cursor
+
+    return every_row(read_page, before_id)

@@ -342,7 +342,11 @@ def test_debug_routes_are_for_admins_only(world, upstream, method, path, body) -
     assert len(upstream.requests()) == 1
 
 
-def test_debug_logs_are_listed_newest_first_in_pages(world) -> None:  # type: ignore[no-untyped-def]
+def test_debug_logs_are_listed_newest_first_in_pages(world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Without `limit`, every log in the contract's shape (read two at a time here, across pages); with it, pages."""
+    import app.debugging
+
+    monkeypatch.setattr(app.debugging, "PAGE_OF_A_WHOLE_LIST", 2)
     first_agent, second_agent = world.agent(world.model()), world.agent(world.model("other"))
     ids = [_execute(world, agent, f"run {n}") for n, agent in enumerate([first_agent, second_agent, first_agent,
                                                                          first_agent, second_agent])]
@@ -352,9 +356,11 @@ def test_debug_logs_are_listed_newest_first_in_pages(world) -> None:  # type: ig
     def page(query: str) -> tuple[list[int], int | None]:
         response = world.api.get(f"/api/admin/debug-logs{query}", world.admin_key)
         assert response.status_code == 200
-        return [item["id"] for item in response.json["items"]], response.json["next_before_id"]
+        assert list(response.json) == (["items", "next_before_id"] if "limit=" in query else ["items"])
+        return [item["id"] for item in response.json["items"]], response.json.get("next_before_id")
 
     assert page("") == (ids[::-1], None)
+    assert page(f"?before_id={ids[4]}") == (ids[3::-1], None)
     assert page("?limit=2") == ([ids[4], ids[3]], ids[3])
     assert page(f"?limit=2&before_id={ids[3]}") == ([ids[2], ids[1]], ids[1])
     assert page(f"?limit=2&before_id={ids[1]}") == ([ids[0]], None)

@@ -336,6 +336,21 @@ def test_the_ledger_is_paged_newest_first(world) -> None:  # type: ignore[no-unt
     assert rest["next_cursor"] is None
 
 
+def test_the_ledger_without_a_limit_is_the_whole_ledger(world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The contract's `GET /api/me/transactions` has no paging: without `limit` every row comes back, newest
+    first, read a page at a time (pages of 7 here, so the reading crosses several of them)."""
+    import app.users
+
+    monkeypatch.setattr(app.users, "PAGE_OF_A_WHOLE_LIST", 7)
+    user_id, key = world.user(balance="1")
+    for amount in range(2, 120):
+        world.api.post(f"/api/admin/users/{user_id}/credits", world.admin_key, {"amount": str(amount)})
+    listed = world.api.get("/api/me/transactions", key).json
+    assert list(listed) == ["items"]
+    assert [t["amount"] for t in listed["items"]] == [f"{amount}.000000" for amount in range(119, 0, -1)]
+    assert world.api.get("/api/me", key).json["balance"] == f"{sum(range(1, 120))}.000000"
+
+
 def test_a_turn_whose_balance_was_taken_back_meanwhile_is_charged_what_is_left(world, upstream) -> None:  # type: ignore[no-untyped-def]
     """The reservation covered the turn, then an admin took credit back: the charge stops at zero, never below."""
     model_id = world.model(upstream="echo;ttft=1.5;words=50", price_in="1.000000", price_out="10.000000")

@@ -168,13 +168,15 @@ class PageQuery(CachedSchemaModel):
 
 
 class LedgerQuery(CachedSchemaModel):
-    limit: Annotated[int, Field(ge=1, le=500)] = 100
+    limit: Annotated[int | None, Field(ge=1, le=500)] = None
+    """Without it, the whole ledger (the contract's shape); with it, a page and its `next_cursor`."""
     cursor: Annotated[int | None, Field(ge=1, le=MAX_ID)] = None
 
 
 class DebugLogQuery(CachedSchemaModel):
     agent_id: Annotated[int | None, Field(ge=1, le=MAX_ID)] = None
-    limit: Annotated[int, Field(ge=1, le=200)] = 50
+    limit: Annotated[int | None, Field(ge=1, le=200)] = None
+    """Without it, every log (the contract's shape); with it, a page and its `next_before_id`."""
     before_id: Annotated[int | None, Field(ge=1, le=MAX_ID)] = None
 
 

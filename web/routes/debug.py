@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from flask import Response
 from flask_openapi3 import Tag
 
 from app import debugging
@@ -35,7 +36,11 @@ def get_debug_log(path: IdPath) -> dict:
 
 
 @bp.get("/admin/debug-logs", tags=[tag])
-def list_debug_logs(query: DebugLogQuery) -> dict:
+def list_debug_logs(query: DebugLogQuery) -> dict | Response:
+    """Newest first: every log, or with `limit` a page; pass `next_before_id` back as `before_id` for the next."""
+    if query.limit is None:
+        return render.streamed_items(render.debug_log(r) for r in debugging.every_debug_log(query.agent_id,
+                                                                                              query.before_id))
     page = debugging.list_debug_logs(query.agent_id, query.limit, query.before_id)
     return {"items": [render.debug_log(r) for r in page.items], "next_before_id": page.next_before_id}
 

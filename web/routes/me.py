@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from flask import Response
 from flask_openapi3 import Tag
 
 from app import catalog, users
@@ -20,8 +21,11 @@ def get_me() -> dict:
 
 
 @bp.get("/me/transactions", tags=[tag])
-def get_transactions(query: LedgerQuery) -> dict:
-    """Newest first; pass `next_cursor` back as `cursor` for the next page."""
+def get_transactions(query: LedgerQuery) -> dict | Response:
+    """Newest first: the whole ledger, or with `limit` a page; pass `next_cursor` back as `cursor` for the next."""
+    if query.limit is None:
+        return render.streamed_items(render.transaction(t) for t in users.every_transaction(principal().id,
+                                                                                            query.cursor))
     page = users.list_transactions(principal().id, query.limit, query.cursor)
     return {"items": [render.transaction(t) for t in page.items], "next_cursor": page.next_cursor}
 
