@@ -202,7 +202,7 @@ def _connect(address: str, port: int, guard: AttemptGuard, timeout: float | None
         sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError as exc:
         raise httpcore2.ConnectError(f"{step}: {exc}") from exc
-    try:
+    with _closed_on_failure(sock, step):
         if local_address is not None:
             sock.bind((local_address, 0))
         sock.setblocking(False)
@@ -217,12 +217,6 @@ def _connect(address: str, port: int, guard: AttemptGuard, timeout: float | None
             sock.setsockopt(*option)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
-    except OSError as exc:
-        sock.close()
-        raise httpcore2.ConnectError(f"{step}: {exc}") from exc
-    except BaseException:
-        sock.close()
-        raise
 
 
 def _handshake(sock: socket.socket, ssl_context: ssl.SSLContext, server_hostname: str | None,
@@ -231,12 +225,9 @@ def _handshake(sock: socket.socket, ssl_context: ssl.SSLContext, server_hostname
     says nothing held a stop for the connect timeout)."""
     step = f"the TLS handshake with {server_hostname}"
     give_up = time.monotonic() + (guard.remaining() if timeout is None else timeout)
-    try:
+    with _closed_on_failure(sock, step):
         tls = ssl_context.wrap_socket(sock, server_hostname=server_hostname, do_handshake_on_connect=False)
-    except OSError as exc:
-        sock.close()
-        raise httpcore2.ConnectError(f"{step}: {exc}") from exc
-    try:
+    with _closed_on_failure(tls, step):
         tls.setblocking(False)
         while True:
             try:
@@ -248,11 +239,19 @@ def _handshake(sock: socket.socket, ssl_context: ssl.SSLContext, server_hostname
                 _wait_until_ready(tls, select.POLLOUT, guard, give_up, step)
         tls.setblocking(True)
         return tls
+
+
+@contextlib.contextmanager
+def _closed_on_failure(sock: socket.socket, step: str) -> Iterator[None]:
+    """`sock` is closed if `step` fails, and any `OSError` is a connect error, as in httpcore's own backend
+    (the SDK reports it as a connection failure, so the fallback runs)."""
+    try:
+        yield
     except OSError as exc:
-        tls.close()
+        sock.close()
         raise httpcore2.ConnectError(f"{step}: {exc}") from exc
     except BaseException:
-        tls.close()
+        sock.close()
         raise
 
 

@@ -62,7 +62,6 @@ def test_a_dotenv_file_supplies_model_keys_and_the_commands_defaults(tmp_path: P
     assert ran.stdout.splitlines()[-1].split() == ["sk-from-dotenv", "sk-from-environment", "5"]
 
 
-
 def test_users_create_refuses_a_name_the_column_cannot_hold_with_the_contracts_error(database: str) -> None:
     """The API's schema bounds a user's name; the command line reached the database with a longer one and
     printed PostgreSQL's traceback instead of one JSON error."""
