@@ -28,6 +28,7 @@ from app.conversations import require_owned_answer
 from app.db import transaction
 from app.live_stream import attempt_number, stream_key
 from app.models import ConversationMessage, ModelAttempt, Turn
+from app.outages import OUTAGES
 from app.redis_client import SOCKET_TIMEOUT_SECONDS, get_redis
 from app.stream_slots import stream_slots
 from app.turn_status import TurnStatus
@@ -125,8 +126,14 @@ def _finish_from_database(message_id: int, cursor: Cursor | None) -> Iterator[St
 
 
 def _terminal(message_id: int) -> bool:
-    with transaction() as session:
-        status = session.scalar(select(ConversationMessage.status).where(ConversationMessage.id == message_id))
+    """False while the database cannot be reached: the reader waits the outage out, kept open by heartbeats,
+    instead of losing its stream (a browser's EventSource would not open it again: its reconnect would be
+    answered 503 until the database is back)."""
+    try:
+        with transaction() as session:
+            status = session.scalar(select(ConversationMessage.status).where(ConversationMessage.id == message_id))
+    except OUTAGES:
+        return False
     return status is not None and TurnStatus(status).is_terminal
 
 

@@ -10,16 +10,8 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-import psycopg
-import redis
-import sqlalchemy.exc
-
 from app.config import get_settings
-
-OUTAGES = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.TimeoutError, psycopg.OperationalError,
-           redis.ConnectionError, redis.TimeoutError)
-"""Errors of a database or Redis that cannot be reached (down, restarting, its pool exhausted): the run
-itself is not at fault, and it can be neither claimed nor settled until the service is back."""
+from app.outages import OUTAGES
 
 
 def retry_failed(retries: int, exception: BaseException) -> bool:

@@ -276,6 +276,51 @@ def test_runs_taken_during_a_database_outage_wait_it_out_instead_of_dying(postgr
         stack.stop()
 
 
+@pytest.mark.timeout(120)
+def test_a_stream_reader_waits_a_database_outage_out(postgres: Postgres, redis_db: SharedRedis,
+                                                     mock_upstream: Process) -> None:
+    """A reader whose turn sends nothing for a while looks at the database to see whether it ended; with the
+    database down that look raised and ended the response without `done`, and a browser's EventSource
+    does not reopen a stream whose reconnect is answered 503. The reader now waits the outage out."""
+    import json
+
+    stack = Stack("stream-outage", postgres.url, redis_db, AGENTQ_STREAM_HEARTBEAT_SECONDS="1",
+                  AGENTQ_LEASE_SECONDS="30").init()
+    try:
+        stack.start_web(web_workers=1)
+        stack.start_worker(processes=1, threads=2)
+        _, key = stack.user("reader")
+        agent_id = stack.agent(stack.model("silent-model", "echo;ttft=6;words=5"))
+        message_id = stack.send(key, stack.conversation(key, agent_id), "wait for it")["id"]
+        stack.wait_status(key, message_id, ("processing",))
+        connected, lines = threading.Event(), []
+
+        def follow() -> None:
+            with httpx.stream("GET", f"{stack.base_url}/api/messages/{message_id}/stream", timeout=60,
+                              headers={"Authorization": f"Bearer {key}"}) as response:
+                assert response.status_code == 200
+                connected.set()
+                lines.extend(response.iter_lines())
+
+        reader = threading.Thread(target=follow, daemon=True)
+        reader.start()
+        assert connected.wait(10)
+        postgres.stop("fast")
+        try:
+            time.sleep(3)  # the outage's length: the reader looks at the database every second meanwhile
+        finally:
+            postgres.start()
+        reader.join(timeout=60)
+        events = [line.removeprefix("event: ") for line in lines if line.startswith("event: ")]
+        assert events[-1:] == ["done"], events
+        done = json.loads([line for line in lines if line.startswith("data: ")][-1].removeprefix("data: "))
+        deltas = "".join(json.loads(line.removeprefix("data: "))["text"] for line, kind in zip(
+            [line for line in lines if line.startswith("data: ")], events, strict=True) if kind == "delta")
+        assert done["status"] == "success" and deltas == done["content"] == "w0 w1 w2 w3 w4"
+    finally:
+        stack.stop()
+
+
 def report(stack: Stack, redis: SharedRedis, users: list[tuple[int, str]],
            clients: list[Client], chaos: Chaos, started: float) -> None:
     unfinished = stack.sql(
