@@ -65,6 +65,20 @@ class LeaseKeeper:
             with self._lock:
                 self._held.pop(_key(holding), None)
 
+    def hand_back(self) -> list[tuple[RunKind, int]]:
+        """The process is leaving with runs still in flight (the shutdown grace ran out): give up their leases
+        now, so that their last writes are refused and another worker can take them over at once rather than
+        when the lease runs out, and tell them to stop calling their models. Returns the runs given up."""
+        with self._lock:
+            held = list(self._held.values())
+        if not held:
+            return []
+        with transaction() as session:
+            given_up = [(_kind(h), h.ident) for h in held if _kind(h).revoke_lease(session, h.ident, h.token)]
+        for h in held:
+            h.stop.set()
+        return given_up
+
     def _run(self) -> None:
         """Renew when a third of the lease has passed by the clock, then look for stops: a look that hangs (a
         Redis that stopped answering waits for its socket timeout) must not hold back the renewals, or healthy

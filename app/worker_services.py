@@ -7,7 +7,7 @@ from typing import Any
 
 import dramatiq
 
-from app import dead_letters, debug_runner, llm_client, turn_runner
+from app import dead_letters, debug_runner, llm_client, outbox, turn_runner
 from app.db import dispose_engines, open_pool
 from app.heap import freeze_after_boot
 from app.leases import keeper
@@ -55,6 +55,22 @@ def stop() -> None:
     _draining = True
     if _recovery is not None:
         _recovery.stop()
+
+
+def hand_back_unfinished() -> None:
+    """The worker threads had the shutdown grace to finish their runs: those still going are given up and
+    sent again now, for another worker to take over at once (their leases would otherwise hold them for up
+    to `AGENTQ_LEASE_SECONDS` after this process is gone)."""
+    try:
+        handed = keeper.hand_back()
+    except Exception:
+        log.warning("could not give up the leases of the runs still in flight; they run out by themselves",
+                    exc_info=True)
+        return
+    for kind, ident in handed:
+        log.warning("%s %s was still running when the shutdown grace ran out; handed to another worker",
+                    kind.label, ident)
+        outbox.send(kind, ident)
 
 
 def hand_back_if_draining(message: dramatiq.Message[Any]) -> bool:

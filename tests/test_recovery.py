@@ -192,6 +192,25 @@ def test_sigterm_finishes_running_turns_within_the_grace_and_leaves_the_rest(sta
     assert (charges(stack, running["id"]), charges(stack, waiting["id"])) == (1, 1)
 
 
+def test_a_run_still_going_when_the_shutdown_grace_ends_is_handed_to_another_worker_at_once(stack: Stack) -> None:
+    """A deploy or a group restart stops a worker whose turn outlasts the shutdown grace: the worker gives up
+    the turn's lease as it leaves and sends it again, so another worker takes it over at once, not when the
+    lease (30 s here) runs out."""
+    agent_id = slow_agent(stack, "handed-back", "echo;words=60;gap=0.1")
+    _, key = stack.user("hand-back")
+    leaving = stack.start_worker(AGENTQ_SHUTDOWN_GRACE_SECONDS="1", AGENTQ_LEASE_SECONDS="30")
+    turn = stack.send(key, stack.conversation(key, agent_id), "finish me elsewhere")
+    stack.wait_status(key, turn["id"], ("processing",))
+    stack.start_worker(AGENTQ_LEASE_SECONDS="30")
+    leaving.popen.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+    wait_for(lambda: leaving.popen.poll() is not None, timeout=10, what="the worker to exit")  # type: ignore[union-attr]
+    assert "handed to another worker" in leaving.output()
+    wait_for(lambda: deliveries(stack, turn["id"]) == 2, timeout=5, what="another worker to take the turn over")
+    done = stack.wait_terminal(key, turn["id"], timeout=30)
+    assert (done["status"], done["content"]) == ("success", " ".join(f"w{i}" for i in range(60)))
+    assert charges(stack, turn["id"]) == 1
+
+
 def _stick(stack: Stack, turn_id: int, deadline_seconds: float, reserved: str) -> None:
     """What a worker stuck in a turn looks like from the database: processing, under a lease it keeps renewing,
     with the deadline and the reservation its claim wrote (the agent's timeout for each model plus the grace,

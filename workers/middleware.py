@@ -35,6 +35,10 @@ class WorkerServices(Middleware):
         for consumer in worker.consumers.values():
             consumer.pause()
 
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        """The threads had the shutdown grace: the runs they are still in are handed to another worker now."""
+        worker_services.hand_back_unfinished()
+
     def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
         """A run that reaches an idle thread after SIGTERM goes back to the queue for another worker."""
         if worker_services.hand_back_if_draining(message):
