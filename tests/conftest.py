@@ -126,6 +126,12 @@ def clean(database: str, redis_client: redis_lib.Redis) -> Iterator[None]:
     A test may end with a message still in a worker's memory (a retry waiting for its backoff, a stalled
     call): it outlives the flush and runs in a later test. Each test's turns and test runs therefore get
     ids of their own, so such a message finds no run rather than another test's run with the same id."""
+    _empty_tables(database)
+    redis_client.flushdb()
+    yield
+
+
+def _empty_tables(database: str) -> None:
     for attempt in range(10):
         try:
             with psycopg.connect(database.replace("+psycopg", ""), autocommit=True) as conn:
@@ -133,12 +139,10 @@ def clean(database: str, redis_client: redis_lib.Redis) -> Iterator[None]:
                 first_run_id = next(_RUN_ID_BLOCKS) * RUN_ID_BLOCK + 1
                 for table in RUN_TABLES:
                     conn.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), {first_run_id}, false)")
-            break
+            return
         except psycopg.errors.DeadlockDetected:
             if attempt == 9:
                 raise
-    redis_client.flushdb()
-    yield
 
 
 class Workers:
@@ -164,6 +168,10 @@ class Workers:
 
 @pytest.fixture(scope="session")
 def workers(database: str, mock_upstream: Process) -> Iterator[Workers]:
+    """Started by the first test that needs them. Runs left pending by earlier tests, which ran without
+    workers, are emptied first: the workers' first recovery sweep would otherwise send them, and their model
+    calls would land in that test's upstream log."""
+    _empty_tables(database)
     pool = Workers()
     pool.start()
     yield pool
