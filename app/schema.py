@@ -3,14 +3,15 @@
 Every statement of `schema.sql` is idempotent, so `agentq db init` is safe to run twice and from
 several machines at once (an advisory lock serialises them); a column added after a release is
 added to an older database by its `ALTER TABLE … ADD COLUMN IF NOT EXISTS`. On SQLite the models
-create what is missing, and a column a table lacks is added to it when it is nullable or has a default.
+create what is missing, and a column a table lacks is added to it when it is nullable or has a default;
+a file written before money was kept in millionths there has its amounts converted once.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import Engine, Numeric, inspect, text
 from sqlalchemy.schema import CreateColumn
 
 from app.db import get_engine
@@ -29,10 +30,32 @@ def init_schema() -> str:
             connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LOCK_ID})
             connection.exec_driver_sql(sql)
         return f"applied {SCHEMA_FILE.name} to {engine.url.render_as_string(hide_password=True)}"
+    fresh = not inspect(engine).get_table_names()
     Base.metadata.create_all(engine)
     added = _add_missing_columns(engine)
+    converted = _money_in_millionths(engine, fresh)
     return (f"created tables in {engine.url.render_as_string(hide_password=True)}"
-            + (f"; added columns {', '.join(added)}" if added else ""))
+            + (f"; added columns {', '.join(added)}" if added else "")
+            + (f"; converted money to millionths in {converted} columns" if converted else ""))
+
+
+SQLITE_MONEY_IN_MILLIONTHS = 1
+"""`PRAGMA user_version` of a SQLite file whose money is whole millionths (`app.models.base.Millionths`)."""
+
+
+def _money_in_millionths(engine: Engine, fresh: bool) -> int:
+    """Convert the amounts of a SQLite file written when money was a NUMERIC there, once; the number of
+    columns converted (none for a file already converted, or new)."""
+    with engine.begin() as connection:
+        if connection.exec_driver_sql("PRAGMA user_version").scalar_one() >= SQLITE_MONEY_IN_MILLIONTHS:
+            return 0
+        columns = [] if fresh else [(table.name, column.name) for table in Base.metadata.sorted_tables
+                                    for column in table.columns if isinstance(column.type, Numeric)]
+        for table, column in columns:
+            connection.exec_driver_sql(f"UPDATE {table} SET {column} = CAST(ROUND({column} * 1000000) AS INTEGER) "
+                                       f"WHERE {column} IS NOT NULL")
+        connection.exec_driver_sql(f"PRAGMA user_version = {SQLITE_MONEY_IN_MILLIONTHS}")
+    return len(columns)
 
 
 def _add_missing_columns(engine: Engine) -> list[str]:

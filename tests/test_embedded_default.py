@@ -85,3 +85,37 @@ def test_idempotent_redelivery_and_balance_on_sqlite(sqlite_deployment) -> None:
     assert Decimal(before) - Decimal(after) == Decimal(done["cost"])
     ledger = httpx.get(f"{base}/api/me/transactions", headers=headers).json()["items"]
     assert len([t for t in ledger if t["message_id"] == message_id]) == 1
+
+
+RESERVATIONS_ON_SQLITE = """
+import sqlite3, sys
+from decimal import Decimal
+from app.db import plain_transaction
+from app.ledger import release, reserve
+from app.schema import init_schema
+from app.users import create_user
+
+init_schema()
+user_id = create_user("exact", balance=Decimal("0.3")).user.id
+results = []
+with plain_transaction() as connection:
+    for amount in ("0.1", "0.2"):
+        results.append(reserve(connection, user_id, Decimal(amount)).rowcount)
+with plain_transaction() as connection:
+    for amount in ("0.1", "0.2"):
+        release(connection, user_id, Decimal(amount))
+raw = sqlite3.connect(sys.argv[1]).execute("SELECT balance, reserved FROM users WHERE id = ?", (user_id,)).fetchone()
+print(results, raw)
+"""
+
+
+def test_money_arithmetic_on_sqlite_is_exact(tmp_path: Path) -> None:
+    """SQLite does a reservation's arithmetic itself, inside the statement; on a NUMERIC column that is binary
+    floating point there: with 0.1 of a balance of 0.3 held, 0.3 - 0.1 fell just short of a 0.2 reservation.
+    Money is whole millionths there, so both are held, and both released leave nothing held."""
+    database = tmp_path / "money.sqlite3"
+    result = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-c", RESERVATIONS_ON_SQLITE, str(database)],
+                            env=child_env(DATABASE_URL=f"sqlite:///{database}"), cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[1, 1] (300000, 0)"

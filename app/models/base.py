@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, Identity, Integer, MetaData, Numeric, func
+from sqlalchemy import BigInteger, DateTime, Dialect, Identity, Integer, MetaData, Numeric, TypeDecorator, func
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from app.money import MONEY_QUANTUM, quantize
 
 NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
@@ -16,8 +19,25 @@ NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_name)s",
 }
 
-Money = Numeric(18, 6, asdecimal=True)
-"""Every amount of credit: balances, prices per 1k tokens, costs. Never a float."""
+class Millionths(TypeDecorator[Decimal]):
+    """Money on SQLite: whole millionths in an INTEGER column. SQLite has no exact decimal: a NUMERIC column
+    holds a binary float there, and the arithmetic of a charge or a reservation, done by SQLite inside the
+    statement, drifted by 1e-16 (a balance that should equal a turn's worst case fell just short of it, a
+    released reservation left 3e-17 held). Whole numbers add and subtract exactly."""
+
+    impl = BigInteger
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> int | None:
+        return None if value is None else int(quantize(Decimal(value)) / MONEY_QUANTUM)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
+        return None if value is None else (Decimal(int(value)) * MONEY_QUANTUM).quantize(MONEY_QUANTUM)
+
+
+Money = Numeric(18, 6, asdecimal=True).with_variant(Millionths(), "sqlite")
+"""Every amount of credit: balances, prices per 1k tokens, costs. Never a float: NUMERIC(18, 6) on
+PostgreSQL, millionths on SQLite."""
 
 Id = BigInteger().with_variant(Integer, "sqlite")
 """64-bit ids on PostgreSQL; SQLite only auto-increments an INTEGER primary key."""
