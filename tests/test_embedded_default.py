@@ -106,16 +106,24 @@ with plain_transaction() as connection:
         release(connection, user_id, Decimal(amount))
 raw = sqlite3.connect(sys.argv[1]).execute("SELECT balance, reserved FROM users WHERE id = ?", (user_id,)).fetchone()
 print(results, raw)
+with sqlite3.connect(sys.argv[1]) as older:  # a file as an earlier agentq wrote it: amounts as numbers
+    older.execute("UPDATE users SET balance = 12.5, reserved = 0.25 WHERE id = ?", (user_id,))
+    older.execute("PRAGMA user_version = 0")
+print(init_schema())
+print(sqlite3.connect(sys.argv[1]).execute("SELECT balance, reserved FROM users WHERE id = ?", (user_id,)).fetchone())
 """
 
 
 def test_money_arithmetic_on_sqlite_is_exact(tmp_path: Path) -> None:
     """SQLite does a reservation's arithmetic itself, inside the statement; on a NUMERIC column that is binary
     floating point there: with 0.1 of a balance of 0.3 held, 0.3 - 0.1 fell just short of a 0.2 reservation.
-    Money is whole millionths there, so both are held, and both released leave nothing held."""
+    Money is whole millionths there, so both are held, and both released leave nothing held; a file an
+    earlier agentq wrote, with amounts as numbers, is converted once by `db init`."""
     database = tmp_path / "money.sqlite3"
     result = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-c", RESERVATIONS_ON_SQLITE, str(database)],
                             env=child_env(DATABASE_URL=f"sqlite:///{database}"), cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[1, 1] (300000, 0)"
+    reserved, converted, older = result.stdout.strip().splitlines()
+    assert reserved == "[1, 1] (300000, 0)"
+    assert converted.endswith("converted money to millionths in 10 columns") and older == "(12500000, 250000)"
