@@ -28,7 +28,7 @@ from app.conversations import require_owned_answer
 from app.db import transaction
 from app.live_stream import attempt_number, stream_key
 from app.models import ConversationMessage, ModelAttempt, Turn
-from app.outages import OUTAGES
+from app.outages import is_outage
 from app.redis_client import SOCKET_TIMEOUT_SECONDS, get_redis
 from app.stream_slots import stream_slots
 from app.turn_status import TurnStatus
@@ -126,15 +126,22 @@ def _finish_from_database(message_id: int, cursor: Cursor | None) -> Iterator[St
 
 
 def _terminal(message_id: int) -> bool:
-    """False while the database cannot be reached: the reader waits the outage out, kept open by heartbeats,
-    instead of losing its stream (a browser's EventSource would not open it again: its reconnect would be
-    answered 503 until the database is back)."""
-    try:
-        with transaction() as session:
-            status = session.scalar(select(ConversationMessage.status).where(ConversationMessage.id == message_id))
-    except OUTAGES:
-        return False
+    with transaction() as session:
+        status = session.scalar(select(ConversationMessage.status).where(ConversationMessage.id == message_id))
     return status is not None and TurnStatus(status).is_terminal
+
+
+def _ending(message_id: int, cursor: Cursor | None) -> list[StreamEvent] | None:
+    """The rest of the answer from the stored message once the turn has ended; None while it runs, and while
+    the database cannot be reached: the reader waits an outage out, kept open by heartbeats, instead of
+    losing its stream (a browser's EventSource would not open it again: its reconnect would be answered
+    503 until the database is back)."""
+    try:
+        return list(_finish_from_database(message_id, cursor)) if _terminal(message_id) else None
+    except Exception as error:
+        if not is_outage(error):
+            raise
+        return None
 
 
 _LOOK_BACK_PAGE = 200
@@ -186,8 +193,8 @@ def follow_answer(message_id: int, last_event_id: str | None) -> Iterator[Stream
             time.sleep(0.5)
         entries = found[0][1] if found else []
         if not entries:
-            if _terminal(message_id):
-                yield from _finish_from_database(message_id, cursor)
+            if (ending := _ending(message_id, cursor)) is not None:
+                yield from ending
                 return
             if time.monotonic() - quiet_since >= settings.stream_heartbeat_seconds:
                 quiet_since = time.monotonic()
@@ -233,8 +240,8 @@ def _wait_and_finish(message_id: int, cursor: Cursor, deadline: float) -> Iterat
     heartbeat = get_settings().stream_heartbeat_seconds
     quiet_since = time.monotonic()
     while time.monotonic() < deadline:
-        if _terminal(message_id):
-            yield from _finish_from_database(message_id, cursor)
+        if (ending := _ending(message_id, cursor)) is not None:
+            yield from ending
             return
         time.sleep(GAP_POLL_SECONDS)
         if time.monotonic() - quiet_since >= heartbeat:

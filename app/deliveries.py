@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from app.config import get_settings
-from app.outages import OUTAGES
+from app.outages import is_outage
 
 
 def retry_failed(retries: int, exception: BaseException) -> bool:
@@ -23,7 +23,7 @@ def retry_failed(retries: int, exception: BaseException) -> bool:
     seconds used up `AGENTQ_MAX_RETRIES` of every run it took meanwhile and dead-lettered them all, to be
     requeued by hand. Any other error is retried `AGENTQ_MAX_RETRIES` times."""
     settings = get_settings()
-    return retries < (settings.outage_retries if isinstance(exception, OUTAGES) else settings.max_retries)
+    return retries < (settings.outage_retries if is_outage(exception) else settings.max_retries)
 
 
 def delivery_deadline(now: datetime, timeout_seconds: float, has_fallback: bool) -> datetime:

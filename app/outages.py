@@ -1,5 +1,10 @@
-"""Errors that mean a backing service is out of reach (down, restarting, its pool exhausted), not that the
-work or the request is wrong: what waits an outage out instead of failing tells them apart with these."""
+"""Whether an error means a backing service is out of reach (down, restarting, failing over, its pool
+exhausted) rather than that the work or the statement is wrong: what waits an outage out (a delivery's
+retries, a stream reader) must not also wait out a real bug.
+
+`OperationalError` alone is too wide for that: it also covers a statement timeout, a deadlock, a lock
+not available, and on SQLite a missing table. Only a connection that failed or was lost counts.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,20 @@ import psycopg
 import redis
 import sqlalchemy.exc
 
-OUTAGES = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.TimeoutError, psycopg.OperationalError,
-           redis.ConnectionError, redis.TimeoutError)
-"""The database's or Redis's: a run can be neither claimed nor settled, a stored answer not read, until
-the service is back."""
+_SERVER_GOING_AWAY = frozenset({"57P01", "57P02", "57P03", "53300"})
+"""PostgreSQL's admin shutdown, crash shutdown, cannot connect now (starting up), too many connections."""
+
+
+def is_outage(error: BaseException) -> bool:
+    if isinstance(error, redis.AuthenticationError):
+        return False
+    if isinstance(error, (redis.ConnectionError, redis.TimeoutError, sqlalchemy.exc.TimeoutError)):
+        return True
+    if isinstance(error, sqlalchemy.exc.DBAPIError):
+        if error.connection_invalidated:
+            return True
+        error = error.orig
+    if isinstance(error, psycopg.OperationalError):
+        state = error.sqlstate
+        return state is None or state.startswith("08") or state in _SERVER_GOING_AWAY
+    return False

@@ -300,7 +300,8 @@ def test_a_stream_reader_waits_a_database_outage_out(postgres: Postgres, redis_d
                               headers={"Authorization": f"Bearer {key}"}) as response:
                 assert response.status_code == 200
                 connected.set()
-                lines.extend(response.iter_lines())
+                for line in response.iter_lines():
+                    lines.append(line)
 
         reader = threading.Thread(target=follow, daemon=True)
         reader.start()
