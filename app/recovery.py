@@ -65,9 +65,14 @@ class RecoveryReport:
     unsent: int = 0
 
 
-def epoch_value(client: redis.Redis) -> str:
-    """What the epoch key holds: the Redis server's run (`INFO server` `run_id`, new at each start), and when."""
-    return f"{client.info('server')['run_id']} {utc_now().isoformat()}"
+def server_run(client: redis.Redis) -> str:
+    """The Redis server's run: `INFO server`'s `run_id`, new at each start ("" from a server without one)."""
+    return str(client.info("server").get("run_id", ""))
+
+
+def epoch_value(run: str) -> str:
+    """What the epoch key holds: the Redis server run whose data is known complete, and when."""
+    return f"{run} {utc_now().isoformat()}"
 
 
 def _redis_lost_its_data() -> bool:
@@ -82,7 +87,7 @@ def _redis_lost_its_data() -> bool:
     try:
         client = get_redis()
         epoch = client.get(epoch_key())
-        return epoch is None or epoch.split(b" ", 1)[0].decode() != str(client.info("server")["run_id"])
+        return epoch is None or epoch.split(b" ", 1)[0].decode() != server_run(client)
     except redis.RedisError:
         return False
 
@@ -91,24 +96,34 @@ SWEEP_MARK_SECONDS = 3600
 """How long the mark of a sweep that died before it ended stays in Redis."""
 
 
-def _leave_sweep_mark() -> str | None:
+@dataclass(frozen=True, slots=True)
+class _SweepMark:
+    key: str
+    server_run: str
+    """The server run the sweep re-sends into, read before the mark is left: the epoch it sets names this
+    run, so a restart later in the sweep (whose new run the mark may survive in a snapshot) is noticed."""
+
+
+def _leave_sweep_mark() -> _SweepMark | None:
     """Before a sweep re-sends everything pending into the Redis that lost its data: a key that goes if
     Redis loses its data again, with the messages the sweep sent. None when Redis is unreachable (the
     sends fail too, and the epoch is not set)."""
     mark = f"{epoch_key()}:sweep:{secrets.token_hex(8)}"
     try:
-        get_redis().set(mark, "1", ex=SWEEP_MARK_SECONDS)
+        client = get_redis()
+        run = server_run(client)
+        client.set(mark, "1", ex=SWEEP_MARK_SECONDS)
     except redis.RedisError:
         return None
-    return mark
+    return _SweepMark(mark, run)
 
 
-def _mark_epoch(sweep_mark: str | None) -> None:
+def _mark_epoch(sweep_mark: _SweepMark | None) -> None:
     if sweep_mark is None:
         return
     try:
-        client = get_redis()
-        marked = lua_script("mark_epoch")(keys=[sweep_mark, epoch_key()], args=[epoch_value(client)], client=client)
+        marked = lua_script("mark_epoch")(keys=[sweep_mark.key, epoch_key()],
+                                          args=[epoch_value(sweep_mark.server_run)], client=get_redis())
     except redis.RedisError:
         log.warning("could not mark Redis as recovered; the next sweep re-sends pending turns again")
         return

@@ -177,11 +177,11 @@ class Deployment:
         client = self.redis()
         client.ping()
         client.flushdb()
-        from app.recovery import epoch_key, epoch_value
+        from app.recovery import epoch_key, epoch_value, server_run
 
         # A deployment that has been running has its epoch key; without it the first recovery sweep would
         # take the bench's pending turns for ones Redis lost and send them a second time.
-        client.set(epoch_key(), epoch_value(client))
+        client.set(epoch_key(), epoch_value(server_run(client)))
         self.agentq("db", "init")
         self.mock = Proc("mock-upstream", [str(VENV_BIN / "agentq"), "mock-llm", "--port", str(self.mock_port)],
                          self.env(), self.log_dir, self.base)
