@@ -1,10 +1,10 @@
-"""Keeping the leases of the runs (turns and test runs) this process works on alive, from one thread.
+"""Keeping the leases of the runs (turns and test runs) this process works on alive, from two threads.
 
 A lease is renewed on a timer, not per chunk, so a model that takes minutes to send its first token
 does not lose its turn; when the process dies the renewals stop and the lease runs out, which is
-what lets recovery hand the turn to another worker. The same tick renews the Redis lock and slot of
+what lets recovery hand the turn to another worker. A renewal also renews the Redis lock and slot of
 each turn, and notices a lease another worker took (its holder is told to stop) and a stop request
-from a user.
+from a user recorded in the database; a second thread looks for stop requests in Redis twice a second.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ from app.run_kinds import KINDS, TEST_RUN, TURN, RunKind
 
 log = logging.getLogger(__name__)
 
+TICK_SECONDS = 0.5
+"""How often the keeper looks for stop requests (a stop is honoured within this), and retries a renewal."""
+
 
 @dataclass
 class Holding:
@@ -48,17 +51,14 @@ class LeaseKeeper:
     def __init__(self) -> None:
         self._held: dict[tuple[str, int, str], Holding] = {}
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._wake = threading.Event()
+        self._threads: dict[str, threading.Thread] = {}
         self.cancel_check: Callable[[list[int]], set[int]] | None = None
 
     @contextmanager
     def holding(self, holding: Holding) -> Iterator[Holding]:
         with self._lock:
             self._held[_key(holding)] = holding
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
-                self._thread.start()
+            self._keep_running()
         try:
             yield holding
         finally:
@@ -79,26 +79,42 @@ class LeaseKeeper:
             h.stop.set()
         return given_up
 
-    def _run(self) -> None:
-        """Renew when a third of the lease has passed by the clock, then look for stops: a look that hangs (a
-        Redis that stopped answering waits for its socket timeout) must not hold back the renewals, or healthy
-        turns would lose their leases and run twice."""
+    def _keep_running(self) -> None:
+        """Under the lock: the renewals and the looks for stop requests each on a thread of its own (started
+        again in a forked child), so that a look that hangs (a Redis that stopped answering holds it for its
+        socket timeout) never holds back a renewal, or healthy turns would lose their leases and run twice."""
+        for name, target in (("lease-keeper", self._renewals), ("stop-watch", self._stop_looks)):
+            thread = self._threads.get(name)
+            if thread is None or not thread.is_alive():
+                self._threads[name] = threading.Thread(target=target, name=name, daemon=True)
+                self._threads[name].start()
+
+    def _snapshot(self) -> list[Holding]:
+        with self._lock:
+            return list(self._held.values())
+
+    def _renewals(self) -> None:
+        """Renew when a third of the lease has passed by the clock; a renewal that failed is tried again at
+        the next tick."""
         settings = get_settings()
         renew_every = settings.lease_seconds / 3
-        tick = min(0.5, renew_every)
         renewed_at = float("-inf")
         while True:
-            self._wake.wait(tick)
-            with self._lock:
-                held = list(self._held.values())
-            if not held:
-                continue
-            if time.monotonic() - renewed_at >= renew_every:
+            time.sleep(min(TICK_SECONDS, renew_every))
+            held = self._snapshot()
+            if held and time.monotonic() - renewed_at >= renew_every:
                 try:
                     self._renew(held, settings.lease_seconds)
                     renewed_at = time.monotonic()
                 except Exception:
                     log.warning("lease renewal failed; retrying next tick", exc_info=True)
+
+    def _stop_looks(self) -> None:
+        while True:
+            time.sleep(TICK_SECONDS)
+            held = self._snapshot()
+            if not held:
+                continue
             try:
                 self._check_cancels(held)
             except Exception:
