@@ -210,6 +210,11 @@ def follow_answer(message_id: int, last_event_id: str | None) -> Iterator[Stream
                 text = fields[b"data"].decode()
                 if attempt != cursor.attempt and cursor.offset == 0 and start == 0:
                     cursor = Cursor(cursor.entry, attempt, 0)
+                if attempt < cursor.attempt:
+                    # A late write of a voided attempt (attempt numbers only grow): the worker that lost the
+                    # turn flushing what it had as it left. Nothing for this reader, who follows the new one.
+                    cursor = Cursor(entry, cursor.attempt, cursor.offset)
+                    continue
                 if attempt != cursor.attempt or start > cursor.offset:
                     yield from _wait_and_finish(message_id, cursor, deadline)
                     return

@@ -199,6 +199,33 @@ def test_a_turn_whose_models_fail_mid_answer_keeps_the_text_its_readers_were_sen
     assert [t for t in world.api.get("/api/me/transactions", key).json["items"] if t["message_id"]] == []
 
 
+def test_a_late_write_of_a_voided_attempt_does_not_stop_a_reader_following_live(  # type: ignore[no-untyped-def]
+        world, web_server, redis_client) -> None:
+    """A worker that lost a turn (a hand-back at shutdown, a takeover) may still flush a delta of its voided
+    attempt after the new owner's entries; a reader following the new attempt skips it and stays live,
+    instead of waiting for the end as it does for a real gap. The stale write is added to the real stream."""
+    import json
+    import threading
+
+    from app.live_stream import stream_key
+
+    key, message_id, _ = start_turn(world, "echo;words=40;gap=0.05")
+    events: list = []
+    reader = threading.Thread(target=lambda: events.extend(
+        read_sse(f"{web_server}/api/messages/{message_id}/stream", key)), daemon=True)
+    reader.start()
+    stream = stream_key(message_id)
+    wait_for(lambda: sum(fields[b"type"] == b"delta" for _, fields in redis_client.xrange(stream)) >= 3,
+             what="the turn's first deltas")
+    redis_client.xadd(stream, {"type": "delta", "a": 0, "o": 0, "data": "voided text"})
+    reader.join(timeout=30)
+    done = events[-1].json()
+    assert done["status"] == "success" and visible_text(events) == done["content"]
+    assert "voided" not in "".join(e.json()["text"] for e in events if e.event == "delta")
+    assert not any(e.event == "status" and e.json().get("restart") for e in events)
+    assert len([e for e in events if e.event == "delta"]) >= 10, json.dumps([e.event for e in events])
+
+
 def test_a_client_that_disconnects_does_not_stop_the_answer(world, web_server) -> None:  # type: ignore[no-untyped-def]
     key, message_id, _ = start_turn(world, "echo;words=30;gap=0.02")
     read_sse(f"{web_server}/api/messages/{message_id}/stream", key, stop_after=2)
