@@ -19,6 +19,7 @@ NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_name)s",
 }
 
+
 class Millionths(TypeDecorator[Decimal]):
     """Money on SQLite: whole millionths in an INTEGER column. SQLite has no exact decimal: a NUMERIC column
     holds a binary float there, and the arithmetic of a charge or a reservation, done by SQLite inside the
