@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,10 +167,24 @@ def _fresh_start(key: str) -> tuple[Cursor, dict[str, Any] | None]:
         return Cursor(), None
 
 
+def _first_load(message_id: int, deadline: float) -> Generator[StreamEvent, None, ConversationMessage]:
+    """The stored message the stream starts from, with heartbeats while the database cannot be reached: the
+    reader was authorized a moment ago, and an outage starting now is waited out as one later on is."""
+    while True:
+        try:
+            return _load(message_id)[0]
+        except Exception as error:
+            if not is_outage(error) or time.monotonic() >= deadline:
+                raise
+        yield StreamEvent(HEARTBEAT, None)
+        time.sleep(GAP_POLL_SECONDS)
+
+
 def follow_answer(message_id: int, last_event_id: str | None) -> Iterator[StreamEvent]:
     settings = get_settings()
+    deadline = time.monotonic() + settings.stream_max_seconds
     cursor = Cursor.parse(last_event_id)
-    message, _ = _load(message_id)
+    message = yield from _first_load(message_id, deadline)
     if TurnStatus(message.status).is_terminal and (cursor is None or cursor.entry == FINAL):
         yield from _finish_from_database(message_id, cursor)
         return
@@ -181,7 +195,6 @@ def follow_answer(message_id: int, last_event_id: str | None) -> Iterator[Stream
     if cursor is None:
         cursor, status = _fresh_start(stream_key(message_id))
         yield StreamEvent("status", status or {"status": message.status, "model": message.model})
-    deadline = time.monotonic() + settings.stream_max_seconds
     block_ms = int(min(settings.stream_heartbeat_seconds, SOCKET_TIMEOUT_SECONDS - 1) * 1000)
     quiet_since = time.monotonic()
     key = stream_key(message_id)

@@ -299,9 +299,10 @@ def test_a_stream_reader_waits_a_database_outage_out(postgres: Postgres, redis_d
             with httpx.stream("GET", f"{stack.base_url}/api/messages/{message_id}/stream", timeout=60,
                               headers={"Authorization": f"Bearer {key}"}) as response:
                 assert response.status_code == 200
-                connected.set()
                 for line in response.iter_lines():
                     lines.append(line)
+                    if line.startswith("event: "):
+                        connected.set()  # the first event: the stream has read the stored message
 
         reader = threading.Thread(target=follow, daemon=True)
         reader.start()
