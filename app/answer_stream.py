@@ -18,7 +18,7 @@ import re
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from sqlalchemy import func, select
@@ -32,6 +32,8 @@ from app.outages import is_outage
 from app.redis_client import SOCKET_TIMEOUT_SECONDS, get_redis
 from app.stream_slots import stream_slots
 from app.turn_status import TurnStatus
+
+Read = TypeVar("Read")
 
 HEARTBEAT = "heartbeat"
 FINAL = "final"
@@ -68,8 +70,8 @@ class Cursor:
             cursor = cls(entry, int(attempt), int(offset))
         except ValueError:
             return None
-        if not _ENTRY.fullmatch(entry) or any(int(part) > _MAX_ENTRY_PART for part in entry.split("-")
-                                                  if part != FINAL):
+        if not _ENTRY.fullmatch(entry) or (entry != FINAL and any(int(part) > _MAX_ENTRY_PART
+                                                                  for part in entry.split("-"))):
             return None
         return cursor if cursor.attempt >= 0 and cursor.offset >= 0 else None
 
@@ -109,9 +111,9 @@ def _load(message_id: int) -> tuple[ConversationMessage, int]:
     return message, attempt_number(delivery, max(attempts - 1, 0))
 
 
-def _finish_from_database(message_id: int, cursor: Cursor | None) -> Iterator[StreamEvent]:
-    """The rest of an ended turn from the stored message: what the client lacks, then `done`."""
-    message, final_attempt = _load(message_id)
+def _finish_from_database(loaded: tuple[ConversationMessage, int], cursor: Cursor | None) -> Iterator[StreamEvent]:
+    """The rest of an ended turn from the stored message (`_load`): what the client lacks, then `done`."""
+    message, final_attempt = loaded
     content = message.content
     if cursor is not None and (cursor.attempt != final_attempt or cursor.offset > len(content)):
         # Its id names the stored text (`final`): resuming from it must not read the live stream's voided text.
@@ -131,17 +133,23 @@ def _terminal(message_id: int) -> bool:
     return status is not None and TurnStatus(status).is_terminal
 
 
-def _ending(message_id: int, cursor: Cursor | None) -> list[StreamEvent] | None:
-    """The rest of the answer from the stored message once the turn has ended; None while it runs, and while
-    the database cannot be reached: the reader waits an outage out, kept open by heartbeats, instead of
-    losing its stream (a browser's EventSource would not open it again: its reconnect would be answered
-    503 until the database is back)."""
+def _unless_outage(read: Callable[[], Read]) -> Read | None:
+    """`read()`, or None while the database cannot be reached: a reader waits an outage out, kept open by
+    heartbeats, instead of losing its stream (a browser's EventSource would not open it again: its
+    reconnect would be answered 503 until the database is back)."""
     try:
-        return list(_finish_from_database(message_id, cursor)) if _terminal(message_id) else None
+        return read()
     except Exception as error:
         if not is_outage(error):
             raise
         return None
+
+
+def _ending(message_id: int, cursor: Cursor | None) -> list[StreamEvent] | None:
+    """The rest of the answer from the stored message once the turn has ended; None while it runs, and while
+    the database cannot be reached."""
+    return _unless_outage(lambda: list(_finish_from_database(_load(message_id), cursor))
+                          if _terminal(message_id) else None)
 
 
 _LOOK_BACK_PAGE = 200
@@ -167,26 +175,26 @@ def _fresh_start(key: str) -> tuple[Cursor, dict[str, Any] | None]:
         return Cursor(), None
 
 
-def _first_load(message_id: int, deadline: float) -> Generator[StreamEvent, None, ConversationMessage]:
-    """The stored message the stream starts from, with heartbeats while the database cannot be reached: the
-    reader was authorized a moment ago, and an outage starting now is waited out as one later on is."""
-    while True:
-        try:
-            return _load(message_id)[0]
-        except Exception as error:
-            if not is_outage(error) or time.monotonic() >= deadline:
-                raise
+def _first_load(message_id: int, deadline: float) -> Generator[StreamEvent, None, tuple[ConversationMessage, int]]:
+    """The stored message the stream starts from (`_load`), with heartbeats while the database cannot be
+    reached: the reader was authorized a moment ago, and an outage starting now is waited out as one later
+    on is."""
+    while time.monotonic() < deadline:
+        if (loaded := _unless_outage(lambda: _load(message_id))) is not None:
+            return loaded
         yield StreamEvent(HEARTBEAT, None)
         time.sleep(GAP_POLL_SECONDS)
+    return _load(message_id)
 
 
 def follow_answer(message_id: int, last_event_id: str | None) -> Iterator[StreamEvent]:
     settings = get_settings()
     deadline = time.monotonic() + settings.stream_max_seconds
     cursor = Cursor.parse(last_event_id)
-    message = yield from _first_load(message_id, deadline)
+    loaded = yield from _first_load(message_id, deadline)
+    message = loaded[0]
     if TurnStatus(message.status).is_terminal and (cursor is None or cursor.entry == FINAL):
-        yield from _finish_from_database(message_id, cursor)
+        yield from _finish_from_database(loaded, cursor)
         return
     if cursor is not None and cursor.entry == FINAL:
         # The id of an ended turn's stored text, for a turn running again since (an operator's requeue):

@@ -24,7 +24,7 @@ from app.errors import NotFound, ValidationFailed
 from app.in_flight import lock_user
 from app.models import Conversation, ConversationMessage, table
 from app.models.base import as_utc, utc_now
-from app.paging import page_of
+from app.paging import every_row, page_of
 from app.prepared import Batch, Prepared, Unit
 
 
@@ -155,18 +155,16 @@ def list_messages(principal: Principal, conversation_id: int) -> Iterator[Conver
 
 
 def _messages_by_seq(conversation_id: int) -> Iterator[ConversationMessage]:
-    after = 0
-    while True:
+    def read_page(after: int | None) -> tuple[list[ConversationMessage], int | None]:
         with transaction() as session:
             batch = list(session.scalars(
                 select(ConversationMessage)
-                .where(ConversationMessage.conversation_id == conversation_id, ConversationMessage.seq > after)
+                .where(ConversationMessage.conversation_id == conversation_id, ConversationMessage.seq > (after or 0))
                 .order_by(ConversationMessage.seq)
                 .limit(MESSAGE_BATCH)))
-        yield from batch
-        if len(batch) < MESSAGE_BATCH:
-            return
-        after = batch[-1].seq
+        return batch, batch[-1].seq if len(batch) == MESSAGE_BATCH else None
+
+    return every_row(read_page)
 
 
 def _owned_message(columns: Any, user_id: int, message_id: int) -> Select[Any]:

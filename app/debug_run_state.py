@@ -33,13 +33,13 @@ def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> Clai
     """The same claim for an admin test run, whose status lives on its single log row: a pending run
     moves to `processing` as the transition table allows, a taken-over one keeps its status and gets a new
     lease. Each counts a delivery; `run` is then the row's new `deliveries`, for `given_up`."""
-    locked = session.execute(
-        select(DebugRun, Agent.timeout_seconds, Agent.fallback_model_id, DatabaseNow())
+    locked = session.execute(  # the agent's whole row: its runner reads it next, from the session
+        select(DebugRun, Agent, DatabaseNow())
         .join(Agent, Agent.id == DebugRun.agent_id).where(DebugRun.id == run_id).with_for_update(of=DebugRun)
     ).first()
     if locked is None:
         return ClaimResult(Claim.MISSING)
-    run, timeout_seconds, fallback_model_id, now = locked
+    run, agent, now = locked
     judged_at = lease_time(now)
     outcome = claim_outcome(run.status, run.lease_expires_at, judged_at)
     if not outcome.acquires:
@@ -53,7 +53,8 @@ def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> Clai
                 .values(status=TurnStatus.PROCESSING.value))
     taken = session.execute(
         take.values(lease_token=token, lease_expires_at=judged_at + timedelta(seconds=lease_seconds),
-                    deadline_at=delivery_deadline(judged_at, timeout_seconds, fallback_model_id is not None),
+                    deadline_at=delivery_deadline(judged_at, agent.timeout_seconds,
+                                                  agent.fallback_model_id is not None),
                     deliveries=DebugRun.deliveries + 1, updated_at=utc_now())
         .returning(DebugRun.deliveries)
         .execution_options(synchronize_session=False)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -30,7 +30,8 @@ from app.models.base import utc_now
 from app.moderation import Verdict, moderate
 from app.paging import PAGE_OF_A_WHOLE_LIST, every_row, page_of
 from app.prompt import ChatMessage, Prompt, build_prompt, successful_history
-from app.targets import agent_targets, attempt_order, worst_case_cost
+from app.run_kinds import TEST_RUN
+from app.targets import agent_targets, worst_case_cost
 from app.turn_intake import check_content
 
 GroupBy = Literal["agent", "model", "admin"]
@@ -47,8 +48,7 @@ class RouteDecision:
     estimated_cost: Decimal
 
 
-@dataclass(frozen=True, slots=True)
-class DebugLogPage:
+class DebugLogPage(NamedTuple):
     items: list[DebugRun]
     next_before_id: int | None
 
@@ -99,7 +99,6 @@ def route_decision(agent_id: int, content: str) -> RouteDecision:
     with transaction() as session:
         setup = _agent_setup(session, agent_id)
     check_content(content)
-    targets = attempt_order(setup.primary, setup.fallback)
     prompt = setup.prompt_for(setup.primary, [], content)
     return RouteDecision(
         model=setup.primary.name,
@@ -107,8 +106,8 @@ def route_decision(agent_id: int, content: str) -> RouteDecision:
         timeout_seconds=setup.timeout_seconds,
         moderation=moderate(content),
         estimated_prompt_tokens=prompt.estimated_tokens,
-        estimated_cost=worst_case_cost(targets, lambda t: setup.prompt_for(t, [], content).messages,
-                                       setup.max_tokens),
+        estimated_cost=worst_case_cost(setup.primary, setup.fallback,
+                                       lambda t: setup.prompt_for(t, [], content).messages, setup.max_tokens),
     )
 
 
@@ -135,7 +134,7 @@ def start_execution(admin: Principal, agent_id: int, content: str) -> int:
         session.add(run)
         session.flush()
         run_id = run.id
-    outbox.send_debug_run(run_id)
+    outbox.send(TEST_RUN, run_id)
     return run_id
 
 
@@ -161,11 +160,7 @@ def list_debug_logs(agent_id: int | None = None, limit: int = 50, before_id: int
 
 def every_debug_log(agent_id: int | None = None, before_id: int | None = None) -> Iterator[DebugRun]:
     """Every log (of one agent), newest first, read a page at a time."""
-    def read_page(cursor: int | None) -> tuple[list[DebugRun], int | None]:
-        page = list_debug_logs(agent_id, PAGE_OF_A_WHOLE_LIST, cursor)
-        return page.items, page.next_before_id
-
-    return every_row(read_page, before_id)
+    return every_row(lambda cursor: list_debug_logs(agent_id, PAGE_OF_A_WHOLE_LIST, cursor), before_id)
 
 
 def _model_id_of_run() -> ScalarSelect[int]:

@@ -114,11 +114,11 @@ def call_with_fallback(
 ) -> Outcome:
     outcome = Outcome()
     targets = attempt_order(primary, fallback)
-    failed: ModelTarget | None = None
     for index, target in enumerate(targets):
         if stop.is_set():
-            # Stopped before the fallback's call: the primary's text is what was streamed, and is kept.
-            outcome.model, outcome.cancelled, outcome.partial_failed = failed or target, True, failed is not None
+            # Stopped before the fallback's call (index 1, only reached after the primary failed): the
+            # primary's text is what was streamed, and is kept, as the primary's.
+            outcome.model, outcome.cancelled, outcome.partial_failed = primary, True, index > 0
             outcome.errors.append(f"{target.name}: cancelled before the call")
             return outcome
         sink.attempt_started(target.name, restart=index > 0)
@@ -139,7 +139,6 @@ def call_with_fallback(
                 outcome.model, outcome.cancelled = target, True
                 return outcome
             if index == 0 and should_fall_back(failure, primary, fallback):
-                failed = target
                 continue
             return outcome
         outcome.attempts.append(_record(target, "success", None, completion.latency_ms, completion.first_token_ms,

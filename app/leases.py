@@ -41,10 +41,14 @@ class Holding:
     """Set for a user turn (it has a conversation lock and a user slot); None for an admin test run."""
 
 
-def _key(holding: Holding) -> tuple[str, int, str]:
+def _delivery_key(kind: RunKind, ident: int, token: str) -> tuple[str, int, str]:
     """A delivery, not a run: a stale delivery of a turn (its lease taken over by another thread of the same
     process) and the live one are held apart, so the stale one leaving cannot end the live one's renewals."""
-    return (_kind(holding).label, holding.ident, holding.token)
+    return (kind.label, ident, token)
+
+
+def _key(holding: Holding) -> tuple[str, int, str]:
+    return _delivery_key(_kind(holding), holding.ident, holding.token)
 
 
 class LeaseKeeper:
@@ -69,12 +73,11 @@ class LeaseKeeper:
         """The process is leaving with runs still in flight (the shutdown grace ran out): give up their leases
         now, so that their last writes are refused and another worker can take them over at once rather than
         when the lease runs out, and tell them to stop calling their models. Returns the runs given up."""
-        with self._lock:
-            held = list(self._held.values())
+        held = self._snapshot()
         if not held:
             return []
         with transaction() as session:
-            given_up = [(_kind(h), h.ident) for h in held if _kind(h).revoke_lease(session, h.ident, h.token)]
+            given_up = [(kind, h.ident) for h in held if (kind := _kind(h)).revoke_lease(session, h.ident, h.token)]
         for h in held:
             h.stop.set()
         return given_up
@@ -155,7 +158,7 @@ class LeaseKeeper:
                     .returning(*returned)
                     .execution_options(synchronize_session=False)
                 ).all()
-                kept.update((kind.label, row[0], row[1]) for row in rows)
+                kept.update(_delivery_key(kind, row[0], row[1]) for row in rows)
                 stopped.update(row[0] for row in rows if kind is TURN and row[2] is not None)
         with self._lock:
             current = [h for h in held if self._held.get(_key(h)) is h]

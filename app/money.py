@@ -5,6 +5,9 @@ from __future__ import annotations
 from decimal import ROUND_HALF_UP, Decimal
 
 MONEY_QUANTUM = Decimal("0.000001")
+MILLIONTHS = int(1 / MONEY_QUANTUM)
+"""Quanta in a unit of credit: money is stored as a whole number of them where the database has no exact
+decimal (SQLite, `app.models.base.Millionths`)."""
 _THOUSAND = Decimal(1000)
 MAX_AMOUNT = Decimal("999999999999.999999")
 """The largest amount NUMERIC(18, 6) holds."""

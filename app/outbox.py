@@ -12,26 +12,17 @@ import logging
 from sqlalchemy import update
 
 from app.db import transaction
-from app.run_kinds import TEST_RUN, TURN, RunKind
+from app.run_kinds import RunKind
 
 log = logging.getLogger(__name__)
 
 
 def send(kind: RunKind, ident: int) -> bool:
-    """Send a committed run, or leave it marked for recovery; False then. `send_turn` and `send_debug_run`
-    are this for the kind their callers always have."""
+    """Send a committed run, or leave it marked for recovery; False then."""
     if kind.send(ident):
         return True
     _leave_for_recovery(kind, ident)
     return False
-
-
-def send_turn(turn_id: int) -> bool:
-    return send(TURN, turn_id)
-
-
-def send_debug_run(run_id: int) -> bool:
-    return send(TEST_RUN, run_id)
 
 
 def _leave_for_recovery(kind: RunKind, ident: int) -> None:

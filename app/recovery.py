@@ -75,9 +75,10 @@ def epoch_value(run: str) -> str:
     return f"{run} {utc_now().isoformat()}"
 
 
-def _redis_lost_its_data() -> bool:
-    """True while the epoch key is missing or was written in another run of the Redis server: Redis was
-    flushed, or restarted empty or from a snapshot, and lost some or all of its queues.
+def _run_that_lost_data() -> str | None:
+    """The Redis server's run while the epoch key is missing or was written in another run: Redis was
+    flushed, or restarted empty or from a snapshot, and lost some or all of its queues. None while it
+    holds them all (or cannot be reached: its sends would fail too).
 
     The key is set again only by a sweep that has re-sent every pending turn (`_mark_epoch`), so a
     sweep that dies half-way (database down, process killed) leaves the work to the next one. A restart
@@ -86,10 +87,10 @@ def _redis_lost_its_data() -> bool:
     """
     try:
         client = get_redis()
-        epoch = client.get(epoch_key())
-        return epoch is None or epoch.split(b" ", 1)[0].decode() != server_run(client)
+        run, epoch = server_run(client), client.get(epoch_key())
     except redis.RedisError:
-        return False
+        return None
+    return run if epoch is None or epoch.split(b" ", 1)[0].decode() != run else None
 
 
 SWEEP_MARK_SECONDS = 3600
@@ -104,15 +105,13 @@ class _SweepMark:
     run, so a restart later in the sweep (whose new run the mark may survive in a snapshot) is noticed."""
 
 
-def _leave_sweep_mark() -> _SweepMark | None:
-    """Before a sweep re-sends everything pending into the Redis that lost its data: a key that goes if
+def _leave_sweep_mark(run: str) -> _SweepMark | None:
+    """Before a sweep re-sends everything pending into the Redis run that lost its data: a key that goes if
     Redis loses its data again, with the messages the sweep sent. None when Redis is unreachable (the
     sends fail too, and the epoch is not set)."""
     mark = f"{epoch_key()}:sweep:{secrets.token_hex(8)}"
     try:
-        client = get_redis()
-        run = server_run(client)
-        client.set(mark, "1", ex=SWEEP_MARK_SECONDS)
+        get_redis().set(mark, "1", ex=SWEEP_MARK_SECONDS)
     except redis.RedisError:
         return None
     return _SweepMark(mark, run)
@@ -200,8 +199,9 @@ def _send_due(rows: list[Any], kind: RunKind, sent: list[int], report: RecoveryR
 
 
 def recover_once() -> RecoveryReport:
-    report = RecoveryReport(redis_lost=_redis_lost_its_data())
-    sweep_mark = _leave_sweep_mark() if report.redis_lost else None
+    lost_run = _run_that_lost_data()
+    report = RecoveryReport(redis_lost=lost_run is not None)
+    sweep_mark = _leave_sweep_mark(lost_run) if lost_run is not None else None
     settings = get_settings()
     due = _due_runs(report.redis_lost)
     with transaction() as session:

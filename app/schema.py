@@ -16,6 +16,7 @@ from sqlalchemy.schema import CreateColumn
 
 from app.db import get_engine
 from app.models import Base
+from app.money import MILLIONTHS
 
 SCHEMA_FILE = Path(__file__).parent / "schema.sql"
 """The top-level `schema.sql`, through `app/schema.sql` (a link to it, so that an installed package holds a copy)."""
@@ -52,8 +53,8 @@ def _money_in_millionths(engine: Engine, fresh: bool) -> int:
         columns = [] if fresh else [(table.name, column.name) for table in Base.metadata.sorted_tables
                                     for column in table.columns if isinstance(column.type, Numeric)]
         for table, column in columns:
-            connection.exec_driver_sql(f"UPDATE {table} SET {column} = CAST(ROUND({column} * 1000000) AS INTEGER) "
-                                       f"WHERE {column} IS NOT NULL")
+            connection.exec_driver_sql(f"UPDATE {table} SET {column} = CAST(ROUND({column} * {MILLIONTHS}) "
+                                       f"AS INTEGER) WHERE {column} IS NOT NULL")
         connection.exec_driver_sql(f"PRAGMA user_version = {SQLITE_MONEY_IN_MILLIONTHS}")
     return len(columns)
 

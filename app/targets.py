@@ -42,8 +42,7 @@ def max_cost(target: ModelTarget, messages: list[dict[str, str]], max_tokens: in
     return target.cost(estimate_tokens_of_messages(messages), get_settings().answer_limit(max_tokens))
 
 
-def worst_case_cost(
-    targets: list[ModelTarget], prompt_for: Callable[[ModelTarget], list[dict[str, str]]], max_tokens: int | None
-) -> Decimal:
+def worst_case_cost(primary: ModelTarget, fallback: ModelTarget | None,
+                    prompt_for: Callable[[ModelTarget], list[dict[str, str]]], max_tokens: int | None) -> Decimal:
     """What a turn reserves before calling a model: `max_cost` on the dearest of the models it may use."""
-    return max(max_cost(t, prompt_for(t), max_tokens) for t in targets)
+    return max(max_cost(t, prompt_for(t), max_tokens) for t in attempt_order(primary, fallback))

@@ -24,6 +24,7 @@ from app.in_flight import check_can_start
 from app.models import Conversation, ConversationMessage, Turn, User, table
 from app.models.base import utc_now
 from app.prepared import Batch, Prepared, Rows, Unit
+from app.run_kinds import TURN
 from app.turn_status import TurnStatus
 
 
@@ -160,7 +161,7 @@ def _replayed(replay: AcceptedTurn) -> AcceptedTurn:
     (or lost the database) before its send, and its retry must not wait for the stale-pending sweep.
     A second message is harmless: the claim runs a turn once."""
     if replay.assistant_message.status == TurnStatus.PENDING:
-        outbox.send_turn(replay.assistant_message.id)
+        outbox.send(TURN, replay.assistant_message.id)
     return replay
 
 
@@ -199,5 +200,5 @@ def submit_turn(principal: Principal, conversation_id: int, content: str, idempo
         lock.release()
         return _replayed(accepted)
     lock.bind(accepted.assistant_message.id)
-    outbox.send_turn(accepted.assistant_message.id)
+    outbox.send(TURN, accepted.assistant_message.id)
     return accepted

@@ -31,7 +31,7 @@ from app.moderation import moderate
 from app.prepared import Batch, Unit
 from app.prompt import ChatMessage, build_prompt, successful_history
 from app.run_kinds import TURN
-from app.targets import attempt_order, target_in_row, worst_case_cost
+from app.targets import target_in_row, worst_case_cost
 from app.turn_state import (
     ClaimResult,
     LeaseLost,
@@ -162,8 +162,7 @@ def _worst_case(context: TurnContext, turn: TurnRow) -> Decimal:
     turn reserves once), one given up after too many deliveries, or one cancelled before it started."""
     if turn.reserved_amount or given_up(turn.deliveries) or turn.cancel_requested_at:
         return Decimal(0)
-    targets = attempt_order(context.primary, context.fallback)
-    return worst_case_cost(targets, context.prompt_for, context.params.max_tokens)
+    return worst_case_cost(context.primary, context.fallback, context.prompt_for, context.params.max_tokens)
 
 
 def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, model: ModelTarget | None = None,

@@ -31,15 +31,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import ipaddress
 import itertools
+import math
 import os
 import select
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import httpcore2
@@ -135,6 +135,14 @@ def resolve_host(host: str, port: int) -> list[tuple[Any, ...]]:
     return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
 
 
+_Address = tuple[int, tuple[Any, ...]]
+"""A socket family and address as the name service gives them (an IPv6 address keeps its scope)."""
+
+
+def _socket_addresses(infos: Iterable[tuple[Any, ...]]) -> list[_Address]:
+    return list(dict.fromkeys((info[0], info[4]) for info in infos))
+
+
 class _Lookup(threading.Thread):
     """One name lookup on a thread of its own, so that the attempt waiting for it can give up on it."""
 
@@ -142,63 +150,68 @@ class _Lookup(threading.Thread):
         super().__init__(name="upstream-lookup", daemon=True)
         self.host, self.port = host, port
         self.done = threading.Event()
-        self.addresses: list[str] = []
+        self.addresses: list[_Address] = []
         self.error: OSError | None = None
 
     def run(self) -> None:
         try:
-            self.addresses = list(dict.fromkeys(str(info[4][0]) for info in resolve_host(self.host, self.port)))
+            self.addresses = _socket_addresses(resolve_host(self.host, self.port))
         except OSError as exc:
             self.error = exc
         finally:
             self.done.set()
 
 
-def _addresses(host: str, port: int, guard: AttemptGuard) -> list[str]:
-    """`host`'s addresses, or a connect error as soon as the attempt is stopped or out of time."""
-    try:
-        ipaddress.ip_address(host)
-        return [host]
-    except ValueError:
-        pass
-    lookup = _Lookup(host, port)
-    lookup.start()
-    while not lookup.done.wait(min(TICK_SECONDS, max(guard.remaining(), 0.0))):
-        if guard.ended():
-            raise httpcore2.ConnectTimeout(f"looking up {host} did not end within the attempt's time")
-    if lookup.error is not None:
-        raise httpcore2.ConnectError(f"looking up {host}: {lookup.error}") from lookup.error
-    return lookup.addresses
-
-
-def _wait_until_ready(sock: socket.socket, events: int, guard: AttemptGuard, give_up: float, step: str) -> None:
-    """Wait, a tick at a time, until `sock` is ready for `events`; a connect timeout once the attempt is
-    stopped or out of time, or at `give_up` (the step's own timeout)."""
-    ready = select.poll()
-    ready.register(sock, events)
+def _wait_a_tick_at_a_time(ready: Callable[[float], bool], guard: AttemptGuard, give_up: float, step: str) -> None:
+    """Wait until `ready(seconds)` says the step is done, a tick at a time; a connect timeout once the attempt
+    is stopped or out of time, or at `give_up` (the step's own timeout)."""
     while True:
         if guard.ended():
             raise httpcore2.ConnectTimeout(f"{step} was given up: the attempt was stopped or ran out of time")
         left = give_up - time.monotonic()
         if left <= 0:
             raise httpcore2.ConnectTimeout(f"{step} did not end within its timeout")
-        if ready.poll(min(TICK_SECONDS, left, max(guard.remaining(), 0.0)) * 1000):
+        if ready(min(TICK_SECONDS, left, max(guard.remaining(), 0.0))):
             return
 
 
-def _connect(address: str, port: int, guard: AttemptGuard, timeout: float | None, local_address: str | None,
+def _socket_ready(sock: socket.socket, events: int) -> Callable[[float], bool]:
+    poller = select.poll()
+    poller.register(sock, events)
+    return lambda seconds: bool(poller.poll(seconds * 1000))
+
+
+def _give_up_at(timeout: float | None) -> float:
+    """When a step with `timeout` ends on its own; the attempt's deadline and stop bound it besides."""
+    return math.inf if timeout is None else time.monotonic() + timeout
+
+
+def _addresses(host: str, port: int, guard: AttemptGuard) -> list[_Address]:
+    """`host`'s addresses (an address is its own, with no lookup), or a connect error as soon as the attempt
+    is stopped or out of time."""
+    try:
+        return _socket_addresses(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST))
+    except socket.gaierror:
+        pass
+    lookup = _Lookup(host, port)
+    lookup.start()
+    _wait_a_tick_at_a_time(lookup.done.wait, guard, math.inf, f"looking up {host}")
+    if lookup.error is not None:
+        raise httpcore2.ConnectError(f"looking up {host}: {lookup.error}") from lookup.error
+    return lookup.addresses
+
+
+def _connect(address: _Address, guard: AttemptGuard, timeout: float | None, local_address: str | None,
              socket_options: Iterable[Any]) -> socket.socket:
     """A connected socket, or a connect error at `timeout` or as soon as the attempt is stopped or out of
     time (a blocking connect cannot be interrupted: a host that drops the SYN held a stop for the whole
     timeout). Every `OSError` is a connect error, as in httpcore's own backend, so the SDK reports it."""
-    step = f"connecting to {address}:{port}"
+    family, sockaddr = address
+    step = f"connecting to {sockaddr[0]}:{sockaddr[1]}"
     if guard.ended():
         raise httpcore2.ConnectTimeout(f"{step} was given up: the attempt was stopped or ran out of time")
-    give_up = time.monotonic() + (guard.remaining() if timeout is None else timeout)
+    give_up = _give_up_at(timeout)
     try:
-        # The address is numeric already: no lookup, just its family and socket address (an IPv6 scope too).
-        family, _, _, _, sockaddr = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM,
-                                                       flags=socket.AI_NUMERICHOST)[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError as exc:
         raise httpcore2.ConnectError(f"{step}: {exc}") from exc
@@ -208,7 +221,7 @@ def _connect(address: str, port: int, guard: AttemptGuard, timeout: float | None
         sock.setblocking(False)
         code = sock.connect_ex(sockaddr)
         if code in (errno.EINPROGRESS, errno.EINTR):
-            _wait_until_ready(sock, select.POLLOUT, guard, give_up, step)
+            _wait_a_tick_at_a_time(_socket_ready(sock, select.POLLOUT), guard, give_up, step)
             code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code != 0:
             raise httpcore2.ConnectError(f"{step}: {os.strerror(code)}")
@@ -224,7 +237,7 @@ def _handshake(sock: socket.socket, ssl_context: ssl.SSLContext, server_hostname
     """`sock` with TLS, its handshake bounded like the connect before it (a server that accepts and then
     says nothing held a stop for the connect timeout)."""
     step = f"the TLS handshake with {server_hostname}"
-    give_up = time.monotonic() + (guard.remaining() if timeout is None else timeout)
+    give_up = _give_up_at(timeout)
     with _closed_on_failure(sock, step):
         tls = ssl_context.wrap_socket(sock, server_hostname=server_hostname, do_handshake_on_connect=False)
     with _closed_on_failure(tls, step):
@@ -234,9 +247,9 @@ def _handshake(sock: socket.socket, ssl_context: ssl.SSLContext, server_hostname
                 tls.do_handshake()
                 break
             except ssl.SSLWantReadError:
-                _wait_until_ready(tls, select.POLLIN, guard, give_up, step)
+                _wait_a_tick_at_a_time(_socket_ready(tls, select.POLLIN), guard, give_up, step)
             except ssl.SSLWantWriteError:
-                _wait_until_ready(tls, select.POLLOUT, guard, give_up, step)
+                _wait_a_tick_at_a_time(_socket_ready(tls, select.POLLOUT), guard, give_up, step)
         tls.setblocking(True)
         return tls
 
@@ -271,7 +284,7 @@ class _AttemptSocketBackend(httpcore2.NetworkBackend):
         for address in _addresses(host, port, guard):
             try:
                 return _AttemptSocketStream(SyncStream(
-                    _connect(address, port, guard, timeout, local_address, socket_options or ())))
+                    _connect(address, guard, timeout, local_address, socket_options or ())))
             except (httpcore2.ConnectError, httpcore2.ConnectTimeout) as exc:
                 failure = exc
         raise failure

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import NamedTuple
 
 from sqlalchemy import select
 
@@ -12,7 +13,7 @@ from app import ledger
 from app.auth import hash_api_key, new_api_key
 from app.db import transaction
 from app.errors import NotFound, ValidationFailed
-from app.models import CreditTransaction, User
+from app.models import CreditTransaction, User, table
 from app.money import checked_balance
 from app.paging import PAGE_OF_A_WHOLE_LIST, every_row, page_of
 
@@ -23,8 +24,8 @@ class NewUser:
     api_key: str
 
 
-NAME_MAX_CHARS = 200
-"""The length of `users.name`; checked here for every caller (the API's schema checks it too, the CLI not)."""
+NAME_MAX_CHARS: int = table(User).c.name.type.length  # type: ignore[attr-defined]
+"""The length of `users.name`, checked here for every caller (the API's schema checks it too, the CLI not)."""
 
 
 def create_user(name: str, *, is_admin: bool = False, balance: Decimal = Decimal(0)) -> NewUser:
@@ -65,8 +66,7 @@ def add_credit(user_id: int, amount: Decimal) -> Decimal:
         return ledger.add_credit(session, user_id, amount)
 
 
-@dataclass(frozen=True, slots=True)
-class LedgerPage:
+class LedgerPage(NamedTuple):
     items: list[CreditTransaction]
     next_cursor: int | None
     """The id to pass back as `cursor`; None on the last page."""
@@ -87,8 +87,4 @@ def list_transactions(user_id: int, limit: int = 100, before_id: int | None = No
 
 def every_transaction(user_id: int, before_id: int | None = None) -> Iterator[CreditTransaction]:
     """The whole ledger, newest first, read a page at a time (a ledger grows without bound)."""
-    def read_page(cursor: int | None) -> tuple[list[CreditTransaction], int | None]:
-        page = list_transactions(user_id, PAGE_OF_A_WHOLE_LIST, cursor)
-        return page.items, page.next_cursor
-
-    return every_row(read_page, before_id)
+    return every_row(lambda cursor: list_transactions(user_id, PAGE_OF_A_WHOLE_LIST, cursor), before_id)

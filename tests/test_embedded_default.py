@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import LOG_DIR, MOCK_URL, child_env
-from tests.support import ROOT, Process, agentq, free_port, wait_http
+from tests.support import ROOT, VENV_BIN, Process, agentq, free_port, wait_http
 
 
 def readme_curl_session() -> str:
@@ -120,7 +120,7 @@ def test_money_arithmetic_on_sqlite_is_exact(tmp_path: Path) -> None:
     Money is whole millionths there, so both are held, and both released leave nothing held; a file an
     earlier agentq wrote, with amounts as numbers, is converted once by `db init`."""
     database = tmp_path / "money.sqlite3"
-    result = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-c", RESERVATIONS_ON_SQLITE, str(database)],
+    result = subprocess.run([str(VENV_BIN / "python"), "-c", RESERVATIONS_ON_SQLITE, str(database)],
                             env=child_env(DATABASE_URL=f"sqlite:///{database}"), cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import BigInteger, DateTime, Dialect, Identity, Integer, MetaData, Numeric, TypeDecorator, func
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from app.money import MONEY_QUANTUM, quantize
+from app.money import MILLIONTHS, MONEY_QUANTUM, quantize
 
 NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
@@ -30,10 +30,10 @@ class Millionths(TypeDecorator[Decimal]):
     cache_ok = True
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> int | None:
-        return None if value is None else int(quantize(Decimal(value)) / MONEY_QUANTUM)
+        return None if value is None else int(quantize(value) * MILLIONTHS)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
-        return None if value is None else (Decimal(int(value)) * MONEY_QUANTUM).quantize(MONEY_QUANTUM)
+        return None if value is None else Decimal(int(value)) * MONEY_QUANTUM
 
 
 Money = Numeric(18, 6, asdecimal=True).with_variant(Millionths(), "sqlite")
