@@ -229,7 +229,7 @@ def follow_answer(message_id: int, last_event_id: str | None) -> Iterator[Stream
             if kind == "delta":
                 start = int(fields[b"o"])
                 text = fields[b"data"].decode()
-                if attempt != cursor.attempt and cursor.offset == 0 and start == 0:
+                if attempt > cursor.attempt and cursor.offset == 0 and start == 0:
                     cursor = Cursor(cursor.entry, attempt, 0)
                 if attempt < cursor.attempt:
                     # A late write of a voided attempt (attempt numbers only grow): the worker that lost the

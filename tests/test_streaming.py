@@ -229,6 +229,42 @@ def test_a_late_write_of_a_voided_attempt_does_not_stop_a_reader_following_live(
     assert deltas and not any(ident.startswith("final.") for ident in deltas), json.dumps(deltas)
 
 
+def test_a_late_write_of_the_voided_attempt_right_after_a_restart_is_not_adopted(  # type: ignore[no-untyped-def]
+        world, web_server, upstream, redis_client) -> None:
+    """A reader just past a fallback restart is at offset 0 of the new attempt; a late delta of the voided
+    primary at offset 0 (its worker flushing as it lost the turn) must be skipped, not taken for the start
+    of the new attempt. The stale write is added to the real stream while the fallback waits to answer."""
+    import json
+    import threading
+
+    from app.live_stream import stream_key
+
+    primary = world.model("primary", upstream="echo;words=30;gap=0.02;cut_after=6")
+    fallback = world.model("fallback", upstream="echo;words=8;gap=0.02;ttft=2")
+    _, key = world.user()
+    message_id = world.send(key, world.conversation(key, world.agent(primary, fallback))).json[
+        "assistant_message"]["id"]
+    events: list = []
+    reader = threading.Thread(target=lambda: events.extend(
+        read_sse(f"{web_server}/api/messages/{message_id}/stream", key)), daemon=True)
+    reader.start()
+    stream = stream_key(message_id)
+
+    def restart() -> dict | None:
+        return next((fields for _, fields in redis_client.xrange(stream)
+                     if fields[b"type"] == b"status" and json.loads(fields[b"data"]).get("restart")), None)
+
+    restarted = wait_for(restart, what="the fallback restart in the live stream")
+    voided = int(restarted[b"a"]) - 1
+    redis_client.xadd(stream, {"type": "delta", "a": voided, "o": 0, "data": "voided text"})
+    reader.join(timeout=30)
+    done = events[-1].json()
+    assert (done["status"], done["model"]) == ("success", "fallback")
+    assert visible_text(events) == done["content"] == " ".join(f"w{i}" for i in range(8))
+    assert "voided" not in "".join(e.json()["text"] for e in events if e.event == "delta")
+    assert len([e for e in events if e.event == "status" and e.json().get("restart")]) == 1
+
+
 def test_a_client_that_disconnects_does_not_stop_the_answer(world, web_server) -> None:  # type: ignore[no-untyped-def]
     key, message_id, _ = start_turn(world, "echo;words=30;gap=0.02")
     read_sse(f"{web_server}/api/messages/{message_id}/stream", key, stop_after=2)
