@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from app.clock import DatabaseNow, lease_clock, lease_time
 from app.deliveries import delivery_deadline
 from app.models import Agent, DebugRun
-from app.models.base import utc_now
+from app.models.base import optional_utc, utc_now
 from app.turn_state import (
     Claim,
     ClaimResult,
@@ -32,7 +32,7 @@ from app.turn_status import TurnStatus, sources_for
 def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> ClaimResult:
     """The same claim for an admin test run, whose status lives on its single log row: a pending run
     moves to `processing` as the transition table allows, a taken-over one keeps its status and gets a new
-    lease. Each counts a delivery; `run` is then the row's new `deliveries`, for `given_up`."""
+    lease. Each counts a delivery; `run` is then the row's new `deliveries`, for `give_up_reason`."""
     locked = session.execute(  # the agent's whole row: its runner reads it next, from the session
         select(DebugRun, Agent, DatabaseNow())
         .join(Agent, Agent.id == DebugRun.agent_id).where(DebugRun.id == run_id).with_for_update(of=DebugRun)
@@ -45,6 +45,8 @@ def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> Clai
     if not outcome.acquires:
         return ClaimResult(outcome)
     token = new_lease_token()
+    deadline = delivery_deadline(judged_at, agent.timeout_seconds, agent.fallback_model_id is not None,
+                                 kept=optional_utc(run.deadline_at), earlier_deliveries=run.deliveries)
     if outcome is Claim.TAKEN_OVER:
         take = update(DebugRun).where(DebugRun.id == run_id, DebugRun.status == TurnStatus.PROCESSING.value)
     else:
@@ -53,15 +55,14 @@ def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> Clai
                 .values(status=TurnStatus.PROCESSING.value))
     taken = session.execute(
         take.values(lease_token=token, lease_expires_at=judged_at + timedelta(seconds=lease_seconds),
-                    deadline_at=delivery_deadline(judged_at, agent.timeout_seconds,
-                                                  agent.fallback_model_id is not None),
+                    deadline_at=deadline.at,
                     deliveries=DebugRun.deliveries + 1, updated_at=utc_now())
         .returning(DebugRun.deliveries)
         .execution_options(synchronize_session=False)
     ).first()
     if taken is None:
         raise TransitionRefused(f"test run {run_id} cannot move to processing")
-    return ClaimResult(outcome, None, token, run=taken.deliveries)
+    return ClaimResult(outcome, None, token, run=taken.deliveries, time_left=deadline.time_left)
 
 
 def finish_debug_run(session: Session, run_id: int, token: str | None, target: TurnStatus,

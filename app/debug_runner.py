@@ -16,7 +16,7 @@ from app.attempts import record_attempts
 from app.config import get_settings
 from app.db import transaction
 from app.debug_run_state import claim_debug_run, finish_debug_run
-from app.deliveries import gave_up_reason, given_up
+from app.deliveries import give_up_reason
 from app.fallback import AgentParams, AnswerSink, call_with_fallback
 from app.leases import Holding, keeper
 from app.models import Agent, DebugRun
@@ -37,8 +37,8 @@ def run_debug_run(run_id: int) -> None:
         if not claim.acquired:
             log.info("test run %s not run: %s", run_id, claim.outcome.value)
             return
-        if given_up(claim.run):
-            finish_debug_run(session, run_id, claim.token, TurnStatus.ERROR, error_message=gave_up_reason(claim.run))
+        if reason := give_up_reason(claim.run, claim.time_left):
+            finish_debug_run(session, run_id, claim.token, TurnStatus.ERROR, error_message=reason)
             return
         run = session.get_one(DebugRun, run_id)
         agent = session.get_one(Agent, run.agent_id)
@@ -60,7 +60,7 @@ def run_debug_run(run_id: int) -> None:
                 primary, fallback,
                 lambda t: build_prompt(system_prompt, [], content, context_window=t.context_window,
                                        max_tokens=params.max_tokens).messages,
-                params, AnswerSink(), holding.stop)
+                params, AnswerSink(), holding.stop, time_left=claim.time_left)
             latency_ms = int((time.monotonic() - started) * 1000)
             with transaction() as session:
                 if outcome.completion is not None and outcome.model is not None:

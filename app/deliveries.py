@@ -1,13 +1,15 @@
 """How many times a run may be delivered, how long a delivery may take, and when a failed one is retried.
 
 A turn or an admin test run is delivered again when its worker died (its lease ran out) or it ran
-past its deadline; both rules live here, so the claim that writes the deadline, the recovery sweep
-that finds a delivery overdue and the runners that give a run up agree on them. So does the rule
+past its deadline (revoked and sent again, that delivery ends it); both rules live here, so the claim
+that writes the deadline, the recovery sweep that finds a delivery overdue and the runners that give a
+run up agree on them. So does the rule
 that decides whether a message whose delivery raised is retried or dead-lettered (`retry_failed`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from app.config import get_settings
@@ -26,10 +28,29 @@ def retry_failed(retries: int, exception: BaseException) -> bool:
     return retries < (settings.outage_retries if is_outage(exception) else settings.max_retries)
 
 
-def delivery_deadline(now: datetime, timeout_seconds: float, has_fallback: bool) -> datetime:
-    """When a delivery started at `now` has outrun every model attempt it could make, plus the grace."""
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """The deadline a delivery writes with its lease, and the model time it has left before it."""
+
+    at: datetime
+    time_left: float | None
+    """Seconds the delivery may still spend on model attempts (its deadline less the grace, which is for
+    settling), when it inherited the deadline from an earlier delivery; None for the delivery that set
+    it, whose attempts each get the agent's whole timeout."""
+
+
+def delivery_deadline(now: datetime, timeout_seconds: float, has_fallback: bool, *, kept: datetime | None,
+                      earlier_deliveries: int) -> Deadline:
+    """The deadline of a delivery starting at `now`: set by a run's first delivery since its last requeue to
+    every model attempt it could make plus the grace, and kept by each later one.
+
+    Kept, not renewed: a run whose worker dies or hangs at every delivery would otherwise get the whole
+    timeout again each time, and stay `processing` for `AGENTQ_MAX_DELIVERIES` times its timeouts;
+    guarantee 1 bounds it by its timeouts plus the recovery time. A requeue starts a new budget."""
+    if kept is not None and deliveries_since_requeue(earlier_deliveries) > 0:
+        return Deadline(kept, (kept - now).total_seconds() - get_settings().turn_grace_seconds)
     bound = timeout_seconds * (2 if has_fallback else 1) + get_settings().turn_grace_seconds
-    return now + timedelta(seconds=bound)
+    return Deadline(now + timedelta(seconds=bound), None)
 
 
 DELIVERIES_PER_REQUEUE = 1000
@@ -44,11 +65,14 @@ def deliveries_since_requeue(deliveries: int) -> int:
     return deliveries % DELIVERIES_PER_REQUEUE
 
 
-def given_up(deliveries: int) -> bool:
-    """Delivered more than `AGENTQ_MAX_DELIVERIES` times since the last requeue: the run (a turn or an
-    admin test run) ends as `error` without a model call, whatever keeps killing or stalling it."""
-    return deliveries_since_requeue(deliveries) > get_settings().max_deliveries
-
-
-def gave_up_reason(deliveries: int) -> str:
-    return f"gave up after {deliveries_since_requeue(deliveries) - 1} deliveries"
+def give_up_reason(deliveries: int, time_left: float | None) -> str | None:
+    """Why a delivery ends its run (a turn or an admin test run) as `error` without a model call, or None:
+    delivered more than `AGENTQ_MAX_DELIVERIES` times since the last requeue, whatever keeps killing or
+    stalling it, or started with no time left before the deadline its first delivery set."""
+    since_requeue = deliveries_since_requeue(deliveries)
+    if since_requeue > get_settings().max_deliveries:
+        return f"gave up after {since_requeue - 1} deliveries"
+    if time_left is not None and time_left <= 0:
+        return (f"gave up at delivery {since_requeue}: the run's time (its model timeouts plus the grace, "
+                "from its first delivery) ran out")
+    return None

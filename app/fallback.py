@@ -15,6 +15,7 @@ keeps the last attempt's text as its content, because that is what its stream's 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -111,8 +112,16 @@ def call_with_fallback(
     params: AgentParams,
     sink: AnswerSink,
     stop: threading.Event,
+    *,
+    time_left: float | None = None,
 ) -> Outcome:
+    """Each model in turn (`attempt_order`) until one answers or a failure does not allow the next.
+
+    Each attempt is bounded by the agent's timeout and, for a delivery that inherited its run's deadline
+    (`time_left` seconds of model time, `app.deliveries.Deadline`), by what is left of it: an attempt
+    with nothing left is not made."""
     outcome = Outcome()
+    ends_by = None if time_left is None else time.monotonic() + time_left
     targets = attempt_order(primary, fallback)
     for index, target in enumerate(targets):
         if stop.is_set():
@@ -121,10 +130,15 @@ def call_with_fallback(
             outcome.model, outcome.cancelled, outcome.partial_failed = primary, True, index > 0
             outcome.errors.append(f"{target.name}: cancelled before the call")
             return outcome
+        timeout = params.timeout_seconds if ends_by is None else min(params.timeout_seconds,
+                                                                      round(ends_by - time.monotonic(), 3))
+        if timeout <= 0:
+            outcome.errors.append(f"{target.name}: not called, no time left before the run's deadline")
+            return outcome
         sink.attempt_started(target.name, restart=index > 0)
         messages = prompt_for(target)
         try:
-            completion = stream_chat(target, messages, timeout_seconds=params.timeout_seconds,
+            completion = stream_chat(target, messages, timeout_seconds=timeout,
                                      temperature=params.temperature,
                                      max_tokens=get_settings().answer_limit(params.max_tokens),
                                      on_delta=sink.delta, stop=stop)

@@ -11,12 +11,13 @@ Four cracks, one sweep every `AGENTQ_RECOVERY_INTERVAL_SECONDS`:
   re-sent messages too, and the next sweep sends them again);
 - a `processing` turn whose lease ran out: its worker died, so another takes it over without waiting
   for Dramatiq's own redelivery;
-- a `processing` turn whose worker still renews its lease but is stuck: once a delivery has run
-  longer than the agent's timeout for each of its models plus `AGENTQ_TURN_GRACE_SECONDS`, its lease
-  is revoked (the stuck run stops at its next write) and the turn is sent again; a turn delivered more
-  than `AGENTQ_MAX_DELIVERIES` times then ends as `error`. That deadline is written with the lease
-  when the delivery starts (`turns.deadline_at`), so the sweep's query returns only what is due:
-  a sweep costs the same with a thousand turns in flight as with none.
+- a `processing` turn whose worker still renews its lease but is stuck: once it has run longer than
+  the agent's timeout for each of its models plus `AGENTQ_TURN_GRACE_SECONDS`, counted from its first
+  delivery, its lease is revoked (the stuck run stops at its next write) and the turn is sent again, to
+  a delivery that finds the deadline passed and ends it as `error` (as it ends one delivered more than
+  `AGENTQ_MAX_DELIVERIES` times). That deadline is written with the lease (`turns.deadline_at`, kept by
+  later deliveries: `app.deliveries.delivery_deadline`), so the sweep's query returns only what is
+  due: a sweep costs the same with a thousand turns in flight as with none.
 Sending is idempotent (a worker that finds a turn finished or owned does nothing), and a
 compare-and-set on `enqueued_at` keeps several sweepers from sending the same turn twice.
 """

@@ -21,7 +21,7 @@ from app.cancellation import STOPPED
 from app.config import get_settings
 from app.conversations import record_turn_end
 from app.db import plain_transaction, transaction
-from app.deliveries import gave_up_reason, given_up
+from app.deliveries import give_up_reason
 from app.fallback import AgentParams, Outcome, call_with_fallback
 from app.leases import Holding, keeper
 from app.live_stream import TurnStream
@@ -59,6 +59,8 @@ class TurnContext:
     primary: ModelTarget
     fallback: ModelTarget | None
     reserved: Decimal
+    time_left: float | None
+    """Model time left to a delivery that inherited its turn's deadline (`app.deliveries.Deadline`)."""
 
     @property
     def held(self) -> coordination.HeldTurn:
@@ -81,7 +83,7 @@ def _load_context(unit: Unit, claim: ClaimResult) -> TurnContext:
         system_prompt=row.system_prompt,
         history=successful_history(unit, turn.conversation_id, before_seq=row.seq) if row.seq > 1 else [],
         params=AgentParams(row.timeout_seconds, row.temperature, row.max_tokens),
-        primary=primary, fallback=target_in_row(row, "f"), reserved=turn.reserved_amount,
+        primary=primary, fallback=target_in_row(row, "f"), reserved=turn.reserved_amount, time_left=claim.time_left,
     )
 
 
@@ -111,8 +113,8 @@ def _run_turn(turn_id: int) -> None:
     cancel_requested = claim.turn.cancel_requested_at is not None
     log.info("turn %s %s (delivery %s)", turn_id, claim.outcome.value, deliveries)
     stream = TurnStream(turn_id, deliveries)
-    if given_up(deliveries):
-        _settle_failure(context, TurnStatus.ERROR, gave_up_reason(deliveries), stream)
+    if reason := give_up_reason(deliveries, context.time_left):
+        _settle_failure(context, TurnStatus.ERROR, reason, stream)
     elif not affordable:
         _settle_failure(context, TurnStatus.INSUFFICIENT_BALANCE,
                         "the available balance does not cover the largest possible cost of this turn", stream)
@@ -143,7 +145,7 @@ def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) ->
         _settle_failure(context, TurnStatus.CONTENT_VIOLATION, verdict.error_message, stream)
         return
     outcome = call_with_fallback(context.primary, context.fallback, context.prompt_for, context.params,
-                                 stream, stop)
+                                 stream, stop, time_left=context.time_left)
     elapsed_ms = int((time.monotonic() - started) * 1000)
     if outcome.completion is not None:
         _settle_success(context, outcome, elapsed_ms, stream)
@@ -159,8 +161,8 @@ def _worst_case(context: TurnContext, turn: TurnRow) -> Decimal:
     token limit, at the dearest model's prices), for a delivery that will call a model.
 
     Nothing for a turn taken over from a dead worker (it keeps the reservation that worker made, so a
-    turn reserves once), one given up after too many deliveries, or one cancelled before it started."""
-    if turn.reserved_amount or given_up(turn.deliveries) or turn.cancel_requested_at:
+    turn reserves once), one given up (too many deliveries, no time left), or one cancelled before it started."""
+    if turn.reserved_amount or give_up_reason(turn.deliveries, context.time_left) or turn.cancel_requested_at:
         return Decimal(0)
     return worst_case_cost(context.primary, context.fallback, context.prompt_for, context.params.max_tokens)
 

@@ -80,7 +80,8 @@ def _statements() -> SimpleNamespace:
     primary, fallback = table(LlmModel).alias("primary_model"), table(LlmModel).alias("fallback_model")
     turn_row = [turns.c[name] for name in _TURN_COLUMNS]
     return SimpleNamespace(
-        lock_turn=Prepared(select(*turn_row, turns.c.lease_expires_at, DatabaseNow().label("now"), messages.c.status,
+        lock_turn=Prepared(select(*turn_row, turns.c.lease_expires_at, turns.c.deadline_at, DatabaseNow().label("now"),
+                                  messages.c.status,
                                   question.c.content, question.c.seq, agents.c.system_prompt,
                                   agents.c.timeout_seconds, agents.c.temperature, agents.c.max_tokens,
                                   agents.c.fallback_model_id,
@@ -152,13 +153,15 @@ class ClaimResult:
     """A claim's outcome; a taken turn comes with its lease token and `run`, the row read under the lock:
     the user's message (`content`, `seq`), the agent's settings and its models (`MODEL_FIELDS`, as `p_<field>`
     for the primary and `f_<field>` for the fallback: `app.targets.target_in_row`).
-    `affordable` is False when the worst case the caller asked to hold was not available."""
+    `affordable` is False when the worst case the caller asked to hold was not available; `time_left` is
+    the model time left to a delivery that inherited its run's deadline (`app.deliveries.Deadline`)."""
 
     outcome: Claim
     turn: TurnRow | None = None
     token: str | None = None
     run: Any = None
     affordable: bool = True
+    time_left: float | None = None
 
     @property
     def acquired(self) -> bool:
@@ -198,7 +201,8 @@ def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
     on one owner. Both rows are locked, not just the turn: a row read through a join but not locked
     would come from the snapshot taken before the wait, so a worker that waited for another's final
     commit would see the lease given up but the status still `processing`, and run the turn again.
-    The delivery's deadline (`delivery_deadline`) is written with the lease, for recovery to find.
+    The delivery's deadline (`delivery_deadline`: a taken-over turn keeps its first delivery's) is written
+    with the lease, for recovery to find; the claim says how much model time it leaves (`time_left`).
 
     Two round trips and the commit: the lock, which reads the run's inputs with it, and one batch of
     writes. `hold(claim)` says, from those inputs, how much of the user's balance to reserve (the
@@ -217,7 +221,9 @@ def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
         return ClaimResult(outcome)
     turn = TurnRow(row.assistant_message_id, row.user_message_id, row.conversation_id, row.user_id,
                    row.deliveries + 1, row.reserved_amount, row.cancel_requested_at)
-    claim = ClaimResult(outcome, turn, new_lease_token(), row)
+    deadline = delivery_deadline(judged_at, row.timeout_seconds, row.fallback_model_id is not None,
+                                 kept=utc(row.deadline_at), earlier_deliveries=row.deliveries)
+    claim = ClaimResult(outcome, turn, new_lease_token(), row, time_left=deadline.time_left)
     amount = max(quantize(hold(claim)), Decimal(0)) if hold is not None else Decimal(0)
     written_at = utc_now()
     with Batch(session) as batch:
@@ -227,8 +233,7 @@ def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
             _move_both(batch, TurnStatus.PROCESSING, row.user_message_id, turn_id, at=written_at)
         sql.take_lease(batch, {"turn_id": turn_id, "token": claim.token,
                                "expires": judged_at + timedelta(seconds=lease_seconds),
-                               "deadline": delivery_deadline(judged_at, row.timeout_seconds,
-                                                             row.fallback_model_id is not None),
+                               "deadline": deadline.at,
                                "hold": amount, "at": written_at})
         reserved = ledger.reserve(batch, row.user_id, amount) if amount > 0 else None
     if reserved is None:

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import UpstreamLog
 from tests.stack import RedisServer, Stack, drop_database, scratch_database
 from tests.support import Process, wait_for
 
@@ -227,9 +228,16 @@ def _stick(stack: Stack, turn_id: int, deadline_seconds: float, reserved: str) -
               {"id": turn_id, "deadline": deadline_seconds, "amount": reserved})
 
 
-@pytest.mark.parametrize(("max_deliveries", "outcome"), [("5", "success"), ("1", "error")])
-def test_a_turn_processing_past_its_timeout_and_grace_is_sent_again_or_ended(stack: Stack, max_deliveries: str,
-                                                                              outcome: str) -> None:
+OUT_OF_TIME = ("gave up at delivery 2: the run's time (its model timeouts plus the grace, from its first delivery) "
+               "ran out")
+
+
+@pytest.mark.parametrize(("max_deliveries", "reason"), [("5", OUT_OF_TIME), ("1", "gave up after 1 deliveries")])
+def test_a_turn_processing_past_its_timeout_and_grace_is_ended_by_its_next_delivery(
+        stack: Stack, upstream: UpstreamLog, max_deliveries: str, reason: str) -> None:
+    """Revoked at its deadline and sent again; that delivery keeps the deadline, finds it passed and ends
+    the turn as `error` without calling the model (a new full timeout would keep it `processing` for
+    `AGENTQ_MAX_DELIVERIES` times its bound). Too many deliveries is checked first."""
     grace = 2
     agent_id = stack.agent(stack.model(f"stuck-{max_deliveries}", "echo"), timeout_seconds=1)
     _, key = stack.user(f"stuck-{max_deliveries}")
@@ -240,24 +248,45 @@ def test_a_turn_processing_past_its_timeout_and_grace_is_sent_again_or_ended(sta
 
     done = stack.wait_terminal(key, turn["id"], timeout=1 + grace + 3 * RECOVERY_INTERVAL + 10)
     ended_after = time.monotonic() - stuck_at
-    assert done["status"] == outcome
-    assert deliveries(stack, turn["id"]) == 2
-    assert charges(stack, turn["id"]) == (1 if outcome == "success" else 0)
-    if outcome == "error":
-        assert done["error_message"] == "gave up after 1 deliveries"
-    # The stuck delivery's reservation is charged or given back once, and the ended turn holds none (a
-    # requeued turn would otherwise skip its own reservation and give this one back a second time).
+    assert (done["status"], done["error_message"], done["content"]) == ("error", reason, "")
+    assert (deliveries(stack, turn["id"]), charges(stack, turn["id"]), upstream.requests()) == (2, 0, [])
+    # The stuck delivery's reservation is given back once, and the ended turn holds none (a requeued
+    # turn would otherwise skip its own reservation and give this one back a second time).
     assert stack.sql("SELECT t.reserved_amount, u.reserved FROM turns t JOIN users u ON u.id = t.user_id "
                      "WHERE t.assistant_message_id = %(id)s", {"id": turn["id"]})[0] == (Decimal(0), Decimal(0))
     assert ended_after >= 1 + grace
-    print(f"\nstuck turn ended as {outcome} {ended_after:.2f}s after it stuck (bound: timeout 1s + grace {grace}s)")
+    print(f"\nstuck turn ended {ended_after:.2f}s after it stuck (bound: timeout 1s + grace {grace}s)")
 
 
-@pytest.mark.parametrize(("max_deliveries", "outcome"), [("5", "success"), ("1", "error")])
-def test_an_admin_test_run_processing_past_its_timeout_and_grace_is_sent_again_or_ended(
-        stack: Stack, max_deliveries: str, outcome: str) -> None:
-    """Like a turn: a test run whose deliveries keep dying is given up after `AGENTQ_MAX_DELIVERIES`,
-    instead of being sent again for ever."""
+def test_a_turn_taken_over_keeps_its_first_deliverys_deadline(stack: Stack, upstream: UpstreamLog) -> None:
+    """A worker died during the turn's first delivery: the delivery taking over gets only the model time
+    left before the deadline the first one set, not the agent's whole timeout again, so a turn whose
+    workers keep dying still ends within its timeout plus the grace plus the recovery time."""
+    grace, left = 1, 5
+    agent_id = stack.agent(stack.model("dying", "echo;words=40;gap=0.25"), timeout_seconds=30)
+    _, key = stack.user("dying")
+    turn = stack.send(key, stack.conversation(key, agent_id), "one more time")
+    _stick(stack, turn["id"], deadline_seconds=left + grace, reserved="0")
+    stack.sql("UPDATE turns SET lease_expires_at = now() - interval '1 second' WHERE assistant_message_id = %(id)s",
+              {"id": turn["id"]})
+    died_at = time.monotonic()
+    stack.start_worker(AGENTQ_TURN_GRACE_SECONDS=str(grace))
+
+    done = stack.wait_terminal(key, turn["id"], timeout=left + grace + 10)
+    ended_after = time.monotonic() - died_at
+    assert done["status"] == "llm_error"
+    assert done["error_message"].startswith("dying: ") and "ran past" in done["error_message"]
+    assert done["content"] and " ".join(f"w{i}" for i in range(40)).startswith(done["content"])
+    assert (deliveries(stack, turn["id"]), charges(stack, turn["id"]), len(upstream.requests())) == (2, 0, 1)
+    assert ended_after <= left + 1.5, f"ended {ended_after:.2f}s after the first delivery died"
+    print(f"\ntaken-over turn cut at its first delivery's deadline: ended {ended_after:.2f}s after (left {left}s)")
+
+
+@pytest.mark.parametrize(("max_deliveries", "reason"), [("5", OUT_OF_TIME), ("1", "gave up after 1 deliveries")])
+def test_an_admin_test_run_processing_past_its_timeout_and_grace_is_ended_by_its_next_delivery(
+        stack: Stack, upstream: UpstreamLog, max_deliveries: str, reason: str) -> None:
+    """Like a turn: a test run stuck past its deadline, or delivered too often, ends as `error` without
+    a model call at its next delivery."""
     grace = 2
     agent_id = stack.agent(stack.model(f"stuck-debug-{max_deliveries}", "echo"), timeout_seconds=1)
     accepted = stack.call("POST", f"/api/admin/agents/{agent_id}/debug/execute", json={"content": "still there?"})
@@ -271,11 +300,9 @@ def test_an_admin_test_run_processing_past_its_timeout_and_grace_is_sent_again_o
     stack.start_worker(AGENTQ_TURN_GRACE_SECONDS=str(grace), AGENTQ_MAX_DELIVERIES=max_deliveries)
     log = wait_for(lambda: ended_test_run(stack, run_id), timeout=1 + grace + 3 * RECOVERY_INTERVAL + 10,
                    what="the stuck test run to end")
-    if outcome == "success":
-        assert (log["status"], log["output"]) == ("success", "echo: still there?")
-    else:
-        assert (log["status"], log["output"], log["error_message"]) == ("error", "", "gave up after 1 deliveries")
+    assert (log["status"], log["output"], log["error_message"]) == ("error", "", reason)
     assert stack.sql("SELECT deliveries FROM admin_debug_logs WHERE id = %(id)s", {"id": run_id})[0][0] == 2
+    assert upstream.requests() == []
     assert time.monotonic() - stuck_at >= 1 + grace
 
 
