@@ -17,8 +17,11 @@ from app.models import Agent, LlmModel
 from app.models.base import utc_now
 
 
-def _live_model(session: Session, model_id: int) -> LlmModel:
-    model = session.get(LlmModel, model_id)
+def _live_model(session: Session, model_id: int, lock: bool | dict[str, bool] | None = None) -> LlmModel:
+    """The model unless deleted; `lock` takes its row (`True` to delete it, `{"read": True}` to refer to it)
+    so that a delete and an agent newly pointing at the model cannot both commit: each waits for the
+    other and reads what it committed (a live agent was left on a deleted model, still serving turns)."""
+    model = session.get(LlmModel, model_id, with_for_update=lock)
     if model is None or model.deleted_at is not None:
         raise NotFound("No such model.")
     return model
@@ -74,7 +77,7 @@ def update_model(model_id: int, changes: dict[str, Any]) -> LlmModel:
 def delete_model(model_id: int) -> None:
     """Refused while a live agent still uses the model, so no agent is left without one."""
     with transaction() as session:
-        model = _live_model(session, model_id)
+        model = _live_model(session, model_id, lock=True)
         in_use = session.scalar(
             select(Agent.id).where(
                 Agent.deleted_at.is_(None), or_(Agent.model_id == model_id, Agent.fallback_model_id == model_id)
@@ -91,7 +94,7 @@ def _check_models(session: Session, fields: dict[str, Any]) -> None:
         if model_id is None:
             continue
         try:
-            _live_model(session, model_id)
+            _live_model(session, model_id, lock={"read": True})
         except NotFound:
             raise ValidationFailed(f"{key} {model_id} does not name a model.") from None
 

@@ -4,8 +4,9 @@ A timeout, a connection failure, a stream that breaks or goes silent, a 429 and 
 fallback once, and so does a stream whose chunks are not chat completion chunks. A 400 (for
 instance a prompt over the context window) switches only when the fallback has a larger window,
 since the same request would fail the same way. Any other refusal (401, 403, 404, 422: a wrong key,
-a removed model) ends the turn as `llm_error` on the primary: answering it with the fallback would hide
-the misconfiguration and charge the fallback's prices. Every attempt is returned as a
+a removed model), and an endpoint that cannot be called as configured (its key's variable not set on
+the worker), ends the turn as `llm_error` on the primary: answering it with the fallback would hide the
+misconfiguration and charge the fallback's prices. Every attempt is returned as a
 record, failed ones included, so operators see providers' failure rates and costs. A failed attempt
 is never charged, and its partial text is never part of an answer: the answer is the fallback's alone.
 A turn that ends without one (every attempt failed, or a stop came before the fallback was called)

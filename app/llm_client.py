@@ -16,6 +16,7 @@ CPU for a streamed answer (`make bench`, floor (b) against floor (b')).
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -107,10 +108,21 @@ def _new_client(api_key: str, base_url: str | None) -> openai.OpenAI:
                          http_client=openai.DefaultHttpx2Client(transport=transport))
 
 
+class EndpointUnusable(ValueError):
+    """A model's endpoint cannot be called as configured: its key's variable is not set, or its URL does
+    not parse (a row written before the API checked it)."""
+
+
 def api_key_for(api_key_env: str | None) -> str:
-    """The key in the variable `api_key_env` names, else `OPENAI_API_KEY`; an endpoint that needs none (a
-    local server) still gets a placeholder, since the SDK refuses to build a client without one."""
-    return os.environ.get(api_key_env or "", "") or os.environ.get("OPENAI_API_KEY", "") or DEFAULT_API_KEY
+    """The key in the variable `api_key_env` names; a model that names none gets `OPENAI_API_KEY`, and an
+    endpoint that needs none (a local server) a placeholder, since the SDK refuses to build a client
+    without one. A named variable that is not set is an error, not a reason to send another key: the
+    platform's `OPENAI_API_KEY` would go to that model's own `base_url`, a third party's server."""
+    if api_key_env:
+        if not (key := os.environ.get(api_key_env)):
+            raise EndpointUnusable(f"the variable {api_key_env} that holds its API key is not set")
+        return key
+    return os.environ.get("OPENAI_API_KEY", "") or DEFAULT_API_KEY
 
 
 def client_for(target: ModelTarget) -> openai.OpenAI:
@@ -183,6 +195,8 @@ def stream_chat(
                                           openai.Timeout(timeout_seconds, connect=min(timeout_seconds, 10.0)))
         except (openai.APIConnectionError, openai.APIStatusError) as exc:
             raise attempt.refused(exc) from exc
+        except (EndpointUnusable, httpx2.InvalidURL, UnicodeError) as exc:
+            raise attempt.failed("endpoint_unusable", f"cannot be called as configured: {exc}") from exc
         try:
             for chunk in stream:
                 attempt.take(chunk, on_delta)
@@ -306,8 +320,22 @@ def read_chunk(chunk: Any) -> tuple[list[str], Usage | None, bool]:
     reported = chunk.get("usage")
     if not reported:
         return texts, None, finishes
-    return texts, Usage(int(reported.get("prompt_tokens") or 0), int(reported.get("completion_tokens") or 0),
+    return texts, Usage(_token_count(reported.get("prompt_tokens")), _token_count(reported.get("completion_tokens")),
                         reported=True), finishes
+
+
+TOKEN_COUNT_LIMIT = 2**31 - 1
+"""The largest token count an answer's INTEGER columns hold."""
+
+
+def _token_count(reported: Any) -> int:
+    """A provider's token count as it is charged and stored: a negative one would credit the user, and one
+    past the columns' range failed the settlement on every delivery, so both are brought into range."""
+    if reported is None:
+        return 0
+    if isinstance(reported, bool) or not isinstance(reported, int | float) or not math.isfinite(reported):
+        raise TypeError("a usage count is not a number")
+    return min(max(int(reported), 0), TOKEN_COUNT_LIMIT)
 
 
 def estimate_tokens(text: str) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import openai
 
 from app.config import get_settings
-from app.llm_client import client_at
+from app.llm_client import EndpointUnusable, client_at
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,11 @@ def check_blocked_terms(content: str) -> Verdict:
 
 
 def _check_endpoint(content: str, url: str) -> Verdict:
-    client = client_at(url, get_settings().moderation_api_key_env)
     try:
+        client = client_at(url, get_settings().moderation_api_key_env)
         flagged = bool(client.moderations.create(input=content, timeout=MODERATION_TIMEOUT_SECONDS)
                        .results[0].flagged)
-    except (openai.OpenAIError, IndexError, AttributeError) as exc:
+    except (openai.OpenAIError, EndpointUnusable, IndexError, AttributeError) as exc:
         log.warning("moderation endpoint failed or answered without a result, input passes: %r", exc)
         return Verdict(True)
     if flagged:

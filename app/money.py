@@ -33,7 +33,9 @@ def render(amount: Decimal | None) -> str | None:
 def token_cost(
     prompt_tokens: int, completion_tokens: int, input_price_per_1k: Decimal, output_price_per_1k: Decimal
 ) -> Decimal:
-    """What a model's prices make of a usage report."""
+    """What a model's prices make of a usage report, at most `MAX_AMOUNT`: no balance holds more, and a
+    worst case or an answer's cost beyond what a money column stores failed the worker's write on every
+    delivery (a model priced near the bound, an agent allowed a million tokens)."""
     raw = (Decimal(prompt_tokens) * Decimal(input_price_per_1k)
            + Decimal(completion_tokens) * Decimal(output_price_per_1k)) / _THOUSAND
-    return quantize(raw)
+    return min(quantize(raw), MAX_AMOUNT)

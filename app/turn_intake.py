@@ -21,7 +21,7 @@ from app.conversations import require_owned
 from app.db import plain_transaction, transaction
 from app.errors import ContentTooLarge, ConversationBusy, NotFound, TooManyActiveConversations, ValidationFailed
 from app.in_flight import check_can_start
-from app.models import Conversation, ConversationMessage, Turn, User, table
+from app.models import Agent, Conversation, ConversationMessage, Turn, User, table
 from app.models.base import utc_now
 from app.prepared import Batch, Prepared, Rows, Unit
 from app.run_kinds import TURN
@@ -43,10 +43,11 @@ def check_content(content: str) -> None:
         raise ContentTooLarge(f"content is {len(content)} characters; the limit is {limit}.")
 
 
-def _replay(unit: Unit, user_id: int, key: str, conversation_id: int) -> AcceptedTurn | None:
+def _replay(unit: Unit, user_id: int, key: str, conversation_id: int, content: str) -> AcceptedTurn | None:
     """The first answer to a request with this Idempotency-Key, if there was one.
 
-    A key names one request: reusing it for another conversation is the client's mistake, not a retry.
+    A key names one request: reusing it for another conversation or other content is the client's
+    mistake, not a retry, and answering it with the first turn would drop the new message unseen.
     """
     turns, messages = table(Turn), table(ConversationMessage)
     turn = unit.execute(select(turns.c.conversation_id, turns.c.user_message_id, turns.c.assistant_message_id)
@@ -59,6 +60,9 @@ def _replay(unit: Unit, user_id: int, key: str, conversation_id: int) -> Accepte
     rows = unit.execute(select(messages).where(messages.c.id.in_([turn.user_message_id,
                                                                   turn.assistant_message_id])))
     found = {row.id: ConversationMessage(**row._asdict()) for row in rows}
+    if found[turn.user_message_id].content != content:
+        raise ValidationFailed("This Idempotency-Key was already used for a message with other content.",
+                               code="idempotency_key_reused")
     return AcceptedTurn(found[turn.user_message_id], found[turn.assistant_message_id], replayed=True)
 
 
@@ -70,14 +74,16 @@ def _statements() -> SimpleNamespace:
     and the turn row its ids from the two messages, in SQL: the three writes need nothing from each
     other in Python, so they go out in one batch (`app.prepared.Batch`)."""
     users, conversations, messages, turns = table(User), table(Conversation), table(ConversationMessage), table(Turn)
+    agents = table(Agent)
     at = bindparam("at", type_=DateTime(timezone=True))
     this = (conversations.c.id == bindparam("conversation", type_=BigInteger), conversations.c.deleted_at.is_(None))
     question, answer = messages.alias("question"), messages.alias("answer")
     new_message = ("conversation_id", "seq", "role", "content", "status", "created_at", "updated_at")
     pending = literal(TurnStatus.PENDING.value)
     return SimpleNamespace(
-        lock_owner=Prepared(select(users.c.id)
+        lock_owner=Prepared(select(users.c.id, agents.c.deleted_at.label("agent_deleted_at"))
                             .join_from(conversations, users, users.c.id == conversations.c.user_id)
+                            .join(agents, agents.c.id == conversations.c.agent_id)
                             .where(*this, conversations.c.user_id == bindparam("user"))
                             .with_for_update(of=users)),
         bump_seq=Prepared(update(conversations).where(*this)
@@ -119,11 +125,11 @@ def _insert_turn(
     ids = {"conversation": conversation_id, "user": principal.id}
     with Batch(unit) as batch:
         owner = sql.lock_owner(batch, ids)
-        batch.then(lambda: _found(owner))
+        batch.then(lambda: _open_to_new_turns(owner))
         if key is None:
             check_can_start(batch, principal.id, conversation_id)
     if key is not None:
-        replay = _replay(unit, principal.id, key, conversation_id)
+        replay = _replay(unit, principal.id, key, conversation_id, content)
         if replay is not None:
             return replay
         check_can_start(unit, principal.id, conversation_id)
@@ -148,12 +154,22 @@ def _found(rows: Rows) -> None:
         raise NotFound("No such conversation.")
 
 
-def _first_answer(principal: Principal, conversation_id: int, key: str | None) -> AcceptedTurn | None:
+def _open_to_new_turns(owner: Rows) -> None:
+    """The caller's conversation, whose agent still takes work: a deleted agent answers no new message
+    (its turns in flight finish), and its models may be deleted after it."""
+    row = owner.first()
+    if row is None:
+        raise NotFound("No such conversation.")
+    if row.agent_deleted_at is not None:
+        raise NotFound("This conversation's agent was deleted; it takes no new messages.", code="agent_deleted")
+
+
+def _first_answer(principal: Principal, conversation_id: int, key: str | None, content: str) -> AcceptedTurn | None:
     """The first answer to this Idempotency-Key, if any, after the ownership check that every refusal and
     replay starts with (another user's conversation is 404 before anything else)."""
     with transaction() as session:
         require_owned(session, principal, conversation_id)
-        return _replay(session, principal.id, key, conversation_id) if key is not None else None
+        return _replay(session, principal.id, key, conversation_id, content) if key is not None else None
 
 
 def _replayed(replay: AcceptedTurn) -> AcceptedTurn:
@@ -175,14 +191,14 @@ def submit_turn(principal: Principal, conversation_id: int, content: str, idempo
     try:
         check_content(content)
     except (ContentTooLarge, ValidationFailed):
-        _first_answer(principal, conversation_id, None)  # another user's conversation is 404 before this
+        _first_answer(principal, conversation_id, None, content)  # another user's conversation is 404 before this
         raise
-    if idempotency_key is not None and (replay := _first_answer(principal, conversation_id, idempotency_key)):
+    if idempotency_key is not None and (replay := _first_answer(principal, conversation_id, idempotency_key, content)):
         return _replayed(replay)
     try:
         lock = coordination.acquire_turn_slots(principal.id, conversation_id)
     except (ConversationBusy, TooManyActiveConversations):
-        if replay := _first_answer(principal, conversation_id, idempotency_key):
+        if replay := _first_answer(principal, conversation_id, idempotency_key, content):
             return _replayed(replay)
         raise
     try:
@@ -190,7 +206,7 @@ def submit_turn(principal: Principal, conversation_id: int, content: str, idempo
             accepted = _insert_turn(connection, principal, conversation_id, content, idempotency_key)
     except IntegrityError as exc:
         lock.release()
-        if replay := _first_answer(principal, conversation_id, idempotency_key):
+        if replay := _first_answer(principal, conversation_id, idempotency_key, content):
             return _replayed(replay)
         raise ConversationBusy() from exc
     except BaseException:

@@ -99,3 +99,47 @@ def test_a_request_that_finds_no_free_database_connection_in_time_is_503_with_re
         monkeypatch.undo()
         get_settings.cache_clear()
         dispose_engines()
+
+
+def test_a_conversation_whose_agent_was_deleted_takes_no_new_message(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """A deleted agent takes no new work: its conversations stay readable, but a message to one is refused
+    (it was accepted, run on the deleted agent and charged, and went on after its models were deleted)."""
+    from app.coordination import slots_key
+
+    agent_id = world.agent(world.model())
+    user_id, key = world.user()
+    conversation_id = world.conversation(key, agent_id)
+    assert world.api.delete(f"/api/admin/agents/{agent_id}", world.admin_key).status_code == 204
+    refused = world.send(key, conversation_id, "still there?")
+    assert (refused.status_code, refused.json["error"]["code"]) == (404, "agent_deleted")
+    assert world.api.get(f"/api/conversations/{conversation_id}/messages", key).json["items"] == []
+    assert world.api.get(f"/api/conversations/{conversation_id}", key).json["message_count"] == 0
+    assert redis_client.zcard(slots_key(user_id)) == 0
+
+
+def test_an_agent_cannot_be_pointed_at_a_model_being_deleted(world, database) -> None:  # type: ignore[no-untyped-def]
+    """Deleting a model and pointing an agent at it, at once: each takes the model's row, so the PATCH waits
+    for the delete and then finds the model gone (both committed before, leaving a live agent on a deleted
+    model that went on serving turns)."""
+    import threading
+
+    import psycopg
+
+    from tests.support import wait_for
+
+    agent_id, target = world.agent(world.model("first")), world.model("target")
+    answers: list[int] = []
+    with psycopg.connect(database.replace("+psycopg", "")) as deleting:
+        deleting.execute("SELECT id FROM llm_models WHERE id = %s FOR UPDATE", (target,))
+        deleting.execute("UPDATE llm_models SET deleted_at = now() WHERE id = %s", (target,))
+        patch = threading.Thread(target=lambda: answers.append(world.api.patch(
+            f"/api/admin/agents/{agent_id}", world.admin_key, {"model_id": target}).status_code))
+        patch.start()
+        with psycopg.connect(database.replace("+psycopg", ""), autocommit=True) as watcher:
+            wait_for(lambda: answers or watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            ).fetchone()[0], what="the PATCH to wait for the model's row, or to answer")
+        deleting.commit()
+        patch.join(timeout=30)
+    assert answers == [422]
+    assert world.api.get(f"/api/admin/agents/{agent_id}", world.admin_key).json["model_id"] != target

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from app.llm_client import estimate_tokens
+from decimal import Decimal
+
+import pytest
+
+from app.llm_client import TOKEN_COUNT_LIMIT, estimate_tokens, read_chunk
+from app.money import MAX_AMOUNT, token_cost
 
 
 def test_ascii_text_counts_four_characters_a_token_and_other_text_one_a_character() -> None:
@@ -10,3 +15,24 @@ def test_ascii_text_counts_four_characters_a_token_and_other_text_one_a_characte
     assert estimate_tokens("") == 0
     assert estimate_tokens("你好，世界") == 5
     assert estimate_tokens("hi 你好") == 1 + 2
+
+
+def test_a_providers_token_counts_are_brought_into_the_range_they_are_charged_and_stored_in() -> None:
+    """A negative count would credit the user, and one past INTEGER failed the settlement on every delivery."""
+    def usage(prompt: object, completion: object) -> tuple[int, int]:
+        chunk = {"choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion}}
+        _, reported, _ = read_chunk(chunk)
+        assert reported is not None
+        return reported.prompt_tokens, reported.completion_tokens
+
+    assert usage(12, 7) == (12, 7)
+    assert usage(-5, None) == (0, 0)
+    assert usage(10**12, 3.0) == (TOKEN_COUNT_LIMIT, 3)
+    for bad in ("12", float("inf"), True, [1]):
+        with pytest.raises(TypeError):
+            usage(bad, 1)
+
+
+def test_a_cost_is_at_most_what_a_money_column_holds() -> None:
+    assert token_cost(1000, 500, Decimal("1.5"), Decimal("2")) == Decimal("2.500000")
+    assert token_cost(10**8, 10**6, MAX_AMOUNT, MAX_AMOUNT) == MAX_AMOUNT

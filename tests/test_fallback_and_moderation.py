@@ -6,10 +6,10 @@ from collections.abc import Iterator
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from app.db import transaction
-from app.models import ModelAttempt, Turn
+from app.models import LlmModel, ModelAttempt, Turn
 from tests.support import wait_for
 
 
@@ -128,6 +128,45 @@ def test_a_refusal_other_than_400_429_or_5xx_does_not_fall_back(world, upstream,
     assert world.wait_terminal(key, assistant["id"])["status"] == "llm_error"
     assert sent_models(upstream) == [f"echo;fail={status}"]
     assert attempts(assistant["id"]) == [("primary", "client_error")]
+
+
+@pytest.mark.parametrize("broken", ["key", "url"])
+def test_an_endpoint_that_cannot_be_called_as_configured_ends_the_turn_without_a_request(world, upstream,  # type: ignore[no-untyped-def]
+                                                                                          broken: str) -> None:
+    """A model naming a key variable the worker does not have is not sent `OPENAI_API_KEY` instead (the
+    platform's key, to the model's own server), and a base_url no connection can use (a row older than the
+    API's check) is not a worker crash retried into a dead letter: both end the turn `llm_error`, saying
+    why, without a request and without the fallback (a misconfiguration, like a 401)."""
+    primary = world.model("primary", api_key_env="AGENTQ_TEST_KEY_NOBODY_SET" if broken == "key" else None)
+    if broken == "url":
+        with transaction() as session:
+            session.execute(update(LlmModel).where(LlmModel.id == primary).values(
+                base_url=upstream.base + "/v1\r\nX-Injected: 1"))
+    agent_id = world.agent(primary, world.model("fallback", upstream="echo"))
+    _, key = world.user()
+    assistant = world.send(key, world.conversation(key, agent_id)).json["assistant_message"]
+    done = world.wait_terminal(key, assistant["id"])
+    reason = ("the variable AGENTQ_TEST_KEY_NOBODY_SET that holds its API key is not set" if broken == "key"
+              else "Invalid non-printable ASCII character in URL")
+    assert done["status"] == "llm_error"
+    assert done["error_message"].startswith("primary: endpoint_unusable: cannot be called as configured: ")
+    assert reason in done["error_message"]
+    assert upstream.requests() == []
+    assert attempts(assistant["id"]) == [("primary", "endpoint_unusable")]
+
+
+def test_a_model_priced_past_what_a_balance_holds_is_refused_as_insufficient_balance(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """A worst case beyond NUMERIC(18, 6) failed the claim's write on every delivery (`error`, a dead letter,
+    the same on requeue); it is capped at the largest amount, which no balance below it covers."""
+    agent_id = world.agent(world.model(price_in="999999999999.999999", price_out="999999999999.999999"),
+                           max_tokens=1_000_000)
+    _, key = world.user(balance="100000000000")
+    assistant = world.send(key, world.conversation(key, agent_id), "x" * 30_000).json["assistant_message"]
+    done = world.wait_terminal(key, assistant["id"])
+    assert (done["status"], done["cost"]) == ("insufficient_balance", None)
+    assert upstream.requests() == []
+    me = world.api.get("/api/me", key).json
+    assert me["balance"] == me["available_balance"] == "100000000000.000000"
 
 
 def test_a_400_compares_windows_with_the_default_for_a_model_that_sets_none(world, upstream) -> None:  # type: ignore[no-untyped-def]

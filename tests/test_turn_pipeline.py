@@ -190,8 +190,8 @@ def test_a_retry_that_looked_before_its_first_request_committed_gets_the_first_a
     looked_up = turn_intake._replay
     first = []
 
-    def first_request_commits_meanwhile(unit, user, idempotency_key, conversation):  # type: ignore[no-untyped-def]
-        found = looked_up(unit, user, idempotency_key, conversation)
+    def first_request_commits_meanwhile(unit, user, idempotency_key, conversation, content):  # type: ignore[no-untyped-def]
+        found = looked_up(unit, user, idempotency_key, conversation, content)
         if not first:
             first.append(None)
             first[0] = world.send(key, conversation_id, "once", headers=headers)
@@ -312,7 +312,7 @@ def test_a_turn_accepted_while_redis_is_unreachable_is_sent_by_recovery(world, u
     assert world.wait_terminal(key, assistant_id)["status"] == "success"
 
 
-def test_an_idempotency_key_belongs_to_one_conversation(world) -> None:  # type: ignore[no-untyped-def]
+def test_an_idempotency_key_belongs_to_one_conversation_and_one_message(world) -> None:  # type: ignore[no-untyped-def]
     agent_id = world.agent(world.model())
     _, key = world.user()
     first, second = world.conversation(key, agent_id, project_id=1), world.conversation(key, agent_id, project_id=2)
@@ -323,6 +323,11 @@ def test_an_idempotency_key_belongs_to_one_conversation(world) -> None:  # type:
     assert reused.json["error"]["code"] == "idempotency_key_reused"
     assert world.send(key, 999999, "hello", headers=headers).status_code == 404
     assert world.api.get(f"/api/conversations/{second}/messages", key).json["items"] == []
+    # ...and to one message: other content under the same key would be answered with the first turn and lost.
+    other = world.send(key, first, "something else", headers=headers)
+    assert (other.status_code, other.json["error"]["code"]) == (422, "idempotency_key_reused")
+    items = world.api.get(f"/api/conversations/{first}/messages", key).json["items"]
+    assert [m["content"] for m in items if m["role"] == "user"] == ["hello"]
 
 
 def test_the_ledger_is_paged_newest_first(world) -> None:  # type: ignore[no-untyped-def]

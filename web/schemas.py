@@ -6,7 +6,18 @@ import copy
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 MAX_ID = 2**63 - 1
 
@@ -22,9 +33,15 @@ def _storable(text: str) -> str:
     return text
 
 
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be blank")
+    return text
+
+
 Text = Annotated[str, Strict(), AfterValidator(_storable)]
 Ident = Annotated[int, Strict(), Field(ge=1, le=MAX_ID)]
-Name = Annotated[Text, Field(min_length=1, max_length=200)]
+Name = Annotated[Text, Field(min_length=1, max_length=200), AfterValidator(_not_blank)]
 Price = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=6)]
 Amount = Annotated[Decimal, Field(max_digits=18, decimal_places=6)]
 
@@ -58,9 +75,23 @@ class CreditBody(Body):
     amount: Amount
 
 
+_HTTP_URL = TypeAdapter(AnyHttpUrl)
+
+
 def _http_url(value: str | None) -> str | None:
-    if value is not None and not value.startswith(("http://", "https://")):
-        raise ValueError("must be an http:// or https:// URL")
+    """An endpoint a worker can connect to, checked here rather than found broken by every turn: pydantic's
+    URL parser (the WHATWG rules), and what those rules let through but a connection cannot use: the
+    whitespace and control characters they drop silently, port 0, and a host name label over 63 characters."""
+    if value is None:
+        return None
+    if any(char.isspace() or not char.isprintable() for char in value):
+        raise ValueError("must not contain whitespace or control characters")
+    try:
+        url = _HTTP_URL.validate_python(value)
+    except ValidationError as exc:
+        raise ValueError(f"must be an http:// or https:// URL ({exc.errors()[0]['msg']})") from None
+    if url.port == 0 or any(len(label) > 63 for label in (url.host or "").split(".")):
+        raise ValueError("must be an http:// or https:// URL with a usable host and port")
     return value
 
 
