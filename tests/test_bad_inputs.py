@@ -117,6 +117,9 @@ CASES = [
     ("admin", "POST", "/api/admin/users", {"name": "x", "is_admin": "yes"}, 422, "validation_failed"),
     ("admin", "POST", "/api/admin/users/1/credits", {"amount": "abc"}, 422, "validation_failed"),
     ("admin", "POST", "/api/admin/users/1/credits", {}, 422, "validation_failed"),
+    # A JSON object with an integer past Python's 4,300-digit parsing guard is still a JSON object.
+    ("admin", "POST", "/api/admin/users/1/credits", b'{"amount": 1' + b"0" * 4300 + b"}", 422, "validation_failed"),
+    ("user", "POST", "/api/conversations", b'{"agent_id": 1' + b"0" * 5000 + b"}", 422, "validation_failed"),
 ]
 
 
