@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=0, ge=0)
     db_pool_timeout_seconds: float = Field(default=30.0, gt=0)
+    db_connect_timeout_seconds: int = Field(default=5, ge=2)
     log_json: bool = False
     log_level: str = "INFO"
 

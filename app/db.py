@@ -64,6 +64,9 @@ def _build_engine(url: str) -> Engine:
     settings = get_settings()
     engine = create_engine(
         url,
+        # libpq's default is to wait for ever: a server that accepts and never answers (a half-dead host, a
+        # stuck proxy) held every request and /readyz for the kernel's TCP timeout, over two minutes.
+        connect_args={"connect_timeout": settings.db_connect_timeout_seconds},
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout_seconds,

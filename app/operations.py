@@ -8,11 +8,13 @@ from datetime import datetime, timedelta
 
 import redis
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.db import transaction
 from app.dispatch import QUEUES, broker_key
 from app.models import ConversationMessage
 from app.models.base import utc_now
+from app.outages import is_outage
 from app.redis_client import get_redis
 from app.turn_status import IN_FLIGHT_VALUES, TurnStatus
 
@@ -30,13 +32,19 @@ class QueueDepth:
 @dataclass
 class QueueSnapshot:
     queues: list[QueueDepth] = field(default_factory=list)
-    turns_by_status: dict[str, int] = field(default_factory=dict)
+    turns_by_status: dict[str, int] | None = field(default_factory=dict)
+    """None when the database could not be read and the caller said it could do without (`/metrics`)."""
     redis_error: str | None = None
+    database_error: str | None = None
 
 
-def queue_snapshot() -> QueueSnapshot:
+def queue_snapshot(*, database_required: bool = True) -> QueueSnapshot:
     """Delayed messages are counted from the `.DQ.msgs` bodies: a worker moves the ids of `.DQ` into its
-    own unacked set as soon as it sees them, so the list itself is nearly always empty."""
+    own unacked set as soon as it sees them, so the list itself is nearly always empty.
+
+    Without `database_required`, a database out of reach leaves the turn counts out instead of failing
+    the whole snapshot: a scrape of /metrics during an outage, when its counters matter most, still
+    answers them."""
     snapshot = QueueSnapshot()
     try:
         pipe = get_redis().pipeline(transaction=False)
@@ -50,6 +58,16 @@ def queue_snapshot() -> QueueSnapshot:
             snapshot.queues.append(QueueDepth(queue, int(ready), int(delayed), int(dead)))
     except redis.RedisError as exc:
         snapshot.redis_error = f"{type(exc).__name__}: {exc}"
+    try:
+        snapshot.turns_by_status = _turns_in_flight()
+    except SQLAlchemyError as exc:
+        if database_required or not is_outage(exc):
+            raise
+        snapshot.turns_by_status, snapshot.database_error = None, f"{type(exc).__name__}: {exc}"
+    return snapshot
+
+
+def _turns_in_flight() -> dict[str, int]:
     with transaction() as session:
         rows = session.execute(
             select(ConversationMessage.status, func.count())
@@ -57,9 +75,9 @@ def queue_snapshot() -> QueueSnapshot:
                    ConversationMessage.status.in_(IN_FLIGHT_VALUES))
             .group_by(ConversationMessage.status)
         ).all()
-    snapshot.turns_by_status = dict.fromkeys(IN_FLIGHT_VALUES, 0)
-    snapshot.turns_by_status.update({status: count for status, count in rows})
-    return snapshot
+    counts = dict.fromkeys(IN_FLIGHT_VALUES, 0)
+    counts.update({status: count for status, count in rows})
+    return counts
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,8 @@ def create_user(name: str, *, is_admin: bool = False, balance: Decimal = Decimal
         raise ValidationFailed("name must not be blank.")
     if len(name.strip()) > NAME_MAX_CHARS or "\x00" in name:
         raise ValidationFailed(f"name must be at most {NAME_MAX_CHARS} characters, with no NUL character.")
+    if any(0xD800 <= ord(char) <= 0xDFFF for char in name):
+        raise ValidationFailed("name must be valid Unicode text (a command line's undecodable bytes are not).")
     try:
         checked_balance(balance)
     except ValueError as exc:

@@ -41,6 +41,27 @@ def _amount(value: str) -> Decimal:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _count(value: str) -> int:
+    """A number of processes or threads: a worker with none would run and take no message, or hold one."""
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {count}")
+    return count
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1..65535, not {port}")
+    return port
+
+
 def cmd_db_init(args: argparse.Namespace) -> int:
     from app.schema import init_schema
 
@@ -105,6 +126,8 @@ def cmd_demo_seed(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from app.dispatch import QUEUES
+
     parser = argparse.ArgumentParser(prog="agentq", description="agentq: LLM agent turns on Dramatiq workers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -120,15 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     web = sub.add_parser("web", help="serve the HTTP API with gunicorn")
     web.add_argument("--host", default=os.environ.get("AGENTQ_HOST", "127.0.0.1"))
-    web.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
-    web.add_argument("--workers", type=int, default=int(os.environ.get("AGENTQ_WEB_WORKERS", "2")))
-    web.add_argument("--threads", type=int, default=int(os.environ.get("AGENTQ_WEB_THREADS", "256")))
+    web.add_argument("--port", type=_port, default=os.environ.get("PORT", "8000"))
+    web.add_argument("--workers", type=_count, default=os.environ.get("AGENTQ_WEB_WORKERS", "2"))
+    web.add_argument("--threads", type=_count, default=os.environ.get("AGENTQ_WEB_THREADS", "256"))
     web.set_defaults(func=cmd_web)
 
     worker = sub.add_parser("worker", help="run Dramatiq worker processes")
-    worker.add_argument("--processes", type=int, default=int(os.environ.get("AGENTQ_WORKER_PROCESSES", "2")))
-    worker.add_argument("--threads", type=int, default=int(os.environ.get("AGENTQ_WORKER_THREADS", "16")))
-    worker.add_argument("--queues", nargs="+", default=None)
+    worker.add_argument("--processes", type=_count, default=os.environ.get("AGENTQ_WORKER_PROCESSES", "2"))
+    worker.add_argument("--threads", type=_count, default=os.environ.get("AGENTQ_WORKER_THREADS", "16"))
+    worker.add_argument("--queues", nargs="+", default=None, choices=QUEUES)
     worker.add_argument("--no-restart", action="store_true",
                         help="exit when one process dies (Dramatiq's own way) instead of starting the group again; "
                              "for a supervisor that restarts the command itself")
@@ -136,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     mock = sub.add_parser("mock-llm", help="run the OpenAI-compatible mock upstream (demo and tests)")
     mock.add_argument("--host", default="127.0.0.1")
-    mock.add_argument("--port", type=int, default=8765)
+    mock.add_argument("--port", type=_port, default=8765)
     mock.add_argument("--tls-cert", default=None, help="serve https with this certificate (PEM)")
     mock.add_argument("--tls-key", default=None, help="the certificate's private key (PEM)")
     mock.set_defaults(func=cmd_mock_llm)
@@ -156,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _dotenv()
     _metrics_dir()
+    import redis
+    import sqlalchemy.exc
+
     from app.errors import AgentqError
 
     args = build_parser().parse_args(argv)
@@ -164,6 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     except AgentqError as exc:
         print_error(exc.code, exc.message)
         return 1
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, redis.RedisError) as exc:
+        print_error("service_unavailable", _first_line(exc))
+        return 1
+
+
+def _first_line(exc: BaseException) -> str:
+    """What an operator needs of a driver's error (the server refused, the database does not exist), not
+    SQLAlchemy's whole traceback and statement."""
+    cause = getattr(exc, "orig", None) or exc
+    return f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}".rstrip(": ")
 
 
 if __name__ == "__main__":

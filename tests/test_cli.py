@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from tests.conftest import child_env
 from tests.support import ROOT, VENV_BIN
@@ -72,3 +75,35 @@ def test_users_create_refuses_a_name_the_column_cannot_hold_with_the_contracts_e
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert json.loads(result.stderr)["error"]["code"] == "validation_failed"
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["worker", "--threads", "0"], "must be at least 1, not 0"),
+    (["worker", "--processes", "0"], "must be at least 1, not 0"),
+    (["worker", "--queues", "nosuch"], "invalid choice: 'nosuch'"),
+    (["web", "--port", "99999"], "a port is 1..65535, not 99999"),
+])
+def test_options_that_would_leave_a_process_idle_or_broken_are_usage_errors(args: list[str], says: str) -> None:
+    """A worker with no thread held a message out of every queue's sight, one with no process restarted
+    for ever, one on an unknown queue served nothing; a port out of range was a traceback."""
+    result = subprocess.run([str(VENV_BIN / "agentq"), *args], env=child_env(), cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert (result.returncode, says in result.stderr, "Traceback" in result.stderr) == (2, True, False), result.stderr
+
+
+@pytest.mark.parametrize(("args", "env", "code"), [
+    (["dlq", "list"], {"DATABASE_URL": "postgresql+psycopg://postgres@127.0.0.1:9/agentq"}, "service_unavailable"),
+    (["users", "create", "x"], {"DATABASE_URL": "postgresql+psycopg://postgres@127.0.0.1:5432/agentq_no_such_db"},
+     "service_unavailable"),
+    ([b"users", b"create", b"\xff"], {}, "validation_failed"),
+])
+def test_an_operators_mistake_is_one_json_error_not_a_traceback(args: list[Any], env: dict[str, str],
+                                                                 code: str) -> None:
+    import json
+
+    result = subprocess.run([str(VENV_BIN / "agentq").encode(), *args] if isinstance(args[0], bytes)
+                            else [str(VENV_BIN / "agentq"), *args], env=child_env(**env), cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert json.loads(result.stderr)["error"]["code"] == code

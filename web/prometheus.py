@@ -13,14 +13,22 @@ from app import operations
 
 
 class SharedStateCollector:
-    """Gauges that must be the same whichever process is scraped: read at scrape time."""
+    """Gauges that must be the same whichever process is scraped: read at scrape time. A service out of
+    reach leaves its gauges out (an alert on them goes stale, not to zero) and says so in
+    `agentq_backing_service_up`."""
 
     def collect(self) -> Iterator[Metric]:
-        snapshot = operations.queue_snapshot()
-        in_flight = GaugeMetricFamily("agentq_turns_in_flight", "Turns pending or processing.", labels=["status"])
-        for status, count in snapshot.turns_by_status.items():
-            in_flight.add_metric([status], count)
-        yield in_flight
+        snapshot = operations.queue_snapshot(database_required=False)
+        reachable = GaugeMetricFamily("agentq_backing_service_up",
+                                      "Whether this scrape could read the service (1) or not (0).", labels=["service"])
+        reachable.add_metric(["database"], 0 if snapshot.database_error else 1)
+        reachable.add_metric(["redis"], 0 if snapshot.redis_error else 1)
+        yield reachable
+        if snapshot.turns_by_status is not None:
+            in_flight = GaugeMetricFamily("agentq_turns_in_flight", "Turns pending or processing.", labels=["status"])
+            for status, count in snapshot.turns_by_status.items():
+                in_flight.add_metric([status], count)
+            yield in_flight
         depth = GaugeMetricFamily("agentq_queue_depth", "Messages in a queue.", labels=["queue", "state"])
         for queue in snapshot.queues:
             depth.add_metric([queue.name, "ready"], queue.ready)

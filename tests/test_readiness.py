@@ -1,0 +1,52 @@
+"""An API whose database accepts connections and never answers: bounded refusals, and metrics that stay up."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import LOG_DIR, child_env
+from tests.support import Process, agentq, free_port, wait_http
+
+
+@pytest.fixture
+def silent_database() -> Iterator[str]:
+    """A PostgreSQL URL whose host completes the TCP handshake (the kernel does, into the backlog) and then
+    says nothing: a half-dead host or a stuck proxy, not a refused port."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{listener.getsockname()[1]}/agentq"
+    finally:
+        listener.close()
+
+
+def test_a_database_that_never_answers_is_503_within_the_connect_timeout_and_metrics_still_answer(
+        silent_database: str) -> None:
+    port = free_port()
+    web = Process("web-silent-db", agentq("web", "--port", str(port), "--workers", "1", "--threads", "8"),
+                  child_env(DATABASE_URL=silent_database, AGENTQ_DB_CONNECT_TIMEOUT_SECONDS="2"), LOG_DIR).start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/healthz")
+        for path in ("/readyz", "/api/me"):
+            started = time.monotonic()
+            answer = httpx.get(f"{url}{path}", headers={"Authorization": "Bearer nobody"}, timeout=30)
+            took = time.monotonic() - started
+            assert answer.status_code == 503, answer.text
+            assert took < 10, f"{path} answered after {took:.1f}s"
+        assert answer.json()["error"]["code"] == "service_unavailable"
+
+        scraped = httpx.get(f"{url}/metrics", timeout=30)
+        assert scraped.status_code == 200, scraped.text
+        families = {f.name: f for f in text_string_to_metric_families(scraped.text)}
+        up = {s.labels["service"]: s.value for s in families["agentq_backing_service_up"].samples}
+        assert up == {"database": 0.0, "redis": 1.0}
+        assert "agentq_turns_in_flight" not in families
+        assert {s.labels["queue"] for s in families["agentq_queue_depth"].samples} == {"turns", "debug"}
+    finally:
+        web.stop()
