@@ -107,3 +107,19 @@ def test_an_operators_mistake_is_one_json_error_not_a_traceback(args: list[Any],
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert json.loads(result.stderr)["error"]["code"] == code
+
+
+def test_the_web_server_opens_no_control_socket_shared_by_every_instance_on_the_host(tmp_path: Path) -> None:
+    """gunicorn 27 opens one per user at the same path: each `agentq web` took it over, and stopping one
+    removed it from the others."""
+    from tests.conftest import LOG_DIR
+    from tests.support import Process, agentq, free_port, wait_http
+
+    port = free_port()
+    web = Process("web-control-socket", agentq("web", "--port", str(port), "--workers", "1", "--threads", "4"),
+                  child_env(XDG_RUNTIME_DIR=str(tmp_path)), LOG_DIR).start()
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        web.stop()

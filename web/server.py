@@ -71,4 +71,7 @@ def serve(host: str, port: int, *, workers: int, threads: int) -> None:
         "post_fork": _post_fork,
         "post_worker_init": _post_worker_init,
         "preload_app": False,
+        # gunicorn 27's control socket defaults to one path per user (~/.gunicorn/gunicorn.ctl): every
+        # `agentq web` on a host took it over, and stopping any one of them removed it from the others.
+        "control_socket_disable": True,
     }).run()
