@@ -31,10 +31,11 @@ from app.dead_letter_queue import BrokerEntry, dead_entries, holds_entry, take_e
 from app.debug_run_state import reopen_debug_run
 from app.errors import Conflict, ConversationBusy, NotFound, ServiceUnavailable, TooManyActiveConversations
 from app.in_flight import check_can_start, lock_user
-from app.models import Conversation, DeadLetter, Turn
+from app.models import Conversation, ConversationMessage, DeadLetter, Turn
 from app.models.base import utc_now
 from app.run_kinds import KINDS, TURN, kind_of, run_id_of
 from app.turn_state import TransitionRefused, reopen_turn
+from app.turn_status import TurnStatus
 
 log = logging.getLogger(__name__)
 
@@ -195,10 +196,12 @@ def _reopen(session: Session, row: DeadLetter) -> None:
                 turn = session.get(Turn, row.run_id)
                 if turn is not None:
                     lock_user(session, turn.user_id)
+                    if session.get_one(ConversationMessage, turn.assistant_message_id).status != TurnStatus.ERROR:
+                        raise TransitionRefused(f"turn {turn.assistant_message_id} is not in error")
                     if session.get_one(Conversation, turn.conversation_id).deleted_at is not None:
                         raise Conflict(f"Dead letter {row.id}: its conversation was deleted, so its turn is not "
                                        "run again.", code="conversation_deleted")
-                    check_can_start(session, turn.user_id, turn.conversation_id)
+                    _check_user_can_start(session, row, turn)
                 reopen_turn(session, row.run_id)
             else:
                 reopen_debug_run(session, row.run_id)
@@ -207,6 +210,16 @@ def _reopen(session: Session, row: DeadLetter) -> None:
                        code="run_not_in_error") from exc
     except IntegrityError as exc:
         raise ConversationBusy() from exc
+
+
+def _check_user_can_start(session: Session, row: DeadLetter, turn: Turn) -> None:
+    """A requeued turn counts against its conversation and its user's limit like a new one; the refusal
+    is worded for the operator who asked, not for the user."""
+    try:
+        check_can_start(session, turn.user_id, turn.conversation_id)
+    except TooManyActiveConversations as exc:
+        raise TooManyActiveConversations(exc.limit, f"Dead letter {row.id}: its user already has {exc.limit} "
+                                         "conversations with a turn in flight; requeue it when one ends.") from exc
 
 
 def _send(row: DeadLetter) -> None:

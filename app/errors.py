@@ -64,8 +64,10 @@ class TooManyActiveConversations(AgentqError):
     status = 429
     code = "too_many_active_conversations"
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"You already have {limit} conversations with a turn in flight; wait for one to end.")
+    def __init__(self, limit: int, message: str | None = None) -> None:
+        super().__init__(message or f"You already have {limit} conversations with a turn in flight; wait for one "
+                                    "to end.")
+        self.limit = limit
 
 
 class TooManyStreams(AgentqError):

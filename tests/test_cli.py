@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -86,9 +87,15 @@ def test_users_create_refuses_a_name_the_column_cannot_hold_with_the_contracts_e
 def test_options_that_would_leave_a_process_idle_or_broken_are_usage_errors(args: list[str], says: str) -> None:
     """A worker with no thread held a message out of every queue's sight, one with no process restarted
     for ever, one on an unknown queue served nothing; a port out of range was a traceback."""
-    result = subprocess.run([str(VENV_BIN / "agentq"), *args], env=child_env(), cwd=ROOT, capture_output=True,
-                            text=True, timeout=60)
-    assert (result.returncode, says in result.stderr, "Traceback" in result.stderr) == (2, True, False), result.stderr
+    command = subprocess.Popen([str(VENV_BIN / "agentq"), *args], env=child_env(), cwd=ROOT, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _, stderr = command.communicate(timeout=30)
+    finally:  # a worker that started after all runs in a group of processes: none may outlive the test
+        if command.poll() is None:
+            os.killpg(command.pid, signal.SIGKILL)
+            command.wait()
+    assert (command.returncode, says in stderr, "Traceback" in stderr) == (2, True, False), stderr
 
 
 @pytest.mark.parametrize(("args", "env", "code"), [

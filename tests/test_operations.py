@@ -335,6 +335,13 @@ def test_a_dead_letter_whose_turn_ended_otherwise_is_not_requeued(world, redis_c
                         {"id": turn["id"]})
     item = api.get("/api/admin/dead-letters", admin).json["items"][0]
     assert item["run_status"] == "cancelled"
+    # Its user at the limit of conversations in flight: the letter's own state is what the operator is told
+    # (the limit was checked first, and answered 429 "You already have...", worded for the user).
+    others = [world.conversation(key, agent_id, project_id=i) for i in range(3)]
+    with transaction() as session:
+        session.execute(text("INSERT INTO conversation_messages (conversation_id, seq, role, content, status, "
+                             "created_at, updated_at) SELECT id, 1, 'assistant', '', 'processing', now(), now() "
+                             "FROM conversations WHERE id = ANY(:ids)"), {"ids": others})
     refused = api.post(f"/api/admin/dead-letters/{item['id']}/requeue", admin)
     assert refused.status_code == 409
     assert refused.json["error"]["code"] == "run_not_in_error"
