@@ -55,12 +55,13 @@ class RefillingConsumer(_RedisConsumer):
     """
 
     def __init__(self, broker: RedisBroker, queue_name: str, prefetch: int, timeout: int,
-                 doorbell: Doorbell | None = None) -> None:
+                 doorbell: Doorbell | None = None, draining: threading.Event | None = None) -> None:
         super().__init__(broker, queue_name, prefetch, 1)
         self._wait_seconds = timeout / 1000
         self._freed = threading.Event()
         self._rung = threading.Event()
         self._doorbell = doorbell
+        self._draining = draining or threading.Event()
         if doorbell is not None:
             doorbell.listen(queue_name, self._rung)
 
@@ -77,8 +78,9 @@ class RefillingConsumer(_RedisConsumer):
             self._freed.set()
 
     def __next__(self) -> MessageProxy | None:
-        """A message, or None (Dramatiq's "nothing yet") after waiting for a place or a message."""
-        if not self.message_cache and self.outstanding_message_count >= self.prefetch:
+        """A message, or None (Dramatiq's "nothing yet") after waiting for a place or a message; once the
+        worker is draining, no new fetch (what it still holds goes to its threads, which hand it back)."""
+        if not self.message_cache and (self._draining.is_set() or self.outstanding_message_count >= self.prefetch):
             self._freed.wait(self._wait_seconds)
             self._freed.clear()
             return None
@@ -101,6 +103,13 @@ class DoorbellRedisBroker(RedisBroker):
         super().__init__(**options)
         self.poll_ms = poll_ms
         self.doorbell = Doorbell(self.client, channel_name(self.namespace))
+        self.draining = threading.Event()
+
+    def stop_fetching(self) -> None:
+        """A stopping worker takes no new message. Its consumers keep running until Dramatiq stops them:
+        pausing them instead (Dramatiq's way) ends their loop as if it had failed, and each then slept its
+        3 s restart delay before it could see the stop, on every shutdown."""
+        self.draining.set()
 
     def enqueue(self, message: Message, *, delay: int | None = None) -> Message:
         sent = super().enqueue(message, delay=delay)
@@ -116,8 +125,8 @@ class DoorbellRedisBroker(RedisBroker):
         """A work queue's consumer is woken by the doorbell and looks at least every `poll_ms`; a delay
         queue's looks every `timeout` (Dramatiq's worker timeout, 1 s): nothing there is due yet."""
         if queue_name == dq_name(queue_name):
-            return RefillingConsumer(self, queue_name, prefetch, timeout)
-        return RefillingConsumer(self, queue_name, prefetch, self.poll_ms, self.doorbell)
+            return RefillingConsumer(self, queue_name, prefetch, timeout, draining=self.draining)
+        return RefillingConsumer(self, queue_name, prefetch, self.poll_ms, self.doorbell, self.draining)
 
 
 def broker_options() -> dict[str, Any]:

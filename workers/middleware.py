@@ -32,8 +32,12 @@ class WorkerServices(Middleware):
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         """Stop sweeping and fetching before the threads drain, so a stopping worker takes no new run."""
         worker_services.stop()
-        for consumer in worker.consumers.values():
-            consumer.pause()
+        stop_fetching = getattr(broker, "stop_fetching", None)
+        if stop_fetching is not None:
+            stop_fetching()
+        else:
+            for consumer in worker.consumers.values():
+                consumer.pause()
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         """The threads had the shutdown grace: the runs they are still in are handed to another worker now."""
