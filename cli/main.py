@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import tempfile
@@ -21,11 +22,25 @@ def _dotenv() -> None:
     load_dotenv(Path.cwd() / ".env", override=False)
 
 
-def _metrics_dir() -> None:
-    """Counters of every process land in one directory, which must be known before prometheus_client is
-    first imported (it picks its storage then): so before anything else, the parser's imports included."""
+SERVING_COMMANDS = ("web", "worker")
+"""The commands whose processes count what /metrics reports; the others (a `dlq list` from cron, `db init`)
+left a file of counters each in the shared directory, which every scrape then read, for ever."""
+
+
+def _metrics_dir(argv: list[str]) -> None:
+    """Counters of every serving process land in one directory, which must be known before prometheus_client
+    is first imported (it picks its storage then): so before anything else, the parser's imports included.
+
+    The default is per user and per deployment (its database and Redis), so two deployments on one host
+    do not add up each other's counters; other commands keep theirs in memory."""
+    if not argv or argv[0] not in SERVING_COMMANDS:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        return
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        path = Path(tempfile.gettempdir()) / f"agentq-metrics-{os.getuid()}"
+        deployment = "|".join((os.environ.get("DATABASE_URL") or f"sqlite-in:{Path.cwd()}",
+                               os.environ.get("REDIS_URL") or "redis-default"))
+        tag = hashlib.sha256(deployment.encode()).hexdigest()[:12]
+        path = Path(tempfile.gettempdir()) / f"agentq-metrics-{os.getuid()}-{tag}"
         path.mkdir(parents=True, exist_ok=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
 
@@ -178,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _dotenv()
-    _metrics_dir()
+    _metrics_dir(sys.argv[1:] if argv is None else argv)
     import redis
     import sqlalchemy.exc
 

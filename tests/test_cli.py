@@ -14,28 +14,39 @@ from tests.conftest import child_env
 from tests.support import ROOT, VENV_BIN
 
 STORAGE_AFTER_START = """
-import os
+import os, sys
 from cli.main import main
 try:
-    main(["--help"])
+    main([sys.argv[1], "--help"])
 except SystemExit:
     pass
 from prometheus_client import values
-print(os.environ["PROMETHEUS_MULTIPROC_DIR"], values.ValueClass.__name__)
+print(os.environ.get("PROMETHEUS_MULTIPROC_DIR"), values.ValueClass.__name__)
 """
 
 
-def test_counters_go_to_the_shared_directory_when_none_is_configured(tmp_path: Path) -> None:
-    """Without PROMETHEUS_MULTIPROC_DIR (the Procfile, `make run`) the command picks a directory that web and
-    worker processes share, before prometheus_client is first imported: it chooses in-process storage for
-    good at that import, and the API's /metrics would then never see a worker's counter."""
-    env = {k: v for k, v in child_env().items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    env["TMPDIR"] = str(tmp_path)
-    env["PYTHONPATH"] = str(ROOT)
-    ran = subprocess.run([str(VENV_BIN / "python"), "-c", STORAGE_AFTER_START], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=60)
+def _storage_after_start(tmp_path: Path, command: str, **env: str) -> list[str]:
+    environment = {k: v for k, v in child_env(**env).items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    environment["TMPDIR"] = str(tmp_path)
+    environment["PYTHONPATH"] = str(ROOT)
+    ran = subprocess.run([str(VENV_BIN / "python"), "-c", STORAGE_AFTER_START, command], env=environment,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert ran.returncode == 0, ran.stderr
-    assert ran.stdout.splitlines()[-1].split() == [str(tmp_path / f"agentq-metrics-{os.getuid()}"), "MmapedValue"]
+    return ran.stdout.splitlines()[-1].split()
+
+
+def test_counters_go_to_the_deployments_shared_directory_when_none_is_configured(tmp_path: Path) -> None:
+    """Without PROMETHEUS_MULTIPROC_DIR (the Procfile, `make run`) web and worker pick a directory they share,
+    before prometheus_client is first imported: it chooses in-process storage for good at that import, and
+    the API's /metrics would then never see a worker's counter. The directory is the deployment's (its
+    database and Redis): two on one host added up each other's counters. Other commands write none (a
+    `dlq list` from cron left a file a run, which every scrape read)."""
+    web, worker = _storage_after_start(tmp_path, "web"), _storage_after_start(tmp_path, "worker")
+    assert web == worker and web[1] == "MmapedValue"
+    assert web[0].startswith(str(tmp_path / f"agentq-metrics-{os.getuid()}-"))
+    other = _storage_after_start(tmp_path, "worker", DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1/other")
+    assert other[1] == "MmapedValue" and other[0] != web[0]
+    assert _storage_after_start(tmp_path, "dlq") == ["None", "MutexValue"]
 
 
 DOTENV_REACHES = """
