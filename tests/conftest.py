@@ -194,7 +194,7 @@ def web_server(database: str) -> Iterator[str]:
 def app(database: str) -> Any:
     from web import create_app
 
-    return create_app({"TESTING": True})
+    return create_app({"TESTING": True, "VALIDATE_RESPONSES": True})
 
 
 class Api:

@@ -39,6 +39,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> AgentqAPI:
         validation_error_status=422,
         validation_error_model=ErrorResponse,
         validation_error_callback=on_validation_error,
+        validate_response=bool(test_config and test_config.get("VALIDATE_RESPONSES")),
         doc_ui=False,
     )
     app.config["MAX_CONTENT_LENGTH"] = 8 * 1024 * 1024

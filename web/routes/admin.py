@@ -6,6 +6,7 @@ from flask_openapi3 import Tag
 
 from app import catalog, users
 from web import render
+from web import responses as r
 from web.routes import api_blueprint
 from web.schemas import AgentBody, AgentPatch, CreateUserBody, CreditBody, IdPath, ModelBody, ModelPatch
 
@@ -13,64 +14,64 @@ bp = api_blueprint("admin", admin=True)
 users_tag, models_tag, agents_tag = Tag(name="admin: users"), Tag(name="admin: models"), Tag(name="admin: agents")
 
 
-@bp.post("/admin/users", tags=[users_tag])
+@bp.post("/admin/users", tags=[users_tag], responses={201: r.CreatedUser})
 def create_user(body: CreateUserBody) -> tuple[dict, int]:
     created = users.create_user(body.name, is_admin=body.is_admin, balance=body.balance)
     return {**render.me(created.user), "api_key": created.api_key}, 201
 
 
-@bp.post("/admin/users/<id:id>/credits", tags=[users_tag])
+@bp.post("/admin/users/<id:id>/credits", tags=[users_tag], responses={200: r.Balance})
 def add_credit(path: IdPath, body: CreditBody) -> dict:
     return {"balance": render.money(users.add_credit(path.id, body.amount))}
 
 
-@bp.post("/admin/models", tags=[models_tag])
+@bp.post("/admin/models", tags=[models_tag], responses={201: r.LlmModel})
 def create_model(body: ModelBody) -> tuple[dict, int]:
     return render.llm_model(catalog.create_model(body.model_dump())), 201
 
 
-@bp.get("/admin/models", tags=[models_tag])
+@bp.get("/admin/models", tags=[models_tag], responses={200: r.LlmModelList})
 def list_models() -> dict:
     return {"items": [render.llm_model(m) for m in catalog.list_models()]}
 
 
-@bp.get("/admin/models/<id:id>", tags=[models_tag])
+@bp.get("/admin/models/<id:id>", tags=[models_tag], responses={200: r.LlmModel})
 def get_model(path: IdPath) -> dict:
     return render.llm_model(catalog.get_model(path.id))
 
 
-@bp.patch("/admin/models/<id:id>", tags=[models_tag])
+@bp.patch("/admin/models/<id:id>", tags=[models_tag], responses={200: r.LlmModel})
 def update_model(path: IdPath, body: ModelPatch) -> dict:
     return render.llm_model(catalog.update_model(path.id, body.model_dump(exclude_unset=True)))
 
 
-@bp.delete("/admin/models/<id:id>", tags=[models_tag])
+@bp.delete("/admin/models/<id:id>", tags=[models_tag], responses={204: r.NO_CONTENT})
 def delete_model(path: IdPath) -> tuple[str, int]:
     catalog.delete_model(path.id)
     return "", 204
 
 
-@bp.post("/admin/agents", tags=[agents_tag])
+@bp.post("/admin/agents", tags=[agents_tag], responses={201: r.Agent})
 def create_agent(body: AgentBody) -> tuple[dict, int]:
     return render.agent(catalog.create_agent(body.model_dump())), 201
 
 
-@bp.get("/admin/agents", tags=[agents_tag])
+@bp.get("/admin/agents", tags=[agents_tag], responses={200: r.AgentList})
 def list_agents() -> dict:
     return {"items": [render.agent(a) for a in catalog.list_agents()]}
 
 
-@bp.get("/admin/agents/<id:id>", tags=[agents_tag])
+@bp.get("/admin/agents/<id:id>", tags=[agents_tag], responses={200: r.Agent})
 def get_agent(path: IdPath) -> dict:
     return render.agent(catalog.get_agent(path.id))
 
 
-@bp.patch("/admin/agents/<id:id>", tags=[agents_tag])
+@bp.patch("/admin/agents/<id:id>", tags=[agents_tag], responses={200: r.Agent})
 def update_agent(path: IdPath, body: AgentPatch) -> dict:
     return render.agent(catalog.update_agent(path.id, body.model_dump(exclude_unset=True)))
 
 
-@bp.delete("/admin/agents/<id:id>", tags=[agents_tag])
+@bp.delete("/admin/agents/<id:id>", tags=[agents_tag], responses={204: r.NO_CONTENT})
 def delete_agent(path: IdPath) -> tuple[str, int]:
     catalog.delete_agent(path.id)
     return "", 204

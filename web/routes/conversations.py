@@ -7,6 +7,7 @@ from flask_openapi3 import Tag
 
 from app import cancellation, conversations, turn_intake
 from web import render
+from web import responses as r
 from web.auth import principal
 from web.routes import api_blueprint
 from web.schemas import ContentBody, ConversationBody, ConversationPath, IdempotencyHeader, MessagePath, PageQuery
@@ -15,30 +16,30 @@ bp = api_blueprint("conversations")
 tag = Tag(name="conversations")
 
 
-@bp.post("/conversations", tags=[tag])
+@bp.post("/conversations", tags=[tag], responses={200: r.Conversation, 201: r.Conversation})
 def create_conversation(body: ConversationBody) -> tuple[dict, int]:
     result = conversations.create_conversation(principal(), body.agent_id, body.project_id, body.title)
     return render.conversation(result.conversation), 201 if result.created else 200
 
 
-@bp.get("/conversations", tags=[tag])
+@bp.get("/conversations", tags=[tag], responses={200: r.ConversationPage})
 def list_conversations(query: PageQuery) -> dict:
     page = conversations.list_conversations(principal(), query.limit, query.cursor)
     return {"items": [render.conversation(c) for c in page.items], "next_cursor": page.next_cursor}
 
 
-@bp.get("/conversations/<id:conversation_id>", tags=[tag])
+@bp.get("/conversations/<id:conversation_id>", tags=[tag], responses={200: r.Conversation})
 def get_conversation(path: ConversationPath) -> dict:
     return render.conversation(conversations.get_conversation(principal(), path.conversation_id))
 
 
-@bp.delete("/conversations/<id:conversation_id>", tags=[tag])
+@bp.delete("/conversations/<id:conversation_id>", tags=[tag], responses={204: r.NO_CONTENT})
 def delete_conversation(path: ConversationPath) -> tuple[str, int]:
     cancellation.delete_conversation(principal(), path.conversation_id)
     return "", 204
 
 
-@bp.post("/conversations/<id:conversation_id>/messages", tags=[tag])
+@bp.post("/conversations/<id:conversation_id>/messages", tags=[tag], responses={202: r.AcceptedTurn})
 def send_message(path: ConversationPath, body: ContentBody, header: IdempotencyHeader) -> tuple[dict, int]:
     accepted = turn_intake.submit_turn(principal(), path.conversation_id, body.content, header.idempotency_key)
     chinese = render.wants_chinese()
@@ -46,13 +47,13 @@ def send_message(path: ConversationPath, body: ContentBody, header: IdempotencyH
             "assistant_message": render.message(accepted.assistant_message, chinese)}, 202
 
 
-@bp.get("/conversations/<id:conversation_id>/messages", tags=[tag])
+@bp.get("/conversations/<id:conversation_id>/messages", tags=[tag], responses={200: r.MessageList})
 def list_messages(path: ConversationPath) -> Response:
     chinese = render.wants_chinese()
     messages = conversations.list_messages(principal(), path.conversation_id)
     return render.streamed_items(render.message(m, chinese) for m in messages)
 
 
-@bp.get("/messages/<id:message_id>", tags=[tag])
+@bp.get("/messages/<id:message_id>", tags=[tag], responses={200: r.Message})
 def get_message(path: MessagePath) -> dict:
     return render.message(conversations.get_message(principal(), path.message_id))

@@ -7,6 +7,7 @@ from flask_openapi3 import Tag
 
 from app import debugging
 from web import render
+from web import responses as r
 from web.auth import principal
 from web.routes import api_blueprint
 from web.schemas import ContentBody, DebugCostQuery, DebugLogQuery, IdPath, PromptPreviewBody
@@ -15,27 +16,27 @@ bp = api_blueprint("debug", admin=True)
 tag = Tag(name="admin: debugging")
 
 
-@bp.post("/admin/agents/<id:id>/debug/route", tags=[tag])
+@bp.post("/admin/agents/<id:id>/debug/route", tags=[tag], responses={200: r.RouteDecision})
 def route_test(path: IdPath, body: ContentBody) -> dict:
     return render.route_decision(debugging.route_decision(path.id, body.content))
 
 
-@bp.post("/admin/agents/<id:id>/debug/prompt", tags=[tag])
+@bp.post("/admin/agents/<id:id>/debug/prompt", tags=[tag], responses={200: r.PromptPreview})
 def prompt_preview(path: IdPath, body: PromptPreviewBody) -> dict:
     return render.prompt_preview(debugging.preview_prompt(path.id, body.content, body.conversation_id))
 
 
-@bp.post("/admin/agents/<id:id>/debug/execute", tags=[tag])
+@bp.post("/admin/agents/<id:id>/debug/execute", tags=[tag], responses={202: r.ExecutionStarted})
 def execution_test(path: IdPath, body: ContentBody) -> tuple[dict, int]:
     return {"debug_log_id": debugging.start_execution(principal(), path.id, body.content)}, 202
 
 
-@bp.get("/admin/debug-logs/<id:id>", tags=[tag])
+@bp.get("/admin/debug-logs/<id:id>", tags=[tag], responses={200: r.DebugLog})
 def get_debug_log(path: IdPath) -> dict:
     return render.debug_log(debugging.get_debug_log(path.id))
 
 
-@bp.get("/admin/debug-logs", tags=[tag])
+@bp.get("/admin/debug-logs", tags=[tag], responses={200: r.DebugLogList})
 def list_debug_logs(query: DebugLogQuery) -> dict | Response:
     """Newest first: every log, or with `limit` a page; pass `next_before_id` back as `before_id` for the next."""
     if query.limit is None:
@@ -45,6 +46,6 @@ def list_debug_logs(query: DebugLogQuery) -> dict | Response:
     return {"items": [render.debug_log(r) for r in page.items], "next_before_id": page.next_before_id}
 
 
-@bp.get("/admin/debug-costs", tags=[tag])
+@bp.get("/admin/debug-costs", tags=[tag], responses={200: r.CostLines})
 def debug_costs(query: DebugCostQuery) -> dict:
     return {"items": [render.debug_cost(c) for c in debugging.debug_costs(query.group_by)]}

@@ -7,17 +7,18 @@ from flask_openapi3 import APIBlueprint, Tag
 
 from app import readiness
 from web import prometheus
+from web import responses as r
 
 bp = APIBlueprint("health", __name__)
 tag = Tag(name="operations")
 
 
-@bp.get("/healthz", tags=[tag])
+@bp.get("/healthz", tags=[tag], responses={200: r.Health})
 def healthz() -> dict:
     return {"status": "ok"}
 
 
-@bp.get("/readyz", tags=[tag])
+@bp.get("/readyz", tags=[tag], responses={200: r.Ready, 503: r.NotReady})
 def readyz() -> Response | tuple[Response, int]:
     report = readiness.check()
     if not report.ready:
@@ -25,7 +26,8 @@ def readyz() -> Response | tuple[Response, int]:
     return jsonify({"status": "ready", "checks": report.checks})
 
 
-@bp.get("/metrics", tags=[tag])
+@bp.get("/metrics", tags=[tag],
+        responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}})
 def metrics() -> Response:
     body, content_type = prometheus.exposition()
     return Response(body, content_type=content_type)

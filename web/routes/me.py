@@ -7,6 +7,7 @@ from flask_openapi3 import Tag
 
 from app import catalog, users
 from web import render
+from web import responses as r
 from web.auth import principal
 from web.routes import api_blueprint
 from web.schemas import LedgerQuery
@@ -15,12 +16,12 @@ bp = api_blueprint("me")
 tag = Tag(name="account")
 
 
-@bp.get("/me", tags=[tag])
+@bp.get("/me", tags=[tag], responses={200: r.Me})
 def get_me() -> dict:
     return render.me(users.get_user(principal().id))
 
 
-@bp.get("/me/transactions", tags=[tag])
+@bp.get("/me/transactions", tags=[tag], responses={200: r.Ledger})
 def get_transactions(query: LedgerQuery) -> dict | Response:
     """Newest first: the whole ledger, or with `limit` a page; pass `next_cursor` back as `cursor` for the next."""
     if query.limit is None:
@@ -30,6 +31,6 @@ def get_transactions(query: LedgerQuery) -> dict | Response:
     return {"items": [render.transaction(t) for t in page.items], "next_cursor": page.next_cursor}
 
 
-@bp.get("/agents", tags=[tag])
+@bp.get("/agents", tags=[tag], responses={200: r.AgentChoiceList})
 def list_chat_agents() -> dict:
     return {"items": [render.agent_choice(a) for a in catalog.list_agents()]}

@@ -8,6 +8,7 @@ from flask_openapi3 import Tag
 
 from app import dead_letters, operations
 from web import render
+from web import responses as r
 from web.routes import api_blueprint
 from web.schemas import FailureQuery, IdPath
 
@@ -15,38 +16,38 @@ bp = api_blueprint("ops", admin=True)
 tag = Tag(name="admin: operations")
 
 
-@bp.get("/admin/queues", tags=[tag])
+@bp.get("/admin/queues", tags=[tag], responses={200: r.Queues})
 def queues() -> dict[str, Any]:
     return render.queues(operations.queue_snapshot())
 
 
-@bp.get("/admin/failures", tags=[tag])
+@bp.get("/admin/failures", tags=[tag], responses={200: r.Failures})
 def failures(query: FailureQuery) -> dict[str, Any]:
     """Turns that ended in a failure status lately: counts by status and the latest ones (the /admin page)."""
     return render.failures(operations.recent_failures(query.hours, query.limit))
 
 
-@bp.get("/admin/dead-letters", tags=[tag])
+@bp.get("/admin/dead-letters", tags=[tag], responses={200: r.DeadLetterList})
 def list_dead_letters() -> dict[str, Any]:
     return {"items": [render.dead_letter(view) for view in dead_letters.list_dead_letters()]}
 
 
-@bp.post("/admin/dead-letters/requeue-all", tags=[tag])
+@bp.post("/admin/dead-letters/requeue-all", tags=[tag], responses={202: r.RequeueOutcome})
 def requeue_all() -> tuple[dict[str, Any], int]:
     return render.requeue_outcome(dead_letters.requeue_all()), 202
 
 
-@bp.get("/admin/dead-letters/<id:id>", tags=[tag])
+@bp.get("/admin/dead-letters/<id:id>", tags=[tag], responses={200: r.DeadLetterDetail})
 def get_dead_letter(path: IdPath) -> dict[str, Any]:
     return render.dead_letter(dead_letters.get_dead_letter(path.id), detail=True)
 
 
-@bp.post("/admin/dead-letters/<id:id>/requeue", tags=[tag])
+@bp.post("/admin/dead-letters/<id:id>/requeue", tags=[tag], responses={202: r.RequeueOutcome})
 def requeue(path: IdPath) -> tuple[dict[str, Any], int]:
     return render.requeue_outcome(dead_letters.requeue(path.id)), 202
 
 
-@bp.delete("/admin/dead-letters/<id:id>", tags=[tag])
+@bp.delete("/admin/dead-letters/<id:id>", tags=[tag], responses={204: r.NO_CONTENT})
 def purge(path: IdPath) -> tuple[str, int]:
     dead_letters.purge(path.id)
     return "", 204

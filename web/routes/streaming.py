@@ -7,6 +7,7 @@ from flask_openapi3 import Tag
 
 from app import answer_stream, cancellation
 from web import render
+from web import responses as r
 from web.auth import principal
 from web.routes import api_blueprint
 from web.schemas import MessagePath
@@ -27,6 +28,6 @@ def stream_answer(path: MessagePath) -> Response:
     return response
 
 
-@bp.post("/messages/<id:message_id>/cancel", tags=[tag])
+@bp.post("/messages/<id:message_id>/cancel", tags=[tag], responses={202: r.Message})
 def cancel(path: MessagePath) -> tuple[dict, int]:
     return render.message(cancellation.cancel_turn(principal(), path.message_id)), 202

@@ -1,0 +1,33 @@
+"""/openapi.json documents every route's success as well as its errors.
+
+The bodies themselves are checked against the document by the whole suite: the test app validates every
+response it sends against the route's response model (`VALIDATE_RESPONSES`), and those models forbid
+fields they do not name."""
+
+from __future__ import annotations
+
+
+def test_every_route_documents_its_success_response(api) -> None:  # type: ignore[no-untyped-def]
+    document = api.get("/openapi.json").json
+    schemas = document["components"]["schemas"]
+    undocumented = []
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            successes = {code: answer for code, answer in operation["responses"].items() if code.startswith("2")}
+            if not successes:
+                undocumented.append(f"{method.upper()} {path}")
+            for answer in successes.values():
+                for media in answer.get("content", {}).values():
+                    ref = media.get("schema", {}).get("$ref")
+                    if ref is not None:
+                        assert ref.rsplit("/", 1)[1] in schemas, ref
+    assert undocumented == []
+    assert document["paths"]["/api/conversations/{conversation_id}/messages"]["post"]["responses"]["202"][
+        "content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/AcceptedTurn"}
+    assert set(schemas["Message"]["properties"]) == {
+        "id", "conversation_id", "seq", "role", "content", "status", "error_message", "error_display", "model",
+        "prompt_tokens", "completion_tokens", "total_tokens", "cost", "latency_ms", "created_at", "updated_at"}
+
+
+def test_the_test_app_checks_each_response_against_its_documented_model(api) -> None:  # type: ignore[no-untyped-def]
+    assert api.client.application.validate_response is True
