@@ -35,7 +35,7 @@ from app.models import Conversation, ConversationMessage, DeadLetter, Turn
 from app.models.base import utc_now
 from app.run_kinds import KINDS, TURN, kind_of, run_id_of
 from app.turn_state import TransitionRefused, reopen_turn
-from app.turn_status import TurnStatus
+from app.turn_status import TurnStatus, sources_for
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +196,9 @@ def _reopen(session: Session, row: DeadLetter) -> None:
                 turn = session.get(Turn, row.run_id)
                 if turn is not None:
                     lock_user(session, turn.user_id)
-                    if session.get_one(ConversationMessage, turn.assistant_message_id).status != TurnStatus.ERROR:
-                        raise TransitionRefused(f"turn {turn.assistant_message_id} is not in error")
+                    status = session.get_one(ConversationMessage, turn.assistant_message_id).status
+                    if status not in sources_for(TurnStatus.PENDING):
+                        raise TransitionRefused(f"turn {turn.assistant_message_id} cannot move to pending")
                     if session.get_one(Conversation, turn.conversation_id).deleted_at is not None:
                         raise Conflict(f"Dead letter {row.id}: its conversation was deleted, so its turn is not "
                                        "run again.", code="conversation_deleted")

@@ -12,12 +12,13 @@ import logging
 import threading
 import time
 
+from app.answer_sink import AnswerSink
 from app.attempts import record_attempts
 from app.config import get_settings
 from app.db import transaction
 from app.debug_run_state import claim_debug_run, finish_debug_run
-from app.deliveries import give_up_reason
-from app.fallback import AgentParams, AnswerSink, call_with_fallback
+from app.deliveries import attempts_end_by, give_up_reason
+from app.fallback import AgentParams, call_with_fallback
 from app.leases import Holding, keeper
 from app.models import Agent, DebugRun
 from app.moderation import moderate
@@ -34,6 +35,7 @@ def run_debug_run(run_id: int) -> None:
     settings = get_settings()
     with transaction() as session:
         claim = claim_debug_run(session, run_id, settings.lease_seconds)
+        ends_by = attempts_end_by(claim.time_left)
         if not claim.acquired:
             log.info("test run %s not run: %s", run_id, claim.outcome.value)
             return
@@ -60,7 +62,7 @@ def run_debug_run(run_id: int) -> None:
                 primary, fallback,
                 lambda t: build_prompt(system_prompt, [], content, context_window=t.context_window,
                                        max_tokens=params.max_tokens).messages,
-                params, AnswerSink(), holding.stop, time_left=claim.time_left)
+                params, AnswerSink(), holding.stop, ends_by=ends_by)
             latency_ms = int((time.monotonic() - started) * 1000)
             with transaction() as session:
                 if outcome.completion is not None and outcome.model is not None:

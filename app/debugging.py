@@ -24,7 +24,7 @@ from app.auth import Principal
 from app.catalog import live_agent
 from app.db import transaction
 from app.errors import Forbidden, NotFound
-from app.llm_client import ModelTarget
+from app.model_target import ModelTarget
 from app.models import Conversation, DebugRun, LlmModel, User
 from app.models.base import utc_now
 from app.moderation import Verdict, moderate

@@ -9,6 +9,7 @@ that decides whether a message whose delivery raised is retried or dead-lettered
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -63,6 +64,12 @@ or a turn that died after several deliveries would be given up at once."""
 
 def deliveries_since_requeue(deliveries: int) -> int:
     return deliveries % DELIVERIES_PER_REQUEUE
+
+
+def attempts_end_by(time_left: float | None) -> float | None:
+    """A delivery's model time as a moment of this process's monotonic clock, taken when its claim is read:
+    what comes before the first call (moderation, the history) is counted too."""
+    return None if time_left is None else time.monotonic() + time_left
 
 
 def give_up_reason(deliveries: int, time_left: float | None) -> str | None:

@@ -21,16 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+from app.answer_sink import AnswerSink
 from app.config import get_settings
-from app.llm_client import (
-    AttemptFailed,
-    Completion,
-    ModelTarget,
-    estimate_tokens,
-    estimate_tokens_of_messages,
-    stream_chat,
-)
+from app.llm_client import AttemptFailed, Completion, stream_chat
+from app.model_target import ModelTarget
 from app.targets import attempt_order
+from app.token_estimates import estimate_tokens, estimate_tokens_of_messages
 
 ALWAYS_FALL_BACK = frozenset({"timeout", "connection_error", "stream_cut", "rate_limited", "server_error",
                               "bad_response"})
@@ -76,16 +72,6 @@ class Outcome:
         return "; ".join(self.errors)
 
 
-class AnswerSink:
-    """Where streamed text goes while it is produced (the turn's live stream); a no-op by default."""
-
-    def attempt_started(self, model_name: str, restart: bool) -> None:
-        """Called before each attempt; `restart` is true when earlier text of this turn is void."""
-
-    def delta(self, text: str) -> None:
-        """Called with each piece of text as it arrives."""
-
-
 def should_fall_back(failure: AttemptFailed, primary: ModelTarget, fallback: ModelTarget | None) -> bool:
     if fallback is None or failure.kind == "cancelled":
         return False
@@ -114,15 +100,14 @@ def call_with_fallback(
     sink: AnswerSink,
     stop: threading.Event,
     *,
-    time_left: float | None = None,
+    ends_by: float | None = None,
 ) -> Outcome:
     """Each model in turn (`attempt_order`) until one answers or a failure does not allow the next.
 
-    Each attempt is bounded by the agent's timeout and, for a delivery that inherited its run's deadline
-    (`time_left` seconds of model time, `app.deliveries.Deadline`), by what is left of it: an attempt
-    with nothing left is not made."""
+    Each attempt is bounded by the agent's timeout and, for a delivery that inherited its run's deadline,
+    by what is left of its model time (`ends_by`, on `time.monotonic()`, from `app.deliveries.attempts_end_by`):
+    an attempt with nothing left is not made."""
     outcome = Outcome()
-    ends_by = None if time_left is None else time.monotonic() + time_left
     targets = attempt_order(primary, fallback)
     for index, target in enumerate(targets):
         if stop.is_set():

@@ -19,8 +19,8 @@ from collections import deque
 import redis
 
 from app import metrics
+from app.answer_sink import AnswerSink
 from app.config import get_settings
-from app.fallback import AnswerSink
 from app.redis_client import get_redis, key
 from app.turn_status import TurnStatus
 

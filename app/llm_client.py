@@ -21,39 +21,18 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
-from decimal import Decimal
+from dataclasses import dataclass
 from typing import Any
 
 import httpx2
 import openai
 
 from app.attempt_watchdog import watch_attempt
-from app.money import token_cost
+from app.model_target import ModelTarget
+from app.token_estimates import estimate_tokens, estimate_tokens_of_messages
 from app.upstream_transport import ShardedTransport, guarding
 
 DEFAULT_API_KEY = "sk-no-key-configured"
-
-
-@dataclass(frozen=True, slots=True)
-class ModelTarget:
-    """A snapshot of an `llm_models` row, safe to use outside the transaction that read it."""
-
-    id: int
-    name: str
-    model: str
-    base_url: str | None
-    api_key_env: str | None
-    input_price_per_1k: Decimal
-    output_price_per_1k: Decimal
-    context_window: int | None
-
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
-        return token_cost(prompt_tokens, completion_tokens, self.input_price_per_1k, self.output_price_per_1k)
-
-
-MODEL_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ModelTarget))
-"""The `llm_models` columns a `ModelTarget` holds, under the same names."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,8 +303,9 @@ def read_chunk(chunk: Any) -> tuple[list[str], Usage | None, bool]:
                         reported=True), finishes
 
 
-TOKEN_COUNT_LIMIT = 2**31 - 1
-"""The largest token count an answer's INTEGER columns hold."""
+TOKEN_COUNT_LIMIT = (2**31 - 1) // 2
+"""The largest token count stored: half of what an answer's INTEGER columns hold, so that the two counts'
+sum (`total_tokens`) fits as well."""
 
 
 def _token_count(reported: Any) -> int:
@@ -336,16 +316,3 @@ def _token_count(reported: Any) -> int:
     if isinstance(reported, bool) or not isinstance(reported, int | float) or not math.isfinite(reported):
         raise TypeError("a usage count is not a number")
     return min(max(int(reported), 0), TOKEN_COUNT_LIMIT)
-
-
-def estimate_tokens(text: str) -> int:
-    """About four characters a token for ASCII text, and one a character for the rest (tokenizers give
-    Chinese, Japanese or Korean text about a token a character): used to fit a prompt into a context
-    window, for the reservation, and when a provider reports no usage. Counting CJK at four a token would
-    let a prompt run four times over the window, and the provider refuse every later turn."""
-    ascii_chars = len(text.encode("ascii", "ignore"))
-    return (ascii_chars + 3) // 4 + len(text) - ascii_chars
-
-
-def estimate_tokens_of_messages(messages: list[dict[str, str]]) -> int:
-    return sum(estimate_tokens(m.get("content", "")) + 4 for m in messages) + 2

@@ -14,9 +14,9 @@ from functools import cache
 from sqlalchemy import bindparam, select
 
 from app.config import get_settings
-from app.llm_client import estimate_tokens, estimate_tokens_of_messages
 from app.models import ConversationMessage, table
 from app.prepared import Prepared, Unit
+from app.token_estimates import estimate_tokens, estimate_tokens_of_messages
 from app.turn_status import TurnStatus
 
 ChatMessage = dict[str, str]

@@ -9,8 +9,9 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
-from app.llm_client import MODEL_FIELDS, ModelTarget, estimate_tokens_of_messages
+from app.model_target import MODEL_FIELDS, ModelTarget
 from app.models import Agent, LlmModel
+from app.token_estimates import estimate_tokens_of_messages
 
 
 def target_of(model: LlmModel) -> ModelTarget:

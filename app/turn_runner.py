@@ -21,17 +21,18 @@ from app.cancellation import STOPPED
 from app.config import get_settings
 from app.conversations import record_turn_end
 from app.db import plain_transaction, transaction
-from app.deliveries import give_up_reason
+from app.deliveries import attempts_end_by, give_up_reason
 from app.fallback import AgentParams, Outcome, call_with_fallback
 from app.leases import Holding, keeper
 from app.live_stream import TurnStream
-from app.llm_client import ModelTarget, estimate_tokens, estimate_tokens_of_messages
 from app.logging_setup import turn_context
+from app.model_target import ModelTarget
 from app.moderation import moderate
 from app.prepared import Batch, Unit
 from app.prompt import ChatMessage, build_prompt, successful_history
 from app.run_kinds import TURN
 from app.targets import target_in_row, worst_case_cost
+from app.token_estimates import estimate_tokens, estimate_tokens_of_messages
 from app.turn_state import (
     ClaimResult,
     LeaseLost,
@@ -61,6 +62,8 @@ class TurnContext:
     reserved: Decimal
     time_left: float | None
     """Model time left to a delivery that inherited its turn's deadline (`app.deliveries.Deadline`)."""
+    ends_by: float | None
+    """The same, on `time.monotonic()`, counted from the claim."""
 
     @property
     def held(self) -> coordination.HeldTurn:
@@ -84,6 +87,7 @@ def _load_context(unit: Unit, claim: ClaimResult) -> TurnContext:
         history=successful_history(unit, turn.conversation_id, before_seq=row.seq) if row.seq > 1 else [],
         params=AgentParams(row.timeout_seconds, row.temperature, row.max_tokens),
         primary=primary, fallback=target_in_row(row, "f"), reserved=turn.reserved_amount, time_left=claim.time_left,
+        ends_by=attempts_end_by(claim.time_left),
     )
 
 
@@ -114,7 +118,13 @@ def _run_turn(turn_id: int) -> None:
     log.info("turn %s %s (delivery %s)", turn_id, claim.outcome.value, deliveries)
     stream = TurnStream(turn_id, deliveries)
     if reason := give_up_reason(deliveries, context.time_left):
-        _settle_failure(context, TurnStatus.ERROR, reason, stream)
+        try:
+            _settle_failure(context, TurnStatus.ERROR, reason, stream)
+        except LeaseLost:
+            # Its lease carries the passed deadline, so a sweep may revoke it before this write; the
+            # delivery that sweep sends ends the turn the same way.
+            log.info("turn %s was revoked before it could be given up; the next delivery ends it", turn_id)
+            return
     elif not affordable:
         _settle_failure(context, TurnStatus.INSUFFICIENT_BALANCE,
                         "the available balance does not cover the largest possible cost of this turn", stream)
@@ -145,7 +155,7 @@ def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) ->
         _settle_failure(context, TurnStatus.CONTENT_VIOLATION, verdict.error_message, stream)
         return
     outcome = call_with_fallback(context.primary, context.fallback, context.prompt_for, context.params,
-                                 stream, stop, time_left=context.time_left)
+                                 stream, stop, ends_by=context.ends_by)
     elapsed_ms = int((time.monotonic() - started) * 1000)
     if outcome.completion is not None:
         _settle_success(context, outcome, elapsed_ms, stream)

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from app import ledger
 from app.clock import DatabaseNow, lease_time
 from app.deliveries import DELIVERIES_PER_REQUEUE, delivery_deadline
-from app.llm_client import MODEL_FIELDS
+from app.model_target import MODEL_FIELDS
 from app.models import Agent, Conversation, ConversationMessage, LlmModel, Turn, table
 from app.models.base import optional_utc as utc
 from app.models.base import utc_now

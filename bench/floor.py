@@ -118,7 +118,8 @@ def _sdk(base_url: str, model: str, completions: int, threads: int, call: str) -
 
     import openai
 
-    from app.llm_client import ModelTarget, client_for, open_chat_stream, read_chunk
+    from app.llm_client import client_for, open_chat_stream, read_chunk
+    from app.model_target import ModelTarget
 
     client = client_for(ModelTarget(0, "floor", model, base_url, None, Decimal(0), Decimal(0), None))
     deltas = [0]

@@ -1,5 +1,8 @@
 """`agentq dlq list / show ID / requeue ID|--all / purge ID|--all`: dead letters from a shell.
 
+The services are imported by the command that runs, not with the parser, so that every other command
+(`db init`, `users create`, the parent of `worker`) starts without loading them.
+
 Each command prints one JSON object, in the same shape as the admin API's answer, so a script can
 read it; an unknown id prints the contract's error object on stderr and exits 1.
 """
@@ -8,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 
-from app import dead_letters
 from app.errors import MalformedRequest
 from cli.output import print_json
 
@@ -20,6 +22,7 @@ def _one_or_all(args: argparse.Namespace, command: str) -> int | None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from app import dead_letters
     from web import render
 
     print_json({"items": [render.dead_letter(v) for v in dead_letters.list_dead_letters()]})
@@ -27,6 +30,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from app import dead_letters
     from web import render
 
     print_json(render.dead_letter(dead_letters.get_dead_letter(args.id), detail=True))
@@ -34,6 +38,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
+    from app import dead_letters
     from web import render
     from workers.broker import install_broker
 
@@ -44,6 +49,8 @@ def cmd_requeue(args: argparse.Namespace) -> int:
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
+    from app import dead_letters
+
     ident = _one_or_all(args, "purge")
     if ident is not None:
         dead_letters.purge(ident)

@@ -37,8 +37,11 @@ def _metrics_dir(argv: list[str]) -> None:
         os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
         return
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        deployment = "|".join((os.environ.get("DATABASE_URL") or f"sqlite-in:{Path.cwd()}",
-                               os.environ.get("REDIS_URL") or "redis-default"))
+        from app.config import Settings
+
+        settings = Settings()  # the URLs as every process resolves them, defaults included (not cached here)
+        relative_to = str(Path.cwd()) if settings.database_url.startswith("sqlite") else ""
+        deployment = "|".join((settings.database_url, settings.redis_url, relative_to))
         tag = hashlib.sha256(deployment.encode()).hexdigest()[:12]
         path = Path(tempfile.gettempdir()) / f"agentq-metrics-{os.getuid()}-{tag}"
         path.mkdir(parents=True, exist_ok=True)
@@ -206,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         print_error(exc.code, exc.message)
         return 1
     except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, redis.RedisError) as exc:
-        print_error("service_unavailable", _first_line(exc))
+        from app.outages import is_outage
+
+        print_error("service_unavailable" if is_outage(exc) else "database_error", _first_line(exc))
         return 1
 
 

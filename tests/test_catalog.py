@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 
 def test_models_can_be_created_read_changed_and_deleted(world) -> None:  # type: ignore[no-untyped-def]
     admin = world.admin_key
@@ -117,29 +120,49 @@ def test_a_conversation_whose_agent_was_deleted_takes_no_new_message(world, redi
     assert redis_client.zcard(slots_key(user_id)) == 0
 
 
-def test_an_agent_cannot_be_pointed_at_a_model_being_deleted(world, database) -> None:  # type: ignore[no-untyped-def]
-    """Deleting a model and pointing an agent at it, at once: each takes the model's row, so the PATCH waits
-    for the delete and then finds the model gone (both committed before, leaving a live agent on a deleted
-    model that went on serving turns)."""
+def _blocked_by(holder: Any, database: str, request: Callable[[], int]) -> int:
+    """`request`'s status when it runs while `holder` (an open transaction that took a model's row) commits:
+    it must wait for the holder, then answer from what the holder committed."""
     import threading
 
     import psycopg
 
     from tests.support import wait_for
 
-    agent_id, target = world.agent(world.model("first")), world.model("target")
     answers: list[int] = []
-    with psycopg.connect(database.replace("+psycopg", "")) as deleting:
+    thread = threading.Thread(target=lambda: answers.append(request()))
+    thread.start()
+    with psycopg.connect(database.replace("+psycopg", ""), autocommit=True) as watcher:
+        wait_for(lambda: answers or watcher.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))", (holder.info.backend_pid,)
+        ).fetchone()[0], what="the request to wait for the row, or to answer")
+    holder.commit()
+    thread.join(timeout=30)
+    return answers[0]
+
+
+def test_an_agent_cannot_be_pointed_at_a_model_being_deleted_nor_the_model_deleted_meanwhile(  # type: ignore[no-untyped-def]
+        world, database) -> None:
+    """Deleting a model and pointing an agent at it, at once: each takes the model's row, so the second waits
+    for the first and answers from what it committed (both committed before, leaving a live agent on a
+    deleted model that went on serving turns)."""
+    import psycopg
+
+    admin = world.admin_key
+    agent_id, target = world.agent(world.model("first")), world.model("target")
+    with psycopg.connect(database.replace("+psycopg", "")) as deleting:  # a delete under way
         deleting.execute("SELECT id FROM llm_models WHERE id = %s FOR UPDATE", (target,))
         deleting.execute("UPDATE llm_models SET deleted_at = now() WHERE id = %s", (target,))
-        patch = threading.Thread(target=lambda: answers.append(world.api.patch(
-            f"/api/admin/agents/{agent_id}", world.admin_key, {"model_id": target}).status_code))
-        patch.start()
-        with psycopg.connect(database.replace("+psycopg", ""), autocommit=True) as watcher:
-            wait_for(lambda: answers or watcher.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
-            ).fetchone()[0], what="the PATCH to wait for the model's row, or to answer")
-        deleting.commit()
-        patch.join(timeout=30)
-    assert answers == [422]
-    assert world.api.get(f"/api/admin/agents/{agent_id}", world.admin_key).json["model_id"] != target
+        patched = _blocked_by(deleting, database, lambda: world.api.patch(
+            f"/api/admin/agents/{agent_id}", admin, {"model_id": target}).status_code)
+    assert patched == 422
+    assert world.api.get(f"/api/admin/agents/{agent_id}", admin).json["model_id"] != target
+
+    other = world.model("other")
+    with psycopg.connect(database.replace("+psycopg", "")) as pointing:  # an agent being pointed at it
+        pointing.execute("SELECT id FROM llm_models WHERE id = %s FOR SHARE", (other,))
+        pointing.execute("UPDATE agents SET model_id = %s WHERE id = %s", (other, agent_id))
+        deleted = _blocked_by(pointing, database, lambda: world.api.delete(f"/api/admin/models/{other}",
+                                                                          admin).status_code)
+    assert deleted == 409
+    assert world.api.get(f"/api/admin/models/{other}", admin).status_code == 200

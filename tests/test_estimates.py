@@ -6,8 +6,9 @@ from decimal import Decimal
 
 import pytest
 
-from app.llm_client import TOKEN_COUNT_LIMIT, estimate_tokens, read_chunk
+from app.llm_client import TOKEN_COUNT_LIMIT, read_chunk
 from app.money import MAX_AMOUNT, token_cost
+from app.token_estimates import estimate_tokens
 
 
 def test_ascii_text_counts_four_characters_a_token_and_other_text_one_a_character() -> None:

@@ -264,8 +264,9 @@ def test_a_stop_between_a_failed_primary_and_the_fallback_keeps_the_primarys_tex
     import threading
 
     from app import fallback as fallback_policy
-    from app.fallback import AgentParams, AnswerSink, call_with_fallback
-    from app.llm_client import ModelTarget
+    from app.answer_sink import AnswerSink
+    from app.fallback import AgentParams, call_with_fallback
+    from app.model_target import ModelTarget
     from tests.conftest import MOCK_URL
 
     def target(name: str, upstream_model: str) -> ModelTarget:

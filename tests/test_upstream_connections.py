@@ -133,7 +133,8 @@ def _attempt_at(host: str, port: int, timeout: float, stop: threading.Event,
     and how long it took."""
     from decimal import Decimal
 
-    from app.llm_client import AttemptFailed, ModelTarget, stream_chat
+    from app.llm_client import AttemptFailed, stream_chat
+    from app.model_target import ModelTarget
 
     target = ModelTarget(id=0, name=host, model="echo", base_url=f"{scheme}://{host}:{port}/v1",
                          api_key_env=None, input_price_per_1k=Decimal(0), output_price_per_1k=Decimal(0),

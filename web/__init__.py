@@ -16,7 +16,8 @@ class IdConverter(IntegerConverter):
 
     The bound is in the pattern, not checked after the match: a value Werkzeug matched but its converter
     refused counts as a match of the path under the other methods' rules, and was answered 405 (PATCH
-    /api/admin/models/0). No bigint sequence reaches 10**18, so no id is left out."""
+    /api/admin/models/0). Ids come from sequences that start at 1, which would need 10**18 rows to
+    reach the bound."""
 
     regex = r"0*[1-9][0-9]{0,17}"
 

@@ -8,6 +8,7 @@ traceback and answered 500 without details, which a test treats as a bug.
 from __future__ import annotations
 
 import logging
+import sys
 from decimal import Decimal
 from typing import Any
 
@@ -31,11 +32,12 @@ def error_response(status: int, code: str, message: str) -> Response:
     return response
 
 
-def _json_integer(digits: str) -> int | Decimal:
-    """An integer literal too long for Python's int parsing (its 4,300-digit guard against quadratic time)
-    is kept as a Decimal, which no integer or money field accepts: 422 for that field, not a body that
-    is not JSON (400)."""
-    return int(digits) if len(digits) <= 4000 else Decimal(digits)
+def _json_integer(literal: str) -> int | Decimal:
+    """An integer literal too long for Python's int parsing (its guard against quadratic time, 4,300 digits
+    by default) is kept as a Decimal, which no integer or money field accepts: 422 for that field, not a
+    body that is not JSON (400)."""
+    limit = sys.get_int_max_str_digits()
+    return int(literal) if not limit or len(literal.lstrip("-")) <= limit else Decimal(literal)
 
 
 class SafeJSONProvider(DefaultJSONProvider):

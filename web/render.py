@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Response, current_app, request, stream_with_context
 
-from app.dead_letters import DeadLetterView, RequeueOutcome
-from app.debugging import CostLine, RouteDecision
 from app.error_display import error_display, prefers_chinese
 from app.models import Agent, Conversation, ConversationMessage, CreditTransaction, DebugRun, LlmModel, User
 from app.models.base import iso_utc
 from app.money import render as money
-from app.operations import FailureReport, QueueSnapshot
-from app.prompt import Prompt
+
+if TYPE_CHECKING:  # the services whose results are rendered; the `dlq` commands render without loading them all
+    from app.dead_letters import DeadLetterView, RequeueOutcome
+    from app.debugging import CostLine, RouteDecision
+    from app.operations import FailureReport, QueueSnapshot
+    from app.prompt import Prompt
 
 
 def timestamp(moment: datetime | None) -> str | None:

@@ -102,8 +102,9 @@ class Turn(Base):
     """Worker-side state of one turn, keyed by its assistant message (whose status is the turn's status).
 
     `lease_token`/`lease_expires_at` say which worker owns the turn and until when; a worker whose lease
-    was taken over can no longer write. `deadline_at` is when the current delivery has outrun every
-    model attempt it could make (timeout for each model, plus the grace): recovery revokes it then.
+    was taken over can no longer write. `deadline_at` is when the run has outrun every model attempt it
+    could make (timeout for each model, plus the grace), set by its first delivery since its last requeue
+    and kept by the later ones: recovery revokes a delivery still going then.
     `enqueued_at` is the outbox mark: NULL means the Dramatiq message may never have been sent, so
     recovery sends it.
     """

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Response, jsonify
+from flask import Response
 from flask_openapi3 import APIBlueprint, Tag
 
 from app import readiness
@@ -19,11 +19,11 @@ def healthz() -> dict:
 
 
 @bp.get("/readyz", tags=[tag], responses={200: r.Ready, 503: r.NotReady})
-def readyz() -> Response | tuple[Response, int]:
+def readyz() -> dict | tuple[dict, int]:
     report = readiness.check()
     if not report.ready:
-        return jsonify({"error": {"code": "not_ready", "message": report.summary}, "checks": report.checks}), 503
-    return jsonify({"status": "ready", "checks": report.checks})
+        return {"error": {"code": "not_ready", "message": report.summary}, "checks": report.checks}, 503
+    return {"status": "ready", "checks": report.checks}
 
 
 @bp.get("/metrics", tags=[tag],
