@@ -31,7 +31,7 @@ from app.dead_letter_queue import BrokerEntry, dead_entries, holds_entry, take_e
 from app.debug_run_state import reopen_debug_run
 from app.errors import Conflict, ConversationBusy, NotFound, ServiceUnavailable, TooManyActiveConversations
 from app.in_flight import check_can_start, lock_user
-from app.models import Conversation, ConversationMessage, DeadLetter, Turn
+from app.models import Agent, Conversation, ConversationMessage, DeadLetter, Turn
 from app.models.base import utc_now
 from app.run_kinds import KINDS, TURN, kind_of, run_id_of
 from app.turn_state import TransitionRefused, reopen_turn
@@ -199,9 +199,13 @@ def _reopen(session: Session, row: DeadLetter) -> None:
                     status = session.get_one(ConversationMessage, turn.assistant_message_id).status
                     if status not in sources_for(TurnStatus.PENDING):
                         raise TransitionRefused(f"turn {turn.assistant_message_id} cannot move to pending")
-                    if session.get_one(Conversation, turn.conversation_id).deleted_at is not None:
+                    conversation = session.get_one(Conversation, turn.conversation_id)
+                    if conversation.deleted_at is not None:
                         raise Conflict(f"Dead letter {row.id}: its conversation was deleted, so its turn is not "
                                        "run again.", code="conversation_deleted")
+                    if session.get_one(Agent, conversation.agent_id).deleted_at is not None:
+                        raise Conflict(f"Dead letter {row.id}: its agent was deleted, and takes no new work.",
+                                       code="agent_deleted")
                     _check_user_can_start(session, row, turn)
                 reopen_turn(session, row.run_id)
             else:

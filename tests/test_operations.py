@@ -189,17 +189,21 @@ def test_purging_dead_letters_through_the_api_leaves_none(world, redis_client) -
     assert [world.message(key, t["id"])["status"] for t in ended] == ["error", "error"]
 
 
-def test_a_dead_turn_of_a_deleted_conversation_is_not_run_again(world) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("deleted", ["conversation", "agent"])
+def test_a_dead_turn_of_a_deleted_conversation_or_agent_is_not_run_again(world, deleted: str) -> None:  # type: ignore[no-untyped-def]
     """Deleting the conversation was its user's last word: a requeue is refused (409) and the turn stays `error`,
-    instead of running, hidden, charged and holding a slot the user could no longer free."""
+    instead of running, hidden, charged and holding a slot the user could no longer free. A deleted agent
+    takes no new work, a requeued turn included."""
     api, admin = world.api, world.admin_key
     agent_id = world.agent(world.model())
     _, key = world.user(balance="10")
     conversation_id, ended = dead_turn(world, key, agent_id, "gone")
-    assert api.delete(f"/api/conversations/{conversation_id}", key).status_code == 204
+    gone = api.delete(f"/api/conversations/{conversation_id}", key) if deleted == "conversation" else api.delete(
+        f"/api/admin/agents/{agent_id}", admin)
+    assert gone.status_code == 204
     item = api.get("/api/admin/dead-letters", admin).json["items"][0]
     refused = api.post(f"/api/admin/dead-letters/{item['id']}/requeue", admin)
-    assert (refused.status_code, refused.json["error"]["code"]) == (409, "conversation_deleted")
+    assert (refused.status_code, refused.json["error"]["code"]) == (409, f"{deleted}_deleted")
     assert api.post("/api/admin/dead-letters/requeue-all", admin).json["requeued"] == []
     from app.db import transaction
     from app.models import ConversationMessage
