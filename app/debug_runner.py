@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 
+from app import metrics
 from app.answer_sink import AnswerSink
 from app.attempts import record_attempts
 from app.config import get_settings
@@ -64,19 +65,21 @@ def run_debug_run(run_id: int) -> None:
                                        max_tokens=params.max_tokens).messages,
                 params, AnswerSink(), holding.stop, ends_by=ends_by)
             latency_ms = int((time.monotonic() - started) * 1000)
+            cost = None
             with transaction() as session:
                 if outcome.completion is not None and outcome.model is not None:
                     usage = outcome.completion.usage
+                    cost = outcome.model.cost(usage.prompt_tokens, usage.completion_tokens)
                     finish_debug_run(
                         session, run_id, token, TurnStatus.SUCCESS, output=outcome.completion.text,
                         model=outcome.model.name, model_id=outcome.model.id, prompt_tokens=usage.prompt_tokens,
-                        completion_tokens=usage.completion_tokens,
-                        cost=outcome.model.cost(usage.prompt_tokens, usage.completion_tokens),
-                        latency_ms=latency_ms, error_message=None)
+                        completion_tokens=usage.completion_tokens, cost=cost, latency_ms=latency_ms,
+                        error_message=None)
                 else:
                     finish_debug_run(session, run_id, token, TurnStatus.LLM_ERROR, latency_ms=latency_ms,
                                      error_message=outcome.error_message)
                 record_attempts(session, outcome.attempts, debug_log_id=run_id)
+            metrics.observe_cost("test_run", cost)
     except LeaseLost:
         log.warning("test run %s was taken over by another worker", run_id)
     except BaseException:

@@ -9,6 +9,7 @@ and the broker when /metrics is scraped, so they are right whichever process ans
 from __future__ import annotations
 
 from collections.abc import Iterable
+from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Histogram
@@ -23,6 +24,9 @@ ATTEMPTS = Counter("agentq_model_attempts_total", "Upstream model attempts.", ["
 FALLBACKS = Counter("agentq_fallbacks_total", "Runs that switched to their fallback model.")
 LLM_LATENCY = Histogram("agentq_llm_latency_seconds", "Duration of an upstream attempt.", ["model"],
                         buckets=LATENCY_BUCKETS)
+COST = Counter("agentq_cost_credits_total",
+               "Credits the answered model calls cost: a user turn's charge, or an admin test run's logged cost.",
+               ["kind"])
 FIRST_TOKEN = Histogram("agentq_llm_first_token_seconds", "Time to the first token of an attempt.", ["model"],
                         buckets=LATENCY_BUCKETS)
 
@@ -40,3 +44,9 @@ def observe_attempts(attempts: Iterable[AttemptRecord]) -> None:
 
 def observe_terminal(status: str) -> None:
     TURNS.labels(status).inc()
+
+
+def observe_cost(kind: str, cost: Decimal | None) -> None:
+    """`kind` is "turn" (charged, up to what the balance held) or "test_run" (logged, never charged)."""
+    if cost:
+        COST.labels(kind).inc(float(cost))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
-from app import coordination, ledger
+from app import coordination, ledger, metrics
 from app.attempts import record_attempts
 from app.cancellation import STOPPED
 from app.config import get_settings
@@ -194,6 +194,7 @@ def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, mod
             ledger.charge_turn(batch, context.user_id, context.turn_id, cost, context.reserved)
         if outcome is not None:
             record_attempts(batch, outcome.attempts, message_id=context.turn_id)
+    metrics.observe_cost("turn", cost)
     stream.finished(target, model.name if model else None)
 
 

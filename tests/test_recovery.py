@@ -372,6 +372,8 @@ def test_metrics_count_real_turns_across_worker_and_web_processes(stack: Stack) 
               and ("model", "metrics-broken") in k[1]}
     assert sum(broken.values()) == 2 and all(("outcome", "success") not in k[1] for k in broken)
     assert grew("agentq_fallbacks_total") == 2
+    costs = sum(Decimal(stack.message(key, t["id"])["cost"]) for t in turns)
+    assert costs > 0 and grew("agentq_cost_credits_total", kind="turn") == pytest.approx(float(costs))
     assert grew("agentq_llm_latency_seconds_count", model="metrics-good") == 4
     assert grew("agentq_llm_first_token_seconds_count", model="metrics-good") == 4
     assert grew("agentq_llm_first_token_seconds_bucket", model="metrics-slow", le="0.1") == 0
