@@ -47,6 +47,6 @@ def observe_terminal(status: str) -> None:
 
 
 def observe_cost(kind: str, cost: Decimal | None) -> None:
-    """`kind` is "turn" (charged, up to what the balance held) or "test_run" (logged, never charged)."""
+    """`kind` is "turn" (charged, unless the balance held less) or "test_run" (logged, never charged)."""
     if cost:
         COST.labels(kind).inc(float(cost))
