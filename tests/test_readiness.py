@@ -5,12 +5,14 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import LOG_DIR, child_env
+from tests.stack import drop_database, scratch_database
 from tests.support import Process, agentq, free_port, wait_http
 
 
@@ -50,3 +52,30 @@ def test_a_database_that_never_answers_is_503_within_the_connect_timeout_and_met
         assert {s.labels["queue"] for s in families["agentq_queue_depth"].samples} == {"turns", "debug"}
     finally:
         web.stop()
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_database_without_the_schema_is_not_ready_and_says_to_run_db_init(database: str, tmp_path: Path) -> None:
+    """On the SQLite default (a path relative to the working directory) a web started in another directory
+    opened an empty file: /readyz said ready while every request answered "unavailable for a moment"."""
+    if database == "sqlite":
+        url = f"sqlite:///{tmp_path}/empty.sqlite3"
+    else:
+        name = scratch_database("agentq_no_schema")
+        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    port = free_port()
+    web = Process(f"web-no-schema-{database}", agentq("web", "--port", str(port), "--workers", "1", "--threads", "4"),
+                  child_env(DATABASE_URL=url), LOG_DIR).start()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_http(f"{base}/healthz")
+        ready = httpx.get(f"{base}/readyz", timeout=30)
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["database"] == "error: the database has no agentq schema; run `agentq db init`"
+        refused = httpx.get(f"{base}/api/agents", headers={"Authorization": "Bearer any"}, timeout=30)
+        assert refused.status_code == 503
+        assert "agentq db init" in refused.json()["error"]["message"]
+    finally:
+        web.stop()
+        if database == "postgresql":
+            drop_database(name)

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
 from app.errors import AgentqError
+from app.readiness import schema_missing
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +101,23 @@ def install_error_handlers(app: Flask) -> None:
     def _unavailable(exc: Exception) -> Response:
         """A database or Redis outage (a restart, a failover), or no pooled database connection free within
         AGENTQ_DB_POOL_TIMEOUT_SECONDS, is the service's state, not the request's fault."""
+        if schema_missing(exc):
+            return _no_schema()
         log.warning("dependency unavailable on %s %s: %s", request.method, request.path, exc)
         response = error_response(503, "service_unavailable",
                                   "A backing service is unavailable for a moment; retry shortly.")
         response.headers["Retry-After"] = "1"
         return response
+
+    @app.errorhandler(sqlalchemy.exc.ProgrammingError)
+    def _programming(exc: sqlalchemy.exc.ProgrammingError) -> Response:
+        return _no_schema() if schema_missing(exc) else _unexpected(exc)
+
+    def _no_schema() -> Response:
+        log.error("the database has no agentq schema (%s %s); run `agentq db init`", request.method, request.path)
+        return error_response(503, "service_unavailable",
+                              "The service is not set up yet: its database has no schema. The operator must run "
+                              "`agentq db init`.")
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

@@ -63,7 +63,9 @@ def serve(host: str, port: int, *, workers: int, threads: int) -> None:
         "threads": threads,
         "timeout": 120,
         "graceful_timeout": 30,
-        "keepalive": 5,
+        # Longer than the idle timeout of common clients' pools (httpx keeps a connection 5 s) and proxies
+        # (60 s): a server closing a keep-alive connection as the client sends on it resets that request.
+        "keepalive": 75,
         "accesslog": None,
         "logger_class": QuietAccessLogger,
         "logconfig_dict": gunicorn_logconfig(),
