@@ -36,6 +36,7 @@ from app.token_estimates import estimate_tokens, estimate_tokens_of_messages
 from app.turn_state import (
     ClaimResult,
     LeaseLost,
+    StoppedMeanwhile,
     TurnRow,
     claim_turn,
     finish_turn,
@@ -199,14 +200,21 @@ def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, mod
 
 
 def _settle_success(context: TurnContext, outcome: Outcome, elapsed_ms: int, stream: TurnStream) -> None:
+    """A whole answer is a success, unless a stop was asked for before it was written: then the turn ends
+    `cancelled` as the stop's 202 promised, keeping the whole answer and paying for it (every token of it
+    was generated)."""
     completion, model = outcome.completion, outcome.model
     assert completion is not None and model is not None
     usage = completion.usage
-    _settle(context, TurnStatus.SUCCESS, stream, model=model, cost=model.cost(usage.prompt_tokens,
-                                                                             usage.completion_tokens),
-            success_tokens=usage.prompt_tokens + usage.completion_tokens, outcome=outcome, content=completion.text,
-            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-            cost_estimated=not usage.reported, latency_ms=elapsed_ms)
+    answer: dict[str, Any] = {
+        "model": model, "cost": model.cost(usage.prompt_tokens, usage.completion_tokens), "outcome": outcome,
+        "content": completion.text, "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+        "cost_estimated": not usage.reported, "latency_ms": elapsed_ms}
+    try:
+        _settle(context, TurnStatus.SUCCESS, stream, success_tokens=usage.prompt_tokens + usage.completion_tokens,
+                **answer)
+    except StoppedMeanwhile:
+        _settle(context, TurnStatus.CANCELLED, stream, error_message=STOPPED, **answer)
 
 
 def _settle_cancelled(context: TurnContext, outcome: Outcome, elapsed_ms: int, stream: TurnStream) -> None:

@@ -42,6 +42,12 @@ class LeaseLost(RuntimeError):
     """Another worker took the turn over; this one must stop writing."""
 
 
+class StoppedMeanwhile(RuntimeError):
+    """A stop was requested after the worker's last look for one and before its answer was written as a
+    success: the request was answered 202 and promised `cancelled`, so the turn ends so, with the whole
+    answer as the text generated so far."""
+
+
 class Claim(Enum):
     CLAIMED = "claimed"
     TAKEN_OVER = "taken_over"
@@ -108,7 +114,8 @@ def _statements() -> SimpleNamespace:
                                .where(turns.c.assistant_message_id == bindparam("turn_id"),
                                       turns.c.lease_token == bindparam("token"))
                                .values(lease_token=None, lease_expires_at=None, cost_estimated=bindparam("estimated"),
-                                       reserved_amount=0, updated_at=bindparam("at"))),
+                                       reserved_amount=0, updated_at=bindparam("at"))
+                               .returning(turns.c.cancel_requested_at)),
     )
 
 
@@ -270,9 +277,11 @@ def finish_turn(
 
     The lease is given up by the same guarded UPDATE that proves this worker still holds it: on a
     batch, the messages' UPDATE goes out with it, and a lost lease raises `LeaseLost` once the
-    results are in, which rolls both back. That UPDATE also empties the turn's reservation, which the
-    caller charges or releases in the same transaction: an ended turn holds nothing, so a requeued one
-    reserves again instead of inheriting an amount already given back (and giving it back twice).
+    results are in, which rolls both back; so does a stop requested meanwhile, for a success
+    (`StoppedMeanwhile`: the same UPDATE reads it, after the stop's own write if they raced). That
+    UPDATE also empties the turn's reservation, which the caller charges or releases in the same
+    transaction: an ended turn holds nothing, so a requeued one reserves again instead of inheriting an
+    amount already given back (and giving it back twice).
     """
     if not target.is_terminal:
         raise ValueError(f"{target} is not terminal")
@@ -281,8 +290,11 @@ def finish_turn(
                                                "at": now})
 
     def held() -> None:
-        if lease.rowcount != 1:
+        given_up = lease.first()  # the row, not the rowcount: SQLite counts none for an UPDATE ... RETURNING
+        if given_up is None:
             raise LeaseLost(f"turn {turn_id} is owned by another worker")
+        if target is TurnStatus.SUCCESS and given_up.cancel_requested_at is not None:
+            raise StoppedMeanwhile(f"turn {turn_id} was asked to stop before its answer was written")
 
     then(unit, held)
     counted = prompt_tokens is not None or completion_tokens is not None

@@ -354,6 +354,37 @@ def test_stopping_a_pending_turn_or_a_finished_one(world) -> None:  # type: igno
     assert world.api.post(f"/api/messages/{message_id - 1}/cancel", key).status_code == 404
 
 
+def test_a_stop_that_lands_after_the_workers_last_look_still_ends_the_turn_cancelled(world, database) -> None:  # type: ignore[no-untyped-def]
+    """The stop's 202 promised `cancelled`; the worker looks for a stop twice a second, so one can land after
+    its last look and before its answer is written. A trigger makes it land exactly there: it records a
+    stop in the same UPDATE that gives the lease up. The turn ends `cancelled` with the whole answer,
+    charged for all of it (every token was generated), and adds no tokens to the conversation's total."""
+    import psycopg
+
+    agent_id = world.agent(world.model(upstream="echo", price_in="1", price_out="1"))
+    _, key = world.user(balance="10")
+    conversation_id = world.conversation(key, agent_id)
+    trigger = f"agentq_test_late_stop_{conversation_id}"
+    with psycopg.connect(database.replace("+psycopg", ""), autocommit=True) as admin:
+        admin.execute("CREATE OR REPLACE FUNCTION agentq_test_late_stop() RETURNS trigger LANGUAGE plpgsql AS "
+                      "$$ BEGIN NEW.cancel_requested_at := now(); RETURN NEW; END $$")
+        admin.execute(f"CREATE TRIGGER {trigger} BEFORE UPDATE ON turns FOR EACH ROW WHEN (OLD.lease_token IS NOT "
+                      f"NULL AND NEW.lease_token IS NULL AND NEW.conversation_id = {int(conversation_id)}) "
+                      "EXECUTE FUNCTION agentq_test_late_stop()")
+        try:
+            message_id = world.send(key, conversation_id, "finish anyway").json["assistant_message"]["id"]
+            final = world.wait_terminal(key, message_id)
+        finally:
+            admin.execute(f"DROP TRIGGER IF EXISTS {trigger} ON turns")
+    assert (final["status"], final["content"], final["error_message"]) == (
+        "cancelled", "echo: finish anyway", "stopped on request")
+    cost = Decimal(final["cost"])
+    assert cost == Decimal(final["prompt_tokens"] + final["completion_tokens"]) / 1000 and cost > 0
+    ledger = world.api.get("/api/me/transactions", key).json["items"]
+    assert [(t["message_id"], t["amount"]) for t in ledger] == [(message_id, f"{-cost:.6f}"), (None, "10.000000")]
+    assert world.api.get(f"/api/conversations/{conversation_id}", key).json["total_tokens"] == 0
+
+
 def test_two_hundred_concurrent_readers_on_one_api_process(world, database) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
     web = Process("web-sse", agentq("web", "--port", str(port), "--workers", "1", "--threads", "256"),
