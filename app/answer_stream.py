@@ -115,6 +115,8 @@ def _finish_from_database(loaded: tuple[ConversationMessage, int], cursor: Curso
     """The rest of an ended turn from the stored message (`_load`): what the client lacks, then `done`."""
     message, final_attempt = loaded
     content = message.content
+    if cursor is not None and cursor.offset == 0:
+        cursor = None  # nothing received yet, so nothing to void: the text from its start, without a restart
     if cursor is not None and (cursor.attempt != final_attempt or cursor.offset > len(content)):
         # Its id names the stored text (`final`): resuming from it must not read the live stream's voided text.
         cursor = Cursor(FINAL, final_attempt, 0)

@@ -35,7 +35,7 @@ def prefers_chinese(accept_language: str | None) -> bool:
                     quality = float(value)
                 except ValueError:
                     quality = 0.0
-        if lang:
+        if lang and quality > 0:  # q=0 is "not acceptable" (RFC 9110), not the lowest preference
             ranked.append((-quality, index, lang.lower()))
     if not ranked:
         return False

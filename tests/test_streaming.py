@@ -108,6 +108,16 @@ def test_a_last_event_id_that_cannot_be_resumed_live_still_gets_the_answer_right
         assert len(deltas) >= 5
 
 
+def test_a_turn_that_ends_before_its_first_token_sends_its_reader_no_restart(world, web_server) -> None:  # type: ignore[no-untyped-def]
+    """Nothing was streamed, so nothing is voided: a reader told to `restart` would clear its screen for no
+    reason (it was, because its id's attempt differed from the stored text's)."""
+    key, message_id, _ = start_turn(world, "echo;ttft=4", timeout_seconds=1)
+    events = read_sse(f"{web_server}/api/messages/{message_id}/stream", key)
+    assert events[-1].json()["status"] == "llm_error"
+    assert not any(e.event == "status" and e.json().get("restart") for e in events), [e.data for e in events]
+    assert [e for e in events if e.event == "delta"] == []
+
+
 def test_a_fallback_switch_mid_turn_restarts_the_text(world, web_server, upstream) -> None:  # type: ignore[no-untyped-def]
     primary = world.model("primary", upstream="echo;words=30;gap=0.02;cut_after=6")
     fallback = world.model("fallback", upstream="echo;words=8;gap=0.02")
