@@ -17,7 +17,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import redis
@@ -190,9 +190,22 @@ def _first_load(message_id: int, deadline: float) -> Generator[StreamEvent, None
 
 
 def follow_answer(message_id: int, last_event_id: str | None) -> Iterator[StreamEvent]:
+    """The answer's events from where `last_event_id` left off. Every id names its message
+    (`<message id>/<cursor>`): the cursor's entry and offset belong to one message's stream and text, and
+    an id of another message, taken for this one's, resumed it from another position (a gap)."""
+    for event in _follow(message_id, Cursor.parse(_own_cursor(message_id, last_event_id))):
+        yield event if event.id is None else replace(event, id=f"{message_id}/{event.id}")
+
+
+def _own_cursor(message_id: int, last_event_id: str | None) -> str | None:
+    """The cursor part of an id of this message's stream; None, a fresh start, for any other id."""
+    tag, tagged, cursor = (last_event_id or "").strip().partition("/")
+    return cursor if tagged and tag == str(message_id) else None
+
+
+def _follow(message_id: int, cursor: Cursor | None) -> Iterator[StreamEvent]:
     settings = get_settings()
     deadline = time.monotonic() + settings.stream_max_seconds
-    cursor = Cursor.parse(last_event_id)
     loaded = yield from _first_load(message_id, deadline)
     message = loaded[0]
     if TurnStatus(message.status).is_terminal and (cursor is None or cursor.entry == FINAL):

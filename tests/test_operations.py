@@ -153,7 +153,7 @@ def test_a_turn_whose_retries_run_out_is_a_dead_letter_and_runs_again_when_reque
     assert deliveries_of(turn_id) == 1001
     # A client that followed a run from before the requeue (its first delivery's attempt, 100) resumes with
     # that run's event id: it is told to start over and gets the whole new answer, not its tail.
-    resumed = api.get(f"/api/messages/{turn_id}/stream", key, headers={"Last-Event-ID": "0-0.100.3"})
+    resumed = api.get(f"/api/messages/{turn_id}/stream", key, headers={"Last-Event-ID": f"{turn_id}/0-0.100.3"})
     assert resumed.status_code == 200
     assert answer_text(resumed.get_data(as_text=True)) == "echo: try me"
 

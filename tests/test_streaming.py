@@ -87,6 +87,20 @@ def test_an_event_id_that_is_not_ours_is_a_fresh_start(world, web_server) -> Non
     assert [e.event for e in read_sse(url, key, last_event_id=events[1].id)] == ["status", "done"]
 
 
+def test_an_event_id_of_another_message_is_a_fresh_start_not_a_gap(world, web_server) -> None:  # type: ignore[no-untyped-def]
+    """A cursor names a position in one message's stream and text; taken for another message's (a client
+    that reused its last id) it resumed that one from the wrong place and left a gap."""
+    key, first_id, _ = start_turn(world, "echo", "hi")
+    world.wait_terminal(key, first_id)
+    first_ids = [e.id for e in read_sse(f"{web_server}/api/messages/{first_id}/stream", key) if e.id]
+    conversation_id = world.conversation(key, world.agent(world.model("second", upstream="echo")))
+    second_id = world.send(key, conversation_id, "one two three four five").json["assistant_message"]["id"]
+    second = world.wait_terminal(key, second_id)
+    resumed = read_sse(f"{web_server}/api/messages/{second_id}/stream", key, last_event_id=first_ids[-1])
+    assert visible_text(resumed) == second["content"] == "echo: one two three four five"
+    assert first_ids and all(i.startswith(f"{first_id}/") for i in first_ids)
+
+
 @pytest.mark.parametrize("last_event_id", ["99999999999999999999-0.0.0", "final.0.0", "0-0.{attempt}.500"])
 def test_a_last_event_id_that_cannot_be_resumed_live_still_gets_the_answer_right(  # type: ignore[no-untyped-def]
         world, web_server, last_event_id) -> None:
@@ -98,7 +112,7 @@ def test_a_last_event_id_that_cannot_be_resumed_live_still_gets_the_answer_right
 
     key, message_id, _ = start_turn(world, "echo;words=30;gap=0.03")
     events = read_sse(f"{web_server}/api/messages/{message_id}/stream", key,
-                      last_event_id=last_event_id.format(attempt=attempt_number(1, 0)))
+                      last_event_id=f"{message_id}/" + last_event_id.format(attempt=attempt_number(1, 0)))
     done = events[-1].json()
     assert done["status"] == "success" and visible_text(events) == done["content"]
     deltas = [e for e in events if e.event == "delta"]
@@ -151,7 +165,7 @@ def test_resuming_from_a_restart_sent_from_the_stored_text_never_replays_voided_
     content = world.wait_terminal(key, message_id)["content"]
     assert content == " ".join(f"w{i}" for i in range(8))
     url = f"{web_server}/api/messages/{message_id}/stream"
-    back = read_sse(url, key, last_event_id=f"0-0.{attempt_number(1, 1)}.500")
+    back = read_sse(url, key, last_event_id=f"{message_id}/0-0.{attempt_number(1, 1)}.500")
     restart = next(e for e in back if e.event == "status" and e.json().get("restart"))
     assert visible_text(back) == content
     again = read_sse(url, key, last_event_id=restart.id)
