@@ -80,6 +80,6 @@ def give_up_reason(deliveries: int, time_left: float | None) -> str | None:
     if since_requeue > get_settings().max_deliveries:
         return f"gave up after {since_requeue - 1} deliveries"
     if time_left is not None and time_left <= 0:
-        return (f"gave up at delivery {since_requeue}: the run's time (its model timeouts plus the grace, "
+        return (f"gave up at delivery {since_requeue}: the run's model time (each model's timeout, counted "
                 "from its first delivery) ran out")
     return None

@@ -231,7 +231,7 @@ def _stick(stack: Stack, turn_id: int, deadline_seconds: float, reserved: str) -
               {"id": turn_id, "deadline": deadline_seconds, "amount": reserved})
 
 
-OUT_OF_TIME = ("gave up at delivery 2: the run's time (its model timeouts plus the grace, from its first delivery) "
+OUT_OF_TIME = ("gave up at delivery 2: the run's model time (each model's timeout, counted from its first delivery) "
                "ran out")
 
 
