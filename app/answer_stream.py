@@ -219,11 +219,15 @@ def _follow(message_id: int, cursor: Cursor | None) -> Iterator[StreamEvent]:
         cursor, status = _fresh_start(stream_key(message_id))
         yield StreamEvent("status", status or {"status": message.status, "model": message.model})
     block_ms = int(min(settings.stream_heartbeat_seconds, SOCKET_TIMEOUT_SECONDS - 1) * 1000)
+    # A turn already ended has nothing more coming: its stream is read without waiting, and what it lacks
+    # (the live stream gone with Redis or its expiry, an id past its end) comes from the stored message at
+    # once rather than after a blocking read's heartbeat.
+    ended = TurnStatus(message.status).is_terminal
     quiet_since = time.monotonic()
     key = stream_key(message_id)
     while time.monotonic() < deadline:
         try:
-            found = get_redis().xread({key: cursor.entry}, count=200, block=block_ms)
+            found = get_redis().xread({key: cursor.entry}, count=200, block=None if ended else block_ms)
         except redis.RedisError:
             found = None
             time.sleep(0.5)
@@ -232,6 +236,7 @@ def _follow(message_id: int, cursor: Cursor | None) -> Iterator[StreamEvent]:
             if (ending := _ending(message_id, cursor)) is not None:
                 yield from ending
                 return
+            ended = False  # running again since it was loaded (a requeue): wait for its stream
             if time.monotonic() - quiet_since >= settings.stream_heartbeat_seconds:
                 quiet_since = time.monotonic()
                 yield StreamEvent(HEARTBEAT, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
@@ -61,9 +62,14 @@ def test_resuming_after_the_end_and_after_the_live_stream_is_gone(world, web_ser
     after_end = read_sse(url, key, last_event_id=last_id)
     assert visible_text(first) + visible_text(after_end) == final["content"]
     redis_client.flushdb()
+    started = time.monotonic()
     from_database = read_sse(url, key, last_event_id=last_id)
+    took = time.monotonic() - started
     assert visible_text(first) + visible_text(from_database) == final["content"]
     assert from_database[-1].event == "done"
+    # An ended turn is finished from the stored message at once, not after a blocking read of the gone
+    # stream (a heartbeat's wait, 4 s here).
+    assert took < 2.0, f"resumed in {took:.2f}s"
 
 
 def test_a_late_reader_gets_the_whole_text_and_done(world, web_server) -> None:  # type: ignore[no-untyped-def]
