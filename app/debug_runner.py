@@ -36,10 +36,10 @@ def run_debug_run(run_id: int) -> None:
     settings = get_settings()
     with transaction() as session:
         claim = claim_debug_run(session, run_id, settings.lease_seconds)
-        ends_by = attempts_end_by(claim.time_left)
         if not claim.acquired:
             log.info("test run %s not run: %s", run_id, claim.outcome.value)
             return
+        ends_by = attempts_end_by(claim.time_left)
         if reason := give_up_reason(claim.run, claim.time_left):
             finish_debug_run(session, run_id, claim.token, TurnStatus.ERROR, error_message=reason)
             return

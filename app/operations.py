@@ -32,10 +32,11 @@ class QueueDepth:
 @dataclass
 class QueueSnapshot:
     queues: list[QueueDepth] = field(default_factory=list)
-    turns_by_status: dict[str, int] | None = field(default_factory=dict)
-    """None when the database could not be read and the caller said it could do without (`/metrics`)."""
+    turns_by_status: dict[str, int] = field(default_factory=dict)
     redis_error: str | None = None
     database_error: str | None = None
+    """Set, and the turn counts left empty, when the database could not be read and the caller said it
+    could do without (`/metrics`)."""
 
 
 def queue_snapshot(*, database_required: bool = True) -> QueueSnapshot:
@@ -63,7 +64,7 @@ def queue_snapshot(*, database_required: bool = True) -> QueueSnapshot:
     except SQLAlchemyError as exc:
         if database_required or not is_outage(exc):
             raise
-        snapshot.turns_by_status, snapshot.database_error = None, f"{type(exc).__name__}: {exc}"
+        snapshot.database_error = f"{type(exc).__name__}: {exc}"
     return snapshot
 
 

@@ -3,12 +3,14 @@ exhausted) rather than that the work or the statement is wrong: what waits an ou
 retries, a stream reader) must not also wait out a real bug.
 
 `OperationalError` alone is too wide for that: it also covers a statement timeout, a deadlock, a lock
-not available, and on SQLite a missing table. Only a connection that failed or was lost counts.
+not available, and on SQLite a missing table. Only a connection that failed or was lost counts. A
+missing table is told apart too (`schema_missing`): a setup error, for readiness and the API to name.
 """
 
 from __future__ import annotations
 
 import psycopg
+import psycopg.errors
 import redis
 import sqlalchemy.exc
 
@@ -29,3 +31,14 @@ def is_outage(error: BaseException) -> bool:
         state = error.sqlstate
         return state is None or state.startswith("08") or state in _SERVER_GOING_AWAY
     return False
+
+
+def schema_missing(error: BaseException) -> bool:
+    """A query that failed because agentq's tables are not there: a database never initialised, or (on the
+    SQLite default, a path relative to the working directory) a process started in another directory,
+    which then opens an empty file. A setup error, to be said as such rather than as a brief outage."""
+    if not isinstance(error, sqlalchemy.exc.DBAPIError):
+        return False
+    if isinstance(error.orig, psycopg.errors.UndefinedTable):
+        return True
+    return isinstance(error, sqlalchemy.exc.OperationalError) and "no such table" in str(error.orig)

@@ -5,26 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import psycopg.errors
-from sqlalchemy import select, text
-from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
+from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
 from app.db import get_engine
 from app.models import User
+from app.outages import schema_missing
 from app.redis_client import get_redis
 
 NO_SCHEMA = "error: the database has no agentq schema; run `agentq db init`"
-
-
-def schema_missing(error: BaseException) -> bool:
-    """A query that failed because agentq's tables are not there: a database never initialised, or (on the
-    SQLite default, a path relative to the working directory) a process started in another directory,
-    which then opens an empty file. A setup error, to be said as such rather than as a brief outage."""
-    if not isinstance(error, DBAPIError):
-        return False
-    if isinstance(error.orig, psycopg.errors.UndefinedTable):
-        return True
-    return isinstance(error, OperationalError) and "no such table" in str(error.orig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,14 +42,10 @@ def check() -> Readiness:
 
 def _database() -> str:
     try:
-        with get_engine().connect() as connection:
-            connection.execute(text("SELECT 1"))
-            try:
-                connection.execute(select(User.id).limit(1))
-            except (OperationalError, ProgrammingError) as exc:
-                if schema_missing(exc):
-                    return NO_SCHEMA
-                raise
+        with get_engine().connect() as connection:  # one query proves the database is reached and set up
+            connection.execute(select(User.id).limit(1))
+    except DBAPIError as exc:
+        return NO_SCHEMA if schema_missing(exc) else f"error: {type(exc).__name__}"
     except Exception as exc:
         return f"error: {type(exc).__name__}"
     return "ok"

@@ -157,10 +157,8 @@ def _found(rows: Rows) -> None:
 def _open_to_new_turns(owner: Rows) -> None:
     """The caller's conversation, whose agent still takes work: a deleted agent answers no new message
     (its turns in flight finish), and its models may be deleted after it."""
-    row = owner.first()
-    if row is None:
-        raise NotFound("No such conversation.")
-    if row.agent_deleted_at is not None:
+    _found(owner)
+    if owner.one().agent_deleted_at is not None:
         raise NotFound("This conversation's agent was deleted; it takes no new messages.", code="agent_deleted")
 
 

@@ -61,10 +61,11 @@ class TurnContext:
     primary: ModelTarget
     fallback: ModelTarget | None
     reserved: Decimal
-    time_left: float | None
-    """Model time left to a delivery that inherited its turn's deadline (`app.deliveries.Deadline`)."""
+    gives_up: str | None
+    """Why this delivery ends the turn as `error` without a model call (`app.deliveries.give_up_reason`)."""
     ends_by: float | None
-    """The same, on `time.monotonic()`, counted from the claim."""
+    """The model time left to a delivery that inherited its turn's deadline, on `time.monotonic()`,
+    counted from the claim (`app.deliveries.Deadline`)."""
 
     @property
     def held(self) -> coordination.HeldTurn:
@@ -87,8 +88,8 @@ def _load_context(unit: Unit, claim: ClaimResult) -> TurnContext:
         system_prompt=row.system_prompt,
         history=successful_history(unit, turn.conversation_id, before_seq=row.seq) if row.seq > 1 else [],
         params=AgentParams(row.timeout_seconds, row.temperature, row.max_tokens),
-        primary=primary, fallback=target_in_row(row, "f"), reserved=turn.reserved_amount, time_left=claim.time_left,
-        ends_by=attempts_end_by(claim.time_left),
+        primary=primary, fallback=target_in_row(row, "f"), reserved=turn.reserved_amount,
+        gives_up=give_up_reason(turn.deliveries, claim.time_left), ends_by=attempts_end_by(claim.time_left),
     )
 
 
@@ -118,9 +119,9 @@ def _run_turn(turn_id: int) -> None:
     cancel_requested = claim.turn.cancel_requested_at is not None
     log.info("turn %s %s (delivery %s)", turn_id, claim.outcome.value, deliveries)
     stream = TurnStream(turn_id, deliveries)
-    if reason := give_up_reason(deliveries, context.time_left):
+    if context.gives_up:
         try:
-            _settle_failure(context, TurnStatus.ERROR, reason, stream)
+            _settle_failure(context, TurnStatus.ERROR, context.gives_up, stream)
         except LeaseLost:
             # Its lease carries the passed deadline, so a sweep may revoke it before this write; the
             # delivery that sweep sends ends the turn the same way.
@@ -173,7 +174,7 @@ def _worst_case(context: TurnContext, turn: TurnRow) -> Decimal:
 
     Nothing for a turn taken over from a dead worker (it keeps the reservation that worker made, so a
     turn reserves once), one given up (too many deliveries, no time left), or one cancelled before it started."""
-    if turn.reserved_amount or give_up_reason(turn.deliveries, context.time_left) or turn.cancel_requested_at:
+    if turn.reserved_amount or context.gives_up or turn.cancel_requested_at:
         return Decimal(0)
     return worst_case_cost(context.primary, context.fallback, context.prompt_for, context.params.max_tokens)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import dramatiq
@@ -19,7 +20,9 @@ from app.stop_requests import stopped_turns
 log = logging.getLogger(__name__)
 
 _recovery: RecoveryLoop | None = None
-_draining = False
+draining = threading.Event()
+"""Set when this worker process starts shutting down: its consumers fetch no new message
+(`workers.broker.RefillingConsumer`) and a run that still reaches a thread is handed back."""
 
 
 def after_fork() -> None:
@@ -50,9 +53,8 @@ def _warm_up() -> None:
 
 
 def stop() -> None:
-    """The worker is shutting down: no more sweeps, and no new run starts in this process."""
-    global _draining
-    _draining = True
+    """The worker is shutting down: no more sweeps, no new fetch, and no new run starts in this process."""
+    draining.set()
     if _recovery is not None:
         _recovery.stop()
 
@@ -76,7 +78,7 @@ def hand_back_unfinished() -> None:
 def hand_back_if_draining(message: dramatiq.Message[Any]) -> bool:
     """A run that reaches an idle thread after SIGTERM is sent again, for another worker, instead of
     starting here; False when this process is not stopping, the message is not a run, or it cannot be sent."""
-    if not _draining:
+    if not draining.is_set():
         return False
     run = run_of(message.actor_name, message.args)
     if run is None:

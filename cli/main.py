@@ -40,7 +40,7 @@ def _metrics_dir(argv: list[str]) -> None:
         from app.config import Settings
 
         settings = Settings()  # the URLs as every process resolves them, defaults included (not cached here)
-        relative_to = str(Path.cwd()) if settings.database_url.startswith("sqlite") else ""
+        relative_to = str(Path.cwd()) if settings.is_sqlite else ""
         deployment = "|".join((settings.database_url, settings.redis_url, relative_to))
         tag = hashlib.sha256(deployment.encode()).hexdigest()[:12]
         path = Path(tempfile.gettempdir()) / f"agentq-metrics-{os.getuid()}-{tag}"
@@ -59,22 +59,23 @@ def _amount(value: str) -> Decimal:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def _count(value: str) -> int:
-    """A number of processes or threads: a worker with none would run and take no message, or hold one."""
+def _whole_number(value: str) -> int:
     try:
-        count = int(value)
+        return int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+
+
+def _count(value: str) -> int:
+    """A number of processes or threads: a worker with none would run and take no message, or hold one."""
+    count = _whole_number(value)
     if count < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {count}")
     return count
 
 
 def _port(value: str) -> int:
-    try:
-        port = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
+    port = _whole_number(value)
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"a port is 1..65535, not {port}")
     return port

@@ -57,7 +57,7 @@ def test_a_consumer_with_every_place_taken_fetches_as_soon_as_a_thread_acks(redi
     queue = f"refill-{uuid.uuid4().hex[:8]}"
     for index in range(2):
         broker.enqueue(probe(queue, index))
-    consumer = RefillingConsumer(broker, queue, prefetch=1, timeout=LONG_WAIT_MS)
+    consumer = RefillingConsumer(broker, queue, prefetch=1, timeout=LONG_WAIT_MS, draining=threading.Event())
     first = next(consumer)
     assert first is not None and first.args == (0,)
 
@@ -99,7 +99,8 @@ def test_a_message_sent_without_a_ring_is_found_at_the_next_look(redis_client) -
     broker = build_broker()
     assert isinstance(broker, DoorbellRedisBroker)
     queue = f"quiet-{uuid.uuid4().hex[:8]}"
-    consumer = RefillingConsumer(broker, queue, prefetch=1, timeout=500, doorbell=broker.doorbell)
+    consumer = RefillingConsumer(broker, queue, prefetch=1, timeout=500, draining=threading.Event(),
+                                 doorbell=broker.doorbell)
     try:
         assert next(consumer) is None
         waited = taken_after_send(consumer, lambda message: RedisBroker.enqueue(broker, message), 0)

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
 from app.errors import AgentqError
-from app.readiness import schema_missing
+from app.outages import schema_missing
 
 log = logging.getLogger(__name__)
 

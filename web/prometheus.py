@@ -24,7 +24,7 @@ class SharedStateCollector:
         reachable.add_metric(["database"], 0 if snapshot.database_error else 1)
         reachable.add_metric(["redis"], 0 if snapshot.redis_error else 1)
         yield reachable
-        if snapshot.turns_by_status is not None:
+        if snapshot.database_error is None:
             in_flight = GaugeMetricFamily("agentq_turns_in_flight", "Turns pending or processing.", labels=["status"])
             for status, count in snapshot.turns_by_status.items():
                 in_flight.add_metric([status], count)

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from web.schemas import ErrorResponse
+
 Money = str
 """A decimal string with six places, e.g. "12.340000"."""
 Timestamp = str
@@ -262,13 +264,7 @@ class Ready(Shape):
     checks: dict[str, str] = Field(description='"ok", or "error: <reason>", for "database" and "redis".')
 
 
-class ErrorDetail(Shape):
-    code: str
-    message: str
-
-
-class NotReady(Shape):
-    error: ErrorDetail
+class NotReady(ErrorResponse):
     checks: dict[str, str]
 
 

@@ -55,13 +55,13 @@ class RefillingConsumer(_RedisConsumer):
     """
 
     def __init__(self, broker: RedisBroker, queue_name: str, prefetch: int, timeout: int,
-                 doorbell: Doorbell | None = None, draining: threading.Event | None = None) -> None:
+                 draining: threading.Event, doorbell: Doorbell | None = None) -> None:
         super().__init__(broker, queue_name, prefetch, 1)
         self._wait_seconds = timeout / 1000
         self._freed = threading.Event()
         self._rung = threading.Event()
         self._doorbell = doorbell
-        self._draining = draining or threading.Event()
+        self._draining = draining
         if doorbell is not None:
             doorbell.listen(queue_name, self._rung)
 
@@ -103,13 +103,6 @@ class DoorbellRedisBroker(RedisBroker):
         super().__init__(**options)
         self.poll_ms = poll_ms
         self.doorbell = Doorbell(self.client, channel_name(self.namespace))
-        self.draining = threading.Event()
-
-    def stop_fetching(self) -> None:
-        """A stopping worker takes no new message. Its consumers keep running until Dramatiq stops them:
-        pausing them instead (Dramatiq's way) ends their loop as if it had failed, and each then slept its
-        3 s restart delay before it could see the stop, on every shutdown."""
-        self.draining.set()
 
     def enqueue(self, message: Message, *, delay: int | None = None) -> Message:
         sent = super().enqueue(message, delay=delay)
@@ -124,9 +117,11 @@ class DoorbellRedisBroker(RedisBroker):
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
         """A work queue's consumer is woken by the doorbell and looks at least every `poll_ms`; a delay
         queue's looks every `timeout` (Dramatiq's worker timeout, 1 s): nothing there is due yet."""
+        from app.worker_services import draining  # only a worker consumes: senders do not load its services
+
         if queue_name == dq_name(queue_name):
-            return RefillingConsumer(self, queue_name, prefetch, timeout, draining=self.draining)
-        return RefillingConsumer(self, queue_name, prefetch, self.poll_ms, self.doorbell, self.draining)
+            return RefillingConsumer(self, queue_name, prefetch, timeout, draining)
+        return RefillingConsumer(self, queue_name, prefetch, self.poll_ms, draining, self.doorbell)
 
 
 def broker_options() -> dict[str, Any]:

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
-
 import dramatiq
 from dramatiq.middleware import Middleware, SkipMessage
 
 from app import worker_services
 from app.logging_setup import configure_logging
-
-if TYPE_CHECKING:  # the broker module installs this middleware, so it cannot be imported from here at run time
-    from workers.broker import DoorbellRedisBroker
 
 
 class RunOutcomes(Middleware):
@@ -37,7 +32,6 @@ class WorkerServices(Middleware):
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         """Stop sweeping and fetching before the threads drain, so a stopping worker takes no new run."""
         worker_services.stop()
-        cast("DoorbellRedisBroker", broker).stop_fetching()
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         """The threads had the shutdown grace: the runs they are still in are handed to another worker now."""
