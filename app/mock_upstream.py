@@ -73,6 +73,13 @@ def answer_words(body: dict[str, Any], script: Script) -> list[str]:
 class MockState:
     requests: list[dict[str, Any]] = field(default_factory=list)
     streams: dict[str, str] = field(default_factory=dict)
+    cleared: int = 0
+    """How many times the log was cleared: a stream opened before a clear does not write its fate after it,
+    so a test never sees a call left over from the one before."""
+
+    def record(self, ident: str, fate: str, opened_in: int) -> None:
+        if opened_in == self.cleared:
+            self.streams[ident] = fate
 
 
 STATE = web.AppKey("state", MockState)
@@ -120,23 +127,24 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         })
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
-    state.streams[ident] = "streaming"
+    opened_in = state.cleared
+    state.record(ident, "streaming", opened_in)
     try:
         await pause(request, script.ttft)
         await response.write(_chunk(ident, model, {"role": "assistant", "content": ""}))
         for index, word in enumerate(words):
             if script.cut_after is not None and index == script.cut_after:
-                state.streams[ident] = "cut"
+                state.record(ident, "cut", opened_in)
                 request.transport.close()  # type: ignore[union-attr]
                 return response
             if script.end_after is not None and index == script.end_after:
-                state.streams[ident] = "ended"
+                state.record(ident, "ended", opened_in)
                 await response.write_eof()
                 return response
             if script.garbage_after is not None and index == script.garbage_after:
                 await response.write(b'data: ["not", "a", "chunk"]\n\n')
             if script.stall_after is not None and index == script.stall_after:
-                state.streams[ident] = "stalled"
+                state.record(ident, "stalled", opened_in)
                 await pause(request, 3600)
             if index and script.gap:
                 await pause(request, script.gap)
@@ -149,13 +157,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                        "model": model, "choices": [], "usage": usage}
             await response.write(f"data: {json.dumps(payload)}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
-        state.streams[ident] = "completed"
+        state.record(ident, "completed", opened_in)
         if script.hold_after_done:
             await pause(request, script.hold_after_done)
     except ConnectionResetError:
-        state.streams[ident] = "disconnected"
+        state.record(ident, "disconnected", opened_in)
     except asyncio.CancelledError:
-        state.streams[ident] = "disconnected"
+        state.record(ident, "disconnected", opened_in)
         raise
     return response
 
@@ -178,6 +186,7 @@ async def list_requests(request: web.Request) -> web.Response:
 async def clear(request: web.Request) -> web.Response:
     request.app[STATE].requests.clear()
     request.app[STATE].streams.clear()
+    request.app[STATE].cleared += 1
     return web.json_response({"ok": True})
 
 
