@@ -44,9 +44,14 @@ def _write(session: Session, user: User, amount: Decimal, message_id: int | None
 
 
 def add_credit(session: Session, user_id: int, amount: Decimal) -> Decimal:
-    """Top up (or take back, when negative) credit; a balance is clamped at zero, never below."""
+    """Top up (or take back, when negative) credit.
+
+    A take-back stops at what turns in flight hold: their reservations priced answers already being
+    generated, and taking that money would leave their charges short (served for less, or free). The
+    balance therefore never goes below the reservations, let alone zero; what a turn does not spend
+    stays with the user when it settles, for the operator to take back then."""
     user = _locked_user(session, user_id)
-    change = max(quantize(amount), -user.balance)
+    change = max(quantize(amount), -max(user.balance - user.reserved, Decimal(0)))
     if user.balance + change > MAX_AMOUNT:
         raise ValidationFailed(f"A balance cannot exceed {MAX_AMOUNT}.", code="balance_too_large")
     if change != 0:
@@ -58,8 +63,9 @@ def add_credit(session: Session, user_id: int, amount: Decimal) -> Decimal:
 def _statements() -> SimpleNamespace:
     """Built once on the Core tables and run on the driver (`app.prepared`): every turn reserves and settles.
 
-    A charge is what the balance can cover: `cost`, or the whole balance when it fell short of the
-    cost since the reservation (an operator took credit back). `charge` writes the ledger row from
+    A charge is what the balance can cover: `cost`, or the whole balance when the cost came out above
+    the reservation (the provider counted more prompt tokens than the estimate that priced it) and the
+    balance held no more than that. `charge` writes the ledger row from
     the user's row, locked, and `settle` then moves the balance the same way, so the two statements
     need nothing from each other and go out together in a batch."""
     users, ledger = table(User), table(CreditTransaction)

@@ -356,22 +356,27 @@ def test_the_ledger_without_a_limit_is_the_whole_ledger(world, monkeypatch) -> N
     assert world.api.get("/api/me", key).json["balance"] == f"{sum(range(1, 120))}.000000"
 
 
-def test_a_turn_whose_balance_was_taken_back_meanwhile_is_charged_what_is_left(world, upstream) -> None:  # type: ignore[no-untyped-def]
-    """The reservation covered the turn, then an admin took credit back: the charge stops at zero, never below."""
+def test_taking_credit_back_during_a_turn_leaves_what_the_turn_holds_and_the_turn_pays_in_full(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """An admin takes credit back while a turn streams: the take-back stops at the turn's reservation (the
+    answer was priced against it), and the turn is charged its whole cost, not what the take-back left."""
     model_id = world.model(upstream="echo;ttft=1.5;words=50", price_in="1.000000", price_out="10.000000")
     agent_id = world.agent(model_id, max_tokens=60)
     user_id, key = world.user(balance="1")
     conversation_id = world.conversation(key, agent_id)
     assistant = world.send(key, conversation_id, "hello").json["assistant_message"]
     wait_for(lambda: world.message(key, assistant["id"])["status"] == "processing", what="the turn to start")
+    reserved = Decimal(1) - Decimal(world.api.get("/api/me", key).json["available_balance"])
+    assert Decimal("0.6") < reserved < Decimal("0.9")
     taken = world.api.post(f"/api/admin/users/{user_id}/credits", world.admin_key, {"amount": "-0.9"})
-    assert taken.json == {"balance": "0.100000"}
+    assert taken.json == {"balance": f"{reserved:.6f}"}
 
     done = world.wait_terminal(key, assistant["id"])
     assert done["status"] == "success"
-    assert Decimal(done["cost"]) > Decimal("0.1")
+    cost = Decimal(done["cost"])
+    assert 0 < cost <= reserved
     me = world.api.get("/api/me", key).json
-    assert (me["balance"], me["available_balance"]) == ("0.000000", "0.000000")
+    assert (me["balance"], me["available_balance"]) == (f"{reserved - cost:.6f}", f"{reserved - cost:.6f}")
     ledger = world.api.get("/api/me/transactions", key).json["items"]
     assert [(t["message_id"], t["amount"], t["balance_after"]) for t in ledger] == [
-        (assistant["id"], "-0.100000", "0.000000"), (None, "-0.900000", "0.100000"), (None, "1.000000", "1.000000")]
+        (assistant["id"], f"-{cost:.6f}", f"{reserved - cost:.6f}"),
+        (None, f"-{1 - reserved:.6f}", f"{reserved:.6f}"), (None, "1.000000", "1.000000")]
