@@ -134,3 +134,35 @@ def test_bad_input_gets_its_exact_status(setup, world, who, method, path, body, 
     assert response.status_code == status, response.get_data(as_text=True)[:300]
     assert response.json["error"]["code"] == code
     assert response.json["error"]["message"]
+
+
+HTTP_REFUSALS = [
+    # (raw request, status, code): requests the HTTP server refuses before the application sees them
+    (b"GARBAGE\r\n\r\n", 400, "malformed_request"),
+    (b"GET /api/me HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 400, "malformed_request"),
+    (b"POST /api/me HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 400, "malformed_request"),
+    (b"GET /api/me HTTP/1.1\r\nHost: x\r\nExpect: 200-ok\r\n\r\n", 417, "expectation_failed"),
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "uri_too_long"),
+    (b"GET /api/me HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 200 + b"\r\n", 431, "headers_too_large"),
+]
+
+
+@pytest.mark.parametrize(("raw", "status", "code"), HTTP_REFUSALS)
+def test_a_request_the_http_server_cannot_read_gets_the_apis_error_shape(web_server, raw, status, code) -> None:  # type: ignore[no-untyped-def]
+    """gunicorn answers these itself, before Flask; the answer is still JSON with the error's code."""
+    import json
+    import socket
+    from urllib.parse import urlsplit
+
+    address = urlsplit(web_server)
+    with socket.create_connection((address.hostname, address.port), timeout=10) as connection:
+        connection.sendall(raw)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    assert int(lines[0].split()[1]) == status, answer[:300]
+    assert "Content-Type: application/json" in lines
+    error = json.loads(body)["error"]
+    assert error["code"] == code and error["message"].startswith("The HTTP request could not be read: ")

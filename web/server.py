@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from ssl import SSLError
 from typing import Any
 
+from gunicorn import util
 from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger
+from gunicorn.http import errors as http_errors
+from gunicorn.workers.gthread import ThreadWorker
 
 
 class QuietAccessLogger(Logger):
@@ -16,6 +21,41 @@ class QuietAccessLogger(Logger):
     def access(self, resp: Any, req: Any, environ: Any, request_time: Any) -> None:
         if self.access_log.isEnabledFor(logging.INFO):
             super().access(resp, req, environ, request_time)
+
+
+_REFUSALS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], int, str, str], ...] = (
+    ((http_errors.InvalidResponseHeader, http_errors.InvalidResponseHeaderName, http_errors.ConfigurationProblem),
+     500, "Internal Server Error", "internal_error"),
+    (http_errors.LimitRequestLine, 414, "URI Too Long", "uri_too_long"),
+    (http_errors.LimitRequestHeaders, 431, "Request Header Fields Too Large", "headers_too_large"),
+    (http_errors.ExpectationFailed, 417, "Expectation Failed", "expectation_failed"),
+    ((http_errors.ForbiddenProxyRequest, SSLError), 403, "Forbidden", "forbidden"),
+    (http_errors.ParseException, 400, "Bad Request", "malformed_request"),
+)
+"""What a request gunicorn could not parse is answered, before Flask sees it: the statuses gunicorn
+gives, except a transfer coding it does not know (its 501), which is the client's input and so a 400."""
+
+
+class JsonErrorWorker(ThreadWorker):
+    """gunicorn's threaded worker, whose own refusals (a request line or headers it cannot parse or
+    that are too large) are in the API's error shape instead of an HTML page a client cannot read."""
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        status, reason, code = next(((status, reason, code) for kinds, status, reason, code in _REFUSALS
+                                     if isinstance(exc, kinds)), (500, "Internal Server Error", "internal_error"))
+        if status >= 500:
+            self.log.exception("Error handling request %s", getattr(req, "uri", "(no URI read)"))
+            message = "Internal server error."
+        else:
+            self.log.warning("Invalid request from ip=%s: %s", (addr or ("",))[0], exc)
+            message = f"The HTTP request could not be read: {exc}."
+        body = json.dumps({"error": {"code": code, "message": message}}).encode()
+        head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
+        try:
+            util.write_nonblock(client, head + body)
+        except OSError:
+            self.log.debug("Failed to send error message.")
 
 
 class _Gunicorn(BaseApplication):
@@ -59,7 +99,7 @@ def serve(host: str, port: int, *, workers: int, threads: int) -> None:
     _Gunicorn({
         "bind": f"{host}:{port}",
         "workers": workers,
-        "worker_class": "gthread",
+        "worker_class": JsonErrorWorker,
         "threads": threads,
         "timeout": 120,
         "graceful_timeout": 30,
