@@ -141,6 +141,8 @@ HTTP_REFUSALS = [
     (b"GARBAGE\r\n\r\n", 400, "malformed_request"),
     (b"GET /api/me HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 400, "malformed_request"),
     (b"POST /api/me HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 400, "malformed_request"),
+    # gunicorn's own answer to a transfer coding it does not know is 501; the client's input is never a 5xx here
+    (b"POST /api/me HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: br\r\n\r\n", 400, "malformed_request"),
     (b"GET /api/me HTTP/1.1\r\nHost: x\r\nExpect: 200-ok\r\n\r\n", 417, "expectation_failed"),
     (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "uri_too_long"),
     (b"GET /api/me HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 200 + b"\r\n", 431, "headers_too_large"),
