@@ -117,13 +117,15 @@ def _finish_from_database(loaded: tuple[ConversationMessage, int], cursor: Curso
     content = message.content
     if cursor is not None and cursor.offset == 0:
         cursor = None  # nothing received yet, so nothing to void: the text from its start, without a restart
+    status = {"status": message.status, "model": message.model}
     if cursor is not None and (cursor.attempt != final_attempt or cursor.offset > len(content)):
         # Its id names the stored text (`final`): resuming from it must not read the live stream's voided text.
+        # The restart is the status event too: one event for the one status.
         cursor = Cursor(FINAL, final_attempt, 0)
-        yield StreamEvent("status", {"status": message.status, "model": message.model, "restart": True},
-                          cursor.event_id())
+        yield StreamEvent("status", {**status, "restart": True}, cursor.event_id())
+    else:
+        yield StreamEvent("status", status)
     start = cursor.offset if cursor is not None else 0
-    yield StreamEvent("status", {"status": message.status, "model": message.model})
     if len(content) > start:
         yield StreamEvent("delta", {"text": content[start:]}, Cursor(FINAL, final_attempt, len(content)).event_id())
     yield StreamEvent("done", message)

@@ -176,6 +176,11 @@ def test_resuming_from_a_restart_sent_from_the_stored_text_never_replays_voided_
     assert visible_text(back) == content
     again = read_sse(url, key, last_event_id=restart.id)
     assert "".join(e.json()["text"] for e in again if e.event == "delta") == content
+    # An id of the stored text from the voided primary's attempt: the restart is the one status event.
+    voided = read_sse(url, key, last_event_id=f"{message_id}/final.{attempt_number(1, 0)}.3")
+    assert [e.json() for e in voided if e.event == "status"] == [{"status": "success", "model": "fallback",
+                                                                  "restart": True}]
+    assert visible_text(voided) == content
 
 
 def test_a_reader_joining_after_a_fallback_restart_gets_only_the_new_text(  # type: ignore[no-untyped-def]
