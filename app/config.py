@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SQLITE_PATH = Path("var") / "agentq.sqlite3"
@@ -70,7 +70,10 @@ class Settings(BaseSettings):
     def _psycopg_driver(cls, url: str) -> str:
         """A bare `postgresql://` URL would pick psycopg2, which is not installed."""
         if url.startswith("postgresql://") or url.startswith("postgres://"):
-            return "postgresql+psycopg://" + url.split("://", 1)[1]
+            url = "postgresql+psycopg://" + url.split("://", 1)[1]
+        if not url.startswith(("sqlite:///", "postgresql+psycopg://")):
+            raise ValueError("must be a SQLite URL (sqlite:///path/to/file) or a PostgreSQL one "
+                             "(postgresql://user@host/database)")
         return url
 
     def answer_limit(self, max_tokens: int | None) -> int:
@@ -95,5 +98,16 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+def describe_invalid_settings(error: ValidationError) -> str:
+    """Each invalid setting by the variable an operator sets, not by the field's name, without pydantic's
+    links: e.g. `AGENTQ_MAX_ACTIVE_CONVERSATIONS='0': Input should be greater than or equal to 1`."""
+    problems = []
+    for problem in error.errors(include_url=False):
+        name = str(problem["loc"][0]) if problem["loc"] else ""
+        variable = f"AGENTQ_{name.upper()}" if name in Settings.model_fields else name  # else it is an alias
+        problems.append(f"{variable}={problem.get('input')!r}: {problem['msg'].removeprefix('Value error, ')}")
+    return "; ".join(problems)
 
 

@@ -37,9 +37,14 @@ def _metrics_dir(argv: list[str]) -> None:
         os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
         return
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from pydantic import ValidationError
+
         from app.config import Settings
 
-        settings = Settings()  # the URLs as every process resolves them, defaults included (not cached here)
+        try:
+            settings = Settings()  # the URLs as every process resolves them, defaults included (not cached here)
+        except ValidationError:
+            return  # the command stops at its first look at the settings, and says what is wrong there
         relative_to = str(Path.cwd()) if settings.is_sqlite else ""
         deployment = "|".join((settings.database_url, settings.redis_url, relative_to))
         tag = hashlib.sha256(deployment.encode()).hexdigest()[:12]
@@ -198,9 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _dotenv()
     _metrics_dir(sys.argv[1:] if argv is None else argv)
+    import pydantic
     import redis
     import sqlalchemy.exc
 
+    from app.config import describe_invalid_settings
     from app.errors import AgentqError
 
     args = build_parser().parse_args(argv)
@@ -209,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     except AgentqError as exc:
         print_error(exc.code, exc.message)
         return 1
+    except pydantic.ValidationError as exc:
+        if exc.title != "Settings":
+            raise
+        print_error("invalid_configuration", describe_invalid_settings(exc))
+        return 2
     except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, redis.RedisError) as exc:
         from app.outages import is_outage
 

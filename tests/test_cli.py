@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import child_env
-from tests.support import ROOT, VENV_BIN
+from tests.support import ROOT, VENV_BIN, free_port
 
 STORAGE_AFTER_START = """
 import os, sys
@@ -142,3 +142,31 @@ def test_the_web_server_opens_no_control_socket_shared_by_every_instance_on_the_
         assert list(tmp_path.iterdir()) == []
     finally:
         web.stop()
+
+
+@pytest.mark.parametrize(("args", "env", "says"), [
+    (["db", "init"], {"AGENTQ_MAX_ACTIVE_CONVERSATIONS": "0"},
+     "AGENTQ_MAX_ACTIVE_CONVERSATIONS='0': Input should be greater than or equal to 1"),
+    (["users", "create", "x"], {"DATABASE_URL": "mysql://root@127.0.0.1/agentq"},
+     "DATABASE_URL='mysql://root@127.0.0.1/agentq': must be a SQLite URL"),
+    (["web", "--port", str(free_port())], {"AGENTQ_LEASE_SECONDS": "abc"},
+     "AGENTQ_LEASE_SECONDS='abc': Input should be a valid number"),
+    (["worker", "--processes", "1"], {"DATABASE_URL": "foo://bar"}, "DATABASE_URL='foo://bar': must be a SQLite URL"),
+])
+def test_a_setting_that_cannot_work_stops_the_command_with_one_json_error(args: list[str], env: dict[str, str],
+                                                                          says: str) -> None:
+    """A setting pydantic refuses (or a database URL no driver here serves) was a traceback, from deep in
+    whichever call first read the settings; it is the variable, its value and what it must be."""
+    import json
+
+    command = subprocess.Popen([str(VENV_BIN / "agentq"), *args], env=child_env(**env), cwd=ROOT, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _, stderr = command.communicate(timeout=30)
+    finally:  # a server that started after all must not outlive the test
+        if command.poll() is None:
+            os.killpg(command.pid, signal.SIGKILL)
+            command.wait()
+    assert (command.returncode, "Traceback" in stderr) == (2, False), stderr
+    error = json.loads(stderr)["error"]
+    assert error["code"] == "invalid_configuration" and says in error["message"]
