@@ -22,6 +22,10 @@ def create_user(body: CreateUserBody) -> tuple[dict, int]:
 
 @bp.post("/admin/users/<id:id>/credits", tags=[users_tag], responses={200: r.Balance})
 def add_credit(path: IdPath, body: CreditBody) -> dict:
+    """Add credit, or take it back with a negative amount
+
+    A take-back stops at zero, and above it at what the user's turns in flight hold (their reservations).
+    """
     return {"balance": render.money(users.add_credit(path.id, body.amount))}
 
 
