@@ -31,7 +31,7 @@ from app.dead_letter_queue import BrokerEntry, dead_entries, holds_entry, take_e
 from app.debug_run_state import reopen_debug_run
 from app.errors import Conflict, ConversationBusy, NotFound, ServiceUnavailable, TooManyActiveConversations
 from app.in_flight import check_can_start, lock_user
-from app.models import Agent, Conversation, ConversationMessage, DeadLetter, Turn
+from app.models import Agent, Conversation, ConversationMessage, DeadLetter, DebugRun, Turn
 from app.models.base import utc_now
 from app.run_kinds import KINDS, TURN, kind_of, run_id_of
 from app.turn_state import TransitionRefused, reopen_turn
@@ -203,18 +203,32 @@ def _reopen(session: Session, row: DeadLetter) -> None:
                     if conversation.deleted_at is not None:
                         raise Conflict(f"Dead letter {row.id}: its conversation was deleted, so its turn is not "
                                        "run again.", code="conversation_deleted")
-                    if session.get_one(Agent, conversation.agent_id).deleted_at is not None:
-                        raise Conflict(f"Dead letter {row.id}: its agent was deleted, and takes no new work.",
-                                       code="agent_deleted")
+                    _refuse_if_agent_deleted(session, row, conversation.agent_id)
                     _check_user_can_start(session, row, turn)
                 reopen_turn(session, row.run_id)
             else:
+                run = session.get(DebugRun, row.run_id)
+                if run is not None:
+                    if run.status not in sources_for(TurnStatus.PENDING):
+                        raise TransitionRefused(f"test run {run.id} cannot move to pending")
+                    _refuse_if_agent_deleted(session, row, run.agent_id)
                 reopen_debug_run(session, row.run_id)
     except TransitionRefused as exc:
         raise Conflict(f"Dead letter {row.id}: its run is no longer in error, so it cannot be requeued.",
                        code="run_not_in_error") from exc
     except IntegrityError as exc:
-        raise ConversationBusy() from exc
+        raise _busy(row) from exc
+
+
+def _refuse_if_agent_deleted(session: Session, row: DeadLetter, agent_id: int) -> None:
+    """A deleted agent takes no new work, a turn's or an admin's test run, and its models may be gone."""
+    if session.get_one(Agent, agent_id).deleted_at is not None:
+        raise Conflict(f"Dead letter {row.id}: its agent was deleted, and takes no new work.", code="agent_deleted")
+
+
+def _busy(row: DeadLetter) -> ConversationBusy:
+    return ConversationBusy(f"Dead letter {row.id}: its conversation has a turn in flight; requeue it when that "
+                            "turn ends.")
 
 
 def _check_user_can_start(session: Session, row: DeadLetter, turn: Turn) -> None:
@@ -222,6 +236,8 @@ def _check_user_can_start(session: Session, row: DeadLetter, turn: Turn) -> None
     is worded for the operator who asked, not for the user."""
     try:
         check_can_start(session, turn.user_id, turn.conversation_id)
+    except ConversationBusy as exc:
+        raise _busy(row) from exc
     except TooManyActiveConversations as exc:
         raise TooManyActiveConversations(exc.limit, f"Dead letter {row.id}: its user already has {exc.limit} "
                                          "conversations with a turn in flight; requeue it when one ends.") from exc

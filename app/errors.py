@@ -46,8 +46,8 @@ class Conflict(AgentqError):
 class ConversationBusy(Conflict):
     code = "conversation_busy"
 
-    def __init__(self) -> None:
-        super().__init__("A turn of this conversation is still pending or processing.")
+    def __init__(self, message: str = "A turn of this conversation is still pending or processing.") -> None:
+        super().__init__(message)
 
 
 class ContentTooLarge(AgentqError):

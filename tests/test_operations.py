@@ -213,6 +213,61 @@ def test_a_dead_turn_of_a_deleted_conversation_or_agent_is_not_run_again(world, 
     assert ledger_rows(ended["id"]) == 0
 
 
+def test_a_dead_test_run_of_a_deleted_agent_is_not_run_again(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """An admin's test run dead-lettered, then its agent (and its model) deleted: the requeue is refused as a
+    turn's is (409 `agent_deleted`), instead of calling a deleted model and logging its cost."""
+    from app.db import transaction
+    from app.models import DebugRun
+
+    api, admin = world.api, world.admin_key
+    model_id = world.model()
+    agent_id = world.agent(model_id)
+    trigger = f"agentq_test_refuse_run_{agent_id}"
+    with transaction() as session:
+        session.execute(text(
+            "CREATE OR REPLACE FUNCTION agentq_test_refuse_claim() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'simulated database failure'; END $$"))
+        session.execute(text(
+            f"CREATE TRIGGER {trigger} BEFORE UPDATE ON admin_debug_logs FOR EACH ROW "
+            f"WHEN (NEW.status = 'processing' AND NEW.agent_id = {int(agent_id)}) "
+            "EXECUTE FUNCTION agentq_test_refuse_claim()"))
+    try:
+        run_id = api.post(f"/api/admin/agents/{agent_id}/debug/execute", admin, {"content": "hi"}).json["debug_log_id"]
+        wait_for(lambda: api.get(f"/api/admin/debug-logs/{run_id}", admin).json["status"] == "error",
+                 what="the test run to die")
+    finally:
+        with transaction() as session:
+            session.execute(text(f"DROP TRIGGER IF EXISTS {trigger} ON admin_debug_logs"))
+    assert api.delete(f"/api/admin/agents/{agent_id}", admin).status_code == 204
+    assert api.delete(f"/api/admin/models/{model_id}", admin).status_code == 204
+    item = wait_for(lambda: api.get("/api/admin/dead-letters", admin).json["items"], what="the dead letter")[0]
+    assert (item["actor"], item["args"]) == ("run_debug_run", [run_id])
+    refused = api.post(f"/api/admin/dead-letters/{item['id']}/requeue", admin)
+    assert (refused.status_code, refused.json["error"]["code"]) == (409, "agent_deleted")
+    assert api.post("/api/admin/dead-letters/requeue-all", admin).json["requeued"] == []
+    with transaction() as session:
+        assert session.get_one(DebugRun, run_id).status == "error"
+    assert upstream.requests() == []
+
+
+def test_a_dead_turn_of_a_busy_conversation_is_refused_in_the_operators_words(world) -> None:  # type: ignore[no-untyped-def]
+    """The conversation has another turn in flight: the requeue is 409 `conversation_busy`, with the dead
+    letter named, as the limit's refusal is, rather than the user's sentence."""
+    api, admin = world.api, world.admin_key
+    agent_id = world.agent(world.model(upstream="echo;ttft=60"))
+    _, key = world.user(balance="10")
+    conversation_id, ended = dead_turn(world, key, agent_id, "first")
+    assert ended["status"] == "error"
+    running = world.send(key, conversation_id, "second").json["assistant_message"]["id"]
+    item = api.get("/api/admin/dead-letters", admin).json["items"][0]
+    refused = api.post(f"/api/admin/dead-letters/{item['id']}/requeue", admin)
+    assert refused.status_code == 409
+    assert refused.json["error"] == {"code": "conversation_busy", "message": f"Dead letter {item['id']}: its "
+                                     "conversation has a turn in flight; requeue it when that turn ends."}
+    assert api.post(f"/api/messages/{running}/cancel", key).status_code == 202
+    assert world.wait_terminal(key, running)["status"] == "cancelled"
+
+
 def test_a_purged_dead_letter_is_not_brought_back_by_a_late_record(world) -> None:  # type: ignore[no-untyped-def]
     """The worker's record of a death can come after the operator purged the letter (the listing adopted it
     from the broker first): the broker no longer holds the message, so no row comes back."""
