@@ -23,7 +23,7 @@ from app import outbox
 from app.auth import Principal
 from app.catalog import live_agent
 from app.db import transaction
-from app.errors import Forbidden, NotFound
+from app.errors import Forbidden, NotFound, ValidationFailed
 from app.model_target import ModelTarget
 from app.models import Conversation, DebugRun, LlmModel, User
 from app.models.base import utc_now
@@ -120,6 +120,10 @@ def preview_prompt(agent_id: int, content: str, conversation_id: int | None = No
             conversation = session.get(Conversation, conversation_id)
             if conversation is None or conversation.deleted_at is not None:
                 raise NotFound("No such conversation.")
+            if conversation.agent_id != agent_id:
+                raise ValidationFailed(f"Conversation {conversation_id} belongs to agent {conversation.agent_id}: no "
+                                       "turn of this agent would be sent its history.",
+                                       code="conversation_of_another_agent")
             history = successful_history(session, conversation_id)
     check_content(content)
     return setup.prompt_for(setup.primary, history, content)

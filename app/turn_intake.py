@@ -36,8 +36,12 @@ class AcceptedTurn:
 
 
 def check_content(content: str) -> None:
+    """The checks of a message's text, for every caller (the API's schema repeats the storable-text one; the
+    command line passes undecodable bytes of its arguments as lone surrogates, which no database stores)."""
     if not content.strip():
         raise ValidationFailed("content must not be empty.")
+    if "\x00" in content or any(0xD800 <= ord(char) <= 0xDFFF for char in content):
+        raise ValidationFailed("content must be valid Unicode text, with no NUL character.")
     limit = get_settings().max_content_chars
     if len(content) > limit:
         raise ContentTooLarge(f"content is {len(content)} characters; the limit is {limit}.")

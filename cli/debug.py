@@ -10,6 +10,7 @@ import argparse
 import sys
 import time
 
+from cli.arguments import record_id, seconds
 from cli.output import print_json
 
 POLL_SECONDS = 0.2
@@ -68,12 +69,12 @@ def add_debug_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore
     parsers: dict[str, argparse.ArgumentParser] = {}
     for name, (text, func) in helps.items():
         parser = commands.add_parser(name, help=text)
-        parser.add_argument("agent_id", type=int)
+        parser.add_argument("agent_id", type=record_id)
         parser.add_argument("content")
-        parser.add_argument("--admin-id", type=int, required=True, help="the administrator the test is run as")
+        parser.add_argument("--admin-id", type=record_id, required=True, help="the administrator the test is run as")
         parser.set_defaults(func=func)
         parsers[name] = parser
-    parsers["prompt"].add_argument("--conversation-id", type=int, default=None,
+    parsers["prompt"].add_argument("--conversation-id", type=record_id, default=None,
                                    help="take the history of this conversation (any user's)")
     parsers["execute"].add_argument("--wait", action="store_true", help="wait for the run to end and print its log")
-    parsers["execute"].add_argument("--timeout", type=float, default=600.0, help="seconds --wait waits at most")
+    parsers["execute"].add_argument("--timeout", type=seconds, default=600.0, help="seconds --wait waits at most")

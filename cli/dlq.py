@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from app.errors import MalformedRequest
+from cli.arguments import record_id
 from cli.output import print_json
 
 
@@ -65,11 +66,11 @@ def add_dlq_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     commands = dlq.add_subparsers(dest="dlq_command", required=True)
     commands.add_parser("list", help="list the dead letters, newest first").set_defaults(func=cmd_list)
     show = commands.add_parser("show", help="one dead letter, with its last traceback")
-    show.add_argument("id", type=int)
+    show.add_argument("id", type=record_id)
     show.set_defaults(func=cmd_show)
     for name, func, text in (("requeue", cmd_requeue, "run the dead letter's turn again (it goes back to pending)"),
                              ("purge", cmd_purge, "delete the dead letter for good (its turn stays error)")):
         command = commands.add_parser(name, help=text)
-        command.add_argument("id", type=int, nargs="?")
+        command.add_argument("id", type=record_id, nargs="?")
         command.add_argument("--all", action="store_true", help="every dead letter")
         command.set_defaults(func=func)

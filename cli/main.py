@@ -10,6 +10,7 @@ import tempfile
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
+from cli.arguments import count, port
 from cli.output import print_error, print_json
 
 
@@ -62,28 +63,6 @@ def _amount(value: str) -> Decimal:
         raise argparse.ArgumentTypeError(f"{value!r} is not an amount") from exc
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-def _whole_number(value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-
-
-def _count(value: str) -> int:
-    """A number of processes or threads: a worker with none would run and take no message, or hold one."""
-    count = _whole_number(value)
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {count}")
-    return count
-
-
-def _port(value: str) -> int:
-    port = _whole_number(value)
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 1..65535, not {port}")
-    return port
 
 
 def cmd_db_init(args: argparse.Namespace) -> int:
@@ -167,14 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     web = sub.add_parser("web", help="serve the HTTP API with gunicorn")
     web.add_argument("--host", default=os.environ.get("AGENTQ_HOST", "127.0.0.1"))
-    web.add_argument("--port", type=_port, default=os.environ.get("PORT", "8000"))
-    web.add_argument("--workers", type=_count, default=os.environ.get("AGENTQ_WEB_WORKERS", "2"))
-    web.add_argument("--threads", type=_count, default=os.environ.get("AGENTQ_WEB_THREADS", "256"))
+    web.add_argument("--port", type=port, default=os.environ.get("PORT", "8000"))
+    web.add_argument("--workers", type=count, default=os.environ.get("AGENTQ_WEB_WORKERS", "2"))
+    web.add_argument("--threads", type=count, default=os.environ.get("AGENTQ_WEB_THREADS", "256"))
     web.set_defaults(func=cmd_web)
 
     worker = sub.add_parser("worker", help="run Dramatiq worker processes")
-    worker.add_argument("--processes", type=_count, default=os.environ.get("AGENTQ_WORKER_PROCESSES", "2"))
-    worker.add_argument("--threads", type=_count, default=os.environ.get("AGENTQ_WORKER_THREADS", "16"))
+    worker.add_argument("--processes", type=count, default=os.environ.get("AGENTQ_WORKER_PROCESSES", "2"))
+    worker.add_argument("--threads", type=count, default=os.environ.get("AGENTQ_WORKER_THREADS", "16"))
     worker.add_argument("--queues", nargs="+", default=None, choices=QUEUES)
     worker.add_argument("--no-restart", action="store_true",
                         help="exit when one process dies (Dramatiq's own way) instead of starting the group again; "
@@ -183,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     mock = sub.add_parser("mock-llm", help="run the OpenAI-compatible mock upstream (demo and tests)")
     mock.add_argument("--host", default="127.0.0.1")
-    mock.add_argument("--port", type=_port, default=8765)
+    mock.add_argument("--port", type=port, default=8765)
     mock.add_argument("--tls-cert", default=None, help="serve https with this certificate (PEM)")
     mock.add_argument("--tls-key", default=None, help="the certificate's private key (PEM)")
     mock.set_defaults(func=cmd_mock_llm)

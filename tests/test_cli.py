@@ -170,3 +170,32 @@ def test_a_setting_that_cannot_work_stops_the_command_with_one_json_error(args: 
     assert (command.returncode, "Traceback" in stderr) == (2, False), stderr
     error = json.loads(stderr)["error"]
     assert error["code"] == "invalid_configuration" and says in error["message"]
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["dlq", "show", "99999999999999999999"], "an id is 1..999999999999999999, not 99999999999999999999"),
+    (["dlq", "purge", "0"], "an id is 1..999999999999999999, not 0"),
+    (["debug", "route", "1", "hello", "--admin-id", "99999999999999999999"], "an id is 1.."),
+    (["debug", "prompt", "1", "hi", "--admin-id", "1", "--conversation-id", "-5"], "an id is 1..9999"),
+    (["debug", "execute", "1", "hello", "--admin-id", "1", "--wait", "--timeout", "-1"], "must be more than 0 seconds"),
+])
+def test_an_id_or_a_wait_out_of_range_is_a_usage_error(args: list[str], says: str) -> None:
+    """An id past the database's integer was its `bigint out of range` traceback; a negative wait was taken."""
+    result = subprocess.run([str(VENV_BIN / "agentq"), *args], env=child_env(), cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert (result.returncode, says in result.stderr, "Traceback" in result.stderr) == (2, True, False), result.stderr
+
+
+def test_debug_execute_refuses_content_the_database_cannot_store(world) -> None:  # type: ignore[no-untyped-def]
+    """A command line's undecodable bytes arrive as lone surrogates: refused as the API refuses them (its
+    schema's check), not a traceback from the database driver."""
+    import json
+
+    agent_id = world.agent(world.model())
+    admin_id = world.api.get("/api/me", world.admin_key).json["id"]
+    result = subprocess.run([str(VENV_BIN / "agentq").encode(), b"debug", b"execute", str(agent_id).encode(),
+                             b"bad\xff", b"--admin-id", str(admin_id).encode()], env=child_env(), cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, "Traceback" in result.stderr) == (1, False), result.stderr
+    assert json.loads(result.stderr)["error"] == {
+        "code": "validation_failed", "message": "content must be valid Unicode text, with no NUL character."}

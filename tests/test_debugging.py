@@ -200,6 +200,11 @@ def test_prompt_preview_is_exactly_what_the_worker_sends(world, upstream) -> Non
     assert _turn(world, alice, conversation_id, "second")["status"] == "success"
     assert upstream.requests()[-1]["body"]["messages"] == preview.json["messages"]
 
+    other_agent = world.agent(world.model("other"))
+    refused = world.api.post(f"/api/admin/agents/{other_agent}/debug/prompt", world.admin_key,
+                             {"content": "second", "conversation_id": conversation_id})
+    assert (refused.status_code, refused.json["error"]["code"]) == (422, "conversation_of_another_agent")
+
 
 def test_prompt_preview_drops_failed_turns_and_the_oldest_history_like_the_worker(world, upstream) -> None:  # type: ignore[no-untyped-def]
     """Window 45, answer room 10, head+tail 16: 19 tokens of history fit, the last turn (6+8) but not more."""

@@ -1,0 +1,50 @@
+"""Parsers of the command line's values: a value argparse refuses is a usage error (exit code 2) that says
+what the value must be, never a traceback from the code that would have used it."""
+
+from __future__ import annotations
+
+import argparse
+
+MAX_ID = 10**18 - 1
+"""The API's bound on a path id (`web.IdConverter`): ids come from sequences that start at 1."""
+
+
+def whole_number(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+
+
+def count(value: str) -> int:
+    """A number of processes or threads: a worker with none would run and take no message, or hold one."""
+    number = whole_number(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
+
+
+def port(value: str) -> int:
+    number = whole_number(value)
+    if not 1 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1..65535, not {number}")
+    return number
+
+
+def record_id(value: str) -> int:
+    """An id of a user, agent, conversation or dead letter; one out of the database's range was its error's
+    traceback (`bigint out of range`)."""
+    number = whole_number(value)
+    if not 1 <= number <= MAX_ID:
+        raise argparse.ArgumentTypeError(f"an id is 1..{MAX_ID}, not {number}")
+    return number
+
+
+def seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {value}")
+    return number
