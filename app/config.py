@@ -14,54 +14,59 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SQLITE_PATH = Path("var") / "agentq.sqlite3"
+DAY = 86_400
+YEAR = 365 * DAY
+"""Upper bounds of durations: past them a setting is a typo, and one past the calendar's range failed every
+request that added it to a date (an `OverflowError` answered 500), long after the process had started."""
 
 
 class Settings(BaseSettings):
     """Every knob of agentq; `AGENTQ_` prefixed except the two URLs the contract names."""
 
-    model_config = SettingsConfigDict(env_file=".env", env_prefix="AGENTQ_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_file=".env", env_prefix="AGENTQ_", extra="ignore", frozen=True,
+                                      allow_inf_nan=False)
 
     database_url: str = Field(
         default=f"sqlite:///{DEFAULT_SQLITE_PATH}", validation_alias="DATABASE_URL"
     )
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", validation_alias="REDIS_URL")
 
-    max_active_conversations: int = Field(default=3, ge=1)
-    dedup_window_seconds: int = Field(default=300, ge=0)
-    max_content_chars: int = Field(default=32000, ge=1)
+    max_active_conversations: int = Field(default=3, ge=1, le=1_000_000)
+    dedup_window_seconds: int = Field(default=300, ge=0, le=YEAR)
+    max_content_chars: int = Field(default=32000, ge=1, le=10_000_000)
     blocked_terms: str = ""
     moderation_url: str | None = None
     moderation_api_key_env: str | None = None
 
-    lease_seconds: float = Field(default=30.0, gt=0)
-    recovery_interval_seconds: float = Field(default=5.0, gt=0)
-    enqueue_grace_seconds: float = Field(default=5.0, gt=0)
-    stale_pending_seconds: float = Field(default=300.0, gt=0)
-    turn_grace_seconds: float = Field(default=60.0, ge=0)
-    default_max_tokens: int = Field(default=1024, ge=1)
-    default_context_window: int = Field(default=8192, ge=256)
-    max_retries: int = Field(default=3, ge=0)
-    outage_retries: int = Field(default=20, ge=0)
+    lease_seconds: float = Field(default=30.0, gt=0, le=DAY)
+    recovery_interval_seconds: float = Field(default=5.0, gt=0, le=DAY)
+    enqueue_grace_seconds: float = Field(default=5.0, gt=0, le=DAY)
+    stale_pending_seconds: float = Field(default=300.0, gt=0, le=YEAR)
+    turn_grace_seconds: float = Field(default=60.0, ge=0, le=DAY)
+    default_max_tokens: int = Field(default=1024, ge=1, le=10_000_000)
+    default_context_window: int = Field(default=8192, ge=256, le=100_000_000)
+    max_retries: int = Field(default=3, ge=0, le=10_000)
+    outage_retries: int = Field(default=20, ge=0, le=1_000_000)
     max_deliveries: int = Field(default=5, ge=1, le=500)
-    min_backoff_ms: int = Field(default=1000, ge=0)
-    max_backoff_ms: int = Field(default=30000, ge=0)
-    shutdown_grace_seconds: float = Field(default=30.0, ge=0)
-    broker_heartbeat_ms: int = Field(default=15000, ge=1000)
+    min_backoff_ms: int = Field(default=1000, ge=0, le=DAY * 1000)
+    max_backoff_ms: int = Field(default=30000, ge=0, le=DAY * 1000)
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0, le=DAY)
+    broker_heartbeat_ms: int = Field(default=15000, ge=1000, le=DAY * 1000)
     broker_maintenance_chance: int = Field(default=100_000, ge=1, le=1_000_000)
     broker_namespace: str = "agentq-dramatiq"
     broker_poll_ms: int = Field(default=1000, ge=10, le=60_000)
     redis_key_prefix: str = "agentq"
 
-    stream_maxlen: int = Field(default=10000, ge=100)
-    stream_ttl_seconds: int = Field(default=3600, ge=60)
-    stream_heartbeat_seconds: float = Field(default=15.0, gt=0)
-    stream_max_seconds: float = Field(default=3900.0, gt=0)
-    max_streams_per_user: int = Field(default=32, ge=1)
+    stream_maxlen: int = Field(default=10000, ge=100, le=100_000_000)
+    stream_ttl_seconds: int = Field(default=3600, ge=60, le=YEAR)
+    stream_heartbeat_seconds: float = Field(default=15.0, gt=0, le=DAY)
+    stream_max_seconds: float = Field(default=3900.0, gt=0, le=YEAR)
+    max_streams_per_user: int = Field(default=32, ge=1, le=1_000_000)
 
-    db_pool_size: int = Field(default=10, ge=1)
-    db_max_overflow: int = Field(default=0, ge=0)
-    db_pool_timeout_seconds: float = Field(default=30.0, gt=0)
-    db_connect_timeout_seconds: int = Field(default=5, ge=2)
+    db_pool_size: int = Field(default=10, ge=1, le=10_000)
+    db_max_overflow: int = Field(default=0, ge=0, le=10_000)
+    db_pool_timeout_seconds: float = Field(default=30.0, gt=0, le=DAY)
+    db_connect_timeout_seconds: int = Field(default=5, ge=2, le=DAY)
     log_json: bool = False
     log_level: str = "INFO"
 

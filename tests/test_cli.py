@@ -152,6 +152,10 @@ def test_the_web_server_opens_no_control_socket_shared_by_every_instance_on_the_
     (["web", "--port", str(free_port())], {"AGENTQ_LEASE_SECONDS": "abc"},
      "AGENTQ_LEASE_SECONDS='abc': Input should be a valid number"),
     (["worker", "--processes", "1"], {"DATABASE_URL": "foo://bar"}, "DATABASE_URL='foo://bar': must be a SQLite URL"),
+    # a window past the calendar's range passed validation, then every new conversation was a 500
+    (["db", "init"], {"AGENTQ_DEDUP_WINDOW_SECONDS": "100000000000"},
+     "AGENTQ_DEDUP_WINDOW_SECONDS='100000000000': Input should be less than or equal to 31536000"),
+    (["db", "init"], {"AGENTQ_LEASE_SECONDS": "nan"}, "AGENTQ_LEASE_SECONDS='nan': Input should be a finite number"),
 ])
 def test_a_setting_that_cannot_work_stops_the_command_with_one_json_error(args: list[str], env: dict[str, str],
                                                                           says: str) -> None:
