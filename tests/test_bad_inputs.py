@@ -168,3 +168,19 @@ def test_a_request_the_http_server_cannot_read_gets_the_apis_error_shape(web_ser
     assert "Content-Type: application/json" in lines
     error = json.loads(body)["error"]
     assert error["code"] == code and error["message"].startswith("The HTTP request could not be read: ")
+
+
+def test_a_body_refused_unread_closes_its_connection_so_the_next_request_is_answered(web_server, world) -> None:  # type: ignore[no-untyped-def]
+    """A 413 is answered before the body is read; gunicorn then drains at most 64 KiB of it and closes the
+    connection, after a response that said `keep-alive`: the client's next request on it got no answer."""
+    import httpx
+
+    _, key = world.user()
+    with httpx.Client(base_url=web_server, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
+        small = client.get("/api/me")
+        assert (small.status_code, small.headers["connection"]) == (200, "keep-alive")
+        big = client.post("/api/conversations", content=b'{"agent_id": 1, "x": "' + b"a" * 2_000_000 + b'"}',
+                          headers={"Content-Type": "application/json"})
+        assert (big.status_code, big.json()["error"]["code"], big.headers["connection"]) == (
+            413, "content_too_large", "close")
+        assert client.get("/api/me").status_code == 200

@@ -36,9 +36,27 @@ _REFUSALS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], in
 gives, except a transfer coding it does not know (its 501), which is the client's input and so a 400."""
 
 
-class JsonErrorWorker(ThreadWorker):
-    """gunicorn's threaded worker, whose own refusals (a request line or headers it cannot parse or
-    that are too large) are in the API's error shape instead of an HTML page a client cannot read."""
+LARGEST_BODY_KEPT_ALIVE = 64 * 1024
+"""gunicorn drains at most this much of a body the application left unread (a 413, a 405) before it reuses
+the connection, and closes it otherwise, after a response that said `keep-alive`: the client's next
+request on it then fails without an answer."""
+
+
+class ApiWorker(ThreadWorker):
+    """gunicorn's threaded worker, with two changes for an API's clients.
+
+    Its own refusals (a request line or headers it cannot parse or that are too large) are in the API's
+    error shape instead of an HTML page a client cannot read. And a request whose body may be more than
+    gunicorn drains is answered `Connection: close`, so the client opens a new connection for its next
+    request instead of sending it on one gunicorn is about to close (the application may not read the
+    body: a 413 is answered before)."""
+
+    def handle_request(self, req: Any, conn: Any) -> Any:
+        length = next((value for name, value in req.headers if name == "CONTENT-LENGTH"), None)
+        chunked = any(name == "TRANSFER-ENCODING" for name, _ in req.headers)
+        if chunked or (length is not None and length.isdigit() and int(length) > LARGEST_BODY_KEPT_ALIVE):
+            req.force_close()
+        return super().handle_request(req, conn)
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         status, reason, code = next(((status, reason, code) for kinds, status, reason, code in _REFUSALS
@@ -99,7 +117,7 @@ def serve(host: str, port: int, *, workers: int, threads: int) -> None:
     _Gunicorn({
         "bind": f"{host}:{port}",
         "workers": workers,
-        "worker_class": JsonErrorWorker,
+        "worker_class": ApiWorker,
         "threads": threads,
         "timeout": 120,
         "graceful_timeout": 30,
