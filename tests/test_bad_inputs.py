@@ -184,3 +184,15 @@ def test_a_body_refused_unread_closes_its_connection_so_the_next_request_is_answ
         assert (big.status_code, big.json()["error"]["code"], big.headers["connection"]) == (
             413, "content_too_large", "close")
         assert client.get("/api/me").status_code == 200
+
+
+def test_a_text_over_its_length_is_told_in_characters(world) -> None:  # type: ignore[no-untyped-def]
+    """Not pydantic's "items after validation", which its length bound said when it ran after the storable check."""
+    _, key = world.user()
+    titled = world.api.post("/api/conversations", key, {"agent_id": 1, "title": "t" * 501})
+    assert (titled.status_code, titled.json["error"]["message"]) == (
+        422, "Invalid value for 'title': String should have at most 500 characters.")
+    conversation_id = world.conversation(key, world.agent(world.model()))
+    keyed = world.send(key, conversation_id, "hi", headers={"Idempotency-Key": "k" * 201})
+    assert (keyed.status_code, keyed.json["error"]["message"]) == (
+        422, "Invalid value for 'Idempotency-Key': String should have at most 200 characters.")

@@ -13,6 +13,7 @@ from pydantic import (
     ConfigDict,
     Field,
     Strict,
+    StringConstraints,
     TypeAdapter,
     ValidationError,
     field_validator,
@@ -39,9 +40,16 @@ def _not_blank(text: str) -> str:
     return text
 
 
-Text = Annotated[str, Strict(), AfterValidator(_storable)]
+def text(*, min_length: int | None = None, max_length: int | None = None, pattern: str | None = None) -> Any:
+    """Storable text whose bounds count characters: given on the string before the storable check, not after it
+    (pydantic then counts "items after validation" in its message)."""
+    return Annotated[str, Strict(), StringConstraints(min_length=min_length, max_length=max_length, pattern=pattern),
+                     AfterValidator(_storable)]
+
+
+Text = text()
 Ident = Annotated[int, Strict(), Field(ge=1, le=MAX_ID)]
-Name = Annotated[Text, Field(min_length=1, max_length=200), AfterValidator(_not_blank)]
+Name = Annotated[text(min_length=1, max_length=200), AfterValidator(_not_blank)]
 Price = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=6)]
 Amount = Annotated[Decimal, Field(max_digits=18, decimal_places=6)]
 
@@ -95,8 +103,8 @@ def _http_url(value: str | None) -> str | None:
     return value
 
 
-Url = Annotated[Text, Field(max_length=500)]
-EnvName = Annotated[Text, Field(max_length=200, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+Url = text(max_length=500)
+EnvName = text(max_length=200, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _refuse_nulls(body: BaseModel, required: tuple[str, ...]) -> None:
@@ -138,7 +146,7 @@ class ModelPatch(Body):
 Timeout = Annotated[int, Strict(), Field(ge=1, le=3600)]
 Temperature = Annotated[float, Strict(), Field(ge=0, le=2, allow_inf_nan=False)]
 PROMPT_MAX_CHARS = 200_000
-Prompt = Annotated[Text, Field(max_length=PROMPT_MAX_CHARS)]
+Prompt = text(max_length=PROMPT_MAX_CHARS)
 MaxTokens = Annotated[int, Strict(), Field(ge=1, le=1_000_000)]
 
 
@@ -167,10 +175,13 @@ class AgentPatch(Body):
         return self
 
 
+Title = text(max_length=500)
+
+
 class ConversationBody(Body):
     agent_id: Ident
     project_id: Annotated[int | None, Strict(), Field(ge=0, le=MAX_ID)] = None
-    title: Annotated[Text | None, Field(max_length=500)] = None
+    title: Title | None = None
 
 
 class ContentBody(Body):
@@ -220,8 +231,11 @@ class DebugCostQuery(CachedSchemaModel):
     group_by: Literal["agent", "model", "admin"] = "agent"
 
 
+IdempotencyKey = text(min_length=1, max_length=200)
+
+
 class IdempotencyHeader(CachedSchemaModel):
-    idempotency_key: Annotated[Text | None, Field(alias="Idempotency-Key", min_length=1, max_length=200)] = None
+    idempotency_key: Annotated[IdempotencyKey | None, Field(alias="Idempotency-Key")] = None
 
 
 class ErrorDetail(BaseModel):
