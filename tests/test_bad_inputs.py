@@ -196,3 +196,15 @@ def test_a_text_over_its_length_is_told_in_characters(world) -> None:  # type: i
     keyed = world.send(key, conversation_id, "hi", headers={"Idempotency-Key": "k" * 201})
     assert (keyed.status_code, keyed.json["error"]["message"]) == (
         422, "Invalid value for 'Idempotency-Key': String should have at most 200 characters.")
+
+
+def test_an_unmatched_path_and_a_body_without_its_content_type_say_what_is_wrong(world) -> None:  # type: ignore[no-untyped-def]
+    _, key = world.user()
+    unmatched = world.api.get("/api/messages/0", key)
+    assert (unmatched.status_code, unmatched.json["error"]) == (404, {
+        "code": "not_found", "message": "Nothing is found at this path (ids are whole numbers from 1)."})
+    untyped = world.api.call("POST", "/api/conversations", key, data=b'{"agent_id": 1}', content_type="text/plain")
+    assert (untyped.status_code, untyped.json["error"]) == (400, {
+        "code": "malformed_body",
+        "message": "The request body must be a JSON object, sent with Content-Type: application/json (it was sent as "
+                   "text/plain)."})

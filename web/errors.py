@@ -17,7 +17,7 @@ import sqlalchemy.exc
 from flask import Flask, Response, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from pydantic import ValidationError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, NotFound
 
 from app.errors import AgentqError
 from app.outages import schema_missing
@@ -72,7 +72,9 @@ def require_object_body() -> Response | None:
     """flask-openapi3 would parse a JSON *string* body as a second JSON document; refuse it."""
     body_expected = request.method in ("POST", "PUT", "PATCH") and request.get_data(cache=True)
     if body_expected and not isinstance(request.get_json(silent=True), dict):
-        return error_response(400, "malformed_body", "The request body must be a JSON object.")
+        sent_as = "" if request.is_json else f" (it was sent as {request.mimetype or 'no Content-Type'})"
+        return error_response(400, "malformed_body", "The request body must be a JSON object, sent with "
+                              f"Content-Type: application/json{sent_as}.")
     return None
 
 
@@ -88,7 +90,11 @@ def install_error_handlers(app: Flask) -> None:
         if exc.code == 413:
             return error_response(413, "content_too_large", "The request body is larger than this route accepts.")
         code = (exc.name or "error").lower().replace(" ", "_")
-        response = error_response(exc.code, code, exc.description or exc.name)
+        message = exc.description or exc.name
+        if exc.code == 404 and message == NotFound.description:
+            # No route matched (an id must be a whole number from 1): Werkzeug's text speaks of URLs typed by hand.
+            message = "Nothing is found at this path (ids are whole numbers from 1)."
+        response = error_response(exc.code, code, message)
         if exc.code == 405:
             response.headers["Allow"] = exc.get_response().headers.get("Allow", "")
         return response
