@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -40,24 +40,30 @@ def _running(workers, upstream, api, redis_client) -> None:  # type: ignore[no-u
 
 
 @contextmanager
-def claims_fail(conversation_id: int) -> Iterator[None]:
-    """Every attempt to start a turn of this conversation raises a database error, until the block ends."""
+def claims_refused(table: str, column: str, value: int) -> Iterator[None]:
+    """Every attempt to move a row of `table` whose `column` is `value` to `processing` (a claim) raises a
+    database error, until the block ends."""
     from app.db import transaction
 
-    name = f"agentq_test_refuse_{conversation_id}"
+    name = f"agentq_test_refuse_{table}_{int(value)}"
     with transaction() as session:
         session.execute(text(
             "CREATE OR REPLACE FUNCTION agentq_test_refuse_claim() RETURNS trigger LANGUAGE plpgsql AS "
             "$$ BEGIN RAISE EXCEPTION 'simulated database failure'; END $$"))
         session.execute(text(
-            f"CREATE TRIGGER {name} BEFORE UPDATE ON conversation_messages FOR EACH ROW "
-            f"WHEN (NEW.status = 'processing' AND NEW.conversation_id = {int(conversation_id)}) "
+            f"CREATE TRIGGER {name} BEFORE UPDATE ON {table} FOR EACH ROW "
+            f"WHEN (NEW.status = 'processing' AND NEW.{column} = {int(value)}) "
             "EXECUTE FUNCTION agentq_test_refuse_claim()"))
     try:
         yield
     finally:
         with transaction() as session:
-            session.execute(text(f"DROP TRIGGER IF EXISTS {name} ON conversation_messages"))
+            session.execute(text(f"DROP TRIGGER IF EXISTS {name} ON {table}"))
+
+
+def claims_fail(conversation_id: int) -> AbstractContextManager[None]:
+    """Every attempt to start a turn of this conversation fails."""
+    return claims_refused("conversation_messages", "conversation_id", conversation_id)
 
 
 def dead_turn(world: Any, key: str, agent_id: int, content: str) -> tuple[int, dict[str, Any]]:
@@ -222,22 +228,10 @@ def test_a_dead_test_run_of_a_deleted_agent_is_not_run_again(world, upstream) ->
     api, admin = world.api, world.admin_key
     model_id = world.model()
     agent_id = world.agent(model_id)
-    trigger = f"agentq_test_refuse_run_{agent_id}"
-    with transaction() as session:
-        session.execute(text(
-            "CREATE OR REPLACE FUNCTION agentq_test_refuse_claim() RETURNS trigger LANGUAGE plpgsql AS "
-            "$$ BEGIN RAISE EXCEPTION 'simulated database failure'; END $$"))
-        session.execute(text(
-            f"CREATE TRIGGER {trigger} BEFORE UPDATE ON admin_debug_logs FOR EACH ROW "
-            f"WHEN (NEW.status = 'processing' AND NEW.agent_id = {int(agent_id)}) "
-            "EXECUTE FUNCTION agentq_test_refuse_claim()"))
-    try:
+    with claims_refused("admin_debug_logs", "agent_id", agent_id):
         run_id = api.post(f"/api/admin/agents/{agent_id}/debug/execute", admin, {"content": "hi"}).json["debug_log_id"]
         wait_for(lambda: api.get(f"/api/admin/debug-logs/{run_id}", admin).json["status"] == "error",
                  what="the test run to die")
-    finally:
-        with transaction() as session:
-            session.execute(text(f"DROP TRIGGER IF EXISTS {trigger} ON admin_debug_logs"))
     assert api.delete(f"/api/admin/agents/{agent_id}", admin).status_code == 204
     assert api.delete(f"/api/admin/models/{model_id}", admin).status_code == 204
     item = wait_for(lambda: api.get("/api/admin/dead-letters", admin).json["items"], what="the dead letter")[0]
