@@ -7,6 +7,7 @@ database or Redis by setting variables before it starts.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SQLITE_PATH = Path("var") / "agentq.sqlite3"
+SQLITE_SCHEMES = ("sqlite", "sqlite+pysqlite")
 DAY = 86_400
 YEAR = 365 * DAY
 """Upper bounds of durations: past them a setting is a typo, and one past the calendar's range failed every
@@ -72,12 +74,16 @@ class Settings(BaseSettings):
 
     @field_validator("database_url")
     @classmethod
-    def _psycopg_driver(cls, url: str) -> str:
-        """A bare `postgresql://` URL would pick psycopg2, which is not installed."""
-        if url.startswith("postgresql://") or url.startswith("postgres://"):
-            url = "postgresql+psycopg://" + url.split("://", 1)[1]
-        if not url.startswith(("sqlite:///", "postgresql+psycopg://")):
-            raise ValueError("must be a SQLite URL (sqlite:///path/to/file) or a PostgreSQL one "
+    def _served_database(cls, url: str) -> str:
+        """A URL of a database this installation serves, refused at start rather than at the first query: a
+        bare `postgresql://` would pick psycopg2 (not installed), so it is given psycopg; another database, or
+        an in-memory SQLite one (one per process: the API's and the workers' would differ), is refused."""
+        scheme, _, rest = url.partition("://")
+        if scheme in ("postgresql", "postgres"):
+            scheme, url = "postgresql+psycopg", f"postgresql+psycopg://{rest}"
+        in_memory = scheme in SQLITE_SCHEMES and rest.removeprefix("/") in ("", ":memory:")
+        if scheme not in (*SQLITE_SCHEMES, "postgresql+psycopg") or in_memory:
+            raise ValueError("must be a SQLite file's URL (sqlite:///path/to/file) or a PostgreSQL one "
                              "(postgresql://user@host/database)")
         return url
 
@@ -108,11 +114,18 @@ def get_settings() -> Settings:
 def describe_invalid_settings(error: ValidationError) -> str:
     """Each invalid setting by the variable an operator sets, not by the field's name, without pydantic's
     links: e.g. `AGENTQ_MAX_ACTIVE_CONVERSATIONS='0': Input should be greater than or equal to 1`."""
+    prefix = Settings.model_config.get("env_prefix", "")
     problems = []
     for problem in error.errors(include_url=False):
         name = str(problem["loc"][0]) if problem["loc"] else ""
-        variable = f"AGENTQ_{name.upper()}" if name in Settings.model_fields else name  # else it is an alias
-        problems.append(f"{variable}={problem.get('input')!r}: {problem['msg'].removeprefix('Value error, ')}")
+        variable = f"{prefix}{name.upper()}" if name in Settings.model_fields else name  # else it is an alias
+        value = _without_password(repr(problem.get("input")))
+        problems.append(f"{variable}={value}: {problem['msg'].removeprefix('Value error, ')}")
     return "; ".join(problems)
+
+
+def _without_password(text: str) -> str:
+    """A URL's password is not printed into a terminal or a process manager's log."""
+    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
 
 

@@ -209,6 +209,7 @@ def _reopen(session: Session, row: DeadLetter) -> None:
             else:
                 run = session.get(DebugRun, row.run_id)
                 if run is not None:
+                    # the status first, as for a turn: a run no longer in error is refused as that, whatever else
                     if run.status not in sources_for(TurnStatus.PENDING):
                         raise TransitionRefused(f"test run {run.id} cannot move to pending")
                     _refuse_if_agent_deleted(session, row, run.agent_id)
@@ -221,8 +222,13 @@ def _reopen(session: Session, row: DeadLetter) -> None:
 
 
 def _refuse_if_agent_deleted(session: Session, row: DeadLetter, agent_id: int) -> None:
-    """A deleted agent takes no new work, a turn's or an admin's test run, and its models may be gone."""
-    if session.get_one(Agent, agent_id).deleted_at is not None:
+    """A deleted agent takes no new work, a turn's or an admin's test run, and its models may be gone. The
+    agent's row is read shared-locked: a delete (an UPDATE of that row) waits for the requeue's commit, and
+    the run requeued before it then finishes like any work accepted before a delete; or the requeue waits
+    for the delete's commit and is refused."""
+    deleted_at = session.execute(select(Agent.deleted_at).where(Agent.id == agent_id)
+                                 .with_for_update(read=True)).scalar_one()
+    if deleted_at is not None:
         raise Conflict(f"Dead letter {row.id}: its agent was deleted, and takes no new work.", code="agent_deleted")
 
 

@@ -112,7 +112,8 @@ def route_decision(agent_id: int, content: str) -> RouteDecision:
 
 
 def preview_prompt(agent_id: int, content: str, conversation_id: int | None = None) -> Prompt:
-    """The messages the primary model would receive; any user's conversation may supply the history."""
+    """The messages the primary model would receive; any user's conversation of this agent may supply the
+    history (another agent's would never be sent to this one)."""
     with transaction() as session:
         setup = _agent_setup(session, agent_id)
         history: list[ChatMessage] = []

@@ -74,8 +74,8 @@ class MockState:
     requests: list[dict[str, Any]] = field(default_factory=list)
     streams: dict[str, str] = field(default_factory=dict)
     cleared: int = 0
-    """How many times the log was cleared: a stream opened before a clear does not write its fate after it,
-    so a test never sees a call left over from the one before."""
+    """How many times the log was cleared: a request that arrived before a clear writes nothing after it (its
+    body, its stream's fate), so a test never sees a call left over from the one before."""
 
     def record(self, ident: str, fate: str, opened_in: int) -> None:
         if opened_in == self.cleared:
@@ -101,10 +101,12 @@ def _chunk(ident: str, model: str, delta: dict[str, Any], finish: str | None = N
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
+    opened_in = state.cleared
     body = await request.json()
     peer = request.transport.get_extra_info("peername") if request.transport is not None else None
-    state.requests.append({"path": request.path, "body": body, "at": time.time(),
-                           "client_port": peer[1] if peer else None})
+    if opened_in == state.cleared:
+        state.requests.append({"path": request.path, "body": body, "at": time.time(),
+                               "client_port": peer[1] if peer else None})
     model = body.get("model", "echo")
     script = Script.parse(model)
     if script.redirect and "redirected" not in request.query:
@@ -127,7 +129,6 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         })
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
-    opened_in = state.cleared
     state.record(ident, "streaming", opened_in)
     try:
         await pause(request, script.ttft)

@@ -25,6 +25,7 @@ from app.models import Agent, Conversation, ConversationMessage, Turn, User, tab
 from app.models.base import utc_now
 from app.prepared import Batch, Prepared, Rows, Unit
 from app.run_kinds import TURN
+from app.text import unstorable
 from app.turn_status import TurnStatus
 
 
@@ -36,15 +37,15 @@ class AcceptedTurn:
 
 
 def check_content(content: str) -> None:
-    """The checks of a message's text, for every caller (the API's schema repeats the storable-text one; the
-    command line passes undecodable bytes of its arguments as lone surrogates, which no database stores)."""
+    """The checks of a message's text, for every caller: the API's schema checks storable text before this,
+    the command line does not."""
     if not content.strip():
         raise ValidationFailed("content must not be empty.")
-    if "\x00" in content or any(0xD800 <= ord(char) <= 0xDFFF for char in content):
-        raise ValidationFailed("content must be valid Unicode text, with no NUL character.")
     limit = get_settings().max_content_chars
     if len(content) > limit:
         raise ContentTooLarge(f"content is {len(content)} characters; the limit is {limit}.")
+    if (problem := unstorable(content)) is not None:
+        raise ValidationFailed(f"content {problem}.")
 
 
 def _replay(unit: Unit, user_id: int, key: str, conversation_id: int, content: str) -> AcceptedTurn | None:

@@ -16,6 +16,7 @@ from app.errors import NotFound, ValidationFailed
 from app.models import CreditTransaction, User, table
 from app.money import checked_balance
 from app.paging import PAGE_OF_A_WHOLE_LIST, every_row, page_of
+from app.text import unstorable
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,10 +33,10 @@ def create_user(name: str, *, is_admin: bool = False, balance: Decimal = Decimal
     """The key is returned once and never stored; an opening balance is a ledger credit like any other."""
     if not name.strip():
         raise ValidationFailed("name must not be blank.")
-    if len(name.strip()) > NAME_MAX_CHARS or "\x00" in name:
-        raise ValidationFailed(f"name must be at most {NAME_MAX_CHARS} characters, with no NUL character.")
-    if any(0xD800 <= ord(char) <= 0xDFFF for char in name):
-        raise ValidationFailed("name must be valid Unicode text (a command line's undecodable bytes are not).")
+    if len(name.strip()) > NAME_MAX_CHARS:
+        raise ValidationFailed(f"name must be at most {NAME_MAX_CHARS} characters.")
+    if (problem := unstorable(name)) is not None:
+        raise ValidationFailed(f"name {problem}.")
     try:
         checked_balance(balance)
     except ValueError as exc:

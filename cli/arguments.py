@@ -4,9 +4,7 @@ what the value must be, never a traceback from the code that would have used it.
 from __future__ import annotations
 
 import argparse
-
-MAX_ID = 10**18 - 1
-"""The API's bound on a path id (`web.IdConverter`): ids come from sequences that start at 1."""
+from decimal import Decimal, InvalidOperation
 
 
 def whole_number(value: str) -> int:
@@ -34,9 +32,11 @@ def port(value: str) -> int:
 def record_id(value: str) -> int:
     """An id of a user, agent, conversation or dead letter; one out of the database's range was its error's
     traceback (`bigint out of range`)."""
+    from app.models.base import LARGEST_ID
+
     number = whole_number(value)
-    if not 1 <= number <= MAX_ID:
-        raise argparse.ArgumentTypeError(f"an id is 1..{MAX_ID}, not {number}")
+    if not 1 <= number <= LARGEST_ID:
+        raise argparse.ArgumentTypeError(f"an id is 1..{LARGEST_ID}, not {number}")
     return number
 
 
@@ -46,5 +46,16 @@ def seconds(value: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
     if not 0 < number < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {value}")
+        raise argparse.ArgumentTypeError(f"a number of seconds more than 0 and finite, not {value}")
     return number
+
+
+def amount(value: str) -> Decimal:
+    from app.money import checked_balance
+
+    try:
+        return checked_balance(Decimal(value))
+    except InvalidOperation as exc:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an amount") from exc
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc

@@ -75,6 +75,6 @@ def add_debug_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore
         parser.set_defaults(func=func)
         parsers[name] = parser
     parsers["prompt"].add_argument("--conversation-id", type=record_id, default=None,
-                                   help="take the history of this conversation (any user's)")
+                                   help="take the history of this conversation of the agent (any user's)")
     parsers["execute"].add_argument("--wait", action="store_true", help="wait for the run to end and print its log")
     parsers["execute"].add_argument("--timeout", type=seconds, default=600.0, help="seconds --wait waits at most")

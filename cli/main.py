@@ -7,10 +7,10 @@ import hashlib
 import os
 import sys
 import tempfile
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 
-from cli.arguments import count, port
+from cli.arguments import amount, count, port
 from cli.output import print_error, print_json
 
 
@@ -52,17 +52,6 @@ def _metrics_dir(argv: list[str]) -> None:
         path = Path(tempfile.gettempdir()) / f"agentq-metrics-{os.getuid()}-{tag}"
         path.mkdir(parents=True, exist_ok=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
-
-
-def _amount(value: str) -> Decimal:
-    from app.money import checked_balance
-
-    try:
-        return checked_balance(Decimal(value))
-    except InvalidOperation as exc:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an amount") from exc
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def cmd_db_init(args: argparse.Namespace) -> int:
@@ -141,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     create = users.add_parser("create", help="create a user and print its API key once")
     create.add_argument("name")
     create.add_argument("--admin", action="store_true")
-    create.add_argument("--balance", type=_amount, default=Decimal(0))
+    create.add_argument("--balance", type=amount, default=Decimal(0))
     create.set_defaults(func=cmd_users_create)
 
     web = sub.add_parser("web", help="serve the HTTP API with gunicorn")

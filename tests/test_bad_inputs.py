@@ -144,6 +144,8 @@ HTTP_REFUSALS = [
     # gunicorn's own answer to a transfer coding it does not know is 501; the client's input is never a 5xx here
     (b"POST /api/me HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: br\r\n\r\n", 400, "malformed_request"),
     (b"GET /api/me HTTP/1.1\r\nHost: x\r\nExpect: 200-ok\r\n\r\n", 417, "expectation_failed"),
+    # gunicorn's own answer is a 500 (its SCRIPT_NAME is taken from a header of a trusted address, 127.0.0.1)
+    (b"GET /api/me HTTP/1.1\r\nHost: x\r\nSCRIPT_NAME: /zzz\r\n\r\n", 400, "malformed_request"),
     (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "uri_too_long"),
     (b"GET /api/me HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 200 + b"\r\n", 431, "headers_too_large"),
 ]

@@ -359,7 +359,7 @@ def test_the_ledger_without_a_limit_is_the_whole_ledger(world, monkeypatch) -> N
 def test_taking_credit_back_during_a_turn_leaves_what_the_turn_holds_and_the_turn_pays_in_full(world, upstream) -> None:  # type: ignore[no-untyped-def]
     """An admin takes credit back while a turn streams: the take-back stops at the turn's reservation (the
     answer was priced against it), and the turn is charged its whole cost, not what the take-back left."""
-    model_id = world.model(upstream="echo;ttft=1.5;words=50", price_in="1.000000", price_out="10.000000")
+    model_id = world.model(upstream="echo;ttft=4;words=50", price_in="1.000000", price_out="10.000000")
     agent_id = world.agent(model_id, max_tokens=60)
     user_id, key = world.user(balance="1")
     conversation_id = world.conversation(key, agent_id)

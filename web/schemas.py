@@ -20,17 +20,15 @@ from pydantic import (
     model_validator,
 )
 
-MAX_ID = 2**63 - 1
+from app.models.base import LARGEST_ID
+from app.text import unstorable
+
+MAX_ID = LARGEST_ID
 
 
 def _storable(text: str) -> str:
-    """Text PostgreSQL can store: valid UTF-8 (no lone surrogates) and no NUL character."""
-    if "\x00" in text:
-        raise ValueError("must not contain NUL characters")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError("must be valid Unicode text") from exc
+    if (problem := unstorable(text)) is not None:
+        raise ValueError(problem)
     return text
 
 

@@ -24,7 +24,7 @@ class QuietAccessLogger(Logger):
 
 
 _REFUSALS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], int, str, str], ...] = (
-    ((http_errors.InvalidResponseHeader, http_errors.InvalidResponseHeaderName, http_errors.ConfigurationProblem),
+    ((http_errors.InvalidResponseHeader, http_errors.InvalidResponseHeaderName),
      500, "Internal Server Error", "internal_error"),
     (http_errors.LimitRequestLine, 414, "URI Too Long", "uri_too_long"),
     (http_errors.LimitRequestHeaders, 431, "Request Header Fields Too Large", "headers_too_large"),
@@ -33,13 +33,16 @@ _REFUSALS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], in
     (http_errors.ParseException, 400, "Bad Request", "malformed_request"),
 )
 """What a request gunicorn could not parse is answered, before Flask sees it: the statuses gunicorn
-gives, except a transfer coding it does not know (its 501), which is the client's input and so a 400."""
+gives, except for what the client's input causes and gunicorn answers with a 5xx (a transfer coding it does
+not know, its 501; a `SCRIPT_NAME` header that does not prefix the path, its 500), which is a 400 here: no
+input yields a 5xx. A 500 is left for a response header the application got wrong."""
 
 
 LARGEST_BODY_KEPT_ALIVE = 64 * 1024
-"""gunicorn drains at most this much of a body the application left unread (a 413, a 405) before it reuses
-the connection, and closes it otherwise, after a response that said `keep-alive`: the client's next
-request on it then fails without an answer."""
+"""gunicorn (27) drains at most this much of a body the application left unread (a 413, a 405) before it
+reuses the connection, and closes it otherwise, after a response that said `keep-alive`: the client's next
+request on it then fails without an answer (`tests/test_bad_inputs.py` checks this against the installed
+gunicorn)."""
 
 
 class ApiWorker(ThreadWorker):
