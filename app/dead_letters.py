@@ -207,13 +207,11 @@ def _reopen(session: Session, row: DeadLetter) -> None:
                     _check_user_can_start(session, row, turn)
                 reopen_turn(session, row.run_id)
             else:
-                run = session.get(DebugRun, row.run_id)
-                if run is not None:
-                    # the status first, as for a turn: a run no longer in error is refused as that, whatever else
-                    if run.status not in sources_for(TurnStatus.PENDING):
-                        raise TransitionRefused(f"test run {run.id} cannot move to pending")
-                    _refuse_if_agent_deleted(session, row, run.agent_id)
+                # Its guarded UPDATE refuses a run no longer in error first, as a turn's status check does;
+                # a refusal after it rolls the savepoint back.
                 reopen_debug_run(session, row.run_id)
+                agent_id = session.scalars(select(DebugRun.agent_id).where(DebugRun.id == row.run_id)).one()
+                _refuse_if_agent_deleted(session, row, agent_id)
     except TransitionRefused as exc:
         raise Conflict(f"Dead letter {row.id}: its run is no longer in error, so it cannot be requeued.",
                        code="run_not_in_error") from exc

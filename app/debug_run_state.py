@@ -46,7 +46,7 @@ def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> Clai
         return ClaimResult(outcome)
     token = new_lease_token()
     deadline = delivery_deadline(judged_at, agent.timeout_seconds, agent.fallback_model_id is not None,
-                                 kept=optional_utc(run.deadline_at) if outcome is Claim.TAKEN_OVER else None)
+                                 stored=optional_utc(run.deadline_at), taken_over=outcome is Claim.TAKEN_OVER)
     if outcome is Claim.TAKEN_OVER:
         take = update(DebugRun).where(DebugRun.id == run_id, DebugRun.status == TurnStatus.PROCESSING.value)
     else:

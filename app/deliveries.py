@@ -41,16 +41,17 @@ class Deadline:
 
 
 def delivery_deadline(now: datetime, timeout_seconds: float, has_fallback: bool, *,
-                      kept: datetime | None) -> Deadline:
+                      stored: datetime | None, taken_over: bool) -> Deadline:
     """The deadline of a delivery starting at `now`: set by the delivery that claims a pending run (its
-    first, or its first since a requeue) to every model attempt it could make plus the grace; `kept`, the
-    deadline of the run a delivery takes over, is kept.
+    first, or its first since a requeue) to every model attempt it could make plus the grace; a delivery
+    that takes the run over from another keeps the `stored` one.
 
     Kept, not renewed: a run whose worker dies or hangs at every delivery would otherwise get the whole
     timeout again each time, and stay `processing` for `AGENTQ_MAX_DELIVERIES` times its timeouts;
-    guarantee 1 bounds it by its timeouts plus the recovery time. A requeue starts a new budget."""
-    if kept is not None:
-        return Deadline(kept, (kept - now).total_seconds() - get_settings().turn_grace_seconds)
+    guarantee 1 bounds it by its timeouts plus the recovery time. A requeue starts a new budget (the run
+    is pending again, so its next delivery claims it rather than taking it over)."""
+    if taken_over and stored is not None:
+        return Deadline(stored, (stored - now).total_seconds() - get_settings().turn_grace_seconds)
     bound = timeout_seconds * (2 if has_fallback else 1) + get_settings().turn_grace_seconds
     return Deadline(now + timedelta(seconds=bound), None)
 

@@ -77,6 +77,10 @@ class MockState:
     """How many times the log was cleared: a request that arrived before a clear writes nothing after it (its
     body, its stream's fate), so a test never sees a call left over from the one before."""
 
+    def log_request(self, entry: dict[str, Any], opened_in: int) -> None:
+        if opened_in == self.cleared:
+            self.requests.append(entry)
+
     def record(self, ident: str, fate: str, opened_in: int) -> None:
         if opened_in == self.cleared:
             self.streams[ident] = fate
@@ -104,9 +108,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     opened_in = state.cleared
     body = await request.json()
     peer = request.transport.get_extra_info("peername") if request.transport is not None else None
-    if opened_in == state.cleared:
-        state.requests.append({"path": request.path, "body": body, "at": time.time(),
-                               "client_port": peer[1] if peer else None})
+    state.log_request({"path": request.path, "body": body, "at": time.time(),
+                       "client_port": peer[1] if peer else None}, opened_in)
     model = body.get("model", "echo")
     script = Script.parse(model)
     if script.redirect and "redirected" not in request.query:

@@ -229,7 +229,7 @@ def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
     turn = TurnRow(row.assistant_message_id, row.user_message_id, row.conversation_id, row.user_id,
                    row.deliveries + 1, row.reserved_amount, row.cancel_requested_at)
     deadline = delivery_deadline(judged_at, row.timeout_seconds, row.fallback_model_id is not None,
-                                 kept=utc(row.deadline_at) if outcome is Claim.TAKEN_OVER else None)
+                                 stored=utc(row.deadline_at), taken_over=outcome is Claim.TAKEN_OVER)
     claim = ClaimResult(outcome, turn, new_lease_token(), row, time_left=deadline.time_left)
     amount = max(quantize(hold(claim)), Decimal(0)) if hold is not None else Decimal(0)
     written_at = utc_now()

@@ -23,8 +23,6 @@ from pydantic import (
 from app.models.base import LARGEST_ID
 from app.text import unstorable
 
-MAX_ID = LARGEST_ID
-
 
 def _storable(text: str) -> str:
     if (problem := unstorable(text)) is not None:
@@ -46,7 +44,7 @@ def text(*, min_length: int | None = None, max_length: int | None = None, patter
 
 
 Text = text()
-Ident = Annotated[int, Strict(), Field(ge=1, le=MAX_ID)]
+Ident = Annotated[int, Strict(), Field(ge=1, le=LARGEST_ID)]
 Name = Annotated[text(min_length=1, max_length=200), AfterValidator(_not_blank)]
 Price = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=6)]
 Amount = Annotated[Decimal, Field(max_digits=18, decimal_places=6)]
@@ -178,7 +176,7 @@ Title = text(max_length=500)
 
 class ConversationBody(Body):
     agent_id: Ident
-    project_id: Annotated[int | None, Strict(), Field(ge=0, le=MAX_ID)] = None
+    project_id: Annotated[int | None, Strict(), Field(ge=0, le=LARGEST_ID)] = None
     title: Title | None = None
 
 
@@ -210,14 +208,14 @@ class PageQuery(CachedSchemaModel):
 class LedgerQuery(CachedSchemaModel):
     limit: Annotated[int | None, Field(ge=1, le=500)] = None
     """Without it, the whole ledger (the contract's shape); with it, a page and its `next_cursor`."""
-    cursor: Annotated[int | None, Field(ge=1, le=MAX_ID)] = None
+    cursor: Annotated[int | None, Field(ge=1, le=LARGEST_ID)] = None
 
 
 class DebugLogQuery(CachedSchemaModel):
-    agent_id: Annotated[int | None, Field(ge=1, le=MAX_ID)] = None
+    agent_id: Annotated[int | None, Field(ge=1, le=LARGEST_ID)] = None
     limit: Annotated[int | None, Field(ge=1, le=200)] = None
     """Without it, every log (the contract's shape); with it, a page and its `next_before_id`."""
-    before_id: Annotated[int | None, Field(ge=1, le=MAX_ID)] = None
+    before_id: Annotated[int | None, Field(ge=1, le=LARGEST_ID)] = None
 
 
 class FailureQuery(CachedSchemaModel):
