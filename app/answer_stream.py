@@ -1,6 +1,7 @@
 """Following a turn's answer as events, for the SSE endpoint: live from Redis, the rest from the database.
 
-Event ids are `<redis entry id>.<attempt>.<offset>`: the attempt (`app.live_stream.attempt_number`:
+Event ids are `<message id>/<redis entry id>.<attempt>.<offset>`: the message they belong to (an id
+sent to another turn's stream is not taken as a position in it), the attempt (`app.live_stream.attempt_number`:
 delivery x 100 + 0 for the primary model, + 1 after a fallback restart, so a delivery that took the
 turn over from a dead worker never continues that worker's text) and how many characters of that
 attempt's text the client has after the event.

@@ -1,4 +1,6 @@
-"""Conversations a user owns: creating (with de-duplication), listing, reading, deleting.
+"""Conversations a user owns: creating (with de-duplication), listing, reading their messages, and the
+statistics a turn's settlement adds to (`record_turn_end`). Deleting one stops its turn in flight, so it
+lives with stopping, in `app.cancellation`.
 
 Another user's conversation, or a deleted one, is simply not found: ownership is part of every query.
 """

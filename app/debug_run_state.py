@@ -32,7 +32,7 @@ from app.turn_status import TurnStatus, sources_for
 def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> ClaimResult:
     """The same claim for an admin test run, whose status lives on its single log row: a pending run
     moves to `processing` as the transition table allows, a taken-over one keeps its status and gets a new
-    lease. Each counts a delivery; `run` is then the row's new `deliveries`, for `give_up_reason`."""
+    lease. Each counts a delivery: the claim's `deliveries` is the row's new count."""
     locked = session.execute(  # the agent's whole row: its runner reads it next, from the session
         select(DebugRun, Agent, DatabaseNow())
         .join(Agent, Agent.id == DebugRun.agent_id).where(DebugRun.id == run_id).with_for_update(of=DebugRun)
@@ -62,13 +62,13 @@ def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> Clai
     ).first()
     if taken is None:
         raise TransitionRefused(f"test run {run_id} cannot move to processing")
-    return ClaimResult(outcome, None, token, run=taken.deliveries, time_left=deadline.time_left)
+    return ClaimResult(outcome, None, token, taken.deliveries, time_left=deadline.time_left)
 
 
 def finish_debug_run(session: Session, run_id: int, token: str | None, target: TurnStatus,
                      **result: Any) -> bool:
     """Guarded like a turn's end: by the statuses it may leave and, for a worker, by its lease; without a
-    token (its message died) only a run under no live lease is ended, as `fail_turn_unowned` does."""
+    token (its message died) only a run under no live lease is ended, as `end_turn_unowned` does."""
     query = update(DebugRun).where(DebugRun.id == run_id, DebugRun.status.in_(sources_for(target)))
     if token is not None:
         query = query.where(DebugRun.lease_token == token)

@@ -88,8 +88,9 @@ def _new_client(api_key: str, base_url: str | None) -> openai.OpenAI:
 
 
 class EndpointUnusable(ValueError):
-    """A model's endpoint cannot be called as configured: its key's variable is not set, or its URL does
-    not parse (a row written before the API checked it)."""
+    """A model's endpoint cannot be called as configured because the variable its key is read from is not
+    set. A URL that does not parse (a row written before the API checked it) fails the same way, as the
+    transport's own `InvalidURL`."""
 
 
 def api_key_for(api_key_env: str | None) -> str:

@@ -65,7 +65,8 @@ class RunKind:
             with transaction() as session:
                 self.revoke_lease(session, ident, token)
         except Exception:
-            log.warning("could not give up the lease of %s %s; it runs out by itself", self.label, ident)
+            log.warning("could not give up the lease of %s %s; it runs out by itself", self.label, ident,
+                        exc_info=True)
 
 
 TURN = RunKind("turn", dispatch.RUN_TURN, dispatch.TURNS_QUEUE, Turn, Turn.assistant_message_id,

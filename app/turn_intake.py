@@ -167,6 +167,12 @@ def _open_to_new_turns(owner: Rows) -> None:
         raise NotFound("This conversation's agent was deleted; it takes no new messages.", code="agent_deleted")
 
 
+def _refuse_if_not_owned(principal: Principal, conversation_id: int) -> None:
+    """Another user's conversation is 404 before any other refusal, so no refusal says it exists."""
+    with transaction() as session:
+        require_owned(session, principal, conversation_id)
+
+
 def _first_answer(principal: Principal, conversation_id: int, key: str | None, content: str) -> AcceptedTurn | None:
     """The first answer to this Idempotency-Key, if any, after the ownership check that every refusal and
     replay starts with (another user's conversation is 404 before anything else)."""
@@ -194,7 +200,7 @@ def submit_turn(principal: Principal, conversation_id: int, content: str, idempo
     try:
         check_content(content)
     except (ContentTooLarge, ValidationFailed):
-        _first_answer(principal, conversation_id, None, content)  # another user's conversation is 404 before this
+        _refuse_if_not_owned(principal, conversation_id)
         raise
     if idempotency_key is not None and (replay := _first_answer(principal, conversation_id, idempotency_key, content)):
         return _replayed(replay)

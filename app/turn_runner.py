@@ -89,7 +89,7 @@ def _load_context(unit: Unit, claim: ClaimResult) -> TurnContext:
         history=successful_history(unit, turn.conversation_id, before_seq=row.seq) if row.seq > 1 else [],
         params=AgentParams(row.timeout_seconds, row.temperature, row.max_tokens),
         primary=primary, fallback=target_in_row(row, "f"), reserved=turn.reserved_amount,
-        gives_up=give_up_reason(turn.deliveries, claim.time_left), ends_by=attempts_end_by(claim.time_left),
+        gives_up=give_up_reason(claim.deliveries, claim.time_left), ends_by=attempts_end_by(claim.time_left),
     )
 
 
@@ -100,21 +100,22 @@ def run_turn(turn_id: int) -> None:
 
 def _run_turn(turn_id: int) -> None:
     settings = get_settings()
-    loaded: list[TurnContext] = []
+    loaded: TurnContext | None = None
     with plain_transaction() as connection:
 
         def worst_case(claim: ClaimResult) -> Decimal:
-            context = _load_context(connection, claim)
-            loaded.append(context)
+            """Called by the claim once it holds the turn: the context is read under its lock, and priced."""
+            nonlocal loaded
+            loaded = _load_context(connection, claim)
             assert claim.turn is not None
-            return _worst_case(context, claim.turn)
+            return _worst_case(loaded, claim.turn)
 
         claim = claim_turn(connection, turn_id, settings.lease_seconds, hold=worst_case)
     if not claim.acquired:
         log.info("turn %s not run: %s", turn_id, claim.outcome.value)
         return
-    assert claim.turn is not None
-    context = replace(loaded[0], reserved=claim.turn.reserved_amount)
+    assert claim.turn is not None and loaded is not None
+    context = replace(loaded, reserved=claim.turn.reserved_amount)
     deliveries, affordable = claim.turn.deliveries, claim.affordable
     cancel_requested = claim.turn.cancel_requested_at is not None
     log.info("turn %s %s (delivery %s)", turn_id, claim.outcome.value, deliveries)

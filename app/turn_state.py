@@ -123,14 +123,14 @@ _ANSWER_COLUMNS = ("content", "model", "prompt_tokens", "completion_tokens", "to
 
 
 @cache
-def _both_moving(target: TurnStatus, *, noting: bool = False, answering: bool = False) -> Prepared:
+def _status_update(target: TurnStatus, *, with_error: bool = False, answering: bool = False) -> Prepared:
     """Both messages of a turn to `target` in one UPDATE guarded by the statuses `target` may be reached from.
 
-    `noting` also sets the error message; `answering` also stores the answer's columns, on the
+    `with_error` also sets the error message; `answering` also stores the answer's columns, on the
     assistant's row only."""
     messages = table(ConversationMessage)
     values: dict[str, Any] = {"status": target.value, "updated_at": bindparam("at")}
-    if noting or answering:
+    if with_error or answering:
         values["error_message"] = bindparam("error")
     if answering:
         values.update({name: case((messages.c.id == bindparam("answer"),
@@ -142,10 +142,10 @@ def _both_moving(target: TurnStatus, *, noting: bool = False, answering: bool = 
                     .values(**values))
 
 
-def _move_both(unit: Unit | Batch, target: TurnStatus, question: int, answer: int, *, noting: bool = False,
-               answering: bool = False, **values: Any) -> None:
-    """Run `_both_moving`; a turn whose messages were not both in a status `target` is reached from is refused."""
-    moved = _both_moving(target, noting=noting, answering=answering)(
+def _move_messages(unit: Unit | Batch, target: TurnStatus, question: int, answer: int, *,
+                   with_error: bool = False, answering: bool = False, **values: Any) -> None:
+    """Run `_status_update`; a turn whose messages were not both in a status `target` is reached from is refused."""
+    moved = _status_update(target, with_error=with_error, answering=answering)(
         unit, {"question": question, "answer": answer, **values})
 
     def check() -> None:
@@ -157,7 +157,8 @@ def _move_both(unit: Unit | Batch, target: TurnStatus, question: int, answer: in
 
 @dataclass(frozen=True, slots=True)
 class ClaimResult:
-    """A claim's outcome; a taken turn comes with its lease token and `run`, the row read under the lock:
+    """A claim's outcome; a taken run comes with its lease token and `deliveries`, the number of this
+    delivery (for `app.deliveries.give_up_reason`), and a turn with `run`, the row read under the lock:
     the user's message (`content`, `seq`), the agent's settings and its models (`MODEL_FIELDS`, as `p_<field>`
     for the primary and `f_<field>` for the fallback: `app.targets.target_in_row`).
     `affordable` is False when the worst case the caller asked to hold was not available; `time_left` is
@@ -166,6 +167,7 @@ class ClaimResult:
     outcome: Claim
     turn: TurnRow | None = None
     token: str | None = None
+    deliveries: int = 0
     run: Any = None
     affordable: bool = True
     time_left: float | None = None
@@ -230,14 +232,14 @@ def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
                    row.deliveries + 1, row.reserved_amount, row.cancel_requested_at)
     deadline = delivery_deadline(judged_at, row.timeout_seconds, row.fallback_model_id is not None,
                                  stored=utc(row.deadline_at), taken_over=outcome is Claim.TAKEN_OVER)
-    claim = ClaimResult(outcome, turn, new_lease_token(), row, time_left=deadline.time_left)
+    claim = ClaimResult(outcome, turn, new_lease_token(), turn.deliveries, row, time_left=deadline.time_left)
     amount = max(quantize(hold(claim)), Decimal(0)) if hold is not None else Decimal(0)
     written_at = utc_now()
     with Batch(session) as batch:
         if outcome is Claim.TAKEN_OVER:
             sql.touch_answer(batch, {"turn_id": turn_id, "at": written_at})
         else:
-            _move_both(batch, TurnStatus.PROCESSING, row.user_message_id, turn_id, at=written_at)
+            _move_messages(batch, TurnStatus.PROCESSING, row.user_message_id, turn_id, at=written_at)
         sql.take_lease(batch, {"turn_id": turn_id, "token": claim.token,
                                "expires": judged_at + timedelta(seconds=lease_seconds),
                                "deadline": deadline.at,
@@ -251,10 +253,10 @@ def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
     return replace(claim, turn=replace(turn, reserved_amount=turn.reserved_amount + amount))
 
 
-def _move_noting(session: Session, turn: Turn, target: TurnStatus, error_message: str | None) -> None:
+def _move_with_error(session: Session, turn: Turn, target: TurnStatus, error_message: str | None) -> None:
     """Both messages to `target` with this error message (or none), guarded by the statuses they may leave."""
-    _move_both(session, target, turn.user_message_id, turn.assistant_message_id, noting=True, error=error_message,
-               at=utc_now())
+    _move_messages(session, target, turn.user_message_id, turn.assistant_message_id, with_error=True,
+                   error=error_message, at=utc_now())
 
 
 def finish_turn(
@@ -298,7 +300,7 @@ def finish_turn(
 
     then(unit, held)
     counted = prompt_tokens is not None or completion_tokens is not None
-    _move_both(unit, target, question_id, turn_id, answering=True, error=error_message, at=now,
+    _move_messages(unit, target, question_id, turn_id, answering=True, error=error_message, at=now,
                a_content=content, a_model=model,
                a_prompt_tokens=(prompt_tokens or 0) if counted else None,
                a_completion_tokens=(completion_tokens or 0) if counted else None,
@@ -306,7 +308,7 @@ def finish_turn(
                a_cost=cost, a_latency_ms=latency_ms)
 
 
-def fail_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_message: str) -> Turn | None:
+def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_message: str) -> Turn | None:
     """End an in-flight turn without holding its lease: retries exhausted, or cancelled before a worker.
 
     Whatever a worker had reserved for it is given back here, as a settlement would (`finish_turn`),
@@ -323,7 +325,7 @@ def fail_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_
     if _lease_live(turn.lease_expires_at, lease_time(now)):
         return None
     try:
-        _move_noting(session, turn, target, error_message)
+        _move_with_error(session, turn, target, error_message)
     except TransitionRefused:
         return None
     turn.lease_token = None
@@ -341,7 +343,7 @@ def reopen_turn(session: Session, turn_id: int) -> Turn:
     ).scalar_one_or_none()
     if turn is None:
         raise TransitionRefused(f"turn {turn_id} does not exist")
-    _move_noting(session, turn, TurnStatus.PENDING, None)
+    _move_with_error(session, turn, TurnStatus.PENDING, None)
     turn.lease_token = None
     turn.lease_expires_at = None
     turn.enqueued_at = utc_now()

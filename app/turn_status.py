@@ -1,7 +1,9 @@
 """The statuses of a turn (and of an admin test run) and which changes between them are legal.
 
-`app.turn_state` is the only writer of a status and asks `sources_for` which current statuses may
-move to the requested one; everything else only reads these names.
+After intake (`app.turn_intake` inserts the first `pending`), a status changes only in
+`app.turn_state` (a turn) and `app.debug_run_state` (a test run), each change an UPDATE guarded by
+`sources_for`, which says which current statuses may move to the requested one; everything else only
+reads these names.
 """
 
 from __future__ import annotations

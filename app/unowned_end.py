@@ -14,14 +14,14 @@ from sqlalchemy.orm import Session
 from app import coordination
 from app.conversations import record_turn_end
 from app.live_stream import TurnStream
-from app.turn_state import fail_turn_unowned
+from app.turn_state import end_turn_unowned
 from app.turn_status import TurnStatus
 
 
 def end_unowned(session: Session, turn_id: int, status: TurnStatus, reason: str) -> coordination.HeldTurn | None:
     """In the caller's transaction; None when the turn was not ended here (it had ended, or a live lease
     says a worker runs it)."""
-    turn = fail_turn_unowned(session, turn_id, status, reason)
+    turn = end_turn_unowned(session, turn_id, status, reason)
     if turn is None:
         return None
     record_turn_end(session, turn.conversation_id, None)

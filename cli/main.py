@@ -162,9 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--key-file", default="var/demo-api-key")
     seed.set_defaults(func=cmd_demo_seed)
 
-    from cli.ops import add_ops_commands
+    from cli.debug import add_debug_commands
+    from cli.dlq import add_dlq_commands
 
-    add_ops_commands(sub)
+    add_dlq_commands(sub)
+    add_debug_commands(sub)
     return parser
 
 

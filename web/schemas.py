@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from app.models.base import LARGEST_ID
+from app.models.catalog import DEFAULT_TIMEOUT_SECONDS, TIMEOUT_SECONDS_RANGE
 from app.text import unstorable
 
 
@@ -139,7 +140,7 @@ class ModelPatch(Body):
         return self
 
 
-Timeout = Annotated[int, Strict(), Field(ge=1, le=3600)]
+Timeout = Annotated[int, Strict(), Field(ge=TIMEOUT_SECONDS_RANGE[0], le=TIMEOUT_SECONDS_RANGE[1])]
 Temperature = Annotated[float, Strict(), Field(ge=0, le=2, allow_inf_nan=False)]
 PROMPT_MAX_CHARS = 200_000
 Prompt = text(max_length=PROMPT_MAX_CHARS)
@@ -151,7 +152,7 @@ class AgentBody(Body):
     system_prompt: Prompt
     model_id: Ident
     fallback_model_id: Ident | None = None
-    timeout_seconds: Timeout = 120
+    timeout_seconds: Timeout = DEFAULT_TIMEOUT_SECONDS
     temperature: Temperature | None = None
     max_tokens: MaxTokens | None = None
 

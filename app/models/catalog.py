@@ -10,6 +10,10 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, Id, Money, created_at_column, id_column, updated_at_column
 
+TIMEOUT_SECONDS_RANGE = (1, 3600)
+"""An agent's `timeout_seconds`, checked by the table and by the API's body schema alike."""
+DEFAULT_TIMEOUT_SECONDS = 120
+
 
 class LlmModel(Base):
     """`name` is ours and unique among live models; `model` is what the provider is asked for."""
@@ -46,7 +50,7 @@ class Agent(Base):
 
     __tablename__ = "agents"
     __table_args__ = (
-        CheckConstraint("timeout_seconds BETWEEN 1 AND 3600", name="timeout_in_range"),
+        CheckConstraint("timeout_seconds BETWEEN {} AND {}".format(*TIMEOUT_SECONDS_RANGE), name="timeout_in_range"),
         CheckConstraint("max_tokens IS NULL OR max_tokens > 0", name="max_tokens_positive"),
         CheckConstraint("temperature IS NULL OR (temperature >= 0 AND temperature <= 2)", name="temperature_range"),
     )
@@ -56,7 +60,8 @@ class Agent(Base):
     system_prompt: Mapped[str] = mapped_column(Text, nullable=False)
     model_id: Mapped[int] = mapped_column(Id, ForeignKey("llm_models.id"), nullable=False)
     fallback_model_id: Mapped[int | None] = mapped_column(Id, ForeignKey("llm_models.id"), nullable=True)
-    timeout_seconds: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("120"))
+    timeout_seconds: Mapped[int] = mapped_column(Integer, nullable=False,
+                                                 server_default=text(str(DEFAULT_TIMEOUT_SECONDS)))
     temperature: Mapped[float | None] = mapped_column(Double, nullable=True)
     max_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
