@@ -41,7 +41,7 @@ from app.turn_state import (
     claim_turn,
     finish_turn,
 )
-from app.turn_status import TurnStatus
+from app.turn_status import CHARGED, TurnStatus
 from app.unowned_end import announce_unowned_end, end_unowned
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,9 @@ def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, mod
     """End the turn in one batch: both messages and the answer, the statistics, the money, the attempts.
 
     A turn with a `cost` is charged it (zero writes no ledger row); one without has its reservation
-    released."""
+    released. Only the statuses the contract charges (`CHARGED`) may carry a cost."""
+    if cost is not None and target not in CHARGED:
+        raise ValueError(f"a turn that ends {target.value} is not charged")
     with plain_transaction() as connection, Batch(connection) as batch:
         finish_turn(batch, context.turn_id, context.question_id, context.token, target,
                     model=model.name if model else None, cost=cost, **answer)

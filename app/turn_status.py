@@ -29,6 +29,9 @@ class TurnStatus(StrEnum):
 IN_FLIGHT: frozenset[TurnStatus] = frozenset({TurnStatus.PENDING, TurnStatus.PROCESSING})
 TERMINAL: frozenset[TurnStatus] = frozenset(TurnStatus) - IN_FLIGHT
 IN_FLIGHT_VALUES: tuple[str, ...] = tuple(sorted(s.value for s in IN_FLIGHT))
+CHARGED: frozenset[TurnStatus] = frozenset({TurnStatus.SUCCESS, TurnStatus.CANCELLED})
+"""The contract's "charged" column: a success once, a stop for the tokens generated; a turn that ends in any
+other status is charged nothing and its reservation is released."""
 
 _ALLOWED: dict[TurnStatus, frozenset[TurnStatus]] = {
     TurnStatus.PENDING: frozenset({TurnStatus.PROCESSING, TurnStatus.CANCELLED, TurnStatus.ERROR}),
