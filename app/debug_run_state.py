@@ -23,7 +23,7 @@ from app.turn_state import (
     LeaseLost,
     TransitionRefused,
     claim_outcome,
-    lease_over,
+    lease_free,
     new_lease_token,
 )
 from app.turn_status import TurnStatus, sources_for
@@ -41,7 +41,7 @@ def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> Clai
         return ClaimResult(Claim.MISSING)
     run, agent, now = locked
     judged_at = lease_time(now)
-    outcome = claim_outcome(run.status, run.lease_expires_at, judged_at)
+    outcome = claim_outcome(run.status, run.lease_token, run.lease_expires_at, judged_at)
     if not outcome.acquires:
         return ClaimResult(outcome)
     token = new_lease_token()
@@ -73,7 +73,7 @@ def finish_debug_run(session: Session, run_id: int, token: str | None, target: T
     if token is not None:
         query = query.where(DebugRun.lease_token == token)
     else:
-        query = query.where(lease_over(DebugRun.lease_expires_at, lease_clock()))
+        query = query.where(lease_free(DebugRun.lease_token, DebugRun.lease_expires_at, lease_clock()))
     moved = session.execute(
         query.values(status=target.value, lease_token=None, lease_expires_at=None, updated_at=utc_now(), **result)
         .execution_options(synchronize_session=False)

@@ -20,7 +20,9 @@ from sqlalchemy import update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app import dispatch
+from app.clock import lease_now
 from app.db import transaction
+from app.deliveries import retry_hand_over
 from app.models import ConversationMessage, DebugRun, Turn
 
 log = logging.getLogger(__name__)
@@ -59,11 +61,17 @@ class RunKind:
         ).rowcount == 1
 
     def give_up_lease(self, ident: int, token: str) -> None:
-        """A delivery that failed lets Dramatiq's retry take the run over at once instead of waiting for the
-        lease to run out; if even that fails, the lease runs out by itself."""
+        """A delivery that failed hands its run to Dramatiq's retry: the token goes, so the retry's claim
+        takes the run over at once instead of waiting for the lease to run out, and the expiry is moved to
+        the end of the retry's hand-over (`app.deliveries.retry_hand_over`), before which the recovery
+        sweep does not send the run again. If even that write fails, the lease runs out by itself."""
         try:
             with transaction() as session:
-                self.revoke_lease(session, ident, token)
+                handed_over_until = lease_now(session) + retry_hand_over()
+                session.execute(
+                    update(self.model).where(self.key == ident, self.model.lease_token == token)
+                    .values(lease_token=None, lease_expires_at=handed_over_until)
+                    .execution_options(synchronize_session=False))
         except Exception:
             log.warning("could not give up the lease of %s %s; it runs out by itself", self.label, ident,
                         exc_info=True)

@@ -3,7 +3,8 @@
 Every change is an UPDATE guarded by the statuses it may leave (`turn_status.sources_for`) and, for
 a worker, by the lease token it holds; when the guard matches nothing the change is refused loudly,
 so a redelivered message or a worker that lost its lease can never overwrite a finished turn. Who
-may claim a run under which lease (`claim_outcome`, `lease_over`) is defined here once, and an admin
+may claim a run under which lease (`claim_outcome`, `lease_free`) and when the sweep may send it again
+(`lease_over`) are defined here once, and an admin
 test run's state machine (`app.debug_run_state`) follows the same rule.
 """
 
@@ -86,8 +87,8 @@ def _statements() -> SimpleNamespace:
     primary, fallback = table(LlmModel).alias("primary_model"), table(LlmModel).alias("fallback_model")
     turn_row = [turns.c[name] for name in _TURN_COLUMNS]
     return SimpleNamespace(
-        lock_turn=Prepared(select(*turn_row, turns.c.lease_expires_at, turns.c.deadline_at, DatabaseNow().label("now"),
-                                  messages.c.status,
+        lock_turn=Prepared(select(*turn_row, turns.c.lease_token, turns.c.lease_expires_at, turns.c.deadline_at,
+                                  DatabaseNow().label("now"), messages.c.status,
                                   question.c.content, question.c.seq, agents.c.system_prompt,
                                   agents.c.timeout_seconds, agents.c.temperature, agents.c.max_tokens,
                                   agents.c.fallback_model_id,
@@ -181,24 +182,34 @@ def new_lease_token() -> str:
     return secrets.token_hex(16)
 
 
-def claim_outcome(status: str, lease_expires_at: datetime | None, now: datetime) -> Claim:
+def claim_outcome(status: str, lease_token: str | None, lease_expires_at: datetime | None, now: datetime) -> Claim:
     """Who may run a turn (or admin test run) in `status` now: a pending one is claimed, a processing
-    one is taken over once its lease ran out (its worker died), an ended one is left alone."""
+    one is taken over once no delivery holds it (its worker died, or a failed delivery handed it to
+    its retry), an ended one is left alone."""
     if TurnStatus(status).is_terminal:
         return Claim.FINISHED
     if status != TurnStatus.PROCESSING:
         return Claim.CLAIMED
-    return Claim.OWNED_ELSEWHERE if _lease_live(lease_expires_at, now) else Claim.TAKEN_OVER
+    return Claim.OWNED_ELSEWHERE if _lease_live(lease_token, lease_expires_at, now) else Claim.TAKEN_OVER
 
 
-def _lease_live(lease_expires_at: datetime | None, now: datetime) -> bool:
-    """Some delivery still holds the run: it renews the lease, or died less than a lease ago."""
+def _lease_live(lease_token: str | None, lease_expires_at: datetime | None, now: datetime) -> bool:
+    """Some delivery still holds the run: it renews the lease, or died less than a lease ago. A lease
+    without a token was given up (`app.run_kinds.RunKind.give_up_lease`): nobody holds it."""
     expires = utc(lease_expires_at)
-    return expires is not None and expires > now
+    return lease_token is not None and expires is not None and expires > now
+
+
+def lease_free(lease_token: ColumnElement[str | None], lease_expires_at: ColumnElement[datetime | None],
+               now: ColumnElement[datetime]) -> ColumnElement[bool]:
+    """`_lease_live`'s rule in SQL, negated: no delivery holds the run."""
+    return or_(lease_token.is_(None), lease_expires_at.is_(None), lease_expires_at <= now)
 
 
 def lease_over(lease_expires_at: ColumnElement[datetime | None], now: ColumnElement[datetime]) -> ColumnElement[bool]:
-    """`_lease_live`'s rule in SQL, negated: no delivery holds the run."""
+    """The recovery sweep's rule: the run's lease ran out, and with it the time a failed delivery gave its
+    retry (a given-up lease keeps an expiry for that: `app.deliveries.retry_hand_over`). Until then a
+    given-up run is free for the retry's claim but not sent again by the sweep."""
     return or_(lease_expires_at.is_(None), lease_expires_at <= now)
 
 
@@ -225,7 +236,7 @@ def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
     if row is None:
         return ClaimResult(Claim.MISSING)
     judged_at = lease_time(row.now)
-    outcome = claim_outcome(row.status, row.lease_expires_at, judged_at)
+    outcome = claim_outcome(row.status, row.lease_token, row.lease_expires_at, judged_at)
     if not outcome.acquires:
         return ClaimResult(outcome)
     turn = TurnRow(row.assistant_message_id, row.user_message_id, row.conversation_id, row.user_id,
@@ -322,7 +333,7 @@ def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_m
     if locked is None:
         return None
     turn, now = locked
-    if _lease_live(turn.lease_expires_at, lease_time(now)):
+    if _lease_live(turn.lease_token, turn.lease_expires_at, lease_time(now)):
         return None
     try:
         _move_with_error(session, turn, target, error_message)
