@@ -62,3 +62,6 @@ def create_app(test_config: dict[str, Any] | None = None) -> AgentqAPI:
 
     install_broker()
     return app
+
+
+__all__ = ["AgentqAPI", "IdConverter", "create_app"]

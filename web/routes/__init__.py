@@ -33,3 +33,6 @@ def _limit_body(admin: bool) -> Callable[[], None]:
         request.max_content_length = body_limit(PROMPT_MAX_CHARS if admin else get_settings().max_content_chars)
 
     return limit
+
+
+__all__ = ["ERRORS", "SECURITY", "api_blueprint"]
