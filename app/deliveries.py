@@ -31,15 +31,16 @@ def retry_failed(retries: int, exception: BaseException) -> bool:
 
 def retry_hand_over() -> timedelta:
     """How long a delivery that raised leaves its run to Dramatiq's retry before the recovery sweep may
-    send it again: the longest backoff the retry waits, plus the lease the sweep gives any delivery.
+    send it again: as long as the sweep trusts the message of a pending turn (`AGENTQ_STALE_PENDING_SECONDS`),
+    since the retry, once its backoff is over, waits in the same queue behind the same backlog.
 
     The failed delivery gives its lease up, so the retry's claim takes the run over at once; were the
     sweep to send the run meanwhile too, the two deliveries would each count one towards
     `AGENTQ_MAX_DELIVERIES`, and a run failing the same way every time would be given up with "gave up
     after N deliveries" before its retries ran out: no dead letter naming the error, nothing to requeue
-    once it is fixed. The sweep still sends a run whose retry was lost (Redis lost data) after this."""
-    settings = get_settings()
-    return timedelta(seconds=settings.max_backoff_ms / 1000 + settings.lease_seconds)
+    once it is fixed. A retry lost with Redis's data is sent again by the sweep that notices the loss,
+    as pending turns are (`app.recovery`)."""
+    return timedelta(seconds=get_settings().stale_pending_seconds)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,14 +3,17 @@
 Four cracks, one sweep every `AGENTQ_RECOVERY_INTERVAL_SECONDS`:
 - a turn accepted while its Dramatiq message could not be sent (Redis down, API process killed
   after the commit): still `pending`, its outbox mark empty or older than `AGENTQ_STALE_PENDING_SECONDS`;
-- every `pending` turn after Redis lost its data (its queues went with it), noticed because the
+- every `pending` turn after Redis lost its data (its queues went with it), and every `processing`
+  one a failed delivery handed to its Dramatiq retry (a lease without a token), noticed because the
   epoch key this module keeps in Redis is gone, or names another run of the Redis server (one that
   restarted from a snapshot older than its last messages keeps an old epoch key but not those
   messages); it is set again, to this run, once a sweep has re-sent them all,
   and only if Redis kept the mark that sweep left before sending: lost again meanwhile, it lost the
   re-sent messages too, and the next sweep sends them again);
 - a `processing` turn whose lease ran out: its worker died, so another takes it over without waiting
-  for Dramatiq's own redelivery;
+  for Dramatiq's own redelivery; a failed delivery that handed its turn to Dramatiq's retry left an
+  expiry as long as a pending turn's message is trusted (`app.deliveries.retry_hand_over`), so its
+  retry is not raced by the sweep's message, even behind a backlog;
 - a `processing` turn whose worker still renews its lease but is stuck: once it has run longer than
   the agent's timeout for each of its models plus `AGENTQ_TURN_GRACE_SECONDS`, counted from its first
   delivery, its lease is revoked (the stuck run stops at its next write) and the turn is sent again, to
@@ -141,11 +144,11 @@ def _claim_send(kind: RunKind, ident: int, seen: datetime | None) -> bool:
         ).rowcount == 1
 
 
-def _due(status: Any, enqueued_at: Any, created_at: Any, lease_expires_at: Any, deadline_at: Any, *,
-         redis_lost: bool) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
+def _due(status: Any, enqueued_at: Any, created_at: Any, lease_token: Any, lease_expires_at: Any, deadline_at: Any,
+         *, redis_lost: bool) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
     """The four cracks as conditions on a run's columns (a turn's, or an admin test run's), so the
     database returns only what is due: (due, overdue), overdue being the stuck runs whose live lease
-    is revoked before they are sent again."""
+    is revoked before they are sent again (a run handed to its retry holds no lease to revoke)."""
     now = bindparam("now", type_=DateTime(timezone=True))
     pending, processing = status_is(status, TurnStatus.PENDING), status_is(status, TurnStatus.PROCESSING)
     unsent = true() if redis_lost else or_(
@@ -153,17 +156,19 @@ def _due(status: Any, enqueued_at: Any, created_at: Any, lease_expires_at: Any, 
         enqueued_at < bindparam("stale_before", type_=DateTime(timezone=True)))
     over = lease_over(lease_expires_at, now)
     not_just_sent = or_(enqueued_at.is_(None), enqueued_at <= bindparam("sent_before", type_=DateTime(timezone=True)))
-    overdue = and_(processing, not_(over), deadline_at < now)
-    return or_(and_(pending, unsent), and_(processing, over, not_just_sent), overdue), overdue
+    handed_over = and_(processing, lease_token.is_(None))
+    overdue = and_(processing, not_(over), lease_token.is_not(None), deadline_at < now)
+    due = or_(and_(pending, unsent), and_(processing, over, not_just_sent), overdue)
+    return (or_(due, handed_over) if redis_lost else due), overdue
 
 
 @cache
 def _due_runs(redis_lost: bool) -> SimpleNamespace:
     turns, messages, runs = table(Turn), table(ConversationMessage), table(DebugRun)
-    turn_due, turn_overdue = _due(messages.c.status, turns.c.enqueued_at, turns.c.created_at,
+    turn_due, turn_overdue = _due(messages.c.status, turns.c.enqueued_at, turns.c.created_at, turns.c.lease_token,
                                   turns.c.lease_expires_at, turns.c.deadline_at, redis_lost=redis_lost)
-    run_due, run_overdue = _due(runs.c.status, runs.c.enqueued_at, runs.c.created_at, runs.c.lease_expires_at,
-                                runs.c.deadline_at, redis_lost=redis_lost)
+    run_due, run_overdue = _due(runs.c.status, runs.c.enqueued_at, runs.c.created_at, runs.c.lease_token,
+                                runs.c.lease_expires_at, runs.c.deadline_at, redis_lost=redis_lost)
     return SimpleNamespace(
         turns=Prepared(
             select(turns.c.assistant_message_id, turns.c.enqueued_at, turns.c.lease_token,
