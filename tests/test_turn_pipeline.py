@@ -228,6 +228,38 @@ def test_a_retry_of_a_turn_committed_but_never_sent_sends_it(world, redis_client
     assert world.wait_terminal(key, committed.assistant_message.id, timeout=15)["status"] == "success"
 
 
+def test_a_turn_handed_to_a_retry_that_redis_lost_is_sent_again_by_the_sweep_that_notices(  # type: ignore[no-untyped-def]
+        world, redis_client) -> None:
+    """A delivery that raised hands its turn to Dramatiq's retry: no token, and an expiry the sweep leaves
+    alone for AGENTQ_STALE_PENDING_SECONDS (300 s). When Redis loses its data the retry goes with it, so
+    the sweep that notices the loss sends such a turn at once, as it sends every pending one."""
+    from sqlalchemy import text
+
+    from app.auth import Principal
+    from app.db import plain_transaction, transaction
+    from app.recovery import epoch_key
+    from app.turn_intake import _insert_turn
+
+    wait_for(lambda: redis_client.exists(epoch_key()), what="a recovery sweep after the Redis flush")
+    agent_id = world.agent(world.model())
+    user_id, key = world.user()
+    conversation_id = world.conversation(key, agent_id)
+    with plain_transaction() as connection:
+        accepted = _insert_turn(connection, Principal(user_id, "alice", False), conversation_id, "retry lost", None)
+    turn_id = accepted.assistant_message.id
+    with transaction() as session:
+        session.execute(text("UPDATE conversation_messages SET status = 'processing' WHERE id IN (:q, :a)"),
+                        {"q": accepted.user_message.id, "a": turn_id})
+        session.execute(text("UPDATE turns SET lease_token = NULL, lease_expires_at = now() + interval '300 seconds', "
+                             "deadline_at = now() + interval '1 hour', deliveries = 1, enqueued_at = now() "
+                             "WHERE assistant_message_id = :a"), {"a": turn_id})
+    redis_client.flushdb()
+    assert world.wait_terminal(key, turn_id, timeout=15)["status"] == "success"
+    with transaction() as session:
+        assert session.execute(text("SELECT deliveries FROM turns WHERE assistant_message_id = :a"),
+                               {"a": turn_id}).scalar() == 2
+
+
 def test_turns_re_sent_into_a_redis_that_loses_its_data_again_are_sent_again_by_the_next_sweep(  # type: ignore[no-untyped-def]
         world, redis_client, monkeypatch) -> None:
     """After Redis lost its data, recovery re-sends every pending turn, then marks Redis as recovered. Had
