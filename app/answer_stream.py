@@ -180,6 +180,11 @@ def _fresh_start(key: str) -> tuple[Cursor, dict[str, Any] | None]:
         return Cursor(), None
 
 
+GAP_POLL_SECONDS = 1.0
+"""How often a reader waiting out a gap looks at the database: a Redis blip can put every live reader of
+every turn in this state at once, for as long as their turns run."""
+
+
 def _first_load(message_id: int, deadline: float) -> Generator[StreamEvent, None, tuple[ConversationMessage, int]]:
     """The stored message the stream starts from (`_load`), with heartbeats while the database cannot be
     reached: the reader was authorized a moment ago, and an outage starting now is waited out as one later
@@ -245,43 +250,47 @@ def _follow(message_id: int, cursor: Cursor | None) -> Iterator[StreamEvent]:
                 yield StreamEvent(HEARTBEAT, None)
             continue
         quiet_since = time.monotonic()
-        for raw_id, fields in entries:
-            entry = raw_id.decode()
-            kind = fields[b"type"].decode()
-            attempt = int(fields.get(b"a", b"0"))
-            if kind == "delta":
-                start = int(fields[b"o"])
-                text = fields[b"data"].decode()
-                if attempt > cursor.attempt and cursor.offset == 0 and start == 0:
-                    cursor = Cursor(cursor.entry, attempt, 0)
-                if attempt < cursor.attempt:
-                    # A late write of a voided attempt (attempt numbers only grow): the worker that lost the
-                    # turn flushing what it had as it left. Nothing for this reader, who follows the new one.
-                    cursor = Cursor(entry, cursor.attempt, cursor.offset)
-                    continue
-                if attempt != cursor.attempt or start > cursor.offset:
-                    yield from _wait_and_finish(message_id, cursor, deadline)
-                    return
-                fresh = text[cursor.offset - start:]
-                cursor = Cursor(entry, attempt, max(cursor.offset, start + len(text)))
-                if fresh:
-                    yield StreamEvent("delta", {"text": fresh}, cursor.event_id())
-            elif kind == "status":
-                payload = json.loads(fields[b"data"])
-                if payload.get("restart"):
-                    cursor = Cursor(entry, attempt, 0)
-                else:
-                    cursor = Cursor(entry, cursor.attempt, cursor.offset)
-                yield StreamEvent("status", payload, cursor.event_id())
-            else:
+        events, cursor, from_database = _relay(entries, cursor)
+        yield from events
+        if from_database:
+            yield from _wait_and_finish(message_id, cursor, deadline)
+            return
+
+
+def _relay(entries: list[tuple[bytes, dict[bytes, bytes]]],
+           cursor: Cursor) -> tuple[list[StreamEvent], Cursor, bool]:
+    """What a batch of live-stream entries gives a reader at `cursor`: its events, the cursor after them, and
+    whether the rest must come from the stored message: the stream is done, or has a gap (a delta that does
+    not continue the text the reader has: Redis lost entries)."""
+    events: list[StreamEvent] = []
+    for raw_id, fields in entries:
+        entry = raw_id.decode()
+        kind = fields[b"type"].decode()
+        attempt = int(fields.get(b"a", b"0"))
+        if kind == "delta":
+            start = int(fields[b"o"])
+            text = fields[b"data"].decode()
+            if attempt > cursor.attempt and cursor.offset == 0 and start == 0:
+                cursor = Cursor(cursor.entry, attempt, 0)
+            if attempt < cursor.attempt:
+                # A late write of a voided attempt (attempt numbers only grow): the worker that lost the
+                # turn flushing what it had as it left. Nothing for this reader, who follows the new one.
                 cursor = Cursor(entry, cursor.attempt, cursor.offset)
-                yield from _wait_and_finish(message_id, cursor, deadline)
-                return
-
-
-GAP_POLL_SECONDS = 1.0
-"""How often a reader waiting out a gap looks at the database: a Redis blip can put every live reader of
-every turn in this state at once, for as long as their turns run."""
+                continue
+            if attempt != cursor.attempt or start > cursor.offset:
+                return events, cursor, True
+            fresh = text[cursor.offset - start:]
+            cursor = Cursor(entry, attempt, max(cursor.offset, start + len(text)))
+            if fresh:
+                events.append(StreamEvent("delta", {"text": fresh}, cursor.event_id()))
+        elif kind == "status":
+            payload = json.loads(fields[b"data"])
+            restart = bool(payload.get("restart"))
+            cursor = Cursor(entry, attempt if restart else cursor.attempt, 0 if restart else cursor.offset)
+            events.append(StreamEvent("status", payload, cursor.event_id()))
+        else:
+            return events, Cursor(entry, cursor.attempt, cursor.offset), True
+    return events, cursor, False
 
 
 def _wait_and_finish(message_id: int, cursor: Cursor, deadline: float) -> Iterator[StreamEvent]:
