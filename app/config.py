@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -20,6 +21,9 @@ DAY = 86_400
 YEAR = 365 * DAY
 """Upper bounds of durations: past them a setting is a typo, and one past the calendar's range failed every
 request that added it to a date (an `OverflowError` answered 500), long after the process had started."""
+Seconds = Annotated[float, Field(gt=0, le=DAY)]
+"""A wait or a period: more than nothing, at most a day."""
+BackoffMs = Annotated[int, Field(ge=0, le=DAY * 1000)]
 
 
 class Settings(BaseSettings):
@@ -40,9 +44,9 @@ class Settings(BaseSettings):
     moderation_url: str | None = None
     moderation_api_key_env: str | None = None
 
-    lease_seconds: float = Field(default=30.0, gt=0, le=DAY)
-    recovery_interval_seconds: float = Field(default=5.0, gt=0, le=DAY)
-    enqueue_grace_seconds: float = Field(default=5.0, gt=0, le=DAY)
+    lease_seconds: Seconds = 30.0
+    recovery_interval_seconds: Seconds = 5.0
+    enqueue_grace_seconds: Seconds = 5.0
     stale_pending_seconds: float = Field(default=300.0, gt=0, le=YEAR)
     turn_grace_seconds: float = Field(default=60.0, ge=0, le=DAY)
     default_max_tokens: int = Field(default=1024, ge=1, le=10_000_000)
@@ -50,8 +54,8 @@ class Settings(BaseSettings):
     max_retries: int = Field(default=3, ge=0, le=10_000)
     outage_retries: int = Field(default=20, ge=0, le=1_000_000)
     max_deliveries: int = Field(default=5, ge=1, le=500)
-    min_backoff_ms: int = Field(default=1000, ge=0, le=DAY * 1000)
-    max_backoff_ms: int = Field(default=30000, ge=0, le=DAY * 1000)
+    min_backoff_ms: BackoffMs = 1000
+    max_backoff_ms: BackoffMs = 30000
     shutdown_grace_seconds: float = Field(default=30.0, ge=0, le=DAY)
     broker_heartbeat_ms: int = Field(default=15000, ge=1000, le=DAY * 1000)
     broker_maintenance_chance: int = Field(default=100_000, ge=1, le=1_000_000)
@@ -61,13 +65,13 @@ class Settings(BaseSettings):
 
     stream_maxlen: int = Field(default=10000, ge=100, le=100_000_000)
     stream_ttl_seconds: int = Field(default=3600, ge=60, le=YEAR)
-    stream_heartbeat_seconds: float = Field(default=15.0, gt=0, le=DAY)
+    stream_heartbeat_seconds: Seconds = 15.0
     stream_max_seconds: float = Field(default=3900.0, gt=0, le=YEAR)
     max_streams_per_user: int = Field(default=32, ge=1, le=1_000_000)
 
     db_pool_size: int = Field(default=10, ge=1, le=10_000)
     db_max_overflow: int = Field(default=0, ge=0, le=10_000)
-    db_pool_timeout_seconds: float = Field(default=30.0, gt=0, le=DAY)
+    db_pool_timeout_seconds: Seconds = 30.0
     db_connect_timeout_seconds: int = Field(default=5, ge=2, le=DAY)
     log_json: bool = False
     log_level: str = "INFO"

@@ -31,7 +31,7 @@ from app.dead_letter_queue import BrokerEntry, dead_entries, holds_entry, take_e
 from app.debug_run_state import reopen_debug_run
 from app.errors import Conflict, ConversationBusy, NotFound, ServiceUnavailable, TooManyActiveConversations
 from app.in_flight import check_can_start, lock_user
-from app.models import Agent, Conversation, ConversationMessage, DeadLetter, DebugRun, Turn
+from app.models import Agent, Conversation, ConversationMessage, DeadLetter, Turn
 from app.models.base import utc_now
 from app.run_kinds import KINDS, TURN, kind_of, run_id_of
 from app.turn_state import TransitionRefused, reopen_turn
@@ -209,9 +209,7 @@ def _reopen(session: Session, row: DeadLetter) -> None:
             else:
                 # Its guarded UPDATE refuses a run no longer in error first, as a turn's status check does;
                 # a refusal after it rolls the savepoint back.
-                reopen_debug_run(session, row.run_id)
-                agent_id = session.scalars(select(DebugRun.agent_id).where(DebugRun.id == row.run_id)).one()
-                _refuse_if_agent_deleted(session, row, agent_id)
+                _refuse_if_agent_deleted(session, row, reopen_debug_run(session, row.run_id))
     except TransitionRefused as exc:
         raise Conflict(f"Dead letter {row.id}: its run is no longer in error, so it cannot be requeued.",
                        code="run_not_in_error") from exc

@@ -83,16 +83,19 @@ def finish_debug_run(session: Session, run_id: int, token: str | None, target: T
     return moved == 1
 
 
-def reopen_debug_run(session: Session, run_id: int) -> None:
+def reopen_debug_run(session: Session, run_id: int) -> int:
     """The same requeue for an admin test run that ended as `error`; its delivery count simply starts over
-    (a test run streams to no one, so no attempt numbers need keeping apart)."""
-    moved = session.execute(
+    (a test run streams to no one, so no attempt numbers need keeping apart). Returns the run's agent, which
+    the caller checks next."""
+    reopened = session.execute(
         update(DebugRun)
         .where(DebugRun.id == run_id, DebugRun.status.in_(sources_for(TurnStatus.PENDING)))
         .values(status=TurnStatus.PENDING.value, error_message=None, lease_token=None, lease_expires_at=None,
                 deliveries=0, enqueued_at=utc_now(), updated_at=utc_now())
+        .returning(DebugRun.agent_id)
         .execution_options(synchronize_session=False)
-    ).rowcount
-    if moved != 1:
+    ).first()  # the row, not the rowcount: SQLite counts none for an UPDATE ... RETURNING
+    if reopened is None:
         raise TransitionRefused(f"test run {run_id} cannot move to pending")
+    return int(reopened.agent_id)
 

@@ -83,7 +83,7 @@ def run_debug_run(run_id: int) -> None:
     except LeaseLost:
         log.warning("test run %s was taken over by another worker", run_id)
     except BaseException:
-        TEST_RUN.give_up_lease(run_id, token)
+        TEST_RUN.hand_to_retry(run_id, token)
         raise
 
 

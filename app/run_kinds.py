@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import update
@@ -50,28 +51,25 @@ class RunKind:
         """Enqueue a run's message; False when the broker could not take it (see `app.outbox`)."""
         return dispatch.enqueue(self.queue, self.actor, ident)
 
-    def revoke_lease(self, session: Session, ident: int, token: str) -> bool:
+    def revoke_lease(self, session: Session, ident: int, token: str, *, swept_after: datetime | None = None) -> bool:
         """Take a run from the delivery holding lease `token`: its lease keeper finds the lease gone and stops
         it, and the write that would end the run is refused (the lease guards it). False when `token` no
-        longer holds it."""
+        longer holds it. Any delivery's claim may take the run over at once; the recovery sweep sends it
+        again only after `swept_after` (at once without it)."""
         return session.execute(
             update(self.model).where(self.key == ident, self.model.lease_token == token)
-            .values(lease_token=None, lease_expires_at=None)
+            .values(lease_token=None, lease_expires_at=swept_after)
             .execution_options(synchronize_session=False)
         ).rowcount == 1
 
-    def give_up_lease(self, ident: int, token: str) -> None:
-        """A delivery that failed hands its run to Dramatiq's retry: the token goes, so the retry's claim
-        takes the run over at once instead of waiting for the lease to run out, and the expiry is moved to
-        the end of the retry's hand-over (`app.deliveries.retry_hand_over`), before which the recovery
-        sweep does not send the run again. If even that write fails, the lease runs out by itself."""
+    def hand_to_retry(self, ident: int, token: str) -> None:
+        """A delivery that failed hands its run to Dramatiq's retry: its lease is revoked, so the retry's claim
+        takes the run over at once instead of waiting for the lease to run out, and the sweep leaves it to
+        that retry for `app.deliveries.retry_hand_over`. If even that write fails, the lease runs out by
+        itself."""
         try:
             with transaction() as session:
-                handed_over_until = lease_now(session) + retry_hand_over()
-                session.execute(
-                    update(self.model).where(self.key == ident, self.model.lease_token == token)
-                    .values(lease_token=None, lease_expires_at=handed_over_until)
-                    .execution_options(synchronize_session=False))
+                self.revoke_lease(session, ident, token, swept_after=lease_now(session) + retry_hand_over())
         except Exception:
             log.warning("could not give up the lease of %s %s; it runs out by itself", self.label, ident,
                         exc_info=True)

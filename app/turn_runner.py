@@ -116,7 +116,7 @@ def _run_turn(turn_id: int) -> None:
         return
     assert claim.turn is not None and loaded is not None
     context = replace(loaded, reserved=claim.turn.reserved_amount)
-    deliveries, affordable = claim.turn.deliveries, claim.affordable
+    deliveries, affordable = claim.deliveries, claim.affordable
     cancel_requested = claim.turn.cancel_requested_at is not None
     log.info("turn %s %s (delivery %s)", turn_id, claim.outcome.value, deliveries)
     stream = TurnStream(turn_id, deliveries)
@@ -142,7 +142,7 @@ def _run_turn(turn_id: int) -> None:
             log.warning("turn %s was taken over by another worker; this run stops", turn_id)
             return
         except BaseException:
-            TURN.give_up_lease(context.turn_id, context.token)
+            TURN.hand_to_retry(context.turn_id, context.token)
             raise
     coordination.release(context.held)
 

@@ -195,7 +195,7 @@ def claim_outcome(status: str, lease_token: str | None, lease_expires_at: dateti
 
 def _lease_live(lease_token: str | None, lease_expires_at: datetime | None, now: datetime) -> bool:
     """Some delivery still holds the run: it renews the lease, or died less than a lease ago. A lease
-    without a token was given up (`app.run_kinds.RunKind.give_up_lease`): nobody holds it."""
+    without a token was revoked (`app.run_kinds.RunKind.revoke_lease`): nobody holds it."""
     expires = utc(lease_expires_at)
     return lease_token is not None and expires is not None and expires > now
 
@@ -312,11 +312,11 @@ def finish_turn(
     then(unit, held)
     counted = prompt_tokens is not None or completion_tokens is not None
     _move_messages(unit, target, question_id, turn_id, answering=True, error=error_message, at=now,
-               a_content=content, a_model=model,
-               a_prompt_tokens=(prompt_tokens or 0) if counted else None,
-               a_completion_tokens=(completion_tokens or 0) if counted else None,
-               a_total_tokens=(prompt_tokens or 0) + (completion_tokens or 0) if counted else None,
-               a_cost=cost, a_latency_ms=latency_ms)
+                   a_content=content, a_model=model,
+                   a_prompt_tokens=(prompt_tokens or 0) if counted else None,
+                   a_completion_tokens=(completion_tokens or 0) if counted else None,
+                   a_total_tokens=(prompt_tokens or 0) + (completion_tokens or 0) if counted else None,
+                   a_cost=cost, a_latency_ms=latency_ms)
 
 
 def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_message: str) -> Turn | None:

@@ -13,8 +13,7 @@ import shutil
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import httpx
 import psycopg
 
 from tests.conftest import LOG_DIR, MOCK_URL, PG_ADMIN_URL, child_env
-from tests.support import ROOT, Process, agentq, free_port, wait_for, wait_http
+from tests.support import ROOT, Process, agentq, free_port, refusing, wait_for, wait_http
 
 
 class RedisServer:
@@ -185,19 +184,10 @@ class Stack:
         return wait_for(lambda: (m := self.message(key, message_id))["status"] not in ("pending", "processing") and m,
                         timeout=timeout, interval=0.05, what=f"message {message_id} to end")
 
-    @contextmanager
-    def claims_fail(self, conversation_id: int) -> Iterator[None]:
+    def claims_fail(self, conversation_id: int) -> AbstractContextManager[None]:
         """Every attempt to start a turn of this conversation raises a database error until the block ends."""
-        trigger = f"agentq_test_refuse_{int(conversation_id)}"
-        self.sql("CREATE OR REPLACE FUNCTION agentq_test_refuse_claim() RETURNS trigger LANGUAGE plpgsql AS "
-                 "$$ BEGIN RAISE EXCEPTION 'simulated database failure'; END $$")
-        self.sql(f"CREATE TRIGGER {trigger} BEFORE UPDATE ON conversation_messages FOR EACH ROW "
-                 f"WHEN (NEW.status = 'processing' AND NEW.conversation_id = {int(conversation_id)}) "
-                 "EXECUTE FUNCTION agentq_test_refuse_claim()")
-        try:
-            yield
-        finally:
-            self.sql(f"DROP TRIGGER IF EXISTS {trigger} ON conversation_messages")
+        return refusing(self.sql, f"agentq_test_refuse_{int(conversation_id)}", "conversation_messages", "UPDATE",
+                        f"NEW.status = 'processing' AND NEW.conversation_id = {int(conversation_id)}")
 
     def sql(self, query: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.database_url.replace("+psycopg", ""), autocommit=True) as conn:

@@ -10,7 +10,8 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -106,6 +107,21 @@ def wait_http(url: str, timeout: float = 30.0, verify: ssl.SSLContext | bool = T
             return False
 
     wait_for(ready, timeout=timeout, interval=0.1, what=url)
+
+
+@contextmanager
+def refusing(run_sql: Callable[[str], object], name: str, table: str, event: str, when: str,
+             message: str = "simulated database failure") -> Iterator[None]:
+    """While the block runs, PostgreSQL refuses the `event` (INSERT or UPDATE) of a row of `table` for which
+    `when` holds with a database error: a failure at a chosen step of a real turn. `run_sql` runs one
+    statement on the database under test; `name` names the trigger and its function."""
+    run_sql(f"CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS "
+            f"$$ BEGIN RAISE EXCEPTION '{message}'; END $$")
+    run_sql(f"CREATE TRIGGER {name} BEFORE {event} ON {table} FOR EACH ROW WHEN ({when}) EXECUTE FUNCTION {name}()")
+    try:
+        yield
+    finally:
+        run_sql(f"DROP TRIGGER IF EXISTS {name} ON {table}")
 
 
 def agentq(*args: str) -> list[str]:

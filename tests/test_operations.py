@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,7 +18,7 @@ import pytest
 from sqlalchemy import select, text
 
 from tests.conftest import child_env
-from tests.support import ROOT, agentq, wait_for
+from tests.support import ROOT, agentq, refusing, wait_for
 
 NAMESPACE = "agentq-dramatiq"
 
@@ -39,26 +38,18 @@ def _running(workers, upstream, api, redis_client) -> None:  # type: ignore[no-u
     wait_for(lambda: redis_client.exists(epoch_key()), what="a recovery sweep after the Redis flush")
 
 
-@contextmanager
-def claims_refused(table: str, column: str, value: int) -> Iterator[None]:
-    """Every attempt to move a row of `table` whose `column` is `value` to `processing` (a claim) raises a
-    database error, until the block ends."""
+def _run_sql(statement: str) -> None:
     from app.db import transaction
 
-    name = f"agentq_test_refuse_{table}_{int(value)}"
     with transaction() as session:
-        session.execute(text(
-            "CREATE OR REPLACE FUNCTION agentq_test_refuse_claim() RETURNS trigger LANGUAGE plpgsql AS "
-            "$$ BEGIN RAISE EXCEPTION 'simulated database failure'; END $$"))
-        session.execute(text(
-            f"CREATE TRIGGER {name} BEFORE UPDATE ON {table} FOR EACH ROW "
-            f"WHEN (NEW.status = 'processing' AND NEW.{column} = {int(value)}) "
-            "EXECUTE FUNCTION agentq_test_refuse_claim()"))
-    try:
-        yield
-    finally:
-        with transaction() as session:
-            session.execute(text(f"DROP TRIGGER IF EXISTS {name} ON {table}"))
+        session.execute(text(statement))
+
+
+def claims_refused(table: str, column: str, value: int) -> AbstractContextManager[None]:
+    """Every attempt to move a row of `table` whose `column` is `value` to `processing` (a claim) raises a
+    database error, until the block ends."""
+    return refusing(_run_sql, f"agentq_test_refuse_{table}_{int(value)}", table, "UPDATE",
+                    f"NEW.status = 'processing' AND NEW.{column} = {int(value)}")
 
 
 def claims_fail(conversation_id: int) -> AbstractContextManager[None]:

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import UpstreamLog
 from tests.stack import RedisServer, Stack, drop_database, scratch_database
-from tests.support import Process, wait_for
+from tests.support import Process, refusing, wait_for
 
 LEASE_SECONDS = 3.0
 RECOVERY_INTERVAL = 1.0
@@ -323,22 +323,16 @@ def test_a_turn_failing_after_its_claim_every_time_is_retried_by_dramatiq_alone_
     _, other_key = stack.user("answered-meanwhile")
     failing_agent = stack.agent(stack.model("settles-never", "echo"))
     slow_agent_id = stack.agent(stack.model("answers-slowly", "echo;ttft=4"))
-    trigger = "agentq_test_refuse_charge"
-    stack.sql("CREATE OR REPLACE FUNCTION agentq_test_refuse_charge() RETURNS trigger LANGUAGE plpgsql AS "
-              "$$ BEGIN RAISE EXCEPTION 'simulated settlement failure'; END $$")
-    stack.sql(f"CREATE TRIGGER {trigger} BEFORE INSERT ON credit_transactions FOR EACH ROW "
-              f"WHEN (NEW.user_id = {int(user_id)}) EXECUTE FUNCTION agentq_test_refuse_charge()")
     stack.start_worker(threads=1, AGENTQ_LEASE_SECONDS="1", AGENTQ_MAX_RETRIES="2",
                        AGENTQ_MIN_BACKOFF_MS="500", AGENTQ_MAX_BACKOFF_MS="500")
     # A first sweep on a Redis it has never marked takes it for one that lost its data, and sends every
     # run waiting for a message, a handed-over one too: that is a crack of its own, not this test's.
     wait_for(lambda: stack.redis.client().exists(f"{stack.key_prefix}:epoch"), what="the first recovery sweep")
-    try:
+    with refusing(stack.sql, "agentq_test_refuse_charge", "credit_transactions", "INSERT",
+                  f"NEW.user_id = {int(user_id)}", "simulated settlement failure"):
         failing = stack.send(key, stack.conversation(key, failing_agent), "settle me")
         slow = stack.send(other_key, stack.conversation(other_key, slow_agent_id), "take your time")
         done = stack.wait_terminal(key, failing["id"], timeout=30)
-    finally:
-        stack.sql(f"DROP TRIGGER IF EXISTS {trigger} ON credit_transactions")
     assert stack.wait_terminal(other_key, slow["id"])["status"] == "success"
     assert done["status"] == "error"
     assert done["error_message"].startswith("retries exhausted after 3 attempts: "), done["error_message"]

@@ -45,6 +45,13 @@ request on it then fails without an answer (`tests/test_bad_inputs.py` checks th
 gunicorn)."""
 
 
+def _may_outgrow_the_drain(name: str, value: str) -> bool:
+    """A header saying the body may be longer than gunicorn drains: chunked (of any length), or a length past it."""
+    if name == "TRANSFER-ENCODING":
+        return True
+    return name == "CONTENT-LENGTH" and value.isdigit() and int(value) > LARGEST_BODY_KEPT_ALIVE
+
+
 class ApiWorker(ThreadWorker):
     """gunicorn's threaded worker, with two changes for an API's clients.
 
@@ -55,9 +62,7 @@ class ApiWorker(ThreadWorker):
     body: a 413 is answered before)."""
 
     def handle_request(self, req: Any, conn: Any) -> Any:
-        length = next((value for name, value in req.headers if name == "CONTENT-LENGTH"), None)
-        chunked = any(name == "TRANSFER-ENCODING" for name, _ in req.headers)
-        if chunked or (length is not None and length.isdigit() and int(length) > LARGEST_BODY_KEPT_ALIVE):
+        if any(_may_outgrow_the_drain(name, value) for name, value in req.headers):
             req.force_close()
         return super().handle_request(req, conn)
 
