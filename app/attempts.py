@@ -1,17 +1,30 @@
-"""Recording every upstream attempt (and counting it in the metrics) in the transaction that settles a run."""
+"""Recording every upstream attempt of a run, and counting it in the metrics, once, settled or not.
+
+An attempt's row is written in the transaction that settles its run, so a finished run and the record of
+what it cost upstream commit together. The provider is paid for an attempt whether or not that
+settlement commits, though: one refused (its lease lost to another delivery, a database error, a bug)
+would take the rows with it, and the cost they came to would be recorded nowhere. `RunAttempts` writes
+them then on their own.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import cache
+from typing import Any
 
-from sqlalchemy import bindparam, insert
+from sqlalchemy import bindparam, exists, insert, select
 
 from app import metrics
+from app.db import transaction
 from app.fallback import AttemptRecord
 from app.models import ModelAttempt, table
 from app.models.base import utc_now
 from app.prepared import Batch, Prepared, Unit
+
+log = logging.getLogger(__name__)
 
 _COLUMNS = ("message_id", "debug_log_id", "model_name", "outcome", "error", "latency_ms", "first_token_ms",
             "prompt_tokens", "completion_tokens", "cost", "created_at")
@@ -22,19 +35,64 @@ def _insert() -> Prepared:
     return Prepared(insert(table(ModelAttempt)).values({name: bindparam(name) for name in _COLUMNS}))
 
 
-def record_attempts(
-    unit: Unit | Batch, attempts: Iterable[AttemptRecord], *, message_id: int | None = None,
-    debug_log_id: int | None = None,
-) -> None:
-    attempts = list(attempts)
-    if not attempts:
-        return
-    now = utc_now()
-    _insert()(unit, [
-        {"message_id": message_id, "debug_log_id": debug_log_id, "model_name": a.model_name, "outcome": a.outcome,
-         "error": a.error, "latency_ms": a.latency_ms, "first_token_ms": a.first_token_ms,
-         "prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens, "cost": a.cost,
-         "created_at": now}
-        for a in attempts
-    ])
-    metrics.observe_attempts(attempts)
+class RunAttempts:
+    """The attempts of one delivery of a run (a turn's answer message, or an admin test run's log row),
+    stamped with one time, which tells whether a settlement that seemed to fail wrote them after all."""
+
+    def __init__(self, attempts: Sequence[AttemptRecord], *, message_id: int | None = None,
+                 debug_log_id: int | None = None) -> None:
+        self.attempts = tuple(attempts)
+        self.message_id = message_id
+        self.debug_log_id = debug_log_id
+        self.at = utc_now()
+
+    def write(self, unit: Unit | Batch) -> None:
+        """Their rows, in the settlement's transaction."""
+        if self.attempts:
+            _insert()(unit, self._rows())
+
+    def _rows(self) -> list[dict[str, Any]]:
+        return [
+            {"message_id": self.message_id, "debug_log_id": self.debug_log_id, "model_name": a.model_name,
+             "outcome": a.outcome, "error": a.error, "latency_ms": a.latency_ms, "first_token_ms": a.first_token_ms,
+             "prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens, "cost": a.cost,
+             "created_at": self.at}
+            for a in self.attempts
+        ]
+
+    def write_unsettled(self) -> None:
+        """Their rows on their own, after the settlement failed; none if it committed after all (its commit's
+        answer lost with the connection: its rows carry this stamp). If even this fails, the log line is
+        the only record of what they cost."""
+        if not self.attempts:
+            return
+        rows = table(ModelAttempt)
+        owner = (rows.c.message_id == self.message_id if self.message_id is not None
+                 else rows.c.debug_log_id == self.debug_log_id)
+        try:
+            with transaction() as session:
+                if not session.scalar(select(exists().where(owner, rows.c.created_at == self.at))):
+                    _insert()(session, self._rows())
+        except Exception:
+            log.warning("could not record the attempts of a run whose settlement failed (message %s, test run %s): %s",
+                        self.message_id, self.debug_log_id,
+                        ", ".join(f"{a.model_name} {a.outcome} cost {a.cost}" for a in self.attempts), exc_info=True)
+
+
+@contextmanager
+def settling(attempts: Sequence[AttemptRecord], *, message_id: int | None = None, debug_log_id: int | None = None,
+             settled_again_after: tuple[type[Exception], ...] = ()) -> Iterator[RunAttempts]:
+    """Around the settlement of a run whose delivery made `attempts`: the settlement writes them
+    (`RunAttempts.write`); if it raises, they are written on their own, unless it raised one of
+    `settled_again_after`, after which the caller settles again with the same attempts. Either way they
+    are counted in the metrics once."""
+    run_attempts = RunAttempts(attempts, message_id=message_id, debug_log_id=debug_log_id)
+    try:
+        yield run_attempts
+    except settled_again_after:
+        raise
+    except Exception:
+        run_attempts.write_unsettled()
+        metrics.observe_attempts(run_attempts.attempts)
+        raise
+    metrics.observe_attempts(run_attempts.attempts)

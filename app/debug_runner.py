@@ -14,7 +14,7 @@ import time
 
 from app import metrics
 from app.answer_sink import AnswerSink
-from app.attempts import record_attempts
+from app.attempts import settling
 from app.config import get_settings
 from app.db import transaction
 from app.debug_run_state import claim_debug_run, finish_debug_run
@@ -66,7 +66,7 @@ def run_debug_run(run_id: int) -> None:
                 params, AnswerSink(), holding.stop, ends_by=ends_by)
             latency_ms = int((time.monotonic() - started) * 1000)
             cost = None
-            with transaction() as session:
+            with settling(outcome.attempts, debug_log_id=run_id) as attempts, transaction() as session:
                 if outcome.completion is not None and outcome.model is not None:
                     usage = outcome.completion.usage
                     cost = outcome.model.cost(usage.prompt_tokens, usage.completion_tokens)
@@ -78,7 +78,7 @@ def run_debug_run(run_id: int) -> None:
                 else:
                     finish_debug_run(session, run_id, token, TurnStatus.LLM_ERROR, latency_ms=latency_ms,
                                      error_message=outcome.error_message)
-                record_attempts(session, outcome.attempts, debug_log_id=run_id)
+                attempts.write(session)
             metrics.observe_cost("test_run", cost)
     except LeaseLost:
         log.warning("test run %s was taken over by another worker", run_id)

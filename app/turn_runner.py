@@ -16,7 +16,7 @@ from decimal import Decimal
 from typing import Any
 
 from app import coordination, ledger, metrics
-from app.attempts import record_attempts
+from app.attempts import settling
 from app.cancellation import STOPPED
 from app.config import get_settings
 from app.conversations import record_turn_end
@@ -183,13 +183,16 @@ def _worst_case(context: TurnContext, turn: TurnRow) -> Decimal:
 def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, model: ModelTarget | None = None,
             cost: Decimal | None = None, success_tokens: int | None = None, outcome: Outcome | None = None,
             **answer: Any) -> None:
-    """End the turn in one batch: both messages and the answer, the statistics, the money, the attempts.
+    """End the turn in one batch: both messages and the answer, the statistics, the money, the attempts
+(written on their own if the batch fails: `app.attempts.settling`).
 
     A turn with a `cost` is charged it (zero writes no ledger row); one without has its reservation
     released. Only the statuses the contract charges (`CHARGED`) may carry a cost."""
     if cost is not None and target not in CHARGED:
         raise ValueError(f"a turn that ends {target.value} is not charged")
-    with plain_transaction() as connection, Batch(connection) as batch:
+    with (settling(outcome.attempts if outcome else (), message_id=context.turn_id,
+                   settled_again_after=(StoppedMeanwhile,)) as attempts,
+          plain_transaction() as connection, Batch(connection) as batch):
         finish_turn(batch, context.turn_id, context.question_id, context.token, target,
                     model=model.name if model else None, cost=cost, **answer)
         record_turn_end(batch, context.conversation_id, success_tokens)
@@ -197,8 +200,7 @@ def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, mod
             ledger.release(batch, context.user_id, context.reserved)
         else:
             ledger.charge_turn(batch, context.user_id, context.turn_id, cost, context.reserved)
-        if outcome is not None:
-            record_attempts(batch, outcome.attempts, message_id=context.turn_id)
+        attempts.write(batch)
     metrics.observe_cost("turn", cost)
     stream.finished(target, model.name if model else None)
 

@@ -293,11 +293,12 @@ def test_a_new_turn_racing_a_settlement_of_the_same_conversation_is_refused_with
     assert world.message(key, assistant["id"])["status"] == "success"
 
 
-def test_a_batched_settlement_with_a_lost_lease_writes_nothing(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_a_batched_settlement_with_a_lost_lease_writes_nothing_but_its_attempts(world, upstream) -> None:  # type: ignore[no-untyped-def]
     """The settlement's statements go out together (`app.prepared.Batch`); the lease check comes back with
-    them, and a lost lease rolls back the status, the statistics, the charge and the attempt record alike."""
+    them, and a lost lease rolls back the status, the statistics, the charge and the attempt record alike.
+    The provider was paid for the attempt all the same, so it is then recorded on its own, once."""
     from app import ledger
-    from app.attempts import record_attempts
+    from app.attempts import settling
     from app.conversations import record_turn_end
     from app.fallback import AttemptRecord
     from app.models import CreditTransaction, ModelAttempt, Turn
@@ -313,18 +314,47 @@ def test_a_batched_settlement_with_a_lost_lease_writes_nothing(world, upstream) 
     with transaction() as session:
         reserved = session.get_one(Turn, assistant["id"]).reserved_amount
     attempt = AttemptRecord("primary", "success", None, 5, 1, 3, 4, Decimal("0.5"))
-    with pytest.raises(LeaseLost), transaction() as session, Batch(session) as batch:
+    with (pytest.raises(LeaseLost), settling([attempt], message_id=assistant["id"]) as attempts,
+          transaction() as session, Batch(session) as batch):
         finish_turn(batch, assistant["id"], question_of(assistant["id"]), "not-the-owner", TurnStatus.SUCCESS,
                     content="stolen", prompt_tokens=3, completion_tokens=4, cost=Decimal("0.5"))
         record_turn_end(batch, conversation_id, 7)
         ledger.charge_turn(batch, user_id, assistant["id"], Decimal("0.5"), reserved)
-        record_attempts(batch, [attempt], message_id=assistant["id"])
+        attempts.write(batch)
     assert world.message(key, assistant["id"])["status"] == "processing"
     assert world.api.get(f"/api/conversations/{conversation_id}", key).json["total_tokens"] == 0
     assert world.api.get("/api/me", key).json["balance"] == "5.000000"
     with transaction() as session:
         assert session.query(CreditTransaction).filter_by(message_id=assistant["id"]).count() == 0
-        assert session.query(ModelAttempt).filter_by(message_id=assistant["id"]).count() == 0
+        recorded = session.query(ModelAttempt).filter_by(message_id=assistant["id"]).all()
+        assert [(a.model_name, a.outcome, a.cost) for a in recorded] == [("primary", "success", Decimal("0.5"))]
+
+
+def test_attempts_a_settlement_wrote_before_its_failure_are_not_written_again(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """A settlement can fail after its commit (the commit's answer lost with the connection): its attempts
+    are in the database then, and the write that follows a failure finds them by their stamp; a failure
+    after which the caller settles again (a stop that arrived meanwhile) writes nothing on its own."""
+    from app.attempts import settling
+    from app.fallback import AttemptRecord
+    from app.models import ModelAttempt
+
+    agent_id = world.agent(world.model(upstream="echo;ttft=60"), timeout_seconds=120)
+    _, key = world.user(balance="5")
+    assistant = world.send(key, world.conversation(key, agent_id)).json["assistant_message"]
+    the_only_call(upstream)
+    attempts_made = [AttemptRecord("primary", "timeout", "no answer", 9, None, None, None, None),
+                     AttemptRecord("fallback", "success", None, 5, 1, 3, 4, Decimal("0.25"))]
+    with pytest.raises(ConnectionResetError), settling(attempts_made, message_id=assistant["id"]) as attempts:
+        with transaction() as session:
+            attempts.write(session)
+        raise ConnectionResetError("the commit's answer was lost")
+    with pytest.raises(InterruptedError), settling(attempts_made, message_id=assistant["id"],
+                                                   settled_again_after=(InterruptedError,)):
+        raise InterruptedError("settled again by the caller")
+    with transaction() as session:
+        recorded = session.query(ModelAttempt).filter_by(message_id=assistant["id"]).order_by(ModelAttempt.id).all()
+        assert [(a.model_name, a.outcome, a.cost) for a in recorded] == [("primary", "timeout", None),
+                                                                         ("fallback", "success", Decimal("0.25"))]
 
 
 def test_a_credit_that_waited_for_a_settlement_adds_to_the_settled_balance(world) -> None:  # type: ignore[no-untyped-def]

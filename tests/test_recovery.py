@@ -312,10 +312,10 @@ def test_an_admin_test_run_processing_past_its_timeout_and_grace_is_ended_by_its
 def test_a_turn_failing_after_its_claim_every_time_is_retried_by_dramatiq_alone_and_dead_lettered(
         stack: Stack, upstream: UpstreamLog) -> None:
     """A delivery that raises after its claim (here its settlement: the user's ledger refuses the charge)
-    hands the turn to Dramatiq's retry; the recovery sweep must not send it again meanwhile, even while
-    the retry waits behind a backlog. When it did, each of the sweep's deliveries counted one more
-    towards the give-up, and the turn ended "gave up after N deliveries" before its retries ran out: no
-    dead letter naming the error, nothing to requeue.
+    records what its attempt cost upstream anyway and hands the turn to Dramatiq's retry; the recovery
+    sweep must not send it again meanwhile, even while the retry waits behind a backlog. When it did,
+    each of the sweep's deliveries counted one more towards the give-up, and the turn ended "gave up
+    after N deliveries" before its retries ran out: no dead letter naming the error, nothing to requeue.
 
     One worker thread, a lease of 1 s and a sweep every 0.5-1 s: the failing turn's first retry waits
     behind a 4 s answer of another user, long enough for the sweep to send the turn several times."""
@@ -339,11 +339,42 @@ def test_a_turn_failing_after_its_claim_every_time_is_retried_by_dramatiq_alone_
     assert "simulated settlement failure" in done["error_message"]
     calls = [r for r in upstream.requests() if "settle me" in json.dumps(r)]
     assert (deliveries(stack, failing["id"]), charges(stack, failing["id"]), len(calls)) == (3, 0, 3)
+    # Each delivery's settlement failed, and took its attempt's row with it; each is recorded on its own.
+    assert stack.sql("SELECT model_name, outcome FROM model_attempts WHERE message_id = %(id)s",
+                     {"id": failing["id"]}) == [("settles-never", "success")] * 3
     letters = stack.call("GET", "/api/admin/dead-letters").json()["items"]
     mine = [letter for letter in letters if letter["args"] == [failing["id"]]]
     assert [letter["retries"] for letter in mine] == [2]
     assert stack.call("DELETE", f"/api/admin/dead-letters/{mine[0]['id']}").status_code == 204  # later tests count none
     assert stack.sql("SELECT reserved FROM users WHERE id = %(id)s", {"id": user_id}) == [(Decimal(0),)]
+
+
+def test_an_admin_test_run_whose_result_cannot_be_written_records_each_attempt_and_is_dead_lettered(
+        stack: Stack, upstream: UpstreamLog) -> None:
+    """A test run's settlement that fails (the log row refuses its result) takes its attempt's row with
+    it; the model was called all the same, so each delivery's attempt is recorded on its own, at the
+    model's prices, and the run ends as a dead letter naming the error."""
+    agent_id = stack.agent(stack.model("logs-never", "echo"))
+    stack.start_worker(AGENTQ_MAX_RETRIES="2", AGENTQ_MIN_BACKOFF_MS="200", AGENTQ_MAX_BACKOFF_MS="200")
+    wait_for(lambda: stack.redis.client().exists(f"{stack.key_prefix}:epoch"), what="the first recovery sweep")
+    with refusing(stack.sql, "agentq_test_refuse_result", "admin_debug_logs", "UPDATE", "NEW.status = 'success'",
+                  "simulated result failure"):
+        accepted = stack.call("POST", f"/api/admin/agents/{agent_id}/debug/execute", json={"content": "log me"})
+        assert accepted.status_code == 202
+        run_id = accepted.json()["debug_log_id"]
+        log = wait_for(lambda: ended_test_run(stack, run_id), timeout=30, what="the test run to end")
+    assert log["status"] == "error"
+    assert log["error_message"].startswith("retries exhausted after 3 attempts: "), log["error_message"]
+    assert "simulated result failure" in log["error_message"]
+    calls = [r for r in upstream.requests() if "log me" in json.dumps(r)]
+    recorded = stack.sql("SELECT model_name, outcome, cost FROM model_attempts WHERE debug_log_id = %(id)s",
+                         {"id": run_id})
+    assert (len(calls), len(recorded), {row[:2] for row in recorded}) == (3, 3, {("logs-never", "success")})
+    assert all(row[2] > 0 for row in recorded)
+    letters = stack.call("GET", "/api/admin/dead-letters").json()["items"]
+    mine = [letter for letter in letters if letter["args"] == [run_id]]
+    assert [letter["retries"] for letter in mine] == [2]
+    assert stack.call("DELETE", f"/api/admin/dead-letters/{mine[0]['id']}").status_code == 204
 
 
 def test_a_worker_started_with_queues_serves_only_those_queues(stack: Stack) -> None:
