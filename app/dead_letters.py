@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import dramatiq
@@ -187,7 +188,7 @@ def get_dead_letter(dead_letter_id: int) -> DeadLetterView:
     return _views([row], in_broker)[0]
 
 
-def _reopen(session: Session, row: DeadLetter) -> None:
+def _reopen(session: Session, row: DeadLetter, enqueued_at: datetime) -> None:
     if row.run_id is None:
         raise Conflict(f"Dead letter {row.id} is a {row.actor!r} message, which cannot be requeued.")
     try:
@@ -205,11 +206,11 @@ def _reopen(session: Session, row: DeadLetter) -> None:
                                        "run again.", code="conversation_deleted")
                     _refuse_if_agent_deleted(session, row, conversation.agent_id)
                     _check_user_can_start(session, row, turn)
-                reopen_turn(session, row.run_id)
+                reopen_turn(session, row.run_id, enqueued_at)
             else:
                 # Its guarded UPDATE refuses a run no longer in error first, as a turn's status check does;
                 # a refusal after it rolls the savepoint back.
-                _refuse_if_agent_deleted(session, row, reopen_debug_run(session, row.run_id))
+                _refuse_if_agent_deleted(session, row, reopen_debug_run(session, row.run_id, enqueued_at))
     except TransitionRefused as exc:
         raise Conflict(f"Dead letter {row.id}: its run is no longer in error, so it cannot be requeued.",
                        code="run_not_in_error") from exc
@@ -250,7 +251,7 @@ def _send(row: DeadLetter) -> None:
     assert kind is not None and row.run_id is not None
     if kind is TURN:
         live_stream.forget(row.run_id)
-    outbox.send(kind, row.run_id)
+    outbox.send(kind, row.run_id, row.requeued_at)
 
 
 def requeue(dead_letter_id: int) -> RequeueOutcome:
@@ -264,8 +265,9 @@ def _requeue(dead_letter_id: int) -> DeadLetter:
         row = session.scalar(select(DeadLetter).where(DeadLetter.id == dead_letter_id).with_for_update())
         if row is None or row.requeued_at is not None:
             raise NotFound(f"Dead letter {dead_letter_id} does not exist.")
-        _reopen(session, row)
-        row.requeued_at = utc_now()
+        requeued_at = utc_now()
+        _reopen(session, row, requeued_at)
+        row.requeued_at = requeued_at
     try:
         take_entry(row.queue, row.redis_message_id)
     except redis.RedisError:

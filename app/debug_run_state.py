@@ -7,7 +7,7 @@ second message, no reservation and no charge.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select, update
@@ -83,7 +83,7 @@ def finish_debug_run(session: Session, run_id: int, token: str | None, target: T
     return moved == 1
 
 
-def reopen_debug_run(session: Session, run_id: int) -> int:
+def reopen_debug_run(session: Session, run_id: int, enqueued_at: datetime) -> int:
     """The same requeue for an admin test run that ended as `error`; its delivery count simply starts over
     (a test run streams to no one, so no attempt numbers need keeping apart). Returns the run's agent, which
     the caller checks next."""
@@ -91,7 +91,7 @@ def reopen_debug_run(session: Session, run_id: int) -> int:
         update(DebugRun)
         .where(DebugRun.id == run_id, DebugRun.status.in_(sources_for(TurnStatus.PENDING)))
         .values(status=TurnStatus.PENDING.value, error_message=None, lease_token=None, lease_expires_at=None,
-                deliveries=0, enqueued_at=utc_now(), updated_at=utc_now())
+                deliveries=0, enqueued_at=enqueued_at, updated_at=utc_now())
         .returning(DebugRun.agent_id)
         .execution_options(synchronize_session=False)
     ).first()  # the row, not the rowcount: SQLite counts none for an UPDATE ... RETURNING

@@ -135,11 +135,12 @@ def start_execution(admin: Principal, agent_id: int, content: str) -> int:
     with transaction() as session:
         _agent_setup(session, agent_id)
         check_content(content)
-        run = DebugRun(agent_id=agent_id, admin_id=admin.id, input=content, enqueued_at=utc_now())
+        enqueued_at = utc_now()
+        run = DebugRun(agent_id=agent_id, admin_id=admin.id, input=content, enqueued_at=enqueued_at)
         session.add(run)
         session.flush()
         run_id = run.id
-    outbox.send(TEST_RUN, run_id)
+    outbox.send(TEST_RUN, run_id, enqueued_at)
     return run_id
 
 

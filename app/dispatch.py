@@ -4,11 +4,18 @@ The application never imports the actors; it sends a message by name through the
 `workers.broker.install_broker()` set up for this process. Every caller sends only after its
 transaction committed, and a send that fails is not an error for the caller: recovery re-sends
 whatever stayed pending (see `app.recovery`).
+
+A send that goes with an outbox mark (the `enqueued_at` its caller just wrote) is named after it
+(`message_id`), and the broker leaves a receipt of that name in Redis (`receipt_key`) with the doorbell's
+ring. A run still pending a little after its mark, without a receipt, was committed by a process that
+died before its send: the recovery sweep sends it within seconds, instead of waiting for
+`AGENTQ_STALE_PENDING_SECONDS`, which it must for a run whose message waits in a long queue.
 """
 
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime, timedelta
 
 import dramatiq
 from dramatiq import Message
@@ -30,10 +37,42 @@ def broker_key(queue: str, suffix: str = "") -> str:
     return f"{get_settings().broker_namespace}:{queue}{suffix}"
 
 
-def enqueue(queue: str, actor: str, ident: int) -> bool:
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+RECEIPT_SWEEPS = 3
+"""How many recovery sweeps, after the enqueue grace, look for a pending run's receipt."""
+
+
+def message_id(actor: str, ident: int, enqueued_at: datetime) -> str:
+    """The Dramatiq message id of the send that goes with outbox mark `enqueued_at` (read back from either
+    database: SQLite hands it back without its UTC zone). Unique per send, as Dramatiq's consumers assume,
+    since every such send writes a new mark; readable in the logs."""
+    aware = enqueued_at if enqueued_at.tzinfo is not None else enqueued_at.replace(tzinfo=UTC)
+    return f"{actor}-{ident}-{(aware - _EPOCH) // timedelta(microseconds=1)}"
+
+
+def receipt_key(message: str) -> str:
+    return f"{get_settings().broker_namespace}:sent:{message}"
+
+
+def receipt_look_seconds() -> float:
+    """How long after the enqueue grace the recovery sweep looks for a pending run's receipt: a few sweeps,
+    so that a send missed by one is caught by the next; past that, the stale-pending rule holds."""
+    return RECEIPT_SWEEPS * get_settings().recovery_interval_seconds
+
+
+def receipt_seconds() -> float:
+    """How long a receipt stays: past the last sweep that looks for it, by a lease (the mark is the
+    sender's clock, the sweep's window the database's)."""
+    settings = get_settings()
+    return settings.enqueue_grace_seconds + receipt_look_seconds() + settings.lease_seconds
+
+
+def enqueue(queue: str, actor: str, ident: int, enqueued_at: datetime | None) -> bool:
     """Send run `ident` to `actor` on `queue` (`app.run_kinds` says which); False when the broker could not
-    take it, which is logged here and handled by the caller's outbox."""
-    message = Message(queue_name=queue, actor_name=actor, args=(ident,), kwargs={}, options={})
+    take it, which is logged here and handled by the caller's outbox. `enqueued_at` is the outbox mark
+    the caller wrote for this send (None for a send that wrote none: an Idempotency-Key's replay)."""
+    named = {} if enqueued_at is None else {"message_id": message_id(actor, ident, enqueued_at)}
+    message = Message(queue_name=queue, actor_name=actor, args=(ident,), kwargs={}, options={}, **named)
     try:
         dramatiq.get_broker().enqueue(message)
     except Exception:

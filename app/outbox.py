@@ -8,6 +8,7 @@ as Redis is back, never stranded. This is the one place that rule lives.
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 
 from sqlalchemy import update
 
@@ -17,9 +18,11 @@ from app.run_kinds import RunKind
 log = logging.getLogger(__name__)
 
 
-def send(kind: RunKind, ident: int) -> bool:
-    """Send a committed run, or leave it marked for recovery; False then."""
-    if kind.send(ident):
+def send(kind: RunKind, ident: int, enqueued_at: datetime | None) -> bool:
+    """Send a committed run, or leave it marked for recovery; False then. `enqueued_at` is the outbox mark
+    the caller's transaction wrote for this send, which names its message (`app.dispatch.message_id`);
+    None for a send that wrote none."""
+    if kind.send(ident, enqueued_at):
         return True
     _leave_for_recovery(kind, ident)
     return False

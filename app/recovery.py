@@ -2,7 +2,10 @@
 
 Four cracks, one sweep every `AGENTQ_RECOVERY_INTERVAL_SECONDS`:
 - a turn accepted while its Dramatiq message could not be sent (Redis down, API process killed
-  after the commit): still `pending`, its outbox mark empty or older than `AGENTQ_STALE_PENDING_SECONDS`;
+  after the commit): still `pending`, its outbox mark empty (the send failed) or older than
+  `AGENTQ_STALE_PENDING_SECONDS`; or, for the few sweeps after `AGENTQ_ENQUEUE_GRACE_SECONDS`, without
+  the receipt its send leaves in Redis (`app.dispatch.receipt_key`): its process died before sending
+  it, and it is sent within seconds, not minutes (a pending turn with a receipt waits in a queue);
 - every `pending` turn after Redis lost its data (its queues went with it), and every `processing`
   one a failed delivery handed to its Dramatiq retry (a lease without a token), noticed because the
   epoch key this module keeps in Redis is gone, or names another run of the Redis server (one that
@@ -20,7 +23,8 @@ Four cracks, one sweep every `AGENTQ_RECOVERY_INTERVAL_SECONDS`:
   a delivery that finds the deadline passed and ends it as `error` (as it ends one delivered more than
   `AGENTQ_MAX_DELIVERIES` times). That deadline is written with the lease (`turns.deadline_at`, kept by
   later deliveries: `app.deliveries.delivery_deadline`), so the sweep's query returns only what is
-  due: a sweep costs the same with a thousand turns in flight as with none.
+  due (and the pending runs of the few seconds after the enqueue grace, whose receipts it looks up):
+  a sweep costs the same with a thousand turns in flight as with none.
 Sending is idempotent (a worker that finds a turn finished or owned does nothing), and a
 compare-and-set on `enqueued_at` keeps several sweepers from sending the same turn twice.
 """
@@ -38,12 +42,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import redis
-from sqlalchemy import ColumnElement, DateTime, and_, bindparam, not_, or_, select, true, update
+from sqlalchemy import ColumnElement, DateTime, and_, bindparam, false, not_, or_, select, true, update
 
 from app import outbox
 from app.clock import lease_now
 from app.config import get_settings
 from app.db import transaction
+from app.dispatch import message_id, receipt_key, receipt_look_seconds
 from app.in_flight import answer_in_flight, in_flight, status_is
 from app.models import ConversationMessage, DebugRun, Turn, table
 from app.models.base import utc_now
@@ -134,50 +139,67 @@ def _mark_epoch(sweep_mark: _SweepMark | None) -> None:
         log.warning("Redis lost its data again while pending turns were re-sent; the next sweep re-sends them")
 
 
-def _claim_send(kind: RunKind, ident: int, seen: datetime | None) -> bool:
-    """Compare-and-set the outbox mark so only one sweeper sends this run now."""
+def _claim_send(kind: RunKind, ident: int, seen: datetime | None) -> datetime | None:
+    """Compare-and-set the outbox mark so only one sweeper sends this run now; the new mark, which names
+    the message, or None when another sweeper took it."""
     guard = kind.model.enqueued_at.is_(None) if seen is None else kind.model.enqueued_at == seen
+    marked = utc_now()
     with transaction() as session:
-        return session.execute(
-            update(kind.model).where(kind.key == ident, guard).values(enqueued_at=utc_now())
+        claimed = session.execute(
+            update(kind.model).where(kind.key == ident, guard).values(enqueued_at=marked)
             .execution_options(synchronize_session=False)
         ).rowcount == 1
+    return marked if claimed else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Conditions:
+    due: ColumnElement[bool]
+    overdue: ColumnElement[bool]
+    """Stuck runs, whose live lease is revoked before they are sent again (a run handed to its retry holds
+    no lease to revoke)."""
+    unconfirmed: ColumnElement[bool]
+    """Pending runs sent a little while ago, due unless their send left its receipt in Redis."""
 
 
 def _due(status: Any, enqueued_at: Any, created_at: Any, lease_token: Any, lease_expires_at: Any, deadline_at: Any,
-         *, redis_lost: bool) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
+         *, redis_lost: bool) -> _Conditions:
     """The four cracks as conditions on a run's columns (a turn's, or an admin test run's), so the
-    database returns only what is due: (due, overdue), overdue being the stuck runs whose live lease
-    is revoked before they are sent again (a run handed to its retry holds no lease to revoke)."""
+    database returns only what is due, or due unless Redis holds its send's receipt."""
     now = bindparam("now", type_=DateTime(timezone=True))
+    unsent_before = bindparam("unsent_before", type_=DateTime(timezone=True))
     pending, processing = status_is(status, TurnStatus.PENDING), status_is(status, TurnStatus.PROCESSING)
     unsent = true() if redis_lost else or_(
-        and_(enqueued_at.is_(None), created_at < bindparam("unsent_before", type_=DateTime(timezone=True))),
+        and_(enqueued_at.is_(None), created_at < unsent_before),
         enqueued_at < bindparam("stale_before", type_=DateTime(timezone=True)))
+    unconfirmed = false() if redis_lost else and_(
+        pending, enqueued_at < unsent_before,
+        enqueued_at >= bindparam("receipts_since", type_=DateTime(timezone=True)))
     over = lease_over(lease_expires_at, now)
     not_just_sent = or_(enqueued_at.is_(None), enqueued_at <= bindparam("sent_before", type_=DateTime(timezone=True)))
     handed_over = and_(processing, lease_token.is_(None))
     overdue = and_(processing, not_(over), lease_token.is_not(None), deadline_at < now)
     due = or_(and_(pending, unsent), and_(processing, over, not_just_sent), overdue)
-    return (or_(due, handed_over) if redis_lost else due), overdue
+    return _Conditions(or_(due, handed_over) if redis_lost else due, overdue, and_(unconfirmed, not_(due)))
 
 
 @cache
 def _due_runs(redis_lost: bool) -> SimpleNamespace:
     turns, messages, runs = table(Turn), table(ConversationMessage), table(DebugRun)
-    turn_due, turn_overdue = _due(messages.c.status, turns.c.enqueued_at, turns.c.created_at, turns.c.lease_token,
-                                  turns.c.lease_expires_at, turns.c.deadline_at, redis_lost=redis_lost)
-    run_due, run_overdue = _due(runs.c.status, runs.c.enqueued_at, runs.c.created_at, runs.c.lease_token,
-                                runs.c.lease_expires_at, runs.c.deadline_at, redis_lost=redis_lost)
+    turn = _due(messages.c.status, turns.c.enqueued_at, turns.c.created_at, turns.c.lease_token,
+                turns.c.lease_expires_at, turns.c.deadline_at, redis_lost=redis_lost)
+    run = _due(runs.c.status, runs.c.enqueued_at, runs.c.created_at, runs.c.lease_token,
+               runs.c.lease_expires_at, runs.c.deadline_at, redis_lost=redis_lost)
     return SimpleNamespace(
         turns=Prepared(
             select(turns.c.assistant_message_id, turns.c.enqueued_at, turns.c.lease_token,
-                   turn_overdue.label("overdue"))
+                   turn.overdue.label("overdue"), turn.unconfirmed.label("unconfirmed"))
             .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
-            .where(answer_in_flight(messages), turn_due)),
+            .where(answer_in_flight(messages), or_(turn.due, turn.unconfirmed))),
         runs=Prepared(
-            select(runs.c.id, runs.c.enqueued_at, runs.c.lease_token, run_overdue.label("overdue"))
-            .where(in_flight(runs.c.status), run_due)),
+            select(runs.c.id, runs.c.enqueued_at, runs.c.lease_token, run.overdue.label("overdue"),
+                   run.unconfirmed.label("unconfirmed"))
+            .where(in_flight(runs.c.status), or_(run.due, run.unconfirmed))),
     )
 
 
@@ -192,13 +214,34 @@ def _revoke_overdue(kind: RunKind, ident: int, token: str | None) -> bool:
     return revoked
 
 
+def _without_receipt(rows: list[Any], kind: RunKind) -> list[Any]:
+    """The due rows, and the unconfirmed ones whose send left no receipt in Redis (one round trip for all).
+    Redis unreachable: only the due ones (a send would fail as well)."""
+    unconfirmed = [row for row in rows if row.unconfirmed]
+    if not unconfirmed:
+        return rows
+    try:
+        pipe = get_redis().pipeline(transaction=False)
+        for row in unconfirmed:
+            pipe.exists(receipt_key(message_id(kind.actor, row[0], row.enqueued_at)))
+        received = pipe.execute()
+    except redis.RedisError:
+        return [row for row in rows if not row.unconfirmed]
+    lost = {row[0] for row, found in zip(unconfirmed, received, strict=True) if not found}
+    if lost:
+        log.warning("%s %s: committed, but no process sent it (no receipt in Redis); sending it now",
+                    kind.label, sorted(lost))
+    return [row for row in rows if not row.unconfirmed or row[0] in lost]
+
+
 def _send_due(rows: list[Any], kind: RunKind, sent: list[int], report: RecoveryReport) -> None:
     """Send each due run again (an overdue one once its lease is revoked), unless another sweeper just did."""
-    for ident, enqueued_at, token, overdue in rows:
+    for ident, enqueued_at, token, overdue, _ in _without_receipt(rows, kind):
         if overdue and not _revoke_overdue(kind, ident, token):
             continue
-        if _claim_send(kind, ident, enqueued_at):
-            if outbox.send(kind, ident):
+        marked = _claim_send(kind, ident, enqueued_at)
+        if marked is not None:
+            if outbox.send(kind, ident, marked):
                 sent.append(ident)
             else:
                 report.unsent += 1
@@ -212,7 +255,9 @@ def recover_once() -> RecoveryReport:
     due = _due_runs(report.redis_lost)
     with transaction() as session:
         now = lease_now(session)
-        cutoffs = {"now": now, "unsent_before": now - timedelta(seconds=settings.enqueue_grace_seconds),
+        unsent_before = now - timedelta(seconds=settings.enqueue_grace_seconds)
+        cutoffs = {"now": now, "unsent_before": unsent_before,
+                   "receipts_since": unsent_before - timedelta(seconds=receipt_look_seconds()),
                    "stale_before": now - timedelta(seconds=settings.stale_pending_seconds),
                    "sent_before": now - timedelta(seconds=settings.lease_seconds)}
         turns, runs = due.turns(session, cutoffs).rows, due.runs(session, cutoffs).rows

@@ -47,9 +47,10 @@ class RunKind:
     """The run's status, and the id column of the row that holds it: a turn's is on its answer message,
     which the API reads, not on `model`."""
 
-    def send(self, ident: int) -> bool:
-        """Enqueue a run's message; False when the broker could not take it (see `app.outbox`)."""
-        return dispatch.enqueue(self.queue, self.actor, ident)
+    def send(self, ident: int, enqueued_at: datetime | None) -> bool:
+        """Enqueue a run's message, named after the outbox mark written for it; False when the broker could
+        not take it (see `app.outbox`)."""
+        return dispatch.enqueue(self.queue, self.actor, ident, enqueued_at)
 
     def revoke_lease(self, session: Session, ident: int, token: str, *, swept_after: datetime | None = None) -> bool:
         """Take a run from the delivery holding lease `token`: its lease keeper finds the lease gone and stops

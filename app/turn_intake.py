@@ -8,6 +8,7 @@ is sent only after the commit; a failed send leaves `enqueued_at` empty and reco
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from functools import cache
 from types import SimpleNamespace
 
@@ -34,6 +35,11 @@ class AcceptedTurn:
     user_message: ConversationMessage
     assistant_message: ConversationMessage
     replayed: bool = False
+
+    @property
+    def enqueued_at(self) -> datetime:
+        """The new turn's outbox mark, written with the same time as its messages."""
+        return self.assistant_message.created_at
 
 
 def check_content(content: str) -> None:
@@ -186,7 +192,7 @@ def _replayed(replay: AcceptedTurn) -> AcceptedTurn:
     (or lost the database) before its send, and its retry must not wait for the stale-pending sweep.
     A second message is harmless: the claim runs a turn once."""
     if replay.assistant_message.status == TurnStatus.PENDING:
-        outbox.send(TURN, replay.assistant_message.id)
+        outbox.send(TURN, replay.assistant_message.id, None)
     return replay
 
 
@@ -225,5 +231,5 @@ def submit_turn(principal: Principal, conversation_id: int, content: str, idempo
         lock.release()
         return _replayed(accepted)
     lock.bind(accepted.assistant_message.id)
-    outbox.send(TURN, accepted.assistant_message.id)
+    outbox.send(TURN, accepted.assistant_message.id, accepted.enqueued_at)
     return accepted

@@ -346,9 +346,9 @@ def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_m
     return turn
 
 
-def reopen_turn(session: Session, turn_id: int) -> Turn:
+def reopen_turn(session: Session, turn_id: int, enqueued_at: datetime) -> Turn:
     """An operator's requeue of a turn that ended as `error`: it becomes pending again, its delivery
-    count at the start of the next thousand (`DELIVERIES_PER_REQUEUE`)."""
+    count at the start of the next thousand (`DELIVERIES_PER_REQUEUE`), its outbox mark `enqueued_at`."""
     turn = session.execute(
         select(Turn).where(Turn.assistant_message_id == turn_id).with_for_update()
     ).scalar_one_or_none()
@@ -357,6 +357,6 @@ def reopen_turn(session: Session, turn_id: int) -> Turn:
     _move_with_error(session, turn, TurnStatus.PENDING, None)
     turn.lease_token = None
     turn.lease_expires_at = None
-    turn.enqueued_at = utc_now()
+    turn.enqueued_at = enqueued_at
     turn.deliveries = (turn.deliveries // DELIVERIES_PER_REQUEUE + 1) * DELIVERIES_PER_REQUEUE
     return turn

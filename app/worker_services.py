@@ -72,7 +72,7 @@ def hand_back_unfinished() -> None:
     for kind, ident in handed:
         log.warning("%s %s was still running when the shutdown grace ran out; handed to another worker",
                     kind.label, ident)
-        outbox.send(kind, ident)
+        outbox.send(kind, ident, None)
 
 
 def hand_back_if_draining(message: dramatiq.Message[Any]) -> bool:
@@ -84,7 +84,7 @@ def hand_back_if_draining(message: dramatiq.Message[Any]) -> bool:
     if run is None:
         return False
     kind, ident = run
-    return kind.send(ident)
+    return kind.send(ident, None)
 
 
 def message_died(message: dramatiq.Message[Any]) -> None:

@@ -349,6 +349,31 @@ def test_a_turn_failing_after_its_claim_every_time_is_retried_by_dramatiq_alone_
     assert stack.sql("SELECT reserved FROM users WHERE id = %(id)s", {"id": user_id}) == [(Decimal(0),)]
 
 
+def test_a_turn_waiting_in_a_long_queue_is_not_sent_again_while_its_receipt_is_in_redis(stack: Stack) -> None:
+    """A pending turn past the enqueue grace may have been committed by a process that died before its send,
+    or be waiting behind others: the receipt its send left in Redis tells them apart, so a turn that waits
+    is not sent again (its outbox mark is never moved), and runs once."""
+    _, key = stack.user("queued-behind")
+    _, other_key = stack.user("served-first")
+    agent_id = stack.agent(stack.model("answers-at-once", "echo"))
+    slow_agent_id = stack.agent(stack.model("answers-in-four-seconds", "echo;ttft=4"))
+    stack.start_worker(threads=1)
+    wait_for(lambda: stack.redis.client().exists(f"{stack.key_prefix}:epoch"), what="the first recovery sweep")
+    slow = stack.send(other_key, stack.conversation(other_key, slow_agent_id), "take your time")
+    wait_for(lambda: stack.sql("SELECT status FROM conversation_messages WHERE id = %(id)s",
+                               {"id": slow["id"]}) == [("processing",)], what="the slow turn to take the thread")
+    posted = time.monotonic()
+    queued = stack.send(key, stack.conversation(key, agent_id), "wait your turn")
+    wait_for(lambda: stack.sql("SELECT status FROM conversation_messages WHERE id = %(id)s",
+                               {"id": queued["id"]}) != [("pending",)], timeout=30, what="the queued turn's claim")
+    assert time.monotonic() - posted > 3  # past the grace (1 s) and several sweeps (every 0.5-1 s)
+    assert stack.wait_terminal(key, queued["id"])["status"] == "success"
+    assert stack.wait_terminal(other_key, slow["id"])["status"] == "success"
+    assert stack.sql("SELECT enqueued_at = created_at FROM turns WHERE assistant_message_id = %(id)s",
+                     {"id": queued["id"]}) == [(True,)]
+    assert deliveries(stack, queued["id"]) == 1
+
+
 def test_an_admin_test_run_whose_result_cannot_be_written_records_each_attempt_and_is_dead_lettered(
         stack: Stack, upstream: UpstreamLog) -> None:
     """A test run's settlement that fails (the log row refuses its result) takes its attempt's row with

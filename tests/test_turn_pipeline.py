@@ -105,7 +105,7 @@ def test_a_redelivered_message_neither_calls_the_model_again_nor_charges_twice(w
     assert done["status"] == "success"
 
     for _ in range(2):
-        assert TURN.send(assistant["id"])
+        assert TURN.send(assistant["id"], None)
     from app.operations import queue_snapshot
 
     wait_for(lambda: queue_snapshot().queues[0].ready == 0, what="the duplicate deliveries to be consumed")
@@ -135,7 +135,7 @@ def test_concurrent_duplicate_deliveries_run_the_model_once(world, upstream) -> 
     _, key = world.user()
     conversation_id = world.conversation(key, agent_id)
     assistant = world.send(key, conversation_id, "twice").json["assistant_message"]
-    assert TURN.send(assistant["id"])
+    assert TURN.send(assistant["id"], None)
     assert world.wait_terminal(key, assistant["id"])["status"] == "success"
     wait_for(lambda: _attempt_count(assistant["id"]) == 1, what="the attempt record")
     assert len(upstream.requests()) == 1
@@ -208,7 +208,8 @@ def test_a_retry_that_looked_before_its_first_request_committed_gets_the_first_a
 
 def test_a_retry_of_a_turn_committed_but_never_sent_sends_it(world, redis_client) -> None:  # type: ignore[no-untyped-def]
     """The first request committed its turn and died before sending it; its retry with the same key answers
-    with that turn and sends it, so it runs now, not after the stale-pending sweep (300 s)."""
+    with that turn and sends it, so it runs at once, not after the sweeps that look for its send's receipt
+    (they would have moved its outbox mark)."""
     from app.auth import Principal
     from app.db import plain_transaction
     from app.recovery import epoch_key
@@ -226,6 +227,55 @@ def test_a_retry_of_a_turn_committed_but_never_sent_sends_it(world, redis_client
     assert retry.status_code == 202
     assert retry.json["assistant_message"]["id"] == committed.assistant_message.id
     assert world.wait_terminal(key, committed.assistant_message.id, timeout=15)["status"] == "success"
+    assert _outbox_mark(committed.assistant_message.id) == committed.enqueued_at
+
+
+def _outbox_mark(turn_id: int):  # type: ignore[no-untyped-def]
+    from app.db import transaction
+    from app.models import Turn
+
+    with transaction() as session:
+        return session.get_one(Turn, turn_id).enqueued_at
+
+
+def test_a_turn_committed_by_a_process_that_died_before_sending_it_is_sent_by_the_sweep(  # type: ignore[no-untyped-def]
+        world, redis_client) -> None:
+    """The API process committed a turn and died before its send: the turn carries the outbox mark its
+    intake wrote, as one waiting in a long queue does, but its send left no receipt in Redis, so a sweep
+    soon after the enqueue grace (1 s here) sends it, rather than the stale-pending rule (300 s)."""
+    from app.auth import Principal
+    from app.db import plain_transaction
+    from app.recovery import epoch_key
+    from app.turn_intake import _insert_turn
+
+    wait_for(lambda: redis_client.exists(epoch_key()), what="a recovery sweep after the Redis flush")
+    user_id, key = world.user()
+    conversation_id = world.conversation(key, world.agent(world.model()))
+    with plain_transaction() as connection:
+        committed = _insert_turn(connection, Principal(user_id, "alice", False), conversation_id, "never sent", None)
+    turn_id = committed.assistant_message.id
+    assert world.wait_terminal(key, turn_id, timeout=15)["status"] == "success"
+    assert _outbox_mark(turn_id) > committed.enqueued_at
+    assert world.api.get(f"/api/messages/{turn_id}", key).json["content"] == "echo: never sent"
+
+
+def test_an_admin_test_run_committed_but_never_sent_is_sent_by_the_sweep(  # type: ignore[no-untyped-def]
+        world, redis_client, monkeypatch) -> None:
+    """The same for an admin test run whose API process died between its commit and its send."""
+    from app import outbox
+    from app.recovery import epoch_key
+
+    wait_for(lambda: redis_client.exists(epoch_key()), what="a recovery sweep after the Redis flush")
+    agent_id = world.agent(world.model())
+    with monkeypatch.context() as died:
+        died.setattr(outbox, "send", lambda kind, ident, enqueued_at: True)
+        accepted = world.api.post(f"/api/admin/agents/{agent_id}/debug/execute", world.admin_key,
+                                  {"content": "never sent"})
+    assert accepted.status_code == 202
+    run_id = accepted.json["debug_log_id"]
+    log = wait_for(lambda: (found := world.api.get(f"/api/admin/debug-logs/{run_id}", world.admin_key).json)
+                   ["status"] not in ("pending", "processing") and found, timeout=15, what="the test run to end")
+    assert (log["status"], log["output"]) == ("success", "echo: never sent")
 
 
 def test_a_turn_handed_to_a_retry_that_redis_lost_is_sent_again_by_the_sweep_that_notices(  # type: ignore[no-untyped-def]
@@ -285,7 +335,7 @@ def test_turns_re_sent_into_a_redis_that_loses_its_data_again_are_sent_again_by_
         turns.append(accepted.assistant_message.id)
         keys[accepted.assistant_message.id] = key
 
-    def send_into_a_redis_that_loses_it(kind, ident):  # type: ignore[no-untyped-def]
+    def send_into_a_redis_that_loses_it(kind, ident, enqueued_at):  # type: ignore[no-untyped-def]
         for mark in redis_client.keys(f"{own_epoch}:sweep:*"):
             redis_client.delete(mark)
         return True

@@ -26,6 +26,8 @@ waiting for their backoff, `.DQ`) are not rung and look every second: their mess
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
 from typing import Any
 
@@ -39,8 +41,11 @@ from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries
 
 from app.config import get_settings
 from app.deliveries import retry_failed
+from app.dispatch import receipt_key, receipt_seconds
 from workers.doorbell import Doorbell, channel_name
 from workers.middleware import RunOutcomes, WorkerServices
+
+log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _installed: RedisBroker | None = None
@@ -107,8 +112,22 @@ class DoorbellRedisBroker(RedisBroker):
     def enqueue(self, message: Message, *, delay: int | None = None) -> Message:
         sent = super().enqueue(message, delay=delay)
         if delay is None:
-            self.doorbell.ring(sent.queue_name)
+            self._announce(sent)
         return sent
+
+    def _announce(self, sent: Message) -> None:
+        """In one round trip after a send: the doorbell's ring, and the send's receipt
+        (`app.dispatch.receipt_key`), which tells the recovery sweep that this message reached Redis. Both
+        are hints: without the ring a worker finds the message at its next look; without the receipt the
+        sweep sends the run once more, which its claim makes harmless."""
+        pipe = self.client.pipeline(transaction=False)
+        self.doorbell.ring_in(pipe, sent.queue_name)
+        pipe.set(receipt_key(sent.message_id), b"", ex=max(1, math.ceil(receipt_seconds())))
+        try:
+            pipe.execute()
+        except redis.RedisError:
+            log.debug("could not ring the doorbell of %s or leave the receipt of %s", sent.queue_name,
+                      sent.message_id, exc_info=True)
 
     def close(self) -> None:
         self.doorbell.close()

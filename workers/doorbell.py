@@ -24,6 +24,7 @@ import threading
 import time
 
 import redis
+from redis.client import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,14 @@ class Doorbell:
     def ring(self, queue_name: str) -> None:
         """Tell the listening workers that `queue_name` has a message (after it was sent)."""
         try:
-            self._client.publish(self.channel, queue_name)
+            self.ring_in(self._client, queue_name)
         except redis.RedisError:
             log.debug("could not ring the doorbell of %s; idle workers find the message at their next look",
                       queue_name, exc_info=True)
+
+    def ring_in(self, client: redis.Redis | Pipeline, queue_name: str) -> None:
+        """The ring as one more command of `client`, a pipeline the caller sends with its own commands."""
+        client.publish(self.channel, queue_name)
 
     def listen(self, queue_name: str, bell: threading.Event) -> None:
         """Set `bell` whenever a message is sent to `queue_name`; starts this process's listener once."""

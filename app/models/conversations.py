@@ -106,7 +106,8 @@ class Turn(Base):
     could make (timeout for each model, plus the grace), set by its first delivery since its last requeue
     and kept by the later ones: recovery revokes a delivery still going then.
     `enqueued_at` is the outbox mark: NULL means the Dramatiq message may never have been sent, so
-    recovery sends it.
+    recovery sends it; otherwise it names the message its send was (`app.dispatch.message_id`), whose
+    receipt in Redis recovery looks for.
     """
 
     __tablename__ = "turns"
