@@ -57,7 +57,8 @@ class Outcome:
 
     completion: Completion | None = None
     model: ModelTarget | None = None
-    """The model that answered, or, for a stop, the one whose text is kept."""
+    """The model that answered, or, for a stop or a failure after text was streamed, the one whose text is
+    kept (a failure that streamed nothing has none)."""
     cancelled: bool = False
     partial: str = ""
     """The text of the last attempt that did not finish (failed or stopped): what the live stream shows
@@ -135,6 +136,7 @@ def call_with_fallback(
                                             failure.first_token_ms, prompt_estimate, produced))
             outcome.errors.append(f"{target.name}: {failure}")
             outcome.partial = failure.partial
+            outcome.model = target if failure.partial else None
             if failure.kind == "cancelled":
                 outcome.model, outcome.cancelled = target, True
                 return outcome

@@ -166,7 +166,7 @@ def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) ->
         _settle_cancelled(context, outcome, elapsed_ms, stream)
     else:
         _settle_failure(context, TurnStatus.LLM_ERROR, outcome.error_message, stream, outcome, elapsed_ms,
-                        content=outcome.partial)
+                        content=outcome.partial, model=outcome.model)
 
 
 def _worst_case(context: TurnContext, turn: TurnRow) -> Decimal:
@@ -238,10 +238,13 @@ def _settle_cancelled(context: TurnContext, outcome: Outcome, elapsed_ms: int, s
 
 
 def _settle_failure(context: TurnContext, status: TurnStatus, reason: str, stream: TurnStream,
-                    outcome: Outcome | None = None, elapsed_ms: int | None = None, content: str = "") -> None:
-    """A turn that ends without an answer; `content` is the text its last attempt streamed before it failed
-    (kept, as a stop keeps it: a reader of the stream already has it)."""
-    _settle(context, status, stream, outcome=outcome, error_message=reason, latency_ms=elapsed_ms, content=content)
+                    outcome: Outcome | None = None, elapsed_ms: int | None = None, content: str = "",
+                    model: ModelTarget | None = None) -> None:
+    """A turn that ends without an answer; `content` is the text its last attempt streamed before it failed,
+    and `model` that attempt's (kept, as a stop keeps them: a reader of the stream already has the text,
+    announced as that model's)."""
+    _settle(context, status, stream, model=model, outcome=outcome, error_message=reason, latency_ms=elapsed_ms,
+            content=content)
 
 
 def abandon_turn(turn_id: int, reason: str) -> bool:
