@@ -1,10 +1,12 @@
-"""Recording every upstream attempt of a run, and counting it in the metrics, once, settled or not.
+"""Recording the upstream attempts of a run, and counting them in the metrics, once, whether its
+settlement commits or fails.
 
 An attempt's row is written in the transaction that settles its run, so a finished run and the record of
 what it cost upstream commit together. The provider is paid for an attempt whether or not that
 settlement commits, though: one refused (its lease lost to another delivery, a database error, a bug)
 would take the rows with it, and the cost they came to would be recorded nowhere. `RunAttempts` writes
-them then on their own.
+them then on their own. What this cannot record: the attempts of a worker killed before it settles (they
+were only in its memory), and, while the database is away, anything (the log line lists them).
 """
 
 from __future__ import annotations

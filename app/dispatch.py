@@ -21,6 +21,7 @@ import dramatiq
 from dramatiq import Message
 
 from app.config import get_settings
+from app.models.base import as_utc
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,7 @@ def message_id(actor: str, ident: int, enqueued_at: datetime) -> str:
     """The Dramatiq message id of the send that goes with outbox mark `enqueued_at` (read back from either
     database: SQLite hands it back without its UTC zone). Unique per send, as Dramatiq's consumers assume,
     since every such send writes a new mark; readable in the logs."""
-    aware = enqueued_at if enqueued_at.tzinfo is not None else enqueued_at.replace(tzinfo=UTC)
-    return f"{actor}-{ident}-{(aware - _EPOCH) // timedelta(microseconds=1)}"
+    return f"{actor}-{ident}-{(as_utc(enqueued_at) - _EPOCH) // timedelta(microseconds=1)}"
 
 
 def receipt_key(message: str) -> str:

@@ -34,5 +34,6 @@ def _leave_for_recovery(kind: RunKind, ident: int) -> None:
             session.execute(update(kind.model).where(kind.key == ident).values(enqueued_at=None)
                             .execution_options(synchronize_session=False))
     except Exception:
-        log.warning("could not clear the outbox mark of %s %s; the stale-pending sweep sends it",
+        log.warning("could not clear the outbox mark of %s %s; the recovery sweep sends it when it finds no "
+                    "receipt of its send, or by the stale-pending rule",
                     kind.label, ident, exc_info=True)

@@ -23,8 +23,8 @@ Four cracks, one sweep every `AGENTQ_RECOVERY_INTERVAL_SECONDS`:
   a delivery that finds the deadline passed and ends it as `error` (as it ends one delivered more than
   `AGENTQ_MAX_DELIVERIES` times). That deadline is written with the lease (`turns.deadline_at`, kept by
   later deliveries: `app.deliveries.delivery_deadline`), so the sweep's query returns only what is
-  due (and the pending runs of the few seconds after the enqueue grace, whose receipts it looks up):
-  a sweep costs the same with a thousand turns in flight as with none.
+  due: a sweep's cost does not grow with the turns in flight, only with the pending ones sent in the few
+  seconds after the enqueue grace, whose receipts it looks up (none unless turns wait in a queue).
 Sending is idempotent (a worker that finds a turn finished or owned does nothing), and a
 compare-and-set on `enqueued_at` keeps several sweepers from sending the same turn twice.
 """
@@ -228,19 +228,19 @@ def _without_receipt(rows: list[Any], kind: RunKind) -> list[Any]:
     except redis.RedisError:
         return [row for row in rows if not row.unconfirmed]
     lost = {row[0] for row, found in zip(unconfirmed, received, strict=True) if not found}
-    if lost:
-        log.warning("%s %s: committed, but no process sent it (no receipt in Redis); sending it now",
-                    kind.label, sorted(lost))
     return [row for row in rows if not row.unconfirmed or row[0] in lost]
 
 
 def _send_due(rows: list[Any], kind: RunKind, sent: list[int], report: RecoveryReport) -> None:
     """Send each due run again (an overdue one once its lease is revoked), unless another sweeper just did."""
-    for ident, enqueued_at, token, overdue, _ in _without_receipt(rows, kind):
+    for ident, enqueued_at, token, overdue, unconfirmed in _without_receipt(rows, kind):
         if overdue and not _revoke_overdue(kind, ident, token):
             continue
         marked = _claim_send(kind, ident, enqueued_at)
         if marked is not None:
+            if unconfirmed:
+                log.warning("%s %s was committed, but its send left no receipt in Redis (its process died before "
+                            "sending it?); sending it now", kind.label, ident)
             if outbox.send(kind, ident, marked):
                 sent.append(ident)
             else:

@@ -189,7 +189,7 @@ def _first_answer(principal: Principal, conversation_id: int, key: str | None, c
 
 def _replayed(replay: AcceptedTurn) -> AcceptedTurn:
     """A replayed turn still pending is sent again: the first request may have committed and then died
-    (or lost the database) before its send, and its retry must not wait for the stale-pending sweep.
+    (or lost the database) before its send, and its retry must not wait for the recovery sweep.
     A second message is harmless: the claim runs a turn once."""
     if replay.assistant_message.status == TurnStatus.PENDING:
         outbox.send(TURN, replay.assistant_message.id, None)

@@ -136,3 +136,17 @@ def test_the_doorbell_listens_again_after_its_connection_is_killed(slow_polling_
         assert waited < 5, f"the consumer took {waited:.1f}s after the listener came back"
     finally:
         consumer.close()
+
+
+def test_a_sends_name_is_the_same_whichever_database_hands_its_mark_back() -> None:
+    """The sweep names the receipt it looks for from the outbox mark it reads: PostgreSQL hands it back in
+    its session's zone, SQLite without one (its stored times are UTC)."""
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from app.dispatch import message_id
+
+    written = datetime(2026, 12, 2, 9, 30, 1, 123456, tzinfo=UTC)
+    read_back = (written.astimezone(timezone(timedelta(hours=8))), written.replace(tzinfo=None))
+    assert {message_id("run_turn", 7, moment) for moment in (written, *read_back)} == {
+        "run_turn-7-1796203801123456"}
+    assert message_id("run_turn", 7, written + timedelta(microseconds=1)) != message_id("run_turn", 7, written)

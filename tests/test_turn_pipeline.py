@@ -320,6 +320,7 @@ def test_turns_re_sent_into_a_redis_that_loses_its_data_again_are_sent_again_by_
     from app import outbox
     from app.auth import Principal
     from app.db import plain_transaction
+    from app.dispatch import message_id, receipt_key
     from app.turn_intake import _insert_turn
 
     wait_for(lambda: redis_client.exists(app.recovery.epoch_key()), what="the workers' sweep after the flush")
@@ -338,6 +339,8 @@ def test_turns_re_sent_into_a_redis_that_loses_its_data_again_are_sent_again_by_
     def send_into_a_redis_that_loses_it(kind, ident, enqueued_at):  # type: ignore[no-untyped-def]
         for mark in redis_client.keys(f"{own_epoch}:sweep:*"):
             redis_client.delete(mark)
+        # Its receipt stays, so the workers' own sweeps (Redis is whole to them) leave the turn to this test's.
+        redis_client.set(receipt_key(message_id(kind.actor, ident, enqueued_at)), b"")
         return True
 
     with monkeypatch.context() as lost:
@@ -360,6 +363,8 @@ def test_a_redis_restarted_from_an_older_snapshot_has_its_pending_turns_sent_aga
     since: the epoch names the server run that wrote it, so the next sweep sees another run and sends every
     pending turn again (it waited for the stale-pending rule, 300 s). The restart is stood in for by the
     snapshot's state: a committed turn whose message is gone, and an epoch written by an earlier run."""
+    from sqlalchemy import text
+
     from app.auth import Principal
     from app.db import plain_transaction
     from app.recovery import epoch_key
@@ -371,6 +376,10 @@ def test_a_redis_restarted_from_an_older_snapshot_has_its_pending_turns_sent_aga
     with plain_transaction() as connection:
         lost = _insert_turn(connection, Principal(user_id, "alice", False), conversation_id, "sent after the snapshot",
                             None).assistant_message.id
+        # Sent half a minute ago, before the snapshot: past the sweeps that look for its receipt, well
+        # before the stale-pending rule (300 s), so only the lost data's rule sends it.
+        connection.execute(text("UPDATE turns SET enqueued_at = now() - interval '30 seconds' "
+                                "WHERE assistant_message_id = :id"), {"id": lost})
     redis_client.set(epoch_key(), "0123456789abcdef0123456789abcdef01234567 2026-12-01T00:00:00+00:00")
     assert world.wait_terminal(key, lost, timeout=15)["status"] == "success"
     run_id = redis_client.info("server")["run_id"]
