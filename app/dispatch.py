@@ -54,17 +54,21 @@ def receipt_key(message: str) -> str:
     return f"{get_settings().broker_namespace}:sent:{message}"
 
 
-def receipt_look_seconds() -> float:
+def receipt_look_seconds(*, first_sweep: bool = False) -> float:
     """How long after the enqueue grace the recovery sweep looks for a pending run's receipt: a few sweeps,
-    so that a send missed by one is caught by the next; past that, the stale-pending rule holds."""
-    return RECEIPT_SWEEPS * get_settings().recovery_interval_seconds
+    so that a send missed by one is caught by the next; past that, the stale-pending rule holds. A worker
+    process's first sweep looks back as far as that rule: the runs an API process stranded while no worker
+    ran (a machine that restarted, a deployment that stopped everything) are older than the later sweeps'
+    window."""
+    settings = get_settings()
+    return settings.stale_pending_seconds if first_sweep else RECEIPT_SWEEPS * settings.recovery_interval_seconds
 
 
 def receipt_seconds() -> float:
-    """How long a receipt stays: past the last sweep that looks for it, by a lease (the mark is the
-    sender's clock, the sweep's window the database's)."""
+    """How long a receipt stays: as long as any sweep may look for it, by a lease (the mark is the sender's
+    clock, the sweep's window the database's)."""
     settings = get_settings()
-    return settings.enqueue_grace_seconds + receipt_look_seconds() + settings.lease_seconds
+    return settings.stale_pending_seconds + settings.lease_seconds
 
 
 def enqueue(queue: str, actor: str, ident: int, enqueued_at: datetime | None) -> bool:

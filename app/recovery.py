@@ -3,9 +3,10 @@
 Four cracks, one sweep every `AGENTQ_RECOVERY_INTERVAL_SECONDS`:
 - a turn accepted while its Dramatiq message could not be sent (Redis down, API process killed
   after the commit): still `pending`, its outbox mark empty (the send failed) or older than
-  `AGENTQ_STALE_PENDING_SECONDS`; or, for the few sweeps after `AGENTQ_ENQUEUE_GRACE_SECONDS`, without
-  the receipt its send leaves in Redis (`app.dispatch.receipt_key`): its process died before sending
-  it, and it is sent within seconds, not minutes (a pending turn with a receipt waits in a queue);
+  `AGENTQ_STALE_PENDING_SECONDS`; or, for the few sweeps after `AGENTQ_ENQUEUE_GRACE_SECONDS` (and for a
+  worker process's first sweep, however old), without the receipt its send leaves in Redis
+  (`app.dispatch.receipt_key`): its process died before sending it, and it is sent within seconds, not
+  minutes (a pending turn with a receipt waits in a queue);
 - every `pending` turn after Redis lost its data (its queues went with it), and every `processing`
   one a failed delivery handed to its Dramatiq retry (a lease without a token), noticed because the
   epoch key this module keeps in Redis is gone, or names another run of the Redis server (one that
@@ -247,7 +248,9 @@ def _send_due(rows: list[Any], kind: RunKind, sent: list[int], report: RecoveryR
                 report.unsent += 1
 
 
-def recover_once() -> RecoveryReport:
+def recover_once(*, first_sweep: bool = False) -> RecoveryReport:
+    """One sweep; a worker process's first looks further back for runs without a receipt
+    (`app.dispatch.receipt_look_seconds`)."""
     lost_run = _run_that_lost_data()
     report = RecoveryReport(redis_lost=lost_run is not None)
     sweep_mark = _leave_sweep_mark(lost_run) if lost_run is not None else None
@@ -257,7 +260,7 @@ def recover_once() -> RecoveryReport:
         now = lease_now(session)
         unsent_before = now - timedelta(seconds=settings.enqueue_grace_seconds)
         cutoffs = {"now": now, "unsent_before": unsent_before,
-                   "receipts_since": unsent_before - timedelta(seconds=receipt_look_seconds()),
+                   "receipts_since": unsent_before - timedelta(seconds=receipt_look_seconds(first_sweep=first_sweep)),
                    "stale_before": now - timedelta(seconds=settings.stale_pending_seconds),
                    "sent_before": now - timedelta(seconds=settings.lease_seconds)}
         turns, runs = due.turns(session, cutoffs).rows, due.runs(session, cutoffs).rows
@@ -287,11 +290,14 @@ class RecoveryLoop:
 
     def _run(self) -> None:
         interval = get_settings().recovery_interval_seconds
+        first_sweep = True
         while not self._stop.wait(interval * random.uniform(0.5, 1.0)):
             try:
-                recover_once()
+                recover_once(first_sweep=first_sweep)
             except Exception:
                 log.warning("recovery sweep failed; retrying", exc_info=True)
+                continue
+            first_sweep = False
 
 
 __all__ = ["RecoveryLoop", "RecoveryReport", "recover_once"]

@@ -259,6 +259,48 @@ def test_a_turn_committed_by_a_process_that_died_before_sending_it_is_sent_by_th
     assert world.api.get(f"/api/messages/{turn_id}", key).json["content"] == "echo: never sent"
 
 
+def test_a_worker_starting_after_an_api_stranded_a_turn_sends_it_at_its_first_sweep(  # type: ignore[no-untyped-def]
+        world, workers, redis_client) -> None:
+    """No worker runs (a machine restarting, a deployment stopped) when an API process commits a turn and dies
+    before its send: by the time a worker starts, the turn is older than the window the later sweeps look
+    in. A worker process's first sweep looks back as far as the stale-pending rule, sends that turn, and
+    leaves a turn whose message waited in the queue (its receipt is there) to the queue."""
+    from sqlalchemy import text
+
+    from app.auth import Principal
+    from app.db import plain_transaction, transaction
+    from app.recovery import epoch_key
+    from app.turn_intake import _insert_turn
+
+    wait_for(lambda: redis_client.exists(epoch_key()), what="a recovery sweep after the Redis flush")
+    agent_id = world.agent(world.model())
+    stranded_user, stranded_key = world.user("stranded")
+    _, queued_key = world.user("queued")
+    workers.stop_all()
+    try:
+        queued = world.send(queued_key, world.conversation(queued_key, agent_id), "waited in the queue").json[
+            "assistant_message"]["id"]
+        with plain_transaction() as connection:
+            stranded = _insert_turn(connection, Principal(stranded_user, "stranded", False),
+                                    world.conversation(stranded_key, agent_id), "stranded", None)
+
+        def marks_older_than_the_later_sweeps_window() -> bool:  # the enqueue grace (1 s) and three sweeps of 1 s
+            with transaction() as session:
+                return bool(session.execute(text("SELECT bool_and(enqueued_at < now() - interval '5 seconds') "
+                                                 "FROM turns")).scalar())
+
+        wait_for(marks_older_than_the_later_sweeps_window, timeout=15, what="the turns' marks to age")
+    finally:
+        workers.start()
+    stranded_id = stranded.assistant_message.id
+    assert world.wait_terminal(stranded_key, stranded_id, timeout=15)["status"] == "success"
+    assert world.wait_terminal(queued_key, queued)["status"] == "success"
+    assert _outbox_mark(stranded_id) > stranded.enqueued_at
+    with transaction() as session:
+        assert session.execute(text("SELECT enqueued_at = created_at FROM turns WHERE assistant_message_id = :id"),
+                               {"id": queued}).scalar() is True
+
+
 def test_an_admin_test_run_committed_but_never_sent_is_sent_by_the_sweep(  # type: ignore[no-untyped-def]
         world, redis_client, monkeypatch) -> None:
     """The same for an admin test run whose API process died between its commit and its send."""
