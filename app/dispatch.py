@@ -40,7 +40,8 @@ def broker_key(queue: str, suffix: str = "") -> str:
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 RECEIPT_SWEEPS = 3
-"""How many recovery sweeps, after the enqueue grace, look for a pending run's receipt."""
+"""How many recovery sweeps, after the enqueue grace, look for a pending run's receipt (and each worker
+process's first sweep, however long ago the run was sent: `receipt_look_seconds`)."""
 
 
 def message_id(actor: str, ident: int, enqueued_at: datetime) -> str:

@@ -25,7 +25,8 @@ Four cracks, one sweep every `AGENTQ_RECOVERY_INTERVAL_SECONDS`:
   `AGENTQ_MAX_DELIVERIES` times). That deadline is written with the lease (`turns.deadline_at`, kept by
   later deliveries: `app.deliveries.delivery_deadline`), so the sweep's query returns only what is
   due: a sweep's cost does not grow with the turns in flight, only with the pending ones sent in the few
-  seconds after the enqueue grace, whose receipts it looks up (none unless turns wait in a queue).
+  seconds after the enqueue grace, whose receipts it looks up (none unless turns wait in a queue; a
+  worker process's first sweep, every pending one younger than the stale-pending rule).
 Sending is idempotent (a worker that finds a turn finished or owned does nothing), and a
 compare-and-set on `enqueued_at` keeps several sweepers from sending the same turn twice.
 """
@@ -73,6 +74,8 @@ class RecoveryReport:
     debug_sent: list[int] = field(default_factory=list)
     redis_lost: bool = False
     unsent: int = 0
+    receipts_unchecked: bool = False
+    """Redis could not be asked for the receipts of the runs due unless it held them (they were not sent)."""
 
 
 def server_run(client: redis.Redis) -> str:
@@ -215,9 +218,9 @@ def _revoke_overdue(kind: RunKind, ident: int, token: str | None) -> bool:
     return revoked
 
 
-def _without_receipt(rows: list[Any], kind: RunKind) -> list[Any]:
+def _without_receipt(rows: list[Any], kind: RunKind, report: RecoveryReport) -> list[Any]:
     """The due rows, and the unconfirmed ones whose send left no receipt in Redis (one round trip for all).
-    Redis unreachable: only the due ones (a send would fail as well)."""
+    Redis unreachable: only the due ones (a send would fail as well), and the report says so."""
     unconfirmed = [row for row in rows if row.unconfirmed]
     if not unconfirmed:
         return rows
@@ -227,6 +230,7 @@ def _without_receipt(rows: list[Any], kind: RunKind) -> list[Any]:
             pipe.exists(receipt_key(message_id(kind.actor, row[0], row.enqueued_at)))
         received = pipe.execute()
     except redis.RedisError:
+        report.receipts_unchecked = True
         return [row for row in rows if not row.unconfirmed]
     lost = {row[0] for row, found in zip(unconfirmed, received, strict=True) if not found}
     return [row for row in rows if not row.unconfirmed or row[0] in lost]
@@ -234,7 +238,7 @@ def _without_receipt(rows: list[Any], kind: RunKind) -> list[Any]:
 
 def _send_due(rows: list[Any], kind: RunKind, sent: list[int], report: RecoveryReport) -> None:
     """Send each due run again (an overdue one once its lease is revoked), unless another sweeper just did."""
-    for ident, enqueued_at, token, overdue, unconfirmed in _without_receipt(rows, kind):
+    for ident, enqueued_at, token, overdue, unconfirmed in _without_receipt(rows, kind, report):
         if overdue and not _revoke_overdue(kind, ident, token):
             continue
         marked = _claim_send(kind, ident, enqueued_at)
@@ -293,11 +297,11 @@ class RecoveryLoop:
         first_sweep = True
         while not self._stop.wait(interval * random.uniform(0.5, 1.0)):
             try:
-                recover_once(first_sweep=first_sweep)
+                report = recover_once(first_sweep=first_sweep)
             except Exception:
                 log.warning("recovery sweep failed; retrying", exc_info=True)
                 continue
-            first_sweep = False
+            first_sweep = report.receipts_unchecked and first_sweep
 
 
 __all__ = ["RecoveryLoop", "RecoveryReport", "recover_once"]

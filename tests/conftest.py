@@ -150,9 +150,12 @@ class Workers:
 
     def __init__(self) -> None:
         self.processes: list[Process] = []
+        self.started = 0
 
     def start(self, processes: int = 1, threads: int = 8, **env: str) -> Process:
-        name = f"worker-{len(self.processes)}"
+        """A new log file for each start: a restart reading an earlier start's "ready" would not wait."""
+        self.started += 1
+        name = f"worker-{self.started}"
         process = Process(name, agentq("worker", "--processes", str(processes), "--threads", str(threads)),
                           child_env(**env), LOG_DIR).start()
         self.processes.append(process)

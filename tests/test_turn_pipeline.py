@@ -293,12 +293,43 @@ def test_a_worker_starting_after_an_api_stranded_a_turn_sends_it_at_its_first_sw
     finally:
         workers.start()
     stranded_id = stranded.assistant_message.id
-    assert world.wait_terminal(stranded_key, stranded_id, timeout=15)["status"] == "success"
+    assert world.wait_terminal(stranded_key, stranded_id, timeout=30)["status"] == "success"
     assert world.wait_terminal(queued_key, queued)["status"] == "success"
     assert _outbox_mark(stranded_id) > stranded.enqueued_at
     with transaction() as session:
         assert session.execute(text("SELECT enqueued_at = created_at FROM turns WHERE assistant_message_id = :id"),
                                {"id": queued}).scalar() is True
+
+
+def test_a_first_sweep_that_could_not_ask_redis_for_receipts_says_so_and_sends_nothing(  # type: ignore[no-untyped-def]
+        world, redis_client, monkeypatch) -> None:
+    """A worker process's first sweep is its one look far back for turns without a receipt; when Redis does
+    not answer that lookup the report says so (its loop then keeps the look-back for the next sweep), and no
+    turn is sent on a guess. Asked again with Redis back, it sends the stranded turn."""
+    import redis
+    from sqlalchemy import text
+
+    import app.recovery
+    from app.auth import Principal
+    from app.db import plain_transaction
+    from app.turn_intake import _insert_turn
+
+    wait_for(lambda: redis_client.exists(app.recovery.epoch_key()), what="a recovery sweep after the Redis flush")
+    user_id, key = world.user()
+    conversation_id = world.conversation(key, world.agent(world.model()))
+    with plain_transaction() as connection:
+        stranded = _insert_turn(connection, Principal(user_id, "alice", False), conversation_id, "stranded",
+                                None).assistant_message.id
+        # Committed a minute ago: outside the running workers' window, inside a first sweep's look-back.
+        connection.execute(text("UPDATE turns SET enqueued_at = now() - interval '60 seconds' "
+                                "WHERE assistant_message_id = :id"), {"id": stranded})
+    with monkeypatch.context() as away:
+        away.setattr(app.recovery, "get_redis", lambda: redis.Redis(port=1, socket_connect_timeout=0.2))
+        blind = app.recovery.recover_once(first_sweep=True)
+    assert (blind.receipts_unchecked, blind.sent) == (True, [])
+    seeing = app.recovery.recover_once(first_sweep=True)
+    assert (seeing.receipts_unchecked, seeing.sent) == (False, [stranded])
+    assert world.wait_terminal(key, stranded)["status"] == "success"
 
 
 def test_an_admin_test_run_committed_but_never_sent_is_sent_by_the_sweep(  # type: ignore[no-untyped-def]
@@ -418,8 +449,8 @@ def test_a_redis_restarted_from_an_older_snapshot_has_its_pending_turns_sent_aga
     with plain_transaction() as connection:
         lost = _insert_turn(connection, Principal(user_id, "alice", False), conversation_id, "sent after the snapshot",
                             None).assistant_message.id
-        # Sent half a minute ago, before the snapshot: past the sweeps that look for its receipt, well
-        # before the stale-pending rule (300 s), so only the lost data's rule sends it.
+        # Sent half a minute ago, before the snapshot: past the window in which the running workers' sweeps
+        # look for its receipt, well before the stale-pending rule (300 s), so only the lost data's rule sends it.
         connection.execute(text("UPDATE turns SET enqueued_at = now() - interval '30 seconds' "
                                 "WHERE assistant_message_id = :id"), {"id": lost})
     redis_client.set(epoch_key(), "0123456789abcdef0123456789abcdef01234567 2026-12-01T00:00:00+00:00")

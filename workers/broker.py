@@ -119,7 +119,7 @@ class DoorbellRedisBroker(RedisBroker):
         """In one round trip after a send: the doorbell's ring, and the send's receipt
         (`app.dispatch.receipt_key`), which tells the recovery sweep that this message reached Redis. Both
         are hints: without the ring a worker finds the message at its next look; without the receipt the
-        sweep sends the run once more, which its claim makes harmless."""
+        sweep sends the run once more, and its claim runs it once all the same."""
         pipe = self.client.pipeline(transaction=False)
         self.doorbell.ring_in(pipe, sent.queue_name)
         pipe.set(receipt_key(sent.message_id), b"", ex=max(1, math.ceil(receipt_seconds())))
