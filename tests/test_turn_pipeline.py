@@ -238,6 +238,25 @@ def _outbox_mark(turn_id: int):  # type: ignore[no-untyped-def]
         return session.get_one(Turn, turn_id).enqueued_at
 
 
+def _committed_never_sent(world, content: str, *, sent_seconds_ago: int) -> tuple[str, int]:  # type: ignore[no-untyped-def]
+    """A turn an API process committed and died before sending, its outbox mark `sent_seconds_ago` old:
+    the user's key and the turn's id."""
+    from sqlalchemy import text
+
+    from app.auth import Principal
+    from app.db import plain_transaction
+    from app.turn_intake import _insert_turn
+
+    user_id, key = world.user()
+    conversation_id = world.conversation(key, world.agent(world.model()))
+    with plain_transaction() as connection:
+        turn_id = _insert_turn(connection, Principal(user_id, "alice", False), conversation_id, content,
+                               None).assistant_message.id
+        connection.execute(text("UPDATE turns SET enqueued_at = now() - make_interval(secs => :ago) "
+                                "WHERE assistant_message_id = :id"), {"id": turn_id, "ago": sent_seconds_ago})
+    return key, turn_id
+
+
 def test_a_turn_committed_by_a_process_that_died_before_sending_it_is_sent_by_the_sweep(  # type: ignore[no-untyped-def]
         world, redis_client) -> None:
     """The API process committed a turn and died before its send: the turn carries the outbox mark its
@@ -307,22 +326,12 @@ def test_a_first_sweep_that_could_not_ask_redis_for_receipts_says_so_and_sends_n
     not answer that lookup the report says so (its loop then keeps the look-back for the next sweep), and no
     turn is sent on a guess. Asked again with Redis back, it sends the stranded turn."""
     import redis
-    from sqlalchemy import text
 
     import app.recovery
-    from app.auth import Principal
-    from app.db import plain_transaction
-    from app.turn_intake import _insert_turn
 
     wait_for(lambda: redis_client.exists(app.recovery.epoch_key()), what="a recovery sweep after the Redis flush")
-    user_id, key = world.user()
-    conversation_id = world.conversation(key, world.agent(world.model()))
-    with plain_transaction() as connection:
-        stranded = _insert_turn(connection, Principal(user_id, "alice", False), conversation_id, "stranded",
-                                None).assistant_message.id
-        # Committed a minute ago: outside the running workers' window, inside a first sweep's look-back.
-        connection.execute(text("UPDATE turns SET enqueued_at = now() - interval '60 seconds' "
-                                "WHERE assistant_message_id = :id"), {"id": stranded})
+    # Committed a minute ago: outside the running workers' window, inside a first sweep's look-back.
+    key, stranded = _committed_never_sent(world, "stranded", sent_seconds_ago=60)
     with monkeypatch.context() as away:
         away.setattr(app.recovery, "get_redis", lambda: redis.Redis(port=1, socket_connect_timeout=0.2))
         blind = app.recovery.recover_once(first_sweep=True)
@@ -436,23 +445,13 @@ def test_a_redis_restarted_from_an_older_snapshot_has_its_pending_turns_sent_aga
     since: the epoch names the server run that wrote it, so the next sweep sees another run and sends every
     pending turn again (it waited for the stale-pending rule, 300 s). The restart is stood in for by the
     snapshot's state: a committed turn whose message is gone, and an epoch written by an earlier run."""
-    from sqlalchemy import text
 
-    from app.auth import Principal
-    from app.db import plain_transaction
     from app.recovery import epoch_key
-    from app.turn_intake import _insert_turn
 
     wait_for(lambda: redis_client.exists(epoch_key()), what="a recovery sweep after the Redis flush")
-    user_id, key = world.user()
-    conversation_id = world.conversation(key, world.agent(world.model()))
-    with plain_transaction() as connection:
-        lost = _insert_turn(connection, Principal(user_id, "alice", False), conversation_id, "sent after the snapshot",
-                            None).assistant_message.id
-        # Sent half a minute ago, before the snapshot: past the window in which the running workers' sweeps
-        # look for its receipt, well before the stale-pending rule (300 s), so only the lost data's rule sends it.
-        connection.execute(text("UPDATE turns SET enqueued_at = now() - interval '30 seconds' "
-                                "WHERE assistant_message_id = :id"), {"id": lost})
+    # Sent half a minute ago, before the snapshot: past the window in which the running workers' sweeps
+    # look for its receipt, well before the stale-pending rule (300 s), so only the lost data's rule sends it.
+    key, lost = _committed_never_sent(world, "sent after the snapshot", sent_seconds_ago=30)
     redis_client.set(epoch_key(), "0123456789abcdef0123456789abcdef01234567 2026-12-01T00:00:00+00:00")
     assert world.wait_terminal(key, lost, timeout=15)["status"] == "success"
     run_id = redis_client.info("server")["run_id"]
