@@ -184,7 +184,7 @@ def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, mod
             cost: Decimal | None = None, success_tokens: int | None = None, outcome: Outcome | None = None,
             **answer: Any) -> None:
     """End the turn in one batch: both messages and the answer, the statistics, the money, the attempts
-(written on their own if the batch fails: `app.attempts.settling`).
+    (written on their own if the batch fails: `app.attempts.settling`).
 
     A turn with a `cost` is charged it (zero writes no ledger row); one without has its reservation
     released. Only the statuses the contract charges (`CHARGED`) may carry a cost."""

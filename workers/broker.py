@@ -122,7 +122,7 @@ class DoorbellRedisBroker(RedisBroker):
         sweep sends the run once more, and its claim runs it once all the same."""
         pipe = self.client.pipeline(transaction=False)
         self.doorbell.ring_in(pipe, sent.queue_name)
-        pipe.set(receipt_key(sent.message_id), b"", ex=max(1, math.ceil(receipt_seconds())))
+        pipe.set(receipt_key(sent.message_id), b"", ex=math.ceil(receipt_seconds()))
         try:
             pipe.execute()
         except redis.RedisError:
