@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from decimal import Decimal
 
 from app import metrics
 from app.answer_sink import AnswerSink
@@ -18,11 +19,12 @@ from app.attempts import settling
 from app.config import get_settings
 from app.db import transaction
 from app.debug_run_state import claim_debug_run, finish_debug_run
-from app.deliveries import attempts_end_by, give_up_reason
-from app.fallback import AgentParams, call_with_fallback
+from app.deliveries import attempts_end_by, give_up_reason, outage_wait_seconds
+from app.fallback import AgentParams, Outcome, call_with_fallback
 from app.leases import Holding, keeper
 from app.models import Agent, DebugRun
 from app.moderation import moderate
+from app.outages import waiting_out_outages
 from app.prompt import build_prompt
 from app.run_kinds import TEST_RUN
 from app.targets import agent_targets
@@ -65,26 +67,38 @@ def run_debug_run(run_id: int) -> None:
                                        max_tokens=params.max_tokens).messages,
                 params, AnswerSink(), holding.stop, ends_by=ends_by)
             latency_ms = int((time.monotonic() - started) * 1000)
-            cost = None
-            with settling(outcome.attempts, debug_log_id=run_id) as attempts, transaction() as session:
-                if outcome.completion is not None and outcome.model is not None:
-                    usage = outcome.completion.usage
-                    cost = outcome.model.cost(usage.prompt_tokens, usage.completion_tokens)
-                    finish_debug_run(
-                        session, run_id, token, TurnStatus.SUCCESS, output=outcome.completion.text,
-                        model=outcome.model.name, model_id=outcome.model.id, prompt_tokens=usage.prompt_tokens,
-                        completion_tokens=usage.completion_tokens, cost=cost, latency_ms=latency_ms,
-                        error_message=None)
-                else:
-                    finish_debug_run(session, run_id, token, TurnStatus.LLM_ERROR, latency_ms=latency_ms,
-                                     error_message=outcome.error_message)
-                attempts.write(session)
+            cost = _record_result(run_id, token, outcome, latency_ms)
             metrics.observe_cost("test_run", cost)
     except LeaseLost:
         log.warning("test run %s was taken over by another worker", run_id)
     except BaseException:
         TEST_RUN.hand_to_retry(run_id, token)
         raise
+
+
+def _record_result(run_id: int, token: str, outcome: Outcome, latency_ms: int) -> Decimal | None:
+    """The run's result and its attempts in one transaction, a database outage waited out as a turn's
+    settlement waits it (the models were paid for); the cost logged, None without an answer."""
+    completion, model = outcome.completion, outcome.model
+    cost = None
+    if completion is not None and model is not None:
+        cost = model.cost(completion.usage.prompt_tokens, completion.usage.completion_tokens)
+    with settling(outcome.attempts, debug_log_id=run_id) as attempts:
+
+        def write() -> None:
+            with transaction() as session:
+                if completion is not None and model is not None:
+                    finish_debug_run(session, run_id, token, TurnStatus.SUCCESS, output=completion.text,
+                                     model=model.name, model_id=model.id, prompt_tokens=completion.usage.prompt_tokens,
+                                     completion_tokens=completion.usage.completion_tokens, cost=cost,
+                                     latency_ms=latency_ms, error_message=None)
+                else:
+                    finish_debug_run(session, run_id, token, TurnStatus.LLM_ERROR, latency_ms=latency_ms,
+                                     error_message=outcome.error_message)
+                attempts.write(session)
+
+        waiting_out_outages(write, for_seconds=outage_wait_seconds(), what=f"settling test run {run_id}")
+    return cost
 
 
 def abandon_run(run_id: int, reason: str) -> None:

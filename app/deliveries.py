@@ -29,6 +29,15 @@ def retry_failed(retries: int, exception: BaseException) -> bool:
     return retries < (settings.outage_retries if is_outage(exception) else settings.max_retries)
 
 
+def outage_wait_seconds() -> float:
+    """The longest a delivery waits an outage out: `AGENTQ_OUTAGE_RETRIES` backoffs of at most
+    `AGENTQ_MAX_BACKOFF_MS` (ten minutes by default). A run that has finished its model calls waits as long
+    for its settlement to be written (`app.outages.waiting_out_outages`) before giving the run to a retry
+    that would call the model again."""
+    settings = get_settings()
+    return settings.outage_retries * settings.max_backoff_ms / 1000
+
+
 def retry_hand_over() -> timedelta:
     """How long a delivery that raised leaves its run to Dramatiq's retry before the recovery sweep may
     send it again: as long as the sweep trusts the message of a pending turn (`AGENTQ_STALE_PENDING_SECONDS`),

@@ -32,6 +32,13 @@ TICK_SECONDS = 0.5
 """How often the keeper looks for stop requests (a stop is honoured within this), and retries a renewal."""
 
 
+def renewal_seconds() -> float:
+    """How often a live holder renews its lease: a third of it, so two renewals may fail before it runs out.
+    It also bounds how long a live holder takes to renew once the database is back after an outage, which
+    the recovery sweep waits before it takes expired leases over (`app.recovery`)."""
+    return get_settings().lease_seconds / 3
+
+
 @dataclass
 class Holding:
     ident: int
@@ -100,7 +107,7 @@ class LeaseKeeper:
         """Renew when a third of the lease has passed by the clock; a renewal that failed is tried again at
         the next tick."""
         settings = get_settings()
-        renew_every = settings.lease_seconds / 3
+        renew_every = renewal_seconds()
         renewed_at = float("-inf")
         while True:
             time.sleep(min(TICK_SECONDS, renew_every))

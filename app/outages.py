@@ -1,6 +1,7 @@
 """Whether an error means a backing service is out of reach (down, restarting, failing over, its pool
 exhausted) rather than that the work or the statement is wrong: what waits an outage out (a delivery's
-retries, a stream reader) must not also wait out a real bug.
+retries, a stream reader, a finished run's settlement: `waiting_out_outages`) must not also wait out a
+real bug.
 
 `OperationalError` alone is too wide for that: it also covers a statement timeout, a deadlock, a lock
 not available, and on SQLite a missing table. Only a connection that failed or was lost counts. A
@@ -9,10 +10,18 @@ missing table is told apart too (`schema_missing`): a setup error, for readiness
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
 import psycopg
 import psycopg.errors
 import redis
 import sqlalchemy.exc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _SERVER_GOING_AWAY = frozenset({"57P01", "57P02", "57P03", "53300"})
 """PostgreSQL's admin shutdown, crash shutdown, cannot connect now (starting up), too many connections."""
@@ -42,3 +51,31 @@ def schema_missing(error: BaseException) -> bool:
     if isinstance(error.orig, psycopg.errors.UndefinedTable):
         return True
     return isinstance(error, sqlalchemy.exc.OperationalError) and "no such table" in str(error.orig)
+
+
+def waiting_out_outages(write: Callable[[], T], *, for_seconds: float, what: str) -> T:
+    """`write()`, tried again while it fails because a backing service is out of reach, for up to
+    `for_seconds`; any other error, or the outage outlasting that, is raised.
+
+    For a write whose only alternative is to throw work away: a worker that finished an answer while the
+    database was down would otherwise raise, and the delivery that retries its turn would call the model
+    again (paid twice). The pauses stay short (a second at most) so that the write lands as soon as the
+    database is back, ahead of a recovery sweep that would take the run over (`app.recovery` gives live
+    holders that moment)."""
+    give_up_at = time.monotonic() + for_seconds
+    pause, tries = 0.1, 0
+    while True:
+        try:
+            written = write()
+        except Exception as error:
+            if not is_outage(error) or time.monotonic() + pause > give_up_at:
+                raise
+            if tries == 0:
+                log.warning("%s: a backing service is out of reach (%s); waiting it out", what, type(error).__name__)
+            tries += 1
+            time.sleep(pause)
+            pause = min(pause * 2, 1.0)
+            continue
+        if tries:
+            log.info("%s: done after %d tries", what, tries + 1)
+        return written

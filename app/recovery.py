@@ -28,7 +28,9 @@ Four cracks, one sweep every `AGENTQ_RECOVERY_INTERVAL_SECONDS`:
   seconds after the enqueue grace, whose receipts it looks up (none unless turns wait in a queue; a
   worker process's first sweep, every pending one younger than the stale-pending rule).
 Sending is idempotent (a worker that finds a turn finished or owned does nothing), and a
-compare-and-set on `enqueued_at` keeps several sweepers from sending the same turn twice.
+compare-and-set on `enqueued_at` keeps several sweepers from sending the same turn twice. The last two
+cracks take a lease from its holder, which a sweep does only once the database has answered it for a
+renewal period (`RecoveryLoop`): after an outage, live holders renew first.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import logging
 import random
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cache
@@ -52,8 +55,10 @@ from app.config import get_settings
 from app.db import transaction
 from app.dispatch import message_id, receipt_key, receipt_look_seconds
 from app.in_flight import answer_in_flight, in_flight, status_is
+from app.leases import renewal_seconds
 from app.models import ConversationMessage, DebugRun, Turn, table
 from app.models.base import utc_now
+from app.outages import is_outage
 from app.prepared import Prepared
 from app.redis_client import get_redis, key, lua_script
 from app.run_kinds import TEST_RUN, TURN, RunKind
@@ -167,9 +172,10 @@ class _Conditions:
 
 
 def _due(status: Any, enqueued_at: Any, created_at: Any, lease_token: Any, lease_expires_at: Any, deadline_at: Any,
-         *, redis_lost: bool) -> _Conditions:
+         *, redis_lost: bool, take_over: bool) -> _Conditions:
     """The four cracks as conditions on a run's columns (a turn's, or an admin test run's), so the
-    database returns only what is due, or due unless Redis holds its send's receipt."""
+    database returns only what is due, or due unless Redis holds its send's receipt; without `take_over`,
+    no run held by a lease (expired or overdue) is."""
     now = bindparam("now", type_=DateTime(timezone=True))
     unsent_before = bindparam("unsent_before", type_=DateTime(timezone=True))
     pending, processing = status_is(status, TurnStatus.PENDING), status_is(status, TurnStatus.PROCESSING)
@@ -182,18 +188,19 @@ def _due(status: Any, enqueued_at: Any, created_at: Any, lease_token: Any, lease
     over = lease_over(lease_expires_at, now)
     not_just_sent = or_(enqueued_at.is_(None), enqueued_at <= bindparam("sent_before", type_=DateTime(timezone=True)))
     handed_over = and_(processing, lease_token.is_(None))
-    overdue = and_(processing, not_(over), lease_token.is_not(None), deadline_at < now)
-    due = or_(and_(pending, unsent), and_(processing, over, not_just_sent), overdue)
+    overdue = and_(processing, not_(over), lease_token.is_not(None), deadline_at < now) if take_over else false()
+    expired = and_(processing, over, not_just_sent) if take_over else false()
+    due = or_(and_(pending, unsent), expired, overdue)
     return _Conditions(or_(due, handed_over) if redis_lost else due, overdue, and_(unconfirmed, not_(due)))
 
 
 @cache
-def _due_runs(redis_lost: bool) -> SimpleNamespace:
+def _due_runs(redis_lost: bool, take_over: bool) -> SimpleNamespace:
     turns, messages, runs = table(Turn), table(ConversationMessage), table(DebugRun)
     turn = _due(messages.c.status, turns.c.enqueued_at, turns.c.created_at, turns.c.lease_token,
-                turns.c.lease_expires_at, turns.c.deadline_at, redis_lost=redis_lost)
+                turns.c.lease_expires_at, turns.c.deadline_at, redis_lost=redis_lost, take_over=take_over)
     run = _due(runs.c.status, runs.c.enqueued_at, runs.c.created_at, runs.c.lease_token,
-               runs.c.lease_expires_at, runs.c.deadline_at, redis_lost=redis_lost)
+               runs.c.lease_expires_at, runs.c.deadline_at, redis_lost=redis_lost, take_over=take_over)
     return SimpleNamespace(
         turns=Prepared(
             select(turns.c.assistant_message_id, turns.c.enqueued_at, turns.c.lease_token,
@@ -252,14 +259,15 @@ def _send_due(rows: list[Any], kind: RunKind, sent: list[int], report: RecoveryR
                 report.unsent += 1
 
 
-def recover_once(*, first_sweep: bool = False) -> RecoveryReport:
+def recover_once(*, first_sweep: bool = False, take_over: bool = True) -> RecoveryReport:
     """One sweep; a worker process's first looks further back for runs without a receipt
-    (`app.dispatch.receipt_look_seconds`)."""
+    (`app.dispatch.receipt_look_seconds`). Without `take_over` it leaves every run held by a lease to its
+    holder, expired or overdue (`RecoveryLoop` says when)."""
     lost_run = _run_that_lost_data()
     report = RecoveryReport(redis_lost=lost_run is not None)
     sweep_mark = _leave_sweep_mark(lost_run) if lost_run is not None else None
     settings = get_settings()
-    due = _due_runs(report.redis_lost)
+    due = _due_runs(report.redis_lost, take_over)
     with transaction() as session:
         now = lease_now(session)
         unsent_before = now - timedelta(seconds=settings.enqueue_grace_seconds)
@@ -279,7 +287,16 @@ def recover_once(*, first_sweep: bool = False) -> RecoveryReport:
 
 
 class RecoveryLoop:
-    """The sweep on a timer, in a daemon thread, with jitter so processes do not sweep in step."""
+    """The sweep on a timer, in a daemon thread, with jitter so processes do not sweep in step.
+
+    It takes no lease over (an expired one, or one past its deadline) until the database has answered
+    this process's sweeps for a lease renewal period (`app.leases.renewal_seconds`): after an outage
+    longer than a lease every lease has run out, and a worker still streaming, or holding a finished
+    answer it is waiting to write, renews its own within that period of the database being back. Taken
+    over first, its turn would be run again upstream, paid twice. The same holds at a process's start,
+    which cannot tell whether the database was just away; it delays taking over a dead worker's runs
+    by that period.
+    """
 
     def __init__(self) -> None:
         self._stop = threading.Event()
@@ -295,12 +312,18 @@ class RecoveryLoop:
     def _run(self) -> None:
         interval = get_settings().recovery_interval_seconds
         first_sweep = True
+        answering_since: float | None = None
         while not self._stop.wait(interval * random.uniform(0.5, 1.0)):
+            take_over = answering_since is not None and time.monotonic() - answering_since >= renewal_seconds()
             try:
-                report = recover_once(first_sweep=first_sweep)
-            except Exception:
+                report = recover_once(first_sweep=first_sweep, take_over=take_over)
+            except Exception as error:
+                if is_outage(error):
+                    answering_since = None
                 log.warning("recovery sweep failed; retrying", exc_info=True)
                 continue
+            if answering_since is None:
+                answering_since = time.monotonic()
             first_sweep = report.receipts_unchecked and first_sweep
 
 

@@ -21,13 +21,14 @@ from app.cancellation import STOPPED
 from app.config import get_settings
 from app.conversations import record_turn_end
 from app.db import plain_transaction, transaction
-from app.deliveries import attempts_end_by, give_up_reason
+from app.deliveries import attempts_end_by, give_up_reason, outage_wait_seconds
 from app.fallback import AgentParams, Outcome, call_with_fallback
 from app.leases import Holding, keeper
 from app.live_stream import TurnStream
 from app.logging_setup import turn_context
 from app.model_target import ModelTarget
 from app.moderation import moderate
+from app.outages import waiting_out_outages
 from app.prepared import Batch, Unit
 from app.prompt import ChatMessage, build_prompt, successful_history
 from app.run_kinds import TURN
@@ -184,23 +185,29 @@ def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, mod
             cost: Decimal | None = None, success_tokens: int | None = None, outcome: Outcome | None = None,
             **answer: Any) -> None:
     """End the turn in one batch: both messages and the answer, the statistics, the money, the attempts
-    (written on their own if the batch fails: `app.attempts.settling`).
+    (written on their own if the batch fails: `app.attempts.settling`). A database outage is waited out
+    rather than raised (the lease keeper renews the lease once the database is back): the model calls are
+    paid for, and the retry of a raised delivery would make them again.
 
     A turn with a `cost` is charged it (zero writes no ledger row); one without has its reservation
     released. Only the statuses the contract charges (`CHARGED`) may carry a cost."""
     if cost is not None and target not in CHARGED:
         raise ValueError(f"a turn that ends {target.value} is not charged")
-    with (settling(outcome.attempts if outcome else (), message_id=context.turn_id,
-                   settled_again_after=(StoppedMeanwhile,)) as attempts,
-          plain_transaction() as connection, Batch(connection) as batch):
-        finish_turn(batch, context.turn_id, context.question_id, context.token, target,
-                    model=model.name if model else None, cost=cost, **answer)
-        record_turn_end(batch, context.conversation_id, success_tokens)
-        if cost is None:
-            ledger.release(batch, context.user_id, context.reserved)
-        else:
-            ledger.charge_turn(batch, context.user_id, context.turn_id, cost, context.reserved)
-        attempts.write(batch)
+    with settling(outcome.attempts if outcome else (), message_id=context.turn_id,
+                  settled_again_after=(StoppedMeanwhile,)) as attempts:
+
+        def write() -> None:
+            with plain_transaction() as connection, Batch(connection) as batch:
+                finish_turn(batch, context.turn_id, context.question_id, context.token, target,
+                            model=model.name if model else None, cost=cost, **answer)
+                record_turn_end(batch, context.conversation_id, success_tokens)
+                if cost is None:
+                    ledger.release(batch, context.user_id, context.reserved)
+                else:
+                    ledger.charge_turn(batch, context.user_id, context.turn_id, cost, context.reserved)
+                attempts.write(batch)
+
+        waiting_out_outages(write, for_seconds=outage_wait_seconds(), what=f"settling turn {context.turn_id}")
     metrics.observe_cost("turn", cost)
     stream.finished(target, model.name if model else None)
 

@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import REDIS_DB
+from tests.conftest import REDIS_DB, UpstreamLog
 from tests.stack import SharedRedis, Stack
 from tests.support import Process, free_port, wait_for
 
@@ -272,6 +272,51 @@ def test_runs_taken_during_a_database_outage_wait_it_out_instead_of_dying(postgr
         ids = [message_id for _, message_id in turns]
         assert stack.sql("SELECT count(*) FROM dead_letters WHERE run_id = ANY(%(ids)s)", {"ids": ids}) == [(0,)]
         assert "Retries exceeded" not in worker.output()
+    finally:
+        stack.stop()
+
+
+ENDS_IN_OUTAGE = "echo;ttft=0.2;gap=0.2;words=20"
+STREAMS_THROUGH_OUTAGE = "echo;ttft=0.2;gap=0.5;words=30"
+
+
+@pytest.mark.timeout(150)
+def test_a_database_outage_longer_than_a_lease_makes_no_turn_call_its_model_twice(
+        postgres: Postgres, redis_db: SharedRedis, upstream: UpstreamLog) -> None:
+    """Six turns are streaming when PostgreSQL stops for two leases. Three answers end during the outage:
+    their settlement waits the outage out instead of raising into a retry that took the turn over and
+    called the model again. Three stream on past it: their workers renew their leases once the database is
+    back, before the recovery sweeps (two processes, one a second) take any lease over, which they do only
+    after the database has answered them for a renewal period. Each model is called once per turn, each
+    turn is delivered and charged once."""
+    stack = Stack("outage-once", postgres.url, redis_db, AGENTQ_LEASE_SECONDS="3",
+                  AGENTQ_RECOVERY_INTERVAL_SECONDS="1", AGENTQ_MIN_BACKOFF_MS="200",
+                  AGENTQ_MAX_BACKOFF_MS="1000").init()
+    try:
+        stack.start_web(web_workers=1)
+        stack.start_worker(processes=2, threads=4)
+        ending = stack.agent(stack.model("ends-in-outage", ENDS_IN_OUTAGE))
+        streaming = stack.agent(stack.model("streams-through-outage", STREAMS_THROUGH_OUTAGE))
+        turns = []
+        for i, agent_id in enumerate([ending] * 3 + [streaming] * 3):
+            _, key = stack.user(f"outage-once-{i}")
+            turns.append((key, stack.send(key, stack.conversation(key, agent_id), f"through the outage {i}")["id"]))
+        wait_for(lambda: len(upstream.requests()) == 6, timeout=30, what="each turn's model call")
+        postgres.stop("fast")
+        try:
+            time.sleep(6)  # the outage's length is what is tested: two leases, so every lease runs out
+        finally:
+            postgres.start()
+        ended = [stack.wait_terminal(key, message_id, timeout=60) for key, message_id in turns]
+        words = [" ".join(f"w{i}" for i in range(n)) for n in (20, 30)]
+        assert [(m["status"], m["content"]) for m in ended] == [("success", words[0])] * 3 + [("success", words[1])] * 3
+        calls = Counter(r["body"]["model"] for r in upstream.requests())
+        assert calls == {ENDS_IN_OUTAGE: 3, STREAMS_THROUGH_OUTAGE: 3}
+        ids = [message_id for _, message_id in turns]
+        assert stack.sql("SELECT deliveries, count(*) FROM turns WHERE assistant_message_id = ANY(%(ids)s) "
+                         "GROUP BY deliveries", {"ids": ids}) == [(1, 6)]
+        assert stack.sql("SELECT count(DISTINCT message_id), count(*) FROM credit_transactions "
+                         "WHERE message_id = ANY(%(ids)s)", {"ids": ids}) == [(6, 6)]
     finally:
         stack.stop()
 
