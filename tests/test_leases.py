@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import ExitStack
 from datetime import timedelta
 
@@ -168,3 +169,49 @@ def test_leases_are_judged_by_the_databases_clock_not_by_a_worker_clock_running_
     with transaction() as session:
         assert session.scalar(select(Turn.lease_token).where(Turn.assistant_message_id == turn.turn_id)) == "live"
         assert session.scalar(select(DebugRun.lease_token).where(DebugRun.id == run_id)) == "live"
+
+
+def test_a_sweep_takes_no_lease_over_until_the_database_has_answered_it_for_a_renewal_period(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """After an outage longer than a lease every lease has run out, and the workers still streaming renew theirs
+    within a renewal period of the database being back: the recovery loop's sweeps leave leases alone until the
+    database has answered them for that long, at a process's start and again after an outage. (Its effect on
+    real workers: tests/test_chaos.py, a database outage makes no turn call its model twice.)"""
+    import psycopg
+
+    import app.recovery
+    from app.leases import renewal_seconds
+    from app.recovery import RecoveryLoop, RecoveryReport
+
+    sweeps: list[tuple[float, bool]] = []
+    """When each sweep the database answered ran, and whether it could take leases over."""
+    failed = threading.Event()
+    away = threading.Event()
+
+    def sweep(*, first_sweep: bool, take_over: bool) -> RecoveryReport:
+        if away.is_set():
+            failed.set()
+            raise psycopg.OperationalError("connection refused")
+        sweeps.append((time.monotonic(), take_over))
+        return RecoveryReport()
+
+    def waited_a_renewal_period(since: int) -> bool:
+        """The sweeps from `since` on: the first could not take over, the first that could came a period later."""
+        answered = sweeps[since:]
+        took_over = wait_for(lambda: next((at for at, take_over in sweeps[since:] if take_over), None), timeout=15,
+                             what="a sweep that takes leases over")
+        return not answered[0][1] and took_over - answered[0][0] >= renewal_seconds()
+
+    monkeypatch.setattr(app.recovery, "recover_once", sweep)
+    loop = RecoveryLoop()
+    loop.start()
+    try:
+        wait_for(lambda: sweeps, what="the first sweep")
+        assert waited_a_renewal_period(0)
+        away.set()
+        wait_for(failed.is_set, what="a sweep the database did not answer")
+        back = len(sweeps)
+        away.clear()
+        wait_for(lambda: len(sweeps) > back, what="a sweep after the outage")
+        assert waited_a_renewal_period(back)
+    finally:
+        loop.stop()

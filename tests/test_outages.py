@@ -40,3 +40,44 @@ def test_a_statement_or_a_bug_that_fails_is_not_an_outage(error: Exception) -> N
     assert not is_outage(error)
     retries = get_settings().max_retries
     assert [retry_failed(n, error) for n in (retries - 1, retries)] == [True, False]
+
+
+def test_a_write_waiting_an_outage_out_lands_once_the_database_answers_and_a_bug_is_raised_at_once() -> None:
+    """A refused connection (a real one, to a closed port) is tried again until the write goes through; a
+    statement that is wrong is raised at its first failure; an outage that outlasts the wait is raised."""
+    from app.outages import waiting_out_outages
+
+    def refused() -> psycopg.OperationalError:
+        try:
+            psycopg.connect(f"host=127.0.0.1 port={free_port()} user=postgres connect_timeout=2")
+        except psycopg.OperationalError as error:
+            return error
+        raise AssertionError("a closed port accepted a connection")
+
+    outage_left = [refused(), refused()]
+    tries: list[str] = []
+
+    def write() -> str:
+        tries.append("write")
+        if outage_left:
+            raise _wrapped(outage_left.pop())
+        return "written"
+
+    assert waiting_out_outages(write, for_seconds=30, what="a test write") == "written"
+    assert tries == ["write"] * 3
+
+    def wrong() -> None:
+        tries.append("wrong")
+        raise _wrapped(sqlite3.OperationalError("no such column: nope"))
+
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        waiting_out_outages(wrong, for_seconds=30, what="a wrong statement")
+    assert tries.count("wrong") == 1
+
+    def down() -> None:
+        tries.append("down")
+        raise _wrapped(refused())
+
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        waiting_out_outages(down, for_seconds=0.5, what="a long outage")
+    assert 2 <= tries.count("down") <= 4
