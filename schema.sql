@@ -204,10 +204,12 @@ CREATE TABLE IF NOT EXISTS model_attempts (
     completion_tokens integer,
     cost numeric(18, 6),
     created_at timestamp with time zone DEFAULT now() NOT NULL,
+    delivery integer,
     CONSTRAINT pk_model_attempts PRIMARY KEY (id),
     CONSTRAINT fk_model_attempts_message_id FOREIGN KEY (message_id) REFERENCES conversation_messages (id),
     CONSTRAINT fk_model_attempts_debug_log_id FOREIGN KEY (debug_log_id) REFERENCES admin_debug_logs (id)
 );
+ALTER TABLE model_attempts ADD COLUMN IF NOT EXISTS delivery integer;
 CREATE INDEX IF NOT EXISTS idx_model_attempts_model_created ON model_attempts (model_name, created_at);
 CREATE INDEX IF NOT EXISTS ix_model_attempts_message_id ON model_attempts (message_id);
 CREATE INDEX IF NOT EXISTS ix_model_attempts_debug_log_id ON model_attempts (debug_log_id);

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import redis
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 
 from app.config import get_settings
 from app.conversations import require_owned_answer
@@ -103,12 +103,15 @@ def _authorize(user_id: int, message_id: int) -> None:
 
 
 def _load(message_id: int) -> tuple[ConversationMessage, int]:
-    """The stored message and the number of the attempt that produced its text (see `attempt_number`)."""
+    """The stored message and the number of the attempt that produced its text (see `attempt_number`): the
+    last of the settling delivery's. An earlier delivery that lost the turn recorded its attempts too
+    (`app.attempts`), under its own number (rows from before that column count as the settling one's)."""
     with transaction() as session:
         message = session.get_one(ConversationMessage, message_id)
         delivery = session.scalar(select(Turn.deliveries).where(Turn.assistant_message_id == message_id)) or 0
-        attempts = session.scalar(select(func.count()).select_from(ModelAttempt)
-                                  .where(ModelAttempt.message_id == message_id)) or 0
+        attempts = session.scalar(select(func.count()).select_from(ModelAttempt).where(
+            ModelAttempt.message_id == message_id,
+            or_(ModelAttempt.delivery == delivery, ModelAttempt.delivery.is_(None)))) or 0
     return message, attempt_number(delivery, max(attempts - 1, 0))
 
 

@@ -28,8 +28,8 @@ from app.prepared import Batch, Prepared, Unit
 
 log = logging.getLogger(__name__)
 
-_COLUMNS = ("message_id", "debug_log_id", "model_name", "outcome", "error", "latency_ms", "first_token_ms",
-            "prompt_tokens", "completion_tokens", "cost", "created_at")
+_COLUMNS = ("message_id", "debug_log_id", "delivery", "model_name", "outcome", "error", "latency_ms",
+            "first_token_ms", "prompt_tokens", "completion_tokens", "cost", "created_at")
 
 
 @cache
@@ -41,9 +41,10 @@ class RunAttempts:
     """The attempts of one delivery of a run (a turn's answer message, or an admin test run's log row),
     stamped with one time, which tells whether a settlement that seemed to fail wrote them after all."""
 
-    def __init__(self, attempts: Sequence[AttemptRecord], *, message_id: int | None = None,
+    def __init__(self, attempts: Sequence[AttemptRecord], *, delivery: int, message_id: int | None = None,
                  debug_log_id: int | None = None) -> None:
         self.attempts = tuple(attempts)
+        self.delivery = delivery
         self.message_id = message_id
         self.debug_log_id = debug_log_id
         self.at = utc_now()
@@ -55,7 +56,8 @@ class RunAttempts:
 
     def _rows(self) -> list[dict[str, Any]]:
         return [
-            {"message_id": self.message_id, "debug_log_id": self.debug_log_id, "model_name": a.model_name,
+            {"message_id": self.message_id, "debug_log_id": self.debug_log_id, "delivery": self.delivery,
+             "model_name": a.model_name,
              "outcome": a.outcome, "error": a.error, "latency_ms": a.latency_ms, "first_token_ms": a.first_token_ms,
              "prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens, "cost": a.cost,
              "created_at": self.at}
@@ -82,13 +84,14 @@ class RunAttempts:
 
 
 @contextmanager
-def settling(attempts: Sequence[AttemptRecord], *, message_id: int | None = None, debug_log_id: int | None = None,
+def settling(attempts: Sequence[AttemptRecord], *, delivery: int, message_id: int | None = None,
+             debug_log_id: int | None = None,
              settled_again_after: tuple[type[Exception], ...] = ()) -> Iterator[RunAttempts]:
     """Around the settlement of a run whose delivery made `attempts`: the settlement writes them
     (`RunAttempts.write`); if it raises, they are written on their own, unless it raised one of
     `settled_again_after`, after which the caller settles again with the same attempts. Either way they
     are counted in the metrics once."""
-    run_attempts = RunAttempts(attempts, message_id=message_id, debug_log_id=debug_log_id)
+    run_attempts = RunAttempts(attempts, delivery=delivery, message_id=message_id, debug_log_id=debug_log_id)
     try:
         yield run_attempts
     except settled_again_after:

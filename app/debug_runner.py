@@ -67,7 +67,7 @@ def run_debug_run(run_id: int) -> None:
                                        max_tokens=params.max_tokens).messages,
                 params, AnswerSink(), holding.stop, ends_by=ends_by)
             latency_ms = int((time.monotonic() - started) * 1000)
-            cost = _record_result(run_id, token, outcome, latency_ms)
+            cost = _record_result(run_id, token, claim.deliveries, outcome, latency_ms)
             metrics.observe_cost("test_run", cost)
     except LeaseLost:
         log.warning("test run %s was taken over by another worker", run_id)
@@ -76,14 +76,14 @@ def run_debug_run(run_id: int) -> None:
         raise
 
 
-def _record_result(run_id: int, token: str, outcome: Outcome, latency_ms: int) -> Decimal | None:
+def _record_result(run_id: int, token: str, delivery: int, outcome: Outcome, latency_ms: int) -> Decimal | None:
     """The run's result and its attempts in one transaction, a database outage waited out as a turn's
     settlement waits it (the models were paid for); the cost logged, None without an answer."""
     completion, model = outcome.completion, outcome.model
     cost = None
     if completion is not None and model is not None:
         cost = model.cost(completion.usage.prompt_tokens, completion.usage.completion_tokens)
-    with settling(outcome.attempts, debug_log_id=run_id) as attempts:
+    with settling(outcome.attempts, delivery=delivery, debug_log_id=run_id) as attempts:
 
         def write() -> None:
             with transaction() as session:

@@ -62,6 +62,8 @@ class TurnContext:
     primary: ModelTarget
     fallback: ModelTarget | None
     reserved: Decimal
+    delivery: int
+    """This delivery's number (`deliveries` at its claim), which names its stream's attempts and records."""
     gives_up: str | None
     """Why this delivery ends the turn as `error` without a model call (`app.deliveries.give_up_reason`)."""
     ends_by: float | None
@@ -89,7 +91,7 @@ def _load_context(unit: Unit, claim: ClaimResult) -> TurnContext:
         system_prompt=row.system_prompt,
         history=successful_history(unit, turn.conversation_id, before_seq=row.seq) if row.seq > 1 else [],
         params=AgentParams(row.timeout_seconds, row.temperature, row.max_tokens),
-        primary=primary, fallback=target_in_row(row, "f"), reserved=turn.reserved_amount,
+        primary=primary, fallback=target_in_row(row, "f"), reserved=turn.reserved_amount, delivery=claim.deliveries,
         gives_up=give_up_reason(claim.deliveries, claim.time_left), ends_by=attempts_end_by(claim.time_left),
     )
 
@@ -117,10 +119,9 @@ def _run_turn(turn_id: int) -> None:
         return
     assert claim.turn is not None and loaded is not None
     context = replace(loaded, reserved=claim.turn.reserved_amount)
-    deliveries, affordable = claim.deliveries, claim.affordable
     cancel_requested = claim.turn.cancel_requested_at is not None
-    log.info("turn %s %s (delivery %s)", turn_id, claim.outcome.value, deliveries)
-    stream = TurnStream(turn_id, deliveries)
+    log.info("turn %s %s (delivery %s)", turn_id, claim.outcome.value, context.delivery)
+    stream = TurnStream(turn_id, context.delivery)
     if context.gives_up:
         try:
             _settle_failure(context, TurnStatus.ERROR, context.gives_up, stream)
@@ -129,7 +130,7 @@ def _run_turn(turn_id: int) -> None:
             # delivery that sweep sends ends the turn the same way.
             log.info("turn %s was revoked before it could be given up; the next delivery ends it", turn_id)
             return
-    elif not affordable:
+    elif not claim.affordable:
         _settle_failure(context, TurnStatus.INSUFFICIENT_BALANCE,
                         "the available balance does not cover the largest possible cost of this turn", stream)
     else:
@@ -193,7 +194,7 @@ def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, mod
     released. Only the statuses the contract charges (`CHARGED`) may carry a cost."""
     if cost is not None and target not in CHARGED:
         raise ValueError(f"a turn that ends {target.value} is not charged")
-    with settling(outcome.attempts if outcome else (), message_id=context.turn_id,
+    with settling(outcome.attempts if outcome else (), delivery=context.delivery, message_id=context.turn_id,
                   settled_again_after=(StoppedMeanwhile,)) as attempts:
 
         def write() -> None:

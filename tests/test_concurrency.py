@@ -314,7 +314,7 @@ def test_a_batched_settlement_with_a_lost_lease_writes_nothing_but_its_attempts(
     with transaction() as session:
         reserved = session.get_one(Turn, assistant["id"]).reserved_amount
     attempt = AttemptRecord("primary", "success", None, 5, 1, 3, 4, Decimal("0.5"))
-    with (pytest.raises(LeaseLost), settling([attempt], message_id=assistant["id"]) as attempts,
+    with (pytest.raises(LeaseLost), settling([attempt], delivery=2, message_id=assistant["id"]) as attempts,
           transaction() as session, Batch(session) as batch):
         finish_turn(batch, assistant["id"], question_of(assistant["id"]), "not-the-owner", TurnStatus.SUCCESS,
                     content="stolen", prompt_tokens=3, completion_tokens=4, cost=Decimal("0.5"))
@@ -344,11 +344,12 @@ def test_attempts_a_settlement_wrote_before_its_failure_are_not_written_again(wo
     the_only_call(upstream)
     attempts_made = [AttemptRecord("primary", "timeout", "no answer", 9, None, None, None, None),
                      AttemptRecord("fallback", "success", None, 5, 1, 3, 4, Decimal("0.25"))]
-    with pytest.raises(ConnectionResetError), settling(attempts_made, message_id=assistant["id"]) as attempts:
+    with (pytest.raises(ConnectionResetError),
+          settling(attempts_made, delivery=1, message_id=assistant["id"]) as attempts):
         with transaction() as session:
             attempts.write(session)
         raise ConnectionResetError("the commit's answer was lost")
-    with pytest.raises(InterruptedError), settling(attempts_made, message_id=assistant["id"],
+    with pytest.raises(InterruptedError), settling(attempts_made, delivery=1, message_id=assistant["id"],
                                                    settled_again_after=(InterruptedError,)):
         raise InterruptedError("settled again by the caller")
     with transaction() as session:

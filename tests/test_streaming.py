@@ -183,6 +183,48 @@ def test_resuming_from_a_restart_sent_from_the_stored_text_never_replays_voided_
     assert visible_text(voided) == content
 
 
+def test_a_reader_following_a_turn_its_first_delivery_could_not_settle_is_restarted_once(  # type: ignore[no-untyped-def]
+        world, web_server, upstream) -> None:
+    """The first delivery's answer cannot be written (a database error at its settlement): its attempt is
+    recorded on its own and Dramatiq's retry runs the turn again. A reader following from the start gets the
+    first delivery's text, one restart when the retry starts over, and the retry's text, then `done`: the
+    reader names the final text by the settling delivery's attempts alone, so the attempt the first delivery
+    recorded does not make it restart a second time and send the whole answer again."""
+    from sqlalchemy import text
+
+    from app.db import transaction
+    from tests.support import refusing
+
+    def run_sql(statement: str) -> None:
+        with transaction() as session:
+            session.execute(text(statement))
+
+    key, message_id, conversation_id = start_turn(world, "echo;words=12;gap=0.05")
+    url = f"{web_server}/api/messages/{message_id}/stream"
+    with ThreadPoolExecutor(1) as reader, refusing(
+            run_sql, "agentq_test_refuse_first_settlement", "conversation_messages", "UPDATE",
+            f"NEW.status = 'success' AND NEW.conversation_id = {conversation_id}"):
+        following = reader.submit(read_sse, url, key)
+
+        def first_attempt_recorded() -> bool:
+            with transaction() as session:
+                return bool(session.execute(text("SELECT count(*) FROM model_attempts WHERE message_id = :id"),
+                                            {"id": message_id}).scalar())
+
+        wait_for(first_attempt_recorded, timeout=20, what="the first delivery's attempt, recorded on its own")
+    events = following.result(timeout=30)
+    done = events[-1].json()
+    answer = " ".join(f"w{i}" for i in range(12))
+    assert (done["status"], done["content"]) == ("success", answer)
+    restarts = [i for i, e in enumerate(events) if e.event == "status" and e.json().get("restart")]
+    assert len(restarts) == 1
+    assert "".join(e.json()["text"] for e in events[restarts[0]:] if e.event == "delta") == answer
+    with transaction() as session:
+        recorded = session.execute(text("SELECT delivery, outcome FROM model_attempts WHERE message_id = :id "
+                                        "ORDER BY id"), {"id": message_id}).all()
+    assert [tuple(row) for row in recorded] == [(1, "success"), (2, "success")]
+
+
 def test_a_reader_joining_after_a_fallback_restart_gets_only_the_new_text(  # type: ignore[no-untyped-def]
         world, web_server, upstream, redis_client) -> None:
     """Joining mid-turn, after the restart and before the fallback's first token: the reader starts at the

@@ -67,3 +67,6 @@ class ModelAttempt(Base):
     completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     cost: Mapped[Decimal | None] = mapped_column(Money, nullable=True)
     created_at: Mapped[datetime] = created_at_column()
+    delivery: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """The delivery of its run that made it (`deliveries` at its claim): a stream reader names the final text
+    by the settling delivery's attempts alone, not by those an earlier delivery recorded without settling."""
