@@ -40,16 +40,28 @@ def cancel_turn(principal: Principal, message_id: int) -> ConversationMessage:
 def delete_conversation(principal: Principal, conversation_id: int) -> None:
     """Hide a conversation from its user at once (its messages and charges stay for accounting), and stop
     the turn it has in flight: deleting is the user's last word on it, and once the conversation is hidden
-    they could no longer stop a turn that would otherwise run, be charged and hold one of their slots."""
-    stopped = None
+    they could no longer stop a turn that would otherwise run, be charged and hold one of their slots.
+
+    A turn being accepted meanwhile is invisible to the first look, but its commit comes before the
+    delete's (the delete's UPDATE waits for the row the intake holds) or it is refused (the intake checks
+    `deleted_at` on the committed row): a second look, after the delete's commit, stops it. It is a
+    transaction of its own because taking the conversation's row before a turn's, in one, would deadlock
+    with a settling turn, which takes them the other way round."""
     with transaction() as session:
         conversation = owned_conversation(session, principal, conversation_id)
-        in_flight = session.scalar(select(ConversationMessage.id).where(
-            ConversationMessage.conversation_id == conversation_id, answer_in_flight(table(ConversationMessage))))
-        if in_flight is not None:
-            stopped = _stop(session, in_flight)
+        stopped = _stop_in_flight(session, conversation_id)
         conversation.deleted_at = utc_now()
     _announce(stopped)
+    if stopped is None:
+        with transaction() as session:
+            stopped = _stop_in_flight(session, conversation_id)
+        _announce(stopped)
+
+
+def _stop_in_flight(session: Session, conversation_id: int) -> _Stopped | None:
+    in_flight = session.scalar(select(ConversationMessage.id).where(
+        ConversationMessage.conversation_id == conversation_id, answer_in_flight(table(ConversationMessage))))
+    return None if in_flight is None else _stop(session, in_flight)
 
 
 @dataclass(frozen=True, slots=True)

@@ -293,6 +293,43 @@ def test_a_new_turn_racing_a_settlement_of_the_same_conversation_is_refused_with
     assert world.message(key, assistant["id"])["status"] == "success"
 
 
+def test_a_turn_accepted_while_its_conversation_is_being_deleted_is_stopped(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """Deleting stops the conversation's turn in flight, since its user can no longer stop it. A turn whose
+    intake has written its rows but not committed is invisible to the delete's look; the delete's write
+    waits for the intake's commit, and a second look after the delete's own commit stops that turn (it
+    would otherwise run and be charged, and a stop from its user would be 404)."""
+    import threading
+
+    from sqlalchemy import text
+
+    from app.auth import Principal
+    from app.cancellation import delete_conversation
+    from app.db import plain_transaction
+    from app.turn_intake import _insert_turn
+
+    user_id, key = world.user()
+    conversation_id = world.conversation(key, world.agent(world.model(upstream="echo;ttft=60"), timeout_seconds=120))
+    alice = Principal(user_id, "alice", False)
+    deleting = threading.Thread(target=delete_conversation, args=(alice, conversation_id))
+
+    def delete_waits_for_the_intake() -> bool:
+        with transaction() as session:
+            return bool(session.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE 'UPDATE conversations SET deleted_at%'")).scalar())
+
+    with plain_transaction() as connection:
+        accepted = _insert_turn(connection, alice, conversation_id, "racing the delete", None)
+        deleting.start()
+        wait_for(delete_waits_for_the_intake, timeout=10, what="the delete to wait for the intake's row")
+    deleting.join(timeout=10)
+    assert not deleting.is_alive()
+    with transaction() as session:
+        assert session.get_one(ConversationMessage, accepted.assistant_message.id).status == "cancelled"
+    assert world.api.get(f"/api/conversations/{conversation_id}", key).status_code == 404
+    assert [t for t in world.api.get("/api/me/transactions", key).json["items"] if t["message_id"]] == []
+
+
 def test_a_batched_settlement_with_a_lost_lease_writes_nothing_but_its_attempts(world, upstream) -> None:  # type: ignore[no-untyped-def]
     """The settlement's statements go out together (`app.prepared.Batch`); the lease check comes back with
     them, and a lost lease rolls back the status, the statistics, the charge and the attempt record alike.
