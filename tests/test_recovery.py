@@ -251,6 +251,30 @@ def test_sigterm_finishes_running_turns_within_the_grace_and_leaves_the_rest(sta
     assert (charges(stack, running["id"]), charges(stack, waiting["id"])) == (1, 1)
 
 
+def test_a_stop_sent_to_the_whole_process_group_still_finishes_the_running_turn(stack: Stack) -> None:
+    """A runner that signals the process group (honcho on Ctrl-C, foreman, a container stop) reaches a worker
+    process twice: directly, and through the group's parent, which forwards its SIGTERM. Dramatiq took the
+    second copy for "kill now", and the process left at once with its turn neither finished nor handed back
+    (left `processing` until its lease ran out). The copy is now taken for the same stop."""
+    agent_id = slow_agent(stack, "slow-group-stop", "echo;words=20;gap=0.1")
+    _, key = stack.user("group-stop")
+    worker = stack.start_worker(AGENTQ_SHUTDOWN_GRACE_SECONDS="8")
+    running = stack.send(key, stack.conversation(key, agent_id), "finish me")
+    stack.wait_status(key, running["id"], ("processing",))
+    assert worker.popen is not None
+    # What a signal to the group does, in an order that never lets the kernel merge the two copies: the
+    # worker process gets its own, then the parent forwards the one it gets.
+    [child] = worker.children()
+    os.kill(child, signal.SIGTERM)
+    wait_for(lambda: "Stopping worker process" in worker.output(), what="the worker process to start stopping")
+    worker.popen.send_signal(signal.SIGTERM)
+    wait_for(lambda: worker.popen.poll() is not None, timeout=15, what="the worker to exit")  # type: ignore[union-attr]
+    assert "the same stop sent twice" in worker.output()
+    assert "Killing worker process" not in worker.output()
+    assert stack.message(key, running["id"])["status"] == "success"
+    assert (deliveries(stack, running["id"]), charges(stack, running["id"])) == (1, 1)
+
+
 def test_a_run_still_going_when_the_shutdown_grace_ends_is_handed_to_another_worker_at_once(stack: Stack) -> None:
     """A deploy or a group restart stops a worker whose turn outlasts the shutdown grace: the worker gives up
     the turn's lease as it leaves and sends it again, so another worker takes it over at once, not when the

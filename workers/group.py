@@ -152,3 +152,33 @@ def _stop_children() -> None:
         child.join(within)
         if child.is_alive():
             child.kill()
+
+
+REPEATED_STOP_SECONDS = 2.0
+
+
+def treat_a_repeated_stop_as_one() -> None:
+    """In a worker process, after Dramatiq has set its handlers: a SIGTERM that comes again within
+    `REPEATED_STOP_SECONDS` of the first is the same stop, sent twice, not Dramatiq's "kill now".
+
+    A runner that signals the whole process group (honcho on Ctrl-C, foreman, a container stop, a
+    platform that signals every process) reaches a worker process directly and through the group's parent,
+    which forwards the SIGTERM it got: the second copy came a few milliseconds after the first, and the
+    process left at once, its running turns neither finished nor handed back. A SIGTERM sent later still
+    kills it at once, as Dramatiq means it to."""
+    dramatiq_handler = signal.getsignal(signal.SIGTERM)
+    if not callable(dramatiq_handler):
+        return
+    first: float | None = None
+
+    def stop_once(signum: int, frame: FrameType | None) -> None:
+        nonlocal first
+        now = time.monotonic()
+        if first is not None and now - first < REPEATED_STOP_SECONDS:
+            log.info("SIGTERM again %.3f s after the first: the same stop sent twice; still stopping gracefully",
+                     now - first)
+            return
+        first = now if first is None else first
+        dramatiq_handler(signum, frame)
+
+    signal.signal(signal.SIGTERM, stop_once)

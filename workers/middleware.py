@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+
 import dramatiq
 from dramatiq.middleware import Middleware, SkipMessage
 
 from app import worker_services
 from app.logging_setup import configure_logging
+from workers.group import treat_a_repeated_stop_as_one
 
 
 class RunOutcomes(Middleware):
@@ -26,8 +29,11 @@ class WorkerServices(Middleware):
         configure_logging()
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        """Background services start once the worker threads exist."""
+        """Background services start once the worker threads exist. Dramatiq set its signal handlers before
+        this, in the process's main thread, which runs this hook too."""
         worker_services.start(worker.worker_threads)
+        if threading.current_thread() is threading.main_thread():
+            treat_a_repeated_stop_as_one()
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         """Stop sweeping and fetching before the threads drain, so a stopping worker takes no new run."""
