@@ -16,8 +16,9 @@ import redis
 import sqlalchemy.exc
 from flask import Flask, Response, jsonify, request
 from flask.json.provider import DefaultJSONProvider
+from gunicorn.http import errors as http_errors
 from pydantic import ValidationError
-from werkzeug.exceptions import HTTPException, NotFound
+from werkzeug.exceptions import HTTPException, NotFound, RequestEntityTooLarge
 
 from app.errors import AgentqError
 from app.outages import schema_missing
@@ -69,16 +70,35 @@ def body_limit(chars: int) -> int:
 
 
 def require_object_body() -> Response | None:
-    """flask-openapi3 would parse a JSON *string* body as a second JSON document; refuse it."""
-    body_expected = request.method in ("POST", "PUT", "PATCH") and request.get_data(cache=True)
-    if body_expected and not isinstance(request.get_json(silent=True), dict):
+    """flask-openapi3 would parse a JSON *string* body as a second JSON document; refuse it. A chunked body
+    has no length to refuse it by before it is read: Werkzeug stops reading it at the route's limit, and
+    one that goes on past it is refused 413 here rather than parsed cut short (a 400 that blamed its JSON)."""
+    if request.method not in ("POST", "PUT", "PATCH"):
+        return None
+    body = request.get_data(cache=True)
+    if _cut_at_the_limit(body):
+        raise RequestEntityTooLarge()
+    if body and not isinstance(request.get_json(silent=True), dict):
         sent_as = "" if request.is_json else f" (it was sent as {request.mimetype or 'no Content-Type'})"
         return error_response(400, "malformed_body", "The request body must be a JSON object, sent with "
                               f"Content-Type: application/json{sent_as}.")
     return None
 
 
+def _cut_at_the_limit(body: bytes) -> bool:
+    limit = request.max_content_length
+    if request.content_length is not None or limit is None or len(body) < limit:
+        return False
+    return bool(request.environ["wsgi.input"].read(1))
+
+
 def install_error_handlers(app: Flask) -> None:
+    @app.errorhandler(http_errors.ParseException)
+    def _unreadable(exc: http_errors.ParseException) -> Response:
+        """A body gunicorn cannot read (a chunk whose size or end is malformed) is the client's malformed
+        request, as its own refusals of a request line or headers are (`web.server`), never a 500."""
+        return error_response(400, "malformed_request", f"The HTTP request body could not be read: {exc}.")
+
     @app.errorhandler(AgentqError)
     def _domain(exc: AgentqError) -> Response:
         return error_response(exc.status, exc.code, exc.message)
