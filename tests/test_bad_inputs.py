@@ -92,7 +92,10 @@ CASES = [
                                               "input_price_per_1k": "1", "output_price_per_1k": "1"},
        422, "validation_failed")
       for url in ("http://", "http://[", "http://a b/v1", "http://127.0.0.1:99999/v1", "http://127.0.0.1:0/v1",
-                  "http://127.0.0.1:8080/v1\r\nX-Injected: 1", "http://" + "a" * 64 + ".example/v1")),
+                  "http://127.0.0.1:8080/v1\r\nX-Injected: 1", "http://" + "a" * 64 + ".example/v1",
+                  # Read as http://v1/ by the WHATWG rules, but stored as written, where the workers' client
+                  # finds no host: every turn of the agent failed.
+                  "http:///v1", "http:v1", "http:/v1", "http:\\\\host\\v1")),
     ("admin", "POST", "/api/admin/models", {"name": "  ", "model": "x", "input_price_per_1k": "1",
                                             "output_price_per_1k": "1"}, 422, "validation_failed"),
     ("admin", "POST", "/api/admin/agents", {"name": "a", "system_prompt": "s", "model_id": 999999},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from decimal import Decimal
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -97,6 +98,10 @@ def _http_url(value: str | None) -> str | None:
         raise ValueError(f"must be an http:// or https:// URL ({exc.errors()[0]['msg']})") from None
     if url.port == 0 or any(len(label) > 63 for label in (url.host or "").split(".")):
         raise ValueError("must be an http:// or https:// URL with a usable host and port")
+    if "\\" in value or not urlsplit(value).hostname or not value.lower().startswith(("http://", "https://")):
+        # The WHATWG rules read `http:v1`, `http:///v1` and backslashes as `http://v1/`, but the value is stored
+        # and used as written, and the workers' HTTP client finds no host in it.
+        raise ValueError("must be written as http://host/… or https://host/…")
     return value
 
 
