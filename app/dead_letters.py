@@ -190,7 +190,8 @@ def get_dead_letter(dead_letter_id: int) -> DeadLetterView:
 
 def _reopen(session: Session, row: DeadLetter, enqueued_at: datetime) -> None:
     if row.run_id is None:
-        raise Conflict(f"Dead letter {row.id} is a {row.actor!r} message, which cannot be requeued.")
+        raise Conflict(f"Dead letter {row.id} is a {row.actor!r} message that carries no run of agentq's, so "
+                       "it cannot be requeued; purge it.")
     try:
         with session.begin_nested():
             if kind_of(row.actor) is TURN:

@@ -25,6 +25,7 @@ from app.clock import lease_now
 from app.db import transaction
 from app.deliveries import retry_hand_over
 from app.models import ConversationMessage, DebugRun, Turn
+from app.models.base import LARGEST_ID
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,11 @@ def kind_of(actor: str) -> RunKind | None:
 
 
 def run_of(actor: str, args: Sequence[Any]) -> tuple[RunKind, int] | None:
-    """The kind and id of the run a message of `actor` with `args` carries; None for any other message."""
+    """The kind and id of the run a message of `actor` with `args` carries; None for any other message,
+    one whose argument could be no run's id included (a message not sent by agentq: its id out of a
+    BIGINT's range would fail every query it reached, the dead letters' listing among them)."""
     kind = kind_of(actor)
-    if kind is None or not args or not isinstance(args[0], int):
+    if kind is None or not args or type(args[0]) is not int or not 1 <= args[0] <= LARGEST_ID:
         return None
     return kind, args[0]
 

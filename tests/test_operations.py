@@ -392,3 +392,26 @@ def test_a_dead_letter_whose_turn_ended_otherwise_is_not_requeued(world, redis_c
     assert api.post("/api/admin/dead-letters/requeue-all", admin).json["requeued"] == []
     assert world.message(key, turn["id"])["status"] == "cancelled"
     assert dead_count(redis_client) == 1
+
+
+def test_a_dead_message_whose_argument_is_no_runs_id_leaves_the_dead_letters_manageable(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """A message agentq did not send (here a turn id past a BIGINT) dies like any other; its record names no
+    run. Before, every look at it queried the turns with that id: the listing answered 500 and `agentq dlq`
+    failed, for every dead letter, until its Redis entry was deleted by hand."""
+    import dramatiq
+
+    from workers.broker import install_broker
+
+    api, admin = world.api, world.admin_key
+    install_broker().enqueue(dramatiq.Message(queue_name="turns", actor_name="run_turn", args=(2**70,), kwargs={},
+                                              options={}))
+    wait_for(lambda: dead_count(redis_client) == 1, timeout=30, what="the message to die")
+    [item] = wait_for(lambda: api.get("/api/admin/dead-letters", admin).json["items"], what="its record")
+    assert (item["actor"], item["args"], item["retries"]) == ("run_turn", [2**70], 2)
+    requeued = api.post(f"/api/admin/dead-letters/{item['id']}/requeue", admin)
+    assert (requeued.status_code, requeued.json["error"]["code"]) == (409, "conflict")
+    listed = subprocess.run(agentq("dlq", "list"), env=child_env(), capture_output=True, text=True, cwd=ROOT,
+                            timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert api.delete(f"/api/admin/dead-letters/{item['id']}", admin).status_code == 204
+    assert dead_count(redis_client) == 0
