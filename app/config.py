@@ -14,6 +14,7 @@ from typing import Annotated
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.connection import parse_url
 
 DEFAULT_SQLITE_PATH = Path("var") / "agentq.sqlite3"
 SQLITE_SCHEMES = ("sqlite", "sqlite+pysqlite")
@@ -89,6 +90,16 @@ class Settings(BaseSettings):
         if scheme not in (*SQLITE_SCHEMES, "postgresql+psycopg") or in_memory:
             raise ValueError("must be a SQLite file's URL (sqlite:///path/to/file) or a PostgreSQL one "
                              "(postgresql://user@host/database)")
+        return url
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, url: str) -> str:
+        """Refused at start, with the other settings, rather than by the first command that connects."""
+        try:
+            parse_url(url)
+        except ValueError as exc:
+            raise ValueError(f"must be a Redis URL (redis://host:port/db, rediss://…, unix://…): {exc}") from None
         return url
 
     def answer_limit(self, max_tokens: int | None) -> int:

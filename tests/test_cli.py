@@ -157,6 +157,9 @@ def test_the_web_server_opens_no_control_socket_shared_by_every_instance_on_the_
     (["db", "init"], {"AGENTQ_DEDUP_WINDOW_SECONDS": "100000000000"},
      "AGENTQ_DEDUP_WINDOW_SECONDS='100000000000': Input should be less than or equal to 31536000"),
     (["db", "init"], {"AGENTQ_LEASE_SECONDS": "nan"}, "AGENTQ_LEASE_SECONDS='nan': Input should be a finite number"),
+    # a command that never connects to Redis went through with it; `dlq list` failed with a traceback
+    (["users", "create", "nobody"], {"REDIS_URL": "notaurl"}, "REDIS_URL='notaurl': must be a Redis URL"),
+    (["dlq", "list"], {"REDIS_URL": "redis://127.0.0.1:port/0"}, "REDIS_URL='redis://127.0.0.1:port/0': must be"),
 ])
 def test_a_setting_that_cannot_work_stops_the_command_with_one_json_error(args: list[str], env: dict[str, str],
                                                                           says: str) -> None:
