@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from decimal import ROUND_HALF_UP, Decimal
 
 MONEY_QUANTUM = Decimal("0.000001")
@@ -11,6 +12,18 @@ decimal (SQLite, `app.models.base.Millionths`)."""
 _THOUSAND = Decimal(1000)
 MAX_AMOUNT = Decimal("999999999999.999999")
 """The largest amount NUMERIC(18, 6) holds."""
+
+
+_WRITTEN_AMOUNT = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)")
+
+
+def written_plainly(text: str) -> str:
+    """An amount typed by a person or a program, as plain ASCII digits with an optional sign and point.
+    Python's `Decimal` also reads `5_000` (5000), other scripts' digits (Arabic-Indic ten is 10) and exponents: a
+    typo like `5_00` credited 500."""
+    if not _WRITTEN_AMOUNT.fullmatch(text):
+        raise ValueError(f"an amount is written with the digits 0-9, an optional sign and decimal point, not {text!r}")
+    return text
 
 
 def checked_balance(amount: Decimal) -> Decimal:

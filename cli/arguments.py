@@ -51,10 +51,10 @@ def seconds(value: str) -> float:
 
 
 def amount(value: str) -> Decimal:
-    from app.money import checked_balance
+    from app.money import checked_balance, written_plainly
 
     try:
-        return checked_balance(Decimal(value))
+        return checked_balance(Decimal(written_plainly(value)))
     except InvalidOperation as exc:
         raise argparse.ArgumentTypeError(f"{value!r} is not an amount") from exc
     except ValueError as exc:

@@ -119,6 +119,12 @@ CASES = [
     ("admin", "POST", "/api/admin/users", {"name": "x", "balance": "-1"}, 422, "validation_failed"),
     ("admin", "POST", "/api/admin/users", {"name": "x", "is_admin": "yes"}, 422, "validation_failed"),
     ("admin", "POST", "/api/admin/users/1/credits", {"amount": "abc"}, 422, "validation_failed"),
+    # Python's Decimal reads these (5000, 10, 1000): a typo would be credited as what it happens to mean
+    ("admin", "POST", "/api/admin/users", {"name": "x", "balance": "5_000"}, 422, "validation_failed"),
+    ("admin", "POST", "/api/admin/users", {"name": "x", "balance": "\u0661\u0660"}, 422, "validation_failed"),
+    ("admin", "POST", "/api/admin/users/1/credits", {"amount": "1e3"}, 422, "validation_failed"),
+    ("admin", "POST", "/api/admin/models", {"name": "m", "model": "x", "input_price_per_1k": "0.5_0",
+                                            "output_price_per_1k": "1"}, 422, "validation_failed"),
     ("admin", "POST", "/api/admin/users/1/credits", {}, 422, "validation_failed"),
     # A JSON object with an integer past Python's 4,300-digit parsing guard is still a JSON object.
     ("admin", "POST", "/api/admin/users/1/credits", b'{"amount": 1' + b"0" * 4300 + b"}", 422, "validation_failed"),

@@ -11,6 +11,7 @@ from pydantic import (
     AfterValidator,
     AnyHttpUrl,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     Strict,
@@ -23,6 +24,7 @@ from pydantic import (
 
 from app.models.base import LARGEST_ID
 from app.models.catalog import DEFAULT_TIMEOUT_SECONDS, TIMEOUT_SECONDS_RANGE
+from app.money import written_plainly
 from app.text import unstorable
 
 
@@ -38,6 +40,11 @@ def _not_blank(text: str) -> str:
     return text
 
 
+def _plain_amount(value: Any) -> Any:
+    """Money given as text must be plain digits (`app.money.written_plainly`); a JSON number is read as one."""
+    return written_plainly(value) if isinstance(value, str) else value
+
+
 def text(*, min_length: int | None = None, max_length: int | None = None, pattern: str | None = None) -> Any:
     """Storable text whose bounds count characters: given on the string before the storable check, not after it
     (pydantic then counts "items after validation" in its message)."""
@@ -48,8 +55,8 @@ def text(*, min_length: int | None = None, max_length: int | None = None, patter
 Text = text()
 Ident = Annotated[int, Strict(), Field(ge=1, le=LARGEST_ID)]
 Name = Annotated[text(min_length=1, max_length=200), AfterValidator(_not_blank)]
-Price = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=6)]
-Amount = Annotated[Decimal, Field(max_digits=18, decimal_places=6)]
+Price = Annotated[Decimal, BeforeValidator(_plain_amount), Field(ge=0, max_digits=18, decimal_places=6)]
+Amount = Annotated[Decimal, BeforeValidator(_plain_amount), Field(max_digits=18, decimal_places=6)]
 
 
 class CachedSchemaModel(BaseModel):
