@@ -11,15 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from app.errors import MalformedRequest
 from cli.arguments import record_id
 from cli.output import print_json
-
-
-def _one_or_all(args: argparse.Namespace, command: str) -> int | None:
-    if (args.id is None) == (not args.all):
-        raise MalformedRequest(f"Give either a dead letter's ID or --all to `dlq {command}`.")
-    return args.id
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -43,7 +36,7 @@ def cmd_requeue(args: argparse.Namespace) -> int:
     from web import render
     from workers.broker import install_broker
 
-    ident = _one_or_all(args, "requeue")
+    ident = args.id
     install_broker()
     print_json(render.requeue_outcome(dead_letters.requeue(ident) if ident is not None else dead_letters.requeue_all()))
     return 0
@@ -52,7 +45,7 @@ def cmd_requeue(args: argparse.Namespace) -> int:
 def cmd_purge(args: argparse.Namespace) -> int:
     from app import dead_letters
 
-    ident = _one_or_all(args, "purge")
+    ident = args.id
     if ident is not None:
         dead_letters.purge(ident)
         print_json({"purged": [ident]})
@@ -71,6 +64,7 @@ def add_dlq_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     for name, func, text in (("requeue", cmd_requeue, "run the dead letter's turn again (it goes back to pending)"),
                              ("purge", cmd_purge, "delete the dead letter for good (its turn stays error)")):
         command = commands.add_parser(name, help=text)
-        command.add_argument("id", type=record_id, nargs="?")
-        command.add_argument("--all", action="store_true", help="every dead letter")
+        which = command.add_mutually_exclusive_group(required=True)  # one or the other: a usage error otherwise
+        which.add_argument("id", type=record_id, nargs="?")
+        which.add_argument("--all", action="store_true", help="every dead letter")
         command.set_defaults(func=func)

@@ -187,10 +187,12 @@ def test_a_setting_that_cannot_work_stops_the_command_with_one_json_error(args: 
     (["debug", "prompt", "1", "hi", "--admin-id", "1", "--conversation-id", "-5"], "not -5"),
     (["debug", "execute", "1", "hi", "--admin-id", "1", "--wait", "--timeout", "-1"], "and finite, not -1"),
     (["users", "create", "typo", "--balance", "5_00"], "digits 0-9, an optional sign and decimal point, not '5_00'"),
+    (["dlq", "requeue"], "one of the arguments id --all is required"),
+    (["dlq", "purge", "5", "--all"], "not allowed with argument id"),
 ])
-def test_an_id_or_a_wait_out_of_range_is_a_usage_error(args: list[str], says: str) -> None:
+def test_an_id_or_a_wait_out_of_range_or_a_missing_choice_is_a_usage_error(args: list[str], says: str) -> None:
     """An id past the database's integer was its `bigint out of range` traceback; a negative wait was taken, and
-    a balance of `5_00` was 500."""
+    a balance of `5_00` was 500; `dlq requeue` with neither an id nor --all (or both) exited 1, not 2."""
     result = subprocess.run([str(VENV_BIN / "agentq"), *args], env=child_env(), cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
     assert (result.returncode, says in result.stderr, "Traceback" in result.stderr) == (2, True, False), result.stderr
