@@ -24,6 +24,7 @@ from app.clock import lease_now
 from app.config import get_settings
 from app.db import transaction
 from app.models import Turn
+from app.outages import log_failure
 from app.run_kinds import KINDS, TEST_RUN, TURN, RunKind
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,8 @@ class LeaseKeeper:
                 try:
                     self._renew(held, settings.lease_seconds)
                     renewed_at = time.monotonic()
-                except Exception:
-                    log.warning("lease renewal failed; retrying next tick", exc_info=True)
+                except Exception as error:
+                    log_failure(log, error, "a lease renewal (tried again next tick)")
 
     def _stop_looks(self) -> None:
         while True:
@@ -127,8 +128,8 @@ class LeaseKeeper:
                 continue
             try:
                 self._check_cancels(held)
-            except Exception:
-                log.warning("looking for stop requests failed; looking again next tick", exc_info=True)
+            except Exception as error:
+                log_failure(log, error, "a look for stop requests (looked again next tick)")
 
     def _check_cancels(self, held: list[Holding]) -> None:
         if self.cancel_check is None:

@@ -53,6 +53,17 @@ def schema_missing(error: BaseException) -> bool:
     return isinstance(error, sqlalchemy.exc.OperationalError) and "no such table" in str(error.orig)
 
 
+def log_failure(logger: logging.Logger, error: BaseException, doing: str) -> None:
+    """A background loop's failed round (a sweep, a lease renewal), logged by what it means: a backing
+    service out of reach as a warning, which the next round waits out; anything else, which would repeat
+    at every round (a bug, a broken schema), as an error with its traceback."""
+    if is_outage(error):
+        logger.warning("%s failed, a backing service is out of reach (%s); trying again", doing, error)
+    else:
+        logger.error("%s failed, and not for an outage: it will fail again until this is fixed", doing,
+                     exc_info=error)
+
+
 def waiting_out_outages(write: Callable[[], T], *, for_seconds: float, what: str) -> T:
     """`write()`, tried again while it fails because a backing service is out of reach, for up to
     `for_seconds`; any other error, or the outage outlasting that, is raised.

@@ -58,7 +58,7 @@ from app.in_flight import answer_in_flight, in_flight, status_is
 from app.leases import renewal_seconds
 from app.models import ConversationMessage, DebugRun, Turn, table
 from app.models.base import utc_now
-from app.outages import is_outage
+from app.outages import is_outage, log_failure
 from app.prepared import Prepared
 from app.redis_client import get_redis, key, lua_script
 from app.run_kinds import TEST_RUN, TURN, RunKind
@@ -320,7 +320,7 @@ class RecoveryLoop:
             except Exception as error:
                 if is_outage(error):
                     answering_since = None
-                log.warning("recovery sweep failed; retrying", exc_info=True)
+                log_failure(log, error, "the recovery sweep")
                 continue
             if answering_since is None:
                 answering_since = time.monotonic()

@@ -81,3 +81,21 @@ def test_a_write_waiting_an_outage_out_lands_once_the_database_answers_and_a_bug
     with pytest.raises(sqlalchemy.exc.OperationalError):
         waiting_out_outages(down, for_seconds=0.5, what="a long outage")
     assert 2 <= tries.count("down") <= 4
+
+
+def test_a_background_round_that_fails_for_a_bug_is_an_error_not_an_outages_warning(caplog) -> None:  # type: ignore[no-untyped-def]
+    """A sweep or a lease renewal that fails for a bug fails at every round (a broken renewal lets every lease
+    run out): logged as an error with its traceback, not as the warning an outage gets."""
+    import logging
+
+    from app.outages import log_failure
+
+    log = logging.getLogger("agentq.test.background")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        log_failure(log, redis.ConnectionError("refused"), "a lease renewal")
+        try:
+            raise KeyError("a bug")
+        except KeyError as bug:
+            log_failure(log, bug, "a lease renewal")
+    assert [(r.levelname, r.exc_info is not None) for r in caplog.records] == [("WARNING", False), ("ERROR", True)]
+    assert "not for an outage" in caplog.records[1].getMessage()
