@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine, create_engine, event
@@ -134,9 +134,9 @@ def open_pool() -> None:
     """Open the pool's connections now, so the first turns of a fresh worker do not pay for them."""
     engine = get_engine()
     size = get_settings().db_pool_size if engine.dialect.name == "postgresql" else 1
-    connections = [engine.connect() for _ in range(size)]
-    for connection in connections:
-        connection.close()
+    with ExitStack() as opened:  # each one back to the pool, the first ones too when a later one fails
+        for _ in range(size):
+            opened.enter_context(engine.connect())
 
 
 def dispose_engines() -> None:
