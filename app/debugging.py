@@ -10,6 +10,7 @@ never touches a balance or the ledger. The cost analysis sums those rows.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -33,6 +34,7 @@ from app.prompt import ChatMessage, Prompt, build_prompt, successful_history
 from app.run_kinds import TEST_RUN
 from app.targets import agent_targets, worst_case_cost
 from app.turn_intake import check_content
+from app.turn_status import TurnStatus
 
 GroupBy = Literal["agent", "model", "admin"]
 _RUN_COLUMN_OF = {"agent": DebugRun.agent_id, "admin": DebugRun.admin_id}
@@ -150,6 +152,17 @@ def get_debug_log(log_id: int) -> DebugRun:
         if run is None:
             raise NotFound("No such debug log.")
         return run
+
+
+def wait_for_debug_log(log_id: int, timeout: float, poll_seconds: float = 0.2) -> DebugRun:
+    """The test run once it has ended, or as it is when `timeout` seconds have passed (the caller tells
+    which by its status): for a shell that waits where the API's client would poll."""
+    deadline = time.monotonic() + timeout
+    run = get_debug_log(log_id)
+    while not TurnStatus(run.status).is_terminal and time.monotonic() < deadline:
+        time.sleep(poll_seconds)
+        run = get_debug_log(log_id)
+    return run
 
 
 def list_debug_logs(agent_id: int | None = None, limit: int = 50, before_id: int | None = None) -> DebugLogPage:

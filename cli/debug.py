@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 from cli.arguments import record_id, seconds
 from cli.output import print_json
-
-POLL_SECONDS = 0.2
 
 
 def cmd_debug_route(args: argparse.Namespace) -> int:
@@ -46,11 +43,7 @@ def cmd_debug_execute(args: argparse.Namespace) -> int:
     if not args.wait:
         print_json({"debug_log_id": log_id})
         return 0
-    deadline = time.monotonic() + args.timeout
-    run = debugging.get_debug_log(log_id)
-    while not TurnStatus(run.status).is_terminal and time.monotonic() < deadline:
-        time.sleep(POLL_SECONDS)
-        run = debugging.get_debug_log(log_id)
+    run = debugging.wait_for_debug_log(log_id, args.timeout)
     print_json(render.debug_log(run))
     if not TurnStatus(run.status).is_terminal:
         print(f"debug log {log_id} is still {run.status} after {args.timeout:g}s", file=sys.stderr)
