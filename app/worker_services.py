@@ -91,7 +91,9 @@ def message_died(message: dramatiq.Message[Any]) -> None:
     """The broker dead-lettered `message` (its retries ran out): keep the record operators list and
     requeue from, and end its run as `error` at once rather than at the recovery sweep. Neither step
     may fail the broker's nack: a record that could not be written is adopted from the broker when
-    the dead letters are listed, and a run left in flight is ended by recovery."""
+    the dead letters are listed, and a run left in flight is sent again by the recovery sweep (after
+    `app.deliveries.retry_hand_over`), whose delivery ends it as `error` if its deadline has passed, and
+    runs it otherwise."""
     try:
         dead_letters.record_death(message)
     except Exception:
@@ -108,4 +110,4 @@ def message_died(message: dramatiq.Message[Any]) -> None:
         else:
             debug_runner.abandon_run(ident, reason)
     except Exception:
-        log.exception("could not end run %s after its message died; recovery will", ident)
+        log.exception("could not end run %s after its message died; the recovery sweep sends it again later", ident)
