@@ -12,5 +12,5 @@ def unstorable(text: str) -> str | None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return "must be valid Unicode text (a command line's undecodable bytes are not)"
+        return "must be valid Unicode text (it holds a lone surrogate, which no UTF-8 encodes)"
     return None

@@ -191,10 +191,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print_error("invalid_configuration", describe_invalid_settings(exc))
         return 2
-    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, redis.RedisError) as exc:
-        from app.outages import is_outage
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.InterfaceError,
+            redis.RedisError) as exc:
+        from app.outages import is_outage, schema_missing
 
-        print_error("service_unavailable" if is_outage(exc) else "database_error", _first_line(exc))
+        if schema_missing(exc):
+            print_error("service_unavailable", "The database has no agentq schema: run `agentq db init` (a SQLite "
+                        "path is relative to the directory the command runs in).")
+        else:
+            print_error("service_unavailable" if is_outage(exc) else "database_error", _first_line(exc))
         return 1
 
 

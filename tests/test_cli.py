@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import child_env
+from tests.conftest import LOG_DIR, child_env
 from tests.support import ROOT, VENV_BIN, free_port
 
 STORAGE_AFTER_START = """
@@ -115,6 +115,9 @@ def test_options_that_would_leave_a_process_idle_or_broken_are_usage_errors(args
     (["users", "create", "x"], {"DATABASE_URL": "postgresql+psycopg://postgres@127.0.0.1:5432/agentq_no_such_db"},
      "service_unavailable"),
     ([b"users", b"create", b"\xff"], {}, "validation_failed"),
+    # a SQLite path is relative to where the command runs: elsewhere it opens an empty file
+    (["users", "create", "x"], {"DATABASE_URL": f"sqlite:///{LOG_DIR}/never-initialised.sqlite3"},
+     "service_unavailable: run `agentq db init`"),
 ])
 def test_an_operators_mistake_is_one_json_error_not_a_traceback(args: list[Any], env: dict[str, str],
                                                                  code: str) -> None:
@@ -125,7 +128,9 @@ def test_an_operators_mistake_is_one_json_error_not_a_traceback(args: list[Any],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
-    assert json.loads(result.stderr)["error"]["code"] == code
+    code, _, says = code.partition(": ")
+    error = json.loads(result.stderr)["error"]
+    assert error["code"] == code and says in error["message"]
 
 
 def test_the_web_server_opens_no_control_socket_shared_by_every_instance_on_the_host(tmp_path: Path) -> None:
@@ -211,4 +216,4 @@ def test_debug_execute_refuses_content_the_database_cannot_store(world) -> None:
     assert (result.returncode, "Traceback" in result.stderr) == (1, False), result.stderr
     assert json.loads(result.stderr)["error"] == {
         "code": "validation_failed",
-        "message": "content must be valid Unicode text (a command line's undecodable bytes are not)."}
+        "message": "content must be valid Unicode text (it holds a lone surrogate, which no UTF-8 encodes)."}
