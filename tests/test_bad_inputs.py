@@ -266,3 +266,10 @@ def test_an_unmatched_path_and_a_body_without_its_content_type_say_what_is_wrong
         "code": "malformed_body",
         "message": "The request body must be a JSON object, sent with Content-Type: application/json (it was sent as "
                    "text/plain)."})
+
+
+def test_a_patch_setting_a_required_field_to_null_names_the_field_not_the_body(world) -> None:  # type: ignore[no-untyped-def]
+    model_id = world.model()
+    response = world.api.patch(f"/api/admin/models/{model_id}", world.admin_key, {"name": None})
+    assert (response.status_code, response.json["error"]) == (422, {
+        "code": "validation_failed", "message": "Invalid request body: Value error, name cannot be null."})

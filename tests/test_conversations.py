@@ -83,7 +83,8 @@ def test_deleting_hides_the_conversation_and_its_messages(world) -> None:  # typ
     conversation_id = world.conversation(key, agent_id)
     assistant = world.send(key, conversation_id).json["assistant_message"]
     world.wait_terminal(key, assistant["id"])
-    assert world.api.delete(f"/api/conversations/{conversation_id}", key).status_code == 204
+    deleted = world.api.delete(f"/api/conversations/{conversation_id}", key)
+    assert (deleted.status_code, deleted.data, "Content-Type" in deleted.headers) == (204, b"", False)
     assert world.api.get(f"/api/conversations/{conversation_id}", key).status_code == 404
     assert world.api.get(f"/api/conversations/{conversation_id}/messages", key).status_code == 404
     assert world.api.get(f"/api/messages/{assistant['id']}", key).status_code == 404

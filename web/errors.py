@@ -58,7 +58,9 @@ def on_validation_error(exc: ValidationError) -> Response:
     first = errors[0] if errors else {"loc": (), "type": "model_type", "msg": "invalid"}
     if not first["loc"] and first["type"] in _BODY_SHAPE_ERRORS:
         return error_response(400, "malformed_body", "The request body must be a JSON object.")
-    where = ".".join(str(part) for part in first["loc"]) or "body"
+    if not first["loc"]:  # a rule across fields (a PATCH setting a required one to null)
+        return error_response(422, "validation_failed", f"Invalid request body: {first['msg']}.")
+    where = ".".join(str(part) for part in first["loc"])
     return error_response(422, "validation_failed", f"Invalid value for '{where}': {first['msg']}.")
 
 

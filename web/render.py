@@ -20,6 +20,13 @@ if TYPE_CHECKING:  # the services whose results are rendered; the `dlq` commands
     from app.prompt import Prompt
 
 
+def no_content() -> Response:
+    """A 204: no body, so no Content-Type (Flask's default for an empty string would say text/html)."""
+    response = Response(status=204)
+    del response.headers["Content-Type"]
+    return response
+
+
 def timestamp(moment: datetime | None) -> str | None:
     return None if moment is None else iso_utc(moment)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from flask import Response
 from flask_openapi3 import Tag
 
 from app import catalog, users
@@ -50,9 +51,9 @@ def update_model(path: IdPath, body: ModelPatch) -> dict:
 
 
 @bp.delete("/admin/models/<id:id>", tags=[models_tag], responses={204: r.NO_CONTENT})
-def delete_model(path: IdPath) -> tuple[str, int]:
+def delete_model(path: IdPath) -> Response:
     catalog.delete_model(path.id)
-    return "", 204
+    return render.no_content()
 
 
 @bp.post("/admin/agents", tags=[agents_tag], responses={201: r.Agent})
@@ -76,6 +77,6 @@ def update_agent(path: IdPath, body: AgentPatch) -> dict:
 
 
 @bp.delete("/admin/agents/<id:id>", tags=[agents_tag], responses={204: r.NO_CONTENT})
-def delete_agent(path: IdPath) -> tuple[str, int]:
+def delete_agent(path: IdPath) -> Response:
     catalog.delete_agent(path.id)
-    return "", 204
+    return render.no_content()

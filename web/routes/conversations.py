@@ -34,9 +34,9 @@ def get_conversation(path: ConversationPath) -> dict:
 
 
 @bp.delete("/conversations/<id:conversation_id>", tags=[tag], responses={204: r.NO_CONTENT})
-def delete_conversation(path: ConversationPath) -> tuple[str, int]:
+def delete_conversation(path: ConversationPath) -> Response:
     cancellation.delete_conversation(principal(), path.conversation_id)
-    return "", 204
+    return render.no_content()
 
 
 @bp.post("/conversations/<id:conversation_id>/messages", tags=[tag], responses={202: r.AcceptedTurn})

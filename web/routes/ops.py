@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from flask import Response
 from flask_openapi3 import Tag
 
 from app import dead_letters, operations
@@ -48,6 +49,6 @@ def requeue(path: IdPath) -> tuple[dict[str, Any], int]:
 
 
 @bp.delete("/admin/dead-letters/<id:id>", tags=[tag], responses={204: r.NO_CONTENT})
-def purge(path: IdPath) -> tuple[str, int]:
+def purge(path: IdPath) -> Response:
     dead_letters.purge(path.id)
-    return "", 204
+    return render.no_content()
