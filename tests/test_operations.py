@@ -314,8 +314,8 @@ def test_the_dlq_command_lists_shows_requeues_and_purges(world, redis_client) ->
     missing = dlq("show", "999999")
     assert missing.returncode == 1
     assert json.loads(missing.stderr)["error"]["code"] == "not_found"
-    assert dlq("purge").returncode == 1
-    assert dlq("requeue", "1", "--all").returncode == 1
+    assert dlq("purge").returncode == 2  # a usage error, like every other
+    assert dlq("requeue", "1", "--all").returncode == 2
 
 
 def test_purge_all_empties_the_dead_letter_queue(world, redis_client) -> None:  # type: ignore[no-untyped-def]
