@@ -276,8 +276,8 @@ def test_runs_taken_during_a_database_outage_wait_it_out_instead_of_dying(postgr
         stack.stop()
 
 
-ENDS_IN_OUTAGE = "echo;ttft=0.2;gap=0.2;words=20"
-STREAMS_THROUGH_OUTAGE = "echo;ttft=0.2;gap=0.5;words=30"
+ENDS_IN_OUTAGE = "echo;ttft=0.2;gap=0.2;words=12"
+STREAMS_THROUGH_OUTAGE = "echo;ttft=0.2;gap=0.5;words=20"
 
 
 @pytest.mark.timeout(150)
@@ -289,7 +289,7 @@ def test_a_database_outage_longer_than_a_lease_makes_no_turn_call_its_model_twic
     back, before the recovery sweeps (two processes, one a second) take any lease over, which they do only
     after the database has answered them for a renewal period. Each model is called once per turn, each
     turn is delivered and charged once."""
-    stack = Stack("outage-once", postgres.url, redis_db, AGENTQ_LEASE_SECONDS="3",
+    stack = Stack("outage-once", postgres.url, redis_db, AGENTQ_LEASE_SECONDS="2",
                   AGENTQ_RECOVERY_INTERVAL_SECONDS="1", AGENTQ_MIN_BACKOFF_MS="200",
                   AGENTQ_MAX_BACKOFF_MS="1000").init()
     try:
@@ -304,11 +304,11 @@ def test_a_database_outage_longer_than_a_lease_makes_no_turn_call_its_model_twic
         wait_for(lambda: len(upstream.requests()) == 6, timeout=30, what="each turn's model call")
         postgres.stop("fast")
         try:
-            time.sleep(6)  # the outage's length is what is tested: two leases, so every lease runs out
+            time.sleep(4)  # the outage's length is what is tested: two leases, so every lease runs out
         finally:
             postgres.start()
         ended = [stack.wait_terminal(key, message_id, timeout=60) for key, message_id in turns]
-        words = [" ".join(f"w{i}" for i in range(n)) for n in (20, 30)]
+        words = [" ".join(f"w{i}" for i in range(n)) for n in (12, 20)]
         assert [(m["status"], m["content"]) for m in ended] == [("success", words[0])] * 3 + [("success", words[1])] * 3
         calls = Counter(r["body"]["model"] for r in upstream.requests())
         assert calls == {ENDS_IN_OUTAGE: 3, STREAMS_THROUGH_OUTAGE: 3}
