@@ -134,11 +134,14 @@ def clean(database: str, redis_client: redis_lib.Redis) -> Iterator[None]:
 def _empty_tables(database: str) -> None:
     for attempt in range(10):
         try:
-            with psycopg.connect(database.replace("+psycopg", ""), autocommit=True) as conn:
-                conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
-                first_run_id = next(_RUN_ID_BLOCKS) * RUN_ID_BLOCK + 1
-                for table in RUN_TABLES:
-                    conn.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), {first_run_id}, false)")
+            # DELETE, children first, then the identities back to 1: a TRUNCATE makes new files and syncs
+            # them at its commit, 50 ms a test on this machine against 9 ms.
+            first_run_id = next(_RUN_ID_BLOCKS) * RUN_ID_BLOCK + 1
+            statements = [f"DELETE FROM {table}" for table in TABLES] + [
+                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                f"{first_run_id if table in RUN_TABLES else 1}, false)" for table in TABLES if table != "turns"]
+            with psycopg.connect(database.replace("+psycopg", "")) as conn:
+                conn.execute("; ".join(statements))
             return
         except psycopg.errors.DeadlockDetected:
             if attempt == 9:
