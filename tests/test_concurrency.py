@@ -367,6 +367,50 @@ def test_a_batched_settlement_with_a_lost_lease_writes_nothing_but_its_attempts(
         assert [(a.model_name, a.outcome, a.cost) for a in recorded] == [("primary", "success", Decimal("0.5"))]
 
 
+def test_a_stale_settlement_after_the_takeovers_charge_is_a_lost_lease_not_a_database_error(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """The delivery that took a turn over settled and charged it first; the stale delivery's own settlement
+    (its keeper had not yet noticed) then hits the ledger's one charge per turn before its lease guard's
+    result is read, and raised an IntegrityError, which went to Dramatiq's retries as an error. It is the
+    lost lease it is: the runner stops quietly, and nothing of the stale settlement is written."""
+    from app import ledger
+    from app.fallback import AgentParams
+    from app.live_stream import TurnStream
+    from app.model_target import ModelTarget
+    from app.models import CreditTransaction, Turn
+    from app.prepared import Batch
+    from app.turn_runner import TurnContext, _settle
+    from app.turn_state import LeaseLost, finish_turn
+    from app.turn_status import TurnStatus
+
+    agent_id = world.agent(world.model(upstream="echo;ttft=60"), timeout_seconds=120)
+    user_id, key = world.user(balance="5")
+    conversation_id = world.conversation(key, agent_id)
+    assistant = world.send(key, conversation_id).json["assistant_message"]
+    the_only_call(upstream)
+    with transaction() as session:
+        turn = session.get_one(Turn, assistant["id"])
+        stale_token, reserved = turn.lease_token, turn.reserved_amount
+        turn.lease_token = "the-takeover"
+    with transaction() as session, Batch(session) as batch:
+        finish_turn(batch, assistant["id"], question_of(assistant["id"]), "the-takeover", TurnStatus.SUCCESS,
+                    content="the takeover's answer", prompt_tokens=3, completion_tokens=4, cost=Decimal("0.25"))
+        ledger.charge_turn(batch, user_id, assistant["id"], Decimal("0.25"), reserved)
+    target = ModelTarget(1, "primary", "echo", None, None, Decimal("1"), Decimal("2"), None)
+    stale = TurnContext(
+        turn_id=assistant["id"], question_id=question_of(assistant["id"]), token=stale_token, user_id=user_id,
+        conversation_id=conversation_id, content="hi", system_prompt="", history=[],
+        params=AgentParams(120, None, None), primary=target, fallback=None, reserved=reserved, delivery=1,
+        gives_up=None, ends_by=None)
+    with pytest.raises(LeaseLost):
+        _settle(stale, TurnStatus.SUCCESS, TurnStream(assistant["id"], 1), model=target, cost=Decimal("0.5"),
+                success_tokens=7, content="the stale answer", prompt_tokens=3, completion_tokens=4, latency_ms=5)
+    assert world.message(key, assistant["id"])["content"] == "the takeover's answer"
+    assert world.api.get("/api/me", key).json["balance"] == "4.750000"
+    with transaction() as session:
+        assert [t.amount for t in session.query(CreditTransaction).filter_by(message_id=assistant["id"])] == [
+            Decimal("-0.25")]
+
+
 def test_attempts_a_settlement_wrote_before_its_failure_are_not_written_again(world, upstream) -> None:  # type: ignore[no-untyped-def]
     """A settlement can fail after its commit (the commit's answer lost with the connection): its attempts
     are in the database then, and the write that follows a failure finds them by their stamp; a failure
