@@ -176,6 +176,17 @@ def the_only_call(upstream) -> str:  # type: ignore[no-untyped-def]
     return next(iter(streams))
 
 
+def a_turn_in_a_workers_hands(world, upstream) -> tuple[int, str, int, dict]:  # type: ignore[no-untyped-def,type-arg]
+    """A user with a balance of 5 and a turn a worker holds, waiting for a first token that takes a minute:
+    its user's id and key, its conversation and its answer message."""
+    agent_id = world.agent(world.model(upstream="echo;ttft=60"), timeout_seconds=120)
+    user_id, key = world.user(balance="5")
+    conversation_id = world.conversation(key, agent_id)
+    assistant = world.send(key, conversation_id).json["assistant_message"]
+    the_only_call(upstream)
+    return user_id, key, conversation_id, assistant
+
+
 def test_a_worker_that_lost_its_lease_stops_and_cannot_write(world, upstream) -> None:  # type: ignore[no-untyped-def]
     """Another owner takes the turn over: the first worker stops its upstream call and writes nothing."""
     from app.models import Turn
@@ -343,11 +354,7 @@ def test_a_batched_settlement_with_a_lost_lease_writes_nothing_but_its_attempts(
     from app.turn_state import LeaseLost, finish_turn
     from app.turn_status import TurnStatus
 
-    agent_id = world.agent(world.model(upstream="echo;ttft=60"), timeout_seconds=120)
-    user_id, key = world.user(balance="5")
-    conversation_id = world.conversation(key, agent_id)
-    assistant = world.send(key, conversation_id).json["assistant_message"]
-    the_only_call(upstream)
+    user_id, key, conversation_id, assistant = a_turn_in_a_workers_hands(world, upstream)
     with transaction() as session:
         reserved = session.get_one(Turn, assistant["id"]).reserved_amount
     attempt = AttemptRecord("primary", "success", None, 5, 1, 3, 4, Decimal("0.5"))
@@ -382,11 +389,7 @@ def test_a_stale_settlement_after_the_takeovers_charge_is_a_lost_lease_not_a_dat
     from app.turn_state import LeaseLost, finish_turn
     from app.turn_status import TurnStatus
 
-    agent_id = world.agent(world.model(upstream="echo;ttft=60"), timeout_seconds=120)
-    user_id, key = world.user(balance="5")
-    conversation_id = world.conversation(key, agent_id)
-    assistant = world.send(key, conversation_id).json["assistant_message"]
-    the_only_call(upstream)
+    user_id, key, conversation_id, assistant = a_turn_in_a_workers_hands(world, upstream)
     with transaction() as session:
         turn = session.get_one(Turn, assistant["id"])
         stale_token, reserved = turn.lease_token, turn.reserved_amount
