@@ -66,6 +66,7 @@ def child_env(**overrides: str) -> dict[str, str]:
 def database() -> Iterator[str]:
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{DB_NAME}"')
+        conn.execute(f'ALTER DATABASE "{DB_NAME}" SET synchronous_commit = off')  # see tests/stack.py
     with psycopg.connect(TEST_ENV["DATABASE_URL"].replace("+psycopg", ""), autocommit=True) as conn:
         conn.execute((ROOT / "schema.sql").read_text())
     yield TEST_ENV["DATABASE_URL"]
