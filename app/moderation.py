@@ -13,10 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import openai
-
 from app.config import get_settings
-from app.llm_client import EndpointUnusable, client_at
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +44,12 @@ def check_blocked_terms(content: str) -> Verdict:
 
 
 def _check_endpoint(content: str, url: str) -> Verdict:
+    # Imported where an endpoint is asked, not with the policy: the API process and the command line check
+    # blocked terms without the openai SDK, whose import is a second of CPU at every process start.
+    import openai
+
+    from app.llm_client import EndpointUnusable, client_at
+
     try:
         client = client_at(url, get_settings().moderation_api_key_env)
         flagged = bool(client.moderations.create(input=content, timeout=MODERATION_TIMEOUT_SECONDS)

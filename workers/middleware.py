@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import threading
+from types import ModuleType
 
 import dramatiq
 from dramatiq.middleware import Middleware, SkipMessage
 
-from app import worker_services
 from app.logging_setup import configure_logging
 from workers.group import treat_a_repeated_stop_as_one
+
+
+def _worker() -> ModuleType:
+    """`app.worker_services`, loaded by the hooks only a worker process runs: a process that only sends (the
+    API, the command line) installs this middleware too, and need not load the runners and the openai SDK
+    they bring (a second of CPU at every start of a process)."""
+    from app import worker_services
+
+    return worker_services
 
 
 class RunOutcomes(Middleware):
@@ -17,7 +26,7 @@ class RunOutcomes(Middleware):
 
     def after_nack(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
         """A nack is the message going to the dead-letter queue; its options hold the last traceback."""
-        worker_services.message_died(message)
+        _worker().message_died(message)
 
 
 class WorkerServices(Middleware):
@@ -25,25 +34,25 @@ class WorkerServices(Middleware):
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
         """A forked process must not reuse its parent's sockets, and logs in agentq's format, not Dramatiq's."""
-        worker_services.after_fork()
+        _worker().after_fork()
         configure_logging()
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         """Background services start once the worker threads exist. Dramatiq set its signal handlers before
         this, in the process's main thread, which runs this hook too."""
-        worker_services.start(worker.worker_threads)
+        _worker().start(worker.worker_threads)
         if threading.current_thread() is threading.main_thread():
             treat_a_repeated_stop_as_one()
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         """Stop sweeping and fetching before the threads drain, so a stopping worker takes no new run."""
-        worker_services.stop()
+        _worker().stop()
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         """The threads had the shutdown grace: the runs they are still in are handed to another worker now."""
-        worker_services.hand_back_unfinished()
+        _worker().hand_back_unfinished()
 
     def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
         """A run that reaches an idle thread after SIGTERM goes back to the queue for another worker."""
-        if worker_services.hand_back_if_draining(message):
+        if _worker().hand_back_if_draining(message):
             raise SkipMessage(f"worker shutting down; {message.actor_name}{tuple(message.args)} handed back")
