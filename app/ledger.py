@@ -12,7 +12,7 @@ from decimal import Decimal
 from functools import cache
 from types import SimpleNamespace
 
-from sqlalchemy import BigInteger, DateTime, bindparam, case, insert, literal, select, update
+from sqlalchemy import BigInteger, DateTime, bindparam, case, exists, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from app.errors import ValidationFailed
@@ -65,7 +65,10 @@ def _statements() -> SimpleNamespace:
 
     A charge is what the balance can cover: `cost`, or the whole balance when the cost came out above
     the reservation (the provider counted more prompt tokens than the estimate that priced it) and the
-    balance held no more than that. `charge` writes the ledger row from
+    balance held no more than that. A turn already charged gets no second row: only a delivery that lost
+    its lease can get this far with one (the one that took the turn over charged it first), and its lease
+    check in the same batch then rolls everything back as `LeaseLost`, where a refused unique key would
+    have been a database error raised before that check was read. `charge` writes the ledger row from
     the user's row, locked, and `settle` then moves the balance the same way, so the two statements
     need nothing from each other and go out together in a batch."""
     users, ledger = table(User), table(CreditTransaction)
@@ -84,7 +87,8 @@ def _statements() -> SimpleNamespace:
                    -case((covered, cost), else_=users.c.balance),
                    case((covered, users.c.balance - cost), else_=0),
                    bindparam("at", type_=DateTime(timezone=True)))
-            .where(users.c.id == bindparam("user"), users.c.balance > 0, cost > 0)
+            .where(users.c.id == bindparam("user"), users.c.balance > 0, cost > 0,
+                   ~exists().where(ledger.c.message_id == bindparam("message", type_=BigInteger)))
             .with_for_update())),
         settle=Prepared(update(users).where(users.c.id == bindparam("user"))
                         .values(balance=case((covered, users.c.balance - cost), else_=0), reserved=unreserved)),
@@ -106,7 +110,8 @@ def release(unit: Unit | Batch, user_id: int, amount: Decimal) -> None:
 def charge_turn(unit: Unit | Batch, user_id: int, message_id: int, cost: Decimal, reserved: Decimal) -> None:
     """Settle a turn: release its reservation and charge its real cost, at most the whole balance.
 
-    A charge of zero writes no ledger row; the unique `message_id` of the ledger refuses a second one."""
+    A charge of zero writes no ledger row; a turn already charged is not charged again (the ledger's unique
+    `message_id` stands behind that)."""
     sql = _statements()
     values = {"user": user_id, "message": message_id, "cost": quantize(cost), "held": quantize(reserved),
               "at": utc_now()}

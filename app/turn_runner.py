@@ -15,8 +15,6 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
-
 from app import coordination, ledger, metrics
 from app.attempts import settling
 from app.cancellation import STOPPED
@@ -43,7 +41,6 @@ from app.turn_state import (
     TurnRow,
     claim_turn,
     finish_turn,
-    holds_lease,
 )
 from app.turn_status import CHARGED, TurnStatus
 from app.unowned_end import announce_unowned_end, end_unowned
@@ -201,22 +198,15 @@ def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, mod
                   settled_again_after=(StoppedMeanwhile,)) as attempts:
 
         def write() -> None:
-            try:
-                with plain_transaction() as connection, Batch(connection) as batch:
-                    finish_turn(batch, context.turn_id, context.question_id, context.token, target,
-                                model=model.name if model else None, cost=cost, **answer)
-                    record_turn_end(batch, context.conversation_id, success_tokens)
-                    if cost is None:
-                        ledger.release(batch, context.user_id, context.reserved)
-                    else:
-                        ledger.charge_turn(batch, context.user_id, context.turn_id, cost, context.reserved)
-                    attempts.write(batch)
-            except IntegrityError as error:
-                with plain_transaction() as connection:
-                    if not holds_lease(connection, context.turn_id, context.token):
-                        raise LeaseLost(f"turn {context.turn_id} was settled by the delivery that took it over "
-                                        "first") from error
-                raise
+            with plain_transaction() as connection, Batch(connection) as batch:
+                finish_turn(batch, context.turn_id, context.question_id, context.token, target,
+                            model=model.name if model else None, cost=cost, **answer)
+                record_turn_end(batch, context.conversation_id, success_tokens)
+                if cost is None:
+                    ledger.release(batch, context.user_id, context.reserved)
+                else:
+                    ledger.charge_turn(batch, context.user_id, context.turn_id, cost, context.reserved)
+                attempts.write(batch)
 
         waiting_out_outages(write, for_seconds=outage_wait_seconds(), what=f"settling turn {context.turn_id}")
     metrics.observe_cost("turn", cost)

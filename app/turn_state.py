@@ -319,14 +319,6 @@ def finish_turn(
                    a_cost=cost, a_latency_ms=latency_ms)
 
 
-def holds_lease(unit: Unit, turn_id: int, token: str) -> bool:
-    """Whether delivery `token` still holds the turn. A settlement refused by a unique key (the ledger's one
-    charge per turn) asks it: refused because the delivery that took the turn over settled and charged it
-    first, it lost the turn (`LeaseLost`), whose guard comes later in the same batch and never ran."""
-    turns = table(Turn)
-    return unit.execute(select(turns.c.lease_token).where(turns.c.assistant_message_id == turn_id)).scalar() == token
-
-
 def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_message: str) -> Turn | None:
     """End an in-flight turn without holding its lease: retries exhausted, or cancelled before a worker.
 
