@@ -2,8 +2,9 @@
 
 Every change of `users.balance` writes one `credit_transactions` row with the balance after it, so
 the ledger of a user always adds up to their balance. A turn reserves its worst-case cost before
-the model is called (`reserved`), and `charge_turn` settles it; the unique `message_id` of the
-ledger makes a second charge of the same turn fail in the database itself.
+the model is called (`reserved`), and `charge_turn` settles it: its charge statement writes no second
+ledger row for a turn already charged, and the balance moves only by the row it wrote, so the turn is
+charged once whoever settles it (the unique `message_id` stands behind the statement).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from decimal import Decimal
 from functools import cache
 from types import SimpleNamespace
 
-from sqlalchemy import BigInteger, DateTime, bindparam, case, exists, insert, literal, select, update
+from sqlalchemy import BigInteger, DateTime, bindparam, case, exists, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from app.errors import ValidationFailed
@@ -69,12 +70,16 @@ def _statements() -> SimpleNamespace:
     its lease can get this far with one (the one that took the turn over charged it first), and its lease
     check in the same batch then rolls everything back as `LeaseLost`, where a refused unique key would
     have been a database error raised before that check was read. `charge` writes the ledger row from
-    the user's row, locked, and `settle` then moves the balance the same way, so the two statements
-    need nothing from each other and go out together in a batch."""
+    the user's row, locked; `settle` then sets the balance to that row's `balance_after` (found by its
+    turn and its stamp `at`), or leaves it where no row was written, and releases the reservation
+    either way. Both go out together in a batch, and a balance never moves without its ledger row."""
     users, ledger = table(User), table(CreditTransaction)
     held, cost = bindparam("held", type_=Money), bindparam("cost", type_=Money)
     unreserved = case((users.c.reserved > held, users.c.reserved - held), else_=0)
     covered = users.c.balance >= cost
+    message, at = bindparam("message", type_=BigInteger), bindparam("at", type_=DateTime(timezone=True))
+    charged = (select(ledger.c.balance_after).where(ledger.c.message_id == message, ledger.c.created_at == at)
+               .scalar_subquery())
     return SimpleNamespace(
         reserve=Prepared(update(users)
                          .where(users.c.id == bindparam("user"),
@@ -83,15 +88,14 @@ def _statements() -> SimpleNamespace:
         release=Prepared(update(users).where(users.c.id == bindparam("user")).values(reserved=unreserved)),
         charge=Prepared(insert(ledger).from_select(
             ["user_id", "message_id", "kind", "amount", "balance_after", "created_at"],
-            select(users.c.id, bindparam("message", type_=BigInteger), literal("charge"),
+            select(users.c.id, message, literal("charge"),
                    -case((covered, cost), else_=users.c.balance),
-                   case((covered, users.c.balance - cost), else_=0),
-                   bindparam("at", type_=DateTime(timezone=True)))
+                   case((covered, users.c.balance - cost), else_=0), at)
             .where(users.c.id == bindparam("user"), users.c.balance > 0, cost > 0,
-                   ~exists().where(ledger.c.message_id == bindparam("message", type_=BigInteger)))
+                   ~exists().where(ledger.c.message_id == message))
             .with_for_update())),
         settle=Prepared(update(users).where(users.c.id == bindparam("user"))
-                        .values(balance=case((covered, users.c.balance - cost), else_=0), reserved=unreserved)),
+                        .values(balance=func.coalesce(charged, users.c.balance), reserved=unreserved)),
     )
 
 
@@ -110,8 +114,8 @@ def release(unit: Unit | Batch, user_id: int, amount: Decimal) -> None:
 def charge_turn(unit: Unit | Batch, user_id: int, message_id: int, cost: Decimal, reserved: Decimal) -> None:
     """Settle a turn: release its reservation and charge its real cost, at most the whole balance.
 
-    A charge of zero writes no ledger row; a turn already charged is not charged again (the ledger's unique
-    `message_id` stands behind that)."""
+    A charge of zero writes no ledger row; a turn already charged is not charged again, its balance
+    untouched (`_statements`)."""
     sql = _statements()
     values = {"user": user_id, "message": message_id, "cost": quantize(cost), "held": quantize(reserved),
               "at": utc_now()}

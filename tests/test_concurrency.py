@@ -414,6 +414,29 @@ def test_a_stale_settlement_after_the_takeovers_charge_is_a_lost_lease_not_a_dat
             Decimal("-0.25")]
 
 
+def test_a_turn_charged_a_second_time_moves_neither_its_ledger_nor_the_balance(world) -> None:  # type: ignore[no-untyped-def]
+    """The charge statement writes no second row for a turn, and the balance moves only by the row the
+    statement wrote: a second charge of one turn, by whichever caller, leaves both as the first left them."""
+    from app import ledger
+
+    agent_id = world.agent(world.model())
+    user_id, key = world.user(balance="5")
+    conversation_id = world.conversation(key, agent_id)
+    with transaction() as session:
+        answer = ConversationMessage(conversation_id=conversation_id, seq=1, role="assistant", content="",
+                                     status="processing")
+        session.add(answer)
+        session.flush()
+        answer_id = answer.id
+    for cost in ("0.25", "0.5"):
+        with transaction() as session:
+            ledger.charge_turn(session, user_id, answer_id, Decimal(cost), Decimal(0))
+    assert world.api.get("/api/me", key).json["balance"] == "4.750000"
+    with transaction() as session:
+        assert [t.amount for t in session.query(CreditTransaction).filter_by(message_id=answer_id)] == [
+            Decimal("-0.25")]
+
+
 def test_attempts_a_settlement_wrote_before_its_failure_are_not_written_again(world, upstream) -> None:  # type: ignore[no-untyped-def]
     """A settlement can fail after its commit (the commit's answer lost with the connection): its attempts
     are in the database then, and the write that follows a failure finds them by their stamp; a failure

@@ -37,7 +37,7 @@ class User(Base):
 
 
 class CreditTransaction(Base):
-    """One row per change of a balance; the unique `message_id` is what makes a turn chargeable once."""
+    """One row per change of a balance; a turn's charge is its row (`message_id`, unique: one at most)."""
 
     __tablename__ = "credit_transactions"
     __table_args__ = (
