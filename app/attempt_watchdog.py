@@ -24,11 +24,13 @@ import socket
 import threading
 import time
 
+from app.failure_kinds import FailureKind
+
 TICK_SECONDS = 0.1
 
 
 class Watch:
-    """One attempt under watch; `fired` tells why its socket was shut ("timeout" or "cancelled")."""
+    """One attempt under watch; `fired` tells why its socket was shut (a timeout or a stop)."""
 
     __slots__ = ("_watchdog", "deadline", "fired", "sock", "stop")
 
@@ -37,7 +39,7 @@ class Watch:
         self.deadline = deadline
         self.stop = stop
         self.sock: socket.socket | None = None
-        self.fired: str | None = None
+        self.fired: FailureKind | None = None
 
     def attach(self, sock: socket.socket | None) -> None:
         """The attempt's request is being written to `sock`: watch it (shut it now if the watch already fired).
@@ -125,15 +127,15 @@ class _Watchdog:
                 nearest = now + TICK_SECONDS
                 for entry in list(self._watches):
                     if entry.stop.is_set():
-                        self._fire(entry, "cancelled")
+                        self._fire(entry, FailureKind.CANCELLED)
                     elif entry.deadline <= now:
-                        self._fire(entry, "timeout")
+                        self._fire(entry, FailureKind.TIMEOUT)
                     else:
                         nearest = min(nearest, entry.deadline)
                 self._wakes_at = nearest if self._watches else float("inf")
                 self._changed.wait(max(nearest - now, 0.001) if self._watches else None)
 
-    def _fire(self, entry: Watch, reason: str) -> None:
+    def _fire(self, entry: Watch, reason: FailureKind) -> None:
         self._watches.discard(entry)
         entry.fired = reason
         if entry.sock is not None:

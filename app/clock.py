@@ -19,10 +19,10 @@ makes harmless) or late by the skew.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, DateTime, func, literal, select
+from sqlalchemy import DateTime, select
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
@@ -57,6 +57,6 @@ def lease_now(unit: Unit) -> datetime:
     return lease_time(unit.execute(select(DatabaseNow())).scalar())
 
 
-def lease_clock() -> ColumnElement[datetime]:
-    """The same time inside a statement that judges leases, with no statement of its own to read it."""
-    return func.coalesce(DatabaseNow(), literal(utc_now(), DateTime(timezone=True)))
+def lease_expiry(judged_at: datetime, lease_seconds: float) -> datetime:
+    """When a lease taken or renewed at `judged_at` (the time it was read by) runs out."""
+    return judged_at + timedelta(seconds=lease_seconds)

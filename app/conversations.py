@@ -25,7 +25,7 @@ from app.db import transaction
 from app.errors import NotFound, ValidationFailed
 from app.in_flight import lock_user
 from app.models import Conversation, ConversationMessage, table
-from app.models.base import as_utc, utc_now
+from app.models.base import LARGEST_ID, as_utc, utc_now
 from app.paging import every_row, page_of
 from app.prepared import Batch, Prepared, Unit
 
@@ -106,7 +106,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, int]:
         moment, number = as_utc(datetime.fromisoformat(stamp)), int(ident)
     except (ValueError, UnicodeDecodeError, OverflowError) as exc:
         raise ValidationFailed("cursor is not one this API returned.", code="invalid_cursor") from exc
-    if not 1 <= number <= 2**63 - 1:
+    if not 1 <= number <= LARGEST_ID:
         raise ValidationFailed("cursor is not one this API returned.", code="invalid_cursor")
     return moment, number
 

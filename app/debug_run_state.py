@@ -7,13 +7,13 @@ second message, no reservation and no charge.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from app.clock import DatabaseNow, lease_clock, lease_time
+from app.clock import DatabaseNow, lease_expiry, lease_time
 from app.deliveries import delivery_deadline
 from app.models import Agent, DebugRun
 from app.models.base import optional_utc, utc_now
@@ -23,7 +23,7 @@ from app.turn_state import (
     LeaseLost,
     TransitionRefused,
     claim_outcome,
-    lease_free,
+    lease_held,
     new_lease_token,
 )
 from app.turn_status import TurnStatus, sources_for
@@ -54,7 +54,7 @@ def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> Clai
                                        DebugRun.status.in_(sources_for(TurnStatus.PROCESSING)))
                 .values(status=TurnStatus.PROCESSING.value))
     taken = session.execute(
-        take.values(lease_token=token, lease_expires_at=judged_at + timedelta(seconds=lease_seconds),
+        take.values(lease_token=token, lease_expires_at=lease_expiry(judged_at, lease_seconds),
                     deadline_at=deadline.at,
                     deliveries=DebugRun.deliveries + 1, updated_at=utc_now())
         .returning(DebugRun.deliveries)
@@ -72,8 +72,8 @@ def finish_debug_run(session: Session, run_id: int, token: str | None, target: T
     query = update(DebugRun).where(DebugRun.id == run_id, DebugRun.status.in_(sources_for(target)))
     if token is not None:
         query = query.where(DebugRun.lease_token == token)
-    else:
-        query = query.where(lease_free(DebugRun.lease_token, DebugRun.lease_expires_at, lease_clock()))
+    elif _held_by_a_delivery(session, run_id):
+        return False
     moved = session.execute(
         query.values(status=target.value, lease_token=None, lease_expires_at=None, updated_at=utc_now(), **result)
         .execution_options(synchronize_session=False)
@@ -81,6 +81,13 @@ def finish_debug_run(session: Session, run_id: int, token: str | None, target: T
     if moved != 1 and token is not None:
         raise LeaseLost(f"test run {run_id} is owned by another worker or already ended")
     return moved == 1
+
+
+def _held_by_a_delivery(session: Session, run_id: int) -> bool:
+    """The run's row, locked until the caller's end is written, is under a live lease (`lease_held`)."""
+    row = session.execute(select(DebugRun.lease_token, DebugRun.lease_expires_at, DatabaseNow())
+                          .where(DebugRun.id == run_id).with_for_update()).first()
+    return row is not None and lease_held(row[0], row[1], lease_time(row[2]))
 
 
 def reopen_debug_run(session: Session, run_id: int, enqueued_at: datetime) -> int:

@@ -91,6 +91,11 @@ def deliveries_since_requeue(deliveries: int) -> int:
     return deliveries % DELIVERIES_PER_REQUEUE
 
 
+def deliveries_at_requeue(deliveries: int) -> int:
+    """Where a requeued turn's count starts: the next thousand, none of it yet since the requeue."""
+    return (deliveries // DELIVERIES_PER_REQUEUE + 1) * DELIVERIES_PER_REQUEUE
+
+
 def attempts_end_by(time_left: float | None) -> float | None:
     """A delivery's model time as a moment of this process's monotonic clock, taken when its claim is read:
     what comes before the first call (moderation, the history) is counted too."""

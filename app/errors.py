@@ -18,11 +18,6 @@ class AgentqError(Exception):
             self.code = code
 
 
-class MalformedRequest(AgentqError):
-    status = 400
-    code = "malformed_request"
-
-
 class Unauthorized(AgentqError):
     status = 401
     code = "unauthorized"

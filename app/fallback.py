@@ -23,13 +23,14 @@ from decimal import Decimal
 
 from app.answer_sink import AnswerSink
 from app.config import get_settings
+from app.failure_kinds import FailureKind
 from app.llm_client import AttemptFailed, Completion, stream_chat
 from app.model_target import ModelTarget
 from app.targets import attempt_order
 from app.token_estimates import estimate_tokens, estimate_tokens_of_messages
 
-ALWAYS_FALL_BACK = frozenset({"timeout", "connection_error", "stream_cut", "rate_limited", "server_error",
-                              "bad_response"})
+ALWAYS_FALL_BACK = frozenset({FailureKind.TIMEOUT, FailureKind.CONNECTION_ERROR, FailureKind.STREAM_CUT,
+                              FailureKind.RATE_LIMITED, FailureKind.SERVER_ERROR, FailureKind.BAD_RESPONSE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,11 +75,11 @@ class Outcome:
 
 
 def should_fall_back(failure: AttemptFailed, primary: ModelTarget, fallback: ModelTarget | None) -> bool:
-    if fallback is None or failure.kind == "cancelled":
+    if fallback is None or failure.kind is FailureKind.CANCELLED:
         return False
     if failure.kind in ALWAYS_FALL_BACK:
         return True
-    if failure.kind == "bad_request":
+    if failure.kind is FailureKind.BAD_REQUEST:
         settings = get_settings()
         return settings.context_window(fallback.context_window) > settings.context_window(primary.context_window)
     return False
@@ -132,12 +133,12 @@ def call_with_fallback(
         except AttemptFailed as failure:
             prompt_estimate = estimate_tokens_of_messages(messages)
             produced = estimate_tokens(failure.partial) if failure.partial else 0
-            outcome.attempts.append(_record(target, failure.kind, failure.detail, failure.latency_ms,
+            outcome.attempts.append(_record(target, failure.kind.value, failure.detail, failure.latency_ms,
                                             failure.first_token_ms, prompt_estimate, produced))
             outcome.errors.append(f"{target.name}: {failure}")
             outcome.partial = failure.partial
             outcome.model = target if failure.partial else None
-            if failure.kind == "cancelled":
+            if failure.kind is FailureKind.CANCELLED:
                 outcome.model, outcome.cancelled = target, True
                 return outcome
             if index == 0 and should_fall_back(failure, primary, fallback):

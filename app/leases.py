@@ -15,12 +15,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
 
 from sqlalchemy import tuple_, update
 
 from app import coordination
-from app.clock import lease_now
+from app.clock import lease_expiry, lease_now
 from app.config import get_settings
 from app.db import transaction
 from app.models import Turn
@@ -151,7 +150,7 @@ class LeaseKeeper:
         kept: set[tuple[str, int, str]] = set()
         stopped: set[int] = set()
         with transaction() as session:
-            expires = lease_now(session) + timedelta(seconds=lease_seconds)
+            expires = lease_expiry(lease_now(session), lease_seconds)
             for kind in KINDS:
                 pairs = [(h.ident, h.token) for h in held if _kind(h) is kind]
                 if not pairs:

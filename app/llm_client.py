@@ -28,6 +28,7 @@ import httpx2
 import openai
 
 from app.attempt_watchdog import watch_attempt
+from app.failure_kinds import FailureKind
 from app.model_target import ModelTarget
 from app.token_estimates import estimate_tokens, estimate_tokens_of_messages
 from app.upstream_transport import ShardedTransport, guarding
@@ -53,7 +54,7 @@ class Completion:
 class AttemptFailed(Exception):
     """One attempt failed; `kind` is what the fallback policy decides on."""
 
-    def __init__(self, kind: str, detail: str, *, partial: str = "", first_token_ms: int | None = None,
+    def __init__(self, kind: FailureKind, detail: str, *, partial: str = "", first_token_ms: int | None = None,
                  latency_ms: int = 0) -> None:
         super().__init__(f"{kind}: {detail}")
         self.kind = kind
@@ -141,14 +142,14 @@ def reset_clients() -> None:
         _clients.clear()
 
 
-def _status_kind(status: int) -> str:
+def _status_kind(status: int) -> FailureKind:
     if status == 429:
-        return "rate_limited"
+        return FailureKind.RATE_LIMITED
     if status >= 500:
-        return "server_error"
+        return FailureKind.SERVER_ERROR
     if status == 400:
-        return "bad_request"
-    return "client_error"
+        return FailureKind.BAD_REQUEST
+    return FailureKind.CLIENT_ERROR
 
 
 def stream_chat(
@@ -176,7 +177,7 @@ def stream_chat(
         except (openai.APIConnectionError, openai.APIStatusError) as exc:
             raise attempt.refused(exc) from exc
         except (EndpointUnusable, httpx2.InvalidURL, UnicodeError) as exc:
-            raise attempt.failed("endpoint_unusable", f"cannot be called as configured: {exc}") from exc
+            raise attempt.failed(FailureKind.ENDPOINT_UNUSABLE, f"cannot be called as configured: {exc}") from exc
         try:
             for chunk in stream:
                 attempt.take(chunk, on_delta)
@@ -185,7 +186,8 @@ def stream_chat(
             raise
         except (ValueError, TypeError, AttributeError) as exc:
             raise attempt.interrupted(attempt.silent) or attempt.failed(
-                "bad_response", f"the stream sent a chunk that is not a chat completion chunk: {exc!r}") from exc
+                FailureKind.BAD_RESPONSE,
+                f"the stream sent a chunk that is not a chat completion chunk: {exc!r}") from exc
         except (httpx2.TransportError, openai.APIError, OSError) as exc:
             raise attempt.broken(exc) from exc
         finally:
@@ -224,15 +226,15 @@ class _Attempt:
     def _elapsed_ms(self) -> int:
         return int((time.monotonic() - self.started) * 1000)
 
-    def failed(self, kind: str, detail: str) -> AttemptFailed:
+    def failed(self, kind: FailureKind, detail: str) -> AttemptFailed:
         return AttemptFailed(kind, detail, partial="".join(self.parts), first_token_ms=self.first_token_ms,
                              latency_ms=self._elapsed_ms())
 
     def interrupted(self, timed_out: str) -> AttemptFailed | None:
-        if self.watch.fired == "cancelled" or self.watch.stop.is_set():
-            return self.failed("cancelled", "stopped on request")
-        if self.watch.fired == "timeout":
-            return self.failed("timeout", timed_out)
+        if self.watch.fired is FailureKind.CANCELLED or self.watch.stop.is_set():
+            return self.failed(FailureKind.CANCELLED, "stopped on request")
+        if self.watch.fired is FailureKind.TIMEOUT:
+            return self.failed(FailureKind.TIMEOUT, timed_out)
         return None
 
     def refused(self, exc: openai.APIError) -> AttemptFailed:
@@ -241,22 +243,22 @@ class _Attempt:
         if (early := self.interrupted(self.no_response)) is not None:
             return early
         if isinstance(exc, openai.APITimeoutError):
-            return self.failed("timeout", self.no_response)
+            return self.failed(FailureKind.TIMEOUT, self.no_response)
         if isinstance(exc, openai.APIStatusError):
             return self.failed(_status_kind(exc.status_code), f"HTTP {exc.status_code}: {exc.message}")
-        return self.failed("connection_error", str(exc.__cause__ or exc))
+        return self.failed(FailureKind.CONNECTION_ERROR, str(exc.__cause__ or exc))
 
     def broken(self, exc: Exception) -> AttemptFailed:
         """The failure of a stream that stopped in the middle: the stop, the deadline, silence, or a cut."""
         if (early := self.interrupted(self.silent)) is not None:
             return early
         if isinstance(exc, httpx2.TimeoutException):
-            return self.failed("timeout", self.silent)
-        return self.failed("stream_cut", f"the stream broke: {exc!r}")
+            return self.failed(FailureKind.TIMEOUT, self.silent)
+        return self.failed(FailureKind.STREAM_CUT, f"the stream broke: {exc!r}")
 
     def take(self, chunk: Any, on_delta: Callable[[str], None]) -> None:
         if self.watch.stop.is_set():
-            raise self.failed("cancelled", "stopped on request")
+            raise self.failed(FailureKind.CANCELLED, "stopped on request")
         texts, reported, finishes = read_chunk(chunk)
         self.finished = self.finished or finishes
         if reported is not None:
@@ -267,13 +269,13 @@ class _Attempt:
             self.parts.append(text)
             on_delta(text)
         if self.watch.remaining() < 0:
-            raise self.failed("timeout", f"the attempt ran past {self.timeout_seconds:g}s")
+            raise self.failed(FailureKind.TIMEOUT, f"the attempt ran past {self.timeout_seconds:g}s")
 
     def check_finished(self) -> None:
         """A body that ended without a `finish_reason` was cut, by the watchdog or on the way."""
         if not self.finished:
             raise self.interrupted(self.silent) or self.failed(
-                "stream_cut", "the stream ended before the model finished (no finish_reason)")
+                FailureKind.STREAM_CUT, "the stream ended before the model finished (no finish_reason)")
 
     def completion(self, messages: list[dict[str, str]]) -> Completion:
         text = "".join(self.parts)

@@ -16,7 +16,7 @@ from sqlalchemy import bindparam, select
 from app.config import get_settings
 from app.models import ConversationMessage, table
 from app.prepared import Prepared, Unit
-from app.token_estimates import estimate_tokens, estimate_tokens_of_messages
+from app.token_estimates import estimate_message_tokens, estimate_tokens_of_messages
 from app.turn_status import TurnStatus
 
 ChatMessage = dict[str, str]
@@ -59,7 +59,7 @@ def build_prompt(
     budget = window - answer_room - estimate_tokens_of_messages(head + tail)
     kept: list[ChatMessage] = []
     for message in reversed(history):
-        cost = estimate_tokens(message["content"]) + 4
+        cost = estimate_message_tokens(message)
         if cost > budget:
             break
         kept.append(message)

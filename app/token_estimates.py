@@ -13,5 +13,17 @@ def estimate_tokens(text: str) -> int:
     return (ascii_chars + 3) // 4 + len(text) - ascii_chars
 
 
+MESSAGE_OVERHEAD_TOKENS = 4
+"""What a chat message costs besides its text (role and separators, as chat formats frame it)."""
+REPLY_PRIMING_TOKENS = 2
+"""What a prompt costs once besides its messages (the start of the reply it primes)."""
+
+
+def estimate_message_tokens(message: dict[str, str]) -> int:
+    """One message's share of a prompt: the same count whether a history is being trimmed to fit the context
+    window or a whole prompt priced for its reservation."""
+    return estimate_tokens(message.get("content", "")) + MESSAGE_OVERHEAD_TOKENS
+
+
 def estimate_tokens_of_messages(messages: list[dict[str, str]]) -> int:
-    return sum(estimate_tokens(m.get("content", "")) + 4 for m in messages) + 2
+    return sum(estimate_message_tokens(m) for m in messages) + REPLY_PRIMING_TOKENS

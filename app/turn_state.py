@@ -3,9 +3,9 @@
 Every change is an UPDATE guarded by the statuses it may leave (`turn_status.sources_for`) and, for
 a worker, by the lease token it holds; when the guard matches nothing the change is refused loudly,
 so a redelivered message or a worker that lost its lease can never overwrite a finished turn. Who
-may claim a run under which lease (`claim_outcome`, `lease_free`) and when the sweep may send it again
-(`lease_over`) are defined here once, and an admin
-test run's state machine (`app.debug_run_state`) follows the same rule.
+may claim a run under which lease (`claim_outcome`, `lease_held`) and when the sweep may send it again
+(`lease_over`) are defined here once, and an admin test run's state machine (`app.debug_run_state`)
+follows the same rules.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 from enum import Enum
 from functools import cache
@@ -24,8 +24,8 @@ from sqlalchemy import ColumnElement, bindparam, case, literal, or_, select, upd
 from sqlalchemy.orm import Session
 
 from app import ledger
-from app.clock import DatabaseNow, lease_time
-from app.deliveries import DELIVERIES_PER_REQUEUE, delivery_deadline
+from app.clock import DatabaseNow, lease_expiry, lease_time
+from app.deliveries import deliveries_at_requeue, delivery_deadline
 from app.model_target import MODEL_FIELDS
 from app.models import Agent, Conversation, ConversationMessage, LlmModel, Turn, table
 from app.models.base import optional_utc as utc
@@ -190,20 +190,14 @@ def claim_outcome(status: str, lease_token: str | None, lease_expires_at: dateti
         return Claim.FINISHED
     if status != TurnStatus.PROCESSING:
         return Claim.CLAIMED
-    return Claim.OWNED_ELSEWHERE if _lease_live(lease_token, lease_expires_at, now) else Claim.TAKEN_OVER
+    return Claim.OWNED_ELSEWHERE if lease_held(lease_token, lease_expires_at, now) else Claim.TAKEN_OVER
 
 
-def _lease_live(lease_token: str | None, lease_expires_at: datetime | None, now: datetime) -> bool:
+def lease_held(lease_token: str | None, lease_expires_at: datetime | None, now: datetime) -> bool:
     """Some delivery still holds the run: it renews the lease, or died less than a lease ago. A lease
     without a token was revoked (`app.run_kinds.RunKind.revoke_lease`): nobody holds it."""
     expires = utc(lease_expires_at)
     return lease_token is not None and expires is not None and expires > now
-
-
-def lease_free(lease_token: ColumnElement[str | None], lease_expires_at: ColumnElement[datetime | None],
-               now: ColumnElement[datetime]) -> ColumnElement[bool]:
-    """`_lease_live`'s rule in SQL, negated: no delivery holds the run."""
-    return or_(lease_token.is_(None), lease_expires_at.is_(None), lease_expires_at <= now)
 
 
 def lease_over(lease_expires_at: ColumnElement[datetime | None], now: ColumnElement[datetime]) -> ColumnElement[bool]:
@@ -252,7 +246,7 @@ def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
         else:
             _move_messages(batch, TurnStatus.PROCESSING, row.user_message_id, turn_id, at=written_at)
         sql.take_lease(batch, {"turn_id": turn_id, "token": claim.token,
-                               "expires": judged_at + timedelta(seconds=lease_seconds),
+                               "expires": lease_expiry(judged_at, lease_seconds),
                                "deadline": deadline.at,
                                "hold": amount, "at": written_at})
         reserved = ledger.reserve(batch, row.user_id, amount) if amount > 0 else None
@@ -333,7 +327,7 @@ def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_m
     if locked is None:
         return None
     turn, now = locked
-    if _lease_live(turn.lease_token, turn.lease_expires_at, lease_time(now)):
+    if lease_held(turn.lease_token, turn.lease_expires_at, lease_time(now)):
         return None
     try:
         _move_with_error(session, turn, target, error_message)
@@ -348,7 +342,7 @@ def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_m
 
 def reopen_turn(session: Session, turn_id: int, enqueued_at: datetime) -> Turn:
     """An operator's requeue of a turn that ended as `error`: it becomes pending again, its delivery
-    count at the start of the next thousand (`DELIVERIES_PER_REQUEUE`), its outbox mark `enqueued_at`."""
+    count at the start of the next thousand (`deliveries_at_requeue`), its outbox mark `enqueued_at`."""
     turn = session.execute(
         select(Turn).where(Turn.assistant_message_id == turn_id).with_for_update()
     ).scalar_one_or_none()
@@ -358,5 +352,5 @@ def reopen_turn(session: Session, turn_id: int, enqueued_at: datetime) -> Turn:
     turn.lease_token = None
     turn.lease_expires_at = None
     turn.enqueued_at = enqueued_at
-    turn.deliveries = (turn.deliveries // DELIVERIES_PER_REQUEUE + 1) * DELIVERIES_PER_REQUEUE
+    turn.deliveries = deliveries_at_requeue(turn.deliveries)
     return turn

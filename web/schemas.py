@@ -22,8 +22,8 @@ from pydantic import (
     model_validator,
 )
 
-from app.models.base import LARGEST_ID
-from app.models.catalog import DEFAULT_TIMEOUT_SECONDS, TIMEOUT_SECONDS_RANGE
+from app.models.base import LARGEST_ID, SHORT_TEXT_CHARS
+from app.models.catalog import DEFAULT_TIMEOUT_SECONDS, TEMPERATURE_RANGE, TIMEOUT_SECONDS_RANGE
 from app.money import written_plainly
 from app.text import unstorable
 
@@ -54,7 +54,7 @@ def text(*, min_length: int | None = None, max_length: int | None = None, patter
 
 Text = text()
 Ident = Annotated[int, Strict(), Field(ge=1, le=LARGEST_ID)]
-Name = Annotated[text(min_length=1, max_length=200), AfterValidator(_not_blank)]
+Name = Annotated[text(min_length=1, max_length=SHORT_TEXT_CHARS), AfterValidator(_not_blank)]
 Price = Annotated[Decimal, BeforeValidator(_plain_amount), Field(ge=0, max_digits=18, decimal_places=6)]
 Amount = Annotated[Decimal, BeforeValidator(_plain_amount), Field(max_digits=18, decimal_places=6)]
 
@@ -113,7 +113,7 @@ def _http_url(value: str | None) -> str | None:
 
 
 Url = text(max_length=500)
-EnvName = text(max_length=200, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+EnvName = text(max_length=SHORT_TEXT_CHARS, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _refuse_nulls(body: BaseModel, required: tuple[str, ...]) -> None:
@@ -153,7 +153,7 @@ class ModelPatch(Body):
 
 
 Timeout = Annotated[int, Strict(), Field(ge=TIMEOUT_SECONDS_RANGE[0], le=TIMEOUT_SECONDS_RANGE[1])]
-Temperature = Annotated[float, Strict(), Field(ge=0, le=2, allow_inf_nan=False)]
+Temperature = Annotated[float, Strict(), Field(ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1], allow_inf_nan=False)]
 PROMPT_MAX_CHARS = 200_000
 Prompt = text(max_length=PROMPT_MAX_CHARS)
 MaxTokens = Annotated[int, Strict(), Field(ge=1, le=1_000_000)]
@@ -240,7 +240,7 @@ class DebugCostQuery(CachedSchemaModel):
     group_by: Literal["agent", "model", "admin"] = "agent"
 
 
-IdempotencyKey = text(min_length=1, max_length=200)
+IdempotencyKey = text(min_length=1, max_length=SHORT_TEXT_CHARS)
 
 
 class IdempotencyHeader(CachedSchemaModel):

@@ -8,11 +8,13 @@ from decimal import Decimal
 from sqlalchemy import CheckConstraint, DateTime, Double, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.models.base import Base, Id, Money, created_at_column, id_column, updated_at_column
+from app.models.base import SHORT_TEXT_CHARS, Base, Id, Money, created_at_column, id_column, updated_at_column
 
 TIMEOUT_SECONDS_RANGE = (1, 3600)
 """An agent's `timeout_seconds`, checked by the table and by the API's body schema alike."""
 DEFAULT_TIMEOUT_SECONDS = 120
+TEMPERATURE_RANGE = (0, 2)
+"""An agent's `temperature`, checked by the table and by the API's body schema alike."""
 
 
 class LlmModel(Base):
@@ -33,10 +35,10 @@ class LlmModel(Base):
     )
 
     id: Mapped[int] = id_column()
-    name: Mapped[str] = mapped_column(String(200), nullable=False)
-    model: Mapped[str] = mapped_column(String(200), nullable=False)
+    name: Mapped[str] = mapped_column(String(SHORT_TEXT_CHARS), nullable=False)
+    model: Mapped[str] = mapped_column(String(SHORT_TEXT_CHARS), nullable=False)
     base_url: Mapped[str | None] = mapped_column(String(500), nullable=True)
-    api_key_env: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    api_key_env: Mapped[str | None] = mapped_column(String(SHORT_TEXT_CHARS), nullable=True)
     input_price_per_1k: Mapped[Decimal] = mapped_column(Money, nullable=False)
     output_price_per_1k: Mapped[Decimal] = mapped_column(Money, nullable=False)
     context_window: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -52,11 +54,12 @@ class Agent(Base):
     __table_args__ = (
         CheckConstraint("timeout_seconds BETWEEN {} AND {}".format(*TIMEOUT_SECONDS_RANGE), name="timeout_in_range"),
         CheckConstraint("max_tokens IS NULL OR max_tokens > 0", name="max_tokens_positive"),
-        CheckConstraint("temperature IS NULL OR (temperature >= 0 AND temperature <= 2)", name="temperature_range"),
+        CheckConstraint("temperature IS NULL OR (temperature >= {} AND temperature <= {})".format(*TEMPERATURE_RANGE),
+                        name="temperature_range"),
     )
 
     id: Mapped[int] = id_column()
-    name: Mapped[str] = mapped_column(String(200), nullable=False)
+    name: Mapped[str] = mapped_column(String(SHORT_TEXT_CHARS), nullable=False)
     system_prompt: Mapped[str] = mapped_column(Text, nullable=False)
     model_id: Mapped[int] = mapped_column(Id, ForeignKey("llm_models.id"), nullable=False)
     fallback_model_id: Mapped[int | None] = mapped_column(Id, ForeignKey("llm_models.id"), nullable=True)

@@ -21,7 +21,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.models.base import Base, Id, Money, created_at_column, id_column, updated_at_column
+from app.models.base import SHORT_TEXT_CHARS, Base, Id, Money, created_at_column, id_column, updated_at_column
 from app.turn_status import IN_FLIGHT_VALUES, TurnStatus
 
 
@@ -88,7 +88,7 @@ class ConversationMessage(Base):
     content: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("''"))
     status: Mapped[str] = mapped_column(String(30), nullable=False, server_default=text("'pending'"))
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
-    model: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    model: Mapped[str | None] = mapped_column(String(SHORT_TEXT_CHARS), nullable=True)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     total_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -131,7 +131,7 @@ class Turn(Base):
     )
     conversation_id: Mapped[int] = mapped_column(Id, ForeignKey("conversations.id"), nullable=False)
     user_id: Mapped[int] = mapped_column(Id, ForeignKey("users.id"), nullable=False)
-    idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(SHORT_TEXT_CHARS), nullable=True)
     lease_token: Mapped[str | None] = mapped_column(String(64), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     deadline_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

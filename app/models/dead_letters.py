@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import JSON, DateTime, Index, Integer, String, Text, func, text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.models.base import Base, Id, id_column, utc_now
+from app.models.base import SHORT_TEXT_CHARS, Base, Id, id_column, utc_now
 
 
 class DeadLetter(Base):
@@ -27,8 +27,8 @@ class DeadLetter(Base):
 
     id: Mapped[int] = id_column()
     redis_message_id: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
-    queue: Mapped[str] = mapped_column(String(200), nullable=False)
-    actor: Mapped[str] = mapped_column(String(200), nullable=False)
+    queue: Mapped[str] = mapped_column(String(SHORT_TEXT_CHARS), nullable=False)
+    actor: Mapped[str] = mapped_column(String(SHORT_TEXT_CHARS), nullable=False)
     args: Mapped[list[Any]] = mapped_column(JSON, nullable=False)
     run_id: Mapped[int | None] = mapped_column(Id, nullable=True)
     """The turn's assistant message id, or the admin test run's id: the run this message drives."""

@@ -8,7 +8,7 @@ from decimal import Decimal
 from sqlalchemy import CheckConstraint, DateTime, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.models.base import Base, Id, Money, created_at_column, id_column, updated_at_column
+from app.models.base import SHORT_TEXT_CHARS, Base, Id, Money, created_at_column, id_column, updated_at_column
 from app.models.conversations import ALL_STATUSES_SQL
 
 
@@ -28,7 +28,7 @@ class DebugRun(Base):
     status: Mapped[str] = mapped_column(String(30), nullable=False, server_default=text("'pending'"))
     input: Mapped[str] = mapped_column(Text, nullable=False)
     output: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("''"))
-    model: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    model: Mapped[str | None] = mapped_column(String(SHORT_TEXT_CHARS), nullable=True)
     model_id: Mapped[int | None] = mapped_column(Id, ForeignKey("llm_models.id"), nullable=True)
     """The model that answered, by id: the cost analysis groups by it (a model's name can change or recur)."""
     prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -58,7 +58,7 @@ class ModelAttempt(Base):
     debug_log_id: Mapped[int | None] = mapped_column(
         Id, ForeignKey("admin_debug_logs.id"), nullable=True, index=True
     )
-    model_name: Mapped[str] = mapped_column(String(200), nullable=False)
+    model_name: Mapped[str] = mapped_column(String(SHORT_TEXT_CHARS), nullable=False)
     outcome: Mapped[str] = mapped_column(String(30), nullable=False)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     latency_ms: Mapped[int] = mapped_column(Integer, nullable=False)

@@ -8,7 +8,7 @@ from decimal import Decimal
 from sqlalchemy import Boolean, CheckConstraint, ForeignKey, Index, String, text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.models.base import Base, Id, Money, created_at_column, id_column, updated_at_column
+from app.models.base import SHORT_TEXT_CHARS, Base, Id, Money, created_at_column, id_column, updated_at_column
 
 
 class User(Base):
@@ -21,7 +21,7 @@ class User(Base):
     )
 
     id: Mapped[int] = id_column()
-    name: Mapped[str] = mapped_column(String(200), nullable=False)
+    name: Mapped[str] = mapped_column(String(SHORT_TEXT_CHARS), nullable=False)
     api_key_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
     is_admin: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
     balance: Mapped[Decimal] = mapped_column(Money, nullable=False, server_default=text("0"))

@@ -1,0 +1,24 @@
+"""Why one upstream attempt failed: the words the fallback policy decides on.
+
+The LLM client raises them (`app.llm_client.AttemptFailed`), the watchdog that shuts an attempt's socket
+fires two of them (`app.attempt_watchdog`), the fallback policy reads them (`app.fallback`), and each
+failed attempt's record keeps one as its `outcome`: one list, so a word misspelt in one of those
+places cannot quietly change what falls back.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class FailureKind(StrEnum):
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    CONNECTION_ERROR = "connection_error"
+    STREAM_CUT = "stream_cut"
+    RATE_LIMITED = "rate_limited"
+    SERVER_ERROR = "server_error"
+    BAD_RESPONSE = "bad_response"
+    BAD_REQUEST = "bad_request"
+    CLIENT_ERROR = "client_error"
+    ENDPOINT_UNUSABLE = "endpoint_unusable"
