@@ -45,8 +45,17 @@ def slots_key(user_id: int) -> str:
     return key("user", user_id, "slots")
 
 
+TURN_OWNER, INTAKE_OWNER = "turn:", "intake:"
+"""A lock's owner is a turn (`turn:<id>`, renewed and freed by its worker) or a request being accepted
+(`intake:<random>`, until it hands the lock to its turn)."""
+
+
 def turn_owner(turn_id: int) -> str:
-    return f"turn:{turn_id}"
+    return f"{TURN_OWNER}{turn_id}"
+
+
+def _owning_turn(owner: str) -> int | None:
+    return int(owner.removeprefix(TURN_OWNER)) if owner.startswith(TURN_OWNER) else None
 
 
 def _now_ms() -> int:
@@ -90,12 +99,12 @@ def _release(user_id: int, conversation_id: int, owner: str) -> None:
         log.warning("could not free the lock of conversation %s", conversation_id, exc_info=True)
 
 
-def _stale_turn_owner(text: str) -> bool:
+def _stale_turn_owner(owner: str) -> bool:
     """True when the lock names a turn the database says has ended (its holder died before freeing it)."""
-    if not text.startswith("turn:"):
+    if (turn_id := _owning_turn(owner)) is None:
         return False
     with transaction() as session:
-        status = session.scalar(select(ConversationMessage.status).where(ConversationMessage.id == int(text[5:])))
+        status = session.scalar(select(ConversationMessage.status).where(ConversationMessage.id == turn_id))
     return status is None or TurnStatus(status).is_terminal
 
 
@@ -113,11 +122,11 @@ def _forget_idle_slots(user_id: int) -> None:
 def acquire_turn_slots(user_id: int, conversation_id: int) -> TurnSlots:
     """Take the conversation's lock and a user slot, or raise the refusal the database confirms.
 
-    A lock held by another request still being accepted (`intake:`) is not a refusal: that request
+    A lock held by another request still being accepted (`INTAKE_OWNER`) is not a refusal: that request
     may yet fail, or be this one's retry with the same Idempotency-Key, so the database decides.
     """
     settings = get_settings()
-    owner = f"intake:{secrets.token_hex(8)}"
+    owner = f"{INTAKE_OWNER}{secrets.token_hex(8)}"
     keys = [lock_key(conversation_id), slots_key(user_id)]
     try:
         for attempt in range(2):
@@ -129,7 +138,7 @@ def acquire_turn_slots(user_id: int, conversation_id: int) -> TurnSlots:
             if code == BUSY:
                 holder = result[1]  # type: ignore[index]
                 holder = holder.decode() if isinstance(holder, bytes) else holder
-                if holder.startswith("intake:"):
+                if holder.startswith(INTAKE_OWNER):
                     break
                 if attempt == 0 and _stale_turn_owner(holder):
                     _release(user_id, conversation_id, holder)

@@ -7,7 +7,8 @@ from typing import Any
 from flask_openapi3 import Info, OpenAPI
 from werkzeug.routing import IntegerConverter
 
-from web.errors import SafeJSONProvider, install_error_handlers, on_validation_error
+from web.bodies import SafeJSONProvider
+from web.errors import install_error_handlers, on_validation_error
 from web.schemas import ErrorResponse
 
 

@@ -9,7 +9,7 @@ from flask_openapi3 import APIBlueprint
 
 from app.config import get_settings
 from web.auth import load_admin, load_principal
-from web.errors import body_limit, require_object_body
+from web.bodies import body_limit, require_object_body
 from web.schemas import PROMPT_MAX_CHARS, ErrorResponse
 
 SECURITY = [{"bearerAuth": []}]

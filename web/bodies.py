@@ -1,0 +1,64 @@
+"""Request bodies as the routes take them: JSON objects of a bounded size, parsed without a server error
+whatever the client sent (too deep, too long a number, a string instead of an object, a chunked body
+past the route's limit)."""
+
+from __future__ import annotations
+
+import sys
+from decimal import Decimal
+from typing import Any
+
+from flask import Response, request
+from flask.json.provider import DefaultJSONProvider
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from web.errors import error_response
+
+
+def _json_integer(literal: str) -> int | Decimal:
+    """An integer literal too long for Python's int parsing (its guard against quadratic time, 4,300 digits
+    by default) is kept as a Decimal, which no integer or money field accepts: 422 for that field, not a
+    body that is not JSON (400)."""
+    limit = sys.get_int_max_str_digits()
+    return int(literal) if not limit or len(literal.lstrip("-")) <= limit else Decimal(literal)
+
+
+class SafeJSONProvider(DefaultJSONProvider):
+    """A body nested thousands of levels deep is malformed input, not a server error; a huge integer is a
+    field's invalid value."""
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        try:
+            return super().loads(s, parse_int=_json_integer, **kwargs)
+        except RecursionError as exc:
+            raise ValueError("JSON nested too deeply") from exc
+
+
+def body_limit(chars: int) -> int:
+    """The most a JSON body carrying `chars` characters of text can take: 12 bytes for the escaped form of
+    a character outside the BMP (`\\ud83d\\ude00`), and room for the other fields. Enforced before the body is
+    read, so a client cannot make a worker read and parse megabytes only to be told 413 afterwards."""
+    return chars * 12 + 64 * 1024
+
+
+def require_object_body() -> Response | None:
+    """flask-openapi3 would parse a JSON *string* body as a second JSON document; refuse it. A chunked body
+    has no length to refuse it by before it is read: Werkzeug stops reading it at the route's limit, and
+    one that goes on past it is refused 413 here rather than parsed cut short (a 400 that blamed its JSON)."""
+    if request.method not in ("POST", "PUT", "PATCH"):
+        return None
+    body = request.get_data(cache=True)
+    if _cut_at_the_limit(body):
+        raise RequestEntityTooLarge()
+    if body and not isinstance(request.get_json(silent=True), dict):
+        sent_as = "" if request.is_json else f" (it was sent as {request.mimetype or 'no Content-Type'})"
+        return error_response(400, "malformed_body", "The request body must be a JSON object, sent with "
+                              f"Content-Type: application/json{sent_as}.")
+    return None
+
+
+def _cut_at_the_limit(body: bytes) -> bool:
+    limit = request.max_content_length
+    if request.content_length is not None or limit is None or len(body) < limit:
+        return False
+    return bool(request.environ["wsgi.input"].read(1))
