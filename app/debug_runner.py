@@ -14,20 +14,19 @@ import time
 from decimal import Decimal
 
 from app import metrics
+from app.agent_setup import setup_of
 from app.answer_sink import AnswerSink
 from app.attempts import settling
 from app.config import get_settings
 from app.db import transaction
 from app.debug_run_state import claim_debug_run, finish_debug_run
 from app.deliveries import attempts_end_by, give_up_reason, outage_wait_seconds
-from app.fallback import AgentParams, Outcome, call_with_fallback
+from app.fallback import Outcome, call_with_fallback
 from app.leases import Holding, keeper
 from app.models import Agent, DebugRun
 from app.moderation import moderate
 from app.outages import waiting_out_outages
-from app.prompt import build_prompt
 from app.run_kinds import TEST_RUN
-from app.targets import agent_targets
 from app.turn_state import LeaseLost
 from app.turn_status import TurnStatus
 
@@ -46,10 +45,8 @@ def run_debug_run(run_id: int) -> None:
             finish_debug_run(session, run_id, claim.token, TurnStatus.ERROR, error_message=reason)
             return
         run = session.get_one(DebugRun, run_id)
-        agent = session.get_one(Agent, run.agent_id)
-        primary, fallback = agent_targets(session, agent)
-        content, system_prompt = run.input, agent.system_prompt
-        params = AgentParams(agent.timeout_seconds, agent.temperature, agent.max_tokens)
+        agent = setup_of(session, session.get_one(Agent, run.agent_id))
+        content = run.input
     token = claim.token
     assert token is not None
     started = time.monotonic()
@@ -61,11 +58,9 @@ def run_debug_run(run_id: int) -> None:
                     finish_debug_run(session, run_id, token, TurnStatus.CONTENT_VIOLATION,
                                      error_message=verdict.error_message)
                 return
-            outcome = call_with_fallback(
-                primary, fallback,
-                lambda t: build_prompt(system_prompt, [], content, context_window=t.context_window,
-                                       max_tokens=params.max_tokens).messages,
-                params, AnswerSink(), holding.stop, ends_by=ends_by)
+            outcome = call_with_fallback(agent.primary, agent.fallback,
+                                         lambda target: agent.prompt_for(target, [], content).messages,
+                                         agent.params, AnswerSink(), holding.stop, ends_by=ends_by)
             latency_ms = int((time.monotonic() - started) * 1000)
             cost = _record_result(run_id, token, claim.deliveries, outcome, latency_ms)
             metrics.observe_cost("test_run", cost)

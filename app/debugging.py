@@ -1,11 +1,11 @@
 """Admin debugging: what a turn of an agent would do, a real test run of it, and what test runs cost.
 
 The route test and the prompt preview answer from the same pieces the worker uses (`moderate`,
-`successful_history`, `build_prompt`, `worst_case_cost`, and the agent's models as the same
-`ModelTarget`s, through `agent_targets`) and call no model, so they cost
-nothing and leave no record. An execution test is a row of `admin_debug_logs` run by the workers
-(`app.debug_runner`) with the agent's timeout and fallback; it is priced at the model's prices and
-never touches a balance or the ledger. The cost analysis sums those rows.
+`successful_history`, and the agent as a run calls it, `app.agent_setup.AgentSetup`: its models, its
+prompt, its worst case) and call no model, so they cost nothing and leave no record. An execution test
+is a row of `admin_debug_logs` run by the workers (`app.debug_runner`) with the agent's timeout and
+fallback; it is priced at the model's prices and never touches a balance or the ledger. The cost
+analysis sums those rows.
 """
 
 from __future__ import annotations
@@ -21,18 +21,17 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.selectable import ScalarSelect
 
 from app import outbox
+from app.agent_setup import AgentSetup, setup_of
 from app.auth import Principal
 from app.catalog import live_agent
 from app.db import transaction
 from app.errors import Forbidden, NotFound, ValidationFailed
-from app.model_target import ModelTarget
 from app.models import Conversation, DebugRun, LlmModel, User
 from app.models.base import utc_now
 from app.moderation import Verdict, moderate
 from app.paging import PAGE_OF_A_WHOLE_LIST, every_row, page_of
-from app.prompt import ChatMessage, Prompt, build_prompt, successful_history
+from app.prompt import ChatMessage, Prompt, successful_history
 from app.run_kinds import TEST_RUN
-from app.targets import agent_targets, worst_case_cost
 from app.turn_intake import check_content
 from app.turn_status import TurnStatus
 
@@ -64,25 +63,9 @@ class CostLine:
     cost: Decimal
 
 
-@dataclass(frozen=True, slots=True)
-class _AgentSetup:
-    """A snapshot of the agent's configuration, usable after the transaction that read it."""
-
-    system_prompt: str
-    timeout_seconds: int
-    max_tokens: int | None
-    primary: ModelTarget
-    fallback: ModelTarget | None
-
-    def prompt_for(self, target: ModelTarget, history: list[ChatMessage], content: str) -> Prompt:
-        return build_prompt(self.system_prompt, history, content, context_window=target.context_window,
-                            max_tokens=self.max_tokens)
-
-
-def _agent_setup(session: Session, agent_id: int) -> _AgentSetup:
-    agent = live_agent(session, agent_id)
-    primary, fallback = agent_targets(session, agent)
-    return _AgentSetup(agent.system_prompt, agent.timeout_seconds, agent.max_tokens, primary, fallback)
+def _agent_setup(session: Session, agent_id: int) -> AgentSetup:
+    """The agent as its next run would call it; a deleted agent is not found (it takes no new work)."""
+    return setup_of(session, live_agent(session, agent_id))
 
 
 def admin_principal(user_id: int) -> Principal:
@@ -105,11 +88,10 @@ def route_decision(agent_id: int, content: str) -> RouteDecision:
     return RouteDecision(
         model=setup.primary.name,
         fallback_model=setup.fallback.name if setup.fallback is not None else None,
-        timeout_seconds=setup.timeout_seconds,
+        timeout_seconds=setup.params.timeout_seconds,
         moderation=moderate(content),
         estimated_prompt_tokens=prompt.estimated_tokens,
-        estimated_cost=worst_case_cost(setup.primary, setup.fallback,
-                                       lambda t: setup.prompt_for(t, [], content).messages, setup.max_tokens),
+        estimated_cost=setup.worst_case_cost([], content),
     )
 
 

@@ -16,13 +16,14 @@ from decimal import Decimal
 from typing import Any
 
 from app import coordination, ledger, metrics
+from app.agent_setup import AgentSetup, setup_in_row
 from app.attempts import settling
 from app.cancellation import STOPPED
 from app.config import get_settings
 from app.conversations import record_turn_end
 from app.db import plain_transaction, transaction
 from app.deliveries import attempts_end_by, give_up_reason, outage_wait_seconds
-from app.fallback import AgentParams, Outcome, call_with_fallback
+from app.fallback import Outcome, call_with_fallback
 from app.leases import Holding, keeper
 from app.live_stream import TurnStream
 from app.logging_setup import turn_context
@@ -30,9 +31,8 @@ from app.model_target import ModelTarget
 from app.moderation import moderate
 from app.outages import waiting_out_outages
 from app.prepared import Batch, Unit
-from app.prompt import ChatMessage, build_prompt, successful_history
+from app.prompt import ChatMessage, successful_history
 from app.run_kinds import TURN
-from app.targets import target_in_row, worst_case_cost
 from app.token_estimates import estimate_tokens, estimate_tokens_of_messages
 from app.turn_state import (
     ClaimResult,
@@ -56,11 +56,8 @@ class TurnContext:
     user_id: int
     conversation_id: int
     content: str
-    system_prompt: str
     history: list[ChatMessage]
-    params: AgentParams
-    primary: ModelTarget
-    fallback: ModelTarget | None
+    agent: AgentSetup
     reserved: Decimal
     delivery: int
     """This delivery's number (`deliveries` at its claim), which names its stream's attempts and records."""
@@ -75,23 +72,18 @@ class TurnContext:
         return coordination.HeldTurn(self.turn_id, self.user_id, self.conversation_id)
 
     def prompt_for(self, target: ModelTarget) -> list[ChatMessage]:
-        return build_prompt(self.system_prompt, self.history, self.content,
-                            context_window=target.context_window, max_tokens=self.params.max_tokens).messages
+        return self.agent.prompt_for(target, self.history, self.content).messages
 
 
 def _load_context(unit: Unit, claim: ClaimResult) -> TurnContext:
     """Everything the run needs: what the claim read under its lock, and the history (none on a first turn)."""
     turn, row = claim.turn, claim.run
     assert turn is not None and claim.token is not None
-    primary = target_in_row(row, "p")
-    assert primary is not None
     return TurnContext(
         turn_id=turn.assistant_message_id, question_id=turn.user_message_id, token=claim.token,
         user_id=turn.user_id, conversation_id=turn.conversation_id, content=row.content,
-        system_prompt=row.system_prompt,
         history=successful_history(unit, turn.conversation_id, before_seq=row.seq) if row.seq > 1 else [],
-        params=AgentParams(row.timeout_seconds, row.temperature, row.max_tokens),
-        primary=primary, fallback=target_in_row(row, "f"), reserved=turn.reserved_amount, delivery=claim.deliveries,
+        agent=setup_in_row(row), reserved=turn.reserved_amount, delivery=claim.deliveries,
         gives_up=give_up_reason(claim.deliveries, claim.time_left), ends_by=attempts_end_by(claim.time_left),
     )
 
@@ -152,15 +144,16 @@ def _run_turn(turn_id: int) -> None:
 def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) -> None:
     started = time.monotonic()
     if stop.is_set():
-        _settle_cancelled(context, Outcome(model=context.primary, cancelled=True), 0, stream)
+        _settle_cancelled(context, Outcome(model=context.agent.primary, cancelled=True), 0, stream)
         return
-    stream.status(TurnStatus.PROCESSING, context.primary.name)
+    stream.status(TurnStatus.PROCESSING, context.agent.primary.name)
     verdict = moderate(context.content)
     if not verdict.passed:
         _settle_failure(context, TurnStatus.CONTENT_VIOLATION, verdict.error_message, stream)
         return
-    outcome = call_with_fallback(context.primary, context.fallback, context.prompt_for, context.params,
-                                 stream, stop, ends_by=context.ends_by)
+    agent = context.agent
+    outcome = call_with_fallback(agent.primary, agent.fallback, context.prompt_for, agent.params, stream, stop,
+                                 ends_by=context.ends_by)
     elapsed_ms = int((time.monotonic() - started) * 1000)
     if outcome.completion is not None:
         _settle_success(context, outcome, elapsed_ms, stream)
@@ -179,7 +172,7 @@ def _worst_case(context: TurnContext, turn: TurnRow) -> Decimal:
     turn reserves once), one given up (too many deliveries, no time left), or one cancelled before it started."""
     if turn.reserved_amount or context.gives_up or turn.cancel_requested_at:
         return Decimal(0)
-    return worst_case_cost(context.primary, context.fallback, context.prompt_for, context.params.max_tokens)
+    return context.agent.worst_case_cost(context.history, context.content)
 
 
 def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, model: ModelTarget | None = None,

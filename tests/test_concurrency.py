@@ -380,6 +380,7 @@ def test_a_stale_settlement_after_the_takeovers_charge_is_a_lost_lease_not_a_dat
     result is read, and raised an IntegrityError, which went to Dramatiq's retries as an error. It is the
     lost lease it is: the runner stops quietly, and nothing of the stale settlement is written."""
     from app import ledger
+    from app.agent_setup import AgentSetup
     from app.fallback import AgentParams
     from app.live_stream import TurnStream
     from app.model_target import ModelTarget
@@ -401,8 +402,8 @@ def test_a_stale_settlement_after_the_takeovers_charge_is_a_lost_lease_not_a_dat
     target = ModelTarget(1, "primary", "echo", None, None, Decimal("1"), Decimal("2"), None)
     stale = TurnContext(
         turn_id=assistant["id"], question_id=question_of(assistant["id"]), token=stale_token, user_id=user_id,
-        conversation_id=conversation_id, content="hi", system_prompt="", history=[],
-        params=AgentParams(120, None, None), primary=target, fallback=None, reserved=reserved, delivery=1,
+        conversation_id=conversation_id, content="hi", history=[],
+        agent=AgentSetup("", AgentParams(120, None, None), target, None), reserved=reserved, delivery=1,
         gives_up=None, ends_by=None)
     with pytest.raises(LeaseLost):
         _settle(stale, TurnStatus.SUCCESS, TurnStream(assistant["id"], 1), model=target, cost=Decimal("0.5"),
