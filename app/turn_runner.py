@@ -243,9 +243,14 @@ def _settle_failure(context: TurnContext, status: TurnStatus, reason: str, strea
                     model: ModelTarget | None = None) -> None:
     """A turn that ends without an answer; `content` is the text its last attempt streamed before it failed,
     and `model` that attempt's (kept, as a stop keeps them: a reader of the stream already has the text,
-    announced as that model's)."""
-    _settle(context, status, stream, model=model, outcome=outcome, error_message=reason, latency_ms=elapsed_ms,
-            content=content)
+    announced as that model's). A stop asked for before this end was written ends it `cancelled` instead,
+    as the stop's 202 promised, with the same text, unpaid as a failed attempt's text always is."""
+    try:
+        _settle(context, status, stream, model=model, outcome=outcome, error_message=reason, latency_ms=elapsed_ms,
+                content=content)
+    except StoppedMeanwhile:
+        _settle(context, TurnStatus.CANCELLED, stream, model=model, outcome=outcome, error_message=STOPPED,
+                latency_ms=elapsed_ms, content=content)
 
 
 def abandon_turn(turn_id: int, reason: str) -> bool:

@@ -44,9 +44,9 @@ class LeaseLost(RuntimeError):
 
 
 class StoppedMeanwhile(RuntimeError):
-    """A stop was requested after the worker's last look for one and before its answer was written as a
-    success: the request was answered 202 and promised `cancelled`, so the turn ends so, with the whole
-    answer as the text generated so far."""
+    """A stop was requested after the worker's last look for one and before the turn's end was written:
+    the request was answered 202 and promised `cancelled`, so the turn ends so, whatever end the worker
+    had come to (a whole answer, kept as the text generated so far; a failure, its text kept unpaid)."""
 
 
 class Claim(Enum):
@@ -284,8 +284,8 @@ def finish_turn(
 
     The lease is given up by the same guarded UPDATE that proves this worker still holds it: on a
     batch, the messages' UPDATE goes out with it, and a lost lease raises `LeaseLost` once the
-    results are in, which rolls both back; so does a stop requested meanwhile, for a success
-    (`StoppedMeanwhile`: the same UPDATE reads it, after the stop's own write if they raced). That
+    results are in, which rolls both back; so does a stop requested meanwhile, for any end but
+    `cancelled` (`StoppedMeanwhile`: the same UPDATE reads it, after the stop's own write if they raced). That
     UPDATE also empties the turn's reservation, which the caller charges or releases in the same
     transaction: an ended turn holds nothing, so a requeued one reserves again instead of inheriting an
     amount already given back (and giving it back twice).
@@ -300,8 +300,8 @@ def finish_turn(
         given_up = lease.first()  # the row, not the rowcount: SQLite counts none for an UPDATE ... RETURNING
         if given_up is None:
             raise LeaseLost(f"turn {turn_id} is owned by another worker")
-        if target is TurnStatus.SUCCESS and given_up.cancel_requested_at is not None:
-            raise StoppedMeanwhile(f"turn {turn_id} was asked to stop before its answer was written")
+        if target is not TurnStatus.CANCELLED and given_up.cancel_requested_at is not None:
+            raise StoppedMeanwhile(f"turn {turn_id} was asked to stop before its end ({target.value}) was written")
 
     then(unit, held)
     counted = prompt_tokens is not None or completion_tokens is not None

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from decimal import Decimal
 
 import httpx
@@ -433,16 +435,12 @@ def test_stopping_a_pending_turn_or_a_finished_one(world) -> None:  # type: igno
     assert world.api.post(f"/api/messages/{message_id - 1}/cancel", key).status_code == 404
 
 
-def test_a_stop_that_lands_after_the_workers_last_look_still_ends_the_turn_cancelled(world, database) -> None:  # type: ignore[no-untyped-def]
-    """The stop's 202 promised `cancelled`; the worker looks for a stop twice a second, so one can land after
-    its last look and before its answer is written. A trigger makes it land exactly there: it records a
-    stop in the same UPDATE that gives the lease up. The turn ends `cancelled` with the whole answer,
-    charged for all of it (every token was generated), and adds no tokens to the conversation's total."""
+@contextmanager
+def a_stop_at_the_settlement(database: str, conversation_id: int) -> Iterator[None]:
+    """A trigger records a stop in the same UPDATE that gives the conversation's turn's lease up: the stop
+    lands after the worker's last look for one and before the turn's end is written."""
     import psycopg
 
-    agent_id = world.agent(world.model(upstream="echo", price_in="1", price_out="1"))
-    _, key = world.user(balance="10")
-    conversation_id = world.conversation(key, agent_id)
     trigger = f"agentq_test_late_stop_{conversation_id}"
     with psycopg.connect(database.replace("+psycopg", ""), autocommit=True) as admin:
         admin.execute("CREATE OR REPLACE FUNCTION agentq_test_late_stop() RETURNS trigger LANGUAGE plpgsql AS "
@@ -451,10 +449,21 @@ def test_a_stop_that_lands_after_the_workers_last_look_still_ends_the_turn_cance
                       f"NULL AND NEW.lease_token IS NULL AND NEW.conversation_id = {int(conversation_id)}) "
                       "EXECUTE FUNCTION agentq_test_late_stop()")
         try:
-            message_id = world.send(key, conversation_id, "finish anyway").json["assistant_message"]["id"]
-            final = world.wait_terminal(key, message_id)
+            yield
         finally:
             admin.execute(f"DROP TRIGGER IF EXISTS {trigger} ON turns")
+
+
+def test_a_stop_that_lands_after_the_workers_last_look_still_ends_the_turn_cancelled(world, database) -> None:  # type: ignore[no-untyped-def]
+    """The stop's 202 promised `cancelled`; the worker looks for a stop twice a second, so one can land after
+    its last look and before its answer is written. The turn ends `cancelled` with the whole answer,
+    charged for all of it (every token was generated), and adds no tokens to the conversation's total."""
+    agent_id = world.agent(world.model(upstream="echo", price_in="1", price_out="1"))
+    _, key = world.user(balance="10")
+    conversation_id = world.conversation(key, agent_id)
+    with a_stop_at_the_settlement(database, conversation_id):
+        message_id = world.send(key, conversation_id, "finish anyway").json["assistant_message"]["id"]
+        final = world.wait_terminal(key, message_id)
     assert (final["status"], final["content"], final["error_message"]) == (
         "cancelled", "echo: finish anyway", "stopped on request")
     cost = Decimal(final["cost"])
@@ -462,6 +471,23 @@ def test_a_stop_that_lands_after_the_workers_last_look_still_ends_the_turn_cance
     ledger = world.api.get("/api/me/transactions", key).json["items"]
     assert [(t["message_id"], t["amount"]) for t in ledger] == [(message_id, f"{-cost:.6f}"), (None, "10.000000")]
     assert world.api.get(f"/api/conversations/{conversation_id}", key).json["total_tokens"] == 0
+
+
+def test_a_stop_that_lands_before_a_failures_end_is_written_ends_the_turn_cancelled_unpaid(world, database) -> None:  # type: ignore[no-untyped-def]
+    """The same promise when the model failed meanwhile (a stream cut after two chunks, no fallback): the
+    turn ends `cancelled`, not `llm_error`, keeps the text the failed attempt streamed, and, that text
+    being a failed attempt's, is not charged."""
+    agent_id = world.agent(world.model(upstream="echo;cut_after=2;words=6", price_in="1", price_out="1"))
+    _, key = world.user(balance="10")
+    conversation_id = world.conversation(key, agent_id)
+    with a_stop_at_the_settlement(database, conversation_id):
+        message_id = world.send(key, conversation_id, "fail anyway").json["assistant_message"]["id"]
+        final = world.wait_terminal(key, message_id)
+    assert (final["status"], final["error_message"], final["cost"]) == ("cancelled", "stopped on request", None)
+    assert final["content"] == "w0 w1"
+    assert [(t["message_id"], t["amount"]) for t in world.api.get("/api/me/transactions", key).json["items"]] == [
+        (None, "10.000000")]
+    assert world.api.get("/api/me", key).json["balance"] == "10.000000"
 
 
 def test_two_hundred_concurrent_readers_on_one_api_process(world, database) -> None:  # type: ignore[no-untyped-def]
