@@ -30,6 +30,7 @@ import openai
 from app.attempt_watchdog import watch_attempt
 from app.failure_kinds import FailureKind
 from app.model_target import ModelTarget
+from app.text import storable
 from app.token_estimates import estimate_tokens, estimate_tokens_of_messages
 from app.upstream_transport import ShardedTransport, guarding
 
@@ -227,7 +228,7 @@ class _Attempt:
         return int((time.monotonic() - self.started) * 1000)
 
     def failed(self, kind: FailureKind, detail: str) -> AttemptFailed:
-        return AttemptFailed(kind, detail, partial="".join(self.parts), first_token_ms=self.first_token_ms,
+        return AttemptFailed(kind, storable(detail), partial="".join(self.parts), first_token_ms=self.first_token_ms,
                              latency_ms=self._elapsed_ms())
 
     def interrupted(self, timed_out: str) -> AttemptFailed | None:
@@ -284,9 +285,10 @@ class _Attempt:
 
 
 def read_chunk(chunk: Any) -> tuple[list[str], Usage | None, bool]:
-    """The answer's text pieces, the reported usage and whether the chunk ends the answer (a choice's
-    `finish_reason`: a body that ends without one was cut, by a proxy that closed it cleanly or by the
-    watchdog) in one decoded chunk, read in one pass over its choices.
+    """The answer's text pieces (as the database can store them: `app.text.storable`), the reported usage and
+    whether the chunk ends the answer (a choice's `finish_reason`: a body that ends without one was cut, by
+    a proxy that closed it cleanly or by the watchdog) in one decoded chunk, read in one pass over its
+    choices.
 
     Raises TypeError or AttributeError when the chunk is not shaped like a chat completion chunk.
     """
@@ -297,7 +299,7 @@ def read_chunk(chunk: Any) -> tuple[list[str], Usage | None, bool]:
         if text:
             if not isinstance(text, str):
                 raise TypeError("a delta's content is not a string")
-            texts.append(text)
+            texts.append(storable(text))
         finishes = finishes or bool(choice.get("finish_reason"))
     reported = chunk.get("usage")
     if not reported:

@@ -6,7 +6,8 @@ Behaviour is chosen by the upstream model name, so one server plays every provid
 cleanly there, with no finish_reason and no `[DONE]`), `garbage_after=2` (a chunk
 that is not a chat completion chunk), `words=40`, `no_usage`,
 `hold_after_done=30` (the body stays open after `[DONE]`), `redirect` (a 307 to the same path first; the
-directives then apply to the redirected request).
+directives then apply to the redirected request), `unstorable` (the answer, or a failure's message, holds a
+NUL and a lone surrogate, which a database cannot store).
 Every request body is logged with the client's port (`GET /_requests`: one port per connection),
 and each stream's fate is recorded
 (`GET /_streams`: completed, cut, stalled or disconnected by the client), so tests can prove what
@@ -41,6 +42,7 @@ class Script:
     hang_headers: float = 0.0
     hold_after_done: float = 0.0
     redirect: bool = False
+    unstorable: bool = False
 
     @classmethod
     def parse(cls, model: str) -> Script:
@@ -49,8 +51,8 @@ class Script:
             name, _, value = part.partition("=")
             if name == "no_usage":
                 script.usage = False
-            elif name == "redirect":
-                script.redirect = True
+            elif name in ("redirect", "unstorable"):
+                setattr(script, name, True)
             elif name in ("ttft", "gap", "hang_headers", "hold_after_done"):
                 setattr(script, name, float(value))
             elif name in ("fail", "stall_after", "cut_after", "end_after", "garbage_after", "words"):
@@ -62,11 +64,17 @@ def _estimate(text: str) -> int:
     return len(text) // 4 + 1
 
 
+UNSTORABLE = ["nul\x00here", "half\ud800pair"]
+
+
 def answer_words(body: dict[str, Any], script: Script) -> list[str]:
     if script.words is not None:
-        return [f"w{i}" for i in range(script.words)]
-    last_user = next((m.get("content", "") for m in reversed(body.get("messages", [])) if m.get("role") == "user"), "")
-    return f"echo: {last_user}".split(" ")
+        words = [f"w{i}" for i in range(script.words)]
+    else:
+        last_user = next((m.get("content", "") for m in reversed(body.get("messages", []))
+                          if m.get("role") == "user"), "")
+        words = f"echo: {last_user}".split(" ")
+    return words + UNSTORABLE if script.unstorable else words
 
 
 @dataclass
@@ -117,8 +125,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if script.hang_headers:
         await asyncio.sleep(script.hang_headers)
     if script.fail is not None:
-        return web.json_response({"error": {"message": f"scripted failure {script.fail}", "type": "mock"}},
-                                 status=script.fail)
+        message = " ".join([f"scripted failure {script.fail}", *(UNSTORABLE if script.unstorable else [])])
+        return web.json_response({"error": {"message": message, "type": "mock"}}, status=script.fail)
     words = answer_words(body, script)
     prompt_tokens = sum(_estimate(str(m.get("content", ""))) for m in body.get("messages", []))
     ident = f"chatcmpl-{uuid.uuid4().hex[:12]}"

@@ -86,6 +86,23 @@ def test_both_failing_is_an_llm_error_with_both_reasons_and_no_charge(world, ups
     assert sent_models(upstream) == ["echo;fail=500", "echo;fail=429"]
 
 
+def test_text_a_model_sends_that_no_database_stores_is_kept_replaced_and_the_model_called_once(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """A NUL or a lone surrogate in an answer or in a provider's error message was refused at the settlement:
+    every delivery failed, called the model again, and the turn ended `error`. They are replaced with U+FFFD
+    as the text arrives, so what readers were streamed is what is stored."""
+    answering = world.agent(world.model("odd-answer", upstream="echo;unstorable"))
+    failing = world.agent(world.model("odd-failure", upstream="echo;fail=500;unstorable"))
+    _, key = world.user()
+    answered, failed = (world.wait_terminal(key, world.send(key, world.conversation(key, agent_id))
+                                            .json["assistant_message"]["id"]) for agent_id in (answering, failing))
+    assert (answered["status"], answered["content"]) == ("success", "echo: hello nul\ufffdhere half\ufffdpair")
+    assert failed["status"] == "llm_error"
+    assert failed["error_message"].endswith("scripted failure 500 nul\ufffdhere half\ufffdpair")
+    assert attempts(answered["id"]) == [("odd-answer", "success")]
+    assert attempts(failed["id"]) == [("odd-failure", "server_error")]
+    assert sent_models(upstream) == ["echo;unstorable", "echo;fail=500;unstorable"]
+
+
 def test_a_stalled_stream_ends_within_the_timeout_plus_a_small_bound(world, upstream) -> None:  # type: ignore[no-untyped-def]
     agent_id = world.agent(world.model("primary", upstream="echo;words=50;stall_after=3"), timeout_seconds=2)
     _, key = world.user()
