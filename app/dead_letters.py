@@ -22,7 +22,7 @@ from typing import Any
 import dramatiq
 import redis
 from dramatiq.common import q_name
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -146,6 +146,23 @@ def _reconcile() -> set[str] | None:
         if row.requeued_at is not None:
             take_entry(row.queue, ident)
     return {ident for ident in entries if ident not in known or known[ident].requeued_at is None}
+
+
+def open_dead_letters(held: dict[str, set[str]]) -> dict[str, int]:
+    """How many dead letters each queue has, as `list_dead_letters` lists them, given the ids its broker holds:
+    the open rows (a requeue works from the row, even once Redis lost the entry) and the entries no row
+    records yet (the next listing adopts them); an entry whose row was requeued is none."""
+    broker_ids = set().union(*held.values())
+    with transaction() as session:
+        rows = session.execute(select(DeadLetter.queue, DeadLetter.redis_message_id, DeadLetter.requeued_at)
+                               .where(or_(DeadLetter.requeued_at.is_(None),
+                                          DeadLetter.redis_message_id.in_(broker_ids)))).all()
+    recorded = {row.redis_message_id for row in rows}
+    counts = {queue: len(ids - recorded) for queue, ids in held.items()}
+    for row in rows:
+        if row.requeued_at is None:
+            counts[row.queue] = counts.get(row.queue, 0) + 1
+    return counts
 
 
 def _run_statuses(session: Session, rows: list[DeadLetter]) -> dict[tuple[str, int], str]:

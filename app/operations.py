@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.db import transaction
+from app.dead_letters import open_dead_letters
 from app.dispatch import QUEUES, broker_key
 from app.models import ConversationMessage
 from app.models.base import utc_now
@@ -41,30 +42,39 @@ class QueueSnapshot:
 
 def queue_snapshot(*, database_required: bool = True) -> QueueSnapshot:
     """Delayed messages are counted from the `.DQ.msgs` bodies: a worker moves the ids of `.DQ` into its
-    own unacked set as soon as it sees them, so the list itself is nearly always empty.
+    own unacked set as soon as it sees them, so the list itself is nearly always empty. Dead letters are
+    counted as they are listed (`app.dead_letters.open_dead_letters`), from the broker alone only while
+    the database is out of reach.
 
     Without `database_required`, a database out of reach leaves the turn counts out instead of failing
     the whole snapshot: a scrape of /metrics during an outage, when its counters matter most, still
     answers them."""
     snapshot = QueueSnapshot()
+    depths: dict[str, tuple[int, int]] = {}
+    held: dict[str, set[str]] = {}
     try:
         pipe = get_redis().pipeline(transaction=False)
         for queue in QUEUES:
             pipe.llen(broker_key(queue))
             pipe.hlen(broker_key(queue, ".DQ.msgs"))
-            pipe.zcard(broker_key(queue, ".XQ"))
+            pipe.zrange(broker_key(queue, ".XQ"), 0, -1)
         counts = pipe.execute()
         for index, queue in enumerate(QUEUES):
             ready, delayed, dead = counts[index * 3: index * 3 + 3]
-            snapshot.queues.append(QueueDepth(queue, int(ready), int(delayed), int(dead)))
+            depths[queue] = (int(ready), int(delayed))
+            held[queue] = {member.decode() for member in dead}
     except redis.RedisError as exc:
         snapshot.redis_error = f"{type(exc).__name__}: {exc}"
+    dead_letters = {queue: len(ids) for queue, ids in held.items()}
     try:
         snapshot.turns_by_status = _turns_in_flight()
+        dead_letters = open_dead_letters(held) if held else dead_letters
     except SQLAlchemyError as exc:
         if database_required or not is_outage(exc):
             raise
         snapshot.database_error = f"{type(exc).__name__}: {exc}"
+    snapshot.queues = [QueueDepth(queue, ready, delayed, dead_letters.get(queue, 0))
+                       for queue, (ready, delayed) in depths.items()]
     return snapshot
 
 

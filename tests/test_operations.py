@@ -343,6 +343,7 @@ def test_a_dead_letter_the_worker_could_not_record_is_adopted_from_the_broker(wo
     with transaction() as session:
         session.execute(text("DELETE FROM dead_letters"))
 
+    assert queue_of(api, admin, "turns")["dead_letters"] == 1
     items = api.get("/api/admin/dead-letters", admin).json["items"]
     assert len(items) == 1
     assert (items[0]["args"], items[0]["retries"], items[0]["in_broker"]) == ([turn["id"]], 2, True)
@@ -359,12 +360,14 @@ def test_a_dead_letter_lost_by_redis_is_still_listed_and_requeued_from_its_row(w
     turn = dead_turn(world, key, agent_id, "forgotten")[1]
     redis_client.delete(f"{NAMESPACE}:turns.XQ", f"{NAMESPACE}:turns.XQ.msgs")
 
+    assert queue_of(api, admin, "turns")["dead_letters"] == 1  # counted as listed, not from the broker alone
     items = api.get("/api/admin/dead-letters", admin).json["items"]
     assert [(i["args"], i["in_broker"]) for i in items] == [([turn["id"]], False)]
     assert api.post("/api/admin/dead-letters/requeue-all", admin).json == {"requeued": [items[0]["id"]],
                                                                           "skipped": []}
     assert world.wait_terminal(key, turn["id"])["status"] == "success"
     assert api.get("/api/admin/dead-letters", admin).json["items"] == []
+    assert queue_of(api, admin, "turns")["dead_letters"] == 0
 
 
 def test_a_dead_letter_whose_turn_ended_otherwise_is_not_requeued(world, redis_client) -> None:  # type: ignore[no-untyped-def]
