@@ -454,16 +454,23 @@ def a_stop_at_the_settlement(database: str, conversation_id: int) -> Iterator[No
             admin.execute(f"DROP TRIGGER IF EXISTS {trigger} ON turns")
 
 
+def a_turn_stopped_at_its_settlement(world, database: str, upstream: str, content: str) -> tuple[str, int, dict]:  # type: ignore[no-untyped-def,type-arg]
+    """A user with 10 of credit sends `content` to a model at 1 a 1k tokens served as `upstream`, and a stop
+    lands at the turn's settlement: the user's key, the conversation and the turn as it ended."""
+    agent_id = world.agent(world.model(upstream=upstream, price_in="1", price_out="1"))
+    _, key = world.user(balance="10")
+    conversation_id = world.conversation(key, agent_id)
+    with a_stop_at_the_settlement(database, conversation_id):
+        message_id = world.send(key, conversation_id, content).json["assistant_message"]["id"]
+        return key, conversation_id, world.wait_terminal(key, message_id)
+
+
 def test_a_stop_that_lands_after_the_workers_last_look_still_ends_the_turn_cancelled(world, database) -> None:  # type: ignore[no-untyped-def]
     """The stop's 202 promised `cancelled`; the worker looks for a stop twice a second, so one can land after
     its last look and before its answer is written. The turn ends `cancelled` with the whole answer,
     charged for all of it (every token was generated), and adds no tokens to the conversation's total."""
-    agent_id = world.agent(world.model(upstream="echo", price_in="1", price_out="1"))
-    _, key = world.user(balance="10")
-    conversation_id = world.conversation(key, agent_id)
-    with a_stop_at_the_settlement(database, conversation_id):
-        message_id = world.send(key, conversation_id, "finish anyway").json["assistant_message"]["id"]
-        final = world.wait_terminal(key, message_id)
+    key, conversation_id, final = a_turn_stopped_at_its_settlement(world, database, "echo", "finish anyway")
+    message_id = final["id"]
     assert (final["status"], final["content"], final["error_message"]) == (
         "cancelled", "echo: finish anyway", "stopped on request")
     cost = Decimal(final["cost"])
@@ -477,12 +484,7 @@ def test_a_stop_that_lands_before_a_failures_end_is_written_ends_the_turn_cancel
     """The same promise when the model failed meanwhile (a stream cut after two chunks, no fallback): the
     turn ends `cancelled`, not `llm_error`, keeps the text the failed attempt streamed, and, that text
     being a failed attempt's, is not charged."""
-    agent_id = world.agent(world.model(upstream="echo;cut_after=2;words=6", price_in="1", price_out="1"))
-    _, key = world.user(balance="10")
-    conversation_id = world.conversation(key, agent_id)
-    with a_stop_at_the_settlement(database, conversation_id):
-        message_id = world.send(key, conversation_id, "fail anyway").json["assistant_message"]["id"]
-        final = world.wait_terminal(key, message_id)
+    key, _, final = a_turn_stopped_at_its_settlement(world, database, "echo;cut_after=2;words=6", "fail anyway")
     assert (final["status"], final["error_message"], final["cost"]) == ("cancelled", "stopped on request", None)
     assert final["content"] == "w0 w1"
     assert [(t["message_id"], t["amount"]) for t in world.api.get("/api/me/transactions", key).json["items"]] == [
