@@ -62,6 +62,7 @@ class LeaseKeeper:
     def __init__(self) -> None:
         self._held: dict[tuple[str, int, str], Holding] = {}
         self._lock = threading.Lock()
+        self._released = threading.Condition(self._lock)
         self._threads: dict[str, threading.Thread] = {}
         self.cancel_check: Callable[[list[int]], set[int]] | None = None
 
@@ -75,6 +76,7 @@ class LeaseKeeper:
         finally:
             with self._lock:
                 self._held.pop(_key(holding), None)
+                self._released.notify_all()
 
     def hand_back(self) -> list[tuple[RunKind, int]]:
         """The process is leaving with runs still in flight (the shutdown grace ran out): give up their leases
@@ -88,6 +90,11 @@ class LeaseKeeper:
         for h in held:
             h.stop.set()
         return given_up
+
+    def wait_until_released(self, seconds: float) -> bool:
+        """Whether every run this process held was let go (its runner returned) within `seconds`."""
+        with self._released:
+            return self._released.wait_for(lambda: not self._held, timeout=seconds)
 
     def _keep_running(self) -> None:
         """Under the lock: the renewals and the looks for stop requests each on a thread of its own (started

@@ -59,10 +59,17 @@ def stop() -> None:
         _recovery.stop()
 
 
+RECORDING_SECONDS = 1.0
+"""How long a leaving process waits for the runs it handed back to record the model calls they made (the
+provider bills a call cut short too): their attempts were stopped as they were handed back, and each
+records them on its own once its settlement is refused, which takes a tick of the watchdog and a write."""
+
+
 def hand_back_unfinished() -> None:
     """The worker threads had the shutdown grace to finish their runs: those still going are given up and
     sent again now, for another worker to take over at once (their leases would otherwise hold them for up
-    to `AGENTQ_LEASE_SECONDS` after this process is gone)."""
+    to `AGENTQ_LEASE_SECONDS` after this process is gone), and given `RECORDING_SECONDS` to record their
+    model calls before the process leaves."""
     try:
         handed = keeper.hand_back()
     except Exception:
@@ -73,6 +80,9 @@ def hand_back_unfinished() -> None:
         log.warning("%s %s was still running when the shutdown grace ran out; handed to another worker",
                     kind.label, ident)
         outbox.send(kind, ident, None)
+    if handed and not keeper.wait_until_released(RECORDING_SECONDS):
+        log.warning("runs handed back did not record their model calls within %ss; the process leaves without "
+                    "waiting for them", RECORDING_SECONDS)
 
 
 def hand_back_if_draining(message: dramatiq.Message[Any]) -> bool:

@@ -292,6 +292,8 @@ def test_a_run_still_going_when_the_shutdown_grace_ends_is_handed_to_another_wor
     done = stack.wait_terminal(key, turn["id"], timeout=30)
     assert (done["status"], done["content"]) == ("success", " ".join(f"w{i}" for i in range(60)))
     assert charges(stack, turn["id"]) == 1
+    assert stack.sql("SELECT delivery, outcome FROM model_attempts WHERE message_id = %(id)s ORDER BY id",
+                     {"id": turn["id"]}) == [(1, "cancelled"), (2, "success")]  # the leaving worker's call too
 
 
 def _stick(stack: Stack, turn_id: int, deadline_seconds: float, reserved: str) -> None:
