@@ -31,7 +31,7 @@ from app.attempt_watchdog import watch_attempt
 from app.failure_kinds import FailureKind
 from app.model_target import ModelTarget
 from app.text import storable
-from app.token_estimates import estimate_tokens, estimate_tokens_of_messages
+from app.token_estimates import estimate_tokens, estimate_tokens_of_messages, most_tokens_of_messages
 from app.upstream_transport import ShardedTransport, guarding
 
 DEFAULT_API_KEY = "sk-no-key-configured"
@@ -193,7 +193,7 @@ def stream_chat(
             raise attempt.broken(exc) from exc
         finally:
             stream.close()
-        return attempt.completion(messages)
+        return attempt.completion(messages, max_tokens)
 
 
 class _Attempt:
@@ -278,9 +278,15 @@ class _Attempt:
             raise self.interrupted(self.silent) or self.failed(
                 FailureKind.STREAM_CUT, "the stream ended before the model finished (no finish_reason)")
 
-    def completion(self, messages: list[dict[str, str]]) -> Completion:
+    def completion(self, messages: list[dict[str, str]], max_tokens: int | None) -> Completion:
+        """The answer, with the provider's usage if it reported one, at most what the request allowed: the
+        answer no longer than the `max_tokens` it was sent, the prompt no more tokens than its bytes. A
+        report past those (a provider's bug) would otherwise charge the user's whole balance."""
         text = "".join(self.parts)
         usage = self.usage or Usage(estimate_tokens_of_messages(messages), estimate_tokens(text), reported=False)
+        usage = Usage(min(usage.prompt_tokens, most_tokens_of_messages(messages)),
+                      usage.completion_tokens if max_tokens is None else min(usage.completion_tokens, max_tokens),
+                      usage.reported)
         return Completion(text, usage, self.first_token_ms, self._elapsed_ms())
 
 

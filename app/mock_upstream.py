@@ -7,7 +7,8 @@ cleanly there, with no finish_reason and no `[DONE]`), `garbage_after=2` (a chun
 that is not a chat completion chunk), `words=40`, `no_usage`,
 `hold_after_done=30` (the body stays open after `[DONE]`), `redirect` (a 307 to the same path first; the
 directives then apply to the redirected request), `unstorable` (the answer, or a failure's message, holds a
-NUL and a lone surrogate, which a database cannot store).
+NUL and a lone surrogate, which a database cannot store), `reported_tokens=N` (the usage it reports, for the
+prompt and the answer alike, whatever they were).
 Every request body is logged with the client's port (`GET /_requests`: one port per connection),
 and each stream's fate is recorded
 (`GET /_streams`: completed, cut, stalled or disconnected by the client), so tests can prove what
@@ -43,6 +44,7 @@ class Script:
     hold_after_done: float = 0.0
     redirect: bool = False
     unstorable: bool = False
+    reported_tokens: int | None = None
 
     @classmethod
     def parse(cls, model: str) -> Script:
@@ -55,7 +57,7 @@ class Script:
                 setattr(script, name, True)
             elif name in ("ttft", "gap", "hang_headers", "hold_after_done"):
                 setattr(script, name, float(value))
-            elif name in ("fail", "stall_after", "cut_after", "end_after", "garbage_after", "words"):
+            elif name in ("fail", "stall_after", "cut_after", "end_after", "garbage_after", "words", "reported_tokens"):
                 setattr(script, name, int(value))
         return script
 
@@ -163,8 +165,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             await response.write(_chunk(ident, model, {"content": word if index == 0 else " " + word}))
         await response.write(_chunk(ident, model, {}, "stop"))
         if script.usage and (body.get("stream_options") or {}).get("include_usage"):
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
-                     "total_tokens": prompt_tokens + len(words)}
+            counts = (prompt_tokens, len(words)) if script.reported_tokens is None else (script.reported_tokens,) * 2
+            usage = {"prompt_tokens": counts[0], "completion_tokens": counts[1], "total_tokens": sum(counts)}
             payload = {"id": ident, "object": "chat.completion.chunk", "created": int(time.time()),
                        "model": model, "choices": [], "usage": usage}
             await response.write(f"data: {json.dumps(payload)}\n\n".encode())

@@ -27,3 +27,15 @@ def estimate_message_tokens(message: dict[str, str]) -> int:
 
 def estimate_tokens_of_messages(messages: list[dict[str, str]]) -> int:
     return sum(estimate_message_tokens(m) for m in messages) + REPLY_PRIMING_TOKENS
+
+
+PROMPT_FRAMING_BOUND_TOKENS = 8
+"""More than any chat format spends framing one message (its role and separators), or priming the reply."""
+
+
+def most_tokens_of_messages(messages: list[dict[str, str]]) -> int:
+    """The most tokens a prompt can be, whatever the tokenizer: a byte-level one (the GPT family's, Llama's,
+    any with byte fallback) makes no token of less than one byte, so a text is at most its UTF-8 bytes.
+    A provider's usage past this is an error in the report, not a prompt the user sent."""
+    return sum(len(m.get("content", "").encode()) + PROMPT_FRAMING_BOUND_TOKENS for m in messages) + \
+        PROMPT_FRAMING_BOUND_TOKENS

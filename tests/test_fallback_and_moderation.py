@@ -103,6 +103,19 @@ def test_text_a_model_sends_that_no_database_stores_is_kept_replaced_and_the_mod
     assert sent_models(upstream) == ["echo;unstorable", "echo;fail=500;unstorable"]
 
 
+def test_usage_a_provider_reports_past_what_the_request_allowed_is_charged_at_that_bound(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """A provider reporting a trillion tokens for each count charged the user's whole balance. An answer is
+    charged at most the `max_tokens` it was sent with (50), a prompt at most its UTF-8 bytes and 8 tokens of
+    framing a message and 8 more: 16 + 8 for the system prompt, 5 + 8 for "hello", and 8."""
+    agent_id = world.agent(world.model("overcounting", upstream="echo;reported_tokens=1000000000000",
+                                       price_in="1", price_out="1"), max_tokens=50)
+    _, key = world.user(balance="10")
+    done = world.wait_terminal(key, world.send(key, world.conversation(key, agent_id)).json["assistant_message"]["id"])
+    assert (done["status"], done["prompt_tokens"], done["completion_tokens"], done["cost"]) == (
+        "success", 45, 50, "0.095000")
+    assert world.api.get("/api/me", key).json["balance"] == "9.905000"
+
+
 def test_a_stalled_stream_ends_within_the_timeout_plus_a_small_bound(world, upstream) -> None:  # type: ignore[no-untyped-def]
     agent_id = world.agent(world.model("primary", upstream="echo;words=50;stall_after=3"), timeout_seconds=2)
     _, key = world.user()
