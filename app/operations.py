@@ -24,10 +24,13 @@ FAILURES = tuple(s for s in TurnStatus if s.is_terminal and s is not TurnStatus.
 
 @dataclass(frozen=True, slots=True)
 class QueueDepth:
+    """A queue's counts; None where the service that holds them is out of reach (Redis for the messages
+    waiting, and for the dead letters as well when the database is out of reach too)."""
+
     name: str
-    ready: int
-    delayed: int
-    dead: int
+    ready: int | None
+    delayed: int | None
+    dead: int | None
 
 
 @dataclass
@@ -43,15 +46,15 @@ class QueueSnapshot:
 def queue_snapshot(*, database_required: bool = True) -> QueueSnapshot:
     """Delayed messages are counted from the `.DQ.msgs` bodies: a worker moves the ids of `.DQ` into its
     own unacked set as soon as it sees them, so the list itself is nearly always empty. Dead letters are
-    counted as they are listed (`app.dead_letters.open_dead_letters`), from the broker alone only while
-    the database is out of reach.
+    counted as they are listed (`app.dead_letters.open_dead_letters`): from the database's rows alone
+    while Redis is out of reach, from the broker's alone while the database is.
 
     Without `database_required`, a database out of reach leaves the turn counts out instead of failing
     the whole snapshot: a scrape of /metrics during an outage, when its counters matter most, still
     answers them."""
     snapshot = QueueSnapshot()
-    depths: dict[str, tuple[int, int]] = {}
-    held: dict[str, set[str]] = {}
+    depths: dict[str, tuple[int | None, int | None]] = dict.fromkeys(QUEUES, (None, None))
+    held: dict[str, set[str]] | None = None
     try:
         pipe = get_redis().pipeline(transaction=False)
         for queue in QUEUES:
@@ -59,22 +62,22 @@ def queue_snapshot(*, database_required: bool = True) -> QueueSnapshot:
             pipe.hlen(broker_key(queue, ".DQ.msgs"))
             pipe.zrange(broker_key(queue, ".XQ"), 0, -1)
         counts = pipe.execute()
+        held = {}
         for index, queue in enumerate(QUEUES):
             ready, delayed, dead = counts[index * 3: index * 3 + 3]
             depths[queue] = (int(ready), int(delayed))
             held[queue] = {member.decode() for member in dead}
     except redis.RedisError as exc:
         snapshot.redis_error = f"{type(exc).__name__}: {exc}"
-    dead_letters = {queue: len(ids) for queue, ids in held.items()}
+    dead_letters: dict[str, int | None] = {queue: len(held[queue]) if held is not None else None for queue in QUEUES}
     try:
         snapshot.turns_by_status = _turns_in_flight()
-        dead_letters = open_dead_letters(held) if held else dead_letters
+        dead_letters.update(open_dead_letters(held if held is not None else {queue: set() for queue in QUEUES}))
     except SQLAlchemyError as exc:
         if database_required or not is_outage(exc):
             raise
         snapshot.database_error = f"{type(exc).__name__}: {exc}"
-    snapshot.queues = [QueueDepth(queue, ready, delayed, dead_letters.get(queue, 0))
-                       for queue, (ready, delayed) in depths.items()]
+    snapshot.queues = [QueueDepth(queue, *depths[queue], dead_letters.get(queue)) for queue in QUEUES]
     return snapshot
 
 

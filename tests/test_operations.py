@@ -370,6 +370,30 @@ def test_a_dead_letter_lost_by_redis_is_still_listed_and_requeued_from_its_row(w
     assert queue_of(api, admin, "turns")["dead_letters"] == 0
 
 
+def test_with_redis_out_of_reach_dead_letters_are_listed_and_counted_from_their_rows(world, redis_client,  # type: ignore[no-untyped-def]
+                                                                                     monkeypatch) -> None:
+    """The rows are the durable record: with Redis out of reach the listing says it cannot tell whether the
+    broker holds each letter (`in_broker` null, as the API's schema allows) and the queues report the
+    letters by their rows, the counts only Redis holds as null."""
+    from app.config import get_settings
+
+    api, admin = world.api, world.admin_key
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    turn = dead_turn(world, key, agent_id, "listed without redis")[1]
+    with monkeypatch.context() as patched:
+        patched.setenv("REDIS_URL", "redis://127.0.0.1:9/0")
+        get_settings.cache_clear()
+        items = api.get("/api/admin/dead-letters", admin).json["items"]
+        assert [(i["args"], i["in_broker"]) for i in items] == [([turn["id"]], None)]
+        assert api.get(f"/api/admin/dead-letters/{items[0]['id']}", admin).json["in_broker"] is None
+        body = api.get("/api/admin/queues", admin).json
+    get_settings.cache_clear()
+    assert body["redis_error"].startswith("ConnectionError")
+    assert {q["name"]: (q["ready"], q["delayed"], q["dead_letters"]) for q in body["queues"]} == {
+        "turns": (None, None, 1), "debug": (None, None, 0)}
+
+
 def test_a_dead_letter_whose_turn_ended_otherwise_is_not_requeued(world, redis_client) -> None:  # type: ignore[no-untyped-def]
     from app.db import transaction
 

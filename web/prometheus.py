@@ -31,12 +31,14 @@ class SharedStateCollector:
             yield in_flight
         depth = GaugeMetricFamily("agentq_queue_depth", "Messages in a queue.", labels=["queue", "state"])
         for queue in snapshot.queues:
-            depth.add_metric([queue.name, "ready"], queue.ready)
-            depth.add_metric([queue.name, "delayed"], queue.delayed)
+            for state, count in (("ready", queue.ready), ("delayed", queue.delayed)):
+                if count is not None:
+                    depth.add_metric([queue.name, state], count)
         yield depth
         dead = GaugeMetricFamily("agentq_dead_letters", "Messages in a dead-letter queue.", labels=["queue"])
         for queue in snapshot.queues:
-            dead.add_metric([queue.name], queue.dead)
+            if queue.dead is not None:
+                dead.add_metric([queue.name], queue.dead)
         yield dead
 
 

@@ -199,9 +199,10 @@ class CostLines(Shape):
 
 class QueueDepth(Shape):
     name: str
-    ready: int
-    delayed: int
-    dead_letters: int
+    ready: int | None = Field(description="Null while Redis is out of reach.")
+    delayed: int | None = Field(description="Null while Redis is out of reach.")
+    dead_letters: int = Field(description="As the dead-letter listing lists them: counted from the database's "
+                                          "rows while Redis is out of reach.")
 
 
 class Queues(Shape):
@@ -234,7 +235,8 @@ class DeadLetter(Shape):
     dead_at: Timestamp
     run_id: int | None
     run_status: str | None
-    in_broker: bool
+    in_broker: bool | None = Field(description="False when the broker no longer holds the message (Redis lost it); "
+                                               "null while Redis is out of reach.")
 
 
 class DeadLetterDetail(DeadLetter):
