@@ -24,6 +24,10 @@ def test_every_route_documents_its_success_response(api) -> None:  # type: ignor
     assert undocumented == []
     assert document["paths"]["/api/conversations/{conversation_id}/messages"]["post"]["responses"]["202"][
         "content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/AcceptedTurn"}
+    stream = document["paths"]["/api/messages/{message_id}/stream"]["get"]["responses"]
+    assert list(stream["200"]["content"]) == ["text/event-stream"]
+    api_operations = [op for path, ops in document["paths"].items() if path.startswith("/api/") for op in ops.values()]
+    assert all("503" in op["responses"] for op in api_operations)  # a backing service out of reach
     assert set(schemas["Message"]["properties"]) == {
         "id", "conversation_id", "seq", "role", "content", "status", "error_message", "error_display", "model",
         "prompt_tokens", "completion_tokens", "total_tokens", "cost", "latency_ms", "created_at", "updated_at"}

@@ -14,7 +14,7 @@ from web.schemas import PROMPT_MAX_CHARS, ErrorResponse
 
 SECURITY = [{"bearerAuth": []}]
 ERRORS = {400: ErrorResponse, 401: ErrorResponse, 403: ErrorResponse, 404: ErrorResponse,
-          409: ErrorResponse, 413: ErrorResponse, 422: ErrorResponse, 429: ErrorResponse}
+          409: ErrorResponse, 413: ErrorResponse, 422: ErrorResponse, 429: ErrorResponse, 503: ErrorResponse}
 
 
 def api_blueprint(name: str, *, admin: bool = False) -> APIBlueprint:

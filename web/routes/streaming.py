@@ -18,7 +18,8 @@ tag = Tag(name="streaming")
 
 
 @bp.get("/messages/<id:message_id>/stream", tags=[tag],
-        responses={200: {"description": "text/event-stream of delta, status and done events"}})
+        responses={200: {"description": "delta, status and done events",
+                         "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
 def stream_answer(path: MessagePath) -> Response:
     opened = answer_stream.open_answer_stream(principal().id, path.message_id, request.headers.get("Last-Event-ID"))
     body = stream_with_context(sse(opened.events, render.wants_chinese()))
