@@ -4,13 +4,17 @@ retries, a stream reader, a finished run's settlement: `waiting_out_outages`) mu
 real bug.
 
 `OperationalError` alone is too wide for that: it also covers a statement timeout, a deadlock, a lock
-not available, and on SQLite a missing table. Only a connection that failed or was lost counts. A
-missing table is told apart too (`schema_missing`): a setup error, for readiness and the API to name.
+not available, and on SQLite a missing table. Only a connection that failed or was lost counts, and on
+SQLite a database file whose write lock another process held past the busy timeout (the embedded
+database's one writer at a time: an operator's `sqlite3` shell in a transaction, a long outside write),
+which is out of reach for as long as that lasts. A missing table is told apart too (`schema_missing`):
+a setup error, for readiness and the API to name.
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -39,6 +43,8 @@ def is_outage(error: BaseException) -> bool:
     if isinstance(error, psycopg.OperationalError):
         state = error.sqlstate
         return state is None or state.startswith("08") or state in _SERVER_GOING_AWAY
+    if isinstance(error, sqlite3.OperationalError):
+        return getattr(error, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
     return False
 
 

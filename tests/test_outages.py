@@ -83,6 +83,49 @@ def test_a_write_waiting_an_outage_out_lands_once_the_database_answers_and_a_bug
     assert 2 <= tries.count("down") <= 4
 
 
+def test_a_sqlite_file_another_process_holds_locked_is_waited_out_until_it_is_let_go(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The embedded database has one writer at a time. A write lock held past the busy timeout (an
+    operator's `sqlite3` shell left in a transaction) failed a finished turn's settlement at once, as a
+    bug: the retry called the model again and the turn ended `error`. It is an outage: the write lands as
+    soon as the lock is let go."""
+    import threading
+
+    from sqlalchemy import create_engine, text
+
+    from app.outages import waiting_out_outages
+
+    path = tmp_path / "locked.sqlite3"
+    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 0.1})
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE answers (id INTEGER)"))
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    tries: list[BaseException | None] = []
+
+    def write() -> str:
+        try:
+            with engine.begin() as connection:
+                connection.execute(text("INSERT INTO answers VALUES (1)"))
+        except sqlalchemy.exc.OperationalError as error:
+            tries.append(error)
+            raise
+        tries.append(None)
+        return "written"
+
+    let_go = threading.Timer(1.0, holder.execute, ("ROLLBACK",))
+    let_go.start()
+    try:
+        assert waiting_out_outages(write, for_seconds=30, what="a write to a locked file") == "written"
+    finally:
+        let_go.join()
+        holder.close()
+    assert len(tries) >= 2 and tries[-1] is None
+    assert all(is_outage(error) and "database is locked" in str(error) for error in tries[:-1])
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM answers")).scalar() == 1
+    engine.dispose()
+
+
 def test_a_background_round_that_fails_for_a_bug_is_an_error_not_an_outages_warning(caplog) -> None:  # type: ignore[no-untyped-def]
     """A sweep or a lease renewal that fails for a bug fails at every round (a broken renewal lets every lease
     run out): logged as an error with its traceback, not as the warning an outage gets."""
