@@ -73,6 +73,9 @@ class TurnSlots:
     user_id: int
     conversation_id: int
     owner: str | None = field(default=None)
+    redis_silent: bool = False
+    """Redis did not answer this request in time (it hangs rather than refuses): the request asks it nothing
+    more, since each call would wait as long, and leaves its turn to the recovery sweep to send."""
 
     def bind(self, turn_id: int) -> None:
         """Hand the lock from this request to the turn, whose worker renews and frees it."""
@@ -148,6 +151,10 @@ def acquire_turn_slots(user_id: int, conversation_id: int) -> TurnSlots:
                 _forget_idle_slots(user_id)
                 continue
             raise TooManyActiveConversations(settings.max_active_conversations)
+    except redis.TimeoutError:
+        log.warning("Redis did not answer in time; the database alone guards conversation %s, and the recovery "
+                    "sweep sends its turn", conversation_id)
+        return TurnSlots(user_id, conversation_id, None, redis_silent=True)
     except redis.RedisError:
         log.warning("Redis unreachable; the database alone guards conversation %s", conversation_id)
     return TurnSlots(user_id, conversation_id, None)

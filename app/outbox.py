@@ -24,11 +24,13 @@ def send(kind: RunKind, ident: int, enqueued_at: datetime | None) -> bool:
     None for a send that wrote none."""
     if kind.send(ident, enqueued_at):
         return True
-    _leave_for_recovery(kind, ident)
+    leave_for_recovery(kind, ident)
     return False
 
 
-def _leave_for_recovery(kind: RunKind, ident: int) -> None:
+def leave_for_recovery(kind: RunKind, ident: int) -> None:
+    """The run is not sent now (the send failed, or Redis already failed to answer its request): the
+    recovery sweep sends it as soon as Redis answers."""
     try:
         with transaction() as session:
             session.execute(update(kind.model).where(kind.key == ident).values(enqueued_at=None)

@@ -231,5 +231,8 @@ def submit_turn(principal: Principal, conversation_id: int, content: str, idempo
         lock.release()
         return _replayed(accepted)
     lock.bind(accepted.assistant_message.id)
-    outbox.send(TURN, accepted.assistant_message.id, accepted.enqueued_at)
+    if lock.redis_silent:
+        outbox.leave_for_recovery(TURN, accepted.assistant_message.id)
+    else:
+        outbox.send(TURN, accepted.assistant_message.id, accepted.enqueued_at)
     return accepted

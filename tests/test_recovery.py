@@ -166,6 +166,32 @@ def test_a_turn_accepted_while_redis_is_down_runs_once_redis_is_back(stack: Stac
     print(f"\nturn accepted without Redis answered {ran_after:.2f}s after Redis came back")
 
 
+def test_a_redis_that_stops_answering_holds_a_post_for_one_timeout_not_half_a_minute(stack: Stack) -> None:
+    """A Redis that hangs (stopped, so it neither answers nor refuses) held each POST 35 s: the lock's 5 s
+    socket timeout, then 30 s of the broker's on the send. A request whose first look at Redis timed out
+    asks it nothing more: the turn is stored and left to the recovery sweep, which sends it once Redis
+    answers again."""
+    stack.start_worker()
+    agent_id = stack.agent(stack.model("hung-redis", "echo"))
+    _, key = stack.user("hung-redis")
+    conversation_id = stack.conversation(key, agent_id)
+    assert stack.redis.process is not None and stack.redis.process.popen is not None
+    redis_pid = stack.redis.process.popen.pid
+    os.kill(redis_pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        turn = stack.send(key, conversation_id, "while redis hangs")
+        took = time.monotonic() - started
+        assert stack.sql("SELECT enqueued_at FROM turns WHERE assistant_message_id = %(id)s", {"id": turn["id"]}) \
+            == [(None,)]
+    finally:
+        os.kill(redis_pid, signal.SIGCONT)
+    assert 5 <= took < 10, f"the POST took {took:.1f}s"
+    done = stack.wait_terminal(key, turn["id"], timeout=60)
+    assert (done["status"], done["content"]) == ("success", "echo: while redis hangs")
+    assert (deliveries(stack, turn["id"]), charges(stack, turn["id"])) == (1, 1)
+
+
 def test_every_turn_an_api_killed_mid_burst_committed_ends_within_seconds(stack: Stack) -> None:
     """kill -9 of the API while 48 users' POSTs are in flight, three times: some requests die before their
     commit, some after their 202, and some between the commit and the send (their clients see the

@@ -42,6 +42,7 @@ from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries
 from app.config import get_settings
 from app.deliveries import retry_failed
 from app.dispatch import receipt_key, receipt_seconds
+from app.redis_client import SOCKET_TIMEOUT_SECONDS
 from workers.doorbell import Doorbell, channel_name
 from workers.middleware import RunOutcomes, WorkerServices
 
@@ -147,7 +148,8 @@ def broker_options() -> dict[str, Any]:
     """What agentq gives Dramatiq's Redis broker: its Redis pool, namespace, heartbeat and middleware."""
     settings = get_settings()
     client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
-        settings.redis_url, max_connections=1000, timeout=10, socket_timeout=30, socket_connect_timeout=5))
+        settings.redis_url, max_connections=1000, timeout=10, socket_timeout=SOCKET_TIMEOUT_SECONDS,
+        socket_connect_timeout=5))
     return {
         "client": client,
         "namespace": settings.broker_namespace,
