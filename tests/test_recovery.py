@@ -166,6 +166,42 @@ def test_a_turn_accepted_while_redis_is_down_runs_once_redis_is_back(stack: Stac
     print(f"\nturn accepted without Redis answered {ran_after:.2f}s after Redis came back")
 
 
+def _children_of(pid: int) -> list[int]:
+    """The live processes whose parent is `pid`, from /proc."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                children.append(int(entry))
+    return children
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_worker_processes_stop_when_their_groups_parent_is_killed_outright(stack: Stack) -> None:
+    """A SIGKILLed `agentq worker` left its worker processes running as orphans: they claimed nothing more
+    but held their database connections, beside the group its supervisor started again. They now get
+    SIGTERM from the kernel as their parent dies, and stop."""
+    worker = stack.start_worker(processes=2)
+    assert worker.popen is not None
+    children = _children_of(worker.popen.pid)
+    assert len(children) == 2
+    os.kill(worker.popen.pid, signal.SIGKILL)
+    wait_for(lambda: not any(_running(child) for child in children), timeout=30,
+             what="the orphaned worker processes to stop")
+
+
 def test_a_redis_that_stops_answering_holds_a_post_for_one_timeout_not_half_a_minute(stack: Stack) -> None:
     """A Redis that hangs (stopped, so it neither answers nor refuses) held each POST 35 s: the lock's 5 s
     socket timeout, then 30 s of the broker's on the send. A request whose first look at Redis timed out

@@ -182,3 +182,26 @@ def treat_a_repeated_stop_as_one() -> None:
         dramatiq_handler(signum, frame)
 
     signal.signal(signal.SIGTERM, stop_once)
+
+
+PR_SET_PDEATHSIG = 1
+"""Linux's `prctl` option: the signal the kernel sends a process when its parent dies."""
+
+
+def stop_with_the_parent() -> None:
+    """In a worker process: when the group's parent dies outright (SIGKILL, the OOM killer), the kernel sends
+    this process SIGTERM, and it stops as on any SIGTERM, its runs finished or handed back. Without it the
+    processes lived on as orphans that claimed nothing more (their logs went to the dead parent) yet held
+    their database connections, beside the group a supervisor started again, until the database refused
+    connections. Linux only; elsewhere a dead parent's workers still need their supervisor."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("could not ask to be stopped with the worker group's parent: %s", os.strerror(ctypes.get_errno()))
+        return
+    if os.getppid() != parent:  # the parent died between the fork and the request
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -9,7 +9,7 @@ import dramatiq
 from dramatiq.middleware import Middleware, SkipMessage
 
 from app.logging_setup import configure_logging
-from workers.group import treat_a_repeated_stop_as_one
+from workers.group import stop_with_the_parent, treat_a_repeated_stop_as_one
 
 
 def _worker() -> ModuleType:
@@ -33,9 +33,11 @@ class WorkerServices(Middleware):
     """Starts the lease keeper's companions (the recovery sweep, the stop check) in each worker process."""
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
-        """A forked process must not reuse its parent's sockets, and logs in agentq's format, not Dramatiq's."""
+        """A forked process must not reuse its parent's sockets, logs in agentq's format, not Dramatiq's, and
+        stops when its group's parent dies."""
         _worker().after_fork()
         configure_logging()
+        stop_with_the_parent()
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         """Background services start once the worker threads exist. Dramatiq set its signal handlers before
