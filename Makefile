@@ -15,10 +15,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Starts the local Redis if nothing answers on its port (it keeps nothing on disk).
+# Starts the local Redis if nothing answers on REDIS_URL's port (it keeps nothing on disk).
 redis:
-	@redis-cli -u "$${REDIS_URL:-redis://127.0.0.1:6379/0}" ping >/dev/null 2>&1 || \
-		redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+	@url="$${REDIS_URL:-redis://127.0.0.1:6379/0}"; \
+	redis-cli -u "$$url" ping >/dev/null 2>&1 || \
+		redis-server --daemonize yes --bind 127.0.0.1 --save "" --appendonly no \
+			--port "$$(echo "$$url" | sed -E 's#^[a-z]+://([^@/]*@)?[^:/]*(:([0-9]+))?.*#\3#' | grep . || echo 6379)"
 
 # Debian's headless Chromium and its driver, for the tests that open the pages in a real browser.
 chromium:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -75,7 +76,7 @@ class Settings(BaseSettings):
     db_pool_timeout_seconds: Seconds = 30.0
     db_connect_timeout_seconds: int = Field(default=5, ge=2, le=DAY)
     log_json: bool = False
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
     @field_validator("database_url")
     @classmethod
@@ -92,14 +93,33 @@ class Settings(BaseSettings):
                              "(postgresql://user@host/database)")
         return url
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_name(cls, level: object) -> object:
+        return level.upper() if isinstance(level, str) else level
+
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, url: str) -> str:
-        """Refused at start, with the other settings, rather than by the first command that connects."""
+        """Refused at start, with the other settings, rather than by the first command that connects. A
+        database number that is not one (`/abc`) is refused too: redis-py drops it and uses database 0,
+        which may be another deployment's."""
         try:
             parse_url(url)
         except ValueError as exc:
             raise ValueError(f"must be a Redis URL (redis://host:port/db, rediss://…, unix://…): {exc}") from None
+        database = urlsplit(url).path.strip("/") if url.startswith(("redis://", "rediss://")) else ""
+        if database and not (database.isascii() and database.isdigit()):
+            raise ValueError(f"the database after the port must be a number, not {database!r}")
+        return url
+
+    @field_validator("moderation_url")
+    @classmethod
+    def _moderation_url(cls, url: str | None) -> str | None:
+        """A moderation endpoint that cannot be called fails open at every turn (a provider outage must not
+        stop every conversation), so a mistyped one would quietly turn moderation off: refused at start."""
+        if url is not None and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
+            raise ValueError("must be an http(s) URL of a moderation endpoint (https://host/v1)")
         return url
 
     def answer_limit(self, max_tokens: int | None) -> int:

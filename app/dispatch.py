@@ -22,6 +22,7 @@ from dramatiq import Message
 
 from app.config import get_settings
 from app.models.base import as_utc
+from app.outages import is_outage
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,11 @@ def enqueue(queue: str, actor: str, ident: int, enqueued_at: datetime | None) ->
     message = Message(queue_name=queue, actor_name=actor, args=(ident,), kwargs={}, options={}, **named)
     try:
         dramatiq.get_broker().enqueue(message)
-    except Exception:
-        log.warning("could not enqueue %s(%s); recovery will send it", actor, ident, exc_info=True)
+    except Exception as exc:
+        if is_outage(exc):  # Redis out of reach: expected, and said in one line per send
+            log.warning("could not enqueue %s(%s), Redis is out of reach (%s); recovery will send it", actor, ident,
+                        exc)
+        else:
+            log.warning("could not enqueue %s(%s); recovery will send it", actor, ident, exc_info=True)
         return False
     return True

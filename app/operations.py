@@ -15,7 +15,7 @@ from app.dead_letters import open_dead_letters
 from app.dispatch import QUEUES, broker_key
 from app.models import ConversationMessage
 from app.models.base import utc_now
-from app.outages import is_outage
+from app.outages import is_outage, schema_missing
 from app.redis_client import get_redis
 from app.turn_status import IN_FLIGHT_VALUES, TurnStatus
 
@@ -74,7 +74,7 @@ def queue_snapshot(*, database_required: bool = True) -> QueueSnapshot:
         snapshot.turns_by_status = _turns_in_flight()
         dead_letters.update(open_dead_letters(held if held is not None else {queue: set() for queue in QUEUES}))
     except SQLAlchemyError as exc:
-        if database_required or not is_outage(exc):
+        if database_required or not (is_outage(exc) or schema_missing(exc)):
             raise
         snapshot.database_error = f"{type(exc).__name__}: {exc}"
     snapshot.queues = [QueueDepth(queue, *depths[queue], dead_letters.get(queue)) for queue in QUEUES]

@@ -165,6 +165,10 @@ def test_the_web_server_opens_no_control_socket_shared_by_every_instance_on_the_
     # a command that never connects to Redis went through with it; `dlq list` failed with a traceback
     (["users", "create", "nobody"], {"REDIS_URL": "notaurl"}, "REDIS_URL='notaurl': must be a Redis URL"),
     (["dlq", "list"], {"REDIS_URL": "redis://127.0.0.1:port/0"}, "REDIS_URL='redis://127.0.0.1:port/0': must be"),
+    (["worker", "--processes", "1"], {"REDIS_URL": "redis://127.0.0.1:6379/abc"},
+     "the database after the port must be a number, not 'abc'"),
+    (["web", "--port", str(free_port())], {"AGENTQ_LOG_LEVEL": "LOUD"}, "AGENTQ_LOG_LEVEL='LOUD': Input should be"),
+    (["db", "init"], {"AGENTQ_MODERATION_URL": "not a url"}, "AGENTQ_MODERATION_URL='not a url': must be an http(s)"),
 ])
 def test_a_setting_that_cannot_work_stops_the_command_with_one_json_error(args: list[str], env: dict[str, str],
                                                                           says: str) -> None:

@@ -75,6 +75,9 @@ def test_a_database_without_the_schema_is_not_ready_and_says_to_run_db_init(data
         refused = httpx.get(f"{base}/api/agents", headers={"Authorization": "Bearer any"}, timeout=30)
         assert refused.status_code == 503
         assert "agentq db init" in refused.json()["error"]["message"]
+        metrics = httpx.get(f"{base}/metrics", timeout=30)  # still answered, the database said to be down
+        assert metrics.status_code == 200
+        assert 'agentq_backing_service_up{service="database"} 0.0' in metrics.text
     finally:
         web.stop()
         if database == "postgresql":
