@@ -22,3 +22,9 @@ class FailureKind(StrEnum):
     BAD_REQUEST = "bad_request"
     CLIENT_ERROR = "client_error"
     ENDPOINT_UNUSABLE = "endpoint_unusable"
+
+
+REFUSED = frozenset({FailureKind.RATE_LIMITED, FailureKind.SERVER_ERROR, FailureKind.BAD_REQUEST,
+                     FailureKind.CLIENT_ERROR, FailureKind.CONNECTION_ERROR, FailureKind.ENDPOINT_UNUSABLE})
+"""The provider answered with an error status, or never got the request: it processed no prompt and bills
+nothing, so such an attempt is recorded at no cost (one that timed out or was cut may have been billed)."""

@@ -23,7 +23,7 @@ from decimal import Decimal
 
 from app.answer_sink import AnswerSink
 from app.config import get_settings
-from app.failure_kinds import FailureKind
+from app.failure_kinds import REFUSED, FailureKind
 from app.llm_client import AttemptFailed, Completion, stream_chat
 from app.model_target import ModelTarget
 from app.targets import attempt_order
@@ -131,7 +131,7 @@ def call_with_fallback(
                                      max_tokens=get_settings().answer_limit(params.max_tokens),
                                      on_delta=sink.delta, stop=stop)
         except AttemptFailed as failure:
-            prompt_estimate = estimate_tokens_of_messages(messages)
+            prompt_estimate = estimate_tokens_of_messages(messages) if failure.kind not in REFUSED else 0
             produced = estimate_tokens(failure.partial) if failure.partial else 0
             outcome.attempts.append(_record(target, failure.kind.value, failure.detail, failure.latency_ms,
                                             failure.first_token_ms, prompt_estimate, produced))

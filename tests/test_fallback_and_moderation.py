@@ -84,6 +84,9 @@ def test_both_failing_is_an_llm_error_with_both_reasons_and_no_charge(world, ups
     assert me["balance"] == me["available_balance"] == "3.000000"
     assert len(world.api.get("/api/me/transactions", key).json["items"]) == 1
     assert sent_models(upstream) == ["echo;fail=500", "echo;fail=429"]
+    with transaction() as session:  # refused with an error status: no prompt processed, nothing billed
+        assert session.execute(select(ModelAttempt.prompt_tokens, ModelAttempt.cost)
+                               .where(ModelAttempt.message_id == assistant["id"])).all() == [(0, 0), (0, 0)]
 
 
 def test_text_a_model_sends_that_no_database_stores_is_kept_replaced_and_the_model_called_once(world, upstream) -> None:  # type: ignore[no-untyped-def]
