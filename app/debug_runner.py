@@ -65,7 +65,8 @@ def run_debug_run(run_id: int) -> None:
             cost = _record_result(run_id, token, claim.deliveries, outcome, latency_ms)
             metrics.observe_cost("test_run", cost)
     except LeaseLost:
-        log.warning("test run %s was taken over by another worker", run_id)
+        log.warning("test run %s is no longer this run's (taken over by another worker, or handed back as this "
+                    "one stopped)", run_id)
     except BaseException:
         TEST_RUN.hand_to_retry(run_id, token)
         raise

@@ -133,7 +133,8 @@ def _run_turn(turn_id: int) -> None:
             with keeper.holding(Holding(turn_id, context.token, stop, context.held)):
                 _execute(context, stop, stream)
         except LeaseLost:
-            log.warning("turn %s was taken over by another worker; this run stops", turn_id)
+            log.warning("turn %s is no longer this run's (taken over by another worker, or handed back as this one "
+                        "stopped); this run stops", turn_id)
             return
         except BaseException:
             TURN.hand_to_retry(context.turn_id, context.token)
