@@ -54,7 +54,7 @@ def queue_snapshot(*, database_required: bool = True) -> QueueSnapshot:
     answers them."""
     snapshot = QueueSnapshot()
     depths: dict[str, tuple[int | None, int | None]] = dict.fromkeys(QUEUES, (None, None))
-    held: dict[str, set[str]] | None = None
+    held: dict[str, set[str]] = {queue: set() for queue in QUEUES}  # the broker's dead messages, by queue
     try:
         pipe = get_redis().pipeline(transaction=False)
         for queue in QUEUES:
@@ -62,22 +62,22 @@ def queue_snapshot(*, database_required: bool = True) -> QueueSnapshot:
             pipe.hlen(broker_key(queue, ".DQ.msgs"))
             pipe.zrange(broker_key(queue, ".XQ"), 0, -1)
         counts = pipe.execute()
-        held = {}
         for index, queue in enumerate(QUEUES):
             ready, delayed, dead = counts[index * 3: index * 3 + 3]
             depths[queue] = (int(ready), int(delayed))
             held[queue] = {member.decode() for member in dead}
     except redis.RedisError as exc:
         snapshot.redis_error = f"{type(exc).__name__}: {exc}"
-    dead_letters: dict[str, int | None] = {queue: len(held[queue]) if held is not None else None for queue in QUEUES}
+    dead_letters: dict[str, int | None] = {queue: None if snapshot.redis_error else len(ids)
+                                           for queue, ids in held.items()}
     try:
         snapshot.turns_by_status = _turns_in_flight()
-        dead_letters.update(open_dead_letters(held if held is not None else {queue: set() for queue in QUEUES}))
+        dead_letters.update(open_dead_letters(held))
     except SQLAlchemyError as exc:
         if database_required or not (is_outage(exc) or schema_missing(exc)):
             raise
         snapshot.database_error = f"{type(exc).__name__}: {exc}"
-    snapshot.queues = [QueueDepth(queue, *depths[queue], dead_letters.get(queue)) for queue in QUEUES]
+    snapshot.queues = [QueueDepth(queue, *depths[queue], dead_letters[queue]) for queue in QUEUES]
     return snapshot
 
 

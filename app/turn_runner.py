@@ -185,32 +185,39 @@ def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, mod
     paid for, and the retry of a raised delivery would make them again.
 
     A turn with a `cost` is charged it (zero writes no ledger row); one without has its reservation
-    released. Only the statuses the contract charges (`CHARGED`) may carry a cost."""
+    released. Only the statuses the contract charges (`CHARGED`) may carry a cost.
+
+    A stop asked for before this end was written (`StoppedMeanwhile`) ends the turn `cancelled` instead, as
+    the stop's 202 promised, with the same text and cost: a whole answer is paid for (every token of it was
+    generated), a failure's text stays unpaid, and neither counts in the conversation's tokens."""
     if cost is not None and target not in CHARGED:
         raise ValueError(f"a turn that ends {target.value} is not charged")
-    with settling(outcome.attempts if outcome else (), delivery=context.delivery, message_id=context.turn_id,
-                  settled_again_after=(StoppedMeanwhile,)) as attempts:
+    try:
+        with settling(outcome.attempts if outcome else (), delivery=context.delivery, message_id=context.turn_id,
+                      settled_again_after=(StoppedMeanwhile,)) as attempts:
 
-        def write() -> None:
-            with plain_transaction() as connection, Batch(connection) as batch:
-                finish_turn(batch, context.turn_id, context.question_id, context.token, target,
-                            model=model.name if model else None, cost=cost, **answer)
-                record_turn_end(batch, context.conversation_id, success_tokens)
-                if cost is None:
-                    ledger.release(batch, context.user_id, context.reserved)
-                else:
-                    ledger.charge_turn(batch, context.user_id, context.turn_id, cost, context.reserved)
-                attempts.write(batch)
+            def write() -> None:
+                with plain_transaction() as connection, Batch(connection) as batch:
+                    finish_turn(batch, context.turn_id, context.question_id, context.token, target,
+                                model=model.name if model else None, cost=cost, **answer)
+                    record_turn_end(batch, context.conversation_id, success_tokens)
+                    if cost is None:
+                        ledger.release(batch, context.user_id, context.reserved)
+                    else:
+                        ledger.charge_turn(batch, context.user_id, context.turn_id, cost, context.reserved)
+                    attempts.write(batch)
 
-        waiting_out_outages(write, for_seconds=outage_wait_seconds(), what=f"settling turn {context.turn_id}")
+            waiting_out_outages(write, for_seconds=outage_wait_seconds(), what=f"settling turn {context.turn_id}")
+    except StoppedMeanwhile:
+        _settle(context, TurnStatus.CANCELLED, stream, model=model, cost=cost, outcome=outcome,
+                **{**answer, "error_message": STOPPED})
+        return
     metrics.observe_cost("turn", cost)
     stream.finished(target, model.name if model else None)
 
 
 def _settle_success(context: TurnContext, outcome: Outcome, elapsed_ms: int, stream: TurnStream) -> None:
-    """A whole answer is a success, unless a stop was asked for before it was written: then the turn ends
-    `cancelled` as the stop's 202 promised, keeping the whole answer and paying for it (every token of it
-    was generated)."""
+    """A whole answer is a success (or `cancelled`, paid for, when a stop landed before it was written)."""
     completion, model = outcome.completion, outcome.model
     assert completion is not None and model is not None
     usage = completion.usage
@@ -218,11 +225,8 @@ def _settle_success(context: TurnContext, outcome: Outcome, elapsed_ms: int, str
         "model": model, "cost": model.cost(usage.prompt_tokens, usage.completion_tokens), "outcome": outcome,
         "content": completion.text, "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
         "cost_estimated": not usage.reported, "latency_ms": elapsed_ms}
-    try:
-        _settle(context, TurnStatus.SUCCESS, stream, success_tokens=usage.prompt_tokens + usage.completion_tokens,
-                **answer)
-    except StoppedMeanwhile:
-        _settle(context, TurnStatus.CANCELLED, stream, error_message=STOPPED, **answer)
+    _settle(context, TurnStatus.SUCCESS, stream, success_tokens=usage.prompt_tokens + usage.completion_tokens,
+            **answer)
 
 
 def _settle_cancelled(context: TurnContext, outcome: Outcome, elapsed_ms: int, stream: TurnStream) -> None:
@@ -244,14 +248,9 @@ def _settle_failure(context: TurnContext, status: TurnStatus, reason: str, strea
                     model: ModelTarget | None = None) -> None:
     """A turn that ends without an answer; `content` is the text its last attempt streamed before it failed,
     and `model` that attempt's (kept, as a stop keeps them: a reader of the stream already has the text,
-    announced as that model's). A stop asked for before this end was written ends it `cancelled` instead,
-    as the stop's 202 promised, with the same text, unpaid as a failed attempt's text always is."""
-    try:
-        _settle(context, status, stream, model=model, outcome=outcome, error_message=reason, latency_ms=elapsed_ms,
-                content=content)
-    except StoppedMeanwhile:
-        _settle(context, TurnStatus.CANCELLED, stream, model=model, outcome=outcome, error_message=STOPPED,
-                latency_ms=elapsed_ms, content=content)
+    announced as that model's)."""
+    _settle(context, status, stream, model=model, outcome=outcome, error_message=reason, latency_ms=elapsed_ms,
+            content=content)
 
 
 def abandon_turn(turn_id: int, reason: str) -> bool:

@@ -194,14 +194,14 @@ def stop_with_the_parent() -> None:
     processes lived on as orphans that claimed nothing more (their logs went to the dead parent) yet held
     their database connections, beside the group a supervisor started again, until the database refused
     connections. Linux only; elsewhere a dead parent's workers still need their supervisor."""
-    if not sys.platform.startswith("linux"):
+    parent = multiprocessing.parent_process()
+    if parent is None or not sys.platform.startswith("linux"):
         return
     import ctypes
 
-    parent = os.getppid()
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
         log.warning("could not ask to be stopped with the worker group's parent: %s", os.strerror(ctypes.get_errno()))
         return
-    if os.getppid() != parent:  # the parent died between the fork and the request
+    if os.getppid() != parent.pid:  # the parent died between the fork and the request
         os.kill(os.getpid(), signal.SIGTERM)
