@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, replace
@@ -183,6 +184,20 @@ def _fresh_start(key: str) -> tuple[Cursor, dict[str, Any] | None]:
         return Cursor(), None
 
 
+_closing = threading.Event()
+
+
+def close_streams() -> None:
+    """The server is stopping: every reader ends at its next look (within a heartbeat), as at its deadline,
+    without `done`, and its client reconnects with `Last-Event-ID` to a server still running. Readers of
+    long turns otherwise held the stop for the server's whole graceful timeout, then were cut anyway."""
+    _closing.set()
+
+
+def _open(deadline: float) -> bool:
+    return time.monotonic() < deadline and not _closing.is_set()
+
+
 GAP_POLL_SECONDS = 1.0
 """How often a reader waiting out a gap looks at the database: a Redis blip can put every live reader of
 every turn in this state at once, for as long as their turns run."""
@@ -192,7 +207,7 @@ def _first_load(message_id: int, deadline: float) -> Generator[StreamEvent, None
     """The stored message the stream starts from (`_load`), with heartbeats while the database cannot be
     reached: the reader was authorized a moment ago, and an outage starting now is waited out as one later
     on is."""
-    while time.monotonic() < deadline:
+    while _open(deadline):
         if (loaded := _unless_outage(lambda: _load(message_id))) is not None:
             return loaded
         yield StreamEvent(HEARTBEAT, None)
@@ -236,7 +251,7 @@ def _follow(message_id: int, cursor: Cursor | None) -> Iterator[StreamEvent]:
     ended = TurnStatus(message.status).is_terminal
     quiet_since = time.monotonic()
     key = stream_key(message_id)
-    while time.monotonic() < deadline:
+    while _open(deadline):
         try:
             found = get_redis().xread({key: cursor.entry}, count=200, block=None if ended else block_ms)
         except redis.RedisError:
@@ -300,7 +315,7 @@ def _wait_and_finish(message_id: int, cursor: Cursor, deadline: float) -> Iterat
     """The live stream has a gap (Redis lost entries): wait for the stored answer and send its rest."""
     heartbeat = get_settings().stream_heartbeat_seconds
     quiet_since = time.monotonic()
-    while time.monotonic() < deadline:
+    while _open(deadline):
         if (ending := _ending(message_id, cursor)) is not None:
             yield from ending
             return

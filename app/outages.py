@@ -59,12 +59,21 @@ def schema_missing(error: BaseException) -> bool:
     return isinstance(error, sqlalchemy.exc.OperationalError) and "no such table" in str(error.orig)
 
 
+def in_one_line(error: BaseException) -> str:
+    """What an operator needs of a driver's error (the server refused, the database does not exist): its
+    first line, not SQLAlchemy's statement and parameters and background link, which split one log record
+    over several lines of a plain log."""
+    cause = getattr(error, "orig", None) or error
+    text = str(cause).strip()
+    return f"{type(cause).__name__}: {text.splitlines()[0]}" if text else type(cause).__name__
+
+
 def log_failure(logger: logging.Logger, error: BaseException, doing: str) -> None:
     """A background loop's failed round (a sweep, a lease renewal), logged by what it means: a backing
     service out of reach as a warning, which the next round waits out; anything else, which would repeat
     at every round (a bug, a broken schema), as an error with its traceback."""
     if is_outage(error):
-        logger.warning("%s failed, a backing service is out of reach (%s); trying again", doing, error)
+        logger.warning("%s failed, a backing service is out of reach (%s); trying again", doing, in_one_line(error))
     else:
         logger.error("%s failed, and not for an outage: it will fail again until this is fixed", doing,
                      exc_info=error)

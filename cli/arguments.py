@@ -4,7 +4,30 @@ what the value must be, never a traceback from the code that would have used it.
 from __future__ import annotations
 
 import argparse
+import os
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
+from typing import TypeVar
+
+Value = TypeVar("Value")
+
+
+class InvalidVariable(ValueError):
+    """An environment variable the command line reads for itself is unusable: the operator set the variable,
+    not the flag, so the error names the variable (argparse would have named the flag)."""
+
+
+def option_or_environment(given: Value | None, name: str, fallback: str, parse: Callable[[str], Value]) -> Value:
+    """The flag when given, else the variable `name`, else `fallback`, parsed by the flag's own parser."""
+    if given is not None:
+        return given
+    value = os.environ.get(name)
+    if value is None:
+        return parse(fallback)
+    try:
+        return parse(value)
+    except argparse.ArgumentTypeError as exc:
+        raise InvalidVariable(f"{name}={value!r}: {exc}") from None
 
 
 def whole_number(value: str) -> int:

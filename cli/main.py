@@ -10,7 +10,7 @@ import tempfile
 from decimal import Decimal
 from pathlib import Path
 
-from cli.arguments import amount, count, port
+from cli.arguments import InvalidVariable, amount, count, option_or_environment, port
 from cli.output import print_error, print_json
 
 
@@ -37,7 +37,10 @@ def _metrics_dir(argv: list[str]) -> None:
     if not argv or argv[0] not in SERVING_COMMANDS:
         os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
         return
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if configured:
+        _usable_metrics_dir(configured)
+    else:
         from pydantic import ValidationError
 
         from app.config import Settings
@@ -52,6 +55,20 @@ def _metrics_dir(argv: list[str]) -> None:
         path = Path(tempfile.gettempdir()) / f"agentq-metrics-{os.getuid()}-{tag}"
         path.mkdir(parents=True, exist_ok=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+
+
+def _usable_metrics_dir(configured: str) -> None:
+    """An operator's directory is made if missing; one that cannot be written failed every process's first
+    counter with a traceback (prometheus_client opens its files there lazily)."""
+    path = Path(configured)
+    if path.exists() and not path.is_dir():
+        raise InvalidVariable(f"PROMETHEUS_MULTIPROC_DIR={configured!r}: not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidVariable(f"PROMETHEUS_MULTIPROC_DIR={configured!r}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InvalidVariable(f"PROMETHEUS_MULTIPROC_DIR={configured!r}: the directory is not writable")
 
 
 def cmd_db_init(args: argparse.Namespace) -> int:
@@ -75,7 +92,10 @@ def cmd_web(args: argparse.Namespace) -> int:
     configure_logging()
     from web.server import serve
 
-    serve(args.host, args.port, workers=args.workers, threads=args.threads)
+    serve(option_or_environment(args.host, "AGENTQ_HOST", "127.0.0.1", str),
+          option_or_environment(args.port, "PORT", "8000", port),
+          workers=option_or_environment(args.workers, "AGENTQ_WEB_WORKERS", "2", count),
+          threads=option_or_environment(args.threads, "AGENTQ_WEB_THREADS", "256", count))
     return 0
 
 
@@ -93,8 +113,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # A process takes no more turns than it has threads. Dramatiq reads `dramatiq_queue_prefetch` into this
     # global when `dramatiq.worker` is first imported, which building the parser has already done, so the
     # environment variable cannot be used here; without it Dramatiq prefetches twice the threads.
-    dramatiq.worker.QUEUE_PREFETCH = dramatiq.worker.QUEUE_PREFETCH or max(1, args.threads)
-    argv = ["workers.actors", "--processes", str(args.processes), "--threads", str(args.threads),
+    processes = option_or_environment(args.processes, "AGENTQ_WORKER_PROCESSES", "2", count)
+    threads = option_or_environment(args.threads, "AGENTQ_WORKER_THREADS", "16", count)
+    dramatiq.worker.QUEUE_PREFETCH = dramatiq.worker.QUEUE_PREFETCH or threads
+    argv = ["workers.actors", "--processes", str(processes), "--threads", str(threads),
             "--worker-shutdown-timeout", str(int(get_settings().shutdown_grace_seconds * 1000))]
     if args.queues:
         argv += ["--queues", *args.queues]
@@ -134,15 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     create.set_defaults(func=cmd_users_create)
 
     web = sub.add_parser("web", help="serve the HTTP API with gunicorn")
-    web.add_argument("--host", default=os.environ.get("AGENTQ_HOST", "127.0.0.1"))
-    web.add_argument("--port", type=port, default=os.environ.get("PORT", "8000"))
-    web.add_argument("--workers", type=count, default=os.environ.get("AGENTQ_WEB_WORKERS", "2"))
-    web.add_argument("--threads", type=count, default=os.environ.get("AGENTQ_WEB_THREADS", "256"))
+    web.add_argument("--host", help="default: AGENTQ_HOST, else 127.0.0.1")
+    web.add_argument("--port", type=port, help="default: PORT, else 8000")
+    web.add_argument("--workers", type=count, help="gunicorn processes; default: AGENTQ_WEB_WORKERS, else 2")
+    web.add_argument("--threads", type=count, help="threads a process; default: AGENTQ_WEB_THREADS, else 256")
     web.set_defaults(func=cmd_web)
 
     worker = sub.add_parser("worker", help="run Dramatiq worker processes")
-    worker.add_argument("--processes", type=count, default=os.environ.get("AGENTQ_WORKER_PROCESSES", "2"))
-    worker.add_argument("--threads", type=count, default=os.environ.get("AGENTQ_WORKER_THREADS", "16"))
+    worker.add_argument("--processes", type=count, help="default: AGENTQ_WORKER_PROCESSES, else 2")
+    worker.add_argument("--threads", type=count, help="threads a process; default: AGENTQ_WORKER_THREADS, else 16")
     worker.add_argument("--queues", nargs="+", default=None, choices=QUEUES)
     worker.add_argument("--no-restart", action="store_true",
                         help="exit when one process dies (Dramatiq's own way) instead of starting the group again; "
@@ -172,7 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _dotenv()
-    _metrics_dir(sys.argv[1:] if argv is None else argv)
+    try:
+        _metrics_dir(sys.argv[1:] if argv is None else argv)
+    except InvalidVariable as exc:
+        print_error("invalid_configuration", str(exc))
+        return 2
     import pydantic
     import redis
     import sqlalchemy.exc
@@ -186,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     except AgentqError as exc:
         print_error(exc.code, exc.message)
         return 1
+    except InvalidVariable as exc:
+        print_error("invalid_configuration", str(exc))
+        return 2
     except pydantic.ValidationError as exc:
         if exc.title != "Settings":
             raise
@@ -193,21 +222,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.InterfaceError,
             redis.RedisError) as exc:
-        from app.outages import is_outage, schema_missing
+        from app.outages import in_one_line, is_outage, schema_missing
 
         if schema_missing(exc):
             print_error("service_unavailable", "The database has no agentq schema: run `agentq db init` (a SQLite "
                         "path is relative to the directory the command runs in).")
         else:
-            print_error("service_unavailable" if is_outage(exc) else "database_error", _first_line(exc))
+            print_error("service_unavailable" if is_outage(exc) else "database_error", in_one_line(exc))
         return 1
-
-
-def _first_line(exc: BaseException) -> str:
-    """What an operator needs of a driver's error (the server refused, the database does not exist), not
-    SQLAlchemy's whole traceback and statement."""
-    cause = getattr(exc, "orig", None) or exc
-    return f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}".rstrip(": ")
 
 
 if __name__ == "__main__":

@@ -169,6 +169,12 @@ def test_the_web_server_opens_no_control_socket_shared_by_every_instance_on_the_
      "the database after the port must be a number, not 'abc'"),
     (["web", "--port", str(free_port())], {"AGENTQ_LOG_LEVEL": "LOUD"}, "AGENTQ_LOG_LEVEL='LOUD': Input should be"),
     (["db", "init"], {"AGENTQ_MODERATION_URL": "not a url"}, "AGENTQ_MODERATION_URL='not a url': must be an http(s)"),
+    # the process-size variables were refused by argparse under the flag's name, which the operator never typed
+    (["web"], {"AGENTQ_WEB_WORKERS": "two"}, "AGENTQ_WEB_WORKERS='two': 'two' is not a whole number"),
+    (["worker"], {"AGENTQ_WORKER_THREADS": "0"}, "AGENTQ_WORKER_THREADS='0': must be at least 1, not 0"),
+    # counters' directory: a traceback from the first counter a process wrote
+    (["worker", "--processes", "1"], {"PROMETHEUS_MULTIPROC_DIR": str(ROOT / "README.md")},
+     f"PROMETHEUS_MULTIPROC_DIR='{ROOT / 'README.md'}': not a directory"),
 ])
 def test_a_setting_that_cannot_work_stops_the_command_with_one_json_error(args: list[str], env: dict[str, str],
                                                                           says: str) -> None:

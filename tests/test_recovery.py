@@ -313,6 +313,38 @@ def test_sigterm_finishes_running_turns_within_the_grace_and_leaves_the_rest(sta
     assert (charges(stack, running["id"]), charges(stack, waiting["id"])) == (1, 1)
 
 
+def test_a_web_process_told_to_stop_ends_its_answer_streams_instead_of_holding_its_stop(stack: Stack) -> None:
+    """An open stream of a turn still running held a stopping `agentq web` for gunicorn's whole 30 s graceful
+    timeout, then was cut anyway; it ends at the reader's next look (a heartbeat, 1 s here), without `done`,
+    and the client reconnects elsewhere."""
+    from tests.conftest import LOG_DIR
+    from tests.support import agentq, free_port, wait_http
+
+    agent_id = slow_agent(stack, "never-answers", "echo;ttft=60")
+    _, key = stack.user("stream-reader")
+    stack.start_worker()
+    answer = stack.send(key, stack.conversation(key, agent_id), "take your time")
+    port = free_port()
+    web = Process("stream-web", agentq("web", "--port", str(port), "--workers", "1", "--threads", "4"),
+                  stack.env(AGENTQ_STREAM_HEARTBEAT_SECONDS="1"), LOG_DIR).start()
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        with httpx.stream("GET", f"http://127.0.0.1:{port}/api/messages/{answer['id']}/stream", timeout=60,
+                          headers={"Authorization": f"Bearer {key}"}) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("event:")) == "event: status"
+            told = time.monotonic()
+            web.popen.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+            rest = list(lines)
+        web.popen.wait(timeout=45)  # type: ignore[union-attr]
+        stopped_in = time.monotonic() - told
+    finally:
+        web.kill_group()
+    assert ("event: done" in rest, web.popen.returncode, stopped_in < 10) == (False, 0, True), (rest, stopped_in)
+    assert stack.call("POST", f"/api/messages/{answer['id']}/cancel", key).status_code == 202
+    assert stack.wait_terminal(key, answer["id"])["status"] == "cancelled"
+
+
 def test_a_stop_sent_to_the_whole_process_group_still_finishes_the_running_turn(stack: Stack) -> None:
     """A runner that signals the process group (honcho on Ctrl-C, foreman, a container stop) reaches a worker
     process twice: directly, and through the group's parent, which forwards its SIGTERM. Dramatiq took the
@@ -341,7 +373,9 @@ def test_a_run_still_going_when_the_shutdown_grace_ends_is_handed_to_another_wor
     """A deploy or a group restart stops a worker whose turn outlasts the shutdown grace: the worker gives up
     the turn's lease as it leaves and sends it again, so another worker takes it over at once, not when the
     lease (30 s here) runs out."""
-    agent_id = slow_agent(stack, "handed-back", "echo;words=60;gap=0.1")
+    # 10 s of answer: the other worker's boot (up to 4.5 s on a loaded machine), the stop, the grace and the
+    # hand-back's wait for the run to record its call all come before the answer could end
+    agent_id = slow_agent(stack, "handed-back", "echo;words=100;gap=0.1")
     _, key = stack.user("hand-back")
     leaving = stack.start_worker(AGENTQ_SHUTDOWN_GRACE_SECONDS="1", AGENTQ_LEASE_SECONDS="30")
     turn = stack.send(key, stack.conversation(key, agent_id), "finish me elsewhere")
@@ -352,7 +386,7 @@ def test_a_run_still_going_when_the_shutdown_grace_ends_is_handed_to_another_wor
     assert "handed to another worker" in leaving.output()
     wait_for(lambda: deliveries(stack, turn["id"]) == 2, timeout=5, what="another worker to take the turn over")
     done = stack.wait_terminal(key, turn["id"], timeout=30)
-    assert (done["status"], done["content"]) == ("success", " ".join(f"w{i}" for i in range(60)))
+    assert (done["status"], done["content"]) == ("success", " ".join(f"w{i}" for i in range(100)))
     assert charges(stack, turn["id"]) == 1
     assert stack.sql("SELECT delivery, outcome FROM model_attempts WHERE message_id = %(id)s ORDER BY id",
                      {"id": turn["id"]}) == [(1, "cancelled"), (2, "success")]  # the leaving worker's call too

@@ -44,6 +44,18 @@ def test_concatenated_deltas_equal_the_stored_content(world, web_server) -> None
     assert statuses[-1] == "success" and "processing" in statuses
 
 
+def test_text_with_separators_a_line_splitter_breaks_at_reaches_a_line_by_line_reader_whole(  # type: ignore[no-untyped-def]
+        world, web_server) -> None:
+    """U+2028, U+2029 and U+0085 went out raw in `data:` lines: valid SSE, yet httpx's `iter_lines` (which
+    `read_sse` uses, as a client would) broke the event's JSON there and the reader failed."""
+    content = "line\u2028separator\u2029paragraph\x85next"
+    key, message_id, _ = start_turn(world, "echo", content)
+    events = read_sse(f"{web_server}/api/messages/{message_id}/stream", key)
+    done = events[-1].json()
+    assert (visible_text(events), done["status"]) == (done["content"], "success")
+    assert content in done["content"]
+
+
 def test_a_dropped_connection_resumes_with_no_gap_and_no_repeat(world, web_server) -> None:  # type: ignore[no-untyped-def]
     key, message_id, _ = start_turn(world, "echo;words=40;gap=0.03")
     url = f"{web_server}/api/messages/{message_id}/stream"

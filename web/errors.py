@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException, NotFound
 
 from app.errors import AgentqError
-from app.outages import schema_missing
+from app.outages import in_one_line, schema_missing
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def install_error_handlers(app: Flask) -> None:
         AGENTQ_DB_POOL_TIMEOUT_SECONDS, is the service's state, not the request's fault."""
         if schema_missing(exc):
             return _no_schema()
-        log.warning("dependency unavailable on %s %s: %s", request.method, request.path, exc)
+        log.warning("dependency unavailable on %s %s: %s", request.method, request.path, in_one_line(exc))
         response = error_response(503, "service_unavailable",
                                   "A backing service is unavailable for a moment; retry shortly.")
         response.headers["Retry-After"] = "1"

@@ -53,13 +53,21 @@ def _may_outgrow_the_drain(name: str, value: str) -> bool:
 
 
 class ApiWorker(ThreadWorker):
-    """gunicorn's threaded worker, with two changes for an API's clients.
+    """gunicorn's threaded worker, with three changes for an API's clients.
 
     Its own refusals (a request line or headers it cannot parse or that are too large) are in the API's
     error shape instead of an HTML page a client cannot read. And a request whose body may be more than
     gunicorn drains is answered `Connection: close`, so the client opens a new connection for its next
     request instead of sending it on one gunicorn is about to close (the application may not read the
-    body: a 413 is answered before)."""
+    body: a 413 is answered before). A graceful stop ends the answer streams it serves."""
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        """A graceful stop (SIGTERM) also ends the answer streams this process serves, whose clients
+        reconnect elsewhere, so the stop waits a heartbeat at most instead of gunicorn's graceful timeout."""
+        from app.answer_stream import close_streams
+
+        close_streams()
+        super().handle_exit(sig, frame)
 
     def handle_request(self, req: Any, conn: Any) -> Any:
         if any(_may_outgrow_the_drain(name, value) for name, value in req.headers):
