@@ -41,14 +41,37 @@ def dead_entries() -> dict[str, BrokerEntry]:
         ids = [member.decode() for member, _ in scored]
         bodies = client.hmget(broker_key(queue, ".XQ.msgs"), ids)
         for (_, score), ident, body in zip(scored, ids, bodies, strict=True):
-            message = None
-            if body is not None:
-                try:
-                    message = dramatiq.Message.decode(body)
-                except Exception:
-                    log.warning("dead letter %s of queue %s has an unreadable body", ident, queue)
-            entries[ident] = BrokerEntry(queue, ident, datetime.fromtimestamp(score / 1000, UTC), message)
+            message = _readable(body) if body is not None else None
+            if body is not None and message is None:
+                log.warning("dead letter %s of queue %s has a body agentq cannot read", ident, queue)
+            entries[ident] = BrokerEntry(queue, ident, _death_time(score), message)
     return entries
+
+
+def _readable(body: bytes) -> dramatiq.Message[Any] | None:
+    """The body as a message whose fields have the types Dramatiq writes, else None. These keys are open to
+    anything that writes to Redis: one odd body (options a list, retries a word, a numeric traceback) made
+    every listing of dead letters a 500, and only a hand edit of Redis brought them back."""
+    try:
+        message = dramatiq.Message.decode(body)
+    except Exception:
+        return None
+    options = message.options
+    if not (isinstance(message.actor_name, str) and isinstance(message.args, (list, tuple))
+            and isinstance(options, dict)):
+        return None
+    retries, trace = options.get("retries", 0), options.get("traceback")
+    if not (type(retries) is int and (trace is None or isinstance(trace, str))):
+        return None
+    return message
+
+
+def _death_time(score: float) -> datetime:
+    """When Dramatiq dead-lettered the message (its score, in milliseconds); now for a score no date holds."""
+    try:
+        return datetime.fromtimestamp(score / 1000, UTC)
+    except (OverflowError, OSError, ValueError):
+        return datetime.now(UTC)
 
 
 def take_entry(queue: str, redis_message_id: str) -> None:

@@ -421,6 +421,30 @@ def test_a_dead_letter_whose_turn_ended_otherwise_is_not_requeued(world, redis_c
     assert dead_count(redis_client) == 1
 
 
+@pytest.mark.parametrize(("options", "score", "read"), [
+    ({"retries": "many"}, 1, ("unknown", [])), ([], 1, ("unknown", [])), ({"traceback": 5}, 1, ("unknown", [])),
+    ({}, 1e300, ("run_turn", [2])),
+])
+def test_a_dead_body_of_odd_shape_in_redis_is_listed_not_a_500(  # type: ignore[no-untyped-def]
+        world, redis_client, options, score, read) -> None:
+    """These keys are open to whatever writes to Redis: one body whose options were a list, whose retries
+    were a word or whose traceback a number, or a score past any date, made every listing of every dead
+    letter (API and `agentq dlq list`) fail with a 500 until the entry was deleted by hand."""
+    import json
+
+    api, admin = world.api, world.admin_key
+    body = {"queue_name": "turns", "actor_name": "run_turn", "args": [2], "kwargs": {}, "options": options,
+            "message_id": "odd-body", "message_timestamp": 1}
+    redis_client.zadd(f"{NAMESPACE}:turns.XQ", {"odd-body": score})
+    redis_client.hset(f"{NAMESPACE}:turns.XQ.msgs", "odd-body", json.dumps(body))
+    listed = api.get("/api/admin/dead-letters", admin)
+    assert listed.status_code == 200, listed.json
+    [item] = listed.json["items"]
+    assert (item["actor"], item["args"], item["retries"], item["in_broker"]) == (*read, 0, True)
+    assert api.delete(f"/api/admin/dead-letters/{item['id']}", admin).status_code == 204
+    assert dead_count(redis_client) == 0
+
+
 def test_a_dead_message_whose_argument_is_no_runs_id_leaves_the_dead_letters_manageable(world, redis_client) -> None:  # type: ignore[no-untyped-def]
     """A message agentq did not send (here a turn id past a BIGINT) dies like any other; its record names no
     run. Before, every look at it queried the turns with that id: the listing answered 500 and `agentq dlq`
