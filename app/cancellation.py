@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from app import coordination
 from app.auth import Principal
-from app.conversations import owned_conversation, require_owned_answer
+from app.conversations import owned_conversation, owned_turn_of
 from app.db import transaction
 from app.in_flight import answer_in_flight
 from app.models import ConversationMessage, Turn, table
@@ -28,10 +28,10 @@ STOPPED = "stopped on request"
 
 
 def cancel_turn(principal: Principal, message_id: int) -> ConversationMessage:
-    """Ask a turn to stop; returns its message as it is now (already ended turns are left as they are)."""
+    """Ask the turn of `message_id` (its answer or its user message) to stop; returns that message as it is
+    now (already ended turns are left as they are)."""
     with transaction() as session:
-        require_owned_answer(session, principal.id, message_id)
-        stopped = _stop(session, message_id)
+        stopped = _stop(session, owned_turn_of(session, principal.id, message_id))
         message = session.get_one(ConversationMessage, message_id)
     _announce(stopped)
     return message

@@ -24,7 +24,7 @@ from app.config import get_settings
 from app.db import transaction
 from app.errors import NotFound, ValidationFailed
 from app.in_flight import lock_user
-from app.models import Conversation, ConversationMessage, table
+from app.models import Conversation, ConversationMessage, Turn, table
 from app.models.base import LARGEST_ID, as_utc, utc_now
 from app.paging import every_row, page_of
 from app.prepared import Batch, Prepared, Unit
@@ -180,10 +180,25 @@ def _owned_message(columns: Any, user_id: int, message_id: int) -> Select[Any]:
 
 def require_owned_answer(session: Session, user_id: int, message_id: int) -> None:
     """404 unless the message is the user's assistant message: the check alone, without loading the row
-    (opening a stream, stopping a turn)."""
+    (opening a stream)."""
     query = _owned_message(ConversationMessage.id, user_id, message_id).where(ConversationMessage.role == "assistant")
     if session.scalar(query) is None:
         raise NotFound("No such assistant message.")
+
+
+def owned_turn_of(session: Session, user_id: int, message_id: int) -> int:
+    """The turn (its assistant message's id) that the user's message `message_id`, either of the turn's two,
+    belongs to: both carry the turn's status, so a stop may name either; 404 otherwise."""
+    query = (select(Turn.assistant_message_id)
+             .join(ConversationMessage, or_(Turn.assistant_message_id == ConversationMessage.id,
+                                            Turn.user_message_id == ConversationMessage.id))
+             .join(Conversation, Conversation.id == ConversationMessage.conversation_id)
+             .where(ConversationMessage.id == message_id, Conversation.user_id == user_id,
+                    Conversation.deleted_at.is_(None)))
+    turn_id = session.scalar(query)
+    if turn_id is None:
+        raise NotFound("No such message.")
+    return turn_id
 
 
 def get_message(principal: Principal, message_id: int) -> ConversationMessage:

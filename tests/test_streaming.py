@@ -444,7 +444,17 @@ def test_stopping_a_pending_turn_or_a_finished_one(world) -> None:  # type: igno
     _, other = world.user("mallory")
     assert world.api.post(f"/api/messages/{message_id}/cancel", other).status_code == 404
     assert world.api.get(f"/api/messages/{message_id}/stream", other).status_code == 404
-    assert world.api.post(f"/api/messages/{message_id - 1}/cancel", key).status_code == 404
+    assert world.api.post(f"/api/messages/{message_id - 1}/cancel", other).status_code == 404
+
+
+def test_a_turn_is_stopped_by_the_id_of_its_user_message_too(world) -> None:  # type: ignore[no-untyped-def]
+    """Both messages of a turn carry its status; a stop naming the user's message was a 404 for a message the
+    caller owns."""
+    key, answer_id, _ = start_turn(world, "echo;ttft=3")
+    stopped = world.api.post(f"/api/messages/{answer_id - 1}/cancel", key)
+    assert (stopped.status_code, stopped.json["id"], stopped.json["role"]) == (202, answer_id - 1, "user")
+    assert world.wait_terminal(key, answer_id)["status"] == "cancelled"
+    assert world.api.get(f"/api/messages/{answer_id - 1}", key).json["status"] == "cancelled"
 
 
 @contextmanager
