@@ -13,11 +13,19 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from app.fallback import AgentParams
 from app.model_target import ModelTarget
 from app.models import Agent
 from app.prompt import ChatMessage, Prompt, build_prompt
 from app.targets import agent_targets, target_in_row, worst_case_cost
+
+
+@dataclass(frozen=True, slots=True)
+class AgentParams:
+    """What every call of the agent's models is sent with (and bounded by)."""
+
+    timeout_seconds: float
+    temperature: float | None
+    max_tokens: int | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+from app.agent_setup import AgentParams
 from app.answer_sink import AnswerSink
 from app.config import get_settings
 from app.failure_kinds import REFUSED, FailureKind
@@ -31,13 +32,6 @@ from app.token_estimates import estimate_tokens, estimate_tokens_of_messages
 
 ALWAYS_FALL_BACK = frozenset({FailureKind.TIMEOUT, FailureKind.CONNECTION_ERROR, FailureKind.STREAM_CUT,
                               FailureKind.RATE_LIMITED, FailureKind.SERVER_ERROR, FailureKind.BAD_RESPONSE})
-
-
-@dataclass(frozen=True, slots=True)
-class AgentParams:
-    timeout_seconds: float
-    temperature: float | None
-    max_tokens: int | None
 
 
 @dataclass(frozen=True, slots=True)

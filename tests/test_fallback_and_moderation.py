@@ -297,8 +297,9 @@ def test_a_stop_between_a_failed_primary_and_the_fallback_keeps_the_primarys_tex
     import threading
 
     from app import fallback as fallback_policy
+    from app.agent_setup import AgentParams
     from app.answer_sink import AnswerSink
-    from app.fallback import AgentParams, call_with_fallback
+    from app.fallback import call_with_fallback
     from app.model_target import ModelTarget
     from tests.conftest import MOCK_URL
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -57,14 +57,23 @@ def claims_fail(conversation_id: int) -> AbstractContextManager[None]:
     return claims_refused("conversation_messages", "conversation_id", conversation_id)
 
 
+def dead_turns(world: Any, key: str, agent_id: int, *contents: str) -> list[tuple[int, dict[str, Any]]]:
+    """Submit turns (at most the user's three at once) whose every delivery fails, in conversations of their
+    own, all at once so that their retries run side by side; return each one's conversation and the turn as
+    it ended."""
+    conversations, accepted = [], []
+    with ExitStack() as failing:
+        for content in contents:  # a conversation with no message yet would be created again (the dedup window)
+            conversations.append(world.conversation(key, agent_id))
+            failing.enter_context(claims_fail(conversations[-1]))
+            accepted.append(world.send(key, conversations[-1], content))
+        assert [a.status_code for a in accepted] == [202] * len(contents), [a.json for a in accepted]
+        ended = [world.wait_terminal(key, a.json["assistant_message"]["id"]) for a in accepted]
+    return list(zip(conversations, ended, strict=True))
+
+
 def dead_turn(world: Any, key: str, agent_id: int, content: str) -> tuple[int, dict[str, Any]]:
-    """Submit a turn whose every delivery fails; return its conversation and the turn as it ended."""
-    conversation_id = world.conversation(key, agent_id)
-    with claims_fail(conversation_id):
-        accepted = world.send(key, conversation_id, content)
-        assert accepted.status_code == 202, accepted.json
-        ended = world.wait_terminal(key, accepted.json["assistant_message"]["id"])
-    return conversation_id, ended
+    return dead_turns(world, key, agent_id, content)[0]
 
 
 def dead_count(redis_client: Any, queue: str = "turns") -> int:
@@ -165,7 +174,7 @@ def test_purging_dead_letters_through_the_api_leaves_none(world, redis_client) -
     api, admin = world.api, world.admin_key
     agent_id = world.agent(world.model())
     _, key = world.user()
-    ended = [dead_turn(world, key, agent_id, f"doomed {i}")[1] for i in range(2)]
+    ended = [turn for _, turn in dead_turns(world, key, agent_id, "doomed 0", "doomed 1")]
     assert [t["status"] for t in ended] == ["error", "error"]
     assert dead_count(redis_client) == 2
 
@@ -275,9 +284,7 @@ def test_a_purged_dead_letter_is_not_brought_back_by_a_late_record(world) -> Non
 def test_the_dlq_command_lists_shows_requeues_and_purges(world, redis_client) -> None:  # type: ignore[no-untyped-def]
     agent_id = world.agent(world.model())
     _, key = world.user()
-    first = dead_turn(world, key, agent_id, "first")[1]
-    second = dead_turn(world, key, agent_id, "second")[1]
-    third = dead_turn(world, key, agent_id, "third")[1]
+    first, second, third = (ended for _, ended in dead_turns(world, key, agent_id, "first", "second", "third"))
 
     listed = dlq("list")
     assert listed.returncode == 0, listed.stderr
@@ -321,8 +328,7 @@ def test_the_dlq_command_lists_shows_requeues_and_purges(world, redis_client) ->
 def test_purge_all_empties_the_dead_letter_queue(world, redis_client) -> None:  # type: ignore[no-untyped-def]
     agent_id = world.agent(world.model())
     _, key = world.user()
-    for i in range(2):
-        dead_turn(world, key, agent_id, f"gone {i}")
+    dead_turns(world, key, agent_id, "gone 0", "gone 1")
     assert dead_count(redis_client) == 2
 
     purged = dlq("purge", "--all")

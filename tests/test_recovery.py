@@ -281,7 +281,6 @@ def test_every_turn_an_api_killed_mid_burst_committed_ends_within_seconds(stack:
 
 def test_sigterm_finishes_running_turns_within_the_grace_and_leaves_the_rest(stack: Stack) -> None:
     agent_id = slow_agent(stack, "slow-term", "echo;words=20;gap=0.1")
-    long_agent = slow_agent(stack, "long-term", "echo;words=40;gap=0.1")
     _, key = stack.user("shutdown")
 
     graceful = stack.start_worker(AGENTQ_SHUTDOWN_GRACE_SECONDS="8")
@@ -298,18 +297,8 @@ def test_sigterm_finishes_running_turns_within_the_grace_and_leaves_the_rest(sta
     assert stack.message(key, waiting["id"])["status"] == "pending"
     assert deliveries(stack, waiting["id"]) == 0
 
-    impatient = stack.start_worker(AGENTQ_SHUTDOWN_GRACE_SECONDS="1")
+    stack.start_worker()  # a run the grace cannot finish is handed back: the hand-back test below
     assert stack.wait_terminal(key, waiting["id"])["status"] == "success"
-    abandoned = stack.send(key, stack.conversation(key, long_agent), "too long to wait for")
-    stack.wait_status(key, abandoned["id"], ("processing",))
-    impatient.popen.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
-    wait_for(lambda: impatient.popen.poll() is not None, timeout=10, what="the worker to exit")  # type: ignore[union-attr]
-    assert stack.message(key, abandoned["id"])["status"] == "processing"
-
-    stack.start_worker()
-    done = stack.wait_terminal(key, abandoned["id"], timeout=LEASE_SECONDS + 3 * RECOVERY_INTERVAL + 15)
-    assert done["status"] == "success"
-    assert (deliveries(stack, abandoned["id"]), charges(stack, abandoned["id"])) == (2, 1)
     assert (charges(stack, running["id"]), charges(stack, waiting["id"])) == (1, 1)
 
 
