@@ -47,6 +47,31 @@ def attempt_number(delivery: int, index: int) -> int:
     return delivery * 100 + index
 
 
+def attempt_index(attempt: int) -> int:
+    """Which model of its delivery an attempt called: 0 the primary, 1 the fallback (`attempt_number`)."""
+    return attempt % 100
+
+
+def text_streamed(turn_id: int) -> tuple[int, str] | None:
+    """The last attempt the turn's live stream holds and its text, whole from the start: what a delivery that
+    died had sent its readers. None when there is no text, or not all of it (the stream trimmed or lost with
+    Redis), or Redis cannot be reached."""
+    try:
+        entries = get_redis().xrange(stream_key(turn_id))
+    except redis.RedisError:
+        return None
+    last = max((int(fields.get(b"a", b"0")) for _, fields in entries), default=None)
+    text = ""
+    for _, fields in entries:
+        if fields[b"type"] != b"delta" or int(fields[b"a"]) != last:
+            continue
+        start, piece = int(fields[b"o"]), fields[b"data"].decode()
+        if start > len(text):
+            return None
+        text += piece[len(text) - start:]
+    return (last, text) if last is not None and text else None
+
+
 class _Publisher:
     """One thread per process writes every turn's stream entries, in pipelines.
 

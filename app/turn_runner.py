@@ -25,7 +25,7 @@ from app.db import plain_transaction, transaction
 from app.deliveries import attempts_end_by, give_up_reason, outage_wait_seconds
 from app.fallback import Outcome, call_with_fallback
 from app.leases import Holding, keeper
-from app.live_stream import TurnStream
+from app.live_stream import TurnStream, attempt_index, text_streamed
 from app.logging_setup import turn_context
 from app.model_target import ModelTarget
 from app.moderation import moderate
@@ -145,7 +145,7 @@ def _run_turn(turn_id: int) -> None:
 def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) -> None:
     started = time.monotonic()
     if stop.is_set():
-        _settle_cancelled(context, Outcome(model=context.agent.primary, cancelled=True), 0, stream)
+        _settle_cancelled(context, _stopped_before_this_delivery(context), 0, stream)
         return
     stream.status(TurnStatus.PROCESSING, context.agent.primary.name)
     verdict = moderate(context.content)
@@ -163,6 +163,18 @@ def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) ->
     else:
         _settle_failure(context, TurnStatus.LLM_ERROR, outcome.error_message, stream, outcome, elapsed_ms,
                         content=outcome.partial, model=outcome.model)
+
+
+def _stopped_before_this_delivery(context: TurnContext) -> Outcome:
+    """A stop that came before this delivery ran anything: a pending turn's, or one that came while the
+    worker running the turn was dead. That worker's readers were sent its text, which the turn keeps, as a
+    stop keeps the text so far; unpaid, since the call that made it died with its worker, unrecorded."""
+    streamed = text_streamed(context.turn_id) if context.delivery > 1 else None
+    if streamed is None:
+        return Outcome(model=context.agent.primary, cancelled=True)
+    attempt, text = streamed
+    model = context.agent.fallback if attempt_index(attempt) == 1 else None
+    return Outcome(model=model or context.agent.primary, cancelled=True, partial=text, partial_failed=True)
 
 
 def _worst_case(context: TurnContext, turn: TurnRow) -> Decimal:

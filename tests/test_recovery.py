@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import UpstreamLog
 from tests.stack import RedisServer, Stack, drop_database, scratch_database
-from tests.support import Process, refusing, wait_for
+from tests.support import Process, read_sse, refusing, visible_text, wait_for
 
 LEASE_SECONDS = 3.0
 RECOVERY_INTERVAL = 1.0
@@ -110,6 +110,27 @@ def test_a_turn_whose_worker_is_killed_is_taken_over_by_another_within_the_lease
     print(f"\ntakeover {taken_after:.2f}s after SIGKILL (lease {LEASE_SECONDS}s, sweep {RECOVERY_INTERVAL}s)")
     wait_for(lambda: victim_group.popen is not None and victim_group.popen.poll() is not None,
              what="the killed worker's parent to exit")
+
+
+def test_a_stop_while_the_turns_worker_is_dead_keeps_the_text_its_readers_were_sent(stack: Stack) -> None:
+    """The delivery that took over a stopped turn ended it `cancelled` with no text, though its dead worker
+    had streamed part of the answer to readers: a stop keeps the text so far. Unpaid: that call died
+    unrecorded with its worker."""
+    agent_id = slow_agent(stack, "dies-then-stopped", "echo;words=60;gap=0.1")
+    _, key = stack.user("stopped-orphan")
+    worker = stack.start_worker(restart=False)
+    answer = stack.send(key, stack.conversation(key, agent_id), "keep what you said")
+    url = f"{stack.base_url}/api/messages/{answer['id']}/stream"
+    seen = visible_text(read_sse(url, key, stop_after=5))
+    worker.kill_group()
+    assert stack.call("POST", f"/api/messages/{answer['id']}/cancel", key).status_code == 202
+    stack.start_worker()
+    done = stack.wait_terminal(key, answer["id"], timeout=LEASE_SECONDS + 3 * RECOVERY_INTERVAL + 15)
+    whole = " ".join(f"w{i}" for i in range(60))
+    assert (done["status"], done["cost"], done["content"].startswith(seen), whole.startswith(done["content"])) == (
+        "cancelled", "0.000000", True, True), done
+    assert visible_text(read_sse(url, key)) == done["content"]  # a reader from the start gets the same text
+    assert (deliveries(stack, answer["id"]), charges(stack, answer["id"])) == (2, 0)
 
 
 def test_a_group_whose_process_is_killed_starts_again_and_finishes_the_dead_processs_turn(stack: Stack) -> None:
