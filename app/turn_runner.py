@@ -173,8 +173,9 @@ def _stopped_before_this_delivery(context: TurnContext) -> Outcome:
     if streamed is None:
         return Outcome(model=context.agent.primary, cancelled=True)
     attempt, text = streamed
-    model = context.agent.fallback if attempt_index(attempt) == 1 else None
-    return Outcome(model=model or context.agent.primary, cancelled=True, partial=text, partial_failed=True)
+    agent = context.agent
+    model = agent.fallback if attempt_index(attempt) == 1 and agent.fallback else agent.primary
+    return Outcome(model=model, cancelled=True, partial=text, partial_failed=True)
 
 
 def _worst_case(context: TurnContext, turn: TurnRow) -> Decimal:
