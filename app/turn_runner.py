@@ -182,11 +182,14 @@ def _worst_case(context: TurnContext, turn: TurnRow) -> Decimal:
     """What the claim holds of the user's balance: the worst case (estimated prompt plus the answer's
     token limit, at the dearest model's prices), for a delivery that will call a model.
 
-    Nothing for a turn taken over from a dead worker (it keeps the reservation that worker made, so a
-    turn reserves once), one given up (too many deliveries, no time left), or one cancelled before it started."""
-    if turn.reserved_amount or context.gives_up or turn.cancel_requested_at:
+    A turn taken over from a dead worker keeps the reservation that worker made and holds only what the
+    worst case has grown by since: it runs with the agent and models as they are now (an admin may have
+    raised a price or `max_tokens` meanwhile), and a reservation priced under the old ones let it run an
+    answer its user could not cover. Nothing for one given up (too many deliveries, no time left) or
+    cancelled before it started."""
+    if context.gives_up or turn.cancel_requested_at:
         return Decimal(0)
-    return context.agent.worst_case_cost(context.history, context.content)
+    return max(context.agent.worst_case_cost(context.history, context.content) - turn.reserved_amount, Decimal(0))
 
 
 def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, model: ModelTarget | None = None,

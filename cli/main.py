@@ -99,6 +99,12 @@ def cmd_web(args: argparse.Namespace) -> int:
     return 0
 
 
+def worker_size(args: argparse.Namespace) -> tuple[int, int]:
+    """Processes and threads a process: the flags, else their variables (from `.env` too), else 2 and 16."""
+    return (option_or_environment(args.processes, "AGENTQ_WORKER_PROCESSES", "2", count),
+            option_or_environment(args.threads, "AGENTQ_WORKER_THREADS", "16", count))
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from app.logging_setup import configure_logging
 
@@ -113,8 +119,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # A process takes no more turns than it has threads. Dramatiq reads `dramatiq_queue_prefetch` into this
     # global when `dramatiq.worker` is first imported, which building the parser has already done, so the
     # environment variable cannot be used here; without it Dramatiq prefetches twice the threads.
-    processes = option_or_environment(args.processes, "AGENTQ_WORKER_PROCESSES", "2", count)
-    threads = option_or_environment(args.threads, "AGENTQ_WORKER_THREADS", "16", count)
+    processes, threads = worker_size(args)
     dramatiq.worker.QUEUE_PREFETCH = dramatiq.worker.QUEUE_PREFETCH or threads
     argv = ["workers.actors", "--processes", str(processes), "--threads", str(threads),
             "--worker-shutdown-timeout", str(int(get_settings().shutdown_grace_seconds * 1000))]

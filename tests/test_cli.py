@@ -52,7 +52,7 @@ def test_counters_go_to_the_deployments_shared_directory_when_none_is_configured
 DOTENV_REACHES = """
 import os
 from decimal import Decimal
-from cli.main import build_parser, main
+from cli.main import build_parser, main, worker_size
 try:
     main(["--help"])
 except SystemExit:
@@ -60,7 +60,7 @@ except SystemExit:
 from app.llm_client import client_for
 from app.model_target import ModelTarget
 target = ModelTarget(1, "m", "echo", "http://127.0.0.1:9/v1", "PROVIDER_KEY", Decimal(0), Decimal(0), None)
-print(client_for(target).api_key, os.environ["OPENAI_API_KEY"], build_parser().parse_args(["worker"]).threads)
+print(client_for(target).api_key, os.environ["OPENAI_API_KEY"], worker_size(build_parser().parse_args(["worker"]))[1])
 """
 
 

@@ -133,6 +133,28 @@ def test_a_stop_while_the_turns_worker_is_dead_keeps_the_text_its_readers_were_s
     assert (deliveries(stack, answer["id"]), charges(stack, answer["id"])) == (2, 0)
 
 
+def test_a_turn_taken_over_after_its_agent_grew_dearer_is_priced_again_not_run_on_the_old_reservation(
+        stack: Stack) -> None:
+    """The delivery that takes a turn over runs the agent as it is then; it kept the dead worker's reservation
+    without pricing it again, so an answer limit raised meanwhile ran (and was charged) past what the user
+    could cover."""
+    agent_id = stack.agent(stack.model("grows-dearer", "echo;words=60;gap=0.1", input_price_per_1k="0",
+                                       output_price_per_1k="1"), max_tokens=10)
+    user_id, key = stack.user("priced-again", balance="1")
+    worker = stack.start_worker(restart=False)
+    answer = stack.send(key, stack.conversation(key, agent_id), "hello")
+    stack.wait_status(key, answer["id"], ("processing",))
+    assert stack.sql("SELECT reserved FROM users WHERE id = %(id)s", {"id": user_id}) == [(Decimal("0.01"),)]
+    worker.kill_group()
+    assert stack.call("PATCH", f"/api/admin/agents/{agent_id}", json={"max_tokens": 100000}).status_code == 200
+    stack.start_worker()
+    done = stack.wait_terminal(key, answer["id"], timeout=LEASE_SECONDS + 3 * RECOVERY_INTERVAL + 15)
+    assert (done["status"], done["cost"]) == ("insufficient_balance", None), done
+    assert stack.sql("SELECT balance, reserved FROM users WHERE id = %(id)s", {"id": user_id}) == [
+        (Decimal("1"), Decimal("0"))]
+    assert (deliveries(stack, answer["id"]), charges(stack, answer["id"])) == (2, 0)
+
+
 def test_a_group_whose_process_is_killed_starts_again_and_finishes_the_dead_processs_turn(stack: Stack) -> None:
     group = stack.start_worker(processes=2, threads=2)
     agent_id = slow_agent(stack, "slow-restart", "echo;words=30;gap=0.1")

@@ -274,7 +274,8 @@ def test_a_turn_whose_models_fail_mid_answer_keeps_the_text_its_readers_were_sen
     model as its model (as a stop keeps them): a reader from the start, whose deltas after the last restart
     are that text, and a late reader, whose one delta is the content, both end with the stored answer.
     Nothing is charged."""
-    primary = world.model("primary", upstream="echo;words=30;gap=0.02;cut_after=6")
+    # the first token a second late: the reader is following before the fallback's restart, on a loaded machine too
+    primary = world.model("primary", upstream="echo;ttft=1;words=30;gap=0.02;cut_after=6")
     fallback = world.model("fallback", upstream=fallback_upstream) if fallback_upstream else None
     _, key = world.user()
     message_id = world.send(key, world.conversation(key, world.agent(primary, fallback))).json[
