@@ -112,47 +112,43 @@ def test_a_turn_whose_worker_is_killed_is_taken_over_by_another_within_the_lease
              what="the killed worker's parent to exit")
 
 
-def test_a_stop_while_the_turns_worker_is_dead_keeps_the_text_its_readers_were_sent(stack: Stack) -> None:
-    """The delivery that took over a stopped turn ended it `cancelled` with no text, though its dead worker
-    had streamed part of the answer to readers: a stop keeps the text so far. Unpaid: that call died
-    unrecorded with its worker."""
-    agent_id = slow_agent(stack, "dies-then-stopped", "echo;words=60;gap=0.1")
+def test_a_turn_taken_over_from_a_dead_worker_runs_as_things_stand_at_the_takeover(stack: Stack) -> None:
+    """Two turns in the hands of a worker that is killed (one kill, one takeover, for both cases).
+
+    One is stopped while its worker is dead: the delivery that took it over ended it `cancelled` with no
+    text, though the dead worker had streamed part of the answer to readers; a stop keeps the text so far
+    (unpaid: that call died unrecorded with its worker). The other's agent grows dearer meanwhile (a larger
+    answer limit): the delivery that took it over kept the dead worker's reservation without pricing it
+    again, and ran (and charged) past what its user could cover."""
+    stopped_agent = slow_agent(stack, "dies-then-stopped", "echo;words=60;gap=0.1")
+    dearer_agent = stack.agent(stack.model("grows-dearer", "echo;words=60;gap=0.1", input_price_per_1k="0",
+                                           output_price_per_1k="1"), max_tokens=10)
     _, key = stack.user("stopped-orphan")
+    poor_id, poor = stack.user("priced-again", balance="1")
     worker = stack.start_worker(restart=False)
-    answer = stack.send(key, stack.conversation(key, agent_id), "keep what you said")
-    url = f"{stack.base_url}/api/messages/{answer['id']}/stream"
+    stopped = stack.send(key, stack.conversation(key, stopped_agent), "keep what you said")
+    dearer = stack.send(poor, stack.conversation(poor, dearer_agent), "hello")
+    url = f"{stack.base_url}/api/messages/{stopped['id']}/stream"
     seen = visible_text(read_sse(url, key, stop_after=5))
+    stack.wait_status(poor, dearer["id"], ("processing",))
+    assert stack.sql("SELECT reserved FROM users WHERE id = %(id)s", {"id": poor_id}) == [(Decimal("0.01"),)]
     worker.kill_group()
-    assert stack.call("POST", f"/api/messages/{answer['id']}/cancel", key).status_code == 202
+    assert stack.call("POST", f"/api/messages/{stopped['id']}/cancel", key).status_code == 202
+    assert stack.call("PATCH", f"/api/admin/agents/{dearer_agent}", json={"max_tokens": 100000}).status_code == 200
     stack.start_worker()
-    done = stack.wait_terminal(key, answer["id"], timeout=LEASE_SECONDS + 3 * RECOVERY_INTERVAL + 15)
+
+    done = stack.wait_terminal(key, stopped["id"], timeout=LEASE_SECONDS + 3 * RECOVERY_INTERVAL + 15)
     whole = " ".join(f"w{i}" for i in range(60))
     assert (done["status"], done["cost"], done["content"].startswith(seen), whole.startswith(done["content"])) == (
         "cancelled", "0.000000", True, True), done
     assert visible_text(read_sse(url, key)) == done["content"]  # a reader from the start gets the same text
-    assert (deliveries(stack, answer["id"]), charges(stack, answer["id"])) == (2, 0)
+    assert (deliveries(stack, stopped["id"]), charges(stack, stopped["id"])) == (2, 0)
 
-
-def test_a_turn_taken_over_after_its_agent_grew_dearer_is_priced_again_not_run_on_the_old_reservation(
-        stack: Stack) -> None:
-    """The delivery that takes a turn over runs the agent as it is then; it kept the dead worker's reservation
-    without pricing it again, so an answer limit raised meanwhile ran (and was charged) past what the user
-    could cover."""
-    agent_id = stack.agent(stack.model("grows-dearer", "echo;words=60;gap=0.1", input_price_per_1k="0",
-                                       output_price_per_1k="1"), max_tokens=10)
-    user_id, key = stack.user("priced-again", balance="1")
-    worker = stack.start_worker(restart=False)
-    answer = stack.send(key, stack.conversation(key, agent_id), "hello")
-    stack.wait_status(key, answer["id"], ("processing",))
-    assert stack.sql("SELECT reserved FROM users WHERE id = %(id)s", {"id": user_id}) == [(Decimal("0.01"),)]
-    worker.kill_group()
-    assert stack.call("PATCH", f"/api/admin/agents/{agent_id}", json={"max_tokens": 100000}).status_code == 200
-    stack.start_worker()
-    done = stack.wait_terminal(key, answer["id"], timeout=LEASE_SECONDS + 3 * RECOVERY_INTERVAL + 15)
+    done = stack.wait_terminal(poor, dearer["id"], timeout=15)
     assert (done["status"], done["cost"]) == ("insufficient_balance", None), done
-    assert stack.sql("SELECT balance, reserved FROM users WHERE id = %(id)s", {"id": user_id}) == [
+    assert stack.sql("SELECT balance, reserved FROM users WHERE id = %(id)s", {"id": poor_id}) == [
         (Decimal("1"), Decimal("0"))]
-    assert (deliveries(stack, answer["id"]), charges(stack, answer["id"])) == (2, 0)
+    assert (deliveries(stack, dearer["id"]), charges(stack, dearer["id"])) == (2, 0)
 
 
 def test_a_group_whose_process_is_killed_starts_again_and_finishes_the_dead_processs_turn(stack: Stack) -> None:
