@@ -66,6 +66,10 @@ def test_listing_shows_only_conversations_with_a_successful_answer_newest_first(
     assert [c["id"] for c in listing["items"]] == list(reversed(answered))
     assert listing["next_cursor"] is None
     assert empty not in [c["id"] for c in listing["items"]]
+    # parameters sent empty, as the contract writes the route, are parameters not sent (`limit` was a 422)
+    assert world.api.get("/api/conversations?limit=&cursor=", key).json == listing
+    everything = world.api.get("/api/me/transactions", key).json
+    assert world.api.get("/api/me/transactions?limit=&cursor=", key).json == everything
 
     page1 = world.api.get("/api/conversations?limit=2", key).json
     assert [c["id"] for c in page1["items"]] == [answered[2], answered[1]]

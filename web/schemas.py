@@ -213,30 +213,42 @@ class MessagePath(BaseModel):
     message_id: int
 
 
-class PageQuery(CachedSchemaModel):
+class Query(CachedSchemaModel):
+    """A parameter sent empty (`?limit=&cursor=`, as the contract itself writes the route, and as form-style
+    URL builders send a field left unset) is taken as not sent; it was a 422 for `limit`, not for `cursor`."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_absent(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {name: value for name, value in data.items() if value != ""}
+        return data
+
+
+class PageQuery(Query):
     limit: Annotated[int, Field(ge=1, le=100)] = 20
     cursor: Annotated[str | None, Field(max_length=500)] = None
 
 
-class LedgerQuery(CachedSchemaModel):
+class LedgerQuery(Query):
     limit: Annotated[int | None, Field(ge=1, le=500)] = None
     """Without it, the whole ledger (the contract's shape); with it, a page and its `next_cursor`."""
     cursor: Annotated[int | None, Field(ge=1, le=LARGEST_ID)] = None
 
 
-class DebugLogQuery(CachedSchemaModel):
+class DebugLogQuery(Query):
     agent_id: Annotated[int | None, Field(ge=1, le=LARGEST_ID)] = None
     limit: Annotated[int | None, Field(ge=1, le=200)] = None
     """Without it, every log (the contract's shape); with it, a page and its `next_before_id`."""
     before_id: Annotated[int | None, Field(ge=1, le=LARGEST_ID)] = None
 
 
-class FailureQuery(CachedSchemaModel):
+class FailureQuery(Query):
     hours: Annotated[float, Field(gt=0, le=24 * 365)] = 24
     limit: Annotated[int, Field(ge=1, le=200)] = 20
 
 
-class DebugCostQuery(CachedSchemaModel):
+class DebugCostQuery(Query):
     group_by: Literal["agent", "model", "admin"] = "agent"
 
 
