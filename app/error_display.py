@@ -35,6 +35,8 @@ def prefers_chinese(accept_language: str | None) -> bool:
                     quality = float(value)
                 except ValueError:
                     quality = 0.0
+                if not 0.0 <= quality <= 1.0:  # a q-value is 0..1 (RFC 9110): `inf`, `nan`, 1.5 are malformed
+                    quality = 0.0
         if lang and quality > 0:  # q=0 is "not acceptable" (RFC 9110), not the lowest preference
             ranked.append((-quality, index, lang.lower()))
     if not ranked:

@@ -11,6 +11,8 @@ from app.error_display import prefers_chinese
     ("zh", True), ("zh-CN,zh;q=0.9", True), ("en;q=0.5, zh", True), ("en, zh;q=0.9", False), (None, False),
     ("zh;q=0", False),  # "not acceptable" (RFC 9110): it was taken as the only language there was
     ("zh;q=0, en;q=0", False), ("en;q=0, zh;q=0.1", True), ("zh;q=nan", False),
+    # a q-value out of 0..1 is malformed, not a stronger preference
+    ("en;q=0.9, zh;q=inf", False), ("en;q=0.9, zh;q=1.5", False), ("en;q=1.5, zh", True),
 ])
 def test_chinese_only_when_it_ranks_first_among_acceptable_languages(header: str | None, chinese: bool) -> None:
     assert prefers_chinese(header) is chinese
