@@ -22,7 +22,7 @@ from dramatiq import Message
 
 from app.config import get_settings
 from app.models.base import as_utc
-from app.outages import is_outage
+from app.outages import in_one_line, is_outage
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def enqueue(queue: str, actor: str, ident: int, enqueued_at: datetime | None) ->
     except Exception as exc:
         if is_outage(exc):  # Redis out of reach: expected, and said in one line per send
             log.warning("could not enqueue %s(%s), Redis is out of reach (%s); recovery will send it", actor, ident,
-                        exc)
+                        in_one_line(exc))
         else:
             log.warning("could not enqueue %s(%s); recovery will send it", actor, ident, exc_info=True)
         return False

@@ -8,12 +8,15 @@ as Redis is back, never stranded. This is the one place that rule lives.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 
 from sqlalchemy import update
 
 from app.db import transaction
-from app.run_kinds import RunKind
+from app.logging_setup import turn_context
+from app.run_kinds import TURN, RunKind
 
 log = logging.getLogger(__name__)
 
@@ -22,15 +25,31 @@ def send(kind: RunKind, ident: int, enqueued_at: datetime | None) -> bool:
     """Send a committed run, or leave it marked for recovery; False then. `enqueued_at` is the outbox mark
     the caller's transaction wrote for this send, which names its message (`app.dispatch.message_id`);
     None for a send that wrote none."""
-    if kind.send(ident, enqueued_at):
-        return True
+    with _about(kind, ident):
+        if kind.send(ident, enqueued_at):
+            return True
     leave_for_recovery(kind, ident)
     return False
+
+
+@contextmanager
+def _about(kind: RunKind, ident: int) -> Iterator[None]:
+    """Lines logged here about a turn carry its `turn_id`, as the worker's do (an API process runs no turn)."""
+    if kind is TURN:
+        with turn_context(ident):
+            yield
+    else:
+        yield
 
 
 def leave_for_recovery(kind: RunKind, ident: int) -> None:
     """The run is not sent now (the send failed, or Redis already failed to answer its request): the
     recovery sweep sends it as soon as Redis answers."""
+    with _about(kind, ident):
+        _clear_mark(kind, ident)
+
+
+def _clear_mark(kind: RunKind, ident: int) -> None:
     try:
         with transaction() as session:
             session.execute(update(kind.model).where(kind.key == ident).values(enqueued_at=None)

@@ -193,6 +193,9 @@ def test_a_turn_accepted_while_redis_is_down_runs_once_redis_is_back(stack: Stac
     assert stack.message(key, turn["id"])["status"] == "pending"
     assert stack.sql("SELECT enqueued_at FROM turns WHERE assistant_message_id = %(id)s", {"id": turn["id"]}) \
         == [(None,)]
+    assert stack.web is not None  # its lines about the turn carry the turn's id, as the worker's do
+    about = [r for r in log_records(stack.web) if f"({turn['id']})" in r["message"]]
+    assert [r.get("turn_id") for r in about] == [turn["id"]], about
 
     stack.redis.start()
     back_at = time.monotonic()
