@@ -112,6 +112,16 @@ def get_engine() -> Engine:
     return _engine_and_factory()[0]
 
 
+def database_location() -> str:
+    """Where this process's data lives, as an operator must be told it: a SQLite path made absolute (it is
+    relative to the directory a command runs in, the usual cause of a database found empty), any other
+    URL without its password."""
+    url = get_engine().url
+    if url.get_backend_name() == "sqlite" and url.database:
+        return str(Path(url.database).resolve())
+    return url.render_as_string(hide_password=True)
+
+
 @contextmanager
 def transaction() -> Iterator[Session]:
     """One unit of work: commits when the block ends, rolls back on any exception."""

@@ -1,7 +1,7 @@
 """The built-in demo of `make run`: a user with credit, a model served by the mock upstream, an agent.
 
 Running it again reuses what it made (the demo key is kept in a file), so `make run` can be
-repeated without piling up demo users.
+repeated without piling up demo users; the demo model is pointed at the mock upstream's address of this run.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def seed_demo(mock_url: str, key_file: Path) -> Demo:
                              context_window=8192)
             session.add(model)
             session.flush()
+        model.base_url = mock_url  # the demo upstream may listen elsewhere this time (AGENTQ_DEMO_UPSTREAM_PORT)
         agent = session.scalar(select(Agent).where(Agent.name == DEMO_AGENT, Agent.deleted_at.is_(None)))
         if agent is None:
             agent = Agent(name=DEMO_AGENT, system_prompt="You are a helpful demo agent.", model_id=model.id,

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
-from app.db import get_engine
+from app.db import database_location, get_engine
+from app.errors import AgentqError
 from app.models import User
 from app.outages import schema_missing
 from app.redis_client import get_redis
@@ -38,6 +39,25 @@ def check() -> Readiness:
     except Exception as exc:
         checks["redis"] = f"error: {type(exc).__name__}"
     return Readiness(checks)
+
+
+class SchemaMissing(AgentqError):
+    status = 503
+    code = "service_unavailable"
+
+
+def require_schema() -> None:
+    """Refuse to start a worker against a database without agentq's tables (never initialised, or a
+    relative SQLite path opened from another directory): it would take every turn off the queue only to
+    dead-letter it, and leave its message pending. A database out of reach is let through: the worker
+    rides that out like any outage."""
+    try:
+        state = _database()
+    finally:  # the worker group's parent serves nothing: no connection of its own to keep open
+        get_engine().dispose()
+    if state == NO_SCHEMA:
+        raise SchemaMissing(f"The database {database_location()} has no agentq schema: run `agentq db init` "
+                            "against it first (a SQLite path is relative to the directory a command runs in).")
 
 
 def _database() -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 from sqlalchemy import Engine, Numeric, inspect, text
 from sqlalchemy.schema import CreateColumn
 
-from app.db import get_engine
+from app.db import database_location, get_engine
 from app.models import Base
 from app.money import MILLIONTHS
 
@@ -30,12 +30,12 @@ def init_schema() -> str:
         with engine.begin() as connection:
             connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LOCK_ID})
             connection.exec_driver_sql(sql)
-        return f"applied {SCHEMA_FILE.name} to {engine.url.render_as_string(hide_password=True)}"
+        return f"applied {SCHEMA_FILE.name} to {database_location()}"
     fresh = not inspect(engine).get_table_names()
     Base.metadata.create_all(engine)
     added = _add_missing_columns(engine)
     converted = _money_in_millionths(engine, fresh)
-    return (f"created tables in {engine.url.render_as_string(hide_password=True)}"
+    return (f"created tables in {database_location()}"
             + (f"; added columns {', '.join(added)}" if added else "")
             + (f"; converted money to millionths in {converted} columns" if converted else ""))
 

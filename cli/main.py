@@ -114,7 +114,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from dramatiq.cli import make_argument_parser
 
     from app.config import get_settings
+    from app.readiness import require_schema
     from workers.group import run_group
+
+    require_schema()
 
     # A process takes no more turns than it has threads. Dramatiq reads `dramatiq_queue_prefetch` into this
     # global when `dramatiq.worker` is first imported, which building the parser has already done, so the

@@ -99,7 +99,14 @@ def test_users_create_refuses_a_name_the_column_cannot_hold_with_the_contracts_e
 def test_options_that_would_leave_a_process_idle_or_broken_are_usage_errors(args: list[str], says: str) -> None:
     """A worker with no thread held a message out of every queue's sight, one with no process restarted
     for ever, one on an unknown queue served nothing; a port out of range was a traceback."""
-    command = subprocess.Popen([str(VENV_BIN / "agentq"), *args], env=child_env(), cwd=ROOT, text=True,
+    returncode, stderr = _run_agentq(args, {})
+    assert (returncode, says in stderr, "Traceback" in stderr) == (2, True, False), stderr
+
+
+def _run_agentq(args: list[Any], env: dict[str, str]) -> tuple[int, str]:
+    """Run one command to its end; its exit status and what it wrote to stderr."""
+    command = subprocess.Popen([str(VENV_BIN / "agentq").encode(), *args] if isinstance(args[0], bytes)
+                               else [str(VENV_BIN / "agentq"), *args], env=child_env(**env), cwd=ROOT, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         _, stderr = command.communicate(timeout=30)
@@ -107,7 +114,7 @@ def test_options_that_would_leave_a_process_idle_or_broken_are_usage_errors(args
         if command.poll() is None:
             os.killpg(command.pid, signal.SIGKILL)
             command.wait()
-    assert (command.returncode, says in stderr, "Traceback" in stderr) == (2, True, False), stderr
+    return command.returncode, stderr
 
 
 @pytest.mark.parametrize(("args", "env", "code"), [
@@ -118,18 +125,20 @@ def test_options_that_would_leave_a_process_idle_or_broken_are_usage_errors(args
     # a SQLite path is relative to where the command runs: elsewhere it opens an empty file
     (["users", "create", "x"], {"DATABASE_URL": f"sqlite:///{LOG_DIR}/never-initialised.sqlite3"},
      "service_unavailable: run `agentq db init`"),
+    # a worker there would dead-letter every turn it took: it says where it looked, and does not start
+    (["worker", "--processes", "1", "--threads", "1"],
+     {"DATABASE_URL": f"sqlite:///{LOG_DIR}/never-initialised-worker.sqlite3"},
+     f"service_unavailable: The database {LOG_DIR.resolve()}/never-initialised-worker.sqlite3 has no agentq schema"),
 ])
 def test_an_operators_mistake_is_one_json_error_not_a_traceback(args: list[Any], env: dict[str, str],
                                                                  code: str) -> None:
     import json
 
-    result = subprocess.run([str(VENV_BIN / "agentq").encode(), *args] if isinstance(args[0], bytes)
-                            else [str(VENV_BIN / "agentq"), *args], env=child_env(**env), cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr
+    returncode, stderr = _run_agentq(args, env)
+    assert returncode == 1, stderr
+    assert "Traceback" not in stderr
     code, _, says = code.partition(": ")
-    error = json.loads(result.stderr)["error"]
+    error = json.loads(stderr)["error"]
     assert error["code"] == code and says in error["message"]
 
 
@@ -227,3 +236,22 @@ def test_debug_execute_refuses_content_the_database_cannot_store(world) -> None:
     assert json.loads(result.stderr)["error"] == {
         "code": "validation_failed",
         "message": "content must be valid Unicode text (it holds a lone surrogate, which no UTF-8 encodes)."}
+
+
+def test_seeding_the_demo_again_reuses_its_user_and_follows_the_mock_upstream_to_its_new_port(tmp_path: Path) -> None:
+    """`make run` with another AGENTQ_DEMO_UPSTREAM_PORT: the demo model kept the first address, and every
+    demo turn failed with llm_error."""
+    import json
+    import sqlite3
+
+    env = child_env(DATABASE_URL=f"sqlite:///{tmp_path}/demo.sqlite3")
+    subprocess.run([str(VENV_BIN / "agentq"), "db", "init"], env=env, cwd=ROOT, check=True, capture_output=True)
+    seeded = [json.loads(subprocess.run([str(VENV_BIN / "agentq"), "demo", "seed", "--mock-url", url, "--key-file",
+                                         str(tmp_path / "key")], env=env, cwd=ROOT, check=True, capture_output=True,
+                                        text=True).stdout)
+              for url in ("http://127.0.0.1:8765/v1", "http://127.0.0.1:9876/v1")]
+    assert seeded[0] == seeded[1]
+    with sqlite3.connect(tmp_path / "demo.sqlite3") as database:
+        models = database.execute("SELECT base_url FROM llm_models WHERE name = 'demo-echo'").fetchall()
+        users = database.execute("SELECT count(*) FROM users").fetchone()
+    assert (models, users) == ([("http://127.0.0.1:9876/v1",)], (1,))
