@@ -131,8 +131,9 @@ def acquire_turn_slots(user_id: int, conversation_id: int) -> TurnSlots:
     settings = get_settings()
     owner = f"{INTAKE_OWNER}{secrets.token_hex(8)}"
     keys = [lock_key(conversation_id), slots_key(user_id)]
+    lock_confirmed = slots_confirmed = False  # each kind of refusal is checked against the database once
     try:
-        for attempt in range(2):
+        while True:
             result = _run("acquire_turn_slots", keys,
                           [owner, _now_ms(), _lease_ms(), settings.max_active_conversations, conversation_id])
             code = int(result[0])  # type: ignore[index]
@@ -143,11 +144,13 @@ def acquire_turn_slots(user_id: int, conversation_id: int) -> TurnSlots:
                 holder = holder.decode() if isinstance(holder, bytes) else holder
                 if holder.startswith(INTAKE_OWNER):
                     break
-                if attempt == 0 and _stale_turn_owner(holder):
+                if not lock_confirmed and _stale_turn_owner(holder):
+                    lock_confirmed = True
                     _release(user_id, conversation_id, holder)
                     continue
                 raise ConversationBusy()
-            if attempt == 0:
+            if not slots_confirmed:
+                slots_confirmed = True
                 _forget_idle_slots(user_id)
                 continue
             raise TooManyActiveConversations(settings.max_active_conversations)

@@ -86,6 +86,28 @@ def test_the_per_user_limit_refuses_the_next_conversation_and_frees_slots_at_the
     assert world.send(key, conversations[3]).status_code == 202
 
 
+def test_a_lock_and_slots_left_by_ended_turns_refuse_nothing_the_database_allows(world, workers, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """Redis holds what a worker failed to free: the conversation's lock, named by a turn that has ended, and
+    the user's three slots, for conversations now idle. Each refusal is confirmed against the database before
+    it is given; the slots were once taken as final when the lock had been found stale first (a 429)."""
+    import time as clock
+
+    from app.coordination import lock_key, slots_key, turn_owner
+
+    agent_id = world.agent(world.model())
+    user_id, key = world.user()
+    conversations = [world.conversation(key, agent_id, project_id=i) for i in range(4)]
+    ended = world.send(key, conversations[0]).json["assistant_message"]["id"]
+    assert world.wait_terminal(key, ended)["status"] == "success"
+    expires = int(clock.time() * 1000) + 60_000
+    redis_client.set(lock_key(conversations[0]), turn_owner(ended), px=60_000)
+    redis_client.zadd(slots_key(user_id), {str(c): expires for c in conversations[1:]})
+
+    accepted = world.send(key, conversations[0])
+    assert accepted.status_code == 202, accepted.json
+    assert world.wait_terminal(key, accepted.json["assistant_message"]["id"])["status"] == "success"
+
+
 def test_a_killed_worker_frees_its_lock_and_slot_by_itself(world, workers, redis_client) -> None:  # type: ignore[no-untyped-def]
     """kill -9 of the only worker mid-answer: its turns are taken over once the 3 s lease runs out."""
     stalled = world.model("stalled", upstream="echo;ttft=60")
