@@ -63,6 +63,9 @@ class LeaseKeeper:
         self._held: dict[tuple[str, int, str], Holding] = {}
         self._lock = threading.Lock()
         self._released = threading.Condition(self._lock)
+        # Held by a renewal while it renews the turns' Redis locks, and by a run leaving, so that a renewal
+        # never takes again a lock a turn just freed; never by a run starting, and never taken under `_lock`.
+        self._renewing_locks = threading.Lock()
         self._threads: dict[str, threading.Thread] = {}
         self.cancel_check: Callable[[list[int]], set[int]] | None = None
 
@@ -74,7 +77,7 @@ class LeaseKeeper:
         try:
             yield holding
         finally:
-            with self._lock:
+            with self._renewing_locks, self._lock:
                 self._held.pop(_key(holding), None)
                 self._released.notify_all()
 
@@ -174,16 +177,18 @@ class LeaseKeeper:
                 ).all()
                 kept.update(_delivery_key(kind, row[0], row[1]) for row in rows)
                 stopped.update(row[0] for row in rows if kind is TURN and row[2] is not None)
-        with self._lock:
-            current = [h for h in held if self._held.get(_key(h)) is h]
+        with self._renewing_locks:
+            with self._lock:
+                current = [h for h in held if self._held.get(_key(h)) is h]
             for h in current:
                 if _key(h) not in kept:
                     log.warning("lease of %s %s was taken over; stopping", _kind(h).label, h.ident)
                     h.stop.set()
                 elif _kind(h) is TURN and h.ident in stopped:
                     h.stop.set()
-            # Under the lock: a turn that ended since the snapshot has freed its lock and slot, and
-            # renewing them now would take them again for a whole lease.
+            # A turn that ended since the snapshot has freed its lock and slot, and renewing them now would
+            # take them again for a whole lease: it cannot leave between this look and the renewal. A Redis
+            # that hangs holds only the runs leaving meanwhile, whose turns wait on it to free their locks anyway.
             coordination.renew(h.turn for h in current if h.turn is not None and _key(h) in kept)
 
 

@@ -19,10 +19,10 @@ from app.turn_intake import _insert_turn
 from tests.support import wait_for
 
 
-def _processing_turn(world, token: str) -> HeldTurn:  # type: ignore[no-untyped-def]
+def _processing_turn(world, token: str, model: str = "primary") -> HeldTurn:  # type: ignore[no-untyped-def]
     """A turn in flight under `token`, written in one transaction so no worker ever sees it pending."""
     user_id, key = world.user()
-    conversation_id = world.conversation(key, world.agent(world.model()))
+    conversation_id = world.conversation(key, world.agent(world.model(model)))
     now = utc_now()
     with plain_transaction() as connection:
         accepted = _insert_turn(connection, Principal(user_id, "alice", False), conversation_id, "hi", None)
@@ -91,6 +91,35 @@ def test_a_stop_check_that_hangs_does_not_hold_back_the_renewals(world) -> None:
                     {"id": turn.turn_id}))
             time.sleep(0.1)
     assert len(alive) > 40 and all(alive), f"the lease ran out in {alive.count(False)} of {len(alive)} samples"
+
+
+def test_a_renewal_waiting_on_redis_does_not_hold_back_turns_starting(world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A renewal ends with one pipeline to Redis (the turns' locks and slots), which a Redis that stopped
+    answering holds for its socket timeout; that wait was under the lock every turn of the process takes to
+    start, so none could for 5 s at each renewal. (A turn ending waits for it: it must not free its lock
+    in Redis while the renewal may take it again, and its own freeing waits on the same Redis.)"""
+    from app import coordination
+
+    in_redis, let_go = threading.Event(), threading.Event()
+
+    def hanging_renewal(turns) -> None:  # type: ignore[no-untyped-def]
+        list(turns)
+        in_redis.set()
+        let_go.wait(10)
+
+    monkeypatch.setattr(coordination, "renew", hanging_renewal)
+    first, second = _processing_turn(world, "first", "one"), _processing_turn(world, "second", "two")
+    keeper = LeaseKeeper()
+    try:
+        with keeper.holding(Holding(first.turn_id, "first", threading.Event(), first)):
+            wait_for(in_redis.is_set, timeout=5, what="a renewal to reach Redis")
+            started = time.monotonic()
+            with keeper.holding(Holding(second.turn_id, "second", threading.Event(), second)):
+                took = time.monotonic() - started
+                let_go.set()
+    finally:
+        let_go.set()
+    assert took < 1, f"a turn took {took:.1f} s to start behind a renewal"
 
 
 def test_a_dying_duplicate_message_leaves_a_turn_another_delivery_runs(world) -> None:  # type: ignore[no-untyped-def]
