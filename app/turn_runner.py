@@ -1,4 +1,4 @@
-"""Running one turn in a worker: claim, moderate, reserve, call the model (with fallback), settle.
+"""Running one turn in a worker: claim (and reserve), moderate, call the model (with fallback), settle.
 
 The actor calls `run_turn` with the assistant message id. Delivery is at least once, so a run that
 finds the turn finished, or owned by a live worker, returns without calling any model; and the final

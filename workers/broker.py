@@ -11,6 +11,8 @@ Middleware chosen, and why:
 - No TimeLimit: a run is bounded by the agent's own timeout per attempt (see app.llm_client), which
   Dramatiq's asynchronous exception could only break in the middle of a database write.
 - No ShutdownNotifications: on SIGTERM running turns finish within the shutdown grace period.
+- No AgeLimit, Callbacks or Pipelines (Dramatiq's defaults): no message carries their options, and a turn
+  waiting in a queue is never too old to run; the recovery sweep, not an age, decides what is abandoned.
 
 The Redis broker's consumers have no blocking fetch: an idle consumer sleeps a growing backoff
 between looks at its queue. Here a consumer waits instead for one of two wake-ups, and looks at
@@ -37,7 +39,7 @@ from dramatiq import Message
 from dramatiq.broker import Consumer, MessageProxy
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.common import dq_name
-from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries
+from dramatiq.middleware import Retries
 
 from app.config import get_settings
 from app.deliveries import retry_failed
@@ -156,9 +158,6 @@ def broker_options() -> dict[str, Any]:
         "heartbeat_timeout": settings.broker_heartbeat_ms,
         "maintenance_chance": settings.broker_maintenance_chance,
         "middleware": [
-            AgeLimit(),
-            Callbacks(),
-            Pipelines(),
             Retries(retry_when=retry_failed, min_backoff=settings.min_backoff_ms, max_backoff=settings.max_backoff_ms),
             RunOutcomes(),
             WorkerServices(),
