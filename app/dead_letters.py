@@ -330,5 +330,5 @@ def purge_all() -> list[int]:
     return purged
 
 
-__all__ = ["DeadLetterView", "RequeueOutcome", "error_summary", "get_dead_letter", "list_dead_letters", "purge",
-           "purge_all", "record_death", "requeue", "requeue_all"]
+__all__ = ["DeadLetterView", "RequeueOutcome", "error_summary", "get_dead_letter", "list_dead_letters",
+           "open_dead_letters", "purge", "purge_all", "record_death", "requeue", "requeue_all"]
