@@ -15,7 +15,7 @@ from functools import cache
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import BigInteger, Select, and_, bindparam, or_, select, update
+from sqlalchemy import BigInteger, ColumnElement, Select, and_, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.auth import Principal
@@ -42,9 +42,16 @@ class ConversationPage:
     next_cursor: str | None
 
 
+def visible_to(user_id: int) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
+    """Who sees a conversation, and its messages: its user, until it is deleted. Another user's conversation,
+    a deleted one and one that does not exist are the same 404, so ids reveal nothing."""
+    return Conversation.user_id == user_id, Conversation.deleted_at.is_(None)
+
+
 def owned_conversation(session: Session, principal: Principal, conversation_id: int) -> Conversation:
-    conversation = session.get(Conversation, conversation_id)
-    if conversation is None or conversation.user_id != principal.id or conversation.deleted_at is not None:
+    conversation = session.scalar(
+        select(Conversation).where(Conversation.id == conversation_id, *visible_to(principal.id)))
+    if conversation is None:
         raise NotFound("No such conversation.")
     return conversation
 
@@ -52,8 +59,7 @@ def owned_conversation(session: Session, principal: Principal, conversation_id: 
 def require_owned(session: Session, principal: Principal, conversation_id: int) -> None:
     """The same check as `owned_conversation`, without loading the row: for the hot path of a turn."""
     found = session.scalar(
-        select(Conversation.id).where(Conversation.id == conversation_id, Conversation.user_id == principal.id,
-                                      Conversation.deleted_at.is_(None))
+        select(Conversation.id).where(Conversation.id == conversation_id, *visible_to(principal.id))
     )
     if found is None:
         raise NotFound("No such conversation.")
@@ -75,11 +81,10 @@ def create_conversation(
             existing = session.scalar(
                 select(Conversation)
                 .where(
-                    Conversation.user_id == principal.id,
+                    *visible_to(principal.id),
                     Conversation.agent_id == agent_id,
                     Conversation.project_id.is_(None) if project_id is None
                     else Conversation.project_id == project_id,
-                    Conversation.deleted_at.is_(None),
                     Conversation.message_count == 0,
                     Conversation.created_at >= utc_now() - timedelta(seconds=window),
                 )
@@ -116,8 +121,7 @@ def list_conversations(principal: Principal, limit: int, cursor: str | None) -> 
     query = (
         select(Conversation)
         .where(
-            Conversation.user_id == principal.id,
-            Conversation.deleted_at.is_(None),
+            *visible_to(principal.id),
             Conversation.last_success_at.is_not(None),
         )
         .order_by(Conversation.updated_at.desc(), Conversation.id.desc())
@@ -170,12 +174,9 @@ def _messages_by_seq(conversation_id: int) -> Iterator[ConversationMessage]:
 
 
 def _owned_message(columns: Any, user_id: int, message_id: int) -> Select[Any]:
-    """Another user's message, one of a deleted conversation and one that does not exist are the same 404,
-    so ids reveal nothing."""
     return (select(columns)
             .join(Conversation, Conversation.id == ConversationMessage.conversation_id)
-            .where(ConversationMessage.id == message_id, Conversation.user_id == user_id,
-                   Conversation.deleted_at.is_(None)))
+            .where(ConversationMessage.id == message_id, *visible_to(user_id)))
 
 
 def require_owned_answer(session: Session, user_id: int, message_id: int) -> None:
@@ -193,8 +194,7 @@ def owned_turn_of(session: Session, user_id: int, message_id: int) -> int:
              .join(ConversationMessage, or_(Turn.assistant_message_id == ConversationMessage.id,
                                             Turn.user_message_id == ConversationMessage.id))
              .join(Conversation, Conversation.id == ConversationMessage.conversation_id)
-             .where(ConversationMessage.id == message_id, Conversation.user_id == user_id,
-                    Conversation.deleted_at.is_(None)))
+             .where(ConversationMessage.id == message_id, *visible_to(user_id)))
     turn_id = session.scalar(query)
     if turn_id is None:
         raise NotFound("No such message.")
