@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app import coordination
 from app.auth import Principal
 from app.conversations import owned_conversation, owned_turn_of
 from app.db import transaction
@@ -21,10 +20,8 @@ from app.in_flight import answer_in_flight
 from app.models import ConversationMessage, Turn, table
 from app.models.base import utc_now
 from app.stop_requests import publish_stop
-from app.turn_status import TurnStatus
-from app.unowned_end import announce_unowned_end, end_unowned
-
-STOPPED = "stopped on request"
+from app.turn_status import STOPPED, TurnStatus
+from app.unowned_end import UnownedEnd, announce_unowned_end, end_unowned
 
 
 def cancel_turn(principal: Principal, message_id: int) -> ConversationMessage:
@@ -67,7 +64,7 @@ def _stop_in_flight(session: Session, conversation_id: int) -> _Stopped | None:
 @dataclass(frozen=True, slots=True)
 class _Stopped:
     turn_id: int
-    cancelled: coordination.HeldTurn | None
+    cancelled: UnownedEnd | None
     """What a pending turn, cancelled here, held; None for a processing one, flagged for its worker."""
 
 
@@ -94,4 +91,4 @@ def _announce(stopped: _Stopped | None) -> None:
         return
     publish_stop(stopped.turn_id)
     if stopped.cancelled is not None:
-        announce_unowned_end(stopped.cancelled, TurnStatus.CANCELLED)
+        announce_unowned_end(stopped.cancelled)

@@ -52,15 +52,20 @@ def retry_hand_over() -> timedelta:
     return timedelta(seconds=get_settings().stale_pending_seconds)
 
 
+SETTLEMENT_RESERVE_SECONDS = 5.0
+"""What a delivery that took a run over keeps back from its deadline for settling it (less when the
+grace itself is shorter): a settlement takes milliseconds, and one past the deadline would be revoked."""
+
+
 @dataclass(frozen=True, slots=True)
 class Deadline:
     """The deadline a delivery writes with its lease, and the model time it has left before it."""
 
     at: datetime
     time_left: float | None
-    """Seconds the delivery may still spend on model attempts (its deadline less the grace, which is for
-    settling), when it inherited the deadline from an earlier delivery; None for the delivery that set
-    it, whose attempts each get the agent's whole timeout."""
+    """Seconds the delivery may still spend on model attempts (its deadline less the settlement's reserve),
+    when it inherited the deadline from an earlier delivery; None for the delivery that set it, whose
+    attempts each get the agent's whole timeout. Each attempt is still bounded by the agent's timeout."""
 
 
 def delivery_deadline(now: datetime, timeout_seconds: float, has_fallback: bool, *,
@@ -72,9 +77,15 @@ def delivery_deadline(now: datetime, timeout_seconds: float, has_fallback: bool,
     Kept, not renewed: a run whose worker dies or hangs at every delivery would otherwise get the whole
     timeout again each time, and stay `processing` for `AGENTQ_MAX_DELIVERIES` times its timeouts;
     guarantee 1 bounds it by its timeouts plus the recovery time. A requeue starts a new budget (the run
-    is pending again, so its next delivery claims it rather than taking it over)."""
+    is pending again, so its next delivery claims it rather than taking it over).
+
+    The delivery taking over may spend on its model all that is left before the deadline but the
+    settlement's reserve, the grace included: the grace (60 s) is what covers the recovery itself (a lease
+    of 30 s and a sweep), and keeping all of it back, as this once did, left a delivery that took over
+    after a crash no model time at all unless the agent's timeout outlasted the recovery."""
     if taken_over and stored is not None:
-        return Deadline(stored, (stored - now).total_seconds() - get_settings().turn_grace_seconds)
+        reserve = min(SETTLEMENT_RESERVE_SECONDS, get_settings().turn_grace_seconds)
+        return Deadline(stored, (stored - now).total_seconds() - reserve)
     bound = timeout_seconds * (2 if has_fallback else 1) + get_settings().turn_grace_seconds
     return Deadline(now + timedelta(seconds=bound), None)
 
@@ -105,11 +116,11 @@ def attempts_end_by(time_left: float | None) -> float | None:
 def give_up_reason(deliveries: int, time_left: float | None) -> str | None:
     """Why a delivery ends its run (a turn or an admin test run) as `error` without a model call, or None:
     delivered more than `AGENTQ_MAX_DELIVERIES` times since the last requeue, whatever keeps killing or
-    stalling it, or started with no time left before the deadline its first delivery set."""
+    stalling it, or started with no model time left before the deadline its first delivery set."""
     since_requeue = deliveries_since_requeue(deliveries)
     if since_requeue > get_settings().max_deliveries:
         return f"gave up after {since_requeue - 1} deliveries"
     if time_left is not None and time_left <= 0:
-        return (f"gave up at delivery {since_requeue}: the run's model time (each model's timeout, counted "
-                "from its first delivery) ran out")
+        return (f"gave up at delivery {since_requeue}: the run's deadline (each model's timeout and the grace, "
+                "counted from its first delivery) left no time for a model call")
     return None

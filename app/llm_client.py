@@ -32,6 +32,7 @@ from app.failure_kinds import FailureKind
 from app.model_target import ModelTarget
 from app.text import storable
 from app.token_estimates import estimate_tokens, estimate_tokens_of_messages, most_tokens_of_messages
+from app.turn_status import STOPPED
 from app.upstream_transport import ShardedTransport, guarding
 
 DEFAULT_API_KEY = "sk-no-key-configured"
@@ -233,7 +234,7 @@ class _Attempt:
 
     def interrupted(self, timed_out: str) -> AttemptFailed | None:
         if self.watch.fired is FailureKind.CANCELLED or self.watch.stop.is_set():
-            return self.failed(FailureKind.CANCELLED, "stopped on request")
+            return self.failed(FailureKind.CANCELLED, STOPPED)
         if self.watch.fired is FailureKind.TIMEOUT:
             return self.failed(FailureKind.TIMEOUT, timed_out)
         return None
@@ -259,7 +260,7 @@ class _Attempt:
 
     def take(self, chunk: Any, on_delta: Callable[[str], None]) -> None:
         if self.watch.stop.is_set():
-            raise self.failed(FailureKind.CANCELLED, "stopped on request")
+            raise self.failed(FailureKind.CANCELLED, STOPPED)
         texts, reported, finishes = read_chunk(chunk)
         self.finished = self.finished or finishes
         if reported is not None:

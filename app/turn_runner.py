@@ -18,7 +18,6 @@ from typing import Any
 from app import coordination, ledger, metrics
 from app.agent_setup import AgentSetup, setup_in_row
 from app.attempts import settling
-from app.cancellation import STOPPED
 from app.config import get_settings
 from app.conversations import record_turn_end
 from app.db import plain_transaction, transaction
@@ -42,7 +41,7 @@ from app.turn_state import (
     claim_turn,
     finish_turn,
 )
-from app.turn_status import CHARGED, TurnStatus
+from app.turn_status import CHARGED, STOPPED, TurnStatus
 from app.unowned_end import announce_unowned_end, end_unowned
 
 log = logging.getLogger(__name__)
@@ -270,12 +269,13 @@ def _settle_failure(context: TurnContext, status: TurnStatus, reason: str, strea
 
 
 def abandon_turn(turn_id: int, reason: str) -> bool:
-    """End a turn as `error` when its message died (retries exhausted); frees its reservation and slot."""
+    """End a turn as `error` when its message died (retries exhausted), or as `cancelled` when its user had
+    asked it to stop; frees its reservation and slot."""
     with transaction() as session:
-        held = end_unowned(session, turn_id, TurnStatus.ERROR, reason)
-    if held is None:
+        ended = end_unowned(session, turn_id, TurnStatus.ERROR, reason)
+    if ended is None:
         return False
-    announce_unowned_end(held, TurnStatus.ERROR)
+    announce_unowned_end(ended)
     return True
 
 

@@ -32,7 +32,7 @@ from app.models.base import optional_utc as utc
 from app.models.base import utc_now
 from app.money import quantize
 from app.prepared import Batch, Prepared, Unit, then
-from app.turn_status import TurnStatus, sources_for
+from app.turn_status import STOPPED, TurnStatus, sources_for
 
 
 class TransitionRefused(RuntimeError):
@@ -313,13 +313,16 @@ def finish_turn(
                    a_cost=cost, a_latency_ms=latency_ms)
 
 
-def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_message: str) -> Turn | None:
+def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus,
+                     error_message: str) -> tuple[Turn, TurnStatus] | None:
     """End an in-flight turn without holding its lease: retries exhausted, or cancelled before a worker.
 
     Whatever a worker had reserved for it is given back here, as a settlement would (`finish_turn`),
     so an ended turn holds nothing. A turn under a live lease is left alone: another delivery (of a
     duplicate message) is running it and settles it itself, and if that one dies too the lease runs out
-    and recovery takes over. Returns None when the turn was not ended here.
+    and recovery takes over. A stop its user asked for wins over any other end, as it does over a
+    worker's (`finish_turn`): the user was told it would end `cancelled`. Returns the turn and the status
+    it ended with, or None when it was not ended here.
     """
     locked = session.execute(
         select(Turn, DatabaseNow()).where(Turn.assistant_message_id == turn_id).with_for_update()
@@ -329,6 +332,8 @@ def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_m
     turn, now = locked
     if lease_held(turn.lease_token, turn.lease_expires_at, lease_time(now)):
         return None
+    if turn.cancel_requested_at is not None:
+        target, error_message = TurnStatus.CANCELLED, STOPPED
     try:
         _move_with_error(session, turn, target, error_message)
     except TransitionRefused:
@@ -337,7 +342,7 @@ def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_m
     turn.lease_expires_at = None
     ledger.release(session, turn.user_id, turn.reserved_amount)
     turn.reserved_amount = Decimal(0)
-    return turn
+    return turn, target
 
 
 def reopen_turn(session: Session, turn_id: int, enqueued_at: datetime) -> Turn:
@@ -349,6 +354,7 @@ def reopen_turn(session: Session, turn_id: int, enqueued_at: datetime) -> Turn:
     if turn is None:
         raise TransitionRefused(f"turn {turn_id} does not exist")
     _move_with_error(session, turn, TurnStatus.PENDING, None)
+    turn.cancel_requested_at = None  # the operator's requeue is a new start: no earlier stop carries over
     turn.lease_token = None
     turn.lease_expires_at = None
     turn.enqueued_at = enqueued_at

@@ -26,6 +26,9 @@ class TurnStatus(StrEnum):
         return self not in IN_FLIGHT
 
 
+STOPPED = "stopped on request"
+"""The error text of a turn that ended `cancelled` because its user stopped it, however it ended."""
+
 IN_FLIGHT: frozenset[TurnStatus] = frozenset({TurnStatus.PENDING, TurnStatus.PROCESSING})
 TERMINAL: frozenset[TurnStatus] = frozenset(TurnStatus) - IN_FLIGHT
 IN_FLIGHT_VALUES: tuple[str, ...] = tuple(sorted(s.value for s in IN_FLIGHT))

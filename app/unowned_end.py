@@ -9,6 +9,8 @@ start, or a reader see `done`, while the ending could still be rolled back.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sqlalchemy.orm import Session
 
 from app import coordination
@@ -18,16 +20,24 @@ from app.turn_state import end_turn_unowned
 from app.turn_status import TurnStatus
 
 
-def end_unowned(session: Session, turn_id: int, status: TurnStatus, reason: str) -> coordination.HeldTurn | None:
+@dataclass(frozen=True, slots=True)
+class UnownedEnd:
+    held: coordination.HeldTurn
+    status: TurnStatus
+    """The status the turn ended with: the one asked for, or `cancelled` where its user's stop came first."""
+
+
+def end_unowned(session: Session, turn_id: int, status: TurnStatus, reason: str) -> UnownedEnd | None:
     """In the caller's transaction; None when the turn was not ended here (it had ended, or a live lease
     says a worker runs it)."""
-    turn = end_turn_unowned(session, turn_id, status, reason)
-    if turn is None:
+    ended = end_turn_unowned(session, turn_id, status, reason)
+    if ended is None:
         return None
+    turn, final = ended
     record_turn_end(session, turn.conversation_id, None)
-    return coordination.HeldTurn(turn_id, turn.user_id, turn.conversation_id)
+    return UnownedEnd(coordination.HeldTurn(turn_id, turn.user_id, turn.conversation_id), final)
 
 
-def announce_unowned_end(held: coordination.HeldTurn, status: TurnStatus) -> None:
-    coordination.release(held)
-    TurnStream(held.turn_id).finished(status, None)
+def announce_unowned_end(ended: UnownedEnd) -> None:
+    coordination.release(ended.held)
+    TurnStream(ended.held.turn_id).finished(ended.status, None)

@@ -262,6 +262,37 @@ def test_a_dead_turn_of_a_busy_conversation_is_refused_in_the_operators_words(wo
     assert world.wait_terminal(key, running)["status"] == "cancelled"
 
 
+def test_a_turn_stopped_while_its_message_waits_for_a_retry_ends_cancelled_when_the_message_dies(world) -> None:  # type: ignore[no-untyped-def]
+    """Its first delivery failed after the claim (the answer could not be written), so the turn is
+    `processing` with no worker; the stop is accepted (202, "it ends `cancelled`"), then the retries fail
+    too and the message dies. That death ended the turn `error`; the stop comes first, and charges nothing."""
+    from app.db import transaction
+    from app.models import Turn
+
+    agent_id = world.agent(world.model())
+    _, key = world.user(balance="10")
+    conversation_id = world.conversation(key, agent_id)
+    with ExitStack() as failing:
+        failing.enter_context(refusing(_run_sql, f"agentq_test_no_answer_{conversation_id}", "conversation_messages",
+                                       "UPDATE", f"NEW.status = 'success' AND NEW.conversation_id = {conversation_id}"))
+        failing.enter_context(refusing(_run_sql, f"agentq_test_no_retry_{conversation_id}", "turns", "UPDATE",
+                                       f"NEW.deliveries >= 2 AND NEW.conversation_id = {conversation_id}"))
+        turn = world.send(key, conversation_id).json["assistant_message"]["id"]
+
+        def handed_to_retry() -> bool:
+            with transaction() as session:
+                row = session.get_one(Turn, turn)
+                session.refresh(row)
+                return row.deliveries == 1 and row.lease_token is None and row.lease_expires_at is not None
+
+        wait_for(handed_to_retry, interval=0.02, what="the first delivery to fail and hand the turn to a retry")
+        assert world.api.post(f"/api/messages/{turn}/cancel", key).status_code == 202
+        ended = world.wait_terminal(key, turn)
+    assert (ended["status"], ended["error_message"]) == ("cancelled", "stopped on request")
+    assert world.api.get("/api/me", key).json["balance"] == "10.000000"
+    assert ledger_rows(turn) == 0
+
+
 def test_a_purged_dead_letter_is_not_brought_back_by_a_late_record(world) -> None:  # type: ignore[no-untyped-def]
     """The worker's record of a death can come after the operator purged the letter (the listing adopted it
     from the broker first): the broker no longer holds the message, so no row comes back."""

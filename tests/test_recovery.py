@@ -24,6 +24,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.deliveries import SETTLEMENT_RESERVE_SECONDS
 from tests.conftest import UpstreamLog
 from tests.stack import RedisServer, Stack, drop_database, scratch_database
 from tests.support import Process, read_sse, refusing, visible_text, wait_for
@@ -439,8 +440,8 @@ def _stick(stack: Stack, turn_id: int, deadline_seconds: float, reserved: str) -
               {"id": turn_id, "deadline": deadline_seconds, "amount": reserved})
 
 
-OUT_OF_TIME = ("gave up at delivery 2: the run's model time (each model's timeout, counted from its first delivery) "
-               "ran out")
+OUT_OF_TIME = ("gave up at delivery 2: the run's deadline (each model's timeout and the grace, counted from its first "
+               "delivery) left no time for a model call")
 
 
 @pytest.mark.parametrize(("max_deliveries", "reason"), [("5", OUT_OF_TIME), ("1", "gave up after 1 deliveries")])
@@ -470,14 +471,16 @@ def test_a_turn_processing_past_its_timeout_and_grace_is_ended_by_its_next_deliv
 
 
 def test_a_turn_taken_over_keeps_its_first_deliverys_deadline(stack: Stack, upstream: UpstreamLog) -> None:
-    """A worker died during the turn's first delivery: the delivery taking over gets only the model time
-    left before the deadline the first one set, not the agent's whole timeout again, so a turn whose
-    workers keep dying still ends within its timeout plus the grace plus the recovery time."""
-    grace, left = 1, 5
+    """A worker died during the turn's first delivery: the delivery taking over gets the time left before the
+    deadline the first one set (less the settlement's reserve), not the agent's whole timeout again, so a
+    turn whose workers keep dying still ends within its timeout plus the grace plus the recovery time.
+    That time includes what is left of the grace, which the recovery itself uses up: keeping the whole grace
+    back gave a takeover after a crash no model time at all (here: 10 s left, a grace of 20 s)."""
+    grace, left = 20, 5
     agent_id = stack.agent(stack.model("dying", "echo;words=40;gap=0.25"), timeout_seconds=30)
     _, key = stack.user("dying")
     turn = stack.send(key, stack.conversation(key, agent_id), "one more time")
-    _stick(stack, turn["id"], deadline_seconds=left + grace, reserved="0")
+    _stick(stack, turn["id"], deadline_seconds=left + SETTLEMENT_RESERVE_SECONDS, reserved="0")
     stack.sql("UPDATE turns SET lease_expires_at = now() - interval '1 second' WHERE assistant_message_id = %(id)s",
               {"id": turn["id"]})
     died_at = time.monotonic()
