@@ -25,6 +25,7 @@ from app.db import transaction
 from app.errors import ConversationBusy, TooManyActiveConversations
 from app.in_flight import active_conversation_ids
 from app.models import ConversationMessage
+from app.outages import warn_of
 from app.redis_client import get_redis, key, lua_script
 from app.turn_status import TurnStatus
 
@@ -84,8 +85,8 @@ class TurnSlots:
         try:
             _run("renew_turn_slots", [lock_key(self.conversation_id), slots_key(self.user_id)],
                  [turn_owner(turn_id), _now_ms(), _lease_ms(), self.conversation_id, self.owner])
-        except redis.RedisError:
-            log.warning("could not hand the conversation lock to turn %s", turn_id, exc_info=True)
+        except redis.RedisError as exc:
+            warn_of(log, exc, "could not hand the conversation lock to turn %s", turn_id)
         self.owner = None
 
     def release(self) -> None:
@@ -98,8 +99,8 @@ class TurnSlots:
 def _release(user_id: int, conversation_id: int, owner: str) -> None:
     try:
         _run("release_turn_slots", [lock_key(conversation_id), slots_key(user_id)], [owner, conversation_id])
-    except redis.RedisError:
-        log.warning("could not free the lock of conversation %s", conversation_id, exc_info=True)
+    except redis.RedisError as exc:
+        warn_of(log, exc, "could not free the lock of conversation %s; it runs out by itself", conversation_id)
 
 
 def _stale_turn_owner(owner: str) -> bool:

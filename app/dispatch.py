@@ -22,7 +22,7 @@ from dramatiq import Message
 
 from app.config import get_settings
 from app.models.base import as_utc
-from app.outages import in_one_line, is_outage
+from app.outages import warn_of
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +82,6 @@ def enqueue(queue: str, actor: str, ident: int, enqueued_at: datetime | None) ->
     try:
         dramatiq.get_broker().enqueue(message)
     except Exception as exc:
-        if is_outage(exc):  # Redis out of reach: expected, and said in one line per send
-            log.warning("could not enqueue %s(%s), Redis is out of reach (%s); recovery will send it", actor, ident,
-                        in_one_line(exc))
-        else:
-            log.warning("could not enqueue %s(%s); recovery will send it", actor, ident, exc_info=True)
+        warn_of(log, exc, "could not enqueue %s(%s); recovery will send it", actor, ident)
         return False
     return True

@@ -18,6 +18,7 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 
 from app.config import get_settings
+from app.outages import in_one_line, is_outage
 
 _turn_id: ContextVar[int | None] = ContextVar("agentq_turn_id", default=None)
 
@@ -33,6 +34,12 @@ def turn_context(turn_id: int) -> Iterator[None]:
         _turn_id.reset(token)
 
 
+def log_as_turn(turn_id: int | None) -> None:
+    """For what cannot wrap a run in `turn_context`: the broker's hooks around a delivery, which start and
+    end it in separate calls, so that Dramatiq's own lines about it (its failure, its retry) name the turn."""
+    _turn_id.set(turn_id)
+
+
 class TurnIdFilter(logging.Filter):
     """Stamps each record with the turn being run by this thread (or None)."""
 
@@ -40,6 +47,22 @@ class TurnIdFilter(logging.Filter):
         turn_id = _turn_id.get()
         record.turn_id = turn_id
         record.turn = f"[turn {turn_id}] " if turn_id is not None else ""
+        return True
+
+
+class OutageFailureFilter(logging.Filter):
+    """Dramatiq logs every delivery that raised as an error with its traceback. One that failed because a
+    backing service is out of reach is retried for minutes (`app.deliveries.retry_failed`): a database
+    restart with a hundred runs queued wrote a hundred tracebacks at every retry. It is one warning line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and record.levelno >= logging.ERROR and record.name.startswith("dramatiq") \
+                and is_outage(error):
+            said = record.getMessage().rstrip(".")
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "%s: %s (a backing service is out of reach; retried)", (said, in_one_line(error))
+            record.exc_info, record.exc_text = None, None
         return True
 
 
@@ -66,6 +89,7 @@ def configure_logging() -> None:
     settings = get_settings()
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(TurnIdFilter())
+    handler.addFilter(OutageFailureFilter())
     handler.setFormatter(JsonFormatter() if settings.log_json else logging.Formatter(PLAIN_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -107,4 +131,4 @@ def gunicorn_logconfig() -> dict[str, object]:
     }
 
 
-__all__ = ["JsonFormatter", "configure_logging", "gunicorn_logconfig", "turn_context"]
+__all__ = ["JsonFormatter", "configure_logging", "gunicorn_logconfig", "log_as_turn", "turn_context"]

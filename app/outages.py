@@ -68,6 +68,16 @@ def in_one_line(error: BaseException) -> str:
     return f"{type(cause).__name__}: {text.splitlines()[0]}" if text else type(cause).__name__
 
 
+def warn_of(logger: logging.Logger, error: BaseException, message: str, *args: object) -> None:
+    """A warning about a step that failed and that something else makes good (the recovery sweep, a lease
+    running out): a backing service out of reach said in one line, which an outage repeats for every run;
+    anything else with its traceback, which a bug needs."""
+    if is_outage(error):
+        logger.warning(message + " (%s)", *args, in_one_line(error))
+    else:
+        logger.warning(message, *args, exc_info=error)
+
+
 def log_failure(logger: logging.Logger, error: BaseException, doing: str) -> None:
     """A background loop's failed round (a sweep, a lease renewal), logged by what it means: a backing
     service out of reach as a warning, which the next round waits out; anything else, which would repeat

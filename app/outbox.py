@@ -16,6 +16,7 @@ from sqlalchemy import update
 
 from app.db import transaction
 from app.logging_setup import turn_context
+from app.outages import warn_of
 from app.run_kinds import TURN, RunKind
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,6 @@ def _clear_mark(kind: RunKind, ident: int) -> None:
         with transaction() as session:
             session.execute(update(kind.model).where(kind.key == ident).values(enqueued_at=None)
                             .execution_options(synchronize_session=False))
-    except Exception:
-        log.warning("could not clear the outbox mark of %s %s; the recovery sweep sends it when it finds no "
-                    "receipt of its send, or by the stale-pending rule",
-                    kind.label, ident, exc_info=True)
+    except Exception as exc:
+        warn_of(log, exc, "could not clear the outbox mark of %s %s; the recovery sweep sends it when it finds no "
+                "receipt of its send, or by the stale-pending rule", kind.label, ident)

@@ -26,6 +26,7 @@ from app.db import transaction
 from app.deliveries import retry_hand_over
 from app.models import ConversationMessage, DebugRun, Turn
 from app.models.base import LARGEST_ID
+from app.outages import warn_of
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,8 @@ class RunKind:
         try:
             with transaction() as session:
                 self.revoke_lease(session, ident, token, swept_after=lease_now(session) + retry_hand_over())
-        except Exception:
-            log.warning("could not give up the lease of %s %s; it runs out by itself", self.label, ident,
-                        exc_info=True)
+        except Exception as exc:
+            warn_of(log, exc, "could not give up the lease of %s %s; it runs out by itself", self.label, ident)
 
 
 TURN = RunKind("turn", dispatch.RUN_TURN, dispatch.TURNS_QUEUE, Turn, Turn.assistant_message_id,

@@ -12,6 +12,8 @@ from app import dead_letters, debug_runner, llm_client, outbox, turn_runner
 from app.db import dispose_engines, open_pool
 from app.heap import freeze_after_boot
 from app.leases import keeper
+from app.logging_setup import log_as_turn, turn_context
+from app.outages import log_failure, warn_of
 from app.recovery import RecoveryLoop
 from app.redis_client import reset_redis
 from app.run_kinds import TURN, run_of
@@ -47,8 +49,8 @@ def _warm_up() -> None:
     not in the first turns it runs (which would otherwise be slower than every later one)."""
     try:
         open_pool()
-    except Exception:
-        log.warning("could not open database connections at boot; they open on first use", exc_info=True)
+    except Exception as error:
+        log_failure(log, error, "opening the database connections at boot (they open on first use)")
     llm_client.warm_up()
 
 
@@ -72,9 +74,8 @@ def hand_back_unfinished() -> None:
     model calls before the process leaves."""
     try:
         handed = keeper.hand_back()
-    except Exception:
-        log.warning("could not give up the leases of the runs still in flight; they run out by themselves",
-                    exc_info=True)
+    except Exception as exc:
+        warn_of(log, exc, "could not give up the leases of the runs still in flight; they run out by themselves")
         return
     for kind, ident in handed:
         log.warning("%s %s was still running when the shutdown grace ran out; handed to another worker",
@@ -97,6 +98,17 @@ def hand_back_if_draining(message: dramatiq.Message[Any]) -> bool:
     return kind.send(ident, None)
 
 
+def delivery_started(message: dramatiq.Message[Any]) -> None:
+    """Until the delivery ends, this thread's log lines, Dramatiq's own about it included (its failure, its
+    retry), carry its turn's id."""
+    run = run_of(message.actor_name, message.args)
+    log_as_turn(run[1] if run is not None and run[0] is TURN else None)
+
+
+def delivery_ended() -> None:
+    log_as_turn(None)
+
+
 def message_died(message: dramatiq.Message[Any]) -> None:
     """The broker dead-lettered `message` (its retries ran out): keep the record operators list and
     requeue from, and end its run as `error` at once rather than at the recovery sweep. Neither step
@@ -116,7 +128,8 @@ def message_died(message: dramatiq.Message[Any]) -> None:
     reason = f"retries exhausted after {message.options.get('retries', 0)} attempts: {last_error}"
     try:
         if kind is TURN:
-            turn_runner.abandon_turn(ident, reason)
+            with turn_context(ident):
+                turn_runner.abandon_turn(ident, reason)
         else:
             debug_runner.abandon_run(ident, reason)
     except Exception:

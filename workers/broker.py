@@ -7,6 +7,8 @@ Middleware chosen, and why:
 - Retries (backoff from `AGENTQ_MIN_BACKOFF_MS` to `AGENTQ_MAX_BACKOFF_MS`, `AGENTQ_MAX_RETRIES`):
   unexpected failures (database or Redis errors, bugs) are retried; exhausted ones are dead letters.
 - RunOutcomes: a message that died (nacked into the dead-letter queue) ends its run as `error` at once.
+- DeliveryLogContext: Dramatiq's own lines about a delivery carry its turn's id (and a failure an outage
+  caused is one warning line, not an error with a traceback: `app.logging_setup.OutageFailureFilter`).
 - WorkerServices: the lease keeper and the recovery sweep live in every worker process.
 - No TimeLimit: a run is bounded by the agent's own timeout per attempt (see app.llm_client), which
   Dramatiq's asynchronous exception could only break in the middle of a database write.
@@ -46,7 +48,7 @@ from app.deliveries import retry_failed
 from app.dispatch import receipt_key, receipt_seconds
 from app.redis_client import SOCKET_TIMEOUT_SECONDS
 from workers.doorbell import Doorbell, channel_name
-from workers.middleware import RunOutcomes, WorkerServices
+from workers.middleware import DeliveryLogContext, RunOutcomes, WorkerServices
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +160,7 @@ def broker_options() -> dict[str, Any]:
         "heartbeat_timeout": settings.broker_heartbeat_ms,
         "maintenance_chance": settings.broker_maintenance_chance,
         "middleware": [
+            DeliveryLogContext(),
             Retries(retry_when=retry_failed, min_backoff=settings.min_backoff_ms, max_backoff=settings.max_backoff_ms),
             RunOutcomes(),
             WorkerServices(),

@@ -21,6 +21,22 @@ def _worker() -> ModuleType:
     return worker_services
 
 
+class DeliveryLogContext(Middleware):
+    """Dramatiq's own lines about a delivery (its failure, its retry) name the turn, as agentq's lines do.
+    First in the broker's list: its `before` hook runs before the others' and its `after` hooks after theirs
+    (Dramatiq calls those in reverse), so it spans the Retries middleware's lines too."""
+
+    def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+        _worker().delivery_started(message)
+
+    def after_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message, *,
+                              result: object = None, exception: BaseException | None = None) -> None:
+        _worker().delivery_ended()
+
+    def after_skip_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+        _worker().delivery_ended()
+
+
 class RunOutcomes(Middleware):
     """Ends a turn (or admin test run) as `error` when its message dies with retries exhausted."""
 
