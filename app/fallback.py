@@ -15,6 +15,7 @@ keeps the last attempt's text as its content, because that is what its stream's 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from app.llm_client import AttemptFailed, Completion, stream_chat
 from app.model_target import ModelTarget
 from app.targets import attempt_order
 from app.token_estimates import estimate_tokens, estimate_tokens_of_messages
+
+log = logging.getLogger(__name__)
 
 ALWAYS_FALL_BACK = frozenset({FailureKind.TIMEOUT, FailureKind.CONNECTION_ERROR, FailureKind.STREAM_CUT,
                               FailureKind.RATE_LIMITED, FailureKind.SERVER_ERROR, FailureKind.BAD_RESPONSE})
@@ -135,7 +138,10 @@ def call_with_fallback(
             if failure.kind is FailureKind.CANCELLED:
                 outcome.model, outcome.cancelled = target, True
                 return outcome
-            if index == 0 and should_fall_back(failure, primary, fallback):
+            falls_back = index == 0 and should_fall_back(failure, primary, fallback)
+            log.warning("model %s failed after %s ms (%s)%s", target.name, failure.latency_ms, failure,
+                        f"; falling back to {fallback.name}" if falls_back and fallback else "")
+            if falls_back:
                 continue
             return outcome
         outcome.attempts.append(_record(target, "success", None, completion.latency_ms, completion.first_token_ms,

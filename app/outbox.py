@@ -28,6 +28,7 @@ def send(kind: RunKind, ident: int, enqueued_at: datetime | None) -> bool:
     None for a send that wrote none."""
     with _about(kind, ident):
         if kind.send(ident, enqueued_at):
+            log.info("%s %s sent to queue %s", kind.label, ident, kind.queue)
             return True
     leave_for_recovery(kind, ident)
     return False

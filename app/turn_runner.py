@@ -229,6 +229,8 @@ def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, mod
         return
     metrics.observe_cost("turn", cost)
     stream.finished(target, model.name if model else None)
+    log.info("turn %s ended %s: model %s, cost %s%s", context.turn_id, target.value, model.name if model else "none",
+             cost if cost is not None else 0, f"; {answer['error_message']}" if answer.get("error_message") else "")
 
 
 def _settle_success(context: TurnContext, outcome: Outcome, elapsed_ms: int, stream: TurnStream) -> None:

@@ -690,19 +690,29 @@ def test_metrics_count_real_turns_across_worker_and_web_processes(stack: Stack) 
 
 
 def test_worker_logs_are_json_lines_that_carry_the_turn_id(stack: Stack) -> None:
+    """A turn can be followed by its id from the POST to its end: the API's send, the worker's claim, each
+    failed attempt and the fallback, and the settlement with its model and cost."""
     worker = stack.start_worker()
-    agent_id = stack.agent(stack.model("logged", "echo"))
+    agent_id = stack.agent(stack.model("logged-down", "echo;fail=503"), stack.model("logged", "echo"))
     _, key = stack.user("logs")
     turn = stack.send(key, stack.conversation(key, agent_id), "log me")
-    assert stack.wait_terminal(key, turn["id"])["status"] == "success"
+    ended = stack.wait_terminal(key, turn["id"])
+    assert ended["status"] == "success"
 
-    records = wait_for(lambda: claims_of(worker, turn["id"]) and log_records(worker), what="the claim's log line")
+    records = wait_for(lambda: (about := [r for r in log_records(worker) if r.get("turn_id") == turn["id"]])
+                       and "ended" in about[-1]["message"] and about, what="the settlement's log line")
     assert {"time", "level", "logger", "message", "process"} <= set(records[0])
-    assert next(r["message"] for r in records if r.get("turn_id") == turn["id"]) \
-        == f"turn {turn['id']} claimed (delivery 1)"
+    assert [(r["level"], r["message"]) for r in records] == [
+        ("INFO", f"turn {turn['id']} claimed (delivery 1)"),
+        ("WARNING", f"model logged-down failed after {records[1]['message'].split(' after ')[1].split(' ms')[0]} "
+         "ms (server_error: HTTP 503: Error code: 503 - scripted failure 503); falling back to logged"),
+        ("INFO", f"turn {turn['id']} ended success: model logged, cost {ended['cost']}"),
+    ]
     assert stack.web is not None
     web_records = log_records(stack.web)
     assert any("Booting worker" in r["message"] for r in web_records)
+    assert [r["message"] for r in web_records if r.get("turn_id") == turn["id"]] \
+        == [f"turn {turn['id']} sent to queue turns"]
 
 
 def test_an_idle_worker_takes_a_sent_turn_at_once_not_at_its_next_look(stack: Stack) -> None:
