@@ -135,7 +135,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_mock_llm(args: argparse.Namespace) -> int:
     from app.mock_upstream import serve
 
-    serve(args.host, args.port, args.tls_cert, args.tls_key)
+    try:
+        serve(args.host, args.port, args.tls_cert, args.tls_key)
+    except OSError as exc:  # the port taken, or a certificate that cannot be read
+        print_error("unavailable", f"the mock upstream cannot serve on {args.host}:{args.port}: {exc}")
+        return 1
     return 0
 
 
@@ -217,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:
+        # The reader of the output went away (`agentq dlq show 1 | head -c 100`): the rest has nowhere to go,
+        # and Python's own flush of stdout at exit must not fail again with a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except AgentqError as exc:
         print_error(exc.code, exc.message)
         return 1

@@ -7,7 +7,9 @@ import sys
 
 
 def print_json(payload: object) -> None:
-    print(json.dumps(payload, ensure_ascii=False, default=str))
+    """Flushed at once: a reader that went away is noticed here, inside the command (`cli.main`), not in
+    the interpreter's last flush at exit."""
+    print(json.dumps(payload, ensure_ascii=False, default=str), flush=True)
 
 
 def print_error(code: str, message: str) -> None:

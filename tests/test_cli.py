@@ -255,3 +255,26 @@ def test_seeding_the_demo_again_reuses_its_user_and_follows_the_mock_upstream_to
         models = database.execute("SELECT base_url FROM llm_models WHERE name = 'demo-echo'").fetchall()
         users = database.execute("SELECT count(*) FROM users").fetchone()
     assert (models, users) == ([("http://127.0.0.1:9876/v1",)], (1,))
+
+
+def test_a_reader_that_went_away_or_a_port_taken_ends_a_command_without_a_traceback() -> None:
+    """`agentq dlq show 1 | head -c 100` ended in a BrokenPipeError traceback; `agentq mock-llm` on a port
+    in use in an OSError one."""
+    import json
+    import socket
+
+    listing = subprocess.Popen([str(VENV_BIN / "agentq"), "dlq", "list"], env=child_env(), cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert listing.stdout is not None and listing.stderr is not None
+    listing.stdout.close()  # long before the command has anything to write
+    said = listing.stderr.read()
+    assert (listing.wait(timeout=60), "Traceback" in said, "BrokenPipe" in said) == (1, False, False), said
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        mock = subprocess.run([str(VENV_BIN / "agentq"), "mock-llm", "--port", str(port)], env=child_env(),
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (mock.returncode, "Traceback" in mock.stderr) == (1, False), mock.stderr
+    assert json.loads(mock.stderr)["error"]["message"].startswith(f"the mock upstream cannot serve on 127.0.0.1:{port}")
