@@ -7,10 +7,9 @@ debug log until the run ends and prints it.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from cli.arguments import record_id, seconds
-from cli.output import print_json
+from cli.output import print_error, print_json
 
 
 def cmd_debug_route(args: argparse.Namespace) -> int:
@@ -46,7 +45,7 @@ def cmd_debug_execute(args: argparse.Namespace) -> int:
     run = debugging.wait_for_debug_log(log_id, args.timeout)
     print_json(render.debug_log(run))
     if not TurnStatus(run.status).is_terminal:
-        print(f"debug log {log_id} is still {run.status} after {args.timeout:g}s", file=sys.stderr)
+        print_error("still_running", f"debug log {log_id} is still {run.status} after {args.timeout:g}s")
         return 1
     return 0
 

@@ -238,6 +238,20 @@ def test_debug_execute_refuses_content_the_database_cannot_store(world) -> None:
         "message": "content must be valid Unicode text (it holds a lone surrogate, which no UTF-8 encodes)."}
 
 
+def test_debug_execute_waiting_past_its_timeout_says_so_in_json(world) -> None:  # type: ignore[no-untyped-def]
+    """It printed the log as it was, then a line of plain text on stderr."""
+    import json
+
+    agent_id = world.agent(world.model(upstream="echo;ttft=5"))
+    admin_id = world.api.get("/api/me", world.admin_key).json["id"]
+    result = subprocess.run([str(VENV_BIN / "agentq"), "debug", "execute", str(agent_id), "slow", "--admin-id",
+                             str(admin_id), "--wait", "--timeout", "0.5"], env=child_env(), cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    log = json.loads(result.stdout)
+    assert (result.returncode, json.loads(result.stderr)["error"]) == (1, {
+        "code": "still_running", "message": f"debug log {log['id']} is still {log['status']} after 0.5s"})
+
+
 def test_seeding_the_demo_again_reuses_its_user_and_follows_the_mock_upstream_to_its_new_port(tmp_path: Path) -> None:
     """`make run` with another AGENTQ_DEMO_UPSTREAM_PORT: the demo model kept the first address, and every
     demo turn failed with llm_error."""
