@@ -307,7 +307,7 @@ def requeue_all() -> RequeueOutcome:
 
 
 def purge(dead_letter_id: int) -> None:
-    """Forget a dead letter for good: out of the broker first, then its row; its run stays `error`."""
+    """Forget a dead letter for good: out of the broker first, then its row; its run stays as it ended."""
     with transaction() as session:
         row = session.scalar(select(DeadLetter).where(DeadLetter.id == dead_letter_id).with_for_update())
         if row is None or row.requeued_at is not None:

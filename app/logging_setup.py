@@ -50,6 +50,11 @@ class TurnIdFilter(logging.Filter):
         return True
 
 
+FAILED_DELIVERY = "Failed to process message"
+"""How Dramatiq's worker threads start the line of a delivery that raised (whether it is retried is decided
+after it, and said by the Retries middleware's own line)."""
+
+
 class OutageFailureFilter(logging.Filter):
     """Dramatiq logs every delivery that raised as an error with its traceback. One that failed because a
     backing service is out of reach is retried for minutes (`app.deliveries.retry_failed`): a database
@@ -57,11 +62,11 @@ class OutageFailureFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if error is not None and record.levelno >= logging.ERROR and record.name.startswith("dramatiq") \
+        if error is not None and isinstance(record.msg, str) and record.msg.startswith(FAILED_DELIVERY) \
                 and is_outage(error):
             said = record.getMessage().rstrip(".")
             record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg, record.args = "%s: %s (a backing service is out of reach; retried)", (said, in_one_line(error))
+            record.msg, record.args = "%s: %s (a backing service is out of reach)", (said, in_one_line(error))
             record.exc_info, record.exc_text = None, None
         return True
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from contextlib import nullcontext
 from typing import Any
 
 import dramatiq
@@ -16,7 +17,7 @@ from app.logging_setup import log_as_turn, turn_context
 from app.outages import log_failure, warn_of
 from app.recovery import RecoveryLoop
 from app.redis_client import reset_redis
-from app.run_kinds import TURN, run_of
+from app.run_kinds import TURN, RunKind, run_of
 from app.stop_requests import stopped_turns
 
 log = logging.getLogger(__name__)
@@ -111,16 +112,21 @@ def delivery_ended() -> None:
 
 def message_died(message: dramatiq.Message[Any]) -> None:
     """The broker dead-lettered `message` (its retries ran out): keep the record operators list and
-    requeue from, and end its run as `error` at once rather than at the recovery sweep. Neither step
-    may fail the broker's nack: a record that could not be written is adopted from the broker when
-    the dead letters are listed, and a run left in flight is sent again by the recovery sweep (after
-    `app.deliveries.retry_hand_over`), whose delivery ends it as `error` if its deadline has passed, and
-    runs it otherwise."""
+    requeue from, and end its run at once rather than at the recovery sweep, as `error` (`cancelled` for a
+    turn whose stop was accepted). Neither step may fail the broker's nack: a record that could not be
+    written is adopted from the broker when the dead letters are listed, and a run left in flight is sent
+    again by the recovery sweep (after `app.deliveries.retry_hand_over`), whose delivery ends it as
+    `error` if its deadline has passed, and runs it otherwise."""
+    run = run_of(message.actor_name, message.args)
+    with turn_context(run[1]) if run is not None and run[0] is TURN else nullcontext():
+        _message_died(message, run)
+
+
+def _message_died(message: dramatiq.Message[Any], run: tuple[RunKind, int] | None) -> None:
     try:
         dead_letters.record_death(message)
     except Exception:
         log.exception("could not record dead letter %s; listing adopts it from the broker", message.message_id)
-    run = run_of(message.actor_name, message.args)
     if run is None:
         return
     kind, ident = run
@@ -128,8 +134,7 @@ def message_died(message: dramatiq.Message[Any]) -> None:
     reason = f"retries exhausted after {message.options.get('retries', 0)} attempts: {last_error}"
     try:
         if kind is TURN:
-            with turn_context(ident):
-                turn_runner.abandon_turn(ident, reason)
+            turn_runner.abandon_turn(ident, reason)
         else:
             debug_runner.abandon_run(ident, reason)
     except Exception:

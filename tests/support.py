@@ -111,12 +111,13 @@ def wait_http(url: str, timeout: float = 30.0, verify: ssl.SSLContext | bool = T
 
 @contextmanager
 def refusing(run_sql: Callable[[str], object], name: str, table: str, event: str, when: str,
-             message: str = "simulated database failure") -> Iterator[None]:
+             message: str = "simulated database failure", after_seconds: float = 0) -> Iterator[None]:
     """While the block runs, PostgreSQL refuses the `event` (INSERT or UPDATE) of a row of `table` for which
-    `when` holds with a database error: a failure at a chosen step of a real turn. `run_sql` runs one
-    statement on the database under test; `name` names the trigger and its function."""
+    `when` holds with a database error (`after_seconds` into the statement): a failure at a chosen step of a
+    real turn. `run_sql` runs one statement on the database under test; `name` names the trigger and its
+    function."""
     run_sql(f"CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS "
-            f"$$ BEGIN RAISE EXCEPTION '{message}'; END $$")
+            f"$$ BEGIN PERFORM pg_sleep({float(after_seconds)}); RAISE EXCEPTION '{message}'; END $$")
     run_sql(f"CREATE TRIGGER {name} BEFORE {event} ON {table} FOR EACH ROW WHEN ({when}) EXECUTE FUNCTION {name}()")
     try:
         yield

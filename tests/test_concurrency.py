@@ -99,6 +99,8 @@ def test_a_lock_and_slots_left_by_ended_turns_refuse_nothing_the_database_allows
     conversations = [world.conversation(key, agent_id, project_id=i) for i in range(4)]
     ended = world.send(key, conversations[0]).json["assistant_message"]["id"]
     assert world.wait_terminal(key, ended)["status"] == "success"
+    # The worker frees its lock after the settlement commits: planted before, the lock would go with it.
+    wait_for(lambda: redis_client.get(lock_key(conversations[0])) is None, what="the worker to free its lock")
     expires = int(clock.time() * 1000) + 60_000
     redis_client.set(lock_key(conversations[0]), turn_owner(ended), px=60_000)
     redis_client.zadd(slots_key(user_id), {str(c): expires for c in conversations[1:]})

@@ -275,8 +275,10 @@ def test_a_turn_stopped_while_its_message_waits_for_a_retry_ends_cancelled_when_
     with ExitStack() as failing:
         failing.enter_context(refusing(_run_sql, f"agentq_test_no_answer_{conversation_id}", "conversation_messages",
                                        "UPDATE", f"NEW.status = 'success' AND NEW.conversation_id = {conversation_id}"))
+        # Each retry's claim fails a second into its statement: the stop has seconds to land before the death.
         failing.enter_context(refusing(_run_sql, f"agentq_test_no_retry_{conversation_id}", "turns", "UPDATE",
-                                       f"NEW.deliveries >= 2 AND NEW.conversation_id = {conversation_id}"))
+                                       f"NEW.deliveries >= 2 AND NEW.conversation_id = {conversation_id}",
+                                       after_seconds=1))
         turn = world.send(key, conversation_id).json["assistant_message"]["id"]
 
         def handed_to_retry() -> bool:

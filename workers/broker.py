@@ -6,7 +6,8 @@ processes and the CLI call it, and it connects to nothing until the first messag
 Middleware chosen, and why:
 - Retries (backoff from `AGENTQ_MIN_BACKOFF_MS` to `AGENTQ_MAX_BACKOFF_MS`, `AGENTQ_MAX_RETRIES`):
   unexpected failures (database or Redis errors, bugs) are retried; exhausted ones are dead letters.
-- RunOutcomes: a message that died (nacked into the dead-letter queue) ends its run as `error` at once.
+- RunOutcomes: a message that died (nacked into the dead-letter queue) ends its run at once: `error`, or
+  `cancelled` for a turn whose stop was accepted.
 - DeliveryLogContext: Dramatiq's own lines about a delivery carry its turn's id (and a failure an outage
   caused is one warning line, not an error with a traceback: `app.logging_setup.OutageFailureFilter`).
 - WorkerServices: the lease keeper and the recovery sweep live in every worker process.

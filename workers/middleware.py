@@ -38,7 +38,8 @@ class DeliveryLogContext(Middleware):
 
 
 class RunOutcomes(Middleware):
-    """Ends a turn (or admin test run) as `error` when its message dies with retries exhausted."""
+    """Ends a turn (or admin test run) when its message dies with retries exhausted: `error`, or `cancelled`
+    for a turn whose stop was accepted."""
 
     def after_nack(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
         """A nack is the message going to the dead-letter queue; its options hold the last traceback."""
