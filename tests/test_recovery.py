@@ -295,13 +295,20 @@ def test_every_turn_an_api_killed_mid_burst_committed_ends_within_seconds(stack:
         except httpx.HTTPError as exc:
             answers[type(exc).__name__] += 1
 
+    def committed_so_far() -> int:
+        return stack.sql("SELECT count(*) FROM turns WHERE user_id = ANY(%(users)s)", theirs)[0][0]
+
     for kill in range(3):
         together = threading.Barrier(len(conversations) + 1)
         clients = [threading.Thread(target=post, args=pair) for pair in conversations]
+        before = committed_so_far()
         for client in clients:
             client.start()
         together.wait()
-        time.sleep(random.uniform(0.02, 0.3))
+        # A fixed delay killed a slow host's API before its first commit, leaving nothing to recover.
+        wait_for(lambda before=before: committed_so_far() > before, timeout=10, interval=0.005,
+                 what=f"a first turn committed before kill {kill + 1}")
+        time.sleep(random.uniform(0, 0.2))
         stack.web.kill_group(signal.SIGKILL)
         for client in clients:
             client.join()
