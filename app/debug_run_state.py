@@ -66,16 +66,18 @@ def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> Clai
 
 
 def finish_debug_run(session: Session, run_id: int, token: str | None, target: TurnStatus,
-                     **result: Any) -> bool:
+                     at: datetime | None = None, **result: Any) -> bool:
     """Guarded like a turn's end: by the statuses it may leave and, for a worker, by its lease; without a
-    token (its message died) only a run under no live lease is ended, as `end_turn_unowned` does."""
+    token (its message died) only a run under no live lease is ended, as `end_turn_unowned` does. Stamped
+    `at` as `finish_turn` stamps a turn."""
     query = update(DebugRun).where(DebugRun.id == run_id, DebugRun.status.in_(sources_for(target)))
     if token is not None:
         query = query.where(DebugRun.lease_token == token)
     elif _held_by_a_delivery(session, run_id):
         return False
     moved = session.execute(
-        query.values(status=target.value, lease_token=None, lease_expires_at=None, updated_at=utc_now(), **result)
+        query.values(status=target.value, lease_token=None, lease_expires_at=None, updated_at=at or utc_now(),
+                     **result)
         .execution_options(synchronize_session=False)
     ).rowcount
     if moved != 1 and token is not None:

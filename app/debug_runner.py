@@ -20,12 +20,11 @@ from app.attempts import settling
 from app.config import get_settings
 from app.db import transaction
 from app.debug_run_state import claim_debug_run, finish_debug_run
-from app.deliveries import attempts_end_by, give_up_reason, outage_wait_seconds
+from app.deliveries import attempts_end_by, give_up_reason
 from app.fallback import Outcome, call_with_fallback
 from app.leases import Holding, keeper
 from app.models import Agent, DebugRun
 from app.moderation import moderate
-from app.outages import waiting_out_outages
 from app.run_kinds import TEST_RUN
 from app.turn_state import LeaseLost
 from app.turn_status import TurnStatus
@@ -84,16 +83,16 @@ def _record_result(run_id: int, token: str, delivery: int, outcome: Outcome, lat
         def write() -> None:
             with transaction() as session:
                 if completion is not None and model is not None:
-                    finish_debug_run(session, run_id, token, TurnStatus.SUCCESS, output=completion.text,
+                    finish_debug_run(session, run_id, token, TurnStatus.SUCCESS, at=attempts.at, output=completion.text,
                                      model=model.name, model_id=model.id, prompt_tokens=completion.usage.prompt_tokens,
                                      completion_tokens=completion.usage.completion_tokens, cost=cost,
                                      latency_ms=latency_ms, error_message=None)
                 else:
-                    finish_debug_run(session, run_id, token, TurnStatus.LLM_ERROR, latency_ms=latency_ms,
-                                     error_message=outcome.error_message)
+                    finish_debug_run(session, run_id, token, TurnStatus.LLM_ERROR, at=attempts.at,
+                                     latency_ms=latency_ms, error_message=outcome.error_message)
                 attempts.write(session)
 
-        waiting_out_outages(write, for_seconds=outage_wait_seconds(), what=f"settling test run {run_id}")
+        TEST_RUN.write_end(run_id, attempts.at, write, what=f"settling test run {run_id}")
     return cost
 
 

@@ -12,21 +12,22 @@ machine and runner, which the few places that need it still choose between.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import exists, select, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app import dispatch
 from app.clock import lease_now
 from app.db import transaction
-from app.deliveries import retry_hand_over
+from app.deliveries import outage_wait_seconds, retry_hand_over
 from app.models import ConversationMessage, DebugRun, Turn
 from app.models.base import LARGEST_ID
-from app.outages import warn_of
+from app.outages import waiting_out_outages, warn_of
+from app.turn_state import LeaseLost
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,30 @@ class RunKind:
             .values(lease_token=None, lease_expires_at=swept_after)
             .execution_options(synchronize_session=False)
         ).rowcount == 1
+
+    def write_end(self, ident: int, stamp: datetime, write: Callable[[], None], *, what: str) -> None:
+        """`write()`, a run's settlement stamped `stamp`, with a database outage waited out (the models were
+        paid for: `app.outages.waiting_out_outages`). An outage can cut the connection after the server
+        committed the end and before its reply came back; the next try then finds the lease given up and
+        is refused as `LeaseLost`, as it is after a takeover. The stamp tells the two apart: a run ended
+        with it was ended by this settlement, which is then done."""
+
+        def once() -> None:
+            try:
+                write()
+            except LeaseLost:
+                if not self.ended_with(ident, stamp):
+                    raise
+                log.info("%s %s: its end had been written before the connection to the database dropped",
+                         self.label, ident)
+
+        waiting_out_outages(once, for_seconds=outage_wait_seconds(), what=what)
+
+    def ended_with(self, ident: int, stamp: datetime) -> bool:
+        """Whether the run's lease was given up by an end stamped `stamp` (its `updated_at`)."""
+        with transaction() as session:
+            return bool(session.scalar(select(exists().where(
+                self.key == ident, self.model.lease_token.is_(None), self.model.updated_at == stamp))))
 
     def hand_to_retry(self, ident: int, token: str) -> None:
         """A delivery that failed hands its run to Dramatiq's retry: its lease is revoked, so the retry's claim

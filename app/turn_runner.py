@@ -21,14 +21,13 @@ from app.attempts import settling
 from app.config import get_settings
 from app.conversations import record_turn_end
 from app.db import plain_transaction, transaction
-from app.deliveries import attempts_end_by, give_up_reason, outage_wait_seconds
+from app.deliveries import attempts_end_by, give_up_reason
 from app.fallback import Outcome, call_with_fallback
 from app.leases import Holding, keeper
 from app.live_stream import TurnStream, attempt_index, text_streamed
 from app.logging_setup import turn_context
 from app.model_target import ModelTarget
 from app.moderation import moderate
-from app.outages import waiting_out_outages
 from app.prepared import Batch, Unit
 from app.prompt import ChatMessage, successful_history
 from app.run_kinds import TURN
@@ -45,6 +44,9 @@ from app.turn_status import CHARGED, STOPPED, TurnStatus
 from app.unowned_end import announce_unowned_end, end_unowned
 
 log = logging.getLogger(__name__)
+
+
+UNAFFORDABLE = "the available balance does not cover the largest possible cost of this turn"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,17 +115,17 @@ def _run_turn(turn_id: int) -> None:
     cancel_requested = claim.turn.cancel_requested_at is not None
     log.info("turn %s %s (delivery %s)", turn_id, claim.outcome.value, context.delivery)
     stream = TurnStream(turn_id, context.delivery)
-    if context.gives_up:
+    if context.gives_up or not claim.affordable:
+        status, reason = ((TurnStatus.ERROR, context.gives_up) if context.gives_up
+                          else (TurnStatus.INSUFFICIENT_BALANCE, UNAFFORDABLE))
         try:
-            _settle_failure(context, TurnStatus.ERROR, context.gives_up, stream)
+            _settle_failure(context, status, reason, stream)
         except LeaseLost:
-            # Its lease carries the passed deadline, so a sweep may revoke it before this write; the
-            # delivery that sweep sends ends the turn the same way.
-            log.info("turn %s was revoked before it could be given up; the next delivery ends it", turn_id)
+            # No keeper renews the lease of an end written without a model call: one given up carries the
+            # passed deadline, which a sweep may revoke first, and any waits out a database outage that
+            # may outlast the lease. The delivery that took the turn over ends it the same way.
+            log.info("turn %s was taken over before it could end %s; that delivery ends it", turn_id, status.value)
             return
-    elif not claim.affordable:
-        _settle_failure(context, TurnStatus.INSUFFICIENT_BALANCE,
-                        "the available balance does not cover the largest possible cost of this turn", stream)
     else:
         stop = threading.Event()
         if cancel_requested:
@@ -214,7 +216,7 @@ def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, mod
             def write() -> None:
                 with plain_transaction() as connection, Batch(connection) as batch:
                     finish_turn(batch, context.turn_id, context.question_id, context.token, target,
-                                model=model.name if model else None, cost=cost, **answer)
+                                model=model.name if model else None, cost=cost, at=attempts.at, **answer)
                     record_turn_end(batch, context.conversation_id, success_tokens)
                     if cost is None:
                         ledger.release(batch, context.user_id, context.reserved)
@@ -222,7 +224,7 @@ def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, mod
                         ledger.charge_turn(batch, context.user_id, context.turn_id, cost, context.reserved)
                     attempts.write(batch)
 
-            waiting_out_outages(write, for_seconds=outage_wait_seconds(), what=f"settling turn {context.turn_id}")
+            TURN.write_end(context.turn_id, attempts.at, write, what=f"settling turn {context.turn_id}")
     except StoppedMeanwhile:
         _settle(context, TurnStatus.CANCELLED, stream, model=model, cost=cost, outcome=outcome,
                 **{**answer, "error_message": STOPPED})

@@ -279,8 +279,10 @@ def finish_turn(
     cost_estimated: bool = False,
     latency_ms: int | None = None,
     error_message: str | None = None,
+    at: datetime | None = None,
 ) -> None:
-    """Move a turn this worker owns to a terminal status and store what it produced.
+    """Move a turn this worker owns to a terminal status and store what it produced, stamped `at` (now by
+    default; a settlement passes its own stamp, by which `RunKind.ended_with` knows its commit).
 
     The lease is given up by the same guarded UPDATE that proves this worker still holds it: on a
     batch, the messages' UPDATE goes out with it, and a lost lease raises `LeaseLost` once the
@@ -292,7 +294,7 @@ def finish_turn(
     """
     if not target.is_terminal:
         raise ValueError(f"{target} is not terminal")
-    now = utc_now()
+    now = at or utc_now()
     lease = _statements().give_up_lease(unit, {"turn_id": turn_id, "token": token, "estimated": cost_estimated,
                                                "at": now})
 

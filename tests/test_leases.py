@@ -244,3 +244,59 @@ def test_a_sweep_takes_no_lease_over_until_the_database_has_answered_it_for_a_re
         assert waited_a_renewal_period(back)
     finally:
         loop.stop()
+
+
+def test_a_settlement_whose_commits_reply_was_lost_is_not_taken_for_a_lost_lease(world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The connection drops after the server committed a settlement and before its reply came back: the
+    settlement, trying again through the outage, finds its lease given up (by itself) and was refused as
+    a lost lease, as after a takeover. The worker then skipped what follows the commit: the stream's
+    `done` (readers waited for the database), the count of ended turns, the conversation's lock and the
+    user's slot (held until their lease ran out). The settlement's stamp tells the two apart."""
+    from collections.abc import Iterator
+    from contextlib import contextmanager
+    from decimal import Decimal
+    from typing import Any
+
+    import psycopg
+    import sqlalchemy.exc
+
+    from app import turn_runner
+    from app.agent_setup import AgentParams, AgentSetup
+    from app.live_stream import TurnStream, stream_key
+    from app.model_target import ModelTarget
+    from app.models import CreditTransaction, User
+    from app.redis_client import get_redis
+    from app.turn_status import TurnStatus
+
+    turn = _processing_turn(world, token="this-delivery")
+    with transaction() as session:
+        question_id = session.get_one(Turn, turn.turn_id).user_message_id
+    real_transaction, dropped = turn_runner.plain_transaction, []
+
+    @contextmanager
+    def committed_then_dropped() -> Iterator[Any]:
+        with real_transaction() as connection:
+            yield connection
+        if not dropped:
+            dropped.append(True)
+            raise sqlalchemy.exc.OperationalError("COMMIT", {}, psycopg.OperationalError(
+                "server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(turn_runner, "plain_transaction", committed_then_dropped)
+    target = ModelTarget(1, "primary", "echo", None, None, Decimal("1"), Decimal("2"), None)
+    context = turn_runner.TurnContext(
+        turn_id=turn.turn_id, question_id=question_id, token="this-delivery", user_id=turn.user_id,
+        conversation_id=turn.conversation_id, content="hi", history=[],
+        agent=AgentSetup("", AgentParams(120, None, None), target, None), reserved=Decimal(0), delivery=2,
+        gives_up=None, ends_by=None)
+    turn_runner._settle(context, TurnStatus.SUCCESS, TurnStream(turn.turn_id, 2), model=target, cost=Decimal("0.5"),
+                        success_tokens=7, content="the answer", prompt_tokens=3, completion_tokens=4, latency_ms=5)
+    assert dropped == [True]
+    with transaction() as session:
+        answer = session.get_one(ConversationMessage, turn.turn_id)
+        assert (answer.status, answer.content) == ("success", "the answer")
+        assert [t.amount for t in session.query(CreditTransaction).filter_by(message_id=turn.turn_id)] == [
+            Decimal("-0.5")]
+        assert session.get_one(User, turn.user_id).balance == Decimal("9.5")
+    wait_for(lambda: [fields[b"type"] for _, fields in get_redis().xrange(stream_key(turn.turn_id))][-1:] == [b"done"],
+             what="the stream's done")
