@@ -56,7 +56,7 @@ class Outcome:
     completion: Completion | None = None
     model: ModelTarget | None = None
     """The model that answered, or, for a stop or a failure after text was streamed, the one whose text is
-    kept (a failure that streamed nothing has none)."""
+    kept: none when nothing was (the contract's `model` names the model that produced the answer)."""
     cancelled: bool = False
     partial: str = ""
     """The text of the last attempt that did not finish (failed or stopped): what the live stream shows
@@ -112,7 +112,7 @@ def call_with_fallback(
         if stop.is_set():
             # Stopped before the fallback's call (index 1, only reached after the primary failed): the
             # primary's text is what was streamed, and is kept, as the primary's.
-            outcome.model, outcome.cancelled, outcome.partial_failed = primary, True, index > 0
+            outcome.cancelled, outcome.partial_failed = True, index > 0
             outcome.errors.append(f"{target.name}: cancelled before the call")
             return outcome
         timeout = params.timeout_seconds if ends_by is None else min(params.timeout_seconds,
@@ -136,7 +136,7 @@ def call_with_fallback(
             outcome.partial = failure.partial
             outcome.model = target if failure.partial else None
             if failure.kind is FailureKind.CANCELLED:
-                outcome.model, outcome.cancelled = target, True
+                outcome.cancelled = True
                 return outcome
             falls_back = index == 0 and should_fall_back(failure, primary, fallback)
             log.warning("model %s failed after %s ms (%s)%s", target.name, failure.latency_ms, failure,

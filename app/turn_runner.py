@@ -172,7 +172,7 @@ def _stopped_before_this_delivery(context: TurnContext) -> Outcome:
     stop keeps the text so far; unpaid, since the call that made it died with its worker, unrecorded."""
     streamed = text_streamed(context.turn_id) if context.delivery > 1 else None
     if streamed is None:
-        return Outcome(model=context.agent.primary, cancelled=True)
+        return Outcome(cancelled=True)
     attempt, text = streamed
     agent = context.agent
     model = agent.fallback if attempt_index(attempt) == 1 and agent.fallback else agent.primary
@@ -250,13 +250,15 @@ def _settle_success(context: TurnContext, outcome: Outcome, elapsed_ms: int, str
 
 def _settle_cancelled(context: TurnContext, outcome: Outcome, elapsed_ms: int, stream: TurnStream) -> None:
     """A stopped turn keeps its partial text and pays for the tokens it generated (estimated, marked so),
-    unless that text came from a failed attempt, which is never charged."""
+    unless that text came from a failed attempt, which is never charged; one stopped before any text names
+    no model."""
     model = outcome.model
-    assert model is not None
-    charged = bool(outcome.partial) and not outcome.partial_failed
-    prompt_tokens = estimate_tokens_of_messages(context.prompt_for(model)) if charged else 0
-    completion_tokens = estimate_tokens(outcome.partial) if charged else 0
-    cost = model.cost(prompt_tokens, completion_tokens) if charged else Decimal(0)
+    prompt_tokens = completion_tokens = 0
+    cost = Decimal(0)
+    if model is not None and outcome.partial and not outcome.partial_failed:
+        prompt_tokens = estimate_tokens_of_messages(context.prompt_for(model))
+        completion_tokens = estimate_tokens(outcome.partial)
+        cost = model.cost(prompt_tokens, completion_tokens)
     _settle(context, TurnStatus.CANCELLED, stream, model=model, cost=cost, outcome=outcome, content=outcome.partial,
             prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost_estimated=True,
             latency_ms=elapsed_ms, error_message=STOPPED)

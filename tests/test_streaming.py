@@ -407,7 +407,7 @@ def test_a_stop_before_the_response_headers_ends_the_turn_at_once(world, upstrea
     assert world.api.post(f"/api/messages/{message_id}/cancel", key).status_code == 202
     final = world.wait_terminal(key, message_id, timeout=10)
     took = time.monotonic() - asked
-    assert (final["status"], final["content"], final["cost"]) == ("cancelled", "", "0.000000")
+    assert (final["status"], final["content"], final["cost"], final["model"]) == ("cancelled", "", "0.000000", None)
     assert took < 2.0, f"stop took {took:.2f}s"
     assert world.api.get("/api/me", key).json["balance"] == "10.000000"
     assert [t for t in world.api.get("/api/me/transactions", key).json["items"] if t["message_id"]] == []
