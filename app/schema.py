@@ -9,6 +9,7 @@ a file written before money was kept in millionths there has its amounts convert
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import Engine, Numeric, inspect, text
@@ -23,21 +24,33 @@ SCHEMA_FILE = Path(__file__).parent / "schema.sql"
 _LOCK_ID = 0x61676E74
 
 
-def init_schema() -> str:
+@dataclass(frozen=True, slots=True)
+class SchemaReport:
+    """What `agentq db init` did, printed as its JSON line."""
+
+    database: str
+    """Where: a SQLite path made absolute, any other URL without its password (`app.db.database_location`)."""
+    applied: str
+    """`schema.sql` on PostgreSQL, `models` on SQLite."""
+    added_columns: list[str] = field(default_factory=list)
+    """On SQLite, the `table.column`s an older file lacked."""
+    converted_money_columns: int = 0
+    """On SQLite, the money columns of an older file converted to millionths (once)."""
+
+
+def init_schema() -> SchemaReport:
     engine = get_engine()
     if engine.dialect.name == "postgresql":
         sql = SCHEMA_FILE.read_text()
         with engine.begin() as connection:
             connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LOCK_ID})
             connection.exec_driver_sql(sql)
-        return f"applied {SCHEMA_FILE.name} to {database_location()}"
+        return SchemaReport(database_location(), SCHEMA_FILE.name)
     fresh = not inspect(engine).get_table_names()
     Base.metadata.create_all(engine)
     added = _add_missing_columns(engine)
     converted = _money_in_millionths(engine, fresh)
-    return (f"created tables in {database_location()}"
-            + (f"; added columns {', '.join(added)}" if added else "")
-            + (f"; converted money to millionths in {converted} columns" if converted else ""))
+    return SchemaReport(database_location(), "models", added, converted)
 
 
 SQLITE_MONEY_IN_MILLIONTHS = 1

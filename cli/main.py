@@ -7,6 +7,7 @@ import hashlib
 import os
 import sys
 import tempfile
+from dataclasses import asdict
 from decimal import Decimal
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def _usable_metrics_dir(configured: str) -> None:
 def cmd_db_init(args: argparse.Namespace) -> int:
     from app.schema import init_schema
 
-    print(init_schema())
+    print_json(asdict(init_schema()))
     return 0
 
 

@@ -292,3 +292,18 @@ def test_a_reader_that_went_away_or_a_port_taken_ends_a_command_without_a_traceb
                               cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert (mock.returncode, "Traceback" in mock.stderr) == (1, False), mock.stderr
     assert json.loads(mock.stderr)["error"]["message"].startswith(f"the mock upstream cannot serve on 127.0.0.1:{port}")
+
+
+def test_db_init_says_what_it_did_in_one_json_line(tmp_path: Path) -> None:
+    """Like every other command: a relative SQLite path is said as the absolute one it is (relative to the
+    directory the command ran in), and a second run finds nothing left to do."""
+    import json
+
+    printed = []
+    for _ in range(2):
+        result = subprocess.run([str(VENV_BIN / "agentq"), "db", "init"], cwd=tmp_path, capture_output=True, text=True,
+                                env=child_env(DATABASE_URL="sqlite:///relative.sqlite3"), timeout=60)
+        assert result.returncode == 0, result.stderr
+        printed.append(json.loads(result.stdout))
+    assert printed == [{"database": str((tmp_path / "relative.sqlite3").resolve()), "applied": "models",
+                        "added_columns": [], "converted_money_columns": 0}] * 2

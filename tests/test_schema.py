@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import psycopg
@@ -50,7 +51,9 @@ def test_db_init_is_safe_to_run_twice_on_postgresql() -> None:
     name = scratch_database("agentq_schema")
     try:
         for _ in range(2):
-            assert "applied schema.sql" in db_init(f"postgresql://postgres@127.0.0.1:5432/{name}").stdout
+            printed = json.loads(db_init(f"postgresql://postgres@127.0.0.1:5432/{name}").stdout)
+            assert printed == {"database": f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
+                               "applied": "schema.sql", "added_columns": [], "converted_money_columns": 0}
         engine = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}")
         assert set(inspect(engine).get_table_names()) == set(Base.metadata.tables)
         engine.dispose()
@@ -91,6 +94,6 @@ def test_db_init_adds_a_later_column_to_an_older_sqlite_file(tmp_path) -> None: 
     engine = create_engine(url)
     with engine.begin() as connection:
         connection.exec_driver_sql("ALTER TABLE turns DROP COLUMN deadline_at")
-    assert "added columns turns.deadline_at" in db_init(url).stdout
+    assert json.loads(db_init(url).stdout)["added_columns"] == ["turns.deadline_at"]
     assert "deadline_at" in {c["name"] for c in inspect(engine).get_columns("turns")}
     engine.dispose()
