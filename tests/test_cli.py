@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import LOG_DIR, child_env
-from tests.support import ROOT, VENV_BIN, free_port
+from tests.support import ROOT, VENV_BIN, Process, free_port, wait_http
 
 STORAGE_AFTER_START = """
 import os, sys
@@ -307,3 +307,41 @@ def test_db_init_says_what_it_did_in_one_json_line(tmp_path: Path) -> None:
         printed.append(json.loads(result.stdout))
     assert printed == [{"database": str((tmp_path / "relative.sqlite3").resolve()), "applied": "models",
                         "added_columns": [], "converted_money_columns": 0}] * 2
+
+
+def test_the_procfiles_web_and_worker_lines_run_a_turn(mock_upstream) -> None:  # type: ignore[no-untyped-def]
+    """The contract's Procfile, run by the Procfile runner `make run` uses (honcho), as a platform would run
+    it: `agentq web --host 0.0.0.0 --port $PORT` serves the API, `agentq worker` runs its turns, and
+    `agentq users create` says the admin's id, name and key in its one JSON object."""
+    import json
+
+    import httpx
+
+    from tests.conftest import REDIS_DB
+    from tests.stack import SharedRedis, Stack, drop_database, scratch_database
+
+    name = scratch_database("agentq_procfile")
+    stack = Stack("procfile", f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
+                  SharedRedis(f"redis://127.0.0.1:6379/{REDIS_DB}"))
+    stack.run("db", "init")
+    created = json.loads(stack.run("users", "create", "ops", "--admin", "--balance", "2.5").stdout)
+    assert sorted(created) == ["api_key", "id", "name"] and created["name"] == "ops"
+    stack.admin_key = created["api_key"]
+    env = stack.env(PORT=str(stack.web_port), AGENTQ_WORKER_PROCESSES="1", AGENTQ_WORKER_THREADS="2",
+                    PATH=f"{VENV_BIN}:{os.environ['PATH']}")
+    deployment = Process("procfile", [str(VENV_BIN / "honcho"), "-f", str(ROOT / "Procfile"), "start"], env,
+                         LOG_DIR).start()
+    try:
+        wait_http(f"{stack.base_url}/healthz")
+        me = stack.call("GET", "/api/me").json()
+        assert (me["id"], me["name"], me["is_admin"], me["balance"]) == (created["id"], "ops", True, "2.500000")
+        agent_id = stack.agent(stack.model("procfile-model", "echo"))
+        turn = stack.send(stack.admin_key, stack.conversation(stack.admin_key, agent_id), "from the Procfile")
+        done = stack.wait_terminal(stack.admin_key, turn["id"])
+        assert (done["status"], done["content"]) == ("success", "echo: from the Procfile")
+        # --host 0.0.0.0: the API answers on an address of this machine other than loopback's 127.0.0.1
+        assert httpx.get(f"http://127.0.0.2:{stack.web_port}/healthz", timeout=5).status_code == 200
+    finally:
+        deployment.stop()
+        stack.stop()
+        drop_database(name)
