@@ -345,3 +345,34 @@ def test_the_procfiles_web_and_worker_lines_run_a_turn(mock_upstream) -> None:  
         deployment.stop()
         stack.stop()
         drop_database(name)
+
+
+def test_the_contracts_settings_from_the_environment_shape_the_api(mock_upstream) -> None:  # type: ignore[no-untyped-def]
+    """`AGENTQ_MAX_CONTENT_CHARS`, `AGENTQ_MAX_ACTIVE_CONVERSATIONS` and `AGENTQ_DEDUP_WINDOW_SECONDS` as an
+    operator sets them: in the environment of `agentq web` (no worker runs here, so turns stay pending)."""
+    import json
+
+    from tests.conftest import REDIS_DB
+    from tests.stack import SharedRedis, Stack, drop_database, scratch_database
+
+    name = scratch_database("agentq_settings")
+    stack = Stack("settings", f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
+                  SharedRedis(f"redis://127.0.0.1:6379/{REDIS_DB}"), AGENTQ_MAX_CONTENT_CHARS="10",
+                  AGENTQ_MAX_ACTIVE_CONVERSATIONS="1", AGENTQ_DEDUP_WINDOW_SECONDS="0")
+    try:
+        stack.run("db", "init")
+        stack.admin_key = json.loads(stack.run("users", "create", "ops", "--admin").stdout)["api_key"]
+        stack.start_web(web_workers=1)
+        agent_id = stack.agent(stack.model("settings-model"))
+        _, key = stack.user("limited")
+        first, second = (stack.call("POST", "/api/conversations", key, json={"agent_id": agent_id}) for _ in range(2))
+        assert (first.status_code, second.status_code) == (201, 201) and first.json()["id"] != second.json()["id"]
+        too_long = stack.call("POST", f"/api/conversations/{first.json()['id']}/messages", key,
+                              json={"content": "x" * 11})
+        assert (too_long.status_code, too_long.json()["error"]["code"]) == (413, "content_too_large")
+        stack.send(key, first.json()["id"], "x" * 10)
+        over = stack.call("POST", f"/api/conversations/{second.json()['id']}/messages", key, json={"content": "hi"})
+        assert (over.status_code, over.json()["error"]["code"]) == (429, "too_many_active_conversations")
+    finally:
+        stack.stop()
+        drop_database(name)
