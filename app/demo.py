@@ -12,10 +12,10 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from app import ledger
 from app.auth import hash_api_key, new_api_key
 from app.db import transaction
 from app.models import Agent, LlmModel, User
+from app.users import create_user
 
 DEMO_MODEL = "demo-echo"
 DEMO_AGENT = "Demo agent"
@@ -31,13 +31,10 @@ class Demo:
 def seed_demo(mock_url: str, key_file: Path) -> Demo:
     api_key = key_file.read_text().strip() if key_file.exists() else new_api_key()
     with transaction() as session:
-        user = session.scalar(select(User).where(User.api_key_hash == hash_api_key(api_key)))
-        if user is None:
-            user = User(name="demo", api_key_hash=hash_api_key(api_key), is_admin=True,
-                        balance=Decimal(0), reserved=Decimal(0))
-            session.add(user)
-            session.flush()
-            ledger.add_credit(session, user.id, Decimal("100"))
+        user_id = session.scalar(select(User.id).where(User.api_key_hash == hash_api_key(api_key)))
+    if user_id is None:
+        user_id = create_user("demo", is_admin=True, balance=Decimal("100"), api_key=api_key).user.id
+    with transaction() as session:
         model = session.scalar(select(LlmModel).where(LlmModel.name == DEMO_MODEL, LlmModel.deleted_at.is_(None)))
         if model is None:
             model = LlmModel(name=DEMO_MODEL, model="echo;gap=0.05", base_url=mock_url,
@@ -52,7 +49,7 @@ def seed_demo(mock_url: str, key_file: Path) -> Demo:
                           timeout_seconds=30)
             session.add(agent)
             session.flush()
-        demo = Demo(user.id, agent.id, api_key)
+        demo = Demo(user_id, agent.id, api_key)
     key_file.parent.mkdir(parents=True, exist_ok=True)
     key_file.write_text(api_key + "\n")
     return demo

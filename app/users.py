@@ -29,8 +29,11 @@ NAME_MAX_CHARS: int = table(User).c.name.type.length  # type: ignore[attr-define
 """The length of `users.name`, checked here for every caller (the API's schema checks it too, the CLI not)."""
 
 
-def create_user(name: str, *, is_admin: bool = False, balance: Decimal = Decimal(0)) -> NewUser:
-    """The key is returned once and never stored; an opening balance is a ledger credit like any other."""
+def create_user(name: str, *, is_admin: bool = False, balance: Decimal = Decimal(0),
+                api_key: str | None = None) -> NewUser:
+    """The key is returned once and never stored; an opening balance is a ledger credit like any other.
+    A new key is made unless one is given (the demo keeps its key in a file, so that `make run` prints the
+    same one every time)."""
     if not name.strip():
         raise ValidationFailed("name must not be blank.")
     if len(name.strip()) > NAME_MAX_CHARS:
@@ -41,7 +44,7 @@ def create_user(name: str, *, is_admin: bool = False, balance: Decimal = Decimal
         checked_balance(balance)
     except ValueError as exc:
         raise ValidationFailed(f"{exc}.") from None
-    api_key = new_api_key()
+    api_key = api_key or new_api_key()
     with transaction() as session:
         user = User(name=name.strip(), api_key_hash=hash_api_key(api_key), is_admin=is_admin,
                     balance=Decimal(0), reserved=Decimal(0))

@@ -40,10 +40,10 @@ def get_debug_log(path: IdPath) -> dict:
 def list_debug_logs(query: DebugLogQuery) -> dict | Response:
     """Newest first: every log, or with `limit` a page; pass `next_before_id` back as `before_id` for the next."""
     if query.limit is None:
-        return render.streamed_items(render.debug_log(r) for r in debugging.every_debug_log(query.agent_id,
+        return render.streamed_items(render.debug_log(run) for run in debugging.every_debug_log(query.agent_id,
                                                                                               query.before_id))
     page = debugging.list_debug_logs(query.agent_id, query.limit, query.before_id)
-    return {"items": [render.debug_log(r) for r in page.items], "next_before_id": page.next_before_id}
+    return {"items": [render.debug_log(run) for run in page.items], "next_before_id": page.next_before_id}
 
 
 @bp.get("/admin/debug-costs", tags=[tag], responses={200: r.CostLines})
