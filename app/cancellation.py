@@ -3,22 +3,26 @@
 A pending turn is cancelled at once (no worker has it). A processing turn is flagged in the
 database and in Redis; the worker's lease keeper notices within half a second, its watchdog closes
 the upstream connection, and the worker settles the turn as `cancelled` with the text so far,
-charging the tokens generated. Either way the conversation and the user's slot are freed.
+charging the tokens generated; the stop's answer waits for that end (`cancel_turn`). Either way the
+conversation and the user's slot are freed.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.auth import Principal
+from app.config import get_settings
 from app.conversations import owned_conversation, owned_turn_of
 from app.db import transaction
 from app.in_flight import answer_in_flight
 from app.models import ConversationMessage, Turn, table
 from app.models.base import utc_now
+from app.outages import is_outage
 from app.stop_requests import publish_stop
 from app.turn_status import STOPPED, TurnStatus
 from app.unowned_end import UnownedEnd, announce_unowned_end, end_unowned
@@ -26,12 +30,40 @@ from app.unowned_end import UnownedEnd, announce_unowned_end, end_unowned
 
 def cancel_turn(principal: Principal, message_id: int) -> ConversationMessage:
     """Ask the turn of `message_id` (its answer or its user message) to stop; returns that message as it is
-    now (already ended turns are left as they are)."""
+    then (already ended turns are left as they are).
+
+    A processing turn is ended by its worker, within about half a second: the answer waits up to
+    `AGENTQ_CANCEL_WAIT_SECONDS` for that end, so that it carries the turn `cancelled` with its text and
+    the conversation free, as the contract words a stop. Answered at once, a client's next message was
+    refused as `conversation_busy` for that half second. A worker that does not end it in that time (it
+    died: the delivery taking the turn over does) leaves the answer `processing`."""
     with transaction() as session:
         stopped = _stop(session, owned_turn_of(session, principal.id, message_id))
         message = session.get_one(ConversationMessage, message_id)
     _announce(stopped)
+    if stopped is not None and stopped.cancelled is None:
+        return _once_ended(stopped.turn_id, message_id) or message
     return message
+
+
+def _once_ended(turn_id: int, message_id: int) -> ConversationMessage | None:
+    """Message `message_id` once turn `turn_id` has ended; None if it has not within the wait, or the
+    database stopped answering meanwhile (the stop is recorded either way)."""
+    give_up_at = time.monotonic() + get_settings().cancel_wait_seconds
+    pause = 0.02
+    while time.monotonic() + pause <= give_up_at:
+        time.sleep(pause)
+        pause = min(pause * 1.5, 0.1)
+        try:
+            with transaction() as session:
+                if TurnStatus(session.scalar(select(ConversationMessage.status)
+                                             .where(ConversationMessage.id == turn_id))).is_terminal:
+                    return session.get_one(ConversationMessage, message_id)
+        except Exception as error:
+            if not is_outage(error):
+                raise
+            return None
+    return None
 
 
 def delete_conversation(principal: Principal, conversation_id: int) -> None:

@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     stream_heartbeat_seconds: Seconds = 15.0
     stream_max_seconds: float = Field(default=3900.0, gt=0, le=YEAR)
     max_streams_per_user: int = Field(default=32, ge=1, le=1_000_000)
+    cancel_wait_seconds: float = Field(default=2.0, ge=0, le=60)
 
     db_pool_size: int = Field(default=10, ge=1, le=10_000)
     db_max_overflow: int = Field(default=0, ge=0, le=10_000)
