@@ -42,13 +42,14 @@ def cancel_turn(principal: Principal, message_id: int) -> ConversationMessage:
         message = session.get_one(ConversationMessage, message_id)
     _announce(stopped)
     if stopped is not None and stopped.cancelled is None:
-        return _once_ended(stopped.turn_id, message_id) or message
+        return _once_ended(message_id) or message
     return message
 
 
-def _once_ended(turn_id: int, message_id: int) -> ConversationMessage | None:
-    """Message `message_id` once turn `turn_id` has ended; None if it has not within the wait, or the
-    database stopped answering meanwhile (the stop is recorded either way)."""
+def _once_ended(message_id: int) -> ConversationMessage | None:
+    """Message `message_id` once its turn has ended (both messages of a turn change status in one UPDATE);
+    None if it has not within the wait, or the database stopped answering meanwhile (the stop is recorded
+    either way)."""
     give_up_at = time.monotonic() + get_settings().cancel_wait_seconds
     pause = 0.02
     while time.monotonic() + pause <= give_up_at:
@@ -56,13 +57,13 @@ def _once_ended(turn_id: int, message_id: int) -> ConversationMessage | None:
         pause = min(pause * 1.5, 0.1)
         try:
             with transaction() as session:
-                if TurnStatus(session.scalar(select(ConversationMessage.status)
-                                             .where(ConversationMessage.id == turn_id))).is_terminal:
-                    return session.get_one(ConversationMessage, message_id)
+                message = session.get_one(ConversationMessage, message_id)
         except Exception as error:
             if not is_outage(error):
                 raise
             return None
+        if TurnStatus(message.status).is_terminal:
+            return message
     return None
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from app.auth import hash_api_key, new_api_key
+from app.auth import authenticate, new_api_key
 from app.db import transaction
-from app.models import Agent, LlmModel, User
+from app.errors import Unauthorized
+from app.models import Agent, LlmModel
 from app.users import create_user
 
 DEMO_MODEL = "demo-echo"
@@ -29,10 +30,10 @@ class Demo:
 
 
 def seed_demo(mock_url: str, key_file: Path) -> Demo:
-    api_key = key_file.read_text().strip() if key_file.exists() else new_api_key()
-    with transaction() as session:
-        user_id = session.scalar(select(User.id).where(User.api_key_hash == hash_api_key(api_key)))
-    if user_id is None:
+    api_key = (key_file.read_text().strip() if key_file.exists() else "") or new_api_key()
+    try:
+        user_id = authenticate(api_key).id
+    except Unauthorized:
         user_id = create_user("demo", is_admin=True, balance=Decimal("100"), api_key=api_key).user.id
     with transaction() as session:
         model = session.scalar(select(LlmModel).where(LlmModel.name == DEMO_MODEL, LlmModel.deleted_at.is_(None)))

@@ -13,7 +13,8 @@ import shutil
 import subprocess
 import tempfile
 import uuid
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -213,4 +214,20 @@ def drop_database(name: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-__all__ = ["RedisServer", "SharedRedis", "Stack", "drop_database", "scratch_database"]
+@contextmanager
+def stack_on_shared_redis(name: str, **env: str) -> Iterator[Stack]:
+    """A stack on a scratch database and the test Redis database (its keys and queues under its own prefix),
+    for a test that starts its processes itself; stopped, and its database dropped, afterwards."""
+    from tests.conftest import REDIS_DB
+
+    database = scratch_database(f"agentq_{name}")
+    stack = Stack(name, f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}",
+                  SharedRedis(f"redis://127.0.0.1:6379/{REDIS_DB}"), **env)
+    try:
+        yield stack
+    finally:
+        stack.stop()
+        drop_database(database)
+
+
+__all__ = ["RedisServer", "SharedRedis", "Stack", "drop_database", "scratch_database", "stack_on_shared_redis"]

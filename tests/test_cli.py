@@ -317,34 +317,29 @@ def test_the_procfiles_web_and_worker_lines_run_a_turn(mock_upstream) -> None:  
 
     import httpx
 
-    from tests.conftest import REDIS_DB
-    from tests.stack import SharedRedis, Stack, drop_database, scratch_database
+    from tests.stack import stack_on_shared_redis
 
-    name = scratch_database("agentq_procfile")
-    stack = Stack("procfile", f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
-                  SharedRedis(f"redis://127.0.0.1:6379/{REDIS_DB}"))
-    stack.run("db", "init")
-    created = json.loads(stack.run("users", "create", "ops", "--admin", "--balance", "2.5").stdout)
-    assert sorted(created) == ["api_key", "id", "name"] and created["name"] == "ops"
-    stack.admin_key = created["api_key"]
-    env = stack.env(PORT=str(stack.web_port), AGENTQ_WORKER_PROCESSES="1", AGENTQ_WORKER_THREADS="2",
-                    PATH=f"{VENV_BIN}:{os.environ['PATH']}")
-    deployment = Process("procfile", [str(VENV_BIN / "honcho"), "-f", str(ROOT / "Procfile"), "start"], env,
-                         LOG_DIR).start()
-    try:
-        wait_http(f"{stack.base_url}/healthz")
-        me = stack.call("GET", "/api/me").json()
-        assert (me["id"], me["name"], me["is_admin"], me["balance"]) == (created["id"], "ops", True, "2.500000")
-        agent_id = stack.agent(stack.model("procfile-model", "echo"))
-        turn = stack.send(stack.admin_key, stack.conversation(stack.admin_key, agent_id), "from the Procfile")
-        done = stack.wait_terminal(stack.admin_key, turn["id"])
-        assert (done["status"], done["content"]) == ("success", "echo: from the Procfile")
-        # --host 0.0.0.0: the API answers on an address of this machine other than loopback's 127.0.0.1
-        assert httpx.get(f"http://127.0.0.2:{stack.web_port}/healthz", timeout=5).status_code == 200
-    finally:
-        deployment.stop()
-        stack.stop()
-        drop_database(name)
+    with stack_on_shared_redis("procfile") as stack:
+        stack.run("db", "init")
+        created = json.loads(stack.run("users", "create", "ops", "--admin", "--balance", "2.5").stdout)
+        assert sorted(created) == ["api_key", "id", "name"] and created["name"] == "ops"
+        stack.admin_key = created["api_key"]
+        env = stack.env(PORT=str(stack.web_port), AGENTQ_WORKER_PROCESSES="1", AGENTQ_WORKER_THREADS="2",
+                        PATH=f"{VENV_BIN}:{os.environ['PATH']}")
+        deployment = Process("procfile", [str(VENV_BIN / "honcho"), "-f", str(ROOT / "Procfile"), "start"], env,
+                             LOG_DIR).start()
+        try:
+            wait_http(f"{stack.base_url}/healthz")
+            me = stack.call("GET", "/api/me").json()
+            assert (me["id"], me["name"], me["is_admin"], me["balance"]) == (created["id"], "ops", True, "2.500000")
+            agent_id = stack.agent(stack.model("procfile-model", "echo"))
+            turn = stack.send(stack.admin_key, stack.conversation(stack.admin_key, agent_id), "from the Procfile")
+            done = stack.wait_terminal(stack.admin_key, turn["id"])
+            assert (done["status"], done["content"]) == ("success", "echo: from the Procfile")
+            # --host 0.0.0.0: the API answers on an address of this machine other than loopback's 127.0.0.1
+            assert httpx.get(f"http://127.0.0.2:{stack.web_port}/healthz", timeout=5).status_code == 200
+        finally:
+            deployment.stop()
 
 
 def test_the_contracts_settings_from_the_environment_shape_the_api(mock_upstream) -> None:  # type: ignore[no-untyped-def]
@@ -352,14 +347,10 @@ def test_the_contracts_settings_from_the_environment_shape_the_api(mock_upstream
     operator sets them: in the environment of `agentq web` (no worker runs here, so turns stay pending)."""
     import json
 
-    from tests.conftest import REDIS_DB
-    from tests.stack import SharedRedis, Stack, drop_database, scratch_database
+    from tests.stack import stack_on_shared_redis
 
-    name = scratch_database("agentq_settings")
-    stack = Stack("settings", f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
-                  SharedRedis(f"redis://127.0.0.1:6379/{REDIS_DB}"), AGENTQ_MAX_CONTENT_CHARS="10",
-                  AGENTQ_MAX_ACTIVE_CONVERSATIONS="1", AGENTQ_DEDUP_WINDOW_SECONDS="0")
-    try:
+    with stack_on_shared_redis("settings", AGENTQ_MAX_CONTENT_CHARS="10", AGENTQ_MAX_ACTIVE_CONVERSATIONS="1",
+                               AGENTQ_DEDUP_WINDOW_SECONDS="0") as stack:
         stack.run("db", "init")
         stack.admin_key = json.loads(stack.run("users", "create", "ops", "--admin").stdout)["api_key"]
         stack.start_web(web_workers=1)
@@ -373,6 +364,3 @@ def test_the_contracts_settings_from_the_environment_shape_the_api(mock_upstream
         stack.send(key, first.json()["id"], "x" * 10)
         over = stack.call("POST", f"/api/conversations/{second.json()['id']}/messages", key, json={"content": "hi"})
         assert (over.status_code, over.json()["error"]["code"]) == (429, "too_many_active_conversations")
-    finally:
-        stack.stop()
-        drop_database(name)
