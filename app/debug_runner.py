@@ -73,7 +73,9 @@ def run_debug_run(run_id: int) -> None:
 
 def _record_result(run_id: int, token: str, delivery: int, outcome: Outcome, latency_ms: int) -> Decimal | None:
     """The run's result and its attempts in one transaction, a database outage waited out as a turn's
-    settlement waits it (the models were paid for); the cost logged, None without an answer."""
+    settlement waits it (the models were paid for); the cost logged, None without an answer. A failed run
+    keeps the text its last attempt produced, as a failed turn does, for the admin to see where it broke;
+    it names no model, since none answered and the cost analysis counts runs under the model that did."""
     completion, model = outcome.completion, outcome.model
     cost = None
     if completion is not None and model is not None:
@@ -89,7 +91,8 @@ def _record_result(run_id: int, token: str, delivery: int, outcome: Outcome, lat
                                      latency_ms=latency_ms, error_message=None)
                 else:
                     finish_debug_run(session, run_id, token, TurnStatus.LLM_ERROR, at=attempts.at,
-                                     latency_ms=latency_ms, error_message=outcome.error_message)
+                                     output=outcome.partial, latency_ms=latency_ms,
+                                     error_message=outcome.error_message)
                 attempts.write(session)
 
         TEST_RUN.write_end(run_id, attempts.at, write, what=f"settling test run {run_id}")

@@ -16,6 +16,8 @@ class FailureKind(StrEnum):
     CANCELLED = "cancelled"
     CONNECTION_ERROR = "connection_error"
     STREAM_CUT = "stream_cut"
+    REQUEST_TIMEOUT = "request_timeout"
+    """HTTP 408: the provider (or a gateway before it) timed out the request; a timeout, not a refusal."""
     RATE_LIMITED = "rate_limited"
     SERVER_ERROR = "server_error"
     BAD_RESPONSE = "bad_response"
@@ -24,7 +26,8 @@ class FailureKind(StrEnum):
     ENDPOINT_UNUSABLE = "endpoint_unusable"
 
 
-REFUSED = frozenset({FailureKind.RATE_LIMITED, FailureKind.SERVER_ERROR, FailureKind.BAD_REQUEST,
-                     FailureKind.CLIENT_ERROR, FailureKind.CONNECTION_ERROR, FailureKind.ENDPOINT_UNUSABLE})
+REFUSED = frozenset({FailureKind.REQUEST_TIMEOUT, FailureKind.RATE_LIMITED, FailureKind.SERVER_ERROR,
+                     FailureKind.BAD_REQUEST, FailureKind.CLIENT_ERROR, FailureKind.CONNECTION_ERROR,
+                     FailureKind.ENDPOINT_UNUSABLE})
 """The provider answered with an error status, or never got the request: it processed no prompt and bills
 nothing, so such an attempt is recorded at no cost (one that timed out or was cut may have been billed)."""

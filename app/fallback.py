@@ -1,9 +1,9 @@
 """The fallback policy: when a model attempt fails, whether and how the turn tries its fallback model.
 
-A timeout, a connection failure, a stream that breaks or goes silent, a 429 and a 5xx switch to the
-fallback once, and so does a stream whose chunks are not chat completion chunks. A 400 (for
-instance a prompt over the context window) switches only when the fallback has a larger window,
-since the same request would fail the same way. Any other refusal (401, 403, 404, 422: a wrong key,
+A timeout (the attempt's own, or a provider's HTTP 408), a connection failure, a stream that breaks or
+goes silent, a 429 and a 5xx switch to the fallback once, and so does a stream whose chunks are not chat
+completion chunks. A 400 (for instance a prompt over the context window) switches only when the fallback
+has a larger window, since the same request would fail the same way. Any other refusal (401, 403, 404, 422: a wrong key,
 a removed model), and an endpoint that cannot be called as configured (its key's variable not set on
 the worker), ends the turn as `llm_error` on the primary: answering it with the fallback would hide the
 misconfiguration and charge the fallback's prices. Every attempt is returned as a
@@ -33,8 +33,9 @@ from app.token_estimates import estimate_tokens, estimate_tokens_of_messages
 
 log = logging.getLogger(__name__)
 
-ALWAYS_FALL_BACK = frozenset({FailureKind.TIMEOUT, FailureKind.CONNECTION_ERROR, FailureKind.STREAM_CUT,
-                              FailureKind.RATE_LIMITED, FailureKind.SERVER_ERROR, FailureKind.BAD_RESPONSE})
+ALWAYS_FALL_BACK = frozenset({FailureKind.TIMEOUT, FailureKind.REQUEST_TIMEOUT, FailureKind.CONNECTION_ERROR,
+                              FailureKind.STREAM_CUT, FailureKind.RATE_LIMITED, FailureKind.SERVER_ERROR,
+                              FailureKind.BAD_RESPONSE})
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,14 @@ from app.upstream_transport import ShardedTransport, guarding
 
 DEFAULT_API_KEY = "sk-no-key-configured"
 
+CONNECT_TIMEOUT_SECONDS = 10.0
+"""The most a new connection's TCP connect (and TLS handshake) may take, within the attempt's own timeout."""
+
+FINISHED_STREAM_GRACE_SECONDS = 2.0
+"""How long the end of a stream whose answer is finished (its `finish_reason` seen) may take to arrive: the
+usage chunk and `[DONE]` follow at once from a healthy provider, and one that then holds the stream open
+must not turn a whole answer into a timeout and a second, fallback, call."""
+
 
 @dataclass(frozen=True, slots=True)
 class Usage:
@@ -147,6 +155,8 @@ def reset_clients() -> None:
 def _status_kind(status: int) -> FailureKind:
     if status == 429:
         return FailureKind.RATE_LIMITED
+    if status == 408:
+        return FailureKind.REQUEST_TIMEOUT
     if status >= 500:
         return FailureKind.SERVER_ERROR
     if status == 400:
@@ -175,7 +185,7 @@ def stream_chat(
         try:
             with guarding(attempt.watch):
                 stream = open_chat_stream(client_for(target), body,
-                                          openai.Timeout(timeout_seconds, connect=min(timeout_seconds, 10.0)))
+                                          openai.Timeout(timeout_seconds, connect=attempt.connect_seconds))
         except (openai.APIConnectionError, openai.APIStatusError) as exc:
             raise attempt.refused(exc) from exc
         except (EndpointUnusable, httpx2.InvalidURL, UnicodeError) as exc:
@@ -191,7 +201,8 @@ def stream_chat(
                 FailureKind.BAD_RESPONSE,
                 f"the stream sent a chunk that is not a chat completion chunk: {exc!r}") from exc
         except (httpx2.TransportError, openai.APIError, OSError) as exc:
-            raise attempt.broken(exc) from exc
+            if not attempt.answered:
+                raise attempt.broken(exc) from exc
         finally:
             stream.close()
         return attempt.completion(messages, max_tokens)
@@ -205,6 +216,7 @@ class _Attempt:
     def __init__(self, timeout_seconds: float, stop: threading.Event) -> None:
         self.started = time.monotonic()
         self.timeout_seconds = timeout_seconds
+        self.connect_seconds = min(timeout_seconds, CONNECT_TIMEOUT_SECONDS)
         self.parts: list[str] = []
         self.first_token_ms: int | None = None
         self.usage: Usage | None = None
@@ -225,6 +237,16 @@ class _Attempt:
     def silent(self) -> str:
         return f"the stream went silent or ran past {self.timeout_seconds:g}s"
 
+    @property
+    def stopped(self) -> bool:
+        return self.watch.stop.is_set() or self.watch.fired is FailureKind.CANCELLED
+
+    @property
+    def answered(self) -> bool:
+        """The model finished its answer and the turn was not stopped: the stream failing or running out of
+        time after that (while its usage and `[DONE]` were awaited) loses nothing of the answer."""
+        return self.finished and not self.stopped
+
     def _elapsed_ms(self) -> int:
         return int((time.monotonic() - self.started) * 1000)
 
@@ -233,7 +255,7 @@ class _Attempt:
                              latency_ms=self._elapsed_ms())
 
     def interrupted(self, timed_out: str) -> AttemptFailed | None:
-        if self.watch.fired is FailureKind.CANCELLED or self.watch.stop.is_set():
+        if self.stopped:
             return self.failed(FailureKind.CANCELLED, STOPPED)
         if self.watch.fired is FailureKind.TIMEOUT:
             return self.failed(FailureKind.TIMEOUT, timed_out)
@@ -241,7 +263,13 @@ class _Attempt:
 
     def refused(self, exc: openai.APIError) -> AttemptFailed:
         """The failure of an attempt whose response never started: a stop or the deadline, no connection,
-        no headers in time, or an HTTP error status."""
+        no headers in time, or an HTTP error status. A connection that was never made (its name lookup, TCP
+        connect or TLS handshake failed or ran out of time) is a connection error, whoever gave up on it: the
+        request was never sent, so the provider billed nothing."""
+        if self.stopped:
+            return self.failed(FailureKind.CANCELLED, STOPPED)
+        if isinstance(exc.__cause__, httpx2.ConnectTimeout):
+            return self.failed(FailureKind.CONNECTION_ERROR, f"could not connect within {self.connect_seconds:g}s")
         if (early := self.interrupted(self.no_response)) is not None:
             return early
         if isinstance(exc, openai.APITimeoutError):
@@ -262,7 +290,9 @@ class _Attempt:
         if self.watch.stop.is_set():
             raise self.failed(FailureKind.CANCELLED, STOPPED)
         texts, reported, finishes = read_chunk(chunk)
-        self.finished = self.finished or finishes
+        if finishes and not self.finished:
+            self.finished = True
+            self.watch.bound(FINISHED_STREAM_GRACE_SECONDS)
         if reported is not None:
             self.usage = reported
         for text in texts:
@@ -270,7 +300,7 @@ class _Attempt:
                 self.first_token_ms = self._elapsed_ms()
             self.parts.append(text)
             on_delta(text)
-        if self.watch.remaining() < 0:
+        if self.watch.remaining() < 0 and not self.finished:
             raise self.failed(FailureKind.TIMEOUT, f"the attempt ran past {self.timeout_seconds:g}s")
 
     def check_finished(self) -> None:

@@ -296,15 +296,22 @@ def test_an_execution_test_falls_back_like_a_turn(world, upstream) -> None:  # t
     assert (_balances(), _ledger_size()) == (balances, ledger_size)
 
 
-def test_an_execution_test_whose_models_all_fail_ends_as_llm_error(world, upstream) -> None:  # type: ignore[no-untyped-def]
-    agent_id = world.agent(world.model("broken", upstream="echo;fail=503"))
+@pytest.mark.parametrize(("upstream_model", "output", "outcome", "error"), [
+    ("echo;fail=503", "", "server_error", "HTTP 503"),
+    ("echo;cut_after=2", "echo: hello", "stream_cut", "the stream broke"),
+])
+def test_an_execution_test_whose_models_all_fail_ends_as_llm_error_with_the_text_they_sent(  # type: ignore[no-untyped-def]
+        world, upstream, upstream_model: str, output: str, outcome: str, error: str) -> None:
+    """A run whose stream broke keeps the text sent before the break, as a failed turn keeps it (it kept
+    none), and names no model: none answered."""
+    agent_id = world.agent(world.model("broken", upstream=upstream_model))
 
-    log = _wait_log(world, _execute(world, agent_id, "hello"))
+    log = _wait_log(world, _execute(world, agent_id, "hello there friend"))
 
-    assert (log["status"], log["model"], log["output"], log["cost"]) == ("llm_error", None, "", None)
+    assert (log["status"], log["model"], log["output"], log["cost"]) == ("llm_error", None, output, None)
     assert (log["prompt_tokens"], log["completion_tokens"]) == (None, None)
-    assert "HTTP 503" in log["error_message"]
-    assert _attempts(log["id"]) == [("broken", "server_error", None)]
+    assert error in log["error_message"]
+    assert _attempts(log["id"]) == [("broken", outcome, None)]
 
 
 def test_an_execution_test_accepted_while_redis_is_unreachable_is_sent_by_recovery(world, unreachable_broker) -> None:  # type: ignore[no-untyped-def]

@@ -33,6 +33,7 @@ FAILURES = [
     ("echo;ttft=5", "timeout"),
     ("echo;hang_headers=5", "timeout"),
     ("echo;stall_after=2", "timeout"),
+    ("echo;fail=408", "request_timeout"),
     ("echo;fail=429", "rate_limited"),
     ("echo;fail=500", "server_error"),
     ("echo;fail=503", "server_error"),
@@ -131,6 +132,27 @@ def test_a_stalled_stream_ends_within_the_timeout_plus_a_small_bound(world, upst
     assert 2000 <= attempt.latency_ms <= 2500
     assert 2000 <= done["latency_ms"] <= 3000
 
+    wait_for(lambda: list(upstream.streams().values()) == ["disconnected"], what="the upstream to see the close")
+
+
+@pytest.mark.parametrize("reported", [True, False], ids=["usage", "no_usage"])
+def test_a_stream_held_open_after_its_finished_answer_ends_the_turn_with_that_answer(  # type: ignore[no-untyped-def]
+        world, upstream, reported: bool) -> None:
+    """A provider that sent the answer's `finish_reason` (and its usage) and then held the stream open without
+    `[DONE]` turned a whole answer into a timeout at the agent's 10 s: the fallback was called and the
+    turn charged for its answer. The end of a finished stream is given 2 s; the connection is then closed
+    and the answer kept, with the provider's usage (7 + 2 tokens) or the estimate (16 + 3) without one."""
+    primary_upstream = "echo;hang_after_finish=60" + ("" if reported else ";no_usage")
+    agent_id = world.agent(world.model("primary", upstream=primary_upstream), world.model("fallback"),
+                           timeout_seconds=10)
+    _, key = world.user()
+    assistant = world.send(key, world.conversation(key, agent_id)).json["assistant_message"]
+    done = world.wait_terminal(key, assistant["id"])
+    assert (done["status"], done["model"], done["content"]) == ("success", "primary", "echo: hello")
+    assert (done["prompt_tokens"], done["completion_tokens"]) == ((7, 2) if reported else (16, 3))
+    assert 2000 <= done["latency_ms"] < 4000
+    assert sent_models(upstream) == [primary_upstream]
+    assert attempts(assistant["id"]) == [("primary", "success")]
     wait_for(lambda: list(upstream.streams().values()) == ["disconnected"], what="the upstream to see the close")
 
 

@@ -150,7 +150,8 @@ def _attempt_at(host: str, port: int, timeout: float, stop: threading.Event,
 
 def _assert_ends_at_its_stop_and_its_deadline(host: str, port: int, scheme: str = "http") -> None:
     """An attempt at an upstream that never gets connected is `cancelled` soon after a stop at 0.3 s (its
-    timeout, 5 s, is half the connect timeout's 10 s cap) and fails with `timeout` at its 1 s timeout."""
+    timeout, 5 s, is half the connect timeout's 10 s cap) and fails at its 1 s timeout as a connection error
+    (recorded at no cost: the request was never sent), not as a timeout."""
     from app.llm_client import AttemptFailed
 
     stop = threading.Event()
@@ -161,7 +162,7 @@ def _assert_ends_at_its_stop_and_its_deadline(host: str, port: int, scheme: str 
 
     timed_out, took = _attempt_at(host, port, 1.0, threading.Event(), scheme)
     assert isinstance(timed_out, AttemptFailed)
-    assert (timed_out.kind, timed_out.detail) == ("timeout", "no response within 1s")
+    assert (timed_out.kind, timed_out.detail) == ("connection_error", "could not connect within 1s")
     assert 1.0 <= took < 1.8
 
 
