@@ -106,6 +106,9 @@ def worker_size(args: argparse.Namespace) -> tuple[int, int]:
             option_or_environment(args.threads, "AGENTQ_WORKER_THREADS", "16", count))
 
 
+ACTORS_MODULE = "workers.actors"
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from app.logging_setup import configure_logging
 
@@ -116,7 +119,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     from app.config import get_settings
     from app.readiness import require_schema
-    from workers.group import run_group
+    from workers.group import preload, run_group
 
     require_schema()
 
@@ -125,7 +128,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # environment variable cannot be used here; without it Dramatiq prefetches twice the threads.
     processes, threads = worker_size(args)
     dramatiq.worker.QUEUE_PREFETCH = dramatiq.worker.QUEUE_PREFETCH or threads
-    argv = ["workers.actors", "--processes", str(processes), "--threads", str(threads),
+    preload(ACTORS_MODULE)
+    argv = [ACTORS_MODULE, "--processes", str(processes), "--threads", str(threads),
             "--worker-shutdown-timeout", str(int(get_settings().shutdown_grace_seconds * 1000))]
     if args.queues:
         argv += ["--queues", *args.queues]
