@@ -2,7 +2,7 @@
 
 Event ids are `<message id>/<redis entry id>.<attempt>.<offset>`: the message they belong to (an id
 sent to another turn's stream is not taken as a position in it), the attempt (`app.live_stream.attempt_number`:
-delivery x 100 + 0 for the primary model, + 1 after a fallback restart, so a delivery that took the
+delivery x 100 + 0 for its first model call, + 1 after a fallback restart, so a delivery that took the
 turn over from a dead worker never continues that worker's text) and how many characters of that
 attempt's text the client has after the event.
 With the Redis id a reconnecting client resumes exactly where it was while the live stream exists;

@@ -101,14 +101,16 @@ def call_with_fallback(
     stop: threading.Event,
     *,
     ends_by: float | None = None,
+    fallen_back: bool = False,
 ) -> Outcome:
-    """Each model in turn (`attempt_order`) until one answers or a failure does not allow the next.
+    """Each model in turn (`attempt_order`) until one answers or a failure does not allow the next; only the
+    fallback for a run that switched to it in an earlier delivery (`fallen_back`).
 
     Each attempt is bounded by the agent's timeout and, for a delivery that inherited its run's deadline,
     by what is left of its model time (`ends_by`, on `time.monotonic()`, from `app.deliveries.attempts_end_by`):
     an attempt with nothing left is not made."""
     outcome = Outcome()
-    targets = attempt_order(primary, fallback)
+    targets = attempt_order(primary, fallback, fallen_back=fallen_back)
     for index, target in enumerate(targets):
         if stop.is_set():
             # Stopped before the fallback's call (index 1, only reached after the primary failed): the
@@ -139,7 +141,7 @@ def call_with_fallback(
             if failure.kind is FailureKind.CANCELLED:
                 outcome.cancelled = True
                 return outcome
-            falls_back = index == 0 and should_fall_back(failure, primary, fallback)
+            falls_back = index + 1 < len(targets) and should_fall_back(failure, primary, fallback)
             log.warning("model %s failed after %s ms (%s)%s", target.name, failure.latency_ms, failure,
                         f"; falling back to {fallback.name}" if falls_back and fallback else "")
             if falls_back:

@@ -47,19 +47,29 @@ def attempt_number(delivery: int, index: int) -> int:
     return delivery * 100 + index
 
 
-def attempt_index(attempt: int) -> int:
-    """Which model of its delivery an attempt called: 0 the primary, 1 the fallback (`attempt_number`)."""
-    return attempt % 100
+def _entries(turn_id: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """The turn's whole live stream (a bounded length), or nothing when Redis cannot be reached."""
+    try:
+        return get_redis().xrange(stream_key(turn_id))
+    except redis.RedisError:
+        return []
+
+
+def model_streamed(turn_id: int) -> str | None:
+    """The model the turn's live stream last announced (its last `status` entry names the model each attempt
+    calls): the one a delivery that died was calling. None without such an entry (no stream, Redis lost it
+    or cannot be reached)."""
+    for _, fields in reversed(_entries(turn_id)):
+        if fields[b"type"] == b"status":
+            return json.loads(fields[b"data"]).get("model")
+    return None
 
 
 def text_streamed(turn_id: int) -> tuple[int, str] | None:
     """The last attempt the turn's live stream holds and its text, whole from the start: what a delivery that
     died had sent its readers. None when there is no text, or not all of it (the stream trimmed or lost with
     Redis), or Redis cannot be reached."""
-    try:
-        entries = get_redis().xrange(stream_key(turn_id))
-    except redis.RedisError:
-        return None
+    entries = _entries(turn_id)
     last = max((int(fields.get(b"a", b"0")) for _, fields in entries), default=None)
     text = ""
     for _, fields in entries:

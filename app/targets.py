@@ -33,9 +33,14 @@ def agent_targets(session: Session, agent: Agent) -> tuple[ModelTarget, ModelTar
     return primary, fallback
 
 
-def attempt_order(primary: ModelTarget, fallback: ModelTarget | None) -> list[ModelTarget]:
-    """The models a run may call, in the order it calls them: the fallback at most once, after the primary."""
-    return [primary] if fallback is None else [primary, fallback]
+def attempt_order(primary: ModelTarget, fallback: ModelTarget | None, *,
+                  fallen_back: bool = False) -> list[ModelTarget]:
+    """The models a run may call, in the order it calls them: the fallback at most once, after the primary. A
+    run that already switched to its fallback in an earlier delivery (whose worker died during the fallback's
+    call) calls the fallback alone: the switch happens once a run, not once a delivery."""
+    if fallback is None:
+        return [primary]
+    return [fallback] if fallen_back else [primary, fallback]
 
 
 def max_cost(target: ModelTarget, messages: list[dict[str, str]], max_tokens: int | None) -> Decimal:

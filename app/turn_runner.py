@@ -24,7 +24,7 @@ from app.db import plain_transaction, transaction
 from app.deliveries import attempts_end_by, give_up_reason
 from app.fallback import Outcome, call_with_fallback
 from app.leases import Holding, keeper
-from app.live_stream import TurnStream, attempt_index, text_streamed
+from app.live_stream import TurnStream, model_streamed, text_streamed
 from app.logging_setup import turn_context
 from app.model_target import ModelTarget
 from app.moderation import moderate
@@ -148,14 +148,15 @@ def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) ->
     if stop.is_set():
         _settle_cancelled(context, _stopped_before_this_delivery(context), 0, stream)
         return
-    stream.status(TurnStatus.PROCESSING, context.agent.primary.name)
+    agent = context.agent
+    fallen_back = agent.fallback is not None and _model_of_a_dead_delivery(context) is agent.fallback
+    stream.status(TurnStatus.PROCESSING, (agent.fallback if fallen_back and agent.fallback else agent.primary).name)
     verdict = moderate(context.content)
     if not verdict.passed:
         _settle_failure(context, TurnStatus.CONTENT_VIOLATION, verdict.error_message, stream)
         return
-    agent = context.agent
     outcome = call_with_fallback(agent.primary, agent.fallback, context.prompt_for, agent.params, stream, stop,
-                                 ends_by=context.ends_by)
+                                 ends_by=context.ends_by, fallen_back=fallen_back)
     elapsed_ms = int((time.monotonic() - started) * 1000)
     if outcome.completion is not None:
         _settle_success(context, outcome, elapsed_ms, stream)
@@ -173,10 +174,23 @@ def _stopped_before_this_delivery(context: TurnContext) -> Outcome:
     streamed = text_streamed(context.turn_id) if context.delivery > 1 else None
     if streamed is None:
         return Outcome(cancelled=True)
-    attempt, text = streamed
+    model = _model_of_a_dead_delivery(context) or context.agent.primary
+    return Outcome(model=model, cancelled=True, partial=streamed[1], partial_failed=True)
+
+
+def _model_of_a_dead_delivery(context: TurnContext) -> ModelTarget | None:
+    """For a delivery that took the turn over: which of the agent's models the dead one was calling, as its
+    live stream announced it (`app.live_stream.model_streamed`). A turn whose dead worker had switched to the
+    fallback goes on with the fallback: calling the primary again would switch twice, and spend the run's
+    deadline, counted from the first delivery, on a model that already failed. None for a first delivery, or
+    when the stream is gone (Redis lost it): the delivery then starts from the primary."""
+    if context.delivery <= 1:
+        return None
+    name = model_streamed(context.turn_id)
     agent = context.agent
-    model = agent.fallback if attempt_index(attempt) == 1 and agent.fallback else agent.primary
-    return Outcome(model=model, cancelled=True, partial=text, partial_failed=True)
+    if agent.fallback is not None and name == agent.fallback.name:
+        return agent.fallback
+    return agent.primary if name == agent.primary.name else None
 
 
 def _worst_case(context: TurnContext, turn: TurnRow) -> Decimal:

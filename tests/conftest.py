@@ -110,6 +110,10 @@ class UpstreamLog:
     def requests(self, path: str = "/v1/chat/completions") -> list[dict[str, Any]]:
         return [r for r in httpx.get(f"{self.base}/_requests").json() if r["path"] == path]
 
+    def models(self) -> list[str]:
+        """The upstream model of each chat completion request, in the order they came."""
+        return [r["body"]["model"] for r in self.requests()]
+
     def streams(self) -> dict[str, str]:
         return httpx.get(f"{self.base}/_streams").json()
 

@@ -25,10 +25,6 @@ def attempts(message_id: int) -> list[tuple[str, str]]:
     return [(r[0], r[1]) for r in rows]
 
 
-def sent_models(upstream) -> list[str]:  # type: ignore[no-untyped-def]
-    return [r["body"]["model"] for r in upstream.requests()]
-
-
 FAILURES = [
     ("echo;ttft=5", "timeout"),
     ("echo;hang_headers=5", "timeout"),
@@ -55,7 +51,7 @@ def test_each_failure_switches_to_the_fallback_once(world, upstream, primary_ups
     assert done["status"] == "success"
     assert done["model"] == "fallback"
     assert done["content"] == "echo: hi there"
-    assert sent_models(upstream) == [primary_upstream, "echo"]
+    assert upstream.models() == [primary_upstream, "echo"]
     assert attempts(assistant["id"]) == [("primary", outcome), ("fallback", "success")]
 
 
@@ -84,7 +80,7 @@ def test_both_failing_is_an_llm_error_with_both_reasons_and_no_charge(world, ups
     me = world.api.get("/api/me", key).json
     assert me["balance"] == me["available_balance"] == "3.000000"
     assert len(world.api.get("/api/me/transactions", key).json["items"]) == 1
-    assert sent_models(upstream) == ["echo;fail=500", "echo;fail=429"]
+    assert upstream.models() == ["echo;fail=500", "echo;fail=429"]
     with transaction() as session:  # refused with an error status: no prompt processed, nothing billed
         assert session.execute(select(ModelAttempt.prompt_tokens, ModelAttempt.cost)
                                .where(ModelAttempt.message_id == assistant["id"])).all() == [(0, 0), (0, 0)]
@@ -104,7 +100,7 @@ def test_text_a_model_sends_that_no_database_stores_is_kept_replaced_and_the_mod
     assert failed["error_message"].endswith("scripted failure 500 nul\ufffdhere half\ufffdpair")
     assert attempts(answered["id"]) == [("odd-answer", "success")]
     assert attempts(failed["id"]) == [("odd-failure", "server_error")]
-    assert sent_models(upstream) == ["echo;unstorable", "echo;fail=500;unstorable"]
+    assert upstream.models() == ["echo;unstorable", "echo;fail=500;unstorable"]
 
 
 def test_usage_a_provider_reports_past_what_the_request_allowed_is_charged_at_that_bound(world, upstream) -> None:  # type: ignore[no-untyped-def]
@@ -151,7 +147,7 @@ def test_a_stream_held_open_after_its_finished_answer_ends_the_turn_with_that_an
     assert (done["status"], done["model"], done["content"]) == ("success", "primary", "echo: hello")
     assert (done["prompt_tokens"], done["completion_tokens"]) == ((7, 2) if reported else (16, 3))
     assert 2000 <= done["latency_ms"] < 4000
-    assert sent_models(upstream) == [primary_upstream]
+    assert upstream.models() == [primary_upstream]
     assert attempts(assistant["id"]) == [("primary", "success")]
     wait_for(lambda: list(upstream.streams().values()) == ["disconnected"], what="the upstream to see the close")
 
@@ -163,13 +159,13 @@ def test_a_400_falls_back_only_to_a_larger_context_window(world, upstream) -> No
     _, key = world.user()
     refused = world.send(key, world.conversation(key, world.agent(primary, same))).json["assistant_message"]
     assert world.wait_terminal(key, refused["id"])["status"] == "llm_error"
-    assert sent_models(upstream) == ["echo;fail=400"]
+    assert upstream.models() == ["echo;fail=400"]
     upstream.clear()
     agent_id = world.agent(primary, larger)
     helped = world.send(key, world.conversation(key, agent_id)).json["assistant_message"]
     done = world.wait_terminal(key, helped["id"])
     assert (done["status"], done["model"]) == ("success", "larger")
-    assert sent_models(upstream) == ["echo;fail=400", "echo"]
+    assert upstream.models() == ["echo;fail=400", "echo"]
 
 
 @pytest.mark.parametrize("status", [401, 404])
@@ -181,7 +177,7 @@ def test_a_refusal_other_than_400_429_or_5xx_does_not_fall_back(world, upstream,
     _, key = world.user()
     assistant = world.send(key, world.conversation(key, agent_id)).json["assistant_message"]
     assert world.wait_terminal(key, assistant["id"])["status"] == "llm_error"
-    assert sent_models(upstream) == [f"echo;fail={status}"]
+    assert upstream.models() == [f"echo;fail={status}"]
     assert attempts(assistant["id"]) == [("primary", "client_error")]
 
 
@@ -232,12 +228,12 @@ def test_a_400_compares_windows_with_the_default_for_a_model_that_sets_none(worl
     smaller = world.model("smaller", upstream="echo", context_window=4096)
     refused = world.send(key, world.conversation(key, world.agent(unset, smaller))).json["assistant_message"]
     assert world.wait_terminal(key, refused["id"])["status"] == "llm_error"
-    assert sent_models(upstream) == ["echo;fail=400"]
+    assert upstream.models() == ["echo;fail=400"]
     upstream.clear()
     small = world.model("small", upstream="echo;fail=400", context_window=4096)
     default = world.model("default", upstream="echo")
     helped = world.send(key, world.conversation(key, world.agent(small, default))).json["assistant_message"]
-    assert (world.wait_terminal(key, helped["id"])["model"], sent_models(upstream)) == (
+    assert (world.wait_terminal(key, helped["id"])["model"], upstream.models()) == (
         "default", ["echo;fail=400", "echo"])
 
 
@@ -358,4 +354,4 @@ def test_a_stop_between_a_failed_primary_and_the_fallback_keeps_the_primarys_tex
         == (True, True, "primary")
     assert sink.attempts == ["primary"]
     assert sink.text.startswith("w0 w1") and outcome.partial == sink.text
-    assert [r["body"]["model"] for r in upstream.requests()] == ["echo;words=30;gap=0.01;cut_after=6"]
+    assert upstream.models() == ["echo;words=30;gap=0.01;cut_after=6"]

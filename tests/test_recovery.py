@@ -83,9 +83,13 @@ def slow_agent(stack: Stack, name: str, upstream: str, **extra: Any) -> int:
     return stack.agent(stack.model(name, upstream), **extra)
 
 
-def test_a_turn_whose_worker_is_killed_is_taken_over_by_another_within_the_lease(stack: Stack) -> None:
+def test_a_turn_whose_worker_is_killed_is_taken_over_by_another_within_the_lease(stack: Stack,
+                                                                                upstream: UpstreamLog) -> None:
+    """The killed worker had switched to the fallback (its primary answered 503): the delivery that takes the
+    turn over goes on with the fallback; it called the primary again, switching twice in one run."""
     first, second = stack.start_worker(restart=False), stack.start_worker(restart=False)
-    agent_id = slow_agent(stack, "slow-kill", "echo;words=30;gap=0.1")
+    failing, slow = "echo;fail=503", "echo;words=30;gap=0.1"
+    agent_id = stack.agent(stack.model("fails-at-once", failing), stack.model("slow-kill", slow))
     _, key = stack.user("kill-victim")
     turn = stack.send(key, stack.conversation(key, agent_id), "survive this")
     stack.wait_status(key, turn["id"], ("processing",))
@@ -93,6 +97,7 @@ def test_a_turn_whose_worker_is_killed_is_taken_over_by_another_within_the_lease
     owner = wait_for(lambda: [(p, r["process"]) for p in (first, second) for r in claims_of(p, turn["id"])],
                      what="the claim's log line")
     assert len(owner) == 1
+    wait_for(lambda: upstream.models() == [failing, slow], what="the fallback's call")
     victim_group, victim_pid = owner[0]
     survivor = second if victim_group is first else first
     assert victim_pid in victim_group.children()
@@ -104,9 +109,10 @@ def test_a_turn_whose_worker_is_killed_is_taken_over_by_another_within_the_lease
     taken_after = time.monotonic() - killed_at
     assert "taken_over" in takeover[0]["message"]
     done = stack.wait_terminal(key, turn["id"])
-    assert done["status"] == "success"
+    assert (done["status"], done["model"]) == ("success", "slow-kill")
     assert done["content"] == " ".join(f"w{i}" for i in range(30))
     assert (deliveries(stack, turn["id"]), charges(stack, turn["id"])) == (2, 1)
+    assert upstream.models() == [failing, slow, slow]
     assert taken_after <= LEASE_SECONDS + 2 * RECOVERY_INTERVAL + 1.5
     print(f"\ntakeover {taken_after:.2f}s after SIGKILL (lease {LEASE_SECONDS}s, sweep {RECOVERY_INTERVAL}s)")
     wait_for(lambda: victim_group.popen is not None and victim_group.popen.poll() is not None,

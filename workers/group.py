@@ -104,15 +104,20 @@ def preload(actors_module: str) -> None:
     every start and restart of the group, paid by all of them at once on a machine of two cores. Nothing is
     connected here; each process drops whatever pools it inherited when it boots
     (`app.worker_services.after_fork`). A module that fails to import is left to the processes, which fail
-    the same way and report it as Dramatiq does (the group then ends: `run_group`)."""
+    the same way and report it as Dramatiq does (the group then ends: `run_group`). What was imported is
+    frozen out of the collector's view here, as each process freezes what it built (`app.heap`): a process's
+    first full collection, at its boot, then walks only its own objects, and never writes to the pages it
+    shares with its parent."""
     try:
         importlib.import_module(actors_module)
     except Exception:
         log.debug("preloading %s failed; each worker process imports it itself", actors_module, exc_info=True)
         return
     from app import llm_client
+    from app.heap import freeze_after_boot
 
     llm_client.warm_up()
+    freeze_after_boot()
 
 
 def run_group(start: Callable[[], int], *, restart: bool = True) -> int:
