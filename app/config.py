@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     recovery_interval_seconds: Seconds = 5.0
     enqueue_grace_seconds: Seconds = 5.0
     stale_pending_seconds: float = Field(default=300.0, gt=0, le=YEAR)
+    max_pending_seconds: float = Field(default=900.0, gt=0, le=YEAR)
     turn_grace_seconds: float = Field(default=60.0, ge=0, le=DAY)
     default_max_tokens: int = Field(default=1024, ge=1, le=10_000_000)
     default_context_window: int = Field(default=8192, ge=256, le=100_000_000)

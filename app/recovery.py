@@ -27,6 +27,9 @@ Four cracks, one sweep every `AGENTQ_RECOVERY_INTERVAL_SECONDS`:
   due: a sweep's cost does not grow with the turns in flight, only with the pending ones sent in the few
   seconds after the enqueue grace, whose receipts it looks up (none unless turns wait in a queue; a
   worker process's first sweep, every pending one younger than the stale-pending rule).
+And one bound: a turn still `pending` `AGENTQ_MAX_PENDING_SECONDS` after it was accepted (or requeued),
+behind a backlog or with no worker serving its queue, is ended as `error` instead of being sent
+(`app.deliveries.waited_too_long_reason`), while any worker process sweeps.
 Sending is idempotent (a worker that finds a turn finished or owned does nothing), and a
 compare-and-set on `enqueued_at` keeps several sweepers from sending the same turn twice. The last two
 cracks take a lease from its holder, which a sweep does only once the database has answered it for a
@@ -53,6 +56,7 @@ from app import outbox
 from app.clock import lease_now
 from app.config import get_settings
 from app.db import transaction
+from app.deliveries import waited_too_long_reason
 from app.dispatch import message_id, receipt_key, receipt_look_seconds
 from app.in_flight import answer_in_flight, in_flight, status_is
 from app.leases import renewal_seconds
@@ -62,6 +66,7 @@ from app.outages import is_outage, log_failure
 from app.prepared import Prepared
 from app.redis_client import get_redis, key, lua_script
 from app.run_kinds import TEST_RUN, TURN, RunKind
+from app.turn_runner import abandon_turn
 from app.turn_state import lease_over
 from app.turn_status import TurnStatus
 
@@ -77,6 +82,8 @@ def epoch_key() -> str:
 class RecoveryReport:
     sent: list[int] = field(default_factory=list)
     debug_sent: list[int] = field(default_factory=list)
+    ended: list[int] = field(default_factory=list)
+    """Turns ended as `error` for having waited too long for a worker."""
     redis_lost: bool = False
     unsent: int = 0
     receipts_unchecked: bool = False
@@ -169,13 +176,16 @@ class _Conditions:
     no lease to revoke)."""
     unconfirmed: ColumnElement[bool]
     """Pending runs sent a little while ago, due unless their send left its receipt in Redis."""
+    waited_too_long: ColumnElement[bool]
+    """Pending turns that no worker started within `AGENTQ_MAX_PENDING_SECONDS`: ended, not sent."""
 
 
 def _due(status: Any, enqueued_at: Any, created_at: Any, lease_token: Any, lease_expires_at: Any, deadline_at: Any,
-         *, redis_lost: bool, take_over: bool) -> _Conditions:
+         *, pending_since: Any = None, redis_lost: bool, take_over: bool) -> _Conditions:
     """The four cracks as conditions on a run's columns (a turn's, or an admin test run's), so the
     database returns only what is due, or due unless Redis holds its send's receipt; without `take_over`,
-    no run held by a lease (expired or overdue) is."""
+    no run held by a lease (expired or overdue) is. A run with a `pending_since` column (a turn: its answer's
+    last status change) is ended instead once it has been pending too long."""
     now = bindparam("now", type_=DateTime(timezone=True))
     unsent_before = bindparam("unsent_before", type_=DateTime(timezone=True))
     pending, processing = status_is(status, TurnStatus.PENDING), status_is(status, TurnStatus.PROCESSING)
@@ -191,25 +201,30 @@ def _due(status: Any, enqueued_at: Any, created_at: Any, lease_token: Any, lease
     overdue = and_(processing, not_(over), lease_token.is_not(None), deadline_at < now) if take_over else false()
     expired = and_(processing, over, not_just_sent) if take_over else false()
     due = or_(and_(pending, unsent), expired, overdue)
-    return _Conditions(or_(due, handed_over) if redis_lost else due, overdue, and_(unconfirmed, not_(due)))
+    waited_too_long = false() if pending_since is None else and_(
+        pending, pending_since < bindparam("pending_before", type_=DateTime(timezone=True)))
+    return _Conditions(or_(due, handed_over) if redis_lost else due, overdue, and_(unconfirmed, not_(due)),
+                       waited_too_long)
 
 
 @cache
 def _due_runs(redis_lost: bool, take_over: bool) -> SimpleNamespace:
     turns, messages, runs = table(Turn), table(ConversationMessage), table(DebugRun)
     turn = _due(messages.c.status, turns.c.enqueued_at, turns.c.created_at, turns.c.lease_token,
-                turns.c.lease_expires_at, turns.c.deadline_at, redis_lost=redis_lost, take_over=take_over)
+                turns.c.lease_expires_at, turns.c.deadline_at, pending_since=messages.c.updated_at,
+                redis_lost=redis_lost, take_over=take_over)
     run = _due(runs.c.status, runs.c.enqueued_at, runs.c.created_at, runs.c.lease_token,
                runs.c.lease_expires_at, runs.c.deadline_at, redis_lost=redis_lost, take_over=take_over)
     return SimpleNamespace(
         turns=Prepared(
             select(turns.c.assistant_message_id, turns.c.enqueued_at, turns.c.lease_token,
-                   turn.overdue.label("overdue"), turn.unconfirmed.label("unconfirmed"))
+                   turn.overdue.label("overdue"), turn.unconfirmed.label("unconfirmed"),
+                   turn.waited_too_long.label("waited_too_long"))
             .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
-            .where(answer_in_flight(messages), or_(turn.due, turn.unconfirmed))),
+            .where(answer_in_flight(messages), or_(turn.due, turn.unconfirmed, turn.waited_too_long))),
         runs=Prepared(
             select(runs.c.id, runs.c.enqueued_at, runs.c.lease_token, run.overdue.label("overdue"),
-                   run.unconfirmed.label("unconfirmed"))
+                   run.unconfirmed.label("unconfirmed"), run.waited_too_long.label("waited_too_long"))
             .where(in_flight(runs.c.status), or_(run.due, run.unconfirmed))),
     )
 
@@ -243,9 +258,22 @@ def _without_receipt(rows: list[Any], kind: RunKind, report: RecoveryReport) -> 
     return [row for row in rows if not row.unconfirmed or row[0] in lost]
 
 
+def _end_waited_too_long(rows: list[Any], report: RecoveryReport) -> list[Any]:
+    """End the turns that stayed pending too long (`app.deliveries.waited_too_long_reason`) as `error`, as a
+    dead message's turn is ended (a worker that receives one later finds it ended); the other rows."""
+    reason = None
+    for row in rows:
+        if row.waited_too_long:
+            reason = reason or waited_too_long_reason()
+            if abandon_turn(row[0], reason):
+                report.ended.append(row[0])
+                log.warning("turn %s ended as error: %s", row[0], reason)
+    return [row for row in rows if not row.waited_too_long]
+
+
 def _send_due(rows: list[Any], kind: RunKind, sent: list[int], report: RecoveryReport) -> None:
     """Send each due run again (an overdue one once its lease is revoked), unless another sweeper just did."""
-    for ident, enqueued_at, token, overdue, unconfirmed in _without_receipt(rows, kind, report):
+    for ident, enqueued_at, token, overdue, unconfirmed, _ in _without_receipt(rows, kind, report):
         if overdue and not _revoke_overdue(kind, ident, token):
             continue
         marked = _claim_send(kind, ident, enqueued_at)
@@ -274,8 +302,10 @@ def recover_once(*, first_sweep: bool = False, take_over: bool = True) -> Recove
         cutoffs = {"now": now, "unsent_before": unsent_before,
                    "receipts_since": unsent_before - timedelta(seconds=receipt_look_seconds(first_sweep=first_sweep)),
                    "stale_before": now - timedelta(seconds=settings.stale_pending_seconds),
-                   "sent_before": now - timedelta(seconds=settings.lease_seconds)}
+                   "sent_before": now - timedelta(seconds=settings.lease_seconds),
+                   "pending_before": now - timedelta(seconds=settings.max_pending_seconds)}
         turns, runs = due.turns(session, cutoffs).rows, due.runs(session, cutoffs).rows
+    turns = _end_waited_too_long(turns, report)
     _send_due(turns, TURN, report.sent, report)
     _send_due(runs, TEST_RUN, report.debug_sent, report)
     if report.redis_lost and report.unsent == 0:

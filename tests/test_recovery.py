@@ -642,6 +642,33 @@ def test_a_worker_started_with_queues_serves_only_those_queues(stack: Stack) -> 
     assert (log["status"], log["output"]) == ("success", "echo: later")
 
 
+def test_a_turn_no_worker_starts_within_the_pending_bound_ends_as_error(stack: Stack) -> None:
+    """A turn waiting in a queue no worker serves (a backlog, every turns worker gone) stayed pending for ever,
+    against guarantee 1's bound. The sweep of any worker process (here one serving only the test runs' queue)
+    ends it `error` once it has waited `AGENTQ_MAX_PENDING_SECONDS` (2 s here) since its acceptance: uncharged,
+    both messages ended, the conversation free for the next message."""
+    agent_id = stack.agent(stack.model("never-served", "echo"))
+    _, key = stack.user("waits-for-a-worker")
+    conversation_id = stack.conversation(key, agent_id)
+    stack.start_worker(queues=["debug"], AGENTQ_MAX_PENDING_SECONDS="2")
+    turn = stack.send(key, conversation_id, "is anyone there")
+    accepted = time.monotonic()
+
+    done = stack.wait_terminal(key, turn["id"], timeout=20)
+    waited = time.monotonic() - accepted
+    assert (done["status"], done["error_message"], done["cost"]) == (
+        "error", "no worker started the turn within 2 s of its acceptance (AGENTQ_MAX_PENDING_SECONDS)", None)
+    assert 2 <= waited < 2 + 2 * RECOVERY_INTERVAL + 3
+    statuses = stack.call("GET", f"/api/conversations/{conversation_id}/messages", key).json()["items"]
+    assert [m["status"] for m in statuses] == ["error", "error"]
+    assert charges(stack, turn["id"]) == 0
+    assert stack.call("GET", "/api/me", key).json()["balance"] == "100.000000"
+
+    following = stack.send(key, conversation_id, "and now?")
+    assert stack.call("POST", f"/api/messages/{following['id']}/cancel", key).status_code == 202
+    assert stack.wait_terminal(key, following["id"])["status"] == "cancelled"
+
+
 def scrape(stack: Stack) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     response = stack.http.get("/metrics")
     assert response.status_code == 200
