@@ -159,7 +159,14 @@ def test_a_turn_taken_over_from_a_dead_worker_runs_as_things_stand_at_the_takeov
 
 
 def test_a_group_whose_process_is_killed_starts_again_and_finishes_the_dead_processs_turn(stack: Stack) -> None:
+    """Each process of the group is a worker of its own to Redis (built by the parent before the fork, the
+    broker gave every process one id: a killed process's messages stayed held while its sibling kept the
+    id's heartbeat alive)."""
+    since_ms = time.time() * 1000
     group = stack.start_worker(processes=2, threads=2)
+    heartbeats = f"{stack.key_prefix}-dramatiq:__heartbeats__"
+    wait_for(lambda: stack.redis.client().zcount(heartbeats, since_ms, "+inf") == 2,
+             what="a heartbeat from each of the group's processes")
     agent_id = slow_agent(stack, "slow-restart", "echo;words=30;gap=0.1")
     _, key = stack.user("restart-victim")
     turn = stack.send(key, stack.conversation(key, agent_id), "survive a restart")

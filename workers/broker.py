@@ -14,8 +14,8 @@ Middleware chosen, and why:
 - No TimeLimit: a run is bounded by the agent's own timeout per attempt (see app.llm_client), which
   Dramatiq's asynchronous exception could only break in the middle of a database write.
 - No ShutdownNotifications: on SIGTERM running turns finish within the shutdown grace period.
-- No AgeLimit, Callbacks or Pipelines (Dramatiq's defaults): no message carries their options, and a turn
-  waiting in a queue is never too old to run; the recovery sweep, not an age, decides what is abandoned.
+- No AgeLimit, Callbacks or Pipelines (Dramatiq's defaults): no message carries their options; the recovery
+  sweep, not a message's age, decides what is abandoned (a turn pending past `AGENTQ_MAX_PENDING_SECONDS`).
 
 The Redis broker's consumers have no blocking fetch: an idle consumer sleeps a growing backoff
 between looks at its queue. Here a consumer waits instead for one of two wake-ups, and looks at
@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
+import uuid
 from typing import Any
 
 import dramatiq
@@ -114,6 +116,14 @@ class DoorbellRedisBroker(RedisBroker):
         super().__init__(**options)
         self.poll_ms = poll_ms
         self.doorbell = Doorbell(self.client, channel_name(self.namespace))
+        os.register_at_fork(after_in_child=self._become_a_broker_of_its_own)
+
+    def _become_a_broker_of_its_own(self) -> None:
+        """A forked process is a worker of its own to Redis: its heartbeat, and the messages it holds (which
+        Dramatiq gives back to the queue once that heartbeat stops). The broker is built before the fork
+        (`workers.group.preload`), so every process would otherwise share one id: a dead process's
+        messages would stay held while its siblings kept the id's heartbeat alive."""
+        self.broker_id = str(uuid.uuid4())
 
     def enqueue(self, message: Message, *, delay: int | None = None) -> Message:
         sent = super().enqueue(message, delay=delay)
