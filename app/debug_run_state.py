@@ -100,7 +100,7 @@ def reopen_debug_run(session: Session, run_id: int, enqueued_at: datetime) -> in
         update(DebugRun)
         .where(DebugRun.id == run_id, DebugRun.status.in_(sources_for(TurnStatus.PENDING)))
         .values(status=TurnStatus.PENDING.value, error_message=None, lease_token=None, lease_expires_at=None,
-                deliveries=0, enqueued_at=enqueued_at, updated_at=utc_now())
+                deliveries=0, fell_back=False, enqueued_at=enqueued_at, updated_at=utc_now())
         .returning(DebugRun.agent_id)
         .execution_options(synchronize_session=False)
     ).first()  # the row, not the rowcount: SQLite counts none for an UPDATE ... RETURNING

@@ -45,7 +45,7 @@ def run_debug_run(run_id: int) -> None:
             return
         run = session.get_one(DebugRun, run_id)
         agent = setup_of(session, session.get_one(Agent, run.agent_id))
-        content = run.input
+        content, fallen_back = run.input, run.fell_back
     token = claim.token
     assert token is not None
     started = time.monotonic()
@@ -59,7 +59,9 @@ def run_debug_run(run_id: int) -> None:
                 return
             outcome = call_with_fallback(agent.primary, agent.fallback,
                                          lambda target: agent.prompt_for(target, [], content).messages,
-                                         agent.params, AnswerSink(), holding.stop, ends_by=ends_by)
+                                         agent.params, AnswerSink(), holding.stop, ends_by=ends_by,
+                                         fallen_back=fallen_back,
+                                         falling_back=lambda: TEST_RUN.mark_fallen_back(run_id, token))
             latency_ms = int((time.monotonic() - started) * 1000)
             cost = _record_result(run_id, token, claim.deliveries, outcome, latency_ms)
             metrics.observe_cost("test_run", cost)

@@ -102,9 +102,11 @@ def call_with_fallback(
     *,
     ends_by: float | None = None,
     fallen_back: bool = False,
+    falling_back: Callable[[], None] | None = None,
 ) -> Outcome:
     """Each model in turn (`attempt_order`) until one answers or a failure does not allow the next; only the
-    fallback for a run that switched to it in an earlier delivery (`fallen_back`).
+    fallback for a run that switched to it in an earlier delivery (`fallen_back`). `falling_back` is told
+    before the fallback is called after the primary failed, so that the run remembers the switch.
 
     Each attempt is bounded by the agent's timeout and, for a delivery that inherited its run's deadline,
     by what is left of its model time (`ends_by`, on `time.monotonic()`, from `app.deliveries.attempts_end_by`):
@@ -145,6 +147,8 @@ def call_with_fallback(
             log.warning("model %s failed after %s ms (%s)%s", target.name, failure.latency_ms, failure,
                         f"; falling back to {fallback.name}" if falls_back and fallback else "")
             if falls_back:
+                if falling_back is not None:
+                    falling_back()
                 continue
             return outcome
         outcome.attempts.append(_record(target, "success", None, completion.latency_ms, completion.first_token_ms,

@@ -55,16 +55,6 @@ def _entries(turn_id: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
         return []
 
 
-def model_streamed(turn_id: int) -> str | None:
-    """The model the turn's live stream last announced (its last `status` entry names the model each attempt
-    calls): the one a delivery that died was calling. None without such an entry (no stream, Redis lost it
-    or cannot be reached)."""
-    for _, fields in reversed(_entries(turn_id)):
-        if fields[b"type"] == b"status":
-            return json.loads(fields[b"data"]).get("model")
-    return None
-
-
 def text_streamed(turn_id: int) -> tuple[int, str] | None:
     """The last attempt the turn's live stream holds and its text, whole from the start: what a delivery that
     died had sent its readers. None when there is no text, or not all of it (the stream trimmed or lost with

@@ -90,6 +90,19 @@ class RunKind:
             return bool(session.scalar(select(exists().where(
                 self.key == ident, self.model.lease_token.is_(None), self.model.updated_at == stamp))))
 
+    def mark_fallen_back(self, ident: int, token: str) -> None:
+        """The delivery holding lease `token` switches the run to its fallback: a delivery that takes the run
+        over (its worker died during the fallback's call) reads this with its claim and calls the fallback
+        alone, where it called the primary that had just failed again, switching twice in one run. Best
+        effort: a write that fails (the database away for a moment) is logged, and the fallback is called
+        all the same."""
+        try:
+            with transaction() as session:
+                session.execute(update(self.model).where(self.key == ident, self.model.lease_token == token)
+                                .values(fell_back=True).execution_options(synchronize_session=False))
+        except Exception as exc:
+            warn_of(log, exc, "could not record that %s %s switched to its fallback", self.label, ident)
+
     def hand_to_retry(self, ident: int, token: str) -> None:
         """A delivery that failed hands its run to Dramatiq's retry: its lease is revoked, so the retry's claim
         takes the run over at once instead of waiting for the lease to run out, and the sweep leaves it to

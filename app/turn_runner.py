@@ -24,7 +24,7 @@ from app.db import plain_transaction, transaction
 from app.deliveries import attempts_end_by, give_up_reason
 from app.fallback import Outcome, call_with_fallback
 from app.leases import Holding, keeper
-from app.live_stream import TurnStream, model_streamed, text_streamed
+from app.live_stream import TurnStream, text_streamed
 from app.logging_setup import turn_context
 from app.model_target import ModelTarget
 from app.moderation import moderate
@@ -62,6 +62,8 @@ class TurnContext:
     reserved: Decimal
     delivery: int
     """This delivery's number (`deliveries` at its claim), which names its stream's attempts and records."""
+    fallen_back: bool
+    """An earlier delivery switched the run to its fallback (`Turn.fell_back`): this one calls the fallback alone."""
     gives_up: str | None
     """Why this delivery ends the turn as `error` without a model call (`app.deliveries.give_up_reason`)."""
     ends_by: float | None
@@ -84,7 +86,7 @@ def _load_context(unit: Unit, claim: ClaimResult) -> TurnContext:
         turn_id=turn.assistant_message_id, question_id=turn.user_message_id, token=claim.token,
         user_id=turn.user_id, conversation_id=turn.conversation_id, content=row.content,
         history=successful_history(unit, turn.conversation_id, before_seq=row.seq) if row.seq > 1 else [],
-        agent=setup_in_row(row), reserved=turn.reserved_amount, delivery=claim.deliveries,
+        agent=setup_in_row(row), reserved=turn.reserved_amount, delivery=claim.deliveries, fallen_back=turn.fell_back,
         gives_up=give_up_reason(claim.deliveries, claim.time_left), ends_by=attempts_end_by(claim.time_left),
     )
 
@@ -149,14 +151,14 @@ def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) ->
         _settle_cancelled(context, _stopped_before_this_delivery(context), 0, stream)
         return
     agent = context.agent
-    fallen_back = agent.fallback is not None and _model_of_a_dead_delivery(context) is agent.fallback
-    stream.status(TurnStatus.PROCESSING, (agent.fallback if fallen_back and agent.fallback else agent.primary).name)
+    stream.status(TurnStatus.PROCESSING, _first_model(context).name)
     verdict = moderate(context.content)
     if not verdict.passed:
         _settle_failure(context, TurnStatus.CONTENT_VIOLATION, verdict.error_message, stream)
         return
     outcome = call_with_fallback(agent.primary, agent.fallback, context.prompt_for, agent.params, stream, stop,
-                                 ends_by=context.ends_by, fallen_back=fallen_back)
+                                 ends_by=context.ends_by, fallen_back=context.fallen_back,
+                                 falling_back=lambda: TURN.mark_fallen_back(context.turn_id, context.token))
     elapsed_ms = int((time.monotonic() - started) * 1000)
     if outcome.completion is not None:
         _settle_success(context, outcome, elapsed_ms, stream)
@@ -174,23 +176,14 @@ def _stopped_before_this_delivery(context: TurnContext) -> Outcome:
     streamed = text_streamed(context.turn_id) if context.delivery > 1 else None
     if streamed is None:
         return Outcome(cancelled=True)
-    model = _model_of_a_dead_delivery(context) or context.agent.primary
-    return Outcome(model=model, cancelled=True, partial=streamed[1], partial_failed=True)
+    return Outcome(model=_first_model(context), cancelled=True, partial=streamed[1], partial_failed=True)
 
 
-def _model_of_a_dead_delivery(context: TurnContext) -> ModelTarget | None:
-    """For a delivery that took the turn over: which of the agent's models the dead one was calling, as its
-    live stream announced it (`app.live_stream.model_streamed`). A turn whose dead worker had switched to the
-    fallback goes on with the fallback: calling the primary again would switch twice, and spend the run's
-    deadline, counted from the first delivery, on a model that already failed. None for a first delivery, or
-    when the stream is gone (Redis lost it): the delivery then starts from the primary."""
-    if context.delivery <= 1:
-        return None
-    name = model_streamed(context.turn_id)
+def _first_model(context: TurnContext) -> ModelTarget:
+    """The model this delivery calls first: the fallback for a run that switched to it in an earlier delivery
+    (`Turn.fell_back`), whose text a stop before this delivery keeps too."""
     agent = context.agent
-    if agent.fallback is not None and name == agent.fallback.name:
-        return agent.fallback
-    return agent.primary if name == agent.primary.name else None
+    return agent.fallback if context.fallen_back and agent.fallback is not None else agent.primary
 
 
 def _worst_case(context: TurnContext, turn: TurnRow) -> Decimal:

@@ -73,10 +73,11 @@ class TurnRow:
     deliveries: int
     reserved_amount: Decimal
     cancel_requested_at: datetime | None
+    fell_back: bool
 
 
 _TURN_COLUMNS = ("assistant_message_id", "user_message_id", "conversation_id", "user_id", "deliveries",
-                 "reserved_amount", "cancel_requested_at")
+                 "reserved_amount", "cancel_requested_at", "fell_back")
 
 
 @cache
@@ -234,7 +235,7 @@ def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
     if not outcome.acquires:
         return ClaimResult(outcome)
     turn = TurnRow(row.assistant_message_id, row.user_message_id, row.conversation_id, row.user_id,
-                   row.deliveries + 1, row.reserved_amount, row.cancel_requested_at)
+                   row.deliveries + 1, row.reserved_amount, row.cancel_requested_at, row.fell_back)
     deadline = delivery_deadline(judged_at, row.timeout_seconds, row.fallback_model_id is not None,
                                  stored=utc(row.deadline_at), taken_over=outcome is Claim.TAKEN_OVER)
     claim = ClaimResult(outcome, turn, new_lease_token(), turn.deliveries, row, time_left=deadline.time_left)
@@ -357,6 +358,7 @@ def reopen_turn(session: Session, turn_id: int, enqueued_at: datetime) -> Turn:
         raise TransitionRefused(f"turn {turn_id} does not exist")
     _move_with_error(session, turn, TurnStatus.PENDING, None)
     turn.cancel_requested_at = None  # the operator's requeue is a new start: no earlier stop carries over
+    turn.fell_back = False  # nor an earlier switch to the fallback
     turn.lease_token = None
     turn.lease_expires_at = None
     turn.enqueued_at = enqueued_at

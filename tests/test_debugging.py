@@ -294,6 +294,36 @@ def test_an_execution_test_falls_back_like_a_turn(world, upstream) -> None:  # t
     assert _attempts(log["id"]) == [("flaky", "server_error", None), ("backup", "success", None)]
     assert _count("model_attempts") == 2
     assert (_balances(), _ledger_size()) == (balances, ledger_size)
+    assert _fell_back(log["id"]) is True  # what a delivery taking the run over would read
+
+
+def _fell_back(log_id: int) -> bool:
+    from app.db import transaction
+    from app.models import DebugRun
+
+    with transaction() as session:
+        return session.get_one(DebugRun, log_id).fell_back
+
+
+def test_an_execution_test_that_switched_to_its_fallback_before_its_worker_died_calls_the_fallback_alone(  # type: ignore[no-untyped-def]
+        world, upstream, unreachable_broker) -> None:
+    """A run is sent again after its worker died during the fallback's call (here: marked so while its send
+    waits for the sweep): that delivery called the primary, which had failed, again; it calls the fallback
+    alone, as a turn's delivery does, since a run switches once."""
+    from sqlalchemy import update
+
+    from app.db import transaction
+    from app.models import DebugRun
+
+    agent_id = world.agent(world.model("flaky", upstream="echo;fail=500"), world.model("backup"), timeout_seconds=5)
+    log_id = _execute(world, agent_id, "hello again")
+    with transaction() as session:
+        session.execute(update(DebugRun).where(DebugRun.id == log_id).values(fell_back=True))
+
+    log = _wait_log(world, log_id)
+    assert (log["status"], log["model"], log["output"]) == ("success", "backup", "echo: hello again")
+    assert upstream.models() == ["echo"]
+    assert _attempts(log_id) == [("backup", "success", None)]
 
 
 @pytest.mark.parametrize(("upstream_model", "output", "outcome", "error"), [

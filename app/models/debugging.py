@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import CheckConstraint, DateTime, ForeignKey, Index, Integer, String, Text, text
+from sqlalchemy import Boolean, CheckConstraint, DateTime, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import SHORT_TEXT_CHARS, Base, Id, Money, created_at_column, id_column, updated_at_column
@@ -41,6 +41,9 @@ class DebugRun(Base):
     deadline_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     deliveries: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    fell_back: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
+    """The run switched to its agent's fallback model, in a delivery since its last requeue: a delivery that
+    takes it over calls the fallback alone, since a run switches once (`app.run_kinds.RunKind.mark_fallen_back`)."""
     created_at: Mapped[datetime] = created_at_column()
     updated_at: Mapped[datetime] = updated_at_column()
 
