@@ -197,9 +197,10 @@ def stream_chat(
         except AttemptFailed:
             raise
         except (ValueError, TypeError, AttributeError) as exc:
-            raise attempt.interrupted(attempt.silent) or attempt.failed(
-                FailureKind.BAD_RESPONSE,
-                f"the stream sent a chunk that is not a chat completion chunk: {exc!r}") from exc
+            if not attempt.answered:
+                raise attempt.interrupted(attempt.silent) or attempt.failed(
+                    FailureKind.BAD_RESPONSE,
+                    f"the stream sent a chunk that is not a chat completion chunk: {exc!r}") from exc
         except (httpx2.TransportError, openai.APIError, OSError) as exc:
             if not attempt.answered:
                 raise attempt.broken(exc) from exc

@@ -6,10 +6,10 @@ Behaviour is chosen by the upstream model name, so one server plays every provid
 cleanly there, with no finish_reason and no `[DONE]`), `garbage_after=2` (a chunk that is not a chat
 completion chunk), `words=40`, `no_usage`, `hold_after_done=30` (the body stays open after `[DONE]`),
 `hang_after_finish=30` (the answer's `finish_reason` and usage are sent, then the stream says nothing,
-with no `[DONE]`), `redirect` (a 307 to the same path first; the directives then apply to the redirected
-request), `unstorable` (the answer, or a failure's message, holds a NUL and a lone surrogate, which a
-database cannot store), `reported_tokens=N` (the usage it reports, for the prompt and the answer alike,
-whatever they were).
+with no `[DONE]`), `garbage_after_finish` (a chunk that is not a chat completion chunk after the usage),
+`redirect` (a 307 to the same path first; the directives then apply to the redirected request),
+`unstorable` (the answer, or a failure's message, holds a NUL and a lone surrogate, which a database cannot
+store), `reported_tokens=N` (the usage it reports, for the prompt and the answer alike, whatever they were).
 Every request body is logged with the client's port (`GET /_requests`: one port per connection),
 and each stream's fate is recorded
 (`GET /_streams`: completed, cut, stalled or disconnected by the client), so tests can prove what
@@ -45,6 +45,7 @@ class Script:
     hold_after_done: float = 0.0
     hang_after_finish: float = 0.0
     redirect: bool = False
+    garbage_after_finish: bool = False
     unstorable: bool = False
     reported_tokens: int | None = None
 
@@ -55,7 +56,7 @@ class Script:
             name, _, value = part.partition("=")
             if name == "no_usage":
                 script.usage = False
-            elif name in ("redirect", "unstorable"):
+            elif name in ("redirect", "unstorable", "garbage_after_finish"):
                 setattr(script, name, True)
             elif name in ("ttft", "gap", "hang_headers", "hold_after_done", "hang_after_finish"):
                 setattr(script, name, float(value))
@@ -172,6 +173,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             payload = {"id": ident, "object": "chat.completion.chunk", "created": int(time.time()),
                        "model": model, "choices": [], "usage": usage}
             await response.write(f"data: {json.dumps(payload)}\n\n".encode())
+        if script.garbage_after_finish:
+            await response.write(b'data: ["not", "a", "chunk"]\n\n')
         if script.hang_after_finish:
             state.record(ident, "hung", opened_in)
             await pause(request, script.hang_after_finish)

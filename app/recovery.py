@@ -258,16 +258,21 @@ def _without_receipt(rows: list[Any], kind: RunKind, report: RecoveryReport) -> 
     return [row for row in rows if not row.unconfirmed or row[0] in lost]
 
 
-def _end_waited_too_long(rows: list[Any], report: RecoveryReport) -> list[Any]:
+def _end_waited_too_long(rows: list[Any], pending_before: datetime, report: RecoveryReport) -> list[Any]:
     """End the turns that stayed pending too long (`app.deliveries.waited_too_long_reason`) as `error`, as a
-    dead message's turn is ended (a worker that receives one later finds it ended); the other rows."""
-    reason = None
+    dead message's turn is ended (a worker that receives one later finds it ended), each only if it is still
+    pending since before the cutoff once locked; the other rows. One that cannot be ended now (the database
+    away for a moment) is left to the next sweep, and the rest of this sweep goes on."""
+    reason = waited_too_long_reason()
     for row in rows:
-        if row.waited_too_long:
-            reason = reason or waited_too_long_reason()
-            if abandon_turn(row[0], reason):
+        if not row.waited_too_long:
+            continue
+        try:
+            if abandon_turn(row[0], reason, pending_before=pending_before):
                 report.ended.append(row[0])
                 log.warning("turn %s ended as error: %s", row[0], reason)
+        except Exception as error:
+            log_failure(log, error, f"ending turn {row[0]}, pending too long")
     return [row for row in rows if not row.waited_too_long]
 
 
@@ -305,7 +310,7 @@ def recover_once(*, first_sweep: bool = False, take_over: bool = True) -> Recove
                    "sent_before": now - timedelta(seconds=settings.lease_seconds),
                    "pending_before": now - timedelta(seconds=settings.max_pending_seconds)}
         turns, runs = due.turns(session, cutoffs).rows, due.runs(session, cutoffs).rows
-    turns = _end_waited_too_long(turns, report)
+    turns = _end_waited_too_long(turns, cutoffs["pending_before"], report)
     _send_due(turns, TURN, report.sent, report)
     _send_due(runs, TEST_RUN, report.debug_sent, report)
     if report.redis_lost and report.unsent == 0:

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, replace
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -281,11 +282,12 @@ def _settle_failure(context: TurnContext, status: TurnStatus, reason: str, strea
             content=content)
 
 
-def abandon_turn(turn_id: int, reason: str) -> bool:
-    """End a turn as `error` when its message died (retries exhausted), or as `cancelled` when its user had
-    asked it to stop; frees its reservation and slot."""
+def abandon_turn(turn_id: int, reason: str, *, pending_before: datetime | None = None) -> bool:
+    """End a turn as `error` when its message died (retries exhausted) or, with `pending_before`, when it was
+    still pending since before then (the recovery sweep's bound on waiting for a worker); as `cancelled`
+    when its user had asked it to stop. Frees its reservation and slot."""
     with transaction() as session:
-        ended = end_unowned(session, turn_id, TurnStatus.ERROR, reason)
+        ended = end_unowned(session, turn_id, TurnStatus.ERROR, reason, pending_before=pending_before)
     if ended is None:
         return False
     announce_unowned_end(ended)

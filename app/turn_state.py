@@ -316,8 +316,14 @@ def finish_turn(
                    a_cost=cost, a_latency_ms=latency_ms)
 
 
-def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus,
-                     error_message: str) -> tuple[Turn, TurnStatus] | None:
+def _pending_since_before(session: Session, turn_id: int, moment: datetime) -> bool:
+    answer = session.execute(select(ConversationMessage.status, ConversationMessage.updated_at)
+                             .where(ConversationMessage.id == turn_id)).first()
+    return answer is not None and answer.status == TurnStatus.PENDING.value and utc(answer.updated_at) < moment
+
+
+def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_message: str, *,
+                     pending_before: datetime | None = None) -> tuple[Turn, TurnStatus] | None:
     """End an in-flight turn without holding its lease: retries exhausted, or cancelled before a worker.
 
     Whatever a worker had reserved for it is given back here, as a settlement would (`finish_turn`),
@@ -326,6 +332,10 @@ def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus,
     and recovery takes over. A stop its user asked for wins over any other end, as it does over a
     worker's (`finish_turn`): the user was told it would end `cancelled`. Returns the turn and the status
     it ended with, or None when it was not ended here.
+
+    With `pending_before`, only a turn still `pending` since before that moment is ended, judged under the
+    turn's lock (which a claim takes too): the sweep that found it waiting too long read it earlier, and a
+    worker may have claimed it since, even handed it to a retry, leaving no lease to protect it.
     """
     locked = session.execute(
         select(Turn, DatabaseNow()).where(Turn.assistant_message_id == turn_id).with_for_update()
@@ -334,6 +344,8 @@ def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus,
         return None
     turn, now = locked
     if lease_held(turn.lease_token, turn.lease_expires_at, lease_time(now)):
+        return None
+    if pending_before is not None and not _pending_since_before(session, turn_id, pending_before):
         return None
     if turn.cancel_requested_at is not None:
         target, error_message = TurnStatus.CANCELLED, STOPPED

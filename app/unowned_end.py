@@ -10,6 +10,7 @@ start, or a reader see `done`, while the ending could still be rolled back.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy.orm import Session
 
@@ -27,10 +28,11 @@ class UnownedEnd:
     """The status the turn ended with: the one asked for, or `cancelled` where its user's stop came first."""
 
 
-def end_unowned(session: Session, turn_id: int, status: TurnStatus, reason: str) -> UnownedEnd | None:
-    """In the caller's transaction; None when the turn was not ended here (it had ended, or a live lease
-    says a worker runs it)."""
-    ended = end_turn_unowned(session, turn_id, status, reason)
+def end_unowned(session: Session, turn_id: int, status: TurnStatus, reason: str, *,
+                pending_before: datetime | None = None) -> UnownedEnd | None:
+    """In the caller's transaction; None when the turn was not ended here (it had ended, a live lease says a
+    worker runs it, or, with `pending_before`, it is no longer pending since before then)."""
+    ended = end_turn_unowned(session, turn_id, status, reason, pending_before=pending_before)
     if ended is None:
         return None
     turn, final = ended

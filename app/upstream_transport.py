@@ -186,16 +186,16 @@ def _give_up_at(timeout: float | None) -> float:
     return math.inf if timeout is None else time.monotonic() + timeout
 
 
-def _addresses(host: str, port: int, guard: AttemptGuard) -> list[_Address]:
-    """`host`'s addresses (an address is its own, with no lookup), or a connect error as soon as the attempt
-    is stopped or out of time."""
+def _addresses(host: str, port: int, guard: AttemptGuard, timeout: float | None) -> list[_Address]:
+    """`host`'s addresses (an address is its own, with no lookup), or a connect error at the connect's
+    `timeout` or as soon as the attempt is stopped or out of time."""
     try:
         return _socket_addresses(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST))
     except socket.gaierror:
         pass
     lookup = _Lookup(host, port)
     lookup.start()
-    _wait_a_tick_at_a_time(lookup.done.wait, guard, math.inf, f"looking up {host}")
+    _wait_a_tick_at_a_time(lookup.done.wait, guard, _give_up_at(timeout), f"looking up {host}")
     if lookup.error is not None:
         raise httpcore2.ConnectError(f"looking up {host}: {lookup.error}") from lookup.error
     return lookup.addresses
@@ -281,7 +281,7 @@ class _AttemptSocketBackend(httpcore2.NetworkBackend):
         if guard is None:
             return _AttemptSocketStream(self._inner.connect_tcp(host, port, timeout, local_address, socket_options))
         failure: Exception = httpcore2.ConnectError(f"{host} has no address")
-        for address in _addresses(host, port, guard):
+        for address in _addresses(host, port, guard, timeout):
             try:
                 return _AttemptSocketStream(SyncStream(
                     _connect(address, guard, timeout, local_address, socket_options or ())))

@@ -152,6 +152,18 @@ def test_a_stream_held_open_after_its_finished_answer_ends_the_turn_with_that_an
     wait_for(lambda: list(upstream.streams().values()) == ["disconnected"], what="the upstream to see the close")
 
 
+def test_a_malformed_chunk_after_the_finished_answer_ends_the_turn_with_that_answer(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """A chunk that is not a chat completion chunk after the answer's `finish_reason` and usage was taken for
+    a bad response: the fallback was called for an answer that was complete."""
+    primary_upstream = "echo;garbage_after_finish"
+    agent_id = world.agent(world.model("primary", upstream=primary_upstream), world.model("fallback"))
+    _, key = world.user()
+    done = world.wait_terminal(key, world.send(key, world.conversation(key, agent_id)).json["assistant_message"]["id"])
+    assert (done["status"], done["model"], done["content"]) == ("success", "primary", "echo: hello")
+    assert (done["prompt_tokens"], done["completion_tokens"]) == (7, 2)
+    assert upstream.models() == [primary_upstream]
+
+
 def test_a_400_falls_back_only_to_a_larger_context_window(world, upstream) -> None:  # type: ignore[no-untyped-def]
     primary = world.model("small", upstream="echo;fail=400", context_window=1000)
     same = world.model("same", upstream="echo", context_window=1000)
