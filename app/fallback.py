@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+from app import metrics
 from app.agent_setup import AgentParams
 from app.answer_sink import AnswerSink
 from app.config import get_settings
@@ -147,6 +148,7 @@ def call_with_fallback(
             log.warning("model %s failed after %s ms (%s)%s", target.name, failure.latency_ms, failure,
                         f"; falling back to {fallback.name}" if falls_back and fallback else "")
             if falls_back:
+                metrics.observe_fallback()
                 if falling_back is not None:
                     falling_back()
                 continue

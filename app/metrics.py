@@ -31,10 +31,13 @@ FIRST_TOKEN = Histogram("agentq_llm_first_token_seconds", "Time to the first tok
                         buckets=LATENCY_BUCKETS)
 
 
+def observe_fallback() -> None:
+    """Counted when a run switches, which it does once (`app.fallback`): a run whose worker died during the
+    fallback's call is not counted again by the delivery that takes it over and calls the fallback alone."""
+    FALLBACKS.inc()
+
+
 def observe_attempts(attempts: Iterable[AttemptRecord]) -> None:
-    attempts = list(attempts)
-    if len(attempts) > 1:
-        FALLBACKS.inc()
     for attempt in attempts:
         ATTEMPTS.labels(attempt.model_name, attempt.outcome).inc()
         LLM_LATENCY.labels(attempt.model_name).observe(attempt.latency_ms / 1000)
