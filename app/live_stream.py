@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 from collections import deque
+from dataclasses import dataclass
 
 import redis
 
@@ -47,29 +48,37 @@ def attempt_number(delivery: int, index: int) -> int:
     return delivery * 100 + index
 
 
-def _entries(turn_id: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    """The turn's whole live stream (a bounded length), or nothing when Redis cannot be reached."""
-    try:
-        return get_redis().xrange(stream_key(turn_id))
-    except redis.RedisError:
-        return []
+@dataclass(frozen=True, slots=True)
+class Streamed:
+    """The text of the last attempt a turn's live stream holds, and the model its `status` entry named (None
+    when that entry was trimmed away)."""
+
+    text: str
+    model: str | None
 
 
-def text_streamed(turn_id: int) -> tuple[int, str] | None:
+def text_streamed(turn_id: int) -> Streamed | None:
     """The last attempt the turn's live stream holds and its text, whole from the start: what a delivery that
-    died had sent its readers. None when there is no text, or not all of it (the stream trimmed or lost with
-    Redis), or Redis cannot be reached."""
-    entries = _entries(turn_id)
+    died had sent its readers, and which model wrote it. None when there is no text, or not all of it (the
+    stream trimmed or lost with Redis), or Redis cannot be reached."""
+    try:
+        entries = get_redis().xrange(stream_key(turn_id))
+    except redis.RedisError:
+        return None
     last = max((int(fields.get(b"a", b"0")) for _, fields in entries), default=None)
-    text = ""
+    text, model = "", None
     for _, fields in entries:
-        if fields[b"type"] != b"delta" or int(fields[b"a"]) != last:
+        if int(fields.get(b"a", b"0")) != last:
+            continue
+        if fields[b"type"] == b"status":
+            model = json.loads(fields[b"data"]).get("model")
+        if fields[b"type"] != b"delta":
             continue
         start, piece = int(fields[b"o"]), fields[b"data"].decode()
         if start > len(text):
             return None
         text += piece[len(text) - start:]
-    return (last, text) if last is not None and text else None
+    return Streamed(text, model) if last is not None and text else None
 
 
 class _Publisher:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import inspect, select
 from sqlalchemy.exc import DBAPIError
 
 from app.db import database_location, get_engine
 from app.errors import AgentqError
-from app.models import User
+from app.models import Base, User
 from app.outages import schema_missing
 from app.redis_client import get_redis
 
@@ -49,15 +49,30 @@ class SchemaMissing(AgentqError):
 def require_schema() -> None:
     """Refuse to start a worker against a database without agentq's tables (never initialised, or a
     relative SQLite path opened from another directory): it would take every turn off the queue only to
-    dead-letter it, and leave its message pending. A database out of reach is let through: the worker
-    rides that out like any outage."""
+    dead-letter it, and leave its message pending. Nor against one a release's new columns were not added
+    to (workers deployed before `agentq db init` ran): every claim would fail the same way. A database out of
+    reach is let through: the worker rides that out like any outage."""
     try:
         state = _database()
+        missing = _missing_columns() if state == "ok" else []
     finally:  # the worker group's parent serves nothing: no connection of its own to keep open
         get_engine().dispose()
     if state == NO_SCHEMA:
         raise SchemaMissing(f"The database {database_location()} has no agentq schema: run `agentq db init` "
                             "against it first (a SQLite path is relative to the directory a command runs in).")
+    if missing:
+        raise SchemaMissing(f"The database {database_location()} lacks the columns {', '.join(missing)} of this "
+                            "release: run `agentq db init` against it to upgrade it.")
+
+
+def _missing_columns() -> list[str]:
+    """The models' columns the database's tables lack, as `table.column`."""
+    inspector = inspect(get_engine())
+    missing = []
+    for table in Base.metadata.sorted_tables:
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        missing += [f"{table.name}.{column.name}" for column in table.columns if column.name not in present]
+    return missing
 
 
 def _database() -> str:

@@ -93,9 +93,11 @@ class RunKind:
     def mark_fallen_back(self, ident: int, token: str) -> None:
         """The delivery holding lease `token` switches the run to its fallback: a delivery that takes the run
         over (its worker died during the fallback's call) reads this with its claim and calls the fallback
-        alone, where it called the primary that had just failed again, switching twice in one run. Best
-        effort: a write that fails (the database away for a moment) is logged, and the fallback is called
-        all the same."""
+        alone, where it called the primary that had just failed again, switching twice in one run. Written
+        before the fallback's call, a round trip of a millisecond or two, so that a worker killed during
+        that call has left it (a database that does not answer delays the fallback by its connect timeout;
+        the run could not be settled meanwhile either). Best effort: a write that fails is logged, the
+        fallback is called all the same, and a takeover then starts from the primary, as before the mark."""
         try:
             with transaction() as session:
                 session.execute(update(self.model).where(self.key == ident, self.model.lease_token == token)

@@ -177,12 +177,15 @@ def _stopped_before_this_delivery(context: TurnContext) -> Outcome:
     streamed = text_streamed(context.turn_id) if context.delivery > 1 else None
     if streamed is None:
         return Outcome(cancelled=True)
-    return Outcome(model=_first_model(context), cancelled=True, partial=streamed[1], partial_failed=True)
+    agent = context.agent
+    wrote = next((target for target in (agent.primary, agent.fallback)
+                  if target is not None and target.name == streamed.model), _first_model(context))
+    return Outcome(model=wrote, cancelled=True, partial=streamed.text, partial_failed=True)
 
 
 def _first_model(context: TurnContext) -> ModelTarget:
     """The model this delivery calls first: the fallback for a run that switched to it in an earlier delivery
-    (`Turn.fell_back`), whose text a stop before this delivery keeps too."""
+    (`Turn.fell_back`)."""
     agent = context.agent
     return agent.fallback if context.fallen_back and agent.fallback is not None else agent.primary
 

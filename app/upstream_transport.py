@@ -186,31 +186,31 @@ def _give_up_at(timeout: float | None) -> float:
     return math.inf if timeout is None else time.monotonic() + timeout
 
 
-def _addresses(host: str, port: int, guard: AttemptGuard, timeout: float | None) -> list[_Address]:
-    """`host`'s addresses (an address is its own, with no lookup), or a connect error at the connect's
-    `timeout` or as soon as the attempt is stopped or out of time."""
+def _addresses(host: str, port: int, guard: AttemptGuard, give_up: float) -> list[_Address]:
+    """`host`'s addresses (an address is its own, with no lookup), or a connect error at `give_up` (the end
+    of the connect's timeout) or as soon as the attempt is stopped or out of time."""
     try:
         return _socket_addresses(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST))
     except socket.gaierror:
         pass
     lookup = _Lookup(host, port)
     lookup.start()
-    _wait_a_tick_at_a_time(lookup.done.wait, guard, _give_up_at(timeout), f"looking up {host}")
+    _wait_a_tick_at_a_time(lookup.done.wait, guard, give_up, f"looking up {host}")
     if lookup.error is not None:
         raise httpcore2.ConnectError(f"looking up {host}: {lookup.error}") from lookup.error
     return lookup.addresses
 
 
-def _connect(address: _Address, guard: AttemptGuard, timeout: float | None, local_address: str | None,
+def _connect(address: _Address, guard: AttemptGuard, give_up: float, local_address: str | None,
              socket_options: Iterable[Any]) -> socket.socket:
-    """A connected socket, or a connect error at `timeout` or as soon as the attempt is stopped or out of
-    time (a blocking connect cannot be interrupted: a host that drops the SYN held a stop for the whole
-    timeout). Every `OSError` is a connect error, as in httpcore's own backend, so the SDK reports it."""
+    """A connected socket, or a connect error at `give_up` (the end of the connect's timeout, shared with the
+    name lookup and the other addresses) or as soon as the attempt is stopped or out of time (a blocking
+    connect cannot be interrupted: a host that drops the SYN held a stop for the whole timeout). Every
+    `OSError` is a connect error, as in httpcore's own backend, so the SDK reports it."""
     family, sockaddr = address
     step = f"connecting to {sockaddr[0]}:{sockaddr[1]}"
     if guard.ended():
         raise httpcore2.ConnectTimeout(f"{step} was given up: the attempt was stopped or ran out of time")
-    give_up = _give_up_at(timeout)
     try:
         sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError as exc:
@@ -281,10 +281,11 @@ class _AttemptSocketBackend(httpcore2.NetworkBackend):
         if guard is None:
             return _AttemptSocketStream(self._inner.connect_tcp(host, port, timeout, local_address, socket_options))
         failure: Exception = httpcore2.ConnectError(f"{host} has no address")
-        for address in _addresses(host, port, guard, timeout):
+        give_up = _give_up_at(timeout)  # the name lookup and every address's connect share the timeout
+        for address in _addresses(host, port, guard, give_up):
             try:
                 return _AttemptSocketStream(SyncStream(
-                    _connect(address, guard, timeout, local_address, socket_options or ())))
+                    _connect(address, guard, give_up, local_address, socket_options or ())))
             except (httpcore2.ConnectError, httpcore2.ConnectTimeout) as exc:
                 failure = exc
         raise failure

@@ -142,6 +142,26 @@ def test_an_operators_mistake_is_one_json_error_not_a_traceback(args: list[Any],
     assert error["code"] == code and says in error["message"]
 
 
+def test_a_worker_refuses_a_database_a_releases_new_column_was_not_added_to(tmp_path: Path) -> None:
+    """Workers deployed before `agentq db init` upgraded the database started, and failed every claim on the
+    missing column until each turn's retries were spent: the worker says what is missing and does not start."""
+    import json
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path}/older.sqlite3"
+    assert subprocess.run([str(VENV_BIN / "agentq"), "db", "init"], env=child_env(DATABASE_URL=url), cwd=ROOT,
+                          capture_output=True, timeout=60).returncode == 0
+    with sqlite3.connect(tmp_path / "older.sqlite3") as older:
+        older.execute("ALTER TABLE turns DROP COLUMN fell_back")
+
+    returncode, stderr = _run_agentq(["worker", "--processes", "1", "--threads", "1"], {"DATABASE_URL": url})
+    assert (returncode, "Traceback" in stderr) == (1, False), stderr
+    assert json.loads(stderr)["error"] == {
+        "code": "service_unavailable",
+        "message": f"The database {tmp_path}/older.sqlite3 lacks the columns turns.fell_back of this release: run "
+                   "`agentq db init` against it to upgrade it."}
+
+
 def test_the_web_server_opens_no_control_socket_shared_by_every_instance_on_the_host(tmp_path: Path) -> None:
     """gunicorn 27 opens one per user at the same path: each `agentq web` took it over, and stopping one
     removed it from the others."""

@@ -116,14 +116,6 @@ class DoorbellRedisBroker(RedisBroker):
         super().__init__(**options)
         self.poll_ms = poll_ms
         self.doorbell = Doorbell(self.client, channel_name(self.namespace))
-        os.register_at_fork(after_in_child=self._become_a_broker_of_its_own)
-
-    def _become_a_broker_of_its_own(self) -> None:
-        """A forked process is a worker of its own to Redis: its heartbeat, and the messages it holds (which
-        Dramatiq gives back to the queue once that heartbeat stops). The broker is built before the fork
-        (`workers.group.preload`), so every process would otherwise share one id: a dead process's
-        messages would stay held while its siblings kept the id's heartbeat alive."""
-        self.broker_id = str(uuid.uuid4())
 
     def enqueue(self, message: Message, *, delay: int | None = None) -> Message:
         sent = super().enqueue(message, delay=delay)
@@ -181,6 +173,18 @@ def broker_options() -> dict[str, Any]:
 
 def build_broker() -> RedisBroker:
     return DoorbellRedisBroker(poll_ms=get_settings().broker_poll_ms, **broker_options())
+
+
+def _become_a_broker_of_its_own() -> None:
+    """A forked process is a worker of its own to Redis: its heartbeat, and the messages it holds (which
+    Dramatiq gives back to the queue once that heartbeat stops). The broker is installed before the fork
+    (`workers.group.preload`), so every process would otherwise share one id: a dead process's messages
+    would stay held while its siblings kept the id's heartbeat alive."""
+    if _installed is not None:
+        _installed.broker_id = str(uuid.uuid4())
+
+
+os.register_at_fork(after_in_child=_become_a_broker_of_its_own)
 
 
 def install_broker() -> RedisBroker:
