@@ -118,6 +118,24 @@ def dlq(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=60)
 
 
+def _set_fell_back(turn_id: int) -> None:
+    from sqlalchemy import update
+
+    from app.db import transaction
+    from app.models import Turn
+
+    with transaction() as session:
+        session.execute(update(Turn).where(Turn.assistant_message_id == turn_id).values(fell_back=True))
+
+
+def _fell_back_of(turn_id: int) -> bool:
+    from app.db import transaction
+    from app.models import Turn
+
+    with transaction() as session:
+        return session.get_one(Turn, turn_id).fell_back
+
+
 def test_a_turn_whose_retries_run_out_is_a_dead_letter_and_runs_again_when_requeued(world, redis_client) -> None:  # type: ignore[no-untyped-def]
     api, admin = world.api, world.admin_key
     agent_id = world.agent(world.model(price_in="1", price_out="1"))
@@ -145,10 +163,12 @@ def test_a_turn_whose_retries_run_out_is_a_dead_letter_and_runs_again_when_reque
     detail = api.get(f"/api/admin/dead-letters/{item['id']}", admin).json
     assert {k: detail[k] for k in item} == item
     assert "RaiseException" in detail["traceback"]
+    _set_fell_back(turn_id)  # a switch to the fallback before the run died does not outlive its requeue
 
     requeued = api.post(f"/api/admin/dead-letters/{item['id']}/requeue", admin)
     assert requeued.status_code == 202, requeued.json
     assert requeued.json == {"requeued": [item["id"]], "skipped": []}
+    assert _fell_back_of(turn_id) is False
     done = world.wait_terminal(key, turn_id)
     assert done["status"] == "success"
     assert done["content"] == "echo: try me"

@@ -475,6 +475,27 @@ def test_a_turn_accepted_while_redis_is_unreachable_is_sent_by_recovery(world, u
     assert world.wait_terminal(key, assistant_id)["status"] == "success"
 
 
+def test_the_pending_bound_ends_a_turn_only_if_it_is_still_pending_since_before_its_cutoff(  # type: ignore[no-untyped-def]
+        world, unreachable_broker) -> None:
+    """The sweep that finds a turn pending too long read it a moment before it ends it; meanwhile a worker may
+    have claimed it (and handed it to a retry, leaving no lease to protect it) or an operator requeued it.
+    The end is judged again under the turn's lock: a turn pending only since after the cutoff is left alone."""
+    from datetime import UTC, datetime, timedelta
+
+    from app.turn_runner import abandon_turn
+
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    accepted_at = datetime.now(UTC)
+    turn_id = world.send(key, world.conversation(key, agent_id), "not yet").json["assistant_message"]["id"]
+
+    assert abandon_turn(turn_id, "waited too long", pending_before=accepted_at - timedelta(minutes=1)) is False
+    assert world.message(key, turn_id)["status"] == "pending"
+    assert abandon_turn(turn_id, "waited too long", pending_before=datetime.now(UTC) + timedelta(minutes=1)) is True
+    ended = world.message(key, turn_id)
+    assert (ended["status"], ended["error_message"]) == ("error", "waited too long")
+
+
 def test_an_idempotency_key_belongs_to_one_conversation_and_one_message(world) -> None:  # type: ignore[no-untyped-def]
     agent_id = world.agent(world.model())
     _, key = world.user()
