@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy import inspect, select
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, NoSuchTableError
 
 from app.db import database_location, get_engine
 from app.errors import AgentqError
@@ -66,11 +66,15 @@ def require_schema() -> None:
 
 
 def _missing_columns() -> list[str]:
-    """The models' columns the database's tables lack, as `table.column`."""
+    """The models' columns the database lacks, as `table.column` (a table it lacks, as `table.*`)."""
     inspector = inspect(get_engine())
     missing = []
     for table in Base.metadata.sorted_tables:
-        present = {column["name"] for column in inspector.get_columns(table.name)}
+        try:
+            present = {column["name"] for column in inspector.get_columns(table.name)}
+        except NoSuchTableError:
+            missing.append(f"{table.name}.*")
+            continue
         missing += [f"{table.name}.{column.name}" for column in table.columns if column.name not in present]
     return missing
 
