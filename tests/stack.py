@@ -129,9 +129,14 @@ class Stack:
         process = Process(name, agentq(*argv), self.env(**env), LOG_DIR).start()
         self.workers.append(process)
         if wait:
-            wait_for(lambda: process.output().count("Worker process is ready") >= processes, timeout=60,
-                     interval=0.1, what=f"{name} to boot")
+            self.wait_ready(process, processes)
         return process
+
+    @staticmethod
+    def wait_ready(group: Process, processes: int = 1) -> None:
+        """The group's processes are ready (groups started with `wait=False` boot side by side meanwhile)."""
+        wait_for(lambda: group.output().count("Worker process is ready") >= processes, timeout=60, interval=0.1,
+                 what=f"{group.name} to boot")
 
     def stop(self) -> None:
         for process in [*self.workers, self.web]:

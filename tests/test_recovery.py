@@ -87,7 +87,9 @@ def test_a_turn_whose_worker_is_killed_is_taken_over_by_another_within_the_lease
                                                                                 upstream: UpstreamLog) -> None:
     """The killed worker had switched to the fallback (its primary answered 503): the delivery that takes the
     turn over goes on with the fallback; it called the primary again, switching twice in one run."""
-    first, second = stack.start_worker(restart=False), stack.start_worker(restart=False)
+    first, second = stack.start_worker(restart=False, wait=False), stack.start_worker(restart=False, wait=False)
+    stack.wait_ready(first)
+    stack.wait_ready(second)
     failing, slow = "echo;fail=503", "echo;words=30;gap=0.1"
     agent_id = stack.agent(stack.model("fails-at-once", failing), stack.model("slow-kill", slow))
     _, key = stack.user("kill-victim")
@@ -425,20 +427,26 @@ def test_a_run_still_going_when_the_shutdown_grace_ends_is_handed_to_another_wor
     """A deploy or a group restart stops a worker whose turn outlasts the shutdown grace: the worker gives up
     the turn's lease as it leaves and sends it again, so another worker takes it over at once, not when the
     lease (30 s here) runs out."""
-    # 10 s of answer: the other worker's boot (up to 4.5 s on a loaded machine), the stop, the grace and the
-    # hand-back's wait for the run to record its call all come before the answer could end
-    agent_id = slow_agent(stack, "handed-back", "echo;words=100;gap=0.1")
+    # 6 s of answer: the stop, the grace and the hand-back's wait for the run to record its call all come
+    # before the answer could end (the other worker boots beforehand, and is held stopped until the claim)
+    agent_id = slow_agent(stack, "handed-back", "echo;words=60;gap=0.1")
     _, key = stack.user("hand-back")
-    leaving = stack.start_worker(AGENTQ_SHUTDOWN_GRACE_SECONDS="1", AGENTQ_LEASE_SECONDS="30")
-    turn = stack.send(key, stack.conversation(key, agent_id), "finish me elsewhere")
-    stack.wait_status(key, turn["id"], ("processing",))
-    stack.start_worker(AGENTQ_LEASE_SECONDS="30")
+    leaving = stack.start_worker(wait=False, AGENTQ_SHUTDOWN_GRACE_SECONDS="1", AGENTQ_LEASE_SECONDS="30")
+    taking_over = stack.start_worker(wait=False, AGENTQ_LEASE_SECONDS="30")
+    stack.wait_ready(taking_over)
+    os.killpg(taking_over.pid, signal.SIGSTOP)
+    try:
+        stack.wait_ready(leaving)
+        turn = stack.send(key, stack.conversation(key, agent_id), "finish me elsewhere")
+        stack.wait_status(key, turn["id"], ("processing",))
+    finally:
+        os.killpg(taking_over.pid, signal.SIGCONT)
     leaving.popen.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
     wait_for(lambda: leaving.popen.poll() is not None, timeout=10, what="the worker to exit")  # type: ignore[union-attr]
     assert "handed to another worker" in leaving.output()
     wait_for(lambda: deliveries(stack, turn["id"]) == 2, timeout=5, what="another worker to take the turn over")
     done = stack.wait_terminal(key, turn["id"], timeout=30)
-    assert (done["status"], done["content"]) == ("success", " ".join(f"w{i}" for i in range(100)))
+    assert (done["status"], done["content"]) == ("success", " ".join(f"w{i}" for i in range(60)))
     assert charges(stack, turn["id"]) == 1
     assert stack.sql("SELECT delivery, outcome FROM model_attempts WHERE message_id = %(id)s ORDER BY id",
                      {"id": turn["id"]}) == [(1, "cancelled"), (2, "success")]  # the leaving worker's call too
