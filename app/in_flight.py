@@ -6,8 +6,10 @@ The API's checks (`app.turn_intake`) and the Redis fast path's confirmation of a
 
 from __future__ import annotations
 
+from datetime import datetime
 from functools import cache
 from types import SimpleNamespace
+from typing import Any
 
 from sqlalchemy import ColumnElement, Table, and_, bindparam, literal_column, select
 from sqlalchemy.orm import Session
@@ -16,7 +18,7 @@ from app.config import get_settings
 from app.errors import ConversationBusy, TooManyActiveConversations
 from app.models import Conversation, ConversationMessage, User, table
 from app.prepared import Batch, Prepared, Unit, then
-from app.turn_status import IN_FLIGHT_VALUES
+from app.turn_status import IN_FLIGHT_VALUES, TurnStatus
 
 
 def status_is(status: ColumnElement[str], *values: str) -> ColumnElement[bool]:
@@ -29,6 +31,13 @@ def status_is(status: ColumnElement[str], *values: str) -> ColumnElement[bool]:
 def in_flight(status: ColumnElement[str]) -> ColumnElement[bool]:
     """`status` is pending or processing (see `status_is`)."""
     return status_is(status, *IN_FLIGHT_VALUES)
+
+
+def pending_since_before(status: ColumnElement[str], since: ColumnElement[datetime],
+                         moment: Any) -> ColumnElement[bool]:
+    """`status` is pending, and has been since before `moment` (`since` is when it last changed): what
+    `AGENTQ_MAX_PENDING_SECONDS` ends, read by the recovery sweep and judged again under the turn's lock."""
+    return and_(status_is(status, TurnStatus.PENDING.value), since < moment)
 
 
 def answer_in_flight(messages: Table) -> ColumnElement[bool]:

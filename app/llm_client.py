@@ -267,9 +267,7 @@ class _Attempt:
         no headers in time, or an HTTP error status. A connection that was never made (its name lookup, TCP
         connect or TLS handshake failed or ran out of time) is a connection error, whoever gave up on it: the
         request was never sent, so the provider billed nothing."""
-        if self.stopped:
-            return self.failed(FailureKind.CANCELLED, STOPPED)
-        if isinstance(exc.__cause__, httpx2.ConnectTimeout):
+        if isinstance(exc.__cause__, httpx2.ConnectTimeout) and not self.stopped:
             return self.failed(FailureKind.CONNECTION_ERROR, f"could not connect within {self.connect_seconds:g}s")
         if (early := self.interrupted(self.no_response)) is not None:
             return early

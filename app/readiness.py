@@ -5,14 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import inspect, select
-from sqlalchemy.exc import DBAPIError, NoSuchTableError
+from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
 from app.db import database_location, get_engine
 from app.errors import AgentqError
-from app.models import Base, User
+from app.models import User
 from app.outages import schema_missing
 from app.redis_client import get_redis
+from app.schema import schema_gaps
 
 NO_SCHEMA = "error: the database has no agentq schema; run `agentq db init`"
 
@@ -67,16 +68,7 @@ def require_schema() -> None:
 
 def _missing_columns() -> list[str]:
     """The models' columns the database lacks, as `table.column` (a table it lacks, as `table.*`)."""
-    inspector = inspect(get_engine())
-    missing = []
-    for table in Base.metadata.sorted_tables:
-        try:
-            present = {column["name"] for column in inspector.get_columns(table.name)}
-        except NoSuchTableError:
-            missing.append(f"{table.name}.*")
-            continue
-        missing += [f"{table.name}.{column.name}" for column in table.columns if column.name not in present]
-    return missing
+    return [f"{table.name}.{'*' if column is None else column.name}" for table, column in schema_gaps(get_engine())]
 
 
 def _database() -> str:

@@ -58,7 +58,7 @@ from app.config import get_settings
 from app.db import transaction
 from app.deliveries import waited_too_long_reason
 from app.dispatch import message_id, receipt_key, receipt_look_seconds
-from app.in_flight import answer_in_flight, in_flight, status_is
+from app.in_flight import answer_in_flight, in_flight, pending_since_before, status_is
 from app.leases import renewal_seconds
 from app.models import ConversationMessage, DebugRun, Turn, table
 from app.models.base import utc_now
@@ -201,8 +201,8 @@ def _due(status: Any, enqueued_at: Any, created_at: Any, lease_token: Any, lease
     overdue = and_(processing, not_(over), lease_token.is_not(None), deadline_at < now) if take_over else false()
     expired = and_(processing, over, not_just_sent) if take_over else false()
     due = or_(and_(pending, unsent), expired, overdue)
-    waited_too_long = false() if pending_since is None else and_(
-        pending, pending_since < bindparam("pending_before", type_=DateTime(timezone=True)))
+    waited_too_long = false() if pending_since is None else pending_since_before(
+        status, pending_since, bindparam("pending_before", type_=DateTime(timezone=True)))
     return _Conditions(or_(due, handed_over) if redis_lost else due, overdue, and_(unconfirmed, not_(due)),
                        waited_too_long)
 
@@ -224,7 +224,7 @@ def _due_runs(redis_lost: bool, take_over: bool) -> SimpleNamespace:
             .where(answer_in_flight(messages), or_(turn.due, turn.unconfirmed, turn.waited_too_long))),
         runs=Prepared(
             select(runs.c.id, runs.c.enqueued_at, runs.c.lease_token, run.overdue.label("overdue"),
-                   run.unconfirmed.label("unconfirmed"), run.waited_too_long.label("waited_too_long"))
+                   run.unconfirmed.label("unconfirmed"))
             .where(in_flight(runs.c.status), or_(run.due, run.unconfirmed))),
     )
 
@@ -278,12 +278,13 @@ def _end_waited_too_long(rows: list[Any], pending_before: datetime, report: Reco
 
 def _send_due(rows: list[Any], kind: RunKind, sent: list[int], report: RecoveryReport) -> None:
     """Send each due run again (an overdue one once its lease is revoked), unless another sweeper just did."""
-    for ident, enqueued_at, token, overdue, unconfirmed, _ in _without_receipt(rows, kind, report):
-        if overdue and not _revoke_overdue(kind, ident, token):
+    for row in _without_receipt(rows, kind, report):
+        ident = row[0]
+        if row.overdue and not _revoke_overdue(kind, ident, row.lease_token):
             continue
-        marked = _claim_send(kind, ident, enqueued_at)
+        marked = _claim_send(kind, ident, row.enqueued_at)
         if marked is not None:
-            if unconfirmed:
+            if row.unconfirmed:
                 log.warning("%s %s was committed, but its send left no receipt in Redis (its process died before "
                             "sending it?); sending it now", kind.label, ident)
             if outbox.send(kind, ident, marked):

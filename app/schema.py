@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Engine, Numeric, inspect, text
+from sqlalchemy import Column, Engine, Numeric, Table, inspect, text
 from sqlalchemy.schema import CreateColumn
 
 from app.db import database_location, get_engine
@@ -72,14 +73,28 @@ def _money_in_millionths(engine: Engine, fresh: bool) -> int:
     return len(columns)
 
 
+def schema_gaps(engine: Engine) -> list[tuple[Table, Column[Any] | None]]:
+    """The models' columns the database lacks, each with its table; a table it lacks whole, as (table, None).
+    What `agentq db init` adds on SQLite, and what a worker refuses to start without."""
+    inspector = inspect(engine)
+    tables = set(inspector.get_table_names())
+    gaps: list[tuple[Table, Column[Any] | None]] = []
+    for table in Base.metadata.sorted_tables:
+        if table.name not in tables:
+            gaps.append((table, None))
+            continue
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        gaps += [(table, column) for column in table.columns if column.name not in present]
+    return gaps
+
+
 def _add_missing_columns(engine: Engine) -> list[str]:
-    existing = {name: {c["name"] for c in inspect(engine).get_columns(name)} for name in Base.metadata.tables}
     added = []
+    gaps = schema_gaps(engine)
     with engine.begin() as connection:
-        for name, table in Base.metadata.tables.items():
-            for column in table.columns:
-                if column.name not in existing[name] and (column.nullable or column.server_default is not None):
-                    ddl = CreateColumn(column).compile(dialect=engine.dialect)
-                    connection.exec_driver_sql(f"ALTER TABLE {name} ADD COLUMN {ddl}")
-                    added.append(f"{name}.{column.name}")
+        for table, column in gaps:
+            if column is not None and (column.nullable or column.server_default is not None):
+                ddl = CreateColumn(column).compile(dialect=engine.dialect)
+                connection.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {ddl}")
+                added.append(f"{table.name}.{column.name}")
     return added

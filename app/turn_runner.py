@@ -32,6 +32,7 @@ from app.moderation import moderate
 from app.prepared import Batch, Unit
 from app.prompt import ChatMessage, successful_history
 from app.run_kinds import TURN
+from app.targets import attempt_order
 from app.token_estimates import estimate_tokens, estimate_tokens_of_messages
 from app.turn_state import (
     ClaimResult,
@@ -186,8 +187,7 @@ def _stopped_before_this_delivery(context: TurnContext) -> Outcome:
 def _first_model(context: TurnContext) -> ModelTarget:
     """The model this delivery calls first: the fallback for a run that switched to it in an earlier delivery
     (`Turn.fell_back`)."""
-    agent = context.agent
-    return agent.fallback if context.fallen_back and agent.fallback is not None else agent.primary
+    return attempt_order(context.agent.primary, context.agent.fallback, fallen_back=context.fallen_back)[0]
 
 
 def _worst_case(context: TurnContext, turn: TurnRow) -> Decimal:

@@ -20,12 +20,13 @@ from functools import cache
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import ColumnElement, bindparam, case, literal, or_, select, update
+from sqlalchemy import ColumnElement, bindparam, case, exists, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from app import ledger
 from app.clock import DatabaseNow, lease_expiry, lease_time
 from app.deliveries import deliveries_at_requeue, delivery_deadline
+from app.in_flight import pending_since_before
 from app.model_target import MODEL_FIELDS
 from app.models import Agent, Conversation, ConversationMessage, LlmModel, Turn, table
 from app.models.base import optional_utc as utc
@@ -316,12 +317,6 @@ def finish_turn(
                    a_cost=cost, a_latency_ms=latency_ms)
 
 
-def _pending_since_before(session: Session, turn_id: int, moment: datetime) -> bool:
-    answer = session.execute(select(ConversationMessage.status, ConversationMessage.updated_at)
-                             .where(ConversationMessage.id == turn_id)).first()
-    return answer is not None and answer.status == TurnStatus.PENDING.value and utc(answer.updated_at) < moment
-
-
 def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_message: str, *,
                      pending_before: datetime | None = None) -> tuple[Turn, TurnStatus] | None:
     """End an in-flight turn without holding its lease: retries exhausted, or cancelled before a worker.
@@ -345,7 +340,9 @@ def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_m
     turn, now = locked
     if lease_held(turn.lease_token, turn.lease_expires_at, lease_time(now)):
         return None
-    if pending_before is not None and not _pending_since_before(session, turn_id, pending_before):
+    if pending_before is not None and not session.scalar(select(exists().where(
+            ConversationMessage.id == turn_id,
+            pending_since_before(ConversationMessage.status, ConversationMessage.updated_at, pending_before)))):
         return None
     if turn.cancel_requested_at is not None:
         target, error_message = TurnStatus.CANCELLED, STOPPED
