@@ -39,9 +39,13 @@ run: install redis
 	@echo
 	PATH="$(CURDIR)/$(BIN):$$PATH" AGENTQ_WEB_PORT=$(PORT) $(BIN)/honcho -f Procfile.demo start
 
+# The suite in TEST_PROCESSES pytest-xdist processes, each a session of its own (database, Redis database, workers):
+# most of a test's time is real processes booting and waiting out leases, which two sessions overlap.
+TEST_PROCESSES ?= 2
+
 test: install redis chromium
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_PROCESSES)
 
 test-chaos: install redis
 	$(BIN)/pytest -q -m chaos -s

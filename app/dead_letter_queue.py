@@ -15,7 +15,8 @@ from typing import Any
 import dramatiq
 import redis
 
-from app.dispatch import QUEUES, broker_key
+from app.dispatch import broker_key
+from app.queues import QUEUES
 from app.redis_client import get_redis, lua_script
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Sending work to the workers: the queue and actor names, and the one call that enqueues.
+"""Sending work to the workers: the one call that enqueues (the queue and actor names are `app.queues`).
 
 The application never imports the actors; it sends a message by name through the broker that
 `workers.broker.install_broker()` set up for this process. Every caller sends only after its
@@ -25,12 +25,6 @@ from app.models.base import as_utc
 from app.outages import warn_of
 
 log = logging.getLogger(__name__)
-
-TURNS_QUEUE = "turns"
-DEBUG_QUEUE = "debug"
-RUN_TURN = "run_turn"
-RUN_DEBUG = "run_debug_run"
-QUEUES = (TURNS_QUEUE, DEBUG_QUEUE)
 
 
 def broker_key(queue: str, suffix: str = "") -> str:

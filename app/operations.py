@@ -12,10 +12,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app.db import transaction
 from app.dead_letters import open_dead_letters
-from app.dispatch import QUEUES, broker_key
+from app.dispatch import broker_key
 from app.models import ConversationMessage
 from app.models.base import utc_now
 from app.outages import is_outage, schema_missing
+from app.queues import QUEUES
 from app.redis_client import get_redis
 from app.turn_status import IN_FLIGHT_VALUES, TurnStatus
 

@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import exists, select, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from app import dispatch
+from app import dispatch, queues
 from app.clock import lease_now
 from app.db import transaction
 from app.deliveries import outage_wait_seconds, retry_hand_over
@@ -117,9 +117,9 @@ class RunKind:
             warn_of(log, exc, "could not give up the lease of %s %s; it runs out by itself", self.label, ident)
 
 
-TURN = RunKind("turn", dispatch.RUN_TURN, dispatch.TURNS_QUEUE, Turn, Turn.assistant_message_id,
+TURN = RunKind("turn", queues.RUN_TURN, queues.TURNS_QUEUE, Turn, Turn.assistant_message_id,
                ConversationMessage.id, ConversationMessage.status)
-TEST_RUN = RunKind("test run", dispatch.RUN_DEBUG, dispatch.DEBUG_QUEUE, DebugRun, DebugRun.id,
+TEST_RUN = RunKind("test run", queues.RUN_DEBUG, queues.DEBUG_QUEUE, DebugRun, DebugRun.id,
                    DebugRun.id, DebugRun.status)
 KINDS = (TURN, TEST_RUN)
 

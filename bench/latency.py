@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.dispatch import TURNS_QUEUE
+from app.queues import TURNS_QUEUE
 from bench.deploy import Deployment
 from bench.driver import drive, ends, wait_all_terminal
 from bench.procs import BenchError, cpu_seconds, percentile, rss_mb, wait_for

@@ -157,7 +157,7 @@ def cmd_demo_seed(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from app.dispatch import QUEUES
+    from app.queues import QUEUES
 
     parser = argparse.ArgumentParser(prog="agentq", description="agentq: LLM agent turns on Dramatiq workers.")
     sub = parser.add_subparsers(dest="command", required=True)

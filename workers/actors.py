@@ -5,7 +5,7 @@ from __future__ import annotations
 import dramatiq
 
 from app import debug_runner, turn_runner
-from app.dispatch import DEBUG_QUEUE, RUN_DEBUG, RUN_TURN, TURNS_QUEUE
+from app.queues import DEBUG_QUEUE, RUN_DEBUG, RUN_TURN, TURNS_QUEUE
 from workers.broker import install_broker
 
 install_broker()
