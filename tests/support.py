@@ -9,6 +9,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -145,8 +146,9 @@ class SseEvent:
 
 
 def read_sse(url: str, key: str, last_event_id: str | None = None, stop_after: int | None = None,
-             timeout: float = 60.0) -> list[SseEvent]:
-    """Read an event stream until `done` (or `stop_after` delta events, then drop the connection)."""
+             timeout: float = 60.0, connected: threading.Event | None = None) -> list[SseEvent]:
+    """Read an event stream until `done` (or `stop_after` delta events, then drop the connection); `connected`
+    is set once the server answered, for a test that must know its reader is there before what it watches."""
     headers = {"Authorization": f"Bearer {key}"}
     if last_event_id is not None:
         headers["Last-Event-ID"] = last_event_id
@@ -155,6 +157,8 @@ def read_sse(url: str, key: str, last_event_id: str | None = None, stop_after: i
     with httpx.stream("GET", url, headers=headers, timeout=timeout) as response:
         assert response.status_code == 200, response.read()
         assert response.headers["content-type"].startswith("text/event-stream")
+        if connected is not None:
+            connected.set()
         event, data, ident = "message", [], None
         for line in response.iter_lines():
             if line == "":

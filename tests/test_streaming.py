@@ -333,14 +333,15 @@ def test_a_late_write_of_the_voided_attempt_right_after_a_restart_is_not_adopted
 
     from app.live_stream import stream_key
 
-    primary = world.model("primary", upstream="echo;words=30;gap=0.02;cut_after=6")
+    primary = world.model("primary", upstream="echo;words=30;gap=0.02;cut_after=6;ttft=1")
     fallback = world.model("fallback", upstream="echo;words=8;gap=0.02;ttft=2")
     _, key = world.user()
     message_id = world.send(key, world.conversation(key, world.agent(primary, fallback))).json[
         "assistant_message"]["id"]
     events: list = []
+    connected = threading.Event()
     reader = threading.Thread(target=lambda: events.extend(
-        read_sse(f"{web_server}/api/messages/{message_id}/stream", key)), daemon=True)
+        read_sse(f"{web_server}/api/messages/{message_id}/stream", key, connected=connected)), daemon=True)
     reader.start()
     stream = stream_key(message_id)
 
@@ -348,6 +349,9 @@ def test_a_late_write_of_the_voided_attempt_right_after_a_restart_is_not_adopted
         return next((fields for _, fields in redis_client.xrange(stream)
                      if fields[b"type"] == b"status" and json.loads(fields[b"data"]).get("restart")), None)
 
+    # The reader must be following the primary's stream when it is cut (its first token comes 1 s after the
+    # call), or it would join after the restart, which is another test's case.
+    assert connected.wait(timeout=10) and restart() is None
     restarted = wait_for(restart, what="the fallback restart in the live stream")
     voided = int(restarted[b"a"]) - 1
     redis_client.xadd(stream, {"type": "delta", "a": voided, "o": 0, "data": "voided text"})
