@@ -96,6 +96,16 @@ class Process:
     def stop(self) -> None:
         self.kill_group(signal.SIGTERM)
 
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """The whole process group stopped (SIGSTOP) for the block: a worker booted beforehand that takes no
+        part until the moment a test chooses, so that what it measures from there holds no boot time."""
+        os.killpg(self.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.killpg(self.pid, signal.SIGCONT)
+
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

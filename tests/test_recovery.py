@@ -434,13 +434,10 @@ def test_a_run_still_going_when_the_shutdown_grace_ends_is_handed_to_another_wor
     leaving = stack.start_worker(wait=False, AGENTQ_SHUTDOWN_GRACE_SECONDS="1", AGENTQ_LEASE_SECONDS="30")
     taking_over = stack.start_worker(wait=False, AGENTQ_LEASE_SECONDS="30")
     stack.wait_ready(taking_over)
-    os.killpg(taking_over.pid, signal.SIGSTOP)
-    try:
+    with taking_over.held():
         stack.wait_ready(leaving)
         turn = stack.send(key, stack.conversation(key, agent_id), "finish me elsewhere")
         stack.wait_status(key, turn["id"], ("processing",))
-    finally:
-        os.killpg(taking_over.pid, signal.SIGCONT)
     leaving.popen.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
     wait_for(lambda: leaving.popen.poll() is not None, timeout=10, what="the worker to exit")  # type: ignore[union-attr]
     assert "handed to another worker" in leaving.output()
@@ -507,12 +504,14 @@ def test_a_turn_taken_over_keeps_its_first_deliverys_deadline(stack: Stack, upst
     grace, left = 20, 5
     agent_id = stack.agent(stack.model("dying", "echo;words=40;gap=0.25"), timeout_seconds=30)
     _, key = stack.user("dying")
-    turn = stack.send(key, stack.conversation(key, agent_id), "one more time")
-    _stick(stack, turn["id"], deadline_seconds=left + SETTLEMENT_RESERVE_SECONDS, reserved="0")
-    stack.sql("UPDATE turns SET lease_expires_at = now() - interval '1 second' WHERE assistant_message_id = %(id)s",
-              {"id": turn["id"]})
-    died_at = time.monotonic()
-    stack.start_worker(AGENTQ_TURN_GRACE_SECONDS=str(grace))
+    # The worker taking over boots beforehand, held stopped: the deadline left must not go to its boot.
+    taking_over = stack.start_worker(AGENTQ_TURN_GRACE_SECONDS=str(grace))
+    with taking_over.held():
+        turn = stack.send(key, stack.conversation(key, agent_id), "one more time")
+        _stick(stack, turn["id"], deadline_seconds=left + SETTLEMENT_RESERVE_SECONDS, reserved="0")
+        stack.sql("UPDATE turns SET lease_expires_at = now() - interval '1 second' "
+                  "WHERE assistant_message_id = %(id)s", {"id": turn["id"]})
+        died_at = time.monotonic()
 
     done = stack.wait_terminal(key, turn["id"], timeout=left + grace + 10)
     ended_after = time.monotonic() - died_at
