@@ -29,7 +29,7 @@ Four cracks, one sweep every `AGENTQ_RECOVERY_INTERVAL_SECONDS`:
   worker process's first sweep, every pending one younger than the stale-pending rule).
 And one bound: a turn still `pending` `AGENTQ_MAX_PENDING_SECONDS` after it was accepted (or requeued),
 behind a backlog or with no worker serving its queue, is ended as `error` instead of being sent
-(`app.deliveries.waited_too_long_reason`), while any worker process sweeps.
+(`app.pending_bound`, which every API process applies too).
 Sending is idempotent (a worker that finds a turn finished or owned does nothing), and a
 compare-and-set on `enqueued_at` keeps several sweepers from sending the same turn twice. The last two
 cracks take a lease from its holder, which a sweep does only once the database has answered it for a
@@ -56,17 +56,16 @@ from app import outbox
 from app.clock import lease_now
 from app.config import get_settings
 from app.db import transaction
-from app.deliveries import waited_too_long_reason
 from app.dispatch import message_id, receipt_key, receipt_look_seconds
 from app.in_flight import answer_in_flight, in_flight, pending_since_before, status_is
 from app.leases import renewal_seconds
 from app.models import ConversationMessage, DebugRun, Turn, table
 from app.models.base import utc_now
 from app.outages import is_outage, log_failure
+from app.pending_bound import end_pending_too_long
 from app.prepared import Prepared
 from app.redis_client import get_redis, key, lua_script
 from app.run_kinds import TEST_RUN, TURN, RunKind
-from app.turn_runner import abandon_turn
 from app.turn_state import lease_over
 from app.turn_status import TurnStatus
 
@@ -258,24 +257,6 @@ def _without_receipt(rows: list[Any], kind: RunKind, report: RecoveryReport) -> 
     return [row for row in rows if not row.unconfirmed or row[0] in lost]
 
 
-def _end_waited_too_long(rows: list[Any], pending_before: datetime, report: RecoveryReport) -> list[Any]:
-    """End the turns that stayed pending too long (`app.deliveries.waited_too_long_reason`) as `error`, as a
-    dead message's turn is ended (a worker that receives one later finds it ended), each only if it is still
-    pending since before the cutoff once locked; the other rows. One that cannot be ended now (the database
-    away for a moment) is left to the next sweep, and the rest of this sweep goes on."""
-    reason = waited_too_long_reason()
-    for row in rows:
-        if not row.waited_too_long:
-            continue
-        try:
-            if abandon_turn(row[0], reason, pending_before=pending_before):
-                report.ended.append(row[0])
-                log.warning("turn %s ended as error: %s", row[0], reason)
-        except Exception as error:
-            log_failure(log, error, f"ending turn {row[0]}, pending too long")
-    return [row for row in rows if not row.waited_too_long]
-
-
 def _send_due(rows: list[Any], kind: RunKind, sent: list[int], report: RecoveryReport) -> None:
     """Send each due run again (an overdue one once its lease is revoked), unless another sweeper just did."""
     for row in _without_receipt(rows, kind, report):
@@ -311,7 +292,8 @@ def recover_once(*, first_sweep: bool = False, take_over: bool = True) -> Recove
                    "sent_before": now - timedelta(seconds=settings.lease_seconds),
                    "pending_before": now - timedelta(seconds=settings.max_pending_seconds)}
         turns, runs = due.turns(session, cutoffs).rows, due.runs(session, cutoffs).rows
-    turns = _end_waited_too_long(turns, cutoffs["pending_before"], report)
+    report.ended = end_pending_too_long([row[0] for row in turns if row.waited_too_long], cutoffs["pending_before"])
+    turns = [row for row in turns if not row.waited_too_long]
     _send_due(turns, TURN, report.sent, report)
     _send_due(runs, TEST_RUN, report.debug_sent, report)
     if report.redis_lost and report.unsent == 0:

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.deliveries import SETTLEMENT_RESERVE_SECONDS
 from tests.conftest import UpstreamLog
-from tests.stack import RedisServer, Stack, drop_database, scratch_database
+from tests.stack import RedisServer, Stack, drop_database, scratch_database, stack_on_shared_redis
 from tests.support import Process, read_sse, refusing, visible_text, wait_for
 
 LEASE_SECONDS = 3.0
@@ -661,10 +661,24 @@ def test_a_turn_no_worker_starts_within_the_pending_bound_ends_as_error(stack: S
     against guarantee 1's bound. The sweep of any worker process (here one serving only the test runs' queue)
     ends it `error` once it has waited `AGENTQ_MAX_PENDING_SECONDS` (2 s here) since its acceptance: uncharged,
     both messages ended, the conversation free for the next message."""
+    stack.start_worker(queues=["debug"], AGENTQ_MAX_PENDING_SECONDS="2")
+    _a_turn_nobody_starts_ends_at_the_pending_bound(stack)
+
+
+def test_an_api_process_ends_a_turn_no_worker_starts_within_the_pending_bound() -> None:
+    """With no worker running at all (every worker gone), nothing swept and the turn stayed pending until one
+    started. Each API process looks too: the deployment's API alone (its bound 2 s) ends the turn."""
+    with stack_on_shared_redis("api-pending-bound", AGENTQ_MAX_PENDING_SECONDS="2") as api:
+        api.init().start_web()
+        _a_turn_nobody_starts_ends_at_the_pending_bound(api)
+
+
+def _a_turn_nobody_starts_ends_at_the_pending_bound(stack: Stack) -> None:
+    """A turn sent now, which no worker starts, ends `error` 2 s after its acceptance (give or take the
+    sweeps): uncharged, both messages ended, the conversation free for the next message."""
     agent_id = stack.agent(stack.model("never-served", "echo"))
     _, key = stack.user("waits-for-a-worker")
     conversation_id = stack.conversation(key, agent_id)
-    stack.start_worker(queues=["debug"], AGENTQ_MAX_PENDING_SECONDS="2")
     turn = stack.send(key, conversation_id, "is anyone there")
     accepted = time.monotonic()
 

@@ -122,8 +122,12 @@ def _post_fork(server: Any, worker: Any) -> None:
 
 
 def _post_worker_init(worker: Any) -> None:
+    """Each API process also ends the turns no worker started in time (`app.pending_bound`), so that bound
+    holds while every worker is gone."""
     from app.heap import freeze_after_boot
+    from app.pending_bound import PendingBoundLoop
 
+    PendingBoundLoop().start()
     freeze_after_boot()
 
 
