@@ -113,14 +113,6 @@ def attempts_end_by(time_left: float | None) -> float | None:
     return None if time_left is None else time.monotonic() + time_left
 
 
-def waited_too_long_reason() -> str:
-    """Why the recovery sweep ends a turn that stayed `pending` longer than `AGENTQ_MAX_PENDING_SECONDS`
-    since it was accepted (or requeued): behind a backlog, or with no worker serving its queue. Guarantee 1
-    bounds how long a turn stays pending, and an answer that starts that late has lost its reader."""
-    return (f"no worker started the turn within {get_settings().max_pending_seconds:g} s of its acceptance "
-            "(AGENTQ_MAX_PENDING_SECONDS)")
-
-
 def give_up_reason(deliveries: int, time_left: float | None) -> str | None:
     """Why a delivery ends its run (a turn or an admin test run) as `error` without a model call, or None:
     delivered more than `AGENTQ_MAX_DELIVERIES` times since the last requeue, whatever keeps killing or

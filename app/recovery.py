@@ -57,12 +57,12 @@ from app.clock import lease_now
 from app.config import get_settings
 from app.db import transaction
 from app.dispatch import message_id, receipt_key, receipt_look_seconds
-from app.in_flight import answer_in_flight, in_flight, pending_since_before, status_is
+from app.in_flight import answer_in_flight, in_flight, status_is
 from app.leases import renewal_seconds
 from app.models import ConversationMessage, DebugRun, Turn, table
 from app.models.base import utc_now
 from app.outages import is_outage, log_failure
-from app.pending_bound import end_pending_too_long
+from app.pending_bound import end_pending_too_long, pending_cutoff, waited_too_long
 from app.prepared import Prepared
 from app.redis_client import get_redis, key, lua_script
 from app.run_kinds import TEST_RUN, TURN, RunKind
@@ -175,16 +175,13 @@ class _Conditions:
     no lease to revoke)."""
     unconfirmed: ColumnElement[bool]
     """Pending runs sent a little while ago, due unless their send left its receipt in Redis."""
-    waited_too_long: ColumnElement[bool]
-    """Pending turns that no worker started within `AGENTQ_MAX_PENDING_SECONDS`: ended, not sent."""
 
 
 def _due(status: Any, enqueued_at: Any, created_at: Any, lease_token: Any, lease_expires_at: Any, deadline_at: Any,
-         *, pending_since: Any = None, redis_lost: bool, take_over: bool) -> _Conditions:
+         *, redis_lost: bool, take_over: bool) -> _Conditions:
     """The four cracks as conditions on a run's columns (a turn's, or an admin test run's), so the
     database returns only what is due, or due unless Redis holds its send's receipt; without `take_over`,
-    no run held by a lease (expired or overdue) is. A run with a `pending_since` column (a turn: its answer's
-    last status change) is ended instead once it has been pending too long."""
+    no run held by a lease (expired or overdue) is."""
     now = bindparam("now", type_=DateTime(timezone=True))
     unsent_before = bindparam("unsent_before", type_=DateTime(timezone=True))
     pending, processing = status_is(status, TurnStatus.PENDING), status_is(status, TurnStatus.PROCESSING)
@@ -200,27 +197,24 @@ def _due(status: Any, enqueued_at: Any, created_at: Any, lease_token: Any, lease
     overdue = and_(processing, not_(over), lease_token.is_not(None), deadline_at < now) if take_over else false()
     expired = and_(processing, over, not_just_sent) if take_over else false()
     due = or_(and_(pending, unsent), expired, overdue)
-    waited_too_long = false() if pending_since is None else pending_since_before(
-        status, pending_since, bindparam("pending_before", type_=DateTime(timezone=True)))
-    return _Conditions(or_(due, handed_over) if redis_lost else due, overdue, and_(unconfirmed, not_(due)),
-                       waited_too_long)
+    return _Conditions(or_(due, handed_over) if redis_lost else due, overdue, and_(unconfirmed, not_(due)))
 
 
 @cache
 def _due_runs(redis_lost: bool, take_over: bool) -> SimpleNamespace:
     turns, messages, runs = table(Turn), table(ConversationMessage), table(DebugRun)
     turn = _due(messages.c.status, turns.c.enqueued_at, turns.c.created_at, turns.c.lease_token,
-                turns.c.lease_expires_at, turns.c.deadline_at, pending_since=messages.c.updated_at,
-                redis_lost=redis_lost, take_over=take_over)
+                turns.c.lease_expires_at, turns.c.deadline_at, redis_lost=redis_lost, take_over=take_over)
+    too_long = waited_too_long(messages)  # ended, not sent
     run = _due(runs.c.status, runs.c.enqueued_at, runs.c.created_at, runs.c.lease_token,
                runs.c.lease_expires_at, runs.c.deadline_at, redis_lost=redis_lost, take_over=take_over)
     return SimpleNamespace(
         turns=Prepared(
             select(turns.c.assistant_message_id, turns.c.enqueued_at, turns.c.lease_token,
                    turn.overdue.label("overdue"), turn.unconfirmed.label("unconfirmed"),
-                   turn.waited_too_long.label("waited_too_long"))
+                   too_long.label("waited_too_long"))
             .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
-            .where(answer_in_flight(messages), or_(turn.due, turn.unconfirmed, turn.waited_too_long))),
+            .where(answer_in_flight(messages), or_(turn.due, turn.unconfirmed, too_long))),
         runs=Prepared(
             select(runs.c.id, runs.c.enqueued_at, runs.c.lease_token, run.overdue.label("overdue"),
                    run.unconfirmed.label("unconfirmed"))
@@ -290,7 +284,7 @@ def recover_once(*, first_sweep: bool = False, take_over: bool = True) -> Recove
                    "receipts_since": unsent_before - timedelta(seconds=receipt_look_seconds(first_sweep=first_sweep)),
                    "stale_before": now - timedelta(seconds=settings.stale_pending_seconds),
                    "sent_before": now - timedelta(seconds=settings.lease_seconds),
-                   "pending_before": now - timedelta(seconds=settings.max_pending_seconds)}
+                   "pending_before": pending_cutoff(now)}
         turns, runs = due.turns(session, cutoffs).rows, due.runs(session, cutoffs).rows
     report.ended = end_pending_too_long([row[0] for row in turns if row.waited_too_long], cutoffs["pending_before"])
     turns = [row for row in turns if not row.waited_too_long]

@@ -287,7 +287,7 @@ def _settle_failure(context: TurnContext, status: TurnStatus, reason: str, strea
 
 def abandon_turn(turn_id: int, reason: str, *, pending_before: datetime | None = None) -> bool:
     """End a turn as `error` when its message died (retries exhausted) or, with `pending_before`, when it was
-    still pending since before then (the recovery sweep's bound on waiting for a worker); as `cancelled`
+    still pending since before then (`app.pending_bound`: the bound on waiting for a worker); as `cancelled`
     when its user had asked it to stop. Frees its reservation and slot."""
     with transaction() as session:
         ended = end_unowned(session, turn_id, TurnStatus.ERROR, reason, pending_before=pending_before)

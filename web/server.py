@@ -125,9 +125,9 @@ def _post_worker_init(worker: Any) -> None:
     """Each API process also ends the turns no worker started in time (`app.pending_bound`), so that bound
     holds while every worker is gone."""
     from app.heap import freeze_after_boot
-    from app.pending_bound import PendingBoundLoop
+    from app.pending_bound import start_pending_bound
 
-    PendingBoundLoop().start()
+    start_pending_bound()
     freeze_after_boot()
 
 
