@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import datetime
 from decimal import Decimal
 
 from app import metrics
@@ -101,6 +102,10 @@ def _record_result(run_id: int, token: str, delivery: int, outcome: Outcome, lat
     return cost
 
 
-def abandon_run(run_id: int, reason: str) -> None:
+def abandon_run(run_id: int, reason: str, *, pending_before: datetime | None = None) -> bool:
+    """End a test run as `error` when its message died or, with `pending_before`, when it was still pending
+    since before then (`app.pending_bound`); False when it was not (ended already, held by a delivery, or
+    pending only since later)."""
     with transaction() as session:
-        finish_debug_run(session, run_id, None, TurnStatus.ERROR, error_message=reason)
+        return finish_debug_run(session, run_id, None, TurnStatus.ERROR, pending_before=pending_before,
+                                error_message=reason)

@@ -12,8 +12,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 
-from sqlalchemy import update
-
 from app.db import transaction
 from app.logging_setup import turn_context
 from app.outages import warn_of
@@ -54,8 +52,7 @@ def leave_for_recovery(kind: RunKind, ident: int) -> None:
 def _clear_mark(kind: RunKind, ident: int) -> None:
     try:
         with transaction() as session:
-            session.execute(update(kind.model).where(kind.key == ident).values(enqueued_at=None)
-                            .execution_options(synchronize_session=False))
+            kind.clear_outbox_mark(session, ident)
     except Exception as exc:
         warn_of(log, exc, "could not clear the outbox mark of %s %s; the recovery sweep sends it when it finds no "
                 "receipt of its send, or by the stale-pending rule", kind.label, ident)

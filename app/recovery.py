@@ -27,9 +27,9 @@ Four cracks, one sweep every `AGENTQ_RECOVERY_INTERVAL_SECONDS`:
   due: a sweep's cost does not grow with the turns in flight, only with the pending ones sent in the few
   seconds after the enqueue grace, whose receipts it looks up (none unless turns wait in a queue; a
   worker process's first sweep, every pending one younger than the stale-pending rule).
-And one bound: a turn still `pending` `AGENTQ_MAX_PENDING_SECONDS` after it was accepted (or requeued),
-behind a backlog or with no worker serving its queue, is ended as `error` instead of being sent
-(`app.pending_bound`, which every API process applies too).
+And one bound: a run (a turn or an admin test run) still `pending` `AGENTQ_MAX_PENDING_SECONDS` after it
+was accepted (or requeued), behind a backlog or with no worker serving its queue, is ended as `error`
+instead of being sent (`app.pending_bound`, which every API process applies too).
 Sending is idempotent (a worker that finds a turn finished or owned does nothing), and a
 compare-and-set on `enqueued_at` keeps several sweepers from sending the same turn twice. The last two
 cracks take a lease from its holder, which a sweep does only once the database has answered it for a
@@ -50,7 +50,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import redis
-from sqlalchemy import ColumnElement, DateTime, and_, bindparam, false, not_, or_, select, true, update
+from sqlalchemy import ColumnElement, DateTime, and_, bindparam, false, not_, or_, select, true
 
 from app import outbox
 from app.clock import lease_now
@@ -83,6 +83,8 @@ class RecoveryReport:
     debug_sent: list[int] = field(default_factory=list)
     ended: list[int] = field(default_factory=list)
     """Turns ended as `error` for having waited too long for a worker."""
+    debug_ended: list[int] = field(default_factory=list)
+    """Admin test runs ended the same way."""
     redis_lost: bool = False
     unsent: int = 0
     receipts_unchecked: bool = False
@@ -157,13 +159,9 @@ def _mark_epoch(sweep_mark: _SweepMark | None) -> None:
 def _claim_send(kind: RunKind, ident: int, seen: datetime | None) -> datetime | None:
     """Compare-and-set the outbox mark so only one sweeper sends this run now; the new mark, which names
     the message, or None when another sweeper took it."""
-    guard = kind.model.enqueued_at.is_(None) if seen is None else kind.model.enqueued_at == seen
     marked = utc_now()
     with transaction() as session:
-        claimed = session.execute(
-            update(kind.model).where(kind.key == ident, guard).values(enqueued_at=marked)
-            .execution_options(synchronize_session=False)
-        ).rowcount == 1
+        claimed = kind.claim_outbox_mark(session, ident, seen, marked)
     return marked if claimed else None
 
 
@@ -205,20 +203,21 @@ def _due_runs(redis_lost: bool, take_over: bool) -> SimpleNamespace:
     turns, messages, runs = table(Turn), table(ConversationMessage), table(DebugRun)
     turn = _due(messages.c.status, turns.c.enqueued_at, turns.c.created_at, turns.c.lease_token,
                 turns.c.lease_expires_at, turns.c.deadline_at, redis_lost=redis_lost, take_over=take_over)
-    too_long = waited_too_long(messages)  # ended, not sent
+    turn_too_long = waited_too_long(messages.c.status, messages.c.updated_at)  # ended, not sent
     run = _due(runs.c.status, runs.c.enqueued_at, runs.c.created_at, runs.c.lease_token,
                runs.c.lease_expires_at, runs.c.deadline_at, redis_lost=redis_lost, take_over=take_over)
+    run_too_long = waited_too_long(runs.c.status, runs.c.updated_at)
     return SimpleNamespace(
         turns=Prepared(
             select(turns.c.assistant_message_id, turns.c.enqueued_at, turns.c.lease_token,
                    turn.overdue.label("overdue"), turn.unconfirmed.label("unconfirmed"),
-                   too_long.label("waited_too_long"))
+                   turn_too_long.label("waited_too_long"))
             .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
-            .where(answer_in_flight(messages), or_(turn.due, turn.unconfirmed, too_long))),
+            .where(answer_in_flight(messages), or_(turn.due, turn.unconfirmed, turn_too_long))),
         runs=Prepared(
             select(runs.c.id, runs.c.enqueued_at, runs.c.lease_token, run.overdue.label("overdue"),
-                   run.unconfirmed.label("unconfirmed"))
-            .where(in_flight(runs.c.status), or_(run.due, run.unconfirmed))),
+                   run.unconfirmed.label("unconfirmed"), run_too_long.label("waited_too_long"))
+            .where(in_flight(runs.c.status), or_(run.due, run.unconfirmed, run_too_long))),
     )
 
 
@@ -286,10 +285,12 @@ def recover_once(*, first_sweep: bool = False, take_over: bool = True) -> Recove
                    "sent_before": now - timedelta(seconds=settings.lease_seconds),
                    "pending_before": pending_cutoff(now)}
         turns, runs = due.turns(session, cutoffs).rows, due.runs(session, cutoffs).rows
-    report.ended = end_pending_too_long([row[0] for row in turns if row.waited_too_long], cutoffs["pending_before"])
-    turns = [row for row in turns if not row.waited_too_long]
-    _send_due(turns, TURN, report.sent, report)
-    _send_due(runs, TEST_RUN, report.debug_sent, report)
+    report.ended = end_pending_too_long(TURN, [row[0] for row in turns if row.waited_too_long],
+                                        cutoffs["pending_before"])
+    report.debug_ended = end_pending_too_long(TEST_RUN, [row[0] for row in runs if row.waited_too_long],
+                                              cutoffs["pending_before"])
+    _send_due([row for row in turns if not row.waited_too_long], TURN, report.sent, report)
+    _send_due([row for row in runs if not row.waited_too_long], TEST_RUN, report.debug_sent, report)
     if report.redis_lost and report.unsent == 0:
         _mark_epoch(sweep_mark)
     if report.sent or report.debug_sent:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import exists, select, update
+from sqlalchemy import ColumnElement, exists, select, true, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app import dispatch, queues
@@ -54,6 +54,26 @@ class RunKind:
         """Enqueue a run's message, named after the outbox mark written for it; False when the broker could
         not take it (see `app.outbox`)."""
         return dispatch.enqueue(self.queue, self.actor, ident, enqueued_at)
+
+    def claim_outbox_mark(self, session: Session, ident: int, seen: datetime | None, mark: datetime) -> bool:
+        """Set the run's outbox mark to `mark` if it is still `seen`, so that of two sweepers only one sends
+        the run again; False for the other."""
+        still_seen = self.model.enqueued_at.is_(None) if seen is None else self.model.enqueued_at == seen
+        return self._write_outbox_mark(session, ident, mark, still_seen)
+
+    def clear_outbox_mark(self, session: Session, ident: int) -> None:
+        """The run was not sent: the recovery sweep sends it once Redis answers (`app.outbox`)."""
+        self._write_outbox_mark(session, ident, None, true())
+
+    def _write_outbox_mark(self, session: Session, ident: int, mark: datetime | None,
+                           condition: ColumnElement[bool]) -> bool:
+        """The run's `updated_at` is left as it is: it says when the run's status last changed, which the
+        pending bound reads (`app.pending_bound`), and a send is no change of status."""
+        return session.execute(
+            update(self.model).where(self.key == ident, condition)
+            .values(enqueued_at=mark, updated_at=self.model.updated_at)
+            .execution_options(synchronize_session=False)
+        ).rowcount == 1
 
     def revoke_lease(self, session: Session, ident: int, token: str, *, swept_after: datetime | None = None) -> bool:
         """Take a run from the delivery holding lease `token`: its lease keeper finds the lease gone and stops

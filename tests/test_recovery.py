@@ -665,12 +665,41 @@ def test_a_turn_no_worker_starts_within_the_pending_bound_ends_as_error(stack: S
     _a_turn_nobody_starts_ends_at_the_pending_bound(stack)
 
 
-def test_an_api_process_ends_a_turn_no_worker_starts_within_the_pending_bound() -> None:
+def test_an_admin_test_run_no_worker_starts_within_the_pending_bound_ends_as_error(stack: Stack) -> None:
+    """An admin test run waiting in a queue no worker serves waited for a worker however long. The same bound
+    holds it: the sweep of any worker process (here one serving only the turns' queue) ends it `error`."""
+    stack.start_worker(queues=["turns"], AGENTQ_MAX_PENDING_SECONDS="2")
+    _a_test_run_nobody_starts_ends_at_the_pending_bound(stack, _start_a_test_run(stack))
+
+
+def test_an_api_process_ends_runs_no_worker_starts_within_the_pending_bound() -> None:
     """With no worker running at all (every worker gone), nothing swept and the turn stayed pending until one
-    started. Each API process looks too: the deployment's API alone (its bound 2 s) ends the turn."""
+    started. Each API process looks too: the deployment's API alone (its bound 2 s) ends the turn, and the
+    admin test run sent a moment before it."""
     with stack_on_shared_redis("api-pending-bound", AGENTQ_MAX_PENDING_SECONDS="2") as api:
         api.init().start_web()
+        run_id = _start_a_test_run(api)
         _a_turn_nobody_starts_ends_at_the_pending_bound(api)
+        _a_test_run_nobody_starts_ends_at_the_pending_bound(api, run_id)
+
+
+def _start_a_test_run(stack: Stack) -> int:
+    agent_id = stack.agent(stack.model("never-tested", "echo"))
+    accepted = stack.call("POST", f"/api/admin/agents/{agent_id}/debug/execute", json={"content": "anyone?"})
+    assert accepted.status_code == 202, accepted.text
+    return int(accepted.json()["debug_log_id"])
+
+
+def _a_test_run_nobody_starts_ends_at_the_pending_bound(stack: Stack, run_id: int) -> None:
+    """The test run ends `error`, with the reason, 2 s after its acceptance give or take the sweeps (by its own
+    timestamps: the caller may look later), and nothing is logged as cost."""
+    log = wait_for(lambda: ended_test_run(stack, run_id), timeout=20, what="the test run to end")
+    assert (log["status"], log["error_message"], log["cost"], log["model"]) == (
+        "error", "no worker started the test run within 2 s of its acceptance (AGENTQ_MAX_PENDING_SECONDS)",
+        None, None)
+    waited = stack.sql("SELECT extract(epoch FROM updated_at - created_at)::float FROM admin_debug_logs "
+                       "WHERE id = %(id)s", {"id": run_id})[0][0]
+    assert 2 <= waited < 2 + 2 * RECOVERY_INTERVAL + 3
 
 
 def _a_turn_nobody_starts_ends_at_the_pending_bound(stack: Stack) -> None:

@@ -496,6 +496,42 @@ def test_the_pending_bound_ends_a_turn_only_if_it_is_still_pending_since_before_
     assert (ended["status"], ended["error_message"]) == ("error", "waited too long")
 
 
+def test_the_pending_bound_counts_a_test_runs_wait_from_its_status_not_from_its_re_sends(  # type: ignore[no-untyped-def]
+        world, unreachable_broker) -> None:
+    """An admin test run's outbox mark is on the run's own row: each re-send by a sweep moved its `updated_at`,
+    from which the pending bound counts, so a run re-sent often enough never waited too long. A re-send now
+    leaves it, and the end is judged under the run's lock as a turn's is."""
+    from datetime import timedelta
+
+    from app.db import transaction
+    from app.debug_runner import abandon_run
+    from app.models import DebugRun
+    from app.recovery import _claim_send
+    from app.run_kinds import TEST_RUN
+
+    agent_id = world.agent(world.model())
+    run_id = world.api.post(f"/api/admin/agents/{agent_id}/debug/execute", world.admin_key,
+                            {"content": "not yet"}).json["debug_log_id"]
+
+    def marks() -> tuple[object, object]:
+        with transaction() as session:
+            run = session.get_one(DebugRun, run_id)
+            return run.enqueued_at, run.updated_at
+
+    unsent, accepted_at = marks()
+    assert unsent is None  # its send failed
+    resent_at = _claim_send(TEST_RUN, run_id, None)
+    assert resent_at is not None
+    assert marks() == (resent_at, accepted_at)
+
+    assert abandon_run(run_id, "waited too long", pending_before=accepted_at) is False
+    assert world.api.get(f"/api/admin/debug-logs/{run_id}", world.admin_key).json["status"] == "pending"
+    assert abandon_run(run_id, "waited too long", pending_before=accepted_at + timedelta(microseconds=1)) is True
+    ended = world.api.get(f"/api/admin/debug-logs/{run_id}", world.admin_key).json
+    assert (ended["status"], ended["error_message"]) == ("error", "waited too long")
+    assert abandon_run(run_id, "waited too long", pending_before=accepted_at + timedelta(minutes=1)) is False
+
+
 def test_an_idempotency_key_belongs_to_one_conversation_and_one_message(world) -> None:  # type: ignore[no-untyped-def]
     agent_id = world.agent(world.model())
     _, key = world.user()
