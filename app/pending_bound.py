@@ -109,7 +109,7 @@ def _look_every_interval() -> None:
         try:
             end_runs_pending_too_long()
         except Exception as error:
-            log_failure(log, error, "looking for turns pending too long")
+            log_failure(log, error, "looking for runs pending too long")
 
 
 __all__ = ["end_pending_too_long", "end_runs_pending_too_long", "pending_cutoff", "start_pending_bound",

@@ -496,40 +496,61 @@ def test_the_pending_bound_ends_a_turn_only_if_it_is_still_pending_since_before_
     assert (ended["status"], ended["error_message"]) == ("error", "waited too long")
 
 
-def test_the_pending_bound_counts_a_test_runs_wait_from_its_status_not_from_its_re_sends(  # type: ignore[no-untyped-def]
-        world, unreachable_broker) -> None:
-    """An admin test run's outbox mark is on the run's own row: each re-send by a sweep moved its `updated_at`,
-    from which the pending bound counts, so a run re-sent often enough never waited too long. A re-send now
-    leaves it, and the end is judged under the run's lock as a turn's is."""
-    from datetime import timedelta
+def test_the_pending_bound_counts_a_test_runs_wait_from_its_status_not_from_its_sends(  # type: ignore[no-untyped-def]
+        world, workers, unreachable_broker) -> None:
+    """An admin test run's outbox mark is on the run's own row: each send by a sweep, and each send that failed,
+    moved its `updated_at`, from which the pending bound counts, so a run sent often enough never waited too
+    long. A send now leaves it, and the end is judged under the run's lock as a turn's is: a run a worker
+    claimed meanwhile is left alone. The workers are stopped meanwhile: their sweeps would send these runs."""
+    from datetime import UTC, datetime, timedelta
 
     from app.db import transaction
+    from app.debug_run_state import claim_debug_run
     from app.debug_runner import abandon_run
     from app.models import DebugRun
+    from app.outbox import leave_for_recovery
     from app.recovery import _claim_send
     from app.run_kinds import TEST_RUN
 
     agent_id = world.agent(world.model())
-    run_id = world.api.post(f"/api/admin/agents/{agent_id}/debug/execute", world.admin_key,
-                            {"content": "not yet"}).json["debug_log_id"]
 
-    def marks() -> tuple[object, object]:
+    def start_run(content: str) -> int:
+        return world.api.post(f"/api/admin/agents/{agent_id}/debug/execute", world.admin_key,
+                              {"content": content}).json["debug_log_id"]
+
+    def marks(run_id: int) -> tuple[object, object]:
         with transaction() as session:
             run = session.get_one(DebugRun, run_id)
             return run.enqueued_at, run.updated_at
 
-    unsent, accepted_at = marks()
-    assert unsent is None  # its send failed
-    resent_at = _claim_send(TEST_RUN, run_id, None)
-    assert resent_at is not None
-    assert marks() == (resent_at, accepted_at)
+    def status(run_id: int) -> str:
+        return world.api.get(f"/api/admin/debug-logs/{run_id}", world.admin_key).json["status"]
 
-    assert abandon_run(run_id, "waited too long", pending_before=accepted_at) is False
-    assert world.api.get(f"/api/admin/debug-logs/{run_id}", world.admin_key).json["status"] == "pending"
-    assert abandon_run(run_id, "waited too long", pending_before=accepted_at + timedelta(microseconds=1)) is True
-    ended = world.api.get(f"/api/admin/debug-logs/{run_id}", world.admin_key).json
-    assert (ended["status"], ended["error_message"]) == ("error", "waited too long")
-    assert abandon_run(run_id, "waited too long", pending_before=accepted_at + timedelta(minutes=1)) is False
+    workers.stop_all()
+    try:
+        run_id = start_run("not yet")
+        unsent, accepted_at = marks(run_id)
+        assert unsent is None  # its send failed
+        resent_at = _claim_send(TEST_RUN, run_id, None)
+        assert resent_at is not None
+        assert marks(run_id) == (resent_at, accepted_at)
+        leave_for_recovery(TEST_RUN, run_id)  # that send failed too
+        assert marks(run_id) == (None, accepted_at)
+
+        assert abandon_run(run_id, "waited too long", pending_before=accepted_at) is False
+        assert status(run_id) == "pending"
+        assert abandon_run(run_id, "waited too long", pending_before=accepted_at + timedelta(microseconds=1)) is True
+        ended = world.api.get(f"/api/admin/debug-logs/{run_id}", world.admin_key).json
+        assert (ended["status"], ended["error_message"]) == ("error", "waited too long")
+
+        claimed_id = start_run("claimed meanwhile")
+        with transaction() as session:
+            assert claim_debug_run(session, claimed_id, 30).acquired
+        later = datetime.now(UTC) + timedelta(minutes=1)
+        assert abandon_run(claimed_id, "waited too long", pending_before=later) is False
+        assert status(claimed_id) == "processing"
+    finally:
+        workers.start()
 
 
 def test_an_idempotency_key_belongs_to_one_conversation_and_one_message(world) -> None:  # type: ignore[no-untyped-def]
