@@ -45,6 +45,7 @@ TEST_PROCESSES ?= 2
 
 test: install redis chromium
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/pytest -q -n $(TEST_PROCESSES)
 
 test-chaos: install redis
@@ -52,6 +53,7 @@ test-chaos: install redis
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 bench: install redis
 	$(BIN)/python -m bench.run

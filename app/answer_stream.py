@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis
 from sqlalchemy import func, or_, select
@@ -31,7 +31,7 @@ from app.db import transaction
 from app.live_stream import attempt_number, stream_key
 from app.models import ConversationMessage, ModelAttempt, Turn
 from app.outages import is_outage
-from app.redis_client import SOCKET_TIMEOUT_SECONDS, get_redis
+from app.redis_client import SOCKET_TIMEOUT_SECONDS, StreamEntry, get_redis
 from app.stream_slots import stream_slots
 from app.turn_status import TurnStatus
 
@@ -171,7 +171,7 @@ def _fresh_start(key: str) -> tuple[Cursor, dict[str, Any] | None]:
     end = "+"
     try:
         while True:
-            page = get_redis().xrevrange(key, max=end, min="-", count=_LOOK_BACK_PAGE)
+            page = cast(list[StreamEntry], get_redis().xrevrange(key, max=end, min="-", count=_LOOK_BACK_PAGE))
             for raw_id, fields in page:
                 if fields[b"type"] == b"status":
                     payload = json.loads(fields[b"data"])
@@ -253,7 +253,8 @@ def _follow(message_id: int, cursor: Cursor | None) -> Iterator[StreamEvent]:
     key = stream_key(message_id)
     while _open(deadline):
         try:
-            found = get_redis().xread({key: cursor.entry}, count=200, block=None if ended else block_ms)
+            found = cast(list[tuple[bytes, list[StreamEntry]]],
+                         get_redis().xread({key: cursor.entry}, count=200, block=None if ended else block_ms))
         except redis.RedisError:
             found = None
             time.sleep(0.5)

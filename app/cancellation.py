@@ -109,7 +109,7 @@ def _stop(session: Session, message_id: int) -> _Stopped | None:
     ).scalar_one()
     # Read after the lock, in a statement of its own: read with the lock, it would be the status from before
     # a settlement this stop waited for.
-    status = session.scalar(select(ConversationMessage.status).where(ConversationMessage.id == message_id))
+    status = session.scalars(select(ConversationMessage.status).where(ConversationMessage.id == message_id)).one()
     if TurnStatus(status).is_terminal:
         return None
     turn.cancel_requested_at = utc_now()

@@ -16,8 +16,10 @@ import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import cast
 
 import redis
+from redis.typing import EncodableT
 from sqlalchemy import select
 
 from app.config import get_settings
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 BUSY = -1
 
 
-def _run(name: str, keys: list[str], args: list[object]) -> object:
+def _run(name: str, keys: list[str], args: list[EncodableT]) -> object:
     return lua_script(name)(keys=keys, args=args, client=get_redis())
 
 
@@ -117,7 +119,7 @@ def _forget_idle_slots(user_id: int) -> None:
     with transaction() as session:
         active = {str(cid) for cid in active_conversation_ids(session, user_id)}
     client = get_redis()
-    members = {m.decode() for m in client.zrange(slots_key(user_id), 0, -1)}
+    members = {m.decode() for m in cast(list[bytes], client.zrange(slots_key(user_id), 0, -1))}
     stale = members - active
     if stale:
         client.zrem(slots_key(user_id), *stale)

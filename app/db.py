@@ -21,8 +21,9 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, CursorResult, Engine, Executable, create_engine, event
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
@@ -138,6 +139,12 @@ def plain_transaction() -> Iterator[Connection]:
     transaction)."""
     with get_engine().begin() as connection:
         yield connection
+
+
+def rows_changed(session: Session, statement: Executable) -> int:
+    """The rows an UPDATE or DELETE statement matched: its result is a `CursorResult`, which counts them, though
+    `Session.execute` is typed as returning any `Result`."""
+    return cast(CursorResult[Any], session.execute(statement)).rowcount
 
 
 def open_pool() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import dramatiq
 import redis
@@ -36,11 +36,11 @@ def dead_entries() -> dict[str, BrokerEntry]:
     client = get_redis()
     entries: dict[str, BrokerEntry] = {}
     for queue in QUEUES:
-        scored = client.zrange(broker_key(queue, ".XQ"), 0, -1, withscores=True)
+        scored = cast(list[tuple[bytes, float]], client.zrange(broker_key(queue, ".XQ"), 0, -1, withscores=True))
         if not scored:
             continue
         ids = [member.decode() for member, _ in scored]
-        bodies = client.hmget(broker_key(queue, ".XQ.msgs"), ids)
+        bodies = cast(list[bytes | None], client.hmget(broker_key(queue, ".XQ.msgs"), ids))
         for (_, score), ident, body in zip(scored, ids, bodies, strict=True):
             message = _readable(body) if body is not None else None
             if body is not None and message is None:

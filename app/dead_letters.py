@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import dramatiq
 import redis
 from dramatiq.common import q_name
 from sqlalchemy import or_, select
@@ -30,6 +29,7 @@ from app import live_stream, outbox
 from app.db import transaction
 from app.dead_letter_queue import BrokerEntry, dead_entries, holds_entry, take_entry
 from app.debug_run_state import reopen_debug_run
+from app.dispatch import Delivered
 from app.errors import Conflict, ConversationBusy, NotFound, ServiceUnavailable, TooManyActiveConversations
 from app.in_flight import check_can_start, lock_user
 from app.models import Agent, Conversation, ConversationMessage, DeadLetter, Turn
@@ -96,7 +96,7 @@ def _store(session: Session, values: dict[str, Any], *, overwrite: bool) -> None
         existing.retries, existing.error, existing.traceback = values["retries"], values["error"], values["traceback"]
 
 
-def record_death(message: dramatiq.Message[Any]) -> None:
+def record_death(message: Delivered) -> None:
     """Called by the worker as the broker dead-letters `message`: keep its final error and retry count."""
     trace = message.options.get("traceback")
     attempts = int(message.options.get("retries", 0))

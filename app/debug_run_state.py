@@ -14,6 +14,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.clock import DatabaseNow, lease_expiry, lease_time
+from app.db import rows_changed
 from app.deliveries import delivery_deadline
 from app.in_flight import pending_since_before
 from app.models import Agent, DebugRun
@@ -79,11 +80,9 @@ def finish_debug_run(session: Session, run_id: int, token: str | None, target: T
         return False
     if pending_before is not None:
         query = query.where(pending_since_before(DebugRun.status, DebugRun.updated_at, pending_before))
-    moved = session.execute(
-        query.values(status=target.value, lease_token=None, lease_expires_at=None, updated_at=at or utc_now(),
-                     **result)
-        .execution_options(synchronize_session=False)
-    ).rowcount
+    moved = rows_changed(session, query.values(status=target.value, lease_token=None, lease_expires_at=None,
+                                               updated_at=at or utc_now(), **result)
+                         .execution_options(synchronize_session=False))
     if moved != 1 and token is not None:
         raise LeaseLost(f"test run {run_id} is owned by another worker or already ended")
     return moved == 1

@@ -43,7 +43,7 @@ _RUN_COLUMN_OF = {"agent": DebugRun.agent_id, "admin": DebugRun.admin_id}
 class RouteDecision:
     model: str
     fallback_model: str | None
-    timeout_seconds: int
+    timeout_seconds: float
     moderation: Verdict
     estimated_prompt_tokens: int
     estimated_cost: Decimal

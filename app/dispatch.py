@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import dramatiq
 from dramatiq import Message
@@ -25,6 +26,9 @@ from app.models.base import as_utc
 from app.outages import warn_of
 
 log = logging.getLogger(__name__)
+
+Delivered = dramatiq.Message[Any] | dramatiq.MessageProxy
+"""A message as the broker hands it to middleware (a proxy of it) or to an actor."""
 
 
 def broker_key(queue: str, suffix: str = "") -> str:
@@ -71,8 +75,9 @@ def enqueue(queue: str, actor: str, ident: int, enqueued_at: datetime | None) ->
     """Send run `ident` to `actor` on `queue` (`app.run_kinds` says which); False when the broker could not
     take it, which is logged here and handled by the caller's outbox. `enqueued_at` is the outbox mark
     the caller wrote for this send (None for a send that wrote none: an Idempotency-Key's replay)."""
-    named = {} if enqueued_at is None else {"message_id": message_id(actor, ident, enqueued_at)}
-    message = Message(queue_name=queue, actor_name=actor, args=(ident,), kwargs={}, options={}, **named)
+    named: dict[str, Any] = {} if enqueued_at is None else {"message_id": message_id(actor, ident, enqueued_at)}
+    message: Message[Any] = Message(queue_name=queue, actor_name=actor, args=(ident,), kwargs={}, options={},
+                                    **named)
     try:
         dramatiq.get_broker().enqueue(message)
     except Exception as exc:

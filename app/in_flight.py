@@ -11,7 +11,7 @@ from functools import cache
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import ColumnElement, Table, and_, bindparam, literal_column, select
+from sqlalchemy import ColumnElement, SQLColumnExpression, Table, and_, bindparam, literal_column, select
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
@@ -21,19 +21,19 @@ from app.prepared import Batch, Prepared, Unit, then
 from app.turn_status import IN_FLIGHT_VALUES, TurnStatus
 
 
-def status_is(status: ColumnElement[str], *values: str) -> ColumnElement[bool]:
+def status_is(status: SQLColumnExpression[str], *values: str) -> ColumnElement[bool]:
     """`status` is one of `values`, written as constants: a prepared statement's generic plan can then
     use the partial indexes whose predicate says the same (a parameter could be anything)."""
-    constants = [literal_column(f"'{value}'") for value in values]
+    constants: list[ColumnElement[str]] = [literal_column(f"'{value}'") for value in values]
     return status == constants[0] if len(constants) == 1 else status.in_(constants)
 
 
-def in_flight(status: ColumnElement[str]) -> ColumnElement[bool]:
+def in_flight(status: SQLColumnExpression[str]) -> ColumnElement[bool]:
     """`status` is pending or processing (see `status_is`)."""
     return status_is(status, *IN_FLIGHT_VALUES)
 
 
-def pending_since_before(status: ColumnElement[str], since: ColumnElement[datetime],
+def pending_since_before(status: SQLColumnExpression[str], since: SQLColumnExpression[datetime],
                          moment: Any) -> ColumnElement[bool]:
     """`status` is pending, and has been since before `moment` (`since` is when it last changed): what
     `AGENTQ_MAX_PENDING_SECONDS` ends, read by the recovery sweep and judged again under the turn's lock."""

@@ -15,8 +15,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import tuple_, update
+from sqlalchemy.orm import InstrumentedAttribute
 
 from app import coordination
 from app.clock import lease_expiry, lease_now
@@ -165,7 +167,7 @@ class LeaseKeeper:
                 pairs = [(h.ident, h.token) for h in held if _kind(h) is kind]
                 if not pairs:
                     continue
-                returned = [kind.key, kind.model.lease_token]
+                returned: list[InstrumentedAttribute[Any]] = [kind.key, kind.model.lease_token]
                 if kind is TURN:
                     returned.append(Turn.cancel_requested_at)
                 rows = session.execute(

@@ -16,16 +16,20 @@ import os
 import threading
 from collections import deque
 from dataclasses import dataclass
+from typing import cast
 
 import redis
+from redis.typing import EncodableT, FieldT
 
 from app import metrics
 from app.answer_sink import AnswerSink
 from app.config import get_settings
-from app.redis_client import get_redis, key
+from app.redis_client import StreamEntry, get_redis, key
 from app.turn_status import TurnStatus
 
 log = logging.getLogger(__name__)
+
+StreamFields = dict[FieldT, EncodableT]
 
 
 def stream_key(turn_id: int) -> str:
@@ -62,7 +66,7 @@ def text_streamed(turn_id: int) -> Streamed | None:
     died had sent its readers, and which model wrote it. None when there is no text, or not all of it (the
     stream trimmed or lost with Redis), or Redis cannot be reached."""
     try:
-        entries = get_redis().xrange(stream_key(turn_id))
+        entries = cast(list[StreamEntry], get_redis().xrange(stream_key(turn_id)))
     except redis.RedisError:
         return None
     last = max((int(fields.get(b"a", b"0")) for _, fields in entries), default=None)
@@ -90,13 +94,13 @@ class _Publisher:
     """
 
     def __init__(self) -> None:
-        self._items: deque[tuple[str, dict[str, str | int], bool]] = deque()
+        self._items: deque[tuple[str, StreamFields, bool]] = deque()
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pid = 0
 
-    def add(self, key: str, fields: dict[str, str | int], expire: bool) -> None:
+    def add(self, key: str, fields: StreamFields, expire: bool) -> None:
         self._items.append((key, fields, expire))
         if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
             self._start()
@@ -128,14 +132,14 @@ class _Publisher:
                 log.warning("could not publish %d stream entries; readers fall back to the database", len(batch))
 
 
-def _coalesce(items: deque[tuple[str, dict[str, str | int], bool]]) -> list[tuple[str, dict[str, str | int], bool]]:
+def _coalesce(items: deque[tuple[str, StreamFields, bool]]) -> list[tuple[str, StreamFields, bool]]:
     """Take everything queued; a delta that continues the previous entry of its stream joins it.
 
     One entry then carries what the upstream sent in several chunks while the last pipeline was
     in flight: fewer entries to write and to relay, the same text at the same offsets.
     """
-    batch: list[tuple[str, dict[str, str | int], bool]] = []
-    last: dict[str, dict[str, str | int]] = {}
+    batch: list[tuple[str, StreamFields, bool]] = []
+    last: dict[str, StreamFields] = {}
     while items:
         key, fields, expire = items.popleft()
         previous = last.get(key)
@@ -160,7 +164,7 @@ class TurnStream(AnswerSink):
         self._attempt = attempt_number(delivery, 0)
         self._offset = 0
 
-    def _add(self, fields: dict[str, str | int], expire: bool = False) -> None:
+    def _add(self, fields: StreamFields, expire: bool = False) -> None:
         _publisher.add(self._key, fields, expire)
 
     def status(self, status: TurnStatus, model: str | None, restart: bool = False) -> None:

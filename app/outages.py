@@ -39,7 +39,8 @@ def is_outage(error: BaseException) -> bool:
     if isinstance(error, sqlalchemy.exc.DBAPIError):
         if error.connection_invalidated:
             return True
-        error = error.orig
+        if error.orig is not None:
+            error = error.orig
     if isinstance(error, psycopg.OperationalError):
         state = error.sqlstate
         return state is None or state.startswith("08") or state in _SERVER_GOING_AWAY

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from psycopg.rows import namedtuple_row
 from sqlalchemy import Boolean, DateTime, Float, Integer, Numeric, String
@@ -28,6 +28,8 @@ from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import Executable
 
 Params = Mapping[str, Any]
 Unit = Session | Connection
@@ -99,7 +101,7 @@ def _python_default(column: Any, attribute: str) -> Callable[[], Any]:
 
 
 def _driver_form(statement: ClauseElement, dialect: Dialect) -> _DriverForm:
-    compiled = statement.compile(dialect=dialect)
+    compiled = cast(SQLCompiler, statement.compile(dialect=dialect))
     defaults = tuple((column.key, _python_default(column, "default")) for column in compiled.insert_prefetch) + tuple(
         (column.key, _python_default(column, "onupdate")) for column in compiled.update_prefetch)
     computed = {name for name, _ in defaults}
@@ -203,13 +205,13 @@ def _run(unit: Unit, statements: list[tuple[Prepared, Params | Sequence[Params] 
     if dialect.name != "postgresql":
         results = []
         for prepared, params in statements:
-            result = connection.execute(prepared.statement, params)  # type: ignore[arg-type]
+            result = connection.execute(cast(Executable, prepared.statement), params)
             results.append(Rows(list(result) if result.returns_rows else [], result.rowcount))
         return results
     work = [(prepared._form(dialect), params) for prepared, params in statements]
-    runs = [(form.sql, [_complete(form, p) for p in (params if _many(params) else [params])], _many(params))
-            for form, params in work]  # type: ignore[union-attr]
+    runs = [(form.sql, [_complete(form, p) for p in _param_sets(params)], _many(params)) for form, params in work]
     driver = connection.connection.driver_connection
+    assert driver is not None, "a pooled connection holds its driver's"
     cursors: list[list[Any]] = []
     try:
         if len(runs) == 1 and len(runs[0][1]) == 1:
@@ -235,6 +237,13 @@ def _run(unit: Unit, statements: list[tuple[Prepared, Params | Sequence[Params] 
 
 def _many(params: Params | Sequence[Params] | None) -> bool:
     return params is not None and not isinstance(params, Mapping)
+
+
+def _param_sets(params: Params | Sequence[Params] | None) -> list[Params | None]:
+    """A statement's parameter sets: each of an executemany's, else its one (or none)."""
+    if params is None or isinstance(params, Mapping):
+        return [params]
+    return list(params)
 
 
 def _execute(driver: Any, sql: str, batch: list[dict[str, Any]]) -> list[Any]:

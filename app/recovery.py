@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cache
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import redis
 from sqlalchemy import ColumnElement, DateTime, and_, bindparam, false, not_, or_, select, true
@@ -93,7 +93,7 @@ class RecoveryReport:
 
 def server_run(client: redis.Redis) -> str:
     """The Redis server's run: `INFO server`'s `run_id`, new at each start ("" from a server without one)."""
-    return str(client.info("server").get("run_id", ""))
+    return str(cast(dict[str, Any], client.info("server")).get("run_id", ""))
 
 
 def epoch_value(run: str) -> str:
@@ -113,7 +113,7 @@ def _run_that_lost_data() -> str | None:
     """
     try:
         client = get_redis()
-        run, epoch = server_run(client), client.get(epoch_key())
+        run, epoch = server_run(client), cast(bytes | None, client.get(epoch_key()))
     except redis.RedisError:
         return None
     return run if epoch is None or epoch.split(b" ", 1)[0].decode() != run else None

@@ -11,6 +11,11 @@ from redis.commands.core import Script
 
 from app.config import get_settings
 
+StreamEntry = tuple[bytes, dict[bytes, bytes]]
+"""An entry of a Redis stream as redis-py returns it: its id and its fields. redis-py types every reply as
+"an awaitable or anything" (one client class serves both its sync and async APIs); the callers cast each
+reply to its shape, which also says what the command returns."""
+
 _lock = threading.Lock()
 _clients: dict[str, redis.Redis] = {}
 

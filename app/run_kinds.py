@@ -22,7 +22,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app import dispatch, queues
 from app.clock import lease_now
-from app.db import transaction
+from app.db import rows_changed, transaction
 from app.deliveries import outage_wait_seconds, retry_hand_over
 from app.models import ConversationMessage, DebugRun, Turn
 from app.models.base import LARGEST_ID
@@ -69,22 +69,18 @@ class RunKind:
                            condition: ColumnElement[bool]) -> bool:
         """The run's `updated_at` is left as it is: it says when the run's status last changed, which the
         pending bound reads (`app.pending_bound`), and a send is no change of status."""
-        return session.execute(
-            update(self.model).where(self.key == ident, condition)
-            .values(enqueued_at=mark, updated_at=self.model.updated_at)
-            .execution_options(synchronize_session=False)
-        ).rowcount == 1
+        return rows_changed(session, update(self.model).where(self.key == ident, condition)
+                            .values(enqueued_at=mark, updated_at=self.model.updated_at)
+                            .execution_options(synchronize_session=False)) == 1
 
     def revoke_lease(self, session: Session, ident: int, token: str, *, swept_after: datetime | None = None) -> bool:
         """Take a run from the delivery holding lease `token`: its lease keeper finds the lease gone and stops
         it, and the write that would end the run is refused (the lease guards it). False when `token` no
         longer holds it. Any delivery's claim may take the run over at once; the recovery sweep sends it
         again only after `swept_after` (at once without it)."""
-        return session.execute(
-            update(self.model).where(self.key == ident, self.model.lease_token == token)
-            .values(lease_token=None, lease_expires_at=swept_after)
-            .execution_options(synchronize_session=False)
-        ).rowcount == 1
+        return rows_changed(session, update(self.model).where(self.key == ident, self.model.lease_token == token)
+                            .values(lease_token=None, lease_expires_at=swept_after)
+                            .execution_options(synchronize_session=False)) == 1
 
     def write_end(self, ident: int, stamp: datetime, write: Callable[[], None], *, what: str) -> None:
         """`write()`, a run's settlement stamped `stamp`, with a database outage waited out (the models were

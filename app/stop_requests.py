@@ -7,6 +7,7 @@ A request is a Redis key (instant to check on the lease keeper's half-second tic
 from __future__ import annotations
 
 import contextlib
+from typing import cast
 
 import redis
 from sqlalchemy import select
@@ -30,7 +31,7 @@ def publish_stop(turn_id: int) -> None:
 def stopped_turns(turn_ids: list[int]) -> set[int]:
     """Which of these turns a user asked to stop."""
     try:
-        flags = get_redis().mget([stop_key(t) for t in turn_ids])
+        flags = cast(list[bytes | None], get_redis().mget([stop_key(t) for t in turn_ids]))
         return {t for t, flag in zip(turn_ids, flags, strict=True) if flag}
     except redis.RedisError:
         with transaction() as session:

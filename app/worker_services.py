@@ -5,12 +5,10 @@ from __future__ import annotations
 import logging
 import threading
 from contextlib import nullcontext
-from typing import Any
-
-import dramatiq
 
 from app import dead_letters, debug_runner, llm_client, outbox, turn_runner
 from app.db import dispose_engines, open_pool
+from app.dispatch import Delivered
 from app.heap import freeze_after_boot
 from app.leases import keeper
 from app.logging_setup import log_as_turn, turn_context
@@ -87,7 +85,7 @@ def hand_back_unfinished() -> None:
                     "waiting for them", RECORDING_SECONDS)
 
 
-def hand_back_if_draining(message: dramatiq.Message[Any]) -> bool:
+def hand_back_if_draining(message: Delivered) -> bool:
     """A run that reaches an idle thread after SIGTERM is sent again, for another worker, instead of
     starting here; False when this process is not stopping, the message is not a run, or it cannot be sent."""
     if not draining.is_set():
@@ -99,7 +97,7 @@ def hand_back_if_draining(message: dramatiq.Message[Any]) -> bool:
     return kind.send(ident, None)
 
 
-def delivery_started(message: dramatiq.Message[Any]) -> None:
+def delivery_started(message: Delivered) -> None:
     """Until the delivery ends, this thread's log lines, Dramatiq's own about it included (its failure, its
     retry), carry its turn's id."""
     run = run_of(message.actor_name, message.args)
@@ -110,7 +108,7 @@ def delivery_ended() -> None:
     log_as_turn(None)
 
 
-def message_died(message: dramatiq.Message[Any]) -> None:
+def message_died(message: Delivered) -> None:
     """The broker dead-lettered `message` (its retries ran out): keep the record operators list and
     requeue from, and end its run at once rather than at the recovery sweep, as `error` (`cancelled` for a
     turn whose stop was accepted). Neither step may fail the broker's nack: a record that could not be
@@ -122,7 +120,7 @@ def message_died(message: dramatiq.Message[Any]) -> None:
         _message_died(message, run)
 
 
-def _message_died(message: dramatiq.Message[Any], run: tuple[RunKind, int] | None) -> None:
+def _message_died(message: Delivered, run: tuple[RunKind, int] | None) -> None:
     try:
         dead_letters.record_death(message)
     except Exception:

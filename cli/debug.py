@@ -50,7 +50,7 @@ def cmd_debug_execute(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_debug_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_debug_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     debug = sub.add_parser("debug", help="admin debugging: route test, prompt preview, execution test")
     commands = debug.add_subparsers(dest="debug_command", required=True)
     helps = {

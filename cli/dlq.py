@@ -54,7 +54,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_dlq_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_dlq_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dlq = sub.add_parser("dlq", help="dead letters: messages whose retries ran out")
     commands = dlq.add_subparsers(dest="dlq_command", required=True)
     commands.add_parser("list", help="list the dead letters, newest first").set_defaults(func=cmd_list)

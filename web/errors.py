@@ -15,6 +15,7 @@ from flask import Flask, Response, jsonify, request
 from gunicorn.http import errors as http_errors
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException, NotFound
+from werkzeug.wrappers import Response as WerkzeugResponse
 
 from app.errors import AgentqError
 from app.outages import in_one_line, schema_missing
@@ -53,7 +54,7 @@ def install_error_handlers(app: Flask) -> None:
         return error_response(exc.status, exc.code, exc.message)
 
     @app.errorhandler(HTTPException)
-    def _http(exc: HTTPException) -> Response:
+    def _http(exc: HTTPException) -> WerkzeugResponse:
         if exc.code is None:
             return exc.get_response()
         if exc.code == 413:

@@ -31,9 +31,9 @@ class SharedStateCollector:
             yield in_flight
         depth = GaugeMetricFamily("agentq_queue_depth", "Messages in a queue.", labels=["queue", "state"])
         for queue in snapshot.queues:
-            for state, count in (("ready", queue.ready), ("delayed", queue.delayed)):
-                if count is not None:
-                    depth.add_metric([queue.name, state], count)
+            for state, messages in (("ready", queue.ready), ("delayed", queue.delayed)):
+                if messages is not None:
+                    depth.add_metric([queue.name, state], messages)
         yield depth
         dead = GaugeMetricFamily("agentq_dead_letters", "Messages in a dead-letter queue.", labels=["queue"])
         for queue in snapshot.queues:

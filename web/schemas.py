@@ -45,16 +45,14 @@ def _plain_amount(value: Any) -> Any:
     return written_plainly(value) if isinstance(value, str) else value
 
 
-def text(*, min_length: int | None = None, max_length: int | None = None, pattern: str | None = None) -> Any:
-    """Storable text whose bounds count characters: given on the string before the storable check, not after it
-    (pydantic then counts "items after validation" in its message)."""
-    return Annotated[str, Strict(), StringConstraints(min_length=min_length, max_length=max_length, pattern=pattern),
-                     AfterValidator(_storable)]
+STORABLE = AfterValidator(_storable)
+"""Storable text (`app.text.unstorable`); each text type below puts its bounds before this check, so that they
+count characters of the text as given (after it, pydantic counts "items after validation" in its message)."""
 
-
-Text = text()
+Text = Annotated[str, Strict(), STORABLE]
 Ident = Annotated[int, Strict(), Field(ge=1, le=LARGEST_ID)]
-Name = Annotated[text(min_length=1, max_length=SHORT_TEXT_CHARS), AfterValidator(_not_blank)]
+Name = Annotated[str, Strict(), StringConstraints(min_length=1, max_length=SHORT_TEXT_CHARS), STORABLE,
+                 AfterValidator(_not_blank)]
 Price = Annotated[Decimal, BeforeValidator(_plain_amount), Field(ge=0, max_digits=18, decimal_places=6)]
 Amount = Annotated[Decimal, BeforeValidator(_plain_amount), Field(max_digits=18, decimal_places=6)]
 
@@ -112,8 +110,9 @@ def _http_url(value: str | None) -> str | None:
     return value
 
 
-Url = text(max_length=500)
-EnvName = text(max_length=SHORT_TEXT_CHARS, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+Url = Annotated[str, Strict(), StringConstraints(max_length=500), STORABLE]
+EnvName = Annotated[str, Strict(), StringConstraints(max_length=SHORT_TEXT_CHARS, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$"),
+                    STORABLE]
 
 
 def _refuse_nulls(body: BaseModel, required: tuple[str, ...]) -> None:
@@ -155,7 +154,7 @@ class ModelPatch(Body):
 Timeout = Annotated[int, Strict(), Field(ge=TIMEOUT_SECONDS_RANGE[0], le=TIMEOUT_SECONDS_RANGE[1])]
 Temperature = Annotated[float, Strict(), Field(ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1], allow_inf_nan=False)]
 PROMPT_MAX_CHARS = 200_000
-Prompt = text(max_length=PROMPT_MAX_CHARS)
+Prompt = Annotated[str, Strict(), StringConstraints(max_length=PROMPT_MAX_CHARS), STORABLE]
 MaxTokens = Annotated[int, Strict(), Field(ge=1, le=1_000_000)]
 
 
@@ -184,7 +183,7 @@ class AgentPatch(Body):
         return self
 
 
-Title = text(max_length=500)
+Title = Annotated[str, Strict(), StringConstraints(max_length=500), STORABLE]
 
 
 class ConversationBody(Body):
@@ -252,7 +251,7 @@ class DebugCostQuery(Query):
     group_by: Literal["agent", "model", "admin"] = "agent"
 
 
-IdempotencyKey = text(min_length=1, max_length=SHORT_TEXT_CHARS)
+IdempotencyKey = Annotated[str, Strict(), StringConstraints(min_length=1, max_length=SHORT_TEXT_CHARS), STORABLE]
 
 
 class IdempotencyHeader(CachedSchemaModel):

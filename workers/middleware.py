@@ -26,14 +26,14 @@ class DeliveryLogContext(Middleware):
     First in the broker's list: its `before` hook runs before the others' and its `after` hooks after theirs
     (Dramatiq calls those in reverse), so it spans the Retries middleware's lines too."""
 
-    def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+    def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy) -> None:
         _worker().delivery_started(message)
 
-    def after_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message, *,
+    def after_process_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy, *,
                               result: object = None, exception: BaseException | None = None) -> None:
         _worker().delivery_ended()
 
-    def after_skip_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+    def after_skip_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy) -> None:
         _worker().delivery_ended()
 
 
@@ -41,7 +41,7 @@ class RunOutcomes(Middleware):
     """Ends a turn (or admin test run) when its message dies with retries exhausted: `error`, or `cancelled`
     for a turn whose stop was accepted."""
 
-    def after_nack(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+    def after_nack(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy) -> None:
         """A nack is the message going to the dead-letter queue; its options hold the last traceback."""
         _worker().message_died(message)
 
@@ -71,7 +71,7 @@ class WorkerServices(Middleware):
         """The threads had the shutdown grace: the runs they are still in are handed to another worker now."""
         _worker().hand_back_unfinished()
 
-    def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+    def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy) -> None:
         """A run that reaches an idle thread after SIGTERM goes back to the queue for another worker."""
         if _worker().hand_back_if_draining(message):
             raise SkipMessage(f"worker shutting down; {message.actor_name}{tuple(message.args)} handed back")

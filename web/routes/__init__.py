@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any
 
 from flask import request
 from flask_openapi3 import APIBlueprint
+from pydantic import BaseModel
 
 from app.config import get_settings
 from web.auth import load_admin, load_principal
 from web.bodies import body_limit, require_object_body
 from web.schemas import PROMPT_MAX_CHARS, ErrorResponse
 
-SECURITY = [{"bearerAuth": []}]
-ERRORS = {400: ErrorResponse, 401: ErrorResponse, 403: ErrorResponse, 404: ErrorResponse,
-          409: ErrorResponse, 413: ErrorResponse, 422: ErrorResponse, 429: ErrorResponse, 503: ErrorResponse}
+SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}]
+ERRORS: dict[str | int | HTTPStatus, type[BaseModel] | dict[Any, Any] | None] = {
+    status: ErrorResponse for status in (400, 401, 403, 404, 409, 413, 422, 429, 503)}
 
 
 def api_blueprint(name: str, *, admin: bool = False) -> APIBlueprint:
