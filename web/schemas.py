@@ -23,7 +23,13 @@ from pydantic import (
 )
 
 from app.models.base import LARGEST_ID, SHORT_TEXT_CHARS
-from app.models.catalog import DEFAULT_TIMEOUT_SECONDS, TEMPERATURE_RANGE, TIMEOUT_SECONDS_RANGE
+from app.models.catalog import (
+    DEFAULT_TIMEOUT_SECONDS,
+    MAX_TOKENS_RANGE,
+    SYSTEM_PROMPT_MAX_CHARS,
+    TEMPERATURE_RANGE,
+    TIMEOUT_SECONDS_RANGE,
+)
 from app.money import written_plainly
 from app.text import unstorable
 
@@ -153,9 +159,8 @@ class ModelPatch(Body):
 
 Timeout = Annotated[int, Strict(), Field(ge=TIMEOUT_SECONDS_RANGE[0], le=TIMEOUT_SECONDS_RANGE[1])]
 Temperature = Annotated[float, Strict(), Field(ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1], allow_inf_nan=False)]
-PROMPT_MAX_CHARS = 200_000
-Prompt = Annotated[str, Strict(), StringConstraints(max_length=PROMPT_MAX_CHARS), STORABLE]
-MaxTokens = Annotated[int, Strict(), Field(ge=1, le=1_000_000)]
+Prompt = Annotated[str, Strict(), StringConstraints(max_length=SYSTEM_PROMPT_MAX_CHARS), STORABLE]
+MaxTokens = Annotated[int, Strict(), Field(ge=MAX_TOKENS_RANGE[0], le=MAX_TOKENS_RANGE[1])]
 
 
 class AgentBody(Body):

@@ -15,6 +15,10 @@ TIMEOUT_SECONDS_RANGE = (1, 3600)
 DEFAULT_TIMEOUT_SECONDS = 120
 TEMPERATURE_RANGE = (0, 2)
 """An agent's `temperature`, checked by the table and by the API's body schema alike."""
+SYSTEM_PROMPT_MAX_CHARS = 200_000
+"""An agent's `system_prompt`, checked by the API's body schema, which also sizes the admin routes' bodies by it."""
+MAX_TOKENS_RANGE = (1, 1_000_000)
+"""An agent's `max_tokens`, checked by the API's body schema."""
 
 
 class LlmModel(Base):

@@ -11,9 +11,10 @@ from flask_openapi3 import APIBlueprint
 from pydantic import BaseModel
 
 from app.config import get_settings
+from app.models.catalog import SYSTEM_PROMPT_MAX_CHARS
 from web.auth import load_admin, load_principal
 from web.bodies import body_limit, require_object_body
-from web.schemas import PROMPT_MAX_CHARS, ErrorResponse
+from web.schemas import ErrorResponse
 
 SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}]
 ERRORS: dict[str | int | HTTPStatus, type[BaseModel] | dict[Any, Any] | None] = {
@@ -33,7 +34,7 @@ def _limit_body(admin: bool) -> Callable[[], None]:
     """The largest text a user's route takes is a message's content; an admin's, an agent's prompt."""
 
     def limit() -> None:
-        request.max_content_length = body_limit(PROMPT_MAX_CHARS if admin else get_settings().max_content_chars)
+        request.max_content_length = body_limit(SYSTEM_PROMPT_MAX_CHARS if admin else get_settings().max_content_chars)
 
     return limit
 
