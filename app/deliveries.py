@@ -113,6 +113,18 @@ def attempts_end_by(time_left: float | None) -> float | None:
     return None if time_left is None else time.monotonic() + time_left
 
 
+def fallback_mark_wait(ends_by: float | None) -> float:
+    """How long a delivery waits a database outage out to record its switch to the fallback
+    (`RunKind.mark_fallen_back`): the model time it has left when it inherited its run's deadline (the
+    fallback's call then gets what remains, or is not made); else the grace that its first delivery's
+    deadline holds beyond both models' timeouts, less the settlement's reserve, so that the fallback's
+    whole timeout still ends before the deadline."""
+    if ends_by is not None:
+        return max(ends_by - time.monotonic(), 0.0)
+    grace = get_settings().turn_grace_seconds
+    return max(grace - min(SETTLEMENT_RESERVE_SECONDS, grace), 0.0)
+
+
 def give_up_reason(deliveries: int, time_left: float | None) -> str | None:
     """Why a delivery ends its run (a turn or an admin test run) as `error` without a model call, or None:
     delivered more than `AGENTQ_MAX_DELIVERIES` times since the last requeue, whatever keeps killing or

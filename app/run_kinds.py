@@ -23,7 +23,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 from app import dispatch, queues
 from app.clock import lease_now
 from app.db import rows_changed, transaction
-from app.deliveries import outage_wait_seconds, retry_hand_over
+from app.deliveries import fallback_mark_wait, outage_wait_seconds, retry_hand_over
 from app.models import ConversationMessage, DebugRun, Turn
 from app.models.base import LARGEST_ID
 from app.outages import waiting_out_outages, warn_of
@@ -106,18 +106,24 @@ class RunKind:
             return bool(session.scalar(select(exists().where(
                 self.key == ident, self.model.lease_token.is_(None), self.model.updated_at == stamp))))
 
-    def mark_fallen_back(self, ident: int, token: str) -> None:
+    def mark_fallen_back(self, ident: int, token: str, *, ends_by: float | None) -> None:
         """The delivery holding lease `token` switches the run to its fallback: a delivery that takes the run
         over (its worker died during the fallback's call) reads this with its claim and calls the fallback
-        alone, where it called the primary that had just failed again, switching twice in one run. Written
-        before the fallback's call, a round trip of a millisecond or two, so that a worker killed during
-        that call has left it (a database that does not answer delays the fallback by its connect timeout;
-        the run could not be settled meanwhile either). Best effort: a write that fails is logged, the
-        fallback is called all the same, and a takeover then starts from the primary, as before the mark."""
-        try:
+        alone, where it called the primary that had just failed again, switching twice in one run (guarantee
+        6). Written before the fallback's call, a round trip of a millisecond or two, so that a worker killed
+        during that call has left it. A database out of reach is waited out first, within the run's deadline
+        (`app.deliveries.fallback_mark_wait`): called without its mark, the fallback could be followed by a
+        second switch, and the run could not be settled meanwhile either. Any other failure is logged and
+        the fallback called all the same."""
+
+        def write() -> None:
             with transaction() as session:
                 session.execute(update(self.model).where(self.key == ident, self.model.lease_token == token)
                                 .values(fell_back=True).execution_options(synchronize_session=False))
+
+        try:
+            waiting_out_outages(write, for_seconds=fallback_mark_wait(ends_by),
+                                what=f"recording that {self.label} {ident} switched to its fallback")
         except Exception as exc:
             warn_of(log, exc, "could not record that %s %s switched to its fallback", self.label, ident)
 

@@ -328,6 +328,44 @@ def test_a_database_outage_longer_than_a_lease_makes_no_turn_call_its_model_twic
         stack.stop()
 
 
+FAILS_LATE = "echo;hang_headers=3;fail=500"
+ANSWERS_LATE = "echo;ttft=4"
+
+
+@pytest.mark.timeout(150)
+def test_a_switch_to_the_fallback_during_a_database_outage_is_made_once(postgres: Postgres, redis_db: SharedRedis,
+                                                                       upstream: UpstreamLog) -> None:
+    """Guarantee 6: a run switches to its fallback once. The switch is recorded before the fallback's call,
+    so that a delivery taking the run over (its worker killed during that call) calls the fallback alone.
+    With PostgreSQL down when the primary failed, the record failed and the fallback was called all the same:
+    the worker killed then, the takeover called the primary again and switched a second time. The worker now
+    waits the outage out before the fallback's call; killed while waiting, it has called no fallback, and the
+    takeover's switch is the run's only one."""
+    stack = Stack("fallback-outage", postgres.url, redis_db, AGENTQ_LEASE_SECONDS="2",
+                  AGENTQ_RECOVERY_INTERVAL_SECONDS="1").init()
+    try:
+        stack.start_web(web_workers=1)
+        worker = stack.start_worker(processes=1, threads=2)
+        agent_id = stack.agent(stack.model("fails-late", FAILS_LATE), stack.model("answers-late", ANSWERS_LATE))
+        _, key = stack.user("falls-back-once")
+        turn = stack.send(key, stack.conversation(key, agent_id), "switch once")
+        wait_for(lambda: upstream.models() == [FAILS_LATE], timeout=30, what="the primary's call")
+        postgres.stop("fast")
+        try:
+            wait_for(lambda: ANSWERS_LATE in upstream.models()
+                     or "switched to its fallback: a backing service is out of reach" in worker.output(),
+                     timeout=30, what="the primary's failure, then the fallback's call or the wait for the database")
+            worker.kill_group()
+        finally:
+            postgres.start()
+        stack.start_worker(processes=1, threads=2)
+        done = stack.wait_terminal(key, turn["id"], timeout=60)
+        assert (done["status"], done["model"], done["content"]) == ("success", "answers-late", "echo: switch once")
+        assert Counter(upstream.models()) == {FAILS_LATE: 2, ANSWERS_LATE: 1}
+    finally:
+        stack.stop()
+
+
 @pytest.mark.timeout(120)
 def test_a_stream_reader_waits_a_database_outage_out(postgres: Postgres, redis_db: SharedRedis,
                                                      mock_upstream: Process) -> None:
