@@ -113,8 +113,9 @@ class RunKind:
         6). Written before the fallback's call, a round trip of a millisecond or two, so that a worker killed
         during that call has left it. A database out of reach is waited out first, within the run's deadline
         (`app.deliveries.fallback_mark_wait`): called without its mark, the fallback could be followed by a
-        second switch, and the run could not be settled meanwhile either. Any other failure is logged and
-        the fallback called all the same."""
+        second switch, and the run could not be settled meanwhile either. A failure that is no outage, or an
+        outage that outlasts that wait, is logged and the fallback called all the same: the answer comes
+        before the record."""
 
         def write() -> None:
             with transaction() as session:
