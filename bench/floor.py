@@ -127,7 +127,7 @@ def _sdk(base_url: str, model: str, completions: int, threads: int, call: str) -
     timeout = openai.Timeout(60, connect=10)
 
     def typed(messages: list[dict[str, str]]) -> int:
-        stream = client.chat.completions.create(model=model, messages=messages, stream=True,  # type: ignore[arg-type]
+        stream = client.chat.completions.create(model=model, messages=messages, stream=True,  # type: ignore[call-overload]
                                                 stream_options={"include_usage": True}, timeout=timeout)
         with stream:
             return sum(1 for chunk in stream for choice in chunk.choices if choice.delta and choice.delta.content)

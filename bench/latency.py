@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from app.queues import TURNS_QUEUE
 from bench.deploy import Deployment
@@ -89,7 +89,7 @@ def run(dep: Deployment, agent: str, upstream_wait: float, turns: int, processes
         raise BenchError(f"{client.llen(queue)} messages were left in {queue} before the latency-bound run")
     conversations = dep.conversations(agent, per_user=math.ceil(turns / len(dep.seed.users)) + 1)
     intake = drive(dep, conversations, turns, clients, wait=None)
-    wait_for(lambda: client.llen(queue) >= turns, 30, "the turns' messages in the queue")
+    wait_for(lambda: cast(int, client.llen(queue)) >= turns, 30, "the turns' messages in the queue")
     client.rename(queue, hold)
     worker = dep.start_worker(processes, threads)
     time.sleep(2.0)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import httpx
 
@@ -23,10 +23,11 @@ VENV_BIN = Path(sys.executable).parent
 T = TypeVar("T")
 
 
-def wait_for(condition: Callable[[], T], timeout: float = 20.0, interval: float = 0.02, what: str = "") -> T:
+def wait_for(condition: Callable[[], T | Literal[False] | None], timeout: float = 20.0, interval: float = 0.02,
+             what: str = "") -> T:
     """Poll until `condition()` is truthy and return it; fail the test with `what` when time runs out."""
     deadline = time.monotonic() + timeout
-    last: T | None = None
+    last: T | Literal[False] | None = None
     while time.monotonic() < deadline:
         last = condition()
         if last:
@@ -169,7 +170,8 @@ def read_sse(url: str, key: str, last_event_id: str | None = None, stop_after: i
         assert response.headers["content-type"].startswith("text/event-stream")
         if connected is not None:
             connected.set()
-        event, data, ident = "message", [], None
+        event, ident = "message", None
+        data: list[str] = []
         for line in response.iter_lines():
             if line == "":
                 if data:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 import pytest
 
@@ -197,7 +198,7 @@ def test_a_body_refused_unread_closes_its_connection_so_the_next_request_is_answ
         assert client.get("/api/me").status_code == 200
 
 
-def _chunked_post(web_server: str, key: str, chunks: bytes) -> tuple[int, dict]:  # type: ignore[type-arg]
+def _chunked_post(web_server: str, key: str, chunks: bytes) -> tuple[int, dict[str, Any]]:
     """POST /api/conversations with a chunked body written by hand, sent while the answer is read (a body
     refused before its end may be answered before it is all sent)."""
     import contextlib

@@ -135,7 +135,7 @@ def _blocked_by(holder: Any, database: str, request: Callable[[], int]) -> int:
     with psycopg.connect(database.replace("+psycopg", ""), autocommit=True) as watcher:
         wait_for(lambda: answers or watcher.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))", (holder.info.backend_pid,)
-        ).fetchone()[0], what="the request to wait for the row, or to answer")
+        ).fetchall()[0][0], what="the request to wait for the row, or to answer")
     holder.commit()
     thread.join(timeout=30)
     return answers[0]

@@ -200,7 +200,7 @@ def the_only_call(upstream) -> str:  # type: ignore[no-untyped-def]
     return next(iter(streams))
 
 
-def a_turn_in_a_workers_hands(world, upstream) -> tuple[int, str, int, dict]:  # type: ignore[no-untyped-def,type-arg]
+def a_turn_in_a_workers_hands(world, upstream) -> tuple[int, str, int, dict[str, Any]]:  # type: ignore[no-untyped-def]
     """A user with a balance of 5 and a turn a worker holds, waiting for a first token that takes a minute:
     its user's id and key, its conversation and its answer message."""
     agent_id = world.agent(world.model(upstream="echo;ttft=60"), timeout_seconds=120)
@@ -417,6 +417,7 @@ def test_a_stale_settlement_after_the_takeovers_charge_is_a_lost_lease_not_a_dat
     with transaction() as session:
         turn = session.get_one(Turn, assistant["id"])
         stale_token, reserved = turn.lease_token, turn.reserved_amount
+        assert stale_token is not None
         turn.lease_token = "the-takeover"
     with transaction() as session, Batch(session) as batch:
         finish_turn(batch, assistant["id"], question_of(assistant["id"]), "the-takeover", TurnStatus.SUCCESS,

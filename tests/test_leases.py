@@ -6,6 +6,7 @@ import threading
 import time
 from contextlib import ExitStack
 from datetime import timedelta
+from typing import cast
 
 from sqlalchemy import select, update
 
@@ -265,13 +266,14 @@ def test_a_settlement_whose_commits_reply_was_lost_is_not_taken_for_a_lost_lease
     from app.live_stream import TurnStream, stream_key
     from app.model_target import ModelTarget
     from app.models import CreditTransaction, User
-    from app.redis_client import get_redis
+    from app.redis_client import StreamEntry, get_redis
     from app.turn_status import TurnStatus
 
     turn = _processing_turn(world, token="this-delivery")
     with transaction() as session:
         question_id = session.get_one(Turn, turn.turn_id).user_message_id
-    real_transaction, dropped = turn_runner.plain_transaction, []
+    real_transaction = turn_runner.plain_transaction
+    dropped: list[Any] = []
 
     @contextmanager
     def committed_then_dropped() -> Iterator[Any]:
@@ -298,5 +300,6 @@ def test_a_settlement_whose_commits_reply_was_lost_is_not_taken_for_a_lost_lease
         assert [t.amount for t in session.query(CreditTransaction).filter_by(message_id=turn.turn_id)] == [
             Decimal("-0.5")]
         assert session.get_one(User, turn.user_id).balance == Decimal("9.5")
-    wait_for(lambda: [fields[b"type"] for _, fields in get_redis().xrange(stream_key(turn.turn_id))][-1:] == [b"done"],
+    wait_for(lambda: [fields[b"type"] for _, fields in cast(list[StreamEntry], get_redis().xrange(
+        stream_key(turn.turn_id)))][-1:] == [b"done"],
              what="the stream's done")

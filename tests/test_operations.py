@@ -326,7 +326,7 @@ def test_a_purged_dead_letter_is_not_brought_back_by_a_late_record(world) -> Non
     from app.dead_letters import record_death
     from app.models import DeadLetter
 
-    message = dramatiq.Message(queue_name="turns", actor_name="run_turn", args=(123,), kwargs={},
+    message: dramatiq.Message[Any] = dramatiq.Message(queue_name="turns", actor_name="run_turn", args=(123,), kwargs={},
                                options={"redis_message_id": uuid.uuid4().hex, "retries": 3,
                                         "traceback": "Traceback...\nRuntimeError: boom"})
     record_death(message)

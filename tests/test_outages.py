@@ -120,7 +120,8 @@ def test_a_sqlite_file_another_process_holds_locked_is_waited_out_until_it_is_le
         let_go.join()
         holder.close()
     assert len(tries) >= 2 and tries[-1] is None
-    assert all(is_outage(error) and "database is locked" in str(error) for error in tries[:-1])
+    assert all(error is not None and is_outage(error) and "database is locked" in str(error)
+               for error in tries[:-1])
     with engine.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM answers")).scalar() == 1
     engine.dispose()

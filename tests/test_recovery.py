@@ -55,6 +55,12 @@ def _own_workers(stack: Stack) -> Iterator[None]:
     stack.workers.clear()
 
 
+def private_redis(stack: Stack) -> RedisServer:
+    """This module's services run on a Redis server of their own, which a test may stop and start."""
+    assert isinstance(stack.redis, RedisServer)
+    return stack.redis
+
+
 def log_records(process: Process) -> list[dict[str, Any]]:
     return [json.loads(line) for line in process.output().splitlines() if line.strip()]
 
@@ -200,7 +206,7 @@ def test_a_turn_accepted_while_redis_is_down_runs_once_redis_is_back(stack: Stac
     conversation_id = stack.conversation(key, agent_id)
     assert stack.http.get("/readyz").status_code == 200
 
-    stack.redis.kill()
+    private_redis(stack).kill()
     unready = stack.http.get("/readyz")
     assert unready.status_code == 503
     assert unready.json()["checks"]["database"] == "ok"
@@ -213,7 +219,7 @@ def test_a_turn_accepted_while_redis_is_down_runs_once_redis_is_back(stack: Stac
     about = [r for r in log_records(stack.web) if f"({turn['id']})" in r["message"]]
     assert [r.get("turn_id") for r in about] == [turn["id"]], about
 
-    stack.redis.start()
+    private_redis(stack).start()
     back_at = time.monotonic()
     assert stack.http.get("/readyz").status_code == 200
     done = stack.wait_terminal(key, turn["id"], timeout=30)
@@ -269,8 +275,9 @@ def test_a_redis_that_stops_answering_holds_a_post_for_one_timeout_not_half_a_mi
     agent_id = stack.agent(stack.model("hung-redis", "echo"))
     _, key = stack.user("hung-redis")
     conversation_id = stack.conversation(key, agent_id)
-    assert stack.redis.process is not None and stack.redis.process.popen is not None
-    redis_pid = stack.redis.process.popen.pid
+    redis = private_redis(stack)
+    assert redis.process is not None and redis.process.popen is not None
+    redis_pid = redis.process.popen.pid
     os.kill(redis_pid, signal.SIGSTOP)
     try:
         started = time.monotonic()
@@ -321,9 +328,13 @@ def test_every_turn_an_api_killed_mid_burst_committed_ends_within_seconds(stack:
             client.start()
         together.wait()
         # A fixed delay killed a slow host's API before its first commit, leaving nothing to recover.
-        wait_for(lambda before=before: committed_so_far() > before, timeout=10, interval=0.005,
-                 what=f"a first turn committed before kill {kill + 1}")
+
+        def committed_since(before: int = before) -> bool:
+            return committed_so_far() > before
+
+        wait_for(committed_since, timeout=10, interval=0.005, what=f"a first turn committed before kill {kill + 1}")
         time.sleep(random.uniform(0, 0.2))
+        assert stack.web is not None
         stack.web.kill_group(signal.SIGKILL)
         for client in clients:
             client.join()
@@ -388,9 +399,10 @@ def test_a_web_process_told_to_stop_ends_its_answer_streams_instead_of_holding_i
             lines = response.iter_lines()
             assert next(line for line in lines if line.startswith("event:")) == "event: status"
             told = time.monotonic()
-            web.popen.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+            assert web.popen is not None
+            web.popen.send_signal(signal.SIGTERM)
             rest = list(lines)
-        web.popen.wait(timeout=45)  # type: ignore[union-attr]
+        web.popen.wait(timeout=45)
         stopped_in = time.monotonic() - told
     finally:
         web.kill_group()

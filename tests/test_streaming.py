@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from decimal import Decimal
+from typing import Any
 
 import httpx
 import pytest
@@ -483,7 +484,8 @@ def a_stop_at_the_settlement(database: str, conversation_id: int) -> Iterator[No
             admin.execute(f"DROP TRIGGER IF EXISTS {trigger} ON turns")
 
 
-def a_turn_stopped_at_its_settlement(world, database: str, upstream: str, content: str) -> tuple[str, int, dict]:  # type: ignore[no-untyped-def,type-arg]
+def a_turn_stopped_at_its_settlement(  # type: ignore[no-untyped-def]
+        world, database: str, upstream: str, content: str) -> tuple[str, int, dict[str, Any]]:
     """A user with 10 of credit sends `content` to a model at 1 a 1k tokens served as `upstream`, and a stop
     lands at the turn's settlement: the user's key, the conversation and the turn as it ended."""
     agent_id = world.agent(world.model(upstream=upstream, price_in="1", price_out="1"))
@@ -605,9 +607,9 @@ def test_deltas_queued_together_are_published_as_one_entry_per_stream_and_attemp
     """What the publisher sends in one pipeline: contiguous deltas joined, nothing else merged or reordered."""
     from collections import deque
 
-    from app.live_stream import _coalesce
+    from app.live_stream import StreamFields, _coalesce
 
-    queued = deque([
+    queued: deque[tuple[str, StreamFields, bool]] = deque([
         ("s1", {"type": "status", "a": 100, "data": "{}"}, True),
         ("s1", {"type": "delta", "a": 100, "o": 0, "data": "Hel"}, False),
         ("s2", {"type": "delta", "a": 100, "o": 0, "data": "x"}, False),

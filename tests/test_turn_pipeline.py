@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
@@ -188,7 +189,7 @@ def test_a_retry_that_looked_before_its_first_request_committed_gets_the_first_a
     conversation_id = world.conversation(key, agent_id)
     headers = {"Idempotency-Key": "racing"}
     looked_up = turn_intake._replay
-    first = []
+    first: list[Any] = []
 
     def first_request_commits_meanwhile(unit, user, idempotency_key, conversation, content):  # type: ignore[no-untyped-def]
         found = looked_up(unit, user, idempotency_key, conversation, content)
@@ -518,7 +519,7 @@ def test_the_pending_bound_counts_a_test_runs_wait_from_its_status_not_from_its_
         return world.api.post(f"/api/admin/agents/{agent_id}/debug/execute", world.admin_key,
                               {"content": content}).json["debug_log_id"]
 
-    def marks(run_id: int) -> tuple[object, object]:
+    def marks(run_id: int) -> tuple[datetime | None, datetime]:
         with transaction() as session:
             run = session.get_one(DebugRun, run_id)
             return run.enqueued_at, run.updated_at

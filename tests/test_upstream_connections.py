@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -176,7 +177,7 @@ def test_a_stalled_name_lookup_ends_at_the_attempts_deadline_or_its_stop(monkeyp
     released = threading.Event()
     system_lookup = upstream_transport.resolve_host
 
-    def name_service(host: str, port: int) -> list:  # type: ignore[type-arg]
+    def name_service(host: str, port: int) -> list[Any]:
         if host == "stalled.upstream.test":
             released.wait(60)
         return system_lookup("127.0.0.1", port)
