@@ -62,10 +62,11 @@ class Deadline:
     """The deadline a delivery writes with its lease, and the model time it has left before it."""
 
     at: datetime
-    time_left: float | None
-    """Seconds the delivery may still spend on model attempts (its deadline less the settlement's reserve),
-    when it inherited the deadline from an earlier delivery; None for the delivery that set it, whose
-    attempts each get the agent's whole timeout. Each attempt is still bounded by the agent's timeout."""
+    time_left: float
+    """Seconds the delivery may still spend on model attempts: its deadline less the settlement's reserve.
+    The delivery that set the deadline has every attempt's whole timeout and the grace in it; one that
+    inherited the deadline has what an earlier delivery left. Each attempt is still bounded by the agent's
+    timeout."""
 
 
 def delivery_deadline(now: datetime, timeout_seconds: float, has_fallback: bool, *,
@@ -83,11 +84,11 @@ def delivery_deadline(now: datetime, timeout_seconds: float, has_fallback: bool,
     settlement's reserve, the grace included: the grace (60 s) is what covers the recovery itself (a lease
     of 30 s and a sweep), and keeping all of it back, as this once did, left a delivery that took over
     after a crash no model time at all unless the agent's timeout outlasted the recovery."""
+    reserve = min(SETTLEMENT_RESERVE_SECONDS, get_settings().turn_grace_seconds)
     if taken_over and stored is not None:
-        reserve = min(SETTLEMENT_RESERVE_SECONDS, get_settings().turn_grace_seconds)
         return Deadline(stored, (stored - now).total_seconds() - reserve)
     bound = timeout_seconds * (2 if has_fallback else 1) + get_settings().turn_grace_seconds
-    return Deadline(now + timedelta(seconds=bound), None)
+    return Deadline(now + timedelta(seconds=bound), bound - reserve)
 
 
 DELIVERIES_PER_REQUEUE = 1000
@@ -115,14 +116,12 @@ def attempts_end_by(time_left: float | None) -> float | None:
 
 def fallback_mark_wait(ends_by: float | None) -> float:
     """How long a delivery waits a database outage out to record its switch to the fallback
-    (`RunKind.mark_fallen_back`): the model time it has left when it inherited its run's deadline (the
-    fallback's call then gets what remains, or is not made); else the grace that its first delivery's
-    deadline holds beyond both models' timeouts, less the settlement's reserve, so that the fallback's
-    whole timeout still ends before the deadline."""
-    if ends_by is not None:
-        return max(ends_by - time.monotonic(), 0.0)
-    grace = get_settings().turn_grace_seconds
-    return max(grace - min(SETTLEMENT_RESERVE_SECONDS, grace), 0.0)
+    (`RunKind.mark_fallen_back`): the model time it has left (`ends_by`, from `attempts_end_by`), less a
+    connection timeout, which a try started at the limit may still take. The fallback's call then gets what
+    remains, or is not made. None (a delivery run without a deadline, which only a test builds): one try."""
+    if ends_by is None:
+        return 0.0
+    return max(ends_by - time.monotonic() - get_settings().db_connect_timeout_seconds, 0.0)
 
 
 def give_up_reason(deliveries: int, time_left: float | None) -> str | None:

@@ -103,11 +103,12 @@ def call_with_fallback(
     *,
     ends_by: float | None = None,
     fallen_back: bool = False,
-    falling_back: Callable[[], None] | None = None,
+    falling_back: Callable[[], bool] | None = None,
 ) -> Outcome:
     """Each model in turn (`attempt_order`) until one answers or a failure does not allow the next; only the
     fallback for a run that switched to it in an earlier delivery (`fallen_back`). `falling_back` is told
-    before the fallback is called after the primary failed, so that the run remembers the switch.
+    before the fallback is called after the primary failed, so that the run remembers the switch; False
+    from it (the run is no longer this delivery's) ends the attempts there.
 
     Each attempt is bounded by the agent's timeout and, for a delivery that inherited its run's deadline,
     by what is left of its model time (`ends_by`, on `time.monotonic()`, from `app.deliveries.attempts_end_by`):
@@ -149,8 +150,10 @@ def call_with_fallback(
                         f"; falling back to {fallback.name}" if falls_back and fallback else "")
             if falls_back:
                 metrics.observe_fallback()
-                if falling_back is not None:
-                    falling_back()
+                if falling_back is not None and not falling_back():
+                    outcome.errors.append(f"{targets[index + 1].name}: not called, the run is no longer this "
+                                          "delivery's")
+                    return outcome
                 continue
             return outcome
         outcome.attempts.append(_record(target, "success", None, completion.latency_ms, completion.first_token_ms,

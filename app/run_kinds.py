@@ -12,6 +12,7 @@ machine and runner, which the few places that need it still choose between.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -106,27 +107,34 @@ class RunKind:
             return bool(session.scalar(select(exists().where(
                 self.key == ident, self.model.lease_token.is_(None), self.model.updated_at == stamp))))
 
-    def mark_fallen_back(self, ident: int, token: str, *, ends_by: float | None) -> None:
+    def mark_fallen_back(self, ident: int, token: str, *, ends_by: float | None, stop: threading.Event) -> bool:
         """The delivery holding lease `token` switches the run to its fallback: a delivery that takes the run
         over (its worker died during the fallback's call) reads this with its claim and calls the fallback
-        alone, where it called the primary that had just failed again, switching twice in one run (guarantee
-        6). Written before the fallback's call, a round trip of a millisecond or two, so that a worker killed
-        during that call has left it. A database out of reach is waited out first, within the run's deadline
-        (`app.deliveries.fallback_mark_wait`): called without its mark, the fallback could be followed by a
-        second switch, and the run could not be settled meanwhile either. A failure that is no outage, or an
-        outage that outlasts that wait, is logged and the fallback called all the same: the answer comes
-        before the record."""
+        alone, where it called the primary that had just failed again, switching twice in one run (the
+        contract's guarantee 6). Written before the fallback's call, a round trip of a millisecond or two, so
+        that a worker killed during that call has left it. A database out of reach is waited out first, within
+        the delivery's model time (`app.deliveries.fallback_mark_wait`): called without its mark, the fallback
+        could be followed by a second switch, and the run could not be settled meanwhile either. A stop ends
+        the wait (the caller then stops before the call). A failure that is no outage, or an outage that
+        outlasts that wait, is logged and the fallback called all the same: the answer comes before the record.
 
-        def write() -> None:
+        False when `token` no longer holds the run (taken over, or handed back meanwhile): the fallback is then
+        not called by this delivery, whose answer could not be written anyway."""
+
+        def write() -> bool:
+            if stop.is_set():
+                return True
             with transaction() as session:
-                session.execute(update(self.model).where(self.key == ident, self.model.lease_token == token)
-                                .values(fell_back=True).execution_options(synchronize_session=False))
+                return rows_changed(session, update(self.model)
+                                    .where(self.key == ident, self.model.lease_token == token)
+                                    .values(fell_back=True).execution_options(synchronize_session=False)) == 1
 
         try:
-            waiting_out_outages(write, for_seconds=fallback_mark_wait(ends_by),
-                                what=f"recording that {self.label} {ident} switched to its fallback")
+            return waiting_out_outages(write, for_seconds=fallback_mark_wait(ends_by),
+                                       what=f"recording that {self.label} {ident} switched to its fallback")
         except Exception as exc:
             warn_of(log, exc, "could not record that %s %s switched to its fallback", self.label, ident)
+            return True
 
     def hand_to_retry(self, ident: int, token: str) -> None:
         """A delivery that failed hands its run to Dramatiq's retry: its lease is revoked, so the retry's claim

@@ -161,7 +161,7 @@ def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) ->
     outcome = call_with_fallback(agent.primary, agent.fallback, context.prompt_for, agent.params, stream, stop,
                                  ends_by=context.ends_by, fallen_back=context.fallen_back,
                                  falling_back=lambda: TURN.mark_fallen_back(context.turn_id, context.token,
-                                                                             ends_by=context.ends_by))
+                                                                             ends_by=context.ends_by, stop=stop))
     elapsed_ms = int((time.monotonic() - started) * 1000)
     if outcome.completion is not None:
         _settle_success(context, outcome, elapsed_ms, stream)

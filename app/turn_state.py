@@ -165,7 +165,7 @@ class ClaimResult:
     the user's message (`content`, `seq`), the agent's settings and its models (`MODEL_FIELDS`, as `p_<field>`
     for the primary and `f_<field>` for the fallback: `app.targets.target_in_row`).
     `affordable` is False when the worst case the caller asked to hold was not available; `time_left` is
-    the model time left to a delivery that inherited its run's deadline (`app.deliveries.Deadline`)."""
+    the model time the delivery has before its run's deadline (`app.deliveries.Deadline`)."""
 
     outcome: Claim
     turn: TurnRow | None = None

@@ -335,8 +335,9 @@ ANSWERS_LATE = "echo;ttft=4"
 @pytest.mark.timeout(150)
 def test_a_switch_to_the_fallback_during_a_database_outage_is_made_once(postgres: Postgres, redis_db: SharedRedis,
                                                                        upstream: UpstreamLog) -> None:
-    """Guarantee 6: a run switches to its fallback once. The switch is recorded before the fallback's call,
-    so that a delivery taking the run over (its worker killed during that call) calls the fallback alone.
+    """The contract's guarantee 6: a run switches to its fallback once. The switch is recorded before the
+    fallback's call, so that a delivery taking the run over (its worker killed during that call) calls the
+    fallback alone.
     With PostgreSQL down when the primary failed, the record failed and the fallback was called all the same:
     the worker killed then, the takeover called the primary again and switched a second time. The worker now
     waits the outage out before the fallback's call; killed while waiting, it has called no fallback, and the

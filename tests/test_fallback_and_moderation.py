@@ -367,3 +367,35 @@ def test_a_stop_between_a_failed_primary_and_the_fallback_keeps_the_primarys_tex
     assert sink.attempts == ["primary"]
     assert sink.text.startswith("w0 w1") and outcome.partial == sink.text
     assert upstream.models() == ["echo;words=30;gap=0.01;cut_after=6"]
+
+
+def test_a_delivery_that_finds_its_lease_gone_when_it_records_the_switch_does_not_call_the_fallback(  # type: ignore[no-untyped-def]
+        world, upstream, unreachable_broker) -> None:
+    """The switch to the fallback is recorded under the delivery's lease. A delivery that finds the lease gone
+    there (the run taken over or handed back meanwhile) could not write the fallback's answer, and another
+    delivery has the run: it does not call the fallback. (Here the turn is pending, held by no lease.)"""
+    import threading
+
+    from app.agent_setup import AgentParams
+    from app.answer_sink import AnswerSink
+    from app.fallback import call_with_fallback
+    from app.model_target import ModelTarget
+    from app.run_kinds import TURN
+    from tests.conftest import MOCK_URL
+
+    def target(name: str, upstream_model: str) -> ModelTarget:
+        return ModelTarget(id=0, name=name, model=upstream_model, base_url=MOCK_URL, api_key_env=None,
+                           input_price_per_1k=Decimal(0), output_price_per_1k=Decimal(0), context_window=None)
+
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    turn_id = world.send(key, world.conversation(key, agent_id), "hi").json["assistant_message"]["id"]
+    stop = threading.Event()
+    outcome = call_with_fallback(target("primary", "echo;fail=503"), target("fallback", "echo;words=3"),
+                                 lambda _target: [{"role": "user", "content": "hi"}],
+                                 AgentParams(timeout_seconds=10, temperature=None, max_tokens=None), AnswerSink(), stop,
+                                 falling_back=lambda: TURN.mark_fallen_back(turn_id, "a-lease-taken-over",
+                                                                            ends_by=None, stop=stop))
+    assert (outcome.completion, outcome.errors[-1]) == (None, "fallback: not called, the run is no longer this "
+                                                                "delivery's")
+    assert upstream.models() == ["echo;fail=503"]
