@@ -110,9 +110,9 @@ def call_with_fallback(
     before the fallback is called after the primary failed, so that the run remembers the switch; False
     from it (the run is no longer this delivery's) ends the attempts there.
 
-    Each attempt is bounded by the agent's timeout and, for a delivery that inherited its run's deadline,
-    by what is left of its model time (`ends_by`, on `time.monotonic()`, from `app.deliveries.attempts_end_by`):
-    an attempt with nothing left is not made."""
+    Each attempt is bounded by the agent's timeout and by what is left of the delivery's model time before
+    its run's deadline (`ends_by`, on `time.monotonic()`, from `app.deliveries.attempts_end_by`; None: no
+    deadline): an attempt with nothing left is not made."""
     outcome = Outcome()
     targets = attempt_order(primary, fallback, fallen_back=fallen_back)
     for index, target in enumerate(targets):

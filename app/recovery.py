@@ -267,6 +267,14 @@ def _send_due(rows: list[Any], kind: RunKind, sent: list[int], report: RecoveryR
                 report.unsent += 1
 
 
+def _end_or_send(rows: list[Any], kind: RunKind, pending_before: datetime, sent: list[int],
+                 report: RecoveryReport) -> list[int]:
+    """End the rows that waited too long (`app.pending_bound`) and send the others that are due; the ids ended."""
+    ended = end_pending_too_long(kind, [row[0] for row in rows if row.waited_too_long], pending_before)
+    _send_due([row for row in rows if not row.waited_too_long], kind, sent, report)
+    return ended
+
+
 def recover_once(*, first_sweep: bool = False, take_over: bool = True) -> RecoveryReport:
     """One sweep; a worker process's first looks further back for runs without a receipt
     (`app.dispatch.receipt_look_seconds`). Without `take_over` it leaves every run held by a lease to its
@@ -285,12 +293,8 @@ def recover_once(*, first_sweep: bool = False, take_over: bool = True) -> Recove
                    "sent_before": now - timedelta(seconds=settings.lease_seconds),
                    "pending_before": pending_cutoff(now)}
         turns, runs = due.turns(session, cutoffs).rows, due.runs(session, cutoffs).rows
-    report.ended = end_pending_too_long(TURN, [row[0] for row in turns if row.waited_too_long],
-                                        cutoffs["pending_before"])
-    report.debug_ended = end_pending_too_long(TEST_RUN, [row[0] for row in runs if row.waited_too_long],
-                                              cutoffs["pending_before"])
-    _send_due([row for row in turns if not row.waited_too_long], TURN, report.sent, report)
-    _send_due([row for row in runs if not row.waited_too_long], TEST_RUN, report.debug_sent, report)
+    report.ended = _end_or_send(turns, TURN, cutoffs["pending_before"], report.sent, report)
+    report.debug_ended = _end_or_send(runs, TEST_RUN, cutoffs["pending_before"], report.debug_sent, report)
     if report.redis_lost and report.unsent == 0:
         _mark_epoch(sweep_mark)
     if report.sent or report.debug_sent:

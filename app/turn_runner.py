@@ -69,8 +69,8 @@ class TurnContext:
     gives_up: str | None
     """Why this delivery ends the turn as `error` without a model call (`app.deliveries.give_up_reason`)."""
     ends_by: float | None
-    """The model time left to a delivery that inherited its turn's deadline, on `time.monotonic()`,
-    counted from the claim (`app.deliveries.Deadline`)."""
+    """When the delivery's model time before its turn's deadline ends, on `time.monotonic()`, counted from
+    the claim (`app.deliveries.Deadline`)."""
 
     @property
     def held(self) -> coordination.HeldTurn:

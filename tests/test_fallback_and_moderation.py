@@ -9,7 +9,9 @@ import pytest
 from sqlalchemy import select, update
 
 from app.db import transaction
+from app.model_target import ModelTarget
 from app.models import LlmModel, ModelAttempt, Turn
+from tests.conftest import MOCK_URL
 from tests.support import wait_for
 
 
@@ -320,6 +322,12 @@ def test_the_reservation_is_settled_to_the_real_cost(world, upstream) -> None:  
     assert me["balance"] == me["available_balance"] == f"{Decimal('0.6') - Decimal(done['cost']):.6f}"
 
 
+def mock_target(name: str, upstream_model: str) -> ModelTarget:
+    """A model named `name` served by the mock upstream as `upstream_model`, at no price."""
+    return ModelTarget(id=0, name=name, model=upstream_model, base_url=MOCK_URL, api_key_env=None,
+                       input_price_per_1k=Decimal(0), output_price_per_1k=Decimal(0), context_window=None)
+
+
 def test_a_stop_between_a_failed_primary_and_the_fallback_keeps_the_primarys_text(upstream, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The stop is checked before each attempt; one that lands after the primary failed mid-answer and before
     the fallback is called ends the turn with the primary's streamed text, as the primary's, not the fallback's
@@ -330,12 +338,6 @@ def test_a_stop_between_a_failed_primary_and_the_fallback_keeps_the_primarys_tex
     from app.agent_setup import AgentParams
     from app.answer_sink import AnswerSink
     from app.fallback import call_with_fallback
-    from app.model_target import ModelTarget
-    from tests.conftest import MOCK_URL
-
-    def target(name: str, upstream_model: str) -> ModelTarget:
-        return ModelTarget(id=0, name=name, model=upstream_model, base_url=MOCK_URL, api_key_env=None,
-                           input_price_per_1k=Decimal(0), output_price_per_1k=Decimal(0), context_window=None)
 
     class Streamed(AnswerSink):
         def __init__(self) -> None:
@@ -358,8 +360,8 @@ def test_a_stop_between_a_failed_primary_and_the_fallback_keeps_the_primarys_tex
 
     monkeypatch.setattr(fallback_policy, "should_fall_back", stopped_meanwhile)
     sink = Streamed()
-    outcome = call_with_fallback(target("primary", "echo;words=30;gap=0.01;cut_after=6"),
-                                 target("fallback", "echo;words=8"),
+    outcome = call_with_fallback(mock_target("primary", "echo;words=30;gap=0.01;cut_after=6"),
+                                 mock_target("fallback", "echo;words=8"),
                                  lambda _target: [{"role": "user", "content": "hi"}],
                                  AgentParams(timeout_seconds=10, temperature=None, max_tokens=None), sink, stop)
     assert (outcome.cancelled, outcome.partial_failed, outcome.model.name if outcome.model else None) \
@@ -379,19 +381,13 @@ def test_a_delivery_that_finds_its_lease_gone_when_it_records_the_switch_does_no
     from app.agent_setup import AgentParams
     from app.answer_sink import AnswerSink
     from app.fallback import call_with_fallback
-    from app.model_target import ModelTarget
     from app.run_kinds import TURN
-    from tests.conftest import MOCK_URL
-
-    def target(name: str, upstream_model: str) -> ModelTarget:
-        return ModelTarget(id=0, name=name, model=upstream_model, base_url=MOCK_URL, api_key_env=None,
-                           input_price_per_1k=Decimal(0), output_price_per_1k=Decimal(0), context_window=None)
 
     agent_id = world.agent(world.model())
     _, key = world.user()
     turn_id = world.send(key, world.conversation(key, agent_id), "hi").json["assistant_message"]["id"]
     stop = threading.Event()
-    outcome = call_with_fallback(target("primary", "echo;fail=503"), target("fallback", "echo;words=3"),
+    outcome = call_with_fallback(mock_target("primary", "echo;fail=503"), mock_target("fallback", "echo;words=3"),
                                  lambda _target: [{"role": "user", "content": "hi"}],
                                  AgentParams(timeout_seconds=10, temperature=None, max_tokens=None), AnswerSink(), stop,
                                  falling_back=lambda: TURN.mark_fallen_back(turn_id, "a-lease-taken-over",
