@@ -21,7 +21,7 @@ from app.attempts import settling
 from app.config import get_settings
 from app.db import transaction
 from app.debug_run_state import claim_debug_run, finish_debug_run
-from app.deliveries import attempts_end_by, give_up_reason
+from app.deliveries import RunGivenUp, attempts_end_by, give_up_reason
 from app.fallback import Outcome, call_with_fallback
 from app.leases import Holding, keeper
 from app.models import Agent, DebugRun
@@ -41,12 +41,15 @@ def run_debug_run(run_id: int) -> None:
             log.info("test run %s not run: %s", run_id, claim.outcome.value)
             return
         ends_by = attempts_end_by(claim.time_left)
-        if reason := give_up_reason(claim.deliveries, claim.time_left):
-            finish_debug_run(session, run_id, claim.token, TurnStatus.ERROR, error_message=reason)
-            return
-        run = session.get_one(DebugRun, run_id)
-        agent = setup_of(session, session.get_one(Agent, run.agent_id))
-        content, fallen_back = run.input, run.fell_back
+        gives_up = give_up_reason(claim.deliveries, claim.time_left)
+        if gives_up:
+            finish_debug_run(session, run_id, claim.token, TurnStatus.ERROR, error_message=gives_up)
+        else:
+            run = session.get_one(DebugRun, run_id)
+            agent = setup_of(session, session.get_one(Agent, run.agent_id))
+            content, fallen_back = run.input, run.fell_back
+    if gives_up:
+        raise RunGivenUp(gives_up)
     token = claim.token
     assert token is not None
     started = time.monotonic()

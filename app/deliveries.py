@@ -4,7 +4,8 @@ A turn or an admin test run is delivered again when its worker died (its lease r
 past its deadline (revoked and sent again, that delivery ends it); both rules live here, so the claim
 that writes the deadline, the recovery sweep that finds a delivery overdue and the runners that give a
 run up agree on them. So does the rule
-that decides whether a message whose delivery raised is retried or dead-lettered (`retry_failed`).
+that decides whether a message whose delivery raised is retried or dead-lettered (`retry_failed`), and
+the exception that dead-letters the message of a run given up (`RunGivenUp`).
 """
 
 from __future__ import annotations
@@ -122,6 +123,14 @@ def fallback_mark_wait(ends_by: float | None) -> float:
     if ends_by is None:
         return 0.0
     return max(ends_by - time.monotonic() - get_settings().db_connect_timeout_seconds, 0.0)
+
+
+class RunGivenUp(Exception):
+    """Raised by a delivery once it has ended its run as `error` for `give_up_reason`, so that its message is
+    dead-lettered, not acknowledged: a run that keeps killing or stalling its workers is a poison message, and
+    the dead letters are where an operator finds it, with the reason, and requeues it once the cause is
+    fixed (a requeue starts a new count of deliveries and a new deadline). The actors declare it (Dramatiq's
+    `throws`), so it is never retried: the run has ended already."""
 
 
 def give_up_reason(deliveries: int, time_left: float | None) -> str | None:

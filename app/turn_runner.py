@@ -22,7 +22,7 @@ from app.attempts import settling
 from app.config import get_settings
 from app.conversations import record_turn_end
 from app.db import plain_transaction, transaction
-from app.deliveries import attempts_end_by, give_up_reason
+from app.deliveries import RunGivenUp, attempts_end_by, give_up_reason
 from app.fallback import Outcome, call_with_fallback
 from app.leases import Holding, keeper
 from app.live_stream import TurnStream, text_streamed
@@ -145,6 +145,8 @@ def _run_turn(turn_id: int) -> None:
             TURN.hand_to_retry(context.turn_id, context.token)
             raise
     coordination.release(context.held)
+    if context.gives_up:
+        raise RunGivenUp(context.gives_up)
 
 
 def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import traceback
 from contextlib import nullcontext
 
 from app import dead_letters, debug_runner, llm_client, outbox, turn_runner
 from app.db import dispose_engines, open_pool
+from app.deliveries import RunGivenUp
 from app.dispatch import Delivered
 from app.heap import freeze_after_boot
 from app.leases import keeper
@@ -106,6 +108,14 @@ def delivery_started(message: Delivered) -> None:
 
 def delivery_ended() -> None:
     log_as_turn(None)
+
+
+def delivery_failed(message: Delivered, exception: BaseException) -> None:
+    """A run given up (`RunGivenUp`) is dead-lettered with no retry, and Dramatiq writes the error a dead
+    letter names (the options' `traceback`) only when it retries: the reason is written there instead, for
+    `dead_letters.record_death` to keep."""
+    if isinstance(exception, RunGivenUp):
+        message.options["traceback"] = "".join(traceback.format_exception_only(exception))
 
 
 def message_died(message: Delivered) -> None:

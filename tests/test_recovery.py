@@ -505,6 +505,22 @@ def test_a_turn_processing_past_its_timeout_and_grace_is_ended_by_its_next_deliv
                      "WHERE t.assistant_message_id = %(id)s", {"id": turn["id"]})[0] == (Decimal(0), Decimal(0))
     assert ended_after >= 1 + grace
     print(f"\nstuck turn ended {ended_after:.2f}s after it stuck (bound: timeout 1s + grace {grace}s)")
+    # A run given up is a poison message: dead-lettered with its reason, for an operator to requeue.
+    letter = given_up_letter(stack, "run_turn", turn["id"], reason)
+    assert stack.call("POST", f"/api/admin/dead-letters/{letter['id']}/requeue").status_code == 202
+    again = stack.wait_terminal(key, turn["id"])
+    assert (again["status"], again["content"], again["error_message"]) == ("success", "echo: are you there", None)
+    assert (deliveries(stack, turn["id"]), charges(stack, turn["id"]), len(upstream.requests())) == (1001, 1, 1)
+    assert stack.call("GET", "/api/admin/dead-letters").json()["items"] == []
+
+
+def given_up_letter(stack: Stack, actor: str, run_id: int, reason: str) -> dict[str, Any]:
+    """The one dead letter of a run given up by a delivery, which names the reason; no other is open."""
+    letters = wait_for(lambda: stack.call("GET", "/api/admin/dead-letters").json()["items"],
+                       what="the dead letter of the run given up")
+    assert [(x["queue"], x["actor"], x["args"], x["retries"], x["error"]) for x in letters] == [
+        ("turns" if actor == "run_turn" else "debug", actor, [run_id], 0, f"app.deliveries.RunGivenUp: {reason}")]
+    return letters[0]
 
 
 def test_a_turn_taken_over_keeps_its_first_deliverys_deadline(stack: Stack, upstream: UpstreamLog) -> None:
@@ -557,6 +573,12 @@ def test_an_admin_test_run_processing_past_its_timeout_and_grace_is_ended_by_its
     assert stack.sql("SELECT deliveries FROM admin_debug_logs WHERE id = %(id)s", {"id": run_id})[0][0] == 2
     assert upstream.requests() == []
     assert time.monotonic() - stuck_at >= 1 + grace
+    letter = given_up_letter(stack, "run_debug_run", run_id, reason)
+    assert stack.call("POST", f"/api/admin/dead-letters/{letter['id']}/requeue").status_code == 202
+    log = wait_for(lambda: ended_test_run(stack, run_id), what="the requeued test run to end")
+    assert (log["status"], log["output"], log["error_message"]) == ("success", "echo: still there?", None)
+    assert len(upstream.requests()) == 1
+    assert stack.call("GET", "/api/admin/dead-letters").json()["items"] == []
 
 
 def test_a_turn_failing_after_its_claim_every_time_is_retried_by_dramatiq_alone_and_dead_lettered(

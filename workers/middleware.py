@@ -41,6 +41,11 @@ class RunOutcomes(Middleware):
     """Ends a turn (or admin test run) when its message dies with retries exhausted: `error`, or `cancelled`
     for a turn whose stop was accepted."""
 
+    def after_process_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy, *,
+                              result: object = None, exception: BaseException | None = None) -> None:
+        if exception is not None:
+            _worker().delivery_failed(message, exception)
+
     def after_nack(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy) -> None:
         """A nack is the message going to the dead-letter queue; its options hold the last traceback."""
         _worker().message_died(message)
