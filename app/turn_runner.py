@@ -119,11 +119,12 @@ def _run_turn(turn_id: int) -> None:
     cancel_requested = claim.turn.cancel_requested_at is not None
     log.info("turn %s %s (delivery %s)", turn_id, claim.outcome.value, context.delivery)
     stream = TurnStream(turn_id, context.delivery)
+    ended: TurnStatus | None = None
     if context.gives_up or not claim.affordable:
         status, reason = ((TurnStatus.ERROR, context.gives_up) if context.gives_up
                           else (TurnStatus.INSUFFICIENT_BALANCE, UNAFFORDABLE))
         try:
-            _settle_failure(context, status, reason, stream)
+            ended = _settle_failure(context, status, reason, stream)
         except LeaseLost:
             # No keeper renews the lease of an end written without a model call: one given up carries the
             # passed deadline, which a sweep may revoke first, and any waits out a database outage that
@@ -145,7 +146,7 @@ def _run_turn(turn_id: int) -> None:
             TURN.hand_to_retry(context.turn_id, context.token)
             raise
     coordination.release(context.held)
-    if context.gives_up:
+    if context.gives_up and ended is TurnStatus.ERROR:
         raise RunGivenUp(context.gives_up)
 
 
@@ -209,7 +210,7 @@ def _worst_case(context: TurnContext, turn: TurnRow) -> Decimal:
 
 def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, model: ModelTarget | None = None,
             cost: Decimal | None = None, success_tokens: int | None = None, outcome: Outcome | None = None,
-            **answer: Any) -> None:
+            **answer: Any) -> TurnStatus:
     """End the turn in one batch: both messages and the answer, the statistics, the money, the attempts
     (written on their own if the batch fails: `app.attempts.settling`). A database outage is waited out
     rather than raised (the lease keeper renews the lease once the database is back): the model calls are
@@ -220,7 +221,8 @@ def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, mod
 
     A stop asked for before this end was written (`StoppedMeanwhile`) ends the turn `cancelled` instead, as
     the stop's 202 promised, with the same text and cost: a whole answer is paid for (every token of it was
-    generated), a failure's text stays unpaid, and neither counts in the conversation's tokens."""
+    generated), a failure's text stays unpaid, and neither counts in the conversation's tokens. Returns the
+    status written."""
     if cost is not None and target not in CHARGED:
         raise ValueError(f"a turn that ends {target.value} is not charged")
     try:
@@ -240,13 +242,13 @@ def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, mod
 
             TURN.write_end(context.turn_id, attempts.at, write, what=f"settling turn {context.turn_id}")
     except StoppedMeanwhile:
-        _settle(context, TurnStatus.CANCELLED, stream, model=model, cost=cost, outcome=outcome,
-                **{**answer, "error_message": STOPPED})
-        return
+        return _settle(context, TurnStatus.CANCELLED, stream, model=model, cost=cost, outcome=outcome,
+                       **{**answer, "error_message": STOPPED})
     metrics.observe_cost("turn", cost)
     stream.finished(target, model.name if model else None)
     log.info("turn %s ended %s: model %s, cost %s%s", context.turn_id, target.value, model.name if model else "none",
              cost if cost is not None else 0, f"; {answer['error_message']}" if answer.get("error_message") else "")
+    return target
 
 
 def _settle_success(context: TurnContext, outcome: Outcome, elapsed_ms: int, stream: TurnStream) -> None:
@@ -280,11 +282,11 @@ def _settle_cancelled(context: TurnContext, outcome: Outcome, elapsed_ms: int, s
 
 def _settle_failure(context: TurnContext, status: TurnStatus, reason: str, stream: TurnStream,
                     outcome: Outcome | None = None, elapsed_ms: int | None = None, content: str = "",
-                    model: ModelTarget | None = None) -> None:
+                    model: ModelTarget | None = None) -> TurnStatus:
     """A turn that ends without an answer; `content` is the text its last attempt streamed before it failed,
     and `model` that attempt's (kept, as a stop keeps them: a reader of the stream already has the text,
-    announced as that model's)."""
-    _settle(context, status, stream, model=model, outcome=outcome, error_message=reason, latency_ms=elapsed_ms,
+    announced as that model's). Returns the status written: `cancelled` where a stop came first."""
+    return _settle(context, status, stream, model=model, outcome=outcome, error_message=reason, latency_ms=elapsed_ms,
             content=content)
 
 
