@@ -64,9 +64,12 @@ def add_credit(session: Session, user_id: int, amount: Decimal) -> Decimal:
 def _statements() -> SimpleNamespace:
     """Built once on the Core tables and run on the driver (`app.prepared`): every turn reserves and settles.
 
-    A charge is what the balance can cover: `cost`, or the whole balance when the cost came out above
-    the reservation (the provider counted more prompt tokens than the estimate that priced it) and the
-    balance held no more than that. A turn already charged gets no second row: only a delivery that lost
+    A charge is what the turn may spend: `cost`, or, when the cost came out above the reservation (the
+    provider counted more prompt tokens than the estimate that priced it, which it may up to the prompt's
+    bytes) and the balance cannot cover it, what the balance holds beyond the other turns' reservations
+    (this turn's hold and the unreserved rest). Taking the whole balance would spend money other turns in
+    flight hold: each of them would then be charged short of its cost, a user who never overran. A turn
+    already charged gets no second row: only a delivery that lost
     its lease can get this far with one (the one that took the turn over charged it first), and its lease
     check in the same batch then rolls everything back as `LeaseLost`, where a refused unique key would
     have been a database error raised before that check was read. `charge` writes the ledger row from
@@ -75,8 +78,9 @@ def _statements() -> SimpleNamespace:
     either way. Both go out together in a batch, and a balance never moves without its ledger row."""
     users, ledger = table(User), table(CreditTransaction)
     held, cost = bindparam("held", type_=Money), bindparam("cost", type_=Money)
-    unreserved = case((users.c.reserved > held, users.c.reserved - held), else_=0)
-    covered = users.c.balance >= cost
+    held_by_others = case((users.c.reserved > held, users.c.reserved - held), else_=0)
+    spendable = users.c.balance - held_by_others
+    covered = spendable >= cost
     message, at = bindparam("message", type_=BigInteger), bindparam("at", type_=DateTime(timezone=True))
     charged = (select(ledger.c.balance_after).where(ledger.c.message_id == message, ledger.c.created_at == at)
                .scalar_subquery())
@@ -85,17 +89,17 @@ def _statements() -> SimpleNamespace:
                          .where(users.c.id == bindparam("user"),
                                 users.c.balance - users.c.reserved >= bindparam("amount"))
                          .values(reserved=users.c.reserved + bindparam("amount"))),
-        release=Prepared(update(users).where(users.c.id == bindparam("user")).values(reserved=unreserved)),
+        release=Prepared(update(users).where(users.c.id == bindparam("user")).values(reserved=held_by_others)),
         charge=Prepared(insert(ledger).from_select(
             ["user_id", "message_id", "kind", "amount", "balance_after", "created_at"],
             select(users.c.id, message, literal("charge"),
-                   -case((covered, cost), else_=users.c.balance),
-                   case((covered, users.c.balance - cost), else_=0), at)
-            .where(users.c.id == bindparam("user"), users.c.balance > 0, cost > 0,
+                   -case((covered, cost), else_=spendable),
+                   case((covered, users.c.balance - cost), else_=held_by_others), at)
+            .where(users.c.id == bindparam("user"), spendable > 0, cost > 0,
                    ~exists().where(ledger.c.message_id == message))
             .with_for_update())),
         settle=Prepared(update(users).where(users.c.id == bindparam("user"))
-                        .values(balance=func.coalesce(charged, users.c.balance), reserved=unreserved)),
+                        .values(balance=func.coalesce(charged, users.c.balance), reserved=held_by_others)),
     )
 
 
@@ -112,7 +116,8 @@ def release(unit: Unit | Batch, user_id: int, amount: Decimal) -> None:
 
 
 def charge_turn(unit: Unit | Batch, user_id: int, message_id: int, cost: Decimal, reserved: Decimal) -> None:
-    """Settle a turn: release its reservation and charge its real cost, at most the whole balance.
+    """Settle a turn: release its reservation and charge its real cost, at most what the balance holds beyond
+    the other turns' reservations.
 
     A charge of zero writes no ledger row; a turn already charged is not charged again, its balance
     untouched (`_statements`)."""

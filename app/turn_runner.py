@@ -265,15 +265,17 @@ def _settle_success(context: TurnContext, outcome: Outcome, elapsed_ms: int, str
 
 
 def _settle_cancelled(context: TurnContext, outcome: Outcome, elapsed_ms: int, stream: TurnStream) -> None:
-    """A stopped turn keeps its partial text and pays for the tokens it generated (estimated, marked so),
-    unless that text came from a failed attempt, which is never charged; one stopped before any text names
-    no model."""
+    """A stopped turn keeps its partial text and pays for the tokens it generated (estimated, marked so, and
+    at most the `max_tokens` the request was sent with, as a whole answer's usage is: the estimate counts a
+    token a character outside ASCII, more than a model makes of such text), unless that text came from a
+    failed attempt, which is never charged; one stopped before any text names no model."""
     model = outcome.model
     prompt_tokens = completion_tokens = 0
     cost = Decimal(0)
     if model is not None and outcome.partial and not outcome.partial_failed:
         prompt_tokens = estimate_tokens_of_messages(context.prompt_for(model))
-        completion_tokens = estimate_tokens(outcome.partial)
+        completion_tokens = min(estimate_tokens(outcome.partial),
+                                get_settings().answer_limit(context.agent.params.max_tokens))
         cost = model.cost(prompt_tokens, completion_tokens)
     _settle(context, TurnStatus.CANCELLED, stream, model=model, cost=cost, outcome=outcome, content=outcome.partial,
             prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost_estimated=True,

@@ -118,6 +118,30 @@ def test_usage_a_provider_reports_past_what_the_request_allowed_is_charged_at_th
     assert world.api.get("/api/me", key).json["balance"] == "9.905000"
 
 
+def test_a_turn_that_costs_more_than_it_held_spends_none_of_what_another_turn_holds(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """The reservation prices a prompt at the estimate, and a provider may count it up to its bytes: the turn
+    then costs more than it held. Its charge stops at what the balance holds beyond the other turns'
+    reservations; taken from the whole balance, it left the turn in flight beside it charged short of its
+    own cost. Each turn holds 0.066000 (16 prompt tokens estimated and 50 answer tokens, 1 a thousand)."""
+    def agent(name: str, upstream_model: str) -> int:
+        return world.agent(world.model(name, upstream=upstream_model, price_in="1", price_out="1"), max_tokens=50)
+
+    over = agent("counts-over", "echo;reported_tokens=1000000000000")
+    later = agent("answers-later", "echo;ttft=2;reported_tokens=20")
+    _, key = world.user(balance="0.132")
+    second = world.send(key, world.conversation(key, later)).json["assistant_message"]["id"]
+    wait_for(lambda: world.message(key, second)["status"] == "processing", what="the slower turn's claim")
+    first = world.wait_terminal(key, world.send(key, world.conversation(key, over)).json["assistant_message"]["id"])
+    assert world.message(key, second)["status"] == "processing"
+    answered = world.wait_terminal(key, second)
+    assert (first["status"], first["cost"], answered["status"], answered["cost"]) == (
+        "success", "0.095000", "success", "0.040000")
+    ledger = world.api.get("/api/me/transactions", key).json["items"]
+    assert [(t["message_id"], t["amount"], t["balance_after"]) for t in ledger if t["message_id"]] == [
+        (second, "-0.040000", "0.026000"), (first["id"], "-0.066000", "0.066000")]
+    assert world.api.get("/api/me", key).json["balance"] == "0.026000"
+
+
 def test_a_stalled_stream_ends_within_the_timeout_plus_a_small_bound(world, upstream) -> None:  # type: ignore[no-untyped-def]
     agent_id = world.agent(world.model("primary", upstream="echo;words=50;stall_after=3"), timeout_seconds=2)
     _, key = world.user()

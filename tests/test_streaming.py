@@ -399,6 +399,20 @@ def test_stop_ends_the_turn_closes_upstream_keeps_the_text_and_charges_it(world,
     assert user_message["status"] == "cancelled"
 
 
+def test_a_stopped_answer_is_charged_at_most_the_token_limit_it_was_asked_for(world, web_server, upstream) -> None:  # type: ignore[no-untyped-def]
+    """The stopped text is priced at the estimate, a token a character outside ASCII, which is more than a
+    model makes of such text: charged at most the `max_tokens` the request was sent with (5 here, against
+    an estimate of 7 a word), as a whole answer's usage is. The prompt: 8 + (15 + 360 + 4) + 2 tokens."""
+    key, message_id, _ = start_turn(world, "echo;gap=0.05", content="привет " * 60, max_tokens=5)
+    read_sse(f"{web_server}/api/messages/{message_id}/stream", key, stop_after=5)
+    stopped = world.api.post(f"/api/messages/{message_id}/cancel", key).json
+    assert len(stopped["content"].split()) >= 5
+    assert (stopped["status"], stopped["prompt_tokens"], stopped["completion_tokens"], stopped["cost"]) == (
+        "cancelled", 389, 5, "0.000399")
+    ledger = world.api.get("/api/me/transactions", key).json["items"]
+    assert [(t["message_id"], t["amount"]) for t in ledger if t["message_id"]] == [(message_id, "-0.000399")]
+
+
 @pytest.mark.parametrize("upstream_model", ["echo;hang_headers=30", "echo;redirect;hang_headers=30"])
 def test_a_stop_before_the_response_headers_ends_the_turn_at_once(world, upstream, upstream_model) -> None:  # type: ignore[no-untyped-def]
     """A provider that has not sent its response headers yet (queued, overloaded) does not hold a stop for
