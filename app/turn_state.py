@@ -362,6 +362,7 @@ def reopen_turn(session: Session, turn_id: int, enqueued_at: datetime) -> Turn:
     count at the start of the next thousand (`deliveries_at_requeue`), its outbox mark `enqueued_at`."""
     turn = session.execute(
         select(Turn).where(Turn.assistant_message_id == turn_id).with_for_update()
+        .execution_options(populate_existing=True)  # the caller may have read the row before its lock
     ).scalar_one_or_none()
     if turn is None:
         raise TransitionRefused(f"turn {turn_id} does not exist")
