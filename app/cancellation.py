@@ -12,15 +12,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.auth import Principal
 from app.config import get_settings
 from app.conversations import owned_conversation, owned_turn_of
-from app.db import transaction
+from app.db import rows_changed, transaction
+from app.errors import NotFound
 from app.in_flight import answer_in_flight
-from app.models import ConversationMessage, Turn, table
+from app.models import Conversation, ConversationMessage, Turn, table
 from app.models.base import utc_now
 from app.outages import is_outage
 from app.stop_requests import publish_stop
@@ -78,9 +79,13 @@ def delete_conversation(principal: Principal, conversation_id: int) -> None:
     transaction of its own because taking the conversation's row before a turn's, in one, would deadlock
     with a settling turn, which takes them the other way round."""
     with transaction() as session:
-        conversation = owned_conversation(session, principal, conversation_id)
+        owned_conversation(session, principal, conversation_id)
         stopped = _stop_in_flight(session, conversation_id)
-        conversation.deleted_at = utc_now()
+        # Guarded, so that of two deletes at once the second finds it deleted (404) once the first commits.
+        if not rows_changed(session, update(Conversation).where(Conversation.id == conversation_id,
+                                                               Conversation.deleted_at.is_(None))
+                            .values(deleted_at=utc_now())):
+            raise NotFound("No such conversation.")
     _announce(stopped)
     if stopped is None:
         with transaction() as session:

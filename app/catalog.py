@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db import transaction
+from app.db import rows_changed, transaction
 from app.errors import Conflict, NotFound, ValidationFailed
 from app.models import Agent, LlmModel
 from app.models.base import utc_now
@@ -131,5 +131,10 @@ def update_agent(agent_id: int, changes: dict[str, Any]) -> Agent:
 
 
 def delete_agent(agent_id: int) -> None:
+    """One guarded UPDATE: of two deletes at once, the second waits for the first's row and finds the agent
+    deleted (404), as it would one after the other; both read it live and both answered 204."""
     with transaction() as session:
-        live_agent(session, agent_id).deleted_at = utc_now()
+        deleted = rows_changed(session, update(Agent).where(Agent.id == agent_id, Agent.deleted_at.is_(None))
+                               .values(deleted_at=utc_now()))
+    if not deleted:
+        raise NotFound("No such agent.")

@@ -512,3 +512,32 @@ def test_a_credit_that_waited_for_a_settlement_adds_to_the_settled_balance(world
     assert credited == [Decimal("12")]
     with transaction() as session:
         assert session.get_one(User, user_id).balance == Decimal("12")
+
+
+@pytest.mark.parametrize("what", ["agent", "conversation"])
+def test_of_two_deletes_at_once_one_is_204_and_the_other_404(world, web_server, database, what) -> None:  # type: ignore[no-untyped-def]
+    """Both deletes read the row live before either wrote: each answered 204. The test holds the row's lock
+    until both wait for it, so they really overlap; the second to get it must find it deleted."""
+    import psycopg
+
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    target, path, auth = (("agents", f"/api/admin/agents/{agent_id}", world.admin_key) if what == "agent" else
+                          ("conversations", f"/api/conversations/{world.conversation(key, agent_id)}", key))
+    row_id = int(path.rsplit("/", 1)[1])
+
+    def delete(_: int) -> int:
+        return httpx.delete(f"{web_server}{path}", headers={"Authorization": f"Bearer {auth}"}, timeout=30).status_code
+
+    url = database.replace("+psycopg", "")
+    # The look at the waits on a connection of its own: a transaction sees one snapshot of pg_stat_activity.
+    with psycopg.connect(url) as holder, psycopg.connect(url, autocommit=True) as watcher:
+        holder.execute(f"SELECT 1 FROM {target} WHERE id = %s FOR UPDATE", (row_id,))
+        with ThreadPoolExecutor(2) as pool:
+            answers = pool.map(delete, range(2))
+            wait_for(lambda: watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query ILIKE %s",
+                (f"UPDATE {target}%",)).fetchone()[0] == 2, what="both deletes to wait for the row")  # type: ignore[index]
+            holder.rollback()
+            assert sorted(answers) == [204, 404]
+    assert httpx.delete(f"{web_server}{path}", headers={"Authorization": f"Bearer {auth}"}).status_code == 404
