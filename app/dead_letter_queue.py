@@ -7,6 +7,7 @@ removing an entry is one Lua script, so its id and its body go together.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,8 +17,10 @@ import dramatiq
 import redis
 
 from app.dispatch import broker_key
+from app.models.base import SHORT_TEXT_CHARS
 from app.queues import QUEUES
 from app.redis_client import get_redis, lua_script
+from app.text import unstorable
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +42,12 @@ def dead_entries() -> dict[str, BrokerEntry]:
         scored = cast(list[tuple[bytes, float]], client.zrange(broker_key(queue, ".XQ"), 0, -1, withscores=True))
         if not scored:
             continue
-        ids = [member.decode() for member, _ in scored]
+        kept = [(ident, score) for member, score in scored if (ident := message_id_of(member, queue)) is not None]
+        if not kept:
+            continue
+        ids = [ident for ident, _ in kept]
         bodies = cast(list[bytes | None], client.hmget(broker_key(queue, ".XQ.msgs"), ids))
-        for (_, score), ident, body in zip(scored, ids, bodies, strict=True):
+        for (ident, score), body in zip(kept, bodies, strict=True):
             message = _readable(body) if body is not None else None
             if body is not None and message is None:
                 log.warning("dead letter %s of queue %s has a body agentq cannot read", ident, queue)
@@ -49,22 +55,52 @@ def dead_entries() -> dict[str, BrokerEntry]:
     return entries
 
 
+MESSAGE_ID_CHARS = 64
+"""The longest message id a dead letter's row keeps; Dramatiq's are UUIDs (36)."""
+
+
+def message_id_of(member: bytes, queue: str) -> str | None:
+    """A member of the dead-letter zset as a message id, or None (logged, and left out of every listing and
+    count) for one Dramatiq never writes: not printable ASCII, or longer than a row keeps. Such an id made
+    the listing, `GET /api/admin/queues` and `/metrics` answer 500 while it was there."""
+    try:
+        ident = member.decode("ascii")
+    except UnicodeDecodeError:
+        ident = None
+    if ident is None or not ident.isprintable() or not 0 < len(ident) <= MESSAGE_ID_CHARS:
+        log.warning("the dead-letter queue of %s holds an entry %r that is no message id; left out (remove it "
+                    "from Redis by hand)", queue, member[:80])
+        return None
+    return ident
+
+
 def _readable(body: bytes) -> dramatiq.Message[Any] | None:
-    """The body as a message whose fields have the types Dramatiq writes, else None. These keys are open to
-    anything that writes to Redis: one odd body (options a list, retries a word, a numeric traceback) made
-    every listing of dead letters a 500, and only a hand edit of Redis brought them back."""
+    """The body as a message whose fields have the types Dramatiq writes and values a row can keep, else None
+    (the letter is then listed as actor `unknown`). These keys are open to anything that writes to Redis:
+    one odd body (options a list, retries a word or past a 32-bit integer, a NUL or a lone surrogate in the
+    actor's name, the arguments or the traceback, a NaN among the arguments) made every listing of dead
+    letters a 500, and only a hand edit of Redis brought them back."""
     try:
         message = dramatiq.Message.decode(body)
     except Exception:
         return None
     options = message.options
-    if not (isinstance(message.actor_name, str) and isinstance(message.args, (list, tuple))
+    if not (_keepable(message.actor_name, SHORT_TEXT_CHARS) and isinstance(message.args, (list, tuple))
             and isinstance(options, dict)):
         return None
     retries, trace = options.get("retries", 0), options.get("traceback")
-    if not (type(retries) is int and (trace is None or isinstance(trace, str))):
+    if not (type(retries) is int and 0 <= retries < 2**31 and (trace is None or _keepable(trace))):
         return None
-    return message
+    try:
+        arguments = json.dumps(message.args, allow_nan=False, ensure_ascii=False)
+    except ValueError:
+        return None
+    return message if _keepable(arguments) else None
+
+
+def _keepable(text: object, most_chars: int | None = None) -> bool:
+    return (isinstance(text, str) and unstorable(text) is None
+            and (most_chars is None or len(text) <= most_chars))
 
 
 def _death_time(score: float) -> datetime:

@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.db import transaction
+from app.dead_letter_queue import message_id_of
 from app.dead_letters import open_dead_letters
 from app.dispatch import broker_key
 from app.models import ConversationMessage
@@ -66,7 +67,7 @@ def queue_snapshot(*, database_required: bool = True) -> QueueSnapshot:
         for index, queue in enumerate(QUEUES):
             ready, delayed, dead = counts[index * 3: index * 3 + 3]
             depths[queue] = (int(ready), int(delayed))
-            held[queue] = {member.decode() for member in dead}
+            held[queue] = {ident for member in dead if (ident := message_id_of(member, queue)) is not None}
     except redis.RedisError as exc:
         snapshot.redis_error = f"{type(exc).__name__}: {exc}"
     dead_letters: dict[str, int | None] = {queue: None if snapshot.redis_error else len(ids)

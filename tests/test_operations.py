@@ -480,20 +480,29 @@ def test_a_dead_letter_whose_turn_ended_otherwise_is_not_requeued(world, redis_c
     assert dead_count(redis_client) == 1
 
 
-@pytest.mark.parametrize(("options", "score", "read"), [
-    ({"retries": "many"}, 1, ("unknown", [])), ([], 1, ("unknown", [])), ({"traceback": 5}, 1, ("unknown", [])),
-    ({}, 1e300, ("run_turn", [2])),
+UNKNOWN = ("unknown", [])
+
+
+@pytest.mark.parametrize(("changes", "score", "read"), [
+    ({"options": {"retries": "many"}}, 1, UNKNOWN), ({"options": []}, 1, UNKNOWN),
+    ({"options": {"traceback": 5}}, 1, UNKNOWN), ({"options": {}}, 1e300, ("run_turn", [2])),
+    ({"options": {"retries": 2**40}}, 1, UNKNOWN), ({"options": {"traceback": "nul\x00here"}}, 1, UNKNOWN),
+    ({"options": {"traceback": "half\ud800pair"}}, 1, UNKNOWN), ({"args": ["half\ud800pair"]}, 1, UNKNOWN),
+    ({"args": [float("nan")]}, 1, UNKNOWN), ({"args": [1, float("inf")]}, 1, UNKNOWN),
+    ({"actor_name": "run\x00turn"}, 1, UNKNOWN), ({"actor_name": "a" * 201}, 1, UNKNOWN),
 ])
 def test_a_dead_body_of_odd_shape_in_redis_is_listed_not_a_500(  # type: ignore[no-untyped-def]
-        world, redis_client, options, score, read) -> None:
+        world, redis_client, changes, score, read) -> None:
     """These keys are open to whatever writes to Redis: one body whose options were a list, whose retries
-    were a word or whose traceback a number, or a score past any date, made every listing of every dead
-    letter (API and `agentq dlq list`) fail with a 500 until the entry was deleted by hand."""
+    were a word or past a 32-bit integer, whose traceback a number or text no database stores (a NUL, a lone
+    surrogate), whose arguments held such text or a NaN, whose actor's name was such text or longer than a
+    row keeps, or a score past any date, made every listing of every dead letter (API and `agentq dlq list`)
+    fail with a 500 until the entry was deleted by hand."""
     import json
 
     api, admin = world.api, world.admin_key
-    body = {"queue_name": "turns", "actor_name": "run_turn", "args": [2], "kwargs": {}, "options": options,
-            "message_id": "odd-body", "message_timestamp": 1}
+    body = {"queue_name": "turns", "actor_name": "run_turn", "args": [2], "kwargs": {}, "options": {},
+            "message_id": "odd-body", "message_timestamp": 1, **changes}
     redis_client.zadd(f"{NAMESPACE}:turns.XQ", {"odd-body": score})
     redis_client.hset(f"{NAMESPACE}:turns.XQ.msgs", "odd-body", json.dumps(body))
     listed = api.get("/api/admin/dead-letters", admin)
@@ -502,6 +511,26 @@ def test_a_dead_body_of_odd_shape_in_redis_is_listed_not_a_500(  # type: ignore[
     assert (item["actor"], item["args"], item["retries"], item["in_broker"]) == (*read, 0, True)
     assert api.delete(f"/api/admin/dead-letters/{item['id']}", admin).status_code == 204
     assert dead_count(redis_client) == 0
+
+
+def test_a_dead_letter_id_dramatiq_never_writes_is_left_out_not_a_500(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """Ids in the dead-letter zset that are not printable ASCII or longer than a row keeps (64) made the
+    listing, the queues and /metrics answer 500 while they were there; they are left out of all three (and
+    logged), and a real dead letter beside them is still listed."""
+    api, admin = world.api, world.admin_key
+    junk = [b"\xff\xfe-id", b"id\x00nul", b"x" * 65, b"tab\there"]
+    redis_client.zadd(f"{NAMESPACE}:turns.XQ", dict.fromkeys([*junk, b"real-id"], 1))
+    redis_client.hset(f"{NAMESPACE}:turns.XQ.msgs", mapping=dict.fromkeys([*junk, b"real-id"], b"{}"))
+    try:
+        listed = api.get("/api/admin/dead-letters", admin)
+        assert listed.status_code == 200, listed.json
+        assert [item["actor"] for item in listed.json["items"]] == ["unknown"]
+        queues = api.get("/api/admin/queues", admin)
+        assert queues.status_code == 200, queues.json
+        assert [q["dead_letters"] for q in queues.json["queues"] if q["name"] == "turns"] == [1]
+        assert api.get("/metrics").status_code == 200
+    finally:
+        redis_client.delete(f"{NAMESPACE}:turns.XQ", f"{NAMESPACE}:turns.XQ.msgs")
 
 
 def test_a_dead_message_whose_argument_is_no_runs_id_leaves_the_dead_letters_manageable(world, redis_client) -> None:  # type: ignore[no-untyped-def]
