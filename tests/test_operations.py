@@ -480,7 +480,7 @@ def test_a_dead_letter_whose_turn_ended_otherwise_is_not_requeued(world, redis_c
     assert dead_count(redis_client) == 1
 
 
-UNKNOWN = ("unknown", [])
+UNKNOWN: tuple[str, list[object]] = ("unknown", [])
 
 
 @pytest.mark.parametrize(("changes", "score", "read"), [
