@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import redis
 from sqlalchemy import func, or_, select
@@ -173,10 +173,9 @@ def _fresh_start(key: str) -> tuple[Cursor, dict[str, Any] | None]:
         while True:
             page = cast(list[StreamEntry], get_redis().xrevrange(key, max=end, min="-", count=_LOOK_BACK_PAGE))
             for raw_id, fields in page:
-                if fields[b"type"] == b"status":
-                    payload = json.loads(fields[b"data"])
-                    if payload.pop("restart", False):
-                        return Cursor(raw_id.decode(), int(fields.get(b"a", b"0")), 0), payload
+                read = _read_entry(fields)
+                if read is not None and read.kind == "status" and read.payload.pop("restart", False):
+                    return Cursor(raw_id.decode(), read.attempt, 0), read.payload
             if len(page) < _LOOK_BACK_PAGE:
                 return Cursor(), None
             end = "(" + page[-1][0].decode()
@@ -284,11 +283,11 @@ def _relay(entries: list[tuple[bytes, dict[bytes, bytes]]],
     events: list[StreamEvent] = []
     for raw_id, fields in entries:
         entry = raw_id.decode()
-        kind = fields[b"type"].decode()
-        attempt = int(fields.get(b"a", b"0"))
+        read = _read_entry(fields)
+        if read is None:
+            return events, Cursor(entry, cursor.attempt, cursor.offset), True
+        kind, attempt, start, text, payload = read
         if kind == "delta":
-            start = int(fields[b"o"])
-            text = fields[b"data"].decode()
             if attempt > cursor.attempt and cursor.offset == 0 and start == 0:
                 cursor = Cursor(cursor.entry, attempt, 0)
             if attempt < cursor.attempt:
@@ -303,13 +302,39 @@ def _relay(entries: list[tuple[bytes, dict[bytes, bytes]]],
             if fresh:
                 events.append(StreamEvent("delta", {"text": fresh}, cursor.event_id()))
         elif kind == "status":
-            payload = json.loads(fields[b"data"])
             restart = bool(payload.get("restart"))
             cursor = Cursor(entry, attempt if restart else cursor.attempt, 0 if restart else cursor.offset)
             events.append(StreamEvent("status", payload, cursor.event_id()))
         else:
             return events, Cursor(entry, cursor.attempt, cursor.offset), True
     return events, cursor, False
+
+
+class _Entry(NamedTuple):
+    kind: str
+    attempt: int
+    start: int
+    text: str
+    payload: dict[str, Any]
+
+
+def _read_entry(fields: dict[bytes, bytes]) -> _Entry | None:
+    """A live-stream entry as the worker writes it (`app.live_stream`), or None for one it does not write: the
+    key is open to anything that writes to Redis, and an entry with a field missing or not what it should be
+    (a status whose data is no JSON object, a delta without text, an attempt that is no number, bytes that
+    are no UTF-8) cut every reader's response short, with no `done`, until the stream expired. The reader
+    takes it as a gap: the rest comes from the stored message."""
+    try:
+        kind = fields[b"type"].decode()
+        attempt = int(fields.get(b"a", b"0"))
+        if kind == "delta":
+            return _Entry(kind, attempt, int(fields[b"o"]), fields[b"data"].decode(), {})
+        if kind == "status":
+            payload = json.loads(fields[b"data"])
+            return _Entry(kind, attempt, 0, "", payload) if isinstance(payload, dict) else None
+        return _Entry(kind, attempt, 0, "", {})
+    except (KeyError, ValueError):  # UnicodeDecodeError and json's JSONDecodeError are ValueErrors
+        return None
 
 
 def _wait_and_finish(message_id: int, cursor: Cursor, deadline: float) -> Iterator[StreamEvent]:

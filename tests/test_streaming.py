@@ -87,6 +87,30 @@ def test_resuming_after_the_end_and_after_the_live_stream_is_gone(world, web_ser
     assert took < 2.0, f"resumed in {took:.2f}s"
 
 
+@pytest.mark.parametrize("junk", [
+    {"type": "status", "data": "{not json"}, {"type": "status", "data": "[1, 2]"}, {"type": "delta"},
+    {"type": "delta", "a": "x", "o": "0", "data": "hi"}, {"type": "delta", "o": "0", "data": b"\xff"},
+    {"nothing": "typed"},
+])
+def test_an_entry_the_worker_never_writes_in_a_live_stream_does_not_cut_its_readers(  # type: ignore[no-untyped-def]
+        world, web_server, redis_client, junk) -> None:
+    """The live stream's key is open to anything that writes to Redis: such an entry cut every reader's
+    response short with no `done`, a resuming one too, until the stream expired. It is read as a gap: the
+    rest comes from the stored answer."""
+    from app.live_stream import stream_key
+
+    key, message_id, _ = start_turn(world, "echo;words=40;gap=0.03")
+    url = f"{web_server}/api/messages/{message_id}/stream"
+    first = read_sse(url, key, stop_after=5)
+    redis_client.xadd(stream_key(message_id), junk)
+    rest = read_sse(url, key, last_event_id=[e for e in first if e.id][-1].id)
+    assert rest[-1].event == "done"
+    assert visible_text(first) + visible_text(rest) == rest[-1].json()["content"] == " ".join(
+        f"w{i}" for i in range(40))
+    late = read_sse(url, key, last_event_id=[e for e in first if e.id][-1].id)
+    assert (late[-1].event, visible_text(first) + visible_text(late)) == ("done", rest[-1].json()["content"])
+
+
 def test_a_late_reader_gets_the_whole_text_and_done(world, web_server) -> None:  # type: ignore[no-untyped-def]
     key, message_id, _ = start_turn(world, "echo;words=12")
     final = world.wait_terminal(key, message_id)
