@@ -21,12 +21,12 @@ from typing import Any
 
 import redis
 from dramatiq.common import q_name
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import live_stream, outbox
-from app.db import transaction
+from app.db import rows_changed, transaction
 from app.dead_letter_queue import BrokerEntry, dead_entries, holds_entry, take_entry
 from app.debug_run_state import reopen_debug_run
 from app.dispatch import Delivered
@@ -205,6 +205,24 @@ def get_dead_letter(dead_letter_id: int) -> DeadLetterView:
     return _views([row], in_broker)[0]
 
 
+def _hold_conversation_open(session: Session, row: DeadLetter, conversation_id: int) -> None:
+    """Take the conversation's row unless it was deleted since it was read (409 `conversation_deleted`): a
+    delete that committed between that read and this requeue's commit found no turn in flight to stop, and
+    the requeued turn ran, and was charged, in a conversation its user could no longer see or stop. Held
+    now, the row makes a delete wait for this commit, after which it finds the turn and stops it. Taken
+    last, once no turn of the conversation is in flight, so no settlement (which takes the conversation
+    before the user) holds it while this transaction holds the user."""
+    if not rows_changed(session, update(Conversation).where(Conversation.id == conversation_id,
+                                                            Conversation.deleted_at.is_(None))
+                        .values(updated_at=utc_now())):
+        raise _conversation_deleted(row)
+
+
+def _conversation_deleted(row: DeadLetter) -> Conflict:
+    return Conflict(f"Dead letter {row.id}: its conversation was deleted, so its turn is not run again.",
+                    code="conversation_deleted")
+
+
 def _reopen(session: Session, row: DeadLetter, enqueued_at: datetime) -> None:
     if row.run_id is None:
         raise Conflict(f"Dead letter {row.id} is a {row.actor!r} message that carries no run of agentq's, so "
@@ -220,10 +238,10 @@ def _reopen(session: Session, row: DeadLetter, enqueued_at: datetime) -> None:
                         raise TransitionRefused(f"turn {turn.assistant_message_id} cannot move to pending")
                     conversation = session.get_one(Conversation, turn.conversation_id)
                     if conversation.deleted_at is not None:
-                        raise Conflict(f"Dead letter {row.id}: its conversation was deleted, so its turn is not "
-                                       "run again.", code="conversation_deleted")
+                        raise _conversation_deleted(row)
                     _refuse_if_agent_deleted(session, row, conversation.agent_id)
                     _check_user_can_start(session, row, turn)
+                    _hold_conversation_open(session, row, turn.conversation_id)
                 reopen_turn(session, row.run_id, enqueued_at)
             else:
                 # Its guarded UPDATE refuses a run no longer in error first, as a turn's status check does;

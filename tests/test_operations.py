@@ -239,6 +239,43 @@ def test_a_dead_turn_of_a_deleted_conversation_or_agent_is_not_run_again(world, 
     assert ledger_rows(ended["id"]) == 0
 
 
+def test_a_conversation_deleted_while_its_dead_turn_is_being_requeued_does_not_get_it_run(  # type: ignore[no-untyped-def]
+        world, web_server, database) -> None:
+    """The delete committed between the requeue's read of the conversation and its commit: it found no turn
+    in flight to stop, and the requeued turn ran, charged, in a conversation its user could no longer see or
+    stop. The test holds the agent's row, which the requeue reads after the conversation, until the delete
+    is done; the requeue must then find the conversation deleted."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    import psycopg
+
+    api, admin = world.api, world.admin_key
+    agent_id = world.agent(world.model())
+    _, key = world.user(balance="10")
+    conversation_id, ended = dead_turn(world, key, agent_id, "requeued as it goes")
+    item = api.get("/api/admin/dead-letters", admin).json["items"][0]
+    url = database.replace("+psycopg", "")
+    with psycopg.connect(url) as holder, psycopg.connect(url, autocommit=True) as watcher, \
+            ThreadPoolExecutor(1) as pool:
+        holder.execute("SELECT 1 FROM agents WHERE id = %s FOR UPDATE", (agent_id,))
+        requeue = pool.submit(httpx.post, f"{web_server}/api/admin/dead-letters/{item['id']}/requeue",
+                              headers={"Authorization": f"Bearer {admin}"}, timeout=30)
+        wait_for(lambda: watcher.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query ILIKE %s",
+            ("%FROM agents%",)).fetchone()[0] == 1, what="the requeue to wait for the agent")  # type: ignore[index]
+        assert api.delete(f"/api/conversations/{conversation_id}", key).status_code == 204
+        holder.rollback()
+        refused = requeue.result()
+    assert (refused.status_code, refused.json()["error"]["code"]) == (409, "conversation_deleted")
+    from app.db import transaction
+    from app.models import ConversationMessage
+
+    with transaction() as session:
+        assert session.get_one(ConversationMessage, ended["id"]).status == "error"
+    assert ledger_rows(ended["id"]) == 0
+
+
 def test_a_dead_test_run_of_a_deleted_agent_is_not_run_again(world, upstream) -> None:  # type: ignore[no-untyped-def]
     """An admin's test run dead-lettered, then its agent (and its model) deleted: the requeue is refused as a
     turn's is (409 `agent_deleted`), instead of calling a deleted model and logging its cost."""
