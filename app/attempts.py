@@ -5,8 +5,10 @@ An attempt's row is written in the transaction that settles its run, so a finish
 what it cost upstream commit together. The provider is paid for an attempt whether or not that
 settlement commits, though: one refused (its lease lost to another delivery, a database error, a bug)
 would take the rows with it, and the cost they came to would be recorded nowhere. `RunAttempts` writes
-them then on their own. What this cannot record: the attempts of a worker killed before it settles (they
-were only in its memory), and, while the database is away, anything (the log line lists them).
+them then on their own. The attempts of a worker killed before it settles were only in its memory: the
+delivery that takes its turn over records what they streamed (`record_interrupted`, from
+`app.interrupted_calls`), estimates a late write of the real ones replaces. While the database is away
+nothing can be recorded (the log line lists them).
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from contextlib import contextmanager
 from functools import cache
 from typing import Any
 
-from sqlalchemy import bindparam, exists, insert, select
+from sqlalchemy import bindparam, delete, exists, insert, select
+from sqlalchemy.orm import Session
 
 from app import metrics
 from app.db import transaction
+from app.failure_kinds import FailureKind
 from app.fallback import AttemptRecord
-from app.models import ModelAttempt, table
+from app.models import ModelAttempt, Turn, table
 from app.models.base import utc_now
 from app.prepared import Batch, Prepared, Unit
 
@@ -75,12 +79,38 @@ class RunAttempts:
                  else rows.c.debug_log_id == self.debug_log_id)
         try:
             with transaction() as session:
+                if self.message_id is not None:
+                    # The delivery that took the turn over may have recorded these calls as interrupted, from
+                    # what they streamed: the real records replace those estimates.
+                    _lock_turn(session, self.message_id)
+                    session.execute(delete(rows).where(owner, rows.c.delivery == self.delivery,
+                                                       rows.c.outcome == FailureKind.INTERRUPTED.value))
                 if not session.scalar(select(exists().where(owner, rows.c.created_at == self.at))):
                     _insert()(session, self._rows())
         except Exception:
             log.warning("could not record the attempts of a run whose settlement failed (message %s, test run %s): %s",
                         self.message_id, self.debug_log_id,
                         ", ".join(f"{a.model_name} {a.outcome} cost {a.cost}" for a in self.attempts), exc_info=True)
+
+
+def _lock_turn(session: Session, turn_id: int) -> None:
+    """The turn's row: the writers of one delivery's records, its own late one and the one of the delivery
+    that took the turn over, take it first, so the second to commit sees the first's rows."""
+    session.execute(select(Turn.assistant_message_id).where(Turn.assistant_message_id == turn_id).with_for_update())
+
+
+def record_interrupted(turn_id: int, delivery: int, attempts: Sequence[AttemptRecord]) -> bool:
+    """Record `attempts`, the calls of an earlier `delivery` of the turn whose worker stopped mid-run, unless
+    that delivery recorded its calls itself (it was only cut off, and came back first); whether they were
+    written. Counted in the metrics as written."""
+    rows = table(ModelAttempt)
+    with transaction() as session:
+        _lock_turn(session, turn_id)
+        if session.scalar(select(exists().where(rows.c.message_id == turn_id, rows.c.delivery == delivery))):
+            return False
+        RunAttempts(attempts, delivery=delivery, message_id=turn_id).write(session)
+    metrics.observe_attempts(attempts)
+    return True
 
 
 @contextmanager

@@ -24,6 +24,9 @@ class FailureKind(StrEnum):
     BAD_REQUEST = "bad_request"
     CLIENT_ERROR = "client_error"
     ENDPOINT_UNUSABLE = "endpoint_unusable"
+    INTERRUPTED = "interrupted"
+    """Its worker stopped during the call (killed, or cut off for longer than its lease): never raised, but
+    recorded by the delivery that took the run over, from what the call had streamed (`app.interrupted_calls`)."""
 
 
 REFUSED = frozenset({FailureKind.REQUEST_TIMEOUT, FailureKind.RATE_LIMITED, FailureKind.SERVER_ERROR,

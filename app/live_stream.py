@@ -85,6 +85,60 @@ def text_streamed(turn_id: int) -> Streamed | None:
     return Streamed(text, model) if last is not None and text else None
 
 
+@dataclass
+class StreamedAttempt:
+    """One model call of a delivery as its readers were sent it: the model its `status` entry named (None when
+    trimmed away), the text the stream still holds and how many characters it lacks (trimmed by the stream's
+    length bound, or lost), and the times of its first entry, its first text and its last entry (in ms,
+    from the entries' ids, which are Redis's clock)."""
+
+    index: int
+    model: str | None = None
+    text: str = ""
+    missing: int = 0
+    started_ms: int | None = None
+    first_text_ms: int | None = None
+    last_ms: int = 0
+
+
+def attempts_streamed(turn_id: int, delivery: int) -> list[StreamedAttempt] | None:
+    """The calls of `delivery` that streamed text, in order (a call that streamed none cannot be told from one
+    never made: its `status` entry comes before moderation); None when Redis cannot be reached. An entry the
+    worker never writes is passed over."""
+    try:
+        entries = cast(list[StreamEntry], get_redis().xrange(stream_key(turn_id)))
+    except redis.RedisError:
+        return None
+    first, found = attempt_number(delivery, 0), dict[int, StreamedAttempt]()
+    for raw_id, fields in entries:
+        try:
+            number, at_ms = int(fields.get(b"a", b"0")), int(raw_id.split(b"-")[0])
+            if not first <= number < attempt_number(delivery + 1, 0):
+                continue
+            attempt = found.setdefault(number, StreamedAttempt(number - first))
+            if attempt.started_ms is None:
+                attempt.started_ms = at_ms
+            attempt.last_ms = at_ms
+            if fields[b"type"] == b"status":
+                model = json.loads(fields[b"data"]).get("model")
+                attempt.model = model if isinstance(model, str) else attempt.model
+            elif fields[b"type"] == b"delta":
+                _add_text(attempt, int(fields[b"o"]), fields[b"data"].decode(), at_ms)
+        except (KeyError, ValueError, AttributeError):
+            continue
+    return [attempt for _, attempt in sorted(found.items()) if attempt.text or attempt.missing]
+
+
+def _add_text(attempt: StreamedAttempt, start: int, piece: str, at_ms: int) -> None:
+    held = attempt.missing + len(attempt.text)
+    if start > held:
+        attempt.missing += start - held
+        held = start
+    attempt.text += piece[held - start:]
+    if attempt.first_text_ms is None:
+        attempt.first_text_ms = at_ms
+
+
 class _Publisher:
     """One thread per process writes every turn's stream entries, in pipelines.
 

@@ -24,6 +24,7 @@ from app.conversations import record_turn_end
 from app.db import plain_transaction, transaction
 from app.deliveries import RunGivenUp, attempts_end_by, give_up_reason
 from app.fallback import Outcome, call_with_fallback
+from app.interrupted_calls import record_interrupted_calls
 from app.leases import Holding, keeper
 from app.live_stream import TurnStream, text_streamed
 from app.logging_setup import turn_context
@@ -118,6 +119,10 @@ def _run_turn(turn_id: int) -> None:
     context = replace(loaded, reserved=claim.turn.reserved_amount)
     cancel_requested = claim.turn.cancel_requested_at is not None
     log.info("turn %s %s (delivery %s)", turn_id, claim.outcome.value, context.delivery)
+    if claim.predecessor is not None:
+        record_interrupted_calls(turn_id, claim.predecessor, context.delivery,
+                                 attempt_order(context.agent.primary, context.agent.fallback, fallen_back=False),
+                                 context.prompt_for, settings.answer_limit(context.agent.params.max_tokens))
     stream = TurnStream(turn_id, context.delivery)
     ended: TurnStatus | None = None
     if context.gives_up or not claim.affordable:

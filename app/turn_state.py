@@ -174,6 +174,9 @@ class ClaimResult:
     run: Any = None
     affordable: bool = True
     time_left: float | None = None
+    predecessor: int | None = None
+    """The delivery whose lease this claim took over while it still held its token: its worker died (or was
+    cut off) mid-run, and the model calls it made are recorded by no one else (`app.interrupted_calls`)."""
 
     @property
     def acquired(self) -> bool:
@@ -239,7 +242,8 @@ def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
                    row.deliveries + 1, row.reserved_amount, row.cancel_requested_at, row.fell_back)
     deadline = delivery_deadline(judged_at, row.timeout_seconds, row.fallback_model_id is not None,
                                  stored=utc(row.deadline_at), taken_over=outcome is Claim.TAKEN_OVER)
-    claim = ClaimResult(outcome, turn, new_lease_token(), turn.deliveries, row, time_left=deadline.time_left)
+    claim = ClaimResult(outcome, turn, new_lease_token(), turn.deliveries, row, time_left=deadline.time_left,
+                        predecessor=row.deliveries if outcome is Claim.TAKEN_OVER and row.lease_token else None)
     amount = max(quantize(hold(claim)), Decimal(0)) if hold is not None else Decimal(0)
     written_at = utc_now()
     with Batch(session) as batch:

@@ -25,6 +25,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.deliveries import SETTLEMENT_RESERVE_SECONDS
+from app.money import token_cost
+from app.token_estimates import estimate_tokens, estimate_tokens_of_messages
 from tests.conftest import UpstreamLog
 from tests.stack import RedisServer, Stack, drop_database, scratch_database, stack_on_shared_redis
 from tests.support import Process, read_sse, refusing, visible_text, wait_for
@@ -85,6 +87,13 @@ def charges(stack: Stack, turn_id: int) -> int:
     return stack.sql("SELECT count(*) FROM credit_transactions WHERE message_id = %(id)s", {"id": turn_id})[0][0]
 
 
+def streamed_by(stack: Stack, turn_id: int, attempt: int) -> str:
+    """The text attempt number `attempt` has streamed to the turn's readers so far (its live stream's deltas)."""
+    entries = stack.redis.client().xrange(f"{stack.key_prefix}:turn:{turn_id}:stream")
+    return "".join(fields[b"data"].decode() for _, fields in entries
+                   if fields[b"type"] == b"delta" and fields.get(b"a") == str(attempt).encode())
+
+
 def slow_agent(stack: Stack, name: str, upstream: str, **extra: Any) -> int:
     return stack.agent(stack.model(name, upstream), **extra)
 
@@ -106,11 +115,13 @@ def test_a_turn_whose_worker_is_killed_is_taken_over_by_another_within_the_lease
                      what="the claim's log line")
     assert len(owner) == 1
     wait_for(lambda: upstream.models() == [failing, slow], what="the fallback's call")
+    wait_for(lambda: len(streamed_by(stack, turn["id"], 101)) > 3, what="the fallback's first words")
     victim_group, victim_pid = owner[0]
     survivor = second if victim_group is first else first
     assert victim_pid in victim_group.children()
     os.kill(victim_pid, signal.SIGKILL)
     killed_at = time.monotonic()
+    streamed = streamed_by(stack, turn["id"], 101)
 
     takeover = wait_for(lambda: claims_of(survivor, turn["id"]), timeout=LEASE_SECONDS + 4 * RECOVERY_INTERVAL + 3,
                         interval=0.05, what="another worker to take the turn over")
@@ -121,6 +132,18 @@ def test_a_turn_whose_worker_is_killed_is_taken_over_by_another_within_the_lease
     assert done["content"] == " ".join(f"w{i}" for i in range(30))
     assert (deliveries(stack, turn["id"]), charges(stack, turn["id"])) == (2, 1)
     assert upstream.models() == [failing, slow, slow]
+    # The killed delivery's fallback call, which its readers were streamed, is recorded by the delivery that
+    # took over (estimated: the prompt as the reservation prices it, the text streamed); its primary's 503,
+    # which streamed nothing, is not. The provider bills the call the worker died in.
+    prompt = estimate_tokens_of_messages(upstream.requests()[1]["body"]["messages"])
+    completion = estimate_tokens(streamed)
+    assert stack.sql("SELECT delivery, model_name, outcome, prompt_tokens, completion_tokens, cost "
+                     "FROM model_attempts WHERE message_id = %(id)s ORDER BY delivery, id", {"id": turn["id"]})[0] == (
+        1, "slow-kill", "interrupted", prompt, completion, token_cost(prompt, completion, Decimal("0.001"),
+                                                                     Decimal("0.002")))
+    assert stack.sql("SELECT delivery, model_name, outcome FROM model_attempts WHERE message_id = %(id)s "
+                     "ORDER BY delivery, id", {"id": turn["id"]}) == [
+        (1, "slow-kill", "interrupted"), (2, "slow-kill", "success")]
     assert taken_after <= LEASE_SECONDS + 2 * RECOVERY_INTERVAL + 1.5
     print(f"\ntakeover {taken_after:.2f}s after SIGKILL (lease {LEASE_SECONDS}s, sweep {RECOVERY_INTERVAL}s)")
     wait_for(lambda: victim_group.popen is not None and victim_group.popen.poll() is not None,

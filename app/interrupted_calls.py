@@ -1,0 +1,75 @@
+"""The model calls of a worker that died mid-turn, recorded by the delivery that takes the turn over.
+
+A delivery's calls are recorded with its settlement (`app.attempts`), or on their own when that settlement
+is refused; a worker killed before either leaves them in no record, though the provider bills them. What
+is left of them is what they streamed to the turn's readers: the live stream holds each call's model and
+text, under the dead delivery's attempt numbers. The delivery that takes the turn over from a lease that
+was never given up (`ClaimResult.predecessor`) records each such call as `interrupted`, its tokens
+estimated (the prompt as the reservation estimates it, the text streamed, at most the answer's limit) and
+priced at its model's prices, before it calls any model itself.
+
+A worker that was only cut off (from the database, for longer than its lease) is alive: when it comes back
+its refused settlement records its calls as they were, and replaces these estimates
+(`RunAttempts.write_unsettled`). The two take the turn's row first, so whichever commits second sees the
+other's rows. Not recorded: a call that had streamed nothing (its `status` entry comes before moderation,
+so the stream cannot tell it was made), a call whose stream Redis lost, and an admin test run's calls (a
+test run has no live stream).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+from app.attempts import record_interrupted
+from app.failure_kinds import FailureKind
+from app.fallback import AttemptRecord
+from app.live_stream import StreamedAttempt, attempts_streamed
+from app.model_target import ModelTarget
+from app.prompt import ChatMessage
+from app.token_estimates import estimate_tokens, estimate_tokens_of_messages
+
+log = logging.getLogger(__name__)
+
+
+def record_interrupted_calls(turn_id: int, predecessor: int, delivery: int, targets: Sequence[ModelTarget],
+                             prompt_for: Callable[[ModelTarget], list[ChatMessage]], answer_limit: int) -> None:
+    """Record the calls delivery `predecessor` streamed before its worker stopped. `targets` are the turn's
+    models in their order (a call whose `status` entry was trimmed is taken for the one at its index). Best
+    effort: a failure here is logged and never stops the turn."""
+    try:
+        streamed = attempts_streamed(turn_id, predecessor)
+        if streamed is None:
+            log.warning("turn %s: Redis unreachable, so the model calls of delivery %s, whose worker stopped "
+                        "mid-run, are not recorded", turn_id, predecessor)
+            return
+        records = [record for attempt in streamed
+                   if (record := _record(attempt, delivery, targets, prompt_for, answer_limit)) is not None]
+        if records and record_interrupted(turn_id, predecessor, records):
+            log.warning("turn %s: delivery %s stopped mid-run; recorded its interrupted calls: %s", turn_id,
+                        predecessor, ", ".join(f"{r.model_name} ~{r.completion_tokens} tokens" for r in records))
+    except Exception:
+        log.exception("turn %s: could not record the model calls of delivery %s, whose worker stopped mid-run",
+                      turn_id, predecessor)
+
+
+def _record(attempt: StreamedAttempt, delivery: int, targets: Sequence[ModelTarget],
+            prompt_for: Callable[[ModelTarget], list[ChatMessage]], answer_limit: int) -> AttemptRecord | None:
+    """The call's record, or None when nothing names its model."""
+    by_name = next((t for t in targets if t.name == attempt.model), None)
+    target = by_name or (targets[attempt.index] if attempt.model is None and attempt.index < len(targets) else None)
+    name = attempt.model or (target.name if target is not None else None)
+    if name is None:
+        return None
+    prompt_tokens = estimate_tokens_of_messages(prompt_for(target or targets[0]))
+    completion_tokens = min(estimate_tokens(attempt.text) + (attempt.missing + 3) // 4, answer_limit)
+    started = attempt.started_ms if attempt.started_ms is not None else attempt.last_ms
+    first_text = attempt.first_text_ms
+    return AttemptRecord(
+        model_name=name, outcome=FailureKind.INTERRUPTED.value,
+        error=(f"its worker stopped during the call; recorded by delivery {delivery}, which took the turn over, "
+               "from what the call had streamed (tokens estimated)"),
+        latency_ms=max(attempt.last_ms - started, 0),
+        first_token_ms=max(first_text - started, 0) if first_text is not None else None,
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+        cost=target.cost(prompt_tokens, completion_tokens) if target is not None else None)
