@@ -398,6 +398,39 @@ def test_a_batched_settlement_with_a_lost_lease_writes_nothing_but_its_attempts(
         assert [(a.model_name, a.outcome, a.cost) for a in recorded] == [("primary", "success", Decimal("0.5"))]
 
 
+def test_a_cut_off_workers_own_record_of_its_calls_replaces_the_takeovers_estimate(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """The delivery that took the turn over recorded delivery 2's call as `interrupted`, from what it had
+    streamed (its worker looked dead: its lease ran out with its token); that worker was only cut off, and
+    its refused settlement then records the call as it was. One record of the call, the real one, stays;
+    and an estimate that comes after the real record is not written at all."""
+    from app.attempts import record_interrupted, settling
+    from app.fallback import AttemptRecord
+    from app.models import ModelAttempt
+    from app.turn_state import LeaseLost, finish_turn
+    from app.turn_status import TurnStatus
+
+    _, _, _, assistant = a_turn_in_a_workers_hands(world, upstream)
+    turn_id = assistant["id"]
+
+    def recorded() -> list[tuple[int | None, str, Decimal | None]]:
+        with transaction() as session:
+            return [(a.delivery, a.outcome, a.cost) for a in session.query(ModelAttempt).filter_by(message_id=turn_id)
+                    .order_by(ModelAttempt.id)]
+
+    estimate = AttemptRecord("primary", "interrupted", "estimated", 900, 100, 20, 30, Decimal("0.07"))
+    real = AttemptRecord("primary", "cancelled", None, 1200, 100, 21, 44, Decimal("0.109"))
+    assert record_interrupted(turn_id, 2, [estimate])
+    assert not record_interrupted(turn_id, 2, [estimate])  # recorded once, however often it is tried
+    assert recorded() == [(2, "interrupted", Decimal("0.07"))]
+    with pytest.raises(LeaseLost), settling([real], delivery=2, message_id=turn_id) as attempts, \
+            transaction() as session:
+        finish_turn(session, turn_id, question_of(turn_id), "the-cut-off-worker", TurnStatus.CANCELLED)
+        attempts.write(session)
+    assert recorded() == [(2, "cancelled", Decimal("0.109"))]
+    assert not record_interrupted(turn_id, 2, [estimate])
+    assert recorded() == [(2, "cancelled", Decimal("0.109"))]
+
+
 def test_a_stale_settlement_after_the_takeovers_charge_is_a_lost_lease_not_a_database_error(world, upstream) -> None:  # type: ignore[no-untyped-def]
     """The delivery that took a turn over settled and charged it first; the stale delivery's own settlement
     (its keeper had not yet noticed) then hits the ledger's one charge per turn before its lease guard's
