@@ -46,10 +46,13 @@ def forget(turn_id: int) -> None:
         log.warning("could not drop the old live stream of turn %s", turn_id)
 
 
+_ATTEMPTS_PER_DELIVERY = 100
+
+
 def attempt_number(delivery: int, index: int) -> int:
     """Numbers every attempt of every delivery apart, so text of a run that died is never mistaken for the
     text of the run that took the turn over."""
-    return delivery * 100 + index
+    return delivery * _ATTEMPTS_PER_DELIVERY + index
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,71 +65,77 @@ class Streamed:
 
 
 def text_streamed(turn_id: int) -> Streamed | None:
-    """The last attempt the turn's live stream holds and its text, whole from the start: what a delivery that
-    died had sent its readers, and which model wrote it. None when there is no text, or not all of it (the
-    stream trimmed or lost with Redis), or Redis cannot be reached."""
-    try:
-        entries = cast(list[StreamEntry], get_redis().xrange(stream_key(turn_id)))
-    except redis.RedisError:
+    """The attempt a reader of the turn's live stream follows last, and its text, whole from the start: what
+    a delivery that died had sent its readers, and which model wrote it. None when there is no text (none
+    streamed, or a restart voided it), or not all of it (the stream trimmed or lost with Redis), or Redis
+    cannot be reached. The attempt is the last to stream text or to restart: a later delivery's first
+    `status` entry, written before its moderation, voids nothing, and taken for the last attempt it lost
+    the text readers still held when that delivery died too."""
+    read = _read_stream(turn_id)
+    if read is None:
         return None
-    last = max((int(fields.get(b"a", b"0")) for _, fields in entries), default=None)
-    text, model = "", None
-    for _, fields in entries:
-        if int(fields.get(b"a", b"0")) != last:
-            continue
-        if fields[b"type"] == b"status":
-            model = json.loads(fields[b"data"]).get("model")
-        if fields[b"type"] != b"delta":
-            continue
-        start, piece = int(fields[b"o"]), fields[b"data"].decode()
-        if start > len(text):
-            return None
-        text += piece[len(text) - start:]
-    return Streamed(text, model) if last is not None and text else None
+    followed = [attempt for attempt in read.values() if attempt.text or attempt.missing or attempt.restarted]
+    last = followed[-1] if followed else None
+    return Streamed(last.text, last.model) if last is not None and last.text and not last.missing else None
 
 
 @dataclass
 class StreamedAttempt:
     """One model call of a delivery as its readers were sent it: the model its `status` entry named (None when
     trimmed away), the text the stream still holds and how many characters it lacks (trimmed by the stream's
-    length bound, or lost), and the times of its first entry, its first text and its last entry (in ms,
-    from the entries' ids, which are Redis's clock)."""
+    length bound, or lost), whether it started with a restart, and the times of its first entry, its first
+    text and its last entry (in ms, from the entries' ids, which are Redis's clock)."""
 
-    index: int
+    number: int
     model: str | None = None
     text: str = ""
     missing: int = 0
+    restarted: bool = False
     started_ms: int | None = None
     first_text_ms: int | None = None
     last_ms: int = 0
 
+    @property
+    def index(self) -> int:
+        """The call's place in its delivery (`attempt_number`): 0 for its first model, 1 after a fallback."""
+        return self.number % _ATTEMPTS_PER_DELIVERY
+
 
 def attempts_streamed(turn_id: int, delivery: int) -> list[StreamedAttempt] | None:
     """The calls of `delivery` that streamed text, in order (a call that streamed none cannot be told from one
-    never made: its `status` entry comes before moderation); None when Redis cannot be reached. An entry the
-    worker never writes is passed over."""
+    never made: its `status` entry comes before moderation); None when Redis cannot be reached."""
+    read = _read_stream(turn_id)
+    if read is None:
+        return None
+    return [attempt for number, attempt in read.items()
+            if attempt_number(delivery, 0) <= number < attempt_number(delivery + 1, 0)
+            and (attempt.text or attempt.missing)]
+
+
+def _read_stream(turn_id: int) -> dict[int, StreamedAttempt] | None:
+    """Every attempt the turn's live stream holds, by number, in order; None when Redis cannot be reached.
+    An entry the worker never writes (the key is open to anything that writes to Redis) is passed over."""
     try:
         entries = cast(list[StreamEntry], get_redis().xrange(stream_key(turn_id)))
     except redis.RedisError:
         return None
-    first, found = attempt_number(delivery, 0), dict[int, StreamedAttempt]()
+    found: dict[int, StreamedAttempt] = {}
     for raw_id, fields in entries:
         try:
             number, at_ms = int(fields.get(b"a", b"0")), int(raw_id.split(b"-")[0])
-            if not first <= number < attempt_number(delivery + 1, 0):
-                continue
-            attempt = found.setdefault(number, StreamedAttempt(number - first))
+            attempt = found.setdefault(number, StreamedAttempt(number))
             if attempt.started_ms is None:
                 attempt.started_ms = at_ms
             attempt.last_ms = at_ms
             if fields[b"type"] == b"status":
-                model = json.loads(fields[b"data"]).get("model")
-                attempt.model = model if isinstance(model, str) else attempt.model
+                payload = json.loads(fields[b"data"])
+                attempt.model = payload["model"] if isinstance(payload.get("model"), str) else attempt.model
+                attempt.restarted = attempt.restarted or payload.get("restart") is True
             elif fields[b"type"] == b"delta":
                 _add_text(attempt, int(fields[b"o"]), fields[b"data"].decode(), at_ms)
         except (KeyError, ValueError, AttributeError):
             continue
-    return [attempt for _, attempt in sorted(found.items()) if attempt.text or attempt.missing]
+    return dict(sorted(found.items()))
 
 
 def _add_text(attempt: StreamedAttempt, start: int, piece: str, at_ms: int) -> None:

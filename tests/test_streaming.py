@@ -111,6 +111,31 @@ def test_an_entry_the_worker_never_writes_in_a_live_stream_does_not_cut_its_read
     assert (late[-1].event, visible_text(first) + visible_text(late)) == ("done", rest[-1].json()["content"])
 
 
+def test_the_text_a_dead_delivery_left_its_readers_is_the_last_attempt_streamed_or_restarted(redis_client) -> None:  # type: ignore[no-untyped-def]
+    """What a stop that comes while the turn's worker is dead keeps (`text_streamed`): a later delivery that
+    died in its moderation wrote only its first `status` entry, which voids nothing; taken for the last
+    attempt, it lost the text readers held. A restart does void it; a junk entry is passed over."""
+    import json
+
+    from app.live_stream import Streamed, stream_key, text_streamed
+
+    key = stream_key(987654)
+
+    def add(kind: str, attempt: int, **fields: object) -> None:
+        redis_client.xadd(key, {"type": kind, "a": attempt, **fields})
+
+    add("status", 100, data=json.dumps({"status": "processing", "model": "first"}))
+    add("delta", 100, o=0, data="hello ")
+    add("delta", 100, o=6, data="world")
+    add("status", 200, data=json.dumps({"status": "processing", "model": "first"}))
+    redis_client.xadd(key, {"type": "status", "a": 300, "data": "{not json"})
+    assert text_streamed(987654) == Streamed("hello world", "first")
+    add("status", 200, data=json.dumps({"status": "processing", "model": "second", "restart": True}))
+    assert text_streamed(987654) is None
+    add("delta", 200, o=0, data="again")
+    assert text_streamed(987654) == Streamed("again", "second")
+
+
 def test_a_late_reader_gets_the_whole_text_and_done(world, web_server) -> None:  # type: ignore[no-untyped-def]
     key, message_id, _ = start_turn(world, "echo;words=12")
     final = world.wait_terminal(key, message_id)
