@@ -243,7 +243,8 @@ def _follow(message_id: int, cursor: Cursor | None) -> Iterator[StreamEvent]:
     if cursor is None:
         cursor, status = _fresh_start(stream_key(message_id))
         yield StreamEvent("status", status or {"status": message.status, "model": message.model})
-    block_ms = int(min(settings.stream_heartbeat_seconds, SOCKET_TIMEOUT_SECONDS - 1) * 1000)
+    heartbeat = settings.stream_heartbeat_seconds
+    longest_block = min(heartbeat, SOCKET_TIMEOUT_SECONDS - 1)
     # A turn already ended has nothing more coming: its stream is read without waiting, and what it lacks
     # (the live stream gone with Redis or its expiry, an id past its end) comes from the stored message at
     # once rather than after a blocking read's heartbeat.
@@ -251,6 +252,9 @@ def _follow(message_id: int, cursor: Cursor | None) -> Iterator[StreamEvent]:
     quiet_since = time.monotonic()
     key = stream_key(message_id)
     while _open(deadline):
+        # A read blocks until the next heartbeat is due, no longer: a heartbeat checked only after whole blocks
+        # came up to a block late, and a proxy whose idle timeout is the heartbeat's cut the stream.
+        block_ms = max(int(min(longest_block, heartbeat - (time.monotonic() - quiet_since)) * 1000), 1)
         try:
             found = cast(list[tuple[bytes, list[StreamEntry]]],
                          get_redis().xread({key: cursor.entry}, count=200, block=None if ended else block_ms))
@@ -263,7 +267,7 @@ def _follow(message_id: int, cursor: Cursor | None) -> Iterator[StreamEvent]:
                 yield from ending
                 return
             ended = False  # running again since it was loaded (a requeue): wait for its stream
-            if time.monotonic() - quiet_since >= settings.stream_heartbeat_seconds:
+            if time.monotonic() - quiet_since >= heartbeat:
                 quiet_since = time.monotonic()
                 yield StreamEvent(HEARTBEAT, None)
             continue
@@ -345,7 +349,7 @@ def _wait_and_finish(message_id: int, cursor: Cursor, deadline: float) -> Iterat
         if (ending := _ending(message_id, cursor)) is not None:
             yield from ending
             return
-        time.sleep(GAP_POLL_SECONDS)
+        time.sleep(max(min(GAP_POLL_SECONDS, heartbeat - (time.monotonic() - quiet_since)), 0.0))
         if time.monotonic() - quiet_since >= heartbeat:
             quiet_since = time.monotonic()
             yield StreamEvent(HEARTBEAT, None)

@@ -655,6 +655,31 @@ def test_each_user_holds_a_bounded_number_of_open_streams_per_api_process(world)
             world.api.post(f"/api/messages/{m}/cancel", k)
 
 
+def test_a_quiet_stream_gets_its_heartbeat_when_it_is_due_not_a_blocking_read_later(world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Heartbeats were looked for only after whole blocking reads of the live stream (4 s each): one due
+    every 5 s came at 8 s, and a proxy whose idle timeout is the heartbeat's cut the stream."""
+    from app.answer_stream import HEARTBEAT, follow_answer
+    from app.config import get_settings
+
+    key, message_id, _ = start_turn(world, "echo;ttft=30")
+    monkeypatch.setenv("AGENTQ_STREAM_HEARTBEAT_SECONDS", "5")
+    get_settings.cache_clear()
+    try:
+        events, last_event = follow_answer(message_id, None), time.monotonic()
+        for event in events:  # the status at connect, then the worker's `processing`; no text for 30 s
+            if event.event == HEARTBEAT:
+                break
+            assert event.event == "status"
+            last_event = time.monotonic()
+        waited = time.monotonic() - last_event
+        events.close()
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+        world.api.post(f"/api/messages/{message_id}/cancel", key)
+    assert 4.9 <= waited <= 5.6, f"the heartbeat came after {waited:.2f}s"
+
+
 def test_a_stop_survives_redis_losing_its_flag(world, redis_client) -> None:  # type: ignore[no-untyped-def]
     """The worker reads stop requests from the database too, with each lease renewal."""
     key, message_id, _ = start_turn(world, "echo;words=400;gap=0.05")
