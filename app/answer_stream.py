@@ -214,7 +214,7 @@ def _first_load(message_id: int, deadline: float) -> Generator[StreamEvent, None
     return _load(message_id)
 
 
-def follow_answer(message_id: int, last_event_id: str | None) -> Iterator[StreamEvent]:
+def follow_answer(message_id: int, last_event_id: str | None) -> Generator[StreamEvent, None, None]:
     """The answer's events from where `last_event_id` left off. Every id names its message
     (`<message id>/<cursor>`): the cursor's entry and offset belong to one message's stream and text, and
     an id of another message, taken for this one's, resumed it from another position (a gap)."""

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import cast
@@ -162,6 +163,8 @@ class _Publisher:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pid = 0
+        self._expired_at: dict[str, float] = {}
+        """When each stream this process writes was last given its expiry (`time.monotonic()`)."""
 
     def add(self, key: str, fields: StreamFields, expire: bool) -> None:
         self._items.append((key, fields, expire))
@@ -188,11 +191,31 @@ class _Publisher:
                 pipe = get_redis().pipeline(transaction=False)
                 for key, fields, expire in batch:
                     pipe.xadd(key, fields, maxlen=settings.stream_maxlen, approximate=True)
-                    if expire:
+                    if self._expiry_due(key, expire, settings.stream_ttl_seconds, fields["type"] == "done"):
                         pipe.expire(key, settings.stream_ttl_seconds)
                 pipe.execute()
             except redis.RedisError:
                 log.warning("could not publish %d stream entries; readers fall back to the database", len(batch))
+
+
+    def _expiry_due(self, key: str, asked: bool, ttl: float, last: bool) -> bool:
+        """Whether this entry (re)sets its stream's expiry: a status or the end asks for it, and so does a delta
+        once a quarter of the expiry has gone by since it was last set. Set by the statuses alone, the stream
+        of an answer longer than the expiry vanished mid-answer, and readers who connected or resumed after
+        that found a gap until the end."""
+        now = time.monotonic()
+        set_at = self._expired_at.pop(key, None) if last else self._expired_at.get(key)
+        due = asked or set_at is None or now - set_at >= ttl / 4
+        if due and not last:
+            self._expired_at[key] = now
+        if len(self._expired_at) > _EXPIRIES_KEPT:
+            self._expired_at = {k: at for k, at in self._expired_at.items() if now - at < ttl}
+        return due
+
+
+_EXPIRIES_KEPT = 10_000
+"""How many streams' expiry times a process keeps before it forgets those past their expiry (the streams of
+turns whose end another process wrote)."""
 
 
 def _coalesce(items: deque[tuple[str, StreamFields, bool]]) -> list[tuple[str, StreamFields, bool]]:

@@ -136,6 +136,26 @@ def test_the_text_a_dead_delivery_left_its_readers_is_the_last_attempt_streamed_
     assert text_streamed(987654) == Streamed("again", "second")
 
 
+def test_a_long_answer_keeps_its_live_stream_alive_past_the_expiry(redis_client) -> None:  # type: ignore[no-untyped-def]
+    """The live stream's expiry was set by its status entries alone: an answer longer than the expiry (an
+    hour by default; an agent's timeout may be an hour for each of its two models) lost its stream mid-answer.
+    A delta sets it again once a quarter of it has gone by since it was set."""
+    from app import live_stream
+    from app.live_stream import TurnStream, stream_key
+    from app.turn_status import TurnStatus
+
+    key, stream = stream_key(555555), TurnStream(555555, 1)
+    stream.status(TurnStatus.PROCESSING, "model")
+    wait_for(lambda: redis_client.ttl(key) > 3000, what="the status entry's expiry")
+    redis_client.expire(key, 100)
+    stream.delta("soon after: ")
+    wait_for(lambda: redis_client.xlen(key) == 2, what="the first delta")
+    assert redis_client.ttl(key) <= 100
+    live_stream._publisher._expired_at[key] -= 901  # a quarter of the hour's expiry gone by
+    stream.delta("much later")
+    wait_for(lambda: redis_client.ttl(key) > 3000, what="the expiry set again by a delta")
+
+
 def test_a_late_reader_gets_the_whole_text_and_done(world, web_server) -> None:  # type: ignore[no-untyped-def]
     key, message_id, _ = start_turn(world, "echo;words=12")
     final = world.wait_terminal(key, message_id)
