@@ -193,6 +193,7 @@ def stream_chat(
         try:
             for chunk in stream:
                 attempt.take(chunk, on_delta)
+            attempt.release_held(on_delta)
             attempt.check_finished()
         except AttemptFailed:
             raise
@@ -219,6 +220,8 @@ class _Attempt:
         self.timeout_seconds = timeout_seconds
         self.connect_seconds = min(timeout_seconds, CONNECT_TIMEOUT_SECONDS)
         self.parts: list[str] = []
+        self.held = ""
+        """Half of a surrogate pair that ended the last piece, until the next piece brings the other half."""
         self.first_token_ms: int | None = None
         self.usage: Usage | None = None
         self.finished = False
@@ -294,13 +297,36 @@ class _Attempt:
             self.watch.bound(FINISHED_STREAM_GRACE_SECONDS)
         if reported is not None:
             self.usage = reported
-        for text in texts:
-            if self.first_token_ms is None:
-                self.first_token_ms = self._elapsed_ms()
-            self.parts.append(text)
-            on_delta(text)
+        for piece in texts:
+            if text := self._storable(piece):
+                self._add(text, on_delta)
         if self.watch.remaining() < 0 and not self.finished:
             raise self.failed(FailureKind.TIMEOUT, f"the attempt ran past {self.timeout_seconds:g}s")
+
+    def _storable(self, piece: str) -> str:
+        """The piece as the database can store it (`app.text.storable`), with the high surrogate a piece ends in
+        held back for the next, which may begin with its low half: a provider, or a gateway slicing UTF-16,
+        may send one character outside the BMP (an emoji) as two halves in two chunks, each a replacement
+        character on its own."""
+        text = piece
+        if self.held:  # two surrogates side by side in a str are two code points until decoded as UTF-16
+            text = (self.held + piece).encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+            self.held = ""
+        if text and "\ud800" <= text[-1] <= "\udbff":
+            text, self.held = text[:-1], text[-1]
+        return storable(text)
+
+    def _add(self, text: str, on_delta: Callable[[str], None]) -> None:
+        if self.first_token_ms is None:
+            self.first_token_ms = self._elapsed_ms()
+        self.parts.append(text)
+        on_delta(text)
+
+    def release_held(self, on_delta: Callable[[str], None]) -> None:
+        """The body ended: a half held back had no other half, and is the replacement character."""
+        if self.held:
+            self.held = ""
+            self._add("\ufffd", on_delta)
 
     def check_finished(self) -> None:
         """A body that ended without a `finish_reason` was cut, by the watchdog or on the way."""
@@ -321,7 +347,7 @@ class _Attempt:
 
 
 def read_chunk(chunk: Any) -> tuple[list[str], Usage | None, bool]:
-    """The answer's text pieces (as the database can store them: `app.text.storable`), the reported usage and
+    """The answer's text pieces as sent (`_Attempt` makes them what the database can store), the reported usage and
     whether the chunk ends the answer (a choice's `finish_reason`: a body that ends without one was cut, by
     a proxy that closed it cleanly or by the watchdog) in one decoded chunk, read in one pass over its
     choices.
@@ -335,7 +361,7 @@ def read_chunk(chunk: Any) -> tuple[list[str], Usage | None, bool]:
         if text:
             if not isinstance(text, str):
                 raise TypeError("a delta's content is not a string")
-            texts.append(storable(text))
+            texts.append(text)
         finishes = finishes or bool(choice.get("finish_reason"))
     reported = chunk.get("usage")
     if not reported:

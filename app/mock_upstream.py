@@ -9,7 +9,9 @@ completion chunk), `words=40`, `no_usage`, `hold_after_done=30` (the body stays 
 with no `[DONE]`), `garbage_after_finish` (a chunk that is not a chat completion chunk after the usage),
 `redirect` (a 307 to the same path first; the directives then apply to the redirected request),
 `unstorable` (the answer, or a failure's message, holds a NUL and a lone surrogate, which a database cannot
-store), `reported_tokens=N` (the usage it reports, for the prompt and the answer alike, whatever they were).
+store), `split_pairs` (a character outside the BMP is sent as its two UTF-16 halves in two chunks, as a
+gateway slicing UTF-16 may), `reported_tokens=N` (the usage it reports, for the prompt and the answer alike,
+whatever they were).
 Every request body is logged with the client's port (`GET /_requests`: one port per connection),
 and each stream's fate is recorded
 (`GET /_streams`: completed, cut, stalled or disconnected by the client), so tests can prove what
@@ -47,6 +49,7 @@ class Script:
     redirect: bool = False
     garbage_after_finish: bool = False
     unstorable: bool = False
+    split_pairs: bool = False
     reported_tokens: int | None = None
 
     @classmethod
@@ -56,13 +59,23 @@ class Script:
             name, _, value = part.partition("=")
             if name == "no_usage":
                 script.usage = False
-            elif name in ("redirect", "unstorable", "garbage_after_finish"):
+            elif name in ("redirect", "unstorable", "garbage_after_finish", "split_pairs"):
                 setattr(script, name, True)
             elif name in ("ttft", "gap", "hang_headers", "hold_after_done", "hang_after_finish"):
                 setattr(script, name, float(value))
             elif name in ("fail", "stall_after", "cut_after", "end_after", "garbage_after", "words", "reported_tokens"):
                 setattr(script, name, int(value))
         return script
+
+
+def _halves(text: str) -> list[str]:
+    """`text` cut inside its first character outside the BMP: the high surrogate ends one piece, the low one
+    starts the next (JSON carries each as a `\\u` escape)."""
+    for index, char in enumerate(text):
+        if ord(char) > 0xFFFF:
+            code = ord(char) - 0x10000
+            return [text[:index] + chr(0xD800 + (code >> 10)), chr(0xDC00 + (code & 0x3FF)) + text[index + 1:]]
+    return [text]
 
 
 def _estimate(text: str) -> int:
@@ -165,7 +178,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 await pause(request, 3600)
             if index and script.gap:
                 await pause(request, script.gap)
-            await response.write(_chunk(ident, model, {"content": word if index == 0 else " " + word}))
+            text = word if index == 0 else " " + word
+            for piece in _halves(text) if script.split_pairs else [text]:
+                await response.write(_chunk(ident, model, {"content": piece}))
         await response.write(_chunk(ident, model, {}, "stop"))
         if script.usage and (body.get("stream_options") or {}).get("include_usage"):
             counts = (prompt_tokens, len(words)) if script.reported_tokens is None else (script.reported_tokens,) * 2

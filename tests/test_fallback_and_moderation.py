@@ -105,6 +105,21 @@ def test_text_a_model_sends_that_no_database_stores_is_kept_replaced_and_the_mod
     assert upstream.models() == ["echo;unstorable", "echo;fail=500;unstorable"]
 
 
+def test_a_character_sent_as_two_halves_in_two_chunks_is_kept_whole(world, upstream, web_server) -> None:  # type: ignore[no-untyped-def]
+    """A provider or a gateway slicing UTF-16 may send an emoji's two surrogates in two chunks: each chunk made
+    storable on its own turned the emoji into two replacement characters, in the stream and the answer."""
+    from tests.support import read_sse, visible_text
+
+    agent_id = world.agent(world.model("halves", upstream="echo;split_pairs;gap=0.05"))
+    _, key = world.user()
+    message_id = world.send(key, world.conversation(key, agent_id), "grin \U0001F600 ok \U0001F680").json[
+        "assistant_message"]["id"]
+    live = read_sse(f"{web_server}/api/messages/{message_id}/stream", key)
+    done = world.wait_terminal(key, message_id)
+    assert (done["status"], done["content"]) == ("success", "echo: grin \U0001F600 ok \U0001F680")
+    assert visible_text(live) == done["content"]
+
+
 def test_usage_a_provider_reports_past_what_the_request_allowed_is_charged_at_that_bound(world, upstream) -> None:  # type: ignore[no-untyped-def]
     """A provider reporting a trillion tokens for each count charged the user's whole balance. An answer is
     charged at most the `max_tokens` it was sent with (50), a prompt at most its UTF-8 bytes and 8 tokens of
