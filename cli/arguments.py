@@ -45,6 +45,17 @@ def count(value: str) -> int:
     return number
 
 
+def host(value: str) -> str:
+    """An address to listen on. An empty one listened on every interface, which nobody asks for by leaving
+    it out; an IPv6 address is written bare (`::1`) or bracketed (`[::1]`), as operators write it."""
+    address = value.strip()
+    if address.startswith("[") and address.endswith("]"):
+        address = address[1:-1]
+    if not address or any(c.isspace() for c in address) or "/" in address:
+        raise argparse.ArgumentTypeError(f"a host is a name or an address to listen on, not {value!r}")
+    return address
+
+
 def port(value: str) -> int:
     number = whole_number(value)
     if not 1 <= number <= 65535:

@@ -11,7 +11,7 @@ from dataclasses import asdict
 from decimal import Decimal
 from pathlib import Path
 
-from cli.arguments import InvalidVariable, amount, count, option_or_environment, port
+from cli.arguments import InvalidVariable, amount, count, host, option_or_environment, port
 from cli.output import print_error, print_json
 
 
@@ -93,7 +93,7 @@ def cmd_web(args: argparse.Namespace) -> int:
     configure_logging()
     from web.server import serve
 
-    serve(option_or_environment(args.host, "AGENTQ_HOST", "127.0.0.1", str),
+    serve(option_or_environment(args.host, "AGENTQ_HOST", "127.0.0.1", host),
           option_or_environment(args.port, "PORT", "8000", port),
           workers=option_or_environment(args.workers, "AGENTQ_WEB_WORKERS", "2", count),
           threads=option_or_environment(args.threads, "AGENTQ_WEB_THREADS", "256", count))
@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.set_defaults(func=cmd_users_create)
 
     web = sub.add_parser("web", help="serve the HTTP API with gunicorn")
-    web.add_argument("--host", help="default: AGENTQ_HOST, else 127.0.0.1")
+    web.add_argument("--host", type=host, help="default: AGENTQ_HOST, else 127.0.0.1")
     web.add_argument("--port", type=port, help="default: PORT, else 8000")
     web.add_argument("--workers", type=count, help="gunicorn processes; default: AGENTQ_WEB_WORKERS, else 2")
     web.add_argument("--threads", type=count, help="threads a process; default: AGENTQ_WEB_THREADS, else 256")

@@ -95,6 +95,7 @@ def test_users_create_refuses_a_name_the_column_cannot_hold_with_the_contracts_e
     (["worker", "--processes", "0"], "must be at least 1, not 0"),
     (["worker", "--queues", "nosuch"], "invalid choice: 'nosuch'"),
     (["web", "--port", "99999"], "a port is 1..65535, not 99999"),
+    (["web", "--host", ""], "a host is a name or an address to listen on, not ''"),  # it listened everywhere
 ])
 def test_options_that_would_leave_a_process_idle_or_broken_are_usage_errors(args: list[str], says: str) -> None:
     """A worker with no thread held a message out of every queue's sight, one with no process restarted
@@ -174,6 +175,22 @@ def test_the_web_server_opens_no_control_socket_shared_by_every_instance_on_the_
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz")
         assert list(tmp_path.iterdir()) == []
+    finally:
+        web.stop()
+
+
+@pytest.mark.parametrize("given", ["::1", "[::1]"])
+def test_the_web_server_listens_on_an_ipv6_address(given: str) -> None:
+    """The bind was `host:port`, which gunicorn cannot split for an address with colons of its own: `--host ::1`
+    stopped with "'' is not a valid port number"."""
+    from tests.conftest import LOG_DIR
+    from tests.support import Process, agentq, free_port, wait_http
+
+    port = free_port()
+    web = Process("web-ipv6", agentq("web", "--host", given, "--port", str(port), "--workers", "1", "--threads", "2"),
+                  child_env(), LOG_DIR).start()
+    try:
+        wait_http(f"http://[::1]:{port}/healthz")
     finally:
         web.stop()
 

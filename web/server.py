@@ -135,7 +135,7 @@ def serve(host: str, port: int, *, workers: int, threads: int) -> None:
     from app.logging_setup import gunicorn_logconfig
 
     _Gunicorn({
-        "bind": f"{host}:{port}",
+        "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",  # an IPv6 address's own colons
         "workers": workers,
         "worker_class": ApiWorker,
         "threads": threads,
