@@ -59,13 +59,16 @@ class RequeueOutcome:
 def error_summary(trace: str | None) -> str | None:
     """The `Type: message` line of the last exception in a formatted traceback.
 
-    Not simply the last line: SQLAlchemy and psycopg append the SQL, its parameters and a link.
+    Not simply the last line: SQLAlchemy and psycopg append the SQL, its parameters and a link. Nor the line
+    after the last indented one: PostgreSQL's message points at the SQL with an indented caret, and the
+    `HINT:` after it was taken for the error. It is the first line after the last frame (`  File …` and its
+    indented source lines) that is not indented.
     """
     lines = (trace or "").rstrip().splitlines()
     if not lines:
         return None
-    last_frame = max((i for i, line in enumerate(lines) if line.startswith(" ")), default=-1)
-    return lines[last_frame + 1] if last_frame + 1 < len(lines) else lines[-1]
+    last_frame = max((i for i, line in enumerate(lines) if line.startswith('  File "')), default=-1)
+    return next((line for line in lines[last_frame + 1:] if line and not line[0].isspace()), lines[-1])
 
 
 class _Purged(Exception):

@@ -550,6 +550,21 @@ def test_a_dead_body_of_odd_shape_in_redis_is_listed_not_a_500(  # type: ignore[
     assert dead_count(redis_client) == 0
 
 
+def test_a_dead_letters_error_is_the_exceptions_line_not_postgresqls_hint() -> None:
+    """PostgreSQL points at the SQL with an indented caret; the line after it (`HINT:`) was taken for the error."""
+    from app.dead_letters import error_summary
+
+    trace = "\n".join([
+        "Traceback (most recent call last):", '  File "/srv/a.py", line 3, in run', "    claim()", "    ^^^^^^^",
+        "sqlalchemy.exc.ProgrammingError: (psycopg.errors.UndefinedFunction) operator does not exist: bigint = text",
+        "LINE 1: ...WHERE turns.assistant_message_id = 'abc'", "                                           ^",
+        "HINT:  No operator matches the given name and argument types.", "[SQL: SELECT 1]"])
+    assert error_summary(trace) == ("sqlalchemy.exc.ProgrammingError: (psycopg.errors.UndefinedFunction) operator "
+                                    "does not exist: bigint = text")
+    assert error_summary("app.deliveries.RunGivenUp: gave up after 5 deliveries\n") == (
+        "app.deliveries.RunGivenUp: gave up after 5 deliveries")
+
+
 def test_a_dead_letter_id_dramatiq_never_writes_is_left_out_not_a_500(world, redis_client) -> None:  # type: ignore[no-untyped-def]
     """Ids in the dead-letter zset that are not printable ASCII or longer than a row keeps (64) made the
     listing, the queues and /metrics answer 500 while they were there; they are left out of all three (and
