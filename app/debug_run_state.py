@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from app.clock import DatabaseNow, lease_expiry, lease_time
 from app.db import rows_changed
 from app.deliveries import delivery_deadline
-from app.in_flight import pending_since_before
+from app.in_flight import pending_since_before, processing_past
 from app.models import Agent, DebugRun
 from app.models.base import optional_utc, utc_now
 from app.turn_state import (
@@ -68,11 +68,13 @@ def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> Clai
 
 
 def finish_debug_run(session: Session, run_id: int, token: str | None, target: TurnStatus,
-                     at: datetime | None = None, *, pending_before: datetime | None = None, **result: Any) -> bool:
+                     at: datetime | None = None, *, pending_before: datetime | None = None,
+                     deadline_before: datetime | None = None, **result: Any) -> bool:
     """Guarded like a turn's end: by the statuses it may leave and, for a worker, by its lease; without a
     token (its message died, or it waited too long) only a run under no live lease is ended, as
-    `end_turn_unowned` does, and with `pending_before` only one still pending since before then, judged on
-    the locked row. Stamped `at` as `finish_turn` stamps a turn."""
+    `end_turn_unowned` does, and with `pending_before` only one still pending since before then, with
+    `deadline_before` only one still processing past a deadline before then, judged on the locked row. Stamped
+    `at` as `finish_turn` stamps a turn."""
     query = update(DebugRun).where(DebugRun.id == run_id, DebugRun.status.in_(sources_for(target)))
     if token is not None:
         query = query.where(DebugRun.lease_token == token)
@@ -80,6 +82,8 @@ def finish_debug_run(session: Session, run_id: int, token: str | None, target: T
         return False
     if pending_before is not None:
         query = query.where(pending_since_before(DebugRun.status, DebugRun.updated_at, pending_before))
+    if deadline_before is not None:
+        query = query.where(processing_past(DebugRun.status, DebugRun.deadline_at, deadline_before))
     moved = rows_changed(session, query.values(status=target.value, lease_token=None, lease_expires_at=None,
                                                updated_at=at or utc_now(), **result)
                          .execution_options(synchronize_session=False))

@@ -106,10 +106,12 @@ def _record_result(run_id: int, token: str, delivery: int, outcome: Outcome, lat
     return cost
 
 
-def abandon_run(run_id: int, reason: str, *, pending_before: datetime | None = None) -> bool:
-    """End a test run as `error` when its message died or, with `pending_before`, when it was still pending
-    since before then (`app.pending_bound`); False when it was not (ended already, held by a delivery, or
-    pending only since later)."""
+def abandon_run(run_id: int, reason: str, *, pending_before: datetime | None = None,
+                deadline_before: datetime | None = None) -> bool:
+    """End a test run as `error` when its message died, with `pending_before` when it was still pending since
+    before then (`app.pending_bound`), with `deadline_before` when it was still processing, held by no worker,
+    past a deadline before then (`app.deadline_bound`); False when it was not (ended already, held by a
+    delivery, or no longer in that state)."""
     with transaction() as session:
         return finish_debug_run(session, run_id, None, TurnStatus.ERROR, pending_before=pending_before,
-                                error_message=reason)
+                                deadline_before=deadline_before, error_message=reason)

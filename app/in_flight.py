@@ -40,6 +40,13 @@ def pending_since_before(status: SQLColumnExpression[str], since: SQLColumnExpre
     return and_(status_is(status, TurnStatus.PENDING.value), since < moment)
 
 
+def processing_past(status: SQLColumnExpression[str], deadline_at: SQLColumnExpression[datetime | None],
+                    moment: Any) -> ColumnElement[bool]:
+    """`status` is processing, and the run's deadline came before `moment`: what `app.deadline_bound` ends when
+    no worker holds the run, read by the recovery sweep and judged again under the run's lock."""
+    return and_(status_is(status, TurnStatus.PROCESSING.value), deadline_at < moment)
+
+
 def answer_in_flight(messages: Table) -> ColumnElement[bool]:
     """An assistant message of a turn still in flight: the predicate of `uq_conversation_messages_in_flight`."""
     return and_(messages.c.role == literal_column("'assistant'"), in_flight(messages.c.status))

@@ -33,10 +33,13 @@ log = logging.getLogger(__name__)
 
 
 def record_interrupted_calls(turn_id: int, predecessor: int, delivery: int, targets: Sequence[ModelTarget],
-                             prompt_for: Callable[[ModelTarget], list[ChatMessage]], answer_limit: int) -> None:
+                             prompt_for: Callable[[ModelTarget], list[ChatMessage]], answer_limit: int, *,
+                             in_order: bool) -> None:
     """Record the calls delivery `predecessor` streamed before its worker stopped. `targets` are the turn's
-    models in their order (a call whose `status` entry was trimmed is taken for the one at its index). Best
-    effort: a failure here is logged and never stops the turn."""
+    models, primary first; with `in_order` (the run never switched to its fallback before this delivery, so
+    the dead one called them in that order), a call whose `status` entry was trimmed away is taken for the
+    model at its index; otherwise nothing names its model, and it is not recorded. Best effort: a failure
+    here is logged and never stops the turn."""
     try:
         streamed = attempts_streamed(turn_id, predecessor)
         if streamed is None:
@@ -44,7 +47,8 @@ def record_interrupted_calls(turn_id: int, predecessor: int, delivery: int, targ
                         "mid-run, are not recorded", turn_id, predecessor)
             return
         records = [record for attempt in streamed
-                   if (record := _record(attempt, delivery, targets, prompt_for, answer_limit)) is not None]
+                   if (record := _record(attempt, delivery, targets, prompt_for, answer_limit, in_order=in_order))
+                   is not None]
         if records and record_interrupted(turn_id, predecessor, records):
             log.warning("turn %s: delivery %s stopped mid-run; recorded its interrupted calls: %s", turn_id,
                         predecessor, ", ".join(f"{r.model_name} ~{r.completion_tokens} tokens" for r in records))
@@ -54,10 +58,12 @@ def record_interrupted_calls(turn_id: int, predecessor: int, delivery: int, targ
 
 
 def _record(attempt: StreamedAttempt, delivery: int, targets: Sequence[ModelTarget],
-            prompt_for: Callable[[ModelTarget], list[ChatMessage]], answer_limit: int) -> AttemptRecord | None:
+            prompt_for: Callable[[ModelTarget], list[ChatMessage]], answer_limit: int, *,
+            in_order: bool) -> AttemptRecord | None:
     """The call's record, or None when nothing names its model."""
     by_name = next((t for t in targets if t.name == attempt.model), None)
-    target = by_name or (targets[attempt.index] if attempt.model is None and attempt.index < len(targets) else None)
+    by_index = in_order and attempt.model is None and attempt.index < len(targets)
+    target = by_name or (targets[attempt.index] if by_index else None)
     name = attempt.model or (target.name if target is not None else None)
     if name is None:
         return None

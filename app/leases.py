@@ -25,7 +25,7 @@ from app.clock import lease_expiry, lease_now
 from app.config import get_settings
 from app.db import transaction
 from app.models import Turn
-from app.outages import log_failure
+from app.outages import is_outage, log_failure
 from app.run_kinds import KINDS, TEST_RUN, TURN, RunKind
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,31 @@ def renewal_seconds() -> float:
     It also bounds how long a live holder takes to renew once the database is back after an outage, which
     the recovery sweep waits before it takes expired leases over (`app.recovery`)."""
     return get_settings().lease_seconds / 3
+
+
+class TakeoverGate:
+    """Whether a process may act on leases that ran out (take the runs over, or end them): once the database has
+    answered its looks for a renewal period (`renewal_seconds`). After an outage longer than a lease every lease
+    has run out, and a worker still streaming, or holding a finished answer it waits to write, renews its own
+    within that period of the database being back; acted on first, its turn would be run again upstream and
+    paid twice, or ended as `error` with its answer lost. A process's start cannot tell whether the database
+    was just away, so it waits the period too."""
+
+    def __init__(self) -> None:
+        self._answering_since: float | None = None
+
+    @property
+    def open(self) -> bool:
+        return (self._answering_since is not None
+                and time.monotonic() - self._answering_since >= renewal_seconds())
+
+    def answered(self) -> None:
+        if self._answering_since is None:
+            self._answering_since = time.monotonic()
+
+    def failed(self, error: BaseException) -> None:
+        if is_outage(error):
+            self._answering_since = None
 
 
 @dataclass

@@ -42,7 +42,6 @@ import logging
 import random
 import secrets
 import threading
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cache
@@ -56,12 +55,13 @@ from app import outbox
 from app.clock import lease_now
 from app.config import get_settings
 from app.db import transaction
+from app.deadline_bound import deadline_cutoff, end_past_deadline, unheld_past_deadline
 from app.dispatch import message_id, receipt_key, receipt_look_seconds
 from app.in_flight import answer_in_flight, in_flight, status_is
-from app.leases import renewal_seconds
+from app.leases import TakeoverGate
 from app.models import ConversationMessage, DebugRun, Turn, table
 from app.models.base import utc_now
-from app.outages import is_outage, log_failure
+from app.outages import log_failure
 from app.pending_bound import end_pending_too_long, pending_cutoff, waited_too_long
 from app.prepared import Prepared
 from app.redis_client import get_redis, key, lua_script
@@ -173,6 +173,9 @@ class _Conditions:
     no lease to revoke)."""
     unconfirmed: ColumnElement[bool]
     """Pending runs sent a little while ago, due unless their send left its receipt in Redis."""
+    past_deadline: ColumnElement[bool]
+    """Runs past their deadline by the bound's margin that no delivery holds: ended, not sent
+    (`app.deadline_bound`)."""
 
 
 def _due(status: Any, enqueued_at: Any, created_at: Any, lease_token: Any, lease_expires_at: Any, deadline_at: Any,
@@ -195,7 +198,9 @@ def _due(status: Any, enqueued_at: Any, created_at: Any, lease_token: Any, lease
     overdue = and_(processing, not_(over), lease_token.is_not(None), deadline_at < now) if take_over else false()
     expired = and_(processing, over, not_just_sent) if take_over else false()
     due = or_(and_(pending, unsent), expired, overdue)
-    return _Conditions(or_(due, handed_over) if redis_lost else due, overdue, and_(unconfirmed, not_(due)))
+    past_deadline = unheld_past_deadline(status, lease_token, lease_expires_at, deadline_at) if take_over else false()
+    return _Conditions(or_(due, handed_over) if redis_lost else due, overdue, and_(unconfirmed, not_(due)),
+                       past_deadline)
 
 
 @cache
@@ -211,13 +216,14 @@ def _due_runs(redis_lost: bool, take_over: bool) -> SimpleNamespace:
         turns=Prepared(
             select(turns.c.assistant_message_id, turns.c.enqueued_at, turns.c.lease_token,
                    turn.overdue.label("overdue"), turn.unconfirmed.label("unconfirmed"),
-                   turn_too_long.label("waited_too_long"))
+                   turn_too_long.label("waited_too_long"), turn.past_deadline.label("past_deadline"))
             .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
-            .where(answer_in_flight(messages), or_(turn.due, turn.unconfirmed, turn_too_long))),
+            .where(answer_in_flight(messages), or_(turn.due, turn.unconfirmed, turn_too_long, turn.past_deadline))),
         runs=Prepared(
             select(runs.c.id, runs.c.enqueued_at, runs.c.lease_token, run.overdue.label("overdue"),
-                   run.unconfirmed.label("unconfirmed"), run_too_long.label("waited_too_long"))
-            .where(in_flight(runs.c.status), or_(run.due, run.unconfirmed, run_too_long))),
+                   run.unconfirmed.label("unconfirmed"), run_too_long.label("waited_too_long"),
+                   run.past_deadline.label("past_deadline"))
+            .where(in_flight(runs.c.status), or_(run.due, run.unconfirmed, run_too_long, run.past_deadline))),
     )
 
 
@@ -267,11 +273,13 @@ def _send_due(rows: list[Any], kind: RunKind, sent: list[int], report: RecoveryR
                 report.unsent += 1
 
 
-def _end_or_send(rows: list[Any], kind: RunKind, pending_before: datetime, sent: list[int],
+def _end_or_send(rows: list[Any], kind: RunKind, cutoffs: dict[str, datetime], sent: list[int],
                  report: RecoveryReport) -> list[int]:
-    """End the rows that waited too long (`app.pending_bound`) and send the others that are due; the ids ended."""
-    ended = end_pending_too_long(kind, [row[0] for row in rows if row.waited_too_long], pending_before)
-    _send_due([row for row in rows if not row.waited_too_long], kind, sent, report)
+    """End the rows that waited too long (`app.pending_bound`) or are past their deadline under no lease
+    (`app.deadline_bound`), and send the others that are due; the ids ended."""
+    ended = end_pending_too_long(kind, [row[0] for row in rows if row.waited_too_long], cutoffs["pending_before"])
+    ended += end_past_deadline(kind, [row[0] for row in rows if row.past_deadline], cutoffs["deadline_before"])
+    _send_due([row for row in rows if not (row.waited_too_long or row.past_deadline)], kind, sent, report)
     return ended
 
 
@@ -291,10 +299,10 @@ def recover_once(*, first_sweep: bool = False, take_over: bool = True) -> Recove
                    "receipts_since": unsent_before - timedelta(seconds=receipt_look_seconds(first_sweep=first_sweep)),
                    "stale_before": now - timedelta(seconds=settings.stale_pending_seconds),
                    "sent_before": now - timedelta(seconds=settings.lease_seconds),
-                   "pending_before": pending_cutoff(now)}
+                   "pending_before": pending_cutoff(now), "deadline_before": deadline_cutoff(now)}
         turns, runs = due.turns(session, cutoffs).rows, due.runs(session, cutoffs).rows
-    report.ended = _end_or_send(turns, TURN, cutoffs["pending_before"], report.sent, report)
-    report.debug_ended = _end_or_send(runs, TEST_RUN, cutoffs["pending_before"], report.debug_sent, report)
+    report.ended = _end_or_send(turns, TURN, cutoffs, report.sent, report)
+    report.debug_ended = _end_or_send(runs, TEST_RUN, cutoffs, report.debug_sent, report)
     if report.redis_lost and report.unsent == 0:
         _mark_epoch(sweep_mark)
     if report.sent or report.debug_sent:
@@ -306,13 +314,9 @@ def recover_once(*, first_sweep: bool = False, take_over: bool = True) -> Recove
 class RecoveryLoop:
     """The sweep on a timer, in a daemon thread, with jitter so processes do not sweep in step.
 
-    It takes no lease over (an expired one, or one past its deadline) until the database has answered
-    this process's sweeps for a lease renewal period (`app.leases.renewal_seconds`): after an outage
-    longer than a lease every lease has run out, and a worker still streaming, or holding a finished
-    answer it is waiting to write, renews its own within that period of the database being back. Taken
-    over first, its turn would be run again upstream, paid twice. The same holds at a process's start,
-    which cannot tell whether the database was just away; it delays taking over a dead worker's runs
-    by that period.
+    It takes no lease over (an expired one, or one past its deadline), and ends no run past its deadline,
+    until its `app.leases.TakeoverGate` opens: the database has answered its sweeps for a lease renewal
+    period, in which a live holder renews its own lease after an outage.
     """
 
     def __init__(self) -> None:
@@ -329,18 +333,15 @@ class RecoveryLoop:
     def _run(self) -> None:
         interval = get_settings().recovery_interval_seconds
         first_sweep = True
-        answering_since: float | None = None
+        gate = TakeoverGate()
         while not self._stop.wait(interval * random.uniform(0.5, 1.0)):
-            take_over = answering_since is not None and time.monotonic() - answering_since >= renewal_seconds()
             try:
-                report = recover_once(first_sweep=first_sweep, take_over=take_over)
+                report = recover_once(first_sweep=first_sweep, take_over=gate.open)
             except Exception as error:
-                if is_outage(error):
-                    answering_since = None
+                gate.failed(error)
                 log_failure(log, error, "the recovery sweep")
                 continue
-            if answering_since is None:
-                answering_since = time.monotonic()
+            gate.answered()
             first_sweep = report.receipts_unchecked and first_sweep
 
 

@@ -122,7 +122,8 @@ def _run_turn(turn_id: int) -> None:
     if claim.predecessor is not None:
         record_interrupted_calls(turn_id, claim.predecessor, context.delivery,
                                  attempt_order(context.agent.primary, context.agent.fallback, fallen_back=False),
-                                 context.prompt_for, settings.answer_limit(context.agent.params.max_tokens))
+                                 context.prompt_for, settings.answer_limit(context.agent.params.max_tokens),
+                                 in_order=not context.fallen_back)
     stream = TurnStream(turn_id, context.delivery)
     ended: TurnStatus | None = None
     if context.gives_up or not claim.affordable:
@@ -297,12 +298,15 @@ def _settle_failure(context: TurnContext, status: TurnStatus, reason: str, strea
             content=content)
 
 
-def abandon_turn(turn_id: int, reason: str, *, pending_before: datetime | None = None) -> bool:
-    """End a turn as `error` when its message died (retries exhausted) or, with `pending_before`, when it was
-    still pending since before then (`app.pending_bound`: the bound on waiting for a worker); as `cancelled`
-    when its user had asked it to stop. Frees its reservation and slot."""
+def abandon_turn(turn_id: int, reason: str, *, pending_before: datetime | None = None,
+                 deadline_before: datetime | None = None) -> bool:
+    """End a turn as `error` when its message died (retries exhausted), with `pending_before` when it was still
+    pending since before then (`app.pending_bound`: the bound on waiting for a worker), with `deadline_before`
+    when it was still processing, held by no worker, past a deadline before then (`app.deadline_bound`); as
+    `cancelled` when its user had asked it to stop. Frees its reservation and slot."""
     with transaction() as session:
-        ended = end_unowned(session, turn_id, TurnStatus.ERROR, reason, pending_before=pending_before)
+        ended = end_unowned(session, turn_id, TurnStatus.ERROR, reason, pending_before=pending_before,
+                            deadline_before=deadline_before)
     if ended is None:
         return False
     announce_unowned_end(ended)

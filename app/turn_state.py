@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from app import ledger
 from app.clock import DatabaseNow, lease_expiry, lease_time
 from app.deliveries import deliveries_at_requeue, delivery_deadline
-from app.in_flight import pending_since_before
+from app.in_flight import pending_since_before, status_is
 from app.model_target import MODEL_FIELDS
 from app.models import Agent, Conversation, ConversationMessage, LlmModel, Turn, table
 from app.models.base import optional_utc as utc
@@ -322,7 +322,8 @@ def finish_turn(
 
 
 def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_message: str, *,
-                     pending_before: datetime | None = None) -> tuple[Turn, TurnStatus] | None:
+                     pending_before: datetime | None = None,
+                     deadline_before: datetime | None = None) -> tuple[Turn, TurnStatus] | None:
     """End an in-flight turn without holding its lease: retries exhausted, or cancelled before a worker.
 
     Whatever a worker had reserved for it is given back here, as a settlement would (`finish_turn`),
@@ -334,7 +335,9 @@ def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_m
 
     With `pending_before`, only a turn still `pending` since before that moment is ended, judged under the
     turn's lock (which a claim takes too): the sweep that found it waiting too long read it earlier, and a
-    worker may have claimed it since, even handed it to a retry, leaving no lease to protect it.
+    worker may have claimed it since, even handed it to a retry, leaving no lease to protect it. With
+    `deadline_before`, only a turn still `processing` with its deadline before that moment is ended, judged the
+    same way (`app.deadline_bound`): a requeue since makes it pending again, with a new deadline to come.
     """
     locked = session.execute(
         select(Turn, DatabaseNow()).where(Turn.assistant_message_id == turn_id).with_for_update()
@@ -347,6 +350,11 @@ def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_m
     if pending_before is not None and not session.scalar(select(exists().where(
             ConversationMessage.id == turn_id,
             pending_since_before(ConversationMessage.status, ConversationMessage.updated_at, pending_before)))):
+        return None
+    if deadline_before is not None and not (
+            (deadline := utc(turn.deadline_at)) is not None and deadline < deadline_before
+            and session.scalar(select(exists().where(ConversationMessage.id == turn_id, status_is(
+                ConversationMessage.status, TurnStatus.PROCESSING.value))))):
         return None
     if turn.cancel_requested_at is not None:
         target, error_message = TurnStatus.CANCELLED, STOPPED

@@ -29,10 +29,12 @@ class UnownedEnd:
 
 
 def end_unowned(session: Session, turn_id: int, status: TurnStatus, reason: str, *,
-                pending_before: datetime | None = None) -> UnownedEnd | None:
+                pending_before: datetime | None = None, deadline_before: datetime | None = None) -> UnownedEnd | None:
     """In the caller's transaction; None when the turn was not ended here (it had ended, a live lease says a
-    worker runs it, or, with `pending_before`, it is no longer pending since before then)."""
-    ended = end_turn_unowned(session, turn_id, status, reason, pending_before=pending_before)
+    worker runs it, or, with `pending_before` or `deadline_before`, it is no longer pending since before then or
+    processing past a deadline before then: `end_turn_unowned`)."""
+    ended = end_turn_unowned(session, turn_id, status, reason, pending_before=pending_before,
+                             deadline_before=deadline_before)
     if ended is None:
         return None
     turn, final = ended

@@ -740,6 +740,62 @@ def test_an_api_process_ends_runs_no_worker_starts_within_the_pending_bound() ->
         _a_test_run_nobody_starts_ends_at_the_pending_bound(api, run_id)
 
 
+PAST_DEADLINE = ("gave up: the {} was still running 3 s after its deadline (each model's timeout and the grace, "
+                 "counted from its first delivery), and no worker held it")
+
+
+def _died_past_its_deadline(stack: Stack, deadline_seconds: float) -> tuple[str, int, int]:
+    """A turn whose worker died: processing, its lease run out, its deadline `deadline_seconds` from now; its
+    user's key, its conversation and its answer's id."""
+    agent_id = stack.agent(stack.model("died-with-its-worker", "echo"), timeout_seconds=1)
+    _, key = stack.user("outlived-its-worker")
+    conversation_id = stack.conversation(key, agent_id)
+    turn = stack.send(key, conversation_id, "still there?")
+    _stick(stack, turn["id"], deadline_seconds=deadline_seconds, reserved="0.250000")
+    stack.sql("UPDATE turns SET lease_expires_at = now() - interval '1 second' WHERE assistant_message_id = %(id)s",
+              {"id": turn["id"]})
+    return key, conversation_id, turn["id"]
+
+
+def _ends_past_its_deadline(stack: Stack, key: str, conversation_id: int, turn_id: int) -> None:
+    """Ended `error` with the reason, its reservation given back, its conversation free for the next message."""
+    done = stack.wait_terminal(key, turn_id, timeout=20)
+    assert (done["status"], done["error_message"], done["content"]) == ("error", PAST_DEADLINE.format("turn"), "")
+    assert stack.sql("SELECT t.reserved_amount, u.reserved FROM turns t JOIN users u ON u.id = t.user_id "
+                     "WHERE t.assistant_message_id = %(id)s", {"id": turn_id})[0] == (Decimal(0), Decimal(0))
+    assert charges(stack, turn_id) == 0
+    past = stack.sql("SELECT extract(epoch FROM m.updated_at - t.deadline_at)::float FROM turns t JOIN "
+                     "conversation_messages m ON m.id = t.assistant_message_id WHERE t.assistant_message_id = %(id)s",
+                     {"id": turn_id})[0][0]
+    assert LEASE_SECONDS <= past < LEASE_SECONDS + 2 * RECOVERY_INTERVAL + 2, f"ended {past:.2f}s past"
+    following = stack.send(key, conversation_id, "and now?")
+    assert stack.call("POST", f"/api/messages/{following['id']}/cancel", key).status_code == 202
+
+
+def test_a_turn_whose_worker_died_is_ended_past_its_deadline_when_no_delivery_comes(stack: Stack) -> None:
+    """Only a delivery ended a processing turn past its deadline, and the message the sweep sent waited behind
+    the queue (here: no worker serves it), sent again at every lease: the turn stayed `processing`, its
+    conversation busy, far past its bound. The sweep ends it a lease (3 s here) after its deadline."""
+    stack.start_worker(queues=["debug"])
+    key, conversation_id, turn_id = _died_past_its_deadline(stack, deadline_seconds=2)
+    _ends_past_its_deadline(stack, key, conversation_id, turn_id)
+
+
+def test_an_api_process_ends_runs_past_their_deadline_with_no_worker_running() -> None:
+    """Every worker gone: a turn and an admin test run their dead worker left `processing` stayed so for ever.
+    The API's loop ends them once past their deadline."""
+    with stack_on_shared_redis("api-deadline-bound") as api:
+        api.init().start_web()
+        run_id = _start_a_test_run(api)
+        api.sql("UPDATE admin_debug_logs SET status = 'processing', lease_token = 'dead', deliveries = 1, "
+                "lease_expires_at = now() - interval '1 second', deadline_at = now() + interval '2 seconds', "
+                "updated_at = now() WHERE id = %(id)s", {"id": run_id})
+        key, conversation_id, turn_id = _died_past_its_deadline(api, deadline_seconds=2)
+        _ends_past_its_deadline(api, key, conversation_id, turn_id)
+        log = wait_for(lambda: ended_test_run(api, run_id), timeout=20, what="the test run to end")
+        assert (log["status"], log["error_message"], log["cost"]) == ("error", PAST_DEADLINE.format("test run"), None)
+
+
 def _start_a_test_run(stack: Stack) -> int:
     agent_id = stack.agent(stack.model("never-tested", "echo"))
     accepted = stack.call("POST", f"/api/admin/agents/{agent_id}/debug/execute", json={"content": "anyone?"})

@@ -122,12 +122,12 @@ def _post_fork(server: Any, worker: Any) -> None:
 
 
 def _post_worker_init(worker: Any) -> None:
-    """Each API process also ends the turns no worker started in time (`app.pending_bound`), so that bound
-    holds while every worker is gone."""
+    """Each API process also ends the runs no worker started in time (`app.pending_bound`) and those past their
+    deadline that no worker holds (`app.deadline_bound`), so both bounds hold while every worker is gone."""
     from app.heap import freeze_after_boot
-    from app.pending_bound import start_pending_bound
+    from app.pending_bound import start_unheld_run_bounds
 
-    start_pending_bound()
+    start_unheld_run_bounds()
     freeze_after_boot()
 
 

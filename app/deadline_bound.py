@@ -1,0 +1,101 @@
+"""The bound on a run past its deadline that no worker holds: ended as `error` by whichever process looks first.
+
+A run's deadline (each model's timeout and the grace, counted from its first delivery: `app.deliveries`) is
+kept by every delivery. When the worker holding the run dies, or is stuck past the deadline, the recovery sweep
+sends the run again (revoking a stuck worker's lease first), and that delivery ends it as `error`. That delivery
+can come late, or never: behind a backlog the message waits its turn in the queue, sent again at every lease,
+and with no worker running at all nothing takes it, while the turn holds its conversation (409) and one of its
+user's slots. So a run still `processing`, under no live lease, `AGENTQ_LEASE_SECONDS` after its deadline (the
+time the sweep gives a message it sent before it sends another: a delivery of the message sent at the deadline,
+which ends the run as `error` and dead-letters its message, comes first when a worker is free) is ended here, as the
+pending bound ends a run that waits too long (`app.pending_bound`): by the recovery sweep of every worker
+process and by the loop of every API process, each end judged again under the run's lock, so a delivery that
+claimed the run meanwhile is left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from functools import cache
+
+from sqlalchemy import ColumnElement, DateTime, and_, bindparam, or_, select
+
+from app.clock import lease_now
+from app.config import get_settings
+from app.db import transaction
+from app.debug_runner import abandon_run
+from app.in_flight import answer_in_flight, processing_past
+from app.models import ConversationMessage, DebugRun, Turn, table
+from app.outages import log_failure
+from app.prepared import Prepared
+from app.run_kinds import TEST_RUN, TURN, RunKind
+from app.turn_runner import abandon_turn
+from app.turn_state import lease_over
+
+log = logging.getLogger(__name__)
+
+
+def past_deadline_reason(kind: RunKind) -> str:
+    return (f"gave up: the {kind.label} was still running {get_settings().lease_seconds:g} s after its "
+            "deadline (each model's timeout and the grace, counted from its first delivery), and no worker held it")
+
+
+def deadline_cutoff(now: datetime) -> datetime:
+    """A run whose deadline came before this moment (the database's `now`) is past it by the bound's margin."""
+    return now - timedelta(seconds=get_settings().lease_seconds)
+
+
+def unheld_past_deadline(status: ColumnElement[str], lease_token: ColumnElement[str | None],
+                         lease_expires_at: ColumnElement[datetime | None],
+                         deadline_at: ColumnElement[datetime | None]) -> ColumnElement[bool]:
+    """A run `processing` past the `deadline_before` parameter (`deadline_cutoff`) whose lease no delivery holds
+    at the `now` parameter (revoked, handed to a retry, or run out), given the columns of its status and lease."""
+    now = bindparam("now", type_=DateTime(timezone=True))
+    return and_(processing_past(status, deadline_at, bindparam("deadline_before", type_=DateTime(timezone=True))),
+                or_(lease_token.is_(None), lease_over(lease_expires_at, now)))
+
+
+def end_past_deadline(kind: RunKind, idents: Iterable[int], deadline_before: datetime) -> list[int]:
+    """End each run of `kind` still processing past `deadline_before` once locked, under no live lease; the ids
+    it ended. One that cannot be ended now is left to the next look, and the others are still ended."""
+    reason = past_deadline_reason(kind)
+    abandon = abandon_turn if kind is TURN else abandon_run
+    ended = []
+    for ident in idents:
+        try:
+            if abandon(ident, reason, deadline_before=deadline_before):
+                ended.append(ident)
+                log.warning("%s %s ended as error: %s", kind.label, ident, reason)
+        except Exception as error:
+            log_failure(log, error, f"ending {kind.label} {ident}, past its deadline")
+    return ended
+
+
+@cache
+def _past_deadline() -> dict[RunKind, Prepared]:
+    turns, messages, runs = table(Turn), table(ConversationMessage), table(DebugRun)
+    return {
+        TURN: Prepared(
+            select(turns.c.assistant_message_id)
+            .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
+            .where(answer_in_flight(messages), unheld_past_deadline(messages.c.status, turns.c.lease_token,
+                                                                    turns.c.lease_expires_at, turns.c.deadline_at))),
+        TEST_RUN: Prepared(select(runs.c.id).where(
+            unheld_past_deadline(runs.c.status, runs.c.lease_token, runs.c.lease_expires_at, runs.c.deadline_at))),
+    }
+
+
+def end_runs_past_deadline() -> dict[RunKind, list[int]]:
+    """An API process's look: the runs of each kind past their deadline under no lease, by the database's
+    clock, ended."""
+    with transaction() as session:
+        now = lease_now(session)
+        cutoffs = {"now": now, "deadline_before": deadline_cutoff(now)}
+        found = {kind: list(query(session, cutoffs).scalars()) for kind, query in _past_deadline().items()}
+    return {kind: end_past_deadline(kind, idents, cutoffs["deadline_before"]) for kind, idents in found.items()}
+
+
+__all__ = ["deadline_cutoff", "end_past_deadline", "end_runs_past_deadline", "past_deadline_reason",
+           "unheld_past_deadline"]
