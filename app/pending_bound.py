@@ -115,13 +115,12 @@ def _look_every_interval() -> None:
         time.sleep(interval * random.uniform(0.5, 1.0))
         try:
             end_runs_pending_too_long()
+            gate.answered()
             if gate.open:
                 end_runs_past_deadline()
         except Exception as error:
             gate.failed(error)
             log_failure(log, error, "looking for runs pending too long or past their deadline")
-            continue
-        gate.answered()
 
 
 __all__ = ["end_pending_too_long", "end_runs_pending_too_long", "pending_cutoff", "start_unheld_run_bounds",

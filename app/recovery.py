@@ -283,17 +283,19 @@ def _end_or_send(rows: list[Any], kind: RunKind, cutoffs: dict[str, datetime], s
     return ended
 
 
-def recover_once(*, first_sweep: bool = False, take_over: bool = True) -> RecoveryReport:
+def recover_once(*, first_sweep: bool = False, gate: TakeoverGate | None = None) -> RecoveryReport:
     """One sweep; a worker process's first looks further back for runs without a receipt
-    (`app.dispatch.receipt_look_seconds`). Without `take_over` it leaves every run held by a lease to its
-    holder, expired or overdue (`RecoveryLoop` says when)."""
+    (`app.dispatch.receipt_look_seconds`). Unless its `gate` is open once the database has answered this
+    sweep, it leaves every run held by a lease to its holder, expired or overdue (no gate: it is open)."""
     lost_run = _run_that_lost_data()
     report = RecoveryReport(redis_lost=lost_run is not None)
     sweep_mark = _leave_sweep_mark(lost_run) if lost_run is not None else None
     settings = get_settings()
-    due = _due_runs(report.redis_lost, take_over)
     with transaction() as session:
         now = lease_now(session)
+        if gate is not None:
+            gate.answered()
+        due = _due_runs(report.redis_lost, gate is None or gate.open)
         unsent_before = now - timedelta(seconds=settings.enqueue_grace_seconds)
         cutoffs = {"now": now, "unsent_before": unsent_before,
                    "receipts_since": unsent_before - timedelta(seconds=receipt_look_seconds(first_sweep=first_sweep)),
@@ -336,12 +338,11 @@ class RecoveryLoop:
         gate = TakeoverGate()
         while not self._stop.wait(interval * random.uniform(0.5, 1.0)):
             try:
-                report = recover_once(first_sweep=first_sweep, take_over=gate.open)
+                report = recover_once(first_sweep=first_sweep, gate=gate)
             except Exception as error:
                 gate.failed(error)
                 log_failure(log, error, "the recovery sweep")
                 continue
-            gate.answered()
             first_sweep = report.receipts_unchecked and first_sweep
 
 

@@ -433,4 +433,5 @@ def test_a_delivery_that_finds_its_lease_gone_when_it_records_the_switch_does_no
                                                                             ends_by=None, stop=stop))
     assert (outcome.completion, outcome.errors[-1]) == (None, "fallback: not called, the run is no longer this "
                                                                 "delivery's")
-    assert upstream.models() == ["echo;fail=503"]
+    # The session's workers may run the turn itself ("echo") once the sweep sends it: its own business.
+    assert [model for model in upstream.models() if model != "echo"] == ["echo;fail=503"]

@@ -209,7 +209,7 @@ def test_a_sweep_takes_no_lease_over_until_the_database_has_answered_it_for_a_re
     import psycopg
 
     import app.recovery
-    from app.leases import renewal_seconds
+    from app.leases import TakeoverGate, renewal_seconds
     from app.recovery import RecoveryLoop, RecoveryReport
 
     sweeps: list[tuple[float, bool]] = []
@@ -217,11 +217,12 @@ def test_a_sweep_takes_no_lease_over_until_the_database_has_answered_it_for_a_re
     failed = threading.Event()
     away = threading.Event()
 
-    def sweep(*, first_sweep: bool, take_over: bool) -> RecoveryReport:
+    def sweep(*, first_sweep: bool, gate: TakeoverGate) -> RecoveryReport:
         if away.is_set():
             failed.set()
             raise psycopg.OperationalError("connection refused")
-        sweeps.append((time.monotonic(), take_over))
+        gate.answered()
+        sweeps.append((time.monotonic(), gate.open))
         return RecoveryReport()
 
     def waited_a_renewal_period(since: int) -> bool:
@@ -303,3 +304,28 @@ def test_a_settlement_whose_commits_reply_was_lost_is_not_taken_for_a_lost_lease
     wait_for(lambda: [fields[b"type"] for _, fields in cast(list[StreamEntry], get_redis().xrange(
         stream_key(turn.turn_id)))][-1:] == [b"done"],
              what="the stream's done")
+
+
+def test_a_look_answered_long_after_the_one_before_shuts_the_takeover_gate() -> None:
+    """A connection that hung through a network partition raises no error: the sweep's gate stayed open, and
+    its first answer after the partition took over the leases the live holders, cut off as long, had not
+    renewed yet. An answer that comes more than a renewal period and a sweep interval after the last one
+    shuts the gate for a renewal period, as an outage does."""
+    from app.config import get_settings
+    from app.leases import TakeoverGate, renewal_seconds
+
+    now = [1000.0]
+    gate, renewal, interval = TakeoverGate(lambda: now[0]), renewal_seconds(), get_settings().recovery_interval_seconds
+    gate.answered()
+    assert not gate.open  # a process's start: shut for a renewal period
+    for _ in range(3):
+        now[0] += renewal / 2
+        gate.answered()
+    assert gate.open
+    now[0] += renewal + interval + 0.1  # the look in hand hung this long before its first answer
+    assert not gate.open
+    gate.answered()
+    assert not gate.open
+    now[0] += renewal
+    gate.answered()
+    assert gate.open
