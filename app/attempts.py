@@ -23,7 +23,7 @@ from sqlalchemy import bindparam, delete, exists, insert, select
 from sqlalchemy.orm import Session
 
 from app import metrics
-from app.db import transaction
+from app.db import rows_changed, transaction
 from app.failure_kinds import FailureKind
 from app.fallback import AttemptRecord
 from app.models import ModelAttempt, Turn, table
@@ -68,12 +68,14 @@ class RunAttempts:
             for a in self.attempts
         ]
 
-    def write_unsettled(self) -> None:
+    def write_unsettled(self) -> bool:
         """Their rows on their own, after the settlement failed; none if it committed after all (its commit's
         answer lost with the connection: its rows carry this stamp). If even this fails, the log line is
-        the only record of what they cost."""
+        the only record of what they cost. Whether they replaced the estimates of the delivery that took the
+        turn over (`record_interrupted`), which the metrics counted already."""
         if not self.attempts:
-            return
+            return False
+        replaced = False
         rows = table(ModelAttempt)
         owner = (rows.c.message_id == self.message_id if self.message_id is not None
                  else rows.c.debug_log_id == self.debug_log_id)
@@ -83,14 +85,17 @@ class RunAttempts:
                     # The delivery that took the turn over may have recorded these calls as interrupted, from
                     # what they streamed: the real records replace those estimates.
                     _lock_turn(session, self.message_id)
-                    session.execute(delete(rows).where(owner, rows.c.delivery == self.delivery,
-                                                       rows.c.outcome == FailureKind.INTERRUPTED.value))
+                    replaced = rows_changed(session, delete(rows).where(
+                        owner, rows.c.delivery == self.delivery,
+                        rows.c.outcome == FailureKind.INTERRUPTED.value)) > 0
                 if not session.scalar(select(exists().where(owner, rows.c.created_at == self.at))):
                     _insert()(session, self._rows())
         except Exception:
             log.warning("could not record the attempts of a run whose settlement failed (message %s, test run %s): %s",
                         self.message_id, self.debug_log_id,
                         ", ".join(f"{a.model_name} {a.outcome} cost {a.cost}" for a in self.attempts), exc_info=True)
+            return False
+        return replaced
 
 
 def _lock_turn(session: Session, turn_id: int) -> None:
@@ -127,7 +132,7 @@ def settling(attempts: Sequence[AttemptRecord], *, delivery: int, message_id: in
     except settled_again_after:
         raise
     except Exception:
-        run_attempts.write_unsettled()
-        metrics.observe_attempts(run_attempts.attempts)
+        if not run_attempts.write_unsettled():  # estimates it replaced were counted as the calls were
+            metrics.observe_attempts(run_attempts.attempts)
         raise
     metrics.observe_attempts(run_attempts.attempts)

@@ -47,36 +47,27 @@ class TakeoverGate:
     has run out, and a worker still streaming, or holding a finished answer it waits to write, renews its own
     within that period of the database being back; acted on first, its turn would be run again upstream and
     paid twice, or ended as `error` with its answer lost. A process's start cannot tell whether the database
-    was just away, so it waits the period too.
-
-    Read once the look in hand has had its first answer (`answered`): an answer that comes more than a renewal
-    period and a look's interval after the one before shuts the gate as an outage does, for a connection that
-    hung through a network partition raises no error; live holders cut off as long renew first."""
+    was just away, so it waits the period too. A look whose first answer took longer than a renewal period
+    shuts it as an outage does: a connection that hung through a network partition raises no error, and live
+    holders cut off as long renew first."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
+        self.clock = clock
         self._answering_since: float | None = None
-        self._last_answer: float | None = None
 
     @property
     def open(self) -> bool:
-        now = self._clock()
-        return (self._answering_since is not None and self._recent(now)
-                and now - self._answering_since >= renewal_seconds())
+        return self._answering_since is not None and self.clock() - self._answering_since >= renewal_seconds()
 
-    def answered(self) -> None:
-        now = self._clock()
-        if self._answering_since is None or not self._recent(now):
+    def answered(self, asked_at: float) -> None:
+        """A look asked the database at `asked_at` (`clock`) and has just had its first answer."""
+        now = self.clock()
+        if self._answering_since is None or now - asked_at > renewal_seconds():
             self._answering_since = now
-        self._last_answer = now
 
     def failed(self, error: BaseException) -> None:
         if is_outage(error):
             self._answering_since = None
-
-    def _recent(self, now: float) -> bool:
-        return (self._last_answer is not None
-                and now - self._last_answer <= renewal_seconds() + get_settings().recovery_interval_seconds)
 
 
 @dataclass

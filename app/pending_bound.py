@@ -114,8 +114,11 @@ def _look_every_interval() -> None:
     while True:
         time.sleep(interval * random.uniform(0.5, 1.0))
         try:
+            asked_at = gate.clock()
+            with transaction() as session:
+                lease_now(session)
+            gate.answered(asked_at)
             end_runs_pending_too_long()
-            gate.answered()
             if gate.open:
                 end_runs_past_deadline()
         except Exception as error:

@@ -291,10 +291,11 @@ def recover_once(*, first_sweep: bool = False, gate: TakeoverGate | None = None)
     report = RecoveryReport(redis_lost=lost_run is not None)
     sweep_mark = _leave_sweep_mark(lost_run) if lost_run is not None else None
     settings = get_settings()
+    asked_at = gate.clock() if gate is not None else 0.0
     with transaction() as session:
         now = lease_now(session)
         if gate is not None:
-            gate.answered()
+            gate.answered(asked_at)
         due = _due_runs(report.redis_lost, gate is None or gate.open)
         unsent_before = now - timedelta(seconds=settings.enqueue_grace_seconds)
         cutoffs = {"now": now, "unsent_before": unsent_before,

@@ -184,7 +184,7 @@ def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) ->
 def _stopped_before_this_delivery(context: TurnContext) -> Outcome:
     """A stop that came before this delivery ran anything: a pending turn's, or one that came while the
     worker running the turn was dead. That worker's readers were sent its text, which the turn keeps, as a
-    stop keeps the text so far; unpaid, since the call that made it died with its worker, unrecorded."""
+    stop keeps the text so far; unpaid, since the call that made it died with its worker (recorded as `interrupted`)."""
     streamed = text_streamed(context.turn_id) if context.delivery > 1 else None
     if streamed is None:
         return Outcome(cancelled=True)

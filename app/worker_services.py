@@ -111,10 +111,12 @@ def delivery_ended() -> None:
 
 
 def delivery_failed(message: Delivered, exception: BaseException) -> None:
-    """A run given up (`RunGivenUp`) is dead-lettered with no retry, and Dramatiq writes the error a dead
-    letter names (the options' `traceback`) only when it retries: the reason is written there instead, for
+    """A run given up (`RunGivenUp`) is dead-lettered with no retry, and Dramatiq writes what a dead letter
+    names (the options' `traceback`, and `retries` counting the failure that ends them) only for a failure its
+    retry policy judges: the reason and the count are written as it writes them, for
     `dead_letters.record_death` to keep."""
     if isinstance(exception, RunGivenUp):
+        message.options["retries"] = int(message.options.get("retries", 0)) + 1
         message.options["traceback"] = "".join(traceback.format_exception_only(exception))
 
 

@@ -398,11 +398,14 @@ def test_a_batched_settlement_with_a_lost_lease_writes_nothing_but_its_attempts(
         assert [(a.model_name, a.outcome, a.cost) for a in recorded] == [("primary", "success", Decimal("0.5"))]
 
 
-def test_a_cut_off_workers_own_record_of_its_calls_replaces_the_takeovers_estimate(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_a_cut_off_workers_own_record_of_its_calls_replaces_the_takeovers_estimate(  # type: ignore[no-untyped-def]
+        world, upstream, monkeypatch) -> None:
     """The delivery that took the turn over recorded delivery 2's call as `interrupted`, from what it had
     streamed (its worker looked dead: its lease ran out with its token); that worker was only cut off, and
     its refused settlement then records the call as it was. One record of the call, the real one, stays;
-    and an estimate that comes after the real record is not written at all."""
+    an estimate that comes after the real record is not written at all; and the metrics count the call
+    once (as it was first recorded: a counter cannot take a count back)."""
+    from app import attempts as attempts_module
     from app.attempts import record_interrupted, settling
     from app.fallback import AttemptRecord
     from app.models import ModelAttempt
@@ -417,6 +420,9 @@ def test_a_cut_off_workers_own_record_of_its_calls_replaces_the_takeovers_estima
             return [(a.delivery, a.outcome, a.cost) for a in session.query(ModelAttempt).filter_by(message_id=turn_id)
                     .order_by(ModelAttempt.id)]
 
+    counted: list[list[str]] = []
+    monkeypatch.setattr(attempts_module.metrics, "observe_attempts",
+                        lambda records: counted.append([r.outcome for r in records]))
     estimate = AttemptRecord("primary", "interrupted", "estimated", 900, 100, 20, 30, Decimal("0.07"))
     real = AttemptRecord("primary", "cancelled", None, 1200, 100, 21, 44, Decimal("0.109"))
     assert record_interrupted(turn_id, 2, [estimate])
@@ -429,6 +435,7 @@ def test_a_cut_off_workers_own_record_of_its_calls_replaces_the_takeovers_estima
     assert recorded() == [(2, "cancelled", Decimal("0.109"))]
     assert not record_interrupted(turn_id, 2, [estimate])
     assert recorded() == [(2, "cancelled", Decimal("0.109"))]
+    assert counted == [["interrupted"]]
 
 
 def test_a_stale_settlement_after_the_takeovers_charge_is_a_lost_lease_not_a_database_error(world, upstream) -> None:  # type: ignore[no-untyped-def]

@@ -221,7 +221,7 @@ def test_a_sweep_takes_no_lease_over_until_the_database_has_answered_it_for_a_re
         if away.is_set():
             failed.set()
             raise psycopg.OperationalError("connection refused")
-        gate.answered()
+        gate.answered(gate.clock())
         sweeps.append((time.monotonic(), gate.open))
         return RecoveryReport()
 
@@ -306,26 +306,24 @@ def test_a_settlement_whose_commits_reply_was_lost_is_not_taken_for_a_lost_lease
              what="the stream's done")
 
 
-def test_a_look_answered_long_after_the_one_before_shuts_the_takeover_gate() -> None:
+def test_a_look_whose_first_answer_took_longer_than_a_renewal_period_shuts_the_takeover_gate() -> None:
     """A connection that hung through a network partition raises no error: the sweep's gate stayed open, and
     its first answer after the partition took over the leases the live holders, cut off as long, had not
-    renewed yet. An answer that comes more than a renewal period and a sweep interval after the last one
-    shuts the gate for a renewal period, as an outage does."""
-    from app.config import get_settings
+    renewed yet. Such a look shuts the gate for a renewal period, as an outage does."""
     from app.leases import TakeoverGate, renewal_seconds
 
     now = [1000.0]
-    gate, renewal, interval = TakeoverGate(lambda: now[0]), renewal_seconds(), get_settings().recovery_interval_seconds
-    gate.answered()
+    gate, renewal = TakeoverGate(lambda: now[0]), renewal_seconds()
+    gate.answered(now[0])
     assert not gate.open  # a process's start: shut for a renewal period
     for _ in range(3):
         now[0] += renewal / 2
-        gate.answered()
+        gate.answered(now[0])
     assert gate.open
-    now[0] += renewal + interval + 0.1  # the look in hand hung this long before its first answer
-    assert not gate.open
-    gate.answered()
+    asked_at = now[0]
+    now[0] += renewal + 0.1  # the look hung this long before its first answer
+    gate.answered(asked_at)
     assert not gate.open
     now[0] += renewal
-    gate.answered()
+    gate.answered(now[0])
     assert gate.open

@@ -550,6 +550,22 @@ def test_a_dead_body_of_odd_shape_in_redis_is_listed_not_a_500(  # type: ignore[
     assert dead_count(redis_client) == 0
 
 
+def test_a_run_given_up_after_a_retry_is_a_dead_letter_that_counts_that_retry() -> None:
+    """Dramatiq counts a failure it judges in `retries` before it dead-letters the message (the dead letter
+    shows one less: the retries made); a give-up, which it does not judge (`throws`), was not counted, so a
+    run given up at its retry showed no retry."""
+    import dramatiq
+
+    from app.deliveries import RunGivenUp
+    from app.worker_services import delivery_failed
+
+    message: dramatiq.Message[None] = dramatiq.Message(queue_name="turns", actor_name="run_turn", args=(7,), kwargs={},
+                               options={"retries": 1})
+    delivery_failed(message, RunGivenUp("gave up after 5 deliveries"))
+    assert (message.options["retries"], message.options["traceback"]) == (
+        2, "app.deliveries.RunGivenUp: gave up after 5 deliveries\n")
+
+
 def test_a_dead_letters_error_is_the_exceptions_line_not_postgresqls_hint() -> None:
     """PostgreSQL points at the SQL with an indented caret; the line after it (`HINT:`) was taken for the error."""
     from app.dead_letters import error_summary
