@@ -20,19 +20,16 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from functools import cache
 
-from sqlalchemy import ColumnElement, DateTime, and_, bindparam, or_, select
+from sqlalchemy import ColumnElement, DateTime, and_, bindparam, or_
 
 from app.clock import lease_now
 from app.config import get_settings
 from app.db import transaction
-from app.debug_runner import abandon_run
-from app.in_flight import answer_in_flight, processing_past
-from app.models import ConversationMessage, DebugRun, Turn, table
-from app.outages import log_failure
+from app.in_flight import processing_past
 from app.prepared import Prepared
-from app.run_kinds import TEST_RUN, TURN, RunKind
-from app.turn_runner import abandon_turn
+from app.run_kinds import RunKind
 from app.turn_state import lease_over
+from app.unheld_ends import end_unheld, ids_found
 
 log = logging.getLogger(__name__)
 
@@ -59,32 +56,17 @@ def unheld_past_deadline(status: ColumnElement[str], lease_token: ColumnElement[
 
 def end_past_deadline(kind: RunKind, idents: Iterable[int], deadline_before: datetime) -> list[int]:
     """End each run of `kind` still processing past `deadline_before` once locked, under no live lease; the ids
-    it ended. One that cannot be ended now is left to the next look, and the others are still ended."""
-    reason = past_deadline_reason(kind)
-    abandon = abandon_turn if kind is TURN else abandon_run
-    ended = []
-    for ident in idents:
-        try:
-            if abandon(ident, reason, deadline_before=deadline_before):
-                ended.append(ident)
-                log.warning("%s %s ended as error: %s", kind.label, ident, reason)
-        except Exception as error:
-            log_failure(log, error, f"ending {kind.label} {ident}, past its deadline")
-    return ended
+    it ended."""
+    return end_unheld(kind, idents, past_deadline_reason(kind), "past its deadline", deadline_before=deadline_before)
 
 
 @cache
 def _past_deadline() -> dict[RunKind, Prepared]:
-    turns, messages, runs = table(Turn), table(ConversationMessage), table(DebugRun)
-    return {
-        TURN: Prepared(
-            select(turns.c.assistant_message_id)
-            .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
-            .where(answer_in_flight(messages), unheld_past_deadline(messages.c.status, turns.c.lease_token,
-                                                                    turns.c.lease_expires_at, turns.c.deadline_at))),
-        TEST_RUN: Prepared(select(runs.c.id).where(
-            unheld_past_deadline(runs.c.status, runs.c.lease_token, runs.c.lease_expires_at, runs.c.deadline_at))),
-    }
+    return ids_found(
+        lambda turns, messages: unheld_past_deadline(messages.c.status, turns.c.lease_token, turns.c.lease_expires_at,
+                                                     turns.c.deadline_at),
+        lambda runs: unheld_past_deadline(runs.c.status, runs.c.lease_token, runs.c.lease_expires_at,
+                                          runs.c.deadline_at))
 
 
 def end_runs_past_deadline() -> dict[RunKind, list[int]]:

@@ -197,7 +197,6 @@ class _Publisher:
             except redis.RedisError:
                 log.warning("could not publish %d stream entries; readers fall back to the database", len(batch))
 
-
     def _expiry_due(self, key: str, asked: bool, ttl: float, last: bool) -> bool:
         """Whether this entry (re)sets its stream's expiry: a status or the end asks for it, and so does a delta
         once a quarter of the expiry has gone by since it was last set. Set by the statuses alone, the stream

@@ -20,20 +20,18 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from functools import cache
 
-from sqlalchemy import ColumnElement, DateTime, bindparam, select
+from sqlalchemy import ColumnElement, DateTime, bindparam
 
 from app.clock import lease_now
 from app.config import get_settings
 from app.db import transaction
 from app.deadline_bound import end_runs_past_deadline
-from app.debug_runner import abandon_run
-from app.in_flight import answer_in_flight, pending_since_before
+from app.in_flight import pending_since_before
 from app.leases import TakeoverGate
-from app.models import ConversationMessage, DebugRun, Turn, table
 from app.outages import log_failure
 from app.prepared import Prepared
-from app.run_kinds import TEST_RUN, TURN, RunKind
-from app.turn_runner import abandon_turn
+from app.run_kinds import RunKind
+from app.unheld_ends import end_unheld, ids_found
 
 log = logging.getLogger(__name__)
 
@@ -59,32 +57,14 @@ def waited_too_long(status: ColumnElement[str], updated_at: ColumnElement[dateti
 
 
 def end_pending_too_long(kind: RunKind, idents: Iterable[int], pending_before: datetime) -> list[int]:
-    """End each run of `kind` still pending since before `pending_before` once locked; the ids it ended. One that
-    cannot be ended now (the database away for a moment) is left to the next look, and the others are still
-    ended."""
-    reason = waited_too_long_reason(kind)
-    abandon = abandon_turn if kind is TURN else abandon_run
-    ended = []
-    for ident in idents:
-        try:
-            if abandon(ident, reason, pending_before=pending_before):
-                ended.append(ident)
-                log.warning("%s %s ended as error: %s", kind.label, ident, reason)
-        except Exception as error:
-            log_failure(log, error, f"ending {kind.label} {ident}, pending too long")
-    return ended
+    """End each run of `kind` still pending since before `pending_before` once locked; the ids it ended."""
+    return end_unheld(kind, idents, waited_too_long_reason(kind), "pending too long", pending_before=pending_before)
 
 
 @cache
 def _pending_too_long() -> dict[RunKind, Prepared]:
-    turns, messages, runs = table(Turn), table(ConversationMessage), table(DebugRun)
-    return {
-        TURN: Prepared(
-            select(turns.c.assistant_message_id)
-            .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
-            .where(answer_in_flight(messages), waited_too_long(messages.c.status, messages.c.updated_at))),
-        TEST_RUN: Prepared(select(runs.c.id).where(waited_too_long(runs.c.status, runs.c.updated_at))),
-    }
+    return ids_found(lambda _turns, messages: waited_too_long(messages.c.status, messages.c.updated_at),
+                     lambda runs: waited_too_long(runs.c.status, runs.c.updated_at))
 
 
 def end_runs_pending_too_long() -> dict[RunKind, list[int]]:
