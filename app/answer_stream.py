@@ -14,13 +14,12 @@ clears its text when a `status` event says `restart`.
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import redis
 from sqlalchemy import func, or_, select
@@ -28,7 +27,7 @@ from sqlalchemy import func, or_, select
 from app.config import get_settings
 from app.conversations import require_owned_answer
 from app.db import transaction
-from app.live_stream import attempt_number, stream_key
+from app.live_stream import attempt_number, read_entry, stream_key
 from app.models import ConversationMessage, ModelAttempt, Turn
 from app.outages import is_outage
 from app.redis_client import SOCKET_TIMEOUT_SECONDS, StreamEntry, get_redis
@@ -173,7 +172,7 @@ def _fresh_start(key: str) -> tuple[Cursor, dict[str, Any] | None]:
         while True:
             page = cast(list[StreamEntry], get_redis().xrevrange(key, max=end, min="-", count=_LOOK_BACK_PAGE))
             for raw_id, fields in page:
-                read = _read_entry(fields)
+                read = read_entry(fields)
                 if read is not None and read.kind == "status" and read.payload.pop("restart", False):
                     return Cursor(raw_id.decode(), read.attempt, 0), read.payload
             if len(page) < _LOOK_BACK_PAGE:
@@ -287,7 +286,7 @@ def _relay(entries: list[tuple[bytes, dict[bytes, bytes]]],
     events: list[StreamEvent] = []
     for raw_id, fields in entries:
         entry = raw_id.decode()
-        read = _read_entry(fields)
+        read = read_entry(fields)
         if read is None:
             return events, Cursor(entry, cursor.attempt, cursor.offset), True
         kind, attempt, start, text, payload = read
@@ -312,33 +311,6 @@ def _relay(entries: list[tuple[bytes, dict[bytes, bytes]]],
         else:
             return events, Cursor(entry, cursor.attempt, cursor.offset), True
     return events, cursor, False
-
-
-class _Entry(NamedTuple):
-    kind: str
-    attempt: int
-    start: int
-    text: str
-    payload: dict[str, Any]
-
-
-def _read_entry(fields: dict[bytes, bytes]) -> _Entry | None:
-    """A live-stream entry as the worker writes it (`app.live_stream`), or None for one it does not write: the
-    key is open to anything that writes to Redis, and an entry with a field missing or not what it should be
-    (a status whose data is no JSON object, a delta without text, an attempt that is no number, bytes that
-    are no UTF-8) cut every reader's response short, with no `done`, until the stream expired. The reader
-    takes it as a gap: the rest comes from the stored message."""
-    try:
-        kind = fields[b"type"].decode()
-        attempt = int(fields.get(b"a", b"0"))
-        if kind == "delta":
-            return _Entry(kind, attempt, int(fields[b"o"]), fields[b"data"].decode(), {})
-        if kind == "status":
-            payload = json.loads(fields[b"data"])
-            return _Entry(kind, attempt, 0, "", payload) if isinstance(payload, dict) else None
-        return _Entry(kind, attempt, 0, "", {})
-    except (KeyError, ValueError):  # UnicodeDecodeError and json's JSONDecodeError are ValueErrors
-        return None
 
 
 def _wait_and_finish(message_id: int, cursor: Cursor, deadline: float) -> Iterator[StreamEvent]:

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from functools import cache
 
-from sqlalchemy import ColumnElement, DateTime, and_, bindparam, or_
+from sqlalchemy import ColumnElement, DateTime, and_, bindparam
 
 from app.clock import lease_now
 from app.config import get_settings
@@ -28,7 +28,7 @@ from app.db import transaction
 from app.in_flight import processing_past
 from app.prepared import Prepared
 from app.run_kinds import RunKind
-from app.turn_state import lease_over
+from app.turn_state import lease_not_held
 from app.unheld_ends import end_unheld, ids_found
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def unheld_past_deadline(status: ColumnElement[str], lease_token: ColumnElement[
     at the `now` parameter (revoked, handed to a retry, or run out), given the columns of its status and lease."""
     now = bindparam("now", type_=DateTime(timezone=True))
     return and_(processing_past(status, deadline_at, bindparam("deadline_before", type_=DateTime(timezone=True))),
-                or_(lease_token.is_(None), lease_over(lease_expires_at, now)))
+                lease_not_held(lease_token, lease_expires_at, now))
 
 
 def end_past_deadline(kind: RunKind, idents: Iterable[int], deadline_before: datetime) -> list[int]:

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, NamedTuple, cast
 
 import redis
 from redis.typing import EncodableT, FieldT
@@ -63,6 +63,37 @@ class Streamed:
 
     text: str
     model: str | None
+
+
+class EntryRead(NamedTuple):
+    """A live-stream entry as the worker writes it: its kind, attempt, and a delta's start and text or a
+    status's payload."""
+
+
+    kind: str
+    attempt: int
+    start: int
+    text: str
+    payload: dict[str, Any]
+
+
+def read_entry(fields: dict[bytes, bytes]) -> EntryRead | None:
+    """A live-stream entry as the worker writes it (`app.live_stream`), or None for one it does not write: the
+    key is open to anything that writes to Redis, and an entry with a field missing or not what it should be
+    (a status whose data is no JSON object, a delta without text, an attempt that is no number, bytes that
+    are no UTF-8) cut every reader's response short, with no `done`, until the stream expired. A reader takes
+    it as a gap (`app.answer_stream`); a look back at what a dead delivery streamed passes over it."""
+    try:
+        kind = fields[b"type"].decode()
+        attempt = int(fields.get(b"a", b"0"))
+        if kind == "delta":
+            return EntryRead(kind, attempt, int(fields[b"o"]), fields[b"data"].decode(), {})
+        if kind == "status":
+            payload = json.loads(fields[b"data"])
+            return EntryRead(kind, attempt, 0, "", payload) if isinstance(payload, dict) else None
+        return EntryRead(kind, attempt, 0, "", {})
+    except (KeyError, ValueError):  # UnicodeDecodeError and json's JSONDecodeError are ValueErrors
+        return None
 
 
 def text_streamed(turn_id: int) -> Streamed | None:
@@ -122,20 +153,20 @@ def _read_stream(turn_id: int) -> dict[int, StreamedAttempt] | None:
         return None
     found: dict[int, StreamedAttempt] = {}
     for raw_id, fields in entries:
-        try:
-            number, at_ms = int(fields.get(b"a", b"0")), int(raw_id.split(b"-")[0])
-            attempt = found.setdefault(number, StreamedAttempt(number))
-            if attempt.started_ms is None:
-                attempt.started_ms = at_ms
-            attempt.last_ms = at_ms
-            if fields[b"type"] == b"status":
-                payload = json.loads(fields[b"data"])
-                attempt.model = payload["model"] if isinstance(payload.get("model"), str) else attempt.model
-                attempt.restarted = attempt.restarted or payload.get("restart") is True
-            elif fields[b"type"] == b"delta":
-                _add_text(attempt, int(fields[b"o"]), fields[b"data"].decode(), at_ms)
-        except (KeyError, ValueError, AttributeError):
+        read = read_entry(fields)
+        if read is None:
             continue
+        at_ms = int(raw_id.split(b"-")[0])
+        attempt = found.setdefault(read.attempt, StreamedAttempt(read.attempt))
+        if attempt.started_ms is None:
+            attempt.started_ms = at_ms
+        attempt.last_ms = at_ms
+        if read.kind == "status":
+            model = read.payload.get("model")
+            attempt.model = model if isinstance(model, str) else attempt.model
+            attempt.restarted = attempt.restarted or read.payload.get("restart") is True
+        elif read.kind == "delta":
+            _add_text(attempt, read.start, read.text, at_ms)
     return dict(sorted(found.items()))
 
 

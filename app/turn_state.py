@@ -212,6 +212,13 @@ def lease_over(lease_expires_at: ColumnElement[datetime | None], now: ColumnElem
     return or_(lease_expires_at.is_(None), lease_expires_at <= now)
 
 
+def lease_not_held(lease_token: ColumnElement[str | None], lease_expires_at: ColumnElement[datetime | None],
+                   now: ColumnElement[datetime]) -> ColumnElement[bool]:
+    """`lease_held`'s rule in SQL, negated: no delivery holds the run (its lease revoked, handed to a retry, or
+    run out)."""
+    return or_(lease_token.is_(None), lease_expires_at.is_(None), lease_expires_at <= now)
+
+
 def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
                hold: Callable[[ClaimResult], Decimal] | None = None) -> ClaimResult:
     """Take a pending turn, or take over a processing one whose lease ran out (its worker died).
