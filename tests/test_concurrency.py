@@ -412,7 +412,7 @@ def test_a_cut_off_workers_own_record_of_its_calls_replaces_the_takeovers_estima
     from app.turn_state import LeaseLost, finish_turn
     from app.turn_status import TurnStatus
 
-    _, _, _, assistant = a_turn_in_a_workers_hands(world, upstream)
+    _, key, _, assistant = a_turn_in_a_workers_hands(world, upstream)
     turn_id = assistant["id"]
 
     def recorded() -> list[tuple[int | None, str, Decimal | None]]:
@@ -436,6 +436,9 @@ def test_a_cut_off_workers_own_record_of_its_calls_replaces_the_takeovers_estima
     assert not record_interrupted(turn_id, 2, [estimate])
     assert recorded() == [(2, "cancelled", Decimal("0.109"))]
     assert counted == [["interrupted"]]
+    # The worker still runs the turn: ended here, not settled in the next test's tables (whose ids restart),
+    # where its refused settlement's locks deadlocked with that test's first POST.
+    assert world.api.post(f"/api/messages/{turn_id}/cancel", key).json["status"] == "cancelled"
 
 
 def test_a_stale_settlement_after_the_takeovers_charge_is_a_lost_lease_not_a_database_error(world, upstream) -> None:  # type: ignore[no-untyped-def]
