@@ -42,7 +42,7 @@ def cancel_turn(principal: Principal, message_id: int) -> ConversationMessage:
         stopped = _stop(session, owned_turn_of(session, principal.id, message_id))
         message = session.get_one(ConversationMessage, message_id)
     _announce(stopped)
-    if stopped is not None and stopped.cancelled is None:
+    if stopped is not None and stopped.ended_by_worker:
         return _once_ended(message_id) or message
     return message
 
@@ -86,11 +86,14 @@ def delete_conversation(principal: Principal, conversation_id: int) -> None:
                                                                Conversation.deleted_at.is_(None))
                             .values(deleted_at=utc_now())):
             raise NotFound("No such conversation.")
-    _announce(stopped)
     if stopped is None:
         with transaction() as session:
             stopped = _stop_in_flight(session, conversation_id)
-        _announce(stopped)
+    # Like a stop's answer, the 204 waits for the worker's end: answered at once, the user's next message
+    # elsewhere was refused for that half second, their slot still held by the deleted conversation's turn.
+    _announce(stopped)
+    if stopped is not None and stopped.ended_by_worker:
+        _once_ended(stopped.turn_id)
 
 
 def _stop_in_flight(session: Session, conversation_id: int) -> _Stopped | None:
@@ -104,6 +107,10 @@ class _Stopped:
     turn_id: int
     cancelled: UnownedEnd | None
     """What a pending turn, cancelled here, held; None for a processing one, flagged for its worker."""
+
+    @property
+    def ended_by_worker(self) -> bool:
+        return self.cancelled is None
 
 
 def _stop(session: Session, message_id: int) -> _Stopped | None:
