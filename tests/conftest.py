@@ -122,8 +122,9 @@ class UpstreamLog:
         return httpx.get(f"{self.base}/_streams").json()
 
 
-RUN_TABLES = ("conversation_messages", "admin_debug_logs")
-"""Tables whose ids are the arguments of Dramatiq messages (a turn is its answer's message id)."""
+FRESH_ID_TABLES = ("conversation_messages", "admin_debug_logs", "conversations", "users")
+"""Tables whose ids are the arguments of Dramatiq messages (a turn is its answer's message id), and those
+whose rows a run's settlement takes: a run an earlier test left running finds none of this test's."""
 RUN_ID_BLOCK = 1_000_000
 _RUN_ID_BLOCKS = itertools.count(1)
 
@@ -134,7 +135,9 @@ def clean(database: str, redis_client: redis_lib.Redis) -> Iterator[None]:
 
     A test may end with a message still in a worker's memory (a retry waiting for its backoff, a stalled
     call): it outlives the flush and runs in a later test. Each test's turns and test runs therefore get
-    ids of their own, so such a message finds no run rather than another test's run with the same id."""
+    ids of their own, so such a message finds no run rather than another test's run with the same id; and
+    so do its users and conversations, whose rows a straggler's settlement, refused as it is, would lock
+    (one such took the rows of the next test's first POST, and deadlocked with it)."""
     _empty_tables(database)
     redis_client.flushdb()
     yield
@@ -148,7 +151,7 @@ def _empty_tables(database: str) -> None:
             first_run_id = next(_RUN_ID_BLOCKS) * RUN_ID_BLOCK + 1
             statements = [f"DELETE FROM {table}" for table in TABLES] + [
                 f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
-                f"{first_run_id if table in RUN_TABLES else 1}, false)" for table in TABLES if table != "turns"]
+                f"{first_run_id if table in FRESH_ID_TABLES else 1}, false)" for table in TABLES if table != "turns"]
             with psycopg.connect(database.replace("+psycopg", "")) as conn:
                 conn.execute("; ".join(statements))
             return

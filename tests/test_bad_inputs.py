@@ -17,9 +17,10 @@ def cursor(raw: str) -> str:
 @pytest.fixture
 def setup(world):  # type: ignore[no-untyped-def]
     agent_id = world.agent(world.model())
-    _, key = world.user()
+    user_id, key = world.user()
     conversation_id = world.conversation(key, agent_id)
-    return {"key": key, "admin": world.admin_key, "conversation": conversation_id, "agent": agent_id}
+    return {"key": key, "admin": world.admin_key, "conversation": conversation_id, "agent": agent_id,
+            "user": user_id}
 
 
 BIG = "x" * (get_settings().max_content_chars + 1)
@@ -114,7 +115,7 @@ CASES = [
     ("admin", "PATCH", "/api/admin/models/1", {"name": None}, 422, "validation_failed"),
     ("admin", "PATCH", "/api/admin/models/1", {"input_price_per_1k": None}, 422, "validation_failed"),
     ("admin", "POST", "/api/admin/users", {"name": "nul\x00"}, 422, "validation_failed"),
-    ("admin", "POST", "/api/admin/users/2/credits", {"amount": "999999999999.999999"}, 422, "balance_too_large"),
+    ("admin", "POST", "/api/admin/users/{u}/credits", {"amount": "999999999999.999999"}, 422, "balance_too_large"),
     ("admin", "DELETE", "/api/admin/models/1", None, 409, "model_in_use"),
     ("admin", "POST", "/api/admin/users", {"name": ""}, 422, "validation_failed"),
     ("admin", "POST", "/api/admin/users", {"name": "x", "balance": "-1"}, 422, "validation_failed"),
@@ -136,7 +137,7 @@ CASES = [
 @pytest.mark.parametrize(("who", "method", "path", "body", "status", "code"), CASES)
 def test_bad_input_gets_its_exact_status(setup, world, who, method, path, body, status, code) -> None:  # type: ignore[no-untyped-def]
     key = setup["key"] if who == "user" else setup["admin"]
-    url = path.format(c=setup["conversation"], a=setup["agent"])
+    url = path.format(c=setup["conversation"], a=setup["agent"], u=setup["user"])
     if isinstance(body, bytes):
         response = world.api.call(method, url, key, data=body, content_type="application/json")
     else:
