@@ -30,7 +30,7 @@ from app.failure_kinds import REFUSED, FailureKind
 from app.llm_client import AttemptFailed, Completion, stream_chat
 from app.model_target import ModelTarget
 from app.targets import attempt_order
-from app.token_estimates import estimate_tokens, estimate_tokens_of_messages
+from app.token_estimates import estimate_answer_tokens, estimate_tokens_of_messages
 
 log = logging.getLogger(__name__)
 
@@ -129,14 +129,14 @@ def call_with_fallback(
             return outcome
         sink.attempt_started(target.name, restart=index > 0)
         messages = prompt_for(target)
+        max_tokens = get_settings().answer_limit(params.max_tokens)
         try:
             completion = stream_chat(target, messages, timeout_seconds=timeout,
-                                     temperature=params.temperature,
-                                     max_tokens=get_settings().answer_limit(params.max_tokens),
+                                     temperature=params.temperature, max_tokens=max_tokens,
                                      on_delta=sink.delta, stop=stop)
         except AttemptFailed as failure:
             prompt_estimate = estimate_tokens_of_messages(messages) if failure.kind not in REFUSED else 0
-            produced = estimate_tokens(failure.partial) if failure.partial else 0
+            produced = estimate_answer_tokens(failure.partial, max_tokens)
             outcome.attempts.append(_record(target, failure.kind.value, failure.detail, failure.latency_ms,
                                             failure.first_token_ms, prompt_estimate, produced))
             outcome.errors.append(f"{target.name}: {failure}")

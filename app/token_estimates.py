@@ -13,6 +13,14 @@ def estimate_tokens(text: str) -> int:
     return (ascii_chars + 3) // 4 + len(text) - ascii_chars
 
 
+def estimate_answer_tokens(text: str, max_tokens: int | None) -> int:
+    """An answer's tokens where the provider reported none (it failed, was stopped, or never reports), at
+    most the `max_tokens` its request was sent with: the estimate counts a token a character outside ASCII,
+    more than a model makes of such text, and a model makes no more than it was allowed."""
+    estimate = estimate_tokens(text)
+    return estimate if max_tokens is None else min(estimate, max_tokens)
+
+
 MESSAGE_OVERHEAD_TOKENS = 4
 """What a chat message costs besides its text (role and separators, as chat formats frame it)."""
 REPLY_PRIMING_TOKENS = 2

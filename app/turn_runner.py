@@ -34,7 +34,7 @@ from app.prepared import Batch, Unit
 from app.prompt import ChatMessage, successful_history
 from app.run_kinds import TURN
 from app.targets import attempt_order
-from app.token_estimates import estimate_tokens, estimate_tokens_of_messages
+from app.token_estimates import estimate_answer_tokens, estimate_tokens_of_messages
 from app.turn_state import (
     ClaimResult,
     LeaseLost,
@@ -280,8 +280,8 @@ def _settle_cancelled(context: TurnContext, outcome: Outcome, elapsed_ms: int, s
     cost = Decimal(0)
     if model is not None and outcome.partial and not outcome.partial_failed:
         prompt_tokens = estimate_tokens_of_messages(context.prompt_for(model))
-        completion_tokens = min(estimate_tokens(outcome.partial),
-                                get_settings().answer_limit(context.agent.params.max_tokens))
+        completion_tokens = estimate_answer_tokens(outcome.partial,
+                                                   get_settings().answer_limit(context.agent.params.max_tokens))
         cost = model.cost(prompt_tokens, completion_tokens)
     _settle(context, TurnStatus.CANCELLED, stream, model=model, cost=cost, outcome=outcome, content=outcome.partial,
             prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost_estimated=True,

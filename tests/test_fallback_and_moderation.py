@@ -435,3 +435,17 @@ def test_a_delivery_that_finds_its_lease_gone_when_it_records_the_switch_does_no
                                                                 "delivery's")
     # The session's workers may run the turn itself ("echo") once the sweep sends it: its own business.
     assert [model for model in upstream.models() if model != "echo"] == ["echo;fail=503"]
+
+
+def test_a_failed_attempts_estimated_tokens_are_at_most_the_token_limit_it_was_asked_for(world) -> None:  # type: ignore[no-untyped-def]
+    """A cut attempt's record estimates its text a token a character outside ASCII, more than a model makes
+    of such text: at most the `max_tokens` (5) it was sent with, as a stopped answer's charge is."""
+    agent_id = world.agent(world.model("primary", upstream="echo;cut_after=4"), world.model("fallback"), max_tokens=5)
+    _, key = world.user()
+    conversation_id = world.conversation(key, agent_id)
+    assistant = world.send(key, conversation_id, "привет " * 10).json["assistant_message"]
+    assert world.wait_terminal(key, assistant["id"])["status"] == "success"
+    with transaction() as session:
+        rows = session.execute(select(ModelAttempt.model_name, ModelAttempt.outcome, ModelAttempt.completion_tokens)
+                               .where(ModelAttempt.message_id == assistant["id"]).order_by(ModelAttempt.id)).all()
+    assert [tuple(r) for r in rows] == [("primary", "stream_cut", 5), ("fallback", "success", 5)]
