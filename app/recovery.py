@@ -27,9 +27,11 @@ Four cracks, one sweep every `AGENTQ_RECOVERY_INTERVAL_SECONDS`:
   due: a sweep's cost does not grow with the turns in flight, only with the pending ones sent in the few
   seconds after the enqueue grace, whose receipts it looks up (none unless turns wait in a queue; a
   worker process's first sweep, every pending one younger than the stale-pending rule).
-And one bound: a run (a turn or an admin test run) still `pending` `AGENTQ_MAX_PENDING_SECONDS` after it
-was accepted (or requeued), behind a backlog or with no worker serving its queue, is ended as `error`
-instead of being sent (`app.pending_bound`, which every API process applies too).
+And two bounds, which every API process applies too: a run (a turn or an admin test run) still `pending`
+`AGENTQ_MAX_PENDING_SECONDS` after it was accepted (or requeued), behind a backlog or with no worker
+serving its queue, is ended as `error` instead of being sent (`app.pending_bound`); and a `processing`
+run no delivery holds, one `AGENTQ_LEASE_SECONDS` past its deadline, is ended as `error` rather than
+left for a delivery a backlog may hold back (`app.deadline_bound`).
 Sending is idempotent (a worker that finds a turn finished or owned does nothing), and a
 compare-and-set on `enqueued_at` keeps several sweepers from sending the same turn twice. The last two
 cracks take a lease from its holder, which a sweep does only once the database has answered it for a

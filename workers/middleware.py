@@ -52,7 +52,8 @@ class RunOutcomes(Middleware):
 
 
 class WorkerServices(Middleware):
-    """Starts the lease keeper's companions (the recovery sweep, the stop check) in each worker process."""
+    """Starts the lease keeper's companions (the recovery sweep, the stop check) in each worker process, and
+    at shutdown stops them and hands another worker the runs its threads still hold or are given."""
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
         """A forked process must not reuse its parent's sockets, logs in agentq's format, not Dramatiq's, and
