@@ -18,10 +18,10 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import Connection, CursorResult, Engine, Executable, create_engine, event
 from sqlalchemy.engine.interfaces import DBAPIConnection
@@ -145,6 +145,23 @@ def rows_changed(session: Session, statement: Executable) -> int:
     """The rows an UPDATE or DELETE statement matched: its result is a `CursorResult`, which counts them, though
     `Session.execute` is typed as returning any `Result`."""
     return cast(CursorResult[Any], session.execute(statement)).rowcount
+
+
+T = TypeVar("T")
+IN_LIST_BATCH = 1000
+"""Values an `IN (...)` list is given at a time: each is a bound parameter, and a statement may carry at
+most 65,535 of them on PostgreSQL and 32,766 on SQLite; dead letters, for one, can outnumber both."""
+
+
+def in_batches(values: Iterable[T]) -> Iterator[list[T]]:
+    batch: list[T] = []
+    for value in values:
+        batch.append(value)
+        if len(batch) == IN_LIST_BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def open_pool() -> None:

@@ -21,12 +21,12 @@ from typing import Any
 
 import redis
 from dramatiq.common import q_name
-from sqlalchemy import or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import live_stream, outbox
-from app.db import rows_changed, transaction
+from app.db import in_batches, rows_changed, transaction
 from app.dead_letter_queue import BrokerEntry, dead_entries, holds_entry, take_entry
 from app.debug_run_state import reopen_debug_run
 from app.dispatch import Delivered
@@ -140,8 +140,8 @@ def _reconcile() -> set[str] | None:
     if not entries:
         return set()
     with transaction() as session:
-        known = {row.redis_message_id: row for row in session.scalars(
-            select(DeadLetter).where(DeadLetter.redis_message_id.in_(entries)))}
+        known = {row.redis_message_id: row for batch in in_batches(entries) for row in session.scalars(
+            select(DeadLetter).where(DeadLetter.redis_message_id.in_(batch)))}
         for ident, entry in entries.items():
             if ident not in known:
                 _adopt(session, entry)
@@ -155,16 +155,16 @@ def open_dead_letters(held: dict[str, set[str]]) -> dict[str, int]:
     """How many dead letters each queue has, as `list_dead_letters` lists them, given the ids its broker holds:
     the open rows (a requeue works from the row, even once Redis lost the entry) and the entries no row
     records yet (the next listing adopts them); an entry whose row was requeued is none."""
-    broker_ids = set().union(*held.values())
+    columns = (DeadLetter.queue, DeadLetter.redis_message_id)
     with transaction() as session:
-        rows = session.execute(select(DeadLetter.queue, DeadLetter.redis_message_id, DeadLetter.requeued_at)
-                               .where(or_(DeadLetter.requeued_at.is_(None),
-                                          DeadLetter.redis_message_id.in_(broker_ids)))).all()
-    recorded = {row.redis_message_id for row in rows}
+        open_rows = session.execute(select(*columns).where(DeadLetter.requeued_at.is_(None))).all()
+        recorded = {row.redis_message_id for row in open_rows}
+        for batch in in_batches(set().union(*held.values())):
+            recorded.update(session.scalars(select(DeadLetter.redis_message_id)
+                                            .where(DeadLetter.redis_message_id.in_(batch))))
     counts = {queue: len(ids - recorded) for queue, ids in held.items()}
-    for row in rows:
-        if row.requeued_at is None:
-            counts[row.queue] = counts.get(row.queue, 0) + 1
+    for row in open_rows:
+        counts[row.queue] = counts.get(row.queue, 0) + 1
     return counts
 
 
@@ -172,9 +172,9 @@ def _run_statuses(session: Session, rows: list[DeadLetter]) -> dict[tuple[str, i
     statuses: dict[tuple[str, int], str] = {}
     for kind in KINDS:
         idents = [r.run_id for r in rows if r.actor == kind.actor and r.run_id is not None]
-        if idents:
+        for batch in in_batches(idents):
             for ident, status in session.execute(select(kind.status_row_id, kind.status)
-                                                 .where(kind.status_row_id.in_(idents))):
+                                                 .where(kind.status_row_id.in_(batch))):
                 statuses[(kind.actor, ident)] = status
     return statuses
 

@@ -625,3 +625,32 @@ def test_a_dead_message_whose_argument_is_no_runs_id_leaves_the_dead_letters_man
     assert listed.returncode == 0, listed.stderr
     assert api.delete(f"/api/admin/dead-letters/{item['id']}", admin).status_code == 204
     assert dead_count(redis_client) == 0
+
+
+def test_more_dead_letters_than_a_statement_takes_parameters_are_still_listed_and_counted(  # type: ignore[no-untyped-def]
+        world, redis_client) -> None:
+    """Every id in an `IN (...)` list is a bound parameter, and PostgreSQL takes at most 65,535 a statement: past
+    that, the listing, the queues and /metrics failed, read as a database outage (503, `up` 0), for as long as
+    the dead letters stayed."""
+    from app.db import transaction
+
+    count = 70_000
+    with transaction() as session:
+        session.execute(text(
+            "INSERT INTO dead_letters (redis_message_id, queue, actor, args, run_id, retries, error, dead_at) "
+            "SELECT 'm-' || i, 'turns', 'run_turn', json_build_array(i), i, 0, 'boom', now() "
+            "FROM generate_series(1, :count) AS i"), {"count": count})
+    redis_client.zadd(f"{NAMESPACE}:turns.XQ", {f"m-{i}": time.time() * 1000 for i in range(1, count + 1)})
+    try:
+        api, admin = world.api, world.admin_key
+        queues = api.get("/api/admin/queues", admin)
+        assert queues.status_code == 200, queues.json
+        assert [q["dead_letters"] for q in queues.json["queues"] if q["name"] == "turns"] == [count]
+        listed = api.get("/api/admin/dead-letters", admin)
+        assert listed.status_code == 200, listed.json
+        items = listed.json["items"]
+        assert (len(items), {item["in_broker"] for item in items}) == (count, {True})
+        metrics = api.get("/metrics").get_data(as_text=True)
+        assert 'agentq_backing_service_up{service="database"} 1.0' in metrics
+    finally:
+        redis_client.delete(f"{NAMESPACE}:turns.XQ")
