@@ -25,7 +25,9 @@ YEAR = 365 * DAY
 request that added it to a date (an `OverflowError` answered 500), long after the process had started."""
 Seconds = Annotated[float, Field(gt=0, le=DAY)]
 """A wait or a period: more than nothing, at most a day."""
-BackoffMs = Annotated[int, Field(ge=0, le=DAY * 1000)]
+BackoffMs = Annotated[int, Field(ge=1, le=DAY * 1000)]
+"""At least 1 ms: Dramatiq reads a backoff of 0 as "not given", so 0 meant its defaults (15 s at least, a
+week at most: retries days apart, and no outage waited out at a settlement)."""
 
 
 class Settings(BaseSettings):

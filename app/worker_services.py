@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import textwrap
 import threading
 import traceback
 from contextlib import nullcontext
@@ -114,10 +115,16 @@ def delivery_failed(message: Delivered, exception: BaseException) -> None:
     """A run given up (`RunGivenUp`) is dead-lettered with no retry, and Dramatiq writes what a dead letter
     names (the options' `traceback`, and `retries` counting the failure that ends them) only for a failure its
     retry policy judges: the reason and the count are written as it writes them, for
-    `dead_letters.record_death` to keep."""
+    `dead_letters.record_death` to keep. The traceback of the failure Dramatiq retried before, if any, is
+    kept after the reason, indented: a run that failed the same way at every delivery until it was given up
+    showed only "gave up after 5 deliveries", and not what had failed."""
     if isinstance(exception, RunGivenUp):
+        earlier = message.options.get("traceback")
+        reason = "".join(traceback.format_exception_only(exception))
+        if isinstance(earlier, str) and earlier.strip():
+            reason += "The delivery before it failed with:\n" + textwrap.indent(earlier, "    ")
         message.options["retries"] = int(message.options.get("retries", 0)) + 1
-        message.options["traceback"] = "".join(traceback.format_exception_only(exception))
+        message.options["traceback"] = reason
 
 
 def message_died(message: Delivered) -> None:

@@ -208,6 +208,9 @@ def test_the_web_server_listens_on_an_ipv6_address(given: str) -> None:
     (["db", "init"], {"AGENTQ_DEDUP_WINDOW_SECONDS": "100000000000"},
      "AGENTQ_DEDUP_WINDOW_SECONDS='100000000000': Input should be less than or equal to 31536000"),
     (["db", "init"], {"AGENTQ_LEASE_SECONDS": "nan"}, "AGENTQ_LEASE_SECONDS='nan': Input should be a finite number"),
+    # Dramatiq takes a backoff of 0 for none given: its defaults, retries up to a week apart
+    (["db", "init"], {"AGENTQ_MAX_BACKOFF_MS": "0"},
+     "AGENTQ_MAX_BACKOFF_MS='0': Input should be greater than or equal to 1"),
     # a command that never connects to Redis went through with it; `dlq list` failed with a traceback
     (["users", "create", "nobody"], {"REDIS_URL": "notaurl"}, "REDIS_URL='notaurl': must be a Redis URL"),
     (["dlq", "list"], {"REDIS_URL": "redis://127.0.0.1:port/0"}, "REDIS_URL='redis://127.0.0.1:port/0': must be"),

@@ -654,3 +654,24 @@ def test_more_dead_letters_than_a_statement_takes_parameters_are_still_listed_an
         assert 'agentq_backing_service_up{service="database"} 1.0' in metrics
     finally:
         redis_client.delete(f"{NAMESPACE}:turns.XQ")
+
+
+def test_a_run_given_up_keeps_the_traceback_of_the_failure_before_it() -> None:
+    """A run that failed the same way at every delivery until it was given up showed only the give-up, and
+    not what had failed: the earlier traceback follows the reason, indented, and the error is the reason."""
+    import dramatiq
+
+    from app.dead_letters import error_summary
+    from app.deliveries import RunGivenUp
+    from app.worker_services import delivery_failed
+
+    earlier = 'Traceback (most recent call last):\n  File "/srv/a.py", line 3, in run\n    settle()\nValueError: boom\n'
+    message: dramatiq.Message[None] = dramatiq.Message(queue_name="turns", actor_name="run_turn", args=(7,), kwargs={},
+                               options={"retries": 4, "traceback": earlier})
+    delivery_failed(message, RunGivenUp("gave up after 5 deliveries"))
+    assert message.options["traceback"] == (
+        "app.deliveries.RunGivenUp: gave up after 5 deliveries\nThe delivery before it failed with:\n"
+        '    Traceback (most recent call last):\n      File "/srv/a.py", line 3, in run\n        settle()\n'
+        "    ValueError: boom\n")
+    assert error_summary(message.options["traceback"]) == "app.deliveries.RunGivenUp: gave up after 5 deliveries"
+    assert message.options["retries"] == 5
