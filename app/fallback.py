@@ -149,11 +149,11 @@ def call_with_fallback(
             log.warning("model %s failed after %s ms (%s)%s", target.name, failure.latency_ms, failure,
                         f"; falling back to {fallback.name}" if falls_back and fallback else "")
             if falls_back:
-                metrics.observe_fallback()
                 if falling_back is not None and not falling_back():
                     outcome.errors.append(f"{targets[index + 1].name}: not called, the run is no longer this "
                                           "delivery's")
                     return outcome
+                metrics.observe_fallback()
                 continue
             return outcome
         outcome.attempts.append(_record(target, "success", None, completion.latency_ms, completion.first_token_ms,

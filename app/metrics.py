@@ -32,8 +32,9 @@ FIRST_TOKEN = Histogram("agentq_llm_first_token_seconds", "Time to the first tok
 
 
 def observe_fallback() -> None:
-    """Counted when a run switches, which it does once (`app.fallback`): a run whose worker died during the
-    fallback's call is not counted again by the delivery that takes it over and calls the fallback alone."""
+    """Counted when a run's switch is recorded, which it is once (`app.fallback`): not by a delivery that
+    finds the run no longer its own there (the delivery that has it counts its own switch), nor again by
+    the delivery that takes over a run whose worker died during the fallback's call, and calls it alone."""
     FALLBACKS.inc()
 
 

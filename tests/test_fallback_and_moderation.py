@@ -417,6 +417,8 @@ def test_a_delivery_that_finds_its_lease_gone_when_it_records_the_switch_does_no
     delivery has the run: it does not call the fallback. (Here the turn is pending, held by no lease.)"""
     import threading
 
+    from prometheus_client import REGISTRY
+
     from app.agent_setup import AgentParams
     from app.answer_sink import AnswerSink
     from app.fallback import call_with_fallback
@@ -426,6 +428,7 @@ def test_a_delivery_that_finds_its_lease_gone_when_it_records_the_switch_does_no
     _, key = world.user()
     turn_id = world.send(key, world.conversation(key, agent_id), "hi").json["assistant_message"]["id"]
     stop = threading.Event()
+    switches = REGISTRY.get_sample_value("agentq_fallbacks_total")
     outcome = call_with_fallback(mock_target("primary", "echo;fail=503"), mock_target("fallback", "echo;words=3"),
                                  lambda _target: [{"role": "user", "content": "hi"}],
                                  AgentParams(timeout_seconds=10, temperature=None, max_tokens=None), AnswerSink(), stop,
@@ -433,6 +436,7 @@ def test_a_delivery_that_finds_its_lease_gone_when_it_records_the_switch_does_no
                                                                             ends_by=None, stop=stop))
     assert (outcome.completion, outcome.errors[-1]) == (None, "fallback: not called, the run is no longer this "
                                                                 "delivery's")
+    assert REGISTRY.get_sample_value("agentq_fallbacks_total") == switches  # the delivery that has it counts it
     # The session's workers may run the turn itself ("echo") once the sweep sends it: its own business.
     assert [model for model in upstream.models() if model != "echo"] == ["echo;fail=503"]
 
