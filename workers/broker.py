@@ -36,6 +36,8 @@ import math
 import os
 import threading
 import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import dramatiq
@@ -44,6 +46,7 @@ from dramatiq import Message
 from dramatiq.broker import Consumer, MessageProxy
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.common import dq_name
+from dramatiq.errors import ConnectionClosed
 from dramatiq.middleware import Retries
 
 from app.config import get_settings
@@ -57,6 +60,19 @@ log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _installed: RedisBroker | None = None
+
+
+@contextmanager
+def _redis_errors_as_connection_closed() -> Iterator[None]:
+    """Dramatiq's consumer turns only `redis.ConnectionError` into `ConnectionClosed`, which its consumer
+    thread survives (it restarts the consumer a second later). A Redis that hangs past the socket timeout
+    raises `redis.TimeoutError`: taken for an unexpected error, it sent the thread to a clean-up whose
+    requeue of the retries it held raised it again, and the thread ended; the process then took no
+    retry of that queue until it stopped, each run waiting for the recovery sweep instead."""
+    try:
+        yield
+    except redis.RedisError as error:
+        raise ConnectionClosed(error) from error
 
 
 class RefillingConsumer(_RedisConsumer):
@@ -80,15 +96,21 @@ class RefillingConsumer(_RedisConsumer):
 
     def ack(self, message: MessageProxy) -> None:
         try:
-            super().ack(message)
+            with _redis_errors_as_connection_closed():
+                super().ack(message)
         finally:
             self._freed.set()
 
     def nack(self, message: MessageProxy) -> None:
         try:
-            super().nack(message)
+            with _redis_errors_as_connection_closed():
+                super().nack(message)
         finally:
             self._freed.set()
+
+    def requeue(self, messages: Iterable[MessageProxy]) -> None:
+        with _redis_errors_as_connection_closed():
+            super().requeue(messages)
 
     def __next__(self) -> MessageProxy | None:
         """A message, or None (Dramatiq's "nothing yet") after waiting for a place or a message; once the
@@ -97,7 +119,8 @@ class RefillingConsumer(_RedisConsumer):
             self._freed.wait(self._wait_seconds)
             self._freed.clear()
             return None
-        message = super().__next__()
+        with _redis_errors_as_connection_closed():
+            message = super().__next__()
         if message is None:
             self._rung.wait(self._wait_seconds)
             self._rung.clear()
