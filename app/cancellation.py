@@ -3,7 +3,7 @@
 A pending turn is cancelled at once (no worker has it). A processing turn is flagged in the
 database and in Redis; the worker's lease keeper notices within half a second, its watchdog closes
 the upstream connection, and the worker settles the turn as `cancelled` with the text so far,
-charging the tokens generated; the stop's answer waits for that end (`cancel_turn`). Either way the
+charging the tokens generated; the answer to a stop or to a delete waits for that end. Either way the
 conversation and the user's slot are freed.
 """
 
@@ -77,7 +77,11 @@ def delete_conversation(principal: Principal, conversation_id: int) -> None:
     delete's (the delete's UPDATE waits for the row the intake holds) or it is refused (the intake checks
     `deleted_at` on the committed row): a second look, after the delete's commit, stops it. It is a
     transaction of its own because taking the conversation's row before a turn's, in one, would deadlock
-    with a settling turn, which takes them the other way round."""
+    with a settling turn, which takes them the other way round.
+
+    Like a stop's answer, the 204 waits (`AGENTQ_CANCEL_WAIT_SECONDS` at most) for the worker to end a
+    processing turn it stopped: answered at once, the user's next message elsewhere was refused for that
+    half second, their slot still held by the deleted conversation's turn."""
     with transaction() as session:
         owned_conversation(session, principal, conversation_id)
         stopped = _stop_in_flight(session, conversation_id)
@@ -89,8 +93,6 @@ def delete_conversation(principal: Principal, conversation_id: int) -> None:
     if stopped is None:
         with transaction() as session:
             stopped = _stop_in_flight(session, conversation_id)
-    # Like a stop's answer, the 204 waits for the worker's end: answered at once, the user's next message
-    # elsewhere was refused for that half second, their slot still held by the deleted conversation's turn.
     _announce(stopped)
     if stopped is not None and stopped.ended_by_worker:
         _once_ended(stopped.turn_id)

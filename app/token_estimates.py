@@ -14,7 +14,7 @@ def estimate_tokens(text: str) -> int:
 
 
 def estimate_answer_tokens(text: str, max_tokens: int | None) -> int:
-    """An answer's tokens where the provider reported none (it failed, was stopped, or never reports), at
+    """An answer's tokens where the provider reported none (the call failed or was stopped), at
     most the `max_tokens` its request was sent with: the estimate counts a token a character outside ASCII,
     more than a model makes of such text, and a model makes no more than it was allowed."""
     estimate = estimate_tokens(text)

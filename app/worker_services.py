@@ -115,14 +115,14 @@ def delivery_failed(message: Delivered, exception: BaseException) -> None:
     """A run given up (`RunGivenUp`) is dead-lettered with no retry, and Dramatiq writes what a dead letter
     names (the options' `traceback`, and `retries` counting the failure that ends them) only for a failure its
     retry policy judges: the reason and the count are written as it writes them, for
-    `dead_letters.record_death` to keep. The traceback of the failure Dramatiq retried before, if any, is
+    `dead_letters.record_death` to keep. The traceback of the last failure Dramatiq retried, if any, is
     kept after the reason, indented: a run that failed the same way at every delivery until it was given up
     showed only "gave up after 5 deliveries", and not what had failed."""
     if isinstance(exception, RunGivenUp):
         earlier = message.options.get("traceback")
         reason = "".join(traceback.format_exception_only(exception))
         if isinstance(earlier, str) and earlier.strip():
-            reason += "The delivery before it failed with:\n" + textwrap.indent(earlier, "    ")
+            reason += "The last failure retried before it:\n" + textwrap.indent(earlier, "    ")
         message.options["retries"] = int(message.options.get("retries", 0)) + 1
         message.options["traceback"] = reason
 

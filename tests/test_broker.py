@@ -179,12 +179,16 @@ def test_a_redis_that_hangs_is_a_closed_connection_to_dramatiq_not_an_error_that
     """Dramatiq's consumer thread survives `ConnectionClosed` (it restarts the consumer a second later), but
     a timeout was an unexpected error: its clean-up, requeueing the retries it held, raised it again, and the
     thread ended, so the process took no retry of that queue until it stopped. Every look, ack, nack and
-    requeue that Redis does not answer is `ConnectionClosed`."""
+    requeue that Redis does not answer in time is `ConnectionClosed`."""
     import redis
     from dramatiq.broker import MessageProxy
     from dramatiq.errors import ConnectionClosed
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
-    client = redis.Redis(host="127.0.0.1", port=silent_redis, socket_timeout=0.2, socket_connect_timeout=1)
+    # No retries of its own, as the worker's pool (`from_url`) has none: each step fails at its first timeout.
+    client = redis.Redis(host="127.0.0.1", port=silent_redis, socket_timeout=0.2, socket_connect_timeout=1,
+                         retry=Retry(NoBackoff(), 0))
     broker = DoorbellRedisBroker(poll_ms=100, client=client, namespace=f"hung-{uuid.uuid4().hex[:8]}", middleware=[])
     consumer = RefillingConsumer(broker, "turns.DQ", prefetch=1, timeout=100, draining=threading.Event())
     held = MessageProxy(dramatiq.Message(queue_name="turns", actor_name="probe", args=(1,), kwargs={},

@@ -656,7 +656,7 @@ def test_more_dead_letters_than_a_statement_takes_parameters_are_still_listed_an
         redis_client.delete(f"{NAMESPACE}:turns.XQ")
 
 
-def test_a_run_given_up_keeps_the_traceback_of_the_failure_before_it() -> None:
+def test_a_run_given_up_keeps_the_traceback_of_the_last_failure_retried() -> None:
     """A run that failed the same way at every delivery until it was given up showed only the give-up, and
     not what had failed: the earlier traceback follows the reason, indented, and the error is the reason."""
     import dramatiq
@@ -670,7 +670,7 @@ def test_a_run_given_up_keeps_the_traceback_of_the_failure_before_it() -> None:
                                options={"retries": 4, "traceback": earlier})
     delivery_failed(message, RunGivenUp("gave up after 5 deliveries"))
     assert message.options["traceback"] == (
-        "app.deliveries.RunGivenUp: gave up after 5 deliveries\nThe delivery before it failed with:\n"
+        "app.deliveries.RunGivenUp: gave up after 5 deliveries\nThe last failure retried before it:\n"
         '    Traceback (most recent call last):\n      File "/srv/a.py", line 3, in run\n        settle()\n'
         "    ValueError: boom\n")
     assert error_summary(message.options["traceback"]) == "app.deliveries.RunGivenUp: gave up after 5 deliveries"

@@ -63,15 +63,17 @@ _installed: RedisBroker | None = None
 
 
 @contextmanager
-def _redis_errors_as_connection_closed() -> Iterator[None]:
+def _timeouts_as_connection_closed() -> Iterator[None]:
     """Dramatiq's consumer turns only `redis.ConnectionError` into `ConnectionClosed`, which its consumer
     thread survives (it restarts the consumer a second later). A Redis that hangs past the socket timeout
     raises `redis.TimeoutError`: taken for an unexpected error, it sent the thread to a clean-up whose
     requeue of the retries it held raised it again, and the thread ended; the process then took no
-    retry of that queue until it stopped, each run waiting for the recovery sweep instead."""
+    retry of that queue until it stopped, each run waiting for the recovery sweep instead. Other errors
+    (a refused command) stay Dramatiq's unexpected ones: retried as a lost connection, they would hold a
+    worker thread for ever."""
     try:
         yield
-    except redis.RedisError as error:
+    except redis.TimeoutError as error:
         raise ConnectionClosed(error) from error
 
 
@@ -96,20 +98,20 @@ class RefillingConsumer(_RedisConsumer):
 
     def ack(self, message: MessageProxy) -> None:
         try:
-            with _redis_errors_as_connection_closed():
+            with _timeouts_as_connection_closed():
                 super().ack(message)
         finally:
             self._freed.set()
 
     def nack(self, message: MessageProxy) -> None:
         try:
-            with _redis_errors_as_connection_closed():
+            with _timeouts_as_connection_closed():
                 super().nack(message)
         finally:
             self._freed.set()
 
     def requeue(self, messages: Iterable[MessageProxy]) -> None:
-        with _redis_errors_as_connection_closed():
+        with _timeouts_as_connection_closed():
             super().requeue(messages)
 
     def __next__(self) -> MessageProxy | None:
@@ -119,7 +121,7 @@ class RefillingConsumer(_RedisConsumer):
             self._freed.wait(self._wait_seconds)
             self._freed.clear()
             return None
-        with _redis_errors_as_connection_closed():
+        with _timeouts_as_connection_closed():
             message = super().__next__()
         if message is None:
             self._rung.wait(self._wait_seconds)
