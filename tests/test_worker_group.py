@@ -87,3 +87,23 @@ def test_a_group_that_fails_to_start_is_not_left_running() -> None:
             print("left", len(multiprocessing.active_children()), flush=True)
     """)
     assert (done.returncode, done.stdout.split()) == (0, ["left", "0"])
+
+
+def test_a_worker_process_takes_a_repeated_stop_for_one_from_its_boot_on() -> None:
+    """Dramatiq sets its SIGTERM handler (a second SIGTERM: "kill now") before the process's boot hook; the
+    filter that takes a copy sent within 2 s for the same stop was installed only once the worker threads
+    ran, after the database pool opened, so a stop sent to the whole process group in that time killed the
+    process with its first runs in flight. It is in place when the boot hook returns."""
+    done = run("""
+        stops = []
+        def dramatiq_handler(signum, frame):  # what Dramatiq's worker process installs
+            stops.append(signum)
+        signal.signal(signal.SIGTERM, dramatiq_handler)
+        from workers.middleware import WorkerServices
+        WorkerServices().after_process_boot(None)
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        print("stops", len(stops), flush=True)
+    """)
+    assert (done.returncode, done.stdout.split()) == (0, ["stops", "1"]), done.stderr
+    assert "the same stop sent twice" in done.stderr

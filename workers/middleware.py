@@ -57,17 +57,19 @@ class WorkerServices(Middleware):
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
         """A forked process must not reuse its parent's sockets, logs in agentq's format, not Dramatiq's, and
-        stops when its group's parent dies."""
+        stops when its group's parent dies. Dramatiq set its signal handlers before this hook, in the
+        process's main thread, which runs it: a repeated SIGTERM is told apart from here on, before any
+        worker thread takes a run (from the worker's boot hook, as it was, a stop sent to the process group
+        while the database pool opened still killed the process with its first runs in flight)."""
         _worker().after_fork()
         configure_logging()
         stop_with_the_parent()
-
-    def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        """Background services start once the worker threads exist. Dramatiq set its signal handlers before
-        this, in the process's main thread, which runs this hook too."""
-        _worker().start(worker.worker_threads)
         if threading.current_thread() is threading.main_thread():
             treat_a_repeated_stop_as_one()
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        """Background services start once the worker threads exist."""
+        _worker().start(worker.worker_threads)
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         """Stop sweeping and fetching before the threads drain, so a stopping worker takes no new run."""
