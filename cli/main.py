@@ -123,9 +123,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     require_schema()
 
-    # A process takes no more turns than it has threads. Dramatiq reads `dramatiq_queue_prefetch` into this
-    # global when `dramatiq.worker` is first imported, which building the parser has already done, so the
-    # environment variable cannot be used here; without it Dramatiq prefetches twice the threads.
+    # A process takes no more runs than it has threads (each queue's consumer counts the places the others
+    # took: `workers.places`). Dramatiq reads `dramatiq_queue_prefetch` into this global when
+    # `dramatiq.worker` is first imported, which building the parser has already done, so the environment
+    # variable cannot be used here; without it Dramatiq prefetches twice the threads.
     processes, threads = worker_size(args)
     dramatiq.worker.QUEUE_PREFETCH = dramatiq.worker.QUEUE_PREFETCH or threads
     preload(ACTORS_MODULE)

@@ -198,3 +198,32 @@ def test_a_redis_that_hangs_is_a_closed_connection_to_dramatiq_not_an_error_that
         with pytest.raises(ConnectionClosed) as closed:
             step()
         assert isinstance(closed.value.__cause__, redis.TimeoutError)
+
+
+def test_the_consumers_of_a_processs_queues_fetch_no_more_than_its_free_places(slow_polling_broker) -> None:  # type: ignore[no-untyped-def]
+    """Each queue's consumer had a prefetch of its own (the process's threads) while one pool of threads ran
+    what both fetched: a run of one queue was taken while every thread ran the other's, and waited for one
+    of them, however many other workers idled. Two places here, both taken by the first queue's runs: the
+    second queue's consumer fetches nothing until an ack frees one, and is woken by that ack."""
+    suffix = uuid.uuid4().hex[:8]
+    first_queue, second_queue = f"places-a-{suffix}", f"places-b-{suffix}"
+    for index in range(2):
+        slow_polling_broker.enqueue(probe(first_queue, index))
+    slow_polling_broker.enqueue(probe(second_queue, 9))
+    first = slow_polling_broker.consume(first_queue, prefetch=2)
+    second = slow_polling_broker.consume(second_queue, prefetch=2)
+    try:
+        running = [next(first), next(first)]
+        assert [m.args for m in running] == [(0,), (1,)]
+        threading.Timer(0.3, first.ack, args=(running[0],)).start()
+        started = time.monotonic()
+        assert next(second) is None, "with every place taken the second queue's consumer fetched"
+        woke = time.monotonic() - started
+        assert 0.2 < woke < 5, f"the consumer waited {woke:.1f}s for the freed place"
+        taken = next(second)
+        assert taken is not None and taken.args == (9,)
+        first.ack(running[1])
+        second.ack(taken)
+    finally:
+        first.close()
+        second.close()

@@ -55,6 +55,7 @@ from app.dispatch import receipt_key, receipt_seconds
 from app.redis_client import SOCKET_TIMEOUT_SECONDS
 from workers.doorbell import Doorbell, channel_name
 from workers.middleware import DeliveryLogContext, RunOutcomes, WorkerServices
+from workers.places import SharedPlaces
 
 log = logging.getLogger(__name__)
 
@@ -78,21 +79,25 @@ def _timeouts_as_connection_closed() -> Iterator[None]:
 
 
 class RefillingConsumer(_RedisConsumer):
-    """Dramatiq's Redis consumer, except that it waits for a wake-up instead of sleeping a backoff.
+    """Dramatiq's Redis consumer, except that it waits for a wake-up instead of sleeping a backoff, and
+    fetches only into the places its process has free (`workers.places`: the consumers of a process's work
+    queues share them; a delay queue's consumer, or one made alone, has its own).
 
     `timeout` (ms) is the longest wait between two looks at the queue. Dramatiq's own consumer sleeps
-    its backoff after a look that found nothing; it is given 1 ms here, and the waiting is done on
-    the two events, so a wake-up is never slept through.
+    its backoff after a look that found nothing; here the waiting is done on a freed place or on the
+    doorbell's ring, so a wake-up is never slept through.
     """
 
     def __init__(self, broker: RedisBroker, queue_name: str, prefetch: int, timeout: int,
-                 draining: threading.Event, doorbell: Doorbell | None = None) -> None:
+                 draining: threading.Event, doorbell: Doorbell | None = None,
+                 places: SharedPlaces | None = None) -> None:
         super().__init__(broker, queue_name, prefetch, 1)
         self._wait_seconds = timeout / 1000
-        self._freed = threading.Event()
         self._rung = threading.Event()
         self._doorbell = doorbell
         self._draining = draining
+        self._places = places or SharedPlaces()
+        self._places.join(self)
         if doorbell is not None:
             doorbell.listen(queue_name, self._rung)
 
@@ -101,14 +106,14 @@ class RefillingConsumer(_RedisConsumer):
             with _timeouts_as_connection_closed():
                 super().ack(message)
         finally:
-            self._freed.set()
+            self._places.freed()
 
     def nack(self, message: MessageProxy) -> None:
         try:
             with _timeouts_as_connection_closed():
                 super().nack(message)
         finally:
-            self._freed.set()
+            self._places.freed()
 
     def requeue(self, messages: Iterable[MessageProxy]) -> None:
         with _timeouts_as_connection_closed():
@@ -117,18 +122,31 @@ class RefillingConsumer(_RedisConsumer):
     def __next__(self) -> MessageProxy | None:
         """A message, or None (Dramatiq's "nothing yet") after waiting for a place or a message; once the
         worker is draining, no new fetch (what it still holds goes to its threads, which hand it back)."""
-        if not self.message_cache and (self._draining.is_set() or self.outstanding_message_count >= self.prefetch):
-            self._freed.wait(self._wait_seconds)
-            self._freed.clear()
+        if not self.message_cache and not self._fetched():
             return None
         with _timeouts_as_connection_closed():
-            message = super().__next__()
-        if message is None:
-            self._rung.wait(self._wait_seconds)
-            self._rung.clear()
-        return message
+            return super().__next__()  # from the cache the fetch filled: no look at Redis
+
+    def _fetched(self) -> bool:
+        """Fetch as many messages as there are free places into the cache; False, after waiting for a freed
+        place (none free, or draining) or for a ring (the queue was empty), when none came."""
+        with self._places.changed:
+            free = 0 if self._draining.is_set() else self.prefetch - self._places.taken()
+            if free <= 0:
+                self._places.changed.wait(self._wait_seconds)
+                return False
+            try:
+                self.message_cache = self.broker.do_fetch(self.queue_name, free)
+            except (redis.ConnectionError, redis.TimeoutError) as error:
+                raise ConnectionClosed(error) from error
+        if self.message_cache:
+            return True
+        self._rung.wait(self._wait_seconds)
+        self._rung.clear()
+        return False
 
     def close(self) -> None:
+        self._places.leave(self)
         if self._doorbell is not None:
             self._doorbell.forget(self.queue_name, self._rung)
         super().close()
@@ -141,6 +159,7 @@ class DoorbellRedisBroker(RedisBroker):
         super().__init__(**options)
         self.poll_ms = poll_ms
         self.doorbell = Doorbell(self.client, channel_name(self.namespace))
+        self.places = SharedPlaces()
 
     def enqueue(self, message: Message, *, delay: int | None = None) -> Message:
         sent = super().enqueue(message, delay=delay)
@@ -173,7 +192,7 @@ class DoorbellRedisBroker(RedisBroker):
 
         if queue_name == dq_name(queue_name):
             return RefillingConsumer(self, queue_name, prefetch, timeout, draining)
-        return RefillingConsumer(self, queue_name, prefetch, self.poll_ms, draining, self.doorbell)
+        return RefillingConsumer(self, queue_name, prefetch, self.poll_ms, draining, self.doorbell, self.places)
 
 
 def broker_options() -> dict[str, Any]:
