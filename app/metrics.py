@@ -31,6 +31,20 @@ FIRST_TOKEN = Histogram("agentq_llm_first_token_seconds", "Time to the first tok
                         buckets=LATENCY_BUCKETS)
 
 
+def serve_host_counters(host: str, port: int) -> None:
+    """Serve at http://host:port/metrics, from a thread of the calling process, the counters and histograms
+    that this host's processes wrote to PROMETHEUS_MULTIPROC_DIR: for workers whose directory no API process
+    reads (a container, a dyno or a machine of their own), whose counts the API's `/metrics` cannot show,
+    and nearly all counts are made in workers. Not the shared-state gauges: the API's `/metrics` has those,
+    the same whichever process answers, and served here too they would be counted twice."""
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    start_http_server(port, addr=host, registry=registry)
+
+
 def observe_fallback() -> None:
     """Counted when a run's switch is recorded, which it is once (`app.fallback`): not by a delivery that
     finds the run no longer its own there (the delivery that has it counts its own switch), nor again by

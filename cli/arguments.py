@@ -63,6 +63,11 @@ def port(value: str) -> int:
     return number
 
 
+def optional_port(value: str) -> int | None:
+    """A port, or none for an empty value: what leaves a variable's service off."""
+    return port(value) if value.strip() else None
+
+
 def record_id(value: str) -> int:
     """An id of a user, agent, conversation or dead letter; one out of the database's range was its error's
     traceback (`bigint out of range`)."""

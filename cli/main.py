@@ -11,7 +11,7 @@ from dataclasses import asdict
 from decimal import Decimal
 from pathlib import Path
 
-from cli.arguments import InvalidVariable, amount, count, host, option_or_environment, port
+from cli.arguments import InvalidVariable, amount, count, host, option_or_environment, optional_port, port
 from cli.output import print_error, print_json
 
 
@@ -129,6 +129,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # variable cannot be used here; without it Dramatiq prefetches twice the threads.
     processes, threads = worker_size(args)
     dramatiq.worker.QUEUE_PREFETCH = dramatiq.worker.QUEUE_PREFETCH or threads
+    metrics_port = option_or_environment(args.metrics_port, "AGENTQ_WORKER_METRICS_PORT", "", optional_port)
+    if metrics_port is not None:
+        from app.metrics import serve_host_counters
+
+        metrics_host = option_or_environment(args.metrics_host, "AGENTQ_WORKER_METRICS_HOST", "127.0.0.1", host)
+        try:
+            serve_host_counters(metrics_host, metrics_port)
+        except OSError as exc:  # the port taken
+            print_error("unavailable", f"the worker's counters cannot be served on {metrics_host}:{metrics_port}: "
+                        f"{exc.strerror or exc}")
+            return 1
     preload(ACTORS_MODULE)
     argv = [ACTORS_MODULE, "--processes", str(processes), "--threads", str(threads),
             "--worker-shutdown-timeout", str(int(get_settings().shutdown_grace_seconds * 1000))]
@@ -184,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--processes", type=count, help="default: AGENTQ_WORKER_PROCESSES, else 2")
     worker.add_argument("--threads", type=count, help="threads a process; default: AGENTQ_WORKER_THREADS, else 16")
     worker.add_argument("--queues", nargs="+", default=None, choices=QUEUES)
+    worker.add_argument("--metrics-port", type=port,
+                        help="serve this host's worker counters at /metrics on this port, for workers that share "
+                             "no PROMETHEUS_MULTIPROC_DIR with an API process; default: AGENTQ_WORKER_METRICS_PORT, "
+                             "else none")
+    worker.add_argument("--metrics-host", type=host,
+                        help="the address it listens on; default: AGENTQ_WORKER_METRICS_HOST, else 127.0.0.1")
     worker.add_argument("--no-restart", action="store_true",
                         help="exit when one process dies (Dramatiq's own way) instead of starting the group again; "
                              "for a supervisor that restarts the command itself")

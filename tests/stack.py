@@ -96,9 +96,10 @@ class Stack:
         return f"http://127.0.0.1:{self.web_port}"
 
     def env(self, **overrides: str) -> dict[str, str]:
-        return child_env(DATABASE_URL=self.database_url, REDIS_URL=self.redis.url,
-                         PROMETHEUS_MULTIPROC_DIR=str(self.metrics_dir), AGENTQ_REDIS_KEY_PREFIX=self.key_prefix,
-                         AGENTQ_BROKER_NAMESPACE=f"{self.key_prefix}-dramatiq", **{**self.extra_env, **overrides})
+        return child_env(**{"DATABASE_URL": self.database_url, "REDIS_URL": self.redis.url,
+                            "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
+                            "AGENTQ_REDIS_KEY_PREFIX": self.key_prefix,
+                            "AGENTQ_BROKER_NAMESPACE": f"{self.key_prefix}-dramatiq", **self.extra_env, **overrides})
 
     def run(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(agentq(*args), env=self.env(**env), capture_output=True, text=True, cwd=ROOT,

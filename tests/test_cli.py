@@ -221,6 +221,7 @@ def test_the_web_server_listens_on_an_ipv6_address(given: str) -> None:
     # the process-size variables were refused by argparse under the flag's name, which the operator never typed
     (["web"], {"AGENTQ_WEB_WORKERS": "two"}, "AGENTQ_WEB_WORKERS='two': 'two' is not a whole number"),
     (["worker"], {"AGENTQ_WORKER_THREADS": "0"}, "AGENTQ_WORKER_THREADS='0': must be at least 1, not 0"),
+    (["worker"], {"AGENTQ_WORKER_METRICS_PORT": "99999"}, "AGENTQ_WORKER_METRICS_PORT='99999': a port is 1..65535"),
     # counters' directory: a traceback from the first counter a process wrote
     (["worker", "--processes", "1"], {"PROMETHEUS_MULTIPROC_DIR": str(ROOT / "README.md")},
      f"PROMETHEUS_MULTIPROC_DIR='{ROOT / 'README.md'}': not a directory"),
@@ -404,3 +405,17 @@ def test_the_contracts_settings_from_the_environment_shape_the_api(mock_upstream
         stack.send(key, first.json()["id"], "x" * 10)
         over = stack.call("POST", f"/api/conversations/{second.json()['id']}/messages", key, json={"content": "hi"})
         assert (over.status_code, over.json()["error"]["code"]) == (429, "too_many_active_conversations")
+
+
+def test_a_worker_whose_counters_port_is_taken_says_so_and_does_not_start() -> None:
+    import json
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        command = subprocess.run([str(VENV_BIN / "agentq"), "worker", "--processes", "1", "--metrics-port", str(port)],
+                                 env=child_env(), cwd=ROOT, text=True, capture_output=True, timeout=60)
+    assert command.returncode == 1, command.stderr
+    error = json.loads(command.stderr.strip().splitlines()[-1])["error"]
+    assert error["code"] == "unavailable"
+    assert error["message"].startswith(f"the worker's counters cannot be served on 127.0.0.1:{port}: ")

@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -851,6 +852,28 @@ def scrape(stack: Stack) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 def metric(values: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
     return values.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_workers_that_share_no_counters_directory_with_the_api_serve_their_own(stack: Stack, tmp_path: Path) -> None:
+    """Nearly every count is made in a worker (its model calls, fallbacks, costs, most turn ends). Workers on
+    a host of their own (a container, a dyno) write them where no API process reads, and its `/metrics` never
+    showed them: `--metrics-port` (`AGENTQ_WORKER_METRICS_PORT`) serves that host's counters."""
+    from tests.support import free_port
+
+    port = free_port()
+    stack.start_worker(PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "worker-host"), AGENTQ_WORKER_METRICS_PORT=str(port))
+    agent_id = stack.agent(stack.model("own-host", "echo"))
+    _, key = stack.user("own-host")
+    answer = stack.send(key, stack.conversation(key, agent_id), "count me")
+    assert stack.wait_terminal(key, answer["id"])["status"] == "success"
+    served = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    assert served.status_code == 200
+    values = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+              for family in text_string_to_metric_families(served.text) for sample in family.samples}
+    assert metric(values, "agentq_turns_total", status="success") == 1
+    assert metric(values, "agentq_model_attempts_total", model="own-host", outcome="success") == 1
+    assert not any(name == "agentq_backing_service_up" for name, _ in values)  # the API's gauges stay the API's
+    assert metric(scrape(stack), "agentq_model_attempts_total", model="own-host", outcome="success") == 0
 
 
 def test_metrics_count_real_turns_across_worker_and_web_processes(stack: Stack) -> None:
