@@ -70,6 +70,7 @@ class Settings(BaseSettings):
 
     stream_maxlen: int = Field(default=10000, ge=100, le=100_000_000)
     stream_ttl_seconds: int = Field(default=3600, ge=60, le=YEAR)
+    stream_ended_ttl_seconds: int = Field(default=60, ge=1, le=YEAR)
     stream_heartbeat_seconds: Seconds = 15.0
     stream_max_seconds: float = Field(default=3900.0, gt=0, le=YEAR)
     max_streams_per_user: int = Field(default=32, ge=1, le=1_000_000)

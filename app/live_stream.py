@@ -222,30 +222,36 @@ class _Publisher:
                 pipe = get_redis().pipeline(transaction=False)
                 for key, fields, expire in batch:
                     pipe.xadd(key, fields, maxlen=settings.stream_maxlen, approximate=True)
-                    if self._expiry_due(key, expire, settings.stream_ttl_seconds, fields["type"] == "done"):
+                    if fields["type"] == "done":
+                        self._expired_at.pop(key, None)
+                        pipe.expire(key, settings.stream_ended_ttl_seconds)
+                    elif self._expiry_due(key, expire, settings.stream_ttl_seconds):
                         pipe.expire(key, settings.stream_ttl_seconds)
                 pipe.execute()
             except redis.RedisError:
                 log.warning("could not publish %d stream entries; readers fall back to the database", len(batch))
 
-    def _expiry_due(self, key: str, asked: bool, ttl: float, last: bool) -> bool:
-        """Whether this entry (re)sets its stream's expiry: a status or the end asks for it, and so does a delta
-        once a quarter of the expiry has gone by since it was last set. Set by the statuses alone, the stream
-        of an answer longer than the expiry vanished mid-answer, and readers who connected or resumed after
-        that found a gap until the end."""
+    def _expiry_due(self, key: str, asked: bool, ttl: float) -> bool:
+        """Whether this entry of a running turn (re)sets its stream's expiry: a status asks for it, and so does
+        a delta once a quarter of the expiry has gone by since it was last set. Set by the statuses alone,
+        the stream of an answer longer than the expiry vanished mid-answer, and readers who connected or
+        resumed after that found a gap until the end."""
         now = time.monotonic()
-        set_at = self._expired_at.pop(key, None) if last else self._expired_at.get(key)
+        set_at = self._expired_at.get(key)
         due = asked or set_at is None or now - set_at >= ttl / 4
-        if due and not last:
+        if due:
+            self._expired_at.pop(key, None)  # to the end of the order: the oldest set is forgotten first
             self._expired_at[key] = now
-        if len(self._expired_at) > _EXPIRIES_KEPT:
-            self._expired_at = {k: at for k, at in self._expired_at.items() if now - at < ttl}
+            if len(self._expired_at) > _EXPIRIES_KEPT:
+                del self._expired_at[next(iter(self._expired_at))]
         return due
 
 
 _EXPIRIES_KEPT = 10_000
-"""How many streams' expiry times a process keeps before it forgets those past their expiry (the streams of
-turns whose end another process wrote)."""
+"""How many streams' expiry times a process keeps: those of turns whose end another process wrote stay until
+they are the oldest past this many, forgotten one at a time (a forgotten stream's next delta sets its
+expiry once more). Filtering the whole map each time it was full cost every entry published a pass over
+ten thousand streams once that many had been taken over in an hour."""
 
 
 def _coalesce(items: deque[tuple[str, StreamFields, bool]]) -> list[tuple[str, StreamFields, bool]]:

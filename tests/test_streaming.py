@@ -156,6 +156,38 @@ def test_a_long_answer_keeps_its_live_stream_alive_past_the_expiry(redis_client)
     wait_for(lambda: redis_client.ttl(key) > 3000, what="the expiry set again by a delta")
 
 
+def test_an_ended_turns_live_stream_expires_a_minute_after_its_end(redis_client) -> None:  # type: ignore[no-untyped-def]
+    """Once a turn has ended its answer is stored, and a reader who connects or resumes then is served from
+    the database; the stream, kept an hour after the end, held an hour of a deployment's answers in Redis
+    (gigabytes at a hundred turns a second). It expires `AGENTQ_STREAM_ENDED_TTL_SECONDS` (60) after its end,
+    time for the readers following it to read that end."""
+    from app.live_stream import TurnStream, stream_key
+    from app.turn_status import TurnStatus
+
+    key, stream = stream_key(555556), TurnStream(555556, 1)
+    stream.status(TurnStatus.PROCESSING, "model")
+    stream.delta("the answer")
+    wait_for(lambda: redis_client.xlen(key) == 2 and redis_client.ttl(key) > 3000, what="the running stream")
+    stream.finished(TurnStatus.SUCCESS, "model")
+    wait_for(lambda: redis_client.xlen(key) == 3, what="the end")
+    assert 0 < redis_client.ttl(key) <= 60
+
+
+def test_a_publisher_that_keeps_many_streams_expiries_forgets_the_oldest_one_at_a_time() -> None:
+    """The streams of turns whose end another process wrote (takeovers) stay in a publisher's map of expiry
+    times; full, it was filtered whole by age at every entry published, a pass over ten thousand streams an
+    entry while they were less than an hour old. The oldest set is forgotten instead, one at a time."""
+    from app.live_stream import _EXPIRIES_KEPT, _Publisher
+
+    publisher = _Publisher()
+    for index in range(_EXPIRIES_KEPT):
+        assert publisher._expiry_due(f"taken-over-{index}", False, 3600)
+    assert not publisher._expiry_due("taken-over-0", False, 3600)  # set a moment ago: not due
+    assert publisher._expiry_due("new", False, 3600)
+    assert len(publisher._expired_at) == _EXPIRIES_KEPT
+    assert "taken-over-0" not in publisher._expired_at and "taken-over-1" in publisher._expired_at
+
+
 def test_a_late_reader_gets_the_whole_text_and_done(world, web_server) -> None:  # type: ignore[no-untyped-def]
     key, message_id, _ = start_turn(world, "echo;words=12")
     final = world.wait_terminal(key, message_id)
