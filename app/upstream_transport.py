@@ -144,7 +144,8 @@ def _socket_addresses(infos: Iterable[tuple[Any, ...]]) -> list[_Address]:
 
 
 class _Lookup(threading.Thread):
-    """One name lookup on a thread of its own, so that the attempt waiting for it can give up on it."""
+    """One name lookup on a thread of its own, so that the attempt waiting for it can give up on it; the
+    attempts that need the same name meanwhile wait for the same lookup (`_lookup_of`)."""
 
     def __init__(self, host: str, port: int) -> None:
         super().__init__(name="upstream-lookup", daemon=True)
@@ -159,7 +160,36 @@ class _Lookup(threading.Thread):
         except OSError as exc:
             self.error = exc
         finally:
+            with _lookups_lock:
+                if _lookups.get((self.host, self.port)) is self:
+                    del _lookups[(self.host, self.port)]
             self.done.set()
+
+
+_lookups: dict[tuple[str, int], _Lookup] = {}
+_lookups_lock = threading.Lock()
+
+
+def _forget_lookups() -> None:
+    """In a forked child, which has none of its parent's threads: a lookup in flight there would never end."""
+    global _lookups_lock
+    _lookups.clear()
+    _lookups_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_lookups)
+
+
+def _lookup_of(host: str, port: int) -> _Lookup:
+    """The lookup of `host` in flight, or a new one. An attempt that gives up on a lookup leaves its thread
+    until the name service answers (`getaddrinfo` has no timeout): one each, a stalled resolver and a few
+    hundred attempts a second made thousands of threads, until none could be started."""
+    with _lookups_lock:
+        lookup = _lookups.get((host, port))
+        if lookup is None:
+            lookup = _lookups[(host, port)] = _Lookup(host, port)
+            lookup.start()
+    return lookup
 
 
 def _wait_a_tick_at_a_time(ready: Callable[[float], bool], guard: AttemptGuard, give_up: float, step: str) -> None:
@@ -193,8 +223,7 @@ def _addresses(host: str, port: int, guard: AttemptGuard, give_up: float) -> lis
         return _socket_addresses(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST))
     except socket.gaierror:
         pass
-    lookup = _Lookup(host, port)
-    lookup.start()
+    lookup = _lookup_of(host, port)
     _wait_a_tick_at_a_time(lookup.done.wait, guard, give_up, f"looking up {host}")
     if lookup.error is not None:
         raise httpcore2.ConnectError(f"looking up {host}: {lookup.error}") from lookup.error

@@ -176,8 +176,10 @@ def test_a_stalled_name_lookup_ends_at_the_attempts_deadline_or_its_stop(monkeyp
 
     released = threading.Event()
     system_lookup = upstream_transport.resolve_host
+    asked: list[str] = []
 
     def name_service(host: str, port: int) -> list[Any]:
+        asked.append(host)
         if host == "stalled.upstream.test":
             released.wait(60)
         return system_lookup("127.0.0.1", port)
@@ -185,6 +187,9 @@ def test_a_stalled_name_lookup_ends_at_the_attempts_deadline_or_its_stop(monkeyp
     monkeypatch.setattr(upstream_transport, "resolve_host", name_service)
     try:
         _assert_ends_at_its_stop_and_its_deadline("stalled.upstream.test", MOCK_PORT)
+        # The two attempts waited for one lookup: a thread each, left until the name service answered, made
+        # thousands of threads of a few hundred attempts a second against a stalled resolver.
+        assert asked.count("stalled.upstream.test") == 1
         answered, _ = _attempt_at("resolved.upstream.test", MOCK_PORT, 10.0, threading.Event())
         assert getattr(answered, "text", None) == "echo: hi"
     finally:
