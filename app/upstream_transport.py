@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import itertools
 import math
 import os
@@ -401,18 +402,26 @@ class KeepAliveTransport(httpx2.HTTPTransport):
         return response
 
 
+@functools.cache
+def shared_tls_context() -> ssl.SSLContext:
+    """The process's one TLS context for upstream connections. Making one costs a CA bundle load, a sixth of
+    a second and 8 MB: made per endpoint, a deployment whose admins had pointed models at a few hundred
+    endpoints (per-tenant gateways) held gigabytes of them in every worker process."""
+    return httpx2.create_ssl_context()
+
+
 class ShardedTransport(httpx2.BaseTransport):
     """A process's upstream connections spread over several pools, each thread always using the same one.
 
     httpcore's pool looks at every connection it holds, under one lock, on each request and each
     release, so with hundreds of turns in flight in a process every request pays for all of them
     (`make bench`, the runs with 200 and 1,000 turns in flight). A thread keeps its shard, so the
-    connection its last turn used is there for its next. The shards share one TLS context (making
-    one costs a CA bundle load: a sixth of a second and 8 MB).
+    connection its last turn used is there for its next. The shards, and every endpoint's transport, share
+    one TLS context (`shared_tls_context`).
     """
 
     def __init__(self, shards: int, limits: httpx2.Limits) -> None:
-        tls = httpx2.create_ssl_context()
+        tls = shared_tls_context()
         share = httpx2.Limits(
             max_connections=None if limits.max_connections is None else max(1, limits.max_connections // shards),
             max_keepalive_connections=None if limits.max_keepalive_connections is None

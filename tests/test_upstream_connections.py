@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -231,6 +231,7 @@ def test_an_https_upstream_answers_through_the_bounded_handshake_and_keeps_its_c
 
     import httpx
 
+    from app.upstream_transport import shared_tls_context
     from tests.conftest import LOG_DIR, child_env
     from tests.support import Process, agentq, free_port
 
@@ -244,7 +245,9 @@ def test_an_https_upstream_answers_through_the_bounded_handshake_and_keeps_its_c
                                                  "--tls-key", str(key)), child_env(), LOG_DIR).start()
     try:
         wait_http(f"https://127.0.0.1:{port}/_requests", verify=trusted)
-        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # read when the endpoint's client makes its TLS context
+        # Read when the process makes its TLS context, once, at its first upstream connection: made again here.
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        shared_tls_context.cache_clear()
         for _ in range(2):
             answered, _ = _attempt_at("127.0.0.1", port, 10.0, threading.Event(), scheme="https")
             assert getattr(answered, "text", None) == "echo: hi"
@@ -254,3 +257,18 @@ def test_an_https_upstream_answers_through_the_bounded_handshake_and_keeps_its_c
         assert len({r["client_port"] for r in requests}) == 1
     finally:
         server.kill_group()
+        shared_tls_context.cache_clear()
+
+
+def test_every_endpoints_connections_share_the_processs_one_tls_context() -> None:
+    """A TLS context is a CA bundle load, a sixth of a second and 8 MB: made per endpoint, a deployment whose
+    models point at a few hundred endpoints held gigabytes of them in every worker process."""
+    from app.llm_client import client_at
+    from app.upstream_transport import ShardedTransport
+
+    transports = [client_at(base_url, None)._client._transport
+                  for base_url in ("http://127.0.0.1:1/v1", "https://tenant-a.upstream.test/v1")]
+    assert all(isinstance(transport, ShardedTransport) for transport in transports)
+    contexts = {id(shard._pool._ssl_context) for transport in transports
+                for shard in cast(ShardedTransport, transport)._shards}
+    assert len(contexts) == 1
