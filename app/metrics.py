@@ -8,6 +8,7 @@ and the broker when /metrics is scraped, so they are right whichever process ans
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterable
 from decimal import Decimal
 from typing import TYPE_CHECKING
@@ -15,6 +16,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import Counter, Histogram
 
 if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
     from app.fallback import AttemptRecord
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
@@ -31,18 +34,38 @@ FIRST_TOKEN = Histogram("agentq_llm_first_token_seconds", "Time to the first tok
                         buckets=LATENCY_BUCKETS)
 
 
+_counters_server: WSGIServer | None = None
+
+
 def serve_host_counters(host: str, port: int) -> None:
     """Serve at http://host:port/metrics, from a thread of the calling process, the counters and histograms
     that this host's processes wrote to PROMETHEUS_MULTIPROC_DIR: for workers whose directory no API process
     reads (a container, a dyno or a machine of their own), whose counts the API's `/metrics` cannot show,
     and nearly all counts are made in workers. Not the shared-state gauges: the API's `/metrics` has those,
-    the same whichever process answers, and served here too they would be counted twice."""
+    the same whichever process answers, and served here too they would be counted twice.
+
+    Its threads block the stop signals, as the worker group's parent blocks them in its main thread while
+    it forks: a thread that did not took a SIGTERM meant for the group at those moments, and the stop was
+    lost. The processes forked after it close its socket (`close_inherited_counters_server`)."""
+    global _counters_server
     from prometheus_client import CollectorRegistry, start_http_server
     from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
-    start_http_server(port, addr=host, registry=registry)
+    stops = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        _counters_server, _ = start_http_server(port, addr=host, registry=registry)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
+
+
+def close_inherited_counters_server() -> None:
+    """In a process forked from one that serves the counters: its copy of the listening socket, which kept
+    the port taken after the server's own process died (a supervisor's restart then could not listen)."""
+    if _counters_server is not None:
+        _counters_server.socket.close()
 
 
 def observe_fallback() -> None:

@@ -188,8 +188,9 @@ def _lookup_of(host: str, port: int) -> _Lookup:
     with _lookups_lock:
         lookup = _lookups.get((host, port))
         if lookup is None:
-            lookup = _lookups[(host, port)] = _Lookup(host, port)
-            lookup.start()
+            lookup = _Lookup(host, port)
+            lookup.start()  # first: a lookup that could not start must not be waited for by the next attempts
+            _lookups[(host, port)] = lookup
     return lookup
 
 
@@ -224,7 +225,10 @@ def _addresses(host: str, port: int, guard: AttemptGuard, give_up: float) -> lis
         return _socket_addresses(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST))
     except socket.gaierror:
         pass
-    lookup = _lookup_of(host, port)
+    try:
+        lookup = _lookup_of(host, port)
+    except RuntimeError as exc:  # no thread could be started
+        raise httpcore2.ConnectError(f"looking up {host}: {exc}") from exc
     _wait_a_tick_at_a_time(lookup.done.wait, guard, give_up, f"looking up {host}")
     if lookup.error is not None:
         raise httpcore2.ConnectError(f"looking up {host}: {lookup.error}") from lookup.error

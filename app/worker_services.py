@@ -8,7 +8,7 @@ import threading
 import traceback
 from contextlib import nullcontext
 
-from app import dead_letters, debug_runner, llm_client, outbox, turn_runner
+from app import dead_letters, debug_runner, llm_client, metrics, outbox, turn_runner
 from app.db import dispose_engines, open_pool
 from app.deliveries import RunGivenUp
 from app.dispatch import Delivered
@@ -33,6 +33,7 @@ def after_fork() -> None:
     dispose_engines()
     reset_redis()
     llm_client.reset_clients()
+    metrics.close_inherited_counters_server()
 
 
 def start(threads: int) -> None:

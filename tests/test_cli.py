@@ -419,3 +419,60 @@ def test_a_worker_whose_counters_port_is_taken_says_so_and_does_not_start() -> N
     error = json.loads(command.stderr.strip().splitlines()[-1])["error"]
     assert error["code"] == "unavailable"
     assert error["message"].startswith(f"the worker's counters cannot be served on 127.0.0.1:{port}: ")
+
+
+COUNTERS_SERVER = """
+import os, signal, socket, sys, threading, time
+from app import metrics, worker_services
+with socket.create_server(("127.0.0.1", 0)) as probe:
+    port = probe.getsockname()[1]
+metrics.serve_host_counters("127.0.0.1", port)
+"""
+
+
+def _in_a_fresh_process(body: str) -> subprocess.CompletedProcess[str]:
+    import sys
+    import textwrap
+
+    return subprocess.run([sys.executable, "-c", COUNTERS_SERVER + textwrap.dedent(body)], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_the_counters_servers_threads_leave_the_stop_signals_to_the_main_thread() -> None:
+    """The worker group's parent blocks SIGTERM in its main thread while it forks its processes; a thread
+    that did not block it took a stop sent to the parent then, whose handler only notes it, and the stop
+    was lost (`docker stop` signals the parent alone)."""
+    done = _in_a_fresh_process("""
+        others = [t for t in threading.enumerate() if t is not threading.main_thread()]
+        assert others, "the server runs no thread"
+        for thread in others:
+            status = open(f"/proc/self/task/{thread.native_id}/status").read()
+            blocked = int(next(line for line in status.splitlines() if line.startswith("SigBlk:")).split()[1], 16)
+            print(all(blocked & (1 << (s - 1)) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)))
+    """)
+    assert done.returncode == 0, done.stderr
+    assert set(done.stdout.split()) == {"True"}
+
+
+def test_a_process_forked_from_the_counters_server_leaves_its_port_free_when_the_server_goes() -> None:
+    """The worker processes are forked from the group's parent, which serves the counters: each kept a copy
+    of the listening socket, and a parent killed outright left its port taken until they had stopped (a
+    supervisor's restart then could not listen)."""
+    done = _in_a_fresh_process("""
+        booted, told = os.pipe()
+        child = os.fork()
+        if child == 0:
+            worker_services.after_fork()
+            os.write(told, b"booted")
+            time.sleep(30)
+            os._exit(0)
+        try:
+            os.read(booted, 6)
+            metrics._counters_server.shutdown()  # its thread's poll holds the socket open until it returns
+            metrics._counters_server.server_close()
+            socket.create_server(("127.0.0.1", port)).close()
+            print("free")
+        finally:
+            os.kill(child, signal.SIGKILL)
+    """)
+    assert (done.returncode, done.stdout.strip()) == (0, "free"), done.stderr

@@ -272,3 +272,27 @@ def test_every_endpoints_connections_share_the_processs_one_tls_context() -> Non
     contexts = {id(shard._pool._ssl_context) for transport in transports
                 for shard in cast(ShardedTransport, transport)._shards}
     assert len(contexts) == 1
+
+
+def test_a_lookup_whose_thread_could_not_start_is_not_waited_for_by_the_next_attempts(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A lookup is shared by the attempts that need its name while it is in flight; one whose thread could not
+    be started (the process out of threads) would have been waited for by every later attempt at that name,
+    each failing at its connect timeout, for the life of the process."""
+    from app import upstream_transport
+
+    monkeypatch.setattr(upstream_transport, "resolve_host",
+                        lambda host, port: socket.getaddrinfo("127.0.0.1", port, type=socket.SOCK_STREAM))
+    started = upstream_transport._Lookup.start
+    starts: list[str] = []
+
+    def start_once_out_of_threads(lookup: threading.Thread) -> None:
+        starts.append(lookup.name)
+        if len(starts) == 1:
+            raise RuntimeError("can't start new thread")
+        started(lookup)
+
+    monkeypatch.setattr(upstream_transport._Lookup, "start", start_once_out_of_threads)
+    with pytest.raises(RuntimeError):
+        upstream_transport._lookup_of("short-of-threads.upstream.test", 80)
+    lookup = upstream_transport._lookup_of("short-of-threads.upstream.test", 80)
+    assert lookup.done.wait(10) and lookup.error is None and len(starts) == 2
