@@ -4,7 +4,9 @@ Dramatiq gives each queue's consumer a prefetch of its own (here the threads, `c
 of threads runs what every consumer fetched. With two queues a process took up to twice its threads in
 messages: a turn fetched while every thread ran the other queue's runs waited for one of them to end,
 however many other workers idled, and at a stop for the whole shutdown grace. Counted together, a
-process fetches only what a thread is free to start, and leaves the rest in Redis for the others.
+process fetches only what a thread is free to start, and leaves the rest in Redis for the others. (A
+consumer Dramatiq replaced after a lost connection leaves the count with the runs it handed out, which
+are acknowledged through its successor: for as long as those run, the process may take that many more.)
 """
 
 from __future__ import annotations
