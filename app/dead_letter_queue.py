@@ -1,8 +1,9 @@
 """The Redis broker's dead-letter queues, read and edited through their keys.
 
 Dramatiq 2 has no API for them: a queue's dead messages are the zset `<namespace>:<queue>.XQ` (ids
-scored by when they died) and the hash `.XQ.msgs` (their bodies). Reading is two commands per queue;
-removing an entry is one Lua script, so its id and its body go together.
+scored by when they died) and the hash `.XQ.msgs` (their bodies). The ids are read with one command per
+queue, the bodies only where asked for (those no row records yet); removing an entry is one Lua script,
+so its id and its body go together.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, cast
 import dramatiq
 import redis
 
+from app.db import in_batches
 from app.dispatch import broker_key
 from app.models.base import SHORT_TEXT_CHARS
 from app.queues import QUEUES
@@ -34,24 +36,42 @@ class BrokerEntry:
     """None when the body is missing or unreadable."""
 
 
-def dead_entries() -> dict[str, BrokerEntry]:
-    """Every dead message of agentq's queues, by the broker's message id."""
+@dataclass(frozen=True, slots=True)
+class DeadMessage:
+    """A dead message as the broker's zset has it: its queue, id and time of death, without its body."""
+
+    queue: str
+    redis_message_id: str
+    dead_at: datetime
+
+
+def dead_messages() -> dict[str, DeadMessage]:
+    """Every dead message of agentq's queues, by the broker's message id. Ids and times only: a body holds a
+    traceback, kilobytes each, and only those of messages no row records yet are read (`with_bodies`)."""
     client = get_redis()
-    entries: dict[str, BrokerEntry] = {}
+    found: dict[str, DeadMessage] = {}
     for queue in QUEUES:
         scored = cast(list[tuple[bytes, float]], client.zrange(broker_key(queue, ".XQ"), 0, -1, withscores=True))
-        if not scored:
-            continue
-        kept = [(ident, score) for member, score in scored if (ident := message_id_of(member, queue)) is not None]
-        if not kept:
-            continue
-        ids = [ident for ident, _ in kept]
-        bodies = cast(list[bytes | None], client.hmget(broker_key(queue, ".XQ.msgs"), ids))
-        for (ident, score), body in zip(kept, bodies, strict=True):
-            message = _readable(body) if body is not None else None
-            if body is not None and message is None:
-                log.warning("dead letter %s of queue %s has a body agentq cannot read", ident, queue)
-            entries[ident] = BrokerEntry(queue, ident, _death_time(score), message)
+        for member, score in scored:
+            if (ident := message_id_of(member, queue)) is not None:
+                found[ident] = DeadMessage(queue, ident, _death_time(score))
+    return found
+
+
+def with_bodies(dead: list[DeadMessage]) -> list[BrokerEntry]:
+    """`dead` with their bodies, read a thousand at a time."""
+    client = get_redis()
+    entries: list[BrokerEntry] = []
+    for queue in QUEUES:
+        for batch in in_batches(d for d in dead if d.queue == queue):
+            bodies = cast(list[bytes | None], client.hmget(broker_key(queue, ".XQ.msgs"),
+                                                           [d.redis_message_id for d in batch]))
+            for one, body in zip(batch, bodies, strict=True):
+                message = _readable(body) if body is not None else None
+                if body is not None and message is None:
+                    log.warning("dead letter %s of queue %s has a body agentq cannot read", one.redis_message_id,
+                                queue)
+                entries.append(BrokerEntry(one.queue, one.redis_message_id, one.dead_at, message))
     return entries
 
 

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from app import live_stream, outbox
 from app.db import in_batches, rows_changed, transaction
-from app.dead_letter_queue import BrokerEntry, dead_entries, holds_entry, take_entry
+from app.dead_letter_queue import BrokerEntry, dead_messages, holds_entry, take_entry, with_bodies
 from app.debug_run_state import reopen_debug_run
 from app.dispatch import Delivered
 from app.errors import Conflict, ConversationBusy, NotFound, ServiceUnavailable, TooManyActiveConversations
@@ -133,22 +133,23 @@ def _reconcile() -> set[str] | None:
     None when Redis is unreachable: the rows alone are listed then.
     """
     try:
-        entries = dead_entries()
+        dead = dead_messages()
+        with transaction() as session:
+            known = {row.redis_message_id: row for batch in in_batches(dead) for row in session.scalars(
+                select(DeadLetter).where(DeadLetter.redis_message_id.in_(batch)))}
+        # Only these bodies are read: a listing read every letter's, tracebacks and all, at each look.
+        entries = with_bodies([message for ident, message in dead.items() if ident not in known])
     except redis.RedisError:
         log.warning("Redis unreachable; dead letters are listed from the database alone")
         return None
-    if not entries:
-        return set()
-    with transaction() as session:
-        known = {row.redis_message_id: row for batch in in_batches(entries) for row in session.scalars(
-            select(DeadLetter).where(DeadLetter.redis_message_id.in_(batch)))}
-        for ident, entry in entries.items():
-            if ident not in known:
+    if entries:
+        with transaction() as session:
+            for entry in entries:
                 _adopt(session, entry)
     for ident, row in known.items():
         if row.requeued_at is not None:
             take_entry(row.queue, ident)
-    return {ident for ident in entries if ident not in known or known[ident].requeued_at is None}
+    return {ident for ident in dead if ident not in known or known[ident].requeued_at is None}
 
 
 def open_dead_letters(held: dict[str, set[str]]) -> dict[str, int]:

@@ -675,3 +675,43 @@ def test_a_run_given_up_keeps_the_traceback_of_the_last_failure_retried() -> Non
         "    ValueError: boom\n")
     assert error_summary(message.options["traceback"]) == "app.deliveries.RunGivenUp: gave up after 5 deliveries"
     assert message.options["retries"] == 5
+
+
+def test_a_listing_reads_the_bodies_of_the_dead_letters_no_row_records_only(  # type: ignore[no-untyped-def]
+        world, redis_client, monkeypatch) -> None:
+    """A dead message's body holds its traceback, kilobytes each; every listing (the operators' page looks
+    every 3 s) read every letter's body from Redis, a hundred thousand letters after a bad deploy. Only the
+    bodies of messages no row records yet are read, to adopt them."""
+    import json
+
+    from app.db import transaction
+    from app.redis_client import get_redis
+
+    with transaction() as session:
+        session.execute(text(
+            "INSERT INTO dead_letters (redis_message_id, queue, actor, args, run_id, retries, error, dead_at) "
+            "SELECT 'recorded-' || i, 'turns', 'run_turn', json_build_array(i), i, 0, 'boom', now() "
+            "FROM generate_series(1, 3) AS i"))
+    ids = ["recorded-1", "recorded-2", "recorded-3", "unrecorded"]
+    redis_client.zadd(f"{NAMESPACE}:turns.XQ", dict.fromkeys(ids, time.time() * 1000))
+    body = {"queue_name": "turns", "actor_name": "run_turn", "args": [9], "kwargs": {}, "options": {},
+            "message_id": "unrecorded", "message_timestamp": 1}
+    redis_client.hset(f"{NAMESPACE}:turns.XQ.msgs", mapping={i: json.dumps({**body, "message_id": i}) for i in ids})
+    client, read = get_redis(), []
+    hmget = client.hmget
+
+    def reading(name: str, keys: list[str], *rest: Any) -> Any:
+        read.extend(keys)
+        return hmget(name, keys, *rest)
+
+    monkeypatch.setattr(client, "hmget", reading)
+    try:
+        listed = world.api.get("/api/admin/dead-letters", world.admin_key)
+        assert listed.status_code == 200, listed.json
+        assert sorted(item["args"][0] for item in listed.json["items"]) == [1, 2, 3, 9]
+        assert read == ["unrecorded"]
+        read.clear()
+        assert world.api.get("/api/admin/dead-letters", world.admin_key).status_code == 200
+        assert read == []  # adopted by the first listing
+    finally:
+        redis_client.delete(f"{NAMESPACE}:turns.XQ", f"{NAMESPACE}:turns.XQ.msgs")
