@@ -103,7 +103,11 @@ CREATE TABLE IF NOT EXISTS conversation_messages (
         'insufficient_balance', 'content_violation', 'llm_error', 'cancelled'))
 );
 CREATE INDEX IF NOT EXISTS idx_conversation_messages_status ON conversation_messages (status);
-CREATE INDEX IF NOT EXISTS idx_conversation_messages_role_status ON conversation_messages (role, status);
+-- By status, then by when the message last changed: the operators' look at recent failures reads those of
+-- its window only (on (role, status) alone it read every failure ever recorded, every 3 s an open page).
+DROP INDEX IF EXISTS idx_conversation_messages_role_status;
+CREATE INDEX IF NOT EXISTS idx_conversation_messages_role_status_updated
+    ON conversation_messages (role, status, updated_at);
 -- The database itself refuses a second turn in flight in one conversation, whatever Redis says.
 CREATE UNIQUE INDEX IF NOT EXISTS uq_conversation_messages_in_flight ON conversation_messages (conversation_id)
     WHERE role = 'assistant' AND status IN ('pending', 'processing');

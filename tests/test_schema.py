@@ -69,7 +69,7 @@ def test_db_init_creates_the_sqlite_default(tmp_path) -> None:  # type: ignore[n
     inspector = inspect(engine)
     assert set(inspector.get_table_names()) == set(Base.metadata.tables)
     index_names = {i["name"] for i in inspector.get_indexes("conversation_messages")}
-    assert {"idx_conversation_messages_status", "idx_conversation_messages_role_status",
+    assert {"idx_conversation_messages_status", "idx_conversation_messages_role_status_updated",
             "uq_conversation_messages_in_flight"} <= index_names
     engine.dispose()
 
@@ -97,3 +97,16 @@ def test_db_init_adds_a_later_column_to_an_older_sqlite_file(tmp_path) -> None: 
     assert json.loads(db_init(url).stdout)["added_columns"] == ["turns.deadline_at"]
     assert "deadline_at" in {c["name"] for c in inspect(engine).get_columns("turns")}
     engine.dispose()
+
+
+def test_the_look_at_recent_failures_reads_only_its_window(database) -> None:  # type: ignore[no-untyped-def]
+    """The operators' page asks every 3 s for the failures of the last day: on an index of (role, status) the
+    database read every failure ever recorded and dropped those older than the window."""
+    with psycopg.connect(database.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(row[0] for row in conn.execute(
+            "EXPLAIN SELECT status, count(*) FROM conversation_messages WHERE role = 'assistant' "
+            "AND status IN ('error', 'llm_error') AND updated_at >= now() - interval '1 day' GROUP BY status"))
+    assert "idx_conversation_messages_role_status_updated" in plan
+    index_condition = next(line for line in plan.splitlines() if "Index Cond" in line)
+    assert "updated_at >=" in index_condition, plan

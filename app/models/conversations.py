@@ -71,7 +71,7 @@ class ConversationMessage(Base):
         CheckConstraint("role IN ('user', 'assistant')", name="role_known"),
         CheckConstraint(ALL_STATUSES_SQL, name="status_known"),
         Index("idx_conversation_messages_status", "status"),
-        Index("idx_conversation_messages_role_status", "role", "status"),
+        Index("idx_conversation_messages_role_status_updated", "role", "status", "updated_at"),
         Index(
             "uq_conversation_messages_in_flight",
             "conversation_id",
