@@ -67,7 +67,7 @@ def _build_engine(url: str) -> Engine:
         url,
         # libpq's default is to wait for ever: a server that accepts and never answers (a half-dead host, a
         # stuck proxy) held every request and /readyz for the kernel's TCP timeout, over two minutes.
-        connect_args={"connect_timeout": settings.db_connect_timeout_seconds},
+        connect_args={"connect_timeout": settings.db_connect_timeout_seconds, **dead_peer_detection()},
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout_seconds,
@@ -75,6 +75,18 @@ def _build_engine(url: str) -> Engine:
     )
     _ping_idle_connections(engine)
     return engine
+
+
+def dead_peer_detection() -> dict[str, int]:
+    """libpq's TCP settings that tell a connection whose server is gone (a failover that moved its address, a
+    host that died) within half a lease: what is sent and not acknowledged for that long fails, and an idle
+    connection is probed. The kernel's defaults retransmit for about fifteen minutes: a lease renewal sent
+    on such a connection hung the lease keeper that long, every lease of the process ran out meanwhile, and
+    other workers took its turns over while it still streamed them. Acknowledgement is the peer's kernel's,
+    so a slow query is not cut."""
+    half_lease_ms = max(int(get_settings().lease_seconds * 500), 1000)
+    return {"keepalives": 1, "keepalives_idle": max(half_lease_ms // 3000, 1), "keepalives_interval": 1,
+            "keepalives_count": 3, "tcp_user_timeout": half_lease_ms}
 
 
 def _ping_idle_connections(engine: Engine) -> None:

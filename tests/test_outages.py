@@ -143,3 +143,19 @@ def test_a_background_round_that_fails_for_a_bug_is_an_error_not_an_outages_warn
             log_failure(log, bug, "a lease renewal")
     assert [(r.levelname, r.exc_info is not None) for r in caplog.records] == [("WARNING", False), ("ERROR", True)]
     assert "not for an outage" in caplog.records[1].getMessage()
+
+
+def test_a_database_connection_gives_up_on_a_server_gone_within_half_a_lease(database) -> None:  # type: ignore[no-untyped-def]
+    """The kernel retransmits unacknowledged data for about fifteen minutes: a lease renewal sent to a server
+    that a failover moved away hung the lease keeper that long, and every lease of the process ran out
+    while its turns still streamed. What is not acknowledged within half a lease fails, and idle
+    connections are probed."""
+    from app.config import get_settings
+    from app.db import get_engine
+
+    with get_engine().connect() as connection:
+        parameters = connection.connection.dbapi_connection.info.get_parameters()  # type: ignore[union-attr]
+    half_lease_ms = max(int(get_settings().lease_seconds * 500), 1000)
+    assert (parameters["keepalives"], parameters["tcp_user_timeout"]) == ("1", str(half_lease_ms))
+    idle, interval, count = (int(parameters[k]) for k in ("keepalives_idle", "keepalives_interval", "keepalives_count"))
+    assert (idle + interval * count) * 1000 <= half_lease_ms + 3000
