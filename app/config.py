@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.connection import parse_url
 
@@ -127,6 +127,22 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s) URL of a moderation endpoint (https://host/v1)")
         return url
 
+    @model_validator(mode="after")
+    def _settings_that_work_together(self) -> Settings:
+        """Pairs each valid alone that together break what they set, refused at start with both named."""
+        if self.default_max_tokens >= self.default_context_window:
+            raise ValueError(
+                f"AGENTQ_DEFAULT_MAX_TOKENS ({self.default_max_tokens}) must be less than "
+                f"AGENTQ_DEFAULT_CONTEXT_WINDOW ({self.default_context_window}): the prompt keeps room for the "
+                "answer, and a model that declares neither would be sent no history at all")
+        if self.stale_pending_seconds * 1000 < 2 * self.max_backoff_ms:
+            raise ValueError(
+                f"AGENTQ_STALE_PENDING_SECONDS ({self.stale_pending_seconds:g}) must be at least twice "
+                f"AGENTQ_MAX_BACKOFF_MS ({self.max_backoff_ms} ms): a run handed to Dramatiq's retry is left to "
+                "it that long, and the recovery sweep would send a second message while the retry waits out its "
+                "backoff, both deliveries counting towards AGENTQ_MAX_DELIVERIES")
+        return self
+
     def answer_limit(self, max_tokens: int | None) -> int:
         """The longest answer a turn may get: its agent's `max_tokens`, else `AGENTQ_DEFAULT_MAX_TOKENS`.
         Sent upstream, so that the prompt's room for the answer and the reservation, which price it, hold."""
@@ -157,10 +173,14 @@ def describe_invalid_settings(error: ValidationError) -> str:
     prefix = Settings.model_config.get("env_prefix", "")
     problems = []
     for problem in error.errors(include_url=False):
-        name = str(problem["loc"][0]) if problem["loc"] else ""
+        message = problem["msg"].removeprefix("Value error, ")
+        if not problem["loc"]:  # settings that do not work together: the message names them and their values
+            problems.append(message)
+            continue
+        name = str(problem["loc"][0])
         variable = f"{prefix}{name.upper()}" if name in Settings.model_fields else name  # else it is an alias
         value = _without_password(repr(problem.get("input")))
-        problems.append(f"{variable}={value}: {problem['msg'].removeprefix('Value error, ')}")
+        problems.append(f"{variable}={value}: {message}")
     return "; ".join(problems)
 
 

@@ -208,6 +208,11 @@ def test_the_web_server_listens_on_an_ipv6_address(given: str) -> None:
     (["db", "init"], {"AGENTQ_DEDUP_WINDOW_SECONDS": "100000000000"},
      "AGENTQ_DEDUP_WINDOW_SECONDS='100000000000': Input should be less than or equal to 31536000"),
     (["db", "init"], {"AGENTQ_LEASE_SECONDS": "nan"}, "AGENTQ_LEASE_SECONDS='nan': Input should be a finite number"),
+    # settings each valid alone that together break what they set
+    (["db", "init"], {"AGENTQ_DEFAULT_MAX_TOKENS": "8192"},
+     "AGENTQ_DEFAULT_MAX_TOKENS (8192) must be less than AGENTQ_DEFAULT_CONTEXT_WINDOW (8192)"),
+    (["db", "init"], {"AGENTQ_STALE_PENDING_SECONDS": "30", "AGENTQ_MAX_BACKOFF_MS": "30000"},
+     "AGENTQ_STALE_PENDING_SECONDS (30) must be at least twice AGENTQ_MAX_BACKOFF_MS (30000 ms)"),
     # Dramatiq takes a backoff of 0 for none given: its defaults, retries up to a week apart
     (["db", "init"], {"AGENTQ_MAX_BACKOFF_MS": "0"},
      "AGENTQ_MAX_BACKOFF_MS='0': Input should be greater than or equal to 1"),
