@@ -533,24 +533,27 @@ def test_attempts_a_settlement_wrote_before_its_failure_are_not_written_again(wo
                                                                          ("fallback", "success", Decimal("0.25"))]
 
 
-def test_a_credit_that_waited_for_a_settlement_adds_to_the_settled_balance(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_credit_that_waited_for_a_settlement_adds_to_the_settled_balance(world, database) -> None:  # type: ignore[no-untyped-def]
     """An admin's top-up arrives while a settlement holds the user's row: it waits for the row, then adds to
     the balance the settlement left, not to the one it may have read before (the charge would be lost)."""
     import threading
 
+    import psycopg
     from sqlalchemy import update
 
     from app import users
 
     user_id, _ = world.user(balance="10")
     credited: list[Decimal] = []
-    with transaction() as settling:
+    # The look at the waits on a connection of its own, outside any transaction: a transaction sees one
+    # snapshot of pg_stat_activity, and a first look before the credit waited saw none for ever.
+    with transaction() as settling, psycopg.connect(database.replace("+psycopg", ""), autocommit=True) as look:
         settling.execute(update(User).where(User.id == user_id).values(balance=User.balance - 3))
         credit = threading.Thread(target=lambda: credited.append(users.add_credit(user_id, Decimal("5"))))
         credit.start()
-        wait_for(lambda: settling.connection().exec_driver_sql(
+        wait_for(lambda: look.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-        ).scalar(), what="the credit to wait for the user's row")
+        ).fetchone()[0], what="the credit to wait for the user's row")  # type: ignore[index]
     credit.join(timeout=10)
     assert credited == [Decimal("12")]
     with transaction() as session:
