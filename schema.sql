@@ -105,9 +105,10 @@ CREATE TABLE IF NOT EXISTS conversation_messages (
 CREATE INDEX IF NOT EXISTS idx_conversation_messages_status ON conversation_messages (status);
 -- By status, then by when the message last changed: the operators' look at recent failures reads those of
 -- its window only (on (role, status) alone it read every failure ever recorded, every 3 s an open page).
-DROP INDEX IF EXISTS idx_conversation_messages_role_status;
+-- Made before the index it replaces is dropped (README, "an upgrade that adds an index").
 CREATE INDEX IF NOT EXISTS idx_conversation_messages_role_status_updated
     ON conversation_messages (role, status, updated_at);
+DROP INDEX IF EXISTS idx_conversation_messages_role_status;
 -- The database itself refuses a second turn in flight in one conversation, whatever Redis says.
 CREATE UNIQUE INDEX IF NOT EXISTS uq_conversation_messages_in_flight ON conversation_messages (conversation_id)
     WHERE role = 'assistant' AND status IN ('pending', 'processing');

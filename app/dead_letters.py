@@ -134,9 +134,10 @@ def _reconcile() -> set[str] | None:
     """
     try:
         dead = dead_messages()
-        with transaction() as session:
-            known = {row.redis_message_id: row for batch in in_batches(dead) for row in session.scalars(
-                select(DeadLetter).where(DeadLetter.redis_message_id.in_(batch)))}
+        with transaction() as session:  # not their tracebacks: what a listing returns it reads afterwards
+            known = {row.redis_message_id: row for batch in in_batches(dead) for row in session.execute(
+                select(DeadLetter.redis_message_id, DeadLetter.queue, DeadLetter.requeued_at)
+                .where(DeadLetter.redis_message_id.in_(batch)))}
         # Only these bodies are read: a listing read every letter's, tracebacks and all, at each look.
         entries = with_bodies([message for ident, message in dead.items() if ident not in known])
     except redis.RedisError:

@@ -50,8 +50,24 @@ def init_schema() -> SchemaReport:
     fresh = not inspect(engine).get_table_names()
     Base.metadata.create_all(engine)
     added = _add_missing_columns(engine)
+    _replace_indexes(engine)
     converted = _money_in_millionths(engine, fresh)
     return SchemaReport(database_location(), "models", added, converted)
+
+
+REPLACED_INDEXES = ("idx_conversation_messages_role_status",)
+"""Indexes of earlier releases that a later one replaced (schema.sql drops them on PostgreSQL)."""
+
+
+def _replace_indexes(engine: Engine) -> None:
+    """On a SQLite file of an earlier release: the models' indexes it lacks (`create_all` makes those of the
+    tables it creates only), and none of those they replaced."""
+    with engine.begin() as connection:
+        for table in Base.metadata.sorted_tables:
+            for index in table.indexes:
+                index.create(connection, checkfirst=True)
+        for name in REPLACED_INDEXES:
+            connection.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
 
 
 SQLITE_MONEY_IN_MILLIONTHS = 1

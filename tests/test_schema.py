@@ -110,3 +110,21 @@ def test_the_look_at_recent_failures_reads_only_its_window(database) -> None:  #
     assert "idx_conversation_messages_role_status_updated" in plan
     index_condition = next(line for line in plan.splitlines() if "Index Cond" in line)
     assert "updated_at >=" in index_condition, plan
+
+
+def test_db_init_gives_an_older_sqlite_file_the_indexes_of_this_release(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`create_all` makes the indexes of the tables it creates only: a file of an earlier release kept the index
+    this one replaced and never got the new one."""
+    import sqlite3
+
+    path = tmp_path / "older.sqlite3"
+    db_init(f"sqlite:///{path}")
+    with sqlite3.connect(path) as older:
+        older.execute("DROP INDEX idx_conversation_messages_role_status_updated")
+        older.execute("CREATE INDEX idx_conversation_messages_role_status ON conversation_messages (role, status)")
+    db_init(f"sqlite:///{path}")
+    engine = create_engine(f"sqlite:///{path}")
+    names = {i["name"] for i in inspect(engine).get_indexes("conversation_messages")}
+    engine.dispose()
+    assert "idx_conversation_messages_role_status_updated" in names
+    assert "idx_conversation_messages_role_status" not in names
