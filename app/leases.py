@@ -94,9 +94,12 @@ class LeaseKeeper:
         self._held: dict[tuple[str, int, str], Holding] = {}
         self._lock = threading.Lock()
         self._released = threading.Condition(self._lock)
-        # Held by a renewal while it renews the turns' Redis locks, and by a run leaving, so that a renewal
-        # never takes again a lock a turn just freed; never by a run starting, and never taken under `_lock`.
+        # Held while the turns' Redis locks are renewed, and by a run leaving, so that a renewal never takes
+        # again a lock a turn just freed; never by a run starting, and never taken under `_lock`.
         self._renewing_locks = threading.Lock()
+        # The deliveries whose leases the last database renewal kept: the Redis locks renewed are theirs.
+        self._kept: set[tuple[str, int, str]] = set()
+        self._locks_due = threading.Event()
         self._threads: dict[str, threading.Thread] = {}
         self.cancel_check: Callable[[list[int]], set[int]] | None = None
 
@@ -131,10 +134,12 @@ class LeaseKeeper:
             return self._released.wait_for(lambda: not self._held, timeout=seconds)
 
     def _keep_running(self) -> None:
-        """Under the lock: the renewals and the looks for stop requests each on a thread of its own (started
-        again in a forked child), so that a look that hangs (a Redis that stopped answering holds it for its
-        socket timeout) never holds back a renewal, or healthy turns would lose their leases and run twice."""
-        for name, target in (("lease-keeper", self._renewals), ("stop-watch", self._stop_looks)):
+        """Under the lock: the database renewals, the Redis locks' renewals and the looks for stop requests
+        each on a thread of its own (started again in a forked child), so that a Redis that stopped answering
+        (which holds a call for its socket timeout) never holds back a lease's renewal in the database, or
+        healthy turns would lose their leases and run twice."""
+        for name, target in (("lease-keeper", self._renewals), ("lock-keeper", self._lock_renewals),
+                             ("stop-watch", self._stop_looks)):
             thread = self._threads.get(name)
             if thread is None or not thread.is_alive():
                 self._threads[name] = threading.Thread(target=target, name=name, daemon=True)
@@ -159,6 +164,23 @@ class LeaseKeeper:
                     renewed_at = time.monotonic()
                 except Exception as error:
                     log_failure(log, error, "a lease renewal (tried again next tick)")
+
+    def _lock_renewals(self) -> None:
+        """The Redis locks and slots of the turns whose leases the last database renewal kept, after it."""
+        while True:
+            self._locks_due.wait()
+            self._locks_due.clear()
+            try:
+                with self._renewing_locks:
+                    # A turn that ended since that renewal has freed its lock and slot, and renewing them now
+                    # would take them again for a whole lease: it cannot leave between this look and the
+                    # renewal. A Redis that hangs holds only the runs leaving meanwhile, whose turns wait on it
+                    # to free their locks anyway.
+                    with self._lock:
+                        turns = [h.turn for key, h in self._held.items() if h.turn is not None and key in self._kept]
+                    coordination.renew(turns)
+            except Exception as error:
+                log_failure(log, error, "a renewal of the turns' Redis locks (tried again at the next renewal)")
 
     def _stop_looks(self) -> None:
         while True:
@@ -208,19 +230,16 @@ class LeaseKeeper:
                 ).all()
                 kept.update(_delivery_key(kind, row[0], row[1]) for row in rows)
                 stopped.update(row[0] for row in rows if kind is TURN and row[2] is not None)
-        with self._renewing_locks:
-            with self._lock:
-                current = [h for h in held if self._held.get(_key(h)) is h]
-            for h in current:
-                if _key(h) not in kept:
-                    log.warning("lease of %s %s was taken over; stopping", _kind(h).label, h.ident)
-                    h.stop.set()
-                elif _kind(h) is TURN and h.ident in stopped:
-                    h.stop.set()
-            # A turn that ended since the snapshot has freed its lock and slot, and renewing them now would
-            # take them again for a whole lease: it cannot leave between this look and the renewal. A Redis
-            # that hangs holds only the runs leaving meanwhile, whose turns wait on it to free their locks anyway.
-            coordination.renew(h.turn for h in current if h.turn is not None and _key(h) in kept)
+        with self._lock:
+            current = [h for h in held if self._held.get(_key(h)) is h]
+            self._kept = kept
+        for h in current:
+            if _key(h) not in kept:
+                log.warning("lease of %s %s was taken over; stopping", _kind(h).label, h.ident)
+                h.stop.set()
+            elif _kind(h) is TURN and h.ident in stopped:
+                h.stop.set()
+        self._locks_due.set()
 
 
 def _kind(holding: Holding) -> RunKind:

@@ -94,6 +94,38 @@ def test_a_stop_check_that_hangs_does_not_hold_back_the_renewals(world) -> None:
     assert len(alive) > 40 and all(alive), f"the lease ran out in {alive.count(False)} of {len(alive)} samples"
 
 
+def test_a_redis_renewal_that_hangs_does_not_hold_back_the_leases_renewal(world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The turns' Redis locks were renewed on the thread that renews their leases in the database, after each
+    renewal: a Redis that stopped answering held it for its socket timeout (5 s, more with a script to load),
+    and a lease of under about 15 s ran out while its worker still streamed, another worker taking the turn
+    over. They have a thread of their own: the lease (3 s in the tests, renewed every second) stays ahead of
+    the database's clock through Redis renewals of 4 s."""
+    from sqlalchemy import text
+
+    from app import coordination
+
+    def hanging_redis(turns) -> None:  # type: ignore[no-untyped-def]
+        list(turns)
+        time.sleep(4)
+
+    monkeypatch.setattr(coordination, "renew", hanging_redis)
+    turn = _processing_turn(world, token="live")
+    with transaction() as session:
+        session.execute(update(Turn).where(Turn.assistant_message_id == turn.turn_id)
+                        .values(lease_expires_at=utc_now() + timedelta(seconds=2.5)))
+    keeper = LeaseKeeper()
+    alive = []
+    with keeper.holding(Holding(turn.turn_id, "live", threading.Event(), turn)):
+        ends = time.monotonic() + 8
+        while time.monotonic() < ends:
+            with transaction() as session:
+                alive.append(session.scalar(text(
+                    "SELECT lease_expires_at > clock_timestamp() FROM turns WHERE assistant_message_id = :id"),
+                    {"id": turn.turn_id}))
+            time.sleep(0.1)
+    assert len(alive) > 40 and all(alive), f"the lease ran out in {alive.count(False)} of {len(alive)} samples"
+
+
 def test_a_renewal_waiting_on_redis_does_not_hold_back_turns_starting(world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """A renewal ends with one pipeline to Redis (the turns' locks and slots), which a Redis that stopped
     answering holds for its socket timeout; that wait was under the lock every turn of the process takes to
