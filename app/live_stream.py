@@ -69,7 +69,6 @@ class EntryRead(NamedTuple):
     """A live-stream entry as the worker writes it: its kind, attempt, and a delta's start and text or a
     status's payload."""
 
-
     kind: str
     attempt: int
     start: int
