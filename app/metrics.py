@@ -8,12 +8,13 @@ and the broker when /metrics is scraped, so they are right whichever process ans
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterable
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -34,6 +35,17 @@ FIRST_TOKEN = Histogram("agentq_llm_first_token_seconds", "Time to the first tok
                         buckets=LATENCY_BUCKETS)
 
 
+def host_counters() -> CollectorRegistry:
+    """A registry of the counters and histograms every process of this host wrote to PROMETHEUS_MULTIPROC_DIR
+    (none when it is not set: a process on its own), for an exposition to add its own collectors to."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        MultiProcessCollector(registry)
+    return registry
+
+
 _counters_server: WSGIServer | None = None
 
 
@@ -48,15 +60,12 @@ def serve_host_counters(host: str, port: int) -> None:
     it forks: a thread that did not took a SIGTERM meant for the group at those moments, and the stop was
     lost. The processes forked after it close its socket (`close_inherited_counters_server`)."""
     global _counters_server
-    from prometheus_client import CollectorRegistry, start_http_server
-    from prometheus_client.multiprocess import MultiProcessCollector
+    from prometheus_client import start_http_server
 
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry)
     stops = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
     unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     try:
-        _counters_server, _ = start_http_server(port, addr=host, registry=registry)
+        _counters_server, _ = start_http_server(port, addr=host, registry=host_counters())
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
 

@@ -94,13 +94,8 @@ def _look_every_interval() -> None:
     while True:
         time.sleep(interval * random.uniform(0.5, 1.0))
         try:
-            asked_at = gate.clock()
-            with transaction() as session:
-                lease_now(session)
-            gate.answered(asked_at)
             end_runs_pending_too_long()
-            if gate.open:
-                end_runs_past_deadline()
+            end_runs_past_deadline(gate)
         except Exception as error:
             gate.failed(error)
             log_failure(log, error, "looking for runs pending too long or past their deadline")

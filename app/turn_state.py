@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from app import ledger
 from app.clock import DatabaseNow, lease_expiry, lease_time
 from app.deliveries import deliveries_at_requeue, delivery_deadline
-from app.in_flight import pending_since_before, status_is
+from app.in_flight import pending_since_before, processing_past
 from app.model_target import MODEL_FIELDS
 from app.models import Agent, Conversation, ConversationMessage, LlmModel, Turn, table
 from app.models.base import optional_utc as utc
@@ -358,10 +358,9 @@ def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_m
             ConversationMessage.id == turn_id,
             pending_since_before(ConversationMessage.status, ConversationMessage.updated_at, pending_before)))):
         return None
-    if deadline_before is not None and not (
-            (deadline := utc(turn.deadline_at)) is not None and deadline < deadline_before
-            and session.scalar(select(exists().where(ConversationMessage.id == turn_id, status_is(
-                ConversationMessage.status, TurnStatus.PROCESSING.value))))):
+    if deadline_before is not None and not session.scalar(select(exists().where(
+            ConversationMessage.id == turn_id, Turn.assistant_message_id == turn_id,
+            processing_past(ConversationMessage.status, Turn.deadline_at, deadline_before)))):
         return None
     if turn.cancel_requested_at is not None:
         target, error_message = TurnStatus.CANCELLED, STOPPED

@@ -8,7 +8,7 @@ from contextlib import ExitStack
 from datetime import timedelta
 from typing import cast
 
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from app.auth import Principal
 from app.coordination import HeldTurn
@@ -63,25 +63,17 @@ def test_a_stale_delivery_leaving_does_not_end_the_live_deliverys_renewals(world
         assert not live.stop.is_set()
 
 
-def test_a_stop_check_that_hangs_does_not_hold_back_the_renewals(world) -> None:  # type: ignore[no-untyped-def]
-    """The keeper also looks for stop requests in Redis; a Redis that stops answering makes each look wait for
-    its socket timeout. The looks have a thread of their own and renewals are due by the clock, so the lease
-    (3 s in the tests, renewed every second) stays ahead of the database's clock through looks of 4 s."""
-    import time
-
-    from sqlalchemy import text
-
+def _processing_turn_expiring_soon(world) -> HeldTurn:  # type: ignore[no-untyped-def]
+    """A processing turn whose lease runs out 2.5 s from now unless it is renewed."""
     turn = _processing_turn(world, token="live")
     with transaction() as session:
         session.execute(update(Turn).where(Turn.assistant_message_id == turn.turn_id)
                         .values(lease_expires_at=utc_now() + timedelta(seconds=2.5)))
+    return turn
 
-    def hanging_redis(turn_ids: list[int]) -> set[int]:
-        time.sleep(4)
-        return set()
 
-    keeper = LeaseKeeper()
-    keeper.cancel_check = hanging_redis
+def _lease_alive_for_8_seconds(keeper: LeaseKeeper, turn: HeldTurn) -> list[bool]:
+    """Whether `turn`'s lease was alive by the database's clock, sampled every 0.1 s for 8 s while `keeper` holds it."""
     alive = []
     with keeper.holding(Holding(turn.turn_id, "live", threading.Event(), turn)):
         ends = time.monotonic() + 8
@@ -91,6 +83,20 @@ def test_a_stop_check_that_hangs_does_not_hold_back_the_renewals(world) -> None:
                     "SELECT lease_expires_at > clock_timestamp() FROM turns WHERE assistant_message_id = :id"),
                     {"id": turn.turn_id}))
             time.sleep(0.1)
+    return alive
+
+
+def test_a_stop_check_that_hangs_does_not_hold_back_the_renewals(world) -> None:  # type: ignore[no-untyped-def]
+    """The keeper also looks for stop requests in Redis; a Redis that stops answering makes each look wait for
+    its socket timeout. The looks have a thread of their own and renewals are due by the clock, so the lease
+    (3 s in the tests, renewed every second) stays ahead of the database's clock through looks of 4 s."""
+    def hanging_redis(turn_ids: list[int]) -> set[int]:
+        time.sleep(4)
+        return set()
+
+    keeper = LeaseKeeper()
+    keeper.cancel_check = hanging_redis
+    alive = _lease_alive_for_8_seconds(keeper, _processing_turn_expiring_soon(world))
     assert len(alive) > 40 and all(alive), f"the lease ran out in {alive.count(False)} of {len(alive)} samples"
 
 
@@ -100,8 +106,6 @@ def test_a_redis_renewal_that_hangs_does_not_hold_back_the_leases_renewal(world,
     and a lease of under about 15 s ran out while its worker still streamed, another worker taking the turn
     over. They have a thread of their own: the lease (3 s in the tests, renewed every second) stays ahead of
     the database's clock through Redis renewals of 4 s."""
-    from sqlalchemy import text
-
     from app import coordination
 
     def hanging_redis(turns) -> None:  # type: ignore[no-untyped-def]
@@ -109,20 +113,7 @@ def test_a_redis_renewal_that_hangs_does_not_hold_back_the_leases_renewal(world,
         time.sleep(4)
 
     monkeypatch.setattr(coordination, "renew", hanging_redis)
-    turn = _processing_turn(world, token="live")
-    with transaction() as session:
-        session.execute(update(Turn).where(Turn.assistant_message_id == turn.turn_id)
-                        .values(lease_expires_at=utc_now() + timedelta(seconds=2.5)))
-    keeper = LeaseKeeper()
-    alive = []
-    with keeper.holding(Holding(turn.turn_id, "live", threading.Event(), turn)):
-        ends = time.monotonic() + 8
-        while time.monotonic() < ends:
-            with transaction() as session:
-                alive.append(session.scalar(text(
-                    "SELECT lease_expires_at > clock_timestamp() FROM turns WHERE assistant_message_id = :id"),
-                    {"id": turn.turn_id}))
-            time.sleep(0.1)
+    alive = _lease_alive_for_8_seconds(LeaseKeeper(), _processing_turn_expiring_soon(world))
     assert len(alive) > 40 and all(alive), f"the lease ran out in {alive.count(False)} of {len(alive)} samples"
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.multiprocess import MultiProcessCollector
 
 from app import operations
+from app.metrics import host_counters
 
 
 class SharedStateCollector:
@@ -43,8 +42,6 @@ class SharedStateCollector:
 
 
 def exposition() -> tuple[bytes, str]:
-    registry = CollectorRegistry()
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        MultiProcessCollector(registry)
+    registry = host_counters()
     registry.register(SharedStateCollector())
     return generate_latest(registry), CONTENT_TYPE_LATEST

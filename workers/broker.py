@@ -64,17 +64,17 @@ _installed: RedisBroker | None = None
 
 
 @contextmanager
-def _timeouts_as_connection_closed() -> Iterator[None]:
-    """Dramatiq's consumer turns only `redis.ConnectionError` into `ConnectionClosed`, which its consumer
-    thread survives (it restarts the consumer a second later). A Redis that hangs past the socket timeout
-    raises `redis.TimeoutError`: taken for an unexpected error, it sent the thread to a clean-up whose
-    requeue of the retries it held raised it again, and the thread ended; the process then took no
-    retry of that queue until it stopped, each run waiting for the recovery sweep instead. Other errors
-    (a refused command) stay Dramatiq's unexpected ones: retried as a lost connection, they would hold a
-    worker thread for ever."""
+def _lost_redis_as_connection_closed() -> Iterator[None]:
+    """A Redis out of reach, or one that hangs past the socket timeout, as Dramatiq's `ConnectionClosed`, which
+    its consumer thread survives (it restarts the consumer a second later). Dramatiq's consumer turns only
+    `redis.ConnectionError` into it: a `redis.TimeoutError` was taken for an unexpected error, which sent the
+    thread to a clean-up whose requeue of the retries it held raised it again, and the thread ended; the
+    process then took no retry of that queue until it stopped, each run waiting for the recovery sweep
+    instead. Other errors (a refused command) stay Dramatiq's unexpected ones: retried as a lost
+    connection, they would hold a worker thread for ever."""
     try:
         yield
-    except redis.TimeoutError as error:
+    except (redis.ConnectionError, redis.TimeoutError) as error:
         raise ConnectionClosed(error) from error
 
 
@@ -103,20 +103,20 @@ class RefillingConsumer(_RedisConsumer):
 
     def ack(self, message: MessageProxy) -> None:
         try:
-            with _timeouts_as_connection_closed():
+            with _lost_redis_as_connection_closed():
                 super().ack(message)
         finally:
             self._places.freed()
 
     def nack(self, message: MessageProxy) -> None:
         try:
-            with _timeouts_as_connection_closed():
+            with _lost_redis_as_connection_closed():
                 super().nack(message)
         finally:
             self._places.freed()
 
     def requeue(self, messages: Iterable[MessageProxy]) -> None:
-        with _timeouts_as_connection_closed():
+        with _lost_redis_as_connection_closed():
             super().requeue(messages)
 
     def __next__(self) -> MessageProxy | None:
@@ -124,7 +124,7 @@ class RefillingConsumer(_RedisConsumer):
         worker is draining, no new fetch (what it still holds goes to its threads, which hand it back)."""
         if not self.message_cache and not self._fetched():
             return None
-        with _timeouts_as_connection_closed():
+        with _lost_redis_as_connection_closed():
             return super().__next__()  # from the cache the fetch filled: no look at Redis
 
     def _fetched(self) -> bool:
@@ -135,10 +135,8 @@ class RefillingConsumer(_RedisConsumer):
             if free <= 0:
                 self._places.changed.wait(self._wait_seconds)
                 return False
-            try:
+            with _lost_redis_as_connection_closed():
                 self.message_cache = self.broker.do_fetch(self.queue_name, free)
-            except (redis.ConnectionError, redis.TimeoutError) as error:
-                raise ConnectionClosed(error) from error
         if self.message_cache:
             return True
         self._rung.wait(self._wait_seconds)
