@@ -240,4 +240,6 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     CONSTRAINT pk_dead_letters PRIMARY KEY (id),
     CONSTRAINT uq_dead_letters_redis_message_id UNIQUE (redis_message_id)
 );
-CREATE INDEX IF NOT EXISTS idx_dead_letters_open ON dead_letters (id) WHERE requeued_at IS NULL;
+-- The listing's order, newest first, a page at a time.
+CREATE INDEX IF NOT EXISTS idx_dead_letters_open_by_time ON dead_letters (dead_at, id) WHERE requeued_at IS NULL;
+DROP INDEX IF EXISTS idx_dead_letters_open;

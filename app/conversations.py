@@ -7,26 +7,25 @@ Another user's conversation, or a deleted one, is simply not found: ownership is
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from functools import cache
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import BigInteger, ColumnElement, Select, and_, bindparam, or_, select, update
+from sqlalchemy import BigInteger, ColumnElement, Select, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.auth import Principal
 from app.catalog import live_agent
 from app.config import get_settings
 from app.db import transaction
-from app.errors import NotFound, ValidationFailed
+from app.errors import NotFound
 from app.in_flight import lock_user
 from app.models import Conversation, ConversationMessage, Turn, table
-from app.models.base import LARGEST_ID, as_utc, utc_now
-from app.paging import every_row, page_of
+from app.models.base import utc_now
+from app.paging import every_row, moment_cursor, older_than, page_of
 from app.prepared import Batch, Prepared, Unit
 
 
@@ -100,22 +99,6 @@ def create_conversation(
         return CreatedConversation(conversation, created=True)
 
 
-def _encode_cursor(conversation: Conversation) -> str:
-    raw = f"{as_utc(conversation.updated_at).isoformat()}|{conversation.id}"
-    return base64.urlsafe_b64encode(raw.encode()).decode()
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, int]:
-    try:
-        stamp, ident = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
-        moment, number = as_utc(datetime.fromisoformat(stamp)), int(ident)
-    except (ValueError, UnicodeDecodeError, OverflowError) as exc:
-        raise ValidationFailed("cursor is not one this API returned.", code="invalid_cursor") from exc
-    if not 1 <= number <= LARGEST_ID:
-        raise ValidationFailed("cursor is not one this API returned.", code="invalid_cursor")
-    return moment, number
-
-
 def list_conversations(principal: Principal, limit: int, cursor: str | None) -> ConversationPage:
     """Newest activity first, and only conversations where the assistant has answered successfully once."""
     query = (
@@ -128,18 +111,10 @@ def list_conversations(principal: Principal, limit: int, cursor: str | None) -> 
         .limit(limit + 1)
     )
     if cursor:
-        moment, ident = _decode_cursor(cursor)
-        if get_settings().is_sqlite:
-            moment = moment.replace(tzinfo=None)
-        query = query.where(
-            or_(
-                Conversation.updated_at < moment,
-                and_(Conversation.updated_at == moment, Conversation.id < ident),
-            )
-        )
+        query = query.where(older_than(Conversation.updated_at, Conversation.id, cursor))
     with transaction() as session:
         rows = list(session.scalars(query))
-    return ConversationPage(*page_of(rows, limit, _encode_cursor))
+    return ConversationPage(*page_of(rows, limit, lambda row: moment_cursor(row.updated_at, row.id)))
 
 
 def get_conversation(principal: Principal, conversation_id: int) -> Conversation:

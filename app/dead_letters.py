@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import redis
 from dramatiq.common import q_name
-from sqlalchemy import select, update
+from sqlalchemy import Select, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from app import live_stream, outbox
 from app.db import in_batches, rows_changed, transaction
@@ -34,6 +35,7 @@ from app.errors import Conflict, ConversationBusy, NotFound, ServiceUnavailable,
 from app.in_flight import check_can_start, lock_user
 from app.models import Agent, Conversation, ConversationMessage, DeadLetter, Turn
 from app.models.base import utc_now
+from app.paging import PAGE_OF_A_WHOLE_LIST, every_row, moment_cursor, older_than, page_of
 from app.run_kinds import KINDS, TURN, kind_of, run_id_of
 from app.turn_state import TransitionRefused, reopen_turn
 from app.turn_status import TurnStatus, sources_for
@@ -47,6 +49,12 @@ class DeadLetterView:
     run_status: str | None
     in_broker: bool | None
     """False when the broker no longer holds the message (Redis lost it); None when Redis is unreachable."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterPage:
+    items: list[DeadLetterView]
+    next_cursor: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,14 +199,36 @@ def _views(rows: list[DeadLetter], in_broker: set[str] | None) -> list[DeadLette
     ]
 
 
-def list_dead_letters() -> list[DeadLetterView]:
-    """Open dead letters, the most recent first."""
+def list_dead_letters(limit: int, cursor: str | None = None) -> DeadLetterPage:
+    """A page of the open dead letters, the most recent first; `next_cursor` gives the next."""
+    return _page(_reconcile(), limit, cursor)
+
+
+def every_dead_letter() -> Iterator[DeadLetterView]:
+    """Every open dead letter, the most recent first, read a page at a time after one reconciliation with the
+    broker: tens of thousands of them are listed without all of their rows in memory at once."""
     in_broker = _reconcile()
+
+    def read(cursor: str | None) -> tuple[list[DeadLetterView], str | None]:
+        page = _page(in_broker, PAGE_OF_A_WHOLE_LIST, cursor)
+        return page.items, page.next_cursor
+
+    return every_row(read)
+
+
+def page_query(limit: int, cursor: str | None) -> Select[DeadLetter]:
+    """The open letters after `cursor`, one more than a page, without their tracebacks: only one letter's detail
+    shows those, and they run to tens of kilobytes."""
+    query = (select(DeadLetter).options(defer(DeadLetter.traceback)).where(DeadLetter.requeued_at.is_(None))
+             .order_by(DeadLetter.dead_at.desc(), DeadLetter.id.desc()).limit(limit + 1))
+    return query.where(older_than(DeadLetter.dead_at, DeadLetter.id, cursor)) if cursor else query
+
+
+def _page(in_broker: set[str] | None, limit: int, cursor: str | None) -> DeadLetterPage:
     with transaction() as session:
-        rows = list(session.scalars(
-            select(DeadLetter).where(DeadLetter.requeued_at.is_(None))
-            .order_by(DeadLetter.dead_at.desc(), DeadLetter.id.desc())))
-    return _views(rows, in_broker)
+        rows, next_cursor = page_of(list(session.scalars(page_query(limit, cursor))), limit,
+                                    lambda row: moment_cursor(row.dead_at, row.id))
+    return DeadLetterPage(_views(rows, in_broker), next_cursor)
 
 
 def get_dead_letter(dead_letter_id: int) -> DeadLetterView:
@@ -321,7 +351,7 @@ def _requeue(dead_letter_id: int) -> DeadLetter:
 def requeue_all() -> RequeueOutcome:
     """Requeue every open dead letter that can be; the others are reported with the reason."""
     outcome = RequeueOutcome([], {})
-    for view in list_dead_letters():
+    for view in every_dead_letter():
         try:
             outcome.requeued.append(_requeue(view.row.id).id)
         except (Conflict, NotFound, TooManyActiveConversations) as exc:
@@ -344,7 +374,7 @@ def purge(dead_letter_id: int) -> None:
 
 def purge_all() -> list[int]:
     purged = []
-    for view in list_dead_letters():
+    for view in every_dead_letter():
         try:
             purge(view.row.id)
         except NotFound:
@@ -353,5 +383,6 @@ def purge_all() -> list[int]:
     return purged
 
 
-__all__ = ["DeadLetterView", "RequeueOutcome", "error_summary", "get_dead_letter", "list_dead_letters",
-           "open_dead_letters", "purge", "purge_all", "record_death", "requeue", "requeue_all"]
+__all__ = ["DeadLetterPage", "DeadLetterView", "RequeueOutcome", "error_summary", "every_dead_letter",
+           "get_dead_letter", "list_dead_letters", "open_dead_letters", "purge", "purge_all", "record_death",
+           "requeue", "requeue_all"]

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from typing import TypeVar
+
+from sqlalchemy import ColumnElement, tuple_
+from sqlalchemy.orm import InstrumentedAttribute
+
+from app.errors import ValidationFailed
+from app.models.base import LARGEST_ID, as_utc
 
 Row = TypeVar("Row")
 Cursor = TypeVar("Cursor")
@@ -31,3 +39,30 @@ def every_row(read_page: Callable[[Cursor | None], tuple[list[Row], Cursor | Non
         yield from rows
         if cursor is None:
             return
+
+
+def moment_cursor(moment: datetime, ident: int) -> str:
+    """The cursor after a row of a list ordered newest first by a time, then by id (ties of a time are common:
+    rows written in one transaction share it). Opaque to clients, who pass it back as they got it."""
+    return base64.urlsafe_b64encode(f"{as_utc(moment).isoformat()}|{ident}".encode()).decode()
+
+
+def older_than(moment: InstrumentedAttribute[datetime], ident: InstrumentedAttribute[int],
+               cursor: str) -> ColumnElement[bool]:
+    """The rows after `cursor` (from `moment_cursor`) in that order; 400 `invalid_cursor` for a cursor this
+    API did not give."""
+    after, last_id = _decode(cursor)
+    # A row comparison, which an index on (moment, id) serves as its condition; `a < x OR (a = x AND …)`
+    # was a filter on every row from the newest down to the page.
+    return tuple_(moment, ident) < tuple_(after, last_id)
+
+
+def _decode(cursor: str) -> tuple[datetime, int]:
+    try:
+        stamp, ident = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
+        moment, number = as_utc(datetime.fromisoformat(stamp)), int(ident)
+    except (ValueError, UnicodeDecodeError, OverflowError) as exc:
+        raise ValidationFailed("cursor is not one this API returned.", code="invalid_cursor") from exc
+    if not 1 <= number <= LARGEST_ID:
+        raise ValidationFailed("cursor is not one this API returned.", code="invalid_cursor")
+    return moment, number

@@ -55,7 +55,7 @@ def init_schema() -> SchemaReport:
     return SchemaReport(database_location(), "models", added, converted)
 
 
-REPLACED_INDEXES = ("idx_conversation_messages_role_status",)
+REPLACED_INDEXES = ("idx_conversation_messages_role_status", "idx_dead_letters_open")
 """Indexes of earlier releases that a later one replaced (schema.sql drops them on PostgreSQL)."""
 
 

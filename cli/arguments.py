@@ -45,6 +45,17 @@ def count(value: str) -> int:
     return number
 
 
+LARGEST_PAGE = 500
+"""The most rows a page of a list holds, as in the HTTP API."""
+
+
+def page_size(value: str) -> int:
+    number = whole_number(value)
+    if not 1 <= number <= LARGEST_PAGE:
+        raise argparse.ArgumentTypeError(f"a page holds 1 to {LARGEST_PAGE} rows, not {number}")
+    return number
+
+
 def host(value: str) -> str:
     """An address to listen on. An empty one listened on every interface, which nobody asks for by leaving
     it out; an IPv6 address is written bare (`::1`) or bracketed (`[::1]`), as operators write it."""

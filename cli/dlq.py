@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from cli.arguments import record_id
+from cli.arguments import page_size, record_id
 from cli.output import print_json
 
 
@@ -19,7 +19,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     from app import dead_letters
     from web import render
 
-    print_json({"items": [render.dead_letter(v) for v in dead_letters.list_dead_letters()]})
+    if args.limit is None:
+        print_json({"items": [render.dead_letter(v) for v in dead_letters.every_dead_letter()]})
+        return 0
+    page = dead_letters.list_dead_letters(args.limit, args.cursor)
+    print_json({"items": [render.dead_letter(v) for v in page.items], "next_cursor": page.next_cursor})
     return 0
 
 
@@ -57,7 +61,10 @@ def cmd_purge(args: argparse.Namespace) -> int:
 def add_dlq_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dlq = sub.add_parser("dlq", help="dead letters: messages whose retries ran out")
     commands = dlq.add_subparsers(dest="dlq_command", required=True)
-    commands.add_parser("list", help="list the dead letters, newest first").set_defaults(func=cmd_list)
+    listing = commands.add_parser("list", help="list the dead letters, newest first")
+    listing.add_argument("--limit", type=page_size, help="a page of at most this many, with its next_cursor")
+    listing.add_argument("--cursor", help="the next_cursor of the page before")
+    listing.set_defaults(func=cmd_list)
     show = commands.add_parser("show", help="one dead letter, with its last traceback")
     show.add_argument("id", type=record_id)
     show.set_defaults(func=cmd_show)

@@ -99,3 +99,24 @@ def test_the_operators_page_refuses_a_users_key(stack: Stack) -> None:
         wait.until(lambda d: "admin" in text_of(d, "#status").lower()
                    and "error" in (d.find_element(By.ID, "status").get_attribute("class") or ""))
         assert dead_rows(driver) == []
+
+
+def test_the_operators_page_shows_the_latest_dead_letters_and_says_so(stack: Stack) -> None:
+    """The page asks for a page of the latest letters, not the whole list every few seconds, and says when
+    there are more than it shows."""
+    stack.sql("INSERT INTO dead_letters (redis_message_id, queue, actor, args, error, dead_at) "
+              "SELECT 'page-' || i, 'turns', 'run_turn', '[]', 'boom ' || i, now() - i * interval '1 second' "
+              "FROM generate_series(1, 101) AS i")
+    try:
+        with chromium() as driver:
+            wait = WebDriverWait(driver, 20, poll_frequency=0.1, ignored_exceptions=[StaleElementReferenceException])
+            driver.get(f"{stack.base_url}/admin")
+            driver.find_element(By.ID, "api-key").send_keys(stack.admin_key)
+            driver.find_element(By.ID, "save-key").click()
+            wait.until(lambda d: len(dead_rows(d)) == 100)
+            assert text_of(driver, "#dead-letters-shown") == "(the latest 100 shown)"
+            assert " boom 1 " in dead_rows(driver)[0] and " boom 100 " in dead_rows(driver)[-1]
+            stack.sql("DELETE FROM dead_letters WHERE redis_message_id = 'page-101'")
+            wait.until(lambda d: text_of(d, "#dead-letters-shown") == "" and len(dead_rows(d)) == 100)
+    finally:
+        stack.sql("DELETE FROM dead_letters WHERE redis_message_id LIKE 'page-%'")

@@ -127,3 +127,31 @@ def test_money_arithmetic_on_sqlite_is_exact(tmp_path: Path) -> None:
     reserved, converted, older = result.stdout.strip().splitlines()
     assert reserved == "[1, 1] (300000, 0)"
     assert (converted, older) == ("10", "(12500000, 250000)")
+
+
+def test_dead_letters_are_paged_on_sqlite(tmp_path: Path) -> None:
+    """SQLite keeps a time as text without its offset, and compares row values itself: a cursor pages there as
+    on PostgreSQL, letters that died at one time included."""
+    import sqlite3
+
+    database = tmp_path / "paging.sqlite3"
+    env = child_env(DATABASE_URL=f"sqlite:///{database}", AGENTQ_BROKER_NAMESPACE="agentq-sqlite-paging")
+    subprocess.run(agentq("db", "init"), env=env, check=True, cwd=ROOT, capture_output=True)
+    with sqlite3.connect(database) as connection:
+        connection.executemany(
+            "INSERT INTO dead_letters (id, redis_message_id, queue, actor, args, retries, error, dead_at) "
+            "VALUES (?, ?, 'turns', 'run_turn', '[]', 0, 'boom', ?)",
+            [(ident, f"m-{ident}", f"2026-12-03 10:00:0{second}.250000")
+             for ident, second in ((1, 7), (2, 9), (3, 9), (4, 9), (5, 8), (6, 5))])
+
+    def page(*flags: str) -> tuple[list[int], str | None]:
+        done = subprocess.run(agentq("dlq", "list", "--limit", "2", *flags), env=env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        listed = json.loads(done.stdout)
+        return [item["id"] for item in listed["items"]], listed["next_cursor"]
+
+    pages, cursor = [page()], None
+    while (cursor := pages[-1][1]) is not None:
+        pages.append(page("--cursor", cursor))
+    assert [ids for ids, _ in pages] == [[4, 3], [2, 5], [1, 6]]

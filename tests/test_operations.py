@@ -715,3 +715,48 @@ def test_a_listing_reads_the_bodies_of_the_dead_letters_no_row_records_only(  # 
         assert read == []  # adopted by the first listing
     finally:
         redis_client.delete(f"{NAMESPACE}:turns.XQ", f"{NAMESPACE}:turns.XQ.msgs")
+
+
+def test_dead_letters_are_paged_newest_first_with_ties_broken_by_id(world) -> None:  # type: ignore[no-untyped-def]
+    """With `limit`, a page and the cursor of the next, in the order of the whole listing (most recent death
+    first, the higher id first among deaths at one time), in the API and in `agentq dlq list`; a requeued
+    letter is in none. Before, every look listed every letter, tens of thousands with their tracebacks."""
+    now = datetime.now(UTC)
+    deaths = {1: now - timedelta(seconds=3), 2: now - timedelta(seconds=1), 3: now - timedelta(seconds=1),
+              4: now - timedelta(seconds=1), 5: now - timedelta(seconds=2), 6: now, 7: now - timedelta(seconds=5)}
+    from app.db import transaction
+
+    with transaction() as session:
+        for ident, dead_at in deaths.items():
+            session.execute(text(
+                "INSERT INTO dead_letters (id, redis_message_id, queue, actor, args, run_id, error, traceback, "
+                "dead_at, requeued_at) VALUES (:id, :mid, 'turns', 'run_turn', '[]', NULL, 'boom', 'a long trace', "
+                ":dead_at, :requeued_at)"),
+                {"id": ident, "mid": f"m-{ident}", "dead_at": dead_at, "requeued_at": now if ident == 6 else None})
+    newest_first = [4, 3, 2, 5, 1, 7]
+    api, admin = world.api, world.admin_key
+
+    whole = api.get("/api/admin/dead-letters", admin)
+    assert (whole.status_code, [item["id"] for item in whole.json["items"]]) == (200, newest_first)
+    assert "next_cursor" not in whole.json and "traceback" not in whole.json["items"][0]
+    pages, cursor = [], ""
+    while cursor is not None:
+        page = api.get(f"/api/admin/dead-letters?limit=2&cursor={cursor}", admin)
+        assert page.status_code == 200, page.json
+        pages.append([item["id"] for item in page.json["items"]])
+        cursor = page.json["next_cursor"]
+    assert pages == [[4, 3], [2, 5], [1, 7]]
+    refused = api.get("/api/admin/dead-letters?limit=2&cursor=not-one-of-ours", admin)
+    assert (refused.status_code, refused.json["error"]["code"]) == (422, "invalid_cursor")
+
+    def listed(*flags: str) -> dict[str, Any]:
+        done = subprocess.run(agentq("dlq", "list", *flags), env=child_env(), capture_output=True, text=True, cwd=ROOT,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    first = listed("--limit", "4")
+    assert [item["id"] for item in first["items"]] == [4, 3, 2, 5]
+    rest = listed("--limit", "4", "--cursor", first["next_cursor"])
+    assert ([item["id"] for item in rest["items"]], rest["next_cursor"]) == ([1, 7], None)
+    assert [item["id"] for item in listed()["items"]] == newest_first

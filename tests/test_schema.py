@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
+from datetime import UTC, datetime
 
 import psycopg
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, text
 
 from app.models import Base
 from tests.conftest import child_env
@@ -112,6 +113,21 @@ def test_the_look_at_recent_failures_reads_only_its_window(database) -> None:  #
     assert "updated_at >=" in index_condition, plan
 
 
+def test_a_page_of_dead_letters_is_read_in_the_listing_order_from_an_index(database) -> None:  # type: ignore[no-untyped-def]
+    """A page of the dead letters reads its rows in order from the index, from the cursor on: not all of them
+    sorted, nor every row newer than the cursor filtered out one by one."""
+    from app.db import transaction
+    from app.dead_letters import page_query
+    from app.paging import moment_cursor
+
+    with transaction() as session:
+        session.execute(text("SET LOCAL enable_seqscan = off"))
+        query = page_query(20, moment_cursor(datetime.now(UTC), 5)).compile(dialect=session.get_bind().dialect)
+        plan = "\n".join(row[0] for row in session.connection().exec_driver_sql(f"EXPLAIN {query}", query.params))
+    assert "Index Scan Backward using idx_dead_letters_open_by_time" in plan, plan
+    assert "Index Cond: (ROW(dead_at, id) < ROW(" in plan and "Sort" not in plan, plan
+
+
 def test_db_init_gives_an_older_sqlite_file_the_indexes_of_this_release(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """`create_all` makes the indexes of the tables it creates only: a file of an earlier release kept the index
     this one replaced and never got the new one."""
@@ -122,9 +138,12 @@ def test_db_init_gives_an_older_sqlite_file_the_indexes_of_this_release(tmp_path
     with sqlite3.connect(path) as older:
         older.execute("DROP INDEX idx_conversation_messages_role_status_updated")
         older.execute("CREATE INDEX idx_conversation_messages_role_status ON conversation_messages (role, status)")
+        older.execute("DROP INDEX idx_dead_letters_open_by_time")
+        older.execute("CREATE INDEX idx_dead_letters_open ON dead_letters (id) WHERE requeued_at IS NULL")
     db_init(f"sqlite:///{path}")
     engine = create_engine(f"sqlite:///{path}")
-    names = {i["name"] for i in inspect(engine).get_indexes("conversation_messages")}
+    names = {i["name"] for table in ("conversation_messages", "dead_letters")
+             for i in inspect(engine).get_indexes(table)}
     engine.dispose()
-    assert "idx_conversation_messages_role_status_updated" in names
-    assert "idx_conversation_messages_role_status" not in names
+    assert {"idx_conversation_messages_role_status_updated", "idx_dead_letters_open_by_time"} <= names
+    assert not {"idx_conversation_messages_role_status", "idx_dead_letters_open"} & names

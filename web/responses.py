@@ -245,6 +245,7 @@ class DeadLetterDetail(DeadLetter):
 
 class DeadLetterList(Shape):
     items: list[DeadLetter]
+    next_cursor: str | None = Field(None, description="Only with `limit`: pass it as `cursor` for the next page.")
 
 
 class Skipped(Shape):

@@ -247,6 +247,12 @@ class DebugLogQuery(Query):
     before_id: Annotated[int | None, Field(ge=1, le=LARGEST_ID)] = None
 
 
+class DeadLetterQuery(Query):
+    limit: Annotated[int | None, Field(ge=1, le=500)] = None
+    """Without it, every open dead letter (the contract's shape); with it, a page and its `next_cursor`."""
+    cursor: Annotated[str | None, Field(max_length=500)] = None
+
+
 class FailureQuery(Query):
     hours: Annotated[float, Field(gt=0, le=24 * 365)] = 24
     limit: Annotated[int, Field(ge=1, le=200)] = 20

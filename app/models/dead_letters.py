@@ -21,7 +21,7 @@ class DeadLetter(Base):
 
     __tablename__ = "dead_letters"
     __table_args__ = (
-        Index("idx_dead_letters_open", "id", postgresql_where=text("requeued_at IS NULL"),
+        Index("idx_dead_letters_open_by_time", "dead_at", "id", postgresql_where=text("requeued_at IS NULL"),
               sqlite_where=text("requeued_at IS NULL")),
     )
 

@@ -11,7 +11,7 @@ from app import dead_letters, operations
 from web import render
 from web import responses as r
 from web.routes import api_blueprint
-from web.schemas import FailureQuery, IdPath
+from web.schemas import DeadLetterQuery, FailureQuery, IdPath
 
 bp = api_blueprint("ops", admin=True)
 tag = Tag(name="admin: operations")
@@ -29,8 +29,12 @@ def failures(query: FailureQuery) -> dict[str, Any]:
 
 
 @bp.get("/admin/dead-letters", tags=[tag], responses={200: r.DeadLetterList})
-def list_dead_letters() -> dict[str, Any]:
-    return {"items": [render.dead_letter(view) for view in dead_letters.list_dead_letters()]}
+def list_dead_letters(query: DeadLetterQuery) -> dict[str, Any] | Response:
+    """Newest first: every open dead letter, or with `limit` a page; pass `next_cursor` back as `cursor`."""
+    if query.limit is None:
+        return render.streamed_items(render.dead_letter(view) for view in dead_letters.every_dead_letter())
+    page = dead_letters.list_dead_letters(query.limit, query.cursor)
+    return {"items": [render.dead_letter(view) for view in page.items], "next_cursor": page.next_cursor}
 
 
 @bp.post("/admin/dead-letters/requeue-all", tags=[tag], responses={202: r.RequeueOutcome})
