@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from app.db import rows_changed, transaction
 from app.errors import Conflict, NotFound, ValidationFailed
+from app.key_variables import check_key_variable
 from app.models import Agent, LlmModel
 from app.models.base import utc_now
 
@@ -46,6 +47,7 @@ def _flush_unique_name(session: Session) -> None:
 
 
 def create_model(fields: dict[str, Any]) -> LlmModel:
+    check_key_variable(fields.get("api_key_env"))
     with transaction() as session:
         model = LlmModel(**fields)
         session.add(model)
@@ -65,6 +67,7 @@ def get_model(model_id: int) -> LlmModel:
 
 
 def update_model(model_id: int, changes: dict[str, Any]) -> LlmModel:
+    check_key_variable(changes.get("api_key_env"))
     with transaction() as session:
         model = _live_model(session, model_id)
         for key, value in changes.items():

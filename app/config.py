@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     blocked_terms: str = ""
     moderation_url: str | None = None
     moderation_api_key_env: str | None = None
+    model_key_variables: str = Field(default="*_API_KEY", min_length=1, max_length=2000)
+    """Shell-style patterns, comma-separated, of the variables a model's `api_key_env` may name."""
 
     lease_seconds: Seconds = 30.0
     recovery_interval_seconds: Seconds = 5.0
@@ -156,6 +158,10 @@ class Settings(BaseSettings):
     @property
     def blocked_term_list(self) -> list[str]:
         return [t.strip().casefold() for t in self.blocked_terms.split(",") if t.strip()]
+
+    @property
+    def model_key_variable_patterns(self) -> list[str]:
+        return [p.strip() for p in self.model_key_variables.split(",") if p.strip()]
 
     @property
     def is_sqlite(self) -> bool:

@@ -99,7 +99,7 @@ def _record_result(run_id: int, token: str, delivery: int, outcome: Outcome, lat
                 else:
                     finish_debug_run(session, run_id, token, TurnStatus.LLM_ERROR, at=attempts.at,
                                      output=outcome.partial, latency_ms=latency_ms,
-                                     error_message=outcome.error_message)
+                                     error_message=outcome.error_message_in_full)
                 attempts.write(session)
 
         TEST_RUN.write_end(run_id, attempts.at, write, what=f"settling test run {run_id}")

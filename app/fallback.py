@@ -67,10 +67,20 @@ class Outcome:
     """The kept text is a failed attempt's (a stop came between it and the fallback): kept, not charged."""
     attempts: list[AttemptRecord] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    errors_in_full: list[str] = field(default_factory=list)
+    """With what each endpoint said (`AttemptFailed.said`): for an admin's test run, never a user's turn."""
+
+    def note(self, error: str, in_full: str | None = None) -> None:
+        self.errors.append(error)
+        self.errors_in_full.append(in_full or error)
 
     @property
     def error_message(self) -> str:
         return "; ".join(self.errors)
+
+    @property
+    def error_message_in_full(self) -> str:
+        return "; ".join(self.errors_in_full)
 
 
 def should_fall_back(failure: AttemptFailed, primary: ModelTarget, fallback: ModelTarget | None) -> bool:
@@ -120,12 +130,12 @@ def call_with_fallback(
             # Stopped before the fallback's call (index 1, only reached after the primary failed): the
             # primary's text is what was streamed, and is kept, as the primary's.
             outcome.cancelled, outcome.partial_failed = True, index > 0
-            outcome.errors.append(f"{target.name}: cancelled before the call")
+            outcome.note(f"{target.name}: cancelled before the call")
             return outcome
         timeout = params.timeout_seconds if ends_by is None else min(params.timeout_seconds,
                                                                       round(ends_by - time.monotonic(), 3))
         if timeout <= 0:
-            outcome.errors.append(f"{target.name}: not called, no time left before the run's deadline")
+            outcome.note(f"{target.name}: not called, no time left before the run's deadline")
             return outcome
         sink.attempt_started(target.name, restart=index > 0)
         messages = prompt_for(target)
@@ -137,21 +147,20 @@ def call_with_fallback(
         except AttemptFailed as failure:
             prompt_estimate = estimate_tokens_of_messages(messages) if failure.kind not in REFUSED else 0
             produced = estimate_answer_tokens(failure.partial, max_tokens)
-            outcome.attempts.append(_record(target, failure.kind.value, failure.detail, failure.latency_ms,
+            outcome.attempts.append(_record(target, failure.kind.value, failure.detail_in_full, failure.latency_ms,
                                             failure.first_token_ms, prompt_estimate, produced))
-            outcome.errors.append(f"{target.name}: {failure}")
+            outcome.note(f"{target.name}: {failure}", f"{target.name}: {failure.in_full}")
             outcome.partial = failure.partial
             outcome.model = target if failure.partial else None
             if failure.kind is FailureKind.CANCELLED:
                 outcome.cancelled = True
                 return outcome
             falls_back = index + 1 < len(targets) and should_fall_back(failure, primary, fallback)
-            log.warning("model %s failed after %s ms (%s)%s", target.name, failure.latency_ms, failure,
+            log.warning("model %s failed after %s ms (%s)%s", target.name, failure.latency_ms, failure.in_full,
                         f"; falling back to {fallback.name}" if falls_back and fallback else "")
             if falls_back:
                 if falling_back is not None and not falling_back():
-                    outcome.errors.append(f"{targets[index + 1].name}: not called, the run is no longer this "
-                                          "delivery's")
+                    outcome.note(f"{targets[index + 1].name}: not called, the run is no longer this delivery's")
                     return outcome
                 metrics.observe_fallback()
                 continue

@@ -23,12 +23,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx2
 import openai
 
 from app.attempt_watchdog import watch_attempt
 from app.failure_kinds import FailureKind
+from app.key_variables import may_hold_a_model_key, refusal
 from app.model_target import ModelTarget
 from app.text import storable
 from app.token_estimates import estimate_tokens, estimate_tokens_of_messages, most_tokens_of_messages
@@ -62,16 +64,30 @@ class Completion:
 
 
 class AttemptFailed(Exception):
-    """One attempt failed; `kind` is what the fallback policy decides on."""
+    """One attempt failed; `kind` is what the fallback policy decides on.
 
-    def __init__(self, kind: FailureKind, detail: str, *, partial: str = "", first_token_ms: int | None = None,
-                 latency_ms: int = 0) -> None:
+    `detail` is agentq's own words, which a turn's `error_message` shows its user; `said` is what the other
+    side said (the endpoint's error body, the transport's error, the name of an unset variable), which can
+    carry a masked key, an internal host or a proxy's page: it goes to the attempt's row, the log and an
+    admin's test run only (`detail_in_full`)."""
+
+    def __init__(self, kind: FailureKind, detail: str, *, said: str | None = None, partial: str = "",
+                 first_token_ms: int | None = None, latency_ms: int = 0) -> None:
         super().__init__(f"{kind}: {detail}")
         self.kind = kind
         self.detail = detail
+        self.said = said
         self.partial = partial
         self.first_token_ms = first_token_ms
         self.latency_ms = latency_ms
+
+    @property
+    def detail_in_full(self) -> str:
+        return f"{self.detail}: {self.said}" if self.said else self.detail
+
+    @property
+    def in_full(self) -> str:
+        return f"{self.kind}: {self.detail_in_full}"
 
 
 _clients: dict[tuple[str | None, str], openai.OpenAI] = {}
@@ -104,25 +120,35 @@ class EndpointUnusable(ValueError):
     transport's own `InvalidURL`."""
 
 
-def api_key_for(api_key_env: str | None) -> str:
-    """The key in the variable `api_key_env` names; a model that names none gets `OPENAI_API_KEY`, and an
-    endpoint that needs none (a local server) a placeholder, since the SDK refuses to build a client
-    without one. A named variable that is not set is an error, not a reason to send another key: the
-    platform's `OPENAI_API_KEY` would go to that model's own `base_url`, a third party's server."""
+PLATFORM_KEY_HOST = "api.openai.com"
+"""The one host `OPENAI_API_KEY` is sent to without being named (the SDK's default endpoint's)."""
+
+
+def api_key_for(api_key_env: str | None, base_url: str | None) -> str:
+    """The key in the variable `api_key_env` names. An endpoint that names none gets `OPENAI_API_KEY` when it
+    is OpenAI's own, and a placeholder otherwise (a local server needs none, and the SDK builds no client
+    without one): the platform's key is not sent to a server an admin chose unless its model names it. A
+    named variable that is not set is an error, not a reason to send another key."""
     if api_key_env:
         if not (key := os.environ.get(api_key_env)):
             raise EndpointUnusable(f"the variable {api_key_env} that holds its API key is not set")
         return key
-    return os.environ.get("OPENAI_API_KEY", "") or DEFAULT_API_KEY
+    if base_url is None or urlsplit(base_url).hostname == PLATFORM_KEY_HOST:
+        return os.environ.get("OPENAI_API_KEY", "") or DEFAULT_API_KEY
+    return DEFAULT_API_KEY
 
 
 def client_for(target: ModelTarget) -> openai.OpenAI:
+    """A model's client; its `api_key_env` must name a variable that may hold a model's key
+    (`app.key_variables`), here too, for a row written before the operator narrowed them."""
+    if target.api_key_env is not None and not may_hold_a_model_key(target.api_key_env):
+        raise EndpointUnusable(refusal(target.api_key_env))
     return client_at(target.base_url, target.api_key_env)
 
 
 def client_at(base_url: str | None, api_key_env: str | None) -> openai.OpenAI:
     """One client, and so one connection pool, per endpoint and key for the life of the process."""
-    api_key = api_key_for(api_key_env)
+    api_key = api_key_for(api_key_env, base_url)
     cache_key = (base_url, api_key)
     client = _clients.get(cache_key)
     if client is None:
@@ -189,7 +215,8 @@ def stream_chat(
         except (openai.APIConnectionError, openai.APIStatusError) as exc:
             raise attempt.refused(exc) from exc
         except (EndpointUnusable, httpx2.InvalidURL, UnicodeError) as exc:
-            raise attempt.failed(FailureKind.ENDPOINT_UNUSABLE, f"cannot be called as configured: {exc}") from exc
+            raise attempt.failed(FailureKind.ENDPOINT_UNUSABLE, "cannot be called as configured",
+                                 said=str(exc)) from exc
         try:
             for chunk in stream:
                 attempt.take(chunk, on_delta)
@@ -200,8 +227,8 @@ def stream_chat(
         except (ValueError, TypeError, AttributeError) as exc:
             if not attempt.answered:
                 raise attempt.interrupted(attempt.silent) or attempt.failed(
-                    FailureKind.BAD_RESPONSE,
-                    f"the stream sent a chunk that is not a chat completion chunk: {exc!r}") from exc
+                    FailureKind.BAD_RESPONSE, "the stream sent a chunk that is not a chat completion chunk",
+                    said=repr(exc)) from exc
         except (httpx2.TransportError, openai.APIError, OSError) as exc:
             if not attempt.answered:
                 raise attempt.broken(exc) from exc
@@ -254,9 +281,9 @@ class _Attempt:
     def _elapsed_ms(self) -> int:
         return int((time.monotonic() - self.started) * 1000)
 
-    def failed(self, kind: FailureKind, detail: str) -> AttemptFailed:
-        return AttemptFailed(kind, storable(detail), partial="".join(self.parts), first_token_ms=self.first_token_ms,
-                             latency_ms=self._elapsed_ms())
+    def failed(self, kind: FailureKind, detail: str, *, said: str | None = None) -> AttemptFailed:
+        return AttemptFailed(kind, detail, said=storable(said) if said else None, partial="".join(self.parts),
+                             first_token_ms=self.first_token_ms, latency_ms=self._elapsed_ms())
 
     def interrupted(self, timed_out: str) -> AttemptFailed | None:
         if self.stopped:
@@ -277,8 +304,8 @@ class _Attempt:
         if isinstance(exc, openai.APITimeoutError):
             return self.failed(FailureKind.TIMEOUT, self.no_response)
         if isinstance(exc, openai.APIStatusError):
-            return self.failed(_status_kind(exc.status_code), f"HTTP {exc.status_code}: {exc.message}")
-        return self.failed(FailureKind.CONNECTION_ERROR, str(exc.__cause__ or exc))
+            return self.failed(_status_kind(exc.status_code), f"HTTP {exc.status_code}", said=exc.message)
+        return self.failed(FailureKind.CONNECTION_ERROR, "the connection failed", said=str(exc.__cause__ or exc))
 
     def broken(self, exc: Exception) -> AttemptFailed:
         """The failure of a stream that stopped in the middle: the stop, the deadline, silence, or a cut."""
@@ -286,7 +313,7 @@ class _Attempt:
             return early
         if isinstance(exc, httpx2.TimeoutException):
             return self.failed(FailureKind.TIMEOUT, self.silent)
-        return self.failed(FailureKind.STREAM_CUT, f"the stream broke: {exc!r}")
+        return self.failed(FailureKind.STREAM_CUT, "the stream broke", said=repr(exc))
 
     def take(self, chunk: Any, on_delta: Callable[[str], None]) -> None:
         if self.watch.stop.is_set():

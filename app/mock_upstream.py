@@ -12,8 +12,8 @@ with no `[DONE]`), `garbage_after_finish` (a chunk that is not a chat completion
 store), `split_pairs` (a character outside the BMP is sent as its two UTF-16 halves in two chunks, as a
 gateway slicing UTF-16 may), `reported_tokens=N` (the usage it reports, for the prompt and the answer alike,
 whatever they were).
-Every request body is logged with the client's port (`GET /_requests`: one port per connection),
-and each stream's fate is recorded
+Every request body is logged with the client's port (`GET /_requests`: one port per connection) and the
+key it was sent with (its `Authorization` header's bearer token), and each stream's fate is recorded
 (`GET /_streams`: completed, cut, stalled or disconnected by the client), so tests can prove what
 the worker sent and that it closed a connection. `--tls-cert`/`--tls-key` serve it over https, as a
 provider is.
@@ -134,7 +134,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     opened_in = state.cleared
     body = await request.json()
     peer = request.transport.get_extra_info("peername") if request.transport is not None else None
-    state.log_request({"path": request.path, "body": body, "at": time.time(),
+    state.log_request({"path": request.path, "body": body, "at": time.time(), "key": _bearer_of(request),
                        "client_port": peer[1] if peer else None}, opened_in)
     model = body.get("model", "echo")
     script = Script.parse(model)
@@ -203,6 +203,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         state.record(ident, "disconnected", opened_in)
         raise
     return response
+
+
+def _bearer_of(request: web.Request) -> str | None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token if scheme.lower() == "bearer" else None
 
 
 async def moderations(request: web.Request) -> web.Response:

@@ -4,8 +4,8 @@ Blocked terms match case-insensitively anywhere in the text (so Chinese terms, w
 boundaries, work too). When `AGENTQ_MODERATION_URL` names an OpenAI-compatible endpoint, its verdict
 is asked as well; if that endpoint cannot be reached the input passes and a warning is logged
 (fail-open: an outage of the moderation provider must not stop every conversation). Its key is
-found as a model's is (`AGENTQ_MODERATION_API_KEY_ENV`, else `OPENAI_API_KEY`), and its client is
-kept for the process like a model's.
+found as a model's is (`AGENTQ_MODERATION_API_KEY_ENV`, else `OPENAI_API_KEY` on OpenAI's own
+endpoint), and its client is kept for the process like a model's.
 """
 
 from __future__ import annotations

@@ -149,11 +149,13 @@ def _message_died(message: Delivered, run: tuple[RunKind, int] | None) -> None:
         return
     kind, ident = run
     last_error = dead_letters.error_summary(message.options.get("traceback")) or "unknown error"
-    reason = f"retries exhausted after {message.options.get('retries', 0)} attempts: {last_error}"
+    reason = f"retries exhausted after {message.options.get('retries', 0)} attempts"
     try:
         if kind is TURN:
-            turn_runner.abandon_turn(ident, reason)
+            # The exception's type, not its message: that can hold SQL, a host or a file path, which its dead
+            # letter keeps for the operators, not for the user reading the turn.
+            turn_runner.abandon_turn(ident, f"{reason}: {last_error.split(': ', 1)[0]}")
         else:
-            debug_runner.abandon_run(ident, reason)
+            debug_runner.abandon_run(ident, f"{reason}: {last_error}")
     except Exception:
         log.exception("could not end run %s after its message died; the recovery sweep sends it again later", ident)

@@ -51,6 +51,9 @@ TEST_ENV = {
     "PROMETHEUS_MULTIPROC_DIR": str(LOG_DIR / "metrics"),
     "AGENTQ_BLOCKED_TERMS": "forbidden-word, 禁止词",
     "AGENTQ_MODERATION_URL": MOCK_URL,
+    "OPENAI_API_KEY": "sk-platform-test",
+    "TEST_PROVIDER_API_KEY": "sk-provider-test",
+    "TEST_DATABASE_PASSWORD": "not-for-models",
 }
 (LOG_DIR / "metrics").mkdir(exist_ok=True)
 os.environ.update(TEST_ENV)

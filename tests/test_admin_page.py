@@ -120,3 +120,23 @@ def test_the_operators_page_shows_the_latest_dead_letters_and_says_so(stack: Sta
             wait.until(lambda d: text_of(d, "#dead-letters-shown") == "" and len(dead_rows(d)) == 100)
     finally:
         stack.sql("DELETE FROM dead_letters WHERE redis_message_id LIKE 'page-%'")
+
+
+def test_the_pages_load_only_their_own_scripts_and_styles_and_refuse_framing(stack: Stack) -> None:
+    """Both pages keep a key in the browser: an inline script, or a frame of the admin page on another site,
+    was allowed. Under the policy they send, their own script and stylesheet still run and apply."""
+    import httpx
+
+    for path in ("/", "/admin"):
+        page = httpx.get(f"{stack.base_url}{path}")
+        assert page.status_code == 200
+        assert page.headers["Content-Security-Policy"].startswith("default-src 'self'; script-src 'self';")
+        assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
+        assert (page.headers["X-Frame-Options"], page.headers["X-Content-Type-Options"]) == ("DENY", "nosniff")
+        assert "<script>" not in page.text and "<style>" not in page.text
+    assert httpx.get(f"{stack.base_url}/healthz").headers["X-Content-Type-Options"] == "nosniff"
+    with chromium() as driver:
+        wait = WebDriverWait(driver, 20, poll_frequency=0.1)
+        driver.get(f"{stack.base_url}/admin")
+        wait.until(lambda d: "Enter an admin API key" in text_of(d, "#status"))
+        assert driver.execute_script("return getComputedStyle(document.body).marginTop") == "24px"

@@ -9,13 +9,13 @@ from typing import Any
 def test_models_can_be_created_read_changed_and_deleted(world) -> None:  # type: ignore[no-untyped-def]
     admin = world.admin_key
     created = world.api.post("/api/admin/models", admin, {
-        "name": "gpt", "model": "gpt-4o-mini", "base_url": "https://api.example.test/v1", "api_key_env": "GPT_KEY",
+        "name": "gpt", "model": "gpt-4o-mini", "base_url": "https://api.example.test/v1", "api_key_env": "GPT_API_KEY",
         "input_price_per_1k": "0.00015", "output_price_per_1k": 0.0006, "context_window": 128000})
     assert created.status_code == 201
     model = created.json
     assert {k: model[k] for k in ("name", "model", "base_url", "api_key_env", "input_price_per_1k",
                                   "output_price_per_1k", "context_window")} == {
-        "name": "gpt", "model": "gpt-4o-mini", "base_url": "https://api.example.test/v1", "api_key_env": "GPT_KEY",
+        "name": "gpt", "model": "gpt-4o-mini", "base_url": "https://api.example.test/v1", "api_key_env": "GPT_API_KEY",
         "input_price_per_1k": "0.000150", "output_price_per_1k": "0.000600", "context_window": 128000}
     assert world.api.get(f"/api/admin/models/{model['id']}", admin).json == model
     assert [m["id"] for m in world.api.get("/api/admin/models", admin).json["items"]] == [model["id"]]

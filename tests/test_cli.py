@@ -59,7 +59,7 @@ except SystemExit:
     pass
 from app.llm_client import client_for
 from app.model_target import ModelTarget
-target = ModelTarget(1, "m", "echo", "http://127.0.0.1:9/v1", "PROVIDER_KEY", Decimal(0), Decimal(0), None)
+target = ModelTarget(1, "m", "echo", "http://127.0.0.1:9/v1", "PROVIDER_API_KEY", Decimal(0), Decimal(0), None)
 print(client_for(target).api_key, os.environ["OPENAI_API_KEY"], worker_size(build_parser().parse_args(["worker"]))[1])
 """
 
@@ -67,10 +67,10 @@ print(client_for(target).api_key, os.environ["OPENAI_API_KEY"], worker_size(buil
 def test_a_dotenv_file_supplies_model_keys_and_the_commands_defaults(tmp_path: Path) -> None:
     """`.env` reaches what reads the environment directly, not only the settings: a model's key and the
     worker's defaults; a variable set in the environment itself wins."""
-    (tmp_path / ".env").write_text("PROVIDER_KEY=sk-from-dotenv\nOPENAI_API_KEY=sk-dotenv-loses\n"
+    (tmp_path / ".env").write_text("PROVIDER_API_KEY=sk-from-dotenv\nOPENAI_API_KEY=sk-dotenv-loses\n"
                                    "AGENTQ_WORKER_THREADS=5\n")
     env = {k: v for k, v in child_env(OPENAI_API_KEY="sk-from-environment").items()
-           if k not in ("PROVIDER_KEY", "AGENTQ_WORKER_THREADS")}
+           if k not in ("PROVIDER_API_KEY", "AGENTQ_WORKER_THREADS")}
     env["PYTHONPATH"] = str(ROOT)
     ran = subprocess.run([str(VENV_BIN / "python"), "-c", DOTENV_REACHES], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=60)

@@ -27,6 +27,12 @@ def attempts(message_id: int) -> list[tuple[str, str]]:
     return [(r[0], r[1]) for r in rows]
 
 
+def attempt_errors(message_id: int) -> list[str | None]:
+    with transaction() as session:
+        return list(session.scalars(select(ModelAttempt.error).where(ModelAttempt.message_id == message_id)
+                                    .order_by(ModelAttempt.id)))
+
+
 FAILURES = [
     ("echo;ttft=5", "timeout"),
     ("echo;hang_headers=5", "timeout"),
@@ -76,8 +82,11 @@ def test_both_failing_is_an_llm_error_with_both_reasons_and_no_charge(world, ups
     assistant = world.send(key, world.conversation(key, agent_id)).json["assistant_message"]
     done = world.wait_terminal(key, assistant["id"])
     assert done["status"] == "llm_error"
-    assert "primary: server_error" in done["error_message"]
-    assert "fallback: rate_limited" in done["error_message"]
+    # What the endpoints said (a provider's body can hold a masked key, an internal host, a proxy's page) is
+    # kept for the operators, not shown to the user in the turn's error_message.
+    assert done["error_message"] == "primary: server_error: HTTP 500; fallback: rate_limited: HTTP 429"
+    assert attempt_errors(assistant["id"]) == ["HTTP 500: Error code: 500 - scripted failure 500",
+                                               "HTTP 429: Error code: 429 - scripted failure 429"]
     assert (done["cost"], done["model"], done["content"]) == (None, None, "")  # no model produced any text
     me = world.api.get("/api/me", key).json
     assert me["balance"] == me["available_balance"] == "3.000000"
@@ -99,7 +108,9 @@ def test_text_a_model_sends_that_no_database_stores_is_kept_replaced_and_the_mod
                                             .json["assistant_message"]["id"]) for agent_id in (answering, failing))
     assert (answered["status"], answered["content"]) == ("success", "echo: hello nul\ufffdhere half\ufffdpair")
     assert failed["status"] == "llm_error"
-    assert failed["error_message"].endswith("scripted failure 500 nul\ufffdhere half\ufffdpair")
+    assert failed["error_message"] == "odd-failure: server_error: HTTP 500"
+    assert attempt_errors(failed["id"]) == [
+        "HTTP 500: Error code: 500 - scripted failure 500 nul\ufffdhere half\ufffdpair"]
     assert attempts(answered["id"]) == [("odd-answer", "success")]
     assert attempts(failed["id"]) == [("odd-failure", "server_error")]
     assert upstream.models() == ["echo;unstorable", "echo;fail=500;unstorable"]
@@ -234,29 +245,62 @@ def test_a_refusal_other_than_400_429_or_5xx_does_not_fall_back(world, upstream,
     assert attempts(assistant["id"]) == [("primary", "client_error")]
 
 
-@pytest.mark.parametrize("broken", ["key", "url"])
+@pytest.mark.parametrize("broken", ["key", "variable", "url"])
 def test_an_endpoint_that_cannot_be_called_as_configured_ends_the_turn_without_a_request(world, upstream,  # type: ignore[no-untyped-def]
                                                                                           broken: str) -> None:
     """A model naming a key variable the worker does not have is not sent `OPENAI_API_KEY` instead (the
     platform's key, to the model's own server), and a base_url no connection can use (a row older than the
-    API's check) is not a worker crash retried into a dead letter: both end the turn `llm_error`, saying
-    why, without a request and without the fallback (a misconfiguration, like a 401)."""
-    primary = world.model("primary", api_key_env="AGENTQ_TEST_KEY_NOBODY_SET" if broken == "key" else None)
-    if broken == "url":
+    API's check) is not a worker crash retried into a dead letter, nor is a variable that may not hold a
+    model's key (a row older than the API's check, or than the operator's narrowing of
+    AGENTQ_MODEL_KEY_VARIABLES) read and sent: each ends the turn `llm_error`, saying why, without a request
+    and without the fallback (a misconfiguration, like a 401)."""
+    primary = world.model("primary", api_key_env="NOBODY_SET_API_KEY" if broken == "key" else None)
+    if broken in ("url", "variable"):
         with transaction() as session:
             session.execute(update(LlmModel).where(LlmModel.id == primary).values(
-                base_url=upstream.base + "/v1\r\nX-Injected: 1"))
+                {"url": {"base_url": upstream.base + "/v1\r\nX-Injected: 1"},
+                 "variable": {"api_key_env": "TEST_DATABASE_PASSWORD"}}[broken]))
     agent_id = world.agent(primary, world.model("fallback", upstream="echo"))
     _, key = world.user()
     assistant = world.send(key, world.conversation(key, agent_id)).json["assistant_message"]
     done = world.wait_terminal(key, assistant["id"])
-    reason = ("the variable AGENTQ_TEST_KEY_NOBODY_SET that holds its API key is not set" if broken == "key"
-              else "Invalid non-printable ASCII character in URL")
+    reason = {"key": "the variable NOBODY_SET_API_KEY that holds its API key is not set",
+              "variable": "the variable TEST_DATABASE_PASSWORD is not one a model's key may be read from "
+                          "(AGENTQ_MODEL_KEY_VARIABLES: *_API_KEY)",
+              "url": "Invalid non-printable ASCII character in URL"}[broken]
     assert done["status"] == "llm_error"
-    assert done["error_message"].startswith("primary: endpoint_unusable: cannot be called as configured: ")
-    assert reason in done["error_message"]
+    assert done["error_message"] == "primary: endpoint_unusable: cannot be called as configured"
+    [error] = attempt_errors(assistant["id"])
+    assert error is not None and error.startswith("cannot be called as configured: ") and reason in error
     assert upstream.requests() == []
     assert attempts(assistant["id"]) == [("primary", "endpoint_unusable")]
+
+
+def test_a_model_is_sent_the_key_its_variable_holds_and_no_other_server_the_platforms(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """A model that names no variable was sent `OPENAI_API_KEY` wherever its `base_url` pointed: an admin
+    could have the platform's key sent to a server of their own. It goes to OpenAI's endpoint only; a model
+    elsewhere names the variable of its key."""
+    _, key = world.user()
+    for model in (world.model("named", api_key_env="TEST_PROVIDER_API_KEY"), world.model("unnamed")):
+        conversation = world.conversation(key, world.agent(model))
+        assert world.wait_terminal(key, world.send(key, conversation).json["assistant_message"]["id"])["status"] \
+            == "success"
+    assert [request["key"] for request in upstream.requests()] == ["sk-provider-test", "sk-no-key-configured"]
+
+
+def test_a_model_may_name_only_a_variable_that_holds_model_keys(world) -> None:  # type: ignore[no-untyped-def]
+    """Any variable could be named, and its value sent to the model's server: `DATABASE_URL`, a cloud
+    credential. The operator's patterns (`*_API_KEY` by default) say which may; agentq's own never."""
+    for name in ("TEST_DATABASE_PASSWORD", "DATABASE_URL", "AGENTQ_MODERATION_API_KEY", "openai_api_key"):
+        refused = world.api.post("/api/admin/models", world.admin_key, {
+            "name": f"m-{name}", "model": "echo", "api_key_env": name, "input_price_per_1k": "0",
+            "output_price_per_1k": "0"})
+        assert (refused.status_code, refused.json["error"]["code"]) == (422, "validation_failed"), name
+        assert f"the variable {name} is not one a model's key may be read from" in refused.json["error"]["message"]
+    model_id = world.model("allowed", api_key_env="DEEPSEEK_API_KEY")
+    patched = world.api.patch(f"/api/admin/models/{model_id}", world.admin_key, {"api_key_env": "HOME"})
+    assert patched.status_code == 422
+    assert world.api.get(f"/api/admin/models/{model_id}", world.admin_key).json["api_key_env"] == "DEEPSEEK_API_KEY"
 
 
 def test_a_model_priced_past_what_a_balance_holds_is_refused_as_insufficient_balance(world, upstream) -> None:  # type: ignore[no-untyped-def]

@@ -9,6 +9,7 @@ from werkzeug.routing import IntegerConverter
 
 from web.bodies import SafeJSONProvider
 from web.errors import install_error_handlers, on_validation_error
+from web.pages import refuse_sniffing
 from web.schemas import ErrorResponse
 
 
@@ -54,6 +55,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> AgentqAPI:
         app.register_api(blueprint)
     app.register_blueprint(console.bp)
     app.register_blueprint(chat.bp)
+    refuse_sniffing(app)
 
     @app.get("/openapi.json", doc_ui=False)
     def openapi_json() -> dict[str, Any]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, render_template
+from flask import render_template
 
-bp = Blueprint("chat", __name__)
+from web.pages import page_blueprint
+
+bp = page_blueprint("chat", __name__)
 
 
 @bp.get("/")

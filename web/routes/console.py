@@ -7,9 +7,11 @@ only guard.
 
 from __future__ import annotations
 
-from flask import Blueprint, render_template
+from flask import render_template
 
-bp = Blueprint("console", __name__)
+from web.pages import page_blueprint
+
+bp = page_blueprint("console", __name__)
 
 REFRESH_MS = 3000
 

@@ -1,0 +1,36 @@
+"""Which environment variables a model's `api_key_env` may name, and so which secrets an admin can send.
+
+A model's key is read, on the workers, from the variable its `api_key_env` names, and sent to its
+`base_url`, which an admin chooses: any variable would let an admin key read `DATABASE_URL` or a cloud
+credential by pointing a model at a server of their own. The operator says which variables hold model
+keys (`AGENTQ_MODEL_KEY_VARIABLES`, shell-style patterns, `*_API_KEY` by default); agentq's own settings
+are never among them. The API refuses another name (422), and a worker refuses a row that names one
+(written before the setting was narrowed) as an endpoint that cannot be called as configured.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+from app.config import get_settings
+from app.errors import ValidationFailed
+
+OWN_VARIABLES = ("DATABASE_URL", "REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")
+"""agentq's settings outside the `AGENTQ_` prefix."""
+
+
+def may_hold_a_model_key(name: str) -> bool:
+    if name.startswith("AGENTQ_") or name in OWN_VARIABLES:
+        return False
+    return any(fnmatchcase(name, pattern) for pattern in get_settings().model_key_variable_patterns)
+
+
+def refusal(name: str) -> str:
+    return (f"the variable {name} is not one a model's key may be read from (AGENTQ_MODEL_KEY_VARIABLES: "
+            f"{get_settings().model_key_variables})")
+
+
+def check_key_variable(name: str | None) -> None:
+    """422 for a model whose `api_key_env` names a variable that may not hold its key."""
+    if name is not None and not may_hold_a_model_key(name):
+        raise ValidationFailed(f"api_key_env: {refusal(name)}.")

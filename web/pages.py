@@ -1,0 +1,34 @@
+"""What the two server-rendered pages (`/` and `/admin`) send besides their HTML.
+
+Both pages keep a key in the browser (the admin page an admin's), so they load scripts and styles only
+from agentq itself, run no inline script, and may not be framed by another site (clickjacking the
+admin page's buttons). Every response also says its content type is to be believed.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, Flask, Response
+
+PAGE_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+               "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+
+
+def page_blueprint(name: str, import_name: str) -> Blueprint:
+    page = Blueprint(name, import_name)
+    page.after_request(_page_headers)
+    return page
+
+
+def _page_headers(response: Response) -> Response:
+    response.headers["Content-Security-Policy"] = PAGE_POLICY
+    response.headers["X-Frame-Options"] = "DENY"
+    return response
+
+
+def refuse_sniffing(app: Flask) -> None:
+    app.after_request(_no_sniffing)
+
+
+def _no_sniffing(response: Response) -> Response:
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response

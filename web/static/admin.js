@@ -1,0 +1,102 @@
+"use strict";
+const KEY = "agentq-admin-key";
+const REFRESH_MS = Number(document.body.dataset.refreshMs);
+const DEAD_LETTERS_SHOWN = 100;
+
+function key() { return sessionStorage.getItem(KEY) || ""; }
+function say(text, isError) {
+  const status = document.getElementById("status");
+  status.textContent = text;
+  status.className = isError ? "error" : "muted";
+}
+
+async function api(method, path) {
+  const response = await fetch(path, {method, headers: {"Authorization": "Bearer " + key()}});
+  const body = response.status === 204 ? null : await response.json();
+  if (!response.ok) {
+    throw new Error(body && body.error ? body.error.message : "HTTP " + response.status);
+  }
+  return body;
+}
+
+function cell(row, text, className) {
+  const td = row.insertCell();
+  td.textContent = text === null || text === undefined ? "" : String(text);
+  if (className) { td.className = className; }
+  return td;
+}
+
+const shown = {};
+
+// Rows are rebuilt only when their data changed, so a button does not vanish under the operator's click.
+function fill(tableId, items, render) {
+  const data = JSON.stringify(items);
+  if (shown[tableId] === data) { return; }
+  shown[tableId] = data;
+  const body = document.querySelector("#" + tableId + " tbody");
+  body.replaceChildren();
+  for (const item of items) { render(body.insertRow(), item); }
+}
+
+function button(row, label, action, id) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.textContent = label;
+  b.className = label.toLowerCase();
+  b.dataset.id = id;
+  b.addEventListener("click", async () => {
+    b.disabled = true;
+    try { await action(); say(label + " of dead letter " + id + " done."); }
+    catch (e) { say(e.message, true); }
+    await refresh();
+  });
+  row.cells[row.cells.length - 1].appendChild(b);
+}
+
+async function refresh() {
+  if (!key()) { say("Enter an admin API key."); return; }
+  try {
+    const [queues, failures, dead] = await Promise.all([
+      api("GET", "/api/admin/queues"), api("GET", "/api/admin/failures"), api("GET", "/api/admin/dead-letters?limit=" + DEAD_LETTERS_SHOWN)]);
+    fill("queues", queues.queues, (row, q) => {
+      cell(row, q.name); cell(row, q.ready, "num"); cell(row, q.delayed, "num"); cell(row, q.dead_letters, "num");
+    });
+    document.getElementById("turns-pending").textContent = queues.turns.pending;
+    document.getElementById("turns-processing").textContent = queues.turns.processing;
+    fill("failure-counts", Object.entries(failures.counts), (row, [status, count]) => {
+      cell(row, status); cell(row, count, "num");
+    });
+    fill("failures", failures.items, (row, f) => {
+      cell(row, f.message_id); cell(row, f.conversation_id); cell(row, f.status);
+      cell(row, f.error_message, "error"); cell(row, f.updated_at, "muted");
+    });
+    document.getElementById("dead-letters-shown").textContent =
+      dead.next_cursor ? "(the latest " + dead.items.length + " shown)" : "";
+    fill("dead-letters", dead.items, (row, d) => {
+      row.id = "dead-letter-" + d.id;
+      cell(row, d.id); cell(row, d.queue); cell(row, d.actor); cell(row, JSON.stringify(d.args));
+      cell(row, d.retries, "num"); cell(row, d.error, "error"); cell(row, d.dead_at, "muted");
+      cell(row, d.run_status); cell(row, "");
+      button(row, "Requeue", () => api("POST", "/api/admin/dead-letters/" + d.id + "/requeue"), d.id);
+      button(row, "Delete", () => api("DELETE", "/api/admin/dead-letters/" + d.id), d.id);
+    });
+    say("Updated " + new Date().toLocaleTimeString() + ".");
+  } catch (e) {
+    say(e.message, true);
+  }
+}
+
+document.getElementById("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  sessionStorage.setItem(KEY, document.getElementById("api-key").value.trim());
+  document.getElementById("api-key").value = "";
+  refresh();
+});
+document.getElementById("forget-key").addEventListener("click", () => { sessionStorage.removeItem(KEY); refresh(); });
+document.getElementById("requeue-all").addEventListener("click", async () => {
+  try { const r = await api("POST", "/api/admin/dead-letters/requeue-all"); say("Requeued " + r.requeued.length + "."); }
+  catch (e) { say(e.message, true); }
+  await refresh();
+});
+refresh();
+setInterval(refresh, REFRESH_MS);
