@@ -57,8 +57,8 @@ def _key_owner() -> Prepared:
 
 def authenticate(api_key: str | None) -> Principal:
     """Who holds this key. Known keys are remembered for a few seconds per process, which saves a
-    transaction on every request; keys cannot be revoked through the API, and an admin flag changed
-    in the database takes effect within `_CACHE_SECONDS`."""
+    transaction on every request: a key replaced (`app.users.replace_api_key`) or an admin flag changed
+    in the database takes effect within `_CACHE_SECONDS` in the processes that saw the old one."""
     if not api_key:
         raise Unauthorized("Send your API key as 'Authorization: Bearer <key>'.", code="missing_api_key")
     digest = hash_api_key(api_key)
@@ -75,3 +75,11 @@ def authenticate(api_key: str | None) -> Principal:
         _known.clear()
     _known[digest] = (now + _CACHE_SECONDS, principal)
     return principal
+
+
+def forget_keys_of(user_id: int) -> None:
+    """This process stops accepting the keys it remembers for the user at once (the others within
+    `_CACHE_SECONDS`)."""
+    for digest, (_, principal) in list(_known.items()):
+        if principal.id == user_id:
+            _known.pop(digest, None)

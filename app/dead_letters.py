@@ -31,7 +31,14 @@ from app.db import in_batches, rows_changed, transaction
 from app.dead_letter_queue import BrokerEntry, dead_messages, holds_entry, take_entry, with_bodies
 from app.debug_run_state import reopen_debug_run
 from app.dispatch import Delivered
-from app.errors import Conflict, ConversationBusy, NotFound, ServiceUnavailable, TooManyActiveConversations
+from app.errors import (
+    Conflict,
+    ConversationBusy,
+    NotFound,
+    ServiceUnavailable,
+    TooManyActiveConversations,
+    conversations,
+)
 from app.in_flight import check_can_start, lock_user
 from app.models import Agent, Conversation, ConversationMessage, DeadLetter, Turn
 from app.models.base import utc_now
@@ -313,8 +320,9 @@ def _check_user_can_start(session: Session, row: DeadLetter, turn: Turn) -> None
     except ConversationBusy as exc:
         raise _busy(row) from exc
     except TooManyActiveConversations as exc:
-        raise TooManyActiveConversations(exc.limit, f"Dead letter {row.id}: its user already has {exc.limit} "
-                                         "conversations with a turn in flight; requeue it when one ends.") from exc
+        raise TooManyActiveConversations(exc.limit, f"Dead letter {row.id}: its user already has "
+                                         f"{conversations(exc.limit)} with a turn in flight; requeue it when one "
+                                         "ends.") from exc
 
 
 def _send(row: DeadLetter) -> None:

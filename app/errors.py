@@ -60,9 +60,13 @@ class TooManyActiveConversations(AgentqError):
     code = "too_many_active_conversations"
 
     def __init__(self, limit: int, message: str | None = None) -> None:
-        super().__init__(message or f"You already have {limit} conversations with a turn in flight; wait for one "
+        super().__init__(message or f"You already have {conversations(limit)} with a turn in flight; wait for one "
                                     "to end.")
         self.limit = limit
+
+
+def conversations(count: int) -> str:
+    return f"{count} conversation{'' if count == 1 else 's'}"
 
 
 class TooManyStreams(AgentqError):

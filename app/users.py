@@ -10,7 +10,7 @@ from typing import NamedTuple
 from sqlalchemy import select
 
 from app import ledger
-from app.auth import hash_api_key, new_api_key
+from app.auth import forget_keys_of, hash_api_key, new_api_key
 from app.db import transaction
 from app.errors import NotFound, ValidationFailed
 from app.models import CreditTransaction, User, table
@@ -54,6 +54,22 @@ def create_user(name: str, *, is_admin: bool = False, balance: Decimal = Decimal
             ledger.add_credit(session, user.id, balance)
         session.flush()
         session.refresh(user)
+    return NewUser(user=user, api_key=api_key)
+
+
+def replace_api_key(user_id: int) -> NewUser:
+    """A new key for the user, returned once; the old one stops working at once in every process that has not
+    seen it lately, and within `app.auth`'s cache time (10 s) in those that have: the way to revoke a key
+    that leaked, without a database edit."""
+    api_key = new_api_key()
+    with transaction() as session:
+        user = session.get(User, user_id, with_for_update=True)
+        if user is None:
+            raise NotFound("No such user.")
+        user.api_key_hash = hash_api_key(api_key)
+        session.flush()
+        session.refresh(user)
+    forget_keys_of(user_id)
     return NewUser(user=user, api_key=api_key)
 
 

@@ -11,7 +11,16 @@ from dataclasses import asdict
 from decimal import Decimal
 from pathlib import Path
 
-from cli.arguments import InvalidVariable, amount, count, host, option_or_environment, optional_port, port
+from cli.arguments import (
+    InvalidVariable,
+    amount,
+    count,
+    host,
+    option_or_environment,
+    optional_port,
+    port,
+    record_id,
+)
 from cli.output import print_error, print_json
 
 
@@ -84,6 +93,14 @@ def cmd_users_create(args: argparse.Namespace) -> int:
 
     created = create_user(args.name, is_admin=args.admin, balance=args.balance)
     print_json({"id": created.user.id, "name": created.user.name, "api_key": created.api_key})
+    return 0
+
+
+def cmd_users_replace_key(args: argparse.Namespace) -> int:
+    from app.users import replace_api_key
+
+    replaced = replace_api_key(args.id)
+    print_json({"id": replaced.user.id, "name": replaced.user.name, "api_key": replaced.api_key})
     return 0
 
 
@@ -183,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--admin", action="store_true")
     create.add_argument("--balance", type=amount, default=Decimal(0))
     create.set_defaults(func=cmd_users_create)
+    replace = users.add_parser("replace-key", help="give a user a new API key, printed once; the old one stops "
+                                                   "working (within 10 s in a running API)")
+    replace.add_argument("id", type=record_id)
+    replace.set_defaults(func=cmd_users_replace_key)
 
     web = sub.add_parser("web", help="serve the HTTP API with gunicorn")
     web.add_argument("--host", type=host, help="default: AGENTQ_HOST, else 127.0.0.1")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
+
+from tests.support import wait_for
 
 
 @pytest.fixture
@@ -54,6 +58,7 @@ USER_ROUTES = [("GET", "/api/me"), ("GET", "/api/me/transactions"), ("GET", "/ap
                ("DELETE", "/api/conversations/1"), ("GET", "/api/conversations/1/messages"),
                ("POST", "/api/conversations/1/messages"), ("GET", "/api/messages/1")]
 ADMIN_ROUTES = [("POST", "/api/admin/users"), ("POST", "/api/admin/users/1/credits"),
+                ("POST", "/api/admin/users/1/api-key"),
                 ("POST", "/api/admin/models"), ("GET", "/api/admin/models"), ("GET", "/api/admin/models/1"),
                 ("PATCH", "/api/admin/models/1"), ("DELETE", "/api/admin/models/1"),
                 ("POST", "/api/admin/agents"), ("GET", "/api/admin/agents"), ("GET", "/api/admin/agents/1"),
@@ -97,3 +102,37 @@ def test_admin_can_create_users_and_move_credit_never_below_zero(world) -> None:
     assert ([t["amount"] for t in rest["items"]], rest["next_cursor"]) == (["5.500000"], None)
     assert world.api.get("/api/me/transactions?limit=3", key).json["next_cursor"] is None
     assert world.api.post("/api/admin/users/999999/credits", world.admin_key, {"amount": "1"}).status_code == 404
+
+
+def test_a_users_key_can_be_replaced_and_the_old_one_stops_working(world, database) -> None:  # type: ignore[no-untyped-def]
+    """A leaked key could only be revoked by editing the database. A new one is shown once, by the API or the
+    command line; the old one is refused at once by the process that replaced it, and by the others within
+    the 10 s they remember a key they saw."""
+    import json
+    import subprocess
+
+    from tests.conftest import child_env
+    from tests.support import ROOT, VENV_BIN
+
+    user_id, first = world.user(balance="2")
+    assert world.api.get("/api/me", first).status_code == 200  # now remembered by this process
+    replaced = world.api.post(f"/api/admin/users/{user_id}/api-key", world.admin_key)
+    assert replaced.status_code == 200
+    assert (replaced.json["id"], replaced.json["balance"]) == (user_id, "2.000000")
+    second = replaced.json["api_key"]
+    assert second.startswith("aq_") and second != first
+    refused = world.api.get("/api/me", first)
+    assert (refused.status_code, refused.json["error"]["code"]) == (401, "invalid_api_key")
+    assert world.api.get("/api/me", second).json["id"] == user_id
+
+    ran = subprocess.run([str(VENV_BIN / "agentq"), "users", "replace-key", str(user_id)], env=child_env(), cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    third = json.loads(ran.stdout)
+    assert third["id"] == user_id and third["api_key"] not in (first, second)
+    assert world.api.get("/api/me", third["api_key"]).json["id"] == user_id
+    started = time.monotonic()
+    wait_for(lambda: world.api.get("/api/me", second).status_code == 401, timeout=15, what="the old key's refusal")
+    assert time.monotonic() - started <= 10.5
+    missing = world.api.post("/api/admin/users/999999/api-key", world.admin_key)
+    assert (missing.status_code, missing.json["error"]["code"]) == (404, "not_found")

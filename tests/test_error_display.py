@@ -16,3 +16,11 @@ from app.error_display import prefers_chinese
 ])
 def test_chinese_only_when_it_ranks_first_among_acceptable_languages(header: str | None, chinese: bool) -> None:
     assert prefers_chinese(header) is chinese
+
+
+def test_the_limit_of_conversations_in_flight_is_counted_in_words_that_agree() -> None:
+    from app.errors import TooManyActiveConversations
+
+    assert TooManyActiveConversations(1).message == ("You already have 1 conversation with a turn in flight; wait "
+                                                     "for one to end.")
+    assert TooManyActiveConversations(3).message.startswith("You already have 3 conversations with a turn")

@@ -21,6 +21,13 @@ def create_user(body: CreateUserBody) -> tuple[dict, int]:
     return {**render.me(created.user), "api_key": created.api_key}, 201
 
 
+@bp.post("/admin/users/<id:id>/api-key", tags=[users_tag], responses={200: r.CreatedUser})
+def replace_api_key(path: IdPath) -> dict:
+    """A new API key for the user, shown once; the old one stops working (within 10 s everywhere)."""
+    replaced = users.replace_api_key(path.id)
+    return {**render.me(replaced.user), "api_key": replaced.api_key}
+
+
 @bp.post("/admin/users/<id:id>/credits", tags=[users_tag], responses={200: r.Balance})
 def add_credit(path: IdPath, body: CreditBody) -> dict:
     """Add credit, or take it back with a negative amount
