@@ -7,6 +7,7 @@ and keeps authentication to one indexed lookup per request.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 import time
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from functools import cache
 
 from sqlalchemy import bindparam, select
 
+from app.config import get_settings
 from app.db import transaction
 from app.errors import Forbidden, Unauthorized
 from app.models import User, table
@@ -75,6 +77,17 @@ def authenticate(api_key: str | None) -> Principal:
         _known.clear()
     _known[digest] = (now + _CACHE_SECONDS, principal)
     return principal
+
+
+def check_metrics_token(token: str | None) -> None:
+    """/metrics answers anyone, as Prometheus expects of a target, unless `AGENTQ_METRICS_TOKEN` is set: then
+    only a scraper that sends it as a bearer token (Prometheus's `authorization` of a scrape config)."""
+    expected = get_settings().metrics_token
+    if expected is None:
+        return
+    if token is None or not hmac.compare_digest(token.encode(), expected.get_secret_value().encode()):
+        raise Unauthorized("Send the metrics token (AGENTQ_METRICS_TOKEN) as 'Authorization: Bearer <token>'.",
+                           code="invalid_metrics_token")
 
 
 def forget_keys_of(user_id: int) -> None:

@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db import rows_changed, transaction
-from app.errors import Conflict, NotFound, ValidationFailed
+from app.errors import Conflict, NotFound
 from app.key_variables import check_key_variable
 from app.models import Agent, LlmModel
 from app.models.base import utc_now
@@ -99,7 +99,7 @@ def _check_models(session: Session, fields: dict[str, Any]) -> None:
         try:
             _live_model(session, model_id, lock={"read": True})
         except NotFound:
-            raise ValidationFailed(f"{key} {model_id} does not name a model.") from None
+            raise NotFound(f"{key} {model_id} does not name a model.") from None
 
 
 def create_agent(fields: dict[str, Any]) -> Agent:

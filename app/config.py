@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.connection import parse_url
 
@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     blocked_terms: str = ""
     moderation_url: str | None = None
     moderation_api_key_env: str | None = None
+    metrics_snapshot_seconds: float = Field(default=1.0, ge=0, le=60)
+    metrics_token: SecretStr | None = Field(default=None, min_length=16, max_length=500)
+    """When set, /metrics answers only a scraper that sends it as a bearer token."""
     model_key_variables: str = Field(default="*_API_KEY", min_length=1, max_length=2000)
     """Shell-style patterns, comma-separated, of the variables a model's `api_key_env` may name."""
 

@@ -101,6 +101,9 @@ def configure_logging() -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(settings.log_level.upper())
+    # A library's warning (SQLAlchemy's, say) was a bare line on stderr, which broke a JSON log's one object
+    # a line; it is a WARNING record of the `py.warnings` logger instead.
+    logging.captureWarnings(True)
     quiet_chatty_libraries()
 
 

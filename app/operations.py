@@ -3,6 +3,8 @@ from the database."""
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -10,6 +12,7 @@ import redis
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from app.config import get_settings
 from app.db import transaction
 from app.dead_letter_queue import message_id_of
 from app.dead_letters import open_dead_letters
@@ -128,3 +131,23 @@ def recent_failures(hours: float = 24, limit: int = 20) -> FailureReport:
             .where(*recent).order_by(ConversationMessage.updated_at.desc()).limit(limit)
         ).all()]
     return FailureReport(since, {s: counts.get(s, 0) for s in failed}, latest)
+
+
+_scrape_lock = threading.Lock()
+_scrape_snapshot: tuple[float, QueueSnapshot] | None = None
+
+
+def scrape_snapshot() -> QueueSnapshot:
+    """The snapshot a scrape of /metrics answers: one read per `AGENTQ_METRICS_SNAPSHOT_SECONDS` (1 s) and
+    process, whatever the scrape rate.
+
+    /metrics needs no key, and each read counts every queue and its dead letters (tens of thousands of ids
+    at worst) in the database and Redis: a client scraping in a loop cost one such read per request.
+    Scrapes that arrive while a read is under way wait for it and share it."""
+    global _scrape_snapshot
+    with _scrape_lock:
+        if (_scrape_snapshot is None
+                or time.monotonic() - _scrape_snapshot[0] >= get_settings().metrics_snapshot_seconds):
+            snapshot = queue_snapshot(database_required=False)
+            _scrape_snapshot = (time.monotonic(), snapshot)
+        return _scrape_snapshot[1]

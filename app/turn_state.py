@@ -359,7 +359,7 @@ def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_m
             pending_since_before(ConversationMessage.status, ConversationMessage.updated_at, pending_before)))):
         return None
     if deadline_before is not None and not session.scalar(select(exists().where(
-            ConversationMessage.id == turn_id, Turn.assistant_message_id == turn_id,
+            Turn.assistant_message_id == turn_id, ConversationMessage.id == Turn.assistant_message_id,
             processing_past(ConversationMessage.status, Turn.deadline_at, deadline_before)))):
         return None
     if turn.cancel_requested_at is not None:

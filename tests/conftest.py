@@ -52,6 +52,7 @@ TEST_ENV = {
     "AGENTQ_BLOCKED_TERMS": "forbidden-word, 禁止词",
     "AGENTQ_MODERATION_URL": MOCK_URL,
     "OPENAI_API_KEY": "sk-platform-test",
+    "AGENTQ_METRICS_SNAPSHOT_SECONDS": "0",
     "TEST_PROVIDER_API_KEY": "sk-provider-test",
     "TEST_DATABASE_PASSWORD": "not-for-models",
 }

@@ -101,7 +101,7 @@ CASES = [
     ("admin", "POST", "/api/admin/models", {"name": "  ", "model": "x", "input_price_per_1k": "1",
                                             "output_price_per_1k": "1"}, 422, "validation_failed"),
     ("admin", "POST", "/api/admin/agents", {"name": "a", "system_prompt": "s", "model_id": 999999},
-     422, "validation_failed"),
+     404, "not_found"),  # an unknown id, in a body as in a path (an unknown agent_id is 404 too)
     ("admin", "POST", "/api/admin/agents", {"name": "a", "system_prompt": "s", "model_id": 1,
                                             "timeout_seconds": 0}, 422, "validation_failed"),
     ("admin", "POST", "/api/admin/agents", {"name": "a", "system_prompt": "s", "model_id": 1,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
+
+import pytest
+from sqlalchemy import text
 
 
 def test_models_can_be_created_read_changed_and_deleted(world) -> None:  # type: ignore[no-untyped-def]
@@ -155,7 +158,7 @@ def test_an_agent_cannot_be_pointed_at_a_model_being_deleted_nor_the_model_delet
         deleting.execute("UPDATE llm_models SET deleted_at = now() WHERE id = %s", (target,))
         patched = _blocked_by(deleting, database, lambda: world.api.patch(
             f"/api/admin/agents/{agent_id}", admin, {"model_id": target}).status_code)
-    assert patched == 422
+    assert patched == 404
     assert world.api.get(f"/api/admin/agents/{agent_id}", admin).json["model_id"] != target
 
     other = world.model("other")
@@ -166,3 +169,46 @@ def test_an_agent_cannot_be_pointed_at_a_model_being_deleted_nor_the_model_delet
                                                                           admin).status_code)
     assert deleted == 409
     assert world.api.get(f"/api/admin/models/{other}", admin).status_code == 200
+
+
+@pytest.fixture
+def settings_of(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
+    """Change this process's settings for the test: `settings_of(AGENTQ_X="1")`."""
+    from app.config import get_settings
+
+    def change(**values: str) -> None:
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+        get_settings.cache_clear()
+
+    yield change
+    monkeypatch.undo()
+    get_settings.cache_clear()
+
+
+def test_metrics_can_ask_for_a_token_and_read_the_shared_state_once_a_second(api, settings_of) -> None:  # type: ignore[no-untyped-def]
+    """/metrics needs no API key, and each scrape counted every queue and dead letter in the database and
+    Redis: a client scraping in a loop cost a read per request. A read now serves the scrapes of the next
+    `AGENTQ_METRICS_SNAPSHOT_SECONDS`, and `AGENTQ_METRICS_TOKEN` keeps strangers out."""
+    from app.db import transaction
+
+    def dead_letters_gauge(**headers: str) -> str:
+        scraped = api.client.get("/metrics", headers=headers)
+        assert scraped.status_code == 200, scraped.get_data(as_text=True)
+        return next(line for line in scraped.get_data(as_text=True).splitlines()
+                    if line.startswith('agentq_dead_letters{queue="turns"}'))
+
+    assert dead_letters_gauge() == 'agentq_dead_letters{queue="turns"} 0.0'  # read: the suite's setting is 0
+    settings_of(AGENTQ_METRICS_SNAPSHOT_SECONDS="60")
+    with transaction() as session:
+        session.execute(text("INSERT INTO dead_letters (redis_message_id, queue, actor, args, error) "
+                             "VALUES ('m-1', 'turns', 'run_turn', '[]', 'boom')"))
+    assert dead_letters_gauge() == 'agentq_dead_letters{queue="turns"} 0.0'  # the first scrape's read
+    settings_of(AGENTQ_METRICS_SNAPSHOT_SECONDS="0")
+    assert dead_letters_gauge() == 'agentq_dead_letters{queue="turns"} 1.0'
+
+    settings_of(AGENTQ_METRICS_TOKEN="a-scrape-token-of-some-length")
+    for headers in ({}, {"Authorization": "Bearer a-scrape-token-of-another-length"}):
+        refused = api.client.get("/metrics", headers=headers)
+        assert (refused.status_code, refused.json["error"]["code"]) == (401, "invalid_metrics_token")
+    assert dead_letters_gauge(Authorization="Bearer a-scrape-token-of-some-length").endswith(" 1.0")

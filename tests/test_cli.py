@@ -481,3 +481,26 @@ def test_a_process_forked_from_the_counters_server_leaves_its_port_free_when_the
             os.kill(child, signal.SIGKILL)
     """)
     assert (done.returncode, done.stdout.strip()) == (0, "free"), done.stderr
+
+
+WARNS_AFTER_LOGGING = """
+import warnings
+from app.logging_setup import configure_logging
+configure_logging()
+warnings.warn("a library's warning")
+"""
+
+
+def test_a_warning_is_a_json_log_line_like_any_other() -> None:
+    """A library's warning was a bare line on stderr between the JSON objects a log collector parses (one
+    from SQLAlchemy broke the API's log this way)."""
+    import json
+
+    env = child_env(AGENTQ_LOG_JSON="true", PYTHONPATH=str(ROOT))
+    ran = subprocess.run([str(VENV_BIN / "python"), "-c", WARNS_AFTER_LOGGING], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    [line] = ran.stderr.splitlines()
+    record = json.loads(line)
+    assert (record["level"], record["logger"]) == ("WARNING", "py.warnings")
+    assert "UserWarning: a library's warning" in record["message"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import ExitStack
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import cast
 
 from sqlalchemy import select, text, update
@@ -350,3 +350,28 @@ def test_a_look_whose_first_answer_took_longer_than_a_renewal_period_shuts_the_t
     now[0] += renewal
     gate.answered(now[0])
     assert gate.open
+
+
+def test_a_turn_is_ended_past_its_deadline_only_once_its_lease_is_gone_and_its_deadline_passed(world) -> None:  # type: ignore[no-untyped-def]
+    """The deadline bound's end (`deadline_before`), on the database: a live lease or a deadline still ahead
+    leaves the turn; neither, and it ends `error`. Its look joined the turn and its message without a join
+    condition (a cartesian product SQLAlchemy warned of, a bare line in the API's JSON log)."""
+    from app.turn_state import end_turn_unowned
+    from app.turn_status import TurnStatus
+
+    turn = _processing_turn(world, token="running")
+
+    def end(deadline_before: datetime) -> object:
+        with transaction() as session:
+            return end_turn_unowned(session, turn.turn_id, TurnStatus.ERROR, "past its deadline",
+                                    deadline_before=deadline_before)
+
+    assert end(utc_now() + timedelta(hours=2)) is None  # its lease is live
+    with transaction() as session:
+        session.execute(update(Turn).where(Turn.assistant_message_id == turn.turn_id)
+                        .values(lease_expires_at=utc_now() - timedelta(seconds=1)))
+    assert end(utc_now()) is None  # its deadline is an hour ahead
+    assert end(utc_now() + timedelta(hours=2)) is not None
+    with transaction() as session:
+        status = session.scalar(select(ConversationMessage.status).where(ConversationMessage.id == turn.turn_id))
+    assert status == "error"

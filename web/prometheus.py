@@ -17,7 +17,7 @@ class SharedStateCollector:
     `agentq_backing_service_up`."""
 
     def collect(self) -> Iterator[Metric]:
-        snapshot = operations.queue_snapshot(database_required=False)
+        snapshot = operations.scrape_snapshot()
         reachable = GaugeMetricFamily("agentq_backing_service_up",
                                       "Whether this scrape could read the service (1) or not (0).", labels=["service"])
         reachable.add_metric(["database"], 0 if snapshot.database_error else 1)

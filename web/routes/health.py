@@ -1,4 +1,4 @@
-"""Liveness, readiness and metrics; no key needed."""
+"""Liveness, readiness and metrics; no API key needed (/metrics takes its own token when one is set)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ from flask import Response
 from flask_openapi3 import APIBlueprint, Tag
 
 from app import readiness
+from app.auth import check_metrics_token
 from web import prometheus
 from web import responses as r
+from web.auth import bearer_token
 
 bp = APIBlueprint("health", __name__)
 tag = Tag(name="operations")
@@ -29,5 +31,6 @@ def readyz() -> dict | tuple[dict, int]:
 @bp.get("/metrics", tags=[tag],
         responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}})
 def metrics() -> Response:
+    check_metrics_token(bearer_token())
     body, content_type = prometheus.exposition()
     return Response(body, content_type=content_type)
