@@ -73,8 +73,9 @@ class TooManyStreams(AgentqError):
     status = 429
     code = "too_many_streams"
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"You already have {limit} answer streams open on this server; close one first.")
+    def __init__(self, limit: int, message: str | None = None) -> None:
+        super().__init__(message or f"You already have {limit} answer streams open on this server; close one "
+                                    "first.")
 
 
 class ServiceUnavailable(AgentqError):

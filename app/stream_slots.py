@@ -3,7 +3,9 @@
 An open stream holds one of the process's server threads for as long as its client stays (gunicorn's
 threaded worker), so without a bound one user's tabs, or a client reconnecting in a loop without
 closing, could take every thread and stall the API for everyone. The bound is per process because
-threads are: a user may hold `AGENTQ_MAX_STREAMS_PER_USER` streams in each API process. A slot is
+threads are: a user may hold `AGENTQ_MAX_STREAMS_PER_USER` streams in each API process. Users together
+may hold three quarters of the process's threads (`streams_for`): the rest serve every other request
+(a POST, a read, a health check), which many users' streams, each within its bound, left waiting. A slot is
 freed when the server closes the response: at the stream's end, or when a write to a client that
 went away fails (at the latest with the next heartbeat).
 """
@@ -16,12 +18,24 @@ from collections.abc import Callable
 from app.errors import TooManyStreams
 
 
+def streams_for(threads: int) -> int:
+    """How many answer streams a process serving requests on `threads` threads may hold: a quarter of them
+    (at least one) is kept for every other request."""
+    return max(1, threads - max(1, threads // 4))
+
+
 class StreamSlots:
     """Open answer streams by user, in this process: a stream holds one of its server threads."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._held: dict[int, int] = {}
+        self._total = 0
+        self._most: int | None = None
+
+    def hold_at_most(self, streams: int) -> None:
+        """Called by the API process once it knows its thread count; until then (a test's app) no total bound."""
+        self._most = streams
 
     def take(self, user_id: int, limit: int) -> Callable[[], None]:
         """Take one of the user's slots, or refuse; the returned function frees it (once, however often called)."""
@@ -29,7 +43,12 @@ class StreamSlots:
             held = self._held.get(user_id, 0)
             if held >= limit:
                 raise TooManyStreams(limit)
+            if self._most is not None and self._total >= self._most:
+                raise TooManyStreams(limit, f"This server holds all the answer streams it can ({self._most}) "
+                                            "and keeps its other threads for other requests; retry shortly, or "
+                                            "read the message, which has the text so far.")
             self._held[user_id] = held + 1
+            self._total += 1
         freed = False
 
         def free() -> None:
@@ -38,6 +57,7 @@ class StreamSlots:
                 if freed:
                     return
                 freed = True
+                self._total -= 1
                 left = self._held[user_id] - 1
                 if left:
                     self._held[user_id] = left

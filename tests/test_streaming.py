@@ -637,7 +637,8 @@ def test_a_stop_that_lands_before_a_failures_end_is_written_ends_the_turn_cancel
 
 def test_two_hundred_concurrent_readers_on_one_api_process(world, database) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
-    web = Process("web-sse", agentq("web", "--port", str(port), "--workers", "1", "--threads", "256"),
+    # 200 streams and a quarter of the threads kept for other requests (`app.stream_slots.streams_for`)
+    web = Process("web-sse", agentq("web", "--port", str(port), "--workers", "1", "--threads", "272"),
                   child_env(AGENTQ_MAX_STREAMS_PER_USER="200"), LOG_DIR).start()
     try:
         url = f"http://127.0.0.1:{port}"
@@ -702,6 +703,50 @@ def test_each_user_holds_a_bounded_number_of_open_streams_per_api_process(world)
         web.stop()
         for k, m in ((key, message_id), (other_key, other_message_id)):
             world.api.post(f"/api/messages/{m}/cancel", k)
+
+
+def test_an_api_process_keeps_a_quarter_of_its_threads_for_requests_other_than_streams(world) -> None:  # type: ignore[no-untyped-def]
+    """Each user within their bound, many users' streams took every thread of a process, and every other
+    request waited for one to end. With 4 threads a process holds 3 streams; the fourth is refused, a POST
+    and /healthz are still answered at once, and a closed stream lets the next one in."""
+    agent_id = world.agent(world.model(upstream="echo;words=400;gap=0.05"))
+    users = [world.user(f"reader-{index}") for index in range(4)]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    web = Process("web-stream-total", agentq("web", "--port", str(port), "--workers", "1", "--threads", "4"),
+                  child_env(AGENTQ_STREAM_HEARTBEAT_SECONDS="0.3"), LOG_DIR).start()
+    messages = [world.send(key, world.conversation(key, agent_id), "stream me").json["assistant_message"]["id"]
+                for _, key in users]
+    try:
+        wait_http(f"{url}/healthz")
+        clients = [httpx.Client(timeout=30, headers={"Authorization": f"Bearer {key}"}) for _, key in users]
+        streams = [client.send(client.build_request("GET", f"{url}/api/messages/{message}/stream"), stream=True)
+                   for client, message in zip(clients[:3], messages[:3], strict=True)]
+        assert [stream.status_code for stream in streams] == [200, 200, 200]
+        refused = clients[3].get(f"{url}/api/messages/{messages[3]}/stream")
+        assert (refused.status_code, refused.json()["error"]["code"]) == (429, "too_many_streams")
+        assert "holds all the answer streams it can (3)" in refused.json()["error"]["message"]
+        assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+        conversation = clients[3].post(f"{url}/api/conversations", json={"agent_id": agent_id}, timeout=5)
+        assert conversation.status_code == 201
+        streams[0].close()
+
+        def admitted() -> bool:
+            response = clients[3].send(clients[3].build_request("GET", f"{url}/api/messages/{messages[3]}/stream"),
+                                       stream=True)
+            response.close()
+            return response.status_code == 200
+
+        wait_for(admitted, timeout=10, what="the closed stream's thread to be freed")
+        for stream in streams[1:]:
+            stream.close()
+        for client in clients:
+            client.close()
+        assert "Traceback" not in web.output()
+    finally:
+        web.stop()
+        for (_, key), message in zip(users, messages, strict=True):
+            world.api.post(f"/api/messages/{message}/cancel", key)
 
 
 def test_a_quiet_stream_gets_its_heartbeat_when_it_is_due_not_a_blocking_read_later(world, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -122,11 +122,14 @@ def _post_fork(server: Any, worker: Any) -> None:
 
 
 def _post_worker_init(worker: Any) -> None:
-    """Each API process also ends the runs no worker started in time (`app.pending_bound`) and those past their
-    deadline that no worker holds (`app.deadline_bound`), so both bounds hold while every worker is gone."""
+    """Each API process bounds the answer streams it holds by its threads (`app.stream_slots`), and ends the
+    runs no worker started in time (`app.pending_bound`) and those past their deadline that no worker holds
+    (`app.deadline_bound`), so both bounds hold while every worker is gone."""
     from app.heap import freeze_after_boot
     from app.pending_bound import start_unheld_run_bounds
+    from app.stream_slots import stream_slots, streams_for
 
+    stream_slots.hold_at_most(streams_for(worker.cfg.threads))
     start_unheld_run_bounds()
     freeze_after_boot()
 
