@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -50,6 +51,17 @@ _CACHE_SIZE = 10_000
 _known: dict[str, tuple[float, Principal]] = {}
 
 
+class _Forgotten:
+    """How many times this process forgot keys: a read that began before the latest forget is not cached."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.generation = 0
+
+
+_forgotten = _Forgotten()
+
+
 @cache
 def _key_owner() -> Prepared:
     users = table(User)
@@ -68,14 +80,18 @@ def authenticate(api_key: str | None) -> Principal:
     cached = _known.get(digest)
     if cached is not None and cached[0] > now:
         return cached[1]
+    generation = _forgotten.generation
     with transaction() as session:
         row = _key_owner()(session, {"digest": digest}).first()
     if row is None:
         raise Unauthorized("The API key is not known.", code="invalid_api_key")
     principal = Principal(id=row.id, name=row.name, is_admin=row.is_admin)
-    if len(_known) >= _CACHE_SIZE:
-        _known.clear()
-    _known[digest] = (now + _CACHE_SECONDS, principal)
+    with _forgotten.lock:
+        # A key replaced while this read was under way may be the one read: not remembered then.
+        if _forgotten.generation == generation:
+            if len(_known) >= _CACHE_SIZE:
+                _known.clear()
+            _known[digest] = (now + _CACHE_SECONDS, principal)
     return principal
 
 
@@ -93,6 +109,8 @@ def check_metrics_token(token: str | None) -> None:
 def forget_keys_of(user_id: int) -> None:
     """This process stops accepting the keys it remembers for the user at once (the others within
     `_CACHE_SECONDS`)."""
-    for digest, (_, principal) in list(_known.items()):
-        if principal.id == user_id:
-            _known.pop(digest, None)
+    with _forgotten.lock:
+        _forgotten.generation += 1
+        for digest, (_, principal) in list(_known.items()):
+            if principal.id == user_id:
+                _known.pop(digest, None)

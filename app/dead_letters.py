@@ -42,7 +42,7 @@ from app.errors import (
 from app.in_flight import check_can_start, lock_user
 from app.models import Agent, Conversation, ConversationMessage, DeadLetter, Turn
 from app.models.base import utc_now
-from app.paging import PAGE_OF_A_WHOLE_LIST, every_row, moment_cursor, older_than, page_of
+from app.paging import PAGE_OF_A_WHOLE_LIST, check_cursor, every_row, moment_cursor, older_than, page_of
 from app.run_kinds import KINDS, TURN, kind_of, run_id_of
 from app.turn_state import TransitionRefused, reopen_turn
 from app.turn_status import TurnStatus, sources_for
@@ -211,16 +211,19 @@ def list_dead_letters(limit: int, cursor: str | None = None) -> DeadLetterPage:
     return _page(_reconcile(), limit, cursor)
 
 
-def every_dead_letter() -> Iterator[DeadLetterView]:
-    """Every open dead letter, the most recent first, read a page at a time after one reconciliation with the
-    broker: tens of thousands of them are listed without all of their rows in memory at once."""
+def every_dead_letter(cursor: str | None = None) -> Iterator[DeadLetterView]:
+    """Every open dead letter (after `cursor`), the most recent first, read a page at a time after one
+    reconciliation with the broker: tens of thousands of them are listed without all of their rows in memory
+    at once."""
+    if cursor:
+        check_cursor(cursor)
     in_broker = _reconcile()
 
-    def read(cursor: str | None) -> tuple[list[DeadLetterView], str | None]:
-        page = _page(in_broker, PAGE_OF_A_WHOLE_LIST, cursor)
+    def read(after: str | None) -> tuple[list[DeadLetterView], str | None]:
+        page = _page(in_broker, PAGE_OF_A_WHOLE_LIST, after)
         return page.items, page.next_cursor
 
-    return every_row(read)
+    return every_row(read, cursor or None)
 
 
 def page_query(limit: int, cursor: str | None) -> Select[DeadLetter]:

@@ -121,7 +121,7 @@ class EndpointUnusable(ValueError):
 
 
 PLATFORM_KEY_HOST = "api.openai.com"
-"""The one host `OPENAI_API_KEY` is sent to without being named (the SDK's default endpoint's)."""
+"""The one host `OPENAI_API_KEY` is sent to without being named (the SDK's default endpoint's), over https."""
 
 
 def api_key_for(api_key_env: str | None, base_url: str | None) -> str:
@@ -133,7 +133,8 @@ def api_key_for(api_key_env: str | None, base_url: str | None) -> str:
         if not (key := os.environ.get(api_key_env)):
             raise EndpointUnusable(f"the variable {api_key_env} that holds its API key is not set")
         return key
-    if base_url is None or urlsplit(base_url).hostname == PLATFORM_KEY_HOST:
+    endpoint = urlsplit(base_url) if base_url is not None else None
+    if endpoint is None or (endpoint.scheme == "https" and endpoint.hostname == PLATFORM_KEY_HOST):
         return os.environ.get("OPENAI_API_KEY", "") or DEFAULT_API_KEY
     return DEFAULT_API_KEY
 

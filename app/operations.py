@@ -133,7 +133,7 @@ def recent_failures(hours: float = 24, limit: int = 20) -> FailureReport:
     return FailureReport(since, {s: counts.get(s, 0) for s in failed}, latest)
 
 
-_scrape_lock = threading.Lock()
+_scrape_read = threading.Lock()
 _scrape_snapshot: tuple[float, QueueSnapshot] | None = None
 
 
@@ -142,12 +142,22 @@ def scrape_snapshot() -> QueueSnapshot:
     process, whatever the scrape rate.
 
     /metrics needs no key, and each read counts every queue and its dead letters (tens of thousands of ids
-    at worst) in the database and Redis: a client scraping in a loop cost one such read per request.
-    Scrapes that arrive while a read is under way wait for it and share it."""
+    at worst) in the database and Redis: a client scraping in a loop cost one such read per request. One
+    read at a time: a scrape that comes while another reads answers the last snapshot, so a read that waits
+    out an outage (the pool's timeout, Redis's) holds up no scrape but the first."""
     global _scrape_snapshot
-    with _scrape_lock:
-        if (_scrape_snapshot is None
-                or time.monotonic() - _scrape_snapshot[0] >= get_settings().metrics_snapshot_seconds):
-            snapshot = queue_snapshot(database_required=False)
-            _scrape_snapshot = (time.monotonic(), snapshot)
-        return _scrape_snapshot[1]
+    last = _scrape_snapshot
+    if last is not None and time.monotonic() - last[0] < get_settings().metrics_snapshot_seconds:
+        return last[1]
+    if last is not None and not _scrape_read.acquire(blocking=False):
+        return last[1]
+    if last is None:
+        _scrape_read.acquire()
+    try:
+        if _scrape_snapshot is not last and _scrape_snapshot is not None:
+            return _scrape_snapshot[1]  # read by the scrape this one waited for
+        snapshot = queue_snapshot(database_required=False)
+        _scrape_snapshot = (time.monotonic(), snapshot)
+        return snapshot
+    finally:
+        _scrape_read.release()

@@ -57,6 +57,12 @@ def older_than(moment: InstrumentedAttribute[datetime], ident: InstrumentedAttri
     return tuple_(moment, ident) < tuple_(after, last_id)
 
 
+def check_cursor(cursor: str) -> None:
+    """422 `invalid_cursor` now, for a cursor `older_than` will read later: a list written as it is read
+    (`every_row`) has sent its status by then."""
+    _decode(cursor)
+
+
 def _decode(cursor: str) -> tuple[datetime, int]:
     try:
         stamp, ident = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")

@@ -20,7 +20,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from web import render
 
     if args.limit is None:
-        print_json({"items": [render.dead_letter(v) for v in dead_letters.every_dead_letter()]})
+        print_json({"items": [render.dead_letter(v) for v in dead_letters.every_dead_letter(args.cursor)]})
         return 0
     page = dead_letters.list_dead_letters(args.limit, args.cursor)
     print_json({"items": [render.dead_letter(v) for v in page.items], "next_cursor": page.next_cursor})
@@ -63,7 +63,7 @@ def add_dlq_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     commands = dlq.add_subparsers(dest="dlq_command", required=True)
     listing = commands.add_parser("list", help="list the dead letters, newest first")
     listing.add_argument("--limit", type=page_size, help="a page of at most this many, with its next_cursor")
-    listing.add_argument("--cursor", help="the next_cursor of the page before")
+    listing.add_argument("--cursor", help="start after this next_cursor of an earlier page")
     listing.set_defaults(func=cmd_list)
     show = commands.add_parser("show", help="one dead letter, with its last traceback")
     show.add_argument("id", type=record_id)

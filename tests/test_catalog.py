@@ -206,9 +206,19 @@ def test_metrics_can_ask_for_a_token_and_read_the_shared_state_once_a_second(api
     assert dead_letters_gauge() == 'agentq_dead_letters{queue="turns"} 0.0'  # the first scrape's read
     settings_of(AGENTQ_METRICS_SNAPSHOT_SECONDS="0")
     assert dead_letters_gauge() == 'agentq_dead_letters{queue="turns"} 1.0'
+    from app import operations
+
+    # A scrape that comes while another reads (one waiting out an outage, say) answers the last snapshot at
+    # once, instead of queueing behind that read.
+    with operations._scrape_read, transaction() as session:
+        session.execute(text("INSERT INTO dead_letters (redis_message_id, queue, actor, args, error) "
+                             "VALUES ('m-2', 'turns', 'run_turn', '[]', 'boom')"))
+    with operations._scrape_read:
+        assert dead_letters_gauge() == 'agentq_dead_letters{queue="turns"} 1.0'
+    assert dead_letters_gauge() == 'agentq_dead_letters{queue="turns"} 2.0'
 
     settings_of(AGENTQ_METRICS_TOKEN="a-scrape-token-of-some-length")
     for headers in ({}, {"Authorization": "Bearer a-scrape-token-of-another-length"}):
         refused = api.client.get("/metrics", headers=headers)
         assert (refused.status_code, refused.json["error"]["code"]) == (401, "invalid_metrics_token")
-    assert dead_letters_gauge(Authorization="Bearer a-scrape-token-of-some-length").endswith(" 1.0")
+    assert dead_letters_gauge(Authorization="Bearer a-scrape-token-of-some-length").endswith(" 2.0")

@@ -746,8 +746,13 @@ def test_dead_letters_are_paged_newest_first_with_ties_broken_by_id(world) -> No
         pages.append([item["id"] for item in page.json["items"]])
         cursor = page.json["next_cursor"]
     assert pages == [[4, 3], [2, 5], [1, 7]]
-    refused = api.get("/api/admin/dead-letters?limit=2&cursor=not-one-of-ours", admin)
-    assert (refused.status_code, refused.json["error"]["code"]) == (422, "invalid_cursor")
+    for query in ("limit=2&cursor=not-one-of-ours", "cursor=not-one-of-ours"):
+        refused = api.get(f"/api/admin/dead-letters?{query}", admin)
+        assert (refused.status_code, refused.json["error"]["code"]) == (422, "invalid_cursor")
+    # A cursor without a limit: the rest of the list after it, not the whole list again.
+    after_first_page = api.get("/api/admin/dead-letters?limit=2", admin).json["next_cursor"]
+    rest = api.get(f"/api/admin/dead-letters?cursor={after_first_page}", admin).json
+    assert [item["id"] for item in rest["items"]] == [2, 5, 1, 7]
 
     def listed(*flags: str) -> dict[str, Any]:
         done = subprocess.run(agentq("dlq", "list", *flags), env=child_env(), capture_output=True, text=True, cwd=ROOT,
@@ -760,3 +765,4 @@ def test_dead_letters_are_paged_newest_first_with_ties_broken_by_id(world) -> No
     rest = listed("--limit", "4", "--cursor", first["next_cursor"])
     assert ([item["id"] for item in rest["items"]], rest["next_cursor"]) == ([1, 7], None)
     assert [item["id"] for item in listed()["items"]] == newest_first
+    assert [item["id"] for item in listed("--cursor", first["next_cursor"])["items"]] == [1, 7]

@@ -30,9 +30,10 @@ def failures(query: FailureQuery) -> dict[str, Any]:
 
 @bp.get("/admin/dead-letters", tags=[tag], responses={200: r.DeadLetterList})
 def list_dead_letters(query: DeadLetterQuery) -> dict[str, Any] | Response:
-    """Newest first: every open dead letter, or with `limit` a page; pass `next_cursor` back as `cursor`."""
+    """Newest first: every open dead letter (after `cursor`), or with `limit` a page and its `next_cursor`."""
     if query.limit is None:
-        return render.streamed_items(render.dead_letter(view) for view in dead_letters.every_dead_letter())
+        return render.streamed_items(render.dead_letter(view)
+                                     for view in dead_letters.every_dead_letter(query.cursor))
     page = dead_letters.list_dead_letters(query.limit, query.cursor)
     return {"items": [render.dead_letter(view) for view in page.items], "next_cursor": page.next_cursor}
 
