@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, Engine, Numeric, Table, inspect, text
+from sqlalchemy import Column, Engine, Numeric, Table, inspect, select, text
 from sqlalchemy.schema import CreateColumn
 
 from app.db import database_location, get_engine
-from app.models import Base
+from app.key_variables import may_hold_a_model_key
+from app.models import Base, LlmModel
 from app.money import MILLIONTHS
 
 SCHEMA_FILE = Path(__file__).parent / "schema.sql"
@@ -37,6 +38,10 @@ class SchemaReport:
     """On SQLite, the `table.column`s an older file lacked."""
     converted_money_columns: int = 0
     """On SQLite, the money columns of an older file converted to millionths (once)."""
+    refused_key_variables: list[dict[str, Any]] = field(default_factory=list)
+    """Live models whose `api_key_env` names a variable `AGENTQ_MODEL_KEY_VARIABLES` does not allow: written
+    before the bound (or before the operator narrowed it), their turns fail `endpoint_unusable` until the
+    setting names the variable or the model names another. Said here, at the upgrade, not first by a user."""
 
 
 def init_schema() -> SchemaReport:
@@ -46,13 +51,22 @@ def init_schema() -> SchemaReport:
         with engine.begin() as connection:
             connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LOCK_ID})
             connection.exec_driver_sql(sql)
-        return SchemaReport(database_location(), SCHEMA_FILE.name)
+        return SchemaReport(database_location(), SCHEMA_FILE.name, refused_key_variables=_refused_key_variables(engine))
     fresh = not inspect(engine).get_table_names()
     Base.metadata.create_all(engine)
     added = _add_missing_columns(engine)
     _replace_indexes(engine)
     converted = _money_in_millionths(engine, fresh)
-    return SchemaReport(database_location(), "models", added, converted)
+    return SchemaReport(database_location(), "models", added, converted, _refused_key_variables(engine))
+
+
+def _refused_key_variables(engine: Engine) -> list[dict[str, Any]]:
+    with engine.connect() as connection:
+        rows = connection.execute(select(LlmModel.id, LlmModel.name, LlmModel.api_key_env)
+                                  .where(LlmModel.deleted_at.is_(None), LlmModel.api_key_env.is_not(None))
+                                  .order_by(LlmModel.id)).all()
+    return [{"id": row.id, "name": row.name, "api_key_env": row.api_key_env} for row in rows
+            if not may_hold_a_model_key(row.api_key_env)]
 
 
 REPLACED_INDEXES = ("idx_conversation_messages_role_status", "idx_dead_letters_open")

@@ -352,7 +352,27 @@ def test_db_init_says_what_it_did_in_one_json_line(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
         printed.append(json.loads(result.stdout))
     assert printed == [{"database": str((tmp_path / "relative.sqlite3").resolve()), "applied": "models",
-                        "added_columns": [], "converted_money_columns": 0}] * 2
+                        "added_columns": [], "converted_money_columns": 0, "refused_key_variables": []}] * 2
+
+
+def test_db_init_names_the_models_whose_key_variable_this_release_refuses(tmp_path: Path) -> None:
+    """A model written before `AGENTQ_MODEL_KEY_VARIABLES` bounded the variables (or before the operator
+    narrowed it) fails every turn `endpoint_unusable` after the upgrade: the upgrade says so first."""
+    import json
+    import sqlite3
+
+    env = child_env(DATABASE_URL=f"sqlite:///{tmp_path}/older.sqlite3")
+    subprocess.run([str(VENV_BIN / "agentq"), "db", "init"], env=env, check=True, capture_output=True, timeout=60)
+    with sqlite3.connect(tmp_path / "older.sqlite3") as older:
+        older.executemany(
+            "INSERT INTO llm_models (id, name, model, api_key_env, input_price_per_1k, output_price_per_1k, "
+            "deleted_at) VALUES (?, ?, 'm', ?, 0, 0, ?)",
+            [(1, "kept", "GPT_KEY", None), (2, "allowed", "DEEPSEEK_API_KEY", None), (3, "none", None, None),
+             (4, "deleted", "OTHER_KEY", "2026-12-01 00:00:00")])
+    result = subprocess.run([str(VENV_BIN / "agentq"), "db", "init"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["refused_key_variables"] == [{"id": 1, "name": "kept", "api_key_env": "GPT_KEY"}]
 
 
 def test_the_procfiles_web_and_worker_lines_run_a_turn(mock_upstream) -> None:  # type: ignore[no-untyped-def]

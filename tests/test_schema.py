@@ -54,7 +54,8 @@ def test_db_init_is_safe_to_run_twice_on_postgresql() -> None:
         for _ in range(2):
             printed = json.loads(db_init(f"postgresql://postgres@127.0.0.1:5432/{name}").stdout)
             assert printed == {"database": f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
-                               "applied": "schema.sql", "added_columns": [], "converted_money_columns": 0}
+                               "applied": "schema.sql", "added_columns": [], "converted_money_columns": 0,
+                               "refused_key_variables": []}
         engine = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}")
         assert set(inspect(engine).get_table_names()) == set(Base.metadata.tables)
         engine.dispose()
