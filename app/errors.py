@@ -73,9 +73,17 @@ class TooManyStreams(AgentqError):
     status = 429
     code = "too_many_streams"
 
-    def __init__(self, limit: int, message: str | None = None) -> None:
-        super().__init__(message or f"You already have {limit} answer streams open on this server; close one "
-                                    "first.")
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+    @classmethod
+    def for_user(cls, limit: int) -> TooManyStreams:
+        return cls(f"You already have {limit} answer streams open on this server; close one first.")
+
+    @classmethod
+    def server_full(cls, most: int) -> TooManyStreams:
+        return cls(f"This server holds all the answer streams it can ({most}) and keeps its other threads for "
+                   "other requests; retry shortly, or read the message, which has the text so far.")
 
 
 class ServiceUnavailable(AgentqError):

@@ -10,10 +10,14 @@ are never among them. The API refuses another name (422), and a worker refuses a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
+
+from sqlalchemy import Connection, select
 
 from app.config import get_settings
 from app.errors import ValidationFailed
+from app.models import LlmModel
 
 OWN_VARIABLES = ("DATABASE_URL", "REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")
 """agentq's settings outside the `AGENTQ_` prefix."""
@@ -34,3 +38,22 @@ def check_key_variable(name: str | None) -> None:
     """422 for a model whose `api_key_env` names a variable that may not hold its key."""
     if name is not None and not may_hold_a_model_key(name):
         raise ValidationFailed(f"api_key_env: {refusal(name)}.")
+
+
+@dataclass(frozen=True, slots=True)
+class RefusedModel:
+    id: int
+    name: str
+    api_key_env: str
+
+
+def models_refused_now(connection: Connection) -> list[RefusedModel]:
+    """Live models whose variable this process's patterns refuse: written before the bound, or before the
+    operator narrowed it, their turns fail `endpoint_unusable` until the setting names the variable or the
+    model names another. `agentq db init` says so at the upgrade, before a user finds out; its process must
+    have the workers' `AGENTQ_MODEL_KEY_VARIABLES` for the list to be theirs."""
+    rows = connection.execute(select(LlmModel.id, LlmModel.name, LlmModel.api_key_env)
+                              .where(LlmModel.deleted_at.is_(None), LlmModel.api_key_env.is_not(None))
+                              .order_by(LlmModel.id)).all()
+    return [RefusedModel(row.id, row.name, row.api_key_env) for row in rows
+            if not may_hold_a_model_key(row.api_key_env)]

@@ -144,15 +144,16 @@ def scrape_snapshot() -> QueueSnapshot:
     /metrics needs no key, and each read counts every queue and its dead letters (tens of thousands of ids
     at worst) in the database and Redis: a client scraping in a loop cost one such read per request. One
     read at a time: a scrape that comes while another reads answers the last snapshot, so a read that waits
-    out an outage (the pool's timeout, Redis's) holds up no scrape but the first."""
+    out an outage (the pool's timeout, Redis's) holds up only its own scrape, and the scrapes of a process
+    that has no snapshot yet, which wait for its first."""
     global _scrape_snapshot
     last = _scrape_snapshot
     if last is not None and time.monotonic() - last[0] < get_settings().metrics_snapshot_seconds:
         return last[1]
-    if last is not None and not _scrape_read.acquire(blocking=False):
-        return last[1]
     if last is None:
-        _scrape_read.acquire()
+        _scrape_read.acquire()  # nothing to answer yet: wait for the first read
+    elif not _scrape_read.acquire(blocking=False):
+        return last[1]
     try:
         if _scrape_snapshot is not last and _scrape_snapshot is not None:
             return _scrape_snapshot[1]  # read by the scrape this one waited for

@@ -49,7 +49,7 @@ def moment_cursor(moment: datetime, ident: int) -> str:
 
 def older_than(moment: InstrumentedAttribute[datetime], ident: InstrumentedAttribute[int],
                cursor: str) -> ColumnElement[bool]:
-    """The rows after `cursor` (from `moment_cursor`) in that order; 400 `invalid_cursor` for a cursor this
+    """The rows after `cursor` (from `moment_cursor`) in that order; 422 `invalid_cursor` for a cursor this
     API did not give."""
     after, last_id = _decode(cursor)
     # A row comparison, which an index on (moment, id) serves as its condition; `a < x OR (a = x AND …)`

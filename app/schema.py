@@ -9,16 +9,16 @@ a file written before money was kept in millionths there has its amounts convert
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, Engine, Numeric, Table, inspect, select, text
+from sqlalchemy import Column, Engine, Numeric, Table, inspect, text
 from sqlalchemy.schema import CreateColumn
 
 from app.db import database_location, get_engine
-from app.key_variables import may_hold_a_model_key
-from app.models import Base, LlmModel
+from app.key_variables import models_refused_now
+from app.models import Base
 from app.money import MILLIONTHS
 
 SCHEMA_FILE = Path(__file__).parent / "schema.sql"
@@ -39,9 +39,8 @@ class SchemaReport:
     converted_money_columns: int = 0
     """On SQLite, the money columns of an older file converted to millionths (once)."""
     refused_key_variables: list[dict[str, Any]] = field(default_factory=list)
-    """Live models whose `api_key_env` names a variable `AGENTQ_MODEL_KEY_VARIABLES` does not allow: written
-    before the bound (or before the operator narrowed it), their turns fail `endpoint_unusable` until the
-    setting names the variable or the model names another. Said here, at the upgrade, not first by a user."""
+    """Live models whose `api_key_env` names a variable that `AGENTQ_MODEL_KEY_VARIABLES`, as this process
+    has it, does not allow (`app.key_variables.models_refused_now`)."""
 
 
 def init_schema() -> SchemaReport:
@@ -62,11 +61,7 @@ def init_schema() -> SchemaReport:
 
 def _refused_key_variables(engine: Engine) -> list[dict[str, Any]]:
     with engine.connect() as connection:
-        rows = connection.execute(select(LlmModel.id, LlmModel.name, LlmModel.api_key_env)
-                                  .where(LlmModel.deleted_at.is_(None), LlmModel.api_key_env.is_not(None))
-                                  .order_by(LlmModel.id)).all()
-    return [{"id": row.id, "name": row.name, "api_key_env": row.api_key_env} for row in rows
-            if not may_hold_a_model_key(row.api_key_env)]
+        return [asdict(model) for model in models_refused_now(connection)]
 
 
 REPLACED_INDEXES = ("idx_conversation_messages_role_status", "idx_dead_letters_open")

@@ -20,7 +20,8 @@ from app.errors import TooManyStreams
 
 def streams_for(threads: int) -> int:
     """How many answer streams a process serving requests on `threads` threads may hold: a quarter of them
-    (at least one) is kept for every other request."""
+    (at least one) is kept for every other request; a process of one thread keeps none, or it would serve no
+    stream at all."""
     return max(1, threads - max(1, threads // 4))
 
 
@@ -42,11 +43,9 @@ class StreamSlots:
         with self._lock:
             held = self._held.get(user_id, 0)
             if held >= limit:
-                raise TooManyStreams(limit)
+                raise TooManyStreams.for_user(limit)
             if self._most is not None and self._total >= self._most:
-                raise TooManyStreams(limit, f"This server holds all the answer streams it can ({self._most}) "
-                                            "and keeps its other threads for other requests; retry shortly, or "
-                                            "read the message, which has the text so far.")
+                raise TooManyStreams.server_full(self._most)
             self._held[user_id] = held + 1
             self._total += 1
         freed = False

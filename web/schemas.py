@@ -249,7 +249,8 @@ class DebugLogQuery(Query):
 
 class DeadLetterQuery(Query):
     limit: Annotated[int | None, Field(ge=1, le=500)] = None
-    """Without it, every open dead letter (the contract's shape); with it, a page and its `next_cursor`."""
+    """Without it, every open dead letter (after `cursor`; the contract's shape); with it, a page and its
+    `next_cursor`."""
     cursor: Annotated[str | None, Field(max_length=500)] = None
 
 
