@@ -67,7 +67,7 @@ def with_bodies(dead: list[DeadMessage]) -> list[BrokerEntry]:
             bodies = cast(list[bytes | None], client.hmget(broker_key(queue, ".XQ.msgs"),
                                                            [d.redis_message_id for d in batch]))
             for one, body in zip(batch, bodies, strict=True):
-                message = _readable(body) if body is not None else None
+                message = readable_message(body) if body is not None else None
                 if body is not None and message is None:
                     log.warning("dead letter %s of queue %s has a body agentq cannot read", one.redis_message_id,
                                 queue)
@@ -94,7 +94,7 @@ def message_id_of(member: bytes, queue: str) -> str | None:
     return ident
 
 
-def _readable(body: bytes) -> dramatiq.Message[Any] | None:
+def readable_message(body: bytes) -> dramatiq.Message[Any] | None:
     """The body as a message whose fields have the types Dramatiq writes and values a row can keep, else None
     (the letter is then listed as actor `unknown`). These keys are open to anything that writes to Redis:
     one odd body (options a list, retries a word or past a 32-bit integer, a NUL or a lone surrogate in the

@@ -43,7 +43,7 @@ from app.in_flight import check_can_start, lock_user
 from app.models import Agent, Conversation, ConversationMessage, DeadLetter, Turn
 from app.models.base import utc_now
 from app.paging import PAGE_OF_A_WHOLE_LIST, check_cursor, every_row, moment_cursor, older_than, page_of
-from app.run_kinds import KINDS, TURN, kind_of, run_id_of
+from app.run_kinds import TURN, kind_of, run_id_of, statuses_of_runs
 from app.turn_state import TransitionRefused, reopen_turn
 from app.turn_status import TurnStatus, sources_for
 
@@ -185,20 +185,9 @@ def open_dead_letters(held: dict[str, set[str]]) -> dict[str, int]:
     return counts
 
 
-def _run_statuses(session: Session, rows: list[DeadLetter]) -> dict[tuple[str, int], str]:
-    statuses: dict[tuple[str, int], str] = {}
-    for kind in KINDS:
-        idents = [r.run_id for r in rows if r.actor == kind.actor and r.run_id is not None]
-        for batch in in_batches(idents):
-            for ident, status in session.execute(select(kind.status_row_id, kind.status)
-                                                 .where(kind.status_row_id.in_(batch))):
-                statuses[(kind.actor, ident)] = status
-    return statuses
-
-
 def _views(rows: list[DeadLetter], in_broker: set[str] | None) -> list[DeadLetterView]:
     with transaction() as session:
-        statuses = _run_statuses(session, rows)
+        statuses = statuses_of_runs(session, [(row.actor, row.run_id) for row in rows])
     return [
         DeadLetterView(row, statuses.get((row.actor, row.run_id)) if row.run_id is not None else None,
                        None if in_broker is None else row.redis_message_id in in_broker)

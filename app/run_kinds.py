@@ -23,7 +23,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app import dispatch, queues
 from app.clock import lease_now
-from app.db import rows_changed, transaction
+from app.db import in_batches, rows_changed, transaction
 from app.deliveries import fallback_mark_wait, outage_wait_seconds, retry_hand_over
 from app.models import ConversationMessage, DebugRun, Turn
 from app.models.base import LARGEST_ID
@@ -173,3 +173,16 @@ def run_of(actor: str, args: Sequence[Any]) -> tuple[RunKind, int] | None:
 def run_id_of(actor: str, args: Sequence[Any]) -> int | None:
     run = run_of(actor, args)
     return None if run is None else run[1]
+
+
+def statuses_of_runs(session: Session, runs: Sequence[tuple[str, int | None]]) -> dict[tuple[str, int], str]:
+    """The status of each run named by its actor and id (a dead letter's, a waiting retry's), read a thousand
+    ids to a statement; a run that no longer exists has none."""
+    statuses: dict[tuple[str, int], str] = {}
+    for kind in KINDS:
+        idents = [ident for actor, ident in runs if actor == kind.actor and ident is not None]
+        for batch in in_batches(idents):
+            for ident, status in session.execute(select(kind.status_row_id, kind.status)
+                                                 .where(kind.status_row_id.in_(batch))):
+                statuses[(kind.actor, ident)] = status
+    return statuses

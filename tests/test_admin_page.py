@@ -140,3 +140,30 @@ def test_the_pages_load_only_their_own_scripts_and_styles_and_refuse_framing(sta
         driver.get(f"{stack.base_url}/admin")
         wait.until(lambda d: "Enter an admin API key" in text_of(d, "#status"))
         assert driver.execute_script("return getComputedStyle(document.body).marginTop") == "24px"
+
+
+def test_the_operators_page_shows_the_runs_waiting_for_a_retry(stack: Stack) -> None:
+    """A run whose delivery failed waits in the broker's delay queue for its retry; the page lists it with
+    its retry count and last error, and drops it once the broker no longer holds it."""
+    import time
+
+    import dramatiq
+
+    trace = 'Traceback (most recent call last):\n  File "/srv/a.py", line 3, in run\n    claim()\nOSError: boom\n'
+    message = dramatiq.Message(queue_name="turns.DQ", actor_name="run_turn", args=(987654,), kwargs={},
+                               options={"retries": 2, "traceback": trace, "eta": int(time.time() * 1000) + 600_000})
+    key = f"{stack.key_prefix}-dramatiq:turns.DQ.msgs"
+    client = stack.redis.client()
+    client.hset(key, "page-retry", message.encode())
+    try:
+        with chromium() as driver:
+            wait = WebDriverWait(driver, 20, poll_frequency=0.1, ignored_exceptions=[StaleElementReferenceException])
+            driver.get(f"{stack.base_url}/admin")
+            driver.find_element(By.ID, "api-key").send_keys(stack.admin_key)
+            driver.find_element(By.ID, "save-key").click()
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#retries tbody tr"))
+            assert text_of(driver, "#retries tbody").startswith("987654 run_turn 2 OSError: boom ")
+            client.hdel(key, "page-retry")
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#retries tbody tr") == [])
+    finally:
+        client.hdel(key, "page-retry")

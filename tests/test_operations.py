@@ -766,3 +766,38 @@ def test_dead_letters_are_paged_newest_first_with_ties_broken_by_id(world) -> No
     assert ([item["id"] for item in rest["items"]], rest["next_cursor"]) == ([1, 7], None)
     assert [item["id"] for item in listed()["items"]] == newest_first
     assert [item["id"] for item in listed("--cursor", first["next_cursor"])["items"]] == [1, 7]
+
+
+def test_runs_waiting_for_a_retry_are_listed_soonest_first_with_their_last_error(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """Operators saw only how many messages waited in a delay queue, not which runs, how often they had failed
+    or why. The broker's own delayed sends (what Dramatiq's Retries middleware does) are listed, with the
+    run's status, the retry count, the last failure and when it runs again; a body agentq cannot read is
+    listed as `unknown`, last."""
+    import dramatiq
+
+    from workers.broker import install_broker
+
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    turn = world.send(key, world.conversation(key, agent_id), "retry me").json["assistant_message"]["id"]
+    assert world.wait_terminal(key, turn)["status"] == "success"
+    trace = 'Traceback (most recent call last):\n  File "/srv/a.py", line 3, in run\n    claim()\nOSError: boom\n'
+    broker = install_broker()
+    sent_at = time.time()
+    for delay, retries in ((60_000, 1), (30_000, 2)):
+        broker.enqueue(dramatiq.Message(queue_name="turns", actor_name="run_turn", args=(turn,), kwargs={},
+                                        options={"retries": retries, "traceback": trace}), delay=delay)
+    redis_client.hset(f"{NAMESPACE}:turns.DQ.msgs", "not-a-message", b"\xff not json")
+
+    listed = world.api.get("/api/admin/retries", world.admin_key)
+    assert listed.status_code == 200, listed.json
+    items = listed.json["items"]
+    assert [(i["actor"], i["args"], i["run_id"], i["run_status"], i["retries"], i["error"]) for i in items] == [
+        ("run_turn", [turn], turn, "success", 2, "OSError: boom"),
+        ("run_turn", [turn], turn, "success", 1, "OSError: boom"),
+        ("unknown", [], None, None, 0, None)]
+    first_retry = datetime.fromisoformat(items[0]["retry_at"].replace("Z", "+00:00")).timestamp()
+    assert sent_at + 29 < first_retry < time.time() + 31
+    assert items[2]["retry_at"] is None and items[2]["message_id"] == "not-a-message"
+    assert {i["queue"] for i in items} == {"turns"}
+    redis_client.delete(f"{NAMESPACE}:turns.DQ.msgs", f"{NAMESPACE}:turns.DQ")

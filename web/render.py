@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # the services whose results are rendered; the `dlq` commands
     from app.debugging import CostLine, RouteDecision
     from app.operations import FailureReport, QueueSnapshot
     from app.prompt import Prompt
+    from app.retries import WaitingRetry
 
 
 def no_content() -> Response:
@@ -129,6 +130,12 @@ def failures(report: FailureReport) -> dict[str, Any]:
                    "error_message": f.error_message, "updated_at": timestamp(f.updated_at)}
                   for f in report.latest],
     }
+
+
+def waiting_retry(retry: WaitingRetry) -> dict[str, Any]:
+    return {"message_id": retry.message_id, "queue": retry.queue, "actor": retry.actor, "args": retry.args,
+            "run_id": retry.run_id, "run_status": retry.run_status, "retries": retry.retries, "error": retry.error,
+            "retry_at": timestamp(retry.retry_at)}
 
 
 def dead_letter(view: DeadLetterView, *, detail: bool = False) -> dict[str, Any]:

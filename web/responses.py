@@ -225,6 +225,22 @@ class Failures(Shape):
     items: list[RecentFailure]
 
 
+class WaitingRetry(Shape):
+    message_id: str = Field(description="The broker's id of the waiting message.")
+    queue: str
+    actor: str
+    args: list[Any]
+    run_id: int | None
+    run_status: str | None
+    retries: int = Field(description="Retries so far, this one included.")
+    error: str | None = Field(description="The last failure, from the traceback Dramatiq kept.")
+    retry_at: Timestamp | None
+
+
+class WaitingRetries(Shape):
+    items: list[WaitingRetry]
+
+
 class DeadLetter(Shape):
     id: int
     queue: str

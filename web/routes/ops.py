@@ -1,4 +1,5 @@
-"""Operations for admins: queue depths and dead letters (see `app.dead_letters`)."""
+"""Operations for admins: queue depths, runs waiting for a retry (`app.retries`) and dead letters
+(`app.dead_letters`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 from flask import Response
 from flask_openapi3 import Tag
 
-from app import dead_letters, operations
+from app import dead_letters, operations, retries
 from web import render
 from web import responses as r
 from web.routes import api_blueprint
@@ -26,6 +27,12 @@ def queues() -> dict[str, Any]:
 def failures(query: FailureQuery) -> dict[str, Any]:
     """Turns that ended in a failure status lately: counts by status and the latest ones (the /admin page)."""
     return render.failures(operations.recent_failures(query.hours, query.limit))
+
+
+@bp.get("/admin/retries", tags=[tag], responses={200: r.WaitingRetries})
+def waiting_retries() -> dict[str, Any]:
+    """Runs whose delivery failed and that wait for Dramatiq's retry, the soonest first."""
+    return {"items": [render.waiting_retry(retry) for retry in retries.waiting_retries()]}
 
 
 @bp.get("/admin/dead-letters", tags=[tag], responses={200: r.DeadLetterList})

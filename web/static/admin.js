@@ -56,8 +56,9 @@ function button(row, label, action, id) {
 async function refresh() {
   if (!key()) { say("Enter an admin API key."); return; }
   try {
-    const [queues, failures, dead] = await Promise.all([
-      api("GET", "/api/admin/queues"), api("GET", "/api/admin/failures"), api("GET", "/api/admin/dead-letters?limit=" + DEAD_LETTERS_SHOWN)]);
+    const [queues, failures, retries, dead] = await Promise.all([
+      api("GET", "/api/admin/queues"), api("GET", "/api/admin/failures"), api("GET", "/api/admin/retries"),
+      api("GET", "/api/admin/dead-letters?limit=" + DEAD_LETTERS_SHOWN)]);
     fill("queues", queues.queues, (row, q) => {
       cell(row, q.name); cell(row, q.ready, "num"); cell(row, q.delayed, "num"); cell(row, q.dead_letters, "num");
     });
@@ -69,6 +70,10 @@ async function refresh() {
     fill("failures", failures.items, (row, f) => {
       cell(row, f.message_id); cell(row, f.conversation_id); cell(row, f.status);
       cell(row, f.error_message, "error"); cell(row, f.updated_at, "muted");
+    });
+    fill("retries", retries.items, (row, w) => {
+      cell(row, w.run_id); cell(row, w.actor); cell(row, w.run_status); cell(row, w.retries, "num");
+      cell(row, w.error, "error"); cell(row, w.retry_at, "muted");
     });
     document.getElementById("dead-letters-shown").textContent =
       dead.next_cursor ? "(the latest " + dead.items.length + " shown)" : "";
