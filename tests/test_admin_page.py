@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from selenium.common.exceptions import StaleElementReferenceException
@@ -41,6 +42,18 @@ def dead_turn(stack: Stack, key: str, agent_id: int, content: str) -> int:
 
 def text_of(driver: WebDriver, selector: str) -> str:
     return driver.find_element(By.CSS_SELECTOR, selector).text
+
+
+@contextmanager
+def signed_in(stack: Stack) -> Iterator[tuple[WebDriver, WebDriverWait[WebDriver]]]:
+    """The operators' page in a browser, its admin key entered."""
+    with chromium() as driver:
+        wait: WebDriverWait[WebDriver] = WebDriverWait(driver, 20, poll_frequency=0.1,
+                                                       ignored_exceptions=[StaleElementReferenceException])
+        driver.get(f"{stack.base_url}/admin")
+        driver.find_element(By.ID, "api-key").send_keys(stack.admin_key)
+        driver.find_element(By.ID, "save-key").click()
+        yield driver, wait
 
 
 def dead_rows(driver: WebDriver) -> list[str]:
@@ -108,11 +121,7 @@ def test_the_operators_page_shows_the_latest_dead_letters_and_says_so(stack: Sta
               "SELECT 'page-' || i, 'turns', 'run_turn', '[]', 'boom ' || i, now() - i * interval '1 second' "
               "FROM generate_series(1, 101) AS i")
     try:
-        with chromium() as driver:
-            wait = WebDriverWait(driver, 20, poll_frequency=0.1, ignored_exceptions=[StaleElementReferenceException])
-            driver.get(f"{stack.base_url}/admin")
-            driver.find_element(By.ID, "api-key").send_keys(stack.admin_key)
-            driver.find_element(By.ID, "save-key").click()
+        with signed_in(stack) as (driver, wait):
             wait.until(lambda d: len(dead_rows(d)) == 100)
             assert text_of(driver, "#dead-letters-shown") == "(the latest 100 shown)"
             assert " boom 1 " in dead_rows(driver)[0] and " boom 100 " in dead_rows(driver)[-1]
@@ -150,17 +159,15 @@ def test_the_operators_page_shows_the_runs_waiting_for_a_retry(stack: Stack) -> 
     import dramatiq
 
     trace = 'Traceback (most recent call last):\n  File "/srv/a.py", line 3, in run\n    claim()\nOSError: boom\n'
-    message = dramatiq.Message(queue_name="turns.DQ", actor_name="run_turn", args=(987654,), kwargs={},
-                               options={"retries": 2, "traceback": trace, "eta": int(time.time() * 1000) + 600_000})
+    eta = int(time.time() * 1000) + 600_000
+    options = {"retries": 2, "traceback": trace, "eta": eta}
+    message: dramatiq.Message[None] = dramatiq.Message(queue_name="turns.DQ", actor_name="run_turn", args=(987654,),
+                                                       kwargs={}, options=options)
     key = f"{stack.key_prefix}-dramatiq:turns.DQ.msgs"
     client = stack.redis.client()
     client.hset(key, "page-retry", message.encode())
     try:
-        with chromium() as driver:
-            wait = WebDriverWait(driver, 20, poll_frequency=0.1, ignored_exceptions=[StaleElementReferenceException])
-            driver.get(f"{stack.base_url}/admin")
-            driver.find_element(By.ID, "api-key").send_keys(stack.admin_key)
-            driver.find_element(By.ID, "save-key").click()
+        with signed_in(stack) as (driver, wait):
             wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#retries tbody tr"))
             assert text_of(driver, "#retries tbody").startswith("987654 run_turn 2 OSError: boom ")
             client.hdel(key, "page-retry")
