@@ -1,4 +1,5 @@
-"""`agentq dlq list / show ID / requeue ID|--all / purge ID|--all`: dead letters from a shell.
+"""`agentq dlq list / show ID / requeue ID|--all / purge ID|--all`: dead letters from a shell, and
+`agentq dlq retries`: the runs that may become one, waiting for a retry.
 
 The services are imported by the command that runs, not with the parser, so that every other command
 (`db init`, `users create`, the parent of `worker`) starts without loading them.
@@ -24,6 +25,14 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     page = dead_letters.list_dead_letters(args.limit, args.cursor)
     print_json({"items": [render.dead_letter(v) for v in page.items], "next_cursor": page.next_cursor})
+    return 0
+
+
+def cmd_retries(args: argparse.Namespace) -> int:
+    from app import retries
+    from web import render
+
+    print_json({"items": [render.waiting_retry(retry) for retry in retries.waiting_retries()]})
     return 0
 
 
@@ -65,6 +74,8 @@ def add_dlq_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     listing.add_argument("--limit", type=page_size, help="a page of at most this many, with its next_cursor")
     listing.add_argument("--cursor", help="start after this next_cursor of an earlier page")
     listing.set_defaults(func=cmd_list)
+    commands.add_parser("retries", help="the runs waiting for a retry, the soonest first (not yet dead letters)"
+                        ).set_defaults(func=cmd_retries)
     show = commands.add_parser("show", help="one dead letter, with its last traceback")
     show.add_argument("id", type=record_id)
     show.set_defaults(func=cmd_show)

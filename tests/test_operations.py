@@ -800,4 +800,8 @@ def test_runs_waiting_for_a_retry_are_listed_soonest_first_with_their_last_error
     assert sent_at + 29 < first_retry < time.time() + 31
     assert items[2]["retry_at"] is None and items[2]["message_id"] == "not-a-message"
     assert {i["queue"] for i in items} == {"turns"}
+    from_shell = subprocess.run(agentq("dlq", "retries"), env=child_env(), capture_output=True, text=True, cwd=ROOT,
+                                timeout=60)
+    assert from_shell.returncode == 0, from_shell.stderr
+    assert json.loads(from_shell.stdout) == listed.json
     redis_client.delete(f"{NAMESPACE}:turns.DQ.msgs", f"{NAMESPACE}:turns.DQ")
