@@ -54,7 +54,7 @@ def dead_messages() -> dict[str, DeadMessage]:
         scored = cast(list[tuple[bytes, float]], client.zrange(broker_key(queue, ".XQ"), 0, -1, withscores=True))
         for member, score in scored:
             if (ident := message_id_of(member, queue)) is not None:
-                found[ident] = DeadMessage(queue, ident, _death_time(score))
+                found[ident] = DeadMessage(queue, ident, broker_time(score) or datetime.now(UTC))
     return found
 
 
@@ -123,12 +123,13 @@ def _keepable(text: object, most_chars: int | None = None) -> bool:
             and (most_chars is None or len(text) <= most_chars))
 
 
-def _death_time(score: float) -> datetime:
-    """When Dramatiq dead-lettered the message (its score, in milliseconds); now for a score no date holds."""
+def broker_time(milliseconds: float) -> datetime | None:
+    """A time as the broker writes it (a dead message's score, a delayed one's `eta`: milliseconds since the
+    epoch); None for one no date holds, which anything that writes to Redis can put there."""
     try:
-        return datetime.fromtimestamp(score / 1000, UTC)
+        return datetime.fromtimestamp(milliseconds / 1000, UTC)
     except (OverflowError, OSError, ValueError):
-        return datetime.now(UTC)
+        return None
 
 
 def take_entry(queue: str, redis_message_id: str) -> None:

@@ -189,7 +189,7 @@ def _views(rows: list[DeadLetter], in_broker: set[str] | None) -> list[DeadLette
     with transaction() as session:
         statuses = statuses_of_runs(session, [(row.actor, row.run_id) for row in rows])
     return [
-        DeadLetterView(row, statuses.get((row.actor, row.run_id)) if row.run_id is not None else None,
+        DeadLetterView(row, statuses.get((row.actor, row.run_id)),
                        None if in_broker is None else row.redis_message_id in in_broker)
         for row in rows
     ]

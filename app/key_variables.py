@@ -23,21 +23,22 @@ OWN_VARIABLES = ("DATABASE_URL", "REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")
 """agentq's settings outside the `AGENTQ_` prefix."""
 
 
-def may_hold_a_model_key(name: str) -> bool:
-    if name.startswith("AGENTQ_") or name in OWN_VARIABLES:
-        return False
-    return any(fnmatchcase(name, pattern) for pattern in get_settings().model_key_variable_patterns)
-
-
-def refusal(name: str) -> str:
+def refusal(name: str | None) -> str | None:
+    """Why a model may not read its key from the variable `name`, or None when it may (or names none)."""
+    if name is None:
+        return None
+    settings = get_settings()
+    if not name.startswith("AGENTQ_") and name not in OWN_VARIABLES and any(
+            fnmatchcase(name, pattern) for pattern in settings.model_key_variable_patterns):
+        return None
     return (f"the variable {name} is not one a model's key may be read from (AGENTQ_MODEL_KEY_VARIABLES: "
-            f"{get_settings().model_key_variables})")
+            f"{settings.model_key_variables})")
 
 
 def check_key_variable(name: str | None) -> None:
     """422 for a model whose `api_key_env` names a variable that may not hold its key."""
-    if name is not None and not may_hold_a_model_key(name):
-        raise ValidationFailed(f"api_key_env: {refusal(name)}.")
+    if (refused := refusal(name)) is not None:
+        raise ValidationFailed(f"api_key_env: {refused}.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,5 +56,4 @@ def models_refused_now(connection: Connection) -> list[RefusedModel]:
     rows = connection.execute(select(LlmModel.id, LlmModel.name, LlmModel.api_key_env)
                               .where(LlmModel.deleted_at.is_(None), LlmModel.api_key_env.is_not(None))
                               .order_by(LlmModel.id)).all()
-    return [RefusedModel(row.id, row.name, row.api_key_env) for row in rows
-            if not may_hold_a_model_key(row.api_key_env)]
+    return [RefusedModel(row.id, row.name, row.api_key_env) for row in rows if refusal(row.api_key_env) is not None]

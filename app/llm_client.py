@@ -30,7 +30,7 @@ import openai
 
 from app.attempt_watchdog import watch_attempt
 from app.failure_kinds import FailureKind
-from app.key_variables import may_hold_a_model_key, refusal
+from app.key_variables import refusal
 from app.model_target import ModelTarget
 from app.text import storable
 from app.token_estimates import estimate_tokens, estimate_tokens_of_messages, most_tokens_of_messages
@@ -142,8 +142,8 @@ def api_key_for(api_key_env: str | None, base_url: str | None) -> str:
 def client_for(target: ModelTarget) -> openai.OpenAI:
     """A model's client; its `api_key_env` must name a variable that may hold a model's key
     (`app.key_variables`), here too, for a row written before the operator narrowed them."""
-    if target.api_key_env is not None and not may_hold_a_model_key(target.api_key_env):
-        raise EndpointUnusable(refusal(target.api_key_env))
+    if (refused := refusal(target.api_key_env)) is not None:
+        raise EndpointUnusable(refused)
     return client_at(target.base_url, target.api_key_env)
 
 

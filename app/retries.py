@@ -10,12 +10,12 @@ then, so the bodies, not the delay queue's list, are what tells which runs wait 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, cast
 
 from app.db import transaction
-from app.dead_letter_queue import readable_message
+from app.dead_letter_queue import broker_time, message_id_of, readable_message
 from app.dead_letters import error_summary
 from app.dispatch import broker_key
 from app.queues import QUEUES
@@ -45,11 +45,12 @@ def waiting_retries() -> list[WaitingRetry]:
     for queue in QUEUES:
         pipe.hgetall(broker_key(queue, ".DQ.msgs"))
     bodies = cast(list[dict[bytes, bytes]], pipe.execute())
-    waiting = [_waiting(queue, ident.decode("ascii", "replace"), body)
-               for queue, held in zip(QUEUES, bodies, strict=True) for ident, body in held.items()]
+    waiting = [_waiting(queue, message_id, body)
+               for queue, held in zip(QUEUES, bodies, strict=True) for member, body in held.items()
+               if (message_id := message_id_of(member, queue)) is not None]
     with transaction() as session:
         statuses = statuses_of_runs(session, [(retry.actor, retry.run_id) for retry in waiting])
-    return sorted((_with_status(retry, statuses) for retry in waiting),
+    return sorted((replace(retry, run_status=statuses.get((retry.actor, retry.run_id))) for retry in waiting),
                   key=lambda retry: (retry.retry_at is None, retry.retry_at or datetime.min.replace(tzinfo=UTC)))
 
 
@@ -61,24 +62,7 @@ def _waiting(queue: str, message_id: str, body: bytes) -> WaitingRetry:
     args = list(message.args)
     return WaitingRetry(message_id, queue, message.actor_name, args, run_id_of(message.actor_name, args), None,
                         int(options.get("retries", 0)), error_summary(options.get("traceback")),
-                        _retry_time(options.get("eta")))
-
-
-def _retry_time(eta: object) -> datetime | None:
-    """Dramatiq's `eta`, milliseconds since the epoch; None for one no date holds."""
-    if type(eta) is not int:
-        return None
-    try:
-        return datetime.fromtimestamp(eta / 1000, UTC)
-    except (OverflowError, OSError, ValueError):
-        return None
-
-
-def _with_status(retry: WaitingRetry, statuses: dict[tuple[str, int], str]) -> WaitingRetry:
-    if retry.run_id is None:
-        return retry
-    return WaitingRetry(retry.message_id, retry.queue, retry.actor, retry.args, retry.run_id,
-                        statuses.get((retry.actor, retry.run_id)), retry.retries, retry.error, retry.retry_at)
+                        broker_time(eta) if type(eta := options.get("eta")) is int else None)
 
 
 __all__ = ["WaitingRetry", "waiting_retries"]

@@ -175,10 +175,15 @@ def run_id_of(actor: str, args: Sequence[Any]) -> int | None:
     return None if run is None else run[1]
 
 
-def statuses_of_runs(session: Session, runs: Sequence[tuple[str, int | None]]) -> dict[tuple[str, int], str]:
+RunStatuses = dict[tuple[str, int | None], str]
+"""Run statuses by actor and run id: looked up with a message's `(actor, run_id)`, a run id of None (a
+message that carries no run) finds none."""
+
+
+def statuses_of_runs(session: Session, runs: Sequence[tuple[str, int | None]]) -> RunStatuses:
     """The status of each run named by its actor and id (a dead letter's, a waiting retry's), read a thousand
     ids to a statement; a run that no longer exists has none."""
-    statuses: dict[tuple[str, int], str] = {}
+    statuses: RunStatuses = {}
     for kind in KINDS:
         idents = [ident for actor, ident in runs if actor == kind.actor and ident is not None]
         for batch in in_batches(idents):

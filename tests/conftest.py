@@ -11,7 +11,7 @@ import itertools
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -315,6 +315,21 @@ class World:
 @pytest.fixture
 def world(api: Api) -> World:
     return World(api)
+
+
+@pytest.fixture
+def settings_of(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
+    """Change this process's settings for the test: `settings_of(AGENTQ_X="1")`."""
+    from app.config import get_settings
+
+    def change(**values: str) -> None:
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+        get_settings.cache_clear()
+
+    yield change
+    monkeypatch.undo()
+    get_settings.cache_clear()
 
 
 @pytest.fixture

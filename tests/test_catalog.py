@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import pytest
 from sqlalchemy import text
 
 
@@ -169,21 +168,6 @@ def test_an_agent_cannot_be_pointed_at_a_model_being_deleted_nor_the_model_delet
                                                                           admin).status_code)
     assert deleted == 409
     assert world.api.get(f"/api/admin/models/{other}", admin).status_code == 200
-
-
-@pytest.fixture
-def settings_of(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
-    """Change this process's settings for the test: `settings_of(AGENTQ_X="1")`."""
-    from app.config import get_settings
-
-    def change(**values: str) -> None:
-        for name, value in values.items():
-            monkeypatch.setenv(name, value)
-        get_settings.cache_clear()
-
-    yield change
-    monkeypatch.undo()
-    get_settings.cache_clear()
 
 
 def test_metrics_can_ask_for_a_token_and_read_the_shared_state_once_a_second(api, settings_of) -> None:  # type: ignore[no-untyped-def]

@@ -8,9 +8,8 @@ preview use the estimate of `app.llm_client`: (len+3)//4 + 4 a message, + 2.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -101,20 +100,9 @@ MODERATION = {"AGENTQ_BLOCKED_TERMS": "forbidden", "AGENTQ_MODERATION_URL": MOCK
 
 
 @pytest.fixture
-def moderation() -> Iterator[None]:
+def moderation(settings_of: Callable[..., None]) -> None:
     """The in-process API's settings with the pinned moderation policy, restored afterwards."""
-    from app.config import get_settings
-
-    previous = {name: os.environ.get(name) for name in MODERATION}
-    os.environ.update(MODERATION)
-    get_settings.cache_clear()
-    yield
-    for name, value in previous.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-    get_settings.cache_clear()
+    settings_of(**MODERATION)
 
 
 def test_route_test_reports_the_decision_without_calling_a_model_or_recording_cost(world, upstream, moderation) -> None:  # type: ignore[no-untyped-def]

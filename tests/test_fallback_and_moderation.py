@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from decimal import Decimal
 
 import pytest
@@ -366,16 +366,10 @@ def test_moderation_refuses_before_any_model_call(world, upstream, content) -> N
 
 
 @pytest.fixture
-def long_intake_lease(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def long_intake_lease(settings_of: Callable[..., None]) -> None:
     """The API of this process takes conversation locks for a minute, so a lock the worker did not free is
     still there when the test looks (the workers keep their own 3 s leases)."""
-    from app.config import get_settings
-
-    monkeypatch.setenv("AGENTQ_LEASE_SECONDS", "60")
-    get_settings.cache_clear()
-    yield
-    monkeypatch.undo()
-    get_settings.cache_clear()
+    settings_of(AGENTQ_LEASE_SECONDS="60")
 
 
 def test_insufficient_balance_ends_the_turn_without_calling_the_model(world, upstream, redis_client,  # type: ignore[no-untyped-def]
