@@ -95,9 +95,18 @@ def authenticate(api_key: str | None) -> Principal:
     return principal
 
 
+def bearer_token_of(header: str) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header; None for any other header or none."""
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
 def check_metrics_token(token: str | None) -> None:
-    """/metrics answers anyone, as Prometheus expects of a target, unless `AGENTQ_METRICS_TOKEN` is set: then
-    only a scraper that sends it as a bearer token (Prometheus's `authorization` of a scrape config)."""
+    """/metrics (the API's, and the worker group's counters server) answers anyone, as Prometheus expects of a
+    target, unless `AGENTQ_METRICS_TOKEN` is set: then only a scraper that sends it as a bearer token
+    (Prometheus's `authorization` of a scrape config)."""
     expected = get_settings().metrics_token
     if expected is None:
         return

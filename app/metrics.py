@@ -8,16 +8,21 @@ and the broker when /metrics is scraped, so they are right whichever process ans
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
+import threading
 from collections.abc import Iterable
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import ThreadingWSGIServer
 
 if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
     from app.fallback import AttemptRecord
 
@@ -49,23 +54,55 @@ def host_counters() -> CollectorRegistry:
 _counters_server: WSGIServer | None = None
 
 
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """A scrape every few seconds is not worth a line on the worker's stderr."""
+
+
+def _counters_app(registry: CollectorRegistry) -> WSGIApplication:
+    """Prometheus's exposition of `registry`, behind the API's /metrics rule (`app.auth.check_metrics_token`)."""
+    from prometheus_client import make_wsgi_app
+
+    from app.auth import bearer_token_of, check_metrics_token
+    from app.errors import Unauthorized
+
+    exposition = make_wsgi_app(registry)
+
+    def counters(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            check_metrics_token(bearer_token_of(environ.get("HTTP_AUTHORIZATION", "")))
+        except Unauthorized as refusal:
+            body = json.dumps({"error": {"code": refusal.code, "message": refusal.message}}).encode()
+            start_response("401 Unauthorized", [("Content-Type", "application/json"),
+                                                ("Content-Length", str(len(body))), ("WWW-Authenticate", "Bearer")])
+            return [body]
+        return exposition(environ, start_response)
+
+    return counters
+
+
 def serve_host_counters(host: str, port: int) -> None:
     """Serve at http://host:port/metrics, from a thread of the calling process, the counters and histograms
     that this host's processes wrote to PROMETHEUS_MULTIPROC_DIR: for workers whose directory no API process
     reads (a container, a dyno or a machine of their own), whose counts the API's `/metrics` cannot show,
     and nearly all counts are made in workers. Not the shared-state gauges: the API's `/metrics` has those,
-    the same whichever process answers, and served here too they would be counted twice.
+    the same whichever process answers, and served here too they would be counted twice. It asks for
+    `AGENTQ_METRICS_TOKEN` when that is set, as the API's does.
 
     Its threads block the stop signals, as the worker group's parent blocks them in its main thread while
     it forks: a thread that did not took a SIGTERM meant for the group at those moments, and the stop was
     lost. The processes forked after it close its socket (`close_inherited_counters_server`)."""
     global _counters_server
-    from prometheus_client import start_http_server
+
+    class CountersServer(ThreadingWSGIServer):
+        address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
 
     stops = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
     unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     try:
-        _counters_server, _ = start_http_server(port, addr=host, registry=host_counters())
+        _counters_server = make_server(host, port, _counters_app(host_counters()), CountersServer,
+                                       handler_class=_QuietHandler)
+        threading.Thread(target=_counters_server.serve_forever, name="counters-server", daemon=True).start()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
 

@@ -875,6 +875,23 @@ def test_workers_that_share_no_counters_directory_with_the_api_serve_their_own(s
     assert metric(scrape(stack), "agentq_model_attempts_total", model="own-host", outcome="success") == 0
 
 
+def test_the_workers_counters_server_asks_for_the_metrics_token_when_one_is_set(stack: Stack) -> None:
+    """`AGENTQ_METRICS_TOKEN` kept strangers out of the API's `/metrics` but not out of the worker group's
+    counters server, which a container exposes on 0.0.0.0."""
+    from tests.support import free_port
+
+    port, token = free_port(), "a-scrape-token-of-some-length"
+    stack.start_worker(AGENTQ_WORKER_METRICS_PORT=str(port), AGENTQ_METRICS_TOKEN=token)
+    url = f"http://127.0.0.1:{port}/metrics"
+    for headers in ({}, {"Authorization": "Bearer a-wrong-token-of-some-length"}, {"Authorization": token}):
+        refused = httpx.get(url, headers=headers, timeout=10)
+        assert (refused.status_code, refused.headers["WWW-Authenticate"]) == (401, "Bearer")
+        assert refused.json()["error"]["code"] == "invalid_metrics_token"
+    served = httpx.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert served.status_code == 200
+    assert "agentq_fallbacks" in {family.name for family in text_string_to_metric_families(served.text)}
+
+
 def test_metrics_count_real_turns_across_worker_and_web_processes(stack: Stack) -> None:
     stack.start_worker(processes=2)
     slow = slow_agent(stack, "metrics-slow", "echo;ttft=0.2;words=30;gap=0.1")

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 from flask import g, request
 
-from app.auth import Principal, authenticate
+from app.auth import Principal, authenticate, bearer_token_of
 
 
 def bearer_token() -> str | None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()
+    return bearer_token_of(request.headers.get("Authorization", ""))
 
 
 def load_principal() -> None:
