@@ -176,11 +176,12 @@ def test_the_database_refuses_a_second_turn_in_flight(world) -> None:  # type: i
     agent_id = world.agent(world.model())
     _, key = world.user()
     conversation_id = world.conversation(key, agent_id)
-    with pytest.raises(IntegrityError), transaction() as session:
+    with pytest.raises(IntegrityError) as refused, transaction() as session:
         for seq in (1, 2):
             session.add(ConversationMessage(conversation_id=conversation_id, seq=seq, role="assistant",
                                             content="", status="pending"))
         session.flush()
+    assert refused.value.orig.diag.constraint_name == "uq_conversation_messages_in_flight"  # type: ignore[union-attr]
 
 
 def question_of(turn_id: int) -> int:
