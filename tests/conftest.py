@@ -21,7 +21,7 @@ import psycopg
 import pytest
 import redis as redis_lib
 
-from tests.support import ROOT, Process, agentq, free_port, wait_for, wait_http
+from tests.support import ROOT, Process, SilentServer, agentq, free_port, wait_for, wait_http
 
 PG_ADMIN_URL = os.environ.get("AGENTQ_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
@@ -330,6 +330,14 @@ def settings_of(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]
     yield change
     monkeypatch.undo()
     get_settings.cache_clear()
+
+
+@pytest.fixture
+def silent_redis() -> Iterator[SilentServer]:
+    """A Redis that takes connections and never answers (`tests.support.SilentServer`)."""
+    server = SilentServer()
+    yield server
+    server.close()
 
 
 @pytest.fixture

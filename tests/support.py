@@ -111,6 +111,33 @@ class Process:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+class SilentServer:
+    """A port that takes connections and never answers: a Redis hung past its clients' socket timeout, for real
+    clients to wait on, not a stand-in for their calls."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self.connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        try:
+            while True:
+                self.connections.append(self._listener.accept()[0])
+        except OSError:  # the listener closed
+            return
+
+    def hang_up(self) -> None:
+        """Close the connections taken so far: each client waiting on one fails at once."""
+        for connection in list(self.connections):
+            connection.close()
+
+    def close(self) -> None:
+        self._listener.close()
+        self.hang_up()
+
+
 def wait_http(url: str, timeout: float = 30.0, verify: ssl.SSLContext | bool = True) -> None:
     def ready() -> bool:
         try:

@@ -15,7 +15,7 @@ import dramatiq
 import pytest
 from dramatiq.brokers.redis import RedisBroker
 
-from tests.support import wait_for
+from tests.support import SilentServer, wait_for
 from workers.broker import DoorbellRedisBroker, RefillingConsumer, build_broker
 
 LONG_WAIT_MS = 30_000
@@ -152,30 +152,8 @@ def test_a_sends_name_is_the_same_whichever_database_hands_its_mark_back() -> No
     assert message_id("run_turn", 7, written + timedelta(microseconds=1)) != message_id("run_turn", 7, written)
 
 
-@pytest.fixture
-def silent_redis() -> Iterator[int]:
-    """A port that takes connections and never answers: a Redis hung past the socket timeout."""
-    import socket
-
-    listener = socket.create_server(("127.0.0.1", 0))
-    held: list[socket.socket] = []
-
-    def accept() -> None:
-        try:
-            while True:
-                held.append(listener.accept()[0])
-        except OSError:  # the listener closed
-            return
-
-    threading.Thread(target=accept, daemon=True).start()
-    yield listener.getsockname()[1]
-    listener.close()
-    for connection in held:
-        connection.close()
-
-
-def test_a_redis_that_hangs_is_a_closed_connection_to_dramatiq_not_an_error_that_ends_its_consumer(  # type: ignore[no-untyped-def]
-        silent_redis) -> None:
+def test_a_redis_that_hangs_is_a_closed_connection_to_dramatiq_not_an_error_that_ends_its_consumer(
+        silent_redis: SilentServer) -> None:
     """Dramatiq's consumer thread survives `ConnectionClosed` (it restarts the consumer a second later), but
     a timeout was an unexpected error: its clean-up, requeueing the retries it held, raised it again, and the
     thread ended, so the process took no retry of that queue until it stopped. Every look, ack, nack and
@@ -187,7 +165,7 @@ def test_a_redis_that_hangs_is_a_closed_connection_to_dramatiq_not_an_error_that
     from redis.retry import Retry
 
     # No retries of its own, as the worker's pool (`from_url`) has none: each step fails at its first timeout.
-    client = redis.Redis(host="127.0.0.1", port=silent_redis, socket_timeout=0.2, socket_connect_timeout=1,
+    client = redis.Redis(host="127.0.0.1", port=silent_redis.port, socket_timeout=0.2, socket_connect_timeout=1,
                          retry=Retry(NoBackoff(), 0))
     broker = DoorbellRedisBroker(poll_ms=100, client=client, namespace=f"hung-{uuid.uuid4().hex[:8]}", middleware=[])
     consumer = RefillingConsumer(broker, "turns.DQ", prefetch=1, timeout=100, draining=threading.Event())

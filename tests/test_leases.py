@@ -17,7 +17,7 @@ from app.leases import Holding, LeaseKeeper
 from app.models import ConversationMessage, DebugRun, Turn
 from app.models.base import utc_now
 from app.turn_intake import _insert_turn
-from tests.support import wait_for
+from tests.support import SilentServer, wait_for
 
 
 def _processing_turn(world, token: str, model: str = "primary") -> HeldTurn:  # type: ignore[no-untyped-def]
@@ -86,63 +86,55 @@ def _lease_alive_for_8_seconds(keeper: LeaseKeeper, turn: HeldTurn) -> list[bool
     return alive
 
 
-def test_a_stop_check_that_hangs_does_not_hold_back_the_renewals(world) -> None:  # type: ignore[no-untyped-def]
-    """The keeper also looks for stop requests in Redis; a Redis that stops answering makes each look wait for
-    its socket timeout. The looks have a thread of their own and renewals are due by the clock, so the lease
-    (3 s in the tests, renewed every second) stays ahead of the database's clock through looks of 4 s."""
-    def hanging_redis(turn_ids: list[int]) -> set[int]:
-        time.sleep(4)
-        return set()
+def test_a_redis_that_stops_answering_holds_back_no_renewal_of_the_lease(  # type: ignore[no-untyped-def]
+        world, settings_of, silent_redis: SilentServer) -> None:
+    """The keeper looks for stop requests in Redis and renews the turns' Redis locks; a Redis that stops
+    answering holds each of those for its socket timeout (5 s). The Redis locks were once renewed on the
+    thread that renews the leases in the database, after each renewal, and a lease of under about 15 s ran
+    out while its worker still streamed, another worker taking the turn over. Each has a thread of its own,
+    and the lease's renewals are due by the clock: the lease (3 s in the tests, renewed every second) stays
+    ahead of the database's clock while both wait on the hung Redis."""
+    from app.stop_requests import stopped_turns
 
+    turn = _processing_turn_expiring_soon(world)
+    settings_of(REDIS_URL=f"redis://127.0.0.1:{silent_redis.port}/0")
     keeper = LeaseKeeper()
-    keeper.cancel_check = hanging_redis
-    alive = _lease_alive_for_8_seconds(keeper, _processing_turn_expiring_soon(world))
+    keeper.cancel_check = stopped_turns
+    alive = _lease_alive_for_8_seconds(keeper, turn)
     assert len(alive) > 40 and all(alive), f"the lease ran out in {alive.count(False)} of {len(alive)} samples"
+    # Both the look for stop requests and the locks' renewal waited, each on a new connection after every
+    # timeout: how many depends on when each thread started, not on what is tested.
+    assert len(silent_redis.connections) >= 2
 
 
-def test_a_redis_renewal_that_hangs_does_not_hold_back_the_leases_renewal(world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """The turns' Redis locks were renewed on the thread that renews their leases in the database, after each
-    renewal: a Redis that stopped answering held it for its socket timeout (5 s, more with a script to load),
-    and a lease of under about 15 s ran out while its worker still streamed, another worker taking the turn
-    over. They have a thread of their own: the lease (3 s in the tests, renewed every second) stays ahead of
-    the database's clock through Redis renewals of 4 s."""
-    from app import coordination
-
-    def hanging_redis(turns) -> None:  # type: ignore[no-untyped-def]
-        list(turns)
-        time.sleep(4)
-
-    monkeypatch.setattr(coordination, "renew", hanging_redis)
-    alive = _lease_alive_for_8_seconds(LeaseKeeper(), _processing_turn_expiring_soon(world))
-    assert len(alive) > 40 and all(alive), f"the lease ran out in {alive.count(False)} of {len(alive)} samples"
-
-
-def test_a_renewal_waiting_on_redis_does_not_hold_back_turns_starting(world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_renewal_waiting_on_redis_does_not_hold_back_turns_starting(  # type: ignore[no-untyped-def]
+        world, settings_of, silent_redis: SilentServer, monkeypatch) -> None:
     """A renewal ends with one pipeline to Redis (the turns' locks and slots), which a Redis that stopped
     answering holds for its socket timeout; that wait was under the lock every turn of the process takes to
     start, so none could for 5 s at each renewal. (A turn ending waits for it: it must not free its lock
     in Redis while the renewal may take it again, and its own freeing waits on the same Redis.)"""
     from app import coordination
 
-    in_redis, let_go = threading.Event(), threading.Event()
-
-    def hanging_renewal(turns) -> None:  # type: ignore[no-untyped-def]
-        list(turns)
-        in_redis.set()
-        let_go.wait(10)
-
-    monkeypatch.setattr(coordination, "renew", hanging_renewal)
     first, second = _processing_turn(world, "first", "one"), _processing_turn(world, "second", "two")
+    settings_of(REDIS_URL=f"redis://127.0.0.1:{silent_redis.port}/0")
+    renew, renewing = coordination.renew, threading.Event()
+
+    def noted_renewal(turns) -> None:  # type: ignore[no-untyped-def]
+        renewing.set()
+        renew(turns)
+
+    monkeypatch.setattr(coordination, "renew", noted_renewal)
     keeper = LeaseKeeper()
     try:
         with keeper.holding(Holding(first.turn_id, "first", threading.Event(), first)):
-            wait_for(in_redis.is_set, timeout=5, what="a renewal to reach Redis")
+            wait_for(lambda: renewing.is_set() and silent_redis.connections, timeout=5,
+                     what="a renewal to wait on Redis")
             started = time.monotonic()
             with keeper.holding(Holding(second.turn_id, "second", threading.Event(), second)):
                 took = time.monotonic() - started
-                let_go.set()
+                silent_redis.hang_up()
     finally:
-        let_go.set()
+        silent_redis.hang_up()
     assert took < 1, f"a turn took {took:.1f} s to start behind a renewal"
 
 
