@@ -7,15 +7,20 @@ database or Redis by setting variables before it starts.
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis import ConnectionPool
 from redis.connection import parse_url
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 DEFAULT_SQLITE_PATH = Path("var") / "agentq.sqlite3"
 SQLITE_SCHEMES = ("sqlite", "sqlite+pysqlite")
@@ -101,6 +106,13 @@ class Settings(BaseSettings):
         if scheme not in (*SQLITE_SCHEMES, "postgresql+psycopg") or in_memory:
             raise ValueError("must be a SQLite file's URL (sqlite:///path/to/file) or a PostgreSQL one "
                              "(postgresql://user@host/database)")
+        try:
+            parsed = make_url(url)
+        except (ArgumentError, ValueError) as exc:  # a port that is not a number, an unclosed IPv6 bracket
+            raise ValueError(f"is not a database URL that can be read: {exc}") from None
+        if scheme == "postgresql+psycopg" and not (parsed.database or parsed.query.get("dbname")):
+            # libpq would pick a database of its own (the user's name), and `db init` write agentq's tables there.
+            raise ValueError("must name its database (postgresql://user@host/database)")
         return url
 
     @field_validator("log_level", mode="before")
@@ -116,7 +128,8 @@ class Settings(BaseSettings):
         which may be another deployment's."""
         try:
             parse_url(url)
-        except ValueError as exc:
+            ConnectionPool.from_url(url).make_connection()  # its options, read without connecting
+        except (TypeError, ValueError) as exc:
             raise ValueError(f"must be a Redis URL (redis://host:port/db, rediss://…, unix://…): {exc}") from None
         database = urlsplit(url).path.strip("/") if url.startswith(("redis://", "rediss://")) else ""
         if database and not (database.isascii() and database.isdigit()):
@@ -176,6 +189,23 @@ def get_settings() -> Settings:
     return Settings()
 
 
+def unknown_settings(environment: Mapping[str, str], others: tuple[str, ...]) -> list[str]:
+    """The `AGENTQ_` variables set that no setting reads, nor one of `others` (names, or beginnings of names,
+    its caller reads itself), each with the setting it is nearest to: settings ignore variables they do not
+    know, so a misspelt `AGENTQ_LEASE_SECOND` left the default in force without a word."""
+    prefix = Settings.model_config.get("env_prefix", "")
+    names = [f"{prefix}{field.upper()}" for field in Settings.model_fields]
+    problems = []
+    for variable in sorted(environment):
+        if variable.startswith(prefix) and variable not in names and not variable.startswith(others):
+            # Compared without the prefix every name shares, which alone made any two names look alike.
+            nearest = difflib.get_close_matches(variable.removeprefix(prefix),
+                                                [name.removeprefix(prefix) for name in names], n=1, cutoff=0.75)
+            problems.append(f"{variable} is not a setting of agentq, and is ignored"
+                            + (f" (is it {prefix}{nearest[0]}?)" if nearest else ""))
+    return problems
+
+
 def describe_invalid_settings(error: ValidationError) -> str:
     """Each invalid setting by the variable an operator sets, not by the field's name, without pydantic's
     links: e.g. `AGENTQ_MAX_ACTIVE_CONVERSATIONS='0': Input should be greater than or equal to 1`."""
@@ -188,12 +218,18 @@ def describe_invalid_settings(error: ValidationError) -> str:
             continue
         name = str(problem["loc"][0])
         variable = f"{prefix}{name.upper()}" if name in Settings.model_fields else name  # else it is an alias
-        value = _without_password(repr(problem.get("input")))
+        if name in _SECRETS:  # a mistyped secret is still a secret: its length is all an operator needs
+            value, message = "<hidden>", message.replace(" items", " characters")
+        else:
+            value = without_password(repr(problem.get("input")))
         problems.append(f"{variable}={value}: {message}")
     return "; ".join(problems)
 
 
-def _without_password(text: str) -> str:
+_SECRETS = {name for name, field in Settings.model_fields.items() if SecretStr in get_args(field.annotation)}
+
+
+def without_password(text: str) -> str:
     """A URL's password is not printed into a terminal or a process manager's log."""
     return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
 

@@ -24,12 +24,14 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import Connection, CursorResult, Engine, Executable, create_engine, event
+from sqlalchemy.engine import make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from app.config import get_settings
+from app.errors import InvalidConfiguration
 
 IDLE_PING_SECONDS = 1.0
 
@@ -40,7 +42,11 @@ _engines: dict[str, tuple[Engine, sessionmaker[Session]]] = {}
 def _sqlite_engine(url: str) -> Engine:
     path = url.split("///", 1)[1] if "///" in url else ""
     if path and path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvalidConfiguration(f"DATABASE_URL names the SQLite file {Path(path).resolve()}, whose directory "
+                                       f"cannot be made: {exc.strerror or exc}.") from exc
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
     @event.listens_for(engine, "connect")
@@ -129,7 +135,7 @@ def database_location() -> str:
     """Where this process's data lives, as an operator must be told it: a SQLite path made absolute (it is
     relative to the directory a command runs in, the usual cause of a database found empty), any other
     URL without its password."""
-    url = get_engine().url
+    url = make_url(get_settings().database_url)
     if url.get_backend_name() == "sqlite" and url.database:
         return str(Path(url.database).resolve())
     return url.render_as_string(hide_password=True)

@@ -42,7 +42,9 @@ from app.errors import (
 from app.in_flight import check_can_start, lock_user
 from app.models import Agent, Conversation, ConversationMessage, DeadLetter, Turn
 from app.models.base import utc_now
+from app.outages import in_one_line
 from app.paging import PAGE_OF_A_WHOLE_LIST, check_cursor, every_row, moment_cursor, older_than, page_of
+from app.redis_client import redis_location
 from app.run_kinds import TURN, kind_of, run_id_of, statuses_of_runs
 from app.turn_state import TransitionRefused, reopen_turn
 from app.turn_status import TurnStatus, sources_for
@@ -155,8 +157,9 @@ def _reconcile() -> set[str] | None:
                 .where(DeadLetter.redis_message_id.in_(batch)))}
         # Only these bodies are read: a listing read every letter's, tracebacks and all, at each look.
         entries = with_bodies([message for ident, message in dead.items() if ident not in known])
-    except redis.RedisError:
-        log.warning("Redis unreachable; dead letters are listed from the database alone")
+    except redis.RedisError as exc:
+        log.warning("Redis could not be read (%s, at %s); dead letters are listed from the database alone",
+                    in_one_line(exc), redis_location())
         return None
     if entries:
         with transaction() as session:

@@ -89,3 +89,10 @@ class TooManyStreams(AgentqError):
 class ServiceUnavailable(AgentqError):
     status = 503
     code = "service_unavailable"
+
+
+class InvalidConfiguration(AgentqError):
+    """A setting no wait will fix (a database file that cannot be made where it points): the operator's to mend."""
+
+    status = 503
+    code = "invalid_configuration"

@@ -49,6 +49,21 @@ def is_outage(error: BaseException) -> bool:
     return False
 
 
+_REFUSED_SETTINGS = ("database \"", "role \"", "password authentication failed", "no pg_hba.conf entry")
+"""The start of what PostgreSQL says, at connection, of a database or a role that does not exist or a login it
+does not accept: its reply carries no SQLSTATE to libpq's caller, so its text is what tells them apart."""
+
+
+def refused_by_configuration(error: BaseException) -> bool:
+    """The server answered, and refused what DATABASE_URL asks of it: no wait mends that, the operator must. A
+    worker started so would wait it out at every sweep as an outage, and a command call it one."""
+    cause = getattr(error, "orig", None) or error
+    if not isinstance(cause, psycopg.OperationalError) or cause.sqlstate is not None:
+        return False
+    said = str(cause).partition("FATAL:")[2].strip()
+    return said.startswith(_REFUSED_SETTINGS)
+
+
 def schema_missing(error: BaseException) -> bool:
     """A query that failed because agentq's tables are not there: a database never initialised, or (on the
     SQLite default, a path relative to the working directory) a process started in another directory,
@@ -58,6 +73,16 @@ def schema_missing(error: BaseException) -> bool:
     if isinstance(error.orig, psycopg.errors.UndefinedTable):
         return True
     return isinstance(error, sqlalchemy.exc.OperationalError) and "no such table" in str(error.orig)
+
+
+def lacks_a_column(error: BaseException) -> bool:
+    """A statement of this release named a column the database lacks: one `agentq db init` did not upgrade."""
+    if not isinstance(error, sqlalchemy.exc.DBAPIError):
+        return False
+    if isinstance(error.orig, psycopg.errors.UndefinedColumn):
+        return True
+    return isinstance(error.orig, sqlite3.OperationalError) and ("no such column" in str(error.orig)
+                                                                 or "has no column named" in str(error.orig))
 
 
 def in_one_line(error: BaseException) -> str:

@@ -9,13 +9,14 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
 from app.db import database_location, get_engine
-from app.errors import AgentqError
+from app.errors import AgentqError, InvalidConfiguration
 from app.models import User
-from app.outages import schema_missing
+from app.outages import refused_by_configuration, schema_missing
 from app.redis_client import get_redis
 from app.schema import schema_gaps
 
 NO_SCHEMA = "error: the database has no agentq schema; run `agentq db init`"
+REFUSED = "error: the database refuses the database, role or password DATABASE_URL names"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,13 +52,18 @@ def require_schema() -> None:
     """Refuse to start a worker against a database without agentq's tables (never initialised, or a
     relative SQLite path opened from another directory): it would take every turn off the queue only to
     dead-letter it, and leave its message pending. Nor against one a release's new columns were not added
-    to (workers deployed before `agentq db init` ran): every claim would fail the same way. A database out of
-    reach is let through: the worker rides that out like any outage."""
+    to (workers deployed before `agentq db init` ran): every claim would fail the same way. Nor against a
+    server that refuses the database, role or password it is given. A database out of reach is let through:
+    the worker rides that out like any outage."""
     try:
         state = _database()
         missing = _missing_columns() if state == "ok" else []
     finally:  # the worker group's parent serves nothing: no connection of its own to keep open
         get_engine().dispose()
+    if state == REFUSED:
+        raise InvalidConfiguration(f"The database at {database_location()} refuses the database, role or password "
+                                   "DATABASE_URL names: mend it first (no wait will, and the worker would take "
+                                   "turns off the queue it cannot run).")
     if state == NO_SCHEMA:
         raise SchemaMissing(f"The database {database_location()} has no agentq schema: run `agentq db init` "
                             "against it first (a SQLite path is relative to the directory a command runs in).")
@@ -76,7 +82,9 @@ def _database() -> str:
         with get_engine().connect() as connection:  # one query proves the database is reached and set up
             connection.execute(select(User.id).limit(1))
     except DBAPIError as exc:
-        return NO_SCHEMA if schema_missing(exc) else f"error: {type(exc).__name__}"
+        if schema_missing(exc):
+            return NO_SCHEMA
+        return REFUSED if refused_by_configuration(exc) else f"error: {type(exc).__name__}"
     except Exception as exc:
         return f"error: {type(exc).__name__}"
     return "ok"

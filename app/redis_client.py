@@ -9,7 +9,7 @@ from importlib import resources
 import redis
 from redis.commands.core import Script
 
-from app.config import get_settings
+from app.config import get_settings, without_password
 
 StreamEntry = tuple[bytes, dict[bytes, bytes]]
 """An entry of a Redis stream as redis-py returns it: its id and its fields. redis-py types every reply as
@@ -37,6 +37,11 @@ def get_redis() -> redis.Redis:
                 )
                 _clients[url] = client
     return client
+
+
+def redis_location() -> str:
+    """REDIS_URL as an operator must be told it: without its password."""
+    return without_password(get_settings().redis_url)
 
 
 def reset_redis() -> None:

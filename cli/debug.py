@@ -45,7 +45,8 @@ def cmd_debug_execute(args: argparse.Namespace) -> int:
     run = debugging.wait_for_debug_log(log_id, args.timeout)
     print_json(render.debug_log(run))
     if not TurnStatus(run.status).is_terminal:
-        print_error("still_running", f"debug log {log_id} is still {run.status} after {args.timeout:g}s")
+        hint = " (is a worker serving the `debug` queue running?)" if run.status == TurnStatus.PENDING else ""
+        print_error("still_running", f"debug log {log_id} is still {run.status} after {args.timeout:g}s{hint}")
         return 1
     return 0
 

@@ -21,7 +21,7 @@ from cli.arguments import (
     port,
     record_id,
 )
-from cli.output import print_error, print_json
+from cli.output import print_error, print_json, print_warning
 
 
 def _dotenv() -> None:
@@ -138,19 +138,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from app.readiness import require_schema
     from workers.group import preload, run_group
 
+    # Every setting is read before the database is asked anything: a mistyped one is said as such, whatever
+    # state the database is in.
+    processes, threads = worker_size(args)
+    metrics_port = option_or_environment(args.metrics_port, "AGENTQ_WORKER_METRICS_PORT", "", optional_port)
+    metrics_host = option_or_environment(args.metrics_host, "AGENTQ_WORKER_METRICS_HOST", "127.0.0.1", host)
     require_schema()
 
     # A process takes no more runs than it has threads (each queue's consumer counts the places the others
     # took: `workers.places`). Dramatiq reads `dramatiq_queue_prefetch` into this global when
     # `dramatiq.worker` is first imported, which building the parser has already done, so the environment
     # variable cannot be used here; without it Dramatiq prefetches twice the threads.
-    processes, threads = worker_size(args)
     dramatiq.worker.QUEUE_PREFETCH = dramatiq.worker.QUEUE_PREFETCH or threads
-    metrics_port = option_or_environment(args.metrics_port, "AGENTQ_WORKER_METRICS_PORT", "", optional_port)
     if metrics_port is not None:
         from app.metrics import serve_host_counters
 
-        metrics_host = option_or_environment(args.metrics_host, "AGENTQ_WORKER_METRICS_HOST", "127.0.0.1", host)
         try:
             serve_host_counters(metrics_host, metrics_port)
         except OSError as exc:  # the port taken
@@ -248,8 +250,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+COMMAND_LINE_VARIABLES = ("AGENTQ_HOST", "AGENTQ_WEB_", "AGENTQ_WORKER_", "AGENTQ_DEMO_", "AGENTQ_BENCH_")
+"""The `AGENTQ_` variables that are no setting of `app.config`: the commands' own defaults (read where each is
+used) and the benchmark's."""
+
+
 def main(argv: list[str] | None = None) -> int:
     _dotenv()
+    from app.config import unknown_settings
+
+    for problem in unknown_settings(os.environ, COMMAND_LINE_VARIABLES):
+        print_warning("unknown_setting", problem)
     try:
         _metrics_dir(sys.argv[1:] if argv is None else argv)
     except InvalidVariable as exc:
@@ -281,16 +292,38 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print_error("invalid_configuration", describe_invalid_settings(exc))
         return 2
-    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.InterfaceError,
-            redis.RedisError) as exc:
-        from app.outages import in_one_line, is_outage, schema_missing
+    except (sqlalchemy.exc.DBAPIError, redis.RedisError) as exc:
+        return _backing_service_failed(exc)
+    except KeyboardInterrupt:
+        print_error("interrupted", "Stopped by an interrupt (Ctrl-C) before the command finished.")
+        return 130
 
-        if schema_missing(exc):
-            print_error("service_unavailable", "The database has no agentq schema: run `agentq db init` (a SQLite "
-                        "path is relative to the directory the command runs in).")
-        else:
-            print_error("service_unavailable" if is_outage(exc) else "database_error", in_one_line(exc))
+
+def _backing_service_failed(exc: Exception) -> int:
+    """One line an operator can act on: which service, where it is, and whether waiting or mending helps."""
+    import redis
+
+    from app.db import database_location
+    from app.outages import in_one_line, is_outage, lacks_a_column, refused_by_configuration, schema_missing
+    from app.redis_client import redis_location
+
+    if isinstance(exc, redis.RedisError):
+        print_error("service_unavailable" if is_outage(exc) else "redis_error",
+                    f"{in_one_line(exc)} (Redis at {redis_location()})")
         return 1
+    where = f"(the database at {database_location()})"
+    if schema_missing(exc):
+        print_error("service_unavailable", f"The database has no agentq schema: run `agentq db init` {where}; a "
+                    "SQLite path is relative to the directory the command runs in.")
+    elif lacks_a_column(exc):
+        print_error("database_error", f"{in_one_line(exc)} {where}: the database predates this release; run "
+                    "`agentq db init` against it to upgrade it.")
+    elif refused_by_configuration(exc):
+        print_error("invalid_configuration", f"{in_one_line(exc)} {where}: mend DATABASE_URL.")
+        return 2
+    else:
+        print_error("service_unavailable" if is_outage(exc) else "database_error", f"{in_one_line(exc)} {where}")
+    return 1
 
 
 if __name__ == "__main__":

@@ -15,3 +15,8 @@ def print_json(payload: object) -> None:
 def print_error(code: str, message: str) -> None:
     """The contract's error object, on stderr."""
     print(json.dumps({"error": {"code": code, "message": message}}, ensure_ascii=False), file=sys.stderr)
+
+
+def print_warning(code: str, message: str) -> None:
+    """Something the command went on despite, on stderr, in the error object's shape."""
+    print(json.dumps({"warning": {"code": code, "message": message}}, ensure_ascii=False), file=sys.stderr)

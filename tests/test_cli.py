@@ -227,6 +227,17 @@ def test_the_web_server_listens_on_an_ipv6_address(given: str) -> None:
     (["web"], {"AGENTQ_WEB_WORKERS": "two"}, "AGENTQ_WEB_WORKERS='two': 'two' is not a whole number"),
     (["worker"], {"AGENTQ_WORKER_THREADS": "0"}, "AGENTQ_WORKER_THREADS='0': must be at least 1, not 0"),
     (["worker"], {"AGENTQ_WORKER_METRICS_PORT": "99999"}, "AGENTQ_WORKER_METRICS_PORT='99999': a port is 1..65535"),
+    # no database named: libpq picked the user's own, and `db init` wrote agentq's tables into it
+    (["db", "init"], {"DATABASE_URL": "postgresql://127.0.0.1:5432"},
+     "DATABASE_URL='postgresql://127.0.0.1:5432': must name its database"),
+    # a URL no one can read was a traceback from the first connection, and a 500 from every request of the API
+    (["users", "create", "x"], {"DATABASE_URL": "postgresql://127.0.0.1:notaport/agentq"},
+     "is not a database URL that can be read: invalid literal for int() with base 10: 'notaport'"),
+    (["dlq", "list"], {"REDIS_URL": "redis://127.0.0.1:6379/0?bogus_option=1"},
+     "unexpected keyword argument 'bogus_option'"),
+    # a mistyped secret was printed back whole
+    (["users", "create", "x"], {"AGENTQ_METRICS_TOKEN": "s3cret-but-short"[:13]},
+     "AGENTQ_METRICS_TOKEN=<hidden>: Value should have at least 16 characters after validation, not 13"),
     # counters' directory: a traceback from the first counter a process wrote
     (["worker", "--processes", "1"], {"PROMETHEUS_MULTIPROC_DIR": str(ROOT / "README.md")},
      f"PROMETHEUS_MULTIPROC_DIR='{ROOT / 'README.md'}': not a directory"),
@@ -294,8 +305,9 @@ def test_debug_execute_waiting_past_its_timeout_says_so_in_json(world) -> None: 
                              str(admin_id), "--wait", "--timeout", "0.5"], env=child_env(), cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
     log = json.loads(result.stdout)
+    hint = " (is a worker serving the `debug` queue running?)" if log["status"] == "pending" else ""
     assert (result.returncode, json.loads(result.stderr)["error"]) == (1, {
-        "code": "still_running", "message": f"debug log {log['id']} is still {log['status']} after 0.5s"})
+        "code": "still_running", "message": f"debug log {log['id']} is still {log['status']} after 0.5s{hint}"})
 
 
 def test_seeding_the_demo_again_reuses_its_user_and_follows_the_mock_upstream_to_its_new_port(tmp_path: Path) -> None:
@@ -524,3 +536,123 @@ def test_a_warning_is_a_json_log_line_like_any_other() -> None:
     record = json.loads(line)
     assert (record["level"], record["logger"]) == ("WARNING", "py.warnings")
     assert "UserWarning: a library's warning" in record["message"]
+
+
+def _failed_command(args: list[str], **env: str) -> tuple[int, dict[str, str]]:
+    """The exit status and the one JSON error line of a command expected to fail, with no traceback."""
+    import json
+
+    result = subprocess.run([str(VENV_BIN / "agentq"), *args], env=child_env(**env), cwd=ROOT, text=True,
+                            capture_output=True, timeout=60)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.returncode, json.loads(result.stderr.strip().splitlines()[-1])["error"]
+
+
+def test_a_database_that_refuses_its_url_is_a_setting_to_mend_and_no_worker_starts_on_it() -> None:
+    """A database or role that does not exist was `service_unavailable` (wait and try again), and a worker
+    started on it waited it out at every sweep as an outage, forever."""
+    url = "postgresql+psycopg://127.0.0.1:5432/agentq_no_such_database"
+    assert _failed_command(["users", "create", "x"], DATABASE_URL=url) == (2, {
+        "code": "invalid_configuration",
+        "message": 'OperationalError: connection failed: connection to server at "127.0.0.1", port 5432 failed: '
+                   f'FATAL:  database "agentq_no_such_database" does not exist (the database at {url}): mend '
+                   "DATABASE_URL."})
+    assert _failed_command(["worker", "--processes", "1"], DATABASE_URL=url) == (1, {
+        "code": "invalid_configuration",
+        "message": f"The database at {url} refuses the database, role or password DATABASE_URL names: mend it "
+                   "first (no wait will, and the worker would take turns off the queue it cannot run)."})
+
+
+def test_a_sqlite_file_that_cannot_be_made_or_read_is_named(tmp_path: Path) -> None:
+    """Each was a traceback (an `OSError` from making the directory, a `DatabaseError` no handler caught)."""
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "not-a-database").write_text("this is no SQLite file, and long enough to be read as a header\n" * 4)
+    beside_a_file = tmp_path / "a-file" / "agentq.sqlite3"
+    assert _failed_command(["db", "init"], DATABASE_URL=f"sqlite:///{beside_a_file}") == (1, {
+        "code": "invalid_configuration",
+        "message": f"DATABASE_URL names the SQLite file {beside_a_file}, whose directory cannot be made: File exists."})
+    assert _failed_command(["dlq", "list"], DATABASE_URL=f"sqlite:///{tmp_path / 'not-a-database'}") == (1, {
+        "code": "database_error",
+        "message": f"DatabaseError: file is not a database (the database at {tmp_path / 'not-a-database'})"})
+
+
+def test_a_redis_that_refuses_a_command_is_named_as_redis() -> None:
+    """Redis's refusals (a database number it does not have, a password it does not take) were
+    `database_error`s, without a word of Redis."""
+    assert _failed_command(["dlq", "retries"], REDIS_URL="redis://:a-password@127.0.0.1:6379/99") == (1, {
+        "code": "redis_error",
+        "message": "AuthenticationError: AUTH <password> called without any password configured for the default "
+                   "user. Are you sure your configuration is correct? (Redis at redis://:***@127.0.0.1:6379/99)"})
+    assert _failed_command(["dlq", "retries"], REDIS_URL="redis://127.0.0.1:6379/99") == (1, {
+        "code": "redis_error", "message": "ResponseError: DB index is out of range (Redis at redis://127.0.0.1:6379/99)"})
+
+
+def test_a_database_a_release_added_columns_to_is_told_to_run_db_init(tmp_path: Path) -> None:
+    """A column of this release missing (a database `db init` did not upgrade) was the driver's error alone."""
+    import sqlite3
+
+    path = tmp_path / "older.sqlite3"
+    subprocess.run([str(VENV_BIN / "agentq"), "db", "init"], env=child_env(DATABASE_URL=f"sqlite:///{path}"),
+                   cwd=ROOT, check=True, capture_output=True, timeout=60)
+    with sqlite3.connect(path) as older:
+        older.execute("ALTER TABLE users DROP COLUMN is_admin")
+    assert _failed_command(["users", "create", "x"], DATABASE_URL=f"sqlite:///{path}") == (1, {
+        "code": "database_error",
+        "message": f"OperationalError: table users has no column named is_admin (the database at {path}): the "
+                   "database predates this release; run `agentq db init` against it to upgrade it."})
+
+
+def test_a_debug_run_no_worker_takes_asks_for_one_and_an_interrupted_wait_is_one_line(world) -> None:  # type: ignore[no-untyped-def]
+    """A wait on a run that stays pending said only that it was pending; Ctrl-C during it was a traceback.
+    The run is sent where no worker reads (a namespace of its own), so it stays pending."""
+    import json
+    import uuid
+
+    from sqlalchemy import func, select
+
+    from app.db import transaction
+    from app.models import DebugRun
+
+    agent_id = world.agent(world.model())
+    admin_id = str(world.api.get("/api/me", world.admin_key).json["id"])
+    unread = {"AGENTQ_BROKER_NAMESPACE": f"unread-{uuid.uuid4().hex[:8]}"}
+    command = [str(VENV_BIN / "agentq"), "debug", "execute", str(agent_id), "nobody takes this", "--admin-id",
+               admin_id, "--wait"]
+    result = subprocess.run([*command, "--timeout", "0.5"], env=child_env(**unread), cwd=ROOT, text=True,
+                            capture_output=True, timeout=60)
+    log = json.loads(result.stdout)
+    assert (result.returncode, log["status"], json.loads(result.stderr)["error"]) == (1, "pending", {
+        "code": "still_running",
+        "message": f"debug log {log['id']} is still pending after 0.5s (is a worker serving the `debug` queue "
+                   "running?)"})
+
+    def runs() -> int:
+        with transaction() as session:
+            return session.scalar(select(func.count()).select_from(DebugRun).where(DebugRun.agent_id == agent_id)) or 0
+
+    waiting = subprocess.Popen(command, env=child_env(**unread), cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    from tests.support import wait_for
+
+    wait_for(lambda: runs() == 2, what="the second run to be written")
+    waiting.send_signal(signal.SIGINT)
+    _, stderr = waiting.communicate(timeout=30)
+    assert (waiting.returncode, "Traceback" in stderr, json.loads(stderr)["error"]) == (130, False, {
+        "code": "interrupted", "message": "Stopped by an interrupt (Ctrl-C) before the command finished."})
+
+
+def test_a_misspelt_setting_is_named_with_the_setting_it_is_nearest_to(tmp_path: Path) -> None:
+    """Settings ignore variables they do not know: `AGENTQ_LEASE_SECOND=1` left leases at 30 s without a word.
+    The command line's own variables (`AGENTQ_WEB_…`, `AGENTQ_WORKER_…`) are no settings, and not named."""
+    import json
+
+    result = subprocess.run([str(VENV_BIN / "agentq"), "db", "init"], cwd=ROOT, text=True, capture_output=True,
+                            env=child_env(DATABASE_URL=f"sqlite:///{tmp_path / 'agentq.sqlite3'}",
+                                          AGENTQ_LEASE_SECOND="1", AGENTQ_WEB_WORKERS="2", AGENTQ_NOTHING_LIKE_IT="1"),
+                            timeout=60)
+    assert (result.returncode, [json.loads(line) for line in result.stderr.splitlines()]) == (0, [
+        {"warning": {"code": "unknown_setting",
+                     "message": "AGENTQ_LEASE_SECOND is not a setting of agentq, and is ignored (is it "
+                                "AGENTQ_LEASE_SECONDS?)"}},
+        {"warning": {"code": "unknown_setting", "message": "AGENTQ_NOTHING_LIKE_IT is not a setting of agentq, and is "
+                                                            "ignored"}}])
