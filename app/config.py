@@ -8,6 +8,7 @@ database or Redis by setting variables before it starts.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from collections.abc import Mapping
 from functools import lru_cache
@@ -17,7 +18,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from redis import ConnectionPool
+from redis import ConnectionPool, RedisError
 from redis.connection import parse_url
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -110,9 +111,12 @@ class Settings(BaseSettings):
             parsed = make_url(url)
         except (ArgumentError, ValueError) as exc:  # a port that is not a number, an unclosed IPv6 bracket
             raise ValueError(f"is not a database URL that can be read: {exc}") from None
-        if scheme == "postgresql+psycopg" and not (parsed.database or parsed.query.get("dbname")):
-            # libpq would pick a database of its own (the user's name), and `db init` write agentq's tables there.
-            raise ValueError("must name its database (postgresql://user@host/database)")
+        named = parsed.database or {"dbname", "service"} & set(parsed.query) or {"PGDATABASE", "PGSERVICE"} & set(
+            os.environ)
+        if scheme == "postgresql+psycopg" and not named:
+            # libpq would pick the database named after the user, and `db init` write agentq's tables there.
+            raise ValueError("must name its database (postgresql://user@host/database, or a service's, or "
+                             "PGDATABASE's)")
         return url
 
     @field_validator("log_level", mode="before")
@@ -129,7 +133,7 @@ class Settings(BaseSettings):
         try:
             parse_url(url)
             ConnectionPool.from_url(url).make_connection()  # its options, read without connecting
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RedisError) as exc:
             raise ValueError(f"must be a Redis URL (redis://host:port/db, rediss://…, unix://…): {exc}") from None
         database = urlsplit(url).path.strip("/") if url.startswith(("redis://", "rediss://")) else ""
         if database and not (database.isascii() and database.isdigit()):
@@ -194,15 +198,17 @@ def unknown_settings(environment: Mapping[str, str], others: tuple[str, ...]) ->
     its caller reads itself), each with the setting it is nearest to: settings ignore variables they do not
     know, so a misspelt `AGENTQ_LEASE_SECOND` left the default in force without a word."""
     prefix = Settings.model_config.get("env_prefix", "")
-    names = [f"{prefix}{field.upper()}" for field in Settings.model_fields]
+    names = [field.validation_alias if isinstance(field.validation_alias, str) else f"{prefix}{name.upper()}"
+             for name, field in Settings.model_fields.items()]
+    names.append(environment.get(f"{prefix}MODERATION_API_KEY_ENV", ""))  # a variable a setting names is read too
     problems = []
     for variable in sorted(environment):
         if variable.startswith(prefix) and variable not in names and not variable.startswith(others):
-            # Compared without the prefix every name shares, which alone made any two names look alike.
-            nearest = difflib.get_close_matches(variable.removeprefix(prefix),
-                                                [name.removeprefix(prefix) for name in names], n=1, cutoff=0.75)
+            # Compared without the prefix most names share, which alone made any two names look alike.
+            bare = {name.removeprefix(prefix): name for name in names}
+            nearest = difflib.get_close_matches(variable.removeprefix(prefix), list(bare), n=1, cutoff=0.75)
             problems.append(f"{variable} is not a setting of agentq, and is ignored"
-                            + (f" (is it {prefix}{nearest[0]}?)" if nearest else ""))
+                            + (f" (is it {bare[nearest[0]]}?)" if nearest else ""))
     return problems
 
 
@@ -230,7 +236,10 @@ _SECRETS = {name for name, field in Settings.model_fields.items() if SecretStr i
 
 
 def without_password(text: str) -> str:
-    """A URL's password is not printed into a terminal or a process manager's log."""
-    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
+    """A URL (or a text that holds one) without its password, which is not printed into a terminal or a process
+    manager's log: the user part's, up to the last `@` before the host as the drivers read it (a password may
+    hold an `@`), and a `password=` option of its query."""
+    text = re.sub(r"(://[^:/@\s]*:)[^/\s]*@", r"\1***@", text)
+    return re.sub(r"([?&]password=)[^&\s'\"]*", r"\1***", text)
 
 

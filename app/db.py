@@ -30,7 +30,7 @@ from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
-from app.config import get_settings
+from app.config import get_settings, without_password
 from app.errors import InvalidConfiguration
 
 IDLE_PING_SECONDS = 1.0
@@ -138,7 +138,7 @@ def database_location() -> str:
     url = make_url(get_settings().database_url)
     if url.get_backend_name() == "sqlite" and url.database:
         return str(Path(url.database).resolve())
-    return url.render_as_string(hide_password=True)
+    return without_password(url.render_as_string(hide_password=False))
 
 
 @contextmanager

@@ -56,6 +56,7 @@ def require_schema() -> None:
     server that refuses the database, role or password it is given. A database out of reach is let through:
     the worker rides that out like any outage."""
     try:
+        get_engine()  # a setting no wait mends (`InvalidConfiguration`) stops the worker here, not as a state
         state = _database()
         missing = _missing_columns() if state == "ok" else []
     finally:  # the worker group's parent serves nothing: no connection of its own to keep open

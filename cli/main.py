@@ -256,6 +256,14 @@ used) and the benchmark's."""
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _command(argv)
+    except KeyboardInterrupt:
+        print_error("interrupted", "Stopped by an interrupt (Ctrl-C) before the command finished.")
+        return 130
+
+
+def _command(argv: list[str] | None) -> int:
     _dotenv()
     from app.config import unknown_settings
 
@@ -271,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     import sqlalchemy.exc
 
     from app.config import describe_invalid_settings
-    from app.errors import AgentqError
+    from app.errors import AgentqError, InvalidConfiguration
 
     args = build_parser().parse_args(argv)
     try:
@@ -281,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         # and Python's own flush of stdout at exit must not fail again with a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except InvalidConfiguration as exc:
+        print_error(exc.code, exc.message)
+        return 2
     except AgentqError as exc:
         print_error(exc.code, exc.message)
         return 1
@@ -294,9 +305,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (sqlalchemy.exc.DBAPIError, redis.RedisError) as exc:
         return _backing_service_failed(exc)
-    except KeyboardInterrupt:
-        print_error("interrupted", "Stopped by an interrupt (Ctrl-C) before the command finished.")
-        return 130
 
 
 def _backing_service_failed(exc: Exception) -> int:

@@ -23,14 +23,14 @@ import redis as redis_lib
 
 from tests.support import ROOT, Process, SilentServer, agentq, free_port, wait_for, wait_http
 
-PG_ADMIN_URL = os.environ.get("AGENTQ_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = os.environ.get("TEST_AGENTQ_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
 """`make test` runs the suite in pytest-xdist processes ("gw0", "gw1", …): each is a session of its own, with
 its own database, mock upstream, workers, log directory and Redis database (9, 10, …)."""
-REDIS_DB = int(os.environ.get("AGENTQ_TEST_REDIS_DB", "9")) + (int(XDIST_WORKER[2:]) if XDIST_WORKER else 0)
+REDIS_DB = int(os.environ.get("TEST_AGENTQ_REDIS_DB", "9")) + (int(XDIST_WORKER[2:]) if XDIST_WORKER else 0)
 RUN_ID = uuid.uuid4().hex[:8]
 DB_NAME = f"agentq_test_{RUN_ID}"
-LOG_DIR = Path(os.environ.get("AGENTQ_TEST_LOG_DIR") or tempfile.mkdtemp(prefix=f"agentq-test-{RUN_ID}-"))
+LOG_DIR = Path(os.environ.get("TEST_AGENTQ_LOG_DIR") or tempfile.mkdtemp(prefix=f"agentq-test-{RUN_ID}-"))
 LOG_DIR = LOG_DIR / XDIST_WORKER if XDIST_WORKER else LOG_DIR
 LOG_DIR.mkdir(parents=True, exist_ok=True)
 MOCK_PORT = free_port()

@@ -72,7 +72,8 @@ ADMIN_ROUTES = [("POST", "/api/admin/users"), ("POST", "/api/admin/users/1/credi
 def test_every_api_route_needs_a_known_key(api, method, path, header, code) -> None:  # type: ignore[no-untyped-def]
     headers = {"Authorization": header} if header else {}
     response = api.call(method, path, headers=headers, json={})
-    assert (response.status_code, response.json["error"]["code"]) == (401, code)
+    assert (response.status_code, response.json["error"]["code"], response.headers["WWW-Authenticate"]) == (
+        401, code, "Bearer")
 
 
 @pytest.mark.parametrize(("method", "path"), ADMIN_ROUTES)

@@ -120,8 +120,6 @@ def _run_agentq(args: list[Any], env: dict[str, str]) -> tuple[int, str]:
 
 @pytest.mark.parametrize(("args", "env", "code"), [
     (["dlq", "list"], {"DATABASE_URL": "postgresql+psycopg://postgres@127.0.0.1:9/agentq"}, "service_unavailable"),
-    (["users", "create", "x"], {"DATABASE_URL": "postgresql+psycopg://postgres@127.0.0.1:5432/agentq_no_such_db"},
-     "service_unavailable"),
     ([b"users", b"create", b"\xff"], {}, "validation_failed"),
     # a SQLite path is relative to where the command runs: elsewhere it opens an empty file
     (["users", "create", "x"], {"DATABASE_URL": f"sqlite:///{LOG_DIR}/never-initialised.sqlite3"},
@@ -235,6 +233,11 @@ def test_the_web_server_listens_on_an_ipv6_address(given: str) -> None:
      "is not a database URL that can be read: invalid literal for int() with base 10: 'notaport'"),
     (["dlq", "list"], {"REDIS_URL": "redis://127.0.0.1:6379/0?bogus_option=1"},
      "unexpected keyword argument 'bogus_option'"),
+    # a password in a query option, or one holding an `@`, was printed (in part) too
+    (["users", "create", "x"], {"DATABASE_URL": "postgresql://u@127.0.0.1:notaport/agentq?password=s3cret"},
+     "DATABASE_URL='postgresql://u@127.0.0.1:notaport/agentq?password=***': is not a database URL"),
+    (["users", "create", "x"], {"REDIS_URL": "redis://:s3c@ret@127.0.0.1:6379/0?bogus_option=1"},
+     "REDIS_URL='redis://:***@127.0.0.1:6379/0?bogus_option=1': must be a Redis URL"),
     # a mistyped secret was printed back whole
     (["users", "create", "x"], {"AGENTQ_METRICS_TOKEN": "s3cret-but-short"[:13]},
      "AGENTQ_METRICS_TOKEN=<hidden>: Value should have at least 16 characters after validation, not 13"),
@@ -329,13 +332,15 @@ def test_seeding_the_demo_again_reuses_its_user_and_follows_the_mock_upstream_to
     assert (models, users) == ([("http://127.0.0.1:9876/v1",)], (1,))
 
 
-def test_a_reader_that_went_away_or_a_port_taken_ends_a_command_without_a_traceback() -> None:
+def test_a_reader_that_went_away_or_a_port_taken_ends_a_command_without_a_traceback(tmp_path: Path) -> None:
     """`agentq dlq show 1 | head -c 100` ended in a BrokenPipeError traceback; `agentq mock-llm` on a port
     in use in an OSError one."""
     import json
     import socket
 
-    listing = subprocess.Popen([str(VENV_BIN / "agentq"), "dlq", "list"], env=child_env(), cwd=ROOT,
+    env = child_env(DATABASE_URL=f"sqlite:///{tmp_path / 'agentq.sqlite3'}")
+    subprocess.run([str(VENV_BIN / "agentq"), "db", "init"], env=env, cwd=ROOT, check=True, capture_output=True)
+    listing = subprocess.Popen([str(VENV_BIN / "agentq"), "dlq", "list"], env=env, cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert listing.stdout is not None and listing.stderr is not None
     listing.stdout.close()  # long before the command has anything to write
@@ -557,7 +562,7 @@ def test_a_database_that_refuses_its_url_is_a_setting_to_mend_and_no_worker_star
         "message": 'OperationalError: connection failed: connection to server at "127.0.0.1", port 5432 failed: '
                    f'FATAL:  database "agentq_no_such_database" does not exist (the database at {url}): mend '
                    "DATABASE_URL."})
-    assert _failed_command(["worker", "--processes", "1"], DATABASE_URL=url) == (1, {
+    assert _failed_command(["worker", "--processes", "1"], DATABASE_URL=url) == (2, {
         "code": "invalid_configuration",
         "message": f"The database at {url} refuses the database, role or password DATABASE_URL names: mend it "
                    "first (no wait will, and the worker would take turns off the queue it cannot run)."})
@@ -568,9 +573,11 @@ def test_a_sqlite_file_that_cannot_be_made_or_read_is_named(tmp_path: Path) -> N
     (tmp_path / "a-file").write_text("")
     (tmp_path / "not-a-database").write_text("this is no SQLite file, and long enough to be read as a header\n" * 4)
     beside_a_file = tmp_path / "a-file" / "agentq.sqlite3"
-    assert _failed_command(["db", "init"], DATABASE_URL=f"sqlite:///{beside_a_file}") == (1, {
-        "code": "invalid_configuration",
-        "message": f"DATABASE_URL names the SQLite file {beside_a_file}, whose directory cannot be made: File exists."})
+    for command in (["db", "init"], ["worker", "--processes", "1"]):
+        assert _failed_command(command, DATABASE_URL=f"sqlite:///{beside_a_file}") == (2, {
+            "code": "invalid_configuration",
+            "message": f"DATABASE_URL names the SQLite file {beside_a_file}, whose directory cannot be made: File "
+                       "exists."})
     assert _failed_command(["dlq", "list"], DATABASE_URL=f"sqlite:///{tmp_path / 'not-a-database'}") == (1, {
         "code": "database_error",
         "message": f"DatabaseError: file is not a database (the database at {tmp_path / 'not-a-database'})"})
@@ -602,24 +609,23 @@ def test_a_database_a_release_added_columns_to_is_told_to_run_db_init(tmp_path: 
                    "database predates this release; run `agentq db init` against it to upgrade it."})
 
 
-def test_a_debug_run_no_worker_takes_asks_for_one_and_an_interrupted_wait_is_one_line(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_debug_run_no_worker_takes_asks_for_one_and_an_interrupted_wait_is_one_line(tmp_path: Path) -> None:
     """A wait on a run that stays pending said only that it was pending; Ctrl-C during it was a traceback.
-    The run is sent where no worker reads (a namespace of its own), so it stays pending."""
+    The deployment is a SQLite file of its own, which no worker serves."""
     import json
+    import sqlite3
     import uuid
 
-    from sqlalchemy import func, select
+    from tests.support import wait_for
 
-    from app.db import transaction
-    from app.models import DebugRun
-
-    agent_id = world.agent(world.model())
-    admin_id = str(world.api.get("/api/me", world.admin_key).json["id"])
-    unread = {"AGENTQ_BROKER_NAMESPACE": f"unread-{uuid.uuid4().hex[:8]}"}
-    command = [str(VENV_BIN / "agentq"), "debug", "execute", str(agent_id), "nobody takes this", "--admin-id",
-               admin_id, "--wait"]
-    result = subprocess.run([*command, "--timeout", "0.5"], env=child_env(**unread), cwd=ROOT, text=True,
-                            capture_output=True, timeout=60)
+    env = child_env(DATABASE_URL=f"sqlite:///{tmp_path / 'agentq.sqlite3'}",
+                    AGENTQ_BROKER_NAMESPACE=f"unread-{uuid.uuid4().hex[:8]}")
+    for setup in (["db", "init"], ["demo", "seed", "--key-file", str(tmp_path / "key")]):  # admin 1, agent 1
+        subprocess.run([str(VENV_BIN / "agentq"), *setup], env=env, cwd=ROOT, check=True, capture_output=True,
+                       timeout=60)
+    command = [str(VENV_BIN / "agentq"), "debug", "execute", "1", "nobody takes this", "--admin-id", "1", "--wait"]
+    result = subprocess.run([*command, "--timeout", "0.5"], env=env, cwd=ROOT, text=True, capture_output=True,
+                            timeout=60)
     log = json.loads(result.stdout)
     assert (result.returncode, log["status"], json.loads(result.stderr)["error"]) == (1, "pending", {
         "code": "still_running",
@@ -627,13 +633,10 @@ def test_a_debug_run_no_worker_takes_asks_for_one_and_an_interrupted_wait_is_one
                    "running?)"})
 
     def runs() -> int:
-        with transaction() as session:
-            return session.scalar(select(func.count()).select_from(DebugRun).where(DebugRun.agent_id == agent_id)) or 0
+        with sqlite3.connect(tmp_path / "agentq.sqlite3") as database:
+            return int(database.execute("SELECT count(*) FROM admin_debug_logs").fetchone()[0])
 
-    waiting = subprocess.Popen(command, env=child_env(**unread), cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE)
-    from tests.support import wait_for
-
+    waiting = subprocess.Popen(command, env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for(lambda: runs() == 2, what="the second run to be written")
     waiting.send_signal(signal.SIGINT)
     _, stderr = waiting.communicate(timeout=30)
@@ -648,11 +651,50 @@ def test_a_misspelt_setting_is_named_with_the_setting_it_is_nearest_to(tmp_path:
 
     result = subprocess.run([str(VENV_BIN / "agentq"), "db", "init"], cwd=ROOT, text=True, capture_output=True,
                             env=child_env(DATABASE_URL=f"sqlite:///{tmp_path / 'agentq.sqlite3'}",
-                                          AGENTQ_LEASE_SECOND="1", AGENTQ_WEB_WORKERS="2", AGENTQ_NOTHING_LIKE_IT="1"),
+                                          AGENTQ_LEASE_SECOND="1", AGENTQ_WEB_WORKERS="2", AGENTQ_NOTHING_LIKE_IT="1",
+                                          AGENTQ_REDIS_URL="redis://127.0.0.1:6379/3",
+                                          AGENTQ_MODERATION_API_KEY_ENV="AGENTQ_MODERATION_KEY",
+                                          AGENTQ_MODERATION_KEY="a key the moderation setting names"),
                             timeout=60)
-    assert (result.returncode, [json.loads(line) for line in result.stderr.splitlines()]) == (0, [
-        {"warning": {"code": "unknown_setting",
-                     "message": "AGENTQ_LEASE_SECOND is not a setting of agentq, and is ignored (is it "
-                                "AGENTQ_LEASE_SECONDS?)"}},
-        {"warning": {"code": "unknown_setting", "message": "AGENTQ_NOTHING_LIKE_IT is not a setting of agentq, and is "
-                                                            "ignored"}}])
+    assert (result.returncode, [json.loads(line)["warning"]["message"] for line in result.stderr.splitlines()]) == (0, [
+        "AGENTQ_LEASE_SECOND is not a setting of agentq, and is ignored (is it AGENTQ_LEASE_SECONDS?)",
+        "AGENTQ_NOTHING_LIKE_IT is not a setting of agentq, and is ignored",
+        # the contract's two URLs take no prefix: this one left Redis at its default
+        "AGENTQ_REDIS_URL is not a setting of agentq, and is ignored (is it REDIS_URL?)"])
+
+
+@pytest.mark.parametrize(("url", "environment"), [
+    ("postgresql://agentq@/agentq?host=/var/run/postgresql", {}), ("postgresql://agentq@db/?dbname=agentq", {}),
+    ("postgresql://?service=agentq", {}), ("postgresql://agentq@db", {"PGDATABASE": "agentq"}),
+    ("postgresql://agentq@db", {"PGSERVICE": "agentq"})])
+def test_a_postgresql_url_may_leave_its_database_to_libpq_when_something_names_it(
+        url: str, environment: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A URL naming no database is refused (libpq would pick the user's), unless a service or PGDATABASE does."""
+    from app.config import Settings
+
+    for name in ("PGDATABASE", "PGSERVICE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert Settings(database_url=url).database_url == url.replace("postgresql://", "postgresql+psycopg://")
+
+
+def test_the_api_on_a_database_it_cannot_make_tells_callers_nothing_of_where_it_is(tmp_path: Path) -> None:
+    """The reason names a path of the server's (and a setting): its log says it, a caller is told it cannot serve."""
+    import httpx
+
+    from tests.support import Process, agentq, free_port, wait_http
+
+    (tmp_path / "a-file").write_text("")
+    port = free_port()
+    web = Process("web-unmakeable-database", agentq("web", "--port", str(port), "--workers", "1", "--threads", "2"),
+                  child_env(DATABASE_URL=f"sqlite:///{tmp_path / 'a-file' / 'agentq.sqlite3'}"), LOG_DIR).start()
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        answer = httpx.get(f"http://127.0.0.1:{port}/api/me", headers={"Authorization": "Bearer aq_any"}, timeout=10)
+        assert (answer.status_code, answer.json()) == (503, {"error": {
+            "code": "invalid_configuration",
+            "message": "The service is not configured to serve; its operators are told why in its log."}})
+        assert f"the service cannot serve: DATABASE_URL names the SQLite file {tmp_path / 'a-file'}" in web.output()
+    finally:
+        web.stop()

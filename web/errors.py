@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException, NotFound
 from werkzeug.wrappers import Response as WerkzeugResponse
 
-from app.errors import AgentqError
+from app.errors import AgentqError, InvalidConfiguration
 from app.outages import in_one_line, schema_missing
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,19 @@ def install_error_handlers(app: Flask) -> None:
         request, as its own refusals of a request line or headers are (`web.server`), never a 500."""
         return error_response(400, "malformed_request", f"The HTTP request body could not be read: {exc}.")
 
+    @app.errorhandler(InvalidConfiguration)
+    def _misconfigured(exc: InvalidConfiguration) -> Response:
+        """What is wrong (a server path, a setting) is the operator's to read in the log, not a caller's."""
+        log.error("the service cannot serve: %s", exc.message)
+        return error_response(exc.status, exc.code,
+                              "The service is not configured to serve; its operators are told why in its log.")
+
     @app.errorhandler(AgentqError)
     def _domain(exc: AgentqError) -> Response:
-        return error_response(exc.status, exc.code, exc.message)
+        response = error_response(exc.status, exc.code, exc.message)
+        if exc.status == 401:
+            response.headers["WWW-Authenticate"] = "Bearer"  # RFC 6750: which credentials the route takes
+        return response
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> WerkzeugResponse:
