@@ -636,10 +636,16 @@ def test_a_debug_run_no_worker_takes_asks_for_one_and_an_interrupted_wait_is_one
         with sqlite3.connect(tmp_path / "agentq.sqlite3") as database:
             return int(database.execute("SELECT count(*) FROM admin_debug_logs").fetchone()[0])
 
-    waiting = subprocess.Popen(command, env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_for(lambda: runs() == 2, what="the second run to be written")
-    waiting.send_signal(signal.SIGINT)
-    _, stderr = waiting.communicate(timeout=30)
+    # A shell starts a background job with SIGINT ignored, and Python leaves an ignored SIGINT ignored: the
+    # command is given it as a terminal would, whatever started this suite.
+    waiting = subprocess.Popen(command, env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        wait_for(lambda: runs() == 2, what="the second run to be written")
+        waiting.send_signal(signal.SIGINT)
+        _, stderr = waiting.communicate(timeout=30)
+    finally:
+        waiting.kill()
     assert (waiting.returncode, "Traceback" in stderr, json.loads(stderr)["error"]) == (130, False, {
         "code": "interrupted", "message": "Stopped by an interrupt (Ctrl-C) before the command finished."})
 
