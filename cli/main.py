@@ -108,11 +108,16 @@ def cmd_web(args: argparse.Namespace) -> int:
     from app.logging_setup import configure_logging
 
     configure_logging()
-    from web.server import serve
+    from web.server import check_can_listen, serve
 
-    serve(option_or_environment(args.host, "AGENTQ_HOST", "127.0.0.1", host),
-          option_or_environment(args.port, "PORT", "8000", port),
-          workers=option_or_environment(args.workers, "AGENTQ_WEB_WORKERS", "2", count),
+    address = option_or_environment(args.host, "AGENTQ_HOST", "127.0.0.1", host)
+    listen_port = option_or_environment(args.port, "PORT", "8000", port)
+    try:
+        check_can_listen(address, listen_port)
+    except OSError as exc:
+        print_error("unavailable", f"the API cannot listen on {address}:{listen_port}: {exc.strerror or exc}")
+        return 1
+    serve(address, listen_port, workers=option_or_environment(args.workers, "AGENTQ_WEB_WORKERS", "2", count),
           threads=option_or_environment(args.threads, "AGENTQ_WEB_THREADS", "256", count))
     return 0
 

@@ -357,6 +357,20 @@ def test_a_reader_that_went_away_or_a_port_taken_ends_a_command_without_a_traceb
     assert json.loads(mock.stderr)["error"]["message"].startswith(f"the mock upstream cannot serve on 127.0.0.1:{port}")
 
 
+def test_an_api_that_cannot_listen_says_where_and_why() -> None:
+    """gunicorn tried five times over five seconds and stopped with "Can't connect to (…)", which reads as a
+    client's failure, after a traceback-like line per try."""
+    import json
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        started = subprocess.run([str(VENV_BIN / "agentq"), "web", "--host", "127.0.0.1", "--port", str(port)],
+                                 env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (started.returncode, json.loads(started.stderr)["error"]) == (1, {
+        "code": "unavailable", "message": f"the API cannot listen on 127.0.0.1:{port}: Address already in use"})
+
+
 def test_db_init_says_what_it_did_in_one_json_line(tmp_path: Path) -> None:
     """Like every other command: a relative SQLite path is said as the absolute one it is (relative to the
     directory the command ran in), and a second run finds nothing left to do."""

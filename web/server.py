@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from ssl import SSLError
 from typing import Any
 
@@ -132,6 +133,16 @@ def _post_worker_init(worker: Any) -> None:
     stream_slots.hold_at_most(streams_for(worker.cfg.threads))
     start_unheld_run_bounds()
     freeze_after_boot()
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """Raise the `OSError` of an address this process cannot listen on (taken, not local, not resolved): gunicorn
+    tries it five times over five seconds, then stops with "Can't connect to …", which reads as a client's
+    failure. The socket is closed at once; gunicorn binds its own (both with `SO_REUSEADDR`)."""
+    family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
 
 
 def serve(host: str, port: int, *, workers: int, threads: int) -> None:
