@@ -13,7 +13,7 @@ from app.errors import AgentqError, InvalidConfiguration
 from app.models import User
 from app.outages import refused_by_configuration, schema_missing
 from app.redis_client import get_redis
-from app.schema import schema_gaps
+from app.schema import missing_columns
 
 NO_SCHEMA = "error: the database has no agentq schema; run `agentq db init`"
 REFUSED = "error: the database refuses the database, role or password DATABASE_URL names"
@@ -58,7 +58,7 @@ def require_schema() -> None:
     try:
         get_engine()  # a setting no wait mends (`InvalidConfiguration`) stops the worker here, not as a state
         state = _database()
-        missing = _missing_columns() if state == "ok" else []
+        missing = missing_columns(get_engine()) if state == "ok" else []
     finally:  # the worker group's parent serves nothing: no connection of its own to keep open
         get_engine().dispose()
     if state == REFUSED:
@@ -71,11 +71,6 @@ def require_schema() -> None:
     if missing:
         raise SchemaMissing(f"The database {database_location()} lacks the columns {', '.join(missing)} of this "
                             "release: run `agentq db init` against it to upgrade it.")
-
-
-def _missing_columns() -> list[str]:
-    """The models' columns the database lacks, as `table.column` (a table it lacks, as `table.*`)."""
-    return [f"{table.name}.{'*' if column is None else column.name}" for table, column in schema_gaps(get_engine())]
 
 
 def _database() -> str:

@@ -17,6 +17,7 @@ from sqlalchemy import Column, Engine, Numeric, Table, inspect, text
 from sqlalchemy.schema import CreateColumn
 
 from app.db import database_location, get_engine
+from app.errors import AgentqError
 from app.key_variables import models_refused_now
 from app.models import Base
 from app.money import MILLIONTHS
@@ -43,6 +44,10 @@ class SchemaReport:
     has it, does not allow (`app.key_variables.models_refused_now`)."""
 
 
+class SchemaIncomplete(AgentqError):
+    code = "schema_incomplete"
+
+
 def init_schema() -> SchemaReport:
     engine = get_engine()
     if engine.dialect.name == "postgresql":
@@ -50,13 +55,25 @@ def init_schema() -> SchemaReport:
         with engine.begin() as connection:
             connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LOCK_ID})
             connection.exec_driver_sql(sql)
+        _check_complete(engine)
         return SchemaReport(database_location(), SCHEMA_FILE.name, refused_key_variables=_refused_key_variables(engine))
     fresh = not inspect(engine).get_table_names()
     Base.metadata.create_all(engine)
     added = _add_missing_columns(engine)
     _replace_indexes(engine)
+    _check_complete(engine)
     converted = _money_in_millionths(engine, fresh)
     return SchemaReport(database_location(), "models", added, converted, _refused_key_variables(engine))
+
+
+def _check_complete(engine: Engine) -> None:
+    """`db init` succeeded while a column stayed missing, and the worker then refused to start until `db init`
+    ran, which it had: a column dropped or renamed by hand is one no upgrade adds back."""
+    if missing := missing_columns(engine):
+        raise SchemaIncomplete(f"The database {database_location()} still lacks {', '.join(missing)} after `db init`: "
+                               "it adds only the columns a release added (on SQLite, those that may be empty or "
+                               "have a default), not one dropped or renamed by hand; restore it as schema.sql "
+                               "defines it.")
 
 
 def _refused_key_variables(engine: Engine) -> list[dict[str, Any]]:
@@ -111,6 +128,11 @@ def schema_gaps(engine: Engine) -> list[tuple[Table, Column[Any] | None]]:
         present = {column["name"] for column in inspector.get_columns(table.name)}
         gaps += [(table, column) for column in table.columns if column.name not in present]
     return gaps
+
+
+def missing_columns(engine: Engine) -> list[str]:
+    """`schema_gaps` as an operator reads them: `table.column`, or `table.*` for a table missing whole."""
+    return [f"{table.name}.{'*' if column is None else column.name}" for table, column in schema_gaps(engine)]
 
 
 def _add_missing_columns(engine: Engine) -> list[str]:

@@ -718,3 +718,45 @@ def test_the_api_on_a_database_it_cannot_make_tells_callers_nothing_of_where_it_
         assert f"the service cannot serve: DATABASE_URL names the SQLite file {tmp_path / 'a-file'}" in web.output()
     finally:
         web.stop()
+
+
+def test_db_init_says_when_a_column_dropped_by_hand_is_still_missing(tmp_path: Path) -> None:
+    """It answered success while the column stayed missing, and the worker then refused to start until
+    `db init` ran, which it just had: on PostgreSQL and on SQLite, the same error names the column."""
+    import json
+    import sqlite3
+    import uuid
+    from collections.abc import Callable
+
+    import psycopg
+
+    from tests.conftest import PG_ADMIN_URL
+
+    name = f"agentq_gap_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        postgres = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+        sqlite = tmp_path / "agentq.sqlite3"
+        databases: list[tuple[str, Callable[[], Any]]] = [
+            (postgres.replace("postgresql://", "postgresql+psycopg://"), lambda: psycopg.connect(postgres)),
+            (f"sqlite:///{sqlite}", lambda: sqlite3.connect(sqlite))]
+        for url, connect in databases:
+            init = [str(VENV_BIN / "agentq"), "db", "init"]
+            subprocess.run(init, env=child_env(DATABASE_URL=url), cwd=ROOT, check=True, capture_output=True,
+                           timeout=60)
+            database = connect()
+            database.execute("ALTER TABLE llm_models DROP COLUMN model")
+            database.commit()
+            database.close()
+            again = subprocess.run(init, env=child_env(DATABASE_URL=url), cwd=ROOT, capture_output=True, text=True,
+                                   timeout=60)
+            location = str(sqlite) if url.startswith("sqlite") else url
+            assert (again.returncode, json.loads(again.stderr)["error"]) == (1, {
+                "code": "schema_incomplete",
+                "message": f"The database {location} still lacks llm_models.model after `db init`: it adds only the "
+                           "columns a release added (on SQLite, those that may be empty or have a default), not one "
+                           "dropped or renamed by hand; restore it as schema.sql defines it."})
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
