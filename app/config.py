@@ -237,9 +237,9 @@ _SECRETS = {name for name, field in Settings.model_fields.items() if SecretStr i
 
 def without_password(text: str) -> str:
     """A URL (or a text that holds one) without its password, which is not printed into a terminal or a process
-    manager's log: the user part's, up to the last `@` before the host as the drivers read it (a password may
-    hold an `@`), and a `password=` option of its query."""
-    text = re.sub(r"(://[^:/@\s]*:)[^/\s]*@", r"\1***@", text)
+    manager's log: the user part's, up to the last `@` before the query (redis-py reads a password up to the
+    last `@`, SQLAlchemy lets one hold a `/`), and a `password=` option of the query."""
+    text = re.sub(r"(://[^:/@\s]*:)[^\s'\"?#]*@", r"\1***@", text)
     return re.sub(r"([?&]password=)[^&\s'\"]*", r"\1***", text)
 
 

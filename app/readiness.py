@@ -13,7 +13,7 @@ from app.errors import AgentqError, InvalidConfiguration
 from app.models import User
 from app.outages import refused_by_configuration, schema_missing
 from app.redis_client import get_redis
-from app.schema import missing_columns
+from app.schema import SchemaIncomplete, missing_columns
 
 NO_SCHEMA = "error: the database has no agentq schema; run `agentq db init`"
 REFUSED = "error: the database refuses the database, role or password DATABASE_URL names"
@@ -69,8 +69,8 @@ def require_schema() -> None:
         raise SchemaMissing(f"The database {database_location()} has no agentq schema: run `agentq db init` "
                             "against it first (a SQLite path is relative to the directory a command runs in).")
     if missing:
-        raise SchemaMissing(f"The database {database_location()} lacks the columns {', '.join(missing)} of this "
-                            "release: run `agentq db init` against it to upgrade it.")
+        raise SchemaIncomplete(f"The database {database_location()} lacks the columns {', '.join(missing)} of this "
+                               "release: run `agentq db init` against it to upgrade it.")
 
 
 def _database() -> str:

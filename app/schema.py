@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Column, Engine, Numeric, Table, inspect, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import CreateColumn
 
 from app.db import database_location, get_engine
@@ -21,6 +22,7 @@ from app.errors import AgentqError
 from app.key_variables import models_refused_now
 from app.models import Base
 from app.money import MILLIONTHS
+from app.outages import lacks_a_column
 
 SCHEMA_FILE = Path(__file__).parent / "schema.sql"
 """The top-level `schema.sql`, through `app/schema.sql` (a link to it, so that an installed package holds a copy)."""
@@ -45,6 +47,8 @@ class SchemaReport:
 
 
 class SchemaIncomplete(AgentqError):
+    """The database lacks columns of this release that `db init` cannot add: run it, or mend them by hand."""
+
     code = "schema_incomplete"
 
 
@@ -52,28 +56,37 @@ def init_schema() -> SchemaReport:
     engine = get_engine()
     if engine.dialect.name == "postgresql":
         sql = SCHEMA_FILE.read_text()
-        with engine.begin() as connection:
-            connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LOCK_ID})
-            connection.exec_driver_sql(sql)
+        try:
+            with engine.begin() as connection:
+                connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LOCK_ID})
+                connection.exec_driver_sql(sql)
+        except DBAPIError as exc:
+            if lacks_a_column(exc):  # an index of schema.sql on a column dropped by hand (its index went with it)
+                _check_complete(engine)
+            raise
         _check_complete(engine)
         return SchemaReport(database_location(), SCHEMA_FILE.name, refused_key_variables=_refused_key_variables(engine))
     fresh = not inspect(engine).get_table_names()
     Base.metadata.create_all(engine)
     added = _add_missing_columns(engine)
     _replace_indexes(engine)
-    _check_complete(engine)
+    _check_complete(engine, added)
     converted = _money_in_millionths(engine, fresh)
     return SchemaReport(database_location(), "models", added, converted, _refused_key_variables(engine))
 
 
-def _check_complete(engine: Engine) -> None:
-    """`db init` succeeded while a column stayed missing, and the worker then refused to start until `db init`
-    ran, which it had: a column dropped or renamed by hand is one no upgrade adds back."""
-    if missing := missing_columns(engine):
-        raise SchemaIncomplete(f"The database {database_location()} still lacks {', '.join(missing)} after `db init`: "
-                               "it adds only the columns a release added (on SQLite, those that may be empty or "
-                               "have a default), not one dropped or renamed by hand; restore it as schema.sql "
-                               "defines it.")
+def _check_complete(engine: Engine, added: list[str] | None = None) -> None:
+    """Every column of the models is there once `db init` has run: it adds those a release added, not one
+    dropped or renamed by hand (nor, on SQLite, one that may not be empty and has no default), and answering
+    success then left the worker refusing to start until `db init` ran, which it just had."""
+    if not (missing := missing_columns(engine)):
+        return
+    definition = "schema.sql" if engine.dialect.name == "postgresql" else "the models (app/models)"
+    done = f" (this run added {', '.join(added)})" if added else ""
+    raise SchemaIncomplete(f"The database {database_location()} still lacks {', '.join(missing)} after `db init`"
+                           f"{done}: it adds only the columns a release added (on SQLite, those that may be empty "
+                           f"or have a default), not one dropped or renamed by hand; restore it as {definition} "
+                           "defines it.")
 
 
 def _refused_key_variables(engine: Engine) -> list[dict[str, Any]]:

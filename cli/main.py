@@ -108,17 +108,19 @@ def cmd_web(args: argparse.Namespace) -> int:
     from app.logging_setup import configure_logging
 
     configure_logging()
-    from web.server import check_can_listen, serve
+    from web.server import bind_address, check_can_listen, serve
 
     address = option_or_environment(args.host, "AGENTQ_HOST", "127.0.0.1", host)
     listen_port = option_or_environment(args.port, "PORT", "8000", port)
+    workers = option_or_environment(args.workers, "AGENTQ_WEB_WORKERS", "2", count)
+    threads = option_or_environment(args.threads, "AGENTQ_WEB_THREADS", "256", count)
     try:
         check_can_listen(address, listen_port)
     except OSError as exc:
-        print_error("unavailable", f"the API cannot listen on {address}:{listen_port}: {exc.strerror or exc}")
+        print_error("unavailable", f"the API cannot listen on {bind_address(address, listen_port)}: "
+                    f"{exc.strerror or exc}")
         return 1
-    serve(address, listen_port, workers=option_or_environment(args.workers, "AGENTQ_WEB_WORKERS", "2", count),
-          threads=option_or_environment(args.threads, "AGENTQ_WEB_THREADS", "256", count))
+    serve(address, listen_port, workers=workers, threads=threads)
     return 0
 
 

@@ -156,7 +156,7 @@ def test_a_worker_refuses_a_database_a_releases_new_column_was_not_added_to(tmp_
     returncode, stderr = _run_agentq(["worker", "--processes", "1", "--threads", "1"], {"DATABASE_URL": url})
     assert (returncode, "Traceback" in stderr) == (1, False), stderr
     assert json.loads(stderr)["error"] == {
-        "code": "service_unavailable",
+        "code": "schema_incomplete",
         "message": f"The database {tmp_path}/older.sqlite3 lacks the columns turns.fell_back of this release: run "
                    "`agentq db init` against it to upgrade it."}
 
@@ -721,42 +721,48 @@ def test_the_api_on_a_database_it_cannot_make_tells_callers_nothing_of_where_it_
 
 
 def test_db_init_says_when_a_column_dropped_by_hand_is_still_missing(tmp_path: Path) -> None:
-    """It answered success while the column stayed missing, and the worker then refused to start until
-    `db init` ran, which it just had: on PostgreSQL and on SQLite, the same error names the column."""
+    """It answered success while the column stayed missing, or (on PostgreSQL, where an index goes with its
+    column and schema.sql makes it again) failed telling the operator to run `db init`; the worker then refused
+    to start until `db init` ran, which it just had. On either database the error names each column."""
     import json
     import sqlite3
     import uuid
     from collections.abc import Callable
 
     import psycopg
+    from sqlalchemy.engine import make_url
 
+    from app.config import without_password
     from tests.conftest import PG_ADMIN_URL
 
     name = f"agentq_gap_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     try:
-        postgres = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+        postgres = make_url(PG_ADMIN_URL).set(database=name)
         sqlite = tmp_path / "agentq.sqlite3"
-        databases: list[tuple[str, Callable[[], Any]]] = [
-            (postgres.replace("postgresql://", "postgresql+psycopg://"), lambda: psycopg.connect(postgres)),
-            (f"sqlite:///{sqlite}", lambda: sqlite3.connect(sqlite))]
-        for url, connect in databases:
+        cases: list[tuple[str, Callable[[], Any], str, str]] = [
+            # turns.user_id has indexes of its own, which PostgreSQL drops with it
+            (postgres.set(drivername="postgresql+psycopg").render_as_string(hide_password=False),
+             lambda: psycopg.connect(postgres.render_as_string(hide_password=False)), "turns.user_id", "schema.sql"),
+            (f"sqlite:///{sqlite}", lambda: sqlite3.connect(sqlite), "llm_models.model", "the models (app/models)")]
+        for url, connect, column, definition in cases:
             init = [str(VENV_BIN / "agentq"), "db", "init"]
             subprocess.run(init, env=child_env(DATABASE_URL=url), cwd=ROOT, check=True, capture_output=True,
                            timeout=60)
             database = connect()
-            database.execute("ALTER TABLE llm_models DROP COLUMN model")
+            table, _, field = column.partition(".")
+            database.execute(f"ALTER TABLE {table} DROP COLUMN {field}")
             database.commit()
             database.close()
             again = subprocess.run(init, env=child_env(DATABASE_URL=url), cwd=ROOT, capture_output=True, text=True,
                                    timeout=60)
-            location = str(sqlite) if url.startswith("sqlite") else url
+            location = str(sqlite) if url.startswith("sqlite") else without_password(url)
             assert (again.returncode, json.loads(again.stderr)["error"]) == (1, {
                 "code": "schema_incomplete",
-                "message": f"The database {location} still lacks llm_models.model after `db init`: it adds only the "
-                           "columns a release added (on SQLite, those that may be empty or have a default), not one "
-                           "dropped or renamed by hand; restore it as schema.sql defines it."})
+                "message": f"The database {location} still lacks {column} after `db init`: it adds only the columns "
+                           "a release added (on SQLite, those that may be empty or have a default), not one dropped "
+                           f"or renamed by hand; restore it as {definition} defines it."})
     finally:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

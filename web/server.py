@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 from ssl import SSLError
 from typing import Any
@@ -136,20 +137,28 @@ def _post_worker_init(worker: Any) -> None:
 
 
 def check_can_listen(host: str, port: int) -> None:
-    """Raise the `OSError` of an address this process cannot listen on (taken, not local, not resolved): gunicorn
-    tries it five times over five seconds, then stops with "Can't connect to …", which reads as a client's
-    failure. The socket is closed at once; gunicorn binds its own (both with `SO_REUSEADDR`)."""
-    family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    with socket.socket(family, kind, protocol) as probe:
+    """Raise the `OSError` of an address gunicorn could not bind (taken, not local, not resolved): it tries five
+    times over five seconds, then stops with "Can't connect to …", which reads as a client's failure. Binds as
+    gunicorn does (IPv6 for an IPv6 address, else IPv4, with `SO_REUSEADDR`) and closes at once. A socket handed
+    over (systemd's `LISTEN_FDS`, gunicorn's own `GUNICORN_FD` on a USR2 upgrade) is gunicorn's to use: its
+    port is taken by design, and nothing is checked."""
+    if "LISTEN_FDS" in os.environ or "GUNICORN_FD" in os.environ:
+        return
+    with socket.socket(socket.AF_INET6 if util.is_ipv6(host) else socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind(address)
+        probe.bind((host, port))
+
+
+def bind_address(host: str, port: int) -> str:
+    """`host:port` as gunicorn reads it, and as an operator is told it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def serve(host: str, port: int, *, workers: int, threads: int) -> None:
     from app.logging_setup import gunicorn_logconfig
 
     _Gunicorn({
-        "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",  # an IPv6 address's own colons
+        "bind": bind_address(host, port),
         "workers": workers,
         "worker_class": ApiWorker,
         "threads": threads,
