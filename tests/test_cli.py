@@ -357,6 +357,23 @@ def test_a_reader_that_went_away_or_a_port_taken_ends_a_command_without_a_traceb
     assert json.loads(mock.stderr)["error"]["message"].startswith(f"the mock upstream cannot serve on 127.0.0.1:{port}")
 
 
+@pytest.mark.parametrize("handed_over", ["LISTEN_FDS", "GUNICORN_FD"])
+def test_a_socket_handed_to_the_api_is_not_taken_for_a_port_in_use(handed_over: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """systemd's socket activation and gunicorn's USR2 upgrade hand the listening socket over: its port is
+    taken by that very socket, and the check stopped both."""
+    import socket
+
+    from web.server import check_can_listen
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match="Address already in use"):
+            check_can_listen("127.0.0.1", port)
+        monkeypatch.setenv(handed_over, "3")
+        check_can_listen("127.0.0.1", port)
+
+
 def test_an_api_that_cannot_listen_says_where_and_why() -> None:
     """gunicorn tried five times over five seconds and stopped with "Can't connect to (…)", which reads as a
     client's failure, after a traceback-like line per try."""
