@@ -287,7 +287,7 @@ def _relay(entries: list[tuple[bytes, dict[bytes, bytes]]],
     for raw_id, fields in entries:
         entry = raw_id.decode()
         read = read_entry(fields)
-        if read is None:
+        if read is None:  # an entry the worker did not write: taken as a gap
             return events, Cursor(entry, cursor.attempt, cursor.offset), True
         kind, attempt, start, text, payload = read
         if kind == "delta":
@@ -298,7 +298,7 @@ def _relay(entries: list[tuple[bytes, dict[bytes, bytes]]],
                 # turn flushing what it had as it left. Nothing for this reader, who follows the new one.
                 cursor = Cursor(entry, cursor.attempt, cursor.offset)
                 continue
-            if attempt != cursor.attempt or start > cursor.offset:
+            if attempt != cursor.attempt or start > cursor.offset:  # a gap
                 return events, cursor, True
             fresh = text[cursor.offset - start:]
             cursor = Cursor(entry, attempt, max(cursor.offset, start + len(text)))
@@ -308,7 +308,7 @@ def _relay(entries: list[tuple[bytes, dict[bytes, bytes]]],
             restart = bool(payload.get("restart"))
             cursor = Cursor(entry, attempt if restart else cursor.attempt, 0 if restart else cursor.offset)
             events.append(StreamEvent("status", payload, cursor.event_id()))
-        else:
+        else:  # done: the rest comes from the stored message
             return events, Cursor(entry, cursor.attempt, cursor.offset), True
     return events, cursor, False
 

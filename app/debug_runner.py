@@ -65,8 +65,8 @@ def run_debug_run(run_id: int) -> None:
                                          lambda target: agent.prompt_for(target, [], content).messages,
                                          agent.params, AnswerSink(), holding.stop, ends_by=ends_by,
                                          fallen_back=fallen_back,
-                                         falling_back=lambda: TEST_RUN.mark_fallen_back(run_id, token, ends_by=ends_by,
-                                                                                 stop=holding.stop))
+                                         before_fallback_call=lambda: TEST_RUN.mark_fallen_back(
+                                             run_id, token, ends_by=ends_by, stop=holding.stop))
             latency_ms = int((time.monotonic() - started) * 1000)
             cost = _record_result(run_id, token, claim.deliveries, outcome, latency_ms)
             metrics.observe_cost("test_run", cost)

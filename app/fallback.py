@@ -66,21 +66,20 @@ class Outcome:
     partial_failed: bool = False
     """The kept text is a failed attempt's (a stop came between it and the fallback): kept, not charged."""
     attempts: list[AttemptRecord] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    errors_in_full: list[str] = field(default_factory=list)
-    """With what each endpoint said (`AttemptFailed.said`): for an admin's test run, never a user's turn."""
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    """Each target's failure as a user may read it, and in full, with what its endpoint said
+    (`AttemptFailed.said`): the latter for an admin's test run, never a user's turn."""
 
     def note(self, error: str, in_full: str | None = None) -> None:
-        self.errors.append(error)
-        self.errors_in_full.append(in_full or error)
+        self.failures.append((error, in_full or error))
 
     @property
     def error_message(self) -> str:
-        return "; ".join(self.errors)
+        return "; ".join(error for error, _ in self.failures)
 
     @property
     def error_message_in_full(self) -> str:
-        return "; ".join(self.errors_in_full)
+        return "; ".join(in_full for _, in_full in self.failures)
 
 
 def should_fall_back(failure: AttemptFailed, primary: ModelTarget, fallback: ModelTarget | None) -> bool:
@@ -113,10 +112,10 @@ def call_with_fallback(
     *,
     ends_by: float | None = None,
     fallen_back: bool = False,
-    falling_back: Callable[[], bool] | None = None,
+    before_fallback_call: Callable[[], bool] | None = None,
 ) -> Outcome:
     """Each model in turn (`attempt_order`) until one answers or a failure does not allow the next; only the
-    fallback for a run that switched to it in an earlier delivery (`fallen_back`). `falling_back` is told
+    fallback for a run that switched to it in an earlier delivery (`fallen_back`). `before_fallback_call` is told
     before the fallback is called after the primary failed, so that the run remembers the switch; False
     from it (the run is no longer this delivery's) ends the attempts there.
 
@@ -127,8 +126,8 @@ def call_with_fallback(
     targets = attempt_order(primary, fallback, fallen_back=fallen_back)
     for index, target in enumerate(targets):
         if stop.is_set():
-            # Stopped before the fallback's call (index 1, only reached after the primary failed): the
-            # primary's text is what was streamed, and is kept, as the primary's.
+            # A stop before this target's call: before the first, nothing was streamed; before the fallback's
+            # (reached only after the primary failed), the primary's failed text is kept, as its own and unpaid.
             outcome.cancelled, outcome.partial_failed = True, index > 0
             outcome.note(f"{target.name}: cancelled before the call")
             return outcome
@@ -159,7 +158,7 @@ def call_with_fallback(
             log.warning("model %s failed after %s ms (%s)%s", target.name, failure.latency_ms, failure.in_full,
                         f"; falling back to {fallback.name}" if falls_back and fallback else "")
             if falls_back:
-                if falling_back is not None and not falling_back():
+                if before_fallback_call is not None and not before_fallback_call():
                     outcome.note(f"{targets[index + 1].name}: not called, the run is no longer this delivery's")
                     return outcome
                 metrics.observe_fallback()

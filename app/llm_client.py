@@ -37,7 +37,9 @@ from app.token_estimates import estimate_tokens, estimate_tokens_of_messages, mo
 from app.turn_status import STOPPED
 from app.upstream_transport import ShardedTransport, guarding
 
-DEFAULT_API_KEY = "sk-no-key-configured"
+PLACEHOLDER_API_KEY = "sk-no-key-configured"
+"""Sent where no key is configured (a local server that takes none): the SDK refuses to build a client
+without one."""
 
 CONNECT_TIMEOUT_SECONDS = 10.0
 """The most a new connection's TCP connect (and TLS handshake) may take, within the attempt's own timeout."""
@@ -135,8 +137,8 @@ def api_key_for(api_key_env: str | None, base_url: str | None) -> str:
         return key
     endpoint = urlsplit(base_url) if base_url is not None else None
     if endpoint is None or (endpoint.scheme == "https" and endpoint.hostname == PLATFORM_KEY_HOST):
-        return os.environ.get("OPENAI_API_KEY", "") or DEFAULT_API_KEY
-    return DEFAULT_API_KEY
+        return os.environ.get("OPENAI_API_KEY", "") or PLACEHOLDER_API_KEY
+    return PLACEHOLDER_API_KEY
 
 
 def client_for(target: ModelTarget) -> openai.OpenAI:
@@ -165,7 +167,7 @@ def warm_up() -> None:
     half a second of CPU); a worker pays for it while it boots, not in its first wave of turns."""
     import encodings.idna  # noqa: F401  (imported by the first request's host name)
 
-    _new_client(DEFAULT_API_KEY, "http://127.0.0.1:9/v1").close()
+    _new_client(PLACEHOLDER_API_KEY, "http://127.0.0.1:9/v1").close()
 
 
 def open_chat_stream(client: openai.OpenAI, body: dict[str, Any], timeout: openai.Timeout) -> openai.Stream[Any]:
@@ -225,9 +227,11 @@ def stream_chat(
             attempt.check_finished()
         except AttemptFailed:
             raise
+        # Past `answered` the whole answer is in: a failure while reading the usage or the `[DONE]` after it
+        # costs nothing, and the answer stands.
         except (ValueError, TypeError, AttributeError) as exc:
             if not attempt.answered:
-                raise attempt.interrupted(attempt.silent) or attempt.failed(
+                raise attempt.interrupted(attempt.silence_message) or attempt.failed(
                     FailureKind.BAD_RESPONSE, "the stream sent a chunk that is not a chat completion chunk",
                     said=repr(exc)) from exc
         except (httpx2.TransportError, openai.APIError, OSError) as exc:
@@ -262,11 +266,11 @@ class _Attempt:
         self.watch.close()
 
     @property
-    def no_response(self) -> str:
+    def no_response_message(self) -> str:
         return f"no response within {self.timeout_seconds:g}s"
 
     @property
-    def silent(self) -> str:
+    def silence_message(self) -> str:
         return f"the stream went silent or ran past {self.timeout_seconds:g}s"
 
     @property
@@ -286,11 +290,11 @@ class _Attempt:
         return AttemptFailed(kind, detail, said=storable(said) if said else None, partial="".join(self.parts),
                              first_token_ms=self.first_token_ms, latency_ms=self._elapsed_ms())
 
-    def interrupted(self, timed_out: str) -> AttemptFailed | None:
+    def interrupted(self, timeout_message: str) -> AttemptFailed | None:
         if self.stopped:
             return self.failed(FailureKind.CANCELLED, STOPPED)
         if self.watch.fired is FailureKind.TIMEOUT:
-            return self.failed(FailureKind.TIMEOUT, timed_out)
+            return self.failed(FailureKind.TIMEOUT, timeout_message)
         return None
 
     def refused(self, exc: openai.APIError) -> AttemptFailed:
@@ -300,20 +304,20 @@ class _Attempt:
         request was never sent, so the provider billed nothing."""
         if isinstance(exc.__cause__, httpx2.ConnectTimeout) and not self.stopped:
             return self.failed(FailureKind.CONNECTION_ERROR, f"could not connect within {self.connect_seconds:g}s")
-        if (early := self.interrupted(self.no_response)) is not None:
+        if (early := self.interrupted(self.no_response_message)) is not None:
             return early
         if isinstance(exc, openai.APITimeoutError):
-            return self.failed(FailureKind.TIMEOUT, self.no_response)
+            return self.failed(FailureKind.TIMEOUT, self.no_response_message)
         if isinstance(exc, openai.APIStatusError):
             return self.failed(_status_kind(exc.status_code), f"HTTP {exc.status_code}", said=exc.message)
         return self.failed(FailureKind.CONNECTION_ERROR, "the connection failed", said=str(exc.__cause__ or exc))
 
     def broken(self, exc: Exception) -> AttemptFailed:
         """The failure of a stream that stopped in the middle: the stop, the deadline, silence, or a cut."""
-        if (early := self.interrupted(self.silent)) is not None:
+        if (early := self.interrupted(self.silence_message)) is not None:
             return early
         if isinstance(exc, httpx2.TimeoutException):
-            return self.failed(FailureKind.TIMEOUT, self.silent)
+            return self.failed(FailureKind.TIMEOUT, self.silence_message)
         return self.failed(FailureKind.STREAM_CUT, "the stream broke", said=repr(exc))
 
     def take(self, chunk: Any, on_delta: Callable[[str], None]) -> None:
@@ -359,7 +363,7 @@ class _Attempt:
     def check_finished(self) -> None:
         """A body that ended without a `finish_reason` was cut, by the watchdog or on the way."""
         if not self.finished:
-            raise self.interrupted(self.silent) or self.failed(
+            raise self.interrupted(self.silence_message) or self.failed(
                 FailureKind.STREAM_CUT, "the stream ended before the model finished (no finish_reason)")
 
     def completion(self, messages: list[dict[str, str]], max_tokens: int | None) -> Completion:

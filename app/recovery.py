@@ -75,7 +75,8 @@ log = logging.getLogger(__name__)
 
 
 def epoch_key() -> str:
-    """Set by the first sweep after Redis starts empty; its absence means Redis lost its data."""
+    """Set by the first sweep after Redis starts empty, to the server run it saw; missing, or naming another
+    server run, it means Redis lost its data (`_run_that_lost_data`)."""
     return key("epoch")
 
 
@@ -84,7 +85,8 @@ class RecoveryReport:
     sent: list[int] = field(default_factory=list)
     debug_sent: list[int] = field(default_factory=list)
     ended: list[int] = field(default_factory=list)
-    """Turns ended as `error` for having waited too long for a worker."""
+    """Turns ended as `error`: waiting too long for a worker (`app.pending_bound`), or past their deadline
+    with no delivery holding them (`app.deadline_bound`)."""
     debug_ended: list[int] = field(default_factory=list)
     """Admin test runs ended the same way."""
     redis_lost: bool = False
@@ -170,6 +172,9 @@ def _claim_send(kind: RunKind, ident: int, seen: datetime | None) -> datetime | 
 @dataclass(frozen=True, slots=True)
 class _Conditions:
     due: ColumnElement[bool]
+    """Sent again now: pending and never sent (or sent before the stale-pending bound), processing under a lease
+    that ran out, or past its deadline under a live one (`overdue`); with Redis's data lost, also the runs
+    handed to a retry, which Redis no longer holds."""
     overdue: ColumnElement[bool]
     """Stuck runs, whose live lease is revoked before they are sent again (a run handed to its retry holds
     no lease to revoke)."""
@@ -201,8 +206,8 @@ def _due(status: Any, enqueued_at: Any, created_at: Any, lease_token: Any, lease
     expired = and_(processing, over, not_just_sent) if take_over else false()
     due = or_(and_(pending, unsent), expired, overdue)
     past_deadline = unheld_past_deadline(status, lease_token, lease_expires_at, deadline_at) if take_over else false()
-    return _Conditions(or_(due, handed_over) if redis_lost else due, overdue, and_(unconfirmed, not_(due)),
-                       past_deadline)
+    return _Conditions(due=or_(due, handed_over) if redis_lost else due, overdue=overdue,
+                       unconfirmed=and_(unconfirmed, not_(due)), past_deadline=past_deadline)
 
 
 @cache

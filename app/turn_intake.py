@@ -136,7 +136,7 @@ def _insert_turn(
     ids = {"conversation": conversation_id, "user": principal.id}
     with Batch(unit) as batch:
         owner = sql.lock_owner(batch, ids)
-        batch.then(lambda: _open_to_new_turns(owner))
+        batch.then(lambda: _require_open_to_new_turns(owner))
         if key is None:
             check_can_start(batch, principal.id, conversation_id)
     if key is not None:
@@ -149,7 +149,7 @@ def _insert_turn(
         seq = sql.bump_seq(batch, {"conversation": conversation_id, "at": now})
         inserted = sql.insert_messages(batch, {"conversation": conversation_id, "at": now, "content": content})
         sql.insert_turn(batch, {**ids, "key": key, "at": now})
-        batch.then(lambda: _found(seq))
+        batch.then(lambda: _require_found(seq))
     last_seq = seq.scalar()
     message_ids = {row.seq: row.id for row in inserted}
 
@@ -160,15 +160,15 @@ def _insert_turn(
     return AcceptedTurn(written(last_seq - 1, "user", content), written(last_seq, "assistant", ""))
 
 
-def _found(rows: Rows) -> None:
+def _require_found(rows: Rows) -> None:
     if rows.first() is None:
         raise NotFound("No such conversation.")
 
 
-def _open_to_new_turns(owner: Rows) -> None:
+def _require_open_to_new_turns(owner: Rows) -> None:
     """The caller's conversation, whose agent still takes work: a deleted agent answers no new message
     (its turns in flight finish), and its models may be deleted after it."""
-    _found(owner)
+    _require_found(owner)
     if owner.one().agent_deleted_at is not None:
         raise NotFound("This conversation's agent was deleted; it takes no new messages.", code="agent_deleted")
 
@@ -179,15 +179,15 @@ def _refuse_if_not_owned(principal: Principal, conversation_id: int) -> None:
         require_owned(session, principal, conversation_id)
 
 
-def _first_answer(principal: Principal, conversation_id: int, key: str | None, content: str) -> AcceptedTurn | None:
-    """The first answer to this Idempotency-Key, if any, after the ownership check that every refusal and
-    replay starts with (another user's conversation is 404 before anything else)."""
+def _owned_replay(principal: Principal, conversation_id: int, key: str | None, content: str) -> AcceptedTurn | None:
+    """404 for another user's conversation, checked before any refusal or replay so that none tells a
+    conversation exists; then the first answer to this Idempotency-Key, or None (always None without one)."""
     with transaction() as session:
         require_owned(session, principal, conversation_id)
         return _replay(session, principal.id, key, conversation_id, content) if key is not None else None
 
 
-def _replayed(replay: AcceptedTurn) -> AcceptedTurn:
+def _resend_if_pending(replay: AcceptedTurn) -> AcceptedTurn:
     """A replayed turn still pending is sent again: the first request may have committed and then died
     (or lost the database) before its send, and its retry must not wait for the recovery sweep.
     A second message is harmless: the claim runs a turn once."""
@@ -208,28 +208,28 @@ def submit_turn(principal: Principal, conversation_id: int, content: str, idempo
     except (ContentTooLarge, ValidationFailed):
         _refuse_if_not_owned(principal, conversation_id)
         raise
-    if idempotency_key is not None and (replay := _first_answer(principal, conversation_id, idempotency_key, content)):
-        return _replayed(replay)
+    if idempotency_key is not None and (replay := _owned_replay(principal, conversation_id, idempotency_key, content)):
+        return _resend_if_pending(replay)
     try:
         lock = coordination.acquire_turn_slots(principal.id, conversation_id)
     except (ConversationBusy, TooManyActiveConversations):
-        if replay := _first_answer(principal, conversation_id, idempotency_key, content):
-            return _replayed(replay)
+        if replay := _owned_replay(principal, conversation_id, idempotency_key, content):
+            return _resend_if_pending(replay)
         raise
     try:
         with plain_transaction() as connection:
             accepted = _insert_turn(connection, principal, conversation_id, content, idempotency_key)
     except IntegrityError as exc:
         lock.release()
-        if replay := _first_answer(principal, conversation_id, idempotency_key, content):
-            return _replayed(replay)
+        if replay := _owned_replay(principal, conversation_id, idempotency_key, content):
+            return _resend_if_pending(replay)
         raise ConversationBusy() from exc
     except BaseException:
         lock.release()
         raise
     if accepted.replayed:
         lock.release()
-        return _replayed(accepted)
+        return _resend_if_pending(accepted)
     lock.bind(accepted.assistant_message.id)
     if lock.redis_silent:
         outbox.leave_for_recovery(TURN, accepted.assistant_message.id)

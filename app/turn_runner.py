@@ -12,7 +12,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -21,7 +20,7 @@ from app.agent_setup import AgentSetup, setup_in_row
 from app.attempts import settling
 from app.config import get_settings
 from app.conversations import record_turn_end
-from app.db import plain_transaction, transaction
+from app.db import plain_transaction
 from app.deliveries import RunGivenUp, attempts_end_by, give_up_reason
 from app.fallback import Outcome, call_with_fallback
 from app.interrupted_calls import record_interrupted_calls
@@ -44,7 +43,6 @@ from app.turn_state import (
     finish_turn,
 )
 from app.turn_status import CHARGED, STOPPED, TurnStatus
-from app.unowned_end import announce_unowned_end, end_unowned
 
 log = logging.getLogger(__name__)
 
@@ -104,19 +102,19 @@ def _run_turn(turn_id: int) -> None:
     loaded: TurnContext | None = None
     with plain_transaction() as connection:
 
-        def worst_case(claim: ClaimResult) -> Decimal:
+        def read_and_price(claim: ClaimResult) -> Decimal:
             """Called by the claim once it holds the turn: the context is read under its lock, and priced."""
             nonlocal loaded
             loaded = _load_context(connection, claim)
             assert claim.turn is not None
             return _worst_case(loaded, claim.turn)
 
-        claim = claim_turn(connection, turn_id, settings.lease_seconds, hold=worst_case)
+        claim = claim_turn(connection, turn_id, settings.lease_seconds, hold=read_and_price)
     if not claim.acquired:
         log.info("turn %s not run: %s", turn_id, claim.outcome.value)
         return
     assert claim.turn is not None and loaded is not None
-    context = replace(loaded, reserved=claim.turn.reserved_amount)
+    context = replace(loaded, reserved=claim.turn.reserved_amount)  # the claim reserved after the context was read
     cancel_requested = claim.turn.cancel_requested_at is not None
     log.info("turn %s %s (delivery %s)", turn_id, claim.outcome.value, context.delivery)
     if claim.predecessor is not None:
@@ -125,32 +123,40 @@ def _run_turn(turn_id: int) -> None:
                                  context.prompt_for, settings.answer_limit(context.agent.params.max_tokens),
                                  in_order=not context.fallen_back)
     stream = TurnStream(turn_id, context.delivery)
-    ended: TurnStatus | None = None
     if context.gives_up or not claim.affordable:
-        status, reason = ((TurnStatus.ERROR, context.gives_up) if context.gives_up
-                          else (TurnStatus.INSUFFICIENT_BALANCE, UNAFFORDABLE))
-        try:
-            ended = _settle_failure(context, status, reason, stream)
-        except LeaseLost:
-            # No keeper renews the lease of an end written without a model call: one given up carries the
-            # passed deadline, which a sweep may revoke first, and any waits out a database outage that
-            # may outlast the lease. The delivery that took the turn over ends it the same way.
-            log.info("turn %s was taken over before it could end %s; that delivery ends it", turn_id, status.value)
-            return
-    else:
-        stop = threading.Event()
-        if cancel_requested:
-            stop.set()
-        try:
-            with keeper.holding(Holding(turn_id, context.token, stop, context.held)):
-                _execute(context, stop, stream)
-        except LeaseLost:
-            log.warning("turn %s is no longer this run's (taken over by another worker, or handed back as this one "
-                        "stopped); this run stops", turn_id)
-            return
-        except BaseException:
-            TURN.hand_to_retry(context.turn_id, context.token)
-            raise
+        _end_without_model_call(context, stream)
+        return
+    stop = threading.Event()
+    if cancel_requested:
+        stop.set()
+    try:
+        with keeper.holding(Holding(turn_id, context.token, stop, context.held)):
+            _execute(context, stop, stream)
+    except LeaseLost:
+        log.warning("turn %s is no longer this run's (taken over by another worker, or handed back as this one "
+                    "stopped); this run stops", turn_id)
+        return
+    except BaseException:
+        TURN.hand_to_retry(context.turn_id, context.token)
+        raise
+    coordination.release(context.held)
+
+
+def _end_without_model_call(context: TurnContext, stream: TurnStream) -> None:
+    """A turn whose deliveries are spent (`gives_up`) ends `error`, one whose user cannot afford its worst case
+    `insufficient_balance`, its model never called. A given-up turn's message then dies (`RunGivenUp`), so that
+    its dead letter shows why."""
+    status, reason = ((TurnStatus.ERROR, context.gives_up) if context.gives_up
+                      else (TurnStatus.INSUFFICIENT_BALANCE, UNAFFORDABLE))
+    try:
+        ended = _settle_failure(context, status, reason, stream)
+    except LeaseLost:
+        # No keeper renews the lease of an end written without a model call: one given up carries the
+        # passed deadline, which a sweep may revoke first, and any waits out a database outage that
+        # may outlast the lease. The delivery that took the turn over ends it the same way.
+        log.info("turn %s was taken over before it could end %s; that delivery ends it", context.turn_id,
+                 status.value)
+        return
     coordination.release(context.held)
     if context.gives_up and ended is TurnStatus.ERROR:
         raise RunGivenUp(context.gives_up)
@@ -169,8 +175,8 @@ def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) ->
         return
     outcome = call_with_fallback(agent.primary, agent.fallback, context.prompt_for, agent.params, stream, stop,
                                  ends_by=context.ends_by, fallen_back=context.fallen_back,
-                                 falling_back=lambda: TURN.mark_fallen_back(context.turn_id, context.token,
-                                                                             ends_by=context.ends_by, stop=stop))
+                                 before_fallback_call=lambda: TURN.mark_fallen_back(
+                                     context.turn_id, context.token, ends_by=context.ends_by, stop=stop))
     elapsed_ms = int((time.monotonic() - started) * 1000)
     if outcome.completion is not None:
         _settle_success(context, outcome, elapsed_ms, stream)
@@ -298,19 +304,4 @@ def _settle_failure(context: TurnContext, status: TurnStatus, reason: str, strea
             content=content)
 
 
-def abandon_turn(turn_id: int, reason: str, *, pending_before: datetime | None = None,
-                 deadline_before: datetime | None = None) -> bool:
-    """End a turn as `error` when its message died (retries exhausted), with `pending_before` when it was still
-    pending since before then (`app.pending_bound`: the bound on waiting for a worker), with `deadline_before`
-    when it was still processing, held by no worker, past a deadline before then (`app.deadline_bound`); as
-    `cancelled` when its user had asked it to stop. Frees its reservation and slot."""
-    with transaction() as session:
-        ended = end_unowned(session, turn_id, TurnStatus.ERROR, reason, pending_before=pending_before,
-                            deadline_before=deadline_before)
-    if ended is None:
-        return False
-    announce_unowned_end(ended)
-    return True
-
-
-__all__ = ["abandon_turn", "run_turn"]
+__all__ = ["run_turn"]

@@ -3,9 +3,9 @@
 Every change is an UPDATE guarded by the statuses it may leave (`turn_status.sources_for`) and, for
 a worker, by the lease token it holds; when the guard matches nothing the change is refused loudly,
 so a redelivered message or a worker that lost its lease can never overwrite a finished turn. Who
-may claim a run under which lease (`claim_outcome`, `lease_held`) and when the sweep may send it again
-(`lease_over`) are defined here once, and an admin test run's state machine (`app.debug_run_state`)
-follows the same rules.
+may claim a run under which lease (`claim_outcome`, `lease_held`, and in SQL `lease_not_held`) and when
+the sweep may send it again (`lease_over`) are defined here once, and an admin test run's state machine
+(`app.debug_run_state`) follows the same rules.
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ def lease_not_held(lease_token: ColumnElement[str | None], lease_expires_at: Col
                    now: ColumnElement[datetime]) -> ColumnElement[bool]:
     """`lease_held`'s rule in SQL, negated: no delivery holds the run (its lease revoked, handed to a retry, or
     run out)."""
-    return or_(lease_token.is_(None), lease_expires_at.is_(None), lease_expires_at <= now)
+    return or_(lease_token.is_(None), lease_over(lease_expires_at, now))
 
 
 def claim_turn(session: Unit, turn_id: int, lease_seconds: float,

@@ -2,7 +2,7 @@
 
 The two bounds that need no delivery (`app.pending_bound`: waiting too long; `app.deadline_bound`: past the
 deadline) find their runs by one query, then end each in a transaction of its own, judged again under the
-run's lock (`app.turn_runner.abandon_turn`, `app.debug_runner.abandon_run`), so a worker that claimed the run
+run's lock (`app.unowned_end.abandon_turn`, `app.debug_runner.abandon_run`), so a worker that claimed the run
 since the look, or another process ending it at once, changes nothing twice.
 """
 
@@ -20,7 +20,7 @@ from app.models import ConversationMessage, DebugRun, Turn, table
 from app.outages import log_failure
 from app.prepared import Prepared
 from app.run_kinds import TEST_RUN, TURN, RunKind
-from app.turn_runner import abandon_turn
+from app.unowned_end import abandon_turn
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from app import coordination
 from app.conversations import record_turn_end
+from app.db import transaction
 from app.live_stream import TurnStream
 from app.turn_state import end_turn_unowned
 from app.turn_status import TurnStatus
@@ -45,3 +46,18 @@ def end_unowned(session: Session, turn_id: int, status: TurnStatus, reason: str,
 def announce_unowned_end(ended: UnownedEnd) -> None:
     coordination.release(ended.held)
     TurnStream(ended.held.turn_id).finished(ended.status, None)
+
+
+def abandon_turn(turn_id: int, reason: str, *, pending_before: datetime | None = None,
+                 deadline_before: datetime | None = None) -> bool:
+    """End a turn as `error` when its message died (retries exhausted), with `pending_before` when it was still
+    pending since before then (`app.pending_bound`: the bound on waiting for a worker), with `deadline_before`
+    when it was still processing, held by no worker, past a deadline before then (`app.deadline_bound`); as
+    `cancelled` when its user had asked it to stop. Frees its reservation and slot."""
+    with transaction() as session:
+        ended = end_unowned(session, turn_id, TurnStatus.ERROR, reason, pending_before=pending_before,
+                            deadline_before=deadline_before)
+    if ended is None:
+        return False
+    announce_unowned_end(ended)
+    return True

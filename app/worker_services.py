@@ -8,7 +8,7 @@ import threading
 import traceback
 from contextlib import nullcontext
 
-from app import dead_letters, debug_runner, llm_client, metrics, outbox, turn_runner
+from app import dead_letters, debug_runner, llm_client, metrics, outbox, unowned_end
 from app.db import dispose_engines, open_pool
 from app.deliveries import RunGivenUp
 from app.dispatch import Delivered
@@ -154,7 +154,7 @@ def _message_died(message: Delivered, run: tuple[RunKind, int] | None) -> None:
         if kind is TURN:
             # The exception's type, not its message: that can hold SQL, a host or a file path, which its dead
             # letter keeps for the operators, not for the user reading the turn.
-            turn_runner.abandon_turn(ident, f"{reason}: {last_error.split(': ', 1)[0]}")
+            unowned_end.abandon_turn(ident, f"{reason}: {last_error.split(': ', 1)[0]}")
         else:
             debug_runner.abandon_run(ident, f"{reason}: {last_error}")
     except Exception:

@@ -141,7 +141,7 @@ def test_a_renewal_waiting_on_redis_does_not_hold_back_turns_starting(  # type: 
 def test_a_dying_duplicate_message_leaves_a_turn_another_delivery_runs(world) -> None:  # type: ignore[no-untyped-def]
     """Retries of a duplicate message ran out while another delivery holds the turn's live lease: the turn is
     that delivery's to settle. Once no live lease is left, the same dead message ends it as `error`."""
-    from app.turn_runner import abandon_turn
+    from app.unowned_end import abandon_turn
 
     turn = _processing_turn(world, token="running")
     assert abandon_turn(turn.turn_id, "retries exhausted after 3 attempts: boom") is False

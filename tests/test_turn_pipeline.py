@@ -483,7 +483,7 @@ def test_the_pending_bound_ends_a_turn_only_if_it_is_still_pending_since_before_
     The end is judged again under the turn's lock: a turn pending only since after the cutoff is left alone."""
     from datetime import UTC, datetime, timedelta
 
-    from app.turn_runner import abandon_turn
+    from app.unowned_end import abandon_turn
 
     agent_id = world.agent(world.model())
     _, key = world.user()

@@ -43,6 +43,8 @@ class RunOutcomes(Middleware):
 
     def after_process_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy, *,
                               result: object = None, exception: BaseException | None = None) -> None:
+        """A run given up (`RunGivenUp`): the reason and the retry count its dead letter shows, which Dramatiq
+        writes only for the failures it retries (`app.worker_services.delivery_failed`)."""
         if exception is not None:
             _worker().delivery_failed(message, exception)
 
@@ -56,11 +58,10 @@ class WorkerServices(Middleware):
     at shutdown stops them and hands another worker the runs its threads still hold or are given."""
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
-        """A forked process must not reuse its parent's sockets, logs in agentq's format, not Dramatiq's, and
-        stops when its group's parent dies. Dramatiq set its signal handlers before this hook, in the
-        process's main thread, which runs it: a repeated SIGTERM is told apart from here on, before any
-        worker thread takes a run (from the worker's boot hook, as it was, a stop sent to the process group
-        while the database pool opened still killed the process with its first runs in flight)."""
+        """In each forked process: fresh sockets, agentq's log format, a stop with the group's parent; and, in
+        the main thread before any worker thread takes a run, a repeated SIGTERM treated as one (Dramatiq set
+        its handlers just before this hook; set any later, a stop sent to the process group while the
+        database pool opened killed the process with its first runs in flight)."""
         _worker().after_fork()
         configure_logging()
         stop_with_the_parent()
