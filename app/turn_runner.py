@@ -253,7 +253,7 @@ def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, mod
                     attempts.write(batch)
 
             TURN.write_end(context.turn_id, attempts.at, write, what=f"settling turn {context.turn_id}")
-    except StoppedMeanwhile:
+    except StoppedMeanwhile:  # no success_tokens: a stopped turn's tokens are not the conversation's
         return _settle(context, TurnStatus.CANCELLED, stream, model=model, cost=cost, outcome=outcome,
                        **{**answer, "error_message": STOPPED})
     metrics.observe_cost("turn", cost)
@@ -268,12 +268,11 @@ def _settle_success(context: TurnContext, outcome: Outcome, elapsed_ms: int, str
     completion, model = outcome.completion, outcome.model
     assert completion is not None and model is not None
     usage = completion.usage
-    answer: dict[str, Any] = {
-        "model": model, "cost": model.cost(usage.prompt_tokens, usage.completion_tokens), "outcome": outcome,
-        "content": completion.text, "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-        "cost_estimated": not usage.reported, "latency_ms": elapsed_ms}
-    _settle(context, TurnStatus.SUCCESS, stream, success_tokens=usage.prompt_tokens + usage.completion_tokens,
-            **answer)
+    cost = model.cost(usage.prompt_tokens, usage.completion_tokens)
+    _settle(context, TurnStatus.SUCCESS, stream, model=model, cost=cost, outcome=outcome, content=completion.text,
+            success_tokens=usage.prompt_tokens + usage.completion_tokens,
+            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+            cost_estimated=not usage.reported, latency_ms=elapsed_ms)
 
 
 def _settle_cancelled(context: TurnContext, outcome: Outcome, elapsed_ms: int, stream: TurnStream) -> None:
