@@ -29,8 +29,19 @@ def _dotenv() -> None:
     not only `app.config`'s settings: a model's key (`api_key_env`, `OPENAI_API_KEY`), the server's and the
     workers' defaults below. Variables already set win."""
     from dotenv import load_dotenv
+    from dotenv.parser import parse_stream
 
-    load_dotenv(Path.cwd() / ".env", override=False)
+    path = Path.cwd() / ".env"
+    if not path.is_file():
+        return
+    # python-dotenv skips a line it cannot read with a warning that names neither the file nor the variable,
+    # which may be DATABASE_URL: the command then ran against the default database.
+    with path.open(encoding="utf-8", errors="replace") as stream:
+        unreadable = [str(binding.original.line) for binding in parse_stream(stream) if binding.error]
+    if unreadable:
+        raise InvalidVariable(f"{path}: line {', '.join(unreadable)} cannot be read as NAME=value (an unclosed "
+                              "quote?); nothing of the file was loaded")
+    load_dotenv(path, override=False)
 
 
 SERVING_COMMANDS = ("web", "worker")
@@ -271,7 +282,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _command(argv: list[str] | None) -> int:
-    _dotenv()
+    try:
+        _dotenv()
+    except InvalidVariable as exc:
+        print_error("invalid_configuration", str(exc))
+        return 2
     from app.config import unknown_settings
 
     for problem in unknown_settings(os.environ, COMMAND_LINE_VARIABLES):

@@ -783,3 +783,17 @@ def test_db_init_says_when_a_column_dropped_by_hand_is_still_missing(tmp_path: P
     finally:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_a_dotenv_file_with_a_line_that_cannot_be_read_stops_the_command(tmp_path: Path) -> None:
+    """python-dotenv skipped the line with a warning naming neither the file nor the variable; when that was
+    DATABASE_URL, the command went on against the default database and said it had no schema."""
+    import json
+
+    (tmp_path / ".env").write_text('AGENTQ_LOG_LEVEL=INFO\nDATABASE_URL="sqlite:////nowhere/agentq.sqlite3\n')
+    result = subprocess.run([str(VENV_BIN / "agentq"), "db", "init"], env=child_env(), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout, json.loads(result.stderr)["error"]) == (2, "", {
+        "code": "invalid_configuration",
+        "message": f"{tmp_path / '.env'}: line 2 cannot be read as NAME=value (an unclosed quote?); nothing of the "
+                   "file was loaded"})
