@@ -201,11 +201,11 @@ def unknown_settings(environment: Mapping[str, str], others: tuple[str, ...]) ->
     names = [field.validation_alias if isinstance(field.validation_alias, str) else f"{prefix}{name.upper()}"
              for name, field in Settings.model_fields.items()]
     names.append(environment.get(f"{prefix}MODERATION_API_KEY_ENV", ""))  # a variable a setting names is read too
+    # Compared without the prefix most names share, which alone made any two names look alike.
+    bare = {name.removeprefix(prefix): name for name in names}
     problems = []
     for variable in sorted(environment):
         if variable.startswith(prefix) and variable not in names and not variable.startswith(others):
-            # Compared without the prefix most names share, which alone made any two names look alike.
-            bare = {name.removeprefix(prefix): name for name in names}
             nearest = difflib.get_close_matches(variable.removeprefix(prefix), list(bare), n=1, cutoff=0.75)
             problems.append(f"{variable} is not a setting of agentq, and is ignored"
                             + (f" (is it {bare[nearest[0]]}?)" if nearest else ""))

@@ -7,6 +7,12 @@ prints them. Anything else escaping a route is a bug and is logged as one.
 from __future__ import annotations
 
 
+def error_object(code: str, message: str) -> dict[str, dict[str, str]]:
+    """The contract's error object, as the API answers it (its routes, the server's own refusals, the worker
+    group's counters server) and the command line prints it."""
+    return {"error": {"code": code, "message": message}}
+
+
 class AgentqError(Exception):
     status = 400
     code = "bad_request"

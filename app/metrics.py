@@ -64,7 +64,7 @@ def _counters_app(registry: CollectorRegistry) -> WSGIApplication:
     from prometheus_client import make_wsgi_app
 
     from app.auth import bearer_token_of, check_metrics_token
-    from app.errors import Unauthorized
+    from app.errors import Unauthorized, error_object
 
     exposition = make_wsgi_app(registry)
 
@@ -72,7 +72,7 @@ def _counters_app(registry: CollectorRegistry) -> WSGIApplication:
         try:
             check_metrics_token(bearer_token_of(environ.get("HTTP_AUTHORIZATION", "")))
         except Unauthorized as refusal:
-            body = json.dumps({"error": {"code": refusal.code, "message": refusal.message}}).encode()
+            body = json.dumps(error_object(refusal.code, refusal.message)).encode()
             start_response("401 Unauthorized", [("Content-Type", "application/json"),
                                                 ("Content-Length", str(len(body))), ("WWW-Authenticate", "Bearer")])
             return [body]

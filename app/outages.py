@@ -57,7 +57,7 @@ does not accept: its reply carries no SQLSTATE to libpq's caller, so its text is
 def refused_by_configuration(error: BaseException) -> bool:
     """The server answered, and refused what DATABASE_URL asks of it: no wait mends that, the operator must. A
     worker started so would wait it out at every sweep as an outage, and a command call it one."""
-    cause = getattr(error, "orig", None) or error
+    cause = _driver_error(error)
     if not isinstance(cause, psycopg.OperationalError) or cause.sqlstate is not None:
         return False
     said = str(cause).partition("FATAL:")[2].strip()
@@ -85,11 +85,16 @@ def lacks_a_column(error: BaseException) -> bool:
                                                                  or "has no column named" in str(error.orig))
 
 
+def _driver_error(error: BaseException) -> BaseException:
+    """The driver's own error under SQLAlchemy's wrapper (`orig`), which carries what the server said."""
+    return getattr(error, "orig", None) or error
+
+
 def in_one_line(error: BaseException) -> str:
     """What an operator needs of a driver's error (the server refused, the database does not exist): its
     first line, not SQLAlchemy's statement and parameters and background link, which split one log record
     over several lines of a plain log."""
-    cause = getattr(error, "orig", None) or error
+    cause = _driver_error(error)
     text = str(cause).strip()
     return f"{type(cause).__name__}: {text.splitlines()[0]}" if text else type(cause).__name__
 

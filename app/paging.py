@@ -67,8 +67,8 @@ def _decode(cursor: str) -> tuple[datetime, int]:
     try:
         stamp, ident = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
         moment, number = as_utc(datetime.fromisoformat(stamp)), int(ident)
+        if not 1 <= number <= LARGEST_ID:
+            raise ValueError(f"id {number} out of range")
     except (ValueError, UnicodeDecodeError, OverflowError) as exc:
         raise ValidationFailed("cursor is not one this API returned.", code="invalid_cursor") from exc
-    if not 1 <= number <= LARGEST_ID:
-        raise ValidationFailed("cursor is not one this API returned.", code="invalid_cursor")
     return moment, number

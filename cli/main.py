@@ -21,7 +21,7 @@ from cli.arguments import (
     port,
     record_id,
 )
-from cli.output import print_error, print_json, print_warning
+from cli.output import failed, print_error, print_json, print_warning
 
 
 def _dotenv() -> None:
@@ -128,9 +128,8 @@ def cmd_web(args: argparse.Namespace) -> int:
     try:
         check_can_listen(address, listen_port)
     except OSError as exc:
-        print_error("unavailable", f"the API cannot listen on {bind_address(address, listen_port)}: "
-                    f"{exc.strerror or exc}")
-        return 1
+        return failed("unavailable", f"the API cannot listen on {bind_address(address, listen_port)}: "
+                      f"{exc.strerror or exc}")
     serve(address, listen_port, workers=workers, threads=threads)
     return 0
 
@@ -174,9 +173,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         try:
             serve_host_counters(metrics_host, metrics_port)
         except OSError as exc:  # the port taken
-            print_error("unavailable", f"the worker's counters cannot be served on {metrics_host}:{metrics_port}: "
-                        f"{exc.strerror or exc}")
-            return 1
+            return failed("unavailable", f"the worker's counters cannot be served on {metrics_host}:{metrics_port}: "
+                          f"{exc.strerror or exc}")
     preload(ACTORS_MODULE)
     argv = [ACTORS_MODULE, "--processes", str(processes), "--threads", str(threads),
             "--worker-shutdown-timeout", str(int(get_settings().shutdown_grace_seconds * 1000))]
@@ -192,8 +190,7 @@ def cmd_mock_llm(args: argparse.Namespace) -> int:
     try:
         serve(args.host, args.port, args.tls_cert, args.tls_key)
     except OSError as exc:  # the port taken, or a certificate that cannot be read
-        print_error("unavailable", f"the mock upstream cannot serve on {args.host}:{args.port}: {exc}")
-        return 1
+        return failed("unavailable", f"the mock upstream cannot serve on {args.host}:{args.port}: {exc}")
     return 0
 
 
@@ -282,26 +279,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _command(argv: list[str] | None) -> int:
-    try:
-        _dotenv()
-    except InvalidVariable as exc:
-        print_error("invalid_configuration", str(exc))
-        return 2
     from app.config import unknown_settings
 
-    for problem in unknown_settings(os.environ, COMMAND_LINE_VARIABLES):
-        print_warning("unknown_setting", problem)
     try:
+        _dotenv()
+        for problem in unknown_settings(os.environ, COMMAND_LINE_VARIABLES):
+            print_warning("unknown_setting", problem)
         _metrics_dir(sys.argv[1:] if argv is None else argv)
     except InvalidVariable as exc:
-        print_error("invalid_configuration", str(exc))
-        return 2
+        return failed("invalid_configuration", str(exc))
     import pydantic
     import redis
     import sqlalchemy.exc
 
     from app.config import describe_invalid_settings
-    from app.errors import AgentqError, InvalidConfiguration
+    from app.errors import AgentqError
 
     args = build_parser().parse_args(argv)
     try:
@@ -311,20 +303,14 @@ def _command(argv: list[str] | None) -> int:
         # and Python's own flush of stdout at exit must not fail again with a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except InvalidConfiguration as exc:
-        print_error(exc.code, exc.message)
-        return 2
     except AgentqError as exc:
-        print_error(exc.code, exc.message)
-        return 1
+        return failed(exc.code, exc.message)
     except InvalidVariable as exc:
-        print_error("invalid_configuration", str(exc))
-        return 2
+        return failed("invalid_configuration", str(exc))
     except pydantic.ValidationError as exc:
         if exc.title != "Settings":
             raise
-        print_error("invalid_configuration", describe_invalid_settings(exc))
-        return 2
+        return failed("invalid_configuration", describe_invalid_settings(exc))
     except (sqlalchemy.exc.DBAPIError, redis.RedisError) as exc:
         return _backing_service_failed(exc)
 
@@ -338,22 +324,18 @@ def _backing_service_failed(exc: Exception) -> int:
     from app.redis_client import redis_location
 
     if isinstance(exc, redis.RedisError):
-        print_error("service_unavailable" if is_outage(exc) else "redis_error",
-                    f"{in_one_line(exc)} (Redis at {redis_location()})")
-        return 1
+        return failed("service_unavailable" if is_outage(exc) else "redis_error",
+                      f"{in_one_line(exc)} (Redis at {redis_location()})")
     where = f"(the database at {database_location()})"
     if schema_missing(exc):
-        print_error("service_unavailable", f"The database has no agentq schema: run `agentq db init` {where}; a "
-                    "SQLite path is relative to the directory the command runs in.")
-    elif lacks_a_column(exc):
-        print_error("database_error", f"{in_one_line(exc)} {where}: the database predates this release; run "
-                    "`agentq db init` against it to upgrade it.")
-    elif refused_by_configuration(exc):
-        print_error("invalid_configuration", f"{in_one_line(exc)} {where}: mend DATABASE_URL.")
-        return 2
-    else:
-        print_error("service_unavailable" if is_outage(exc) else "database_error", f"{in_one_line(exc)} {where}")
-    return 1
+        return failed("service_unavailable", f"The database has no agentq schema: run `agentq db init` {where}; a "
+                      "SQLite path is relative to the directory the command runs in.")
+    if lacks_a_column(exc):
+        return failed("database_error", f"{in_one_line(exc)} {where}: the database predates this release; run "
+                      "`agentq db init` against it to upgrade it.")
+    if refused_by_configuration(exc):
+        return failed("invalid_configuration", f"{in_one_line(exc)} {where}: mend DATABASE_URL.")
+    return failed("service_unavailable" if is_outage(exc) else "database_error", f"{in_one_line(exc)} {where}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from app.errors import error_object
+
 
 def print_json(payload: object) -> None:
     """Flushed at once: a reader that went away is noticed here, inside the command (`cli.main`), not in
@@ -14,9 +16,16 @@ def print_json(payload: object) -> None:
 
 def print_error(code: str, message: str) -> None:
     """The contract's error object, on stderr."""
-    print(json.dumps({"error": {"code": code, "message": message}}, ensure_ascii=False), file=sys.stderr)
+    print(json.dumps(error_object(code, message), ensure_ascii=False), file=sys.stderr)
 
 
 def print_warning(code: str, message: str) -> None:
     """Something the command went on despite, on stderr, in the error object's shape."""
     print(json.dumps({"warning": {"code": code, "message": message}}, ensure_ascii=False), file=sys.stderr)
+
+
+def failed(code: str, message: str) -> int:
+    """Print the error object; the command's exit status: 2 for a setting the operator must mend
+    (`invalid_configuration`, as argparse's usage errors are 2), 1 for any other failure."""
+    print_error(code, message)
+    return 2 if code == "invalid_configuration" else 1

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException, NotFound
 from werkzeug.wrappers import Response as WerkzeugResponse
 
-from app.errors import AgentqError, InvalidConfiguration
+from app.errors import AgentqError, InvalidConfiguration, error_object
 from app.outages import in_one_line, schema_missing
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ _BODY_SHAPE_ERRORS = frozenset({"model_type", "json_invalid", "dict_type", "mode
 
 
 def error_response(status: int, code: str, message: str) -> Response:
-    response = jsonify({"error": {"code": code, "message": message}})
+    response = jsonify(error_object(code, message))
     response.status_code = status
     return response
 

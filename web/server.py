@@ -15,6 +15,8 @@ from gunicorn.glogging import Logger
 from gunicorn.http import errors as http_errors
 from gunicorn.workers.gthread import ThreadWorker
 
+from app.errors import error_object
+
 
 class QuietAccessLogger(Logger):
     """gunicorn builds every access log line (its "atoms") whenever any logging config is given, and
@@ -85,7 +87,7 @@ class ApiWorker(ThreadWorker):
         else:
             self.log.warning("Invalid request from ip=%s: %s", (addr or ("",))[0], exc)
             message = f"The HTTP request could not be read: {exc}."
-        body = json.dumps({"error": {"code": code, "message": message}}).encode()
+        body = json.dumps(error_object(code, message)).encode()
         head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
         try:

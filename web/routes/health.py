@@ -7,6 +7,7 @@ from flask_openapi3 import APIBlueprint, Tag
 
 from app import readiness
 from app.auth import check_metrics_token
+from app.errors import error_object
 from web import prometheus
 from web import responses as r
 from web.auth import bearer_token
@@ -24,7 +25,7 @@ def healthz() -> dict:
 def readyz() -> dict | tuple[dict, int]:
     report = readiness.check()
     if not report.ready:
-        return {"error": {"code": "not_ready", "message": report.summary}, "checks": report.checks}, 503
+        return {**error_object("not_ready", report.summary), "checks": report.checks}, 503
     return {"status": "ready", "checks": report.checks}
 
 
