@@ -15,10 +15,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
-from sqlalchemy import tuple_, update
-from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy import false, tuple_, update
 
 from app import coordination
 from app.clock import lease_expiry, lease_now
@@ -78,15 +76,19 @@ class Holding:
     turn: coordination.HeldTurn | None
     """Set for a user turn (it has a conversation lock and a user slot); None for an admin test run."""
 
+    @property
+    def kind(self) -> RunKind:
+        return TURN if self.turn is not None else TEST_RUN
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        return _delivery_key(self.kind, self.ident, self.token)
+
 
 def _delivery_key(kind: RunKind, ident: int, token: str) -> tuple[str, int, str]:
     """A delivery, not a run: a stale delivery of a turn (its lease taken over by another thread of the same
     process) and the live one are held apart, so the stale one leaving cannot end the live one's renewals."""
     return (kind.label, ident, token)
-
-
-def _key(holding: Holding) -> tuple[str, int, str]:
-    return _delivery_key(_kind(holding), holding.ident, holding.token)
 
 
 class LeaseKeeper:
@@ -106,13 +108,13 @@ class LeaseKeeper:
     @contextmanager
     def holding(self, holding: Holding) -> Iterator[Holding]:
         with self._lock:
-            self._held[_key(holding)] = holding
+            self._held[holding.key] = holding
             self._keep_running()
         try:
             yield holding
         finally:
             with self._renewing_locks, self._lock:
-                self._held.pop(_key(holding), None)
+                self._held.pop(holding.key, None)
                 self._released.notify_all()
 
     def hand_back(self) -> list[tuple[RunKind, int]]:
@@ -123,7 +125,7 @@ class LeaseKeeper:
         if not held:
             return []
         with transaction() as session:
-            given_up = [(kind, h.ident) for h in held if (kind := _kind(h)).revoke_lease(session, h.ident, h.token)]
+            given_up = [(kind, h.ident) for h in held if (kind := h.kind).revoke_lease(session, h.ident, h.token)]
         for h in held:
             h.stop.set()
         return given_up
@@ -215,35 +217,29 @@ class LeaseKeeper:
         with transaction() as session:
             expires = lease_expiry(lease_now(session), lease_seconds)
             for kind in KINDS:
-                pairs = [(h.ident, h.token) for h in held if _kind(h) is kind]
+                pairs = [(h.ident, h.token) for h in held if h.kind is kind]
                 if not pairs:
                     continue
-                returned: list[InstrumentedAttribute[Any]] = [kind.key, kind.model.lease_token]
-                if kind is TURN:
-                    returned.append(Turn.cancel_requested_at)
+                stop_asked = Turn.cancel_requested_at.is_not(None) if kind is TURN else false()
                 rows = session.execute(
                     update(kind.model)
                     .where(tuple_(kind.key, kind.model.lease_token).in_(pairs))
                     .values(lease_expires_at=expires)
-                    .returning(*returned)
+                    .returning(kind.key.label("ident"), kind.model.lease_token, stop_asked.label("stop_asked"))
                     .execution_options(synchronize_session=False)
                 ).all()
-                kept.update(_delivery_key(kind, row[0], row[1]) for row in rows)
-                stopped.update(row[0] for row in rows if kind is TURN and row[2] is not None)
+                kept.update(_delivery_key(kind, row.ident, row.lease_token) for row in rows)
+                stopped.update(row.ident for row in rows if row.stop_asked)
         with self._lock:
-            current = [h for h in held if self._held.get(_key(h)) is h]
+            current = [h for h in held if self._held.get(h.key) is h]
             self._kept = kept
         for h in current:
-            if _key(h) not in kept:
-                log.warning("lease of %s %s was taken over; stopping", _kind(h).label, h.ident)
+            if h.key not in kept:
+                log.warning("lease of %s %s was taken over; stopping", h.kind.label, h.ident)
                 h.stop.set()
-            elif _kind(h) is TURN and h.ident in stopped:
+            elif h.kind is TURN and h.ident in stopped:
                 h.stop.set()
         self._locks_due.set()
-
-
-def _kind(holding: Holding) -> RunKind:
-    return TURN if holding.turn is not None else TEST_RUN
 
 
 keeper = LeaseKeeper()

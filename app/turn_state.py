@@ -18,7 +18,7 @@ from decimal import Decimal
 from enum import Enum
 from functools import cache
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import ColumnElement, bindparam, case, exists, literal, or_, select, update
 from sqlalchemy.orm import Session
@@ -125,17 +125,19 @@ def _statements() -> SimpleNamespace:
 _ANSWER_COLUMNS = ("content", "model", "prompt_tokens", "completion_tokens", "total_tokens", "cost", "latency_ms")
 
 
-@cache
-def _status_update(target: TurnStatus, *, with_error: bool = False, answering: bool = False) -> Prepared:
-    """Both messages of a turn to `target` in one UPDATE guarded by the statuses `target` may be reached from.
+Written = Literal["status", "error", "answer"]
+"""What a move of a turn's messages writes besides their status and stamp: nothing ("status"), their error
+message ("error"), or that and the answer's columns on the assistant's row ("answer")."""
 
-    `with_error` also sets the error message; `answering` also stores the answer's columns, on the
-    assistant's row only."""
+
+@cache
+def _status_update(target: TurnStatus, written: Written) -> Prepared:
+    """Both messages of a turn to `target` in one UPDATE guarded by the statuses `target` may be reached from."""
     messages = table(ConversationMessage)
     values: dict[str, Any] = {"status": target.value, "updated_at": bindparam("at")}
-    if with_error or answering:
+    if written != "status":
         values["error_message"] = bindparam("error")
-    if answering:
+    if written == "answer":
         values.update({name: case((messages.c.id == bindparam("answer"),
                                    bindparam(f"a_{name}", type_=messages.c[name].type)), else_=messages.c[name])
                        for name in _ANSWER_COLUMNS})
@@ -145,11 +147,10 @@ def _status_update(target: TurnStatus, *, with_error: bool = False, answering: b
                     .values(**values))
 
 
-def _move_messages(unit: Unit | Batch, target: TurnStatus, question: int, answer: int, *,
-                   with_error: bool = False, answering: bool = False, **values: Any) -> None:
+def _move_messages(unit: Unit | Batch, target: TurnStatus, question: int, answer: int, written: Written = "status",
+                   **values: Any) -> None:
     """Run `_status_update`; a turn whose messages were not both in a status `target` is reached from is refused."""
-    moved = _status_update(target, with_error=with_error, answering=answering)(
-        unit, {"question": question, "answer": answer, **values})
+    moved = _status_update(target, written)(unit, {"question": question, "answer": answer, **values})
 
     def check() -> None:
         if moved.rowcount != 2:
@@ -273,7 +274,7 @@ def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
 
 def _move_with_error(session: Session, turn: Turn, target: TurnStatus, error_message: str | None) -> None:
     """Both messages to `target` with this error message (or none), guarded by the statuses they may leave."""
-    _move_messages(session, target, turn.user_message_id, turn.assistant_message_id, with_error=True,
+    _move_messages(session, target, turn.user_message_id, turn.assistant_message_id, "error",
                    error=error_message, at=utc_now())
 
 
@@ -320,7 +321,7 @@ def finish_turn(
 
     then(unit, held)
     counted = prompt_tokens is not None or completion_tokens is not None
-    _move_messages(unit, target, question_id, turn_id, answering=True, error=error_message, at=now,
+    _move_messages(unit, target, question_id, turn_id, "answer", error=error_message, at=now,
                    a_content=content, a_model=model,
                    a_prompt_tokens=(prompt_tokens or 0) if counted else None,
                    a_completion_tokens=(completion_tokens or 0) if counted else None,

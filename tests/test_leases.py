@@ -367,3 +367,31 @@ def test_a_turn_is_ended_past_its_deadline_only_once_its_lease_is_gone_and_its_d
     with transaction() as session:
         status = session.scalar(select(ConversationMessage.status).where(ConversationMessage.id == turn.turn_id))
     assert status == "error"
+
+
+def test_a_stop_recorded_only_in_the_database_reaches_the_turn_at_a_renewal(world) -> None:  # type: ignore[no-untyped-def]
+    """A stop is recorded on the turn's row as well as in Redis; a Redis that lost its flag must not leave the
+    turn running. The keeper here has no Redis look (`cancel_check`), so only the renewal can tell it. An admin
+    test run held beside it, renewed by the same pass, is not told to stop."""
+    turn = _processing_turn(world, token="live")
+    admin_id = world.api.get("/api/me", world.admin_key).json["id"]
+    with transaction() as session:
+        run = DebugRun(agent_id=world.agent(world.model("run")), admin_id=admin_id, input="hi", status="processing",
+                       lease_token="run", lease_expires_at=utc_now() + timedelta(seconds=10))
+        session.add(run)
+        session.flush()
+        run_id = run.id
+    before = _lease_expiry(turn.turn_id)
+    keeper = LeaseKeeper()
+    held_turn = Holding(turn.turn_id, "live", threading.Event(), turn)
+    held_run = Holding(run_id, "run", threading.Event(), None)
+    with keeper.holding(held_turn), keeper.holding(held_run):
+        wait_for(lambda: _lease_expiry(turn.turn_id) != before, timeout=5, what="a first renewal")
+        assert not held_turn.stop.is_set()
+        with transaction() as session:
+            session.execute(update(Turn).where(Turn.assistant_message_id == turn.turn_id)
+                            .values(cancel_requested_at=utc_now()))
+        wait_for(held_turn.stop.is_set, timeout=5, what="the turn to be told to stop by a renewal")
+        assert not held_run.stop.is_set()
+        with transaction() as session:
+            assert session.get_one(DebugRun, run_id).lease_expires_at < utc_now() + timedelta(seconds=5)
