@@ -24,6 +24,8 @@ import psycopg.errors
 import redis
 import sqlalchemy.exc
 
+from app.db import database_location
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -109,12 +111,37 @@ def warn_of(logger: logging.Logger, error: BaseException, message: str, *args: o
         logger.warning(message, *args, exc_info=error)
 
 
+def setup_problem(error: BaseException) -> str | None:
+    """What the operator must do when `error` is one that no wait mends but a setup step does; None otherwise."""
+    if schema_missing(error):
+        return "the database has no agentq schema: run `agentq db init` against it"
+    if lacks_a_column(error):
+        return "the database predates this release: run `agentq db init` against it to upgrade it"
+    if refused_by_configuration(error):
+        return "the database refuses the database, role or password DATABASE_URL names: mend DATABASE_URL"
+    return None
+
+
+SETUP_PROBLEM_REPEAT_SECONDS = 60.0
+"""How often a background loop says again the same setup problem, which fails each of its rounds alike."""
+
+_setup_problem_said: dict[tuple[str, str, str], float] = {}
+
+
 def log_failure(logger: logging.Logger, error: BaseException, doing: str) -> None:
     """A background loop's failed round (a sweep, a lease renewal), logged by what it means: a backing
-    service out of reach as a warning, which the next round waits out; anything else, which would repeat
-    at every round (a bug, a broken schema), as an error with its traceback."""
+    service out of reach as a warning, which the next round waits out; a setup step not taken (no schema, a
+    refused login) as one error line saying the step, at most once a minute, since every round until the
+    step is taken fails alike and a traceback a second would bury it; anything else, which would repeat at
+    every round (a bug), as an error with its traceback."""
     if is_outage(error):
         logger.warning("%s failed, a backing service is out of reach (%s); trying again", doing, in_one_line(error))
+    elif (problem := setup_problem(error)) is not None:
+        key, now = (logger.name, doing, problem), time.monotonic()
+        if now - _setup_problem_said.get(key, float("-inf")) >= SETUP_PROBLEM_REPEAT_SECONDS:
+            _setup_problem_said[key] = now
+            logger.error("%s failed: %s (%s, the database at %s); every round fails alike until then, said again "
+                         "at most once a minute", doing, problem, in_one_line(error), database_location())
     else:
         logger.error("%s failed, and not for an outage: it will fail again until this is fixed", doing,
                      exc_info=error)

@@ -159,3 +159,31 @@ def test_a_database_connection_gives_up_on_a_server_gone_within_half_a_lease(dat
     assert (parameters["keepalives"], parameters["tcp_user_timeout"]) == ("1", str(half_lease_ms))
     idle, interval, count = (int(parameters[k]) for k in ("keepalives_idle", "keepalives_interval", "keepalives_count"))
     assert (idle + interval * count) * 1000 <= half_lease_ms + 3000
+
+
+def test_a_background_round_that_fails_for_a_setup_step_says_the_step_once_a_minute(  # type: ignore[no-untyped-def]
+        tmp_path, caplog, monkeypatch) -> None:
+    """An API process on a database never initialised fails every round of its bounds loop alike: it said so
+    with two tracebacks a second, which buried what to do. The step is said in one line, again a minute on."""
+    import logging
+
+    import app.outages
+    from app.outages import log_failure
+
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path}/empty.sqlite3")
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT id FROM turns"))
+    except sqlalchemy.exc.OperationalError as error:
+        no_schema = error
+    engine.dispose()
+    log = logging.getLogger("agentq.test.setup")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        for _ in range(3):
+            log_failure(log, no_schema, "looking for runs pending too long")
+        monkeypatch.setattr(app.outages, "SETUP_PROBLEM_REPEAT_SECONDS", 0.0)  # the minute gone by
+        log_failure(log, no_schema, "looking for runs pending too long")
+    assert [(r.levelname, r.exc_info) for r in caplog.records] == [("ERROR", None), ("ERROR", None)]
+    assert caplog.records[0].getMessage().startswith(
+        "looking for runs pending too long failed: the database has no agentq schema: run `agentq db init` against "
+        "it (OperationalError: no such table: turns, the database at ")
