@@ -3,7 +3,13 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PORT ?= 8000
+
+# A variable as agentq's own commands read it: the environment, else `.env` in this directory (python-dotenv),
+# else the default given. Expanded only in recipes, once `install` has made the interpreter.
+setting = $(shell $(BIN)/python -c 'import os, sys, dotenv; name, default = sys.argv[1:]; \
+	print(os.environ.get(name) or dotenv.dotenv_values(".env").get(name) or default)' $(1) $(2))
+web_port = $(or $(PORT),$(call setting,PORT,8000))
+upstream_port = $(call setting,AGENTQ_DEMO_UPSTREAM_PORT,8765)
 
 .PHONY: install run test test-chaos lint bench clean redis chromium
 
@@ -16,8 +22,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Starts the local Redis if nothing answers on REDIS_URL's port (it keeps nothing on disk).
-redis:
-	@url="$${REDIS_URL:-redis://127.0.0.1:6379/0}"; \
+redis: install
+	@url="$(call setting,REDIS_URL,redis://127.0.0.1:6379/0)"; \
 	redis-cli -u "$$url" ping >/dev/null 2>&1 || \
 		redis-server --daemonize yes --bind 127.0.0.1 --save "" --appendonly no \
 			--port "$$(echo "$$url" | sed -E 's#^[a-z]+://([^@/]*@)?[^:/]*(:([0-9]+))?.*#\3#' | grep . || echo 6379)"
@@ -27,17 +33,22 @@ chromium:
 	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
 		(apt-get update -q && apt-get install -y -q chromium chromium-driver)
 
+# The ports, REDIS_URL and the demo worker's grace are read as agentq reads its settings (`setting`) and given to
+# honcho, which reads no `.env` of its own (`-e /dev/null`): its values would override the environment's, where
+# every agentq command lets the environment win, and the ports printed would not be the ones served.
 run: install redis
 	mkdir -p var
 	$(BIN)/agentq db init
-	@$(BIN)/agentq demo seed --mock-url http://127.0.0.1:$${AGENTQ_DEMO_UPSTREAM_PORT:-8765}/v1 > var/demo.json
+	@$(BIN)/agentq demo seed --mock-url http://127.0.0.1:$(upstream_port)/v1 > var/demo.json
 	@echo
-	@echo "  agentq is starting at http://127.0.0.1:$(PORT)"
+	@echo "  agentq is starting at http://127.0.0.1:$(web_port)"
 	@echo "  demo API key: $$(cat var/demo-api-key)"
 	@echo "  demo agent id: $$($(BIN)/python -c 'import json;print(json.load(open("var/demo.json"))["agent_id"])')"
 	@echo "  try the curl session in README.md; Ctrl-C stops everything"
 	@echo
-	PATH="$(CURDIR)/$(BIN):$$PATH" AGENTQ_WEB_PORT=$(PORT) $(BIN)/honcho -f Procfile.demo start
+	PATH="$(CURDIR)/$(BIN):$$PATH" AGENTQ_WEB_PORT=$(web_port) AGENTQ_DEMO_UPSTREAM_PORT=$(upstream_port) \
+		AGENTQ_SHUTDOWN_GRACE_SECONDS=$(call setting,AGENTQ_SHUTDOWN_GRACE_SECONDS,2) \
+		$(BIN)/honcho -e /dev/null -f Procfile.demo start
 
 # The suite in TEST_PROCESSES pytest-xdist processes, each a session of its own (database, Redis database, workers):
 # most of a test's time is real processes booting and waiting out leases, which two sessions overlap.
