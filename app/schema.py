@@ -2,7 +2,8 @@
 
 Every statement of `schema.sql` is idempotent, so `agentq db init` is safe to run twice and from
 several machines at once (an advisory lock serialises them); a column added after a release is
-added to an older database by its `ALTER TABLE … ADD COLUMN IF NOT EXISTS`. On SQLite the models
+added to an older database by its `ALTER TABLE … ADD COLUMN IF NOT EXISTS` (and again to one it was
+dropped from by hand; a column of the first release is not, having no such statement). On SQLite the models
 create what is missing, and a column a table lacks is added to it when it is nullable or has a default;
 a file written before money was kept in millionths there has its amounts converted once.
 """
@@ -13,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, Engine, Numeric, Table, inspect, text
+from sqlalchemy import Column, Connection, Engine, Numeric, Table, inspect, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import CreateColumn
 
@@ -38,7 +39,7 @@ class SchemaReport:
     applied: str
     """`schema.sql` on PostgreSQL, `models` on SQLite."""
     added_columns: list[str] = field(default_factory=list)
-    """On SQLite, the `table.column`s an older file lacked."""
+    """The `table.column`s an existing table lacked and this run added (a table made whole is not listed)."""
     converted_money_columns: int = 0
     """On SQLite, the money columns of an older file converted to millionths (once)."""
     refused_key_variables: list[dict[str, Any]] = field(default_factory=list)
@@ -59,13 +60,15 @@ def init_schema() -> SchemaReport:
         try:
             with engine.begin() as connection:
                 connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LOCK_ID})
+                lacking = _columns_lacking(connection)  # under the lock: what another machine's run added is not ours
                 connection.exec_driver_sql(sql)
+                added = sorted(lacking - set(missing_columns(connection)))
         except DBAPIError as exc:
             if lacks_a_column(exc):  # an index of schema.sql on a column dropped by hand (its index went with it)
                 _check_complete(engine)
             raise
-        _check_complete(engine)
-        return SchemaReport(database_location(), SCHEMA_FILE.name, refused_key_variables=_refused_key_variables(engine))
+        _check_complete(engine, added)
+        return SchemaReport(database_location(), SCHEMA_FILE.name, added, 0, _refused_key_variables(engine))
     fresh = not inspect(engine).get_table_names()
     Base.metadata.create_all(engine)
     added = _add_missing_columns(engine)
@@ -75,18 +78,26 @@ def init_schema() -> SchemaReport:
     return SchemaReport(database_location(), "models", added, converted, _refused_key_variables(engine))
 
 
+def _columns_lacking(connection: Connection) -> set[str]:
+    """The `table.column`s of tables the database has that lack a column of the models."""
+    return {f"{table.name}.{column.name}" for table, column in schema_gaps(connection) if column is not None}
+
+
 def _check_complete(engine: Engine, added: list[str] | None = None) -> None:
-    """Every column of the models is there once `db init` has run: it adds those a release added, not one
-    dropped or renamed by hand (nor, on SQLite, one that may not be empty and has no default), and answering
-    success then left the worker refusing to start until `db init` ran, which it just had."""
+    """Every column of the models is there once `db init` has run. It adds a column where it can (on
+    PostgreSQL where `schema.sql` adds it to an older table, on SQLite where it may be empty or has a default),
+    and answering success when it could not left the worker refusing to start until `db init` ran, which it
+    just had."""
     if not (missing := missing_columns(engine)):
         return
     definition = "schema.sql" if engine.dialect.name == "postgresql" else "the models (app/models)"
+    where_it_can = {"postgresql": "schema.sql adds it to an older table (ADD COLUMN IF NOT EXISTS, for the columns "
+                                  "releases added since the first)",
+                    "sqlite": "it may be empty or has a default"}
     done = f" (this run added {', '.join(added)})" if added else ""
     raise SchemaIncomplete(f"The database {database_location()} still lacks {', '.join(missing)} after `db init`"
-                           f"{done}: it adds only the columns a release added (on SQLite, those that may be empty "
-                           f"or have a default), not one dropped or renamed by hand; restore it as {definition} "
-                           "defines it.")
+                           f"{done}: it adds a missing column only where {where_it_can[engine.dialect.name]}; "
+                           f"restore it as {definition} defines it.")
 
 
 def _refused_key_variables(engine: Engine) -> list[dict[str, Any]]:
@@ -128,10 +139,10 @@ def _money_in_millionths(engine: Engine, fresh: bool) -> int:
     return len(columns)
 
 
-def schema_gaps(engine: Engine) -> list[tuple[Table, Column[Any] | None]]:
+def schema_gaps(bind: Engine | Connection) -> list[tuple[Table, Column[Any] | None]]:
     """The models' columns the database lacks, each with its table; a table it lacks whole, as (table, None).
     What `agentq db init` adds on SQLite, and what a worker refuses to start without."""
-    inspector = inspect(engine)
+    inspector = inspect(bind)
     tables = set(inspector.get_table_names())
     gaps: list[tuple[Table, Column[Any] | None]] = []
     for table in Base.metadata.sorted_tables:
@@ -143,9 +154,9 @@ def schema_gaps(engine: Engine) -> list[tuple[Table, Column[Any] | None]]:
     return gaps
 
 
-def missing_columns(engine: Engine) -> list[str]:
+def missing_columns(bind: Engine | Connection) -> list[str]:
     """`schema_gaps` as an operator reads them: `table.column`, or `table.*` for a table missing whole."""
-    return [f"{table.name}.{'*' if column is None else column.name}" for table, column in schema_gaps(engine)]
+    return [f"{table.name}.{'*' if column is None else column.name}" for table, column in schema_gaps(bind)]
 
 
 def _add_missing_columns(engine: Engine) -> list[str]:

@@ -758,12 +758,15 @@ def test_db_init_says_when_a_column_dropped_by_hand_is_still_missing(tmp_path: P
     try:
         postgres = make_url(PG_ADMIN_URL).set(database=name)
         sqlite = tmp_path / "agentq.sqlite3"
-        cases: list[tuple[str, Callable[[], Any], str, str]] = [
+        cases: list[tuple[str, Callable[[], Any], str, str, str]] = [
             # turns.user_id has indexes of its own, which PostgreSQL drops with it
             (postgres.set(drivername="postgresql+psycopg").render_as_string(hide_password=False),
-             lambda: psycopg.connect(postgres.render_as_string(hide_password=False)), "turns.user_id", "schema.sql"),
-            (f"sqlite:///{sqlite}", lambda: sqlite3.connect(sqlite), "llm_models.model", "the models (app/models)")]
-        for url, connect, column, definition in cases:
+             lambda: psycopg.connect(postgres.render_as_string(hide_password=False)), "turns.user_id",
+             "schema.sql adds it to an older table (ADD COLUMN IF NOT EXISTS, for the columns releases added since "
+             "the first)", "schema.sql"),
+            (f"sqlite:///{sqlite}", lambda: sqlite3.connect(sqlite), "llm_models.model",
+             "it may be empty or has a default", "the models (app/models)")]
+        for url, connect, column, where_it_can, definition in cases:
             init = [str(VENV_BIN / "agentq"), "db", "init"]
             subprocess.run(init, env=child_env(DATABASE_URL=url), cwd=ROOT, check=True, capture_output=True,
                            timeout=60)
@@ -777,9 +780,8 @@ def test_db_init_says_when_a_column_dropped_by_hand_is_still_missing(tmp_path: P
             location = str(sqlite) if url.startswith("sqlite") else without_password(url)
             assert (again.returncode, json.loads(again.stderr)["error"]) == (1, {
                 "code": "schema_incomplete",
-                "message": f"The database {location} still lacks {column} after `db init`: it adds only the columns "
-                           "a release added (on SQLite, those that may be empty or have a default), not one dropped "
-                           f"or renamed by hand; restore it as {definition} defines it."})
+                "message": f"The database {location} still lacks {column} after `db init`: it adds a missing column "
+                           f"only where {where_it_can}; restore it as {definition} defines it."})
     finally:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

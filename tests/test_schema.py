@@ -82,7 +82,8 @@ def test_db_init_adds_a_later_column_to_an_older_postgresql_database() -> None:
         with psycopg.connect(f"{PG}/{name}", autocommit=True) as conn:
             conn.execute((ROOT / "schema.sql").read_text())
             conn.execute("ALTER TABLE turns DROP COLUMN deadline_at")
-        db_init(f"postgresql://postgres@127.0.0.1:5432/{name}")
+        added = json.loads(db_init(f"postgresql://postgres@127.0.0.1:5432/{name}").stdout)["added_columns"]
+        assert added == ["turns.deadline_at"]  # it said [] on PostgreSQL, whatever it added
         engine = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}")
         assert "deadline_at" in {c["name"] for c in inspect(engine).get_columns("turns")}
         engine.dispose()
