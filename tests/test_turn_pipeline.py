@@ -622,3 +622,29 @@ def test_taking_credit_back_during_a_turn_leaves_what_the_turn_holds_and_the_tur
     assert [(t["message_id"], t["amount"], t["balance_after"]) for t in ledger] == [
         (assistant["id"], f"-{cost:.6f}", f"{reserved - cost:.6f}"),
         (None, f"-{1 - reserved:.6f}", f"{reserved:.6f}"), (None, "1.000000", "1.000000")]
+
+
+def test_recent_failures_count_each_failed_status_and_list_the_latest(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """What the operators' page polls: every terminal status but success counted since the window's start,
+    and the latest ones listed, newest first, up to `limit`."""
+    agent_id = world.agent(world.model())
+    _, rich = world.user("rich", balance="10")
+    _, broke = world.user("broke", balance="0")
+    ended = []
+    for key, content in ((rich, "hello"), (rich, "a forbidden-word here"), (broke, "hello")):
+        accepted = world.send(key, world.conversation(key, agent_id), content)
+        assert accepted.status_code == 202, accepted.json
+        ended.append(world.wait_terminal(key, accepted.json["assistant_message"]["id"]))
+    assert [m["status"] for m in ended] == ["success", "content_violation", "insufficient_balance"]
+
+    report = world.api.get("/api/admin/failures?limit=1", world.admin_key)
+    assert report.status_code == 200, report.json
+    assert report.json["counts"] == {"error": 0, "insufficient_balance": 1, "content_violation": 1, "llm_error": 0,
+                                     "cancelled": 0}
+    assert [(i["message_id"], i["status"]) for i in report.json["items"]] == [(ended[2]["id"], "insufficient_balance")]
+    assert report.json["items"][0]["conversation_id"] == ended[2]["conversation_id"]
+    both = world.api.get("/api/admin/failures?limit=5", world.admin_key).json["items"]
+    assert [i["message_id"] for i in both] == [ended[2]["id"], ended[1]["id"]]
+    assert both[1]["error_message"] == "moderation: blocked term 'forbidden-word'"
+    assert world.api.get("/api/admin/failures", rich).status_code == 403
+    assert world.api.get("/api/admin/failures?limit=0", world.admin_key).status_code == 422
