@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import os
 import sys
 import tempfile
@@ -21,7 +22,7 @@ from cli.arguments import (
     port,
     record_id,
 )
-from cli.output import failed, print_error, print_json, print_warning
+from cli.output import WarningLines, failed, print_error, print_json, print_warning
 
 
 def _dotenv() -> None:
@@ -281,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
 def _command(argv: list[str] | None) -> int:
     from app.config import unknown_settings
 
+    logging.getLogger().addHandler(WarningLines())  # the servers replace it with their log (`configure_logging`)
     try:
         _dotenv()
         for problem in unknown_settings(os.environ, COMMAND_LINE_VARIABLES):

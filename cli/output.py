@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 from app.errors import error_object
@@ -29,3 +30,21 @@ def failed(code: str, message: str) -> int:
     (`invalid_configuration`, as argparse's usage errors are 2), 1 for any other failure."""
     print_error(code, message)
     return 2 if code == "invalid_configuration" else 1
+
+
+class WarningLines(logging.Handler):
+    """A command's log records at WARNING and above (Redis out of reach for `dlq list`, a send left to
+    recovery) as warning lines, `print_warning`'s shape with the level as the code: Python's last-resort
+    handler printed them as bare text among the command's JSON lines. A record's exception is said in one
+    line, as the command's own errors are."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from app.outages import in_one_line
+
+        message = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            message = f"{message} ({in_one_line(record.exc_info[1])})"
+        print_warning(record.levelname.lower(), message)

@@ -799,3 +799,17 @@ def test_a_dotenv_file_with_a_line_that_cannot_be_read_stops_the_command(tmp_pat
         "code": "invalid_configuration",
         "message": f"{tmp_path / '.env'}: line 2 cannot be read as NAME=value (an unclosed quote?); nothing of the "
                    "file was loaded"})
+
+
+def test_what_a_command_logs_as_it_goes_on_is_a_json_warning_line(database: str) -> None:
+    """`dlq list` with Redis out of reach lists the database's rows and says so: Python's last-resort handler
+    printed that as bare text among the command's JSON lines."""
+    import json
+
+    result = subprocess.run([str(VENV_BIN / "agentq"), "dlq", "list"], cwd=ROOT, text=True, capture_output=True,
+                            timeout=60, env=child_env(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0"))
+    assert (result.returncode, json.loads(result.stdout)) == (0, {"items": []})
+    warnings = [json.loads(line)["warning"] for line in result.stderr.splitlines()]
+    assert [w["code"] for w in warnings] == ["warning"]
+    assert warnings[0]["message"].startswith("Redis could not be read (ConnectionError: ")
+    assert warnings[0]["message"].endswith("); dead letters are listed from the database alone")
