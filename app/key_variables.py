@@ -27,9 +27,11 @@ def refusal(name: str | None) -> str | None:
     """Why a model may not read its key from the variable `name`, or None when it may (or names none)."""
     if name is None:
         return None
+    if name.startswith("AGENTQ_") or name in OWN_VARIABLES:
+        return (f"the variable {name} is one of agentq's own settings, which no model's key may be read from "
+                "whatever AGENTQ_MODEL_KEY_VARIABLES allows")
     settings = get_settings()
-    if not name.startswith("AGENTQ_") and name not in OWN_VARIABLES and any(
-            fnmatchcase(name, pattern) for pattern in settings.model_key_variable_patterns):
+    if any(fnmatchcase(name, pattern) for pattern in settings.model_key_variable_patterns):
         return None
     return (f"the variable {name} is not one a model's key may be read from (AGENTQ_MODEL_KEY_VARIABLES: "
             f"{settings.model_key_variables})")

@@ -30,23 +30,29 @@ def cmd_debug_prompt(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_WAIT_SECONDS = 600.0
+
+
 def cmd_debug_execute(args: argparse.Namespace) -> int:
     from app import debugging
     from app.turn_status import TurnStatus
     from web import render
     from workers.broker import install_broker
 
+    if args.timeout is not None and not args.wait:  # before the run is written: it would be started regardless
+        args.parser.error("--timeout is how long --wait waits: give --wait too")
     admin = debugging.admin_principal(args.admin_id)
     install_broker()
     log_id = debugging.start_execution(admin, args.agent_id, args.content)
     if not args.wait:
         print_json({"debug_log_id": log_id})
         return 0
-    run = debugging.wait_for_debug_log(log_id, args.timeout)
+    waited = DEFAULT_WAIT_SECONDS if args.timeout is None else args.timeout
+    run = debugging.wait_for_debug_log(log_id, waited)
     print_json(render.debug_log(run))
     if not TurnStatus(run.status).is_terminal:
         hint = " (is a worker serving the `debug` queue running?)" if run.status == TurnStatus.PENDING else ""
-        print_error("still_running", f"debug log {log_id} is still {run.status} after {args.timeout:g}s{hint}")
+        print_error("still_running", f"debug log {log_id} is still {run.status} after {waited:g}s{hint}")
         return 1
     return 0
 
@@ -70,4 +76,6 @@ def add_debug_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     parsers["prompt"].add_argument("--conversation-id", type=record_id, default=None,
                                    help="take the history of this conversation of the agent (any user's)")
     parsers["execute"].add_argument("--wait", action="store_true", help="wait for the run to end and print its log")
-    parsers["execute"].add_argument("--timeout", type=seconds, default=600.0, help="seconds --wait waits at most")
+    parsers["execute"].add_argument("--timeout", type=seconds, default=None,
+                                    help=f"seconds --wait waits at most (default {DEFAULT_WAIT_SECONDS:g})")
+    parsers["execute"].set_defaults(parser=parsers["execute"])

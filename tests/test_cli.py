@@ -270,6 +270,8 @@ def test_a_setting_that_cannot_work_stops_the_command_with_one_json_error(args: 
     (["debug", "route", "1", "hello", "--admin-id", "99999999999999999999"], "an id is 1.."),
     (["debug", "prompt", "1", "hi", "--admin-id", "1", "--conversation-id", "-5"], "not -5"),
     (["debug", "execute", "1", "hi", "--admin-id", "1", "--wait", "--timeout", "-1"], "and finite, not -1"),
+    # taken without a word, and the run started, as if the operator would be told how it ended
+    (["debug", "execute", "1", "hi", "--admin-id", "1", "--timeout", "5"], "--timeout is how long --wait waits"),
     (["users", "create", "typo", "--balance", "5_00"], "digits 0-9, an optional sign and decimal point, not '5_00'"),
     (["dlq", "requeue"], "one of the arguments id --all is required"),
     (["dlq", "purge", "5", "--all"], "not allowed with argument id"),
