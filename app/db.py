@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from app.config import get_settings, without_password
-from app.errors import InvalidConfiguration
+from app.errors import DatabaseNotCreated, InvalidConfiguration
 
 IDLE_PING_SECONDS = 1.0
 
@@ -39,8 +39,11 @@ _lock = threading.Lock()
 _engines: dict[str, tuple[Engine, sessionmaker[Session]]] = {}
 
 
-def _sqlite_engine(url: str) -> Engine:
+def _sqlite_engine(url: str, create: bool) -> Engine:
     path = url.split("///", 1)[1] if "///" in url else ""
+    if path and path != ":memory:" and not create and not Path(path).exists():
+        raise DatabaseNotCreated(f"The SQLite file {Path(path).resolve()} does not exist: run `agentq db init` to "
+                                 "create it (a SQLite path is relative to the directory a command runs in).")
     if path and path != ":memory:":
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -65,9 +68,9 @@ def _sqlite_engine(url: str) -> Engine:
     return engine
 
 
-def _build_engine(url: str) -> Engine:
+def _build_engine(url: str, create: bool) -> Engine:
     if url.startswith("sqlite"):
-        return _sqlite_engine(url)
+        return _sqlite_engine(url, create)
     settings = get_settings()
     engine = create_engine(
         url,
@@ -114,21 +117,23 @@ def _ping_idle_connections(engine: Engine) -> None:
             raise DisconnectionError("a pooled connection failed its ping")
 
 
-def _engine_and_factory() -> tuple[Engine, sessionmaker[Session]]:
+def _engine_and_factory(create: bool = False) -> tuple[Engine, sessionmaker[Session]]:
     url = get_settings().database_url
     found = _engines.get(url)
     if found is None:
         with _lock:
             found = _engines.get(url)
             if found is None:
-                engine = _build_engine(url)
+                engine = _build_engine(url, create)
                 found = (engine, sessionmaker(engine, expire_on_commit=False))
                 _engines[url] = found
     return found
 
 
-def get_engine() -> Engine:
-    return _engine_and_factory()[0]
+def get_engine(*, create: bool = False) -> Engine:
+    """The process's engine for DATABASE_URL; `create` (`agentq db init` only) makes a SQLite file not there
+    yet, which any other caller is refused (`DatabaseNotCreated`) until it has been made."""
+    return _engine_and_factory(create)[0]
 
 
 def database_location() -> str:

@@ -97,6 +97,12 @@ class ServiceUnavailable(AgentqError):
     code = "service_unavailable"
 
 
+class DatabaseNotCreated(ServiceUnavailable):
+    """The SQLite file DATABASE_URL names is not there. Only `agentq db init` makes it: the path is relative to
+    the directory a command runs in, and any command or server run from another one made an empty database
+    there, which then said it had no schema."""
+
+
 class InvalidConfiguration(AgentqError):
     """A setting no wait will fix (a database file that cannot be made where it points): the operator's to mend."""
 

@@ -17,6 +17,7 @@ from app.db import transaction
 from app.dead_letter_queue import message_id_of
 from app.dead_letters import open_dead_letters
 from app.dispatch import broker_key
+from app.errors import DatabaseNotCreated
 from app.models import ConversationMessage
 from app.models.base import utc_now
 from app.outages import is_outage, schema_missing
@@ -78,7 +79,7 @@ def queue_snapshot(*, database_required: bool = True) -> QueueSnapshot:
     try:
         snapshot.turns_by_status = _turns_in_flight()
         dead_letters.update(open_dead_letters(held))
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, DatabaseNotCreated) as exc:
         if database_required or not (is_outage(exc) or schema_missing(exc)):
             raise
         snapshot.database_error = f"{type(exc).__name__}: {exc}"

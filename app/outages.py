@@ -25,6 +25,7 @@ import redis
 import sqlalchemy.exc
 
 from app.db import database_location
+from app.errors import DatabaseNotCreated
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -69,7 +70,10 @@ def refused_by_configuration(error: BaseException) -> bool:
 def schema_missing(error: BaseException) -> bool:
     """A query that failed because agentq's tables are not there: a database never initialised, or (on the
     SQLite default, a path relative to the working directory) a process started in another directory,
-    which then opens an empty file. A setup error, to be said as such rather than as a brief outage."""
+    which then opens an empty file, or a SQLite file `db init` has not made (`DatabaseNotCreated`). A setup
+    error, to be said as such rather than as a brief outage."""
+    if isinstance(error, DatabaseNotCreated):
+        return True
     if not isinstance(error, sqlalchemy.exc.DBAPIError):
         return False
     if isinstance(error.orig, psycopg.errors.UndefinedTable):
@@ -113,6 +117,8 @@ def warn_of(logger: logging.Logger, error: BaseException, message: str, *args: o
 
 def setup_problem(error: BaseException) -> str | None:
     """What the operator must do when `error` is one that no wait mends but a setup step does; None otherwise."""
+    if isinstance(error, DatabaseNotCreated):
+        return "the SQLite file does not exist: run `agentq db init` to create it"
     if schema_missing(error):
         return "the database has no agentq schema: run `agentq db init` against it"
     if lacks_a_column(error):

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
 from app.db import database_location, get_engine
-from app.errors import AgentqError, InvalidConfiguration
+from app.errors import AgentqError, DatabaseNotCreated, InvalidConfiguration
 from app.models import User
 from app.outages import refused_by_configuration, schema_missing
 from app.redis_client import get_redis
@@ -56,7 +56,9 @@ def require_schema() -> None:
     server that refuses the database, role or password it is given. A database out of reach is let through:
     the worker rides that out like any outage."""
     try:
-        get_engine()  # a setting no wait mends (`InvalidConfiguration`) stops the worker here, not as a state
+        # A setting no wait mends (`InvalidConfiguration`), or a SQLite file `db init` has not made
+        # (`DatabaseNotCreated`), stops the worker here, not as a state.
+        get_engine()
         state = _database()
         missing = missing_columns(get_engine()) if state == "ok" else []
     finally:  # the worker group's parent serves nothing: no connection of its own to keep open
@@ -77,6 +79,8 @@ def _database() -> str:
     try:
         with get_engine().connect() as connection:  # one query proves the database is reached and set up
             connection.execute(select(User.id).limit(1))
+    except DatabaseNotCreated:
+        return NO_SCHEMA
     except DBAPIError as exc:
         if schema_missing(exc):
             return NO_SCHEMA

@@ -54,7 +54,7 @@ class SchemaIncomplete(AgentqError):
 
 
 def init_schema() -> SchemaReport:
-    engine = get_engine()
+    engine = get_engine(create=True)
     if engine.dialect.name == "postgresql":
         sql = SCHEMA_FILE.read_text()
         try:

@@ -127,7 +127,8 @@ def _run_agentq(args: list[Any], env: dict[str, str]) -> tuple[int, str]:
     # a worker there would dead-letter every turn it took: it says where it looked, and does not start
     (["worker", "--processes", "1", "--threads", "1"],
      {"DATABASE_URL": f"sqlite:///{LOG_DIR}/never-initialised-worker.sqlite3"},
-     f"service_unavailable: The database {LOG_DIR.resolve()}/never-initialised-worker.sqlite3 has no agentq schema"),
+     f"service_unavailable: The SQLite file {LOG_DIR.resolve()}/never-initialised-worker.sqlite3 does not exist: run "
+     "`agentq db init` to create it"),
 ])
 def test_an_operators_mistake_is_one_json_error_not_a_traceback(args: list[Any], env: dict[str, str],
                                                                  code: str) -> None:
@@ -606,11 +607,14 @@ def test_a_sqlite_file_that_cannot_be_made_or_read_is_named(tmp_path: Path) -> N
     (tmp_path / "a-file").write_text("")
     (tmp_path / "not-a-database").write_text("this is no SQLite file, and long enough to be read as a header\n" * 4)
     beside_a_file = tmp_path / "a-file" / "agentq.sqlite3"
-    for command in (["db", "init"], ["worker", "--processes", "1"]):
-        assert _failed_command(command, DATABASE_URL=f"sqlite:///{beside_a_file}") == (2, {
-            "code": "invalid_configuration",
-            "message": f"DATABASE_URL names the SQLite file {beside_a_file}, whose directory cannot be made: File "
-                       "exists."})
+    assert _failed_command(["db", "init"], DATABASE_URL=f"sqlite:///{beside_a_file}") == (2, {
+        "code": "invalid_configuration",
+        "message": f"DATABASE_URL names the SQLite file {beside_a_file}, whose directory cannot be made: File exists."})
+    # only `db init` makes the file, and says why it cannot; a worker is told to run it
+    assert _failed_command(["worker", "--processes", "1"], DATABASE_URL=f"sqlite:///{beside_a_file}") == (1, {
+        "code": "service_unavailable",
+        "message": f"The SQLite file {beside_a_file} does not exist: run `agentq db init` to create it (a SQLite path "
+                   "is relative to the directory a command runs in)."})
     assert _failed_command(["dlq", "list"], DATABASE_URL=f"sqlite:///{tmp_path / 'not-a-database'}") == (1, {
         "code": "database_error",
         "message": f"DatabaseError: file is not a database (the database at {tmp_path / 'not-a-database'})"})
@@ -718,25 +722,33 @@ def test_a_postgresql_url_may_leave_its_database_to_libpq_when_something_names_i
     assert Settings(database_url=url).database_url == url.replace("postgresql://", "postgresql+psycopg://")
 
 
-def test_the_api_on_a_database_it_cannot_make_tells_callers_nothing_of_where_it_is(tmp_path: Path) -> None:
-    """The reason names a path of the server's (and a setting): its log says it, a caller is told it cannot serve."""
+def test_the_api_on_a_sqlite_file_not_made_tells_callers_nothing_of_where_it_is_and_makes_nothing(
+        tmp_path: Path) -> None:
+    """The reason names a path of the server's: its log says it, a caller is told the operator must run `db init`.
+    An API (or any command but `db init`) started where the relative path found no file made an empty database
+    there, and its directories."""
     import httpx
 
     from tests.support import Process, agentq, free_port, wait_http
 
     (tmp_path / "a-file").write_text("")
     port = free_port()
-    web = Process("web-unmakeable-database", agentq("web", "--port", str(port), "--workers", "1", "--threads", "2"),
-                  child_env(DATABASE_URL=f"sqlite:///{tmp_path / 'a-file' / 'agentq.sqlite3'}"), LOG_DIR).start()
-    try:
-        wait_http(f"http://127.0.0.1:{port}/healthz")
-        answer = httpx.get(f"http://127.0.0.1:{port}/api/me", headers={"Authorization": "Bearer aq_any"}, timeout=10)
-        assert (answer.status_code, answer.json()) == (503, {"error": {
-            "code": "invalid_configuration",
-            "message": "The service is not configured to serve; its operators are told why in its log."}})
-        assert f"the service cannot serve: DATABASE_URL names the SQLite file {tmp_path / 'a-file'}" in web.output()
-    finally:
-        web.stop()
+    for path in (tmp_path / "a-file" / "agentq.sqlite3", tmp_path / "var" / "agentq.sqlite3"):
+        web = Process("web-sqlite-not-made", agentq("web", "--port", str(port), "--workers", "1", "--threads", "2"),
+                      child_env(DATABASE_URL=f"sqlite:///{path}"), LOG_DIR).start()
+        try:
+            wait_http(f"http://127.0.0.1:{port}/healthz")
+            answer = httpx.get(f"http://127.0.0.1:{port}/api/me", headers={"Authorization": "Bearer aq_any"},
+                               timeout=10)
+            assert (answer.status_code, answer.json()) == (503, {"error": {
+                "code": "service_unavailable",
+                "message": "The service is not set up yet: its database has no schema. The operator must run "
+                           "`agentq db init`."}})
+            assert f"the service cannot serve: The SQLite file {path} does not exist: run `agentq db init`" \
+                in web.output()
+        finally:
+            web.stop()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
 def test_db_init_says_when_a_column_dropped_by_hand_is_still_missing(tmp_path: Path) -> None:

@@ -79,7 +79,8 @@ def test_a_database_without_the_schema_is_not_ready_and_says_to_run_db_init(data
         assert metrics.status_code == 200
         assert 'agentq_backing_service_up{service="database"} 0.0' in metrics.text
         # The process's own loop (runs pending too long) fails every 0.1-0.2 s alike: said once, in one line.
-        said = "failed: the database has no agentq schema: run `agentq db init` against it"
+        said = ("failed: the SQLite file does not exist: run `agentq db init` to create it" if database == "sqlite"
+                else "failed: the database has no agentq schema: run `agentq db init` against it")
         wait_for(lambda: said in web.output(), timeout=10, what="the bounds loop to say the setup step")
         time.sleep(1.0)  # five rounds or more: no event marks a round that logs nothing
         assert web.output().count(said) == 1

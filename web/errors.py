@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException, NotFound
 from werkzeug.wrappers import Response as WerkzeugResponse
 
-from app.errors import AgentqError, InvalidConfiguration, error_object
+from app.errors import AgentqError, DatabaseNotCreated, InvalidConfiguration, error_object
 from app.outages import in_one_line, schema_missing
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,11 @@ def on_validation_error(exc: ValidationError) -> Response:
     return error_response(422, "validation_failed", f"Invalid value for '{where}': {first['msg']}.")
 
 
+def _no_schema_response() -> Response:
+    return error_response(503, "service_unavailable", "The service is not set up yet: its database has no schema. "
+                          "The operator must run `agentq db init`.")
+
+
 def install_error_handlers(app: Flask) -> None:
     @app.errorhandler(http_errors.ParseException)
     def _unreadable(exc: http_errors.ParseException) -> Response:
@@ -55,6 +60,13 @@ def install_error_handlers(app: Flask) -> None:
         log.error("the service cannot serve: %s", exc.message)
         return error_response(exc.status, exc.code,
                               "The service is not configured to serve; its operators are told why in its log.")
+
+    @app.errorhandler(DatabaseNotCreated)
+    def _not_created(exc: DatabaseNotCreated) -> Response:
+        """As a database without the schema: the operator must run `db init`; where the file was looked for (a
+        server path) is in the log."""
+        log.error("the service cannot serve: %s", exc.message)
+        return _no_schema_response()
 
     @app.errorhandler(AgentqError)
     def _domain(exc: AgentqError) -> Response:
@@ -101,9 +113,7 @@ def install_error_handlers(app: Flask) -> None:
 
     def _no_schema() -> Response:
         log.error("the database has no agentq schema (%s %s); run `agentq db init`", request.method, request.path)
-        return error_response(503, "service_unavailable",
-                              "The service is not set up yet: its database has no schema. The operator must run "
-                              "`agentq db init`.")
+        return _no_schema_response()
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
