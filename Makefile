@@ -4,11 +4,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# A variable as agentq's own commands read it: the environment, else `.env` in this directory (python-dotenv),
-# else the default given. Expanded only in recipes, once `install` has made the interpreter.
-setting = $(shell $(BIN)/python -c 'import os, sys, dotenv; name, default = sys.argv[1:]; \
-	print(os.environ.get(name) or dotenv.dotenv_values(".env").get(name) or default)' $(1) $(2))
-web_port = $(or $(PORT),$(call setting,PORT,8000))
+# A variable as agentq's own commands read it: given to make (its command line, or the environment, taken as
+# it is: `$(value)`), else `.env` in this directory (python-dotenv), else the default given. Expanded only in
+# recipes, once `install` has made the interpreter; `quoted` makes a value one shell word whatever it holds.
+setting = $(if $(filter command line environment%,$(origin $(1))),$(call given,$(1)),$(call in_dotenv,$(1),$(2)))
+given = $(if $(filter command line,$(origin $(1))),$($(1)),$(value $(1)))
+in_dotenv = $(shell $(BIN)/python -c \
+	'import sys, dotenv; print(dotenv.dotenv_values(".env").get(sys.argv[1]) or sys.argv[2])' $(1) $(2))
+quoted = '$(subst ','\'',$(1))'
+web_port = $(call setting,PORT,8000)
 upstream_port = $(call setting,AGENTQ_DEMO_UPSTREAM_PORT,8765)
 
 .PHONY: install run test test-chaos lint bench clean redis chromium
@@ -23,7 +27,7 @@ install: $(STAMP)
 
 # Starts the local Redis if nothing answers on REDIS_URL's port (it keeps nothing on disk).
 redis: install
-	@url="$(call setting,REDIS_URL,redis://127.0.0.1:6379/0)"; \
+	@url=$(call quoted,$(call setting,REDIS_URL,redis://127.0.0.1:6379/0)); \
 	redis-cli -u "$$url" ping >/dev/null 2>&1 || \
 		redis-server --daemonize yes --bind 127.0.0.1 --save "" --appendonly no \
 			--port "$$(echo "$$url" | sed -E 's#^[a-z]+://([^@/]*@)?[^:/]*(:([0-9]+))?.*#\3#' | grep . || echo 6379)"
@@ -39,15 +43,16 @@ chromium:
 run: install redis
 	mkdir -p var
 	$(BIN)/agentq db init
-	@$(BIN)/agentq demo seed --mock-url http://127.0.0.1:$(upstream_port)/v1 > var/demo.json
+	@$(BIN)/agentq demo seed --mock-url $(call quoted,http://127.0.0.1:$(upstream_port)/v1) > var/demo.json
 	@echo
 	@echo "  agentq is starting at http://127.0.0.1:$(web_port)"
 	@echo "  demo API key: $$(cat var/demo-api-key)"
 	@echo "  demo agent id: $$($(BIN)/python -c 'import json;print(json.load(open("var/demo.json"))["agent_id"])')"
 	@echo "  try the curl session in README.md; Ctrl-C stops everything"
 	@echo
-	PATH="$(CURDIR)/$(BIN):$$PATH" AGENTQ_WEB_PORT=$(web_port) AGENTQ_DEMO_UPSTREAM_PORT=$(upstream_port) \
-		AGENTQ_SHUTDOWN_GRACE_SECONDS=$(call setting,AGENTQ_SHUTDOWN_GRACE_SECONDS,2) \
+	PATH="$(CURDIR)/$(BIN):$$PATH" AGENTQ_WEB_PORT=$(call quoted,$(web_port)) \
+		AGENTQ_DEMO_UPSTREAM_PORT=$(call quoted,$(upstream_port)) \
+		AGENTQ_SHUTDOWN_GRACE_SECONDS=$(call quoted,$(call setting,AGENTQ_SHUTDOWN_GRACE_SECONDS,2)) \
 		$(BIN)/honcho -e /dev/null -f Procfile.demo start
 
 # The suite in TEST_PROCESSES pytest-xdist processes, each a session of its own (database, Redis database, workers):

@@ -40,7 +40,9 @@ _engines: dict[str, tuple[Engine, sessionmaker[Session]]] = {}
 
 
 def _sqlite_engine(url: str, create: bool) -> Engine:
-    path = url.split("///", 1)[1] if "///" in url else ""
+    parsed = make_url(url)
+    # A `file:` URI (`?uri=true`) is the driver's to read: what it names is not judged here.
+    path = "" if parsed.query.get("uri") == "true" else (parsed.database or "")
     if path and path != ":memory:" and not create and not Path(path).exists():
         raise DatabaseNotCreated(f"The SQLite file {Path(path).resolve()} does not exist: run `agentq db init` to "
                                  "create it (a SQLite path is relative to the directory a command runs in).")

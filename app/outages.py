@@ -17,6 +17,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import psycopg
@@ -115,39 +116,54 @@ def warn_of(logger: logging.Logger, error: BaseException, message: str, *args: o
         logger.warning(message, *args, exc_info=error)
 
 
-def setup_problem(error: BaseException) -> str | None:
-    """What the operator must do when `error` is one that no wait mends but a setup step does; None otherwise."""
+@dataclass(frozen=True, slots=True)
+class SetupProblem:
+    """A failure that no wait mends but a setup step does."""
+
+    code: str
+    """The error code a command fails with: `invalid_configuration` for a setting to mend, `schema_incomplete`
+    for columns to add, `service_unavailable` for a schema not made yet (a deployment's `db init` may be
+    running)."""
+    step: str
+    """What the operator must do, as a clause: "the database has no agentq schema: run `agentq db init`"."""
+
+
+def setup_problem(error: BaseException) -> SetupProblem | None:
     if isinstance(error, DatabaseNotCreated):
-        return "the SQLite file does not exist: run `agentq db init` to create it"
+        return SetupProblem("service_unavailable", "the SQLite file does not exist: run `agentq db init` to create it")
     if schema_missing(error):
-        return "the database has no agentq schema: run `agentq db init` against it"
+        return SetupProblem("service_unavailable", "the database has no agentq schema: run `agentq db init` against "
+                                                   "it (a SQLite path is relative to the directory a command runs in)")
     if lacks_a_column(error):
-        return "the database predates this release: run `agentq db init` against it to upgrade it"
+        return SetupProblem("schema_incomplete", "the database predates this release: run `agentq db init` against "
+                                                 "it to upgrade it")
     if refused_by_configuration(error):
-        return "the database refuses the database, role or password DATABASE_URL names: mend DATABASE_URL"
+        return SetupProblem("invalid_configuration", "the database refuses the database, role or password "
+                                                     "DATABASE_URL names: mend DATABASE_URL")
     return None
 
 
 SETUP_PROBLEM_REPEAT_SECONDS = 60.0
 """How often a background loop says again the same setup problem, which fails each of its rounds alike."""
 
-_setup_problem_said: dict[tuple[str, str, str], float] = {}
+_setup_problem_said: dict[tuple[str, str], float] = {}
 
 
 def log_failure(logger: logging.Logger, error: BaseException, doing: str) -> None:
-    """A background loop's failed round (a sweep, a lease renewal), logged by what it means: a backing
-    service out of reach as a warning, which the next round waits out; a setup step not taken (no schema, a
-    refused login) as one error line saying the step, at most once a minute, since every round until the
-    step is taken fails alike and a traceback a second would bury it; anything else, which would repeat at
-    every round (a bug), as an error with its traceback."""
-    if is_outage(error):
-        logger.warning("%s failed, a backing service is out of reach (%s); trying again", doing, in_one_line(error))
-    elif (problem := setup_problem(error)) is not None:
-        key, now = (logger.name, doing, problem), time.monotonic()
+    """A background loop's failed round (a sweep, a lease renewal), logged by what it means: a setup step not
+    taken (no schema, a refused login) as one error line saying the step, at most once a minute for each
+    logger, since every round until the step is taken fails alike and a traceback a second would bury it; a
+    backing service out of reach as a warning, which the next round waits out; anything else, which would
+    repeat at every round (a bug), as an error with its traceback. The setup step is looked for first: a
+    login the server refuses carries no SQLSTATE, which `is_outage` takes for a connection that failed."""
+    if (problem := setup_problem(error)) is not None:
+        key, now = (logger.name, problem.step), time.monotonic()
         if now - _setup_problem_said.get(key, float("-inf")) >= SETUP_PROBLEM_REPEAT_SECONDS:
             _setup_problem_said[key] = now
-            logger.error("%s failed: %s (%s, the database at %s); every round fails alike until then, said again "
-                         "at most once a minute", doing, problem, in_one_line(error), database_location())
+            logger.error("%s failed: %s. %s (the database at %s); every round fails alike until then, said again "
+                         "at most once a minute", doing, problem.step, in_one_line(error), database_location())
+    elif is_outage(error):
+        logger.warning("%s failed, a backing service is out of reach (%s); trying again", doing, in_one_line(error))
     else:
         logger.error("%s failed, and not for an outage: it will fail again until this is fixed", doing,
                      exc_info=error)

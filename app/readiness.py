@@ -55,14 +55,14 @@ def require_schema() -> None:
     to (workers deployed before `agentq db init` ran): every claim would fail the same way. Nor against a
     server that refuses the database, role or password it is given. A database out of reach is let through:
     the worker rides that out like any outage."""
+    # A setting no wait mends (`InvalidConfiguration`), or a SQLite file `db init` has not made
+    # (`DatabaseNotCreated`), stops the worker here, not as a state.
+    engine = get_engine()
     try:
-        # A setting no wait mends (`InvalidConfiguration`), or a SQLite file `db init` has not made
-        # (`DatabaseNotCreated`), stops the worker here, not as a state.
-        get_engine()
         state = _database()
-        missing = missing_columns(get_engine()) if state == "ok" else []
+        missing = missing_columns(engine) if state == "ok" else []
     finally:  # the worker group's parent serves nothing: no connection of its own to keep open
-        get_engine().dispose()
+        engine.dispose()
     if state == REFUSED:
         raise InvalidConfiguration(f"The database at {database_location()} refuses the database, role or password "
                                    "DATABASE_URL names: mend it first (no wait will, and the worker would take "

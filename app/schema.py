@@ -68,7 +68,8 @@ def init_schema() -> SchemaReport:
                 _check_complete(engine)
             raise
         _check_complete(engine, added)
-        return SchemaReport(database_location(), SCHEMA_FILE.name, added, 0, _refused_key_variables(engine))
+        return SchemaReport(database_location(), SCHEMA_FILE.name, added_columns=added,
+                            refused_key_variables=_refused_key_variables(engine))
     fresh = not inspect(engine).get_table_names()
     Base.metadata.create_all(engine)
     added = _add_missing_columns(engine)
@@ -141,7 +142,8 @@ def _money_in_millionths(engine: Engine, fresh: bool) -> int:
 
 def schema_gaps(bind: Engine | Connection) -> list[tuple[Table, Column[Any] | None]]:
     """The models' columns the database lacks, each with its table; a table it lacks whole, as (table, None).
-    What `agentq db init` adds on SQLite, and what a worker refuses to start without."""
+    What `agentq db init` adds on SQLite and reports adding on either database, and what a worker refuses to
+    start without."""
     inspector = inspect(bind)
     tables = set(inspector.get_table_names())
     gaps: list[tuple[Table, Column[Any] | None]] = []

@@ -188,6 +188,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_mock_llm(args: argparse.Namespace) -> int:
     from app.mock_upstream import serve
 
+    # A server's log, tracebacks kept; it reads no AGENTQ_ setting, so not agentq's (`configure_logging`).
+    logging.basicConfig(level=logging.WARNING, force=True)
+
     try:
         serve(args.host, args.port, args.tls_cert, args.tls_key)
     except OSError as exc:  # the port taken, or a certificate that cannot be read
@@ -322,22 +325,16 @@ def _backing_service_failed(exc: Exception) -> int:
     import redis
 
     from app.db import database_location
-    from app.outages import in_one_line, is_outage, lacks_a_column, refused_by_configuration, schema_missing
+    from app.outages import in_one_line, is_outage, setup_problem
     from app.redis_client import redis_location
 
     if isinstance(exc, redis.RedisError):
         return failed("service_unavailable" if is_outage(exc) else "redis_error",
                       f"{in_one_line(exc)} (Redis at {redis_location()})")
-    where = f"(the database at {database_location()})"
-    if schema_missing(exc):
-        return failed("service_unavailable", f"The database has no agentq schema: run `agentq db init` {where}; a "
-                      "SQLite path is relative to the directory the command runs in.")
-    if lacks_a_column(exc):
-        return failed("database_error", f"{in_one_line(exc)} {where}: the database predates this release; run "
-                      "`agentq db init` against it to upgrade it.")
-    if refused_by_configuration(exc):
-        return failed("invalid_configuration", f"{in_one_line(exc)} {where}: mend DATABASE_URL.")
-    return failed("service_unavailable" if is_outage(exc) else "database_error", f"{in_one_line(exc)} {where}")
+    said = f"{in_one_line(exc)} (the database at {database_location()})"
+    if (problem := setup_problem(exc)) is not None:
+        return failed(problem.code, f"{said}: {problem.step}.")
+    return failed("service_unavailable" if is_outage(exc) else "database_error", said)
 
 
 if __name__ == "__main__":

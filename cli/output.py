@@ -44,7 +44,10 @@ class WarningLines(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         from app.outages import in_one_line
 
-        message = record.getMessage()
-        if record.exc_info and record.exc_info[1] is not None:
-            message = f"{message} ({in_one_line(record.exc_info[1])})"
-        print_warning(record.levelname.lower(), message)
+        try:
+            message = record.getMessage()
+            if record.exc_info and record.exc_info[1] is not None:
+                message = f"{message} ({in_one_line(record.exc_info[1])})"
+            print_warning(record.levelname.lower(), message)
+        except Exception:  # a log call gone wrong is logging's to report, not the command's to fail on
+            self.handleError(record)

@@ -594,8 +594,8 @@ def test_a_database_that_refuses_its_url_is_a_setting_to_mend_and_no_worker_star
     assert _failed_command(["users", "create", "x"], DATABASE_URL=url) == (2, {
         "code": "invalid_configuration",
         "message": 'OperationalError: connection failed: connection to server at "127.0.0.1", port 5432 failed: '
-                   f'FATAL:  database "agentq_no_such_database" does not exist (the database at {url}): mend '
-                   "DATABASE_URL."})
+                   f'FATAL:  database "agentq_no_such_database" does not exist (the database at {url}): the '
+                   "database refuses the database, role or password DATABASE_URL names: mend DATABASE_URL."})
     assert _failed_command(["worker", "--processes", "1"], DATABASE_URL=url) == (2, {
         "code": "invalid_configuration",
         "message": f"The database at {url} refuses the database, role or password DATABASE_URL names: mend it "
@@ -641,9 +641,9 @@ def test_a_database_a_release_added_columns_to_is_told_to_run_db_init(tmp_path: 
     with sqlite3.connect(path) as older:
         older.execute("ALTER TABLE users DROP COLUMN is_admin")
     assert _failed_command(["users", "create", "x"], DATABASE_URL=f"sqlite:///{path}") == (1, {
-        "code": "database_error",
+        "code": "schema_incomplete",
         "message": f"OperationalError: table users has no column named is_admin (the database at {path}): the "
-                   "database predates this release; run `agentq db init` against it to upgrade it."})
+                   "database predates this release: run `agentq db init` against it to upgrade it."})
 
 
 def test_a_debug_run_no_worker_takes_asks_for_one_and_an_interrupted_wait_is_one_line(tmp_path: Path) -> None:
@@ -729,26 +729,33 @@ def test_the_api_on_a_sqlite_file_not_made_tells_callers_nothing_of_where_it_is_
     there, and its directories."""
     import httpx
 
-    from tests.support import Process, agentq, free_port, wait_http
+    from tests.support import Process, agentq, free_port, wait_for, wait_http
 
     (tmp_path / "a-file").write_text("")
     port = free_port()
+    base = f"http://127.0.0.1:{port}"
     for path in (tmp_path / "a-file" / "agentq.sqlite3", tmp_path / "var" / "agentq.sqlite3"):
+        env = child_env(DATABASE_URL=f"sqlite:///{path}")
         web = Process("web-sqlite-not-made", agentq("web", "--port", str(port), "--workers", "1", "--threads", "2"),
-                      child_env(DATABASE_URL=f"sqlite:///{path}"), LOG_DIR).start()
+                      env, LOG_DIR).start()
         try:
-            wait_http(f"http://127.0.0.1:{port}/healthz")
-            answer = httpx.get(f"http://127.0.0.1:{port}/api/me", headers={"Authorization": "Bearer aq_any"},
-                               timeout=10)
+            wait_http(f"{base}/healthz")
+            answer = httpx.get(f"{base}/api/me", headers={"Authorization": "Bearer aq_any"}, timeout=10)
             assert (answer.status_code, answer.json()) == (503, {"error": {
                 "code": "service_unavailable",
                 "message": "The service is not set up yet: its database has no schema. The operator must run "
                            "`agentq db init`."}})
             assert f"the service cannot serve: The SQLite file {path} does not exist: run `agentq db init`" \
                 in web.output()
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+            if path.parent.name == "var":  # the API serves once `db init` has made the file, without a restart
+                subprocess.run(agentq("db", "init"), env=env, cwd=ROOT, check=True, capture_output=True, timeout=60)
+                wait_for(lambda: httpx.get(f"{base}/readyz", timeout=10).status_code == 200, timeout=10,
+                         what="the API to be ready once the file is made")
+                assert httpx.get(f"{base}/api/me", headers={"Authorization": "Bearer aq_any"},
+                                 timeout=10).status_code == 401
         finally:
             web.stop()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
 def test_db_init_says_when_a_column_dropped_by_hand_is_still_missing(tmp_path: Path) -> None:
@@ -827,3 +834,34 @@ def test_what_a_command_logs_as_it_goes_on_is_a_json_warning_line(database: str)
     assert [w["code"] for w in warnings] == ["warning"]
     assert warnings[0]["message"].startswith("Redis could not be read (ConnectionError: ")
     assert warnings[0]["message"].endswith("); dead letters are listed from the database alone")
+
+
+def test_a_sqlite_url_with_driver_options_opens_the_file_db_init_made(tmp_path: Path) -> None:
+    """The file was looked for under the URL's text after `///`, options and all: it was never found."""
+    import json
+
+    url = f"sqlite:///{tmp_path / 'agentq.sqlite3'}?timeout=10"
+    for command, printed in ((["db", "init"], "database"), (["dlq", "list"], "items")):
+        result = subprocess.run([str(VENV_BIN / "agentq"), *command], env=child_env(DATABASE_URL=url), cwd=ROOT,
+                                text=True, capture_output=True, timeout=60)
+        assert (result.returncode, printed in json.loads(result.stdout)) == (0, True), result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(("-wal", "-shm"))) == ["agentq.sqlite3"]
+
+
+def test_debug_execute_with_a_timeout_and_no_wait_writes_no_run(world) -> None:  # type: ignore[no-untyped-def]
+    """The usage error comes before the run is written: the operator, told the command was wrong, would not
+    look for a run it had started."""
+    from sqlalchemy import func, select
+
+    from app.db import transaction
+    from app.models import DebugRun
+
+    admin_id = world.api.get("/api/me", world.admin_key).json["id"]
+    agent_id = world.agent(world.model())
+    result = subprocess.run([str(VENV_BIN / "agentq"), "debug", "execute", str(agent_id), "hi", "--admin-id",
+                             str(admin_id), "--timeout", "5"], env=child_env(), cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert (result.returncode, result.stderr.splitlines()[-1]) == (
+        2, "agentq debug execute: error: --timeout is how long --wait waits: give --wait too")
+    with transaction() as session:
+        assert session.scalar(select(func.count()).select_from(DebugRun)) == 0

@@ -12,15 +12,16 @@ from pathlib import Path
 from tests.support import ROOT, VENV_BIN
 
 
-def _make_run_recipes(directory: Path, dotenv: str, **environment: str) -> str:
+def _make_run_recipes(directory: Path, dotenv: str | None, *make_arguments: str, **environment: str) -> str:
     for name in ("Makefile", "pyproject.toml", "Procfile.demo"):
         (directory / name).symlink_to(ROOT / name)
     (directory / ".venv").symlink_to(VENV_BIN.parent)
-    (directory / ".env").write_text(dotenv)
-    env = {name: value for name, value in os.environ.items()
-           if name not in ("PORT", "REDIS_URL", "AGENTQ_DEMO_UPSTREAM_PORT", "AGENTQ_SHUTDOWN_GRACE_SECONDS")}
-    printed = subprocess.run(["make", "-n", "run"], cwd=directory, env={**env, **environment}, capture_output=True,
-                             text=True, timeout=60, check=True)
+    if dotenv is not None:
+        (directory / ".env").write_text(dotenv)
+    env = {name: value for name, value in os.environ.items() if name not in (
+        "PORT", "REDIS_URL", "AGENTQ_DEMO_UPSTREAM_PORT", "AGENTQ_SHUTDOWN_GRACE_SECONDS", "MAKEFLAGS", "MAKELEVEL")}
+    printed = subprocess.run(["make", "-n", "run", *make_arguments], cwd=directory, env={**env, **environment},
+                             capture_output=True, text=True, timeout=60, check=True)
     return printed.stdout
 
 
@@ -32,17 +33,28 @@ def test_make_run_takes_its_ports_and_redis_from_dotenv(tmp_path: Path) -> None:
     """`make run` looked for Redis on the default port and seeded the demo model with the mock's default port
     while honcho, reading `.env` itself, started the mock on the port `.env` named: every demo turn failed."""
     recipes = _make_run_recipes(tmp_path, DOTENV)
-    assert 'url="redis://127.0.0.1:6391/5"' in recipes
-    assert "demo seed --mock-url http://127.0.0.1:8866/v1" in recipes
+    assert "url='redis://127.0.0.1:6391/5'" in recipes
+    assert "demo seed --mock-url 'http://127.0.0.1:8866/v1'" in recipes
     assert "agentq is starting at http://127.0.0.1:8101" in recipes
-    assert "AGENTQ_WEB_PORT=8101 AGENTQ_DEMO_UPSTREAM_PORT=8866" in recipes
-    assert "AGENTQ_SHUTDOWN_GRACE_SECONDS=7" in recipes
+    assert "AGENTQ_WEB_PORT='8101'" in recipes and "AGENTQ_DEMO_UPSTREAM_PORT='8866'" in recipes
+    assert "AGENTQ_SHUTDOWN_GRACE_SECONDS='7'" in recipes
     assert "honcho -e /dev/null -f Procfile.demo start" in recipes
 
 
-def test_make_run_lets_the_environment_win_over_dotenv(tmp_path: Path) -> None:
-    recipes = _make_run_recipes(tmp_path, DOTENV, PORT="8102", AGENTQ_DEMO_UPSTREAM_PORT="8867",
-                                REDIS_URL="redis://127.0.0.1:6392/4")
-    assert 'url="redis://127.0.0.1:6392/4"' in recipes
-    assert "demo seed --mock-url http://127.0.0.1:8867/v1" in recipes
-    assert "AGENTQ_WEB_PORT=8102 AGENTQ_DEMO_UPSTREAM_PORT=8867" in recipes
+def test_make_run_lets_the_environment_and_makes_command_line_win_over_dotenv(tmp_path: Path) -> None:
+    """A value given to make is taken as it is, one shell word: a password's `$` or quote is not the shell's."""
+    recipes = _make_run_recipes(tmp_path, DOTENV, "PORT=8102", "AGENTQ_SHUTDOWN_GRACE_SECONDS=3",
+                                AGENTQ_DEMO_UPSTREAM_PORT="8867", REDIS_URL="redis://:p$w'd@127.0.0.1:6392/4")
+    assert "url='redis://:p$w'\\''d@127.0.0.1:6392/4'" in recipes
+    assert "demo seed --mock-url 'http://127.0.0.1:8867/v1'" in recipes
+    assert "agentq is starting at http://127.0.0.1:8102" in recipes
+    assert "AGENTQ_WEB_PORT='8102'" in recipes and "AGENTQ_DEMO_UPSTREAM_PORT='8867'" in recipes
+    assert "AGENTQ_SHUTDOWN_GRACE_SECONDS='3'" in recipes
+
+
+def test_make_run_without_dotenv_has_the_defaults(tmp_path: Path) -> None:
+    recipes = _make_run_recipes(tmp_path, None)
+    assert "url='redis://127.0.0.1:6379/0'" in recipes
+    assert "demo seed --mock-url 'http://127.0.0.1:8765/v1'" in recipes
+    assert "AGENTQ_WEB_PORT='8000'" in recipes and "AGENTQ_DEMO_UPSTREAM_PORT='8765'" in recipes
+    assert "AGENTQ_SHUTDOWN_GRACE_SECONDS='2'" in recipes

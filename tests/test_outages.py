@@ -186,4 +186,30 @@ def test_a_background_round_that_fails_for_a_setup_step_says_the_step_once_a_min
     assert [(r.levelname, r.exc_info) for r in caplog.records] == [("ERROR", None), ("ERROR", None)]
     assert caplog.records[0].getMessage().startswith(
         "looking for runs pending too long failed: the database has no agentq schema: run `agentq db init` against "
-        "it (OperationalError: no such table: turns, the database at ")
+        "it (a SQLite path is relative to the directory a command runs in). OperationalError: no such table: turns "
+        "(the database at ")
+
+
+def test_a_background_round_against_a_database_that_refuses_its_login_says_to_mend_the_url(caplog) -> None:  # type: ignore[no-untyped-def]
+    """A refusal carries no SQLSTATE, which `is_outage` reads as a connection that failed: it was logged as a
+    backing service out of reach, to be waited out, every round."""
+    import logging
+
+    from app.outages import log_failure
+
+    engine = sqlalchemy.create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/agentq_no_such_database")
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.OperationalError as error:
+        refused = error
+    engine.dispose()
+    log = logging.getLogger("agentq.test.refused")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        log_failure(log, refused, "a lease renewal")
+        log_failure(log, refused, "a recovery sweep")  # another loop of the same logger: the same minute
+    assert [(r.levelname, r.exc_info) for r in caplog.records] == [("ERROR", None)]
+    assert caplog.records[0].getMessage().startswith(
+        "a lease renewal failed: the database refuses the database, role or password DATABASE_URL names: mend "
+        'DATABASE_URL. OperationalError: connection failed: connection to server at "127.0.0.1", port 5432 failed: '
+        'FATAL:  database "agentq_no_such_database" does not exist (the database at ')

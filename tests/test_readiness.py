@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,12 +55,15 @@ def test_a_database_that_never_answers_is_503_within_the_connect_timeout_and_met
         web.stop()
 
 
-@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("database", ["sqlite-no-file", "sqlite-empty-file", "postgresql"])
 def test_a_database_without_the_schema_is_not_ready_and_says_to_run_db_init(database: str, tmp_path: Path) -> None:
     """On the SQLite default (a path relative to the working directory) a web started in another directory
-    opened an empty file: /readyz said ready while every request answered "unavailable for a moment"."""
-    if database == "sqlite":
+    opened an empty file: /readyz said ready while every request answered "unavailable for a moment". A file
+    that is there but empty (made by hand, or by an earlier release) is said the same way as one not there."""
+    if database.startswith("sqlite"):
         url = f"sqlite:///{tmp_path}/empty.sqlite3"
+        if database == "sqlite-empty-file":
+            sqlite3.connect(tmp_path / "empty.sqlite3").close()
     else:
         name = scratch_database("agentq_no_schema")
         url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
@@ -79,7 +83,8 @@ def test_a_database_without_the_schema_is_not_ready_and_says_to_run_db_init(data
         assert metrics.status_code == 200
         assert 'agentq_backing_service_up{service="database"} 0.0' in metrics.text
         # The process's own loop (runs pending too long) fails every 0.1-0.2 s alike: said once, in one line.
-        said = ("failed: the SQLite file does not exist: run `agentq db init` to create it" if database == "sqlite"
+        said = ("failed: the SQLite file does not exist: run `agentq db init` to create it"
+                if database == "sqlite-no-file"
                 else "failed: the database has no agentq schema: run `agentq db init` against it")
         wait_for(lambda: said in web.output(), timeout=10, what="the bounds loop to say the setup step")
         time.sleep(1.0)  # five rounds or more: no event marks a round that logs nothing
