@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import logging
 import os
+import stat
 import sys
 import tempfile
 from dataclasses import asdict
@@ -75,8 +76,22 @@ def _metrics_dir(argv: list[str]) -> None:
         deployment = "|".join((settings.database_url, settings.redis_url, relative_to))
         tag = hashlib.sha256(deployment.encode()).hexdigest()[:12]
         path = Path(tempfile.gettempdir()) / f"agentq-metrics-{os.getuid()}-{tag}"
-        path.mkdir(parents=True, exist_ok=True)
+        _own_private_dir(path)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+
+
+def _own_private_dir(path: Path) -> None:
+    """The default directory sits in the shared temporary directory under a name anyone can work out: one
+    another user made there first could feed /metrics its own counters, or hold links through which
+    prometheus_client would write into this user's files. It is made private, and one that is not this
+    user's own directory is refused."""
+    path.mkdir(mode=0o700, exist_ok=True)
+    found = path.lstat()
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid():
+        raise InvalidVariable(f"the default metrics directory {path} is not a directory of this user's own (it was "
+                              "made by another): remove it, or set PROMETHEUS_MULTIPROC_DIR to a private directory")
+    if stat.S_IMODE(found.st_mode) != 0o700:  # made by an earlier release, with the umask's mode
+        path.chmod(0o700)
 
 
 def _usable_metrics_dir(configured: str) -> None:

@@ -865,3 +865,38 @@ def test_debug_execute_with_a_timeout_and_no_wait_writes_no_run(world) -> None: 
         2, "agentq debug execute: error: --timeout is how long --wait waits: give --wait too")
     with transaction() as session:
         assert session.scalar(select(func.count()).select_from(DebugRun)) == 0
+
+
+def test_the_default_metrics_directory_is_private_and_one_another_user_made_is_refused(  # type: ignore[no-untyped-def]
+        tmp_path: Path, monkeypatch) -> None:
+    """Its name in the shared temporary directory can be worked out: it was taken as found, whoever made it,
+    so another user could feed /metrics or plant links for prometheus_client to write through."""
+    import stat
+    import tempfile
+
+    from cli.arguments import InvalidVariable
+    from cli.main import _metrics_dir
+
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+
+    def default_dir() -> None:
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")  # not set: the default is made
+        _metrics_dir(["web"])
+
+    default_dir()
+    made = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    assert (made.parent, stat.S_IMODE(made.stat().st_mode)) == (tmp_path, 0o700)
+    made.chmod(0o755)  # as an earlier release made it
+    default_dir()
+    assert stat.S_IMODE(made.stat().st_mode) == 0o700
+    made.rmdir()
+    (tmp_path / "elsewhere").mkdir()
+    made.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(InvalidVariable, match="is not a directory of this user's own"):
+        default_dir()
+    made.unlink()
+    if os.getuid() == 0:  # only root can give a directory to another user
+        made.mkdir()
+        os.chown(made, 65534, 65534)
+        with pytest.raises(InvalidVariable, match="is not a directory of this user's own"):
+            default_dir()
