@@ -12,9 +12,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 
+import redis
+
+from app.config import get_settings
 from app.db import transaction
 from app.logging_setup import turn_context
 from app.outages import warn_of
+from app.redis_client import get_redis, key
 from app.run_kinds import TURN, RunKind
 
 log = logging.getLogger(__name__)
@@ -30,6 +34,20 @@ def send(kind: RunKind, ident: int, enqueued_at: datetime | None) -> bool:
             return True
     leave_for_recovery(kind, ident)
     return False
+
+
+def resend(kind: RunKind, ident: int) -> bool:
+    """Send again a run that a client's retry (an Idempotency-Key's replay) found still pending: its first
+    request may have committed and died before its send, and the retry must not wait for the recovery
+    sweep. At most once an `AGENTQ_ENQUEUE_GRACE_SECONDS` a run: every replay sent one more message, so a
+    client replaying a key in a loop during a backlog queued as many ahead of everyone's turns. Whether
+    this call sent it."""
+    try:
+        first = get_redis().set(key("resent", kind.label, ident), 1, nx=True,
+                                px=max(1, int(get_settings().enqueue_grace_seconds * 1000)))
+    except redis.RedisError:
+        first = True  # the send meets the same Redis, and leaves the run to recovery if it fails too
+    return bool(first) and send(kind, ident, None)
 
 
 @contextmanager

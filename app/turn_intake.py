@@ -188,11 +188,10 @@ def _owned_replay(principal: Principal, conversation_id: int, key: str | None, c
 
 
 def _resend_if_pending(replay: AcceptedTurn) -> AcceptedTurn:
-    """A replayed turn still pending is sent again: the first request may have committed and then died
-    (or lost the database) before its send, and its retry must not wait for the recovery sweep.
-    A second message is harmless: the claim runs a turn once."""
+    """A replayed turn still pending is sent again (`app.outbox.resend`, at most once a grace). A second
+    message is harmless: the claim runs a turn once."""
     if replay.assistant_message.status == TurnStatus.PENDING:
-        outbox.send(TURN, replay.assistant_message.id, None)
+        outbox.resend(TURN, replay.assistant_message.id)
     return replay
 
 

@@ -231,6 +231,39 @@ def test_a_retry_of_a_turn_committed_but_never_sent_sends_it(world, redis_client
     assert _outbox_mark(committed.assistant_message.id) == committed.enqueued_at
 
 
+def test_replays_of_a_pending_turn_send_it_again_once_a_grace_not_once_each(world, redis_client,  # type: ignore[no-untyped-def]
+                                                                            monkeypatch) -> None:
+    """Every replay of a key whose turn was still pending sent one more message: a client replaying in a loop
+    during a backlog queued as many ahead of everyone's turns."""
+    from sqlalchemy import text
+
+    import app.outbox
+    from app.auth import Principal
+    from app.db import plain_transaction
+    from app.recovery import epoch_key
+    from app.turn_intake import _insert_turn
+
+    wait_for(lambda: redis_client.exists(epoch_key()), what="a recovery sweep after the Redis flush")
+    agent_id = world.agent(world.model())
+    user_id, key = world.user()
+    conversation_id = world.conversation(key, agent_id)
+    with plain_transaction() as connection:
+        committed = _insert_turn(connection, Principal(user_id, "alice", False), conversation_id, "replayed",
+                                 "replayed-key")
+    sent: list[int] = []
+    send = app.outbox.send
+    monkeypatch.setattr(app.outbox, "send", lambda kind, ident, at: sent.append(ident) or send(kind, ident, at))
+    turn_id = committed.assistant_message.id
+    with plain_transaction() as connection:  # the turn stays pending while the replays arrive: a worker's
+        connection.execute(text("SELECT 1 FROM turns WHERE assistant_message_id = :id FOR UPDATE"),  # claim waits
+                           {"id": turn_id})
+        replies = [world.send(key, conversation_id, "replayed", headers={"Idempotency-Key": "replayed-key"})
+                   for _ in range(5)]
+    assert [(r.status_code, r.json["assistant_message"]["id"]) for r in replies] == [(202, turn_id)] * 5
+    assert sent == [turn_id]
+    assert world.wait_terminal(key, turn_id, timeout=15)["status"] == "success"
+
+
 def _outbox_mark(turn_id: int):  # type: ignore[no-untyped-def]
     from app.db import transaction
     from app.models import Turn
