@@ -5,7 +5,7 @@ is refused; a worker killed before either leaves them in no record, though the p
 is left of them is what they streamed to the turn's readers: the live stream holds each call's model and
 text, under the dead delivery's attempt numbers. The delivery that takes the turn over from a lease that
 was never given up (`ClaimResult.predecessor`) records each such call as `interrupted`, its tokens
-estimated (the prompt as the reservation estimates it, the text streamed, at most the answer's limit) and
+estimated (the prompt as a prompt is fitted to a context window, the text streamed, at most the answer's limit) and
 priced at its model's prices, before it calls any model itself.
 
 A worker that was only cut off (from the database, for longer than its lease) is alive: when it comes back

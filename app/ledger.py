@@ -64,9 +64,8 @@ def add_credit(session: Session, user_id: int, amount: Decimal) -> Decimal:
 def _statements() -> SimpleNamespace:
     """Built once on the Core tables and run on the driver (`app.prepared`): every turn reserves and settles.
 
-    A charge is what the turn may spend: `cost`, or, when the cost came out above the reservation (the
-    provider counted more prompt tokens than the estimate that priced it, which it may up to the prompt's
-    bytes) and the balance cannot cover it, what the balance holds beyond the other turns' reservations
+    A charge is what the turn may spend: `cost`, or, when the cost came out above the reservation and the
+    balance cannot cover it, what the balance holds beyond the other turns' reservations
     (this turn's hold and the unreserved rest). Taking the whole balance would spend money other turns in
     flight hold: each of them would then be charged short of its cost, a user who never overran. A turn
     already charged gets no second row: only a delivery that lost

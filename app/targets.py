@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from app.config import get_settings
 from app.model_target import MODEL_FIELDS, ModelTarget
 from app.models import Agent, LlmModel
-from app.token_estimates import estimate_tokens_of_messages
+from app.token_estimates import most_tokens_of_messages
 
 
 def target_of(model: LlmModel) -> ModelTarget:
@@ -44,8 +44,11 @@ def attempt_order(primary: ModelTarget, fallback: ModelTarget | None, *,
 
 
 def max_cost(target: ModelTarget, messages: list[dict[str, str]], max_tokens: int | None) -> Decimal:
-    """The most a turn can cost on `target`: its estimated prompt and an answer as long as allowed."""
-    return target.cost(estimate_tokens_of_messages(messages), get_settings().answer_limit(max_tokens))
+    """The most a turn can cost on `target`: its prompt at the most a provider may count it (its UTF-8
+    bytes, which the charge is capped at too) and an answer as long as allowed. Priced at the estimate (a
+    token per four ASCII characters), a prompt of characters a tokenizer splits finely (punctuation, emoji)
+    was charged up to four times what was reserved, past the balance: the operator paid the rest."""
+    return target.cost(most_tokens_of_messages(messages), get_settings().answer_limit(max_tokens))
 
 
 def worst_case_cost(primary: ModelTarget, fallback: ModelTarget | None,

@@ -207,8 +207,8 @@ def _first_model(context: TurnContext) -> ModelTarget:
 
 
 def _worst_case(context: TurnContext, turn: TurnRow) -> Decimal:
-    """What the claim holds of the user's balance: the worst case (estimated prompt plus the answer's
-    token limit, at the dearest model's prices), for a delivery that will call a model.
+    """What the claim holds of the user's balance: the worst case (the prompt at its bytes plus the answer's
+    token limit, at the dearest model's prices: `app.targets.max_cost`), for a delivery that will call a model.
 
     A turn taken over from a dead worker keeps the reservation that worker made and holds only what the
     worst case has grown by since: it runs with the agent and models as they are now (an admin may have

@@ -114,14 +114,16 @@ def test_route_test_reports_the_decision_without_calling_a_model_or_recording_co
                               {"content": "hello world"})
 
     assert response.status_code == 200
-    # prompt estimate: system (16+3)//4+4 = 8, user (11+3)//4+4 = 7, +2 = 17; the worst case is the
-    # reservation a turn makes: 17 prompt + 100 answer tokens on the dearer model, here the fallback
+    # prompt estimate: system (16+3)//4+4 = 8, user (11+3)//4+4 = 7, +2 = 17. The cost is the reservation a
+    # turn makes, the worst case: the prompt at the most a provider may count (its bytes, 8 a message for the
+    # framing, 8 for the reply's priming: 16+8 + 11+8 + 8 = 51) and 100 answer tokens, on the dearer model,
+    # here the fallback
     assert response.json == {
         "model": "primary", "fallback_model": "backup", "timeout_seconds": 30, "moderation": "pass",
         "moderation_reason": None, "estimated_prompt_tokens": 17,
-        "estimated_cost": _money(max(Decimal(17 * 1 + 100 * 2), Decimal(17 * 10 + 100 * 1)) / 1000),
+        "estimated_cost": _money(max(Decimal(51 * 1 + 100 * 2), Decimal(51 * 10 + 100 * 1)) / 1000),
     }
-    assert response.json["estimated_cost"] == "0.270000"
+    assert response.json["estimated_cost"] == "0.610000"
     assert upstream.requests() == []
     assert _moderated(upstream) == ["hello world"]
     assert (_count("admin_debug_logs"), _count("model_attempts")) == (0, 0)
@@ -138,7 +140,7 @@ def test_route_test_reports_a_moderation_violation_as_the_worker_would(world, up
     assert blocked.json == {
         "model": "primary", "fallback_model": None, "timeout_seconds": 120, "moderation": "violation",
         "moderation_reason": "blocked term 'forbidden'", "estimated_prompt_tokens": 8 + 10 + 2,
-        "estimated_cost": _money(Decimal(20 * 1 + 1024 * 1) / 1000),
+        "estimated_cost": _money(Decimal((16 + 8 + 23 + 8 + 8) * 1 + 1024 * 1) / 1000),  # the prompt's bytes
     }
     assert (flagged.json["moderation"], flagged.json["moderation_reason"]) == (
         "violation", "flagged by the moderation endpoint")
@@ -472,7 +474,7 @@ def test_the_cli_twin_prints_what_the_api_answers(world, upstream, moderation) -
     assert (route.returncode, route.stderr) == (0, "")
     assert json.loads(route.stdout) == world.api.post(f"{base}/route", world.admin_key,
                                                       {"content": "hello world"}).json
-    assert json.loads(route.stdout)["estimated_cost"] == _money(Decimal(17 * 1 + 50 * 2) / 1000)
+    assert json.loads(route.stdout)["estimated_cost"] == _money(Decimal(51 * 1 + 50 * 2) / 1000)
     prompt = _cli("prompt", str(agent_id), "second", "--admin-id", admin, "--conversation-id", str(conversation_id))
     assert prompt.returncode == 0
     assert json.loads(prompt.stdout) == world.api.post(f"{base}/prompt", world.admin_key,

@@ -144,17 +144,19 @@ def test_usage_a_provider_reports_past_what_the_request_allowed_is_charged_at_th
     assert world.api.get("/api/me", key).json["balance"] == "9.905000"
 
 
-def test_a_turn_that_costs_more_than_it_held_spends_none_of_what_another_turn_holds(world, upstream) -> None:  # type: ignore[no-untyped-def]
-    """The reservation prices a prompt at the estimate, and a provider may count it up to its bytes: the turn
-    then costs more than it held. Its charge stops at what the balance holds beyond the other turns'
-    reservations; taken from the whole balance, it left the turn in flight beside it charged short of its
-    own cost. Each turn holds 0.066000 (16 prompt tokens estimated and 50 answer tokens, 1 a thousand)."""
+def test_a_provider_counting_past_what_a_turn_can_cost_charges_what_the_turn_held(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """The reservation priced a prompt at the estimate (a token per four ASCII characters) while a provider
+    may count it up to its bytes: a prompt of characters a tokenizer splits finely was charged past the
+    balance, and the operator paid the rest. It now reserves the prompt at its bytes, which is also where a
+    charge stops: a turn costs at most what it held. Each turn holds 0.095000 (a prompt of at most
+    16+8 + 5+8 + 8 = 45 tokens and 50 answer tokens, 1 a thousand); the one whose provider reports a
+    trillion tokens is charged exactly that, and the turn beside it is charged its own cost in full."""
     def agent(name: str, upstream_model: str) -> int:
         return world.agent(world.model(name, upstream=upstream_model, price_in="1", price_out="1"), max_tokens=50)
 
     over = agent("counts-over", "echo;reported_tokens=1000000000000")
     later = agent("answers-later", "echo;ttft=2;reported_tokens=20")
-    _, key = world.user(balance="0.132")
+    _, key = world.user(balance="0.19")
     second = world.send(key, world.conversation(key, later)).json["assistant_message"]["id"]
     wait_for(lambda: world.message(key, second)["status"] == "processing", what="the slower turn's claim")
     first = world.wait_terminal(key, world.send(key, world.conversation(key, over)).json["assistant_message"]["id"])
@@ -164,8 +166,37 @@ def test_a_turn_that_costs_more_than_it_held_spends_none_of_what_another_turn_ho
         "success", "0.095000", "success", "0.040000")
     ledger = world.api.get("/api/me/transactions", key).json["items"]
     assert [(t["message_id"], t["amount"], t["balance_after"]) for t in ledger if t["message_id"]] == [
-        (second, "-0.040000", "0.026000"), (first["id"], "-0.066000", "0.066000")]
-    assert world.api.get("/api/me", key).json["balance"] == "0.026000"
+        (second, "-0.040000", "0.055000"), (first["id"], "-0.095000", "0.095000")]
+    assert world.api.get("/api/me", key).json["balance"] == "0.055000"
+
+
+def test_a_charge_above_its_reservation_spends_none_of_what_another_turn_holds(world) -> None:  # type: ignore[no-untyped-def]
+    """The ledger's own net, under the reservation's bound: a charge above what its turn held (no provider's
+    count reaches it since the prompt is reserved at its bytes) stops at what the balance holds beyond the
+    other turns' reservations. Taken from the whole balance, it left the turn beside it charged short."""
+    from app import ledger
+    from app.auth import Principal
+    from app.db import plain_transaction
+    from app.turn_intake import _insert_turn
+
+    user_id, key = world.user(balance="0.132")
+    turn_ids: list[int] = []
+    for _ in range(2):
+        conversation_id = world.conversation(key, world.agent(world.model(f"m{len(turn_ids)}")))
+        with plain_transaction() as connection:
+            turn_ids.append(_insert_turn(connection, Principal(user_id, "alice", False), conversation_id, "hi",
+                                         None).assistant_message.id)
+    with plain_transaction() as connection:
+        assert [ledger.reserve(connection, user_id, Decimal("0.066")).rowcount for _ in turn_ids] == [1, 1]
+    with plain_transaction() as connection:
+        ledger.charge_turn(connection, user_id, turn_ids[0], Decimal("0.095"), Decimal("0.066"))
+    with plain_transaction() as connection:
+        ledger.charge_turn(connection, user_id, turn_ids[1], Decimal("0.040"), Decimal("0.066"))
+    items = world.api.get("/api/me/transactions", key).json["items"]
+    assert [(t["message_id"], t["amount"], t["balance_after"]) for t in items if t["message_id"]] == [
+        (turn_ids[1], "-0.040000", "0.026000"), (turn_ids[0], "-0.066000", "0.066000")]
+    me = world.api.get("/api/me", key).json
+    assert (me["balance"], me["available_balance"]) == ("0.026000", "0.026000")
 
 
 def test_a_stalled_stream_ends_within_the_timeout_plus_a_small_bound(world, upstream) -> None:  # type: ignore[no-untyped-def]
