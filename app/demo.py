@@ -6,6 +6,7 @@ repeated without piling up demo users; the demo model is pointed at the mock ups
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -52,5 +53,9 @@ def seed_demo(mock_url: str, key_file: Path) -> Demo:
             session.flush()
         demo = Demo(user_id, agent.id, api_key)
     key_file.parent.mkdir(parents=True, exist_ok=True)
-    key_file.write_text(api_key + "\n")
+    # An administrator's key: readable by its owner alone, as `ssh-keygen` writes a private key (the umask
+    # left it readable by every user of the machine).
+    with os.fdopen(os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as written:
+        written.write(api_key + "\n")
+    key_file.chmod(0o600)  # a file an earlier release wrote keeps its mode through the open
     return demo

@@ -318,9 +318,10 @@ def test_debug_execute_waiting_past_its_timeout_says_so_in_json(world) -> None: 
 
 def test_seeding_the_demo_again_reuses_its_user_and_follows_the_mock_upstream_to_its_new_port(tmp_path: Path) -> None:
     """`make run` with another AGENTQ_DEMO_UPSTREAM_PORT: the demo model kept the first address, and every
-    demo turn failed with llm_error."""
+    demo turn failed with llm_error. The demo key's file is its owner's alone."""
     import json
     import sqlite3
+    import stat
 
     env = child_env(DATABASE_URL=f"sqlite:///{tmp_path}/demo.sqlite3")
     subprocess.run([str(VENV_BIN / "agentq"), "db", "init"], env=env, cwd=ROOT, check=True, capture_output=True)
@@ -333,6 +334,8 @@ def test_seeding_the_demo_again_reuses_its_user_and_follows_the_mock_upstream_to
         models = database.execute("SELECT base_url FROM llm_models WHERE name = 'demo-echo'").fetchall()
         users = database.execute("SELECT count(*) FROM users").fetchone()
     assert (models, users) == ([("http://127.0.0.1:9876/v1",)], (1,))
+    # an administrator's key, readable by its owner alone: the umask left it readable by every user
+    assert stat.S_IMODE((tmp_path / "key").stat().st_mode) == 0o600
 
 
 def test_a_reader_that_went_away_or_a_port_taken_ends_a_command_without_a_traceback(tmp_path: Path) -> None:
