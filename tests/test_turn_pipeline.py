@@ -207,10 +207,9 @@ def test_a_retry_that_looked_before_its_first_request_committed_gets_the_first_a
     assert len(world.api.get(f"/api/conversations/{conversation_id}/messages", key).json["items"]) == 2
 
 
-def test_a_retry_of_a_turn_committed_but_never_sent_sends_it(world, redis_client) -> None:  # type: ignore[no-untyped-def]
-    """The first request committed its turn and died before sending it; its retry with the same key answers
-    with that turn and sends it, so it runs at once, not after the sweeps that look for its send's receipt
-    (they would have moved its outbox mark)."""
+def _committed_under_a_key(world, redis_client, content: str, idempotency_key: str) -> tuple[str, int, Any]:  # type: ignore[no-untyped-def]
+    """A turn its first request committed under `idempotency_key` and never sent (the process died): the
+    user's key, the conversation and the accepted turn."""
     from app.auth import Principal
     from app.db import plain_transaction
     from app.recovery import epoch_key
@@ -222,8 +221,16 @@ def test_a_retry_of_a_turn_committed_but_never_sent_sends_it(world, redis_client
     user_id, key = world.user()
     conversation_id = world.conversation(key, agent_id)
     with plain_transaction() as connection:
-        committed = _insert_turn(connection, Principal(user_id, "alice", False), conversation_id, "lost send",
-                                 "died-before-send")
+        committed = _insert_turn(connection, Principal(user_id, "alice", False), conversation_id, content,
+                                 idempotency_key)
+    return key, conversation_id, committed
+
+
+def test_a_retry_of_a_turn_committed_but_never_sent_sends_it(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """The first request committed its turn and died before sending it; its retry with the same key answers
+    with that turn and sends it, so it runs at once, not after the sweeps that look for its send's receipt
+    (they would have moved its outbox mark)."""
+    key, conversation_id, committed = _committed_under_a_key(world, redis_client, "lost send", "died-before-send")
     retry = world.send(key, conversation_id, "lost send", headers={"Idempotency-Key": "died-before-send"})
     assert retry.status_code == 202
     assert retry.json["assistant_message"]["id"] == committed.assistant_message.id
@@ -238,18 +245,9 @@ def test_replays_of_a_pending_turn_send_it_again_once_a_grace_not_once_each(worl
     from sqlalchemy import text
 
     import app.outbox
-    from app.auth import Principal
     from app.db import plain_transaction
-    from app.recovery import epoch_key
-    from app.turn_intake import _insert_turn
 
-    wait_for(lambda: redis_client.exists(epoch_key()), what="a recovery sweep after the Redis flush")
-    agent_id = world.agent(world.model())
-    user_id, key = world.user()
-    conversation_id = world.conversation(key, agent_id)
-    with plain_transaction() as connection:
-        committed = _insert_turn(connection, Principal(user_id, "alice", False), conversation_id, "replayed",
-                                 "replayed-key")
+    key, conversation_id, committed = _committed_under_a_key(world, redis_client, "replayed", "replayed-key")
     sent: list[int] = []
     send = app.outbox.send
 
