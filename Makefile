@@ -4,10 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# A variable as agentq's own commands read it: given to make (its command line, or the environment, taken as
-# it is: `$(value)`), else `.env` in this directory (python-dotenv), else the default given. Expanded only in
-# recipes, once `install` has made the interpreter; `quoted` makes a value one shell word whatever it holds.
-setting = $(if $(filter command line environment%,$(origin $(1))),$(call given,$(1)),$(call in_dotenv,$(1),$(2)))
+# A variable as agentq's own commands read it: given to make, else `.env` in this directory (python-dotenv),
+# else the default given; empty counts as not given. A value from the environment is taken as it is
+# (`$(value)`); one from make's command line as make hands it to the recipes' commands (its `$$` a `$`).
+# Expanded only in recipes, once `install` has made the interpreter; `quoted` makes a value one shell word.
+setting = $(or $(if $(filter command line environment%,$(origin $(1))),$(call given,$(1))),$(call in_dotenv,$(1),$(2)))
 given = $(if $(filter command line,$(origin $(1))),$($(1)),$(value $(1)))
 in_dotenv = $(shell $(BIN)/python -c \
 	'import sys, dotenv; print(dotenv.dotenv_values(".env").get(sys.argv[1]) or sys.argv[2])' $(1) $(2))
@@ -41,11 +42,11 @@ chromium:
 # honcho, which reads no `.env` of its own (`-e /dev/null`): its values would override the environment's, where
 # every agentq command lets the environment win, and the ports printed would not be the ones served.
 run: install redis
-	mkdir -p var
+	mkdir -p var && chmod 700 var  # the database, and the demo administrator's key (var/demo.json too)
 	$(BIN)/agentq db init
 	@$(BIN)/agentq demo seed --mock-url $(call quoted,http://127.0.0.1:$(upstream_port)/v1) > var/demo.json
 	@echo
-	@echo "  agentq is starting at http://127.0.0.1:$(web_port)"
+	@echo "  agentq is starting at http://127.0.0.1:"$(call quoted,$(web_port))
 	@echo "  demo API key: $$(cat var/demo-api-key)"
 	@echo "  demo agent id: $$($(BIN)/python -c 'import json;print(json.load(open("var/demo.json"))["agent_id"])')"
 	@echo "  try the curl session in README.md; Ctrl-C stops everything"

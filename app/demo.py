@@ -55,7 +55,8 @@ def seed_demo(mock_url: str, key_file: Path) -> Demo:
     key_file.parent.mkdir(parents=True, exist_ok=True)
     # An administrator's key: readable by its owner alone, as `ssh-keygen` writes a private key (the umask
     # left it readable by every user of the machine).
-    with os.fdopen(os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as written:
+    descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # a file an earlier release wrote keeps its mode through the open
+    with os.fdopen(descriptor, "w") as written:
         written.write(api_key + "\n")
-    key_file.chmod(0o600)  # a file an earlier release wrote keeps its mode through the open
     return demo

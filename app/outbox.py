@@ -16,6 +16,7 @@ import redis
 
 from app.config import get_settings
 from app.db import transaction
+from app.dispatch import message_id, receipt_key
 from app.logging_setup import turn_context
 from app.outages import warn_of
 from app.redis_client import get_redis, key
@@ -36,18 +37,22 @@ def send(kind: RunKind, ident: int, enqueued_at: datetime | None) -> bool:
     return False
 
 
-def resend(kind: RunKind, ident: int) -> bool:
+def resend(kind: RunKind, ident: int, first_sent_at: datetime) -> bool:
     """Send again a run that a client's retry (an Idempotency-Key's replay) found still pending: its first
-    request may have committed and died before its send, and the retry must not wait for the recovery
-    sweep. At most once an `AGENTQ_ENQUEUE_GRACE_SECONDS` a run: every replay sent one more message, so a
-    client replaying a key in a loop during a backlog queued as many ahead of everyone's turns. Whether
-    this call sent it."""
+    request may have committed and died before its send (`first_sent_at`, the outbox mark it wrote), and the
+    retry must not wait for the recovery sweep. Not when that send's receipt is in Redis (it reached the
+    queue), and otherwise at most once an `AGENTQ_ENQUEUE_GRACE_SECONDS` a run: every replay sent one more
+    message, so a client replaying a key in a loop during a backlog queued as many ahead of everyone's
+    turns. Whether this call sent it."""
+    pipe = get_redis().pipeline(transaction=False)
+    pipe.exists(receipt_key(message_id(kind.actor, ident, first_sent_at)))
+    pipe.set(key("resent", kind.actor, ident), 1, nx=True,
+             px=max(1, int(get_settings().enqueue_grace_seconds * 1000)))
     try:
-        first = get_redis().set(key("resent", kind.label, ident), 1, nx=True,
-                                px=max(1, int(get_settings().enqueue_grace_seconds * 1000)))
+        received, first = pipe.execute()
     except redis.RedisError:
-        first = True  # the send meets the same Redis, and leaves the run to recovery if it fails too
-    return bool(first) and send(kind, ident, None)
+        received, first = False, True  # the send meets the same Redis, and leaves the run to recovery if it fails
+    return not received and bool(first) and send(kind, ident, None)
 
 
 @contextmanager

@@ -191,7 +191,7 @@ def _resend_if_pending(replay: AcceptedTurn) -> AcceptedTurn:
     """A replayed turn still pending is sent again (`app.outbox.resend`, at most once a grace). A second
     message is harmless: the claim runs a turn once."""
     if replay.assistant_message.status == TurnStatus.PENDING:
-        outbox.resend(TURN, replay.assistant_message.id)
+        outbox.resend(TURN, replay.assistant_message.id, replay.enqueued_at)
     return replay
 
 

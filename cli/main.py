@@ -85,11 +85,18 @@ def _own_private_dir(path: Path) -> None:
     another user made there first could feed /metrics its own counters, or hold links through which
     prometheus_client would write into this user's files. It is made private, and one that is not this
     user's own directory is refused."""
-    path.mkdir(mode=0o700, exist_ok=True)
-    found = path.lstat()
-    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid():
-        raise InvalidVariable(f"the default metrics directory {path} is not a directory of this user's own (it was "
-                              "made by another): remove it, or set PROMETHEUS_MULTIPROC_DIR to a private directory")
+    refused = (f"the default metrics directory {path} is not a directory of this user's own: remove what is "
+               "there, or set PROMETHEUS_MULTIPROC_DIR to a private directory")
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+        found = path.lstat()
+    except FileExistsError:  # a file, or a link to one or to nothing
+        raise InvalidVariable(refused) from None
+    except OSError as exc:  # the temporary directory not writable
+        raise InvalidVariable(f"the default metrics directory {path} cannot be made: {exc.strerror or exc}; set "
+                              "PROMETHEUS_MULTIPROC_DIR to a private directory") from None
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid():
+        raise InvalidVariable(refused)
     if stat.S_IMODE(found.st_mode) != 0o700:  # made by an earlier release, with the umask's mode
         path.chmod(0o700)
 

@@ -894,11 +894,13 @@ def test_the_default_metrics_directory_is_private_and_one_another_user_made_is_r
     assert stat.S_IMODE(made.stat().st_mode) == 0o700
     made.rmdir()
     (tmp_path / "elsewhere").mkdir()
-    made.symlink_to(tmp_path / "elsewhere")
-    with pytest.raises(InvalidVariable, match="is not a directory of this user's own"):
-        default_dir()
-    made.unlink()
-    if os.getuid() == 0:  # only root can give a directory to another user
+    for planted in (lambda: made.symlink_to(tmp_path / "elsewhere"), lambda: made.symlink_to(tmp_path / "nothing"),
+                    lambda: made.write_text("")):
+        planted()
+        with pytest.raises(InvalidVariable, match="is not a directory of this user's own"):
+            default_dir()
+        made.unlink()
+    if os.geteuid() == 0:  # only root can give a directory to another user
         made.mkdir()
         os.chown(made, 65534, 65534)
         with pytest.raises(InvalidVariable, match="is not a directory of this user's own"):

@@ -170,22 +170,46 @@ def test_a_provider_counting_past_what_a_turn_can_cost_charges_what_the_turn_hel
     assert world.api.get("/api/me", key).json["balance"] == "0.055000"
 
 
+def test_a_prompt_a_provider_may_count_past_the_balance_is_refused_before_any_call(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """A balance that covered the prompt's estimate (16 tokens, so 0.066000 with 50 answer tokens at 1 a
+    thousand) but not what a provider may count of it (its bytes: 45 tokens, 0.095000) let the turn run,
+    and a provider counting it whole charged the balance to 0, the operator paying the rest."""
+    agent_id = world.agent(world.model("counts-over", upstream="echo;reported_tokens=1000000000000", price_in="1",
+                                       price_out="1"), max_tokens=50)
+    _, key = world.user(balance="0.07")
+    ended = world.wait_terminal(key, world.send(key, world.conversation(key, agent_id)).json["assistant_message"]["id"])
+    assert (ended["status"], ended["cost"]) == ("insufficient_balance", None)
+    assert upstream.requests() == []
+    assert world.api.get("/api/me", key).json["balance"] == "0.070000"
+
+
 def test_a_charge_above_its_reservation_spends_none_of_what_another_turn_holds(world) -> None:  # type: ignore[no-untyped-def]
     """The ledger's own net, under the reservation's bound: a charge above what its turn held (no provider's
     count reaches it since the prompt is reserved at its bytes) stops at what the balance holds beyond the
     other turns' reservations. Taken from the whole balance, it left the turn beside it charged short."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
     from app import ledger
     from app.auth import Principal
     from app.db import plain_transaction
+    from app.models import ConversationMessage, Turn
+    from app.models.base import utc_now
     from app.turn_intake import _insert_turn
 
     user_id, key = world.user(balance="0.132")
     turn_ids: list[int] = []
     for _ in range(2):
         conversation_id = world.conversation(key, world.agent(world.model(f"m{len(turn_ids)}")))
-        with plain_transaction() as connection:
-            turn_ids.append(_insert_turn(connection, Principal(user_id, "alice", False), conversation_id, "hi",
-                                         None).assistant_message.id)
+        with plain_transaction() as connection:  # held by a live worker of nobody's: no sweep sends them
+            accepted = _insert_turn(connection, Principal(user_id, "alice", False), conversation_id, "hi", None)
+            turn_ids.append(accepted.assistant_message.id)
+            connection.execute(update(Turn).where(Turn.assistant_message_id == turn_ids[-1]).values(
+                lease_token="held", lease_expires_at=utc_now() + timedelta(hours=1),
+                deadline_at=utc_now() + timedelta(hours=1)))
+            connection.execute(update(ConversationMessage).where(ConversationMessage.id.in_(
+                [turn_ids[-1], accepted.user_message.id])).values(status="processing"))
     with plain_transaction() as connection:
         assert [ledger.reserve(connection, user_id, Decimal("0.066")).rowcount for _ in turn_ids] == [1, 1]
     with plain_transaction() as connection:

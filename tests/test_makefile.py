@@ -35,7 +35,7 @@ def test_make_run_takes_its_ports_and_redis_from_dotenv(tmp_path: Path) -> None:
     recipes = _make_run_recipes(tmp_path, DOTENV)
     assert "url='redis://127.0.0.1:6391/5'" in recipes
     assert "demo seed --mock-url 'http://127.0.0.1:8866/v1'" in recipes
-    assert "agentq is starting at http://127.0.0.1:8101" in recipes
+    assert """agentq is starting at http://127.0.0.1:"'8101'""" in recipes
     assert "AGENTQ_WEB_PORT='8101'" in recipes and "AGENTQ_DEMO_UPSTREAM_PORT='8866'" in recipes
     assert "AGENTQ_SHUTDOWN_GRACE_SECONDS='7'" in recipes
     assert "honcho -e /dev/null -f Procfile.demo start" in recipes
@@ -47,14 +47,15 @@ def test_make_run_lets_the_environment_and_makes_command_line_win_over_dotenv(tm
                                 AGENTQ_DEMO_UPSTREAM_PORT="8867", REDIS_URL="redis://:p$w'd@127.0.0.1:6392/4")
     assert "url='redis://:p$w'\\''d@127.0.0.1:6392/4'" in recipes
     assert "demo seed --mock-url 'http://127.0.0.1:8867/v1'" in recipes
-    assert "agentq is starting at http://127.0.0.1:8102" in recipes
+    assert """agentq is starting at http://127.0.0.1:"'8102'""" in recipes
     assert "AGENTQ_WEB_PORT='8102'" in recipes and "AGENTQ_DEMO_UPSTREAM_PORT='8867'" in recipes
     assert "AGENTQ_SHUTDOWN_GRACE_SECONDS='3'" in recipes
 
 
-def test_make_run_without_dotenv_has_the_defaults(tmp_path: Path) -> None:
-    recipes = _make_run_recipes(tmp_path, None)
+def test_make_run_without_dotenv_has_the_defaults_and_an_empty_value_counts_as_none(tmp_path: Path) -> None:
+    recipes = _make_run_recipes(tmp_path, None, "AGENTQ_DEMO_UPSTREAM_PORT=", PORT="")
     assert "url='redis://127.0.0.1:6379/0'" in recipes
     assert "demo seed --mock-url 'http://127.0.0.1:8765/v1'" in recipes
     assert "AGENTQ_WEB_PORT='8000'" in recipes and "AGENTQ_DEMO_UPSTREAM_PORT='8765'" in recipes
     assert "AGENTQ_SHUTDOWN_GRACE_SECONDS='2'" in recipes
+    assert "mkdir -p var && chmod 700 var" in recipes  # the demo administrator's key is in var/demo.json

@@ -238,16 +238,22 @@ def test_a_retry_of_a_turn_committed_but_never_sent_sends_it(world, redis_client
     assert _outbox_mark(committed.assistant_message.id) == committed.enqueued_at
 
 
-def test_replays_of_a_pending_turn_send_it_again_once_a_grace_not_once_each(world, redis_client,  # type: ignore[no-untyped-def]
-                                                                            monkeypatch) -> None:
+@pytest.mark.parametrize("first_send", ["lost", "received"])
+def test_replays_of_a_pending_turn_send_it_again_once_a_grace_not_once_each(  # type: ignore[no-untyped-def]
+        world, redis_client, monkeypatch, settings_of, first_send: str) -> None:
     """Every replay of a key whose turn was still pending sent one more message: a client replaying in a loop
-    during a backlog queued as many ahead of everyone's turns."""
+    during a backlog queued as many ahead of everyone's turns. A turn whose first send was lost is sent once
+    a grace (a minute here, so that the five replays fall in one); one whose first send left its receipt in
+    Redis is not sent again at all."""
     from sqlalchemy import text
 
     import app.outbox
     from app.db import plain_transaction
+    from app.run_kinds import TURN
 
+    settings_of(AGENTQ_ENQUEUE_GRACE_SECONDS="60")
     key, conversation_id, committed = _committed_under_a_key(world, redis_client, "replayed", "replayed-key")
+    turn_id = committed.assistant_message.id
     sent: list[int] = []
     send = app.outbox.send
 
@@ -256,14 +262,15 @@ def test_replays_of_a_pending_turn_send_it_again_once_a_grace_not_once_each(worl
         return send(kind, ident, at)
 
     monkeypatch.setattr(app.outbox, "send", counted_send)
-    turn_id = committed.assistant_message.id
     with plain_transaction() as connection:  # the turn stays pending while the replays arrive: a worker's
         connection.execute(text("SELECT 1 FROM turns WHERE assistant_message_id = :id FOR UPDATE"),  # claim waits
                            {"id": turn_id})
+        if first_send == "received":
+            assert app.outbox.send(TURN, turn_id, committed.enqueued_at)  # as the first request does
         replies = [world.send(key, conversation_id, "replayed", headers={"Idempotency-Key": "replayed-key"})
                    for _ in range(5)]
     assert [(r.status_code, r.json["assistant_message"]["id"]) for r in replies] == [(202, turn_id)] * 5
-    assert sent == [turn_id]
+    assert sent == [turn_id]  # the replay's one send, or the first request's and none of the replays'
     assert world.wait_terminal(key, turn_id, timeout=15)["status"] == "success"
 
 
