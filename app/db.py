@@ -43,10 +43,10 @@ def _sqlite_engine(url: str, create: bool) -> Engine:
     parsed = make_url(url)
     # A `file:` URI (`?uri=true`) is the driver's to read: what it names is not judged here.
     path = "" if parsed.query.get("uri") == "true" else (parsed.database or "")
-    if path and path != ":memory:" and not create and not Path(path).exists():
-        raise DatabaseNotCreated(f"The SQLite file {Path(path).resolve()} does not exist: run `agentq db init` to "
-                                 "create it (a SQLite path is relative to the directory a command runs in).")
     if path and path != ":memory:":
+        if not create and not Path(path).exists():
+            raise DatabaseNotCreated(f"The SQLite file {Path(path).resolve()} does not exist: run `agentq db init` "
+                                     "to create it (a SQLite path is relative to the directory a command runs in).")
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -54,6 +54,11 @@ def receipt_key(message: str) -> str:
     return f"{get_settings().broker_namespace}:sent:{message}"
 
 
+def receipt_key_of_send(actor: str, ident: int, enqueued_at: datetime) -> str:
+    """The receipt the send that went with outbox mark `enqueued_at` left, if it reached the broker."""
+    return receipt_key(message_id(actor, ident, enqueued_at))
+
+
 def receipt_look_seconds(*, first_sweep: bool = False) -> float:
     """How long after the enqueue grace the recovery sweep looks for a pending run's receipt: a few sweeps,
     so that a send missed by one is caught by the next; past that, the stale-pending rule holds. A worker

@@ -16,7 +16,7 @@ import redis
 
 from app.config import get_settings
 from app.db import transaction
-from app.dispatch import message_id, receipt_key
+from app.dispatch import receipt_key_of_send
 from app.logging_setup import turn_context
 from app.outages import warn_of
 from app.redis_client import get_redis, key
@@ -45,7 +45,7 @@ def resend(kind: RunKind, ident: int, first_sent_at: datetime) -> bool:
     message, so a client replaying a key in a loop during a backlog queued as many ahead of everyone's
     turns. Whether this call sent it."""
     pipe = get_redis().pipeline(transaction=False)
-    pipe.exists(receipt_key(message_id(kind.actor, ident, first_sent_at)))
+    pipe.exists(receipt_key_of_send(kind.actor, ident, first_sent_at))
     pipe.set(key("resent", kind.actor, ident), 1, nx=True,
              px=max(1, int(get_settings().enqueue_grace_seconds * 1000)))
     try:

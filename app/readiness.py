@@ -79,9 +79,7 @@ def _database() -> str:
     try:
         with get_engine().connect() as connection:  # one query proves the database is reached and set up
             connection.execute(select(User.id).limit(1))
-    except DatabaseNotCreated:
-        return NO_SCHEMA
-    except DBAPIError as exc:
+    except (DatabaseNotCreated, DBAPIError) as exc:
         if schema_missing(exc):
             return NO_SCHEMA
         return REFUSED if refused_by_configuration(exc) else f"error: {type(exc).__name__}"

@@ -58,7 +58,7 @@ from app.clock import lease_now
 from app.config import get_settings
 from app.db import transaction
 from app.deadline_bound import deadline_cutoff, end_past_deadline, unheld_past_deadline
-from app.dispatch import message_id, receipt_key, receipt_look_seconds
+from app.dispatch import receipt_key_of_send, receipt_look_seconds
 from app.in_flight import answer_in_flight, in_flight, status_is
 from app.leases import TakeoverGate
 from app.models import ConversationMessage, DebugRun, Turn, table
@@ -254,7 +254,7 @@ def _without_receipt(rows: list[Any], kind: RunKind, report: RecoveryReport) -> 
     try:
         pipe = get_redis().pipeline(transaction=False)
         for row in unconfirmed:
-            pipe.exists(receipt_key(message_id(kind.actor, row[0], row.enqueued_at)))
+            pipe.exists(receipt_key_of_send(kind.actor, row[0], row.enqueued_at))
         received = pipe.execute()
     except redis.RedisError:
         report.receipts_unchecked = True

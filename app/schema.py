@@ -62,19 +62,20 @@ def init_schema() -> SchemaReport:
                 connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LOCK_ID})
                 lacking = _columns_lacking(connection)  # under the lock: what another machine's run added is not ours
                 connection.exec_driver_sql(sql)
-                added = sorted(lacking - set(missing_columns(connection)))
+                still_missing = missing_columns(connection)
+                added = sorted(lacking - set(still_missing))
         except DBAPIError as exc:
             if lacks_a_column(exc):  # an index of schema.sql on a column dropped by hand (its index went with it)
-                _check_complete(engine)
+                _check_complete(engine, missing_columns(engine))
             raise
-        _check_complete(engine, added)
+        _check_complete(engine, still_missing, added)
         return SchemaReport(database_location(), SCHEMA_FILE.name, added_columns=added,
                             refused_key_variables=_refused_key_variables(engine))
     fresh = not inspect(engine).get_table_names()
     Base.metadata.create_all(engine)
     added = _add_missing_columns(engine)
     _replace_indexes(engine)
-    _check_complete(engine, added)
+    _check_complete(engine, missing_columns(engine), added)
     converted = _money_in_millionths(engine, fresh)
     return SchemaReport(database_location(), "models", added, converted, _refused_key_variables(engine))
 
@@ -84,12 +85,12 @@ def _columns_lacking(connection: Connection) -> set[str]:
     return {f"{table.name}.{column.name}" for table, column in schema_gaps(connection) if column is not None}
 
 
-def _check_complete(engine: Engine, added: list[str] | None = None) -> None:
+def _check_complete(engine: Engine, missing: list[str], added: list[str] | None = None) -> None:
     """Every column of the models is there once `db init` has run. It adds a column where it can (on
     PostgreSQL where `schema.sql` adds it to an older table, on SQLite where it may be empty or has a default),
     and answering success when it could not left the worker refusing to start until `db init` ran, which it
-    just had."""
-    if not (missing := missing_columns(engine)):
+    just had. `missing` is what the database still lacks once `db init` has run."""
+    if not missing:
         return
     definition = "schema.sql" if engine.dialect.name == "postgresql" else "the models (app/models)"
     where_it_can = {"postgresql": "schema.sql adds it to an older table (ADD COLUMN IF NOT EXISTS, for the columns "
