@@ -29,6 +29,7 @@ from app.in_flight import active_conversation_ids
 from app.models import ConversationMessage
 from app.outages import warn_of
 from app.redis_client import get_redis, key, lua_script
+from app.stop_requests import stop_key
 from app.turn_status import TurnStatus
 
 log = logging.getLogger(__name__)
@@ -98,9 +99,10 @@ class TurnSlots:
         self.owner = None
 
 
-def _release(user_id: int, conversation_id: int, owner: str) -> None:
+def _release(user_id: int, conversation_id: int, owner: str, *ended_turn_keys: str) -> None:
     try:
-        _run("release_turn_slots", [lock_key(conversation_id), slots_key(user_id)], [owner, conversation_id])
+        _run("release_turn_slots", [lock_key(conversation_id), slots_key(user_id), *ended_turn_keys],
+             [owner, conversation_id])
     except redis.RedisError as exc:
         warn_of(log, exc, "could not free the lock of conversation %s; it runs out by itself", conversation_id)
 
@@ -195,4 +197,7 @@ def renew(turns: Iterable[HeldTurn]) -> None:
 
 
 def release(held: HeldTurn) -> None:
-    _release(held.user_id, held.conversation_id, turn_owner(held.turn_id))
+    """Free an ended turn's lock and slot, and drop its stop flag in the same call. A flag outlives its turn
+    otherwise (`STOP_TTL_SECONDS`), and would stop at once the turn of that id in a database made again
+    under the same Redis keys (a deleted SQLite file, a staging reset), whose ids start over."""
+    _release(held.user_id, held.conversation_id, turn_owner(held.turn_id), stop_key(held.turn_id))

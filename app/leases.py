@@ -1,10 +1,10 @@
-"""Keeping the leases of the runs (turns and test runs) this process works on alive, from two threads.
+"""Keeping the leases of the runs (turns and test runs) this process works on alive, from three threads.
 
 A lease is renewed on a timer, not per chunk, so a model that takes minutes to send its first token
 does not lose its turn; when the process dies the renewals stop and the lease runs out, which is
-what lets recovery hand the turn to another worker. A renewal also renews the Redis lock and slot of
-each turn, and notices a lease another worker took (its holder is told to stop) and a stop request
-from a user recorded in the database; a second thread looks for stop requests in Redis twice a second.
+what lets recovery hand the turn to another worker. A renewal notices a lease another worker took (its
+holder is told to stop) and a stop request from a user recorded in the database; a second thread renews
+the Redis lock and slot of each turn, and a third looks for stop requests in Redis twice a second.
 """
 
 from __future__ import annotations

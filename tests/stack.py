@@ -80,8 +80,9 @@ class Stack:
         self.name = name
         self.database_url = database_url
         self.redis = redis
-        self.key_prefix = f"agentq-{name}"
-        """Its own Redis keys and queues: a stack may share a Redis database with the session's workers."""
+        self.key_prefix = f"agentq-{name}-{uuid.uuid4().hex[:8]}"
+        """Its own Redis keys and queues: a stack may share a Redis database with the session's workers, and with
+        the runs before this one, whose new databases numbered their turns from 1 too."""
         self.metrics_dir = Path(tempfile.mkdtemp(prefix=f"{name}-metrics-", dir=LOG_DIR))
         self.extra_env = env
         self.web: Process | None = None

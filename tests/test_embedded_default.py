@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,9 +31,11 @@ def readme_curl_session() -> str:
 def sqlite_deployment(mock_upstream, tmp_path_factory) -> Iterator[dict[str, str]]:  # type: ignore[no-untyped-def]
     work: Path = tmp_path_factory.mktemp("sqlite")
     port = free_port()
-    env = child_env(DATABASE_URL=f"sqlite:///{work}/agentq.sqlite3", AGENTQ_BROKER_NAMESPACE="agentq-sqlite-test",
-                    AGENTQ_REDIS_KEY_PREFIX="agentq-sqlite-test",
-                    PORT=str(port))
+    # Names of this run's own: the shared Redis keeps keys across runs (a stop flag lasts two hours), and this
+    # run's new SQLite file numbers its turns from 1 again.
+    prefix = f"agentq-sqlite-{uuid.uuid4().hex[:8]}"
+    env = child_env(DATABASE_URL=f"sqlite:///{work}/agentq.sqlite3", AGENTQ_BROKER_NAMESPACE=prefix,
+                    AGENTQ_REDIS_KEY_PREFIX=prefix, PORT=str(port))
     subprocess.run(agentq("db", "init"), env=env, check=True, cwd=ROOT, capture_output=True)
     seeded = subprocess.run(agentq("demo", "seed", "--mock-url", MOCK_URL, "--key-file", str(work / "key")),
                             env=env, check=True, cwd=ROOT, capture_output=True, text=True)
@@ -135,7 +138,8 @@ def test_dead_letters_are_paged_on_sqlite(tmp_path: Path) -> None:
     import sqlite3
 
     database = tmp_path / "paging.sqlite3"
-    env = child_env(DATABASE_URL=f"sqlite:///{database}", AGENTQ_BROKER_NAMESPACE="agentq-sqlite-paging")
+    env = child_env(DATABASE_URL=f"sqlite:///{database}",
+                    AGENTQ_BROKER_NAMESPACE=f"agentq-sqlite-paging-{uuid.uuid4().hex[:8]}")
     subprocess.run(agentq("db", "init"), env=env, check=True, cwd=ROOT, capture_output=True)
     with sqlite3.connect(database) as connection:
         connection.executemany(

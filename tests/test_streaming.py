@@ -574,6 +574,17 @@ def test_stopping_a_pending_turn_or_a_finished_one(world) -> None:  # type: igno
     assert world.api.post(f"/api/messages/{message_id - 1}/cancel", other).status_code == 404
 
 
+def test_an_ended_turn_leaves_no_stop_flag_behind(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """A stop flag outlived its turn by two hours, and stopped at once the turn of the same id in a database made
+    again under the same Redis keys (a deleted SQLite file), whose ids start over."""
+    from app.stop_requests import stop_key
+
+    key, message_id, _ = start_turn(world, "echo;ttft=3")
+    assert world.api.post(f"/api/messages/{message_id}/cancel", key).status_code == 202
+    assert world.wait_terminal(key, message_id)["status"] == "cancelled"
+    wait_for(lambda: redis_client.exists(stop_key(message_id)) == 0, what="the stop flag dropped with the lock")
+
+
 def test_a_turn_is_stopped_by_the_id_of_its_user_message_too(world) -> None:  # type: ignore[no-untyped-def]
     """Both messages of a turn carry its status; a stop naming the user's message was a 404 for a message the
     caller owns."""
