@@ -6,7 +6,9 @@ is left of them is what they streamed to the turn's readers: the live stream hol
 text, under the dead delivery's attempt numbers. The delivery that takes the turn over from a lease that
 was never given up (`ClaimResult.predecessor`) records each such call as `interrupted`, its tokens
 estimated (the prompt as a prompt is fitted to a context window, the text streamed, at most the answer's limit) and
-priced at its model's prices, before it calls any model itself.
+priced at its model's prices, before it calls any model itself; and so it does the calls of any earlier delivery
+left in no record, since a delivery that took the turn over and was killed before it recorded its own
+predecessor's calls would have left those to no one.
 
 A worker that was only cut off (from the database, for longer than its lease) is alive: when it comes back
 its refused settlement records its calls as they were, and replaces these estimates
@@ -35,23 +37,25 @@ log = logging.getLogger(__name__)
 def record_interrupted_calls(turn_id: int, predecessor: int, delivery: int, targets: Sequence[ModelTarget],
                              prompt_for: Callable[[ModelTarget], list[ChatMessage]], answer_limit: int, *,
                              in_order: bool) -> None:
-    """Record the calls delivery `predecessor` streamed before its worker stopped. `targets` are the turn's
-    models, primary first; with `in_order` (the run never switched to its fallback before this delivery, so
-    the dead one called them in that order), a call whose `status` entry was trimmed away is taken for the
-    model at its index; otherwise nothing names its model, and it is not recorded. Best effort: a failure
-    here is logged and never stops the turn."""
+    """Record the calls delivery `predecessor` streamed before its worker stopped, and those of the deliveries
+    before it that are in no record (`record_interrupted` passes over a delivery that recorded its own).
+    `targets` are the turn's models, primary first; with `in_order` (the run never switched to its fallback
+    before this delivery, so the dead ones called them in that order), a call whose `status` entry was trimmed
+    away is taken for the model at its index; otherwise nothing names its model, and it is not recorded. Best
+    effort: a failure here is logged and never stops the turn."""
     try:
-        streamed = attempts_streamed(turn_id, predecessor)
+        streamed = attempts_streamed(turn_id, up_to=predecessor)
         if streamed is None:
             log.warning("turn %s: Redis unreachable, so the model calls of delivery %s, whose worker stopped "
                         "mid-run, are not recorded", turn_id, predecessor)
             return
-        records = [record for attempt in streamed
-                   if (record := _record(attempt, delivery, targets, prompt_for, answer_limit, in_order=in_order))
-                   is not None]
-        if records and record_interrupted(turn_id, predecessor, records):
-            log.warning("turn %s: delivery %s stopped mid-run; recorded its interrupted calls: %s", turn_id,
-                        predecessor, ", ".join(f"{r.model_name} ~{r.completion_tokens} tokens" for r in records))
+        for dead, attempts in streamed.items():
+            records = [record for attempt in attempts
+                       if (record := _record(attempt, delivery, targets, prompt_for, answer_limit,
+                                             in_order=in_order)) is not None]
+            if records and record_interrupted(turn_id, dead, records):
+                log.warning("turn %s: delivery %s stopped mid-run; recorded its interrupted calls: %s", turn_id,
+                            dead, ", ".join(f"{r.model_name} ~{r.completion_tokens} tokens" for r in records))
     except Exception:
         log.exception("turn %s: could not record the model calls of delivery %s, whose worker stopped mid-run",
                       turn_id, predecessor)

@@ -132,15 +132,18 @@ class StreamedAttempt:
         return self.number % _ATTEMPTS_PER_DELIVERY
 
 
-def attempts_streamed(turn_id: int, delivery: int) -> list[StreamedAttempt] | None:
-    """The calls of `delivery` that streamed text, in order (a call that streamed none cannot be told from one
-    never made: its `status` entry comes before moderation); None when Redis cannot be reached."""
+def attempts_streamed(turn_id: int, *, up_to: int) -> dict[int, list[StreamedAttempt]] | None:
+    """The calls that streamed text of each delivery up to `up_to`, by delivery, each's in order (a call that
+    streamed none cannot be told from one never made: its `status` entry comes before moderation); None when
+    Redis cannot be reached."""
     read = _read_stream(turn_id)
     if read is None:
         return None
-    return [attempt for number, attempt in read.items()
-            if attempt_number(delivery, 0) <= number < attempt_number(delivery + 1, 0)
-            and (attempt.text or attempt.missing)]
+    by_delivery: dict[int, list[StreamedAttempt]] = {}
+    for number, attempt in read.items():
+        if number < attempt_number(up_to + 1, 0) and (attempt.text or attempt.missing):
+            by_delivery.setdefault(number // _ATTEMPTS_PER_DELIVERY, []).append(attempt)
+    return by_delivery
 
 
 def _read_stream(turn_id: int) -> dict[int, StreamedAttempt] | None:

@@ -14,7 +14,7 @@ from app.auth import Principal
 from app.coordination import HeldTurn
 from app.db import plain_transaction, transaction
 from app.leases import Holding, LeaseKeeper
-from app.models import ConversationMessage, DebugRun, Turn
+from app.models import ConversationMessage, DebugRun, ModelAttempt, Turn
 from app.models.base import utc_now
 from app.turn_intake import _insert_turn
 from tests.support import SilentServer, wait_for
@@ -396,3 +396,41 @@ def test_a_stop_recorded_only_in_the_database_reaches_the_turn_at_a_renewal(worl
         with transaction() as session:
             run_lease = session.get_one(DebugRun, run_id).lease_expires_at
         assert run_lease is not None and run_lease < utc_now() + timedelta(seconds=5)  # renewed: 3 s leases here
+
+
+def test_a_takeover_records_the_calls_of_every_earlier_delivery_left_in_no_record(  # type: ignore[no-untyped-def]
+        world, workers, redis_client) -> None:
+    """Delivery 1 streamed part of an answer and its worker died; delivery 2 took the turn over, streamed some
+    more and died before it recorded delivery 1's call. The delivery that takes the turn over from 2 records
+    both dead deliveries' calls, once each; it recorded delivery 2's only, and delivery 1's call, which the
+    provider bills, was in no record."""
+    import json
+
+    from app.live_stream import stream_key
+    from app.outbox import send
+    from app.run_kinds import TURN
+
+    user_id, key = world.user()
+    conversation_id = world.conversation(key, world.agent(world.model("billed")))
+    now = utc_now()
+    with plain_transaction() as connection:
+        accepted = _insert_turn(connection, Principal(user_id, "alice", False), conversation_id, "hi", None)
+        turn_id = accepted.assistant_message.id
+        connection.execute(update(Turn).where(Turn.assistant_message_id == turn_id).values(
+            lease_token="dead", lease_expires_at=now - timedelta(seconds=1), deadline_at=now + timedelta(hours=1),
+            deliveries=2))
+        connection.execute(update(ConversationMessage).where(ConversationMessage.id.in_(
+            [turn_id, accepted.user_message.id])).values(status="processing"))
+    for attempt, text_streamed in ((100, "the first try"), (200, "the second")):
+        redis_client.xadd(stream_key(turn_id), {"type": "status", "a": attempt,
+                                                "data": json.dumps({"status": "processing", "model": "billed"})})
+        redis_client.xadd(stream_key(turn_id), {"type": "delta", "a": attempt, "o": 0, "data": text_streamed})
+    assert send(TURN, turn_id, None)
+
+    assert world.wait_terminal(key, turn_id)["status"] == "success"
+    with transaction() as session:
+        rows = session.execute(select(ModelAttempt.delivery, ModelAttempt.model_name, ModelAttempt.outcome,
+                                      ModelAttempt.completion_tokens)
+                               .where(ModelAttempt.message_id == turn_id).order_by(ModelAttempt.delivery)).all()
+    assert [tuple(row) for row in rows] == [(1, "billed", "interrupted", 4), (2, "billed", "interrupted", 3),
+                                            (3, "billed", "success", 2)]
