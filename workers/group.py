@@ -156,8 +156,9 @@ def run_group(start: Callable[[], int], *, restart: bool = True) -> int:
             return code
         if ran >= STABLE_SECONDS:
             delay = FIRST_DELAY_SECONDS
-        log.error("a worker process exited unexpectedly and its group stopped (exit code %s, after %.0f s); "
-                  "starting the group again in %.0f s", code, ran, delay)
+        log.error("a worker process exited unexpectedly and its group stopped after %.0f s (Dramatiq's CRITICAL "
+                  "line before this names the process and its exit code, -9 for a SIGKILL; the group's is %s); "
+                  "starting the group again in %.0f s", ran, code, delay)
         if STOP_SIGNALS & signals.wait(delay):
             return 0
         delay = min(delay * 2, LONGEST_DELAY_SECONDS)
