@@ -2,9 +2,10 @@
 
 Event ids are `<message id>/<redis entry id>.<attempt>.<offset>`: the message they belong to (an id
 sent to another turn's stream is not taken as a position in it), the attempt (`app.live_stream.attempt_number`:
-delivery x 100 + 0 for its first model call, + 1 after a fallback restart, so a delivery that took the
-turn over from a dead worker never continues that worker's text) and how many characters of that
-attempt's text the client has after the event.
+delivery x 100 + 0 for its first model call, + 1 after a fallback, so a delivery that took the turn over
+from a dead worker never writes into that worker's text) and how many characters of that attempt's text the
+client has after the event (a `continue` entry moves a reader to a later attempt that repeated its text, at
+the same offset: no restart, no text sent twice).
 With the Redis id a reconnecting client resumes exactly where it was while the live stream exists;
 with the attempt and offset it still gets exactly the rest from the stored message when the live
 stream is gone or has a gap (Redis lost data). A client that connects after the turn ended gets one
@@ -308,6 +309,10 @@ def _relay(entries: list[tuple[bytes, dict[bytes, bytes]]],
             restart = bool(payload.get("restart"))
             cursor = Cursor(entry, attempt if restart else cursor.attempt, 0 if restart else cursor.offset)
             events.append(StreamEvent("status", payload, cursor.event_id()))
+        elif kind == "continue":
+            if (cursor.attempt, cursor.offset) != (payload["from"], start):  # not the text it repeated: a gap
+                return events, cursor, True
+            cursor = Cursor(entry, attempt, start)  # the reader's text goes on in the attempt that repeated it
         else:  # done: the rest comes from the stored message
             return events, Cursor(entry, cursor.attempt, cursor.offset), True
     return events, cursor, False

@@ -2,7 +2,9 @@
 
 Entries are `delta` (a piece of text, with the attempt it belongs to and its start offset in that
 attempt's text), `status` (a status or model change; `restart` is true when a fallback starts over
-and the earlier text of the turn is void) and `done`. The stream has a bounded length and expires,
+and the earlier text of the turn is void), `continue` (an attempt that started over has repeated the text
+readers hold, word for word, and goes on from its end: readers keep it and follow the new attempt) and
+`done`. The stream has a bounded length and expires,
 so an abandoned one costs nothing. The database stays the record: a reader arriving after the
 stream is gone, or finding a gap in it (Redis lost data mid-turn), is served from the stored
 message (see `app.answer_stream`). Publishing is best effort: a Redis failure never fails a turn.
@@ -58,11 +60,12 @@ def attempt_number(delivery: int, index: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Streamed:
-    """The text of the last attempt a turn's live stream holds, and the model its `status` entry named (None
-    when that entry was trimmed away)."""
+    """The text of the last attempt a turn's live stream holds, the model its `status` entry named (None
+    when that entry was trimmed away), and its number (`attempt_number`)."""
 
     text: str
     model: str | None
+    attempt: int
 
 
 class EntryRead(NamedTuple):
@@ -90,6 +93,8 @@ def read_entry(fields: dict[bytes, bytes]) -> EntryRead | None:
         if kind == "status":
             payload = json.loads(fields[b"data"])
             return EntryRead(kind, attempt, 0, "", payload) if isinstance(payload, dict) else None
+        if kind == "continue":
+            return EntryRead(kind, attempt, int(fields[b"o"]), "", {"from": int(fields[b"from"])})
         return EntryRead(kind, attempt, 0, "", {})
     except (KeyError, ValueError):  # UnicodeDecodeError and json's JSONDecodeError are ValueErrors
         return None
@@ -107,7 +112,8 @@ def text_streamed(turn_id: int) -> Streamed | None:
         return None
     followed = [attempt for attempt in read.values() if attempt.text or attempt.missing or attempt.restarted]
     last = followed[-1] if followed else None
-    return Streamed(last.text, last.model) if last is not None and last.text and not last.missing else None
+    return (Streamed(last.text, last.model, last.number) if last is not None and last.text and not last.missing
+            else None)
 
 
 @dataclass
@@ -169,7 +175,18 @@ def _read_stream(turn_id: int) -> dict[int, StreamedAttempt] | None:
             attempt.restarted = attempt.restarted or read.payload.get("restart") is True
         elif read.kind == "delta":
             _add_text(attempt, read.start, read.text, at_ms)
+        elif read.kind == "continue":
+            _continue_text(attempt, found.get(read.payload["from"]), read.start)
     return dict(sorted(found.items()))
+
+
+def _continue_text(attempt: StreamedAttempt, repeated: StreamedAttempt | None, length: int) -> None:
+    """A `continue` entry: the attempt's text begins with the first `length` characters of the one it repeated
+    (or lacks them, when the stream no longer holds them whole)."""
+    if repeated is not None and not repeated.missing and len(repeated.text) >= length:
+        attempt.text = repeated.text[:length]
+    else:
+        attempt.missing = length
 
 
 def _add_text(attempt: StreamedAttempt, start: int, piece: str, at_ms: int) -> None:
@@ -280,13 +297,42 @@ def _coalesce(items: deque[tuple[str, StreamFields, bool]]) -> list[tuple[str, S
 _publisher = _Publisher()
 
 
+@dataclass
+class _Followed:
+    """The attempt a turn's readers follow, and the text they were sent of it, in pieces."""
+
+    attempt: int
+    pieces: list[str]
+
+
+@dataclass
+class _Repeat:
+    """An attempt that started over, while its text is still the start of what readers hold (`text`)."""
+
+    model: str
+    attempt: int
+    text: str
+    matched: int = 0
+
+
 class TurnStream(AnswerSink):
-    def __init__(self, turn_id: int, delivery: int = 0) -> None:
+    """The writing side of a turn's live stream, for one delivery.
+
+    An attempt that starts over (a fallback, or a delivery that took the turn over or runs it again) does not
+    void what the turn's readers hold until its text departs from it: most often the new call repeats it word
+    for word (a deterministic model, a retry of the same one), and then readers are sent only what comes after
+    it, so that their deltas concatenate to the answer as the contract says. Text that departs is a `restart`.
+    `readers_hold` is what an earlier delivery sent them (`text_streamed`), None when it cannot be read whole.
+    """
+
+    def __init__(self, turn_id: int, delivery: int = 0, readers_hold: Streamed | None = None) -> None:
         self._key = stream_key(turn_id)
         self._delivery = delivery
         self._index = -1
         self._attempt = attempt_number(delivery, 0)
         self._offset = 0
+        self._followed = None if readers_hold is None else _Followed(readers_hold.attempt, [readers_hold.text])
+        self._repeat: _Repeat | None = None
 
     def _add(self, fields: StreamFields, expire: bool = False) -> None:
         _publisher.add(self._key, fields, expire)
@@ -298,21 +344,64 @@ class TurnStream(AnswerSink):
         self._add({"type": "status", "a": self._attempt, "data": json.dumps(payload)}, expire=True)
 
     def attempt_started(self, model_name: str, restart: bool) -> None:
-        """A fallback, or the first attempt of a delivery that took the turn over, voids earlier text."""
+        """A fallback, or any attempt of a later delivery, starts over: it repeats what readers hold, or voids
+        it with a `restart` when there is nothing to repeat."""
         self._index += 1
         self._attempt = attempt_number(self._delivery, self._index)
         self._offset = 0
-        if restart or self._delivery > 1:
-            self.status(TurnStatus.PROCESSING, model_name, restart=True)
+        self._repeat = None
+        if not (restart or self._delivery > 1):
+            self._followed = _Followed(self._attempt, [])
+            return
+        held = "".join(self._followed.pieces) if self._followed is not None else ""
+        if held and self._followed is not None:
+            self._repeat = _Repeat(model_name, self._followed.attempt, held)
+            self.status(TurnStatus.PROCESSING, model_name)
+        else:
+            self._start_over(model_name)
+
+    def _start_over(self, model_name: str) -> None:
+        self.status(TurnStatus.PROCESSING, model_name, restart=True)
+        self._followed = _Followed(self._attempt, [])
 
     def delta(self, text: str) -> None:
+        if self._repeat is None:
+            self._send(text)
+            return
+        repeat = self._repeat
+        rest = repeat.text[repeat.matched:]
+        if rest.startswith(text):
+            repeat.matched += len(text)
+            return
+        self._repeat = None
+        if text.startswith(rest):
+            self._continue(repeat)
+            self._send(text[len(rest):])
+        else:
+            self._start_over(repeat.model)
+            self._send(repeat.text[:repeat.matched] + text)
+
+    def _send(self, text: str) -> None:
         self._add({"type": "delta", "a": self._attempt, "o": self._offset, "data": text})
         self._offset += len(text)
+        if self._followed is not None:
+            self._followed.pieces.append(text)
+
+    def _continue(self, repeat: _Repeat) -> None:
+        """The attempt repeated all readers hold: they follow it from there."""
+        self._add({"type": "continue", "a": self._attempt, "from": repeat.attempt, "o": len(repeat.text)},
+                  expire=True)
+        self._offset = len(repeat.text)
+        self._followed = _Followed(self._attempt, [repeat.text])
 
     def finished(self, status: TurnStatus, model: str | None) -> None:
         """The last entry: readers then load the stored message and send `done`. Every end of a turn is
         announced here, after its commit (a worker's settlement, an end no worker held), so the count of
-        ended turns is taken here too, once per end."""
+        ended turns is taken here too, once per end. An attempt that ended having repeated exactly what readers
+        hold continues it first: the stored answer is then their text, under this attempt's number."""
+        if self._repeat is not None and self._repeat.matched == len(self._repeat.text):
+            self._continue(self._repeat)
+        self._repeat = None
         metrics.observe_terminal(status.value)
         payload = {"status": status.value, "model": model}
         self._add({"type": "done", "a": self._attempt, "data": json.dumps(payload)}, expire=True)

@@ -4,7 +4,8 @@ Behaviour is chosen by the upstream model name, so one server plays every provid
 `echo` answers with the last user message; directives joined by `;` change that, e.g.
 `echo;ttft=1;gap=0.05`, `fail=429`, `stall_after=3`, `cut_after=2`, `end_after=2` (the body ends
 cleanly there, with no finish_reason and no `[DONE]`), `garbage_after=2` (a chunk that is not a chat
-completion chunk), `words=40`, `no_usage`, `hold_after_done=30` (the body stays open after `[DONE]`),
+completion chunk), `words=40` (`w0 w1 …`; `word=v` makes them `v0 v1 …`, another model's answer), `no_usage`,
+`hold_after_done=30` (the body stays open after `[DONE]`),
 `hang_after_finish=30` (the answer's `finish_reason` and usage are sent, then the stream says nothing,
 with no `[DONE]`), `garbage_after_finish` (a chunk that is not a chat completion chunk after the usage),
 `redirect` (a 307 to the same path first; the directives then apply to the redirected request),
@@ -42,6 +43,7 @@ class Script:
     end_after: int | None = None
     garbage_after: int | None = None
     words: int | None = None
+    word: str = "w"
     usage: bool = True
     hang_headers: float = 0.0
     hold_after_done: float = 0.0
@@ -63,6 +65,8 @@ class Script:
                 setattr(script, name, True)
             elif name in ("ttft", "gap", "hang_headers", "hold_after_done", "hang_after_finish"):
                 setattr(script, name, float(value))
+            elif name == "word":
+                script.word = value
             elif name in ("fail", "stall_after", "cut_after", "end_after", "garbage_after", "words", "reported_tokens"):
                 setattr(script, name, int(value))
         return script
@@ -87,7 +91,7 @@ UNSTORABLE = ["nul\x00here", "half\ud800pair"]
 
 def answer_words(body: dict[str, Any], script: Script) -> list[str]:
     if script.words is not None:
-        words = [f"w{i}" for i in range(script.words)]
+        words = [f"{script.word}{i}" for i in range(script.words)]
     else:
         last_user = next((m.get("content", "") for m in reversed(body.get("messages", []))
                           if m.get("role") == "user"), "")

@@ -122,7 +122,7 @@ def _run_turn(turn_id: int) -> None:
                                  attempt_order(context.agent.primary, context.agent.fallback, fallen_back=False),
                                  context.prompt_for, settings.answer_limit(context.agent.params.max_tokens),
                                  in_order=not context.fallen_back)
-    stream = TurnStream(turn_id, context.delivery)
+    stream = TurnStream(turn_id, context.delivery, text_streamed(turn_id) if context.delivery > 1 else None)
     if context.gives_up or not claim.affordable:
         _end_without_model_call(context, stream)
         return

@@ -40,6 +40,9 @@ TEST_ENV = {
     "DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{DB_NAME}",
     "REDIS_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
     "AGENTQ_LEASE_SECONDS": "3",
+    # Each process of the suite's (two pytest-xdist sessions, each with workers, API servers and a test's own
+    # deployment) held up to 10 connections: at a busy moment that was past PostgreSQL's default 100.
+    "AGENTQ_DB_POOL_SIZE": "4",
     "AGENTQ_RECOVERY_INTERVAL_SECONDS": "1",
     "AGENTQ_ENQUEUE_GRACE_SECONDS": "1",
     "AGENTQ_MIN_BACKOFF_MS": "200",

@@ -102,7 +102,9 @@ def slow_agent(stack: Stack, name: str, upstream: str, **extra: Any) -> int:
 def test_a_turn_whose_worker_is_killed_is_taken_over_by_another_within_the_lease(stack: Stack,
                                                                                 upstream: UpstreamLog) -> None:
     """The killed worker had switched to the fallback (its primary answered 503): the delivery that takes the
-    turn over goes on with the fallback; it called the primary again, switching twice in one run."""
+    turn over goes on with the fallback (the run's mark says it switched). The new
+    call repeats the words the dead one streamed, so a reader following from the start is sent them once: its
+    deltas concatenate to the answer, with no `restart` (the contract's guarantee, kept through a takeover)."""
     first, second = stack.start_worker(restart=False, wait=False), stack.start_worker(restart=False, wait=False)
     stack.wait_ready(first)
     stack.wait_ready(second)
@@ -117,6 +119,10 @@ def test_a_turn_whose_worker_is_killed_is_taken_over_by_another_within_the_lease
     assert len(owner) == 1
     wait_for(lambda: upstream.models() == [failing, slow], what="the fallback's call")
     wait_for(lambda: len(streamed_by(stack, turn["id"], 101)) > 3, what="the fallback's first words")
+    reader_events: list[Any] = []
+    reader = threading.Thread(target=lambda: reader_events.extend(
+        read_sse(f"{stack.base_url}/api/messages/{turn['id']}/stream", key)), daemon=True)
+    reader.start()
     victim_group, victim_pid = owner[0]
     survivor = second if victim_group is first else first
     assert victim_pid in victim_group.children()
@@ -131,6 +137,10 @@ def test_a_turn_whose_worker_is_killed_is_taken_over_by_another_within_the_lease
     done = stack.wait_terminal(key, turn["id"])
     assert (done["status"], done["model"]) == ("success", "slow-kill")
     assert done["content"] == " ".join(f"w{i}" for i in range(30))
+    reader.join(timeout=30)
+    assert reader_events and reader_events[-1].event == "done"
+    assert not any(e.event == "status" and e.json().get("restart") for e in reader_events)
+    assert "".join(e.json()["text"] for e in reader_events if e.event == "delta") == done["content"]
     assert (deliveries(stack, turn["id"]), charges(stack, turn["id"])) == (2, 1)
     assert upstream.models() == [failing, slow, slow]
     # The killed delivery's fallback call, which its readers were streamed, is recorded by the delivery that

@@ -129,11 +129,11 @@ def test_the_text_a_dead_delivery_left_its_readers_is_the_last_attempt_streamed_
     add("delta", 100, o=6, data="world")
     add("status", 200, data=json.dumps({"status": "processing", "model": "first"}))
     redis_client.xadd(key, {"type": "status", "a": 300, "data": "{not json"})
-    assert text_streamed(987654) == Streamed("hello world", "first")
+    assert text_streamed(987654) == Streamed("hello world", "first", 100)
     add("status", 200, data=json.dumps({"status": "processing", "model": "second", "restart": True}))
     assert text_streamed(987654) is None
     add("delta", 200, o=0, data="again")
-    assert text_streamed(987654) == Streamed("again", "second")
+    assert text_streamed(987654) == Streamed("again", "second", 200)
 
 
 def test_a_long_answer_keeps_its_live_stream_alive_past_the_expiry(redis_client) -> None:  # type: ignore[no-untyped-def]
@@ -255,8 +255,10 @@ def test_a_turn_that_ends_before_its_first_token_sends_its_reader_no_restart(wor
 
 
 def test_a_fallback_switch_mid_turn_restarts_the_text(world, web_server, upstream) -> None:  # type: ignore[no-untyped-def]
+    """The fallback's answer departs from the primary's at once (another model's words): what readers hold is
+    void, and a `restart` says so."""
     primary = world.model("primary", upstream="echo;words=30;gap=0.02;cut_after=6")
-    fallback = world.model("fallback", upstream="echo;words=8;gap=0.02")
+    fallback = world.model("fallback", upstream="echo;words=8;gap=0.02;word=v")
     agent_id = world.agent(primary, fallback)
     _, key = world.user()
     message_id = world.send(key, world.conversation(key, agent_id)).json["assistant_message"]["id"]
@@ -267,9 +269,38 @@ def test_a_fallback_switch_mid_turn_restarts_the_text(world, web_server, upstrea
     assert before_restart == "w0 w1 w2 w3 w4 w5"  # the primary's words before its cut
     done = events[-1].json()
     assert (done["status"], done["model"]) == ("success", "fallback")
-    assert visible_text(events) == done["content"] == " ".join(f"w{i}" for i in range(8))
+    assert visible_text(events) == done["content"] == " ".join(f"v{i}" for i in range(8))
     late = read_sse(f"{web_server}/api/messages/{message_id}/stream", key)
     assert "".join(e.json()["text"] for e in late if e.event == "delta") == done["content"]
+
+
+def test_a_fallback_that_repeats_what_readers_hold_goes_on_from_its_end(world, web_server, upstream) -> None:  # type: ignore[no-untyped-def]
+    """The fallback's answer begins with the very words the primary streamed before its cut: readers keep them
+    and are sent only what follows, so their deltas alone concatenate to the answer, with no `restart`; a
+    reader resuming from before the switch, and one arriving after the end, get the same text."""
+    primary = world.model("primary", upstream="echo;words=30;gap=0.02;cut_after=6")
+    fallback = world.model("fallback", upstream="echo;words=8;gap=0.02")
+    _, key = world.user()
+    message_id = world.send(key, world.conversation(key, world.agent(primary, fallback))).json[
+        "assistant_message"]["id"]
+    url = f"{web_server}/api/messages/{message_id}/stream"
+    events = read_sse(url, key)
+    done = events[-1].json()
+    answer = " ".join(f"w{i}" for i in range(8))
+    assert (done["status"], done["model"], done["content"]) == ("success", "fallback", answer)
+    assert not any(e.event == "status" and e.json().get("restart") for e in events), [e.data for e in events]
+    assert [e.json()["model"] for e in events if e.event == "status"][-1] == "fallback"
+    deltas = [e for e in events if e.event == "delta"]
+    assert "".join(e.json()["text"] for e in deltas) == answer
+    assert upstream.models() == ["echo;words=30;gap=0.02;cut_after=6", "echo;words=8;gap=0.02"]
+    early = next(i for i, e in enumerate(deltas) if e.json()["text"].strip() and "w2" in
+                 "".join(d.json()["text"] for d in deltas[:i + 1]))
+    resumed = read_sse(url, key, last_event_id=deltas[early].id)
+    sent_before = "".join(e.json()["text"] for e in deltas[:early + 1])
+    assert sent_before + "".join(e.json()["text"] for e in resumed if e.event == "delta") == answer
+    assert not any(e.event == "status" and e.json().get("restart") for e in resumed)
+    late = read_sse(url, key)
+    assert "".join(e.json()["text"] for e in late if e.event == "delta") == answer
 
 
 def test_resuming_from_a_restart_sent_from_the_stored_text_never_replays_voided_text(  # type: ignore[no-untyped-def]
@@ -299,13 +330,13 @@ def test_resuming_from_a_restart_sent_from_the_stored_text_never_replays_voided_
     assert visible_text(voided) == content
 
 
-def test_a_reader_following_a_turn_its_first_delivery_could_not_settle_is_restarted_once(  # type: ignore[no-untyped-def]
+def test_a_reader_following_a_turn_its_first_delivery_could_not_settle_is_sent_the_answer_once(  # type: ignore[no-untyped-def]
         world, web_server, upstream) -> None:
     """The first delivery's answer cannot be written (a database error at its settlement): its attempt is
-    recorded on its own and Dramatiq's retry runs the turn again. A reader following from the start gets the
-    first delivery's text, one restart when the retry starts over, and the retry's text, then `done`: the
-    reader names the final text by the settling delivery's attempts alone, so the attempt the first delivery
-    recorded does not make it restart a second time and send the whole answer again."""
+    recorded on its own and Dramatiq's retry runs the turn again. The retry's call repeats the first's answer
+    word for word, so a reader following from the start gets that text once and then `done`: no restart, and
+    the reader names the final text by the settling delivery's attempts alone, so the attempt the first
+    delivery recorded does not make it restart at the end and send the whole answer again."""
     from sqlalchemy import text
 
     from app.db import transaction
@@ -332,9 +363,8 @@ def test_a_reader_following_a_turn_its_first_delivery_could_not_settle_is_restar
     done = events[-1].json()
     answer = " ".join(f"w{i}" for i in range(12))
     assert (done["status"], done["content"]) == ("success", answer)
-    restarts = [i for i, e in enumerate(events) if e.event == "status" and e.json().get("restart")]
-    assert len(restarts) == 1
-    assert "".join(e.json()["text"] for e in events[restarts[0]:] if e.event == "delta") == answer
+    assert not any(e.event == "status" and e.json().get("restart") for e in events), [e.data for e in events]
+    assert "".join(e.json()["text"] for e in events if e.event == "delta") == answer
     with transaction() as session:
         recorded = session.execute(text("SELECT delivery, outcome FROM model_attempts WHERE message_id = :id "
                                         "ORDER BY id"), {"id": message_id}).all()
@@ -343,14 +373,15 @@ def test_a_reader_following_a_turn_its_first_delivery_could_not_settle_is_restar
 
 def test_a_reader_joining_after_a_fallback_restart_gets_only_the_new_text(  # type: ignore[no-untyped-def]
         world, web_server, upstream, redis_client) -> None:
-    """Joining mid-turn, after the restart and before the fallback's first token: the reader starts at the
-    restart, so its deltas alone concatenate to the answer, as the contract says, with no restart to handle."""
+    """Joining mid-turn, after the restart (written with the fallback's first words, which depart from the
+    primary's): the reader starts at the restart, so its deltas alone concatenate to the answer, as the
+    contract says, with no restart to handle."""
     import json
 
     from app.live_stream import stream_key
 
     primary = world.model("primary", upstream="echo;words=30;gap=0.02;cut_after=6")
-    fallback = world.model("fallback", upstream="echo;words=8;gap=0.02;ttft=2")
+    fallback = world.model("fallback", upstream="echo;words=8;gap=0.02;ttft=2;word=v")
     _, key = world.user()
     message_id = world.send(key, world.conversation(key, world.agent(primary, fallback))).json[
         "assistant_message"]["id"]
@@ -366,7 +397,7 @@ def test_a_reader_joining_after_a_fallback_restart_gets_only_the_new_text(  # ty
     done = events[-1].json()
     assert (done["status"], done["model"]) == ("success", "fallback")
     assert "".join(e.json()["text"] for e in events if e.event == "delta") == done["content"] \
-        == " ".join(f"w{i}" for i in range(8))
+        == " ".join(f"v{i}" for i in range(8))
 
 
 @pytest.mark.parametrize("fallback_upstream", [None, "echo;words=8;gap=0.02;cut_after=3"])
@@ -429,14 +460,15 @@ def test_a_late_write_of_the_voided_attempt_right_after_a_restart_is_not_adopted
         world, web_server, upstream, redis_client) -> None:
     """A reader just past a fallback restart is at offset 0 of the new attempt; a late delta of the voided
     primary at offset 0 (its worker flushing as it lost the turn) must be skipped, not taken for the start
-    of the new attempt. The stale write is added to the real stream while the fallback waits to answer."""
+    of the new attempt. The stale write is added to the real stream once the restart is there (with the
+    fallback's first words, which depart from the primary's)."""
     import json
     import threading
 
     from app.live_stream import stream_key
 
     primary = world.model("primary", upstream="echo;words=30;gap=0.02;cut_after=6;ttft=1")
-    fallback = world.model("fallback", upstream="echo;words=8;gap=0.02;ttft=2")
+    fallback = world.model("fallback", upstream="echo;words=8;gap=0.02;ttft=2;word=v")
     _, key = world.user()
     message_id = world.send(key, world.conversation(key, world.agent(primary, fallback))).json[
         "assistant_message"]["id"]
@@ -460,7 +492,7 @@ def test_a_late_write_of_the_voided_attempt_right_after_a_restart_is_not_adopted
     reader.join(timeout=30)
     done = events[-1].json()
     assert (done["status"], done["model"]) == ("success", "fallback")
-    assert visible_text(events) == done["content"] == " ".join(f"w{i}" for i in range(8))
+    assert visible_text(events) == done["content"] == " ".join(f"v{i}" for i in range(8))
     assert "voided" not in "".join(e.json()["text"] for e in events if e.event == "delta")
     assert len([e for e in events if e.event == "status" and e.json().get("restart")]) == 1
 
