@@ -299,9 +299,11 @@ _publisher = _Publisher()
 
 @dataclass
 class _Followed:
-    """The attempt a turn's readers follow, and the text they were sent of it, in pieces."""
+    """The attempt a turn's readers follow, the model they were told wrote it, and the text they were sent of
+    it, in pieces."""
 
     attempt: int
+    model: str | None
     pieces: list[str]
 
 
@@ -331,7 +333,8 @@ class TurnStream(AnswerSink):
         self._index = -1
         self._attempt = attempt_number(delivery, 0)
         self._offset = 0
-        self._followed = None if readers_hold is None else _Followed(readers_hold.attempt, [readers_hold.text])
+        self._followed = (None if readers_hold is None
+                          else _Followed(readers_hold.attempt, readers_hold.model, [readers_hold.text]))
         self._repeat: _Repeat | None = None
 
     def _add(self, fields: StreamFields, expire: bool = False) -> None:
@@ -351,7 +354,7 @@ class TurnStream(AnswerSink):
         self._offset = 0
         self._repeat = None
         if not (restart or self._delivery > 1):
-            self._followed = _Followed(self._attempt, [])
+            self._followed = _Followed(self._attempt, model_name, [])
             return
         held = "".join(self._followed.pieces) if self._followed is not None else ""
         if held and self._followed is not None:
@@ -362,7 +365,7 @@ class TurnStream(AnswerSink):
 
     def _start_over(self, model_name: str) -> None:
         self.status(TurnStatus.PROCESSING, model_name, restart=True)
-        self._followed = _Followed(self._attempt, [])
+        self._followed = _Followed(self._attempt, model_name, [])
 
     def delta(self, text: str) -> None:
         if self._repeat is None:
@@ -389,18 +392,32 @@ class TurnStream(AnswerSink):
 
     def _continue(self, repeat: _Repeat) -> None:
         """The attempt repeated all readers hold: they follow it from there."""
-        self._add({"type": "continue", "a": self._attempt, "from": repeat.attempt, "o": len(repeat.text)},
-                  expire=True)
+        self._move_readers(repeat.attempt, len(repeat.text))
         self._offset = len(repeat.text)
-        self._followed = _Followed(self._attempt, [repeat.text])
+        self._followed = _Followed(self._attempt, repeat.model, [repeat.text])
 
-    def finished(self, status: TurnStatus, model: str | None) -> None:
+    def _move_readers(self, attempt: int, length: int) -> None:
+        self._add({"type": "continue", "a": self._attempt, "from": attempt, "o": length}, expire=True)
+
+    def held_by_readers(self) -> Streamed | None:
+        """The text readers hold of an earlier call that this delivery has not voided: it has called no model
+        yet, or its call is still repeating that text. What a stop keeps then, rather than the shorter repeat
+        (or nothing, during moderation), which would take back text readers were sent."""
+        followed = self._followed
+        if followed is None or followed.attempt == self._attempt or not followed.pieces:
+            return None
+        text = "".join(followed.pieces)
+        return Streamed(text, followed.model, followed.attempt) if text else None
+
+    def finished(self, status: TurnStatus, model: str | None, content: str | None = None) -> None:
         """The last entry: readers then load the stored message and send `done`. Every end of a turn is
         announced here, after its commit (a worker's settlement, an end no worker held), so the count of
-        ended turns is taken here too, once per end. An attempt that ended having repeated exactly what readers
-        hold continues it first: the stored answer is then their text, under this attempt's number."""
-        if self._repeat is not None and self._repeat.matched == len(self._repeat.text):
-            self._continue(self._repeat)
+        ended turns is taken here too, once per end. A stored answer (`content`) that is the text readers hold of
+        an earlier call (a call that ended having repeated it exactly, a stop that kept it) moves them first to
+        the attempt the stored answer is named by, so that they are sent no restart and nothing twice."""
+        held = self.held_by_readers()
+        if content and held is not None and held.text == content:
+            self._move_readers(held.attempt, len(content))
         self._repeat = None
         metrics.observe_terminal(status.value)
         payload = {"status": status.value, "model": model}

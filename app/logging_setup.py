@@ -1,8 +1,9 @@
-"""Logging for `agentq web` and `agentq worker`: one format, and the id of the turn a line is about.
+"""Logging for `agentq web` and `agentq worker`: one format, and the id of the run a line is about.
 
 With `AGENTQ_LOG_JSON=true` every record is one JSON object on one line (for a log shipper);
 otherwise a plain line. `turn_context` puts a turn's id in a context variable for the duration of
-its run, so every line logged while it runs, from any module, carries `turn_id` without passing it.
+its run, so every line logged while it runs, from any module, carries `turn_id` without passing it;
+an admin test run's lines carry its `debug_log_id` the same way.
 Dramatiq's CLI configures logging in each worker process itself, so the worker calls
 `configure_logging` again once the process has booted.
 """
@@ -13,7 +14,7 @@ import json
 import logging
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
@@ -21,32 +22,41 @@ from app.config import get_settings
 from app.outages import in_one_line, is_outage
 
 _turn_id: ContextVar[int | None] = ContextVar("agentq_turn_id", default=None)
+_test_run_id: ContextVar[int | None] = ContextVar("agentq_test_run_id", default=None)
 
 PLAIN_FORMAT = "[%(asctime)s] [PID %(process)d] [%(threadName)s] [%(name)s] [%(levelname)s] %(turn)s%(message)s"
 
 
+def turn_context(turn_id: int) -> AbstractContextManager[None]:
+    return run_context(turn_id, None)
+
+
 @contextmanager
-def turn_context(turn_id: int) -> Iterator[None]:
-    token = _turn_id.set(turn_id)
+def run_context(turn_id: int | None, test_run_id: int | None) -> Iterator[None]:
+    """A turn's or an admin test run's lines, for the duration of the block."""
+    tokens = _turn_id.set(turn_id), _test_run_id.set(test_run_id)
     try:
         yield
     finally:
-        _turn_id.reset(token)
+        _turn_id.reset(tokens[0])
+        _test_run_id.reset(tokens[1])
 
 
-def log_as_turn(turn_id: int | None) -> None:
-    """For what cannot wrap a run in `turn_context`: the broker's hooks around a delivery, which start and
-    end it in separate calls, so that Dramatiq's own lines about it (its failure, its retry) name the turn."""
+def log_as_run(turn_id: int | None, test_run_id: int | None) -> None:
+    """For what cannot wrap a run in `run_context`: the broker's hooks around a delivery, which start and end
+    it in separate calls, so that Dramatiq's own lines about it (its failure, its retry) name the run."""
     _turn_id.set(turn_id)
+    _test_run_id.set(test_run_id)
 
 
 class TurnIdFilter(logging.Filter):
-    """Stamps each record with the turn being run by this thread (or None)."""
+    """Stamps each record with the turn, or the admin test run, this thread runs (or None)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        turn_id = _turn_id.get()
-        record.turn_id = turn_id
-        record.turn = f"[turn {turn_id}] " if turn_id is not None else ""
+        turn_id, test_run_id = _turn_id.get(), _test_run_id.get()
+        record.turn_id, record.debug_log_id = turn_id, test_run_id
+        record.turn = (f"[turn {turn_id}] " if turn_id is not None
+                       else f"[test run {test_run_id}] " if test_run_id is not None else "")
         return True
 
 
@@ -81,9 +91,9 @@ class JsonFormatter(logging.Formatter):
             "process": record.process,
             "thread": record.threadName,
         }
-        turn_id = getattr(record, "turn_id", None)
-        if turn_id is not None:
-            payload["turn_id"] = turn_id
+        for field in ("turn_id", "debug_log_id"):
+            if (ident := getattr(record, field, None)) is not None:
+                payload[field] = ident
         if record.exc_info:
             payload["exception"] = self.formatException(record.exc_info)
         return json.dumps(payload, ensure_ascii=False, default=str)
@@ -139,4 +149,4 @@ def gunicorn_logconfig() -> dict[str, object]:
     }
 
 
-__all__ = ["JsonFormatter", "configure_logging", "gunicorn_logconfig", "log_as_turn", "turn_context"]
+__all__ = ["JsonFormatter", "configure_logging", "gunicorn_logconfig", "log_as_run", "run_context", "turn_context"]

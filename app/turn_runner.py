@@ -194,10 +194,16 @@ def _stopped_before_this_delivery(context: TurnContext) -> Outcome:
     streamed = text_streamed(context.turn_id) if context.delivery > 1 else None
     if streamed is None:
         return Outcome(cancelled=True)
+    return Outcome(model=_model_named(context, streamed.model), cancelled=True, partial=streamed.text,
+                   partial_failed=True)
+
+
+def _model_named(context: TurnContext, name: str | None) -> ModelTarget:
+    """The agent's model that streamed text under `name`; the one this delivery calls first when the stream no
+    longer names it."""
     agent = context.agent
-    wrote = next((target for target in (agent.primary, agent.fallback)
-                  if target is not None and target.name == streamed.model), _first_model(context))
-    return Outcome(model=wrote, cancelled=True, partial=streamed.text, partial_failed=True)
+    return next((target for target in (agent.primary, agent.fallback) if target is not None and target.name == name),
+                _first_model(context))
 
 
 def _first_model(context: TurnContext) -> ModelTarget:
@@ -257,7 +263,7 @@ def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, mod
         return _settle(context, TurnStatus.CANCELLED, stream, model=model, cost=cost, outcome=outcome,
                        **{**answer, "error_message": STOPPED})
     metrics.observe_cost("turn", cost)
-    stream.finished(target, model.name if model else None)
+    stream.finished(target, model.name if model else None, answer.get("content"))
     log.info("turn %s ended %s: model %s, cost %s%s", context.turn_id, target.value, model.name if model else "none",
              cost if cost is not None else 0, f"; {answer['error_message']}" if answer.get("error_message") else "")
     return target
@@ -279,7 +285,13 @@ def _settle_cancelled(context: TurnContext, outcome: Outcome, elapsed_ms: int, s
     """A stopped turn keeps its partial text and pays for the tokens it generated (estimated, marked so, and
     at most the `max_tokens` the request was sent with, as a whole answer's usage is: the estimate counts a
     token a character outside ASCII, more than a model makes of such text), unless that text came from a
-    failed attempt, which is never charged; one stopped before any text names no model."""
+    failed attempt, which is never charged; one stopped before any text names no model. A stop while this
+    delivery had not yet voided what readers hold of an earlier call (`TurnStream.held_by_readers`: it was
+    repeating that text, or had called no model yet) keeps that text, unpaid, as a stop while that call's
+    worker was dead does."""
+    held = stream.held_by_readers()
+    if held is not None and held.text.startswith(outcome.partial):
+        outcome = replace(outcome, model=_model_named(context, held.model), partial=held.text, partial_failed=True)
     model = outcome.model
     prompt_tokens = completion_tokens = 0
     cost = Decimal(0)

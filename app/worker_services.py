@@ -6,7 +6,6 @@ import logging
 import textwrap
 import threading
 import traceback
-from contextlib import nullcontext
 
 from app import dead_letters, debug_runner, llm_client, metrics, outbox, unowned_end
 from app.db import dispose_engines, open_pool
@@ -14,7 +13,7 @@ from app.deliveries import RunGivenUp
 from app.dispatch import Delivered
 from app.heap import freeze_after_boot
 from app.leases import keeper
-from app.logging_setup import log_as_turn, turn_context
+from app.logging_setup import log_as_run, run_context
 from app.outages import log_failure, warn_of
 from app.recovery import RecoveryLoop
 from app.redis_client import reset_redis
@@ -103,13 +102,20 @@ def hand_back_if_draining(message: Delivered) -> bool:
 
 def delivery_started(message: Delivered) -> None:
     """Until the delivery ends, this thread's log lines, Dramatiq's own about it included (its failure, its
-    retry), carry its turn's id."""
-    run = run_of(message.actor_name, message.args)
-    log_as_turn(run[1] if run is not None and run[0] is TURN else None)
+    retry), carry its run's id."""
+    log_as_run(*_logged_ids(run_of(message.actor_name, message.args)))
+
+
+def _logged_ids(run: tuple[RunKind, int] | None) -> tuple[int | None, int | None]:
+    """A run's ids as its log lines carry them: a turn's, or an admin test run's."""
+    if run is None:
+        return None, None
+    kind, ident = run
+    return (ident, None) if kind is TURN else (None, ident)
 
 
 def delivery_ended() -> None:
-    log_as_turn(None)
+    log_as_run(None, None)
 
 
 def delivery_failed(message: Delivered, exception: BaseException) -> None:
@@ -136,7 +142,7 @@ def message_died(message: Delivered) -> None:
     again by the recovery sweep (after `app.deliveries.retry_hand_over`), whose delivery ends it as
     `error` if its deadline has passed, and runs it otherwise."""
     run = run_of(message.actor_name, message.args)
-    with turn_context(run[1]) if run is not None and run[0] is TURN else nullcontext():
+    with run_context(*_logged_ids(run)):
         _message_died(message, run)
 
 

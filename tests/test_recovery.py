@@ -179,6 +179,9 @@ def test_a_turn_taken_over_from_a_dead_worker_runs_as_things_stand_at_the_takeov
     dearer = stack.send(poor, stack.conversation(poor, dearer_agent), "hello")
     url = f"{stack.base_url}/api/messages/{stopped['id']}/stream"
     seen = visible_text(read_sse(url, key, stop_after=5))
+    following_events: list[Any] = []
+    following = threading.Thread(target=lambda: following_events.extend(read_sse(url, key)), daemon=True)
+    following.start()
     stack.wait_status(poor, dearer["id"], ("processing",))
     assert stack.sql("SELECT reserved FROM users WHERE id = %(id)s", {"id": poor_id}) == [(Decimal("0.01"),)]
     worker.kill_group()
@@ -191,6 +194,13 @@ def test_a_turn_taken_over_from_a_dead_worker_runs_as_things_stand_at_the_takeov
     assert (done["status"], done["cost"], done["content"].startswith(seen), whole.startswith(done["content"])) == (
         "cancelled", "0.000000", True, True), done
     assert visible_text(read_sse(url, key)) == done["content"]  # a reader from the start gets the same text
+    # A reader following it live through the takeover is sent that text once: the stored answer is the text
+    # the dead worker streamed, so no restart voids it (there was one, and the whole text again, before the
+    # end moved readers to the attempt the stored answer is named by).
+    following.join(timeout=30)
+    assert following_events and following_events[-1].event == "done"
+    assert not any(e.event == "status" and e.json().get("restart") for e in following_events)
+    assert "".join(e.json()["text"] for e in following_events if e.event == "delta") == done["content"]
     assert (deliveries(stack, stopped["id"]), charges(stack, stopped["id"])) == (2, 0)
 
     done = stack.wait_terminal(poor, dearer["id"], timeout=15)
@@ -988,3 +998,16 @@ def test_an_idle_worker_takes_a_sent_turn_at_once_not_at_its_next_look(stack: St
         turn = stack.send(key, stack.conversation(key, agent_id), f"ring {index}")
         assert stack.wait_terminal(key, turn["id"], timeout=5)["status"] == "success"
     assert claims_of(worker, turn["id"])
+
+
+def test_an_admin_test_runs_log_lines_carry_its_id(stack: Stack) -> None:
+    """A test run's lines (here its primary's failure and the fallback taken) carried no id, as a turn's carry
+    `turn_id`: an operator could not tell which run a line was about."""
+    worker = stack.start_worker()
+    agent_id = stack.agent(stack.model("refuses-test-runs", "echo;fail=503"), stack.model("answers-test-runs"))
+    started = stack.call("POST", f"/api/admin/agents/{agent_id}/debug/execute", json={"content": "hi"})
+    assert started.status_code == 202
+    run_id = started.json()["debug_log_id"]
+    fell_back = wait_for(lambda: [r for r in log_records(worker) if "falling back" in r["message"]],
+                         what="the line of the test run's fallback")
+    assert [(r.get("debug_log_id"), r.get("turn_id")) for r in fell_back] == [(run_id, None)]

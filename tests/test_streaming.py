@@ -303,6 +303,38 @@ def test_a_fallback_that_repeats_what_readers_hold_goes_on_from_its_end(world, w
     assert "".join(e.json()["text"] for e in late if e.event == "delta") == answer
 
 
+def test_a_stop_while_the_fallback_repeats_what_readers_hold_keeps_that_text(  # type: ignore[no-untyped-def]
+        world, web_server, upstream, redis_client) -> None:
+    """The fallback was still repeating, slowly, the words the primary streamed before its cut when the stop
+    came: the turn keeps the words readers hold, the primary's, unpaid (as a stop between the primary's failure
+    and the fallback's call does), and its readers are sent them once, no restart. It kept the fallback's
+    shorter repeat, and its readers were told to take back words they had been sent."""
+    import json
+
+    from app.live_stream import stream_key
+
+    primary = world.model("primary", upstream="echo;words=30;gap=0.02;cut_after=6")
+    fallback = world.model("fallback", upstream="echo;words=30;gap=1")
+    _, key = world.user()
+    message_id = world.send(key, world.conversation(key, world.agent(primary, fallback))).json[
+        "assistant_message"]["id"]
+    url = f"{web_server}/api/messages/{message_id}/stream"
+
+    def fallback_called() -> bool:
+        return any(fields[b"type"] == b"status" and json.loads(fields[b"data"]).get("model") == "fallback"
+                   for _, fields in redis_client.xrange(stream_key(message_id)))
+
+    wait_for(fallback_called, what="the fallback's call")
+    stopped = world.api.post(f"/api/messages/{message_id}/cancel", key)
+    kept = "w0 w1 w2 w3 w4 w5"
+    assert (stopped.status_code, stopped.json["status"], stopped.json["content"], stopped.json["model"],
+            stopped.json["cost"]) == (202, "cancelled", kept, "primary", "0.000000")
+    events = read_sse(url, key)
+    assert not any(e.event == "status" and e.json().get("restart") for e in events), [e.data for e in events]
+    assert "".join(e.json()["text"] for e in events if e.event == "delta") == kept
+    assert [t for t in world.api.get("/api/me/transactions", key).json["items"] if t["message_id"]] == []
+
+
 def test_resuming_from_a_restart_sent_from_the_stored_text_never_replays_voided_text(  # type: ignore[no-untyped-def]
         world, web_server, upstream) -> None:
     """A reader whose id cannot continue an ended turn (here an offset past the fallback's text) is sent a
