@@ -148,12 +148,20 @@ SETUP_PROBLEM_REPEAT_SECONDS = 60.0
 
 _setup_problem_said: dict[tuple[str, str], float] = {}
 
+OUTAGE_REPEAT_SECONDS = 30.0
+"""How often a background loop says again that a backing service is still out of reach: the lease keeper's
+loops try twice a second, and said at each try a 40 s outage was 80 lines a process."""
+
+_outage_said: dict[tuple[str, str], tuple[float, int]] = {}
+"""For each logger and loop, when it last said an outage and how many failed rounds it has not said since."""
+
 
 def log_failure(logger: logging.Logger, error: BaseException, doing: str) -> None:
     """A background loop's failed round (a sweep, a lease renewal), logged by what it means: a setup step not
     taken (no schema, a refused login) as one error line saying the step, at most once a minute for each
     logger, since every round until the step is taken fails alike and a traceback a second would bury it; a
-    backing service out of reach as a warning, which the next round waits out; anything else, which would
+    backing service out of reach as a warning, which the next round waits out, said again at most every
+    `OUTAGE_REPEAT_SECONDS` with the count of rounds it did not say; anything else, which would
     repeat at every round (a bug), as an error with its traceback. The setup step is looked for first: a
     login the server refuses carries no SQLSTATE, which `is_outage` takes for a connection that failed."""
     if (problem := setup_problem(error)) is not None:
@@ -163,7 +171,15 @@ def log_failure(logger: logging.Logger, error: BaseException, doing: str) -> Non
             logger.error("%s failed: %s. %s (the database at %s); every round fails alike until then, said again "
                          "at most once a minute", doing, problem.step, in_one_line(error), database_location())
     elif is_outage(error):
-        logger.warning("%s failed, a backing service is out of reach (%s); trying again", doing, in_one_line(error))
+        key, now = (logger.name, doing), time.monotonic()
+        said_at, unsaid = _outage_said.get(key, (float("-inf"), 0))
+        if now - said_at < OUTAGE_REPEAT_SECONDS:
+            _outage_said[key] = (said_at, unsaid + 1)
+            return
+        _outage_said[key] = (now, 0)
+        since = f"; {unsaid} more rounds failed alike since this was last said" if unsaid else ""
+        logger.warning("%s failed, a backing service is out of reach (%s); trying again, said at most every %g s%s",
+                       doing, in_one_line(error), OUTAGE_REPEAT_SECONDS, since)
     else:
         logger.error("%s failed, and not for an outage: it will fail again until this is fixed", doing,
                      exc_info=error)

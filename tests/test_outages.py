@@ -145,6 +145,31 @@ def test_a_background_round_that_fails_for_a_bug_is_an_error_not_an_outages_warn
     assert "not for an outage" in caplog.records[1].getMessage()
 
 
+def test_a_background_loop_says_an_outage_once_and_again_with_what_it_did_not_say(caplog, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The lease keeper's loops try twice a second: through a 40 s PostgreSQL outage each process logged a
+    warning at every try, 80 lines that said the same. It is said once, then again after
+    `OUTAGE_REPEAT_SECONDS` with the count of the tries between; another loop says its own."""
+    import logging
+
+    import app.outages
+    from app.outages import log_failure
+
+    log = logging.getLogger("agentq.test.outage-repeat")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        for _ in range(4):
+            log_failure(log, redis.ConnectionError("refused"), "a look for stop requests")
+        log_failure(log, redis.ConnectionError("refused"), "a lease renewal")
+        monkeypatch.setattr(app.outages, "OUTAGE_REPEAT_SECONDS", 0.0)  # the interval gone by
+        log_failure(log, redis.ConnectionError("refused"), "a look for stop requests")
+    assert [r.getMessage() for r in caplog.records] == [
+        "a look for stop requests failed, a backing service is out of reach (ConnectionError: refused); trying "
+        "again, said at most every 30 s",
+        "a lease renewal failed, a backing service is out of reach (ConnectionError: refused); trying again, said "
+        "at most every 30 s",
+        "a look for stop requests failed, a backing service is out of reach (ConnectionError: refused); trying "
+        "again, said at most every 0 s; 3 more rounds failed alike since this was last said"]
+
+
 def test_a_database_connection_gives_up_on_a_server_gone_within_half_a_lease(database) -> None:  # type: ignore[no-untyped-def]
     """The kernel retransmits unacknowledged data for about fifteen minutes: a lease renewal sent to a server
     that a failover moved away hung the lease keeper that long, and every lease of the process ran out
