@@ -65,12 +65,24 @@ FAILED_DELIVERY = "Failed to process message"
 after it, and said by the Retries middleware's own line)."""
 
 
+CONSUMER_LOST_REDIS = "Consumer encountered a connection error"
+"""How Dramatiq's consumer threads start their line, at CRITICAL, for a Redis connection lost (a restart, an
+outage): the consumer starts again by itself three seconds later."""
+
+
 class OutageFailureFilter(logging.Filter):
     """Dramatiq logs every delivery that raised as an error with its traceback. One that failed because a
     backing service is out of reach is retried for minutes (`app.deliveries.retry_failed`): a database
-    restart with a hundred runs queued wrote a hundred tracebacks at every retry. It is one warning line."""
+    restart with a hundred runs queued wrote a hundred tracebacks at every retry. It is one warning line.
+    So is a consumer's lost connection to Redis, which Dramatiq says at CRITICAL, once a consumer (several
+    lines a process at each Redis restart), though nothing is lost and the consumer starts again itself."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith(CONSUMER_LOST_REDIS) \
+                and record.levelno > logging.WARNING:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg += " (Redis is out of reach; the consumer starts again in 3 s)"
+            return True
         error = record.exc_info[1] if record.exc_info else None
         if error is not None and isinstance(record.msg, str) and record.msg.startswith(FAILED_DELIVERY) \
                 and is_outage(error):

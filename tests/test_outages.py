@@ -170,6 +170,28 @@ def test_a_background_loop_says_an_outage_once_and_again_with_what_it_did_not_sa
         "again, said at most every 0 s; 3 more rounds failed alike since this was last said"]
 
 
+def test_a_consumers_lost_redis_connection_is_a_warning_not_a_critical_line() -> None:
+    """Dramatiq says a consumer's lost Redis connection at CRITICAL, one line a consumer at every Redis restart,
+    though the consumer starts again by itself: an operator paged on CRITICAL was paged for an outage the
+    deployment rides out. The line is the outage warning the rest are."""
+    import logging
+
+    import redis as redis_lib
+
+    from app.logging_setup import OutageFailureFilter
+
+    record = logging.LogRecord("dramatiq.worker.ConsumerThread(turns)", logging.CRITICAL, __file__, 1,
+                               "Consumer encountered a connection error: %s",
+                               (redis_lib.ConnectionError("Connection closed by server."),), None)
+    assert OutageFailureFilter().filter(record)
+    assert (record.levelname, record.getMessage()) == (
+        "WARNING", "Consumer encountered a connection error: Connection closed by server. (Redis is out of reach; "
+                   "the consumer starts again in 3 s)")
+    other = logging.LogRecord("dramatiq.worker.ConsumerThread(turns)", logging.CRITICAL, __file__, 1,
+                              "Consumer encountered an unexpected error.", None, None)
+    assert OutageFailureFilter().filter(other) and other.levelname == "CRITICAL"
+
+
 def test_a_database_connection_gives_up_on_a_server_gone_within_half_a_lease(database) -> None:  # type: ignore[no-untyped-def]
     """The kernel retransmits unacknowledged data for about fifteen minutes: a lease renewal sent to a server
     that a failover moved away hung the lease keeper that long, and every lease of the process ran out
