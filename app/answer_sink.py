@@ -9,7 +9,8 @@ class AnswerSink:
     """Where streamed text goes while it is produced (the turn's live stream); a no-op by default."""
 
     def attempt_started(self, model_name: str, restart: bool) -> None:
-        """Called before each attempt; `restart` is true when earlier text of this turn is void."""
+        """Called before each attempt; `restart` is true when it starts the answer over (a fallback), so that
+        what readers hold is repeated by it or void (`app.live_stream.TurnStream`)."""
 
     def delta(self, text: str) -> None:
         """Called with each piece of text as it arrives."""
