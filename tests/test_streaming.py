@@ -244,6 +244,15 @@ def test_a_last_event_id_that_cannot_be_resumed_live_still_gets_the_answer_right
         assert len(deltas) >= 5
 
 
+def turn_falling_back(world, primary_upstream: str, fallback_upstream: str) -> tuple[str, int]:  # type: ignore[no-untyped-def]
+    """A new user's turn on an agent of two models, "primary" and "fallback" (upstreams of the mock): the user's
+    key and the answer's id."""
+    primary = world.model("primary", upstream=primary_upstream)
+    fallback = world.model("fallback", upstream=fallback_upstream)
+    _, key = world.user()
+    return key, world.send(key, world.conversation(key, world.agent(primary, fallback))).json["assistant_message"]["id"]
+
+
 def test_a_turn_that_ends_before_its_first_token_sends_its_reader_no_restart(world, web_server) -> None:  # type: ignore[no-untyped-def]
     """Nothing was streamed, so nothing is voided: a reader told to `restart` would clear its screen for no
     reason (it was, because its id's attempt differed from the stored text's)."""
@@ -278,11 +287,7 @@ def test_a_fallback_that_repeats_what_readers_hold_goes_on_from_its_end(world, w
     """The fallback's answer begins with the very words the primary streamed before its cut: readers keep them
     and are sent only what follows, so their deltas alone concatenate to the answer, with no `restart`; a
     reader resuming from before the switch, and one arriving after the end, get the same text."""
-    primary = world.model("primary", upstream="echo;words=30;gap=0.02;cut_after=6")
-    fallback = world.model("fallback", upstream="echo;words=8;gap=0.02")
-    _, key = world.user()
-    message_id = world.send(key, world.conversation(key, world.agent(primary, fallback))).json[
-        "assistant_message"]["id"]
+    key, message_id = turn_falling_back(world, "echo;words=30;gap=0.02;cut_after=6", "echo;words=8;gap=0.02")
     url = f"{web_server}/api/messages/{message_id}/stream"
     events = read_sse(url, key)
     done = events[-1].json()
@@ -313,11 +318,7 @@ def test_a_stop_while_the_fallback_repeats_what_readers_hold_keeps_that_text(  #
 
     from app.live_stream import stream_key
 
-    primary = world.model("primary", upstream="echo;words=30;gap=0.02;cut_after=6")
-    fallback = world.model("fallback", upstream="echo;words=30;gap=1")
-    _, key = world.user()
-    message_id = world.send(key, world.conversation(key, world.agent(primary, fallback))).json[
-        "assistant_message"]["id"]
+    key, message_id = turn_falling_back(world, "echo;words=30;gap=0.02;cut_after=6", "echo;words=30;gap=1")
     url = f"{web_server}/api/messages/{message_id}/stream"
 
     def fallback_called() -> bool:
@@ -342,11 +343,7 @@ def test_resuming_from_a_restart_sent_from_the_stored_text_never_replays_voided_
     primary's voided text, which is still in the live stream ahead of the fallback's."""
     from app.live_stream import attempt_number
 
-    primary = world.model("primary", upstream="echo;words=30;gap=0.02;cut_after=6")
-    fallback = world.model("fallback", upstream="echo;words=8")
-    _, key = world.user()
-    message_id = world.send(key, world.conversation(key, world.agent(primary, fallback))).json[
-        "assistant_message"]["id"]
+    key, message_id = turn_falling_back(world, "echo;words=30;gap=0.02;cut_after=6", "echo;words=8")
     content = world.wait_terminal(key, message_id)["content"]
     assert content == " ".join(f"w{i}" for i in range(8))
     url = f"{web_server}/api/messages/{message_id}/stream"
@@ -412,11 +409,8 @@ def test_a_reader_joining_after_a_fallback_restart_gets_only_the_new_text(  # ty
 
     from app.live_stream import stream_key
 
-    primary = world.model("primary", upstream="echo;words=30;gap=0.02;cut_after=6")
-    fallback = world.model("fallback", upstream="echo;words=8;gap=0.02;ttft=2;word=v")
-    _, key = world.user()
-    message_id = world.send(key, world.conversation(key, world.agent(primary, fallback))).json[
-        "assistant_message"]["id"]
+    key, message_id = turn_falling_back(world, "echo;words=30;gap=0.02;cut_after=6",
+                                        "echo;words=8;gap=0.02;ttft=2;word=v")
 
     def restarted() -> bool:
         return any(fields[b"type"] == b"status" and json.loads(fields[b"data"]).get("restart")
@@ -499,11 +493,8 @@ def test_a_late_write_of_the_voided_attempt_right_after_a_restart_is_not_adopted
 
     from app.live_stream import stream_key
 
-    primary = world.model("primary", upstream="echo;words=30;gap=0.02;cut_after=6;ttft=1")
-    fallback = world.model("fallback", upstream="echo;words=8;gap=0.02;ttft=2;word=v")
-    _, key = world.user()
-    message_id = world.send(key, world.conversation(key, world.agent(primary, fallback))).json[
-        "assistant_message"]["id"]
+    key, message_id = turn_falling_back(world, "echo;words=30;gap=0.02;cut_after=6;ttft=1",
+                                        "echo;words=8;gap=0.02;ttft=2;word=v")
     events: list = []
     connected = threading.Event()
     reader = threading.Thread(target=lambda: events.extend(
