@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sqlalchemy import false, tuple_, update
+from sqlalchemy import null, tuple_, update
 
 from app import coordination
 from app.clock import lease_expiry, lease_now
@@ -220,7 +220,9 @@ class LeaseKeeper:
                 pairs = [(h.ident, h.token) for h in held if h.kind is kind]
                 if not pairs:
                     continue
-                stop_asked = Turn.cancel_requested_at.is_not(None) if kind is TURN else false()
+                # The column itself, judged here: SQLite (3.40) evaluates `cancel_requested_at IS NOT NULL` in a
+                # RETURNING clause as true on a NULL, which stopped every turn at its first renewal there.
+                stop_asked = Turn.cancel_requested_at if kind is TURN else null()
                 rows = session.execute(
                     update(kind.model)
                     .where(tuple_(kind.key, kind.model.lease_token).in_(pairs))
@@ -229,7 +231,7 @@ class LeaseKeeper:
                     .execution_options(synchronize_session=False)
                 ).all()
                 kept.update(_delivery_key(kind, row.ident, row.lease_token) for row in rows)
-                stopped.update(row.ident for row in rows if row.stop_asked)
+                stopped.update(row.ident for row in rows if row.stop_asked is not None)
         with self._lock:
             current = [h for h in held if self._held.get(h.key) is h]
             self._kept = kept

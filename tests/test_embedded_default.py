@@ -12,12 +12,14 @@ import re
 import subprocess
 import uuid
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import LOG_DIR, MOCK_URL, child_env
-from tests.support import ROOT, VENV_BIN, Process, agentq, free_port, wait_http
+from tests.support import ROOT, VENV_BIN, Process, agentq, free_port, wait_for, wait_http
 
 
 def readme_curl_session() -> str:
@@ -65,8 +67,6 @@ def test_readme_curl_session_answers_on_the_sqlite_default(sqlite_deployment) ->
 
 
 def test_idempotent_redelivery_and_balance_on_sqlite(sqlite_deployment) -> None:  # type: ignore[no-untyped-def]
-    import httpx
-
     base, headers = sqlite_deployment["url"], {"Authorization": f"Bearer {sqlite_deployment['key']}"}
     before = httpx.get(f"{base}/api/me", headers=headers).json()["balance"]
     conversation = httpx.post(f"{base}/api/conversations", headers=headers,
@@ -78,16 +78,30 @@ def test_idempotent_redelivery_and_balance_on_sqlite(sqlite_deployment) -> None:
     assert accepted.status_code == again.status_code == 202
     message_id = accepted.json()["assistant_message"]["id"]
     assert again.json()["assistant_message"]["id"] == message_id
-    from tests.support import wait_for
-
     done = wait_for(lambda: (m := httpx.get(f"{base}/api/messages/{message_id}", headers=headers).json())["status"]
                     == "success" and m, what="the SQLite turn")
-    from decimal import Decimal
-
     after = httpx.get(f"{base}/api/me", headers=headers).json()["balance"]
     assert Decimal(before) - Decimal(after) == Decimal(done["cost"])
     ledger = httpx.get(f"{base}/api/me/transactions", headers=headers).json()["items"]
     assert len([t for t in ledger if t["message_id"] == message_id]) == 1
+
+
+def test_a_turn_that_outlives_its_first_lease_renewal_runs_to_its_end_on_sqlite(sqlite_deployment) -> None:  # type: ignore[no-untyped-def]
+    """SQLite (3.40) evaluates `cancel_requested_at IS NOT NULL` in a RETURNING clause as true on a NULL: the
+    lease renewal, which read a user's stop that way, stopped every turn still running at its first renewal
+    (a third of the lease: 1 s here, 10 s by default), `cancelled` "stopped on request" with no stop asked."""
+    base, headers = sqlite_deployment["url"], {"Authorization": f"Bearer {sqlite_deployment['key']}"}
+    model = httpx.post(f"{base}/api/admin/models", headers=headers, json={
+        "name": "slow-on-sqlite", "model": "echo;words=12;gap=0.25", "base_url": MOCK_URL,
+        "input_price_per_1k": "0", "output_price_per_1k": "0"}).json()["id"]
+    agent = httpx.post(f"{base}/api/admin/agents", headers=headers, json={
+        "name": "slow", "system_prompt": "You are slow.", "model_id": model}).json()["id"]
+    conversation = httpx.post(f"{base}/api/conversations", headers=headers, json={"agent_id": agent}).json()
+    turn = httpx.post(f"{base}/api/conversations/{conversation['id']}/messages", headers=headers,
+                      json={"content": "take your time"}).json()["assistant_message"]["id"]
+    done = wait_for(lambda: (m := httpx.get(f"{base}/api/messages/{turn}", headers=headers).json())["status"]
+                    not in ("pending", "processing") and m, what="the slow SQLite turn")
+    assert (done["status"], done["content"]) == ("success", " ".join(f"w{i}" for i in range(12)))
 
 
 RESERVATIONS_ON_SQLITE = """
