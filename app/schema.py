@@ -5,7 +5,8 @@ several machines at once (an advisory lock serialises them); a column added afte
 added to an older database by its `ALTER TABLE … ADD COLUMN IF NOT EXISTS` (and again to one it was
 dropped from by hand; a column of the first release is not, having no such statement). On SQLite the models
 create what is missing, and a column a table lacks is added to it when it is nullable or has a default;
-a file written before money was kept in millionths there has its amounts converted once.
+a file written before money was kept in millionths there has its amounts converted once, and a table whose ids
+must never be given again (`sqlite_autoincrement`) made before it was declared so is rebuilt once.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, Connection, Engine, Numeric, Table, inspect, text
+from sqlalchemy import Column, Connection, Engine, MetaData, Numeric, Table, inspect, text
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.schema import CreateColumn
+from sqlalchemy.schema import CreateColumn, CreateTable
 
 from app.db import database_location, get_engine
 from app.errors import AgentqError
@@ -42,6 +43,8 @@ class SchemaReport:
     """The `table.column`s an existing table lacked and this run added (a table made whole is not listed)."""
     converted_money_columns: int = 0
     """On SQLite, the money columns of an older file converted to millionths (once)."""
+    rebuilt_tables: list[str] = field(default_factory=list)
+    """On SQLite, the tables of an older file rebuilt (once, rows kept) so that their ids are never given again."""
     refused_key_variables: list[dict[str, Any]] = field(default_factory=list)
     """Live models whose `api_key_env` names a variable that `AGENTQ_MODEL_KEY_VARIABLES`, as this process
     has it, does not allow (`app.key_variables.models_refused_now`)."""
@@ -74,10 +77,11 @@ def init_schema() -> SchemaReport:
     fresh = not inspect(engine).get_table_names()
     Base.metadata.create_all(engine)
     added = _add_missing_columns(engine)
+    rebuilt = _ids_never_reused(engine)
     _replace_indexes(engine)
     _check_complete(engine, missing_columns(engine), added)
     converted = _money_in_millionths(engine, fresh)
-    return SchemaReport(database_location(), "models", added, converted, _refused_key_variables(engine))
+    return SchemaReport(database_location(), "models", added, converted, rebuilt, _refused_key_variables(engine))
 
 
 def _columns_lacking(connection: Connection) -> set[str]:
@@ -105,6 +109,30 @@ def _check_complete(engine: Engine, missing: list[str], added: list[str] | None 
 def _refused_key_variables(engine: Engine) -> list[dict[str, Any]]:
     with engine.connect() as connection:
         return [asdict(model) for model in models_refused_now(connection)]
+
+
+def _ids_never_reused(engine: Engine) -> list[str]:
+    """Rebuild, rows and ids kept, each table the models declare `sqlite_autoincrement` that a SQLite file made
+    before that has without it (SQLite cannot add it in place): a new table, the rows copied, the old one
+    dropped, the new one renamed. Its indexes went with the old table; `_replace_indexes` makes them again.
+    No other table refers to these, so no foreign key needs to be turned off."""
+    rebuilt = []
+    with engine.begin() as connection:
+        for table in Base.metadata.sorted_tables:
+            if not table.dialect_options["sqlite"]["autoincrement"]:
+                continue
+            made_as = connection.exec_driver_sql("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                                 (table.name,)).scalar_one()
+            if "AUTOINCREMENT" in made_as.upper():
+                continue
+            staging = table.to_metadata(MetaData(), name=f"{table.name}__rebuilt")
+            connection.execute(CreateTable(staging))
+            columns = ", ".join(column.name for column in table.columns)
+            connection.exec_driver_sql(f"INSERT INTO {staging.name} ({columns}) SELECT {columns} FROM {table.name}")
+            connection.exec_driver_sql(f"DROP TABLE {table.name}")
+            connection.exec_driver_sql(f"ALTER TABLE {staging.name} RENAME TO {table.name}")
+            rebuilt.append(table.name)
+    return rebuilt
 
 
 REPLACED_INDEXES = ("idx_conversation_messages_role_status", "idx_dead_letters_open")

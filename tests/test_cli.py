@@ -406,7 +406,8 @@ def test_db_init_says_what_it_did_in_one_json_line(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
         printed.append(json.loads(result.stdout))
     assert printed == [{"database": str((tmp_path / "relative.sqlite3").resolve()), "applied": "models",
-                        "added_columns": [], "converted_money_columns": 0, "refused_key_variables": []}] * 2
+                        "added_columns": [], "converted_money_columns": 0, "rebuilt_tables": [],
+                        "refused_key_variables": []}] * 2
 
 
 def test_db_init_names_the_models_whose_key_variable_this_release_refuses(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 from datetime import UTC, datetime
 
@@ -55,7 +56,7 @@ def test_db_init_is_safe_to_run_twice_on_postgresql() -> None:
             printed = json.loads(db_init(f"postgresql://postgres@127.0.0.1:5432/{name}").stdout)
             assert printed == {"database": f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
                                "applied": "schema.sql", "added_columns": [], "converted_money_columns": 0,
-                               "refused_key_variables": []}
+                               "rebuilt_tables": [], "refused_key_variables": []}
         engine = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}")
         assert set(inspect(engine).get_table_names()) == set(Base.metadata.tables)
         engine.dispose()
@@ -133,8 +134,6 @@ def test_a_page_of_dead_letters_is_read_in_the_listing_order_from_an_index(datab
 def test_db_init_gives_an_older_sqlite_file_the_indexes_of_this_release(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """`create_all` makes the indexes of the tables it creates only: a file of an earlier release kept the index
     this one replaced and never got the new one."""
-    import sqlite3
-
     path = tmp_path / "older.sqlite3"
     db_init(f"sqlite:///{path}")
     with sqlite3.connect(path) as older:
@@ -149,3 +148,29 @@ def test_db_init_gives_an_older_sqlite_file_the_indexes_of_this_release(tmp_path
     engine.dispose()
     assert {"idx_conversation_messages_role_status_updated", "idx_dead_letters_open_by_time"} <= names
     assert not {"idx_conversation_messages_role_status", "idx_dead_letters_open"} & names
+
+
+def _dead_letter(connection: sqlite3.Connection, name: str) -> int:
+    return connection.execute("INSERT INTO dead_letters (redis_message_id, queue, actor, args, error) "
+                              "VALUES (?, 'q', 'run_turn', '[]', 'died') RETURNING id", (name,)).fetchone()[0]
+
+
+def test_a_purged_dead_letters_id_is_never_given_again_on_sqlite(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An operator acts on a dead letter by its id and a purge deletes its row: SQLite without AUTOINCREMENT
+    gives the next dead letter the id of a purged last one, so a purge retried would delete another message. A
+    file made before the table was declared so is rebuilt by `db init`, once, its rows and indexes kept."""
+    path = tmp_path / "older.sqlite3"
+    db_init(f"sqlite:///{path}")
+    with sqlite3.connect(path) as older:
+        made_as = older.execute("SELECT sql FROM sqlite_master WHERE name = 'dead_letters'").fetchone()[0]
+        older.execute("DROP TABLE dead_letters")
+        older.execute(made_as.replace("AUTOINCREMENT", ""))
+        assert [_dead_letter(older, name) for name in ("a", "b")] == [1, 2]
+    reports = [json.loads(db_init(f"sqlite:///{path}").stdout)["rebuilt_tables"] for _ in range(2)]
+    assert reports == [["dead_letters"], []]
+    with sqlite3.connect(path) as rebuilt:
+        assert rebuilt.execute("SELECT id, redis_message_id FROM dead_letters").fetchall() == [(1, "a"), (2, "b")]
+        assert rebuilt.execute("SELECT name FROM sqlite_master WHERE tbl_name = 'dead_letters' AND type = 'index' "
+                               "AND name LIKE 'idx_%'").fetchall() == [("idx_dead_letters_open_by_time",)]
+        rebuilt.execute("DELETE FROM dead_letters WHERE id = 2")
+        assert _dead_letter(rebuilt, "c") == 3

@@ -23,6 +23,10 @@ class DeadLetter(Base):
     __table_args__ = (
         Index("idx_dead_letters_open_by_time", "dead_at", "id", postgresql_where=text("requeued_at IS NULL"),
               sqlite_where=text("requeued_at IS NULL")),
+        # An operator acts on a dead letter by its id, and a purge deletes the row: without AUTOINCREMENT,
+        # SQLite gives the next dead letter the id of a purged last one, so a purge or requeue retried (or
+        # sent from a stale list) would act on another message. PostgreSQL's identity never reuses one.
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = id_column()
