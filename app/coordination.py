@@ -26,6 +26,7 @@ from app.config import get_settings
 from app.db import transaction
 from app.errors import ConversationBusy, TooManyActiveConversations
 from app.in_flight import active_conversation_ids
+from app.live_stream import stream_key
 from app.models import ConversationMessage
 from app.outages import warn_of
 from app.redis_client import get_redis, key, lua_script
@@ -82,11 +83,15 @@ class TurnSlots:
     more, since each call would wait as long, and leaves its turn to the recovery sweep to send."""
 
     def bind(self, turn_id: int) -> None:
-        """Hand the lock from this request to the turn, whose worker renews and frees it."""
+        """Hand the lock from this request to the turn, whose worker renews and frees it. The same call drops
+        what Redis holds under the new turn's id, before it is sent: a database made again (a deleted SQLite
+        file, `make clean`) numbers its turns from 1 again, and a live stream or a stop flag its predecessor left
+        (a worker stopped mid-answer) would show that turn's text to the new turn's readers, or stop it."""
         if self.owner is None:
             return
         try:
-            _run("renew_turn_slots", [lock_key(self.conversation_id), slots_key(self.user_id)],
+            _run("renew_turn_slots", [lock_key(self.conversation_id), slots_key(self.user_id), stream_key(turn_id),
+                                      stop_key(turn_id)],
                  [turn_owner(turn_id), _now_ms(), _lease_ms(), self.conversation_id, self.owner])
         except redis.RedisError as exc:
             warn_of(log, exc, "could not hand the conversation lock to turn %s", turn_id)

@@ -640,6 +640,33 @@ def test_an_ended_turn_leaves_no_stop_flag_behind(world, redis_client) -> None: 
     wait_for(lambda: redis_client.exists(stop_key(message_id)) == 0, what="the stop flag dropped with the lock")
 
 
+def test_a_new_turn_meets_nothing_a_database_made_before_left_under_its_id(  # type: ignore[no-untyped-def]
+        world, web_server, redis_client) -> None:
+    """A database made again (a deleted SQLite file, `make clean`) numbers its turns from 1 again, under the same
+    Redis keys: the live stream and the stop flag of the earlier database's turn of that id, left by a worker
+    stopped mid-answer, showed that turn's text to the new turn's readers and stopped the new turn at once."""
+    from sqlalchemy import text
+
+    from app.db import transaction
+    from app.live_stream import stream_key
+    from app.stop_requests import stop_key
+
+    agent_id = world.agent(world.model(upstream="echo;words=5;gap=0.05"))
+    _, key = world.user(balance="10")
+    conversation_id = world.conversation(key, agent_id)
+    with transaction() as session:  # the user's message takes the next id, the answer the one after it
+        last, called = session.execute(text("SELECT last_value, is_called FROM conversation_messages_id_seq")).one()
+    answer_id = last + (2 if called else 1)
+    redis_client.xadd(stream_key(answer_id), {"type": "delta", "a": 100, "o": 0, "data": "someone else's secret"})
+    redis_client.set(stop_key(answer_id), 1)
+    assert world.send(key, conversation_id, "hello").json["assistant_message"]["id"] == answer_id
+    events = read_sse(f"{web_server}/api/messages/{answer_id}/stream", key)
+    done = events[-1].json()
+    assert (events[-1].event, done["status"]) == ("done", "success")
+    assert "".join(e.json()["text"] for e in events if e.event == "delta") == done["content"] == \
+        " ".join(f"w{i}" for i in range(5))
+
+
 def test_a_turn_is_stopped_by_the_id_of_its_user_message_too(world) -> None:  # type: ignore[no-untyped-def]
     """Both messages of a turn carry its status; a stop naming the user's message was a 404 for a message the
     caller owns."""
