@@ -644,14 +644,15 @@ def test_a_new_turn_meets_nothing_a_database_made_before_left_under_its_id(  # t
         world, web_server, redis_client) -> None:
     """A database made again (a deleted SQLite file, `make clean`) numbers its turns from 1 again, under the same
     Redis keys: the live stream and the stop flag of the earlier database's turn of that id, left by a worker
-    stopped mid-answer, showed that turn's text to the new turn's readers and stopped the new turn at once."""
+    stopped mid-answer, showed that turn's text to the new turn's readers and stopped the new turn at the lease
+    keeper's first look (the answer takes 2 s here)."""
     from sqlalchemy import text
 
     from app.db import transaction
     from app.live_stream import stream_key
     from app.stop_requests import stop_key
 
-    agent_id = world.agent(world.model(upstream="echo;words=5;gap=0.05"))
+    agent_id = world.agent(world.model(upstream="echo;words=10;gap=0.2"))
     _, key = world.user(balance="10")
     conversation_id = world.conversation(key, agent_id)
     with transaction() as session:  # the user's message takes the next id, the answer the one after it
@@ -664,7 +665,7 @@ def test_a_new_turn_meets_nothing_a_database_made_before_left_under_its_id(  # t
     done = events[-1].json()
     assert (events[-1].event, done["status"]) == ("done", "success")
     assert "".join(e.json()["text"] for e in events if e.event == "delta") == done["content"] == \
-        " ".join(f"w{i}" for i in range(5))
+        " ".join(f"w{i}" for i in range(10))
 
 
 def test_a_turn_is_stopped_by_the_id_of_its_user_message_too(world) -> None:  # type: ignore[no-untyped-def]
