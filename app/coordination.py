@@ -202,7 +202,8 @@ def renew(turns: Iterable[HeldTurn]) -> None:
 
 
 def release(held: HeldTurn) -> None:
-    """Free an ended turn's lock and slot, and drop its stop flag in the same call. A flag outlives its turn
-    otherwise (`STOP_TTL_SECONDS`), and would stop at once the turn of that id in a database made again
-    under the same Redis keys (a deleted SQLite file, a staging reset), whose ids start over."""
+    """Free an ended turn's lock and slot, and drop its stop flag in the same call, which would sit in Redis for
+    `STOP_TTL_SECONDS` otherwise. A turn that never ended here (its worker stopped mid-answer) leaves its flag
+    and its live stream behind: a turn of the same id in a database made again drops them at its hand-over
+    (`TurnSlots.bind`), the one guard of a new id."""
     _release(held.user_id, held.conversation_id, turn_owner(held.turn_id), stop_key(held.turn_id))

@@ -81,7 +81,8 @@ def init_schema() -> SchemaReport:
     _replace_indexes(engine)
     _check_complete(engine, missing_columns(engine), added)
     converted = _money_in_millionths(engine, fresh)
-    return SchemaReport(database_location(), "models", added, converted, rebuilt, _refused_key_variables(engine))
+    return SchemaReport(database_location(), "models", added_columns=added, converted_money_columns=converted,
+                        rebuilt_tables=rebuilt, refused_key_variables=_refused_key_variables(engine))
 
 
 def _columns_lacking(connection: Connection) -> set[str]:
