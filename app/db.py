@@ -31,7 +31,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from app.config import get_settings, without_password
-from app.errors import DatabaseNotCreated, InvalidConfiguration
+from app.errors import DatabaseAwaitsUpgrade, DatabaseNotCreated, InvalidConfiguration
+from app.sqlite_upgrades import money_awaits_conversion
 
 IDLE_PING_SECONDS = 1.0
 
@@ -62,6 +63,11 @@ def _sqlite_engine(url: str, create: bool) -> Engine:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
+        if not create and money_awaits_conversion(dbapi_connection):
+            dbapi_connection.close()
+            raise DatabaseAwaitsUpgrade(f"The SQLite file {database_location()} was written by an earlier release "
+                                        "and its amounts are not yet in millionths: run `agentq db init` to upgrade "
+                                        "it.")
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:

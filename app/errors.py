@@ -103,6 +103,13 @@ class DatabaseNotCreated(ServiceUnavailable):
     there, which then said it had no schema."""
 
 
+class DatabaseAwaitsUpgrade(ServiceUnavailable):
+    """A SQLite file an earlier release wrote, whose amounts `agentq db init` has not converted to millionths
+    yet (`app.sqlite_upgrades`): read now, every amount in it would be a millionth of itself."""
+
+    code = "schema_incomplete"
+
+
 class InvalidConfiguration(AgentqError):
     """A setting no wait will fix (a database file that cannot be made where it points): the operator's to mend."""
 

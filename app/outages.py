@@ -26,7 +26,7 @@ import redis
 import sqlalchemy.exc
 
 from app.db import database_location
-from app.errors import DatabaseNotCreated
+from app.errors import DatabaseAwaitsUpgrade, DatabaseNotCreated
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -134,6 +134,9 @@ def setup_problem(error: BaseException) -> SetupProblem | None:
     if schema_missing(error):
         return SetupProblem("service_unavailable", "the database has no agentq schema: run `agentq db init` against "
                                                    "it (a SQLite path is relative to the directory a command runs in)")
+    if isinstance(error, DatabaseAwaitsUpgrade):
+        return SetupProblem("schema_incomplete", "the SQLite file was written by an earlier release and awaits its "
+                                                 "upgrade: run `agentq db init` against it")
     if lacks_a_column(error):
         return SetupProblem("schema_incomplete", "the database predates this release: run `agentq db init` against "
                                                  "it to upgrade it")

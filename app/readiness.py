@@ -9,13 +9,14 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
 from app.db import database_location, get_engine
-from app.errors import AgentqError, DatabaseNotCreated, InvalidConfiguration
+from app.errors import AgentqError, DatabaseAwaitsUpgrade, DatabaseNotCreated, InvalidConfiguration
 from app.models import User
 from app.outages import refused_by_configuration, schema_missing
 from app.redis_client import get_redis
 from app.schema import SchemaIncomplete, missing_columns
 
 NO_SCHEMA = "error: the database has no agentq schema; run `agentq db init`"
+AWAITS_UPGRADE = "error: the database predates this release; run `agentq db init`"
 REFUSED = "error: the database refuses the database, role or password DATABASE_URL names"
 
 
@@ -53,7 +54,8 @@ def require_schema() -> None:
     relative SQLite path opened from another directory): it would take every turn off the queue only to
     dead-letter it, and leave its message pending. Nor against one a release's new columns were not added
     to (workers deployed before `agentq db init` ran): every claim would fail the same way. Nor against a
-    server that refuses the database, role or password it is given. A database out of reach is let through:
+    server that refuses the database, role or password it is given, nor against a SQLite file whose amounts
+    `db init` has not yet converted (`app.sqlite_upgrades`). A database out of reach is let through:
     the worker rides that out like any outage."""
     # A setting no wait mends (`InvalidConfiguration`), or a SQLite file `db init` has not made
     # (`DatabaseNotCreated`), stops the worker here, not as a state.
@@ -70,6 +72,9 @@ def require_schema() -> None:
     if state == NO_SCHEMA:
         raise SchemaMissing(f"The database {database_location()} has no agentq schema: run `agentq db init` "
                             "against it first (a SQLite path is relative to the directory a command runs in).")
+    if state == AWAITS_UPGRADE:
+        raise SchemaIncomplete(f"The database {database_location()} predates this release and awaits its one-time "
+                               "upgrade: run `agentq db init` against it to upgrade it.")
     if missing:
         raise SchemaIncomplete(f"The database {database_location()} lacks the columns {', '.join(missing)} of this "
                                "release: run `agentq db init` against it to upgrade it.")
@@ -79,6 +84,8 @@ def _database() -> str:
     try:
         with get_engine().connect() as connection:  # one query proves the database is reached and set up
             connection.execute(select(User.id).limit(1))
+    except DatabaseAwaitsUpgrade:
+        return AWAITS_UPGRADE
     except (DatabaseNotCreated, DBAPIError) as exc:
         if schema_missing(exc):
             return NO_SCHEMA

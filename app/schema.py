@@ -25,6 +25,7 @@ from app.key_variables import models_refused_now
 from app.models import Base
 from app.money import MILLIONTHS
 from app.outages import lacks_a_column
+from app.sqlite_upgrades import MONEY_IN_MILLIONTHS
 
 SCHEMA_FILE = Path(__file__).parent / "schema.sql"
 """The top-level `schema.sql`, through `app/schema.sql` (a link to it, so that an installed package holds a copy)."""
@@ -151,22 +152,18 @@ def _replace_indexes(engine: Engine) -> None:
             connection.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
 
 
-SQLITE_MONEY_IN_MILLIONTHS = 1
-"""`PRAGMA user_version` of a SQLite file whose money is whole millionths (`app.models.base.Millionths`)."""
-
-
 def _money_in_millionths(engine: Engine, fresh: bool) -> int:
     """Convert the amounts of a SQLite file written when money was a NUMERIC there, once; the number of
     columns converted (none for a file already converted, or new)."""
     with engine.begin() as connection:
-        if connection.exec_driver_sql("PRAGMA user_version").scalar_one() >= SQLITE_MONEY_IN_MILLIONTHS:
+        if connection.exec_driver_sql("PRAGMA user_version").scalar_one() >= MONEY_IN_MILLIONTHS:
             return 0
         columns = [] if fresh else [(table.name, column.name) for table in Base.metadata.sorted_tables
                                     for column in table.columns if isinstance(column.type, Numeric)]
         for table, column in columns:
             connection.exec_driver_sql(f"UPDATE {table} SET {column} = CAST(ROUND({column} * {MILLIONTHS}) "
                                        f"AS INTEGER) WHERE {column} IS NOT NULL")
-        connection.exec_driver_sql(f"PRAGMA user_version = {SQLITE_MONEY_IN_MILLIONTHS}")
+        connection.exec_driver_sql(f"PRAGMA user_version = {MONEY_IN_MILLIONTHS}")
     return len(columns)
 
 

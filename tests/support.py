@@ -168,6 +168,20 @@ def agentq(*args: str) -> list[str]:
     return [str(VENV_BIN / "agentq"), *args]
 
 
+def run_to_end(argv: list[str] | list[bytes], env: dict[str, str], timeout: float = 30) -> tuple[int, str, str]:
+    """Run one command to its end in a group of its own; its exit status, stdout and stderr. A command expected
+    to refuse to start (a worker) that started after all runs a group of processes: none may outlive the test."""
+    command = subprocess.Popen(argv, env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    try:
+        stdout, stderr = command.communicate(timeout=timeout)
+    finally:
+        if command.poll() is None:
+            os.killpg(command.pid, signal.SIGKILL)
+            command.wait()
+    return command.returncode, stdout, stderr
+
+
 class SseEvent:
     def __init__(self, event: str, data: str, ident: str | None) -> None:
         self.event = event

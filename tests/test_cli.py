@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import LOG_DIR, child_env
-from tests.support import ROOT, VENV_BIN, Process, free_port, wait_http
+from tests.support import ROOT, VENV_BIN, Process, agentq, free_port, run_to_end, wait_http
 
 STORAGE_AFTER_START = """
 import os, sys
@@ -106,16 +106,9 @@ def test_options_that_would_leave_a_process_idle_or_broken_are_usage_errors(args
 
 def _run_agentq(args: list[Any], env: dict[str, str]) -> tuple[int, str]:
     """Run one command to its end; its exit status and what it wrote to stderr."""
-    command = subprocess.Popen([str(VENV_BIN / "agentq").encode(), *args] if isinstance(args[0], bytes)
-                               else [str(VENV_BIN / "agentq"), *args], env=child_env(**env), cwd=ROOT, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        _, stderr = command.communicate(timeout=30)
-    finally:  # a worker that started after all runs in a group of processes: none may outlive the test
-        if command.poll() is None:
-            os.killpg(command.pid, signal.SIGKILL)
-            command.wait()
-    return command.returncode, stderr
+    argv = [str(VENV_BIN / "agentq").encode(), *args] if isinstance(args[0], bytes) else agentq(*args)
+    returncode, _, stderr = run_to_end(argv, child_env(**env))
+    return returncode, stderr
 
 
 @pytest.mark.parametrize(("args", "env", "code"), [
@@ -165,9 +158,6 @@ def test_a_worker_refuses_a_database_a_releases_new_column_was_not_added_to(tmp_
 def test_the_web_server_opens_no_control_socket_shared_by_every_instance_on_the_host(tmp_path: Path) -> None:
     """gunicorn 27 opens one per user at the same path: each `agentq web` took it over, and stopping one
     removed it from the others."""
-    from tests.conftest import LOG_DIR
-    from tests.support import Process, agentq, free_port, wait_http
-
     port = free_port()
     web = Process("web-control-socket", agentq("web", "--port", str(port), "--workers", "1", "--threads", "4"),
                   child_env(XDG_RUNTIME_DIR=str(tmp_path)), LOG_DIR).start()
@@ -182,9 +172,6 @@ def test_the_web_server_opens_no_control_socket_shared_by_every_instance_on_the_
 def test_the_web_server_listens_on_an_ipv6_address(given: str) -> None:
     """The bind was `host:port`, which gunicorn cannot split for an address with colons of its own: `--host ::1`
     stopped with "'' is not a valid port number"."""
-    from tests.conftest import LOG_DIR
-    from tests.support import Process, agentq, free_port, wait_http
-
     port = free_port()
     web = Process("web-ipv6", agentq("web", "--host", given, "--port", str(port), "--workers", "1", "--threads", "2"),
                   child_env(), LOG_DIR).start()
@@ -733,7 +720,7 @@ def test_the_api_on_a_sqlite_file_not_made_tells_callers_nothing_of_where_it_is_
     there, and its directories."""
     import httpx
 
-    from tests.support import Process, agentq, free_port, wait_for, wait_http
+    from tests.support import wait_for
 
     (tmp_path / "a-file").write_text("")
     port = free_port()

@@ -17,8 +17,8 @@ from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException, NotFound
 from werkzeug.wrappers import Response as WerkzeugResponse
 
-from app.errors import AgentqError, DatabaseNotCreated, InvalidConfiguration, error_object
-from app.outages import in_one_line, schema_missing
+from app.errors import AgentqError, DatabaseAwaitsUpgrade, DatabaseNotCreated, InvalidConfiguration, error_object
+from app.outages import in_one_line, lacks_a_column, schema_missing
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,11 @@ def _no_schema_response() -> Response:
                           "The operator must run `agentq db init`.")
 
 
+def _schema_behind_response() -> Response:
+    return error_response(503, "service_unavailable", "The service's database predates this release. The operator "
+                          "must run `agentq db init` to upgrade it.")
+
+
 def install_error_handlers(app: Flask) -> None:
     @app.errorhandler(http_errors.ParseException)
     def _unreadable(exc: http_errors.ParseException) -> Response:
@@ -67,6 +72,13 @@ def install_error_handlers(app: Flask) -> None:
         server path) is in the log."""
         log.error("the service cannot serve: %s", exc.message)
         return _no_schema_response()
+
+    @app.errorhandler(DatabaseAwaitsUpgrade)
+    def _awaits_upgrade(exc: DatabaseAwaitsUpgrade) -> Response:
+        """Served without the upgrade, every amount would be read a million times too small (`app.sqlite_upgrades`);
+        the API serves once `db init` has run, without a restart."""
+        log.error("the service cannot serve: %s", exc.message)
+        return _schema_behind_response()
 
     @app.errorhandler(AgentqError)
     def _domain(exc: AgentqError) -> Response:
@@ -101,6 +113,8 @@ def install_error_handlers(app: Flask) -> None:
         AGENTQ_DB_POOL_TIMEOUT_SECONDS, is the service's state, not the request's fault."""
         if schema_missing(exc):
             return _no_schema()
+        if lacks_a_column(exc):
+            return _schema_behind(exc)
         log.warning("dependency unavailable on %s %s: %s", request.method, request.path, in_one_line(exc))
         response = error_response(503, "service_unavailable",
                                   "A backing service is unavailable for a moment; retry shortly.")
@@ -109,11 +123,20 @@ def install_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(sqlalchemy.exc.ProgrammingError)
     def _programming(exc: sqlalchemy.exc.ProgrammingError) -> Response:
-        return _no_schema() if schema_missing(exc) else _unexpected(exc)
+        if schema_missing(exc):
+            return _no_schema()
+        return _schema_behind(exc) if lacks_a_column(exc) else _unexpected(exc)
 
     def _no_schema() -> Response:
         log.error("the database has no agentq schema (%s %s); run `agentq db init`", request.method, request.path)
         return _no_schema_response()
+
+    def _schema_behind(exc: Exception) -> Response:
+        """An API deployed before `agentq db init` added this release's columns: a setup step for the operator,
+        not an outage to retry (SQLite says it as an OperationalError) nor a bug (PostgreSQL as a ProgrammingError)."""
+        log.error("the database lacks a column of this release (%s %s: %s); run `agentq db init`", request.method,
+                  request.path, in_one_line(exc))
+        return _schema_behind_response()
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

@@ -1,0 +1,113 @@
+"""An API, worker or command run on a database `agentq db init` has not upgraded to this release yet: each says
+the operator must run it, and the API serves once it has, without a restart."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import httpx
+import psycopg
+
+from tests.conftest import LOG_DIR, child_env
+from tests.stack import drop_database, scratch_database
+from tests.support import Process, agentq, free_port, run_to_end, wait_http
+
+BEHIND = {"error": {"code": "service_unavailable", "message": "The service's database predates this release. The "
+                                                               "operator must run `agentq db init` to upgrade it."}}
+
+
+def _agentq(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    returncode, stdout, stderr = run_to_end(agentq(*args), env, timeout=60)
+    return subprocess.CompletedProcess(args, returncode, stdout, stderr)
+
+
+def _web(name: str, env: dict[str, str]) -> tuple[Process, str]:
+    port = free_port()
+    web = Process(name, agentq("web", "--port", str(port), "--workers", "1", "--threads", "4"), env, LOG_DIR).start()
+    wait_http(f"http://127.0.0.1:{port}/healthz")
+    return web, f"http://127.0.0.1:{port}"
+
+
+def test_a_sqlite_file_whose_amounts_await_conversion_is_opened_by_nothing_but_db_init(tmp_path: Path) -> None:
+    """A file written before money was kept in millionths was read by the API as it stood, every balance a
+    millionth of itself (12.5 credits shown as 0.000012), until someone ran `db init`; a worker started and
+    found every user unable to afford a turn, and a credit written meanwhile was multiplied again by the
+    conversion. The API answers 503 until the conversion, then serves the converted amounts; the worker and
+    the other commands refuse to start."""
+    database = tmp_path / "older.sqlite3"
+    env = child_env(DATABASE_URL=f"sqlite:///{database}")
+    assert _agentq(env, "db", "init").returncode == 0
+    created = json.loads(_agentq(env, "users", "create", "older", "--balance", "1").stdout)
+    with sqlite3.connect(database) as older:  # as an earlier agentq wrote it: amounts as numbers
+        older.execute("UPDATE users SET balance = 12.5 WHERE id = ?", (created["id"],))
+        older.execute("PRAGMA user_version = 0")
+
+    refused = _agentq(env, "worker", "--processes", "1", "--threads", "1")
+    assert (refused.returncode, json.loads(refused.stderr)["error"]) == (1, {
+        "code": "schema_incomplete",
+        "message": f"The database {database} predates this release and awaits its one-time upgrade: run "
+                   "`agentq db init` against it to upgrade it."})
+    refused = _agentq(env, "users", "create", "meanwhile", "--balance", "3")
+    assert (refused.returncode, json.loads(refused.stderr)["error"]) == (1, {
+        "code": "schema_incomplete",
+        "message": f"The SQLite file {database} was written by an earlier release and its amounts are not yet in "
+                   "millionths: run `agentq db init` to upgrade it."})
+
+    web, base = _web("web-sqlite-awaits-upgrade", env)
+    try:
+        headers = {"Authorization": f"Bearer {created['api_key']}"}
+        answer = httpx.get(f"{base}/api/me", headers=headers, timeout=10)
+        assert (answer.status_code, answer.json()) == (503, BEHIND)
+        ready = httpx.get(f"{base}/readyz", timeout=10)
+        assert (ready.status_code, ready.json()["checks"]["database"]) == (
+            503, "error: the database predates this release; run `agentq db init`")
+        assert f"the service cannot serve: The SQLite file {database} was written by an earlier release" \
+            in web.output()
+
+        report = json.loads(_agentq(env, "db", "init").stdout)
+        assert report["converted_money_columns"] > 0
+        answer = httpx.get(f"{base}/api/me", headers=headers, timeout=10)
+        assert (answer.status_code, answer.json()["balance"]) == (200, "12.500000")
+        assert httpx.get(f"{base}/readyz", timeout=10).status_code == 200
+    finally:
+        web.stop()
+    with sqlite3.connect(database) as converted:
+        assert converted.execute("SELECT name, balance FROM users").fetchall() == [("older", 12_500_000)]
+
+
+def test_an_api_on_a_database_lacking_a_column_of_this_release_names_db_init(tmp_path: Path) -> None:
+    """An API deployed before `db init` added a release's columns answered 500 `internal_error` on PostgreSQL
+    (a bug, by this API's rule) and 503 "retry shortly" on SQLite (an outage no retry ends): both are the
+    operator's setup step, said as such; once `db init` has added the column the API serves."""
+    name = scratch_database("agentq_behind")
+    try:
+        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+        env = child_env(DATABASE_URL=url)
+        assert _agentq(env, "db", "init").returncode == 0
+        admin = json.loads(_agentq(env, "users", "create", "root", "--admin").stdout)
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:5432/{name}", autocommit=True) as conn:
+            conn.execute("ALTER TABLE admin_debug_logs DROP COLUMN deliveries")
+        for database_url, label in ((url, "postgresql"), (f"sqlite:///{tmp_path}/older.sqlite3", "sqlite")):
+            env = child_env(DATABASE_URL=database_url)
+            if label == "sqlite":
+                assert _agentq(env, "db", "init").returncode == 0
+                admin = json.loads(_agentq(env, "users", "create", "root", "--admin").stdout)
+                with sqlite3.connect(tmp_path / "older.sqlite3") as older:
+                    older.execute("ALTER TABLE admin_debug_logs DROP COLUMN deliveries")
+            web, base = _web(f"web-lacking-a-column-{label}", env)
+            try:
+                headers = {"Authorization": f"Bearer {admin['api_key']}"}
+                answer = httpx.get(f"{base}/api/admin/debug-logs/1", headers=headers, timeout=10)
+                assert (answer.status_code, answer.json()) == (503, BEHIND), label
+                assert "the database lacks a column of this release (GET /api/admin/debug-logs/1" in web.output()
+                assert "Traceback" not in web.output()
+                assert _agentq(env, "db", "init").returncode == 0
+                answer = httpx.get(f"{base}/api/admin/debug-logs/1", headers=headers, timeout=10)
+                assert (answer.status_code, answer.json()["error"]["code"]) == (404, "not_found"), label
+            finally:
+                web.stop()
+    finally:
+        drop_database(name)
