@@ -17,8 +17,8 @@ from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException, NotFound
 from werkzeug.wrappers import Response as WerkzeugResponse
 
-from app.errors import AgentqError, DatabaseAwaitsUpgrade, DatabaseNotCreated, InvalidConfiguration, error_object
-from app.outages import in_one_line, lacks_a_column, schema_missing
+from app.errors import AgentqError, InvalidConfiguration, error_object
+from app.outages import SetupProblem, in_one_line, setup_problem
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +42,25 @@ def on_validation_error(exc: ValidationError) -> Response:
     return error_response(422, "validation_failed", f"Invalid value for '{where}': {first['msg']}.")
 
 
-def _no_schema_response() -> Response:
-    return error_response(503, "service_unavailable", "The service is not set up yet: its database has no schema. "
-                          "The operator must run `agentq db init`.")
+_SETUP_ANSWERS: dict[str, tuple[str, str]] = {
+    "service_unavailable": ("service_unavailable", "The service is not set up yet: its database has no schema. The "
+                                                   "operator must run `agentq db init`."),
+    "schema_incomplete": ("service_unavailable", "The service's database predates this release. The operator must "
+                                                 "run `agentq db init` to upgrade it."),
+    "invalid_configuration": ("invalid_configuration", "The service is not configured to serve; its operators are "
+                                                       "told why in its log."),
+}
+"""What a caller is told of each setup step the operator must take (`app.outages.SetupProblem.code`): that there is
+one, and whose it is. What exactly, which may name a server path or a role, goes to the log."""
 
 
-def _schema_behind_response() -> Response:
-    return error_response(503, "service_unavailable", "The service's database predates this release. The operator "
-                          "must run `agentq db init` to upgrade it.")
+def _setup_step_response(problem: SetupProblem, error: BaseException) -> Response:
+    """A setup step no retry takes (no schema, a column of this release missing, a database refusing DATABASE_URL's
+    role): 503 saying so, not "retry shortly" nor a 500; the API serves once it is taken, without a restart."""
+    said = error.message if isinstance(error, AgentqError) else f"{problem.step}. {in_one_line(error)}"
+    log.error("the service cannot serve: %s (%s %s)", said, request.method, request.path)
+    code, message = _SETUP_ANSWERS[problem.code]
+    return error_response(503, code, message)
 
 
 def install_error_handlers(app: Flask) -> None:
@@ -62,26 +73,12 @@ def install_error_handlers(app: Flask) -> None:
     @app.errorhandler(InvalidConfiguration)
     def _misconfigured(exc: InvalidConfiguration) -> Response:
         """What is wrong (a server path, a setting) is the operator's to read in the log, not a caller's."""
-        log.error("the service cannot serve: %s", exc.message)
-        return error_response(exc.status, exc.code,
-                              "The service is not configured to serve; its operators are told why in its log.")
-
-    @app.errorhandler(DatabaseNotCreated)
-    def _not_created(exc: DatabaseNotCreated) -> Response:
-        """As a database without the schema: the operator must run `db init`; where the file was looked for (a
-        server path) is in the log."""
-        log.error("the service cannot serve: %s", exc.message)
-        return _no_schema_response()
-
-    @app.errorhandler(DatabaseAwaitsUpgrade)
-    def _awaits_upgrade(exc: DatabaseAwaitsUpgrade) -> Response:
-        """Served without the upgrade, every amount would be read a million times too small (`app.sqlite_upgrades`);
-        the API serves once `db init` has run, without a restart."""
-        log.error("the service cannot serve: %s", exc.message)
-        return _schema_behind_response()
+        return _setup_step_response(SetupProblem(exc.code, exc.message), exc)
 
     @app.errorhandler(AgentqError)
     def _domain(exc: AgentqError) -> Response:
+        if (problem := setup_problem(exc)) is not None:  # a SQLite file not made, or awaiting its upgrade
+            return _setup_step_response(problem, exc)
         response = error_response(exc.status, exc.code, exc.message)
         if exc.status == 401:
             response.headers["WWW-Authenticate"] = "Bearer"  # RFC 6750: which credentials the route takes
@@ -110,11 +107,10 @@ def install_error_handlers(app: Flask) -> None:
     @app.errorhandler(redis.TimeoutError)
     def _unavailable(exc: Exception) -> Response:
         """A database or Redis outage (a restart, a failover), or no pooled database connection free within
-        AGENTQ_DB_POOL_TIMEOUT_SECONDS, is the service's state, not the request's fault."""
-        if schema_missing(exc):
-            return _no_schema()
-        if lacks_a_column(exc):
-            return _schema_behind(exc)
+        AGENTQ_DB_POOL_TIMEOUT_SECONDS, is the service's state, not the request's fault; a setup step the
+        operator must take (SQLite says a missing table or column, PostgreSQL a refused role, this way) is not."""
+        if (problem := setup_problem(exc)) is not None:
+            return _setup_step_response(problem, exc)
         log.warning("dependency unavailable on %s %s: %s", request.method, request.path, in_one_line(exc))
         response = error_response(503, "service_unavailable",
                                   "A backing service is unavailable for a moment; retry shortly.")
@@ -123,20 +119,10 @@ def install_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(sqlalchemy.exc.ProgrammingError)
     def _programming(exc: sqlalchemy.exc.ProgrammingError) -> Response:
-        if schema_missing(exc):
-            return _no_schema()
-        return _schema_behind(exc) if lacks_a_column(exc) else _unexpected(exc)
-
-    def _no_schema() -> Response:
-        log.error("the database has no agentq schema (%s %s); run `agentq db init`", request.method, request.path)
-        return _no_schema_response()
-
-    def _schema_behind(exc: Exception) -> Response:
-        """An API deployed before `agentq db init` added this release's columns: a setup step for the operator,
-        not an outage to retry (SQLite says it as an OperationalError) nor a bug (PostgreSQL as a ProgrammingError)."""
-        log.error("the database lacks a column of this release (%s %s: %s); run `agentq db init`", request.method,
-                  request.path, in_one_line(exc))
-        return _schema_behind_response()
+        """PostgreSQL says a missing table or column this way: the operator's `db init`, not a bug."""
+        if (problem := setup_problem(exc)) is not None:
+            return _setup_step_response(problem, exc)
+        return _unexpected(exc)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

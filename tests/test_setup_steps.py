@@ -1,5 +1,6 @@
-"""An API, worker or command run on a database `agentq db init` has not upgraded to this release yet: each says
-the operator must run it, and the API serves once it has, without a restart."""
+"""An API, worker or command run before a setup step the operator must take (`agentq db init` upgrading the
+database to this release, a DATABASE_URL the server accepts): each says so, never "retry shortly" nor a 500, and
+the API serves once the step is taken, without a restart."""
 
 from __future__ import annotations
 
@@ -102,7 +103,9 @@ def test_an_api_on_a_database_lacking_a_column_of_this_release_names_db_init(tmp
                 headers = {"Authorization": f"Bearer {admin['api_key']}"}
                 answer = httpx.get(f"{base}/api/admin/debug-logs/1", headers=headers, timeout=10)
                 assert (answer.status_code, answer.json()) == (503, BEHIND), label
-                assert "the database lacks a column of this release (GET /api/admin/debug-logs/1" in web.output()
+                assert "the service cannot serve: the database predates this release: run `agentq db init` against " \
+                    "it to upgrade it. " in web.output()
+                assert "(GET /api/admin/debug-logs/1)" in web.output()
                 assert "Traceback" not in web.output()
                 assert _agentq(env, "db", "init").returncode == 0
                 answer = httpx.get(f"{base}/api/admin/debug-logs/1", headers=headers, timeout=10)
@@ -111,3 +114,21 @@ def test_an_api_on_a_database_lacking_a_column_of_this_release_names_db_init(tmp
                 web.stop()
     finally:
         drop_database(name)
+
+
+def test_an_api_whose_database_refuses_its_role_says_it_is_not_configured_not_to_retry_shortly() -> None:
+    """A DATABASE_URL naming a database the server does not have (or a role, or a password, it refuses) was
+    answered "unavailable for a moment; retry shortly" with `Retry-After: 1`, for ever: no retry mends it. The
+    caller is told the service is not configured, the log what the server refused."""
+    env = child_env(DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:5432/agentq_never_made")
+    web, base = _web("web-refused-database", env)
+    try:
+        answer = httpx.get(f"{base}/api/me", headers={"Authorization": "Bearer aq_any"}, timeout=10)
+        assert (answer.status_code, answer.json(), answer.headers.get("Retry-After")) == (503, {"error": {
+            "code": "invalid_configuration",
+            "message": "The service is not configured to serve; its operators are told why in its log."}}, None)
+        assert "the service cannot serve: the database refuses the database, role or password DATABASE_URL names: " \
+               "mend DATABASE_URL. OperationalError: connection failed" in web.output()
+        assert "(GET /api/me)" in web.output()
+    finally:
+        web.stop()
