@@ -1,5 +1,4 @@
-"""The one-time upgrade of a SQLite file an earlier release wrote that no process but `agentq db init` may
-open the file without.
+"""The one-time upgrade an older SQLite file needs before any process but `agentq db init` may open it.
 
 Money was a NUMERIC there, kept as a binary float; it is whole millionths now (`app.models.base.Millionths`),
 and `db init` converts an older file's amounts once, marking the file with `PRAGMA user_version`. Read
