@@ -69,6 +69,10 @@ def _decode(cursor: str) -> tuple[datetime, int]:
         moment, number = as_utc(datetime.fromisoformat(stamp)), int(ident)
         if not 1 <= number <= LARGEST_ID:
             raise ValueError(f"id {number} out of range")
+        if moment_cursor(moment, number) != cursor:
+            # Python reads more than it writes (a date alone, no offset, spaces, other scripts' digits): a
+            # cursor that is no `moment_cursor` named a place in the list no page ends at.
+            raise ValueError("not in the form this API writes")
     except (ValueError, UnicodeDecodeError, OverflowError) as exc:
         raise ValidationFailed("cursor is not one this API returned.", code="invalid_cursor") from exc
     return moment, number

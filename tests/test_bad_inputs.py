@@ -76,6 +76,9 @@ CASES = [
      None, 422, "invalid_cursor"),
     ("user", "GET", f"/api/conversations?cursor={cursor('0001-01-01T00:00:00+05:00|1')}", None, 422,
      "invalid_cursor"),
+    *[("user", "GET", f"/api/conversations?cursor={cursor(forged)}", None, 422, "invalid_cursor")
+      for forged in ("2026-12-04|1", "2026-12-04T14:45:19.620878|1", "2026-12-04T14:45:19.620878+00:00| 5",
+                     "2026-12-04T14:45:19.620878+00:00|\uff11", "2026-12-04T15:45:19.620878+01:00|5")],
     ("user", "GET", "/api/me/transactions?limit=0", None, 422, "validation_failed"),
     ("user", "GET", "/api/me/transactions?cursor=-5", None, 422, "validation_failed"),
     ("admin", "POST", "/api/admin/models", {"name": "m"}, 422, "validation_failed"),
