@@ -260,6 +260,13 @@ def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, mod
 
             TURN.write_end(context.turn_id, attempts.at, write, what=f"settling turn {context.turn_id}")
     except StoppedMeanwhile:  # no success_tokens: a stopped turn's tokens are not the conversation's
+        held = stream.held_by_readers() if cost is None and not answer.get("content") else None
+        if held is not None:
+            # An unpaid end with no text of its own (a delivery given up, out of time or deliveries, before any
+            # call) keeps what readers hold of an earlier delivery's call, unpaid, as a stop does in `_execute`.
+            model, cost = _model_named(context, held.model), Decimal(0)
+            answer = {**answer, "content": held.text, "prompt_tokens": 0, "completion_tokens": 0,
+                      "cost_estimated": True}
         return _settle(context, TurnStatus.CANCELLED, stream, model=model, cost=cost, outcome=outcome,
                        **{**answer, "error_message": STOPPED})
     metrics.observe_cost("turn", cost)

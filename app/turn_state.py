@@ -329,9 +329,17 @@ def finish_turn(
                    a_cost=cost, a_latency_ms=latency_ms)
 
 
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """The text readers were sent of a turn's last call, and the model it was announced as."""
+
+    text: str
+    model: str | None
+
+
 def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_message: str, *,
-                     pending_before: datetime | None = None,
-                     deadline_before: datetime | None = None) -> tuple[Turn, TurnStatus] | None:
+                     pending_before: datetime | None = None, deadline_before: datetime | None = None,
+                     kept: Kept | None = None) -> tuple[Turn, TurnStatus] | None:
     """End an in-flight turn without holding its lease: retries exhausted, or cancelled before a worker.
 
     Whatever a worker had reserved for it is given back here, as a settlement would (`finish_turn`),
@@ -339,7 +347,9 @@ def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_m
     duplicate message) is running it and settles it itself, and if that one dies too the lease runs out
     and recovery takes over. A stop its user asked for wins over any other end, as it does over a
     worker's (`finish_turn`): the user was told it would end `cancelled`. Returns the turn and the status
-    it ended with, or None when it was not ended here.
+    it ended with, or None when it was not ended here. A turn ended `cancelled` keeps `kept`, the text its dead
+    delivery streamed to readers (the contract's "keeps the text generated so far"), unpaid, as a worker's end
+    after such a stop does (`app.turn_runner`).
 
     With `pending_before`, only a turn still `pending` since before that moment is ended, judged under the
     turn's lock (which a claim takes too): the sweep that found it waiting too long read it earlier, and a
@@ -366,7 +376,12 @@ def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_m
     if turn.cancel_requested_at is not None:
         target, error_message = TurnStatus.CANCELLED, STOPPED
     try:
-        _move_with_error(session, turn, target, error_message)
+        if target is TurnStatus.CANCELLED and kept is not None:
+            _move_messages(session, target, turn.user_message_id, turn_id, "answer", error=error_message,
+                           at=utc_now(), a_content=kept.text, a_model=kept.model, a_prompt_tokens=0,
+                           a_completion_tokens=0, a_total_tokens=0, a_cost=Decimal(0), a_latency_ms=None)
+        else:
+            _move_with_error(session, turn, target, error_message)
     except TransitionRefused:
         return None
     turn.lease_token = None

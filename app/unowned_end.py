@@ -17,8 +17,8 @@ from sqlalchemy.orm import Session
 from app import coordination
 from app.conversations import record_turn_end
 from app.db import transaction
-from app.live_stream import TurnStream
-from app.turn_state import end_turn_unowned
+from app.live_stream import Streamed, TurnStream, text_streamed
+from app.turn_state import Kept, end_turn_unowned
 from app.turn_status import TurnStatus
 
 
@@ -27,25 +27,34 @@ class UnownedEnd:
     held: coordination.HeldTurn
     status: TurnStatus
     """The status the turn ended with: the one asked for, or `cancelled` where its user's stop came first."""
+    kept: Streamed | None = None
+    """The text its readers were sent, which a `cancelled` end keeps (`end_turn_unowned`)."""
 
 
 def end_unowned(session: Session, turn_id: int, status: TurnStatus, reason: str, *,
-                pending_before: datetime | None = None, deadline_before: datetime | None = None) -> UnownedEnd | None:
+                pending_before: datetime | None = None, deadline_before: datetime | None = None,
+                streamed: Streamed | None = None) -> UnownedEnd | None:
     """In the caller's transaction; None when the turn was not ended here (it had ended, a live lease says a
     worker runs it, or, with `pending_before` or `deadline_before`, it is no longer pending since before then or
-    processing past a deadline before then: `end_turn_unowned`)."""
+    processing past a deadline before then: `end_turn_unowned`). `streamed` is what a dead delivery sent the
+    turn's readers, kept if the end is a stop's."""
     ended = end_turn_unowned(session, turn_id, status, reason, pending_before=pending_before,
-                             deadline_before=deadline_before)
+                             deadline_before=deadline_before,
+                             kept=Kept(streamed.text, streamed.model) if streamed is not None else None)
     if ended is None:
         return None
     turn, final = ended
     record_turn_end(session, turn.conversation_id, None)
-    return UnownedEnd(coordination.HeldTurn(turn_id, turn.user_id, turn.conversation_id), final)
+    return UnownedEnd(coordination.HeldTurn(turn_id, turn.user_id, turn.conversation_id), final,
+                      streamed if final is TurnStatus.CANCELLED else None)
 
 
 def announce_unowned_end(ended: UnownedEnd) -> None:
+    """After the commit. Readers holding the text the end kept are moved to it, sent no restart."""
     coordination.release(ended.held)
-    TurnStream(ended.held.turn_id).finished(ended.status, None)
+    kept = ended.kept
+    TurnStream(ended.held.turn_id, readers_hold=kept).finished(ended.status, kept.model if kept else None,
+                                                               kept.text if kept else None)
 
 
 def abandon_turn(turn_id: int, reason: str, *, pending_before: datetime | None = None,
@@ -54,9 +63,12 @@ def abandon_turn(turn_id: int, reason: str, *, pending_before: datetime | None =
     pending since before then (`app.pending_bound`: the bound on waiting for a worker), with `deadline_before`
     when it was still processing, held by no worker, past a deadline before then (`app.deadline_bound`); as
     `cancelled` when its user had asked it to stop. Frees its reservation and slot."""
+    # Read before the transaction, which holds the turn's lock: a processing turn's readers may hold text of
+    # its dead delivery's call (none for one pending).
+    streamed = None if pending_before is not None else text_streamed(turn_id)
     with transaction() as session:
         ended = end_unowned(session, turn_id, TurnStatus.ERROR, reason, pending_before=pending_before,
-                            deadline_before=deadline_before)
+                            deadline_before=deadline_before, streamed=streamed)
     if ended is None:
         return False
     announce_unowned_end(ended)

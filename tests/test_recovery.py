@@ -210,6 +210,50 @@ def test_a_turn_taken_over_from_a_dead_worker_runs_as_things_stand_at_the_takeov
     assert (deliveries(stack, dearer["id"]), charges(stack, dearer["id"])) == (2, 0)
 
 
+def test_a_turn_stopped_while_its_worker_is_dead_keeps_the_text_it_streamed_when_no_model_call_ends_it(
+        stack: Stack) -> None:
+    """A stop keeps the text so far. One turn is taken over with no time left for a model call: that delivery
+    ended it `error`, which the stop made `cancelled`, with no text. The other is never taken over, and the
+    API's look past its deadline ended it `cancelled` with no text either. Both now keep what the dead worker
+    streamed, unpaid, and a reader from the start is sent that text and no restart."""
+    agent_id = slow_agent(stack, "dies-then-ends-late", "echo;words=60;gap=0.1")
+    worker = stack.start_worker(restart=False)
+    turns = []
+    for name in ("taken-over-out-of-time", "never-taken-over"):
+        _, key = stack.user(name)
+        turn = stack.send(key, stack.conversation(key, agent_id), "keep what you said")
+        seen = visible_text(read_sse(f"{stack.base_url}/api/messages/{turn['id']}/stream", key, stop_after=5))
+        turns.append((key, turn["id"], seen))
+    worker.kill_group()
+    for key, turn_id, _ in turns:
+        assert stack.call("POST", f"/api/messages/{turn_id}/cancel", key).status_code == 202
+    (late_key, late, late_seen), (unheld_key, unheld, unheld_seen) = turns
+
+    def past(turn_id: int, deadline: str) -> None:
+        stack.sql(f"UPDATE turns SET lease_expires_at = now() - interval '1 second', deadline_at = now() + "
+                  f"interval '{deadline}' WHERE assistant_message_id = %(id)s", {"id": turn_id})
+
+    def kept_what_was_streamed(key: str, turn_id: int, seen: str) -> None:
+        done = stack.wait_terminal(key, turn_id, timeout=LEASE_SECONDS + 3 * RECOVERY_INTERVAL + 15)
+        whole = " ".join(f"w{i}" for i in range(60))
+        assert (done["status"], done["cost"], done["model"], done["error_message"], done["content"].startswith(seen),
+                whole.startswith(done["content"])) == (
+            "cancelled", "0.000000", "dies-then-ends-late", "stopped on request", True, True), done
+        events = read_sse(f"{stack.base_url}/api/messages/{turn_id}/stream", key)
+        assert visible_text(events) == done["content"]
+        assert not any(e.event == "status" and e.json().get("restart") for e in events)
+        assert charges(stack, turn_id) == 0
+
+    past(unheld, f"-{LEASE_SECONDS + 1} seconds")  # no worker runs: the API's look ends it
+    kept_what_was_streamed(unheld_key, unheld, unheld_seen)
+    assert deliveries(stack, unheld) == 1
+    past(late, "2 seconds")  # less than the settlement's reserve: no time for a model call
+    stack.start_worker()
+    kept_what_was_streamed(late_key, late, late_seen)
+    assert deliveries(stack, late) == 2
+    assert stack.sql("SELECT count(*) FROM users WHERE reserved <> 0") == [(0,)]
+
+
 def test_a_group_whose_process_is_killed_starts_again_and_finishes_the_dead_processs_turn(stack: Stack) -> None:
     """Each process of the group is a worker of its own to Redis (built by the parent before the fork, the
     broker gave every process one id: a killed process's messages stayed held while its sibling kept the
