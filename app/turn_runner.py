@@ -25,7 +25,7 @@ from app.deliveries import RunGivenUp, attempts_end_by, give_up_reason
 from app.fallback import Outcome, call_with_fallback
 from app.interrupted_calls import record_interrupted_calls
 from app.leases import Holding, keeper
-from app.live_stream import TurnStream, text_streamed
+from app.live_stream import Streamed, TurnStream, text_streamed
 from app.logging_setup import turn_context
 from app.model_target import ModelTarget
 from app.moderation import moderate
@@ -165,7 +165,7 @@ def _end_without_model_call(context: TurnContext, stream: TurnStream) -> None:
 def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) -> None:
     started = time.monotonic()
     if stop.is_set():
-        _settle_cancelled(context, _stopped_before_this_delivery(context), 0, stream)
+        _settle_cancelled(context, Outcome(cancelled=True), 0, stream)
         return
     agent = context.agent
     stream.status(TurnStatus.PROCESSING, _first_model(context).name)
@@ -187,23 +187,11 @@ def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) ->
                         content=outcome.partial, model=outcome.model)
 
 
-def _stopped_before_this_delivery(context: TurnContext) -> Outcome:
-    """A stop that came before this delivery ran anything: a pending turn's, or one that came while the
-    worker running the turn was dead. That worker's readers were sent its text, which the turn keeps, as a
-    stop keeps the text so far; unpaid, since the call that made it died with its worker (recorded as `interrupted`)."""
-    streamed = text_streamed(context.turn_id) if context.delivery > 1 else None
-    if streamed is None:
-        return Outcome(cancelled=True)
-    return Outcome(model=_model_named(context, streamed.model), cancelled=True, partial=streamed.text,
-                   partial_failed=True)
-
-
-def _model_named(context: TurnContext, name: str | None) -> ModelTarget:
-    """The agent's model that streamed text under `name`; the one this delivery calls first when the stream no
-    longer names it."""
-    agent = context.agent
-    return next((target for target in (agent.primary, agent.fallback) if target is not None and target.name == name),
-                _first_model(context))
+def _streamed_by(context: TurnContext, held: Streamed) -> str:
+    """The name of the model that streamed the text readers hold of an earlier call, as its `status` entry
+    announced it: an admin may have changed the agent's models, or renamed that one, since; the one this
+    delivery calls first when the stream no longer names it (the entry trimmed away)."""
+    return held.model or _first_model(context).name
 
 
 def _first_model(context: TurnContext) -> ModelTarget:
@@ -226,7 +214,7 @@ def _worst_case(context: TurnContext, turn: TurnRow) -> Decimal:
     return max(context.agent.worst_case_cost(context.history, context.content) - turn.reserved_amount, Decimal(0))
 
 
-def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, model: ModelTarget | None = None,
+def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, model: str | None = None,
             cost: Decimal | None = None, success_tokens: int | None = None, outcome: Outcome | None = None,
             **answer: Any) -> TurnStatus:
     """End the turn in one batch: both messages and the answer, the statistics, the money, the attempts
@@ -250,7 +238,7 @@ def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, mod
             def write() -> None:
                 with plain_transaction() as connection, Batch(connection) as batch:
                     finish_turn(batch, context.turn_id, context.question_id, context.token, target,
-                                model=model.name if model else None, cost=cost, at=attempts.at, **answer)
+                                model=model, cost=cost, at=attempts.at, **answer)
                     record_turn_end(batch, context.conversation_id, success_tokens)
                     if cost is None:
                         ledger.release(batch, context.user_id, context.reserved)
@@ -264,14 +252,14 @@ def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, mod
         if held is not None:
             # An unpaid end with no text of its own (a delivery given up, out of time or deliveries, before any
             # call) keeps what readers hold of an earlier delivery's call, unpaid, as a stop does in `_execute`.
-            model, cost = _model_named(context, held.model), Decimal(0)
+            model, cost = _streamed_by(context, held), Decimal(0)
             answer = {**answer, "content": held.text, "prompt_tokens": 0, "completion_tokens": 0,
                       "cost_estimated": True}
         return _settle(context, TurnStatus.CANCELLED, stream, model=model, cost=cost, outcome=outcome,
                        **{**answer, "error_message": STOPPED})
     metrics.observe_cost("turn", cost)
-    stream.finished(target, model.name if model else None, answer.get("content"))
-    log.info("turn %s ended %s: model %s, cost %s%s", context.turn_id, target.value, model.name if model else "none",
+    stream.finished(target, model, answer.get("content"))
+    log.info("turn %s ended %s: model %s, cost %s%s", context.turn_id, target.value, model or "none",
              cost if cost is not None else 0, f"; {answer['error_message']}" if answer.get("error_message") else "")
     return target
 
@@ -282,7 +270,7 @@ def _settle_success(context: TurnContext, outcome: Outcome, elapsed_ms: int, str
     assert completion is not None and model is not None
     usage = completion.usage
     cost = model.cost(usage.prompt_tokens, usage.completion_tokens)
-    _settle(context, TurnStatus.SUCCESS, stream, model=model, cost=cost, outcome=outcome, content=completion.text,
+    _settle(context, TurnStatus.SUCCESS, stream, model=model.name, cost=cost, outcome=outcome, content=completion.text,
             success_tokens=usage.prompt_tokens + usage.completion_tokens,
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
             cost_estimated=not usage.reported, latency_ms=elapsed_ms)
@@ -294,20 +282,21 @@ def _settle_cancelled(context: TurnContext, outcome: Outcome, elapsed_ms: int, s
     token a character outside ASCII, more than a model makes of such text), unless that text came from a
     failed attempt, which is never charged; one stopped before any text names no model. A stop while this
     delivery had not yet voided what readers hold of an earlier call (`TurnStream.held_by_readers`: it was
-    repeating that text, or had called no model yet) keeps that text, unpaid, as a stop while that call's
-    worker was dead does."""
+    repeating that text, or had called no model yet) keeps that text, unpaid (a call that died with its worker
+    is recorded as `interrupted`, not charged), named as the model its readers were told wrote it."""
     held = stream.held_by_readers()
     if held is not None and held.text.startswith(outcome.partial):
-        outcome = replace(outcome, model=_model_named(context, held.model), partial=held.text, partial_failed=True)
-    model = outcome.model
-    prompt_tokens = completion_tokens = 0
-    cost = Decimal(0)
-    if model is not None and outcome.partial and not outcome.partial_failed:
-        prompt_tokens = estimate_tokens_of_messages(context.prompt_for(model))
-        completion_tokens = estimate_answer_tokens(outcome.partial,
-                                                   get_settings().answer_limit(context.agent.params.max_tokens))
-        cost = model.cost(prompt_tokens, completion_tokens)
-    _settle(context, TurnStatus.CANCELLED, stream, model=model, cost=cost, outcome=outcome, content=outcome.partial,
+        name: str | None = _streamed_by(context, held)
+        text, prompt_tokens, completion_tokens, cost = held.text, 0, 0, Decimal(0)
+    else:
+        model, text = outcome.model, outcome.partial
+        name, prompt_tokens, completion_tokens, cost = model.name if model else None, 0, 0, Decimal(0)
+        if model is not None and text and not outcome.partial_failed:
+            prompt_tokens = estimate_tokens_of_messages(context.prompt_for(model))
+            limit = get_settings().answer_limit(context.agent.params.max_tokens)
+            completion_tokens = estimate_answer_tokens(text, limit)
+            cost = model.cost(prompt_tokens, completion_tokens)
+    _settle(context, TurnStatus.CANCELLED, stream, model=name, cost=cost, outcome=outcome, content=text,
             prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost_estimated=True,
             latency_ms=elapsed_ms, error_message=STOPPED)
 
@@ -318,7 +307,8 @@ def _settle_failure(context: TurnContext, status: TurnStatus, reason: str, strea
     """A turn that ends without an answer; `content` is the text its last attempt streamed before it failed,
     and `model` that attempt's (kept, as a stop keeps them: a reader of the stream already has the text,
     announced as that model's). Returns the status written: `cancelled` where a stop came first."""
-    return _settle(context, status, stream, model=model, outcome=outcome, error_message=reason, latency_ms=elapsed_ms,
+    return _settle(context, status, stream, model=model.name if model else None, outcome=outcome,
+                   error_message=reason, latency_ms=elapsed_ms,
             content=content)
 
 

@@ -474,7 +474,7 @@ def test_a_stale_settlement_after_the_takeovers_charge_is_a_lost_lease_not_a_dat
         agent=AgentSetup("", AgentParams(120, None, None), target, None), reserved=reserved, delivery=1,
         fallen_back=False, gives_up=None, ends_by=None)
     with pytest.raises(LeaseLost):
-        _settle(stale, TurnStatus.SUCCESS, TurnStream(assistant["id"], 1), model=target, cost=Decimal("0.5"),
+        _settle(stale, TurnStatus.SUCCESS, TurnStream(assistant["id"], 1), model=target.name, cost=Decimal("0.5"),
                 success_tokens=7, content="the stale answer", prompt_tokens=3, completion_tokens=4, latency_ms=5)
     assert world.message(key, assistant["id"])["content"] == "the takeover's answer"
     assert world.api.get("/api/me", key).json["balance"] == "4.750000"

@@ -166,9 +166,10 @@ def test_a_turn_taken_over_from_a_dead_worker_runs_as_things_stand_at_the_takeov
 
     One is stopped while its worker is dead: the delivery that took it over ended it `cancelled` with no
     text, though the dead worker had streamed part of the answer to readers; a stop keeps the text so far
-    (unpaid: that call died unrecorded with its worker). The other's agent grows dearer meanwhile (a larger
-    answer limit): the delivery that took it over kept the dead worker's reservation without pricing it
-    again, and ran (and charged) past what its user could cover."""
+    (unpaid: that call died unrecorded with its worker); its agent is given another model meanwhile, and the
+    text is still named as the model that wrote it (it was named as the agent's new model). The other's agent
+    grows dearer meanwhile (a larger answer limit): the delivery that took it over kept the dead worker's
+    reservation without pricing it again, and ran (and charged) past what its user could cover."""
     stopped_agent = slow_agent(stack, "dies-then-stopped", "echo;words=60;gap=0.1")
     dearer_agent = stack.agent(stack.model("grows-dearer", "echo;words=60;gap=0.1", input_price_per_1k="0",
                                            output_price_per_1k="1"), max_tokens=10)
@@ -187,12 +188,14 @@ def test_a_turn_taken_over_from_a_dead_worker_runs_as_things_stand_at_the_takeov
     worker.kill_group()
     assert stack.call("POST", f"/api/messages/{stopped['id']}/cancel", key).status_code == 202
     assert stack.call("PATCH", f"/api/admin/agents/{dearer_agent}", json={"max_tokens": 100000}).status_code == 200
+    replacement = stack.model("replaces-dies-then-stopped", "echo")
+    assert stack.call("PATCH", f"/api/admin/agents/{stopped_agent}", json={"model_id": replacement}).status_code == 200
     stack.start_worker()
 
     done = stack.wait_terminal(key, stopped["id"], timeout=LEASE_SECONDS + 3 * RECOVERY_INTERVAL + 15)
     whole = " ".join(f"w{i}" for i in range(60))
-    assert (done["status"], done["cost"], done["content"].startswith(seen), whole.startswith(done["content"])) == (
-        "cancelled", "0.000000", True, True), done
+    assert (done["status"], done["cost"], done["model"], done["content"].startswith(seen),
+            whole.startswith(done["content"])) == ("cancelled", "0.000000", "dies-then-stopped", True, True), done
     assert visible_text(read_sse(url, key)) == done["content"]  # a reader from the start gets the same text
     # A reader following it live through the takeover is sent that text once: the stored answer is the text
     # the dead worker streamed, so no restart voids it (there was one, and the whole text again, before the
