@@ -266,7 +266,9 @@ def test_a_turn_that_ends_before_its_first_token_sends_its_reader_no_restart(wor
 def test_a_fallback_switch_mid_turn_restarts_the_text(world, web_server, upstream) -> None:  # type: ignore[no-untyped-def]
     """The fallback's answer departs from the primary's at once (another model's words): what readers hold is
     void, and a `restart` says so."""
-    primary = world.model("primary", upstream="echo;words=30;gap=0.02;cut_after=6")
+    # The primary's first word waits a second: the reader is following before any text (one that connects after
+    # the switch starts at the restart, and is rightly sent none).
+    primary = world.model("primary", upstream="echo;words=30;gap=0.02;cut_after=6;ttft=1")
     fallback = world.model("fallback", upstream="echo;words=8;gap=0.02;word=v")
     agent_id = world.agent(primary, fallback)
     _, key = world.user()
