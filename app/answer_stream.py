@@ -89,12 +89,14 @@ class OpenedStream:
     free_slot: Callable[[], None]
 
 
-def open_answer_stream(user_id: int, message_id: int, last_event_id: str | None) -> OpenedStream:
+def open_answer_stream(user_id: int, message_id: int, last_event_id: str | None,
+                       reader_gone: Callable[[], bool]) -> OpenedStream:
     """404 for a message that is not the caller's, 429 beyond the user's open streams in this process
-    (`app.stream_slots`), else the answer's events from where `last_event_id` left off."""
+    (`app.stream_slots`), else the answer's events from where `last_event_id` left off, until `reader_gone`
+    says the client has closed its connection (looked at between reads of the live stream)."""
     _authorize(user_id, message_id)
     free_slot = stream_slots.take(user_id, get_settings().max_streams_per_user)
-    return OpenedStream(follow_answer(message_id, last_event_id), free_slot)
+    return OpenedStream(follow_answer(message_id, last_event_id, reader_gone), free_slot)
 
 
 def _authorize(user_id: int, message_id: int) -> None:
@@ -193,8 +195,21 @@ def close_streams() -> None:
     _closing.set()
 
 
-def _open(deadline: float) -> bool:
-    return time.monotonic() < deadline and not _closing.is_set()
+def _never() -> bool:
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class _Watch:
+    """Until when a reader is followed: its deadline (`AGENTQ_STREAM_MAX_SECONDS`), the server's stop, and its
+    client going away (`gone`, the web's look at the connection: a closed one was noticed only when a write
+    failed, a heartbeat or two later, and meanwhile held the user's stream slot, refusing the reconnect)."""
+
+    deadline: float
+    gone: Callable[[], bool] = _never
+
+    def open(self) -> bool:
+        return time.monotonic() < self.deadline and not _closing.is_set() and not self.gone()
 
 
 GAP_POLL_SECONDS = 1.0
@@ -202,11 +217,11 @@ GAP_POLL_SECONDS = 1.0
 every turn in this state at once, for as long as their turns run."""
 
 
-def _first_load(message_id: int, deadline: float) -> Generator[StreamEvent, None, tuple[ConversationMessage, int]]:
+def _first_load(message_id: int, watch: _Watch) -> Generator[StreamEvent, None, tuple[ConversationMessage, int]]:
     """The stored message the stream starts from (`_load`), with heartbeats while the database cannot be
     reached: the reader was authorized a moment ago, and an outage starting now is waited out as one later
     on is."""
-    while _open(deadline):
+    while watch.open():
         if (loaded := _unless_outage(lambda: _load(message_id))) is not None:
             return loaded
         yield StreamEvent(HEARTBEAT, None)
@@ -214,11 +229,12 @@ def _first_load(message_id: int, deadline: float) -> Generator[StreamEvent, None
     return _load(message_id)
 
 
-def follow_answer(message_id: int, last_event_id: str | None) -> Generator[StreamEvent, None, None]:
+def follow_answer(message_id: int, last_event_id: str | None,
+                  reader_gone: Callable[[], bool] = _never) -> Generator[StreamEvent, None, None]:
     """The answer's events from where `last_event_id` left off. Every id names its message
     (`<message id>/<cursor>`): the cursor's entry and offset belong to one message's stream and text, and
     an id of another message, taken for this one's, resumed it from another position (a gap)."""
-    for event in _follow(message_id, Cursor.parse(_own_cursor(message_id, last_event_id))):
+    for event in _follow(message_id, Cursor.parse(_own_cursor(message_id, last_event_id)), reader_gone):
         yield event if event.id is None else replace(event, id=f"{message_id}/{event.id}")
 
 
@@ -228,10 +244,10 @@ def _own_cursor(message_id: int, last_event_id: str | None) -> str | None:
     return cursor if tagged and tag == str(message_id) else None
 
 
-def _follow(message_id: int, cursor: Cursor | None) -> Iterator[StreamEvent]:
+def _follow(message_id: int, cursor: Cursor | None, reader_gone: Callable[[], bool]) -> Iterator[StreamEvent]:
     settings = get_settings()
-    deadline = time.monotonic() + settings.stream_max_seconds
-    loaded = yield from _first_load(message_id, deadline)
+    watch = _Watch(time.monotonic() + settings.stream_max_seconds, reader_gone)
+    loaded = yield from _first_load(message_id, watch)
     message = loaded[0]
     if TurnStatus(message.status).is_terminal and (cursor is None or cursor.entry == FINAL):
         yield from _finish_from_database(loaded, cursor)
@@ -251,7 +267,7 @@ def _follow(message_id: int, cursor: Cursor | None) -> Iterator[StreamEvent]:
     ended = TurnStatus(message.status).is_terminal
     quiet_since = time.monotonic()
     key = stream_key(message_id)
-    while _open(deadline):
+    while watch.open():
         # A read blocks until the next heartbeat is due, no longer: a heartbeat checked only after whole blocks
         # came up to a block late, and a proxy whose idle timeout is the heartbeat's cut the stream.
         block_ms = max(int(min(longest_block, heartbeat - (time.monotonic() - quiet_since)) * 1000), 1)
@@ -275,7 +291,7 @@ def _follow(message_id: int, cursor: Cursor | None) -> Iterator[StreamEvent]:
         events, cursor, from_database = _relay(entries, cursor)
         yield from events
         if from_database:
-            yield from _wait_and_finish(message_id, cursor, deadline)
+            yield from _wait_and_finish(message_id, cursor, watch)
             return
 
 
@@ -318,11 +334,11 @@ def _relay(entries: list[tuple[bytes, dict[bytes, bytes]]],
     return events, cursor, False
 
 
-def _wait_and_finish(message_id: int, cursor: Cursor, deadline: float) -> Iterator[StreamEvent]:
+def _wait_and_finish(message_id: int, cursor: Cursor, watch: _Watch) -> Iterator[StreamEvent]:
     """The live stream has a gap (Redis lost entries): wait for the stored answer and send its rest."""
     heartbeat = get_settings().stream_heartbeat_seconds
     quiet_since = time.monotonic()
-    while _open(deadline):
+    while watch.open():
         if (ending := _ending(message_id, cursor)) is not None:
             yield from ending
             return

@@ -808,6 +808,43 @@ def test_each_user_holds_a_bounded_number_of_open_streams_per_api_process(world)
             world.api.post(f"/api/messages/{m}/cancel", k)
 
 
+def test_a_stream_its_client_closed_frees_its_slot_while_the_turn_is_quiet(world) -> None:  # type: ignore[no-untyped-def]
+    """A closed stream was noticed only when a write to it failed, a heartbeat or two after the close: a client
+    that closed its streams while the model had not answered yet, and reconnected, was refused 429 for up to
+    half a minute though it held none. The server looks at the connection between reads of the live stream."""
+    agent_id = world.agent(world.model(upstream="echo;ttft=60"))
+    _, key = world.user("reconnects")
+    message_id = world.send(key, world.conversation(key, agent_id), "take your time").json["assistant_message"]["id"]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api/messages/{message_id}/stream"
+    web = Process("web-closed-streams", agentq("web", "--port", str(port), "--workers", "1", "--threads", "8"),
+                  child_env(AGENTQ_MAX_STREAMS_PER_USER="2", AGENTQ_STREAM_HEARTBEAT_SECONDS="60"), LOG_DIR).start()
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {key}"}) as client:
+            for _ in range(2):
+                with client.stream("GET", url) as opened:
+                    assert opened.status_code == 200
+                    # All the server sent is read (the `status` event, ending in its blank line): closed with
+                    # nothing left unread, the connection ends in order, and the server's next write succeeds.
+                    lines = opened.iter_lines()
+                    while not next(lines).startswith("data:"):
+                        pass
+                    assert next(lines) == ""
+            closed_at = time.monotonic()
+
+            def admitted() -> bool:
+                with client.stream("GET", url) as response:
+                    return response.status_code == 200
+
+            wait_for(admitted, timeout=9, interval=0.2, what="a slot freed by a closed stream")
+            print(f"\nslots freed {time.monotonic() - closed_at:.2f}s after the close (heartbeat 60 s)")
+        assert "Traceback" not in web.output()
+    finally:
+        web.stop()
+        world.api.post(f"/api/messages/{message_id}/cancel", key)
+
+
 def test_an_api_process_keeps_a_quarter_of_its_threads_for_requests_other_than_streams(world) -> None:  # type: ignore[no-untyped-def]
     """Each user within their bound, many users' streams took every thread of a process, and every other
     request waited for one to end. With 4 threads a process holds 3 streams; the fourth is refused, a POST

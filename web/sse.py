@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+import socket
+import ssl
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from app.answer_stream import HEARTBEAT, StreamEvent
 from web import render
@@ -31,3 +34,27 @@ def sse(events: Iterable[StreamEvent], chinese: bool) -> Iterator[str]:
             lines.append(f"id: {event.id}")
         lines.append(f"data: {_data(data)}")
         yield "\n".join(lines) + "\n\n"
+
+
+def _still_open() -> bool:
+    return False
+
+
+def closed_by_client(environ: dict[str, Any]) -> Callable[[], bool]:
+    """A look at the request's connection that says whether its client has closed it: a peek that finds the end
+    of its input (a client sends nothing more after an SSE request), one system call that never waits. gunicorn
+    hands the socket over in the environ; a TLS connection (its reads are records, not bytes to peek at) or
+    another server's is never said closed, and is noticed as before, when a heartbeat's write fails."""
+    connection = environ.get("gunicorn.socket")
+    if not isinstance(connection, socket.socket) or isinstance(connection, ssl.SSLSocket):
+        return _still_open
+
+    def closed() -> bool:
+        try:
+            return connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:  # nothing to read: still open
+            return False
+        except OSError:  # reset by the peer
+            return True
+
+    return closed

@@ -11,7 +11,7 @@ from web import responses as r
 from web.auth import principal
 from web.routes import api_blueprint
 from web.schemas import MessagePath
-from web.sse import sse
+from web.sse import closed_by_client, sse
 
 bp = api_blueprint("streaming")
 tag = Tag(name="streaming")
@@ -21,7 +21,8 @@ tag = Tag(name="streaming")
         responses={200: {"description": "delta, status and done events",
                          "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
 def stream_answer(path: MessagePath) -> Response:
-    opened = answer_stream.open_answer_stream(principal().id, path.message_id, request.headers.get("Last-Event-ID"))
+    opened = answer_stream.open_answer_stream(principal().id, path.message_id, request.headers.get("Last-Event-ID"),
+                                              closed_by_client(request.environ))
     body = stream_with_context(sse(opened.events, render.wants_chinese()))
     response = Response(body, mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
