@@ -40,8 +40,10 @@ Read = TypeVar("Read")
 HEARTBEAT = "heartbeat"
 FINAL = "final"
 """The entry of the last event sent from the stored message: nothing is left in the live stream."""
-_ENTRY = re.compile(rf"\d{{1,20}}-\d{{1,20}}|{FINAL}")
+_ENTRY = re.compile(rf"[0-9]{{1,20}}-[0-9]{{1,20}}|{FINAL}")
 """A Redis stream entry id, or `final`."""
+_NUMBER = re.compile(r"[0-9]{1,20}")
+"""An attempt or an offset in an event id."""
 _MAX_ENTRY_PART = 2**64 - 1
 """Each half of an entry id is a 64-bit number: Redis refuses a larger one."""
 
@@ -69,13 +71,14 @@ class Cursor:
             return None
         try:
             entry, attempt, offset = last_event_id.strip().split(".")
-            cursor = cls(entry, int(attempt), int(offset))
         except ValueError:
             return None
-        if not _ENTRY.fullmatch(entry) or (entry != FINAL and any(int(part) > _MAX_ENTRY_PART
-                                                                  for part in entry.split("-"))):
+        # Digits as this API writes them: `int()` reads more (a sign, `_` between digits, other scripts' digits).
+        if not (_ENTRY.fullmatch(entry) and _NUMBER.fullmatch(attempt) and _NUMBER.fullmatch(offset)):
             return None
-        return cursor if cursor.attempt >= 0 and cursor.offset >= 0 else None
+        if entry != FINAL and any(int(part) > _MAX_ENTRY_PART for part in entry.split("-")):
+            return None
+        return cls(entry, int(attempt), int(offset))
 
     def event_id(self) -> str:
         return f"{self.entry}.{self.attempt}.{self.offset}"

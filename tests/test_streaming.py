@@ -203,9 +203,11 @@ def test_an_event_id_that_is_not_ours_is_a_fresh_start(world, web_server) -> Non
     key, message_id, _ = start_turn(world, "echo;words=12")
     final = world.wait_terminal(key, message_id)
     url = f"{web_server}/api/messages/{message_id}/stream"
-    events = read_sse(url, key, last_event_id="not-an-entry.0.0")
-    assert [e.event for e in events] == ["status", "delta", "done"]
-    assert events[1].json()["text"] == final["content"]
+    for forged in ("not-an-entry.0.0", "final.0.+3", "final.0.1_0", "final.+0.3", "1-0.0. 3"):
+        # Python's int() reads a sign, `_` and spaces: none is an id this API writes.
+        events = read_sse(url, key, last_event_id=f"{message_id}/{forged}")
+        assert [e.event for e in events] == ["status", "delta", "done"], forged
+        assert (events[1].json()["text"], events[0].json().get("restart")) == (final["content"], None), forged
     assert [e.event for e in read_sse(url, key, last_event_id=events[1].id)] == ["status", "done"]
 
 
