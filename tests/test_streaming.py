@@ -769,6 +769,14 @@ def test_two_hundred_concurrent_readers_on_one_api_process(world, database) -> N
         web.stop()
 
 
+def _web_holding_two_streams_a_user(name: str, heartbeat: str) -> tuple[Process, int]:
+    """An API process of the test's own whose users may each hold two answer streams; its port."""
+    port = free_port()
+    web = Process(name, agentq("web", "--port", str(port), "--workers", "1", "--threads", "16"),
+                  child_env(AGENTQ_MAX_STREAMS_PER_USER="2", AGENTQ_STREAM_HEARTBEAT_SECONDS=heartbeat), LOG_DIR)
+    return web.start(), port
+
+
 def test_each_user_holds_a_bounded_number_of_open_streams_per_api_process(world) -> None:  # type: ignore[no-untyped-def]
     """An open stream holds a server thread, so one user cannot take them all: beyond the bound a stream is
     refused with 429 `too_many_streams`, other users are not affected, and a closed stream frees its slot
@@ -777,10 +785,8 @@ def test_each_user_holds_a_bounded_number_of_open_streams_per_api_process(world)
     (_, key), (_, other_key) = world.user("alice"), world.user("bob")
     message_id, other_message_id = (world.send(k, world.conversation(k, agent_id), "stream me")
                                     .json["assistant_message"]["id"] for k in (key, other_key))
-    port = free_port()
+    web, port = _web_holding_two_streams_a_user("web-stream-cap", heartbeat="0.3")
     url = f"http://127.0.0.1:{port}/api/messages/{{}}/stream"
-    web = Process("web-stream-cap", agentq("web", "--port", str(port), "--workers", "1", "--threads", "16"),
-                  child_env(AGENTQ_MAX_STREAMS_PER_USER="2", AGENTQ_STREAM_HEARTBEAT_SECONDS="0.3"), LOG_DIR).start()
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz")
         with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {key}"}) as mine, \
@@ -817,10 +823,8 @@ def test_a_stream_its_client_closed_frees_its_slot_while_the_turn_is_quiet(world
     agent_id = world.agent(world.model(upstream="echo;ttft=60"))
     _, key = world.user("reconnects")
     message_id = world.send(key, world.conversation(key, agent_id), "take your time").json["assistant_message"]["id"]
-    port = free_port()
+    web, port = _web_holding_two_streams_a_user("web-closed-streams", heartbeat="60")
     url = f"http://127.0.0.1:{port}/api/messages/{message_id}/stream"
-    web = Process("web-closed-streams", agentq("web", "--port", str(port), "--workers", "1", "--threads", "8"),
-                  child_env(AGENTQ_MAX_STREAMS_PER_USER="2", AGENTQ_STREAM_HEARTBEAT_SECONDS="60"), LOG_DIR).start()
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz")
         with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {key}"}) as client:
