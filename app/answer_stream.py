@@ -93,10 +93,11 @@ class OpenedStream:
 
 
 def open_answer_stream(user_id: int, message_id: int, last_event_id: str | None,
-                       reader_gone: Callable[[], bool]) -> OpenedStream:
+                       reader_gone: Callable[[], bool] | None) -> OpenedStream:
     """404 for a message that is not the caller's, 429 beyond the user's open streams in this process
     (`app.stream_slots`), else the answer's events from where `last_event_id` left off, until `reader_gone`
-    says the client has closed its connection (looked at between reads of the live stream)."""
+    says the client has closed its connection (looked at between reads of the live stream; None when the
+    server cannot tell)."""
     _authorize(user_id, message_id)
     free_slot = stream_slots.take(user_id, get_settings().max_streams_per_user)
     return OpenedStream(follow_answer(message_id, last_event_id, reader_gone), free_slot)
@@ -198,10 +199,6 @@ def close_streams() -> None:
     _closing.set()
 
 
-def _never() -> bool:
-    return False
-
-
 @dataclass(frozen=True, slots=True)
 class _Watch:
     """Until when a reader is followed: its deadline (`AGENTQ_STREAM_MAX_SECONDS`), the server's stop, and its
@@ -209,10 +206,10 @@ class _Watch:
     failed, a heartbeat or two later, and meanwhile held the user's stream slot, refusing the reconnect)."""
 
     deadline: float
-    gone: Callable[[], bool] = _never
+    gone: Callable[[], bool] | None = None
 
     def open(self) -> bool:
-        return time.monotonic() < self.deadline and not _closing.is_set() and not self.gone()
+        return time.monotonic() < self.deadline and not _closing.is_set() and not (self.gone and self.gone())
 
 
 GAP_POLL_SECONDS = 1.0
@@ -233,7 +230,7 @@ def _first_load(message_id: int, watch: _Watch) -> Generator[StreamEvent, None, 
 
 
 def follow_answer(message_id: int, last_event_id: str | None,
-                  reader_gone: Callable[[], bool] = _never) -> Generator[StreamEvent, None, None]:
+                  reader_gone: Callable[[], bool] | None = None) -> Generator[StreamEvent, None, None]:
     """The answer's events from where `last_event_id` left off. Every id names its message
     (`<message id>/<cursor>`): the cursor's entry and offset belong to one message's stream and text, and
     an id of another message, taken for this one's, resumed it from another position (a gap)."""
@@ -247,7 +244,7 @@ def _own_cursor(message_id: int, last_event_id: str | None) -> str | None:
     return cursor if tagged and tag == str(message_id) else None
 
 
-def _follow(message_id: int, cursor: Cursor | None, reader_gone: Callable[[], bool]) -> Iterator[StreamEvent]:
+def _follow(message_id: int, cursor: Cursor | None, reader_gone: Callable[[], bool] | None) -> Iterator[StreamEvent]:
     settings = get_settings()
     watch = _Watch(time.monotonic() + settings.stream_max_seconds, reader_gone)
     loaded = yield from _first_load(message_id, watch)

@@ -25,7 +25,7 @@ from app.key_variables import models_refused_now
 from app.models import Base
 from app.money import MILLIONTHS
 from app.outages import lacks_a_column
-from app.sqlite_upgrades import MONEY_IN_MILLIONTHS
+from app.sqlite_upgrades import mark_money_in_millionths, money_in_millionths
 
 SCHEMA_FILE = Path(__file__).parent / "schema.sql"
 """The top-level `schema.sql`, through `app/schema.sql` (a link to it, so that an installed package holds a copy)."""
@@ -156,14 +156,16 @@ def _money_in_millionths(engine: Engine, fresh: bool) -> int:
     """Convert the amounts of a SQLite file written when money was a NUMERIC there, once; the number of
     columns converted (none for a file already converted, or new)."""
     with engine.begin() as connection:
-        if connection.exec_driver_sql("PRAGMA user_version").scalar_one() >= MONEY_IN_MILLIONTHS:
+        driver = connection.connection.driver_connection
+        assert driver is not None, "a pooled connection holds its driver's"
+        if money_in_millionths(driver):
             return 0
         columns = [] if fresh else [(table.name, column.name) for table in Base.metadata.sorted_tables
                                     for column in table.columns if isinstance(column.type, Numeric)]
         for table, column in columns:
             connection.exec_driver_sql(f"UPDATE {table} SET {column} = CAST(ROUND({column} * {MILLIONTHS}) "
                                        f"AS INTEGER) WHERE {column} IS NOT NULL")
-        connection.exec_driver_sql(f"PRAGMA user_version = {MONEY_IN_MILLIONTHS}")
+        mark_money_in_millionths(driver)
     return len(columns)
 
 

@@ -16,9 +16,18 @@ MONEY_IN_MILLIONTHS = 1
 """`PRAGMA user_version` of a SQLite file whose money is whole millionths."""
 
 
+def money_in_millionths(connection: sqlite3.Connection) -> bool:
+    """The file is marked as keeping money in millionths: converted once, or marked as it was made."""
+    return bool(connection.execute("PRAGMA user_version").fetchone()[0] >= MONEY_IN_MILLIONTHS)
+
+
+def mark_money_in_millionths(connection: sqlite3.Connection) -> None:
+    connection.execute(f"PRAGMA user_version = {MONEY_IN_MILLIONTHS}")
+
+
 def money_awaits_conversion(connection: sqlite3.Connection) -> bool:
-    """An agentq file (it has the users table) not yet marked as converted; a new file is marked as it is made."""
-    if connection.execute("PRAGMA user_version").fetchone()[0] >= MONEY_IN_MILLIONTHS:
+    """An agentq file (it has the users table) not yet marked as keeping money in millionths."""
+    if money_in_millionths(connection):
         return False
     return connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'users'").fetchone() \
         is not None

@@ -248,13 +248,10 @@ def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, mod
 
             TURN.write_end(context.turn_id, attempts.at, write, what=f"settling turn {context.turn_id}")
     except StoppedMeanwhile:  # no success_tokens: a stopped turn's tokens are not the conversation's
-        held = stream.held_by_readers() if cost is None and not answer.get("content") else None
-        if held is not None:
+        if cost is None and not answer.get("content") and stream.held_by_readers() is not None:
             # An unpaid end with no text of its own (a delivery given up, out of time or deliveries, before any
-            # call) keeps what readers hold of an earlier delivery's call, unpaid, as a stop does in `_execute`.
-            model, cost = _streamed_by(context, held), Decimal(0)
-            answer = {**answer, "content": held.text, "prompt_tokens": 0, "completion_tokens": 0,
-                      "cost_estimated": True}
+            # call) keeps what readers hold of an earlier delivery's call, as any stop does.
+            return _settle_cancelled(context, outcome or Outcome(cancelled=True), answer.get("latency_ms"), stream)
         return _settle(context, TurnStatus.CANCELLED, stream, model=model, cost=cost, outcome=outcome,
                        **{**answer, "error_message": STOPPED})
     metrics.observe_cost("turn", cost)
@@ -276,7 +273,8 @@ def _settle_success(context: TurnContext, outcome: Outcome, elapsed_ms: int, str
             cost_estimated=not usage.reported, latency_ms=elapsed_ms)
 
 
-def _settle_cancelled(context: TurnContext, outcome: Outcome, elapsed_ms: int, stream: TurnStream) -> None:
+def _settle_cancelled(context: TurnContext, outcome: Outcome, elapsed_ms: int | None,
+                      stream: TurnStream) -> TurnStatus:
     """A stopped turn keeps its partial text and pays for the tokens it generated (estimated, marked so, and
     at most the `max_tokens` the request was sent with, as a whole answer's usage is: the estimate counts a
     token a character outside ASCII, more than a model makes of such text), unless that text came from a
@@ -284,21 +282,18 @@ def _settle_cancelled(context: TurnContext, outcome: Outcome, elapsed_ms: int, s
     delivery had not yet voided what readers hold of an earlier call (`TurnStream.held_by_readers`: it was
     repeating that text, or had called no model yet) keeps that text, unpaid (a call that died with its worker
     is recorded as `interrupted`, not charged), named as the model its readers were told wrote it."""
-    held = stream.held_by_readers()
+    held, model = stream.held_by_readers(), outcome.model
+    name, text = model.name if model else None, outcome.partial
+    prompt_tokens, completion_tokens, cost = 0, 0, Decimal(0)
     if held is not None and held.text.startswith(outcome.partial):
-        name: str | None = _streamed_by(context, held)
-        text, prompt_tokens, completion_tokens, cost = held.text, 0, 0, Decimal(0)
-    else:
-        model, text = outcome.model, outcome.partial
-        name, prompt_tokens, completion_tokens, cost = model.name if model else None, 0, 0, Decimal(0)
-        if model is not None and text and not outcome.partial_failed:
-            prompt_tokens = estimate_tokens_of_messages(context.prompt_for(model))
-            limit = get_settings().answer_limit(context.agent.params.max_tokens)
-            completion_tokens = estimate_answer_tokens(text, limit)
-            cost = model.cost(prompt_tokens, completion_tokens)
-    _settle(context, TurnStatus.CANCELLED, stream, model=name, cost=cost, outcome=outcome, content=text,
-            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost_estimated=True,
-            latency_ms=elapsed_ms, error_message=STOPPED)
+        name, text = _streamed_by(context, held), held.text
+    elif model is not None and text and not outcome.partial_failed:
+        prompt_tokens = estimate_tokens_of_messages(context.prompt_for(model))
+        completion_tokens = estimate_answer_tokens(text, get_settings().answer_limit(context.agent.params.max_tokens))
+        cost = model.cost(prompt_tokens, completion_tokens)
+    return _settle(context, TurnStatus.CANCELLED, stream, model=name, cost=cost, outcome=outcome, content=text,
+                   prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost_estimated=True,
+                   latency_ms=elapsed_ms, error_message=STOPPED)
 
 
 def _settle_failure(context: TurnContext, status: TurnStatus, reason: str, stream: TurnStream,
@@ -308,8 +303,7 @@ def _settle_failure(context: TurnContext, status: TurnStatus, reason: str, strea
     and `model` that attempt's (kept, as a stop keeps them: a reader of the stream already has the text,
     announced as that model's). Returns the status written: `cancelled` where a stop came first."""
     return _settle(context, status, stream, model=model.name if model else None, outcome=outcome,
-                   error_message=reason, latency_ms=elapsed_ms,
-            content=content)
+                   error_message=reason, latency_ms=elapsed_ms, content=content)
 
 
 __all__ = ["run_turn"]

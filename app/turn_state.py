@@ -27,6 +27,7 @@ from app import ledger
 from app.clock import DatabaseNow, lease_expiry, lease_time
 from app.deliveries import deliveries_at_requeue, delivery_deadline
 from app.in_flight import pending_since_before, processing_past
+from app.live_stream import Streamed
 from app.model_target import MODEL_FIELDS
 from app.models import Agent, Conversation, ConversationMessage, LlmModel, Turn, table
 from app.models.base import optional_utc as utc
@@ -320,26 +321,24 @@ def finish_turn(
             raise StoppedMeanwhile(f"turn {turn_id} was asked to stop before its end ({target.value}) was written")
 
     then(unit, held)
-    counted = prompt_tokens is not None or completion_tokens is not None
     _move_messages(unit, target, question_id, turn_id, "answer", error=error_message, at=now,
-                   a_content=content, a_model=model,
-                   a_prompt_tokens=(prompt_tokens or 0) if counted else None,
-                   a_completion_tokens=(completion_tokens or 0) if counted else None,
-                   a_total_tokens=(prompt_tokens or 0) + (completion_tokens or 0) if counted else None,
-                   a_cost=cost, a_latency_ms=latency_ms)
+                   **_answer_values(content, model, prompt_tokens, completion_tokens, cost, latency_ms))
 
 
-@dataclass(frozen=True, slots=True)
-class Kept:
-    """The text readers were sent of a turn's last call, and the model it was announced as."""
-
-    text: str
-    model: str | None
+def _answer_values(content: str, model: str | None, prompt_tokens: int | None, completion_tokens: int | None,
+                   cost: Decimal | None, latency_ms: int | None) -> dict[str, Any]:
+    """The answer's columns as `_status_update` binds them; its tokens all null when neither count is given."""
+    counted = prompt_tokens is not None or completion_tokens is not None
+    return {"a_content": content, "a_model": model,
+            "a_prompt_tokens": (prompt_tokens or 0) if counted else None,
+            "a_completion_tokens": (completion_tokens or 0) if counted else None,
+            "a_total_tokens": (prompt_tokens or 0) + (completion_tokens or 0) if counted else None,
+            "a_cost": cost, "a_latency_ms": latency_ms}
 
 
 def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_message: str, *,
                      pending_before: datetime | None = None, deadline_before: datetime | None = None,
-                     kept: Kept | None = None) -> tuple[Turn, TurnStatus] | None:
+                     kept: Streamed | None = None) -> tuple[Turn, TurnStatus] | None:
     """End an in-flight turn without holding its lease: retries exhausted, or cancelled before a worker.
 
     Whatever a worker had reserved for it is given back here, as a settlement would (`finish_turn`),
@@ -378,8 +377,7 @@ def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_m
     try:
         if target is TurnStatus.CANCELLED and kept is not None:
             _move_messages(session, target, turn.user_message_id, turn_id, "answer", error=error_message,
-                           at=utc_now(), a_content=kept.text, a_model=kept.model, a_prompt_tokens=0,
-                           a_completion_tokens=0, a_total_tokens=0, a_cost=Decimal(0), a_latency_ms=None)
+                           at=utc_now(), **_answer_values(kept.text, kept.model, 0, 0, Decimal(0), None))
         else:
             _move_with_error(session, turn, target, error_message)
     except TransitionRefused:

@@ -18,7 +18,7 @@ from app import coordination
 from app.conversations import record_turn_end
 from app.db import transaction
 from app.live_stream import Streamed, TurnStream, text_streamed
-from app.turn_state import Kept, end_turn_unowned
+from app.turn_state import end_turn_unowned
 from app.turn_status import TurnStatus
 
 
@@ -39,8 +39,7 @@ def end_unowned(session: Session, turn_id: int, status: TurnStatus, reason: str,
     processing past a deadline before then: `end_turn_unowned`). `streamed` is what a dead delivery sent the
     turn's readers, kept if the end is a stop's."""
     ended = end_turn_unowned(session, turn_id, status, reason, pending_before=pending_before,
-                             deadline_before=deadline_before,
-                             kept=Kept(streamed.text, streamed.model) if streamed is not None else None)
+                             deadline_before=deadline_before, kept=streamed)
     if ended is None:
         return None
     turn, final = ended

@@ -36,18 +36,14 @@ def sse(events: Iterable[StreamEvent], chinese: bool) -> Iterator[str]:
         yield "\n".join(lines) + "\n\n"
 
 
-def _still_open() -> bool:
-    return False
-
-
-def closed_by_client(environ: dict[str, Any]) -> Callable[[], bool]:
+def closed_by_client(environ: dict[str, Any]) -> Callable[[], bool] | None:
     """A look at the request's connection that says whether its client has closed it: a peek that finds the end
     of its input (a client sends nothing more after an SSE request), one system call that never waits. gunicorn
     hands the socket over in the environ; a TLS connection (its reads are records, not bytes to peek at) or
-    another server's is never said closed, and is noticed as before, when a heartbeat's write fails."""
+    another server's gets no look (None), and is noticed as before, when a heartbeat's write fails."""
     connection = environ.get("gunicorn.socket")
     if not isinstance(connection, socket.socket) or isinstance(connection, ssl.SSLSocket):
-        return _still_open
+        return None
 
     def closed() -> bool:
         try:
