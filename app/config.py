@@ -84,6 +84,7 @@ class Settings(BaseSettings):
     stream_ended_ttl_seconds: int = Field(default=60, ge=1, le=YEAR)
     stream_heartbeat_seconds: Seconds = 15.0
     stream_max_seconds: float = Field(default=3900.0, gt=0, le=YEAR)
+    stream_write_timeout_seconds: Seconds = 30.0
     max_streams_per_user: int = Field(default=32, ge=1, le=1_000_000)
     cancel_wait_seconds: float = Field(default=2.0, ge=0, le=60)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -769,11 +770,11 @@ def test_two_hundred_concurrent_readers_on_one_api_process(world, database) -> N
         web.stop()
 
 
-def _web_holding_two_streams_a_user(name: str, heartbeat: str) -> tuple[Process, int]:
+def _web_holding_two_streams_a_user(name: str, heartbeat: str, **env: str) -> tuple[Process, int]:
     """An API process of the test's own whose users may each hold two answer streams; its port."""
     port = free_port()
     web = Process(name, agentq("web", "--port", str(port), "--workers", "1", "--threads", "16"),
-                  child_env(AGENTQ_MAX_STREAMS_PER_USER="2", AGENTQ_STREAM_HEARTBEAT_SECONDS=heartbeat), LOG_DIR)
+                  child_env(AGENTQ_MAX_STREAMS_PER_USER="2", AGENTQ_STREAM_HEARTBEAT_SECONDS=heartbeat, **env), LOG_DIR)
     return web.start(), port
 
 
@@ -849,6 +850,50 @@ def test_a_stream_its_client_closed_frees_its_slot_while_the_turn_is_quiet(world
     finally:
         web.stop()
         world.api.post(f"/api/messages/{message_id}/cancel", key)
+
+
+def test_a_stream_whose_client_stopped_reading_is_closed_and_frees_its_slot(world) -> None:  # type: ignore[no-untyped-def]
+    """A client that stopped reading without closing held its stream's thread in a write for as long as it stayed
+    connected, once the socket's buffers were full, and one of its user's stream slots with it. A write that cannot
+    start within `AGENTQ_STREAM_WRITE_TIMEOUT_SECONDS` now ends the response."""
+    long_answer = world.agent(world.model(name="long", upstream="echo;words=20000;word=" + "x" * 170))
+    quiet = world.agent(world.model(name="quiet", upstream="echo;ttft=60"))
+    _, key = world.user("stops-reading")
+    flood = world.send(key, world.conversation(key, long_answer), "a lot").json["assistant_message"]["id"]
+    waiting = world.send(key, world.conversation(key, quiet), "take your time").json["assistant_message"]["id"]
+    web, port = _web_holding_two_streams_a_user("web-stalled-stream", heartbeat="60",
+                                                AGENTQ_STREAM_WRITE_TIMEOUT_SECONDS="1")
+    url = f"http://127.0.0.1:{port}/api/messages/{{}}/stream"
+    stalled = socket.socket()
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(("127.0.0.1", port))
+        stalled.sendall(f"GET /api/messages/{flood}/stream HTTP/1.1\r\nHost: agentq\r\n"
+                        f"Authorization: Bearer {key}\r\n\r\n".encode())
+        with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {key}"}) as client:
+            held = client.send(client.build_request("GET", url.format(waiting)), stream=True)
+            assert held.status_code == 200
+
+            def admitted() -> bool:
+                with client.stream("GET", url.format(waiting)) as response:
+                    return response.status_code == 200
+
+            wait_for(admitted, timeout=60, interval=0.5, what="the slot of the stream nobody reads to be freed")
+            held.close()
+        received = bytearray()
+        stalled.settimeout(30)
+        while chunk := stalled.recv(65536):
+            received += chunk
+        assert b"event: delta" in received
+        assert b"event: done" not in received
+        output = web.output()
+        assert "took nothing for 1.0 s; its connection is closed" in output
+        assert "Traceback" not in output
+    finally:
+        stalled.close()
+        web.stop()
+        world.api.post(f"/api/messages/{waiting}/cancel", key)
 
 
 def test_an_api_process_keeps_a_quarter_of_its_threads_for_requests_other_than_streams(world) -> None:  # type: ignore[no-untyped-def]

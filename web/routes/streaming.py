@@ -11,7 +11,7 @@ from web import responses as r
 from web.auth import principal
 from web.routes import api_blueprint
 from web.schemas import MessagePath
-from web.sse import closed_by_client, sse
+from web.sse import ClientConnection, sse
 
 bp = api_blueprint("streaming")
 tag = Tag(name="streaming")
@@ -21,9 +21,10 @@ tag = Tag(name="streaming")
         responses={200: {"description": "delta, status and done events",
                          "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
 def stream_answer(path: MessagePath) -> Response:
+    connection = ClientConnection.of(request.environ)
     opened = answer_stream.open_answer_stream(principal().id, path.message_id, request.headers.get("Last-Event-ID"),
-                                              closed_by_client(request.environ))
-    body = stream_with_context(sse(opened.events, render.wants_chinese()))
+                                              connection.closed_look() if connection is not None else None)
+    body = stream_with_context(sse(opened.events, render.wants_chinese(), connection))
     response = Response(body, mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     response.call_on_close(opened.free_slot)
