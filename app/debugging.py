@@ -27,7 +27,7 @@ from app.catalog import live_agent
 from app.db import transaction
 from app.errors import Forbidden, NotFound, ValidationFailed
 from app.models import Conversation, DebugRun, LlmModel, User
-from app.models.base import utc_now
+from app.models.base import money_total, money_total_parts, utc_now
 from app.moderation import Verdict, moderate
 from app.paging import PAGE_OF_A_WHOLE_LIST, every_row, page_of
 from app.prompt import ChatMessage, Prompt, successful_history
@@ -181,16 +181,17 @@ def debug_costs(group_by: GroupBy) -> list[CostLine]:
     """Runs, tokens and cost per agent, model or admin; runs no model answered have no model to count under."""
     key = func.coalesce(DebugRun.model_id, _model_id_of_run()) if group_by == "model" else _RUN_COLUMN_OF[group_by]
     runs = select(key.label("key"), DebugRun.prompt_tokens, DebugRun.completion_tokens, DebugRun.cost).subquery()
-    query = (
-        select(runs.c.key, func.count(), func.coalesce(func.sum(runs.c.prompt_tokens), 0),
-               func.coalesce(func.sum(runs.c.completion_tokens), 0), func.coalesce(func.sum(runs.c.cost), 0))
-        .where(runs.c.key.is_not(None))
-        .group_by(runs.c.key)
-        .order_by(runs.c.key)
-    )
     with transaction() as session:
-        return [CostLine(int(k), int(n), int(p), int(c), Decimal(cost))
-                for k, n, p, c, cost in session.execute(query)]
+        cost = money_total_parts(runs.c.cost, session.get_bind().dialect)
+        query = (
+            select(runs.c.key, func.count(), func.coalesce(func.sum(runs.c.prompt_tokens), 0),
+                   func.coalesce(func.sum(runs.c.completion_tokens), 0), *cost)
+            .where(runs.c.key.is_not(None))
+            .group_by(runs.c.key)
+            .order_by(runs.c.key)
+        )
+        return [CostLine(int(k), int(n), int(p), int(c), money_total(costs))
+                for k, n, p, c, *costs in session.execute(query)]
 
 
 __all__ = ["CostLine", "DebugLogPage", "RouteDecision", "admin_principal", "debug_costs", "every_debug_log",

@@ -104,6 +104,34 @@ def test_a_turn_that_outlives_its_first_lease_renewal_runs_to_its_end_on_sqlite(
     assert (done["status"], done["content"]) == ("success", " ".join(f"w{i}" for i in range(12)))
 
 
+def test_debug_costs_add_up_past_what_a_64_bit_sum_of_millionths_holds_on_sqlite(sqlite_deployment) -> None:  # type: ignore[no-untyped-def]
+    """Money is whole millionths on SQLite, whose SUM of integers fails with an overflow past 9.2e12 credits:
+    ten test runs at the highest price made `GET /api/admin/debug-costs` a 503 for good, whatever the grouping.
+    The total is exact, as on PostgreSQL."""
+    base, headers = sqlite_deployment["url"], {"Authorization": f"Bearer {sqlite_deployment['key']}"}
+    highest = "999999999999.999999"
+    model = httpx.post(f"{base}/api/admin/models", headers=headers, json={
+        "name": "priciest-on-sqlite", "model": "echo", "base_url": MOCK_URL,
+        "input_price_per_1k": highest, "output_price_per_1k": highest}).json()["id"]
+    agent = httpx.post(f"{base}/api/admin/agents", headers=headers, json={
+        "name": "priciest", "system_prompt": "You cost.", "model_id": model}).json()["id"]
+    runs = [httpx.post(f"{base}/api/admin/agents/{agent}/debug/execute", headers=headers,
+                       json={"content": "x" * 8000}).json()["debug_log_id"] for _ in range(10)]
+
+    def ended(run: int) -> dict[str, str] | None:
+        log = httpx.get(f"{base}/api/admin/debug-logs/{run}", headers=headers).json()
+        return log if log["status"] not in ("pending", "processing") else None
+
+    logs = [wait_for(lambda run=run: ended(run), what=f"test run {run}") for run in runs]
+    assert [log["status"] for log in logs] == ["success"] * 10
+    assert {log["cost"] for log in logs} == {highest}
+    for group_by, key in (("agent", agent), ("model", model)):
+        response = httpx.get(f"{base}/api/admin/debug-costs?group_by={group_by}", headers=headers)
+        assert response.status_code == 200, response.text
+        line = next(item for item in response.json()["items"] if item["key"] == key)
+        assert (line["runs"], line["cost"]) == (10, "9999999999999.999990")
+
+
 RESERVATIONS_ON_SQLITE = """
 import sqlite3, sys
 from decimal import Decimal

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, Dialect, Identity, Integer, MetaData, Numeric, TypeDecorator, func
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    DateTime,
+    Dialect,
+    Identity,
+    Integer,
+    MetaData,
+    Numeric,
+    TypeDecorator,
+    func,
+    type_coerce,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from app.money import MILLIONTHS, MONEY_QUANTUM, quantize
@@ -34,6 +47,24 @@ class Millionths(TypeDecorator[Decimal]):
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
         return None if value is None else Decimal(int(value)) * MONEY_QUANTUM
+
+
+def money_total_parts(amounts: ColumnElement[Decimal], dialect: Dialect) -> tuple[ColumnElement[Any], ...]:
+    """The aggregate columns of an exact SUM of a money column, to be read with `money_total`. On SQLite the
+    millionths are summed in two parts, whole credits and the rest: SQLite's SUM of 64-bit integers fails with
+    an overflow past 9.2e12 credits, which ten runs at the highest price reach, and its TOTAL is a float."""
+    if dialect.name != "sqlite":
+        return (func.coalesce(func.sum(amounts), 0),)
+    millionths = type_coerce(amounts, BigInteger)
+    return (func.coalesce(func.sum(millionths // MILLIONTHS), 0), func.coalesce(func.sum(millionths % MILLIONTHS), 0))
+
+
+def money_total(parts: Sequence[Any]) -> Decimal:
+    """The total the columns of `money_total_parts` give."""
+    if len(parts) == 1:
+        return Decimal(parts[0])
+    whole, rest = parts
+    return Decimal(int(whole)) + Decimal(int(rest)) * MONEY_QUANTUM
 
 
 Money = Numeric(18, 6, asdecimal=True).with_variant(Millionths(), "sqlite")
