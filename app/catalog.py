@@ -28,9 +28,14 @@ def _live_model(session: Session, model_id: int, lock: bool | dict[str, bool] | 
     return model
 
 
-def live_agent(session: Session, agent_id: int) -> Agent:
-    """The agent, unless it does not exist or was deleted (404 either way: a deleted agent takes no new work)."""
-    agent = session.get(Agent, agent_id)
+def live_agent(session: Session, agent_id: int, shared_lock: bool = False) -> Agent:
+    """The agent, unless it does not exist or was deleted (404 either way: a deleted agent takes no new work).
+
+    `shared_lock` reads its row shared-locked, for work recorded in the same transaction: a delete (an UPDATE
+    of the row) then waits for that commit, and the work accepted before it finishes like any in flight at a
+    delete; or the read waits for the delete's commit and is refused. Unlocked, an admin's test run could be
+    accepted (202) after the delete had answered 204, and run on a model deleted after that."""
+    agent = session.get(Agent, agent_id, with_for_update={"read": True} if shared_lock else None)
     if agent is None or agent.deleted_at is not None:
         raise NotFound("No such agent.")
     return agent

@@ -27,6 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer
 
 from app import live_stream, outbox
+from app.catalog import live_agent
 from app.db import in_batches, rows_changed, transaction
 from app.dead_letter_queue import BrokerEntry, dead_messages, holds_entry, take_entry, with_bodies
 from app.debug_run_state import reopen_debug_run
@@ -40,7 +41,7 @@ from app.errors import (
     conversations,
 )
 from app.in_flight import check_can_start, lock_user
-from app.models import Agent, Conversation, ConversationMessage, DeadLetter, Turn
+from app.models import Conversation, ConversationMessage, DeadLetter, Turn
 from app.models.base import utc_now
 from app.outages import in_one_line
 from app.paging import PAGE_OF_A_WHOLE_LIST, check_cursor, every_row, moment_cursor, older_than, page_of
@@ -292,14 +293,13 @@ def _reopen(session: Session, row: DeadLetter, enqueued_at: datetime) -> None:
 
 
 def _refuse_if_agent_deleted(session: Session, row: DeadLetter, agent_id: int) -> None:
-    """A deleted agent takes no new work, a turn's or an admin's test run, and its models may be gone. The
-    agent's row is read shared-locked: a delete (an UPDATE of that row) waits for the requeue's commit, and
-    the run requeued before it then finishes like any work accepted before a delete; or the requeue waits
-    for the delete's commit and is refused."""
-    deleted_at = session.execute(select(Agent.deleted_at).where(Agent.id == agent_id)
-                                 .with_for_update(read=True)).scalar_one()
-    if deleted_at is not None:
-        raise Conflict(f"Dead letter {row.id}: its agent was deleted, and takes no new work.", code="agent_deleted")
+    """A deleted agent takes no new work, a turn's or an admin's test run, and its models may be gone; its row
+    is read shared-locked (`live_agent`), so a requeue and a delete at once come out in one order or the other."""
+    try:
+        live_agent(session, agent_id, shared_lock=True)
+    except NotFound:
+        raise Conflict(f"Dead letter {row.id}: its agent was deleted, and takes no new work.",
+                       code="agent_deleted") from None
 
 
 def _busy(row: DeadLetter) -> ConversationBusy:

@@ -63,9 +63,9 @@ class CostLine:
     cost: Decimal
 
 
-def _agent_setup(session: Session, agent_id: int) -> AgentSetup:
+def _agent_setup(session: Session, agent_id: int, shared_lock: bool = False) -> AgentSetup:
     """The agent as its next run would call it; a deleted agent is not found (it takes no new work)."""
-    return setup_of(session, live_agent(session, agent_id))
+    return setup_of(session, live_agent(session, agent_id, shared_lock))
 
 
 def admin_principal(user_id: int) -> Principal:
@@ -117,7 +117,7 @@ def preview_prompt(agent_id: int, content: str, conversation_id: int | None = No
 def start_execution(admin: Principal, agent_id: int, content: str) -> int:
     """Record the test run, then send it to the workers; a failed send is left to recovery."""
     with transaction() as session:
-        _agent_setup(session, agent_id)
+        _agent_setup(session, agent_id, shared_lock=True)
         check_content(content)
         enqueued_at = utc_now()
         run = DebugRun(agent_id=agent_id, admin_id=admin.id, input=content, enqueued_at=enqueued_at)

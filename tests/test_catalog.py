@@ -170,6 +170,25 @@ def test_an_agent_cannot_be_pointed_at_a_model_being_deleted_nor_the_model_delet
     assert world.api.get(f"/api/admin/models/{other}", admin).status_code == 200
 
 
+def test_a_test_run_asked_for_while_its_agent_is_being_deleted_waits_for_the_delete_and_is_refused(  # type: ignore[no-untyped-def]
+        world, database) -> None:
+    """The test run read its agent unlocked: asked for while a delete was under way, it was accepted (202) from
+    the agent as it stood, after the delete had answered 204, and ran on a model deleted after that. It now reads
+    the agent's row shared-locked, as a dead letter's requeue does: it waits for the delete and is refused."""
+    import psycopg
+
+    agent_id = world.agent(world.model())
+    with psycopg.connect(database.replace("+psycopg", "")) as deleting:
+        deleting.execute("UPDATE agents SET deleted_at = now() WHERE id = %s", (agent_id,))
+        executed = _blocked_by(deleting, database, lambda: world.api.post(
+            f"/api/admin/agents/{agent_id}/debug/execute", world.admin_key, {"content": "hi"}).status_code)
+    assert executed == 404
+    from app.db import transaction
+
+    with transaction() as session:
+        assert session.scalar(text("SELECT count(*) FROM admin_debug_logs WHERE agent_id = :a"), {"a": agent_id}) == 0
+
+
 def test_metrics_can_ask_for_a_token_and_read_the_shared_state_once_a_second(api, settings_of) -> None:  # type: ignore[no-untyped-def]
     """/metrics needs no API key, and each scrape counted every queue and dead letter in the database and
     Redis: a client scraping in a loop cost a read per request. A read now serves the scrapes of the next
