@@ -221,6 +221,8 @@ async def moderations(request: web.Request) -> web.Response:
     text = (text if isinstance(text, str) else " ".join(text)).lower()
     if "malformed-moderation" in text:
         return web.json_response({"id": "modr-mock", "model": "mock-moderation", "results": []})
+    if "null-moderation" in text:
+        return web.json_response({"id": "modr-mock", "model": "mock-moderation", "results": None})
     return web.json_response({"id": "modr-mock", "model": "mock-moderation",
                               "results": [{"flagged": "flag-me" in text, "categories": {}, "category_scores": {}}]})
 

@@ -54,7 +54,7 @@ def _check_endpoint(content: str, url: str) -> Verdict:
         client = client_at(url, get_settings().moderation_api_key_env)
         flagged = bool(client.moderations.create(input=content, timeout=MODERATION_TIMEOUT_SECONDS)
                        .results[0].flagged)
-    except (openai.OpenAIError, EndpointUnusable, IndexError, AttributeError) as exc:
+    except (openai.OpenAIError, EndpointUnusable, IndexError, AttributeError, TypeError) as exc:  # no result
         log.warning("moderation endpoint failed or answered without a result, input passes: %r", exc)
         return Verdict(True)
     if flagged:

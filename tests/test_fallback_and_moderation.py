@@ -401,15 +401,18 @@ def test_a_400_compares_windows_with_the_default_for_a_model_that_sets_none(worl
         "default", ["echo;fail=400", "echo"])
 
 
-def test_a_moderation_reply_without_a_result_lets_the_turn_through(world, upstream) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("reply", ["malformed-moderation", "null-moderation"])  # `results` empty, `results` null
+def test_a_moderation_reply_without_a_result_lets_the_turn_through(world, upstream, reply) -> None:  # type: ignore[no-untyped-def]
     """An endpoint that answers but says nothing is an outage of that endpoint: it fails open, as one that does
-    not answer does (the turn would otherwise crash, be retried and end as `error`)."""
+    not answer does (the turn would otherwise crash, be retried and end as `error`), and the route test says
+    `pass` (it answered 500 to a `results` that was null)."""
     agent_id = world.agent(world.model())
     _, key = world.user()
-    assistant = world.send(key, world.conversation(key, agent_id), "hello malformed-moderation").json[
-        "assistant_message"]
+    assistant = world.send(key, world.conversation(key, agent_id), f"hello {reply}").json["assistant_message"]
     done = world.wait_terminal(key, assistant["id"])
-    assert (done["status"], done["content"]) == ("success", "echo: hello malformed-moderation")
+    assert (done["status"], done["content"]) == ("success", f"echo: hello {reply}")
+    routed = world.api.post(f"/api/admin/agents/{agent_id}/debug/route", world.admin_key, {"content": reply})
+    assert (routed.status_code, routed.json["moderation"]) == (200, "pass")
 
 
 @pytest.mark.parametrize(("content", "reason"), [
