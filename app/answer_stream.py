@@ -25,6 +25,7 @@ from typing import Any, TypeVar, cast
 import redis
 from sqlalchemy import func, or_, select
 
+from app.auth import still_admits
 from app.config import get_settings
 from app.conversations import require_owned_answer
 from app.db import transaction
@@ -92,15 +93,19 @@ class OpenedStream:
     free_slot: Callable[[], None]
 
 
-def open_answer_stream(user_id: int, message_id: int, last_event_id: str | None,
+def open_answer_stream(user_id: int, api_key: str, message_id: int, last_event_id: str | None,
                        reader_gone: Callable[[], bool] | None) -> OpenedStream:
     """404 for a message that is not the caller's, 429 beyond the user's open streams in this process
     (`app.stream_slots`), else the answer's events from where `last_event_id` left off, until `reader_gone`
     says the client has closed its connection (looked at between reads of the live stream; None when the
-    server cannot tell)."""
+    server cannot tell), or the key that opened the stream no longer admits its user (`still_admits`)."""
     _authorize(user_id, message_id)
     free_slot = stream_slots.take(user_id, get_settings().max_streams_per_user)
-    return OpenedStream(follow_answer(message_id, last_event_id, reader_gone), free_slot)
+
+    def gone() -> bool:
+        return (reader_gone is not None and reader_gone()) or not still_admits(api_key, user_id)
+
+    return OpenedStream(follow_answer(message_id, last_event_id, gone), free_slot)
 
 
 def _authorize(user_id: int, message_id: int) -> None:
@@ -202,8 +207,9 @@ def close_streams() -> None:
 @dataclass(frozen=True, slots=True)
 class _Watch:
     """Until when a reader is followed: its deadline (`AGENTQ_STREAM_MAX_SECONDS`), the server's stop, and its
-    client going away (`gone`, the web's look at the connection: a closed one was noticed only when a write
-    failed, a heartbeat or two later, and meanwhile held the user's stream slot, refusing the reconnect)."""
+    client going away (`gone`: the web's look at the connection, for a closed one was noticed only when a write
+    failed, a heartbeat or two later, and meanwhile held the user's stream slot, refusing the reconnect; and
+    the stream's key replaced)."""
 
     deadline: float
     gone: Callable[[], bool] | None = None

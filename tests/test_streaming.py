@@ -896,6 +896,38 @@ def test_a_stream_whose_client_stopped_reading_is_closed_and_frees_its_slot(worl
         world.api.post(f"/api/messages/{waiting}/cancel", key)
 
 
+def test_a_replaced_key_ends_the_streams_it_opened(world) -> None:  # type: ignore[no-untyped-def]
+    """A key replaced (a leak) stopped its requests, but the streams it had opened ran to their end, up to
+    `AGENTQ_STREAM_MAX_SECONDS`. They now end, without `done`, at the reader's next look, and the reconnect
+    with the old key is refused 401."""
+    agent_id = world.agent(world.model(upstream="echo;ttft=60"))
+    user_id, key = world.user("leaked")
+    message_id = world.send(key, world.conversation(key, agent_id), "take your time").json["assistant_message"]["id"]
+    web, port = _web_holding_two_streams_a_user("web-replaced-key", heartbeat="0.3")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{base}/healthz")
+        with httpx.Client(timeout=15) as client:
+            with client.stream("GET", f"{base}/api/messages/{message_id}/stream",
+                               headers={"Authorization": f"Bearer {key}"}) as opened:
+                assert opened.status_code == 200
+                lines = opened.iter_lines()
+                assert next(lines) == "retry: 1000"
+                replaced = client.post(f"{base}/api/admin/users/{user_id}/api-key",
+                                       headers={"Authorization": f"Bearer {world.admin_key}"})
+                assert replaced.status_code == 200
+                key = replaced.json()["api_key"]
+                rest = list(lines)  # ends: the server closed the response
+            assert "event: done" not in rest
+            again = client.get(f"{base}/api/messages/{message_id}/stream",
+                               headers={"Authorization": f"Bearer {opened.request.headers['Authorization'][7:]}"})
+            assert (again.status_code, again.json()["error"]["code"]) == (401, "invalid_api_key")
+        assert "Traceback" not in web.output()
+    finally:
+        web.stop()
+        world.api.post(f"/api/messages/{message_id}/cancel", key)
+
+
 def test_an_api_process_keeps_a_quarter_of_its_threads_for_requests_other_than_streams(world) -> None:  # type: ignore[no-untyped-def]
     """Each user within their bound, many users' streams took every thread of a process, and every other
     request waited for one to end. With 4 threads a process holds 3 streams; the fourth is refused, a POST

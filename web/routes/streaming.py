@@ -8,7 +8,7 @@ from flask_openapi3 import Tag
 from app import answer_stream, cancellation
 from web import render
 from web import responses as r
-from web.auth import principal
+from web.auth import bearer_token, principal
 from web.routes import api_blueprint
 from web.schemas import MessagePath
 from web.sse import ClientConnection, sse
@@ -22,7 +22,8 @@ tag = Tag(name="streaming")
                          "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
 def stream_answer(path: MessagePath) -> Response:
     connection = ClientConnection.of(request.environ)
-    opened = answer_stream.open_answer_stream(principal().id, path.message_id, request.headers.get("Last-Event-ID"),
+    opened = answer_stream.open_answer_stream(principal().id, bearer_token() or "", path.message_id,
+                                              request.headers.get("Last-Event-ID"),
                                               connection.closed_look() if connection is not None else None)
     body = stream_with_context(sse(opened.events, render.wants_chinese(), connection))
     response = Response(body, mimetype="text/event-stream",
