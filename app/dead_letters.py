@@ -130,6 +130,17 @@ def record_death(message: Delivered) -> None:
         }, overwrite=True)
 
 
+def requeued(session: Session, redis_message_id: str) -> bool:
+    """Whether the dead letter of this message was requeued, its row locked until the caller's commit: a
+    requeue takes it first too, so it comes wholly before or after the caller's transaction. The worker ends a
+    dead message's run after recording its letter, and a requeue in between (of a run already `error`: one
+    given up, whose letter a listing may adopt from the broker at once) was undone: the requeued turn, pending
+    again, was ended `error` with it, and its letter, marked requeued, was gone."""
+    requeued_at = session.scalar(select(DeadLetter.requeued_at)
+                                 .where(DeadLetter.redis_message_id == redis_message_id).with_for_update())
+    return requeued_at is not None
+
+
 def _adopt(session: Session, entry: BrokerEntry) -> None:
     """A dead message no worker recorded: what its body says (the state of its last enqueue) must do."""
     message = entry.message

@@ -11,8 +11,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
+
+from sqlalchemy.orm import Session
 
 from app import metrics
 from app.agent_setup import setup_of
@@ -107,11 +110,13 @@ def _record_result(run_id: int, token: str, delivery: int, outcome: Outcome, lat
 
 
 def abandon_run(run_id: int, reason: str, *, pending_before: datetime | None = None,
-                deadline_before: datetime | None = None) -> bool:
+                deadline_before: datetime | None = None, unless: Callable[[Session], bool] | None = None) -> bool:
     """End a test run as `error` when its message died, with `pending_before` when it was still pending since
     before then (`app.pending_bound`), with `deadline_before` when it was still processing, held by no worker,
     past a deadline before then (`app.deadline_bound`); False when it was not (ended already, held by a
-    delivery, or no longer in that state)."""
+    delivery, or no longer in that state), or when `unless`, asked first in the same transaction, says so."""
     with transaction() as session:
+        if unless is not None and unless(session):
+            return False
         return finish_debug_run(session, run_id, None, TurnStatus.ERROR, pending_before=pending_before,
                                 deadline_before=deadline_before, error_message=reason)

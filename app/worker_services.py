@@ -7,6 +7,8 @@ import textwrap
 import threading
 import traceback
 
+from sqlalchemy.orm import Session
+
 from app import dead_letters, debug_runner, llm_client, metrics, outbox, unowned_end
 from app.db import dispose_engines, open_pool
 from app.deliveries import RunGivenUp
@@ -156,12 +158,15 @@ def _message_died(message: Delivered, run: tuple[RunKind, int] | None) -> None:
     kind, ident = run
     last_error = dead_letters.error_summary(message.options.get("traceback")) or "unknown error"
     reason = f"retries exhausted after {message.options.get('retries', 0)} attempts"
+    def requeued(session: Session) -> bool:
+        return dead_letters.requeued(session, message.options["redis_message_id"])
+
     try:
         if kind is TURN:
             # The exception's type, not its message: that can hold SQL, a host or a file path, which its dead
             # letter keeps for the operators, not for the user reading the turn.
-            unowned_end.abandon_turn(ident, f"{reason}: {last_error.split(': ', 1)[0]}")
+            unowned_end.abandon_turn(ident, f"{reason}: {last_error.split(': ', 1)[0]}", unless=requeued)
         else:
-            debug_runner.abandon_run(ident, f"{reason}: {last_error}")
+            debug_runner.abandon_run(ident, f"{reason}: {last_error}", unless=requeued)
     except Exception:
         log.exception("could not end run %s after its message died; the recovery sweep sends it again later", ident)

@@ -372,6 +372,39 @@ def test_a_purged_dead_letter_is_not_brought_back_by_a_late_record(world) -> Non
         assert session.scalars(select(DeadLetter)).all() == []
 
 
+def test_a_turn_requeued_before_the_worker_ended_its_dead_run_is_not_ended_with_it(world) -> None:  # type: ignore[no-untyped-def]
+    """The worker records a dead message's letter, then ends its run. A run given up is `error` before its
+    message dies, so its letter can be requeued at once (a listing adopts it from the broker): a requeue in
+    between was undone, the turn pending again ended `error` with it and its letter, marked requeued, gone.
+    The end now takes the letter's row first and leaves a requeued run alone."""
+    import dramatiq
+
+    from app.db import transaction
+    from app.models import ConversationMessage, DeadLetter
+    from app.worker_services import message_died
+
+    admin = world.admin_key
+    agent_id = world.agent(world.model())
+    _, key = world.user(balance="10")
+    conversation_id, ended = dead_turn(world, key, agent_id, "again, please")
+    turn_id = ended["id"]
+    item = world.api.get("/api/admin/dead-letters", admin).json["items"][0]
+    with transaction() as session:
+        letter = session.get_one(DeadLetter, item["id"]).redis_message_id
+    with claims_fail(conversation_id):  # the requeued turn stays pending meanwhile
+        assert world.api.post(f"/api/admin/dead-letters/{item['id']}/requeue", admin).status_code == 202
+        late: dramatiq.Message[Any] = dramatiq.Message(
+            queue_name="turns", actor_name="run_turn", args=(turn_id,), kwargs={},
+            options={"redis_message_id": letter, "retries": 3,
+                     "traceback": "app.deliveries.RunGivenUp: gave up after 3 deliveries\n"})
+        message_died(late)
+        with transaction() as session:
+            assert session.get_one(ConversationMessage, turn_id).status == "pending"
+    done = world.wait_terminal(key, turn_id)
+    assert (done["status"], done["content"]) == ("success", "echo: again, please")
+    assert ledger_rows(turn_id) == 1
+
+
 def test_the_dlq_command_lists_shows_requeues_and_purges(world, redis_client) -> None:  # type: ignore[no-untyped-def]
     agent_id = world.agent(world.model())
     _, key = world.user()
