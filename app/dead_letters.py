@@ -41,7 +41,7 @@ from app.errors import (
     conversations,
 )
 from app.in_flight import check_can_start, lock_user
-from app.models import Conversation, ConversationMessage, DeadLetter, Turn
+from app.models import Conversation, ConversationMessage, DeadLetter, DebugRun, Turn
 from app.models.base import utc_now
 from app.outages import in_one_line
 from app.paging import PAGE_OF_A_WHOLE_LIST, check_cursor, every_row, moment_cursor, older_than, page_of
@@ -276,21 +276,23 @@ def _reopen(session: Session, row: DeadLetter, enqueued_at: datetime) -> None:
     if row.run_id is None:
         raise Conflict(f"Dead letter {row.id} is a {row.actor!r} message that carries no run of agentq's, so "
                        "it cannot be requeued; purge it.")
+    if session.get(Turn if kind_of(row.actor) is TURN else DebugRun, row.run_id) is None:
+        raise Conflict(f"Dead letter {row.id} names run {row.run_id}, which does not exist (a message written by "
+                       "hand, or for another database), so it cannot be requeued; purge it.", code="run_not_found")
     try:
         with session.begin_nested():
             if kind_of(row.actor) is TURN:
-                turn = session.get(Turn, row.run_id)
-                if turn is not None:
-                    lock_user(session, turn.user_id)
-                    status = session.get_one(ConversationMessage, turn.assistant_message_id).status
-                    if status not in sources_for(TurnStatus.PENDING):
-                        raise TransitionRefused(f"turn {turn.assistant_message_id} cannot move to pending")
-                    conversation = session.get_one(Conversation, turn.conversation_id)
-                    if conversation.deleted_at is not None:
-                        raise _conversation_deleted(row)
-                    _refuse_if_agent_deleted(session, row, conversation.agent_id)
-                    _check_user_can_start(session, row, turn)
-                    _hold_conversation_open(session, row, turn.conversation_id)
+                turn = session.get_one(Turn, row.run_id)
+                lock_user(session, turn.user_id)
+                status = session.get_one(ConversationMessage, turn.assistant_message_id).status
+                if status not in sources_for(TurnStatus.PENDING):
+                    raise TransitionRefused(f"turn {turn.assistant_message_id} cannot move to pending")
+                conversation = session.get_one(Conversation, turn.conversation_id)
+                if conversation.deleted_at is not None:
+                    raise _conversation_deleted(row)
+                _refuse_if_agent_deleted(session, row, conversation.agent_id)
+                _check_user_can_start(session, row, turn)
+                _hold_conversation_open(session, row, turn.conversation_id)
                 reopen_turn(session, row.run_id, enqueued_at)
             else:
                 # Its guarded UPDATE refuses a run no longer in error first, as a turn's status check does;

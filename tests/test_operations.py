@@ -660,6 +660,26 @@ def test_a_dead_message_whose_argument_is_no_runs_id_leaves_the_dead_letters_man
     assert dead_count(redis_client) == 0
 
 
+@pytest.mark.parametrize("actor", ["run_turn", "run_debug_run"])
+def test_a_dead_letter_of_a_run_that_does_not_exist_is_refused_as_such(world, redis_client, actor) -> None:  # type: ignore[no-untyped-def]
+    """A dead message naming a run id no row has (written by hand, or for another database: a worker acknowledges
+    such a message, so it is found only in a broker's keys) was refused as 409 `run_not_in_error`, "its run is no
+    longer in error", which it never was: it is `run_not_found`, purge it."""
+    import json
+
+    api, admin = world.api, world.admin_key
+    queue = "turns" if actor == "run_turn" else "debug"
+    body = {"queue_name": queue, "actor_name": actor, "args": [987654321], "kwargs": {}, "options": {},
+            "message_id": "no-such-run", "message_timestamp": 1}
+    redis_client.zadd(f"{NAMESPACE}:{queue}.XQ", {"no-such-run": time.time() * 1000})
+    redis_client.hset(f"{NAMESPACE}:{queue}.XQ.msgs", "no-such-run", json.dumps(body))
+    [item] = api.get("/api/admin/dead-letters", admin).json["items"]
+    requeued = api.post(f"/api/admin/dead-letters/{item['id']}/requeue", admin)
+    assert (requeued.status_code, requeued.json["error"]["code"]) == (409, "run_not_found")
+    assert "run 987654321, which does not exist" in requeued.json["error"]["message"]
+    assert api.delete(f"/api/admin/dead-letters/{item['id']}", admin).status_code == 204
+
+
 def test_more_dead_letters_than_a_statement_takes_parameters_are_still_listed_and_counted(  # type: ignore[no-untyped-def]
         world, redis_client) -> None:
     """Every id in an `IN (...)` list is a bound parameter, and PostgreSQL takes at most 65,535 a statement: past
