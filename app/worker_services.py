@@ -158,6 +158,7 @@ def _message_died(message: Delivered, run: tuple[RunKind, int] | None) -> None:
     kind, ident = run
     last_error = dead_letters.error_summary(message.options.get("traceback")) or "unknown error"
     reason = f"retries exhausted after {message.options.get('retries', 0)} attempts"
+
     def requeued(session: Session) -> bool:
         return dead_letters.requeued(session, message.options["redis_message_id"])
 

@@ -7,6 +7,7 @@ executed as printed, so the README cannot rot.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
@@ -122,7 +123,7 @@ def test_debug_costs_add_up_past_what_a_64_bit_sum_of_millionths_holds_on_sqlite
         log = httpx.get(f"{base}/api/admin/debug-logs/{run}", headers=headers).json()
         return log if log["status"] not in ("pending", "processing") else None
 
-    logs = [wait_for(lambda run=run: ended(run), what=f"test run {run}") for run in runs]
+    logs = [wait_for(functools.partial(ended, run), what=f"test run {run}") for run in runs]
     assert [log["status"] for log in logs] == ["success"] * 10
     assert {log["cost"] for log in logs} == {highest}
     for group_by, key in (("agent", agent), ("model", model)):

@@ -778,6 +778,14 @@ def _web_holding_two_streams_a_user(name: str, heartbeat: str, **env: str) -> tu
     return web.start(), port
 
 
+def _a_turn_that_waits_for_its_model(world, user: str) -> tuple[int, str, int]:  # type: ignore[no-untyped-def]
+    """A new user's id and key, and their turn whose model says nothing for a minute (its stream stays quiet)."""
+    agent_id = world.agent(world.model(upstream="echo;ttft=60"))
+    user_id, key = world.user(user)
+    return user_id, key, world.send(key, world.conversation(key, agent_id), "take your time").json[
+        "assistant_message"]["id"]
+
+
 def test_each_user_holds_a_bounded_number_of_open_streams_per_api_process(world) -> None:  # type: ignore[no-untyped-def]
     """An open stream holds a server thread, so one user cannot take them all: beyond the bound a stream is
     refused with 429 `too_many_streams`, other users are not affected, and a closed stream frees its slot
@@ -821,9 +829,7 @@ def test_a_stream_its_client_closed_frees_its_slot_while_the_turn_is_quiet(world
     """A closed stream was noticed only when a write to it failed, a heartbeat or two after the close: a client
     that closed its streams while the model had not answered yet, and reconnected, was refused 429 for up to
     half a minute though it held none. The server looks at the connection between reads of the live stream."""
-    agent_id = world.agent(world.model(upstream="echo;ttft=60"))
-    _, key = world.user("reconnects")
-    message_id = world.send(key, world.conversation(key, agent_id), "take your time").json["assistant_message"]["id"]
+    _, key, message_id = _a_turn_that_waits_for_its_model(world, "reconnects")
     web, port = _web_holding_two_streams_a_user("web-closed-streams", heartbeat="60")
     url = f"http://127.0.0.1:{port}/api/messages/{message_id}/stream"
     try:
@@ -900,9 +906,7 @@ def test_a_replaced_key_ends_the_streams_it_opened(world) -> None:  # type: igno
     """A key replaced (a leak) stopped its requests, but the streams it had opened ran to their end, up to
     `AGENTQ_STREAM_MAX_SECONDS`. They now end, without `done`, at the reader's next look, and the reconnect
     with the old key is refused 401."""
-    agent_id = world.agent(world.model(upstream="echo;ttft=60"))
-    user_id, key = world.user("leaked")
-    message_id = world.send(key, world.conversation(key, agent_id), "take your time").json["assistant_message"]["id"]
+    user_id, key, message_id = _a_turn_that_waits_for_its_model(world, "leaked")
     web, port = _web_holding_two_streams_a_user("web-replaced-key", heartbeat="0.3")
     base = f"http://127.0.0.1:{port}"
     try:
