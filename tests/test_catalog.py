@@ -40,7 +40,7 @@ def test_agents_can_be_created_read_changed_and_deleted(world) -> None:  # type:
     assert created.status_code == 201
     agent = created.json
     assert agent["timeout_seconds"] == 120
-    assert (agent["model_id"], agent["fallback_model_id"], agent["temperature"], agent["max_tokens"]) == (
+    assert (agent["model_id"], agent["fallback_model_id"], float(agent["temperature"]), agent["max_tokens"]) == (
         primary, fallback, 0.2, 256)
     assert world.api.get(f"/api/admin/agents/{agent['id']}", admin).json == agent
     patched = world.api.patch(f"/api/admin/agents/{agent['id']}", admin,

@@ -25,11 +25,13 @@ def _json_integer(literal: str) -> int | Decimal:
 
 class SafeJSONProvider(DefaultJSONProvider):
     """A body nested thousands of levels deep is malformed input, not a server error; a huge integer is a
-    field's invalid value."""
+    field's invalid value. A number with a fraction or an exponent is read exactly, as a Decimal: money sent
+    as a number was rounded as a binary float before its six-decimal check (0.99999999999999999 was credited
+    as 1.000000); a float field takes it as a float (`web.schemas.Temperature`)."""
 
     def loads(self, s: str | bytes, **kwargs: Any) -> Any:
         try:
-            return super().loads(s, parse_int=_json_integer, **kwargs)
+            return super().loads(s, parse_int=_json_integer, parse_float=Decimal, **kwargs)
         except RecursionError as exc:
             raise ValueError("JSON nested too deeply") from exc
 

@@ -158,7 +158,13 @@ class ModelPatch(Body):
 
 
 Timeout = Annotated[int, Strict(), Field(ge=TIMEOUT_SECONDS_RANGE[0], le=TIMEOUT_SECONDS_RANGE[1])]
-Temperature = Annotated[float, Strict(), Field(ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1], allow_inf_nan=False)]
+def _json_fraction_as_float(value: Any) -> Any:
+    """A JSON number with a fraction arrives as a Decimal (`web.bodies.SafeJSONProvider`)."""
+    return float(value) if isinstance(value, Decimal) else value
+
+
+Temperature = Annotated[float, BeforeValidator(_json_fraction_as_float), Strict(),
+                        Field(ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1], allow_inf_nan=False)]
 Prompt = Annotated[str, Strict(), StringConstraints(max_length=SYSTEM_PROMPT_MAX_CHARS), STORABLE]
 MaxTokens = Annotated[int, Strict(), Field(ge=MAX_TOKENS_RANGE[0], le=MAX_TOKENS_RANGE[1])]
 

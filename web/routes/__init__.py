@@ -18,7 +18,10 @@ from web.schemas import ErrorResponse
 
 SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}]
 ERRORS: dict[str | int | HTTPStatus, type[BaseModel] | dict[Any, Any] | None] = {
-    status: ErrorResponse for status in (400, 401, 403, 404, 409, 413, 422, 429, 503)}
+    status: ErrorResponse for status in (400, 401, 403, 404, 409, 413, 414, 417, 422, 429, 431, 503)}
+"""The contract's statuses, and those the HTTP server answers itself before the application, in the same
+shape: 414 a request line past 8,190 bytes, 417 an `Expect` other than `100-continue`, 431 headers past
+their limits (`web.server`)."""
 
 
 def api_blueprint(name: str, *, admin: bool = False) -> APIBlueprint:
