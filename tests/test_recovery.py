@@ -247,11 +247,15 @@ def test_a_turn_stopped_while_its_worker_is_dead_keeps_the_text_it_streamed_when
         assert not any(e.event == "status" and e.json().get("restart") for e in events)
         assert charges(stack, turn_id) == 0
 
+    # The late turn is held out of reach (a lease far ahead) until a worker runs: started after the turn was
+    # put past its deadline, a worker slow to boot (a busy host) left the API's look to end it first.
+    stack.sql("UPDATE turns SET lease_expires_at = now() + interval '1 hour' WHERE assistant_message_id = %(id)s",
+              {"id": late})
     past(unheld, f"-{LEASE_SECONDS + 1} seconds")  # no worker runs: the API's look ends it
     kept_what_was_streamed(unheld_key, unheld, unheld_seen)
     assert deliveries(stack, unheld) == 1
-    past(late, "2 seconds")  # less than the settlement's reserve: no time for a model call
     stack.start_worker()
+    past(late, "2 seconds")  # less than the settlement's reserve: no time for a model call
     kept_what_was_streamed(late_key, late, late_seen)
     assert deliveries(stack, late) == 2
     assert stack.sql("SELECT count(*) FROM users WHERE reserved <> 0") == [(0,)]
