@@ -32,7 +32,7 @@ TICK_SECONDS = 0.1
 class Watch:
     """One attempt under watch; `fired` tells why its socket was shut (a timeout or a stop)."""
 
-    __slots__ = ("_watchdog", "deadline", "fired", "sock", "stop")
+    __slots__ = ("_watchdog", "deadline", "fired", "requested", "sock", "stop")
 
     def __init__(self, watchdog: _Watchdog, deadline: float, stop: threading.Event) -> None:
         self._watchdog = watchdog
@@ -40,11 +40,15 @@ class Watch:
         self.stop = stop
         self.sock: socket.socket | None = None
         self.fired: FailureKind | None = None
+        self.requested = False
+        """A request of the attempt's reached a connection: until then the provider has nothing to bill."""
 
     def attach(self, sock: socket.socket | None) -> None:
         """The attempt's request is being written to `sock`: watch it (shut it now if the watch already fired).
         A request is written in several pieces; once its socket is attached the others need not take the lock
         every attempt of the process shares (a fire since then has shut that socket already)."""
+        if sock is not None:
+            self.requested = True
         if sock is None or self.sock is not sock:
             self._watchdog.attach(self, sock)
 

@@ -26,7 +26,7 @@ from app import metrics
 from app.agent_setup import AgentParams
 from app.answer_sink import AnswerSink
 from app.config import get_settings
-from app.failure_kinds import REFUSED, FailureKind
+from app.failure_kinds import FailureKind
 from app.llm_client import AttemptFailed, Completion, stream_chat
 from app.model_target import ModelTarget
 from app.targets import attempt_order
@@ -144,7 +144,7 @@ def call_with_fallback(
                                      temperature=params.temperature, max_tokens=max_tokens,
                                      on_delta=sink.delta, stop=stop)
         except AttemptFailed as failure:
-            prompt_estimate = estimate_tokens_of_messages(messages) if failure.kind not in REFUSED else 0
+            prompt_estimate = estimate_tokens_of_messages(messages) if failure.may_be_billed else 0
             produced = estimate_answer_tokens(failure.partial, max_tokens)
             outcome.attempts.append(_record(target, failure.kind.value, failure.detail_in_full, failure.latency_ms,
                                             failure.first_token_ms, prompt_estimate, produced))

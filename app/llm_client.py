@@ -29,7 +29,7 @@ import httpx2
 import openai
 
 from app.attempt_watchdog import watch_attempt
-from app.failure_kinds import FailureKind
+from app.failure_kinds import REFUSED, FailureKind
 from app.key_variables import refusal
 from app.model_target import ModelTarget
 from app.text import storable
@@ -74,7 +74,7 @@ class AttemptFailed(Exception):
     admin's test run only (`detail_in_full`)."""
 
     def __init__(self, kind: FailureKind, detail: str, *, said: str | None = None, partial: str = "",
-                 first_token_ms: int | None = None, latency_ms: int = 0) -> None:
+                 first_token_ms: int | None = None, latency_ms: int = 0, requested: bool = True) -> None:
         super().__init__(f"{kind}: {detail}")
         self.kind = kind
         self.detail = detail
@@ -82,6 +82,14 @@ class AttemptFailed(Exception):
         self.partial = partial
         self.first_token_ms = first_token_ms
         self.latency_ms = latency_ms
+        self.requested = requested
+
+    @property
+    def may_be_billed(self) -> bool:
+        """Whether the provider may bill the attempt's prompt: it received the request and did not refuse it
+        (`REFUSED`). A stop or a deadline during the connect sent nothing, and was recorded at the prompt's
+        estimated cost."""
+        return self.requested and self.kind not in REFUSED
 
     @property
     def detail_in_full(self) -> str:
@@ -228,8 +236,9 @@ def stream_chat(
         except AttemptFailed:
             raise
         # Past `answered` the whole answer is in: a failure while reading the usage or the `[DONE]` after it
-        # costs nothing, and the answer stands.
-        except (ValueError, TypeError, AttributeError) as exc:
+        # costs nothing, and the answer stands. A chunk nested too deeply to decode is a RecursionError: it
+        # escaped the fallback policy, and every delivery of the turn called the same model until it died.
+        except (ValueError, TypeError, AttributeError, RecursionError) as exc:
             if not attempt.answered:
                 raise attempt.interrupted(attempt.silence_message) or attempt.failed(
                     FailureKind.BAD_RESPONSE, "the stream sent a chunk that is not a chat completion chunk",
@@ -279,16 +288,19 @@ class _Attempt:
 
     @property
     def answered(self) -> bool:
-        """The model finished its answer and the turn was not stopped: the stream failing or running out of
-        time after that (while its usage and `[DONE]` were awaited) loses nothing of the answer."""
-        return self.finished and not self.stopped
+        """The model finished its answer: the stream failing, running out of time or being stopped after that
+        (while its usage and `[DONE]` were awaited) loses nothing of the answer. A stop then ends the turn
+        `cancelled` with the whole answer, charged at the usage the provider reported (the settlement's
+        `StoppedMeanwhile`); taken for a stop mid-answer, it was charged at an estimate instead."""
+        return self.finished
 
     def _elapsed_ms(self) -> int:
         return int((time.monotonic() - self.started) * 1000)
 
     def failed(self, kind: FailureKind, detail: str, *, said: str | None = None) -> AttemptFailed:
         return AttemptFailed(kind, detail, said=storable(said) if said else None, partial="".join(self.parts),
-                             first_token_ms=self.first_token_ms, latency_ms=self._elapsed_ms())
+                             first_token_ms=self.first_token_ms, latency_ms=self._elapsed_ms(),
+                             requested=self.watch.requested)
 
     def interrupted(self, timeout_message: str) -> AttemptFailed | None:
         if self.stopped:
@@ -321,7 +333,7 @@ class _Attempt:
         return self.failed(FailureKind.STREAM_CUT, "the stream broke", said=repr(exc))
 
     def take(self, chunk: Any, on_delta: Callable[[str], None]) -> None:
-        if self.watch.stop.is_set():
+        if self.watch.stop.is_set() and not self.finished:
             raise self.failed(FailureKind.CANCELLED, STOPPED)
         texts, reported, finishes = read_chunk(chunk)
         if finishes and not self.finished:

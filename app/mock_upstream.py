@@ -1,10 +1,12 @@
 """An OpenAI-compatible chat server for the demo and the tests: it can be slow, fail, stall or cut a stream.
 
 Behaviour is chosen by the upstream model name, so one server plays every provider a test needs:
-`echo` answers with the last user message; directives joined by `;` change that, e.g.
-`echo;ttft=1;gap=0.05`, `fail=429`, `stall_after=3`, `cut_after=2`, `end_after=2` (the body ends
+`echo` answers with the last user message; directives after it, each after a `;` (the first word is a name
+and never read as one: `fail=429` alone is plain `echo`), change that, e.g. `echo;ttft=1;gap=0.05`,
+`echo;fail=429`, `stall_after=3`, `cut_after=2`, `end_after=2` (the body ends
 cleanly there, with no finish_reason and no `[DONE]`), `garbage_after=2` (a chunk that is not a chat
-completion chunk), `words=40` (`w0 w1 …`; `word=v` makes them `v0 v1 …`, another model's answer), `no_usage`,
+completion chunk), `nested_after=2` (a chunk nested too deeply for a JSON decoder), `words=40` (`w0 w1 …`;
+`word=v` makes them `v0 v1 …`, another model's answer), `no_usage`,
 `hold_after_done=30` (the body stays open after `[DONE]`),
 `hang_after_finish=30` (the answer's `finish_reason` and usage are sent, then the stream says nothing,
 with no `[DONE]`), `garbage_after_finish` (a chunk that is not a chat completion chunk after the usage),
@@ -42,6 +44,7 @@ class Script:
     cut_after: int | None = None
     end_after: int | None = None
     garbage_after: int | None = None
+    nested_after: int | None = None
     words: int | None = None
     word: str = "w"
     usage: bool = True
@@ -67,7 +70,8 @@ class Script:
                 setattr(script, name, float(value))
             elif name == "word":
                 script.word = value
-            elif name in ("fail", "stall_after", "cut_after", "end_after", "garbage_after", "words", "reported_tokens"):
+            elif name in ("fail", "stall_after", "cut_after", "end_after", "garbage_after", "nested_after", "words",
+                          "reported_tokens"):
                 setattr(script, name, int(value))
         return script
 
@@ -177,6 +181,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 return response
             if script.garbage_after is not None and index == script.garbage_after:
                 await response.write(b'data: ["not", "a", "chunk"]\n\n')
+            if script.nested_after is not None and index == script.nested_after:
+                await response.write(b"data: " + b"[" * 100_000 + b"]" * 100_000 + b"\n\n")
             if script.stall_after is not None and index == script.stall_after:
                 state.record(ident, "stalled", opened_in)
                 await pause(request, 3600)

@@ -44,6 +44,8 @@ FAILURES = [
     ("echo;cut_after=2", "stream_cut"),
     ("echo;end_after=2", "stream_cut"),
     ("echo;garbage_after=2", "bad_response"),
+    # A chunk nested too deeply to decode (a RecursionError) escaped the policy: every delivery called the primary.
+    ("echo;nested_after=2", "bad_response"),
 ]
 
 
@@ -73,6 +75,51 @@ def test_a_connection_failure_switches_to_the_fallback(world, upstream) -> None:
     done = world.wait_terminal(key, assistant["id"])
     assert (done["status"], done["model"]) == ("success", "fallback")
     assert attempts(assistant["id"]) == [("unreachable", "connection_error"), ("fallback", "success")]
+
+
+def _status_names(turn_id: int, model: str) -> bool:
+    """Whether the turn's live stream has announced an attempt of `model` (written just before its call)."""
+    from typing import cast
+
+    from app.live_stream import read_entry, stream_key
+    from app.redis_client import StreamEntry, get_redis
+
+    entries = cast(list[StreamEntry], get_redis().xrange(stream_key(turn_id)))
+    return any((entry := read_entry(fields)) is not None and entry.kind == "status"
+               and entry.payload.get("model") == model for _, fields in entries)
+
+
+def test_a_stop_before_the_request_reached_the_provider_records_the_attempt_at_no_cost(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """A stop during the connect (here to a server whose accept queue is full: the SYN goes unanswered) sent the
+    provider nothing, yet its attempt was recorded at the prompt's estimated cost in the operators' records."""
+    import socket
+
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        fillers = [socket.socket() for _ in range(4)]
+        for filler in fillers:
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+        try:
+            silent = world.api.post("/api/admin/models", world.admin_key, {
+                "name": "unanswered", "model": "echo", "base_url": f"http://127.0.0.1:{port}/v1",
+                "input_price_per_1k": "1", "output_price_per_1k": "1"}).json["id"]
+            _, key = world.user()
+            turn = world.send(key, world.conversation(key, world.agent(silent, timeout_seconds=30))).json[
+                "assistant_message"]["id"]
+            wait_for(lambda: _status_names(turn, "unanswered"), what="the attempt to start")
+            assert world.api.post(f"/api/messages/{turn}/cancel", key).status_code == 202
+            done = world.wait_terminal(key, turn)
+        finally:
+            for filler in fillers:
+                filler.close()
+    assert (done["status"], done["cost"], done["content"]) == ("cancelled", "0.000000", "")
+    with transaction() as session:
+        recorded = session.execute(select(ModelAttempt.outcome, ModelAttempt.prompt_tokens, ModelAttempt.cost)
+                                   .where(ModelAttempt.message_id == turn)).all()
+    assert [tuple(row) for row in recorded] == [("cancelled", 0, Decimal("0.000000"))]
 
 
 def test_both_failing_is_an_llm_error_with_both_reasons_and_no_charge(world, upstream) -> None:  # type: ignore[no-untyped-def]
@@ -257,6 +304,24 @@ def test_a_stream_held_open_after_its_finished_answer_ends_the_turn_with_that_an
     assert upstream.models() == [primary_upstream]
     assert attempts(assistant["id"]) == [("primary", "success")]
     wait_for(lambda: list(upstream.streams().values()) == ["disconnected"], what="the upstream to see the close")
+
+
+def test_a_stop_after_the_finished_answer_keeps_it_charged_at_the_reported_usage(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """A stop while a finished answer's stream was held open (its `finish_reason` and usage sent, no `[DONE]`) was
+    taken for a stop mid-answer: the whole answer was kept but charged at an estimate (16 + 3 tokens), not at
+    the usage the provider reported (7 + 2). The turn ends `cancelled`, as the stop's 202 promised, with the
+    answer at the reported usage."""
+    agent_id = world.agent(world.model("primary", upstream="echo;hang_after_finish=60", price_in="1", price_out="1"),
+                           world.model("fallback"), timeout_seconds=10)
+    _, key = world.user()
+    assistant = world.send(key, world.conversation(key, agent_id)).json["assistant_message"]
+    wait_for(lambda: list(upstream.streams().values()) == ["hung"], what="the finished stream to be held open")
+    assert world.api.post(f"/api/messages/{assistant['id']}/cancel", key).status_code == 202
+    done = world.wait_terminal(key, assistant["id"])
+    assert (done["status"], done["model"], done["content"]) == ("cancelled", "primary", "echo: hello")
+    assert (done["prompt_tokens"], done["completion_tokens"], done["cost"]) == (7, 2, "0.009000")
+    assert world.api.get("/api/me", key).json["balance"] == "9.991000"
+    assert upstream.models() == ["echo;hang_after_finish=60"]
 
 
 def test_a_malformed_chunk_after_the_finished_answer_ends_the_turn_with_that_answer(world, upstream) -> None:  # type: ignore[no-untyped-def]

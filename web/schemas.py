@@ -158,6 +158,8 @@ class ModelPatch(Body):
 
 
 Timeout = Annotated[int, Strict(), Field(ge=TIMEOUT_SECONDS_RANGE[0], le=TIMEOUT_SECONDS_RANGE[1])]
+
+
 def _json_fraction_as_float(value: Any) -> Any:
     """A JSON number with a fraction arrives as a Decimal (`web.bodies.SafeJSONProvider`)."""
     return float(value) if isinstance(value, Decimal) else value
