@@ -350,8 +350,10 @@ def _requeue(dead_letter_id: int) -> DeadLetter:
     """Run a dead letter's turn (or test run) again: it goes back to `pending` and is sent to a worker."""
     with transaction() as session:
         row = session.scalar(select(DeadLetter).where(DeadLetter.id == dead_letter_id).with_for_update())
-        if row is None or row.requeued_at is not None:
+        if row is None:
             raise NotFound(f"Dead letter {dead_letter_id} does not exist.")
+        if row.requeued_at is not None:  # a letter is open until requeued: gone, as a purged one is, to its reader
+            raise NotFound(f"Dead letter {dead_letter_id} was requeued already (another requeue came first).")
         requeued_at = utc_now()
         _reopen(session, row, requeued_at)
         row.requeued_at = requeued_at

@@ -187,7 +187,9 @@ def test_a_turn_whose_retries_run_out_is_a_dead_letter_and_runs_again_when_reque
     assert api.get("/api/admin/dead-letters", admin).json["items"] == []
     assert dead_count(redis_client) == 0
     assert queue_of(api, admin, "turns")["dead_letters"] == 0
-    assert api.post(f"/api/admin/dead-letters/{item['id']}/requeue", admin).status_code == 404
+    again = api.post(f"/api/admin/dead-letters/{item['id']}/requeue", admin)
+    assert (again.status_code, again.json["error"]["message"]) == (
+        404, f"Dead letter {item['id']} was requeued already (another requeue came first).")
     assert api.get(f"/api/admin/dead-letters/{item['id']}", admin).status_code == 404
 
 
