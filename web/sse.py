@@ -126,7 +126,6 @@ class ClientConnection:
     def cut(self) -> None:
         """Ends the connection of a client that stopped reading: gunicorn's last write then fails at once, as to
         a client that closed, instead of waiting for room that never comes."""
-        log.info("an answer stream's client took nothing for %s s; its connection is closed",
-                    self._write_timeout)
+        log.info("an answer stream's client took nothing for %s s; its connection is closed", self._write_timeout)
         with contextlib.suppress(OSError):
             self._socket.shutdown(socket.SHUT_RDWR)
