@@ -89,6 +89,8 @@ def test_the_operators_page_shows_a_dead_letter_and_requeues_and_deletes(stack: 
 
         row.find_element(By.CSS_SELECTOR, "button.requeue").click()
         wait.until(lambda d: len(dead_rows(d)) == 1)
+        # The refresh that followed the action said "Updated …" over its result within milliseconds.
+        assert text_of(driver, "#status") == f"Requeue of dead letter {letters[first]} done."
         assert stack.wait_terminal(key, first)["status"] == "success"
         assert stack.message(key, first)["content"] == "echo: requeue me from the page"
 
@@ -97,6 +99,9 @@ def test_the_operators_page_shows_a_dead_letter_and_requeues_and_deletes(stack: 
         driver.find_element(By.CSS_SELECTOR, f"#dead-letter-{letters[second]} button.delete").click()
         wait.until(lambda d: dead_rows(d) == [])
         wait.until(lambda d: text_of(d, "#queues tbody").splitlines()[0].split() == ["turns", "0", "0", "0"])
+        driver.find_element(By.ID, "forget-key").click()  # nothing read with the key stays on screen
+        wait.until(lambda d: "Enter an admin API key" in text_of(d, "#status"))
+        assert (text_of(driver, "#queues tbody"), text_of(driver, "#failure-counts tbody")) == ("", "")
 
     assert stack.call("GET", "/api/admin/dead-letters").json()["items"] == []
     assert stack.message(key, second)["status"] == "error"

@@ -7,7 +7,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 
 from tests.browser import chromium
-from tests.support import wait_for
+from tests.conftest import LOG_DIR, child_env
+from tests.support import Process, agentq, free_port, wait_for, wait_http
 
 
 @pytest.fixture(autouse=True)
@@ -82,3 +83,46 @@ def test_an_agents_name_is_shown_as_text_not_markup(world, web_server) -> None: 
         assert option.get_attribute("textContent") == name
         assert driver.find_elements(By.ID, "injected") == []
 
+
+
+def connect_as(driver, key: str) -> None:  # type: ignore[no-untyped-def]
+    field = driver.find_element(By.ID, "api-key")
+    field.clear()
+    field.send_keys(key)
+    driver.find_element(By.ID, "connect").click()
+
+
+def test_a_stream_closed_without_done_is_opened_again_and_another_key_clears_the_page(world) -> None:  # type: ignore[no-untyped-def]
+    """A stream that the server closes without `done` (its time limit here, a restart in a deploy) froze the
+    answer part-way: the page never reconnected, and a reload did not either. It reopens the stream with its
+    Last-Event-ID until `done`. And connecting with another user's key left the first user's conversation on
+    screen, where a message was then sent to it."""
+    agent_id = world.agent(world.model(upstream="echo;words=30;gap=0.1"))
+    _, key = world.user("first", balance="10")
+    _, other_key = world.user("second", balance="10")
+    port = free_port()
+    web = Process("web-chat-page-short-streams", agentq("web", "--port", str(port), "--workers", "1"),
+                  child_env(AGENTQ_STREAM_MAX_SECONDS="1"), LOG_DIR).start()
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        with chromium() as driver:
+            driver.get(f"http://127.0.0.1:{port}/")
+            connect_as(driver, key)
+            wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, f"#agent option[value='{agent_id}']"),
+                     what="the agent list")
+            Select(driver.find_element(By.ID, "agent")).select_by_value(str(agent_id))
+            driver.find_element(By.ID, "content").send_keys("go on")
+            driver.find_element(By.ID, "send").click()
+            message_id = int(wait_for(lambda: assistant_box(driver), what="the answer's box")
+                             .get_attribute("data-message-id"))
+            final = world.wait_terminal(key, message_id)
+            wait_for(lambda: assistant_box(driver, message_id).get_attribute("data-status") == "success",
+                     timeout=20, what="the page to follow the answer over streams closed every second")
+            assert assistant_box(driver, message_id).find_element(By.CLASS_NAME, "text").text == final["content"]
+            assert final["content"] == " ".join(f"w{i}" for i in range(30))
+
+            connect_as(driver, other_key)
+            wait_for(lambda: "second" in driver.find_element(By.ID, "whoami").text, what="the second key")
+            assert driver.find_elements(By.CSS_SELECTOR, ".msg") == []
+    finally:
+        web.stop()

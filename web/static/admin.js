@@ -3,6 +3,9 @@ const KEY = "agentq-admin-key";
 const REFRESH_MS = Number(document.body.dataset.refreshMs);
 const DEAD_LETTERS_SHOWN = 100;
 
+const RESULT_SHOWN_MS = 15000;
+let resultShownUntil = 0;
+
 function key() { return sessionStorage.getItem(KEY) || ""; }
 function say(text, isError) {
   const status = document.getElementById("status");
@@ -10,11 +13,20 @@ function say(text, isError) {
   status.className = isError ? "error" : "muted";
 }
 
+// What an operator's action came to stays on screen for a while: the refresh that follows it, every few
+// seconds, said "Updated …" over it within milliseconds.
+function sayResult(text, isError) {
+  say(text, isError);
+  resultShownUntil = Date.now() + RESULT_SHOWN_MS;
+}
+
 async function api(method, path) {
   const response = await fetch(path, {method, headers: {"Authorization": "Bearer " + key()}});
   const body = response.status === 204 ? null : await response.json();
   if (!response.ok) {
-    throw new Error(body && body.error ? body.error.message : "HTTP " + response.status);
+    const error = new Error(body && body.error ? body.error.message : "HTTP " + response.status);
+    error.status = response.status;
+    throw error;
   }
   return body;
 }
@@ -46,15 +58,27 @@ function button(row, label, action, id) {
   b.dataset.id = id;
   b.addEventListener("click", async () => {
     b.disabled = true;
-    try { await action(); say(label + " of dead letter " + id + " done."); }
-    catch (e) { say(e.message, true); }
+    try { await action(); sayResult(label + " of dead letter " + id + " done."); }
+    catch (e) { sayResult(e.message, true); }
+    finally { b.disabled = false; }
     await refresh();
   });
   row.cells[row.cells.length - 1].appendChild(b);
 }
 
+// Without a key an admin's may read them, nothing of an earlier one's stays on screen.
+function clearTables() {
+  for (const id of ["queues", "failure-counts", "failures", "retries", "dead-letters"]) {
+    document.querySelector("#" + id + " tbody").replaceChildren();
+    delete shown[id];
+  }
+  document.getElementById("turns-pending").textContent = "–";
+  document.getElementById("turns-processing").textContent = "–";
+  document.getElementById("dead-letters-shown").textContent = "";
+}
+
 async function refresh() {
-  if (!key()) { say("Enter an admin API key."); return; }
+  if (!key()) { clearTables(); say("Enter an admin API key."); return; }
   try {
     const [queues, failures, retries, dead] = await Promise.all([
       api("GET", "/api/admin/queues"), api("GET", "/api/admin/failures"), api("GET", "/api/admin/retries"),
@@ -85,8 +109,9 @@ async function refresh() {
       button(row, "Requeue", () => api("POST", "/api/admin/dead-letters/" + d.id + "/requeue"), d.id);
       button(row, "Delete", () => api("DELETE", "/api/admin/dead-letters/" + d.id), d.id);
     });
-    say("Updated " + new Date().toLocaleTimeString() + ".");
+    if (Date.now() > resultShownUntil) { say("Updated " + new Date().toLocaleTimeString() + "."); }
   } catch (e) {
+    if (e.status === 401 || e.status === 403) { clearTables(); }
     say(e.message, true);
   }
 }
@@ -99,8 +124,13 @@ document.getElementById("key-form").addEventListener("submit", (event) => {
 });
 document.getElementById("forget-key").addEventListener("click", () => { sessionStorage.removeItem(KEY); refresh(); });
 document.getElementById("requeue-all").addEventListener("click", async () => {
-  try { const r = await api("POST", "/api/admin/dead-letters/requeue-all"); say("Requeued " + r.requeued.length + "."); }
-  catch (e) { say(e.message, true); }
+  try {
+    const r = await api("POST", "/api/admin/dead-letters/requeue-all");
+    const skipped = r.skipped.map((s) => "dead letter " + s.id + ": " + s.reason);
+    sayResult("Requeued " + r.requeued.length + "." + (skipped.length ? " Skipped " + skipped.length + ": "
+                                                       + skipped.join("; ") : ""), skipped.length > 0);
+  } catch (e) { sayResult(e.message, true); }
+  delete shown["dead-letters"];
   await refresh();
 });
 refresh();

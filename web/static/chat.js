@@ -38,7 +38,15 @@ function renderMessage(m) {
 }
 
 async function connect() {
-  state.key = $("api-key").value.trim() || state.key;
+  const entered = $("api-key").value.trim();
+  if (entered && entered !== state.key) {
+    // Another user's key: nothing of the previous one's stays on screen or is sent to.
+    stopFollowing();
+    sessionStorage.removeItem("agentq_streaming");
+    state.conversationId = null;
+    $("messages").replaceChildren();
+    state.key = entered;
+  }
   sessionStorage.setItem("agentq_key", state.key);
   const me = await api("GET", "/api/me");
   $("whoami").textContent = `${me.name} · balance ${me.balance}`;
@@ -53,7 +61,7 @@ async function connect() {
   const saved = JSON.parse(sessionStorage.getItem("agentq_streaming") || "null");
   if (saved) {
     await openConversation(saved.conversationId);
-    follow(saved.messageId, saved.lastEventId, saved.text);
+    follow(saved);
   }
 }
 
@@ -70,6 +78,7 @@ async function loadConversations() {
 }
 
 async function openConversation(id) {
+  if (state.streaming && state.streaming.conversationId !== id) stopFollowing();
   state.conversationId = id;
   $("messages").innerHTML = "";
   const list = await api("GET", `/api/conversations/${id}/messages`);
@@ -91,46 +100,83 @@ async function send(event) {
     $("content").value = "";
     renderMessage(turn.user_message);
     renderMessage(turn.assistant_message);
-    follow(turn.assistant_message.id, null, "");
+    follow({ conversationId: state.conversationId, messageId: turn.assistant_message.id,
+             questionId: turn.user_message.id, lastEventId: null, text: "" });
   } catch (error) {
     say(error.message);
   }
 }
 
-// Reads the answer's event stream with fetch (EventSource cannot send the Authorization header).
-async function follow(messageId, lastEventId, text) {
-  state.streaming = { conversationId: state.conversationId, messageId, lastEventId, text };
-  sessionStorage.setItem("agentq_streaming", JSON.stringify(state.streaming));
+// The answer being followed, one at a time: opening another conversation, following another answer or
+// connecting with another key stops following it (the turn itself goes on).
+function stopFollowing() {
+  if (!state.streaming) return;
+  state.streaming.abort.abort();
+  state.streaming = null;
+  $("stop").disabled = true;
+}
+
+const RETRY_MS = [1000, 2000, 5000];
+
+// Reads the answer's event stream with fetch (EventSource cannot send the Authorization header). A stream
+// that closes without `done` (the server restarting, the stream's time limit, a network error, a 429 or 503)
+// is opened again with its Last-Event-ID, as EventSource would; only `done` or a refusal that a retry cannot
+// change ends it.
+async function follow(saved) {
+  stopFollowing();
+  const stream = { ...saved, abort: new AbortController() };
+  state.streaming = stream;
+  remember(stream);
   $("stop").disabled = false;
-  const box = document.querySelector(`[data-message-id="${messageId}"]`);
-  if (box) box.querySelector(".text").textContent = text;
+  const box = document.querySelector(`[data-message-id="${stream.messageId}"]`);
+  if (box) box.querySelector(".text").textContent = stream.text;
+  let failures = 0;
+  while (state.streaming === stream) {
+    try {
+      if (await readStream(stream)) return finish(stream);
+      failures = 0;  // it was open, then closed without `done`: reopen after the server's `retry` (1 s)
+    } catch (error) {
+      if (error.name === "AbortError") return;
+      if (error.final) {
+        finish(stream);
+        say(error.message);
+        return;
+      }
+      failures += 1;
+      say(`${error.message} Reconnecting…`);
+    }
+    await new Promise((resolve) => setTimeout(resolve, RETRY_MS[Math.min(failures, RETRY_MS.length - 1)]));
+  }
+}
+
+// One response of the stream: true once `done` was read.
+async function readStream(stream) {
   const headers = { "Authorization": "Bearer " + state.key };
-  if (lastEventId) headers["Last-Event-ID"] = lastEventId;
-  const response = await fetch(`/api/messages/${messageId}/stream`, { headers });
+  if (stream.lastEventId) headers["Last-Event-ID"] = stream.lastEventId;
+  const response = await fetch(`/api/messages/${stream.messageId}/stream`, { headers, signal: stream.abort.signal });
   if (!response.ok) {
     const refusal = await response.json().catch(() => null);
-    finish();
-    say(refusal?.error?.message || `The answer's stream was refused (HTTP ${response.status}).`);
-    return;
+    const error = new Error(refusal?.error?.message || `The answer's stream was refused (HTTP ${response.status}).`);
+    error.final = ![429, 502, 503, 504].includes(response.status);
+    throw error;
   }
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
   for (;;) {
     const { value, done } = await reader.read();
-    if (done) break;
+    if (done) return false;
     buffer += decoder.decode(value, { stream: true });
     let cut;
     while ((cut = buffer.indexOf("\n\n")) >= 0) {
       const frame = buffer.slice(0, cut);
       buffer = buffer.slice(cut + 2);
-      if (handleFrame(frame, messageId)) return finish();
+      if (handleFrame(frame, stream)) return true;
     }
   }
-  finish();
 }
 
-function handleFrame(frame, messageId) {
+function handleFrame(frame, stream) {
   let event = "message", data = "", id = null;
   for (const line of frame.split("\n")) {
     if (line.startsWith("event: ")) event = line.slice(7);
@@ -139,8 +185,7 @@ function handleFrame(frame, messageId) {
   }
   if (!data) return false;
   const payload = JSON.parse(data);
-  const stream = state.streaming;
-  const box = document.querySelector(`[data-message-id="${messageId}"]`);
+  const box = document.querySelector(`[data-message-id="${stream.messageId}"]`);
   if (id) stream.lastEventId = id;
   if (event === "delta") {
     stream.text += payload.text;
@@ -151,15 +196,22 @@ function handleFrame(frame, messageId) {
     if (box) box.querySelector(".meta").textContent = payload.status;
   } else if (event === "done") {
     renderMessage(payload);
-    const user = document.querySelector(`[data-message-id="${payload.id - 1}"]`);
-    if (user) api("GET", `/api/messages/${payload.id - 1}`).then(renderMessage);
+    if (stream.questionId && document.querySelector(`[data-message-id="${stream.questionId}"]`)) {
+      api("GET", `/api/messages/${stream.questionId}`).then(renderMessage);
+    }
     return true;
   }
-  sessionStorage.setItem("agentq_streaming", JSON.stringify(stream));
+  remember(stream);
   return false;
 }
 
-function finish() {
+function remember(stream) {
+  const { abort, ...kept } = stream;
+  sessionStorage.setItem("agentq_streaming", JSON.stringify(kept));
+}
+
+function finish(stream) {
+  if (state.streaming !== stream) return;
   state.streaming = null;
   sessionStorage.removeItem("agentq_streaming");
   $("stop").disabled = true;
