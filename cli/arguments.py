@@ -37,12 +37,26 @@ def whole_number(value: str) -> int:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
 
 
-def count(value: str) -> int:
-    """A number of processes or threads: a worker with none would run and take no message, or hold one."""
+MOST_PROCESSES = 256
+MOST_THREADS = 10_000
+"""Bounds far past any machine's use (1,000 turns in flight take 2 x 500 threads): a typo's count of processes
+was forked one after another, hundreds a second, and a stop could not end it before all had started."""
+
+
+def _count(value: str, most: int) -> int:
+    """At least 1 (a worker with none would run and take no message, or hold one), at most `most`."""
     number = whole_number(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    if not 1 <= number <= most:
+        raise argparse.ArgumentTypeError(f"must be 1 to {most}, not {number}")
     return number
+
+
+def process_count(value: str) -> int:
+    return _count(value, MOST_PROCESSES)
+
+
+def thread_count(value: str) -> int:
+    return _count(value, MOST_THREADS)
 
 
 LARGEST_PAGE = 500

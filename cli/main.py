@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import logging
 import os
 import stat
@@ -16,12 +17,13 @@ from pathlib import Path
 from cli.arguments import (
     InvalidVariable,
     amount,
-    count,
     host,
     option_or_environment,
     optional_port,
     port,
+    process_count,
     record_id,
+    thread_count,
 )
 from cli.output import WarningLines, failed, print_error, print_json, print_warning
 
@@ -38,8 +40,12 @@ def _dotenv() -> None:
         return
     # python-dotenv skips a line it cannot read with a warning that names neither the file nor the variable,
     # which may be DATABASE_URL: the command then ran against the default database.
-    with path.open(encoding="utf-8", errors="replace") as stream:
-        unreadable = [str(binding.original.line) for binding in parse_stream(stream) if binding.error]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:  # python-dotenv reads it strictly, and failed with a traceback
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise InvalidVariable(f"{path}: line {line} is not UTF-8 text; nothing of the file was loaded") from None
+    unreadable = [str(binding.original.line) for binding in parse_stream(io.StringIO(text)) if binding.error]
     if unreadable:
         raise InvalidVariable(f"{path}: line {', '.join(unreadable)} cannot be read as NAME=value (an unclosed "
                               "quote?); nothing of the file was loaded")
@@ -146,8 +152,8 @@ def cmd_web(args: argparse.Namespace) -> int:
 
     address = option_or_environment(args.host, "AGENTQ_HOST", "127.0.0.1", host)
     listen_port = option_or_environment(args.port, "PORT", "8000", port)
-    workers = option_or_environment(args.workers, "AGENTQ_WEB_WORKERS", "2", count)
-    threads = option_or_environment(args.threads, "AGENTQ_WEB_THREADS", "256", count)
+    workers = option_or_environment(args.workers, "AGENTQ_WEB_WORKERS", "2", process_count)
+    threads = option_or_environment(args.threads, "AGENTQ_WEB_THREADS", "256", thread_count)
     try:
         check_can_listen(address, listen_port)
     except OSError as exc:
@@ -159,8 +165,8 @@ def cmd_web(args: argparse.Namespace) -> int:
 
 def worker_size(args: argparse.Namespace) -> tuple[int, int]:
     """Processes and threads a process: the flags, else their variables (from `.env` too), else 2 and 16."""
-    return (option_or_environment(args.processes, "AGENTQ_WORKER_PROCESSES", "2", count),
-            option_or_environment(args.threads, "AGENTQ_WORKER_THREADS", "16", count))
+    return (option_or_environment(args.processes, "AGENTQ_WORKER_PROCESSES", "2", process_count),
+            option_or_environment(args.threads, "AGENTQ_WORKER_THREADS", "16", thread_count))
 
 
 ACTORS_MODULE = "workers.actors"
@@ -251,13 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     web = sub.add_parser("web", help="serve the HTTP API with gunicorn")
     web.add_argument("--host", type=host, help="default: AGENTQ_HOST, else 127.0.0.1")
     web.add_argument("--port", type=port, help="default: PORT, else 8000")
-    web.add_argument("--workers", type=count, help="gunicorn processes; default: AGENTQ_WEB_WORKERS, else 2")
-    web.add_argument("--threads", type=count, help="threads a process; default: AGENTQ_WEB_THREADS, else 256")
+    web.add_argument("--workers", type=process_count, help="gunicorn processes; default: AGENTQ_WEB_WORKERS, else 2")
+    web.add_argument("--threads", type=thread_count, help="threads a process; default: AGENTQ_WEB_THREADS, else 256")
     web.set_defaults(func=cmd_web)
 
     worker = sub.add_parser("worker", help="run Dramatiq worker processes")
-    worker.add_argument("--processes", type=count, help="default: AGENTQ_WORKER_PROCESSES, else 2")
-    worker.add_argument("--threads", type=count, help="threads a process; default: AGENTQ_WORKER_THREADS, else 16")
+    worker.add_argument("--processes", type=process_count, help="default: AGENTQ_WORKER_PROCESSES, else 2")
+    worker.add_argument("--threads", type=thread_count,
+                        help="threads a process; default: AGENTQ_WORKER_THREADS, else 16")
     worker.add_argument("--queues", nargs="+", default=None, choices=QUEUES)
     worker.add_argument("--metrics-port", type=port,
                         help="serve this host's worker counters at /metrics on this port, for workers that share "

@@ -91,8 +91,11 @@ def test_users_create_refuses_a_name_the_column_cannot_hold_with_the_contracts_e
 
 
 @pytest.mark.parametrize(("args", "says"), [
-    (["worker", "--threads", "0"], "must be at least 1, not 0"),
-    (["worker", "--processes", "0"], "must be at least 1, not 0"),
+    (["worker", "--threads", "0"], "must be 1 to 10000, not 0"),
+    (["worker", "--processes", "0"], "must be 1 to 256, not 0"),
+    # a typo's count of processes was forked one after another, hundreds a second, past any stop
+    (["worker", "--processes", "99999999999999999999"], "must be 1 to 256, not 99999999999999999999"),
+    (["web", "--threads", "10001"], "must be 1 to 10000, not 10001"),
     (["worker", "--queues", "nosuch"], "invalid choice: 'nosuch'"),
     (["web", "--port", "99999"], "a port is 1..65535, not 99999"),
     (["web", "--host", ""], "a host is a name or an address to listen on, not ''"),  # it listened everywhere
@@ -211,7 +214,8 @@ def test_the_web_server_listens_on_an_ipv6_address(given: str) -> None:
     (["db", "init"], {"AGENTQ_MODERATION_URL": "not a url"}, "AGENTQ_MODERATION_URL='not a url': must be an http(s)"),
     # the process-size variables were refused by argparse under the flag's name, which the operator never typed
     (["web"], {"AGENTQ_WEB_WORKERS": "two"}, "AGENTQ_WEB_WORKERS='two': 'two' is not a whole number"),
-    (["worker"], {"AGENTQ_WORKER_THREADS": "0"}, "AGENTQ_WORKER_THREADS='0': must be at least 1, not 0"),
+    (["worker"], {"AGENTQ_WORKER_THREADS": "0"}, "AGENTQ_WORKER_THREADS='0': must be 1 to 10000, not 0"),
+    (["web"], {"AGENTQ_WEB_WORKERS": "1000"}, "AGENTQ_WEB_WORKERS='1000': must be 1 to 256, not 1000"),
     (["worker"], {"AGENTQ_WORKER_METRICS_PORT": "99999"}, "AGENTQ_WORKER_METRICS_PORT='99999': a port is 1..65535"),
     # no database named: libpq picked the user's own, and `db init` wrote agentq's tables into it
     (["db", "init"], {"DATABASE_URL": "postgresql://127.0.0.1:5432"},
@@ -474,7 +478,8 @@ def test_the_contracts_settings_from_the_environment_shape_the_api(mock_upstream
         assert (over.status_code, over.json()["error"]["code"]) == (429, "too_many_active_conversations")
 
 
-def test_a_worker_whose_counters_port_is_taken_says_so_and_does_not_start() -> None:
+def test_a_worker_whose_counters_port_is_taken_says_so_and_does_not_start(database: str) -> None:
+    """(The test database must exist: a worker stops at once, before its port, on a database that refuses it.)"""
     import json
     import socket
 
@@ -811,6 +816,19 @@ def test_a_dotenv_file_with_a_line_that_cannot_be_read_stops_the_command(tmp_pat
         "code": "invalid_configuration",
         "message": f"{tmp_path / '.env'}: line 2 cannot be read as NAME=value (an unclosed quote?); nothing of the "
                    "file was loaded"})
+
+
+def test_a_dotenv_file_that_is_not_utf8_stops_the_command_naming_its_line(tmp_path: Path) -> None:
+    """A byte that is not UTF-8 (a comment written in Latin-1) made every command fail with python-dotenv's
+    UnicodeDecodeError traceback."""
+    import json
+
+    (tmp_path / ".env").write_bytes(b"AGENTQ_LOG_LEVEL=INFO\n# caf\xe9\n")
+    result = subprocess.run([str(VENV_BIN / "agentq"), "db", "init"], env=child_env(), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout, json.loads(result.stderr)["error"]) == (2, "", {
+        "code": "invalid_configuration",
+        "message": f"{tmp_path / '.env'}: line 2 is not UTF-8 text; nothing of the file was loaded"})
 
 
 def test_what_a_command_logs_as_it_goes_on_is_a_json_warning_line(database: str) -> None:
