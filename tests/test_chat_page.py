@@ -84,7 +84,6 @@ def test_an_agents_name_is_shown_as_text_not_markup(world, web_server) -> None: 
         assert driver.find_elements(By.ID, "injected") == []
 
 
-
 def connect_as(driver, key: str) -> None:  # type: ignore[no-untyped-def]
     field = driver.find_element(By.ID, "api-key")
     field.clear()
