@@ -103,7 +103,9 @@ def open_answer_stream(user_id: int, api_key: str, message_id: int, last_event_i
     free_slot = stream_slots.take(user_id, get_settings().max_streams_per_user)
 
     def gone() -> bool:
-        return (reader_gone is not None and reader_gone()) or not still_admits(api_key, user_id)
+        # A database out of reach is waited out as every read of the stream waits it out: it ends no stream.
+        return (reader_gone is not None and reader_gone()) or _unless_outage(
+            lambda: still_admits(api_key, user_id)) is False
 
     return OpenedStream(follow_answer(message_id, last_event_id, gone), free_slot)
 

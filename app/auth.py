@@ -20,7 +20,6 @@ from app.config import get_settings
 from app.db import transaction
 from app.errors import Forbidden, Unauthorized
 from app.models import User, table
-from app.outages import is_outage
 from app.prepared import Prepared
 
 KEY_PREFIX = "aq_"
@@ -99,16 +98,11 @@ def authenticate(api_key: str | None) -> Principal:
 def still_admits(api_key: str, user_id: int) -> bool:
     """Whether the key still opens the user's account: an open answer stream asks between reads, so that a
     replaced key stops the streams it opened as it stops requests, within `_CACHE_SECONDS` (they ran to their
-    end before, up to `AGENTQ_STREAM_MAX_SECONDS`: a leaked key replaced went on reading its answers). A
-    database that cannot be reached says yes: an outage does not end every stream."""
+    end before, up to `AGENTQ_STREAM_MAX_SECONDS`: a leaked key replaced went on reading its answers)."""
     try:
         return authenticate(api_key).id == user_id
     except Unauthorized:
         return False
-    except Exception as error:
-        if not is_outage(error):
-            raise
-        return True
 
 
 def bearer_token_of(header: str) -> str | None:

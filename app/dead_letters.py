@@ -41,7 +41,7 @@ from app.errors import (
     conversations,
 )
 from app.in_flight import check_can_start, lock_user
-from app.models import Conversation, ConversationMessage, DeadLetter, DebugRun, Turn
+from app.models import Conversation, ConversationMessage, DeadLetter, Turn
 from app.models.base import utc_now
 from app.outages import in_one_line
 from app.paging import PAGE_OF_A_WHOLE_LIST, check_cursor, every_row, moment_cursor, older_than, page_of
@@ -276,12 +276,14 @@ def _reopen(session: Session, row: DeadLetter, enqueued_at: datetime) -> None:
     if row.run_id is None:
         raise Conflict(f"Dead letter {row.id} is a {row.actor!r} message that carries no run of agentq's, so "
                        "it cannot be requeued; purge it.")
-    if session.get(Turn if kind_of(row.actor) is TURN else DebugRun, row.run_id) is None:
+    kind = kind_of(row.actor)
+    assert kind is not None, "a run id is read only from a run's message (run_id_of)"
+    if session.get(kind.model, row.run_id) is None:
         raise Conflict(f"Dead letter {row.id} names run {row.run_id}, which does not exist (a message written by "
                        "hand, or for another database), so it cannot be requeued; purge it.", code="run_not_found")
     try:
         with session.begin_nested():
-            if kind_of(row.actor) is TURN:
+            if kind is TURN:
                 turn = session.get_one(Turn, row.run_id)
                 lock_user(session, turn.user_id)
                 status = session.get_one(ConversationMessage, turn.assistant_message_id).status

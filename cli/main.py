@@ -40,16 +40,17 @@ def _dotenv() -> None:
         return
     # python-dotenv skips a line it cannot read with a warning that names neither the file nor the variable,
     # which may be DATABASE_URL: the command then ran against the default database.
+    raw = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:  # python-dotenv reads it strictly, and failed with a traceback
-        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        line = raw[:exc.start].count(b"\n") + 1
         raise InvalidVariable(f"{path}: line {line} is not UTF-8 text; nothing of the file was loaded") from None
     unreadable = [str(binding.original.line) for binding in parse_stream(io.StringIO(text)) if binding.error]
     if unreadable:
         raise InvalidVariable(f"{path}: line {', '.join(unreadable)} cannot be read as NAME=value (an unclosed "
                               "quote?); nothing of the file was loaded")
-    load_dotenv(path, override=False)
+    load_dotenv(stream=io.StringIO(text), override=False)  # the text checked, not the file read again
 
 
 SERVING_COMMANDS = ("web", "worker")
