@@ -70,6 +70,7 @@ def run_debug_run(run_id: int) -> None:
                                          fallen_back=fallen_back,
                                          before_fallback_call=lambda: TEST_RUN.mark_fallen_back(
                                              run_id, token, ends_by=ends_by, stop=holding.stop))
+            keeper.ending(holding)
             latency_ms = int((time.monotonic() - started) * 1000)
             cost = _record_result(run_id, token, claim.deliveries, outcome, latency_ms)
             metrics.observe_cost("test_run", cost)

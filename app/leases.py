@@ -75,6 +75,8 @@ class Holding:
     stop: threading.Event
     turn: coordination.HeldTurn | None
     """Set for a user turn (it has a conversation lock and a user slot); None for an admin test run."""
+    ending: bool = False
+    """Its model calls are over and its end is being written (`LeaseKeeper.ending`)."""
 
     @property
     def kind(self) -> RunKind:
@@ -83,6 +85,14 @@ class Holding:
     @property
     def key(self) -> tuple[str, int, str]:
         return _delivery_key(self.kind, self.ident, self.token)
+
+
+@dataclass(frozen=True)
+class HandBack:
+    given_up: list[tuple[RunKind, int]]
+    """The runs whose leases were given up, for another worker to take over."""
+    ending: list[tuple[RunKind, int]]
+    """The runs left to write their ends."""
 
 
 def _delivery_key(kind: RunKind, ident: int, token: str) -> tuple[str, int, str]:
@@ -117,18 +127,28 @@ class LeaseKeeper:
                 self._held.pop(holding.key, None)
                 self._released.notify_all()
 
-    def hand_back(self) -> list[tuple[RunKind, int]]:
-        """The process is leaving with runs still in flight (the shutdown grace ran out): give up their leases
-        now, so that their last writes are refused and another worker can take them over at once rather than
-        when the lease runs out, and tell them to stop calling their models. Returns the runs given up."""
-        held = self._snapshot()
-        if not held:
-            return []
+    def ending(self, holding: Holding) -> None:
+        """The run's model calls are over, its end about to be written: a hand-back at shutdown leaves it to
+        finish. Given up then, its settlement would be refused and the delivery that takes it over would call
+        the model again for an answer already paid for (its user charged once, the provider twice)."""
+        with self._lock:
+            holding.ending = True
+
+    def hand_back(self) -> HandBack:
+        """The process is leaving with runs still in flight (the shutdown grace ran out): give up the leases of
+        those still calling their models now, so that their last writes are refused and another worker can take
+        them over at once rather than when the lease runs out, and tell them to stop calling. Those writing
+        their end are left to it (`ending`)."""
+        with self._lock:
+            calling = [h for h in self._held.values() if not h.ending]
+            ending = [(h.kind, h.ident) for h in self._held.values() if h.ending]
+        if not calling:
+            return HandBack([], ending)
         with transaction() as session:
-            given_up = [(kind, h.ident) for h in held if (kind := h.kind).revoke_lease(session, h.ident, h.token)]
-        for h in held:
+            given_up = [(kind, h.ident) for h in calling if (kind := h.kind).revoke_lease(session, h.ident, h.token)]
+        for h in calling:
             h.stop.set()
-        return given_up
+        return HandBack(given_up, ending)
 
     def wait_until_released(self, seconds: float) -> bool:
         """Whether every run this process held was let go (its runner returned) within `seconds`."""

@@ -130,8 +130,8 @@ def _run_turn(turn_id: int) -> None:
     if cancel_requested:
         stop.set()
     try:
-        with keeper.holding(Holding(turn_id, context.token, stop, context.held)):
-            _execute(context, stop, stream)
+        with keeper.holding(Holding(turn_id, context.token, stop, context.held)) as holding:
+            _execute(context, holding, stream)
     except LeaseLost:
         log.warning("turn %s is no longer this run's (taken over by another worker, or handed back as this one "
                     "stopped); this run stops", turn_id)
@@ -162,8 +162,9 @@ def _end_without_model_call(context: TurnContext, stream: TurnStream) -> None:
         raise RunGivenUp(context.gives_up)
 
 
-def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) -> None:
+def _execute(context: TurnContext, holding: Holding, stream: TurnStream) -> None:
     started = time.monotonic()
+    stop = holding.stop
     if stop.is_set():
         _settle_cancelled(context, Outcome(cancelled=True), 0, stream)
         return
@@ -177,6 +178,7 @@ def _execute(context: TurnContext, stop: threading.Event, stream: TurnStream) ->
                                  ends_by=context.ends_by, fallen_back=context.fallen_back,
                                  before_fallback_call=lambda: TURN.mark_fallen_back(
                                      context.turn_id, context.token, ends_by=context.ends_by, stop=stop))
+    keeper.ending(holding)
     elapsed_ms = int((time.monotonic() - started) * 1000)
     if outcome.completion is not None:
         _settle_success(context, outcome, elapsed_ms, stream)

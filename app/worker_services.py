@@ -66,28 +66,32 @@ def stop() -> None:
 
 
 RECORDING_SECONDS = 1.0
-"""How long a leaving process waits for the runs it handed back to record the model calls they made (the
-provider bills a call cut short too): their attempts were stopped as they were handed back, and each
-records them on its own once its settlement is refused, which takes a tick of the watchdog and a write."""
+"""How long a leaving process waits for the runs still held as the shutdown grace ran out to record what they
+did: those handed back, the model calls they made (the provider bills a call cut short too: their attempts
+were stopped as they were handed back, and each records them on its own once its settlement is refused,
+which takes a tick of the watchdog and a write); those whose calls were over, their ends."""
 
 
 def hand_back_unfinished() -> None:
-    """The worker threads had the shutdown grace to finish their runs: those still going are given up and
-    sent again now, for another worker to take over at once (their leases would otherwise hold them for up
-    to `AGENTQ_LEASE_SECONDS` after this process is gone), and given `RECORDING_SECONDS` to record their
-    model calls before the process leaves."""
+    """The worker threads had the shutdown grace to finish their runs: those still calling a model are given
+    up and sent again now, for another worker to take over at once (their leases would otherwise hold them
+    for up to `AGENTQ_LEASE_SECONDS` after this process is gone); those already writing their ends are left to
+    finish. Both get `RECORDING_SECONDS` before the process leaves."""
     try:
         handed = keeper.hand_back()
     except Exception as exc:
         warn_of(log, exc, "could not give up the leases of the runs still in flight; they run out by themselves")
         return
-    for kind, ident in handed:
+    for kind, ident in handed.given_up:
         log.warning("%s %s was still running when the shutdown grace ran out; handed to another worker",
                     kind.label, ident)
         outbox.send(kind, ident, None)
-    if handed and not keeper.wait_until_released(RECORDING_SECONDS):
-        log.warning("runs handed back did not record their model calls within %ss; the process leaves without "
-                    "waiting for them", RECORDING_SECONDS)
+    for kind, ident in handed.ending:
+        log.info("%s %s had its answer when the shutdown grace ran out; waiting for its end to be written",
+                 kind.label, ident)
+    if not keeper.wait_until_released(RECORDING_SECONDS):
+        log.warning("runs still held at the end of the shutdown grace did not record their model calls or ends "
+                    "within %ss; the process leaves without waiting for them", RECORDING_SECONDS)
 
 
 def hand_back_if_draining(message: Delivered) -> bool:

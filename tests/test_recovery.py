@@ -556,6 +556,39 @@ def test_a_run_still_going_when_the_shutdown_grace_ends_is_handed_to_another_wor
                      {"id": turn["id"]}) == [(1, "cancelled"), (2, "success")]  # the leaving worker's call too
 
 
+def test_a_run_writing_its_end_when_the_shutdown_grace_ends_is_left_to_finish_not_handed_back(
+        stack: Stack, upstream: UpstreamLog) -> None:
+    """A turn whose answer was complete when the grace ran out was given up like one still calling: a
+    settlement that had not reached the database yet (waiting for one of the pool's connections on a busy
+    worker) was refused, and the worker that took the turn over called the model again, a second paid call
+    for an answer already had. It is left to write its end. Here the settlement waits at its first write (the
+    turn's row, held by another transaction): the hand-back must not queue a revocation behind it."""
+    import psycopg
+
+    agent_id = slow_agent(stack, "settling-at-stop", "echo;ttft=0.5")
+    _, key = stack.user("settling-at-stop")
+    worker = stack.start_worker(AGENTQ_SHUTDOWN_GRACE_SECONDS="1", AGENTQ_LEASE_SECONDS="30")
+    turn = stack.send(key, stack.conversation(key, agent_id), "settle me here")
+    stack.wait_status(key, turn["id"], ("processing",))
+    database = stack.database_url.replace("+psycopg", "")
+    with psycopg.connect(database) as holder, psycopg.connect(database, autocommit=True) as watcher:
+        holder.execute("SELECT 1 FROM turns WHERE assistant_message_id = %s FOR UPDATE", (turn["id"],))
+        wait_for(lambda: upstream.streams(), what="the model's answer")
+        wait_for(lambda: watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
+                                         (holder.info.backend_pid,)).fetchall()[0][0] >= 1,
+                 what="the settlement to wait for the turn's row")
+        worker.popen.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        wait_for(lambda: "when the shutdown grace ran out" in worker.output(), timeout=10, what="the grace to run out")
+        holder.rollback()
+    wait_for(lambda: worker.popen.poll() is not None, timeout=10, what="the worker to exit")  # type: ignore[union-attr]
+    assert "handed to another worker" not in worker.output()
+    done = stack.message(key, turn["id"])
+    assert (done["status"], done["content"]) == ("success", "echo: settle me here")
+    assert (deliveries(stack, turn["id"]), charges(stack, turn["id"]), len(upstream.requests())) == (1, 1, 1)
+    assert stack.sql("SELECT delivery, outcome FROM model_attempts WHERE message_id = %(id)s ORDER BY id",
+                     {"id": turn["id"]}) == [(1, "success")]
+
+
 def _stick(stack: Stack, turn_id: int, deadline_seconds: float, reserved: str) -> None:
     """What a worker stuck in a turn looks like from the database: processing, under a lease it keeps renewing,
     with the deadline and the reservation its claim wrote (the agent's timeout for each model plus the grace,
