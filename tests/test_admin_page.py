@@ -148,7 +148,14 @@ def test_the_pages_load_only_their_own_scripts_and_styles_and_refuse_framing(sta
         assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
         assert (page.headers["X-Frame-Options"], page.headers["X-Content-Type-Options"]) == ("DENY", "nosniff")
         assert "<script>" not in page.text and "<style>" not in page.text
-    assert httpx.get(f"{stack.base_url}/healthz").headers["X-Content-Type-Options"] == "nosniff"
+        assert (page.headers["Referrer-Policy"], page.headers["Cache-Control"]) == ("no-referrer", "no-store")
+    health = httpx.get(f"{stack.base_url}/healthz").headers
+    assert (health["X-Content-Type-Options"], health["Referrer-Policy"], health["Cache-Control"]) == (
+        "nosniff", "no-referrer", "no-store")
+    # An answer that carries a new API key is kept by no cache; the pages' own script is revalidated, not refused.
+    created = stack.call("POST", "/api/admin/users", stack.admin_key, json={"name": "cached", "balance": "1"})
+    assert (created.status_code, created.headers["Cache-Control"]) == (201, "no-store")
+    assert httpx.get(f"{stack.base_url}/static/admin.js").headers["Cache-Control"] == "no-cache"
     with chromium() as driver:
         wait = WebDriverWait(driver, 20, poll_frequency=0.1)
         driver.get(f"{stack.base_url}/admin")

@@ -9,7 +9,7 @@ from werkzeug.routing import IntegerConverter
 
 from web.bodies import SafeJSONProvider
 from web.errors import install_error_handlers, on_validation_error
-from web.pages import refuse_sniffing
+from web.pages import guard_every_response
 from web.schemas import ErrorResponse
 
 
@@ -55,7 +55,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> AgentqAPI:
         app.register_api(blueprint)
     app.register_blueprint(console.bp)
     app.register_blueprint(chat.bp)
-    refuse_sniffing(app)
+    guard_every_response(app)
 
     @app.get("/openapi.json", doc_ui=False)
     def openapi_json() -> dict[str, Any]:
