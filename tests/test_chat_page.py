@@ -125,3 +125,28 @@ def test_a_stream_closed_without_done_is_opened_again_and_another_key_clears_the
             assert driver.find_elements(By.CSS_SELECTOR, ".msg") == []
     finally:
         web.stop()
+
+
+def test_a_refusal_on_the_status_line_outlives_the_answer_that_was_streaming(world, web_server) -> None:  # type: ignore[no-untyped-def]
+    """A message sent while the conversation's answer streamed is refused (409, busy), and the page says so; the
+    streaming answer's end cleared the status line, and the refusal was gone before the user could read it."""
+    agent_id = world.agent(world.model(upstream="echo;words=30;gap=0.1"))
+    _, key = world.user(balance="10")
+    with chromium() as driver:
+        driver.get(f"{web_server}/")
+        connect_as(driver, key)
+        wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, f"#agent option[value='{agent_id}']"),
+                 what="the agent list")
+        Select(driver.find_element(By.ID, "agent")).select_by_value(str(agent_id))
+        driver.find_element(By.ID, "content").send_keys("first")
+        driver.find_element(By.ID, "send").click()
+        wait_for(lambda: len(box_text(driver)) > 3, what="the answer to stream")
+        message_id = int(assistant_box(driver).get_attribute("data-message-id"))
+        driver.find_element(By.ID, "content").send_keys("too soon")
+        driver.find_element(By.ID, "send").click()
+        refusal = "A turn of this conversation is still pending or processing."
+        wait_for(lambda: driver.find_element(By.ID, "status-line").text == refusal, what="the refusal")
+        assert world.message(key, message_id)["status"] == "processing"
+        wait_for(lambda: assistant_box(driver, message_id).get_attribute("data-status") == "success",
+                 what="the streaming answer to end")
+        assert driver.find_element(By.ID, "status-line").text == refusal

@@ -18,6 +18,16 @@ async function api(method, path, body) {
 
 function say(text) { $("status-line").textContent = text || ""; }
 
+// What the followed stream last said on the status line (a reconnection, a refusal): only that is cleared
+// when the stream reads again or ends, never an answer to something else the user did meanwhile (a 409 for a
+// message sent while the answer streamed).
+let streamNotice = "";
+function sayOfStream(text) { streamNotice = text; say(text); }
+function clearStreamNotice() {
+  if (streamNotice && $("status-line").textContent === streamNotice) say("");
+  streamNotice = "";
+}
+
 function renderMessage(m) {
   let box = document.querySelector(`[data-message-id="${m.id}"]`);
   if (!box) {
@@ -139,11 +149,11 @@ async function follow(saved) {
       if (error.name === "AbortError") return;
       if (error.final) {
         finish(stream);
-        say(error.message);
+        sayOfStream(error.message);
         return;
       }
       failures += 1;
-      say(`${error.message} Reconnecting…`);
+      sayOfStream(`${error.message} Reconnecting…`);
     }
     await new Promise((resolve) => setTimeout(resolve, RETRY_MS[Math.min(failures, RETRY_MS.length - 1)]));
   }
@@ -184,6 +194,7 @@ function handleFrame(frame, stream) {
     else if (line.startsWith("id: ")) id = line.slice(4);
   }
   if (!data) return false;
+  clearStreamNotice();
   const payload = JSON.parse(data);
   const box = document.querySelector(`[data-message-id="${stream.messageId}"]`);
   if (id) stream.lastEventId = id;
@@ -192,8 +203,7 @@ function handleFrame(frame, stream) {
     if (box) box.querySelector(".text").textContent = stream.text;
   } else if (event === "status") {
     if (payload.restart) stream.text = "";
-    say(`${payload.status}${payload.model ? " · " + payload.model : ""}`);
-    if (box) box.querySelector(".meta").textContent = payload.status;
+    if (box) box.querySelector(".meta").textContent = payload.status + (payload.model ? ` · ${payload.model}` : "");
   } else if (event === "done") {
     renderMessage(payload);
     if (stream.questionId && document.querySelector(`[data-message-id="${stream.questionId}"]`)) {
@@ -215,7 +225,7 @@ function finish(stream) {
   state.streaming = null;
   sessionStorage.removeItem("agentq_streaming");
   $("stop").disabled = true;
-  say("");
+  clearStreamNotice();
   loadConversations();
 }
 
