@@ -257,7 +257,10 @@ class LeaseKeeper:
             self._kept = kept
         for h in current:
             if h.key not in kept:
-                log.warning("lease of %s %s was taken over; stopping", h.kind.label, h.ident)
+                # A run writing its end gives its lease up with it: not kept, and not taken over. Lost to another
+                # worker, its settlement is refused and its runner says so.
+                if not h.ending:
+                    log.warning("lease of %s %s was taken over; stopping", h.kind.label, h.ident)
                 h.stop.set()
             elif h.kind is TURN and h.ident in stopped:
                 h.stop.set()

@@ -399,6 +399,29 @@ def test_a_stop_recorded_only_in_the_database_reaches_the_turn_at_a_renewal(worl
         assert run_lease is not None and run_lease < utc_now() + timedelta(seconds=5)  # renewed: 3 s leases here
 
 
+def test_a_run_whose_end_gave_its_lease_up_is_not_logged_as_taken_over(world, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A renewal between a settlement's commit (which gives the lease up) and its runner leaving the keeper
+    warned that the run's lease "was taken over", on a turn that had just ended fine. A run writing its end
+    (`LeaseKeeper.ending`) is told nothing; one whose lease another delivery took is still warned of."""
+    import logging
+
+    ended, taken = _processing_turn(world, "ending", "ended"), _processing_turn(world, "mine", "taken")
+    keeper = LeaseKeeper()
+    held_ended = Holding(ended.turn_id, "ending", threading.Event(), ended)
+    held_taken = Holding(taken.turn_id, "mine", threading.Event(), taken)
+    with caplog.at_level(logging.WARNING, logger="app.leases"), keeper.holding(held_ended), \
+            keeper.holding(held_taken):
+        keeper.ending(held_ended)
+        with transaction() as session:
+            session.execute(update(Turn).where(Turn.assistant_message_id == ended.turn_id).values(lease_token=None))
+            session.execute(update(Turn).where(Turn.assistant_message_id == taken.turn_id)
+                            .values(lease_token="another"))
+        wait_for(lambda: held_ended.stop.is_set() and held_taken.stop.is_set(), timeout=5,
+                 what="a renewal to find both leases gone")
+    warned = [r.getMessage() for r in caplog.records if "was taken over" in r.getMessage()]
+    assert warned == [f"lease of turn {taken.turn_id} was taken over; stopping"]
+
+
 def test_a_takeover_records_the_calls_of_every_earlier_delivery_left_in_no_record(  # type: ignore[no-untyped-def]
         world, workers, redis_client) -> None:
     """Delivery 1 streamed part of an answer and its worker died; delivery 2 took the turn over, streamed some
