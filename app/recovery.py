@@ -85,8 +85,8 @@ class RecoveryReport:
     sent: list[int] = field(default_factory=list)
     debug_sent: list[int] = field(default_factory=list)
     ended: list[int] = field(default_factory=list)
-    """Turns ended as `error`: waiting too long for a worker (`app.pending_bound`), or past their deadline
-    with no delivery holding them (`app.deadline_bound`)."""
+    """Turns ended as `error` (`cancelled` where their users had asked them to stop): waiting too long for a
+    worker (`app.pending_bound`), or past their deadline with no delivery holding them (`app.deadline_bound`)."""
     debug_ended: list[int] = field(default_factory=list)
     """Admin test runs ended the same way."""
     redis_lost: bool = False

@@ -58,12 +58,14 @@ def announce_unowned_end(ended: UnownedEnd) -> None:
 
 
 def abandon_turn(turn_id: int, reason: str, *, pending_before: datetime | None = None,
-                 deadline_before: datetime | None = None, unless: Callable[[Session], bool] | None = None) -> bool:
+                 deadline_before: datetime | None = None,
+                 unless: Callable[[Session], bool] | None = None) -> TurnStatus | None:
     """End a turn as `error` when its message died (retries exhausted), with `pending_before` when it was still
     pending since before then (`app.pending_bound`: the bound on waiting for a worker), with `deadline_before`
     when it was still processing, held by no worker, past a deadline before then (`app.deadline_bound`); as
     `cancelled` when its user had asked it to stop. Frees its reservation and slot. `unless`, asked first in the
-    same transaction, can call the end off (`dead_letters.requeued`)."""
+    same transaction, can call the end off (`dead_letters.requeued`). Returns the status written, None when the
+    turn was not ended here."""
     # Read before the transaction, which holds the turn's lock: a processing turn's readers may hold text of
     # its dead delivery's call (none for one pending).
     streamed = None if pending_before is not None else text_streamed(turn_id)
@@ -72,6 +74,6 @@ def abandon_turn(turn_id: int, reason: str, *, pending_before: datetime | None =
             session, turn_id, TurnStatus.ERROR, reason, pending_before=pending_before,
             deadline_before=deadline_before, streamed=streamed)
     if ended is None:
-        return False
+        return None
     announce_unowned_end(ended)
-    return True
+    return ended.status

@@ -9,7 +9,7 @@ import traceback
 
 from sqlalchemy.orm import Session
 
-from app import dead_letters, debug_runner, llm_client, metrics, outbox, unowned_end
+from app import dead_letters, llm_client, metrics, outbox
 from app.db import dispose_engines, open_pool
 from app.deliveries import RunGivenUp
 from app.dispatch import Delivered
@@ -21,6 +21,7 @@ from app.recovery import RecoveryLoop
 from app.redis_client import reset_redis
 from app.run_kinds import TURN, RunKind, run_of
 from app.stop_requests import stopped_turns
+from app.unheld_ends import abandon
 
 log = logging.getLogger(__name__)
 
@@ -166,12 +167,10 @@ def _message_died(message: Delivered, run: tuple[RunKind, int] | None) -> None:
     def requeued(session: Session) -> bool:
         return dead_letters.requeued(session, message.options["redis_message_id"])
 
+    # A turn's user reads the exception's type, not its message: that can hold SQL, a host or a file path, which
+    # its dead letter keeps for the operators. An admin's test run shows it whole.
+    said = last_error.split(": ", 1)[0] if kind is TURN else last_error
     try:
-        if kind is TURN:
-            # The exception's type, not its message: that can hold SQL, a host or a file path, which its dead
-            # letter keeps for the operators, not for the user reading the turn.
-            unowned_end.abandon_turn(ident, f"{reason}: {last_error.split(': ', 1)[0]}", unless=requeued)
-        else:
-            debug_runner.abandon_run(ident, f"{reason}: {last_error}", unless=requeued)
+        abandon(kind, ident, f"{reason}: {said}", unless=requeued)
     except Exception:
         log.exception("could not end run %s after its message died; the recovery sweep sends it again later", ident)

@@ -91,6 +91,17 @@ def connect_as(driver, key: str) -> None:  # type: ignore[no-untyped-def]
     driver.find_element(By.ID, "connect").click()
 
 
+def send_first_message(driver, base_url: str, key: str, agent_id: int, content: str) -> None:  # type: ignore[no-untyped-def]
+    """Open the page, connect with `key`, and send `content` to a new conversation with the agent."""
+    driver.get(f"{base_url}/")
+    connect_as(driver, key)
+    wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, f"#agent option[value='{agent_id}']"),
+             what="the agent list")
+    Select(driver.find_element(By.ID, "agent")).select_by_value(str(agent_id))
+    driver.find_element(By.ID, "content").send_keys(content)
+    driver.find_element(By.ID, "send").click()
+
+
 def test_a_stream_closed_without_done_is_opened_again_and_another_key_clears_the_page(world) -> None:  # type: ignore[no-untyped-def]
     """A stream that the server closes without `done` (its time limit here, a restart in a deploy) froze the
     answer part-way: the page never reconnected, and a reload did not either. It reopens the stream with its
@@ -105,13 +116,7 @@ def test_a_stream_closed_without_done_is_opened_again_and_another_key_clears_the
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz")
         with chromium() as driver:
-            driver.get(f"http://127.0.0.1:{port}/")
-            connect_as(driver, key)
-            wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, f"#agent option[value='{agent_id}']"),
-                     what="the agent list")
-            Select(driver.find_element(By.ID, "agent")).select_by_value(str(agent_id))
-            driver.find_element(By.ID, "content").send_keys("go on")
-            driver.find_element(By.ID, "send").click()
+            send_first_message(driver, f"http://127.0.0.1:{port}", key, agent_id, "go on")
             message_id = int(wait_for(lambda: assistant_box(driver), what="the answer's box")
                              .get_attribute("data-message-id"))
             final = world.wait_terminal(key, message_id)
@@ -133,13 +138,7 @@ def test_a_refusal_on_the_status_line_outlives_the_answer_that_was_streaming(wor
     agent_id = world.agent(world.model(upstream="echo;words=30;gap=0.1"))
     _, key = world.user(balance="10")
     with chromium() as driver:
-        driver.get(f"{web_server}/")
-        connect_as(driver, key)
-        wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, f"#agent option[value='{agent_id}']"),
-                 what="the agent list")
-        Select(driver.find_element(By.ID, "agent")).select_by_value(str(agent_id))
-        driver.find_element(By.ID, "content").send_keys("first")
-        driver.find_element(By.ID, "send").click()
+        send_first_message(driver, web_server, key, agent_id, "first")
         wait_for(lambda: len(box_text(driver)) > 3, what="the answer to stream")
         message_id = int(assistant_box(driver).get_attribute("data-message-id"))
         driver.find_element(By.ID, "content").send_keys("too soon")

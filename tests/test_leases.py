@@ -17,6 +17,7 @@ from app.leases import Holding, LeaseKeeper
 from app.models import ConversationMessage, DebugRun, ModelAttempt, Turn
 from app.models.base import utc_now
 from app.turn_intake import _insert_turn
+from app.turn_status import TurnStatus
 from tests.support import SilentServer, wait_for
 
 
@@ -144,7 +145,7 @@ def test_a_dying_duplicate_message_leaves_a_turn_another_delivery_runs(world) ->
     from app.unowned_end import abandon_turn
 
     turn = _processing_turn(world, token="running")
-    assert abandon_turn(turn.turn_id, "retries exhausted after 3 attempts: boom") is False
+    assert abandon_turn(turn.turn_id, "retries exhausted after 3 attempts: boom") is None
     with transaction() as session:
         status = session.scalar(select(ConversationMessage.status).where(ConversationMessage.id == turn.turn_id))
         token = session.scalar(select(Turn.lease_token).where(Turn.assistant_message_id == turn.turn_id))
@@ -153,7 +154,7 @@ def test_a_dying_duplicate_message_leaves_a_turn_another_delivery_runs(world) ->
     with transaction() as session:
         session.execute(update(Turn).where(Turn.assistant_message_id == turn.turn_id)
                         .values(lease_expires_at=utc_now() - timedelta(seconds=1)))
-    assert abandon_turn(turn.turn_id, "retries exhausted after 3 attempts: boom") is True
+    assert abandon_turn(turn.turn_id, "retries exhausted after 3 attempts: boom") is TurnStatus.ERROR
     with transaction() as session:
         status = session.scalar(select(ConversationMessage.status).where(ConversationMessage.id == turn.turn_id))
     assert status == "error"
@@ -177,12 +178,33 @@ def test_a_dying_duplicate_message_leaves_a_test_run_another_delivery_runs(world
         with transaction() as session:
             return session.get_one(DebugRun, run_id).status
 
-    abandon_run(run_id, "retries exhausted after 3 attempts: boom")
+    assert abandon_run(run_id, "retries exhausted after 3 attempts: boom") is None
     assert status() == "processing"
     with transaction() as session:
         session.get_one(DebugRun, run_id).lease_expires_at = utc_now() - timedelta(seconds=1)
-    abandon_run(run_id, "retries exhausted after 3 attempts: boom")
+    assert abandon_run(run_id, "retries exhausted after 3 attempts: boom") is TurnStatus.ERROR
     assert status() == "error"
+
+
+def test_a_run_ended_without_its_worker_is_logged_with_the_status_it_got(world, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A turn its user had asked to stop, whose worker died, ends `cancelled` when a look ends it: the log said
+    "ended as error" all the same, and an operator reading it looked for a failure that was a stop."""
+    import logging
+
+    from app.run_kinds import TURN
+    from app.unheld_ends import end_unheld
+
+    stopped, failed = _processing_turn(world, "dead", "stopped"), _processing_turn(world, "dead", "failed")
+    with transaction() as session:
+        session.execute(update(Turn).where(Turn.assistant_message_id.in_([stopped.turn_id, failed.turn_id]))
+                        .values(lease_expires_at=utc_now() - timedelta(seconds=1)))
+        session.execute(update(Turn).where(Turn.assistant_message_id == stopped.turn_id)
+                        .values(cancel_requested_at=utc_now()))
+    with caplog.at_level(logging.WARNING, logger="app.unheld_ends"):
+        ended = end_unheld(TURN, [stopped.turn_id, failed.turn_id], "gave up", "past its deadline")
+    assert ended == [stopped.turn_id, failed.turn_id]
+    assert [r.getMessage() for r in caplog.records if r.name == "app.unheld_ends"] == [
+        f"turn {stopped.turn_id} ended as cancelled: gave up", f"turn {failed.turn_id} ended as error: gave up"]
 
 
 def test_leases_are_judged_by_the_databases_clock_not_by_a_worker_clock_running_ahead(world, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from app.turn_status import TurnStatus
 from tests.support import wait_for
 
 
@@ -533,9 +534,10 @@ def test_the_pending_bound_ends_a_turn_only_if_it_is_still_pending_since_before_
     accepted_at = datetime.now(UTC)
     turn_id = world.send(key, world.conversation(key, agent_id), "not yet").json["assistant_message"]["id"]
 
-    assert abandon_turn(turn_id, "waited too long", pending_before=accepted_at - timedelta(minutes=1)) is False
+    assert abandon_turn(turn_id, "waited too long", pending_before=accepted_at - timedelta(minutes=1)) is None
     assert world.message(key, turn_id)["status"] == "pending"
-    assert abandon_turn(turn_id, "waited too long", pending_before=datetime.now(UTC) + timedelta(minutes=1)) is True
+    assert abandon_turn(turn_id, "waited too long",
+                        pending_before=datetime.now(UTC) + timedelta(minutes=1)) is TurnStatus.ERROR
     ended = world.message(key, turn_id)
     assert (ended["status"], ended["error_message"]) == ("error", "waited too long")
 
@@ -581,9 +583,10 @@ def test_the_pending_bound_counts_a_test_runs_wait_from_its_status_not_from_its_
         leave_for_recovery(TEST_RUN, run_id)  # that send failed too
         assert marks(run_id) == (None, accepted_at)
 
-        assert abandon_run(run_id, "waited too long", pending_before=accepted_at) is False
+        assert abandon_run(run_id, "waited too long", pending_before=accepted_at) is None
         assert status(run_id) == "pending"
-        assert abandon_run(run_id, "waited too long", pending_before=accepted_at + timedelta(microseconds=1)) is True
+        assert abandon_run(run_id, "waited too long",
+                           pending_before=accepted_at + timedelta(microseconds=1)) is TurnStatus.ERROR
         ended = world.api.get(f"/api/admin/debug-logs/{run_id}", world.admin_key).json
         assert (ended["status"], ended["error_message"]) == ("error", "waited too long")
 
@@ -591,7 +594,7 @@ def test_the_pending_bound_counts_a_test_runs_wait_from_its_status_not_from_its_
         with transaction() as session:
             assert claim_debug_run(session, claimed_id, 30).acquired
         later = datetime.now(UTC) + timedelta(minutes=1)
-        assert abandon_run(claimed_id, "waited too long", pending_before=later) is False
+        assert abandon_run(claimed_id, "waited too long", pending_before=later) is None
         assert status(claimed_id) == "processing"
     finally:
         workers.start()
