@@ -343,7 +343,8 @@ def _relay(entries: list[tuple[bytes, dict[bytes, bytes]]],
 
 
 def _wait_and_finish(message_id: int, cursor: Cursor, watch: _Watch) -> Iterator[StreamEvent]:
-    """The live stream has a gap (Redis lost entries): wait for the stored answer and send its rest."""
+    """The rest comes from the stored message (the live stream's `done`, a gap where Redis lost entries, or an
+    entry that cannot be read, `_relay`): wait for the turn's end and send what the reader lacks of it."""
     heartbeat = get_settings().stream_heartbeat_seconds
     quiet_since = time.monotonic()
     while watch.open():

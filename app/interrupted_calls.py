@@ -29,7 +29,7 @@ from app.fallback import AttemptRecord
 from app.live_stream import StreamedAttempt, attempts_streamed
 from app.model_target import ModelTarget
 from app.prompt import ChatMessage
-from app.token_estimates import estimate_tokens, estimate_tokens_of_messages
+from app.token_estimates import estimate_answer_tokens, estimate_tokens_of_messages
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def _record(attempt: StreamedAttempt, delivery: int, targets: Sequence[ModelTarg
     if name is None:
         return None
     prompt_tokens = estimate_tokens_of_messages(prompt_for(target or targets[0]))
-    completion_tokens = min(estimate_tokens(attempt.text) + (attempt.missing + 3) // 4, answer_limit)
+    completion_tokens = estimate_answer_tokens(attempt.text, answer_limit, unseen=attempt.missing)
     started = attempt.started_ms if attempt.started_ms is not None else attempt.last_ms
     first_text = attempt.first_text_ms
     return AttemptRecord(

@@ -68,7 +68,7 @@ from app.pending_bound import end_pending_too_long, pending_cutoff, waited_too_l
 from app.prepared import Prepared
 from app.redis_client import get_redis, key, lua_script
 from app.run_kinds import TEST_RUN, TURN, RunKind
-from app.turn_state import lease_over
+from app.turn_state import lease_not_held, lease_over
 from app.turn_status import TurnStatus
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,8 @@ def _due(status: Any, enqueued_at: Any, created_at: Any, lease_token: Any, lease
     over = lease_over(lease_expires_at, now)
     not_just_sent = or_(enqueued_at.is_(None), enqueued_at <= bindparam("sent_before", type_=DateTime(timezone=True)))
     handed_over = and_(processing, lease_token.is_(None))
-    overdue = and_(processing, not_(over), lease_token.is_not(None), deadline_at < now) if take_over else false()
+    held = not_(lease_not_held(lease_token, lease_expires_at, now))
+    overdue = and_(processing, held, deadline_at < now) if take_over else false()
     expired = and_(processing, over, not_just_sent) if take_over else false()
     due = or_(and_(pending, unsent), expired, overdue)
     past_deadline = unheld_past_deadline(status, lease_token, lease_expires_at, deadline_at) if take_over else false()

@@ -13,11 +13,12 @@ def estimate_tokens(text: str) -> int:
     return (ascii_chars + 3) // 4 + len(text) - ascii_chars
 
 
-def estimate_answer_tokens(text: str, max_tokens: int | None) -> int:
+def estimate_answer_tokens(text: str, max_tokens: int | None, unseen: int = 0) -> int:
     """An answer's tokens where the provider reported none (the call failed or was stopped), at
     most the `max_tokens` its request was sent with: the estimate counts a token a character outside ASCII,
-    more than a model makes of such text, and a model makes no more than it was allowed."""
-    estimate = estimate_tokens(text)
+    more than a model makes of such text, and a model makes no more than it was allowed. `unseen` counts
+    characters of it whose text is not at hand (a live stream's entries Redis lost), at four a token."""
+    estimate = estimate_tokens(text) + (unseen + 3) // 4
     return estimate if max_tokens is None else min(estimate, max_tokens)
 
 

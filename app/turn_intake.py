@@ -173,12 +173,6 @@ def _require_open_to_new_turns(owner: Rows) -> None:
         raise NotFound("This conversation's agent was deleted; it takes no new messages.", code="agent_deleted")
 
 
-def _refuse_if_not_owned(principal: Principal, conversation_id: int) -> None:
-    """Another user's conversation is 404 before any other refusal, so no refusal says it exists."""
-    with transaction() as session:
-        require_owned(session, principal, conversation_id)
-
-
 def _owned_replay(principal: Principal, conversation_id: int, key: str | None, content: str) -> AcceptedTurn | None:
     """404 for another user's conversation, checked before any refusal or replay so that none tells a
     conversation exists; then the first answer to this Idempotency-Key, or None (always None without one)."""
@@ -205,7 +199,7 @@ def submit_turn(principal: Principal, conversation_id: int, content: str, idempo
     try:
         check_content(content)
     except (ContentTooLarge, ValidationFailed):
-        _refuse_if_not_owned(principal, conversation_id)
+        _owned_replay(principal, conversation_id, None, content)  # another user's conversation is 404 first
         raise
     if idempotency_key is not None and (replay := _owned_replay(principal, conversation_id, idempotency_key, content)):
         return _resend_if_pending(replay)
