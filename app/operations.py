@@ -18,14 +18,13 @@ from app.dead_letter_queue import message_id_of
 from app.dead_letters import open_dead_letters
 from app.dispatch import broker_key
 from app.errors import DatabaseNotCreated
-from app.models import ConversationMessage
+from app.in_flight import answer_in_flight
+from app.models import ConversationMessage, table
 from app.models.base import utc_now
 from app.outages import is_outage, schema_missing
 from app.queues import QUEUES
 from app.redis_client import get_redis
-from app.turn_status import IN_FLIGHT_VALUES, TurnStatus
-
-FAILURES = tuple(s for s in TurnStatus if s.is_terminal and s is not TurnStatus.SUCCESS)
+from app.turn_status import IN_FLIGHT_VALUES, UNSUCCESSFUL
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,12 +87,10 @@ def queue_snapshot(*, database_required: bool = True) -> QueueSnapshot:
 
 
 def _turns_in_flight() -> dict[str, int]:
+    messages = table(ConversationMessage)
     with transaction() as session:
         rows = session.execute(
-            select(ConversationMessage.status, func.count())
-            .where(ConversationMessage.role == "assistant",
-                   ConversationMessage.status.in_(IN_FLIGHT_VALUES))
-            .group_by(ConversationMessage.status)
+            select(messages.c.status, func.count()).where(answer_in_flight(messages)).group_by(messages.c.status)
         ).all()
     counts = dict.fromkeys(IN_FLIGHT_VALUES, 0)
     counts.update({status: count for status, count in rows})
@@ -119,7 +116,7 @@ class FailureReport:
 def recent_failures(hours: float = 24, limit: int = 20) -> FailureReport:
     """Turns that ended in a failure status within the last `hours`: counts by status and the latest few."""
     since = utc_now() - timedelta(hours=hours)
-    failed = [s.value for s in FAILURES]
+    failed = [s.value for s in UNSUCCESSFUL]
     recent = (ConversationMessage.role == "assistant", ConversationMessage.status.in_(failed),
               ConversationMessage.updated_at >= since)
     with transaction() as session:

@@ -35,6 +35,9 @@ IN_FLIGHT_VALUES: tuple[str, ...] = tuple(sorted(s.value for s in IN_FLIGHT))
 CHARGED: frozenset[TurnStatus] = frozenset({TurnStatus.SUCCESS, TurnStatus.CANCELLED})
 """The contract's "charged" column: a success once, a stop for the tokens generated; a turn that ends in any
 other status is charged nothing and its reservation is released."""
+UNSUCCESSFUL: tuple[TurnStatus, ...] = tuple(s for s in TurnStatus if s in TERMINAL and s is not TurnStatus.SUCCESS)
+"""The ends an operator looks at among recent turns (`app.operations.recent_failures`): every end but `success`,
+a stop included."""
 
 _ALLOWED: dict[TurnStatus, frozenset[TurnStatus]] = {
     TurnStatus.PENDING: frozenset({TurnStatus.PROCESSING, TurnStatus.CANCELLED, TurnStatus.ERROR}),
