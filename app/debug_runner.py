@@ -28,9 +28,9 @@ from app.deliveries import RunGivenUp, attempts_end_by, give_up_reason
 from app.fallback import Outcome, call_with_fallback
 from app.leases import Holding, keeper
 from app.models import Agent, DebugRun
+from app.models.base import utc_now
 from app.moderation import moderate
 from app.run_kinds import TEST_RUN
-from app.turn_state import LeaseLost
 from app.turn_status import TurnStatus
 
 log = logging.getLogger(__name__)
@@ -56,30 +56,34 @@ def run_debug_run(run_id: int) -> None:
     token = claim.token
     assert token is not None
     started = time.monotonic()
-    try:
-        with keeper.holding(Holding(run_id, token, threading.Event(), None)) as holding:
-            verdict = moderate(content)
-            if not verdict.passed:
-                with transaction() as session:
-                    finish_debug_run(session, run_id, token, TurnStatus.CONTENT_VIOLATION,
-                                     error_message=verdict.error_message)
-                return
-            outcome = call_with_fallback(agent.primary, agent.fallback,
-                                         lambda target: agent.prompt_for(target, [], content).messages,
-                                         agent.params, AnswerSink(), holding.stop, ends_by=ends_by,
-                                         fallen_back=fallen_back,
-                                         before_fallback_call=lambda: TEST_RUN.mark_fallen_back(
-                                             run_id, token, ends_by=ends_by, stop=holding.stop))
-            keeper.ending(holding)
-            latency_ms = int((time.monotonic() - started) * 1000)
-            cost = _record_result(run_id, token, claim.deliveries, outcome, latency_ms)
-            metrics.observe_cost("test_run", cost)
-    except LeaseLost:
-        log.warning("test run %s is no longer this run's (taken over by another worker, or handed back as this "
-                    "one stopped)", run_id)
-    except BaseException:
-        TEST_RUN.hand_to_retry(run_id, token)
-        raise
+    with keeper.running(Holding(run_id, token, threading.Event(), None)) as holding:
+        verdict = moderate(content)
+        if not verdict.passed:
+            _record_refusal(run_id, token, verdict.error_message)
+            return
+        outcome = call_with_fallback(agent.primary, agent.fallback,
+                                     lambda target: agent.prompt_for(target, [], content).messages,
+                                     agent.params, AnswerSink(), holding.stop, ends_by=ends_by,
+                                     fallen_back=fallen_back,
+                                     before_fallback_call=lambda: TEST_RUN.mark_fallen_back(
+                                         run_id, token, ends_by=ends_by, stop=holding.stop))
+        keeper.ending(holding)
+        latency_ms = int((time.monotonic() - started) * 1000)
+        cost = _record_result(run_id, token, claim.deliveries, outcome, latency_ms)
+        metrics.observe_cost("test_run", cost)
+
+
+def _record_refusal(run_id: int, token: str, reason: str) -> None:
+    """A run moderation refused ends `content_violation`, a database outage waited out as any end of a run is
+    (`RunKind.write_end`): raised, the retry of its delivery would moderate the input again, and a second
+    provider's verdict could let it through."""
+    at = utc_now()
+
+    def write() -> None:
+        with transaction() as session:
+            finish_debug_run(session, run_id, token, TurnStatus.CONTENT_VIOLATION, at=at, error_message=reason)
+
+    TEST_RUN.write_end(run_id, at, write, what=f"ending test run {run_id}, refused by moderation")
 
 
 def _record_result(run_id: int, token: str, delivery: int, outcome: Outcome, latency_ms: int) -> Decimal | None:

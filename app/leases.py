@@ -25,6 +25,7 @@ from app.db import transaction
 from app.models import Turn
 from app.outages import is_outage, log_failure
 from app.run_kinds import KINDS, TEST_RUN, TURN, RunKind
+from app.turn_state import LeaseLost
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ class Holding:
     """Set for a user turn (it has a conversation lock and a user slot); None for an admin test run."""
     ending: bool = False
     """Its model calls are over and its end is being written (`LeaseKeeper.ending`)."""
+    lost: bool = False
+    """Its lease was lost while it ran (`LeaseKeeper.running`): what it held is another delivery's now."""
 
     @property
     def kind(self) -> RunKind:
@@ -126,6 +129,23 @@ class LeaseKeeper:
             with self._renewing_locks, self._lock:
                 self._held.pop(holding.key, None)
                 self._released.notify_all()
+
+    @contextmanager
+    def running(self, holding: Holding) -> Iterator[Holding]:
+        """A delivery's run, its lease kept alive while the body runs (`holding`). A run whose lease was lost (taken
+        over by another worker, or handed back as this process stopped) ends quietly, `holding.lost` set: its
+        end was written by no one here, and another delivery has it. Any other failure hands the run to a retry
+        of its message at once (its lease given up) before it is raised."""
+        try:
+            with self.holding(holding):
+                yield holding
+        except LeaseLost:
+            holding.lost = True
+            log.warning("%s %s is no longer this run's (taken over by another worker, or handed back as this one "
+                        "stopped); this run stops", holding.kind.label, holding.ident)
+        except BaseException:
+            holding.kind.hand_to_retry(holding.ident, holding.token)
+            raise
 
     def ending(self, holding: Holding) -> None:
         """The run's model calls are over, its end about to be written: a hand-back at shutdown leaves it to

@@ -129,17 +129,10 @@ def _run_turn(turn_id: int) -> None:
     stop = threading.Event()
     if cancel_requested:
         stop.set()
-    try:
-        with keeper.holding(Holding(turn_id, context.token, stop, context.held)) as holding:
-            _execute(context, holding, stream)
-    except LeaseLost:
-        log.warning("turn %s is no longer this run's (taken over by another worker, or handed back as this one "
-                    "stopped); this run stops", turn_id)
-        return
-    except BaseException:
-        TURN.hand_to_retry(context.turn_id, context.token)
-        raise
-    coordination.release(context.held)
+    with keeper.running(Holding(turn_id, context.token, stop, context.held)) as holding:
+        _execute(context, holding, stream)
+    if not holding.lost:
+        coordination.release(context.held)
 
 
 def _end_without_model_call(context: TurnContext, stream: TurnStream) -> None:
