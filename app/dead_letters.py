@@ -41,14 +41,13 @@ from app.errors import (
     conversations,
 )
 from app.in_flight import check_can_start, lock_user
-from app.models import Conversation, ConversationMessage, DeadLetter, Turn
+from app.models import Conversation, DeadLetter, Turn
 from app.models.base import utc_now
 from app.outages import in_one_line
 from app.paging import PAGE_OF_A_WHOLE_LIST, check_cursor, every_row, moment_cursor, older_than, page_of
 from app.redis_client import redis_location
 from app.run_kinds import TURN, kind_of, run_id_of, statuses_of_runs
-from app.turn_state import TransitionRefused, reopen_turn
-from app.turn_status import TurnStatus, sources_for
+from app.turn_state import TransitionRefused, refuse_unless_reopenable, reopen_turn
 
 log = logging.getLogger(__name__)
 
@@ -284,18 +283,7 @@ def _reopen(session: Session, row: DeadLetter, enqueued_at: datetime) -> None:
     try:
         with session.begin_nested():
             if kind is TURN:
-                turn = session.get_one(Turn, row.run_id)
-                lock_user(session, turn.user_id)
-                status = session.get_one(ConversationMessage, turn.assistant_message_id).status
-                if status not in sources_for(TurnStatus.PENDING):
-                    raise TransitionRefused(f"turn {turn.assistant_message_id} cannot move to pending")
-                conversation = session.get_one(Conversation, turn.conversation_id)
-                if conversation.deleted_at is not None:
-                    raise _conversation_deleted(row)
-                _refuse_if_agent_deleted(session, row, conversation.agent_id)
-                _check_user_can_start(session, row, turn)
-                _hold_conversation_open(session, row, turn.conversation_id)
-                reopen_turn(session, row.run_id, enqueued_at)
+                _reopen_turn(session, row, session.get_one(Turn, row.run_id), enqueued_at)
             else:
                 # Its guarded UPDATE refuses a run no longer in error first, as a turn's status check does;
                 # a refusal after it rolls the savepoint back.
@@ -305,6 +293,21 @@ def _reopen(session: Session, row: DeadLetter, enqueued_at: datetime) -> None:
                        code="run_not_in_error") from exc
     except IntegrityError as exc:
         raise _busy(row) from exc
+
+
+def _reopen_turn(session: Session, row: DeadLetter, turn: Turn, enqueued_at: datetime) -> None:
+    """A requeued turn is refused as a new one would be (a deleted conversation or agent, a busy conversation,
+    the user's limit); its user's row is taken first, as a turn's intake takes it, so that the limit is judged
+    with none of that user's intakes committing meanwhile (`lock_user`)."""
+    lock_user(session, turn.user_id)
+    refuse_unless_reopenable(session, turn)
+    conversation = session.get_one(Conversation, turn.conversation_id)
+    if conversation.deleted_at is not None:
+        raise _conversation_deleted(row)
+    _refuse_if_agent_deleted(session, row, conversation.agent_id)
+    _check_user_can_start(session, row, turn)
+    _hold_conversation_open(session, row, turn.conversation_id)
+    reopen_turn(session, turn.assistant_message_id, enqueued_at)
 
 
 def _refuse_if_agent_deleted(session: Session, row: DeadLetter, agent_id: int) -> None:

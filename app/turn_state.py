@@ -389,6 +389,15 @@ def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_m
     return turn, target
 
 
+def refuse_unless_reopenable(session: Session, turn: Turn) -> None:
+    """`TransitionRefused` unless the turn's answer may move back to `pending` (it ended `error`): asked before a
+    requeue's other checks, so that a run no longer in error is refused as that, whatever else would refuse it.
+    `reopen_turn` asks again under the turn's lock."""
+    status = session.get_one(ConversationMessage, turn.assistant_message_id).status
+    if status not in sources_for(TurnStatus.PENDING):
+        raise TransitionRefused(f"turn {turn.assistant_message_id} cannot move to pending")
+
+
 def reopen_turn(session: Session, turn_id: int, enqueued_at: datetime) -> Turn:
     """An operator's requeue of a turn that ended as `error`: it becomes pending again, its delivery
     count at the start of the next thousand (`deliveries_at_requeue`), its outbox mark `enqueued_at`."""
