@@ -9,7 +9,7 @@ from werkzeug.routing import IntegerConverter
 
 from web.bodies import SafeJSONProvider
 from web.errors import install_error_handlers, on_validation_error
-from web.pages import guard_every_response
+from web.headers import guard_every_response
 from web.schemas import ErrorResponse
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import render_template
 
-from web.pages import page_blueprint
+from web.headers import page_blueprint
 
 bp = page_blueprint("chat", __name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from flask import render_template
 
-from web.pages import page_blueprint
+from web.headers import page_blueprint
 
 bp = page_blueprint("console", __name__)
 

@@ -1,4 +1,5 @@
-"""What the two server-rendered pages (`/` and `/admin`) send besides their HTML.
+"""The headers agentq sends besides its bodies: those of the two server-rendered pages (`/` and `/admin`),
+and those of every response.
 
 Both pages keep a key in the browser (the admin page an admin's), so they load scripts and styles only
 from agentq itself, run no inline script, and may not be framed by another site (clickjacking the
