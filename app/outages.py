@@ -126,23 +126,34 @@ class SetupProblem:
     running)."""
     step: str
     """What the operator must do, as a clause: "the database has no agentq schema: run `agentq db init`"."""
+    check: str
+    """The same in a few words, as `/readyz` names a failing check."""
+
+
+NO_SCHEMA = "the database has no agentq schema; run `agentq db init`"
+PREDATES_RELEASE = "the database predates this release; run `agentq db init`"
 
 
 def setup_problem(error: BaseException) -> SetupProblem | None:
+    """The setup step `error` calls for, if any: the one place that tells a setup step from an outage or a bug,
+    for the API's answers, `/readyz`, a worker's start, the commands and the background loops alike."""
     if isinstance(error, DatabaseNotCreated):
-        return SetupProblem("service_unavailable", "the SQLite file does not exist: run `agentq db init` to create it")
+        return SetupProblem("service_unavailable", "the SQLite file does not exist: run `agentq db init` to create it",
+                            NO_SCHEMA)
     if schema_missing(error):
         return SetupProblem("service_unavailable", "the database has no agentq schema: run `agentq db init` against "
-                                                   "it (a SQLite path is relative to the directory a command runs in)")
+                                                   "it (a SQLite path is relative to the directory a command runs in)",
+                            NO_SCHEMA)
     if isinstance(error, DatabaseAwaitsUpgrade):
         return SetupProblem("schema_incomplete", "the SQLite file was written by an earlier release and awaits its "
-                                                 "upgrade: run `agentq db init` against it")
+                                                 "upgrade: run `agentq db init` against it", PREDATES_RELEASE)
     if lacks_a_column(error):
         return SetupProblem("schema_incomplete", "the database predates this release: run `agentq db init` against "
-                                                 "it to upgrade it")
+                                                 "it to upgrade it", PREDATES_RELEASE)
     if refused_by_configuration(error):
         return SetupProblem("invalid_configuration", "the database refuses the database, role or password "
-                                                     "DATABASE_URL names: mend DATABASE_URL")
+                                                     "DATABASE_URL names: mend DATABASE_URL",
+                            "the database refuses the database, role or password DATABASE_URL names")
     return None
 
 

@@ -6,18 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy import select
-from sqlalchemy.exc import DBAPIError
 
 from app.db import database_location, get_engine
-from app.errors import AgentqError, DatabaseAwaitsUpgrade, DatabaseNotCreated, InvalidConfiguration
+from app.errors import AgentqError, InvalidConfiguration, ServiceUnavailable
 from app.models import User
-from app.outages import refused_by_configuration, schema_missing
+from app.outages import SetupProblem, setup_problem
 from app.redis_client import get_redis
 from app.schema import SchemaIncomplete, missing_columns
-
-NO_SCHEMA = "error: the database has no agentq schema; run `agentq db init`"
-AWAITS_UPGRADE = "error: the database predates this release; run `agentq db init`"
-REFUSED = "error: the database refuses the database, role or password DATABASE_URL names"
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,18 +30,13 @@ class Readiness:
 
 
 def check() -> Readiness:
-    checks = {"database": _database()}
+    checks = {"database": _database()[0]}
     try:
         get_redis().ping()
         checks["redis"] = "ok"
     except Exception as exc:
         checks["redis"] = f"error: {type(exc).__name__}"
     return Readiness(checks)
-
-
-class SchemaMissing(AgentqError):
-    status = 503
-    code = "service_unavailable"
 
 
 def require_schema() -> None:
@@ -57,39 +47,38 @@ def require_schema() -> None:
     server that refuses the database, role or password it is given, nor against a SQLite file whose amounts
     `db init` has not yet converted (`app.sqlite_upgrades`). A database out of reach is let through:
     the worker rides that out like any outage."""
-    # A setting no wait mends (`InvalidConfiguration`), or a SQLite file `db init` has not made
-    # (`DatabaseNotCreated`), stops the worker here, not as a state.
     engine = get_engine()
     try:
-        state = _database()
+        state, problem = _database()
         missing = missing_columns(engine) if state == "ok" else []
     finally:  # the worker group's parent serves nothing: no connection of its own to keep open
         engine.dispose()
-    if state == REFUSED:
-        raise InvalidConfiguration(f"The database at {database_location()} refuses the database, role or password "
-                                   "DATABASE_URL names: mend it first (no wait will, and the worker would take "
-                                   "turns off the queue it cannot run).")
-    if state == NO_SCHEMA:
-        raise SchemaMissing(f"The database {database_location()} has no agentq schema: run `agentq db init` "
-                            "against it first (a SQLite path is relative to the directory a command runs in).")
-    if state == AWAITS_UPGRADE:
-        raise SchemaIncomplete(f"The database {database_location()} predates this release and awaits its one-time "
-                               "upgrade: run `agentq db init` against it to upgrade it.")
+    if problem is not None:
+        refusal, said = _WORKER_REFUSALS[problem.code]
+        raise refusal(said.format(database=database_location()))
     if missing:
         raise SchemaIncomplete(f"The database {database_location()} lacks the columns {', '.join(missing)} of this "
                                "release: run `agentq db init` against it to upgrade it.")
 
 
-def _database() -> str:
+_WORKER_REFUSALS: dict[str, tuple[type[AgentqError], str]] = {
+    "invalid_configuration": (InvalidConfiguration, "The database at {database} refuses the database, role or "
+                              "password DATABASE_URL names: mend it first (no wait will, and the worker would take "
+                              "turns off the queue it cannot run)."),
+    "service_unavailable": (ServiceUnavailable, "The database {database} has no agentq schema: run `agentq db init` "
+                            "against it first (a SQLite path is relative to the directory a command runs in)."),
+    "schema_incomplete": (SchemaIncomplete, "The database {database} predates this release: run `agentq db init` "
+                          "against it to upgrade it."),
+}
+"""How a worker's start refuses each setup step (`app.outages.setup_problem` tells which)."""
+
+
+def _database() -> tuple[str, SetupProblem | None]:
+    """The database check as `/readyz` shows it, and the setup step its failure calls for, if any."""
     try:
         with get_engine().connect() as connection:  # one query proves the database is reached and set up
             connection.execute(select(User.id).limit(1))
-    except DatabaseAwaitsUpgrade:
-        return AWAITS_UPGRADE
-    except (DatabaseNotCreated, DBAPIError) as exc:
-        if schema_missing(exc):
-            return NO_SCHEMA
-        return REFUSED if refused_by_configuration(exc) else f"error: {type(exc).__name__}"
     except Exception as exc:
-        return f"error: {type(exc).__name__}"
-    return "ok"
+        problem = setup_problem(exc)
+        return f"error: {problem.check if problem else type(exc).__name__}", problem
+    return "ok", None

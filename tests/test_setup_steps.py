@@ -49,8 +49,8 @@ def test_a_sqlite_file_whose_amounts_await_conversion_is_opened_by_nothing_but_d
     refused = _agentq(env, "worker", "--processes", "1", "--threads", "1")
     assert (refused.returncode, json.loads(refused.stderr)["error"]) == (1, {
         "code": "schema_incomplete",
-        "message": f"The database {database} predates this release and awaits its one-time upgrade: run "
-                   "`agentq db init` against it to upgrade it."})
+        "message": f"The database {database} predates this release: run `agentq db init` against it to upgrade "
+                   "it."})
     refused = _agentq(env, "users", "create", "meanwhile", "--balance", "3")
     assert (refused.returncode, json.loads(refused.stderr)["error"]) == (1, {
         "code": "schema_incomplete",

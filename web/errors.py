@@ -73,7 +73,7 @@ def install_error_handlers(app: Flask) -> None:
     @app.errorhandler(InvalidConfiguration)
     def _misconfigured(exc: InvalidConfiguration) -> Response:
         """What is wrong (a server path, a setting) is the operator's to read in the log, not a caller's."""
-        return _setup_step_response(SetupProblem(exc.code, exc.message), exc)
+        return _setup_step_response(SetupProblem(exc.code, exc.message, exc.message), exc)
 
     @app.errorhandler(AgentqError)
     def _domain(exc: AgentqError) -> Response:
