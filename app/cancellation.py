@@ -26,7 +26,7 @@ from app.models.base import utc_now
 from app.outages import is_outage
 from app.stop_requests import publish_stop
 from app.turn_status import STOPPED, TurnStatus
-from app.unowned_end import UnownedEnd, announce_unowned_end, end_unowned
+from app.unheld_ends import UnownedEnd, announce_unowned_end, end_unowned
 
 
 def cancel_turn(principal: Principal, message_id: int) -> ConversationMessage:

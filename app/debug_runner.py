@@ -11,11 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
-from datetime import datetime
 from decimal import Decimal
-
-from sqlalchemy.orm import Session
 
 from app import metrics
 from app.agent_setup import setup_of
@@ -112,19 +108,3 @@ def _record_result(run_id: int, token: str, delivery: int, outcome: Outcome, lat
 
         TEST_RUN.write_end(run_id, attempts.at, write, what=f"settling test run {run_id}")
     return cost
-
-
-def abandon_run(run_id: int, reason: str, *, pending_before: datetime | None = None,
-                deadline_before: datetime | None = None,
-                unless: Callable[[Session], bool] | None = None) -> TurnStatus | None:
-    """End a test run as `error` when its message died, with `pending_before` when it was still pending since
-    before then (`app.pending_bound`), with `deadline_before` when it was still processing, held by no worker,
-    past a deadline before then (`app.deadline_bound`); None when it was not (ended already, held by a
-    delivery, or no longer in that state), or when `unless`, asked first in the same transaction, says so. A
-    test run has no stop, so the status written is always `error`: returned as `abandon_turn` returns its."""
-    with transaction() as session:
-        if unless is not None and unless(session):
-            return None
-        ended = finish_debug_run(session, run_id, None, TurnStatus.ERROR, pending_before=pending_before,
-                                 deadline_before=deadline_before, error_message=reason)
-    return TurnStatus.ERROR if ended else None

@@ -6,7 +6,7 @@ Whichever process of the deployment looks first ends it: the recovery sweep of e
 (`app.recovery`), and a loop of its own in every API process (`start_unheld_run_bounds`), so the bound holds
 with no worker running at all (every worker gone, or none serving the run's queue), not only behind a
 backlog. A worker that gets the run's message later finds it ended and does nothing. Each end is judged
-again under the run's lock (`app.unowned_end.abandon_turn`, `app.debug_runner.abandon_run`), so two
+again under the run's lock (`app.unheld_ends.abandon`), so two
 processes looking at once, or a worker claiming the run between the look and the end, change nothing twice.
 """
 

@@ -142,7 +142,7 @@ def test_a_renewal_waiting_on_redis_does_not_hold_back_turns_starting(  # type: 
 def test_a_dying_duplicate_message_leaves_a_turn_another_delivery_runs(world) -> None:  # type: ignore[no-untyped-def]
     """Retries of a duplicate message ran out while another delivery holds the turn's live lease: the turn is
     that delivery's to settle. Once no live lease is left, the same dead message ends it as `error`."""
-    from app.unowned_end import abandon_turn
+    from app.unheld_ends import abandon_turn
 
     turn = _processing_turn(world, token="running")
     assert abandon_turn(turn.turn_id, "retries exhausted after 3 attempts: boom") is None
@@ -162,8 +162,8 @@ def test_a_dying_duplicate_message_leaves_a_turn_another_delivery_runs(world) ->
 
 def test_a_dying_duplicate_message_leaves_a_test_run_another_delivery_runs(world) -> None:  # type: ignore[no-untyped-def]
     """The same rule for an admin test run: ended by its dead message only once no live lease is left."""
-    from app.debug_runner import abandon_run
     from app.models import DebugRun
+    from app.unheld_ends import abandon_run
 
     admin_id = world.api.get("/api/me", world.admin_key).json["id"]
     agent_id = world.agent(world.model())

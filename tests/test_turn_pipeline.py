@@ -527,7 +527,7 @@ def test_the_pending_bound_ends_a_turn_only_if_it_is_still_pending_since_before_
     The end is judged again under the turn's lock: a turn pending only since after the cutoff is left alone."""
     from datetime import UTC, datetime, timedelta
 
-    from app.unowned_end import abandon_turn
+    from app.unheld_ends import abandon_turn
 
     agent_id = world.agent(world.model())
     _, key = world.user()
@@ -552,11 +552,11 @@ def test_the_pending_bound_counts_a_test_runs_wait_from_its_status_not_from_its_
 
     from app.db import transaction
     from app.debug_run_state import claim_debug_run
-    from app.debug_runner import abandon_run
     from app.models import DebugRun
     from app.outbox import leave_for_recovery
     from app.recovery import _claim_send
     from app.run_kinds import TEST_RUN
+    from app.unheld_ends import abandon_run
 
     agent_id = world.agent(world.model())
 
