@@ -124,6 +124,7 @@ CREATE TABLE IF NOT EXISTS turns (
     deadline_at timestamp with time zone,
     enqueued_at timestamp with time zone,
     deliveries integer DEFAULT 0 NOT NULL,
+    handed_back integer DEFAULT 0 NOT NULL,
     reserved_amount numeric(18, 6) DEFAULT 0 NOT NULL,
     cost_estimated boolean DEFAULT false NOT NULL,
     fell_back boolean DEFAULT false NOT NULL,
@@ -140,6 +141,7 @@ CREATE TABLE IF NOT EXISTS turns (
 -- Added after the first release: an older database gets it here.
 ALTER TABLE turns ADD COLUMN IF NOT EXISTS deadline_at timestamp with time zone;
 ALTER TABLE turns ADD COLUMN IF NOT EXISTS fell_back boolean DEFAULT false NOT NULL;
+ALTER TABLE turns ADD COLUMN IF NOT EXISTS handed_back integer DEFAULT 0 NOT NULL;
 CREATE UNIQUE INDEX IF NOT EXISTS uq_turns_idempotency_key ON turns (user_id, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS idx_turns_user_id ON turns (user_id);
@@ -181,6 +183,7 @@ CREATE TABLE IF NOT EXISTS admin_debug_logs (
     deadline_at timestamp with time zone,
     enqueued_at timestamp with time zone,
     deliveries integer DEFAULT 0 NOT NULL,
+    handed_back integer DEFAULT 0 NOT NULL,
     fell_back boolean DEFAULT false NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
@@ -194,6 +197,7 @@ CREATE TABLE IF NOT EXISTS admin_debug_logs (
 ALTER TABLE admin_debug_logs ADD COLUMN IF NOT EXISTS deadline_at timestamp with time zone;
 ALTER TABLE admin_debug_logs ADD COLUMN IF NOT EXISTS deliveries integer DEFAULT 0 NOT NULL;
 ALTER TABLE admin_debug_logs ADD COLUMN IF NOT EXISTS fell_back boolean DEFAULT false NOT NULL;
+ALTER TABLE admin_debug_logs ADD COLUMN IF NOT EXISTS handed_back integer DEFAULT 0 NOT NULL;
 ALTER TABLE admin_debug_logs ADD COLUMN IF NOT EXISTS model_id bigint
     CONSTRAINT fk_admin_debug_logs_model_id REFERENCES llm_models (id);
 CREATE INDEX IF NOT EXISTS idx_admin_debug_logs_agent_id ON admin_debug_logs (agent_id, id);

@@ -59,12 +59,13 @@ def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> Clai
         take.values(lease_token=token, lease_expires_at=lease_expiry(judged_at, lease_seconds),
                     deadline_at=deadline.at,
                     deliveries=DebugRun.deliveries + 1, updated_at=utc_now())
-        .returning(DebugRun.deliveries)
+        .returning(DebugRun.deliveries, DebugRun.handed_back)
         .execution_options(synchronize_session=False)
     ).first()
     if taken is None:
         raise TransitionRefused(f"test run {run_id} cannot move to processing")
-    return ClaimResult(outcome, None, token, taken.deliveries, time_left=deadline.time_left)
+    return ClaimResult(outcome, None, token, taken.deliveries, handed_back=taken.handed_back,
+                       time_left=deadline.time_left)
 
 
 def finish_debug_run(session: Session, run_id: int, token: str | None, target: TurnStatus,
@@ -107,7 +108,7 @@ def reopen_debug_run(session: Session, run_id: int, enqueued_at: datetime) -> in
         update(DebugRun)
         .where(DebugRun.id == run_id, DebugRun.status.in_(sources_for(TurnStatus.PENDING)))
         .values(status=TurnStatus.PENDING.value, error_message=None, lease_token=None, lease_expires_at=None,
-                deliveries=0, fell_back=False, enqueued_at=enqueued_at, updated_at=utc_now())
+                deliveries=0, handed_back=0, fell_back=False, enqueued_at=enqueued_at, updated_at=utc_now())
         .returning(DebugRun.agent_id)
         .execution_options(synchronize_session=False)
     ).first()  # the row, not the rowcount: SQLite counts none for an UPDATE ... RETURNING

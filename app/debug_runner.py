@@ -40,7 +40,7 @@ def run_debug_run(run_id: int) -> None:
             log.info("test run %s not run: %s", run_id, claim.outcome.value)
             return
         ends_by = attempts_end_by(claim.time_left)
-        gives_up = give_up_reason(claim.deliveries, claim.time_left)
+        gives_up = give_up_reason(claim.deliveries, claim.time_left, claim.handed_back)
         if gives_up:
             finish_debug_run(session, run_id, claim.token, TurnStatus.ERROR, error_message=gives_up)
         else:

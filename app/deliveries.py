@@ -133,11 +133,13 @@ class RunGivenUp(Exception):
     `throws`), so it is never retried: the run has ended already."""
 
 
-def give_up_reason(deliveries: int, time_left: float | None) -> str | None:
+def give_up_reason(deliveries: int, time_left: float | None, handed_back: int = 0) -> str | None:
     """Why a delivery ends its run (a turn or an admin test run) as `error` without a model call, or None:
     delivered more than `AGENTQ_MAX_DELIVERIES` times since the last requeue, whatever keeps killing or
-    stalling it, or started with no model time left before the deadline its first delivery set."""
-    since_requeue = deliveries_since_requeue(deliveries)
+    stalling it, or started with no model time left before the deadline its first delivery set. The
+    `handed_back` deliveries (a worker's graceful stop gave them up: `app.leases.LeaseKeeper.hand_back`) do not
+    count: a rolling restart during a long answer ended a healthy run `error`, its model paid for each time."""
+    since_requeue = deliveries_since_requeue(deliveries) - handed_back
     if since_requeue > get_settings().max_deliveries:
         return f"gave up after {since_requeue - 1} deliveries"
     if time_left is not None and time_left <= 0:

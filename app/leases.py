@@ -165,7 +165,8 @@ class LeaseKeeper:
         if not calling:
             return HandBack([], ending)
         with transaction() as session:
-            given_up = [(kind, h.ident) for h in calling if (kind := h.kind).revoke_lease(session, h.ident, h.token)]
+            given_up = [(kind, h.ident) for h in calling
+                        if (kind := h.kind).revoke_lease(session, h.ident, h.token, handed_back=True)]
         for h in calling:
             h.stop.set()
         return HandBack(given_up, ending)

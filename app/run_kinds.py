@@ -74,13 +74,16 @@ class RunKind:
                             .values(enqueued_at=mark, updated_at=self.model.updated_at)
                             .execution_options(synchronize_session=False)) == 1
 
-    def revoke_lease(self, session: Session, ident: int, token: str, *, swept_after: datetime | None = None) -> bool:
+    def revoke_lease(self, session: Session, ident: int, token: str, *, swept_after: datetime | None = None,
+                     handed_back: bool = False) -> bool:
         """Take a run from the delivery holding lease `token`: its lease keeper finds the lease gone and stops
         it, and the write that would end the run is refused (the lease guards it). False when `token` no
         longer holds it. Any delivery's claim may take the run over at once; the recovery sweep sends it
-        again only after `swept_after` (at once without it)."""
+        again only after `swept_after` (at once without it). A delivery `handed_back` by its worker's graceful
+        stop is counted apart (`Turn.handed_back`)."""
+        counted = {"handed_back": self.model.handed_back + 1} if handed_back else {}
         return rows_changed(session, update(self.model).where(self.key == ident, self.model.lease_token == token)
-                            .values(lease_token=None, lease_expires_at=swept_after)
+                            .values(lease_token=None, lease_expires_at=swept_after, **counted)
                             .execution_options(synchronize_session=False)) == 1
 
     def write_end(self, ident: int, stamp: datetime, write: Callable[[], None], *, what: str) -> None:

@@ -88,7 +88,8 @@ def _load_context(unit: Unit, claim: ClaimResult) -> TurnContext:
         user_id=turn.user_id, conversation_id=turn.conversation_id, content=row.content,
         history=successful_history(unit, turn.conversation_id, before_seq=row.seq) if row.seq > 1 else [],
         agent=setup_in_row(row), reserved=turn.reserved_amount, delivery=claim.deliveries, fallen_back=turn.fell_back,
-        gives_up=give_up_reason(claim.deliveries, claim.time_left), ends_by=attempts_end_by(claim.time_left),
+        gives_up=give_up_reason(claim.deliveries, claim.time_left, claim.handed_back),
+        ends_by=attempts_end_by(claim.time_left),
     )
 
 

@@ -76,10 +76,11 @@ class TurnRow:
     reserved_amount: Decimal
     cancel_requested_at: datetime | None
     fell_back: bool
+    handed_back: int
 
 
 _TURN_COLUMNS = ("assistant_message_id", "user_message_id", "conversation_id", "user_id", "deliveries",
-                 "reserved_amount", "cancel_requested_at", "fell_back")
+                 "reserved_amount", "cancel_requested_at", "fell_back", "handed_back")
 
 
 @cache
@@ -174,6 +175,8 @@ class ClaimResult:
     token: str | None = None
     deliveries: int = 0
     run: Any = None
+    handed_back: int = 0
+    """How many deliveries since the last requeue were handed back by a worker's graceful stop (`Turn.handed_back`)."""
     affordable: bool = True
     time_left: float | None = None
     predecessor: int | None = None
@@ -248,10 +251,11 @@ def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
     if not outcome.acquires:
         return ClaimResult(outcome)
     turn = TurnRow(row.assistant_message_id, row.user_message_id, row.conversation_id, row.user_id,
-                   row.deliveries + 1, row.reserved_amount, row.cancel_requested_at, row.fell_back)
+                   row.deliveries + 1, row.reserved_amount, row.cancel_requested_at, row.fell_back, row.handed_back)
     deadline = delivery_deadline(judged_at, row.timeout_seconds, row.fallback_model_id is not None,
                                  stored=utc(row.deadline_at), taken_over=outcome is Claim.TAKEN_OVER)
-    claim = ClaimResult(outcome, turn, new_lease_token(), turn.deliveries, row, time_left=deadline.time_left,
+    claim = ClaimResult(outcome, turn, new_lease_token(), turn.deliveries, row, handed_back=row.handed_back,
+                        time_left=deadline.time_left,
                         predecessor=row.deliveries if outcome is Claim.TAKEN_OVER and row.lease_token else None)
     amount = max(quantize(hold(claim)), Decimal(0)) if hold is not None else Decimal(0)
     written_at = utc_now()
@@ -410,6 +414,7 @@ def reopen_turn(session: Session, turn_id: int, enqueued_at: datetime) -> Turn:
     _move_with_error(session, turn, TurnStatus.PENDING, None)
     turn.cancel_requested_at = None  # the operator's requeue is a new start: no earlier stop carries over
     turn.fell_back = False  # nor an earlier switch to the fallback
+    turn.handed_back = 0  # the delivery count's give-up rule starts over (`deliveries_at_requeue`)
     turn.lease_token = None
     turn.lease_expires_at = None
     turn.enqueued_at = enqueued_at

@@ -59,9 +59,16 @@ def _warm_up() -> None:
     llm_client.warm_up()
 
 
+def stop_fetching() -> None:
+    """Called in the SIGTERM handler, at once (`workers.group.treat_a_repeated_stop_as_one`): no new fetch,
+    and no new run starts in this process. Only sets an event: a handler runs between two bytecodes of the
+    main thread, which must not be made to wait for anything."""
+    draining.set()
+
+
 def stop() -> None:
     """The worker is shutting down: no more sweeps, no new fetch, and no new run starts in this process."""
-    draining.set()
+    stop_fetching()
     if _recovery is not None:
         _recovery.stop()
 

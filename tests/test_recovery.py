@@ -473,6 +473,28 @@ def test_sigterm_finishes_running_turns_within_the_grace_and_leaves_the_rest(sta
     assert (charges(stack, running["id"]), charges(stack, waiting["id"])) == (1, 1)
 
 
+def test_a_worker_told_to_stop_starts_no_run_queued_before_the_stop(stack: Stack) -> None:
+    """Dramatiq's SIGTERM handler only flags the stop, which its main loop acts on up to a second later: a thread
+    that finished its run in that second fetched and started a queued one, only to cut its model call short and
+    hand it back at the end of the grace (a paid call for nothing, and a delivery spent). The run queued before
+    the stop stays queued for another worker."""
+    agent_id = slow_agent(stack, "slow-then-stop", "echo;words=20;gap=0.1")
+    _, key = stack.user("stop-then-queue")
+    worker = stack.start_worker(threads=1, AGENTQ_SHUTDOWN_GRACE_SECONDS="8")
+    running = stack.send(key, stack.conversation(key, agent_id), "finish me")
+    queued = stack.send(key, stack.conversation(key, agent_id), "not you")
+    wait_for(lambda: len(streamed_by(stack, running["id"], 100).split()) >= 19, what="the running answer's last words")
+    worker.popen.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+    wait_for(lambda: worker.popen.poll() is not None, timeout=15, what="the worker to exit")  # type: ignore[union-attr]
+    assert stack.message(key, running["id"])["status"] == "success"
+    assert (stack.message(key, queued["id"])["status"], deliveries(stack, queued["id"])) == ("pending", 0)
+    assert "handed to another worker" not in worker.output()
+
+    stack.start_worker()
+    assert stack.wait_terminal(key, queued["id"])["status"] == "success"
+    assert (deliveries(stack, queued["id"]), charges(stack, queued["id"])) == (1, 1)
+
+
 def test_a_web_process_told_to_stop_ends_its_answer_streams_instead_of_holding_its_stop(stack: Stack) -> None:
     """An open stream of a turn still running held a stopping `agentq web` for gunicorn's whole 30 s graceful
     timeout, then was cut anyway; it ends at the reader's next look (a heartbeat, 1 s here), without `done`,
@@ -554,6 +576,30 @@ def test_a_run_still_going_when_the_shutdown_grace_ends_is_handed_to_another_wor
     assert charges(stack, turn["id"]) == 1
     assert stack.sql("SELECT delivery, outcome FROM model_attempts WHERE message_id = %(id)s ORDER BY id",
                      {"id": turn["id"]}) == [(1, "cancelled"), (2, "success")]  # the leaving worker's call too
+
+
+def test_a_turn_handed_back_at_each_stop_of_a_rolling_restart_is_not_given_up(stack: Stack) -> None:
+    """A rolling restart during a long answer hands the turn back at each stop; each hand-back counted against
+    `AGENTQ_MAX_DELIVERIES` as a crash does, and the turn ended `error` ("gave up after N deliveries") with its
+    model paid at every delivery, though no worker ever failed. Hand-backs are counted apart."""
+    agent_id = slow_agent(stack, "rolling-restart", "echo;words=100;gap=0.1")
+    _, key = stack.user("rolling-restart")
+    settings = {"AGENTQ_SHUTDOWN_GRACE_SECONDS": "0.5", "AGENTQ_MAX_DELIVERIES": "1"}
+    current = stack.start_worker(**settings)
+    turn = stack.send(key, stack.conversation(key, agent_id), "through every restart")
+    stack.wait_status(key, turn["id"], ("processing",))
+    for delivery in (2, 3):
+        following = stack.start_worker(**settings)
+        current.popen.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        wait_for(lambda: current.popen.poll() is not None, timeout=15, what="the stopped worker to exit")  # type: ignore[union-attr]  # noqa: B023
+        assert "handed to another worker" in current.output()
+        wait_for(lambda: deliveries(stack, turn["id"]) == delivery, what=f"delivery {delivery}")  # noqa: B023
+        current = following
+    done = stack.wait_terminal(key, turn["id"], timeout=40)
+    assert (done["status"], done["content"]) == ("success", " ".join(f"w{i}" for i in range(100)))
+    assert charges(stack, turn["id"]) == 1
+    assert stack.sql("SELECT deliveries, handed_back FROM turns WHERE assistant_message_id = %(id)s",
+                     {"id": turn["id"]}) == [(3, 2)]
 
 
 def test_a_run_writing_its_end_when_the_shutdown_grace_ends_is_left_to_finish_not_handed_back(

@@ -181,9 +181,12 @@ def _stop_children() -> None:
 REPEATED_STOP_SECONDS = 2.0
 
 
-def treat_a_repeated_stop_as_one() -> None:
+def treat_a_repeated_stop_as_one(on_first_stop: Callable[[], None]) -> None:
     """In a worker process, after Dramatiq has set its handlers: a SIGTERM that comes again within
     `REPEATED_STOP_SECONDS` of the first is the same stop, sent twice, not Dramatiq's "kill now".
+    `on_first_stop` runs in the handler of the first: Dramatiq's own only flags the stop, which its main
+    loop acts on at its next look, up to a second later, and the process went on fetching and starting runs
+    meanwhile, to cut their calls short and hand them back when the grace ran out.
 
     A runner that signals the whole process group (honcho on Ctrl-C, foreman, a container stop, a
     platform that signals every process) reaches a worker process directly and through the group's parent,
@@ -202,7 +205,9 @@ def treat_a_repeated_stop_as_one() -> None:
             log.info("SIGTERM again %.3f s after the first: the same stop sent twice; still stopping gracefully",
                      now - first)
             return
-        first = now if first is None else first
+        if first is None:
+            first = now
+            on_first_stop()
         dramatiq_handler(signum, frame)
 
     signal.signal(signal.SIGTERM, stop_once)

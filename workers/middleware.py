@@ -66,7 +66,7 @@ class WorkerServices(Middleware):
         configure_logging()
         stop_with_the_parent()
         if threading.current_thread() is threading.main_thread():
-            treat_a_repeated_stop_as_one()
+            treat_a_repeated_stop_as_one(_worker().stop_fetching)
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         """Background services start once the worker threads exist."""

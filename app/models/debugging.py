@@ -41,6 +41,10 @@ class DebugRun(Base):
     deadline_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     deliveries: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    handed_back: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    """How many of its deliveries since its last requeue a worker's graceful stop handed back (`LeaseKeeper.hand_back`):
+    they do not count against `AGENTQ_MAX_DELIVERIES` (`app.deliveries.give_up_reason`), which is for runs that
+    keep killing or stalling their workers, not for a rolling restart; the run's deadline still bounds them."""
     fell_back: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
     """The run switched to its agent's fallback model, in a delivery since its last requeue: a delivery that
     takes it over calls the fallback alone, since a run switches once (`app.run_kinds.RunKind.mark_fallen_back`)."""
