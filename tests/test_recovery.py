@@ -584,12 +584,14 @@ def test_a_turn_handed_back_at_each_stop_of_a_rolling_restart_is_not_given_up(st
     model paid at every delivery, though no worker ever failed. Hand-backs are counted apart."""
     agent_id = slow_agent(stack, "rolling-restart", "echo;words=100;gap=0.1")
     _, key = stack.user("rolling-restart")
-    settings = {"AGENTQ_SHUTDOWN_GRACE_SECONDS": "0.5", "AGENTQ_MAX_DELIVERIES": "1"}
-    current = stack.start_worker(**settings)
+    def restarted() -> Process:
+        return stack.start_worker(AGENTQ_SHUTDOWN_GRACE_SECONDS="0.5", AGENTQ_MAX_DELIVERIES="1")
+
+    current = restarted()
     turn = stack.send(key, stack.conversation(key, agent_id), "through every restart")
     stack.wait_status(key, turn["id"], ("processing",))
     for delivery in (2, 3):
-        following = stack.start_worker(**settings)
+        following = restarted()
         current.popen.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
         wait_for(lambda: current.popen.poll() is not None, timeout=15, what="the stopped worker to exit")  # type: ignore[union-attr]  # noqa: B023
         assert "handed to another worker" in current.output()
