@@ -55,6 +55,7 @@ def run_debug_run(run_id: int) -> None:
     with keeper.running(Holding(run_id, token, threading.Event(), None)) as holding:
         verdict = moderate(content)
         if not verdict.passed:
+            keeper.ending(holding)
             _record_refusal(run_id, token, verdict.error_message)
             return
         outcome = call_with_fallback(agent.primary, agent.fallback,

@@ -148,9 +148,10 @@ class LeaseKeeper:
             raise
 
     def ending(self, holding: Holding) -> None:
-        """The run's model calls are over, its end about to be written: a hand-back at shutdown leaves it to
-        finish. Given up then, its settlement would be refused and the delivery that takes it over would call
-        the model again for an answer already paid for (its user charged once, the provider twice)."""
+        """The run's model calls are over (or it will make none), its end about to be written: a hand-back at
+        shutdown leaves it to finish. Given up then, its settlement would be refused and the delivery that takes
+        it over would call the model again for an answer already paid for (its user charged once, the provider
+        twice), or moderate again an input refused (moderation fails open)."""
         with self._lock:
             holding.ending = True
 
@@ -159,15 +160,19 @@ class LeaseKeeper:
         those still calling their models now, so that their last writes are refused and another worker can take
         them over at once rather than when the lease runs out, and tell them to stop calling. Those writing
         their end are left to it (`ending`)."""
-        with self._lock:
-            calling = [h for h in self._held.values() if not h.ending]
-            ending = [(h.kind, h.ident) for h in self._held.values() if h.ending]
-        if not calling:
-            return HandBack([], ending)
-        with transaction() as session:
-            given_up = [(kind, h.ident) for h in calling
-                        if (kind := h.kind).revoke_lease(session, h.ident, h.token, handed_back=True)]
-        for h in calling:
+        given_up: list[tuple[RunKind, int]] = []
+        ending: list[tuple[RunKind, int]] = []
+        for h in self._snapshot():
+            # Each looked at just before its own revocation, committed at once: a call that ends while others
+            # are revoked is left to write its end. One that ends during its own revocation's round trip is
+            # still given up (its settlement is refused): what only the database could tell apart.
+            with self._lock:
+                if h.ending:
+                    ending.append((h.kind, h.ident))
+                    continue
+            with transaction() as session:
+                if h.kind.revoke_lease(session, h.ident, h.token, handed_back=True):
+                    given_up.append((h.kind, h.ident))
             h.stop.set()
         return HandBack(given_up, ending)
 

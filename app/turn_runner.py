@@ -160,12 +160,14 @@ def _execute(context: TurnContext, holding: Holding, stream: TurnStream) -> None
     started = time.monotonic()
     stop = holding.stop
     if stop.is_set():
+        keeper.ending(holding)
         _settle_cancelled(context, Outcome(cancelled=True), 0, stream)
         return
     agent = context.agent
     stream.status(TurnStatus.PROCESSING, _first_model(context).name)
     verdict = moderate(context.content)
     if not verdict.passed:
+        keeper.ending(holding)  # handed back, its input would be moderated again, and moderation fails open
         _settle_failure(context, TurnStatus.CONTENT_VIOLATION, verdict.error_message, stream)
         return
     outcome = call_with_fallback(agent.primary, agent.fallback, context.prompt_for, agent.params, stream, stop,

@@ -95,7 +95,7 @@ def hand_back_unfinished() -> None:
                     kind.label, ident)
         outbox.send(kind, ident, None)
     for kind, ident in handed.ending:
-        log.info("%s %s had its answer when the shutdown grace ran out; waiting for its end to be written",
+        log.info("%s %s had ended its model calls when the shutdown grace ran out; waiting for its end to be written",
                  kind.label, ident)
     if not keeper.wait_until_released(RECORDING_SECONDS):
         log.warning("runs still held at the end of the shutdown grace did not record their model calls or ends "
@@ -178,6 +178,7 @@ def _message_died(message: Delivered, run: tuple[RunKind, int] | None) -> None:
     # its dead letter keeps for the operators. An admin's test run shows it whole.
     said = last_error.split(": ", 1)[0] if kind is TURN else last_error
     try:
-        abandon(kind, ident, f"{reason}: {said}", unless=requeued)
+        if (status := abandon(kind, ident, f"{reason}: {said}", unless=requeued)) is not None:
+            log.warning("%s %s ended as %s: its message died (%s)", kind.label, ident, status.value, reason)
     except Exception:
         log.exception("could not end run %s after its message died; the recovery sweep sends it again later", ident)

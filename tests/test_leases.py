@@ -480,3 +480,17 @@ def test_a_takeover_records_the_calls_of_every_earlier_delivery_left_in_no_recor
                                .where(ModelAttempt.message_id == turn_id).order_by(ModelAttempt.delivery)).all()
     assert [tuple(row) for row in rows] == [(1, "billed", "interrupted", 4), (2, "billed", "interrupted", 3),
                                             (3, "billed", "success", 2)]
+
+
+def test_deliveries_a_graceful_stop_handed_back_do_not_count_toward_giving_up() -> None:
+    """`AGENTQ_MAX_DELIVERIES` counts the deliveries that died or stalled, not those a worker's stop handed back;
+    the reason names both, and the deadline's reason the delivery's own number."""
+    from app.config import get_settings
+    from app.deliveries import give_up_reason
+
+    limit = get_settings().max_deliveries
+    assert give_up_reason(limit + 1, None) == f"gave up after {limit} deliveries"
+    assert give_up_reason(limit + 1, None, handed_back=1) is None
+    assert give_up_reason(limit + 3, None, handed_back=2) == (
+        f"gave up after {limit} deliveries, not counting 2 handed back at a worker's stop")
+    assert give_up_reason(limit + 1, 0.0, handed_back=1).startswith(f"gave up at delivery {limit + 1}: ")  # type: ignore[union-attr]

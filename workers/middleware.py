@@ -55,7 +55,8 @@ class RunOutcomes(Middleware):
 
 class WorkerServices(Middleware):
     """Starts the lease keeper's companions (the recovery sweep, the stop check) in each worker process, and
-    at shutdown stops them and hands another worker the runs its threads still hold or are given."""
+    at shutdown stops them and hands another worker the runs its threads are given, and those still calling
+    their models when the grace runs out (a run writing its end is left to finish)."""
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
         """In each forked process: fresh sockets, agentq's log format, a stop with the group's parent; and, in
@@ -77,7 +78,8 @@ class WorkerServices(Middleware):
         _worker().stop()
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        """The threads had the shutdown grace: the runs they are still in are handed to another worker now."""
+        """The threads had the shutdown grace: the runs still calling their models are handed to another worker
+        now, and those writing their ends are given a moment to finish (`hand_back_unfinished`)."""
         _worker().hand_back_unfinished()
 
     def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy) -> None:
