@@ -584,6 +584,7 @@ def test_a_turn_handed_back_at_each_stop_of_a_rolling_restart_is_not_given_up(st
     model paid at every delivery, though no worker ever failed. Hand-backs are counted apart."""
     agent_id = slow_agent(stack, "rolling-restart", "echo;words=100;gap=0.1")
     _, key = stack.user("rolling-restart")
+
     def restarted() -> Process:
         return stack.start_worker(AGENTQ_SHUTDOWN_GRACE_SECONDS="0.5", AGENTQ_MAX_DELIVERIES="1")
 
