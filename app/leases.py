@@ -170,9 +170,14 @@ class LeaseKeeper:
                 if h.ending:
                     ending.append((h.kind, h.ident))
                     continue
-            with transaction() as session:
-                if h.kind.revoke_lease(session, h.ident, h.token, handed_back=True):
-                    given_up.append((h.kind, h.ident))
+            try:
+                with transaction() as session:
+                    if h.kind.revoke_lease(session, h.ident, h.token, handed_back=True):
+                        given_up.append((h.kind, h.ident))
+            except Exception as error:  # those given up so far are still sent again; the rest keep their leases
+                log_failure(log, error, "giving up the leases of the runs still in flight (the rest run out by "
+                                        "themselves)")
+                break
             h.stop.set()
         return HandBack(given_up, ending)
 
