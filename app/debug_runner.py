@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from decimal import Decimal
+from typing import Any
 
 from app import metrics
 from app.agent_setup import setup_of
@@ -21,10 +23,9 @@ from app.config import get_settings
 from app.db import transaction
 from app.debug_run_state import claim_debug_run, finish_debug_run
 from app.deliveries import RunGivenUp, attempts_end_by, give_up_reason
-from app.fallback import Outcome, call_with_fallback
+from app.fallback import AttemptRecord, Outcome, call_with_fallback
 from app.leases import Holding, keeper
 from app.models import Agent, DebugRun
-from app.models.base import utc_now
 from app.moderation import moderate
 from app.run_kinds import TEST_RUN
 from app.turn_status import TurnStatus
@@ -55,8 +56,10 @@ def run_debug_run(run_id: int) -> None:
     with keeper.running(Holding(run_id, token, threading.Event(), None)) as holding:
         verdict = moderate(content)
         if not verdict.passed:
+            # Raised, the retry of its delivery would moderate the input again, and moderation fails open.
             keeper.ending(holding)
-            _record_refusal(run_id, token, verdict.error_message)
+            _record_end(run_id, token, claim.deliveries, (), TurnStatus.CONTENT_VIOLATION,
+                        error_message=verdict.error_message)
             return
         outcome = call_with_fallback(agent.primary, agent.fallback,
                                      lambda target: agent.prompt_for(target, [], content).messages,
@@ -70,42 +73,32 @@ def run_debug_run(run_id: int) -> None:
         metrics.observe_cost("test_run", cost)
 
 
-def _record_refusal(run_id: int, token: str, reason: str) -> None:
-    """A run moderation refused ends `content_violation`, a database outage waited out as any end of a run is
-    (`RunKind.write_end`): raised, the retry of its delivery would moderate the input again, and a second
-    provider's verdict could let it through."""
-    at = utc_now()
-
-    def write() -> None:
-        with transaction() as session:
-            finish_debug_run(session, run_id, token, TurnStatus.CONTENT_VIOLATION, at=at, error_message=reason)
-
-    TEST_RUN.write_end(run_id, at, write, what=f"ending test run {run_id}, refused by moderation")
-
-
 def _record_result(run_id: int, token: str, delivery: int, outcome: Outcome, latency_ms: int) -> Decimal | None:
-    """The run's result and its attempts in one transaction, a database outage waited out as a turn's
-    settlement waits it (the models were paid for); the cost logged, None without an answer. A failed run
-    keeps the text its last attempt produced, as a failed turn does, for the admin to see where it broke;
-    it names no model, since none answered and the cost analysis counts runs under the model that did."""
+    """The run's result: the cost logged, None without an answer. A failed run keeps the text its last attempt
+    produced, as a failed turn does, for the admin to see where it broke; it names no model, since none
+    answered and the cost analysis counts runs under the model that did."""
     completion, model = outcome.completion, outcome.model
-    cost = None
-    if completion is not None and model is not None:
-        cost = model.cost(completion.usage.prompt_tokens, completion.usage.completion_tokens)
-    with settling(outcome.attempts, delivery=delivery, debug_log_id=run_id) as attempts:
+    if completion is None or model is None:
+        _record_end(run_id, token, delivery, outcome.attempts, TurnStatus.LLM_ERROR, output=outcome.partial,
+                    latency_ms=latency_ms, error_message=outcome.error_message_in_full)
+        return None
+    cost = model.cost(completion.usage.prompt_tokens, completion.usage.completion_tokens)
+    _record_end(run_id, token, delivery, outcome.attempts, TurnStatus.SUCCESS, output=completion.text,
+                model=model.name, model_id=model.id, prompt_tokens=completion.usage.prompt_tokens,
+                completion_tokens=completion.usage.completion_tokens, cost=cost, latency_ms=latency_ms,
+                error_message=None)
+    return cost
+
+
+def _record_end(run_id: int, token: str, delivery: int, attempts: Sequence[AttemptRecord], status: TurnStatus,
+                **result: Any) -> None:
+    """The run's end and its attempts in one transaction, a database outage waited out as a turn's settlement
+    waits it (`RunKind.write_end`: the models were paid for)."""
+    with settling(attempts, delivery=delivery, debug_log_id=run_id) as recorded:
 
         def write() -> None:
             with transaction() as session:
-                if completion is not None and model is not None:
-                    finish_debug_run(session, run_id, token, TurnStatus.SUCCESS, at=attempts.at, output=completion.text,
-                                     model=model.name, model_id=model.id, prompt_tokens=completion.usage.prompt_tokens,
-                                     completion_tokens=completion.usage.completion_tokens, cost=cost,
-                                     latency_ms=latency_ms, error_message=None)
-                else:
-                    finish_debug_run(session, run_id, token, TurnStatus.LLM_ERROR, at=attempts.at,
-                                     output=outcome.partial, latency_ms=latency_ms,
-                                     error_message=outcome.error_message_in_full)
-                attempts.write(session)
+                finish_debug_run(session, run_id, token, status, at=recorded.at, **result)
+                recorded.write(session)
 
-        TEST_RUN.write_end(run_id, attempts.at, write, what=f"settling test run {run_id}")
-    return cost
+        TEST_RUN.write_end(run_id, recorded.at, write, what=f"settling test run {run_id}")

@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from decimal import Decimal
+from functools import partial
 from typing import Any
 
 from app import coordination, ledger, metrics
@@ -157,32 +159,35 @@ def _end_without_model_call(context: TurnContext, stream: TurnStream) -> None:
 
 
 def _execute(context: TurnContext, holding: Holding, stream: TurnStream) -> None:
+    """Whatever ends the turn (a stop before the call, moderation's refusal, the model calls' outcome), the
+    run is marked `ending` before its end is written: a hand-back at shutdown then leaves it to finish (handed
+    back, an answer would be paid twice, a refused input moderated again, which fails open)."""
+    settle = _end_of(context, holding.stop, stream)
+    keeper.ending(holding)
+    settle()
+
+
+def _end_of(context: TurnContext, stop: threading.Event, stream: TurnStream) -> Callable[[], object]:
+    """Run the turn up to its end, and return the settlement that writes it."""
     started = time.monotonic()
-    stop = holding.stop
     if stop.is_set():
-        keeper.ending(holding)
-        _settle_cancelled(context, Outcome(cancelled=True), 0, stream)
-        return
+        return partial(_settle_cancelled, context, Outcome(cancelled=True), 0, stream)
     agent = context.agent
     stream.status(TurnStatus.PROCESSING, _first_model(context).name)
     verdict = moderate(context.content)
     if not verdict.passed:
-        keeper.ending(holding)  # handed back, its input would be moderated again, and moderation fails open
-        _settle_failure(context, TurnStatus.CONTENT_VIOLATION, verdict.error_message, stream)
-        return
+        return partial(_settle_failure, context, TurnStatus.CONTENT_VIOLATION, verdict.error_message, stream)
     outcome = call_with_fallback(agent.primary, agent.fallback, context.prompt_for, agent.params, stream, stop,
                                  ends_by=context.ends_by, fallen_back=context.fallen_back,
                                  before_fallback_call=lambda: TURN.mark_fallen_back(
                                      context.turn_id, context.token, ends_by=context.ends_by, stop=stop))
-    keeper.ending(holding)
     elapsed_ms = int((time.monotonic() - started) * 1000)
     if outcome.completion is not None:
-        _settle_success(context, outcome, elapsed_ms, stream)
-    elif outcome.cancelled:
-        _settle_cancelled(context, outcome, elapsed_ms, stream)
-    else:
-        _settle_failure(context, TurnStatus.LLM_ERROR, outcome.error_message, stream, outcome, elapsed_ms,
-                        content=outcome.partial, model=outcome.model)
+        return partial(_settle_success, context, outcome, elapsed_ms, stream)
+    if outcome.cancelled:
+        return partial(_settle_cancelled, context, outcome, elapsed_ms, stream)
+    return partial(_settle_failure, context, TurnStatus.LLM_ERROR, outcome.error_message, stream, outcome, elapsed_ms,
+                   content=outcome.partial, model=outcome.model)
 
 
 def _streamed_by(context: TurnContext, held: Streamed) -> str:

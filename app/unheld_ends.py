@@ -126,9 +126,13 @@ def abandon(kind: RunKind, ident: int, reason: str, *, pending_before: datetime 
             deadline_before: datetime | None = None,
             unless: Callable[[Session], bool] | None = None) -> TurnStatus | None:
     """End a run of `kind` that no worker holds, as `error` with `reason` (`cancelled` for a turn whose user had
-    asked it to stop): `abandon_turn`'s and `abandon_run`'s terms. The status written, None when not ended."""
+    asked it to stop): `abandon_turn`'s and `abandon_run`'s terms. The status written, None when not ended; an
+    end is logged with its status, which an operator reads to tell a stop from a failure."""
     end = abandon_turn if kind is TURN else abandon_run
-    return end(ident, reason, pending_before=pending_before, deadline_before=deadline_before, unless=unless)
+    status = end(ident, reason, pending_before=pending_before, deadline_before=deadline_before, unless=unless)
+    if status is not None:
+        log.warning("%s %s ended as %s: %s", kind.label, ident, status.value, reason)
+    return status
 
 
 def end_unheld(kind: RunKind, idents: Iterable[int], reason: str, found: str, *,
@@ -139,13 +143,10 @@ def end_unheld(kind: RunKind, idents: Iterable[int], reason: str, found: str, *,
     ended = []
     for ident in idents:
         try:
-            status = abandon(kind, ident, reason, pending_before=pending_before, deadline_before=deadline_before)
+            if abandon(kind, ident, reason, pending_before=pending_before, deadline_before=deadline_before):
+                ended.append(ident)
         except Exception as error:
             log_failure(log, error, f"ending {kind.label} {ident}, {found}")
-            continue
-        if status is not None:
-            ended.append(ident)
-            log.warning("%s %s ended as %s: %s", kind.label, ident, status.value, reason)
     return ended
 
 

@@ -178,7 +178,6 @@ def _message_died(message: Delivered, run: tuple[RunKind, int] | None) -> None:
     # its dead letter keeps for the operators. An admin's test run shows it whole.
     said = last_error.split(": ", 1)[0] if kind is TURN else last_error
     try:
-        if (status := abandon(kind, ident, f"{reason}: {said}", unless=requeued)) is not None:
-            log.warning("%s %s ended as %s: its message died (%s)", kind.label, ident, status.value, reason)
+        abandon(kind, ident, f"{reason}: {said}", unless=requeued)
     except Exception:
         log.exception("could not end run %s after its message died; the recovery sweep sends it again later", ident)
