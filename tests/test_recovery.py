@@ -684,11 +684,18 @@ def test_a_turn_processing_past_its_timeout_and_grace_is_ended_by_its_next_deliv
     print(f"\nstuck turn ended {ended_after:.2f}s after it stuck (bound: timeout 1s + grace {grace}s)")
     # A run given up is a poison message: dead-lettered with its reason, for an operator to requeue.
     letter = given_up_letter(stack, "run_turn", turn["id"], reason)
+    _give_more_time(stack, agent_id)
     assert stack.call("POST", f"/api/admin/dead-letters/{letter['id']}/requeue").status_code == 202
     again = stack.wait_terminal(key, turn["id"])
     assert (again["status"], again["content"], again["error_message"]) == ("success", "echo: are you there", None)
     assert (deliveries(stack, turn["id"]), charges(stack, turn["id"]), len(upstream.requests())) == (1001, 1, 1)
     assert stack.call("GET", "/api/admin/dead-letters").json()["items"] == []
+
+
+def _give_more_time(stack: Stack, agent_id: int) -> None:
+    """The operator mends the cause before requeueing: with a 1 s timeout and a 2 s grace the requeued run's
+    whole model time is 1 s from its claim, which a loaded host can spend before the call is even sent."""
+    assert stack.call("PATCH", f"/api/admin/agents/{agent_id}", json={"timeout_seconds": 30}).status_code == 200
 
 
 def given_up_letter(stack: Stack, actor: str, run_id: int, reason: str) -> dict[str, Any]:
@@ -751,6 +758,7 @@ def test_an_admin_test_run_processing_past_its_timeout_and_grace_is_ended_by_its
     assert upstream.requests() == []
     assert time.monotonic() - stuck_at >= 1 + grace
     letter = given_up_letter(stack, "run_debug_run", run_id, reason)
+    _give_more_time(stack, agent_id)
     assert stack.call("POST", f"/api/admin/dead-letters/{letter['id']}/requeue").status_code == 202
     log = wait_for(lambda: ended_test_run(stack, run_id), what="the requeued test run to end")
     assert (log["status"], log["output"], log["error_message"]) == ("success", "echo: still there?", None)
