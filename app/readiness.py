@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 
 from app.db import database_location, get_engine
-from app.errors import AgentqError, InvalidConfiguration, ServiceUnavailable
+from app.errors import AgentqError
 from app.models import User
 from app.outages import SetupProblem, setup_problem
 from app.redis_client import get_redis
@@ -54,23 +54,11 @@ def require_schema() -> None:
     finally:  # the worker group's parent serves nothing: no connection of its own to keep open
         engine.dispose()
     if problem is not None:
-        refusal, said = _WORKER_REFUSALS[problem.code]
-        raise refusal(said.format(database=database_location()))
+        raise AgentqError(f"No worker starts on the database {database_location()}, whose turns it could not run: "
+                          f"{problem.step}.", code=problem.code)
     if missing:
         raise SchemaIncomplete(f"The database {database_location()} lacks the columns {', '.join(missing)} of this "
                                "release: run `agentq db init` against it to upgrade it.")
-
-
-_WORKER_REFUSALS: dict[str, tuple[type[AgentqError], str]] = {
-    "invalid_configuration": (InvalidConfiguration, "The database at {database} refuses the database, role or "
-                              "password DATABASE_URL names: mend it first (no wait will, and the worker would take "
-                              "turns off the queue it cannot run)."),
-    "service_unavailable": (ServiceUnavailable, "The database {database} has no agentq schema: run `agentq db init` "
-                            "against it first (a SQLite path is relative to the directory a command runs in)."),
-    "schema_incomplete": (SchemaIncomplete, "The database {database} predates this release: run `agentq db init` "
-                          "against it to upgrade it."),
-}
-"""How a worker's start refuses each setup step (`app.outages.setup_problem` tells which)."""
 
 
 def _database() -> tuple[str, SetupProblem | None]:

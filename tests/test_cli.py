@@ -594,8 +594,8 @@ def test_a_database_that_refuses_its_url_is_a_setting_to_mend_and_no_worker_star
                    "database refuses the database, role or password DATABASE_URL names: mend DATABASE_URL."})
     assert _failed_command(["worker", "--processes", "1"], DATABASE_URL=url) == (2, {
         "code": "invalid_configuration",
-        "message": f"The database at {url} refuses the database, role or password DATABASE_URL names: mend it "
-                   "first (no wait will, and the worker would take turns off the queue it cannot run)."})
+        "message": f"No worker starts on the database {url}, whose turns it could not run: the database refuses "
+                   "the database, role or password DATABASE_URL names: mend DATABASE_URL."})
 
 
 def test_a_sqlite_file_that_cannot_be_made_or_read_is_named(tmp_path: Path) -> None:

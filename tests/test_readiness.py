@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import sqlite3
 import time
@@ -14,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import LOG_DIR, child_env
 from tests.stack import drop_database, scratch_database
-from tests.support import Process, agentq, free_port, wait_for, wait_http
+from tests.support import Process, agentq, free_port, run_to_end, wait_for, wait_http
 
 
 @pytest.fixture
@@ -90,6 +91,16 @@ def test_a_database_without_the_schema_is_not_ready_and_says_to_run_db_init(data
         time.sleep(1.0)  # five rounds or more: no event marks a round that logs nothing
         assert web.output().count(said) == 1
         assert "Traceback" not in web.output()
+        # A worker refuses to start on it, saying the same step (it would take turns off the queue to fail them).
+        returncode, _, stderr = run_to_end(agentq("worker", "--processes", "1", "--threads", "1"),
+                                           child_env(DATABASE_URL=url))
+        location = url if database == "postgresql" else f"{tmp_path}/empty.sqlite3"
+        refusal = (f"The SQLite file {location} does not exist: run `agentq db init` to create it (a SQLite path is "
+                   "relative to the directory a command runs in)." if database == "sqlite-no-file" else
+                   f"No worker starts on the database {location}, whose turns it could not run: the database has no "
+                   "agentq schema: run `agentq db init` against it (a SQLite path is relative to the directory a "
+                   "command runs in).")
+        assert (returncode, json.loads(stderr)["error"]) == (1, {"code": "service_unavailable", "message": refusal})
     finally:
         web.stop()
         if database == "postgresql":

@@ -49,8 +49,8 @@ def test_a_sqlite_file_whose_amounts_await_conversion_is_opened_by_nothing_but_d
     refused = _agentq(env, "worker", "--processes", "1", "--threads", "1")
     assert (refused.returncode, json.loads(refused.stderr)["error"]) == (1, {
         "code": "schema_incomplete",
-        "message": f"The database {database} predates this release: run `agentq db init` against it to upgrade "
-                   "it."})
+        "message": f"No worker starts on the database {database}, whose turns it could not run: the SQLite file "
+                   "was written by an earlier release and awaits its upgrade: run `agentq db init` against it."})
     refused = _agentq(env, "users", "create", "meanwhile", "--balance", "3")
     assert (refused.returncode, json.loads(refused.stderr)["error"]) == (1, {
         "code": "schema_incomplete",
