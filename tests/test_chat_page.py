@@ -102,6 +102,17 @@ def send_first_message(driver, base_url: str, key: str, agent_id: int, content: 
     driver.find_element(By.ID, "send").click()
 
 
+def _answer_late(driver, path: str, seconds: float) -> None:  # type: ignore[no-untyped-def]
+    """The page's requests for `path` get their responses `seconds` late (a slow network or a loaded server),
+    and `window.lateAnswered` is set once one was handed over."""
+    driver.execute_script("""
+        const [path, delay] = arguments;
+        const original = window.fetch;
+        window.fetch = (url, init) => original(url, init).then((response) => url !== path ? response
+            : new Promise((resolve) => setTimeout(() => { resolve(response); window.lateAnswered = true; }, delay)));
+    """, path, int(seconds * 1000))
+
+
 def test_a_stream_closed_without_done_is_opened_again_and_another_key_clears_the_page(world) -> None:  # type: ignore[no-untyped-def]
     """A stream that the server closes without `done` (its time limit here, a restart in a deploy) froze the
     answer part-way: the page never reconnected, and a reload did not either. It reopens the stream with its
@@ -119,6 +130,8 @@ def test_a_stream_closed_without_done_is_opened_again_and_another_key_clears_the
             send_first_message(driver, f"http://127.0.0.1:{port}", key, agent_id, "go on")
             message_id = int(wait_for(lambda: assistant_box(driver), what="the answer's box")
                              .get_attribute("data-message-id"))
+            question_id = driver.find_element(By.CSS_SELECTOR, ".msg.user").get_attribute("data-message-id")
+            _answer_late(driver, f"/api/messages/{question_id}", seconds=3)
             final = world.wait_terminal(key, message_id)
             wait_for(lambda: assistant_box(driver, message_id).get_attribute("data-status") == "success",
                      timeout=20, what="the page to follow the answer over streams closed every second")
@@ -127,6 +140,10 @@ def test_a_stream_closed_without_done_is_opened_again_and_another_key_clears_the
 
             connect_as(driver, other_key)
             wait_for(lambda: "second" in driver.find_element(By.ID, "whoami").text, what="the second key")
+            # The first user's question, fetched again at the answer's end, arrived after the switch (late on
+            # a loaded host; held back here) and was drawn on the second user's empty screen.
+            wait_for(lambda: driver.execute_script("return window.lateAnswered === true"), timeout=20,
+                     what="the first user's question, fetched under the old key, to arrive")
             assert driver.find_elements(By.CSS_SELECTOR, ".msg") == []
     finally:
         web.stop()

@@ -2,7 +2,9 @@
 // sessionStorage, so a reload picks the stream up again with Last-Event-ID.
 "use strict";
 
-const state = { key: sessionStorage.getItem("agentq_key") || "", conversationId: null, streaming: null };
+// `keyEpoch` counts the keys connected with: an answer fetched under an earlier key, arriving after another
+// was connected, is dropped rather than drawn on the new user's screen.
+const state = { key: sessionStorage.getItem("agentq_key") || "", keyEpoch: 0, conversationId: null, streaming: null };
 const $ = (id) => document.getElementById(id);
 
 async function api(method, path, body) {
@@ -56,6 +58,7 @@ async function connect() {
     state.conversationId = null;
     $("messages").replaceChildren();
     state.key = entered;
+    state.keyEpoch += 1;
   }
   sessionStorage.setItem("agentq_key", state.key);
   const me = await api("GET", "/api/me");
@@ -76,7 +79,9 @@ async function connect() {
 }
 
 async function loadConversations() {
+  const epoch = state.keyEpoch;
   const list = await api("GET", "/api/conversations?limit=50");
+  if (epoch !== state.keyEpoch) return;
   $("conversations").innerHTML = "";
   for (const c of list.items) {
     const button = document.createElement("button");
@@ -91,7 +96,10 @@ async function openConversation(id) {
   if (state.streaming && state.streaming.conversationId !== id) stopFollowing();
   state.conversationId = id;
   $("messages").innerHTML = "";
+  const epoch = state.keyEpoch;
   const list = await api("GET", `/api/conversations/${id}/messages`);
+  // Another conversation (or key) chosen while this one loaded: its messages must not join the other's.
+  if (epoch !== state.keyEpoch || state.conversationId !== id) return;
   list.items.forEach(renderMessage);
 }
 
@@ -206,8 +214,10 @@ function handleFrame(frame, stream) {
     if (box) box.querySelector(".meta").textContent = payload.status + (payload.model ? ` · ${payload.model}` : "");
   } else if (event === "done") {
     renderMessage(payload);
-    if (stream.questionId && document.querySelector(`[data-message-id="${stream.questionId}"]`)) {
-      api("GET", `/api/messages/${stream.questionId}`).then(renderMessage);
+    if (stream.questionId) {
+      // Redrawn only while still on screen: the page may have moved to another conversation or key meanwhile.
+      const onScreen = () => document.querySelector(`[data-message-id="${stream.questionId}"]`);
+      if (onScreen()) api("GET", `/api/messages/${stream.questionId}`).then((m) => { if (onScreen()) renderMessage(m); });
     }
     return true;
   }
