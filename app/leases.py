@@ -80,6 +80,8 @@ class Holding:
     """Its model calls are over and its end is being written (`LeaseKeeper.ending`)."""
     lost: bool = False
     """Its lease was lost while it ran (`LeaseKeeper.running`): what it held is another delivery's now."""
+    handed_back: bool = False
+    """This process gave its lease up as it left (`LeaseKeeper.hand_back`): not taken over by another."""
 
     @property
     def kind(self) -> RunKind:
@@ -174,9 +176,14 @@ class LeaseKeeper:
                 with transaction() as session:
                     if h.kind.revoke_lease(session, h.ident, h.token, handed_back=True):
                         given_up.append((h.kind, h.ident))
+                        with self._lock:
+                            h.handed_back = True
             except Exception as error:  # those given up so far are still sent again; the rest keep their leases
                 log_failure(log, error, "giving up the leases of the runs still in flight (the rest run out by "
                                         "themselves)")
+                # Its revocation may have committed before the error: stopped, its calls end now either way
+                # (a lease it kept runs out, and the recovery sweep sends it again).
+                h.stop.set()
                 break
             h.stop.set()
         return HandBack(given_up, ending)
@@ -288,9 +295,10 @@ class LeaseKeeper:
             self._kept = kept
         for h in current:
             if h.key not in kept:
-                # A run writing its end gives its lease up with it: not kept, and not taken over. Lost to another
-                # worker, its settlement is refused and its runner says so.
-                if not h.ending:
+                # A run writing its end gives its lease up with it, one handed back as this process leaves gave it
+                # up: not kept, and not taken over. Lost to another worker, its settlement is refused and its
+                # runner says so.
+                if not (h.ending or h.handed_back):
                     log.warning("lease of %s %s was taken over; stopping", h.kind.label, h.ident)
                 h.stop.set()
             elif h.kind is TURN and h.ident in stopped:

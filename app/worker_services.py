@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import textwrap
-import threading
 import traceback
 
 from sqlalchemy.orm import Session
@@ -26,7 +25,24 @@ from app.unheld_ends import abandon
 log = logging.getLogger(__name__)
 
 _recovery: RecoveryLoop | None = None
-draining = threading.Event()
+
+
+class StopFlag:
+    """A flag set once and only looked at. Not a `threading.Event`: it is set from the SIGTERM handler, which
+    runs on the main thread between two bytecodes, possibly of that same thread's `Event.set` (a stop begun
+    by another signal), whose lock it would then wait for for ever. Nothing waits on it."""
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
+draining = StopFlag()
 """Set when this worker process starts shutting down: its consumers fetch no new message
 (`workers.broker.RefillingConsumer`) and a run that still reaches a thread is handed back."""
 
@@ -91,9 +107,12 @@ def hand_back_unfinished() -> None:
         warn_of(log, exc, "could not give up the leases of the runs still in flight; they run out by themselves")
         return
     for kind, ident in handed.given_up:
-        log.warning("%s %s was still running when the shutdown grace ran out; handed to another worker",
-                    kind.label, ident)
-        outbox.send(kind, ident, None)
+        if outbox.send(kind, ident, None):
+            log.warning("%s %s was still running when the shutdown grace ran out; handed to another worker",
+                        kind.label, ident)
+        else:
+            log.warning("%s %s was still running when the shutdown grace ran out; its lease is given up, and the "
+                        "recovery sweep sends it again once Redis takes it", kind.label, ident)
     for kind, ident in handed.ending:
         log.info("%s %s had ended its model calls when the shutdown grace ran out; waiting for its end to be written",
                  kind.label, ident)

@@ -444,6 +444,71 @@ def test_a_run_whose_end_gave_its_lease_up_is_not_logged_as_taken_over(world, ca
     assert warned == [f"lease of turn {taken.turn_id} was taken over; stopping"]
 
 
+def test_a_run_handed_back_as_its_worker_leaves_is_not_logged_as_taken_over(world, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A worker leaving gives up the leases of the runs still calling (`LeaseKeeper.hand_back`); a renewal
+    before such a run let go warned that its lease "was taken over", which no other worker had done. One whose
+    lease another delivery took before the hand-back is still warned of."""
+    import logging
+
+    from app.run_kinds import TURN
+
+    handed, taken = _processing_turn(world, "mine", "handed"), _processing_turn(world, "mine", "taken")
+    probe = _processing_turn(world, "probe", "probe")  # writing its end: not handed back, its lease renewed
+    keeper = LeaseKeeper()
+    held_handed = Holding(handed.turn_id, "mine", threading.Event(), handed)
+    held_taken = Holding(taken.turn_id, "mine", threading.Event(), taken)
+    held_probe = Holding(probe.turn_id, "probe", threading.Event(), probe)
+    with caplog.at_level(logging.WARNING, logger="app.leases"), keeper.holding(held_handed), \
+            keeper.holding(held_taken), keeper.holding(held_probe):
+        keeper.ending(held_probe)
+        with transaction() as session:
+            session.execute(update(Turn).where(Turn.assistant_message_id == taken.turn_id)
+                            .values(lease_token="another"))
+        handed_back = keeper.hand_back()
+        assert (handed_back.given_up, handed_back.ending) == ([(TURN, handed.turn_id)], [(TURN, probe.turn_id)])
+        assert held_handed.stop.is_set() and held_taken.stop.is_set() and not held_probe.stop.is_set()
+        before = _lease_expiry(probe.turn_id)
+        wait_for(lambda: _lease_expiry(probe.turn_id) != before, timeout=5, what="a renewal after the hand-back")
+    warned = {r.getMessage() for r in caplog.records if "was taken over" in r.getMessage()}
+    assert warned == {f"lease of turn {taken.turn_id} was taken over; stopping"}
+
+
+def test_a_hand_back_whose_database_fails_part_way_stops_every_run_it_could_not_tell_about(world) -> None:  # type: ignore[no-untyped-def]
+    """Each revocation is its own transaction; one that fails (here a real error PostgreSQL raises for that row)
+    ends the hand-back, those given up before it still reported for sending again. The failed one is stopped
+    too, since its revocation may have committed before the error; the runs after it keep their leases and run
+    on until the process leaves (those leases then run out)."""
+    from sqlalchemy import text
+
+    from app.run_kinds import TURN
+
+    first, failing, after = (_processing_turn(world, token, token) for token in ("first", "explode", "after"))
+    keeper = LeaseKeeper()
+    held = [Holding(t.turn_id, token, threading.Event(), t)
+            for t, token in ((first, "first"), (failing, "explode"), (after, "after"))]
+    with transaction() as session:
+        session.execute(text(
+            "CREATE FUNCTION refuse_revocation() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF OLD.lease_token = 'explode' AND NEW.lease_token IS NULL THEN "
+            "RAISE EXCEPTION 'revocation refused for the test'; END IF; RETURN NEW; END $$"))
+        session.execute(text("CREATE TRIGGER refuse_revocation BEFORE UPDATE ON turns FOR EACH ROW "
+                             "EXECUTE FUNCTION refuse_revocation()"))
+    try:
+        with keeper.holding(held[0]), keeper.holding(held[1]), keeper.holding(held[2]):
+            handed_back = keeper.hand_back()
+            assert (handed_back.given_up, handed_back.ending) == ([(TURN, first.turn_id)], [])
+            assert [h.stop.is_set() for h in held] == [True, True, False]
+            with transaction() as session:
+                leases = session.execute(select(Turn.lease_token, Turn.handed_back).where(
+                    Turn.assistant_message_id.in_([t.turn_id for t in (first, failing, after)]))
+                    .order_by(Turn.assistant_message_id)).all()
+            assert [tuple(row) for row in leases] == [(None, 1), ("explode", 0), ("after", 0)]
+    finally:
+        with transaction() as session:
+            session.execute(text("DROP TRIGGER refuse_revocation ON turns"))
+            session.execute(text("DROP FUNCTION refuse_revocation()"))
+
+
 def test_a_takeover_records_the_calls_of_every_earlier_delivery_left_in_no_record(  # type: ignore[no-untyped-def]
         world, workers, redis_client) -> None:
     """Delivery 1 streamed part of an answer and its worker died; delivery 2 took the turn over, streamed some

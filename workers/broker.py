@@ -38,7 +38,7 @@ import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dramatiq
 import redis
@@ -56,6 +56,9 @@ from app.redis_client import SOCKET_TIMEOUT_SECONDS
 from workers.doorbell import Doorbell, channel_name
 from workers.middleware import DeliveryLogContext, RunOutcomes, WorkerServices
 from workers.places import SharedPlaces
+
+if TYPE_CHECKING:
+    from app.worker_services import StopFlag
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +92,7 @@ class RefillingConsumer(_RedisConsumer):
     """
 
     def __init__(self, broker: RedisBroker, queue_name: str, prefetch: int, timeout: int,
-                 draining: threading.Event, doorbell: Doorbell | None = None,
+                 draining: StopFlag, doorbell: Doorbell | None = None,
                  places: SharedPlaces | None = None) -> None:
         super().__init__(broker, queue_name, prefetch, 1)
         self._wait_seconds = timeout / 1000
