@@ -29,7 +29,8 @@ def box_text(driver) -> str:  # type: ignore[no-untyped-def]
 
 
 def test_send_watch_reload_and_stop(world, web_server) -> None:  # type: ignore[no-untyped-def]
-    agent_id = world.agent(world.model(upstream="echo;words=80;gap=0.04"))
+    # 8 s an answer: the reload and the stop must both come while it streams, on a loaded host too
+    agent_id = world.agent(world.model(upstream="echo;words=80;gap=0.1"))
     _, key = world.user(balance="10")
     with chromium() as driver:
         driver.get(f"{web_server}/")
@@ -152,7 +153,7 @@ def test_a_stream_closed_without_done_is_opened_again_and_another_key_clears_the
 def test_a_refusal_on_the_status_line_outlives_the_answer_that_was_streaming(world, web_server) -> None:  # type: ignore[no-untyped-def]
     """A message sent while the conversation's answer streamed is refused (409, busy), and the page says so; the
     streaming answer's end cleared the status line, and the refusal was gone before the user could read it."""
-    agent_id = world.agent(world.model(upstream="echo;words=30;gap=0.1"))
+    agent_id = world.agent(world.model(upstream="echo;words=30;gap=0.2"))  # 6 s: the refusal comes while it streams
     _, key = world.user(balance="10")
     with chromium() as driver:
         send_first_message(driver, web_server, key, agent_id, "first")

@@ -53,7 +53,7 @@ FAILURES = [
 def test_each_failure_switches_to_the_fallback_once(world, upstream, primary_upstream, outcome) -> None:  # type: ignore[no-untyped-def]
     primary = world.model("primary", upstream=primary_upstream)
     fallback = world.model("fallback", upstream="echo")
-    agent_id = world.agent(primary, fallback, timeout_seconds=1)
+    agent_id = world.agent(primary, fallback, timeout_seconds=2)  # not 1: a loaded host's echo can take a second
     _, key = world.user()
     conversation_id = world.conversation(key, agent_id)
     assistant = world.send(key, conversation_id, "hi there").json["assistant_message"]
@@ -279,8 +279,8 @@ def test_a_stalled_stream_ends_within_the_timeout_plus_a_small_bound(world, upst
     with transaction() as session:
         attempt = session.scalars(select(ModelAttempt).where(ModelAttempt.message_id == assistant["id"])).one()
     assert attempt.outcome == "timeout"
-    assert 2000 <= attempt.latency_ms <= 2500
-    assert 2000 <= done["latency_ms"] <= 3000
+    assert 2000 <= attempt.latency_ms <= 3000  # the watchdog's tick and a loaded host's slack on top of 2 s
+    assert 2000 <= done["latency_ms"] <= 4000
 
     wait_for(lambda: list(upstream.streams().values()) == ["disconnected"], what="the upstream to see the close")
 

@@ -155,7 +155,7 @@ def test_a_turn_whose_worker_is_killed_is_taken_over_by_another_within_the_lease
     assert stack.sql("SELECT delivery, model_name, outcome FROM model_attempts WHERE message_id = %(id)s "
                      "ORDER BY delivery, id", {"id": turn["id"]}) == [
         (1, "slow-kill", "interrupted"), (2, "slow-kill", "success")]
-    assert taken_after <= LEASE_SECONDS + 2 * RECOVERY_INTERVAL + 1.5
+    assert taken_after <= LEASE_SECONDS + 2 * RECOVERY_INTERVAL + 3  # a loaded host's claim and log reads on top
     print(f"\ntakeover {taken_after:.2f}s after SIGKILL (lease {LEASE_SECONDS}s, sweep {RECOVERY_INTERVAL}s)")
     wait_for(lambda: victim_group.popen is not None and victim_group.popen.poll() is not None,
              what="the killed worker's parent to exit")
@@ -255,7 +255,7 @@ def test_a_turn_stopped_while_its_worker_is_dead_keeps_the_text_it_streamed_when
     kept_what_was_streamed(unheld_key, unheld, unheld_seen)
     assert deliveries(stack, unheld) == 1
     stack.start_worker()
-    past(late, "2 seconds")  # less than the settlement's reserve: no time for a model call
+    past(late, "4 seconds")  # less than the settlement's reserve: no time for a model call
     kept_what_was_streamed(late_key, late, late_seen)
     assert deliveries(stack, late) == 2
     assert stack.sql("SELECT count(*) FROM users WHERE reserved <> 0") == [(0,)]
@@ -570,7 +570,8 @@ def test_a_run_still_going_when_the_shutdown_grace_ends_is_handed_to_another_wor
     leaving.popen.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
     wait_for(lambda: leaving.popen.poll() is not None, timeout=10, what="the worker to exit")  # type: ignore[union-attr]
     assert "handed to another worker" in leaving.output()
-    wait_for(lambda: deliveries(stack, turn["id"]) == 2, timeout=5, what="another worker to take the turn over")
+    wait_for(lambda: deliveries(stack, turn["id"]) == 2, timeout=15,  # half the lease: at once, not when it ran out
+             what="another worker to take the turn over")
     done = stack.wait_terminal(key, turn["id"], timeout=30)
     assert (done["status"], done["content"]) == ("success", " ".join(f"w{i}" for i in range(60)))
     assert charges(stack, turn["id"]) == 1
@@ -731,7 +732,9 @@ def test_a_turn_taken_over_keeps_its_first_deliverys_deadline(stack: Stack, upst
     assert done["error_message"].startswith("dying: ") and "ran past" in done["error_message"]
     assert done["content"] and " ".join(f"w{i}" for i in range(40)).startswith(done["content"])
     assert (deliveries(stack, turn["id"]), charges(stack, turn["id"]), len(upstream.requests())) == (2, 0, 1)
-    assert ended_after <= left + 1.5, f"ended {ended_after:.2f}s after the first delivery died"
+    # Ended at the first delivery's deadline, not after a new 30 s timeout; 3.5 s for the watchdog's tick, the
+    # settlement and the polling of a loaded host
+    assert ended_after <= left + 3.5, f"ended {ended_after:.2f}s after the first delivery died"
     print(f"\ntaken-over turn cut at its first delivery's deadline: ended {ended_after:.2f}s after (left {left}s)")
 
 
@@ -1128,7 +1131,7 @@ def test_worker_logs_are_json_lines_that_carry_the_turn_id(stack: Stack) -> None
 def test_an_idle_worker_takes_a_sent_turn_at_once_not_at_its_next_look(stack: Stack) -> None:
     """The doorbell end to end: the API's send rings, the worker process's listener wakes its consumer.
 
-    The only worker left looks at its queue every 30 s on its own, so each turn ending within 5 s
+    The only worker left looks at its queue every 30 s on its own, so each turn ending within 15 s
     of its POST was woken by the ring (the first look after boot cannot take the second turn)."""
     for process in stack.workers:
         process.kill_group()
@@ -1137,7 +1140,7 @@ def test_an_idle_worker_takes_a_sent_turn_at_once_not_at_its_next_look(stack: St
     _, key = stack.user("rung")
     for index in range(2):
         turn = stack.send(key, stack.conversation(key, agent_id), f"ring {index}")
-        assert stack.wait_terminal(key, turn["id"], timeout=5)["status"] == "success"
+        assert stack.wait_terminal(key, turn["id"], timeout=15)["status"] == "success"
     assert claims_of(worker, turn["id"])
 
 

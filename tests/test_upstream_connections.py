@@ -159,7 +159,7 @@ def _assert_ends_at_its_stop_and_its_deadline(host: str, port: int, scheme: str 
     threading.Timer(0.3, stop.set).start()
     stopped, took = _attempt_at(host, port, 5.0, stop, scheme)
     assert isinstance(stopped, AttemptFailed) and stopped.kind == "cancelled"
-    assert took < 1.2
+    assert took < 2.0  # the stop at 0.3 s, against the attempt's 5 s (a first TLS connection loads its CAs)
 
     timed_out, took = _attempt_at(host, port, 1.0, threading.Event(), scheme)
     assert isinstance(timed_out, AttemptFailed)
