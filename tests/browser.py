@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.remote.webdriver import WebDriver
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -29,3 +30,14 @@ def chromium() -> Iterator[webdriver.Chrome]:
             yield driver
         finally:
             driver.quit()
+
+
+def answer_late(driver: WebDriver, path: str, seconds: float) -> None:
+    """The page's requests for `path` get their responses `seconds` late (a slow network or a loaded server),
+    and `window.lateAnswered` is set once one was handed over."""
+    driver.execute_script("""
+        const [path, delay] = arguments;
+        const original = window.fetch;
+        window.fetch = (url, init) => original(url, init).then((response) => url !== path ? response
+            : new Promise((resolve) => setTimeout(() => { resolve(response); window.lateAnswered = true; }, delay)));
+    """, path, int(seconds * 1000))

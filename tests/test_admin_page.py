@@ -11,7 +11,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.browser import chromium
+from tests.browser import answer_late, chromium
 from tests.stack import RedisServer, Stack, drop_database, scratch_database
 from tests.support import Process, wait_for
 
@@ -105,6 +105,21 @@ def test_the_operators_page_shows_a_dead_letter_and_requeues_and_deletes(stack: 
 
     assert stack.call("GET", "/api/admin/dead-letters").json()["items"] == []
     assert stack.message(key, second)["status"] == "error"
+
+
+def test_what_comes_back_for_a_forgotten_key_is_not_shown(stack: Stack) -> None:
+    """A refresh asked for with the key, answered after the operator forgot it (a slow network, a loaded API),
+    filled the tables again: what only an admin may read stayed on a screen left without a key."""
+    with signed_in(stack) as (driver, wait):
+        wait.until(lambda d: text_of(d, "#queues tbody") != "")
+        answer_late(driver, "/api/admin/queues", seconds=3)
+        driver.find_element(By.ID, "api-key").send_keys(stack.admin_key)
+        driver.find_element(By.ID, "save-key").click()  # a refresh now, its queues answered late
+        driver.find_element(By.ID, "forget-key").click()
+        wait.until(lambda d: d.execute_script("return window.lateAnswered === true"))
+        assert (text_of(driver, "#queues tbody"), text_of(driver, "#failure-counts tbody"),
+                text_of(driver, "#turns-pending")) == ("", "", "–")
+        assert "Enter an admin API key" in text_of(driver, "#status")
 
 
 def test_the_operators_page_refuses_a_users_key(stack: Stack) -> None:

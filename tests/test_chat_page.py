@@ -6,7 +6,7 @@ import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 
-from tests.browser import chromium
+from tests.browser import answer_late, chromium
 from tests.conftest import LOG_DIR, child_env
 from tests.support import Process, agentq, free_port, wait_for, wait_http
 
@@ -103,17 +103,6 @@ def send_first_message(driver, base_url: str, key: str, agent_id: int, content: 
     driver.find_element(By.ID, "send").click()
 
 
-def _answer_late(driver, path: str, seconds: float) -> None:  # type: ignore[no-untyped-def]
-    """The page's requests for `path` get their responses `seconds` late (a slow network or a loaded server),
-    and `window.lateAnswered` is set once one was handed over."""
-    driver.execute_script("""
-        const [path, delay] = arguments;
-        const original = window.fetch;
-        window.fetch = (url, init) => original(url, init).then((response) => url !== path ? response
-            : new Promise((resolve) => setTimeout(() => { resolve(response); window.lateAnswered = true; }, delay)));
-    """, path, int(seconds * 1000))
-
-
 def test_a_stream_closed_without_done_is_opened_again_and_another_key_clears_the_page(world) -> None:  # type: ignore[no-untyped-def]
     """A stream that the server closes without `done` (its time limit here, a restart in a deploy) froze the
     answer part-way: the page never reconnected, and a reload did not either. It reopens the stream with its
@@ -132,7 +121,7 @@ def test_a_stream_closed_without_done_is_opened_again_and_another_key_clears_the
             message_id = int(wait_for(lambda: assistant_box(driver), what="the answer's box")
                              .get_attribute("data-message-id"))
             question_id = driver.find_element(By.CSS_SELECTOR, ".msg.user").get_attribute("data-message-id")
-            _answer_late(driver, f"/api/messages/{question_id}", seconds=3)
+            answer_late(driver, f"/api/messages/{question_id}", seconds=3)
             final = world.wait_terminal(key, message_id)
             wait_for(lambda: assistant_box(driver, message_id).get_attribute("data-status") == "success",
                      timeout=20, what="the page to follow the answer over streams closed every second")

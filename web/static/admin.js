@@ -78,11 +78,14 @@ function clearTables() {
 }
 
 async function refresh() {
-  if (!key()) { clearTables(); say("Enter an admin API key."); return; }
+  const asked = key();
+  if (!asked) { clearTables(); say("Enter an admin API key."); return; }
   try {
     const [queues, failures, retries, dead] = await Promise.all([
       api("GET", "/api/admin/queues"), api("GET", "/api/admin/failures"), api("GET", "/api/admin/retries"),
       api("GET", "/api/admin/dead-letters?limit=" + DEAD_LETTERS_SHOWN)]);
+    // The key was forgotten or replaced while these were asked for: they are the earlier key's to see.
+    if (key() !== asked) { return; }
     fill("queues", queues.queues, (row, q) => {
       cell(row, q.name); cell(row, q.ready, "num"); cell(row, q.delayed, "num"); cell(row, q.dead_letters, "num");
     });
@@ -111,6 +114,7 @@ async function refresh() {
     });
     if (Date.now() > resultShownUntil) { say("Updated " + new Date().toLocaleTimeString() + "."); }
   } catch (e) {
+    if (key() !== asked) { return; }
     if (e.status === 401 || e.status === 403) { clearTables(); }
     say(e.message, true);
   }
