@@ -174,17 +174,20 @@ class LeaseKeeper:
                     continue
             try:
                 with transaction() as session:
-                    if h.kind.revoke_lease(session, h.ident, h.token, handed_back=True):
-                        given_up.append((h.kind, h.ident))
-                        with self._lock:
-                            h.handed_back = True
+                    revoked = h.kind.revoke_lease(session, h.ident, h.token, handed_back=True)
             except Exception as error:  # those given up so far are still sent again; the rest keep their leases
                 log_failure(log, error, "giving up the leases of the runs still in flight (the rest run out by "
                                         "themselves)")
                 # Its revocation may have committed before the error: stopped, its calls end now either way
                 # (a lease it kept runs out, and the recovery sweep sends it again).
+                with self._lock:
+                    h.handed_back = True
                 h.stop.set()
                 break
+            if revoked:  # committed: only now is it another worker's to take
+                given_up.append((h.kind, h.ident))
+                with self._lock:
+                    h.handed_back = True
             h.stop.set()
         return HandBack(given_up, ending)
 

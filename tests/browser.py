@@ -10,6 +10,8 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.remote.webdriver import WebDriver
 
+from tests.support import wait_for
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
@@ -32,12 +34,30 @@ def chromium() -> Iterator[webdriver.Chrome]:
             driver.quit()
 
 
-def answer_late(driver: WebDriver, path: str, seconds: float) -> None:
-    """The page's requests for `path` get their responses `seconds` late (a slow network or a loaded server),
-    and `window.lateAnswered` is set once one was handed over."""
+def hold_answers(driver: WebDriver, path: str) -> None:
+    """The page's requests for `path` get their responses only at `release_held_answers` (a slow network or a
+    loaded server, made as late as the test needs)."""
     driver.execute_script("""
-        const [path, delay] = arguments;
+        const [path] = arguments;
         const original = window.fetch;
-        window.fetch = (url, init) => original(url, init).then((response) => url !== path ? response
-            : new Promise((resolve) => setTimeout(() => { resolve(response); window.lateAnswered = true; }, delay)));
-    """, path, int(seconds * 1000))
+        let release;
+        const released = new Promise((resolve) => { release = resolve; });
+        window.releaseHeld = () => release();
+        window.fetch = (url, init) => original(url, init).then((response) => {
+          if (url !== path) return response;
+          const json = response.json.bind(response);
+          // Flagged a task after the page read the body: whatever it does with it is done by then.
+          response.json = () => json().then((body) => {
+            setTimeout(() => { window.heldAnswered = true; }, 0);
+            return body;
+          });
+          return released.then(() => response);
+        });
+    """, path)
+
+
+def release_held_answers(driver: WebDriver) -> None:
+    """Hand the held responses to the page, and wait until it has done what it does with them."""
+    driver.execute_script("window.releaseHeld()")
+    wait_for(lambda: driver.execute_script("return window.heldAnswered === true"), timeout=20,
+             what="the page to take the held answer")

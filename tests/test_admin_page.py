@@ -11,7 +11,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.browser import answer_late, chromium
+from tests.browser import chromium, hold_answers, release_held_answers
 from tests.stack import RedisServer, Stack, drop_database, scratch_database
 from tests.support import Process, wait_for
 
@@ -112,11 +112,12 @@ def test_what_comes_back_for_a_forgotten_key_is_not_shown(stack: Stack) -> None:
     filled the tables again: what only an admin may read stayed on a screen left without a key."""
     with signed_in(stack) as (driver, wait):
         wait.until(lambda d: text_of(d, "#queues tbody") != "")
-        answer_late(driver, "/api/admin/queues", seconds=3)
+        hold_answers(driver, "/api/admin/queues")
         driver.find_element(By.ID, "api-key").send_keys(stack.admin_key)
         driver.find_element(By.ID, "save-key").click()  # a refresh now, its queues answered late
         driver.find_element(By.ID, "forget-key").click()
-        wait.until(lambda d: d.execute_script("return window.lateAnswered === true"))
+        wait.until(lambda d: "Enter an admin API key" in text_of(d, "#status"))
+        release_held_answers(driver)
         assert (text_of(driver, "#queues tbody"), text_of(driver, "#failure-counts tbody"),
                 text_of(driver, "#turns-pending")) == ("", "", "–")
         assert "Enter an admin API key" in text_of(driver, "#status")

@@ -20,6 +20,12 @@ async function api(method, path, body) {
 
 function say(text) { $("status-line").textContent = text || ""; }
 
+// Whether the page is still where it was when it asked: the same key and, when one is given, the same
+// conversation. An answer that comes back after the user moved on is dropped, not drawn on the new screen.
+function stillAt(epoch, conversationId) {
+  return epoch === state.keyEpoch && (conversationId === undefined || conversationId === state.conversationId);
+}
+
 // What the followed stream last said on the status line (a reconnection, a refusal): only that is cleared
 // when the stream reads again or ends, never an answer to something else the user did meanwhile (a 409 for a
 // message sent while the answer streamed).
@@ -61,9 +67,12 @@ async function connect() {
     state.keyEpoch += 1;
   }
   sessionStorage.setItem("agentq_key", state.key);
+  const epoch = state.keyEpoch;
   const me = await api("GET", "/api/me");
+  if (!stillAt(epoch)) return;
   $("whoami").textContent = `${me.name} · balance ${me.balance}`;
   const agents = await api("GET", "/api/agents");
+  if (!stillAt(epoch)) return;
   $("agent").replaceChildren(...agents.items.map((a) => {
     const option = document.createElement("option");
     option.value = a.id;
@@ -72,16 +81,16 @@ async function connect() {
   }));
   await loadConversations();
   const saved = JSON.parse(sessionStorage.getItem("agentq_streaming") || "null");
-  if (saved) {
+  if (saved && stillAt(epoch)) {
     await openConversation(saved.conversationId);
-    follow(saved);
+    if (stillAt(epoch, saved.conversationId)) follow(saved);
   }
 }
 
 async function loadConversations() {
   const epoch = state.keyEpoch;
   const list = await api("GET", "/api/conversations?limit=50");
-  if (epoch !== state.keyEpoch) return;
+  if (!stillAt(epoch)) return;
   $("conversations").innerHTML = "";
   for (const c of list.items) {
     const button = document.createElement("button");
@@ -98,30 +107,36 @@ async function openConversation(id) {
   $("messages").innerHTML = "";
   const epoch = state.keyEpoch;
   const list = await api("GET", `/api/conversations/${id}/messages`);
-  // Another conversation (or key) chosen while this one loaded: its messages must not join the other's.
-  if (epoch !== state.keyEpoch || state.conversationId !== id) return;
+  if (!stillAt(epoch, id)) return;  // its messages must not join another conversation's
   list.items.forEach(renderMessage);
 }
 
+// Whether the new conversation is the one on screen (not when another key was connected meanwhile).
 async function newConversation() {
+  const epoch = state.keyEpoch;
   const conversation = await api("POST", "/api/conversations", { agent_id: Number($("agent").value) });
+  if (!stillAt(epoch)) return false;
   await openConversation(conversation.id);
+  return stillAt(epoch, conversation.id);
 }
 
 async function send(event) {
   event.preventDefault();
   const content = $("content").value;
   if (!content.trim()) return;
-  if (!state.conversationId) await newConversation();
+  const epoch = state.keyEpoch;
   try {
-    const turn = await api("POST", `/api/conversations/${state.conversationId}/messages`, { content });
+    if (!state.conversationId && !(await newConversation())) return;
+    const conversationId = state.conversationId;
+    const turn = await api("POST", `/api/conversations/${conversationId}/messages`, { content });
+    if (!stillAt(epoch, conversationId)) return;  // the turn runs on; this screen is another's now
     $("content").value = "";
     renderMessage(turn.user_message);
     renderMessage(turn.assistant_message);
-    follow({ conversationId: state.conversationId, messageId: turn.assistant_message.id,
+    follow({ conversationId, messageId: turn.assistant_message.id,
              questionId: turn.user_message.id, lastEventId: null, text: "" });
   } catch (error) {
-    say(error.message);
+    if (stillAt(epoch)) say(error.message);
   }
 }
 
