@@ -55,19 +55,18 @@ def run_debug_run(run_id: int) -> None:
     started = time.monotonic()
     with keeper.running(Holding(run_id, token, threading.Event(), None)) as holding:
         verdict = moderate(content)
-        if not verdict.passed:
-            # Raised, the retry of its delivery would moderate the input again, and moderation fails open.
-            keeper.ending(holding)
+        outcome = None if not verdict.passed else call_with_fallback(
+            agent.primary, agent.fallback, lambda target: agent.prompt_for(target, [], content).messages,
+            agent.params, AnswerSink(), holding.stop, ends_by=ends_by, fallen_back=fallen_back,
+            before_fallback_call=lambda: TEST_RUN.mark_fallen_back(run_id, token, ends_by=ends_by,
+                                                                   stop=holding.stop))
+        # Its end is written next, whatever it is: a hand-back at shutdown leaves it to finish (handed back, its
+        # answer would be paid twice, or its refused input moderated again, which fails open).
+        keeper.ending(holding)
+        if outcome is None:
             _record_end(run_id, token, claim.deliveries, (), TurnStatus.CONTENT_VIOLATION,
                         error_message=verdict.error_message)
             return
-        outcome = call_with_fallback(agent.primary, agent.fallback,
-                                     lambda target: agent.prompt_for(target, [], content).messages,
-                                     agent.params, AnswerSink(), holding.stop, ends_by=ends_by,
-                                     fallen_back=fallen_back,
-                                     before_fallback_call=lambda: TEST_RUN.mark_fallen_back(
-                                         run_id, token, ends_by=ends_by, stop=holding.stop))
-        keeper.ending(holding)
         latency_ms = int((time.monotonic() - started) * 1000)
         cost = _record_result(run_id, token, claim.deliveries, outcome, latency_ms)
         metrics.observe_cost("test_run", cost)

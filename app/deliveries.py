@@ -140,9 +140,10 @@ def give_up_reason(deliveries: int, time_left: float | None, handed_back: int = 
     `handed_back` deliveries (a worker's graceful stop gave them up: `app.leases.LeaseKeeper.hand_back`) do not
     count: a rolling restart during a long answer ended a healthy run `error`, its model paid for each time."""
     since_requeue = deliveries_since_requeue(deliveries)
-    if since_requeue - handed_back > get_settings().max_deliveries:
+    counted = since_requeue - handed_back
+    if counted > get_settings().max_deliveries:
         apart = f", not counting {handed_back} handed back at a worker's stop" if handed_back else ""
-        return f"gave up after {since_requeue - handed_back - 1} deliveries{apart}"
+        return f"gave up after {counted - 1} deliveries{apart}"
     if time_left is not None and time_left <= 0:
         return (f"gave up at delivery {since_requeue}: the run's deadline (each model's timeout and the grace, "
                 "counted from its first delivery) left no time for a model call")

@@ -172,23 +172,14 @@ class LeaseKeeper:
                 if h.ending:
                     ending.append((h.kind, h.ident))
                     continue
-            try:
-                with transaction() as session:
-                    revoked = h.kind.revoke_lease(session, h.ident, h.token, handed_back=True)
-            except Exception as error:  # those given up so far are still sent again; the rest keep their leases
-                log_failure(log, error, "giving up the leases of the runs still in flight (the rest run out by "
-                                        "themselves)")
-                # Its revocation may have committed before the error: stopped, its calls end now either way
-                # (a lease it kept runs out, and the recovery sweep sends it again).
-                with self._lock:
-                    h.handed_back = True
-                h.stop.set()
-                break
+            revoked = _revoke(h)
             if revoked:  # committed: only now is it another worker's to take
                 given_up.append((h.kind, h.ident))
-                with self._lock:
-                    h.handed_back = True
+            with self._lock:
+                h.handed_back = revoked is not False
             h.stop.set()
+            if revoked is None:  # those given up so far are still sent again; the rest keep their leases
+                break
         return HandBack(given_up, ending)
 
     def wait_until_released(self, seconds: float) -> bool:
@@ -307,6 +298,18 @@ class LeaseKeeper:
             elif h.kind is TURN and h.ident in stopped:
                 h.stop.set()
         self._locks_due.set()
+
+
+def _revoke(h: Holding) -> bool | None:
+    """Give up a run's lease for `LeaseKeeper.hand_back`, in a transaction of its own: whether it was still this
+    delivery's, or None when the database failed, the revocation perhaps committed before the error (the run
+    is stopped either way: a lease it kept runs out, and the recovery sweep sends it again)."""
+    try:
+        with transaction() as session:
+            return h.kind.revoke_lease(session, h.ident, h.token, handed_back=True)
+    except Exception as error:
+        log_failure(log, error, "giving up the leases of the runs still in flight (the rest run out by themselves)")
+        return None
 
 
 keeper = LeaseKeeper()
