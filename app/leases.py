@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import null, tuple_, update
 
@@ -82,6 +82,10 @@ class Holding:
     """Its lease was lost while it ran (`LeaseKeeper.running`): what it held is another delivery's now."""
     handed_back: bool = False
     """This process gave its lease up as it left (`LeaseKeeper.hand_back`): not taken over by another."""
+    deciding: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    """Held while a hand-back decides on this run and revokes its lease, and while the run marks itself `ending`:
+    the run's calls end either before the hand-back looks (left to write its end) or after the revocation
+    committed (it takes its lease back), never in between."""
 
     @property
     def kind(self) -> RunKind:
@@ -153,8 +157,12 @@ class LeaseKeeper:
         """The run's model calls are over (or it will make none), its end about to be written: a hand-back at
         shutdown leaves it to finish. Given up then, its settlement would be refused and the delivery that takes
         it over would call the model again for an answer already paid for (its user charged once, the provider
-        twice), or moderate again an input refused (moderation fails open)."""
-        with self._lock:
+        twice), or moderate again an input refused (moderation fails open). A run the hand-back gave up just as
+        its calls ended takes its lease back, unless another delivery claimed the run first (its settlement is
+        then refused, as any taken-over run's is)."""
+        with holding.deciding:
+            if holding.handed_back:
+                holding.handed_back = not _take_back(holding)
             holding.ending = True
 
     def hand_back(self) -> HandBack:
@@ -165,17 +173,16 @@ class LeaseKeeper:
         given_up: list[tuple[RunKind, int]] = []
         ending: list[tuple[RunKind, int]] = []
         for h in self._snapshot():
-            # Each looked at just before its own revocation, committed at once: a call that ends while others
-            # are revoked is left to write its end. One that ends during its own revocation's round trip is
-            # still given up (its settlement is refused): what only the database could tell apart.
-            with self._lock:
+            # Each looked at and revoked under its own `deciding` lock, committed at once: a call that ends while
+            # others are revoked is left to write its end, one that ends during its own revocation takes the lease
+            # back once it committed (`ending`).
+            with h.deciding:
                 if h.ending:
                     ending.append((h.kind, h.ident))
                     continue
-            revoked = _revoke(h)
-            if revoked:  # committed: only now is it another worker's to take
-                given_up.append((h.kind, h.ident))
-            with self._lock:
+                revoked = _revoke(h)
+                if revoked:  # committed: only now is it another worker's to take
+                    given_up.append((h.kind, h.ident))
                 h.handed_back = revoked is not False
             h.stop.set()
             if revoked is None:  # those given up so far are still sent again; the rest keep their leases
@@ -310,6 +317,24 @@ def _revoke(h: Holding) -> bool | None:
     except Exception as error:
         log_failure(log, error, "giving up the leases of the runs still in flight (the rest run out by themselves)")
         return None
+
+
+def _take_back(h: Holding) -> bool:
+    """`RunKind.take_back_lease` for `LeaseKeeper.ending`, in a transaction of its own; False when the database
+    failed too (the settlement is then refused if the revocation had committed, and lands if it had not)."""
+    try:
+        with transaction() as session:
+            taken = h.kind.take_back_lease(session, h.ident, h.token)
+    except Exception as error:
+        log_failure(log, error, f"taking back the lease of {h.kind.label} {h.ident} to write its end")
+        return False
+    if taken:
+        log.info("%s %s ended its model calls as it was handed back; it took its lease back to write its end",
+                 h.kind.label, h.ident)
+    else:
+        log.info("%s %s ended its model calls as it was handed back, and is no longer this delivery's (another took "
+                 "it over, or it was ended); its end is not written", h.kind.label, h.ident)
+    return taken
 
 
 keeper = LeaseKeeper()

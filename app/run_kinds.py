@@ -18,17 +18,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, exists, select, true, update
+from sqlalchemy import ColumnElement, exists, or_, select, true, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app import dispatch, queues
-from app.clock import lease_now
+from app.clock import lease_expiry, lease_now
+from app.config import get_settings
 from app.db import in_batches, rows_changed, transaction
 from app.deliveries import fallback_mark_wait, outage_wait_seconds, retry_hand_over
 from app.models import ConversationMessage, DebugRun, Turn
 from app.models.base import LARGEST_ID
 from app.outages import waiting_out_outages, warn_of
 from app.turn_state import LeaseLost
+from app.turn_status import TurnStatus
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,21 @@ class RunKind:
         counted = {"handed_back": self.model.handed_back + 1} if handed_back else {}
         return rows_changed(session, update(self.model).where(self.key == ident, self.model.lease_token == token)
                             .values(lease_token=None, lease_expires_at=swept_after, **counted)
+                            .execution_options(synchronize_session=False)) == 1
+
+    def take_back_lease(self, session: Session, ident: int, token: str) -> bool:
+        """The delivery that held lease `token` until a hand-back revoked it takes it again, its model calls having
+        ended as it was handed back (`app.leases.LeaseKeeper.ending`): only while no other delivery has claimed the
+        run (a claim writes a token of its own) and it is still running, so that it is a claim by the same delivery
+        under the claim's own rule. True also when the revocation never committed (the token is still `token`)."""
+        still_running = (self.status == TurnStatus.PROCESSING.value if self.status.class_ is self.model
+                         else exists().where(self.status_row_id == ident,
+                                             self.status == TurnStatus.PROCESSING.value))
+        expires = lease_expiry(lease_now(session), get_settings().lease_seconds)
+        return rows_changed(session, update(self.model)
+                            .where(self.key == ident, or_(self.model.lease_token.is_(None),
+                                                          self.model.lease_token == token), still_running)
+                            .values(lease_token=token, lease_expires_at=expires)
                             .execution_options(synchronize_session=False)) == 1
 
     def write_end(self, ident: int, stamp: datetime, write: Callable[[], None], *, what: str) -> None:

@@ -8,6 +8,7 @@ from contextlib import ExitStack
 from datetime import datetime, timedelta
 from typing import cast
 
+import pytest
 from sqlalchemy import select, text, update
 
 from app.auth import Principal
@@ -559,3 +560,131 @@ def test_deliveries_a_graceful_stop_handed_back_do_not_count_toward_giving_up() 
     assert give_up_reason(limit + 3, None, handed_back=2) == (
         f"gave up after {limit} deliveries, not counting 2 handed back at a worker's stop")
     assert give_up_reason(limit + 1, 0.0, handed_back=1).startswith(f"gave up at delivery {limit + 1}: ")  # type: ignore[union-attr]
+
+
+def _settle_as_success(turn: HeldTurn, token: str) -> None:
+    """The end a turn's settlement writes (`finish_turn` under its lease), for a run whose answer came back."""
+    from app.turn_state import finish_turn
+
+    with plain_transaction() as connection:
+        question = connection.execute(select(Turn.user_message_id)
+                                      .where(Turn.assistant_message_id == turn.turn_id)).scalar_one()
+        finish_turn(connection, turn.turn_id, question, token, TurnStatus.SUCCESS, content="the answer")
+
+
+def _turn_lease(turn_id: int) -> tuple[str | None, int, str]:
+    with transaction() as session:
+        row = session.execute(select(Turn.lease_token, Turn.handed_back, ConversationMessage.status)
+                              .join(ConversationMessage, ConversationMessage.id == Turn.assistant_message_id)
+                              .where(Turn.assistant_message_id == turn_id)).one()
+    return row[0], row[1], row[2]
+
+
+def test_a_run_whose_calls_end_just_after_it_was_handed_back_takes_its_lease_back_and_writes_its_end(  # type: ignore[no-untyped-def]
+        world) -> None:
+    """A hand-back gave up a turn whose answer came back right after the look: its settlement was refused, and the
+    delivery taking it over called the model again for an answer already paid for. Until another delivery claims
+    the run, the run whose calls ended takes its lease back (`LeaseKeeper.ending`) and its end lands."""
+    from app.run_kinds import TURN
+
+    turn = _processing_turn(world, "mine")
+    keeper = LeaseKeeper()
+    holding = Holding(turn.turn_id, "mine", threading.Event(), turn)
+    with keeper.holding(holding):
+        assert keeper.hand_back().given_up == [(TURN, turn.turn_id)]
+        assert _turn_lease(turn.turn_id) == (None, 1, "processing")
+        keeper.ending(holding)
+        assert not holding.handed_back
+        assert _turn_lease(turn.turn_id) == ("mine", 1, "processing")
+        assert _lease_expiry(turn.turn_id) > utc_now()
+        _settle_as_success(turn, "mine")
+    assert _turn_lease(turn.turn_id) == (None, 1, "success")
+
+
+def test_a_test_run_whose_calls_end_just_after_it_was_handed_back_takes_its_lease_back(world) -> None:  # type: ignore[no-untyped-def]
+    """The same for an admin test run, whose status is on its own row; one already ended is not taken back."""
+    from app.run_kinds import TEST_RUN
+
+    admin_id = world.api.get("/api/me", world.admin_key).json["id"]
+    with transaction() as session:
+        runs = [DebugRun(agent_id=world.agent(world.model(f"run{n}")), admin_id=admin_id, input="hi",
+                         status="processing", lease_token="mine", lease_expires_at=utc_now() + timedelta(seconds=30))
+                for n in range(2)]
+        session.add_all(runs)
+        session.flush()
+        running, ended = (run.id for run in runs)
+    keeper = LeaseKeeper()
+    held = [Holding(run_id, "mine", threading.Event(), None) for run_id in (running, ended)]
+    with keeper.holding(held[0]), keeper.holding(held[1]):
+        assert keeper.hand_back().given_up == [(TEST_RUN, running), (TEST_RUN, ended)]
+        with transaction() as session:
+            session.get_one(DebugRun, ended).status = "error"
+        for holding in held:
+            keeper.ending(holding)
+        assert [h.handed_back for h in held] == [False, True]
+    with transaction() as session:
+        leases = [session.get_one(DebugRun, run_id).lease_token for run_id in (running, ended)]
+    assert leases == ["mine", None]
+
+
+def test_a_run_claimed_by_another_delivery_after_its_hand_back_is_left_to_that_delivery(world) -> None:  # type: ignore[no-untyped-def]
+    """Once the re-sent message's delivery claimed the run, the one whose calls ended late takes nothing back: its
+    end is refused, and the claiming delivery runs the turn."""
+    from app.turn_state import LeaseLost, claim_turn
+
+    turn = _processing_turn(world, "mine")
+    keeper = LeaseKeeper()
+    holding = Holding(turn.turn_id, "mine", threading.Event(), turn)
+    with keeper.holding(holding):
+        keeper.hand_back()
+        with plain_transaction() as connection:
+            claim = claim_turn(connection, turn.turn_id, 30)
+        assert claim.acquired and claim.token is not None
+        keeper.ending(holding)
+        assert holding.handed_back
+        with pytest.raises(LeaseLost):
+            _settle_as_success(turn, "mine")
+    assert _turn_lease(turn.turn_id) == (claim.token, 1, "processing")
+
+
+def test_a_run_whose_calls_end_during_its_revocation_waits_for_it_then_takes_its_lease_back(world) -> None:  # type: ignore[no-untyped-def]
+    """The call ends while the hand-back's revocation is on its way to the database (held there by a real lock a
+    trigger waits for): marking the run `ending` waits for that revocation to commit, then takes the lease
+    back. Marked `ending` at once instead, the run was left to the revocation, and its end was refused."""
+    turn = _processing_turn(world, "slow")
+    keeper = LeaseKeeper()
+    holding = Holding(turn.turn_id, "slow", threading.Event(), turn)
+    with transaction() as session:
+        session.execute(text(
+            "CREATE FUNCTION hold_revocation() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF OLD.lease_token = 'slow' AND NEW.lease_token IS NULL THEN PERFORM pg_advisory_xact_lock(4242); "
+            "END IF; RETURN NEW; END $$"))
+        session.execute(text("CREATE TRIGGER hold_revocation BEFORE UPDATE ON turns FOR EACH ROW "
+                             "EXECUTE FUNCTION hold_revocation()"))
+    try:
+        with ExitStack() as stack, keeper.holding(holding):
+            gate = stack.enter_context(transaction())
+            gate.execute(text("SELECT pg_advisory_xact_lock(4242)"))
+            handing = threading.Thread(target=keeper.hand_back)
+            handing.start()
+
+            def revocation_waiting() -> bool:
+                with transaction() as session:
+                    return bool(session.scalar(text(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242 AND NOT granted")))
+
+            wait_for(revocation_waiting, timeout=10, what="the revocation to wait at the lock")
+            ending = threading.Thread(target=keeper.ending, args=(holding,))
+            ending.start()
+            ending.join(timeout=0.3)  # long enough for a run not made to wait to have marked itself
+            stack.close()  # the revocation commits
+            handing.join(timeout=10)
+            ending.join(timeout=10)
+            assert not handing.is_alive() and not ending.is_alive()
+            assert (holding.ending, holding.handed_back) == (True, False)
+            _settle_as_success(turn, "slow")
+        assert _turn_lease(turn.turn_id) == (None, 1, "success")
+    finally:
+        with transaction() as session:
+            session.execute(text("DROP TRIGGER hold_revocation ON turns"))
+            session.execute(text("DROP FUNCTION hold_revocation()"))
