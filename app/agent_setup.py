@@ -13,10 +13,10 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from app.agent_models import agent_targets, target_in_row, worst_case_cost
 from app.model_target import ModelTarget
 from app.models import Agent
 from app.prompt import ChatMessage, Prompt, build_prompt
-from app.targets import agent_targets, target_in_row, worst_case_cost
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +41,7 @@ class AgentSetup:
                             max_tokens=self.params.max_tokens)
 
     def worst_case_cost(self, history: list[ChatMessage], content: str) -> Decimal:
-        """What a run reserves, or would: `app.targets.worst_case_cost` over the models it may call."""
+        """What a run reserves, or would: `app.agent_models.worst_case_cost` over the models it may call."""
         return worst_case_cost(self.primary, self.fallback,
                                lambda target: self.prompt_for(target, history, content).messages,
                                self.params.max_tokens)
@@ -55,7 +55,7 @@ def setup_of(session: Session, agent: Agent) -> AgentSetup:
 
 
 def setup_in_row(row: Any) -> AgentSetup:
-    """From a turn's claim, which read the agent's columns and its models' (`app.targets.target_in_row`)."""
+    """From a turn's claim, which read the agent's columns and its models' (`app.agent_models.target_in_row`)."""
     primary = target_in_row(row, "p")
     assert primary is not None
     return AgentSetup(row.system_prompt, AgentParams(row.timeout_seconds, row.temperature, row.max_tokens),

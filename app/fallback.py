@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from app import metrics
+from app.agent_models import attempt_order
 from app.agent_setup import AgentParams
 from app.answer_sink import AnswerSink
 from app.config import get_settings
 from app.failure_kinds import FailureKind
 from app.llm_client import AttemptFailed, Completion, stream_chat
 from app.model_target import ModelTarget
-from app.targets import attempt_order
 from app.token_estimates import estimate_answer_tokens, estimate_tokens_of_messages
 
 log = logging.getLogger(__name__)

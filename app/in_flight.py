@@ -1,7 +1,7 @@
 """Which turns are in flight, and the rules of starting one: "is this conversation busy", "how many for a user".
 
 The API's checks (`app.turn_intake`) and the Redis fast path's confirmation of a refusal
-(`app.coordination`) ask the same questions, so they ask them here.
+(`app.conversation_locks`) ask the same questions, so they ask them here.
 """
 
 from __future__ import annotations

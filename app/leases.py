@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import null, tuple_, update
 
-from app import coordination
+from app import conversation_locks
 from app.clock import lease_expiry, lease_now
 from app.config import get_settings
 from app.db import transaction
@@ -74,7 +74,7 @@ class Holding:
     ident: int
     token: str
     stop: threading.Event
-    turn: coordination.HeldTurn | None
+    turn: conversation_locks.HeldTurn | None
     """Set for a user turn (it has a conversation lock and a user slot); None for an admin test run."""
     ending: bool = False
     """Its model calls are over and its end is being written (`LeaseKeeper.ending`)."""
@@ -239,7 +239,7 @@ class LeaseKeeper:
                     # to free their locks anyway.
                     with self._lock:
                         turns = [h.turn for key, h in self._held.items() if h.turn is not None and key in self._kept]
-                    coordination.renew(turns)
+                    conversation_locks.renew(turns)
             except Exception as error:
                 log_failure(log, error, "a renewal of the turns' Redis locks (tried again at the next renewal)")
 

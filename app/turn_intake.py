@@ -15,7 +15,7 @@ from types import SimpleNamespace
 from sqlalchemy import BigInteger, DateTime, String, Text, and_, bindparam, insert, literal, select, union_all, update
 from sqlalchemy.exc import IntegrityError
 
-from app import coordination, outbox
+from app import conversation_locks, outbox
 from app.auth import Principal
 from app.config import get_settings
 from app.conversations import require_owned
@@ -204,7 +204,7 @@ def submit_turn(principal: Principal, conversation_id: int, content: str, idempo
     if idempotency_key is not None and (replay := _owned_replay(principal, conversation_id, idempotency_key, content)):
         return _resend_if_pending(replay)
     try:
-        lock = coordination.acquire_turn_slots(principal.id, conversation_id)
+        lock = conversation_locks.acquire_turn_slots(principal.id, conversation_id)
     except (ConversationBusy, TooManyActiveConversations):
         if replay := _owned_replay(principal, conversation_id, idempotency_key, content):
             return _resend_if_pending(replay)

@@ -17,7 +17,8 @@ from decimal import Decimal
 from functools import partial
 from typing import Any
 
-from app import coordination, ledger, metrics
+from app import conversation_locks, ledger, metrics
+from app.agent_models import attempt_order
 from app.agent_setup import AgentSetup, setup_in_row
 from app.attempts import settling
 from app.config import get_settings
@@ -34,7 +35,6 @@ from app.moderation import moderate
 from app.prepared import Batch, Unit
 from app.prompt import ChatMessage, successful_history
 from app.run_kinds import TURN
-from app.targets import attempt_order
 from app.token_estimates import estimate_answer_tokens, estimate_tokens_of_messages
 from app.turn_state import (
     ClaimResult,
@@ -74,8 +74,8 @@ class TurnContext:
     the claim (`app.deliveries.Deadline`)."""
 
     @property
-    def held(self) -> coordination.HeldTurn:
-        return coordination.HeldTurn(self.turn_id, self.user_id, self.conversation_id)
+    def held(self) -> conversation_locks.HeldTurn:
+        return conversation_locks.HeldTurn(self.turn_id, self.user_id, self.conversation_id)
 
     def prompt_for(self, target: ModelTarget) -> list[ChatMessage]:
         return self.agent.prompt_for(target, self.history, self.content).messages
@@ -135,7 +135,7 @@ def _run_turn(turn_id: int) -> None:
     with keeper.running(Holding(turn_id, context.token, stop, context.held)) as holding:
         _execute(context, holding, stream)
     if not holding.lost:
-        coordination.release(context.held)
+        conversation_locks.release(context.held)
 
 
 def _end_without_model_call(context: TurnContext, stream: TurnStream) -> None:
@@ -153,7 +153,7 @@ def _end_without_model_call(context: TurnContext, stream: TurnStream) -> None:
         log.info("turn %s was taken over before it could end %s; that delivery ends it", context.turn_id,
                  status.value)
         return
-    coordination.release(context.held)
+    conversation_locks.release(context.held)
     if context.gives_up and ended is TurnStatus.ERROR:
         raise RunGivenUp(context.gives_up)
 
@@ -205,7 +205,7 @@ def _first_model(context: TurnContext) -> ModelTarget:
 
 def _worst_case(context: TurnContext, turn: TurnRow) -> Decimal:
     """What the claim holds of the user's balance: the worst case (the prompt at its bytes plus the answer's
-    token limit, at the dearest model's prices: `app.targets.max_cost`), for a delivery that will call a model.
+    token limit, at the dearest model's prices: `app.agent_models.max_cost`), for a delivery that will call a model.
 
     A turn taken over from a dead worker keeps the reservation that worker made and holds only what the
     worst case has grown by since: it runs with the agent and models as they are now (an admin may have

@@ -21,7 +21,7 @@ from datetime import datetime
 from sqlalchemy import ColumnElement, Table, select
 from sqlalchemy.orm import Session
 
-from app import coordination
+from app import conversation_locks
 from app.conversations import record_turn_end
 from app.db import transaction
 from app.debug_run_state import finish_debug_run
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class UnownedEnd:
-    held: coordination.HeldTurn
+    held: conversation_locks.HeldTurn
     status: TurnStatus
     """The status the turn ended with: the one asked for, or `cancelled` where its user's stop came first."""
     kept: Streamed | None = None
@@ -59,13 +59,13 @@ def end_unowned(session: Session, turn_id: int, status: TurnStatus, reason: str,
         return None
     turn, final = ended
     record_turn_end(session, turn.conversation_id, None)
-    return UnownedEnd(coordination.HeldTurn(turn_id, turn.user_id, turn.conversation_id), final,
+    return UnownedEnd(conversation_locks.HeldTurn(turn_id, turn.user_id, turn.conversation_id), final,
                       streamed if final is TurnStatus.CANCELLED else None)
 
 
 def announce_unowned_end(ended: UnownedEnd) -> None:
     """After the commit. Readers holding the text the end kept are moved to it, sent no restart."""
-    coordination.release(ended.held)
+    conversation_locks.release(ended.held)
     kept = ended.kept
     TurnStream(ended.held.turn_id, readers_hold=kept).finished(ended.status, kept.model if kept else None,
                                                                kept.text if kept else None)

@@ -29,10 +29,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_retries(args: argparse.Namespace) -> int:
-    from app import retries
+    from app import waiting_retries
     from web import render
 
-    print_json({"items": [render.waiting_retry(retry) for retry in retries.waiting_retries()]})
+    print_json({"items": [render.waiting_retry(retry) for retry in waiting_retries.soonest_first()]})
     return 0
 
 

@@ -109,7 +109,7 @@ def test_a_request_that_finds_no_free_database_connection_in_time_is_503_with_re
 def test_a_conversation_whose_agent_was_deleted_takes_no_new_message(world, redis_client) -> None:  # type: ignore[no-untyped-def]
     """A deleted agent takes no new work: its conversations stay readable, but a message to one is refused
     (it was accepted, run on the deleted agent and charged, and went on after its models were deleted)."""
-    from app.coordination import slots_key
+    from app.conversation_locks import slots_key
 
     agent_id = world.agent(world.model())
     user_id, key = world.user()

@@ -92,7 +92,7 @@ def test_a_lock_and_slots_left_by_ended_turns_refuse_nothing_the_database_allows
     it is given; the slots were once taken as final when the lock had been found stale first (a 429)."""
     import time as clock
 
-    from app.coordination import lock_key, slots_key, turn_owner
+    from app.conversation_locks import lock_key, slots_key, turn_owner
 
     agent_id = world.agent(world.model())
     user_id, key = world.user()
@@ -143,7 +143,7 @@ def test_fifty_concurrent_turns_never_overdraw_and_the_ledger_adds_up(world, mon
 
     raised = Settings(**{**get_settings().model_dump(), "max_active_conversations": 100})
     monkeypatch.setattr("app.in_flight.get_settings", lambda: raised)
-    monkeypatch.setattr("app.coordination.get_settings", lambda: raised)
+    monkeypatch.setattr("app.conversation_locks.get_settings", lambda: raised)
     agent_id = world.agent(world.model(upstream="echo;words=50", price_in="0", price_out="2"), max_tokens=50)
     user_id, key = world.user(balance="1")
     conversations = [world.conversation(key, agent_id, project_id=i) for i in range(50)]

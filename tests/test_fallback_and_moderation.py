@@ -507,7 +507,7 @@ def long_intake_lease(settings_of: Callable[..., None]) -> None:
 
 def test_insufficient_balance_ends_the_turn_without_calling_the_model(world, upstream, redis_client,  # type: ignore[no-untyped-def]
                                                                       long_intake_lease) -> None:
-    from app.coordination import lock_key, slots_key
+    from app.conversation_locks import lock_key, slots_key
 
     agent_id = world.agent(world.model(price_in="1", price_out="1"), max_tokens=500)
     user_id, key = world.user(balance="0.4")

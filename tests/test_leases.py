@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select, text, update
 
 from app.auth import Principal
-from app.coordination import HeldTurn
+from app.conversation_locks import HeldTurn
 from app.db import plain_transaction, transaction
 from app.leases import Holding, LeaseKeeper
 from app.models import ConversationMessage, DebugRun, ModelAttempt, Turn
@@ -115,17 +115,17 @@ def test_a_renewal_waiting_on_redis_does_not_hold_back_turns_starting(  # type: 
     answering holds for its socket timeout; that wait was under the lock every turn of the process takes to
     start, so none could for 5 s at each renewal. (A turn ending waits for it: it must not free its lock
     in Redis while the renewal may take it again, and its own freeing waits on the same Redis.)"""
-    from app import coordination
+    from app import conversation_locks
 
     first, second = _processing_turn(world, "first", "one"), _processing_turn(world, "second", "two")
     settings_of(REDIS_URL=f"redis://127.0.0.1:{silent_redis.port}/0")
-    renew, renewing = coordination.renew, threading.Event()
+    renew, renewing = conversation_locks.renew, threading.Event()
 
     def noted_renewal(turns) -> None:  # type: ignore[no-untyped-def]
         renewing.set()
         renew(turns)
 
-    monkeypatch.setattr(coordination, "renew", noted_renewal)
+    monkeypatch.setattr(conversation_locks, "renew", noted_renewal)
     keeper = LeaseKeeper()
     try:
         with keeper.holding(Holding(first.turn_id, "first", threading.Event(), first)):

@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # the services whose results are rendered; the `dlq` commands
     from app.debugging import CostLine, RouteDecision
     from app.operations import FailureReport, QueueSnapshot
     from app.prompt import Prompt
-    from app.retries import WaitingRetry
+    from app.waiting_retries import WaitingRetry
 
 
 def no_content() -> Response:

@@ -1,4 +1,4 @@
-"""Operations for admins: queue depths, runs waiting for a retry (`app.retries`) and dead letters
+"""Operations for admins: queue depths, runs waiting for a retry (`app.waiting_retries`) and dead letters
 (`app.dead_letters`)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 from flask import Response
 from flask_openapi3 import Tag
 
-from app import dead_letters, operations, retries
+from app import dead_letters, operations, waiting_retries
 from web import render
 from web import responses as r
 from web.routes import api_blueprint
@@ -30,9 +30,9 @@ def failures(query: FailureQuery) -> dict[str, Any]:
 
 
 @bp.get("/admin/retries", tags=[tag], responses={200: r.WaitingRetries})
-def waiting_retries() -> dict[str, Any]:
+def list_waiting_retries() -> dict[str, Any]:
     """Runs whose delivery failed and that wait for Dramatiq's retry, the soonest first."""
-    return {"items": [render.waiting_retry(retry) for retry in retries.waiting_retries()]}
+    return {"items": [render.waiting_retry(retry) for retry in waiting_retries.soonest_first()]}
 
 
 @bp.get("/admin/dead-letters", tags=[tag], responses={200: r.DeadLetterList})

@@ -38,7 +38,7 @@ class WaitingRetry:
     retry_at: datetime | None
 
 
-def waiting_retries() -> list[WaitingRetry]:
+def soonest_first() -> list[WaitingRetry]:
     """Every message waiting in a delay queue, the soonest retry first (those without a time last)."""
     client = get_redis()
     pipe = client.pipeline(transaction=False)
@@ -65,4 +65,4 @@ def _waiting(queue: str, message_id: str, body: bytes) -> WaitingRetry:
                         broker_time(eta) if type(eta := options.get("eta")) is int else None)
 
 
-__all__ = ["WaitingRetry", "waiting_retries"]
+__all__ = ["WaitingRetry", "soonest_first"]

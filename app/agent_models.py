@@ -1,4 +1,4 @@
-"""Turning a configured model into something a worker can call, and pricing its worst case."""
+"""An agent's models: read as targets a worker can call, in the order a run calls them, priced at their worst case."""
 
 from __future__ import annotations
 
