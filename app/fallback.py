@@ -65,6 +65,10 @@ class Outcome:
     after its last restart, so the stored answer keeps it and concatenated deltas equal the content."""
     partial_failed: bool = False
     """The kept text is a failed attempt's (a stop came between it and the fallback): kept, not charged."""
+    stopped_call: AttemptRecord | None = None
+    """The record of the call a stop cut short, when its text is the one kept: its estimate (the prompt, and
+    the text streamed at most `max_tokens`) is what a stopped turn is charged, so the charge and the attempt's
+    record are one figure."""
     attempts: list[AttemptRecord] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
     """Each target's failure as a user may read it, and in full, with what its endpoint said
@@ -153,6 +157,7 @@ def call_with_fallback(
             outcome.model = target if failure.partial else None
             if failure.kind is FailureKind.CANCELLED:
                 outcome.cancelled = True
+                outcome.stopped_call = outcome.attempts[-1] if failure.partial else None
                 return outcome
             falls_back = index + 1 < len(targets) and should_fall_back(failure, primary, fallback)
             log.warning("model %s failed after %s ms (%s)%s", target.name, failure.latency_ms, failure.in_full,

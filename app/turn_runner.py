@@ -35,7 +35,6 @@ from app.moderation import moderate
 from app.prepared import Batch, Unit
 from app.prompt import ChatMessage, successful_history
 from app.run_kinds import TURN
-from app.token_estimates import estimate_answer_tokens, estimate_tokens_of_messages
 from app.turn_state import (
     ClaimResult,
     LeaseLost,
@@ -286,16 +285,12 @@ def _settle_cancelled(context: TurnContext, outcome: Outcome, elapsed_ms: int | 
     repeating that text, or had called no model yet) keeps that text, unpaid (a call that died with its worker
     is recorded as `interrupted`, not charged), named as the model its readers were told wrote it."""
     held, model = stream.held_by_readers(), outcome.model
-    name, text = model.name if model else None, outcome.partial
-    prompt_tokens, completion_tokens, cost = 0, 0, Decimal(0)
+    name, text, paid = model.name if model else None, outcome.partial, outcome.stopped_call
     if held is not None and held.text.startswith(outcome.partial):
-        name, text = _streamed_by(context, held), held.text
-    elif model is not None and text and not outcome.partial_failed:
-        prompt_tokens = estimate_tokens_of_messages(context.prompt_for(model))
-        completion_tokens = estimate_answer_tokens(text, get_settings().answer_limit(context.agent.params.max_tokens))
-        cost = model.cost(prompt_tokens, completion_tokens)
-    return _settle(context, TurnStatus.CANCELLED, stream, model=name, cost=cost, outcome=outcome, content=text,
-                   prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost_estimated=True,
+        name, text, paid = _streamed_by(context, held), held.text, None
+    return _settle(context, TurnStatus.CANCELLED, stream, model=name, cost=paid.cost if paid else Decimal(0),
+                   outcome=outcome, content=text, prompt_tokens=paid.prompt_tokens if paid else 0,
+                   completion_tokens=paid.completion_tokens if paid else 0, cost_estimated=True,
                    latency_ms=elapsed_ms, error_message=STOPPED)
 
 
