@@ -571,6 +571,17 @@ def test_stop_ends_the_turn_closes_upstream_keeps_the_text_and_charges_it(  # ty
     assert Decimal(final["cost"]) == (expected[0] * Decimal("0.001") + expected[1] * Decimal("0.002")) / 1000
     ledger = world.api.get("/api/me/transactions", key).json["items"]
     assert [(t["message_id"], t["amount"]) for t in ledger if t["message_id"]] == [(message_id, f"-{final['cost']}")]
+    # The stopped call's attempt row carries the same figures: the charge is that record's.
+    from sqlalchemy import select
+
+    from app.db import transaction
+    from app.models import ModelAttempt
+
+    with transaction() as session:
+        attempts = session.execute(select(ModelAttempt.outcome, ModelAttempt.prompt_tokens,
+                                          ModelAttempt.completion_tokens, ModelAttempt.cost)
+                                   .where(ModelAttempt.message_id == message_id)).all()
+    assert [tuple(row) for row in attempts] == [("cancelled", *expected, Decimal(final["cost"]))]
     user_message = world.message(key, message_id - 1)
     assert user_message["status"] == "cancelled"
 
