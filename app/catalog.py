@@ -5,7 +5,8 @@ Both are deleted softly: conversations, messages and cost records keep pointing 
 
 from __future__ import annotations
 
-from typing import Any
+from decimal import Decimal
+from typing import TypedDict, Unpack
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -16,6 +17,31 @@ from app.errors import Conflict, NotFound
 from app.key_variables import check_key_variable
 from app.models import Agent, LlmModel
 from app.models.base import utc_now
+
+
+class ModelFields(TypedDict, total=False):
+    """What an admin sets on a model, each checked by the API's request models (`web.schemas`): every field
+    a create needs, any of them on an update."""
+
+    name: str
+    model: str
+    base_url: str | None
+    api_key_env: str | None
+    input_price_per_1k: Decimal
+    output_price_per_1k: Decimal
+    context_window: int | None
+
+
+class AgentFields(TypedDict, total=False):
+    """What an admin sets on an agent, as `ModelFields` is for a model."""
+
+    name: str
+    system_prompt: str
+    model_id: int
+    fallback_model_id: int | None
+    timeout_seconds: int
+    temperature: float | None
+    max_tokens: int | None
 
 
 def _live_model(session: Session, model_id: int, lock: bool | dict[str, bool] | None = None) -> LlmModel:
@@ -51,7 +77,7 @@ def _flush_unique_name(session: Session) -> None:
         raise
 
 
-def create_model(fields: dict[str, Any]) -> LlmModel:
+def create_model(**fields: Unpack[ModelFields]) -> LlmModel:
     check_key_variable(fields.get("api_key_env"))
     with transaction() as session:
         model = LlmModel(**fields)
@@ -71,7 +97,7 @@ def get_model(model_id: int) -> LlmModel:
         return _live_model(session, model_id)
 
 
-def update_model(model_id: int, changes: dict[str, Any]) -> LlmModel:
+def update_model(model_id: int, **changes: Unpack[ModelFields]) -> LlmModel:
     check_key_variable(changes.get("api_key_env"))
     with transaction() as session:
         model = _live_model(session, model_id)
@@ -96,9 +122,8 @@ def delete_model(model_id: int) -> None:
         model.deleted_at = utc_now()
 
 
-def _check_models(session: Session, fields: dict[str, Any]) -> None:
-    for key in ("model_id", "fallback_model_id"):
-        model_id = fields.get(key)
+def _check_models(session: Session, fields: AgentFields) -> None:
+    for key, model_id in (("model_id", fields.get("model_id")), ("fallback_model_id", fields.get("fallback_model_id"))):
         if model_id is None:
             continue
         try:
@@ -107,7 +132,7 @@ def _check_models(session: Session, fields: dict[str, Any]) -> None:
             raise NotFound(f"{key} {model_id} does not name a model.") from None
 
 
-def create_agent(fields: dict[str, Any]) -> Agent:
+def create_agent(**fields: Unpack[AgentFields]) -> Agent:
     with transaction() as session:
         _check_models(session, fields)
         agent = Agent(**fields)
@@ -127,7 +152,7 @@ def get_agent(agent_id: int) -> Agent:
         return live_agent(session, agent_id)
 
 
-def update_agent(agent_id: int, changes: dict[str, Any]) -> Agent:
+def update_agent(agent_id: int, **changes: Unpack[AgentFields]) -> Agent:
     with transaction() as session:
         agent = live_agent(session, agent_id)
         _check_models(session, changes)

@@ -39,7 +39,7 @@ def add_credit(path: IdPath, body: CreditBody) -> dict:
 
 @bp.post("/admin/models", tags=[models_tag], responses={201: r.LlmModel})
 def create_model(body: ModelBody) -> tuple[dict, int]:
-    return render.llm_model(catalog.create_model(body.model_dump())), 201
+    return render.llm_model(catalog.create_model(**body.model_dump())), 201
 
 
 @bp.get("/admin/models", tags=[models_tag], responses={200: r.LlmModelList})
@@ -54,7 +54,7 @@ def get_model(path: IdPath) -> dict:
 
 @bp.patch("/admin/models/<id:id>", tags=[models_tag], responses={200: r.LlmModel})
 def update_model(path: IdPath, body: ModelPatch) -> dict:
-    return render.llm_model(catalog.update_model(path.id, body.model_dump(exclude_unset=True)))
+    return render.llm_model(catalog.update_model(path.id, **body.model_dump(exclude_unset=True)))
 
 
 @bp.delete("/admin/models/<id:id>", tags=[models_tag], responses={204: r.NO_CONTENT})
@@ -65,7 +65,7 @@ def delete_model(path: IdPath) -> Response:
 
 @bp.post("/admin/agents", tags=[agents_tag], responses={201: r.Agent})
 def create_agent(body: AgentBody) -> tuple[dict, int]:
-    return render.agent(catalog.create_agent(body.model_dump())), 201
+    return render.agent(catalog.create_agent(**body.model_dump())), 201
 
 
 @bp.get("/admin/agents", tags=[agents_tag], responses={200: r.AgentList})
@@ -80,7 +80,7 @@ def get_agent(path: IdPath) -> dict:
 
 @bp.patch("/admin/agents/<id:id>", tags=[agents_tag], responses={200: r.Agent})
 def update_agent(path: IdPath, body: AgentPatch) -> dict:
-    return render.agent(catalog.update_agent(path.id, body.model_dump(exclude_unset=True)))
+    return render.agent(catalog.update_agent(path.id, **body.model_dump(exclude_unset=True)))
 
 
 @bp.delete("/admin/agents/<id:id>", tags=[agents_tag], responses={204: r.NO_CONTENT})
