@@ -53,7 +53,7 @@ def run_debug_run(run_id: int) -> None:
     token = claim.token
     assert token is not None
     started = time.monotonic()
-    with keeper.running(Holding(run_id, token, threading.Event(), None)) as holding:
+    with keeper.running(Holding(run_id, token, threading.Event(), None, delivery=claim.deliveries)) as holding:
         verdict = moderate(content)
         outcome = None if not verdict.passed else call_with_fallback(
             agent.primary, agent.fallback, lambda target: agent.prompt_for(target, [], content).messages,
@@ -62,7 +62,7 @@ def run_debug_run(run_id: int) -> None:
                                                                    stop=holding.stop))
         # Its end is written next, whatever it is: a hand-back at shutdown leaves it to finish (handed back, its
         # answer would be paid twice, or its refused input moderated again, which fails open).
-        keeper.ending(holding)
+        keeper.ending(holding, stopped=outcome is not None and outcome.cancelled)
         if outcome is None:
             _record_end(run_id, token, claim.deliveries, (), TurnStatus.CONTENT_VIOLATION,
                         error_message=verdict.error_message)

@@ -76,16 +76,20 @@ class Holding:
     stop: threading.Event
     turn: conversation_locks.HeldTurn | None
     """Set for a user turn (it has a conversation lock and a user slot); None for an admin test run."""
+    delivery: int
+    """The run's delivery count as this delivery's claim wrote it: any later claim counts one more, so a lease
+    taken back at the same count was claimed by no one meanwhile (`RunKind.take_back_lease`)."""
     ending: bool = False
     """Its model calls are over and its end is being written (`LeaseKeeper.ending`)."""
     lost: bool = False
     """Its lease was lost while it ran (`LeaseKeeper.running`): what it held is another delivery's now."""
     handed_back: bool = False
-    """This process gave its lease up as it left (`LeaseKeeper.hand_back`): not taken over by another."""
+    """This process gave its lease up as it left (`LeaseKeeper.hand_back`), and did not take it back: a renewal
+    that finds the lease gone does not report it taken over."""
     deciding: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     """Held while a hand-back decides on this run and revokes its lease, and while the run marks itself `ending`:
-    the run's calls end either before the hand-back looks (left to write its end) or after the revocation
-    committed (it takes its lease back), never in between."""
+    so a call that ends during that revocation is seen by neither as still going nor as ending, and its run
+    takes the lease back only once the revocation committed."""
 
     @property
     def kind(self) -> RunKind:
@@ -153,29 +157,33 @@ class LeaseKeeper:
             holding.kind.hand_to_retry(holding.ident, holding.token)
             raise
 
-    def ending(self, holding: Holding) -> None:
+    def ending(self, holding: Holding, *, stopped: bool) -> None:
         """The run's model calls are over (or it will make none), its end about to be written: a hand-back at
         shutdown leaves it to finish. Given up then, its settlement would be refused and the delivery that takes
         it over would call the model again for an answer already paid for (its user charged once, the provider
-        twice), or moderate again an input refused (moderation fails open). A run the hand-back gave up just as
-        its calls ended takes its lease back, unless another delivery claimed the run first (its settlement is
-        then refused, as any taken-over run's is)."""
+        twice), or moderate again an input refused (moderation fails open).
+
+        A run the hand-back gave up while its calls were ending on their own (an answer, a failure, a refusal)
+        takes its lease back for the same reason, unless another delivery claimed the run first (its end is then
+        refused, as any taken-over run's is). One whose end is a stop (`stopped`) does not: the stop may be the
+        hand-back's own, whose run belongs to the next worker; a user's stop reaches that worker's claim too."""
         with holding.deciding:
-            if holding.handed_back:
+            if holding.handed_back and not stopped:
                 holding.handed_back = not _take_back(holding)
             holding.ending = True
 
     def hand_back(self) -> HandBack:
         """The process is leaving with runs still in flight (the shutdown grace ran out): give up the leases of
-        those still calling their models now, so that their last writes are refused and another worker can take
-        them over at once rather than when the lease runs out, and tell them to stop calling. Those writing
-        their end are left to it (`ending`)."""
+        those still calling their models now, so that another worker can take them over at once rather than
+        when the lease runs out, and tell them to stop calling (their stopped ends are refused). Those writing
+        their end are left to it, and those whose calls end on their own as they are given up take their leases
+        back (`ending`)."""
         given_up: list[tuple[RunKind, int]] = []
         ending: list[tuple[RunKind, int]] = []
         for h in self._snapshot():
             # Each looked at and revoked under its own `deciding` lock, committed at once: a call that ends while
-            # others are revoked is left to write its end, one that ends during its own revocation takes the lease
-            # back once it committed (`ending`).
+            # others are revoked is left to write its end, one that ends on its own during or after its revocation
+            # takes the lease back (`ending`).
             with h.deciding:
                 if h.ending:
                     ending.append((h.kind, h.ident))
@@ -320,11 +328,12 @@ def _revoke(h: Holding) -> bool | None:
 
 
 def _take_back(h: Holding) -> bool:
-    """`RunKind.take_back_lease` for `LeaseKeeper.ending`, in a transaction of its own; False when the database
-    failed too (the settlement is then refused if the revocation had committed, and lands if it had not)."""
+    """`RunKind.take_back_lease` for `LeaseKeeper.ending`, in a transaction of its own. A database failure here
+    is no reason to fail the run: its settlement is then refused if the revocation had committed (the run is
+    another delivery's), and lands if it had not."""
     try:
         with transaction() as session:
-            taken = h.kind.take_back_lease(session, h.ident, h.token)
+            taken = h.kind.take_back_lease(session, h.ident, h.token, h.delivery)
     except Exception as error:
         log_failure(log, error, f"taking back the lease of {h.kind.label} {h.ident} to write its end")
         return False

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, exists, or_, select, true, update
+from sqlalchemy import ColumnElement, exists, select, true, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app import dispatch, queues
@@ -88,20 +88,25 @@ class RunKind:
                             .values(lease_token=None, lease_expires_at=swept_after, **counted)
                             .execution_options(synchronize_session=False)) == 1
 
-    def take_back_lease(self, session: Session, ident: int, token: str) -> bool:
-        """The delivery that held lease `token` until a hand-back revoked it takes it again, its model calls having
-        ended as it was handed back (`app.leases.LeaseKeeper.ending`): only while no other delivery has claimed the
-        run (a claim writes a token of its own) and it is still running, so that it is a claim by the same delivery
-        under the claim's own rule. True also when the revocation never committed (the token is still `token`)."""
-        still_running = (self.status == TurnStatus.PROCESSING.value if self.status.class_ is self.model
-                         else exists().where(self.status_row_id == ident,
-                                             self.status == TurnStatus.PROCESSING.value))
+    def take_back_lease(self, session: Session, ident: int, token: str, delivery: int) -> bool:
+        """The delivery that held lease `token` until a hand-back revoked it (`app.leases.LeaseKeeper.ending`) takes
+        it again, its model calls having ended on their own: only while the run is still processing and no other
+        delivery has claimed it since (any claim writes a token of its own and counts one more delivery). True
+        also when the revocation never committed (the token is still `token`). The rows are locked first, as a
+        claim locks them: a run ended meanwhile by an unheld end (its deadline passed) is then seen ended, where
+        a status read beside the UPDATE could be older than the row it changes. The hand-back it undoes is not
+        counted (`Turn.handed_back`)."""
+        row = session.execute(select(self.model.lease_token, self.model.deliveries, self.status)
+                              .where(self.key == ident, self.status_row_id == self.key).with_for_update()).first()
+        if row is None or row.status != TurnStatus.PROCESSING or row.deliveries != delivery \
+                or row.lease_token not in (None, token):
+            return False
+        undone = {"handed_back": self.model.handed_back - 1} if row.lease_token is None else {}
         expires = lease_expiry(lease_now(session), get_settings().lease_seconds)
-        return rows_changed(session, update(self.model)
-                            .where(self.key == ident, or_(self.model.lease_token.is_(None),
-                                                          self.model.lease_token == token), still_running)
-                            .values(lease_token=token, lease_expires_at=expires)
-                            .execution_options(synchronize_session=False)) == 1
+        session.execute(update(self.model).where(self.key == ident)
+                        .values(lease_token=token, lease_expires_at=expires, **undone)
+                        .execution_options(synchronize_session=False))
+        return True
 
     def write_end(self, ident: int, stamp: datetime, write: Callable[[], None], *, what: str) -> None:
         """`write()`, a run's settlement stamped `stamp`, with a database outage waited out (the models were

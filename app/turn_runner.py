@@ -131,7 +131,7 @@ def _run_turn(turn_id: int) -> None:
     stop = threading.Event()
     if cancel_requested:
         stop.set()
-    with keeper.running(Holding(turn_id, context.token, stop, context.held)) as holding:
+    with keeper.running(Holding(turn_id, context.token, stop, context.held, delivery=context.delivery)) as holding:
         _execute(context, holding, stream)
     if not holding.lost:
         conversation_locks.release(context.held)
@@ -161,32 +161,32 @@ def _execute(context: TurnContext, holding: Holding, stream: TurnStream) -> None
     """Whatever ends the turn (a stop before the call, moderation's refusal, the model calls' outcome), the
     run is marked `ending` before its end is written: a hand-back at shutdown then leaves it to finish (handed
     back, an answer would be paid twice, a refused input moderated again, which fails open)."""
-    settle = _end_of(context, holding.stop, stream)
-    keeper.ending(holding)
+    settle, stopped = _end_of(context, holding.stop, stream)
+    keeper.ending(holding, stopped=stopped)
     settle()
 
 
-def _end_of(context: TurnContext, stop: threading.Event, stream: TurnStream) -> Callable[[], object]:
-    """Run the turn up to its end, and return the settlement that writes it."""
+def _end_of(context: TurnContext, stop: threading.Event, stream: TurnStream) -> tuple[Callable[[], object], bool]:
+    """Run the turn up to its end, and return the settlement that writes it, and whether that end is a stop."""
     started = time.monotonic()
     if stop.is_set():
-        return partial(_settle_cancelled, context, Outcome(cancelled=True), 0, stream)
+        return partial(_settle_cancelled, context, Outcome(cancelled=True), 0, stream), True
     agent = context.agent
     stream.status(TurnStatus.PROCESSING, _first_model(context).name)
     verdict = moderate(context.content)
     if not verdict.passed:
-        return partial(_settle_failure, context, TurnStatus.CONTENT_VIOLATION, verdict.error_message, stream)
+        return partial(_settle_failure, context, TurnStatus.CONTENT_VIOLATION, verdict.error_message, stream), False
     outcome = call_with_fallback(agent.primary, agent.fallback, context.prompt_for, agent.params, stream, stop,
                                  ends_by=context.ends_by, fallen_back=context.fallen_back,
                                  before_fallback_call=lambda: TURN.mark_fallen_back(
                                      context.turn_id, context.token, ends_by=context.ends_by, stop=stop))
     elapsed_ms = int((time.monotonic() - started) * 1000)
     if outcome.completion is not None:
-        return partial(_settle_success, context, outcome, elapsed_ms, stream)
+        return partial(_settle_success, context, outcome, elapsed_ms, stream), False
     if outcome.cancelled:
-        return partial(_settle_cancelled, context, outcome, elapsed_ms, stream)
+        return partial(_settle_cancelled, context, outcome, elapsed_ms, stream), True
     return partial(_settle_failure, context, TurnStatus.LLM_ERROR, outcome.error_message, stream, outcome, elapsed_ms,
-                   content=outcome.partial, model=outcome.model)
+                   content=outcome.partial, model=outcome.model), False
 
 
 def _streamed_by(context: TurnContext, held: Streamed) -> str:

@@ -93,7 +93,8 @@ RECORDING_SECONDS = 1.0
 """How long a leaving process waits for the runs still held as the shutdown grace ran out to record what they
 did: those handed back, the model calls they made (the provider bills a call cut short too: their attempts
 were stopped as they were handed back, and each records them on its own once its settlement is refused,
-which takes a tick of the watchdog and a write); those whose calls were over, their ends."""
+which takes a tick of the watchdog and a write); those whose calls were over, or ended on their own as they
+were handed back (their leases taken back: `app.leases.LeaseKeeper.ending`), their ends."""
 
 
 def hand_back_unfinished() -> None:

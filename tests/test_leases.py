@@ -49,8 +49,8 @@ def test_a_stale_delivery_leaving_does_not_end_the_live_deliverys_renewals(world
     turn = _processing_turn(world, token="live")
     before = _lease_expiry(turn.turn_id)
     keeper = LeaseKeeper()
-    stale = Holding(turn.turn_id, "stale", threading.Event(), turn)
-    live = Holding(turn.turn_id, "live", threading.Event(), turn)
+    stale = Holding(turn.turn_id, "stale", threading.Event(), turn, delivery=2)
+    live = Holding(turn.turn_id, "live", threading.Event(), turn, delivery=2)
     with ExitStack() as live_stack:
         with keeper.holding(stale):
             live_stack.enter_context(keeper.holding(live))
@@ -77,7 +77,7 @@ def _processing_turn_expiring_soon(world) -> HeldTurn:  # type: ignore[no-untype
 def _lease_alive_for_8_seconds(keeper: LeaseKeeper, turn: HeldTurn) -> list[bool]:
     """Whether `turn`'s lease was alive by the database's clock, sampled every 0.1 s for 8 s while `keeper` holds it."""
     alive = []
-    with keeper.holding(Holding(turn.turn_id, "live", threading.Event(), turn)):
+    with keeper.holding(Holding(turn.turn_id, "live", threading.Event(), turn, delivery=2)):
         ends = time.monotonic() + 8
         while time.monotonic() < ends:
             with transaction() as session:
@@ -128,11 +128,11 @@ def test_a_renewal_waiting_on_redis_does_not_hold_back_turns_starting(  # type: 
     monkeypatch.setattr(conversation_locks, "renew", noted_renewal)
     keeper = LeaseKeeper()
     try:
-        with keeper.holding(Holding(first.turn_id, "first", threading.Event(), first)):
+        with keeper.holding(Holding(first.turn_id, "first", threading.Event(), first, delivery=2)):
             wait_for(lambda: renewing.is_set() and silent_redis.connections, timeout=5,
                      what="a renewal to wait on Redis")
             started = time.monotonic()
-            with keeper.holding(Holding(second.turn_id, "second", threading.Event(), second)):
+            with keeper.holding(Holding(second.turn_id, "second", threading.Event(), second, delivery=2)):
                 took = time.monotonic() - started
                 silent_redis.hang_up()
     finally:
@@ -407,8 +407,8 @@ def test_a_stop_recorded_only_in_the_database_reaches_the_turn_at_a_renewal(worl
         run_id = run.id
     before = _lease_expiry(turn.turn_id)
     keeper = LeaseKeeper()
-    held_turn = Holding(turn.turn_id, "live", threading.Event(), turn)
-    held_run = Holding(run_id, "run", threading.Event(), None)
+    held_turn = Holding(turn.turn_id, "live", threading.Event(), turn, delivery=2)
+    held_run = Holding(run_id, "run", threading.Event(), None, delivery=1)
     with keeper.holding(held_turn), keeper.holding(held_run):
         wait_for(lambda: _lease_expiry(turn.turn_id) != before, timeout=5, what="a first renewal")
         assert not held_turn.stop.is_set()
@@ -430,11 +430,11 @@ def test_a_run_whose_end_gave_its_lease_up_is_not_logged_as_taken_over(world, ca
 
     ended, taken = _processing_turn(world, "ending", "ended"), _processing_turn(world, "mine", "taken")
     keeper = LeaseKeeper()
-    held_ended = Holding(ended.turn_id, "ending", threading.Event(), ended)
-    held_taken = Holding(taken.turn_id, "mine", threading.Event(), taken)
+    held_ended = Holding(ended.turn_id, "ending", threading.Event(), ended, delivery=2)
+    held_taken = Holding(taken.turn_id, "mine", threading.Event(), taken, delivery=2)
     with caplog.at_level(logging.WARNING, logger="app.leases"), keeper.holding(held_ended), \
             keeper.holding(held_taken):
-        keeper.ending(held_ended)
+        keeper.ending(held_ended, stopped=False)
         with transaction() as session:
             session.execute(update(Turn).where(Turn.assistant_message_id == ended.turn_id).values(lease_token=None))
             session.execute(update(Turn).where(Turn.assistant_message_id == taken.turn_id)
@@ -456,12 +456,12 @@ def test_a_run_handed_back_as_its_worker_leaves_is_not_logged_as_taken_over(worl
     handed, taken = _processing_turn(world, "mine", "handed"), _processing_turn(world, "mine", "taken")
     probe = _processing_turn(world, "probe", "probe")  # writing its end: not handed back, its lease renewed
     keeper = LeaseKeeper()
-    held_handed = Holding(handed.turn_id, "mine", threading.Event(), handed)
-    held_taken = Holding(taken.turn_id, "mine", threading.Event(), taken)
-    held_probe = Holding(probe.turn_id, "probe", threading.Event(), probe)
+    held_handed = Holding(handed.turn_id, "mine", threading.Event(), handed, delivery=2)
+    held_taken = Holding(taken.turn_id, "mine", threading.Event(), taken, delivery=2)
+    held_probe = Holding(probe.turn_id, "probe", threading.Event(), probe, delivery=2)
     with caplog.at_level(logging.WARNING, logger="app.leases"), keeper.holding(held_handed), \
             keeper.holding(held_taken), keeper.holding(held_probe):
-        keeper.ending(held_probe)
+        keeper.ending(held_probe, stopped=False)
         with transaction() as session:
             session.execute(update(Turn).where(Turn.assistant_message_id == taken.turn_id)
                             .values(lease_token="another"))
@@ -485,7 +485,7 @@ def test_a_hand_back_whose_database_fails_part_way_stops_every_run_it_could_not_
 
     first, failing, after = (_processing_turn(world, token, token) for token in ("first", "explode", "after"))
     keeper = LeaseKeeper()
-    held = [Holding(t.turn_id, token, threading.Event(), t)
+    held = [Holding(t.turn_id, token, threading.Event(), t, delivery=2)
             for t, token in ((first, "first"), (failing, "explode"), (after, "after"))]
     with transaction() as session:
         session.execute(text(
@@ -589,16 +589,34 @@ def test_a_run_whose_calls_end_just_after_it_was_handed_back_takes_its_lease_bac
 
     turn = _processing_turn(world, "mine")
     keeper = LeaseKeeper()
-    holding = Holding(turn.turn_id, "mine", threading.Event(), turn)
+    holding = Holding(turn.turn_id, "mine", threading.Event(), turn, delivery=2)
     with keeper.holding(holding):
         assert keeper.hand_back().given_up == [(TURN, turn.turn_id)]
         assert _turn_lease(turn.turn_id) == (None, 1, "processing")
-        keeper.ending(holding)
+        keeper.ending(holding, stopped=False)
         assert not holding.handed_back
-        assert _turn_lease(turn.turn_id) == ("mine", 1, "processing")
+        assert _turn_lease(turn.turn_id) == ("mine", 0, "processing")  # the hand-back undone is not counted
         assert _lease_expiry(turn.turn_id) > utc_now()
         _settle_as_success(turn, "mine")
-    assert _turn_lease(turn.turn_id) == (None, 1, "success")
+    assert _turn_lease(turn.turn_id) == (None, 0, "success")
+
+
+def test_a_run_stopped_by_its_hand_back_does_not_take_its_lease_back(world) -> None:  # type: ignore[no-untyped-def]
+    """The hand-back stops the calls it gives up: a run whose end is that stop (`stopped`) leaves its lease given
+    up, for the worker the run was sent to; taking it back, it ended its turn `cancelled` in the leaving worker."""
+    from app.turn_state import LeaseLost
+
+    turn = _processing_turn(world, "mine")
+    keeper = LeaseKeeper()
+    holding = Holding(turn.turn_id, "mine", threading.Event(), turn, delivery=2)
+    with keeper.holding(holding):
+        keeper.hand_back()
+        assert holding.stop.is_set()
+        keeper.ending(holding, stopped=True)
+        assert holding.handed_back
+        with pytest.raises(LeaseLost):
+            _settle_as_success(turn, "mine")
+    assert _turn_lease(turn.turn_id) == (None, 1, "processing")
 
 
 def test_a_test_run_whose_calls_end_just_after_it_was_handed_back_takes_its_lease_back(world) -> None:  # type: ignore[no-untyped-def]
@@ -608,43 +626,52 @@ def test_a_test_run_whose_calls_end_just_after_it_was_handed_back_takes_its_leas
     admin_id = world.api.get("/api/me", world.admin_key).json["id"]
     with transaction() as session:
         runs = [DebugRun(agent_id=world.agent(world.model(f"run{n}")), admin_id=admin_id, input="hi",
-                         status="processing", lease_token="mine", lease_expires_at=utc_now() + timedelta(seconds=30))
+                         status="processing", lease_token="mine", lease_expires_at=utc_now() + timedelta(seconds=30),
+                         deliveries=1)
                 for n in range(2)]
         session.add_all(runs)
         session.flush()
         running, ended = (run.id for run in runs)
     keeper = LeaseKeeper()
-    held = [Holding(run_id, "mine", threading.Event(), None) for run_id in (running, ended)]
+    held = [Holding(run_id, "mine", threading.Event(), None, delivery=1) for run_id in (running, ended)]
     with keeper.holding(held[0]), keeper.holding(held[1]):
         assert keeper.hand_back().given_up == [(TEST_RUN, running), (TEST_RUN, ended)]
         with transaction() as session:
             session.get_one(DebugRun, ended).status = "error"
         for holding in held:
-            keeper.ending(holding)
+            keeper.ending(holding, stopped=False)
         assert [h.handed_back for h in held] == [False, True]
     with transaction() as session:
         leases = [session.get_one(DebugRun, run_id).lease_token for run_id in (running, ended)]
     assert leases == ["mine", None]
 
 
-def test_a_run_claimed_by_another_delivery_after_its_hand_back_is_left_to_that_delivery(world) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("claimer_then", ["runs", "hands_to_retry"])
+def test_a_run_claimed_by_another_delivery_after_its_hand_back_is_left_to_that_delivery(  # type: ignore[no-untyped-def]
+        world, claimer_then) -> None:
     """Once the re-sent message's delivery claimed the run, the one whose calls ended late takes nothing back: its
-    end is refused, and the claiming delivery runs the turn."""
+    end is refused, and the claiming delivery runs the turn. Also when that delivery has given the lease up again
+    (it failed, and handed the run to its retry): the lease is as free as after the hand-back, but the run's
+    delivery count has moved on."""
+    from app.run_kinds import TURN
     from app.turn_state import LeaseLost, claim_turn
 
     turn = _processing_turn(world, "mine")
     keeper = LeaseKeeper()
-    holding = Holding(turn.turn_id, "mine", threading.Event(), turn)
+    holding = Holding(turn.turn_id, "mine", threading.Event(), turn, delivery=2)
     with keeper.holding(holding):
         keeper.hand_back()
         with plain_transaction() as connection:
             claim = claim_turn(connection, turn.turn_id, 30)
-        assert claim.acquired and claim.token is not None
-        keeper.ending(holding)
+        assert claim.acquired and claim.token is not None and claim.deliveries == 3
+        if claimer_then == "hands_to_retry":
+            TURN.hand_to_retry(turn.turn_id, claim.token)
+        keeper.ending(holding, stopped=False)
         assert holding.handed_back
         with pytest.raises(LeaseLost):
             _settle_as_success(turn, "mine")
-    assert _turn_lease(turn.turn_id) == (claim.token, 1, "processing")
+    kept = claim.token if claimer_then == "runs" else None
+    assert _turn_lease(turn.turn_id) == (kept, 1, "processing")
 
 
 def test_a_run_whose_calls_end_during_its_revocation_waits_for_it_then_takes_its_lease_back(world) -> None:  # type: ignore[no-untyped-def]
@@ -653,7 +680,7 @@ def test_a_run_whose_calls_end_during_its_revocation_waits_for_it_then_takes_its
     back. Marked `ending` at once instead, the run was left to the revocation, and its end was refused."""
     turn = _processing_turn(world, "slow")
     keeper = LeaseKeeper()
-    holding = Holding(turn.turn_id, "slow", threading.Event(), turn)
+    holding = Holding(turn.turn_id, "slow", threading.Event(), turn, delivery=2)
     with transaction() as session:
         session.execute(text(
             "CREATE FUNCTION hold_revocation() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
@@ -674,7 +701,7 @@ def test_a_run_whose_calls_end_during_its_revocation_waits_for_it_then_takes_its
                         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242 AND NOT granted")))
 
             wait_for(revocation_waiting, timeout=10, what="the revocation to wait at the lock")
-            ending = threading.Thread(target=keeper.ending, args=(holding,))
+            ending = threading.Thread(target=keeper.ending, args=(holding,), kwargs={"stopped": False})
             ending.start()
             ending.join(timeout=0.3)  # long enough for a run not made to wait to have marked itself
             stack.close()  # the revocation commits
@@ -683,7 +710,7 @@ def test_a_run_whose_calls_end_during_its_revocation_waits_for_it_then_takes_its
             assert not handing.is_alive() and not ending.is_alive()
             assert (holding.ending, holding.handed_back) == (True, False)
             _settle_as_success(turn, "slow")
-        assert _turn_lease(turn.turn_id) == (None, 1, "success")
+        assert _turn_lease(turn.turn_id) == (None, 0, "success")
     finally:
         with transaction() as session:
             session.execute(text("DROP TRIGGER hold_revocation ON turns"))

@@ -579,6 +579,30 @@ def test_a_run_still_going_when_the_shutdown_grace_ends_is_handed_to_another_wor
                      {"id": turn["id"]}) == [(1, "cancelled"), (2, "success")]  # the leaving worker's call too
 
 
+def test_a_run_handed_back_with_no_other_worker_running_waits_for_the_next_one(stack: Stack) -> None:
+    """The last worker stopping (a deploy that stops every worker first) hands its turn back: its call, stopped
+    by the hand-back, must leave the turn to the next worker, not take the lease back and end the turn
+    `cancelled` as if its user had stopped it."""
+    agent_id = slow_agent(stack, "handed-to-nobody", "echo;words=60;gap=0.1")
+    _, key = stack.user("hand-back-to-nobody")
+    leaving = stack.start_worker(AGENTQ_SHUTDOWN_GRACE_SECONDS="1", AGENTQ_LEASE_SECONDS="30")
+    turn = stack.send(key, stack.conversation(key, agent_id), "finish me later")
+    stack.wait_status(key, turn["id"], ("processing",))
+    leaving.popen.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+    wait_for(lambda: leaving.popen.poll() is not None, timeout=10, what="the worker to exit")  # type: ignore[union-attr]
+    assert "handed to another worker" in leaving.output()
+    assert "took its lease back" not in leaving.output()
+    assert stack.sql("SELECT m.status, t.lease_token, t.handed_back FROM turns t JOIN conversation_messages m "
+                     "ON m.id = t.assistant_message_id WHERE t.assistant_message_id = %(id)s",
+                     {"id": turn["id"]}) == [("processing", None, 1)]
+    stack.start_worker(AGENTQ_LEASE_SECONDS="30")
+    done = stack.wait_terminal(key, turn["id"], timeout=30)
+    assert (done["status"], done["content"]) == ("success", " ".join(f"w{i}" for i in range(60)))
+    assert charges(stack, turn["id"]) == 1
+    assert stack.sql("SELECT delivery, outcome FROM model_attempts WHERE message_id = %(id)s ORDER BY id",
+                     {"id": turn["id"]}) == [(1, "cancelled"), (2, "success")]
+
+
 def test_a_turn_handed_back_at_each_stop_of_a_rolling_restart_is_not_given_up(stack: Stack) -> None:
     """A rolling restart during a long answer hands the turn back at each stop; each hand-back counted against
     `AGENTQ_MAX_DELIVERIES` as a crash does, and the turn ended `error` ("gave up after N deliveries") with its
