@@ -65,6 +65,9 @@ class Outcome:
     after its last restart, so the stored answer keeps it and concatenated deltas equal the content."""
     partial_failed: bool = False
     """The kept text is a failed attempt's (a stop came between it and the fallback): kept, not charged."""
+    disowned: bool = False
+    """The fallback was not called because the run was no longer this delivery's (taken over, or handed back by
+    a stopping worker): its end is not this delivery's to write."""
     stopped_call: AttemptRecord | None = None
     """The record of the call a stop cut short, when its text is the one kept: its estimate (the prompt, and
     the text streamed at most `max_tokens`) is what a stopped turn is charged, so the charge and the attempt's
@@ -165,6 +168,7 @@ def call_with_fallback(
             if falls_back:
                 if before_fallback_call is not None and not before_fallback_call():
                     outcome.note(f"{targets[index + 1].name}: not called, the run is no longer this delivery's")
+                    outcome.disowned = True
                     return outcome
                 metrics.observe_fallback()
                 continue

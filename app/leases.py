@@ -86,6 +86,9 @@ class Holding:
     handed_back: bool = False
     """This process gave its lease up as it left (`LeaseKeeper.hand_back`), and did not take it back: a renewal
     that finds the lease gone does not report it taken over."""
+    sent: bool = False
+    """Handed back and sent to another worker (`LeaseKeeper.handed_back_to_send`): it can no longer take its lease
+    back, or the worker the run was sent to could call the model again for an answer this one has."""
     deciding: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     """Held while a hand-back decides on this run and revokes its lease, and while the run marks itself `ending`:
     so a call that ends during that revocation is seen by neither as still going nor as ending, and its run
@@ -126,6 +129,7 @@ class LeaseKeeper:
         self._kept: set[tuple[str, int, str]] = set()
         self._locks_due = threading.Event()
         self._threads: dict[str, threading.Thread] = {}
+        self._given_up: list[Holding] = []
         self.cancel_check: Callable[[list[int]], set[int]] | None = None
 
     @contextmanager
@@ -165,12 +169,17 @@ class LeaseKeeper:
 
         A run the hand-back gave up while its calls were ending on their own (an answer, a failure, a refusal)
         takes its lease back for the same reason, unless another delivery claimed the run first (its end is then
-        refused, as any taken-over run's is). One whose end is a stop (`stopped`) does not: the stop may be the
-        hand-back's own, whose run belongs to the next worker; a user's stop reaches that worker's claim too."""
+        refused, as any taken-over run's is). One whose end is a stop (`stopped`, or a fallback not called because the
+        run was found given up) does not: the stop may be the hand-back's own, whose run belongs to the next worker;
+        a user's stop reaches that worker's claim too."""
         with holding.deciding:
-            if holding.handed_back and not stopped:
+            was_handed_back = holding.handed_back
+            if holding.handed_back and not stopped and not holding.sent:
                 holding.handed_back = not _take_back(holding)
             holding.ending = True
+        if was_handed_back:  # `handed_back_to_send` waits for this decision
+            with self._released:
+                self._released.notify_all()
 
     def hand_back(self) -> HandBack:
         """The process is leaving with runs still in flight (the shutdown grace ran out): give up the leases of
@@ -191,11 +200,33 @@ class LeaseKeeper:
                 revoked = _revoke(h)
                 if revoked:  # committed: only now is it another worker's to take
                     given_up.append((h.kind, h.ident))
+                    self._given_up.append(h)
                 h.handed_back = revoked is not False
             h.stop.set()
             if revoked is None:  # those given up so far are still sent again; the rest keep their leases
                 break
         return HandBack(given_up, ending)
+
+    def handed_back_to_send(self, seconds: float) -> list[tuple[RunKind, int]]:
+        """The runs the hand-back gave up that are to be sent to another worker: those that did not take their
+        leases back. Each is waited for (up to `seconds` in all) until its calls have ended and it decided, or it
+        left: sent before, the run whose answer came back as its call was stopped could take its lease back
+        after another worker had claimed the run, and that worker called the model again. Each is marked `sent`,
+        after which it takes nothing back (one slower than `seconds` to decide is sent all the same)."""
+        given_up = list(self._given_up)
+
+        def decided(h: Holding) -> bool:
+            return h.ending or self._held.get(h.key) is not h
+
+        with self._released:
+            self._released.wait_for(lambda: all(decided(h) for h in given_up), timeout=seconds)
+        to_send: list[tuple[RunKind, int]] = []
+        for h in given_up:
+            with h.deciding:
+                if h.handed_back:
+                    h.sent = True
+                    to_send.append((h.kind, h.ident))
+        return to_send
 
     def wait_until_released(self, seconds: float) -> bool:
         """Whether every run this process held was let go (its runner returned) within `seconds`."""

@@ -167,7 +167,8 @@ def _execute(context: TurnContext, holding: Holding, stream: TurnStream) -> None
 
 
 def _end_of(context: TurnContext, stop: threading.Event, stream: TurnStream) -> tuple[Callable[[], object], bool]:
-    """Run the turn up to its end, and return the settlement that writes it, and whether that end is a stop."""
+    """Run the turn up to its end, and return the settlement that writes it, and whether that end is a stop (or
+    the run was found no longer this delivery's, which the stop of a hand-back may follow)."""
     started = time.monotonic()
     if stop.is_set():
         return partial(_settle_cancelled, context, Outcome(cancelled=True), 0, stream), True
@@ -186,7 +187,7 @@ def _end_of(context: TurnContext, stop: threading.Event, stream: TurnStream) -> 
     if outcome.cancelled:
         return partial(_settle_cancelled, context, outcome, elapsed_ms, stream), True
     return partial(_settle_failure, context, TurnStatus.LLM_ERROR, outcome.error_message, stream, outcome, elapsed_ms,
-                   content=outcome.partial, model=outcome.model), False
+                   content=outcome.partial, model=outcome.model), outcome.disowned
 
 
 def _streamed_by(context: TurnContext, held: Streamed) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import textwrap
+import time
 import traceback
 
 from sqlalchemy.orm import Session
@@ -99,15 +100,17 @@ were handed back (their leases taken back: `app.leases.LeaseKeeper.ending`), the
 
 def hand_back_unfinished() -> None:
     """The worker threads had the shutdown grace to finish their runs: those still calling a model are given
-    up and sent again now, for another worker to take over at once (their leases would otherwise hold them
-    for up to `AGENTQ_LEASE_SECONDS` after this process is gone); those already writing their ends are left to
-    finish. Both get `RECORDING_SECONDS` before the process leaves."""
+    up and sent again, once their stopped calls have ended, for another worker to take over at once (their
+    leases would otherwise hold them for up to `AGENTQ_LEASE_SECONDS` after this process is gone); those already
+    writing their ends, or whose answers came back as they were stopped, are left to finish. All of it within
+    `RECORDING_SECONDS` before the process leaves."""
+    leaves_at = time.monotonic() + RECORDING_SECONDS
     try:
         handed = keeper.hand_back()
     except Exception as exc:
         warn_of(log, exc, "could not give up the leases of the runs still in flight; they run out by themselves")
         return
-    for kind, ident in handed.given_up:
+    for kind, ident in keeper.handed_back_to_send(max(leaves_at - time.monotonic(), 0.0)):
         if outbox.send(kind, ident, None):
             log.warning("%s %s was still running when the shutdown grace ran out; handed to another worker",
                         kind.label, ident)
@@ -117,7 +120,7 @@ def hand_back_unfinished() -> None:
     for kind, ident in handed.ending:
         log.info("%s %s had ended its model calls when the shutdown grace ran out; waiting for its end to be written",
                  kind.label, ident)
-    if not keeper.wait_until_released(RECORDING_SECONDS):
+    if not keeper.wait_until_released(max(leaves_at - time.monotonic(), 0.0)):
         log.warning("runs still held at the end of the shutdown grace did not record their model calls or ends "
                     "within %ss; the process leaves without waiting for them", RECORDING_SECONDS)
 

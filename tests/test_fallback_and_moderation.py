@@ -612,6 +612,9 @@ def test_a_delivery_that_finds_its_lease_gone_when_it_records_the_switch_does_no
                                      turn_id, "a-lease-taken-over", ends_by=None, stop=stop))
     assert (outcome.completion, outcome.failures[-1][0]) == (None, "fallback: not called, the run is no longer this "
                                                                 "delivery's")
+    # Its end is then no end of its calls: a run a stopping worker handed back takes no lease back for it
+    # (`LeaseKeeper.ending`), or it would end `llm_error` a turn whose fallback the next worker may still call.
+    assert (outcome.disowned, outcome.cancelled) == (True, False)
     assert REGISTRY.get_sample_value("agentq_fallbacks_total") == switches  # the delivery that has it counts it
     # The session's workers may run the turn itself ("echo") once the sweep sends it: its own business.
     assert [model for model in upstream.models() if model != "echo"] == ["echo;fail=503"]

@@ -715,3 +715,48 @@ def test_a_run_whose_calls_end_during_its_revocation_waits_for_it_then_takes_its
         with transaction() as session:
             session.execute(text("DROP TRIGGER hold_revocation ON turns"))
             session.execute(text("DROP FUNCTION hold_revocation()"))
+
+
+def test_a_run_handed_back_is_sent_only_once_its_stopped_call_has_ended(world) -> None:  # type: ignore[no-untyped-def]
+    """A call stopped by the hand-back may still bring its whole answer back (the model had finished, its
+    usage not yet sent): the run then takes its lease back. Sent to another worker before that, the run was
+    claimed there first (a worker woken at once by the send's doorbell) and its model called again, a second
+    paid call for an answer already had. The runs are sent once each has decided, or left."""
+    from app.run_kinds import TURN
+
+    answered, left = _processing_turn(world, "mine", "answered"), _processing_turn(world, "mine", "left")
+    keeper = LeaseKeeper()
+    held_answered = Holding(answered.turn_id, "mine", threading.Event(), answered, delivery=2)
+    held_left = Holding(left.turn_id, "mine", threading.Event(), left, delivery=2)
+    sent: list[list[tuple[object, int]]] = []
+    with keeper.holding(held_answered):
+        with keeper.holding(held_left):
+            assert len(keeper.hand_back().given_up) == 2
+        sending = threading.Thread(target=lambda: sent.append(keeper.handed_back_to_send(30)))
+        sending.start()
+        sending.join(timeout=0.3)  # long enough for a send not made to wait to have gone
+        assert sending.is_alive() and not sent
+        keeper.ending(held_answered, stopped=False)
+        sending.join(timeout=10)
+        assert sent == [[(TURN, left.turn_id)]]  # the one that left with its lease given up is sent
+        _settle_as_success(answered, "mine")
+    assert _turn_lease(answered.turn_id) == (None, 0, "success")
+
+
+def test_a_run_sent_to_another_worker_takes_nothing_back(world) -> None:  # type: ignore[no-untyped-def]
+    """One that had not decided when the wait ran out is sent all the same, and can no longer take its lease
+    back: the worker it was sent to has it."""
+    from app.run_kinds import TURN
+    from app.turn_state import LeaseLost
+
+    turn = _processing_turn(world, "mine")
+    keeper = LeaseKeeper()
+    holding = Holding(turn.turn_id, "mine", threading.Event(), turn, delivery=2)
+    with keeper.holding(holding):
+        keeper.hand_back()
+        assert keeper.handed_back_to_send(0) == [(TURN, turn.turn_id)]
+        keeper.ending(holding, stopped=False)
+        assert holding.handed_back
+        with pytest.raises(LeaseLost):
+            _settle_as_success(turn, "mine")
+    assert _turn_lease(turn.turn_id) == (None, 1, "processing")
