@@ -722,13 +722,13 @@ def test_a_run_handed_back_is_sent_only_once_its_stopped_call_has_ended(world) -
     usage not yet sent): the run then takes its lease back. Sent to another worker before that, the run was
     claimed there first (a worker woken at once by the send's doorbell) and its model called again, a second
     paid call for an answer already had. The runs are sent once each has decided, or left."""
-    from app.run_kinds import TURN
+    from app.run_kinds import TURN, RunKind
 
     answered, left = _processing_turn(world, "mine", "answered"), _processing_turn(world, "mine", "left")
     keeper = LeaseKeeper()
     held_answered = Holding(answered.turn_id, "mine", threading.Event(), answered, delivery=2)
     held_left = Holding(left.turn_id, "mine", threading.Event(), left, delivery=2)
-    sent: list[list[tuple[object, int]]] = []
+    sent: list[list[tuple[RunKind, int]]] = []
     with keeper.holding(held_answered):
         with keeper.holding(held_left):
             assert len(keeper.hand_back().given_up) == 2
