@@ -181,12 +181,14 @@ class LeaseKeeper:
             with self._released:
                 self._released.notify_all()
 
-    def hand_back(self) -> HandBack:
+    def hand_back(self, *, sent_within: float = 0.0) -> HandBack:
         """The process is leaving with runs still in flight (the shutdown grace ran out): give up the leases of
         those still calling their models now, so that another worker can take them over at once rather than
         when the lease runs out, and tell them to stop calling (their stopped ends are refused). Those writing
         their end are left to it, and those whose calls end on their own as they are given up take their leases
-        back (`ending`)."""
+        back (`ending`). The recovery sweep leaves the runs given up alone for `sent_within` seconds, the time
+        this process takes to send them itself (`handed_back_to_send`): sent by a sweep meanwhile, one whose
+        answer came back as it was stopped could be claimed elsewhere before it took its lease back."""
         given_up: list[tuple[RunKind, int]] = []
         ending: list[tuple[RunKind, int]] = []
         for h in self._snapshot():
@@ -197,7 +199,7 @@ class LeaseKeeper:
                 if h.ending:
                     ending.append((h.kind, h.ident))
                     continue
-                revoked = _revoke(h)
+                revoked = _revoke(h, sent_within)
                 if revoked:  # committed: only now is it another worker's to take
                     given_up.append((h.kind, h.ident))
                     self._given_up.append(h)
@@ -346,13 +348,14 @@ class LeaseKeeper:
         self._locks_due.set()
 
 
-def _revoke(h: Holding) -> bool | None:
+def _revoke(h: Holding, sent_within: float) -> bool | None:
     """Give up a run's lease for `LeaseKeeper.hand_back`, in a transaction of its own: whether it was still this
     delivery's, or None when the database failed, the revocation perhaps committed before the error (the run
     is stopped either way: a lease it kept runs out, and the recovery sweep sends it again)."""
     try:
         with transaction() as session:
-            return h.kind.revoke_lease(session, h.ident, h.token, handed_back=True)
+            swept_after = lease_expiry(lease_now(session), sent_within) if sent_within else None
+            return h.kind.revoke_lease(session, h.ident, h.token, swept_after=swept_after, handed_back=True)
     except Exception as error:
         log_failure(log, error, "giving up the leases of the runs still in flight (the rest run out by themselves)")
         return None

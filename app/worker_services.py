@@ -106,7 +106,7 @@ def hand_back_unfinished() -> None:
     `RECORDING_SECONDS` before the process leaves."""
     leaves_at = time.monotonic() + RECORDING_SECONDS
     try:
-        handed = keeper.hand_back()
+        handed = keeper.hand_back(sent_within=RECORDING_SECONDS)
     except Exception as exc:
         warn_of(log, exc, "could not give up the leases of the runs still in flight; they run out by themselves")
         return

@@ -731,7 +731,9 @@ def test_a_run_handed_back_is_sent_only_once_its_stopped_call_has_ended(world) -
     sent: list[list[tuple[RunKind, int]]] = []
     with keeper.holding(held_answered):
         with keeper.holding(held_left):
-            assert len(keeper.hand_back().given_up) == 2
+            assert len(keeper.hand_back(sent_within=30).given_up) == 2
+        # Left to this process to send meanwhile: the recovery sweep waits (`lease_over`) as long.
+        assert _lease_expiry(answered.turn_id) > utc_now() + timedelta(seconds=20)
         sending = threading.Thread(target=lambda: sent.append(keeper.handed_back_to_send(30)))
         sending.start()
         sending.join(timeout=0.3)  # long enough for a send not made to wait to have gone
