@@ -38,6 +38,17 @@ def _processing_turn(world, token: str, model: str = "primary") -> HeldTurn:  # 
     return HeldTurn(turn_id, user_id, conversation_id)
 
 
+@pytest.fixture
+def swept_once(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """The session's workers sweep for lost work, and the first sweep after a test's Redis flush (`clean`) takes
+    Redis for lost and sends every run processing under no lease (`app.recovery`): one a test has just handed
+    back would be claimed by a session worker. The tests that hand runs back wait for that sweep first, and
+    give their runs a revoked lease's expiry that keeps later sweeps off them (`sent_within`)."""
+    from app.recovery import epoch_key
+
+    wait_for(lambda: redis_client.exists(epoch_key()), what="a recovery sweep after the Redis flush")
+
+
 def _lease_expiry(turn_id: int):  # type: ignore[no-untyped-def]
     with transaction() as session:
         return session.scalar(select(Turn.lease_expires_at).where(Turn.assistant_message_id == turn_id))
@@ -445,7 +456,7 @@ def test_a_run_whose_end_gave_its_lease_up_is_not_logged_as_taken_over(world, ca
     assert warned == [f"lease of turn {taken.turn_id} was taken over; stopping"]
 
 
-def test_a_run_handed_back_as_its_worker_leaves_is_not_logged_as_taken_over(world, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_a_run_handed_back_as_its_worker_leaves_is_not_logged_as_taken_over(world, swept_once, caplog) -> None:  # type: ignore[no-untyped-def]
     """A worker leaving gives up the leases of the runs still calling (`LeaseKeeper.hand_back`); a renewal
     before such a run let go warned that its lease "was taken over", which no other worker had done. One whose
     lease another delivery took before the hand-back is still warned of."""
@@ -465,7 +476,7 @@ def test_a_run_handed_back_as_its_worker_leaves_is_not_logged_as_taken_over(worl
         with transaction() as session:
             session.execute(update(Turn).where(Turn.assistant_message_id == taken.turn_id)
                             .values(lease_token="another"))
-        handed_back = keeper.hand_back()
+        handed_back = keeper.hand_back(sent_within=30)
         assert (handed_back.given_up, handed_back.ending) == ([(TURN, handed.turn_id)], [(TURN, probe.turn_id)])
         assert held_handed.stop.is_set() and held_taken.stop.is_set() and not held_probe.stop.is_set()
         before = _lease_expiry(probe.turn_id)
@@ -474,7 +485,7 @@ def test_a_run_handed_back_as_its_worker_leaves_is_not_logged_as_taken_over(worl
     assert warned == {f"lease of turn {taken.turn_id} was taken over; stopping"}
 
 
-def test_a_hand_back_whose_database_fails_part_way_stops_every_run_it_could_not_tell_about(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_hand_back_whose_database_fails_part_way_stops_every_run_it_could_not_tell_about(world, swept_once) -> None:  # type: ignore[no-untyped-def]
     """Each revocation is its own transaction; one that fails (here a real error PostgreSQL raises for that row)
     ends the hand-back, those given up before it still reported for sending again. The failed one is stopped
     too, since its revocation may have committed before the error; the runs after it keep their leases and run
@@ -496,7 +507,7 @@ def test_a_hand_back_whose_database_fails_part_way_stops_every_run_it_could_not_
                              "EXECUTE FUNCTION refuse_revocation()"))
     try:
         with keeper.holding(held[0]), keeper.holding(held[1]), keeper.holding(held[2]):
-            handed_back = keeper.hand_back()
+            handed_back = keeper.hand_back(sent_within=30)
             assert (handed_back.given_up, handed_back.ending) == ([(TURN, first.turn_id)], [])
             assert [h.stop.is_set() for h in held] == [True, True, False]
             with transaction() as session:
@@ -581,7 +592,7 @@ def _turn_lease(turn_id: int) -> tuple[str | None, int, str]:
 
 
 def test_a_run_whose_calls_end_just_after_it_was_handed_back_takes_its_lease_back_and_writes_its_end(  # type: ignore[no-untyped-def]
-        world) -> None:
+        world, swept_once) -> None:
     """A hand-back gave up a turn whose answer came back right after the look: its settlement was refused, and the
     delivery taking it over called the model again for an answer already paid for. Until another delivery claims
     the run, the run whose calls ended takes its lease back (`LeaseKeeper.ending`) and its end lands."""
@@ -591,7 +602,7 @@ def test_a_run_whose_calls_end_just_after_it_was_handed_back_takes_its_lease_bac
     keeper = LeaseKeeper()
     holding = Holding(turn.turn_id, "mine", threading.Event(), turn, delivery=2)
     with keeper.holding(holding):
-        assert keeper.hand_back().given_up == [(TURN, turn.turn_id)]
+        assert keeper.hand_back(sent_within=30).given_up == [(TURN, turn.turn_id)]
         assert _turn_lease(turn.turn_id) == (None, 1, "processing")
         keeper.ending(holding, stopped=False)
         assert not holding.handed_back
@@ -601,7 +612,7 @@ def test_a_run_whose_calls_end_just_after_it_was_handed_back_takes_its_lease_bac
     assert _turn_lease(turn.turn_id) == (None, 0, "success")
 
 
-def test_a_run_stopped_by_its_hand_back_does_not_take_its_lease_back(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_run_stopped_by_its_hand_back_does_not_take_its_lease_back(world, swept_once) -> None:  # type: ignore[no-untyped-def]
     """The hand-back stops the calls it gives up: a run whose end is that stop (`stopped`) leaves its lease given
     up, for the worker the run was sent to; taking it back, it ended its turn `cancelled` in the leaving worker."""
     from app.turn_state import LeaseLost
@@ -610,7 +621,7 @@ def test_a_run_stopped_by_its_hand_back_does_not_take_its_lease_back(world) -> N
     keeper = LeaseKeeper()
     holding = Holding(turn.turn_id, "mine", threading.Event(), turn, delivery=2)
     with keeper.holding(holding):
-        keeper.hand_back()
+        keeper.hand_back(sent_within=30)
         assert holding.stop.is_set()
         keeper.ending(holding, stopped=True)
         assert holding.handed_back
@@ -619,7 +630,7 @@ def test_a_run_stopped_by_its_hand_back_does_not_take_its_lease_back(world) -> N
     assert _turn_lease(turn.turn_id) == (None, 1, "processing")
 
 
-def test_a_test_run_whose_calls_end_just_after_it_was_handed_back_takes_its_lease_back(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_test_run_whose_calls_end_just_after_it_was_handed_back_takes_its_lease_back(world, swept_once) -> None:  # type: ignore[no-untyped-def]
     """The same for an admin test run, whose status is on its own row; one already ended is not taken back."""
     from app.run_kinds import TEST_RUN
 
@@ -635,7 +646,7 @@ def test_a_test_run_whose_calls_end_just_after_it_was_handed_back_takes_its_leas
     keeper = LeaseKeeper()
     held = [Holding(run_id, "mine", threading.Event(), None, delivery=1) for run_id in (running, ended)]
     with keeper.holding(held[0]), keeper.holding(held[1]):
-        assert keeper.hand_back().given_up == [(TEST_RUN, running), (TEST_RUN, ended)]
+        assert keeper.hand_back(sent_within=30).given_up == [(TEST_RUN, running), (TEST_RUN, ended)]
         with transaction() as session:
             session.get_one(DebugRun, ended).status = "error"
         for holding in held:
@@ -648,7 +659,7 @@ def test_a_test_run_whose_calls_end_just_after_it_was_handed_back_takes_its_leas
 
 @pytest.mark.parametrize("claimer_then", ["runs", "hands_to_retry"])
 def test_a_run_claimed_by_another_delivery_after_its_hand_back_is_left_to_that_delivery(  # type: ignore[no-untyped-def]
-        world, claimer_then) -> None:
+        world, swept_once, claimer_then) -> None:
     """Once the re-sent message's delivery claimed the run, the one whose calls ended late takes nothing back: its
     end is refused, and the claiming delivery runs the turn. Also when that delivery has given the lease up again
     (it failed, and handed the run to its retry): the lease is as free as after the hand-back, but the run's
@@ -660,7 +671,7 @@ def test_a_run_claimed_by_another_delivery_after_its_hand_back_is_left_to_that_d
     keeper = LeaseKeeper()
     holding = Holding(turn.turn_id, "mine", threading.Event(), turn, delivery=2)
     with keeper.holding(holding):
-        keeper.hand_back()
+        keeper.hand_back(sent_within=30)
         with plain_transaction() as connection:
             claim = claim_turn(connection, turn.turn_id, 30)
         assert claim.acquired and claim.token is not None and claim.deliveries == 3
@@ -674,7 +685,7 @@ def test_a_run_claimed_by_another_delivery_after_its_hand_back_is_left_to_that_d
     assert _turn_lease(turn.turn_id) == (kept, 1, "processing")
 
 
-def test_a_run_whose_calls_end_during_its_revocation_waits_for_it_then_takes_its_lease_back(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_run_whose_calls_end_during_its_revocation_waits_for_it_then_takes_its_lease_back(world, swept_once) -> None:  # type: ignore[no-untyped-def]
     """The call ends while the hand-back's revocation is on its way to the database (held there by a real lock a
     trigger waits for): marking the run `ending` waits for that revocation to commit, then takes the lease
     back. Marked `ending` at once instead, the run was left to the revocation, and its end was refused."""
@@ -692,7 +703,7 @@ def test_a_run_whose_calls_end_during_its_revocation_waits_for_it_then_takes_its
         with ExitStack() as stack, keeper.holding(holding):
             gate = stack.enter_context(transaction())
             gate.execute(text("SELECT pg_advisory_xact_lock(4242)"))
-            handing = threading.Thread(target=keeper.hand_back)
+            handing = threading.Thread(target=lambda: keeper.hand_back(sent_within=30))
             handing.start()
 
             def revocation_waiting() -> bool:
@@ -717,7 +728,7 @@ def test_a_run_whose_calls_end_during_its_revocation_waits_for_it_then_takes_its
             session.execute(text("DROP FUNCTION hold_revocation()"))
 
 
-def test_a_run_handed_back_is_sent_only_once_its_stopped_call_has_ended(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_run_handed_back_is_sent_only_once_its_stopped_call_has_ended(world, swept_once) -> None:  # type: ignore[no-untyped-def]
     """A call stopped by the hand-back may still bring its whole answer back (the model had finished, its
     usage not yet sent): the run then takes its lease back. Sent to another worker before that, the run was
     claimed there first (a worker woken at once by the send's doorbell) and its model called again, a second
@@ -745,7 +756,7 @@ def test_a_run_handed_back_is_sent_only_once_its_stopped_call_has_ended(world) -
     assert _turn_lease(answered.turn_id) == (None, 0, "success")
 
 
-def test_a_run_sent_to_another_worker_takes_nothing_back(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_run_sent_to_another_worker_takes_nothing_back(world, swept_once) -> None:  # type: ignore[no-untyped-def]
     """One that had not decided when the wait ran out is sent all the same, and can no longer take its lease
     back: the worker it was sent to has it."""
     from app.run_kinds import TURN
@@ -755,7 +766,7 @@ def test_a_run_sent_to_another_worker_takes_nothing_back(world) -> None:  # type
     keeper = LeaseKeeper()
     holding = Holding(turn.turn_id, "mine", threading.Event(), turn, delivery=2)
     with keeper.holding(holding):
-        keeper.hand_back()
+        keeper.hand_back(sent_within=30)
         assert keeper.handed_back_to_send(0) == [(TURN, turn.turn_id)]
         keeper.ending(holding, stopped=False)
         assert holding.handed_back
