@@ -42,11 +42,12 @@ def _processing_turn(world, token: str, model: str = "primary") -> HeldTurn:  # 
 def swept_once(world, redis_client) -> None:  # type: ignore[no-untyped-def]
     """The session's workers sweep for lost work, and the first sweep after a test's Redis flush (`clean`) takes
     Redis for lost and sends every run processing under no lease (`app.recovery`): one a test has just handed
-    back would be claimed by a session worker. The tests that hand runs back wait for that sweep first, and
-    give their runs a revoked lease's expiry that keeps later sweeps off them (`sent_within`)."""
-    from app.recovery import epoch_key
+    back would be claimed by a session worker. The tests that hand runs back mark Redis as such a sweep does
+    (the test's tables are empty: there is nothing to send again), and give their runs a revoked lease's expiry
+    that keeps later sweeps off them (`sent_within`)."""
+    from app.recovery import epoch_key, epoch_value, server_run
 
-    wait_for(lambda: redis_client.exists(epoch_key()), what="a recovery sweep after the Redis flush")
+    redis_client.set(epoch_key(), epoch_value(server_run(redis_client)))
 
 
 def _lease_expiry(turn_id: int):  # type: ignore[no-untyped-def]
