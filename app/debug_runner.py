@@ -62,7 +62,7 @@ def run_debug_run(run_id: int) -> None:
                                                                    stop=holding.stop))
         # Its end is written next, whatever it is: a hand-back at shutdown leaves it to finish (handed back, its
         # answer would be paid twice, or its refused input moderated again, which fails open).
-        keeper.ending(holding, stopped=outcome is not None and (outcome.cancelled or outcome.disowned))
+        keeper.ending(holding, stopped=outcome is not None and outcome.cut_short)
         if outcome is None:
             _record_end(run_id, token, claim.deliveries, (), TurnStatus.CONTENT_VIOLATION,
                         error_message=verdict.error_message)

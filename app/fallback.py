@@ -77,6 +77,12 @@ class Outcome:
     """Each target's failure as a user may read it, and in full, with what its endpoint said
     (`AttemptFailed.said`): the latter for an admin's test run, never a user's turn."""
 
+    @property
+    def cut_short(self) -> bool:
+        """The calls did not end by themselves: a stop, or a fallback not called because the run was given up. Such
+        an end is no reason for a run handed back at shutdown to take its lease back (`LeaseKeeper.ending`)."""
+        return self.cancelled or self.disowned
+
     def note(self, error: str, in_full: str | None = None) -> None:
         self.failures.append((error, in_full or error))
 

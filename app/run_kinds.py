@@ -22,7 +22,7 @@ from sqlalchemy import ColumnElement, exists, select, true, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app import dispatch, queues
-from app.clock import lease_expiry, lease_now
+from app.clock import DatabaseNow, lease_expiry, lease_now, lease_time
 from app.config import get_settings
 from app.db import in_batches, rows_changed, transaction
 from app.deliveries import fallback_mark_wait, outage_wait_seconds, retry_hand_over
@@ -96,13 +96,14 @@ class RunKind:
         claim locks them: a run ended meanwhile by an unheld end (its deadline passed) is then seen ended, where
         a status read beside the UPDATE could be older than the row it changes. The hand-back it undoes is not
         counted (`Turn.handed_back`)."""
-        row = session.execute(select(self.model.lease_token, self.model.deliveries, self.status)
+        row = session.execute(select(self.model.lease_token, self.model.deliveries, self.status,
+                                     DatabaseNow().label("now"))
                               .where(self.key == ident, self.status_row_id == self.key).with_for_update()).first()
         if row is None or row.status != TurnStatus.PROCESSING or row.deliveries != delivery \
                 or row.lease_token not in (None, token):
             return False
         undone = {"handed_back": self.model.handed_back - 1} if row.lease_token is None else {}
-        expires = lease_expiry(lease_now(session), get_settings().lease_seconds)
+        expires = lease_expiry(lease_time(row.now), get_settings().lease_seconds)
         session.execute(update(self.model).where(self.key == ident)
                         .values(lease_token=token, lease_expires_at=expires, **undone)
                         .execution_options(synchronize_session=False))

@@ -185,9 +185,9 @@ def _end_of(context: TurnContext, stop: threading.Event, stream: TurnStream) -> 
     if outcome.completion is not None:
         return partial(_settle_success, context, outcome, elapsed_ms, stream), False
     if outcome.cancelled:
-        return partial(_settle_cancelled, context, outcome, elapsed_ms, stream), True
+        return partial(_settle_cancelled, context, outcome, elapsed_ms, stream), outcome.cut_short
     return partial(_settle_failure, context, TurnStatus.LLM_ERROR, outcome.error_message, stream, outcome, elapsed_ms,
-                   content=outcome.partial, model=outcome.model), outcome.disowned
+                   content=outcome.partial, model=outcome.model), outcome.cut_short
 
 
 def _streamed_by(context: TurnContext, held: Streamed) -> str:
