@@ -78,7 +78,7 @@ def abandon_turn(turn_id: int, reason: str, *, pending_before: datetime | None =
     pending since before then (`app.pending_bound`: the bound on waiting for a worker), with `deadline_before`
     when it was still processing, held by no worker, past a deadline before then (`app.deadline_bound`); as
     `cancelled` when its user had asked it to stop. Frees its reservation and slot. `unless`, asked first in the
-    same transaction, can call the end off (`dead_letters.requeued`). Returns the status written, None when the
+    same transaction, can call the end off (`dead_letter_requeue.requeued`). Returns the status written, None when the
     turn was not ended here."""
     # Read before the transaction, which holds the turn's lock: a processing turn's readers may hold text of
     # its dead delivery's call (none for one pending).

@@ -9,7 +9,7 @@ import traceback
 
 from sqlalchemy.orm import Session
 
-from app import dead_letters, llm_client, metrics, outbox
+from app import dead_letter_requeue, dead_letters, llm_client, metrics, outbox
 from app.db import dispose_engines, open_pool
 from app.deliveries import RunGivenUp
 from app.dispatch import Delivered
@@ -195,7 +195,7 @@ def _message_died(message: Delivered, run: tuple[RunKind, int] | None) -> None:
     reason = f"retries exhausted after {message.options.get('retries', 0)} attempts"
 
     def requeued(session: Session) -> bool:
-        return dead_letters.requeued(session, message.options["redis_message_id"])
+        return dead_letter_requeue.requeued(session, message.options["redis_message_id"])
 
     # A turn's user reads the exception's type, not its message: that can hold SQL, a host or a file path, which
     # its dead letter keeps for the operators. An admin's test run shows it whole.

@@ -45,13 +45,14 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
-    from app import dead_letters
+    from app import dead_letter_requeue
     from web import render
     from workers.broker import install_broker
 
     ident = args.id
     install_broker()
-    print_json(render.requeue_outcome(dead_letters.requeue(ident) if ident is not None else dead_letters.requeue_all()))
+    print_json(render.requeue_outcome(dead_letter_requeue.requeue(ident) if ident is not None
+                                     else dead_letter_requeue.requeue_all()))
     return 0
 
 

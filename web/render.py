@@ -14,7 +14,8 @@ from app.models.base import iso_utc
 from app.money import render as money
 
 if TYPE_CHECKING:  # the services whose results are rendered; the `dlq` commands render without loading them all
-    from app.dead_letters import DeadLetterView, RequeueOutcome
+    from app.dead_letter_requeue import RequeueOutcome
+    from app.dead_letters import DeadLetterView
     from app.debugging import CostLine, RouteDecision
     from app.operations import FailureReport, QueueSnapshot
     from app.prompt import Prompt

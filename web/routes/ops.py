@@ -8,7 +8,7 @@ from typing import Any
 from flask import Response
 from flask_openapi3 import Tag
 
-from app import dead_letters, operations, waiting_retries
+from app import dead_letter_requeue, dead_letters, operations, waiting_retries
 from web import render
 from web import responses as r
 from web.routes import api_blueprint
@@ -47,7 +47,7 @@ def list_dead_letters(query: DeadLetterQuery) -> dict[str, Any] | Response:
 
 @bp.post("/admin/dead-letters/requeue-all", tags=[tag], responses={202: r.RequeueOutcome})
 def requeue_all() -> tuple[dict[str, Any], int]:
-    return render.requeue_outcome(dead_letters.requeue_all()), 202
+    return render.requeue_outcome(dead_letter_requeue.requeue_all()), 202
 
 
 @bp.get("/admin/dead-letters/<id:id>", tags=[tag], responses={200: r.DeadLetterDetail})
@@ -57,7 +57,7 @@ def get_dead_letter(path: IdPath) -> dict[str, Any]:
 
 @bp.post("/admin/dead-letters/<id:id>/requeue", tags=[tag], responses={202: r.RequeueOutcome})
 def requeue(path: IdPath) -> tuple[dict[str, Any], int]:
-    return render.requeue_outcome(dead_letters.requeue(path.id)), 202
+    return render.requeue_outcome(dead_letter_requeue.requeue(path.id)), 202
 
 
 @bp.delete("/admin/dead-letters/<id:id>", tags=[tag], responses={204: r.NO_CONTENT})
