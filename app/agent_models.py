@@ -43,6 +43,11 @@ def attempt_order(primary: ModelTarget, fallback: ModelTarget | None, *,
     return [fallback] if fallen_back else [primary, fallback]
 
 
+def most_calls(*, has_fallback: bool) -> int:
+    """How many models a run calls at most (`attempt_order`): its deadline gives each call a whole timeout."""
+    return 2 if has_fallback else 1
+
+
 def max_cost(target: ModelTarget, messages: list[dict[str, str]], max_tokens: int | None) -> Decimal:
     """The most a turn can cost on `target`: its prompt at the most a provider may count it (its UTF-8
     bytes, which the charge is capped at too) and an answer as long as allowed. Priced at the estimate (a

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app.agent_models import most_calls
 from app.clock import DatabaseNow, lease_expiry, lease_time
 from app.db import rows_changed
 from app.deliveries import delivery_deadline
@@ -47,7 +48,8 @@ def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> Clai
     if not outcome.acquires:
         return ClaimResult(outcome)
     token = new_lease_token()
-    deadline = delivery_deadline(judged_at, agent.timeout_seconds, agent.fallback_model_id is not None,
+    calls = most_calls(has_fallback=agent.fallback_model_id is not None)
+    deadline = delivery_deadline(judged_at, agent.timeout_seconds, calls,
                                  stored=optional_utc(run.deadline_at), taken_over=outcome is Claim.TAKEN_OVER)
     if outcome is Claim.TAKEN_OVER:
         take = update(DebugRun).where(DebugRun.id == run_id, DebugRun.status == TurnStatus.PROCESSING.value)

@@ -70,10 +70,11 @@ class Deadline:
     timeout."""
 
 
-def delivery_deadline(now: datetime, timeout_seconds: float, has_fallback: bool, *,
+def delivery_deadline(now: datetime, timeout_seconds: float, calls: int, *,
                       stored: datetime | None, taken_over: bool) -> Deadline:
     """The deadline of a delivery starting at `now`: set by the delivery that claims a pending run (its
-    first, or its first since a requeue) to every model attempt it could make plus the grace; a delivery
+    first, or its first since a requeue) to every model attempt it could make (`calls` of `timeout_seconds`:
+    `app.agent_models.most_calls`) plus the grace; a delivery
     that takes the run over from another keeps the `stored` one.
 
     Kept, not renewed: a run whose worker dies or hangs at every delivery would otherwise get the whole
@@ -88,7 +89,7 @@ def delivery_deadline(now: datetime, timeout_seconds: float, has_fallback: bool,
     reserve = min(SETTLEMENT_RESERVE_SECONDS, get_settings().turn_grace_seconds)
     if taken_over and stored is not None:
         return Deadline(stored, (stored - now).total_seconds() - reserve)
-    bound = timeout_seconds * (2 if has_fallback else 1) + get_settings().turn_grace_seconds
+    bound = timeout_seconds * calls + get_settings().turn_grace_seconds
     return Deadline(now + timedelta(seconds=bound), bound - reserve)
 
 

@@ -15,11 +15,13 @@ died before its send: the recovery sweep sends it within seconds, instead of wai
 from __future__ import annotations
 
 import logging
+import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dramatiq
 from dramatiq import Message
+from redis.client import Pipeline
 
 from app.config import get_settings
 from app.models.base import as_utc
@@ -69,11 +71,17 @@ def receipt_look_seconds(*, first_sweep: bool = False) -> float:
     return settings.stale_pending_seconds if first_sweep else RECEIPT_SWEEPS * settings.recovery_interval_seconds
 
 
-def receipt_seconds() -> float:
+def _receipt_seconds() -> int:
     """How long a receipt stays: as long as any sweep may look for it, by a lease (the mark is the sender's
     clock, the sweep's window the database's)."""
     settings = get_settings()
-    return settings.stale_pending_seconds + settings.lease_seconds
+    return math.ceil(settings.stale_pending_seconds + settings.lease_seconds)
+
+
+def leave_receipt(pipe: Pipeline, message: str) -> None:
+    """Queue, in the broker's round trip after a send, the receipt that tells the recovery sweep this message
+    reached Redis."""
+    pipe.set(receipt_key(message), b"", ex=_receipt_seconds())
 
 
 def enqueue(queue: str, actor: str, ident: int, enqueued_at: datetime | None) -> bool:

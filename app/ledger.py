@@ -52,7 +52,7 @@ def add_credit(session: Session, user_id: int, amount: Decimal) -> Decimal:
     balance therefore never goes below the reservations, let alone zero; what a turn does not spend
     stays with the user when it settles, for the operator to take back then."""
     user = _locked_user(session, user_id)
-    change = max(quantize(amount), -max(user.balance - user.reserved, Decimal(0)))
+    change = max(quantize(amount), -max(user.available_balance, Decimal(0)))
     if user.balance + change > MAX_AMOUNT:
         raise ValidationFailed(f"A balance cannot exceed {MAX_AMOUNT}.", code="balance_too_large")
     if change != 0:

@@ -24,6 +24,7 @@ from sqlalchemy import ColumnElement, bindparam, case, exists, literal, or_, sel
 from sqlalchemy.orm import Session
 
 from app import ledger
+from app.agent_models import most_calls
 from app.clock import DatabaseNow, lease_expiry, lease_time
 from app.deliveries import deliveries_at_requeue, delivery_deadline
 from app.in_flight import pending_since_before, processing_past
@@ -252,7 +253,8 @@ def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
         return ClaimResult(outcome)
     turn = TurnRow(row.assistant_message_id, row.user_message_id, row.conversation_id, row.user_id,
                    row.deliveries + 1, row.reserved_amount, row.cancel_requested_at, row.fell_back, row.handed_back)
-    deadline = delivery_deadline(judged_at, row.timeout_seconds, row.fallback_model_id is not None,
+    calls = most_calls(has_fallback=row.fallback_model_id is not None)
+    deadline = delivery_deadline(judged_at, row.timeout_seconds, calls,
                                  stored=utc(row.deadline_at), taken_over=outcome is Claim.TAKEN_OVER)
     claim = ClaimResult(outcome, turn, new_lease_token(), turn.deliveries, row, handed_back=row.handed_back,
                         time_left=deadline.time_left,

@@ -62,7 +62,7 @@ def me(u: User) -> dict[str, Any]:
             "available_balance": money(u.available_balance)}
 
 
-def transaction(t: CreditTransaction) -> dict[str, Any]:
+def credit_transaction(t: CreditTransaction) -> dict[str, Any]:
     return {"id": t.id, "message_id": t.message_id, "amount": money(t.amount),
             "balance_after": money(t.balance_after), "created_at": timestamp(t.created_at)}
 

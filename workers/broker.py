@@ -32,7 +32,6 @@ waiting for their backoff, `.DQ`) are not rung and look every second: their mess
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import uuid
@@ -51,7 +50,7 @@ from dramatiq.middleware import Retries
 
 from app.config import get_settings
 from app.deliveries import retry_failed
-from app.dispatch import receipt_key, receipt_seconds
+from app.dispatch import leave_receipt
 from app.redis_client import SOCKET_TIMEOUT_SECONDS
 from workers.doorbell import Doorbell, channel_name
 from workers.middleware import DeliveryLogContext, RunOutcomes, WorkerServices
@@ -170,12 +169,12 @@ class DoorbellRedisBroker(RedisBroker):
 
     def _announce(self, sent: Message) -> None:
         """In one round trip after a send: the doorbell's ring, and the send's receipt
-        (`app.dispatch.receipt_key`), which tells the recovery sweep that this message reached Redis. Both
+        (`app.dispatch.leave_receipt`), which tells the recovery sweep that this message reached Redis. Both
         are hints: without the ring a worker finds the message at its next look; without the receipt the
         sweep sends the run once more, and its claim runs it once all the same."""
         pipe = self.client.pipeline(transaction=False)
         self.doorbell.ring_in(pipe, sent.queue_name)
-        pipe.set(receipt_key(sent.message_id), b"", ex=math.ceil(receipt_seconds()))
+        leave_receipt(pipe, sent.message_id)
         try:
             pipe.execute()
         except redis.RedisError:

@@ -25,10 +25,10 @@ def get_me() -> dict:
 def get_transactions(query: LedgerQuery) -> dict | Response:
     """Newest first: the whole ledger, or with `limit` a page; pass `next_cursor` back as `cursor` for the next."""
     if query.limit is None:
-        return render.streamed_items(render.transaction(t) for t in users.every_transaction(principal().id,
+        return render.streamed_items(render.credit_transaction(t) for t in users.every_transaction(principal().id,
                                                                                             query.cursor))
     page = users.list_transactions(principal().id, query.limit, query.cursor)
-    return {"items": [render.transaction(t) for t in page.items], "next_cursor": page.next_cursor}
+    return {"items": [render.credit_transaction(t) for t in page.items], "next_cursor": page.next_cursor}
 
 
 @bp.get("/agents", tags=[tag], responses={200: r.AgentChoiceList})
