@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import logging
 import os
-import stat
 import sys
-import tempfile
 from dataclasses import asdict
 from decimal import Decimal
 from pathlib import Path
@@ -25,6 +22,7 @@ from cli.arguments import (
     record_id,
     thread_count,
 )
+from cli.metrics_dir import prepare_metrics_dir
 from cli.output import WarningLines, failed, print_error, print_json, print_warning
 
 
@@ -51,75 +49,6 @@ def _dotenv() -> None:
         raise InvalidVariable(f"{path}: line {', '.join(unreadable)} cannot be read as NAME=value (an unclosed "
                               "quote?); nothing of the file was loaded")
     load_dotenv(stream=io.StringIO(text), override=False)  # the text checked, not the file read again
-
-
-SERVING_COMMANDS = ("web", "worker")
-"""The commands whose processes count what /metrics reports; the others (a `dlq list` from cron, `db init`)
-left a file of counters each in the shared directory, which every scrape then read, for ever."""
-
-
-def _metrics_dir(argv: list[str]) -> None:
-    """Counters of every serving process land in one directory, which must be known before prometheus_client
-    is first imported (it picks its storage then): so before anything else, the parser's imports included.
-
-    The default is per user and per deployment (its database and Redis), so two deployments on one host
-    do not add up each other's counters; other commands keep theirs in memory."""
-    if not argv or argv[0] not in SERVING_COMMANDS:
-        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        return
-    configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if configured:
-        _usable_metrics_dir(configured)
-    else:
-        from pydantic import ValidationError
-
-        from app.config import Settings
-
-        try:
-            settings = Settings()  # the URLs as every process resolves them, defaults included (not cached here)
-        except ValidationError:
-            return  # the command stops at its first look at the settings, and says what is wrong there
-        relative_to = str(Path.cwd()) if settings.is_sqlite else ""
-        deployment = "|".join((settings.database_url, settings.redis_url, relative_to))
-        tag = hashlib.sha256(deployment.encode()).hexdigest()[:12]
-        path = Path(tempfile.gettempdir()) / f"agentq-metrics-{os.getuid()}-{tag}"
-        _own_private_dir(path)
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
-
-
-def _own_private_dir(path: Path) -> None:
-    """The default directory sits in the shared temporary directory under a name anyone can work out: one
-    another user made there first could feed /metrics its own counters, or hold links through which
-    prometheus_client would write into this user's files. It is made private, and one that is not this
-    user's own directory is refused."""
-    refused = (f"the default metrics directory {path} is not a directory of this user's own: remove what is "
-               "there, or set PROMETHEUS_MULTIPROC_DIR to a private directory")
-    try:
-        path.mkdir(mode=0o700, exist_ok=True)
-        found = path.lstat()
-    except FileExistsError:  # a file, or a link to one or to nothing
-        raise InvalidVariable(refused) from None
-    except OSError as exc:  # the temporary directory not writable
-        raise InvalidVariable(f"the default metrics directory {path} cannot be made: {exc.strerror or exc}; set "
-                              "PROMETHEUS_MULTIPROC_DIR to a private directory") from None
-    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid():
-        raise InvalidVariable(refused)
-    if stat.S_IMODE(found.st_mode) != 0o700:  # made by an earlier release, with the umask's mode
-        path.chmod(0o700)
-
-
-def _usable_metrics_dir(configured: str) -> None:
-    """An operator's directory is made if missing; one that cannot be written failed every process's first
-    counter with a traceback (prometheus_client opens its files there lazily)."""
-    path = Path(configured)
-    if path.exists() and not path.is_dir():
-        raise InvalidVariable(f"PROMETHEUS_MULTIPROC_DIR={configured!r}: not a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InvalidVariable(f"PROMETHEUS_MULTIPROC_DIR={configured!r}: {exc.strerror or exc}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise InvalidVariable(f"PROMETHEUS_MULTIPROC_DIR={configured!r}: the directory is not writable")
 
 
 def cmd_db_init(args: argparse.Namespace) -> int:
@@ -170,20 +99,12 @@ def worker_size(args: argparse.Namespace) -> tuple[int, int]:
             option_or_environment(args.threads, "AGENTQ_WORKER_THREADS", "16", thread_count))
 
 
-ACTORS_MODULE = "workers.actors"
-
-
 def cmd_worker(args: argparse.Namespace) -> int:
     from app.logging_setup import configure_logging
 
     configure_logging()
-    import dramatiq.worker
-    from dramatiq.cli import main as dramatiq_main
-    from dramatiq.cli import make_argument_parser
-
-    from app.config import get_settings
     from app.readiness import require_schema
-    from workers.group import preload, run_group
+    from workers.group import serve_workers
 
     # Every setting is read before the database is asked anything: a mistyped one is said as such, whatever
     # state the database is in.
@@ -191,12 +112,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
     metrics_port = option_or_environment(args.metrics_port, "AGENTQ_WORKER_METRICS_PORT", "", optional_port)
     metrics_host = option_or_environment(args.metrics_host, "AGENTQ_WORKER_METRICS_HOST", "127.0.0.1", host)
     require_schema()
-
-    # A process takes no more runs than it has threads (each queue's consumer counts the places the others
-    # took: `workers.places`). Dramatiq reads `dramatiq_queue_prefetch` into this global when
-    # `dramatiq.worker` is first imported, which building the parser has already done, so the environment
-    # variable cannot be used here; without it Dramatiq prefetches twice the threads.
-    dramatiq.worker.QUEUE_PREFETCH = dramatiq.worker.QUEUE_PREFETCH or threads
     if metrics_port is not None:
         from app.metrics import serve_host_counters
 
@@ -205,13 +120,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         except OSError as exc:  # the port taken
             return failed("unavailable", f"the worker's counters cannot be served on {metrics_host}:{metrics_port}: "
                           f"{exc.strerror or exc}")
-    preload(ACTORS_MODULE)
-    argv = [ACTORS_MODULE, "--processes", str(processes), "--threads", str(threads),
-            "--worker-shutdown-timeout", str(int(get_settings().shutdown_grace_seconds * 1000))]
-    if args.queues:
-        argv += ["--queues", *args.queues]
-    return run_group(lambda: int(dramatiq_main(make_argument_parser().parse_args(argv)) or 0),
-                     restart=not args.no_restart)
+    return serve_workers(processes, threads, args.queues, restart=not args.no_restart)
 
 
 def cmd_mock_llm(args: argparse.Namespace) -> int:
@@ -320,7 +229,7 @@ def _command(argv: list[str] | None) -> int:
         _dotenv()
         for problem in unknown_settings(os.environ, COMMAND_LINE_VARIABLES):
             print_warning("unknown_setting", problem)
-        _metrics_dir(sys.argv[1:] if argv is None else argv)
+        prepare_metrics_dir(sys.argv[1:] if argv is None else argv)
     except InvalidVariable as exc:
         return failed("invalid_configuration", str(exc))
     import pydantic

@@ -884,13 +884,13 @@ def test_the_default_metrics_directory_is_private_and_one_another_user_made_is_r
     import tempfile
 
     from cli.arguments import InvalidVariable
-    from cli.main import _metrics_dir
+    from cli.metrics_dir import prepare_metrics_dir
 
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
 
     def default_dir() -> None:
         monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")  # not set: the default is made
-        _metrics_dir(["web"])
+        prepare_metrics_dir(["web"])
 
     default_dir()
     made = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])

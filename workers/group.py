@@ -120,6 +120,28 @@ def preload(actors_module: str) -> None:
     freeze_after_boot()
 
 
+ACTORS_MODULE = "workers.actors"
+
+
+def serve_workers(processes: int, threads: int, queues: list[str] | None, *, restart: bool) -> int:
+    """Run Dramatiq's worker processes on agentq's actors until an operator stops them (`run_group`)."""
+    import dramatiq.worker
+    from dramatiq.cli import main as dramatiq_main
+    from dramatiq.cli import make_argument_parser
+
+    # A process takes no more runs than it has threads (each queue's consumer counts the places the others
+    # took: `workers.places`). Dramatiq reads `dramatiq_queue_prefetch` into this global when
+    # `dramatiq.worker` is first imported, which the command's parser has already done, so the environment
+    # variable cannot be used here; without it Dramatiq prefetches twice the threads.
+    dramatiq.worker.QUEUE_PREFETCH = dramatiq.worker.QUEUE_PREFETCH or threads
+    preload(ACTORS_MODULE)
+    argv = [ACTORS_MODULE, "--processes", str(processes), "--threads", str(threads),
+            "--worker-shutdown-timeout", str(int(get_settings().shutdown_grace_seconds * 1000))]
+    if queues:
+        argv += ["--queues", *queues]
+    return run_group(lambda: int(dramatiq_main(make_argument_parser().parse_args(argv)) or 0), restart=restart)
+
+
 def run_group(start: Callable[[], int], *, restart: bool = True) -> int:
     """Run the group `start` starts (Dramatiq's main) until an operator's signal stops it, starting it again
     whenever it returns for any other reason, since nothing else would. Returns the exit code of the stop,
