@@ -136,15 +136,24 @@ def get_debug_log(log_id: int) -> DebugRun:
         return run
 
 
-def wait_for_debug_log(log_id: int, timeout: float, poll_seconds: float = 0.2) -> DebugRun:
-    """The test run once it has ended, or as it is when `timeout` seconds have passed (the caller tells
-    which by its status): for a shell that waits where the API's client would poll."""
+class WaitedTestRun(NamedTuple):
+    run: DebugRun
+    still_running: str | None
+    """Why the run has not ended after the wait, for whoever waited; None once it has."""
+
+
+def wait_for_debug_log(log_id: int, timeout: float, poll_seconds: float = 0.2) -> WaitedTestRun:
+    """The test run once it has ended, or as it is when `timeout` seconds have passed: for a shell that waits
+    where the API's client would poll."""
     deadline = time.monotonic() + timeout
     run = get_debug_log(log_id)
     while not TurnStatus(run.status).is_terminal and time.monotonic() < deadline:
         time.sleep(poll_seconds)
         run = get_debug_log(log_id)
-    return run
+    if TurnStatus(run.status).is_terminal:
+        return WaitedTestRun(run, None)
+    hint = " (is a worker serving the `debug` queue running?)" if run.status == TurnStatus.PENDING else ""
+    return WaitedTestRun(run, f"debug log {log_id} is still {run.status} after {timeout:g}s{hint}")
 
 
 def list_debug_logs(agent_id: int | None = None, limit: int = 50, before_id: int | None = None) -> DebugLogPage:
@@ -196,4 +205,4 @@ def debug_costs(group_by: GroupBy) -> list[CostLine]:
 
 __all__ = ["CostLine", "DebugLogPage", "RouteDecision", "admin_principal", "debug_costs", "every_debug_log",
            "get_debug_log", "list_debug_logs", "preview_prompt", "route_decision", "start_execution",
-           "wait_for_debug_log"]
+           "wait_for_debug_log", "WaitedTestRun"]

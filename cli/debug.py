@@ -35,7 +35,6 @@ DEFAULT_WAIT_SECONDS = 600.0
 
 def cmd_debug_execute(args: argparse.Namespace) -> int:
     from app import debugging
-    from app.turn_status import TurnStatus
     from web import render
     from workers.broker import install_broker
 
@@ -48,11 +47,10 @@ def cmd_debug_execute(args: argparse.Namespace) -> int:
         print_json({"debug_log_id": log_id})
         return 0
     waited = DEFAULT_WAIT_SECONDS if args.timeout is None else args.timeout
-    run = debugging.wait_for_debug_log(log_id, waited)
-    print_json(render.debug_log(run))
-    if not TurnStatus(run.status).is_terminal:
-        hint = " (is a worker serving the `debug` queue running?)" if run.status == TurnStatus.PENDING else ""
-        print_error("still_running", f"debug log {log_id} is still {run.status} after {waited:g}s{hint}")
+    waited_run = debugging.wait_for_debug_log(log_id, waited)
+    print_json(render.debug_log(waited_run.run))
+    if waited_run.still_running is not None:
+        print_error("still_running", waited_run.still_running)
         return 1
     return 0
 
