@@ -203,6 +203,6 @@ def debug_costs(group_by: GroupBy) -> list[CostLine]:
                 for k, n, p, c, *costs in session.execute(query)]
 
 
-__all__ = ["CostLine", "DebugLogPage", "RouteDecision", "admin_principal", "debug_costs", "every_debug_log",
-           "get_debug_log", "list_debug_logs", "preview_prompt", "route_decision", "start_execution",
-           "wait_for_debug_log", "WaitedTestRun"]
+__all__ = ["CostLine", "DebugLogPage", "RouteDecision", "WaitedTestRun", "admin_principal", "debug_costs",
+           "every_debug_log", "get_debug_log", "list_debug_logs", "preview_prompt", "route_decision",
+           "start_execution", "wait_for_debug_log"]
