@@ -1,4 +1,6 @@
-"""The two kinds of run the workers execute, a user's turn and an admin test run, described as data.
+"""The two kinds of run the workers execute, a user's turn and an admin test run: what each is (its table,
+columns, actor and queue), and the writes every kind makes alike on its own table (its outbox mark, a lease
+given up or taken back, the fallback's mark, the hand-over to a retry, its end written through an outage).
 
 Much of what surrounds a run does not care which kind it is: sending it and leaving it to recovery
 when the send fails (`app.outbox`), the recovery sweep, lease renewal (`app.leases`), a stuck or
