@@ -1,5 +1,5 @@
 """Where a run's answer goes while it is produced: the seam between calling models (`app.fallback`) and
-publishing a turn's live stream (`app.live_stream`), so that neither imports the other's dependencies
+publishing a turn's live stream (`app.live_stream_writer`), so that neither imports the other's dependencies
 (the stream's users, dead-letter handling among them, do not load the openai SDK)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ class AnswerSink:
 
     def attempt_started(self, model_name: str, restart: bool) -> None:
         """Called before each attempt; `restart` is true when it starts the answer over (a fallback), so that
-        what readers hold is repeated by it or void (`app.live_stream.TurnStream`)."""
+        what readers hold is repeated by it or void (`app.live_stream_writer.TurnStream`)."""
 
     def delta(self, text: str) -> None:
         """Called with each piece of text as it arrives."""

@@ -7,32 +7,23 @@ readers hold, word for word, and goes on from its end: readers keep it and follo
 `done`. The stream has a bounded length and expires,
 so an abandoned one costs nothing. The database stays the record: a reader arriving after the
 stream is gone, or finding a gap in it (Redis lost data mid-turn), is served from the stored
-message (see `app.answer_stream`). Publishing is best effort: a Redis failure never fails a turn.
+message (see `app.answer_stream`). The worker writes it (`app.live_stream_writer`), best effort: a
+Redis failure never fails a turn. Here: its keys, its entries read, and what it holds of a turn's calls read
+back by the delivery that runs the turn on.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import threading
-import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
 import redis
-from redis.typing import EncodableT, FieldT
 
-from app import metrics
-from app.answer_sink import AnswerSink
-from app.config import get_settings
 from app.redis_client import StreamEntry, get_redis, key
-from app.turn_status import TurnStatus
 
 log = logging.getLogger(__name__)
-
-StreamFields = dict[FieldT, EncodableT]
 
 
 def stream_key(turn_id: int) -> str:
@@ -197,228 +188,3 @@ def _add_text(attempt: StreamedAttempt, start: int, piece: str, at_ms: int) -> N
     attempt.text += piece[held - start:]
     if attempt.first_text_ms is None:
         attempt.first_text_ms = at_ms
-
-
-class _Publisher:
-    """One thread per process writes every turn's stream entries, in pipelines.
-
-    A worker thread only appends to a queue (no network wait on the streaming path); the publisher
-    wakes at once, sends whatever has accumulated in one round trip, so bursts of small deltas cost
-    one pipeline rather than one call each, and a lone delta is not held back.
-    """
-
-    def __init__(self) -> None:
-        self._items: deque[tuple[str, StreamFields, bool]] = deque()
-        self._wake = threading.Event()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._pid = 0
-        self._expired_at: dict[str, float] = {}
-        """When each stream this process writes was last given its expiry (`time.monotonic()`)."""
-
-    def add(self, key: str, fields: StreamFields, expire: bool) -> None:
-        self._items.append((key, fields, expire))
-        if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
-            self._start()
-        self._wake.set()
-
-    def _start(self) -> None:
-        with self._lock:
-            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
-                self._pid = os.getpid()
-                self._thread = threading.Thread(target=self._run, name="stream-publisher", daemon=True)
-                self._thread.start()
-
-    def _run(self) -> None:
-        settings = get_settings()
-        while True:
-            self._wake.wait()
-            self._wake.clear()
-            batch = _coalesce(self._items)
-            if not batch:
-                continue
-            try:
-                pipe = get_redis().pipeline(transaction=False)
-                for key, fields, expire in batch:
-                    pipe.xadd(key, fields, maxlen=settings.stream_maxlen, approximate=True)
-                    if fields["type"] == "done":
-                        self._expired_at.pop(key, None)
-                        pipe.expire(key, settings.stream_ended_ttl_seconds)
-                    elif self._expiry_due(key, expire, settings.stream_ttl_seconds):
-                        pipe.expire(key, settings.stream_ttl_seconds)
-                pipe.execute()
-            except redis.RedisError:
-                log.warning("could not publish %d stream entries; readers fall back to the database", len(batch))
-
-    def _expiry_due(self, key: str, asked: bool, ttl: float) -> bool:
-        """Whether this entry of a running turn (re)sets its stream's expiry: a status asks for it, and so does
-        a delta once a quarter of the expiry has gone by since it was last set. Set by the statuses alone,
-        the stream of an answer longer than the expiry vanished mid-answer, and readers who connected or
-        resumed after that found a gap until the end."""
-        now = time.monotonic()
-        set_at = self._expired_at.get(key)
-        due = asked or set_at is None or now - set_at >= ttl / 4
-        if due:
-            self._expired_at.pop(key, None)  # to the end of the order: the oldest set is forgotten first
-            self._expired_at[key] = now
-            if len(self._expired_at) > _EXPIRIES_KEPT:
-                del self._expired_at[next(iter(self._expired_at))]
-        return due
-
-
-_EXPIRIES_KEPT = 10_000
-"""How many streams' expiry times a process keeps: those of turns whose end another process wrote stay until
-they are the oldest past this many, forgotten one at a time (a forgotten stream's next delta sets its
-expiry once more). Filtering the whole map each time it was full cost every entry published a pass over
-ten thousand streams once that many had been taken over in an hour."""
-
-
-def _coalesce(items: deque[tuple[str, StreamFields, bool]]) -> list[tuple[str, StreamFields, bool]]:
-    """Take everything queued; a delta that continues the previous entry of its stream joins it.
-
-    One entry then carries what the upstream sent in several chunks while the last pipeline was
-    in flight: fewer entries to write and to relay, the same text at the same offsets.
-    """
-    batch: list[tuple[str, StreamFields, bool]] = []
-    last: dict[str, StreamFields] = {}
-    while items:
-        key, fields, expire = items.popleft()
-        previous = last.get(key)
-        if (fields["type"] == "delta" and previous is not None and previous["type"] == "delta"
-                and previous["a"] == fields["a"]
-                and int(previous["o"]) + len(str(previous["data"])) == fields["o"]):
-            previous["data"] = str(previous["data"]) + str(fields["data"])
-            continue
-        batch.append((key, fields, expire))
-        last[key] = fields
-    return batch
-
-
-_publisher = _Publisher()
-
-
-@dataclass
-class _Followed:
-    """The attempt a turn's readers follow, the model they were told wrote it, and the text they were sent of
-    it, in pieces."""
-
-    attempt: int
-    model: str | None
-    pieces: list[str]
-
-
-@dataclass
-class _Repeat:
-    """An attempt that started over, while its text is still the start of what readers hold (`text`)."""
-
-    model: str
-    attempt: int
-    text: str
-    matched: int = 0
-
-
-class TurnStream(AnswerSink):
-    """The writing side of a turn's live stream, for one delivery.
-
-    An attempt that starts over (a fallback, or a delivery that took the turn over or runs it again) does not
-    void what the turn's readers hold until its text departs from it: most often the new call repeats it word
-    for word (a deterministic model, a retry of the same one), and then readers are sent only what comes after
-    it, so that their deltas concatenate to the answer as the contract says. Text that departs is a `restart`.
-    `readers_hold` is what an earlier delivery sent them (`text_streamed`), None when it cannot be read whole.
-    """
-
-    def __init__(self, turn_id: int, delivery: int = 0, readers_hold: Streamed | None = None) -> None:
-        self._key = stream_key(turn_id)
-        self._delivery = delivery
-        self._index = -1
-        self._attempt = attempt_number(delivery, 0)
-        self._offset = 0
-        self._followed = (None if readers_hold is None
-                          else _Followed(readers_hold.attempt, readers_hold.model, [readers_hold.text]))
-        self._repeat: _Repeat | None = None
-
-    def _add(self, fields: StreamFields, expire: bool = False) -> None:
-        _publisher.add(self._key, fields, expire)
-
-    def status(self, status: TurnStatus, model: str | None, restart: bool = False) -> None:
-        payload: dict[str, object] = {"status": status.value, "model": model}
-        if restart:
-            payload["restart"] = True
-        self._add({"type": "status", "a": self._attempt, "data": json.dumps(payload)}, expire=True)
-
-    def attempt_started(self, model_name: str, restart: bool) -> None:
-        """A fallback, or any attempt of a later delivery, starts over: it repeats what readers hold, or voids
-        it with a `restart` when there is nothing to repeat."""
-        self._index += 1
-        self._attempt = attempt_number(self._delivery, self._index)
-        self._offset = 0
-        self._repeat = None
-        if not (restart or self._delivery > 1):
-            self._followed = _Followed(self._attempt, model_name, [])
-            return
-        held = "".join(self._followed.pieces) if self._followed is not None else ""
-        if held and self._followed is not None:
-            self._repeat = _Repeat(model_name, self._followed.attempt, held)
-            self.status(TurnStatus.PROCESSING, model_name)
-        else:
-            self._start_over(model_name)
-
-    def _start_over(self, model_name: str) -> None:
-        self.status(TurnStatus.PROCESSING, model_name, restart=True)
-        self._followed = _Followed(self._attempt, model_name, [])
-
-    def delta(self, text: str) -> None:
-        if self._repeat is None:
-            self._send(text)
-            return
-        repeat = self._repeat
-        rest = repeat.text[repeat.matched:]
-        if rest.startswith(text):
-            repeat.matched += len(text)
-            return
-        self._repeat = None
-        if text.startswith(rest):
-            self._continue(repeat)
-            self._send(text[len(rest):])
-        else:
-            self._start_over(repeat.model)
-            self._send(repeat.text[:repeat.matched] + text)
-
-    def _send(self, text: str) -> None:
-        self._add({"type": "delta", "a": self._attempt, "o": self._offset, "data": text})
-        self._offset += len(text)
-        if self._followed is not None:
-            self._followed.pieces.append(text)
-
-    def _continue(self, repeat: _Repeat) -> None:
-        """The attempt repeated all readers hold: they follow it from there."""
-        self._move_readers(repeat.attempt, len(repeat.text))
-        self._offset = len(repeat.text)
-        self._followed = _Followed(self._attempt, repeat.model, [repeat.text])
-
-    def _move_readers(self, attempt: int, length: int) -> None:
-        self._add({"type": "continue", "a": self._attempt, "from": attempt, "o": length}, expire=True)
-
-    def held_by_readers(self) -> Streamed | None:
-        """The text readers hold of an earlier call that this delivery has not voided: it has called no model
-        yet, or its call is still repeating that text. What a stop keeps then, rather than the shorter repeat
-        (or nothing, during moderation), which would take back text readers were sent."""
-        followed = self._followed
-        if followed is None or followed.attempt == self._attempt or not followed.pieces:
-            return None
-        text = "".join(followed.pieces)
-        return Streamed(text, followed.model, followed.attempt) if text else None
-
-    def finished(self, status: TurnStatus, model: str | None, content: str | None = None) -> None:
-        """The last entry: readers then load the stored message and send `done`. Every end of a turn is
-        announced here, after its commit (a worker's settlement, an end no worker held), so the count of
-        ended turns is taken here too, once per end. A stored answer (`content`) that is the text readers hold of
-        an earlier call (a call that ended having repeated it exactly, a stop that kept it) moves them first to
-        the attempt the stored answer is named by, so that they are sent no restart and nothing twice."""
-        held = self.held_by_readers()
-        if content and held is not None and held.text == content:
-            self._move_readers(held.attempt, len(content))
-        self._repeat = None
-        metrics.observe_terminal(status.value)
-        payload = {"status": status.value, "model": model}
-        self._add({"type": "done", "a": self._attempt, "data": json.dumps(payload)}, expire=True)

@@ -28,7 +28,8 @@ from app.deliveries import RunGivenUp, attempts_end_by, give_up_reason
 from app.fallback import Outcome, call_with_fallback
 from app.interrupted_calls import record_interrupted_calls
 from app.leases import Holding, keeper
-from app.live_stream import Streamed, TurnStream, text_streamed
+from app.live_stream import Streamed, text_streamed
+from app.live_stream_writer import TurnStream
 from app.logging_setup import turn_context
 from app.model_target import ModelTarget
 from app.moderation import moderate

@@ -26,7 +26,8 @@ from app.conversations import record_turn_end
 from app.db import transaction
 from app.debug_run_state import finish_debug_run
 from app.in_flight import answer_in_flight
-from app.live_stream import Streamed, TurnStream, text_streamed
+from app.live_stream import Streamed, text_streamed
+from app.live_stream_writer import TurnStream
 from app.models import ConversationMessage, DebugRun, Turn, table
 from app.outages import log_failure
 from app.prepared import Prepared

@@ -449,7 +449,7 @@ def test_a_stale_settlement_after_the_takeovers_charge_is_a_lost_lease_not_a_dat
     lost lease it is: the runner stops quietly, and nothing of the stale settlement is written."""
     from app import ledger
     from app.agent_setup import AgentParams, AgentSetup
-    from app.live_stream import TurnStream
+    from app.live_stream_writer import TurnStream
     from app.model_target import ModelTarget
     from app.models import CreditTransaction, Turn
     from app.prepared import Batch

@@ -314,7 +314,8 @@ def test_a_settlement_whose_commits_reply_was_lost_is_not_taken_for_a_lost_lease
 
     from app import turn_runner
     from app.agent_setup import AgentParams, AgentSetup
-    from app.live_stream import TurnStream, stream_key
+    from app.live_stream import stream_key
+    from app.live_stream_writer import TurnStream
     from app.model_target import ModelTarget
     from app.models import CreditTransaction, User
     from app.redis_client import StreamEntry, get_redis

@@ -148,8 +148,9 @@ def test_a_long_answer_keeps_its_live_stream_alive_past_the_expiry(redis_client)
     """The live stream's expiry was set by its status entries alone: an answer longer than the expiry (an
     hour by default; an agent's timeout may be an hour for each of its two models) lost its stream mid-answer.
     A delta sets it again once a quarter of it has gone by since it was set."""
-    from app import live_stream
-    from app.live_stream import TurnStream, stream_key
+    from app import live_stream_writer
+    from app.live_stream import stream_key
+    from app.live_stream_writer import TurnStream
     from app.turn_status import TurnStatus
 
     key, stream = stream_key(555555), TurnStream(555555, 1)
@@ -159,7 +160,7 @@ def test_a_long_answer_keeps_its_live_stream_alive_past_the_expiry(redis_client)
     stream.delta("soon after: ")
     wait_for(lambda: redis_client.xlen(key) == 2, what="the first delta")
     assert redis_client.ttl(key) <= 100
-    live_stream._publisher._expired_at[key] -= 901  # a quarter of the hour's expiry gone by
+    live_stream_writer._publisher._expired_at[key] -= 901  # a quarter of the hour's expiry gone by
     stream.delta("much later")
     wait_for(lambda: redis_client.ttl(key) > 3000, what="the expiry set again by a delta")
 
@@ -169,7 +170,8 @@ def test_an_ended_turns_live_stream_expires_a_minute_after_its_end(redis_client)
     the database; the stream, kept an hour after the end, held an hour of a deployment's answers in Redis
     (gigabytes at a hundred turns a second). It expires `AGENTQ_STREAM_ENDED_TTL_SECONDS` (60) after its end,
     time for the readers following it to read that end."""
-    from app.live_stream import TurnStream, stream_key
+    from app.live_stream import stream_key
+    from app.live_stream_writer import TurnStream
     from app.turn_status import TurnStatus
 
     key, stream = stream_key(555556), TurnStream(555556, 1)
@@ -185,7 +187,7 @@ def test_a_publisher_that_keeps_many_streams_expiries_forgets_the_oldest_one_at_
     """The streams of turns whose end another process wrote (takeovers) stay in a publisher's map of expiry
     times; full, it was filtered whole by age at every entry published, a pass over ten thousand streams an
     entry while they were less than an hour old. The oldest set is forgotten instead, one at a time."""
-    from app.live_stream import _EXPIRIES_KEPT, _Publisher
+    from app.live_stream_writer import _EXPIRIES_KEPT, _Publisher
 
     publisher = _Publisher()
     for index in range(_EXPIRIES_KEPT):
@@ -1036,7 +1038,7 @@ def test_deltas_queued_together_are_published_as_one_entry_per_stream_and_attemp
     """What the publisher sends in one pipeline: contiguous deltas joined, nothing else merged or reordered."""
     from collections import deque
 
-    from app.live_stream import StreamFields, _coalesce
+    from app.live_stream_writer import StreamFields, _coalesce
 
     queued: deque[tuple[str, StreamFields, bool]] = deque([
         ("s1", {"type": "status", "a": 100, "data": "{}"}, True),
