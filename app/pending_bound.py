@@ -3,7 +3,7 @@
 as `error` the same way.
 
 Whichever process of the deployment looks first ends it: the recovery sweep of every worker process
-(`app.recovery`), and a loop of its own in every API process (`start_unheld_run_bounds`), so the bound holds
+(`app.recovery`), and a loop of its own in every API process (`app.unheld_run_bounds`), so the bound holds
 with no worker running at all (every worker gone, or none serving the run's queue), not only behind a
 backlog. A worker that gets the run's message later finds it ended and does nothing. Each end is judged
 again under the run's lock (`app.unheld_ends.abandon`), so two
@@ -13,9 +13,6 @@ processes looking at once, or a worker claiming the run between the look and the
 from __future__ import annotations
 
 import logging
-import random
-import threading
-import time
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 from functools import cache
@@ -25,10 +22,7 @@ from sqlalchemy import ColumnElement, DateTime, bindparam
 from app.clock import lease_now
 from app.config import get_settings
 from app.db import transaction
-from app.deadline_bound import end_runs_past_deadline
 from app.in_flight import pending_since_before
-from app.leases import TakeoverGate
-from app.outages import log_failure
 from app.prepared import Prepared
 from app.run_kinds import RunKind
 from app.unheld_ends import end_unheld, ids_found
@@ -76,30 +70,5 @@ def end_runs_pending_too_long() -> dict[RunKind, list[int]]:
     return {kind: end_pending_too_long(kind, idents, pending_before) for kind, idents in found.items()}
 
 
-def start_unheld_run_bounds() -> None:
-    """`end_runs_pending_too_long` and `app.deadline_bound.end_runs_past_deadline` every
-    `AGENTQ_RECOVERY_INTERVAL_SECONDS` (with jitter, so processes do not look in step), in a daemon thread of an
-    API process, for the process's life: the two bounds on runs no worker holds then hold with no worker
-    running. Their queries read the partial index of answers in flight and the index of test runs by status,
-    so a look costs four short statements however many runs the deployment has run."""
-    threading.Thread(target=_look_every_interval, name="unheld-run-bounds", daemon=True).start()
-
-
-def _look_every_interval() -> None:
-    """Runs past their deadline are looked for once the process's `TakeoverGate` opens, as the recovery sweep
-    takes leases over: a worker holding a finished answer through an outage writes it once the database is
-    back, and ended first, its answer would be lost."""
-    interval = get_settings().recovery_interval_seconds
-    gate = TakeoverGate()
-    while True:
-        time.sleep(interval * random.uniform(0.5, 1.0))
-        try:
-            end_runs_pending_too_long()
-            end_runs_past_deadline(gate)
-        except Exception as error:
-            gate.failed(error)
-            log_failure(log, error, "looking for runs pending too long or past their deadline")
-
-
-__all__ = ["end_pending_too_long", "end_runs_pending_too_long", "pending_cutoff", "start_unheld_run_bounds",
-           "waited_too_long", "waited_too_long_reason"]
+__all__ = ["end_pending_too_long", "end_runs_pending_too_long", "pending_cutoff", "waited_too_long",
+           "waited_too_long_reason"]

@@ -127,11 +127,11 @@ def _post_fork(server: Any, worker: Any) -> None:
 
 def _post_worker_init(worker: Any) -> None:
     """Each API process bounds the answer streams it holds by its threads (`app.stream_slots`), and ends the
-    runs no worker started in time (`app.pending_bound`) and those past their deadline that no worker holds
-    (`app.deadline_bound`), so both bounds hold while every worker is gone."""
+    runs no worker started in time and those past their deadline that no worker holds (`app.unheld_run_bounds`),
+    so both bounds hold while every worker is gone."""
     from app.heap import freeze_after_boot
-    from app.pending_bound import start_unheld_run_bounds
     from app.stream_slots import stream_slots, streams_for
+    from app.unheld_run_bounds import start_unheld_run_bounds
 
     stream_slots.hold_at_most(streams_for(worker.cfg.threads))
     start_unheld_run_bounds()
