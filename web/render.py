@@ -37,8 +37,8 @@ def wants_chinese() -> bool:
     return prefers_chinese(request.headers.get("Accept-Language"))
 
 
-def message(m: ConversationMessage, chinese: bool | None = None) -> dict[str, Any]:
-    chinese = wants_chinese() if chinese is None else chinese
+def message(m: ConversationMessage, chinese: bool) -> dict[str, Any]:
+    """`chinese`: the request's language (`wants_chinese`), asked once by the route, not once a message."""
     return {
         "id": m.id, "conversation_id": m.conversation_id, "seq": m.seq, "role": m.role, "content": m.content,
         "status": m.status, "error_message": m.error_message,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Response
 from flask_openapi3 import Tag
 
@@ -17,22 +19,22 @@ tag = Tag(name="admin: debugging")
 
 
 @bp.post("/admin/agents/<id:id>/debug/route", tags=[tag], responses={200: r.RouteDecision})
-def route_test(path: IdPath, body: ContentBody) -> dict:
+def route_test(path: IdPath, body: ContentBody) -> dict[str, Any]:
     return render.route_decision(debugging.route_decision(path.id, body.content))
 
 
 @bp.post("/admin/agents/<id:id>/debug/prompt", tags=[tag], responses={200: r.PromptPreview})
-def prompt_preview(path: IdPath, body: PromptPreviewBody) -> dict:
+def prompt_preview(path: IdPath, body: PromptPreviewBody) -> dict[str, Any]:
     return render.prompt_preview(debugging.preview_prompt(path.id, body.content, body.conversation_id))
 
 
 @bp.post("/admin/agents/<id:id>/debug/execute", tags=[tag], responses={202: r.ExecutionStarted})
-def execution_test(path: IdPath, body: ContentBody) -> tuple[dict, int]:
+def execution_test(path: IdPath, body: ContentBody) -> tuple[dict[str, Any], int]:
     return {"debug_log_id": debugging.start_execution(principal(), path.id, body.content)}, 202
 
 
 @bp.get("/admin/debug-logs/<id:id>", tags=[tag], responses={200: r.DebugLog})
-def get_debug_log(path: IdPath) -> dict:
+def get_debug_log(path: IdPath) -> dict[str, Any]:
     return render.debug_log(debugging.get_debug_log(path.id))
 
 
@@ -47,5 +49,5 @@ def list_debug_logs(query: DebugLogQuery) -> dict | Response:
 
 
 @bp.get("/admin/debug-costs", tags=[tag], responses={200: r.CostLines})
-def debug_costs(query: DebugCostQuery) -> dict:
+def debug_costs(query: DebugCostQuery) -> dict[str, Any]:
     return {"items": [render.debug_cost(c) for c in debugging.debug_costs(query.group_by)]}

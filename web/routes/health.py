@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Response
 from flask_openapi3 import APIBlueprint, Tag
 
@@ -17,12 +19,12 @@ tag = Tag(name="operations")
 
 
 @bp.get("/healthz", tags=[tag], responses={200: r.Health})
-def healthz() -> dict:
+def healthz() -> dict[str, Any]:
     return {"status": "ok"}
 
 
 @bp.get("/readyz", tags=[tag], responses={200: r.Ready, 503: r.NotReady})
-def readyz() -> dict | tuple[dict, int]:
+def readyz() -> dict | tuple[dict[str, Any], int]:
     report = readiness.check()
     if not report.ready:
         return {**error_object("not_ready", report.summary), "checks": report.checks}, 503

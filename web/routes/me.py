@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Response
 from flask_openapi3 import Tag
 
@@ -17,7 +19,7 @@ tag = Tag(name="account")
 
 
 @bp.get("/me", tags=[tag], responses={200: r.Me})
-def get_me() -> dict:
+def get_me() -> dict[str, Any]:
     return render.me(users.get_user(principal().id))
 
 
@@ -32,5 +34,5 @@ def get_transactions(query: LedgerQuery) -> dict | Response:
 
 
 @bp.get("/agents", tags=[tag], responses={200: r.AgentChoiceList})
-def list_chat_agents() -> dict:
+def list_chat_agents() -> dict[str, Any]:
     return {"items": [render.agent_choice(a) for a in catalog.list_agents()]}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Response, request, stream_with_context
 from flask_openapi3 import Tag
 
@@ -33,5 +35,5 @@ def stream_answer(path: MessagePath) -> Response:
 
 
 @bp.post("/messages/<id:message_id>/cancel", tags=[tag], responses={202: r.Message})
-def cancel(path: MessagePath) -> tuple[dict, int]:
-    return render.message(cancellation.cancel_turn(principal(), path.message_id)), 202
+def cancel(path: MessagePath) -> tuple[dict[str, Any], int]:
+    return render.message(cancellation.cancel_turn(principal(), path.message_id), render.wants_chinese()), 202
