@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.error_display import prefers_chinese
+from web.error_display import prefers_chinese
 
 
 @pytest.mark.parametrize(("header", "chinese"), [

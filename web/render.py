@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Response, current_app, request, stream_with_context
 
-from app.error_display import error_display, prefers_chinese
 from app.models import Agent, Conversation, ConversationMessage, CreditTransaction, DebugRun, LlmModel, User
 from app.models.base import iso_utc
 from app.money import render as money
+from web.error_display import error_display, prefers_chinese
 
 if TYPE_CHECKING:  # the services whose results are rendered; the `dlq` commands render without loading them all
     from app.dead_letter_requeue import RequeueOutcome
