@@ -1,13 +1,15 @@
-"""The fallback policy: when a model attempt fails, whether and how the turn tries its fallback model.
+"""The fallback policy: when a model attempt fails, the turn tries its fallback model, once.
 
-A timeout (the attempt's own, or a provider's HTTP 408), a connection failure, a stream that breaks or
-goes silent, a 429 and a 5xx switch to the fallback once, and so does a stream whose chunks are not chat
-completion chunks. A 400 (for instance a prompt over the context window) switches only when the fallback
-has a larger window, since the same request would fail the same way. Any other refusal (401, 403, 404, 422: a wrong key,
-a removed model), and an endpoint that cannot be called as configured (its key's variable not set on
-the worker), ends the turn as `llm_error` on the primary: answering it with the fallback would hide the
-misconfiguration and charge the fallback's prices. Every attempt is returned as a
-record, failed ones included, so operators see providers' failure rates and costs. A failed attempt
+Every failure switches: those guarantee 6 names (a timeout, the attempt's own or a provider's HTTP 408; a
+connection failure; a 429 and a 5xx; a stream that breaks, goes silent or sends what is not a chat completion
+chunk), and also a refusal (400, 401, 403, 404, 422) and an endpoint that cannot be called as configured (its
+key's variable not set on the worker). `llm_error` then means what the contract says it does, that the model
+and its fallback both failed; a refusal is a request that this provider, or this configuration of it, will not
+serve, and the fallback (often another provider) may; LiteLLM and OpenRouter fall back on any error the same
+way. The primary's failure stays in sight: its attempt is recorded with its kind and error, logged as a
+WARNING naming the fallback, and counted (`agentq_fallbacks_total`). Nothing switches after a stop, with no
+time left before the run's deadline, or once the run is no longer this delivery's. Every attempt is returned
+as a record, failed ones included, so operators see providers' failure rates and costs. A failed attempt
 is never charged, and its partial text is never part of an answer: the answer is the fallback's alone.
 A turn that ends without one (every attempt failed, or a stop came before the fallback was called)
 keeps the last attempt's text as its content, because that is what its stream's readers were sent.
@@ -33,10 +35,6 @@ from app.model_target import ModelTarget
 from app.token_estimates import estimate_answer_tokens, estimate_tokens_of_messages
 
 log = logging.getLogger(__name__)
-
-ALWAYS_FALL_BACK = frozenset({FailureKind.TIMEOUT, FailureKind.REQUEST_TIMEOUT, FailureKind.CONNECTION_ERROR,
-                              FailureKind.STREAM_CUT, FailureKind.RATE_LIMITED, FailureKind.SERVER_ERROR,
-                              FailureKind.BAD_RESPONSE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,15 +93,9 @@ class Outcome:
         return "; ".join(in_full for _, in_full in self.failures)
 
 
-def should_fall_back(failure: AttemptFailed, primary: ModelTarget, fallback: ModelTarget | None) -> bool:
-    if fallback is None or failure.kind is FailureKind.CANCELLED:
-        return False
-    if failure.kind in ALWAYS_FALL_BACK:
-        return True
-    if failure.kind is FailureKind.BAD_REQUEST:
-        settings = get_settings()
-        return settings.context_window(fallback.context_window) > settings.context_window(primary.context_window)
-    return False
+def should_fall_back(failure: AttemptFailed, fallback: ModelTarget | None) -> bool:
+    """Whether the fallback is called after `failure`: for any failure but a stop, when the agent has one."""
+    return fallback is not None and failure.kind is not FailureKind.CANCELLED
 
 
 def _record(target: ModelTarget, outcome: str, error: str | None, latency_ms: int, first_token_ms: int | None,
@@ -168,7 +160,7 @@ def call_with_fallback(
                 outcome.cancelled = True
                 outcome.stopped_call = outcome.attempts[-1] if failure.partial else None
                 return outcome
-            falls_back = index + 1 < len(targets) and should_fall_back(failure, primary, fallback)
+            falls_back = index + 1 < len(targets) and should_fall_back(failure, fallback)
             log.warning("model %s failed after %s ms (%s)%s", target.name, failure.latency_ms, failure.in_full,
                         f"; falling back to {fallback.name}" if falls_back and fallback else "")
             if falls_back:

@@ -336,33 +336,26 @@ def test_a_malformed_chunk_after_the_finished_answer_ends_the_turn_with_that_ans
     assert upstream.models() == [primary_upstream]
 
 
-def test_a_400_falls_back_only_to_a_larger_context_window(world, upstream) -> None:  # type: ignore[no-untyped-def]
-    primary = world.model("small", upstream="echo;fail=400", context_window=1000)
-    same = world.model("same", upstream="echo", context_window=1000)
-    larger = world.model("larger", upstream="echo", context_window=2000)
-    _, key = world.user()
-    refused = world.send(key, world.conversation(key, world.agent(primary, same))).json["assistant_message"]
-    assert world.wait_terminal(key, refused["id"])["status"] == "llm_error"
-    assert upstream.models() == ["echo;fail=400"]
-    upstream.clear()
-    agent_id = world.agent(primary, larger)
-    helped = world.send(key, world.conversation(key, agent_id)).json["assistant_message"]
-    done = world.wait_terminal(key, helped["id"])
-    assert (done["status"], done["model"]) == ("success", "larger")
-    assert upstream.models() == ["echo;fail=400", "echo"]
-
-
-@pytest.mark.parametrize("status", [401, 404])
-def test_a_refusal_other_than_400_429_or_5xx_does_not_fall_back(world, upstream, status: int) -> None:  # type: ignore[no-untyped-def]
-    """A wrong key or a removed model is the primary's configuration to fix: the turn ends `llm_error` on it
-    (the fallback would hide it, at the fallback's prices)."""
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
+def test_a_refusal_falls_back_and_stays_recorded_as_the_primarys_failure(world, upstream, status: int) -> None:  # type: ignore[no-untyped-def]
+    """`llm_error` is "the model and its fallback both failed": a refusal (a request this provider will not
+    serve, a wrong key, a removed model) switches to the fallback like any other failure, and the primary's
+    attempt keeps its kind for operators. It ended the turn `llm_error` on the primary, the fallback never
+    called. Without a fallback, the turn ends `llm_error` on the refusal."""
     primary = world.model("primary", upstream=f"echo;fail={status}")
     agent_id = world.agent(primary, world.model("fallback", upstream="echo"))
     _, key = world.user()
     assistant = world.send(key, world.conversation(key, agent_id)).json["assistant_message"]
-    assert world.wait_terminal(key, assistant["id"])["status"] == "llm_error"
-    assert upstream.models() == [f"echo;fail={status}"]
-    assert attempts(assistant["id"]) == [("primary", "client_error")]
+    done = world.wait_terminal(key, assistant["id"])
+    assert (done["status"], done["model"], done["content"]) == ("success", "fallback", "echo: hello")
+    assert upstream.models() == [f"echo;fail={status}", "echo"]
+    kind = "bad_request" if status == 400 else "client_error"
+    assert attempts(assistant["id"]) == [("primary", kind), ("fallback", "success")]
+    alone = world.send(key, world.conversation(key, world.agent(primary))).json["assistant_message"]
+    done = world.wait_terminal(key, alone["id"])
+    assert (done["status"], done["model"]) == ("llm_error", None)
+    assert done["error_message"].startswith(f"primary: {kind}: HTTP {status}"), done["error_message"]
+    assert attempts(alone["id"]) == [("primary", kind)]
 
 
 @pytest.mark.parametrize("broken", ["key", "variable", "url"])
@@ -373,16 +366,15 @@ def test_an_endpoint_that_cannot_be_called_as_configured_ends_the_turn_without_a
     API's check) is not a worker crash retried into a dead letter, nor is a variable that may not hold a
     model's key (a row older than the API's check, or than the operator's narrowing of
     AGENTQ_MODEL_KEY_VARIABLES) read and sent: each ends the turn `llm_error`, saying why, without a request
-    and without the fallback (a misconfiguration, like a 401)."""
+    without the fallback (a misconfiguration, like a 401); with a fallback, the fallback answers it."""
     primary = world.model("primary", api_key_env="NOBODY_SET_API_KEY" if broken == "key" else None)
     if broken in ("url", "variable"):
         with transaction() as session:
             session.execute(update(LlmModel).where(LlmModel.id == primary).values(
                 {"url": {"base_url": upstream.base + "/v1\r\nX-Injected: 1"},
                  "variable": {"api_key_env": "TEST_DATABASE_PASSWORD"}}[broken]))
-    agent_id = world.agent(primary, world.model("fallback", upstream="echo"))
     _, key = world.user()
-    assistant = world.send(key, world.conversation(key, agent_id)).json["assistant_message"]
+    assistant = world.send(key, world.conversation(key, world.agent(primary))).json["assistant_message"]
     done = world.wait_terminal(key, assistant["id"])
     reason = {"key": "the variable NOBODY_SET_API_KEY that holds its API key is not set",
               "variable": "the variable TEST_DATABASE_PASSWORD is not one a model's key may be read from "
@@ -394,6 +386,10 @@ def test_an_endpoint_that_cannot_be_called_as_configured_ends_the_turn_without_a
     assert error is not None and error.startswith("cannot be called as configured: ") and reason in error
     assert upstream.requests() == []
     assert attempts(assistant["id"]) == [("primary", "endpoint_unusable")]
+    helped = world.send(key, world.conversation(key, world.agent(primary, world.model("fallback", upstream="echo"))))
+    done = world.wait_terminal(key, helped.json["assistant_message"]["id"])
+    assert (done["status"], done["model"], upstream.models()) == ("success", "fallback", ["echo"])
+    assert attempts(done["id"]) == [("primary", "endpoint_unusable"), ("fallback", "success")]
 
 
 def test_a_model_is_sent_the_key_its_variable_holds_and_no_other_server_the_platforms(world, upstream) -> None:  # type: ignore[no-untyped-def]
@@ -447,23 +443,6 @@ def test_a_model_priced_past_what_a_balance_holds_is_refused_as_insufficient_bal
     assert upstream.requests() == []
     me = world.api.get("/api/me", key).json
     assert me["balance"] == me["available_balance"] == "100000000000.000000"
-
-
-def test_a_400_compares_windows_with_the_default_for_a_model_that_sets_none(world, upstream) -> None:  # type: ignore[no-untyped-def]
-    """A model without a window is prompted within `AGENTQ_DEFAULT_CONTEXT_WINDOW` (8192): a 4096 fallback is
-    smaller, and a 4096 primary's fallback without a window is larger."""
-    _, key = world.user()
-    unset = world.model("unset", upstream="echo;fail=400")
-    smaller = world.model("smaller", upstream="echo", context_window=4096)
-    refused = world.send(key, world.conversation(key, world.agent(unset, smaller))).json["assistant_message"]
-    assert world.wait_terminal(key, refused["id"])["status"] == "llm_error"
-    assert upstream.models() == ["echo;fail=400"]
-    upstream.clear()
-    small = world.model("small", upstream="echo;fail=400", context_window=4096)
-    default = world.model("default", upstream="echo")
-    helped = world.send(key, world.conversation(key, world.agent(small, default))).json["assistant_message"]
-    assert (world.wait_terminal(key, helped["id"])["model"], upstream.models()) == (
-        "default", ["echo;fail=400", "echo"])
 
 
 @pytest.mark.parametrize("reply", ["malformed-moderation", "null-moderation"])  # `results` empty, `results` null
