@@ -41,6 +41,23 @@ class AcceptedTurn:
         """The new turn's outbox mark, written with the same time as its messages."""
         return self.assistant_message.created_at
 
+    def as_first_answered(self) -> AcceptedTurn:
+        """The turn as its first answer showed it: both messages `pending`, the answer empty. A retried POST
+        is given that answer again, byte for byte (the contract's "return the first answer"), whatever the
+        turn has come to since; the message's own routes and its stream tell that."""
+        question, answer = self.user_message, self.assistant_message
+        return AcceptedTurn(as_accepted(question.id, question.conversation_id, question.seq, "user", question.content,
+                                        question.created_at),
+                            as_accepted(answer.id, answer.conversation_id, answer.seq, "assistant", "",
+                                        answer.created_at), replayed=self.replayed)
+
+
+def as_accepted(ident: int, conversation_id: int, seq: int, role: str, content: str,
+                at: datetime) -> ConversationMessage:
+    """A message of a turn as the turn's acceptance answers it, for the first request and for its replays."""
+    return ConversationMessage(id=ident, conversation_id=conversation_id, seq=seq, role=role, content=content,
+                               status=TurnStatus.PENDING.value, created_at=at, updated_at=at)
+
 
 def check_content(content: str) -> None:
     """The checks of a message's text, for every caller: the API's schema checks storable text before this,
@@ -154,8 +171,7 @@ def _insert_turn(
     message_ids = {row.seq: row.id for row in inserted}
 
     def written(seq: int, role: str, text: str) -> ConversationMessage:
-        return ConversationMessage(id=message_ids[seq], conversation_id=conversation_id, seq=seq, role=role,
-                                   content=text, status=TurnStatus.PENDING.value, created_at=now, updated_at=now)
+        return as_accepted(message_ids[seq], conversation_id, seq, role, text, now)
 
     return AcceptedTurn(written(last_seq - 1, "user", content), written(last_seq, "assistant", ""))
 
@@ -181,12 +197,13 @@ def _owned_replay(principal: Principal, conversation_id: int, key: str | None, c
         return _replay(session, principal.id, key, conversation_id, content) if key is not None else None
 
 
-def _resend_if_pending(replay: AcceptedTurn) -> AcceptedTurn:
-    """A replayed turn still pending is sent again (`app.outbox.resend`, at most once a grace). A second
-    message is harmless: the claim runs a turn once."""
+def _answered_again(replay: AcceptedTurn) -> AcceptedTurn:
+    """A replay's answer: the first one again (`AcceptedTurn.as_first_answered`). Its turn, if still pending,
+    is sent again (`app.outbox.resend`, at most once a grace): its first request may have committed and died
+    before its send, and a second message is harmless (the claim runs a turn once)."""
     if replay.assistant_message.status == TurnStatus.PENDING:
         outbox.resend(TURN, replay.assistant_message.id, replay.enqueued_at)
-    return replay
+    return replay.as_first_answered()
 
 
 def submit_turn(principal: Principal, conversation_id: int, content: str, idempotency_key: str | None) -> AcceptedTurn:
@@ -202,12 +219,12 @@ def submit_turn(principal: Principal, conversation_id: int, content: str, idempo
         _owned_replay(principal, conversation_id, None, content)  # another user's conversation is 404 first
         raise
     if idempotency_key is not None and (replay := _owned_replay(principal, conversation_id, idempotency_key, content)):
-        return _resend_if_pending(replay)
+        return _answered_again(replay)
     try:
         lock = conversation_locks.acquire_turn_slots(principal.id, conversation_id)
     except (ConversationBusy, TooManyActiveConversations):
         if replay := _owned_replay(principal, conversation_id, idempotency_key, content):
-            return _resend_if_pending(replay)
+            return _answered_again(replay)
         raise
     try:
         with plain_transaction() as connection:
@@ -215,14 +232,14 @@ def submit_turn(principal: Principal, conversation_id: int, content: str, idempo
     except IntegrityError as exc:
         lock.release()
         if replay := _owned_replay(principal, conversation_id, idempotency_key, content):
-            return _resend_if_pending(replay)
+            return _answered_again(replay)
         raise ConversationBusy() from exc
     except BaseException:
         lock.release()
         raise
     if accepted.replayed:
         lock.release()
-        return _resend_if_pending(accepted)
+        return _answered_again(accepted)
     lock.bind(accepted.assistant_message.id)
     if lock.redis_silent:
         outbox.leave_for_recovery(TURN, accepted.assistant_message.id)

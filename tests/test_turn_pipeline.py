@@ -167,12 +167,12 @@ def test_idempotency_key_returns_the_first_answer(world, upstream) -> None:  # t
     first = world.send(key, conversation_id, "pay once", headers=headers)
     again = world.send(key, conversation_id, "pay once", headers=headers)
     assert first.status_code == again.status_code == 202
-    assert again.json["assistant_message"]["id"] == first.json["assistant_message"]["id"]
-    world.wait_terminal(key, first.json["assistant_message"]["id"])
+    assert again.json == first.json
+    assert world.wait_terminal(key, first.json["assistant_message"]["id"])["status"] == "success"
     later = world.send(key, conversation_id, "pay once", headers=headers)
     assert later.status_code == 202
-    assert later.json["assistant_message"]["id"] == first.json["assistant_message"]["id"]
-    assert later.json["assistant_message"]["status"] == "success"
+    assert later.json == first.json  # the first answer, byte for byte: both `pending`, the answer empty
+    assert [first.json[m]["status"] for m in ("user_message", "assistant_message")] == ["pending", "pending"]
     assert len(world.api.get(f"/api/conversations/{conversation_id}/messages", key).json["items"]) == 2
     assert len(upstream.requests()) == 1
 
