@@ -83,7 +83,10 @@ class Settings(BaseSettings):
     stream_ttl_seconds: int = Field(default=3600, ge=60, le=YEAR)
     stream_ended_ttl_seconds: int = Field(default=60, ge=1, le=YEAR)
     stream_heartbeat_seconds: Seconds = 15.0
-    stream_max_seconds: float = Field(default=3900.0, gt=0, le=YEAR)
+    stream_max_seconds: float = Field(default=10800.0, gt=0, le=YEAR)
+    """Past the longest turn the defaults allow (pending 900 s, two attempts of 3600 s, the grace and a
+    recovery: about 8,200 s), so that a reader who connects as a turn is accepted is sent its `done` on one
+    response, as the contract reads, and only a reader of an answer longer than that reconnects."""
     stream_write_timeout_seconds: Seconds = 30.0
     max_streams_per_user: int = Field(default=32, ge=1, le=1_000_000)
     cancel_wait_seconds: float = Field(default=2.0, ge=0, le=60)

@@ -1060,3 +1060,18 @@ def test_deltas_queued_together_are_published_as_one_entry_per_stream_and_attemp
         ("s1", {"type": "delta", "a": 101, "o": 9, "data": "late"}, False),
     ]
     assert not queued
+
+
+def test_a_readers_response_outlasts_the_longest_turn_the_default_settings_allow() -> None:
+    """The contract's stream ends with `done`, after which the server closes: with the defaults, a response
+    closed after 3,900 s, before a turn with a fallback at the longest timeout (two attempts of 3,600 s) had
+    ended, and a reader that does not reconnect never saw its `done`."""
+    from app.config import Settings
+    from app.models.catalog import TIMEOUT_SECONDS_RANGE
+
+    def default(name: str) -> float:
+        return float(Settings.model_fields[name].default)
+
+    longest_turn = (default("max_pending_seconds") + 2 * TIMEOUT_SECONDS_RANGE[1] + default("turn_grace_seconds")
+                    + default("lease_seconds") + default("recovery_interval_seconds"))
+    assert default("stream_max_seconds") > longest_turn
