@@ -25,7 +25,7 @@ from app.run_kinds import run_id_of, statuses_of_runs
 
 @dataclass(frozen=True, slots=True)
 class WaitingRetry:
-    message_id: str
+    broker_message_id: str
     queue: str
     actor: str
     """`unknown` for a body agentq cannot read (anything that writes to Redis can put one there)."""

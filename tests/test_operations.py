@@ -853,7 +853,7 @@ def test_runs_waiting_for_a_retry_are_listed_soonest_first_with_their_last_error
         ("unknown", [], None, None, 0, None)]
     first_retry = datetime.fromisoformat(items[0]["retry_at"].replace("Z", "+00:00")).timestamp()
     assert sent_at + 29 < first_retry < time.time() + 31
-    assert items[2]["retry_at"] is None and items[2]["message_id"] == "not-a-message"
+    assert items[2]["retry_at"] is None and items[2]["broker_message_id"] == "not-a-message"
     assert {i["queue"] for i in items} == {"turns"}
     from_shell = subprocess.run(agentq("dlq", "retries"), env=child_env(), capture_output=True, text=True, cwd=ROOT,
                                 timeout=60)

@@ -134,9 +134,9 @@ def failures(report: FailureReport) -> dict[str, Any]:
 
 
 def waiting_retry(retry: WaitingRetry) -> dict[str, Any]:
-    return {"message_id": retry.message_id, "queue": retry.queue, "actor": retry.actor, "args": retry.args,
-            "run_id": retry.run_id, "run_status": retry.run_status, "retries": retry.retries, "error": retry.error,
-            "retry_at": timestamp(retry.retry_at)}
+    return {"broker_message_id": retry.broker_message_id, "queue": retry.queue, "actor": retry.actor,
+            "args": retry.args, "run_id": retry.run_id, "run_status": retry.run_status, "retries": retry.retries,
+            "error": retry.error, "retry_at": timestamp(retry.retry_at)}
 
 
 def dead_letter(view: DeadLetterView, *, detail: bool = False) -> dict[str, Any]:

@@ -226,7 +226,7 @@ class Failures(Shape):
 
 
 class WaitingRetry(Shape):
-    message_id: str = Field(description="The broker's id of the waiting message.")
+    broker_message_id: str = Field(description="The broker's id of the waiting message (Dramatiq's, a string).")
     queue: str
     actor: str
     args: list[Any]
