@@ -10,7 +10,7 @@ class AnswerSink:
 
     def attempt_started(self, model_name: str, restart: bool) -> None:
         """Called before each attempt; `restart` is true when it starts the answer over (a fallback), so that
-        what readers hold is repeated by it or void (`app.live_stream_writer.TurnStream`)."""
+        what readers hold is matched against its text (`app.live_stream_writer.TurnStream`)."""
 
     def delta(self, text: str) -> None:
         """Called with each piece of text as it arrives."""

@@ -10,9 +10,10 @@ way. The primary's failure stays in sight: its attempt is recorded with its kind
 WARNING naming the fallback, and counted (`agentq_fallbacks_total`). Nothing switches after a stop, with no
 time left before the run's deadline, or once the run is no longer this delivery's. Every attempt is returned
 as a record, failed ones included, so operators see providers' failure rates and costs. A failed attempt
-is never charged, and its partial text is never part of an answer: the answer is the fallback's alone.
-A turn that ends without one (every attempt failed, or a stop came before the fallback was called)
-keeps the last attempt's text as its content, because that is what its stream's readers were sent.
+is never charged. What it streamed stays with the turn's readers, who never take text back: a turn stores
+all they were sent (`app.live_stream_writer.TurnStream`), the fallback's answer after a failed attempt's text
+(unless it repeats that text, when it goes on from its end). `Outcome.partial` is the last attempt's text, an
+admin test run's output when no attempt answered.
 """
 
 from __future__ import annotations

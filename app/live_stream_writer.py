@@ -146,13 +146,18 @@ class _Repeat:
     matched: int = 0
 
 
+ANSWER_SEPARATOR = "\n\n"
+"""Between the text readers hold and a new call's answer that departs from it."""
+
+
 class TurnStream(AnswerSink):
     """The writing side of a turn's live stream, for one delivery.
 
-    An attempt that starts over (a fallback, or a delivery that took the turn over or runs it again) does not
-    void what the turn's readers hold until its text departs from it: most often the new call repeats it word
-    for word (a deterministic model, a retry of the same one), and then readers are sent only what comes after
-    it, so that their deltas concatenate to the answer as the contract says. Text that departs is a `restart`.
+    Readers never take text back: the contract says their deltas concatenate to the final content, so every
+    end of the turn stores what they were sent (`readers_text`). An attempt that starts over (a fallback, or a
+    delivery that took the turn over or runs it again) most often repeats what they hold word for word (a
+    deterministic model, a retry of the same one): they are sent only what comes after it. One whose text
+    departs from it (another model's words) is sent after it, a paragraph on (`ANSWER_SEPARATOR`).
     `readers_hold` is what an earlier delivery sent them (`text_streamed`), None when it cannot be read whole.
     """
 
@@ -169,15 +174,13 @@ class TurnStream(AnswerSink):
     def _add(self, fields: StreamFields, expire: bool = False) -> None:
         _publisher.add(self._key, fields, expire)
 
-    def status(self, status: TurnStatus, model: str | None, restart: bool = False) -> None:
-        payload: dict[str, object] = {"status": status.value, "model": model}
-        if restart:
-            payload["restart"] = True
+    def status(self, status: TurnStatus, model: str | None) -> None:
+        payload = {"status": status.value, "model": model}
         self._add({"type": "status", "a": self._attempt, "data": json.dumps(payload)}, expire=True)
 
     def attempt_started(self, model_name: str, restart: bool) -> None:
-        """A fallback, or any attempt of a later delivery, starts over: it repeats what readers hold, or voids
-        it with a `restart` when there is nothing to repeat."""
+        """A fallback, or any attempt of a later delivery, starts over: what readers hold is matched against its
+        text (`delta`), or, when they hold nothing, they follow it from its start."""
         self._index += 1
         self._attempt = attempt_number(self._delivery, self._index)
         self._offset = 0
@@ -190,11 +193,8 @@ class TurnStream(AnswerSink):
             self._repeat = _Repeat(model_name, self._followed.attempt, held)
             self.status(TurnStatus.PROCESSING, model_name)
         else:
-            self._start_over(model_name)
-
-    def _start_over(self, model_name: str) -> None:
-        self.status(TurnStatus.PROCESSING, model_name, restart=True)
-        self._followed = _Followed(self._attempt, model_name, [])
+            self.status(TurnStatus.PROCESSING, model_name)
+            self._followed = _Followed(self._attempt, model_name, [])
 
     def delta(self, text: str) -> None:
         if self._repeat is None:
@@ -206,12 +206,11 @@ class TurnStream(AnswerSink):
             repeat.matched += len(text)
             return
         self._repeat = None
+        self._continue(repeat)
         if text.startswith(rest):
-            self._continue(repeat)
             self._send(text[len(rest):])
         else:
-            self._start_over(repeat.model)
-            self._send(repeat.text[:repeat.matched] + text)
+            self._send(ANSWER_SEPARATOR + repeat.text[:repeat.matched] + text)
 
     def _send(self, text: str) -> None:
         self._add({"type": "delta", "a": self._attempt, "o": self._offset, "data": text})
@@ -237,6 +236,13 @@ class TurnStream(AnswerSink):
             return None
         text = "".join(followed.pieces)
         return Streamed(text, followed.model, followed.attempt) if text else None
+
+    def readers_text(self) -> Streamed | None:
+        """Everything the turn's readers hold, and the model they were told wrote it: what every end of the
+        turn stores as its content, so that their deltas concatenate to it; None when they hold nothing."""
+        followed = self._followed
+        text = "".join(followed.pieces) if followed is not None else ""
+        return Streamed(text, followed.model, followed.attempt) if followed is not None and text else None
 
     def finished(self, status: TurnStatus, model: str | None, content: str | None = None) -> None:
         """The last entry: readers then load the stored message and send `done`. Every end of a turn is

@@ -252,7 +252,7 @@ def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, mod
 
             TURN.write_end(context.turn_id, attempts.at, write, what=f"settling turn {context.turn_id}")
     except StoppedMeanwhile:  # no success_tokens: a stopped turn's tokens are not the conversation's
-        if cost is None and not answer.get("content") and stream.held_by_readers() is not None:
+        if cost is None and stream.held_by_readers() is not None:
             # An unpaid end with no text of its own (a delivery given up, out of time or deliveries, before any
             # call) keeps what readers hold of an earlier delivery's call, as any stop does.
             return _settle_cancelled(context, outcome or Outcome(cancelled=True), answer.get("latency_ms"), stream)
@@ -271,7 +271,9 @@ def _settle_success(context: TurnContext, outcome: Outcome, elapsed_ms: int, str
     assert completion is not None and model is not None
     usage = completion.usage
     cost = model.cost(usage.prompt_tokens, usage.completion_tokens)
-    _settle(context, TurnStatus.SUCCESS, stream, model=model.name, cost=cost, outcome=outcome, content=completion.text,
+    kept = stream.readers_text()
+    _settle(context, TurnStatus.SUCCESS, stream, model=model.name, cost=cost, outcome=outcome,
+            content=kept.text if kept is not None else completion.text,
             success_tokens=usage.prompt_tokens + usage.completion_tokens,
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
             cost_estimated=not usage.reported, latency_ms=elapsed_ms)
@@ -279,15 +281,17 @@ def _settle_success(context: TurnContext, outcome: Outcome, elapsed_ms: int, str
 
 def _settle_cancelled(context: TurnContext, outcome: Outcome, elapsed_ms: int | None,
                       stream: TurnStream) -> TurnStatus:
-    """A stopped turn keeps its partial text and pays for the tokens it generated (estimated, marked so, and
-    at most the `max_tokens` the request was sent with, as a whole answer's usage is: the estimate counts a
-    token a character outside ASCII, more than a model makes of such text), unless that text came from a
-    failed attempt, which is never charged; one stopped before any text names no model. A stop while this
-    delivery had not yet voided what readers hold of an earlier call (`TurnStream.held_by_readers`: it was
-    repeating that text, or had called no model yet) keeps that text, unpaid (a call that died with its worker
-    is recorded as `interrupted`, not charged), named as the model its readers were told wrote it."""
-    held, model = stream.held_by_readers(), outcome.model
-    name, text, paid = model.name if model else None, outcome.partial, outcome.stopped_call
+    """A stopped turn keeps the text its readers were sent (`TurnStream.readers_text`) and pays for the tokens
+    its stopped call generated (estimated, marked so, and at most the `max_tokens` the request was sent with, as
+    a whole answer's usage is: the estimate counts a token a character outside ASCII, more than a model makes of
+    such text); nothing for text that came from a failed attempt, which is never charged; one stopped before any
+    text names no model. A stop while this delivery had not yet gone past what readers hold of an earlier call
+    (`TurnStream.held_by_readers`: it was repeating that text, or had called no model yet) keeps that text,
+    unpaid (a call that died with its worker is recorded as `interrupted`, not charged), named as the model its
+    readers were told wrote it."""
+    held, model, kept = stream.held_by_readers(), outcome.model, stream.readers_text()
+    name, paid = model.name if model else None, outcome.stopped_call
+    text = kept.text if kept is not None else outcome.partial
     if held is not None and held.text.startswith(outcome.partial):
         name, text, paid = _streamed_by(context, held), held.text, None
     return _settle(context, TurnStatus.CANCELLED, stream, model=name, cost=paid.cost if paid else Decimal(0),
@@ -299,9 +303,14 @@ def _settle_cancelled(context: TurnContext, outcome: Outcome, elapsed_ms: int | 
 def _settle_failure(context: TurnContext, status: TurnStatus, reason: str, stream: TurnStream,
                     outcome: Outcome | None = None, elapsed_ms: int | None = None, content: str = "",
                     model: ModelTarget | None = None) -> TurnStatus:
-    """A turn that ends without an answer; `content` is the text its last attempt streamed before it failed,
-    and `model` that attempt's (kept, as a stop keeps them: a reader of the stream already has the text,
-    announced as that model's). Returns the status written: `cancelled` where a stop came first."""
+    """A turn that ends without an answer keeps what its readers were sent (`TurnStream.readers_text`: their
+    deltas concatenate to the content), named as the model they were told wrote it; `content` and `model`, the
+    text its last attempt streamed before it failed and that attempt's model, when they were sent nothing.
+    Returns the status written: `cancelled` where a stop came first."""
+    kept = stream.readers_text()
+    if kept is not None:
+        return _settle(context, status, stream, model=_streamed_by(context, kept), outcome=outcome,
+                       error_message=reason, latency_ms=elapsed_ms, content=kept.text)
     return _settle(context, status, stream, model=model.name if model else None, outcome=outcome,
                    error_message=reason, latency_ms=elapsed_ms, content=content)
 

@@ -213,6 +213,37 @@ def test_a_turn_taken_over_from_a_dead_worker_runs_as_things_stand_at_the_takeov
     assert (deliveries(stack, dearer["id"]), charges(stack, dearer["id"])) == (2, 0)
 
 
+def test_a_takeover_whose_model_answers_otherwise_goes_on_after_the_text_its_readers_hold(stack: Stack) -> None:
+    """A worker is killed mid-answer, and its agent is given another model before the takeover, whose answer
+    departs from the dead worker's words: a reader following through the takeover keeps those words and is
+    sent the new answer after them, a paragraph on, and its deltas concatenate to the stored content, as the
+    contract says. The takeover sent a `restart` and stored the new answer alone. Its own call is charged."""
+    agent_id = slow_agent(stack, "dies-mid-answer", "echo;words=60;gap=0.1")
+    _, key = stack.user("answered-otherwise")
+    worker = stack.start_worker(restart=False)
+    turn = stack.send(key, stack.conversation(key, agent_id), "say it twice")
+    url = f"{stack.base_url}/api/messages/{turn['id']}/stream"
+    seen = visible_text(read_sse(url, key, stop_after=5))
+    following_events: list[Any] = []
+    following = threading.Thread(target=lambda: following_events.extend(read_sse(url, key)), daemon=True)
+    following.start()
+    worker.kill_group()
+    other = stack.model("answers-otherwise", "echo;words=5;word=v")
+    assert stack.call("PATCH", f"/api/admin/agents/{agent_id}", json={"model_id": other}).status_code == 200
+    stack.start_worker()
+    done = stack.wait_terminal(key, turn["id"], timeout=LEASE_SECONDS + 3 * RECOVERY_INTERVAL + 15)
+    held, separator, answer = done["content"].partition("\n\n")
+    assert (done["status"], done["model"], separator, answer) == ("success", "answers-otherwise", "\n\n",
+                                                                  "v0 v1 v2 v3 v4"), done
+    assert held.startswith(seen) and " ".join(f"w{i}" for i in range(60)).startswith(held)
+    following.join(timeout=30)
+    assert following_events and following_events[-1].event == "done"
+    assert not any(e.event == "status" and e.json().get("restart") for e in following_events)
+    assert "".join(e.json()["text"] for e in following_events if e.event == "delta") == done["content"]
+    assert "".join(e.json()["text"] for e in read_sse(url, key) if e.event == "delta") == done["content"]
+    assert (deliveries(stack, turn["id"]), charges(stack, turn["id"])) == (2, 1)
+
+
 def test_a_turn_stopped_while_its_worker_is_dead_keeps_the_text_it_streamed_when_no_model_call_ends_it(
         stack: Stack) -> None:
     """A stop keeps the text so far. One turn is taken over with no time left for a model call: that delivery

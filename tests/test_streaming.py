@@ -275,26 +275,43 @@ def test_a_turn_that_ends_before_its_first_token_sends_its_reader_no_restart(wor
     assert [e for e in events if e.event == "delta"] == []
 
 
-def test_a_fallback_switch_mid_turn_restarts_the_text(world, web_server, upstream) -> None:  # type: ignore[no-untyped-def]
-    """The fallback's answer departs from the primary's at once (another model's words): what readers hold is
-    void, and a `restart` says so."""
-    # The primary's first word waits a second: the reader is following before any text (one that connects after
-    # the switch starts at the restart, and is rightly sent none).
+def test_a_fallback_switch_mid_turn_goes_on_after_the_text_readers_hold(world, web_server, upstream) -> None:  # type: ignore[no-untyped-def]
+    """The fallback's answer departs from the primary's at once (another model's words): readers keep what they
+    hold and are sent the fallback's answer after it, a paragraph on, so that their deltas concatenate to the
+    final content, as the contract says. They were told to take the primary's text back (a `restart`), and the
+    content was the fallback's alone, which a client concatenating deltas never saw. Only the fallback's call
+    is charged."""
+    # The primary's first word waits a second: the reader is following before any text.
     primary = world.model("primary", upstream="echo;words=30;gap=0.02;cut_after=6;ttft=1")
     fallback = world.model("fallback", upstream="echo;words=8;gap=0.02;word=v")
     agent_id = world.agent(primary, fallback)
     _, key = world.user()
     message_id = world.send(key, world.conversation(key, agent_id)).json["assistant_message"]["id"]
-    events = read_sse(f"{web_server}/api/messages/{message_id}/stream", key)
-    restarts = [e for e in events if e.event == "status" and e.json().get("restart")]
-    assert [r.json()["model"] for r in restarts] == ["fallback"]
-    before_restart = visible_text(events[: events.index(restarts[0])])
-    assert before_restart == "w0 w1 w2 w3 w4 w5"  # the primary's words before its cut
+    url = f"{web_server}/api/messages/{message_id}/stream"
+    events = read_sse(url, key)
+    assert not any(e.event == "status" and e.json().get("restart") for e in events), [e.data for e in events]
+    assert [e.json()["model"] for e in events if e.event == "status"][-2:] == ["fallback", "fallback"]
     done = events[-1].json()
-    assert (done["status"], done["model"]) == ("success", "fallback")
-    assert visible_text(events) == done["content"] == " ".join(f"v{i}" for i in range(8))
-    late = read_sse(f"{web_server}/api/messages/{message_id}/stream", key)
-    assert "".join(e.json()["text"] for e in late if e.event == "delta") == done["content"]
+    answer = "w0 w1 w2 w3 w4 w5\n\n" + " ".join(f"v{i}" for i in range(8))
+    assert (done["status"], done["model"], done["content"]) == ("success", "fallback", answer)
+    deltas = [e for e in events if e.event == "delta"]
+    assert "".join(e.json()["text"] for e in deltas) == answer
+    late = read_sse(url, key)
+    assert "".join(e.json()["text"] for e in late if e.event == "delta") == answer
+    before_switch = next(i for i, e in enumerate(deltas) if "w5" in "".join(d.json()["text"] for d in deltas[:i + 1]))
+    resumed = read_sse(url, key, last_event_id=deltas[before_switch].id)
+    assert "".join(e.json()["text"] for e in deltas[:before_switch + 1] + resumed if e.event == "delta") == answer
+    from sqlalchemy import select
+
+    from app.db import transaction
+    from app.models import ModelAttempt
+
+    with transaction() as session:
+        recorded = session.execute(select(ModelAttempt.model_name, ModelAttempt.outcome)
+                                   .where(ModelAttempt.message_id == message_id).order_by(ModelAttempt.id)).all()
+    assert [tuple(row) for row in recorded] == [("primary", "stream_cut"), ("fallback", "success")]
+    [charge] = [t for t in world.api.get("/api/me/transactions", key).json["items"] if t["message_id"]]
+    assert charge["amount"] == "-" + done["cost"] and (done["prompt_tokens"], done["completion_tokens"]) == (7, 8)
 
 
 def test_a_fallback_that_repeats_what_readers_hold_goes_on_from_its_end(world, web_server, upstream) -> None:  # type: ignore[no-untyped-def]
@@ -414,39 +431,36 @@ def test_a_reader_following_a_turn_its_first_delivery_could_not_settle_is_sent_t
     assert [tuple(row) for row in recorded] == [(1, "success"), (2, "success")]
 
 
-def test_a_reader_joining_after_a_fallback_restart_gets_only_the_new_text(  # type: ignore[no-untyped-def]
+def test_a_reader_joining_after_a_fallback_switch_gets_the_whole_text(  # type: ignore[no-untyped-def]
         world, web_server, upstream, redis_client) -> None:
-    """Joining mid-turn, after the restart (written with the fallback's first words, which depart from the
-    primary's): the reader starts at the restart, so its deltas alone concatenate to the answer, as the
-    contract says, with no restart to handle."""
-    import json
-
+    """Joining mid-turn, after the fallback's answer departed from the primary's text (its `continue` in the
+    live stream, written with the fallback's first words): the reader is sent the primary's text and the
+    fallback's after it, so that its deltas concatenate to the content, with no restart to handle."""
     from app.live_stream import stream_key
 
     key, message_id = turn_falling_back(world, "echo;words=30;gap=0.02;cut_after=6",
-                                        "echo;words=8;gap=0.02;ttft=2;word=v")
+                                        "echo;words=8;gap=0.2;ttft=2;word=v")
 
-    def restarted() -> bool:
-        return any(fields[b"type"] == b"status" and json.loads(fields[b"data"]).get("restart")
-                   for _, fields in redis_client.xrange(stream_key(message_id)))
+    def switched() -> bool:
+        return any(fields[b"type"] == b"continue" for _, fields in redis_client.xrange(stream_key(message_id)))
 
-    wait_for(restarted, what="the fallback restart in the live stream")
+    wait_for(switched, what="the fallback's answer going on after the primary's text in the live stream")
     events = read_sse(f"{web_server}/api/messages/{message_id}/stream", key)
-    assert events[0].event == "status" and events[0].json()["model"] == "fallback"
     assert not any(e.event == "status" and e.json().get("restart") for e in events)
     done = events[-1].json()
     assert (done["status"], done["model"]) == ("success", "fallback")
     assert "".join(e.json()["text"] for e in events if e.event == "delta") == done["content"] \
-        == " ".join(f"v{i}" for i in range(8))
+        == "w0 w1 w2 w3 w4 w5\n\n" + " ".join(f"v{i}" for i in range(8))
 
 
 @pytest.mark.parametrize("fallback_upstream", [None, "echo;words=8;gap=0.02;cut_after=3"])
 def test_a_turn_whose_models_fail_mid_answer_keeps_the_text_its_readers_were_sent(  # type: ignore[no-untyped-def]
         world, web_server, upstream, fallback_upstream) -> None:
-    """An `llm_error` after text was streamed keeps the last attempt's text as its content and that attempt's
-    model as its model (as a stop keeps them): a reader from the start, whose deltas after the last restart
-    are that text, and a late reader, whose one delta is the content, both end with the stored answer.
-    Nothing is charged."""
+    """An `llm_error` after text was streamed keeps the text its readers were sent as its content, and the model
+    that wrote it as its model (as a stop keeps them): here the fallback repeated the primary's first words and
+    was cut before it went past them, so the primary's are the content (it kept the fallback's three words, and
+    its readers were told to take the others back). A reader from the start, whose deltas are that text, and a
+    late reader, whose one delta is the content, both end with the stored answer. Nothing is charged."""
     # the first token a second late: the reader is following before the fallback's restart, on a loaded machine too
     primary = world.model("primary", upstream="echo;ttft=1;words=30;gap=0.02;cut_after=6")
     fallback = world.model("fallback", upstream=fallback_upstream) if fallback_upstream else None
@@ -456,10 +470,9 @@ def test_a_turn_whose_models_fail_mid_answer_keeps_the_text_its_readers_were_sen
     events = read_sse(f"{web_server}/api/messages/{message_id}/stream", key)
     done = events[-1].json()
     assert (done["status"], done["cost"]) == ("llm_error", None)
-    assert done["model"] == ("fallback" if fallback else "primary")
-    restarts = [e.json()["model"] for e in events if e.event == "status" and e.json().get("restart")]
-    assert restarts == (["fallback"] if fallback else [])
-    assert done["content"] == ("w0 w1 w2" if fallback else "w0 w1 w2 w3 w4 w5")  # each model's cut_after words
+    assert done["model"] == "primary"
+    assert not any(e.event == "status" and e.json().get("restart") for e in events), [e.data for e in events]
+    assert done["content"] == "w0 w1 w2 w3 w4 w5"  # the primary's cut_after words
     assert visible_text(events) == done["content"] == world.message(key, message_id)["content"]
     late = read_sse(f"{web_server}/api/messages/{message_id}/stream", key)
     assert "".join(e.json()["text"] for e in late if e.event == "delta") == done["content"]
@@ -496,19 +509,18 @@ def test_a_late_write_of_a_voided_attempt_does_not_stop_a_reader_following_live(
     assert deltas and not any(ident.startswith("final.") for ident in deltas), json.dumps(deltas)
 
 
-def test_a_late_write_of_the_voided_attempt_right_after_a_restart_is_not_adopted(  # type: ignore[no-untyped-def]
+def test_a_late_write_of_the_primarys_attempt_right_after_the_switch_is_not_adopted(  # type: ignore[no-untyped-def]
         world, web_server, upstream, redis_client) -> None:
-    """A reader just past a fallback restart is at offset 0 of the new attempt; a late delta of the voided
-    primary at offset 0 (its worker flushing as it lost the turn) must be skipped, not taken for the start
-    of the new attempt. The stale write is added to the real stream once the restart is there (with the
-    fallback's first words, which depart from the primary's)."""
-    import json
+    """A reader just past the fallback's switch follows the new attempt after the text it holds; a late delta of
+    the primary's attempt (its worker flushing as it lost the turn) must be skipped, not taken for text of the
+    new attempt. The stale write is added to the real stream once the switch is there (the `continue` written
+    with the fallback's first words, which depart from the primary's)."""
     import threading
 
     from app.live_stream import stream_key
 
     key, message_id = turn_falling_back(world, "echo;words=30;gap=0.02;cut_after=6;ttft=1",
-                                        "echo;words=8;gap=0.02;ttft=2;word=v")
+                                        "echo;words=8;gap=0.2;ttft=2;word=v")
     events: list = []
     connected = threading.Event()
     reader = threading.Thread(target=lambda: events.extend(
@@ -516,22 +528,21 @@ def test_a_late_write_of_the_voided_attempt_right_after_a_restart_is_not_adopted
     reader.start()
     stream = stream_key(message_id)
 
-    def restart() -> dict | None:
-        return next((fields for _, fields in redis_client.xrange(stream)
-                     if fields[b"type"] == b"status" and json.loads(fields[b"data"]).get("restart")), None)
+    def switch() -> dict | None:
+        return next((fields for _, fields in redis_client.xrange(stream) if fields[b"type"] == b"continue"), None)
 
     # The reader must be following the primary's stream when it is cut (its first token comes 1 s after the
-    # call), or it would join after the restart, which is another test's case.
-    assert connected.wait(timeout=10) and restart() is None
-    restarted = wait_for(restart, what="the fallback restart in the live stream")
-    voided = int(restarted[b"a"]) - 1
-    redis_client.xadd(stream, {"type": "delta", "a": voided, "o": 0, "data": "voided text"})
+    # call), or it would join after the switch, which is another test's case.
+    assert connected.wait(timeout=10) and switch() is None
+    switched = wait_for(switch, what="the fallback's switch in the live stream")
+    redis_client.xadd(stream, {"type": "delta", "a": int(switched[b"from"]), "o": 0, "data": "voided text"})
     reader.join(timeout=30)
     done = events[-1].json()
     assert (done["status"], done["model"]) == ("success", "fallback")
-    assert visible_text(events) == done["content"] == " ".join(f"v{i}" for i in range(8))
+    assert "".join(e.json()["text"] for e in events if e.event == "delta") == done["content"] \
+        == "w0 w1 w2 w3 w4 w5\n\n" + " ".join(f"v{i}" for i in range(8))
     assert "voided" not in "".join(e.json()["text"] for e in events if e.event == "delta")
-    assert len([e for e in events if e.event == "status" and e.json().get("restart")]) == 1
+    assert not any(e.event == "status" and e.json().get("restart") for e in events)
 
 
 def test_a_client_that_disconnects_does_not_stop_the_answer(world, web_server) -> None:  # type: ignore[no-untyped-def]
