@@ -99,6 +99,17 @@ def slow_agent(stack: Stack, name: str, upstream: str, **extra: Any) -> int:
     return stack.agent(stack.model(name, upstream), **extra)
 
 
+def follow_from_the_start(stack: Stack, key: str, turn_id: int) -> tuple[str, list[Any], threading.Thread]:
+    """What a reader saw of a turn's first words (five events), and a reader following it from the start to its
+    end in a thread of its own (its events land in the list)."""
+    url = f"{stack.base_url}/api/messages/{turn_id}/stream"
+    seen = visible_text(read_sse(url, key, stop_after=5))
+    events: list[Any] = []
+    following = threading.Thread(target=lambda: events.extend(read_sse(url, key)), daemon=True)
+    following.start()
+    return seen, events, following
+
+
 def test_a_turn_whose_worker_is_killed_is_taken_over_by_another_within_the_lease(stack: Stack,
                                                                                 upstream: UpstreamLog) -> None:
     """The killed worker had switched to the fallback (its primary answered 503): the delivery that takes the
@@ -179,10 +190,7 @@ def test_a_turn_taken_over_from_a_dead_worker_runs_as_things_stand_at_the_takeov
     stopped = stack.send(key, stack.conversation(key, stopped_agent), "keep what you said")
     dearer = stack.send(poor, stack.conversation(poor, dearer_agent), "hello")
     url = f"{stack.base_url}/api/messages/{stopped['id']}/stream"
-    seen = visible_text(read_sse(url, key, stop_after=5))
-    following_events: list[Any] = []
-    following = threading.Thread(target=lambda: following_events.extend(read_sse(url, key)), daemon=True)
-    following.start()
+    seen, following_events, following = follow_from_the_start(stack, key, stopped["id"])
     stack.wait_status(poor, dearer["id"], ("processing",))
     assert stack.sql("SELECT reserved FROM users WHERE id = %(id)s", {"id": poor_id}) == [(Decimal("0.01"),)]
     worker.kill_group()
@@ -223,10 +231,7 @@ def test_a_takeover_whose_model_answers_otherwise_goes_on_after_the_text_its_rea
     worker = stack.start_worker(restart=False)
     turn = stack.send(key, stack.conversation(key, agent_id), "say it twice")
     url = f"{stack.base_url}/api/messages/{turn['id']}/stream"
-    seen = visible_text(read_sse(url, key, stop_after=5))
-    following_events: list[Any] = []
-    following = threading.Thread(target=lambda: following_events.extend(read_sse(url, key)), daemon=True)
-    following.start()
+    seen, following_events, following = follow_from_the_start(stack, key, turn["id"])
     worker.kill_group()
     other = stack.model("answers-otherwise", "echo;words=5;word=v")
     assert stack.call("PATCH", f"/api/admin/agents/{agent_id}", json={"model_id": other}).status_code == 200
