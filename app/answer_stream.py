@@ -4,13 +4,14 @@ Event ids are `<message id>/<redis entry id>.<attempt>.<offset>`: the message th
 sent to another turn's stream is not taken as a position in it), the attempt (`app.live_stream.attempt_number`:
 delivery x 100 + 0 for its first model call, + 1 after a fallback, so a delivery that took the turn over
 from a dead worker never writes into that worker's text) and how many characters of that attempt's text the
-client has after the event (a `continue` entry moves a reader to a later attempt that repeated its text, at
-the same offset: no restart, no text sent twice).
+client has after the event (a `continue` entry moves a reader to a later attempt that goes on after its text,
+at the same offset: no restart, no text sent twice).
 With the Redis id a reconnecting client resumes exactly where it was while the live stream exists;
 with the attempt and offset it still gets exactly the rest from the stored message when the live
 stream is gone or has a gap (Redis lost data). A client that connects after the turn ended gets one
-`delta` with the whole text, so concatenated deltas always equal the final content; a live client
-clears its text when a `status` event says `restart`.
+`delta` with the whole text, so concatenated deltas always equal the final content; a client whose position
+cannot go on (an id of another text, a gap Redis lost) is sent a `status` event that says `restart`, clears its
+text, and is sent the text again.
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar, cast
 
 import redis
-from sqlalchemy import func, or_, select
+from sqlalchemy import select
 
 from app.auth import still_admits
 from app.config import get_settings
 from app.conversations import require_owned_answer
 from app.db import transaction
-from app.live_stream import attempt_number, read_entry, stream_key
-from app.models import ConversationMessage, ModelAttempt, Turn
+from app.live_stream import read_entry, stored_answer_attempt, stream_key
+from app.models import ConversationMessage
 from app.outages import is_outage
 from app.redis_client import SOCKET_TIMEOUT_SECONDS, StreamEntry, get_redis
 from app.stream_slots import stream_slots
@@ -117,16 +118,9 @@ def _authorize(user_id: int, message_id: int) -> None:
 
 
 def _load(message_id: int) -> tuple[ConversationMessage, int]:
-    """The stored message and the number of the attempt that produced its text (see `attempt_number`): the
-    last of the settling delivery's. An earlier delivery that lost the turn recorded its attempts too
-    (`app.attempts`), under its own number (rows from before that column count as the settling one's)."""
+    """The stored message and the number of the attempt that produced its text (`stored_answer_attempt`)."""
     with transaction() as session:
-        message = session.get_one(ConversationMessage, message_id)
-        delivery = session.scalar(select(Turn.deliveries).where(Turn.assistant_message_id == message_id)) or 0
-        attempts = session.scalar(select(func.count()).select_from(ModelAttempt).where(
-            ModelAttempt.message_id == message_id,
-            or_(ModelAttempt.delivery == delivery, ModelAttempt.delivery.is_(None)))) or 0
-    return message, attempt_number(delivery, max(attempts - 1, 0))
+        return session.get_one(ConversationMessage, message_id), stored_answer_attempt(session, message_id)
 
 
 def _finish_from_database(loaded: tuple[ConversationMessage, int], cursor: Cursor | None) -> Iterator[StreamEvent]:
@@ -178,9 +172,10 @@ _LOOK_BACK_PAGE = 200
 
 
 def _fresh_start(key: str) -> tuple[Cursor, dict[str, Any] | None]:
-    """Where a new reader of a turn in flight starts: just after the last restart of the live stream (a
-    fallback, a takeover), with that restart's status as its first event, so it is never sent text the
-    restart voided and its deltas alone concatenate to the answer; from the start when there was none."""
+    """Where a new reader of a turn in flight starts: just after the last restart of the live stream (a call that
+    started over knowing of no text readers held: a takeover that could not read it, or a stream written by an
+    earlier release), with that restart's status as its first event, so it is never sent text the restart
+    dropped and its deltas alone concatenate to the answer; from the start when there was none."""
     end = "+"
     try:
         while True:

@@ -60,8 +60,8 @@ class Outcome:
     kept: none when nothing was (the contract's `model` names the model that produced the answer)."""
     cancelled: bool = False
     partial: str = ""
-    """The text of the last attempt that did not finish (failed or stopped): what the live stream shows
-    after its last restart, so the stored answer keeps it and concatenated deltas equal the content."""
+    """The text of the last attempt that did not finish (failed or stopped): an admin test run's output when no
+    attempt answered (a turn stores what its readers were sent: `app.live_stream_writer.TurnStream`)."""
     partial_failed: bool = False
     """The kept text is a failed attempt's (a stop came between it and the fallback): kept, not charged."""
     disowned: bool = False

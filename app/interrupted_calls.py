@@ -72,7 +72,7 @@ def _record(attempt: StreamedAttempt, delivery: int, targets: Sequence[ModelTarg
     if name is None:
         return None
     prompt_tokens = estimate_tokens_of_messages(prompt_for(target or targets[0]))
-    completion_tokens = estimate_answer_tokens(attempt.text, answer_limit, unseen=attempt.missing)
+    completion_tokens = estimate_answer_tokens(attempt.own_text, answer_limit, unseen=attempt.own_missing)
     started = attempt.started_ms if attempt.started_ms is not None else attempt.last_ms
     first_text = attempt.first_text_ms
     return AttemptRecord(

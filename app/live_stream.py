@@ -1,12 +1,13 @@
 """The live stream of a turn's answer: what the worker produces, kept in a Redis Stream for readers.
 
 Entries are `delta` (a piece of text, with the attempt it belongs to and its start offset in that
-attempt's text), `status` (a status or model change; `restart` is true when a fallback starts over
-and the earlier text of the turn is void), `continue` (an attempt that started over has repeated the text
-readers hold, word for word, and goes on from its end: readers keep it and follow the new attempt) and
-`done`. The stream has a bounded length and expires,
-so an abandoned one costs nothing. The database stays the record: a reader arriving after the
-stream is gone, or finding a gap in it (Redis lost data mid-turn), is served from the stored
+attempt's text), `status` (a status or model change; `restart` is true when a call starts over knowing of no
+text readers hold: none was streamed, or an earlier delivery's could not be read whole), `continue` (an
+attempt that started over goes on after all the text readers hold, which it repeated or departed from:
+readers keep it and follow the new attempt from its end; `s` says where what the new call wrote begins) and
+`done`. Readers never take text back, so their deltas concatenate to the stored answer. The stream has a
+bounded length and expires, so an abandoned one costs nothing. The database stays the record: a reader
+arriving after the stream is gone, or finding a gap in it (Redis lost data mid-turn), is served from the stored
 message (see `app.answer_stream`). The worker writes it (`app.live_stream_writer`), best effort: a
 Redis failure never fails a turn. Here: its keys, its entries read, and what it holds of a turn's calls read
 back by the delivery that runs the turn on.
@@ -20,7 +21,10 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
 import redis
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session
 
+from app.models import ModelAttempt, Turn
 from app.redis_client import StreamEntry, get_redis, key
 
 log = logging.getLogger(__name__)
@@ -49,14 +53,32 @@ def attempt_number(delivery: int, index: int) -> int:
     return delivery * _ATTEMPTS_PER_DELIVERY + index
 
 
+def stored_answer_attempt(session: Session, turn_id: int) -> int:
+    """The attempt a turn's stored answer is named by: the last of its settling delivery's (its `deliveries`). An
+    earlier delivery that lost the turn recorded its attempts too (`app.attempts`), under its own number (rows
+    from before that column count as the settling one's). A reader whose position is in that attempt is sent the
+    rest of the stored answer; one in another is sent it whole, after a `restart` (`app.answer_stream`)."""
+    delivery = session.scalar(select(Turn.deliveries).where(Turn.assistant_message_id == turn_id)) or 0
+    attempts = session.scalar(select(func.count()).select_from(ModelAttempt).where(
+        ModelAttempt.message_id == turn_id,
+        or_(ModelAttempt.delivery == delivery, ModelAttempt.delivery.is_(None)))) or 0
+    return attempt_number(delivery, max(attempts - 1, 0))
+
+
 @dataclass(frozen=True, slots=True)
 class Streamed:
     """The text of the last attempt a turn's live stream holds, the model its `status` entry named (None
-    when that entry was trimmed away), and its number (`attempt_number`)."""
+    when that entry was trimmed away), and its number (`attempt_number`).
+
+    `own_from` is where the text that attempt's call wrote begins: after the text of earlier calls its readers
+    held when it departed from it (`app.live_stream_writer.ANSWER_SEPARATOR` between them); 0 when the call
+    wrote all of it, or repeated what came before. A call that starts over is matched against that part alone,
+    so that one repeating the same answer goes on from its end instead of writing it a second time."""
 
     text: str
     model: str | None
     attempt: int
+    own_from: int = 0
 
 
 class EntryRead(NamedTuple):
@@ -85,7 +107,9 @@ def read_entry(fields: dict[bytes, bytes]) -> EntryRead | None:
             payload = json.loads(fields[b"data"])
             return EntryRead(kind, attempt, 0, "", payload) if isinstance(payload, dict) else None
         if kind == "continue":
-            return EntryRead(kind, attempt, int(fields[b"o"]), "", {"from": int(fields[b"from"])})
+            own_from = fields.get(b"s")  # not written by releases before the field
+            return EntryRead(kind, attempt, int(fields[b"o"]), "",
+                             {"from": int(fields[b"from"]), "own_from": None if own_from is None else int(own_from)})
         return EntryRead(kind, attempt, 0, "", {})
     except (KeyError, ValueError):  # UnicodeDecodeError and json's JSONDecodeError are ValueErrors
         return None
@@ -94,17 +118,17 @@ def read_entry(fields: dict[bytes, bytes]) -> EntryRead | None:
 def text_streamed(turn_id: int) -> Streamed | None:
     """The attempt a reader of the turn's live stream follows last, and its text, whole from the start: what
     a delivery that died had sent its readers, and which model wrote it. None when there is no text (none
-    streamed, or a restart voided it), or not all of it (the stream trimmed or lost with Redis), or Redis
-    cannot be reached. The attempt is the last to stream text or to restart: a later delivery's first
-    `status` entry, written before its moderation, voids nothing, and taken for the last attempt it lost
-    the text readers still held when that delivery died too."""
+    streamed, or a restart dropped it: a takeover that could not read it), or not all of it (the stream trimmed
+    or lost with Redis), or Redis cannot be reached. The attempt is the last to stream text or to restart: a
+    later delivery's first `status` entry, written before its moderation, drops nothing, and taken for the last
+    attempt it lost the text readers still held when that delivery died too."""
     read = _read_stream(turn_id)
     if read is None:
         return None
     followed = [attempt for attempt in read.values() if attempt.text or attempt.missing or attempt.restarted]
     last = followed[-1] if followed else None
-    return (Streamed(last.text, last.model, last.number) if last is not None and last.text and not last.missing
-            else None)
+    return (Streamed(last.text, last.model, last.number, last.own_from)
+            if last is not None and last.text and not last.missing else None)
 
 
 @dataclass
@@ -122,11 +146,23 @@ class StreamedAttempt:
     started_ms: int | None = None
     first_text_ms: int | None = None
     last_ms: int = 0
+    own_from: int = 0
+    """Where the text the call wrote begins (`Streamed.own_from`)."""
 
     @property
     def index(self) -> int:
         """The call's place in its delivery (`attempt_number`): 0 for its first model, 1 after a fallback."""
         return self.number % _ATTEMPTS_PER_DELIVERY
+
+    @property
+    def own_text(self) -> str:
+        """What of its text the call wrote (the stream holds): not the earlier calls' text it went on after."""
+        return self.text[max(self.own_from - self.missing, 0):]
+
+    @property
+    def own_missing(self) -> int:
+        """How many characters of what the call wrote the stream lacks."""
+        return max(self.missing - self.own_from, 0)
 
 
 def attempts_streamed(turn_id: int, *, up_to: int) -> dict[int, list[StreamedAttempt]] | None:
@@ -167,17 +203,20 @@ def _read_stream(turn_id: int) -> dict[int, StreamedAttempt] | None:
         elif read.kind == "delta":
             _add_text(attempt, read.start, read.text, at_ms)
         elif read.kind == "continue":
-            _continue_text(attempt, found.get(read.payload["from"]), read.start)
+            _continue_text(attempt, found.get(read.payload["from"]), read.start, read.payload["own_from"])
     return dict(sorted(found.items()))
 
 
-def _continue_text(attempt: StreamedAttempt, repeated: StreamedAttempt | None, length: int) -> None:
-    """A `continue` entry: the attempt's text begins with the first `length` characters of the one it repeated
-    (or lacks them, when the stream no longer holds them whole)."""
-    if repeated is not None and not repeated.missing and len(repeated.text) >= length:
-        attempt.text = repeated.text[:length]
+def _continue_text(attempt: StreamedAttempt, followed: StreamedAttempt | None, length: int,
+                   own_from: int | None) -> None:
+    """A `continue` entry: the attempt's text begins with the first `length` characters of the one its readers
+    followed (or lacks them, when the stream no longer holds them whole), and what the call wrote begins at
+    `own_from` (that attempt's own, for an entry of a release that did not write it)."""
+    if followed is not None and not followed.missing and len(followed.text) >= length:
+        attempt.text = followed.text[:length]
     else:
         attempt.missing = length
+    attempt.own_from = own_from if own_from is not None else (followed.own_from if followed is not None else 0)
 
 
 def _add_text(attempt: StreamedAttempt, start: int, piece: str, at_ms: int) -> None:

@@ -128,22 +128,30 @@ _publisher = _Publisher()
 
 @dataclass
 class _Followed:
-    """The attempt a turn's readers follow, the model they were told wrote it, and the text they were sent of
-    it, in pieces."""
+    """The attempt a turn's readers follow, the model they were told wrote it, the text they were sent of it, in
+    pieces, and where what its call wrote begins in that text (`Streamed.own_from`)."""
 
     attempt: int
     model: str | None
     pieces: list[str]
+    own_from: int = 0
 
 
 @dataclass
 class _Repeat:
-    """An attempt that started over, while its text is still the start of what readers hold (`text`)."""
+    """An attempt that started over, while its text is still the start of the text the call readers follow
+    wrote (`held` from `own_from`: `Streamed.own_from`)."""
 
     model: str
     attempt: int
-    text: str
+    held: str
+    own_from: int
     matched: int = 0
+
+    @property
+    def rest(self) -> str:
+        """What of the followed call's text this attempt has not repeated yet."""
+        return self.held[self.own_from + self.matched:]
 
 
 ANSWER_SEPARATOR = "\n\n"
@@ -161,26 +169,34 @@ class TurnStream(AnswerSink):
     `readers_hold` is what an earlier delivery sent them (`text_streamed`), None when it cannot be read whole.
     """
 
-    def __init__(self, turn_id: int, delivery: int = 0, readers_hold: Streamed | None = None) -> None:
+    def __init__(self, turn_id: int, delivery: int = 0, readers_hold: Streamed | None = None, *,
+                 attempt: int | None = None) -> None:
+        """`attempt`: the attempt an end that no worker held names its stored answer by (`app.unheld_ends`),
+        where a delivery's first is `attempt_number(delivery, 0)`."""
         self._key = stream_key(turn_id)
         self._delivery = delivery
         self._index = -1
-        self._attempt = attempt_number(delivery, 0)
+        self._attempt = attempt_number(delivery, 0) if attempt is None else attempt
         self._offset = 0
-        self._followed = (None if readers_hold is None
-                          else _Followed(readers_hold.attempt, readers_hold.model, [readers_hold.text]))
+        self._followed = (None if readers_hold is None else _Followed(
+            readers_hold.attempt, readers_hold.model, [readers_hold.text], readers_hold.own_from))
         self._repeat: _Repeat | None = None
 
     def _add(self, fields: StreamFields, expire: bool = False) -> None:
         _publisher.add(self._key, fields, expire)
 
-    def status(self, status: TurnStatus, model: str | None) -> None:
-        payload = {"status": status.value, "model": model}
+    def status(self, status: TurnStatus, model: str | None, restart: bool = False) -> None:
+        payload: dict[str, object] = {"status": status.value, "model": model}
+        if restart:
+            payload["restart"] = True
         self._add({"type": "status", "a": self._attempt, "data": json.dumps(payload)}, expire=True)
 
     def attempt_started(self, model_name: str, restart: bool) -> None:
         """A fallback, or any attempt of a later delivery, starts over: what readers hold is matched against its
-        text (`delta`), or, when they hold nothing, they follow it from its start."""
+        text (`delta`). When this delivery knows of no text they hold, they follow it from its start, told so
+        by a `restart`: none was streamed (they clear nothing), or an earlier delivery's could not be read whole
+        (the stream trimmed, Redis lost it or was out of reach), which a reader then drops to follow this call
+        live rather than wait for the end."""
         self._index += 1
         self._attempt = attempt_number(self._delivery, self._index)
         self._offset = 0
@@ -190,10 +206,10 @@ class TurnStream(AnswerSink):
             return
         held = "".join(self._followed.pieces) if self._followed is not None else ""
         if held and self._followed is not None:
-            self._repeat = _Repeat(model_name, self._followed.attempt, held)
+            self._repeat = _Repeat(model_name, self._followed.attempt, held, self._followed.own_from)
             self.status(TurnStatus.PROCESSING, model_name)
         else:
-            self.status(TurnStatus.PROCESSING, model_name)
+            self.status(TurnStatus.PROCESSING, model_name, restart=True)
             self._followed = _Followed(self._attempt, model_name, [])
 
     def delta(self, text: str) -> None:
@@ -201,16 +217,18 @@ class TurnStream(AnswerSink):
             self._send(text)
             return
         repeat = self._repeat
-        rest = repeat.text[repeat.matched:]
+        rest = repeat.rest
         if rest.startswith(text):
             repeat.matched += len(text)
             return
         self._repeat = None
-        self._continue(repeat)
-        if text.startswith(rest):
+        if text.startswith(rest):  # it repeated the followed call's text, and goes on from its end
+            self._continue(repeat, repeat.own_from)
             self._send(text[len(rest):])
-        else:
-            self._send(ANSWER_SEPARATOR + repeat.text[:repeat.matched] + text)
+        else:  # it departs: what it wrote goes after all readers hold
+            self._continue(repeat, len(repeat.held) + len(ANSWER_SEPARATOR))
+            written = repeat.held[repeat.own_from:repeat.own_from + repeat.matched]
+            self._send(ANSWER_SEPARATOR + written + text)
 
     def _send(self, text: str) -> None:
         self._add({"type": "delta", "a": self._attempt, "o": self._offset, "data": text})
@@ -218,31 +236,33 @@ class TurnStream(AnswerSink):
         if self._followed is not None:
             self._followed.pieces.append(text)
 
-    def _continue(self, repeat: _Repeat) -> None:
-        """The attempt repeated all readers hold: they follow it from there."""
-        self._move_readers(repeat.attempt, len(repeat.text))
-        self._offset = len(repeat.text)
-        self._followed = _Followed(self._attempt, repeat.model, [repeat.text])
+    def _continue(self, repeat: _Repeat, own_from: int) -> None:
+        """Readers follow this attempt from the end of all they hold; what its call wrote begins at `own_from`."""
+        self._move_readers(repeat.attempt, len(repeat.held), own_from)
+        self._offset = len(repeat.held)
+        self._followed = _Followed(self._attempt, repeat.model, [repeat.held], own_from)
 
-    def _move_readers(self, attempt: int, length: int) -> None:
-        self._add({"type": "continue", "a": self._attempt, "from": attempt, "o": length}, expire=True)
+    def _move_readers(self, attempt: int, length: int, own_from: int) -> None:
+        self._add({"type": "continue", "a": self._attempt, "from": attempt, "o": length, "s": own_from},
+                  expire=True)
 
     def held_by_readers(self) -> Streamed | None:
-        """The text readers hold of an earlier call that this delivery has not voided: it has called no model
+        """The text readers hold of an earlier call that this delivery has not gone past: it has called no model
         yet, or its call is still repeating that text. What a stop keeps then, rather than the shorter repeat
         (or nothing, during moderation), which would take back text readers were sent."""
         followed = self._followed
         if followed is None or followed.attempt == self._attempt or not followed.pieces:
             return None
         text = "".join(followed.pieces)
-        return Streamed(text, followed.model, followed.attempt) if text else None
+        return Streamed(text, followed.model, followed.attempt, followed.own_from) if text else None
 
     def readers_text(self) -> Streamed | None:
         """Everything the turn's readers hold, and the model they were told wrote it: what every end of the
         turn stores as its content, so that their deltas concatenate to it; None when they hold nothing."""
         followed = self._followed
         text = "".join(followed.pieces) if followed is not None else ""
-        return Streamed(text, followed.model, followed.attempt) if followed is not None and text else None
+        return (Streamed(text, followed.model, followed.attempt, followed.own_from)
+                if followed is not None and text else None)
 
     def finished(self, status: TurnStatus, model: str | None, content: str | None = None) -> None:
         """The last entry: readers then load the stored message and send `done`. Every end of a turn is
@@ -252,7 +272,7 @@ class TurnStream(AnswerSink):
         the attempt the stored answer is named by, so that they are sent no restart and nothing twice."""
         held = self.held_by_readers()
         if content and held is not None and held.text == content:
-            self._move_readers(held.attempt, len(content))
+            self._move_readers(held.attempt, len(content), held.own_from)
         self._repeat = None
         metrics.observe_terminal(status.value)
         payload = {"status": status.value, "model": model}

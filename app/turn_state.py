@@ -352,9 +352,9 @@ def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_m
     duplicate message) is running it and settles it itself, and if that one dies too the lease runs out
     and recovery takes over. A stop its user asked for wins over any other end, as it does over a
     worker's (`finish_turn`): the user was told it would end `cancelled`. Returns the turn and the status
-    it ended with, or None when it was not ended here. A turn ended `cancelled` keeps `kept`, the text its dead
-    delivery streamed to readers (the contract's "keeps the text generated so far"), unpaid, as a worker's end
-    after such a stop does (`app.turn_runner`).
+    it ended with, or None when it was not ended here. The turn keeps `kept`, the text its dead delivery
+    streamed to readers, unpaid, as a worker's end does (`app.turn_runner`): their deltas concatenate to the
+    content, and a stop's end is the contract's "keeps the text generated so far".
 
     With `pending_before`, only a turn still `pending` since before that moment is ended, judged under the
     turn's lock (which a claim takes too): the sweep that found it waiting too long read it earlier, and a
@@ -381,9 +381,11 @@ def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_m
     if turn.cancel_requested_at is not None:
         target, error_message = TurnStatus.CANCELLED, STOPPED
     try:
-        if target is TurnStatus.CANCELLED and kept is not None:
+        if kept is not None:
+            paid = target is TurnStatus.CANCELLED  # a stop's end costs zero; an error's cost is none
             _move_messages(session, target, turn.user_message_id, turn_id, "answer", error=error_message,
-                           at=utc_now(), **_answer_values(kept.text, kept.model, 0, 0, Decimal(0), None))
+                           at=utc_now(), **_answer_values(kept.text, kept.model, 0 if paid else None,
+                                                          0 if paid else None, Decimal(0) if paid else None, None))
         else:
             _move_with_error(session, turn, target, error_message)
     except TransitionRefused:
@@ -413,7 +415,9 @@ def reopen_turn(session: Session, turn_id: int, enqueued_at: datetime) -> Turn:
     ).scalar_one_or_none()
     if turn is None:
         raise TransitionRefused(f"turn {turn_id} does not exist")
-    _move_with_error(session, turn, TurnStatus.PENDING, None)
+    # The answer starts over too: an end that kept what its readers were sent would show it while pending again.
+    _move_messages(session, TurnStatus.PENDING, turn.user_message_id, turn_id, "answer", error=None, at=utc_now(),
+                   **_answer_values("", None, None, None, None, None))
     turn.cancel_requested_at = None  # the operator's requeue is a new start: no earlier stop carries over
     turn.fell_back = False  # nor an earlier switch to the fallback
     turn.handed_back = 0  # the delivery count's give-up rule starts over (`deliveries_at_requeue`)

@@ -26,7 +26,7 @@ from app.conversations import record_turn_end
 from app.db import transaction
 from app.debug_run_state import finish_debug_run
 from app.in_flight import answer_in_flight
-from app.live_stream import Streamed, text_streamed
+from app.live_stream import Streamed, stored_answer_attempt, text_streamed
 from app.live_stream_writer import TurnStream
 from app.models import ConversationMessage, DebugRun, Turn, table
 from app.outages import log_failure
@@ -44,7 +44,9 @@ class UnownedEnd:
     status: TurnStatus
     """The status the turn ended with: the one asked for, or `cancelled` where its user's stop came first."""
     kept: Streamed | None = None
-    """The text its readers were sent, which a `cancelled` end keeps (`end_turn_unowned`)."""
+    """The text its readers were sent, which the end keeps (`end_turn_unowned`)."""
+    answer_attempt: int = 0
+    """The attempt the stored answer is named by (`stored_answer_attempt`), which readers are moved to."""
 
 
 def end_unowned(session: Session, turn_id: int, status: TurnStatus, reason: str, *,
@@ -53,23 +55,23 @@ def end_unowned(session: Session, turn_id: int, status: TurnStatus, reason: str,
     """In the caller's transaction; None when the turn was not ended here (it had ended, a live lease says a
     worker runs it, or, with `pending_before` or `deadline_before`, it is no longer pending since before then or
     processing past a deadline before then: `end_turn_unowned`). `streamed` is what a dead delivery sent the
-    turn's readers, kept if the end is a stop's."""
+    turn's readers, kept by the end."""
     ended = end_turn_unowned(session, turn_id, status, reason, pending_before=pending_before,
                              deadline_before=deadline_before, kept=streamed)
     if ended is None:
         return None
     turn, final = ended
     record_turn_end(session, turn.conversation_id, None)
-    return UnownedEnd(conversation_locks.HeldTurn(turn_id, turn.user_id, turn.conversation_id), final,
-                      streamed if final is TurnStatus.CANCELLED else None)
+    return UnownedEnd(conversation_locks.HeldTurn(turn_id, turn.user_id, turn.conversation_id), final, streamed,
+                      stored_answer_attempt(session, turn_id))
 
 
 def announce_unowned_end(ended: UnownedEnd) -> None:
     """After the commit. Readers holding the text the end kept are moved to it, sent no restart."""
     conversation_locks.release(ended.held)
     kept = ended.kept
-    TurnStream(ended.held.turn_id, readers_hold=kept).finished(ended.status, kept.model if kept else None,
-                                                               kept.text if kept else None)
+    stream = TurnStream(ended.held.turn_id, readers_hold=kept, attempt=ended.answer_attempt)
+    stream.finished(ended.status, kept.model if kept else None, kept.text if kept else None)
 
 
 def abandon_turn(turn_id: int, reason: str, *, pending_before: datetime | None = None,

@@ -193,6 +193,25 @@ def test_a_turn_whose_retries_run_out_is_a_dead_letter_and_runs_again_when_reque
     assert api.get(f"/api/admin/dead-letters/{item['id']}", admin).status_code == 404
 
 
+def test_a_requeued_turn_does_not_show_the_text_its_dead_run_kept(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """A run that ends `error` keeps what its readers were sent; requeued, the turn is pending again and its
+    answer starts over: it showed the old run's text and model until the new run ended."""
+    from app.db import transaction
+    from app.turn_state import reopen_turn
+
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    _, ended = dead_turn(world, key, agent_id, "start me over")
+    with transaction() as session:
+        session.execute(text("UPDATE conversation_messages SET content = 'kept', model = 'kept-model' "
+                             "WHERE id = :id"), {"id": ended["id"]})
+    with transaction() as session:
+        reopen_turn(session, ended["id"], datetime.now(UTC))
+    reopened = world.message(key, ended["id"])
+    assert (reopened["status"], reopened["content"], reopened["model"], reopened["error_message"]) == (
+        "pending", "", None, None)
+
+
 def test_purging_dead_letters_through_the_api_leaves_none(world, redis_client) -> None:  # type: ignore[no-untyped-def]
     api, admin = world.api, world.admin_key
     agent_id = world.agent(world.model())

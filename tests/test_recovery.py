@@ -252,48 +252,56 @@ def test_a_takeover_whose_model_answers_otherwise_goes_on_after_the_text_its_rea
 def test_a_turn_stopped_while_its_worker_is_dead_keeps_the_text_it_streamed_when_no_model_call_ends_it(
         stack: Stack) -> None:
     """A stop keeps the text so far. One turn is taken over with no time left for a model call: that delivery
-    ended it `error`, which the stop made `cancelled`, with no text. The other is never taken over, and the
+    ended it `error`, which the stop made `cancelled`, with no text. Another is never taken over, and the
     API's look past its deadline ended it `cancelled` with no text either. Both now keep what the dead worker
-    streamed, unpaid, and a reader from the start is sent that text and no restart."""
+    streamed, unpaid, and a reader from the start is sent that text and no restart. A third, not stopped, is
+    ended `error` by that look: it kept no text, and a reader following it through the end was sent a restart
+    (which the end named by a delivery of its own, not the turn's) and its deltas did not make the content."""
     agent_id = slow_agent(stack, "dies-then-ends-late", "echo;words=60;gap=0.1")
     worker = stack.start_worker(restart=False)
     turns = []
-    for name in ("taken-over-out-of-time", "never-taken-over"):
+    for name in ("taken-over-out-of-time", "never-taken-over", "never-taken-over-nor-stopped"):
         _, key = stack.user(name)
         turn = stack.send(key, stack.conversation(key, agent_id), "keep what you said")
-        seen = visible_text(read_sse(f"{stack.base_url}/api/messages/{turn['id']}/stream", key, stop_after=5))
-        turns.append((key, turn["id"], seen))
+        turns.append((key, turn["id"], *follow_from_the_start(stack, key, turn["id"])))
     worker.kill_group()
-    for key, turn_id, _ in turns:
+    for key, turn_id, *_ in turns[:2]:
         assert stack.call("POST", f"/api/messages/{turn_id}/cancel", key).status_code == 202
-    (late_key, late, late_seen), (unheld_key, unheld, unheld_seen) = turns
+    late, unheld, unstopped = turns
 
     def past(turn_id: int, deadline: str) -> None:
         stack.sql(f"UPDATE turns SET lease_expires_at = now() - interval '1 second', deadline_at = now() + "
                   f"interval '{deadline}' WHERE assistant_message_id = %(id)s", {"id": turn_id})
 
-    def kept_what_was_streamed(key: str, turn_id: int, seen: str) -> None:
+    def kept_what_was_streamed(key: str, turn_id: int, seen: str, following_events: list[Any],
+                               following: threading.Thread, *, stopped: bool = True) -> None:
         done = stack.wait_terminal(key, turn_id, timeout=LEASE_SECONDS + 3 * RECOVERY_INTERVAL + 15)
         whole = " ".join(f"w{i}" for i in range(60))
-        assert (done["status"], done["cost"], done["model"], done["error_message"], done["content"].startswith(seen),
+        assert (done["status"], done["cost"], done["model"], done["content"].startswith(seen),
                 whole.startswith(done["content"])) == (
-            "cancelled", "0.000000", "dies-then-ends-late", "stopped on request", True, True), done
-        events = read_sse(f"{stack.base_url}/api/messages/{turn_id}/stream", key)
-        assert visible_text(events) == done["content"]
-        assert not any(e.event == "status" and e.json().get("restart") for e in events)
+            "cancelled" if stopped else "error", "0.000000" if stopped else None, "dies-then-ends-late", True,
+            True), done
+        assert (done["error_message"] == "stopped on request") is stopped, done
+        for events in (following_events, read_sse(f"{stack.base_url}/api/messages/{turn_id}/stream", key)):
+            assert "".join(e.json()["text"] for e in events if e.event == "delta") == done["content"]
+            assert not any(e.event == "status" and e.json().get("restart") for e in events)
+        following.join(timeout=30)
+        assert following_events and following_events[-1].event == "done"
         assert charges(stack, turn_id) == 0
 
     # The late turn is held out of reach (a lease far ahead) until a worker runs: started after the turn was
     # put past its deadline, a worker slow to boot (a busy host) left the API's look to end it first.
     stack.sql("UPDATE turns SET lease_expires_at = now() + interval '1 hour' WHERE assistant_message_id = %(id)s",
-              {"id": late})
-    past(unheld, f"-{LEASE_SECONDS + 1} seconds")  # no worker runs: the API's look ends it
-    kept_what_was_streamed(unheld_key, unheld, unheld_seen)
-    assert deliveries(stack, unheld) == 1
+              {"id": late[1]})
+    for unheld_turn in (unheld, unstopped):
+        past(unheld_turn[1], f"-{LEASE_SECONDS + 1} seconds")  # no worker runs: the API's look ends it
+    kept_what_was_streamed(*unheld)
+    kept_what_was_streamed(*unstopped, stopped=False)
+    assert deliveries(stack, unheld[1]) == deliveries(stack, unstopped[1]) == 1
     stack.start_worker()
-    past(late, "4 seconds")  # less than the settlement's reserve: no time for a model call
-    kept_what_was_streamed(late_key, late, late_seen)
-    assert deliveries(stack, late) == 2
+    past(late[1], "4 seconds")  # less than the settlement's reserve: no time for a model call
+    kept_what_was_streamed(*late)
+    assert deliveries(stack, late[1]) == 2
     assert stack.sql("SELECT count(*) FROM users WHERE reserved <> 0") == [(0,)]
 
 

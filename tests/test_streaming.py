@@ -144,6 +144,41 @@ def test_the_text_a_dead_delivery_left_its_readers_is_the_last_attempt_streamed_
     assert text_streamed(987654) == Streamed("again", "second", 200)
 
 
+def test_a_call_that_repeats_an_answer_that_went_on_after_other_text_is_matched_against_that_answer_alone(  # type: ignore[no-untyped-def]
+        redis_client) -> None:
+    """A fallback departed from the primary's text, and its answer went on after it; the worker then died, and
+    the delivery that took over calls the fallback again, which repeats its answer word for word. Matched
+    against all readers held (the primary's text first), that repeat departed at once, and the answer was
+    written twice. It is matched against what the fallback wrote (`own_from`), goes on from its end, and the
+    interrupted fallback call is estimated on its own text, not the primary's too."""
+    from app.live_stream import attempts_streamed, stream_key, text_streamed
+    from app.live_stream_writer import ANSWER_SEPARATOR, TurnStream
+
+    turn = 987655
+    redis_client.delete(stream_key(turn))
+    first = TurnStream(turn, 1)
+    first.attempt_started("primary", restart=False)
+    first.delta("Hello wor")
+    first.attempt_started("fallback", restart=True)
+    for piece in ("Bonjour ", "le "):
+        first.delta(piece)
+    sent = "Hello wor" + ANSWER_SEPARATOR + "Bonjour le "
+    assert first.readers_text() is not None and first.readers_text().text == sent  # type: ignore[union-attr]
+    held = wait_for(lambda: (read := text_streamed(turn)) is not None and read.text == sent and read,
+                    what="the first delivery's text in the live stream")
+    assert (held.model, held.own_from) == ("fallback", len("Hello wor" + ANSWER_SEPARATOR))
+    [primary, fallback] = attempts_streamed(turn, up_to=1)[1]  # type: ignore[index]
+    assert (primary.own_text, fallback.own_text) == ("Hello wor", "Bonjour le ")
+    taking_over = TurnStream(turn, 2, held)
+    taking_over.attempt_started("fallback", restart=False)
+    for piece in ("Bonjour ", "le ", "monde"):
+        taking_over.delta(piece)
+    kept = taking_over.readers_text()
+    assert kept is not None and (kept.text, kept.own_from) == (sent + "monde", held.own_from)
+    wait_for(lambda: (read := text_streamed(turn)) is not None and read.text == sent + "monde",
+             what="the takeover's text in the live stream")
+
+
 def test_a_long_answer_keeps_its_live_stream_alive_past_the_expiry(redis_client) -> None:  # type: ignore[no-untyped-def]
     """The live stream's expiry was set by its status entries alone: an answer longer than the expiry (an
     hour by default; an agent's timeout may be an hour for each of its two models) lost its stream mid-answer.
