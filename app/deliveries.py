@@ -105,6 +105,11 @@ def deliveries_since_requeue(deliveries: int) -> int:
     return deliveries % DELIVERIES_PER_REQUEUE
 
 
+def run_started_at(deliveries: int) -> int:
+    """The number of the run's first delivery since its last requeue (1 for a turn never requeued)."""
+    return deliveries - deliveries_since_requeue(deliveries) + 1
+
+
 def deliveries_at_requeue(deliveries: int) -> int:
     """Where a requeued turn's count starts: the next thousand, none of it yet since the requeue."""
     return (deliveries // DELIVERIES_PER_REQUEUE + 1) * DELIVERIES_PER_REQUEUE

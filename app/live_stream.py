@@ -115,17 +115,20 @@ def read_entry(fields: dict[bytes, bytes]) -> EntryRead | None:
         return None
 
 
-def text_streamed(turn_id: int) -> Streamed | None:
+def text_streamed(turn_id: int, *, since: int = 0) -> Streamed | None:
     """The attempt a reader of the turn's live stream follows last, and its text, whole from the start: what
     a delivery that died had sent its readers, and which model wrote it. None when there is no text (none
     streamed, or a restart dropped it: a takeover that could not read it), or not all of it (the stream trimmed
     or lost with Redis), or Redis cannot be reached. The attempt is the last to stream text or to restart: a
     later delivery's first `status` entry, written before its moderation, drops nothing, and taken for the last
-    attempt it lost the text readers still held when that delivery died too."""
+    attempt it lost the text readers still held when that delivery died too. Only deliveries numbered `since` and
+    after are read: a stream its requeue could not drop is an earlier run's, which the new run's readers were not
+    sent."""
     read = _read_stream(turn_id)
     if read is None:
         return None
-    followed = [attempt for attempt in read.values() if attempt.text or attempt.missing or attempt.restarted]
+    followed = [attempt for number, attempt in read.items() if number >= attempt_number(since, 0)
+                and (attempt.text or attempt.missing or attempt.restarted)]
     last = followed[-1] if followed else None
     return (Streamed(last.text, last.model, last.number, last.own_from)
             if last is not None and last.text and not last.missing else None)

@@ -46,7 +46,12 @@ class _Publisher:
         """When each stream this process writes was last given its expiry (`time.monotonic()`)."""
 
     def add(self, key: str, fields: StreamFields, expire: bool) -> None:
-        self._items.append((key, fields, expire))
+        self.add_together(key, [(fields, expire)])
+
+    def add_together(self, key: str, entries: list[tuple[StreamFields, bool]]) -> None:
+        """Entries that must reach Redis in one pipeline (a `continue` and the text it announces): queued at once,
+        so the publisher never takes the first without the others."""
+        self._items.extend([(key, fields, expire) for fields, expire in entries])
         if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
             self._start()
         self._wake.set()
@@ -223,28 +228,33 @@ class TurnStream(AnswerSink):
             return
         self._repeat = None
         if text.startswith(rest):  # it repeated the followed call's text, and goes on from its end
-            self._continue(repeat, repeat.own_from)
-            self._send(text[len(rest):])
+            self._continue(repeat, repeat.own_from, text[len(rest):])
         else:  # it departs: what it wrote goes after all readers hold
-            self._continue(repeat, len(repeat.held) + len(ANSWER_SEPARATOR))
             written = repeat.held[repeat.own_from:repeat.own_from + repeat.matched]
-            self._send(ANSWER_SEPARATOR + written + text)
+            self._continue(repeat, len(repeat.held) + len(ANSWER_SEPARATOR), ANSWER_SEPARATOR + written + text)
 
     def _send(self, text: str) -> None:
-        self._add({"type": "delta", "a": self._attempt, "o": self._offset, "data": text})
+        self._add(self._delta(text))
+
+    def _delta(self, text: str) -> StreamFields:
+        """The entry of `text`, counted as sent to readers."""
+        fields: StreamFields = {"type": "delta", "a": self._attempt, "o": self._offset, "data": text}
         self._offset += len(text)
         if self._followed is not None:
             self._followed.pieces.append(text)
+        return fields
 
-    def _continue(self, repeat: _Repeat, own_from: int) -> None:
-        """Readers follow this attempt from the end of all they hold; what its call wrote begins at `own_from`."""
-        self._move_readers(repeat.attempt, len(repeat.held), own_from)
+    def _continue(self, repeat: _Repeat, own_from: int, text: str) -> None:
+        """Readers follow this attempt from the end of all they hold, and are sent `text`; what its call wrote
+        begins at `own_from`. Published together: a `continue` read without its text (the worker killed
+        between them) would say the call wrote from past the end of the text."""
+        moved = self._readers_moved(repeat.attempt, len(repeat.held), own_from)
         self._offset = len(repeat.held)
         self._followed = _Followed(self._attempt, repeat.model, [repeat.held], own_from)
+        _publisher.add_together(self._key, [(moved, True), *([(self._delta(text), False)] if text else [])])
 
-    def _move_readers(self, attempt: int, length: int, own_from: int) -> None:
-        self._add({"type": "continue", "a": self._attempt, "from": attempt, "o": length, "s": own_from},
-                  expire=True)
+    def _readers_moved(self, attempt: int, length: int, own_from: int) -> StreamFields:
+        return {"type": "continue", "a": self._attempt, "from": attempt, "o": length, "s": own_from}
 
     def held_by_readers(self) -> Streamed | None:
         """The text readers hold of an earlier call that this delivery has not gone past: it has called no model
@@ -272,7 +282,7 @@ class TurnStream(AnswerSink):
         the attempt the stored answer is named by, so that they are sent no restart and nothing twice."""
         held = self.held_by_readers()
         if content and held is not None and held.text == content:
-            self._move_readers(held.attempt, len(content), held.own_from)
+            self._add(self._readers_moved(held.attempt, len(content), held.own_from), expire=True)
         self._repeat = None
         metrics.observe_terminal(status.value)
         payload = {"status": status.value, "model": model}

@@ -24,7 +24,7 @@ from app.attempts import settling
 from app.config import get_settings
 from app.conversations import record_turn_end
 from app.db import plain_transaction
-from app.deliveries import RunGivenUp, attempts_end_by, give_up_reason
+from app.deliveries import RunGivenUp, attempts_end_by, deliveries_since_requeue, give_up_reason, run_started_at
 from app.fallback import Outcome, call_with_fallback
 from app.interrupted_calls import record_interrupted_calls
 from app.leases import Holding, keeper
@@ -125,7 +125,9 @@ def _run_turn(turn_id: int) -> None:
                                  attempt_order(context.agent.primary, context.agent.fallback, fallen_back=False),
                                  context.prompt_for, settings.answer_limit(context.agent.params.max_tokens),
                                  in_order=not context.fallen_back)
-    stream = TurnStream(turn_id, context.delivery, text_streamed(turn_id) if context.delivery > 1 else None)
+    earlier = deliveries_since_requeue(context.delivery) > 1  # of this run: a requeue's run starts anew
+    stream = TurnStream(turn_id, context.delivery,
+                        text_streamed(turn_id, since=run_started_at(context.delivery)) if earlier else None)
     if context.gives_up or not claim.affordable:
         _end_without_model_call(context, stream)
         return
@@ -292,7 +294,7 @@ def _settle_cancelled(context: TurnContext, outcome: Outcome, elapsed_ms: int | 
     held, model, kept = stream.held_by_readers(), outcome.model, stream.readers_text()
     name, paid = model.name if model else None, outcome.stopped_call
     text = kept.text if kept is not None else outcome.partial
-    if held is not None and held.text.startswith(outcome.partial):
+    if held is not None:  # this delivery's call is still repeating what readers hold, or was never made
         name, text, paid = _streamed_by(context, held), held.text, None
     return _settle(context, TurnStatus.CANCELLED, stream, model=name, cost=paid.cost if paid else Decimal(0),
                    outcome=outcome, content=text, prompt_tokens=paid.prompt_tokens if paid else 0,

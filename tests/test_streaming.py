@@ -142,6 +142,8 @@ def test_the_text_a_dead_delivery_left_its_readers_is_the_last_attempt_streamed_
     assert text_streamed(987654) is None
     add("delta", 200, o=0, data="again")
     assert text_streamed(987654) == Streamed("again", "second", 200)
+    # A run requeued as delivery 1001 whose stream the requeue could not drop reads none of the earlier run's.
+    assert text_streamed(987654, since=1001) is None
 
 
 def test_a_call_that_repeats_an_answer_that_went_on_after_other_text_is_matched_against_that_answer_alone(  # type: ignore[no-untyped-def]
