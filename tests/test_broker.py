@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import dramatiq
 import pytest
@@ -163,7 +164,8 @@ def test_a_redis_that_hangs_is_a_closed_connection_to_dramatiq_not_an_error_that
     """Dramatiq's consumer thread survives `ConnectionClosed` (it restarts the consumer a second later), but
     a timeout was an unexpected error: its clean-up, requeueing the retries it held, raised it again, and the
     thread ended, so the process took no retry of that queue until it stopped. Every look, ack, nack and
-    requeue that Redis does not answer in time is `ConnectionClosed`."""
+    requeue that Redis does not answer in time is `ConnectionClosed`, and so is the send of a retry that came due
+    (the delayed queue's consumer thread makes it), which Dramatiq logged as a CRITICAL unexpected error."""
     import redis
     from dramatiq.broker import MessageProxy
     from dramatiq.errors import ConnectionClosed
@@ -177,8 +179,10 @@ def test_a_redis_that_hangs_is_a_closed_connection_to_dramatiq_not_an_error_that
     consumer = RefillingConsumer(broker, "turns.DQ", prefetch=1, timeout=100, draining=StopFlag())
     held = MessageProxy(dramatiq.Message(queue_name="turns", actor_name="probe", args=(1,), kwargs={},
                                          options={"redis_message_id": "m-1"}))
+    due: dramatiq.Message[Any] = dramatiq.Message(queue_name="turns", actor_name="probe", args=(1,), kwargs={},
+                                                  options={})
     for step in (lambda: next(consumer), lambda: consumer.ack(held), lambda: consumer.nack(held),
-                 lambda: consumer.requeue([held])):
+                 lambda: consumer.requeue([held]), lambda: broker.enqueue(due)):
         with pytest.raises(ConnectionClosed) as closed:
             step()
         assert isinstance(closed.value.__cause__, redis.TimeoutError)

@@ -162,7 +162,11 @@ class DoorbellRedisBroker(RedisBroker):
         self.places = SharedPlaces()
 
     def enqueue(self, message: Message, *, delay: int | None = None) -> Message:
-        sent = super().enqueue(message, delay=delay)
+        """A Redis out of reach is `ConnectionClosed` here too (`_lost_redis_as_connection_closed`): the delayed
+        queue's consumer thread sends each retry that comes due through this, and a refused connection there was
+        logged by Dramatiq as a CRITICAL unexpected error with its traceback, not as the lost connection it is."""
+        with _lost_redis_as_connection_closed():
+            sent = super().enqueue(message, delay=delay)
         if delay is None:
             self._announce(sent)
         return sent
