@@ -249,6 +249,39 @@ def test_a_takeover_whose_model_answers_otherwise_goes_on_after_the_text_its_rea
     assert (deliveries(stack, turn["id"]), charges(stack, turn["id"])) == (2, 1)
 
 
+def test_a_stop_while_a_takeover_repeats_an_answer_that_went_on_after_other_text_keeps_it_unpaid(
+        stack: Stack) -> None:
+    """The first delivery's fallback departed from its primary's words, and its answer went on after them; its
+    worker is killed, and the takeover calls the fallback again, which repeats that answer slowly. A stop lands
+    while it repeats: the turn keeps all its readers were sent, unpaid. Matched against all they held, the
+    repeat's words were taken for text of its own, and the stopped call was charged."""
+    agent_id = stack.agent(stack.model("cut-primary", "echo;words=30;gap=0.02;cut_after=6"),
+                           stack.model("slow-other", "echo;words=20;gap=1;word=v"))
+    _, key = stack.user("stopped-while-repeating")
+    worker = stack.start_worker(restart=False)
+    turn = stack.send(key, stack.conversation(key, agent_id), "go on")
+    wait_for(lambda: len(streamed_by(stack, turn["id"], 101).split()) >= 2, timeout=30,
+             what="the fallback's answer after the primary's words")
+    worker.kill_group()
+    stack.start_worker()
+
+    def takeover_calling() -> bool:
+        entries = stack.redis.client().xrange(f"{stack.key_prefix}:turn:{turn['id']}:stream")
+        return any(fields[b"type"] == b"status" and fields.get(b"a") == b"200" for _, fields in entries)
+
+    wait_for(takeover_calling, timeout=LEASE_SECONDS + 3 * RECOVERY_INTERVAL + 15, interval=0.05,
+             what="the takeover's call of the fallback")
+    assert stack.call("POST", f"/api/messages/{turn['id']}/cancel", key).status_code == 202
+    done = stack.wait_terminal(key, turn["id"], timeout=30)
+    held = "w0 w1 w2 w3 w4 w5" + streamed_by(stack, turn["id"], 101)
+    assert (done["status"], done["cost"], done["model"], done["content"]) == (
+        "cancelled", "0.000000", "slow-other", held), done
+    assert held.startswith("w0 w1 w2 w3 w4 w5\n\nv0 v1")
+    assert "".join(e.json()["text"] for e in read_sse(f"{stack.base_url}/api/messages/{turn['id']}/stream", key)
+                   if e.event == "delta") == held
+    assert (deliveries(stack, turn["id"]), charges(stack, turn["id"])) == (2, 0)
+
+
 def test_a_turn_stopped_while_its_worker_is_dead_keeps_the_text_it_streamed_when_no_model_call_ends_it(
         stack: Stack) -> None:
     """A stop keeps the text so far. One turn is taken over with no time left for a model call: that delivery
