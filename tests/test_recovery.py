@@ -256,7 +256,7 @@ def test_a_stop_while_a_takeover_repeats_an_answer_that_went_on_after_other_text
     while it repeats: the turn keeps all its readers were sent, unpaid. Matched against all they held, the
     repeat's words were taken for text of its own, and the stopped call was charged."""
     agent_id = stack.agent(stack.model("cut-primary", "echo;words=30;gap=0.02;cut_after=6"),
-                           stack.model("slow-other", "echo;words=20;gap=1;word=v"))
+                           stack.model("slow-other", "echo;words=20;gap=2;word=v"))
     _, key = stack.user("stopped-while-repeating")
     worker = stack.start_worker(restart=False)
     turn = stack.send(key, stack.conversation(key, agent_id), "go on")
