@@ -261,10 +261,7 @@ class TurnStream(AnswerSink):
         yet, or its call is still repeating that text. What a stop keeps then, rather than the shorter repeat
         (or nothing, during moderation), which would take back text readers were sent."""
         followed = self._followed
-        if followed is None or followed.attempt == self._attempt or not followed.pieces:
-            return None
-        text = "".join(followed.pieces)
-        return Streamed(text, followed.model, followed.attempt, followed.own_from) if text else None
+        return None if followed is None or followed.attempt == self._attempt else self.readers_text()
 
     def readers_text(self) -> Streamed | None:
         """Everything the turn's readers hold, and the model they were told wrote it: what every end of the

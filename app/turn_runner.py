@@ -24,7 +24,7 @@ from app.attempts import settling
 from app.config import get_settings
 from app.conversations import record_turn_end
 from app.db import plain_transaction
-from app.deliveries import RunGivenUp, attempts_end_by, deliveries_since_requeue, give_up_reason, run_started_at
+from app.deliveries import RunGivenUp, attempts_end_by, give_up_reason, run_started_at
 from app.fallback import Outcome, call_with_fallback
 from app.interrupted_calls import record_interrupted_calls
 from app.leases import Holding, keeper
@@ -125,9 +125,9 @@ def _run_turn(turn_id: int) -> None:
                                  attempt_order(context.agent.primary, context.agent.fallback, fallen_back=False),
                                  context.prompt_for, settings.answer_limit(context.agent.params.max_tokens),
                                  in_order=not context.fallen_back)
-    earlier = deliveries_since_requeue(context.delivery) > 1  # of this run: a requeue's run starts anew
+    since = run_started_at(context.delivery)  # a requeue's run starts anew: none of the earlier run's text
     stream = TurnStream(turn_id, context.delivery,
-                        text_streamed(turn_id, since=run_started_at(context.delivery)) if earlier else None)
+                        text_streamed(turn_id, since=since) if context.delivery > since else None)
     if context.gives_up or not claim.affordable:
         _end_without_model_call(context, stream)
         return
@@ -231,12 +231,17 @@ def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, mod
     A turn with a `cost` is charged it (zero writes no ledger row); one without has its reservation
     released. Only the statuses the contract charges (`CHARGED`) may carry a cost.
 
+    Its content is what its readers were sent (`TurnStream.readers_text`), whatever the end: their deltas
+    concatenate to it, as the contract says; the `content` given, the caller's own text, when they hold none.
+
     A stop asked for before this end was written (`StoppedMeanwhile`) ends the turn `cancelled` instead, as
     the stop's 202 promised, with the same text and cost: a whole answer is paid for (every token of it was
     generated), a failure's text stays unpaid, and neither counts in the conversation's tokens. Returns the
     status written."""
     if cost is not None and target not in CHARGED:
         raise ValueError(f"a turn that ends {target.value} is not charged")
+    if (kept := stream.readers_text()) is not None:
+        answer["content"] = kept.text
     try:
         with settling(outcome.attempts if outcome else (), delivery=context.delivery, message_id=context.turn_id,
                       settled_again_after=(StoppedMeanwhile,)) as attempts:
@@ -273,9 +278,7 @@ def _settle_success(context: TurnContext, outcome: Outcome, elapsed_ms: int, str
     assert completion is not None and model is not None
     usage = completion.usage
     cost = model.cost(usage.prompt_tokens, usage.completion_tokens)
-    kept = stream.readers_text()
-    _settle(context, TurnStatus.SUCCESS, stream, model=model.name, cost=cost, outcome=outcome,
-            content=kept.text if kept is not None else completion.text,
+    _settle(context, TurnStatus.SUCCESS, stream, model=model.name, cost=cost, outcome=outcome, content=completion.text,
             success_tokens=usage.prompt_tokens + usage.completion_tokens,
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
             cost_estimated=not usage.reported, latency_ms=elapsed_ms)
@@ -291,13 +294,12 @@ def _settle_cancelled(context: TurnContext, outcome: Outcome, elapsed_ms: int | 
     (`TurnStream.held_by_readers`: it was repeating that text, or had called no model yet) keeps that text,
     unpaid (a call that died with its worker is recorded as `interrupted`, not charged), named as the model its
     readers were told wrote it."""
-    held, model, kept = stream.held_by_readers(), outcome.model, stream.readers_text()
+    held, model = stream.held_by_readers(), outcome.model
     name, paid = model.name if model else None, outcome.stopped_call
-    text = kept.text if kept is not None else outcome.partial
     if held is not None:  # this delivery's call is still repeating what readers hold, or was never made
-        name, text, paid = _streamed_by(context, held), held.text, None
+        name, paid = _streamed_by(context, held), None
     return _settle(context, TurnStatus.CANCELLED, stream, model=name, cost=paid.cost if paid else Decimal(0),
-                   outcome=outcome, content=text, prompt_tokens=paid.prompt_tokens if paid else 0,
+                   outcome=outcome, content=outcome.partial, prompt_tokens=paid.prompt_tokens if paid else 0,
                    completion_tokens=paid.completion_tokens if paid else 0, cost_estimated=True,
                    latency_ms=elapsed_ms, error_message=STOPPED)
 
@@ -305,16 +307,14 @@ def _settle_cancelled(context: TurnContext, outcome: Outcome, elapsed_ms: int | 
 def _settle_failure(context: TurnContext, status: TurnStatus, reason: str, stream: TurnStream,
                     outcome: Outcome | None = None, elapsed_ms: int | None = None, content: str = "",
                     model: ModelTarget | None = None) -> TurnStatus:
-    """A turn that ends without an answer keeps what its readers were sent (`TurnStream.readers_text`: their
-    deltas concatenate to the content), named as the model they were told wrote it; `content` and `model`, the
-    text its last attempt streamed before it failed and that attempt's model, when they were sent nothing.
-    Returns the status written: `cancelled` where a stop came first."""
+    """A turn that ends without an answer keeps what its readers were sent (`_settle`), named as the model they
+    were told wrote it; `content` and `model`, the text its last attempt streamed before it failed and that
+    attempt's model, when they were sent nothing. Returns the status written: `cancelled` where a stop came
+    first."""
     kept = stream.readers_text()
-    if kept is not None:
-        return _settle(context, status, stream, model=_streamed_by(context, kept), outcome=outcome,
-                       error_message=reason, latency_ms=elapsed_ms, content=kept.text)
-    return _settle(context, status, stream, model=model.name if model else None, outcome=outcome,
-                   error_message=reason, latency_ms=elapsed_ms, content=content)
+    name = _streamed_by(context, kept) if kept is not None else model.name if model else None
+    return _settle(context, status, stream, model=name, outcome=outcome, error_message=reason,
+                   latency_ms=elapsed_ms, content=content)
 
 
 __all__ = ["run_turn"]

@@ -35,7 +35,7 @@ from app.models.base import optional_utc as utc
 from app.models.base import utc_now
 from app.money import quantize
 from app.prepared import Batch, Prepared, Unit, then
-from app.turn_status import STOPPED, TurnStatus, sources_for
+from app.turn_status import CHARGED, STOPPED, TurnStatus, sources_for
 
 
 class TransitionRefused(RuntimeError):
@@ -382,10 +382,10 @@ def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_m
         target, error_message = TurnStatus.CANCELLED, STOPPED
     try:
         if kept is not None:
-            paid = target is TurnStatus.CANCELLED  # a stop's end costs zero; an error's cost is none
+            # A stop's end is charged nothing (zero); an error's is not charged at all (none).
+            tokens, cost = (0, Decimal(0)) if target in CHARGED else (None, None)
             _move_messages(session, target, turn.user_message_id, turn_id, "answer", error=error_message,
-                           at=utc_now(), **_answer_values(kept.text, kept.model, 0 if paid else None,
-                                                          0 if paid else None, Decimal(0) if paid else None, None))
+                           at=utc_now(), **_answer_values(kept.text, kept.model, tokens, tokens, cost, None))
         else:
             _move_with_error(session, turn, target, error_message)
     except TransitionRefused:

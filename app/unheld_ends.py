@@ -62,8 +62,9 @@ def end_unowned(session: Session, turn_id: int, status: TurnStatus, reason: str,
         return None
     turn, final = ended
     record_turn_end(session, turn.conversation_id, None)
+    moved_to = stored_answer_attempt(session, turn_id) if streamed is not None else 0  # only readers of kept text move
     return UnownedEnd(conversation_locks.HeldTurn(turn_id, turn.user_id, turn.conversation_id), final, streamed,
-                      stored_answer_attempt(session, turn_id))
+                      moved_to)
 
 
 def announce_unowned_end(ended: UnownedEnd) -> None:
