@@ -195,6 +195,12 @@ def in_batches(values: Iterable[T]) -> Iterator[list[T]]:
         yield batch
 
 
+def ping() -> None:
+    """One round trip to the database on a pooled connection; raises when it does not answer."""
+    with get_engine().connect() as connection:
+        connection.exec_driver_sql("SELECT 1")
+
+
 def open_pool() -> None:
     """Open the pool's connections now, so the first turns of a fresh worker do not pay for them."""
     engine = get_engine()

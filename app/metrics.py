@@ -36,6 +36,8 @@ LLM_LATENCY = Histogram("agentq_llm_latency_seconds", "Duration of an upstream a
 COST = Counter("agentq_cost_credits_total",
                "Credits the answered model calls cost: a user turn's charge, or an admin test run's logged cost.",
                ["kind"])
+DATABASE_CUT_OFFS = Counter("agentq_worker_database_cut_offs_total",
+                            "Times a worker process stopped taking runs because its database was out of reach.")
 FIRST_TOKEN = Histogram("agentq_llm_first_token_seconds", "Time to the first token of an attempt.", ["model"],
                         buckets=LATENCY_BUCKETS)
 

@@ -53,6 +53,12 @@ def is_outage(error: BaseException) -> bool:
     return False
 
 
+def is_database_outage(error: BaseException) -> bool:
+    """An outage of the database rather than of Redis: what a worker process stops fetching for
+    (`app.database_reach`), since a process that cannot reach Redis fetches nothing anyway."""
+    return is_outage(error) and not isinstance(error, redis.RedisError)
+
+
 _REFUSED_SETTINGS = ("database \"", "role \"", "password authentication failed", "no pg_hba.conf entry")
 """The start of what PostgreSQL says, at connection, of a database or a role that does not exist or a login it
 does not accept: its reply carries no SQLSTATE to libpq's caller, so its text is what tells them apart."""

@@ -10,6 +10,7 @@ import traceback
 from sqlalchemy.orm import Session
 
 from app import dead_letter_requeue, dead_letters, llm_client, metrics, outbox
+from app.database_reach import reach
 from app.db import dispose_engines, open_pool
 from app.deliveries import RunGivenUp
 from app.dispatch import Delivered
@@ -48,6 +49,17 @@ draining = StopFlag()
 (`workers.broker.RefillingConsumer`) and a run that still reaches a thread is handed back."""
 
 
+def takes_new_runs() -> bool:
+    """Whether this process's work-queue consumers fetch: not once it is stopping, nor while it is cut off from
+    its database (`app.database_reach`)."""
+    return not draining.is_set() and not reach.cut_off()
+
+
+def moves_retries() -> bool:
+    """Whether this process's delay-queue consumers fetch: until it is stopping."""
+    return not draining.is_set()
+
+
 def after_fork() -> None:
     dispose_engines()
     reset_redis()
@@ -55,10 +67,15 @@ def after_fork() -> None:
     metrics.close_inherited_counters_server()
 
 
-def start(threads: int) -> None:
-    global _recovery
+def prepare(threads: int) -> None:
+    """Before the consumers start: pools sized to the threads and opened, and, were the database out of reach,
+    the process marked cut off before its first fetch."""
     llm_client.size_pools(threads)
     _warm_up()
+
+
+def start() -> None:
+    global _recovery
     keeper.cancel_check = stopped_turns
     if _recovery is None:
         _recovery = RecoveryLoop()
@@ -68,11 +85,13 @@ def start(threads: int) -> None:
 
 def _warm_up() -> None:
     """Pay for the database pool and the HTTP stack's imports before the worker says it is ready,
-    not in the first turns it runs (which would otherwise be slower than every later one)."""
+    not in the first turns it runs (which would otherwise be slower than every later one). A process that
+    boots while its database is out of reach takes no run until it answers (`app.database_reach`)."""
     try:
         open_pool()
     except Exception as error:
         log_failure(log, error, "opening the database connections at boot (they open on first use)")
+        reach.failed(error)
     llm_client.warm_up()
 
 
@@ -86,6 +105,7 @@ def stop_fetching() -> None:
 def stop() -> None:
     """The worker is shutting down: no more sweeps, no new fetch, and no new run starts in this process."""
     stop_fetching()
+    reach.stop()
     if _recovery is not None:
         _recovery.stop()
 
@@ -161,7 +181,9 @@ def delivery_failed(message: Delivered, exception: BaseException) -> None:
     retry policy judges: the reason and the count are written as it writes them, for
     `dead_letters.record_death` to keep. The traceback of the last failure Dramatiq retried, if any, is
     kept after the reason, indented: a run that failed the same way at every delivery until it was given up
-    showed only "gave up after 5 deliveries", and not what had failed."""
+    showed only "gave up after 5 deliveries", and not what had failed. A failure that says the database is
+    out of reach stops this process fetching until it answers (`app.database_reach`)."""
+    reach.failed(exception)
     if isinstance(exception, RunGivenUp):
         earlier = message.options.get("traceback")
         reason = "".join(traceback.format_exception_only(exception))

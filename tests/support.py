@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -136,6 +136,70 @@ class SilentServer:
     def close(self) -> None:
         self._listener.close()
         self.hang_up()
+
+
+class TcpRelay:
+    """A loopback port relayed to another: one process's own way to a service (a worker's to PostgreSQL),
+    which a test cuts (every connection through it closed, new ones refused) and mends, while the other
+    processes still reach the service directly. A partition of that process's host, not a stand-in for the
+    service: the bytes are the real server's."""
+
+    def __init__(self, target_port: int) -> None:
+        self.port = free_port()
+        self._target_port = target_port
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._sockets: list[socket.socket] = []
+        self.mend()
+
+    def mend(self) -> None:
+        listener = socket.create_server(("127.0.0.1", self.port))
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        """A shut-down listener refuses connections at once (closing it alone leaves the port listening while
+        its `accept` waits), and each relayed connection's peers see it closed."""
+        if self._listener is not None:
+            self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            relayed, self._sockets = self._sockets, []
+        for connection in relayed:
+            _hang_up(connection)
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client = listener.accept()[0]
+            except OSError:  # the listener shut down
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self._target_port))
+            except OSError:  # the service refused: so does the relay
+                _hang_up(client)
+                continue
+            with self._lock:
+                self._sockets += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for connection in (source, sink):
+            _hang_up(connection)
+
+
+def _hang_up(connection: socket.socket) -> None:
+    with suppress(OSError):
+        connection.shutdown(socket.SHUT_RDWR)
+    connection.close()
 
 
 def wait_http(url: str, timeout: float = 30.0, verify: ssl.SSLContext | bool = True) -> None:

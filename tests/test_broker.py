@@ -16,11 +16,15 @@ import dramatiq
 import pytest
 from dramatiq.brokers.redis import RedisBroker
 
-from app.worker_services import StopFlag
 from tests.support import SilentServer, wait_for
 from workers.broker import DoorbellRedisBroker, RefillingConsumer, build_broker
 
 LONG_WAIT_MS = 30_000
+
+
+def always() -> bool:
+    """A consumer's process that always takes new messages: neither stopping nor cut off from its database."""
+    return True
 
 
 @pytest.fixture
@@ -61,7 +65,7 @@ def test_a_consumer_with_every_place_taken_fetches_as_soon_as_a_thread_acks(redi
     queue = f"refill-{uuid.uuid4().hex[:8]}"
     for index in range(2):
         broker.enqueue(probe(queue, index))
-    consumer = RefillingConsumer(broker, queue, prefetch=1, timeout=LONG_WAIT_MS, draining=StopFlag())
+    consumer = RefillingConsumer(broker, queue, prefetch=1, timeout=LONG_WAIT_MS, takes_new=always)
     first = next(consumer)
     assert first is not None and first.args == (0,)
 
@@ -103,7 +107,7 @@ def test_a_message_sent_without_a_ring_is_found_at_the_next_look(redis_client) -
     broker = build_broker()
     assert isinstance(broker, DoorbellRedisBroker)
     queue = f"quiet-{uuid.uuid4().hex[:8]}"
-    consumer = RefillingConsumer(broker, queue, prefetch=1, timeout=500, draining=StopFlag(),
+    consumer = RefillingConsumer(broker, queue, prefetch=1, timeout=500, takes_new=always,
                                  doorbell=broker.doorbell)
     try:
         assert next(consumer) is None
@@ -176,7 +180,7 @@ def test_a_redis_that_hangs_is_a_closed_connection_to_dramatiq_not_an_error_that
     client = redis.Redis(host="127.0.0.1", port=silent_redis.port, socket_timeout=0.2, socket_connect_timeout=1,
                          retry=Retry(NoBackoff(), 0))
     broker = DoorbellRedisBroker(poll_ms=100, client=client, namespace=f"hung-{uuid.uuid4().hex[:8]}", middleware=[])
-    consumer = RefillingConsumer(broker, "turns.DQ", prefetch=1, timeout=100, draining=StopFlag())
+    consumer = RefillingConsumer(broker, "turns.DQ", prefetch=1, timeout=100, takes_new=always)
     held = MessageProxy(dramatiq.Message(queue_name="turns", actor_name="probe", args=(1,), kwargs={},
                                          options={"redis_message_id": "m-1"}))
     due: dramatiq.Message[Any] = dramatiq.Message(queue_name="turns", actor_name="probe", args=(1,), kwargs={},

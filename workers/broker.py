@@ -35,9 +35,9 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import dramatiq
 import redis
@@ -55,9 +55,6 @@ from app.redis_client import SOCKET_TIMEOUT_SECONDS
 from workers.doorbell import Doorbell, channel_name
 from workers.middleware import DeliveryLogContext, RunOutcomes, WorkerServices
 from workers.places import SharedPlaces
-
-if TYPE_CHECKING:
-    from app.worker_services import StopFlag
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +88,13 @@ class RefillingConsumer(_RedisConsumer):
     """
 
     def __init__(self, broker: RedisBroker, queue_name: str, prefetch: int, timeout: int,
-                 draining: StopFlag, doorbell: Doorbell | None = None,
+                 takes_new: Callable[[], bool], doorbell: Doorbell | None = None,
                  places: SharedPlaces | None = None) -> None:
         super().__init__(broker, queue_name, prefetch, 1)
         self._wait_seconds = timeout / 1000
         self._rung = threading.Event()
         self._doorbell = doorbell
-        self._draining = draining
+        self._takes_new = takes_new
         self._places = places or SharedPlaces()
         self._places.join(self)
         if doorbell is not None:
@@ -122,8 +119,9 @@ class RefillingConsumer(_RedisConsumer):
             super().requeue(messages)
 
     def __next__(self) -> MessageProxy | None:
-        """A message, or None (Dramatiq's "nothing yet") after waiting for a place or a message; once the
-        worker is draining, no new fetch (what it still holds goes to its threads, which hand it back)."""
+        """A message, or None (Dramatiq's "nothing yet") after waiting for a place or a message; no new fetch
+        while the process takes none (it is stopping, or cut off from its database): what it still holds goes
+        to its threads."""
         if not self.message_cache and not self._fetched():
             return None
         with _lost_redis_as_connection_closed():
@@ -131,9 +129,9 @@ class RefillingConsumer(_RedisConsumer):
 
     def _fetched(self) -> bool:
         """Fetch as many messages as there are free places into the cache; False, after waiting for a freed
-        place (none free, or draining) or for a ring (the queue was empty), when none came."""
+        place (none free, or none taken now) or for a ring (the queue was empty), when none came."""
         with self._places.changed:
-            free = 0 if self._draining.is_set() else self.prefetch - self._places.taken()
+            free = self.prefetch - self._places.taken() if self._takes_new() else 0
             if free <= 0:
                 self._places.changed.wait(self._wait_seconds)
                 return False
@@ -191,12 +189,15 @@ class DoorbellRedisBroker(RedisBroker):
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
         """A work queue's consumer is woken by the doorbell and looks at least every `poll_ms`; a delay
-        queue's looks every `timeout` (Dramatiq's worker timeout, 1 s): nothing there is due yet."""
-        from app.worker_services import draining  # only a worker consumes: senders do not load its services
+        queue's looks every `timeout` (Dramatiq's worker timeout, 1 s): nothing there is due yet. A work queue's
+        consumer fetches nothing while its process is cut off from its database (`app.database_reach`); a
+        delay queue's still does, since it only moves retries that come due to their queue, for any worker."""
+        from app import worker_services  # only a worker consumes: senders do not load its services
 
         if queue_name == dq_name(queue_name):
-            return RefillingConsumer(self, queue_name, prefetch, timeout, draining)
-        return RefillingConsumer(self, queue_name, prefetch, self.poll_ms, draining, self.doorbell, self.places)
+            return RefillingConsumer(self, queue_name, prefetch, timeout, worker_services.moves_retries)
+        return RefillingConsumer(self, queue_name, prefetch, self.poll_ms, worker_services.takes_new_runs,
+                                 self.doorbell, self.places)
 
 
 def broker_options() -> dict[str, Any]:

@@ -69,9 +69,14 @@ class WorkerServices(Middleware):
         if threading.current_thread() is threading.main_thread():
             treat_a_repeated_stop_as_one(_worker().stop_fetching)
 
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        """The database pool opens before the consumers fetch: a process that boots while its database is out
+        of reach fetches nothing until it answers (`app.database_reach`)."""
+        _worker().prepare(worker.worker_threads)
+
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         """Background services start once the worker threads exist."""
-        _worker().start(worker.worker_threads)
+        _worker().start()
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         """Stop sweeping and fetching before the threads drain, so a stopping worker takes no new run."""
