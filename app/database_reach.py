@@ -27,8 +27,10 @@ from app.outages import in_one_line, is_database_outage, log_failure
 log = logging.getLogger(__name__)
 
 PROBE_SECONDS = 1.0
-"""How often a cut-off process asks its database whether it answers again, the longest it then stays idle
-once it does. Each probe is one connection's set-up, bounded by `AGENTQ_DB_CONNECT_TIMEOUT_SECONDS`."""
+"""How often a cut-off process asks its database whether it answers again. Once one is answered, its consumers
+fetch at their next look (within `AGENTQ_BROKER_POLL_MS`). A probe takes a pooled connection, so it waits
+as a claim would: for a new connection's set-up (`AGENTQ_DB_CONNECT_TIMEOUT_SECONDS`), and, on the SQLite
+default, for another process's write lock (the file's busy timeout), which is what a claim waits for too."""
 
 
 class DatabaseReach:
@@ -53,28 +55,38 @@ class DatabaseReach:
         with self._lock:
             if self._cut_off or self._stopped.is_set():
                 return
+            # The probe first: a mark that no probe could lift would stop this process for good. The probe lifts
+            # it under this lock, so not before it is set.
+            threading.Thread(target=self._probe_until_answered, name="agentq-database-probe", daemon=True).start()
             self._cut_off = True
         DATABASE_CUT_OFFS.inc()
         log.warning("the database is out of reach (%s): this worker process takes no new run until it answers "
                     "a probe, asked every %g s", in_one_line(error), self._interval)
-        threading.Thread(target=self._probe_until_answered, name="agentq-database-probe", daemon=True).start()
 
     def stop(self) -> None:
         """The process is stopping: no more probes (it fetches nothing anyway)."""
         self._stopped.set()
 
     def _probe_until_answered(self) -> None:
-        while not self._stopped.is_set():
-            try:
-                self._probe()
-            except Exception as error:
-                log_failure(log, error, "probing the database this worker process is cut off from")
-                self._stopped.wait(self._interval)
-                continue
+        """The mark is lifted however this ends: a probe answered, the process stopping (it fetches nothing
+        then anyway), or a failure of the loop itself, which leaves the process fetching as if never marked
+        rather than idle for good."""
+        answered = False
+        try:
+            while not self._stopped.is_set():
+                try:
+                    self._probe()
+                except Exception as error:
+                    log_failure(log, error, "probing the database this worker process is cut off from")
+                    self._stopped.wait(self._interval)
+                    continue
+                answered = True
+                return
+        finally:
             with self._lock:
                 self._cut_off = False
-            log.info("the database answers again: this worker process takes runs again")
-            return
+            if answered:
+                log.info("the database answers again: this worker process takes runs again")
 
 
 reach = DatabaseReach()

@@ -54,9 +54,11 @@ def is_outage(error: BaseException) -> bool:
 
 
 def is_database_outage(error: BaseException) -> bool:
-    """An outage of the database rather than of Redis: what a worker process stops fetching for
-    (`app.database_reach`), since a process that cannot reach Redis fetches nothing anyway."""
-    return is_outage(error) and not isinstance(error, redis.RedisError)
+    """An outage of the database, what a worker process stops fetching for (`app.database_reach`): not one of
+    Redis, since a process that cannot reach Redis fetches nothing anyway, nor a wait for a connection of a
+    full pool (`sqlalchemy.exc.TimeoutError`), since the database answers that busy process's other
+    connections, and its probe would wait in the same queue."""
+    return is_outage(error) and not isinstance(error, (redis.RedisError, sqlalchemy.exc.TimeoutError))
 
 
 _REFUSED_SETTINGS = ("database \"", "role \"", "password authentication failed", "no pg_hba.conf entry")

@@ -67,7 +67,7 @@ def after_fork() -> None:
     metrics.close_inherited_counters_server()
 
 
-def prepare(threads: int) -> None:
+def open_pools(threads: int) -> None:
     """Before the consumers start: pools sized to the threads and opened, and, were the database out of reach,
     the process marked cut off before its first fetch."""
     llm_client.size_pools(threads)

@@ -154,18 +154,19 @@ class TcpRelay:
 
     def mend(self) -> None:
         listener = socket.create_server(("127.0.0.1", self.port))
-        self._listener = listener
+        with self._lock:
+            self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
     def cut(self) -> None:
         """A shut-down listener refuses connections at once (closing it alone leaves the port listening while
         its `accept` waits), and each relayed connection's peers see it closed."""
-        if self._listener is not None:
-            self._listener.shutdown(socket.SHUT_RDWR)
-            self._listener.close()
-            self._listener = None
         with self._lock:
+            listener, self._listener = self._listener, None
             relayed, self._sockets = self._sockets, []
+        if listener is not None:
+            listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
         for connection in relayed:
             _hang_up(connection)
 
@@ -181,7 +182,13 @@ class TcpRelay:
                 _hang_up(client)
                 continue
             with self._lock:
-                self._sockets += [client, server]
+                cut_meanwhile = self._listener is not listener
+                if not cut_meanwhile:
+                    self._sockets += [client, server]
+            if cut_meanwhile:  # taken as the relay was cut: closed as the cut closed the others
+                _hang_up(client)
+                _hang_up(server)
+                continue
             for source, sink in ((client, server), (server, client)):
                 threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
 

@@ -60,9 +60,10 @@ def test_a_worker_cut_off_from_its_database_alone_takes_no_turn_until_it_answers
 
 
 def test_only_a_database_out_of_reach_stops_the_fetching_and_an_answered_probe_lifts_it(database: str) -> None:
-    """A lost Redis stops a consumer's fetches by itself, and a bug or a refused statement is no reason to:
-    neither marks the process. A refused connection does, until the probe (a real one, to the test database,
-    which answers once the test lets it) lifts the mark."""
+    """A lost Redis stops a consumer's fetches by itself, a full pool is a busy process whose database answers,
+    and a bug or a refused statement is no reason to stop: none marks the process. A refused connection does,
+    until the probe (a real one, to the test database, which answers once the test lets it) lifts the mark;
+    once the process is stopping, nothing marks it."""
     let_probe = threading.Event()
 
     def probe_when_let() -> None:
@@ -70,15 +71,27 @@ def test_only_a_database_out_of_reach_stops_the_fetching_and_an_answered_probe_l
         ping()
 
     reach = DatabaseReach(probe_when_let, interval=0.05)
-    for error in (redis.ConnectionError("Redis is gone"), redis.TimeoutError(), ValueError("a bug"),
-                  sqlalchemy.exc.OperationalError("SELECT 1", {}, psycopg.errors.DeadlockDetected())):
-        reach.failed(error)
-        assert not reach.cut_off(), error
+    try:
+        for error in (redis.ConnectionError("Redis is gone"), redis.TimeoutError(), ValueError("a bug"),
+                      sqlalchemy.exc.TimeoutError("QueuePool limit of size 10 overflow 0 reached"),
+                      sqlalchemy.exc.OperationalError("SELECT 1", {}, psycopg.errors.DeadlockDetected())):
+            reach.failed(error)
+            assert not reach.cut_off(), error
+        refused = sqlalchemy.exc.OperationalError("SELECT 1", {}, refused_connection())
+        reach.failed(refused)
+        assert reach.cut_off()
+        let_probe.set()
+        wait_for(lambda: not reach.cut_off(), timeout=10, what="the probe to lift the mark")
+    finally:
+        reach.stop()
+    reach.failed(refused)
+    assert not reach.cut_off()
+
+
+def refused_connection() -> psycopg.OperationalError:
+    """A real driver's error for a connection refused (to a port nothing listens on)."""
     try:
         psycopg.connect(f"host=127.0.0.1 port={free_port()} user=postgres connect_timeout=2")
-    except psycopg.OperationalError as refused:
-        reach.failed(sqlalchemy.exc.OperationalError("SELECT 1", {}, refused))
-    assert reach.cut_off()
-    let_probe.set()
-    wait_for(lambda: not reach.cut_off(), timeout=10, what="the probe to lift the mark")
-    reach.stop()
+    except psycopg.OperationalError as error:
+        return error
+    raise AssertionError("a closed port accepted a connection")

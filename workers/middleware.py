@@ -72,7 +72,7 @@ class WorkerServices(Middleware):
     def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         """The database pool opens before the consumers fetch: a process that boots while its database is out
         of reach fetches nothing until it answers (`app.database_reach`)."""
-        _worker().prepare(worker.worker_threads)
+        _worker().open_pools(worker.worker_threads)
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         """Background services start once the worker threads exist."""
