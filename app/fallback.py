@@ -62,8 +62,6 @@ class Outcome:
     partial: str = ""
     """The text of the last attempt that did not finish (failed or stopped): an admin test run's output when no
     attempt answered (a turn stores what its readers were sent: `app.live_stream_writer.TurnStream`)."""
-    partial_failed: bool = False
-    """The kept text is a failed attempt's (a stop came between it and the fallback): kept, not charged."""
     disowned: bool = False
     """The fallback was not called because the run was no longer this delivery's (taken over, or handed back by
     a stopping worker): its end is not this delivery's to write."""
@@ -134,7 +132,7 @@ def call_with_fallback(
         if stop.is_set():
             # A stop before this target's call: before the first, nothing was streamed; before the fallback's
             # (reached only after the primary failed), the primary's failed text is kept, as its own and unpaid.
-            outcome.cancelled, outcome.partial_failed = True, index > 0
+            outcome.cancelled = True
             outcome.note(f"{target.name}: cancelled before the call")
             return outcome
         timeout = params.timeout_seconds if ends_by is None else min(params.timeout_seconds,

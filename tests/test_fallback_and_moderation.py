@@ -558,8 +558,8 @@ def test_a_stop_between_a_failed_primary_and_the_fallback_keeps_the_primarys_tex
                                  mock_target("fallback", "echo;words=8"),
                                  lambda _target: [{"role": "user", "content": "hi"}],
                                  AgentParams(timeout_seconds=10, temperature=None, max_tokens=None), sink, stop)
-    assert (outcome.cancelled, outcome.partial_failed, outcome.model.name if outcome.model else None) \
-        == (True, True, "primary")
+    assert (outcome.cancelled, outcome.stopped_call, outcome.model.name if outcome.model else None) \
+        == (True, None, "primary")  # no stopped call: the kept text is a failed attempt's, never charged
     assert sink.attempts == ["primary"]
     assert sink.text == outcome.partial == "w0 w1 w2 w3 w4 w5"
     assert upstream.models() == ["echo;words=30;gap=0.01;cut_after=6"]
