@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import httpx
+import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -207,6 +208,15 @@ def _hang_up(connection: socket.socket) -> None:
     with suppress(OSError):
         connection.shutdown(socket.SHUT_RDWR)
     connection.close()
+
+
+def refused_connection() -> psycopg.OperationalError:
+    """A real driver's error for a connection refused (to a port nothing listens on)."""
+    try:
+        psycopg.connect(f"host=127.0.0.1 port={free_port()} user=postgres connect_timeout=2")
+    except psycopg.OperationalError as error:
+        return error
+    raise AssertionError("a closed port accepted a connection")
 
 
 def wait_http(url: str, timeout: float = 30.0, verify: ssl.SSLContext | bool = True) -> None:

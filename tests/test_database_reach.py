@@ -13,7 +13,7 @@ import sqlalchemy.exc
 from app.database_reach import DatabaseReach
 from app.db import ping
 from tests.stack import stack_on_shared_redis
-from tests.support import Process, TcpRelay, free_port, wait_for
+from tests.support import Process, TcpRelay, refused_connection, wait_for
 
 FAILED_FOR_AN_OUTAGE = "(a backing service is out of reach)"
 """How a worker logs a delivery that failed because a backing service is out of reach: one line each."""
@@ -87,11 +87,3 @@ def test_only_a_database_out_of_reach_stops_the_fetching_and_an_answered_probe_l
     reach.failed(refused)
     assert not reach.cut_off()
 
-
-def refused_connection() -> psycopg.OperationalError:
-    """A real driver's error for a connection refused (to a port nothing listens on)."""
-    try:
-        psycopg.connect(f"host=127.0.0.1 port={free_port()} user=postgres connect_timeout=2")
-    except psycopg.OperationalError as error:
-        return error
-    raise AssertionError("a closed port accepted a connection")

@@ -13,7 +13,7 @@ import sqlalchemy.exc
 from app.config import get_settings
 from app.deliveries import retry_failed
 from app.outages import is_outage
-from tests.support import free_port
+from tests.support import free_port, refused_connection
 
 
 def _wrapped(error: Exception) -> sqlalchemy.exc.OperationalError:
@@ -47,14 +47,7 @@ def test_a_write_waiting_an_outage_out_lands_once_the_database_answers_and_a_bug
     statement that is wrong is raised at its first failure; an outage that outlasts the wait is raised."""
     from app.outages import waiting_out_outages
 
-    def refused() -> psycopg.OperationalError:
-        try:
-            psycopg.connect(f"host=127.0.0.1 port={free_port()} user=postgres connect_timeout=2")
-        except psycopg.OperationalError as error:
-            return error
-        raise AssertionError("a closed port accepted a connection")
-
-    outage_left = [refused(), refused()]
+    outage_left = [refused_connection(), refused_connection()]
     tries: list[str] = []
 
     def write() -> str:
@@ -76,7 +69,7 @@ def test_a_write_waiting_an_outage_out_lands_once_the_database_answers_and_a_bug
 
     def down() -> None:
         tries.append("down")
-        raise _wrapped(refused())
+        raise _wrapped(refused_connection())
 
     with pytest.raises(sqlalchemy.exc.OperationalError):
         waiting_out_outages(down, for_seconds=0.5, what="a long outage")
