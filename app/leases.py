@@ -247,6 +247,11 @@ class LeaseKeeper:
                 self._threads[name] = threading.Thread(target=target, name=name, daemon=True)
                 self._threads[name].start()
 
+    def held_count(self) -> int:
+        """The runs this process holds now (`app.worker_presence`)."""
+        with self._lock:
+            return len(self._held)
+
     def _snapshot(self) -> list[Holding]:
         with self._lock:
             return list(self._held.values())

@@ -23,10 +23,12 @@ from app.redis_client import reset_redis
 from app.run_kinds import TURN, RunKind, run_of
 from app.stop_requests import stopped_turns
 from app.unheld_ends import abandon
+from app.worker_presence import PresenceLoop, WorkerState
 
 log = logging.getLogger(__name__)
 
 _recovery: RecoveryLoop | None = None
+_presence: PresenceLoop | None = None
 
 
 class StopFlag:
@@ -74,13 +76,29 @@ def open_pools(threads: int) -> None:
     _warm_up()
 
 
-def start() -> None:
-    global _recovery
+def start(threads: int) -> None:
+    global _recovery, _presence
     keeper.cancel_check = stopped_turns
     if _recovery is None:
         _recovery = RecoveryLoop()
         _recovery.start()
+    if _presence is None:
+        _presence = PresenceLoop(threads, state_now, keeper.held_count)
+        _presence.start()
     freeze_after_boot()
+
+
+def state_now() -> WorkerState:
+    """What this process's presence says it does (`app.worker_presence`): the rules of `takes_new_runs`."""
+    if draining.is_set():
+        return WorkerState.STOPPING
+    return WorkerState.DATABASE_CUT_OFF if reach.cut_off() else WorkerState.TAKING_RUNS
+
+
+def leave() -> None:
+    """The process's last step: off the workers' list at once, rather than once its presence expires."""
+    if _presence is not None:
+        _presence.stop()
 
 
 def _warm_up() -> None:

@@ -202,3 +202,14 @@ def test_the_operators_page_shows_the_runs_waiting_for_a_retry(stack: Stack) -> 
             wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#retries tbody tr") == [])
     finally:
         client.hdel(key, "page-retry")
+
+
+def test_the_operators_page_shows_the_worker_processes(stack: Stack) -> None:
+    """Each live worker process, with its threads, the runs it holds and whether it takes new ones."""
+    import os
+
+    pids = stack.workers[0].children()
+    with signed_in(stack) as (driver, wait):
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#workers tbody tr"))
+        rows = [row.text for row in driver.find_elements(By.CSS_SELECTOR, "#workers tbody tr")]
+    assert [row.rsplit(" ", 1)[0] for row in rows] == [f"{os.uname().nodename} {pid} 4 0 taking_runs" for pid in pids]

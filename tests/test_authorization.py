@@ -62,7 +62,7 @@ ADMIN_ROUTES = [("POST", "/api/admin/users"), ("POST", "/api/admin/users/1/credi
                 ("POST", "/api/admin/models"), ("GET", "/api/admin/models"), ("GET", "/api/admin/models/1"),
                 ("PATCH", "/api/admin/models/1"), ("DELETE", "/api/admin/models/1"),
                 ("POST", "/api/admin/agents"), ("GET", "/api/admin/agents"), ("GET", "/api/admin/agents/1"),
-                ("PATCH", "/api/admin/agents/1"), ("DELETE", "/api/admin/agents/1")]
+                ("PATCH", "/api/admin/agents/1"), ("DELETE", "/api/admin/agents/1"), ("GET", "/api/admin/workers")]
 
 
 @pytest.mark.parametrize(("method", "path"), USER_ROUTES + ADMIN_ROUTES)

@@ -12,11 +12,16 @@ import sqlalchemy.exc
 
 from app.database_reach import DatabaseReach
 from app.db import ping
-from tests.stack import stack_on_shared_redis
+from tests.stack import Stack, stack_on_shared_redis
 from tests.support import Process, TcpRelay, refused_connection, wait_for
 
 FAILED_FOR_AN_OUTAGE = "(a backing service is out of reach)"
 """How a worker logs a delivery that failed because a backing service is out of reach: one line each."""
+
+
+def states(stack: Stack) -> dict[int, str]:
+    """Each listed worker process's state, by pid (`GET /api/admin/workers`)."""
+    return {item["pid"]: item["state"] for item in stack.call("GET", "/api/admin/workers").json()["items"]}
 
 
 def test_a_worker_cut_off_from_its_database_alone_takes_no_turn_until_it_answers_again(
@@ -24,7 +29,7 @@ def test_a_worker_cut_off_from_its_database_alone_takes_no_turn_until_it_answers
     """It kept fetching turns only to fail their claims, and won the fetch races over the busy healthy worker
     too, so turns waited in retries for a healthy worker to win one. Here it fails the one turn it took when
     the database went, and no other, while the healthy worker runs all twenty-one; once the database answers
-    its probe it runs turns again."""
+    its probe it runs turns again. The workers' list says which it is."""
     with stack_on_shared_redis("cut-off", AGENTQ_MIN_BACKOFF_MS="100", AGENTQ_MAX_BACKOFF_MS="1000",
                                AGENTQ_MAX_ACTIVE_CONVERSATIONS="100", AGENTQ_DEDUP_WINDOW_SECONDS="0") as stack:
         stack.init().start_web()
@@ -40,6 +45,8 @@ def test_a_worker_cut_off_from_its_database_alone_takes_no_turn_until_it_answers
             first = stack.send(key, conversations[0], "the first, taken by the cut-off worker")
             wait_for(lambda: "takes no new run" in cut_off.output(), timeout=30,
                      what="the cut-off worker to stop taking runs")
+            wait_for(lambda: states(stack) == {pid: "database_cut_off" for pid in cut_off.children()},
+                     what="the workers' list to say it is cut off")
             healthy = stack.start_worker(threads=2)
             while_cut = [first] + [stack.send(key, conversation, f"turn {index}")
                                    for index, conversation in enumerate(conversations[1:21])]
@@ -52,6 +59,8 @@ def test_a_worker_cut_off_from_its_database_alone_takes_no_turn_until_it_answers
             relay.mend()
             assert [stack.wait_terminal(key, m["id"])["status"] for m in after] == ["success"] * 3
             assert "the database answers again: this worker process takes runs again" in cut_off.output()
+            wait_for(lambda: states(stack) == {pid: "taking_runs" for pid in cut_off.children()},
+                     what="the workers' list to say it takes runs again")
             counted = stack.http.get("/metrics").text
             assert "\nagentq_worker_database_cut_offs_total 1.0\n" in counted, counted
             assert cut_off.output().count(FAILED_FOR_AN_OUTAGE) == 1

@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # the services whose results are rendered; the `dlq` commands
     from app.operations import FailureReport, QueueSnapshot
     from app.prompt import Prompt
     from app.waiting_retries import WaitingRetry
+    from app.worker_presence import WorkerPresence
 
 
 def no_content() -> Response:
@@ -137,6 +138,12 @@ def waiting_retry(retry: WaitingRetry) -> dict[str, Any]:
     return {"broker_message_id": retry.broker_message_id, "queue": retry.queue, "actor": retry.actor,
             "args": retry.args, "run_id": retry.run_id, "run_status": retry.run_status, "retries": retry.retries,
             "error": retry.error, "retry_at": timestamp(retry.retry_at)}
+
+
+def worker_process(presence: WorkerPresence) -> dict[str, Any]:
+    return {"id": presence.id, "host": presence.host, "pid": presence.pid, "threads": presence.threads,
+            "running": presence.running, "state": presence.state.value, "started_at": timestamp(presence.started_at),
+            "seen_at": timestamp(presence.seen_at)}
 
 
 def dead_letter(view: DeadLetterView, *, detail: bool = False) -> dict[str, Any]:

@@ -241,6 +241,24 @@ class WaitingRetries(Shape):
     items: list[WaitingRetry]
 
 
+class WorkerProcess(Shape):
+    id: str = Field(description="Made at the process's start (a pid repeats across hosts and over time).")
+    host: str
+    pid: int
+    threads: int
+    running: int = Field(description="Runs (turns and admin test runs) it holds now, each on one of its threads.")
+    state: Literal["taking_runs", "database_cut_off", "stopping"] = Field(
+        description="`database_cut_off`: it takes no new run until its database answers its probe; `stopping`: "
+                    "it takes no new run and finishes or hands back those it holds.")
+    started_at: Timestamp
+    seen_at: Timestamp = Field(description="When it last said so, by its host's clock: every 2 s; a process that "
+                                           "died leaves the list 6 s after its last.")
+
+
+class WorkerProcesses(Shape):
+    items: list[WorkerProcess]
+
+
 class DeadLetter(Shape):
     id: int
     queue: str

@@ -76,7 +76,7 @@ class WorkerServices(Middleware):
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         """Background services start once the worker threads exist."""
-        _worker().start()
+        _worker().start(worker.worker_threads)
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         """Stop sweeping and fetching before the threads drain, so a stopping worker takes no new run."""
@@ -86,6 +86,7 @@ class WorkerServices(Middleware):
         """The threads had the shutdown grace: the runs still calling their models are handed to another worker
         now, and those writing their ends are given a moment to finish (`hand_back_unfinished`)."""
         _worker().hand_back_unfinished()
+        _worker().leave()
 
     def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy) -> None:
         """A run that reaches an idle thread after SIGTERM goes back to the queue for another worker."""

@@ -1,5 +1,5 @@
-"""Operations for admins: queue depths, runs waiting for a retry (`app.waiting_retries`) and dead letters
-(`app.dead_letters`)."""
+"""Operations for admins: queue depths, runs waiting for a retry (`app.waiting_retries`), the worker processes
+alive (`app.worker_presence`) and dead letters (`app.dead_letters`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 from flask import Response
 from flask_openapi3 import Tag
 
-from app import dead_letter_requeue, dead_letters, operations, waiting_retries
+from app import dead_letter_requeue, dead_letters, operations, waiting_retries, worker_presence
 from web import render
 from web import responses as r
 from web.routes import api_blueprint
@@ -33,6 +33,12 @@ def failures(query: FailureQuery) -> dict[str, Any]:
 def list_waiting_retries() -> dict[str, Any]:
     """Runs whose delivery failed and that wait for Dramatiq's retry, the soonest first."""
     return {"items": [render.waiting_retry(retry) for retry in waiting_retries.soonest_first()]}
+
+
+@bp.get("/admin/workers", tags=[tag], responses={200: r.WorkerProcesses})
+def list_workers() -> dict[str, Any]:
+    """The worker processes alive now, by host and pid: what each holds and whether it takes new runs."""
+    return {"items": [render.worker_process(presence) for presence in worker_presence.live_workers()]}
 
 
 @bp.get("/admin/dead-letters", tags=[tag], responses={200: r.DeadLetterList})

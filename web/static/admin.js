@@ -68,7 +68,7 @@ function button(row, label, action, id) {
 
 // Without a key an admin's may read them, nothing of an earlier one's stays on screen.
 function clearTables() {
-  for (const id of ["queues", "failure-counts", "failures", "retries", "dead-letters"]) {
+  for (const id of ["queues", "workers", "failure-counts", "failures", "retries", "dead-letters"]) {
     document.querySelector("#" + id + " tbody").replaceChildren();
     delete shown[id];
   }
@@ -81,13 +81,19 @@ async function refresh() {
   const asked = key();
   if (!asked) { clearTables(); say("Enter an admin API key."); return; }
   try {
-    const [queues, failures, retries, dead] = await Promise.all([
-      api("GET", "/api/admin/queues"), api("GET", "/api/admin/failures"), api("GET", "/api/admin/retries"),
-      api("GET", "/api/admin/dead-letters?limit=" + DEAD_LETTERS_SHOWN)]);
+    const [queues, workers, failures, retries, dead] = await Promise.all([
+      api("GET", "/api/admin/queues"), api("GET", "/api/admin/workers"), api("GET", "/api/admin/failures"),
+      api("GET", "/api/admin/retries"), api("GET", "/api/admin/dead-letters?limit=" + DEAD_LETTERS_SHOWN)]);
     // The key was forgotten or replaced while these were asked for: they are the earlier key's to see.
     if (key() !== asked) { return; }
     fill("queues", queues.queues, (row, q) => {
       cell(row, q.name); cell(row, q.ready, "num"); cell(row, q.delayed, "num"); cell(row, q.dead_letters, "num");
+    });
+    // Without `seen_at`, which moves at every refresh: the rows are rebuilt only when what they show changed.
+    const processes = workers.items.map((w) => [w.host, w.pid, w.threads, w.running, w.state, w.started_at]);
+    fill("workers", processes, (row, w) => {
+      cell(row, w[0]); cell(row, w[1], "num"); cell(row, w[2], "num"); cell(row, w[3], "num");
+      cell(row, w[4], w[4] === "taking_runs" ? "" : "error"); cell(row, w[5], "muted");
     });
     document.getElementById("turns-pending").textContent = queues.turns.pending;
     document.getElementById("turns-processing").textContent = queues.turns.processing;
