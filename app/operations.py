@@ -25,6 +25,7 @@ from app.outages import is_outage, schema_missing
 from app.queues import QUEUES
 from app.redis_client import get_redis
 from app.turn_status import IN_FLIGHT_VALUES, UNSUCCESSFUL
+from app.worker_presence import WorkerState, live_workers
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +43,9 @@ class QueueDepth:
 class QueueSnapshot:
     queues: list[QueueDepth] = field(default_factory=list)
     turns_by_status: dict[str, int] = field(default_factory=dict)
+    worker_processes: dict[str, int] = field(default_factory=dict)
+    """The worker processes alive, by state (`app.worker_presence`), every state counted; empty while Redis is
+    out of reach."""
     redis_error: str | None = None
     database_error: str | None = None
     """Set, and the turn counts left empty, when the database could not be read and the caller said it
@@ -71,6 +75,9 @@ def queue_snapshot(*, database_required: bool = True) -> QueueSnapshot:
             ready, delayed, dead = counts[index * 3: index * 3 + 3]
             depths[queue] = (int(ready), int(delayed))
             held[queue] = {ident for member in dead if (ident := message_id_of(member, queue)) is not None}
+        snapshot.worker_processes = dict.fromkeys((state.value for state in WorkerState), 0)
+        for presence in live_workers():
+            snapshot.worker_processes[presence.state.value] += 1
     except redis.RedisError as exc:
         snapshot.redis_error = f"{type(exc).__name__}: {exc}"
     dead_letters: dict[str, int | None] = {queue: None if snapshot.redis_error else len(ids)

@@ -34,6 +34,12 @@ class SharedStateCollector:
                 if messages is not None:
                     depth.add_metric([queue.name, state], messages)
         yield depth
+        if snapshot.redis_error is None:
+            workers = GaugeMetricFamily("agentq_worker_processes", "Worker processes alive, by what they do.",
+                                        labels=["state"])
+            for state, processes in snapshot.worker_processes.items():
+                workers.add_metric([state], processes)
+            yield workers
         dead = GaugeMetricFamily("agentq_dead_letters", "Messages in a dead-letter queue.", labels=["queue"])
         for queue in snapshot.queues:
             if queue.dead is not None:
