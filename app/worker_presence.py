@@ -7,6 +7,11 @@ otherwise shows only as a warning in that process's log. Each worker process pub
 every `PRESENCE_SECONDS`, kept for `PRESENCE_TTL_SECONDS`, so a process that died leaves the list on its own
 within that time, and one that stops leaves it as its last step. A Redis out of reach is waited out: the
 process publishes again at its next period.
+
+The ids are kept in a set beside the presences: a reader drops those whose presence has expired, and so does
+each process as it starts (so the set does not grow with restarts nobody listed). Expiry is Redis's own
+clock, not the hosts': a host whose clock is behind would otherwise see its live processes pruned by the
+others' publishes.
 """
 
 from __future__ import annotations
@@ -66,41 +71,45 @@ def _presence_key(ident: str) -> str:
 
 
 def publish(presence: WorkerPresence) -> None:
-    """The presence, and its id in the index; ids whose presence has expired are dropped from the index here."""
-    seen_ms = int(presence.seen_at.timestamp() * 1000)
-    ttl_ms = int(PRESENCE_TTL_SECONDS * 1000)
     body = json.dumps({"id": presence.id, "host": presence.host, "pid": presence.pid, "threads": presence.threads,
                        "running": presence.running, "state": presence.state.value,
                        "started_at": presence.started_at.isoformat(), "seen_at": presence.seen_at.isoformat()})
     pipe = get_redis().pipeline(transaction=False)
-    pipe.set(_presence_key(presence.id), body, px=ttl_ms)
-    pipe.zadd(_index_key(), {presence.id: seen_ms})
-    pipe.zremrangebyscore(_index_key(), "-inf", seen_ms - ttl_ms)
+    pipe.set(_presence_key(presence.id), body, px=int(PRESENCE_TTL_SECONDS * 1000))
+    pipe.sadd(_index_key(), presence.id)
     pipe.execute()
 
 
 def withdraw(ident: str) -> None:
     pipe = get_redis().pipeline(transaction=False)
     pipe.delete(_presence_key(ident))
-    pipe.zrem(_index_key(), ident)
+    pipe.srem(_index_key(), ident)
     pipe.execute()
 
 
 def live_workers() -> list[WorkerPresence]:
-    """Every worker process whose presence has not expired, by host and pid."""
+    """Every worker process whose presence has not expired, by host and pid. A presence this release cannot
+    read (another release's, during a rolling deploy) is left out, not a failure of every page that lists."""
     client = get_redis()
-    idents = cast(list[bytes], client.zrange(_index_key(), 0, -1))
-    bodies = cast(list[bytes | None], client.mget([_presence_key(i.decode()) for i in idents])) if idents else []
-    return sorted((_presence(json.loads(body)) for body in bodies if body is not None),
-                  key=lambda presence: (presence.host, presence.pid))
+    idents = [ident.decode() for ident in cast(set[bytes], client.smembers(_index_key()))]
+    bodies = cast(list[bytes | None], client.mget([_presence_key(i) for i in idents])) if idents else []
+    expired = [ident for ident, body in zip(idents, bodies, strict=True) if body is None]
+    if expired:
+        client.srem(_index_key(), *expired)
+    live = [presence for body in bodies if body is not None and (presence := _readable(body)) is not None]
+    return sorted(live, key=lambda presence: (presence.host, presence.pid))
 
 
-def _presence(fields: dict[str, object]) -> WorkerPresence:
-    return WorkerPresence(
-        id=str(fields["id"]), host=str(fields["host"]), pid=int(cast(int, fields["pid"])),
-        threads=int(cast(int, fields["threads"])), running=int(cast(int, fields["running"])),
-        state=WorkerState(str(fields["state"])), started_at=datetime.fromisoformat(str(fields["started_at"])),
-        seen_at=datetime.fromisoformat(str(fields["seen_at"])))
+def _readable(body: bytes) -> WorkerPresence | None:
+    try:
+        fields = json.loads(body)
+        return WorkerPresence(
+            id=str(fields["id"]), host=str(fields["host"]), pid=int(fields["pid"]), threads=int(fields["threads"]),
+            running=int(fields["running"]), state=WorkerState(fields["state"]),
+            started_at=datetime.fromisoformat(fields["started_at"]), seen_at=datetime.fromisoformat(fields["seen_at"]))
+    except (ValueError, KeyError, TypeError):
+        log.warning("a worker presence this release cannot read is left out of the list: %r", body[:200])
+        return None
 
 
 class PresenceLoop:
@@ -119,20 +128,25 @@ class PresenceLoop:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
-        """Its last step as the process leaves: off the list at once rather than after its time to live."""
+    def stop(self, wait_seconds: float = 1.0) -> None:
+        """Its last step as the process leaves: off the list at once rather than after its time to live. The
+        loop's thread withdraws, after its last publish, so no late publish puts the process back; a Redis that
+        hangs holds the process's exit for `wait_seconds` at most (its presence then expires)."""
         self._stop.set()
-        self._thread.join(timeout=PRESENCE_SECONDS)
-        try:
-            withdraw(self._presence.id)
-        except Exception as error:
-            log_failure(log, error, "withdrawing this worker process's presence (it expires by itself)")
+        self._thread.join(timeout=wait_seconds)
 
     def _run(self) -> None:
-        while True:
+        try:
+            live_workers()  # drops the ids of presences expired since the last reader
+        except Exception as error:
+            log_failure(log, error, "dropping expired worker presences")
+        while not self._stop.is_set():
             try:
                 publish(replace(self._presence, running=self._running(), state=self._state(), seen_at=utc_now()))
             except Exception as error:
                 log_failure(log, error, "publishing this worker process's presence")
-            if self._stop.wait(PRESENCE_SECONDS):
-                return
+            self._stop.wait(PRESENCE_SECONDS)
+        try:
+            withdraw(self._presence.id)
+        except Exception as error:
+            log_failure(log, error, "withdrawing this worker process's presence (it expires by itself)")

@@ -51,10 +51,17 @@ draining = StopFlag()
 (`workers.broker.RefillingConsumer`) and a run that still reaches a thread is handed back."""
 
 
+def state_now() -> WorkerState:
+    """What this process does: it takes no new run once it is stopping, nor while it is cut off from its database
+    (`app.database_reach`). Its consumers ask (`takes_new_runs`), and its presence says it (`app.worker_presence`)."""
+    if draining.is_set():
+        return WorkerState.STOPPING
+    return WorkerState.DATABASE_CUT_OFF if reach.cut_off() else WorkerState.TAKING_RUNS
+
+
 def takes_new_runs() -> bool:
-    """Whether this process's work-queue consumers fetch: not once it is stopping, nor while it is cut off from
-    its database (`app.database_reach`)."""
-    return not draining.is_set() and not reach.cut_off()
+    """Whether this process's work-queue consumers fetch."""
+    return state_now() is WorkerState.TAKING_RUNS
 
 
 def moves_retries() -> bool:
@@ -86,13 +93,6 @@ def start(threads: int) -> None:
         _presence = PresenceLoop(threads, state_now, keeper.held_count)
         _presence.start()
     freeze_after_boot()
-
-
-def state_now() -> WorkerState:
-    """What this process's presence says it does (`app.worker_presence`): the rules of `takes_new_runs`."""
-    if draining.is_set():
-        return WorkerState.STOPPING
-    return WorkerState.DATABASE_CUT_OFF if reach.cut_off() else WorkerState.TAKING_RUNS
 
 
 def leave() -> None:

@@ -47,7 +47,7 @@ def test_a_worker_cut_off_from_its_database_alone_takes_no_turn_until_it_answers
                      what="the cut-off worker to stop taking runs")
             wait_for(lambda: states(stack) == {pid: "database_cut_off" for pid in cut_off.children()},
                      what="the workers' list to say it is cut off")
-            assert 'agentq_worker_processes{state="database_cut_off"} 1.0' in stack.http.get("/metrics").text
+            assert '\nagentq_worker_processes{state="database_cut_off"} 1.0\n' in stack.http.get("/metrics").text
             healthy = stack.start_worker(threads=2)
             while_cut = [first] + [stack.send(key, conversation, f"turn {index}")
                                    for index, conversation in enumerate(conversations[1:21])]

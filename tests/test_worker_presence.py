@@ -10,8 +10,8 @@ from typing import Any
 from tests.stack import Stack, stack_on_shared_redis
 from tests.support import Process, wait_for
 
-SLOW_ANSWER = "echo;words=40;gap=0.1"
-"""Four seconds of streaming: a run a test can see held."""
+SLOW_ANSWER = "echo;words=100;gap=0.1"
+"""Ten seconds of streaming (within the tests' shutdown grace): a run a test can see held, and stopping."""
 
 
 def listed(stack: Stack) -> list[dict[str, Any]]:
@@ -24,7 +24,8 @@ def test_the_workers_list_shows_what_each_live_process_holds_and_drops_a_dead_or
         mock_upstream: Process) -> None:
     """Each process of each group is listed with its threads and the runs it holds; one SIGKILLed leaves the
     list once its presence expires (6 s), one stopped says `stopping` while it finishes its run and leaves the
-    list as it exits."""
+    list as it exits. A presence this release cannot read is left out, and an id whose presence expired is
+    dropped."""
     with stack_on_shared_redis("presence") as stack:
         stack.init().start_web()
         pair = stack.start_worker(processes=2, threads=3)
@@ -34,6 +35,15 @@ def test_the_workers_list_shows_what_each_live_process_holds_and_drops_a_dead_or
             [(pid, 3, 0, "taking_runs") for pid in pair.children()]
             + [(pid, 2, 0, "taking_runs") for pid in single.children()])
         assert len({item["id"] for item in every}) == 3 and {item["host"] for item in every} == {os.uname().nodename}
+
+        # Another release's presence, and an id whose presence expired: neither fails the list or the metrics.
+        client = stack.redis.client()
+        client.set(f"{stack.key_prefix}:worker:other-release", b'{"id": "other-release", "state": "resting"}')
+        client.sadd(f"{stack.key_prefix}:workers", "other-release", "expired")
+        assert sorted(item["pid"] for item in listed(stack)) == sorted(pair.children() + single.children())
+        assert not client.sismember(f"{stack.key_prefix}:workers", "expired")
+        assert '\nagentq_worker_processes{state="taking_runs"} 3.0\n' in stack.http.get("/metrics").text
+        client.delete(f"{stack.key_prefix}:worker:other-release")
 
         single.kill_group()
         wait_for(lambda: sorted(item["pid"] for item in listed(stack)) == sorted(pair.children()), timeout=15,

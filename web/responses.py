@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.worker_presence import PRESENCE_SECONDS, PRESENCE_TTL_SECONDS, WorkerState
 from web.schemas import ErrorResponse
 
 Money = str
@@ -247,12 +248,13 @@ class WorkerProcess(Shape):
     pid: int
     threads: int
     running: int = Field(description="Runs (turns and admin test runs) it holds now, each on one of its threads.")
-    state: Literal["taking_runs", "database_cut_off", "stopping"] = Field(
+    state: WorkerState = Field(
         description="`database_cut_off`: it takes no new run until its database answers its probe; `stopping`: "
                     "it takes no new run and finishes or hands back those it holds.")
     started_at: Timestamp
-    seen_at: Timestamp = Field(description="When it last said so, by its host's clock: every 2 s; a process that "
-                                           "died leaves the list 6 s after its last.")
+    seen_at: Timestamp = Field(description=f"When it last said so, by its host's clock: every {PRESENCE_SECONDS:g} s; "
+                                           f"a process that died leaves the list {PRESENCE_TTL_SECONDS:g} s after its "
+                                           "last.")
 
 
 class WorkerProcesses(Shape):

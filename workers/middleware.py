@@ -84,9 +84,12 @@ class WorkerServices(Middleware):
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         """The threads had the shutdown grace: the runs still calling their models are handed to another worker
-        now, and those writing their ends are given a moment to finish (`hand_back_unfinished`)."""
-        _worker().hand_back_unfinished()
-        _worker().leave()
+        now, and those writing their ends are given a moment to finish (`hand_back_unfinished`); then the process
+        leaves the workers' list (`app.worker_presence`)."""
+        try:
+            _worker().hand_back_unfinished()
+        finally:
+            _worker().leave()
 
     def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy) -> None:
         """A run that reaches an idle thread after SIGTERM goes back to the queue for another worker."""
