@@ -123,6 +123,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return serve_workers(processes, threads, args.queues, restart=not args.no_restart)
 
 
+def cmd_workers(args: argparse.Namespace) -> int:
+    from app import worker_presence
+    from web import render
+
+    print_json({"items": [render.worker_process(presence) for presence in worker_presence.live_workers()]})
+    return 0
+
+
 def cmd_mock_llm(args: argparse.Namespace) -> int:
     from app.mock_upstream import serve
 
@@ -186,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="exit when one process dies (Dramatiq's own way) instead of starting the group again; "
                              "for a supervisor that restarts the command itself")
     worker.set_defaults(func=cmd_worker)
+
+    sub.add_parser("workers", help="the worker processes alive, by host and pid: the runs each holds and whether it "
+                                   "takes new ones (as GET /api/admin/workers)").set_defaults(func=cmd_workers)
 
     mock = sub.add_parser("mock-llm", help="run the OpenAI-compatible mock upstream (demo and tests)")
     mock.add_argument("--host", default="127.0.0.1")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from typing import Any
@@ -25,7 +26,7 @@ def test_the_workers_list_shows_what_each_live_process_holds_and_drops_a_dead_or
     """Each process of each group is listed with its threads and the runs it holds; one SIGKILLed leaves the
     list once its presence expires (6 s), one stopped says `stopping` while it finishes its run and leaves the
     list as it exits. A presence this release cannot read is left out, and an id whose presence expired is
-    dropped."""
+    dropped. `agentq workers` prints the same list from a shell."""
     with stack_on_shared_redis("presence") as stack:
         stack.init().start_web()
         pair = stack.start_worker(processes=2, threads=3)
@@ -44,6 +45,9 @@ def test_the_workers_list_shows_what_each_live_process_holds_and_drops_a_dead_or
         assert not client.sismember(f"{stack.key_prefix}:workers", "expired")
         assert '\nagentq_worker_processes{state="taking_runs"} 3.0\n' in stack.http.get("/metrics").text
         client.delete(f"{stack.key_prefix}:worker:other-release")
+
+        printed = json.loads(stack.run("workers").stdout)["items"]
+        assert sorted(item["pid"] for item in printed) == sorted(pair.children() + single.children())
 
         single.kill_group()
         wait_for(lambda: sorted(item["pid"] for item in listed(stack)) == sorted(pair.children()), timeout=15,
