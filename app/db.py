@@ -91,7 +91,33 @@ def _build_engine(url: str, create: bool) -> Engine:
         pool_recycle=1800,
     )
     _ping_idle_connections(engine)
+    _bound_idle_transactions(engine)
     return engine
+
+
+def idle_transaction_limit_ms() -> int:
+    """How long the server lets one of this process's sessions sit in a transaction with nothing sent: a lease.
+
+    A worker cut off from the database mid-transaction (a partition that drops its packets) leaves its session
+    idle in that transaction, holding its row locks, until the server notices, which its TCP keepalives (two
+    hours by default) are slow to: a chaos hunt saw a claim's lock on a user's row hold every POST, claim and
+    settlement of that user on every process for as long as the partition lasted. A lease is what such a
+    worker's runs are given up after anyway, and no transaction of agentq's waits on anything between its
+    statements for nearly that long (each is a few statements, milliseconds)."""
+    return max(int(get_settings().lease_seconds * 1000), 1000)
+
+
+def _bound_idle_transactions(engine: Engine) -> None:
+    """Set on each new connection, not in its start-up `options`, which PgBouncer refuses unless told to
+    ignore them; committed, or the pool's first rollback would undo it."""
+    @event.listens_for(engine, "connect")
+    def _bounded(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"SET idle_in_transaction_session_timeout = {idle_transaction_limit_ms()}")
+        finally:
+            cursor.close()
+        dbapi_connection.commit()
 
 
 def dead_peer_detection() -> dict[str, int]:

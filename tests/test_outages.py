@@ -13,7 +13,7 @@ import sqlalchemy.exc
 from app.config import get_settings
 from app.deliveries import retry_failed
 from app.outages import is_outage
-from tests.support import free_port, refused_connection
+from tests.support import free_port, refused_connection, wait_for
 
 
 def _wrapped(error: Exception) -> sqlalchemy.exc.OperationalError:
@@ -199,6 +199,33 @@ def test_a_database_connection_gives_up_on_a_server_gone_within_half_a_lease(dat
     assert (parameters["keepalives"], parameters["tcp_user_timeout"]) == ("1", str(half_lease_ms))
     idle, interval, count = (int(parameters[k]) for k in ("keepalives_idle", "keepalives_interval", "keepalives_count"))
     assert (idle + interval * count) * 1000 <= half_lease_ms + 3000
+
+
+def test_a_transaction_its_process_left_idle_gives_its_locks_up_within_a_lease(database) -> None:  # type: ignore[no-untyped-def]
+    """A worker cut off mid-transaction by a partition that drops its packets left its session idle in that
+    transaction, its row locks held, until the server's keepalives noticed (two hours by default): every
+    request of that user, on every process, waited. The server ends such a session after a lease; the process
+    that comes back to it finds its connection gone, an outage (waited out, retried), not a bug."""
+    import time
+
+    from app.config import get_settings
+    from app.db import get_engine
+    from app.outages import is_outage
+    from tests.conftest import TEST_ENV
+
+    with get_engine().connect() as held:
+        limit = held.exec_driver_sql(
+            "SELECT setting FROM pg_settings WHERE name = 'idle_in_transaction_session_timeout'").scalar()
+        assert limit == str(int(get_settings().lease_seconds * 1000))
+        held.exec_driver_sql("SELECT pg_advisory_xact_lock(424242)")
+        started = time.monotonic()
+        with psycopg.connect(TEST_ENV["DATABASE_URL"].replace("+psycopg", ""), autocommit=True) as other:
+            wait_for(lambda: other.execute("SELECT pg_try_advisory_xact_lock(424242)").fetchone()[0],  # type: ignore[index]
+                     timeout=get_settings().lease_seconds + 10, what="the idle transaction's lock to be given up")
+        assert time.monotonic() - started >= get_settings().lease_seconds - 0.5
+        with pytest.raises(sqlalchemy.exc.DBAPIError) as ended:
+            held.exec_driver_sql("SELECT 1")
+        assert is_outage(ended.value)
 
 
 def test_a_background_round_that_fails_for_a_setup_step_says_the_step_once_a_minute(  # type: ignore[no-untyped-def]
