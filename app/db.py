@@ -91,7 +91,7 @@ def _build_engine(url: str, create: bool) -> Engine:
         pool_recycle=1800,
     )
     _ping_idle_connections(engine)
-    _bound_idle_transactions(engine)
+    _set_session_settings(engine)
     return engine
 
 
@@ -107,14 +107,28 @@ def idle_transaction_limit_ms() -> int:
     return max(int(get_settings().lease_seconds * 1000), 1000)
 
 
-def _bound_idle_transactions(engine: Engine) -> None:
-    """Set on each new connection, not in its start-up `options`, which PgBouncer refuses unless told to
-    ignore them; committed, or the pool's first rollback would undo it."""
+def session_settings() -> dict[str, int]:
+    """What each new connection sets on the server's side of its session: the bound on an idle transaction, and
+    the server's own dead-peer detection, as the client's (`dead_peer_detection`): a session whose client a
+    partition took away otherwise stayed, holding one of `max_connections`, for the server's two hours of
+    keepalives, and a worker that reconnected after each of a few partitions could use the server's
+    connections up. Over a Unix socket the server ignores its TCP settings."""
+    peer = dead_peer_detection()
+    return {"idle_in_transaction_session_timeout": idle_transaction_limit_ms(),
+            "tcp_keepalives_idle": peer["keepalives_idle"], "tcp_keepalives_interval": peer["keepalives_interval"],
+            "tcp_keepalives_count": peer["keepalives_count"], "tcp_user_timeout": peer["tcp_user_timeout"]}
+
+
+def _set_session_settings(engine: Engine) -> None:
+    """Set on each new connection in one round trip, not in its start-up `options`, which PgBouncer refuses
+    unless told to ignore them; committed, or the pool's first rollback would undo them."""
+    statements = "; ".join(f"SET {name} = {value}" for name, value in session_settings().items())
+
     @event.listens_for(engine, "connect")
-    def _bounded(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+    def _settled(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
         cursor = dbapi_connection.cursor()
         try:
-            cursor.execute(f"SET idle_in_transaction_session_timeout = {idle_transaction_limit_ms()}")
+            cursor.execute(statements)  # one round trip
         finally:
             cursor.close()
         dbapi_connection.commit()

@@ -201,15 +201,16 @@ def test_a_database_connection_gives_up_on_a_server_gone_within_half_a_lease(dat
     assert (idle + interval * count) * 1000 <= half_lease_ms + 3000
 
 
-def test_a_transaction_its_process_left_idle_gives_its_locks_up_within_a_lease(database) -> None:  # type: ignore[no-untyped-def]
+def test_a_session_its_process_left_gives_its_locks_up_within_a_lease_and_its_connection_soon_after(database) -> None:  # type: ignore[no-untyped-def]
     """A worker cut off mid-transaction by a partition that drops its packets left its session idle in that
     transaction, its row locks held, until the server's keepalives noticed (two hours by default): every
     request of that user, on every process, waited. The server ends such a session after a lease; the process
-    that comes back to it finds its connection gone, an outage (waited out, retried), not a bug."""
+    that comes back to it finds its connection gone, an outage (waited out, retried), not a bug. The server
+    notices a client gone as the client notices a server gone (`dead_peer_detection`)."""
     import time
 
     from app.config import get_settings
-    from app.db import get_engine
+    from app.db import dead_peer_detection, get_engine
     from app.outages import is_outage
     from tests.conftest import TEST_ENV
 
@@ -217,6 +218,16 @@ def test_a_transaction_its_process_left_idle_gives_its_locks_up_within_a_lease(d
         limit = held.exec_driver_sql(
             "SELECT setting FROM pg_settings WHERE name = 'idle_in_transaction_session_timeout'").scalar()
         assert limit == str(int(get_settings().lease_seconds * 1000))
+        # The server's own dead-peer detection, as the client's: a session whose client a partition took away
+        # held one of `max_connections` for the server's two hours of keepalives.
+        server_side: dict[str, str] = dict(held.exec_driver_sql(
+            "SELECT name, setting FROM pg_settings WHERE name IN ('tcp_keepalives_idle', 'tcp_keepalives_interval', "
+            "'tcp_keepalives_count', 'tcp_user_timeout')").all())
+        client_side = dead_peer_detection()
+        assert server_side == {"tcp_keepalives_idle": str(client_side["keepalives_idle"]),
+                               "tcp_keepalives_interval": str(client_side["keepalives_interval"]),
+                               "tcp_keepalives_count": str(client_side["keepalives_count"]),
+                               "tcp_user_timeout": str(client_side["tcp_user_timeout"])}
         held.exec_driver_sql("SELECT pg_advisory_xact_lock(424242)")
         started = time.monotonic()
         with psycopg.connect(TEST_ENV["DATABASE_URL"].replace("+psycopg", ""), autocommit=True) as other:
