@@ -15,6 +15,7 @@ in a worker, a 503 with Retry-After in the API).
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -23,6 +24,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+import psycopg
 from sqlalchemy import Connection, CursorResult, Engine, Executable, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
@@ -33,6 +35,8 @@ from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from app.config import get_settings, without_password
 from app.errors import DatabaseAwaitsUpgrade, DatabaseNotCreated, InvalidConfiguration
 from app.sqlite_upgrades import money_awaits_conversion
+
+log = logging.getLogger(__name__)
 
 IDLE_PING_SECONDS = 1.0
 
@@ -121,17 +125,49 @@ def session_settings() -> dict[str, int]:
 
 def _set_session_settings(engine: Engine) -> None:
     """Set on each new connection in one round trip, not in its start-up `options`, which PgBouncer refuses
-    unless told to ignore them; committed, or the pool's first rollback would undo them."""
-    statements = "; ".join(f"SET {name} = {value}" for name, value in session_settings().items())
+    unless told to ignore them; committed, or the pool's first rollback would undo them. A server that refuses
+    one (a release before PostgreSQL 12 has no `tcp_user_timeout`; a pooler may filter `SET`s) has the others
+    set one by one, and the refused named in a warning: the connection is still used, as it was before these
+    bounds."""
+    statements = [f"SET {name} = {value}" for name, value in session_settings().items()]
 
     @event.listens_for(engine, "connect")
     def _settled(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+        global _refusal_said
+        refused = apply_session_settings(dbapi_connection, statements)
+        if refused and not _refusal_said:
+            _refusal_said = True
+            log.warning("the database refused %s on a new connection (said once a process); its sessions are "
+                        "bounded by the server's defaults alone there", "; ".join(refused))
+
+
+_refusal_said = False
+
+
+def apply_session_settings(dbapi_connection: DBAPIConnection, statements: list[str]) -> list[str]:
+    """The statements run in one round trip, or, when the server refuses that, one by one; those it refused
+    (it answered with an error: a connection lost is raised)."""
+    if not _refused(dbapi_connection, ["; ".join(statements)]):
+        return []
+    return _refused(dbapi_connection, statements)
+
+
+def _refused(dbapi_connection: DBAPIConnection, statements: list[str]) -> list[str]:
+    """Each statement in a transaction of its own, committed; those the server refused, rolled back."""
+    refused = []
+    for statement in statements:
         cursor = dbapi_connection.cursor()
         try:
-            cursor.execute(statements)  # one round trip
+            cursor.execute(statement)
+            dbapi_connection.commit()
+        except psycopg.Error as error:
+            if error.sqlstate is None or error.sqlstate.startswith("08"):
+                raise
+            dbapi_connection.rollback()
+            refused.append(statement)
         finally:
             cursor.close()
-        dbapi_connection.commit()
+    return refused
 
 
 def dead_peer_detection() -> dict[str, int]:

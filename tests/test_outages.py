@@ -239,6 +239,29 @@ def test_a_session_its_process_left_gives_its_locks_up_within_a_lease_and_its_co
         assert is_outage(ended.value)
 
 
+def test_a_session_setting_the_server_refuses_leaves_the_others_set_and_the_connection_in_use(database) -> None:  # type: ignore[no-untyped-def]
+    """A server before PostgreSQL 12 has no `tcp_user_timeout`, and a pooler may filter `SET`s: one refused setting
+    made every connection fail, taking the whole service down for a bound on dead sessions. The others are set
+    one by one, the refused named, and the connection used."""
+    from app.db import apply_session_settings, get_engine
+
+    raw = get_engine().raw_connection()
+    connection = raw.dbapi_connection
+    assert connection is not None
+    try:
+        refused = apply_session_settings(connection, ["SET idle_in_transaction_session_timeout = 4321",
+                                                      "SET no_such_setting = 1", "SET tcp_keepalives_count = 7"])
+        assert refused == ["SET no_such_setting = 1"]
+        cursor = connection.cursor()
+        shown = []
+        for name in ("idle_in_transaction_session_timeout", "tcp_keepalives_count"):
+            cursor.execute(f"SHOW {name}")
+            shown.append(cursor.fetchone())
+        assert shown == [("4321ms",), ("7",)]
+    finally:
+        raw.invalidate()  # not back to the pool with the test's settings
+
+
 def test_a_background_round_that_fails_for_a_setup_step_says_the_step_once_a_minute(  # type: ignore[no-untyped-def]
         tmp_path, caplog, monkeypatch) -> None:
     """An API process on a database never initialised fails every round of its bounds loop alike: it said so
