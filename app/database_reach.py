@@ -48,8 +48,9 @@ class DatabaseReach:
         return self._cut_off
 
     def failed(self, error: BaseException) -> None:
-        """A delivery's failure: one that says the database is out of reach marks the process cut off, and
-        starts probing it (a first probe at once, so that one lost connection costs no more than a probe)."""
+        """A delivery's failure, or the pool's at boot: one that says the database is out of reach marks the
+        process cut off, and starts probing it (a first probe at once, so that one lost connection costs no more
+        than a probe)."""
         if not is_database_outage(error):
             return
         with self._lock:
@@ -90,5 +91,5 @@ class DatabaseReach:
 
 
 reach = DatabaseReach()
-"""This process's: marked by its deliveries' failures (`app.worker_services.delivery_failed`), read by its
-consumers."""
+"""This process's: marked by its deliveries' failures (`app.worker_services.delivery_failed`) and its pool's at
+boot, read by its consumers."""

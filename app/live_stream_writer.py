@@ -209,9 +209,8 @@ class TurnStream(AnswerSink):
         if not (restart or self._delivery > 1):
             self._followed = _Followed(self._attempt, model_name, [])
             return
-        held = "".join(self._followed.pieces) if self._followed is not None else ""
-        if held and self._followed is not None:
-            self._repeat = _Repeat(model_name, self._followed.attempt, held, self._followed.own_from)
+        if (held := self.readers_text()) is not None:
+            self._repeat = _Repeat(model_name, held.attempt, held.text, held.own_from)
             self.status(TurnStatus.PROCESSING, model_name)
         else:
             self.status(TurnStatus.PROCESSING, model_name, restart=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -75,9 +76,8 @@ def queue_snapshot(*, database_required: bool = True) -> QueueSnapshot:
             ready, delayed, dead = counts[index * 3: index * 3 + 3]
             depths[queue] = (int(ready), int(delayed))
             held[queue] = {ident for member in dead if (ident := message_id_of(member, queue)) is not None}
-        snapshot.worker_processes = dict.fromkeys((state.value for state in WorkerState), 0)
-        for presence in live_workers():
-            snapshot.worker_processes[presence.state.value] += 1
+        states = Counter(presence.state for presence in live_workers())
+        snapshot.worker_processes = {state.value: states[state] for state in WorkerState}
     except redis.RedisError as exc:
         snapshot.redis_error = f"{type(exc).__name__}: {exc}"
     dead_letters: dict[str, int | None] = {queue: None if snapshot.redis_error else len(ids)

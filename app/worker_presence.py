@@ -16,7 +16,6 @@ others' publishes.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -27,6 +26,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import cast
+
+from pydantic import TypeAdapter, ValidationError
 
 from app.models.base import utc_now
 from app.outages import log_failure
@@ -70,12 +71,13 @@ def _presence_key(ident: str) -> str:
     return key("worker", ident)
 
 
+_STORED = TypeAdapter(WorkerPresence)
+"""A presence as Redis keeps it, JSON, written and read by pydantic from the dataclass's own fields."""
+
+
 def publish(presence: WorkerPresence) -> None:
-    body = json.dumps({"id": presence.id, "host": presence.host, "pid": presence.pid, "threads": presence.threads,
-                       "running": presence.running, "state": presence.state.value,
-                       "started_at": presence.started_at.isoformat(), "seen_at": presence.seen_at.isoformat()})
     pipe = get_redis().pipeline(transaction=False)
-    pipe.set(_presence_key(presence.id), body, px=int(PRESENCE_TTL_SECONDS * 1000))
+    pipe.set(_presence_key(presence.id), _STORED.dump_json(presence), px=int(PRESENCE_TTL_SECONDS * 1000))
     pipe.sadd(_index_key(), presence.id)
     pipe.execute()
 
@@ -102,12 +104,8 @@ def live_workers() -> list[WorkerPresence]:
 
 def _readable(body: bytes) -> WorkerPresence | None:
     try:
-        fields = json.loads(body)
-        return WorkerPresence(
-            id=str(fields["id"]), host=str(fields["host"]), pid=int(fields["pid"]), threads=int(fields["threads"]),
-            running=int(fields["running"]), state=WorkerState(fields["state"]),
-            started_at=datetime.fromisoformat(fields["started_at"]), seen_at=datetime.fromisoformat(fields["seen_at"]))
-    except (ValueError, KeyError, TypeError):
+        return _STORED.validate_json(body)
+    except ValidationError:
         log.warning("a worker presence this release cannot read is left out of the list: %r", body[:200])
         return None
 

@@ -32,7 +32,7 @@ def cmd_retries(args: argparse.Namespace) -> int:
     from app import waiting_retries
     from web import render
 
-    print_json({"items": [render.waiting_retry(retry) for retry in waiting_retries.soonest_first()]})
+    print_json(render.waiting_retries(waiting_retries.soonest_first()))
     return 0
 
 

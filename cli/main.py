@@ -127,7 +127,7 @@ def cmd_workers(args: argparse.Namespace) -> int:
     from app import worker_presence
     from web import render
 
-    print_json({"items": [render.worker_process(presence) for presence in worker_presence.live_workers()]})
+    print_json(render.worker_processes(worker_presence.live_workers()))
     return 0
 
 

@@ -134,10 +134,20 @@ def failures(report: FailureReport) -> dict[str, Any]:
     }
 
 
+def waiting_retries(retries: list[WaitingRetry]) -> dict[str, Any]:
+    """`GET /api/admin/retries` and `agentq dlq retries`."""
+    return {"items": [waiting_retry(retry) for retry in retries]}
+
+
 def waiting_retry(retry: WaitingRetry) -> dict[str, Any]:
     return {"broker_message_id": retry.broker_message_id, "queue": retry.queue, "actor": retry.actor,
             "args": retry.args, "run_id": retry.run_id, "run_status": retry.run_status, "retries": retry.retries,
             "error": retry.error, "retry_at": timestamp(retry.retry_at)}
+
+
+def worker_processes(presences: list[WorkerPresence]) -> dict[str, Any]:
+    """`GET /api/admin/workers` and `agentq workers`."""
+    return {"items": [worker_process(presence) for presence in presences]}
 
 
 def worker_process(presence: WorkerPresence) -> dict[str, Any]:

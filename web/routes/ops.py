@@ -32,13 +32,13 @@ def failures(query: FailureQuery) -> dict[str, Any]:
 @bp.get("/admin/retries", tags=[tag], responses={200: r.WaitingRetries})
 def list_waiting_retries() -> dict[str, Any]:
     """Runs whose delivery failed and that wait for Dramatiq's retry, the soonest first."""
-    return {"items": [render.waiting_retry(retry) for retry in waiting_retries.soonest_first()]}
+    return render.waiting_retries(waiting_retries.soonest_first())
 
 
 @bp.get("/admin/workers", tags=[tag], responses={200: r.WorkerProcesses})
 def list_workers() -> dict[str, Any]:
     """The worker processes alive now, by host and pid: what each holds and whether it takes new runs."""
-    return {"items": [render.worker_process(presence) for presence in worker_presence.live_workers()]}
+    return render.worker_processes(worker_presence.live_workers())
 
 
 @bp.get("/admin/dead-letters", tags=[tag], responses={200: r.DeadLetterList})
