@@ -296,19 +296,23 @@ def _fell_back(log_id: int) -> bool:
 
 
 def test_an_execution_test_that_switched_to_its_fallback_before_its_worker_died_calls_the_fallback_alone(  # type: ignore[no-untyped-def]
-        world, upstream, unreachable_broker) -> None:
+        world, upstream, workers, unreachable_broker) -> None:
     """A run is sent again after its worker died during the fallback's call (here: marked so while its send
-    waits for the sweep): that delivery called the primary, which had failed, again; it calls the fallback
-    alone, as a turn's delivery does, since a run switches once."""
+    waits for the sweep, the workers stopped until then): that delivery called the primary, which had failed,
+    again; it calls the fallback alone, as a turn's delivery does, since a run switches once."""
     from sqlalchemy import update
 
     from app.db import transaction
     from app.models import DebugRun
 
     agent_id = world.agent(world.model("flaky", upstream="echo;fail=500"), world.model("backup"), timeout_seconds=5)
-    log_id = _execute(world, agent_id, "hello again")
-    with transaction() as session:
-        session.execute(update(DebugRun).where(DebugRun.id == log_id).values(fell_back=True))
+    workers.stop_all()
+    try:
+        log_id = _execute(world, agent_id, "hello again")
+        with transaction() as session:
+            session.execute(update(DebugRun).where(DebugRun.id == log_id).values(fell_back=True))
+    finally:
+        workers.start()
 
     log = _wait_log(world, log_id)
     assert (log["status"], log["model"], log["output"]) == ("success", "backup", "echo: hello again")
@@ -334,16 +338,21 @@ def test_an_execution_test_whose_models_all_fail_ends_as_llm_error_with_the_text
     assert _attempts(log["id"]) == [("broken", outcome, None)]
 
 
-def test_an_execution_test_accepted_while_redis_is_unreachable_is_sent_by_recovery(world, unreachable_broker) -> None:  # type: ignore[no-untyped-def]
+def test_an_execution_test_accepted_while_redis_is_unreachable_is_sent_by_recovery(  # type: ignore[no-untyped-def]
+        world, workers, unreachable_broker) -> None:
+    """The workers are stopped until the run is seen unsent: a sweep of theirs could send and end it first."""
     from app.db import transaction
     from app.models import DebugRun
 
     agent_id = world.agent(world.model())
-    log_id = _execute(world, agent_id, "while redis is away")
-
-    with transaction() as session:
-        run = session.get_one(DebugRun, log_id)
-        assert (run.status, run.enqueued_at) == ("pending", None)
+    workers.stop_all()
+    try:
+        log_id = _execute(world, agent_id, "while redis is away")
+        with transaction() as session:
+            run = session.get_one(DebugRun, log_id)
+            assert (run.status, run.enqueued_at) == ("pending", None)
+    finally:
+        workers.start()
     assert _wait_log(world, log_id)["status"] == "success"
 
 

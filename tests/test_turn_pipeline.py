@@ -503,41 +503,51 @@ def test_a_redis_restarted_from_an_older_snapshot_has_its_pending_turns_sent_aga
     assert redis_client.get(epoch_key()).split(b" ")[0].decode() == run_id
 
 
-def test_a_turn_accepted_while_redis_is_unreachable_is_sent_by_recovery(world, unreachable_broker) -> None:  # type: ignore[no-untyped-def]
-    """The API's enqueue fails (its broker points at a closed port); the worker's recovery sends the turn."""
+def test_a_turn_accepted_while_redis_is_unreachable_is_sent_by_recovery(  # type: ignore[no-untyped-def]
+        world, workers, unreachable_broker) -> None:
+    """The API's enqueue fails (its broker points at a closed port); the worker's recovery sends the turn. The
+    workers are stopped until the turn is seen unsent: a sweep of theirs could send and end it first."""
+    from app.db import transaction
     from app.models import Turn
 
     agent_id = world.agent(world.model())
     _, key = world.user()
     conversation_id = world.conversation(key, agent_id)
-    accepted = world.send(key, conversation_id, "while redis is away")
-    assert accepted.status_code == 202
-    assistant_id = accepted.json["assistant_message"]["id"]
-    from app.db import transaction
-
-    with transaction() as session:
-        assert session.get_one(Turn, assistant_id).enqueued_at is None
+    workers.stop_all()
+    try:
+        accepted = world.send(key, conversation_id, "while redis is away")
+        assert accepted.status_code == 202
+        assistant_id = accepted.json["assistant_message"]["id"]
+        with transaction() as session:
+            assert session.get_one(Turn, assistant_id).enqueued_at is None
+    finally:
+        workers.start()
     assert world.wait_terminal(key, assistant_id)["status"] == "success"
 
 
 def test_the_pending_bound_ends_a_turn_only_if_it_is_still_pending_since_before_its_cutoff(  # type: ignore[no-untyped-def]
-        world, unreachable_broker) -> None:
+        world, workers, unreachable_broker) -> None:
     """The sweep that finds a turn pending too long read it a moment before it ends it; meanwhile a worker may
     have claimed it (and handed it to a retry, leaving no lease to protect it) or an operator requeued it.
-    The end is judged again under the turn's lock: a turn pending only since after the cutoff is left alone."""
+    The end is judged again under the turn's lock: a turn pending only since after the cutoff is left alone.
+    The workers are stopped meanwhile: their sweeps would send the turn."""
     from datetime import UTC, datetime, timedelta
 
     from app.unheld_ends import abandon_turn
 
     agent_id = world.agent(world.model())
     _, key = world.user()
-    accepted_at = datetime.now(UTC)
-    turn_id = world.send(key, world.conversation(key, agent_id), "not yet").json["assistant_message"]["id"]
-
-    assert abandon_turn(turn_id, "waited too long", pending_before=accepted_at - timedelta(minutes=1)) is None
-    assert world.message(key, turn_id)["status"] == "pending"
-    assert abandon_turn(turn_id, "waited too long",
-                        pending_before=datetime.now(UTC) + timedelta(minutes=1)) is TurnStatus.ERROR
+    conversation_id = world.conversation(key, agent_id)
+    workers.stop_all()
+    try:
+        accepted_at = datetime.now(UTC)
+        turn_id = world.send(key, conversation_id, "not yet").json["assistant_message"]["id"]
+        assert abandon_turn(turn_id, "waited too long", pending_before=accepted_at - timedelta(minutes=1)) is None
+        assert world.message(key, turn_id)["status"] == "pending"
+        assert abandon_turn(turn_id, "waited too long",
+                            pending_before=datetime.now(UTC) + timedelta(minutes=1)) is TurnStatus.ERROR
+    finally:
+        workers.start()
     ended = world.message(key, turn_id)
     assert (ended["status"], ended["error_message"]) == ("error", "waited too long")
 
