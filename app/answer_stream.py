@@ -24,12 +24,12 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar, cast
 
 import redis
-from sqlalchemy import select
 
 from app.auth import still_admits
 from app.config import get_settings
 from app.conversations import require_owned_answer
 from app.db import transaction
+from app.in_flight import answer_status
 from app.live_stream import read_entry, stored_answer_attempt, stream_key
 from app.models import ConversationMessage
 from app.outages import is_outage
@@ -144,9 +144,8 @@ def _finish_from_database(loaded: tuple[ConversationMessage, int], cursor: Curso
 
 
 def _terminal(message_id: int) -> bool:
-    with transaction() as session:
-        status = session.scalar(select(ConversationMessage.status).where(ConversationMessage.id == message_id))
-    return status is not None and TurnStatus(status).is_terminal
+    status = answer_status(message_id)
+    return status is not None and status.is_terminal
 
 
 def _unless_outage(read: Callable[[], Read]) -> Read | None:

@@ -20,18 +20,15 @@ from typing import cast
 
 import redis
 from redis.typing import EncodableT
-from sqlalchemy import select
 
 from app.config import get_settings
 from app.db import transaction
 from app.errors import ConversationBusy, TooManyActiveConversations
-from app.in_flight import active_conversation_ids
+from app.in_flight import active_conversation_ids, answer_status
 from app.live_stream import stream_key
-from app.models import ConversationMessage
 from app.outages import warn_of
 from app.redis_client import get_redis, key, lua_script
 from app.stop_requests import stop_key
-from app.turn_status import TurnStatus
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +113,8 @@ def _stale_turn_owner(owner: str) -> bool:
     """True when the lock names a turn the database says has ended (its holder died before freeing it)."""
     if (turn_id := _owning_turn(owner)) is None:
         return False
-    with transaction() as session:
-        status = session.scalar(select(ConversationMessage.status).where(ConversationMessage.id == turn_id))
-    return status is None or TurnStatus(status).is_terminal
+    status = answer_status(turn_id)
+    return status is None or status.is_terminal
 
 
 def _forget_idle_slots(user_id: int) -> None:

@@ -4,7 +4,7 @@ The broker says which messages are dead (`app.dead_letter_queue` reads its keys)
 table adds what the broker cannot keep (the final error and retry count, recorded by the worker at
 the nack) and the integer id of the contract. A dead message the worker could not record (the
 database was down) is adopted from its body when listed, and a requeue works from the row even if
-Redis has lost the entry (`app.requeue`).
+Redis has lost the entry (`app.dead_letter_requeue`).
 """
 
 from __future__ import annotations

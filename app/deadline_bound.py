@@ -30,7 +30,7 @@ from app.leases import TakeoverGate
 from app.prepared import Prepared
 from app.run_kinds import RunKind
 from app.turn_state import lease_not_held
-from app.unheld_ends import end_unheld, ids_found
+from app.unheld_ends import end_unheld, run_ids_where
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def end_past_deadline(kind: RunKind, idents: Iterable[int], deadline_before: dat
 
 @cache
 def _past_deadline() -> dict[RunKind, Prepared]:
-    return ids_found(
+    return run_ids_where(
         lambda turns, messages: unheld_past_deadline(messages.c.status, turns.c.lease_token, turns.c.lease_expires_at,
                                                      turns.c.deadline_at),
         lambda runs: unheld_past_deadline(runs.c.status, runs.c.lease_token, runs.c.lease_expires_at,

@@ -25,8 +25,8 @@ from app.agent_setup import AgentSetup, setup_of
 from app.auth import Principal
 from app.catalog import live_agent
 from app.db import transaction
-from app.errors import Forbidden, NotFound, ValidationFailed
-from app.models import Conversation, DebugRun, LlmModel, User
+from app.errors import NotFound, ValidationFailed
+from app.models import Conversation, DebugRun, LlmModel
 from app.models.base import money_total, money_total_parts, utc_now
 from app.moderation import Verdict, moderate
 from app.paging import PAGE_OF_A_WHOLE_LIST, every_row, page_of
@@ -66,17 +66,6 @@ class CostLine:
 def _agent_setup(session: Session, agent_id: int, shared_lock: bool = False) -> AgentSetup:
     """The agent as its next run would call it; a deleted agent is not found (it takes no new work)."""
     return setup_of(session, live_agent(session, agent_id, shared_lock))
-
-
-def admin_principal(user_id: int) -> Principal:
-    """The CLI acts as a named admin, since debug logs record who ran a test."""
-    with transaction() as session:
-        user = session.get(User, user_id)
-        if user is None:
-            raise NotFound(f"No user has id {user_id}.")
-        if not user.is_admin:
-            raise Forbidden(f"User {user_id} is not an administrator; debugging is for administrators.")
-        return Principal(id=user.id, name=user.name, is_admin=True)
 
 
 def route_decision(agent_id: int, content: str) -> RouteDecision:
@@ -203,6 +192,6 @@ def debug_costs(group_by: GroupBy) -> list[CostLine]:
                 for k, n, p, c, *costs in session.execute(query)]
 
 
-__all__ = ["CostLine", "DebugLogPage", "RouteDecision", "WaitedTestRun", "admin_principal", "debug_costs",
+__all__ = ["CostLine", "DebugLogPage", "RouteDecision", "WaitedTestRun", "debug_costs",
            "every_debug_log", "get_debug_log", "list_debug_logs", "preview_prompt", "route_decision",
            "start_execution", "wait_for_debug_log"]

@@ -105,7 +105,7 @@ def deliveries_since_requeue(deliveries: int) -> int:
     return deliveries % DELIVERIES_PER_REQUEUE
 
 
-def run_started_at(deliveries: int) -> int:
+def first_delivery_since_requeue(deliveries: int) -> int:
     """The number of the run's first delivery since its last requeue (1 for a turn never requeued)."""
     return deliveries - deliveries_since_requeue(deliveries) + 1
 

@@ -15,6 +15,7 @@ from sqlalchemy import ColumnElement, SQLColumnExpression, Table, and_, bindpara
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
+from app.db import transaction
 from app.errors import ConversationBusy, TooManyActiveConversations
 from app.models import Conversation, ConversationMessage, User, table
 from app.prepared import Batch, Prepared, Unit, then
@@ -50,6 +51,15 @@ def processing_past(status: SQLColumnExpression[str], deadline_at: SQLColumnExpr
 def answer_in_flight(messages: Table) -> ColumnElement[bool]:
     """An assistant message of a turn still in flight: the predicate of `uq_conversation_messages_in_flight`."""
     return and_(messages.c.role == literal_column("'assistant'"), in_flight(messages.c.status))
+
+
+def answer_status(message_id: int) -> TurnStatus | None:
+    """A turn's status as its answer's row says now, read in a transaction of its own; None when the row is
+    gone. For a reader of Redis's side of a turn (its lock, its live stream), whose entries a dead worker may
+    have left: the database says whether the turn has ended."""
+    with transaction() as session:
+        status = session.scalar(select(ConversationMessage.status).where(ConversationMessage.id == message_id))
+    return None if status is None else TurnStatus(status)
 
 
 def active_conversation_ids(session: Session, user_id: int) -> set[int]:

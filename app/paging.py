@@ -24,6 +24,9 @@ def page_of(rows: list[Row], limit: int, cursor: Callable[[Row], Cursor]) -> tup
     return page, cursor(page[-1]) if len(rows) > limit and page else None
 
 
+LARGEST_PAGE = 500
+"""The most rows a client may ask a page of a long list (the ledger, the dead letters) to hold."""
+
 PAGE_OF_A_WHOLE_LIST = 500
 """How many rows `every_row` reads at a time."""
 

@@ -25,7 +25,7 @@ from app.db import transaction
 from app.in_flight import pending_since_before
 from app.prepared import Prepared
 from app.run_kinds import RunKind
-from app.unheld_ends import end_unheld, ids_found
+from app.unheld_ends import end_unheld, run_ids_where
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def end_pending_too_long(kind: RunKind, idents: Iterable[int], pending_before: d
 
 @cache
 def _pending_too_long() -> dict[RunKind, Prepared]:
-    return ids_found(lambda _turns, messages: waited_too_long(messages.c.status, messages.c.updated_at),
+    return run_ids_where(lambda _turns, messages: waited_too_long(messages.c.status, messages.c.updated_at),
                      lambda runs: waited_too_long(runs.c.status, runs.c.updated_at))
 
 

@@ -24,7 +24,7 @@ from app.attempts import settling
 from app.config import get_settings
 from app.conversations import record_turn_end
 from app.db import plain_transaction
-from app.deliveries import RunGivenUp, attempts_end_by, give_up_reason, run_started_at
+from app.deliveries import RunGivenUp, attempts_end_by, first_delivery_since_requeue, give_up_reason
 from app.fallback import Outcome, call_with_fallback
 from app.interrupted_calls import record_interrupted_calls
 from app.leases import Holding, keeper
@@ -125,7 +125,7 @@ def _run_turn(turn_id: int) -> None:
                                  attempt_order(context.agent.primary, context.agent.fallback, fallen_back=False),
                                  context.prompt_for, settings.answer_limit(context.agent.params.max_tokens),
                                  in_order=not context.fallen_back)
-    since = run_started_at(context.delivery)  # a requeue's run starts anew: none of the earlier run's text
+    since = first_delivery_since_requeue(context.delivery)  # a requeue starts anew: none of the earlier text
     stream = TurnStream(turn_id, context.delivery,
                         text_streamed(turn_id, since=since) if context.delivery > since else None)
     if context.gives_up or not claim.affordable:

@@ -6,7 +6,7 @@ A worker settles the runs it holds itself (`app.turn_runner`, `app.debug_runner`
 so they free what a turn held themselves, in two steps: the ending in the caller's transaction
 (`end_unowned`), and after its commit the conversation's lock, the user's slot and the readers of the live
 stream (`announce_unowned_end`). Before the commit they would let a new turn start, or a reader see `done`,
-while the ending could still be rolled back. The looks find their runs by one query (`ids_found`), then end
+while the ending could still be rolled back. The looks find their runs by one query (`run_ids_where`), then end
 each in a transaction of its own, judged again under the run's lock (`abandon`), so a worker that claimed the
 run since the look, or another process ending it at once, changes nothing twice.
 """
@@ -97,7 +97,7 @@ def abandon_turn(turn_id: int, reason: str, *, pending_before: datetime | None =
     return ended.status
 
 
-def abandon_run(run_id: int, reason: str, *, pending_before: datetime | None = None,
+def abandon_test_run(run_id: int, reason: str, *, pending_before: datetime | None = None,
                 deadline_before: datetime | None = None,
                 unless: Callable[[Session], bool] | None = None) -> TurnStatus | None:
     """End a test run as `error` when its message died, with `pending_before` when it was still pending since
@@ -113,7 +113,7 @@ def abandon_run(run_id: int, reason: str, *, pending_before: datetime | None = N
     return TurnStatus.ERROR if ended else None
 
 
-def ids_found(turn: Callable[[Table, Table], ColumnElement[bool]],
+def run_ids_where(turn: Callable[[Table, Table], ColumnElement[bool]],
               test_run: Callable[[Table], ColumnElement[bool]]) -> dict[RunKind, Prepared]:
     """A look's query for each kind: the ids of the turns in flight for which `turn(turns, messages)` holds (a
     turn's status is on its answer's row), and of the test runs for which `test_run(runs)` does."""
@@ -130,9 +130,9 @@ def abandon(kind: RunKind, ident: int, reason: str, *, pending_before: datetime 
             deadline_before: datetime | None = None,
             unless: Callable[[Session], bool] | None = None) -> TurnStatus | None:
     """End a run of `kind` that no worker holds, as `error` with `reason` (`cancelled` for a turn whose user had
-    asked it to stop): `abandon_turn`'s and `abandon_run`'s terms. The status written, None when not ended; an
+    asked it to stop): `abandon_turn`'s and `abandon_test_run`'s terms. The status written, None when not ended; an
     end is logged with its status, which an operator reads to tell a stop from a failure."""
-    end = abandon_turn if kind is TURN else abandon_run
+    end = abandon_turn if kind is TURN else abandon_test_run
     status = end(ident, reason, pending_before=pending_before, deadline_before=deadline_before, unless=unless)
     if status is not None:
         log.warning("%s %s ended as %s: %s", kind.label, ident, status.value, reason)
@@ -154,5 +154,5 @@ def end_unheld(kind: RunKind, idents: Iterable[int], reason: str, found: str, *,
     return ended
 
 
-__all__ = ["UnownedEnd", "abandon", "abandon_run", "abandon_turn", "announce_unowned_end", "end_unheld", "end_unowned",
-           "ids_found"]
+__all__ = ["UnownedEnd", "abandon", "abandon_test_run", "abandon_turn", "announce_unowned_end", "end_unheld",
+           "end_unowned", "run_ids_where"]

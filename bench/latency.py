@@ -105,7 +105,7 @@ def run(dep: Deployment, agent: str, upstream_wait: float, turns: int, processes
                                       max(5, int(ideal_seconds * 1.5)))
     released = time.time()
     client.rename(hold, queue)
-    Doorbell(client, channel_name(dep.namespace)).ring(TURNS_QUEUE)  # what a send does once its message is queued
+    Doorbell(client, channel_name(dep.namespace)).ring_in(client, TURNS_QUEUE)  # as a send rings once it has queued
     sampler = _Sampler(dep, intake.ids, worker.pid, released)
     try:
         wait_all_terminal(dep, intake.ids, timeout=max(120.0, turns / threads * upstream_wait * 4))

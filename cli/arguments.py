@@ -59,11 +59,9 @@ def thread_count(value: str) -> int:
     return _count(value, MOST_THREADS)
 
 
-LARGEST_PAGE = 500
-"""The most rows a page of a list holds, as in the HTTP API."""
-
-
 def page_size(value: str) -> int:
+    from app.paging import LARGEST_PAGE
+
     number = whole_number(value)
     if not 1 <= number <= LARGEST_PAGE:
         raise argparse.ArgumentTypeError(f"a page holds 1 to {LARGEST_PAGE} rows, not {number}")

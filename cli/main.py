@@ -10,6 +10,7 @@ import sys
 from dataclasses import asdict
 from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from cli.arguments import (
     InvalidVariable,
@@ -24,6 +25,9 @@ from cli.arguments import (
 )
 from cli.metrics_dir import prepare_metrics_dir
 from cli.output import WarningLines, failed, print_error, print_json, print_warning
+
+if TYPE_CHECKING:
+    from app.users import NewUser
 
 
 def _dotenv() -> None:
@@ -58,19 +62,23 @@ def cmd_db_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_shown(created: NewUser) -> dict[str, Any]:
+    """The contract's line for a new key: the user's id and name with it, fewer fields than the API's answer
+    (`web.render.new_user`), which scripts read as the contract writes it."""
+    return {"id": created.user.id, "name": created.user.name, "api_key": created.api_key}
+
+
 def cmd_users_create(args: argparse.Namespace) -> int:
     from app.users import create_user
 
-    created = create_user(args.name, is_admin=args.admin, balance=args.balance)
-    print_json({"id": created.user.id, "name": created.user.name, "api_key": created.api_key})
+    print_json(_key_shown(create_user(args.name, is_admin=args.admin, balance=args.balance)))
     return 0
 
 
 def cmd_users_replace_key(args: argparse.Namespace) -> int:
     from app.users import replace_api_key
 
-    replaced = replace_api_key(args.id)
-    print_json({"id": replaced.user.id, "name": replaced.user.name, "api_key": replaced.api_key})
+    print_json(_key_shown(replace_api_key(args.id)))
     return 0
 
 

@@ -176,7 +176,7 @@ def test_a_dying_duplicate_message_leaves_a_turn_another_delivery_runs(world) ->
 def test_a_dying_duplicate_message_leaves_a_test_run_another_delivery_runs(world) -> None:  # type: ignore[no-untyped-def]
     """The same rule for an admin test run: ended by its dead message only once no live lease is left."""
     from app.models import DebugRun
-    from app.unheld_ends import abandon_run
+    from app.unheld_ends import abandon_test_run
 
     admin_id = world.api.get("/api/me", world.admin_key).json["id"]
     agent_id = world.agent(world.model())
@@ -191,11 +191,11 @@ def test_a_dying_duplicate_message_leaves_a_test_run_another_delivery_runs(world
         with transaction() as session:
             return session.get_one(DebugRun, run_id).status
 
-    assert abandon_run(run_id, "retries exhausted after 3 attempts: boom") is None
+    assert abandon_test_run(run_id, "retries exhausted after 3 attempts: boom") is None
     assert status() == "processing"
     with transaction() as session:
         session.get_one(DebugRun, run_id).lease_expires_at = utc_now() - timedelta(seconds=1)
-    assert abandon_run(run_id, "retries exhausted after 3 attempts: boom") is TurnStatus.ERROR
+    assert abandon_test_run(run_id, "retries exhausted after 3 attempts: boom") is TurnStatus.ERROR
     assert status() == "error"
 
 

@@ -566,7 +566,7 @@ def test_the_pending_bound_counts_a_test_runs_wait_from_its_status_not_from_its_
     from app.outbox import leave_for_recovery
     from app.recovery import _claim_send
     from app.run_kinds import TEST_RUN
-    from app.unheld_ends import abandon_run
+    from app.unheld_ends import abandon_test_run
 
     agent_id = world.agent(world.model())
 
@@ -593,9 +593,9 @@ def test_the_pending_bound_counts_a_test_runs_wait_from_its_status_not_from_its_
         leave_for_recovery(TEST_RUN, run_id)  # that send failed too
         assert marks(run_id) == (None, accepted_at)
 
-        assert abandon_run(run_id, "waited too long", pending_before=accepted_at) is None
+        assert abandon_test_run(run_id, "waited too long", pending_before=accepted_at) is None
         assert status(run_id) == "pending"
-        assert abandon_run(run_id, "waited too long",
+        assert abandon_test_run(run_id, "waited too long",
                            pending_before=accepted_at + timedelta(microseconds=1)) is TurnStatus.ERROR
         ended = world.api.get(f"/api/admin/debug-logs/{run_id}", world.admin_key).json
         assert (ended["status"], ended["error_message"]) == ("error", "waited too long")
@@ -604,7 +604,7 @@ def test_the_pending_bound_counts_a_test_runs_wait_from_its_status_not_from_its_
         with transaction() as session:
             assert claim_debug_run(session, claimed_id, 30).acquired
         later = datetime.now(UTC) + timedelta(minutes=1)
-        assert abandon_run(claimed_id, "waited too long", pending_before=later) is None
+        assert abandon_test_run(claimed_id, "waited too long", pending_before=later) is None
         assert status(claimed_id) == "processing"
     finally:
         workers.start()

@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # the services whose results are rendered; the `dlq` commands
     from app.debugging import CostLine, RouteDecision
     from app.operations import FailureReport, QueueSnapshot
     from app.prompt import Prompt
+    from app.users import NewUser
     from app.waiting_retries import WaitingRetry
     from app.worker_presence import WorkerPresence
 
@@ -61,6 +62,11 @@ def conversation(c: Conversation) -> dict[str, Any]:
 def me(u: User) -> dict[str, Any]:
     return {"id": u.id, "name": u.name, "is_admin": u.is_admin, "balance": money(u.balance),
             "available_balance": money(u.available_balance)}
+
+
+def new_user(created: NewUser) -> dict[str, Any]:
+    """A user with its API key, which only the answer that made the key ever shows."""
+    return {**me(created.user), "api_key": created.api_key}
 
 
 def credit_transaction(t: CreditTransaction) -> dict[str, Any]:

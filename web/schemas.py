@@ -31,6 +31,7 @@ from app.models.catalog import (
     TIMEOUT_SECONDS_RANGE,
 )
 from app.money import written_plainly
+from app.paging import LARGEST_PAGE
 from app.text import unstorable
 
 
@@ -243,7 +244,7 @@ class PageQuery(Query):
 
 
 class LedgerQuery(Query):
-    limit: Annotated[int | None, Field(ge=1, le=500)] = None
+    limit: Annotated[int | None, Field(ge=1, le=LARGEST_PAGE)] = None
     """Without it, the whole ledger (the contract's shape); with it, a page and its `next_cursor`."""
     cursor: Annotated[int | None, Field(ge=1, le=LARGEST_ID)] = None
 
@@ -256,7 +257,7 @@ class DebugLogQuery(Query):
 
 
 class DeadLetterQuery(Query):
-    limit: Annotated[int | None, Field(ge=1, le=500)] = None
+    limit: Annotated[int | None, Field(ge=1, le=LARGEST_PAGE)] = None
     """Without it, every open dead letter (after `cursor`; the contract's shape); with it, a page and its
     `next_cursor`."""
     cursor: Annotated[str | None, Field(max_length=500)] = None

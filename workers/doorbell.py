@@ -39,7 +39,7 @@ def channel_name(namespace: str) -> str:
 
 
 class Doorbell:
-    """One channel per broker namespace; `ring` on the sending side, `listen` on the consuming side."""
+    """One channel per broker namespace; `ring_in` on the sending side, `listen` on the consuming side."""
 
     def __init__(self, client: redis.Redis, channel: str) -> None:
         self._client = client
@@ -49,14 +49,6 @@ class Doorbell:
         self._listener: threading.Thread | None = None
         self._closed = threading.Event()
         self._lost = False
-
-    def ring(self, queue_name: str) -> None:
-        """Tell the listening workers that `queue_name` has a message (after it was sent)."""
-        try:
-            self.ring_in(self._client, queue_name)
-        except redis.RedisError:
-            log.debug("could not ring the doorbell of %s; idle workers find the message at their next look",
-                      queue_name, exc_info=True)
 
     def ring_in(self, client: redis.Redis | Pipeline, queue_name: str) -> None:
         """The ring as one more command of `client`, a pipeline the caller sends with its own commands."""

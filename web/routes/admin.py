@@ -20,14 +20,14 @@ users_tag, models_tag, agents_tag = Tag(name="admin: users"), Tag(name="admin: m
 @bp.post("/admin/users", tags=[users_tag], responses={201: r.CreatedUser})
 def create_user(body: CreateUserBody) -> tuple[dict[str, Any], int]:
     created = users.create_user(body.name, is_admin=body.is_admin, balance=body.balance)
-    return {**render.me(created.user), "api_key": created.api_key}, 201
+    return render.new_user(created), 201
 
 
 @bp.post("/admin/users/<id:id>/api-key", tags=[users_tag], responses={200: r.CreatedUser})
 def replace_api_key(path: IdPath) -> dict[str, Any]:
     """A new API key for the user, shown once; the old one stops working (within 10 s everywhere)."""
     replaced = users.replace_api_key(path.id)
-    return {**render.me(replaced.user), "api_key": replaced.api_key}
+    return render.new_user(replaced)
 
 
 @bp.post("/admin/users/<id:id>/credits", tags=[users_tag], responses={200: r.Balance})

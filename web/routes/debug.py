@@ -39,7 +39,7 @@ def get_debug_log(path: IdPath) -> dict[str, Any]:
 
 
 @bp.get("/admin/debug-logs", tags=[tag], responses={200: r.DebugLogList})
-def list_debug_logs(query: DebugLogQuery) -> dict | Response:
+def list_debug_logs(query: DebugLogQuery) -> dict[str, Any] | Response:
     """Newest first: every log, or with `limit` a page; pass `next_before_id` back as `before_id` for the next."""
     if query.limit is None:
         return render.streamed_items(render.debug_log(run) for run in debugging.every_debug_log(query.agent_id,

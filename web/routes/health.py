@@ -24,7 +24,7 @@ def healthz() -> dict[str, Any]:
 
 
 @bp.get("/readyz", tags=[tag], responses={200: r.Ready, 503: r.NotReady})
-def readyz() -> dict | tuple[dict[str, Any], int]:
+def readyz() -> dict[str, Any] | tuple[dict[str, Any], int]:
     report = readiness.check()
     if not report.ready:
         return {**error_object("not_ready", report.summary), "checks": report.checks}, 503

@@ -24,7 +24,7 @@ def get_me() -> dict[str, Any]:
 
 
 @bp.get("/me/transactions", tags=[tag], responses={200: r.Ledger})
-def get_transactions(query: LedgerQuery) -> dict | Response:
+def get_transactions(query: LedgerQuery) -> dict[str, Any] | Response:
     """Newest first: the whole ledger, or with `limit` a page; pass `next_cursor` back as `cursor` for the next."""
     if query.limit is None:
         return render.streamed_items(render.credit_transaction(t) for t in users.every_transaction(principal().id,
