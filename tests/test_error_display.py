@@ -13,6 +13,9 @@ from web.error_display import prefers_chinese
     ("zh;q=0, en;q=0", False), ("en;q=0, zh;q=0.1", True), ("zh;q=nan", False),
     # a q-value out of 0..1 is malformed, not a stronger preference
     ("en;q=0.9, zh;q=inf", False), ("en;q=0.9, zh;q=1.5", False), ("en;q=1.5, zh", True),
+    # languages not written here do not outrank the one that is: Chinese was named, English was not
+    ("fr, zh;q=0.5", True), ("fr-CA, de;q=0.9, zh-TW;q=0.2", True), ("fr, en;q=0.5, zh;q=0.4", False),
+    ("fr", False), ("*", False), ("zh;q=0.5, *", False), ("zhx, en;q=0.1", False),
 ])
 def test_chinese_only_when_it_ranks_first_among_acceptable_languages(header: str | None, chinese: bool) -> None:
     assert prefers_chinese(header) is chinese

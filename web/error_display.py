@@ -21,7 +21,9 @@ _SENTENCES: dict[TurnStatus, tuple[str, str]] = {
 
 
 def prefers_chinese(accept_language: str | None) -> bool:
-    """True when Chinese ranks first among the languages the client accepts (by q-value, then order)."""
+    """True when Chinese ranks first among the languages the client accepts that are written here, Chinese and
+    English (by q-value, then order): `fr, zh;q=0.5` asks for Chinese over the English it did not name, and
+    `*` stands for English, the default."""
     if not accept_language:
         return False
     ranked: list[tuple[float, int, str]] = []
@@ -37,7 +39,8 @@ def prefers_chinese(accept_language: str | None) -> bool:
                     quality = 0.0
                 if not 0.0 <= quality <= 1.0:  # a q-value is 0..1 (RFC 9110): `inf`, `nan`, 1.5 are malformed
                     quality = 0.0
-        if lang and quality > 0:  # q=0 is "not acceptable" (RFC 9110), not the lowest preference
+        written_here = lang.lower().split("-")[0] in ("zh", "en", "*")
+        if written_here and quality > 0:  # q=0 is "not acceptable" (RFC 9110), not the lowest preference
             ranked.append((-quality, index, lang.lower()))
     if not ranked:
         return False
