@@ -236,7 +236,13 @@ def follow_answer(message_id: int, last_event_id: str | None,
     """The answer's events from where `last_event_id` left off. Every id names its message
     (`<message id>/<cursor>`): the cursor's entry and offset belong to one message's stream and text, and
     an id of another message, taken for this one's, resumed it from another position (a gap)."""
+    shown: dict[str, Any] | None = None
     for event in _follow(message_id, Cursor.parse(_own_cursor(message_id, last_event_id)), reader_gone):
+        if event.event == "status":
+            status = {name: value for name, value in event.data.items() if name != "restart"}
+            if status == shown and not event.data.get("restart"):
+                continue  # `status` is sent on a change: a takeover's delivery writes the same status again
+            shown = status
         yield event if event.id is None else replace(event, id=f"{message_id}/{event.id}")
 
 

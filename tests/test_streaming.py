@@ -546,6 +546,33 @@ def test_a_late_write_of_a_voided_attempt_does_not_stop_a_reader_following_live(
     assert deltas and not any(ident.startswith("final.") for ident in deltas), json.dumps(deltas)
 
 
+def test_a_status_written_again_unchanged_is_not_sent_again(world, web_server, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """A delivery that takes a turn over writes its status as it starts, the same `processing` and model as the
+    dead one's: `status` events are sent on a change, so its readers get none for it. The copy is added to the
+    real stream, as that delivery would write it."""
+    import threading
+    from itertools import pairwise
+
+    from app.live_stream import stream_key
+
+    key, message_id, _ = start_turn(world, "echo;words=40;gap=0.05")
+    events: list = []
+    reader = threading.Thread(target=lambda: events.extend(
+        read_sse(f"{web_server}/api/messages/{message_id}/stream", key)), daemon=True)
+    reader.start()
+    stream = stream_key(message_id)
+    wait_for(lambda: sum(fields[b"type"] == b"delta" for _, fields in redis_client.xrange(stream)) >= 3,
+             what="the turn's first deltas")
+    last_status = [fields for _, fields in redis_client.xrange(stream) if fields[b"type"] == b"status"][-1]
+    redis_client.xadd(stream, last_status)
+    reader.join(timeout=30)
+    done = events[-1].json()
+    assert done["status"] == "success" and visible_text(events) == done["content"]
+    statuses = [(e.json()["status"], e.json()["model"]) for e in events if e.event == "status"]
+    assert all(earlier != later for earlier, later in pairwise(statuses)), statuses
+    assert statuses[-1] == ("success", done["model"])
+
+
 def test_a_late_write_of_the_primarys_attempt_right_after_the_switch_is_not_adopted(  # type: ignore[no-untyped-def]
         world, web_server, upstream, redis_client) -> None:
     """A reader just past the fallback's switch follows the new attempt after the text it holds; a late delta of
