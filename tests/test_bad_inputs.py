@@ -289,6 +289,16 @@ def test_an_unmatched_path_and_a_body_without_its_content_type_say_what_is_wrong
                    "text/plain)."})
 
 
+def test_an_options_request_is_answered_with_its_allowed_methods_and_no_body(world) -> None:  # type: ignore[no-untyped-def]
+    """Flask answers OPTIONS by itself, with a 200 and an empty `text/html` body: here, 204 and `Allow` alone."""
+    _, key = world.user()
+    options = world.api.call("OPTIONS", "/api/conversations", key)
+    assert (options.status_code, options.data, options.headers.get("Content-Type")) == (204, b"", None)
+    assert set(options.headers["Allow"].split(", ")) == {"GET", "HEAD", "POST", "OPTIONS"}
+    anonymous = world.api.call("OPTIONS", "/api/conversations")
+    assert (anonymous.status_code, anonymous.json["error"]["code"]) == (401, "missing_api_key")
+
+
 def test_a_patch_setting_a_required_field_to_null_names_the_field_not_the_body(world) -> None:  # type: ignore[no-untyped-def]
     model_id = world.model()
     response = world.api.patch(f"/api/admin/models/{model_id}", world.admin_key, {"name": None})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from flask import Response
 from flask_openapi3 import Info, OpenAPI
 from werkzeug.routing import IntegerConverter
 
@@ -29,6 +30,14 @@ class IdConverter(IntegerConverter):
 
 class AgentqAPI(OpenAPI):
     json_provider_class = SafeJSONProvider
+
+    def make_default_options_response(self) -> Response:
+        """An OPTIONS request is answered 204 with its `Allow` header: Flask's own answer is a 200 with an empty
+        `text/html` body, on an API whose every answer is JSON or nothing."""
+        response = super().make_default_options_response()
+        response.status_code = 204
+        del response.headers["Content-Type"]
+        return response
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> AgentqAPI:
