@@ -1,7 +1,8 @@
 """The moderation policy applied to every input before any model is called.
 
-Blocked terms match case-insensitively anywhere in the text (so Chinese terms, which have no word
-boundaries, work too). When `AGENTQ_MODERATION_URL` names an OpenAI-compatible endpoint, its verdict
+Blocked terms match anywhere in the text (so Chinese terms, which have no word boundaries, work too),
+whatever their case, compatibility forms or runs of white space (`folded`).
+When `AGENTQ_MODERATION_URL` names an OpenAI-compatible endpoint, its verdict
 is asked as well; if that endpoint cannot be reached the input passes and a warning is logged
 (fail-open: an outage of the moderation provider must not stop every conversation). Its key is
 found as a model's is (`AGENTQ_MODERATION_API_KEY_ENV`, else `OPENAI_API_KEY` on OpenAI's own
@@ -11,6 +12,7 @@ endpoint), and its client is kept for the process like a model's.
 from __future__ import annotations
 
 import logging
+import unicodedata
 from dataclasses import dataclass
 
 from app.config import get_settings
@@ -35,10 +37,17 @@ class Verdict:
         return "pass" if self.passed else "violation"
 
 
+def folded(text: str) -> str:
+    """Text as blocked terms are matched: case, compatibility forms (full-width letters, ligatures) and runs of
+    white space do not tell two texts apart, or a term was passed by typing it another way (in full-width
+    letters, with two spaces)."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
 def check_blocked_terms(content: str) -> Verdict:
-    folded = content.casefold()
+    text = folded(content)
     for term in get_settings().blocked_term_list:
-        if term in folded:
+        if folded(term) in text:
             return Verdict(False, f"blocked term {term!r}")
     return Verdict(True)
 

@@ -462,6 +462,7 @@ def test_a_moderation_reply_without_a_result_lets_the_turn_through(world, upstre
 @pytest.mark.parametrize(("content", "reason"), [
     ("this has a FORBIDDEN-word inside", "blocked term 'forbidden-word'"),
     ("这句话包含禁止词。", "blocked term '禁止词'"),
+    ("this has a ＦＯＲＢＩＤＤＥＮ－ｗｏｒｄ in full-width letters", "blocked term 'forbidden-word'"),
     ("please flag-me now", "flagged by the moderation endpoint")])
 def test_moderation_refuses_before_any_model_call(world, upstream, content, reason) -> None:  # type: ignore[no-untyped-def]
     agent_id = world.agent(world.model())
@@ -475,6 +476,17 @@ def test_moderation_refuses_before_any_model_call(world, upstream, content, reas
     assert chinese["error_display"] == "消息内容违反了内容政策，未发送给模型。"
     assert upstream.requests() == []
     assert world.api.get("/api/me", key).json["balance"] == "1.000000"
+
+
+@pytest.mark.parametrize(("content", "blocked"), [
+    ("a bad word here", True), ("a BAD \t\n word here", True), ("a ｂａｄ　ｗｏｒｄ here", True),
+    ("a badword here", False), ("a bad, word here", False)])
+def test_a_blocked_term_matches_whatever_its_case_width_or_white_space(settings_of, content, blocked) -> None:  # type: ignore[no-untyped-def]
+    from app.moderation import check_blocked_terms
+
+    settings_of(AGENTQ_BLOCKED_TERMS=" Bad  Word ")
+    verdict = check_blocked_terms(content)
+    assert (verdict.passed, verdict.reason) == ((False, "blocked term 'bad  word'") if blocked else (True, None))
 
 
 @pytest.fixture
