@@ -516,12 +516,9 @@ def test_a_turn_whose_models_fail_mid_answer_keeps_the_text_its_readers_were_sen
     assert [t for t in world.api.get("/api/me/transactions", key).json["items"] if t["message_id"]] == []
 
 
-def test_a_late_write_of_a_voided_attempt_does_not_stop_a_reader_following_live(  # type: ignore[no-untyped-def]
-        world, web_server, redis_client) -> None:
-    """A worker that lost a turn (a hand-back at shutdown, a takeover) may still flush a delta of its voided
-    attempt after the new owner's entries; a reader following the new attempt skips it and stays live,
-    instead of waiting for the end as it does for a real gap. The stale write is added to the real stream."""
-    import json
+def _followed_past_its_first_deltas(world, web_server: str, redis_client: Any) -> tuple[list, str, Any]:  # type: ignore[no-untyped-def]
+    """A slow turn, a reader following it on a thread of its own (its events, as they come), once the turn has
+    streamed its first deltas; with its live stream's key, for a test to add to it what a worker would."""
     import threading
 
     from app.live_stream import stream_key
@@ -534,6 +531,17 @@ def test_a_late_write_of_a_voided_attempt_does_not_stop_a_reader_following_live(
     stream = stream_key(message_id)
     wait_for(lambda: sum(fields[b"type"] == b"delta" for _, fields in redis_client.xrange(stream)) >= 3,
              what="the turn's first deltas")
+    return events, stream, reader
+
+
+def test_a_late_write_of_a_voided_attempt_does_not_stop_a_reader_following_live(  # type: ignore[no-untyped-def]
+        world, web_server, redis_client) -> None:
+    """A worker that lost a turn (a hand-back at shutdown, a takeover) may still flush a delta of its voided
+    attempt after the new owner's entries; a reader following the new attempt skips it and stays live,
+    instead of waiting for the end as it does for a real gap. The stale write is added to the real stream."""
+    import json
+
+    events, stream, reader = _followed_past_its_first_deltas(world, web_server, redis_client)
     redis_client.xadd(stream, {"type": "delta", "a": 0, "o": 0, "data": "voided text"})
     reader.join(timeout=30)
     done = events[-1].json()
@@ -550,19 +558,9 @@ def test_a_status_written_again_unchanged_is_not_sent_again(world, web_server, r
     """A delivery that takes a turn over writes its status as it starts, the same `processing` and model as the
     dead one's: `status` events are sent on a change, so its readers get none for it. The copy is added to the
     real stream, as that delivery would write it."""
-    import threading
     from itertools import pairwise
 
-    from app.live_stream import stream_key
-
-    key, message_id, _ = start_turn(world, "echo;words=40;gap=0.05")
-    events: list = []
-    reader = threading.Thread(target=lambda: events.extend(
-        read_sse(f"{web_server}/api/messages/{message_id}/stream", key)), daemon=True)
-    reader.start()
-    stream = stream_key(message_id)
-    wait_for(lambda: sum(fields[b"type"] == b"delta" for _, fields in redis_client.xrange(stream)) >= 3,
-             what="the turn's first deltas")
+    events, stream, reader = _followed_past_its_first_deltas(world, web_server, redis_client)
     last_status = [fields for _, fields in redis_client.xrange(stream) if fields[b"type"] == b"status"][-1]
     redis_client.xadd(stream, last_status)
     reader.join(timeout=30)
