@@ -19,7 +19,7 @@ tag = Tag(name="admin: debugging")
 
 
 @bp.post("/admin/agents/<id:id>/debug/route", tags=[tag], responses={200: r.RouteDecision})
-def route_test(path: IdPath, body: ContentBody) -> dict[str, Any]:
+def decide_route(path: IdPath, body: ContentBody) -> dict[str, Any]:
     return render.route_decision(debugging.route_decision(path.id, body.content))
 
 
@@ -29,7 +29,7 @@ def prompt_preview(path: IdPath, body: PromptPreviewBody) -> dict[str, Any]:
 
 
 @bp.post("/admin/agents/<id:id>/debug/execute", tags=[tag], responses={202: r.ExecutionStarted})
-def execution_test(path: IdPath, body: ContentBody) -> tuple[dict[str, Any], int]:
+def start_execution(path: IdPath, body: ContentBody) -> tuple[dict[str, Any], int]:
     return {"debug_log_id": debugging.start_execution(principal(), path.id, body.content)}, 202
 
 
