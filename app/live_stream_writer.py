@@ -20,6 +20,7 @@ from app import metrics
 from app.answer_sink import AnswerSink
 from app.config import get_settings
 from app.live_stream import Streamed, attempt_number, stream_key
+from app.outages import warn_of_repeated
 from app.redis_client import get_redis
 from app.turn_status import TurnStatus
 
@@ -81,8 +82,8 @@ class _Publisher:
                     elif self._expiry_due(key, expire, settings.stream_ttl_seconds):
                         pipe.expire(key, settings.stream_ttl_seconds)
                 pipe.execute()
-            except redis.RedisError:
-                log.warning("could not publish %d stream entries; readers fall back to the database", len(batch))
+            except redis.RedisError as exc:
+                warn_of_repeated(log, exc, "publishing stream entries", "readers fall back to the database")
 
     def _expiry_due(self, key: str, asked: bool, ttl: float) -> bool:
         """Whether this entry of a running turn (re)sets its stream's expiry: a status asks for it, and so does

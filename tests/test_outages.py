@@ -314,3 +314,57 @@ def test_a_background_round_against_a_database_that_refuses_its_login_says_to_me
         "a lease renewal failed: the database refuses the database, role or password DATABASE_URL names: mend "
         'DATABASE_URL. OperationalError: connection failed: connection to server at "127.0.0.1", port 5432 failed: '
         'FATAL:  database "agentq_no_such_database" does not exist (the database at ')
+
+
+def test_a_send_while_redis_is_out_of_reach_is_an_outage_of_redis_said_in_one_line(  # type: ignore[no-untyped-def]
+        unreachable_broker, caplog) -> None:
+    """Dramatiq's broker raises its own `ConnectionClosed` from the Redis client's error: it was no outage,
+    so every send during a Redis restart logged its chained tracebacks (hundreds in a chaos hunt), and it must
+    not count as the database's outage either, which would stop a worker taking runs."""
+    import logging
+
+    import dramatiq
+    import dramatiq.errors
+
+    from app.outages import is_database_outage
+    from app.run_kinds import TURN
+
+    with pytest.raises(dramatiq.errors.BrokerConnectionError) as failed:
+        dramatiq.get_broker().enqueue(dramatiq.Message(queue_name=TURN.queue, actor_name=TURN.actor, args=(1,),
+                                                       kwargs={}, options={}))
+    assert is_outage(failed.value) and not is_database_outage(failed.value)
+
+    with caplog.at_level(logging.WARNING, logger="app.dispatch"):
+        assert TURN.send(1, None) is False
+    [said] = [record for record in caplog.records if record.name == "app.dispatch"]
+    assert (said.levelno, said.exc_info) == (logging.WARNING, None)
+    assert said.getMessage().startswith(f"could not enqueue {TURN.actor}(1); recovery will send it (ConnectionError: ")
+
+
+def test_a_stream_publisher_cut_off_from_redis_says_so_once_not_at_every_batch(  # type: ignore[no-untyped-def]
+        settings_of, monkeypatch, caplog) -> None:
+    """Every batch a worker's publisher sends fails alike while Redis is away; each said it in a line of its
+    own (800 lines in 12 s of a Redis restart in a chaos hunt). Here Redis is a closed port."""
+    import logging
+    from functools import partial
+
+    import app.outages
+    from app.live_stream_writer import _Publisher
+
+    said_of: dict[tuple[str, str], tuple[float, int]] = {}
+    monkeypatch.setattr(app.outages, "_outage_said", said_of)
+    settings_of(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    publisher = _Publisher()
+
+    def failed_unsaid() -> int:
+        """How many failed batches went unsaid since the one that was said; -1 before any failed."""
+        return said_of.get(("app.live_stream_writer", "publishing stream entries"), (0.0, -1))[1]
+
+    with caplog.at_level(logging.WARNING, logger="app.live_stream_writer"):
+        for batch in range(6):  # each sent alone: the next is queued once the last has failed
+            publisher.add("agentq-test:stream", {"type": "delta", "a": 100, "o": batch, "data": "x"}, False)
+            wait_for(partial(lambda failed: failed_unsaid() == failed, batch), what=f"batch {batch} to fail")
+    said = [record.getMessage() for record in caplog.records if record.name == "app.live_stream_writer"]
+    assert len(said) == 1, said
+    assert said[0].startswith("publishing stream entries failed (ConnectionError: ")
+    assert said[0].endswith("; readers fall back to the database, said at most every 30 s")
