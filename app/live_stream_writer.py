@@ -199,10 +199,12 @@ class TurnStream(AnswerSink):
 
     def attempt_started(self, model_name: str, restart: bool) -> None:
         """A fallback, or any attempt of a later delivery, starts over: what readers hold is matched against its
-        text (`delta`). When this delivery knows of no text they hold, they follow it from its start, told so
-        by a `restart`: none was streamed (they clear nothing), or an earlier delivery's could not be read whole
-        (the stream trimmed, Redis lost it or was out of reach), which a reader then drops to follow this call
-        live rather than wait for the end."""
+        text (`delta`). When they hold none, they follow it from its start. This delivery knows that they hold
+        none when it wrote all they hold (its primary failed before its first token): a plain `status` tells
+        them of the switch, and a reader, at the start of no text, takes the new attempt's first delta as its
+        own (`app.answer_stream`). When it knows nothing of what they hold (an earlier delivery's stream it
+        could not read whole: trimmed, lost with Redis, out of reach), a `restart` tells them to drop it and
+        follow this call live rather than wait for the end."""
         self._index += 1
         self._attempt = attempt_number(self._delivery, self._index)
         self._offset = 0
@@ -214,7 +216,7 @@ class TurnStream(AnswerSink):
             self._repeat = _Repeat(model_name, held.attempt, held.text, held.own_from)
             self.status(TurnStatus.PROCESSING, model_name)
         else:
-            self.status(TurnStatus.PROCESSING, model_name, restart=True)
+            self.status(TurnStatus.PROCESSING, model_name, restart=self._followed is None)
             self._followed = _Followed(self._attempt, model_name, [])
 
     def delta(self, text: str) -> None:

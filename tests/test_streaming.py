@@ -302,6 +302,33 @@ def turn_falling_back(world, primary_upstream: str, fallback_upstream: str) -> t
     return key, world.send(key, world.conversation(key, world.agent(primary, fallback))).json["assistant_message"]["id"]
 
 
+def test_a_fallback_after_a_primary_that_streamed_nothing_sends_its_reader_no_restart(  # type: ignore[no-untyped-def]
+        world, web_server) -> None:
+    """The reader holds no text when the primary fails before its first token: it follows the fallback's words
+    as they come, with the switch told by a plain `status` event. It was told to `restart` (clear nothing), a
+    field no client written to the contract knows, on the common path of a primary that fails at once."""
+    import threading
+
+    primary = world.model("primary", upstream="echo;stall_after=0")
+    fallback = world.model("fallback", upstream="echo;words=5;word=v")
+    _, key = world.user()
+    conversation_id = world.conversation(key, world.agent(primary, fallback, timeout_seconds=2))
+    message_id = world.send(key, conversation_id).json["assistant_message"]["id"]
+    events: list = []
+    connected = threading.Event()
+    reader = threading.Thread(target=lambda: events.extend(
+        read_sse(f"{web_server}/api/messages/{message_id}/stream", key, connected=connected)), daemon=True)
+    reader.start()
+    assert connected.wait(timeout=10)
+    reader.join(timeout=30)
+    done = events[-1].json()
+    assert (done["status"], done["model"], done["content"]) == ("success", "fallback", "v0 v1 v2 v3 v4")
+    assert "".join(e.json()["text"] for e in events if e.event == "delta") == done["content"]
+    statuses = [e.json() for e in events if e.event == "status"]
+    assert not any(status.get("restart") for status in statuses), statuses
+    assert {"status": "processing", "model": "fallback"} in statuses
+
+
 def test_a_turn_that_ends_before_its_first_token_sends_its_reader_no_restart(world, web_server) -> None:  # type: ignore[no-untyped-def]
     """Nothing was streamed, so nothing is voided: a reader told to `restart` would clear its screen for no
     reason (it was, because its id's attempt differed from the stored text's)."""
