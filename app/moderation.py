@@ -1,7 +1,7 @@
 """The moderation policy applied to every input before any model is called.
 
 Blocked terms match anywhere in the text (so Chinese terms, which have no word boundaries, work too),
-whatever their case, compatibility forms or runs of white space (`folded`).
+whatever their case, compatibility forms, combining marks or runs of white space (`folded`).
 When `AGENTQ_MODERATION_URL` names an OpenAI-compatible endpoint, its verdict
 is asked as well; if that endpoint cannot be reached the input passes and a warning is logged
 (fail-open: an outage of the moderation provider must not stop every conversation). Its key is
@@ -38,10 +38,15 @@ class Verdict:
 
 
 def folded(text: str) -> str:
-    """Text as blocked terms are matched: case, compatibility forms (full-width letters, ligatures) and runs of
-    white space do not tell two texts apart, or a term was passed by typing it another way (in full-width
-    letters, with two spaces)."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    """Text as blocked terms are matched: case, compatibility forms (full-width letters, ligatures), combining
+    marks and runs of white space do not tell two texts apart, or a term was passed by typing it another way
+    (in full-width letters, with two spaces, with an accent added to a letter). Decomposed (NFKD), not
+    composed: composing merged an added mark into the letter before it, and `kill` followed by an acute
+    accent no longer held `kill`."""
+    decomposed = unicodedata.normalize("NFKD", text).casefold()
+    if not decomposed.isascii():  # ASCII has no marks: most messages skip the walk over every character
+        decomposed = "".join(c for c in decomposed if unicodedata.category(c) != "Mn")
+    return " ".join(decomposed.split())
 
 
 def check_blocked_terms(content: str) -> Verdict:

@@ -16,6 +16,9 @@ from web.error_display import prefers_chinese
     # languages not written here do not outrank the one that is: Chinese was named, English was not
     ("fr, zh;q=0.5", True), ("fr-CA, de;q=0.9, zh-TW;q=0.2", True), ("fr, en;q=0.5, zh;q=0.4", False),
     ("fr", False), ("*", False), ("zh;q=0.5, *", False), ("zhx, en;q=0.1", False),
+    # white space before the `;` (RFC 9110's OWS), an underscore, a wildcard for what English's refusal leaves
+    ("zh ;q=0.9, en;q=0.5", True), ("en ; q=0.9, zh;q=0.5", False), ("zh_CN, en;q=0.5", True), ("en;q=0, *", True),
+    ("en;q=0, zh;q=0, *", False),
 ])
 def test_chinese_only_when_it_ranks_first_among_acceptable_languages(header: str | None, chinese: bool) -> None:
     assert prefers_chinese(header) is chinese

@@ -480,8 +480,9 @@ def test_moderation_refuses_before_any_model_call(world, upstream, content, reas
 
 @pytest.mark.parametrize(("content", "blocked"), [
     ("a bad word here", True), ("a BAD \t\n word here", True), ("a ｂａｄ　ｗｏｒｄ here", True),
+    ("a bad\u0301 word here", True), ("a b\u0308ad w\u0336ord here", True), ("a bád wörd here", True),
     ("a badword here", False), ("a bad, word here", False)])
-def test_a_blocked_term_matches_whatever_its_case_width_or_white_space(settings_of, content, blocked) -> None:  # type: ignore[no-untyped-def]
+def test_a_blocked_term_matches_whatever_its_case_width_marks_or_white_space(settings_of, content, blocked) -> None:  # type: ignore[no-untyped-def]
     from app.moderation import check_blocked_terms
 
     settings_of(AGENTQ_BLOCKED_TERMS=" Bad  Word ")

@@ -20,32 +20,46 @@ _SENTENCES: dict[TurnStatus, tuple[str, str]] = {
 }
 
 
+WRITTEN_IN = ("zh", "en")
+"""The languages these sentences are written in, by primary tag."""
+
+
 def prefers_chinese(accept_language: str | None) -> bool:
-    """True when Chinese ranks first among the languages the client accepts that are written here, Chinese and
-    English (by q-value, then order): `fr, zh;q=0.5` asks for Chinese over the English it did not name, and
-    `*` stands for English, the default."""
+    """True when Chinese ranks first among the languages the client accepts that are written here (by q-value,
+    then order): `fr, zh;q=0.5` asks for Chinese over the English it did not name. A tag is read by its primary
+    subtag (`zh-CN`, `zh_TW`); `*` stands for whichever of the two the client has not refused, English first;
+    q=0 refuses (RFC 9110), and a malformed q-value leaves its tag out."""
     if not accept_language:
         return False
     ranked: list[tuple[float, int, str]] = []
+    refused: set[str] = set()
     for index, part in enumerate(accept_language.split(",")):
-        lang, _, params = part.strip().partition(";")
-        quality = 1.0
-        for param in params.split(";"):
-            name, _, value = param.strip().partition("=")
-            if name == "q":
-                try:
-                    quality = float(value)
-                except ValueError:
-                    quality = 0.0
-                if not 0.0 <= quality <= 1.0:  # a q-value is 0..1 (RFC 9110): `inf`, `nan`, 1.5 are malformed
-                    quality = 0.0
-        written_here = lang.lower().split("-")[0] in ("zh", "en", "*")
-        if written_here and quality > 0:  # q=0 is "not acceptable" (RFC 9110), not the lowest preference
-            ranked.append((-quality, index, lang.lower()))
-    if not ranked:
-        return False
-    ranked.sort()
-    return ranked[0][2].startswith("zh")
+        tag, _, params = part.partition(";")
+        primary = tag.strip().lower().replace("_", "-").split("-")[0]
+        quality = _quality(params)
+        if quality == 0:
+            refused.add(primary)
+        elif quality is not None and primary:
+            ranked.append((-quality, index, primary))
+    for _, _, primary in sorted(ranked):
+        if primary == "*":
+            primary = next((language for language in ("en", "zh") if language not in refused), "")
+        if primary in WRITTEN_IN:
+            return primary == "zh"
+    return False
+
+
+def _quality(params: str) -> float | None:
+    """A tag's q-value (1 when it has none); None when malformed: `inf`, `nan` or 1.5 is no q-value (0..1)."""
+    for param in params.split(";"):
+        name, _, value = param.strip().partition("=")
+        if name.strip() == "q":
+            try:
+                quality = float(value.strip())
+            except ValueError:
+                return None
+            return quality if 0.0 <= quality <= 1.0 else None
+    return 1.0
 
 
 def error_display(status: str, chinese: bool) -> str | None:
