@@ -23,8 +23,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.limit is None:
         print_json({"items": [render.dead_letter(v) for v in dead_letters.every_dead_letter(args.cursor)]})
         return 0
-    page = dead_letters.list_dead_letters(args.limit, args.cursor)
-    print_json({"items": [render.dead_letter(v) for v in page.items], "next_cursor": page.next_cursor})
+    print_json(render.dead_letter_page(dead_letters.list_dead_letters(args.limit, args.cursor)))
     return 0
 
 

@@ -15,7 +15,7 @@ from web.error_display import error_display, prefers_chinese
 
 if TYPE_CHECKING:  # the services whose results are rendered; the `dlq` commands render without loading them all
     from app.dead_letter_requeue import RequeueOutcome
-    from app.dead_letters import DeadLetterView
+    from app.dead_letters import DeadLetterPage, DeadLetterView
     from app.debugging import CostLine, RouteDecision
     from app.operations import FailureReport, QueueSnapshot
     from app.prompt import Prompt
@@ -160,6 +160,10 @@ def worker_process(presence: WorkerPresence) -> dict[str, Any]:
     return {"id": presence.id, "host": presence.host, "pid": presence.pid, "threads": presence.threads,
             "running": presence.running, "state": presence.state.value, "started_at": timestamp(presence.started_at),
             "seen_at": timestamp(presence.seen_at)}
+
+
+def dead_letter_page(page: DeadLetterPage) -> dict[str, Any]:
+    return {"items": [dead_letter(view) for view in page.items], "next_cursor": page.next_cursor}
 
 
 def dead_letter(view: DeadLetterView, *, detail: bool = False) -> dict[str, Any]:

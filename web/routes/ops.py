@@ -47,8 +47,7 @@ def list_dead_letters(query: DeadLetterQuery) -> dict[str, Any] | Response:
     if query.limit is None:
         return render.streamed_items(render.dead_letter(view)
                                      for view in dead_letters.every_dead_letter(query.cursor))
-    page = dead_letters.list_dead_letters(query.limit, query.cursor)
-    return {"items": [render.dead_letter(view) for view in page.items], "next_cursor": page.next_cursor}
+    return render.dead_letter_page(dead_letters.list_dead_letters(query.limit, query.cursor))
 
 
 @bp.post("/admin/dead-letters/requeue-all", tags=[tag], responses={202: r.RequeueOutcome})
