@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import unicodedata
 from dataclasses import dataclass
+from functools import cache
 
 from app.config import get_settings
 
@@ -49,10 +50,16 @@ def folded(text: str) -> str:
     return " ".join(decomposed.split())
 
 
+@cache
+def _folded_terms(terms: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """Each term with its folded form, folded once for the process's settings rather than at every message."""
+    return tuple((term, folded(term)) for term in terms)
+
+
 def check_blocked_terms(content: str) -> Verdict:
     text = folded(content)
-    for term in get_settings().blocked_term_list:
-        if folded(term) in text:
+    for term, matched in _folded_terms(tuple(get_settings().blocked_term_list)):
+        if matched in text:
             return Verdict(False, f"blocked term {term!r}")
     return Verdict(True)
 

@@ -69,8 +69,9 @@ def is_database_outage(error: BaseException) -> bool:
     Redis, since a process that cannot reach Redis fetches nothing anyway, nor a wait for a connection of a
     full pool (`sqlalchemy.exc.TimeoutError`), since the database answers that busy process's other
     connections, and its probe would wait in the same queue."""
-    return is_outage(error) and not isinstance(_under_the_broker(error), (
-        redis.RedisError, sqlalchemy.exc.TimeoutError, dramatiq.errors.BrokerConnectionError))
+    error = _under_the_broker(error)
+    return is_outage(error) and not isinstance(error, (redis.RedisError, sqlalchemy.exc.TimeoutError,
+                                                       dramatiq.errors.BrokerConnectionError))
 
 
 _REFUSED_SETTINGS = ("database \"", "role \"", "password authentication failed", "no pg_hba.conf entry")

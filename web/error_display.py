@@ -20,8 +20,8 @@ _SENTENCES: dict[TurnStatus, tuple[str, str]] = {
 }
 
 
-WRITTEN_IN = ("zh", "en")
-"""The languages these sentences are written in, by primary tag."""
+WRITTEN_IN = ("en", "zh")
+"""The languages these sentences are written in, by primary tag, the default first."""
 
 
 def prefers_chinese(accept_language: str | None) -> bool:
@@ -43,7 +43,7 @@ def prefers_chinese(accept_language: str | None) -> bool:
             ranked.append((-quality, index, primary))
     for _, _, primary in sorted(ranked):
         if primary == "*":
-            primary = next((language for language in ("en", "zh") if language not in refused), "")
+            primary = next((language for language in WRITTEN_IN if language not in refused), "")
         if primary in WRITTEN_IN:
             return primary == "zh"
     return False
