@@ -14,7 +14,7 @@ from functools import cache
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import BigInteger, ColumnElement, Select, bindparam, or_, select, update
+from sqlalchemy import BigInteger, ColumnElement, Select, bindparam, inspect, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.auth import Principal
@@ -23,10 +23,12 @@ from app.config import get_settings
 from app.db import transaction
 from app.errors import NotFound
 from app.in_flight import lock_user
+from app.live_stream import text_so_far
 from app.models import Conversation, ConversationMessage, Turn, table
 from app.models.base import utc_now
 from app.paging import every_row, moment_cursor, older_than, page_of
 from app.prepared import Batch, Prepared, Unit
+from app.turn_status import TurnStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +145,9 @@ def _messages_by_seq(conversation_id: int) -> Iterator[ConversationMessage]:
                 .where(ConversationMessage.conversation_id == conversation_id, ConversationMessage.seq > (after or 0))
                 .order_by(ConversationMessage.seq)
                 .limit(MESSAGE_BATCH)))
-        return batch, batch[-1].seq if len(batch) == MESSAGE_BATCH else None
+            deliveries = _deliveries_of_answers_in_flight(session, batch)
+        return ([_as_read_now(m, deliveries) for m in batch] if deliveries else batch,
+                batch[-1].seq if len(batch) == MESSAGE_BATCH else None)
 
     return every_row(read_page)
 
@@ -179,9 +183,32 @@ def owned_turn_of(session: Session, user_id: int, message_id: int) -> int:
 def get_message(principal: Principal, message_id: int) -> ConversationMessage:
     with transaction() as session:
         message = session.scalar(_owned_message(ConversationMessage, principal.id, message_id))
-    if message is None:
-        raise NotFound("No such message.")
-    return message
+        if message is None:
+            raise NotFound("No such message.")
+        deliveries = _deliveries_of_answers_in_flight(session, [message])
+    return _as_read_now(message, deliveries)
+
+
+def _deliveries_of_answers_in_flight(session: Session, messages: list[ConversationMessage]) -> dict[int, int]:
+    """The delivery count of each turn whose answer among `messages` is being written (at most one a
+    conversation), which says which part of its live stream is the run's now (`app.live_stream.text_so_far`)."""
+    answering = [m.id for m in messages if m.role == "assistant" and m.status == TurnStatus.PROCESSING.value]
+    if not answering:
+        return {}
+    rows = session.execute(select(Turn.assistant_message_id, Turn.deliveries)
+                           .where(Turn.assistant_message_id.in_(answering)))
+    return {turn_id: deliveries for turn_id, deliveries in rows}
+
+
+def _as_read_now(message: ConversationMessage, deliveries: dict[int, int]) -> ConversationMessage:
+    """An answer being written, with the text its stream's readers hold so far and the model writing it: the
+    database has them only at the turn's end, and a client that polls the message (or was refused a stream,
+    429 `too_many_streams`) would read an empty answer until then. Any other message as it is stored. A copy,
+    never the loaded row, so that nothing of it can be written back."""
+    if message.id not in deliveries or (streamed := text_so_far(message.id, deliveries[message.id])) is None:
+        return message
+    shown = {attribute.key: getattr(message, attribute.key) for attribute in inspect(ConversationMessage).column_attrs}
+    return ConversationMessage(**{**shown, "content": streamed.text, "model": message.model or streamed.model})
 
 
 def record_turn_end(unit: Unit | Batch, conversation_id: int, success_tokens: int | None) -> None:

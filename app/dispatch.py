@@ -25,7 +25,7 @@ from redis.client import Pipeline
 
 from app.config import get_settings
 from app.models.base import as_utc
-from app.outages import warn_of
+from app.outages import warn_of_sparingly
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,6 @@ def enqueue(queue: str, actor: str, ident: int, enqueued_at: datetime | None) ->
     try:
         dramatiq.get_broker().enqueue(message)
     except Exception as exc:
-        warn_of(log, exc, "could not enqueue %s(%s); recovery will send it", actor, ident)
+        warn_of_sparingly(log, exc, "could not enqueue %s(%s); recovery will send it", actor, ident)
         return False
     return True

@@ -24,6 +24,7 @@ import redis
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
+from app.deliveries import first_delivery_since_requeue
 from app.models import ModelAttempt, Turn
 from app.redis_client import StreamEntry, get_redis, key
 
@@ -132,6 +133,14 @@ def text_streamed(turn_id: int, *, since: int = 0) -> Streamed | None:
     last = followed[-1] if followed else None
     return (Streamed(last.text, last.model, last.number, last.own_from)
             if last is not None and last.text and not last.missing else None)
+
+
+def text_so_far(turn_id: int, deliveries: int) -> Streamed | None:
+    """What the readers of a turn in flight hold now, for a read of its answer while it is `processing` (the
+    API's `content`, which the database has only at the end): the text of its deliveries since its last
+    requeue, `deliveries` being its count as the read found it. None as for `text_streamed`: no text yet, not
+    all of it held, or Redis out of reach."""
+    return text_streamed(turn_id, since=first_delivery_since_requeue(deliveries))
 
 
 @dataclass

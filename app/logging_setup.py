@@ -19,7 +19,7 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 
 from app.config import get_settings
-from app.outages import in_one_line, is_outage
+from app.outages import OUTAGE_REPEAT_SECONDS, in_one_line, is_outage, said_again
 
 _turn_id: ContextVar[int | None] = ContextVar("agentq_turn_id", default=None)
 _test_run_id: ContextVar[int | None] = ContextVar("agentq_test_run_id", default=None)
@@ -68,21 +68,38 @@ after it, and said by the Retries middleware's own line)."""
 CONSUMER_LOST_REDIS = "Consumer encountered a connection error"
 """How Dramatiq's consumer threads start their line, at CRITICAL, for a Redis connection lost (a restart, an
 outage): the consumer starts again by itself three seconds later."""
+CONSUMER_RESTARTS = "Restarting consumer in"
+"""How a Dramatiq consumer thread starts the INFO line it writes before each of those starts."""
 
 
 class OutageFailureFilter(logging.Filter):
     """Dramatiq logs every delivery that raised as an error with its traceback. One that failed because a
     backing service is out of reach is retried for minutes (`app.deliveries.retry_failed`): a database
     restart with a hundred runs queued wrote a hundred tracebacks at every retry. It is one warning line.
-    So is a consumer's lost connection to Redis, which Dramatiq says at CRITICAL, once a consumer (several
-    lines a process at each Redis restart), though nothing is lost and the consumer starts again itself."""
+    So is a consumer's lost connection to Redis, which Dramatiq says at CRITICAL at every try of every
+    consumer, three seconds apart, with an INFO line about the next try: four queues a process wrote 88 lines
+    in 30 s of an outage, though nothing is lost and the consumers start again by themselves. A process says
+    it once, and again at most every `OUTAGE_REPEAT_SECONDS` with the count of tries not said, like every
+    background loop; the next-try lines after a lost connection are not written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._reconnecting: set[int | None] = set()
+        """The consumer threads whose last line was a lost connection, whose next-try line is not written."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str) and record.msg.startswith(CONSUMER_LOST_REDIS) \
-                and record.levelno > logging.WARNING:
+        if isinstance(record.msg, str) and record.msg.startswith(CONSUMER_LOST_REDIS):
+            self._reconnecting.add(record.thread)
+            if (since := said_again(CONSUMER_LOST_REDIS, "the consumers' connection to Redis", "tries")) is None:
+                return False
             record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg += " (Redis is out of reach; the consumer starts again in 3 s)"
+            record.msg += (f" (Redis is out of reach; each of this process's consumers tries again every 3 s, said "
+                           f"at most every {OUTAGE_REPEAT_SECONDS:g} s{since})")
             return True
+        if isinstance(record.msg, str) and record.msg.startswith(CONSUMER_RESTARTS) \
+                and record.thread in self._reconnecting:
+            self._reconnecting.discard(record.thread)
+            return False
         error = record.exc_info[1] if record.exc_info else None
         if error is not None and isinstance(record.msg, str) and record.msg.startswith(FAILED_DELIVERY) \
                 and is_outage(error):

@@ -191,16 +191,17 @@ _outage_said: dict[tuple[str, str], tuple[float, int]] = {}
 """For each logger and loop, when it last said an outage and how many failed rounds it has not said since."""
 
 
-def _said_again(logger: logging.Logger, doing: str) -> str | None:
-    """None while `doing`'s failure was said within `OUTAGE_REPEAT_SECONDS` (this round counted, unsaid); else the
-    clause that counts the rounds not said since it was (empty for none), and it is said now."""
-    key, now = (logger.name, doing), time.monotonic()
+def said_again(source: str, doing: str, counted: str = "rounds") -> str | None:
+    """None while `doing`'s failure was said by `source` (a logger's name) within `OUTAGE_REPEAT_SECONDS` (this
+    one counted, unsaid); else the clause that counts the `counted` not said since it was (empty for none), and
+    it is said now."""
+    key, now = (source, doing), time.monotonic()
     said_at, unsaid = _outage_said.get(key, (float("-inf"), 0))
     if now - said_at < OUTAGE_REPEAT_SECONDS:
         _outage_said[key] = (said_at, unsaid + 1)
         return None
     _outage_said[key] = (now, 0)
-    return f"; {unsaid} more rounds failed alike since this was last said" if unsaid else ""
+    return f"; {unsaid} more {counted} failed alike since this was last said" if unsaid else ""
 
 
 def warn_of_repeated(logger: logging.Logger, error: BaseException, doing: str, meanwhile: str) -> None:
@@ -208,9 +209,22 @@ def warn_of_repeated(logger: logging.Logger, error: BaseException, doing: str, m
     with what is made of it `meanwhile`: one warning line, said again at most every `OUTAGE_REPEAT_SECONDS` with
     the count of rounds not said. A process's stream publisher said every failed batch: 800 lines in 12 s of
     a Redis restart."""
-    if (since := _said_again(logger, doing)) is not None:
+    if (since := said_again(logger.name, doing)) is not None:
         logger.warning("%s failed (%s); %s, said at most every %g s%s", doing, in_one_line(error), meanwhile,
                        OUTAGE_REPEAT_SECONDS, since)
+
+
+def warn_of_sparingly(logger: logging.Logger, error: BaseException, message: str, *args: object) -> None:
+    """`warn_of` for a step that every run meets alike while a backing service is out of reach (a send while
+    Redis is away: each request's, and each pending run's at every recovery sweep, a line each): the outage
+    said in one line, naming the run that met it first, and again at most every `OUTAGE_REPEAT_SECONDS` with
+    the count of runs not said (`message`, the template, tells one step from another); anything else said as
+    `warn_of` says it, with its traceback."""
+    if not is_outage(error):
+        warn_of(logger, error, message, *args)
+    elif (since := said_again(logger.name, message, "runs")) is not None:
+        logger.warning(message + " (%s); every run that meets this is said at most every %g s%s", *args,
+                       in_one_line(error), OUTAGE_REPEAT_SECONDS, since)
 
 
 def log_failure(logger: logging.Logger, error: BaseException, doing: str) -> None:
@@ -228,7 +242,7 @@ def log_failure(logger: logging.Logger, error: BaseException, doing: str) -> Non
             logger.error("%s failed: %s. %s (the database at %s); every round fails alike until then, said again "
                          "at most once a minute", doing, problem.step, in_one_line(error), database_location())
     elif is_outage(error):
-        if (since := _said_again(logger, doing)) is None:
+        if (since := said_again(logger.name, doing)) is None:
             return
         logger.warning("%s failed, a backing service is out of reach (%s); trying again, said at most every %g s%s",
                        doing, in_one_line(error), OUTAGE_REPEAT_SECONDS, since)

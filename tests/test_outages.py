@@ -163,26 +163,48 @@ def test_a_background_loop_says_an_outage_once_and_again_with_what_it_did_not_sa
         "again, said at most every 0 s; 3 more rounds failed alike since this was last said"]
 
 
-def test_a_consumers_lost_redis_connection_is_a_warning_not_a_critical_line() -> None:
+def test_a_consumers_lost_redis_connection_is_a_warning_not_a_critical_line(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Dramatiq says a consumer's lost Redis connection at CRITICAL, one line a consumer at every Redis restart,
     though the consumer starts again by itself: an operator paged on CRITICAL was paged for an outage the
-    deployment rides out. The line is the outage warning the rest are."""
+    deployment rides out. The line is the outage warning the rest are, said once for the process's consumers
+    and again at most every 30 s (each consumer's try, every 3 s, was two lines: 88 lines in 30 s of an
+    outage), without the line about each next try."""
     import logging
 
     import redis as redis_lib
 
     from app.logging_setup import OutageFailureFilter
 
-    record = logging.LogRecord("dramatiq.worker.ConsumerThread(turns)", logging.CRITICAL, __file__, 1,
-                               "Consumer encountered a connection error: %s",
-                               (redis_lib.ConnectionError("Connection closed by server."),), None)
-    assert OutageFailureFilter().filter(record)
-    assert (record.levelname, record.getMessage()) == (
+    import app.outages
+
+    monkeypatch.setattr(app.outages, "_outage_said", {})
+    outage = OutageFailureFilter()
+
+    def consumer_says(queue: str, thread: int, level: int, message: str, *args: object) -> logging.LogRecord | None:
+        """A line as Dramatiq's consumer thread of `queue` writes it, if the filter lets it through."""
+        record = logging.LogRecord(f"dramatiq.worker.ConsumerThread({queue})", level, __file__, 1, message, args,
+                                   None)
+        record.thread = thread
+        return record if outage.filter(record) else None
+
+    def lost_and_restarts(queue: str, thread: int) -> list[logging.LogRecord | None]:
+        return [consumer_says(queue, thread, logging.CRITICAL, "Consumer encountered a connection error: %s",
+                              redis_lib.ConnectionError("Connection closed by server.")),
+                consumer_says(queue, thread, logging.INFO, "Restarting consumer in %0.2f seconds.", 3.0)]
+
+    first, first_restart = lost_and_restarts("turns", 1)
+    assert first is not None and first_restart is None
+    assert (first.levelname, first.getMessage()) == (
         "WARNING", "Consumer encountered a connection error: Connection closed by server. (Redis is out of reach; "
-                   "the consumer starts again in 3 s)")
-    other = logging.LogRecord("dramatiq.worker.ConsumerThread(turns)", logging.CRITICAL, __file__, 1,
-                              "Consumer encountered an unexpected error.", None, None)
-    assert OutageFailureFilter().filter(other) and other.levelname == "CRITICAL"
+                   "each of this process's consumers tries again every 3 s, said at most every 30 s)")
+    assert lost_and_restarts("debug", 2) + lost_and_restarts("turns", 1) == [None] * 4  # the same outage's tries
+    monkeypatch.setattr(app.outages, "OUTAGE_REPEAT_SECONDS", 0.0)  # the interval gone by
+    again, _ = lost_and_restarts("debug", 2)
+    assert again is not None and again.getMessage().endswith("said at most every 30 s; 2 more tries failed alike "
+                                                             "since this was last said)")
+    other = consumer_says("turns", 1, logging.CRITICAL, "Consumer encountered an unexpected error.")
+    restart_after_other = consumer_says("turns", 1, logging.INFO, "Restarting consumer in %0.2f seconds.", 3.0)
+    assert other is not None and other.levelname == "CRITICAL" and restart_after_other is not None
 
 
 def test_a_database_connection_gives_up_on_a_server_gone_within_half_a_lease(database) -> None:  # type: ignore[no-untyped-def]
@@ -317,10 +339,12 @@ def test_a_background_round_against_a_database_that_refuses_its_login_says_to_me
 
 
 def test_a_send_while_redis_is_out_of_reach_is_an_outage_of_redis_said_in_one_line(  # type: ignore[no-untyped-def]
-        unreachable_broker, caplog) -> None:
+        unreachable_broker, caplog, monkeypatch) -> None:
     """Dramatiq's broker raises its own `ConnectionClosed` from the Redis client's error: it was no outage,
     so every send during a Redis restart logged its chained tracebacks (hundreds in a chaos hunt), and it must
-    not count as the database's outage either, which would stop a worker taking runs."""
+    not count as the database's outage either, which would stop a worker taking runs. Said in one line, and not
+    a line a run: every request's send and every pending run's at each recovery sweep wrote one (21 lines in
+    30 s for three pending turns in one process)."""
     import logging
 
     import dramatiq
@@ -334,11 +358,21 @@ def test_a_send_while_redis_is_out_of_reach_is_an_outage_of_redis_said_in_one_li
                                                        kwargs={}, options={}))
     assert is_outage(failed.value) and not is_database_outage(failed.value)
 
+    import app.outages
+
+    monkeypatch.setattr(app.outages, "_outage_said", {})
     with caplog.at_level(logging.WARNING, logger="app.dispatch"):
-        assert TURN.send(1, None) is False
-    [said] = [record for record in caplog.records if record.name == "app.dispatch"]
-    assert (said.levelno, said.exc_info) == (logging.WARNING, None)
-    assert said.getMessage().startswith(f"could not enqueue {TURN.actor}(1); recovery will send it (ConnectionError: ")
+        assert [TURN.send(ident, None) for ident in (1, 2, 3)] == [False, False, False]
+        monkeypatch.setattr(app.outages, "OUTAGE_REPEAT_SECONDS", 0.0)  # the interval gone by
+        assert TURN.send(4, None) is False
+    said = [record for record in caplog.records if record.name == "app.dispatch"]
+    assert [(record.levelno, record.exc_info) for record in said] == [(logging.WARNING, None)] * 2
+    first, again = (record.getMessage() for record in said)
+    assert first.startswith(f"could not enqueue {TURN.actor}(1); recovery will send it (ConnectionError: ")
+    assert first.endswith("); every run that meets this is said at most every 30 s")
+    assert again.startswith(f"could not enqueue {TURN.actor}(4); recovery will send it (ConnectionError: ")
+    assert again.endswith("); every run that meets this is said at most every 0 s; 2 more runs failed alike since "
+                          "this was last said")
 
 
 def test_a_stream_publisher_cut_off_from_redis_says_so_once_not_at_every_batch(  # type: ignore[no-untyped-def]

@@ -53,6 +53,31 @@ def test_concatenated_deltas_equal_the_stored_content(world, web_server) -> None
     assert statuses[-1] == "success" and "processing" in statuses
 
 
+def test_an_answer_being_written_is_read_with_the_text_its_readers_hold_so_far(world, web_server) -> None:  # type: ignore[no-untyped-def]
+    """A client that polls the message, or was refused a stream (429 `too_many_streams` sends it to the message),
+    read an empty `content` and no `model` until the turn's end: the database has them only then."""
+    key, message_id, conversation_id = start_turn(world, "echo;words=60;gap=0.05")
+
+    def read_while_written() -> tuple[dict[str, Any], dict[str, Any]] | None:
+        message = world.message(key, message_id)
+        listed = world.api.get(f"/api/conversations/{conversation_id}/messages", key).json["items"]
+        answer = next(m for m in listed if m["id"] == message_id)
+        if message["status"] != "processing" or answer["status"] != "processing":
+            return None
+        return (message, answer) if len(message["content"].split()) >= 3 else None
+
+    message, listed = wait_for(read_while_written, what="the answer read with some of its text while written")
+    final = world.wait_terminal(key, message_id)
+    assert final["status"] == "success" and final["content"] == " ".join(f"w{i}" for i in range(60))
+    assert final["content"].startswith(message["content"]) and final["content"].startswith(listed["content"])
+    assert len(listed["content"]) >= len(message["content"]) > 0
+    assert message["model"] == listed["model"] == final["model"] is not None
+    assert message["completion_tokens"] is None and message["cost"] is None
+    listed_at_the_end = world.api.get(f"/api/conversations/{conversation_id}/messages", key).json["items"]
+    assert [(m["role"], m["content"]) for m in listed_at_the_end] == [("user", "stream me"),
+                                                                       ("assistant", final["content"])]
+
+
 def test_text_with_separators_a_line_splitter_breaks_at_reaches_a_line_by_line_reader_whole(  # type: ignore[no-untyped-def]
         world, web_server) -> None:
     """U+2028, U+2029 and U+0085 went out raw in `data:` lines: valid SSE, yet httpx's `iter_lines` (which
