@@ -37,12 +37,35 @@ def prepare_metrics_dir(argv: list[str]) -> None:
             settings = Settings()  # the URLs as every process resolves them, defaults included (not cached here)
         except ValidationError:
             return  # the command stops at its first look at the settings, and says what is wrong there
-        relative_to = str(Path.cwd()) if settings.is_sqlite else ""
-        deployment = "|".join((settings.database_url, settings.redis_url, relative_to))
-        tag = hashlib.sha256(deployment.encode()).hexdigest()[:12]
+        tag = hashlib.sha256(deployment_of(settings.database_url, settings.redis_url).encode()).hexdigest()[:12]
         path = Path(tempfile.gettempdir()) / f"agentq-metrics-{os.getuid()}-{tag}"
         _own_private_dir(path)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+
+
+DEFAULT_PORTS = {"postgresql": 5432, "redis": 6379}
+
+
+def deployment_of(database_url: str, redis_url: str) -> str:
+    """The deployment two URLs name, the same however they spell it: a web and a worker whose `REDIS_URL`s
+    differed by a `/0` or a default port, or whose SQLite paths were relative to two directories, wrote their
+    counters to two directories, and the API's /metrics missed every worker's counter without a word. Read
+    as the database and Redis read them: the backend (any driver), the user, the host in lower case, the port
+    with its default, the database; Redis's socket path, or host and port, and database number. A password
+    or an option does not make another deployment. A SQLite file is its absolute path."""
+    from redis.connection import parse_url
+    from sqlalchemy.engine import make_url
+
+    database = make_url(database_url)
+    backend = database.get_backend_name()
+    if backend == "sqlite":
+        where = str(Path(database.database or "").resolve())
+    else:
+        where = (f"{database.username or ''}@{(database.host or '').lower()}:"
+                 f"{database.port or DEFAULT_PORTS.get(backend, '')}/{database.database or ''}")
+    redis = parse_url(redis_url)
+    host, port = str(redis.get("host", "localhost")).lower(), redis.get("port", DEFAULT_PORTS["redis"])
+    return f"{backend}:{where}|redis:{redis.get('path') or f'{host}:{port}'}/{redis.get('db', 0)}"
 
 
 def _own_private_dir(path: Path) -> None:

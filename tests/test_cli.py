@@ -25,12 +25,12 @@ print(os.environ.get("PROMETHEUS_MULTIPROC_DIR"), values.ValueClass.__name__)
 """
 
 
-def _storage_after_start(tmp_path: Path, command: str, **env: str) -> list[str]:
+def _storage_after_start(tmp_path: Path, command: str, cwd: Path | None = None, **env: str) -> list[str]:
     environment = {k: v for k, v in child_env(**env).items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     environment["TMPDIR"] = str(tmp_path)
     environment["PYTHONPATH"] = str(ROOT)
     ran = subprocess.run([str(VENV_BIN / "python"), "-c", STORAGE_AFTER_START, command], env=environment,
-                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+                         cwd=cwd or tmp_path, capture_output=True, text=True, timeout=60)
     assert ran.returncode == 0, ran.stderr
     return ran.stdout.splitlines()[-1].split()
 
@@ -47,6 +47,30 @@ def test_counters_go_to_the_deployments_shared_directory_when_none_is_configured
     other = _storage_after_start(tmp_path, "worker", DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1/other")
     assert other[1] == "MmapedValue" and other[0] != web[0]
     assert _storage_after_start(tmp_path, "dlq") == ["None", "MutexValue"]
+
+
+def test_a_web_and_a_worker_whose_urls_spell_one_deployment_two_ways_share_their_counters(tmp_path: Path) -> None:
+    """The directory was named after the URLs as written: a worker whose `REDIS_URL` lacked the API's `/0`, or
+    named the default port, or whose SQLite path was relative to another directory, wrote its counters where
+    the API's /metrics never looked, and nothing said so."""
+    database, redis_url = child_env()["DATABASE_URL"], child_env()["REDIS_URL"]
+    assert database.startswith("postgresql+psycopg://postgres@127.0.0.1:5432/")
+    assert redis_url.startswith("redis://127.0.0.1:6379/")
+    web = _storage_after_start(tmp_path, "web")
+    respelled = _storage_after_start(
+        tmp_path, "worker", DATABASE_URL=database.replace("+psycopg://postgres@127.0.0.1:5432/",
+                                                          "://postgres:a-password@127.0.0.1/"),
+        REDIS_URL=redis_url.replace("127.0.0.1:6379", "127.0.0.1"))
+    assert respelled == web
+    other_redis = _storage_after_start(tmp_path, "worker", REDIS_URL=redis_url.rsplit("/", 1)[0] + "/15")
+    assert other_redis[0] != web[0]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    sqlite = f"sqlite:///{tmp_path / 'agentq.sqlite3'}"
+    assert _storage_after_start(tmp_path, "web", DATABASE_URL=sqlite) == _storage_after_start(
+        tmp_path, "worker", elsewhere, DATABASE_URL=sqlite)
+    assert _storage_after_start(tmp_path, "web", DATABASE_URL="sqlite:///agentq.sqlite3")[0] != _storage_after_start(
+        tmp_path, "worker", elsewhere, DATABASE_URL="sqlite:///agentq.sqlite3")[0]
 
 
 DOTENV_REACHES = """
