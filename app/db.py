@@ -15,7 +15,9 @@ in a worker, a 503 with Retry-After in the API).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -53,7 +55,7 @@ def _sqlite_engine(url: str, create: bool) -> Engine:
             raise DatabaseNotCreated(f"The SQLite file {Path(path).resolve()} does not exist: run `agentq db init` "
                                      "to create it (a SQLite path is relative to the directory a command runs in).")
         try:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            _make_private(Path(path))
         except OSError as exc:
             raise InvalidConfiguration(f"DATABASE_URL names the SQLite file {Path(path).resolve()}, whose directory "
                                        f"cannot be made: {exc.strerror or exc}.") from exc
@@ -78,6 +80,20 @@ def _sqlite_engine(url: str, create: bool) -> Engine:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def _make_private(path: Path) -> None:
+    """Make a new SQLite file, and the directory it is the first file of, its owner's alone: it holds every
+    conversation and every API key's hash, and was made with the umask's mode (world-readable under the usual
+    022) by any `agentq db init` but `make run`'s, whose Makefile made its directory private. SQLite gives its
+    `-wal` and `-shm` files the database file's mode. A file or directory that exists is left as it is: its
+    mode is its operator's choice."""
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True)
+        path.parent.chmod(0o700)
+    if not path.exists():
+        with contextlib.suppress(FileExistsError):  # another process made it meanwhile: its mode stands
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
 
 
 def _build_engine(url: str, create: bool) -> Engine:

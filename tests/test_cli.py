@@ -49,6 +49,35 @@ def test_counters_go_to_the_deployments_shared_directory_when_none_is_configured
     assert _storage_after_start(tmp_path, "dlq") == ["None", "MutexValue"]
 
 
+def test_db_init_makes_a_new_sqlite_database_its_owners_alone(tmp_path: Path) -> None:
+    """`agentq db init` made the SQLite file, which holds every conversation, with the umask's mode:
+    world-readable under 022, outside `make run`, whose Makefile made its directory private. A file and a
+    directory that exist keep their operator's mode."""
+    import stat
+
+    def mode(path: Path) -> int:
+        return stat.S_IMODE(path.stat().st_mode)
+
+    def init(url: str) -> None:
+        ran = subprocess.run([str(VENV_BIN / "agentq"), "db", "init"], env=child_env(DATABASE_URL=url), cwd=ROOT,
+                             capture_output=True, text=True, timeout=60, preexec_fn=lambda: os.umask(0o022))
+        assert ran.returncode == 0, ran.stderr
+
+    new = tmp_path / "made" / "var" / "agentq.sqlite3"
+    init(f"sqlite:///{new}")
+    assert (mode(new.parent), mode(new)) == (0o700, 0o600)
+    assert [mode(Path(f"{new}{end}")) for end in ("-wal", "-shm") if Path(f"{new}{end}").exists()] in (
+        [], [0o600], [0o600, 0o600])
+    assert mode(tmp_path / "made") == 0o755  # a parent made on the way is the operator's tree, not the file's home
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o755)
+    (shared / "agentq.sqlite3").touch()
+    (shared / "agentq.sqlite3").chmod(0o640)
+    init(f"sqlite:///{shared / 'agentq.sqlite3'}")
+    assert (mode(shared), mode(shared / "agentq.sqlite3")) == (0o755, 0o640)
+
+
 def test_a_web_and_a_worker_whose_urls_spell_one_deployment_two_ways_share_their_counters(tmp_path: Path) -> None:
     """The directory was named after the URLs as written: a worker whose `REDIS_URL` lacked the API's `/0`, or
     named the default port, or whose SQLite path was relative to another directory, wrote its counters where
