@@ -135,8 +135,8 @@ def _reconcile() -> set[str] | None:
         # Only these bodies are read: a listing read every letter's, tracebacks and all, at each look.
         entries = with_bodies([message for ident, message in dead.items() if ident not in known])
     except redis.RedisError as exc:
-        log.warning("Redis could not be read (%s, at %s); dead letters are listed from the database alone",
-                    in_one_line(exc), redis_location())
+        log.warning("Redis at %s could not be read (%s); dead letters are listed from the database alone",
+                    redis_location(), in_one_line(exc))
         return None
     if entries:
         with transaction() as session:
@@ -210,12 +210,22 @@ def _page(in_broker: set[str] | None, limit: int, cursor: str | None) -> DeadLet
     return DeadLetterPage(_views(rows, in_broker), next_cursor)
 
 
+def no_such_letter(dead_letter_id: int, row: DeadLetter | None) -> NotFound:
+    """The 404 of a dead letter that is not one (any more): a requeued letter is gone to its readers as a purged
+    one is, and says so, for a show, a requeue and a purge alike (a second requeue read as a race lost, and a
+    purge of a requeued letter as an id never given)."""
+    if row is not None and row.requeued_at is not None:
+        return NotFound(f"Dead letter {dead_letter_id} was requeued already; its run went back to the queue and it "
+                        "is no longer a dead letter.")
+    return NotFound(f"Dead letter {dead_letter_id} does not exist.")
+
+
 def get_dead_letter(dead_letter_id: int) -> DeadLetterView:
     in_broker = _reconcile()
     with transaction() as session:
         row = session.get(DeadLetter, dead_letter_id)
     if row is None or row.requeued_at is not None:
-        raise NotFound(f"Dead letter {dead_letter_id} does not exist.")
+        raise no_such_letter(dead_letter_id, row)
     return _views([row], in_broker)[0]
 
 
@@ -224,7 +234,7 @@ def purge(dead_letter_id: int) -> None:
     with transaction() as session:
         row = session.scalar(select(DeadLetter).where(DeadLetter.id == dead_letter_id).with_for_update())
         if row is None or row.requeued_at is not None:
-            raise NotFound(f"Dead letter {dead_letter_id} does not exist.")
+            raise no_such_letter(dead_letter_id, row)
         try:
             take_entry(row.queue, row.redis_message_id)
         except redis.RedisError as exc:

@@ -149,7 +149,8 @@ def give_up_reason(deliveries: int, time_left: float | None, handed_back: int = 
     counted = since_requeue - handed_back
     if counted > get_settings().max_deliveries:
         apart = f", not counting {handed_back} handed back at a worker's stop" if handed_back else ""
-        return f"gave up after {counted - 1} deliveries{apart}"
+        died = counted - 1
+        return f"gave up after {died} {'delivery' if died == 1 else 'deliveries'}{apart}"
     if time_left is not None and time_left <= 0:
         return (f"gave up at delivery {since_requeue}: the run's deadline (each model's timeout and the grace, "
                 "counted from its first delivery) left no time for a model call")

@@ -267,8 +267,9 @@ def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, mod
                        **{**answer, "error_message": STOPPED})
     metrics.observe_cost("turn", cost)
     stream.finished(target, model, answer.get("content"))
-    log.info("turn %s ended %s: model %s, cost %s%s", context.turn_id, target.value, model or "none",
-             cost if cost is not None else 0, f"; {answer['error_message']}" if answer.get("error_message") else "")
+    log.info("turn %s ended %s: %s, cost %s%s", context.turn_id, target.value,
+             f"model {model}" if model else "no model called", cost if cost is not None else 0,
+             f"; {answer['error_message']}" if answer.get("error_message") else "")
     return target
 
 

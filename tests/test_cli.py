@@ -894,7 +894,8 @@ def test_what_a_command_logs_as_it_goes_on_is_a_json_warning_line(database: str)
     assert (result.returncode, json.loads(result.stdout)) == (0, {"items": []})
     warnings = [json.loads(line)["warning"] for line in result.stderr.splitlines()]
     assert [w["code"] for w in warnings] == ["warning"]
-    assert warnings[0]["message"].startswith("Redis could not be read (ConnectionError: ")
+    assert warnings[0]["message"].startswith("Redis at redis://127.0.0.1:")
+    assert " could not be read (ConnectionError: " in warnings[0]["message"]
     assert warnings[0]["message"].endswith("); dead letters are listed from the database alone")
 
 

@@ -561,7 +561,7 @@ def test_a_takeover_records_the_calls_of_every_earlier_delivery_left_in_no_recor
                                             (3, "billed", "success", 2)]
 
 
-def test_deliveries_a_graceful_stop_handed_back_do_not_count_toward_giving_up() -> None:
+def test_deliveries_a_graceful_stop_handed_back_do_not_count_toward_giving_up(settings_of) -> None:  # type: ignore[no-untyped-def]
     """`AGENTQ_MAX_DELIVERIES` counts the deliveries that died or stalled, not those a worker's stop handed back;
     the reason names both, and the deadline's reason the delivery's own number."""
     from app.config import get_settings
@@ -573,6 +573,8 @@ def test_deliveries_a_graceful_stop_handed_back_do_not_count_toward_giving_up() 
     assert give_up_reason(limit + 3, None, handed_back=2) == (
         f"gave up after {limit} deliveries, not counting 2 handed back at a worker's stop")
     assert give_up_reason(limit + 1, 0.0, handed_back=1).startswith(f"gave up at delivery {limit + 1}: ")  # type: ignore[union-attr]
+    settings_of(AGENTQ_MAX_DELIVERIES="1")
+    assert give_up_reason(2, None) == "gave up after 1 delivery"
 
 
 def _settle_as_success(turn: HeldTurn, token: str) -> None:

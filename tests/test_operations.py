@@ -188,9 +188,12 @@ def test_a_turn_whose_retries_run_out_is_a_dead_letter_and_runs_again_when_reque
     assert dead_count(redis_client) == 0
     assert queue_of(api, admin, "turns")["dead_letters"] == 0
     again = api.post(f"/api/admin/dead-letters/{item['id']}/requeue", admin)
-    assert (again.status_code, again.json["error"]["message"]) == (
-        404, f"Dead letter {item['id']} was requeued already (another requeue came first).")
-    assert api.get(f"/api/admin/dead-letters/{item['id']}", admin).status_code == 404
+    requeued_already = (f"Dead letter {item['id']} was requeued already; its run went back to the queue and it is "
+                        "no longer a dead letter.")
+    assert (again.status_code, again.json["error"]["message"]) == (404, requeued_already)
+    for method in ("GET", "DELETE"):
+        shown = api.call(method, f"/api/admin/dead-letters/{item['id']}", admin)
+        assert (shown.status_code, shown.json["error"]["message"]) == (404, requeued_already)
 
 
 def test_a_requeued_turn_does_not_show_the_text_its_dead_run_kept(world, redis_client) -> None:  # type: ignore[no-untyped-def]

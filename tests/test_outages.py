@@ -173,9 +173,8 @@ def test_a_consumers_lost_redis_connection_is_a_warning_not_a_critical_line(monk
 
     import redis as redis_lib
 
-    from app.logging_setup import OutageFailureFilter
-
     import app.outages
+    from app.logging_setup import OutageFailureFilter
 
     monkeypatch.setattr(app.outages, "_outage_said", {})
     outage = OutageFailureFilter()
