@@ -3,7 +3,8 @@
 Behaviour is chosen by the upstream model name, so one server plays every provider a test needs:
 `echo` answers with the last user message; directives after it, each after a `;` (the first word is a name
 and never read as one: `fail=429` alone is plain `echo`), change that, e.g. `echo;ttft=1;gap=0.05`,
-`echo;fail=429`, `stall_after=3`, `cut_after=2`, `end_after=2` (the body ends
+`echo;fail=429`, `hang_headers=5` (no response headers for 5 s), `stall_after=3`, `cut_after=2`, `end_after=2`
+(the body ends
 cleanly there, with no finish_reason and no `[DONE]`), `garbage_after=2` (a chunk that is not a chat
 completion chunk), `nested_after=2` (a chunk nested too deeply for a JSON decoder), `words=40` (`w0 w1 …`;
 `word=v` makes them `v0 v1 …`, another model's answer), `no_usage`,
