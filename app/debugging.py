@@ -130,6 +130,15 @@ class WaitedTestRun(NamedTuple):
     still_running: str | None
     """Why the run has not ended after the wait, for whoever waited; None once it has."""
 
+    @property
+    def unsuccessful(self) -> str | None:
+        """How the run ended, when it ended in anything but `success`: a smoke test that waits on an agent must
+        tell a model that is down from one that answered without reading the printed run."""
+        if self.still_running is not None or self.run.status == TurnStatus.SUCCESS:
+            return None
+        return f"test run {self.run.id} ended {self.run.status}" + (
+            f": {self.run.error_message}" if self.run.error_message else "")
+
 
 def wait_for_debug_log(log_id: int, timeout: float, poll_seconds: float = 0.2) -> WaitedTestRun:
     """The test run once it has ended, or as it is when `timeout` seconds have passed: for a shell that waits

@@ -33,6 +33,9 @@ def cmd_debug_prompt(args: argparse.Namespace) -> int:
 
 
 DEFAULT_WAIT_SECONDS = 600.0
+RUN_UNSUCCESSFUL = 3
+"""The exit status of a `--wait` whose run ended in anything but `success` (1 is a command that failed, 2 a usage
+error): the run itself is printed as for a success."""
 
 
 def cmd_debug_execute(args: argparse.Namespace) -> int:
@@ -55,6 +58,9 @@ def cmd_debug_execute(args: argparse.Namespace) -> int:
     if waited_run.still_running is not None:
         print_error("still_running", waited_run.still_running)
         return 1
+    if waited_run.unsuccessful is not None:
+        print_error("run_unsuccessful", waited_run.unsuccessful)
+        return RUN_UNSUCCESSFUL
     return 0
 
 

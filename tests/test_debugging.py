@@ -506,6 +506,14 @@ def test_the_cli_twin_prints_what_the_api_answers(world, upstream, moderation) -
     assert (printed["status"], printed["admin_id"], printed["output"]) == ("success", int(admin), "echo: hello again")
     assert printed["cost"] == _money(Decimal(5 + 3 + 3 * 2) / 1000)
     assert _count("admin_debug_logs") == 2
+    down = world.agent(world.model("down", upstream="echo;fail=503"))
+    failed = _cli("execute", str(down), "hello", "--admin-id", admin, "--wait")
+    ran = json.loads(failed.stdout)  # printed as a success is: the run is the answer either way
+    assert (failed.returncode, ran["status"], ran["output"]) == (3, "llm_error", "")
+    assert ran == world.api.get(f"/api/admin/debug-logs/{ran['id']}", world.admin_key).json
+    assert json.loads(failed.stderr)["error"] == {
+        "code": "run_unsuccessful", "message": f"test run {ran['id']} ended llm_error: {ran['error_message']}"}
+    assert ran["error_message"]
 
 
 def test_the_cli_twin_refuses_a_non_admin_identity(world) -> None:  # type: ignore[no-untyped-def]
