@@ -146,6 +146,19 @@ def configure_logging() -> None:
     quiet_chatty_libraries()
 
 
+def write_to_inherited_stderr() -> None:
+    """Send this process's lines to the stderr it inherited, not to the pipe through which Dramatiq's parent
+    writes its children's lines: a worker process whose group's parent died outright (SIGKILL, the OOM
+    killer) goes on to finish or hand back its runs, and every line about them went into a pipe no one read,
+    so an operator saw turns claimed that never ended. Lines of several processes may interleave there."""
+    if sys.__stderr__ is None:
+        return
+    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setStream(sys.__stderr__)
+
+
 CHATTY = ("httpx", "httpx2", "httpcore", "httpcore2", "openai")
 
 

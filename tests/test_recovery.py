@@ -428,14 +428,27 @@ def _running(pid: int) -> bool:
 def test_worker_processes_stop_when_their_groups_parent_is_killed_outright(stack: Stack) -> None:
     """A SIGKILLed `agentq worker` left its worker processes running as orphans: they claimed nothing more
     but held their database connections, beside the group its supervisor started again. They now get
-    SIGTERM from the kernel as their parent dies, and stop."""
+    SIGTERM from the kernel as their parent dies, and stop, finishing the turn they run; their lines about it
+    are written to their own stderr, not into the dead parent's pipe, where they were lost (the log showed a
+    turn claimed that never ended)."""
     worker = stack.start_worker(processes=2)
     assert worker.popen is not None
     children = _children_of(worker.popen.pid)
     assert len(children) == 2
+    _, key = stack.user("orphaned")
+    conversation_id = stack.conversation(key, slow_agent(stack, "orphaned-slow", "echo;words=15;gap=0.1"))
+    turn = stack.send(key, conversation_id, "outlive the parent")
+    wait_for(lambda: claims_of(worker, turn["id"]), what="the turn claimed")
     os.kill(worker.popen.pid, signal.SIGKILL)
     wait_for(lambda: not any(_running(child) for child in children), timeout=30,
              what="the orphaned worker processes to stop")
+    done = stack.wait_terminal(key, turn["id"])
+    assert (done["status"], done["content"]) == ("success", " ".join(f"w{i}" for i in range(15)))
+    ended = [r for r in log_records(worker) if r.get("turn_id") == turn["id"] and " ended " in r["message"]]
+    assert [r["message"] for r in ended] == [f"turn {turn['id']} ended success: model {done['model']}, "
+                                             f"cost {done['cost']}"]
+    gone = [r for r in log_records(worker) if r["message"].startswith("the worker group's parent is gone")]
+    assert len(gone) == 2 and {r["process"] for r in gone} == set(children)
 
 
 def test_a_redis_that_stops_answering_holds_a_post_for_one_timeout_not_half_a_minute(stack: Stack) -> None:

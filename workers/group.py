@@ -34,6 +34,7 @@ from types import FrameType
 from dramatiq.cli import HANDLED_SIGNALS, RET_IMPORT
 
 from app.config import get_settings
+from app.logging_setup import write_to_inherited_stderr
 
 log = logging.getLogger("agentq.worker")
 
@@ -229,10 +230,31 @@ def treat_a_repeated_stop_as_one(on_first_stop: Callable[[], None]) -> None:
             return
         if first is None:
             first = now
+            if _parent_gone():
+                write_to_inherited_stderr()
+                log.warning("the worker group's parent is gone (killed outright?): this process stops, finishing or "
+                            "handing back its runs, and writes its lines to its own stderr")
             on_first_stop()
         dramatiq_handler(signum, frame)
 
     signal.signal(signal.SIGTERM, stop_once)
+
+
+def _parent_gone() -> bool:
+    """In a worker process on Linux: its group's parent is dead or dying (the SIGTERM it got came from the
+    kernel, asked for by `stop_with_the_parent`). The kernel sends that signal as the thread that forked this
+    process exits, and while the parent's other threads are still being killed this process is their child
+    for a moment, under the same process id: the parent's main thread is a zombie then."""
+    parent = multiprocessing.parent_process()
+    if parent is None or not sys.platform.startswith("linux"):
+        return False
+    if os.getppid() != parent.pid:
+        return True
+    try:
+        with open(f"/proc/{parent.pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
 
 
 PR_SET_PDEATHSIG = 1
