@@ -96,6 +96,8 @@ class Settings(BaseSettings):
     db_pool_timeout_seconds: Seconds = 30.0
     db_connect_timeout_seconds: int = Field(default=5, ge=2, le=DAY)
     log_json: bool = False
+    access_log: bool = False
+    """One line for each request `agentq web` answers (gunicorn's access log, in agentq's log format)."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
     @field_validator("database_url")

@@ -178,7 +178,7 @@ def gunicorn_logconfig() -> dict[str, object]:
     handler = {"class": "logging.StreamHandler", "formatter": "agentq", "filters": ["turn"],
                "stream": "ext://sys.stderr"}
     gunicorn_logger = {"level": settings.log_level.upper(), "handlers": ["agentq"], "propagate": False}
-    access_logger = {**gunicorn_logger, "level": "WARNING"}
+    access_logger = {**gunicorn_logger, "level": "INFO" if settings.access_log else "WARNING"}
     return {
         "version": 1,
         "disable_existing_loggers": False,

@@ -40,6 +40,13 @@ DATABASE_CUT_OFFS = Counter("agentq_worker_database_cut_offs_total",
                             "Times a worker process stopped taking runs because its database was out of reach.")
 FIRST_TOKEN = Histogram("agentq_llm_first_token_seconds", "Time to the first token of an attempt.", ["model"],
                         buckets=LATENCY_BUCKETS)
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+REQUESTS = Counter("agentq_http_requests_total", "API requests answered, by route, method and status.",
+                   ["route", "method", "status"])
+REQUEST_LATENCY = Histogram("agentq_http_request_seconds",
+                            "Time from a request's dispatch to its response's headers, by route and method (a "
+                            "streamed body, an answer's SSE stream or a long list, is not counted in it).",
+                            ["route", "method"], buckets=REQUEST_BUCKETS)
 
 
 def host_counters() -> CollectorRegistry:
@@ -129,6 +136,14 @@ def observe_attempts(attempts: Iterable[AttemptRecord]) -> None:
         LLM_LATENCY.labels(attempt.model_name).observe(attempt.latency_ms / 1000)
         if attempt.first_token_ms is not None:
             FIRST_TOKEN.labels(attempt.model_name).observe(attempt.first_token_ms / 1000)
+
+
+def observe_request(route: str, method: str, status: int, seconds: float | None) -> None:
+    """`route` is the rule a request matched (`/api/messages/<id:message_id>`), never its path, whose ids would
+    make a series a message; `seconds` None for a request whose start was not seen."""
+    REQUESTS.labels(route, method, str(status)).inc()
+    if seconds is not None:
+        REQUEST_LATENCY.labels(route, method).observe(seconds)
 
 
 def observe_terminal(status: str) -> None:

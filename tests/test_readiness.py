@@ -105,3 +105,65 @@ def test_a_database_without_the_schema_is_not_ready_and_says_to_run_db_init(data
         web.stop()
         if database == "postgresql":
             drop_database(name)
+
+
+def test_every_request_is_counted_and_timed_by_the_route_it_matched(world, web_server) -> None:  # type: ignore[no-untyped-def]
+    """The API's /metrics had no request counts or latencies: error rates and slow routes were an access log's
+    or a proxy's to tell. Labels are the matched rule, never the path (its ids would make a series a
+    message), and a method or a path the API does not serve is `other` or `unmatched`."""
+    _, key = world.user("counted")
+    auth = {"Authorization": f"Bearer {key}"}
+
+    def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        served = httpx.get(f"{web_server}/metrics", timeout=30)
+        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(served.text) for sample in family.samples
+                if sample.name.startswith("agentq_http_request")}
+
+    before = scrape()
+    assert [httpx.get(f"{web_server}/api/me", headers=auth).status_code for _ in range(3)] == [200] * 3
+    assert httpx.get(f"{web_server}/api/me").status_code == 401
+    assert httpx.get(f"{web_server}/api/messages/987654321", headers=auth).status_code == 404
+    assert httpx.get(f"{web_server}/no/such/path/123456789").status_code == 404
+    assert httpx.request("BREW", f"{web_server}/api/me", headers=auth).status_code == 405
+    after = scrape()
+
+    def added(name: str, **labels: str) -> float:
+        series = (name, tuple(sorted(labels.items())))
+        return after.get(series, 0.0) - before.get(series, 0.0)
+
+    counted = "agentq_http_requests_total"
+    assert added(counted, route="/api/me", method="GET", status="200") == 3
+    assert added(counted, route="/api/me", method="GET", status="401") == 1
+    assert added(counted, route="/api/messages/<id:message_id>", method="GET", status="404") == 1
+    assert added(counted, route="unmatched", method="GET", status="404") == 1
+    assert added(counted, route="unmatched", method="other", status="405") == 1
+    assert added("agentq_http_request_seconds_count", route="/api/me", method="GET") == 4
+    assert added("agentq_http_request_seconds_bucket", route="/api/me", method="GET", le="+Inf") == 4
+    assert 0 < added("agentq_http_request_seconds_sum", route="/api/me", method="GET") < 30
+    assert not [series for series in after if any("987654321" in v or "123456789" in v for _, v in series[1])]
+
+
+def test_an_access_log_is_written_only_when_asked_for(web_server) -> None:  # type: ignore[no-untyped-def]
+    """`AGENTQ_ACCESS_LOG=true` writes one line a request in agentq's format (JSON here), with the status, the
+    size and the time; by default none, as before (a proxy in front usually keeps one)."""
+    port = free_port()
+    web = Process("web-access-log", agentq("web", "--port", str(port), "--workers", "1", "--threads", "4"),
+                  child_env(AGENTQ_ACCESS_LOG="true", AGENTQ_LOG_JSON="true"), LOG_DIR).start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/healthz")
+        assert httpx.get(f"{url}/api/me", headers={"Authorization": "Bearer nobody"}).status_code == 401
+
+        def access_lines() -> list[dict[str, object]]:
+            return [line for line in map(json.loads, web.output().splitlines())
+                    if line["logger"] == "gunicorn.access" and "/api/me" in str(line["message"])]
+
+        [line] = wait_for(access_lines, what="the request's access line")
+        message = str(line["message"])
+        assert message.startswith('127.0.0.1 "GET /api/me HTTP/1.1" 401 ') and line["level"] == "INFO"
+        assert " bytes " in message and message.endswith(' ms "python-httpx/' + httpx.__version__ + '"')
+    finally:
+        web.stop()
+    assert httpx.get(f"{web_server}/api/me", headers={"Authorization": "Bearer nobody"}).status_code == 401
+    assert "gunicorn.access" not in (LOG_DIR / "web.log").read_text()

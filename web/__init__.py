@@ -11,6 +11,7 @@ from werkzeug.routing import IntegerConverter
 from web.bodies import SafeJSONProvider
 from web.errors import install_error_handlers, on_validation_error
 from web.headers import guard_every_response
+from web.request_metrics import count_every_request
 from web.schemas import ErrorResponse
 
 
@@ -60,6 +61,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> AgentqAPI:
         app.config.update(test_config)
     app.url_map.converters["id"] = IdConverter
     install_error_handlers(app)
+    count_every_request(app)
     for blueprint in (health.bp, me.bp, admin.bp, conversations.bp, streaming.bp, debug.bp, ops.bp):
         app.register_api(blueprint)
     app.register_blueprint(console.bp)

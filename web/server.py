@@ -17,6 +17,10 @@ from gunicorn.workers.gthread import ThreadWorker
 
 from app.errors import error_object
 
+ACCESS_LOG_FORMAT = '%(h)s "%(r)s" %(s)s %(B)s bytes %(M)s ms "%(a)s"'
+"""An access line: the client's address, the request line, the status, the body's bytes, the time to the end of
+the response (an answer stream's whole length), and the client's user agent; no key (it is a header)."""
+
 
 class QuietAccessLogger(Logger):
     """gunicorn builds every access log line (its "atoms") whenever any logging config is given, and
@@ -173,6 +177,8 @@ def serve(host: str, port: int, *, workers: int, threads: int) -> None:
         # outside the BMP, percent-encoded, is 6,000 bytes) fits, where the default 4,094 answered it 414.
         "limit_request_line": 8190,
         "accesslog": None,
+        # Read only with AGENTQ_ACCESS_LOG, which lets gunicorn's access logger write through agentq's handler.
+        "access_log_format": ACCESS_LOG_FORMAT,
         "logger_class": QuietAccessLogger,
         "logconfig_dict": gunicorn_logconfig(),
         "child_exit": _child_exit,
