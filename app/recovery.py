@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cache
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import redis
 from sqlalchemy import ColumnElement, DateTime, and_, bindparam, false, not_, or_, select, true
@@ -63,7 +63,7 @@ from app.in_flight import answer_in_flight, in_flight, status_is
 from app.leases import TakeoverGate
 from app.models import ConversationMessage, DebugRun, Turn, table
 from app.models.base import utc_now
-from app.outages import log_failure
+from app.outages import OUTAGE_REPEAT_SECONDS, log_failure, said_again
 from app.pending_bound import end_pending_too_long, pending_cutoff, waited_too_long
 from app.prepared import Prepared
 from app.redis_client import get_redis, key, lua_script
@@ -76,7 +76,7 @@ log = logging.getLogger(__name__)
 
 def epoch_key() -> str:
     """Set by the first sweep after Redis starts empty, to the server run it saw; missing, or naming another
-    server run, it means Redis lost its data (`_run_that_lost_data`)."""
+    server run, it means Redis lost its data (`_redis_at_sweep`)."""
     return key("epoch")
 
 
@@ -105,10 +105,16 @@ def epoch_value(run: str) -> str:
     return f"{run} {utc_now().isoformat()}"
 
 
-def _run_that_lost_data() -> str | None:
+class _RedisAtSweep(NamedTuple):
+    reachable: bool
+    lost_run: str | None
     """The Redis server's run while the epoch key is missing or was written in another run: Redis was
     flushed, or restarted empty or from a snapshot, and lost some or all of its queues. None while it
-    holds them all (or cannot be reached: its sends would fail too).
+    holds them all, or cannot be reached."""
+
+
+def _redis_at_sweep() -> _RedisAtSweep:
+    """Whether Redis answers as a sweep starts, and whether it lost its data (`_RedisAtSweep.lost_run`).
 
     The key is set again only by a sweep that has re-sent every pending turn (`_mark_epoch`), so a
     sweep that dies half-way (database down, process killed) leaves the work to the next one. A restart
@@ -119,8 +125,8 @@ def _run_that_lost_data() -> str | None:
         client = get_redis()
         run, epoch = server_run(client), cast(bytes | None, client.get(epoch_key()))
     except redis.RedisError:
-        return None
-    return run if epoch is None or epoch.split(b" ", 1)[0].decode() != run else None
+        return _RedisAtSweep(False, None)
+    return _RedisAtSweep(True, run if epoch is None or epoch.split(b" ", 1)[0].decode() != run else None)
 
 
 SWEEP_MARK_SECONDS = 3600
@@ -282,21 +288,37 @@ def _send_due(rows: list[Any], kind: RunKind, sent: list[int], report: RecoveryR
 
 
 def _end_or_send(rows: list[Any], kind: RunKind, cutoffs: dict[str, datetime], sent: list[int],
-                 report: RecoveryReport) -> list[int]:
+                 report: RecoveryReport, *, redis_reachable: bool) -> list[int]:
     """End the rows that waited too long (`app.pending_bound`) or are past their deadline under no lease
-    (`app.deadline_bound`), and send the others that are due; the ids ended."""
+    (`app.deadline_bound`), and send the others that are due, unless Redis did not answer as the sweep began;
+    the ids ended."""
     ended = end_pending_too_long(kind, [row[0] for row in rows if row.waited_too_long], cutoffs["pending_before"])
     ended += end_past_deadline(kind, [row[0] for row in rows if row.past_deadline], cutoffs["deadline_before"])
-    _send_due([row for row in rows if not (row.waited_too_long or row.past_deadline)], kind, sent, report)
+    due = [row for row in rows if not (row.waited_too_long or row.past_deadline)]
+    if redis_reachable:
+        _send_due(due, kind, sent, report)
+    else:
+        report.unsent += len(due)
     return ended
+
+
+def _say_unsent_while_redis_is_away(report: RecoveryReport) -> None:
+    """Each due run's send, tried while Redis was away, failed alike: two transactions and a send a run, at
+    every sweep, a line each (and, with a Redis that hangs rather than refuses, a socket timeout each, which
+    held the sweep, and the leases it takes over, for minutes). The sweep sends none then, and says so at
+    most every `OUTAGE_REPEAT_SECONDS`."""
+    if report.unsent and (since := said_again(log.name, "the recovery sweep's sends", "sweeps")) is not None:
+        log.warning("Redis is out of reach: %d due runs are left for a sweep that reaches it, said at most every "
+                    "%g s%s", report.unsent, OUTAGE_REPEAT_SECONDS, since)
 
 
 def recover_once(*, first_sweep: bool = False, gate: TakeoverGate | None = None) -> RecoveryReport:
     """One sweep; a worker process's first looks further back for runs without a receipt
     (`app.dispatch.receipt_look_seconds`). Unless its `gate` is open once the database has answered this
     sweep, it leaves every run held by a lease to its holder, expired or overdue (no gate: it is open)."""
-    lost_run = _run_that_lost_data()
-    report = RecoveryReport(redis_lost=lost_run is not None)
+    redis_now = _redis_at_sweep()
+    lost_run = redis_now.lost_run
+    report = RecoveryReport(redis_lost=lost_run is not None, receipts_unchecked=not redis_now.reachable)
     sweep_mark = _leave_sweep_mark(lost_run) if lost_run is not None else None
     settings = get_settings()
     asked_at = gate.clock() if gate is not None else 0.0
@@ -312,8 +334,11 @@ def recover_once(*, first_sweep: bool = False, gate: TakeoverGate | None = None)
                    "sent_before": now - timedelta(seconds=settings.lease_seconds),
                    "pending_before": pending_cutoff(now), "deadline_before": deadline_cutoff(now)}
         turns, runs = due.turns(session, cutoffs).rows, due.runs(session, cutoffs).rows
-    report.ended = _end_or_send(turns, TURN, cutoffs, report.sent, report)
-    report.debug_ended = _end_or_send(runs, TEST_RUN, cutoffs, report.debug_sent, report)
+    report.ended = _end_or_send(turns, TURN, cutoffs, report.sent, report, redis_reachable=redis_now.reachable)
+    report.debug_ended = _end_or_send(runs, TEST_RUN, cutoffs, report.debug_sent, report,
+                                      redis_reachable=redis_now.reachable)
+    if not redis_now.reachable:
+        _say_unsent_while_redis_is_away(report)
     if report.redis_lost and report.unsent == 0:
         _mark_epoch(sweep_mark)
     if report.sent or report.debug_sent:

@@ -346,13 +346,17 @@ def silent_redis() -> Iterator[SilentServer]:
 @pytest.fixture
 def unreachable_broker(monkeypatch: pytest.MonkeyPatch) -> None:
     """This process's Dramatiq broker pointed at a closed port: every send fails, as when Redis is down."""
+    point_the_broker_at_a_closed_port(monkeypatch)
+
+
+def point_the_broker_at_a_closed_port(patch: pytest.MonkeyPatch) -> None:
+    """`unreachable_broker`, for a part of a test (`monkeypatch.context()`)."""
     import dramatiq
 
     from workers.broker import install_broker
 
     broker = install_broker()
     dead_client = type(broker.client).from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
-    monkeypatch.setattr(broker, "client", dead_client)
-    monkeypatch.setattr(broker, "scripts", {n: dead_client.register_script(s.script)
-                                            for n, s in broker.scripts.items()})
+    patch.setattr(broker, "client", dead_client)
+    patch.setattr(broker, "scripts", {n: dead_client.register_script(s.script) for n, s in broker.scripts.items()})
     assert dramatiq.get_broker() is broker

@@ -386,6 +386,46 @@ def test_a_first_sweep_that_could_not_ask_redis_for_receipts_says_so_and_sends_n
     assert world.wait_terminal(key, stranded)["status"] == "success"
 
 
+def test_a_sweep_while_redis_is_out_of_reach_sends_nothing_and_says_so_once(  # type: ignore[no-untyped-def]
+        world, redis_client, workers, monkeypatch, caplog) -> None:
+    """A sweep tried each due run's send while Redis was away: two transactions and a failed send a run, a line
+    each, at every sweep, and with a Redis that hangs a socket timeout each, which held the sweep (and the
+    leases it takes over) for minutes. Redis not answering as the sweep begins, it sends none, leaves their
+    outbox marks as they were, and says so once; with Redis back, it sends them."""
+    import logging
+
+    import redis
+    from sqlalchemy import text
+
+    import app.outages
+    import app.recovery
+    from app.db import plain_transaction
+    from tests.conftest import point_the_broker_at_a_closed_port
+
+    monkeypatch.setattr(app.outages, "_outage_said", {})
+    wait_for(lambda: redis_client.exists(app.recovery.epoch_key()), what="a recovery sweep after the Redis flush")
+    workers.stop_all()  # their own sweeps, which reach Redis, would send the turn
+    try:
+        key, unsent = _committed_never_sent(world, "unsent while redis is away", sent_seconds_ago=60)
+        with plain_transaction() as connection:  # its send failed: no mark, committed a while ago
+            connection.execute(text("UPDATE turns SET enqueued_at = NULL, created_at = now() - interval '10 seconds' "
+                                    "WHERE assistant_message_id = :id"), {"id": unsent})
+        with monkeypatch.context() as away, caplog.at_level(logging.WARNING):
+            away.setattr(app.recovery, "get_redis", lambda: redis.Redis(port=1, socket_connect_timeout=0.2))
+            point_the_broker_at_a_closed_port(away)  # its sends fail too, as they do with Redis away
+            sweeps = [app.recovery.recover_once() for _ in range(3)]
+        assert [(sweep.sent, sweep.receipts_unchecked, sweep.unsent > 0) for sweep in sweeps] == [
+            ([], True, True)] * 3
+        assert _outbox_mark(unsent) is None
+        said = [record.getMessage() for record in caplog.records if record.name in ("app.recovery", "app.dispatch")]
+        assert len(said) == 1 and said[0].startswith("Redis is out of reach: ") and said[0].endswith(
+            "due runs are left for a sweep that reaches it, said at most every 30 s"), said
+        assert unsent in app.recovery.recover_once().sent
+    finally:
+        workers.start()
+    assert world.wait_terminal(key, unsent)["status"] == "success"
+
+
 def test_an_admin_test_run_committed_but_never_sent_is_sent_by_the_sweep(  # type: ignore[no-untyped-def]
         world, redis_client, monkeypatch) -> None:
     """The same for an admin test run whose API process died between its commit and its send."""
