@@ -88,8 +88,9 @@ def _make_private(path: Path) -> None:
     022) by any `agentq db init` but `make run`'s, whose Makefile made its directory private. SQLite gives its
     `-wal` and `-shm` files the database file's mode. A file or directory that exists is left as it is: its
     mode is its operator's choice."""
-    if not path.parent.exists():
-        path.parent.mkdir(parents=True)
+    made = not path.parent.is_dir()
+    path.parent.mkdir(parents=True, exist_ok=True)  # a file in its place: "File exists"
+    if made:
         path.parent.chmod(0o700)
     if not path.exists():
         with contextlib.suppress(FileExistsError):  # another process made it meanwhile: its mode stands
