@@ -318,6 +318,9 @@ def test_a_setting_that_cannot_work_stops_the_command_with_one_json_error(args: 
     # taken without a word, and the run started, as if the operator would be told how it ended
     (["debug", "execute", "1", "hi", "--admin-id", "1", "--timeout", "5"], "--timeout is how long --wait waits"),
     (["users", "create", "typo", "--balance", "5_00"], "digits 0-9, an optional sign and decimal point, not '5_00'"),
+    # an account opened with 0, exit 0, as if the operator had typed nothing
+    (["users", "create", "in-debt", "--balance=-5"], "a balance must be between 0 and 999999999999.999999, with at "
+                                                     "most 6 decimals, not -5"),
     (["dlq", "requeue"], "one of the arguments id --all is required"),
     (["dlq", "purge", "5", "--all"], "not allowed with argument id"),
 ])

@@ -588,3 +588,43 @@ def test_of_two_deletes_at_once_one_is_204_and_the_other_404(world, web_server, 
             holder.rollback()
             assert sorted(answers) == [204, 404]
     assert httpx.delete(f"{web_server}{path}", headers={"Authorization": f"Bearer {auth}"}).status_code == 404
+
+
+def test_the_database_alone_keeps_the_limit_of_active_conversations_when_redis_is_out_of_reach(world) -> None:  # type: ignore[no-untyped-def]
+    """With Redis up its script refuses the user's fourth conversation first, so the database's own count, which
+    no index backs, was never what refused it: an off-by-one there would have given users a conversation more
+    whenever Redis is away. Here the API cannot reach Redis."""
+    port = free_port()
+    web = Process("web-limit-without-redis", agentq("web", "--port", str(port), "--workers", "1", "--threads", "4"),
+                  child_env(REDIS_URL="redis://127.0.0.1:9/0"), LOG_DIR).start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/healthz")
+        agent_id = world.agent(world.model("slow-without-redis", upstream="echo;ttft=3"), timeout_seconds=20)
+        _, key = world.user()
+        conversations = [world.conversation(key, agent_id, project_id=i) for i in range(4)]
+
+        def post(conversation_id: int) -> httpx.Response:
+            return httpx.post(f"{url}/api/conversations/{conversation_id}/messages", timeout=30,
+                              headers={"Authorization": f"Bearer {key}"}, json={"content": "hi"})
+
+        assert [post(c).status_code for c in conversations[:3]] == [202] * 3
+        refused = post(conversations[3])
+        assert (refused.status_code, refused.json()["error"]["code"]) == (429, "too_many_active_conversations")
+    finally:
+        web.stop()
+
+
+def test_a_lock_left_by_an_intake_that_died_refuses_nothing_the_database_allows(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """An API process that died while it accepted a message leaves the conversation's lock to its intake (it
+    hands it to the turn only after its commit): the next message must not be refused 409 for a lease, since
+    the database, which decides, has no turn in flight there."""
+    from app.conversation_locks import INTAKE_OWNER, lock_key
+
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    conversation_id = world.conversation(key, agent_id)
+    redis_client.set(lock_key(conversation_id), f"{INTAKE_OWNER}0123456789abcdef", px=60_000)
+    accepted = world.send(key, conversation_id)
+    assert accepted.status_code == 202, accepted.json
+    assert world.wait_terminal(key, accepted.json["assistant_message"]["id"])["status"] == "success"

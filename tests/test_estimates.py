@@ -34,6 +34,16 @@ def test_a_providers_token_counts_are_brought_into_the_range_they_are_charged_an
             usage(bad, 1)
 
 
+def test_a_cost_on_a_half_millionth_rounds_up_as_the_database_rounds_it() -> None:
+    """Half-up, as PostgreSQL's NUMERIC rounds: a cost computed here and a sum the database rounds agree to the
+    millionth (half-even would make 5 tokens at 0.0005 a thousand 0.000002, the database 0.000003)."""
+    from app.money import render
+
+    assert token_cost(5, 0, Decimal("0.0005"), Decimal(0)) == Decimal("0.000003")
+    assert token_cost(1, 0, Decimal("0.0005"), Decimal(0)) == Decimal("0.000001")
+    assert render(Decimal("0.0000025")) == "0.000003" and render(Decimal("0.0000035")) == "0.000004"
+
+
 def test_a_cost_is_at_most_what_a_money_column_holds() -> None:
     assert token_cost(1000, 500, Decimal("1.5"), Decimal("2")) == Decimal("2.500000")
     assert token_cost(10**8, 10**6, MAX_AMOUNT, MAX_AMOUNT) == MAX_AMOUNT

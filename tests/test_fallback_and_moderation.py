@@ -624,3 +624,37 @@ def test_a_failed_attempts_estimated_tokens_are_at_most_the_token_limit_it_was_a
         rows = session.execute(select(ModelAttempt.model_name, ModelAttempt.outcome, ModelAttempt.completion_tokens)
                                .where(ModelAttempt.message_id == assistant["id"]).order_by(ModelAttempt.id)).all()
     assert [tuple(r) for r in rows] == [("primary", "stream_cut", 5), ("fallback", "success", 5)]
+
+
+def test_a_balance_that_covers_the_primary_but_not_the_dearer_fallback_is_insufficient(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """The reservation prices a turn's worst case at the dearer of its models, since the fallback may answer:
+    priced at the cheaper, a user whose balance covered only the primary was answered by the fallback, and its
+    charge was cut at the balance, the operator paid short."""
+    agent_id = world.agent(world.model("cheap", price_in="0.001", price_out="0.001"),
+                           world.model("dear", price_in="1", price_out="1"), max_tokens=500)
+    _, key = world.user(balance="0.4")  # the fallback's 500 answer tokens at 1 a thousand are past it
+    assistant = world.send(key, world.conversation(key, agent_id)).json["assistant_message"]
+    done = world.wait_terminal(key, assistant["id"])
+    assert (done["status"], done["cost"]) == ("insufficient_balance", None)
+    assert upstream.requests() == []
+    me = world.api.get("/api/me", key).json
+    assert me["balance"] == me["available_balance"] == "0.400000"
+
+
+def test_a_fallback_after_a_primary_that_timed_out_gets_its_own_timeout_within_a_short_grace(  # type: ignore[no-untyped-def]
+        world, workers, upstream) -> None:
+    """A run's deadline counts a timeout for each model it may call, two with a fallback: counted once, a
+    primary that timed out left its fallback no time, and the turn ended `llm_error`. The default grace (60 s)
+    hid it; here it is 1 s."""
+    workers.stop_all()
+    workers.start(AGENTQ_TURN_GRACE_SECONDS="1")
+    try:
+        agent_id = world.agent(world.model("timing-out", upstream="echo;ttft=10"),
+                               world.model("answering", upstream="echo"), timeout_seconds=2)
+        _, key = world.user()
+        assistant = world.send(key, world.conversation(key, agent_id), "hi there").json["assistant_message"]
+        done = world.wait_terminal(key, assistant["id"])
+        assert (done["status"], done["model"], done["content"]) == ("success", "answering", "echo: hi there"), done
+    finally:
+        workers.stop_all()
+        workers.start()

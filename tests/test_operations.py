@@ -77,6 +77,18 @@ def dead_turn(world: Any, key: str, agent_id: int, content: str) -> tuple[int, d
     return dead_turns(world, key, agent_id, content)[0]
 
 
+def dead_test_run(world: Any, agent_id: int) -> tuple[int, dict[str, Any]]:
+    """An admin test run of the agent whose every delivery failed: its id, and its dead letter."""
+    api, admin = world.api, world.admin_key
+    with claims_refused("admin_debug_logs", "agent_id", agent_id):
+        run_id = api.post(f"/api/admin/agents/{agent_id}/debug/execute", admin, {"content": "hi"}).json["debug_log_id"]
+        wait_for(lambda: api.get(f"/api/admin/debug-logs/{run_id}", admin).json["status"] == "error",
+                 what="the test run to die")
+    letter = wait_for(lambda: api.get("/api/admin/dead-letters", admin).json["items"], what="the dead letter")[0]
+    assert (letter["actor"], letter["args"]) == ("run_debug_run", [run_id])
+    return run_id, letter
+
+
 def dead_count(redis_client: Any, queue: str = "turns") -> int:
     return int(redis_client.zcard(f"{NAMESPACE}:{queue}.XQ"))
 
@@ -310,20 +322,80 @@ def test_a_dead_test_run_of_a_deleted_agent_is_not_run_again(world, upstream) ->
     api, admin = world.api, world.admin_key
     model_id = world.model()
     agent_id = world.agent(model_id)
-    with claims_refused("admin_debug_logs", "agent_id", agent_id):
-        run_id = api.post(f"/api/admin/agents/{agent_id}/debug/execute", admin, {"content": "hi"}).json["debug_log_id"]
-        wait_for(lambda: api.get(f"/api/admin/debug-logs/{run_id}", admin).json["status"] == "error",
-                 what="the test run to die")
+    run_id, item = dead_test_run(world, agent_id)
     assert api.delete(f"/api/admin/agents/{agent_id}", admin).status_code == 204
     assert api.delete(f"/api/admin/models/{model_id}", admin).status_code == 204
-    item = wait_for(lambda: api.get("/api/admin/dead-letters", admin).json["items"], what="the dead letter")[0]
-    assert (item["actor"], item["args"]) == ("run_debug_run", [run_id])
     refused = api.post(f"/api/admin/dead-letters/{item['id']}/requeue", admin)
     assert (refused.status_code, refused.json["error"]["code"]) == (409, "agent_deleted")
     assert api.post("/api/admin/dead-letters/requeue-all", admin).json["requeued"] == []
     with transaction() as session:
         assert session.get_one(DebugRun, run_id).status == "error"
     assert upstream.requests() == []
+
+
+def test_a_dead_letter_whose_test_run_is_processing_again_is_not_requeued(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """A dead letter's run that a delivery runs again (another of its dead letters requeued, by another
+    operator) is not reopened: moving it from `processing` back to `pending` would drop its live lease and
+    run it twice. The status rule allows `pending` from `error` alone."""
+    from app.db import transaction
+    from app.models import DebugRun
+
+    api, admin = world.api, world.admin_key
+    run_id, item = dead_test_run(world, world.agent(world.model()))
+    with transaction() as session:
+        session.execute(text("UPDATE admin_debug_logs SET status = 'processing', lease_token = 'live', "
+                             "lease_expires_at = now() + interval '1 hour' WHERE id = :id"), {"id": run_id})
+    refused = api.post(f"/api/admin/dead-letters/{item['id']}/requeue", admin)
+    assert (refused.status_code, refused.json["error"]["code"]) == (409, "run_not_in_error")
+    with transaction() as session:
+        run = session.get_one(DebugRun, run_id)
+        assert (run.status, run.lease_token) == ("processing", "live")
+    assert upstream.requests() == []
+
+
+def test_a_requeued_test_run_starts_again_from_its_primary(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """A test run that had switched to its fallback before it died starts over from its primary when requeued,
+    as a requeued turn does: kept, the switch sent the new run to the fallback alone, logged under its name."""
+    from sqlalchemy import update
+
+    from app.db import transaction
+    from app.models import DebugRun
+
+    api, admin = world.api, world.admin_key
+    run_id, item = dead_test_run(world, world.agent(world.model("first"), world.model("second")))
+    with transaction() as session:
+        session.execute(update(DebugRun).where(DebugRun.id == run_id).values(fell_back=True))
+    assert api.post(f"/api/admin/dead-letters/{item['id']}/requeue", admin).status_code == 202
+    ran = wait_for(lambda: (run := api.get(f"/api/admin/debug-logs/{run_id}", admin).json)["status"] == "success"
+                   and run, what="the requeued run to answer")
+    assert (ran["model"], ran["output"]) == ("first", "echo: hi")
+    with transaction() as session:
+        assert session.get_one(DebugRun, run_id).fell_back is False
+
+
+def test_a_dead_turn_of_a_user_at_the_limit_of_active_conversations_is_refused(world) -> None:  # type: ignore[no-untyped-def]
+    """A requeued turn becomes one of its user's active conversations: with the user at the limit it is
+    refused 429, as the user's own message would be, and stays `error`."""
+    from app.db import transaction
+
+    api, admin = world.api, world.admin_key
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    turn = dead_turn(world, key, agent_id, "later")[1]
+    item = api.get("/api/admin/dead-letters", admin).json["items"][0]
+    others = [world.conversation(key, agent_id, project_id=i) for i in range(3)]
+    with transaction() as session:  # the user's three (AGENTQ_MAX_ACTIVE_CONVERSATIONS) conversations in flight
+        session.execute(text("INSERT INTO conversation_messages (conversation_id, seq, role, content, status, "
+                             "created_at, updated_at) SELECT id, 1, 'assistant', '', 'processing', now(), now() "
+                             "FROM conversations WHERE id = ANY(:ids)"), {"ids": others})
+    try:
+        refused = api.post(f"/api/admin/dead-letters/{item['id']}/requeue", admin)
+        assert (refused.status_code, refused.json["error"]["code"]) == (429, "too_many_active_conversations")
+        assert world.message(key, turn["id"])["status"] == "error"
+    finally:  # no turn holds them: no one else would end them
+        with transaction() as session:
+            session.execute(text("DELETE FROM conversation_messages WHERE conversation_id = ANY(:ids)"),
+                            {"ids": others})
 
 
 def test_a_dead_turn_of_a_busy_conversation_is_refused_in_the_operators_words(world) -> None:  # type: ignore[no-untyped-def]

@@ -592,6 +592,39 @@ def test_the_pending_bound_ends_a_turn_only_if_it_is_still_pending_since_before_
     assert (ended["status"], ended["error_message"]) == ("error", "waited too long")
 
 
+def test_the_pending_bound_ends_a_turn_pending_past_the_setting_and_not_one_within_it(  # type: ignore[no-untyped-def]
+        world, workers, unreachable_broker) -> None:
+    """The bound is `AGENTQ_MAX_PENDING_SECONDS` to the second, by the database's clock: a turn pending half as
+    long again is ended, one pending half as long is not (the test of the sweep's timing allowed a cutoff
+    twice the setting). The workers are stopped meanwhile: their sweeps would send the turns."""
+    from sqlalchemy import text
+
+    from app.config import get_settings
+    from app.db import transaction
+    from app.pending_bound import end_runs_pending_too_long
+    from app.run_kinds import TURN
+
+    bound = get_settings().max_pending_seconds
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    workers.stop_all()
+    try:
+        turns = []
+        for project, waited in ((1, bound * 1.5), (2, bound * 0.5)):
+            conversation_id = world.conversation(key, agent_id, project_id=project)
+            turns.append(world.send(key, conversation_id, "anyone?").json["assistant_message"]["id"])
+            with transaction() as session:
+                session.execute(text("UPDATE conversation_messages SET updated_at = now() - make_interval(secs => :s) "
+                                     "WHERE conversation_id = :c"), {"s": waited, "c": conversation_id})
+        ended = end_runs_pending_too_long()[TURN]
+        assert (turns[0] in ended, turns[1] in ended) == (True, False)
+        assert world.message(key, turns[1])["status"] == "pending"
+    finally:
+        workers.start()
+    assert world.message(key, turns[0])["status"] == "error"
+    assert world.wait_terminal(key, turns[1])["status"] == "success"
+
+
 def test_the_pending_bound_counts_a_test_runs_wait_from_its_status_not_from_its_sends(  # type: ignore[no-untyped-def]
         world, workers, unreachable_broker) -> None:
     """An admin test run's outbox mark is on the run's own row: each send by a sweep, and each send that failed,
