@@ -12,6 +12,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -341,6 +342,21 @@ def silent_redis() -> Iterator[SilentServer]:
     server = SilentServer()
     yield server
     server.close()
+
+
+@contextmanager
+def api_process(name: str, threads: int = 4, **env: str) -> Iterator[tuple[str, Process]]:
+    """An `agentq web` of a test's own (one gunicorn worker) on a free port, with `env` over the tests'
+    settings: its URL once it answers /healthz, and its process; stopped when the block ends."""
+    port = free_port()
+    web = Process(name, agentq("web", "--port", str(port), "--workers", "1", "--threads", str(threads)),
+                  child_env(**env), LOG_DIR).start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/healthz")
+        yield url, web
+    finally:
+        web.stop()
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ from sqlalchemy.exc import IntegrityError
 
 from app.db import transaction
 from app.models import ConversationMessage, CreditTransaction, User
-from tests.conftest import LOG_DIR, child_env
-from tests.support import Process, agentq, free_port, wait_for, wait_http
+from tests.conftest import api_process
+from tests.support import wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -53,12 +53,7 @@ def test_a_burst_of_posts_to_one_idle_conversation_gets_exactly_one_202(world, w
 
 def test_the_database_alone_keeps_one_turn_per_conversation_when_redis_is_unreachable(world) -> None:  # type: ignore[no-untyped-def]
     """An API whose Redis is down still answers; the turn it stores is sent by the workers' recovery."""
-    port = free_port()
-    web = Process("web-no-redis", agentq("web", "--port", str(port), "--workers", "1", "--threads", "16"),
-                  child_env(REDIS_URL="redis://127.0.0.1:9/0"), LOG_DIR).start()
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/healthz")
+    with api_process("web-no-redis", threads=16, REDIS_URL="redis://127.0.0.1:9/0") as (url, _):
         assert httpx.get(f"{url}/readyz").status_code == 503
         agent_id = world.agent(world.model())
         _, key = world.user()
@@ -66,8 +61,6 @@ def test_the_database_alone_keeps_one_turn_per_conversation_when_redis_is_unreac
         assert burst(url, key, conversation_id) == [202] + [409] * 11
         assistant = world.api.get(f"/api/conversations/{conversation_id}/messages", key).json["items"][1]
         assert world.wait_terminal(key, assistant["id"])["status"] == "success"
-    finally:
-        web.stop()
 
 
 def test_the_per_user_limit_refuses_the_next_conversation_and_frees_slots_at_the_end(world) -> None:  # type: ignore[no-untyped-def]
@@ -594,12 +587,7 @@ def test_the_database_alone_keeps_the_limit_of_active_conversations_when_redis_i
     """With Redis up its script refuses the user's fourth conversation first, so the database's own count, which
     no index backs, was never what refused it: an off-by-one there would have given users a conversation more
     whenever Redis is away. Here the API cannot reach Redis."""
-    port = free_port()
-    web = Process("web-limit-without-redis", agentq("web", "--port", str(port), "--workers", "1", "--threads", "4"),
-                  child_env(REDIS_URL="redis://127.0.0.1:9/0"), LOG_DIR).start()
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/healthz")
+    with api_process("web-limit-without-redis", REDIS_URL="redis://127.0.0.1:9/0") as (url, _):
         agent_id = world.agent(world.model("slow-without-redis", upstream="echo;ttft=3"), timeout_seconds=20)
         _, key = world.user()
         conversations = [world.conversation(key, agent_id, project_id=i) for i in range(4)]
@@ -611,8 +599,6 @@ def test_the_database_alone_keeps_the_limit_of_active_conversations_when_redis_i
         assert [post(c).status_code for c in conversations[:3]] == [202] * 3
         refused = post(conversations[3])
         assert (refused.status_code, refused.json()["error"]["code"]) == (429, "too_many_active_conversations")
-    finally:
-        web.stop()
 
 
 def test_a_lock_left_by_an_intake_that_died_refuses_nothing_the_database_allows(world, redis_client) -> None:  # type: ignore[no-untyped-def]

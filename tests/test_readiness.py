@@ -13,7 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import LOG_DIR, child_env
+from tests.conftest import LOG_DIR, api_process, child_env
 from tests.stack import drop_database, scratch_database
 from tests.support import Process, agentq, free_port, run_to_end, wait_for, wait_http
 
@@ -147,12 +147,7 @@ def test_every_request_is_counted_and_timed_by_the_route_it_matched(world, web_s
 def test_an_access_log_is_written_only_when_asked_for(web_server) -> None:  # type: ignore[no-untyped-def]
     """`AGENTQ_ACCESS_LOG=true` writes one line a request in agentq's format (JSON here), with the status, the
     size and the time; by default none, as before (a proxy in front usually keeps one)."""
-    port = free_port()
-    web = Process("web-access-log", agentq("web", "--port", str(port), "--workers", "1", "--threads", "4"),
-                  child_env(AGENTQ_ACCESS_LOG="true", AGENTQ_LOG_JSON="true"), LOG_DIR).start()
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/healthz")
+    with api_process("web-access-log", AGENTQ_ACCESS_LOG="true", AGENTQ_LOG_JSON="true") as (url, web):
         assert httpx.get(f"{url}/api/me", headers={"Authorization": "Bearer nobody"}).status_code == 401
 
         def access_lines() -> list[dict[str, object]]:
@@ -163,7 +158,5 @@ def test_an_access_log_is_written_only_when_asked_for(web_server) -> None:  # ty
         message = str(line["message"])
         assert message.startswith('127.0.0.1 "GET /api/me HTTP/1.1" 401 ') and line["level"] == "INFO"
         assert " bytes " in message and message.endswith(' ms "python-httpx/' + httpx.__version__ + '"')
-    finally:
-        web.stop()
     assert httpx.get(f"{web_server}/api/me", headers={"Authorization": "Bearer nobody"}).status_code == 401
     assert "gunicorn.access" not in (LOG_DIR / "web.log").read_text()
