@@ -68,39 +68,46 @@ def _agent_setup(session: Session, agent_id: int, shared_lock: bool = False) -> 
     return setup_of(session, live_agent(session, agent_id, shared_lock))
 
 
-def route_decision(agent_id: int, content: str) -> RouteDecision:
-    """What a new turn of the agent would get now; the estimated cost is the worst case a turn reserves."""
+def route_decision(agent_id: int, content: str, conversation_id: int | None = None) -> RouteDecision:
+    """What a new turn of the agent would get now; the estimated cost is the worst case a turn reserves, with
+    the history of `conversation_id` when given: what its next turn would hold of its user's balance, the
+    figure an `insufficient_balance` refusal weighed."""
     with transaction() as session:
         setup = _agent_setup(session, agent_id)
+        history = _history_of(session, agent_id, conversation_id)
     check_content(content)
-    prompt = setup.prompt_for(setup.primary, [], content)
+    prompt = setup.prompt_for(setup.primary, history, content)
     return RouteDecision(
         model=setup.primary.name,
         fallback_model=setup.fallback.name if setup.fallback is not None else None,
         timeout_seconds=setup.params.timeout_seconds,
         moderation=moderate(content),
         estimated_prompt_tokens=prompt.estimated_tokens,
-        estimated_cost=setup.worst_case_cost([], content),
+        estimated_cost=setup.worst_case_cost(history, content),
     )
 
 
 def preview_prompt(agent_id: int, content: str, conversation_id: int | None = None) -> Prompt:
-    """The messages the primary model would receive; any user's conversation of this agent may supply the
-    history (another agent's would never be sent to this one)."""
+    """The messages the primary model would receive, with the history of `conversation_id` when given."""
     with transaction() as session:
         setup = _agent_setup(session, agent_id)
-        history: list[ChatMessage] = []
-        if conversation_id is not None:
-            conversation = session.get(Conversation, conversation_id)
-            if conversation is None or conversation.deleted_at is not None:
-                raise NotFound("No such conversation.")
-            if conversation.agent_id != agent_id:
-                raise ValidationFailed(f"Conversation {conversation_id} belongs to agent {conversation.agent_id}: no "
-                                       "turn of this agent would be sent its history.",
-                                       code="conversation_of_another_agent")
-            history = successful_history(session, conversation_id)
+        history = _history_of(session, agent_id, conversation_id)
     check_content(content)
     return setup.prompt_for(setup.primary, history, content)
+
+
+def _history_of(session: Session, agent_id: int, conversation_id: int | None) -> list[ChatMessage]:
+    """The history a turn of the conversation would carry; any user's conversation of this agent may supply it
+    (another agent's would never be sent to this one)."""
+    if conversation_id is None:
+        return []
+    conversation = session.get(Conversation, conversation_id)
+    if conversation is None or conversation.deleted_at is not None:
+        raise NotFound("No such conversation.")
+    if conversation.agent_id != agent_id:
+        raise ValidationFailed(f"Conversation {conversation_id} belongs to agent {conversation.agent_id}: no turn "
+                               "of this agent would be sent its history.", code="conversation_of_another_agent")
+    return successful_history(session, conversation_id)
 
 
 def start_execution(admin: Principal, agent_id: int, content: str) -> int:

@@ -18,7 +18,7 @@ def cmd_debug_route(args: argparse.Namespace) -> int:
     from web import render
 
     admin_by_id(args.admin_id)
-    print_json(render.route_decision(debugging.route_decision(args.agent_id, args.content)))
+    print_json(render.route_decision(debugging.route_decision(args.agent_id, args.content, args.conversation_id)))
     return 0
 
 
@@ -80,7 +80,8 @@ def add_debug_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         parser.add_argument("--admin-id", type=record_id, required=True, help="the administrator the test is run as")
         parser.set_defaults(func=func)
         parsers[name] = parser
-    parsers["prompt"].add_argument("--conversation-id", type=record_id, default=None,
+    for name in ("route", "prompt"):
+        parsers[name].add_argument("--conversation-id", type=record_id, default=None,
                                    help="take the history of this conversation of the agent (any user's)")
     parsers["execute"].add_argument("--wait", action="store_true", help="wait for the run to end and print its log")
     parsers["execute"].add_argument("--timeout", type=seconds, default=None,

@@ -516,6 +516,33 @@ def test_the_cli_twin_prints_what_the_api_answers(world, upstream, moderation) -
     assert ran["error_message"]
 
 
+def test_the_route_test_of_a_conversation_shows_what_its_next_turn_holds(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """A user refused `insufficient_balance` in a long conversation was refused on a reservation that counts
+    the conversation's history, which the route test, on a new conversation's turn, did not show. Given the
+    conversation, its `estimated_cost` is what the next turn of it holds of the balance while it runs."""
+    agent_id = world.agent(world.model("weighed", upstream="echo;ttft=1", price_in="1", price_out="2"),
+                           max_tokens=50)
+    _, key = world.user(balance="10")
+    conversation_id = world.conversation(key, agent_id)
+    assert _turn(world, key, conversation_id, "a first question, answered")["status"] == "success"
+    route = f"/api/admin/agents/{agent_id}/debug/route"
+    fresh = world.api.post(route, world.admin_key, {"content": "and a second"}).json
+    routed = world.api.post(route, world.admin_key, {"content": "and a second", "conversation_id": conversation_id})
+    assert routed.status_code == 200 and Decimal(routed.json["estimated_cost"]) > Decimal(fresh["estimated_cost"])
+    shell = _cli("route", str(agent_id), "and a second", "--admin-id", str(_admin_id(world)),
+                 "--conversation-id", str(conversation_id))
+    assert (shell.returncode, json.loads(shell.stdout)) == (0, routed.json)
+
+    second = world.send(key, conversation_id, "and a second").json["assistant_message"]["id"]
+    holding = wait_for(lambda: (me := world.api.get("/api/me", key).json)["available_balance"] != me["balance"] and me,
+                       what="the second turn's reservation")
+    assert _money(Decimal(holding["balance"]) - Decimal(holding["available_balance"])) == routed.json["estimated_cost"]
+    assert world.wait_terminal(key, second)["status"] == "success"
+    other = world.conversation(world.user()[1], world.agent(world.model("elsewhere")))
+    refused = world.api.post(route, world.admin_key, {"content": "x", "conversation_id": other})
+    assert (refused.status_code, refused.json["error"]["code"]) == (422, "conversation_of_another_agent")
+
+
 def test_the_cli_twin_refuses_a_non_admin_identity(world) -> None:  # type: ignore[no-untyped-def]
     agent_id = world.agent(world.model())
     alice_id, _ = world.user("alice")

@@ -210,7 +210,10 @@ class ContentBody(Body):
     content: Text
 
 
-class PromptPreviewBody(ContentBody):
+class TriedTurnBody(ContentBody):
+    """A turn as the route test and the prompt preview try it: its text and, if given, the conversation of the
+    agent whose history it would carry."""
+
     conversation_id: Ident | None = None
 
 

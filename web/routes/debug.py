@@ -12,19 +12,19 @@ from web import render
 from web import responses as r
 from web.auth import principal
 from web.routes import api_blueprint
-from web.schemas import ContentBody, DebugCostQuery, DebugLogQuery, IdPath, PromptPreviewBody
+from web.schemas import ContentBody, DebugCostQuery, DebugLogQuery, IdPath, TriedTurnBody
 
 bp = api_blueprint("debug", admin=True)
 tag = Tag(name="admin: debugging")
 
 
 @bp.post("/admin/agents/<id:id>/debug/route", tags=[tag], responses={200: r.RouteDecision})
-def decide_route(path: IdPath, body: ContentBody) -> dict[str, Any]:
-    return render.route_decision(debugging.route_decision(path.id, body.content))
+def decide_route(path: IdPath, body: TriedTurnBody) -> dict[str, Any]:
+    return render.route_decision(debugging.route_decision(path.id, body.content, body.conversation_id))
 
 
 @bp.post("/admin/agents/<id:id>/debug/prompt", tags=[tag], responses={200: r.PromptPreview})
-def prompt_preview(path: IdPath, body: PromptPreviewBody) -> dict[str, Any]:
+def prompt_preview(path: IdPath, body: TriedTurnBody) -> dict[str, Any]:
     return render.prompt_preview(debugging.preview_prompt(path.id, body.content, body.conversation_id))
 
 
