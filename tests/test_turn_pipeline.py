@@ -426,6 +426,42 @@ def test_a_sweep_while_redis_is_out_of_reach_sends_nothing_and_says_so_once(  # 
     assert world.wait_terminal(key, unsent)["status"] == "success"
 
 
+def test_a_turn_whose_lease_ran_out_is_sent_again_once_a_lease_not_at_every_sweep(  # type: ignore[no-untyped-def]
+        world, redis_client, workers) -> None:
+    """A turn whose worker died is sent again once its lease has run out, and not again until another lease
+    has passed since: without that, each sweep of each worker process queued one more message for it while it
+    waited behind a backlog (a no-op at its claim, but a queue growing by a message a second). The workers
+    are stopped meanwhile, so that nothing claims it between the two sweeps."""
+    from sqlalchemy import text
+
+    import app.recovery
+    from app.db import plain_transaction
+
+    wait_for(lambda: redis_client.exists(app.recovery.epoch_key()), what="a recovery sweep after the Redis flush")
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    conversation_id = world.conversation(key, agent_id)
+    workers.stop_all()
+    try:
+        turn = world.send(key, conversation_id, "my worker died").json["assistant_message"]["id"]
+        with plain_transaction() as connection:  # as a dead worker left it: its lease ran out a minute ago
+            connection.execute(text("UPDATE conversation_messages SET status = 'processing' WHERE id = :id OR id = "
+                                    "(SELECT user_message_id FROM turns WHERE assistant_message_id = :id)"),
+                               {"id": turn})
+            connection.execute(text("UPDATE turns SET lease_token = 'dead-worker', deliveries = 1, "
+                                    "lease_expires_at = now() - interval '1 minute', "
+                                    "enqueued_at = now() - interval '10 minutes' WHERE assistant_message_id = :id"),
+                               {"id": turn})
+        first, second = app.recovery.recover_once(), app.recovery.recover_once()
+        assert (turn in first.sent, turn in second.sent) == (True, False)
+    finally:
+        workers.start()
+    done = world.wait_terminal(key, turn)
+    assert (done["status"], done["content"]) == ("success", "echo: my worker died")
+    me = world.api.get("/api/me", key).json  # two messages sent, one run, one charge
+    assert me["balance"] == me["available_balance"] == f"{Decimal(10) - Decimal(done['cost']):.6f}"
+
+
 def test_an_admin_test_run_committed_but_never_sent_is_sent_by_the_sweep(  # type: ignore[no-untyped-def]
         world, redis_client, monkeypatch) -> None:
     """The same for an admin test run whose API process died between its commit and its send."""
