@@ -1191,14 +1191,17 @@ def test_metrics_count_real_turns_across_worker_and_web_processes(stack: Stack) 
     assert [stack.wait_terminal(key, t["id"])["status"] for t in turns] == ["success"] * 4
     turns.append(in_flight)
 
-    def attempts(values: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> float:
-        return sum(v for (name, _), v in values.items() if name == "agentq_model_attempts_total")
+    def total(values: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str) -> float:
+        return sum(v for (series, _), v in values.items() if series == name)
 
-    # A worker counts a turn's end just after its commit, which the API may show first on a loaded host.
-    wait_for(lambda: attempts(now := scrape(stack)) - attempts(before) == 7
+    # A worker counts a turn's end just after its commit, which the API may show first on a loaded host; and
+    # the presences of the workers an earlier test killed are listed until they expire (6 s).
+    wait_for(lambda: total(now := scrape(stack), "agentq_model_attempts_total")
+             - total(before, "agentq_model_attempts_total") == 7
              and metric(now, "agentq_turns_total", status="success") - metric(before, "agentq_turns_total",
-                                                                              status="success") == 5,
-             what="the workers' counts of the five ends")
+                                                                              status="success") == 5
+             and total(now, "agentq_worker_processes") == 2,
+             what="the workers' counts of the five ends, and this test's two worker processes alone listed")
     scrapes = [scrape(stack) for _ in range(6)]
     differing = {series for s in scrapes[1:] for series in set(s) | set(scrapes[0])
                  if s.get(series) != scrapes[0].get(series)}
