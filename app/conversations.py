@@ -146,8 +146,7 @@ def _messages_by_seq(conversation_id: int) -> Iterator[ConversationMessage]:
                 .order_by(ConversationMessage.seq)
                 .limit(MESSAGE_BATCH)))
             deliveries = _deliveries_of_answers_in_flight(session, batch)
-        return ([_as_read_now(m, deliveries) for m in batch] if deliveries else batch,
-                batch[-1].seq if len(batch) == MESSAGE_BATCH else None)
+        return [_as_read_now(m, deliveries) for m in batch], batch[-1].seq if len(batch) == MESSAGE_BATCH else None
 
     return every_row(read_page)
 

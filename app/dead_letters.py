@@ -210,31 +210,30 @@ def _page(in_broker: set[str] | None, limit: int, cursor: str | None) -> DeadLet
     return DeadLetterPage(_views(rows, in_broker), next_cursor)
 
 
-def no_such_letter(dead_letter_id: int, row: DeadLetter | None) -> NotFound:
-    """The 404 of a dead letter that is not one (any more): a requeued letter is gone to its readers as a purged
-    one is, and says so, for a show, a requeue and a purge alike (a second requeue read as a race lost, and a
-    purge of a requeued letter as an id never given)."""
-    if row is not None and row.requeued_at is not None:
-        return NotFound(f"Dead letter {dead_letter_id} was requeued already; its run went back to the queue and it "
-                        "is no longer a dead letter.")
-    return NotFound(f"Dead letter {dead_letter_id} does not exist.")
+def open_letter(dead_letter_id: int, row: DeadLetter | None) -> DeadLetter:
+    """The row of a dead letter that is still one, or its 404: a letter is open until requeued, and a requeued
+    one is gone to its readers as a purged one is, and says so, for a show, a requeue and a purge alike (a
+    second requeue read as a race lost, and a purge of a requeued letter as an id never given)."""
+    if row is None:
+        raise NotFound(f"Dead letter {dead_letter_id} does not exist.")
+    if row.requeued_at is not None:
+        raise NotFound(f"Dead letter {dead_letter_id} was requeued already; its run went back to the queue and it "
+                       "is no longer a dead letter.")
+    return row
 
 
 def get_dead_letter(dead_letter_id: int) -> DeadLetterView:
     in_broker = _reconcile()
     with transaction() as session:
-        row = session.get(DeadLetter, dead_letter_id)
-    if row is None or row.requeued_at is not None:
-        raise no_such_letter(dead_letter_id, row)
+        row = open_letter(dead_letter_id, session.get(DeadLetter, dead_letter_id))
     return _views([row], in_broker)[0]
 
 
 def purge(dead_letter_id: int) -> None:
     """Forget a dead letter for good: out of the broker first, then its row; its run stays as it ended."""
     with transaction() as session:
-        row = session.scalar(select(DeadLetter).where(DeadLetter.id == dead_letter_id).with_for_update())
-        if row is None or row.requeued_at is not None:
-            raise no_such_letter(dead_letter_id, row)
+        row = open_letter(dead_letter_id, session.scalar(
+            select(DeadLetter).where(DeadLetter.id == dead_letter_id).with_for_update()))
         try:
             take_entry(row.queue, row.redis_message_id)
         except redis.RedisError as exc:
