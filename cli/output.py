@@ -36,7 +36,8 @@ class WarningLines(logging.Handler):
     """A command's log records at WARNING and above (Redis out of reach for `dlq list`, a send left to
     recovery) as warning lines, `print_warning`'s shape with the level as the code: Python's last-resort
     handler printed them as bare text among the command's JSON lines. A record's exception is said in one
-    line, as the command's own errors are."""
+    line, as the command's own errors are. A record of a Ctrl-C (SQLAlchemy's pool logs one that lands while it
+    resets a connection) is not said: the interrupt is the command's one line (`cli.main.main`)."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -44,6 +45,8 @@ class WarningLines(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         from app.outages import in_one_line
 
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            return
         try:
             message = record.getMessage()
             if record.exc_info and record.exc_info[1] is not None:

@@ -739,6 +739,33 @@ def test_a_debug_run_no_worker_takes_asks_for_one_and_an_interrupted_wait_is_one
         "code": "interrupted", "message": "Stopped by an interrupt (Ctrl-C) before the command finished."})
 
 
+
+def test_a_ctrl_c_that_sqlalchemys_pool_logs_as_it_resets_a_connection_is_not_a_second_line(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The interrupted wait above printed, one run in many, SQLAlchemy's "Exception during reset or similar
+    (KeyboardInterrupt)" as a warning line before the command's own `interrupted`: the pool logs the interrupt
+    that lands while it resets a connection, and re-raises it. Its record is not a warning of the command's; a
+    record of another failure still is."""
+    import json
+    import logging
+
+    from cli.output import WarningLines
+
+    pool_log = logging.getLogger("sqlalchemy.pool.impl.QueuePool")
+    handler = WarningLines()
+    pool_log.addHandler(handler)
+    try:
+        for failure in (KeyboardInterrupt(), ConnectionResetError("the server closed the connection")):
+            try:
+                raise failure
+            except BaseException:
+                pool_log.error("Exception during reset or similar", exc_info=True)
+    finally:
+        pool_log.removeHandler(handler)
+    assert [json.loads(line) for line in capsys.readouterr().err.splitlines()] == [{"warning": {
+        "code": "error", "message": "Exception during reset or similar (ConnectionResetError: the server closed "
+                                    "the connection)"}}]
+
 def test_a_misspelt_setting_is_named_with_the_setting_it_is_nearest_to(tmp_path: Path) -> None:
     """Settings ignore variables they do not know: `AGENTQ_LEASE_SECOND=1` left leases at 30 s without a word.
     The command line's own variables (`AGENTQ_WEB_…`, `AGENTQ_WORKER_…`) are no settings, and not named."""
