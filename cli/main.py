@@ -111,6 +111,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from app.logging_setup import configure_logging
 
     configure_logging()
+    from app.key_variables import warn_of_key_variables_unset_here
     from app.readiness import require_schema
     from workers.group import serve_workers
 
@@ -120,6 +121,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     metrics_port = option_or_environment(args.metrics_port, "AGENTQ_WORKER_METRICS_PORT", "", optional_port)
     metrics_host = option_or_environment(args.metrics_host, "AGENTQ_WORKER_METRICS_HOST", "127.0.0.1", host)
     require_schema()
+    warn_of_key_variables_unset_here()
     if metrics_port is not None:
         from app.metrics import serve_host_counters
 

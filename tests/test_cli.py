@@ -457,24 +457,39 @@ def test_db_init_says_what_it_did_in_one_json_line(tmp_path: Path) -> None:
                         "refused_key_variables": []}] * 2
 
 
-def test_db_init_names_the_models_whose_key_variable_this_release_refuses(tmp_path: Path) -> None:
+def test_the_upgrade_and_a_starting_worker_name_the_models_whose_turns_cannot_have_their_key(tmp_path: Path) -> None:
     """A model written before `AGENTQ_MODEL_KEY_VARIABLES` bounded the variables (or before the operator
-    narrowed it) fails every turn `endpoint_unusable` after the upgrade: the upgrade says so first."""
+    narrowed it) fails every turn `endpoint_unusable` after the upgrade: the upgrade says so first. A model
+    whose variable the workers' environment lacks fails the same way, and the API, whose environment is not
+    theirs, cannot tell: a worker group says so as it starts (here it stops right after, its counters' port
+    taken, before any process is forked)."""
     import json
+    import socket
     import sqlite3
 
     env = child_env(DATABASE_URL=f"sqlite:///{tmp_path}/older.sqlite3")
+    env.pop("DEEPSEEK_API_KEY", None)
     subprocess.run([str(VENV_BIN / "agentq"), "db", "init"], env=env, check=True, capture_output=True, timeout=60)
     with sqlite3.connect(tmp_path / "older.sqlite3") as older:
         older.executemany(
             "INSERT INTO llm_models (id, name, model, api_key_env, input_price_per_1k, output_price_per_1k, "
             "deleted_at) VALUES (?, ?, 'm', ?, 0, 0, ?)",
             [(1, "kept", "GPT_KEY", None), (2, "allowed", "DEEPSEEK_API_KEY", None), (3, "none", None, None),
-             (4, "deleted", "OTHER_KEY", "2026-12-01 00:00:00")])
+             (4, "deleted", "OTHER_KEY", "2026-12-01 00:00:00"), (5, "set", "TEST_PROVIDER_API_KEY", None),
+             (6, "gone", "DEEPSEEK_API_KEY", "2026-12-01 00:00:00")])
     result = subprocess.run([str(VENV_BIN / "agentq"), "db", "init"], env=env, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["refused_key_variables"] == [{"id": 1, "name": "kept", "api_key_env": "GPT_KEY"}]
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        worker = subprocess.run([str(VENV_BIN / "agentq"), "worker", "--metrics-port", str(port)], env=env,
+                                capture_output=True, text=True, timeout=60)
+    lines = worker.stderr.splitlines()
+    assert (worker.returncode, [line.split("] ", 4)[-1] for line in lines if "API key" in line]) == (1, [
+        "[WARNING] model 2 (allowed) reads its API key from DEEPSEEK_API_KEY, which is not set in this worker's "
+        "environment: its turns end endpoint_unusable until it is set and the workers restarted"]), lines
 
 
 def test_the_procfiles_web_and_worker_lines_run_a_turn(mock_upstream) -> None:  # type: ignore[no-untyped-def]
