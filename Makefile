@@ -61,8 +61,8 @@ run: install redis
 		$(BIN)/honcho -e /dev/null -f Procfile.demo start
 
 # The suite in TEST_PROCESSES pytest-xdist processes, each a session of its own (database, Redis database, workers):
-# most of a test's time is real processes booting and waiting out leases, which two sessions overlap.
-TEST_PROCESSES ?= 2
+# most of a test's time is real processes booting and waiting out leases, which three sessions overlap on two cores.
+TEST_PROCESSES ?= 3
 
 test: install redis chromium
 	$(BIN)/ruff check .

@@ -26,12 +26,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx2
-import openai
 
 from app.attempt_watchdog import watch_attempt
 from app.failure_kinds import REFUSED, FailureKind
 from app.key_variables import refusal
 from app.model_target import ModelTarget
+from app.openai_sdk import openai
 from app.text import storable
 from app.token_estimates import estimate_tokens, estimate_tokens_of_messages, most_tokens_of_messages
 from app.turn_status import STOPPED
