@@ -929,9 +929,10 @@ def test_a_dotenv_file_that_is_not_utf8_stops_the_command_naming_its_line(tmp_pa
         "message": f"{tmp_path / '.env'}: line 2 is not UTF-8 text; nothing of the file was loaded"})
 
 
-def test_what_a_command_logs_as_it_goes_on_is_a_json_warning_line(database: str) -> None:
-    """`dlq list` with Redis out of reach lists the database's rows and says so: Python's last-resort handler
-    printed that as bare text among the command's JSON lines."""
+def test_what_a_command_logs_as_it_goes_on_is_a_json_warning_line(clean: None) -> None:
+    """`dlq list` with Redis out of reach lists the database's rows (none: the tables are emptied first, an
+    earlier test's dead letters gone) and says so: Python's last-resort handler printed that as bare text among
+    the command's JSON lines."""
     import json
 
     result = subprocess.run([str(VENV_BIN / "agentq"), "dlq", "list"], cwd=ROOT, text=True, capture_output=True,
