@@ -754,7 +754,6 @@ def test_a_debug_run_no_worker_takes_asks_for_one_and_an_interrupted_wait_is_one
         "code": "interrupted", "message": "Stopped by an interrupt (Ctrl-C) before the command finished."})
 
 
-
 def test_a_ctrl_c_that_sqlalchemys_pool_logs_as_it_resets_a_connection_is_not_a_second_line(
         capsys: pytest.CaptureFixture[str]) -> None:
     """The interrupted wait above printed, one run in many, SQLAlchemy's "Exception during reset or similar
@@ -780,6 +779,7 @@ def test_a_ctrl_c_that_sqlalchemys_pool_logs_as_it_resets_a_connection_is_not_a_
     assert [json.loads(line) for line in capsys.readouterr().err.splitlines()] == [{"warning": {
         "code": "error", "message": "Exception during reset or similar (ConnectionResetError: the server closed "
                                     "the connection)"}}]
+
 
 def test_a_misspelt_setting_is_named_with_the_setting_it_is_nearest_to(tmp_path: Path) -> None:
     """Settings ignore variables they do not know: `AGENTQ_LEASE_SECOND=1` left leases at 30 s without a word.
