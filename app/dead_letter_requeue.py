@@ -23,7 +23,7 @@ from app import live_stream, outbox
 from app.catalog import live_agent
 from app.db import rows_changed, transaction
 from app.dead_letter_queue import take_entry
-from app.dead_letters import every_dead_letter, open_letter
+from app.dead_letters import every_dead_letter, lock_open_letter
 from app.debug_run_state import reopen_debug_run
 from app.errors import Conflict, ConversationBusy, NotFound, TooManyActiveConversations, conversations
 from app.in_flight import check_can_start, lock_user
@@ -154,8 +154,7 @@ def requeue(dead_letter_id: int) -> RequeueOutcome:
 def _requeue(dead_letter_id: int) -> DeadLetter:
     """Run a dead letter's turn (or test run) again: it goes back to `pending` and is sent to a worker."""
     with transaction() as session:
-        row = open_letter(dead_letter_id, session.scalar(
-            select(DeadLetter).where(DeadLetter.id == dead_letter_id).with_for_update()))
+        row = lock_open_letter(session, dead_letter_id)
         requeued_at = utc_now()
         _reopen(session, row, requeued_at)
         row.requeued_at = requeued_at

@@ -222,6 +222,12 @@ def open_letter(dead_letter_id: int, row: DeadLetter | None) -> DeadLetter:
     return row
 
 
+def lock_open_letter(session: Session, dead_letter_id: int) -> DeadLetter:
+    """The open dead letter's row, locked for the change a requeue or a purge makes, or its 404 (`open_letter`)."""
+    return open_letter(dead_letter_id, session.scalar(
+        select(DeadLetter).where(DeadLetter.id == dead_letter_id).with_for_update()))
+
+
 def get_dead_letter(dead_letter_id: int) -> DeadLetterView:
     in_broker = _reconcile()
     with transaction() as session:
@@ -232,8 +238,7 @@ def get_dead_letter(dead_letter_id: int) -> DeadLetterView:
 def purge(dead_letter_id: int) -> None:
     """Forget a dead letter for good: out of the broker first, then its row; its run stays as it ended."""
     with transaction() as session:
-        row = open_letter(dead_letter_id, session.scalar(
-            select(DeadLetter).where(DeadLetter.id == dead_letter_id).with_for_update()))
+        row = lock_open_letter(session, dead_letter_id)
         try:
             take_entry(row.queue, row.redis_message_id)
         except redis.RedisError as exc:

@@ -42,6 +42,11 @@ def refusal(name: str | None) -> str | None:
             f"{settings.model_key_variables})")
 
 
+def key_in(name: str) -> str | None:
+    """The key the variable `name` holds in this process's environment; an empty one holds none."""
+    return os.environ.get(name) or None
+
+
 def check_key_variable(name: str | None) -> None:
     """422 for a model whose `api_key_env` names a variable that may not hold its key."""
     if (refused := refusal(name)) is not None:
@@ -77,7 +82,7 @@ def warn_of_key_variables_unset_here() -> None:
     finally:  # the group's parent serves nothing: no connection of its own to keep open
         engine.dispose()
     for model in models:
-        if refusal(model.api_key_env) is None and not os.environ.get(model.api_key_env):
+        if refusal(model.api_key_env) is None and key_in(model.api_key_env) is None:
             log.warning("model %s (%s) reads its API key from %s, which is not set in this worker's environment: "
                         "its turns end endpoint_unusable until it is set and the workers restarted",
                         model.id, model.name, model.api_key_env)

@@ -29,7 +29,7 @@ import httpx2
 
 from app.attempt_watchdog import watch_attempt
 from app.failure_kinds import REFUSED, FailureKind
-from app.key_variables import refusal
+from app.key_variables import key_in, refusal
 from app.model_target import ModelTarget
 from app.openai_sdk import openai
 from app.text import storable
@@ -140,7 +140,7 @@ def api_key_for(api_key_env: str | None, base_url: str | None) -> str:
     without one): the platform's key is not sent to a server an admin chose unless its model names it. A
     named variable that is not set is an error, not a reason to send another key."""
     if api_key_env:
-        if not (key := os.environ.get(api_key_env)):
+        if (key := key_in(api_key_env)) is None:
             raise EndpointUnusable(f"the variable {api_key_env} that holds its API key is not set")
         return key
     endpoint = urlsplit(base_url) if base_url is not None else None
