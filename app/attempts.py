@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from decimal import Decimal
 from functools import cache
 from typing import Any
 
@@ -25,12 +27,25 @@ from sqlalchemy.orm import Session
 from app import metrics
 from app.db import rows_changed, transaction
 from app.failure_kinds import FailureKind
-from app.fallback import AttemptRecord
 from app.models import ModelAttempt, Turn, table
 from app.models.base import utc_now
 from app.prepared import Batch, Prepared, Unit
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One upstream call of a run, as its `model_attempts` row keeps it."""
+
+    model_name: str
+    outcome: str
+    error: str | None
+    latency_ms: int
+    first_token_ms: int | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    cost: Decimal | None
 
 _COLUMNS = ("message_id", "debug_log_id", "delivery", "model_name", "outcome", "error", "latency_ms",
             "first_token_ms", "prompt_tokens", "completion_tokens", "cost", "created_at")

@@ -2,7 +2,9 @@
 
 One immutable object built once per process; code asks for `get_settings()`
 instead of reading `os.environ`, so tests can point a whole process at another
-database or Redis by setting variables before it starts.
+database or Redis by setting variables before it starts. The serving commands'
+addresses and sizes (`AGENTQ_HOST`, `PORT`, `AGENTQ_WEB_WORKERS`, …) are not
+settings: they are defaults of the command line's options, read by `cli.main`.
 """
 
 from __future__ import annotations
@@ -188,10 +190,6 @@ class Settings(BaseSettings):
     @property
     def model_key_variable_patterns(self) -> list[str]:
         return [p.strip() for p in self.model_key_variables.split(",") if p.strip()]
-
-    @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")
 
 
 @lru_cache(maxsize=1)

@@ -30,7 +30,8 @@ from app.in_flight import check_can_start, lock_user
 from app.models import Conversation, DeadLetter, Turn
 from app.models.base import utc_now
 from app.run_kinds import TURN, kind_of
-from app.turn_state import TransitionRefused, refuse_unless_reopenable, reopen_turn
+from app.turn_state import refuse_unless_reopenable, reopen_turn
+from app.turn_status import TransitionRefused
 
 log = logging.getLogger(__name__)
 

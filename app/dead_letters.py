@@ -65,6 +65,12 @@ def error_summary(trace: str | None) -> str | None:
     return next((line for line in lines[last_frame + 1:] if line and not line[0].isspace()), lines[-1])
 
 
+def death_cause(trace: str | None) -> str:
+    """A dead letter's `error`, which is never empty: a message that died with no traceback (one that ran out
+    of retries by a middleware, or whose options were lost) still says so."""
+    return error_summary(trace) or "unknown error"
+
+
 class _Purged(Exception):
     """The broker no longer holds the message whose row was about to be written."""
 
@@ -102,7 +108,7 @@ def record_death(message: Delivered) -> None:
         _store(session, {
             "redis_message_id": message.options["redis_message_id"], "queue": q_name(message.queue_name),
             "actor": message.actor_name, "args": args, "run_id": run_id_of(message.actor_name, args),
-            "retries": max(attempts - 1, 0), "error": error_summary(trace) or "unknown error", "traceback": trace,
+            "retries": max(attempts - 1, 0), "error": death_cause(trace), "traceback": trace,
         }, overwrite=True)
 
 
@@ -112,7 +118,7 @@ def _adopt(session: Session, entry: BrokerEntry) -> None:
     actor = message.actor_name if message else "unknown"
     args = list(message.args) if message else []
     options = message.options if message else {}
-    error = error_summary(options.get("traceback")) or "unknown error"
+    error = death_cause(options.get("traceback"))
     _store(session, {
         "redis_message_id": entry.redis_message_id, "queue": entry.queue, "actor": actor, "args": args,
         "run_id": run_id_of(actor, args), "retries": int(options.get("retries", 0)),
@@ -257,5 +263,5 @@ def purge_all() -> list[int]:
     return purged
 
 
-__all__ = ["DeadLetterPage", "DeadLetterView", "error_summary", "every_dead_letter", "get_dead_letter",
+__all__ = ["DeadLetterPage", "DeadLetterView", "death_cause", "error_summary", "every_dead_letter", "get_dead_letter",
            "list_dead_letters", "open_dead_letters", "purge", "purge_all", "record_death"]

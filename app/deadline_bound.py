@@ -22,6 +22,7 @@ from functools import cache
 
 from sqlalchemy import ColumnElement, DateTime, and_, bindparam
 
+from app.claims import lease_not_held
 from app.clock import lease_now
 from app.config import get_settings
 from app.db import transaction
@@ -29,7 +30,6 @@ from app.in_flight import processing_past
 from app.leases import TakeoverGate
 from app.prepared import Prepared
 from app.run_kinds import RunKind
-from app.turn_state import lease_not_held
 from app.unheld_ends import end_unheld, run_ids_where
 
 log = logging.getLogger(__name__)

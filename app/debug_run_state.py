@@ -2,7 +2,8 @@
 
 A test run's status lives on its single log row (`admin_debug_logs`), with the same statuses,
 transition table, lease and delivery rules as a turn's (`app.turn_state`, `app.deliveries`), but no
-second message, no reservation and no charge.
+second message, no reservation and no charge; and an operator's requeue starts its delivery count over,
+where a turn's keeps its attempts' numbers apart (`reopen_debug_run`).
 """
 
 from __future__ import annotations
@@ -13,23 +14,13 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from app.agent_models import most_calls
-from app.clock import DatabaseNow, lease_expiry, lease_time
+from app.claims import Claim, ClaimResult, LeaseLost, judge_claim, lease_held
+from app.clock import DatabaseNow, lease_time
 from app.db import rows_changed
-from app.deliveries import delivery_deadline
 from app.in_flight import pending_since_before, processing_past
 from app.models import Agent, DebugRun
-from app.models.base import optional_utc, utc_now
-from app.turn_state import (
-    Claim,
-    ClaimResult,
-    LeaseLost,
-    TransitionRefused,
-    claim_outcome,
-    lease_held,
-    new_lease_token,
-)
-from app.turn_status import TurnStatus, sources_for
+from app.models.base import utc_now
+from app.turn_status import TransitionRefused, TurnStatus, sources_for
 
 
 def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> ClaimResult:
@@ -43,14 +34,12 @@ def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> Clai
     if locked is None:
         return ClaimResult(Claim.MISSING)
     run, agent, now = locked
-    judged_at = lease_time(now)
-    outcome = claim_outcome(run.status, run.lease_token, run.lease_expires_at, judged_at)
-    if not outcome.acquires:
+    decision = judge_claim(run.status, run.lease_token, run.lease_expires_at, run.deadline_at, now,
+                           timeout_seconds=agent.timeout_seconds, has_fallback=agent.fallback_model_id is not None,
+                           lease_seconds=lease_seconds)
+    outcome, deadline = decision.outcome, decision.deadline
+    if deadline is None:
         return ClaimResult(outcome)
-    token = new_lease_token()
-    calls = most_calls(has_fallback=agent.fallback_model_id is not None)
-    deadline = delivery_deadline(judged_at, agent.timeout_seconds, calls,
-                                 stored=optional_utc(run.deadline_at), taken_over=outcome is Claim.TAKEN_OVER)
     if outcome is Claim.TAKEN_OVER:
         take = update(DebugRun).where(DebugRun.id == run_id, DebugRun.status == TurnStatus.PROCESSING.value)
     else:
@@ -58,15 +47,14 @@ def claim_debug_run(session: Session, run_id: int, lease_seconds: float) -> Clai
                                        DebugRun.status.in_(sources_for(TurnStatus.PROCESSING)))
                 .values(status=TurnStatus.PROCESSING.value))
     taken = session.execute(
-        take.values(lease_token=token, lease_expires_at=lease_expiry(judged_at, lease_seconds),
-                    deadline_at=deadline.at,
+        take.values(lease_token=decision.token, lease_expires_at=decision.lease_expires_at, deadline_at=deadline.at,
                     deliveries=DebugRun.deliveries + 1, updated_at=utc_now())
         .returning(DebugRun.deliveries, DebugRun.handed_back)
         .execution_options(synchronize_session=False)
     ).first()
     if taken is None:
         raise TransitionRefused(f"test run {run_id} cannot move to processing")
-    return ClaimResult(outcome, None, token, taken.deliveries, handed_back=taken.handed_back,
+    return ClaimResult(outcome, None, decision.token, taken.deliveries, handed_back=taken.handed_back,
                        time_left=deadline.time_left)
 
 

@@ -18,12 +18,12 @@ from typing import Any
 from app import metrics
 from app.agent_setup import setup_of
 from app.answer_sink import AnswerSink
-from app.attempts import settling
+from app.attempts import AttemptRecord, settling
 from app.config import get_settings
 from app.db import transaction
 from app.debug_run_state import claim_debug_run, finish_debug_run
 from app.deliveries import RunGivenUp, attempts_end_by, give_up_reason
-from app.fallback import AttemptRecord, Outcome, call_with_fallback
+from app.fallback import Outcome, call_with_fallback
 from app.leases import Holding, keeper
 from app.models import Agent, DebugRun
 from app.moderation import moderate

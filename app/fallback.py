@@ -23,12 +23,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from decimal import Decimal
 
 from app import metrics
 from app.agent_models import attempt_order
 from app.agent_setup import AgentParams
 from app.answer_sink import AnswerSink
+from app.attempts import AttemptRecord
 from app.config import get_settings
 from app.failure_kinds import FailureKind
 from app.llm_client import AttemptFailed, Completion, stream_chat
@@ -36,18 +36,6 @@ from app.model_target import ModelTarget
 from app.token_estimates import estimate_answer_tokens, estimate_tokens_of_messages
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class AttemptRecord:
-    model_name: str
-    outcome: str
-    error: str | None
-    latency_ms: int
-    first_token_ms: int | None
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    cost: Decimal | None
 
 
 @dataclass

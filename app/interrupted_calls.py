@@ -23,9 +23,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from app.attempts import record_interrupted
+from app.attempts import AttemptRecord, record_interrupted
 from app.failure_kinds import FailureKind
-from app.fallback import AttemptRecord
 from app.live_stream import StreamedAttempt, attempts_streamed
 from app.model_target import ModelTarget
 from app.prompt import ChatMessage

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from sqlalchemy import null, tuple_, update
 
 from app import conversation_locks
+from app.claims import LeaseLost
 from app.clock import lease_expiry, lease_now
 from app.config import get_settings
 from app.db import transaction
 from app.models import Turn
 from app.outages import is_outage, log_failure
 from app.run_kinds import KINDS, TEST_RUN, TURN, RunKind
-from app.turn_state import LeaseLost
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-    from app.fallback import AttemptRecord
+    from app.attempts import AttemptRecord
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 

@@ -22,7 +22,7 @@ from app.errors import DatabaseNotCreated
 from app.in_flight import answer_in_flight
 from app.models import ConversationMessage, table
 from app.models.base import utc_now
-from app.outages import is_outage, schema_missing
+from app.outages import in_one_line, is_outage, schema_missing
 from app.queues import QUEUES
 from app.redis_client import get_redis
 from app.turn_status import IN_FLIGHT_VALUES, UNSUCCESSFUL
@@ -79,7 +79,7 @@ def queue_snapshot(*, database_required: bool = True) -> QueueSnapshot:
         states = Counter(presence.state for presence in live_workers())
         snapshot.worker_processes = {state.value: states[state] for state in WorkerState}
     except redis.RedisError as exc:
-        snapshot.redis_error = f"{type(exc).__name__}: {exc}"
+        snapshot.redis_error = in_one_line(exc)
     dead_letters: dict[str, int | None] = {queue: None if snapshot.redis_error else len(ids)
                                            for queue, ids in held.items()}
     try:
@@ -88,7 +88,7 @@ def queue_snapshot(*, database_required: bool = True) -> QueueSnapshot:
     except (SQLAlchemyError, DatabaseNotCreated) as exc:
         if database_required or not (is_outage(exc) or schema_missing(exc)):
             raise
-        snapshot.database_error = f"{type(exc).__name__}: {exc}"
+        snapshot.database_error = in_one_line(exc)
     snapshot.queues = [QueueDepth(queue, *depths[queue], dead_letters[queue]) for queue in QUEUES]
     return snapshot
 

@@ -54,6 +54,7 @@ import redis
 from sqlalchemy import ColumnElement, DateTime, and_, bindparam, false, not_, or_, select, true
 
 from app import outbox
+from app.claims import lease_not_held, lease_over
 from app.clock import lease_now
 from app.config import get_settings
 from app.db import transaction
@@ -68,7 +69,6 @@ from app.pending_bound import end_pending_too_long, pending_cutoff, waited_too_l
 from app.prepared import Prepared
 from app.redis_client import get_redis, key, lua_script
 from app.run_kinds import TEST_RUN, TURN, RunKind
-from app.turn_state import lease_not_held, lease_over
 from app.turn_status import TurnStatus
 
 log = logging.getLogger(__name__)

@@ -24,6 +24,7 @@ from sqlalchemy import ColumnElement, exists, select, true, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app import dispatch, queues
+from app.claims import LeaseLost
 from app.clock import DatabaseNow, lease_expiry, lease_now, lease_time
 from app.config import get_settings
 from app.db import in_batches, rows_changed, transaction
@@ -31,7 +32,6 @@ from app.deliveries import fallback_mark_wait, outage_wait_seconds, retry_hand_o
 from app.models import ConversationMessage, DebugRun, Turn
 from app.models.base import LARGEST_ID
 from app.outages import waiting_out_outages, warn_of
-from app.turn_state import LeaseLost
 from app.turn_status import TurnStatus
 
 log = logging.getLogger(__name__)

@@ -21,6 +21,7 @@ from app import conversation_locks, ledger, metrics
 from app.agent_models import attempt_order
 from app.agent_setup import AgentSetup, setup_in_row
 from app.attempts import settling
+from app.claims import ClaimResult, LeaseLost
 from app.config import get_settings
 from app.conversations import record_turn_end
 from app.db import plain_transaction
@@ -36,14 +37,7 @@ from app.moderation import moderate
 from app.prepared import Batch, Unit
 from app.prompt import ChatMessage, successful_history
 from app.run_kinds import TURN
-from app.turn_state import (
-    ClaimResult,
-    LeaseLost,
-    StoppedMeanwhile,
-    TurnRow,
-    claim_turn,
-    finish_turn,
-)
+from app.turn_state import StoppedMeanwhile, TurnRow, claim_turn, finish_turn
 from app.turn_status import CHARGED, STOPPED, TurnStatus
 
 log = logging.getLogger(__name__)

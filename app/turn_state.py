@@ -3,66 +3,41 @@
 Every change is an UPDATE guarded by the statuses it may leave (`turn_status.sources_for`) and, for
 a worker, by the lease token it holds; when the guard matches nothing the change is refused loudly,
 so a redelivered message or a worker that lost its lease can never overwrite a finished turn. Who
-may claim a run under which lease (`claim_outcome`, `lease_held`, and in SQL `lease_not_held`) and when
-the sweep may send it again (`lease_over`) are defined here once, and an admin test run's state machine
-(`app.debug_run_state`) follows the same rules.
+may claim a run under which lease is `app.claims`'s rule, which an admin test run's state machine
+(`app.debug_run_state`) follows too.
 """
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
-from enum import Enum
 from functools import cache
 from types import SimpleNamespace
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, bindparam, case, exists, literal, or_, select, update
+from sqlalchemy import bindparam, case, exists, literal, select, update
 from sqlalchemy.orm import Session
 
 from app import ledger
-from app.agent_models import most_calls
-from app.clock import DatabaseNow, lease_expiry, lease_time
-from app.deliveries import deliveries_at_requeue, delivery_deadline
+from app.claims import Claim, ClaimResult, LeaseLost, judge_claim, lease_held
+from app.clock import DatabaseNow, lease_time
+from app.deliveries import deliveries_at_requeue
 from app.in_flight import pending_since_before, processing_past
 from app.live_stream import Streamed
 from app.model_target import MODEL_FIELDS
 from app.models import Agent, Conversation, ConversationMessage, LlmModel, Turn, table
-from app.models.base import optional_utc as utc
 from app.models.base import utc_now
 from app.money import quantize
 from app.prepared import Batch, Prepared, Unit, then
-from app.turn_status import CHARGED, STOPPED, TurnStatus, sources_for
-
-
-class TransitionRefused(RuntimeError):
-    """The turn was not in a status from which the requested change is legal."""
-
-
-class LeaseLost(RuntimeError):
-    """Another worker took the turn over; this one must stop writing."""
+from app.turn_status import CHARGED, STOPPED, TransitionRefused, TurnStatus, sources_for
 
 
 class StoppedMeanwhile(RuntimeError):
     """A stop was requested after the worker's last look for one and before the turn's end was written:
     the request was answered 202 and promised `cancelled`, so the turn ends so, whatever end the worker
     had come to (a whole answer, kept as the text generated so far; a failure, its text kept unpaid)."""
-
-
-class Claim(Enum):
-    CLAIMED = "claimed"
-    TAKEN_OVER = "taken_over"
-    OWNED_ELSEWHERE = "owned_elsewhere"
-    FINISHED = "finished"
-    MISSING = "missing"
-
-    @property
-    def acquires(self) -> bool:
-        """The run is this worker's from now on."""
-        return self in (Claim.CLAIMED, Claim.TAKEN_OVER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,69 +137,6 @@ def _move_messages(unit: Unit | Batch, target: TurnStatus, question: int, answer
     then(unit, check)
 
 
-@dataclass(frozen=True, slots=True)
-class ClaimResult:
-    """A claim's outcome; a taken run comes with its lease token and `deliveries`, the number of this
-    delivery (for `app.deliveries.give_up_reason`), and a turn with `run`, the row read under the lock:
-    the user's message (`content`, `seq`), the agent's settings and its models (`MODEL_FIELDS`, as `p_<field>`
-    for the primary and `f_<field>` for the fallback: `app.agent_models.target_in_row`).
-    `affordable` is False when the worst case the caller asked to hold was not available; `time_left` is
-    the model time the delivery has before its run's deadline (`app.deliveries.Deadline`)."""
-
-    outcome: Claim
-    turn: TurnRow | None = None
-    token: str | None = None
-    deliveries: int = 0
-    run: Any = None
-    handed_back: int = 0
-    """How many deliveries since the last requeue were handed back by a worker's graceful stop (`Turn.handed_back`)."""
-    affordable: bool = True
-    time_left: float | None = None
-    predecessor: int | None = None
-    """The delivery whose lease this claim took over while it still held its token: its worker died (or was
-    cut off) mid-run, and the model calls it made are recorded by no one else (`app.interrupted_calls`)."""
-
-    @property
-    def acquired(self) -> bool:
-        return self.outcome.acquires
-
-
-def new_lease_token() -> str:
-    return secrets.token_hex(16)
-
-
-def claim_outcome(status: str, lease_token: str | None, lease_expires_at: datetime | None, now: datetime) -> Claim:
-    """Who may run a turn (or admin test run) in `status` now: a pending one is claimed, a processing
-    one is taken over once no delivery holds it (its worker died, or a failed delivery handed it to
-    its retry), an ended one is left alone."""
-    if TurnStatus(status).is_terminal:
-        return Claim.FINISHED
-    if status != TurnStatus.PROCESSING:
-        return Claim.CLAIMED
-    return Claim.OWNED_ELSEWHERE if lease_held(lease_token, lease_expires_at, now) else Claim.TAKEN_OVER
-
-
-def lease_held(lease_token: str | None, lease_expires_at: datetime | None, now: datetime) -> bool:
-    """Some delivery still holds the run: it renews the lease, or died less than a lease ago. A lease
-    without a token was revoked (`app.run_kinds.RunKind.revoke_lease`): nobody holds it."""
-    expires = utc(lease_expires_at)
-    return lease_token is not None and expires is not None and expires > now
-
-
-def lease_over(lease_expires_at: ColumnElement[datetime | None], now: ColumnElement[datetime]) -> ColumnElement[bool]:
-    """The recovery sweep's rule: the run's lease ran out, and with it the time a failed delivery gave its
-    retry (a given-up lease keeps an expiry for that: `app.deliveries.retry_hand_over`). Until then a
-    given-up run is free for the retry's claim but not sent again by the sweep."""
-    return or_(lease_expires_at.is_(None), lease_expires_at <= now)
-
-
-def lease_not_held(lease_token: ColumnElement[str | None], lease_expires_at: ColumnElement[datetime | None],
-                   now: ColumnElement[datetime]) -> ColumnElement[bool]:
-    """`lease_held`'s rule in SQL, negated: no delivery holds the run (its lease revoked, handed to a retry, or
-    run out)."""
-    return or_(lease_token.is_(None), lease_over(lease_expires_at, now))
-
-
 def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
                hold: Callable[[ClaimResult], Decimal] | None = None) -> ClaimResult:
     """Take a pending turn, or take over a processing one whose lease ran out (its worker died).
@@ -247,16 +159,15 @@ def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
     row = sql.lock_turn(session, {"turn_id": turn_id}).first()
     if row is None:
         return ClaimResult(Claim.MISSING)
-    judged_at = lease_time(row.now)
-    outcome = claim_outcome(row.status, row.lease_token, row.lease_expires_at, judged_at)
-    if not outcome.acquires:
+    decision = judge_claim(row.status, row.lease_token, row.lease_expires_at, row.deadline_at, row.now,
+                           timeout_seconds=row.timeout_seconds, has_fallback=row.fallback_model_id is not None,
+                           lease_seconds=lease_seconds)
+    outcome, deadline = decision.outcome, decision.deadline
+    if deadline is None:
         return ClaimResult(outcome)
     turn = TurnRow(row.assistant_message_id, row.user_message_id, row.conversation_id, row.user_id,
                    row.deliveries + 1, row.reserved_amount, row.cancel_requested_at, row.fell_back, row.handed_back)
-    calls = most_calls(has_fallback=row.fallback_model_id is not None)
-    deadline = delivery_deadline(judged_at, row.timeout_seconds, calls,
-                                 stored=utc(row.deadline_at), taken_over=outcome is Claim.TAKEN_OVER)
-    claim = ClaimResult(outcome, turn, new_lease_token(), turn.deliveries, row, handed_back=row.handed_back,
+    claim = ClaimResult(outcome, turn, decision.token, turn.deliveries, row, handed_back=row.handed_back,
                         time_left=deadline.time_left,
                         predecessor=row.deliveries if outcome is Claim.TAKEN_OVER and row.lease_token else None)
     amount = max(quantize(hold(claim)), Decimal(0)) if hold is not None else Decimal(0)
@@ -266,8 +177,7 @@ def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
             sql.touch_answer(batch, {"turn_id": turn_id, "at": written_at})
         else:
             _move_messages(batch, TurnStatus.PROCESSING, row.user_message_id, turn_id, at=written_at)
-        sql.take_lease(batch, {"turn_id": turn_id, "token": claim.token,
-                               "expires": lease_expiry(judged_at, lease_seconds),
+        sql.take_lease(batch, {"turn_id": turn_id, "token": claim.token, "expires": decision.lease_expires_at,
                                "deadline": deadline.at,
                                "hold": amount, "at": written_at})
         reserved = ledger.reserve(batch, row.user_id, amount) if amount > 0 else None

@@ -11,6 +11,10 @@ from __future__ import annotations
 from enum import StrEnum
 
 
+class TransitionRefused(RuntimeError):
+    """The run was not in a status from which the requested change is legal."""
+
+
 class TurnStatus(StrEnum):
     PENDING = "pending"
     PROCESSING = "processing"

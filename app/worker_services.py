@@ -231,7 +231,7 @@ def _message_died(message: Delivered, run: tuple[RunKind, int] | None) -> None:
     if run is None:
         return
     kind, ident = run
-    last_error = dead_letters.error_summary(message.options.get("traceback")) or "unknown error"
+    last_error = dead_letters.death_cause(message.options.get("traceback"))
     reason = f"retries exhausted after {message.options.get('retries', 0)} attempts"
 
     def requeued(session: Session) -> bool:

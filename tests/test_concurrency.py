@@ -207,8 +207,9 @@ def a_turn_in_a_workers_hands(world, upstream) -> tuple[int, str, int, dict[str,
 
 def test_a_worker_that_lost_its_lease_stops_and_cannot_write(world, upstream) -> None:  # type: ignore[no-untyped-def]
     """Another owner takes the turn over: the first worker stops its upstream call and writes nothing."""
+    from app.claims import LeaseLost
     from app.models import Turn
-    from app.turn_state import LeaseLost, claim_turn, finish_turn
+    from app.turn_state import claim_turn, finish_turn
     from app.turn_status import TurnStatus
 
     agent_id = world.agent(world.model(upstream="echo;ttft=60"), timeout_seconds=120)
@@ -364,12 +365,12 @@ def test_a_batched_settlement_with_a_lost_lease_writes_nothing_but_its_attempts(
     them, and a lost lease rolls back the status, the statistics, the charge and the attempt record alike.
     The provider was paid for the attempt all the same, so it is then recorded on its own, once."""
     from app import ledger
-    from app.attempts import settling
+    from app.attempts import AttemptRecord, settling
+    from app.claims import LeaseLost
     from app.conversations import record_turn_end
-    from app.fallback import AttemptRecord
     from app.models import CreditTransaction, ModelAttempt, Turn
     from app.prepared import Batch
-    from app.turn_state import LeaseLost, finish_turn
+    from app.turn_state import finish_turn
     from app.turn_status import TurnStatus
 
     user_id, key, conversation_id, assistant = a_turn_in_a_workers_hands(world, upstream)
@@ -400,10 +401,10 @@ def test_a_cut_off_workers_own_record_of_its_calls_replaces_the_takeovers_estima
     an estimate that comes after the real record is not written at all; and the metrics count the call
     once (as it was first recorded: a counter cannot take a count back)."""
     from app import attempts as attempts_module
-    from app.attempts import record_interrupted, settling
-    from app.fallback import AttemptRecord
+    from app.attempts import AttemptRecord, record_interrupted, settling
+    from app.claims import LeaseLost
     from app.models import ModelAttempt
-    from app.turn_state import LeaseLost, finish_turn
+    from app.turn_state import finish_turn
     from app.turn_status import TurnStatus
 
     _, key, _, assistant = a_turn_in_a_workers_hands(world, upstream)
@@ -442,12 +443,13 @@ def test_a_stale_settlement_after_the_takeovers_charge_is_a_lost_lease_not_a_dat
     lost lease it is: the runner stops quietly, and nothing of the stale settlement is written."""
     from app import ledger
     from app.agent_setup import AgentParams, AgentSetup
+    from app.claims import LeaseLost
     from app.live_stream_writer import TurnStream
     from app.model_target import ModelTarget
     from app.models import CreditTransaction, Turn
     from app.prepared import Batch
     from app.turn_runner import TurnContext, _settle
-    from app.turn_state import LeaseLost, finish_turn
+    from app.turn_state import finish_turn
     from app.turn_status import TurnStatus
 
     user_id, key, conversation_id, assistant = a_turn_in_a_workers_hands(world, upstream)
@@ -503,8 +505,7 @@ def test_attempts_a_settlement_wrote_before_its_failure_are_not_written_again(wo
     """A settlement can fail after its commit (the commit's answer lost with the connection): its attempts
     are in the database then, and the write that follows a failure finds them by their stamp; a failure
     after which the caller settles again (a stop that arrived meanwhile) writes nothing on its own."""
-    from app.attempts import settling
-    from app.fallback import AttemptRecord
+    from app.attempts import AttemptRecord, settling
     from app.models import ModelAttempt
 
     agent_id = world.agent(world.model(upstream="echo;ttft=60"), timeout_seconds=120)

@@ -226,9 +226,10 @@ def test_leases_are_judged_by_the_databases_clock_not_by_a_worker_clock_running_
     judged by the database's clock, so only one clock matters."""
     import app.recovery
     import app.turn_state
+    from app.claims import Claim
     from app.debug_run_state import claim_debug_run
     from app.recovery import recover_once
-    from app.turn_state import Claim, claim_turn
+    from app.turn_state import claim_turn
 
     turn = _processing_turn(world, token="live")
     run_id = world.api.post(f"/api/admin/agents/{world.agent(world.model('tester'))}/debug/execute", world.admin_key,
@@ -619,7 +620,7 @@ def test_a_run_whose_calls_end_just_after_it_was_handed_back_takes_its_lease_bac
 def test_a_run_stopped_by_its_hand_back_does_not_take_its_lease_back(world, swept_once) -> None:  # type: ignore[no-untyped-def]
     """The hand-back stops the calls it gives up: a run whose end is that stop (`stopped`) leaves its lease given
     up, for the worker the run was sent to; taking it back, it ended its turn `cancelled` in the leaving worker."""
-    from app.turn_state import LeaseLost
+    from app.claims import LeaseLost
 
     turn = _processing_turn(world, "mine")
     keeper = LeaseKeeper()
@@ -668,8 +669,9 @@ def test_a_run_claimed_by_another_delivery_after_its_hand_back_is_left_to_that_d
     end is refused, and the claiming delivery runs the turn. Also when that delivery has given the lease up again
     (it failed, and handed the run to its retry): the lease is as free as after the hand-back, but the run's
     delivery count has moved on."""
+    from app.claims import LeaseLost
     from app.run_kinds import TURN
-    from app.turn_state import LeaseLost, claim_turn
+    from app.turn_state import claim_turn
 
     turn = _processing_turn(world, "mine")
     keeper = LeaseKeeper()
@@ -763,8 +765,8 @@ def test_a_run_handed_back_is_sent_only_once_its_stopped_call_has_ended(world, s
 def test_a_run_sent_to_another_worker_takes_nothing_back(world, swept_once) -> None:  # type: ignore[no-untyped-def]
     """One that had not decided when the wait ran out is sent all the same, and can no longer take its lease
     back: the worker it was sent to has it."""
+    from app.claims import LeaseLost
     from app.run_kinds import TURN
-    from app.turn_state import LeaseLost
 
     turn = _processing_turn(world, "mine")
     keeper = LeaseKeeper()

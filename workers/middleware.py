@@ -54,9 +54,10 @@ class RunOutcomes(Middleware):
 
 
 class WorkerServices(Middleware):
-    """Starts the lease keeper's companions (the recovery sweep, the stop check) in each worker process, and
-    at shutdown stops them and hands another worker the runs its threads are given, and those still calling
-    their models when the grace runs out (a run writing its end is left to finish)."""
+    """Starts the lease keeper's companions (the recovery sweep, the presence loop; the stop check starts with
+    the first run held) in each worker process, and at shutdown stops them and hands another worker the runs
+    its threads are given, and those still calling their models when the grace runs out (a run writing its
+    end is left to finish)."""
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
         """In each forked process: fresh sockets, agentq's log format, a stop with the group's parent; and, in
