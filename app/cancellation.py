@@ -21,10 +21,11 @@ from app.conversations import owned_conversation, owned_turn_of
 from app.db import rows_changed, transaction
 from app.errors import NotFound
 from app.in_flight import answer_in_flight
-from app.models import Conversation, ConversationMessage, Turn, table
+from app.models import Conversation, ConversationMessage, table
 from app.models.base import utc_now
 from app.outages import is_outage
 from app.stop_requests import publish_stop
+from app.turn_state import request_stop
 from app.turn_status import STOPPED, TurnStatus
 from app.unheld_ends import UnownedEnd, announce_unowned_end, end_unowned
 
@@ -118,16 +119,10 @@ class _Stopped:
 def _stop(session: Session, message_id: int) -> _Stopped | None:
     """In the caller's transaction: cancel a pending turn, or flag a processing one for its worker, which
     settles it; None when the turn had already ended."""
-    turn = session.execute(
-        select(Turn).where(Turn.assistant_message_id == message_id).with_for_update()
-    ).scalar_one()
-    # Read after the lock, in a statement of its own: read with the lock, it would be the status from before
-    # a settlement this stop waited for.
-    status = session.scalars(select(ConversationMessage.status).where(ConversationMessage.id == message_id)).one()
-    if TurnStatus(status).is_terminal:
+    status = request_stop(session, message_id)
+    if status is None:
         return None
-    turn.cancel_requested_at = utc_now()
-    if status != TurnStatus.PENDING:
+    if status is not TurnStatus.PENDING:
         return _Stopped(message_id, None)
     return _Stopped(message_id, end_unowned(session, message_id, TurnStatus.CANCELLED, STOPPED))
 

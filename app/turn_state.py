@@ -307,6 +307,22 @@ def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_m
     return turn, target
 
 
+def request_stop(session: Session, turn_id: int) -> TurnStatus | None:
+    """Record a user's stop of an in-flight turn, under the turn's lock: the mark a worker's settlement and an
+    end without the lease both read (`finish_turn`, `end_turn_unowned`), so that the turn ends `cancelled`
+    whoever ends it. Returns the status the turn was in (a pending one is the caller's to end now), or None
+    when it had already ended, which a stop leaves as it is."""
+    turn = session.execute(select(Turn).where(Turn.assistant_message_id == turn_id).with_for_update()).scalar_one()
+    # Read after the lock, in a statement of its own: read with the lock, it would be the status from before
+    # a settlement this stop waited for.
+    status = TurnStatus(session.scalars(select(ConversationMessage.status)
+                                        .where(ConversationMessage.id == turn_id)).one())
+    if status.is_terminal:
+        return None
+    turn.cancel_requested_at = utc_now()
+    return status
+
+
 def refuse_unless_reopenable(session: Session, turn: Turn) -> None:
     """`TransitionRefused` unless the turn's answer may move back to `pending` (it ended `error`): asked before a
     requeue's other checks, so that a run no longer in error is refused as that, whatever else would refuse it.
