@@ -18,7 +18,7 @@ import dramatiq
 import redis
 
 from app.db import in_batches
-from app.dispatch import broker_key
+from app.dispatch import dead_bodies_key, dead_ids_key
 from app.models.base import SHORT_TEXT_CHARS
 from app.queues import QUEUES
 from app.redis_client import get_redis, lua_script
@@ -51,7 +51,7 @@ def dead_messages() -> dict[str, DeadMessage]:
     client = get_redis()
     found: dict[str, DeadMessage] = {}
     for queue in QUEUES:
-        scored = cast(list[tuple[bytes, float]], client.zrange(broker_key(queue, ".XQ"), 0, -1, withscores=True))
+        scored = cast(list[tuple[bytes, float]], client.zrange(dead_ids_key(queue), 0, -1, withscores=True))
         for member, score in scored:
             if (ident := message_id_of(member, queue)) is not None:
                 found[ident] = DeadMessage(queue, ident, broker_time(score) or datetime.now(UTC))
@@ -64,7 +64,7 @@ def with_bodies(dead: list[DeadMessage]) -> list[BrokerEntry]:
     entries: list[BrokerEntry] = []
     for queue in QUEUES:
         for batch in in_batches(d for d in dead if d.queue == queue):
-            bodies = cast(list[bytes | None], client.hmget(broker_key(queue, ".XQ.msgs"),
+            bodies = cast(list[bytes | None], client.hmget(dead_bodies_key(queue),
                                                            [d.redis_message_id for d in batch]))
             for one, body in zip(batch, bodies, strict=True):
                 message = readable_message(body) if body is not None else None
@@ -134,13 +134,13 @@ def broker_time(milliseconds: float) -> datetime | None:
 
 def take_entry(queue: str, redis_message_id: str) -> None:
     """Remove one dead message, its id and its body together (one already gone is left gone)."""
-    lua_script("take_dead_letter")(keys=[broker_key(queue, ".XQ"), broker_key(queue, ".XQ.msgs")],
+    lua_script("take_dead_letter")(keys=[dead_ids_key(queue), dead_bodies_key(queue)],
                                    args=[redis_message_id], client=get_redis())
 
 
 def holds_entry(queue: str, redis_message_id: str) -> bool:
     """Whether the broker still holds this dead message; True when Redis cannot say (keep the record)."""
     try:
-        return get_redis().zscore(broker_key(queue, ".XQ"), redis_message_id) is not None
+        return get_redis().zscore(dead_ids_key(queue), redis_message_id) is not None
     except redis.RedisError:
         return True

@@ -17,7 +17,7 @@ from app.config import get_settings
 from app.db import transaction
 from app.dead_letter_queue import message_id_of
 from app.dead_letters import open_dead_letters
-from app.dispatch import broker_key
+from app.dispatch import broker_key, dead_ids_key, delayed_bodies_key
 from app.errors import DatabaseNotCreated
 from app.in_flight import answer_in_flight
 from app.models import ConversationMessage, table
@@ -69,8 +69,8 @@ def queue_snapshot(*, database_required: bool = True) -> QueueSnapshot:
         pipe = get_redis().pipeline(transaction=False)
         for queue in QUEUES:
             pipe.llen(broker_key(queue))
-            pipe.hlen(broker_key(queue, ".DQ.msgs"))
-            pipe.zrange(broker_key(queue, ".XQ"), 0, -1)
+            pipe.hlen(delayed_bodies_key(queue))
+            pipe.zrange(dead_ids_key(queue), 0, -1)
         counts = pipe.execute()
         for index, queue in enumerate(QUEUES):
             ready, delayed, dead = counts[index * 3: index * 3 + 3]

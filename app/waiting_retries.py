@@ -17,7 +17,7 @@ from typing import Any, cast
 from app.db import transaction
 from app.dead_letter_queue import broker_time, message_id_of, readable_message
 from app.dead_letters import error_summary
-from app.dispatch import broker_key
+from app.dispatch import delayed_bodies_key
 from app.queues import QUEUES
 from app.redis_client import get_redis
 from app.run_kinds import run_id_of, statuses_of_runs
@@ -43,7 +43,7 @@ def soonest_first() -> list[WaitingRetry]:
     client = get_redis()
     pipe = client.pipeline(transaction=False)
     for queue in QUEUES:
-        pipe.hgetall(broker_key(queue, ".DQ.msgs"))
+        pipe.hgetall(delayed_bodies_key(queue))
     bodies = cast(list[dict[bytes, bytes]], pipe.execute())
     waiting = [_waiting(queue, message_id, body)
                for queue, held in zip(QUEUES, bodies, strict=True) for member, body in held.items()
