@@ -24,9 +24,9 @@ from redis.typing import EncodableT
 from app.config import get_settings
 from app.db import transaction
 from app.errors import ConversationBusy, TooManyActiveConversations
+from app.failure_logs import warn_of
 from app.in_flight import active_conversation_ids, answer_status
 from app.live_stream import stream_key
-from app.outages import warn_of
 from app.redis_client import get_redis, key, lua_script
 from app.stop_requests import stop_key
 

@@ -21,8 +21,9 @@ import threading
 from collections.abc import Callable
 
 from app.db import ping
+from app.failure_logs import log_failure
 from app.metrics import DATABASE_CUT_OFFS
-from app.outages import in_one_line, is_database_outage, log_failure
+from app.outages import in_one_line, is_database_outage
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from dramatiq import Message
 from redis.client import Pipeline
 
 from app.config import get_settings
+from app.failure_logs import warn_of_sparingly
 from app.models.base import as_utc
-from app.outages import warn_of_sparingly
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,9 @@ from app.claims import LeaseLost
 from app.clock import lease_expiry, lease_now
 from app.config import get_settings
 from app.db import transaction
+from app.failure_logs import log_failure
 from app.models import Turn
-from app.outages import is_outage, log_failure
+from app.outages import is_outage
 from app.run_kinds import KINDS, TEST_RUN, TURN, RunKind
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,8 @@ from redis.typing import EncodableT, FieldT
 from app import metrics
 from app.answer_sink import AnswerSink
 from app.config import get_settings
+from app.failure_logs import warn_of_repeated
 from app.live_stream import Streamed, attempt_number, stream_key
-from app.outages import warn_of_repeated
 from app.redis_client import get_redis
 from app.turn_status import TurnStatus
 

@@ -19,7 +19,8 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 
 from app.config import get_settings
-from app.outages import OUTAGE_REPEAT_SECONDS, in_one_line, is_outage, said_again
+from app.failure_logs import OUTAGE_REPEAT_SECONDS, said_again
+from app.outages import in_one_line, is_outage
 
 _turn_id: ContextVar[int | None] = ContextVar("agentq_turn_id", default=None)
 _test_run_id: ContextVar[int | None] = ContextVar("agentq_test_run_id", default=None)

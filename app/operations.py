@@ -22,9 +22,10 @@ from app.errors import DatabaseNotCreated
 from app.in_flight import answer_in_flight
 from app.models import ConversationMessage, table
 from app.models.base import utc_now
-from app.outages import in_one_line, is_outage, schema_missing
+from app.outages import in_one_line, is_outage
 from app.queues import QUEUES
 from app.redis_client import get_redis
+from app.setup_problems import schema_missing
 from app.turn_status import IN_FLIGHT_VALUES, UNSUCCESSFUL
 from app.worker_presence import WorkerState, live_workers
 

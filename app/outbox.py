@@ -17,8 +17,8 @@ import redis
 from app.config import get_settings
 from app.db import transaction
 from app.dispatch import receipt_key_of_send
+from app.failure_logs import warn_of
 from app.logging_setup import turn_context
-from app.outages import warn_of
 from app.redis_client import get_redis, key
 from app.run_kinds import TURN, RunKind
 

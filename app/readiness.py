@@ -10,9 +10,9 @@ from sqlalchemy import select
 from app.db import database_location, get_engine
 from app.errors import AgentqError
 from app.models import User
-from app.outages import SetupProblem, setup_problem
 from app.redis_client import get_redis
 from app.schema import SchemaIncomplete, missing_columns
+from app.setup_problems import SetupProblem, setup_problem
 
 
 @dataclass(frozen=True, slots=True)

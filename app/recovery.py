@@ -60,11 +60,11 @@ from app.config import get_settings
 from app.db import transaction
 from app.deadline_bound import deadline_cutoff, end_past_deadline, unheld_past_deadline
 from app.dispatch import receipt_key_of_send, receipt_look_seconds
+from app.failure_logs import OUTAGE_REPEAT_SECONDS, log_failure, said_again
 from app.in_flight import answer_in_flight, in_flight, status_is
 from app.leases import TakeoverGate
 from app.models import ConversationMessage, DebugRun, Turn, table
 from app.models.base import utc_now
-from app.outages import OUTAGE_REPEAT_SECONDS, log_failure, said_again
 from app.pending_bound import end_pending_too_long, pending_cutoff, waited_too_long
 from app.prepared import Prepared
 from app.redis_client import get_redis, key, lua_script

@@ -29,9 +29,10 @@ from app.clock import DatabaseNow, lease_expiry, lease_now, lease_time
 from app.config import get_settings
 from app.db import in_batches, rows_changed, transaction
 from app.deliveries import fallback_mark_wait, outage_wait_seconds, retry_hand_over
+from app.failure_logs import warn_of
 from app.models import ConversationMessage, DebugRun, Turn
 from app.models.base import LARGEST_ID
-from app.outages import waiting_out_outages, warn_of
+from app.outages import waiting_out_outages
 from app.turn_status import TurnStatus
 
 log = logging.getLogger(__name__)

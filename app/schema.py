@@ -24,7 +24,7 @@ from app.errors import AgentqError
 from app.key_variables import models_refused_now
 from app.models import Base
 from app.money import MILLIONTHS
-from app.outages import lacks_a_column
+from app.setup_problems import lacks_a_column
 from app.sqlite_upgrades import mark_money_in_millionths, money_in_millionths
 
 SCHEMA_FILE = Path(__file__).parent / "schema.sql"

@@ -25,11 +25,11 @@ from app import conversation_locks
 from app.conversations import record_turn_end
 from app.db import transaction
 from app.debug_run_state import finish_debug_run
+from app.failure_logs import log_failure
 from app.in_flight import answer_in_flight
 from app.live_stream import Streamed, stored_answer_attempt, text_streamed
 from app.live_stream_writer import TurnStream
 from app.models import ConversationMessage, DebugRun, Turn, table
-from app.outages import log_failure
 from app.prepared import Prepared
 from app.run_kinds import TEST_RUN, TURN, RunKind
 from app.turn_state import end_turn_unowned

@@ -11,8 +11,8 @@ import time
 
 from app.config import get_settings
 from app.deadline_bound import end_runs_past_deadline
+from app.failure_logs import log_failure
 from app.leases import TakeoverGate
-from app.outages import log_failure
 from app.pending_bound import end_runs_pending_too_long
 
 log = logging.getLogger(__name__)

@@ -29,8 +29,8 @@ from typing import cast
 
 from pydantic import TypeAdapter, ValidationError
 
+from app.failure_logs import log_failure
 from app.models.base import utc_now
-from app.outages import log_failure
 from app.redis_client import get_redis, key
 
 log = logging.getLogger(__name__)

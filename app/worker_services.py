@@ -14,10 +14,10 @@ from app.database_reach import reach
 from app.db import dispose_engines, open_pool
 from app.deliveries import RunGivenUp
 from app.dispatch import Delivered
+from app.failure_logs import log_failure, warn_of
 from app.heap import freeze_after_boot
 from app.leases import keeper
 from app.logging_setup import log_as_run, run_context
-from app.outages import log_failure, warn_of
 from app.recovery import RecoveryLoop
 from app.redis_client import reset_redis
 from app.run_kinds import TURN, RunKind, run_of

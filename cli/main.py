@@ -285,8 +285,9 @@ def _backing_service_failed(exc: Exception) -> int:
     import redis
 
     from app.db import database_location
-    from app.outages import in_one_line, is_outage, setup_problem
+    from app.outages import in_one_line, is_outage
     from app.redis_client import redis_location
+    from app.setup_problems import setup_problem
 
     if isinstance(exc, redis.RedisError):
         return failed("service_unavailable" if is_outage(exc) else "redis_error",

@@ -125,7 +125,7 @@ def test_a_background_round_that_fails_for_a_bug_is_an_error_not_an_outages_warn
     run out): logged as an error with its traceback, not as the warning an outage gets."""
     import logging
 
-    from app.outages import log_failure
+    from app.failure_logs import log_failure
 
     log = logging.getLogger("agentq.test.background")
     with caplog.at_level(logging.WARNING, logger=log.name):
@@ -144,15 +144,15 @@ def test_a_background_loop_says_an_outage_once_and_again_with_what_it_did_not_sa
     `OUTAGE_REPEAT_SECONDS` with the count of the tries between; another loop says its own."""
     import logging
 
-    import app.outages
-    from app.outages import log_failure
+    import app.failure_logs
+    from app.failure_logs import log_failure
 
     log = logging.getLogger("agentq.test.outage-repeat")
     with caplog.at_level(logging.WARNING, logger=log.name):
         for _ in range(4):
             log_failure(log, redis.ConnectionError("refused"), "a look for stop requests")
         log_failure(log, redis.ConnectionError("refused"), "a lease renewal")
-        monkeypatch.setattr(app.outages, "OUTAGE_REPEAT_SECONDS", 0.0)  # the interval gone by
+        monkeypatch.setattr(app.failure_logs, "OUTAGE_REPEAT_SECONDS", 0.0)  # the interval gone by
         log_failure(log, redis.ConnectionError("refused"), "a look for stop requests")
     assert [r.getMessage() for r in caplog.records] == [
         "a look for stop requests failed, a backing service is out of reach (ConnectionError: refused); trying "
@@ -173,10 +173,10 @@ def test_a_consumers_lost_redis_connection_is_a_warning_not_a_critical_line(monk
 
     import redis as redis_lib
 
-    import app.outages
+    import app.failure_logs
     from app.logging_setup import OutageFailureFilter
 
-    monkeypatch.setattr(app.outages, "_outage_said", {})
+    monkeypatch.setattr(app.failure_logs, "_outage_said", {})
     outage = OutageFailureFilter()
 
     def consumer_says(queue: str, thread: int, level: int, message: str, *args: object) -> logging.LogRecord | None:
@@ -197,7 +197,7 @@ def test_a_consumers_lost_redis_connection_is_a_warning_not_a_critical_line(monk
         "WARNING", "Consumer encountered a connection error: Connection closed by server. (Redis is out of reach; "
                    "each of this process's consumers tries again every 3 s, said at most every 30 s)")
     assert lost_and_restarts("debug", 2) + lost_and_restarts("turns", 1) == [None] * 4  # the same outage's tries
-    monkeypatch.setattr(app.outages, "OUTAGE_REPEAT_SECONDS", 0.0)  # the interval gone by
+    monkeypatch.setattr(app.failure_logs, "OUTAGE_REPEAT_SECONDS", 0.0)  # the interval gone by
     again, _ = lost_and_restarts("debug", 2)
     assert again is not None and again.getMessage().endswith("said at most every 30 s; 2 more tries failed alike "
                                                              "since this was last said)")
@@ -289,8 +289,8 @@ def test_a_background_round_that_fails_for_a_setup_step_says_the_step_once_a_min
     with two tracebacks a second, which buried what to do. The step is said in one line, again a minute on."""
     import logging
 
-    import app.outages
-    from app.outages import log_failure
+    import app.failure_logs
+    from app.failure_logs import log_failure
 
     engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path}/empty.sqlite3")
     try:
@@ -303,7 +303,7 @@ def test_a_background_round_that_fails_for_a_setup_step_says_the_step_once_a_min
     with caplog.at_level(logging.WARNING, logger=log.name):
         for _ in range(3):
             log_failure(log, no_schema, "looking for runs pending too long")
-        monkeypatch.setattr(app.outages, "SETUP_PROBLEM_REPEAT_SECONDS", 0.0)  # the minute gone by
+        monkeypatch.setattr(app.failure_logs, "SETUP_PROBLEM_REPEAT_SECONDS", 0.0)  # the minute gone by
         log_failure(log, no_schema, "looking for runs pending too long")
     assert [(r.levelname, r.exc_info) for r in caplog.records] == [("ERROR", None), ("ERROR", None)]
     assert caplog.records[0].getMessage().startswith(
@@ -317,7 +317,7 @@ def test_a_background_round_against_a_database_that_refuses_its_login_says_to_me
     backing service out of reach, to be waited out, every round."""
     import logging
 
-    from app.outages import log_failure
+    from app.failure_logs import log_failure
 
     engine = sqlalchemy.create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/agentq_no_such_database")
     try:
@@ -357,12 +357,12 @@ def test_a_send_while_redis_is_out_of_reach_is_an_outage_of_redis_said_in_one_li
                                                        kwargs={}, options={}))
     assert is_outage(failed.value) and not is_database_outage(failed.value)
 
-    import app.outages
+    import app.failure_logs
 
-    monkeypatch.setattr(app.outages, "_outage_said", {})
+    monkeypatch.setattr(app.failure_logs, "_outage_said", {})
     with caplog.at_level(logging.WARNING, logger="app.dispatch"):
         assert [TURN.send(ident, None) for ident in (1, 2, 3)] == [False, False, False]
-        monkeypatch.setattr(app.outages, "OUTAGE_REPEAT_SECONDS", 0.0)  # the interval gone by
+        monkeypatch.setattr(app.failure_logs, "OUTAGE_REPEAT_SECONDS", 0.0)  # the interval gone by
         assert TURN.send(4, None) is False
     said = [record for record in caplog.records if record.name == "app.dispatch"]
     assert [(record.levelno, record.exc_info) for record in said] == [(logging.WARNING, None)] * 2
@@ -381,11 +381,11 @@ def test_a_stream_publisher_cut_off_from_redis_says_so_once_not_at_every_batch( 
     import logging
     from functools import partial
 
-    import app.outages
+    import app.failure_logs
     from app.live_stream_writer import _Publisher
 
     said_of: dict[tuple[str, str], tuple[float, int]] = {}
-    monkeypatch.setattr(app.outages, "_outage_said", said_of)
+    monkeypatch.setattr(app.failure_logs, "_outage_said", said_of)
     settings_of(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
     publisher = _Publisher()
 

@@ -397,12 +397,12 @@ def test_a_sweep_while_redis_is_out_of_reach_sends_nothing_and_says_so_once(  # 
     import redis
     from sqlalchemy import text
 
-    import app.outages
+    import app.failure_logs
     import app.recovery
     from app.db import plain_transaction
     from tests.conftest import point_the_broker_at_a_closed_port
 
-    monkeypatch.setattr(app.outages, "_outage_said", {})
+    monkeypatch.setattr(app.failure_logs, "_outage_said", {})
     wait_for(lambda: redis_client.exists(app.recovery.epoch_key()), what="a recovery sweep after the Redis flush")
     workers.stop_all()  # their own sweeps, which reach Redis, would send the turn
     try:

@@ -18,7 +18,8 @@ from werkzeug.exceptions import HTTPException, NotFound
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from app.errors import AgentqError, InvalidConfiguration, error_object
-from app.outages import SetupProblem, in_one_line, setup_problem
+from app.outages import in_one_line
+from app.setup_problems import SetupProblem, setup_problem
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,8 @@ _SETUP_ANSWERS: dict[str, tuple[str, str]] = {
     "invalid_configuration": ("invalid_configuration", "The service is not configured to serve; its operators are "
                                                        "told why in its log."),
 }
-"""What a caller is told of each setup step the operator must take (`app.outages.SetupProblem.code`): that there is
-one, and whose it is. What exactly, which may name a server path or a role, goes to the log."""
+"""What a caller is told of each setup step the operator must take (`app.setup_problems.SetupProblem.code`): that
+there is one, and whose it is. What exactly, which may name a server path or a role, goes to the log."""
 
 
 def _setup_step_response(problem: SetupProblem, error: BaseException) -> Response:

@@ -1,0 +1,95 @@
+"""How a failure is said in the log: an outage in one line, said again sparingly while it lasts (every run and
+every round of a loop meets it alike), a setup step as the step to take, a bug with its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from app.db import database_location
+from app.outages import in_one_line, is_outage
+from app.setup_problems import setup_problem
+
+
+def warn_of(logger: logging.Logger, error: BaseException, message: str, *args: object) -> None:
+    """A warning about a step that failed and that something else makes good (the recovery sweep, a lease
+    running out): a backing service out of reach said in one line, which an outage repeats for every run;
+    anything else with its traceback, which a bug needs."""
+    if is_outage(error):
+        logger.warning(message + " (%s)", *args, in_one_line(error))
+    else:
+        logger.warning(message, *args, exc_info=error)
+
+
+SETUP_PROBLEM_REPEAT_SECONDS = 60.0
+"""How often a background loop says again the same setup problem, which fails each of its rounds alike."""
+
+_setup_problem_said: dict[tuple[str, str], float] = {}
+
+OUTAGE_REPEAT_SECONDS = 30.0
+"""How often a background loop says again that a backing service is still out of reach: the lease keeper's
+loops try twice a second, and said at each try a 40 s outage was 80 lines a process."""
+
+_outage_said: dict[tuple[str, str], tuple[float, int]] = {}
+"""For each logger and loop, when it last said an outage and how many failed rounds it has not said since."""
+
+
+def said_again(source: str, doing: str, counted: str = "rounds") -> str | None:
+    """None while `doing`'s failure was said by `source` (a logger's name) within `OUTAGE_REPEAT_SECONDS` (this
+    one counted, unsaid); else the clause that counts the `counted` not said since it was (empty for none), and
+    it is said now."""
+    key, now = (source, doing), time.monotonic()
+    said_at, unsaid = _outage_said.get(key, (float("-inf"), 0))
+    if now - said_at < OUTAGE_REPEAT_SECONDS:
+        _outage_said[key] = (said_at, unsaid + 1)
+        return None
+    _outage_said[key] = (now, 0)
+    return f"; {unsaid} more {counted} failed alike since this was last said" if unsaid else ""
+
+
+def warn_of_repeated(logger: logging.Logger, error: BaseException, doing: str, meanwhile: str) -> None:
+    """A failure a busy loop meets at each round alike while it lasts (a Redis outage or failover, a full Redis),
+    with what is made of it `meanwhile`: one warning line, said again at most every `OUTAGE_REPEAT_SECONDS` with
+    the count of rounds not said. A process's stream publisher said every failed batch: 800 lines in 12 s of
+    a Redis restart."""
+    if (since := said_again(logger.name, doing)) is not None:
+        logger.warning("%s failed (%s); %s, said at most every %g s%s", doing, in_one_line(error), meanwhile,
+                       OUTAGE_REPEAT_SECONDS, since)
+
+
+def warn_of_sparingly(logger: logging.Logger, error: BaseException, message: str, *args: object) -> None:
+    """`warn_of` for a step that every run meets alike while a backing service is out of reach (a send while
+    Redis is away: each request's, and each pending run's at every recovery sweep, a line each): the outage
+    said in one line, naming the run that met it first, and again at most every `OUTAGE_REPEAT_SECONDS` with
+    the count of runs not said (`message`, the template, tells one step from another); anything else said as
+    `warn_of` says it, with its traceback."""
+    if not is_outage(error):
+        warn_of(logger, error, message, *args)
+    elif (since := said_again(logger.name, message, "runs")) is not None:
+        logger.warning(message + " (%s); every run that meets this is said at most every %g s%s", *args,
+                       in_one_line(error), OUTAGE_REPEAT_SECONDS, since)
+
+
+def log_failure(logger: logging.Logger, error: BaseException, doing: str) -> None:
+    """A background loop's failed round (a sweep, a lease renewal), logged by what it means: a setup step not
+    taken (no schema, a refused login) as one error line saying the step, at most once a minute for each
+    logger, since every round until the step is taken fails alike and a traceback a second would bury it; a
+    backing service out of reach as a warning, which the next round waits out, said again at most every
+    `OUTAGE_REPEAT_SECONDS` with the count of rounds it did not say; anything else, which would
+    repeat at every round (a bug), as an error with its traceback. The setup step is looked for first: a
+    login the server refuses carries no SQLSTATE, which `is_outage` takes for a connection that failed."""
+    if (problem := setup_problem(error)) is not None:
+        key, now = (logger.name, problem.step), time.monotonic()
+        if now - _setup_problem_said.get(key, float("-inf")) >= SETUP_PROBLEM_REPEAT_SECONDS:
+            _setup_problem_said[key] = now
+            logger.error("%s failed: %s. %s (the database at %s); every round fails alike until then, said again "
+                         "at most once a minute", doing, problem.step, in_one_line(error), database_location())
+    elif is_outage(error):
+        if (since := said_again(logger.name, doing)) is None:
+            return
+        logger.warning("%s failed, a backing service is out of reach (%s); trying again, said at most every %g s%s",
+                       doing, in_one_line(error), OUTAGE_REPEAT_SECONDS, since)
+    else:
+        logger.error("%s failed, and not for an outage: it will fail again until this is fixed", doing,
+                     exc_info=error)
