@@ -27,7 +27,7 @@ from app.fallback import Outcome, call_with_fallback
 from app.leases import Holding, keeper
 from app.models import Agent, DebugRun
 from app.moderation import moderate
-from app.run_kinds import TEST_RUN
+from app.run_kinds import DEBUG_RUN
 from app.turn_status import TurnStatus
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def run_debug_run(run_id: int) -> None:
         outcome = None if not verdict.passed else call_with_fallback(
             agent.primary, agent.fallback, lambda target: agent.prompt_for(target, [], content).messages,
             agent.params, AnswerSink(), holding.stop, ends_by=ends_by, fallen_back=fallen_back,
-            before_fallback_call=lambda: TEST_RUN.mark_fallen_back(run_id, token, ends_by=ends_by,
+            before_fallback_call=lambda: DEBUG_RUN.mark_fallen_back(run_id, token, ends_by=ends_by,
                                                                    stop=holding.stop))
         # Its end is written next, whatever it is: a hand-back at shutdown leaves it to finish (handed back, its
         # answer would be paid twice, or its refused input moderated again, which fails open).
@@ -100,4 +100,4 @@ def _record_end(run_id: int, token: str, delivery: int, attempts: Sequence[Attem
                 finish_debug_run(session, run_id, token, status, at=recorded.at, **result)
                 recorded.write(session)
 
-        TEST_RUN.write_end(run_id, recorded.at, write, what=f"settling test run {run_id}")
+        DEBUG_RUN.write_end(run_id, recorded.at, write, what=f"settling test run {run_id}")

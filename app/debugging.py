@@ -31,7 +31,7 @@ from app.models.base import money_total, money_total_parts, utc_now
 from app.moderation import Verdict, moderate
 from app.paging import PAGE_OF_A_WHOLE_LIST, every_row, page_of
 from app.prompt import ChatMessage, Prompt, successful_history
-from app.run_kinds import TEST_RUN
+from app.run_kinds import DEBUG_RUN
 from app.turn_intake import check_content
 from app.turn_status import TurnStatus
 
@@ -110,7 +110,7 @@ def _history_of(session: Session, agent_id: int, conversation_id: int | None) ->
     return successful_history(session, conversation_id)
 
 
-def start_execution(admin: Principal, agent_id: int, content: str) -> int:
+def start_debug_run(admin: Principal, agent_id: int, content: str) -> int:
     """Record the test run, then send it to the workers; a failed send is left to recovery."""
     with transaction() as session:
         _agent_setup(session, agent_id, shared_lock=True)
@@ -120,7 +120,7 @@ def start_execution(admin: Principal, agent_id: int, content: str) -> int:
         session.add(run)
         session.flush()
         run_id = run.id
-    outbox.send(TEST_RUN, run_id, enqueued_at)
+    outbox.send(DEBUG_RUN, run_id, enqueued_at)
     return run_id
 
 
@@ -210,4 +210,4 @@ def debug_costs(group_by: GroupBy) -> list[CostLine]:
 
 __all__ = ["CostLine", "DebugLogPage", "RouteDecision", "WaitedTestRun", "debug_costs",
            "every_debug_log", "get_debug_log", "list_debug_logs", "preview_prompt", "route_decision",
-           "start_execution", "wait_for_debug_log"]
+           "start_debug_run", "wait_for_debug_log"]

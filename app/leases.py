@@ -26,7 +26,7 @@ from app.db import transaction
 from app.failure_logs import log_failure
 from app.models import Turn
 from app.outages import is_outage
-from app.run_kinds import KINDS, TEST_RUN, TURN, RunKind
+from app.run_kinds import DEBUG_RUN, KINDS, TURN, RunKind
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class Holding:
 
     @property
     def kind(self) -> RunKind:
-        return TURN if self.turn is not None else TEST_RUN
+        return TURN if self.turn is not None else DEBUG_RUN
 
     @property
     def key(self) -> tuple[str, int, str]:

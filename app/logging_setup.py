@@ -23,7 +23,7 @@ from app.failure_logs import OUTAGE_REPEAT_SECONDS, said_again
 from app.outages import in_one_line, is_outage
 
 _turn_id: ContextVar[int | None] = ContextVar("agentq_turn_id", default=None)
-_test_run_id: ContextVar[int | None] = ContextVar("agentq_test_run_id", default=None)
+_debug_run_id: ContextVar[int | None] = ContextVar("agentq_debug_run_id", default=None)
 
 PLAIN_FORMAT = "[%(asctime)s] [PID %(process)d] [%(threadName)s] [%(name)s] [%(levelname)s] %(turn)s%(message)s"
 
@@ -33,31 +33,31 @@ def turn_context(turn_id: int) -> AbstractContextManager[None]:
 
 
 @contextmanager
-def run_context(turn_id: int | None, test_run_id: int | None) -> Iterator[None]:
+def run_context(turn_id: int | None, debug_run_id: int | None) -> Iterator[None]:
     """A turn's or an admin test run's lines, for the duration of the block."""
-    tokens = _turn_id.set(turn_id), _test_run_id.set(test_run_id)
+    tokens = _turn_id.set(turn_id), _debug_run_id.set(debug_run_id)
     try:
         yield
     finally:
         _turn_id.reset(tokens[0])
-        _test_run_id.reset(tokens[1])
+        _debug_run_id.reset(tokens[1])
 
 
-def log_as_run(turn_id: int | None, test_run_id: int | None) -> None:
+def log_as_run(turn_id: int | None, debug_run_id: int | None) -> None:
     """For what cannot wrap a run in `run_context`: the broker's hooks around a delivery, which start and end
     it in separate calls, so that Dramatiq's own lines about it (its failure, its retry) name the run."""
     _turn_id.set(turn_id)
-    _test_run_id.set(test_run_id)
+    _debug_run_id.set(debug_run_id)
 
 
 class TurnIdFilter(logging.Filter):
     """Stamps each record with the turn, or the admin test run, this thread runs (or None)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        turn_id, test_run_id = _turn_id.get(), _test_run_id.get()
-        record.turn_id, record.debug_log_id = turn_id, test_run_id
+        turn_id, debug_run_id = _turn_id.get(), _debug_run_id.get()
+        record.turn_id, record.debug_log_id = turn_id, debug_run_id
         record.turn = (f"[turn {turn_id}] " if turn_id is not None
-                       else f"[test run {test_run_id}] " if test_run_id is not None else "")
+                       else f"[test run {debug_run_id}] " if debug_run_id is not None else "")
         return True
 
 

@@ -68,7 +68,7 @@ from app.models.base import utc_now
 from app.pending_bound import end_pending_too_long, pending_cutoff, waited_too_long
 from app.prepared import Prepared
 from app.redis_client import get_redis, key, lua_script
-from app.run_kinds import TEST_RUN, TURN, RunKind
+from app.run_kinds import DEBUG_RUN, TURN, RunKind
 from app.turn_status import TurnStatus
 
 log = logging.getLogger(__name__)
@@ -335,7 +335,7 @@ def recover_once(*, first_sweep: bool = False, gate: TakeoverGate | None = None)
                    "pending_before": pending_cutoff(now), "deadline_before": deadline_cutoff(now)}
         turns, runs = due.turns(session, cutoffs).rows, due.runs(session, cutoffs).rows
     report.ended = _end_or_send(turns, TURN, cutoffs, report.sent, report, redis_reachable=redis_now.reachable)
-    report.debug_ended = _end_or_send(runs, TEST_RUN, cutoffs, report.debug_sent, report,
+    report.debug_ended = _end_or_send(runs, DEBUG_RUN, cutoffs, report.debug_sent, report,
                                       redis_reachable=redis_now.reachable)
     if not redis_now.reachable:
         _say_unsent_while_redis_is_away(report)

@@ -179,9 +179,9 @@ class RunKind:
 
 TURN = RunKind("turn", queues.RUN_TURN, queues.TURNS_QUEUE, Turn, Turn.assistant_message_id,
                ConversationMessage.id, ConversationMessage.status)
-TEST_RUN = RunKind("test run", queues.RUN_DEBUG, queues.DEBUG_QUEUE, DebugRun, DebugRun.id,
+DEBUG_RUN = RunKind("test run", queues.RUN_DEBUG, queues.DEBUG_QUEUE, DebugRun, DebugRun.id,
                    DebugRun.id, DebugRun.status)
-KINDS = (TURN, TEST_RUN)
+KINDS = (TURN, DEBUG_RUN)
 
 
 def kind_of(actor: str) -> RunKind | None:

@@ -31,7 +31,7 @@ from app.live_stream import Streamed, stored_answer_attempt, text_streamed
 from app.live_stream_writer import TurnStream
 from app.models import ConversationMessage, DebugRun, Turn, table
 from app.prepared import Prepared
-from app.run_kinds import TEST_RUN, TURN, RunKind
+from app.run_kinds import DEBUG_RUN, TURN, RunKind
 from app.turn_state import end_turn_unowned
 from app.turn_status import TurnStatus
 
@@ -97,7 +97,7 @@ def abandon_turn(turn_id: int, reason: str, *, pending_before: datetime | None =
     return ended.status
 
 
-def abandon_test_run(run_id: int, reason: str, *, pending_before: datetime | None = None,
+def abandon_debug_run(run_id: int, reason: str, *, pending_before: datetime | None = None,
                 deadline_before: datetime | None = None,
                 unless: Callable[[Session], bool] | None = None) -> TurnStatus | None:
     """End a test run as `error` when its message died, with `pending_before` when it was still pending since
@@ -114,15 +114,15 @@ def abandon_test_run(run_id: int, reason: str, *, pending_before: datetime | Non
 
 
 def run_ids_where(turn: Callable[[Table, Table], ColumnElement[bool]],
-              test_run: Callable[[Table], ColumnElement[bool]]) -> dict[RunKind, Prepared]:
+              debug_run: Callable[[Table], ColumnElement[bool]]) -> dict[RunKind, Prepared]:
     """A look's query for each kind: the ids of the turns in flight for which `turn(turns, messages)` holds (a
-    turn's status is on its answer's row), and of the test runs for which `test_run(runs)` does."""
+    turn's status is on its answer's row), and of the test runs for which `debug_run(runs)` does."""
     turns, messages, runs = table(Turn), table(ConversationMessage), table(DebugRun)
     return {
         TURN: Prepared(select(turns.c.assistant_message_id)
                        .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
                        .where(answer_in_flight(messages), turn(turns, messages))),
-        TEST_RUN: Prepared(select(runs.c.id).where(test_run(runs))),
+        DEBUG_RUN: Prepared(select(runs.c.id).where(debug_run(runs))),
     }
 
 
@@ -130,9 +130,9 @@ def abandon(kind: RunKind, ident: int, reason: str, *, pending_before: datetime 
             deadline_before: datetime | None = None,
             unless: Callable[[Session], bool] | None = None) -> TurnStatus | None:
     """End a run of `kind` that no worker holds, as `error` with `reason` (`cancelled` for a turn whose user had
-    asked it to stop): `abandon_turn`'s and `abandon_test_run`'s terms. The status written, None when not ended; an
+    asked it to stop): `abandon_turn`'s and `abandon_debug_run`'s terms. The status written, None when not ended; an
     end is logged with its status, which an operator reads to tell a stop from a failure."""
-    end = abandon_turn if kind is TURN else abandon_test_run
+    end = abandon_turn if kind is TURN else abandon_debug_run
     status = end(ident, reason, pending_before=pending_before, deadline_before=deadline_before, unless=unless)
     if status is not None:
         log.warning("%s %s ended as %s: %s", kind.label, ident, status.value, reason)
@@ -154,5 +154,5 @@ def end_unheld(kind: RunKind, idents: Iterable[int], reason: str, found: str, *,
     return ended
 
 
-__all__ = ["UnownedEnd", "abandon", "abandon_test_run", "abandon_turn", "announce_unowned_end", "end_unheld",
+__all__ = ["UnownedEnd", "abandon", "abandon_debug_run", "abandon_turn", "announce_unowned_end", "end_unheld",
            "end_unowned", "run_ids_where"]

@@ -48,7 +48,7 @@ def cmd_debug_execute(args: argparse.Namespace) -> int:
         args.parser.error("--timeout is how long --wait waits: give --wait too")
     admin = admin_by_id(args.admin_id)
     install_broker()
-    log_id = debugging.start_execution(admin, args.agent_id, args.content)
+    log_id = debugging.start_debug_run(admin, args.agent_id, args.content)
     if not args.wait:
         print_json({"debug_log_id": log_id})
         return 0

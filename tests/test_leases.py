@@ -176,7 +176,7 @@ def test_a_dying_duplicate_message_leaves_a_turn_another_delivery_runs(world) ->
 def test_a_dying_duplicate_message_leaves_a_test_run_another_delivery_runs(world) -> None:  # type: ignore[no-untyped-def]
     """The same rule for an admin test run: ended by its dead message only once no live lease is left."""
     from app.models import DebugRun
-    from app.unheld_ends import abandon_test_run
+    from app.unheld_ends import abandon_debug_run
 
     admin_id = world.api.get("/api/me", world.admin_key).json["id"]
     agent_id = world.agent(world.model())
@@ -191,11 +191,11 @@ def test_a_dying_duplicate_message_leaves_a_test_run_another_delivery_runs(world
         with transaction() as session:
             return session.get_one(DebugRun, run_id).status
 
-    assert abandon_test_run(run_id, "retries exhausted after 3 attempts: boom") is None
+    assert abandon_debug_run(run_id, "retries exhausted after 3 attempts: boom") is None
     assert status() == "processing"
     with transaction() as session:
         session.get_one(DebugRun, run_id).lease_expires_at = utc_now() - timedelta(seconds=1)
-    assert abandon_test_run(run_id, "retries exhausted after 3 attempts: boom") is TurnStatus.ERROR
+    assert abandon_debug_run(run_id, "retries exhausted after 3 attempts: boom") is TurnStatus.ERROR
     assert status() == "error"
 
 
@@ -637,7 +637,7 @@ def test_a_run_stopped_by_its_hand_back_does_not_take_its_lease_back(world, swep
 
 def test_a_test_run_whose_calls_end_just_after_it_was_handed_back_takes_its_lease_back(world, swept_once) -> None:  # type: ignore[no-untyped-def]
     """The same for an admin test run, whose status is on its own row; one already ended is not taken back."""
-    from app.run_kinds import TEST_RUN
+    from app.run_kinds import DEBUG_RUN
 
     admin_id = world.api.get("/api/me", world.admin_key).json["id"]
     with transaction() as session:
@@ -651,7 +651,7 @@ def test_a_test_run_whose_calls_end_just_after_it_was_handed_back_takes_its_leas
     keeper = LeaseKeeper()
     held = [Holding(run_id, "mine", threading.Event(), None, delivery=1) for run_id in (running, ended)]
     with keeper.holding(held[0]), keeper.holding(held[1]):
-        assert keeper.hand_back(sent_within=30).given_up == [(TEST_RUN, running), (TEST_RUN, ended)]
+        assert keeper.hand_back(sent_within=30).given_up == [(DEBUG_RUN, running), (DEBUG_RUN, ended)]
         with transaction() as session:
             session.get_one(DebugRun, ended).status = "error"
         for holding in held:

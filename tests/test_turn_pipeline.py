@@ -672,8 +672,8 @@ def test_the_pending_bound_counts_a_test_runs_wait_from_its_status_not_from_its_
     from app.models import DebugRun
     from app.outbox import leave_for_recovery
     from app.recovery import _claim_send
-    from app.run_kinds import TEST_RUN
-    from app.unheld_ends import abandon_test_run
+    from app.run_kinds import DEBUG_RUN
+    from app.unheld_ends import abandon_debug_run
 
     agent_id = world.agent(world.model())
 
@@ -694,15 +694,15 @@ def test_the_pending_bound_counts_a_test_runs_wait_from_its_status_not_from_its_
         run_id = start_run("not yet")
         unsent, accepted_at = marks(run_id)
         assert unsent is None  # its send failed
-        resent_at = _claim_send(TEST_RUN, run_id, None)
+        resent_at = _claim_send(DEBUG_RUN, run_id, None)
         assert resent_at is not None
         assert marks(run_id) == (resent_at, accepted_at)
-        leave_for_recovery(TEST_RUN, run_id)  # that send failed too
+        leave_for_recovery(DEBUG_RUN, run_id)  # that send failed too
         assert marks(run_id) == (None, accepted_at)
 
-        assert abandon_test_run(run_id, "waited too long", pending_before=accepted_at) is None
+        assert abandon_debug_run(run_id, "waited too long", pending_before=accepted_at) is None
         assert status(run_id) == "pending"
-        assert abandon_test_run(run_id, "waited too long",
+        assert abandon_debug_run(run_id, "waited too long",
                            pending_before=accepted_at + timedelta(microseconds=1)) is TurnStatus.ERROR
         ended = world.api.get(f"/api/admin/debug-logs/{run_id}", world.admin_key).json
         assert (ended["status"], ended["error_message"]) == ("error", "waited too long")
@@ -711,7 +711,7 @@ def test_the_pending_bound_counts_a_test_runs_wait_from_its_status_not_from_its_
         with transaction() as session:
             assert claim_debug_run(session, claimed_id, 30).acquired
         later = datetime.now(UTC) + timedelta(minutes=1)
-        assert abandon_test_run(claimed_id, "waited too long", pending_before=later) is None
+        assert abandon_debug_run(claimed_id, "waited too long", pending_before=later) is None
         assert status(claimed_id) == "processing"
     finally:
         workers.start()

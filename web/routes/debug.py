@@ -30,7 +30,7 @@ def prompt_preview(path: IdPath, body: TriedTurnBody) -> dict[str, Any]:
 
 @bp.post("/admin/agents/<id:id>/debug/execute", tags=[tag], responses={202: r.ExecutionStarted})
 def start_execution(path: IdPath, body: ContentBody) -> tuple[dict[str, Any], int]:
-    return {"debug_log_id": debugging.start_execution(principal(), path.id, body.content)}, 202
+    return {"debug_log_id": debugging.start_debug_run(principal(), path.id, body.content)}, 202
 
 
 @bp.get("/admin/debug-logs/<id:id>", tags=[tag], responses={200: r.DebugLog})
