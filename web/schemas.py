@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from app.models.base import LARGEST_ID, SHORT_TEXT_CHARS
+from app.models.base import LARGEST_ID, LONG_TEXT_CHARS, SHORT_TEXT_CHARS
 from app.models.catalog import (
     DEFAULT_TIMEOUT_SECONDS,
     MAX_TOKENS_RANGE,
@@ -117,7 +117,8 @@ def _http_url(value: str | None) -> str | None:
     return value
 
 
-Url = Annotated[str, Strict(), StringConstraints(max_length=500), STORABLE]
+Url = Annotated[str, Strict(), StringConstraints(max_length=LONG_TEXT_CHARS), STORABLE]
+ContextWindow = Annotated[int, Strict(), Field(ge=1, le=100_000_000)]
 EnvName = Annotated[str, Strict(), StringConstraints(max_length=SHORT_TEXT_CHARS, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$"),
                     STORABLE]
 
@@ -136,7 +137,7 @@ class ModelBody(Body):
     api_key_env: EnvName | None = None
     input_price_per_1k: Price
     output_price_per_1k: Price
-    context_window: Annotated[int | None, Strict(), Field(ge=1, le=100_000_000)] = None
+    context_window: ContextWindow | None = None
 
     _url = field_validator("base_url")(_http_url)
 
@@ -148,7 +149,7 @@ class ModelPatch(Body):
     api_key_env: EnvName | None = None
     input_price_per_1k: Price | None = None
     output_price_per_1k: Price | None = None
-    context_window: Annotated[int | None, Strict(), Field(ge=1, le=100_000_000)] = None
+    context_window: ContextWindow | None = None
 
     _url = field_validator("base_url")(_http_url)
 
@@ -197,7 +198,7 @@ class AgentPatch(Body):
         return self
 
 
-Title = Annotated[str, Strict(), StringConstraints(max_length=500), STORABLE]
+Title = Annotated[str, Strict(), StringConstraints(max_length=LONG_TEXT_CHARS), STORABLE]
 
 
 class ConversationBody(Body):

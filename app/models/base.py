@@ -76,6 +76,9 @@ Id = BigInteger().with_variant(Integer, "sqlite")
 SHORT_TEXT_CHARS = 200
 """The length of every short text column: names, model ids, variable names, idempotency keys, queue and actor
 names. The API's body schemas refuse longer ones with a 422 rather than let the database refuse them."""
+LONG_TEXT_CHARS = 500
+"""The length of the longer text columns: a conversation's title, a model's base URL; refused past it as a short
+text is."""
 LARGEST_ID = 2**63 - 1
 """The largest id a column of `Id` holds (a BIGINT; SQLite's INTEGER is as wide): an id past it is refused
 where it comes in, rather than failing its query (`bigint out of range`)."""
