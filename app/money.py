@@ -30,8 +30,15 @@ def checked_balance(amount: Decimal) -> Decimal:
     """A balance as an account is opened with, from the API or the command line: finite, not negative,
     at most six decimals (never rounded: a user is credited what was typed), within NUMERIC(18, 6)."""
     if not amount.is_finite() or amount < 0 or amount > MAX_AMOUNT or amount != amount.quantize(MONEY_QUANTUM):
-        raise ValueError(f"a balance must be between 0 and {MAX_AMOUNT}, with at most 6 decimals, not {amount}")
+        raise ValueError(f"a balance must be between 0 and {MAX_AMOUNT}, with at most 6 decimals, not "
+                         f"{_as_written(amount)}")
     return amount
+
+
+def _as_written(amount: Decimal) -> str:
+    """An amount as a person writes it (0.0000001, where `str` gives 1E-7), unless it would run to more digits
+    than anyone typed: a huge or tiny exponent is left in its exponent form."""
+    return f"{amount:f}" if amount.is_finite() and -30 <= amount.adjusted() <= 30 else str(amount)
 
 
 def quantize(amount: Decimal | int | str) -> Decimal:

@@ -321,6 +321,8 @@ def test_a_setting_that_cannot_work_stops_the_command_with_one_json_error(args: 
     # an account opened with 0, exit 0, as if the operator had typed nothing
     (["users", "create", "in-debt", "--balance=-5"], "a balance must be between 0 and 999999999999.999999, with at "
                                                      "most 6 decimals, not -5"),
+    # said as typed, not as `1E-7`
+    (["users", "create", "tiny", "--balance", "0.0000001"], "with at most 6 decimals, not 0.0000001"),
     (["dlq", "requeue"], "one of the arguments id --all is required"),
     (["dlq", "purge", "5", "--all"], "not allowed with argument id"),
 ])
