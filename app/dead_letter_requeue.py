@@ -142,7 +142,7 @@ def _check_user_can_start(session: Session, row: DeadLetter, turn: Turn) -> None
 def _send(row: DeadLetter) -> None:
     kind = kind_of(row.actor)
     assert kind is not None and row.run_id is not None
-    if kind is TURN:
+    if kind.streams_live:
         live_stream.forget(row.run_id)
     outbox.send(kind, row.run_id, row.requeued_at)
 

@@ -8,8 +8,6 @@ as Redis is back, never stranded. This is the one place that rule lives.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
 
 import redis
@@ -18,9 +16,8 @@ from app.config import get_settings
 from app.db import transaction
 from app.dispatch import receipt_key_of_send
 from app.failure_logs import warn_of
-from app.logging_setup import turn_context
 from app.redis_client import get_redis, key
-from app.run_kinds import TURN, RunKind
+from app.run_kinds import RunKind
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +26,7 @@ def send(kind: RunKind, ident: int, enqueued_at: datetime | None) -> bool:
     """Send a committed run, or leave it marked for recovery; False then. `enqueued_at` is the outbox mark
     the caller's transaction wrote for this send, which names its message (`app.dispatch.message_id`);
     None for a send that wrote none."""
-    with _about(kind, ident):
+    with kind.log_context(ident):
         if kind.send(ident, enqueued_at):
             log.info("%s %s sent to queue %s", kind.label, ident, kind.queue)
             return True
@@ -55,20 +52,10 @@ def resend(kind: RunKind, ident: int, first_sent_at: datetime) -> bool:
     return not received and bool(first) and send(kind, ident, None)
 
 
-@contextmanager
-def _about(kind: RunKind, ident: int) -> Iterator[None]:
-    """Lines logged here about a turn carry its `turn_id`, as the worker's do (an API process runs no turn)."""
-    if kind is TURN:
-        with turn_context(ident):
-            yield
-    else:
-        yield
-
-
 def leave_for_recovery(kind: RunKind, ident: int) -> None:
     """The run is not sent now (the send failed, or Redis already failed to answer its request): the
     recovery sweep sends it as soon as Redis answers."""
-    with _about(kind, ident):
+    with kind.log_context(ident):
         _clear_mark(kind, ident)
 
 

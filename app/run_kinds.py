@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -30,6 +31,7 @@ from app.config import get_settings
 from app.db import in_batches, rows_changed, transaction
 from app.deliveries import fallback_mark_wait, outage_wait_seconds, retry_hand_over
 from app.failure_logs import warn_of
+from app.logging_setup import run_context
 from app.models import ConversationMessage, DebugRun, Turn
 from app.models.base import LARGEST_ID
 from app.outages import waiting_out_outages
@@ -55,6 +57,21 @@ class RunKind:
     status: InstrumentedAttribute[str]
     """The run's status, and the id column of the row that holds it: a turn's is on its answer message,
     which the API reads, not on `model`."""
+    streams_live: bool
+    """Its answer is streamed to readers as it comes (a turn's Redis Stream, `app.live_stream`); an admin test
+    run's output is written once, at its end."""
+    error_shown_whole: bool
+    """Its reader sees a failure's whole message: an admin's test run does; a turn's user reads only the
+    exception's type, since its message can hold SQL, a host or a file path (its dead letter keeps it for the
+    operators)."""
+
+    def log_ids(self, ident: int) -> tuple[int | None, int | None]:
+        """The run's ids as log lines carry them (`app.logging_setup.run_context`): a turn's, or a test run's."""
+        return (ident, None) if self.model is Turn else (None, ident)
+
+    def log_context(self, ident: int) -> AbstractContextManager[None]:
+        """Lines logged in the block name the run (`[turn N]`, `[test run N]`), as a worker's lines do."""
+        return run_context(*self.log_ids(ident))
 
     def send(self, ident: int, enqueued_at: datetime | None) -> bool:
         """Enqueue a run's message, named after the outbox mark written for it; False when the broker could
@@ -178,9 +195,9 @@ class RunKind:
 
 
 TURN = RunKind("turn", queues.RUN_TURN, queues.TURNS_QUEUE, Turn, Turn.assistant_message_id,
-               ConversationMessage.id, ConversationMessage.status)
+               ConversationMessage.id, ConversationMessage.status, streams_live=True, error_shown_whole=False)
 DEBUG_RUN = RunKind("test run", queues.RUN_DEBUG, queues.DEBUG_QUEUE, DebugRun, DebugRun.id,
-                   DebugRun.id, DebugRun.status)
+                    DebugRun.id, DebugRun.status, streams_live=False, error_shown_whole=True)
 KINDS = (TURN, DEBUG_RUN)
 
 

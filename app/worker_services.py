@@ -20,7 +20,7 @@ from app.leases import keeper
 from app.logging_setup import log_as_run, run_context
 from app.recovery import RecoveryLoop
 from app.redis_client import reset_redis
-from app.run_kinds import TURN, RunKind, run_of
+from app.run_kinds import RunKind, run_of
 from app.stop_requests import stopped_turns
 from app.unheld_ends import abandon
 from app.worker_presence import PresenceLoop, WorkerState
@@ -182,11 +182,8 @@ def delivery_started(message: Delivered) -> None:
 
 
 def _logged_ids(run: tuple[RunKind, int] | None) -> tuple[int | None, int | None]:
-    """A run's ids as its log lines carry them: a turn's, or an admin test run's."""
-    if run is None:
-        return None, None
-    kind, ident = run
-    return (ident, None) if kind is TURN else (None, ident)
+    """A message's run's ids as log lines carry them; none for a message that carries no run."""
+    return (None, None) if run is None else run[0].log_ids(run[1])
 
 
 def delivery_ended() -> None:
@@ -237,9 +234,7 @@ def _message_died(message: Delivered, run: tuple[RunKind, int] | None) -> None:
     def requeued(session: Session) -> bool:
         return dead_letter_requeue.requeued(session, message.options["redis_message_id"])
 
-    # A turn's user reads the exception's type, not its message: that can hold SQL, a host or a file path, which
-    # its dead letter keeps for the operators. An admin's test run shows it whole.
-    said = last_error.split(": ", 1)[0] if kind is TURN else last_error
+    said = last_error if kind.error_shown_whole else last_error.split(": ", 1)[0]
     try:
         abandon(kind, ident, f"{reason}: {said}", unless=requeued)
     except Exception:
