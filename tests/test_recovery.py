@@ -1239,7 +1239,8 @@ def test_metrics_count_real_turns_across_worker_and_web_processes(stack: Stack) 
 
 def test_worker_logs_are_json_lines_that_carry_the_turn_id(stack: Stack) -> None:
     """A turn can be followed by its id from the POST to its end: the API's send, the worker's claim, each
-    failed attempt and the fallback, and the settlement with its model and cost."""
+    failed attempt and the fallback, and the settlement with its model and cost; an admin test run's send
+    carries its id as well."""
     worker = stack.start_worker()
     agent_id = stack.agent(stack.model("logged-down", "echo;fail=503"), stack.model("logged", "echo"))
     _, key = stack.user("logs")
@@ -1261,6 +1262,12 @@ def test_worker_logs_are_json_lines_that_carry_the_turn_id(stack: Stack) -> None
     assert any("Booting worker" in r["message"] for r in web_records)
     assert [r["message"] for r in web_records if r.get("turn_id") == turn["id"]] \
         == [f"turn {turn['id']} sent to queue turns"]
+
+    started = stack.call("POST", f"/api/admin/agents/{agent_id}/debug/execute", json={"content": "log me too"})
+    assert started.status_code == 202, started.text
+    run_id = started.json()["debug_log_id"]
+    assert wait_for(lambda: [r["message"] for r in log_records(stack.web) if r.get("debug_log_id") == run_id],
+                    what="the test run's send in the API's log") == [f"test run {run_id} sent to queue debug"]
 
 
 def test_an_idle_worker_takes_a_sent_turn_at_once_not_at_its_next_look(stack: Stack) -> None:
