@@ -12,11 +12,12 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 from app import metrics
-from app.agent_setup import setup_of
+from app.agent_setup import AgentSetup, setup_of
 from app.answer_sink import AnswerSink
 from app.attempts import AttemptRecord, settling
 from app.config import get_settings
@@ -33,42 +34,68 @@ from app.turn_status import TurnStatus
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class _ClaimedRun:
+    """What a delivery that took the run goes on with: its lease and delivery number, the time its model
+    calls have, and the run's inputs as the claim read them."""
+
+    run_id: int
+    token: str
+    delivery: int
+    ends_by: float | None
+    agent: AgentSetup
+    content: str
+    fallen_back: bool
+
+
 def run_debug_run(run_id: int) -> None:
-    settings = get_settings()
+    claimed = _claim(run_id)
+    if claimed is not None:
+        _run(claimed)
+
+
+def _claim(run_id: int) -> _ClaimedRun | None:
+    """Take the run, or give it up (`RunGivenUp`, for Dramatiq to dead-letter) when its deliveries or its time
+    ran out; None when another delivery holds it or it has ended."""
     with transaction() as session:
-        claim = claim_debug_run(session, run_id, settings.lease_seconds)
-        if not claim.acquired:
+        claim = claim_debug_run(session, run_id, get_settings().lease_seconds)
+        if not claim.acquired or claim.token is None:
             log.info("test run %s not run: %s", run_id, claim.outcome.value)
-            return
-        ends_by = attempts_end_by(claim.time_left)
+            return None
         gives_up = give_up_reason(claim.deliveries, claim.time_left, claim.handed_back)
         if gives_up:
             finish_debug_run(session, run_id, claim.token, TurnStatus.ERROR, error_message=gives_up)
         else:
             run = session.get_one(DebugRun, run_id)
             agent = setup_of(session, session.get_one(Agent, run.agent_id))
-            content, fallen_back = run.input, run.fell_back
+            claimed = _ClaimedRun(run_id, claim.token, claim.deliveries, attempts_end_by(claim.time_left), agent,
+                                  run.input, run.fell_back)
     if gives_up:
         raise RunGivenUp(gives_up)
-    token = claim.token
-    assert token is not None
+    return claimed
+
+
+def _run(claimed: _ClaimedRun) -> None:
+    """Moderate, call the models, and record the end; the run is marked `ending` before its end is written,
+    whatever it is: a hand-back at shutdown leaves it to finish (handed back, its answer would be paid twice,
+    or its refused input moderated again, which fails open)."""
+    run_id, token, agent, content, ends_by = (claimed.run_id, claimed.token, claimed.agent, claimed.content,
+                                              claimed.ends_by)
     started = time.monotonic()
-    with keeper.running(Holding(run_id, token, threading.Event(), None, delivery=claim.deliveries)) as holding:
+    with keeper.running(Holding(run_id, token, threading.Event(), None, delivery=claimed.delivery)) as holding:
         verdict = moderate(content)
         outcome = None if not verdict.passed else call_with_fallback(
             agent.primary, agent.fallback, lambda target: agent.prompt_for(target, [], content).messages,
-            agent.params, AnswerSink(), holding.stop, ends_by=ends_by, fallen_back=fallen_back,
+            agent.params, AnswerSink(), holding.stop, ends_by=ends_by, fallen_back=claimed.fallen_back,
             before_fallback_call=lambda: DEBUG_RUN.mark_fallen_back(run_id, token, ends_by=ends_by,
-                                                                   stop=holding.stop))
-        # Its end is written next, whatever it is: a hand-back at shutdown leaves it to finish (handed back, its
-        # answer would be paid twice, or its refused input moderated again, which fails open).
+                                                                    stop=holding.stop))
         keeper.ending(holding, stopped=outcome is not None and outcome.cut_short)
         if outcome is None:
-            _record_end(run_id, token, claim.deliveries, (), TurnStatus.CONTENT_VIOLATION,
+            _record_end(run_id, token, claimed.delivery, (), TurnStatus.CONTENT_VIOLATION,
                         error_message=verdict.error_message)
             return
         latency_ms = int((time.monotonic() - started) * 1000)
-        cost = _record_result(run_id, token, claim.deliveries, outcome, latency_ms)
+        cost = _record_result(run_id, token, claimed.delivery, outcome, latency_ms)
         metrics.observe_cost("test_run", cost)
 
 

@@ -1266,7 +1266,8 @@ def test_worker_logs_are_json_lines_that_carry_the_turn_id(stack: Stack) -> None
     started = stack.call("POST", f"/api/admin/agents/{agent_id}/debug/execute", json={"content": "log me too"})
     assert started.status_code == 202, started.text
     run_id = started.json()["debug_log_id"]
-    assert wait_for(lambda: [r["message"] for r in log_records(stack.web) if r.get("debug_log_id") == run_id],
+    web = stack.web
+    assert wait_for(lambda: [r["message"] for r in log_records(web) if r.get("debug_log_id") == run_id],
                     what="the test run's send in the API's log") == [f"test run {run_id} sent to queue debug"]
 
 
