@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import TypeVar
 
@@ -17,17 +18,39 @@ class InvalidVariable(ValueError):
     not the flag, so the error names the variable (argparse would have named the flag)."""
 
 
-def option_or_environment(given: Value | None, name: str, fallback: str, parse: Callable[[str], Value]) -> Value:
-    """The flag when given, else the variable `name`, else `fallback`, parsed by the flag's own parser."""
+@dataclass(frozen=True, slots=True)
+class OptionDefault:
+    """Where a serving command's option comes from when its flag is not given: an environment variable (from
+    `.env` too), else a fallback. Written once, for the value and for the flag's help alike."""
+
+    variable: str
+    fallback: str
+
+    def help(self, what: str = "") -> str:
+        return f"{what}default: {self.variable}, else {self.fallback or 'none'}"
+
+
+WEB_HOST = OptionDefault("AGENTQ_HOST", "127.0.0.1")
+WEB_PORT = OptionDefault("PORT", "8000")
+WEB_WORKERS = OptionDefault("AGENTQ_WEB_WORKERS", "2")
+WEB_THREADS = OptionDefault("AGENTQ_WEB_THREADS", "256")
+WORKER_PROCESSES = OptionDefault("AGENTQ_WORKER_PROCESSES", "2")
+WORKER_THREADS = OptionDefault("AGENTQ_WORKER_THREADS", "16")
+WORKER_METRICS_PORT = OptionDefault("AGENTQ_WORKER_METRICS_PORT", "")
+WORKER_METRICS_HOST = OptionDefault("AGENTQ_WORKER_METRICS_HOST", "127.0.0.1")
+
+
+def option_or_environment(given: Value | None, default: OptionDefault, parse: Callable[[str], Value]) -> Value:
+    """The flag when given, else its variable, else its fallback, parsed by the flag's own parser."""
     if given is not None:
         return given
-    value = os.environ.get(name)
+    value = os.environ.get(default.variable)
     if value is None:
-        return parse(fallback)
+        return parse(default.fallback)
     try:
         return parse(value)
     except argparse.ArgumentTypeError as exc:
-        raise InvalidVariable(f"{name}={value!r}: {exc}") from None
+        raise InvalidVariable(f"{default.variable}={value!r}: {exc}") from None
 
 
 def whole_number(value: str) -> int:

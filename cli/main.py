@@ -13,6 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cli.arguments import (
+    WEB_HOST,
+    WEB_PORT,
+    WEB_THREADS,
+    WEB_WORKERS,
+    WORKER_METRICS_HOST,
+    WORKER_METRICS_PORT,
+    WORKER_PROCESSES,
+    WORKER_THREADS,
     InvalidVariable,
     amount,
     host,
@@ -88,10 +96,10 @@ def cmd_web(args: argparse.Namespace) -> int:
     configure_logging()
     from web.server import bind_address, check_can_listen, serve
 
-    address = option_or_environment(args.host, "AGENTQ_HOST", "127.0.0.1", host)
-    listen_port = option_or_environment(args.port, "PORT", "8000", port)
-    workers = option_or_environment(args.workers, "AGENTQ_WEB_WORKERS", "2", process_count)
-    threads = option_or_environment(args.threads, "AGENTQ_WEB_THREADS", "256", thread_count)
+    address = option_or_environment(args.host, WEB_HOST, host)
+    listen_port = option_or_environment(args.port, WEB_PORT, port)
+    workers = option_or_environment(args.workers, WEB_WORKERS, process_count)
+    threads = option_or_environment(args.threads, WEB_THREADS, thread_count)
     try:
         check_can_listen(address, listen_port)
     except OSError as exc:
@@ -102,9 +110,9 @@ def cmd_web(args: argparse.Namespace) -> int:
 
 
 def worker_size(args: argparse.Namespace) -> tuple[int, int]:
-    """Processes and threads a process: the flags, else their variables (from `.env` too), else 2 and 16."""
-    return (option_or_environment(args.processes, "AGENTQ_WORKER_PROCESSES", "2", process_count),
-            option_or_environment(args.threads, "AGENTQ_WORKER_THREADS", "16", thread_count))
+    """Processes and threads a process: the flags, else their variables (from `.env` too), else their fallbacks."""
+    return (option_or_environment(args.processes, WORKER_PROCESSES, process_count),
+            option_or_environment(args.threads, WORKER_THREADS, thread_count))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -118,8 +126,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # Every setting is read before the database is asked anything: a mistyped one is said as such, whatever
     # state the database is in.
     processes, threads = worker_size(args)
-    metrics_port = option_or_environment(args.metrics_port, "AGENTQ_WORKER_METRICS_PORT", "", optional_port)
-    metrics_host = option_or_environment(args.metrics_host, "AGENTQ_WORKER_METRICS_HOST", "127.0.0.1", host)
+    metrics_port = option_or_environment(args.metrics_port, WORKER_METRICS_PORT, optional_port)
+    metrics_host = option_or_environment(args.metrics_host, WORKER_METRICS_HOST, host)
     require_schema()
     warn_of_key_variables_unset_here()
     if metrics_port is not None:
@@ -183,23 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
     replace.set_defaults(func=cmd_users_replace_key)
 
     web = sub.add_parser("web", help="serve the HTTP API with gunicorn")
-    web.add_argument("--host", type=host, help="default: AGENTQ_HOST, else 127.0.0.1")
-    web.add_argument("--port", type=port, help="default: PORT, else 8000")
-    web.add_argument("--workers", type=process_count, help="gunicorn processes; default: AGENTQ_WEB_WORKERS, else 2")
-    web.add_argument("--threads", type=thread_count, help="threads a process; default: AGENTQ_WEB_THREADS, else 256")
+    web.add_argument("--host", type=host, help=WEB_HOST.help())
+    web.add_argument("--port", type=port, help=WEB_PORT.help())
+    web.add_argument("--workers", type=process_count, help=WEB_WORKERS.help("gunicorn processes; "))
+    web.add_argument("--threads", type=thread_count, help=WEB_THREADS.help("threads a process; "))
     web.set_defaults(func=cmd_web)
 
     worker = sub.add_parser("worker", help="run Dramatiq worker processes")
-    worker.add_argument("--processes", type=process_count, help="default: AGENTQ_WORKER_PROCESSES, else 2")
-    worker.add_argument("--threads", type=thread_count,
-                        help="threads a process; default: AGENTQ_WORKER_THREADS, else 16")
+    worker.add_argument("--processes", type=process_count, help=WORKER_PROCESSES.help())
+    worker.add_argument("--threads", type=thread_count, help=WORKER_THREADS.help("threads a process; "))
     worker.add_argument("--queues", nargs="+", default=None, choices=QUEUES)
     worker.add_argument("--metrics-port", type=port,
                         help="serve this host's worker counters at /metrics on this port, for workers that share "
-                             "no PROMETHEUS_MULTIPROC_DIR with an API process; default: AGENTQ_WORKER_METRICS_PORT, "
-                             "else none")
+                             "no PROMETHEUS_MULTIPROC_DIR with an API process; " + WORKER_METRICS_PORT.help())
     worker.add_argument("--metrics-host", type=host,
-                        help="the address it listens on; default: AGENTQ_WORKER_METRICS_HOST, else 127.0.0.1")
+                        help=WORKER_METRICS_HOST.help("the address it listens on; "))
     worker.add_argument("--no-restart", action="store_true",
                         help="exit when one process dies (Dramatiq's own way) instead of starting the group again; "
                              "for a supervisor that restarts the command itself")
