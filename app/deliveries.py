@@ -84,8 +84,8 @@ def delivery_deadline(now: datetime, timeout_seconds: float, calls: int, *,
 
     The delivery taking over may spend on its model all that is left before the deadline but the
     settlement's reserve, the grace included: the grace (60 s) is what covers the recovery itself (a lease
-    of 30 s and a sweep), and keeping all of it back, as this once did, left a delivery that took over
-    after a crash no model time at all unless the agent's timeout outlasted the recovery."""
+    of 30 s and a sweep), and keeping all of it back would leave a delivery that took over after a
+    crash no model time at all unless the agent's timeout outlasted the recovery."""
     reserve = min(SETTLEMENT_RESERVE_SECONDS, get_settings().turn_grace_seconds)
     if taken_over and stored is not None:
         return Deadline(stored, (stored - now).total_seconds() - reserve)

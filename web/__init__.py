@@ -19,8 +19,8 @@ class IdConverter(IntegerConverter):
     """A path id is 1..10**18-1 in ASCII digits; anything else is simply not found (404), never a 500.
 
     The bound is in the pattern, not checked after the match: a value Werkzeug matched but its converter
-    refused counts as a match of the path under the other methods' rules, and was answered 405 (PATCH
-    /api/admin/models/0). Ids come from sequences that start at 1, which would need 10**18 rows to
+    refused counts as a match of the path under the other methods' rules, and would be answered 405
+    (PATCH /api/admin/models/0). Ids come from sequences that start at 1, which would need 10**18 rows to
     reach the bound."""
 
     regex = r"0*[1-9][0-9]{0,17}"

@@ -232,7 +232,7 @@ class MessagePath(BaseModel):
 
 class Query(CachedSchemaModel):
     """A parameter sent empty (`?limit=&cursor=`, as the contract itself writes the route, and as form-style
-    URL builders send a field left unset) is taken as not sent; it was a 422 for `limit`, not for `cursor`."""
+    URL builders send a field left unset) is taken as not sent, by every parameter alike."""
 
     @model_validator(mode="before")
     @classmethod
