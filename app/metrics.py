@@ -52,11 +52,11 @@ REQUEST_LATENCY = Histogram("agentq_http_request_seconds",
 def host_counters() -> CollectorRegistry:
     """A registry of the counters and histograms every process of this host wrote to PROMETHEUS_MULTIPROC_DIR
     (none when it is not set: a process on its own), for an exposition to add its own collectors to."""
-    from prometheus_client.multiprocess import MultiProcessCollector
+    from app.metrics_files import FoldSafeCollector
 
     registry = CollectorRegistry()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        MultiProcessCollector(registry)
+        FoldSafeCollector(registry)
     return registry
 
 

@@ -1139,6 +1139,49 @@ def metric(values: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
     return values.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def models_created(stack: Stack) -> float:
+    """How many models the API has created, by its request counts (a series no scrape adds to)."""
+    for family in text_string_to_metric_families(stack.http.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "agentq_http_requests_total" and sample.labels == {
+                    "route": "/api/admin/models", "method": "POST", "status": "201"}:
+                return sample.value
+    return 0.0
+
+
+def test_the_counter_files_of_killed_processes_are_folded_by_gunicorns_master_and_the_worker_group(
+        stack: Stack) -> None:
+    """A process's counter files outlive it, for its counts to go on being counted, and every scrape reads them
+    all: restarted for months, a deployment left thousands. The gunicorn master folds a worker's as it replaces
+    it, the worker group a process's as it starts again (`app.metrics_files`), and every count is kept."""
+    group = stack.start_worker(processes=1, threads=2)
+    agent_id = stack.agent(stack.model("fold-counted", "echo"))
+    _, key = stack.user("fold")
+    turn = stack.send(key, stack.conversation(key, agent_id), "count me")
+    assert stack.wait_terminal(key, turn["id"])["status"] == "success"
+    before, created = scrape(stack), models_created(stack)
+    assert metric(before, "agentq_turns_total", status="success") >= 1 and created >= 1  # the module's stack's
+    files = stack.metrics_dir
+    (worker,) = group.children()
+    assert stack.web is not None
+    api_worker = next(pid for pid in stack.web.children() if (files / f"counter_{pid}.db").exists())
+    assert (files / f"counter_{worker}.db").exists()
+
+    os.kill(api_worker, signal.SIGKILL)
+    os.kill(worker, signal.SIGKILL)
+    wait_for(lambda: "starting the group again" in group.output(), timeout=30, what="the group to start again")
+    wait_for(lambda: group.output().count("Worker process is ready") >= 2, timeout=60, what="the new group to boot")
+    wait_for(lambda: not (files / f"counter_{api_worker}.db").exists(), what="gunicorn's master to fold its worker's")
+    names = sorted(path.name for path in files.glob("*.db"))
+    assert not [name for name in names if name.endswith((f"_{worker}.db", f"_{api_worker}.db"))], names
+    assert {"counter_ended.db", "histogram_ended.db"} <= set(names)
+    after = scrape(stack)
+    gauges = {"agentq_worker_processes"}  # the killed process is listed until its presence expires
+    assert {k: v for k, v in after.items() if k[0] not in gauges} == {k: v for k, v in before.items()
+                                                                      if k[0] not in gauges}
+    assert models_created(stack) == created
+
+
 def test_workers_that_share_no_counters_directory_with_the_api_serve_their_own(stack: Stack, tmp_path: Path) -> None:
     """Nearly every count is made in a worker (its model calls, fallbacks, costs, most turn ends). Workers on
     a host of their own (a container, a dyno) write them where no API process reads, and its `/metrics` never

@@ -118,9 +118,14 @@ class _Gunicorn(BaseApplication):
 
 
 def _child_exit(server: Any, worker: Any) -> None:
+    """A worker gone (stopped, crashed, replaced): its counter files are folded into the ended processes' own
+    (`app.metrics_files`), as every worker's were at the start."""
     from prometheus_client import multiprocess
 
+    from app.metrics_files import fold_ended_processes
+
     multiprocess.mark_process_dead(worker.pid)
+    fold_ended_processes()
 
 
 def _post_fork(server: Any, worker: Any) -> None:
@@ -179,7 +184,9 @@ def preload() -> None:
 
 def serve(host: str, port: int, *, workers: int, threads: int) -> None:
     from app.logging_setup import gunicorn_logconfig
+    from app.metrics_files import fold_ended_processes
 
+    fold_ended_processes()
     preload()
     _Gunicorn({
         "bind": bind_address(host, port),

@@ -130,6 +130,8 @@ def serve_workers(processes: int, threads: int, queues: list[str] | None, *, res
     from dramatiq.cli import main as dramatiq_main
     from dramatiq.cli import make_argument_parser
 
+    from app.metrics_files import fold_ended_processes
+
     # A process takes no more runs than it has threads (each queue's consumer counts the places the others
     # took: `workers.places`). Dramatiq reads `dramatiq_queue_prefetch` into this global when
     # `dramatiq.worker` is first imported, which the command's parser has already done, so the environment
@@ -140,7 +142,12 @@ def serve_workers(processes: int, threads: int, queues: list[str] | None, *, res
             "--worker-shutdown-timeout", str(int(get_settings().shutdown_grace_seconds * 1000))]
     if queues:
         argv += ["--queues", *queues]
-    return run_group(lambda: int(dramatiq_main(make_argument_parser().parse_args(argv)) or 0), restart=restart)
+
+    def start_group() -> int:
+        fold_ended_processes()  # the counter files of the group's processes that ended, as it starts again
+        return int(dramatiq_main(make_argument_parser().parse_args(argv)) or 0)
+
+    return run_group(start_group, restart=restart)
 
 
 def run_group(start: Callable[[], int], *, restart: bool = True) -> int:

@@ -1,0 +1,148 @@
+"""Folding the counter files of ended processes (`app.metrics_files`), on files real processes wrote through
+prometheus_client's multiprocess mode. The serving commands' own folds (at `agentq web`'s start, at a worker
+group's restart) are checked end to end in tests/test_recovery.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import child_env
+from tests.support import ROOT, wait_for
+
+COUNTING = ("from app import metrics; metrics.observe_terminal('success'); metrics.observe_terminal('success'); "
+            "metrics.observe_cost('turn', __import__('decimal').Decimal('0.25')); "
+            "metrics.LLM_LATENCY.labels('m').observe(0.3); metrics.LLM_LATENCY.labels('m').observe(7)")
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def _count_in(directory: Path, *, stay: bool = False) -> subprocess.Popen[bytes]:
+    """A process that counts into `directory`, and ends at once or, with `stay`, once its stdin closes."""
+    script = COUNTING + ("; import sys; sys.stdin.read()" if stay else "")
+    return subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdin=subprocess.PIPE,
+                            env=child_env(PROMETHEUS_MULTIPROC_DIR=str(directory)))
+
+
+def _samples(directory: Path) -> Samples:
+    """What a scrape of the directory answers, sample by sample."""
+    from app.metrics_files import FoldSafeCollector
+
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in FoldSafeCollector(None, path=str(directory)).collect() for sample in family.samples}
+
+
+def _files(directory: Path) -> list[str]:
+    return sorted(path.name for path in directory.iterdir())
+
+
+@pytest.fixture
+def counted(tmp_path: Path) -> Iterator[tuple[Path, Samples]]:
+    """Two processes that counted and ended, and what a scrape said of them."""
+    directory = tmp_path / "metrics"
+    directory.mkdir(mode=0o700)
+    for _ in range(2):
+        assert _count_in(directory).wait(timeout=60) == 0
+    yield directory, _samples(directory)
+
+
+def test_the_files_of_ended_processes_are_folded_into_one_a_kind_and_every_count_is_kept(
+        counted: tuple[Path, Samples]) -> None:
+    from app.metrics_files import fold_ended_processes
+
+    directory, before = counted
+    assert before[("agentq_turns_total", (("status", "success"),))] == 4.0
+    assert before[("agentq_llm_latency_seconds_bucket", (("le", "0.5"), ("model", "m")))] == 2.0
+    assert before[("agentq_llm_latency_seconds_bucket", (("le", "10.0"), ("model", "m")))] == 4.0
+    living = _count_in(directory, stay=True)
+    try:
+        wait_for(lambda: (directory / f"histogram_{living.pid}.db").exists(), timeout=60,
+                 what="the living process's counts")
+        with_living = _samples(directory)
+        assert with_living[("agentq_turns_total", (("status", "success"),))] == 6.0
+
+        assert fold_ended_processes(str(directory)) == 4  # two processes, a counter and a histogram file each
+        assert _files(directory) == [".fold.lock", f"counter_{living.pid}.db", "counter_ended.db",
+                                     f"histogram_{living.pid}.db", "histogram_ended.db"]
+        assert _samples(directory) == with_living
+    finally:
+        living.stdin.close()  # type: ignore[union-attr]
+        assert living.wait(timeout=60) == 0
+    assert fold_ended_processes(str(directory)) == 2  # the one that was alive, into the same files
+    assert _files(directory) == [".fold.lock", "counter_ended.db", "histogram_ended.db"]
+    assert _samples(directory) == with_living
+    assert fold_ended_processes(str(directory)) == 0
+
+
+def test_a_fold_cut_short_after_its_file_replaced_the_last_is_finished_by_the_next(
+        counted: tuple[Path, Samples], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed between writing the folded counts and removing what it folded, a fold leaves both: the next one
+    removes them, rather than adding them a second time."""
+    import app.metrics_files
+    from app.metrics_files import fold_ended_processes
+
+    directory, before = counted
+    real_remove = os.remove
+
+    def killed_at_the_first_removal(path: str) -> None:
+        if path.endswith(".db"):
+            raise KeyboardInterrupt
+        real_remove(path)
+
+    with monkeypatch.context() as cut:
+        cut.setattr(app.metrics_files.os, "remove", killed_at_the_first_removal)
+        with pytest.raises(KeyboardInterrupt):
+            fold_ended_processes(str(directory))
+    assert ".fold-counter.json" in _files(directory)
+    assert _samples(directory)[("agentq_turns_total", (("status", "success"),))] == 8.0  # counted twice, until:
+
+    assert fold_ended_processes(str(directory)) == 2  # the histograms, which the cut-short fold never reached
+    assert _files(directory) == [".fold.lock", "counter_ended.db", "histogram_ended.db"]
+    assert _samples(directory) == before
+
+
+def test_a_fold_cut_short_before_its_file_replaced_the_last_is_undone_by_the_next(
+        counted: tuple[Path, Samples], monkeypatch: pytest.MonkeyPatch) -> None:
+    import app.metrics_files
+    from app.metrics_files import fold_ended_processes
+
+    directory, before = counted
+    real_replace = os.replace
+
+    def killed_before_the_folded_file_is_in_place(source: str, target: str) -> None:
+        if source.endswith(".db.next"):
+            raise KeyboardInterrupt
+        real_replace(source, target)
+
+    with monkeypatch.context() as cut:
+        cut.setattr(app.metrics_files.os, "replace", killed_before_the_folded_file_is_in_place)
+        with pytest.raises(KeyboardInterrupt):
+            fold_ended_processes(str(directory))
+    assert {".fold-counter.json", "counter_ended.db.next"} <= set(_files(directory))
+    assert _samples(directory) == before  # the half-written file is no `.db`: no scrape reads it
+
+    assert fold_ended_processes(str(directory)) == 4
+    assert _files(directory) == [".fold.lock", "counter_ended.db", "histogram_ended.db"]
+    assert _samples(directory) == before
+
+
+def test_an_api_starting_folds_the_files_its_predecessors_left() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.stack import stack_on_shared_redis
+
+    with stack_on_shared_redis("fold-at-start") as stack:
+        ended = [_count_in(stack.metrics_dir) for _ in range(2)]
+        assert [process.wait(timeout=60) for process in ended] == [0, 0]
+        stack.start_web(web_workers=1)
+        names = _files(stack.metrics_dir)
+        assert "counter_ended.db" in names
+        assert not [name for name in names if name.endswith(tuple(f"_{process.pid}.db" for process in ended))]
+        families = text_string_to_metric_families(stack.http.get("/metrics").text)
+        assert [sample.value for family in families for sample in family.samples
+                if sample.name == "agentq_turns_total"] == [4.0]
