@@ -24,7 +24,6 @@ from app.clock import lease_expiry, lease_now
 from app.config import get_settings
 from app.db import transaction
 from app.failure_logs import log_failure
-from app.models import Turn
 from app.outages import is_outage
 from app.run_kinds import DEBUG_RUN, KINDS, TURN, RunKind
 
@@ -319,7 +318,7 @@ class LeaseKeeper:
         even when Redis lost the flag the API set.
         """
         kept: set[tuple[str, int, str]] = set()
-        stopped: set[int] = set()
+        stopped: set[tuple[RunKind, int]] = set()
         with transaction() as session:
             expires = lease_expiry(lease_now(session), lease_seconds)
             for kind in KINDS:
@@ -328,7 +327,7 @@ class LeaseKeeper:
                     continue
                 # The column itself, judged here: SQLite (3.40) evaluates `cancel_requested_at IS NOT NULL` in a
                 # RETURNING clause as true on a NULL, which stopped every turn at its first renewal there.
-                stop_asked = Turn.cancel_requested_at if kind is TURN else null()
+                stop_asked = kind.stop_requested_at if kind.stop_requested_at is not None else null()
                 rows = session.execute(
                     update(kind.model)
                     .where(tuple_(kind.key, kind.model.lease_token).in_(pairs))
@@ -337,7 +336,7 @@ class LeaseKeeper:
                     .execution_options(synchronize_session=False)
                 ).all()
                 kept.update(_delivery_key(kind, row.ident, row.lease_token) for row in rows)
-                stopped.update(row.ident for row in rows if row.stop_asked is not None)
+                stopped.update((kind, row.ident) for row in rows if row.stop_asked is not None)
         with self._lock:
             current = [h for h in held if self._held.get(h.key) is h]
             self._kept = kept
@@ -349,7 +348,7 @@ class LeaseKeeper:
                 if not (h.ending or h.handed_back):
                     log.warning("lease of %s %s was taken over; stopping", h.kind.label, h.ident)
                 h.stop.set()
-            elif h.kind is TURN and h.ident in stopped:
+            elif (h.kind, h.ident) in stopped:
                 h.stop.set()
         self._locks_due.set()
 

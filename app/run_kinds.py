@@ -57,6 +57,9 @@ class RunKind:
     status: InstrumentedAttribute[str]
     """The run's status, and the id column of the row that holds it: a turn's is on its answer message,
     which the API reads, not on `model`."""
+    stop_requested_at: InstrumentedAttribute[datetime | None] | None
+    """The column a user's stop of the run is recorded in (`app.turn_state.request_stop`), which the lease
+    keeper's renewal reads; None for an admin test run, which no one stops."""
     streams_live: bool
     """Its answer is streamed to readers as it comes (a turn's Redis Stream, `app.live_stream`); an admin test
     run's output is written once, at its end."""
@@ -195,9 +198,11 @@ class RunKind:
 
 
 TURN = RunKind("turn", queues.RUN_TURN, queues.TURNS_QUEUE, Turn, Turn.assistant_message_id,
-               ConversationMessage.id, ConversationMessage.status, streams_live=True, error_shown_whole=False)
+               ConversationMessage.id, ConversationMessage.status, stop_requested_at=Turn.cancel_requested_at,
+               streams_live=True, error_shown_whole=False)
 DEBUG_RUN = RunKind("test run", queues.RUN_DEBUG, queues.DEBUG_QUEUE, DebugRun, DebugRun.id,
-                    DebugRun.id, DebugRun.status, streams_live=False, error_shown_whole=True)
+                    DebugRun.id, DebugRun.status, stop_requested_at=None, streams_live=False,
+                    error_shown_whole=True)
 KINDS = (TURN, DEBUG_RUN)
 
 
