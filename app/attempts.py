@@ -47,6 +47,7 @@ class AttemptRecord:
     completion_tokens: int | None
     cost: Decimal | None
 
+
 _COLUMNS = ("message_id", "debug_log_id", "delivery", "model_name", "outcome", "error", "latency_ms",
             "first_token_ms", "prompt_tokens", "completion_tokens", "cost", "created_at")
 

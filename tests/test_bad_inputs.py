@@ -304,3 +304,23 @@ def test_a_patch_setting_a_required_field_to_null_names_the_field_not_the_body(w
     response = world.api.patch(f"/api/admin/models/{model_id}", world.admin_key, {"name": None})
     assert (response.status_code, response.json["error"]) == (422, {
         "code": "validation_failed", "message": "Invalid request body: Value error, name cannot be null."})
+
+
+def test_the_largest_balance_a_money_column_holds_is_accepted_and_one_quantum_more_is_not() -> None:
+    """NUMERIC(18, 6)'s largest value is a balance an account may be opened with."""
+    from app.money import MAX_AMOUNT, MONEY_QUANTUM, checked_balance
+
+    assert checked_balance(MAX_AMOUNT) == MAX_AMOUNT
+    with pytest.raises(ValueError, match=r"not 1000000000000\.000000"):
+        checked_balance(MAX_AMOUNT + MONEY_QUANTUM)
+
+
+def test_a_balance_refused_for_a_huge_exponent_is_said_in_its_exponent_form() -> None:
+    """`_as_written` writes out an amount as typed, but not one that would run to thousands of digits."""
+    from decimal import Decimal
+
+    from app.money import checked_balance
+
+    with pytest.raises(ValueError) as refused:
+        checked_balance(Decimal("1E+5000"))
+    assert str(refused.value).endswith("not 1E+5000") and len(str(refused.value)) < 200

@@ -1013,3 +1013,31 @@ def test_the_default_metrics_directory_is_private_and_one_another_user_made_is_r
         os.chown(made, 65534, 65534)
         with pytest.raises(InvalidVariable, match="is not a directory of this user's own"):
             default_dir()
+
+
+def test_a_flag_wins_over_its_variable_and_the_variable_over_the_fallback(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`option_or_environment`: the flag when given, else its variable, else its fallback."""
+    from cli.main import build_parser, worker_size
+
+    monkeypatch.delenv("AGENTQ_WORKER_PROCESSES", raising=False)
+    monkeypatch.setenv("AGENTQ_WORKER_THREADS", "5")
+    assert worker_size(build_parser().parse_args(["worker", "--processes", "3", "--threads", "7"])) == (3, 7)
+    assert worker_size(build_parser().parse_args(["worker"])) == (2, 5)
+
+
+def test_a_variable_set_empty_is_refused_not_taken_for_unset(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Only a variable that is not set falls back; one set to nothing is the operator's typo, said as such."""
+    from cli.arguments import WORKER_THREADS, InvalidVariable, option_or_environment, thread_count
+
+    monkeypatch.setenv("AGENTQ_WORKER_THREADS", "")
+    with pytest.raises(InvalidVariable, match="AGENTQ_WORKER_THREADS=''"):
+        option_or_environment(None, WORKER_THREADS, thread_count)
+
+
+def test_an_option_without_a_fallback_says_none_in_its_help(capsys) -> None:  # type: ignore[no-untyped-def]
+    """`OptionDefault.help` names an empty fallback as `none`."""
+    from cli.main import main
+
+    with pytest.raises(SystemExit):
+        main(["worker", "--help"])
+    assert "default: AGENTQ_WORKER_METRICS_PORT, else none" in " ".join(capsys.readouterr().out.split())

@@ -223,7 +223,9 @@ def test_a_run_ended_without_its_worker_is_logged_with_the_status_it_got(world, 
 def test_leases_are_judged_by_the_databases_clock_not_by_a_worker_clock_running_ahead(world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """A worker machine whose clock runs a minute ahead (no NTP) neither takes a live turn over when a
     duplicate message reaches it nor re-sends the turn from its recovery sweep: leases are written and
-    judged by the database's clock, so only one clock matters."""
+    judged by the database's clock, so only one clock matters (the worker's clock is faked wherever a lease rule
+    could read it)."""
+    import app.clock
     import app.recovery
     import app.turn_state
     from app.claims import Claim
@@ -238,7 +240,7 @@ def test_leases_are_judged_by_the_databases_clock_not_by_a_worker_clock_running_
         session.execute(update(DebugRun).where(DebugRun.id == run_id).values(
             status="processing", lease_token="live", lease_expires_at=utc_now() + timedelta(seconds=10),
             deadline_at=utc_now() + timedelta(hours=1)))
-    for module in (app.turn_state, app.recovery):
+    for module in (app.turn_state, app.recovery, app.clock):
         monkeypatch.setattr(module, "utc_now", lambda: utc_now() + timedelta(minutes=1))
     with plain_transaction() as connection:
         claim = claim_turn(connection, turn.turn_id, lease_seconds=30)
@@ -779,3 +781,163 @@ def test_a_run_sent_to_another_worker_takes_nothing_back(world, swept_once) -> N
         with pytest.raises(LeaseLost):
             _settle_as_success(turn, "mine")
     assert _turn_lease(turn.turn_id) == (None, 1, "processing")
+
+
+def test_a_stop_of_a_pending_turn_cancels_it_at_once_and_frees_its_conversation(world, settings_of) -> None:  # type: ignore[no-untyped-def]
+    """No worker has a pending turn, so a stop ends it `cancelled` itself, at once: the answer does not
+    depend on a worker (here none is waited for at all) and the conversation takes the next message."""
+    settings_of(AGENTQ_CANCEL_WAIT_SECONDS="0")
+    user_id, key = world.user()
+    conversation_id = world.conversation(key, world.agent(world.model()))
+    with plain_transaction() as connection:  # accepted, not sent: no worker may claim it before the stop
+        accepted = _insert_turn(connection, Principal(user_id, "alice", False), conversation_id, "hi", None)
+    turn_id = accepted.assistant_message.id
+    stopped = world.api.post(f"/api/messages/{turn_id}/cancel", key)
+    assert (stopped.status_code, stopped.json["status"]) == (202, "cancelled")
+    assert world.send(key, conversation_id, "next").status_code == 202
+
+
+def test_a_stop_of_an_ended_turn_leaves_it_as_it_is_and_flags_nothing(world, workers, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """A stop that finds its turn ended (`request_stop` returns None) records no stop and publishes none: a
+    flag left in Redis stopped at once a later turn of the same id (a database made again), and the answer
+    waited for a worker that would never come."""
+    from app.stop_requests import stop_key
+
+    _, key = world.user()
+    conversation_id = world.conversation(key, world.agent(world.model()))
+    turn_id = world.send(key, conversation_id, "hi").json["assistant_message"]["id"]
+    assert world.wait_terminal(key, turn_id)["status"] == "success"
+    started = time.monotonic()
+    stopped = world.api.post(f"/api/messages/{turn_id}/cancel", key)
+    assert (stopped.status_code, stopped.json["status"]) == (202, "success")
+    assert time.monotonic() - started < 1.0  # not `AGENTQ_CANCEL_WAIT_SECONDS` waiting for a worker
+    assert redis_client.exists(stop_key(turn_id)) == 0
+    with transaction() as session:
+        assert session.scalar(select(Turn.cancel_requested_at).where(Turn.assistant_message_id == turn_id)) is None
+
+
+def _answer_status(turn_id: int) -> str:
+    with transaction() as session:
+        return session.scalars(select(ConversationMessage.status).where(ConversationMessage.id == turn_id)).one()
+
+
+def test_only_a_takeover_of_a_lease_never_given_up_has_a_predecessor_whose_calls_to_record(world) -> None:  # type: ignore[no-untyped-def]
+    """`ClaimResult.predecessor` names the delivery whose worker died holding its lease; a lease given up
+    (handed to a retry, handed back) leaves no calls to no one, and the takeover has no predecessor."""
+    from app.claims import Claim
+    from app.turn_state import claim_turn
+
+    died, gave_up = _processing_turn(world, "died", "died"), _processing_turn(world, "gave-up", "gave-up")
+    with plain_transaction() as connection:  # one transaction: no sweep sees either run claimable meanwhile
+        connection.execute(update(Turn).where(Turn.assistant_message_id == died.turn_id)
+                           .values(lease_expires_at=utc_now() - timedelta(seconds=1)))
+        connection.execute(update(Turn).where(Turn.assistant_message_id == gave_up.turn_id)
+                           .values(lease_token=None, lease_expires_at=utc_now() + timedelta(seconds=60)))
+        claims = [claim_turn(connection, turn.turn_id, lease_seconds=30) for turn in (died, gave_up)]
+    assert [(c.outcome, c.predecessor) for c in claims] == [(Claim.TAKEN_OVER, 2), (Claim.TAKEN_OVER, None)]
+
+
+def test_a_processing_run_whose_lease_was_revoked_with_no_expiry_is_sent_again(world, workers, swept_once) -> None:  # type: ignore[no-untyped-def]
+    """A lease revoked with no expiry (`RunKind.revoke_lease` without `swept_after`: an overdue run's, a
+    hand-back's that sends nothing itself) is over (`lease_over`): the sweep sends the run again, and it runs."""
+    turn = _processing_turn(world, token="revoked")
+    with transaction() as session:
+        session.execute(update(Turn).where(Turn.assistant_message_id == turn.turn_id).values(
+            lease_token=None, lease_expires_at=None, enqueued_at=utc_now() - timedelta(minutes=5)))
+    wait_for(lambda: _answer_status(turn.turn_id) == "success", timeout=15, what="the run sent again and run")
+
+
+def test_a_run_handed_to_a_retry_past_its_deadline_is_ended_without_waiting_for_the_hand_over(  # type: ignore[no-untyped-def]
+        world, workers, swept_once) -> None:
+    """A lease without a token is held by no one (`lease_not_held`), whatever its expiry: a run handed to its
+    retry (a revoked token, an expiry a minute ahead) past its deadline is ended by the deadline bound at once."""
+    turn = _processing_turn(world, token="failed")
+    with transaction() as session:
+        session.execute(update(Turn).where(Turn.assistant_message_id == turn.turn_id).values(
+            lease_token=None, lease_expires_at=utc_now() + timedelta(seconds=60),
+            deadline_at=utc_now() - timedelta(hours=1)))
+    wait_for(lambda: _answer_status(turn.turn_id) == "error", timeout=15, what="the deadline bound's end")
+
+
+def test_a_test_run_is_ended_past_its_deadline_only_once_its_deadline_passed(world) -> None:  # type: ignore[no-untyped-def]
+    """The deadline bound's end of an admin test run (`finish_debug_run(deadline_before=...)`) is judged on
+    the locked row: a run under no lease whose deadline is still ahead (a requeue gave it a new one) is left."""
+    from app.debug_run_state import finish_debug_run
+    from app.turn_status import TurnStatus
+
+    admin_id = world.api.get("/api/me", world.admin_key).json["id"]
+    with transaction() as session:  # handed to a retry: no lease, and no sweep sends it meanwhile
+        run = DebugRun(agent_id=world.agent(world.model()), admin_id=admin_id, input="hi", status="processing",
+                       lease_token=None, lease_expires_at=utc_now() + timedelta(seconds=60),
+                       deadline_at=utc_now() + timedelta(hours=1), deliveries=1)
+        session.add(run)
+        session.flush()
+        run_id = run.id
+
+    def end(deadline_before: datetime) -> bool:
+        with transaction() as session:
+            return finish_debug_run(session, run_id, None, TurnStatus.ERROR, deadline_before=deadline_before,
+                                    error_message="past its deadline")
+
+    assert end(utc_now()) is False  # its deadline is an hour ahead
+    with transaction() as session:
+        assert session.get_one(DebugRun, run_id).status == "processing"
+    assert end(utc_now() + timedelta(hours=2)) is True
+    with transaction() as session:
+        assert session.get_one(DebugRun, run_id).status == "error"
+
+
+def test_a_test_run_taken_over_spends_on_its_model_only_the_time_its_deadline_leaves(world, upstream) -> None:  # type: ignore[no-untyped-def]
+    """A delivery that takes a test run over keeps its first delivery's deadline (`Deadline.time_left`), and
+    its model calls end by it (`attempts_end_by`), not by the agent's timeout alone."""
+    from app.debug_runner import run_debug_run
+
+    admin_id = world.api.get("/api/me", world.admin_key).json["id"]
+    agent_id = world.agent(world.model("slow", upstream="echo;ttft=6"), timeout_seconds=30)
+    with transaction() as session:  # its first delivery failed and handed it to its retry, 2 s of model time left
+        run = DebugRun(agent_id=agent_id, admin_id=admin_id, input="hi", status="processing", lease_token=None,
+                       lease_expires_at=utc_now() + timedelta(seconds=60),
+                       deadline_at=utc_now() + timedelta(seconds=7), deliveries=1)
+        session.add(run)
+        session.flush()
+        run_id = run.id
+    started = time.monotonic()
+    run_debug_run(run_id)
+    with transaction() as session:
+        ended = session.get_one(DebugRun, run_id)
+        assert ended.status == "llm_error", (ended.status, ended.error_message)
+    assert time.monotonic() - started < 5, ended.error_message
+
+
+def test_a_test_run_stopped_by_its_hand_back_leaves_its_lease_to_the_next_worker(world, upstream, swept_once) -> None:  # type: ignore[no-untyped-def]
+    """A test run whose model call the hand-back stopped ends as that stop (`keeper.ending(stopped=True)`):
+    it does not take its lease back and write a cut-short end; it stays `processing` for the next worker."""
+    from app.debug_runner import run_debug_run
+    from app.leases import keeper
+    from app.run_kinds import DEBUG_RUN
+
+    admin_id = world.api.get("/api/me", world.admin_key).json["id"]
+    agent_id = world.agent(world.model("slow", upstream="echo;ttft=5"))
+    with transaction() as session:
+        run = DebugRun(agent_id=agent_id, admin_id=admin_id, input="hi", status="pending", enqueued_at=utc_now())
+        session.add(run)
+        session.flush()
+        run_id = run.id
+    failures: list[BaseException] = []
+
+    def deliver() -> None:
+        try:
+            run_debug_run(run_id)
+        except BaseException as exc:
+            failures.append(exc)
+
+    delivery = threading.Thread(target=deliver)
+    delivery.start()
+    wait_for(lambda: (DEBUG_RUN, run_id) in [(h.kind, h.ident) for h in keeper._snapshot()], what="the run held")
+    wait_for(lambda: len(upstream.requests()) == 1, what="its model call")
+    assert (DEBUG_RUN, run_id) in keeper.hand_back(sent_within=30).given_up
+    delivery.join(timeout=30)
+    assert (delivery.is_alive(), failures) == (False, [])  # the delivery ends quietly, writing nothing
+    with transaction() as session:
+        left = session.get_one(DebugRun, run_id)
+        assert (left.status, left.lease_token, left.handed_back) == ("processing", None, 1)

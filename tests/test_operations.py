@@ -954,3 +954,20 @@ def test_runs_waiting_for_a_retry_are_listed_soonest_first_with_their_last_error
     assert from_shell.returncode == 0, from_shell.stderr
     assert json.loads(from_shell.stdout) == listed.json
     redis_client.delete(f"{NAMESPACE}:turns.DQ.msgs", f"{NAMESPACE}:turns.DQ")
+
+
+def test_a_requeued_turn_is_followed_live_from_its_new_run_not_its_dead_runs_stream(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """A turn's live stream (`RunKind.streams_live`) is dropped when its dead letter is requeued, so that a
+    reader follows the new run, not the dead run's text to its `done`."""
+    from app.live_stream import stream_key
+
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    _, ended = dead_turn(world, key, agent_id, "stream me again")
+    turn_id = ended["id"]
+    redis_client.xadd(stream_key(turn_id), {"type": "delta", "a": 100, "o": 0, "data": "the dead run's text"})
+    letter = world.api.get("/api/admin/dead-letters", world.admin_key).json["items"][0]
+    assert world.api.post(f"/api/admin/dead-letters/{letter['id']}/requeue", world.admin_key).status_code == 202
+    assert world.wait_terminal(key, turn_id)["status"] == "success"
+    held = [str(fields) for _, fields in redis_client.xrange(stream_key(turn_id))]
+    assert held and not any("the dead run's text" in fields for fields in held), held

@@ -401,3 +401,26 @@ def test_a_stream_publisher_cut_off_from_redis_says_so_once_not_at_every_batch( 
     assert len(said) == 1, said
     assert said[0].startswith("publishing stream entries failed (ConnectionError: ")
     assert said[0].endswith("; readers fall back to the database, said at most every 30 s")
+
+
+def test_a_send_that_fails_for_a_bug_is_logged_with_its_traceback_every_time(caplog, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Only an outage is said sparingly in one line (`warn_of_sparingly`); a bug in a send keeps its traceback,
+    for each run it fails."""
+    import logging
+
+    import dramatiq
+
+    import app.failure_logs
+    from app.run_kinds import TURN
+
+    class BrokenBroker:
+        def enqueue(self, message, **options):  # type: ignore[no-untyped-def]
+            raise RuntimeError("a bug in the send")
+
+    monkeypatch.setattr(app.failure_logs, "_outage_said", {})
+    monkeypatch.setattr(dramatiq, "get_broker", lambda: BrokenBroker())
+    with caplog.at_level(logging.WARNING, logger="app.dispatch"):
+        assert [TURN.send(ident, None) for ident in (1, 2)] == [False, False]
+    said = [(r.getMessage(), r.exc_info[0] if r.exc_info else None) for r in caplog.records if r.name == "app.dispatch"]
+    assert said == [(f"could not enqueue {TURN.actor}({ident}); recovery will send it", RuntimeError)
+                    for ident in (1, 2)]
