@@ -31,6 +31,9 @@ class LeaseLost(RuntimeError):
 
 
 class Claim(Enum):
+    """What a delivery's claim found: the run is its own (claimed pending, or taken over from a delivery that
+    holds it no more), another delivery's, ended, or gone."""
+
     CLAIMED = "claimed"
     TAKEN_OVER = "taken_over"
     OWNED_ELSEWHERE = "owned_elsewhere"

@@ -8,16 +8,8 @@ from decimal import Decimal
 from sqlalchemy import CheckConstraint, DateTime, Double, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.models.base import (
-    LONG_TEXT_CHARS,
-    SHORT_TEXT_CHARS,
-    Base,
-    Id,
-    Money,
-    created_at_column,
-    id_column,
-    updated_at_column,
-)
+from app.models import base
+from app.models.base import SHORT_TEXT_CHARS, Base, Id, Money, created_at_column, id_column, updated_at_column
 
 TIMEOUT_SECONDS_RANGE = (1, 3600)
 """An agent's `timeout_seconds`, checked by the table and by the API's body schema alike."""
@@ -50,7 +42,7 @@ class LlmModel(Base):
     id: Mapped[int] = id_column()
     name: Mapped[str] = mapped_column(String(SHORT_TEXT_CHARS), nullable=False)
     model: Mapped[str] = mapped_column(String(SHORT_TEXT_CHARS), nullable=False)
-    base_url: Mapped[str | None] = mapped_column(String(LONG_TEXT_CHARS), nullable=True)
+    base_url: Mapped[str | None] = mapped_column(String(base.LONG_TEXT_CHARS), nullable=True)
     api_key_env: Mapped[str | None] = mapped_column(String(SHORT_TEXT_CHARS), nullable=True)
     input_price_per_1k: Mapped[Decimal] = mapped_column(Money, nullable=False)
     output_price_per_1k: Mapped[Decimal] = mapped_column(Money, nullable=False)
