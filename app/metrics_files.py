@@ -10,7 +10,8 @@ ended process's counts are added into `<kind>_ended.db` and its files removed (`
 
 A scrape reads the directory under a shared lock and a fold writes it under an exclusive one
 (`scrape_lock`, on `.fold.lock` there), so no scrape sees a process's counts twice or not at all. A fold is
-journaled: a fold cut short (its process killed) is finished or undone by the next, never counted twice.
+journaled: a fold cut short (its process killed) is finished or undone by the next, and read meanwhile as if it
+had been finished or undone.
 A process counts as ended when no process of that id is alive here; the directory is this host's and its
 user's (`cli.metrics_dir`), and must not be shared with processes of another PID namespace (containers on
 a shared volume), whose live processes would look ended.
@@ -52,16 +53,22 @@ def scrape_lock(directory: str, *, exclusive: bool = False) -> Iterator[None]:
 
 
 class FoldSafeCollector(MultiProcessCollector):
-    """prometheus_client's collector of the directory, reading it while no fold rewrites it."""
+    """prometheus_client's collector of the directory, reading it while no fold rewrites it, and leaving out
+    the files a fold that was cut short had already added into its kind's file (the next fold removes them)."""
 
     def collect(self) -> list[Any]:
         with scrape_lock(self._path):
-            return list(super().collect())
+            folded: set[str] = set()
+            for kind in FOLDED_KINDS:
+                folded.update(_folded_already(*_fold_files(self._path, kind)) or [])
+            files = [path for path in glob.glob(os.path.join(self._path, "*.db")) if path not in folded]
+            return list(self.merge(files, accumulate=True))
 
 
 def fold_ended_processes(directory: str | None = None) -> int:
     """Fold the files of every process that has ended into one file a kind; the number of files folded. Best
-    effort: a failure is logged, and leaves the files as they were (a scrape reads them all, as before)."""
+    effort: a failure is logged, and what the fold had begun is finished or undone by the next one (a scrape
+    meanwhile reads the directory as the one or the other: `FoldSafeCollector`)."""
     directory = directory or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not directory or not os.path.isdir(directory):
         return 0
@@ -73,9 +80,13 @@ def fold_ended_processes(directory: str | None = None) -> int:
         return 0
 
 
+def _fold_files(directory: str, kind: str) -> tuple[str, str]:
+    """A kind's journal and its archive, the file its ended processes' counts are folded into."""
+    return os.path.join(directory, f".fold-{kind}.json"), os.path.join(directory, f"{kind}_{ENDED}.db")
+
+
 def _fold_kind(directory: str, kind: str) -> int:
-    archive = os.path.join(directory, f"{kind}_{ENDED}.db")
-    journal = os.path.join(directory, f".fold-{kind}.json")
+    journal, archive = _fold_files(directory, kind)
     _finish_cut_short(journal, archive)
     sources = _ended_files(directory, kind)
     if not sources:
@@ -84,15 +95,15 @@ def _fold_kind(directory: str, kind: str) -> int:
     for path in ([archive] if os.path.exists(archive) else []) + sources:
         for key, value, _timestamp, _position in MmapedDict.read_all_values_from_file(path):
             totals[key] = totals.get(key, 0.0) + value
-    _write_atomically(journal, json.dumps(sources))
     with contextlib.suppress(FileNotFoundError):
-        os.remove(archive + ".next")  # never a fold's own: `_finish_cut_short` removed any such one
+        os.remove(archive + ".next")  # a fold's killed before its journal: it had changed nothing yet
     written = MmapedDict(archive + ".next")
     try:
         for key, value in totals.items():
             written.write_value(key, value, 0.0)
     finally:
         written.close()
+    _write_atomically(journal, json.dumps(sources))
     os.replace(archive + ".next", archive)
     for path in sources:
         with contextlib.suppress(FileNotFoundError):
@@ -104,17 +115,28 @@ def _fold_kind(directory: str, kind: str) -> int:
 def _finish_cut_short(journal: str, archive: str) -> None:
     """A fold cut short before its archive replaced the old one is undone (its sources still count); one cut
     short after is finished (its sources, already in the archive, are removed)."""
-    if not os.path.exists(journal):
+    sources = _folded_already(journal, archive)
+    if sources is None:
         return
-    with open(journal) as listed:
-        sources: list[str] = json.load(listed)
-    if os.path.exists(archive + ".next"):
-        os.remove(archive + ".next")
-    else:
-        for path in sources:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
+    leftovers = sources if sources else [archive + ".next"]  # finished: its sources; undone: its new archive
+    for path in leftovers:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
     os.remove(journal)
+
+
+def _folded_already(journal: str, archive: str) -> list[str] | None:
+    """What a fold cut short has left, by its journal: None when there is none; else the files its archive
+    already holds, which must not be read again (none when its archive never replaced the last).
+
+    Its new archive is written before its journal, and replaces the last after: a journal beside a `.next`
+    file is a fold that changed nothing yet, and one alone a fold whose archive is in place."""
+    try:
+        with open(journal) as listed:
+            sources: list[str] = json.load(listed)
+    except FileNotFoundError:
+        return None
+    return [] if os.path.exists(archive + ".next") else sources
 
 
 def _ended_files(directory: str, kind: str) -> list[str]:

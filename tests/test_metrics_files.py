@@ -81,8 +81,8 @@ def test_the_files_of_ended_processes_are_folded_into_one_a_kind_and_every_count
 
 def test_a_fold_cut_short_after_its_file_replaced_the_last_is_finished_by_the_next(
         counted: tuple[Path, Samples], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Killed between writing the folded counts and removing what it folded, a fold leaves both: the next one
-    removes them, rather than adding them a second time."""
+    """Killed between writing the folded counts and removing what it folded, a fold leaves both: a scrape reads
+    what its journal says are folded once, and the next fold removes them."""
     import app.metrics_files
     from app.metrics_files import fold_ended_processes
 
@@ -98,32 +98,41 @@ def test_a_fold_cut_short_after_its_file_replaced_the_last_is_finished_by_the_ne
         cut.setattr(app.metrics_files.os, "remove", killed_at_the_first_removal)
         with pytest.raises(KeyboardInterrupt):
             fold_ended_processes(str(directory))
-    assert ".fold-counter.json" in _files(directory)
-    assert _samples(directory)[("agentq_turns_total", (("status", "success"),))] == 8.0  # counted twice, until:
+    assert {".fold-counter.json", "counter_ended.db"} <= set(_files(directory))
+    assert _samples(directory) == before  # the files already in `counter_ended.db` are not read again
 
     assert fold_ended_processes(str(directory)) == 2  # the histograms, which the cut-short fold never reached
     assert _files(directory) == [".fold.lock", "counter_ended.db", "histogram_ended.db"]
     assert _samples(directory) == before
 
 
+@pytest.mark.parametrize(("killed_at", "left"), [
+    ("_write_atomically", {"counter_ended.db.next"}),  # its new file written, its journal not yet
+    ("replace", {"counter_ended.db.next", ".fold-counter.json"}),  # both, its new file not yet in place
+])
 def test_a_fold_cut_short_before_its_file_replaced_the_last_is_undone_by_the_next(
-        counted: tuple[Path, Samples], monkeypatch: pytest.MonkeyPatch) -> None:
+        counted: tuple[Path, Samples], monkeypatch: pytest.MonkeyPatch, killed_at: str, left: set[str]) -> None:
     import app.metrics_files
     from app.metrics_files import fold_ended_processes
 
     directory, before = counted
     real_replace = os.replace
 
-    def killed_before_the_folded_file_is_in_place(source: str, target: str) -> None:
-        if source.endswith(".db.next"):
+    def killed(source: str, target: str) -> None:
+        if killed_at == "_write_atomically" or source.endswith(".db.next"):
             raise KeyboardInterrupt
         real_replace(source, target)
 
     with monkeypatch.context() as cut:
-        cut.setattr(app.metrics_files.os, "replace", killed_before_the_folded_file_is_in_place)
+        if killed_at == "replace":
+            cut.setattr(app.metrics_files.os, "replace", killed)
+        else:
+            cut.setattr(app.metrics_files, "_write_atomically", killed)
         with pytest.raises(KeyboardInterrupt):
             fold_ended_processes(str(directory))
-    assert {".fold-counter.json", "counter_ended.db.next"} <= set(_files(directory))
+    files = set(_files(directory))
+    assert left <= files and (".fold-counter.json" in files, "counter_ended.db" in files) == (killed_at == "replace",
+                                                                                              False)
     assert _samples(directory) == before  # the half-written file is no `.db`: no scrape reads it
 
     assert fold_ended_processes(str(directory)) == 4
