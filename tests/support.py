@@ -44,6 +44,9 @@ def free_port() -> int:
 
 
 _started: list[Process] = []
+_logs_opened: set[Path] = set()
+"""The process logs this run has written: a log left by an earlier run with the same log directory is emptied
+before its first use here, so a test that counts a process's lines counts only this run's."""
 
 
 def _stop_leftovers() -> None:
@@ -67,7 +70,8 @@ class Process:
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Process:
-        log = self.log_path.open("ab")
+        log = self.log_path.open("ab" if self.log_path in _logs_opened else "wb")
+        _logs_opened.add(self.log_path)
         self.popen = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                       start_new_session=True)
         _started.append(self)
