@@ -61,9 +61,11 @@ def test_the_files_of_ended_processes_are_folded_into_one_a_kind_and_every_count
     assert before[("agentq_llm_latency_seconds_bucket", (("le", "10.0"), ("model", "m")))] == 4.0
     living = _count_in(directory, stay=True)
     try:
-        wait_for(lambda: (directory / f"histogram_{living.pid}.db").exists(), timeout=60,
-                 what="the living process's counts")
-        with_living = _samples(directory)
+        # Its last count is its second observation: a file exists from its first look at a series, before the
+        # count is written in it.
+        with_living = wait_for(lambda: (samples := _samples(directory)).get(
+            ("agentq_llm_latency_seconds_count", (("model", "m"),))) == 6.0 and samples, timeout=60,
+            what="the living process's counts")
         assert with_living[("agentq_turns_total", (("status", "success"),))] == 6.0
 
         assert fold_ended_processes(str(directory)) == 4  # two processes, a counter and a histogram file each

@@ -1159,6 +1159,8 @@ def test_the_counter_files_of_killed_processes_are_folded_by_gunicorns_master_an
     _, key = stack.user("fold")
     turn = stack.send(key, stack.conversation(key, agent_id), "count me")
     assert stack.wait_terminal(key, turn["id"])["status"] == "success"
+    wait_for(lambda: any(r["message"].startswith(f"turn {turn['id']} ended success") for r in log_records(group)),
+             what="the worker's last line of the turn, after its counts")
     before, created = scrape(stack), models_created(stack)
     assert metric(before, "agentq_turns_total", status="success") >= 1 and created >= 1  # the module's stack's
     files = stack.metrics_dir
