@@ -1,8 +1,8 @@
 """Logging for `agentq web` and `agentq worker`: one format, and the id of the run a line is about.
 
 With `AGENTQ_LOG_JSON=true` every record is one JSON object on one line (for a log shipper);
-otherwise a plain line. `turn_context` puts a turn's id in a context variable for the duration of
-its run, so every line logged while it runs, from any module, carries `turn_id` without passing it;
+otherwise a plain line. `run_context` puts a run's id in a context variable for the duration of
+the run, so every line logged while it runs, from any module, carries `turn_id` without passing it;
 an admin test run's lines carry its `debug_log_id` the same way.
 Dramatiq's CLI configures logging in each worker process itself, so the worker calls
 `configure_logging` again once the process has booted.
@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
@@ -26,10 +26,6 @@ _turn_id: ContextVar[int | None] = ContextVar("agentq_turn_id", default=None)
 _debug_run_id: ContextVar[int | None] = ContextVar("agentq_debug_run_id", default=None)
 
 PLAIN_FORMAT = "[%(asctime)s] [PID %(process)d] [%(threadName)s] [%(name)s] [%(levelname)s] %(turn)s%(message)s"
-
-
-def turn_context(turn_id: int) -> AbstractContextManager[None]:
-    return run_context(turn_id, None)
 
 
 @contextmanager
@@ -192,4 +188,4 @@ def gunicorn_logconfig() -> dict[str, object]:
     }
 
 
-__all__ = ["JsonFormatter", "configure_logging", "gunicorn_logconfig", "log_as_run", "run_context", "turn_context"]
+__all__ = ["JsonFormatter", "configure_logging", "gunicorn_logconfig", "log_as_run", "run_context"]

@@ -31,7 +31,6 @@ from app.interrupted_calls import record_interrupted_calls
 from app.leases import Holding, keeper
 from app.live_stream import Streamed, text_streamed
 from app.live_stream_writer import TurnStream
-from app.logging_setup import turn_context
 from app.model_target import ModelTarget
 from app.moderation import moderate
 from app.prepared import Batch, Unit
@@ -90,7 +89,7 @@ def _load_context(unit: Unit, claim: ClaimResult) -> TurnContext:
 
 
 def run_turn(turn_id: int) -> None:
-    with turn_context(turn_id):
+    with TURN.log_context(turn_id):
         _run_turn(turn_id)
 
 

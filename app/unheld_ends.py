@@ -98,8 +98,8 @@ def abandon_turn(turn_id: int, reason: str, *, pending_before: datetime | None =
 
 
 def abandon_debug_run(run_id: int, reason: str, *, pending_before: datetime | None = None,
-                deadline_before: datetime | None = None,
-                unless: Callable[[Session], bool] | None = None) -> TurnStatus | None:
+                      deadline_before: datetime | None = None,
+                      unless: Callable[[Session], bool] | None = None) -> TurnStatus | None:
     """End a test run as `error` when its message died, with `pending_before` when it was still pending since
     before then (`app.pending_bound`), with `deadline_before` when it was still processing, held by no worker,
     past a deadline before then (`app.deadline_bound`); None when it was not (ended already, held by a
@@ -114,7 +114,7 @@ def abandon_debug_run(run_id: int, reason: str, *, pending_before: datetime | No
 
 
 def run_ids_where(turn: Callable[[Table, Table], ColumnElement[bool]],
-              debug_run: Callable[[Table], ColumnElement[bool]]) -> dict[RunKind, Prepared]:
+                  debug_run: Callable[[Table], ColumnElement[bool]]) -> dict[RunKind, Prepared]:
     """A look's query for each kind: the ids of the turns in flight for which `turn(turns, messages)` holds (a
     turn's status is on its answer's row), and of the test runs for which `debug_run(runs)` does."""
     turns, messages, runs = table(Turn), table(ConversationMessage), table(DebugRun)

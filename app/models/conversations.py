@@ -21,16 +21,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.models.base import (
-    LONG_TEXT_CHARS,
-    SHORT_TEXT_CHARS,
-    Base,
-    Id,
-    Money,
-    created_at_column,
-    id_column,
-    updated_at_column,
-)
+from app.models import base
+from app.models.base import SHORT_TEXT_CHARS, Base, Id, Money, created_at_column, id_column, updated_at_column
 from app.turn_status import IN_FLIGHT_VALUES, TurnStatus
 
 
@@ -62,7 +54,7 @@ class Conversation(Base):
     user_id: Mapped[int] = mapped_column(Id, ForeignKey("users.id"), nullable=False)
     agent_id: Mapped[int] = mapped_column(Id, ForeignKey("agents.id"), nullable=False)
     project_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    title: Mapped[str | None] = mapped_column(String(LONG_TEXT_CHARS), nullable=True)
+    title: Mapped[str | None] = mapped_column(String(base.LONG_TEXT_CHARS), nullable=True)
     message_count: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
     total_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
     last_success_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
