@@ -1314,6 +1314,8 @@ def test_worker_logs_are_json_lines_that_carry_the_turn_id(stack: Stack) -> None
     web = stack.web
     assert wait_for(lambda: [r["message"] for r in log_records(web) if r.get("debug_log_id") == run_id],
                     what="the test run's send in the API's log") == [f"test run {run_id} sent to queue debug"]
+    # Ended here: left running, the module's next worker would take it over and log its fallback too.
+    wait_for(lambda: ended_test_run(stack, run_id), what="the test run's end")
 
 
 def test_an_idle_worker_takes_a_sent_turn_at_once_not_at_its_next_look(stack: Stack) -> None:
