@@ -61,7 +61,8 @@ class FoldSafeCollector(MultiProcessCollector):
             folded: set[str] = set()
             for kind in FOLDED_KINDS:
                 folded.update(_folded_already(*_fold_files(self._path, kind)) or [])
-            files = [path for path in glob.glob(os.path.join(self._path, "*.db")) if path not in folded]
+            files = [path for path in glob.glob(os.path.join(self._path, "*.db"))
+                     if path not in folded and not _unsized(path)]
             return list(self.merge(files, accumulate=True))
 
 
@@ -92,7 +93,8 @@ def _fold_kind(directory: str, kind: str) -> int:
     if not sources:
         return 0
     totals: dict[str, float] = {}
-    for path in ([archive] if os.path.exists(archive) else []) + sources:
+    readable = [path for path in sources if not _unsized(path)]
+    for path in ([archive] if os.path.exists(archive) else []) + readable:
         for key, value, _timestamp, _position in MmapedDict.read_all_values_from_file(path):
             totals[key] = totals.get(key, 0.0) + value
     with contextlib.suppress(FileNotFoundError):
@@ -148,6 +150,16 @@ def _ended_files(directory: str, kind: str) -> list[str]:
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             ended.append(path)
     return ended
+
+
+def _unsized(path: str) -> bool:
+    """prometheus_client creates a process's file before it sizes it, so a scrape or a fold may meet an empty
+    one: a process that has recorded nothing yet, or was killed before it could (its file then stays empty).
+    prometheus_client cannot read such a file, and one would fail every scrape and fold; it holds no count."""
+    try:
+        return os.path.getsize(path) == 0
+    except FileNotFoundError:
+        return True
 
 
 def _alive(pid: int) -> bool:

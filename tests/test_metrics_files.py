@@ -142,6 +142,31 @@ def test_a_fold_cut_short_before_its_file_replaced_the_last_is_undone_by_the_nex
     assert _samples(directory) == before
 
 
+def test_an_empty_file_is_read_as_no_counts_and_folded_once_its_process_has_ended(
+        counted: tuple[Path, Samples]) -> None:
+    """prometheus_client creates a process's file before it sizes it, so a scrape can meet an empty file: its
+    process has counted nothing yet, or was killed in between and left it so (prometheus/client_python#1199).
+    Read as it is, one such file failed every scrape and every fold."""
+    from app.metrics_files import fold_ended_processes
+
+    directory, before = counted
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert ended.wait(timeout=60) == 0
+    living = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        (directory / f"counter_{ended.pid}.db").touch()
+        (directory / f"histogram_{living.pid}.db").touch()
+        assert _samples(directory) == before
+
+        assert fold_ended_processes(str(directory)) == 5  # the two processes' four files, and the empty one
+        assert _files(directory) == [".fold.lock", "counter_ended.db", f"histogram_{living.pid}.db",
+                                     "histogram_ended.db"]
+        assert _samples(directory) == before
+    finally:
+        living.stdin.close()  # type: ignore[union-attr]
+        assert living.wait(timeout=60) == 0
+
+
 def test_an_api_starting_folds_the_files_its_predecessors_left() -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
