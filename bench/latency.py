@@ -49,7 +49,7 @@ class LatencyBound:
     rss_marginal_per_turn_kb: float
     worker_cpu_ms_per_turn: float
     upstream_cpu_ms_per_turn: float
-    """The mock upstream's CPU (it polls each waiting client's socket every 50 ms): competes, not counted."""
+    """The mock upstream's CPU (its HTTP and each stream's chunks): on the same cores, it competes; not counted."""
     intake_posts_per_second: float
     intake_post_p50_ms: float
     intake_post_p99_ms: float
