@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -1077,6 +1079,35 @@ def test_a_replaced_key_ends_the_streams_it_opened(world) -> None:  # type: igno
     finally:
         web.stop()
         world.api.post(f"/api/messages/{message_id}/cancel", key)
+
+
+def test_connections_that_send_nothing_hold_no_thread_and_no_stop() -> None:
+    """gunicorn 27 gave each new connection a thread that waited up to 5 s for its first bytes: with 4 threads,
+    8 connections that sent nothing (preconnects, TCP health checks, slow clients) held every request of the
+    process for 10 s. They wait in the poller now: a request is answered at once, one of them that speaks at
+    last is answered, and a stop is not held by the others for gunicorn's graceful timeout (30 s)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    web = Process("web-silent-connections", agentq("web", "--port", str(port), "--workers", "1", "--threads", "4"),
+                  child_env(), LOG_DIR).start()
+    silent: list[socket.socket] = []
+    try:
+        wait_http(f"{url}/healthz")
+        silent = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(8)]
+        assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+        silent[0].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := silent[0].recv(65536):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert web.popen is not None
+        os.killpg(web.pid, signal.SIGTERM)
+        assert web.popen.wait(timeout=15) == 0
+        assert "Traceback" not in web.output()
+    finally:
+        for connection in silent:
+            connection.close()
+        web.kill_group()
 
 
 def test_an_api_process_keeps_a_quarter_of_its_threads_for_requests_other_than_streams(world) -> None:  # type: ignore[no-untyped-def]

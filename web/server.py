@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import logging
 import os
 import pkgutil
+import selectors
 import socket
+import time
+from functools import partial
 from ssl import SSLError
 from typing import Any
 
@@ -15,7 +19,7 @@ from gunicorn import util
 from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger
 from gunicorn.http import errors as http_errors
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
 from app.errors import error_object
 
@@ -63,20 +67,44 @@ def _may_outgrow_the_drain(name: str, value: str) -> bool:
 
 
 class ApiWorker(ThreadWorker):
-    """gunicorn's threaded worker, with three changes for an API's clients.
+    """gunicorn's threaded worker, with four changes for an API's clients.
 
     Its own refusals (a request line or headers it cannot parse or that are too large) are in the API's
     error shape instead of an HTML page a client cannot read. And a request whose body may be more than
     gunicorn drains is answered `Connection: close`, so the client opens a new connection for its next
     request instead of sending it on one gunicorn is about to close (the application may not read the
-    body: a 413 is answered before). A graceful stop ends the answer streams it serves."""
+    body: a 413 is answered before). A graceful stop ends the answer streams it serves. A new connection
+    waits for its first bytes in the worker's poller, not in a thread."""
+
+    def accept(self, listener: socket.socket) -> None:
+        """gunicorn 27 hands each new connection to a thread, which waits up to 5 s for its first bytes
+        before handing it back to the poller (benoitc/gunicorn#3634): connections that send nothing yet (a
+        browser's preconnect, a load balancer's TCP check, a slow client) held threads, and once they held
+        all of them every request of the process waited those seconds, `/readyz` included. Here a new
+        connection waits in the poller, as one kept alive does, and is handed to a thread once it is
+        readable, for as long as a kept-alive connection may idle."""
+        try:
+            client, address = listener.accept()
+        except OSError as refused:
+            if refused.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        self.nr_conns += 1
+        connection = TConn(self.cfg, client, address, listener.getsockname())
+        connection.timeout = time.monotonic() + (self.cfg.keepalive if self.alive else STOP_KEEPALIVE_LINGER)
+        self.pending_conns.append(connection)
+        self.poller.register(client, selectors.EVENT_READ, partial(self.on_pending_socket_readable, connection))
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         """A graceful stop (SIGTERM) also ends the answer streams this process serves, whose clients
-        reconnect elsewhere, so the stop waits a heartbeat at most instead of gunicorn's graceful timeout."""
+        reconnect elsewhere, so the stop waits a heartbeat at most instead of gunicorn's graceful timeout;
+        and connections that have sent nothing yet wait for it no longer than gunicorn lets kept-alive ones."""
         from app.answer_stream import close_streams
 
         close_streams()
+        deadline = time.monotonic() + STOP_KEEPALIVE_LINGER
+        for connection in self.pending_conns:
+            connection.timeout = min(connection.timeout, deadline)
         super().handle_exit(sig, frame)
 
     def handle_request(self, req: Any, conn: Any) -> Any:
