@@ -1110,6 +1110,57 @@ def test_connections_that_send_nothing_hold_no_thread_and_no_stop() -> None:
         web.kill_group()
 
 
+def _peer_ports(pid: int) -> set[int]:
+    """The remote ports of the IPv4 TCP sockets process `pid` holds open."""
+    inodes = set()
+    for descriptor in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{descriptor}")
+        except FileNotFoundError:  # closed meanwhile
+            continue
+        if link.startswith("socket:["):
+            inodes.add(int(link[len("socket:["):-1]))
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return {int(row[2].split(":")[1], 16) for row in rows if int(row[9]) in inodes}
+
+
+def test_connections_the_server_closes_while_their_clients_keep_them_open_hold_up_nothing() -> None:
+    """A connection the server closes (here `Connection: close`) lingers until its client closes too; gunicorn
+    27 lingered on its event loop, 2 s a connection, one after the other: 8 clients that kept theirs open held
+    every request of the process 16 s. All get their answer and the server's FIN at once, another client is
+    answered meanwhile, and the server closes them in the end."""
+    port = free_port()
+    web = Process("web-lingering-clients", agentq("web", "--port", str(port), "--workers", "1", "--threads", "4"),
+                  child_env(), LOG_DIR).start()
+    lingering: list[socket.socket] = []
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        [worker] = web.children()
+        for _ in range(8):
+            client = socket.create_connection(("127.0.0.1", port), timeout=10)
+            client.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            lingering.append(client)
+        deadline = time.monotonic() + 5  # one after the other, gunicorn's lingering took 16 s
+        for client in lingering:
+            answer = b""
+            while True:
+                client.settimeout(max(deadline - time.monotonic(), 0.001))
+                if not (chunk := client.recv(65536)):  # the server's FIN, while the client keeps its side open
+                    break
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"status":"ok"}\n')
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+        # and each connection is closed once its 2 s are up, though its client never closes it
+        ports = {client.getsockname()[1] for client in lingering}
+        wait_for(lambda: not _peer_ports(worker) & ports, timeout=30, what="the lingering connections to be closed")
+        assert "Traceback" not in web.output()
+    finally:
+        for client in lingering:
+            client.close()
+        web.kill_group()
+
+
 def test_an_api_process_keeps_a_quarter_of_its_threads_for_requests_other_than_streams(world) -> None:  # type: ignore[no-untyped-def]
     """Each user within their bound, many users' streams took every thread of a process, and every other
     request waited for one to end. With 4 threads a process holds 3 streams; the fourth is refused, a POST

@@ -22,6 +22,7 @@ from gunicorn.http import errors as http_errors
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
 from app.errors import error_object
+from web.lingering_close import lingerer
 
 ACCESS_LOG_FORMAT = '%(h)s "%(r)s" %(s)s %(B)s bytes %(M)s ms "%(a)s"'
 """An access line: the client's address, the request line, the status, the body's bytes, the time to the end of
@@ -66,15 +67,26 @@ def _may_outgrow_the_drain(name: str, value: str) -> bool:
     return name == "CONTENT-LENGTH" and value.isdigit() and int(value) > LARGEST_BODY_KEPT_ALIVE
 
 
+class ApiConnection(TConn):
+    """gunicorn's connection, closed gracefully off the worker's event loop (`web.lingering_close`)."""
+
+    def close(self, graceful: bool = False) -> None:
+        if graceful:
+            lingerer.close(self.sock)
+        else:
+            super().close()
+
+
 class ApiWorker(ThreadWorker):
-    """gunicorn's threaded worker, with four changes for an API's clients.
+    """gunicorn's threaded worker, with five changes for an API's clients.
 
     Its own refusals (a request line or headers it cannot parse or that are too large) are in the API's
     error shape instead of an HTML page a client cannot read. And a request whose body may be more than
     gunicorn drains is answered `Connection: close`, so the client opens a new connection for its next
     request instead of sending it on one gunicorn is about to close (the application may not read the
     body: a 413 is answered before). A graceful stop ends the answer streams it serves. A new connection
-    waits for its first bytes in the worker's poller, not in a thread."""
+    waits for its first bytes in the worker's poller, not in a thread, and a connection the server closes
+    lingers for its client's close on a thread of its own, not on the poller's (`ApiConnection`)."""
 
     def accept(self, listener: socket.socket) -> None:
         """gunicorn 27 hands each new connection to a thread, which waits up to 5 s for its first bytes
@@ -90,7 +102,7 @@ class ApiWorker(ThreadWorker):
                 raise
             return
         self.nr_conns += 1
-        connection = TConn(self.cfg, client, address, listener.getsockname())
+        connection = ApiConnection(self.cfg, client, address, listener.getsockname())
         connection.timeout = time.monotonic() + (self.cfg.keepalive if self.alive else STOP_KEEPALIVE_LINGER)
         self.pending_conns.append(connection)
         self.poller.register(client, selectors.EVENT_READ, partial(self.on_pending_socket_readable, connection))
