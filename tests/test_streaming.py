@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -1159,6 +1160,67 @@ def test_connections_the_server_closes_while_their_clients_keep_them_open_hold_u
         for client in lingering:
             client.close()
         web.kill_group()
+
+
+def test_a_client_that_stalls_in_the_middle_of_a_request_is_cut_after_the_client_timeout(world) -> None:  # type: ignore[no-untyped-def]
+    """gunicorn read a request on a blocking socket with no timeout: a client that sent part of its request line,
+    its headers or its body and then nothing held its thread for as long as it kept the connection, and four of
+    them every request of a 4-thread process. Past AGENTQ_CLIENT_TIMEOUT_SECONDS each is closed, a stalled body
+    answered 408 first, with one warning line a client and no traceback; no turn is made of the half body."""
+    _, key = world.user("stalled-body")
+    conversation = world.conversation(key, world.agent(world.model()))
+    half_body = (f"POST /api/conversations/{conversation}/messages HTTP/1.1\r\nHost: x\r\n"
+                 f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                 '{"content":').encode()
+    port = free_port()
+    web = Process("web-stalled-clients", agentq("web", "--port", str(port), "--workers", "1", "--threads", "4"),
+                  child_env(AGENTQ_CLIENT_TIMEOUT_SECONDS="1"), LOG_DIR).start()
+    stalled: list[socket.socket] = []
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        for start in (b"G", b"GET /healthz HTTP/1.1\r\nHost: x\r\n", half_body, half_body):
+            client = socket.create_connection(("127.0.0.1", port), timeout=15)
+            client.sendall(start)
+            stalled.append(client)
+        answers = []
+        for client in stalled:
+            answer = b""
+            while chunk := client.recv(65536):
+                answer += chunk
+            answers.append(answer)
+        assert answers[:2] == [b"", b""]
+        for answer in answers[2:]:
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 408 ")
+            assert json.loads(body)["error"] == {"code": "request_timeout",
+                                                 "message": "The request body stopped arriving before its end."}
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+        assert world.api.get(f"/api/conversations/{conversation}/messages", key).json["items"] == []
+        output = web.output()
+        assert "Traceback" not in output
+        assert output.count("a client sent or took nothing for 1.0 s in the middle of a request") >= 2
+    finally:
+        for client in stalled:
+            client.close()
+        web.kill_group()
+
+
+def test_each_connection_waits_the_client_timeout_at_most_and_a_stream_gives_it_back_when_it_ends() -> None:
+    """The send side of the client timeout (a client that stops reading a large response), which an answer
+    stream replaces with its own write timeout while it lasts, and gives back for the connection's next
+    requests."""
+    from web.client_timeouts import bound_client_waits, timeval
+    from web.sse import ClientConnection
+
+    server, client = socket.socketpair()
+    with server, client:
+        bound_client_waits(server, 60)
+        for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+            assert server.getsockopt(socket.SOL_SOCKET, option, len(timeval(0))) == timeval(60)
+        stream = ClientConnection(server, 30)
+        assert server.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, len(timeval(0))) == timeval(30)
+        stream.stream_ended()
+        assert server.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, len(timeval(0))) == timeval(60)
 
 
 def test_an_api_process_keeps_a_quarter_of_its_threads_for_requests_other_than_streams(world) -> None:  # type: ignore[no-untyped-def]

@@ -10,6 +10,7 @@ import os
 import pkgutil
 import selectors
 import socket
+import sys
 import time
 from functools import partial
 from ssl import SSLError
@@ -21,7 +22,9 @@ from gunicorn.glogging import Logger
 from gunicorn.http import errors as http_errors
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
+from app.config import get_settings
 from app.errors import error_object
+from web.client_timeouts import bound_client_waits, with_timed_body
 from web.lingering_close import lingerer
 
 ACCESS_LOG_FORMAT = '%(h)s "%(r)s" %(s)s %(B)s bytes %(M)s ms "%(a)s"'
@@ -29,13 +32,24 @@ ACCESS_LOG_FORMAT = '%(h)s "%(r)s" %(s)s %(B)s bytes %(M)s ms "%(a)s"'
 the response (an answer stream's whole length), and the client's user agent; no key (it is a header)."""
 
 
-class QuietAccessLogger(Logger):
-    """gunicorn builds every access log line (its "atoms") whenever any logging config is given, and
-    only then asks the logger, set to WARNING here, whether to write it; ask first."""
+class ApiLogger(Logger):
+    """gunicorn's logger, with two changes.
+
+    gunicorn builds every access log line (its "atoms") whenever any logging config is given, and only then
+    asks the logger, set to WARNING here, whether to write it; it asks first here. And a client that kept a
+    thread waiting mid-request past `AGENTQ_CLIENT_TIMEOUT_SECONDS` (`web.client_timeouts`) is one warning
+    line, not gunicorn's "Socket error processing request." with a traceback, which reads as a server fault."""
 
     def access(self, resp: Any, req: Any, environ: Any, request_time: Any) -> None:
         if self.access_log.isEnabledFor(logging.INFO):
             super().access(resp, req, environ, request_time)
+
+    def exception(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        if isinstance(sys.exc_info()[1], BlockingIOError):  # a blocking socket's receive or send timeout
+            self.warning("a client sent or took nothing for %s s in the middle of a request; its connection is "
+                         "closed", get_settings().client_timeout_seconds)
+            return
+        super().exception(msg, *args, **kwargs)
 
 
 _REFUSALS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], int, str, str], ...] = (
@@ -102,6 +116,7 @@ class ApiWorker(ThreadWorker):
                 raise
             return
         self.nr_conns += 1
+        bound_client_waits(client, get_settings().client_timeout_seconds)
         connection = ApiConnection(self.cfg, client, address, listener.getsockname())
         connection.timeout = time.monotonic() + (self.cfg.keepalive if self.alive else STOP_KEEPALIVE_LINGER)
         self.pending_conns.append(connection)
@@ -154,7 +169,7 @@ class _Gunicorn(BaseApplication):
     def load(self) -> Any:
         from web import create_app
 
-        return create_app()
+        return with_timed_body(create_app())
 
 
 def _child_exit(server: Any, worker: Any) -> None:
@@ -244,7 +259,7 @@ def serve(host: str, port: int, *, workers: int, threads: int) -> None:
         "accesslog": None,
         # Read only with AGENTQ_ACCESS_LOG, which lets gunicorn's access logger write through agentq's handler.
         "access_log_format": ACCESS_LOG_FORMAT,
-        "logger_class": QuietAccessLogger,
+        "logger_class": ApiLogger,
         "logconfig_dict": gunicorn_logconfig(),
         "child_exit": _child_exit,
         "post_fork": _post_fork,

@@ -8,13 +8,13 @@ import logging
 import select
 import socket
 import ssl
-import struct
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from app.answer_stream import HEARTBEAT, StreamEvent
 from app.config import get_settings
 from web import render
+from web.client_timeouts import timeval
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,6 @@ def sse(events: Iterable[StreamEvent], chinese: bool, connection: ClientConnecti
             connection.stream_ended()
 
 
-def _timeval(seconds: float) -> bytes:
-    whole, fraction = divmod(seconds, 1)
-    return struct.pack("ll", int(whole), int(fraction * 1_000_000))
-
-
 def _frames(events: Iterable[StreamEvent], chinese: bool) -> Iterator[str]:
     yield "retry: 1000\n\n"
     for event in events:
@@ -88,7 +83,8 @@ class ClientConnection:
         # The backstop for a piece larger than the room a writable socket is sure to have: the kernel's timeout on
         # a send, so that such a write fails in gunicorn's hands (which closes the connection) rather than waiting
         # for ever. Python's own `settimeout` would also make the peek of `closed_look` wait.
-        connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(write_timeout))
+        self._send_timeout = connection.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, len(timeval(0)))
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(write_timeout))
 
     @classmethod
     def of(cls, environ: dict[str, Any]) -> ClientConnection | None:
@@ -119,9 +115,9 @@ class ClientConnection:
         return bool(self._writable.poll(self._write_timeout * 1000))
 
     def stream_ended(self) -> None:
-        """Gives a connection kept alive after the stream its next responses' writes without a timeout again."""
+        """Gives a connection kept alive after the stream its send timeout of before (`web.client_timeouts`)."""
         with contextlib.suppress(OSError):
-            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(0))
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._send_timeout)
 
     def cut(self) -> None:
         """Ends the connection of a client that stopped reading: gunicorn's last write then fails at once, as to
