@@ -91,6 +91,7 @@ class Settings(BaseSettings):
     response, as the contract reads, and only a reader of an answer longer than that reconnects."""
     stream_write_timeout_seconds: Seconds = 30.0
     client_timeout_seconds: Seconds = 60.0
+    schema_lock_timeout_seconds: Seconds = 10.0
     max_streams_per_user: int = Field(default=32, ge=1, le=1_000_000)
     cancel_wait_seconds: float = Field(default=2.0, ge=0, le=60)
 

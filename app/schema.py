@@ -11,14 +11,17 @@ must never be given again (`sqlite_autoincrement`) made before it was declared s
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from sqlalchemy import Column, Connection, Engine, MetaData, Numeric, Table, inspect, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import CreateColumn, CreateTable
 
+from app.config import get_settings
 from app.db import database_location, get_engine
 from app.errors import AgentqError
 from app.key_variables import models_refused_now
@@ -60,15 +63,22 @@ class SchemaIncomplete(AgentqError):
 def init_schema() -> SchemaReport:
     engine = get_engine(create=True)
     if engine.dialect.name == "postgresql":
-        sql = SCHEMA_FILE.read_text()
         try:
             with engine.begin() as connection:
                 connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LOCK_ID})
+                connection.exec_driver_sql(f"SET LOCAL lock_timeout = {_lock_timeout_ms()}")
                 lacking = _columns_lacking(connection)  # under the lock: what another machine's run added is not ours
-                connection.exec_driver_sql(sql)
+                for statement in schema_statements(SCHEMA_FILE.read_text()):
+                    if not _adds_a_column_present(connection, statement):
+                        connection.exec_driver_sql(statement)
                 still_missing = missing_columns(connection)
                 added = sorted(lacking - set(still_missing))
         except DBAPIError as exc:
+            if isinstance(exc.orig, psycopg.errors.LockNotAvailable):
+                waited = get_settings().schema_lock_timeout_seconds
+                raise SchemaLocked(
+                    f"`db init` waited {waited:g} s for a table that other sessions are using (an open transaction, a "
+                    "dump; pg_stat_activity names them) and changed nothing; run it again once they end.") from None
             if lacks_a_column(exc):  # an index of schema.sql on a column dropped by hand (its index went with it)
                 _check_complete(engine, missing_columns(engine))
             raise
@@ -84,6 +94,42 @@ def init_schema() -> SchemaReport:
     converted = _money_in_millionths(engine, fresh)
     return SchemaReport(database_location(), "models", added_columns=added, converted_money_columns=converted,
                         rebuilt_tables=rebuilt, refused_key_variables=_refused_key_variables(engine))
+
+
+class SchemaLocked(AgentqError):
+    """`db init` could not take a table other sessions held within AGENTQ_SCHEMA_LOCK_TIMEOUT_SECONDS."""
+
+    code = "schema_locked"
+
+
+def schema_statements(sql: str) -> list[str]:
+    """`schema.sql`'s statements, one by one: each ends with a semicolon at the end of its line."""
+    chunks = re.split(r";[ \t]*$", sql, flags=re.MULTILINE)
+    return [chunk.strip() + ";" for chunk in chunks
+            if any(line.strip() and not line.strip().startswith("--") for line in chunk.splitlines())]
+
+
+_ADDS_A_COLUMN = re.compile(r"^ALTER TABLE (\w+) ADD COLUMN IF NOT EXISTS (\w+)", re.MULTILINE)
+
+
+def _adds_a_column_present(connection: Connection, statement: str) -> bool:
+    """Whether the statement adds a column the table already has. PostgreSQL takes a table's ACCESS EXCLUSIVE lock
+    for an `ALTER TABLE … ADD COLUMN IF NOT EXISTS` before it finds there is nothing to do, so it waits for
+    every transaction using the table (a long report, a `pg_dump`) while every new query of the table waits
+    behind it: a `db init` of a release that changed nothing stopped every turn until then. Such a statement is
+    not run; every other statement of `schema.sql` takes no lock when there is nothing to do."""
+    adds = _ADDS_A_COLUMN.search(statement)
+    if adds is None:
+        return False
+    return connection.execute(text(
+        "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
+        "AND table_name = :table AND column_name = :column)"), {"table": adds[1], "column": adds[2]}).scalar_one()
+
+
+def _lock_timeout_ms() -> int:
+    """What a change to a table waits for the table at most: while it waits, every query of that table waits
+    behind it, turns' claims and settlements included."""
+    return max(int(get_settings().schema_lock_timeout_seconds * 1000), 1)
 
 
 def _columns_lacking(connection: Connection) -> set[str]:

@@ -92,6 +92,54 @@ def test_db_init_adds_a_later_column_to_an_older_postgresql_database() -> None:
         drop_database(name)
 
 
+def _busy(url: str) -> psycopg.Connection:
+    """A session in the middle of a transaction that read every table, as a long report or a `pg_dump` is."""
+    session = psycopg.connect(url)
+    for table in Base.metadata.sorted_tables:
+        session.execute(f"SELECT count(*) FROM {table.name}")
+    return session
+
+
+def test_db_init_with_nothing_to_change_waits_for_no_session_of_a_busy_database() -> None:
+    """PostgreSQL locks a table for an `ADD COLUMN IF NOT EXISTS` before it finds the column there: `db init`
+    waited for every open transaction, and every query of those tables, turns' claims included, waited
+    behind it. With nothing to add it takes no table's lock."""
+    name = scratch_database("agentq_schema")
+    try:
+        db_init(f"{PG}/{name}")
+        with _busy(f"{PG}/{name}"):
+            result = subprocess.run(agentq("db", "init"), env=child_env(DATABASE_URL=f"{PG}/{name}"),
+                                    capture_output=True, text=True, cwd=ROOT, timeout=60)
+            assert result.returncode == 0, result.stderr
+            assert json.loads(result.stdout)["added_columns"] == []
+    finally:
+        drop_database(name)
+
+
+def test_db_init_that_must_change_a_busy_table_gives_up_after_its_lock_timeout() -> None:
+    """A change waits AGENTQ_SCHEMA_LOCK_TIMEOUT_SECONDS for the table, every query of it queued behind, then
+    gives up having changed nothing, and says why; run again once the table is free, it makes the change."""
+    name = scratch_database("agentq_schema")
+    try:
+        with psycopg.connect(f"{PG}/{name}", autocommit=True) as conn:
+            conn.execute((ROOT / "schema.sql").read_text())
+            conn.execute("ALTER TABLE turns DROP COLUMN deadline_at")
+        with _busy(f"{PG}/{name}"):
+            result = subprocess.run(agentq("db", "init"), capture_output=True, text=True, cwd=ROOT, timeout=60,
+                                    env=child_env(DATABASE_URL=f"{PG}/{name}", AGENTQ_SCHEMA_LOCK_TIMEOUT_SECONDS="1"))
+        assert (result.returncode, result.stdout) == (1, "")
+        assert json.loads(result.stderr)["error"] == {
+            "code": "schema_locked",
+            "message": "`db init` waited 1 s for a table that other sessions are using (an open transaction, a dump; "
+                       "pg_stat_activity names them) and changed nothing; run it again once they end."}
+        engine = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}")
+        assert "deadline_at" not in {c["name"] for c in inspect(engine).get_columns("turns")}
+        engine.dispose()
+        assert json.loads(db_init(f"{PG}/{name}").stdout)["added_columns"] == ["turns.deadline_at"]
+    finally:
+        drop_database(name)
+
+
 def test_db_init_adds_a_later_column_to_an_older_sqlite_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
     url = f"sqlite:///{tmp_path}/agentq.sqlite3"
     db_init(url)
