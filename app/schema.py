@@ -69,7 +69,7 @@ def init_schema() -> SchemaReport:
                 connection.exec_driver_sql(f"SET LOCAL lock_timeout = {_lock_timeout_ms()}")
                 lacking = _columns_lacking(connection)  # under the lock: what another machine's run added is not ours
                 for statement in schema_statements(SCHEMA_FILE.read_text()):
-                    if not _adds_a_column_present(connection, statement):
+                    if not _done_already(connection, statement):
                         connection.exec_driver_sql(statement)
                 still_missing = missing_columns(connection)
                 added = sorted(lacking - set(still_missing))
@@ -110,20 +110,26 @@ def schema_statements(sql: str) -> list[str]:
 
 
 _ADDS_A_COLUMN = re.compile(r"^ALTER TABLE (\w+) ADD COLUMN IF NOT EXISTS (\w+)", re.MULTILINE)
+_CREATES_AN_INDEX = re.compile(r"^CREATE (?:UNIQUE )?INDEX IF NOT EXISTS (\w+)", re.MULTILINE)
 
 
-def _adds_a_column_present(connection: Connection, statement: str) -> bool:
-    """Whether the statement adds a column the table already has. PostgreSQL takes a table's ACCESS EXCLUSIVE lock
-    for an `ALTER TABLE … ADD COLUMN IF NOT EXISTS` before it finds there is nothing to do, so it waits for
-    every transaction using the table (a long report, a `pg_dump`) while every new query of the table waits
-    behind it: a `db init` of a release that changed nothing stopped every turn until then. Such a statement is
-    not run; every other statement of `schema.sql` takes no lock when there is nothing to do."""
-    adds = _ADDS_A_COLUMN.search(statement)
-    if adds is None:
-        return False
-    return connection.execute(text(
-        "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
-        "AND table_name = :table AND column_name = :column)"), {"table": adds[1], "column": adds[2]}).scalar_one()
+def _done_already(connection: Connection, statement: str) -> bool:
+    """Whether the statement adds a column or an index the database already has. PostgreSQL takes the table's
+    lock before it finds there is nothing to do: ACCESS EXCLUSIVE for an `ADD COLUMN IF NOT EXISTS`, which waits
+    for every transaction using the table (a long report, a `pg_dump`), SHARE for a `CREATE INDEX IF NOT
+    EXISTS`, which waits for every transaction that wrote to it; every new query of the table waits behind
+    either. A `db init` of a release that changed nothing held up every turn until then. Such statements are
+    not run; the others of `schema.sql` (`CREATE TABLE IF NOT EXISTS`, `DROP INDEX IF EXISTS` of one gone
+    already) take no lock when there is nothing to do."""
+    if (adds := _ADDS_A_COLUMN.search(statement)) is not None:
+        return bool(connection.execute(text(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
+            "AND table_name = :table AND column_name = :column)"), {"table": adds[1], "column": adds[2]}).scalar_one())
+    if (creates := _CREATES_AN_INDEX.search(statement)) is not None:
+        return bool(connection.execute(text(
+            "SELECT EXISTS (SELECT 1 FROM pg_indexes WHERE schemaname = current_schema() AND indexname = :name)"),
+            {"name": creates[1]}).scalar_one())
+    return False
 
 
 def _lock_timeout_ms() -> int:

@@ -93,17 +93,19 @@ def test_db_init_adds_a_later_column_to_an_older_postgresql_database() -> None:
 
 
 def _busy(url: str) -> psycopg.Connection:
-    """A session in the middle of a transaction that read every table, as a long report or a `pg_dump` is."""
+    """A session in the middle of a transaction that read and wrote every table, as a turn's settlement with a
+    long report or a `pg_dump` beside it: the locks such transactions hold."""
     session = psycopg.connect(url)
     for table in Base.metadata.sorted_tables:
         session.execute(f"SELECT count(*) FROM {table.name}")
+        session.execute(f"LOCK TABLE {table.name} IN ROW EXCLUSIVE MODE")
     return session
 
 
 def test_db_init_with_nothing_to_change_waits_for_no_session_of_a_busy_database() -> None:
-    """PostgreSQL locks a table for an `ADD COLUMN IF NOT EXISTS` before it finds the column there: `db init`
-    waited for every open transaction, and every query of those tables, turns' claims included, waited
-    behind it. With nothing to add it takes no table's lock."""
+    """PostgreSQL locks a table for an `ADD COLUMN IF NOT EXISTS` or a `CREATE INDEX IF NOT EXISTS` before it
+    finds the column or the index there: `db init` waited for every open transaction, and every query of those
+    tables, turns' claims included, waited behind it. With nothing to add it takes no table's lock."""
     name = scratch_database("agentq_schema")
     try:
         db_init(f"{PG}/{name}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import selectors
 import socket
 import threading
@@ -28,8 +29,14 @@ LINGER_SECONDS = 2.0
 LINGER_DRAIN_BYTES = 64 * 1024
 """gunicorn's own: the most read from a client that goes on sending; past it, the connection is closed."""
 MOST_LINGERING = 4096
-"""Connections closed at once past this many lingering (a client that never closes, many times over): file
-descriptors stay bounded, and such a client's last response may be cut short by a reset."""
+"""Connections closed at once past this many lingering, or past an eighth of the process's open files
+(`most_lingering`): a client that never closes, many times over, cannot use the process's file descriptors
+up; such a client's last response may then be cut short by a reset."""
+
+
+def most_lingering() -> int:
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return MOST_LINGERING if soft == resource.RLIM_INFINITY else min(MOST_LINGERING, max(soft // 8, 16))
 
 
 @dataclass
@@ -44,13 +51,17 @@ class Lingerer:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
         self._arrivals: list[socket.socket] = []
         self._count = 0
+        self._most = MOST_LINGERING
         self._pid = 0
         self._wake: tuple[int, int] = (-1, -1)
 
     def close(self, client: socket.socket) -> None:
-        """Send the FIN now, and close the socket once the client has closed or its time is up."""
+        """Send the FIN now, and close the socket once the client has closed or its time is up. Never raises
+        (gunicorn counts a connection closed before it calls this, and counts it again if this raises): what
+        cannot linger is closed at once."""
         try:
             client.shutdown(socket.SHUT_WR)
             client.setblocking(False)
@@ -58,23 +69,43 @@ class Lingerer:
             client.close()
             return
         with self._lock:
-            if self._pid != os.getpid():
-                self._start()
-            if self._count >= MOST_LINGERING:
+            if self._pid != os.getpid() and not self._started():
+                client.close()
+                return
+            if self._count >= self._most:
                 client.close()
                 return
             self._count += 1
             self._arrivals.append(client)
-        with contextlib.suppress(BlockingIOError):
+        with contextlib.suppress(OSError):  # the pipe full: a wake is already waiting
             os.write(self._wake[1], b"\0")
 
-    def _start(self) -> None:
-        """In this process: a worker forked after an earlier start inherits no thread, only its state."""
-        self._pid, self._arrivals, self._count = os.getpid(), [], 0
-        self._wake = os.pipe()
-        os.set_blocking(self._wake[0], False)
-        os.set_blocking(self._wake[1], False)
-        threading.Thread(target=self._run, args=(self._wake[0],), name="lingering-close", daemon=True).start()
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no connection lingers (a worker stopping: its daemon thread dies with it, and the kernel
+        would reset what it still held); whether none does."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._count == 0 or self._pid != os.getpid(), timeout)
+
+    def _started(self) -> bool:
+        """Start this process's thread (a worker forked after an earlier start inherits none, only the state);
+        whether it runs. One that cannot start now (no file descriptor left) is tried again at the next close."""
+        try:
+            wake = os.pipe()
+        except OSError:
+            log.warning("lingering close: no pipe for its thread (%s open files at most); connections are closed "
+                        "at once", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+            return False
+        try:
+            for end in wake:
+                os.set_blocking(end, False)
+            threading.Thread(target=self._run, args=(wake[0],), name="lingering-close", daemon=True).start()
+        except (OSError, RuntimeError):
+            log.exception("lingering close: its thread could not start; connections are closed at once")
+            for end in wake:
+                os.close(end)
+            return False
+        self._pid, self._wake, self._arrivals, self._count, self._most = os.getpid(), wake, [], 0, most_lingering()
+        return True
 
     def _run(self, wake: int) -> None:
         selector = selectors.DefaultSelector()
@@ -135,6 +166,8 @@ class Lingerer:
             client.close()
         with self._lock:
             self._count -= 1
+            if self._count == 0:
+                self._idle.notify_all()
 
 
 def _lingering(selector: selectors.BaseSelector) -> list[selectors.SelectorKey]:

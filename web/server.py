@@ -25,7 +25,7 @@ from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 from app.config import get_settings
 from app.errors import error_object
 from web.client_timeouts import bound_client_waits, with_timed_body
-from web.lingering_close import lingerer
+from web.lingering_close import LINGER_SECONDS, lingerer
 
 ACCESS_LOG_FORMAT = '%(h)s "%(r)s" %(s)s %(B)s bytes %(M)s ms "%(a)s"'
 """An access line: the client's address, the request line, the status, the body's bytes, the time to the end of
@@ -46,8 +46,9 @@ class ApiLogger(Logger):
 
     def exception(self, msg: str, *args: Any, **kwargs: Any) -> None:
         if isinstance(sys.exc_info()[1], BlockingIOError):  # a blocking socket's receive or send timeout
-            self.warning("a client sent or took nothing for %s s in the middle of a request; its connection is "
-                         "closed", get_settings().client_timeout_seconds)
+            self.warning("a client sent or took nothing for longer than its timeout in the middle of a request "
+                         "(AGENTQ_CLIENT_TIMEOUT_SECONDS; an answer stream's writes: "
+                         "AGENTQ_STREAM_WRITE_TIMEOUT_SECONDS); its connection is closed")
             return
         super().exception(msg, *args, **kwargs)
 
@@ -81,6 +82,11 @@ def _may_outgrow_the_drain(name: str, value: str) -> bool:
     return name == "CONTENT-LENGTH" and value.isdigit() and int(value) > LARGEST_BODY_KEPT_ALIVE
 
 
+ACCEPT_PAUSE_SECONDS = 0.5
+OUT_OF_FILES_SAID_EVERY = 60.0
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
 class ApiConnection(TConn):
     """gunicorn's connection, closed gracefully off the worker's event loop (`web.lingering_close`)."""
 
@@ -92,7 +98,7 @@ class ApiConnection(TConn):
 
 
 class ApiWorker(ThreadWorker):
-    """gunicorn's threaded worker, with five changes for an API's clients.
+    """gunicorn's threaded worker, with changes for an API's clients.
 
     Its own refusals (a request line or headers it cannot parse or that are too large) are in the API's
     error shape instead of an HTML page a client cannot read. And a request whose body may be more than
@@ -100,7 +106,8 @@ class ApiWorker(ThreadWorker):
     request instead of sending it on one gunicorn is about to close (the application may not read the
     body: a 413 is answered before). A graceful stop ends the answer streams it serves. A new connection
     waits for its first bytes in the worker's poller, not in a thread, and a connection the server closes
-    lingers for its client's close on a thread of its own, not on the poller's (`ApiConnection`)."""
+    lingers for its client's close on a thread of its own, not on the poller's (`ApiConnection`). A process out
+    of file descriptors pauses accepting instead of ending."""
 
     def accept(self, listener: socket.socket) -> None:
         """gunicorn 27 hands each new connection to a thread, which waits up to 5 s for its first bytes
@@ -112,15 +119,49 @@ class ApiWorker(ThreadWorker):
         try:
             client, address = listener.accept()
         except OSError as refused:
-            if refused.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+            if refused.errno in _OUT_OF_RESOURCES:
+                self._pause_accepting(refused)
+            elif refused.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
                 raise
             return
+        try:
+            bound_client_waits(client, get_settings().client_timeout_seconds)
+        except OSError:  # gone already
+            client.close()
+            return
         self.nr_conns += 1
-        bound_client_waits(client, get_settings().client_timeout_seconds)
         connection = ApiConnection(self.cfg, client, address, listener.getsockname())
         connection.timeout = time.monotonic() + (self.cfg.keepalive if self.alive else STOP_KEEPALIVE_LINGER)
         self.pending_conns.append(connection)
         self.poller.register(client, selectors.EVENT_READ, partial(self.on_pending_socket_readable, connection))
+
+    _accepting_again = 0.0
+    _out_of_files_said = -OUT_OF_FILES_SAID_EVERY
+
+    def _pause_accepting(self, refused: OSError) -> None:
+        """gunicorn let an `accept` that found no file descriptor left (EMFILE: the process's open files at their
+        limit) end the worker, dropping every request and stream it served, and its replacement the same way
+        while the clients went on. Here the worker stops accepting for `ACCEPT_PAUSE_SECONDS` and serves what it
+        holds meanwhile, which frees descriptors, as nginx does; the new connections wait in the listen queue."""
+        now = time.monotonic()
+        if now - self._out_of_files_said >= OUT_OF_FILES_SAID_EVERY:
+            self._out_of_files_said = now
+            self.log.warning("no new connection can be taken (%s): accepting paused %s s at a time while the %s "
+                             "held are served (said once a minute)", refused.strerror, ACCEPT_PAUSE_SECONDS,
+                             self.nr_conns)
+        self._accepting_again = now + ACCEPT_PAUSE_SECONDS
+        self.set_accept_enabled(False)
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        if enabled and time.monotonic() < self._accepting_again:
+            return
+        super().set_accept_enabled(enabled)
+
+    def run(self) -> None:
+        """gunicorn's loop, then the connections still lingering given their time to close (`lingerer`): the
+        thread that holds them ends with the process, and the kernel would reset them."""
+        super().run()
+        lingerer.wait_idle(LINGER_SECONDS + 1)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         """A graceful stop (SIGTERM) also ends the answer streams this process serves, whose clients

@@ -38,6 +38,8 @@ anyway meets the socket's timeout (`ClientConnection`)."""
 def sse(events: Iterable[StreamEvent], chinese: bool, connection: ClientConnection | None) -> Iterator[bytes]:
     """Frames events; `done` carries the stored message rendered like GET /api/messages/{id}. Each piece is
     written once the connection takes writes; one that does not ends the response (`ClientConnection`)."""
+    if connection is not None:
+        connection.stream_started()
     try:
         for frame in _frames(events, chinese):
             data = frame.encode()
@@ -80,11 +82,7 @@ class ClientConnection:
         self._write_timeout = write_timeout
         self._writable = select.poll()
         self._writable.register(connection.fileno(), select.POLLOUT)
-        # The backstop for a piece larger than the room a writable socket is sure to have: the kernel's timeout on
-        # a send, so that such a write fails in gunicorn's hands (which closes the connection) rather than waiting
-        # for ever. Python's own `settimeout` would also make the peek of `closed_look` wait.
         self._send_timeout = connection.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, len(timeval(0)))
-        connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(write_timeout))
 
     @classmethod
     def of(cls, environ: dict[str, Any]) -> ClientConnection | None:
@@ -113,6 +111,14 @@ class ClientConnection:
         """Whether the socket has room for a write within the write timeout (at once, unless its client has
         stopped reading). One system call that returns as soon as there is room."""
         return bool(self._writable.poll(self._write_timeout * 1000))
+
+    def stream_started(self) -> None:
+        """The backstop for a piece larger than the room a writable socket is sure to have: the kernel's timeout on a
+        send, so that such a write fails in gunicorn's hands (which closes the connection) rather than waiting for
+        the connection's own timeout (`web.client_timeouts`). Python's own `settimeout` would also make the peek of
+        `closed_look` wait. Set as the stream starts, so that a stream refused before (a 404, a 429) leaves the
+        connection as it was."""
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(self._write_timeout))
 
     def stream_ended(self) -> None:
         """Gives a connection kept alive after the stream its send timeout of before (`web.client_timeouts`)."""
