@@ -1082,33 +1082,61 @@ def test_a_replaced_key_ends_the_streams_it_opened(world) -> None:  # type: igno
         world.api.post(f"/api/messages/{message_id}/cancel", key)
 
 
+@contextmanager
+def _four_thread_api(name: str, *, open_files: int | None = None, **env: str) -> Iterator[tuple[Process, str]]:
+    """One `agentq web` process of 4 threads (with at most `open_files` open), and its URL."""
+    port = free_port()
+    argv = agentq("web", "--port", str(port), "--workers", "1", "--threads", "4")
+    if open_files is not None:
+        argv = ["prlimit", f"--nofile={open_files}:{open_files}", *argv]
+    web = Process(name, argv, child_env(**env), LOG_DIR).start()
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        yield web, f"http://127.0.0.1:{port}"
+    finally:
+        web.kill_group()
+
+
+@contextmanager
+def _clients(url: str, count: int, sending: bytes | list[bytes] = b"") -> Iterator[list[socket.socket]]:
+    """`count` connections to the API, each having sent `sending` (or its own of a list), closed at the end."""
+    port = int(url.rsplit(":", 1)[1])
+    connections: list[socket.socket] = []
+    try:
+        for index in range(count):
+            connection = socket.create_connection(("127.0.0.1", port), timeout=15)
+            connections.append(connection)
+            connection.sendall(sending[index] if isinstance(sending, list) else sending)
+        yield connections
+    finally:
+        for connection in connections:
+            connection.close()
+
+
+def _read_to_the_end(connection: socket.socket, deadline: float | None = None) -> bytes:
+    """What the server sends until its FIN (by `deadline`, a `time.monotonic()`, when one is given)."""
+    answer = b""
+    while True:
+        if deadline is not None:
+            connection.settimeout(max(deadline - time.monotonic(), 0.001))
+        if not (chunk := connection.recv(65536)):
+            return answer
+        answer += chunk
+
+
 def test_connections_that_send_nothing_hold_no_thread_and_no_stop() -> None:
     """gunicorn 27 gave each new connection a thread that waited up to 5 s for its first bytes: with 4 threads,
     8 connections that sent nothing (preconnects, TCP health checks, slow clients) held every request of the
     process for 10 s. They wait in the poller now: a request is answered at once, one of them that speaks at
     last is answered, and a stop is not held by the others for gunicorn's graceful timeout (30 s)."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    web = Process("web-silent-connections", agentq("web", "--port", str(port), "--workers", "1", "--threads", "4"),
-                  child_env(), LOG_DIR).start()
-    silent: list[socket.socket] = []
-    try:
-        wait_http(f"{url}/healthz")
-        silent = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(8)]
+    with _four_thread_api("web-silent-connections") as (web, url), _clients(url, 8) as silent:
         assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
         silent[0].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        answer = b""
-        while chunk := silent[0].recv(65536):
-            answer += chunk
-        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert _read_to_the_end(silent[0]).startswith(b"HTTP/1.1 200 ")
         assert web.popen is not None
         os.killpg(web.pid, signal.SIGTERM)
         assert web.popen.wait(timeout=15) == 0
         assert "Traceback" not in web.output()
-    finally:
-        for connection in silent:
-            connection.close()
-        web.kill_group()
 
 
 def _peer_ports(pid: int) -> set[int]:
@@ -1131,61 +1159,32 @@ def test_connections_the_server_closes_while_their_clients_keep_them_open_hold_u
     27 lingered on its event loop, 2 s a connection, one after the other: 8 clients that kept theirs open held
     every request of the process 16 s. All get their answer and the server's FIN at once, another client is
     answered meanwhile, and the server closes them in the end."""
-    port = free_port()
-    web = Process("web-lingering-clients", agentq("web", "--port", str(port), "--workers", "1", "--threads", "4"),
-                  child_env(), LOG_DIR).start()
-    lingering: list[socket.socket] = []
-    try:
-        wait_http(f"http://127.0.0.1:{port}/healthz")
+    closing = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    with _four_thread_api("web-lingering-clients") as (web, url), _clients(url, 8, closing) as lingering:
         [worker] = web.children()
-        for _ in range(8):
-            client = socket.create_connection(("127.0.0.1", port), timeout=10)
-            client.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            lingering.append(client)
         deadline = time.monotonic() + 5  # one after the other, gunicorn's lingering took 16 s
-        for client in lingering:
-            answer = b""
-            while True:
-                client.settimeout(max(deadline - time.monotonic(), 0.001))
-                if not (chunk := client.recv(65536)):  # the server's FIN, while the client keeps its side open
-                    break
-                answer += chunk
+        for client in lingering:  # each answer, then the server's FIN, while the client keeps its side open
+            answer = _read_to_the_end(client, deadline)
             assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"status":"ok"}\n')
-        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+        assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
         # and each connection is closed once its 2 s are up, though its client never closes it
         ports = {client.getsockname()[1] for client in lingering}
         wait_for(lambda: not _peer_ports(worker) & ports, timeout=30, what="the lingering connections to be closed")
         assert "Traceback" not in web.output()
-    finally:
-        for client in lingering:
-            client.close()
-        web.kill_group()
 
 
 def test_a_worker_out_of_file_descriptors_pauses_accepting_instead_of_ending() -> None:
     """gunicorn let an `accept` failing with EMFILE end the worker, every request and stream it served with it,
     and its replacement the same way while the clients went on. With 128 open files at most and 150 silent
     connections, the worker pauses accepting, says so once, and serves again once they close."""
-    port = free_port()
-    web = Process("web-out-of-files", ["prlimit", "--nofile=128:128", *agentq("web", "--port", str(port), "--workers",
-                                                                           "1", "--threads", "4")],
-                  child_env(), LOG_DIR).start()
-    silent: list[socket.socket] = []
-    try:
-        wait_http(f"http://127.0.0.1:{port}/healthz")
+    with _four_thread_api("web-out-of-files", open_files=128) as (web, url):
         worker = web.children()
-        silent = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(150)]
-        wait_for(lambda: "no new connection can be taken (Too many open files)" in web.output(), timeout=30,
-                 what="the worker to run out of file descriptors")
-        for connection in silent:
-            connection.close()
-        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+        with _clients(url, 150):
+            wait_for(lambda: "no new connection can be taken (Too many open files)" in web.output(), timeout=30,
+                     what="the worker to run out of file descriptors")
+        assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
         assert web.children() == worker
         assert "Traceback" not in web.output()
-    finally:
-        for connection in silent:
-            connection.close()
-        web.kill_group()
 
 
 def test_a_lingering_connection_is_waited_for_until_its_client_closes_or_its_time_is_up() -> None:
@@ -1215,37 +1214,21 @@ def test_a_client_that_stalls_in_the_middle_of_a_request_is_cut_after_the_client
     half_body = (f"POST /api/conversations/{conversation}/messages HTTP/1.1\r\nHost: x\r\n"
                  f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
                  '{"content":').encode()
-    port = free_port()
-    web = Process("web-stalled-clients", agentq("web", "--port", str(port), "--workers", "1", "--threads", "4"),
-                  child_env(AGENTQ_CLIENT_TIMEOUT_SECONDS="1"), LOG_DIR).start()
-    stalled: list[socket.socket] = []
-    try:
-        wait_http(f"http://127.0.0.1:{port}/healthz")
-        for start in (b"G", b"GET /healthz HTTP/1.1\r\nHost: x\r\n", half_body, half_body):
-            client = socket.create_connection(("127.0.0.1", port), timeout=15)
-            client.sendall(start)
-            stalled.append(client)
-        answers = []
-        for client in stalled:
-            answer = b""
-            while chunk := client.recv(65536):
-                answer += chunk
-            answers.append(answer)
+    starts = [b"G", b"GET /healthz HTTP/1.1\r\nHost: x\r\n", half_body, half_body]
+    with (_four_thread_api("web-stalled-clients", AGENTQ_CLIENT_TIMEOUT_SECONDS="1") as (web, url),
+          _clients(url, 4, starts) as stalled):
+        answers = [_read_to_the_end(client) for client in stalled]
         assert answers[:2] == [b"", b""]
         for answer in answers[2:]:
             head, _, body = answer.partition(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 408 ")
             assert json.loads(body)["error"] == {"code": "request_timeout",
                                                  "message": "The request body stopped arriving before its end."}
-        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+        assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
         assert world.api.get(f"/api/conversations/{conversation}/messages", key).json["items"] == []
         output = web.output()
         assert "Traceback" not in output
         assert output.count("a client sent or took nothing for longer than its timeout in the middle of a request") >= 2
-    finally:
-        for client in stalled:
-            client.close()
-        web.kill_group()
 
 
 def test_each_connection_waits_the_client_timeout_at_most_and_a_stream_gives_it_back_when_it_ends() -> None:
