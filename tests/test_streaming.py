@@ -1187,6 +1187,25 @@ def test_a_worker_out_of_file_descriptors_pauses_accepting_instead_of_ending() -
         assert "Traceback" not in web.output()
 
 
+def test_a_worker_holding_its_most_connections_closes_its_oldest_idle_ones_to_take_new_ones() -> None:
+    """At gunicorn's `worker_connections` (1,000) a worker accepted nothing until one closed, and a connection
+    that sent nothing is kept up to the keep-alive time (75 s): a thousand silent ones shut it to everyone for
+    that long. It closes the oldest idle ones instead, and a new client is answered at once."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < 2048:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard) if hard != resource.RLIM_INFINITY else 4096, hard))
+    with _four_thread_api("web-full", open_files=4096) as (web, url):
+        worker = web.children()
+        with _clients(url, 1000) as silent:
+            assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
+            assert "1000 connections held (worker_connections): the oldest idle ones are closed" in web.output()
+            assert silent[0].recv(1) == b""  # the oldest, closed by the server
+        assert web.children() == worker
+        assert "Traceback" not in web.output()
+
+
 def test_a_lingering_connection_is_waited_for_until_its_client_closes_or_its_time_is_up() -> None:
     """A stopping worker waits for its lingering connections (`ApiWorker.run`): the thread holding them ends
     with the process, and the kernel would reset them."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import json
@@ -83,7 +84,8 @@ def _may_outgrow_the_drain(name: str, value: str) -> bool:
 
 
 ACCEPT_PAUSE_SECONDS = 0.5
-OUT_OF_FILES_SAID_EVERY = 60.0
+WARNED_EVERY_SECONDS = 60.0
+ROOM_MADE_AT_ONCE = 16
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -107,7 +109,8 @@ class ApiWorker(ThreadWorker):
     body: a 413 is answered before). A graceful stop ends the answer streams it serves. A new connection
     waits for its first bytes in the worker's poller, not in a thread, and a connection the server closes
     lingers for its client's close on a thread of its own, not on the poller's (`ApiConnection`). A process out
-    of file descriptors pauses accepting instead of ending."""
+    of file descriptors pauses accepting instead of ending, and one at its most connections closes its oldest
+    idle ones instead of accepting nothing more."""
 
     def accept(self, listener: socket.socket) -> None:
         """gunicorn 27 hands each new connection to a thread, which waits up to 5 s for its first bytes
@@ -136,7 +139,7 @@ class ApiWorker(ThreadWorker):
         self.poller.register(client, selectors.EVENT_READ, partial(self.on_pending_socket_readable, connection))
 
     _accepting_again = 0.0
-    _out_of_files_said = -OUT_OF_FILES_SAID_EVERY
+    _out_of_files_said = -WARNED_EVERY_SECONDS
 
     def _pause_accepting(self, refused: OSError) -> None:
         """gunicorn let an `accept` that found no file descriptor left (EMFILE: the process's open files at their
@@ -144,7 +147,7 @@ class ApiWorker(ThreadWorker):
         while the clients went on. Here the worker stops accepting for `ACCEPT_PAUSE_SECONDS` and serves what it
         holds meanwhile, which frees descriptors, as nginx does; the new connections wait in the listen queue."""
         now = time.monotonic()
-        if now - self._out_of_files_said >= OUT_OF_FILES_SAID_EVERY:
+        if now - self._out_of_files_said >= WARNED_EVERY_SECONDS:
             self._out_of_files_said = now
             self.log.warning("no new connection can be taken (%s): accepting paused %s s at a time while the %s "
                              "held are served (said once a minute)", refused.strerror, ACCEPT_PAUSE_SECONDS,
@@ -155,7 +158,33 @@ class ApiWorker(ThreadWorker):
     def set_accept_enabled(self, enabled: bool) -> None:
         if enabled and time.monotonic() < self._accepting_again:
             return
+        if not enabled and self.alive and self.nr_conns >= self.worker_connections and self._made_room():
+            return
         super().set_accept_enabled(enabled)
+
+    _room_made_said = -WARNED_EVERY_SECONDS
+
+    def _made_room(self) -> bool:
+        """At `worker_connections` (1,000) gunicorn stops accepting until a connection closes, and connections
+        that sent nothing wait up to the keep-alive time (75 s): a thousand of them, a flood or a crowd of
+        preconnects, shut the process to everyone else for that long. Here the oldest idle connections, those
+        that never sent a request first, then those kept alive between requests, are closed to take new ones,
+        as nginx reuses its idle keep-alive connections; whether any was."""
+        closed = 0
+        for idle in (self.pending_conns, self.keepalived_conns):
+            while idle and closed < ROOM_MADE_AT_ONCE:
+                connection = idle.popleft()
+                with contextlib.suppress(OSError, KeyError, ValueError):
+                    self.poller.unregister(connection.sock)
+                self.nr_conns -= 1
+                connection.close()
+                closed += 1
+        now = time.monotonic()
+        if closed and now - self._room_made_said >= WARNED_EVERY_SECONDS:
+            self._room_made_said = now
+            self.log.warning("%s connections held (worker_connections): the oldest idle ones are closed to take "
+                             "new ones (said once a minute)", self.worker_connections)
+        return closed > 0
 
     def run(self) -> None:
         """gunicorn's loop, then the connections still lingering given their time to close (`lingerer`): the
