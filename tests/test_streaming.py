@@ -1207,7 +1207,7 @@ def test_a_worker_holding_its_most_connections_closes_its_oldest_idle_ones_to_ta
 
 
 def test_a_lingering_connection_is_waited_for_until_its_client_closes_or_its_time_is_up() -> None:
-    """A stopping worker waits for its lingering connections (`ApiWorker.run`): the thread holding them ends
+    """A stopping worker waits for its lingering connections (`ConnectionIntake.run`): the thread holding them ends
     with the process, and the kernel would reset them."""
     from web.lingering_close import Lingerer
 
