@@ -32,6 +32,12 @@ _SERVER_GOING_AWAY = frozenset({"57P01", "57P02", "57P03", "53300"})
 """PostgreSQL's admin shutdown, crash shutdown, cannot connect now (starting up), too many connections."""
 
 
+_REDIS_REFUSING_WRITES = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)
+"""A Redis at its `maxmemory` with `noeviction` ("OOM command not allowed"), or a replica after a failover
+("READONLY"), refuses every write until memory is freed or the clients reach the new primary: the service's
+state for a while, like a restart, not a request's fault nor a bug."""
+
+
 def _under_the_broker(error: BaseException) -> BaseException:
     """The Redis client's error under Dramatiq's `BrokerConnectionError` (its broker raises `ConnectionClosed` from
     it): a send during a Redis restart is an outage as any other Redis call in it is, said in one line."""
@@ -45,7 +51,7 @@ def is_outage(error: BaseException) -> bool:
     if isinstance(error, redis.AuthenticationError):
         return False
     if isinstance(error, (redis.ConnectionError, redis.TimeoutError, sqlalchemy.exc.TimeoutError,
-                          dramatiq.errors.BrokerConnectionError)):
+                          dramatiq.errors.BrokerConnectionError, *_REDIS_REFUSING_WRITES)):
         return True
     if isinstance(error, sqlalchemy.exc.DBAPIError):
         if error.connection_invalidated:

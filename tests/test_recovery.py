@@ -478,6 +478,35 @@ def test_a_redis_that_stops_answering_holds_a_post_for_one_timeout_not_half_a_mi
     assert (deliveries(stack, turn["id"]), charges(stack, turn["id"])) == (1, 1)
 
 
+def test_a_redis_refusing_writes_for_want_of_memory_is_waited_out_as_an_outage(stack: Stack) -> None:
+    """A Redis at its `maxmemory` with `noeviction` refuses every write ("OOM command not allowed"), as a
+    replica does after a failover ("READONLY"): the service's state for a while, not a request's fault nor
+    a bug. A POST then stores its turn and leaves the send to the recovery sweep, as when Redis is out of
+    reach, and the turn runs once Redis takes writes again, charged once."""
+    stack.start_worker()
+    agent_id = stack.agent(stack.model("full-redis", "echo"))
+    _, key = stack.user("full-redis")
+    conversation_id = stack.conversation(key, agent_id)
+    redis = private_redis(stack).client()
+    redis.config_set("maxmemory", "1")  # below what it holds already: every write is refused
+    try:
+        response = stack.call("POST", f"/api/conversations/{conversation_id}/messages", key,
+                              json={"content": "while redis is full"})
+        assert response.status_code == 202, response.text
+        turn = response.json()["assistant_message"]
+        _, other_key = stack.user("full-redis-other")
+        other = stack.call("POST", f"/api/conversations/{stack.conversation(other_key, agent_id)}/messages",
+                           other_key, json={"content": "to be stopped while redis is full"}).json()
+        stopped = stack.call("POST", f"/api/messages/{other['assistant_message']['id']}/cancel", other_key)
+        assert stopped.status_code in (202, 503), stopped.text
+    finally:
+        redis.config_set("maxmemory", "0")
+    done = stack.wait_terminal(key, turn["id"], timeout=60)
+    assert (done["status"], done["content"]) == ("success", "echo: while redis is full")
+    assert (deliveries(stack, turn["id"]), charges(stack, turn["id"])) == (1, 1)
+    assert stack.web is not None and "Traceback" not in stack.web.output()  # a refused send is said in one line
+
+
 def test_every_turn_an_api_killed_mid_burst_committed_ends_within_seconds(stack: Stack) -> None:
     """kill -9 of the API while 48 users' POSTs are in flight, three times: some requests die before their
     commit, some after their 202, and some between the commit and the send (their clients see the

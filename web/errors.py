@@ -106,8 +106,11 @@ def install_error_handlers(app: Flask) -> None:
     @app.errorhandler(sqlalchemy.exc.TimeoutError)
     @app.errorhandler(redis.ConnectionError)
     @app.errorhandler(redis.TimeoutError)
+    @app.errorhandler(redis.exceptions.OutOfMemoryError)
+    @app.errorhandler(redis.exceptions.ReadOnlyError)
     def _unavailable(exc: Exception) -> Response:
-        """A database or Redis outage (a restart, a failover), or no pooled database connection free within
+        """A database or Redis outage (a restart, a failover, a Redis refusing writes for want of memory or as a
+        replica: `app.outages`), or no pooled database connection free within
         AGENTQ_DB_POOL_TIMEOUT_SECONDS, is the service's state, not the request's fault; a setup step the
         operator must take (SQLite says a missing table or column, PostgreSQL a refused role, this way) is not."""
         if (problem := setup_problem(exc)) is not None:
