@@ -32,10 +32,12 @@ _SERVER_GOING_AWAY = frozenset({"57P01", "57P02", "57P03", "53300"})
 """PostgreSQL's admin shutdown, crash shutdown, cannot connect now (starting up), too many connections."""
 
 
-_REDIS_REFUSING_WRITES = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)
-"""A Redis at its `maxmemory` with `noeviction` ("OOM command not allowed"), or a replica after a failover
-("READONLY"), refuses every write until memory is freed or the clients reach the new primary: the service's
-state for a while, like a restart, not a request's fault nor a bug."""
+REDIS_UNAVAILABLE: tuple[type[redis.RedisError], ...] = (
+    redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)
+"""Redis out of reach, or refusing every write for a while: a Redis at its `maxmemory` with `noeviction` ("OOM
+command not allowed"), or a replica after a failover ("READONLY"), until memory is freed or the clients reach
+the new primary; the service's state, like a restart, not a request's fault nor a bug. (A refused login, a
+`ConnectionError` too, is not: `is_outage` and the API's handlers tell it apart first.)"""
 
 
 def _under_the_broker(error: BaseException) -> BaseException:
@@ -50,8 +52,7 @@ def is_outage(error: BaseException) -> bool:
     error = _under_the_broker(error)
     if isinstance(error, redis.AuthenticationError):
         return False
-    if isinstance(error, (redis.ConnectionError, redis.TimeoutError, sqlalchemy.exc.TimeoutError,
-                          dramatiq.errors.BrokerConnectionError, *_REDIS_REFUSING_WRITES)):
+    if isinstance(error, (*REDIS_UNAVAILABLE, sqlalchemy.exc.TimeoutError, dramatiq.errors.BrokerConnectionError)):
         return True
     if isinstance(error, sqlalchemy.exc.DBAPIError):
         if error.connection_invalidated:

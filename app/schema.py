@@ -67,12 +67,14 @@ def init_schema() -> SchemaReport:
             with engine.begin() as connection:
                 connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LOCK_ID})
                 connection.exec_driver_sql(f"SET LOCAL lock_timeout = {_lock_timeout_ms()}")
-                lacking = _columns_lacking(connection)  # under the lock: what another machine's run added is not ours
+                absent = _absent(schema_gaps(connection))  # under the lock: what another run added is not ours
+                indexes = set(connection.execute(text(
+                    "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()")).scalars())
                 for statement in schema_statements(SCHEMA_FILE.read_text()):
-                    if not _done_already(connection, statement):
+                    if not _done_already(statement, absent, indexes):
                         connection.exec_driver_sql(statement)
                 still_missing = missing_columns(connection)
-                added = sorted(lacking - set(still_missing))
+                added = sorted({name for name in absent if "." in name} - set(still_missing))
         except DBAPIError as exc:
             if isinstance(exc.orig, psycopg.errors.LockNotAvailable):
                 waited = get_settings().schema_lock_timeout_seconds
@@ -113,22 +115,19 @@ _ADDS_A_COLUMN = re.compile(r"^ALTER TABLE (\w+) ADD COLUMN IF NOT EXISTS (\w+)"
 _CREATES_AN_INDEX = re.compile(r"^CREATE (?:UNIQUE )?INDEX IF NOT EXISTS (\w+)", re.MULTILINE)
 
 
-def _done_already(connection: Connection, statement: str) -> bool:
-    """Whether the statement adds a column or an index the database already has. PostgreSQL takes the table's
-    lock before it finds there is nothing to do: ACCESS EXCLUSIVE for an `ADD COLUMN IF NOT EXISTS`, which waits
-    for every transaction using the table (a long report, a `pg_dump`), SHARE for a `CREATE INDEX IF NOT
-    EXISTS`, which waits for every transaction that wrote to it; every new query of the table waits behind
-    either. A `db init` of a release that changed nothing held up every turn until then. Such statements are
-    not run; the others of `schema.sql` (`CREATE TABLE IF NOT EXISTS`, `DROP INDEX IF EXISTS` of one gone
-    already) take no lock when there is nothing to do."""
+def _done_already(statement: str, absent: set[str], indexes: set[str]) -> bool:
+    """Whether the statement adds a column or an index the database already has (`absent`: the tables and the
+    `table.column`s it lacks; `indexes`: those it has). PostgreSQL takes the table's lock before it finds there
+    is nothing to do: ACCESS EXCLUSIVE for an `ADD COLUMN IF NOT EXISTS`, which waits for every transaction
+    using the table (a long report, a `pg_dump`), SHARE for a `CREATE INDEX IF NOT EXISTS`, which waits for every
+    transaction that wrote to it; every new query of the table waits behind either. A `db init` of a release
+    that changed nothing held up every turn until then. Such statements are not run; the others of `schema.sql`
+    (`CREATE TABLE IF NOT EXISTS`, `DROP INDEX IF EXISTS` of one gone already) take no lock when there is
+    nothing to do. Every column `schema.sql` adds is a model's (`tests/test_schema.py`)."""
     if (adds := _ADDS_A_COLUMN.search(statement)) is not None:
-        return bool(connection.execute(text(
-            "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
-            "AND table_name = :table AND column_name = :column)"), {"table": adds[1], "column": adds[2]}).scalar_one())
+        return adds[1] not in absent and f"{adds[1]}.{adds[2]}" not in absent
     if (creates := _CREATES_AN_INDEX.search(statement)) is not None:
-        return bool(connection.execute(text(
-            "SELECT EXISTS (SELECT 1 FROM pg_indexes WHERE schemaname = current_schema() AND indexname = :name)"),
-            {"name": creates[1]}).scalar_one())
+        return creates[1] in indexes
     return False
 
 
@@ -138,9 +137,9 @@ def _lock_timeout_ms() -> int:
     return max(int(get_settings().schema_lock_timeout_seconds * 1000), 1)
 
 
-def _columns_lacking(connection: Connection) -> set[str]:
-    """The `table.column`s of tables the database has that lack a column of the models."""
-    return {f"{table.name}.{column.name}" for table, column in schema_gaps(connection) if column is not None}
+def _absent(gaps: list[tuple[Table, Column[Any] | None]]) -> set[str]:
+    """`schema_gaps` as names: a table the database lacks whole, and `table.column` for a column of one it has."""
+    return {table.name if column is None else f"{table.name}.{column.name}" for table, column in gaps}
 
 
 def _check_complete(engine: Engine, missing: list[str], added: list[str] | None = None) -> None:

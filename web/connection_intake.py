@@ -21,13 +21,15 @@ from typing import Any
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
 from app.config import get_settings
+from app.failure_logs import OUTAGE_REPEAT_SECONDS, said_again
 from web.client_timeouts import bound_client_waits
 from web.lingering_close import LINGER_SECONDS, lingerer
 
 ACCEPT_PAUSE_SECONDS = 0.5
-WARNED_EVERY_SECONDS = 60.0
 ROOM_MADE_AT_ONCE = 16
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_LOGGER = "gunicorn.error"
+"""The logger gunicorn's worker says these with, and whose repeats `said_again` counts."""
 
 
 class ApiConnection(TConn):
@@ -70,20 +72,17 @@ class ConnectionIntake(ThreadWorker):
         self.poller.register(client, selectors.EVENT_READ, partial(self.on_pending_socket_readable, connection))
 
     _accepting_again = 0.0
-    _out_of_files_said = -WARNED_EVERY_SECONDS
 
     def _pause_accepting(self, refused: OSError) -> None:
         """gunicorn let an `accept` that found no file descriptor left (EMFILE: the process's open files at their
         limit) end the worker, dropping every request and stream it served, and its replacement the same way
         while the clients went on. Here the worker stops accepting for `ACCEPT_PAUSE_SECONDS` and serves what it
         holds meanwhile, which frees descriptors, as nginx does; the new connections wait in the listen queue."""
-        now = time.monotonic()
-        if now - self._out_of_files_said >= WARNED_EVERY_SECONDS:
-            self._out_of_files_said = now
-            self.log.warning("no new connection can be taken (%s): accepting paused %s s at a time while the %s "
-                             "held are served (said once a minute)", refused.strerror, ACCEPT_PAUSE_SECONDS,
-                             self.nr_conns)
-        self._accepting_again = now + ACCEPT_PAUSE_SECONDS
+        if (since := said_again(_LOGGER, "accepting a connection", "pauses")) is not None:
+            self.log.warning("no new connection can be taken (%s): accepting paused %s s at a time while the %s held "
+                             "are served, said at most every %g s%s", refused.strerror, ACCEPT_PAUSE_SECONDS,
+                             self.nr_conns, OUTAGE_REPEAT_SECONDS, since)
+        self._accepting_again = time.monotonic() + ACCEPT_PAUSE_SECONDS
         self.set_accept_enabled(False)
 
     def set_accept_enabled(self, enabled: bool) -> None:
@@ -92,8 +91,6 @@ class ConnectionIntake(ThreadWorker):
         if not enabled and self.alive and self.nr_conns >= self.worker_connections and self._made_room():
             return
         super().set_accept_enabled(enabled)
-
-    _room_made_said = -WARNED_EVERY_SECONDS
 
     def _made_room(self) -> bool:
         """At `worker_connections` (1,000) gunicorn stops accepting until a connection closes, and connections
@@ -110,11 +107,9 @@ class ConnectionIntake(ThreadWorker):
                 self.nr_conns -= 1
                 connection.close()
                 closed += 1
-        now = time.monotonic()
-        if closed and now - self._room_made_said >= WARNED_EVERY_SECONDS:
-            self._room_made_said = now
-            self.log.warning("%s connections held (worker_connections): the oldest idle ones are closed to take "
-                             "new ones (said once a minute)", self.worker_connections)
+        if closed and (since := said_again(_LOGGER, "taking a connection at the most held", "times")) is not None:
+            self.log.warning("%s connections held (worker_connections): the oldest idle ones are closed to take new "
+                             "ones, said at most every %g s%s", self.worker_connections, OUTAGE_REPEAT_SECONDS, since)
         return closed > 0
 
     def run(self) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 
-import redis
 import sqlalchemy.exc
 from flask import Flask, Response, jsonify, request
 from gunicorn.http import errors as http_errors
@@ -18,7 +17,7 @@ from werkzeug.exceptions import HTTPException, NotFound
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from app.errors import AgentqError, InvalidConfiguration, error_object
-from app.outages import in_one_line
+from app.outages import REDIS_UNAVAILABLE, in_one_line
 from app.setup_problems import SetupProblem, setup_problem
 
 log = logging.getLogger(__name__)
@@ -101,13 +100,6 @@ def install_error_handlers(app: Flask) -> None:
             response.headers["Allow"] = exc.get_response().headers.get("Allow", "")
         return response
 
-    @app.errorhandler(sqlalchemy.exc.OperationalError)
-    @app.errorhandler(sqlalchemy.exc.InterfaceError)
-    @app.errorhandler(sqlalchemy.exc.TimeoutError)
-    @app.errorhandler(redis.ConnectionError)
-    @app.errorhandler(redis.TimeoutError)
-    @app.errorhandler(redis.exceptions.OutOfMemoryError)
-    @app.errorhandler(redis.exceptions.ReadOnlyError)
     def _unavailable(exc: Exception) -> Response:
         """A database or Redis outage (a restart, a failover, a Redis refusing writes for want of memory or as a
         replica: `app.outages`), or no pooled database connection free within
@@ -120,6 +112,10 @@ def install_error_handlers(app: Flask) -> None:
                                   "A backing service is unavailable for a moment; retry shortly.")
         response.headers["Retry-After"] = "1"
         return response
+
+    for unavailable in (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError,
+                        *REDIS_UNAVAILABLE):
+        app.register_error_handler(unavailable, _unavailable)
 
     @app.errorhandler(sqlalchemy.exc.ProgrammingError)
     def _programming(exc: sqlalchemy.exc.ProgrammingError) -> Response:

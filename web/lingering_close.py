@@ -19,6 +19,7 @@ import selectors
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import cast
 
@@ -43,6 +44,7 @@ def most_lingering() -> int:
 class _Lingering:
     deadline: float
     drained: int = 0
+    done: bool = False
 
 
 class Lingerer:
@@ -69,10 +71,7 @@ class Lingerer:
             client.close()
             return
         with self._lock:
-            if self._pid != os.getpid() and not self._started():
-                client.close()
-                return
-            if self._count >= self._most:
+            if (self._pid != os.getpid() and not self._started()) or self._count >= self._most:
                 client.close()
                 return
             self._count += 1
@@ -110,36 +109,40 @@ class Lingerer:
     def _run(self, wake: int) -> None:
         selector = selectors.DefaultSelector()
         selector.register(wake, selectors.EVENT_READ, None)
+        by_deadline: deque[selectors.SelectorKey] = deque()  # as they came, which is their deadlines' order
         while True:
             try:
-                self._turn(selector, wake)
+                self._turn(selector, wake, by_deadline)
             except Exception:  # the thread must outlive any one connection's surprise, or every later one leaks
                 log.exception("lingering close: a connection could not be closed gracefully")
 
-    def _turn(self, selector: selectors.BaseSelector, wake: int) -> None:
-        soonest = min((key.data.deadline for key in _lingering(selector)), default=None)
-        for key, _events in selector.select(None if soonest is None else max(soonest - time.monotonic(), 0)):
+    def _turn(self, selector: selectors.BaseSelector, wake: int, by_deadline: deque[selectors.SelectorKey]) -> None:
+        timeout = max(by_deadline[0].data.deadline - time.monotonic(), 0) if by_deadline else None
+        for key, _events in selector.select(timeout):
             if key.data is None:
-                self._take_arrivals(selector, wake)
+                by_deadline.extend(self._take_arrivals(selector, wake))
             elif self._read_out(cast(socket.socket, key.fileobj), key.data):
                 self._finish(selector, key)
-        now = time.monotonic()
-        for key in _lingering(selector):
-            if key.data.deadline <= now:
+        now = time.monotonic()  # the front left is then neither done with nor due
+        while by_deadline and (by_deadline[0].data.done or by_deadline[0].data.deadline <= now):
+            key = by_deadline.popleft()
+            if not key.data.done:
                 self._finish(selector, key)
 
-    def _take_arrivals(self, selector: selectors.BaseSelector, wake: int) -> None:
+    def _take_arrivals(self, selector: selectors.BaseSelector, wake: int) -> list[selectors.SelectorKey]:
         with contextlib.suppress(BlockingIOError):
             while os.read(wake, 4096):
                 pass
         with self._lock:
             arrivals, self._arrivals = self._arrivals, []
         deadline = time.monotonic() + LINGER_SECONDS
+        taken = []
         for client in arrivals:
             try:
-                selector.register(client, selectors.EVENT_READ, _Lingering(deadline))
+                taken.append(selector.register(client, selectors.EVENT_READ, _Lingering(deadline)))
             except (OSError, ValueError):
                 self._close(client)
+        return taken
 
     @staticmethod
     def _read_out(client: socket.socket, state: _Lingering) -> bool:
@@ -158,6 +161,7 @@ class Lingerer:
         return True
 
     def _finish(self, selector: selectors.BaseSelector, key: selectors.SelectorKey) -> None:
+        key.data.done = True
         selector.unregister(key.fileobj)
         self._close(cast(socket.socket, key.fileobj))
 
@@ -168,11 +172,6 @@ class Lingerer:
             self._count -= 1
             if self._count == 0:
                 self._idle.notify_all()
-
-
-def _lingering(selector: selectors.BaseSelector) -> list[selectors.SelectorKey]:
-    """The connections registered (not the wake pipe), as a list: finishing one changes the selector's map."""
-    return [key for key in selector.get_map().values() if key.data is not None]
 
 
 lingerer = Lingerer()
