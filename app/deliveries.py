@@ -5,17 +5,22 @@ past its deadline (revoked and sent again, that delivery ends it); both rules li
 that writes the deadline, the recovery sweep that finds a delivery overdue and the runners that give a
 run up agree on them. So does the rule
 that decides whether a message whose delivery raised is retried or dead-lettered (`retry_failed`), and
-the exception that dead-letters the message of a run given up (`RunGivenUp`).
+the exception that dead-letters the message of a run given up (`RunGivenUp`), and how long the send of a
+retry waits out Redis refusing it (`send_retry`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from app.config import get_settings
-from app.outages import is_outage
+from app.outages import is_outage, waiting_out_outages
+
+T = TypeVar("T")
 
 
 def retry_failed(retries: int, exception: BaseException) -> bool:
@@ -51,6 +56,23 @@ def retry_hand_over() -> timedelta:
     once it is fixed. A retry lost with Redis's data is sent again by the sweep that notices the loss,
     as pending turns are (`app.recovery`)."""
     return timedelta(seconds=get_settings().stale_pending_seconds)
+
+
+def is_retry(options: dict[str, object]) -> bool:
+    """Whether a message is a retry: Dramatiq's Retries middleware counts them in the message's options, both
+    when it sends one to wait out its backoff and when the delay queue's consumer moves it to its queue once
+    due; a send of the API, the recovery sweep or a requeue is a fresh message without the count."""
+    return "retries" in options
+
+
+def send_retry(send: Callable[[], T], *, what: str) -> T:
+    """`send()`, a retry's send, with a Redis out of reach or refusing writes waited out for as long as the
+    retry owns its run (`retry_hand_over`). Nothing else would send the run meanwhile: a retry's send that
+    failed was written off by Dramatiq (the failed delivery's message acknowledged, or the due retry dropped
+    with its consumer thread), and its turn, still `pending` with the receipt of its first send, waited for the
+    stale-pending rule, five minutes by default. A send that waits holds only the thread that failed the
+    delivery, or the delay queue's consumer, neither of which has other work while Redis refuses it."""
+    return waiting_out_outages(send, for_seconds=retry_hand_over().total_seconds(), what=what)
 
 
 SETTLEMENT_RESERVE_SECONDS = 5.0

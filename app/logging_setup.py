@@ -67,6 +67,9 @@ CONSUMER_LOST_REDIS = "Consumer encountered a connection error"
 outage): the consumer starts again by itself three seconds later."""
 CONSUMER_RESTARTS = "Restarting consumer in"
 """How a Dramatiq consumer thread starts the INFO line it writes before each of those starts."""
+ACK_NOT_WRITTEN = "Failed to post_process_message("
+"""How Dramatiq's worker threads start the warning, three lines long, they write each time an ack or a nack
+fails for a lost connection (Redis out of reach or refusing writes), every five seconds until it is written."""
 
 
 class OutageFailureFilter(logging.Filter):
@@ -97,6 +100,16 @@ class OutageFailureFilter(logging.Filter):
                 and record.thread in self._reconnecting:
             self._reconnecting.discard(record.thread)
             return False
+        if isinstance(record.msg, str) and record.msg.startswith(ACK_NOT_WRITTEN) \
+                and isinstance(record.args, tuple) and len(record.args) == 3:
+            if (since := said_again(ACK_NOT_WRITTEN, "a thread's ack", "tries")) is None:
+                return False
+            message, error, every = record.args
+            record.msg = ("the ack or nack of %s could not be written (%s); each is tried again every %s s until Redis "
+                          "takes it, said at most every %g s%s")
+            record.args = (message, in_one_line(error) if isinstance(error, BaseException) else error, every,
+                           OUTAGE_REPEAT_SECONDS, since)
+            return True
         error = record.exc_info[1] if record.exc_info else None
         if error is not None and isinstance(record.msg, str) and record.msg.startswith(FAILED_DELIVERY) \
                 and is_outage(error):

@@ -1,5 +1,5 @@
-"""Is this process able to serve: can it reach the database and Redis right now, and does the database
-hold agentq's schema?"""
+"""Is this process able to serve: can it reach the database and Redis right now, does the database hold
+agentq's schema, and does Redis take writes?"""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from sqlalchemy import select
 from app.db import database_location, get_engine
 from app.errors import AgentqError
 from app.models import User
-from app.redis_client import get_redis
+from app.redis_client import get_redis, key
 from app.schema import SchemaIncomplete, missing_columns
 from app.setup_problems import SetupProblem, setup_problem
 
@@ -29,14 +29,12 @@ class Readiness:
         return f"Not ready: {', '.join(failing)}." if failing else "Ready."
 
 
+READINESS_PROBE_TTL_MS = 60_000
+"""How long the key `/readyz` writes lives: one small key, rewritten at each probe, gone once probes stop."""
+
+
 def check() -> Readiness:
-    checks = {"database": _database()[0]}
-    try:
-        get_redis().ping()
-        checks["redis"] = "ok"
-    except Exception as exc:
-        checks["redis"] = f"error: {type(exc).__name__}"
-    return Readiness(checks)
+    return Readiness({"database": _database()[0], "redis": _redis()})
 
 
 def require_schema() -> None:
@@ -59,6 +57,17 @@ def require_schema() -> None:
     if missing:
         raise SchemaIncomplete(f"The database {database_location()} lacks the columns {', '.join(missing)} of this "
                                "release: run `agentq db init` against it to upgrade it.")
+
+
+def _redis() -> str:
+    """A write, not a ping: a Redis at its `maxmemory` under `noeviction`, or a replica after a failover, answers
+    PING and refuses every write, and an API behind it sends no turn (each POST's turn waits for the recovery
+    sweep) and takes no conversation's lock; a load balancer should send its requests to another."""
+    try:
+        get_redis().set(key("readiness"), "1", px=READINESS_PROBE_TTL_MS)
+    except Exception as exc:
+        return f"error: {type(exc).__name__}"
+    return "ok"
 
 
 def _database() -> tuple[str, SetupProblem | None]:

@@ -17,6 +17,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -499,12 +500,112 @@ def test_a_redis_refusing_writes_for_want_of_memory_is_waited_out_as_an_outage(s
                            other_key, json={"content": "to be stopped while redis is full"}).json()
         stopped = stack.call("POST", f"/api/messages/{other['assistant_message']['id']}/cancel", other_key)
         assert stopped.status_code in (202, 503), stopped.text
+        not_ready = stack.call("GET", "/readyz")  # Redis answers PING all the same
+        assert (not_ready.status_code, not_ready.json()["checks"]) == (
+            503, {"database": "ok", "redis": "error: OutOfMemoryError"})
     finally:
         redis.config_set("maxmemory", "0")
+    assert stack.call("GET", "/readyz").status_code == 200
     done = stack.wait_terminal(key, turn["id"], timeout=60)
     assert (done["status"], done["content"]) == ("success", "echo: while redis is full")
     assert (deliveries(stack, turn["id"]), charges(stack, turn["id"])) == (1, 1)
     assert stack.web is not None and "Traceback" not in stack.web.output()  # a refused send is said in one line
+
+
+def held_unacknowledged(stack: Stack, queue: str) -> int:
+    """How many messages of `queue` (a delay queue ends in `.DQ`) the broker counts as fetched by a worker and
+    not yet acknowledged, across every worker."""
+    client = stack.redis.client()
+    return sum(int(client.scard(name))
+               for name in client.scan_iter(match=f"{stack.key_prefix}-dramatiq:__acks__.*.{queue}"))
+
+
+@contextmanager
+def redis_refusing_writes(stack: Stack) -> Iterator[None]:
+    """While the block runs, the module's Redis refuses every write, as at its `maxmemory` under `noeviction`."""
+    redis = private_redis(stack).client()
+    redis.config_set("maxmemory", "1")  # below what it holds already
+    try:
+        yield
+    finally:
+        redis.config_set("maxmemory", "0")
+
+
+def retrying_after_a_failed_settlement(stack: Stack, name: str, upstream: str, *, backoff_ms: int
+                                       ) -> tuple[str, int, Process, AbstractContextManager[None]]:
+    """A user's key and conversation with an agent of `upstream`, a worker whose retries wait `backoff_ms`, and
+    the block in which that user's settlements fail, so that each delivery of their turn is retried."""
+    user_id, key = stack.user(name)
+    agent_id = stack.agent(stack.model(name, upstream))
+    worker = stack.start_worker(threads=2, AGENTQ_MIN_BACKOFF_MS=str(backoff_ms), AGENTQ_MAX_BACKOFF_MS=str(backoff_ms))
+    wait_for(lambda: stack.redis.client().exists(f"{stack.key_prefix}:epoch"), what="the first recovery sweep")
+    return key, stack.conversation(key, agent_id), worker, refusing(
+        stack.sql, "agentq_test_refused_settlement", "credit_transactions", "INSERT", f"NEW.user_id = {int(user_id)}",
+        "simulated settlement failure")
+
+
+def assert_succeeds_on_its_retry(stack: Stack, key: str, turn_id: int, content: str) -> None:
+    """The turn ends `success` on its second delivery, charged once, well within the stale-pending rule's 300 s."""
+    done = stack.wait_terminal(key, turn_id, timeout=30)
+    assert (done["status"], done["content"]) == ("success", content)
+    assert (deliveries(stack, turn_id), charges(stack, turn_id)) == (2, 1)
+
+
+def test_a_retry_whose_send_redis_refuses_is_sent_once_redis_takes_writes(stack: Stack) -> None:
+    """A delivery failed while Redis refused writes: Dramatiq's Retries middleware could not send the retry,
+    logged it CRITICAL, and the failed delivery's message was written off with it; the turn, `pending` with the
+    receipt of its first send, waited five minutes for the stale-pending rule. The send now waits the refusal
+    out, and the retry runs as soon as Redis takes writes, charged once."""
+    key, conversation_id, worker, settlements_fail = retrying_after_a_failed_settlement(
+        stack, "retried-while-full", "echo;ttft=2", backoff_ms=500)
+    with settlements_fail:
+        turn = stack.send(key, conversation_id, "retry me while redis is full")
+        wait_for(lambda: held_unacknowledged(stack, "turns") == 1, what="the turn's delivery")
+        with redis_refusing_writes(stack):
+            wait_for(lambda: "the retry of run_turn" in worker.output() and "waiting it out" in worker.output(),
+                     timeout=20, what="the retry's send to meet the refusal")
+            stack.sql("DROP TRIGGER agentq_test_refused_settlement ON credit_transactions")  # the retry's passes
+    assert_succeeds_on_its_retry(stack, key, turn["id"], "echo: retry me while redis is full")
+    assert "Unexpected failure" not in worker.output() and "bug in Dramatiq" not in worker.output()
+
+
+def test_a_delay_queue_consumer_keeps_the_retries_it_holds_while_redis_refuses_its_fetches(stack: Stack) -> None:
+    """A delay queue's consumer holds each retry it fetched until its backoff is over. A fetch Redis refused
+    (full, or out of reach) made Dramatiq drop what it held and start a new consumer, and the dropped retries
+    stayed in this worker's unacknowledged set, given back only once the worker stopped: their turns waited
+    for the stale-pending rule. The consumer now looks again and keeps them."""
+    key, conversation_id, worker, settlements_fail = retrying_after_a_failed_settlement(
+        stack, "held-while-full", "echo", backoff_ms=4000)
+    with settlements_fail:
+        turn = stack.send(key, conversation_id, "hold me while redis is full")
+        wait_for(lambda: held_unacknowledged(stack, "turns.DQ") == 1, what="the retry held by the delay queue")
+    with redis_refusing_writes(stack):
+        wait_for(lambda: "the consumer of turns.DQ could not fetch" in worker.output(),
+                 what="a fetch of the delay queue refused")
+        assert held_unacknowledged(stack, "turns.DQ") == 1
+    assert_succeeds_on_its_retry(stack, key, turn["id"], "echo: hold me while redis is full")
+    assert "Consumer encountered" not in worker.output()
+
+
+def test_a_message_whose_ack_redis_refused_is_acknowledged_once_redis_takes_writes(stack: Stack) -> None:
+    """A turn that ended while Redis refused writes could not have its message acknowledged: Dramatiq called it
+    "a bug in Dramatiq" and let it be, held by this worker until it restarted, then run again. The ack is
+    tried again until Redis takes it, said in one line."""
+    _, key = stack.user("acked-after-full")
+    agent_id = stack.agent(stack.model("acked-after-full", "echo;ttft=2"))
+    worker = stack.start_worker(threads=2)
+    conversation_id = stack.conversation(key, agent_id)
+    turn = stack.send(key, conversation_id, "ack me once redis has room")
+    wait_for(lambda: held_unacknowledged(stack, "turns") == 1, what="the turn's delivery")
+    with redis_refusing_writes(stack):
+        done = stack.wait_terminal(key, turn["id"])
+        wait_for(lambda: "could not be written" in worker.output(), what="the refused ack")
+        assert held_unacknowledged(stack, "turns") == 1
+    wait_for(lambda: held_unacknowledged(stack, "turns") == 0, timeout=15, what="the ack, once Redis takes it")
+    assert (done["status"], done["content"]) == ("success", "echo: ack me once redis has room")
+    assert (deliveries(stack, turn["id"]), charges(stack, turn["id"])) == (1, 1)
+    assert "bug in Dramatiq" not in worker.output()
+    assert worker.output().count("could not be written") == 1  # every 5 s, said at most every 30 s
 
 
 def test_every_turn_an_api_killed_mid_burst_committed_ends_within_seconds(stack: Stack) -> None:

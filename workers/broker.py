@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -49,8 +50,10 @@ from dramatiq.errors import ConnectionClosed
 from dramatiq.middleware import Retries
 
 from app.config import get_settings
-from app.deliveries import retry_failed
+from app.deliveries import is_retry, retry_failed, send_retry
 from app.dispatch import leave_receipt
+from app.failure_logs import OUTAGE_REPEAT_SECONDS, said_again
+from app.outages import REDIS_UNAVAILABLE, in_one_line
 from app.redis_client import SOCKET_TIMEOUT_SECONDS
 from workers.doorbell import Doorbell, channel_name
 from workers.middleware import DeliveryLogContext, RunOutcomes, WorkerServices
@@ -64,16 +67,19 @@ _installed: RedisBroker | None = None
 
 @contextmanager
 def _lost_redis_as_connection_closed() -> Iterator[None]:
-    """A Redis out of reach, or one that hangs past the socket timeout, as Dramatiq's `ConnectionClosed`, which
-    its consumer thread survives (it restarts the consumer a second later). Dramatiq's consumer turns only
-    `redis.ConnectionError` into it: a `redis.TimeoutError` was taken for an unexpected error, which sent the
-    thread to a clean-up whose requeue of the retries it held raised it again, and the thread ended; the
-    process then took no retry of that queue until it stopped, each run waiting for the recovery sweep
-    instead. Other errors (a refused command) stay Dramatiq's unexpected ones: retried as a lost
-    connection, they would hold a worker thread for ever."""
+    """Redis out of reach, hanging past the socket timeout, or refusing every write for a while (at its
+    `maxmemory` with `noeviction`, a replica after a failover: `app.outages.REDIS_UNAVAILABLE`), as Dramatiq's
+    `ConnectionClosed`, which its threads ride out: an ack or a nack is tried again every five seconds until
+    Redis takes it, a requeue at a consumer's close is left for the broker to give back. Dramatiq turns only
+    `redis.ConnectionError` into it. A `redis.TimeoutError` was taken for an unexpected error, which sent the
+    consumer thread to a clean-up whose requeue of the retries it held raised it again, and the thread ended
+    (the process took no retry of that queue until it stopped, each run waiting for the recovery sweep). A
+    refused write was one too: an ack Dramatiq called "a bug in Dramatiq" and dropped, its message held by
+    this worker until it restarted. Other errors (a command Redis refuses for good) stay Dramatiq's
+    unexpected ones: tried again as a lost connection, they would hold a worker thread for ever."""
     try:
         yield
-    except (redis.ConnectionError, redis.TimeoutError) as error:
+    except REDIS_UNAVAILABLE as error:
         raise ConnectionClosed(error) from error
 
 
@@ -135,13 +141,33 @@ class RefillingConsumer(_RedisConsumer):
             if free <= 0:
                 self._places.changed.wait(self._wait_seconds)
                 return False
-            with _lost_redis_as_connection_closed():
+            try:
                 self.message_cache = self.broker.do_fetch(self.queue_name, free)
+            except REDIS_UNAVAILABLE as error:
+                refused: redis.RedisError | None = error
+            else:
+                refused = None
+        if refused is not None:
+            self._ride_out(refused)
+            return False
         if self.message_cache:
             return True
         self._rung.wait(self._wait_seconds)
         self._rung.clear()
         return False
+
+    def _ride_out(self, refused: redis.RedisError) -> None:
+        """A fetch Redis refused or did not answer: look again after the usual wait, keeping what the consumer
+        holds. Dramatiq's own way (its thread's CRITICAL line, then a new consumer a second later) dropped the
+        retries a delay queue's consumer held until their backoff was over: no longer in its memory, still
+        in this worker's unacknowledged set, which Redis gives back only once the worker has stopped, they
+        waited for the recovery sweep's stale-pending rule (five minutes by default). Said in one line a queue
+        and process (`app.failure_logs.said_again`)."""
+        if (since := said_again(log.name, f"the fetch of {self.queue_name}", "fetches")) is not None:
+            log.warning("the consumer of %s could not fetch (%s): Redis is out of reach or refuses writes; it looks "
+                        "again every %g s and keeps the messages it holds, said at most every %g s%s",
+                        self.queue_name, in_one_line(refused), self._wait_seconds, OUTAGE_REPEAT_SECONDS, since)
+        time.sleep(self._wait_seconds)
 
     def close(self) -> None:
         self._places.leave(self)
@@ -162,9 +188,15 @@ class DoorbellRedisBroker(RedisBroker):
     def enqueue(self, message: Message, *, delay: int | None = None) -> Message:
         """A Redis out of reach is `ConnectionClosed` here too (`_lost_redis_as_connection_closed`): the delayed
         queue's consumer thread sends each retry that comes due through this, and a refused connection there was
-        logged by Dramatiq as a CRITICAL unexpected error with its traceback, not as the lost connection it is."""
-        with _lost_redis_as_connection_closed():
-            sent = super().enqueue(message, delay=delay)
+        logged by Dramatiq as a CRITICAL unexpected error with its traceback, not as the lost connection it is.
+        A retry's send (the Retries middleware's, and the delay queue consumer's once it is due) waits an outage
+        out (`app.deliveries.send_retry`); any other send fails at once, its run left to the recovery sweep."""
+        def send() -> Message:
+            with _lost_redis_as_connection_closed():
+                return super(DoorbellRedisBroker, self).enqueue(message, delay=delay)
+
+        sent = send_retry(send, what=f"the retry of {message.actor_name}{tuple(message.args)}") \
+            if is_retry(message.options) else send()
         if delay is None:
             self._announce(sent)
         return sent
