@@ -2,6 +2,7 @@
 
 Running it again reuses what it made (the demo key is kept in a file), so `make run` can be
 repeated without piling up demo users; the demo model is pointed at the mock upstream's address of this run.
+Made through the same services as an admin's requests (`app.users`, `app.catalog`), with their checks.
 """
 
 from __future__ import annotations
@@ -11,12 +12,9 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
-from sqlalchemy import select
-
 from app.auth import authenticate, new_api_key
-from app.db import transaction
+from app.catalog import create_agent, create_model, list_agents, list_models, update_model
 from app.errors import Unauthorized
-from app.models import Agent, LlmModel
 from app.users import create_user
 
 DEMO_MODEL = "demo-echo"
@@ -36,22 +34,16 @@ def seed_demo(mock_url: str, key_file: Path) -> Demo:
         user_id = authenticate(api_key).id
     except Unauthorized:
         user_id = create_user("demo", is_admin=True, balance=Decimal("100"), api_key=api_key).user.id
-    with transaction() as session:
-        model = session.scalar(select(LlmModel).where(LlmModel.name == DEMO_MODEL, LlmModel.deleted_at.is_(None)))
-        if model is None:
-            model = LlmModel(name=DEMO_MODEL, model="echo;gap=0.05", base_url=mock_url,
+    model = next((m for m in list_models() if m.name == DEMO_MODEL), None)
+    if model is None:
+        model = create_model(name=DEMO_MODEL, model="echo;gap=0.05", base_url=mock_url,
                              input_price_per_1k=Decimal("0.001"), output_price_per_1k=Decimal("0.002"),
                              context_window=8192)
-            session.add(model)
-            session.flush()
-        model.base_url = mock_url  # the demo upstream may listen elsewhere this time (AGENTQ_DEMO_UPSTREAM_PORT)
-        agent = session.scalar(select(Agent).where(Agent.name == DEMO_AGENT, Agent.deleted_at.is_(None)))
-        if agent is None:
-            agent = Agent(name=DEMO_AGENT, system_prompt="You are a helpful demo agent.", model_id=model.id,
-                          timeout_seconds=30)
-            session.add(agent)
-            session.flush()
-        demo = Demo(user_id, agent.id, api_key)
+    elif model.base_url != mock_url:  # the demo upstream may listen elsewhere this time (AGENTQ_DEMO_UPSTREAM_PORT)
+        update_model(model.id, base_url=mock_url)
+    agent = next((a for a in list_agents() if a.name == DEMO_AGENT), None) or create_agent(
+        name=DEMO_AGENT, system_prompt="You are a helpful demo agent.", model_id=model.id, timeout_seconds=30)
+    demo = Demo(user_id, agent.id, api_key)
     key_file.parent.mkdir(parents=True, exist_ok=True)
     # An administrator's key: readable by its owner alone, as `ssh-keygen` writes a private key (the umask
     # left it readable by every user of the machine).
