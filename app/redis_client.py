@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from functools import cache
 from importlib import resources
+from typing import Any
 
 import redis
 from redis.commands.core import Script
@@ -24,6 +25,18 @@ SOCKET_TIMEOUT_SECONDS = 5.0
 stream would end each wait in a client-side timeout and a dropped connection."""
 
 
+CONNECTION_OPTIONS: dict[str, Any] = {
+    "socket_timeout": SOCKET_TIMEOUT_SECONDS,
+    "socket_connect_timeout": 2,
+    "health_check_interval": 30,
+    "max_connections": 1000,
+}
+"""How every Redis connection of a process is made, agentq's own (`get_redis`) and the broker's
+(`workers.broker`), so an outage is met alike by both: a host gone is noticed within 2 s of a connect and a
+hung server within the socket timeout, a pooled connection idle past 30 s is checked with a PING before
+it is used again (a firewall or a Redis `timeout` may have dropped it), and a process holds at most 1,000."""
+
+
 def get_redis() -> redis.Redis:
     url = get_settings().redis_url
     client = _clients.get(url)
@@ -31,10 +44,7 @@ def get_redis() -> redis.Redis:
         with _lock:
             client = _clients.get(url)
             if client is None:
-                client = redis.Redis.from_url(
-                    url, socket_timeout=SOCKET_TIMEOUT_SECONDS, socket_connect_timeout=2, health_check_interval=30,
-                    max_connections=1000,
-                )
+                client = redis.Redis.from_url(url, **CONNECTION_OPTIONS)
                 _clients[url] = client
     return client
 

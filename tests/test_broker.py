@@ -220,3 +220,17 @@ def test_the_consumers_of_a_processs_queues_fetch_no_more_than_its_free_places(s
     finally:
         first.close()
         second.close()
+
+
+def test_the_brokers_redis_connections_are_made_as_agentqs_own() -> None:
+    """The broker's pool had a connect timeout of its own (5 s against 2 s) and no check of a connection left
+    idle: an outage met the two clients differently. Both pools make their connections alike."""
+    from app.redis_client import get_redis
+
+    ours = get_redis().connection_pool
+    brokers = build_broker().client.connection_pool
+    compared = ("socket_timeout", "socket_connect_timeout", "health_check_interval")
+    assert ({name: brokers.connection_kwargs.get(name) for name in compared}
+            == {name: ours.connection_kwargs.get(name) for name in compared}
+            == {"socket_timeout": 5.0, "socket_connect_timeout": 2, "health_check_interval": 30})
+    assert (brokers.max_connections, ours.max_connections) == (1000, 1000)

@@ -54,7 +54,7 @@ from app.deliveries import is_retry, retry_failed, send_retry
 from app.dispatch import leave_receipt
 from app.failure_logs import OUTAGE_REPEAT_SECONDS, said_again
 from app.outages import REDIS_UNAVAILABLE, in_one_line
-from app.redis_client import SOCKET_TIMEOUT_SECONDS
+from app.redis_client import CONNECTION_OPTIONS
 from workers.doorbell import Doorbell, channel_name
 from workers.middleware import DeliveryLogContext, RunOutcomes, WorkerServices
 from workers.places import SharedPlaces
@@ -233,11 +233,12 @@ class DoorbellRedisBroker(RedisBroker):
 
 
 def broker_options() -> dict[str, Any]:
-    """What agentq gives Dramatiq's Redis broker: its Redis pool, namespace, heartbeat and middleware."""
+    """What agentq gives Dramatiq's Redis broker: its Redis pool, namespace, heartbeat and middleware. The pool's
+    connections are made as agentq's own (`app.redis_client.CONNECTION_OPTIONS`); at its limit a caller waits up
+    to 10 s for a connection another thread gives back, where a plain pool would fail the send at once."""
     settings = get_settings()
     client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
-        settings.redis_url, max_connections=1000, timeout=10, socket_timeout=SOCKET_TIMEOUT_SECONDS,
-        socket_connect_timeout=5))
+        settings.redis_url, timeout=10, **CONNECTION_OPTIONS))
     return {
         "client": client,
         "namespace": settings.broker_namespace,
