@@ -65,14 +65,23 @@ def is_retry(options: dict[str, object]) -> bool:
     return "retries" in options
 
 
-def send_retry(send: Callable[[], T], *, what: str) -> T:
-    """`send()`, a retry's send, with a Redis out of reach or refusing writes waited out for as long as the
-    retry owns its run (`retry_hand_over`). Nothing else would send the run meanwhile: a retry's send that
-    failed was written off by Dramatiq (the failed delivery's message acknowledged, or the due retry dropped
-    with its consumer thread), and its turn, still `pending` with the receipt of its first send, waited for the
-    stale-pending rule, five minutes by default. A send that waits holds only the thread that failed the
-    delivery, or the delay queue's consumer, neither of which has other work while Redis refuses it."""
-    return waiting_out_outages(send, for_seconds=retry_hand_over().total_seconds(), what=what)
+def send_retry(send: Callable[[], T], *, what: str, failed_at_ms: object, stopping: Callable[[], bool]) -> T:
+    """`send()`, a retry's send, with a Redis out of reach or refusing writes waited out for as long as the retry
+    owns its run: `retry_hand_over` from the failure (`failed_at_ms`, the Retries middleware's
+    `requeue_timestamp`), after which the recovery sweep sends the run itself. Before, Dramatiq wrote such a
+    retry off (the failed delivery's message acknowledged, or the due retry dropped with its consumer), and
+    its turn, still `pending` with the receipt of its first send, waited for the stale-pending rule, five
+    minutes by default. A send that waits holds only the thread that failed the delivery, or the delay queue's
+    consumer, neither of which has other work while Redis refuses it; it stops waiting when the process stops
+    (`stopping`), so that a shutdown is not held up by it.
+
+    Waiting can make two deliveries of the run: an outage longer than the broker's heartbeat lets another
+    worker take back what this one held, and a Redis restarted empty lets the sweep send the run, while this
+    send still goes out once Redis takes it. The run's claim lets only one of them run it
+    (`app.claims`), and the other ends as a no-op."""
+    hand_over = retry_hand_over().total_seconds()
+    left = failed_at_ms / 1000 + hand_over - time.time() if isinstance(failed_at_ms, int) else hand_over
+    return waiting_out_outages(send, for_seconds=max(left, 0.0), what=what, stopping=stopping)
 
 
 SETTLEMENT_RESERVE_SECONDS = 5.0

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
+from dramatiq.middleware import Retries
+
 from app.config import get_settings
 from app.failure_logs import OUTAGE_REPEAT_SECONDS, said_again
 from app.outages import in_one_line, is_outage
@@ -60,6 +62,16 @@ class TurnIdFilter(logging.Filter):
 FAILED_DELIVERY = "Failed to process message"
 """How Dramatiq's worker threads start the line of a delivery that raised (whether it is retried is decided
 after it, and said by the Retries middleware's own line)."""
+
+
+MIDDLEWARE_FAILED = "Unexpected failure in "
+"""How Dramatiq starts its CRITICAL line, with a traceback, for a middleware's hook that raised: the Retries
+middleware's, when Redis did not take a retry's send for as long as the retry owns its run
+(`app.deliveries.send_retry`)."""
+ONE_LINE_IN_AN_OUTAGE = (FAILED_DELIVERY, MIDDLEWARE_FAILED)
+RETRY_NOT_SENT = ("; the retry was not sent: its message stays with this worker, and Redis gives it back to its queue "
+                  "once the worker has stopped (if it lives on, the recovery sweep sends the run after "
+                  "AGENTQ_STALE_PENDING_SECONDS)")
 
 
 CONSUMER_LOST_REDIS = "Consumer encountered a connection error"
@@ -111,11 +123,13 @@ class OutageFailureFilter(logging.Filter):
                            OUTAGE_REPEAT_SECONDS, since)
             return True
         error = record.exc_info[1] if record.exc_info else None
-        if error is not None and isinstance(record.msg, str) and record.msg.startswith(FAILED_DELIVERY) \
+        if error is not None and isinstance(record.msg, str) and record.msg.startswith(ONE_LINE_IN_AN_OUTAGE) \
                 and is_outage(error):
             said = record.getMessage().rstrip(".")
+            unsent = isinstance(record.args, tuple) and any(isinstance(arg, Retries) for arg in record.args)
             record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg, record.args = "%s: %s (a backing service is out of reach)", (said, in_one_line(error))
+            record.msg, record.args = "%s: %s (a backing service is out of reach)%s", (
+                said, in_one_line(error), RETRY_NOT_SENT if unsent else "")
             record.exc_info, record.exc_text = None, None
         return True
 

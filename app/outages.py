@@ -91,9 +91,11 @@ def in_one_line(error: BaseException) -> str:
     return f"{type(cause).__name__}: {text.splitlines()[0]}" if text else type(cause).__name__
 
 
-def waiting_out_outages(write: Callable[[], T], *, for_seconds: float, what: str) -> T:
+def waiting_out_outages(write: Callable[[], T], *, for_seconds: float, what: str,
+                        stopping: Callable[[], bool] | None = None) -> T:
     """`write()`, tried again while it fails because a backing service is out of reach, for up to
-    `for_seconds`; any other error, or the outage outlasting that, is raised.
+    `for_seconds` or until `stopping()` (the process is shutting down); any other error, or the outage
+    outlasting that, is raised.
 
     For a write whose only alternative is to throw work away: a worker that finished an answer while the
     database was down would otherwise raise, and the delivery that retries its turn would call the model
@@ -106,7 +108,7 @@ def waiting_out_outages(write: Callable[[], T], *, for_seconds: float, what: str
         try:
             written = write()
         except Exception as error:
-            if not is_outage(error) or time.monotonic() + pause > give_up_at:
+            if not is_outage(error) or time.monotonic() + pause > give_up_at or (stopping is not None and stopping()):
                 raise
             if tries == 0:
                 log.warning("%s: a backing service is out of reach (%s); waiting it out", what, type(error).__name__)

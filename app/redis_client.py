@@ -37,6 +37,42 @@ hung server within the socket timeout, a pooled connection idle past 30 s is che
 it is used again (a firewall or a Redis `timeout` may have dropped it), and a process holds at most 1,000."""
 
 
+class _LeavesAReplica:
+    """A connection that a `READONLY` reply leaves: its next command connects afresh. After a failover behind an
+    address that moved (a managed Redis's DNS name, a proxy), the old primary, now a replica, refuses every
+    write on the connections it still holds, and redis-py keeps using them: every process of agentq waited
+    out an "outage" that had ended, `/readyz` 503 and no turn run, until each was restarted. The connection
+    is dropped at its next send rather than at the reply, since a pipeline still reads its other replies
+    from it; redis-py's Sentinel connections leave a demoted primary the same way."""
+
+    _server_is_a_replica = False
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except redis.exceptions.ReadOnlyError:
+            self._server_is_a_replica = True
+            raise
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if self._server_is_a_replica:
+            self._server_is_a_replica = False
+            self.disconnect()  # type: ignore[attr-defined]
+        super().send_packed_command(command, check_health)  # type: ignore[misc]
+
+
+@cache
+def _leaving_replicas(connection_class: type) -> type:
+    return type(f"PrimaryOnly{connection_class.__name__}", (_LeavesAReplica, connection_class), {})
+
+
+def leaving_replicas(pool: redis.ConnectionPool) -> redis.ConnectionPool:
+    """`pool`, whose connections leave a server that turned into a replica (`_LeavesAReplica`), whichever kind
+    its address made them (TCP, TLS, a Unix socket)."""
+    pool.connection_class = _leaving_replicas(pool.connection_class)
+    return pool
+
+
 def get_redis() -> redis.Redis:
     url = get_settings().redis_url
     client = _clients.get(url)
@@ -44,7 +80,8 @@ def get_redis() -> redis.Redis:
         with _lock:
             client = _clients.get(url)
             if client is None:
-                client = redis.Redis.from_url(url, **CONNECTION_OPTIONS)
+                client = redis.Redis(connection_pool=leaving_replicas(
+                    redis.ConnectionPool.from_url(url, **CONNECTION_OPTIONS)))
                 _clients[url] = client
     return client
 

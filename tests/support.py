@@ -163,6 +163,11 @@ class TcpRelay:
             self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
+    def point_at(self, target_port: int) -> None:
+        """New connections go to `target_port`; those made already stay where they were, as after a DNS name
+        or a proxy moved to another server."""
+        self._target_port = target_port
+
     def cut(self) -> None:
         """A shut-down listener refuses connections at once (closing it alone leaves the port listening while
         its `accept` waits), and each relayed connection's peers see it closed."""

@@ -30,8 +30,8 @@ from app.deliveries import SETTLEMENT_RESERVE_SECONDS
 from app.money import token_cost
 from app.token_estimates import estimate_tokens, estimate_tokens_of_messages
 from tests.conftest import UpstreamLog
-from tests.stack import RedisServer, Stack, drop_database, scratch_database, stack_on_shared_redis
-from tests.support import Process, read_sse, refusing, visible_text, wait_for
+from tests.stack import RedisServer, SharedRedis, Stack, drop_database, scratch_database, stack_on_shared_redis
+from tests.support import Process, TcpRelay, read_sse, refusing, visible_text, wait_for
 
 LEASE_SECONDS = 3.0
 RECOVERY_INTERVAL = 1.0
@@ -512,12 +512,14 @@ def test_a_redis_refusing_writes_for_want_of_memory_is_waited_out_as_an_outage(s
     assert stack.web is not None and "Traceback" not in stack.web.output()  # a refused send is said in one line
 
 
-def held_unacknowledged(stack: Stack, queue: str) -> int:
-    """How many messages of `queue` (a delay queue ends in `.DQ`) the broker counts as fetched by a worker and
-    not yet acknowledged, across every worker."""
-    client = stack.redis.client()
-    return sum(int(client.scard(name))
-               for name in client.scan_iter(match=f"{stack.key_prefix}-dramatiq:__acks__.*.{queue}"))
+def held_unacknowledged(stack: Stack, queue: str, turn_id: int) -> int:
+    """How many messages of the turn in `queue` (a delay queue ends in `.DQ`) the broker counts as fetched by a
+    worker and not yet acknowledged, across every worker (each held id's body is in the queue's `.msgs`)."""
+    client, namespace = stack.redis.client(), f"{stack.key_prefix}-dramatiq"
+    held = [member for name in client.scan_iter(match=f"{namespace}:__acks__.*.{queue}")
+            for member in client.smembers(name)]
+    bodies = client.hmget(f"{namespace}:{queue}.msgs", held) if held else []
+    return sum(1 for body in bodies if body is not None and json.loads(body)["args"] == [turn_id])
 
 
 @contextmanager
@@ -531,17 +533,36 @@ def redis_refusing_writes(stack: Stack) -> Iterator[None]:
         redis.config_set("maxmemory", "0")
 
 
-def retrying_after_a_failed_settlement(stack: Stack, name: str, upstream: str, *, backoff_ms: int
+def retrying_after_a_failed_settlement(stack: Stack, name: str, upstream: str, *, backoff_ms: int, **env: Any
                                        ) -> tuple[str, int, Process, AbstractContextManager[None]]:
-    """A user's key and conversation with an agent of `upstream`, a worker whose retries wait `backoff_ms`, and
-    the block in which that user's settlements fail, so that each delivery of their turn is retried."""
+    """A user's key and conversation with an agent of `upstream`, a worker (with `env`) whose retries wait
+    `backoff_ms`, and the block in which that user's settlements fail, so that each delivery of their turn is
+    retried."""
     user_id, key = stack.user(name)
     agent_id = stack.agent(stack.model(name, upstream))
-    worker = stack.start_worker(threads=2, AGENTQ_MIN_BACKOFF_MS=str(backoff_ms), AGENTQ_MAX_BACKOFF_MS=str(backoff_ms))
+    worker = stack.start_worker(threads=2, AGENTQ_MIN_BACKOFF_MS=str(backoff_ms), AGENTQ_MAX_BACKOFF_MS=str(backoff_ms),
+                                **env)
     wait_for(lambda: stack.redis.client().exists(f"{stack.key_prefix}:epoch"), what="the first recovery sweep")
     return key, stack.conversation(key, agent_id), worker, refusing(
         stack.sql, "agentq_test_refused_settlement", "credit_transactions", "INSERT", f"NEW.user_id = {int(user_id)}",
         "simulated settlement failure")
+
+
+@contextmanager
+def failing_into_a_full_redis(stack: Stack, name: str, content: str, said: str, **worker_env: Any
+                              ) -> Iterator[tuple[dict[str, Any], str, Process]]:
+    """A turn (its message, its user's key, its worker) whose first delivery fails, its settlement refused, while
+    Redis refuses writes, until the worker's log says `said`; the block runs then, with settlements passing
+    again and Redis still full, and Redis takes writes after it."""
+    key, conversation_id, worker, settlements_fail = retrying_after_a_failed_settlement(
+        stack, name, "echo;ttft=2", backoff_ms=500, **worker_env)
+    with settlements_fail:
+        turn = stack.send(key, conversation_id, content)
+        wait_for(lambda: held_unacknowledged(stack, "turns", turn["id"]) == 1, what="the turn's delivery")
+        with redis_refusing_writes(stack):
+            wait_for(lambda: said in worker.output(), timeout=20, what=f"the worker to say {said!r}")
+            stack.sql("DROP TRIGGER agentq_test_refused_settlement ON credit_transactions")  # the retry's passes
+            yield turn, key, worker
 
 
 def assert_succeeds_on_its_retry(stack: Stack, key: str, turn_id: int, content: str) -> None:
@@ -556,17 +577,41 @@ def test_a_retry_whose_send_redis_refuses_is_sent_once_redis_takes_writes(stack:
     logged it CRITICAL, and the failed delivery's message was written off with it; the turn, `pending` with the
     receipt of its first send, waited five minutes for the stale-pending rule. The send now waits the refusal
     out, and the retry runs as soon as Redis takes writes, charged once."""
-    key, conversation_id, worker, settlements_fail = retrying_after_a_failed_settlement(
-        stack, "retried-while-full", "echo;ttft=2", backoff_ms=500)
-    with settlements_fail:
-        turn = stack.send(key, conversation_id, "retry me while redis is full")
-        wait_for(lambda: held_unacknowledged(stack, "turns") == 1, what="the turn's delivery")
-        with redis_refusing_writes(stack):
-            wait_for(lambda: "the retry of run_turn" in worker.output() and "waiting it out" in worker.output(),
-                     timeout=20, what="the retry's send to meet the refusal")
-            stack.sql("DROP TRIGGER agentq_test_refused_settlement ON credit_transactions")  # the retry's passes
+    with failing_into_a_full_redis(stack, "retried-while-full", "retry me while redis is full",
+                                   "waiting it out") as (turn, key, worker):
+        assert "the retry of run_turn" in worker.output()
     assert_succeeds_on_its_retry(stack, key, turn["id"], "echo: retry me while redis is full")
     assert "Unexpected failure" not in worker.output() and "bug in Dramatiq" not in worker.output()
+
+
+def test_a_retry_redis_refused_past_its_hand_over_leaves_its_message_to_the_worker_and_the_run_to_the_sweep(
+        stack: Stack) -> None:
+    """Past the retry's hand-over (`AGENTQ_STALE_PENDING_SECONDS`, 4 s here) the send gives up: one warning line
+    (where Dramatiq wrote a CRITICAL with its traceback); the failed delivery's message is not acknowledged (Redis
+    gives it back once the worker stops), and the recovery sweep sends the run, which runs once."""
+    with failing_into_a_full_redis(stack, "given-up-while-full", "give me up while redis is full",
+                                   "the retry was not sent", AGENTQ_STALE_PENDING_SECONDS="4") as (turn, key, worker):
+        pass
+    assert_succeeds_on_its_retry(stack, key, turn["id"], "echo: give me up while redis is full")
+    assert held_unacknowledged(stack, "turns", turn["id"]) == 1  # the failed delivery's, given back at its stop
+    assert "CRITICAL" not in worker.output() and "could not be written" not in worker.output()  # no ack tried
+
+
+def test_a_worker_stopped_while_a_retrys_send_waits_stops_within_its_grace_and_the_run_ends_once(
+        stack: Stack) -> None:
+    """A retry's send waiting for Redis to take writes held a stopping worker's thread for the whole shutdown grace
+    (then the consumers had theirs): the send stops waiting when the worker stops, the message stays with the
+    stopped worker, and Redis gives it back to another once that worker's heartbeat has stopped."""
+    with failing_into_a_full_redis(stack, "stopped-while-full", "stop me while redis is full", "waiting it out",
+                                   AGENTQ_SHUTDOWN_GRACE_SECONDS="20") as (turn, key, worker):
+        asked = time.monotonic()
+        assert worker.popen is not None
+        worker.popen.send_signal(signal.SIGTERM)
+        assert worker.popen.wait(timeout=30) == 0
+        assert time.monotonic() - asked < 15  # the grace is 20 s
+    stack.start_worker(threads=2)
+    assert_succeeds_on_its_retry(stack, key, turn["id"], "echo: stop me while redis is full")
+    assert "the retry was not sent" in worker.output()
 
 
 def test_a_delay_queue_consumer_keeps_the_retries_it_holds_while_redis_refuses_its_fetches(stack: Stack) -> None:
@@ -578,11 +623,12 @@ def test_a_delay_queue_consumer_keeps_the_retries_it_holds_while_redis_refuses_i
         stack, "held-while-full", "echo", backoff_ms=4000)
     with settlements_fail:
         turn = stack.send(key, conversation_id, "hold me while redis is full")
-        wait_for(lambda: held_unacknowledged(stack, "turns.DQ") == 1, what="the retry held by the delay queue")
+        wait_for(lambda: held_unacknowledged(stack, "turns.DQ", turn["id"]) == 1,
+                 what="the retry held by the delay queue")
     with redis_refusing_writes(stack):
         wait_for(lambda: "the consumer of turns.DQ could not fetch" in worker.output(),
                  what="a fetch of the delay queue refused")
-        assert held_unacknowledged(stack, "turns.DQ") == 1
+        assert held_unacknowledged(stack, "turns.DQ", turn["id"]) == 1
     assert_succeeds_on_its_retry(stack, key, turn["id"], "echo: hold me while redis is full")
     assert "Consumer encountered" not in worker.output()
 
@@ -596,16 +642,53 @@ def test_a_message_whose_ack_redis_refused_is_acknowledged_once_redis_takes_writ
     worker = stack.start_worker(threads=2)
     conversation_id = stack.conversation(key, agent_id)
     turn = stack.send(key, conversation_id, "ack me once redis has room")
-    wait_for(lambda: held_unacknowledged(stack, "turns") == 1, what="the turn's delivery")
+    wait_for(lambda: held_unacknowledged(stack, "turns", turn["id"]) == 1, what="the turn's delivery")
     with redis_refusing_writes(stack):
         done = stack.wait_terminal(key, turn["id"])
         wait_for(lambda: "could not be written" in worker.output(), what="the refused ack")
-        assert held_unacknowledged(stack, "turns") == 1
-    wait_for(lambda: held_unacknowledged(stack, "turns") == 0, timeout=15, what="the ack, once Redis takes it")
+        assert held_unacknowledged(stack, "turns", turn["id"]) == 1
+    wait_for(lambda: held_unacknowledged(stack, "turns", turn["id"]) == 0, timeout=15,
+             what="the ack, once Redis takes it")
     assert (done["status"], done["content"]) == ("success", "echo: ack me once redis has room")
     assert (deliveries(stack, turn["id"]), charges(stack, turn["id"])) == (1, 1)
     assert "bug in Dramatiq" not in worker.output()
     assert worker.output().count("could not be written") == 1  # every 5 s, said at most every 30 s
+
+
+def test_after_a_failover_behind_the_same_address_every_process_writes_to_the_new_primary(
+        mock_upstream: Process) -> None:
+    """A failover behind an address that moves (a managed Redis's DNS name, a proxy): the old primary, now a
+    replica of the new one, answers READONLY on the connections agentq's processes still hold, and redis-py
+    kept them: every process waited out an outage that had ended, `/readyz` 503 and no turn run, until each
+    was restarted. A connection that meets READONLY connects afresh, and reaches the new primary."""
+    old, new = RedisServer("failover-old").start(), RedisServer("failover-new").start()
+    new.client().execute_command("REPLICAOF", "127.0.0.1", str(old.port))
+    address = TcpRelay(old.port)
+    name = scratch_database("agentq_failover")
+    services = Stack("failover", f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
+                     SharedRedis(f"redis://127.0.0.1:{address.port}/0"), AGENTQ_LOG_JSON="true").init()
+    try:
+        services.start_web()
+        services.start_worker(threads=2)
+        agent_id = services.agent(services.model("fails-over", "echo"))
+        _, key = services.user("fails-over")
+        before = services.send(key, services.conversation(key, agent_id), "before the failover")
+        assert services.wait_terminal(key, before["id"])["status"] == "success"
+        wait_for(lambda: new.client().info("replication")["master_link_status"] == "up", what="the replica's sync")
+        new.client().execute_command("REPLICAOF", "NO", "ONE")
+        old.client().execute_command("REPLICAOF", "127.0.0.1", str(new.port))
+        address.point_at(new.port)
+        wait_for(lambda: all(services.call("GET", "/readyz").status_code == 200 for _ in range(4)), timeout=20,
+                 what="both API workers ready on the new primary")
+        after = services.send(key, services.conversation(key, agent_id), "after the failover")
+        done = services.wait_terminal(key, after["id"], timeout=30)
+        assert (done["status"], done["content"]) == ("success", "echo: after the failover")
+    finally:
+        services.stop()
+        address.cut()
+        old.kill()
+        new.kill()
+        drop_database(name)
 
 
 def test_every_turn_an_api_killed_mid_burst_committed_ends_within_seconds(stack: Stack) -> None:

@@ -54,7 +54,7 @@ from app.deliveries import is_retry, retry_failed, send_retry
 from app.dispatch import leave_receipt
 from app.failure_logs import OUTAGE_REPEAT_SECONDS, said_again
 from app.outages import REDIS_UNAVAILABLE, in_one_line
-from app.redis_client import CONNECTION_OPTIONS
+from app.redis_client import CONNECTION_OPTIONS, leaving_replicas
 from workers.doorbell import Doorbell, channel_name
 from workers.middleware import DeliveryLogContext, RunOutcomes, WorkerServices
 from workers.places import SharedPlaces
@@ -83,6 +83,14 @@ def _lost_redis_as_connection_closed() -> Iterator[None]:
         raise ConnectionClosed(error) from error
 
 
+def _stopping() -> bool:
+    """Whether this worker process is shutting down (only a worker sends retries: a sender does not load its
+    services)."""
+    from app import worker_services
+
+    return worker_services.draining.is_set()
+
+
 class RefillingConsumer(_RedisConsumer):
     """Dramatiq's Redis consumer, except that it waits for a wake-up instead of sleeping a backoff, and
     fetches only into the places its process has free (`workers.places`: the consumers of a process's work
@@ -95,8 +103,9 @@ class RefillingConsumer(_RedisConsumer):
 
     def __init__(self, broker: RedisBroker, queue_name: str, prefetch: int, timeout: int,
                  takes_new: Callable[[], bool], doorbell: Doorbell | None = None,
-                 places: SharedPlaces | None = None) -> None:
+                 places: SharedPlaces | None = None, unsent_retries: set[str] | None = None) -> None:
         super().__init__(broker, queue_name, prefetch, 1)
+        self._unsent_retries = unsent_retries if unsent_retries is not None else set()
         self._wait_seconds = timeout / 1000
         self._rung = threading.Event()
         self._doorbell = doorbell
@@ -107,7 +116,15 @@ class RefillingConsumer(_RedisConsumer):
             doorbell.listen(queue_name, self._rung)
 
     def ack(self, message: MessageProxy) -> None:
+        """A failed delivery whose retry could not be sent (`DoorbellRedisBroker.enqueue`: Redis refused it past the
+        retry's hand-over, or this worker stopped meanwhile) keeps its message unacknowledged: Redis gives it
+        back to its queue once this worker has stopped, where an ack would have written the run off until the
+        recovery sweep's stale-pending rule; should the sweep send the run first, the run's claim lets one run it."""
         try:
+            if message.message_id in self._unsent_retries:
+                self._unsent_retries.discard(message.message_id)
+                self.queued_message_ids.discard(message.message_id)
+                return
             with _lost_redis_as_connection_closed():
                 super().ack(message)
         finally:
@@ -184,6 +201,9 @@ class DoorbellRedisBroker(RedisBroker):
         self.poll_ms = poll_ms
         self.doorbell = Doorbell(self.client, channel_name(self.namespace))
         self.places = SharedPlaces()
+        self.unsent_retries: set[str] = set()
+        """The failed deliveries whose retry Redis did not take in time: their consumer leaves their messages
+        unacknowledged (`RefillingConsumer.ack`)."""
 
     def enqueue(self, message: Message, *, delay: int | None = None) -> Message:
         """A Redis out of reach is `ConnectionClosed` here too (`_lost_redis_as_connection_closed`): the delayed
@@ -195,8 +215,16 @@ class DoorbellRedisBroker(RedisBroker):
             with _lost_redis_as_connection_closed():
                 return super(DoorbellRedisBroker, self).enqueue(message, delay=delay)
 
-        sent = send_retry(send, what=f"the retry of {message.actor_name}{tuple(message.args)}") \
-            if is_retry(message.options) else send()
+        if not is_retry(message.options):
+            sent = send()
+        else:
+            try:
+                sent = send_retry(send, what=f"the retry of {message.actor_name}{tuple(message.args)}",
+                                  failed_at_ms=message.options.get("requeue_timestamp"), stopping=_stopping)
+            except Exception:
+                if delay is not None:
+                    self.unsent_retries.add(message.message_id)
+                raise
         if delay is None:
             self._announce(sent)
         return sent
@@ -229,16 +257,17 @@ class DoorbellRedisBroker(RedisBroker):
         if queue_name == dq_name(queue_name):
             return RefillingConsumer(self, queue_name, prefetch, timeout, worker_services.moves_retries)
         return RefillingConsumer(self, queue_name, prefetch, self.poll_ms, worker_services.takes_new_runs,
-                                 self.doorbell, self.places)
+                                 self.doorbell, self.places, self.unsent_retries)
 
 
 def broker_options() -> dict[str, Any]:
     """What agentq gives Dramatiq's Redis broker: its Redis pool, namespace, heartbeat and middleware. The pool's
-    connections are made as agentq's own (`app.redis_client.CONNECTION_OPTIONS`); at its limit a caller waits up
-    to 10 s for a connection another thread gives back, where a plain pool would fail the send at once."""
+    connections are made as agentq's own (`app.redis_client.CONNECTION_OPTIONS`, `leaving_replicas`); at its
+    limit a caller waits up to 10 s for a connection another thread gives back, where a plain pool would fail
+    the send at once."""
     settings = get_settings()
-    client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
-        settings.redis_url, timeout=10, **CONNECTION_OPTIONS))
+    client = redis.Redis(connection_pool=leaving_replicas(redis.BlockingConnectionPool.from_url(
+        settings.redis_url, timeout=10, **CONNECTION_OPTIONS)))
     return {
         "client": client,
         "namespace": settings.broker_namespace,
