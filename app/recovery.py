@@ -9,7 +9,7 @@ Four cracks, one sweep every `AGENTQ_RECOVERY_INTERVAL_SECONDS`:
   minutes (a pending turn with a receipt waits in a queue);
 - every `pending` turn after Redis lost its data (its queues went with it), and every `processing`
   one a failed delivery handed to its Dramatiq retry (a lease without a token), noticed because the
-  epoch key this module keeps in Redis is gone, or names another run of the Redis server (one that
+  epoch key kept in Redis is gone, or names another run of the Redis server (`app.redis_epoch`: one that
   restarted from a snapshot older than its last messages keeps an old epoch key but not those
   messages); it is set again, to this run, once a sweep has re-sent them all,
   and only if Redis kept the mark that sweep left before sending: lost again meanwhile, it lost the
@@ -42,13 +42,12 @@ from __future__ import annotations
 
 import logging
 import random
-import secrets
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cache
 from types import SimpleNamespace
-from typing import Any, NamedTuple, cast
+from typing import Any
 
 import redis
 from sqlalchemy import ColumnElement, DateTime, and_, bindparam, false, not_, or_, select, true
@@ -67,17 +66,12 @@ from app.models import ConversationMessage, DebugRun, Turn, table
 from app.models.base import utc_now
 from app.pending_bound import end_pending_too_long, pending_cutoff, waited_too_long
 from app.prepared import Prepared
-from app.redis_client import get_redis, key, lua_script
+from app.redis_client import get_redis
+from app.redis_epoch import leave_sweep_mark, mark_epoch, redis_at_sweep
 from app.run_kinds import DEBUG_RUN, TURN, RunKind
 from app.turn_status import TurnStatus
 
 log = logging.getLogger(__name__)
-
-
-def epoch_key() -> str:
-    """Set by the first sweep after Redis starts empty, to the server run it saw; missing, or naming another
-    server run, it means Redis lost its data (`_redis_at_sweep`)."""
-    return key("epoch")
 
 
 @dataclass
@@ -93,77 +87,6 @@ class RecoveryReport:
     unsent: int = 0
     receipts_unchecked: bool = False
     """Redis could not be asked for the receipts of the runs due unless it held them (they were not sent)."""
-
-
-def server_run(client: redis.Redis) -> str:
-    """The Redis server's run: `INFO server`'s `run_id`, new at each start ("" from a server without one)."""
-    return str(cast(dict[str, Any], client.info("server")).get("run_id", ""))
-
-
-def epoch_value(run: str) -> str:
-    """What the epoch key holds: the Redis server run whose data is known complete, and when."""
-    return f"{run} {utc_now().isoformat()}"
-
-
-class _RedisAtSweep(NamedTuple):
-    reachable: bool
-    lost_run: str | None
-    """The Redis server's run while the epoch key is missing or was written in another run: Redis was
-    flushed, or restarted empty or from a snapshot, and lost some or all of its queues. None while it
-    holds them all, or cannot be reached."""
-
-
-def _redis_at_sweep() -> _RedisAtSweep:
-    """Whether Redis answers as a sweep starts, and whether it lost its data (`_RedisAtSweep.lost_run`).
-
-    The key is set again only by a sweep that has re-sent every pending turn (`_mark_epoch`), so a
-    sweep that dies half-way (database down, process killed) leaves the work to the next one. A restart
-    that lost nothing (an append-only file written at every command) costs one extra message per pending
-    turn, a no-op at its claim.
-    """
-    try:
-        client = get_redis()
-        run, epoch = server_run(client), cast(bytes | None, client.get(epoch_key()))
-    except redis.RedisError:
-        return _RedisAtSweep(False, None)
-    return _RedisAtSweep(True, run if epoch is None or epoch.split(b" ", 1)[0].decode() != run else None)
-
-
-SWEEP_MARK_SECONDS = 3600
-"""How long the mark of a sweep that died before it ended stays in Redis."""
-
-
-@dataclass(frozen=True, slots=True)
-class _SweepMark:
-    key: str
-    server_run: str
-    """The server run the sweep re-sends into, read before the mark is left: the epoch it sets names this
-    run, so a restart later in the sweep (whose new run the mark may survive in a snapshot) is noticed."""
-
-
-def _leave_sweep_mark(run: str) -> _SweepMark | None:
-    """Before a sweep re-sends everything pending into the Redis run that lost its data: a key that goes if
-    Redis loses its data again, with the messages the sweep sent. None when Redis is unreachable (the
-    sends fail too, and the epoch is not set)."""
-    mark = f"{epoch_key()}:sweep:{secrets.token_hex(8)}"
-    try:
-        get_redis().set(mark, "1", ex=SWEEP_MARK_SECONDS)
-    except redis.RedisError:
-        return None
-    return _SweepMark(mark, run)
-
-
-def _mark_epoch(sweep_mark: _SweepMark | None) -> None:
-    if sweep_mark is None:
-        return
-    try:
-        marked = lua_script("mark_epoch")(keys=[sweep_mark.key, epoch_key()],
-                                          args=[epoch_value(sweep_mark.server_run)], client=get_redis())
-    except redis.RedisError:
-        log.warning("could not mark Redis as recovered; the next sweep re-sends pending turns again")
-        return
-    if not marked:
-        log.warning("Redis lost its data again while pending turns were re-sent; the next sweep re-sends them")
 
 
 def _claim_send(kind: RunKind, ident: int, seen: datetime | None) -> datetime | None:
@@ -316,10 +239,10 @@ def recover_once(*, first_sweep: bool = False, gate: TakeoverGate | None = None)
     """One sweep; a worker process's first looks further back for runs without a receipt
     (`app.dispatch.receipt_look_seconds`). Unless its `gate` is open once the database has answered this
     sweep, it leaves every run held by a lease to its holder, expired or overdue (no gate: it is open)."""
-    redis_now = _redis_at_sweep()
+    redis_now = redis_at_sweep()
     lost_run = redis_now.lost_run
     report = RecoveryReport(redis_lost=lost_run is not None, receipts_unchecked=not redis_now.reachable)
-    sweep_mark = _leave_sweep_mark(lost_run) if lost_run is not None else None
+    sweep_mark = leave_sweep_mark(lost_run) if lost_run is not None else None
     settings = get_settings()
     asked_at = gate.clock() if gate is not None else 0.0
     with transaction() as session:
@@ -340,7 +263,7 @@ def recover_once(*, first_sweep: bool = False, gate: TakeoverGate | None = None)
     if not redis_now.reachable:
         _say_unsent_while_redis_is_away(report)
     if report.redis_lost and report.unsent == 0:
-        _mark_epoch(sweep_mark)
+        mark_epoch(sweep_mark)
     if report.sent or report.debug_sent:
         log.info("recovery re-sent turns %s and test runs %s (redis lost data: %s)",
                  report.sent, report.debug_sent, report.redis_lost)

@@ -177,7 +177,7 @@ class Deployment:
         client = self.redis()
         client.ping()
         client.flushdb()
-        from app.recovery import epoch_key, epoch_value, server_run
+        from app.redis_epoch import epoch_key, epoch_value, server_run
 
         # A deployment that has been running has its epoch key; without it the first recovery sweep would
         # take the bench's pending turns for ones Redis lost and send them a second time.

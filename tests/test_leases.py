@@ -45,7 +45,7 @@ def swept_once(world, redis_client) -> None:  # type: ignore[no-untyped-def]
     back would be claimed by a session worker. The tests that hand runs back mark Redis as such a sweep does
     (the test's tables are empty: there is nothing to send again), and give their runs a revoked lease's expiry
     that keeps later sweeps off them (`sent_within`)."""
-    from app.recovery import epoch_key, epoch_value, server_run
+    from app.redis_epoch import epoch_key, epoch_value, server_run
 
     redis_client.set(epoch_key(), epoch_value(server_run(redis_client)))
 

@@ -32,7 +32,7 @@ def _running(workers, upstream, api, redis_client) -> None:  # type: ignore[no-u
     pending turn again, which would give a failing turn of this test a second message to die with.
     """
     from app.db import transaction
-    from app.recovery import epoch_key
+    from app.redis_epoch import epoch_key
 
     with transaction() as session:
         session.execute(text("TRUNCATE dead_letters RESTART IDENTITY"))

@@ -213,7 +213,7 @@ def _committed_under_a_key(world, redis_client, content: str, idempotency_key: s
     user's key, the conversation and the accepted turn."""
     from app.auth import Principal
     from app.db import plain_transaction
-    from app.recovery import epoch_key
+    from app.redis_epoch import epoch_key
     from app.turn_intake import _insert_turn
 
     # After the test's Redis flush the next sweep re-sends every pending turn; let it pass first.
@@ -309,7 +309,7 @@ def test_a_turn_committed_by_a_process_that_died_before_sending_it_is_sent_by_th
     soon after the enqueue grace (1 s here) sends it, rather than the stale-pending rule (300 s)."""
     from app.auth import Principal
     from app.db import plain_transaction
-    from app.recovery import epoch_key
+    from app.redis_epoch import epoch_key
     from app.turn_intake import _insert_turn
 
     wait_for(lambda: redis_client.exists(epoch_key()), what="a recovery sweep after the Redis flush")
@@ -333,7 +333,7 @@ def test_a_worker_starting_after_an_api_stranded_a_turn_sends_it_at_its_first_sw
 
     from app.auth import Principal
     from app.db import plain_transaction, transaction
-    from app.recovery import epoch_key
+    from app.redis_epoch import epoch_key
     from app.turn_intake import _insert_turn
 
     wait_for(lambda: redis_client.exists(epoch_key()), what="a recovery sweep after the Redis flush")
@@ -373,12 +373,14 @@ def test_a_first_sweep_that_could_not_ask_redis_for_receipts_says_so_and_sends_n
     import redis
 
     import app.recovery
+    import app.redis_epoch
 
-    wait_for(lambda: redis_client.exists(app.recovery.epoch_key()), what="a recovery sweep after the Redis flush")
+    wait_for(lambda: redis_client.exists(app.redis_epoch.epoch_key()), what="a recovery sweep after the Redis flush")
     # Committed a minute ago: outside the running workers' window, inside a first sweep's look-back.
     key, stranded = _committed_never_sent(world, "stranded", sent_seconds_ago=60)
     with monkeypatch.context() as away:
-        away.setattr(app.recovery, "get_redis", lambda: redis.Redis(port=1, socket_connect_timeout=0.2))
+        for module in (app.recovery, app.redis_epoch):
+            away.setattr(module, "get_redis", lambda: redis.Redis(port=1, socket_connect_timeout=0.2))
         blind = app.recovery.recover_once(first_sweep=True)
     assert (blind.receipts_unchecked, blind.sent) == (True, [])
     seeing = app.recovery.recover_once(first_sweep=True)
@@ -399,11 +401,12 @@ def test_a_sweep_while_redis_is_out_of_reach_sends_nothing_and_says_so_once(  # 
 
     import app.failure_logs
     import app.recovery
+    import app.redis_epoch
     from app.db import plain_transaction
     from tests.conftest import point_the_broker_at_a_closed_port
 
     monkeypatch.setattr(app.failure_logs, "_outage_said", {})
-    wait_for(lambda: redis_client.exists(app.recovery.epoch_key()), what="a recovery sweep after the Redis flush")
+    wait_for(lambda: redis_client.exists(app.redis_epoch.epoch_key()), what="a recovery sweep after the Redis flush")
     workers.stop_all()  # their own sweeps, which reach Redis, would send the turn
     try:
         key, unsent = _committed_never_sent(world, "unsent while redis is away", sent_seconds_ago=60)
@@ -411,7 +414,8 @@ def test_a_sweep_while_redis_is_out_of_reach_sends_nothing_and_says_so_once(  # 
             connection.execute(text("UPDATE turns SET enqueued_at = NULL, created_at = now() - interval '10 seconds' "
                                     "WHERE assistant_message_id = :id"), {"id": unsent})
         with monkeypatch.context() as away, caplog.at_level(logging.WARNING):
-            away.setattr(app.recovery, "get_redis", lambda: redis.Redis(port=1, socket_connect_timeout=0.2))
+            for module in (app.recovery, app.redis_epoch):
+                away.setattr(module, "get_redis", lambda: redis.Redis(port=1, socket_connect_timeout=0.2))
             point_the_broker_at_a_closed_port(away)  # its sends fail too, as they do with Redis away
             sweeps = [app.recovery.recover_once() for _ in range(3)]
         assert [(sweep.sent, sweep.receipts_unchecked, sweep.unsent > 0) for sweep in sweeps] == [
@@ -435,9 +439,10 @@ def test_a_turn_whose_lease_ran_out_is_sent_again_once_a_lease_not_at_every_swee
     from sqlalchemy import text
 
     import app.recovery
+    import app.redis_epoch
     from app.db import plain_transaction
 
-    wait_for(lambda: redis_client.exists(app.recovery.epoch_key()), what="a recovery sweep after the Redis flush")
+    wait_for(lambda: redis_client.exists(app.redis_epoch.epoch_key()), what="a recovery sweep after the Redis flush")
     agent_id = world.agent(world.model())
     _, key = world.user()
     conversation_id = world.conversation(key, agent_id)
@@ -466,7 +471,7 @@ def test_an_admin_test_run_committed_but_never_sent_is_sent_by_the_sweep(  # typ
         world, redis_client, monkeypatch) -> None:
     """The same for an admin test run whose API process died between its commit and its send."""
     from app import outbox
-    from app.recovery import epoch_key
+    from app.redis_epoch import epoch_key
 
     wait_for(lambda: redis_client.exists(epoch_key()), what="a recovery sweep after the Redis flush")
     agent_id = world.agent(world.model())
@@ -490,7 +495,7 @@ def test_a_turn_handed_to_a_retry_that_redis_lost_is_sent_again_by_the_sweep_tha
 
     from app.auth import Principal
     from app.db import plain_transaction, transaction
-    from app.recovery import epoch_key
+    from app.redis_epoch import epoch_key
     from app.turn_intake import _insert_turn
 
     wait_for(lambda: redis_client.exists(epoch_key()), what="a recovery sweep after the Redis flush")
@@ -520,15 +525,16 @@ def test_turns_re_sent_into_a_redis_that_loses_its_data_again_are_sent_again_by_
     Redis before sending is gone too, so the epoch is not set and the next sweep sends them all again
     (they waited for the stale-pending rule, 300 s, when the epoch was set regardless)."""
     import app.recovery
+    import app.redis_epoch
     from app import outbox
     from app.auth import Principal
     from app.db import plain_transaction
     from app.dispatch import message_id, receipt_key
     from app.turn_intake import _insert_turn
 
-    wait_for(lambda: redis_client.exists(app.recovery.epoch_key()), what="the workers' sweep after the flush")
-    own_epoch = f"{app.recovery.epoch_key()}:this-test"
-    monkeypatch.setattr(app.recovery, "epoch_key", lambda: own_epoch)  # the workers' sweeps keep their own
+    wait_for(lambda: redis_client.exists(app.redis_epoch.epoch_key()), what="the workers' sweep after the flush")
+    own_epoch = f"{app.redis_epoch.epoch_key()}:this-test"
+    monkeypatch.setattr(app.redis_epoch, "epoch_key", lambda: own_epoch)  # the workers' sweeps keep their own
     agent_id = world.agent(world.model())
     turns, keys = [], {}
     for name in ("alice", "bob"):
@@ -567,7 +573,7 @@ def test_a_redis_restarted_from_an_older_snapshot_has_its_pending_turns_sent_aga
     pending turn again (it waited for the stale-pending rule, 300 s). The restart is stood in for by the
     snapshot's state: a committed turn whose message is gone, and an epoch written by an earlier run."""
 
-    from app.recovery import epoch_key
+    from app.redis_epoch import epoch_key
 
     wait_for(lambda: redis_client.exists(epoch_key()), what="a recovery sweep after the Redis flush")
     # Sent half a minute ago, before the snapshot: past the window in which the running workers' sweeps
