@@ -1,6 +1,7 @@
 """Stopping a turn on a user's request: a stop, or deleting the turn's conversation.
 
-A pending turn is cancelled at once (no worker has it). A processing turn is flagged in the
+A pending turn is cancelled at once (no worker has it), and so is a processing one that no delivery holds
+(its worker died, or a failed delivery handed it to a retry). A processing turn is flagged in the
 database and in Redis; the worker's lease keeper notices within half a second, its watchdog closes
 the upstream connection, and the worker settles the turn as `cancelled` with the text so far,
 charging the tokens generated; the answer to a stop or to a delete waits for that end. Either way the
@@ -24,10 +25,11 @@ from app.in_flight import answer_in_flight
 from app.models import Conversation, ConversationMessage, table
 from app.models.base import utc_now
 from app.outages import is_outage
+from app.run_kinds import TURN
 from app.stop_requests import publish_stop
 from app.turn_state import request_stop
 from app.turn_status import STOPPED, TurnStatus
-from app.unheld_ends import UnownedEnd, announce_unowned_end, end_unowned
+from app.unheld_ends import UnownedEnd, announce_unowned_end, end_unheld, end_unowned
 
 
 def cancel_turn(principal: Principal, message_id: int) -> ConversationMessage:
@@ -38,7 +40,7 @@ def cancel_turn(principal: Principal, message_id: int) -> ConversationMessage:
     `AGENTQ_CANCEL_WAIT_SECONDS` for that end, so that it carries the turn `cancelled` with its text and
     the conversation free, as the contract words a stop. Answered at once, a client's next message was
     refused as `conversation_busy` for that half second. A worker that does not end it in that time (it
-    died: the delivery taking the turn over does) leaves the answer `processing`."""
+    died less than a lease ago: the delivery taking the turn over does) leaves the answer `processing`."""
     with transaction() as session:
         stopped = _stop(session, owned_turn_of(session, principal.id, message_id))
         message = session.get_one(ConversationMessage, message_id)
@@ -110,6 +112,8 @@ class _Stopped:
     turn_id: int
     cancelled: UnownedEnd | None
     """What a pending turn, cancelled here, held; None for a processing one, flagged for its worker."""
+    unheld: bool = False
+    """A processing turn that no delivery holds, ended after the stop's commit (`_announce`)."""
 
     @property
     def ended_by_worker(self) -> bool:
@@ -119,18 +123,24 @@ class _Stopped:
 def _stop(session: Session, message_id: int) -> _Stopped | None:
     """In the caller's transaction: cancel a pending turn, or flag a processing one for its worker, which
     settles it; None when the turn had already ended."""
-    status = request_stop(session, message_id)
-    if status is None:
+    recorded = request_stop(session, message_id)
+    if recorded is None:
         return None
-    if status is not TurnStatus.PENDING:
-        return _Stopped(message_id, None)
+    if recorded.status is not TurnStatus.PENDING:
+        return _Stopped(message_id, None, unheld=not recorded.held)
     return _Stopped(message_id, end_unowned(session, message_id, TurnStatus.CANCELLED, STOPPED))
 
 
 def _announce(stopped: _Stopped | None) -> None:
-    """After the commit: tell the worker through Redis, and free what a cancelled pending turn held."""
+    """After the commit: tell the worker through Redis, and free what a cancelled pending turn held. A
+    processing turn no delivery holds (its worker died; a failed delivery handed it to a retry) is ended
+    `cancelled` now, with the text its readers were sent, as the bounds end such a turn (`app.unheld_ends`):
+    flagged only, it stayed `processing`, its conversation busy, until another worker took it over, which
+    with none running was the deadline bound's end, minutes later."""
     if stopped is None:
         return
     publish_stop(stopped.turn_id)
     if stopped.cancelled is not None:
         announce_unowned_end(stopped.cancelled)
+    elif stopped.unheld:
+        end_unheld(TURN, [stopped.turn_id], STOPPED, "stopped with no delivery holding it")

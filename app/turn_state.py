@@ -307,12 +307,22 @@ def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_m
     return turn, target
 
 
-def request_stop(session: Session, turn_id: int) -> TurnStatus | None:
+@dataclass(frozen=True, slots=True)
+class StopRecorded:
+    status: TurnStatus
+    """The status the turn was in: a pending one is the caller's to end now."""
+    held: bool
+    """Whether a delivery holds the turn (a live lease), which ends it `cancelled` itself; one no delivery holds
+    (its worker died, its lease ran out; or a failed delivery handed it to a retry) is the caller's to end
+    now too (`app.unheld_ends.abandon`): no worker may take it for minutes, or ever with none running."""
+
+
+def request_stop(session: Session, turn_id: int) -> StopRecorded | None:
     """Record a user's stop of an in-flight turn, under the turn's lock: the mark a worker's settlement and an
     end without the lease both read (`finish_turn`, `end_turn_unowned`), so that the turn ends `cancelled`
-    whoever ends it. Returns the status the turn was in (a pending one is the caller's to end now), or None
-    when it had already ended, which a stop leaves as it is."""
-    turn = session.execute(select(Turn).where(Turn.assistant_message_id == turn_id).with_for_update()).scalar_one()
+    whoever ends it. None when it had already ended, which a stop leaves as it is."""
+    turn, now = session.execute(
+        select(Turn, DatabaseNow()).where(Turn.assistant_message_id == turn_id).with_for_update()).one()
     # Read after the lock, in a statement of its own: read with the lock, it would be the status from before
     # a settlement this stop waited for.
     status = TurnStatus(session.scalars(select(ConversationMessage.status)
@@ -320,7 +330,7 @@ def request_stop(session: Session, turn_id: int) -> TurnStatus | None:
     if status.is_terminal:
         return None
     turn.cancel_requested_at = utc_now()
-    return status
+    return StopRecorded(status, lease_held(turn.lease_token, turn.lease_expires_at, lease_time(now)))
 
 
 def refuse_unless_reopenable(session: Session, turn: Turn) -> None:

@@ -416,10 +416,11 @@ def test_a_dead_turn_of_a_busy_conversation_is_refused_in_the_operators_words(wo
     assert world.wait_terminal(key, running)["status"] == "cancelled"
 
 
-def test_a_turn_stopped_while_its_message_waits_for_a_retry_ends_cancelled_when_the_message_dies(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_turn_stopped_while_its_message_waits_for_a_retry_ends_cancelled_at_once(world) -> None:  # type: ignore[no-untyped-def]
     """Its first delivery failed after the claim (the answer could not be written), so the turn is
-    `processing` with no worker; the stop is accepted (202, "it ends `cancelled`"), then the retries fail
-    too and the message dies. That death ended the turn `error`; the stop comes first, and charges nothing."""
+    `processing` with no worker holding it; the stop ends it `cancelled` at once, charging nothing (it was
+    flagged for a retry that failed too, and the message's death ended the turn `error`, then, once the stop
+    came first, `cancelled`), and the retries that follow find it ended."""
     from app.db import transaction
     from app.models import Turn
 
@@ -442,7 +443,8 @@ def test_a_turn_stopped_while_its_message_waits_for_a_retry_ends_cancelled_when_
                 return row.deliveries == 1 and row.lease_token is None and row.lease_expires_at is not None
 
         wait_for(handed_to_retry, interval=0.02, what="the first delivery to fail and hand the turn to a retry")
-        assert world.api.post(f"/api/messages/{turn}/cancel", key).status_code == 202
+        stopped = world.api.post(f"/api/messages/{turn}/cancel", key)
+        assert (stopped.status_code, stopped.json["status"]) == (202, "cancelled")
         ended = world.wait_terminal(key, turn)
     assert (ended["status"], ended["error_message"]) == ("cancelled", "stopped on request")
     assert world.api.get("/api/me", key).json["balance"] == "10.000000"

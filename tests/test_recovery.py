@@ -222,6 +222,36 @@ def test_a_turn_taken_over_from_a_dead_worker_runs_as_things_stand_at_the_takeov
     assert (deliveries(stack, dearer["id"]), charges(stack, dearer["id"])) == (2, 0)
 
 
+def test_a_stop_of_a_turn_whose_worker_died_a_lease_ago_ends_it_at_once_though_no_worker_runs(stack: Stack) -> None:
+    """A stop only flagged a processing turn for its worker: one whose worker had died stayed `processing`, its
+    conversation busy, until another worker took it over, which with none running was the deadline bound's
+    end, minutes later. No delivery holding it (the dead one's lease ran out), the stop ends it `cancelled`
+    at once, keeping the text the dead worker streamed, unpaid, as a takeover's stop does."""
+    agent_id = slow_agent(stack, "dies-unheld", "echo;words=60;gap=0.1")
+    user_id, key = stack.user("stops-an-orphan")
+    worker = stack.start_worker(restart=False)
+    conversation_id = stack.conversation(key, agent_id)
+    turn = stack.send(key, conversation_id, "stop me with no worker")
+    seen, following_events, following = follow_from_the_start(stack, key, turn["id"])
+    worker.kill_group()
+    wait_for(lambda: stack.sql("SELECT lease_expires_at < now() FROM turns WHERE assistant_message_id = %(id)s",
+                               {"id": turn["id"]}) == [(True,)], timeout=LEASE_SECONDS + 5,
+             what="the dead worker's lease to run out")
+    stopped = stack.call("POST", f"/api/messages/{turn['id']}/cancel", key)
+    assert stopped.status_code == 202
+    done = stopped.json()
+    assert (done["status"], done["cost"], done["model"], done["content"].startswith(seen),
+            " ".join(f"w{i}" for i in range(60)).startswith(done["content"])) == (
+        "cancelled", "0.000000", "dies-unheld", True, True), done
+    following.join(timeout=30)
+    assert following_events and following_events[-1].event == "done"
+    assert "".join(e.json()["text"] for e in following_events if e.event == "delta") == done["content"]
+    assert (deliveries(stack, turn["id"]), charges(stack, turn["id"])) == (1, 0)
+    assert stack.sql("SELECT reserved FROM users WHERE id = %(id)s", {"id": user_id}) == [(Decimal(0),)]
+    following_turn = stack.send(key, conversation_id, "the conversation is free")  # 202, not 409 conversation_busy
+    assert stack.call("POST", f"/api/messages/{following_turn['id']}/cancel", key).json()["status"] == "cancelled"
+
+
 def test_a_takeover_whose_model_answers_otherwise_goes_on_after_the_text_its_readers_hold(stack: Stack) -> None:
     """A worker is killed mid-answer, and its agent is given another model before the takeover, whose answer
     departs from the dead worker's words: a reader following through the takeover keeps those words and is
