@@ -114,10 +114,8 @@ def _run_turn(turn_id: int) -> None:
     cancel_requested = claim.turn.cancel_requested_at is not None
     log.info("turn %s %s (delivery %s)", turn_id, claim.outcome.value, context.delivery)
     if claim.predecessor is not None:
-        record_interrupted_calls(turn_id, claim.predecessor, context.delivery,
-                                 attempt_order(context.agent.primary, context.agent.fallback, fallen_back=False),
-                                 context.prompt_for, settings.answer_limit(context.agent.params.max_tokens),
-                                 in_order=not context.fallen_back)
+        record_interrupted_calls(turn_id, claim.predecessor, f"delivery {context.delivery}, which took the turn over",
+                                 context.agent, context.prompt_for, fell_back=context.fallen_back)
     since = first_delivery_since_requeue(context.delivery)  # a requeue starts anew: none of the earlier text
     stream = TurnStream(turn_id, context.delivery,
                         text_streamed(turn_id, since=since) if context.delivery > since else None)

@@ -137,6 +137,13 @@ def _move_messages(unit: Unit | Batch, target: TurnStatus, question: int, answer
     then(unit, check)
 
 
+def turn_with_its_agent(unit: Unit, turn_id: int) -> Any:
+    """The turn's row as a claim reads it (the turn, its question, its agent and models), for the calls of a
+    delivery that died to be recorded after an end that no delivery made (`app.interrupted_calls`). It takes
+    the turn's lock, as a claim's read does, for the caller's short transaction."""
+    return _statements().lock_turn(unit, {"turn_id": turn_id}).first()
+
+
 def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
                hold: Callable[[ClaimResult], Decimal] | None = None) -> ClaimResult:
     """Take a pending turn, or take over a processing one whose lease ran out (its worker died).

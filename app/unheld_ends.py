@@ -27,6 +27,7 @@ from app.db import transaction
 from app.debug_run_state import finish_debug_run
 from app.failure_logs import log_failure
 from app.in_flight import answer_in_flight
+from app.interrupted_calls import record_calls_of_dead_deliveries
 from app.live_stream import Streamed, stored_answer_attempt, text_streamed
 from app.live_stream_writer import TurnStream
 from app.models import ConversationMessage, DebugRun, Turn, table
@@ -81,9 +82,10 @@ def abandon_turn(turn_id: int, reason: str, *, pending_before: datetime | None =
     """End a turn as `error` when its message died (retries exhausted), with `pending_before` when it was still
     pending since before then (`app.pending_bound`: the bound on waiting for a worker), with `deadline_before`
     when it was still processing, held by no worker, past a deadline before then (`app.deadline_bound`); as
-    `cancelled` when its user had asked it to stop. Frees its reservation and slot. `unless`, asked first in the
-    same transaction, can call the end off (`dead_letter_requeue.requeued`). Returns the status written, None when the
-    turn was not ended here."""
+    `cancelled` when its user had asked it to stop. Frees its reservation and slot, and records the calls its
+    dead deliveries had streamed (`record_calls_of_dead_deliveries`: no delivery takes it over to do so). `unless`,
+    asked first in the same transaction, can call the end off (`dead_letter_requeue.requeued`). Returns the status
+    written, None when the turn was not ended here."""
     # Read before the transaction, which holds the turn's lock: a processing turn's readers may hold text of
     # its dead delivery's call (none for one pending).
     streamed = None if pending_before is not None else text_streamed(turn_id)
@@ -93,6 +95,8 @@ def abandon_turn(turn_id: int, reason: str, *, pending_before: datetime | None =
             deadline_before=deadline_before, streamed=streamed)
     if ended is None:
         return None
+    if pending_before is None:
+        record_calls_of_dead_deliveries(turn_id)
     announce_unowned_end(ended)
     return ended.status
 

@@ -226,7 +226,8 @@ def test_a_stop_of_a_turn_whose_worker_died_a_lease_ago_ends_it_at_once_though_n
     """A stop only flagged a processing turn for its worker: one whose worker had died stayed `processing`, its
     conversation busy, until another worker took it over, which with none running was the deadline bound's
     end, minutes later. No delivery holding it (the dead one's lease ran out), the stop ends it `cancelled`
-    at once, keeping the text the dead worker streamed, unpaid, as a takeover's stop does."""
+    at once, keeping the text the dead worker streamed, unpaid, and recording its call, as a takeover's stop
+    does."""
     agent_id = slow_agent(stack, "dies-unheld", "echo;words=60;gap=0.1")
     user_id, key = stack.user("stops-an-orphan")
     worker = stack.start_worker(restart=False)
@@ -248,6 +249,11 @@ def test_a_stop_of_a_turn_whose_worker_died_a_lease_ago_ends_it_at_once_though_n
     assert "".join(e.json()["text"] for e in following_events if e.event == "delta") == done["content"]
     assert (deliveries(stack, turn["id"]), charges(stack, turn["id"])) == (1, 0)
     assert stack.sql("SELECT reserved FROM users WHERE id = %(id)s", {"id": user_id}) == [(Decimal(0),)]
+    # The dead worker's call, which its provider bills, is recorded as a takeover records it (it was not).
+    recorded = stack.sql("SELECT delivery, model_name, outcome, completion_tokens FROM model_attempts "
+                         "WHERE message_id = %(id)s", {"id": turn["id"]})
+    assert [row[:3] for row in recorded] == [(1, "dies-unheld", "interrupted")]
+    assert recorded[0][3] == estimate_tokens(done["content"])  # the text it streamed, as a takeover estimates it
     following_turn = stack.send(key, conversation_id, "the conversation is free")  # 202, not 409 conversation_busy
     assert stack.call("POST", f"/api/messages/{following_turn['id']}/cancel", key).json()["status"] == "cancelled"
 
