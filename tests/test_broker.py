@@ -16,7 +16,7 @@ import dramatiq
 import pytest
 from dramatiq.brokers.redis import RedisBroker
 
-from tests.support import SilentServer, wait_for
+from tests.support import SilentServer, free_port, wait_for
 from workers.broker import DoorbellRedisBroker, RefillingConsumer, build_broker
 
 LONG_WAIT_MS = 30_000
@@ -234,3 +234,40 @@ def test_the_brokers_redis_connections_are_made_as_agentqs_own() -> None:
             == {name: ours.connection_kwargs.get(name) for name in compared}
             == {"socket_timeout": 5.0, "socket_connect_timeout": 2, "health_check_interval": 30})
     assert (brokers.max_connections, ours.max_connections) == (1000, 1000)
+
+
+def test_after_a_failover_behind_the_same_address_the_doorbell_subscribes_on_the_new_primary(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The listener's connection stayed on the old primary after a failover behind an address that moved: a
+    replica takes SUBSCRIBE and PING, so nothing made it reconnect, and one that does not replicate the new
+    primary relays none of its rings; every wake-up waited for the poll until the worker restarted. A quiet
+    subscription is made again once it is `RESUBSCRIBE_SECONDS` old (1 s here), through the moved address."""
+    import redis
+
+    import workers.doorbell
+    from app.redis_client import leaving_replicas
+    from tests.stack import RedisServer
+    from tests.support import TcpRelay
+    from workers.doorbell import Doorbell
+
+    monkeypatch.setattr(workers.doorbell, "RESUBSCRIBE_SECONDS", 1.0)
+    monkeypatch.setattr(workers.doorbell, "QUIET_SECONDS", 0.5)
+    old, new = RedisServer("doorbell-old").start(), RedisServer("doorbell-new").start()
+    address = TcpRelay(old.port)
+    doorbell = Doorbell(redis.Redis(connection_pool=leaving_replicas(
+        redis.ConnectionPool.from_url(f"redis://127.0.0.1:{address.port}/0"))), "failover:doorbell")
+    bell = threading.Event()
+    try:
+        doorbell.listen("turns", bell)
+        wait_for(bell.is_set, what="the listener's subscription")
+        new.client().execute_command("REPLICAOF", "NO", "ONE")
+        old.client().execute_command("REPLICAOF", "127.0.0.1", str(free_port()))  # a replica of nothing
+        address.point_at(new.port)
+        bell.clear()
+        wait_for(lambda: new.client().publish("failover:doorbell", "turns") == 1, timeout=10,
+                 what="the listener on the new primary")
+        wait_for(bell.is_set, what="the ring heard")
+    finally:
+        doorbell.close()
+        address.cut()
+        old.kill()
+        new.kill()

@@ -32,6 +32,12 @@ RECONNECT_SECONDS = 1.0
 QUIET_SECONDS = 15.0
 """A listener that heard nothing from Redis for this long pings it, so a dead connection is noticed."""
 PONG_SECONDS = 5.0
+RESUBSCRIBE_SECONDS = 300.0
+"""A subscription this old is made again at its next quiet moment (no ring for `QUIET_SECONDS`). After a
+failover behind an address that moved (a managed Redis's DNS name, a proxy), the listener's connection stays
+on the old primary, now a replica, which takes SUBSCRIBE and PING: when it does not replicate the new
+primary, it hears no ring, and only a new connection reaches the new one. Rings missed meanwhile cost the
+poll interval each, as any missed ring does."""
 
 
 def channel_name(namespace: str) -> str:
@@ -96,11 +102,15 @@ class Doorbell:
                 pubsub.close()
 
     def _relay(self, pubsub: redis.client.PubSub) -> None:
-        heard, pinged = time.monotonic(), None
+        """Relay rings until the connection fails, or the subscription is due to be made again (returns)."""
+        subscribed = heard = time.monotonic()
+        pinged: float | None = None
         while not self._closed.is_set():
             message = pubsub.get_message(timeout=RECONNECT_SECONDS)
             now = time.monotonic()
             if message is None:
+                if now - subscribed > RESUBSCRIBE_SECONDS and now - heard > QUIET_SECONDS:
+                    return
                 if pinged is not None and now - pinged > PONG_SECONDS:
                     raise redis.ConnectionError(f"no answer to a ping within {PONG_SECONDS:g}s")
                 if pinged is None and now - heard > QUIET_SECONDS:
