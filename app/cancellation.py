@@ -45,7 +45,7 @@ def cancel_turn(principal: Principal, message_id: int) -> ConversationMessage:
         stopped = _stop(session, owned_turn_of(session, principal.id, message_id))
         message = session.get_one(ConversationMessage, message_id)
     _announce(stopped)
-    if stopped is not None and stopped.ended_by_worker:
+    if stopped is not None and stopped.ends_after_commit:
         return _once_ended(message_id) or message
     return message
 
@@ -97,7 +97,7 @@ def delete_conversation(principal: Principal, conversation_id: int) -> None:
         with transaction() as session:
             stopped = _stop_in_flight(session, conversation_id)
     _announce(stopped)
-    if stopped is not None and stopped.ended_by_worker:
+    if stopped is not None and stopped.ends_after_commit:
         _once_ended(stopped.turn_id)
 
 
@@ -111,12 +111,14 @@ def _stop_in_flight(session: Session, conversation_id: int) -> _Stopped | None:
 class _Stopped:
     turn_id: int
     cancelled: UnownedEnd | None
-    """What a pending turn, cancelled here, held; None for a processing one, flagged for its worker."""
+    """What a pending turn, cancelled here, held; None for a processing one, which its worker ends, or
+    `_announce` after the stop's commit when no delivery holds it (`unheld`)."""
     unheld: bool = False
     """A processing turn that no delivery holds, ended after the stop's commit (`_announce`)."""
 
     @property
-    def ended_by_worker(self) -> bool:
+    def ends_after_commit(self) -> bool:
+        """The turn ends after the stop's commit (by its worker, or by `_announce`): the answer waits for it."""
         return self.cancelled is None
 
 

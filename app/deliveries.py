@@ -58,14 +58,7 @@ def retry_hand_over() -> timedelta:
     return timedelta(seconds=get_settings().stale_pending_seconds)
 
 
-def is_retry(options: dict[str, object]) -> bool:
-    """Whether a message is a retry: Dramatiq's Retries middleware counts them in the message's options, both
-    when it sends one to wait out its backoff and when the delay queue's consumer moves it to its queue once
-    due; a send of the API, the recovery sweep or a requeue is a fresh message without the count."""
-    return "retries" in options
-
-
-def send_retry(send: Callable[[], T], *, what: str, failed_at_ms: object, stopping: Callable[[], bool]) -> T:
+def send_retry(send: Callable[[], T], *, what: str, failed_at_ms: int | None, stopping: Callable[[], bool]) -> T:
     """`send()`, a retry's send, with a Redis out of reach or refusing writes waited out for as long as the retry
     owns its run: `retry_hand_over` from the failure (`failed_at_ms`, the Retries middleware's
     `requeue_timestamp`), after which the recovery sweep sends the run itself. Before, Dramatiq wrote such a
@@ -80,7 +73,7 @@ def send_retry(send: Callable[[], T], *, what: str, failed_at_ms: object, stoppi
     send still goes out once Redis takes it. The run's claim lets only one of them run it
     (`app.claims`), and the other ends as a no-op."""
     hand_over = retry_hand_over().total_seconds()
-    left = failed_at_ms / 1000 + hand_over - time.time() if isinstance(failed_at_ms, int) else hand_over
+    left = failed_at_ms / 1000 + hand_over - time.time() if failed_at_ms is not None else hand_over
     return waiting_out_outages(send, for_seconds=max(left, 0.0), what=what, stopping=stopping)
 
 

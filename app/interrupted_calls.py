@@ -33,7 +33,7 @@ from app.db import plain_transaction
 from app.failure_kinds import FailureKind
 from app.live_stream import StreamedAttempt, attempts_streamed
 from app.model_target import ModelTarget
-from app.prompt import ChatMessage, successful_history
+from app.prompt import ChatMessage, history_before
 from app.token_estimates import estimate_answer_tokens, estimate_tokens_of_messages
 from app.turn_state import turn_with_its_agent
 
@@ -45,13 +45,13 @@ def record_interrupted_calls(turn_id: int, predecessor: int, recorded_by: str, a
     """Record the calls delivery `predecessor` streamed before its worker stopped, and those of the deliveries
     before it that are in no record (`record_interrupted` passes over a delivery that recorded its own).
     `recorded_by` says who records them, in each record's error; `agent` gives the turn's models, and
-    `prompt_for` a model's prompt. Unless the run had switched to its fallback (`fell_back`) before, so that
-    the dead ones called the models in their order, a call whose `status` entry was trimmed away is taken for
-    the model at its index; otherwise nothing names its model, and it is not recorded. Best effort: a failure
-    here is logged and never stops the turn."""
-    targets = attempt_order(agent.primary, agent.fallback, fallen_back=False)
-    answer_limit, in_order = get_settings().answer_limit(agent.params.max_tokens), not fell_back
+    `prompt_for` a model's prompt. Unless the run had switched to its fallback before (`fell_back`), the dead
+    deliveries called the models in their order, so a call whose `status` entry was trimmed away is taken for
+    the model at its index; after a switch nothing names its model, and it is not recorded. Best effort: a
+    failure here is logged and never stops the turn."""
     try:
+        targets = attempt_order(agent.primary, agent.fallback, fallen_back=False)
+        answer_limit, in_order = get_settings().answer_limit(agent.params.max_tokens), not fell_back
         streamed = attempts_streamed(turn_id, up_to=predecessor)
         if streamed is None:
             log.warning("turn %s: Redis unreachable, so the model calls of delivery %s, whose worker stopped "
@@ -103,7 +103,7 @@ def record_calls_of_dead_deliveries(turn_id: int) -> None:
             row = turn_with_its_agent(connection, turn_id)
             if row is None or row.deliveries == 0:
                 return
-            history = successful_history(connection, row.conversation_id, before_seq=row.seq) if row.seq > 1 else []
+            history = history_before(connection, row.conversation_id, row.seq)
         agent = setup_in_row(row)
     except Exception:
         log.exception("turn %s: could not read what the model calls of its dead deliveries need to be recorded",

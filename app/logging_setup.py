@@ -69,9 +69,12 @@ MIDDLEWARE_FAILED = "Unexpected failure in "
 middleware's, when Redis did not take a retry's send for as long as the retry owns its run
 (`app.deliveries.send_retry`)."""
 ONE_LINE_IN_AN_OUTAGE = (FAILED_DELIVERY, MIDDLEWARE_FAILED)
+"""The starts of Dramatiq's lines, with a traceback, that an outage makes one warning line."""
 RETRY_NOT_SENT = ("; the retry was not sent: its message stays with this worker, and Redis gives it back to its queue "
                   "once the worker has stopped (if it lives on, the recovery sweep sends the run after "
                   "AGENTQ_STALE_PENDING_SECONDS)")
+"""What an operator reads after the Retries middleware's failure (`workers.broker.RefillingConsumer.ack` leaves
+that message unacknowledged)."""
 
 
 CONSUMER_LOST_REDIS = "Consumer encountered a connection error"
@@ -92,7 +95,10 @@ class OutageFailureFilter(logging.Filter):
     consumer, three seconds apart, with an INFO line about the next try: four queues a process wrote 88 lines
     in 30 s of an outage, though nothing is lost and the consumers start again by themselves. A process says
     it once, and again at most every `OUTAGE_REPEAT_SECONDS` with the count of tries not said, like every
-    background loop; the next-try lines after a lost connection are not written."""
+    background loop; the next-try lines after a lost connection are not written. So is an ack or a nack that
+    Redis did not take, which Dramatiq's thread tries again every five seconds with a three-line warning; and a
+    middleware's hook that an outage failed (the Retries middleware's send of a retry that Redis did not take in
+    time), which Dramatiq says at CRITICAL with its traceback."""
 
     def __init__(self) -> None:
         super().__init__()

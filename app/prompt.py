@@ -47,6 +47,12 @@ def successful_history(session: Unit, conversation_id: int, before_seq: int | No
     return [{"role": role, "content": content} for role, content in rows]
 
 
+def history_before(session: Unit, conversation_id: int, seq: int) -> list[ChatMessage]:
+    """What a turn's prompt carries before its question (its message number `seq`): the conversation's
+    successful turns before it, and no query for a conversation's first turn, which has none."""
+    return successful_history(session, conversation_id, before_seq=seq) if seq > 1 else []
+
+
 def build_prompt(
     system_prompt: str, history: list[ChatMessage], content: str, *, context_window: int | None,
     max_tokens: int | None,

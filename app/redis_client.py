@@ -34,7 +34,7 @@ CONNECTION_OPTIONS: dict[str, Any] = {
 """How every Redis connection of a process is made, agentq's own (`get_redis`) and the broker's
 (`workers.broker`), so an outage is met alike by both: a host gone is noticed within 2 s of a connect and a
 hung server within the socket timeout, a pooled connection idle past 30 s is checked with a PING before
-it is used again (a firewall or a Redis `timeout` may have dropped it), and a process holds at most 1,000."""
+it is used again (a firewall or a Redis `timeout` may have dropped it), and each pool holds at most 1,000."""
 
 
 class _LeavesAReplica:

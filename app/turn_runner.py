@@ -34,7 +34,7 @@ from app.live_stream_writer import TurnStream
 from app.model_target import ModelTarget
 from app.moderation import moderate
 from app.prepared import Batch, Unit
-from app.prompt import ChatMessage, successful_history
+from app.prompt import ChatMessage, history_before
 from app.run_kinds import TURN
 from app.turn_state import StoppedMeanwhile, TurnRow, claim_turn, finish_turn
 from app.turn_status import CHARGED, STOPPED, TurnStatus
@@ -81,7 +81,7 @@ def _load_context(unit: Unit, claim: ClaimResult) -> TurnContext:
     return TurnContext(
         turn_id=turn.assistant_message_id, question_id=turn.user_message_id, token=claim.token,
         user_id=turn.user_id, conversation_id=turn.conversation_id, content=row.content,
-        history=successful_history(unit, turn.conversation_id, before_seq=row.seq) if row.seq > 1 else [],
+        history=history_before(unit, turn.conversation_id, row.seq),
         agent=setup_in_row(row), reserved=turn.reserved_amount, delivery=claim.deliveries, fallen_back=turn.fell_back,
         gives_up=give_up_reason(claim.deliveries, claim.time_left, claim.handed_back),
         ends_by=attempts_end_by(claim.time_left),

@@ -17,7 +17,7 @@ from functools import cache
 from types import SimpleNamespace
 from typing import Any, Literal
 
-from sqlalchemy import bindparam, case, exists, literal, select, update
+from sqlalchemy import Row, bindparam, case, exists, literal, select, update
 from sqlalchemy.orm import Session
 
 from app import ledger
@@ -66,22 +66,23 @@ def _statements() -> SimpleNamespace:
     conversations, agents = table(Conversation), table(Agent)
     primary, fallback = table(LlmModel).alias("primary_model"), table(LlmModel).alias("fallback_model")
     turn_row = [turns.c[name] for name in _TURN_COLUMNS]
+    turn_read = (select(*turn_row, turns.c.lease_token, turns.c.lease_expires_at, turns.c.deadline_at,
+                        DatabaseNow().label("now"), messages.c.status,
+                        question.c.content, question.c.seq, agents.c.system_prompt,
+                        agents.c.timeout_seconds, agents.c.temperature, agents.c.max_tokens,
+                        agents.c.fallback_model_id,
+                        *(primary.c[f].label(f"p_{f}") for f in MODEL_FIELDS),
+                        *(fallback.c[f].label(f"f_{f}") for f in MODEL_FIELDS))
+                 .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
+                 .join(question, question.c.id == turns.c.user_message_id)
+                 .join(conversations, conversations.c.id == turns.c.conversation_id)
+                 .join(agents, agents.c.id == conversations.c.agent_id)
+                 .join(primary, primary.c.id == agents.c.model_id)
+                 .outerjoin(fallback, fallback.c.id == agents.c.fallback_model_id)
+                 .where(turns.c.assistant_message_id == bindparam("turn_id")))
     return SimpleNamespace(
-        lock_turn=Prepared(select(*turn_row, turns.c.lease_token, turns.c.lease_expires_at, turns.c.deadline_at,
-                                  DatabaseNow().label("now"), messages.c.status,
-                                  question.c.content, question.c.seq, agents.c.system_prompt,
-                                  agents.c.timeout_seconds, agents.c.temperature, agents.c.max_tokens,
-                                  agents.c.fallback_model_id,
-                                  *(primary.c[f].label(f"p_{f}") for f in MODEL_FIELDS),
-                                  *(fallback.c[f].label(f"f_{f}") for f in MODEL_FIELDS))
-                           .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
-                           .join(question, question.c.id == turns.c.user_message_id)
-                           .join(conversations, conversations.c.id == turns.c.conversation_id)
-                           .join(agents, agents.c.id == conversations.c.agent_id)
-                           .join(primary, primary.c.id == agents.c.model_id)
-                           .outerjoin(fallback, fallback.c.id == agents.c.fallback_model_id)
-                           .where(turns.c.assistant_message_id == bindparam("turn_id"))
-                           .with_for_update(of=[turns, messages])),
+        lock_turn=Prepared(turn_read.with_for_update(of=[turns, messages])),
+        read_turn=Prepared(turn_read),
         unhold=Prepared(update(turns).where(turns.c.assistant_message_id == bindparam("turn_id"))
                         .values(reserved_amount=turns.c.reserved_amount - bindparam("hold"))),
         touch_answer=Prepared(update(messages).where(messages.c.id == bindparam("turn_id"))
@@ -137,11 +138,11 @@ def _move_messages(unit: Unit | Batch, target: TurnStatus, question: int, answer
     then(unit, check)
 
 
-def turn_with_its_agent(unit: Unit, turn_id: int) -> Any:
-    """The turn's row as a claim reads it (the turn, its question, its agent and models), for the calls of a
-    delivery that died to be recorded after an end that no delivery made (`app.interrupted_calls`). It takes
-    the turn's lock, as a claim's read does, for the caller's short transaction."""
-    return _statements().lock_turn(unit, {"turn_id": turn_id}).first()
+def turn_with_its_agent(unit: Unit, turn_id: int) -> Row[Any] | None:
+    """The turn's row as a claim reads it (the turn, its question, its agent and models), without its lock: for
+    the calls of a delivery that died to be recorded after an end that no delivery made
+    (`app.interrupted_calls`), when the turn has ended."""
+    return _statements().read_turn(unit, {"turn_id": turn_id}).first()
 
 
 def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
@@ -321,7 +322,7 @@ class StopRecorded:
     held: bool
     """Whether a delivery holds the turn (a live lease), which ends it `cancelled` itself; one no delivery holds
     (its worker died, its lease ran out; or a failed delivery handed it to a retry) is the caller's to end
-    now too (`app.unheld_ends.abandon`): no worker may take it for minutes, or ever with none running."""
+    now too (`app.cancellation`): no worker may take it for minutes, or ever with none running."""
 
 
 def request_stop(session: Session, turn_id: int) -> StopRecorded | None:

@@ -88,14 +88,15 @@ def abandon_turn(turn_id: int, reason: str, *, pending_before: datetime | None =
     written, None when the turn was not ended here."""
     # Read before the transaction, which holds the turn's lock: a processing turn's readers may hold text of
     # its dead delivery's call (none for one pending).
-    streamed = None if pending_before is not None else text_streamed(turn_id)
+    was_processing = pending_before is None
+    streamed = text_streamed(turn_id) if was_processing else None
     with transaction() as session:
         ended = None if unless is not None and unless(session) else end_unowned(
             session, turn_id, TurnStatus.ERROR, reason, pending_before=pending_before,
             deadline_before=deadline_before, streamed=streamed)
     if ended is None:
         return None
-    if pending_before is None:
+    if was_processing:
         record_calls_of_dead_deliveries(turn_id)
     announce_unowned_end(ended)
     return ended.status

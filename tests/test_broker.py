@@ -163,18 +163,22 @@ def test_a_sends_name_is_the_same_whichever_database_hands_its_mark_back() -> No
     assert message_id("run_turn", 7, written + timedelta(microseconds=1)) != message_id("run_turn", 7, written)
 
 
-def test_a_redis_that_hangs_is_a_closed_connection_to_dramatiq_not_an_error_that_ends_its_consumer(
-        silent_redis: SilentServer) -> None:
+def test_a_redis_that_hangs_is_a_closed_connection_to_dramatiq_or_a_fetch_looked_at_again(
+        silent_redis: SilentServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """Dramatiq's consumer thread survives `ConnectionClosed` (it restarts the consumer a second later), but
     a timeout was an unexpected error: its clean-up, requeueing the retries it held, raised it again, and the
     thread ended, so the process took no retry of that queue until it stopped. Every ack, nack and requeue
     that Redis does not answer in time is `ConnectionClosed`, and so is a send that is not a retry's; a look
     at the queue finds nothing, after its wait, and the consumer looks again (`RefillingConsumer._ride_out`)."""
+    import logging
+
     import redis
     from dramatiq.broker import MessageProxy
     from dramatiq.errors import ConnectionClosed
     from redis.backoff import NoBackoff
     from redis.retry import Retry
+
+    import app.failure_logs
 
     # No retries of its own, as the worker's pool (`from_url`) has none: each step fails at its first timeout.
     client = redis.Redis(host="127.0.0.1", port=silent_redis.port, socket_timeout=0.2, socket_connect_timeout=1,
@@ -185,7 +189,10 @@ def test_a_redis_that_hangs_is_a_closed_connection_to_dramatiq_not_an_error_that
                                          options={"redis_message_id": "m-1"}))
     due: dramatiq.Message[Any] = dramatiq.Message(queue_name="turns", actor_name="probe", args=(1,), kwargs={},
                                                   options={})
-    assert next(consumer) is None
+    monkeypatch.setattr(app.failure_logs, "_outage_said", {})  # said at most every 30 s by any test's consumer
+    with caplog.at_level(logging.WARNING, logger="workers.broker"):
+        assert next(consumer) is None
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["the consumer of turns.DQ could not fetch"]
     for step in (lambda: consumer.ack(held), lambda: consumer.nack(held), lambda: consumer.requeue([held]),
                  lambda: broker.enqueue(due)):
         with pytest.raises(ConnectionClosed) as closed:

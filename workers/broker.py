@@ -50,7 +50,7 @@ from dramatiq.errors import ConnectionClosed
 from dramatiq.middleware import Retries
 
 from app.config import get_settings
-from app.deliveries import is_retry, retry_failed, send_retry
+from app.deliveries import retry_failed, send_retry
 from app.dispatch import leave_receipt
 from app.failure_logs import OUTAGE_REPEAT_SECONDS, said_again
 from app.outages import REDIS_UNAVAILABLE, in_one_line
@@ -81,6 +81,13 @@ def _lost_redis_as_connection_closed() -> Iterator[None]:
         yield
     except REDIS_UNAVAILABLE as error:
         raise ConnectionClosed(error) from error
+
+
+def _is_retry(message: Message) -> bool:
+    """Whether a send is a retry's: Dramatiq's Retries middleware counts them in the message's options, both
+    when it sends one to wait out its backoff and when the delay queue's consumer moves it to its queue once
+    due; a send of the API, the recovery sweep or a requeue is a fresh message without the count."""
+    return "retries" in message.options
 
 
 def _stopping() -> bool:
@@ -215,14 +222,15 @@ class DoorbellRedisBroker(RedisBroker):
             with _lost_redis_as_connection_closed():
                 return super(DoorbellRedisBroker, self).enqueue(message, delay=delay)
 
-        if not is_retry(message.options):
+        if not _is_retry(message):
             sent = send()
         else:
+            failed_at = message.options.get("requeue_timestamp")
             try:
                 sent = send_retry(send, what=f"the retry of {message.actor_name}{tuple(message.args)}",
-                                  failed_at_ms=message.options.get("requeue_timestamp"), stopping=_stopping)
+                                  failed_at_ms=failed_at if isinstance(failed_at, int) else None, stopping=_stopping)
             except Exception:
-                if delay is not None:
+                if delay is not None:  # the Retries middleware's send: the failed delivery's message is still held
                     self.unsent_retries.add(message.message_id)
                 raise
         if delay is None:
