@@ -438,7 +438,7 @@ def test_a_stop_recorded_only_in_the_database_reaches_the_turn_at_a_renewal(worl
         assert run_lease is not None and run_lease < utc_now() + timedelta(seconds=5)  # renewed: 3 s leases here
 
 
-def test_a_run_whose_end_gave_its_lease_up_is_not_logged_as_taken_over(world, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_a_run_whose_end_gave_its_lease_up_is_not_logged_as_taken_over(world, swept_once, caplog) -> None:  # type: ignore[no-untyped-def]
     """A renewal between a settlement's commit (which gives the lease up) and its runner leaving the keeper
     warned that the run's lease "was taken over", on a turn that had just ended fine. A run writing its end
     (`LeaseKeeper.ending`) is told nothing; one whose lease another delivery took is still warned of."""
@@ -821,7 +821,7 @@ def _answer_status(turn_id: int) -> str:
         return session.scalars(select(ConversationMessage.status).where(ConversationMessage.id == turn_id)).one()
 
 
-def test_only_a_takeover_of_a_lease_never_given_up_has_a_predecessor_whose_calls_to_record(world) -> None:  # type: ignore[no-untyped-def]
+def test_only_a_takeover_of_a_lease_never_given_up_has_a_predecessor_whose_calls_to_record(world, swept_once) -> None:  # type: ignore[no-untyped-def]
     """`ClaimResult.predecessor` names the delivery whose worker died holding its lease; a lease given up
     (handed to a retry, handed back) leaves no calls to no one, and the takeover has no predecessor."""
     from app.claims import Claim
@@ -859,9 +859,11 @@ def test_a_run_handed_to_a_retry_past_its_deadline_is_ended_without_waiting_for_
     wait_for(lambda: _answer_status(turn.turn_id) == "error", timeout=15, what="the deadline bound's end")
 
 
-def test_a_test_run_is_ended_past_its_deadline_only_once_its_deadline_passed(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_test_run_is_ended_past_its_deadline_only_once_its_deadline_passed(world, swept_once) -> None:  # type: ignore[no-untyped-def]
     """The deadline bound's end of an admin test run (`finish_debug_run(deadline_before=...)`) is judged on
-    the locked row: a run under no lease whose deadline is still ahead (a requeue gave it a new one) is left."""
+    the locked row: a run under no lease whose deadline is still ahead (a requeue gave it a new one) is left.
+    Redis is marked as swept (`swept_once`): the session workers' first sweep after the test's flush sent the run
+    to a worker, which ran it between the two looks (seen once in a full suite)."""
     from app.debug_run_state import finish_debug_run
     from app.turn_status import TurnStatus
 
@@ -887,7 +889,8 @@ def test_a_test_run_is_ended_past_its_deadline_only_once_its_deadline_passed(wor
         assert session.get_one(DebugRun, run_id).status == "error"
 
 
-def test_a_test_run_taken_over_spends_on_its_model_only_the_time_its_deadline_leaves(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_a_test_run_taken_over_spends_on_its_model_only_the_time_its_deadline_leaves(  # type: ignore[no-untyped-def]
+        world, swept_once, upstream) -> None:
     """A delivery that takes a test run over keeps its first delivery's deadline (`Deadline.time_left`), and
     its model calls end by it (`attempts_end_by`), not by the agent's timeout alone."""
     from app.debug_runner import run_debug_run
