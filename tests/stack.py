@@ -26,7 +26,9 @@ from tests.support import ROOT, Process, agentq, free_port, refusing, wait_for, 
 
 
 class RedisServer:
-    """A private, memory-only redis-server on a free port, which a test may kill and start again (empty)."""
+    """A private, memory-only redis-server on a free port, which a test may kill and start again (empty). Its
+    working directory is one of its own: a replica writes the copy it receives from its primary there, which
+    landed in the checkout (`dump.rdb`) when the server was started from it."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -40,7 +42,10 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         self.starts += 1
-        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        workdir = LOG_DIR / f"{self.name}-data"
+        workdir.mkdir(exist_ok=True)
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", str(workdir)]
         self.process = Process(f"{self.name}-{self.starts}", argv, dict(os.environ), LOG_DIR).start()
         wait_for(self.ping, timeout=10, interval=0.05, what=f"{self.name} to answer")
         return self

@@ -165,12 +165,11 @@ class RefillingConsumer(_RedisConsumer):
             if free <= 0:
                 self._places.changed.wait(self._wait_seconds)
                 return False
+            refused: redis.RedisError | None = None
             try:
                 self.message_cache = self.broker.do_fetch(self.queue_name, free)
             except REDIS_UNAVAILABLE as error:
-                refused: redis.RedisError | None = error
-            else:
-                refused = None
+                refused = error
         if refused is not None:
             self._ride_out(refused)
             return False
