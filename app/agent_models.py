@@ -1,4 +1,4 @@
-"""An agent's models: read as targets a worker can call, in the order a run calls them, priced at their worst case."""
+"""An agent's models: read as targets a worker can call, priced at their worst case."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
+from app.fallback import attempt_order
 from app.model_target import MODEL_FIELDS, ModelTarget
 from app.models import Agent, LlmModel
 from app.token_estimates import most_tokens_of_messages
@@ -31,21 +32,6 @@ def agent_targets(session: Session, agent: Agent) -> tuple[ModelTarget, ModelTar
     primary = target_of(session.get_one(LlmModel, agent.model_id))
     fallback = target_of(session.get_one(LlmModel, agent.fallback_model_id)) if agent.fallback_model_id else None
     return primary, fallback
-
-
-def attempt_order(primary: ModelTarget, fallback: ModelTarget | None, *,
-                  fallen_back: bool = False) -> list[ModelTarget]:
-    """The models a run may call, in the order it calls them: the fallback at most once, after the primary. A
-    run that already switched to its fallback in an earlier delivery (whose worker died during the fallback's
-    call) calls the fallback alone: the switch happens once a run, not once a delivery."""
-    if fallback is None:
-        return [primary]
-    return [fallback] if fallen_back else [primary, fallback]
-
-
-def most_calls(*, has_fallback: bool) -> int:
-    """How many models a run calls at most (`attempt_order`): its deadline gives each call a whole timeout."""
-    return 2 if has_fallback else 1
 
 
 def max_cost(target: ModelTarget, messages: list[dict[str, str]], max_tokens: int | None) -> Decimal:

@@ -1,4 +1,4 @@
-"""Where a run's answer goes while it is produced: the seam between calling models (`app.fallback`) and
+"""Where a run's answer goes while it is produced: the seam between calling models (`app.model_calls`) and
 publishing a turn's live stream (`app.live_stream_writer`), so that neither imports the other's dependencies
 (the stream's users, dead-letter handling among them, do not load the openai SDK)."""
 

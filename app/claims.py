@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, or_
 
-from app.agent_models import most_calls
 from app.clock import lease_expiry, lease_time
 from app.deliveries import Deadline, delivery_deadline
+from app.fallback import most_calls
 from app.models.base import optional_utc as utc
 from app.turn_status import TurnStatus
 

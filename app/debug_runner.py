@@ -24,8 +24,8 @@ from app.config import get_settings
 from app.db import transaction
 from app.debug_run_state import claim_debug_run, finish_debug_run
 from app.deliveries import RunGivenUp, attempts_end_by, give_up_reason
-from app.fallback import Outcome, call_with_fallback
 from app.leases import Holding, keeper
+from app.model_calls import Outcome, call_with_fallback
 from app.models import Agent, DebugRun
 from app.moderation import moderate
 from app.run_kinds import DEBUG_RUN

@@ -98,7 +98,7 @@ def delivery_deadline(now: datetime, timeout_seconds: float, calls: int, *,
                       stored: datetime | None, taken_over: bool) -> Deadline:
     """The deadline of a delivery starting at `now`: set by the delivery that claims a pending run (its
     first, or its first since a requeue) to every model attempt it could make (`calls` of `timeout_seconds`:
-    `app.agent_models.most_calls`) plus the grace; a delivery
+    `app.fallback.most_calls`) plus the grace; a delivery
     that takes the run over from another keeps the `stored` one.
 
     Kept, not renewed: a run whose worker dies or hangs at every delivery would otherwise get the whole

@@ -1,7 +1,8 @@
-"""Why one upstream attempt failed: the words the fallback policy decides on.
+"""Why one upstream attempt failed: the words a run's model calls decide on (a stop ends them, any other
+failure switches to the fallback: `app.fallback`).
 
 The LLM client raises them (`app.llm_client.AttemptFailed`), the watchdog that shuts an attempt's socket
-fires two of them (`app.attempt_watchdog`), the fallback policy reads them (`app.fallback`), and each
+fires two of them (`app.attempt_watchdog`), the model calls read them (`app.model_calls`), and each
 failed attempt's record keeps one as its `outcome`: one list, so a word misspelt in one of those
 places cannot quietly change what falls back.
 """

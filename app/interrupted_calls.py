@@ -25,12 +25,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from app.agent_models import attempt_order
 from app.agent_setup import AgentSetup, setup_in_row
 from app.attempts import AttemptRecord, record_interrupted
 from app.config import get_settings
 from app.db import plain_transaction
 from app.failure_kinds import FailureKind
+from app.fallback import attempt_order
 from app.live_stream import StreamedAttempt, attempts_streamed
 from app.model_target import ModelTarget
 from app.prompt import ChatMessage, history_before

@@ -124,7 +124,7 @@ def close_inherited_counters_server() -> None:
 
 
 def observe_fallback() -> None:
-    """Counted when a run's switch is recorded, which it is once (`app.fallback`): not by a delivery that
+    """Counted when a run's switch is recorded, which it is once (`app.model_calls`): not by a delivery that
     finds the run no longer its own there (the delivery that has it counts its own switch), nor again by
     the delivery that takes over a run whose worker died during the fallback's call, and calls it alone."""
     FALLBACKS.inc()

@@ -18,7 +18,6 @@ from functools import partial
 from typing import Any
 
 from app import conversation_locks, ledger, metrics
-from app.agent_models import attempt_order
 from app.agent_setup import AgentSetup, setup_in_row
 from app.attempts import settling
 from app.claims import ClaimResult, LeaseLost
@@ -26,11 +25,12 @@ from app.config import get_settings
 from app.conversations import record_turn_end
 from app.db import plain_transaction
 from app.deliveries import RunGivenUp, attempts_end_by, first_delivery_since_requeue, give_up_reason
-from app.fallback import Outcome, call_with_fallback
+from app.fallback import attempt_order
 from app.interrupted_calls import record_interrupted_calls
 from app.leases import Holding, keeper
 from app.live_stream import Streamed, text_streamed
 from app.live_stream_writer import TurnStream
+from app.model_calls import Outcome, call_with_fallback
 from app.model_target import ModelTarget
 from app.moderation import moderate
 from app.prepared import Batch, Unit

@@ -535,16 +535,15 @@ def mock_target(name: str, upstream_model: str) -> ModelTarget:
                        input_price_per_1k=Decimal(0), output_price_per_1k=Decimal(0), context_window=None)
 
 
-def test_a_stop_between_a_failed_primary_and_the_fallback_keeps_the_primarys_text(upstream, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_stop_between_a_failed_primary_and_the_fallback_keeps_the_primarys_text(upstream) -> None:  # type: ignore[no-untyped-def]
     """The stop is checked before each attempt; one that lands after the primary failed mid-answer and before
     the fallback is called ends the turn with the primary's streamed text, as the primary's, not the fallback's
-    (which produced nothing and is never called). The stop is set at that moment by wrapping the fallback rule."""
+    (which produced nothing and is never called). The stop is set at that moment, as the switch is recorded."""
     import threading
 
-    from app import fallback as fallback_policy
     from app.agent_setup import AgentParams
     from app.answer_sink import AnswerSink
-    from app.fallback import call_with_fallback
+    from app.model_calls import call_with_fallback
 
     class Streamed(AnswerSink):
         def __init__(self) -> None:
@@ -558,19 +557,17 @@ def test_a_stop_between_a_failed_primary_and_the_fallback_keeps_the_primarys_tex
             self.text += text
 
     stop = threading.Event()
-    falls_back = fallback_policy.should_fall_back
 
-    def stopped_meanwhile(*args, **kwargs):  # type: ignore[no-untyped-def]
-        decision = falls_back(*args, **kwargs)
+    def stopped_meanwhile() -> bool:
         stop.set()
-        return decision
+        return True
 
-    monkeypatch.setattr(fallback_policy, "should_fall_back", stopped_meanwhile)
     sink = Streamed()
     outcome = call_with_fallback(mock_target("primary", "echo;words=30;gap=0.01;cut_after=6"),
                                  mock_target("fallback", "echo;words=8"),
                                  lambda _target: [{"role": "user", "content": "hi"}],
-                                 AgentParams(timeout_seconds=10, temperature=None, max_tokens=None), sink, stop)
+                                 AgentParams(timeout_seconds=10, temperature=None, max_tokens=None), sink, stop,
+                                 before_fallback_call=stopped_meanwhile)
     assert (outcome.cancelled, outcome.stopped_call, outcome.model.name if outcome.model else None) \
         == (True, None, "primary")  # no stopped call: the kept text is a failed attempt's, never charged
     assert sink.attempts == ["primary"]
@@ -589,7 +586,7 @@ def test_a_delivery_that_finds_its_lease_gone_when_it_records_the_switch_does_no
 
     from app.agent_setup import AgentParams
     from app.answer_sink import AnswerSink
-    from app.fallback import call_with_fallback
+    from app.model_calls import call_with_fallback
     from app.run_kinds import TURN
 
     agent_id = world.agent(world.model())
