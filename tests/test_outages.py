@@ -426,3 +426,39 @@ def test_a_send_that_fails_for_a_bug_is_logged_with_its_traceback_every_time(cap
         assert [TURN.send(ident, None) for ident in (1, 2)] == [False, False]
     said = [(r.getMessage(), r.exc_info is not None) for r in caplog.records if r.name == "app.dispatch"]
     assert said == [(f"could not enqueue {TURN.actor}({ident}); recovery will send it", True) for ident in (1, 2)]
+
+
+def test_an_api_statement_that_fails_for_itself_is_a_500_not_an_outages_503(world, caplog) -> None:  # type: ignore[no-untyped-def]
+    """The API answers 503 "retry shortly" only for an outage (`is_outage`, the rule the workers' waits use); a
+    statement cancelled by a timeout, or a deadlock, is a slow query or a bug to look at: logged with its
+    traceback and answered 500. (A real error PostgreSQL raises for one message's insert, by a trigger.)"""
+    import logging
+
+    from sqlalchemy import text
+
+    from app.db import transaction
+
+    _, key = world.user()
+    conversation_id = world.conversation(key, world.agent(world.model()))
+    with transaction() as session:
+        session.execute(text(
+            "CREATE FUNCTION cancel_probe() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.content = 'cancel me' THEN RAISE EXCEPTION 'canceling statement due to statement timeout' "
+            "USING ERRCODE = 'query_canceled'; END IF; RETURN NEW; END $$"))
+        session.execute(text("CREATE TRIGGER cancel_probe BEFORE INSERT ON conversation_messages FOR EACH ROW "
+                             "EXECUTE FUNCTION cancel_probe()"))
+    try:
+        with caplog.at_level(logging.WARNING):
+            refused = world.send(key, conversation_id, "cancel me")
+    finally:
+        with transaction() as session:
+            session.execute(text("DROP TRIGGER cancel_probe ON conversation_messages"))
+            session.execute(text("DROP FUNCTION cancel_probe()"))
+    assert (refused.status_code, refused.json["error"]["code"], refused.headers.get("Retry-After")) \
+        == (500, "internal_error", None)
+    logged = [r for r in caplog.records if r.getMessage().startswith("unhandled error on POST")]
+    assert len(logged) == 1 and logged[0].exc_info is not None
+    assert isinstance(logged[0].exc_info[1], sqlalchemy.exc.OperationalError)
+    assert not [r for r in caplog.records if r.getMessage().startswith("dependency unavailable")]
+    accepted = world.send(key, conversation_id, "hello")
+    assert accepted.status_code == 202

@@ -17,7 +17,7 @@ from werkzeug.exceptions import HTTPException, NotFound
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from app.errors import AgentqError, InvalidConfiguration, error_object
-from app.outages import REDIS_UNAVAILABLE, in_one_line
+from app.outages import REDIS_UNAVAILABLE, in_one_line, is_outage
 from app.setup_problems import SetupProblem, setup_problem
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,8 @@ def install_error_handlers(app: Flask) -> None:
         operator must take (SQLite says a missing table or column, PostgreSQL a refused role, this way) is not."""
         if (problem := setup_problem(exc)) is not None:
             return _setup_step_response(problem, exc)
+        if not is_outage(exc):  # a deadlock, a statement timeout: a bug or a slow query to look at, not a wait
+            return _unexpected(exc)
         log.warning("dependency unavailable on %s %s: %s", request.method, request.path, in_one_line(exc))
         response = error_response(503, "service_unavailable",
                                   "A backing service is unavailable for a moment; retry shortly.")
