@@ -11,8 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import cache
-from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import BigInteger, ColumnElement, Select, bindparam, inspect, or_, select, update
 from sqlalchemy.orm import Session
@@ -222,12 +221,17 @@ def record_turn_end(unit: Unit | Batch, conversation_id: int, success_tokens: in
         _turn_end_statements().success(unit, {"conversation": conversation_id, "at": now, "tokens": success_tokens})
 
 
+class _TurnEndStatements(NamedTuple):
+    touch: Prepared
+    success: Prepared
+
+
 @cache
-def _turn_end_statements() -> SimpleNamespace:
+def _turn_end_statements() -> _TurnEndStatements:
     """Built once on the Core table (see `app.models.table`): every turn ends with one of these."""
     conversations = table(Conversation)
     this = conversations.c.id == bindparam("conversation")
-    return SimpleNamespace(
+    return _TurnEndStatements(
         touch=Prepared(update(conversations).where(this).values(updated_at=bindparam("at"))),
         success=Prepared(update(conversations).where(this).values(
             total_tokens=conversations.c.total_tokens + bindparam("tokens", type_=BigInteger),

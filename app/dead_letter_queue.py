@@ -17,8 +17,8 @@ from typing import Any, cast
 import dramatiq
 import redis
 
+from app.broker_keys import dead_bodies_key, dead_ids_key
 from app.db import in_batches
-from app.dispatch import dead_bodies_key, dead_ids_key
 from app.models.base import SHORT_TEXT_CHARS
 from app.queues import QUEUES
 from app.redis_client import get_redis, lua_script

@@ -15,7 +15,6 @@ claimed the run meanwhile is left alone.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 from functools import cache
@@ -31,8 +30,6 @@ from app.leases import TakeoverGate
 from app.prepared import Prepared
 from app.run_kinds import RunKind
 from app.unheld_ends import end_unheld, run_ids_where
-
-log = logging.getLogger(__name__)
 
 
 def past_deadline_reason(kind: RunKind) -> str:

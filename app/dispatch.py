@@ -33,27 +33,6 @@ Delivered = dramatiq.Message[Any] | dramatiq.MessageProxy
 """A message as the broker hands it to middleware (a proxy of it) or to an actor."""
 
 
-def broker_key(queue: str, suffix: str = "") -> str:
-    """The Redis broker's key for a queue, `<namespace>:<queue>`, and its other keys by their suffix (below):
-    what operators read, since Dramatiq 2 has no API for the delayed and dead messages."""
-    return f"{get_settings().broker_namespace}:{queue}{suffix}"
-
-
-def delayed_bodies_key(queue: str) -> str:
-    """The hash of the queue's delayed messages (retries waiting out their backoff), by message id."""
-    return broker_key(queue, ".DQ.msgs")
-
-
-def dead_ids_key(queue: str) -> str:
-    """The sorted set of the queue's dead message ids, each scored by when it died."""
-    return broker_key(queue, ".XQ")
-
-
-def dead_bodies_key(queue: str) -> str:
-    """The hash of the queue's dead messages, by message id."""
-    return broker_key(queue, ".XQ.msgs")
-
-
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 RECEIPT_SWEEPS = 3
 """How many recovery sweeps, after the enqueue grace, look for a pending run's receipt (and each worker

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from functools import cache
-from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import ColumnElement, SQLColumnExpression, Table, and_, bindparam, literal_column, select
 from sqlalchemy.orm import Session
@@ -84,15 +83,20 @@ def check_can_start(unit: Unit | Batch, user_id: int, conversation_id: int) -> N
     then(unit, check)
 
 
+class _Statements(NamedTuple):
+    active: Prepared
+    lock_user: Prepared
+
+
 @cache
-def _statements() -> SimpleNamespace:
+def _statements() -> _Statements:
     """Built once on the Core tables and run on the driver (`app.prepared`): every accepted turn asks these.
 
     `active` starts from the user's conversations and probes the partial unique index of answers in
     flight (`answer_in_flight`), so its cost follows the number of the user's conversations, not of
     every turn they ever had."""
     conversations, messages, users = table(Conversation), table(ConversationMessage), table(User)
-    return SimpleNamespace(
+    return _Statements(
         active=Prepared(select(messages.c.conversation_id)
                         .join_from(conversations, messages, messages.c.conversation_id == conversations.c.id)
                         .where(conversations.c.user_id == bindparam("user"), answer_in_flight(messages))),

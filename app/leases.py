@@ -96,6 +96,7 @@ class Holding:
 
     @property
     def kind(self) -> RunKind:
+        """Told by what the run holds: only a user's turn holds a conversation lock and a user's slot."""
         return TURN if self.turn is not None else DEBUG_RUN
 
     @property

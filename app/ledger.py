@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 from functools import cache
-from types import SimpleNamespace
+from typing import NamedTuple
 
 from sqlalchemy import BigInteger, DateTime, bindparam, case, exists, func, insert, literal, select, update
 from sqlalchemy.orm import Session
@@ -60,8 +60,15 @@ def add_credit(session: Session, user_id: int, amount: Decimal) -> Decimal:
     return user.balance
 
 
+class _Statements(NamedTuple):
+    reserve: Prepared
+    release: Prepared
+    charge: Prepared
+    settle: Prepared
+
+
 @cache
-def _statements() -> SimpleNamespace:
+def _statements() -> _Statements:
     """Built once on the Core tables and run on the driver (`app.prepared`): every turn reserves and settles.
 
     A charge is what the turn may spend: `cost`, or, when the cost came out above the reservation and the
@@ -83,7 +90,7 @@ def _statements() -> SimpleNamespace:
     message, at = bindparam("message", type_=BigInteger), bindparam("at", type_=DateTime(timezone=True))
     charged = (select(ledger.c.balance_after).where(ledger.c.message_id == message, ledger.c.created_at == at)
                .scalar_subquery())
-    return SimpleNamespace(
+    return _Statements(
         reserve=Prepared(update(users)
                          .where(users.c.id == bindparam("user"),
                                 users.c.balance - users.c.reserved >= bindparam("amount"))

@@ -13,11 +13,11 @@ import redis
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from app.broker_keys import broker_key, dead_ids_key, delayed_bodies_key
 from app.config import get_settings
 from app.db import transaction
 from app.dead_letter_queue import message_id_of
 from app.dead_letters import open_dead_letters
-from app.dispatch import broker_key, dead_ids_key, delayed_bodies_key
 from app.errors import DatabaseNotCreated
 from app.in_flight import answer_in_flight
 from app.models import ConversationMessage, table

@@ -12,7 +12,6 @@ processes looking at once, or a worker claiming the run between the look and the
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 from functools import cache
@@ -26,8 +25,6 @@ from app.in_flight import pending_since_before
 from app.prepared import Prepared
 from app.run_kinds import RunKind
 from app.unheld_ends import end_unheld, run_ids_where
-
-log = logging.getLogger(__name__)
 
 
 def waited_too_long_reason(kind: RunKind) -> str:

@@ -46,8 +46,7 @@ import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cache
-from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 from sqlalchemy import ColumnElement, DateTime, and_, bindparam, false, not_, or_, select, true
@@ -140,8 +139,13 @@ def _due(status: Any, enqueued_at: Any, created_at: Any, lease_token: Any, lease
                        unconfirmed=and_(unconfirmed, not_(due)), past_deadline=past_deadline)
 
 
+class _DueRuns(NamedTuple):
+    turns: Prepared
+    runs: Prepared
+
+
 @cache
-def _due_runs(redis_lost: bool, take_over: bool) -> SimpleNamespace:
+def _due_runs(redis_lost: bool, take_over: bool) -> _DueRuns:
     turns, messages, runs = table(Turn), table(ConversationMessage), table(DebugRun)
     turn = _due(messages.c.status, turns.c.enqueued_at, turns.c.created_at, turns.c.lease_token,
                 turns.c.lease_expires_at, turns.c.deadline_at, redis_lost=redis_lost, take_over=take_over)
@@ -149,7 +153,7 @@ def _due_runs(redis_lost: bool, take_over: bool) -> SimpleNamespace:
     run = _due(runs.c.status, runs.c.enqueued_at, runs.c.created_at, runs.c.lease_token,
                runs.c.lease_expires_at, runs.c.deadline_at, redis_lost=redis_lost, take_over=take_over)
     run_too_long = waited_too_long(runs.c.status, runs.c.updated_at)
-    return SimpleNamespace(
+    return _DueRuns(
         turns=Prepared(
             select(turns.c.assistant_message_id, turns.c.enqueued_at, turns.c.lease_token,
                    turn.overdue.label("overdue"), turn.unconfirmed.label("unconfirmed"),

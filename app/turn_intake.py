@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
-from types import SimpleNamespace
+from typing import NamedTuple
 
 from sqlalchemy import BigInteger, DateTime, String, Text, and_, bindparam, insert, literal, select, union_all, update
 from sqlalchemy.exc import IntegrityError
@@ -94,8 +94,15 @@ def _replay(unit: Unit, user_id: int, key: str, conversation_id: int, content: s
     return AcceptedTurn(found[turn.user_message_id], found[turn.assistant_message_id], replayed=True)
 
 
+class _Statements(NamedTuple):
+    lock_owner: Prepared
+    bump_seq: Prepared
+    insert_messages: Prepared
+    insert_turn: Prepared
+
+
 @cache
-def _statements() -> SimpleNamespace:
+def _statements() -> _Statements:
     """The statements of every accepted turn, built once on the Core tables and run on the driver.
 
     The two messages take their seq numbers from the conversation's counter as `bump_seq` left it,
@@ -108,7 +115,7 @@ def _statements() -> SimpleNamespace:
     question, answer = messages.alias("question"), messages.alias("answer")
     new_message = ("conversation_id", "seq", "role", "content", "status", "created_at", "updated_at")
     pending = literal(TurnStatus.PENDING.value)
-    return SimpleNamespace(
+    return _Statements(
         lock_owner=Prepared(select(users.c.id, agents.c.deleted_at.label("agent_deleted_at"))
                             .join_from(conversations, users, users.c.id == conversations.c.user_id)
                             .join(agents, agents.c.id == conversations.c.agent_id)
@@ -167,7 +174,7 @@ def _insert_turn(
         inserted = sql.insert_messages(batch, {"conversation": conversation_id, "at": now, "content": content})
         sql.insert_turn(batch, {**ids, "key": key, "at": now})
         batch.then(lambda: _require_found(seq))
-    last_seq = seq.scalar()
+    last_seq: int = seq.one().message_count
     message_ids = {row.seq: row.id for row in inserted}
 
     def written(seq: int, role: str, text: str) -> ConversationMessage:

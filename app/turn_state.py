@@ -14,8 +14,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 from functools import cache
-from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from sqlalchemy import Row, bindparam, case, exists, literal, select, update
 from sqlalchemy.orm import Session
@@ -59,8 +58,17 @@ _TURN_COLUMNS = ("assistant_message_id", "user_message_id", "conversation_id", "
                  "reserved_amount", "cancel_requested_at", "fell_back", "handed_back")
 
 
+class _Statements(NamedTuple):
+    lock_turn: Prepared
+    read_turn: Prepared
+    unhold: Prepared
+    touch_answer: Prepared
+    take_lease: Prepared
+    give_up_lease: Prepared
+
+
 @cache
-def _statements() -> SimpleNamespace:
+def _statements() -> _Statements:
     """The statements every turn runs, built once on the Core tables and run on the driver (`app.prepared`)."""
     turns, messages, question = table(Turn), table(ConversationMessage), table(ConversationMessage).alias("question")
     conversations, agents = table(Conversation), table(Agent)
@@ -80,7 +88,7 @@ def _statements() -> SimpleNamespace:
                  .join(primary, primary.c.id == agents.c.model_id)
                  .outerjoin(fallback, fallback.c.id == agents.c.fallback_model_id)
                  .where(turns.c.assistant_message_id == bindparam("turn_id")))
-    return SimpleNamespace(
+    return _Statements(
         lock_turn=Prepared(turn_read.with_for_update(of=[turns, messages])),
         read_turn=Prepared(turn_read),
         unhold=Prepared(update(turns).where(turns.c.assistant_message_id == bindparam("turn_id"))

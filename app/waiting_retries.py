@@ -14,10 +14,10 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, cast
 
+from app.broker_keys import delayed_bodies_key
 from app.db import transaction
 from app.dead_letter_queue import broker_time, message_id_of, readable_message
 from app.dead_letters import error_summary
-from app.dispatch import delayed_bodies_key
 from app.queues import QUEUES
 from app.redis_client import get_redis
 from app.run_kinds import run_id_of, statuses_of_runs

@@ -1,0 +1,28 @@
+"""The Redis keys Dramatiq's Redis broker keeps a queue in: what operators' views read (the queue's length,
+its retries waiting out their backoff, its dead letters), since Dramatiq 2 has no API for the delayed and dead
+messages. Its layout is Dramatiq's; agentq only names it, under its broker namespace (AGENTQ_BROKER_NAMESPACE)."""
+
+from __future__ import annotations
+
+from app.config import get_settings
+
+
+def broker_key(queue: str, suffix: str = "") -> str:
+    """The Redis broker's key for a queue, `<namespace>:<queue>` (its list of messages waiting), and its other
+    keys by their suffix (below)."""
+    return f"{get_settings().broker_namespace}:{queue}{suffix}"
+
+
+def delayed_bodies_key(queue: str) -> str:
+    """The hash of the queue's delayed messages (retries waiting out their backoff), by message id."""
+    return broker_key(queue, ".DQ.msgs")
+
+
+def dead_ids_key(queue: str) -> str:
+    """The sorted set of the queue's dead message ids, each scored by when it died."""
+    return broker_key(queue, ".XQ")
+
+
+def dead_bodies_key(queue: str) -> str:
+    """The hash of the queue's dead messages, by message id."""
+    return broker_key(queue, ".XQ.msgs")
