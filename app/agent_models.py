@@ -6,6 +6,7 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
+from sqlalchemy import FromClause, Label
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
@@ -19,9 +20,18 @@ def target_of(model: LlmModel) -> ModelTarget:
     return ModelTarget(**{field: getattr(model, field) for field in MODEL_FIELDS})
 
 
+PRIMARY, FALLBACK = "p", "f"
+"""The prefixes of an agent's two models' columns in a query that reads both (`model_columns`)."""
+
+
+def model_columns(model: FromClause, prefix: str) -> list[Label[Any]]:
+    """A model's columns as a query that reads both of an agent's models names them: `<prefix>_<field>`."""
+    return [model.c[field].label(f"{prefix}_{field}") for field in MODEL_FIELDS]
+
+
 def target_in_row(row: Any, prefix: str) -> ModelTarget | None:
-    """A model read as `<prefix>_<field>` columns, as a turn's claim reads both of its agent's models in its
-    lock query (`app.turn_state`); None when the row has none (an agent without a fallback)."""
+    """A model read by `model_columns`, as a turn's claim reads both of its agent's models in its lock query
+    (`app.turn_state`); None when the row has none (an agent without a fallback)."""
     values = {field: getattr(row, f"{prefix}_{field}") for field in MODEL_FIELDS}
     return None if values["id"] is None else ModelTarget(**values)
 

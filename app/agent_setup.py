@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from sqlalchemy import ColumnElement, FromClause
 from sqlalchemy.orm import Session
 
-from app.agent_models import agent_targets, target_in_row, worst_case_cost
+from app.agent_models import FALLBACK, PRIMARY, agent_targets, model_columns, target_in_row, worst_case_cost
 from app.model_target import ModelTarget
 from app.models import Agent
 from app.prompt import ChatMessage, Prompt, build_prompt
@@ -54,9 +55,16 @@ def setup_of(session: Session, agent: Agent) -> AgentSetup:
                       primary, fallback)
 
 
+def setup_columns(agents: FromClause, primary: FromClause, fallback: FromClause) -> list[ColumnElement[Any]]:
+    """What a query reads of an agent, its primary and its (outer-joined) fallback for `setup_in_row`: a turn's
+    claim reads them in its lock query, with the turn."""
+    return [agents.c.system_prompt, agents.c.timeout_seconds, agents.c.temperature, agents.c.max_tokens,
+            agents.c.fallback_model_id, *model_columns(primary, PRIMARY), *model_columns(fallback, FALLBACK)]
+
+
 def setup_in_row(row: Any) -> AgentSetup:
-    """From a turn's claim, which read the agent's columns and its models' (`app.agent_models.target_in_row`)."""
-    primary = target_in_row(row, "p")
+    """From a row a query read with `setup_columns`."""
+    primary = target_in_row(row, PRIMARY)
     assert primary is not None
     return AgentSetup(row.system_prompt, AgentParams(row.timeout_seconds, row.temperature, row.max_tokens),
-                      primary, target_in_row(row, "f"))
+                      primary, target_in_row(row, FALLBACK))

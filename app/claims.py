@@ -61,8 +61,7 @@ class ClaimDecision:
 class ClaimResult:
     """A claim's outcome; a taken run comes with its lease token and `deliveries`, the number of this
     delivery (for `app.deliveries.give_up_reason`), and a turn with `run`, the row read under the lock:
-    the user's message (`content`, `seq`), the agent's settings and its models (`MODEL_FIELDS`, as `p_<field>`
-    for the primary and `f_<field>` for the fallback: `app.agent_models.target_in_row`).
+    the user's message (`content`, `seq`), the agent's settings and its models (`app.agent_setup.setup_columns`).
     `affordable` is False when the worst case the caller asked to hold was not available; `time_left` is
     the model time the delivery has before its run's deadline (`app.deliveries.Deadline`)."""
 

@@ -61,10 +61,9 @@ def retry_hand_over() -> timedelta:
 def send_retry(send: Callable[[], T], *, what: str, failed_at_ms: int | None, stopping: Callable[[], bool]) -> T:
     """`send()`, a retry's send, with a Redis out of reach or refusing writes waited out for as long as the retry
     owns its run: `retry_hand_over` from the failure (`failed_at_ms`, the Retries middleware's
-    `requeue_timestamp`), after which the recovery sweep sends the run itself. Before, Dramatiq wrote such a
-    retry off (the failed delivery's message acknowledged, or the due retry dropped with its consumer), and
-    its turn, still `pending` with the receipt of its first send, waited for the stale-pending rule, five
-    minutes by default. A send that waits holds only the thread that failed the delivery, or the delay queue's
+    `requeue_timestamp`), after which the recovery sweep sends the run itself; Dramatiq would write the retry
+    off, its run left to the stale-pending rule (five minutes by default). A send that waits holds only the
+    thread that failed the delivery, or the delay queue's
     consumer, neither of which has other work while Redis refuses it; it stops waiting when the process stops
     (`stopping`), so that a shutdown is not held up by it.
 

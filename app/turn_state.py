@@ -20,12 +20,12 @@ from sqlalchemy import Row, bindparam, case, exists, literal, select, update
 from sqlalchemy.orm import Session
 
 from app import ledger
+from app.agent_setup import setup_columns
 from app.claims import Claim, ClaimResult, LeaseLost, judge_claim, lease_held
 from app.clock import DatabaseNow, lease_time
 from app.deliveries import deliveries_at_requeue
 from app.in_flight import pending_since_before, processing_past
 from app.live_stream import Streamed
-from app.model_target import MODEL_FIELDS
 from app.models import Agent, Conversation, ConversationMessage, LlmModel, Turn, table
 from app.models.base import utc_now
 from app.money import quantize
@@ -76,11 +76,7 @@ def _statements() -> _Statements:
     turn_row = [turns.c[name] for name in _TURN_COLUMNS]
     turn_read = (select(*turn_row, turns.c.lease_token, turns.c.lease_expires_at, turns.c.deadline_at,
                         DatabaseNow().label("now"), messages.c.status,
-                        question.c.content, question.c.seq, agents.c.system_prompt,
-                        agents.c.timeout_seconds, agents.c.temperature, agents.c.max_tokens,
-                        agents.c.fallback_model_id,
-                        *(primary.c[f].label(f"p_{f}") for f in MODEL_FIELDS),
-                        *(fallback.c[f].label(f"f_{f}") for f in MODEL_FIELDS))
+                        question.c.content, question.c.seq, *setup_columns(agents, primary, fallback))
                  .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
                  .join(question, question.c.id == turns.c.user_message_id)
                  .join(conversations, conversations.c.id == turns.c.conversation_id)

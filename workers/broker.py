@@ -71,12 +71,9 @@ def _lost_redis_as_connection_closed() -> Iterator[None]:
     `maxmemory` with `noeviction`, a replica after a failover: `app.outages.REDIS_UNAVAILABLE`), as Dramatiq's
     `ConnectionClosed`, which its threads ride out: an ack or a nack is tried again every five seconds until
     Redis takes it, a requeue at a consumer's close is left for the broker to give back. Dramatiq turns only
-    `redis.ConnectionError` into it. A `redis.TimeoutError` was taken for an unexpected error, which sent the
-    consumer thread to a clean-up whose requeue of the retries it held raised it again, and the thread ended
-    (the process took no retry of that queue until it stopped, each run waiting for the recovery sweep). A
-    refused write was one too: an ack Dramatiq called "a bug in Dramatiq" and dropped, its message held by
-    this worker until it restarted. Other errors (a command Redis refuses for good) stay Dramatiq's
-    unexpected ones: tried again as a lost connection, they would hold a worker thread for ever."""
+    `redis.ConnectionError` into it: to Dramatiq a timeout or a refused write is a bug, which ends a consumer
+    thread or drops an ack (its message then held by this worker until it restarts). Other errors (a command
+    Redis refuses for good) stay Dramatiq's unexpected ones: tried again, they would hold a thread for ever."""
     try:
         yield
     except REDIS_UNAVAILABLE as error:
