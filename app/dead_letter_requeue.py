@@ -25,7 +25,7 @@ from app.db import rows_changed, transaction
 from app.dead_letter_queue import take_entry
 from app.dead_letters import every_dead_letter, lock_open_letter
 from app.debug_run_state import reopen_debug_run
-from app.errors import Conflict, ConversationBusy, NotFound, TooManyActiveConversations, conversations
+from app.errors import Conflict, ConversationBusy, NotFound, TooManyActiveConversations, conversation_count
 from app.in_flight import check_can_start, lock_user
 from app.models import Conversation, DeadLetter, Turn
 from app.models.base import utc_now
@@ -135,7 +135,7 @@ def _check_user_can_start(session: Session, row: DeadLetter, turn: Turn) -> None
         raise _busy(row) from exc
     except TooManyActiveConversations as exc:
         raise TooManyActiveConversations(exc.limit, f"Dead letter {row.id}: its user already has "
-                                         f"{conversations(exc.limit)} with a turn in flight; requeue it when one "
+                                         f"{conversation_count(exc.limit)} with a turn in flight; requeue it when one "
                                          "ends.") from exc
 
 

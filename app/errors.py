@@ -66,12 +66,13 @@ class TooManyActiveConversations(AgentqError):
     code = "too_many_active_conversations"
 
     def __init__(self, limit: int, message: str | None = None) -> None:
-        super().__init__(message or f"You already have {conversations(limit)} with a turn in flight; wait for one "
+        super().__init__(message or f"You already have {conversation_count(limit)} with a turn in flight; wait for one "
                                     "to end.")
         self.limit = limit
 
 
-def conversations(count: int) -> str:
+def conversation_count(count: int) -> str:
+    """A count of conversations as a message says it ("1 conversation", "2 conversations")."""
     return f"{count} conversation{'' if count == 1 else 's'}"
 
 
