@@ -456,7 +456,10 @@ def report(stack: Stack, redis: SharedRedis, users: list[tuple[int, str]],
     assert sum(charges.values()) == len(turn_ids)
     assert len(balances) == USERS
     assert all(balance == ledger and reserved == 0 for _, balance, reserved, ledger in balances)
-    assert all(balance < BALANCE for _, balance, _, _ in balances)
+    costs = {user_id: sum((Decimal(m["cost"]) for m in c.final.values()), Decimal(0))
+             for (user_id, _), c in zip(users, clients, strict=True)}
+    assert all(cost > 0 for cost in costs.values())
+    assert {user_id: balance for user_id, balance, _, _ in balances} == {u: BALANCE - c for u, c in costs.items()}
     assert locks == []
     assert held_slots == {}
     kills = len([e for e in chaos.events if e.startswith("SIGKILL")])

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -185,6 +187,23 @@ def question_of(turn_id: int) -> int:
         return session.get_one(Turn, turn_id).user_message_id
 
 
+def waiting_on(database: str, holder: Any, statement: str) -> Callable[[], bool]:
+    """Whether a statement starting `statement` waits for a lock the transaction of session `holder` holds, by
+    PostgreSQL's own account (`pg_blocking_pids`), looked at from a connection of its own (a transaction sees
+    one snapshot of `pg_stat_activity`)."""
+    from sqlalchemy import text
+
+    holder_pid = holder.execute(text("SELECT pg_backend_pid()")).scalar()
+
+    def look() -> bool:
+        with psycopg.connect(database.replace("+psycopg", ""), autocommit=True) as watcher:
+            row = watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid)) "
+                                  "AND query ILIKE %s", (holder_pid, f"{statement}%")).fetchone()
+        return row is not None and row[0] == 1
+
+    return look
+
+
 def the_only_call(upstream) -> str:  # type: ignore[no-untyped-def]
     """The upstream call of this test's turn, once it is the only one streaming.
 
@@ -236,7 +255,7 @@ def test_a_worker_that_lost_its_lease_stops_and_cannot_write(world, upstream) ->
     assert (final["status"], final["content"]) == ("success", "the new owner's")
 
 
-def test_a_claim_that_waited_for_the_owners_final_commit_sees_the_turn_finished(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_a_claim_that_waited_for_the_owners_final_commit_sees_the_turn_finished(world, upstream, database) -> None:  # type: ignore[no-untyped-def]
     """A redelivered message blocks on the turn while its owner settles; once the owner commits, the
     waiting claim must see the turn ended (not a processing turn without a lease) and call no model."""
     import threading
@@ -266,8 +285,9 @@ def test_a_claim_that_waited_for_the_owners_final_commit_sees_the_turn_finished(
 
         waiting = threading.Thread(target=redelivered)
         waiting.start()
-        waiting.join(timeout=1.0)
-        assert waiting.is_alive(), "the second claim should wait for the owner's row locks"
+        wait_for(waiting_on(database, owner, "SELECT"), timeout=10,
+                 what="the second claim to wait for the owner's row locks")
+        assert waiting.is_alive()
         settled.set()
     waiting.join(timeout=10)
     assert [(after, outcome.value) for after, outcome in claims] == [(True, "finished")]
@@ -277,7 +297,8 @@ def test_a_claim_that_waited_for_the_owners_final_commit_sees_the_turn_finished(
     assert len(upstream.requests()) == 1
 
 
-def test_a_new_turn_racing_a_settlement_of_the_same_conversation_is_refused_without_a_deadlock(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_a_new_turn_racing_a_settlement_of_the_same_conversation_is_refused_without_a_deadlock(  # type: ignore[no-untyped-def]
+        world, upstream, database) -> None:
     """A settlement locks the conversation, then the user; the database part of intake must never
     lock them the other way round (it runs alone when Redis is unreachable or its lock was lost)."""
     import threading
@@ -315,7 +336,11 @@ def test_a_new_turn_racing_a_settlement_of_the_same_conversation_is_refused_with
         record_turn_end(settling, conversation_id, 3)
         racing = threading.Thread(target=intake)
         racing.start()
-        racing.join(timeout=2.0)
+        # The intake either refuses at once (it reads the turn still in flight) or waits for a lock the settlement
+        # holds; the charge then takes the user's row, which an intake that locked the conversation first would
+        # hold: a deadlock.
+        blocked = waiting_on(database, settling, "")
+        wait_for(lambda: not racing.is_alive() or blocked(), timeout=10, what="the intake to end or to wait")
         ledger.charge_turn(settling, user_id, assistant["id"], Decimal("0.000001"), Decimal(0))
     racing.join(timeout=10)
     assert not racing.is_alive()

@@ -106,9 +106,17 @@ def test_statistics_count_every_message_and_only_successful_tokens(world) -> Non
     world.api.patch(f"/api/admin/agents/{agent_id}", world.admin_key, {"model_id": bad})
     failed = world.wait_terminal(key, world.send(key, conversation_id).json["assistant_message"]["id"])
     assert failed["status"] == "llm_error"
-    stats = wait_for(lambda: world.api.get(f"/api/conversations/{conversation_id}", key).json, what="stats")
-    assert stats["message_count"] == 4
-    assert stats["total_tokens"] == ok["total_tokens"]
+    # A stopped turn has tokens (it is paid for those generated), and they are not a success's either.
+    world.api.patch(f"/api/admin/agents/{agent_id}", world.admin_key,
+                    {"model_id": world.model("slow", upstream="echo;words=400;gap=0.05")})
+    slow_id = world.send(key, conversation_id).json["assistant_message"]["id"]
+    wait_for(lambda: world.message(key, slow_id)["content"], what="the slow answer's first words")
+    assert world.api.post(f"/api/messages/{slow_id}/cancel", key).status_code == 202
+    stopped = world.wait_terminal(key, slow_id)
+    assert stopped["status"] == "cancelled" and stopped["total_tokens"] > 0
+    stats = world.api.get(f"/api/conversations/{conversation_id}", key).json
+    assert (stats["message_count"], stats["total_tokens"]) == (6, ok["total_tokens"])
+    assert ok["total_tokens"] > 0
 
 
 @pytest.mark.parametrize("batch", [3, 4])

@@ -187,6 +187,7 @@ def test_a_turn_whose_retries_run_out_is_a_dead_letter_and_runs_again_when_reque
     assert done["content"] == "echo: try me"
     assert done["error_message"] is None
     assert ledger_rows(turn_id) == 1
+    assert (done["cost"], world.api.get("/api/me", key).json["balance"]) == ("0.010000", "9.990000")
     assert [m["status"] for m in api.get(f"/api/conversations/{conversation_id}/messages", key).json["items"]] \
         == ["success", "success"]
     assert deliveries_of(turn_id) == 1001

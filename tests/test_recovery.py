@@ -86,7 +86,19 @@ def deliveries(stack: Stack, turn_id: int) -> int:
 
 
 def charges(stack: Stack, turn_id: int) -> int:
-    return stack.sql("SELECT count(*) FROM credit_transactions WHERE message_id = %(id)s", {"id": turn_id})[0][0]
+    """How many charges the turn's user paid for it, each checked on the way: the turn's own cost, which is the
+    tokens its answering call reported (or a stopped call's estimate) at that model's prices, so that a charge
+    of the wrong amount (the interrupted call's added, the reservation taken whole) fails the caller's count."""
+    amounts = [amount for (amount,) in stack.sql(
+        "SELECT amount FROM credit_transactions WHERE message_id = %(id)s", {"id": turn_id})]
+    if amounts:
+        (cost, prompt, completion, model), = stack.sql(
+            "SELECT cost, prompt_tokens, completion_tokens, model FROM conversation_messages WHERE id = %(id)s",
+            {"id": turn_id})
+        (price_in, price_out), = stack.sql("SELECT DISTINCT input_price_per_1k, output_price_per_1k FROM llm_models "
+                                           "WHERE name = %(name)s", {"name": model})
+        assert (amounts, cost) == ([-cost], token_cost(prompt, completion, price_in, price_out)), turn_id
+    return len(amounts)
 
 
 def streamed_by(stack: Stack, turn_id: int, attempt: int) -> str:
@@ -534,8 +546,9 @@ def test_a_redis_refusing_writes_for_want_of_memory_is_waited_out_as_an_outage(s
         _, other_key = stack.user("full-redis-other")
         other = stack.call("POST", f"/api/conversations/{stack.conversation(other_key, agent_id)}/messages",
                            other_key, json={"content": "to be stopped while redis is full"}).json()
-        stopped = stack.call("POST", f"/api/messages/{other['assistant_message']['id']}/cancel", other_key)
-        assert stopped.status_code in (202, 503), stopped.text
+        other_id = other["assistant_message"]["id"]
+        stopped = stack.call("POST", f"/api/messages/{other_id}/cancel", other_key)
+        assert (stopped.status_code, stopped.json()["status"]) == (202, "cancelled"), stopped.text
         not_ready = stack.call("GET", "/readyz")  # Redis answers PING all the same
         assert (not_ready.status_code, not_ready.json()["checks"]) == (
             503, {"database": "ok", "redis": "error: OutOfMemoryError"})
@@ -545,6 +558,8 @@ def test_a_redis_refusing_writes_for_want_of_memory_is_waited_out_as_an_outage(s
     done = stack.wait_terminal(key, turn["id"], timeout=60)
     assert (done["status"], done["content"]) == ("success", "echo: while redis is full")
     assert (deliveries(stack, turn["id"]), charges(stack, turn["id"])) == (1, 1)
+    assert (stack.message(other_key, other_id)["status"], deliveries(stack, other_id), charges(stack, other_id)) \
+        == ("cancelled", 0, 0)
     assert stack.web is not None and "Traceback" not in stack.web.output()  # a refused send is said in one line
 
 
@@ -1580,7 +1595,7 @@ def test_an_idle_worker_takes_a_sent_turn_at_once_not_at_its_next_look(stack: St
     for index in range(2):
         turn = stack.send(key, stack.conversation(key, agent_id), f"ring {index}")
         assert stack.wait_terminal(key, turn["id"], timeout=15)["status"] == "success"
-    assert claims_of(worker, turn["id"])
+    assert [line["message"] for line in claims_of(worker, turn["id"])] == [f"turn {turn['id']} claimed (delivery 1)"]
 
 
 def test_an_admin_test_runs_log_lines_carry_its_id(stack: Stack) -> None:

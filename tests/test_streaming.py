@@ -1340,13 +1340,24 @@ def test_a_quiet_stream_gets_its_heartbeat_when_it_is_due_not_a_blocking_read_la
 
 
 def test_a_stop_survives_redis_losing_its_flag(world, redis_client) -> None:  # type: ignore[no-untyped-def]
-    """The worker reads stop requests from the database too, with each lease renewal."""
+    """The worker reads stop requests from the database too, with each lease renewal: a stop recorded there
+    alone (its Redis flag lost, here never written) ends the turn long before its 20 s answer would."""
+    from sqlalchemy import update
+
+    from app.db import transaction
+    from app.models import Turn
+    from app.models.base import utc_now
+    from app.stop_requests import stop_key
+
     key, message_id, _ = start_turn(world, "echo;words=400;gap=0.05")
     wait_for(lambda: world.message(key, message_id)["status"] == "processing", what="the worker to start")
-    assert world.api.post(f"/api/messages/{message_id}/cancel", key).status_code == 202
-    redis_client.flushdb()
+    with transaction() as session:
+        session.execute(update(Turn).where(Turn.assistant_message_id == message_id)
+                        .values(cancel_requested_at=utc_now()))
+    assert redis_client.exists(stop_key(message_id)) == 0
     final = world.wait_terminal(key, message_id, timeout=10)
     assert final["status"] == "cancelled"
+    assert 0 < len(final["content"].split()) < 400
 
 
 def test_deltas_queued_together_are_published_as_one_entry_per_stream_and_attempt() -> None:

@@ -96,7 +96,7 @@ def test_history_holds_only_successful_turns(world, upstream) -> None:  # type: 
     assert conversation["total_tokens"] == success_tokens
 
 
-def test_a_redelivered_message_neither_calls_the_model_again_nor_charges_twice(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_a_redelivered_message_neither_calls_the_model_again_nor_charges_twice(world, upstream, workers) -> None:  # type: ignore[no-untyped-def]
     from app.run_kinds import TURN
 
     agent_id = world.agent(world.model(price_in="1", price_out="1"))
@@ -108,10 +108,10 @@ def test_a_redelivered_message_neither_calls_the_model_again_nor_charges_twice(w
 
     for _ in range(2):
         assert TURN.send(assistant["id"], None)
-    from app.operations import queue_snapshot
-
-    wait_for(lambda: queue_snapshot().queues[0].ready == 0, what="the duplicate deliveries to be consumed")
-    wait_for(lambda: _attempt_count(assistant["id"]) == 1, what="attempt records")
+    refused = f"turn {assistant['id']} not run: finished"
+    wait_for(lambda: sum(p.output().count(refused) for p in workers.processes) == 2,
+             what="both duplicate deliveries to find the turn ended")
+    assert _attempt_count(assistant["id"]) == 1
     assert len(upstream.requests()) == 1
     ledger = world.api.get("/api/me/transactions", key).json["items"]
     assert [t["amount"] for t in ledger if t["message_id"] == assistant["id"]] == ["-0.009000"]
