@@ -80,6 +80,19 @@ def _record(target: ModelTarget, outcome: str, error: str | None, latency_ms: in
                          completion_tokens, cost)
 
 
+def _record_failure(outcome: Outcome, target: ModelTarget, failure: AttemptFailed, messages: list[dict[str, str]],
+                    max_tokens: int) -> None:
+    """A failed attempt's record, estimated (no usage report came): its prompt, when the provider may bill a
+    request it got, and the text it streamed; its text is the outcome's, and names its model, if any came."""
+    prompt_estimate = estimate_tokens_of_messages(messages) if failure.may_be_billed else 0
+    produced = estimate_answer_tokens(failure.partial, max_tokens)
+    outcome.attempts.append(_record(target, failure.kind.value, failure.detail_in_full, failure.latency_ms,
+                                    failure.first_token_ms, prompt_estimate, produced))
+    outcome.note(f"{target.name}: {failure}", f"{target.name}: {failure.in_full}")
+    outcome.partial = failure.partial
+    outcome.model = target if failure.partial else None
+
+
 def call_with_fallback(
     primary: ModelTarget,
     fallback: ModelTarget | None,
@@ -122,13 +135,7 @@ def call_with_fallback(
                                      temperature=params.temperature, max_tokens=max_tokens,
                                      on_delta=sink.delta, stop=stop)
         except AttemptFailed as failure:
-            prompt_estimate = estimate_tokens_of_messages(messages) if failure.may_be_billed else 0
-            produced = estimate_answer_tokens(failure.partial, max_tokens)
-            outcome.attempts.append(_record(target, failure.kind.value, failure.detail_in_full, failure.latency_ms,
-                                            failure.first_token_ms, prompt_estimate, produced))
-            outcome.note(f"{target.name}: {failure}", f"{target.name}: {failure.in_full}")
-            outcome.partial = failure.partial
-            outcome.model = target if failure.partial else None
+            _record_failure(outcome, target, failure, messages, max_tokens)
             if failure.kind is FailureKind.CANCELLED:
                 outcome.cancelled = True
                 outcome.stopped_call = outcome.attempts[-1] if failure.partial else None
