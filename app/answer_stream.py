@@ -282,8 +282,8 @@ def _follow(message_id: int, cursor: Cursor | None, reader_gone: Callable[[], bo
         try:
             found = cast(list[tuple[bytes, list[StreamEntry]]],
                          get_redis().xread({key: cursor.entry}, count=200, block=None if ended else block_ms))
-        except redis.RedisError:
-            found = None
+        except redis.RedisError:  # said by the API's readiness and its other requests, not once a reader a read:
+            found = None  # the reader looks again, and an end written meanwhile comes from the database (`_ending`)
             time.sleep(0.5)
         entries = found[0][1] if found else []
         if not entries:
