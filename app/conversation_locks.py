@@ -24,7 +24,7 @@ from redis.typing import EncodableT
 from app.config import get_settings
 from app.db import transaction
 from app.errors import ConversationBusy, TooManyActiveConversations
-from app.failure_logs import warn_of
+from app.failure_logs import warn_of, warn_of_sparingly
 from app.in_flight import active_conversation_ids, answer_status
 from app.live_stream import stream_key
 from app.redis_client import get_redis, key, lua_script
@@ -160,12 +160,12 @@ def acquire_turn_slots(user_id: int, conversation_id: int) -> TurnSlots:
                 _forget_idle_slots(user_id)
                 continue
             raise TooManyActiveConversations(settings.max_active_conversations)
-    except redis.TimeoutError:
-        log.warning("Redis did not answer in time; the database alone guards conversation %s, and the recovery "
-                    "sweep sends its turn", conversation_id)
+    except redis.TimeoutError as exc:
+        warn_of_sparingly(log, exc, "Redis did not answer in time; the database alone guards conversation %s, and "
+                          "the recovery sweep sends its turn", conversation_id)
         return TurnSlots(user_id, conversation_id, None, redis_silent=True)
-    except redis.RedisError:
-        log.warning("Redis unreachable; the database alone guards conversation %s", conversation_id)
+    except redis.RedisError as exc:
+        warn_of_sparingly(log, exc, "Redis unreachable; the database alone guards conversation %s", conversation_id)
     return TurnSlots(user_id, conversation_id, None)
 
 

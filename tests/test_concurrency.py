@@ -55,12 +55,14 @@ def test_a_burst_of_posts_to_one_idle_conversation_gets_exactly_one_202(world, w
 
 def test_the_database_alone_keeps_one_turn_per_conversation_when_redis_is_unreachable(world) -> None:  # type: ignore[no-untyped-def]
     """An API whose Redis is down still answers; the turn it stores is sent by the workers' recovery."""
-    with api_process("web-no-redis", threads=16, REDIS_URL="redis://127.0.0.1:9/0") as (url, _):
+    with api_process("web-no-redis", threads=16, REDIS_URL="redis://127.0.0.1:9/0") as (url, web):
         assert httpx.get(f"{url}/readyz").status_code == 503
         agent_id = world.agent(world.model())
         _, key = world.user()
         conversation_id = world.conversation(key, agent_id)
         assert burst(url, key, conversation_id) == [202] + [409] * 11
+        # Every request meets the outage alike: it is said once, not once a request.
+        assert web.output().count("Redis unreachable; the database alone guards conversation") == 1
         assistant = world.api.get(f"/api/conversations/{conversation_id}/messages", key).json["items"][1]
         assert world.wait_terminal(key, assistant["id"])["status"] == "success"
 
