@@ -24,7 +24,7 @@ from redis.typing import EncodableT
 from app.config import get_settings
 from app.db import transaction
 from app.errors import ConversationBusy, TooManyActiveConversations
-from app.failure_logs import warn_of, warn_of_sparingly
+from app.failure_logs import warn_of_sparingly
 from app.in_flight import active_conversation_ids, answer_status
 from app.live_stream import stream_key
 from app.redis_client import get_redis, key, lua_script
@@ -91,7 +91,7 @@ class TurnSlots:
                                       stop_key(turn_id)],
                  [turn_owner(turn_id), _now_ms(), _lease_ms(), self.conversation_id, self.owner])
         except redis.RedisError as exc:
-            warn_of(log, exc, "could not hand the conversation lock to turn %s", turn_id)
+            warn_of_sparingly(log, exc, "could not hand the conversation lock to turn %s", turn_id)
         self.owner = None
 
     def release(self) -> None:
@@ -106,7 +106,8 @@ def _release(user_id: int, conversation_id: int, owner: str, *ended_turn_keys: s
         _run("release_turn_slots", [lock_key(conversation_id), slots_key(user_id), *ended_turn_keys],
              [owner, conversation_id])
     except redis.RedisError as exc:
-        warn_of(log, exc, "could not free the lock of conversation %s; it runs out by itself", conversation_id)
+        warn_of_sparingly(log, exc, "could not free the lock of conversation %s; it runs out by itself",
+                          conversation_id)
 
 
 def _stale_turn_owner(owner: str) -> bool:
