@@ -5,18 +5,29 @@ every round of a loop meets it alike), a setup step as the step to take, a bug w
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from app.db import database_location
 from app.outages import in_one_line, is_outage
-from app.setup_problems import setup_problem
+from app.redis_client import redis_location
+from app.setup_problems import SetupProblem, setup_problem
+
+
+def _said_in_one_line(error: BaseException) -> bool:
+    """An outage, or a setup step to take: what the error says is all there is to say (a bug needs its traceback)."""
+    return is_outage(error) or setup_problem(error) is not None
+
+
+def _location(problem: SetupProblem) -> str:
+    return f"Redis at {redis_location()}" if problem.of_redis else f"the database at {database_location()}"
 
 
 def warn_of(logger: logging.Logger, error: BaseException, message: str, *args: object) -> None:
     """A warning about a step that failed and that something else makes good (the recovery sweep, a lease
-    running out): a backing service out of reach said in one line, which an outage repeats for every run;
-    anything else with its traceback, which a bug needs."""
-    if is_outage(error):
+    running out): a backing service out of reach, or a setting to mend, said in one line, which repeats for
+    every run; anything else with its traceback, which a bug needs."""
+    if _said_in_one_line(error):
         logger.warning(message + " (%s)", *args, in_one_line(error))
     else:
         logger.warning(message, *args, exc_info=error)
@@ -33,6 +44,7 @@ loops try twice a second, and said at each try a 40 s outage was 80 lines a proc
 
 _outage_said: dict[tuple[str, str], tuple[float, int]] = {}
 """For each logger and loop, when it last said an outage and how many failed rounds it has not said since."""
+_outage_said_lock = threading.Lock()
 
 
 def said_again(source: str, doing: str, counted: str = "rounds") -> str | None:
@@ -40,11 +52,12 @@ def said_again(source: str, doing: str, counted: str = "rounds") -> str | None:
     one counted, unsaid); else the clause that counts the `counted` not said since it was (empty for none), and
     it is said now."""
     key, now = (source, doing), time.monotonic()
-    said_at, unsaid = _outage_said.get(key, (float("-inf"), 0))
-    if now - said_at < OUTAGE_REPEAT_SECONDS:
-        _outage_said[key] = (said_at, unsaid + 1)
-        return None
-    _outage_said[key] = (now, 0)
+    with _outage_said_lock:  # an API process's threads meet an outage at once: one of them says it
+        said_at, unsaid = _outage_said.get(key, (float("-inf"), 0))
+        if now - said_at < OUTAGE_REPEAT_SECONDS:
+            _outage_said[key] = (said_at, unsaid + 1)
+            return None
+        _outage_said[key] = (now, 0)
     return f"; {unsaid} more {counted} failed alike since this was last said" if unsaid else ""
 
 
@@ -62,9 +75,9 @@ def warn_of_sparingly(logger: logging.Logger, error: BaseException, message: str
     """`warn_of` for a step that every run meets alike while a backing service is out of reach (a send while
     Redis is away: each request's, and each pending run's at every recovery sweep, a line each): the outage
     said in one line, naming the run that met it first, and again at most every `OUTAGE_REPEAT_SECONDS` with
-    the count of runs not said (`message`, the template, tells one step from another); anything else said as
-    `warn_of` says it, with its traceback."""
-    if not is_outage(error):
+    the count of runs not said (`message`, the template, tells one step from another), as is a setting to mend
+    (a password Redis refuses); anything else said as `warn_of` says it, with its traceback."""
+    if not _said_in_one_line(error):
         warn_of(logger, error, message, *args)
     elif (since := said_again(logger.name, message, "runs")) is not None:
         logger.warning(message + " (%s); every run that meets this is said at most every %g s%s", *args,
@@ -83,8 +96,8 @@ def log_failure(logger: logging.Logger, error: BaseException, doing: str) -> Non
         key, now = (logger.name, problem.step), time.monotonic()
         if now - _setup_problem_said.get(key, float("-inf")) >= SETUP_PROBLEM_REPEAT_SECONDS:
             _setup_problem_said[key] = now
-            logger.error("%s failed: %s. %s (the database at %s); every round fails alike until then, said again "
-                         "at most once a minute", doing, problem.step, in_one_line(error), database_location())
+            logger.error("%s failed: %s. %s (%s); every round fails alike until then, said again at most once a "
+                         "minute", doing, problem.step, in_one_line(error), _location(problem))
     elif is_outage(error):
         if (since := said_again(logger.name, doing)) is None:
             return

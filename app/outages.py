@@ -4,12 +4,13 @@ retries, a stream reader, a finished run's settlement: `waiting_out_outages`) mu
 real bug.
 
 `OperationalError` alone is too wide for that: it also covers a statement timeout, a deadlock, a lock
-not available, and on SQLite a missing table. Only a connection that failed or was lost counts, and on
+not available, and on SQLite a missing table. Only a connection that failed or was lost counts, a server
+that cannot serve for a while (shutting down, starting, out of connections, its disk or memory full), and on
 SQLite a database file whose write lock another process held past the busy timeout (the embedded
 database's one writer at a time: an operator's `sqlite3` shell in a transaction, a long outside write),
-which is out of reach for as long as that lasts. A missing table, a refused login, a column of a later
-release are setup steps, not outages: `app.setup_problems` tells them apart, and `app.failure_logs` says each
-kind of failure as it should be said.
+which is out of reach for as long as that lasts, or whose disk is full. A missing table, a refused login, a
+column of a later release are setup steps, not outages: `app.setup_problems` tells them apart, and
+`app.failure_logs` says each kind of failure as it should be said.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ import sqlalchemy.exc
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_SERVER_GOING_AWAY = frozenset({"57P01", "57P02", "57P03", "53300"})
-"""PostgreSQL's admin shutdown, crash shutdown, cannot connect now (starting up), too many connections."""
+_SERVER_CANNOT_SERVE = frozenset({"57P01", "57P02", "57P03", "53300", "53100", "53200"})
+"""PostgreSQL's admin shutdown, crash shutdown, cannot connect now (starting up), too many connections, and its
+disk or memory full: the server's state for a while, as a Redis at its `maxmemory` is, which an operator mends
+and a retry then finds mended."""
 
 
 REDIS_UNAVAILABLE: tuple[type[redis.RedisError], ...] = (
@@ -61,9 +64,9 @@ def is_outage(error: BaseException) -> bool:
             error = error.orig
     if isinstance(error, psycopg.OperationalError):
         state = error.sqlstate
-        return state is None or state.startswith("08") or state in _SERVER_GOING_AWAY
+        return state is None or state.startswith("08") or state in _SERVER_CANNOT_SERVE
     if isinstance(error, sqlite3.OperationalError):
-        return getattr(error, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
+        return getattr(error, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_FULL)
     return False
 
 

@@ -1,7 +1,7 @@
 """Failures that no wait mends but a setup step does: a database with no agentq schema or one that predates
-this release (`agentq db init`), a login the server refuses (DATABASE_URL). Told apart here once, for the API's
-answers, `/readyz`, a worker's start, the commands and the background loops alike; everything else a failure
-can be is an outage (`app.outages`) or a bug.
+this release (`agentq db init`), a login the server refuses (DATABASE_URL), a password Redis refuses (REDIS_URL).
+Told apart here once, for the API's answers, `/readyz`, a worker's start, the commands and the background loops
+alike; everything else a failure can be is an outage (`app.outages`) or a bug.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import psycopg
 import psycopg.errors
+import redis
 import sqlalchemy.exc
 
 from app.errors import DatabaseAwaitsUpgrade, DatabaseNotCreated
@@ -55,6 +56,12 @@ def lacks_a_column(error: BaseException) -> bool:
                                                                  or "has no column named" in str(error.orig))
 
 
+def redis_refuses_login(error: BaseException) -> bool:
+    """Redis answered and refused the password REDIS_URL gives, or asked for one it does not give (a send's error
+    is the Redis client's under Dramatiq's)."""
+    return isinstance(error, redis.AuthenticationError) or isinstance(error.__cause__, redis.AuthenticationError)
+
+
 @dataclass(frozen=True, slots=True)
 class SetupProblem:
     """A failure that no wait mends but a setup step does."""
@@ -67,6 +74,8 @@ class SetupProblem:
     """What the operator must do, as a clause: "the database has no agentq schema: run `agentq db init`"."""
     check: str
     """The same in a few words, as `/readyz` names a failing check."""
+    of_redis: bool = False
+    """A setting of Redis's (REDIS_URL) to mend, not the database's."""
 
 
 NO_SCHEMA = "the database has no agentq schema; run `agentq db init`"
@@ -93,4 +102,8 @@ def setup_problem(error: BaseException) -> SetupProblem | None:
         return SetupProblem("invalid_configuration", "the database refuses the database, role or password "
                                                      "DATABASE_URL names: mend DATABASE_URL",
                             "the database refuses the database, role or password DATABASE_URL names")
+    if redis_refuses_login(error):
+        return SetupProblem("invalid_configuration", "Redis refuses the password REDIS_URL gives, or asks for one it "
+                                                     "does not give: mend REDIS_URL",
+                            "Redis refuses the login REDIS_URL gives", of_redis=True)
     return None

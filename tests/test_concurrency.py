@@ -189,19 +189,25 @@ def question_of(turn_id: int) -> int:
         return session.get_one(Turn, turn_id).user_message_id
 
 
-def waiting_on(database: str, holder: Any, statement: str) -> Callable[[], bool]:
-    """Whether a statement starting `statement` waits for a lock the transaction of session `holder` holds, by
-    PostgreSQL's own account (`pg_blocking_pids`), looked at from a connection of its own (a transaction sees
-    one snapshot of `pg_stat_activity`)."""
+def backend_pid(session: Any) -> int:
     from sqlalchemy import text
 
-    holder_pid = holder.execute(text("SELECT pg_backend_pid()")).scalar()
+    return int(session.execute(text("SELECT pg_backend_pid()")).scalar())
+
+
+def blocked_by(database: str, waiter: list[int], holder: Any) -> Callable[[], bool]:
+    """Whether the session whose backend is `waiter[0]` (once its thread has put it there) waits for a lock that the
+    transaction of session `holder` holds, by PostgreSQL's own account (`pg_blocking_pids`), looked at from a
+    connection of its own (a transaction sees one snapshot of `pg_stat_activity`). Other sessions the holder
+    blocks (a worker's lease renewal of the same turn) do not count."""
+    holder_pid = backend_pid(holder)
 
     def look() -> bool:
+        if not waiter:
+            return False
         with psycopg.connect(database.replace("+psycopg", ""), autocommit=True) as watcher:
-            row = watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid)) "
-                                  "AND query ILIKE %s", (holder_pid, f"{statement}%")).fetchone()
-        return row is not None and row[0] == 1
+            row = watcher.execute("SELECT %s = ANY(pg_blocking_pids(%s))", (holder_pid, waiter[0])).fetchone()
+        return bool(row and row[0])
 
     return look
 
@@ -280,14 +286,17 @@ def test_a_claim_that_waited_for_the_owners_final_commit_sees_the_turn_finished(
     with transaction() as owner:
         finish_turn(owner, assistant["id"], question, token, TurnStatus.SUCCESS, content="settled by the owner")
 
+        claimer: list[int] = []
+
         def redelivered() -> None:
             with transaction() as session:
+                claimer.append(backend_pid(session))
                 outcome = claim_turn(session, assistant["id"], lease_seconds=300).outcome
             claims.append((settled.is_set(), outcome))
 
         waiting = threading.Thread(target=redelivered)
         waiting.start()
-        wait_for(waiting_on(database, owner, "SELECT"), timeout=10,
+        wait_for(blocked_by(database, claimer, owner), timeout=10,
                  what="the second claim to wait for the owner's row locks")
         assert waiting.is_alive()
         settled.set()
@@ -324,10 +333,12 @@ def test_a_new_turn_racing_a_settlement_of_the_same_conversation_is_refused_with
     assert token
 
     refusals: list[BaseException] = []
+    intaker: list[int] = []
 
     def intake() -> None:
         try:
             with transaction() as session:
+                intaker.append(backend_pid(session))
                 _insert_turn(session, Principal(user_id, "alice", False), conversation_id, "racing", None)
         except BaseException as exc:
             refusals.append(exc)
@@ -341,7 +352,7 @@ def test_a_new_turn_racing_a_settlement_of_the_same_conversation_is_refused_with
         # The intake either refuses at once (it reads the turn still in flight) or waits for a lock the settlement
         # holds; the charge then takes the user's row, which an intake that locked the conversation first would
         # hold: a deadlock.
-        blocked = waiting_on(database, settling, "")
+        blocked = blocked_by(database, intaker, settling)
         wait_for(lambda: not racing.is_alive() or blocked(), timeout=10, what="the intake to end or to wait")
         ledger.charge_turn(settling, user_id, assistant["id"], Decimal("0.000001"), Decimal(0))
     racing.join(timeout=10)

@@ -25,6 +25,7 @@ def test_a_refused_connection_is_an_outage_and_is_retried_longer() -> None:
         psycopg.connect(f"host=127.0.0.1 port={free_port()} user=postgres connect_timeout=2")
     assert is_outage(refused.value) and is_outage(_wrapped(refused.value))
     assert is_outage(_wrapped(psycopg.errors.AdminShutdown())) and is_outage(redis.ConnectionError())
+    assert is_outage(_wrapped(psycopg.errors.DiskFull())) and is_outage(_wrapped(psycopg.errors.OutOfMemory()))
     settings = get_settings()
     assert settings.outage_retries > settings.max_retries
     assert [retry_failed(n, _wrapped(refused.value)) for n in (settings.max_retries, settings.outage_retries - 1,
@@ -404,9 +405,9 @@ def test_a_stream_publisher_cut_off_from_redis_says_so_once_not_at_every_batch( 
 
 
 def test_a_send_that_fails_for_a_bug_is_logged_with_its_traceback_every_time(caplog, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """Only an outage is said sparingly in one line (`warn_of_sparingly`); a send that fails for anything else (here
-    a Redis that refuses the broker's login: a misconfiguration no wait mends) keeps its traceback, for each run
-    it fails."""
+    """Only an outage, or a setting to mend, is said sparingly in one line (`warn_of_sparingly`): here a Redis that
+    refuses the broker's login, said once with the error that names it; a send that fails for anything else (a
+    script Redis runs and fails: a bug) keeps its traceback, for each run it fails."""
     import logging
 
     import dramatiq
@@ -417,15 +418,27 @@ def test_a_send_that_fails_for_a_bug_is_logged_with_its_traceback_every_time(cap
     from workers.broker import install_broker
 
     broker = install_broker()
-    refused = type(broker.client).from_url(f"redis://:wrong@127.0.0.1:6379/{REDIS_DB}", socket_connect_timeout=0.5)
-    monkeypatch.setattr(broker, "client", refused)
-    monkeypatch.setattr(broker, "scripts", {n: refused.register_script(s.script) for n, s in broker.scripts.items()})
     assert dramatiq.get_broker() is broker
-    monkeypatch.setattr(app.failure_logs, "_outage_said", {})
-    with caplog.at_level(logging.WARNING, logger="app.dispatch"):
-        assert [TURN.send(ident, None) for ident in (1, 2)] == [False, False]
-    said = [(r.getMessage(), r.exc_info is not None) for r in caplog.records if r.name == "app.dispatch"]
-    assert said == [(f"could not enqueue {TURN.actor}({ident}); recovery will send it", True) for ident in (1, 2)]
+
+    def said_on_sending_two() -> list[tuple[str, bool]]:
+        monkeypatch.setattr(app.failure_logs, "_outage_said", {})
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="app.dispatch"):
+            assert [TURN.send(ident, None) for ident in (1, 2)] == [False, False]
+        return [(r.getMessage(), r.exc_info is not None) for r in caplog.records if r.name == "app.dispatch"]
+
+    with monkeypatch.context() as patch:
+        refused = type(broker.client).from_url(f"redis://:wrong@127.0.0.1:6379/{REDIS_DB}", socket_connect_timeout=0.5)
+        patch.setattr(broker, "client", refused)
+        patch.setattr(broker, "scripts", {n: refused.register_script(s.script) for n, s in broker.scripts.items()})
+        assert said_on_sending_two() == [(
+            f"could not enqueue {TURN.actor}(1); recovery will send it (AuthenticationError: AUTH <password> called "
+            "without any password configured for the default user. Are you sure your configuration is correct?); "
+            "every run that meets this is said at most every 30 s", False)]
+    failing = broker.client.register_script("return redis.call('NOSUCHCOMMAND')")
+    monkeypatch.setattr(broker, "scripts", dict.fromkeys(broker.scripts, failing))
+    assert said_on_sending_two() == [(f"could not enqueue {TURN.actor}({ident}); recovery will send it", True)
+                                     for ident in (1, 2)]
 
 
 def test_an_api_statement_that_fails_for_itself_is_a_500_not_an_outages_503(world, caplog) -> None:  # type: ignore[no-untyped-def]

@@ -86,18 +86,23 @@ def deliveries(stack: Stack, turn_id: int) -> int:
 
 
 def charges(stack: Stack, turn_id: int) -> int:
-    """How many charges the turn's user paid for it, each checked on the way: the turn's own cost, which is the
-    tokens its answering call reported (or a stopped call's estimate) at that model's prices, so that a charge
-    of the wrong amount (the interrupted call's added, the reservation taken whole) fails the caller's count."""
+    """How many charges the turn's user paid for it, each checked on the way: the turn's cost, which is the cost
+    of the call that answered (or was stopped and paid for) as its attempt's record says, priced at that
+    model's prices in the turn's agent; so a charge of the wrong amount (an interrupted call's added, the
+    reservation taken whole) fails the caller's count."""
     amounts = [amount for (amount,) in stack.sql(
         "SELECT amount FROM credit_transactions WHERE message_id = %(id)s", {"id": turn_id})]
     if amounts:
-        (cost, prompt, completion, model), = stack.sql(
-            "SELECT cost, prompt_tokens, completion_tokens, model FROM conversation_messages WHERE id = %(id)s",
-            {"id": turn_id})
-        (price_in, price_out), = stack.sql("SELECT DISTINCT input_price_per_1k, output_price_per_1k FROM llm_models "
-                                           "WHERE name = %(name)s", {"name": model})
-        assert (amounts, cost) == ([-cost], token_cost(prompt, completion, price_in, price_out)), turn_id
+        (cost,), = stack.sql("SELECT cost FROM conversation_messages WHERE id = %(id)s", {"id": turn_id})
+        (paid, prompt, completion, model), = stack.sql(
+            "SELECT cost, prompt_tokens, completion_tokens, model_name FROM model_attempts WHERE message_id = %(id)s "
+            "AND outcome IN ('success', 'cancelled') ORDER BY id DESC LIMIT 1", {"id": turn_id})
+        (price_in, price_out), = stack.sql(
+            "SELECT l.input_price_per_1k, l.output_price_per_1k FROM conversation_messages m "
+            "JOIN conversations c ON c.id = m.conversation_id JOIN agents a ON a.id = c.agent_id "
+            "JOIN llm_models l ON l.id IN (a.model_id, a.fallback_model_id) AND l.name = %(model)s "
+            "WHERE m.id = %(id)s", {"id": turn_id, "model": model})
+        assert (amounts, cost, paid) == ([-cost], token_cost(prompt, completion, price_in, price_out), cost), turn_id
     return len(amounts)
 
 

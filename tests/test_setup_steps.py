@@ -132,3 +132,60 @@ def test_an_api_whose_database_refuses_its_role_says_it_is_not_configured_not_to
         assert "(GET /api/me)" in web.output()
     finally:
         web.stop()
+
+
+def test_an_api_whose_redis_refuses_its_password_says_so_once_and_serves_what_the_database_can(  # type: ignore[no-untyped-def]
+        world, workers) -> None:
+    """A password Redis refuses is a setting to mend, like a role the database refuses: `/readyz` is 503, the
+    operator's queue view says Redis's refusal, and the log says what to mend in one line, not a traceback a
+    request. A POST still stores its turn, which the workers (whose Redis is right) send."""
+    from tests.conftest import api_process
+
+    with api_process("web-redis-password", REDIS_URL="redis://:wrong@127.0.0.1:6379/0") as (url, web):
+        ready = httpx.get(f"{url}/readyz", timeout=10)
+        assert (ready.status_code, ready.json()["checks"]["redis"]) == (503, "error: AuthenticationError")
+        queues = httpx.get(f"{url}/api/admin/queues", headers={"Authorization": f"Bearer {world.admin_key}"},
+                           timeout=10)
+        assert (queues.status_code, queues.json()["redis_error"]) == (
+            200, "AuthenticationError: AUTH <password> called without any password configured for the default user. "
+                 "Are you sure your configuration is correct?")
+        agent_id = world.agent(world.model())
+        _, key = world.user()
+        sent = [httpx.post(f"{url}/api/conversations/{world.conversation(key, agent_id)}/messages",
+                           headers={"Authorization": f"Bearer {key}"}, json={"content": f"hello {n}"}, timeout=10)
+                for n in range(3)]
+        assert [answer.status_code for answer in sent] == [202, 202, 202]
+        said = web.output()
+        assert "Traceback" not in said
+        assert said.count("Redis unreachable; the database alone guards conversation") == 1
+    for answer in sent:
+        done = world.wait_terminal(key, answer.json()["assistant_message"]["id"], timeout=30)
+        assert done["status"] == "success"
+
+
+def test_a_password_redis_refuses_is_a_setting_of_redis_to_mend_met_directly_or_under_a_send(caplog) -> None:  # type: ignore[no-untyped-def]
+    """Told apart once (`app.setup_problems`): the Redis client's refusal, and the same under Dramatiq's error
+    for a send; a background loop that meets it names Redis, not the database, as what to mend."""
+    import logging
+
+    import dramatiq.errors
+    import redis
+
+    from app.failure_logs import log_failure
+    from app.setup_problems import setup_problem
+
+    try:
+        redis.Redis.from_url("redis://someone:wrong@127.0.0.1:6379/0").ping()
+    except redis.AuthenticationError as error:
+        refused = error
+    try:
+        raise dramatiq.errors.ConnectionClosed(refused) from refused
+    except dramatiq.errors.ConnectionClosed as error:
+        under_a_send = error
+    problems = [setup_problem(error) for error in (refused, under_a_send)]
+    assert [(p.code, p.of_redis) if p else None for p in problems] == [("invalid_configuration", True)] * 2
+    with caplog.at_level(logging.ERROR, logger="tests.setup"):
+        log_failure(logging.getLogger("tests.setup"), refused, "a sweep")
+    assert [r.getMessage().split(" (Redis at ")[0] for r in caplog.records] == [
+        "a sweep failed: Redis refuses the password REDIS_URL gives, or asks for one it does not give: mend "
+        "REDIS_URL. AuthenticationError: invalid username-password pair or user is disabled."]

@@ -1350,7 +1350,7 @@ def test_a_stop_survives_redis_losing_its_flag(world, redis_client) -> None:  # 
     from app.stop_requests import stop_key
 
     key, message_id, _ = start_turn(world, "echo;words=400;gap=0.05")
-    wait_for(lambda: world.message(key, message_id)["status"] == "processing", what="the worker to start")
+    wait_for(lambda: world.message(key, message_id)["content"], what="the answer's first words")
     with transaction() as session:
         session.execute(update(Turn).where(Turn.assistant_message_id == message_id)
                         .values(cancel_requested_at=utc_now()))
