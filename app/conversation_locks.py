@@ -166,7 +166,8 @@ def acquire_turn_slots(user_id: int, conversation_id: int) -> TurnSlots:
                           "the recovery sweep sends its turn", conversation_id)
         return TurnSlots(user_id, conversation_id, None, redis_silent=True)
     except redis.RedisError as exc:
-        warn_of_sparingly(log, exc, "Redis unreachable; the database alone guards conversation %s", conversation_id)
+        warn_of_sparingly(log, exc, "Redis could not lock conversation %s; the database alone guards it",
+                          conversation_id)
     return TurnSlots(user_id, conversation_id, None)
 
 
