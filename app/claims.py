@@ -60,7 +60,7 @@ class ClaimDecision:
 @dataclass(frozen=True, slots=True)
 class ClaimResult:
     """A claim's outcome; a taken run comes with its lease token and `deliveries`, the number of this
-    delivery (for `app.deliveries.give_up_reason`), and a turn with `run`, the row read under the lock:
+    delivery (for `app.deliveries.give_up_reason`), and a turn with `row`, the row read under the lock:
     the user's message (`content`, `seq`), the agent's settings and its models (`app.agent_setup.setup_columns`).
     `affordable` is False when the worst case the caller asked to hold was not available; `time_left` is
     the model time the delivery has before its run's deadline (`app.deliveries.Deadline`)."""
@@ -69,7 +69,7 @@ class ClaimResult:
     turn: TurnRow | None = None
     token: str | None = None
     deliveries: int = 0
-    run: Any = None
+    row: Any = None
     handed_back: int = 0
     """How many deliveries since the last requeue were handed back by a worker's graceful stop (`Turn.handed_back`)."""
     affordable: bool = True

@@ -76,7 +76,7 @@ class TurnContext:
 
 def _load_context(unit: Unit, claim: ClaimResult) -> TurnContext:
     """Everything the run needs: what the claim read under its lock, and the history (none on a first turn)."""
-    turn, row = claim.turn, claim.run
+    turn, row = claim.turn, claim.row
     assert turn is not None and claim.token is not None
     return TurnContext(
         turn_id=turn.assistant_message_id, question_id=turn.user_message_id, token=claim.token,
