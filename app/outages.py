@@ -43,7 +43,7 @@ the new primary; the service's state, like a restart, not a request's fault nor 
 `ConnectionError` too, is not: `is_outage` and the API's handlers tell it apart first.)"""
 
 
-def _under_the_broker(error: BaseException) -> BaseException:
+def under_the_broker(error: BaseException) -> BaseException:
     """The Redis client's error under Dramatiq's `BrokerConnectionError` (its broker raises `ConnectionClosed` from
     it): a send during a Redis restart is an outage as any other Redis call in it is, said in one line."""
     if isinstance(error, dramatiq.errors.BrokerConnectionError) and error.__cause__ is not None:
@@ -52,7 +52,7 @@ def _under_the_broker(error: BaseException) -> BaseException:
 
 
 def is_outage(error: BaseException) -> bool:
-    error = _under_the_broker(error)
+    error = under_the_broker(error)
     if isinstance(error, redis.AuthenticationError):
         return False
     if isinstance(error, (*REDIS_UNAVAILABLE, sqlalchemy.exc.TimeoutError, dramatiq.errors.BrokerConnectionError)):
@@ -75,7 +75,7 @@ def is_database_outage(error: BaseException) -> bool:
     Redis, since a process that cannot reach Redis fetches nothing anyway, nor a wait for a connection of a
     full pool (`sqlalchemy.exc.TimeoutError`), since the database answers that busy process's other
     connections, and its probe would wait in the same queue."""
-    error = _under_the_broker(error)
+    error = under_the_broker(error)
     return is_outage(error) and not isinstance(error, (redis.RedisError, sqlalchemy.exc.TimeoutError,
                                                        dramatiq.errors.BrokerConnectionError))
 
@@ -89,7 +89,7 @@ def in_one_line(error: BaseException) -> str:
     """What an operator needs of a driver's error (the server refused, the database does not exist): its
     first line, not SQLAlchemy's statement and parameters and background link, which split one log record
     over several lines of a plain log."""
-    cause = driver_error(_under_the_broker(error))
+    cause = driver_error(under_the_broker(error))
     text = str(cause).strip()
     return f"{type(cause).__name__}: {text.splitlines()[0]}" if text else type(cause).__name__
 

@@ -15,7 +15,7 @@ import redis
 import sqlalchemy.exc
 
 from app.errors import DatabaseAwaitsUpgrade, DatabaseNotCreated
-from app.outages import driver_error
+from app.outages import driver_error, under_the_broker
 
 _REFUSED_SETTINGS = ("database \"", "role \"", "password authentication failed", "no pg_hba.conf entry")
 """The start of what PostgreSQL says, at connection, of a database or a role that does not exist or a login it
@@ -58,8 +58,8 @@ def lacks_a_column(error: BaseException) -> bool:
 
 def redis_refuses_login(error: BaseException) -> bool:
     """Redis answered and refused the password REDIS_URL gives, or asked for one it does not give (a send's error
-    is the Redis client's under Dramatiq's)."""
-    return isinstance(error, redis.AuthenticationError) or isinstance(error.__cause__, redis.AuthenticationError)
+    is the Redis client's under Dramatiq's: `under_the_broker`)."""
+    return isinstance(under_the_broker(error), redis.AuthenticationError)
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,15 +88,15 @@ def abandon_turn(turn_id: int, reason: str, *, pending_before: datetime | None =
     written, None when the turn was not ended here."""
     # Read before the transaction, which holds the turn's lock: a processing turn's readers may hold text of
     # its dead delivery's call (none for one pending).
-    was_processing = pending_before is None
-    streamed = text_streamed(turn_id) if was_processing else None
+    may_have_run = pending_before is None  # a dead message's turn, or one past its deadline
+    streamed = text_streamed(turn_id) if may_have_run else None
     with transaction() as session:
         ended = None if unless is not None and unless(session) else end_unowned(
             session, turn_id, TurnStatus.ERROR, reason, pending_before=pending_before,
             deadline_before=deadline_before, streamed=streamed)
     if ended is None:
         return None
-    if was_processing:
+    if may_have_run:
         record_calls_of_dead_deliveries(turn_id)
     announce_unowned_end(ended)
     return ended.status
