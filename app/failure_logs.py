@@ -11,7 +11,7 @@ import time
 from app.db import database_location
 from app.outages import in_one_line, is_outage
 from app.redis_client import redis_location
-from app.setup_problems import SetupProblem, setup_problem
+from app.setup_problems import setup_problem
 
 
 def _said_in_one_line(error: BaseException) -> bool:
@@ -19,8 +19,9 @@ def _said_in_one_line(error: BaseException) -> bool:
     return is_outage(error) or setup_problem(error) is not None
 
 
-def _location(problem: SetupProblem) -> str:
-    return f"Redis at {redis_location()}" if problem.of_redis else f"the database at {database_location()}"
+def backing_service(*, of_redis: bool) -> str:
+    """The service a failure came from and where it is, as an operator's line names it."""
+    return f"Redis at {redis_location()}" if of_redis else f"the database at {database_location()}"
 
 
 def warn_of(logger: logging.Logger, error: BaseException, message: str, *args: object) -> None:
@@ -97,7 +98,7 @@ def log_failure(logger: logging.Logger, error: BaseException, doing: str) -> Non
         if now - _setup_problem_said.get(key, float("-inf")) >= SETUP_PROBLEM_REPEAT_SECONDS:
             _setup_problem_said[key] = now
             logger.error("%s failed: %s. %s (%s); every round fails alike until then, said again at most once a "
-                         "minute", doing, problem.step, in_one_line(error), _location(problem))
+                         "minute", doing, problem.step, in_one_line(error), backing_service(of_redis=problem.of_redis))
     elif is_outage(error):
         if (since := said_again(logger.name, doing)) is None:
             return

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import redis
 from sqlalchemy import select
 
+from app.config import get_settings
 from app.db import database_location, get_engine
 from app.errors import AgentqError
 from app.models import User
-from app.redis_client import get_redis, key
+from app.redis_client import CONNECTION_OPTIONS, get_redis, key, redis_location
 from app.schema import SchemaIncomplete, missing_columns
 from app.setup_problems import SetupProblem, setup_problem
 
@@ -37,14 +39,15 @@ def check() -> Readiness:
     return Readiness({"database": _database()[0], "redis": _redis()})
 
 
-def require_schema() -> None:
+def require_setup() -> None:
     """Refuse to start a worker against a database without agentq's tables (never initialised, or a
     relative SQLite path opened from another directory): it would take every turn off the queue only to
     dead-letter it, and leave its message pending. Nor against one a release's new columns were not added
     to (workers deployed before `agentq db init` ran): every claim would fail the same way. Nor against a
     server that refuses the database, role or password it is given, nor against a SQLite file whose amounts
-    `db init` has not yet converted (`app.sqlite_upgrades`). A database out of reach is let through:
-    the worker rides that out like any outage."""
+    `db init` has not yet converted (`app.sqlite_upgrades`), nor against a Redis that refuses what REDIS_URL
+    gives (a worker so started fetched nothing, and said so once a minute). A database or a Redis out of reach
+    is let through: the worker rides that out like any outage."""
     engine = get_engine()
     try:
         state, problem = _database()
@@ -57,6 +60,22 @@ def require_schema() -> None:
     if missing:
         raise SchemaIncomplete(f"The database {database_location()} lacks the columns {', '.join(missing)} of this "
                                "release: run `agentq db init` against it to upgrade it.")
+    if (problem := _redis_setup_problem()) is not None:
+        raise AgentqError(f"No worker starts on Redis at {redis_location()}, from which it takes its turns: "
+                          f"{problem.step}.", code=problem.code)
+
+
+def _redis_setup_problem() -> SetupProblem | None:
+    """The setup step Redis's answer to a PING calls for, if any (an outage calls for none), on a connection of
+    its own that is closed after it: the worker group's parent serves nothing."""
+    client = redis.Redis.from_url(get_settings().redis_url, **CONNECTION_OPTIONS)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        return setup_problem(exc)
+    finally:
+        client.close()
+    return None
 
 
 def _redis() -> str:

@@ -1,5 +1,6 @@
 """Failures that no wait mends but a setup step does: a database with no agentq schema or one that predates
-this release (`agentq db init`), a login the server refuses (DATABASE_URL), a password Redis refuses (REDIS_URL).
+this release (`agentq db init`), a login the server refuses (DATABASE_URL), a password or a database number Redis
+refuses (REDIS_URL).
 Told apart here once, for the API's answers, `/readyz`, a worker's start, the commands and the background loops
 alike; everything else a failure can be is an outage (`app.outages`) or a bug.
 """
@@ -56,10 +57,19 @@ def lacks_a_column(error: BaseException) -> bool:
                                                                  or "has no column named" in str(error.orig))
 
 
-def redis_refuses_login(error: BaseException) -> bool:
-    """Redis answered and refused the password REDIS_URL gives, or asked for one it does not give (a send's error
-    is the Redis client's under Dramatiq's: `under_the_broker`)."""
-    return isinstance(under_the_broker(error), redis.AuthenticationError)
+_REFUSED_DATABASE_NUMBER = "DB index is out of range"
+"""What Redis answers a connection's SELECT of a database number past its `databases` setting: an error with no
+class of its own in the Redis client, told by its text."""
+
+
+def redis_refuses_url(error: BaseException) -> bool:
+    """Redis answered and refused what REDIS_URL gives: its password, or a password it does not ask for, or a
+    database number it does not have. Each comes at the connection's start, before any command (a send's error is
+    the Redis client's under Dramatiq's: `under_the_broker`)."""
+    error = under_the_broker(error)
+    if isinstance(error, redis.AuthenticationError):
+        return True
+    return isinstance(error, redis.ResponseError) and str(error).startswith(_REFUSED_DATABASE_NUMBER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +112,8 @@ def setup_problem(error: BaseException) -> SetupProblem | None:
         return SetupProblem("invalid_configuration", "the database refuses the database, role or password "
                                                      "DATABASE_URL names: mend DATABASE_URL",
                             "the database refuses the database, role or password DATABASE_URL names")
-    if redis_refuses_login(error):
-        return SetupProblem("invalid_configuration", "Redis refuses the password REDIS_URL gives, or asks for one it "
-                                                     "does not give: mend REDIS_URL",
-                            "Redis refuses the login REDIS_URL gives", of_redis=True)
+    if redis_refuses_url(error):
+        return SetupProblem("invalid_configuration", "Redis refuses the password or the database number REDIS_URL "
+                                                     "gives, or asks for a password it does not give: mend REDIS_URL",
+                            "Redis refuses what REDIS_URL gives", of_redis=True)
     return None

@@ -120,7 +120,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     configure_logging()
     from app.key_variables import warn_of_key_variables_unset_here
-    from app.readiness import require_schema
+    from app.readiness import require_setup
     from workers.group import serve_workers
 
     # Every setting is read before the database is asked anything: a mistyped one is said as such, whatever
@@ -128,7 +128,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     processes, threads = worker_size(args)
     metrics_port = option_or_environment(args.metrics_port, WORKER_METRICS_PORT, optional_port)
     metrics_host = option_or_environment(args.metrics_host, WORKER_METRICS_HOST, host)
-    require_schema()
+    require_setup()
     warn_of_key_variables_unset_here()
     if metrics_port is not None:
         from app.metrics import serve_host_counters
@@ -290,18 +290,15 @@ def _backing_service_failed(exc: Exception) -> int:
     """One line an operator can act on: which service, where it is, and whether waiting or mending helps."""
     import redis
 
-    from app.db import database_location
+    from app.failure_logs import backing_service
     from app.outages import in_one_line, is_outage
-    from app.redis_client import redis_location
     from app.setup_problems import setup_problem
 
-    if isinstance(exc, redis.RedisError):
-        return failed("service_unavailable" if is_outage(exc) else "redis_error",
-                      f"{in_one_line(exc)} (Redis at {redis_location()})")
-    said = f"{in_one_line(exc)} (the database at {database_location()})"
+    of_redis = isinstance(exc, redis.RedisError)
+    said = f"{in_one_line(exc)} ({backing_service(of_redis=of_redis)})"
     if (problem := setup_problem(exc)) is not None:
         return failed(problem.code, f"{said}: {problem.step}.")
-    return failed("service_unavailable" if is_outage(exc) else "database_error", said)
+    return failed("service_unavailable" if is_outage(exc) else "redis_error" if of_redis else "database_error", said)
 
 
 if __name__ == "__main__":

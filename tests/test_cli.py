@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import LOG_DIR, child_env
-from tests.support import ROOT, VENV_BIN, Process, agentq, free_port, run_to_end, wait_http
+from tests.support import ROOT, VENV_BIN, Process, agentq, free_port, run_to_end, wait_for, wait_http
 
 STORAGE_AFTER_START = """
 import os, sys
@@ -689,15 +689,46 @@ def test_a_sqlite_file_that_cannot_be_made_or_read_is_named(tmp_path: Path) -> N
         "message": f"DatabaseError: file is not a database (the database at {tmp_path / 'not-a-database'})"})
 
 
-def test_a_redis_that_refuses_a_command_is_named_as_redis() -> None:
+@pytest.mark.usefixtures("database")
+def test_a_redis_that_refuses_its_url_is_a_setting_of_redis_to_mend_and_no_worker_starts_on_it() -> None:
     """Redis's refusals (a database number it does not have, a password it does not take) were
-    `database_error`s, without a word of Redis."""
-    assert _failed_command(["dlq", "retries"], REDIS_URL="redis://:a-password@127.0.0.1:6379/99") == (1, {
-        "code": "redis_error",
-        "message": "AuthenticationError: AUTH <password> called without any password configured for the default "
-                   "user. Are you sure your configuration is correct? (Redis at redis://:***@127.0.0.1:6379/99)"})
-    assert _failed_command(["dlq", "retries"], REDIS_URL="redis://127.0.0.1:6379/99") == (1, {
-        "code": "redis_error", "message": "ResponseError: DB index is out of range (Redis at redis://127.0.0.1:6379/99)"})
+    `database_error`s, without a word of Redis; then `redis_error`s, where the API and the background loops say
+    the setting to mend; and a worker started on them fetched nothing, for ever."""
+    refused_password = ("AuthenticationError: AUTH <password> called without any password configured for the "
+                        "default user. Are you sure your configuration is correct?")
+    step = ("Redis refuses the password or the database number REDIS_URL gives, or asks for a password it does not "
+            "give: mend REDIS_URL.")
+    assert _failed_command(["dlq", "retries"], REDIS_URL="redis://:a-password@127.0.0.1:6379/99") == (2, {
+        "code": "invalid_configuration",
+        "message": f"{refused_password} (Redis at redis://:***@127.0.0.1:6379/99): {step}"})
+    assert _failed_command(["dlq", "retries"], REDIS_URL="redis://127.0.0.1:6379/99") == (2, {
+        "code": "invalid_configuration",
+        "message": f"ResponseError: DB index is out of range (Redis at redis://127.0.0.1:6379/99): {step}"})
+    for url, shown in (("redis://:a-password@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+                       ("redis://127.0.0.1:6379/99", "redis://127.0.0.1:6379/99")):
+        assert _failed_command(["worker", "--processes", "1"], REDIS_URL=url) == (2, {
+            "code": "invalid_configuration",
+            "message": f"No worker starts on Redis at {shown}, from which it takes its turns: {step}"})
+
+
+@pytest.mark.usefixtures("database")
+def test_a_redis_out_of_reach_is_waited_out_named_as_redis() -> None:
+    """Not a setting to mend: a command says `service_unavailable`, exit 1, naming Redis and where it is; a
+    worker starts and waits for it, as for a database out of reach."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    assert _failed_command(["dlq", "retries"], REDIS_URL=url) == (1, {
+        "code": "service_unavailable",
+        "message": f"ConnectionError: Error 111 connecting to 127.0.0.1:{port}. Connection refused. (Redis at {url})"})
+    worker = Process("worker-redis-out-of-reach", agentq("worker", "--processes", "1", "--threads", "1"),
+                     child_env(REDIS_URL=url), LOG_DIR).start()
+    try:
+        wait_for(lambda: "could not fetch (ConnectionError: Error 111" in worker.output(), timeout=30,
+                 what="the worker's consumer to wait for Redis")
+        assert worker.popen is not None and worker.popen.poll() is None
+        assert "Redis is out of reach or refuses writes" in worker.output()
+    finally:
+        worker.stop()
 
 
 def test_a_database_a_release_added_columns_to_is_told_to_run_db_init(tmp_path: Path) -> None:

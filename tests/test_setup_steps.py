@@ -163,9 +163,11 @@ def test_an_api_whose_redis_refuses_its_password_says_so_once_and_serves_what_th
         assert done["status"] == "success"
 
 
-def test_a_password_redis_refuses_is_a_setting_of_redis_to_mend_met_directly_or_under_a_send(caplog) -> None:  # type: ignore[no-untyped-def]
-    """Told apart once (`app.setup_problems`): the Redis client's refusal, and the same under Dramatiq's error
-    for a send; a background loop that meets it names Redis, not the database, as what to mend."""
+def test_what_redis_refuses_of_its_url_is_a_setting_of_redis_to_mend_met_directly_or_under_a_send(  # type: ignore[no-untyped-def]
+        caplog) -> None:
+    """Told apart once (`app.setup_problems`): the Redis client's refusal of a password or of a database number,
+    and the same under Dramatiq's error for a send; a background loop that meets it names Redis, not the
+    database, as what to mend. Another refusal of Redis's is not a setting."""
     import logging
 
     import dramatiq.errors
@@ -174,18 +176,24 @@ def test_a_password_redis_refuses_is_a_setting_of_redis_to_mend_met_directly_or_
     from app.failure_logs import log_failure
     from app.setup_problems import setup_problem
 
-    try:
-        redis.Redis.from_url("redis://someone:wrong@127.0.0.1:6379/0").ping()
-    except redis.AuthenticationError as error:
-        refused = error
-    try:
-        raise dramatiq.errors.ConnectionClosed(refused) from refused
-    except dramatiq.errors.ConnectionClosed as error:
-        under_a_send = error
-    problems = [setup_problem(error) for error in (refused, under_a_send)]
-    assert [(p.code, p.of_redis) if p else None for p in problems] == [("invalid_configuration", True)] * 2
+    refusals: list[redis.RedisError] = []
+    for url in ("redis://someone:wrong@127.0.0.1:6379/0", "redis://127.0.0.1:6379/99"):
+        try:
+            redis.Redis.from_url(url).ping()
+        except redis.RedisError as error:
+            refusals.append(error)
+    under_sends: list[BaseException] = []
+    for refused in refusals:
+        try:
+            raise dramatiq.errors.ConnectionClosed(refused) from refused
+        except dramatiq.errors.ConnectionClosed as error:
+            under_sends.append(error)
+    problems = [setup_problem(error) for error in (*refusals, *under_sends)]
+    assert [(p.code, p.of_redis) if p else None for p in problems] == [("invalid_configuration", True)] * 4
+    assert setup_problem(redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")) \
+        is None
     with caplog.at_level(logging.ERROR, logger="tests.setup"):
-        log_failure(logging.getLogger("tests.setup"), refused, "a sweep")
+        log_failure(logging.getLogger("tests.setup"), refusals[0], "a sweep")
     assert [r.getMessage().split(" (Redis at ")[0] for r in caplog.records] == [
-        "a sweep failed: Redis refuses the password REDIS_URL gives, or asks for one it does not give: mend "
-        "REDIS_URL. AuthenticationError: invalid username-password pair or user is disabled."]
+        "a sweep failed: Redis refuses the password or the database number REDIS_URL gives, or asks for a password "
+        "it does not give: mend REDIS_URL. AuthenticationError: invalid username-password pair or user is disabled."]

@@ -55,6 +55,7 @@ from app.dispatch import leave_receipt
 from app.failure_logs import OUTAGE_REPEAT_SECONDS, said_again
 from app.outages import REDIS_UNAVAILABLE, in_one_line
 from app.redis_client import CONNECTION_OPTIONS, leaving_replicas
+from app.setup_problems import setup_problem
 from workers.doorbell import Doorbell, channel_name
 from workers.middleware import DeliveryLogContext, RunOutcomes, WorkerServices
 from workers.places import SharedPlaces
@@ -184,9 +185,11 @@ class RefillingConsumer(_RedisConsumer):
         waited for the recovery sweep's stale-pending rule (five minutes by default). Said in one line a queue
         and process (`app.failure_logs.said_again`)."""
         if (since := said_again(log.name, f"the fetch of {self.queue_name}", "fetches")) is not None:
-            log.warning("the consumer of %s could not fetch (%s): Redis is out of reach or refuses writes; it looks "
-                        "again every %g s and keeps the messages it holds, said at most every %g s%s",
-                        self.queue_name, in_one_line(refused), self._wait_seconds, OUTAGE_REPEAT_SECONDS, since)
+            problem = setup_problem(refused)  # a password changed under a running worker
+            log.warning("the consumer of %s could not fetch (%s): %s; it looks again every %g s and keeps the "
+                        "messages it holds, said at most every %g s%s", self.queue_name, in_one_line(refused),
+                        problem.step if problem else "Redis is out of reach or refuses writes", self._wait_seconds,
+                        OUTAGE_REPEAT_SECONDS, since)
         time.sleep(self._wait_seconds)
 
     def close(self) -> None:
