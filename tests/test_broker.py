@@ -163,6 +163,28 @@ def test_a_sends_name_is_the_same_whichever_database_hands_its_mark_back() -> No
     assert message_id("run_turn", 7, written + timedelta(microseconds=1)) != message_id("run_turn", 7, written)
 
 
+def test_a_fetch_redis_refuses_for_its_password_names_the_setting_to_mend(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A password changed under a running worker: its consumers were told "Redis is out of reach or refuses
+    writes", which no wait mends."""
+    import logging
+
+    import redis
+
+    import app.failure_logs
+
+    client = redis.Redis.from_url("redis://:not-the-password@127.0.0.1:6379/0")
+    broker = DoorbellRedisBroker(poll_ms=100, client=client, namespace=f"refused-{uuid.uuid4().hex[:8]}",
+                                 middleware=[])
+    consumer = RefillingConsumer(broker, "turns", prefetch=1, timeout=100, takes_new=always)
+    monkeypatch.setattr(app.failure_logs, "_outage_said", {})  # said at most every 30 s by any test's consumer
+    with caplog.at_level(logging.WARNING, logger="workers.broker"):
+        assert next(consumer) is None
+    assert [r.getMessage().split("): ", 1)[1].split(";")[0] for r in caplog.records] == [
+        "Redis refuses the password or the database number REDIS_URL gives, or asks for a password it does not "
+        "give: mend REDIS_URL"]
+
+
 def test_a_redis_that_hangs_is_a_closed_connection_to_dramatiq_or_a_fetch_looked_at_again(
         silent_redis: SilentServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """Dramatiq's consumer thread survives `ConnectionClosed` (it restarts the consumer a second later), but
