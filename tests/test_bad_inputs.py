@@ -289,6 +289,35 @@ def test_an_unmatched_path_and_a_body_without_its_content_type_say_what_is_wrong
                    "text/plain)."})
 
 
+def test_a_body_that_is_not_json_says_where_it_fails(world) -> None:  # type: ignore[no-untyped-def]
+    """`NaN` and `Infinity` are not JSON (RFC 8259), though Python's parser takes them: a message whose body held
+    one was accepted and its turn run, and a credit of `Infinity` was judged as a number (422). A body nested too
+    deeply to read, or one that is no JSON at all, was told only that it must be a JSON object."""
+    user_id, key = world.user()
+    conversation_id = world.conversation(key, world.agent(world.model()))
+    balance = world.api.get("/api/me", key).json["balance"]
+    said = []
+    for who, path, body in ((key, f"/api/conversations/{conversation_id}/messages", b'{"content": "x", "extra": NaN}'),
+                            (world.admin_key, f"/api/admin/users/{user_id}/credits", b'{"amount": Infinity}'),
+                            (world.admin_key, f"/api/admin/users/{user_id}/credits", b'{"amount": -Infinity}'),
+                            (key, "/api/conversations", b'{"agent_id": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
+                            (key, "/api/conversations", b'{"agent_id": 1,}'),
+                            (key, "/api/conversations", b"[1]")):
+        answer = world.api.call("POST", path, who, data=body, content_type="application/json")
+        said.append((answer.status_code, answer.json["error"]["code"],
+                     answer.json["error"]["message"].removeprefix("The request body must be a JSON object, sent "
+                                                                  "with Content-Type: application/json")))
+    assert said == [(400, "malformed_body", " (NaN is not a JSON value)."),
+                    (400, "malformed_body", " (Infinity is not a JSON value)."),
+                    (400, "malformed_body", " (-Infinity is not a JSON value)."),
+                    (400, "malformed_body", " (it is nested too deeply to be read)."),
+                    (400, "malformed_body", " (it is not JSON: Expecting property name enclosed in double quotes: "
+                                            "line 1 column 16 (char 15))."),
+                    (400, "malformed_body", ".")]
+    assert world.api.get(f"/api/conversations/{conversation_id}/messages", key).json["items"] == []
+    assert world.api.get("/api/me", key).json["balance"] == balance
+
+
 def test_an_options_request_is_answered_with_its_allowed_methods_and_no_body(world) -> None:  # type: ignore[no-untyped-def]
     """Flask answers OPTIONS by itself, with a 200 and an empty `text/html` body: here, 204 and `Allow` alone."""
     _, key = world.user()

@@ -35,7 +35,8 @@ def test_the_workers_list_shows_what_each_live_process_holds_and_drops_a_dead_or
         assert sorted((item["pid"], item["threads"], item["running"], item["state"]) for item in every) == sorted(
             [(pid, 3, 0, "taking_runs") for pid in pair.children()]
             + [(pid, 2, 0, "taking_runs") for pid in single.children()])
-        assert len({item["id"] for item in every}) == 3 and {item["host"] for item in every} == {os.uname().nodename}
+        assert len({item["instance"] for item in every}) == 3
+        assert {item["host"] for item in every} == {os.uname().nodename}
 
         # Another release's presence, and an id whose presence expired: neither fails the list or the metrics.
         client = stack.redis.client()

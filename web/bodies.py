@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import sys
 from decimal import Decimal
+from json import JSONDecodeError
 from typing import Any
 
-from flask import Response, request
+from flask import Response, current_app, request
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import RequestEntityTooLarge
 
@@ -23,6 +24,12 @@ def _json_integer(literal: str) -> int | Decimal:
     return int(literal) if not limit or len(literal.lstrip("-")) <= limit else Decimal(literal)
 
 
+def _not_json(constant: str) -> Any:
+    """`NaN`, `Infinity` and `-Infinity`, which Python's parser takes and JSON (RFC 8259) has not: a body
+    holding one was accepted (a turn ran for `{"content": "x", "extra": NaN}`)."""
+    raise ValueError(f"{constant} is not a JSON value")
+
+
 class SafeJSONProvider(DefaultJSONProvider):
     """A body nested thousands of levels deep is malformed input, not a server error; a huge integer is a
     field's invalid value. A number with a fraction or an exponent is read exactly, as a Decimal: money sent
@@ -31,9 +38,10 @@ class SafeJSONProvider(DefaultJSONProvider):
 
     def loads(self, s: str | bytes, **kwargs: Any) -> Any:
         try:
-            return super().loads(s, parse_int=_json_integer, parse_float=Decimal, **kwargs)
+            return super().loads(s, parse_int=_json_integer, parse_float=Decimal, parse_constant=_not_json,
+                                 **kwargs)
         except RecursionError as exc:
-            raise ValueError("JSON nested too deeply") from exc
+            raise ValueError("it is nested too deeply to be read") from exc
 
 
 def body_limit(chars: int) -> int:
@@ -53,10 +61,20 @@ def require_object_body() -> Response | None:
     if _cut_at_the_limit(body):
         raise RequestEntityTooLarge()
     if body and not isinstance(request.get_json(silent=True), dict):
-        sent_as = "" if request.is_json else f" (it was sent as {request.mimetype or 'no Content-Type'})"
         return error_response(400, "malformed_body", "The request body must be a JSON object, sent with "
-                              f"Content-Type: application/json{sent_as}.")
+                              f"Content-Type: application/json{_why_it_is_not(body)}.")
     return None
+
+
+def _why_it_is_not(body: bytes) -> str:
+    """What a client must mend: the body's type, or where its JSON fails (the parser's own words)."""
+    if not request.is_json:
+        return f" (it was sent as {request.mimetype or 'no Content-Type'})"
+    try:
+        current_app.json.loads(body)
+    except ValueError as exc:  # JSONDecodeError, a byte that is no UTF-8 (UnicodeDecodeError) and ours
+        return f" ({'it is not JSON: ' if isinstance(exc, JSONDecodeError) else ''}{str(exc).rstrip('.')})"
+    return ""
 
 
 def _cut_at_the_limit(body: bytes) -> bool:

@@ -157,7 +157,7 @@ def worker_processes(presences: list[WorkerPresence]) -> dict[str, Any]:
 
 
 def worker_process(presence: WorkerPresence) -> dict[str, Any]:
-    return {"id": presence.id, "host": presence.host, "pid": presence.pid, "threads": presence.threads,
+    return {"instance": presence.id, "host": presence.host, "pid": presence.pid, "threads": presence.threads,
             "running": presence.running, "state": presence.state.value, "started_at": timestamp(presence.started_at),
             "seen_at": timestamp(presence.seen_at)}
 

@@ -243,7 +243,8 @@ class WaitingRetries(Shape):
 
 
 class WorkerProcess(Shape):
-    id: str = Field(description="Made at the process's start (a pid repeats across hosts and over time).")
+    instance: str = Field(description="Random, made at the process's start (a pid repeats across hosts and over "
+                                      "time); not an id, which the API's are integers.")
     host: str
     pid: int
     threads: int
