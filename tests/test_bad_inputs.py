@@ -49,6 +49,8 @@ CASES = [
     ("user", "POST", "/api/conversations/99999999999999999999/messages", {"content": "hi"}, 404, "not_found"),
     ("user", "POST", "/api/conversations/-1/messages", {"content": "hi"}, 404, "not_found"),
     ("user", "POST", "/api/conversations/abc/messages", {"content": "hi"}, 404, "not_found"),
+    ("user", "POST", "/api/conversations/0{c}/messages", {"content": "hi"}, 404, "not_found"),
+    ("admin", "DELETE", "/api/admin/agents/0{a}", None, 404, "not_found"),
     # An unknown id is 404 before the content is judged.
     ("user", "POST", "/api/conversations/999999/messages", {"content": "   "}, 404, "not_found"),
     ("user", "POST", "/api/conversations/999999/messages", {"content": BIG}, 404, "not_found"),

@@ -16,14 +16,15 @@ from web.schemas import ErrorResponse
 
 
 class IdConverter(IntegerConverter):
-    """A path id is 1..10**18-1 in ASCII digits; anything else is simply not found (404), never a 500.
+    """A path id is 1..10**18-1 in ASCII digits, written as the API writes it (no leading zero: one resource, one
+    URL; `DELETE /api/admin/agents/01` deleted agent 1); anything else is simply not found (404), never a 500.
 
     The bound is in the pattern, not checked after the match: a value Werkzeug matched but its converter
     refused counts as a match of the path under the other methods' rules, and would be answered 405
     (PATCH /api/admin/models/0). Ids come from sequences that start at 1, which would need 10**18 rows to
     reach the bound."""
 
-    regex = r"0*[1-9][0-9]{0,17}"
+    regex = r"[1-9][0-9]{0,17}"
 
     def __init__(self, url_map: Any) -> None:
         super().__init__(url_map, min=1, max=10**18 - 1)
