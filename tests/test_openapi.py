@@ -33,5 +33,25 @@ def test_every_route_documents_its_success_response(api) -> None:  # type: ignor
         "prompt_tokens", "completion_tokens", "total_tokens", "cost", "latency_ms", "created_at", "updated_at"}
 
 
+def test_the_document_says_what_a_client_can_count_on(api) -> None:  # type: ignore[no-untyped-def]
+    """A generated client reads the statuses as an enumeration, times as date-times, money as a six-place
+    decimal string, a path id's range, and a 403 on the admin routes alone (every route listed it)."""
+    document = api.get("/openapi.json").json
+    schemas = document["components"]["schemas"]
+    message = schemas["Message"]["properties"]
+    assert message["status"] == {"$ref": "#/components/schemas/TurnStatus"}
+    assert schemas["TurnStatus"]["enum"] == ["pending", "processing", "success", "error", "insufficient_balance",
+                                             "content_violation", "llm_error", "cancelled"]
+    assert (message["created_at"]["format"], schemas["DebugLog"]["properties"]["status"]) == (
+        "date-time", {"$ref": "#/components/schemas/TurnStatus"})
+    assert schemas["Balance"]["properties"]["balance"]["pattern"] == r"^-?[0-9]+\.[0-9]{6}$"
+    assert document["paths"]["/api/messages/{message_id}"]["get"]["parameters"] == [{
+        "name": "message_id", "in": "path", "required": True,
+        "schema": {"title": "Message Id", "type": "integer", "minimum": 1, "maximum": 10**18 - 1}}]
+    forbidding = sorted({path.split("/")[2] for path, operations in document["paths"].items()
+                         for operation in operations.values() if "403" in operation["responses"]})
+    assert forbidding == ["admin"]
+
+
 def test_the_test_app_checks_each_response_against_its_documented_model(api) -> None:  # type: ignore[no-untyped-def]
     assert api.client.application.validate_response is True

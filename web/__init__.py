@@ -12,7 +12,7 @@ from web.bodies import SafeJSONProvider
 from web.errors import install_error_handlers, on_validation_error
 from web.headers import guard_every_response
 from web.request_metrics import count_every_request
-from web.schemas import ErrorResponse
+from web.schemas import LARGEST_PATH_ID, ErrorResponse
 
 
 class IdConverter(IntegerConverter):
@@ -27,7 +27,7 @@ class IdConverter(IntegerConverter):
     regex = r"[1-9][0-9]{0,17}"
 
     def __init__(self, url_map: Any) -> None:
-        super().__init__(url_map, min=1, max=10**18 - 1)
+        super().__init__(url_map, min=1, max=LARGEST_PATH_ID)
 
 
 class AgentqAPI(OpenAPI):

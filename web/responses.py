@@ -8,16 +8,17 @@ gone, fails the suite instead of the document going stale.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.turn_status import TurnStatus
 from app.worker_presence import PRESENCE_SECONDS, PRESENCE_TTL_SECONDS, WorkerState
 from web.schemas import ErrorResponse
 
-Money = str
+Money = Annotated[str, Field(pattern=r"^-?[0-9]+\.[0-9]{6}$")]
 """A decimal string with six places, e.g. "12.340000"."""
-Timestamp = str
+Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
 """ISO 8601, UTC."""
 
 
@@ -31,7 +32,7 @@ class Message(Shape):
     seq: int
     role: Literal["user", "assistant"]
     content: str
-    status: str
+    status: TurnStatus
     error_message: str | None
     error_display: str | None
     model: str | None
@@ -169,7 +170,7 @@ class DebugLog(Shape):
     id: int
     agent_id: int
     admin_id: int
-    status: str
+    status: TurnStatus
     input: str
     output: str | None
     model: str | None
@@ -215,7 +216,7 @@ class Queues(Shape):
 class RecentFailure(Shape):
     message_id: int
     conversation_id: int
-    status: str
+    status: TurnStatus
     error_message: str | None
     updated_at: Timestamp
 
@@ -232,7 +233,7 @@ class WaitingRetry(Shape):
     actor: str
     args: list[Any]
     run_id: int | None
-    run_status: str | None
+    run_status: TurnStatus | None
     retries: int = Field(description="Retries so far, this one included.")
     error: str | None = Field(description="The last failure, from the traceback Dramatiq kept.")
     retry_at: Timestamp | None
@@ -271,7 +272,7 @@ class DeadLetter(Shape):
     error: str | None
     dead_at: Timestamp
     run_id: int | None
-    run_status: str | None
+    run_status: TurnStatus | None
     in_broker: bool | None = Field(description="False when the broker no longer holds the message (Redis lost it); "
                                                "null while Redis is out of reach.")
 

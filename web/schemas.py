@@ -218,16 +218,21 @@ class TriedTurnBody(ContentBody):
     conversation_id: Ident | None = None
 
 
+LARGEST_PATH_ID = 10**18 - 1
+"""An id in a path is at most 18 digits (`web.IdConverter` matches them); a longer one is simply not found."""
+PathId = Annotated[int, Field(ge=1, le=LARGEST_PATH_ID)]
+
+
 class IdPath(BaseModel):
-    id: int
+    id: PathId
 
 
 class ConversationPath(BaseModel):
-    conversation_id: int
+    conversation_id: PathId
 
 
 class MessagePath(BaseModel):
-    message_id: int
+    message_id: PathId
 
 
 class Query(CachedSchemaModel):

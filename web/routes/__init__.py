@@ -25,8 +25,10 @@ their limits (`web.server`)."""
 
 
 def api_blueprint(name: str, *, admin: bool = False) -> APIBlueprint:
-    """A blueprint under /api whose routes need a key (an admin's, when `admin`) and take JSON objects."""
-    blueprint = APIBlueprint(name, __name__, url_prefix="/api", abp_security=SECURITY, abp_responses=ERRORS)
+    """A blueprint under /api whose routes need a key (an admin's, when `admin`: only those answer 403) and take
+    JSON objects."""
+    errors = ERRORS if admin else {status: shape for status, shape in ERRORS.items() if status != 403}
+    blueprint = APIBlueprint(name, __name__, url_prefix="/api", abp_security=SECURITY, abp_responses=errors)
     blueprint.before_request(load_admin if admin else load_principal)
     blueprint.before_request(_limit_body(admin))
     blueprint.before_request(require_object_body)
