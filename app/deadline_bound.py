@@ -22,11 +22,9 @@ from functools import cache
 from sqlalchemy import ColumnElement, DateTime, and_, bindparam
 
 from app.claims import lease_not_held
-from app.clock import lease_now
 from app.config import get_settings
 from app.db import transaction
 from app.in_flight import processing_past
-from app.leases import TakeoverGate
 from app.prepared import Prepared
 from app.run_kinds import RunKind
 from app.unheld_ends import end_unheld, run_ids_where
@@ -67,16 +65,11 @@ def _past_deadline() -> dict[RunKind, Prepared]:
                                           runs.c.deadline_at))
 
 
-def end_runs_past_deadline(gate: TakeoverGate) -> dict[RunKind, list[int]]:
-    """An API process's look: the runs of each kind past their deadline under no lease, by the database's
-    clock, ended; none until the process's `gate` opens (its first answer here feeds it)."""
-    asked_at = gate.clock()
+def end_runs_past_deadline(now: datetime) -> dict[RunKind, list[int]]:
+    """An API process's look, at the database's `now` (read once its `TakeoverGate` opened): the runs of each
+    kind past their deadline under no lease, ended."""
+    cutoffs = {"now": now, "deadline_before": deadline_cutoff(now)}
     with transaction() as session:
-        now = lease_now(session)
-        gate.answered(asked_at)
-        if not gate.open:
-            return {}
-        cutoffs = {"now": now, "deadline_before": deadline_cutoff(now)}
         found = {kind: list(query(session, cutoffs).scalars()) for kind, query in _past_deadline().items()}
     return {kind: end_past_deadline(kind, idents, cutoffs["deadline_before"]) for kind, idents in found.items()}
 

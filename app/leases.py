@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from sqlalchemy import null, tuple_, update
 
@@ -67,6 +68,15 @@ class TakeoverGate:
     def failed(self, error: BaseException) -> None:
         if is_outage(error):
             self._answering_since = None
+
+    def now_if_open(self) -> datetime | None:
+        """The database's time to judge leases by, read in a transaction of its own whose answer feeds the gate;
+        None while the gate is shut."""
+        asked_at = self.clock()
+        with transaction() as session:
+            now = lease_now(session)
+        self.answered(asked_at)
+        return now if self.open else None
 
 
 @dataclass
@@ -128,6 +138,8 @@ class LeaseKeeper:
         self._renewing_locks = threading.Lock()
         # The deliveries whose leases the last database renewal kept: the Redis locks renewed are theirs.
         self._kept: set[tuple[str, int, str]] = set()
+        # Runs waiting for `_renewing_locks` to leave, which the locks' renewals let go first (`_lock_renewals`).
+        self._leaving = 0
         self._locks_due = threading.Event()
         self._threads: dict[str, threading.Thread] = {}
         self._given_up: list[Holding] = []
@@ -141,7 +153,10 @@ class LeaseKeeper:
         try:
             yield holding
         finally:
+            with self._lock:
+                self._leaving += 1
             with self._renewing_locks, self._lock:
+                self._leaving -= 1
                 self._held.pop(holding.key, None)
                 self._released.notify_all()
 
@@ -278,6 +293,11 @@ class LeaseKeeper:
         while True:
             self._locks_due.wait()
             self._locks_due.clear()
+            # A lock is not handed to the thread waiting for it, and this one takes it again at once: while a
+            # hung Redis held each renewal for its timeout, the next was due by then, and a run leaving waited
+            # for as long as Redis hung (a test's turn, for minutes).
+            with self._released:
+                self._released.wait_for(lambda: not self._leaving)
             try:
                 with self._renewing_locks:
                     # A turn that ended since that renewal has freed its lock and slot, and renewing them now

@@ -275,6 +275,40 @@ def test_a_stop_of_a_turn_whose_worker_died_a_lease_ago_ends_it_at_once_though_n
     assert stack.call("POST", f"/api/messages/{following_turn['id']}/cancel", key).json()["status"] == "cancelled"
 
 
+def test_a_stop_that_came_while_a_dead_workers_lease_still_held_ends_once_it_runs_out_though_no_worker_runs(
+        stack: Stack) -> None:
+    """A stop that came just after the worker died (its lease still live) was flagged for the delivery that would
+    take the turn over; with no worker running none did, and the turn stayed `processing`, its conversation
+    busy, until the deadline bound: its timeout, grace and a lease after its first delivery (an hour for an
+    agent of 3,600 s). The API's loop ends it once the lease has run out (`app.stop_bound`), as the stop would
+    have, keeping the dead worker's text, unpaid."""
+    agent_id = slow_agent(stack, "dies-then-stopped-in-its-lease", "echo;words=60;gap=0.1")
+    user_id, key = stack.user("stops-within-the-lease")
+    worker = stack.start_worker(restart=False)
+    conversation_id = stack.conversation(key, agent_id)
+    turn = stack.send(key, conversation_id, "stop me as my worker dies")
+    seen, following_events, following = follow_from_the_start(stack, key, turn["id"])
+    worker.kill_group()
+    assert stack.call("POST", f"/api/messages/{turn['id']}/cancel", key).status_code == 202
+    assert stack.sql("SELECT lease_expires_at > cancel_requested_at FROM turns WHERE assistant_message_id = %(id)s",
+                     {"id": turn["id"]}) == [(True,)]  # the stop came under the dead worker's live lease
+    done = stack.wait_terminal(key, turn["id"], timeout=2 * LEASE_SECONDS + 3 * RECOVERY_INTERVAL + 10)
+    assert (done["status"], done["cost"], done["model"], done["content"].startswith(seen),
+            " ".join(f"w{i}" for i in range(60)).startswith(done["content"])) == (
+        "cancelled", "0.000000", "dies-then-stopped-in-its-lease", True, True), done
+    assert stack.sql("SELECT m.updated_at < t.deadline_at - interval '60 seconds' FROM turns t "
+                     "JOIN conversation_messages m ON m.id = t.assistant_message_id "
+                     "WHERE t.assistant_message_id = %(id)s",
+                     {"id": turn["id"]}) == [(True,)]  # not the deadline bound's end
+    following.join(timeout=30)
+    assert following_events and following_events[-1].event == "done"
+    assert "".join(e.json()["text"] for e in following_events if e.event == "delta") == done["content"]
+    assert (deliveries(stack, turn["id"]), charges(stack, turn["id"])) == (1, 0)
+    assert stack.sql("SELECT reserved FROM users WHERE id = %(id)s", {"id": user_id}) == [(Decimal(0),)]
+    following_turn = stack.send(key, conversation_id, "the conversation is free")  # 202, not 409 conversation_busy
+    assert stack.call("POST", f"/api/messages/{following_turn['id']}/cancel", key).json()["status"] == "cancelled"
+
+
 def test_a_takeover_whose_model_answers_otherwise_goes_on_after_the_text_its_readers_hold(stack: Stack) -> None:
     """A worker is killed mid-answer, and its agent is given another model before the takeover, whose answer
     departs from the dead worker's words: a reader following through the takeover keeps those words and is

@@ -1,0 +1,55 @@
+"""The bound on a stop that no delivery carries out: a turn its user stopped while its worker's lease still
+held it (the worker had just died, or was about to), whose lease then ran out with no worker left to take the
+turn over and end it.
+
+A stop ends at once a turn that no delivery holds when the stop comes (`app.cancellation`); one still held is
+flagged for its worker, and a dead worker's turn is ended by the delivery that takes it over. With no worker
+running, nothing took it over: the turn stayed `processing` and its conversation busy until the deadline bound
+(`app.deadline_bound`), its timeouts, grace and a lease after its first delivery, an hour for an agent with a
+3,600 s timeout. So each API process's loop (`app.unheld_run_bounds`) also ends, `cancelled`, each stopped
+turn that no lease has held for a lease's time, as the stop itself would have, keeping the text the dead
+worker streamed, unpaid; each end judged again under the turn's lock (`app.unheld_ends.abandon`), so a
+delivery that took the turn over since the look is left to end it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from functools import cache
+
+from sqlalchemy import ColumnElement, DateTime, Table, and_, bindparam, false
+
+from app.claims import lease_not_held
+from app.config import get_settings
+from app.db import transaction
+from app.prepared import Prepared
+from app.run_kinds import TURN
+from app.turn_status import STOPPED, TurnStatus
+from app.unheld_ends import end_unheld, run_ids_where
+
+
+def _stopped_unheld(turns: Table, messages: Table) -> ColumnElement[bool]:
+    """A turn `processing` whose user asked it to stop, under no lease at the `expired_before` parameter."""
+    expired_before = bindparam("expired_before", type_=DateTime(timezone=True))
+    return and_(messages.c.status == TurnStatus.PROCESSING.value, turns.c.cancel_requested_at.is_not(None),
+                lease_not_held(turns.c.lease_token, turns.c.lease_expires_at, expired_before))
+
+
+@cache
+def _stopped_turns() -> Prepared:
+    return run_ids_where(_stopped_unheld, lambda runs: false())[TURN]  # an admin's test run takes no stop
+
+
+def end_stops_no_delivery_carries_out(now: datetime) -> list[int]:
+    """An API process's look, at the database's `now` (read once its `TakeoverGate` opened: a worker whose
+    renewals an outage held up renews first, and ends its stopped turn itself, paid for the tokens it
+    generated): the stopped turns no delivery holds, ended `cancelled`. A lease that ran out counts a lease
+    later, the time the recovery sweep gives the message it sends then: while a worker runs, the delivery
+    taking the turn over ends it, and records what it finds as a takeover does."""
+    expired_before = now - timedelta(seconds=get_settings().lease_seconds)
+    with transaction() as session:
+        found = list(_stopped_turns()(session, {"expired_before": expired_before}).scalars())
+    return end_unheld(TURN, found, STOPPED, "stopped with no delivery holding it")
+
+
+__all__ = ["end_stops_no_delivery_carries_out"]
