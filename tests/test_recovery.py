@@ -239,19 +239,28 @@ def test_a_turn_taken_over_from_a_dead_worker_runs_as_things_stand_at_the_takeov
     assert (deliveries(stack, dearer["id"]), charges(stack, dearer["id"])) == (2, 0)
 
 
+def _streamed_then_its_worker_killed(stack: Stack, model: str) -> tuple[int, str, int, dict[str, Any],
+                                                                       tuple[str, list[Any], threading.Thread]]:
+    """A user's turn of a slow model of its own, followed from the start by a reader, whose only worker is killed
+    mid-answer: the user's id and key, the conversation, the turn, and the reader (`follow_from_the_start`)."""
+    agent_id = slow_agent(stack, model, "echo;words=60;gap=0.1")
+    user_id, key = stack.user(f"user-of-{model}")
+    worker = stack.start_worker(restart=False)
+    conversation_id = stack.conversation(key, agent_id)
+    turn = stack.send(key, conversation_id, "stop me as my worker dies")
+    reader = follow_from_the_start(stack, key, turn["id"])
+    worker.kill_group()
+    return user_id, key, conversation_id, turn, reader
+
+
 def test_a_stop_of_a_turn_whose_worker_died_a_lease_ago_ends_it_at_once_though_no_worker_runs(stack: Stack) -> None:
     """A stop only flagged a processing turn for its worker: one whose worker had died stayed `processing`, its
     conversation busy, until another worker took it over, which with none running was the deadline bound's
     end, minutes later. No delivery holding it (the dead one's lease ran out), the stop ends it `cancelled`
     at once, keeping the text the dead worker streamed, unpaid, and recording its call, as a takeover's stop
     does."""
-    agent_id = slow_agent(stack, "dies-unheld", "echo;words=60;gap=0.1")
-    user_id, key = stack.user("stops-an-orphan")
-    worker = stack.start_worker(restart=False)
-    conversation_id = stack.conversation(key, agent_id)
-    turn = stack.send(key, conversation_id, "stop me with no worker")
-    seen, following_events, following = follow_from_the_start(stack, key, turn["id"])
-    worker.kill_group()
+    user_id, key, conversation_id, turn, (seen, following_events, following) = _streamed_then_its_worker_killed(
+        stack, "dies-unheld")
     wait_for(lambda: stack.sql("SELECT lease_expires_at < now() FROM turns WHERE assistant_message_id = %(id)s",
                                {"id": turn["id"]}) == [(True,)], timeout=LEASE_SECONDS + 5,
              what="the dead worker's lease to run out")
@@ -282,13 +291,8 @@ def test_a_stop_that_came_while_a_dead_workers_lease_still_held_ends_once_it_run
     busy, until the deadline bound: its timeout, grace and a lease after its first delivery (an hour for an
     agent of 3,600 s). The API's loop ends it once the lease has run out (`app.stop_bound`), as the stop would
     have, keeping the dead worker's text, unpaid."""
-    agent_id = slow_agent(stack, "dies-then-stopped-in-its-lease", "echo;words=60;gap=0.1")
-    user_id, key = stack.user("stops-within-the-lease")
-    worker = stack.start_worker(restart=False)
-    conversation_id = stack.conversation(key, agent_id)
-    turn = stack.send(key, conversation_id, "stop me as my worker dies")
-    seen, following_events, following = follow_from_the_start(stack, key, turn["id"])
-    worker.kill_group()
+    user_id, key, conversation_id, turn, (seen, following_events, following) = _streamed_then_its_worker_killed(
+        stack, "dies-then-stopped-in-its-lease")
     assert stack.call("POST", f"/api/messages/{turn['id']}/cancel", key).status_code == 202
     assert stack.sql("SELECT lease_expires_at > cancel_requested_at FROM turns WHERE assistant_message_id = %(id)s",
                      {"id": turn["id"]}) == [(True,)]  # the stop came under the dead worker's live lease
