@@ -155,10 +155,13 @@ class LeaseKeeper:
         finally:
             with self._lock:
                 self._leaving += 1
-            with self._renewing_locks, self._lock:
-                self._leaving -= 1
-                self._held.pop(holding.key, None)
-                self._released.notify_all()
+            try:
+                with self._renewing_locks, self._lock:
+                    self._held.pop(holding.key, None)
+            finally:
+                with self._released:
+                    self._leaving -= 1
+                    self._released.notify_all()
 
     @contextmanager
     def running(self, holding: Holding) -> Iterator[Holding]:

@@ -7,7 +7,7 @@ flagged for its worker, and a dead worker's turn is ended by the delivery that t
 running, nothing took it over: the turn stayed `processing` and its conversation busy until the deadline bound
 (`app.deadline_bound`), its timeouts, grace and a lease after its first delivery, an hour for an agent with a
 3,600 s timeout. So each API process's loop (`app.unheld_run_bounds`) also ends, `cancelled`, each stopped
-turn that no lease has held for a lease's time, as the stop itself would have, keeping the text the dead
+turn whose lease ran out a lease ago or more, as the stop itself would have, keeping the text the dead
 worker streamed, unpaid; each end judged again under the turn's lock (`app.unheld_ends.abandon`), so a
 delivery that took the turn over since the look is left to end it.
 """
@@ -17,27 +17,29 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from functools import cache
 
-from sqlalchemy import ColumnElement, DateTime, Table, and_, bindparam, false
+from sqlalchemy import ColumnElement, DateTime, Table, and_, bindparam
 
-from app.claims import lease_not_held
+from app.claims import lease_over
 from app.config import get_settings
 from app.db import transaction
 from app.prepared import Prepared
 from app.run_kinds import TURN
 from app.turn_status import STOPPED, TurnStatus
-from app.unheld_ends import end_unheld, run_ids_where
+from app.unheld_ends import end_unheld, turn_ids_where
 
 
 def _stopped_unheld(turns: Table, messages: Table) -> ColumnElement[bool]:
-    """A turn `processing` whose user asked it to stop, under no lease at the `expired_before` parameter."""
+    """A turn `processing` whose user asked it to stop, whose lease ran out before the `expired_before`
+    parameter: by the recovery sweep's rule (`lease_over`), so a turn a failed delivery handed to its retry, or
+    one a stopping worker is sending on, is left to the delivery that takes it, until that window too is over."""
     expired_before = bindparam("expired_before", type_=DateTime(timezone=True))
     return and_(messages.c.status == TurnStatus.PROCESSING.value, turns.c.cancel_requested_at.is_not(None),
-                lease_not_held(turns.c.lease_token, turns.c.lease_expires_at, expired_before))
+                lease_over(turns.c.lease_expires_at, expired_before))
 
 
 @cache
 def _stopped_turns() -> Prepared:
-    return run_ids_where(_stopped_unheld, lambda runs: false())[TURN]  # an admin's test run takes no stop
+    return turn_ids_where(_stopped_unheld)  # an admin's test run takes no stop
 
 
 def end_stops_no_delivery_carries_out(now: datetime) -> list[int]:

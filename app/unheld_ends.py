@@ -1,6 +1,7 @@
 """Ending a run that no worker holds: a turn or test run whose message died (retries ran out), a turn stopped
-while pending, and the runs the looks of the two bounds that need no delivery find (`app.pending_bound`:
-waiting too long; `app.deadline_bound`: past the deadline).
+while pending, and the runs the looks of the bounds that need no delivery find (`app.pending_bound`: waiting
+too long; `app.deadline_bound`: past the deadline; `app.stop_bound`: stopped while its dead worker's lease
+still held it).
 
 A worker settles the runs it holds itself (`app.turn_runner`, `app.debug_runner`); these ends have no worker,
 so they free what a turn held themselves, in two steps: the ending in the caller's transaction
@@ -118,17 +119,21 @@ def abandon_debug_run(run_id: int, reason: str, *, pending_before: datetime | No
     return TurnStatus.ERROR if ended else None
 
 
+def turn_ids_where(turn: Callable[[Table, Table], ColumnElement[bool]]) -> Prepared:
+    """A look's query: the ids of the turns in flight for which `turn(turns, messages)` holds (a turn's status is
+    on its answer's row)."""
+    turns, messages = table(Turn), table(ConversationMessage)
+    return Prepared(select(turns.c.assistant_message_id)
+                    .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
+                    .where(answer_in_flight(messages), turn(turns, messages)))
+
+
 def run_ids_where(turn: Callable[[Table, Table], ColumnElement[bool]],
                   debug_run: Callable[[Table], ColumnElement[bool]]) -> dict[RunKind, Prepared]:
-    """A look's query for each kind: the ids of the turns in flight for which `turn(turns, messages)` holds (a
-    turn's status is on its answer's row), and of the test runs for which `debug_run(runs)` does."""
-    turns, messages, runs = table(Turn), table(ConversationMessage), table(DebugRun)
-    return {
-        TURN: Prepared(select(turns.c.assistant_message_id)
-                       .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
-                       .where(answer_in_flight(messages), turn(turns, messages))),
-        DEBUG_RUN: Prepared(select(runs.c.id).where(debug_run(runs))),
-    }
+    """A look's query for each kind: `turn_ids_where(turn)`, and the ids of the test runs for which
+    `debug_run(runs)` holds."""
+    runs = table(DebugRun)
+    return {TURN: turn_ids_where(turn), DEBUG_RUN: Prepared(select(runs.c.id).where(debug_run(runs)))}
 
 
 def abandon(kind: RunKind, ident: int, reason: str, *, pending_before: datetime | None = None,
@@ -160,4 +165,4 @@ def end_unheld(kind: RunKind, idents: Iterable[int], reason: str, found: str, *,
 
 
 __all__ = ["UnownedEnd", "abandon", "abandon_debug_run", "abandon_turn", "announce_unowned_end", "end_unheld",
-           "end_unowned", "run_ids_where"]
+           "end_unowned", "run_ids_where", "turn_ids_where"]

@@ -298,7 +298,9 @@ def _backing_service_failed(exc: Exception) -> int:
     said = f"{in_one_line(exc)} ({backing_service(of_redis=of_redis)})"
     if (problem := setup_problem(exc)) is not None:
         return failed(problem.code, f"{said}: {problem.step}.")
-    return failed("service_unavailable" if is_outage(exc) else "redis_error" if of_redis else "database_error", said)
+    if is_outage(exc):
+        return failed("service_unavailable", said)
+    return failed("redis_error" if of_redis else "database_error", said)
 
 
 if __name__ == "__main__":

@@ -294,7 +294,8 @@ def test_an_unmatched_path_and_a_body_without_its_content_type_say_what_is_wrong
 def test_a_body_that_is_not_json_says_where_it_fails(world) -> None:  # type: ignore[no-untyped-def]
     """`NaN` and `Infinity` are not JSON (RFC 8259), though Python's parser takes them: a message whose body held
     one was accepted and its turn run, and a credit of `Infinity` was judged as a number (422). A body nested too
-    deeply to read, or one that is no JSON at all, was told only that it must be a JSON object."""
+    deeply to read, or one that is no JSON at all, was told only that it must be a JSON object; a number whose
+    exponent is past a Decimal's was a 500."""
     user_id, key = world.user()
     conversation_id = world.conversation(key, world.agent(world.model()))
     balance = world.api.get("/api/me", key).json["balance"]
@@ -303,6 +304,7 @@ def test_a_body_that_is_not_json_says_where_it_fails(world) -> None:  # type: ig
                             (world.admin_key, f"/api/admin/users/{user_id}/credits", b'{"amount": Infinity}'),
                             (world.admin_key, f"/api/admin/users/{user_id}/credits", b'{"amount": -Infinity}'),
                             (key, "/api/conversations", b'{"agent_id": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
+                            (key, "/api/conversations", b'{"agent_id": 1, "n": 1e999999999999999999999}'),
                             (key, "/api/conversations", b'{"agent_id": 1,}'),
                             (key, "/api/conversations", b"[1]")):
         answer = world.api.call("POST", path, who, data=body, content_type="application/json")
@@ -313,6 +315,7 @@ def test_a_body_that_is_not_json_says_where_it_fails(world) -> None:  # type: ig
                     (400, "malformed_body", " (Infinity is not a JSON value)."),
                     (400, "malformed_body", " (-Infinity is not a JSON value)."),
                     (400, "malformed_body", " (it is nested too deeply to be read)."),
+                    (400, "malformed_body", " (the number 1e999999999999999999999 is out of range)."),
                     (400, "malformed_body", " (it is not JSON: Expecting property name enclosed in double quotes: "
                                             "line 1 column 16 (char 15))."),
                     (400, "malformed_body", ".")]

@@ -51,6 +51,8 @@ def test_the_document_says_what_a_client_can_count_on(api) -> None:  # type: ign
     forbidding = sorted({path.split("/")[2] for path, operations in document["paths"].items()
                          for operation in operations.values() if "403" in operation["responses"]})
     assert forbidding == ["admin"]
+    assert all("403" in operation["responses"] for path, operations in document["paths"].items()
+               if path.startswith("/api/admin/") for operation in operations.values())
 
 
 def test_the_test_app_checks_each_response_against_its_documented_model(api) -> None:  # type: ignore[no-untyped-def]

@@ -5,7 +5,7 @@ past the route's limit)."""
 from __future__ import annotations
 
 import sys
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from json import JSONDecodeError
 from typing import Any
 
@@ -24,6 +24,15 @@ def _json_integer(literal: str) -> int | Decimal:
     return int(literal) if not limit or len(literal.lstrip("-")) <= limit else Decimal(literal)
 
 
+def _json_fraction(literal: str) -> Decimal:
+    """A number with a fraction or an exponent, exactly; one whose exponent is past what a Decimal holds
+    (`1e999999999999999999999`) is a body that cannot be read (400), where Decimal's own error was a 500."""
+    try:
+        return Decimal(literal)
+    except InvalidOperation as exc:
+        raise ValueError(f"the number {literal[:40]} is out of range") from exc
+
+
 def _not_json(constant: str) -> Any:
     """`NaN`, `Infinity` and `-Infinity`, which Python's parser takes and JSON (RFC 8259) has not: a body
     holding one was accepted (a turn ran for `{"content": "x", "extra": NaN}`)."""
@@ -38,7 +47,7 @@ class SafeJSONProvider(DefaultJSONProvider):
 
     def loads(self, s: str | bytes, **kwargs: Any) -> Any:
         try:
-            return super().loads(s, parse_int=_json_integer, parse_float=Decimal, parse_constant=_not_json,
+            return super().loads(s, parse_int=_json_integer, parse_float=_json_fraction, parse_constant=_not_json,
                                  **kwargs)
         except RecursionError as exc:
             raise ValueError("it is nested too deeply to be read") from exc
