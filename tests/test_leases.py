@@ -17,6 +17,7 @@ from app.db import plain_transaction, transaction
 from app.leases import Holding, LeaseKeeper
 from app.models import ConversationMessage, DebugRun, ModelAttempt, Turn
 from app.models.base import utc_now
+from app.redis_client import SOCKET_TIMEOUT_SECONDS
 from app.turn_intake import _insert_turn
 from app.turn_status import TurnStatus
 from tests.support import SilentServer, wait_for
@@ -86,8 +87,9 @@ def _processing_turn_expiring_soon(world) -> HeldTurn:  # type: ignore[no-untype
     return turn
 
 
-def _lease_alive_for_8_seconds(keeper: LeaseKeeper, turn: HeldTurn) -> list[bool]:
-    """Whether `turn`'s lease was alive by the database's clock, sampled every 0.1 s for 8 s while `keeper` holds it."""
+def _lease_alive_for_8_seconds(keeper: LeaseKeeper, turn: HeldTurn) -> tuple[list[bool], float]:
+    """Whether `turn`'s lease was alive by the database's clock, sampled every 0.1 s for 8 s while `keeper` holds it;
+    and how long the run took to leave the keeper."""
     alive = []
     with keeper.holding(Holding(turn.turn_id, "live", threading.Event(), turn, delivery=2)):
         ends = time.monotonic() + 8
@@ -97,7 +99,8 @@ def _lease_alive_for_8_seconds(keeper: LeaseKeeper, turn: HeldTurn) -> list[bool
                     "SELECT lease_expires_at > clock_timestamp() FROM turns WHERE assistant_message_id = :id"),
                     {"id": turn.turn_id}))
             time.sleep(0.1)
-    return alive
+        leaving = time.monotonic()
+    return alive, time.monotonic() - leaving
 
 
 def test_a_redis_that_stops_answering_holds_back_no_renewal_of_the_lease(  # type: ignore[no-untyped-def]
@@ -114,8 +117,11 @@ def test_a_redis_that_stops_answering_holds_back_no_renewal_of_the_lease(  # typ
     settings_of(REDIS_URL=f"redis://127.0.0.1:{silent_redis.port}/0")
     keeper = LeaseKeeper()
     keeper.cancel_check = stopped_turns
-    alive = _lease_alive_for_8_seconds(keeper, turn)
+    alive, leaving = _lease_alive_for_8_seconds(keeper, turn)
     assert len(alive) > 40 and all(alive), f"the lease ran out in {alive.count(False)} of {len(alive)} samples"
+    # The run leaves once the renewal of the Redis locks under way gives up (its socket timeout, 5 s), not
+    # after every renewal that falls due meanwhile: each took the keeper's lock again at once, for minutes.
+    assert leaving < SOCKET_TIMEOUT_SECONDS + 2, f"the run took {leaving:.1f} s to leave"
     # Both the look for stop requests and the locks' renewal waited, each on a new connection after every
     # timeout: how many depends on when each thread started, not on what is tested.
     assert len(silent_redis.connections) >= 2
