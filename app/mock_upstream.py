@@ -226,6 +226,8 @@ async def moderations(request: web.Request) -> web.Response:
     request.app[STATE].requests.append({"path": request.path, "body": body, "at": time.time()})
     text = body.get("input", "")
     text = (text if isinstance(text, str) else " ".join(text)).lower()
+    if "slow-moderation" in text:
+        await asyncio.sleep(1.5)
     if "malformed-moderation" in text:
         return web.json_response({"id": "modr-mock", "model": "mock-moderation", "results": []})
     if "null-moderation" in text:

@@ -56,6 +56,15 @@ def test_concatenated_deltas_equal_the_stored_content(world, web_server) -> None
     assert statuses[-1] == "success" and "processing" in statuses
 
 
+def test_a_refused_input_names_no_model_to_its_readers(world, web_server) -> None:  # type: ignore[no-untyped-def]
+    """Moderation refuses before any model call: the stream said `processing` with the model a call would have
+    used before it said `content_violation`, though no LLM was called."""
+    key, message_id, _ = start_turn(world, "echo", "please flag-me, after a slow-moderation")
+    events = read_sse(f"{web_server}/api/messages/{message_id}/stream", key)  # while the endpoint judges it
+    assert [(e.event, e.json()["status"], e.json()["model"]) for e in events] == [
+        ("status", "processing", None), ("status", "content_violation", None), ("done", "content_violation", None)]
+
+
 def test_an_answer_being_written_is_read_with_the_text_its_readers_hold_so_far(world, web_server) -> None:  # type: ignore[no-untyped-def]
     """A client that polls the message, or was refused a stream (429 `too_many_streams` sends it to the message),
     read an empty `content` and no `model` until the turn's end: the database has them only then."""
