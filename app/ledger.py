@@ -44,20 +44,27 @@ def _write(session: Session, user: User, amount: Decimal, message_id: int | None
     return entry
 
 
-def add_credit(session: Session, user_id: int, amount: Decimal) -> Decimal:
+class Credited(NamedTuple):
+    balance: Decimal
+    credited: Decimal
+    """The change made, which a take-back's stop makes smaller than the amount asked (`add_credit`)."""
+
+
+def add_credit(session: Session, user_id: int, amount: Decimal) -> Credited:
     """Top up (or take back, when negative) credit.
 
     A take-back stops at what turns in flight hold: their reservations priced answers already being
     generated, and taking that money would leave their charges short (served for less, or free). The
     balance therefore never goes below the reservations, let alone zero; what a turn does not spend
-    stays with the user when it settles, for the operator to take back then."""
+    stays with the user when it settles, for the operator to take back then. The change made is returned
+    with the balance, so that a take-back that stopped short says so."""
     user = _locked_user(session, user_id)
     change = max(quantize(amount), -max(user.available_balance, Decimal(0)))
     if user.balance + change > MAX_AMOUNT:
         raise ValidationFailed(f"A balance cannot exceed {MAX_AMOUNT}.", code="balance_too_large")
     if change != 0:
         _write(session, user, change, None)
-    return user.balance
+    return Credited(user.balance, change)
 
 
 class _Statements(NamedTuple):

@@ -81,7 +81,7 @@ def get_user(user_id: int) -> User:
         return user
 
 
-def add_credit(user_id: int, amount: Decimal) -> Decimal:
+def add_credit(user_id: int, amount: Decimal) -> ledger.Credited:
     with transaction() as session:
         if session.get(User, user_id) is None:
             raise NotFound("No such user.")

@@ -91,9 +91,11 @@ def test_admin_can_create_users_and_move_credit_never_below_zero(world) -> None:
     user_id, key = created.json["id"], created.json["api_key"]
     assert world.api.get("/api/me", key).json["balance"] == "5.500000"
     assert world.api.post(f"/api/admin/users/{user_id}/credits", world.admin_key,
-                          {"amount": "-2.25"}).json == {"balance": "3.250000"}
+                          {"amount": "-2.25"}).json == {"balance": "3.250000", "credited": "-2.250000"}
     assert world.api.post(f"/api/admin/users/{user_id}/credits", world.admin_key,
-                          {"amount": "-100"}).json == {"balance": "0.000000"}
+                          {"amount": "-100"}).json == {"balance": "0.000000", "credited": "-3.250000"}
+    assert world.api.post(f"/api/admin/users/{user_id}/credits", world.admin_key,
+                          {"amount": "-1"}).json == {"balance": "0.000000", "credited": "0.000000"}
     ledger = world.api.get("/api/me/transactions", key).json["items"]
     assert [t["amount"] for t in ledger] == ["-3.250000", "-2.250000", "5.500000"]
     assert [t["balance_after"] for t in ledger] == ["0.000000", "3.250000", "5.500000"]

@@ -577,7 +577,7 @@ def test_a_credit_that_waited_for_a_settlement_adds_to_the_settled_balance(world
     from app import users
 
     user_id, _ = world.user(balance="10")
-    credited: list[Decimal] = []
+    credited: list[tuple[Decimal, Decimal]] = []
     # The look at the waits on a connection of its own, outside any transaction: a transaction sees one
     # snapshot of pg_stat_activity, and a first look before the credit waited saw none for ever.
     with transaction() as settling, psycopg.connect(database.replace("+psycopg", ""), autocommit=True) as look:
@@ -588,7 +588,7 @@ def test_a_credit_that_waited_for_a_settlement_adds_to_the_settled_balance(world
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
         ).fetchone()[0], what="the credit to wait for the user's row")  # type: ignore[index]
     credit.join(timeout=10)
-    assert credited == [Decimal("12")]
+    assert credited == [(Decimal("12"), Decimal("5"))]
     with transaction() as session:
         assert session.get_one(User, user_id).balance == Decimal("12")
 

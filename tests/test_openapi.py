@@ -44,7 +44,7 @@ def test_the_document_says_what_a_client_can_count_on(api) -> None:  # type: ign
                                              "content_violation", "llm_error", "cancelled"]
     assert (message["created_at"]["format"], schemas["DebugLog"]["properties"]["status"]) == (
         "date-time", {"$ref": "#/components/schemas/TurnStatus"})
-    assert schemas["Balance"]["properties"]["balance"]["pattern"] == r"^-?[0-9]+\.[0-9]{6}$"
+    assert schemas["Credited"]["properties"]["balance"]["pattern"] == r"^-?[0-9]+\.[0-9]{6}$"
     assert document["paths"]["/api/messages/{message_id}"]["get"]["parameters"] == [{
         "name": "message_id", "in": "path", "required": True,
         "schema": {"title": "Message Id", "type": "integer", "minimum": 1, "maximum": 10**18 - 1}}]

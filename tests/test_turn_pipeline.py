@@ -779,7 +779,7 @@ def test_taking_credit_back_during_a_turn_leaves_what_the_turn_holds_and_the_tur
     reserved = Decimal(1) - Decimal(world.api.get("/api/me", key).json["available_balance"])
     assert reserved == Decimal("0.645")  # a prompt of at most 45 tokens (its bytes) at 1 a thousand, 60 at 10
     taken = world.api.post(f"/api/admin/users/{user_id}/credits", world.admin_key, {"amount": "-0.9"})
-    assert taken.json == {"balance": f"{reserved:.6f}"}
+    assert taken.json == {"balance": f"{reserved:.6f}", "credited": f"-{1 - reserved:.6f}"}
 
     done = world.wait_terminal(key, assistant["id"])
     assert done["status"] == "success"

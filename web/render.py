@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # the services whose results are rendered; the `dlq` commands
     from app.dead_letter_requeue import RequeueOutcome
     from app.dead_letters import DeadLetterPage, DeadLetterView
     from app.debugging import CostLine, RouteDecision
+    from app.ledger import Credited
     from app.operations import FailureReport, QueueSnapshot
     from app.prompt import Prompt
     from app.users import NewUser
@@ -67,6 +68,11 @@ def me(u: User) -> dict[str, Any]:
 def new_user(created: NewUser) -> dict[str, Any]:
     """A user with its API key, which only the answer that made the key ever shows."""
     return {**me(created.user), "api_key": created.api_key}
+
+
+def credited(result: Credited) -> dict[str, Any]:
+    """`POST /api/admin/users/{id}/credits`: the contract's `balance`, and the change made."""
+    return {"balance": money(result.balance), "credited": money(result.credited)}
 
 
 def credit_transaction(t: CreditTransaction) -> dict[str, Any]:

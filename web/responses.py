@@ -82,8 +82,10 @@ class CreatedUser(Me):
     api_key: str = Field(description="Shown once; only its hash is stored.")
 
 
-class Balance(Shape):
+class Credited(Shape):
     balance: Money
+    credited: Money = Field(description="The change made: less than the amount asked when a take-back stopped at "
+                                        "zero or at what the user's turns in flight hold.")
 
 
 class LedgerEntry(Shape):

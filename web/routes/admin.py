@@ -30,13 +30,14 @@ def replace_api_key(path: IdPath) -> dict[str, Any]:
     return render.new_user(replaced)
 
 
-@bp.post("/admin/users/<id:id>/credits", tags=[users_tag], responses={200: r.Balance})
+@bp.post("/admin/users/<id:id>/credits", tags=[users_tag], responses={200: r.Credited})
 def add_credit(path: IdPath, body: CreditBody) -> dict[str, Any]:
     """Add credit, or take it back with a negative amount
 
-    A take-back stops at zero, and above it at what the user's turns in flight hold (their reservations).
+    A take-back stops at zero, and above it at what the user's turns in flight hold (their reservations);
+    `credited` is the change made.
     """
-    return {"balance": render.money(users.add_credit(path.id, body.amount))}
+    return render.credited(users.add_credit(path.id, body.amount))
 
 
 @bp.post("/admin/models", tags=[models_tag], responses={201: r.LlmModel})
