@@ -6,11 +6,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import redis
-from sqlalchemy import func, select
+from sqlalchemy import Row, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.broker_keys import broker_key, dead_ids_key, delayed_bodies_key
@@ -20,7 +21,7 @@ from app.dead_letter_queue import message_id_of
 from app.dead_letters import open_dead_letters
 from app.errors import DatabaseNotCreated
 from app.in_flight import answer_in_flight
-from app.models import ConversationMessage, table
+from app.models import ConversationMessage, DebugRun, table
 from app.models.base import utc_now
 from app.outages import in_one_line, is_outage
 from app.queues import QUEUES
@@ -45,6 +46,8 @@ class QueueDepth:
 class QueueSnapshot:
     queues: list[QueueDepth] = field(default_factory=list)
     turns_by_status: dict[str, int] = field(default_factory=dict)
+    test_runs_by_status: dict[str, int] = field(default_factory=dict)
+    """Admin test runs pending and processing: they share the workers with turns (the `debug` queue)."""
     worker_processes: dict[str, int] = field(default_factory=dict)
     """The worker processes alive, by state (`app.worker_presence`), every state counted; empty while Redis is
     out of reach."""
@@ -84,7 +87,7 @@ def queue_snapshot(*, database_required: bool = True) -> QueueSnapshot:
     dead_letters: dict[str, int | None] = {queue: None if snapshot.redis_error else len(ids)
                                            for queue, ids in held.items()}
     try:
-        snapshot.turns_by_status = _turns_in_flight()
+        snapshot.turns_by_status, snapshot.test_runs_by_status = _runs_in_flight()
         dead_letters.update(open_dead_letters(held))
     except (SQLAlchemyError, DatabaseNotCreated) as exc:
         if database_required or not (is_outage(exc) or schema_missing(exc)):
@@ -94,12 +97,21 @@ def queue_snapshot(*, database_required: bool = True) -> QueueSnapshot:
     return snapshot
 
 
-def _turns_in_flight() -> dict[str, int]:
-    messages = table(ConversationMessage)
+def _runs_in_flight() -> tuple[dict[str, int], dict[str, int]]:
+    """Turns and admin test runs pending and processing, each counted on the index that finds them (the
+    answers in flight; the test runs by status)."""
+    messages, runs = table(ConversationMessage), table(DebugRun)
     with transaction() as session:
-        rows = session.execute(
+        turns = session.execute(
             select(messages.c.status, func.count()).where(answer_in_flight(messages)).group_by(messages.c.status)
         ).all()
+        test_runs = session.execute(
+            select(runs.c.status, func.count()).where(runs.c.status.in_(IN_FLIGHT_VALUES)).group_by(runs.c.status)
+        ).all()
+    return _every_status_counted(turns), _every_status_counted(test_runs)
+
+
+def _every_status_counted(rows: Sequence[Row[str, int]]) -> dict[str, int]:
     counts = dict.fromkeys(IN_FLIGHT_VALUES, 0)
     counts.update({status: count for status, count in rows})
     return counts

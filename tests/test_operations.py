@@ -149,6 +149,24 @@ def _fell_back_of(turn_id: int) -> bool:
         return session.get_one(Turn, turn_id).fell_back
 
 
+def test_the_queue_view_counts_admin_test_runs_in_flight_beside_turns(world) -> None:  # type: ignore[no-untyped-def]
+    """Test runs share the workers with turns (the `debug` queue): an operator looking for what holds them saw
+    only the turns."""
+    from app.db import transaction
+    from app.models import DebugRun
+    from app.models.base import utc_now
+
+    agent_id = world.agent(world.model())
+    admin_id = world.api.get("/api/me", world.admin_key).json["id"]
+    with transaction() as session:  # held out of the workers' reach: a lease an hour ahead, sent just now
+        session.add_all([DebugRun(agent_id=agent_id, admin_id=admin_id, input="x", status=status,
+                                  lease_token="held", lease_expires_at=utc_now() + timedelta(hours=1),
+                                  enqueued_at=utc_now())
+                         for status in ("pending", "processing", "processing", "success")])
+    queues = world.api.get("/api/admin/queues", world.admin_key).json
+    assert (queues["turns"], queues["test_runs"]) == ({"pending": 0, "processing": 0}, {"pending": 1, "processing": 2})
+
+
 def test_a_turn_whose_retries_run_out_is_a_dead_letter_and_runs_again_when_requeued(world, redis_client) -> None:  # type: ignore[no-untyped-def]
     api, admin = world.api, world.admin_key
     agent_id = world.agent(world.model(price_in="1", price_out="1"))
@@ -162,7 +180,8 @@ def test_a_turn_whose_retries_run_out_is_a_dead_letter_and_runs_again_when_reque
     assert world.api.get("/api/me", key).json["balance"] == "10.000000"
     assert dead_count(redis_client) == 1
     assert queue_of(api, admin, "turns")["dead_letters"] == 1
-    assert api.get("/api/admin/queues", admin).json["turns"] == {"pending": 0, "processing": 0}
+    queues = api.get("/api/admin/queues", admin).json
+    assert (queues["turns"], queues["test_runs"]) == ({"pending": 0, "processing": 0}, {"pending": 0, "processing": 0})
 
     items = api.get("/api/admin/dead-letters", admin).json["items"]
     assert len(items) == 1

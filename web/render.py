@@ -132,6 +132,7 @@ def queues(snapshot: QueueSnapshot) -> dict[str, Any]:
         "queues": [{"name": q.name, "ready": q.ready, "delayed": q.delayed, "dead_letters": q.dead}
                    for q in snapshot.queues],
         "turns": snapshot.turns_by_status,
+        "test_runs": snapshot.test_runs_by_status,
         "redis_error": snapshot.redis_error,
     }
 

@@ -212,6 +212,7 @@ class QueueDepth(Shape):
 class Queues(Shape):
     queues: list[QueueDepth]
     turns: dict[str, int] = Field(description="Turns pending and processing.")
+    test_runs: dict[str, int] = Field(description="Admin test runs pending and processing (the `debug` queue's).")
     redis_error: str | None
 
 
