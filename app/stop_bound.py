@@ -6,10 +6,10 @@ A stop ends at once a turn that no delivery holds when the stop comes (`app.canc
 flagged for its worker, and a dead worker's turn is ended by the delivery that takes it over. With no worker
 running, nothing took it over: the turn stayed `processing` and its conversation busy until the deadline bound
 (`app.deadline_bound`), its timeouts, grace and a lease after its first delivery, an hour for an agent with a
-3,600 s timeout. So each API process's loop (`app.unheld_run_bounds`) also ends, `cancelled`, each stopped
-turn whose lease ran out a lease ago or more, as the stop itself would have, keeping the text the dead
-worker streamed, unpaid; each end judged again under the turn's lock (`app.unheld_ends.abandon`), so a
-delivery that took the turn over since the look is left to end it.
+3,600 s timeout. So while no worker process takes runs, each API process's loop (`app.unheld_run_bounds`)
+ends, `cancelled`, each stopped turn whose lease ran out a lease ago or more, as the stop itself would have,
+keeping the text the dead worker streamed, unpaid; each end judged again under the turn's lock
+(`app.unheld_ends.abandon`), so a delivery that took the turn over since the look is left to end it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from functools import cache
 
+import redis
 from sqlalchemy import ColumnElement, DateTime, Table, and_, bindparam
 
 from app.claims import lease_over
@@ -26,6 +27,7 @@ from app.prepared import Prepared
 from app.run_kinds import TURN
 from app.turn_status import STOPPED, TurnStatus
 from app.unheld_ends import end_unheld, turn_ids_where
+from app.worker_presence import WorkerState, live_workers
 
 
 def _stopped_unheld(turns: Table, messages: Table) -> ColumnElement[bool]:
@@ -42,12 +44,24 @@ def _stopped_turns() -> Prepared:
     return turn_ids_where(_stopped_unheld)  # an admin's test run takes no stop
 
 
+def _a_worker_takes_runs() -> bool:
+    """Whether a live worker process takes new runs (`app.worker_presence`): its recovery sweep then sends a
+    stopped turn whose lease ran out again, and the delivery that takes it over ends it, as a takeover does
+    (the look ended it first when that worker was slow to boot). With Redis out of reach it is not known, and
+    taken as none."""
+    try:
+        return any(presence.state is WorkerState.TAKING_RUNS for presence in live_workers())
+    except redis.RedisError:
+        return False
+
+
 def end_stops_no_delivery_carries_out(now: datetime) -> list[int]:
     """An API process's look, at the database's `now` (read once its `TakeoverGate` opened: a worker whose
     renewals an outage held up renews first, and ends its stopped turn itself, paid for the tokens it
-    generated): the stopped turns no delivery holds, ended `cancelled`. A lease that ran out counts a lease
-    later, the time the recovery sweep gives the message it sends then: while a worker runs, the delivery
-    taking the turn over ends it, and records what it finds as a takeover does."""
+    generated): the stopped turns no delivery holds, ended `cancelled`, while no worker process takes runs. A
+    lease that ran out counts a lease later, the time the recovery sweep gives the message it sends then."""
+    if _a_worker_takes_runs():
+        return []
     expired_before = now - timedelta(seconds=get_settings().lease_seconds)
     with transaction() as session:
         found = list(_stopped_turns()(session, {"expired_before": expired_before}).scalars())

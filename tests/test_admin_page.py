@@ -86,7 +86,7 @@ def test_the_operators_page_shows_a_dead_letter_and_requeues_and_deletes(stack: 
         queues = text_of(driver, "#queues tbody")
         assert queues.splitlines()[0].split() == ["turns", "0", "0", "2"]
         assert "error 2" in text_of(driver, "#failure-counts tbody")
-        assert text_of(driver, "#turns-pending") == "0"
+        assert text_of(driver, "#in-flight tbody").splitlines() == ["turns 0 0", "admin test runs 0 0"]
 
         row.find_element(By.CSS_SELECTOR, "button.requeue").click()
         wait.until(lambda d: len(dead_rows(d)) == 1)
@@ -120,7 +120,7 @@ def test_what_comes_back_for_a_forgotten_key_is_not_shown(stack: Stack) -> None:
         wait.until(lambda d: "Enter an admin API key" in text_of(d, "#status"))
         release_held_answers(driver)
         assert (text_of(driver, "#queues tbody"), text_of(driver, "#failure-counts tbody"),
-                text_of(driver, "#turns-pending")) == ("", "", "–")
+                text_of(driver, "#in-flight tbody").splitlines()) == ("", "", ["turns – –", "admin test runs – –"])
         assert "Enter an admin API key" in text_of(driver, "#status")
 
 

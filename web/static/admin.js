@@ -2,6 +2,7 @@
 const KEY = "agentq-admin-key";
 const REFRESH_MS = Number(document.body.dataset.refreshMs);
 const DEAD_LETTERS_SHOWN = 100;
+const IN_FLIGHT_CELLS = ["turns-pending", "turns-processing", "test-runs-pending", "test-runs-processing"];
 
 const RESULT_SHOWN_MS = 15000;
 let resultShownUntil = 0;
@@ -72,8 +73,7 @@ function clearTables() {
     document.querySelector("#" + id + " tbody").replaceChildren();
     delete shown[id];
   }
-  document.getElementById("turns-pending").textContent = "–";
-  document.getElementById("turns-processing").textContent = "–";
+  for (const id of IN_FLIGHT_CELLS) { document.getElementById(id).textContent = "–"; }
   document.getElementById("dead-letters-shown").textContent = "";
 }
 
@@ -95,8 +95,10 @@ async function refresh() {
       cell(row, w[0]); cell(row, w[1], "num"); cell(row, w[2], "num"); cell(row, w[3], "num");
       cell(row, w[4], w[4] === "taking_runs" ? "" : "error"); cell(row, w[5], "muted");
     });
-    document.getElementById("turns-pending").textContent = queues.turns.pending;
-    document.getElementById("turns-processing").textContent = queues.turns.processing;
+    for (const [kind, counts] of [["turns", queues.turns], ["test-runs", queues.test_runs]]) {
+      document.getElementById(kind + "-pending").textContent = counts.pending;
+      document.getElementById(kind + "-processing").textContent = counts.processing;
+    }
     fill("failure-counts", Object.entries(failures.counts), (row, [status, count]) => {
       cell(row, status); cell(row, count, "num");
     });
