@@ -323,6 +323,24 @@ def test_a_body_that_is_not_json_says_where_it_fails(world) -> None:  # type: ig
     assert world.api.get("/api/me", key).json["balance"] == balance
 
 
+def test_a_body_sent_encoded_is_refused_whether_or_not_it_is(world) -> None:  # type: ignore[no-untyped-def]
+    """The server does not decode a body: a plain one that claimed `Content-Encoding: gzip` was taken as it was
+    (201), and a gzipped one was refused as JSON it could not parse."""
+    import gzip
+
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    said = [world.api.call("POST", "/api/conversations", key, data=body, content_type="application/json",
+                           headers={"Content-Encoding": encoding})
+            for body, encoding in ((b'{"agent_id": %d}' % agent_id, "gzip"),
+                                   (gzip.compress(b'{"agent_id": %d}' % agent_id), "gzip"),
+                                   (b'{"agent_id": %d}' % agent_id, "identity"))]
+    assert [(answer.status_code, answer.json.get("error", {}).get("message")) for answer in said] == [
+        (400, "The request body must be sent as it is, not encoded (Content-Encoding: gzip)."),
+        (400, "The request body must be sent as it is, not encoded (Content-Encoding: gzip)."),
+        (201, None)]
+
+
 def test_an_options_request_is_answered_with_its_allowed_methods_and_no_body(world) -> None:  # type: ignore[no-untyped-def]
     """Flask answers OPTIONS by itself, with a 200 and an empty `text/html` body: here, 204 and `Allow` alone."""
     _, key = world.user()

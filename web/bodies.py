@@ -66,6 +66,11 @@ def require_object_body() -> Response | None:
     one that goes on past it is refused 413 here rather than parsed cut short (a 400 that blamed its JSON)."""
     if request.method not in ("POST", "PUT", "PATCH"):
         return None
+    if (encoding := request.content_encoding) and encoding.strip().lower() != "identity":
+        # Werkzeug does not decode a body: a gzipped one was refused as JSON it could not parse, and a plain one
+        # that claimed to be gzipped was taken as it was.
+        return error_response(400, "malformed_body", f"The request body must be sent as it is, not encoded "
+                              f"(Content-Encoding: {encoding[:40]}).")
     body = request.get_data(cache=True)
     if _cut_at_the_limit(body):
         raise RequestEntityTooLarge()
