@@ -25,11 +25,11 @@ from app.in_flight import answer_in_flight
 from app.models import Conversation, ConversationMessage, table
 from app.models.base import utc_now
 from app.outages import is_outage
-from app.run_kinds import TURN
+from app.stop_bound import end_stopped_turns
 from app.stop_requests import publish_stop
 from app.turn_state import request_stop
 from app.turn_status import STOPPED, TurnStatus
-from app.unheld_ends import UnownedEnd, announce_unowned_end, end_unheld, end_unowned
+from app.unheld_ends import UnownedEnd, announce_unowned_end, end_unowned
 
 
 def cancel_turn(principal: Principal, message_id: int) -> ConversationMessage:
@@ -145,4 +145,4 @@ def _announce(stopped: _Stopped | None) -> None:
     if stopped.cancelled is not None:
         announce_unowned_end(stopped.cancelled)
     elif stopped.unheld:
-        end_unheld(TURN, [stopped.turn_id], STOPPED, "stopped with no delivery holding it")
+        end_stopped_turns([stopped.turn_id])

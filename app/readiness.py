@@ -8,11 +8,10 @@ from dataclasses import dataclass
 import redis
 from sqlalchemy import select
 
-from app.config import get_settings
 from app.db import database_location, get_engine
 from app.errors import AgentqError
 from app.models import User
-from app.redis_client import CONNECTION_OPTIONS, get_redis, key, redis_location
+from app.redis_client import get_redis, key, redis_location
 from app.schema import SchemaIncomplete, missing_columns
 from app.setup_problems import SetupProblem, setup_problem
 
@@ -66,15 +65,15 @@ def require_setup() -> None:
 
 
 def _redis_setup_problem() -> SetupProblem | None:
-    """The setup step Redis's answer to a PING calls for, if any (an outage calls for none), on a connection of
-    its own that is closed after it: the worker group's parent serves nothing."""
-    client = redis.Redis.from_url(get_settings().redis_url, **CONNECTION_OPTIONS)
+    """The setup step Redis's answer to a PING calls for, if any (an outage calls for none). The connection is
+    closed after it: the worker group's parent serves nothing (its children forget the pool as they fork)."""
+    client = get_redis()
     try:
         client.ping()
     except redis.RedisError as exc:
         return setup_problem(exc)
     finally:
-        client.close()
+        client.connection_pool.disconnect()
     return None
 
 

@@ -60,12 +60,18 @@ def end_stops_no_delivery_carries_out(now: datetime) -> list[int]:
     renewals an outage held up renews first, and ends its stopped turn itself, paid for the tokens it
     generated): the stopped turns no delivery holds, ended `cancelled`, while no worker process takes runs. A
     lease that ran out counts a lease later, the time the recovery sweep gives the message it sends then."""
-    if _a_worker_takes_runs():
-        return []
     expired_before = now - timedelta(seconds=get_settings().lease_seconds)
     with transaction() as session:
         found = list(_stopped_turns()(session, {"expired_before": expired_before}).scalars())
-    return end_unheld(TURN, found, STOPPED, "stopped with no delivery holding it")
+    if not found or _a_worker_takes_runs():  # the workers' presence is read only when there is a turn to end
+        return []
+    return end_stopped_turns(found)
 
 
-__all__ = ["end_stops_no_delivery_carries_out"]
+def end_stopped_turns(turn_ids: list[int]) -> list[int]:
+    """End, `cancelled`, each stopped turn no delivery holds (judged again under its lock): this look's, and one
+    that no delivery held when the stop came (`app.cancellation`). The ids it ended."""
+    return end_unheld(TURN, turn_ids, STOPPED, "stopped with no delivery holding it")
+
+
+__all__ = ["end_stopped_turns", "end_stops_no_delivery_carries_out"]
