@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db import rows_changed, transaction
+from app.endpoint_urls import check_endpoint_url
 from app.errors import Conflict, NotFound
 from app.key_variables import check_key_variable
 from app.models import Agent, LlmModel
@@ -20,8 +21,8 @@ from app.models.base import utc_now
 
 
 class ModelFields(TypedDict, total=False):
-    """What an admin sets on a model, each checked by the API's request models (`web.schemas`): every field
-    a create needs, any of them on an update."""
+    """What an admin sets on a model, each checked by the API's request models (`web.schemas`), the endpoint and
+    the key's variable checked again here for every writer: every field a create needs, any of them on an update."""
 
     name: str
     model: str
@@ -79,6 +80,7 @@ def _flush_unique_name(session: Session) -> None:
 
 def create_model(**fields: Unpack[ModelFields]) -> LlmModel:
     check_key_variable(fields.get("api_key_env"))
+    check_endpoint_url(fields.get("base_url"))
     with transaction() as session:
         model = LlmModel(**fields)
         session.add(model)
@@ -99,6 +101,7 @@ def get_model(model_id: int) -> LlmModel:
 
 def update_model(model_id: int, **changes: Unpack[ModelFields]) -> LlmModel:
     check_key_variable(changes.get("api_key_env"))
+    check_endpoint_url(changes.get("base_url"))
     with transaction() as session:
         model = _live_model(session, model_id)
         for key, value in changes.items():

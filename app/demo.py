@@ -14,6 +14,7 @@ from pathlib import Path
 
 from app.auth import authenticate, new_api_key
 from app.catalog import create_agent, create_model, list_agents, list_models, update_model
+from app.endpoint_urls import check_endpoint_url
 from app.errors import Unauthorized
 from app.users import create_user
 
@@ -29,6 +30,7 @@ class Demo:
 
 
 def seed_demo(mock_url: str, key_file: Path) -> Demo:
+    check_endpoint_url(mock_url)  # before the user: a seed run again with the URL mended finds no user of its own
     api_key = (key_file.read_text().strip() if key_file.exists() else "") or new_api_key()
     try:
         user_id = authenticate(api_key).id

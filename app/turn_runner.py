@@ -243,10 +243,7 @@ def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, mod
                     finish_turn(batch, context.turn_id, context.question_id, context.token, target,
                                 model=model, cost=cost, at=attempts.at, **answer)
                     record_turn_end(batch, context.conversation_id, success_tokens)
-                    if cost is None:
-                        ledger.release(batch, context.user_id, context.reserved)
-                    else:
-                        ledger.charge_turn(batch, context.user_id, context.turn_id, cost, context.reserved)
+                    ledger.settle_turn(batch, context.user_id, context.turn_id, cost, context.reserved)
                     attempts.write(batch)
 
             TURN.write_end(context.turn_id, attempts.at, write, what=f"settling turn {context.turn_id}")

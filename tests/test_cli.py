@@ -387,6 +387,23 @@ def test_seeding_the_demo_again_reuses_its_user_and_follows_the_mock_upstream_to
     assert stat.S_IMODE((tmp_path / "key").stat().st_mode) == 0o600
 
 
+def test_seeding_the_demo_with_an_endpoint_no_worker_could_reach_is_refused_and_stores_nothing(tmp_path: Path) -> None:
+    """The API refuses such a `base_url`; the seed, which writes the model without the API, stored it as given,
+    and every demo turn then failed with llm_error."""
+    import json
+    import sqlite3
+
+    env = child_env(DATABASE_URL=f"sqlite:///{tmp_path}/demo.sqlite3")
+    subprocess.run([str(VENV_BIN / "agentq"), "db", "init"], env=env, cwd=ROOT, check=True, capture_output=True)
+    status, stdout, stderr = run_to_end(agentq("demo", "seed", "--mock-url", "http:///v1", "--key-file",
+                                               str(tmp_path / "key")), env)
+    assert (status, stdout, json.loads(stderr)) == (1, "", {"error": {
+        "code": "validation_failed", "message": "base_url: must be written as http://host/… or https://host/…."}})
+    with sqlite3.connect(tmp_path / "demo.sqlite3") as database:
+        assert database.execute("SELECT (SELECT count(*) FROM llm_models), (SELECT count(*) FROM users)").fetchone() \
+            == (0, 0)
+
+
 def test_a_reader_that_went_away_or_a_port_taken_ends_a_command_without_a_traceback(tmp_path: Path) -> None:
     """`agentq dlq show 1 | head -c 100` ended in a BrokenPipeError traceback; `agentq mock-llm` on a port
     in use in an OSError one."""

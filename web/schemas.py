@@ -5,23 +5,20 @@ from __future__ import annotations
 import copy
 from decimal import Decimal
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
-    AnyHttpUrl,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     Strict,
     StringConstraints,
-    TypeAdapter,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
+from app import endpoint_urls
 from app.models.base import LARGEST_ID, LONG_TEXT_CHARS, SHORT_TEXT_CHARS
 from app.models.catalog import (
     DEFAULT_TIMEOUT_SECONDS,
@@ -93,27 +90,10 @@ class CreditBody(Body):
     amount: Amount
 
 
-_HTTP_URL = TypeAdapter(AnyHttpUrl)
-
-
 def _http_url(value: str | None) -> str | None:
-    """An endpoint a worker can connect to, checked here rather than found broken by every turn: pydantic's
-    URL parser (the WHATWG rules), and what those rules let through but a connection cannot use: the
-    whitespace and control characters they drop silently, port 0, and a host name label over 63 characters."""
-    if value is None:
-        return None
-    if any(char.isspace() or not char.isprintable() for char in value):
-        raise ValueError("must not contain whitespace or control characters")
-    try:
-        url = _HTTP_URL.validate_python(value)
-    except ValidationError as exc:
-        raise ValueError(f"must be an http:// or https:// URL ({exc.errors()[0]['msg']})") from None
-    if url.port == 0 or any(len(label) > 63 for label in (url.host or "").split(".")):
-        raise ValueError("must be an http:// or https:// URL with a usable host and port")
-    if "\\" in value or not urlsplit(value).hostname or not value.lower().startswith(("http://", "https://")):
-        # The WHATWG rules read `http:v1`, `http:///v1` and backslashes as `http://v1/`, but the value is stored
-        # and used as written, and the workers' HTTP client finds no host in it.
-        raise ValueError("must be written as http://host/… or https://host/…")
+    """A field validator's face of `app.endpoint_urls`: its refusal becomes the field's 422."""
+    if value is not None and (refused := endpoint_urls.refusal(value)) is not None:
+        raise ValueError(refused)
     return value
 
 
