@@ -30,8 +30,8 @@ class FailureKind(StrEnum):
     recorded by the delivery that took the run over, from what the call had streamed (`app.interrupted_calls`)."""
 
 
-REFUSED = frozenset({FailureKind.REQUEST_TIMEOUT, FailureKind.RATE_LIMITED, FailureKind.SERVER_ERROR,
+UNBILLED = frozenset({FailureKind.REQUEST_TIMEOUT, FailureKind.RATE_LIMITED, FailureKind.SERVER_ERROR,
                      FailureKind.BAD_REQUEST, FailureKind.CLIENT_ERROR, FailureKind.CONNECTION_ERROR,
                      FailureKind.ENDPOINT_UNUSABLE})
-"""The provider answered with an error status, or never got the request: it processed no prompt and bills
-nothing, so such an attempt is recorded at no cost (one that timed out or was cut may have been billed)."""
+"""The provider answered with an error status (a 408 included), or never got the request: it processed no prompt
+and bills nothing, so such an attempt is recorded at no cost (one that timed out or was cut may have been billed)."""

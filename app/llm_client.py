@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import httpx2
 
 from app.attempt_watchdog import watch_attempt
-from app.failure_kinds import REFUSED, FailureKind
+from app.failure_kinds import UNBILLED, FailureKind
 from app.key_variables import key_in, refusal
 from app.model_target import ModelTarget
 from app.openai_sdk import openai
@@ -66,7 +66,7 @@ class Completion:
 
 
 class AttemptFailed(Exception):
-    """One attempt failed; `kind` is what the fallback policy decides on.
+    """One attempt failed; `kind` is what the fallback policy decides on (`app.fallback.switches_after`).
 
     `detail` is agentq's own words, which a turn's `error_message` shows its user; `said` is what the other
     side said (the endpoint's error body, the transport's error, the name of an unset variable), which can
@@ -87,9 +87,9 @@ class AttemptFailed(Exception):
     @property
     def may_be_billed(self) -> bool:
         """Whether the provider may bill the attempt's prompt: it received the request and did not refuse it
-        (`REFUSED`). A stop or a deadline during the connect sent nothing, and was recorded at the prompt's
+        (`UNBILLED`). A stop or a deadline during the connect sent nothing, and was recorded at the prompt's
         estimated cost."""
-        return self.requested and self.kind not in REFUSED
+        return self.requested and self.kind not in UNBILLED
 
     @property
     def detail_in_full(self) -> str:
