@@ -17,8 +17,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import null, tuple_, update
-
 from app import conversation_locks
 from app.claims import LeaseLost
 from app.clock import lease_expiry, lease_now
@@ -336,11 +334,9 @@ class LeaseKeeper:
                     h.stop.set()
 
     def _renew(self, held: list[Holding], lease_seconds: float) -> None:
-        """One guarded UPDATE per kind of run; a delivery whose token no longer matches was taken over.
-
-        The same statement reads each turn's stop request from the database, so a stop is honoured
-        even when Redis lost the flag the API set.
-        """
+        """One guarded UPDATE per kind of run (`RunKind.renew_leases`); a delivery whose token no longer matches was
+        taken over. The same statement reads each turn's stop request from the database, so a stop is honoured
+        even when Redis lost the flag the API set."""
         kept: set[tuple[str, int, str]] = set()
         stopped: set[tuple[RunKind, int]] = set()
         with transaction() as session:
@@ -349,18 +345,10 @@ class LeaseKeeper:
                 pairs = [(h.ident, h.token) for h in held if h.kind is kind]
                 if not pairs:
                     continue
-                # The column itself, judged here: SQLite (3.40) evaluates `cancel_requested_at IS NOT NULL` in a
-                # RETURNING clause as true on a NULL, which stopped every turn at its first renewal there.
-                stop_asked = kind.stop_requested_at if kind.stop_requested_at is not None else null()
-                rows = session.execute(
-                    update(kind.model)
-                    .where(tuple_(kind.key, kind.model.lease_token).in_(pairs))
-                    .values(lease_expires_at=expires)
-                    .returning(kind.key.label("ident"), kind.model.lease_token, stop_asked.label("stop_asked"))
-                    .execution_options(synchronize_session=False)
-                ).all()
-                kept.update(_delivery_key(kind, row.ident, row.lease_token) for row in rows)
-                stopped.update((kind, row.ident) for row in rows if row.stop_asked is not None)
+                for renewed in kind.renew_leases(session, pairs, expires):
+                    kept.add(_delivery_key(kind, renewed.ident, renewed.token))
+                    if renewed.stop_asked:
+                        stopped.add((kind, renewed.ident))
         with self._lock:
             current = [h for h in held if self._held.get(h.key) is h]
             self._kept = kept
