@@ -60,7 +60,6 @@ from app.deadline_bound import deadline_cutoff, end_past_deadline, unheld_past_d
 from app.dispatch import receipt_key_of_send, receipt_look_seconds
 from app.failure_logs import OUTAGE_REPEAT_SECONDS, log_failure, said_again
 from app.in_flight import answer_in_flight, in_flight, status_is
-from app.leases import TakeoverGate
 from app.models import ConversationMessage, DebugRun, Turn, table
 from app.models.base import utc_now
 from app.pending_bound import end_pending_too_long, pending_cutoff, waited_too_long
@@ -68,6 +67,7 @@ from app.prepared import Prepared
 from app.redis_client import get_redis
 from app.redis_epoch import leave_sweep_mark, mark_epoch, redis_at_sweep
 from app.run_kinds import DEBUG_RUN, TURN, RunKind
+from app.takeover_gate import TakeoverGate
 from app.turn_status import TurnStatus
 
 log = logging.getLogger(__name__)
@@ -278,7 +278,7 @@ class RecoveryLoop:
     """The sweep on a timer, in a daemon thread, with jitter so processes do not sweep in step.
 
     It takes no lease over (an expired one, or one past its deadline), and ends no run past its deadline,
-    until its `app.leases.TakeoverGate` opens: the database has answered its sweeps for a lease renewal
+    until its `app.takeover_gate.TakeoverGate` opens: the database has answered its sweeps for a lease renewal
     period, in which a live holder renews its own lease after an outage.
     """
 

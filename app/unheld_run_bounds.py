@@ -12,9 +12,9 @@ import time
 from app.config import get_settings
 from app.deadline_bound import end_runs_past_deadline
 from app.failure_logs import log_failure
-from app.leases import TakeoverGate
 from app.pending_bound import end_runs_pending_too_long
 from app.stop_bound import end_stops_no_delivery_carries_out
+from app.takeover_gate import TakeoverGate
 
 log = logging.getLogger(__name__)
 

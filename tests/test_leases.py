@@ -268,8 +268,9 @@ def test_a_sweep_takes_no_lease_over_until_the_database_has_answered_it_for_a_re
     import psycopg
 
     import app.recovery
-    from app.leases import TakeoverGate, renewal_seconds
+    from app.leases import renewal_seconds
     from app.recovery import RecoveryLoop, RecoveryReport
+    from app.takeover_gate import TakeoverGate
 
     sweeps: list[tuple[float, bool]] = []
     """When each sweep the database answered ran, and whether it could take leases over."""
@@ -371,7 +372,8 @@ def test_a_look_whose_first_answer_took_longer_than_a_renewal_period_shuts_the_t
     """A connection that hung through a network partition raises no error: the sweep's gate stayed open, and
     its first answer after the partition took over the leases the live holders, cut off as long, had not
     renewed yet. Such a look shuts the gate for a renewal period, as an outage does."""
-    from app.leases import TakeoverGate, renewal_seconds
+    from app.leases import renewal_seconds
+    from app.takeover_gate import TakeoverGate
 
     now = [1000.0]
     gate, renewal = TakeoverGate(lambda: now[0]), renewal_seconds()
