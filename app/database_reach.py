@@ -5,7 +5,7 @@ its host gone) while Redis and the other workers were not kept fetching turns: e
 and went to its outage retry, and the idle process won the next fetch races too, so a turn waited for a
 healthy worker to win one (a chaos hunt measured a p90 of 10.7 s, at worst 56 s, against 0.2 s uncut).
 So a delivery that fails because the database is out of reach marks its process cut off: its consumers
-fetch nothing more (`workers.broker.RefillingConsumer`), and the runs stay in Redis for the other
+fetch nothing more (`workers.consumer.RefillingConsumer`), and the runs stay in Redis for the other
 workers, until a probe of its own (a `SELECT 1` every `PROBE_SECONDS`) is answered. When every worker is
 cut off (the database itself is down) the runs wait in Redis for it rather than in retries, each of
 which counts towards `AGENTQ_OUTAGE_RETRIES` and ends in a dead letter when an outage outlasts them.

@@ -73,7 +73,7 @@ ONE_LINE_IN_AN_OUTAGE = (FAILED_DELIVERY, MIDDLEWARE_FAILED)
 RETRY_NOT_SENT = ("; the retry was not sent: its message stays with this worker, and Redis gives it back to its queue "
                   "once the worker has stopped (if it lives on, the recovery sweep sends the run after "
                   "AGENTQ_STALE_PENDING_SECONDS)")
-"""What an operator reads after the Retries middleware's failure (`workers.broker.RefillingConsumer.ack` leaves
+"""What an operator reads after the Retries middleware's failure (`workers.consumer.RefillingConsumer.ack` leaves
 that message unacknowledged)."""
 
 

@@ -48,7 +48,7 @@ class StopFlag:
 
 draining = StopFlag()
 """Set when this worker process starts shutting down: its consumers fetch no new message
-(`workers.broker.RefillingConsumer`) and a run that still reaches a thread is handed back."""
+(`workers.consumer.RefillingConsumer`) and a run that still reaches a thread is handed back."""
 
 
 def state_now() -> WorkerState:

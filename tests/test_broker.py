@@ -17,7 +17,8 @@ import pytest
 from dramatiq.brokers.redis import RedisBroker
 
 from tests.support import SilentServer, free_port, wait_for
-from workers.broker import DoorbellRedisBroker, RefillingConsumer, build_broker
+from workers.broker import DoorbellRedisBroker, build_broker
+from workers.consumer import RefillingConsumer
 
 LONG_WAIT_MS = 30_000
 
