@@ -171,11 +171,11 @@ def test_a_stalled_name_lookup_ends_at_the_attempts_deadline_or_its_stop(monkeyp
     """`getaddrinfo` has no timeout: a name server that does not answer held a new connection for the
     resolver's retries, past the agent's timeout and deaf to a stop. Only the lookup is stood in for (no
     name server here stalls on demand); the SDK's request then goes to the real mock upstream."""
-    from app import upstream_transport
+    from app import upstream_connect
     from tests.conftest import MOCK_PORT
 
     released = threading.Event()
-    system_lookup = upstream_transport.resolve_host
+    system_lookup = upstream_connect.resolve_host
     asked: list[str] = []
 
     def name_service(host: str, port: int) -> list[Any]:
@@ -184,7 +184,7 @@ def test_a_stalled_name_lookup_ends_at_the_attempts_deadline_or_its_stop(monkeyp
             released.wait(60)
         return system_lookup("127.0.0.1", port)
 
-    monkeypatch.setattr(upstream_transport, "resolve_host", name_service)
+    monkeypatch.setattr(upstream_connect, "resolve_host", name_service)
     try:
         _assert_ends_at_its_stop_and_its_deadline("stalled.upstream.test", MOCK_PORT)
         # The two attempts waited for one lookup: a thread each, left until the name service answered, made
@@ -278,11 +278,11 @@ def test_a_lookup_whose_thread_could_not_start_is_not_waited_for_by_the_next_att
     """A lookup is shared by the attempts that need its name while it is in flight; one whose thread could not
     be started (the process out of threads) would have been waited for by every later attempt at that name,
     each failing at its connect timeout, for the life of the process."""
-    from app import upstream_transport
+    from app import upstream_connect
 
-    monkeypatch.setattr(upstream_transport, "resolve_host",
+    monkeypatch.setattr(upstream_connect, "resolve_host",
                         lambda host, port: socket.getaddrinfo("127.0.0.1", port, type=socket.SOCK_STREAM))
-    started = upstream_transport._Lookup.start
+    started = upstream_connect._Lookup.start
     starts: list[str] = []
 
     def start_once_out_of_threads(lookup: threading.Thread) -> None:
@@ -291,8 +291,8 @@ def test_a_lookup_whose_thread_could_not_start_is_not_waited_for_by_the_next_att
             raise RuntimeError("can't start new thread")
         started(lookup)
 
-    monkeypatch.setattr(upstream_transport._Lookup, "start", start_once_out_of_threads)
+    monkeypatch.setattr(upstream_connect._Lookup, "start", start_once_out_of_threads)
     with pytest.raises(RuntimeError):
-        upstream_transport._lookup_of("short-of-threads.upstream.test", 80)
-    lookup = upstream_transport._lookup_of("short-of-threads.upstream.test", 80)
+        upstream_connect._lookup_of("short-of-threads.upstream.test", 80)
+    lookup = upstream_connect._lookup_of("short-of-threads.upstream.test", 80)
     assert lookup.done.wait(10) and lookup.error is None and len(starts) == 2
