@@ -67,8 +67,8 @@ def check_blocked_terms(content: str) -> Verdict:
 def _check_endpoint(content: str, url: str) -> Verdict:
     # Imported where an endpoint is asked, not with the policy: the API process and the command line check
     # blocked terms without the openai SDK, whose import is a second of CPU at every process start.
-    from app.llm_client import EndpointUnusable, client_at
     from app.openai_sdk import openai
+    from app.upstream_clients import EndpointUnusable, client_at
 
     try:
         client = client_at(url, get_settings().moderation_api_key_env)

@@ -9,7 +9,7 @@ import traceback
 
 from sqlalchemy.orm import Session
 
-from app import dead_letter_requeue, dead_letters, llm_client, metrics, outbox
+from app import dead_letter_requeue, dead_letters, metrics, outbox, upstream_clients
 from app.database_reach import reach
 from app.db import dispose_engines, open_pool
 from app.deliveries import RunGivenUp
@@ -72,14 +72,14 @@ def moves_retries() -> bool:
 def after_fork() -> None:
     dispose_engines()
     reset_redis()
-    llm_client.reset_clients()
+    upstream_clients.reset_clients()
     metrics.close_inherited_counters_server()
 
 
 def open_pools(threads: int) -> None:
     """Before the consumers start: pools sized to the threads and opened, and, were the database out of reach,
     the process marked cut off before its first fetch."""
-    llm_client.size_pools(threads)
+    upstream_clients.size_pools(threads)
     _warm_up()
 
 
@@ -110,7 +110,7 @@ def _warm_up() -> None:
     except Exception as error:
         log_failure(log, error, "opening the database connections at boot (they open on first use)")
         reach.failed(error)
-    llm_client.warm_up()
+    upstream_clients.warm_up()
 
 
 def stop_fetching() -> None:

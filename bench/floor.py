@@ -118,8 +118,9 @@ def _sdk(base_url: str, model: str, completions: int, threads: int, call: str) -
 
     import openai
 
-    from app.llm_client import client_for, open_chat_stream, read_chunk
+    from app.llm_client import open_chat_stream, read_chunk
     from app.model_target import ModelTarget
+    from app.upstream_clients import client_for
 
     client = client_for(ModelTarget(0, "floor", model, base_url, None, Decimal(0), Decimal(0), None))
     deltas = [0]

@@ -110,7 +110,7 @@ try:
     main(["--help"])
 except SystemExit:
     pass
-from app.llm_client import client_for
+from app.upstream_clients import client_for
 from app.model_target import ModelTarget
 target = ModelTarget(1, "m", "echo", "http://127.0.0.1:9/v1", "PROVIDER_API_KEY", Decimal(0), Decimal(0), None)
 print(client_for(target).api_key, os.environ["OPENAI_API_KEY"], worker_size(build_parser().parse_args(["worker"]))[1])

@@ -402,7 +402,7 @@ def test_a_model_is_sent_the_key_its_variable_holds_and_no_other_server_the_plat
         assert world.wait_terminal(key, world.send(key, conversation).json["assistant_message"]["id"])["status"] \
             == "success"
     assert [request["key"] for request in upstream.requests()] == ["sk-provider-test", "sk-no-key-configured"]
-    from app.llm_client import api_key_for
+    from app.upstream_clients import api_key_for
 
     assert [api_key_for(None, url) for url in (None, "https://api.openai.com/v1", "http://api.openai.com/v1",
                                                 "https://api.openai.com.example.test/v1")] == [

@@ -64,15 +64,15 @@ def test_threads_take_turns_over_the_pools_and_each_keeps_its_own(upstream) -> N
 
     import httpx2
 
-    from app import llm_client
+    from app import upstream_clients
     from app.upstream_transport import ShardedTransport
     from tests.conftest import MOCK_URL
 
-    llm_client.size_pools(8)
-    assert llm_client._pools_per_client == 1
-    llm_client.size_pools(33)
-    assert llm_client._pools_per_client == 2
-    llm_client.size_pools(1)
+    upstream_clients.size_pools(8)
+    assert upstream_clients._pools_per_client == 1
+    upstream_clients.size_pools(33)
+    assert upstream_clients._pools_per_client == 2
+    upstream_clients.size_pools(1)
     client = httpx2.Client(transport=ShardedTransport(2, httpx2.Limits(max_connections=10)))
     upstream.clear()
     for index in range(4):
@@ -263,7 +263,7 @@ def test_an_https_upstream_answers_through_the_bounded_handshake_and_keeps_its_c
 def test_every_endpoints_connections_share_the_processs_one_tls_context() -> None:
     """A TLS context is a CA bundle load, a sixth of a second and 8 MB: made per endpoint, a deployment whose
     models point at a few hundred endpoints held gigabytes of them in every worker process."""
-    from app.llm_client import client_at
+    from app.upstream_clients import client_at
     from app.upstream_transport import ShardedTransport
 
     transports = [client_at(base_url, None)._client._transport

@@ -114,10 +114,10 @@ def preload(actors_module: str) -> None:
     except Exception:
         log.debug("preloading %s failed; each worker process imports it itself", actors_module, exc_info=True)
         return
-    from app import llm_client
+    from app import upstream_clients
     from app.heap import freeze_after_boot
 
-    llm_client.warm_up()
+    upstream_clients.warm_up()
     freeze_after_boot()
 
 
