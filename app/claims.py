@@ -12,7 +12,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import ColumnElement, or_
 
@@ -23,7 +23,7 @@ from app.models.base import optional_utc as utc
 from app.turn_status import TurnStatus
 
 if TYPE_CHECKING:
-    from app.turn_state import TurnRow
+    from app.turn_state import TurnInputs, TurnRow
 
 
 class LeaseLost(RuntimeError):
@@ -60,8 +60,8 @@ class ClaimDecision:
 @dataclass(frozen=True, slots=True)
 class ClaimResult:
     """A claim's outcome; a taken run comes with its lease token and `deliveries`, the number of this
-    delivery (for `app.deliveries.give_up_reason`), and a turn with `row`, the row read under the lock:
-    the user's message (`content`, `seq`), the agent's settings and its models (`app.agent_setup.setup_columns`).
+    delivery (for `app.deliveries.give_up_reason`), and a turn with its `inputs`, read under the lock:
+    the user's message and the agent's settings and models.
     `affordable` is False when the worst case the caller asked to hold was not available; `time_left` is
     the model time the delivery has before its run's deadline (`app.deliveries.Deadline`)."""
 
@@ -69,7 +69,7 @@ class ClaimResult:
     turn: TurnRow | None = None
     token: str | None = None
     deliveries: int = 0
-    row: Any = None
+    inputs: TurnInputs | None = None
     handed_back: int = 0
     """How many deliveries since the last requeue were handed back by a worker's graceful stop (`Turn.handed_back`)."""
     affordable: bool = True

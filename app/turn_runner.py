@@ -18,7 +18,7 @@ from functools import partial
 from typing import Any
 
 from app import conversation_locks, ledger, metrics
-from app.agent_setup import AgentSetup, setup_in_row
+from app.agent_setup import AgentSetup
 from app.attempts import settling
 from app.claims import ClaimResult, LeaseLost
 from app.config import get_settings
@@ -76,13 +76,13 @@ class TurnContext:
 
 def _load_context(unit: Unit, claim: ClaimResult) -> TurnContext:
     """Everything the run needs: what the claim read under its lock, and the history (none on a first turn)."""
-    turn, row = claim.turn, claim.row
-    assert turn is not None and claim.token is not None
+    turn, inputs = claim.turn, claim.inputs
+    assert turn is not None and inputs is not None and claim.token is not None
     return TurnContext(
         turn_id=turn.assistant_message_id, question_id=turn.user_message_id, token=claim.token,
-        user_id=turn.user_id, conversation_id=turn.conversation_id, content=row.content,
-        history=history_before(unit, turn.conversation_id, row.seq),
-        agent=setup_in_row(row), reserved=turn.reserved_amount, delivery=claim.deliveries, fallen_back=turn.fell_back,
+        user_id=turn.user_id, conversation_id=turn.conversation_id, content=inputs.content,
+        history=history_before(unit, turn.conversation_id, inputs.seq),
+        agent=inputs.agent, reserved=turn.reserved_amount, delivery=claim.deliveries, fallen_back=turn.fell_back,
         gives_up=give_up_reason(claim.deliveries, claim.time_left, claim.handed_back),
         ends_by=attempts_end_by(claim.time_left),
     )

@@ -20,7 +20,7 @@ from sqlalchemy import Row, bindparam, case, exists, literal, select, update
 from sqlalchemy.orm import Session
 
 from app import ledger
-from app.agent_setup import setup_columns
+from app.agent_setup import AgentSetup, setup_columns, setup_in_row
 from app.claims import Claim, ClaimResult, LeaseLost, judge_claim, lease_held
 from app.clock import DatabaseNow, lease_time
 from app.deliveries import deliveries_at_requeue
@@ -52,6 +52,18 @@ class TurnRow:
     cancel_requested_at: datetime | None
     fell_back: bool
     handed_back: int
+
+
+@dataclass(frozen=True, slots=True)
+class TurnInputs:
+    """What a turn's run is asked from, read by its claim under the turn's lock."""
+
+    content: str
+    """The user's message."""
+    seq: int
+    """Its place in the conversation: the history is what came before it."""
+    agent: AgentSetup
+    """The agent's settings and models as they stand at the claim."""
 
 
 _TURN_COLUMNS = ("assistant_message_id", "user_message_id", "conversation_id", "user_id", "deliveries",
@@ -179,7 +191,8 @@ def claim_turn(session: Unit, turn_id: int, lease_seconds: float,
         return ClaimResult(outcome)
     turn = TurnRow(row.assistant_message_id, row.user_message_id, row.conversation_id, row.user_id,
                    row.deliveries + 1, row.reserved_amount, row.cancel_requested_at, row.fell_back, row.handed_back)
-    claim = ClaimResult(outcome, turn, decision.token, turn.deliveries, row, handed_back=row.handed_back,
+    inputs = TurnInputs(row.content, row.seq, setup_in_row(row))
+    claim = ClaimResult(outcome, turn, decision.token, turn.deliveries, inputs, handed_back=row.handed_back,
                         time_left=deadline.time_left,
                         predecessor=row.deliveries if outcome is Claim.TAKEN_OVER and row.lease_token else None)
     amount = max(quantize(hold(claim)), Decimal(0)) if hold is not None else Decimal(0)
