@@ -92,5 +92,5 @@ class DatabaseReach:
 
 
 reach = DatabaseReach()
-"""This process's: marked by its deliveries' failures (`app.worker_services.delivery_failed`) and its pool's at
+"""This process's: marked by its deliveries' failures (`app.message_outcomes.delivery_failed`) and its pool's at
 boot, read by its consumers."""

@@ -498,8 +498,8 @@ def test_a_turn_requeued_before_the_worker_ended_its_dead_run_is_not_ended_with_
     import dramatiq
 
     from app.db import transaction
+    from app.message_outcomes import message_died
     from app.models import ConversationMessage, DeadLetter
-    from app.worker_services import message_died
 
     admin = world.admin_key
     agent_id = world.agent(world.model())
@@ -711,7 +711,7 @@ def test_a_run_given_up_after_a_retry_is_a_dead_letter_that_counts_that_retry() 
     import dramatiq
 
     from app.deliveries import RunGivenUp
-    from app.worker_services import delivery_failed
+    from app.message_outcomes import delivery_failed
 
     message: dramatiq.Message[None] = dramatiq.Message(queue_name="turns", actor_name="run_turn", args=(7,), kwargs={},
                                options={"retries": 1})
@@ -834,7 +834,7 @@ def test_a_run_given_up_keeps_the_traceback_of_the_last_failure_retried() -> Non
 
     from app.dead_letters import error_summary
     from app.deliveries import RunGivenUp
-    from app.worker_services import delivery_failed
+    from app.message_outcomes import delivery_failed
 
     earlier = 'Traceback (most recent call last):\n  File "/srv/a.py", line 3, in run\n    settle()\nValueError: boom\n'
     message: dramatiq.Message[None] = dramatiq.Message(queue_name="turns", actor_name="run_turn", args=(7,), kwargs={},

@@ -21,20 +21,27 @@ def _worker() -> ModuleType:
     return worker_services
 
 
+def _outcomes() -> ModuleType:
+    """`app.message_outcomes`, loaded by the hooks only a worker process runs, as `_worker` is."""
+    from app import message_outcomes
+
+    return message_outcomes
+
+
 class DeliveryLogContext(Middleware):
     """Dramatiq's own lines about a delivery (its failure, its retry) name the turn, as agentq's lines do.
     First in the broker's list: its `before` hook runs before the others' and its `after` hooks after theirs
     (Dramatiq calls those in reverse), so it spans the Retries middleware's lines too."""
 
     def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy) -> None:
-        _worker().delivery_started(message)
+        _outcomes().delivery_started(message)
 
     def after_process_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy, *,
                               result: object = None, exception: BaseException | None = None) -> None:
-        _worker().delivery_ended()
+        _outcomes().delivery_ended()
 
     def after_skip_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy) -> None:
-        _worker().delivery_ended()
+        _outcomes().delivery_ended()
 
 
 class RunOutcomes(Middleware):
@@ -44,13 +51,13 @@ class RunOutcomes(Middleware):
     def after_process_message(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy, *,
                               result: object = None, exception: BaseException | None = None) -> None:
         """A run given up (`RunGivenUp`): the reason and the retry count its dead letter shows, which Dramatiq
-        writes only for the failures it retries (`app.worker_services.delivery_failed`)."""
+        writes only for the failures it retries (`app.message_outcomes.delivery_failed`)."""
         if exception is not None:
-            _worker().delivery_failed(message, exception)
+            _outcomes().delivery_failed(message, exception)
 
     def after_nack(self, broker: dramatiq.Broker, message: dramatiq.MessageProxy) -> None:
         """A nack is the message going to the dead-letter queue; its options hold the last traceback."""
-        _worker().message_died(message)
+        _outcomes().message_died(message)
 
 
 class WorkerServices(Middleware):
