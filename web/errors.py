@@ -8,6 +8,8 @@ its traceback and answered 500 without details, which a test treats as a bug.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import sqlalchemy.exc
 from flask import Flask, Response, jsonify, request
@@ -63,70 +65,83 @@ def _setup_step_response(problem: SetupProblem, error: BaseException) -> Respons
     return error_response(503, code, message)
 
 
-def install_error_handlers(app: Flask) -> None:
-    @app.errorhandler(http_errors.ParseException)
-    def _unreadable(exc: http_errors.ParseException) -> Response:
-        """A body gunicorn cannot read (a chunk whose size or end is malformed) is the client's malformed
-        request, as its own refusals of a request line or headers are (`web.server`), never a 500."""
-        return error_response(400, "malformed_request", f"The HTTP request body could not be read: {exc}.")
+def _unreadable(exc: http_errors.ParseException) -> Response:
+    """A body gunicorn cannot read (a chunk whose size or end is malformed) is the client's malformed
+    request, as its own refusals of a request line or headers are (`web.server`), never a 500."""
+    return error_response(400, "malformed_request", f"The HTTP request body could not be read: {exc}.")
 
-    @app.errorhandler(InvalidConfiguration)
-    def _misconfigured(exc: InvalidConfiguration) -> Response:
-        """What is wrong (a server path, a setting) is the operator's to read in the log, not a caller's."""
-        return _setup_step_response(SetupProblem(exc.code, exc.message, exc.message), exc)
 
-    @app.errorhandler(AgentqError)
-    def _domain(exc: AgentqError) -> Response:
-        if (problem := setup_problem(exc)) is not None:  # a SQLite file not made, or awaiting its upgrade
-            return _setup_step_response(problem, exc)
-        response = error_response(exc.status, exc.code, exc.message)
-        if exc.status == 401:
-            response.headers["WWW-Authenticate"] = "Bearer"  # RFC 6750: which credentials the route takes
-        return response
+def _misconfigured(exc: InvalidConfiguration) -> Response:
+    """What is wrong (a server path, a setting) is the operator's to read in the log, not a caller's."""
+    return _setup_step_response(SetupProblem(exc.code, exc.message, exc.message), exc)
 
-    @app.errorhandler(HTTPException)
-    def _http(exc: HTTPException) -> WerkzeugResponse:
-        if exc.code is None:
-            return exc.get_response()
-        if exc.code == 413:
-            return error_response(413, "content_too_large", "The request body is larger than this route accepts.")
-        code = (exc.name or "error").lower().replace(" ", "_")
-        message = exc.description or exc.name
-        if exc.code == 404 and message == NotFound.description:
-            # No route matched (an id must be a whole number from 1): Werkzeug's text speaks of URLs typed by hand.
-            message = "Nothing is found at this path (ids are whole numbers from 1)."
-        response = error_response(exc.code, code, message)
-        if exc.code == 405:
-            response.headers["Allow"] = exc.get_response().headers.get("Allow", "")
-        return response
 
-    def _unavailable(exc: Exception) -> Response:
-        """A database or Redis outage (a restart, a failover, a Redis refusing writes for want of memory or as a
-        replica: `app.outages`), or no pooled database connection free within
-        AGENTQ_DB_POOL_TIMEOUT_SECONDS, is the service's state, not the request's fault; a setup step the
-        operator must take (SQLite says a missing table or column, PostgreSQL a refused role, this way) is not."""
-        if (problem := setup_problem(exc)) is not None:
-            return _setup_step_response(problem, exc)
-        if not is_outage(exc):  # a deadlock, a statement timeout: a bug or a slow query to look at, not a wait
-            return _unexpected(exc)
-        log.warning("dependency unavailable on %s %s: %s", request.method, request.path, in_one_line(exc))
-        response = error_response(503, "service_unavailable",
-                                  "A backing service is unavailable for a moment; retry shortly.")
-        response.headers["Retry-After"] = "1"
-        return response
+def _domain(exc: AgentqError) -> Response:
+    if (problem := setup_problem(exc)) is not None:  # a SQLite file not made, or awaiting its upgrade
+        return _setup_step_response(problem, exc)
+    response = error_response(exc.status, exc.code, exc.message)
+    if exc.status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"  # RFC 6750: which credentials the route takes
+    return response
 
-    for unavailable in (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError,
-                        *REDIS_UNAVAILABLE):
-        app.register_error_handler(unavailable, _unavailable)
 
-    @app.errorhandler(sqlalchemy.exc.ProgrammingError)
-    def _programming(exc: sqlalchemy.exc.ProgrammingError) -> Response:
-        """PostgreSQL says a missing table or column this way: the operator's `db init`, not a bug."""
-        if (problem := setup_problem(exc)) is not None:
-            return _setup_step_response(problem, exc)
+def _http(exc: HTTPException) -> WerkzeugResponse:
+    if exc.code is None:
+        return exc.get_response()
+    if exc.code == 413:
+        return error_response(413, "content_too_large", "The request body is larger than this route accepts.")
+    code = (exc.name or "error").lower().replace(" ", "_")
+    message = exc.description or exc.name
+    if exc.code == 404 and message == NotFound.description:
+        # No route matched (an id must be a whole number from 1): Werkzeug's text speaks of URLs typed by hand.
+        message = "Nothing is found at this path (ids are whole numbers from 1)."
+    response = error_response(exc.code, code, message)
+    if exc.code == 405:
+        response.headers["Allow"] = exc.get_response().headers.get("Allow", "")
+    return response
+
+
+def _unexpected(exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.path)
+    return error_response(500, "internal_error", "An internal error occurred; it has been logged.")
+
+
+def _unavailable(exc: Exception) -> Response:
+    """A database or Redis outage (a restart, a failover, a Redis refusing writes for want of memory or as a
+    replica: `app.outages`), or no pooled database connection free within
+    AGENTQ_DB_POOL_TIMEOUT_SECONDS, is the service's state, not the request's fault; a setup step the
+    operator must take (SQLite says a missing table or column, PostgreSQL a refused role, this way) is not."""
+    if (problem := setup_problem(exc)) is not None:
+        return _setup_step_response(problem, exc)
+    if not is_outage(exc):  # a deadlock, a statement timeout: a bug or a slow query to look at, not a wait
         return _unexpected(exc)
+    log.warning("dependency unavailable on %s %s: %s", request.method, request.path, in_one_line(exc))
+    response = error_response(503, "service_unavailable",
+                              "A backing service is unavailable for a moment; retry shortly.")
+    response.headers["Retry-After"] = "1"
+    return response
 
-    @app.errorhandler(Exception)
-    def _unexpected(exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(500, "internal_error", "An internal error occurred; it has been logged.")
+
+def _programming(exc: sqlalchemy.exc.ProgrammingError) -> Response:
+    """PostgreSQL says a missing table or column this way: the operator's `db init`, not a bug."""
+    if (problem := setup_problem(exc)) is not None:
+        return _setup_step_response(problem, exc)
+    return _unexpected(exc)
+
+
+_HANDLERS: list[tuple[type[Exception], Callable[[Any], WerkzeugResponse]]] = [
+    (http_errors.ParseException, _unreadable),
+    (InvalidConfiguration, _misconfigured),
+    (AgentqError, _domain),
+    (HTTPException, _http),
+    *((unavailable, _unavailable) for unavailable in (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
+                                                       sqlalchemy.exc.TimeoutError, *REDIS_UNAVAILABLE)),
+    (sqlalchemy.exc.ProgrammingError, _programming),
+    (Exception, _unexpected),
+]
+"""Each error's handler; Flask answers an error with the handler of its nearest class."""
+
+
+def install_error_handlers(app: Flask) -> None:
+    for error, handler in _HANDLERS:
+        app.register_error_handler(error, handler)
