@@ -232,7 +232,8 @@ def test_a_session_its_process_left_gives_its_locks_up_within_a_lease_and_its_co
     import time
 
     from app.config import get_settings
-    from app.db import dead_peer_detection, get_engine
+    from app.connection_bounds import dead_peer_detection
+    from app.db import get_engine
     from app.outages import is_outage
     from tests.conftest import TEST_ENV
 
@@ -265,7 +266,8 @@ def test_a_session_setting_the_server_refuses_leaves_the_others_set_and_the_conn
     """A server before PostgreSQL 12 has no `tcp_user_timeout`, and a pooler may filter `SET`s: one refused setting
     made every connection fail, taking the whole service down for a bound on dead sessions. The others are set
     one by one, the refused named, and the connection used."""
-    from app.db import apply_session_settings, get_engine
+    from app.connection_bounds import apply_session_settings
+    from app.db import get_engine
 
     raw = get_engine().raw_connection()
     connection = raw.dbapi_connection

@@ -1,0 +1,128 @@
+"""What bounds a PostgreSQL connection of agentq's besides its connect timeout: how it notices a server gone, how
+the server notices it gone, how long its session may sit idle in a transaction, and when a pooled one is pinged.
+
+A pooled connection is pinged before use only when it sat idle in the pool for longer than `IDLE_PING_SECONDS`
+(SQLAlchemy's "pessimistic disconnect handling" through the checkout event): `pool_pre_ping` would add a round
+trip to every transaction, three a turn, to guard against a server restart that a connection in steady use notices
+on its next statement anyway (that statement fails, the pool is invalidated, and the unit of work is retried: a
+Dramatiq retry in a worker, a 503 with Retry-After in the API).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import psycopg
+from sqlalchemy import Engine, event
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+
+from app.config import get_settings
+
+log = logging.getLogger(__name__)
+
+IDLE_PING_SECONDS = 1.0
+
+
+def idle_transaction_limit_ms() -> int:
+    """How long the server lets one of this process's sessions sit in a transaction with nothing sent: a lease.
+
+    A worker cut off from the database mid-transaction (a partition that drops its packets) leaves its session
+    idle in that transaction, holding its row locks, until the server notices, which its TCP keepalives (two
+    hours by default) are slow to: a chaos hunt saw a claim's lock on a user's row hold every POST, claim and
+    settlement of that user on every process for as long as the partition lasted. A lease is what such a
+    worker's runs are given up after anyway, and no transaction of agentq's waits on anything between its
+    statements for nearly that long (each is a few statements, milliseconds)."""
+    return max(int(get_settings().lease_seconds * 1000), 1000)
+
+
+def session_settings() -> dict[str, int]:
+    """What each new connection sets on the server's side of its session: the bound on an idle transaction, and
+    the server's own dead-peer detection, as the client's (`dead_peer_detection`): a session whose client a
+    partition took away otherwise stayed, holding one of `max_connections`, for the server's two hours of
+    keepalives, and a worker that reconnected after each of a few partitions could use the server's
+    connections up. Over a Unix socket the server ignores its TCP settings."""
+    peer = dead_peer_detection()
+    return {"idle_in_transaction_session_timeout": idle_transaction_limit_ms(),
+            "tcp_keepalives_idle": peer["keepalives_idle"], "tcp_keepalives_interval": peer["keepalives_interval"],
+            "tcp_keepalives_count": peer["keepalives_count"], "tcp_user_timeout": peer["tcp_user_timeout"]}
+
+
+def set_session_settings(engine: Engine) -> None:
+    """Set on each new connection in one round trip, not in its start-up `options`, which PgBouncer refuses
+    unless told to ignore them; committed, or the pool's first rollback would undo them. A server that refuses
+    one (a release before PostgreSQL 12 has no `tcp_user_timeout`; a pooler may filter `SET`s) has the others
+    set one by one, and the refused named in a warning: the connection is still used, as it was before these
+    bounds."""
+    statements = [f"SET {name} = {value}" for name, value in session_settings().items()]
+
+    @event.listens_for(engine, "connect")
+    def _settled(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+        global _refusal_said
+        refused = apply_session_settings(dbapi_connection, statements)
+        if refused and not _refusal_said:
+            _refusal_said = True
+            log.warning("the database refused %s on a new connection (said once a process); its sessions are "
+                        "bounded by the server's defaults alone there", "; ".join(refused))
+
+
+_refusal_said = False
+
+
+def apply_session_settings(dbapi_connection: DBAPIConnection, statements: list[str]) -> list[str]:
+    """The statements run in one round trip, or, when the server refuses that, one by one; those it refused
+    (it answered with an error: a connection lost is raised)."""
+    if not _refused(dbapi_connection, ["; ".join(statements)]):
+        return []
+    return _refused(dbapi_connection, statements)
+
+
+def _refused(dbapi_connection: DBAPIConnection, statements: list[str]) -> list[str]:
+    """Each statement in a transaction of its own, committed; those the server refused, rolled back."""
+    refused = []
+    for statement in statements:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(statement)
+            dbapi_connection.commit()
+        except psycopg.Error as error:
+            if error.sqlstate is None or error.sqlstate.startswith("08"):
+                raise
+            dbapi_connection.rollback()
+            refused.append(statement)
+        finally:
+            cursor.close()
+    return refused
+
+
+def dead_peer_detection() -> dict[str, int]:
+    """libpq's TCP settings that tell a connection whose server is gone (a failover that moved its address, a
+    host that died) within half a lease: what is sent and not acknowledged for that long fails, and an idle
+    connection is probed. The kernel's defaults retransmit for about fifteen minutes: a lease renewal sent
+    on such a connection hung the lease keeper that long, every lease of the process ran out meanwhile, and
+    other workers took its turns over while it still streamed them. Acknowledgement is the peer's kernel's,
+    so a slow query is not cut."""
+    half_lease_ms = max(int(get_settings().lease_seconds * 500), 1000)
+    return {"keepalives": 1, "keepalives_idle": max(half_lease_ms // 3000, 1), "keepalives_interval": 1,
+            "keepalives_count": 3, "tcp_user_timeout": half_lease_ms}
+
+
+def ping_idle_connections(engine: Engine) -> None:
+    @event.listens_for(engine, "checkin")
+    def _returned(_dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry) -> None:
+        record.info["returned_at"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _taken(dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry,
+               _proxy: PoolProxiedConnection) -> None:
+        returned = record.info.get("returned_at")
+        if returned is None or time.monotonic() - returned < IDLE_PING_SECONDS:
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            raise DisconnectionError("a pooled connection failed its ping") from exc
+        if not alive:
+            raise DisconnectionError("a pooled connection failed its ping")

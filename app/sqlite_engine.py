@@ -1,0 +1,70 @@
+"""The engine of the embedded default, a SQLite file: made its owner's alone by `agentq db init` and by no other
+command, opened in WAL mode with foreign keys on, and every transaction begun with BEGIN IMMEDIATE so that concurrent
+writers queue on the busy timeout instead of failing half-way with "database is locked".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from pathlib import Path
+
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from app.errors import DatabaseAwaitsUpgrade, DatabaseNotCreated, InvalidConfiguration
+from app.sqlite_upgrades import money_awaits_conversion
+
+
+def sqlite_engine(url: str, create: bool) -> Engine:
+    parsed = make_url(url)
+    # A `file:` URI (`?uri=true`) is the driver's to read: what it names is not judged here.
+    path = "" if parsed.query.get("uri") == "true" else (parsed.database or "")
+    if path and path != ":memory:":
+        if not create and not Path(path).exists():
+            raise DatabaseNotCreated(f"The SQLite file {Path(path).resolve()} does not exist: run `agentq db init` "
+                                     "to create it (a SQLite path is relative to the directory a command runs in).")
+        try:
+            _make_private(Path(path))
+        except OSError as exc:
+            raise InvalidConfiguration(f"DATABASE_URL names the SQLite file {Path(path).resolve()}, whose directory "
+                                       f"cannot be made: {exc.strerror or exc}.") from exc
+    where = str(Path(parsed.database).resolve()) if parsed.database else url
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: sqlite3.Connection, _record: ConnectionPoolEntry) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+        if not create and money_awaits_conversion(dbapi_connection):
+            dbapi_connection.close()
+            raise DatabaseAwaitsUpgrade(f"The SQLite file {where} was written by an earlier release "
+                                        "and its amounts are not yet in millionths: run `agentq db init` to upgrade "
+                                        "it.")
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _make_private(path: Path) -> None:
+    """Make a new SQLite file, and the directory it is the first file of, its owner's alone: it holds every
+    conversation and every API key's hash, and was made with the umask's mode (world-readable under the usual
+    022) by any `agentq db init` but `make run`'s, whose Makefile made its directory private. SQLite gives its
+    `-wal` and `-shm` files the database file's mode. A file or directory that exists is left as it is: its
+    mode is its operator's choice."""
+    made = not path.parent.is_dir()
+    path.parent.mkdir(parents=True, exist_ok=True)  # a file in its place: "File exists"
+    if made:
+        path.parent.chmod(0o700)
+    if not path.exists():
+        with contextlib.suppress(FileExistsError):  # another process made it meanwhile: its mode stands
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
