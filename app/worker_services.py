@@ -108,7 +108,7 @@ def _warm_up() -> None:
 
 
 def stop_fetching() -> None:
-    """Called in the SIGTERM handler, at once (`workers.group.treat_a_repeated_stop_as_one`): no new fetch,
+    """Called in the SIGTERM handler, at once (`workers.process_signals.treat_a_repeated_stop_as_one`): no new fetch,
     and no new run starts in this process. Only sets a flag (`StopFlag`): a handler runs between two bytecodes
     of the main thread, which must not be made to wait for anything."""
     draining.set()

@@ -9,7 +9,7 @@ import dramatiq
 from dramatiq.middleware import Middleware, SkipMessage
 
 from app.logging_setup import configure_logging
-from workers.group import stop_with_the_parent, treat_a_repeated_stop_as_one
+from workers.process_signals import stop_with_the_parent, treat_a_repeated_stop_as_one
 
 
 def _worker() -> ModuleType:
