@@ -31,8 +31,8 @@ def idle_transaction_limit_ms() -> int:
 
     A worker cut off from the database mid-transaction (a partition that drops its packets) leaves its session
     idle in that transaction, holding its row locks, until the server notices, which its TCP keepalives (two
-    hours by default) are slow to: a chaos hunt saw a claim's lock on a user's row hold every POST, claim and
-    settlement of that user on every process for as long as the partition lasted. A lease is what such a
+    hours by default) are slow to: a claim's lock on a user's row would hold every POST, claim and settlement of
+    that user on every process for as long as the partition lasted. A lease is what such a
     worker's runs are given up after anyway, and no transaction of agentq's waits on anything between its
     statements for nearly that long (each is a few statements, milliseconds)."""
     return max(int(get_settings().lease_seconds * 1000), 1000)

@@ -3,7 +3,7 @@
 A worker process cut off from the database alone (a partition of its host, a firewall rule, a pooler on
 its host gone) while Redis and the other workers were not kept fetching turns: each failed at its claim
 and went to its outage retry, and the idle process won the next fetch races too, so a turn waited for a
-healthy worker to win one (a chaos hunt measured a p90 of 10.7 s, at worst 56 s, against 0.2 s uncut).
+healthy worker to win one (a p90 of 10.7 s to a claim, at worst 56 s, against 0.2 s with no worker cut off).
 So a delivery that fails because the database is out of reach marks its process cut off: its consumers
 fetch nothing more (`workers.consumer.RefillingConsumer`), and the runs stay in Redis for the other
 workers, until a probe of its own (a `SELECT 1` every `PROBE_SECONDS`) is answered. When every worker is

@@ -47,8 +47,8 @@ def _stopped_turns() -> Prepared:
 def _a_worker_takes_runs() -> bool:
     """Whether a live worker process takes new runs (`app.worker_presence`): its recovery sweep then sends a
     stopped turn whose lease ran out again, and the delivery that takes it over ends it, as a takeover does
-    (the look ended it first when that worker was slow to boot). With Redis out of reach it is not known, and
-    taken as none."""
+    (the look would race it, and win when that worker is slow to boot). With Redis out of reach it is not known,
+    and taken as none."""
     try:
         return any(presence.state is WorkerState.TAKING_RUNS for presence in live_workers())
     except redis.RedisError:
