@@ -178,16 +178,23 @@ class StreamedAttempt:
 
 
 def attempts_streamed(turn_id: int, *, up_to: int) -> dict[int, list[StreamedAttempt]] | None:
-    """The calls that streamed text of each delivery up to `up_to`, by delivery, each's in order (a call that
-    streamed none cannot be told from one never made: its `status` entry comes before moderation); None when
-    Redis cannot be reached."""
+    """The calls each delivery up to `up_to` made, as far as its stream tells, by delivery, each's in order; None
+    when Redis cannot be reached.
+
+    A call that streamed text was made. One that streamed none was made when it is its delivery's last and its
+    `status` entry named its model: that entry is written once the input passed moderation, as the call starts,
+    so the delivery stopped (its worker died) while it waited for the first token. An earlier call that streamed
+    none ended before the next began, which could be a refusal the provider bills nothing for: not taken."""
     read = _read_stream(turn_id)
     if read is None:
         return None
     by_delivery: dict[int, list[StreamedAttempt]] = {}
+    last = {number // _ATTEMPTS_PER_DELIVERY: number for number in read}  # sorted: each delivery's last call
     for number, attempt in read.items():
-        if number < attempt_number(up_to + 1, 0) and (attempt.text or attempt.missing):
-            by_delivery.setdefault(number // _ATTEMPTS_PER_DELIVERY, []).append(attempt)
+        delivery = number // _ATTEMPTS_PER_DELIVERY
+        waited_first_token = last[delivery] == number and attempt.model is not None
+        if delivery <= up_to and (attempt.text or attempt.missing or waited_first_token):
+            by_delivery.setdefault(delivery, []).append(attempt)
     return by_delivery
 
 

@@ -289,6 +289,34 @@ def test_a_stop_of_a_turn_whose_worker_died_a_lease_ago_ends_it_at_once_though_n
     assert stack.call("POST", f"/api/messages/{following_turn['id']}/cancel", key).json()["status"] == "cancelled"
 
 
+def test_a_call_whose_worker_died_waiting_for_its_first_token_is_recorded_at_its_prompts_estimate(
+        stack: Stack, upstream: UpstreamLog) -> None:
+    """The provider received the request, and may bill its prompt, but the call streamed nothing before its worker
+    died: it was left in no record (the stream could not tell it was made). Its `status` entry, written as the call
+    starts, names its model: the end of the turn (here a stop, no worker running) records it as `interrupted`, its
+    prompt estimated, no answer tokens."""
+    name, waits = "dies-before-its-first-token", "echo;ttft=60"
+    agent_id = slow_agent(stack, name, waits)
+    _, key = stack.user("user-of-a-silent-call")
+    worker = stack.start_worker(restart=False)
+    turn = stack.send(key, stack.conversation(key, agent_id), "answer me slowly")
+    wait_for(lambda: waits in upstream.models(), what="the call to reach the upstream")
+    worker.kill_group()
+    wait_for(lambda: stack.sql("SELECT lease_expires_at < now() FROM turns WHERE assistant_message_id = %(id)s",
+                               {"id": turn["id"]}) == [(True,)], timeout=LEASE_SECONDS + 5,
+             what="the dead worker's lease to run out")
+    stopped = stack.call("POST", f"/api/messages/{turn['id']}/cancel", key)
+    assert (stopped.status_code, stopped.json()["status"], stopped.json()["content"]) == (202, "cancelled", "")
+    prompt = estimate_tokens_of_messages(next(r for r in upstream.requests() if r["body"]["model"] == waits)
+                                         ["body"]["messages"])
+    recorded = stack.sql("SELECT delivery, model_name, outcome, prompt_tokens, completion_tokens, first_token_ms, "
+                         "cost, error FROM model_attempts WHERE message_id = %(id)s", {"id": turn["id"]})
+    assert [row[:7] for row in recorded] == [
+        (1, name, "interrupted", prompt, 0, None, token_cost(prompt, 0, Decimal("0.001"), Decimal("0.002")))]
+    assert "waited for its first token" in recorded[0][7]
+    assert charges(stack, turn["id"]) == 0
+
+
 def test_a_stop_that_came_while_a_dead_workers_lease_still_held_ends_once_it_runs_out_though_no_worker_runs(
         stack: Stack) -> None:
     """A stop that came just after the worker died (its lease still live) was flagged for the delivery that would
