@@ -16,7 +16,8 @@ A worker that was only cut off (from the database, for longer than its lease) is
 its refused settlement records its calls as they were, and replaces these estimates
 (`RunAttempts.write_unsettled`). The two take the turn's row first, so whichever commits second sees the
 other's rows. A call that had streamed nothing is recorded when it was its delivery's last (the worker died waiting
-for its first token: `app.live_stream.attempts_streamed`), at its prompt's estimate. Not recorded: an earlier call
+for its first token, or while it repeated what readers held: `app.live_stream.attempts_streamed`), at its
+prompt's estimate. Not recorded: an earlier call
 of the delivery that streamed nothing (it failed, perhaps unbilled, before the next began), a call whose stream
 Redis lost, and an admin test run's calls (a test run has no live stream).
 """
@@ -88,7 +89,7 @@ def _record(attempt: StreamedAttempt, recorded_by: str, targets: Sequence[ModelT
         model_name=name, outcome=FailureKind.INTERRUPTED.value,
         error=(f"its worker stopped during the call; recorded by {recorded_by}, from what the call had streamed "
                "(tokens estimated)" if attempt.text or attempt.missing else
-               f"its worker stopped while the call waited for its first token; recorded by {recorded_by} (the "
+               f"its worker stopped before the call streamed text to its readers; recorded by {recorded_by} (the "
                "prompt's tokens estimated)"),
         latency_ms=max(attempt.last_ms - started, 0),
         first_token_ms=max(first_text - started, 0) if first_text is not None else None,

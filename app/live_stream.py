@@ -121,7 +121,7 @@ def text_streamed(turn_id: int, *, since: int = 0) -> Streamed | None:
     a delivery that died had sent its readers, and which model wrote it. None when there is no text (none
     streamed, or a restart dropped it: a takeover that could not read it), or not all of it (the stream trimmed
     or lost with Redis), or Redis cannot be reached. The attempt is the last to stream text or to restart: a
-    later delivery's first `status` entry, written before its moderation, drops nothing, and taken for the last
+    later delivery's first `status` entry, written as its first call starts, drops nothing, and taken for the last
     attempt it lost the text readers still held when that delivery died too. Only deliveries numbered `since` and
     after are read: a stream its requeue could not drop is an earlier run's, which the new run's readers were not
     sent."""
@@ -182,8 +182,9 @@ def attempts_streamed(turn_id: int, *, up_to: int) -> dict[int, list[StreamedAtt
     when Redis cannot be reached.
 
     A call that streamed text was made. One that streamed none was made when it is its delivery's last and its
-    `status` entry named its model: that entry is written once the input passed moderation, as the call starts,
-    so the delivery stopped (its worker died) while it waited for the first token. An earlier call that streamed
+    `status` entry named its model: that entry is written as the call starts (`TurnStream.attempt_started`), so
+    the delivery stopped (its worker died) before the call streamed text (waiting for its first token, or
+    repeating what readers held). An earlier call that streamed
     none ended before the next began, which could be a refusal the provider bills nothing for: not taken."""
     read = _read_stream(turn_id)
     if read is None:

@@ -204,12 +204,17 @@ class TurnStream(AnswerSink):
         them of the switch, and a reader, at the start of no text, takes the new attempt's first delta as its
         own (`app.answer_stream`). When it knows nothing of what they hold (an earlier delivery's stream it
         could not read whole: trimmed, lost with Redis, out of reach), a `restart` tells them to drop it and
-        follow this call live rather than wait for the end."""
+        follow this call live rather than wait for the end.
+
+        Every attempt's `status` entry names its model here, as its call is made (after moderation passed, with
+        no stop asked and time left): readers are told of no model that was not called, and a delivery whose
+        worker died is known to have made the call its last such entry names (`app.interrupted_calls`)."""
         self._index += 1
         self._attempt = attempt_number(self._delivery, self._index)
         self._offset = 0
         self._repeat = None
         if not (restart or self._delivery > 1):
+            self.status(TurnStatus.PROCESSING, model_name)
             self._followed = _Followed(self._attempt, model_name, [])
             return
         if (held := self.readers_text()) is not None:

@@ -170,8 +170,6 @@ def _end_of(context: TurnContext, stop: threading.Event, stream: TurnStream) -> 
     verdict = moderate(context.content)
     if not verdict.passed:
         return partial(_settle_failure, context, TurnStatus.CONTENT_VIOLATION, verdict.error_message, stream), False
-    # Announced once the input has passed: a refused turn's readers were told of a model that was never called.
-    stream.status(TurnStatus.PROCESSING, _first_model(context).name)
     outcome = call_with_fallback(agent.primary, agent.fallback, context.prompt_for, agent.params, stream, stop,
                                  ends_by=context.ends_by, fallen_back=context.fallen_back,
                                  before_fallback_call=lambda: TURN.mark_fallen_back(

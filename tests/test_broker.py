@@ -179,7 +179,7 @@ def test_a_fetch_redis_refuses_for_its_password_names_the_setting_to_mend(
                                  middleware=[])
     consumer = RefillingConsumer(broker, "turns", prefetch=1, timeout=100, takes_new=always)
     monkeypatch.setattr(app.failure_logs, "_outage_said", {})  # said at most every 30 s by any test's consumer
-    with caplog.at_level(logging.WARNING, logger="workers.broker"):
+    with caplog.at_level(logging.WARNING, logger="workers.consumer"):
         assert next(consumer) is None
     assert [r.getMessage().split("): ", 1)[1].split(";")[0] for r in caplog.records] == [
         "Redis refuses the password or the database number REDIS_URL gives, or asks for a password it does not "
@@ -213,7 +213,7 @@ def test_a_redis_that_hangs_is_a_closed_connection_to_dramatiq_or_a_fetch_looked
     due: dramatiq.Message[Any] = dramatiq.Message(queue_name="turns", actor_name="probe", args=(1,), kwargs={},
                                                   options={})
     monkeypatch.setattr(app.failure_logs, "_outage_said", {})  # said at most every 30 s by any test's consumer
-    with caplog.at_level(logging.WARNING, logger="workers.broker"):
+    with caplog.at_level(logging.WARNING, logger="workers.consumer"):
         assert next(consumer) is None
     assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["the consumer of turns.DQ could not fetch"]
     for step in (lambda: consumer.ack(held), lambda: consumer.nack(held), lambda: consumer.requeue([held]),

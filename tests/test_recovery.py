@@ -313,7 +313,7 @@ def test_a_call_whose_worker_died_waiting_for_its_first_token_is_recorded_at_its
                          "cost, error FROM model_attempts WHERE message_id = %(id)s", {"id": turn["id"]})
     assert [row[:7] for row in recorded] == [
         (1, name, "interrupted", prompt, 0, None, token_cost(prompt, 0, Decimal("0.001"), Decimal("0.002")))]
-    assert "waited for its first token" in recorded[0][7]
+    assert "before the call streamed text to its readers" in recorded[0][7]
     assert charges(stack, turn["id"]) == 0
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -63,6 +64,27 @@ def test_a_refused_input_names_no_model_to_its_readers(world, web_server) -> Non
     events = read_sse(f"{web_server}/api/messages/{message_id}/stream", key)  # while the endpoint judges it
     assert [(e.event, e.json()["status"], e.json()["model"]) for e in events] == [
         ("status", "processing", None), ("status", "content_violation", None), ("done", "content_violation", None)]
+
+
+def test_a_turn_stopped_while_its_input_is_judged_names_no_model_and_calls_none(  # type: ignore[no-untyped-def]
+        world, web_server, upstream, patient_stops) -> None:
+    """A stop that lands during moderation ends the turn before its call: the stream said `processing` with the
+    model once the input passed, though the call was never made (and a dead worker's record of its calls took
+    that entry for a call made)."""
+    content = "stop me during a slow-moderation"
+    key, message_id, _ = start_turn(world, "echo", content)
+    events: list[Any] = []
+    reader = threading.Thread(target=lambda: events.extend(
+        read_sse(f"{web_server}/api/messages/{message_id}/stream", key)), daemon=True)
+    reader.start()
+    wait_for(lambda: any(r["body"].get("input") == content for r in upstream.requests("/v1/moderations")),
+             what="the input to reach the moderation endpoint")
+    stopped = world.api.post(f"/api/messages/{message_id}/cancel", key)
+    assert (stopped.status_code, stopped.json["status"], stopped.json["model"]) == (202, "cancelled", None)
+    reader.join(timeout=30)
+    assert [(e.event, e.json()["status"], e.json()["model"]) for e in events] == [
+        ("status", "processing", None), ("status", "cancelled", None), ("done", "cancelled", None)]
+    assert not any(content in json.dumps(r["body"]) for r in upstream.requests())
 
 
 def test_an_answer_being_written_is_read_with_the_text_its_readers_hold_so_far(world, web_server) -> None:  # type: ignore[no-untyped-def]
