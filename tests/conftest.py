@@ -7,6 +7,7 @@ through Flask's test client (the same app `agentq web` serves); turns are run by
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
 import tempfile
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import psycopg
@@ -70,6 +71,30 @@ TABLES = ("dead_letters", "model_attempts", "admin_debug_logs", "credit_transact
 def sqlalchemy_warnings_in(log_dir: Path) -> list[str]:
     return [f"{path.relative_to(log_dir)}: {line.strip()}" for path in sorted(log_dir.rglob("*.log"))
             for line in path.read_text(errors="replace").splitlines() if "SAWarning" in line]
+
+
+_held_redis_databases: list[IO[str]] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Two runs on one Redis database (a second `pytest -n 2` whose `TEST_AGENTQ_REDIS_DB` lands on the first's
+    second database) flush each other's data and take each other's messages: their tests fail far from the cause.
+    The run's first process locks the file of each database its sessions will use for as long as it runs (the lock
+    goes with the process), and a run that finds one held stops before any test, saying so."""
+    if XDIST_WORKER:
+        return
+    sessions = config.getoption("numprocesses", default=None)
+    count = sessions if isinstance(sessions, int) and sessions > 0 else (os.cpu_count() or 1) if sessions else 1
+    for database in range(REDIS_DB, REDIS_DB + count):
+        path = Path(tempfile.gettempdir()) / f"agentq-test-redis-6379-{database}.lock"
+        held = path.open("a")
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held.close()
+            raise pytest.UsageError(f"Redis database {database} is in use by another test run on this machine "
+                                    f"({path}): give this run another TEST_AGENTQ_REDIS_DB") from None
+        _held_redis_databases.append(held)
 
 
 @pytest.fixture(scope="session", autouse=True)
