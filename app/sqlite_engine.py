@@ -1,6 +1,7 @@
-"""The engine of the embedded default, a SQLite file: made its owner's alone by `agentq db init` and by no other
-command, opened in WAL mode with foreign keys on, and every transaction begun with BEGIN IMMEDIATE so that concurrent
-writers queue on the busy timeout instead of failing half-way with "database is locked".
+"""The engine of the embedded default, a SQLite file: made only by `agentq db init` (any other command is refused a
+file not there yet), its owner's alone, opened in WAL mode with foreign keys on, and every transaction begun with
+BEGIN IMMEDIATE so that concurrent writers queue on the busy timeout instead of failing half-way with "database is
+locked".
 """
 
 from __future__ import annotations
