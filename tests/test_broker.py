@@ -131,11 +131,15 @@ def test_the_doorbell_listens_again_after_its_connection_is_killed(slow_polling_
             return int(redis_client.pubsub_numsub(broker.doorbell.channel)[0][1])
 
         def subscriber_ids() -> set[str]:
-            return {str(client["id"]) for client in redis_client.client_list(_type="pubsub")}
+            """This session's subscribers: those of its database. Killing every subscriber of the server cut the
+            doorbells of the suite's other sessions, and of anything else served by that Redis, from their rings."""
+            database = redis_client.connection_pool.connection_kwargs["db"]
+            return {str(client["id"]) for client in redis_client.client_list(_type="pubsub")
+                    if int(client["db"]) == database}
 
         assert listeners() == 1
         before = subscriber_ids()
-        killed = redis_client.client_kill_filter(_type="pubsub")
+        killed = sum(redis_client.client_kill_filter(_id=ident) for ident in before)
         assert killed >= 1
         # It may subscribe again between two looks, so what is awaited is a new connection, not a count of 0.
         wait_for(lambda: listeners() == 1 and subscriber_ids() - before, timeout=10,
