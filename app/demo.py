@@ -14,7 +14,6 @@ from pathlib import Path
 
 from app.auth import authenticate, new_api_key
 from app.catalog import create_agent, create_model, list_agents, list_models, update_model
-from app.endpoint_urls import check_endpoint_url
 from app.errors import Unauthorized
 from app.users import create_user
 
@@ -30,12 +29,7 @@ class Demo:
 
 
 def seed_demo(mock_url: str, key_file: Path) -> Demo:
-    check_endpoint_url(mock_url)  # before the user: a seed run again with the URL mended finds no user of its own
-    api_key = (key_file.read_text().strip() if key_file.exists() else "") or new_api_key()
-    try:
-        user_id = authenticate(api_key).id
-    except Unauthorized:
-        user_id = create_user("demo", is_admin=True, balance=Decimal("100"), api_key=api_key).user.id
+    # The model first: the catalog refuses an endpoint no worker could reach, before anything else is stored.
     model = next((m for m in list_models() if m.name == DEMO_MODEL), None)
     if model is None:
         model = create_model(name=DEMO_MODEL, model="echo;gap=0.05", base_url=mock_url,
@@ -43,6 +37,11 @@ def seed_demo(mock_url: str, key_file: Path) -> Demo:
                              context_window=8192)
     elif model.base_url != mock_url:  # the demo upstream may listen elsewhere this time (AGENTQ_DEMO_UPSTREAM_PORT)
         update_model(model.id, base_url=mock_url)
+    api_key = (key_file.read_text().strip() if key_file.exists() else "") or new_api_key()
+    try:
+        user_id = authenticate(api_key).id
+    except Unauthorized:
+        user_id = create_user("demo", is_admin=True, balance=Decimal("100"), api_key=api_key).user.id
     agent = next((a for a in list_agents() if a.name == DEMO_AGENT), None) or create_agent(
         name=DEMO_AGENT, system_prompt="You are a helpful demo agent.", model_id=model.id, timeout_seconds=30)
     demo = Demo(user_id, agent.id, api_key)

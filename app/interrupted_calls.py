@@ -88,7 +88,7 @@ def _record(attempt: StreamedAttempt, recorded_by: str, targets: Sequence[ModelT
     return AttemptRecord(
         model_name=name, outcome=FailureKind.INTERRUPTED.value,
         error=(f"its worker stopped during the call; recorded by {recorded_by}, from what the call had streamed "
-               "(tokens estimated)" if attempt.text or attempt.missing else
+               "(tokens estimated)" if attempt.streamed_text else
                f"its worker stopped before the call streamed text to its readers; recorded by {recorded_by} (the "
                "prompt's tokens estimated)"),
         latency_ms=max(attempt.last_ms - started, 0),

@@ -129,7 +129,7 @@ def text_streamed(turn_id: int, *, since: int = 0) -> Streamed | None:
     if read is None:
         return None
     followed = [attempt for number, attempt in read.items() if number >= attempt_number(since, 0)
-                and (attempt.text or attempt.missing or attempt.restarted)]
+                and (attempt.streamed_text or attempt.restarted)]
     last = followed[-1] if followed else None
     return (Streamed(last.text, last.model, last.number, last.own_from)
             if last is not None and last.text and not last.missing else None)
@@ -162,9 +162,19 @@ class StreamedAttempt:
     """Where the text the call wrote begins (`Streamed.own_from`)."""
 
     @property
+    def delivery(self) -> int:
+        """The delivery that made the call (`attempt_number`)."""
+        return self.number // _ATTEMPTS_PER_DELIVERY
+
+    @property
     def index(self) -> int:
         """The call's place in its delivery (`attempt_number`): 0 for its first model, 1 after a fallback."""
         return self.number % _ATTEMPTS_PER_DELIVERY
+
+    @property
+    def streamed_text(self) -> bool:
+        """Whether its readers were sent text of it (held by the stream, or lacking from it)."""
+        return bool(self.text or self.missing)
 
     @property
     def own_text(self) -> str:
@@ -190,12 +200,11 @@ def attempts_streamed(turn_id: int, *, up_to: int) -> dict[int, list[StreamedAtt
     if read is None:
         return None
     by_delivery: dict[int, list[StreamedAttempt]] = {}
-    last = {number // _ATTEMPTS_PER_DELIVERY: number for number in read}  # sorted: each delivery's last call
-    for number, attempt in read.items():
-        delivery = number // _ATTEMPTS_PER_DELIVERY
-        waited_first_token = last[delivery] == number and attempt.model is not None
-        if delivery <= up_to and (attempt.text or attempt.missing or waited_first_token):
-            by_delivery.setdefault(delivery, []).append(attempt)
+    last = {attempt.delivery: attempt for attempt in read.values()}  # in order: each delivery's last call
+    for attempt in read.values():
+        started_unseen = last[attempt.delivery] is attempt and attempt.model is not None
+        if attempt.delivery <= up_to and (attempt.streamed_text or started_unseen):
+            by_delivery.setdefault(attempt.delivery, []).append(attempt)
     return by_delivery
 
 

@@ -248,11 +248,8 @@ def recover_once(*, first_sweep: bool = False, gate: TakeoverGate | None = None)
     report = RecoveryReport(redis_lost=lost_run is not None, receipts_unchecked=not redis_now.reachable)
     sweep_mark = leave_sweep_mark(lost_run) if lost_run is not None else None
     settings = get_settings()
-    asked_at = gate.clock() if gate is not None else 0.0
     with transaction() as session:
-        now = lease_now(session)
-        if gate is not None:
-            gate.answered(asked_at)
+        now = gate.database_now(session) if gate is not None else lease_now(session)
         due = _due_runs(report.redis_lost, gate is None or gate.open)
         unsent_before = now - timedelta(seconds=settings.enqueue_grace_seconds)
         cutoffs = {"now": now, "unsent_before": unsent_before,

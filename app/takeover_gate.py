@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 
+from sqlalchemy.orm import Session
+
 from app.clock import lease_now
 from app.db import transaction
 from app.leases import renewal_seconds
@@ -42,11 +44,15 @@ class TakeoverGate:
         if is_outage(error):
             self._answering_since = None
 
-    def now_if_open(self) -> datetime | None:
-        """The database's time to judge leases by, read in a transaction of its own whose answer feeds the gate;
-        None while the gate is shut."""
+    def database_now(self, session: Session) -> datetime:
+        """The database's time to judge leases by, read as a look's first statement, whose answer feeds the gate."""
         asked_at = self.clock()
-        with transaction() as session:
-            now = lease_now(session)
+        now = lease_now(session)
         self.answered(asked_at)
+        return now
+
+    def now_if_open(self) -> datetime | None:
+        """`database_now` in a transaction of its own; None while the gate is shut."""
+        with transaction() as session:
+            now = self.database_now(session)
         return now if self.open else None

@@ -83,9 +83,8 @@ def pytest_configure(config: pytest.Config) -> None:
     goes with the process), and a run that finds one held stops before any test, saying so."""
     if XDIST_WORKER:
         return
-    sessions = config.getoption("numprocesses", default=None)
-    count = sessions if isinstance(sessions, int) and sessions > 0 else (os.cpu_count() or 1) if sessions else 1
-    for database in range(REDIS_DB, REDIS_DB + count):
+    sessions = len(config.getoption("tx", default=None) or []) or 1  # pytest-xdist's processes, as it counted them
+    for database in range(REDIS_DB, REDIS_DB + sessions):
         path = Path(tempfile.gettempdir()) / f"agentq-test-redis-6379-{database}.lock"
         held = path.open("a")
         try:

@@ -244,6 +244,12 @@ def test_a_turn_taken_over_from_a_dead_worker_runs_as_things_stand_at_the_takeov
     assert (deliveries(stack, dearer["id"]), charges(stack, dearer["id"])) == (2, 0)
 
 
+def wait_for_its_lease_to_run_out(stack: Stack, turn_id: int) -> None:
+    wait_for(lambda: stack.sql("SELECT lease_expires_at < now() FROM turns WHERE assistant_message_id = %(id)s",
+                               {"id": turn_id}) == [(True,)], timeout=LEASE_SECONDS + 5,
+             what="the dead worker's lease to run out")
+
+
 def _streamed_then_its_worker_killed(stack: Stack, model: str) -> tuple[int, str, int, dict[str, Any],
                                                                        tuple[str, list[Any], threading.Thread]]:
     """A user's turn of a slow model of its own, followed from the start by a reader, whose only worker is killed
@@ -266,9 +272,7 @@ def test_a_stop_of_a_turn_whose_worker_died_a_lease_ago_ends_it_at_once_though_n
     does."""
     user_id, key, conversation_id, turn, (seen, following_events, following) = _streamed_then_its_worker_killed(
         stack, "dies-unheld")
-    wait_for(lambda: stack.sql("SELECT lease_expires_at < now() FROM turns WHERE assistant_message_id = %(id)s",
-                               {"id": turn["id"]}) == [(True,)], timeout=LEASE_SECONDS + 5,
-             what="the dead worker's lease to run out")
+    wait_for_its_lease_to_run_out(stack, turn["id"])
     stopped = stack.call("POST", f"/api/messages/{turn['id']}/cancel", key)
     assert stopped.status_code == 202
     done = stopped.json()
@@ -302,9 +306,7 @@ def test_a_call_whose_worker_died_waiting_for_its_first_token_is_recorded_at_its
     turn = stack.send(key, stack.conversation(key, agent_id), "answer me slowly")
     wait_for(lambda: waits in upstream.models(), what="the call to reach the upstream")
     worker.kill_group()
-    wait_for(lambda: stack.sql("SELECT lease_expires_at < now() FROM turns WHERE assistant_message_id = %(id)s",
-                               {"id": turn["id"]}) == [(True,)], timeout=LEASE_SECONDS + 5,
-             what="the dead worker's lease to run out")
+    wait_for_its_lease_to_run_out(stack, turn["id"])
     stopped = stack.call("POST", f"/api/messages/{turn['id']}/cancel", key)
     assert (stopped.status_code, stopped.json()["status"], stopped.json()["content"]) == (202, "cancelled", "")
     prompt = estimate_tokens_of_messages(next(r for r in upstream.requests() if r["body"]["model"] == waits)
