@@ -29,7 +29,7 @@ from app.errors import Conflict, ConversationBusy, NotFound, TooManyActiveConver
 from app.in_flight import check_can_start, lock_user
 from app.models import Conversation, DeadLetter, Turn
 from app.models.base import utc_now
-from app.run_kinds import TURN, kind_of
+from app.run_kinds import TURN, kind_of, statuses_of_runs
 from app.turn_state import refuse_unless_reopenable, reopen_turn
 from app.turn_status import TransitionRefused
 
@@ -90,7 +90,10 @@ def _reopen(session: Session, row: DeadLetter, enqueued_at: datetime) -> None:
                 # a refusal after it rolls the savepoint back.
                 _refuse_if_agent_deleted(session, row, reopen_debug_run(session, row.run_id, enqueued_at))
     except TransitionRefused as exc:
-        raise Conflict(f"Dead letter {row.id}: its run is no longer in error, so it cannot be requeued.",
+        # Said with the run's status now (requeued already and running, or ended otherwise since its letter was
+        # written), not as "no longer in error", which a run that never was misreads.
+        status = statuses_of_runs(session, [(row.actor, row.run_id)]).get((row.actor, row.run_id))
+        raise Conflict(f"Dead letter {row.id}: its run is {status}, not in error, so it cannot be requeued.",
                        code="run_not_in_error") from exc
     except IntegrityError as exc:
         raise _busy(row) from exc

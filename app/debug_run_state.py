@@ -2,8 +2,7 @@
 
 A test run's status lives on its single log row (`admin_debug_logs`), with the same statuses,
 transition table, lease and delivery rules as a turn's (`app.turn_state`, `app.deliveries`), but no
-second message, no reservation and no charge; and an operator's requeue starts its delivery count over,
-where a turn's keeps its attempts' numbers apart (`reopen_debug_run`).
+second message, no reservation and no charge.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from sqlalchemy.orm import Session
 from app.claims import Claim, ClaimResult, LeaseLost, judge_claim, lease_held
 from app.clock import DatabaseNow, lease_time
 from app.db import rows_changed
+from app.deliveries import deliveries_at_requeue
 from app.in_flight import pending_since_before, processing_past
 from app.models import Agent, DebugRun
 from app.models.base import utc_now
@@ -91,14 +91,15 @@ def _held_by_a_delivery(session: Session, run_id: int) -> bool:
 
 
 def reopen_debug_run(session: Session, run_id: int, enqueued_at: datetime) -> int:
-    """The same requeue for an admin test run that ended as `error`; its delivery count simply starts over
-    (a test run streams to no one, so no attempt numbers need keeping apart). Returns the run's agent, which
-    the caller checks next."""
+    """The same requeue for an admin test run that ended as `error`, its deliveries numbered on from the next
+    thousand as a turn's are (`deliveries_at_requeue`), so that the attempts it records never share a number
+    with those of its earlier life. Returns the run's agent, which the caller checks next."""
     reopened = session.execute(
         update(DebugRun)
         .where(DebugRun.id == run_id, DebugRun.status.in_(sources_for(TurnStatus.PENDING)))
         .values(status=TurnStatus.PENDING.value, error_message=None, lease_token=None, lease_expires_at=None,
-                deliveries=0, handed_back=0, fell_back=False, enqueued_at=enqueued_at, updated_at=utc_now())
+                deliveries=deliveries_at_requeue(DebugRun.deliveries), handed_back=0, fell_back=False,
+                enqueued_at=enqueued_at, updated_at=utc_now())
         .returning(DebugRun.agent_id)
         .execution_options(synchronize_session=False)
     ).first()  # the row, not the rowcount: SQLite counts none for an UPDATE ... RETURNING

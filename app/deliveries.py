@@ -15,7 +15,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TypeVar
+from typing import TypeVar, overload
+
+from sqlalchemy import ColumnElement, SQLColumnExpression
 
 from app.config import get_settings
 from app.outages import is_outage, waiting_out_outages
@@ -117,11 +119,12 @@ def delivery_deadline(now: datetime, timeout_seconds: float, calls: int, *,
 
 
 DELIVERIES_PER_REQUEUE = 1000
-"""A requeued turn's deliveries are numbered on from the next thousand. A delivery's number names the
-attempts it streams (`app.live_stream.attempt_number`), which must never repeat within a turn, or a
-client resuming with an event id of the run before the requeue would be sent the wrong part of the
-new answer; the give-up rule counts only the deliveries since the requeue (`deliveries_since_requeue`),
-or a turn that died after several deliveries would be given up at once."""
+"""A requeued run's deliveries (a turn's or an admin test run's) are numbered on from the next thousand. A
+delivery's number names the attempts it makes (`model_attempts.delivery`, and a turn's streamed attempts,
+`app.live_stream.attempt_number`), which must never repeat within a run: a client resuming with an event id
+of the run before the requeue would be sent the wrong part of the new answer, and the attempts recorded
+before and after a requeue could not be told apart. The give-up rule counts only the deliveries since the
+requeue (`deliveries_since_requeue`), or a run that died after several deliveries would be given up at once."""
 
 
 def deliveries_since_requeue(deliveries: int) -> int:
@@ -133,8 +136,17 @@ def first_delivery_since_requeue(deliveries: int) -> int:
     return deliveries - deliveries_since_requeue(deliveries) + 1
 
 
-def deliveries_at_requeue(deliveries: int) -> int:
-    """Where a requeued turn's count starts: the next thousand, none of it yet since the requeue."""
+@overload
+def deliveries_at_requeue(deliveries: int) -> int: ...
+
+
+@overload
+def deliveries_at_requeue(deliveries: SQLColumnExpression[int]) -> ColumnElement[int]: ...
+
+
+def deliveries_at_requeue(deliveries: int | SQLColumnExpression[int]) -> int | ColumnElement[int]:
+    """Where a requeued run's count starts: the next thousand, none of it yet since the requeue. Given a
+    column, the same rule as SQL, for a requeue written as one guarded UPDATE."""
     return (deliveries // DELIVERIES_PER_REQUEUE + 1) * DELIVERIES_PER_REQUEUE
 
 

@@ -367,6 +367,8 @@ def test_a_dead_letter_whose_test_run_is_processing_again_is_not_requeued(world,
                              "lease_expires_at = now() + interval '1 hour' WHERE id = :id"), {"id": run_id})
     refused = api.post(f"/api/admin/dead-letters/{item['id']}/requeue", admin)
     assert (refused.status_code, refused.json["error"]["code"]) == (409, "run_not_in_error")
+    assert refused.json["error"]["message"] == (f"Dead letter {item['id']}: its run is processing, not in error, "
+                                                "so it cannot be requeued.")
     with transaction() as session:
         run = session.get_one(DebugRun, run_id)
         assert (run.status, run.lease_token) == ("processing", "live")
@@ -375,11 +377,13 @@ def test_a_dead_letter_whose_test_run_is_processing_again_is_not_requeued(world,
 
 def test_a_requeued_test_run_starts_again_from_its_primary(world, upstream) -> None:  # type: ignore[no-untyped-def]
     """A test run that had switched to its fallback before it died starts over from its primary when requeued,
-    as a requeued turn does: kept, the switch sent the new run to the fallback alone, logged under its name."""
+    as a requeued turn does: kept, the switch sent the new run to the fallback alone, logged under its name.
+    Its deliveries are numbered on from the next thousand, as a turn's: they started over at 1, so the attempts
+    of its two lives were recorded under the same delivery numbers."""
     from sqlalchemy import update
 
     from app.db import transaction
-    from app.models import DebugRun
+    from app.models import DebugRun, ModelAttempt
 
     api, admin = world.api, world.admin_key
     run_id, item = dead_test_run(world, world.agent(world.model("first"), world.model("second")))
@@ -390,7 +394,11 @@ def test_a_requeued_test_run_starts_again_from_its_primary(world, upstream) -> N
                    and run, what="the requeued run to answer")
     assert (ran["model"], ran["output"]) == ("first", "echo: hi")
     with transaction() as session:
-        assert session.get_one(DebugRun, run_id).fell_back is False
+        run = session.get_one(DebugRun, run_id)
+        assert (run.fell_back, run.deliveries) == (False, 1001)
+        attempts = session.execute(select(ModelAttempt.delivery, ModelAttempt.model_name, ModelAttempt.outcome)
+                                   .where(ModelAttempt.debug_log_id == run_id)).all()
+        assert [tuple(a) for a in attempts] == [(1001, "first", "success")]
 
 
 def test_a_dead_turn_of_a_user_at_the_limit_of_active_conversations_is_refused(world) -> None:  # type: ignore[no-untyped-def]
