@@ -25,6 +25,8 @@ from redis.connection import parse_url
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from app import endpoint_urls
+
 DEFAULT_SQLITE_PATH = Path("var") / "agentq.sqlite3"
 SQLITE_SCHEMES = ("sqlite", "sqlite+pysqlite")
 DAY = 86_400
@@ -157,6 +159,8 @@ class Settings(BaseSettings):
         stop every conversation), so a mistyped one would quietly turn moderation off: refused at start."""
         if url is not None and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
             raise ValueError("must be an http(s) URL of a moderation endpoint (https://host/v1)")
+        if url is not None and (refused := endpoint_urls.refusal(url, endpoint_urls.MODERATION_PATH)) is not None:
+            raise ValueError(refused)
         return url
 
     @model_validator(mode="after")

@@ -6,6 +6,10 @@ control characters they drop silently, port 0, a host name label over 63 charact
 or backslashes, read as `http://v1/`, while the value is stored and used as written and the workers' HTTP client
 finds no host in it. The API's request models ask here (their 422 names the field), and so does the catalog for
 every other writer (`agentq demo seed --mock-url`).
+
+An endpoint is the API's base: the openai SDK adds the operation's path (`/chat/completions`, `/moderations`), so a
+URL that already ends with it (a provider's documentation often shows the whole path) is called at that path twice
+and answers 404 to every call; it is refused, naming the ending to drop.
 """
 
 from __future__ import annotations
@@ -19,8 +23,12 @@ from app.errors import ValidationFailed
 _HTTP_URL = TypeAdapter(AnyHttpUrl)
 
 
-def refusal(value: str) -> str | None:
-    """Why `value` is not a usable endpoint, or None when it is."""
+CHAT_PATH = "/chat/completions"
+MODERATION_PATH = "/moderations"
+
+
+def refusal(value: str, operation: str = CHAT_PATH) -> str | None:
+    """Why `value` is not a usable endpoint for `operation` (the path the SDK adds), or None when it is."""
     if any(char.isspace() or not char.isprintable() for char in value):
         return "must not contain whitespace or control characters"
     try:
@@ -31,6 +39,9 @@ def refusal(value: str) -> str | None:
         return "must be an http:// or https:// URL with a usable host and port"
     if "\\" in value or not urlsplit(value).hostname or not value.lower().startswith(("http://", "https://")):
         return "must be written as http://host/… or https://host/…"
+    if urlsplit(value).path.rstrip("/").lower().endswith(operation):
+        return (f"must be the API's base URL, to which the client adds {operation}: drop {operation} from its end "
+                "(https://host/v1)")
     return None
 
 

@@ -31,6 +31,24 @@ def test_models_can_be_created_read_changed_and_deleted(world) -> None:  # type:
     assert again.status_code == 201
 
 
+def test_a_model_whose_base_url_ends_with_the_path_the_sdk_adds_is_refused(world) -> None:  # type: ignore[no-untyped-def]
+    """A provider's documentation shows the whole path, `…/v1/chat/completions`, and such a base_url was stored:
+    the SDK adds `/chat/completions` to it, and every call of every agent on the model answered 404 (`llm_error`)."""
+    admin = world.admin_key
+    body = {"name": "gpt", "model": "gpt-4o-mini", "input_price_per_1k": "1", "output_price_per_1k": "1"}
+    says = ("Invalid value for 'base_url': Value error, must be the API's base URL, to which the client adds "
+            "/chat/completions: drop /chat/completions from its end (https://host/v1).")
+    for url in ("https://api.example.test/v1/chat/completions", "https://api.example.test/v1/Chat/Completions/"):
+        refused = world.api.post("/api/admin/models", admin, {**body, "base_url": url})
+        assert (refused.status_code, refused.json["error"]["code"]) == (422, "validation_failed")
+        assert refused.json["error"]["message"] == says
+    model = world.api.post("/api/admin/models", admin, {**body, "base_url": "https://api.example.test/v1"}).json
+    patched = world.api.patch(f"/api/admin/models/{model['id']}", admin,
+                              {"base_url": "https://api.example.test/v1/chat/completions"})
+    assert (patched.status_code, patched.json["error"]["code"]) == (422, "validation_failed")
+    assert world.api.get(f"/api/admin/models/{model['id']}", admin).json["base_url"] == "https://api.example.test/v1"
+
+
 def test_agents_can_be_created_read_changed_and_deleted(world) -> None:  # type: ignore[no-untyped-def]
     admin = world.admin_key
     primary, fallback = world.model("primary"), world.model("fallback")

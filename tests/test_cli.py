@@ -265,6 +265,11 @@ def test_the_web_server_listens_on_an_ipv6_address(given: str) -> None:
      "the database after the port must be a number, not 'abc'"),
     (["web", "--port", str(free_port())], {"AGENTQ_LOG_LEVEL": "LOUD"}, "AGENTQ_LOG_LEVEL='LOUD': Input should be"),
     (["db", "init"], {"AGENTQ_MODERATION_URL": "not a url"}, "AGENTQ_MODERATION_URL='not a url': must be an http(s)"),
+    # the endpoint's whole path: the client adds /moderations to it, every call answered 404, and moderation,
+    # which fails open, was off with a warning a turn
+    (["db", "init"], {"AGENTQ_MODERATION_URL": "http://127.0.0.1:8765/v1/moderations"},
+     "AGENTQ_MODERATION_URL='http://127.0.0.1:8765/v1/moderations': must be the API's base URL, to which the client "
+     "adds /moderations: drop /moderations from its end (https://host/v1)"),
     # the process-size variables were refused by argparse under the flag's name, which the operator never typed
     (["web"], {"AGENTQ_WEB_WORKERS": "two"}, "AGENTQ_WEB_WORKERS='two': 'two' is not a whole number"),
     (["worker"], {"AGENTQ_WORKER_THREADS": "0"}, "AGENTQ_WORKER_THREADS='0': must be 1 to 10000, not 0"),
