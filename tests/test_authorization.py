@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.support import wait_for
 
+if TYPE_CHECKING:
+    from tests.conftest import Api, UpstreamLog, Workers, World
+
 
 @pytest.fixture
-def owned(world, workers, upstream):  # type: ignore[no-untyped-def]
+def owned(world: World, workers: Workers, upstream: UpstreamLog) -> dict[str, Any]:
     """Alice's conversation with one finished turn, and Bob's key."""
     agent_id = world.agent(world.model())
     _, alice = world.user("alice")
@@ -22,7 +26,7 @@ def owned(world, workers, upstream):  # type: ignore[no-untyped-def]
             "user_message": assistant["id"] - 1, "agent": agent_id}
 
 
-def test_another_users_resources_are_not_found_on_every_route(world, owned) -> None:  # type: ignore[no-untyped-def]
+def test_another_users_resources_are_not_found_on_every_route(world: World, owned: dict[str, Any]) -> None:
     c, m, um = owned["conversation"], owned["message"], owned["user_message"]
     routes = [
         ("GET", f"/api/conversations/{c}", None),
@@ -40,7 +44,8 @@ def test_another_users_resources_are_not_found_on_every_route(world, owned) -> N
     assert world.api.get(f"/api/conversations/{c}", owned["alice"]).status_code == 200
 
 
-def test_another_users_busy_conversation_is_not_found_not_busy(world, workers, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_another_users_busy_conversation_is_not_found_not_busy(
+        world: World, workers: Workers, upstream: UpstreamLog) -> None:
     """A refusal from the Redis fast path must not reveal that someone else's conversation is busy."""
     agent_id = world.agent(world.model(upstream="echo;ttft=1"))
     _, alice = world.user("alice")
@@ -69,7 +74,7 @@ ADMIN_ROUTES = [("POST", "/api/admin/users"), ("POST", "/api/admin/users/1/credi
 @pytest.mark.parametrize(("header", "code"), [
     (None, "missing_api_key"), ("Bearer aq_not-a-real-key", "invalid_api_key"), ("Basic abc", "missing_api_key"),
     ("Bearer ", "missing_api_key")])
-def test_every_api_route_needs_a_known_key(api, method, path, header, code) -> None:  # type: ignore[no-untyped-def]
+def test_every_api_route_needs_a_known_key(api: Api, method: str, path: str, header: str | None, code: str) -> None:
     headers = {"Authorization": header} if header else {}
     response = api.call(method, path, headers=headers, json={})
     assert (response.status_code, response.json["error"]["code"], response.headers["WWW-Authenticate"]) == (
@@ -77,14 +82,14 @@ def test_every_api_route_needs_a_known_key(api, method, path, header, code) -> N
 
 
 @pytest.mark.parametrize(("method", "path"), ADMIN_ROUTES)
-def test_admin_routes_are_forbidden_to_users(world, method, path) -> None:  # type: ignore[no-untyped-def]
+def test_admin_routes_are_forbidden_to_users(world: World, method: str, path: str) -> None:
     _, key = world.user()
     response = world.api.call(method, path, key, json={})
     assert response.status_code == 403
     assert response.json == {"error": {"code": "forbidden", "message": "This route is for administrators."}}
 
 
-def test_admin_can_create_users_and_move_credit_never_below_zero(world) -> None:  # type: ignore[no-untyped-def]
+def test_admin_can_create_users_and_move_credit_never_below_zero(world: World) -> None:
     created = world.api.post("/api/admin/users", world.admin_key, {"name": "carol", "balance": "5.5"})
     assert created.status_code == 201
     assert created.json["balance"] == "5.500000" and created.json["api_key"].startswith("aq_")
@@ -108,7 +113,7 @@ def test_admin_can_create_users_and_move_credit_never_below_zero(world) -> None:
     assert world.api.post("/api/admin/users/999999/credits", world.admin_key, {"amount": "1"}).status_code == 404
 
 
-def test_a_users_key_can_be_replaced_and_the_old_one_stops_working(world, database) -> None:  # type: ignore[no-untyped-def]
+def test_a_users_key_can_be_replaced_and_the_old_one_stops_working(world: World, database: str) -> None:
     """A leaked key could only be revoked by editing the database. A new one is shown once, by the API or the
     command line; the old one is refused at once by the process that replaced it, and by the others within
     the 10 s they remember a key they saw."""

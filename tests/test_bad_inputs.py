@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from app.config import get_settings
+
+if TYPE_CHECKING:
+    from tests.conftest import World
 
 
 def cursor(raw: str) -> str:
@@ -15,7 +18,7 @@ def cursor(raw: str) -> str:
 
 
 @pytest.fixture
-def setup(world):  # type: ignore[no-untyped-def]
+def setup(world: World) -> dict[str, Any]:
     agent_id = world.agent(world.model())
     user_id, key = world.user()
     conversation_id = world.conversation(key, agent_id)
@@ -144,7 +147,9 @@ CASES = [
 
 
 @pytest.mark.parametrize(("who", "method", "path", "body", "status", "code"), CASES)
-def test_bad_input_gets_its_exact_status(setup, world, who, method, path, body, status, code) -> None:  # type: ignore[no-untyped-def]
+def test_bad_input_gets_its_exact_status(
+        setup: dict[str, Any], world: World, who: str, method: str, path: str, body: bytes | dict[str, Any] | None,
+        status: int, code: str) -> None:
     key = setup["key"] if who == "user" else setup["admin"]
     url = path.format(c=setup["conversation"], a=setup["agent"], u=setup["user"])
     if isinstance(body, bytes):
@@ -172,7 +177,8 @@ HTTP_REFUSALS = [
 
 
 @pytest.mark.parametrize(("raw", "status", "code"), HTTP_REFUSALS)
-def test_a_request_the_http_server_cannot_read_gets_the_apis_error_shape(web_server, raw, status, code) -> None:  # type: ignore[no-untyped-def]
+def test_a_request_the_http_server_cannot_read_gets_the_apis_error_shape(
+        web_server: str, raw: bytes, status: int, code: str) -> None:
     """gunicorn answers these itself, before Flask; the answer is still JSON with the error's code."""
     import json
     import socket
@@ -192,7 +198,7 @@ def test_a_request_the_http_server_cannot_read_gets_the_apis_error_shape(web_ser
     assert error["code"] == code and error["message"].startswith("The HTTP request could not be read: ")
 
 
-def test_a_query_of_the_longest_cursor_the_document_allows_is_read(web_server, world) -> None:  # type: ignore[no-untyped-def]
+def test_a_query_of_the_longest_cursor_the_document_allows_is_read(web_server: str, world: World) -> None:
     """A 500-character cursor of characters outside the BMP is 6,000 bytes percent-encoded: gunicorn's default
     request line limit (4,094) answered it 414, a status the document did not name. It is read, and refused by
     the application as any bad cursor is."""
@@ -204,7 +210,8 @@ def test_a_query_of_the_longest_cursor_the_document_allows_is_read(web_server, w
     assert (answer.status_code, answer.json()["error"]["code"]) == (422, "invalid_cursor")
 
 
-def test_a_body_refused_unread_closes_its_connection_so_the_next_request_is_answered(web_server, world) -> None:  # type: ignore[no-untyped-def]
+def test_a_body_refused_unread_closes_its_connection_so_the_next_request_is_answered(
+        web_server: str, world: World) -> None:
     """A 413 is answered before the body is read; gunicorn then drains at most 64 KiB of it and closes the
     connection, after a response that said `keep-alive`: the client's next request on it got no answer."""
     import httpx
@@ -251,7 +258,7 @@ def _chunk(data: bytes) -> bytes:
     return f"{len(data):x}".encode() + b"\r\n" + data + b"\r\n0\r\n\r\n"
 
 
-def test_a_chunked_body_that_is_malformed_or_over_the_limit_gets_its_4xx(web_server, world) -> None:  # type: ignore[no-untyped-def]
+def test_a_chunked_body_that_is_malformed_or_over_the_limit_gets_its_4xx(web_server: str, world: World) -> None:
     """A chunked body has no Content-Length to refuse before it is read. One whose chunk size or chunk end is
     malformed raised out of gunicorn's reader into the application, a 500; one longer than the route takes was
     cut at its limit by Werkzeug and parsed short, a 400 that blamed its JSON. They are 400 and 413."""
@@ -267,7 +274,7 @@ def test_a_chunked_body_that_is_malformed_or_over_the_limit_gets_its_4xx(web_ser
     assert (status, error["code"]) == (422, "validation_failed")
 
 
-def test_a_text_over_its_length_is_told_in_characters(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_text_over_its_length_is_told_in_characters(world: World) -> None:
     """Not pydantic's "items after validation", which its length bound said when it ran after the storable check."""
     _, key = world.user()
     titled = world.api.post("/api/conversations", key, {"agent_id": 1, "title": "t" * 501})
@@ -279,7 +286,7 @@ def test_a_text_over_its_length_is_told_in_characters(world) -> None:  # type: i
         422, "Invalid value for 'Idempotency-Key': String should have at most 200 characters.")
 
 
-def test_an_unmatched_path_and_a_body_without_its_content_type_say_what_is_wrong(world) -> None:  # type: ignore[no-untyped-def]
+def test_an_unmatched_path_and_a_body_without_its_content_type_say_what_is_wrong(world: World) -> None:
     _, key = world.user()
     unmatched = world.api.get("/api/messages/0", key)
     assert (unmatched.status_code, unmatched.json["error"]) == (404, {
@@ -291,7 +298,7 @@ def test_an_unmatched_path_and_a_body_without_its_content_type_say_what_is_wrong
                    "text/plain)."})
 
 
-def test_a_body_that_is_not_json_says_where_it_fails(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_body_that_is_not_json_says_where_it_fails(world: World) -> None:
     """`NaN` and `Infinity` are not JSON (RFC 8259), though Python's parser takes them: a message whose body held
     one was accepted and its turn run, and a credit of `Infinity` was judged as a number (422). A body nested too
     deeply to read, or one that is no JSON at all, was told only that it must be a JSON object; a number whose
@@ -323,7 +330,7 @@ def test_a_body_that_is_not_json_says_where_it_fails(world) -> None:  # type: ig
     assert world.api.get("/api/me", key).json["balance"] == balance
 
 
-def test_a_body_sent_encoded_is_refused_whether_or_not_it_is(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_body_sent_encoded_is_refused_whether_or_not_it_is(world: World) -> None:
     """The server does not decode a body: a plain one that claimed `Content-Encoding: gzip` was taken as it was
     (201), and a gzipped one was refused as JSON it could not parse."""
     import gzip
@@ -341,7 +348,7 @@ def test_a_body_sent_encoded_is_refused_whether_or_not_it_is(world) -> None:  # 
         (201, None)]
 
 
-def test_an_options_request_is_answered_with_its_allowed_methods_and_no_body(world) -> None:  # type: ignore[no-untyped-def]
+def test_an_options_request_is_answered_with_its_allowed_methods_and_no_body(world: World) -> None:
     """Flask answers OPTIONS by itself, with a 200 and an empty `text/html` body: here, 204 and `Allow` alone."""
     _, key = world.user()
     options = world.api.call("OPTIONS", "/api/conversations", key)
@@ -351,7 +358,7 @@ def test_an_options_request_is_answered_with_its_allowed_methods_and_no_body(wor
     assert (anonymous.status_code, anonymous.json["error"]["code"]) == (401, "missing_api_key")
 
 
-def test_a_patch_setting_a_required_field_to_null_names_the_field_not_the_body(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_patch_setting_a_required_field_to_null_names_the_field_not_the_body(world: World) -> None:
     model_id = world.model()
     response = world.api.patch(f"/api/admin/models/{model_id}", world.admin_key, {"name": None})
     assert (response.status_code, response.json["error"]) == (422, {

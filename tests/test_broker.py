@@ -10,7 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import dramatiq
 import pytest
@@ -19,6 +19,10 @@ from dramatiq.brokers.redis import RedisBroker
 from tests.support import SilentServer, free_port, wait_for
 from workers.broker import DoorbellRedisBroker, build_broker
 from workers.consumer import RefillingConsumer
+
+if TYPE_CHECKING:
+    import redis
+    from dramatiq.broker import MessageProxy
 
 LONG_WAIT_MS = 30_000
 
@@ -61,7 +65,7 @@ def taken_after_send(consumer: RefillingConsumer, send: Callable[[dramatiq.Messa
     return waited
 
 
-def test_a_consumer_with_every_place_taken_fetches_as_soon_as_a_thread_acks(redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_a_consumer_with_every_place_taken_fetches_as_soon_as_a_thread_acks(redis_client: redis.Redis) -> None:
     broker = build_broker()
     queue = f"refill-{uuid.uuid4().hex[:8]}"
     for index in range(2):
@@ -89,7 +93,7 @@ def test_a_consumer_with_every_place_taken_fetches_as_soon_as_a_thread_acks(redi
     consumer.close()
 
 
-def test_an_idle_consumer_wakes_when_a_message_is_sent_to_its_queue(slow_polling_broker) -> None:  # type: ignore[no-untyped-def]
+def test_an_idle_consumer_wakes_when_a_message_is_sent_to_its_queue(slow_polling_broker: DoorbellRedisBroker) -> None:
     broker = slow_polling_broker
     queue = f"ring-{uuid.uuid4().hex[:8]}"
     consumer = broker.consume(queue, prefetch=4, timeout=LONG_WAIT_MS)
@@ -103,7 +107,7 @@ def test_an_idle_consumer_wakes_when_a_message_is_sent_to_its_queue(slow_polling
         consumer.close()
 
 
-def test_a_message_sent_without_a_ring_is_found_at_the_next_look(redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_a_message_sent_without_a_ring_is_found_at_the_next_look(redis_client: redis.Redis) -> None:
     """The ring is only a hint: a message it missed waits for the consumer's next look, no longer."""
     broker = build_broker()
     assert isinstance(broker, DoorbellRedisBroker)
@@ -119,27 +123,28 @@ def test_a_message_sent_without_a_ring_is_found_at_the_next_look(redis_client) -
         broker.close()
 
 
-def test_the_doorbell_listens_again_after_its_connection_is_killed(slow_polling_broker, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_the_doorbell_listens_again_after_its_connection_is_killed(
+        slow_polling_broker: DoorbellRedisBroker, redis_client: redis.Redis) -> None:
     """Redis drops every subscriber's connection (a restart, a failover): the next send still wakes the consumer."""
     broker = slow_polling_broker
     queue = f"again-{uuid.uuid4().hex[:8]}"
-    consumer = broker.consume(queue, prefetch=4)
+    consumer = cast(RefillingConsumer, broker.consume(queue, prefetch=4))
     try:
         taken_after_send(consumer, broker.enqueue, 0)
 
         def listeners() -> int:
-            return int(redis_client.pubsub_numsub(broker.doorbell.channel)[0][1])
+            return int(cast(list[tuple[bytes, int]], redis_client.pubsub_numsub(broker.doorbell.channel))[0][1])
 
         def subscriber_ids() -> set[str]:
             """This session's subscribers: those of its database. Killing every subscriber of the server cut the
             doorbells of the suite's other sessions, and of anything else served by that Redis, from their rings."""
             database = redis_client.connection_pool.connection_kwargs["db"]
-            return {str(client["id"]) for client in redis_client.client_list(_type="pubsub")
-                    if int(client["db"]) == database}
+            clients = cast(list[dict[str, str]], redis_client.client_list(_type="pubsub"))
+            return {str(client["id"]) for client in clients if int(client["db"]) == database}
 
         assert listeners() == 1
         before = subscriber_ids()
-        killed = sum(redis_client.client_kill_filter(_id=ident) for ident in before)
+        killed = sum(cast(int, redis_client.client_kill_filter(_id=ident)) for ident in before)
         assert killed >= 1
         # It may subscribe again between two looks, so what is awaited is a new connection, not a count of 0.
         wait_for(lambda: listeners() == 1 and subscriber_ids() - before, timeout=10,
@@ -227,7 +232,8 @@ def test_a_redis_that_hangs_is_a_closed_connection_to_dramatiq_or_a_fetch_looked
         assert isinstance(closed.value.__cause__, redis.TimeoutError)
 
 
-def test_the_consumers_of_a_processs_queues_fetch_no_more_than_its_free_places(slow_polling_broker) -> None:  # type: ignore[no-untyped-def]
+def test_the_consumers_of_a_processs_queues_fetch_no_more_than_its_free_places(
+        slow_polling_broker: DoorbellRedisBroker) -> None:
     """Each queue's consumer had a prefetch of its own (the process's threads) while one pool of threads ran
     what both fetched: a run of one queue was taken while every thread ran the other's, and waited for one
     of them, however many other workers idled. Two places here, both taken by the first queue's runs: the
@@ -240,7 +246,7 @@ def test_the_consumers_of_a_processs_queues_fetch_no_more_than_its_free_places(s
     first = slow_polling_broker.consume(first_queue, prefetch=2)
     second = slow_polling_broker.consume(second_queue, prefetch=2)
     try:
-        running = [next(first), next(first)]
+        running = cast("list[MessageProxy]", [next(first), next(first)])
         assert [m.args for m in running] == [(0,), (1,)]
         threading.Timer(0.3, first.ack, args=(running[0],)).start()
         started = time.monotonic()
@@ -270,7 +276,8 @@ def test_the_brokers_redis_connections_are_made_as_agentqs_own() -> None:
     assert (brokers.max_connections, ours.max_connections) == (1000, 1000)
 
 
-def test_after_a_failover_behind_the_same_address_the_doorbell_subscribes_on_the_new_primary(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_after_a_failover_behind_the_same_address_the_doorbell_subscribes_on_the_new_primary(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """The listener's connection stayed on the old primary after a failover behind an address that moved: a
     replica takes SUBSCRIBE and PING, so nothing made it reconnect, and one that does not replicate the new
     primary relays none of its rings; every wake-up waited for the poll until the worker restarted. A quiet

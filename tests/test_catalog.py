@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import text
 
+if TYPE_CHECKING:
+    import pytest
+    import redis
 
-def test_models_can_be_created_read_changed_and_deleted(world) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import Api, World
+
+
+def test_models_can_be_created_read_changed_and_deleted(world: World) -> None:
     admin = world.admin_key
     created = world.api.post("/api/admin/models", admin, {
         "name": "gpt", "model": "gpt-4o-mini", "base_url": "https://api.example.test/v1", "api_key_env": "GPT_API_KEY",
@@ -31,7 +37,7 @@ def test_models_can_be_created_read_changed_and_deleted(world) -> None:  # type:
     assert again.status_code == 201
 
 
-def test_a_model_whose_base_url_ends_with_the_path_the_sdk_adds_is_refused(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_model_whose_base_url_ends_with_the_path_the_sdk_adds_is_refused(world: World) -> None:
     """A provider's documentation shows the whole path, `…/v1/chat/completions`, and such a base_url was stored:
     the SDK adds `/chat/completions` to it, and every call of every agent on the model answered 404 (`llm_error`)."""
     admin = world.admin_key
@@ -49,7 +55,7 @@ def test_a_model_whose_base_url_ends_with_the_path_the_sdk_adds_is_refused(world
     assert world.api.get(f"/api/admin/models/{model['id']}", admin).json["base_url"] == "https://api.example.test/v1"
 
 
-def test_agents_can_be_created_read_changed_and_deleted(world) -> None:  # type: ignore[no-untyped-def]
+def test_agents_can_be_created_read_changed_and_deleted(world: World) -> None:
     admin = world.admin_key
     primary, fallback = world.model("primary"), world.model("fallback")
     created = world.api.post("/api/admin/agents", admin, {"name": "Helper", "system_prompt": "Be brief.",
@@ -74,7 +80,7 @@ def test_agents_can_be_created_read_changed_and_deleted(world) -> None:  # type:
     assert world.api.delete(f"/api/admin/models/{primary}", admin).status_code == 204
 
 
-def test_service_endpoints(api) -> None:  # type: ignore[no-untyped-def]
+def test_service_endpoints(api: Api) -> None:
     assert api.get("/healthz").json == {"status": "ok"}
     ready = api.get("/readyz")
     assert ready.status_code == 200
@@ -91,7 +97,8 @@ def test_service_endpoints(api) -> None:  # type: ignore[no-untyped-def]
     assert "agentq_turns_in_flight" in metrics.get_data(as_text=True)
 
 
-def test_a_request_that_finds_no_free_database_connection_in_time_is_503_with_retry_after(world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_request_that_finds_no_free_database_connection_in_time_is_503_with_retry_after(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """The pool has no overflow: when every connection stays busy past the pool timeout, the API says
     the service is saturated (503, retry shortly) instead of failing with an internal error."""
     import time
@@ -124,7 +131,7 @@ def test_a_request_that_finds_no_free_database_connection_in_time_is_503_with_re
         dispose_engines()
 
 
-def test_a_conversation_whose_agent_was_deleted_takes_no_new_message(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_a_conversation_whose_agent_was_deleted_takes_no_new_message(world: World, redis_client: redis.Redis) -> None:
     """A deleted agent takes no new work: its conversations stay readable, but a message to one is refused
     (it was accepted, run on the deleted agent and charged, and went on after its models were deleted)."""
     from app.conversation_locks import slots_key
@@ -161,8 +168,8 @@ def _blocked_by(holder: Any, database: str, request: Callable[[], int]) -> int:
     return answers[0]
 
 
-def test_an_agent_cannot_be_pointed_at_a_model_being_deleted_nor_the_model_deleted_meanwhile(  # type: ignore[no-untyped-def]
-        world, database) -> None:
+def test_an_agent_cannot_be_pointed_at_a_model_being_deleted_nor_the_model_deleted_meanwhile(
+        world: World, database: str) -> None:
     """Deleting a model and pointing an agent at it, at once: each takes the model's row, so the second waits
     for the first and answers from what it committed (both committed before, leaving a live agent on a
     deleted model that went on serving turns)."""
@@ -188,8 +195,8 @@ def test_an_agent_cannot_be_pointed_at_a_model_being_deleted_nor_the_model_delet
     assert world.api.get(f"/api/admin/models/{other}", admin).status_code == 200
 
 
-def test_a_test_run_asked_for_while_its_agent_is_being_deleted_waits_for_the_delete_and_is_refused(  # type: ignore[no-untyped-def]
-        world, database) -> None:
+def test_a_test_run_asked_for_while_its_agent_is_being_deleted_waits_for_the_delete_and_is_refused(
+        world: World, database: str) -> None:
     """The test run read its agent unlocked: asked for while a delete was under way, it was accepted (202) from
     the agent as it stood, after the delete had answered 204, and ran on a model deleted after that. It now reads
     the agent's row shared-locked, as a dead letter's requeue does: it waits for the delete and is refused."""
@@ -207,7 +214,8 @@ def test_a_test_run_asked_for_while_its_agent_is_being_deleted_waits_for_the_del
         assert session.scalar(text("SELECT count(*) FROM admin_debug_logs WHERE agent_id = :a"), {"a": agent_id}) == 0
 
 
-def test_metrics_can_ask_for_a_token_and_read_the_shared_state_once_a_second(api, settings_of) -> None:  # type: ignore[no-untyped-def]
+def test_metrics_can_ask_for_a_token_and_read_the_shared_state_once_a_second(
+        api: Api, settings_of: Callable[..., None]) -> None:
     """/metrics needs no API key, and each scrape counted every queue and dead letter in the database and
     Redis: a client scraping in a loop cost a read per request. A read now serves the scrapes of the next
     `AGENTQ_METRICS_SNAPSHOT_SECONDS`, and `AGENTQ_METRICS_TOKEN` keeps strangers out."""

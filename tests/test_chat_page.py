@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
@@ -10,25 +12,40 @@ from tests.browser import chromium, hold_answers, release_held_answers
 from tests.conftest import LOG_DIR, child_env
 from tests.support import Process, agentq, free_port, wait_for, wait_http
 
+if TYPE_CHECKING:
+    from selenium.webdriver.remote.webdriver import WebDriver
+    from selenium.webdriver.remote.webelement import WebElement
+
+    from tests.conftest import UpstreamLog, Workers, World
+
 
 @pytest.fixture(autouse=True)
-def _running(workers, upstream) -> None:  # type: ignore[no-untyped-def]
+def _running(workers: Workers, upstream: UpstreamLog) -> None:
     """Answers are produced by a real worker."""
 
 
-def assistant_box(driver, message_id: int | None = None):  # type: ignore[no-untyped-def]
+def assistant_box(driver: WebDriver, message_id: int | None = None) -> WebElement | None:
     boxes = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant, .msg.assistant.failed")
     if message_id is not None:
         boxes = [b for b in boxes if b.get_attribute("data-message-id") == str(message_id)]
     return boxes[-1] if boxes else None
 
 
-def box_text(driver) -> str:  # type: ignore[no-untyped-def]
+def shown_box(driver: WebDriver, message_id: int | None = None) -> WebElement:
+    """`assistant_box` where the test relies on the box being there: a missing one fails at its first use."""
+    return cast("WebElement", assistant_box(driver, message_id))
+
+
+def message_id_of(box: WebElement) -> int:
+    return int(cast(str, box.get_attribute("data-message-id")))
+
+
+def box_text(driver: WebDriver) -> str:
     box = assistant_box(driver)
     return box.find_element(By.CLASS_NAME, "text").text if box is not None else ""
 
 
-def test_send_watch_reload_and_stop(world, web_server) -> None:  # type: ignore[no-untyped-def]
+def test_send_watch_reload_and_stop(world: World, web_server: str) -> None:
     # 8 s an answer: the reload and the stop must both come while it streams, on a loaded host too
     agent_id = world.agent(world.model(upstream="echo;words=80;gap=0.1"))
     _, key = world.user(balance="10")
@@ -46,31 +63,31 @@ def test_send_watch_reload_and_stop(world, web_server) -> None:  # type: ignore[
         first = wait_for(lambda: len(box_text(driver)) > 10 and box_text(driver), what="streamed text")
         grown = wait_for(lambda: len(box_text(driver)) > len(first) and box_text(driver), what="the text to grow")
         assert grown.startswith(first)
-        message_id = int(assistant_box(driver).get_attribute("data-message-id"))
+        message_id = message_id_of(shown_box(driver))
 
         driver.refresh()
         final = world.wait_terminal(key, message_id)
         wait_for(lambda: assistant_box(driver, message_id) is not None
-                 and assistant_box(driver, message_id).get_attribute("data-status") == "success",
+                 and shown_box(driver, message_id).get_attribute("data-status") == "success",
                  what="the resumed stream to finish")
-        assert assistant_box(driver, message_id).find_element(By.CLASS_NAME, "text").text == final["content"]
+        assert shown_box(driver, message_id).find_element(By.CLASS_NAME, "text").text == final["content"]
 
         driver.find_element(By.ID, "content").send_keys("second question")
         driver.find_element(By.ID, "send").click()
         wait_for(lambda: assistant_box(driver) is not None
-                 and assistant_box(driver).get_attribute("data-message-id") != str(message_id)
+                 and shown_box(driver).get_attribute("data-message-id") != str(message_id)
                  and len(box_text(driver)) > 10, what="the second answer to stream")
-        second_id = int(assistant_box(driver).get_attribute("data-message-id"))
+        second_id = message_id_of(shown_box(driver))
         driver.find_element(By.ID, "stop").click()
-        wait_for(lambda: assistant_box(driver, second_id).get_attribute("data-status") == "cancelled",
+        wait_for(lambda: shown_box(driver, second_id).get_attribute("data-status") == "cancelled",
                  what="the page to show the stop")
-        assert "The answer was stopped." in assistant_box(driver, second_id).text
+        assert "The answer was stopped." in shown_box(driver, second_id).text
         stored = world.message(key, second_id)
         assert stored["status"] == "cancelled"
-        assert assistant_box(driver, second_id).find_element(By.CLASS_NAME, "text").text == stored["content"]
+        assert shown_box(driver, second_id).find_element(By.CLASS_NAME, "text").text == stored["content"]
 
 
-def test_an_agents_name_is_shown_as_text_not_markup(world, web_server) -> None:  # type: ignore[no-untyped-def]
+def test_an_agents_name_is_shown_as_text_not_markup(world: World, web_server: str) -> None:
     """An admin-chosen name with markup in it is the option's text; no element of it reaches the page."""
     name = '<img id="injected" src="x">&amp; co'
     agent_id = world.agent(world.model(), name=name)
@@ -85,14 +102,14 @@ def test_an_agents_name_is_shown_as_text_not_markup(world, web_server) -> None: 
         assert driver.find_elements(By.ID, "injected") == []
 
 
-def connect_as(driver, key: str) -> None:  # type: ignore[no-untyped-def]
+def connect_as(driver: WebDriver, key: str) -> None:
     field = driver.find_element(By.ID, "api-key")
     field.clear()
     field.send_keys(key)
     driver.find_element(By.ID, "connect").click()
 
 
-def send_first_message(driver, base_url: str, key: str, agent_id: int, content: str) -> None:  # type: ignore[no-untyped-def]
+def send_first_message(driver: WebDriver, base_url: str, key: str, agent_id: int, content: str) -> None:
     """Open the page, connect with `key`, and send `content` to a new conversation with the agent."""
     driver.get(f"{base_url}/")
     connect_as(driver, key)
@@ -103,7 +120,7 @@ def send_first_message(driver, base_url: str, key: str, agent_id: int, content: 
     driver.find_element(By.ID, "send").click()
 
 
-def test_a_stream_closed_without_done_is_opened_again_and_another_key_clears_the_page(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_stream_closed_without_done_is_opened_again_and_another_key_clears_the_page(world: World) -> None:
     """A stream that the server closes without `done` (its time limit here, a restart in a deploy) froze the
     answer part-way: the page never reconnected, and a reload did not either. It reopens the stream with its
     Last-Event-ID until `done`. And connecting with another user's key left the first user's conversation on
@@ -118,14 +135,13 @@ def test_a_stream_closed_without_done_is_opened_again_and_another_key_clears_the
         wait_http(f"http://127.0.0.1:{port}/healthz")
         with chromium() as driver:
             send_first_message(driver, f"http://127.0.0.1:{port}", key, agent_id, "go on")
-            message_id = int(wait_for(lambda: assistant_box(driver), what="the answer's box")
-                             .get_attribute("data-message-id"))
+            message_id = message_id_of(wait_for(lambda: assistant_box(driver), what="the answer's box"))
             question_id = driver.find_element(By.CSS_SELECTOR, ".msg.user").get_attribute("data-message-id")
             hold_answers(driver, f"/api/messages/{question_id}")
             final = world.wait_terminal(key, message_id)
-            wait_for(lambda: assistant_box(driver, message_id).get_attribute("data-status") == "success",
+            wait_for(lambda: shown_box(driver, message_id).get_attribute("data-status") == "success",
                      timeout=20, what="the page to follow the answer over streams closed every second")
-            assert assistant_box(driver, message_id).find_element(By.CLASS_NAME, "text").text == final["content"]
+            assert shown_box(driver, message_id).find_element(By.CLASS_NAME, "text").text == final["content"]
             assert final["content"] == " ".join(f"w{i}" for i in range(30))
 
             connect_as(driver, other_key)
@@ -138,8 +154,8 @@ def test_a_stream_closed_without_done_is_opened_again_and_another_key_clears_the
         web.stop()
 
 
-def test_a_message_sent_just_before_another_key_connects_is_not_carried_over_to_it(  # type: ignore[no-untyped-def]
-        world, web_server) -> None:
+def test_a_message_sent_just_before_another_key_connects_is_not_carried_over_to_it(
+        world: World, web_server: str) -> None:
     """The first message makes a conversation first; that answer came back after another key connected, and
     the page opened the first user's conversation under the second key and sent the message to it."""
     from sqlalchemy import func, select
@@ -172,7 +188,7 @@ def test_a_message_sent_just_before_another_key_connects_is_not_carried_over_to_
     assert tuple(made) == (1, 0)
 
 
-def test_a_refusal_on_the_status_line_outlives_the_answer_that_was_streaming(world, web_server) -> None:  # type: ignore[no-untyped-def]
+def test_a_refusal_on_the_status_line_outlives_the_answer_that_was_streaming(world: World, web_server: str) -> None:
     """A message sent while the conversation's answer streamed is refused (409, busy), and the page says so; the
     streaming answer's end cleared the status line, and the refusal was gone before the user could read it."""
     agent_id = world.agent(world.model(upstream="echo;words=30;gap=0.2"))  # 6 s: the refusal comes while it streams
@@ -180,12 +196,12 @@ def test_a_refusal_on_the_status_line_outlives_the_answer_that_was_streaming(wor
     with chromium() as driver:
         send_first_message(driver, web_server, key, agent_id, "first")
         wait_for(lambda: len(box_text(driver)) > 3, what="the answer to stream")
-        message_id = int(assistant_box(driver).get_attribute("data-message-id"))
+        message_id = message_id_of(shown_box(driver))
         driver.find_element(By.ID, "content").send_keys("too soon")
         driver.find_element(By.ID, "send").click()
         refusal = "A turn of this conversation is still pending or processing."
         wait_for(lambda: driver.find_element(By.ID, "status-line").text == refusal, what="the refusal")
         assert world.message(key, message_id)["status"] == "processing"
-        wait_for(lambda: assistant_box(driver, message_id).get_attribute("data-status") == "success",
+        wait_for(lambda: shown_box(driver, message_id).get_attribute("data-status") == "success",
                  what="the streaming answer to end")
         assert driver.find_element(By.ID, "status-line").text == refusal

@@ -6,12 +6,15 @@ import os
 import signal
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.conftest import LOG_DIR, child_env
 from tests.support import ROOT, VENV_BIN, Process, agentq, free_port, run_to_end, wait_for, wait_http
+
+if TYPE_CHECKING:
+    from tests.conftest import World
 
 STORAGE_AFTER_START = """
 import os, sys
@@ -339,7 +342,7 @@ def test_an_id_or_a_wait_out_of_range_or_a_missing_choice_is_a_usage_error(args:
     assert (result.returncode, says in result.stderr, "Traceback" in result.stderr) == (2, True, False), result.stderr
 
 
-def test_debug_execute_refuses_content_the_database_cannot_store(world) -> None:  # type: ignore[no-untyped-def]
+def test_debug_execute_refuses_content_the_database_cannot_store(world: World) -> None:
     """A command line's undecodable bytes arrive as lone surrogates: refused as the API refuses them (its
     schema's check), not a traceback from the database driver."""
     import json
@@ -355,7 +358,7 @@ def test_debug_execute_refuses_content_the_database_cannot_store(world) -> None:
         "message": "content must be valid Unicode text (it holds a lone surrogate, which no UTF-8 encodes)."}
 
 
-def test_debug_execute_waiting_past_its_timeout_says_so_in_json(world) -> None:  # type: ignore[no-untyped-def]
+def test_debug_execute_waiting_past_its_timeout_says_so_in_json(world: World) -> None:
     """It printed the log as it was, then a line of plain text on stderr."""
     import json
 
@@ -516,7 +519,7 @@ def test_the_upgrade_and_a_starting_worker_name_the_models_whose_turns_cannot_ha
         "environment: its turns end endpoint_unusable until it is set and the workers restarted"]), lines
 
 
-def test_the_procfiles_web_and_worker_lines_run_a_turn(mock_upstream) -> None:  # type: ignore[no-untyped-def]
+def test_the_procfiles_web_and_worker_lines_run_a_turn(mock_upstream: Process) -> None:
     """The contract's Procfile, run by the Procfile runner `make run` uses (honcho), as a platform would run
     it: `agentq web --host 0.0.0.0 --port $PORT` serves the API, `agentq worker` runs its turns, and
     `agentq users create` says the admin's id, name and key in its one JSON object."""
@@ -549,7 +552,7 @@ def test_the_procfiles_web_and_worker_lines_run_a_turn(mock_upstream) -> None:  
             deployment.stop()
 
 
-def test_the_contracts_settings_from_the_environment_shape_the_api(mock_upstream) -> None:  # type: ignore[no-untyped-def]
+def test_the_contracts_settings_from_the_environment_shape_the_api(mock_upstream: Process) -> None:
     """`AGENTQ_MAX_CONTENT_CHARS`, `AGENTQ_MAX_ACTIVE_CONVERSATIONS` and `AGENTQ_DEDUP_WINDOW_SECONDS` as an
     operator sets them: in the environment of `agentq web` (no worker runs here, so turns stay pending)."""
     import json
@@ -1012,7 +1015,7 @@ def test_a_sqlite_url_with_driver_options_opens_the_file_db_init_made(tmp_path: 
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(("-wal", "-shm"))) == ["agentq.sqlite3"]
 
 
-def test_debug_execute_with_a_timeout_and_no_wait_writes_no_run(world) -> None:  # type: ignore[no-untyped-def]
+def test_debug_execute_with_a_timeout_and_no_wait_writes_no_run(world: World) -> None:
     """The usage error comes before the run is written: the operator, told the command was wrong, would not
     look for a run it had started."""
     from sqlalchemy import func, select
@@ -1031,8 +1034,8 @@ def test_debug_execute_with_a_timeout_and_no_wait_writes_no_run(world) -> None: 
         assert session.scalar(select(func.count()).select_from(DebugRun)) == 0
 
 
-def test_the_default_metrics_directory_is_private_and_one_another_user_made_is_refused(  # type: ignore[no-untyped-def]
-        tmp_path: Path, monkeypatch) -> None:
+def test_the_default_metrics_directory_is_private_and_one_another_user_made_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Its name in the shared temporary directory can be worked out: it was taken as found, whoever made it,
     so another user could feed /metrics or plant links for prometheus_client to write through."""
     import stat
@@ -1068,7 +1071,7 @@ def test_the_default_metrics_directory_is_private_and_one_another_user_made_is_r
             default_dir()
 
 
-def test_a_flag_wins_over_its_variable_and_the_variable_over_the_fallback(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_flag_wins_over_its_variable_and_the_variable_over_the_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     """`option_or_environment`: the flag when given, else its variable, else its fallback."""
     from cli.main import build_parser, worker_size
 
@@ -1078,7 +1081,7 @@ def test_a_flag_wins_over_its_variable_and_the_variable_over_the_fallback(monkey
     assert worker_size(build_parser().parse_args(["worker"])) == (2, 5)
 
 
-def test_a_variable_set_empty_is_refused_not_taken_for_unset(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_variable_set_empty_is_refused_not_taken_for_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only a variable that is not set falls back; one set to nothing is the operator's typo, said as such."""
     from cli.arguments import WORKER_THREADS, InvalidVariable, option_or_environment, thread_count
 
@@ -1087,7 +1090,7 @@ def test_a_variable_set_empty_is_refused_not_taken_for_unset(monkeypatch) -> Non
         option_or_environment(None, WORKER_THREADS, thread_count)
 
 
-def test_an_option_without_a_fallback_says_none_in_its_help(capsys) -> None:  # type: ignore[no-untyped-def]
+def test_an_option_without_a_fallback_says_none_in_its_help(capsys: pytest.CaptureFixture[str]) -> None:
     """`OptionDefault.help` names an empty fallback as `none`."""
     from cli.main import main
 

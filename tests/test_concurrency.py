@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import psycopg
@@ -24,9 +24,14 @@ from app.models import ConversationMessage, CreditTransaction, User
 from tests.conftest import api_process
 from tests.support import wait_for
 
+if TYPE_CHECKING:
+    import redis
+
+    from tests.conftest import UpstreamLog, Workers, World
+
 
 @pytest.fixture(autouse=True)
-def _running(workers, upstream) -> None:  # type: ignore[no-untyped-def]
+def _running(workers: Workers, upstream: UpstreamLog) -> None:
     """Turns here run on real workers."""
 
 
@@ -39,7 +44,7 @@ def burst(url: str, key: str, conversation_id: int, count: int = 12) -> list[int
         return sorted(pool.map(post, range(count)))
 
 
-def test_a_burst_of_posts_to_one_idle_conversation_gets_exactly_one_202(world, web_server) -> None:  # type: ignore[no-untyped-def]
+def test_a_burst_of_posts_to_one_idle_conversation_gets_exactly_one_202(world: World, web_server: str) -> None:
     agent_id = world.agent(world.model(upstream="echo;ttft=0.5"))
     _, key = world.user()
     conversation_id = world.conversation(key, agent_id)
@@ -53,7 +58,7 @@ def test_a_burst_of_posts_to_one_idle_conversation_gets_exactly_one_202(world, w
     assert world.send(key, conversation_id).status_code == 202
 
 
-def test_the_database_alone_keeps_one_turn_per_conversation_when_redis_is_unreachable(world) -> None:  # type: ignore[no-untyped-def]
+def test_the_database_alone_keeps_one_turn_per_conversation_when_redis_is_unreachable(world: World) -> None:
     """An API whose Redis is down still answers; the turn it stores is sent by the workers' recovery."""
     with api_process("web-no-redis", threads=16, REDIS_URL="redis://127.0.0.1:9/0") as (url, web):
         assert httpx.get(f"{url}/readyz").status_code == 503
@@ -67,7 +72,7 @@ def test_the_database_alone_keeps_one_turn_per_conversation_when_redis_is_unreac
         assert world.wait_terminal(key, assistant["id"])["status"] == "success"
 
 
-def test_the_per_user_limit_refuses_the_next_conversation_and_frees_slots_at_the_end(world) -> None:  # type: ignore[no-untyped-def]
+def test_the_per_user_limit_refuses_the_next_conversation_and_frees_slots_at_the_end(world: World) -> None:
     slow = world.model("slow", upstream="echo;ttft=1.5")
     agent_id = world.agent(slow, timeout_seconds=10)
     _, key = world.user()
@@ -83,7 +88,8 @@ def test_the_per_user_limit_refuses_the_next_conversation_and_frees_slots_at_the
     assert world.send(key, conversations[3]).status_code == 202
 
 
-def test_a_lock_and_slots_left_by_ended_turns_refuse_nothing_the_database_allows(world, workers, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_a_lock_and_slots_left_by_ended_turns_refuse_nothing_the_database_allows(
+        world: World, workers: Workers, redis_client: redis.Redis) -> None:
     """Redis holds what a worker failed to free: the conversation's lock, named by a turn that has ended, and
     the user's three slots, for conversations now idle. Each refusal is confirmed against the database before
     it is given; the slots were once taken as final when the lock had been found stale first (a 429)."""
@@ -107,7 +113,8 @@ def test_a_lock_and_slots_left_by_ended_turns_refuse_nothing_the_database_allows
     assert world.wait_terminal(key, accepted.json["assistant_message"]["id"])["status"] == "success"
 
 
-def test_a_killed_worker_frees_its_lock_and_slot_by_itself(world, workers, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_a_killed_worker_frees_its_lock_and_slot_by_itself(
+        world: World, workers: Workers, redis_client: redis.Redis) -> None:
     """kill -9 of the only worker mid-answer: its turns are taken over once the 3 s lease runs out."""
     stalled = world.model("stalled", upstream="echo;ttft=60")
     agent_id = world.agent(stalled, timeout_seconds=120)
@@ -135,7 +142,8 @@ def test_a_killed_worker_frees_its_lock_and_slot_by_itself(world, workers, redis
     assert world.send(key, conversations[0]).status_code == 202
 
 
-def test_fifty_concurrent_turns_never_overdraw_and_the_ledger_adds_up(world, monkeypatch, app) -> None:  # type: ignore[no-untyped-def]
+def test_fifty_concurrent_turns_never_overdraw_and_the_ledger_adds_up(
+        world: World, monkeypatch: pytest.MonkeyPatch, app: Any) -> None:
     from app.config import Settings, get_settings
 
     raised = Settings(**{**get_settings().model_dump(), "max_active_conversations": 100})
@@ -169,7 +177,7 @@ def test_fifty_concurrent_turns_never_overdraw_and_the_ledger_adds_up(world, mon
     assert charges == 10
 
 
-def test_the_database_refuses_a_second_turn_in_flight(world) -> None:  # type: ignore[no-untyped-def]
+def test_the_database_refuses_a_second_turn_in_flight(world: World) -> None:
     agent_id = world.agent(world.model())
     _, key = world.user()
     conversation_id = world.conversation(key, agent_id)
@@ -212,7 +220,7 @@ def blocked_by(database: str, waiter: list[int], holder: Any) -> Callable[[], bo
     return look
 
 
-def the_only_call(upstream) -> str:  # type: ignore[no-untyped-def]
+def the_only_call(upstream: UpstreamLog) -> str:
     """The upstream call of this test's turn, once it is the only one streaming.
 
     Later checks follow this call by its id: a call left over from an earlier test may still change state."""
@@ -221,7 +229,7 @@ def the_only_call(upstream) -> str:  # type: ignore[no-untyped-def]
     return next(iter(streams))
 
 
-def a_turn_in_a_workers_hands(world, upstream) -> tuple[int, str, int, dict[str, Any]]:  # type: ignore[no-untyped-def]
+def a_turn_in_a_workers_hands(world: World, upstream: UpstreamLog) -> tuple[int, str, int, dict[str, Any]]:
     """A user with a balance of 5 and a turn a worker holds, waiting for a first token that takes a minute:
     its user's id and key, its conversation and its answer message."""
     agent_id = world.agent(world.model(upstream="echo;ttft=60"), timeout_seconds=120)
@@ -232,7 +240,7 @@ def a_turn_in_a_workers_hands(world, upstream) -> tuple[int, str, int, dict[str,
     return user_id, key, conversation_id, assistant
 
 
-def test_a_worker_that_lost_its_lease_stops_and_cannot_write(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_a_worker_that_lost_its_lease_stops_and_cannot_write(world: World, upstream: UpstreamLog) -> None:
     """Another owner takes the turn over: the first worker stops its upstream call and writes nothing."""
     from app.claims import LeaseLost
     from app.models import Turn
@@ -263,7 +271,8 @@ def test_a_worker_that_lost_its_lease_stops_and_cannot_write(world, upstream) ->
     assert (final["status"], final["content"]) == ("success", "the new owner's")
 
 
-def test_a_claim_that_waited_for_the_owners_final_commit_sees_the_turn_finished(world, upstream, database) -> None:  # type: ignore[no-untyped-def]
+def test_a_claim_that_waited_for_the_owners_final_commit_sees_the_turn_finished(
+        world: World, upstream: UpstreamLog, database: str) -> None:
     """A redelivered message blocks on the turn while its owner settles; once the owner commits, the
     waiting claim must see the turn ended (not a processing turn without a lease) and call no model."""
     import threading
@@ -308,8 +317,8 @@ def test_a_claim_that_waited_for_the_owners_final_commit_sees_the_turn_finished(
     assert len(upstream.requests()) == 1
 
 
-def test_a_new_turn_racing_a_settlement_of_the_same_conversation_is_refused_without_a_deadlock(  # type: ignore[no-untyped-def]
-        world, upstream, database) -> None:
+def test_a_new_turn_racing_a_settlement_of_the_same_conversation_is_refused_without_a_deadlock(
+        world: World, upstream: UpstreamLog, database: str) -> None:
     """A settlement locks the conversation, then the user; the database part of intake must never
     lock them the other way round (it runs alone when Redis is unreachable or its lock was lost)."""
     import threading
@@ -361,7 +370,8 @@ def test_a_new_turn_racing_a_settlement_of_the_same_conversation_is_refused_with
     assert world.message(key, assistant["id"])["status"] == "success"
 
 
-def test_a_turn_accepted_while_its_conversation_is_being_deleted_is_stopped(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_a_turn_accepted_while_its_conversation_is_being_deleted_is_stopped(
+        world: World, upstream: UpstreamLog) -> None:
     """Deleting stops the conversation's turn in flight, since its user can no longer stop it. A turn whose
     intake has written its rows but not committed is invisible to the delete's look; the delete's write
     waits for the intake's commit, and a second look after the delete's own commit stops that turn (it
@@ -398,7 +408,8 @@ def test_a_turn_accepted_while_its_conversation_is_being_deleted_is_stopped(worl
     assert [t for t in world.api.get("/api/me/transactions", key).json["items"] if t["message_id"]] == []
 
 
-def test_a_batched_settlement_with_a_lost_lease_writes_nothing_but_its_attempts(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_a_batched_settlement_with_a_lost_lease_writes_nothing_but_its_attempts(
+        world: World, upstream: UpstreamLog) -> None:
     """The settlement's statements go out together (`app.prepared.Batch`); the lease check comes back with
     them, and a lost lease rolls back the status, the statistics, the charge and the attempt record alike.
     The provider was paid for the attempt all the same, so it is then recorded on its own, once."""
@@ -431,8 +442,8 @@ def test_a_batched_settlement_with_a_lost_lease_writes_nothing_but_its_attempts(
         assert [(a.model_name, a.outcome, a.cost) for a in recorded] == [("primary", "success", Decimal("0.5"))]
 
 
-def test_a_cut_off_workers_own_record_of_its_calls_replaces_the_takeovers_estimate(  # type: ignore[no-untyped-def]
-        world, upstream, monkeypatch) -> None:
+def test_a_cut_off_workers_own_record_of_its_calls_replaces_the_takeovers_estimate(
+        world: World, upstream: UpstreamLog, monkeypatch: pytest.MonkeyPatch) -> None:
     """The delivery that took the turn over recorded delivery 2's call as `interrupted`, from what it had
     streamed (its worker looked dead: its lease ran out with its token); that worker was only cut off, and
     its refused settlement then records the call as it was. One record of the call, the real one, stays;
@@ -474,7 +485,8 @@ def test_a_cut_off_workers_own_record_of_its_calls_replaces_the_takeovers_estima
     assert world.api.post(f"/api/messages/{turn_id}/cancel", key).json["status"] == "cancelled"
 
 
-def test_a_stale_settlement_after_the_takeovers_charge_is_a_lost_lease_not_a_database_error(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_a_stale_settlement_after_the_takeovers_charge_is_a_lost_lease_not_a_database_error(
+        world: World, upstream: UpstreamLog) -> None:
     """The delivery that took a turn over settled and charged it first; the stale delivery's own settlement
     (its keeper had not yet noticed) then hits the ledger's one charge per turn before its lease guard's
     result is read, and raised an IntegrityError, which went to Dramatiq's retries as an error. It is the
@@ -516,7 +528,7 @@ def test_a_stale_settlement_after_the_takeovers_charge_is_a_lost_lease_not_a_dat
             Decimal("-0.25")]
 
 
-def test_a_turn_charged_a_second_time_moves_neither_its_ledger_nor_the_balance(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_turn_charged_a_second_time_moves_neither_its_ledger_nor_the_balance(world: World) -> None:
     """The charge statement writes no second row for a turn, and the balance moves only by the row the
     statement wrote: a second charge of one turn, by whichever caller, leaves both as the first left them."""
     from app import ledger
@@ -539,7 +551,8 @@ def test_a_turn_charged_a_second_time_moves_neither_its_ledger_nor_the_balance(w
             Decimal("-0.25")]
 
 
-def test_attempts_a_settlement_wrote_before_its_failure_are_not_written_again(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_attempts_a_settlement_wrote_before_its_failure_are_not_written_again(
+        world: World, upstream: UpstreamLog) -> None:
     """A settlement can fail after its commit (the commit's answer lost with the connection): its attempts
     are in the database then, and the write that follows a failure finds them by their stamp; a failure
     after which the caller settles again (a stop that arrived meanwhile) writes nothing on its own."""
@@ -566,7 +579,7 @@ def test_attempts_a_settlement_wrote_before_its_failure_are_not_written_again(wo
                                                                          ("fallback", "success", Decimal("0.25"))]
 
 
-def test_a_credit_that_waited_for_a_settlement_adds_to_the_settled_balance(world, database) -> None:  # type: ignore[no-untyped-def]
+def test_a_credit_that_waited_for_a_settlement_adds_to_the_settled_balance(world: World, database: str) -> None:
     """An admin's top-up arrives while a settlement holds the user's row: it waits for the row, then adds to
     the balance the settlement left, not to the one it may have read before (the charge would be lost)."""
     import threading
@@ -594,7 +607,8 @@ def test_a_credit_that_waited_for_a_settlement_adds_to_the_settled_balance(world
 
 
 @pytest.mark.parametrize("what", ["agent", "conversation"])
-def test_of_two_deletes_at_once_one_is_204_and_the_other_404(world, web_server, database, what) -> None:  # type: ignore[no-untyped-def]
+def test_of_two_deletes_at_once_one_is_204_and_the_other_404(
+        world: World, web_server: str, database: str, what: str) -> None:
     """Both deletes read the row live before either wrote: each answered 204. The test holds the row's lock
     until both wait for it, so they really overlap; the second to get it must find it deleted."""
     import psycopg
@@ -622,7 +636,7 @@ def test_of_two_deletes_at_once_one_is_204_and_the_other_404(world, web_server, 
     assert httpx.delete(f"{web_server}{path}", headers={"Authorization": f"Bearer {auth}"}).status_code == 404
 
 
-def test_the_database_alone_keeps_the_limit_of_active_conversations_when_redis_is_out_of_reach(world) -> None:  # type: ignore[no-untyped-def]
+def test_the_database_alone_keeps_the_limit_of_active_conversations_when_redis_is_out_of_reach(world: World) -> None:
     """With Redis up its script refuses the user's fourth conversation first, so the database's own count, which
     no index backs, was never what refused it: an off-by-one there would have given users a conversation more
     whenever Redis is away. Here the API cannot reach Redis."""
@@ -640,7 +654,8 @@ def test_the_database_alone_keeps_the_limit_of_active_conversations_when_redis_i
         assert (refused.status_code, refused.json()["error"]["code"]) == (429, "too_many_active_conversations")
 
 
-def test_a_lock_left_by_an_intake_that_died_refuses_nothing_the_database_allows(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_a_lock_left_by_an_intake_that_died_refuses_nothing_the_database_allows(
+        world: World, redis_client: redis.Redis) -> None:
     """An API process that died while it accepted a message leaves the conversation's lock to its intake (it
     hands it to the turn only after its commit): the next message must not be refused 409 for a lease, since
     the database, which decides, has no turn in flight there."""

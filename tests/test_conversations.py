@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
 
 from tests.support import wait_for
 
+if TYPE_CHECKING:
+    from tests.conftest import UpstreamLog, Workers, World
+
 
 @pytest.fixture(autouse=True)
-def _running(workers, upstream) -> None:  # type: ignore[no-untyped-def]
+def _running(workers: Workers, upstream: UpstreamLog) -> None:
     """Turns here run on a real worker."""
 
 
-def test_creating_twice_within_the_window_returns_the_same_empty_conversation(world) -> None:  # type: ignore[no-untyped-def]
+def test_creating_twice_within_the_window_returns_the_same_empty_conversation(world: World) -> None:
     agent_id = world.agent(world.model())
     _, key = world.user()
     first = world.api.post("/api/conversations", key, {"agent_id": agent_id, "project_id": 7})
@@ -28,7 +33,7 @@ def test_creating_twice_within_the_window_returns_the_same_empty_conversation(wo
     assert theirs.status_code == 201 and theirs.json["id"] != first.json["id"]
 
 
-def test_a_conversation_with_messages_is_not_reused(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_conversation_with_messages_is_not_reused(world: World) -> None:
     agent_id = world.agent(world.model())
     _, key = world.user()
     first = world.conversation(key, agent_id)
@@ -37,7 +42,7 @@ def test_a_conversation_with_messages_is_not_reused(world) -> None:  # type: ign
     assert second.status_code == 201 and second.json["id"] != first
 
 
-def test_dedup_window_zero_always_creates(world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_dedup_window_zero_always_creates(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     from app.config import Settings, get_settings
 
     agent_id = world.agent(world.model())
@@ -49,7 +54,7 @@ def test_dedup_window_zero_always_creates(world, monkeypatch) -> None:  # type: 
     assert (a.status_code, b.status_code) == (201, 201) and a.json["id"] != b.json["id"]
 
 
-def test_listing_shows_only_conversations_with_a_successful_answer_newest_first(world) -> None:  # type: ignore[no-untyped-def]
+def test_listing_shows_only_conversations_with_a_successful_answer_newest_first(world: World) -> None:
     good = world.model("good")
     bad = world.model("bad", upstream="echo;fail=503")
     good_agent, bad_agent = world.agent(good), world.agent(bad)
@@ -81,7 +86,7 @@ def test_listing_shows_only_conversations_with_a_successful_answer_newest_first(
     assert world.api.get("/api/conversations", key).json["items"][0]["id"] == answered[0]
 
 
-def test_deleting_hides_the_conversation_and_its_messages(world) -> None:  # type: ignore[no-untyped-def]
+def test_deleting_hides_the_conversation_and_its_messages(world: World) -> None:
     agent_id = world.agent(world.model())
     _, key = world.user()
     conversation_id = world.conversation(key, agent_id)
@@ -97,7 +102,7 @@ def test_deleting_hides_the_conversation_and_its_messages(world) -> None:  # typ
     assert world.api.delete(f"/api/conversations/{conversation_id}", key).status_code == 404
 
 
-def test_statistics_count_every_message_and_only_successful_tokens(world) -> None:  # type: ignore[no-untyped-def]
+def test_statistics_count_every_message_and_only_successful_tokens(world: World) -> None:
     good, bad = world.model("good"), world.model("bad", upstream="echo;fail=429")
     agent_id = world.agent(good)
     _, key = world.user()
@@ -120,7 +125,8 @@ def test_statistics_count_every_message_and_only_successful_tokens(world) -> Non
 
 
 @pytest.mark.parametrize("batch", [3, 4])
-def test_a_conversations_messages_are_listed_whole_across_read_batches(world, monkeypatch, batch: int) -> None:  # type: ignore[no-untyped-def]
+def test_a_conversations_messages_are_listed_whole_across_read_batches(
+        world: World, monkeypatch: pytest.MonkeyPatch, batch: int) -> None:
     """The list is read a batch at a time and written as it is read: every message once, in `seq` order,
     whether the last batch is full (3) or not (4), and the same JSON a client would get in one piece."""
     from app import conversations

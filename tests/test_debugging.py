@@ -11,7 +11,7 @@ import json
 import subprocess
 from collections.abc import Callable
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -20,9 +20,12 @@ from sqlalchemy import func, select
 from tests.conftest import MOCK_URL, UpstreamLog, World, child_env
 from tests.support import ROOT, agentq, wait_for
 
+if TYPE_CHECKING:
+    from tests.conftest import Workers
+
 
 @pytest.fixture(autouse=True)
-def _running(workers, upstream) -> None:  # type: ignore[no-untyped-def]
+def _running(workers: Workers, upstream: UpstreamLog) -> None:
     """Execution tests need a worker, and every test reads a clean upstream log."""
 
 
@@ -105,7 +108,8 @@ def moderation(settings_of: Callable[..., None]) -> None:
     settings_of(**MODERATION)
 
 
-def test_route_test_reports_the_decision_without_calling_a_model_or_recording_cost(world, upstream, moderation) -> None:  # type: ignore[no-untyped-def]
+def test_route_test_reports_the_decision_without_calling_a_model_or_recording_cost(
+        world: World, upstream: UpstreamLog, moderation: None) -> None:
     primary = world.model("primary", price_in="1", price_out="2", context_window=4096)
     backup = world.model("backup", price_in="10", price_out="1")
     agent_id = world.agent(primary, backup, timeout_seconds=30, max_tokens=100)
@@ -129,7 +133,8 @@ def test_route_test_reports_the_decision_without_calling_a_model_or_recording_co
     assert (_count("admin_debug_logs"), _count("model_attempts")) == (0, 0)
 
 
-def test_route_test_reports_a_moderation_violation_as_the_worker_would(world, upstream, moderation) -> None:  # type: ignore[no-untyped-def]
+def test_route_test_reports_a_moderation_violation_as_the_worker_would(
+        world: World, upstream: UpstreamLog, moderation: None) -> None:
     agent_id = world.agent(world.model(price_in="1", price_out="1"))
     url = f"/api/admin/agents/{agent_id}/debug/route"
 
@@ -150,7 +155,7 @@ def test_route_test_reports_a_moderation_violation_as_the_worker_would(world, up
 
 
 @pytest.mark.parametrize("action", ["route", "prompt", "execute"])
-def test_debug_requests_are_checked_like_a_turn(world, action) -> None:  # type: ignore[no-untyped-def]
+def test_debug_requests_are_checked_like_a_turn(world: World, action: str) -> None:
     agent_id = world.agent(world.model())
     gone = world.agent(world.model("other"))
     assert world.api.delete(f"/api/admin/agents/{gone}", world.admin_key).status_code == 204
@@ -167,7 +172,7 @@ def test_debug_requests_are_checked_like_a_turn(world, action) -> None:  # type:
     assert _count("admin_debug_logs") == 0
 
 
-def test_prompt_preview_is_exactly_what_the_worker_sends(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_prompt_preview_is_exactly_what_the_worker_sends(world: World, upstream: UpstreamLog) -> None:
     agent_id = world.agent(world.model())
     _, alice = world.user("alice")
     conversation_id = world.conversation(alice, agent_id)
@@ -196,7 +201,8 @@ def test_prompt_preview_is_exactly_what_the_worker_sends(world, upstream) -> Non
     assert (refused.status_code, refused.json["error"]["code"]) == (422, "conversation_of_another_agent")
 
 
-def test_prompt_preview_drops_failed_turns_and_the_oldest_history_like_the_worker(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_prompt_preview_drops_failed_turns_and_the_oldest_history_like_the_worker(
+        world: World, upstream: UpstreamLog) -> None:
     """Window 45, answer room 10, head+tail 16: 19 tokens of history fit, the last turn (6+8) but not more."""
     small = world.model("small", context_window=45)
     failing = world.model("failing", upstream="echo;fail=500")
@@ -224,7 +230,7 @@ def test_prompt_preview_drops_failed_turns_and_the_oldest_history_like_the_worke
     assert upstream.requests()[-1]["body"]["messages"] == preview.json["messages"]
 
 
-def test_prompt_preview_of_an_unknown_or_deleted_conversation_is_not_found(world) -> None:  # type: ignore[no-untyped-def]
+def test_prompt_preview_of_an_unknown_or_deleted_conversation_is_not_found(world: World) -> None:
     agent_id = world.agent(world.model())
     _, alice = world.user("alice")
     conversation_id = world.conversation(alice, agent_id)
@@ -238,7 +244,8 @@ def test_prompt_preview_of_an_unknown_or_deleted_conversation_is_not_found(world
                                         {"role": "user", "content": "hi"}]
 
 
-def test_an_execution_test_is_logged_at_the_models_prices_and_charges_nobody(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_an_execution_test_is_logged_at_the_models_prices_and_charges_nobody(
+        world: World, upstream: UpstreamLog) -> None:
     agent_id = world.agent(world.model(price_in="1", price_out="2"))
     alice_id, alice = world.user("alice", balance="10")
     assert _turn(world, alice, world.conversation(alice, agent_id), "a paid turn")["status"] == "success"
@@ -268,7 +275,7 @@ def test_an_execution_test_is_logged_at_the_models_prices_and_charges_nobody(wor
     assert balances[alice_id][1] == 0
 
 
-def test_an_execution_test_falls_back_like_a_turn(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_an_execution_test_falls_back_like_a_turn(world: World, upstream: UpstreamLog) -> None:
     flaky = world.model("flaky", upstream="echo;fail=500", price_in="1", price_out="1")
     backup = world.model("backup", price_in="2", price_out="3")
     agent_id = world.agent(flaky, backup, timeout_seconds=5)
@@ -295,8 +302,8 @@ def _fell_back(log_id: int) -> bool:
         return session.get_one(DebugRun, log_id).fell_back
 
 
-def test_an_execution_test_that_switched_to_its_fallback_before_its_worker_died_calls_the_fallback_alone(  # type: ignore[no-untyped-def]
-        world, upstream, workers, unreachable_broker) -> None:
+def test_an_execution_test_that_switched_to_its_fallback_before_its_worker_died_calls_the_fallback_alone(
+        world: World, upstream: UpstreamLog, workers: Workers, unreachable_broker: None) -> None:
     """A run is sent again after its worker died during the fallback's call (here: marked so while its send
     waits for the sweep, the workers stopped until then): that delivery called the primary, which had failed,
     again; it calls the fallback alone, as a turn's delivery does, since a run switches once."""
@@ -324,8 +331,8 @@ def test_an_execution_test_that_switched_to_its_fallback_before_its_worker_died_
     ("echo;fail=503", "", "server_error", "HTTP 503"),
     ("echo;cut_after=2", "echo: hello", "stream_cut", "the stream broke"),
 ])
-def test_an_execution_test_whose_models_all_fail_ends_as_llm_error_with_the_text_they_sent(  # type: ignore[no-untyped-def]
-        world, upstream, upstream_model: str, output: str, outcome: str, error: str) -> None:
+def test_an_execution_test_whose_models_all_fail_ends_as_llm_error_with_the_text_they_sent(
+        world: World, upstream: UpstreamLog, upstream_model: str, output: str, outcome: str, error: str) -> None:
     """A run whose stream broke keeps the text sent before the break, as a failed turn keeps it (it kept
     none), and names no model: none answered."""
     agent_id = world.agent(world.model("broken", upstream=upstream_model))
@@ -338,8 +345,8 @@ def test_an_execution_test_whose_models_all_fail_ends_as_llm_error_with_the_text
     assert _attempts(log["id"]) == [("broken", outcome, None)]
 
 
-def test_an_execution_test_accepted_while_redis_is_unreachable_is_sent_by_recovery(  # type: ignore[no-untyped-def]
-        world, workers, unreachable_broker) -> None:
+def test_an_execution_test_accepted_while_redis_is_unreachable_is_sent_by_recovery(
+        world: World, workers: Workers, unreachable_broker: None) -> None:
     """The workers are stopped until the run is seen unsent: a sweep of theirs could send and end it first."""
     from app.db import transaction
     from app.models import DebugRun
@@ -365,7 +372,8 @@ DEBUG_ROUTES = [("POST", "/api/admin/agents/1/debug/route", {"content": "hi"}),
 
 
 @pytest.mark.parametrize(("method", "path", "body"), DEBUG_ROUTES)
-def test_debug_routes_are_for_admins_only(world, upstream, method, path, body) -> None:  # type: ignore[no-untyped-def]
+def test_debug_routes_are_for_admins_only(
+        world: World, upstream: UpstreamLog, method: str, path: str, body: dict[str, str] | None) -> None:
     agent_id = world.agent(world.model())
     assert agent_id == 1
     log_id = _execute(world, agent_id, "an admin's run")
@@ -383,7 +391,7 @@ def test_debug_routes_are_for_admins_only(world, upstream, method, path, body) -
     assert len(upstream.requests()) == 1
 
 
-def test_debug_logs_are_listed_newest_first_in_pages(world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_debug_logs_are_listed_newest_first_in_pages(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without `limit`, every log in the contract's shape (read two at a time here, across pages); with it, pages."""
     import app.debugging
 
@@ -418,7 +426,7 @@ def test_debug_logs_are_listed_newest_first_in_pages(world, monkeypatch) -> None
     assert (missing.status_code, missing.json["error"]["code"]) == (404, "not_found")
 
 
-def test_the_cost_summary_adds_up_across_runs_agents_models_and_admins(world) -> None:  # type: ignore[no-untyped-def]
+def test_the_cost_summary_adds_up_across_runs_agents_models_and_admins(world: World) -> None:
     from app.users import create_user
 
     cheap = world.model("cheap", price_in="1", price_out="2")
@@ -470,7 +478,7 @@ def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60)
 
 
-def test_the_cli_twin_prints_what_the_api_answers(world, upstream, moderation) -> None:  # type: ignore[no-untyped-def]
+def test_the_cli_twin_prints_what_the_api_answers(world: World, upstream: UpstreamLog, moderation: None) -> None:
     agent_id = world.agent(world.model(price_in="1", price_out="2"), max_tokens=50)
     _, alice = world.user("alice")
     conversation_id = world.conversation(alice, agent_id)
@@ -516,7 +524,7 @@ def test_the_cli_twin_prints_what_the_api_answers(world, upstream, moderation) -
     assert ran["error_message"]
 
 
-def test_the_route_test_of_a_conversation_shows_what_its_next_turn_holds(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_the_route_test_of_a_conversation_shows_what_its_next_turn_holds(world: World, upstream: UpstreamLog) -> None:
     """A user refused `insufficient_balance` in a long conversation was refused on a reservation that counts
     the conversation's history, which the route test, on a new conversation's turn, did not show. Given the
     conversation, its `estimated_cost` is what the next turn of it holds of the balance while it runs."""
@@ -545,7 +553,7 @@ def test_the_route_test_of_a_conversation_shows_what_its_next_turn_holds(world, 
     assert (refused.status_code, refused.json["error"]["code"]) == (422, "conversation_of_another_agent")
 
 
-def test_the_cli_twin_refuses_a_non_admin_identity(world) -> None:  # type: ignore[no-untyped-def]
+def test_the_cli_twin_refuses_a_non_admin_identity(world: World) -> None:
     agent_id = world.agent(world.model())
     alice_id, _ = world.user("alice")
     for command in ("route", "prompt", "execute"):
@@ -561,7 +569,7 @@ def test_the_cli_twin_refuses_a_non_admin_identity(world) -> None:  # type: igno
     assert _count("admin_debug_logs") == 0
 
 
-def test_the_mock_counts_tokens_as_these_tests_assume(upstream) -> None:  # type: ignore[no-untyped-def]
+def test_the_mock_counts_tokens_as_these_tests_assume(upstream: UpstreamLog) -> None:
     """Guards the arithmetic above: a change to the mock's counting must show up here first."""
     body = {"model": "echo", "messages": [{"role": "system", "content": "You are helpful."},
                                           {"role": "user", "content": "hello world"}]}

@@ -31,7 +31,7 @@ def readme_curl_session() -> str:
 
 
 @pytest.fixture(scope="module")
-def sqlite_deployment(mock_upstream, tmp_path_factory) -> Iterator[dict[str, str]]:  # type: ignore[no-untyped-def]
+def sqlite_deployment(mock_upstream: Process, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     work: Path = tmp_path_factory.mktemp("sqlite")
     port = free_port()
     # Names of this run's own: the shared Redis keeps keys across runs (a stop flag lasts two hours), and this
@@ -53,7 +53,7 @@ def sqlite_deployment(mock_upstream, tmp_path_factory) -> Iterator[dict[str, str
     worker.stop()
 
 
-def test_readme_curl_session_answers_on_the_sqlite_default(sqlite_deployment) -> None:  # type: ignore[no-untyped-def]
+def test_readme_curl_session_answers_on_the_sqlite_default(sqlite_deployment: dict[str, str]) -> None:
     script = readme_curl_session()
     result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=60,
                             env=child_env(AGENTQ=sqlite_deployment["url"], KEY=sqlite_deployment["key"],
@@ -67,7 +67,7 @@ def test_readme_curl_session_answers_on_the_sqlite_default(sqlite_deployment) ->
     assert final["cost"] == "0.000018"
 
 
-def test_idempotent_redelivery_and_balance_on_sqlite(sqlite_deployment) -> None:  # type: ignore[no-untyped-def]
+def test_idempotent_redelivery_and_balance_on_sqlite(sqlite_deployment: dict[str, str]) -> None:
     base, headers = sqlite_deployment["url"], {"Authorization": f"Bearer {sqlite_deployment['key']}"}
     before = httpx.get(f"{base}/api/me", headers=headers).json()["balance"]
     conversation = httpx.post(f"{base}/api/conversations", headers=headers,
@@ -87,7 +87,8 @@ def test_idempotent_redelivery_and_balance_on_sqlite(sqlite_deployment) -> None:
     assert len([t for t in ledger if t["message_id"] == message_id]) == 1
 
 
-def test_a_turn_that_outlives_its_first_lease_renewal_runs_to_its_end_on_sqlite(sqlite_deployment) -> None:  # type: ignore[no-untyped-def]
+def test_a_turn_that_outlives_its_first_lease_renewal_runs_to_its_end_on_sqlite(
+        sqlite_deployment: dict[str, str]) -> None:
     """SQLite (3.40) evaluates `cancel_requested_at IS NOT NULL` in a RETURNING clause as true on a NULL: the
     lease renewal, which read a user's stop that way, stopped every turn still running at its first renewal
     (a third of the lease: 1 s here, 10 s by default), `cancelled` "stopped on request" with no stop asked."""
@@ -105,7 +106,8 @@ def test_a_turn_that_outlives_its_first_lease_renewal_runs_to_its_end_on_sqlite(
     assert (done["status"], done["content"]) == ("success", " ".join(f"w{i}" for i in range(12)))
 
 
-def test_debug_costs_add_up_past_what_a_64_bit_sum_of_millionths_holds_on_sqlite(sqlite_deployment) -> None:  # type: ignore[no-untyped-def]
+def test_debug_costs_add_up_past_what_a_64_bit_sum_of_millionths_holds_on_sqlite(
+        sqlite_deployment: dict[str, str]) -> None:
     """Money is whole millionths on SQLite, whose SUM of integers fails with an overflow past 9.2e12 credits:
     ten test runs at the highest price made `GET /api/admin/debug-costs` a 503 for good, whatever the grouping.
     The total is exact, as on PostgreSQL."""

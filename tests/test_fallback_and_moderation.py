@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 import pytest
 from sqlalchemy import select, update
@@ -14,9 +15,14 @@ from app.models import LlmModel, ModelAttempt, Turn
 from tests.conftest import MOCK_URL
 from tests.support import wait_for
 
+if TYPE_CHECKING:
+    import redis
+
+    from tests.conftest import UpstreamLog, Workers, World
+
 
 @pytest.fixture(autouse=True)
-def _running(workers, upstream) -> None:  # type: ignore[no-untyped-def]
+def _running(workers: Workers, upstream: UpstreamLog) -> None:
     """Turns here run on a real worker against the mock upstream."""
 
 
@@ -50,7 +56,8 @@ FAILURES = [
 
 
 @pytest.mark.parametrize(("primary_upstream", "outcome"), FAILURES)
-def test_each_failure_switches_to_the_fallback_once(world, upstream, primary_upstream, outcome) -> None:  # type: ignore[no-untyped-def]
+def test_each_failure_switches_to_the_fallback_once(
+        world: World, upstream: UpstreamLog, primary_upstream: str, outcome: str) -> None:
     primary = world.model("primary", upstream=primary_upstream)
     fallback = world.model("fallback", upstream="echo")
     agent_id = world.agent(primary, fallback, timeout_seconds=2)  # not 1: a loaded host's echo can take a second
@@ -65,7 +72,7 @@ def test_each_failure_switches_to_the_fallback_once(world, upstream, primary_ups
     assert attempts(assistant["id"]) == [("primary", outcome), ("fallback", "success")]
 
 
-def test_a_connection_failure_switches_to_the_fallback(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_a_connection_failure_switches_to_the_fallback(world: World, upstream: UpstreamLog) -> None:
     closed = world.api.post("/api/admin/models", world.admin_key, {
         "name": "unreachable", "model": "echo", "base_url": "http://127.0.0.1:9/v1",
         "input_price_per_1k": "0", "output_price_per_1k": "0"}).json["id"]
@@ -89,7 +96,8 @@ def _status_names(turn_id: int, model: str) -> bool:
                and entry.payload.get("model") == model for _, fields in entries)
 
 
-def test_a_stop_before_the_request_reached_the_provider_records_the_attempt_at_no_cost(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_a_stop_before_the_request_reached_the_provider_records_the_attempt_at_no_cost(
+        world: World, upstream: UpstreamLog) -> None:
     """A stop during the connect (here to a server whose accept queue is full: the SYN goes unanswered) sent the
     provider nothing, yet its attempt was recorded at the prompt's estimated cost in the operators' records."""
     import socket
@@ -122,7 +130,7 @@ def test_a_stop_before_the_request_reached_the_provider_records_the_attempt_at_n
     assert [tuple(row) for row in recorded] == [("cancelled", 0, Decimal("0.000000"))]
 
 
-def test_both_failing_is_an_llm_error_with_both_reasons_and_no_charge(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_both_failing_is_an_llm_error_with_both_reasons_and_no_charge(world: World, upstream: UpstreamLog) -> None:
     agent_id = world.agent(world.model("primary", upstream="echo;fail=500"),
                            world.model("fallback", upstream="echo;fail=429"), timeout_seconds=2)
     _, key = world.user(balance="3")
@@ -144,7 +152,8 @@ def test_both_failing_is_an_llm_error_with_both_reasons_and_no_charge(world, ups
                                .where(ModelAttempt.message_id == assistant["id"])).all() == [(0, 0), (0, 0)]
 
 
-def test_text_a_model_sends_that_no_database_stores_is_kept_replaced_and_the_model_called_once(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_text_a_model_sends_that_no_database_stores_is_kept_replaced_and_the_model_called_once(
+        world: World, upstream: UpstreamLog) -> None:
     """A NUL or a lone surrogate in an answer or in a provider's error message was refused at the settlement:
     every delivery failed, called the model again, and the turn ended `error`. They are replaced with U+FFFD
     as the text arrives, so what readers were streamed is what is stored."""
@@ -163,7 +172,8 @@ def test_text_a_model_sends_that_no_database_stores_is_kept_replaced_and_the_mod
     assert upstream.models() == ["echo;unstorable", "echo;fail=500;unstorable"]
 
 
-def test_a_character_sent_as_two_halves_in_two_chunks_is_kept_whole(world, upstream, web_server) -> None:  # type: ignore[no-untyped-def]
+def test_a_character_sent_as_two_halves_in_two_chunks_is_kept_whole(
+        world: World, upstream: UpstreamLog, web_server: str) -> None:
     """A provider or a gateway slicing UTF-16 may send an emoji's two surrogates in two chunks: each chunk made
     storable on its own turned the emoji into two replacement characters, in the stream and the answer."""
     from tests.support import read_sse, visible_text
@@ -178,7 +188,8 @@ def test_a_character_sent_as_two_halves_in_two_chunks_is_kept_whole(world, upstr
     assert visible_text(live) == done["content"]
 
 
-def test_usage_a_provider_reports_past_what_the_request_allowed_is_charged_at_that_bound(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_usage_a_provider_reports_past_what_the_request_allowed_is_charged_at_that_bound(
+        world: World, upstream: UpstreamLog) -> None:
     """A provider reporting a trillion tokens for each count charged the user's whole balance. An answer is
     charged at most the `max_tokens` it was sent with (50), a prompt at most its UTF-8 bytes and 8 tokens of
     framing a message and 8 more: 16 + 8 for the system prompt, 5 + 8 for "hello", and 8."""
@@ -191,7 +202,8 @@ def test_usage_a_provider_reports_past_what_the_request_allowed_is_charged_at_th
     assert world.api.get("/api/me", key).json["balance"] == "9.905000"
 
 
-def test_a_provider_counting_past_what_a_turn_can_cost_charges_what_the_turn_held(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_a_provider_counting_past_what_a_turn_can_cost_charges_what_the_turn_held(
+        world: World, upstream: UpstreamLog) -> None:
     """The reservation priced a prompt at the estimate (a token per four ASCII characters) while a provider
     may count it up to its bytes: a prompt of characters a tokenizer splits finely was charged past the
     balance, and the operator paid the rest. It now reserves the prompt at its bytes, which is also where a
@@ -217,7 +229,8 @@ def test_a_provider_counting_past_what_a_turn_can_cost_charges_what_the_turn_hel
     assert world.api.get("/api/me", key).json["balance"] == "0.055000"
 
 
-def test_a_prompt_a_provider_may_count_past_the_balance_is_refused_before_any_call(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_a_prompt_a_provider_may_count_past_the_balance_is_refused_before_any_call(
+        world: World, upstream: UpstreamLog) -> None:
     """A balance that covered the prompt's estimate (16 tokens, so 0.066000 with 50 answer tokens at 1 a
     thousand) but not what a provider may count of it (its bytes: 45 tokens, 0.095000) let the turn run,
     and a provider counting it whole charged the balance to 0, the operator paying the rest."""
@@ -230,7 +243,7 @@ def test_a_prompt_a_provider_may_count_past_the_balance_is_refused_before_any_ca
     assert world.api.get("/api/me", key).json["balance"] == "0.070000"
 
 
-def test_a_charge_above_its_reservation_spends_none_of_what_another_turn_holds(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_charge_above_its_reservation_spends_none_of_what_another_turn_holds(world: World) -> None:
     """The ledger's own net, under the reservation's bound: a charge above what its turn held (no provider's
     count reaches it since the prompt is reserved at its bytes) stops at what the balance holds beyond the
     other turns' reservations. Taken from the whole balance, it left the turn beside it charged short."""
@@ -270,7 +283,7 @@ def test_a_charge_above_its_reservation_spends_none_of_what_another_turn_holds(w
     assert (me["balance"], me["available_balance"]) == ("0.026000", "0.026000")
 
 
-def test_a_stalled_stream_ends_within_the_timeout_plus_a_small_bound(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_a_stalled_stream_ends_within_the_timeout_plus_a_small_bound(world: World, upstream: UpstreamLog) -> None:
     agent_id = world.agent(world.model("primary", upstream="echo;words=50;stall_after=3"), timeout_seconds=2)
     _, key = world.user()
     assistant = world.send(key, world.conversation(key, agent_id)).json["assistant_message"]
@@ -286,8 +299,8 @@ def test_a_stalled_stream_ends_within_the_timeout_plus_a_small_bound(world, upst
 
 
 @pytest.mark.parametrize("reported", [True, False], ids=["usage", "no_usage"])
-def test_a_stream_held_open_after_its_finished_answer_ends_the_turn_with_that_answer(  # type: ignore[no-untyped-def]
-        world, upstream, reported: bool) -> None:
+def test_a_stream_held_open_after_its_finished_answer_ends_the_turn_with_that_answer(
+        world: World, upstream: UpstreamLog, reported: bool) -> None:
     """A provider that sent the answer's `finish_reason` (and its usage) and then held the stream open without
     `[DONE]` turned a whole answer into a timeout at the agent's 10 s: the fallback was called and the
     turn charged for its answer. The end of a finished stream is given 2 s; the connection is then closed
@@ -306,7 +319,8 @@ def test_a_stream_held_open_after_its_finished_answer_ends_the_turn_with_that_an
     wait_for(lambda: list(upstream.streams().values()) == ["disconnected"], what="the upstream to see the close")
 
 
-def test_a_stop_after_the_finished_answer_keeps_it_charged_at_the_reported_usage(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_a_stop_after_the_finished_answer_keeps_it_charged_at_the_reported_usage(
+        world: World, upstream: UpstreamLog) -> None:
     """A stop while a finished answer's stream was held open (its `finish_reason` and usage sent, no `[DONE]`) was
     taken for a stop mid-answer: the whole answer was kept but charged at an estimate (16 + 3 tokens), not at
     the usage the provider reported (7 + 2). The turn ends `cancelled`, as the stop's 202 promised, with the
@@ -324,7 +338,8 @@ def test_a_stop_after_the_finished_answer_keeps_it_charged_at_the_reported_usage
     assert upstream.models() == ["echo;hang_after_finish=60"]
 
 
-def test_a_malformed_chunk_after_the_finished_answer_ends_the_turn_with_that_answer(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_a_malformed_chunk_after_the_finished_answer_ends_the_turn_with_that_answer(
+        world: World, upstream: UpstreamLog) -> None:
     """A chunk that is not a chat completion chunk after the answer's `finish_reason` and usage was taken for
     a bad response: the fallback was called for an answer that was complete."""
     primary_upstream = "echo;garbage_after_finish"
@@ -337,7 +352,8 @@ def test_a_malformed_chunk_after_the_finished_answer_ends_the_turn_with_that_ans
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
-def test_a_refusal_falls_back_and_stays_recorded_as_the_primarys_failure(world, upstream, status: int) -> None:  # type: ignore[no-untyped-def]
+def test_a_refusal_falls_back_and_stays_recorded_as_the_primarys_failure(
+        world: World, upstream: UpstreamLog, status: int) -> None:
     """`llm_error` is "the model and its fallback both failed": a refusal (a request this provider will not
     serve, a wrong key, a removed model) switches to the fallback like any other failure, and the primary's
     attempt keeps its kind for operators. It ended the turn `llm_error` on the primary, the fallback never
@@ -359,8 +375,8 @@ def test_a_refusal_falls_back_and_stays_recorded_as_the_primarys_failure(world, 
 
 
 @pytest.mark.parametrize("broken", ["key", "variable", "url"])
-def test_an_endpoint_that_cannot_be_called_as_configured_ends_the_turn_without_a_request(world, upstream,  # type: ignore[no-untyped-def]
-                                                                                          broken: str) -> None:
+def test_an_endpoint_that_cannot_be_called_as_configured_ends_the_turn_without_a_request(
+        world: World, upstream: UpstreamLog, broken: str) -> None:
     """A model naming a key variable the worker does not have is not sent `OPENAI_API_KEY` instead (the
     platform's key, to the model's own server), and a base_url no connection can use (a row older than the
     API's check) is not a worker crash retried into a dead letter, nor is a variable that may not hold a
@@ -392,7 +408,8 @@ def test_an_endpoint_that_cannot_be_called_as_configured_ends_the_turn_without_a
     assert attempts(done["id"]) == [("primary", "endpoint_unusable"), ("fallback", "success")]
 
 
-def test_a_model_is_sent_the_key_its_variable_holds_and_no_other_server_the_platforms(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_a_model_is_sent_the_key_its_variable_holds_and_no_other_server_the_platforms(
+        world: World, upstream: UpstreamLog) -> None:
     """A model that names no variable was sent `OPENAI_API_KEY` wherever its `base_url` pointed: an admin
     could have the platform's key sent to a server of their own. It goes to OpenAI's endpoint only; a model
     elsewhere names the variable of its key."""
@@ -409,7 +426,7 @@ def test_a_model_is_sent_the_key_its_variable_holds_and_no_other_server_the_plat
         "sk-platform-test", "sk-platform-test", "sk-no-key-configured", "sk-no-key-configured"]
 
 
-def test_a_model_may_name_only_a_variable_that_holds_model_keys(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_model_may_name_only_a_variable_that_holds_model_keys(world: World) -> None:
     """Any variable could be named, and its value sent to the model's server: `DATABASE_URL`, a cloud
     credential. The operator's patterns (`*_API_KEY` by default) say which may; agentq's own never."""
     from app.config import get_settings
@@ -431,7 +448,8 @@ def test_a_model_may_name_only_a_variable_that_holds_model_keys(world) -> None: 
     assert world.api.get(f"/api/admin/models/{model_id}", world.admin_key).json["api_key_env"] == "DEEPSEEK_API_KEY"
 
 
-def test_a_model_priced_past_what_a_balance_holds_is_refused_as_insufficient_balance(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_a_model_priced_past_what_a_balance_holds_is_refused_as_insufficient_balance(
+        world: World, upstream: UpstreamLog) -> None:
     """A worst case beyond NUMERIC(18, 6) failed the claim's write on every delivery (`error`, a dead letter,
     the same on requeue); it is capped at the largest amount, which no balance below it covers."""
     agent_id = world.agent(world.model(price_in="999999999999.999999", price_out="999999999999.999999"),
@@ -446,7 +464,8 @@ def test_a_model_priced_past_what_a_balance_holds_is_refused_as_insufficient_bal
 
 
 @pytest.mark.parametrize("reply", ["malformed-moderation", "null-moderation"])  # `results` empty, `results` null
-def test_a_moderation_reply_without_a_result_lets_the_turn_through(world, upstream, reply) -> None:  # type: ignore[no-untyped-def]
+def test_a_moderation_reply_without_a_result_lets_the_turn_through(
+        world: World, upstream: UpstreamLog, reply: str) -> None:
     """An endpoint that answers but says nothing is an outage of that endpoint: it fails open, as one that does
     not answer does (the turn would otherwise crash, be retried and end as `error`), and the route test says
     `pass` (it answered 500 to a `results` that was null)."""
@@ -464,7 +483,8 @@ def test_a_moderation_reply_without_a_result_lets_the_turn_through(world, upstre
     ("这句话包含禁止词。", "blocked term '禁止词'"),
     ("this has a ＦＯＲＢＩＤＤＥＮ－ｗｏｒｄ in full-width letters", "blocked term 'forbidden-word'"),
     ("please flag-me now", "flagged by the moderation endpoint")])
-def test_moderation_refuses_before_any_model_call(world, upstream, content, reason) -> None:  # type: ignore[no-untyped-def]
+def test_moderation_refuses_before_any_model_call(
+        world: World, upstream: UpstreamLog, content: str, reason: str) -> None:
     agent_id = world.agent(world.model())
     _, key = world.user(balance="1")
     assistant = world.send(key, world.conversation(key, agent_id), content).json["assistant_message"]
@@ -482,7 +502,8 @@ def test_moderation_refuses_before_any_model_call(world, upstream, content, reas
     ("a bad word here", True), ("a BAD \t\n word here", True), ("a ｂａｄ　ｗｏｒｄ here", True),
     ("a bad\u0301 word here", True), ("a b\u0308ad w\u0336ord here", True), ("a bád wörd here", True),
     ("a badword here", False), ("a bad, word here", False)])
-def test_a_blocked_term_matches_whatever_its_case_width_marks_or_white_space(settings_of, content, blocked) -> None:  # type: ignore[no-untyped-def]
+def test_a_blocked_term_matches_whatever_its_case_width_marks_or_white_space(
+        settings_of: Callable[..., None], content: str, blocked: bool) -> None:
     from app.moderation import check_blocked_terms
 
     settings_of(AGENTQ_BLOCKED_TERMS=" Bad  Word ")
@@ -497,8 +518,8 @@ def long_intake_lease(settings_of: Callable[..., None]) -> None:
     settings_of(AGENTQ_LEASE_SECONDS="60")
 
 
-def test_insufficient_balance_ends_the_turn_without_calling_the_model(world, upstream, redis_client,  # type: ignore[no-untyped-def]
-                                                                      long_intake_lease) -> None:
+def test_insufficient_balance_ends_the_turn_without_calling_the_model(
+        world: World, upstream: UpstreamLog, redis_client: redis.Redis, long_intake_lease: None) -> None:
     from app.conversation_locks import lock_key, slots_key
 
     agent_id = world.agent(world.model(price_in="1", price_out="1"), max_tokens=500)
@@ -519,7 +540,7 @@ def test_insufficient_balance_ends_the_turn_without_calling_the_model(world, ups
              == (0, 0), timeout=10, what="the worker to free the conversation's lock and the user's slot")
 
 
-def test_the_reservation_is_settled_to_the_real_cost(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_the_reservation_is_settled_to_the_real_cost(world: World, upstream: UpstreamLog) -> None:
     agent_id = world.agent(world.model(price_in="1", price_out="1"), max_tokens=500)
     _, key = world.user(balance="0.6")
     assistant = world.send(key, world.conversation(key, agent_id), "cheap").json["assistant_message"]
@@ -535,7 +556,7 @@ def mock_target(name: str, upstream_model: str) -> ModelTarget:
                        input_price_per_1k=Decimal(0), output_price_per_1k=Decimal(0), context_window=None)
 
 
-def test_a_stop_between_a_failed_primary_and_the_fallback_keeps_the_primarys_text(upstream) -> None:  # type: ignore[no-untyped-def]
+def test_a_stop_between_a_failed_primary_and_the_fallback_keeps_the_primarys_text(upstream: UpstreamLog) -> None:
     """The stop is checked before each attempt; one that lands after the primary failed mid-answer and before
     the fallback is called ends the turn with the primary's streamed text, as the primary's, not the fallback's
     (which produced nothing and is never called). The stop is set at that moment, as the switch is recorded."""
@@ -575,8 +596,8 @@ def test_a_stop_between_a_failed_primary_and_the_fallback_keeps_the_primarys_tex
     assert upstream.models() == ["echo;words=30;gap=0.01;cut_after=6"]
 
 
-def test_a_delivery_that_finds_its_lease_gone_when_it_records_the_switch_does_not_call_the_fallback(  # type: ignore[no-untyped-def]
-        world, upstream, unreachable_broker) -> None:
+def test_a_delivery_that_finds_its_lease_gone_when_it_records_the_switch_does_not_call_the_fallback(
+        world: World, upstream: UpstreamLog, unreachable_broker: None) -> None:
     """The switch to the fallback is recorded under the delivery's lease. A delivery that finds the lease gone
     there (the run taken over or handed back meanwhile) could not write the fallback's answer, and another
     delivery has the run: it does not call the fallback. (Here the turn is pending, held by no lease.)"""
@@ -609,7 +630,7 @@ def test_a_delivery_that_finds_its_lease_gone_when_it_records_the_switch_does_no
     assert [model for model in upstream.models() if model != "echo"] == ["echo;fail=503"]
 
 
-def test_a_failed_attempts_estimated_tokens_are_at_most_the_token_limit_it_was_asked_for(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_failed_attempts_estimated_tokens_are_at_most_the_token_limit_it_was_asked_for(world: World) -> None:
     """A cut attempt's record estimates its text a token a character outside ASCII, more than a model makes
     of such text: at most the `max_tokens` (5) it was sent with, as a stopped answer's charge is."""
     agent_id = world.agent(world.model("primary", upstream="echo;cut_after=4"), world.model("fallback"), max_tokens=5)
@@ -623,7 +644,8 @@ def test_a_failed_attempts_estimated_tokens_are_at_most_the_token_limit_it_was_a
     assert [tuple(r) for r in rows] == [("primary", "stream_cut", 5), ("fallback", "success", 5)]
 
 
-def test_a_balance_that_covers_the_primary_but_not_the_dearer_fallback_is_insufficient(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_a_balance_that_covers_the_primary_but_not_the_dearer_fallback_is_insufficient(
+        world: World, upstream: UpstreamLog) -> None:
     """The reservation prices a turn's worst case at the dearer of its models, since the fallback may answer:
     priced at the cheaper, a user whose balance covered only the primary was answered by the fallback, and its
     charge was cut at the balance, the operator paid short."""
@@ -638,8 +660,8 @@ def test_a_balance_that_covers_the_primary_but_not_the_dearer_fallback_is_insuff
     assert me["balance"] == me["available_balance"] == "0.400000"
 
 
-def test_a_fallback_after_a_primary_that_timed_out_gets_its_own_timeout_within_a_short_grace(  # type: ignore[no-untyped-def]
-        world, workers, upstream) -> None:
+def test_a_fallback_after_a_primary_that_timed_out_gets_its_own_timeout_within_a_short_grace(
+        world: World, workers: Workers, upstream: UpstreamLog) -> None:
     """A run's deadline counts a timeout for each model it may call, two with a fallback: counted once, a
     primary that timed out left its fallback no time, and the turn ended `llm_error`. The default grace (60 s)
     hid it; here it is 1 s."""

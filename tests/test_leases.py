@@ -6,7 +6,7 @@ import threading
 import time
 from contextlib import ExitStack
 from datetime import datetime, timedelta
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import pytest
 from sqlalchemy import select, text, update
@@ -22,8 +22,15 @@ from app.turn_intake import _insert_turn
 from app.turn_status import TurnStatus
 from tests.support import SilentServer, wait_for
 
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
 
-def _processing_turn(world, token: str, model: str = "primary") -> HeldTurn:  # type: ignore[no-untyped-def]
+    import redis
+
+    from tests.conftest import UpstreamLog, Workers, World
+
+
+def _processing_turn(world: World, token: str, model: str = "primary") -> HeldTurn:
     """A turn in flight under `token`, written in one transaction so no worker ever sees it pending."""
     user_id, key = world.user()
     conversation_id = world.conversation(key, world.agent(world.model(model)))
@@ -40,7 +47,7 @@ def _processing_turn(world, token: str, model: str = "primary") -> HeldTurn:  # 
 
 
 @pytest.fixture
-def swept_once(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+def swept_once(world: World, redis_client: redis.Redis) -> None:
     """The session's workers sweep for lost work, and the first sweep after a test's Redis flush (`clean`) takes
     Redis for lost and sends every run processing under no lease (`app.recovery`): one a test has just handed
     back would be claimed by a session worker. The tests that hand runs back mark Redis as such a sweep does
@@ -51,12 +58,12 @@ def swept_once(world, redis_client) -> None:  # type: ignore[no-untyped-def]
     redis_client.set(epoch_key(), epoch_value(server_run(redis_client)))
 
 
-def _lease_expiry(turn_id: int):  # type: ignore[no-untyped-def]
+def _lease_expiry(turn_id: int) -> datetime | None:
     with transaction() as session:
         return session.scalar(select(Turn.lease_expires_at).where(Turn.assistant_message_id == turn_id))
 
 
-def test_a_stale_delivery_leaving_does_not_end_the_live_deliverys_renewals(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_stale_delivery_leaving_does_not_end_the_live_deliverys_renewals(world: World) -> None:
     """Two threads of one process hold the same turn: the first delivery's lease was taken over by the
     second. The stale one is told to stop at the next renewal, and its leaving keeps the live one renewed."""
     turn = _processing_turn(world, token="live")
@@ -71,14 +78,14 @@ def test_a_stale_delivery_leaving_does_not_end_the_live_deliverys_renewals(world
         renewed = wait_for(lambda: (at := _lease_expiry(turn.turn_id)) != before and at, timeout=5,
                            what="the live delivery's lease to be renewed")
         # Renewed by the keeper (3 s leases in the tests), not left at the 10 s the turn was given.
-        assert renewed < before
-        later = wait_for(lambda: (at := _lease_expiry(turn.turn_id)) > renewed and at, timeout=5,
+        assert before is not None and renewed < before
+        later = wait_for(lambda: (at := cast(datetime, _lease_expiry(turn.turn_id))) > renewed and at, timeout=5,
                          what="a renewal after the stale delivery left")
         assert later > renewed
         assert not live.stop.is_set()
 
 
-def _processing_turn_expiring_soon(world) -> HeldTurn:  # type: ignore[no-untyped-def]
+def _processing_turn_expiring_soon(world: World) -> HeldTurn:
     """A processing turn whose lease runs out 2.5 s from now unless it is renewed."""
     turn = _processing_turn(world, token="live")
     with transaction() as session:
@@ -103,8 +110,8 @@ def _lease_alive_for_8_seconds(keeper: LeaseKeeper, turn: HeldTurn) -> tuple[lis
     return alive, time.monotonic() - leaving
 
 
-def test_a_redis_that_stops_answering_holds_back_no_renewal_of_the_lease(  # type: ignore[no-untyped-def]
-        world, settings_of, silent_redis: SilentServer) -> None:
+def test_a_redis_that_stops_answering_holds_back_no_renewal_of_the_lease(
+        world: World, settings_of: Callable[..., None], silent_redis: SilentServer) -> None:
     """The keeper looks for stop requests in Redis and renews the turns' Redis locks; a Redis that stops
     answering holds each of those for its socket timeout (5 s). The Redis locks were once renewed on the
     thread that renews the leases in the database, after each renewal, and a lease of under about 15 s ran
@@ -127,8 +134,9 @@ def test_a_redis_that_stops_answering_holds_back_no_renewal_of_the_lease(  # typ
     assert len(silent_redis.connections) >= 2
 
 
-def test_a_renewal_waiting_on_redis_does_not_hold_back_turns_starting(  # type: ignore[no-untyped-def]
-        world, settings_of, silent_redis: SilentServer, monkeypatch) -> None:
+def test_a_renewal_waiting_on_redis_does_not_hold_back_turns_starting(
+        world: World, settings_of: Callable[..., None], silent_redis: SilentServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A renewal ends with one pipeline to Redis (the turns' locks and slots), which a Redis that stopped
     answering holds for its socket timeout; that wait was under the lock every turn of the process takes to
     start, so none could for 5 s at each renewal. (A turn ending waits for it: it must not free its lock
@@ -139,7 +147,7 @@ def test_a_renewal_waiting_on_redis_does_not_hold_back_turns_starting(  # type: 
     settings_of(REDIS_URL=f"redis://127.0.0.1:{silent_redis.port}/0")
     renew, renewing = conversation_locks.renew, threading.Event()
 
-    def noted_renewal(turns) -> None:  # type: ignore[no-untyped-def]
+    def noted_renewal(turns: Iterable[HeldTurn]) -> None:
         renewing.set()
         renew(turns)
 
@@ -158,7 +166,7 @@ def test_a_renewal_waiting_on_redis_does_not_hold_back_turns_starting(  # type: 
     assert took < 1, f"a turn took {took:.1f} s to start behind a renewal"
 
 
-def test_a_dying_duplicate_message_leaves_a_turn_another_delivery_runs(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_dying_duplicate_message_leaves_a_turn_another_delivery_runs(world: World) -> None:
     """Retries of a duplicate message ran out while another delivery holds the turn's live lease: the turn is
     that delivery's to settle. Once no live lease is left, the same dead message ends it as `error`."""
     from app.unheld_ends import abandon_turn
@@ -179,7 +187,7 @@ def test_a_dying_duplicate_message_leaves_a_turn_another_delivery_runs(world) ->
     assert status == "error"
 
 
-def test_a_dying_duplicate_message_leaves_a_test_run_another_delivery_runs(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_dying_duplicate_message_leaves_a_test_run_another_delivery_runs(world: World) -> None:
     """The same rule for an admin test run: ended by its dead message only once no live lease is left."""
     from app.models import DebugRun
     from app.unheld_ends import abandon_debug_run
@@ -205,7 +213,8 @@ def test_a_dying_duplicate_message_leaves_a_test_run_another_delivery_runs(world
     assert status() == "error"
 
 
-def test_a_run_ended_without_its_worker_is_logged_with_the_status_it_got(world, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_a_run_ended_without_its_worker_is_logged_with_the_status_it_got(
+        world: World, caplog: pytest.LogCaptureFixture) -> None:
     """A turn its user had asked to stop, whose worker died, ends `cancelled` when a look ends it: the log said
     "ended as error" all the same, and an operator reading it looked for a failure that was a stop."""
     import logging
@@ -226,7 +235,8 @@ def test_a_run_ended_without_its_worker_is_logged_with_the_status_it_got(world, 
         f"turn {stopped.turn_id} ended as cancelled: gave up", f"turn {failed.turn_id} ended as error: gave up"]
 
 
-def test_leases_are_judged_by_the_databases_clock_not_by_a_worker_clock_running_ahead(world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_leases_are_judged_by_the_databases_clock_not_by_a_worker_clock_running_ahead(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker machine whose clock runs a minute ahead (no NTP) neither takes a live turn over when a
     duplicate message reaches it nor re-sends the turn from its recovery sweep: leases are written and
     judged by the database's clock, so only one clock matters (the worker's clock is faked wherever a lease rule
@@ -260,7 +270,8 @@ def test_leases_are_judged_by_the_databases_clock_not_by_a_worker_clock_running_
         assert session.scalar(select(DebugRun.lease_token).where(DebugRun.id == run_id)) == "live"
 
 
-def test_a_sweep_takes_no_lease_over_until_the_database_has_answered_it_for_a_renewal_period(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_sweep_takes_no_lease_over_until_the_database_has_answered_it_for_a_renewal_period(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """After an outage longer than a lease every lease has run out, and the workers still streaming renew theirs
     within a renewal period of the database being back: the recovery loop's sweeps leave leases alone until the
     database has answered them for that long, at a process's start and again after an outage. (Its effect on
@@ -308,7 +319,8 @@ def test_a_sweep_takes_no_lease_over_until_the_database_has_answered_it_for_a_re
         loop.stop()
 
 
-def test_a_settlement_whose_commits_reply_was_lost_is_not_taken_for_a_lost_lease(world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_settlement_whose_commits_reply_was_lost_is_not_taken_for_a_lost_lease(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """The connection drops after the server committed a settlement and before its reply came back: the
     settlement, trying again through the outage, finds its lease given up (by itself) and was refused as
     a lost lease, as after a takeover. The worker then skipped what follows the commit: the stream's
@@ -392,7 +404,7 @@ def test_a_look_whose_first_answer_took_longer_than_a_renewal_period_shuts_the_t
     assert gate.open
 
 
-def test_a_turn_is_ended_past_its_deadline_only_once_its_lease_is_gone_and_its_deadline_passed(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_turn_is_ended_past_its_deadline_only_once_its_lease_is_gone_and_its_deadline_passed(world: World) -> None:
     """The deadline bound's end (`deadline_before`), on the database: a live lease or a deadline still ahead
     leaves the turn; neither, and it ends `error`. Its look joined the turn and its message without a join
     condition (a cartesian product SQLAlchemy warned of, a bare line in the API's JSON log)."""
@@ -417,7 +429,7 @@ def test_a_turn_is_ended_past_its_deadline_only_once_its_lease_is_gone_and_its_d
     assert status == "error"
 
 
-def test_a_stop_recorded_only_in_the_database_reaches_the_turn_at_a_renewal(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_stop_recorded_only_in_the_database_reaches_the_turn_at_a_renewal(world: World) -> None:
     """A stop is recorded on the turn's row as well as in Redis; a Redis that lost its flag must not leave the
     turn running. The keeper here has no Redis look (`cancel_check`), so only the renewal can tell it. An admin
     test run held beside it, renewed by the same pass, is not told to stop."""
@@ -446,7 +458,8 @@ def test_a_stop_recorded_only_in_the_database_reaches_the_turn_at_a_renewal(worl
         assert run_lease is not None and run_lease < utc_now() + timedelta(seconds=5)  # renewed: 3 s leases here
 
 
-def test_a_run_whose_end_gave_its_lease_up_is_not_logged_as_taken_over(world, swept_once, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_a_run_whose_end_gave_its_lease_up_is_not_logged_as_taken_over(
+        world: World, swept_once: None, caplog: pytest.LogCaptureFixture) -> None:
     """A renewal between a settlement's commit (which gives the lease up) and its runner leaving the keeper
     warned that the run's lease "was taken over", on a turn that had just ended fine. A run writing its end
     (`LeaseKeeper.ending`) is told nothing; one whose lease another delivery took is still warned of."""
@@ -469,7 +482,8 @@ def test_a_run_whose_end_gave_its_lease_up_is_not_logged_as_taken_over(world, sw
     assert warned == [f"lease of turn {taken.turn_id} was taken over; stopping"]
 
 
-def test_a_run_handed_back_as_its_worker_leaves_is_not_logged_as_taken_over(world, swept_once, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_a_run_handed_back_as_its_worker_leaves_is_not_logged_as_taken_over(
+        world: World, swept_once: None, caplog: pytest.LogCaptureFixture) -> None:
     """A worker leaving gives up the leases of the runs still calling (`LeaseKeeper.hand_back`); a renewal
     before such a run let go warned that its lease "was taken over", which no other worker had done. One whose
     lease another delivery took before the hand-back is still warned of."""
@@ -502,7 +516,8 @@ def test_a_run_handed_back_as_its_worker_leaves_is_not_logged_as_taken_over(worl
     assert warned == {f"lease of turn {taken.turn_id} was taken over; stopping"}
 
 
-def test_a_hand_back_whose_database_fails_part_way_stops_every_run_it_could_not_tell_about(world, swept_once) -> None:  # type: ignore[no-untyped-def]
+def test_a_hand_back_whose_database_fails_part_way_stops_every_run_it_could_not_tell_about(
+        world: World, swept_once: None) -> None:
     """Each revocation is its own transaction; one that fails (here a real error PostgreSQL raises for that row)
     ends the hand-back, those given up before it still reported for sending again. The failed one is stopped
     too, since its revocation may have committed before the error; the runs after it keep their leases and run
@@ -538,8 +553,8 @@ def test_a_hand_back_whose_database_fails_part_way_stops_every_run_it_could_not_
             session.execute(text("DROP FUNCTION refuse_revocation()"))
 
 
-def test_a_takeover_records_the_calls_of_every_earlier_delivery_left_in_no_record(  # type: ignore[no-untyped-def]
-        world, workers, redis_client) -> None:
+def test_a_takeover_records_the_calls_of_every_earlier_delivery_left_in_no_record(
+        world: World, workers: Workers, redis_client: redis.Redis) -> None:
     """Delivery 1 streamed part of an answer and its worker died; delivery 2 took the turn over, streamed some
     more and died before it recorded delivery 1's call. The delivery that takes the turn over from 2 records
     both dead deliveries' calls, once each; it recorded delivery 2's only, and delivery 1's call, which the
@@ -576,7 +591,7 @@ def test_a_takeover_records_the_calls_of_every_earlier_delivery_left_in_no_recor
                                             (3, "billed", "success", 2)]
 
 
-def test_deliveries_a_graceful_stop_handed_back_do_not_count_toward_giving_up(settings_of) -> None:  # type: ignore[no-untyped-def]
+def test_deliveries_a_graceful_stop_handed_back_do_not_count_toward_giving_up(settings_of: Callable[..., None]) -> None:
     """`AGENTQ_MAX_DELIVERIES` counts the deliveries that died or stalled, not those a worker's stop handed back;
     the reason names both, and the deadline's reason the delivery's own number."""
     from app.config import get_settings
@@ -610,8 +625,8 @@ def _turn_lease(turn_id: int) -> tuple[str | None, int, str]:
     return row[0], row[1], row[2]
 
 
-def test_a_run_whose_calls_end_just_after_it_was_handed_back_takes_its_lease_back_and_writes_its_end(  # type: ignore[no-untyped-def]
-        world, swept_once) -> None:
+def test_a_run_whose_calls_end_just_after_it_was_handed_back_takes_its_lease_back_and_writes_its_end(
+        world: World, swept_once: None) -> None:
     """A hand-back gave up a turn whose answer came back right after the look: its settlement was refused, and the
     delivery taking it over called the model again for an answer already paid for. Until another delivery claims
     the run, the run whose calls ended takes its lease back (`LeaseKeeper.ending`) and its end lands."""
@@ -626,12 +641,12 @@ def test_a_run_whose_calls_end_just_after_it_was_handed_back_takes_its_lease_bac
         keeper.ending(holding, stopped=False)
         assert not holding.handed_back
         assert _turn_lease(turn.turn_id) == ("mine", 0, "processing")  # the hand-back undone is not counted
-        assert _lease_expiry(turn.turn_id) > utc_now()
+        assert (expiry := _lease_expiry(turn.turn_id)) is not None and expiry > utc_now()
         _settle_as_success(turn, "mine")
     assert _turn_lease(turn.turn_id) == (None, 0, "success")
 
 
-def test_a_run_stopped_by_its_hand_back_does_not_take_its_lease_back(world, swept_once) -> None:  # type: ignore[no-untyped-def]
+def test_a_run_stopped_by_its_hand_back_does_not_take_its_lease_back(world: World, swept_once: None) -> None:
     """The hand-back stops the calls it gives up: a run whose end is that stop (`stopped`) leaves its lease given
     up, for the worker the run was sent to; taking it back, it ended its turn `cancelled` in the leaving worker."""
     from app.claims import LeaseLost
@@ -649,7 +664,8 @@ def test_a_run_stopped_by_its_hand_back_does_not_take_its_lease_back(world, swep
     assert _turn_lease(turn.turn_id) == (None, 1, "processing")
 
 
-def test_a_test_run_whose_calls_end_just_after_it_was_handed_back_takes_its_lease_back(world, swept_once) -> None:  # type: ignore[no-untyped-def]
+def test_a_test_run_whose_calls_end_just_after_it_was_handed_back_takes_its_lease_back(
+        world: World, swept_once: None) -> None:
     """The same for an admin test run, whose status is on its own row; one already ended is not taken back."""
     from app.run_kinds import DEBUG_RUN
 
@@ -677,8 +693,8 @@ def test_a_test_run_whose_calls_end_just_after_it_was_handed_back_takes_its_leas
 
 
 @pytest.mark.parametrize("claimer_then", ["runs", "hands_to_retry"])
-def test_a_run_claimed_by_another_delivery_after_its_hand_back_is_left_to_that_delivery(  # type: ignore[no-untyped-def]
-        world, swept_once, claimer_then) -> None:
+def test_a_run_claimed_by_another_delivery_after_its_hand_back_is_left_to_that_delivery(
+        world: World, swept_once: None, claimer_then: str) -> None:
     """Once the re-sent message's delivery claimed the run, the one whose calls ended late takes nothing back: its
     end is refused, and the claiming delivery runs the turn. Also when that delivery has given the lease up again
     (it failed, and handed the run to its retry): the lease is as free as after the hand-back, but the run's
@@ -705,7 +721,8 @@ def test_a_run_claimed_by_another_delivery_after_its_hand_back_is_left_to_that_d
     assert _turn_lease(turn.turn_id) == (kept, 1, "processing")
 
 
-def test_a_run_whose_calls_end_during_its_revocation_waits_for_it_then_takes_its_lease_back(world, swept_once) -> None:  # type: ignore[no-untyped-def]
+def test_a_run_whose_calls_end_during_its_revocation_waits_for_it_then_takes_its_lease_back(
+        world: World, swept_once: None) -> None:
     """The call ends while the hand-back's revocation is on its way to the database (held there by a real lock a
     trigger waits for): marking the run `ending` waits for that revocation to commit, then takes the lease
     back. Marked `ending` at once instead, the run was left to the revocation, and its end was refused."""
@@ -748,7 +765,7 @@ def test_a_run_whose_calls_end_during_its_revocation_waits_for_it_then_takes_its
             session.execute(text("DROP FUNCTION hold_revocation()"))
 
 
-def test_a_run_handed_back_is_sent_only_once_its_stopped_call_has_ended(world, swept_once) -> None:  # type: ignore[no-untyped-def]
+def test_a_run_handed_back_is_sent_only_once_its_stopped_call_has_ended(world: World, swept_once: None) -> None:
     """A call stopped by the hand-back may still bring its whole answer back (the model had finished, its
     usage not yet sent): the run then takes its lease back. Sent to another worker before that, the run was
     claimed there first (a worker woken at once by the send's doorbell) and its model called again, a second
@@ -764,7 +781,7 @@ def test_a_run_handed_back_is_sent_only_once_its_stopped_call_has_ended(world, s
         with keeper.holding(held_left):
             assert len(keeper.hand_back(sent_within=30).given_up) == 2
         # Left to this process to send meanwhile: the recovery sweep waits (`lease_over`) as long.
-        assert _lease_expiry(answered.turn_id) > utc_now() + timedelta(seconds=20)
+        assert (expiry := _lease_expiry(answered.turn_id)) is not None and expiry > utc_now() + timedelta(seconds=20)
         sending = threading.Thread(target=lambda: sent.append(keeper.handed_back_to_send(30)))
         sending.start()
         sending.join(timeout=0.3)  # long enough for a send not made to wait to have gone
@@ -776,7 +793,7 @@ def test_a_run_handed_back_is_sent_only_once_its_stopped_call_has_ended(world, s
     assert _turn_lease(answered.turn_id) == (None, 0, "success")
 
 
-def test_a_run_sent_to_another_worker_takes_nothing_back(world, swept_once) -> None:  # type: ignore[no-untyped-def]
+def test_a_run_sent_to_another_worker_takes_nothing_back(world: World, swept_once: None) -> None:
     """One that had not decided when the wait ran out is sent all the same, and can no longer take its lease
     back: the worker it was sent to has it."""
     from app.claims import LeaseLost
@@ -795,7 +812,8 @@ def test_a_run_sent_to_another_worker_takes_nothing_back(world, swept_once) -> N
     assert _turn_lease(turn.turn_id) == (None, 1, "processing")
 
 
-def test_a_stop_of_a_pending_turn_cancels_it_at_once_and_frees_its_conversation(world, settings_of) -> None:  # type: ignore[no-untyped-def]
+def test_a_stop_of_a_pending_turn_cancels_it_at_once_and_frees_its_conversation(
+        world: World, settings_of: Callable[..., None]) -> None:
     """No worker has a pending turn, so a stop ends it `cancelled` itself, at once: the answer does not
     depend on a worker (here none is waited for at all) and the conversation takes the next message."""
     settings_of(AGENTQ_CANCEL_WAIT_SECONDS="0")
@@ -809,7 +827,8 @@ def test_a_stop_of_a_pending_turn_cancels_it_at_once_and_frees_its_conversation(
     assert world.send(key, conversation_id, "next").status_code == 202
 
 
-def test_a_stop_of_an_ended_turn_leaves_it_as_it_is_and_flags_nothing(world, workers, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_a_stop_of_an_ended_turn_leaves_it_as_it_is_and_flags_nothing(
+        world: World, workers: Workers, redis_client: redis.Redis) -> None:
     """A stop that finds its turn ended (`request_stop` returns None) records no stop and publishes none: a
     flag left in Redis stopped at once a later turn of the same id (a database made again), and the answer
     waited for a worker that would never come."""
@@ -833,7 +852,8 @@ def _answer_status(turn_id: int) -> str:
         return session.scalars(select(ConversationMessage.status).where(ConversationMessage.id == turn_id)).one()
 
 
-def test_only_a_takeover_of_a_lease_never_given_up_has_a_predecessor_whose_calls_to_record(world, swept_once) -> None:  # type: ignore[no-untyped-def]
+def test_only_a_takeover_of_a_lease_never_given_up_has_a_predecessor_whose_calls_to_record(
+        world: World, swept_once: None) -> None:
     """`ClaimResult.predecessor` names the delivery whose worker died holding its lease; a lease given up
     (handed to a retry, handed back) leaves no calls to no one, and the takeover has no predecessor."""
     from app.claims import Claim
@@ -849,7 +869,8 @@ def test_only_a_takeover_of_a_lease_never_given_up_has_a_predecessor_whose_calls
     assert [(c.outcome, c.predecessor) for c in claims] == [(Claim.TAKEN_OVER, 2), (Claim.TAKEN_OVER, None)]
 
 
-def test_a_processing_run_whose_lease_was_revoked_with_no_expiry_is_sent_again(world, workers, swept_once) -> None:  # type: ignore[no-untyped-def]
+def test_a_processing_run_whose_lease_was_revoked_with_no_expiry_is_sent_again(
+        world: World, workers: Workers, swept_once: None) -> None:
     """A lease revoked with no expiry (`RunKind.revoke_lease` without `swept_after`: an overdue run's, a
     hand-back's that sends nothing itself) is over (`lease_over`): the sweep sends the run again, and it runs."""
     turn = _processing_turn(world, token="revoked")
@@ -859,8 +880,8 @@ def test_a_processing_run_whose_lease_was_revoked_with_no_expiry_is_sent_again(w
     wait_for(lambda: _answer_status(turn.turn_id) == "success", timeout=15, what="the run sent again and run")
 
 
-def test_a_run_handed_to_a_retry_past_its_deadline_is_ended_without_waiting_for_the_hand_over(  # type: ignore[no-untyped-def]
-        world, workers, swept_once) -> None:
+def test_a_run_handed_to_a_retry_past_its_deadline_is_ended_without_waiting_for_the_hand_over(
+        world: World, workers: Workers, swept_once: None) -> None:
     """A lease without a token is held by no one (`lease_not_held`), whatever its expiry: a run handed to its
     retry (a revoked token, an expiry a minute ahead) past its deadline is ended by the deadline bound at once."""
     turn = _processing_turn(world, token="failed")
@@ -871,7 +892,7 @@ def test_a_run_handed_to_a_retry_past_its_deadline_is_ended_without_waiting_for_
     wait_for(lambda: _answer_status(turn.turn_id) == "error", timeout=15, what="the deadline bound's end")
 
 
-def test_a_test_run_is_ended_past_its_deadline_only_once_its_deadline_passed(world, swept_once) -> None:  # type: ignore[no-untyped-def]
+def test_a_test_run_is_ended_past_its_deadline_only_once_its_deadline_passed(world: World, swept_once: None) -> None:
     """The deadline bound's end of an admin test run (`finish_debug_run(deadline_before=...)`) is judged on
     the locked row: a run under no lease whose deadline is still ahead (a requeue gave it a new one) is left.
     Redis is marked as swept (`swept_once`): the session workers' first sweep after the test's flush sent the run
@@ -901,8 +922,8 @@ def test_a_test_run_is_ended_past_its_deadline_only_once_its_deadline_passed(wor
         assert session.get_one(DebugRun, run_id).status == "error"
 
 
-def test_a_test_run_taken_over_spends_on_its_model_only_the_time_its_deadline_leaves(  # type: ignore[no-untyped-def]
-        world, swept_once, upstream) -> None:
+def test_a_test_run_taken_over_spends_on_its_model_only_the_time_its_deadline_leaves(
+        world: World, swept_once: None, upstream: UpstreamLog) -> None:
     """A delivery that takes a test run over keeps its first delivery's deadline (`Deadline.time_left`), and
     its model calls end by it (`attempts_end_by`), not by the agent's timeout alone."""
     from app.debug_runner import run_debug_run
@@ -924,7 +945,8 @@ def test_a_test_run_taken_over_spends_on_its_model_only_the_time_its_deadline_le
     assert time.monotonic() - started < 5, ended.error_message
 
 
-def test_a_test_run_stopped_by_its_hand_back_leaves_its_lease_to_the_next_worker(world, upstream, swept_once) -> None:  # type: ignore[no-untyped-def]
+def test_a_test_run_stopped_by_its_hand_back_leaves_its_lease_to_the_next_worker(
+        world: World, upstream: UpstreamLog, swept_once: None) -> None:
     """A test run whose model call the hand-back stopped ends as that stop (`keeper.ending(stopped=True)`):
     it does not take its lease back and write a cut-short end; it stays `processing` for the next worker."""
     from app.debug_runner import run_debug_run

@@ -13,7 +13,7 @@ import subprocess
 import time
 from contextlib import AbstractContextManager, ExitStack
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 from sqlalchemy import select, text
@@ -21,11 +21,17 @@ from sqlalchemy import select, text
 from tests.conftest import child_env
 from tests.support import ROOT, agentq, refusing, wait_for
 
+if TYPE_CHECKING:
+    import redis
+
+    from app.redis_client import StreamEntry
+    from tests.conftest import Api, UpstreamLog, Workers, World
+
 NAMESPACE = "agentq-dramatiq"
 
 
 @pytest.fixture(autouse=True)
-def _running(workers, upstream, api, redis_client) -> None:  # type: ignore[no-untyped-def]
+def _running(workers: Workers, upstream: UpstreamLog, api: Api, redis_client: redis.Redis) -> None:
     """A worker, a clean upstream log, no dead letters left by another test, and recovery past the flush.
 
     The `clean` fixture empties Redis; the next recovery sweep takes that for lost data and sends every
@@ -149,7 +155,7 @@ def _fell_back_of(turn_id: int) -> bool:
         return session.get_one(Turn, turn_id).fell_back
 
 
-def test_the_queue_view_counts_admin_test_runs_in_flight_beside_turns(world) -> None:  # type: ignore[no-untyped-def]
+def test_the_queue_view_counts_admin_test_runs_in_flight_beside_turns(world: World) -> None:
     """Test runs share the workers with turns (the `debug` queue): an operator looking for what holds them saw
     only the turns."""
     from app.db import transaction
@@ -167,7 +173,8 @@ def test_the_queue_view_counts_admin_test_runs_in_flight_beside_turns(world) -> 
     assert (queues["turns"], queues["test_runs"]) == ({"pending": 0, "processing": 0}, {"pending": 1, "processing": 2})
 
 
-def test_a_turn_whose_retries_run_out_is_a_dead_letter_and_runs_again_when_requeued(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_a_turn_whose_retries_run_out_is_a_dead_letter_and_runs_again_when_requeued(
+        world: World, redis_client: redis.Redis) -> None:
     api, admin = world.api, world.admin_key
     agent_id = world.agent(world.model(price_in="1", price_out="1"))
     _, key = world.user(balance="10")
@@ -228,7 +235,7 @@ def test_a_turn_whose_retries_run_out_is_a_dead_letter_and_runs_again_when_reque
         assert (shown.status_code, shown.json["error"]["message"]) == (404, requeued_already)
 
 
-def test_a_requeued_turn_does_not_show_the_text_its_dead_run_kept(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_a_requeued_turn_does_not_show_the_text_its_dead_run_kept(world: World, redis_client: redis.Redis) -> None:
     """A run that ends `error` keeps what its readers were sent; requeued, the turn is pending again and its
     answer starts over: it showed the old run's text and model until the new run ended."""
     from app.db import transaction
@@ -247,7 +254,7 @@ def test_a_requeued_turn_does_not_show_the_text_its_dead_run_kept(world, redis_c
         "pending", "", None, None)
 
 
-def test_purging_dead_letters_through_the_api_leaves_none(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_purging_dead_letters_through_the_api_leaves_none(world: World, redis_client: redis.Redis) -> None:
     api, admin = world.api, world.admin_key
     agent_id = world.agent(world.model())
     _, key = world.user()
@@ -273,7 +280,7 @@ def test_purging_dead_letters_through_the_api_leaves_none(world, redis_client) -
 
 
 @pytest.mark.parametrize("deleted", ["conversation", "agent"])
-def test_a_dead_turn_of_a_deleted_conversation_or_agent_is_not_run_again(world, deleted: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_dead_turn_of_a_deleted_conversation_or_agent_is_not_run_again(world: World, deleted: str) -> None:
     """Deleting the conversation was its user's last word: a requeue is refused (409) and the turn stays `error`,
     instead of running, hidden, charged and holding a slot the user could no longer free. A deleted agent
     takes no new work, a requeued turn included."""
@@ -296,8 +303,8 @@ def test_a_dead_turn_of_a_deleted_conversation_or_agent_is_not_run_again(world, 
     assert ledger_rows(ended["id"]) == 0
 
 
-def test_a_conversation_deleted_while_its_dead_turn_is_being_requeued_does_not_get_it_run(  # type: ignore[no-untyped-def]
-        world, web_server, database) -> None:
+def test_a_conversation_deleted_while_its_dead_turn_is_being_requeued_does_not_get_it_run(
+        world: World, web_server: str, database: str) -> None:
     """The delete committed between the requeue's read of the conversation and its commit: it found no turn
     in flight to stop, and the requeued turn ran, charged, in a conversation its user could no longer see or
     stop. The test holds the agent's row, which the requeue reads after the conversation, until the delete
@@ -333,7 +340,7 @@ def test_a_conversation_deleted_while_its_dead_turn_is_being_requeued_does_not_g
     assert ledger_rows(ended["id"]) == 0
 
 
-def test_a_dead_test_run_of_a_deleted_agent_is_not_run_again(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_a_dead_test_run_of_a_deleted_agent_is_not_run_again(world: World, upstream: UpstreamLog) -> None:
     """An admin's test run dead-lettered, then its agent (and its model) deleted: the requeue is refused as a
     turn's is (409 `agent_deleted`), instead of calling a deleted model and logging its cost."""
     from app.db import transaction
@@ -353,7 +360,7 @@ def test_a_dead_test_run_of_a_deleted_agent_is_not_run_again(world, upstream) ->
     assert upstream.requests() == []
 
 
-def test_a_dead_letter_whose_test_run_is_processing_again_is_not_requeued(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_a_dead_letter_whose_test_run_is_processing_again_is_not_requeued(world: World, upstream: UpstreamLog) -> None:
     """A dead letter's run that a delivery runs again (another of its dead letters requeued, by another
     operator) is not reopened: moving it from `processing` back to `pending` would drop its live lease and
     run it twice. The status rule allows `pending` from `error` alone."""
@@ -375,7 +382,7 @@ def test_a_dead_letter_whose_test_run_is_processing_again_is_not_requeued(world,
     assert upstream.requests() == []
 
 
-def test_a_requeued_test_run_starts_again_from_its_primary(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_a_requeued_test_run_starts_again_from_its_primary(world: World, upstream: UpstreamLog) -> None:
     """A test run that had switched to its fallback before it died starts over from its primary when requeued,
     as a requeued turn does: kept, the switch sent the new run to the fallback alone, logged under its name.
     Its deliveries are numbered on from the next thousand, as a turn's: they started over at 1, so the attempts
@@ -401,7 +408,7 @@ def test_a_requeued_test_run_starts_again_from_its_primary(world, upstream) -> N
         assert [tuple(a) for a in attempts] == [(1001, "first", "success")]
 
 
-def test_a_dead_turn_of_a_user_at_the_limit_of_active_conversations_is_refused(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_dead_turn_of_a_user_at_the_limit_of_active_conversations_is_refused(world: World) -> None:
     """A requeued turn becomes one of its user's active conversations: with the user at the limit it is
     refused 429, as the user's own message would be, and stays `error`."""
     from app.db import transaction
@@ -426,7 +433,7 @@ def test_a_dead_turn_of_a_user_at_the_limit_of_active_conversations_is_refused(w
                             {"ids": others})
 
 
-def test_a_dead_turn_of_a_busy_conversation_is_refused_in_the_operators_words(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_dead_turn_of_a_busy_conversation_is_refused_in_the_operators_words(world: World) -> None:
     """The conversation has another turn in flight: the requeue is 409 `conversation_busy`, with the dead
     letter named, as the limit's refusal is, rather than the user's sentence."""
     api, admin = world.api, world.admin_key
@@ -444,7 +451,7 @@ def test_a_dead_turn_of_a_busy_conversation_is_refused_in_the_operators_words(wo
     assert world.wait_terminal(key, running)["status"] == "cancelled"
 
 
-def test_a_turn_stopped_while_its_message_waits_for_a_retry_ends_cancelled_at_once(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_turn_stopped_while_its_message_waits_for_a_retry_ends_cancelled_at_once(world: World) -> None:
     """Its first delivery failed after the claim (the answer could not be written), so the turn is
     `processing` with no worker holding it; the stop ends it `cancelled` at once, charging nothing (it was
     flagged for a retry that failed too, and the message's death ended the turn `error`, then, once the stop
@@ -479,7 +486,7 @@ def test_a_turn_stopped_while_its_message_waits_for_a_retry_ends_cancelled_at_on
     assert ledger_rows(turn) == 0
 
 
-def test_a_purged_dead_letter_is_not_brought_back_by_a_late_record(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_purged_dead_letter_is_not_brought_back_by_a_late_record(world: World) -> None:
     """The worker's record of a death can come after the operator purged the letter (the listing adopted it
     from the broker first): the broker no longer holds the message, so no row comes back."""
     import uuid
@@ -498,7 +505,7 @@ def test_a_purged_dead_letter_is_not_brought_back_by_a_late_record(world) -> Non
         assert session.scalars(select(DeadLetter)).all() == []
 
 
-def test_a_turn_requeued_before_the_worker_ended_its_dead_run_is_not_ended_with_it(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_turn_requeued_before_the_worker_ended_its_dead_run_is_not_ended_with_it(world: World) -> None:
     """The worker records a dead message's letter, then ends its run. A run given up is `error` before its
     message dies, so its letter can be requeued at once (a listing adopts it from the broker): a requeue in
     between was undone, the turn pending again ended `error` with it and its letter, marked requeued, gone.
@@ -531,7 +538,7 @@ def test_a_turn_requeued_before_the_worker_ended_its_dead_run_is_not_ended_with_
     assert ledger_rows(turn_id) == 1
 
 
-def test_the_dlq_command_lists_shows_requeues_and_purges(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_the_dlq_command_lists_shows_requeues_and_purges(world: World, redis_client: redis.Redis) -> None:
     agent_id = world.agent(world.model())
     _, key = world.user()
     first, second, third = (ended for _, ended in dead_turns(world, key, agent_id, "first", "second", "third"))
@@ -575,7 +582,7 @@ def test_the_dlq_command_lists_shows_requeues_and_purges(world, redis_client) ->
     assert dlq("requeue", "1", "--all").returncode == 2
 
 
-def test_purge_all_empties_the_dead_letter_queue(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_purge_all_empties_the_dead_letter_queue(world: World, redis_client: redis.Redis) -> None:
     agent_id = world.agent(world.model())
     _, key = world.user()
     dead_turns(world, key, agent_id, "gone 0", "gone 1")
@@ -589,7 +596,8 @@ def test_purge_all_empties_the_dead_letter_queue(world, redis_client) -> None:  
     assert queue_of(world.api, world.admin_key, "turns")["dead_letters"] == 0
 
 
-def test_a_dead_letter_the_worker_could_not_record_is_adopted_from_the_broker(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_a_dead_letter_the_worker_could_not_record_is_adopted_from_the_broker(
+        world: World, redis_client: redis.Redis) -> None:
     from app.db import transaction
 
     api, admin = world.api, world.admin_key
@@ -609,7 +617,8 @@ def test_a_dead_letter_the_worker_could_not_record_is_adopted_from_the_broker(wo
     assert world.wait_terminal(key, turn["id"])["status"] == "success"
 
 
-def test_a_dead_letter_lost_by_redis_is_still_listed_and_requeued_from_its_row(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_a_dead_letter_lost_by_redis_is_still_listed_and_requeued_from_its_row(
+        world: World, redis_client: redis.Redis) -> None:
     api, admin = world.api, world.admin_key
     agent_id = world.agent(world.model())
     _, key = world.user()
@@ -626,8 +635,8 @@ def test_a_dead_letter_lost_by_redis_is_still_listed_and_requeued_from_its_row(w
     assert queue_of(api, admin, "turns")["dead_letters"] == 0
 
 
-def test_with_redis_out_of_reach_dead_letters_are_listed_and_counted_from_their_rows(world, redis_client,  # type: ignore[no-untyped-def]
-                                                                                     monkeypatch) -> None:
+def test_with_redis_out_of_reach_dead_letters_are_listed_and_counted_from_their_rows(
+        world: World, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     """The rows are the durable record: with Redis out of reach the listing says it cannot tell whether the
     broker holds each letter (`in_broker` null, as the API's schema allows) and the queues report the
     letters by their rows, the counts only Redis holds as null."""
@@ -650,7 +659,7 @@ def test_with_redis_out_of_reach_dead_letters_are_listed_and_counted_from_their_
         "turns": (None, None, 1), "debug": (None, None, 0)}
 
 
-def test_a_dead_letter_whose_turn_ended_otherwise_is_not_requeued(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_a_dead_letter_whose_turn_ended_otherwise_is_not_requeued(world: World, redis_client: redis.Redis) -> None:
     from app.db import transaction
 
     api, admin = world.api, world.admin_key
@@ -688,8 +697,9 @@ UNKNOWN: tuple[str, list[object]] = ("unknown", [])
     ({"args": [float("nan")]}, 1, UNKNOWN), ({"args": [1, float("inf")]}, 1, UNKNOWN),
     ({"actor_name": "run\x00turn"}, 1, UNKNOWN), ({"actor_name": "a" * 201}, 1, UNKNOWN),
 ])
-def test_a_dead_body_of_odd_shape_in_redis_is_listed_not_a_500(  # type: ignore[no-untyped-def]
-        world, redis_client, changes, score, read) -> None:
+def test_a_dead_body_of_odd_shape_in_redis_is_listed_not_a_500(
+        world: World, redis_client: redis.Redis, changes: dict[str, Any], score: float,
+        read: tuple[str, list[object]]) -> None:
     """These keys are open to whatever writes to Redis: one body whose options were a list, whose retries
     were a word or past a 32-bit integer, whose traceback a number or text no database stores (a NUL, a lone
     surrogate), whose arguments held such text or a NaN, whose actor's name was such text or longer than a
@@ -743,7 +753,7 @@ def test_a_dead_letters_error_is_the_exceptions_line_not_postgresqls_hint() -> N
         "app.deliveries.RunGivenUp: gave up after 5 deliveries")
 
 
-def test_a_dead_letter_id_dramatiq_never_writes_is_left_out_not_a_500(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_a_dead_letter_id_dramatiq_never_writes_is_left_out_not_a_500(world: World, redis_client: redis.Redis) -> None:
     """Ids in the dead-letter zset that are not printable ASCII or longer than a row keeps (64) made the
     listing, the queues and /metrics answer 500 while they were there; they are left out of all three (and
     logged), and a real dead letter beside them is still listed."""
@@ -763,7 +773,8 @@ def test_a_dead_letter_id_dramatiq_never_writes_is_left_out_not_a_500(world, red
         redis_client.delete(f"{NAMESPACE}:turns.XQ", f"{NAMESPACE}:turns.XQ.msgs")
 
 
-def test_a_dead_message_whose_argument_is_no_runs_id_leaves_the_dead_letters_manageable(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_a_dead_message_whose_argument_is_no_runs_id_leaves_the_dead_letters_manageable(
+        world: World, redis_client: redis.Redis) -> None:
     """A message agentq did not send (here a turn id past a BIGINT) dies like any other; its record names no
     run. Before, every look at it queried the turns with that id: the listing answered 500 and `agentq dlq`
     failed, for every dead letter, until its Redis entry was deleted by hand."""
@@ -787,7 +798,8 @@ def test_a_dead_message_whose_argument_is_no_runs_id_leaves_the_dead_letters_man
 
 
 @pytest.mark.parametrize("actor", ["run_turn", "run_debug_run"])
-def test_a_dead_letter_of_a_run_that_does_not_exist_is_refused_as_such(world, redis_client, actor) -> None:  # type: ignore[no-untyped-def]
+def test_a_dead_letter_of_a_run_that_does_not_exist_is_refused_as_such(
+        world: World, redis_client: redis.Redis, actor: str) -> None:
     """A dead message naming a run id no row has (written by hand, or for another database: a worker acknowledges
     such a message, so it is found only in a broker's keys) was refused as 409 `run_not_in_error`, "its run is no
     longer in error", which it never was: it is `run_not_found`, purge it."""
@@ -806,8 +818,8 @@ def test_a_dead_letter_of_a_run_that_does_not_exist_is_refused_as_such(world, re
     assert api.delete(f"/api/admin/dead-letters/{item['id']}", admin).status_code == 204
 
 
-def test_more_dead_letters_than_a_statement_takes_parameters_are_still_listed_and_counted(  # type: ignore[no-untyped-def]
-        world, redis_client) -> None:
+def test_more_dead_letters_than_a_statement_takes_parameters_are_still_listed_and_counted(
+        world: World, redis_client: redis.Redis) -> None:
     """Every id in an `IN (...)` list is a bound parameter, and PostgreSQL takes at most 65,535 a statement: past
     that, the listing, the queues and /metrics failed, read as a database outage (503, `up` 0), for as long as
     the dead letters stayed."""
@@ -856,8 +868,8 @@ def test_a_run_given_up_keeps_the_traceback_of_the_last_failure_retried() -> Non
     assert message.options["retries"] == 5
 
 
-def test_a_listing_reads_the_bodies_of_the_dead_letters_no_row_records_only(  # type: ignore[no-untyped-def]
-        world, redis_client, monkeypatch) -> None:
+def test_a_listing_reads_the_bodies_of_the_dead_letters_no_row_records_only(
+        world: World, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     """A dead message's body holds its traceback, kilobytes each; every listing (the operators' page looks
     every 3 s) read every letter's body from Redis, a hundred thousand letters after a bad deploy. Only the
     bodies of messages no row records yet are read, to adopt them."""
@@ -896,7 +908,7 @@ def test_a_listing_reads_the_bodies_of_the_dead_letters_no_row_records_only(  # 
         redis_client.delete(f"{NAMESPACE}:turns.XQ", f"{NAMESPACE}:turns.XQ.msgs")
 
 
-def test_dead_letters_are_paged_newest_first_with_ties_broken_by_id(world) -> None:  # type: ignore[no-untyped-def]
+def test_dead_letters_are_paged_newest_first_with_ties_broken_by_id(world: World) -> None:
     """With `limit`, a page and the cursor of the next, in the order of the whole listing (most recent death
     first, the higher id first among deaths at one time), in the API and in `agentq dlq list`; a requeued
     letter is in none. Before, every look listed every letter, tens of thousands with their tracebacks."""
@@ -947,7 +959,8 @@ def test_dead_letters_are_paged_newest_first_with_ties_broken_by_id(world) -> No
     assert [item["id"] for item in listed("--cursor", first["next_cursor"])["items"]] == [1, 7]
 
 
-def test_runs_waiting_for_a_retry_are_listed_soonest_first_with_their_last_error(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_runs_waiting_for_a_retry_are_listed_soonest_first_with_their_last_error(
+        world: World, redis_client: redis.Redis) -> None:
     """Operators saw only how many messages waited in a delay queue, not which runs, how often they had failed
     or why. The broker's own delayed sends (what Dramatiq's Retries middleware does) are listed, with the
     run's status, the retry count, the last failure and when it runs again; a body agentq cannot read is
@@ -966,7 +979,7 @@ def test_runs_waiting_for_a_retry_are_listed_soonest_first_with_their_last_error
     for delay, retries in ((60_000, 1), (30_000, 2)):
         broker.enqueue(dramatiq.Message(queue_name="turns", actor_name="run_turn", args=(turn,), kwargs={},
                                         options={"retries": retries, "traceback": trace}), delay=delay)
-    redis_client.hset(f"{NAMESPACE}:turns.DQ.msgs", "not-a-message", b"\xff not json")
+    redis_client.hset(f"{NAMESPACE}:turns.DQ.msgs", "not-a-message", b"\xff not json")  # type: ignore[arg-type]
 
     listed = world.api.get("/api/admin/retries", world.admin_key)
     assert listed.status_code == 200, listed.json
@@ -986,7 +999,8 @@ def test_runs_waiting_for_a_retry_are_listed_soonest_first_with_their_last_error
     redis_client.delete(f"{NAMESPACE}:turns.DQ.msgs", f"{NAMESPACE}:turns.DQ")
 
 
-def test_a_requeued_turn_is_followed_live_from_its_new_run_not_its_dead_runs_stream(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_a_requeued_turn_is_followed_live_from_its_new_run_not_its_dead_runs_stream(
+        world: World, redis_client: redis.Redis) -> None:
     """A turn's live stream (`RunKind.streams_live`) is dropped when its dead letter is requeued, so that a
     reader follows the new run, not the dead run's text to its `done`."""
     from app.live_stream import stream_key
@@ -999,5 +1013,5 @@ def test_a_requeued_turn_is_followed_live_from_its_new_run_not_its_dead_runs_str
     letter = world.api.get("/api/admin/dead-letters", world.admin_key).json["items"][0]
     assert world.api.post(f"/api/admin/dead-letters/{letter['id']}/requeue", world.admin_key).status_code == 202
     assert world.wait_terminal(key, turn_id)["status"] == "success"
-    held = [str(fields) for _, fields in redis_client.xrange(stream_key(turn_id))]
+    held = [str(fields) for _, fields in cast("list[StreamEntry]", redis_client.xrange(stream_key(turn_id)))]
     assert held and not any("the dead run's text" in fields for fields in held), held

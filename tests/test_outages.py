@@ -4,6 +4,7 @@ stream reader), so a real bug must not be among them."""
 from __future__ import annotations
 
 import sqlite3
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
@@ -14,6 +15,12 @@ from app.config import get_settings
 from app.deliveries import retry_failed
 from app.outages import is_outage
 from tests.support import free_port, refused_connection, wait_for
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+    from tests.conftest import World
 
 
 def _wrapped(error: Exception) -> sqlalchemy.exc.OperationalError:
@@ -77,7 +84,7 @@ def test_a_write_waiting_an_outage_out_lands_once_the_database_answers_and_a_bug
     assert 2 <= tries.count("down") <= 4
 
 
-def test_a_sqlite_file_another_process_holds_locked_is_waited_out_until_it_is_let_go(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_sqlite_file_another_process_holds_locked_is_waited_out_until_it_is_let_go(tmp_path: Path) -> None:
     """The embedded database has one writer at a time. A write lock held past the busy timeout (an
     operator's `sqlite3` shell left in a transaction) failed a finished turn's settlement at once, as a
     bug: the retry called the model again and the turn ended `error`. It is an outage: the write lands as
@@ -121,7 +128,8 @@ def test_a_sqlite_file_another_process_holds_locked_is_waited_out_until_it_is_le
     engine.dispose()
 
 
-def test_a_background_round_that_fails_for_a_bug_is_an_error_not_an_outages_warning(caplog) -> None:  # type: ignore[no-untyped-def]
+def test_a_background_round_that_fails_for_a_bug_is_an_error_not_an_outages_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
     """A sweep or a lease renewal that fails for a bug fails at every round (a broken renewal lets every lease
     run out): logged as an error with its traceback, not as the warning an outage gets."""
     import logging
@@ -139,7 +147,8 @@ def test_a_background_round_that_fails_for_a_bug_is_an_error_not_an_outages_warn
     assert "not for an outage" in caplog.records[1].getMessage()
 
 
-def test_a_background_loop_says_an_outage_once_and_again_with_what_it_did_not_say(caplog, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_background_loop_says_an_outage_once_and_again_with_what_it_did_not_say(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """The lease keeper's loops try twice a second: through a 40 s PostgreSQL outage each process logged a
     warning at every try, 80 lines that said the same. It is said once, then again after
     `OUTAGE_REPEAT_SECONDS` with the count of the tries between; another loop says its own."""
@@ -164,7 +173,7 @@ def test_a_background_loop_says_an_outage_once_and_again_with_what_it_did_not_sa
         "again, said at most every 0 s; 3 more rounds failed alike since this was last said"]
 
 
-def test_a_consumers_lost_redis_connection_is_a_warning_not_a_critical_line(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_consumers_lost_redis_connection_is_a_warning_not_a_critical_line(monkeypatch: pytest.MonkeyPatch) -> None:
     """Dramatiq says a consumer's lost Redis connection at CRITICAL, one line a consumer at every Redis restart,
     though the consumer starts again by itself: an operator paged on CRITICAL was paged for an outage the
     deployment rides out. The line is the outage warning the rest are, said once for the process's consumers
@@ -207,7 +216,7 @@ def test_a_consumers_lost_redis_connection_is_a_warning_not_a_critical_line(monk
     assert other is not None and other.levelname == "CRITICAL" and restart_after_other is not None
 
 
-def test_a_database_connection_gives_up_on_a_server_gone_within_half_a_lease(database) -> None:  # type: ignore[no-untyped-def]
+def test_a_database_connection_gives_up_on_a_server_gone_within_half_a_lease(database: str) -> None:
     """The kernel retransmits unacknowledged data for about fifteen minutes: a lease renewal sent to a server
     that a failover moved away hung the lease keeper that long, and every lease of the process ran out
     while its turns still streamed. What is not acknowledged within half a lease fails, and idle
@@ -223,7 +232,8 @@ def test_a_database_connection_gives_up_on_a_server_gone_within_half_a_lease(dat
     assert (idle + interval * count) * 1000 <= half_lease_ms + 3000
 
 
-def test_a_session_its_process_left_gives_its_locks_up_within_a_lease_and_its_connection_soon_after(database) -> None:  # type: ignore[no-untyped-def]
+def test_a_session_its_process_left_gives_its_locks_up_within_a_lease_and_its_connection_soon_after(
+        database: str) -> None:
     """A worker cut off mid-transaction by a partition that drops its packets left its session idle in that
     transaction, its row locks held, until the server's keepalives noticed (two hours by default): every
     request of that user, on every process, waited. The server ends such a session after a lease; the process
@@ -262,7 +272,7 @@ def test_a_session_its_process_left_gives_its_locks_up_within_a_lease_and_its_co
         assert is_outage(ended.value)
 
 
-def test_a_session_setting_the_server_refuses_leaves_the_others_set_and_the_connection_in_use(database) -> None:  # type: ignore[no-untyped-def]
+def test_a_session_setting_the_server_refuses_leaves_the_others_set_and_the_connection_in_use(database: str) -> None:
     """A server before PostgreSQL 12 has no `tcp_user_timeout`, and a pooler may filter `SET`s: one refused setting
     made every connection fail, taking the whole service down for a bound on dead sessions. The others are set
     one by one, the refused named, and the connection used."""
@@ -286,8 +296,8 @@ def test_a_session_setting_the_server_refuses_leaves_the_others_set_and_the_conn
         raw.invalidate()  # not back to the pool with the test's settings
 
 
-def test_a_background_round_that_fails_for_a_setup_step_says_the_step_once_a_minute(  # type: ignore[no-untyped-def]
-        tmp_path, caplog, monkeypatch) -> None:
+def test_a_background_round_that_fails_for_a_setup_step_says_the_step_once_a_minute(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """An API process on a database never initialised fails every round of its bounds loop alike: it said so
     with two tracebacks a second, which buried what to do. The step is said in one line, again a minute on."""
     import logging
@@ -315,7 +325,8 @@ def test_a_background_round_that_fails_for_a_setup_step_says_the_step_once_a_min
         "(the database at ")
 
 
-def test_a_background_round_against_a_database_that_refuses_its_login_says_to_mend_the_url(caplog) -> None:  # type: ignore[no-untyped-def]
+def test_a_background_round_against_a_database_that_refuses_its_login_says_to_mend_the_url(
+        caplog: pytest.LogCaptureFixture) -> None:
     """A refusal carries no SQLSTATE, which `is_outage` reads as a connection that failed: it was logged as a
     backing service out of reach, to be waited out, every round."""
     import logging
@@ -340,8 +351,8 @@ def test_a_background_round_against_a_database_that_refuses_its_login_says_to_me
         'FATAL:  database "agentq_no_such_database" does not exist (the database at ')
 
 
-def test_a_send_while_redis_is_out_of_reach_is_an_outage_of_redis_said_in_one_line(  # type: ignore[no-untyped-def]
-        unreachable_broker, caplog, monkeypatch) -> None:
+def test_a_send_while_redis_is_out_of_reach_is_an_outage_of_redis_said_in_one_line(
+        unreachable_broker: None, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """Dramatiq's broker raises its own `ConnectionClosed` from the Redis client's error: it was no outage,
     so every send during a Redis restart logged its chained tracebacks (hundreds in a chaos hunt), and it must
     not count as the database's outage either, which would stop a worker taking runs. Said in one line, and not
@@ -377,8 +388,8 @@ def test_a_send_while_redis_is_out_of_reach_is_an_outage_of_redis_said_in_one_li
                           "this was last said")
 
 
-def test_a_stream_publisher_cut_off_from_redis_says_so_once_not_at_every_batch(  # type: ignore[no-untyped-def]
-        settings_of, monkeypatch, caplog) -> None:
+def test_a_stream_publisher_cut_off_from_redis_says_so_once_not_at_every_batch(
+        settings_of: Callable[..., None], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Every batch a worker's publisher sends fails alike while Redis is away; each said it in a line of its
     own (800 lines in 12 s of a Redis restart in a chaos hunt). Here Redis is a closed port."""
     import logging
@@ -406,7 +417,8 @@ def test_a_stream_publisher_cut_off_from_redis_says_so_once_not_at_every_batch( 
     assert said[0].endswith("; readers fall back to the database, said at most every 30 s")
 
 
-def test_a_send_that_fails_for_a_bug_is_logged_with_its_traceback_every_time(caplog, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_send_that_fails_for_a_bug_is_logged_with_its_traceback_every_time(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """Only an outage, or a setting to mend, is said sparingly in one line (`warn_of_sparingly`): here a Redis that
     refuses the broker's login, said once with the error that names it; a send that fails for anything else (a
     script Redis runs and fails: a bug) keeps its traceback, for each run it fails."""
@@ -443,7 +455,8 @@ def test_a_send_that_fails_for_a_bug_is_logged_with_its_traceback_every_time(cap
                                      for ident in (1, 2)]
 
 
-def test_an_api_statement_that_fails_for_itself_is_a_500_not_an_outages_503(world, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_an_api_statement_that_fails_for_itself_is_a_500_not_an_outages_503(
+        world: World, caplog: pytest.LogCaptureFixture) -> None:
     """The API answers 503 "retry shortly" only for an outage (`is_outage`, the rule the workers' waits use); a
     statement cancelled by a timeout, or a deadlock, is a slow query or a bug to look at: logged with its
     traceback and answered 500. (A real error PostgreSQL raises for one message's insert, by a trigger.)"""

@@ -8,6 +8,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -16,6 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import LOG_DIR, api_process, child_env
 from tests.stack import drop_database, scratch_database
 from tests.support import Process, agentq, free_port, run_to_end, wait_for, wait_http
+
+if TYPE_CHECKING:
+    from tests.conftest import World
 
 
 @pytest.fixture
@@ -107,7 +111,7 @@ def test_a_database_without_the_schema_is_not_ready_and_says_to_run_db_init(data
             drop_database(name)
 
 
-def test_every_request_is_counted_and_timed_by_the_route_it_matched(world, web_server) -> None:  # type: ignore[no-untyped-def]
+def test_every_request_is_counted_and_timed_by_the_route_it_matched(world: World, web_server: str) -> None:
     """The API's /metrics had no request counts or latencies: error rates and slow routes were an access log's
     or a proxy's to tell. Labels are the matched rule, never the path (its ids would make a series a
     message), and a method or a path the API does not serve is `other` or `unmatched`."""
@@ -144,7 +148,7 @@ def test_every_request_is_counted_and_timed_by_the_route_it_matched(world, web_s
     assert not [series for series in after if any("987654321" in v or "123456789" in v for _, v in series[1])]
 
 
-def test_an_access_log_is_written_only_when_asked_for(web_server) -> None:  # type: ignore[no-untyped-def]
+def test_an_access_log_is_written_only_when_asked_for(web_server: str) -> None:
     """`AGENTQ_ACCESS_LOG=true` writes one line a request in agentq's format (JSON here), with the status, the
     size and the time; by default none, as before (a proxy in front usually keeps one)."""
     with api_process("web-access-log", AGENTQ_ACCESS_LOG="true", AGENTQ_LOG_JSON="true") as (url, web):

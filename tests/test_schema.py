@@ -6,6 +6,7 @@ import json
 import sqlite3
 import subprocess
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import psycopg
 from sqlalchemy import create_engine, inspect, text
@@ -14,6 +15,9 @@ from app.models import Base
 from tests.conftest import child_env
 from tests.stack import drop_database, scratch_database
 from tests.support import ROOT, agentq
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 PG = "postgresql://postgres@127.0.0.1:5432"
 
@@ -64,7 +68,7 @@ def test_db_init_is_safe_to_run_twice_on_postgresql() -> None:
         drop_database(name)
 
 
-def test_db_init_creates_the_sqlite_default(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_db_init_creates_the_sqlite_default(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/agentq.sqlite3"
     for _ in range(2):
         db_init(url)
@@ -142,7 +146,7 @@ def test_db_init_that_must_change_a_busy_table_gives_up_after_its_lock_timeout()
         drop_database(name)
 
 
-def test_db_init_adds_a_later_column_to_an_older_sqlite_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_db_init_adds_a_later_column_to_an_older_sqlite_file(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/agentq.sqlite3"
     db_init(url)
     engine = create_engine(url)
@@ -153,7 +157,7 @@ def test_db_init_adds_a_later_column_to_an_older_sqlite_file(tmp_path) -> None: 
     engine.dispose()
 
 
-def test_the_look_at_recent_failures_reads_only_its_window(database) -> None:  # type: ignore[no-untyped-def]
+def test_the_look_at_recent_failures_reads_only_its_window(database: str) -> None:
     """The operators' page asks every 3 s for the failures of the last day: on an index of (role, status) the
     database read every failure ever recorded and dropped those older than the window."""
     with psycopg.connect(database.replace("+psycopg", ""), autocommit=True) as conn:
@@ -166,7 +170,7 @@ def test_the_look_at_recent_failures_reads_only_its_window(database) -> None:  #
     assert "updated_at >=" in index_condition, plan
 
 
-def test_a_page_of_dead_letters_is_read_in_the_listing_order_from_an_index(database) -> None:  # type: ignore[no-untyped-def]
+def test_a_page_of_dead_letters_is_read_in_the_listing_order_from_an_index(database: str) -> None:
     """A page of the dead letters reads its rows in order from the index, from the cursor on: not all of them
     sorted, nor every row newer than the cursor filtered out one by one."""
     from app.db import transaction
@@ -181,7 +185,7 @@ def test_a_page_of_dead_letters_is_read_in_the_listing_order_from_an_index(datab
     assert "Index Cond: (ROW(dead_at, id) < ROW(" in plan and "Sort" not in plan, plan
 
 
-def test_db_init_gives_an_older_sqlite_file_the_indexes_of_this_release(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_db_init_gives_an_older_sqlite_file_the_indexes_of_this_release(tmp_path: Path) -> None:
     """`create_all` makes the indexes of the tables it creates only: a file of an earlier release kept the index
     this one replaced and never got the new one."""
     path = tmp_path / "older.sqlite3"
@@ -205,7 +209,7 @@ def _dead_letter(connection: sqlite3.Connection, name: str) -> int:
                               "VALUES (?, 'q', 'run_turn', '[]', 'died') RETURNING id", (name,)).fetchone()[0]
 
 
-def test_a_purged_dead_letters_id_is_never_given_again_on_sqlite(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_purged_dead_letters_id_is_never_given_again_on_sqlite(tmp_path: Path) -> None:
     """An operator acts on a dead letter by its id and a purge deletes its row: SQLite without AUTOINCREMENT
     gives the next dead letter the id of a purged last one, so a purge retried would delete another message. A
     file made before the table was declared so is rebuilt by `db init`, once, its rows and indexes kept."""

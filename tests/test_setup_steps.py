@@ -8,6 +8,7 @@ import json
 import sqlite3
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import psycopg
@@ -15,6 +16,11 @@ import psycopg
 from tests.conftest import LOG_DIR, child_env
 from tests.stack import drop_database, scratch_database
 from tests.support import Process, agentq, free_port, run_to_end, wait_http
+
+if TYPE_CHECKING:
+    import pytest
+
+    from tests.conftest import Workers, World
 
 BEHIND = {"error": {"code": "service_unavailable", "message": "The service's database predates this release. The "
                                                                "operator must run `agentq db init` to upgrade it."}}
@@ -134,8 +140,8 @@ def test_an_api_whose_database_refuses_its_role_says_it_is_not_configured_not_to
         web.stop()
 
 
-def test_an_api_whose_redis_refuses_its_password_says_so_once_and_serves_what_the_database_can(  # type: ignore[no-untyped-def]
-        world, workers) -> None:
+def test_an_api_whose_redis_refuses_its_password_says_so_once_and_serves_what_the_database_can(
+        world: World, workers: Workers) -> None:
     """A password Redis refuses is a setting to mend, like a role the database refuses: `/readyz` is 503, the
     operator's queue view says Redis's refusal, and the log says what to mend in one line, not a traceback a
     request. A POST still stores its turn, which the workers (whose Redis is right) send."""
@@ -163,8 +169,8 @@ def test_an_api_whose_redis_refuses_its_password_says_so_once_and_serves_what_th
         assert done["status"] == "success"
 
 
-def test_what_redis_refuses_of_its_url_is_a_setting_of_redis_to_mend_met_directly_or_under_a_send(  # type: ignore[no-untyped-def]
-        caplog) -> None:
+def test_what_redis_refuses_of_its_url_is_a_setting_of_redis_to_mend_met_directly_or_under_a_send(
+        caplog: pytest.LogCaptureFixture) -> None:
     """Told apart once (`app.setup_problems`): the Redis client's refusal of a password or of a database number,
     and the same under Dramatiq's error for a send; a background loop that meets it names Redis, not the
     database, as what to mend. Another refusal of Redis's is not a setting."""

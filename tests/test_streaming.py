@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 import pytest
@@ -20,20 +20,29 @@ import pytest
 from tests.conftest import LOG_DIR, child_env
 from tests.support import Process, agentq, free_port, read_sse, visible_text, wait_for, wait_http
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import redis
+    from redis.typing import EncodableT, FieldT
+
+    from app.redis_client import StreamEntry
+    from tests.conftest import UpstreamLog, Workers, World
+
 
 @pytest.fixture(autouse=True)
-def _running(workers, upstream) -> None:  # type: ignore[no-untyped-def]
+def _running(workers: Workers, upstream: UpstreamLog) -> None:
     """Answers here are produced by a real worker."""
 
 
 @pytest.fixture
-def patient_stops(settings_of) -> None:  # type: ignore[no-untyped-def]
+def patient_stops(settings_of: Callable[..., None]) -> None:
     """A stop's answer waits up to 10 s for the worker's end (2 s by default): its body says `cancelled` on a
     loaded host too, where the worker's look for stops, the settlement and the API's polling take longer."""
     settings_of(AGENTQ_CANCEL_WAIT_SECONDS="10")
 
 
-def start_turn(world, upstream_model: str, content: str = "stream me", **agent: object):  # type: ignore[no-untyped-def]
+def start_turn(world: World, upstream_model: str, content: str = "stream me", **agent: Any) -> tuple[str, int, int]:
     agent_id = world.agent(world.model(upstream=upstream_model), **agent)
     _, key = world.user(balance="10")
     conversation_id = world.conversation(key, agent_id)
@@ -41,7 +50,7 @@ def start_turn(world, upstream_model: str, content: str = "stream me", **agent: 
     return key, assistant["id"], conversation_id
 
 
-def test_concatenated_deltas_equal_the_stored_content(world, web_server) -> None:  # type: ignore[no-untyped-def]
+def test_concatenated_deltas_equal_the_stored_content(world: World, web_server: str) -> None:
     key, message_id, _ = start_turn(world, "echo;words=30;gap=0.03")
     events = read_sse(f"{web_server}/api/messages/{message_id}/stream", key)
     assert events[-1].event == "done"
@@ -57,7 +66,7 @@ def test_concatenated_deltas_equal_the_stored_content(world, web_server) -> None
     assert statuses[-1] == "success" and "processing" in statuses
 
 
-def test_a_refused_input_names_no_model_to_its_readers(world, web_server) -> None:  # type: ignore[no-untyped-def]
+def test_a_refused_input_names_no_model_to_its_readers(world: World, web_server: str) -> None:
     """Moderation refuses before any model call: the stream said `processing` with the model a call would have
     used before it said `content_violation`, though no LLM was called."""
     key, message_id, _ = start_turn(world, "echo", "please flag-me, after a slow-moderation")
@@ -66,8 +75,8 @@ def test_a_refused_input_names_no_model_to_its_readers(world, web_server) -> Non
         ("status", "processing", None), ("status", "content_violation", None), ("done", "content_violation", None)]
 
 
-def test_a_turn_stopped_while_its_input_is_judged_names_no_model_and_calls_none(  # type: ignore[no-untyped-def]
-        world, web_server, upstream, patient_stops) -> None:
+def test_a_turn_stopped_while_its_input_is_judged_names_no_model_and_calls_none(
+        world: World, web_server: str, upstream: UpstreamLog, patient_stops: None) -> None:
     """A stop that lands during moderation ends the turn before its call: the stream said `processing` with the
     model once the input passed, though the call was never made (and a dead worker's record of its calls took
     that entry for a call made)."""
@@ -87,7 +96,7 @@ def test_a_turn_stopped_while_its_input_is_judged_names_no_model_and_calls_none(
     assert not any(content in json.dumps(r["body"]) for r in upstream.requests())
 
 
-def test_an_answer_being_written_is_read_with_the_text_its_readers_hold_so_far(world, web_server) -> None:  # type: ignore[no-untyped-def]
+def test_an_answer_being_written_is_read_with_the_text_its_readers_hold_so_far(world: World, web_server: str) -> None:
     """A client that polls the message, or was refused a stream (429 `too_many_streams` sends it to the message),
     read an empty `content` and no `model` until the turn's end: the database has them only then."""
     key, message_id, conversation_id = start_turn(world, "echo;words=60;gap=0.05")
@@ -112,8 +121,8 @@ def test_an_answer_being_written_is_read_with_the_text_its_readers_hold_so_far(w
                                                                        ("assistant", final["content"])]
 
 
-def test_text_with_separators_a_line_splitter_breaks_at_reaches_a_line_by_line_reader_whole(  # type: ignore[no-untyped-def]
-        world, web_server) -> None:
+def test_text_with_separators_a_line_splitter_breaks_at_reaches_a_line_by_line_reader_whole(
+        world: World, web_server: str) -> None:
     """U+2028, U+2029 and U+0085 went out raw in `data:` lines: valid SSE, yet httpx's `iter_lines` (which
     `read_sse` uses, as a client would) broke the event's JSON there and the reader failed."""
     content = "line\u2028separator\u2029paragraph\x85next"
@@ -124,7 +133,7 @@ def test_text_with_separators_a_line_splitter_breaks_at_reaches_a_line_by_line_r
     assert done["content"] == f"echo: {content}"
 
 
-def test_a_dropped_connection_resumes_with_no_gap_and_no_repeat(world, web_server) -> None:  # type: ignore[no-untyped-def]
+def test_a_dropped_connection_resumes_with_no_gap_and_no_repeat(world: World, web_server: str) -> None:
     key, message_id, _ = start_turn(world, "echo;words=40;gap=0.03")
     url = f"{web_server}/api/messages/{message_id}/stream"
     first = read_sse(url, key, stop_after=5)
@@ -135,7 +144,8 @@ def test_a_dropped_connection_resumes_with_no_gap_and_no_repeat(world, web_serve
     assert text == rest[-1].json()["content"] == " ".join(f"w{i}" for i in range(40))
 
 
-def test_resuming_after_the_end_and_after_the_live_stream_is_gone(world, web_server, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_resuming_after_the_end_and_after_the_live_stream_is_gone(
+        world: World, web_server: str, redis_client: redis.Redis) -> None:
     key, message_id, _ = start_turn(world, "echo;words=20;gap=0.02")
     url = f"{web_server}/api/messages/{message_id}/stream"
     first = read_sse(url, key, stop_after=3)
@@ -159,8 +169,8 @@ def test_resuming_after_the_end_and_after_the_live_stream_is_gone(world, web_ser
     {"type": "delta", "a": "x", "o": "0", "data": "hi"}, {"type": "delta", "o": "0", "data": b"\xff"},
     {"nothing": "typed"},
 ])
-def test_an_entry_the_worker_never_writes_in_a_live_stream_does_not_cut_its_readers(  # type: ignore[no-untyped-def]
-        world, web_server, redis_client, junk) -> None:
+def test_an_entry_the_worker_never_writes_in_a_live_stream_does_not_cut_its_readers(
+        world: World, web_server: str, redis_client: redis.Redis, junk: dict[FieldT, EncodableT]) -> None:
     """The live stream's key is open to anything that writes to Redis: such an entry cut every reader's
     response short with no `done`, a resuming one too, until the stream expired. It is read as a gap: the
     rest comes from the stored answer."""
@@ -178,7 +188,8 @@ def test_an_entry_the_worker_never_writes_in_a_live_stream_does_not_cut_its_read
     assert (late[-1].event, visible_text(first) + visible_text(late)) == ("done", rest[-1].json()["content"])
 
 
-def test_the_text_a_dead_delivery_left_its_readers_is_the_last_attempt_streamed_or_restarted(redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_the_text_a_dead_delivery_left_its_readers_is_the_last_attempt_streamed_or_restarted(
+        redis_client: redis.Redis) -> None:
     """What a stop that comes while the turn's worker is dead keeps (`text_streamed`): a later delivery that
     died in its moderation wrote only its first `status` entry, which voids nothing; taken for the last
     attempt, it lost the text readers held. A restart does void it; a junk entry is passed over."""
@@ -189,7 +200,7 @@ def test_the_text_a_dead_delivery_left_its_readers_is_the_last_attempt_streamed_
     key = stream_key(987654)
 
     def add(kind: str, attempt: int, **fields: object) -> None:
-        redis_client.xadd(key, {"type": kind, "a": attempt, **fields})
+        redis_client.xadd(key, cast("dict[FieldT, EncodableT]", {"type": kind, "a": attempt, **fields}))
 
     add("status", 100, data=json.dumps({"status": "processing", "model": "first"}))
     add("delta", 100, o=0, data="hello ")
@@ -205,8 +216,8 @@ def test_the_text_a_dead_delivery_left_its_readers_is_the_last_attempt_streamed_
     assert text_streamed(987654, since=1001) is None
 
 
-def test_a_call_that_repeats_an_answer_that_went_on_after_other_text_is_matched_against_that_answer_alone(  # type: ignore[no-untyped-def]
-        redis_client) -> None:
+def test_a_call_that_repeats_an_answer_that_went_on_after_other_text_is_matched_against_that_answer_alone(
+        redis_client: redis.Redis) -> None:
     """A fallback departed from the primary's text, and its answer went on after it; the worker then died, and
     the delivery that took over calls the fallback again, which repeats its answer word for word. Matched
     against all readers held (the primary's text first), that repeat departed at once, and the answer was
@@ -240,7 +251,7 @@ def test_a_call_that_repeats_an_answer_that_went_on_after_other_text_is_matched_
              what="the takeover's text in the live stream")
 
 
-def test_a_long_answer_keeps_its_live_stream_alive_past_the_expiry(redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_a_long_answer_keeps_its_live_stream_alive_past_the_expiry(redis_client: redis.Redis) -> None:
     """The live stream's expiry was set by its status entries alone: an answer longer than the expiry (an
     hour by default; an agent's timeout may be an hour for each of its two models) lost its stream mid-answer.
     A delta sets it again once a quarter of it has gone by since it was set."""
@@ -251,17 +262,17 @@ def test_a_long_answer_keeps_its_live_stream_alive_past_the_expiry(redis_client)
 
     key, stream = stream_key(555555), TurnStream(555555, 1)
     stream.status(TurnStatus.PROCESSING, "model")
-    wait_for(lambda: redis_client.ttl(key) > 3000, what="the status entry's expiry")
+    wait_for(lambda: cast(int, redis_client.ttl(key)) > 3000, what="the status entry's expiry")
     redis_client.expire(key, 100)
     stream.delta("soon after: ")
     wait_for(lambda: redis_client.xlen(key) == 2, what="the first delta")
-    assert redis_client.ttl(key) <= 100
+    assert cast(int, redis_client.ttl(key)) <= 100
     live_stream_writer._publisher._expired_at[key] -= 901  # a quarter of the hour's expiry gone by
     stream.delta("much later")
-    wait_for(lambda: redis_client.ttl(key) > 3000, what="the expiry set again by a delta")
+    wait_for(lambda: cast(int, redis_client.ttl(key)) > 3000, what="the expiry set again by a delta")
 
 
-def test_an_ended_turns_live_stream_expires_a_minute_after_its_end(redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_an_ended_turns_live_stream_expires_a_minute_after_its_end(redis_client: redis.Redis) -> None:
     """Once a turn has ended its answer is stored, and a reader who connects or resumes then is served from
     the database; the stream, kept an hour after the end, held an hour of a deployment's answers in Redis
     (gigabytes at a hundred turns a second). It expires `AGENTQ_STREAM_ENDED_TTL_SECONDS` (60) after its end,
@@ -273,10 +284,10 @@ def test_an_ended_turns_live_stream_expires_a_minute_after_its_end(redis_client)
     key, stream = stream_key(555556), TurnStream(555556, 1)
     stream.status(TurnStatus.PROCESSING, "model")
     stream.delta("the answer")
-    wait_for(lambda: redis_client.xlen(key) == 2 and redis_client.ttl(key) > 3000, what="the running stream")
+    wait_for(lambda: redis_client.xlen(key) == 2 and cast(int, redis_client.ttl(key)) > 3000, what="the running stream")
     stream.finished(TurnStatus.SUCCESS, "model")
     wait_for(lambda: redis_client.xlen(key) == 3, what="the end")
-    assert 0 < redis_client.ttl(key) <= 60
+    assert 0 < cast(int, redis_client.ttl(key)) <= 60
 
 
 def test_a_publisher_that_keeps_many_streams_expiries_forgets_the_oldest_one_at_a_time() -> None:
@@ -294,7 +305,7 @@ def test_a_publisher_that_keeps_many_streams_expiries_forgets_the_oldest_one_at_
     assert "taken-over-0" not in publisher._expired_at and "taken-over-1" in publisher._expired_at
 
 
-def test_a_late_reader_gets_the_whole_text_and_done(world, web_server) -> None:  # type: ignore[no-untyped-def]
+def test_a_late_reader_gets_the_whole_text_and_done(world: World, web_server: str) -> None:
     key, message_id, _ = start_turn(world, "echo;words=12")
     final = world.wait_terminal(key, message_id)
     events = read_sse(f"{web_server}/api/messages/{message_id}/stream", key)
@@ -303,7 +314,7 @@ def test_a_late_reader_gets_the_whole_text_and_done(world, web_server) -> None: 
     assert events[2].json() == final
 
 
-def test_an_event_id_that_is_not_ours_is_a_fresh_start(world, web_server) -> None:  # type: ignore[no-untyped-def]
+def test_an_event_id_that_is_not_ours_is_a_fresh_start(world: World, web_server: str) -> None:
     """A Last-Event-ID naming no stream entry reads like a first connection (every read of the stream
     with it would fail), and one from the stored text's last event resumes with nothing more to send."""
     key, message_id, _ = start_turn(world, "echo;words=12")
@@ -317,7 +328,7 @@ def test_an_event_id_that_is_not_ours_is_a_fresh_start(world, web_server) -> Non
     assert [e.event for e in read_sse(url, key, last_event_id=events[1].id)] == ["status", "done"]
 
 
-def test_an_event_id_of_another_message_is_a_fresh_start_not_a_gap(world, web_server) -> None:  # type: ignore[no-untyped-def]
+def test_an_event_id_of_another_message_is_a_fresh_start_not_a_gap(world: World, web_server: str) -> None:
     """A cursor names a position in one message's stream and text; taken for another message's (a client
     that reused its last id) it resumed that one from the wrong place and left a gap."""
     key, first_id, _ = start_turn(world, "echo", "hi")
@@ -332,8 +343,8 @@ def test_an_event_id_of_another_message_is_a_fresh_start_not_a_gap(world, web_se
 
 
 @pytest.mark.parametrize("last_event_id", ["99999999999999999999-0.0.0", "final.0.0", "0-0.{attempt}.500"])
-def test_a_last_event_id_that_cannot_be_resumed_live_still_gets_the_answer_right(  # type: ignore[no-untyped-def]
-        world, web_server, last_event_id) -> None:
+def test_a_last_event_id_that_cannot_be_resumed_live_still_gets_the_answer_right(
+        world: World, web_server: str, last_event_id: str) -> None:
     """Ids a reader could send but no live stream can continue from: an entry number above 64 bits (Redis
     refuses it: every read failed and the reader polled with no live text), the stored text's id for a turn
     still running (the same), and an offset past the text (the next delta moved the reader back and sent
@@ -352,7 +363,7 @@ def test_a_last_event_id_that_cannot_be_resumed_live_still_gets_the_answer_right
         assert len(deltas) >= 5
 
 
-def turn_falling_back(world, primary_upstream: str, fallback_upstream: str) -> tuple[str, int]:  # type: ignore[no-untyped-def]
+def turn_falling_back(world: World, primary_upstream: str, fallback_upstream: str) -> tuple[str, int]:
     """A new user's turn on an agent of two models, "primary" and "fallback" (upstreams of the mock): the user's
     key and the answer's id."""
     primary = world.model("primary", upstream=primary_upstream)
@@ -361,8 +372,8 @@ def turn_falling_back(world, primary_upstream: str, fallback_upstream: str) -> t
     return key, world.send(key, world.conversation(key, world.agent(primary, fallback))).json["assistant_message"]["id"]
 
 
-def test_a_fallback_after_a_primary_that_streamed_nothing_sends_its_reader_no_restart(  # type: ignore[no-untyped-def]
-        world, web_server) -> None:
+def test_a_fallback_after_a_primary_that_streamed_nothing_sends_its_reader_no_restart(
+        world: World, web_server: str) -> None:
     """The reader holds no text when the primary fails before its first token: it follows the fallback's words
     as they come, with the switch told by a plain `status` event. It was told to `restart` (clear nothing), a
     field no client written to the contract knows, on the common path of a primary that fails at once."""
@@ -388,7 +399,7 @@ def test_a_fallback_after_a_primary_that_streamed_nothing_sends_its_reader_no_re
     assert {"status": "processing", "model": "fallback"} in statuses
 
 
-def test_a_turn_that_ends_before_its_first_token_sends_its_reader_no_restart(world, web_server) -> None:  # type: ignore[no-untyped-def]
+def test_a_turn_that_ends_before_its_first_token_sends_its_reader_no_restart(world: World, web_server: str) -> None:
     """Nothing was streamed, so nothing is voided: a reader told to `restart` would clear its screen for no
     reason (it was, because its id's attempt differed from the stored text's)."""
     key, message_id, _ = start_turn(world, "echo;ttft=4", timeout_seconds=1)
@@ -398,7 +409,8 @@ def test_a_turn_that_ends_before_its_first_token_sends_its_reader_no_restart(wor
     assert [e for e in events if e.event == "delta"] == []
 
 
-def test_a_fallback_switch_mid_turn_goes_on_after_the_text_readers_hold(world, web_server, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_a_fallback_switch_mid_turn_goes_on_after_the_text_readers_hold(
+        world: World, web_server: str, upstream: UpstreamLog) -> None:
     """The fallback's answer departs from the primary's at once (another model's words): readers keep what they
     hold and are sent the fallback's answer after it, a paragraph on, so that their deltas concatenate to the
     final content, as the contract says. They were told to take the primary's text back (a `restart`), and the
@@ -437,7 +449,8 @@ def test_a_fallback_switch_mid_turn_goes_on_after_the_text_readers_hold(world, w
     assert charge["amount"] == "-" + done["cost"] and (done["prompt_tokens"], done["completion_tokens"]) == (7, 8)
 
 
-def test_a_fallback_that_repeats_what_readers_hold_goes_on_from_its_end(world, web_server, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_a_fallback_that_repeats_what_readers_hold_goes_on_from_its_end(
+        world: World, web_server: str, upstream: UpstreamLog) -> None:
     """The fallback's answer begins with the very words the primary streamed before its cut: readers keep them
     and are sent only what follows, so their deltas alone concatenate to the answer, with no `restart`; a
     reader resuming from before the switch, and one arriving after the end, get the same text."""
@@ -462,8 +475,8 @@ def test_a_fallback_that_repeats_what_readers_hold_goes_on_from_its_end(world, w
     assert "".join(e.json()["text"] for e in late if e.event == "delta") == answer
 
 
-def test_a_stop_while_the_fallback_repeats_what_readers_hold_keeps_that_text(  # type: ignore[no-untyped-def]
-        world, web_server, upstream, redis_client, patient_stops) -> None:
+def test_a_stop_while_the_fallback_repeats_what_readers_hold_keeps_that_text(
+        world: World, web_server: str, upstream: UpstreamLog, redis_client: redis.Redis, patient_stops: None) -> None:
     """The fallback was still repeating, slowly, the words the primary streamed before its cut when the stop
     came: the turn keeps the words readers hold, the primary's, unpaid (as a stop between the primary's failure
     and the fallback's call does), and its readers are sent them once, no restart. It kept the fallback's
@@ -477,7 +490,7 @@ def test_a_stop_while_the_fallback_repeats_what_readers_hold_keeps_that_text(  #
 
     def fallback_called() -> bool:
         return any(fields[b"type"] == b"status" and json.loads(fields[b"data"]).get("model") == "fallback"
-                   for _, fields in redis_client.xrange(stream_key(message_id)))
+                   for _, fields in cast("list[StreamEntry]", redis_client.xrange(stream_key(message_id))))
 
     wait_for(fallback_called, what="the fallback's call")
     stopped = world.api.post(f"/api/messages/{message_id}/cancel", key)
@@ -490,8 +503,8 @@ def test_a_stop_while_the_fallback_repeats_what_readers_hold_keeps_that_text(  #
     assert [t for t in world.api.get("/api/me/transactions", key).json["items"] if t["message_id"]] == []
 
 
-def test_resuming_from_a_restart_sent_from_the_stored_text_never_replays_voided_text(  # type: ignore[no-untyped-def]
-        world, web_server, upstream) -> None:
+def test_resuming_from_a_restart_sent_from_the_stored_text_never_replays_voided_text(
+        world: World, web_server: str, upstream: UpstreamLog) -> None:
     """A reader whose id cannot continue an ended turn (here an offset past the fallback's text) is sent a
     restart and the stored text. Coming back with that restart's id sends the stored text again, never the
     primary's voided text, which is still in the live stream ahead of the fallback's."""
@@ -513,8 +526,8 @@ def test_resuming_from_a_restart_sent_from_the_stored_text_never_replays_voided_
     assert visible_text(voided) == content
 
 
-def test_a_reader_following_a_turn_its_first_delivery_could_not_settle_is_sent_the_answer_once(  # type: ignore[no-untyped-def]
-        world, web_server, upstream) -> None:
+def test_a_reader_following_a_turn_its_first_delivery_could_not_settle_is_sent_the_answer_once(
+        world: World, web_server: str, upstream: UpstreamLog) -> None:
     """The first delivery's answer cannot be written (a database error at its settlement): its attempt is
     recorded on its own and Dramatiq's retry runs the turn again. The retry's call repeats the first's answer
     word for word, so a reader following from the start gets that text once and then `done`: no restart, and
@@ -554,8 +567,8 @@ def test_a_reader_following_a_turn_its_first_delivery_could_not_settle_is_sent_t
     assert [tuple(row) for row in recorded] == [(1, "success"), (2, "success")]
 
 
-def test_a_reader_joining_after_a_fallback_switch_gets_the_whole_text(  # type: ignore[no-untyped-def]
-        world, web_server, upstream, redis_client) -> None:
+def test_a_reader_joining_after_a_fallback_switch_gets_the_whole_text(
+        world: World, web_server: str, upstream: UpstreamLog, redis_client: redis.Redis) -> None:
     """Joining mid-turn, after the fallback's answer departed from the primary's text (its `continue` in the
     live stream, written with the fallback's first words): the reader is sent the primary's text and the
     fallback's after it, so that its deltas concatenate to the content, with no restart to handle."""
@@ -565,7 +578,8 @@ def test_a_reader_joining_after_a_fallback_switch_gets_the_whole_text(  # type: 
                                         "echo;words=8;gap=0.2;ttft=2;word=v")
 
     def switched() -> bool:
-        return any(fields[b"type"] == b"continue" for _, fields in redis_client.xrange(stream_key(message_id)))
+        entries = cast("list[StreamEntry]", redis_client.xrange(stream_key(message_id)))
+        return any(fields[b"type"] == b"continue" for _, fields in entries)
 
     wait_for(switched, what="the fallback's answer going on after the primary's text in the live stream")
     events = read_sse(f"{web_server}/api/messages/{message_id}/stream", key)
@@ -577,8 +591,8 @@ def test_a_reader_joining_after_a_fallback_switch_gets_the_whole_text(  # type: 
 
 
 @pytest.mark.parametrize("fallback_upstream", [None, "echo;words=8;gap=0.02;cut_after=3"])
-def test_a_turn_whose_models_fail_mid_answer_keeps_the_text_its_readers_were_sent(  # type: ignore[no-untyped-def]
-        world, web_server, upstream, fallback_upstream) -> None:
+def test_a_turn_whose_models_fail_mid_answer_keeps_the_text_its_readers_were_sent(
+        world: World, web_server: str, upstream: UpstreamLog, fallback_upstream: str | None) -> None:
     """An `llm_error` after text was streamed keeps the text its readers were sent as its content, and the model
     that wrote it as its model (as a stop keeps them): here the fallback repeated the primary's first words and
     was cut before it went past them, so the primary's are the content (it kept the fallback's three words, and
@@ -602,7 +616,7 @@ def test_a_turn_whose_models_fail_mid_answer_keeps_the_text_its_readers_were_sen
     assert [t for t in world.api.get("/api/me/transactions", key).json["items"] if t["message_id"]] == []
 
 
-def _followed_past_its_first_deltas(world, web_server: str, redis_client: Any) -> tuple[list, str, Any]:  # type: ignore[no-untyped-def]
+def _followed_past_its_first_deltas(world: World, web_server: str, redis_client: Any) -> tuple[list, str, Any]:
     """A slow turn, a reader following it on a thread of its own (its events, as they come), once the turn has
     streamed its first deltas; with its live stream's key, for a test to add to it what a worker would."""
     import threading
@@ -620,8 +634,8 @@ def _followed_past_its_first_deltas(world, web_server: str, redis_client: Any) -
     return events, stream, reader
 
 
-def test_a_late_write_of_a_voided_attempt_does_not_stop_a_reader_following_live(  # type: ignore[no-untyped-def]
-        world, web_server, redis_client) -> None:
+def test_a_late_write_of_a_voided_attempt_does_not_stop_a_reader_following_live(
+        world: World, web_server: str, redis_client: redis.Redis) -> None:
     """A worker that lost a turn (a hand-back at shutdown, a takeover) may still flush a delta of its voided
     attempt after the new owner's entries; a reader following the new attempt skips it and stays live,
     instead of waiting for the end as it does for a real gap. The stale write is added to the real stream."""
@@ -640,15 +654,17 @@ def test_a_late_write_of_a_voided_attempt_does_not_stop_a_reader_following_live(
     assert deltas and not any(ident.startswith("final.") for ident in deltas), json.dumps(deltas)
 
 
-def test_a_status_written_again_unchanged_is_not_sent_again(world, web_server, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_a_status_written_again_unchanged_is_not_sent_again(
+        world: World, web_server: str, redis_client: redis.Redis) -> None:
     """A delivery that takes a turn over writes its status as it starts, the same `processing` and model as the
     dead one's: `status` events are sent on a change, so its readers get none for it. The copy is added to the
     real stream, as that delivery would write it."""
     from itertools import pairwise
 
     events, stream, reader = _followed_past_its_first_deltas(world, web_server, redis_client)
-    last_status = [fields for _, fields in redis_client.xrange(stream) if fields[b"type"] == b"status"][-1]
-    redis_client.xadd(stream, last_status)
+    last_status = [fields for _, fields in cast("list[StreamEntry]", redis_client.xrange(stream))
+                   if fields[b"type"] == b"status"][-1]
+    redis_client.xadd(stream, cast("dict[FieldT, EncodableT]", last_status))
     reader.join(timeout=30)
     done = events[-1].json()
     assert done["status"] == "success" and visible_text(events) == done["content"]
@@ -657,8 +673,8 @@ def test_a_status_written_again_unchanged_is_not_sent_again(world, web_server, r
     assert statuses[-1] == ("success", done["model"])
 
 
-def test_a_late_write_of_the_primarys_attempt_right_after_the_switch_is_not_adopted(  # type: ignore[no-untyped-def]
-        world, web_server, upstream, redis_client) -> None:
+def test_a_late_write_of_the_primarys_attempt_right_after_the_switch_is_not_adopted(
+        world: World, web_server: str, upstream: UpstreamLog, redis_client: redis.Redis) -> None:
     """A reader just past the fallback's switch follows the new attempt after the text it holds; a late delta of
     the primary's attempt (its worker flushing as it lost the turn) must be skipped, not taken for text of the
     new attempt. The stale write is added to the real stream once the switch is there (the `continue` written
@@ -677,7 +693,8 @@ def test_a_late_write_of_the_primarys_attempt_right_after_the_switch_is_not_adop
     stream = stream_key(message_id)
 
     def switch() -> dict | None:
-        return next((fields for _, fields in redis_client.xrange(stream) if fields[b"type"] == b"continue"), None)
+        entries = cast("list[StreamEntry]", redis_client.xrange(stream))
+        return next((fields for _, fields in entries if fields[b"type"] == b"continue"), None)
 
     # The reader must be following the primary's stream when it is cut (its first token comes 1 s after the
     # call), or it would join after the switch, which is another test's case.
@@ -693,7 +710,7 @@ def test_a_late_write_of_the_primarys_attempt_right_after_the_switch_is_not_adop
     assert not any(e.event == "status" and e.json().get("restart") for e in events)
 
 
-def test_a_client_that_disconnects_does_not_stop_the_answer(world, web_server) -> None:  # type: ignore[no-untyped-def]
+def test_a_client_that_disconnects_does_not_stop_the_answer(world: World, web_server: str) -> None:
     key, message_id, _ = start_turn(world, "echo;words=30;gap=0.02")
     read_sse(f"{web_server}/api/messages/{message_id}/stream", key, stop_after=2)
     final = world.wait_terminal(key, message_id)
@@ -702,8 +719,8 @@ def test_a_client_that_disconnects_does_not_stop_the_answer(world, web_server) -
     assert [t["message_id"] for t in ledger if t["message_id"]] == [message_id]
 
 
-def test_stop_ends_the_turn_closes_upstream_keeps_the_text_and_charges_it(  # type: ignore[no-untyped-def]
-        world, web_server, upstream, patient_stops) -> None:
+def test_stop_ends_the_turn_closes_upstream_keeps_the_text_and_charges_it(
+        world: World, web_server: str, upstream: UpstreamLog, patient_stops: None) -> None:
     import time
 
     key, message_id, conversation_id = start_turn(world, "echo;words=400;gap=0.05")
@@ -747,8 +764,8 @@ def test_stop_ends_the_turn_closes_upstream_keeps_the_text_and_charges_it(  # ty
     assert user_message["status"] == "cancelled"
 
 
-def test_a_stopped_answer_is_charged_at_most_the_token_limit_it_was_asked_for(  # type: ignore[no-untyped-def]
-        world, web_server, upstream, patient_stops) -> None:
+def test_a_stopped_answer_is_charged_at_most_the_token_limit_it_was_asked_for(
+        world: World, web_server: str, upstream: UpstreamLog, patient_stops: None) -> None:
     """The stopped text is priced at the estimate, a token a character outside ASCII, which is more than a
     model makes of such text: charged at most the `max_tokens` the request was sent with (5 here, against
     an estimate of 7 a word), as a whole answer's usage is. The prompt: 8 + (15 + 360 + 4) + 2 tokens."""
@@ -763,7 +780,8 @@ def test_a_stopped_answer_is_charged_at_most_the_token_limit_it_was_asked_for(  
 
 
 @pytest.mark.parametrize("upstream_model", ["echo;hang_headers=30", "echo;redirect;hang_headers=30"])
-def test_a_stop_before_the_response_headers_ends_the_turn_at_once(world, upstream, upstream_model) -> None:  # type: ignore[no-untyped-def]
+def test_a_stop_before_the_response_headers_ends_the_turn_at_once(
+        world: World, upstream: UpstreamLog, upstream_model: str) -> None:
     """A provider that has not sent its response headers yet (queued, overloaded) does not hold a stop for
     the attempt's timeout: the watch has the request's socket from the moment the request is written, and
     the socket of the request a redirect sends next."""
@@ -783,7 +801,7 @@ def test_a_stop_before_the_response_headers_ends_the_turn_at_once(world, upstrea
     assert [t for t in world.api.get("/api/me/transactions", key).json["items"] if t["message_id"]] == []
 
 
-def test_deleting_a_conversation_stops_its_turn(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_deleting_a_conversation_stops_its_turn(world: World, upstream: UpstreamLog) -> None:
     """Once the conversation is hidden its user can no longer stop the turn, so deleting stops it: it ends
     `cancelled` with the text so far, the upstream call is closed, and the user's slot is free by the time
     the 204 answers."""
@@ -802,7 +820,7 @@ def test_deleting_a_conversation_stops_its_turn(world, upstream) -> None:  # typ
     wait_for(lambda: upstream.streams().get(call) == "disconnected", what="upstream to see the close")
 
 
-def test_stopping_a_pending_turn_or_a_finished_one(world) -> None:  # type: ignore[no-untyped-def]
+def test_stopping_a_pending_turn_or_a_finished_one(world: World) -> None:
     key, message_id, _ = start_turn(world, "echo;ttft=3")  # a worker that claimed it first stops it too
     assert world.api.post(f"/api/messages/{message_id}/cancel", key).status_code == 202
     final = world.wait_terminal(key, message_id)
@@ -815,7 +833,7 @@ def test_stopping_a_pending_turn_or_a_finished_one(world) -> None:  # type: igno
     assert world.api.post(f"/api/messages/{message_id - 1}/cancel", other).status_code == 404
 
 
-def test_an_ended_turn_leaves_no_stop_flag_behind(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_an_ended_turn_leaves_no_stop_flag_behind(world: World, redis_client: redis.Redis) -> None:
     """A stop flag outlived its turn by two hours, and stopped at once the turn of the same id in a database made
     again under the same Redis keys (a deleted SQLite file), whose ids start over."""
     from app.stop_requests import stop_key
@@ -826,8 +844,8 @@ def test_an_ended_turn_leaves_no_stop_flag_behind(world, redis_client) -> None: 
     wait_for(lambda: redis_client.exists(stop_key(message_id)) == 0, what="the stop flag dropped with the lock")
 
 
-def test_a_new_turn_meets_nothing_a_database_made_before_left_under_its_id(  # type: ignore[no-untyped-def]
-        world, web_server, redis_client) -> None:
+def test_a_new_turn_meets_nothing_a_database_made_before_left_under_its_id(
+        world: World, web_server: str, redis_client: redis.Redis) -> None:
     """A database made again (a deleted SQLite file, `make clean`) numbers its turns from 1 again, under the same
     Redis keys: the live stream and the stop flag of the earlier database's turn of that id, left by a worker
     stopped mid-answer, showed that turn's text to the new turn's readers and stopped the new turn at the lease
@@ -854,7 +872,7 @@ def test_a_new_turn_meets_nothing_a_database_made_before_left_under_its_id(  # t
         " ".join(f"w{i}" for i in range(10))
 
 
-def test_a_turn_is_stopped_by_the_id_of_its_user_message_too(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_turn_is_stopped_by_the_id_of_its_user_message_too(world: World) -> None:
     """Both messages of a turn carry its status; a stop naming the user's message was a 404 for a message the
     caller owns."""
     key, answer_id, _ = start_turn(world, "echo;ttft=3")
@@ -883,8 +901,8 @@ def a_stop_at_the_settlement(database: str, conversation_id: int) -> Iterator[No
             admin.execute(f"DROP TRIGGER IF EXISTS {trigger} ON turns")
 
 
-def a_turn_stopped_at_its_settlement(  # type: ignore[no-untyped-def]
-        world, database: str, upstream: str, content: str) -> tuple[str, int, dict[str, Any]]:
+def a_turn_stopped_at_its_settlement(
+        world: World, database: str, upstream: str, content: str) -> tuple[str, int, dict[str, Any]]:
     """A user with 10 of credit sends `content` to a model at 1 a 1k tokens served as `upstream`, and a stop
     lands at the turn's settlement: the user's key, the conversation and the turn as it ended."""
     agent_id = world.agent(world.model(upstream=upstream, price_in="1", price_out="1"))
@@ -895,7 +913,8 @@ def a_turn_stopped_at_its_settlement(  # type: ignore[no-untyped-def]
         return key, conversation_id, world.wait_terminal(key, message_id)
 
 
-def test_a_stop_that_lands_after_the_workers_last_look_still_ends_the_turn_cancelled(world, database) -> None:  # type: ignore[no-untyped-def]
+def test_a_stop_that_lands_after_the_workers_last_look_still_ends_the_turn_cancelled(
+        world: World, database: str) -> None:
     """The stop's 202 promised `cancelled`; the worker looks for a stop twice a second, so one can land after
     its last look and before its answer is written. The turn ends `cancelled` with the whole answer,
     charged for all of it (every token was generated), and adds no tokens to the conversation's total."""
@@ -910,7 +929,8 @@ def test_a_stop_that_lands_after_the_workers_last_look_still_ends_the_turn_cance
     assert world.api.get(f"/api/conversations/{conversation_id}", key).json["total_tokens"] == 0
 
 
-def test_a_stop_that_lands_before_a_failures_end_is_written_ends_the_turn_cancelled_unpaid(world, database) -> None:  # type: ignore[no-untyped-def]
+def test_a_stop_that_lands_before_a_failures_end_is_written_ends_the_turn_cancelled_unpaid(
+        world: World, database: str) -> None:
     """The same promise when the model failed meanwhile (a stream cut after two chunks, no fallback): the
     turn ends `cancelled`, not `llm_error`, keeps the text the failed attempt streamed, and, that text
     being a failed attempt's, is not charged."""
@@ -922,7 +942,7 @@ def test_a_stop_that_lands_before_a_failures_end_is_written_ends_the_turn_cancel
     assert world.api.get("/api/me", key).json["balance"] == "10.000000"
 
 
-def test_two_hundred_concurrent_readers_on_one_api_process(world, database) -> None:  # type: ignore[no-untyped-def]
+def test_two_hundred_concurrent_readers_on_one_api_process(world: World, database: str) -> None:
     port = free_port()
     # 200 streams and a quarter of the threads kept for other requests (`app.stream_slots.streams_for`)
     web = Process("web-sse", agentq("web", "--port", str(port), "--workers", "1", "--threads", "272"),
@@ -959,7 +979,7 @@ def _web_holding_two_streams_a_user(name: str, heartbeat: str, **env: str) -> tu
     return web.start(), port
 
 
-def _a_turn_that_waits_for_its_model(world, user: str) -> tuple[int, str, int]:  # type: ignore[no-untyped-def]
+def _a_turn_that_waits_for_its_model(world: World, user: str) -> tuple[int, str, int]:
     """A new user's id and key, and their turn whose model says nothing for a minute (its stream stays quiet)."""
     agent_id = world.agent(world.model(upstream="echo;ttft=60"))
     user_id, key = world.user(user)
@@ -967,7 +987,7 @@ def _a_turn_that_waits_for_its_model(world, user: str) -> tuple[int, str, int]: 
         "assistant_message"]["id"]
 
 
-def test_each_user_holds_a_bounded_number_of_open_streams_per_api_process(world) -> None:  # type: ignore[no-untyped-def]
+def test_each_user_holds_a_bounded_number_of_open_streams_per_api_process(world: World) -> None:
     """An open stream holds a server thread, so one user cannot take them all: beyond the bound a stream is
     refused with 429 `too_many_streams`, other users are not affected, and a closed stream frees its slot
     (the server notices at its next write, a heartbeat at the latest)."""
@@ -1006,7 +1026,7 @@ def test_each_user_holds_a_bounded_number_of_open_streams_per_api_process(world)
             world.api.post(f"/api/messages/{m}/cancel", k)
 
 
-def test_a_stream_its_client_closed_frees_its_slot_while_the_turn_is_quiet(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_stream_its_client_closed_frees_its_slot_while_the_turn_is_quiet(world: World) -> None:
     """A closed stream was noticed only when a write to it failed, a heartbeat or two after the close: a client
     that closed its streams while the model had not answered yet, and reconnected, was refused 429 for up to
     half a minute though it held none. The server looks at the connection between reads of the live stream."""
@@ -1039,7 +1059,7 @@ def test_a_stream_its_client_closed_frees_its_slot_while_the_turn_is_quiet(world
         world.api.post(f"/api/messages/{message_id}/cancel", key)
 
 
-def test_a_stream_whose_client_stopped_reading_is_closed_and_frees_its_slot(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_stream_whose_client_stopped_reading_is_closed_and_frees_its_slot(world: World) -> None:
     """A client that stopped reading without closing held its stream's thread in a write for as long as it stayed
     connected, once the socket's buffers were full, and one of its user's stream slots with it. A write that cannot
     start within `AGENTQ_STREAM_WRITE_TIMEOUT_SECONDS` now ends the response."""
@@ -1083,7 +1103,7 @@ def test_a_stream_whose_client_stopped_reading_is_closed_and_frees_its_slot(worl
         world.api.post(f"/api/messages/{waiting}/cancel", key)
 
 
-def test_a_replaced_key_ends_the_streams_it_opened(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_replaced_key_ends_the_streams_it_opened(world: World) -> None:
     """A key replaced (a leak) stopped its requests, but the streams it had opened ran to their end, up to
     `AGENTQ_STREAM_MAX_SECONDS`. They now end, without `done`, at the reader's next look, and the reconnect
     with the old key is refused 401."""
@@ -1254,7 +1274,7 @@ def test_a_lingering_connection_is_waited_for_until_its_client_closes_or_its_tim
     assert server.fileno() == -1
 
 
-def test_a_client_that_stalls_in_the_middle_of_a_request_is_cut_after_the_client_timeout(world) -> None:  # type: ignore[no-untyped-def]
+def test_a_client_that_stalls_in_the_middle_of_a_request_is_cut_after_the_client_timeout(world: World) -> None:
     """gunicorn read a request on a blocking socket with no timeout: a client that sent part of its request line,
     its headers or its body and then nothing held its thread for as long as it kept the connection, and four of
     them every request of a 4-thread process. Past AGENTQ_CLIENT_TIMEOUT_SECONDS each is closed, a stalled body
@@ -1301,7 +1321,7 @@ def test_each_connection_waits_the_client_timeout_at_most_and_a_stream_gives_it_
         assert server.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, len(timeval(0))) == timeval(60)
 
 
-def test_an_api_process_keeps_a_quarter_of_its_threads_for_requests_other_than_streams(world) -> None:  # type: ignore[no-untyped-def]
+def test_an_api_process_keeps_a_quarter_of_its_threads_for_requests_other_than_streams(world: World) -> None:
     """Each user within their bound, many users' streams took every thread of a process, and every other
     request waited for one to end. With 4 threads a process holds 3 streams; the fourth is refused, a POST
     and /healthz are still answered at once, and a closed stream lets the next one in."""
@@ -1345,7 +1365,8 @@ def test_an_api_process_keeps_a_quarter_of_its_threads_for_requests_other_than_s
             world.api.post(f"/api/messages/{message}/cancel", key)
 
 
-def test_a_quiet_stream_gets_its_heartbeat_when_it_is_due_not_a_blocking_read_later(world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_quiet_stream_gets_its_heartbeat_when_it_is_due_not_a_blocking_read_later(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """Heartbeats were looked for only after whole blocking reads of the live stream (4 s each): one due
     every 5 s came at 8 s, and a proxy whose idle timeout is the heartbeat's cut the stream."""
     from app.answer_stream import HEARTBEAT, follow_answer
@@ -1370,7 +1391,7 @@ def test_a_quiet_stream_gets_its_heartbeat_when_it_is_due_not_a_blocking_read_la
     assert 4.9 <= waited <= 6.5, f"the heartbeat came after {waited:.2f}s"  # it came at 8 s
 
 
-def test_a_stop_survives_redis_losing_its_flag(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_a_stop_survives_redis_losing_its_flag(world: World, redis_client: redis.Redis) -> None:
     """The worker reads stop requests from the database too, with each lease renewal: a stop recorded there
     alone (its Redis flag lost, here never written) ends the turn long before its 20 s answer would."""
     from sqlalchemy import update

@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 
 from app.turn_status import TurnStatus
 from tests.support import wait_for
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from datetime import datetime
+
+    import redis
+
+    from app.prepared import Unit
+    from app.run_kinds import RunKind
+    from app.turn_intake import AcceptedTurn
+    from tests.conftest import UpstreamLog, Workers, World
+
 
 @pytest.fixture(autouse=True)
-def _running(workers, upstream) -> None:  # type: ignore[no-untyped-def]
+def _running(workers: Workers, upstream: UpstreamLog) -> None:
     """Every test here needs a worker and a clean upstream log."""
 
 
-def test_a_turn_is_answered_stored_and_charged_once(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_a_turn_is_answered_stored_and_charged_once(world: World, upstream: UpstreamLog) -> None:
     model_id = world.model(price_in="1.000000", price_out="2.000000")
     agent_id = world.agent(model_id)
     _, key = world.user(balance="10")
@@ -59,7 +70,7 @@ def test_a_turn_is_answered_stored_and_charged_once(world, upstream) -> None:  #
     assert conversation["total_tokens"] == prompt_tokens + completion_tokens
 
 
-def test_history_holds_only_successful_turns(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_history_holds_only_successful_turns(world: World, upstream: UpstreamLog) -> None:
     good = world.model("good")
     failing = world.model("failing", upstream="echo;fail=500")
     agent_id = world.agent(good)
@@ -96,7 +107,8 @@ def test_history_holds_only_successful_turns(world, upstream) -> None:  # type: 
     assert conversation["total_tokens"] == success_tokens
 
 
-def test_a_redelivered_message_neither_calls_the_model_again_nor_charges_twice(world, upstream, workers) -> None:  # type: ignore[no-untyped-def]
+def test_a_redelivered_message_neither_calls_the_model_again_nor_charges_twice(
+        world: World, upstream: UpstreamLog, workers: Workers) -> None:
     from app.run_kinds import TURN
 
     agent_id = world.agent(world.model(price_in="1", price_out="1"))
@@ -129,7 +141,7 @@ def _attempt_count(message_id: int) -> int:
                               .where(ModelAttempt.message_id == message_id)) or 0
 
 
-def test_concurrent_duplicate_deliveries_run_the_model_once(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_duplicate_deliveries_run_the_model_once(world: World, upstream: UpstreamLog) -> None:
     """Two copies of one message in flight at once: the turn's row lock lets one worker thread claim it."""
     from app.run_kinds import TURN
 
@@ -145,7 +157,7 @@ def test_concurrent_duplicate_deliveries_run_the_model_once(world, upstream) -> 
     assert len([t for t in ledger if t["message_id"] == assistant["id"]]) == 1
 
 
-def test_sequence_numbers_survive_a_redis_flush(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_sequence_numbers_survive_a_redis_flush(world: World, redis_client: redis.Redis) -> None:
     agent_id = world.agent(world.model())
     _, key = world.user()
     conversation_id = world.conversation(key, agent_id)
@@ -159,7 +171,7 @@ def test_sequence_numbers_survive_a_redis_flush(world, redis_client) -> None:  #
     assert seqs == [1, 2, 3, 4]
 
 
-def test_idempotency_key_returns_the_first_answer(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_idempotency_key_returns_the_first_answer(world: World, upstream: UpstreamLog) -> None:
     agent_id = world.agent(world.model())
     _, key = world.user()
     conversation_id = world.conversation(key, agent_id)
@@ -177,8 +189,8 @@ def test_idempotency_key_returns_the_first_answer(world, upstream) -> None:  # t
     assert len(upstream.requests()) == 1
 
 
-def test_a_retry_that_looked_before_its_first_request_committed_gets_the_first_answer(  # type: ignore[no-untyped-def]
-        world, upstream, monkeypatch) -> None:
+def test_a_retry_that_looked_before_its_first_request_committed_gets_the_first_answer(
+        world: World, upstream: UpstreamLog, monkeypatch: pytest.MonkeyPatch) -> None:
     """The retry looks for its key and finds nothing; the first request then commits and hands the
     conversation's lock to its turn; the retry, refused by that lock, answers with the first turn (202),
     not 409."""
@@ -192,7 +204,8 @@ def test_a_retry_that_looked_before_its_first_request_committed_gets_the_first_a
     looked_up = turn_intake._replay
     first: list[Any] = []
 
-    def first_request_commits_meanwhile(unit, user, idempotency_key, conversation, content):  # type: ignore[no-untyped-def]
+    def first_request_commits_meanwhile(
+            unit: Unit, user: int, idempotency_key: str, conversation: int, content: str) -> AcceptedTurn | None:
         found = looked_up(unit, user, idempotency_key, conversation, content)
         if not first:
             first.append(None)
@@ -208,7 +221,8 @@ def test_a_retry_that_looked_before_its_first_request_committed_gets_the_first_a
     assert len(world.api.get(f"/api/conversations/{conversation_id}/messages", key).json["items"]) == 2
 
 
-def _committed_under_a_key(world, redis_client, content: str, idempotency_key: str) -> tuple[str, int, Any]:  # type: ignore[no-untyped-def]
+def _committed_under_a_key(
+        world: World, redis_client: redis.Redis, content: str, idempotency_key: str) -> tuple[str, int, Any]:
     """A turn its first request committed under `idempotency_key` and never sent (the process died): the
     user's key, the conversation and the accepted turn."""
     from app.auth import Principal
@@ -227,7 +241,7 @@ def _committed_under_a_key(world, redis_client, content: str, idempotency_key: s
     return key, conversation_id, committed
 
 
-def test_a_retry_of_a_turn_committed_but_never_sent_sends_it(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_a_retry_of_a_turn_committed_but_never_sent_sends_it(world: World, redis_client: redis.Redis) -> None:
     """The first request committed its turn and died before sending it; its retry with the same key answers
     with that turn and sends it, so it runs at once, not after the sweeps that look for its send's receipt
     (they would have moved its outbox mark)."""
@@ -240,8 +254,9 @@ def test_a_retry_of_a_turn_committed_but_never_sent_sends_it(world, redis_client
 
 
 @pytest.mark.parametrize("first_send", ["lost", "received"])
-def test_replays_of_a_pending_turn_send_it_again_once_a_grace_not_once_each(  # type: ignore[no-untyped-def]
-        world, redis_client, monkeypatch, settings_of, first_send: str) -> None:
+def test_replays_of_a_pending_turn_send_it_again_once_a_grace_not_once_each(
+        world: World, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch, settings_of: Callable[..., None],
+        first_send: str) -> None:
     """Every replay of a key whose turn was still pending sent one more message: a client replaying in a loop
     during a backlog queued as many ahead of everyone's turns. A turn whose first send was lost is sent once
     a grace (a minute here, so that the five replays fall in one); one whose first send left its receipt in
@@ -258,7 +273,7 @@ def test_replays_of_a_pending_turn_send_it_again_once_a_grace_not_once_each(  # 
     sent: list[int] = []
     send = app.outbox.send
 
-    def counted_send(kind, ident: int, at) -> bool:  # type: ignore[no-untyped-def]
+    def counted_send(kind: RunKind, ident: int, at: datetime | None) -> bool:
         sent.append(ident)
         return send(kind, ident, at)
 
@@ -275,7 +290,7 @@ def test_replays_of_a_pending_turn_send_it_again_once_a_grace_not_once_each(  # 
     assert world.wait_terminal(key, turn_id, timeout=15)["status"] == "success"
 
 
-def _outbox_mark(turn_id: int):  # type: ignore[no-untyped-def]
+def _outbox_mark(turn_id: int) -> datetime | None:
     from app.db import transaction
     from app.models import Turn
 
@@ -283,7 +298,7 @@ def _outbox_mark(turn_id: int):  # type: ignore[no-untyped-def]
         return session.get_one(Turn, turn_id).enqueued_at
 
 
-def _committed_never_sent(world, content: str, *, sent_seconds_ago: int) -> tuple[str, int]:  # type: ignore[no-untyped-def]
+def _committed_never_sent(world: World, content: str, *, sent_seconds_ago: int) -> tuple[str, int]:
     """A turn an API process committed and died before sending, its outbox mark `sent_seconds_ago` old:
     the user's key and the turn's id."""
     from sqlalchemy import text
@@ -302,8 +317,8 @@ def _committed_never_sent(world, content: str, *, sent_seconds_ago: int) -> tupl
     return key, turn_id
 
 
-def test_a_turn_committed_by_a_process_that_died_before_sending_it_is_sent_by_the_sweep(  # type: ignore[no-untyped-def]
-        world, redis_client) -> None:
+def test_a_turn_committed_by_a_process_that_died_before_sending_it_is_sent_by_the_sweep(
+        world: World, redis_client: redis.Redis) -> None:
     """The API process committed a turn and died before its send: the turn carries the outbox mark its
     intake wrote, as one waiting in a long queue does, but its send left no receipt in Redis, so a sweep
     soon after the enqueue grace (1 s here) sends it, rather than the stale-pending rule (300 s)."""
@@ -319,12 +334,12 @@ def test_a_turn_committed_by_a_process_that_died_before_sending_it_is_sent_by_th
         committed = _insert_turn(connection, Principal(user_id, "alice", False), conversation_id, "never sent", None)
     turn_id = committed.assistant_message.id
     assert world.wait_terminal(key, turn_id, timeout=15)["status"] == "success"
-    assert _outbox_mark(turn_id) > committed.enqueued_at
+    assert (mark := _outbox_mark(turn_id)) is not None and mark > committed.enqueued_at
     assert world.api.get(f"/api/messages/{turn_id}", key).json["content"] == "echo: never sent"
 
 
-def test_a_worker_starting_after_an_api_stranded_a_turn_sends_it_at_its_first_sweep(  # type: ignore[no-untyped-def]
-        world, workers, redis_client) -> None:
+def test_a_worker_starting_after_an_api_stranded_a_turn_sends_it_at_its_first_sweep(
+        world: World, workers: Workers, redis_client: redis.Redis) -> None:
     """No worker runs (a machine restarting, a deployment stopped) when an API process commits a turn and dies
     before its send: by the time a worker starts, the turn is older than the window the later sweeps look
     in. A worker process's first sweep looks back as far as the stale-pending rule, sends that turn, and
@@ -359,14 +374,14 @@ def test_a_worker_starting_after_an_api_stranded_a_turn_sends_it_at_its_first_sw
     stranded_id = stranded.assistant_message.id
     assert world.wait_terminal(stranded_key, stranded_id, timeout=30)["status"] == "success"
     assert world.wait_terminal(queued_key, queued)["status"] == "success"
-    assert _outbox_mark(stranded_id) > stranded.enqueued_at
+    assert (mark := _outbox_mark(stranded_id)) is not None and mark > stranded.enqueued_at
     with transaction() as session:
         assert session.execute(text("SELECT enqueued_at = created_at FROM turns WHERE assistant_message_id = :id"),
                                {"id": queued}).scalar() is True
 
 
-def test_a_first_sweep_that_could_not_ask_redis_for_receipts_says_so_and_sends_nothing(  # type: ignore[no-untyped-def]
-        world, redis_client, monkeypatch) -> None:
+def test_a_first_sweep_that_could_not_ask_redis_for_receipts_says_so_and_sends_nothing(
+        world: World, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker process's first sweep is its one look far back for turns without a receipt; when Redis does
     not answer that lookup the report says so (its loop then keeps the look-back for the next sweep), and no
     turn is sent on a guess. Asked again with Redis back, it sends the stranded turn."""
@@ -388,8 +403,9 @@ def test_a_first_sweep_that_could_not_ask_redis_for_receipts_says_so_and_sends_n
     assert world.wait_terminal(key, stranded)["status"] == "success"
 
 
-def test_a_sweep_while_redis_is_out_of_reach_sends_nothing_and_says_so_once(  # type: ignore[no-untyped-def]
-        world, redis_client, workers, monkeypatch, caplog) -> None:
+def test_a_sweep_while_redis_is_out_of_reach_sends_nothing_and_says_so_once(
+        world: World, redis_client: redis.Redis, workers: Workers, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     """A sweep tried each due run's send while Redis was away: two transactions and a failed send a run, a line
     each, at every sweep, and with a Redis that hangs a socket timeout each, which held the sweep (and the
     leases it takes over) for minutes. Redis not answering as the sweep begins, it sends none, leaves their
@@ -430,8 +446,8 @@ def test_a_sweep_while_redis_is_out_of_reach_sends_nothing_and_says_so_once(  # 
     assert world.wait_terminal(key, unsent)["status"] == "success"
 
 
-def test_a_turn_whose_lease_ran_out_is_sent_again_once_a_lease_not_at_every_sweep(  # type: ignore[no-untyped-def]
-        world, redis_client, workers) -> None:
+def test_a_turn_whose_lease_ran_out_is_sent_again_once_a_lease_not_at_every_sweep(
+        world: World, redis_client: redis.Redis, workers: Workers) -> None:
     """A turn whose worker died is sent again once its lease has run out, and not again until another lease
     has passed since: without that, each sweep of each worker process queued one more message for it while it
     waited behind a backlog (a no-op at its claim, but a queue growing by a message a second). The workers
@@ -467,8 +483,8 @@ def test_a_turn_whose_lease_ran_out_is_sent_again_once_a_lease_not_at_every_swee
     assert me["balance"] == me["available_balance"] == f"{Decimal(10) - Decimal(done['cost']):.6f}"
 
 
-def test_an_admin_test_run_committed_but_never_sent_is_sent_by_the_sweep(  # type: ignore[no-untyped-def]
-        world, redis_client, monkeypatch) -> None:
+def test_an_admin_test_run_committed_but_never_sent_is_sent_by_the_sweep(
+        world: World, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same for an admin test run whose API process died between its commit and its send."""
     from app import outbox
     from app.redis_epoch import epoch_key
@@ -486,8 +502,8 @@ def test_an_admin_test_run_committed_but_never_sent_is_sent_by_the_sweep(  # typ
     assert (log["status"], log["output"]) == ("success", "echo: never sent")
 
 
-def test_a_turn_handed_to_a_retry_that_redis_lost_is_sent_again_by_the_sweep_that_notices(  # type: ignore[no-untyped-def]
-        world, redis_client) -> None:
+def test_a_turn_handed_to_a_retry_that_redis_lost_is_sent_again_by_the_sweep_that_notices(
+        world: World, redis_client: redis.Redis) -> None:
     """A delivery that raised hands its turn to Dramatiq's retry: no token, and an expiry the sweep leaves
     alone for AGENTQ_STALE_PENDING_SECONDS (300 s). When Redis loses its data the retry goes with it, so
     the sweep that notices the loss sends such a turn at once, as it sends every pending one."""
@@ -518,8 +534,8 @@ def test_a_turn_handed_to_a_retry_that_redis_lost_is_sent_again_by_the_sweep_tha
                                {"a": turn_id}).scalar() == 2
 
 
-def test_turns_re_sent_into_a_redis_that_loses_its_data_again_are_sent_again_by_the_next_sweep(  # type: ignore[no-untyped-def]
-        world, redis_client, monkeypatch) -> None:
+def test_turns_re_sent_into_a_redis_that_loses_its_data_again_are_sent_again_by_the_next_sweep(
+        world: World, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     """After Redis lost its data, recovery re-sends every pending turn, then marks Redis as recovered. Had
     Redis lost its data again during those sends, the messages went with it: the mark the sweep left in
     Redis before sending is gone too, so the epoch is not set and the next sweep sends them all again
@@ -545,8 +561,8 @@ def test_turns_re_sent_into_a_redis_that_loses_its_data_again_are_sent_again_by_
         turns.append(accepted.assistant_message.id)
         keys[accepted.assistant_message.id] = key
 
-    def send_into_a_redis_that_loses_it(kind, ident, enqueued_at):  # type: ignore[no-untyped-def]
-        for mark in redis_client.keys(f"{own_epoch}:sweep:*"):
+    def send_into_a_redis_that_loses_it(kind: RunKind, ident: int, enqueued_at: datetime) -> bool:
+        for mark in cast(list[bytes], redis_client.keys(f"{own_epoch}:sweep:*")):
             redis_client.delete(mark)
         # Its receipt stays, so the workers' own sweeps (Redis is whole to them) leave the turn to this test's.
         redis_client.set(receipt_key(message_id(kind.actor, ident, enqueued_at)), b"")
@@ -567,7 +583,8 @@ def test_turns_re_sent_into_a_redis_that_loses_its_data_again_are_sent_again_by_
     assert (third.redis_lost, third.sent) == (False, [])
 
 
-def test_a_redis_restarted_from_an_older_snapshot_has_its_pending_turns_sent_again(world, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_a_redis_restarted_from_an_older_snapshot_has_its_pending_turns_sent_again(
+        world: World, redis_client: redis.Redis) -> None:
     """A Redis restarted from its last snapshot keeps the epoch key from before but not the messages sent
     since: the epoch names the server run that wrote it, so the next sweep sees another run and sends every
     pending turn again (it waited for the stale-pending rule, 300 s). The restart is stood in for by the
@@ -581,12 +598,12 @@ def test_a_redis_restarted_from_an_older_snapshot_has_its_pending_turns_sent_aga
     key, lost = _committed_never_sent(world, "sent after the snapshot", sent_seconds_ago=30)
     redis_client.set(epoch_key(), "0123456789abcdef0123456789abcdef01234567 2026-12-01T00:00:00+00:00")
     assert world.wait_terminal(key, lost, timeout=15)["status"] == "success"
-    run_id = redis_client.info("server")["run_id"]
-    assert redis_client.get(epoch_key()).split(b" ")[0].decode() == run_id
+    run_id = cast(dict[str, Any], redis_client.info("server"))["run_id"]
+    assert cast(bytes, redis_client.get(epoch_key())).split(b" ")[0].decode() == run_id
 
 
-def test_a_turn_accepted_while_redis_is_unreachable_is_sent_by_recovery(  # type: ignore[no-untyped-def]
-        world, workers, unreachable_broker) -> None:
+def test_a_turn_accepted_while_redis_is_unreachable_is_sent_by_recovery(
+        world: World, workers: Workers, unreachable_broker: None) -> None:
     """The API's enqueue fails (its broker points at a closed port); the worker's recovery sends the turn. The
     workers are stopped until the turn is seen unsent: a sweep of theirs could send and end it first."""
     from app.db import transaction
@@ -607,8 +624,8 @@ def test_a_turn_accepted_while_redis_is_unreachable_is_sent_by_recovery(  # type
     assert world.wait_terminal(key, assistant_id)["status"] == "success"
 
 
-def test_the_pending_bound_ends_a_turn_only_if_it_is_still_pending_since_before_its_cutoff(  # type: ignore[no-untyped-def]
-        world, workers, unreachable_broker) -> None:
+def test_the_pending_bound_ends_a_turn_only_if_it_is_still_pending_since_before_its_cutoff(
+        world: World, workers: Workers, unreachable_broker: None) -> None:
     """The sweep that finds a turn pending too long read it a moment before it ends it; meanwhile a worker may
     have claimed it (and handed it to a retry, leaving no lease to protect it) or an operator requeued it.
     The end is judged again under the turn's lock: a turn pending only since after the cutoff is left alone.
@@ -634,8 +651,8 @@ def test_the_pending_bound_ends_a_turn_only_if_it_is_still_pending_since_before_
     assert (ended["status"], ended["error_message"]) == ("error", "waited too long")
 
 
-def test_the_pending_bound_ends_a_turn_pending_past_the_setting_and_not_one_within_it(  # type: ignore[no-untyped-def]
-        world, workers, unreachable_broker) -> None:
+def test_the_pending_bound_ends_a_turn_pending_past_the_setting_and_not_one_within_it(
+        world: World, workers: Workers, unreachable_broker: None) -> None:
     """The bound is `AGENTQ_MAX_PENDING_SECONDS` to the second, by the database's clock: a turn pending half as
     long again is ended, one pending half as long is not (the test of the sweep's timing allowed a cutoff
     twice the setting). The workers are stopped meanwhile: their sweeps would send the turns."""
@@ -665,8 +682,8 @@ def test_the_pending_bound_ends_a_turn_pending_past_the_setting_and_not_one_with
     assert world.wait_terminal(key, turns[1])["status"] == "success"
 
 
-def test_the_pending_bound_counts_a_test_runs_wait_from_its_status_not_from_its_sends(  # type: ignore[no-untyped-def]
-        world, workers, unreachable_broker) -> None:
+def test_the_pending_bound_counts_a_test_runs_wait_from_its_status_not_from_its_sends(
+        world: World, workers: Workers, unreachable_broker: None) -> None:
     """An admin test run's outbox mark is on the run's own row: each send by a sweep, and each send that failed,
     moved its `updated_at`, from which the pending bound counts, so a run sent often enough never waited too
     long. A send now leaves it, and the end is judged under the run's lock as a turn's is: a run a worker
@@ -723,7 +740,7 @@ def test_the_pending_bound_counts_a_test_runs_wait_from_its_status_not_from_its_
         workers.start()
 
 
-def test_an_idempotency_key_belongs_to_one_conversation_and_one_message(world) -> None:  # type: ignore[no-untyped-def]
+def test_an_idempotency_key_belongs_to_one_conversation_and_one_message(world: World) -> None:
     agent_id = world.agent(world.model())
     _, key = world.user()
     first, second = world.conversation(key, agent_id, project_id=1), world.conversation(key, agent_id, project_id=2)
@@ -741,7 +758,7 @@ def test_an_idempotency_key_belongs_to_one_conversation_and_one_message(world) -
     assert [m["content"] for m in items if m["role"] == "user"] == ["hello"]
 
 
-def test_the_ledger_is_paged_newest_first(world) -> None:  # type: ignore[no-untyped-def]
+def test_the_ledger_is_paged_newest_first(world: World) -> None:
     user_id, key = world.user(balance="1")
     for amount in ("2", "3", "4"):
         world.api.post(f"/api/admin/users/{user_id}/credits", world.admin_key, {"amount": amount})
@@ -752,7 +769,7 @@ def test_the_ledger_is_paged_newest_first(world) -> None:  # type: ignore[no-unt
     assert rest["next_cursor"] is None
 
 
-def test_the_ledger_without_a_limit_is_the_whole_ledger(world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_the_ledger_without_a_limit_is_the_whole_ledger(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """The contract's `GET /api/me/transactions` has no paging: without `limit` every row comes back, newest
     first, read a page at a time (pages of 7 here, so the reading crosses several of them)."""
     import app.users
@@ -767,7 +784,8 @@ def test_the_ledger_without_a_limit_is_the_whole_ledger(world, monkeypatch) -> N
     assert world.api.get("/api/me", key).json["balance"] == f"{sum(range(1, 120))}.000000"
 
 
-def test_taking_credit_back_during_a_turn_leaves_what_the_turn_holds_and_the_turn_pays_in_full(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_taking_credit_back_during_a_turn_leaves_what_the_turn_holds_and_the_turn_pays_in_full(
+        world: World, upstream: UpstreamLog) -> None:
     """An admin takes credit back while a turn streams: the take-back stops at the turn's reservation (the
     answer was priced against it), and the turn is charged its whole cost, not what the take-back left."""
     model_id = world.model(upstream="echo;ttft=4;words=50", price_in="1.000000", price_out="10.000000")
@@ -793,7 +811,7 @@ def test_taking_credit_back_during_a_turn_leaves_what_the_turn_holds_and_the_tur
         (None, f"-{1 - reserved:.6f}", f"{reserved:.6f}"), (None, "1.000000", "1.000000")]
 
 
-def test_recent_failures_count_each_failed_status_and_list_the_latest(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_recent_failures_count_each_failed_status_and_list_the_latest(world: World, upstream: UpstreamLog) -> None:
     """What the operators' page polls: every terminal status but success counted since the window's start,
     and the latest ones listed, newest first, up to `limit`."""
     agent_id = world.agent(world.model())

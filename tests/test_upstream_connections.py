@@ -5,19 +5,24 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 
 from tests.support import wait_for, wait_http
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from tests.conftest import UpstreamLog, Workers, World
+
 
 @pytest.fixture(autouse=True)
-def _running(workers, upstream) -> None:  # type: ignore[no-untyped-def]
+def _running(workers: Workers, upstream: UpstreamLog) -> None:
     """Turns here run on the session's worker (one process) against the mock upstream."""
 
 
-def run_turns(world, upstream_model: str, contents: list[str]) -> list[dict]:  # type: ignore[no-untyped-def]
+def run_turns(world: World, upstream_model: str, contents: list[str]) -> list[dict]:
     agent_id = world.agent(world.model(f"m-{time.monotonic_ns()}", upstream=upstream_model))
     _, key = world.user()
     conversation_id = world.conversation(key, agent_id)
@@ -28,11 +33,11 @@ def run_turns(world, upstream_model: str, contents: list[str]) -> list[dict]:  #
     return finished
 
 
-def client_ports(upstream, model: str) -> list[int]:  # type: ignore[no-untyped-def]
+def client_ports(upstream: UpstreamLog, model: str) -> list[int]:
     return [r["client_port"] for r in upstream.requests() if r["body"]["model"] == model]
 
 
-def test_consecutive_turns_share_one_upstream_connection(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_consecutive_turns_share_one_upstream_connection(world: World, upstream: UpstreamLog) -> None:
     model = "echo;words=5"
     upstream.clear()
     finished = run_turns(world, model, ["one", "two", "three"])
@@ -42,7 +47,8 @@ def test_consecutive_turns_share_one_upstream_connection(world, upstream) -> Non
     assert len(set(ports)) == 1
 
 
-def test_a_stream_whose_body_stays_open_after_done_ends_the_turn_and_its_connection(world, upstream) -> None:  # type: ignore[no-untyped-def]
+def test_a_stream_whose_body_stays_open_after_done_ends_the_turn_and_its_connection(
+        world: World, upstream: UpstreamLog) -> None:
     model = "echo;hold_after_done=30"
     upstream.clear()
     started = time.monotonic()
@@ -57,7 +63,7 @@ def test_a_stream_whose_body_stays_open_after_done_ends_the_turn_and_its_connect
              what="the mock to see both held connections closed by the worker")
 
 
-def test_threads_take_turns_over_the_pools_and_each_keeps_its_own(upstream) -> None:  # type: ignore[no-untyped-def]
+def test_threads_take_turns_over_the_pools_and_each_keeps_its_own(upstream: UpstreamLog) -> None:
     """A process with many threads splits its upstream connections into pools (`ShardedTransport`): thread
     n uses pool n mod shards, and a connection goes back to the pool its thread will use next time."""
     import threading
@@ -167,7 +173,7 @@ def _assert_ends_at_its_stop_and_its_deadline(host: str, port: int, scheme: str 
     assert 1.0 <= took < 1.8
 
 
-def test_a_stalled_name_lookup_ends_at_the_attempts_deadline_or_its_stop(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_stalled_name_lookup_ends_at_the_attempts_deadline_or_its_stop(monkeypatch: pytest.MonkeyPatch) -> None:
     """`getaddrinfo` has no timeout: a name server that does not answer held a new connection for the
     resolver's retries, past the agent's timeout and deaf to a stop. Only the lookup is stood in for (no
     name server here stalls on demand); the SDK's request then goes to the real mock upstream."""
@@ -222,8 +228,8 @@ def test_a_stalled_tls_handshake_ends_at_the_attempts_deadline_or_its_stop() -> 
         _assert_ends_at_its_stop_and_its_deadline("127.0.0.1", listener.getsockname()[1], scheme="https")
 
 
-def test_an_https_upstream_answers_through_the_bounded_handshake_and_keeps_its_connection(  # type: ignore[no-untyped-def]
-        tmp_path, monkeypatch) -> None:
+def test_an_https_upstream_answers_through_the_bounded_handshake_and_keeps_its_connection(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The handshake agentq runs itself (non-blocking, a tick at a time) against a real TLS server: the
     certificate is verified, the stream is read over the TLS socket, and the connection is reused."""
     import ssl
@@ -274,7 +280,8 @@ def test_every_endpoints_connections_share_the_processs_one_tls_context() -> Non
     assert len(contexts) == 1
 
 
-def test_a_lookup_whose_thread_could_not_start_is_not_waited_for_by_the_next_attempts(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_lookup_whose_thread_could_not_start_is_not_waited_for_by_the_next_attempts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A lookup is shared by the attempts that need its name while it is in flight; one whose thread could not
     be started (the process out of threads) would have been waited for by every later attempt at that name,
     each failing at its connect timeout, for the life of the process."""
