@@ -101,6 +101,8 @@ class Settings(BaseSettings):
     db_max_overflow: int = Field(default=0, ge=0, le=10_000)
     db_pool_timeout_seconds: Seconds = 30.0
     db_connect_timeout_seconds: int = Field(default=5, ge=2, le=DAY)
+    db_answer_timeout_seconds: Seconds = 15.0
+    """How long a process waits for its PostgreSQL server's answer to what it sent (`app.connection_bounds`)."""
     log_json: bool = False
     access_log: bool = False
     """One line for each request `agentq web` answers (gunicorn's access log, in agentq's log format)."""

@@ -1,5 +1,6 @@
-"""What bounds a PostgreSQL connection of agentq's besides its connect timeout: how it notices a server gone, how
-the server notices it gone, how long its session may sit idle in a transaction, and when a pooled one is pinged.
+"""What bounds a PostgreSQL connection of agentq's besides its connect timeout: how it notices a server gone or
+one that stopped answering, how the server notices it gone, how long its session may sit idle in a transaction,
+and when a pooled one is pinged.
 
 A pooled connection is pinged before use only when it sat idle in the pool for longer than `IDLE_PING_SECONDS`
 (SQLAlchemy's "pessimistic disconnect handling" through the checkout event): `pool_pre_ping` would add a round
@@ -12,9 +13,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
 
 import psycopg
 from sqlalchemy import Engine, event
+from sqlalchemy.engine import Dialect
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
@@ -126,3 +132,58 @@ def ping_idle_connections(engine: Engine) -> None:
             raise DisconnectionError("a pooled connection failed its ping") from exc
         if not alive:
             raise DisconnectionError("a pooled connection failed its ping")
+
+
+_answer_bound: ContextVar[float | None] = ContextVar("answer_bound", default=None)
+_UNBOUNDED = -1.0
+
+
+class AnswerBoundConnection(psycopg.Connection[Any]):
+    """A connection that waits `AGENTQ_DB_ANSWER_TIMEOUT_SECONDS` at most for its server's answer.
+
+    A server that stops answering while its host's kernel still does (its processes frozen, a storage stall,
+    a VM paused) acknowledges what is sent and answers keepalives, so neither `tcp_user_timeout` nor the
+    keepalives ever fire: every request of the API, `/readyz` included, and every lease renewal waited for
+    as long as the server stayed silent (a hunt froze it for 90 s). A wait that outlasts the bound closes
+    the connection and raises a psycopg `OperationalError`, which SQLAlchemy takes for a connection lost:
+    the pool is invalidated and the unit of work meets an outage (the API's 503 with `Retry-After`, a worker's
+    wait for its database), as it does a server gone. The waits psycopg bounds itself (a cancel, a
+    notification) keep their own; a schema change, which may take minutes on a large table, runs unbounded
+    (`answers_unbounded`)."""
+
+    def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
+        if timeout is not None:
+            return super().wait(gen, interval, timeout)
+        bound = _answer_bound.get()
+        if bound is None:
+            bound = get_settings().db_answer_timeout_seconds
+        if bound == _UNBOUNDED:
+            return super().wait(gen, interval)
+        started = time.monotonic()
+        try:
+            return super().wait(gen, interval, bound)
+        except psycopg.OperationalError as error:
+            if self.closed or time.monotonic() - started < bound:
+                raise
+            self.pgconn.finish()  # mid-exchange: the connection cannot be used again
+            raise psycopg.OperationalError(f"the database server did not answer within {bound:g} s "
+                                           "(AGENTQ_DB_ANSWER_TIMEOUT_SECONDS)") from error
+
+
+@contextmanager
+def answers_within(seconds: float | None) -> Iterator[None]:
+    """This thread's waits for the server bounded by `seconds` instead of the setting; None for no bound."""
+    token = _answer_bound.set(_UNBOUNDED if seconds is None else seconds)
+    try:
+        yield
+    finally:
+        _answer_bound.reset(token)
+
+
+def bound_server_answers(engine: Engine) -> None:
+    """Make the engine's new connections `AnswerBoundConnection`s."""
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(_dialect: Dialect, _record: ConnectionPoolEntry, cargs: tuple[Any, ...],
+                 cparams: dict[str, Any]) -> AnswerBoundConnection:
+        return AnswerBoundConnection.connect(*cargs, **cparams)

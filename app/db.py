@@ -6,7 +6,7 @@ default) every transaction starts with BEGIN IMMEDIATE so concurrent writers que
 timeout instead of failing half-way with "database is locked".
 
 A PostgreSQL connection is bounded by `app.connection_bounds` (how long it may take, how it notices a server
-gone, when a pooled one is pinged), a SQLite file made and opened by `app.sqlite_engine`.
+gone or silent, when a pooled one is pinged), a SQLite file made and opened by `app.sqlite_engine`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,12 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import get_settings, without_password
-from app.connection_bounds import dead_peer_detection, ping_idle_connections, set_session_settings
+from app.connection_bounds import (
+    bound_server_answers,
+    dead_peer_detection,
+    ping_idle_connections,
+    set_session_settings,
+)
 from app.sqlite_engine import sqlite_engine
 
 log = logging.getLogger(__name__)
@@ -46,6 +51,7 @@ def _build_engine(url: str, create: bool) -> Engine:
         pool_timeout=settings.db_pool_timeout_seconds,
         pool_recycle=1800,
     )
+    bound_server_answers(engine)
     ping_idle_connections(engine)
     set_session_settings(engine)
     return engine

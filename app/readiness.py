@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import redis
 from sqlalchemy import select
 
+from app.config import get_settings
+from app.connection_bounds import answers_within
 from app.db import database_location, get_engine
 from app.errors import AgentqError
 from app.models import User
@@ -89,9 +91,12 @@ def _redis() -> str:
 
 
 def _database() -> tuple[str, SetupProblem | None]:
-    """The database check as `/readyz` shows it, and the setup step its failure calls for, if any."""
+    """The database check as `/readyz` shows it, and the setup step its failure calls for, if any. A probe
+    answers within moments or not at all: a server that does not answer its query within the connect timeout
+    fails it, as one that does not accept the connection does."""
     try:
-        with get_engine().connect() as connection:  # one query proves the database is reached and set up
+        with (answers_within(get_settings().db_connect_timeout_seconds),
+              get_engine().connect() as connection):  # one query proves the database is reached and set up
             connection.execute(select(User.id).limit(1))
     except Exception as exc:
         problem = setup_problem(exc)

@@ -22,6 +22,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import CreateColumn, CreateTable
 
 from app.config import get_settings
+from app.connection_bounds import answers_within
 from app.db import database_location, get_engine
 from app.errors import AgentqError
 from app.key_variables import models_refused_now
@@ -64,7 +65,9 @@ def init_schema() -> SchemaReport:
     engine = get_engine(create=True)
     if engine.dialect.name == "postgresql":
         try:
-            with engine.begin() as connection:
+            # A change may take minutes on a large table (an index built, a column added under its lock, which
+            # AGENTQ_SCHEMA_LOCK_TIMEOUT_SECONDS bounds on the server): no bound on the server's answer here.
+            with answers_within(None), engine.begin() as connection:
                 connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LOCK_ID})
                 connection.exec_driver_sql(f"SET LOCAL lock_timeout = {_lock_timeout_ms()}")
                 absent = _absent(schema_gaps(connection))  # under the lock: what another run added is not ours

@@ -80,6 +80,21 @@ class Postgres:
             self.stop("immediate")
         shutil.rmtree(self.root, ignore_errors=True)
 
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The server's processes stopped (SIGSTOP), this cluster's alone: a server that says nothing while its
+        host's kernel still accepts and acknowledges, as a storage stall or a paused VM leaves it."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True).stdout.split()
+        pids = [postmaster, *map(int, children)]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[Postgres]:
@@ -280,6 +295,37 @@ def test_runs_sent_during_a_database_outage_wait_it_out_in_redis_instead_of_dyin
         assert [phrase in said for phrase in ("Failed to process message", "Retrying message", "Retries exceeded",
                                               "Traceback", "[ERROR]")] == [False] * 5, said[-3000:]
         assert "the database answers again: this worker process takes runs again" in said
+    finally:
+        stack.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_database_that_stops_answering_makes_requests_503_not_hang(postgres: Postgres, redis_db: SharedRedis) -> None:
+    """A frozen server acknowledges what is sent and answers keepalives, so no TCP bound fires: every request of
+    the API and `/readyz` waited for as long as it stayed frozen (a hunt froze it for 90 s, and they answered 200
+    after 88 s). Each wait for the server's answer is bounded now (AGENTQ_DB_ANSWER_TIMEOUT_SECONDS, `/readyz` by
+    the connect timeout): both answer 503 while it is frozen, and serve again once it answers."""
+    stack = Stack("silent-db", postgres.url, redis_db, AGENTQ_DB_ANSWER_TIMEOUT_SECONDS="2",
+                  AGENTQ_DB_CONNECT_TIMEOUT_SECONDS="2").init()
+    try:
+        stack.start_web(web_workers=1)
+        _, key = stack.user("silent-db")
+        assert stack.call("GET", "/api/conversations", key).status_code == 200
+        with postgres.frozen():
+            started = time.monotonic()
+            listed = stack.call("GET", "/api/conversations", key)
+            listing_took = time.monotonic() - started
+            started = time.monotonic()
+            ready = stack.call("GET", "/readyz")
+            probe_took = time.monotonic() - started
+        assert (listed.status_code, listed.json()["error"]["code"], listed.headers.get("Retry-After")) == (
+            503, "service_unavailable", "1"), listed.text
+        assert listing_took < 15, listing_took
+        assert (ready.status_code, ready.json()["checks"]["redis"]) == (503, "ok"), ready.text
+        assert ready.json()["checks"]["database"] != "ok"
+        assert probe_took < 15, probe_took
+        wait_for(lambda: stack.call("GET", "/readyz").status_code == 200, timeout=30, what="the API ready again")
+        assert stack.call("GET", "/api/conversations", key).status_code == 200
     finally:
         stack.stop()
 
