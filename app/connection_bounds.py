@@ -44,16 +44,25 @@ def idle_transaction_limit_ms() -> int:
     return max(int(get_settings().lease_seconds * 1000), 1000)
 
 
+CLIENT_CHECK_MS = 1000
+"""How often the server looks, while it runs or queues a statement, whether its client is still there."""
+
+
 def session_settings() -> dict[str, int]:
     """What each new connection sets on the server's side of its session: the bound on an idle transaction, and
     the server's own dead-peer detection, as the client's (`dead_peer_detection`): a session whose client a
     partition took away otherwise stayed, holding one of `max_connections`, for the server's two hours of
     keepalives, and a worker that reconnected after each of a few partitions could use the server's
-    connections up. Over a Unix socket the server ignores its TCP settings."""
+    connections up. Over a Unix socket the server ignores its TCP settings. And a statement whose client
+    closed the connection while it waited (`AnswerBoundConnection` gave up on it, behind a lock a schema change
+    or a cut-off session held) ends within `CLIENT_CHECK_MS`, where it waited on for its lock, its session kept,
+    one more a retry (`client_connection_check_interval`, PostgreSQL 14 and later; an earlier server refuses it,
+    and keeps the others)."""
     peer = dead_peer_detection()
     return {"idle_in_transaction_session_timeout": idle_transaction_limit_ms(),
             "tcp_keepalives_idle": peer["keepalives_idle"], "tcp_keepalives_interval": peer["keepalives_interval"],
-            "tcp_keepalives_count": peer["keepalives_count"], "tcp_user_timeout": peer["tcp_user_timeout"]}
+            "tcp_keepalives_count": peer["keepalives_count"], "tcp_user_timeout": peer["tcp_user_timeout"],
+            "client_connection_check_interval": CLIENT_CHECK_MS}
 
 
 def set_session_settings(engine: Engine) -> None:
@@ -147,14 +156,16 @@ class AnswerBoundConnection(psycopg.Connection[Any]):
     as long as the server stayed silent (a hunt froze it for 90 s). A wait that outlasts the bound closes
     the connection and raises a psycopg `OperationalError`, which SQLAlchemy takes for a connection lost:
     the pool is invalidated and the unit of work meets an outage (the API's 503 with `Retry-After`, a worker's
-    wait for its database), as it does a server gone. The waits psycopg bounds itself (a cancel, a
-    notification) keep their own; a schema change, which may take minutes on a large table, runs unbounded
-    (`answers_unbounded`)."""
+    wait for its database), as it does a server gone. A healthy server's lock wait that long (behind a schema
+    change, or a session a partition cut off, which the server ends after a lease) is cut alike: answered as an
+    outage, its statement ended by the server (`CLIENT_CHECK_MS`). A wait psycopg gives a timeout of its own
+    keeps it; a schema change, which may take minutes on a large table, runs unbounded (`answers_within(None)`)."""
 
     def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
         if timeout is not None:
             return super().wait(gen, interval, timeout)
         bound = _answer_bound.get()
+        said = "" if bound is not None else " (AGENTQ_DB_ANSWER_TIMEOUT_SECONDS)"
         if bound is None:
             bound = get_settings().db_answer_timeout_seconds
         if bound == _UNBOUNDED:
@@ -166,8 +177,7 @@ class AnswerBoundConnection(psycopg.Connection[Any]):
             if self.closed or time.monotonic() - started < bound:
                 raise
             self.pgconn.finish()  # mid-exchange: the connection cannot be used again
-            raise psycopg.OperationalError(f"the database server did not answer within {bound:g} s "
-                                           "(AGENTQ_DB_ANSWER_TIMEOUT_SECONDS)") from error
+            raise psycopg.OperationalError(f"the database server did not answer within {bound:g} s{said}") from error
 
 
 @contextmanager

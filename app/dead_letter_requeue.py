@@ -93,7 +93,8 @@ def _reopen(session: Session, row: DeadLetter, enqueued_at: datetime) -> None:
         # Said with the run's status now (requeued already and running, or ended otherwise since its letter was
         # written), not as "no longer in error", which a run that never was misreads.
         status = statuses_of_runs(session, [(row.actor, row.run_id)]).get((row.actor, row.run_id))
-        raise Conflict(f"Dead letter {row.id}: its run is {status}, not in error, so it cannot be requeued.",
+        now = f"is {status}" if status is not None else "is gone"  # a row deleted by hand since its lookup
+        raise Conflict(f"Dead letter {row.id}: its run {now}, not in error, so it cannot be requeued.",
                        code="run_not_in_error") from exc
     except IntegrityError as exc:
         raise _busy(row) from exc

@@ -267,7 +267,8 @@ def test_the_web_server_listens_on_an_ipv6_address(given: str) -> None:
     (["worker", "--processes", "1"], {"REDIS_URL": "redis://127.0.0.1:6379/abc"},
      "the database after the port must be a number, not 'abc'"),
     (["web", "--port", str(free_port())], {"AGENTQ_LOG_LEVEL": "LOUD"}, "AGENTQ_LOG_LEVEL='LOUD': Input should be"),
-    (["db", "init"], {"AGENTQ_MODERATION_URL": "not a url"}, "AGENTQ_MODERATION_URL='not a url': must be an http(s)"),
+    (["db", "init"], {"AGENTQ_MODERATION_URL": "notaurl"}, "AGENTQ_MODERATION_URL='notaurl': must be an http:// or "
+     "https:// URL"),
     # the endpoint's whole path: the client adds /moderations to it, every call answered 404, and moderation,
     # which fails open, was off with a warning a turn
     (["db", "init"], {"AGENTQ_MODERATION_URL": "http://127.0.0.1:8765/v1/moderations"},

@@ -272,6 +272,52 @@ def test_a_session_its_process_left_gives_its_locks_up_within_a_lease_and_its_co
         assert is_outage(ended.value)
 
 
+def test_a_server_answer_that_does_not_come_in_time_is_an_outage_and_the_server_ends_the_statement(
+        database: str) -> None:
+    """A server that stops answering while its kernel still acknowledges raises nothing at the TCP level: each wait
+    for its answer is bounded (`AnswerBoundConnection`), its connection closed and counted lost, an outage; the
+    server, told by its client check that the client left, ends the statement rather than running it on. Waits
+    `answers_within(None)` (a schema change) are not cut. A lone statement and a pipelined batch alike."""
+    import time
+
+    from sqlalchemy import text
+
+    from app.connection_bounds import CLIENT_CHECK_MS, answers_within
+    from app.db import get_engine, plain_transaction
+    from app.prepared import Batch, Prepared
+
+    slow = Prepared(text("SELECT pg_sleep(5), 'agentq-slow-statement'"))
+    for batched in (False, True):
+        started = time.monotonic()
+        with pytest.raises(sqlalchemy.exc.DBAPIError) as cut, answers_within(0.3), plain_transaction() as connection:
+            if batched:
+                with Batch(connection) as batch:
+                    slow(batch)
+                    slow(batch)
+            else:
+                slow(connection)
+        assert time.monotonic() - started < 1.5
+        assert is_outage(cut.value) and cut.value.connection_invalidated
+        assert "did not answer within 0.3 s" in str(cut.value)
+        # The pool serves on, and the server let the statement go long before its five seconds were up.
+        wait_for(lambda: _still_running("agentq-slow-statement") == 0, timeout=CLIENT_CHECK_MS / 1000 + 0.5,
+                 interval=0.05, what="the server to end the abandoned statement")
+    with answers_within(None), get_engine().connect() as connection:
+        assert connection.exec_driver_sql("SELECT pg_sleep(0.5), 1").one()[1] == 1
+    with answers_within(5), get_engine().connect() as connection:
+        assert connection.exec_driver_sql("SELECT pg_sleep(0.5), 2").one()[1] == 2
+
+
+def _still_running(marker: str) -> int:
+    """Statements of other sessions whose text holds `marker`, as the server sees them now."""
+    from app.db import get_engine
+
+    with get_engine().connect() as connection:
+        return int(connection.exec_driver_sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE %(marker)s AND pid <> pg_backend_pid()",
+            {"marker": f"%{marker}%"}).scalar_one())
+
+
 def test_a_session_setting_the_server_refuses_leaves_the_others_set_and_the_connection_in_use(database: str) -> None:
     """A server before PostgreSQL 12 has no `tcp_user_timeout`, and a pooler may filter `SET`s: one refused setting
     made every connection fail, taking the whole service down for a bound on dead sessions. The others are set
