@@ -164,12 +164,10 @@ class AnswerBoundConnection(psycopg.Connection[Any]):
     def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
         if timeout is not None:
             return super().wait(gen, interval, timeout)
-        bound = _answer_bound.get()
-        said = "" if bound is not None else " (AGENTQ_DB_ANSWER_TIMEOUT_SECONDS)"
-        if bound is None:
-            bound = get_settings().db_answer_timeout_seconds
-        if bound == _UNBOUNDED:
+        chosen = _answer_bound.get()
+        if chosen == _UNBOUNDED:
             return super().wait(gen, interval)
+        bound = get_settings().db_answer_timeout_seconds if chosen is None else chosen
         started = time.monotonic()
         try:
             return super().wait(gen, interval, bound)
@@ -177,7 +175,8 @@ class AnswerBoundConnection(psycopg.Connection[Any]):
             if self.closed or time.monotonic() - started < bound:
                 raise
             self.pgconn.finish()  # mid-exchange: the connection cannot be used again
-            raise psycopg.OperationalError(f"the database server did not answer within {bound:g} s{said}") from error
+            setting = " (AGENTQ_DB_ANSWER_TIMEOUT_SECONDS)" if chosen is None else ""
+            raise psycopg.OperationalError(f"the database server did not answer within {bound:g} s{setting}") from error
 
 
 @contextmanager

@@ -37,9 +37,10 @@ def refusal(value: str, operation: str = CHAT_PATH) -> str | None:
         return f"must be an http:// or https:// URL ({exc.errors()[0]['msg']})"
     if url.port == 0 or any(len(label) > 63 for label in (url.host or "").split(".")):
         return "must be an http:// or https:// URL with a usable host and port"
-    if "\\" in value or not urlsplit(value).hostname or not value.lower().startswith(("http://", "https://")):
+    parts = urlsplit(value)
+    if "\\" in value or not parts.hostname or not value.lower().startswith(("http://", "https://")):
         return "must be written as http://host/… or https://host/…"
-    if urlsplit(value).path.rstrip("/").lower().endswith(operation):
+    if parts.path.rstrip("/").lower().endswith(operation):
         return (f"must be the API's base URL, to which the client adds {operation}: drop {operation} from its end "
                 "(https://host/v1)")
     return None

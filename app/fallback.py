@@ -16,14 +16,7 @@ and record a dead worker's calls, never load the HTTP client for it.
 
 from __future__ import annotations
 
-from app.failure_kinds import FailureKind
 from app.model_target import ModelTarget
-
-
-def switches_after(kind: FailureKind) -> bool:
-    """Whether a failed attempt lets the run call its next model: every failure does but a stop, which ends the
-    run's calls (`cancelled`)."""
-    return kind is not FailureKind.CANCELLED
 
 
 def attempt_order(primary: ModelTarget, fallback: ModelTarget | None, *,

@@ -2,8 +2,8 @@
 
 Every change of `users.balance` writes one `credit_transactions` row with the balance after it, so
 the ledger of a user always adds up to their balance. A turn reserves its worst-case cost before
-the model is called (`reserved`), and `settle_turn` settles it at its end, whoever ends it (`charge_turn` for a
-turn with a cost, a release for one without): the charge statement writes no second
+the model is called (`reserved`), and `settle_turn` settles it at its worker's end (`charge_turn` for a turn with
+a cost, a release for one without; an end no delivery makes only releases): the charge statement writes no second
 ledger row for a turn already charged, and the balance moves only by the row it wrote, so the turn is
 charged once whoever settles it (the unique `message_id` stands behind the statement).
 """
@@ -130,8 +130,8 @@ def release(unit: Unit | Batch, user_id: int, amount: Decimal) -> None:
 
 
 def settle_turn(unit: Unit | Batch, user_id: int, message_id: int, cost: Decimal | None, reserved: Decimal) -> None:
-    """What a turn's end does with its user's money, whoever ends it: a turn with a cost is charged it
-    (`charge_turn`); one without (a failure, an end no delivery wrote, a refusal) only gives back what it held."""
+    """What a worker's settlement of a turn does with its user's money: a turn with a cost is charged it
+    (`charge_turn`); one without (a failure, a refusal) only gives back what it held."""
     if cost is None:
         release(unit, user_id, reserved)
     else:

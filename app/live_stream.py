@@ -128,7 +128,7 @@ def text_streamed(turn_id: int, *, since: int = 0) -> Streamed | None:
     read = _read_stream(turn_id)
     if read is None:
         return None
-    followed = [attempt for number, attempt in read.items() if number >= attempt_number(since, 0)
+    followed = [attempt for attempt in read.values() if attempt.delivery >= since
                 and (attempt.streamed_text or attempt.restarted)]
     last = followed[-1] if followed else None
     return (Streamed(last.text, last.model, last.number, last.own_from)

@@ -213,16 +213,15 @@ class TurnStream(AnswerSink):
         self._attempt = attempt_number(self._delivery, self._index)
         self._offset = 0
         self._repeat = None
-        if not (restart or self._delivery > 1):
-            self.status(TurnStatus.PROCESSING, model_name)
+        readers_restart = False
+        if restart or self._delivery > 1:
+            if (held := self.readers_text()) is not None:
+                self._repeat = _Repeat(model_name, held.attempt, held.text, held.own_from)
+            else:
+                readers_restart = self._followed is None
+        if self._repeat is None:
             self._followed = _Followed(self._attempt, model_name, [])
-            return
-        if (held := self.readers_text()) is not None:
-            self._repeat = _Repeat(model_name, held.attempt, held.text, held.own_from)
-            self.status(TurnStatus.PROCESSING, model_name)
-        else:
-            self.status(TurnStatus.PROCESSING, model_name, restart=self._followed is None)
-            self._followed = _Followed(self._attempt, model_name, [])
+        self.status(TurnStatus.PROCESSING, model_name, restart=readers_restart)
 
     def delta(self, text: str) -> None:
         if self._repeat is None:

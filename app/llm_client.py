@@ -60,7 +60,7 @@ class Completion:
 
 
 class AttemptFailed(Exception):
-    """One attempt failed; `kind` is what the fallback policy decides on (`app.fallback.switches_after`).
+    """One attempt failed; `kind` says why: a stop ends the run's calls, any other kind switches (`app.fallback`).
 
     `detail` is agentq's own words, which a turn's `error_message` shows its user; `said` is what the other
     side said (the endpoint's error body, the transport's error, the name of an unset variable), which can

@@ -20,7 +20,8 @@ from app.agent_setup import AgentParams
 from app.answer_sink import AnswerSink
 from app.attempts import AttemptRecord
 from app.config import get_settings
-from app.fallback import attempt_order, switches_after
+from app.failure_kinds import FailureKind
+from app.fallback import attempt_order
 from app.llm_client import AttemptFailed, Completion, stream_chat
 from app.model_target import ModelTarget
 from app.token_estimates import estimate_answer_tokens, estimate_tokens_of_messages
@@ -135,7 +136,7 @@ def call_with_fallback(
                                      on_delta=sink.delta, stop=stop)
         except AttemptFailed as failure:
             _record_failure(outcome, target, failure, messages, max_tokens)
-            if not switches_after(failure.kind):
+            if failure.kind is FailureKind.CANCELLED:  # a stop ends the run's calls; every failure switches
                 outcome.cancelled = True
                 outcome.stopped_call = outcome.attempts[-1] if failure.partial else None
                 return outcome

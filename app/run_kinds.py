@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class RenewedLease:
+    """A lease the keeper's renewal found still held, and whether its run's user asked it to stop meanwhile: the
+    renewal reads the stop with the lease, so a stop needs no look of its own."""
+
     ident: int
     token: str
     stop_asked: bool

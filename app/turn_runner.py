@@ -186,14 +186,10 @@ def _end_of(context: TurnContext, stop: threading.Event, stream: TurnStream) -> 
 def _streamed_by(context: TurnContext, held: Streamed) -> str:
     """The name of the model that streamed the text readers hold of an earlier call, as its `status` entry
     announced it: an admin may have changed the agent's models, or renamed that one, since; the one this
-    delivery calls first when the stream no longer names it (the entry trimmed away)."""
-    return held.model or _first_model(context).name
-
-
-def _first_model(context: TurnContext) -> ModelTarget:
-    """The model this delivery calls first: the fallback for a run that switched to it in an earlier delivery
-    (`Turn.fell_back`)."""
-    return attempt_order(context.agent.primary, context.agent.fallback, fallen_back=context.fallen_back)[0]
+    delivery calls first when the stream no longer names it (the entry trimmed away): the fallback for a run that
+    switched to it in an earlier delivery (`Turn.fell_back`)."""
+    first = attempt_order(context.agent.primary, context.agent.fallback, fallen_back=context.fallen_back)[0]
+    return held.model or first.name
 
 
 def _worst_case(context: TurnContext, turn: TurnRow) -> Decimal:

@@ -327,7 +327,7 @@ def end_turn_unowned(session: Session, turn_id: int, target: TurnStatus, error_m
         return None
     turn.lease_token = None
     turn.lease_expires_at = None
-    ledger.settle_turn(session, turn.user_id, turn_id, None, turn.reserved_amount)  # a stop's zero is not a charge
+    ledger.release(session, turn.user_id, turn.reserved_amount)  # no delivery generated what it keeps: unpaid
     turn.reserved_amount = Decimal(0)
     return turn, target
 
