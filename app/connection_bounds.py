@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 from sqlalchemy import Engine, event
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Dialect, ExceptionContext
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
@@ -187,6 +187,39 @@ def answers_within(seconds: float | None) -> Iterator[None]:
         yield
     finally:
         _answer_bound.reset(token)
+
+
+SESSION_ENDED = frozenset({"25P03", "57P01", "57P02"})
+"""The server ended the session: idle in a transaction past its limit, an administrator's or a crash's shutdown."""
+
+
+def connection_lost(error: BaseException, dbapi_connection: Any) -> bool:
+    """Whether a driver error leaves its connection unusable, for the pool to drop it. SQLAlchemy's psycopg dialect
+    asks only whether libpq has marked the connection bad, which it does once it has read the end of the
+    connection; an error that comes before that (the session ended by the server, whose last message libpq read
+    as it sent the next query: "sending query failed: terminating connection due to idle-in-transaction timeout",
+    with no state) left the connection in the pool, and its rollback then failed too ("another command is
+    already in progress"). An error libpq raised itself (no state), a connection exception (08) and an ended
+    session count as lost."""
+    if dbapi_connection is not None and (dbapi_connection.closed or dbapi_connection.broken):
+        return True
+    if not isinstance(error, psycopg.Error) or isinstance(error, psycopg.errors.PipelineAborted):
+        return False  # a statement after a failed one in a pipeline: that one's error says what happened
+    state = error.sqlstate
+    if state is None:
+        return isinstance(error, psycopg.OperationalError)
+    return state.startswith("08") or state in SESSION_ENDED
+
+
+def count_lost_connections(engine: Engine) -> None:
+    """Make SQLAlchemy's own execution path judge a lost connection by `connection_lost` (`app.prepared` asks it
+    directly)."""
+
+    @event.listens_for(engine, "handle_error")
+    def _judged(context: ExceptionContext) -> None:
+        # The dialect has judged the connection's own state already (`is_disconnect`); the error's is judged here.
+        if not context.is_disconnect and connection_lost(context.original_exception, None):
+            context.is_disconnect = True
 
 
 def bound_server_answers(engine: Engine) -> None:

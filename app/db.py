@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import get_settings, without_password
 from app.connection_bounds import (
     bound_server_answers,
+    count_lost_connections,
     dead_peer_detection,
     ping_idle_connections,
     set_session_settings,
@@ -52,6 +53,7 @@ def _build_engine(url: str, create: bool) -> Engine:
         pool_recycle=1800,
     )
     bound_server_answers(engine)
+    count_lost_connections(engine)
     ping_idle_connections(engine)
     set_session_settings(engine)
     return engine

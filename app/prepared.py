@@ -31,6 +31,8 @@ from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import Executable
 
+from app.connection_bounds import connection_lost
+
 Params = Mapping[str, Any]
 Unit = Session | Connection
 """Where statements run: an ORM session, or a plain connection (`app.db.plain_transaction`)."""
@@ -223,7 +225,7 @@ def _run(unit: Unit, statements: list[tuple[Prepared, Params | Sequence[Params] 
                 else Rows(cs[0].fetchall() if cs[0].description is not None else [], cs[0].rowcount)
                 for cs, (_, _, many) in zip(cursors, runs, strict=True)]
     except dialect.loaded_dbapi.Error as exc:
-        lost = dialect.is_disconnect(exc, driver, None)
+        lost = connection_lost(exc, driver)
         if lost:
             connection.invalidate(exc)
             connection.engine.dispose()
