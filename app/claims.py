@@ -8,7 +8,6 @@ way of asking the same question of many rows at once.
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
@@ -19,6 +18,7 @@ from sqlalchemy import ColumnElement, or_
 from app.clock import lease_expiry, lease_time
 from app.deliveries import Deadline, delivery_deadline
 from app.fallback import most_calls
+from app.lease_tokens import new_lease_token
 from app.models.base import optional_utc as utc
 from app.turn_status import TurnStatus
 
@@ -95,7 +95,7 @@ def judge_claim(status: str, lease_token: str | None, lease_expires_at: datetime
         return ClaimDecision(outcome)
     deadline = delivery_deadline(judged_at, timeout_seconds, most_calls(has_fallback=has_fallback),
                                  stored=utc(stored_deadline), taken_over=outcome is Claim.TAKEN_OVER)
-    return ClaimDecision(outcome, secrets.token_hex(16), lease_expiry(judged_at, lease_seconds), deadline)
+    return ClaimDecision(outcome, new_lease_token(), lease_expiry(judged_at, lease_seconds), deadline)
 
 
 def claim_outcome(status: str, lease_token: str | None, lease_expires_at: datetime | None, now: datetime) -> Claim:

@@ -1,6 +1,6 @@
 """Finding work that fell between the cracks and sending it again. Runs in every worker process.
 
-Four cracks, one sweep every `AGENTQ_RECOVERY_INTERVAL_SECONDS`:
+Five cracks, one sweep every `AGENTQ_RECOVERY_INTERVAL_SECONDS`:
 - a turn accepted while its Dramatiq message could not be sent (Redis down, API process killed
   after the commit): still `pending`, its outbox mark empty (the send failed) or older than
   `AGENTQ_STALE_PENDING_SECONDS`; or, for the few sweeps after `AGENTQ_ENQUEUE_GRACE_SECONDS` (and for a
@@ -18,6 +18,12 @@ Four cracks, one sweep every `AGENTQ_RECOVERY_INTERVAL_SECONDS`:
   for Dramatiq's own redelivery; a failed delivery that handed its turn to Dramatiq's retry left an
   expiry as long as a pending turn's message is trusted (`app.deliveries.retry_hand_over`), so its
   retry is not raced by the sweep's message, even behind a backlog;
+- a `processing` turn whose worker process has left the workers' list (`app.worker_presence`: its lease token
+  names it, `app.lease_tokens`) and has not renewed its lease for a renewal period and a half
+  (`holder_silence_seconds`): its lease is ended then, 15 s after its last renewal with the default 30 s lease
+  rather than 30 s, and the turn is sent again; the delivery that takes it over records the dead worker's
+  calls as from a lease that ran out. A holder still listed keeps its lease until it runs out (it is alive,
+  its renewals held up), and one alive after all renews its lease back unless a delivery took the turn first;
 - a `processing` turn whose worker still renews its lease but is stuck: once it has run longer than
   the agent's timeout for each of its models plus `AGENTQ_TURN_GRACE_SECONDS`, counted from its first
   delivery, its lease is revoked (the stuck run stops at its next write) and the turn is sent again, to
@@ -33,7 +39,7 @@ serving its queue, is ended as `error` instead of being sent (`app.pending_bound
 run no delivery holds, one `AGENTQ_LEASE_SECONDS` past its deadline, is ended as `error` rather than
 left for a delivery a backlog may hold back (`app.deadline_bound`).
 Sending is idempotent (a worker that finds a turn finished or owned does nothing), and a
-compare-and-set on `enqueued_at` keeps several sweepers from sending the same turn twice. The last two
+compare-and-set on `enqueued_at` keeps several sweepers from sending the same turn twice. The last three
 cracks take a lease from its holder, which a sweep does only once the database has answered it for a
 renewal period (`RecoveryLoop`): after an outage, live holders renew first.
 """
@@ -60,6 +66,8 @@ from app.deadline_bound import deadline_cutoff, end_past_deadline, unheld_past_d
 from app.dispatch import receipt_key_of_send, receipt_look_seconds
 from app.failure_logs import OUTAGE_REPEAT_SECONDS, log_failure, said_again
 from app.in_flight import answer_in_flight, in_flight, status_is
+from app.lease_tokens import holder_of
+from app.leases import renewal_seconds
 from app.models import ConversationMessage, DebugRun, Turn, table
 from app.models.base import utc_now
 from app.pending_bound import end_pending_too_long, pending_cutoff, waited_too_long
@@ -69,6 +77,7 @@ from app.redis_epoch import leave_sweep_mark, mark_epoch, redis_at_sweep
 from app.run_kinds import DEBUG_RUN, TURN, RunKind
 from app.takeover_gate import TakeoverGate
 from app.turn_status import TurnStatus
+from app.worker_presence import PRESENCE_TTL_SECONDS, present_processes
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +120,9 @@ class _Conditions:
     past_deadline: ColumnElement[bool]
     """Runs past their deadline by the bound's margin that no delivery holds: ended, not sent
     (`app.deadline_bound`)."""
+    silent: ColumnElement[bool]
+    """Runs held by a lease its holder has not renewed for `holder_silence_seconds`: due if that holder has left
+    the workers' list too (`_holders_gone`)."""
 
 
 def _due(status: Any, enqueued_at: Any, created_at: Any, lease_token: Any, lease_expires_at: Any, deadline_at: Any,
@@ -133,10 +145,12 @@ def _due(status: Any, enqueued_at: Any, created_at: Any, lease_token: Any, lease
     held = not_(lease_not_held(lease_token, lease_expires_at, now))
     overdue = and_(processing, held, deadline_at < now) if take_over else false()
     expired = and_(processing, over, not_just_sent) if take_over else false()
-    due = or_(and_(pending, unsent), expired, overdue)
+    silent = and_(processing, held, lease_expires_at < bindparam("renewed_by", type_=DateTime(timezone=True))) \
+        if take_over else false()
+    due = or_(and_(pending, unsent), expired, overdue, silent)
     past_deadline = unheld_past_deadline(status, lease_token, lease_expires_at, deadline_at) if take_over else false()
     return _Conditions(due=or_(due, handed_over) if redis_lost else due, overdue=overdue,
-                       unconfirmed=and_(unconfirmed, not_(due)), past_deadline=past_deadline)
+                       unconfirmed=and_(unconfirmed, not_(due)), past_deadline=past_deadline, silent=silent)
 
 
 class _DueRuns(NamedTuple):
@@ -156,14 +170,14 @@ def _due_runs(redis_lost: bool, take_over: bool) -> _DueRuns:
     return _DueRuns(
         turns=Prepared(
             select(turns.c.assistant_message_id, turns.c.enqueued_at, turns.c.lease_token,
-                   turn.overdue.label("overdue"), turn.unconfirmed.label("unconfirmed"),
+                   turn.overdue.label("overdue"), turn.silent.label("silent"), turn.unconfirmed.label("unconfirmed"),
                    turn_too_long.label("waited_too_long"), turn.past_deadline.label("past_deadline"))
             .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
             .where(answer_in_flight(messages), or_(turn.due, turn.unconfirmed, turn_too_long, turn.past_deadline))),
         runs=Prepared(
             select(runs.c.id, runs.c.enqueued_at, runs.c.lease_token, run.overdue.label("overdue"),
-                   run.unconfirmed.label("unconfirmed"), run_too_long.label("waited_too_long"),
-                   run.past_deadline.label("past_deadline"))
+                   run.silent.label("silent"), run.unconfirmed.label("unconfirmed"),
+                   run_too_long.label("waited_too_long"), run.past_deadline.label("past_deadline"))
             .where(in_flight(runs.c.status), or_(run.due, run.unconfirmed, run_too_long, run.past_deadline))),
     )
 
@@ -177,6 +191,39 @@ def _revoke_overdue(kind: RunKind, ident: int, token: str | None) -> bool:
         log.warning("%s %s ran past its timeout and grace; its lease is revoked and it is sent again",
                     kind.label, ident)
     return revoked
+
+
+def holder_silence_seconds() -> float:
+    """How long a lease may go unrenewed before the sweep asks whether its holder is alive: a renewal and a half
+    (a live holder renews every `renewal_seconds`, and one a little late is not judged), and no less than a
+    presence's time to live (a process that died stays on the workers' list that long)."""
+    return max(1.5 * renewal_seconds(), PRESENCE_TTL_SECONDS)
+
+
+def _holders_gone(rows: list[Any]) -> list[Any]:
+    """The rows, a silent one only if the process its lease token names has left the workers' list (one read of
+    Redis for them all). A holder still listed is alive, its renewals held up (its database slow or away for it
+    alone), and keeps its lease until it runs out; so does one whose token names no process (an earlier
+    release's), and every one while Redis does not answer."""
+    silent = [row for row in rows if row.silent and not row.overdue]
+    if not silent:
+        return rows
+    try:
+        present = present_processes()
+    except redis.RedisError:
+        present = None
+    gone = {row[0] for row in silent if present is not None
+            and (holder := holder_of(row.lease_token)) is not None and holder not in present}
+    return [row for row in rows if not (row.silent and not row.overdue) or row[0] in gone]
+
+
+def _end_silent_lease(kind: RunKind, ident: int, token: str, now: datetime) -> bool:
+    with transaction() as session:
+        ended = kind.end_lease_now(session, ident, token, now)
+    if ended:
+        log.warning("%s %s: the worker process holding it left the workers' list and has not renewed its lease for "
+                    "%g s; its lease is ended now and it is sent again", kind.label, ident, holder_silence_seconds())
+    return ended
 
 
 def _without_receipt(rows: list[Any], kind: RunKind, report: RecoveryReport) -> list[Any]:
@@ -197,11 +244,14 @@ def _without_receipt(rows: list[Any], kind: RunKind, report: RecoveryReport) -> 
     return [row for row in rows if not row.unconfirmed or row[0] in lost]
 
 
-def _send_due(rows: list[Any], kind: RunKind, sent: list[int], report: RecoveryReport) -> None:
-    """Send each due run again (an overdue one once its lease is revoked), unless another sweeper just did."""
-    for row in _without_receipt(rows, kind, report):
+def _send_due(rows: list[Any], kind: RunKind, now: datetime, sent: list[int], report: RecoveryReport) -> None:
+    """Send each due run again (an overdue one once its lease is revoked, a silent one once its lease is ended),
+    unless another sweeper just did."""
+    for row in _holders_gone(_without_receipt(rows, kind, report)):
         ident = row[0]
         if row.overdue and not _revoke_overdue(kind, ident, row.lease_token):
+            continue
+        if row.silent and not row.overdue and not _end_silent_lease(kind, ident, row.lease_token, now):
             continue
         marked = _claim_send(kind, ident, row.enqueued_at)
         if marked is not None:
@@ -223,7 +273,7 @@ def _end_or_send(rows: list[Any], kind: RunKind, cutoffs: dict[str, datetime], s
     ended += end_past_deadline(kind, [row[0] for row in rows if row.past_deadline], cutoffs["deadline_before"])
     due = [row for row in rows if not (row.waited_too_long or row.past_deadline)]
     if redis_reachable:
-        _send_due(due, kind, sent, report)
+        _send_due(due, kind, cutoffs["now"], sent, report)
     else:
         report.unsent += len(due)
     return ended
@@ -256,6 +306,7 @@ def recover_once(*, first_sweep: bool = False, gate: TakeoverGate | None = None)
                    "receipts_since": unsent_before - timedelta(seconds=receipt_look_seconds(first_sweep=first_sweep)),
                    "stale_before": now - timedelta(seconds=settings.stale_pending_seconds),
                    "sent_before": now - timedelta(seconds=settings.lease_seconds),
+                   "renewed_by": now + timedelta(seconds=settings.lease_seconds - holder_silence_seconds()),
                    "pending_before": pending_cutoff(now), "deadline_before": deadline_cutoff(now)}
         turns, runs = due.turns(session, cutoffs).rows, due.runs(session, cutoffs).rows
     report.ended = _end_or_send(turns, TURN, cutoffs, report.sent, report, redis_reachable=redis_now.reachable)

@@ -20,7 +20,6 @@ import logging
 import os
 import socket
 import threading
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -30,6 +29,7 @@ from typing import cast
 from pydantic import TypeAdapter, ValidationError
 
 from app.failure_logs import log_failure
+from app.lease_tokens import this_process
 from app.models.base import utc_now
 from app.redis_client import get_redis, key
 
@@ -51,7 +51,7 @@ class WorkerState(StrEnum):
 @dataclass(frozen=True, slots=True)
 class WorkerPresence:
     id: str
-    """Random, made at the process's start: a pid repeats across hosts and over time."""
+    """Random, made at the process's start (`app.lease_tokens.this_process`), and named in its leases."""
     host: str
     pid: int
     threads: int
@@ -92,14 +92,25 @@ def withdraw(ident: str) -> None:
 def live_workers() -> list[WorkerPresence]:
     """Every worker process whose presence has not expired, by host and pid. A presence this release cannot
     read (another release's, during a rolling deploy) is left out, not a failure of every page that lists."""
+    live = [presence for body in _presences().values() if (presence := _readable(body)) is not None]
+    return sorted(live, key=lambda presence: (presence.host, presence.pid))
+
+
+def present_processes() -> set[str]:
+    """The ids of the worker processes whose presence has not expired, whether or not this release can read it:
+    a process of another release is alive too, and holds its leases (`app.recovery`)."""
+    return set(_presences())
+
+
+def _presences() -> dict[str, bytes]:
+    """Each unexpired presence by its process's id; the ids of those expired are dropped from the index."""
     client = get_redis()
     idents = [ident.decode() for ident in cast(set[bytes], client.smembers(_index_key()))]
     bodies = cast(list[bytes | None], client.mget([_presence_key(i) for i in idents])) if idents else []
     expired = [ident for ident, body in zip(idents, bodies, strict=True) if body is None]
     if expired:
         client.srem(_index_key(), *expired)
-    live = [presence for body in bodies if body is not None and (presence := _readable(body)) is not None]
-    return sorted(live, key=lambda presence: (presence.host, presence.pid))
+    return {ident: body for ident, body in zip(idents, bodies, strict=True) if body is not None}
 
 
 def _readable(body: bytes) -> WorkerPresence | None:
@@ -116,7 +127,7 @@ class PresenceLoop:
 
     def __init__(self, threads: int, state: Callable[[], WorkerState], running: Callable[[], int]) -> None:
         now = utc_now()
-        self._presence = WorkerPresence(uuid.uuid4().hex, socket.gethostname(), os.getpid(), threads, 0,
+        self._presence = WorkerPresence(this_process(), socket.gethostname(), os.getpid(), threads, 0,
                                         WorkerState.TAKING_RUNS, now, now)
         self._state = state
         self._running = running

@@ -7,6 +7,7 @@ authority, so the same guarantees are checked with the API's Redis unreachable.
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,16 +37,23 @@ def _running(workers: Workers, upstream: UpstreamLog) -> None:
 
 
 def burst(url: str, key: str, conversation_id: int, count: int = 12) -> list[int]:
-    def post(i: int) -> int:
-        return httpx.post(f"{url}/api/conversations/{conversation_id}/messages", timeout=30,
-                          headers={"Authorization": f"Bearer {key}"}, json={"content": f"burst {i}"}).status_code
+    """`count` POSTs released together on one shared client: made one by one, each client's set-up spread the
+    burst over a second on a loaded host, long enough for the first turn to end and a late POST to be taken."""
+    ready = threading.Barrier(count)
+    with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {key}"},
+                      limits=httpx.Limits(max_connections=count)) as client:
+        def post(i: int) -> int:
+            ready.wait(timeout=30)
+            return client.post(f"{url}/api/conversations/{conversation_id}/messages",
+                               json={"content": f"burst {i}"}).status_code
 
-    with ThreadPoolExecutor(count) as pool:
-        return sorted(pool.map(post, range(count)))
+        with ThreadPoolExecutor(count) as pool:
+            return sorted(pool.map(post, range(count)))
 
 
 def test_a_burst_of_posts_to_one_idle_conversation_gets_exactly_one_202(world: World, web_server: str) -> None:
-    agent_id = world.agent(world.model(upstream="echo;ttft=0.5"))
+    """The first turn's answer takes 3 s to start: the burst's POSTs all come while it is in flight."""
+    agent_id = world.agent(world.model(upstream="echo;ttft=3"))
     _, key = world.user()
     conversation_id = world.conversation(key, agent_id)
     assert burst(web_server, key, conversation_id) == [202] + [409] * 11

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from contextlib import ExitStack
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, cast
@@ -867,6 +868,46 @@ def test_only_a_takeover_of_a_lease_never_given_up_has_a_predecessor_whose_calls
                            .values(lease_token=None, lease_expires_at=utc_now() + timedelta(seconds=60)))
         claims = [claim_turn(connection, turn.turn_id, lease_seconds=30) for turn in (died, gave_up)]
     assert [(c.outcome, c.predecessor) for c in claims] == [(Claim.TAKEN_OVER, 2), (Claim.TAKEN_OVER, None)]
+
+
+def test_a_sweep_ends_the_unrenewed_lease_of_a_process_gone_from_the_workers_list_and_no_other(
+        world: World, workers: Workers, swept_once: None, settings_of: Callable[..., None]) -> None:
+    """With a 30 s lease, four turns whose leases have 10 s left: three unrenewed for 20 s, one renewed just now.
+    The sweep ends, and sends again, only the unrenewed lease whose token names a process gone from the workers'
+    list; a listed process (its database cut off) keeps its lease, as does a token naming no process (an earlier
+    release's) and a process gone but renewing (the list is Redis's view, the lease the database's). The lease
+    is ended with its token kept, so the delivery that takes the turn over has a predecessor (and runs it)."""
+    from app.recovery import recover_once
+    from app.worker_presence import WorkerPresence, WorkerState, publish
+
+    settings_of(AGENTQ_LEASE_SECONDS="30")
+    listed, gone = uuid.uuid4().hex, uuid.uuid4().hex
+    now = utc_now()
+    publish(WorkerPresence(listed, "elsewhere", 1, 4, 1, WorkerState.DATABASE_CUT_OFF, now, now))
+    tokens = {"listed": f"{listed}.a1", "gone": f"{gone}.b2", "unnamed": "c3", "renewing": f"{gone}.d4"}
+    turns = {name: _processing_turn(world, token, model=name).turn_id for name, token in tokens.items()}
+    with transaction() as session:
+        session.execute(update(Turn).where(Turn.assistant_message_id == turns["renewing"]).values(
+            lease_expires_at=now + timedelta(seconds=29)))
+    def leases() -> dict[str, tuple[str | None, datetime | None]]:
+        with transaction() as session:
+            rows = session.execute(select(Turn.assistant_message_id, Turn.lease_token, Turn.lease_expires_at)
+                                   .where(Turn.assistant_message_id.in_(turns.values()))).all()
+        by_id = {turn_id: (token, expires) for turn_id, token, expires in rows}
+        return {name: by_id[turn_id] for name, turn_id in turns.items()}
+
+    before = leases()
+    swept = recover_once()
+    assert (swept.sent, swept.debug_sent) == ([turns["gone"]], [])
+    after = leases()
+    assert {name: after[name] for name in ("listed", "unnamed", "renewing")} == {
+        name: before[name] for name in ("listed", "unnamed", "renewing")}
+    assert {name: token for name, (token, _) in before.items()} == tokens
+    wait_for(lambda: _answer_status(turns["gone"]) == "success", timeout=15, what="the turn taken over and run")
+    with transaction() as session:
+        assert session.scalar(select(Turn.deliveries).where(Turn.assistant_message_id == turns["gone"])) == 3
+        assert session.scalars(select(ModelAttempt.outcome).where(ModelAttempt.message_id == turns["gone"])).all() == [
+            "success"]
 
 
 def test_a_processing_run_whose_lease_was_revoked_with_no_expiry_is_sent_again(

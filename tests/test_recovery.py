@@ -190,6 +190,45 @@ def test_a_turn_whose_worker_is_killed_is_taken_over_by_another_within_the_lease
              what="the killed worker's parent to exit")
 
 
+def test_a_dead_workers_turn_is_taken_over_once_it_left_the_list_not_when_its_lease_runs_out(
+        stack: Stack, upstream: UpstreamLog) -> None:
+    """With the default 30 s lease: the killed worker leaves the workers' list within its presence's time to live,
+    and the survivor's sweep ends its lease once it has gone a renewal and a half (15 s) unrenewed, half a lease
+    before it would have run out; the delivery that takes the turn over records the dead call as `interrupted`
+    (its lease's token kept) and answers, charged once."""
+    lease = {"AGENTQ_LEASE_SECONDS": "30"}
+    first, second = (stack.start_worker(restart=False, wait=False, **lease),
+                     stack.start_worker(restart=False, wait=False, **lease))
+    stack.wait_ready(first)
+    stack.wait_ready(second)
+    slow = "echo;words=30;gap=0.1"
+    _, key = stack.user("left-the-list")
+    turn = stack.send(key, stack.conversation(key, slow_agent(stack, "slow-left", slow)), "outlive your worker")
+    owner = wait_for(lambda: [(p, r["process"]) for p in (first, second) for r in claims_of(p, turn["id"])],
+                     what="the claim's log line")
+    wait_for(lambda: len(streamed_by(stack, turn["id"], 100).split()) >= 3, what="the first words")
+    victim_group, victim_pid = owner[0]
+    survivor = second if victim_group is first else first
+    os.kill(victim_pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    (lease_left,), = stack.sql("SELECT EXTRACT(EPOCH FROM lease_expires_at - now()) FROM turns "
+                               "WHERE assistant_message_id = %(id)s", {"id": turn["id"]})
+
+    takeover = wait_for(lambda: claims_of(survivor, turn["id"]), timeout=40, interval=0.1,
+                        what="the survivor to take the turn over")
+    taken_after = time.monotonic() - killed_at
+    assert "taken_over" in takeover[0]["message"]
+    assert taken_after < float(lease_left) - 5, f"taken over {taken_after:.1f}s after the kill, lease left {lease_left}"
+    assert taken_after <= 15 + 2 * RECOVERY_INTERVAL + 3
+    done = stack.wait_terminal(key, turn["id"])
+    assert (done["status"], done["content"]) == ("success", " ".join(f"w{i}" for i in range(30)))
+    assert (deliveries(stack, turn["id"]), charges(stack, turn["id"])) == (2, 1)
+    assert stack.sql("SELECT delivery, outcome FROM model_attempts WHERE message_id = %(id)s ORDER BY delivery, id",
+                     {"id": turn["id"]}) == [(1, "interrupted"), (2, "success")]
+    assert upstream.models() == [slow, slow]
+    print(f"\ntakeover {taken_after:.2f}s after SIGKILL, {float(lease_left):.1f}s of the dead lease left then")
+
+
 def test_a_turn_taken_over_from_a_dead_worker_runs_as_things_stand_at_the_takeover(stack: Stack) -> None:
     """Two turns in the hands of a worker that is killed (one kill, one takeover, for both cases).
 
