@@ -29,7 +29,7 @@ from app.attempt_watchdog import watch_attempt
 from app.failure_kinds import UNBILLED, FailureKind
 from app.model_target import ModelTarget
 from app.openai_sdk import openai
-from app.text import storable
+from app.text import quoted, storable
 from app.token_estimates import estimate_tokens, estimate_tokens_of_messages, most_tokens_of_messages
 from app.turn_status import STOPPED
 from app.upstream_clients import EndpointUnusable, client_for
@@ -209,7 +209,7 @@ class _Attempt:
         return int((time.monotonic() - self.started) * 1000)
 
     def failed(self, kind: FailureKind, detail: str, *, said: str | None = None) -> AttemptFailed:
-        return AttemptFailed(kind, detail, said=storable(said) if said else None, partial="".join(self.parts),
+        return AttemptFailed(kind, detail, said=quoted(said) if said else None, partial="".join(self.parts),
                              first_token_ms=self.first_token_ms, latency_ms=self._elapsed_ms(),
                              requested=self.watch.requested)
 
@@ -246,17 +246,29 @@ class _Attempt:
     def take(self, chunk: Any, on_delta: Callable[[str], None]) -> None:
         if self.watch.stop.is_set() and not self.finished:
             raise self.failed(FailureKind.CANCELLED, STOPPED)
-        texts, reported, finishes = read_chunk(chunk)
-        if finishes and not self.finished:
-            self.finished = True
-            self.watch.bound(FINISHED_STREAM_GRACE_SECONDS)
+        texts, reported, finish = read_chunk(chunk)
         if reported is not None:
             self.usage = reported
         for piece in texts:
             if text := self._storable(piece):
                 self._add(text, on_delta)
+        if finish is not None and not self.finished:
+            if (unanswered := self._not_an_answer(finish)) is not None:
+                raise self.failed(FailureKind.BAD_RESPONSE, unanswered, said=f"finish_reason {finish}")
+            self.finished = True
+            self.watch.bound(FINISHED_STREAM_GRACE_SECONDS)
         if self.watch.remaining() < 0 and not self.finished:
             raise self.failed(FailureKind.TIMEOUT, f"the attempt ran past {self.timeout_seconds:g}s")
+
+    def _not_an_answer(self, finish: str) -> str | None:
+        """Why a stream that finished so holds no answer to keep, as a failure's words (the fallback is called);
+        None when it does. The provider's content filter cut the answer short, whatever it had sent; a model
+        that asked for a tool and wrote nothing answered nothing (agentq sends no tools, and calls none)."""
+        if finish == "content_filter":
+            return "the provider's content filter stopped the answer"
+        if finish in ("tool_calls", "function_call") and not self.parts:
+            return "the model asked for a tool instead of answering"
+        return None
 
     def _storable(self, piece: str) -> str:
         """The piece as the database can store it (`app.text.storable`), with the high surrogate a piece ends in
@@ -301,28 +313,38 @@ class _Attempt:
         return Completion(text, usage, self.first_token_ms, self._elapsed_ms())
 
 
-def read_chunk(chunk: Any) -> tuple[list[str], Usage | None, bool]:
+def read_chunk(chunk: Any) -> tuple[list[str], Usage | None, str | None]:
     """The answer's text pieces as sent (`_Attempt` makes them what the database can store), the reported usage and
-    whether the chunk ends the answer (a choice's `finish_reason`: a body that ends without one was cut, by
-    a proxy that closed it cleanly or by the watchdog) in one decoded chunk, read in one pass over its
-    choices.
+    the `finish_reason` that ends the answer, if the chunk has one (a body that ends without one was cut, by a
+    proxy that closed it cleanly or by the watchdog), in one decoded chunk, read in one pass over its choices.
+    A delta's `refusal` is text of the answer: the model's own words for what it will not do, which its reader
+    is owed as much as any other answer.
 
     Raises TypeError or AttributeError when the chunk is not shaped like a chat completion chunk.
     """
     texts: list[str] = []
-    finishes = False
+    finish: str | None = None
     for choice in chunk.get("choices") or ():
-        text = (choice.get("delta") or {}).get("content")
-        if text:
-            if not isinstance(text, str):
-                raise TypeError("a delta's content is not a string")
-            texts.append(text)
-        finishes = finishes or bool(choice.get("finish_reason"))
-    reported = chunk.get("usage")
+        delta = choice.get("delta") or {}
+        for field in ("content", "refusal"):
+            if text := delta.get(field):
+                if not isinstance(text, str):
+                    raise TypeError(f"a delta's {field} is not a string")
+                texts.append(text)
+        finish = finish or choice.get("finish_reason") or None
+    return texts, _usage(chunk.get("usage")), None if finish is None else str(finish)
+
+
+def _usage(reported: Any) -> Usage | None:
+    """A usage report that counts both the prompt and the answer; one without either count (a gateway's own
+    field names, a null) reports nothing, and both are estimated, as when the usage chunk is missing: taken
+    for zero, it made the turn free."""
     if not reported:
-        return texts, None, finishes
-    return texts, Usage(_token_count(reported.get("prompt_tokens")), _token_count(reported.get("completion_tokens")),
-                        reported=True), finishes
+        return None
+    prompt, completion = reported.get("prompt_tokens"), reported.get("completion_tokens")
+    if prompt is None or completion is None:
+        return None
+    return Usage(_token_count(prompt), _token_count(completion), reported=True)
 
 
 TOKEN_COUNT_LIMIT = (2**31 - 1) // 2
@@ -333,8 +355,6 @@ sum (`total_tokens`) fits as well."""
 def _token_count(reported: Any) -> int:
     """A provider's token count as it is charged and stored: a negative one would credit the user, and one
     past the columns' range failed the settlement on every delivery, so both are brought into range."""
-    if reported is None:
-        return 0
     if isinstance(reported, bool) or not isinstance(reported, int | float) or not math.isfinite(reported):
         raise TypeError("a usage count is not a number")
     return min(max(int(reported), 0), TOKEN_COUNT_LIMIT)

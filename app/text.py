@@ -4,7 +4,8 @@ or a JSON `\\ud800` escape) cannot be encoded to.
 
 What a client sends is refused with a 422 that says so (`unstorable`); what a model sends is the
 provider's, paid for and already on its way to readers, so it is kept with those characters replaced
-(`storable`): refused at the settlement, it made every delivery fail and call the model again.
+(`storable`): refused at the settlement, it made every delivery fail and call the model again. What another
+side says of a failure (an error body, a transport's error) is kept and logged as a bounded quote (`quoted`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,12 @@ from __future__ import annotations
 import re
 
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+QUOTE_LIMIT = 2000
+"""The most characters of another side's words kept and logged: an error page of 20 MB was stored whole in each
+failed attempt's row and logged on each attempt's line."""
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 """NUL, and any surrogate: a Python string holds a valid pair as the one character it encodes."""
 
 
@@ -31,3 +38,11 @@ def storable(text: str) -> str:
     if text.isascii() and "\x00" not in text:
         return text
     return _UNSTORABLE.sub("\ufffd", text)
+
+
+def quoted(text: str) -> str:
+    """Another side's words as agentq stores and logs them: storable, at most `QUOTE_LIMIT` characters, each
+    control character written as its escape, so a line break cannot start a line of the log that looks like
+    agentq's own, nor an escape sequence drive the terminal of an operator reading it."""
+    kept = text if len(text) <= QUOTE_LIMIT else f"{text[:QUOTE_LIMIT]}… ({len(text) - QUOTE_LIMIT} characters more)"
+    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), storable(kept))

@@ -251,7 +251,7 @@ def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, mod
     metrics.observe_cost("turn", cost)
     stream.finished(target, model, answer.get("content"))
     log.info("turn %s ended %s: %s, cost %s%s", context.turn_id, target.value,
-             f"model {model}" if model else "no model called", cost if cost is not None else 0,
+             f"model {model}" if model else "no model answered", cost if cost is not None else 0,
              f"; {answer['error_message']}" if answer.get("error_message") else "")
     return target
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import atexit
+import http.server
+import json
 import os
 import signal
 import socket
@@ -141,6 +143,48 @@ class SilentServer:
     def close(self) -> None:
         self._listener.close()
         self.hang_up()
+
+
+class CannedUpstream:
+    """An OpenAI-compatible endpoint of the test's own that answers each chat request with the response written
+    for its `model` (a status and a body sent as they are): what a provider or a gateway does that the mock
+    upstream does not, for the real openai SDK in a real worker to meet. Its `base_url` is the model's."""
+
+    def __init__(self, answers: dict[str, tuple[int, bytes]]) -> None:
+        self.answers = answers
+        self.requests: list[dict[str, Any]] = []
+        canned = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+                canned.requests.append(body)
+                status, answer = canned.answers[body["model"]]
+                self.send_response(status)
+                self.send_header("Content-Type", "text/event-stream" if status == 200 else "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *_args: Any) -> None:
+                return
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    @staticmethod
+    def stream(*chunks: dict[str, Any]) -> tuple[int, bytes]:
+        """A 200 streaming these chat completion chunks' fields (each given its `object`), then `[DONE]`."""
+        events = [f"data: {json.dumps({'id': 'canned', 'object': 'chat.completion.chunk', **chunk})}\n\n"
+                  for chunk in chunks]
+        return 200, "".join([*events, "data: [DONE]\n\n"]).encode()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
 
 
 class TcpRelay:

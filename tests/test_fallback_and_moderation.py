@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterator
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from sqlalchemy import select, update
@@ -12,8 +13,10 @@ from sqlalchemy import select, update
 from app.db import transaction
 from app.model_target import ModelTarget
 from app.models import LlmModel, ModelAttempt, Turn
+from app.money import token_cost
+from app.token_estimates import estimate_tokens, estimate_tokens_of_messages
 from tests.conftest import MOCK_URL
-from tests.support import wait_for
+from tests.support import CannedUpstream, wait_for
 
 if TYPE_CHECKING:
     import redis
@@ -84,6 +87,20 @@ def test_a_connection_failure_switches_to_the_fallback(world: World, upstream: U
     assert attempts(assistant["id"]) == [("unreachable", "connection_error"), ("fallback", "success")]
 
 
+def test_a_turn_whose_only_model_could_not_be_reached_logs_that_no_model_answered(
+        world: World, workers: Workers) -> None:
+    """Its end said "no model called", though a call was made and failed to connect."""
+    closed = world.api.post("/api/admin/models", world.admin_key, {
+        "name": "unreachable", "model": "echo", "base_url": "http://127.0.0.1:9/v1",
+        "input_price_per_1k": "0", "output_price_per_1k": "0"}).json["id"]
+    _, key = world.user()
+    assistant = world.send(key, world.conversation(key, world.agent(closed))).json["assistant_message"]
+    assert world.wait_terminal(key, assistant["id"])["status"] == "llm_error"
+    assert attempts(assistant["id"]) == [("unreachable", "connection_error")]
+    ended = f"turn {assistant['id']} ended llm_error: no model answered, cost 0;"
+    wait_for(lambda: any(ended in process.output() for process in workers.processes), what="the end's log line")
+
+
 def _status_names(turn_id: int, model: str) -> bool:
     """Whether the turn's live stream has announced an attempt of `model` (written just before its call)."""
     from typing import cast
@@ -150,6 +167,101 @@ def test_both_failing_is_an_llm_error_with_both_reasons_and_no_charge(world: Wor
     with transaction() as session:  # refused with an error status: no prompt processed, nothing billed
         assert session.execute(select(ModelAttempt.prompt_tokens, ModelAttempt.cost)
                                .where(ModelAttempt.message_id == assistant["id"])).all() == [(0, 0), (0, 0)]
+
+
+@pytest.fixture
+def canned() -> Iterator[CannedUpstream]:
+    """A provider of the test's own, for what the mock upstream does not send: its answers are set per model."""
+    endpoint = CannedUpstream({})
+    yield endpoint
+    endpoint.close()
+
+
+def _answer(text: str | None = None, finish: str = "stop", usage: dict[str, Any] | None = None,
+            **delta: Any) -> tuple[int, bytes]:
+    """A streamed answer: a role chunk, the `delta` fields (`content` from `text`), the `finish_reason`, then
+    `usage` as a usage-only chunk."""
+    chunks: list[dict[str, Any]] = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}]
+    fields = {**({"content": text} if text is not None else {}), **delta}
+    chunks.append({"choices": [{"index": 0, "delta": fields, "finish_reason": finish}]})
+    if usage is not None:
+        chunks.append({"choices": [], "usage": usage})
+    return CannedUpstream.stream(*chunks)
+
+
+@pytest.mark.parametrize("usage", [{"input_tokens": 10, "output_tokens": 3, "total_tokens": 13},
+                                   {"total_tokens": 13}, {"prompt_tokens": None, "completion_tokens": 4}],
+                         ids=["other-names", "total-only", "a-null"])
+def test_a_usage_report_without_both_counts_is_estimated_not_taken_for_zero(
+        world: World, canned: CannedUpstream, usage: dict[str, Any]) -> None:
+    """A gateway's own field names, a total alone or a null count made the turn free (both counts read as 0):
+    such a report counts nothing, and both are estimated, as when a stream reports no usage."""
+    canned.answers["gateway"] = _answer("hello there", usage=usage)
+    agent_id = world.agent(world.model("gateway-model", upstream="gateway", base_url=canned.base_url))
+    _, key = world.user(balance="10")
+    done = world.wait_terminal(key, world.send(key, world.conversation(key, agent_id)).json["assistant_message"]["id"])
+    prompt = estimate_tokens_of_messages(canned.requests[0]["messages"])
+    completion = estimate_tokens("hello there")
+    cost = token_cost(prompt, completion, Decimal("0.001"), Decimal("0.002"))
+    assert (done["status"], done["content"], done["prompt_tokens"], done["completion_tokens"], done["cost"]) == (
+        "success", "hello there", prompt, completion, f"{cost:.6f}")
+    assert world.api.get("/api/me", key).json["balance"] == f"{Decimal(10) - cost:.6f}"
+
+
+def test_a_refusal_the_model_streams_is_its_answer(world: World, canned: CannedUpstream) -> None:
+    """A model that declines streams its words as `refusal`, not `content`: the turn ended `success` and empty,
+    charged, its words dropped. They are the answer."""
+    canned.answers["refusing"] = _answer(refusal="I can't help with that.",
+                                         usage={"prompt_tokens": 12, "completion_tokens": 6})
+    agent_id = world.agent(world.model("refusing-model", upstream="refusing", base_url=canned.base_url))
+    _, key = world.user()
+    done = world.wait_terminal(key, world.send(key, world.conversation(key, agent_id)).json["assistant_message"]["id"])
+    assert (done["status"], done["content"], done["prompt_tokens"], done["completion_tokens"]) == (
+        "success", "I can't help with that.", 12, 6)
+
+
+@pytest.mark.parametrize(("answer", "said", "kept"), [
+    (_answer("The first half", finish="content_filter"),
+     "the provider's content filter stopped the answer: finish_reason content_filter", "The first half\n\n"),
+    (_answer(finish="tool_calls", tool_calls=[{"index": 0, "id": "call_1", "type": "function",
+                                               "function": {"name": "lookup", "arguments": "{}"}}]),
+     "the model asked for a tool instead of answering: finish_reason tool_calls", ""),
+], ids=["content-filter", "tool-call"])
+def test_a_stream_that_finishes_without_an_answer_falls_back(world: World, canned: CannedUpstream,
+                                                            upstream: UpstreamLog, answer: tuple[int, bytes],
+                                                            said: str, kept: str) -> None:
+    """An answer the provider's filter cut short, or a tool call where no tool was offered, ended `success`,
+    charged, with half an answer or none: each is a failure of the primary, and the fallback answers (after the
+    text its readers were sent, as after any failure mid-answer)."""
+    canned.answers["unanswering"] = answer
+    agent_id = world.agent(world.model("primary", upstream="unanswering", base_url=canned.base_url),
+                           world.model("fallback", upstream="echo"))
+    _, key = world.user()
+    done = world.wait_terminal(key, world.send(key, world.conversation(key, agent_id), "hi there")
+                               .json["assistant_message"]["id"])
+    assert (done["status"], done["model"], done["content"]) == ("success", "fallback", f"{kept}echo: hi there")
+    assert attempts(done["id"]) == [("primary", "bad_response"), ("fallback", "success")]
+    assert attempt_errors(done["id"])[0] == said
+
+
+def test_what_a_provider_says_is_kept_and_logged_bounded_and_on_one_line(
+        world: World, canned: CannedUpstream, upstream: UpstreamLog) -> None:
+    """An error body of 20 MB was stored whole in the attempt's row and logged whole on the worker's line, and a line
+    break in it started a log line that looked like agentq's own: what a provider says is kept to 2,000
+    characters, its control characters written as escapes."""
+    forged = "\n[2026-12-06 11:00:00,000] [PID 1] [MainThread] [agentq.worker] [CRITICAL] FORGED\x1b[2J"
+    canned.answers["verbose"] = (500, json.dumps({"error": {"message": forged + "E" * 50_000}}).encode())
+    agent_id = world.agent(world.model("primary", upstream="verbose", base_url=canned.base_url),
+                           world.model("fallback", upstream="echo"))
+    _, key = world.user()
+    done = world.wait_terminal(key, world.send(key, world.conversation(key, agent_id)).json["assistant_message"]["id"])
+    assert (done["status"], done["model"]) == ("success", "fallback")
+    error = attempt_errors(done["id"])[0]
+    assert error is not None
+    escaped = forged.replace("\n", "\\n").replace("\x1b", "\\x1b")
+    assert error.startswith(f"HTTP 500: Error code: 500 - {escaped}EEE")
+    assert error.endswith(" characters more)") and len(error) < 2100
+    assert "\n" not in error and "\x1b" not in error
 
 
 def test_text_a_model_sends_that_no_database_stores_is_kept_replaced_and_the_model_called_once(
