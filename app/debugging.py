@@ -158,7 +158,7 @@ def wait_for_debug_log(log_id: int, timeout: float, poll_seconds: float = 0.2) -
     if TurnStatus(run.status).is_terminal:
         return WaitedTestRun(run, None)
     hint = " (is a worker serving the `debug` queue running?)" if run.status == TurnStatus.PENDING else ""
-    return WaitedTestRun(run, f"debug log {log_id} is still {run.status} after {timeout:g}s{hint}")
+    return WaitedTestRun(run, f"test run {log_id} is still {run.status} after {timeout:g}s{hint}")
 
 
 def list_debug_logs(agent_id: int | None = None, limit: int = 50, before_id: int | None = None) -> DebugLogPage:

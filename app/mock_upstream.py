@@ -1,21 +1,21 @@
 """An OpenAI-compatible chat server for the demo and the tests: it can be slow, fail, stall or cut a stream.
 
 Behaviour is chosen by the upstream model name, so one server plays every provider a test needs:
-`echo` answers with the last user message; directives after it, each after a `;` (the first word is a name
-and never read as one: `fail=429` alone is plain `echo`), change that, e.g. `echo;ttft=1;gap=0.05`,
-`echo;fail=429`, `hang_headers=5` (no response headers for 5 s), `stall_after=3`, `cut_after=2`, `end_after=2`
-(the body ends
-cleanly there, with no finish_reason and no `[DONE]`), `garbage_after=2` (a chunk that is not a chat
-completion chunk), `nested_after=2` (a chunk nested too deeply for a JSON decoder), `words=40` (`w0 w1 …`;
-`word=v` makes them `v0 v1 …`, another model's answer), `no_usage`,
+`echo` answers with the last user message; directives after it, each after a `;`, change that, e.g.
+`echo;ttft=1;gap=0.05`, `echo;fail=429`, `hang_headers=5` (no response headers for 5 s), `stall_after=3`,
+`cut_after=2`, `end_after=2` (the body ends cleanly there, with no finish_reason and no `[DONE]`),
+`garbage_after=2` (a chunk that is not a chat completion chunk), `nested_after=2` (a chunk nested too deeply
+for a JSON decoder), `words=40` (`w0 w1 …`; `word=v` makes them `v0 v1 …`, another model's answer), `no_usage`,
 `hold_after_done=30` (the body stays open after `[DONE]`),
-`hang_after_finish=30` (the answer's `finish_reason` and usage are sent, then the stream says nothing,
-with no `[DONE]`), `garbage_after_finish` (a chunk that is not a chat completion chunk after the usage),
+`hang_after_finish=30` (the answer's `finish_reason` and usage are sent, then the stream says nothing for
+30 s before its `[DONE]`), `garbage_after_finish` (a chunk that is not a chat completion chunk after the usage),
 `redirect` (a 307 to the same path first; the directives then apply to the redirected request),
 `unstorable` (the answer, or a failure's message, holds a NUL and a lone surrogate, which a database cannot
 store), `split_pairs` (a character outside the BMP is sent as its two UTF-16 halves in two chunks, as a
 gateway slicing UTF-16 may), `reported_tokens=N` (the usage it reports, for the prompt and the answer alike,
 whatever they were).
+A name other than `echo`, a directive it does not know or a value it cannot use is answered 400 with an
+OpenAI-shaped error naming it: played as plain `echo`, a typo in a test's model went unseen.
 Every request body is logged with the client's port (`GET /_requests`: one port per connection) and the
 key it was sent with (its `Authorization` header's bearer token), and each stream's fate is recorded
 (`GET /_streams`: completed, cut, stalled or disconnected by the client), so tests can prove what
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import ssl
 import time
 import uuid
@@ -60,21 +61,61 @@ class Script:
 
     @classmethod
     def parse(cls, model: str) -> Script:
+        """The script a model string names; `UnplayableModel` for one it cannot play."""
+        name, *directives = model.split(";")
+        if name != "echo":
+            raise UnplayableModel(f"the mock upstream plays 'echo' (directives follow it after ';'), not {name!r}")
         script = cls()
-        for part in model.split(";")[1:]:
-            name, _, value = part.partition("=")
-            if name == "no_usage":
-                script.usage = False
-            elif name in ("redirect", "unstorable", "garbage_after_finish", "split_pairs"):
-                setattr(script, name, True)
-            elif name in ("ttft", "gap", "hang_headers", "hold_after_done", "hang_after_finish"):
-                setattr(script, name, float(value))
-            elif name == "word":
+        for part in directives:
+            directive, given, value = part.partition("=")
+            if directive in _FLAGS:
+                if given:
+                    raise UnplayableModel(f"the directive {directive!r} takes no value, not {part!r}")
+                attribute, setting = _FLAGS[directive]
+                setattr(script, attribute, setting)
+            elif directive in _SECONDS:
+                setattr(script, directive, _seconds(directive, value))
+            elif directive in _COUNTS:
+                setattr(script, directive, _count(directive, value, *_COUNTS[directive]))
+            elif directive == "word":
                 script.word = value
-            elif name in ("fail", "stall_after", "cut_after", "end_after", "garbage_after", "nested_after", "words",
-                          "reported_tokens"):
-                setattr(script, name, int(value))
+            else:
+                raise UnplayableModel(f"the mock upstream knows no directive {directive!r} (in {model!r})")
         return script
+
+
+class UnplayableModel(ValueError):
+    """A model string naming what the mock cannot play: a request for it is answered 400, naming the part."""
+
+
+_FLAGS = {"no_usage": ("usage", False), "redirect": ("redirect", True), "unstorable": ("unstorable", True),
+          "garbage_after_finish": ("garbage_after_finish", True), "split_pairs": ("split_pairs", True)}
+_SECONDS = ("ttft", "gap", "hang_headers", "hold_after_done", "hang_after_finish")
+_COUNTS: dict[str, tuple[int, int | None]] = {
+    "fail": (400, 599), **{name: (0, None) for name in ("stall_after", "cut_after", "end_after", "garbage_after",
+                                                        "nested_after", "words", "reported_tokens")}}
+"""Each count's least and greatest value (None: no bound): `fail` answers an error status, nothing else."""
+
+
+def _seconds(directive: str, value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds < math.inf:
+        raise UnplayableModel(f"{directive}={value!r} is not a number of seconds (0 or more)")
+    return seconds
+
+
+def _count(directive: str, value: str, least: int, most: int | None) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise UnplayableModel(f"{directive}={value!r} is not a whole number") from None
+    if number < least or (most is not None and number > most):
+        bounds = f"{least}..{most}" if most is not None else f"{least} or more"
+        raise UnplayableModel(f"{directive}={value!r} is out of range ({bounds})")
+    return number
 
 
 def _halves(text: str) -> list[str]:
@@ -146,7 +187,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     state.log_request({"path": request.path, "body": body, "at": time.time(), "key": _bearer_of(request),
                        "client_port": peer[1] if peer else None}, opened_in)
     model = body.get("model", "echo")
-    script = Script.parse(model)
+    try:
+        script = Script.parse(str(model))
+    except UnplayableModel as exc:
+        return web.json_response({"error": {"message": str(exc), "type": "invalid_request_error"}}, status=400)
     if script.redirect and "redirected" not in request.query:
         raise web.HTTPTemporaryRedirect(f"{request.path}?redirected=1")
     if script.hang_headers:

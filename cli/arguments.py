@@ -125,6 +125,21 @@ def record_id(value: str) -> int:
     return number
 
 
+def listing_cursor(value: str) -> str:
+    """A `next_cursor` an earlier page printed, checked before anything is read (an empty one starts the list):
+    the API's refusal speaks of what "this API returned", and came as a command's failure (exit 1), not a usage
+    error."""
+    from app.errors import ValidationFailed
+    from app.paging import check_cursor
+
+    try:
+        if value:
+            check_cursor(value)
+    except ValidationFailed:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a next_cursor that `dlq list` printed") from None
+    return value
+
+
 def seconds(value: str) -> float:
     try:
         number = float(value)

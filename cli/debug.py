@@ -75,8 +75,8 @@ def add_debug_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     parsers: dict[str, argparse.ArgumentParser] = {}
     for name, (text, func) in helps.items():
         parser = commands.add_parser(name, help=text)
-        parser.add_argument("agent_id", type=record_id)
-        parser.add_argument("content")
+        parser.add_argument("agent_id", type=record_id, help="the id of the agent to test")
+        parser.add_argument("content", help="the user message to test with")
         parser.add_argument("--admin-id", type=record_id, required=True, help="the administrator the test is run as")
         parser.set_defaults(func=func)
         parsers[name] = parser

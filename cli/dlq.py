@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from cli.arguments import page_size, record_id
+from cli.arguments import listing_cursor, page_size, record_id
 from cli.output import print_json
 
 
@@ -67,22 +67,25 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+DEAD_LETTER_ID = "the dead letter's id, as `dlq list` prints it (its `id`, not its `run_id`)"
+
+
 def add_dlq_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dlq = sub.add_parser("dlq", help="dead letters: messages whose retries ran out")
     commands = dlq.add_subparsers(dest="dlq_command", required=True)
     listing = commands.add_parser("list", help="list the dead letters, newest first")
     listing.add_argument("--limit", type=page_size, help="a page of at most this many, with its next_cursor")
-    listing.add_argument("--cursor", help="start after this next_cursor of an earlier page")
+    listing.add_argument("--cursor", type=listing_cursor, help="start after this next_cursor of an earlier page")
     listing.set_defaults(func=cmd_list)
     commands.add_parser("retries", help="the runs waiting for a retry, the soonest first (not yet dead letters)"
                         ).set_defaults(func=cmd_retries)
     show = commands.add_parser("show", help="one dead letter, with its last traceback")
-    show.add_argument("id", type=record_id)
+    show.add_argument("id", type=record_id, help=DEAD_LETTER_ID)
     show.set_defaults(func=cmd_show)
     for name, func, text in (("requeue", cmd_requeue, "run the dead letter's turn again (it goes back to pending)"),
                              ("purge", cmd_purge, "delete the dead letter for good (its turn stays error)")):
         command = commands.add_parser(name, help=text)
         which = command.add_mutually_exclusive_group(required=True)  # one or the other: a usage error otherwise
-        which.add_argument("id", type=record_id, nargs="?")
+        which.add_argument("id", type=record_id, nargs="?", help=DEAD_LETTER_ID)
         which.add_argument("--all", action="store_true", help="every dead letter")
         command.set_defaults(func=func)

@@ -173,7 +173,10 @@ def cmd_demo_seed(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from app.queues import QUEUES
 
-    parser = argparse.ArgumentParser(prog="agentq", description="agentq: LLM agent turns on Dramatiq workers.")
+    parser = argparse.ArgumentParser(
+        prog="agentq", description="agentq: LLM agent turns on Dramatiq workers.",
+        epilog="Every command reads its settings (DATABASE_URL, REDIS_URL, AGENTQ_*) from the environment or from "
+               "a .env file in the working directory; a variable already set wins.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
@@ -181,13 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     users = sub.add_parser("users", help="accounts").add_subparsers(dest="users_command", required=True)
     create = users.add_parser("create", help="create a user and print its API key once")
-    create.add_argument("name")
-    create.add_argument("--admin", action="store_true")
-    create.add_argument("--balance", type=amount, default=Decimal(0))
+    create.add_argument("name", help="the user's name")
+    create.add_argument("--admin", action="store_true", help="make the user an administrator (the admin routes)")
+    create.add_argument("--balance", type=amount, default=Decimal(0),
+                        help="the credit the account opens with, a decimal amount (default: 0)")
     create.set_defaults(func=cmd_users_create)
     replace = users.add_parser("replace-key", help="give a user a new API key, printed once; the old one stops "
                                                    "working (within 10 s in a running API)")
-    replace.add_argument("id", type=record_id)
+    replace.add_argument("id", type=record_id, help="the user's id")
     replace.set_defaults(func=cmd_users_replace_key)
 
     web = sub.add_parser("web", help="serve the HTTP API with gunicorn")
@@ -200,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run Dramatiq worker processes")
     worker.add_argument("--processes", type=process_count, help=WORKER_PROCESSES.help())
     worker.add_argument("--threads", type=thread_count, help=WORKER_THREADS.help("threads a process; "))
-    worker.add_argument("--queues", nargs="+", default=None, choices=QUEUES)
+    worker.add_argument("--queues", nargs="+", default=None, choices=QUEUES,
+                        help="serve only these queues (default: all)")
     worker.add_argument("--metrics-port", type=port,
                         help="serve this host's worker counters at /metrics on this port, for workers that share "
                              "no PROMETHEUS_MULTIPROC_DIR with an API process; " + WORKER_METRICS_PORT.help())
@@ -215,16 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "takes new ones (as GET /api/admin/workers)").set_defaults(func=cmd_workers)
 
     mock = sub.add_parser("mock-llm", help="run the OpenAI-compatible mock upstream (demo and tests)")
-    mock.add_argument("--host", default="127.0.0.1")
-    mock.add_argument("--port", type=port, default=8765)
+    mock.add_argument("--host", default="127.0.0.1", help="the address it listens on (default: %(default)s)")
+    mock.add_argument("--port", type=port, default=8765, help="the port it listens on (default: %(default)s)")
     mock.add_argument("--tls-cert", default=None, help="serve https with this certificate (PEM)")
     mock.add_argument("--tls-key", default=None, help="the certificate's private key (PEM)")
     mock.set_defaults(func=cmd_mock_llm)
 
     demo = sub.add_parser("demo", help="the built-in demo").add_subparsers(dest="demo_command", required=True)
     seed = demo.add_parser("seed", help="create (or reuse) the demo user, model and agent")
-    seed.add_argument("--mock-url", default="http://127.0.0.1:8765/v1")
-    seed.add_argument("--key-file", default="var/demo-api-key")
+    seed.add_argument("--mock-url", default="http://127.0.0.1:8765/v1",
+                      help="the mock upstream's base URL, which the demo model calls (default: %(default)s)")
+    seed.add_argument("--key-file", default="var/demo-api-key",
+                      help="the file that keeps the demo user's API key, made if missing (default: %(default)s)")
     seed.set_defaults(func=cmd_demo_seed)
 
     from cli.debug import add_debug_commands

@@ -286,6 +286,48 @@ def test_a_text_over_its_length_is_told_in_characters(world: World) -> None:
         422, "Invalid value for 'Idempotency-Key': String should have at most 200 characters.")
 
 
+@pytest.mark.parametrize(("path", "said"), [
+    ("/nonexistent", "Nothing is found at this path."),
+    ("/api/nowhere/7", "Nothing is found at this path."),
+    ("/api/messages/abc", "Nothing is found at this path (ids are whole numbers from 1)."),
+    ("/api/messages/0/stream", "Nothing is found at this path (ids are whole numbers from 1)."),
+])
+def test_only_a_path_that_a_whole_number_id_would_match_is_told_what_ids_are(
+        world: World, path: str, said: str) -> None:
+    """The hint about ids was given for any path, one that no id could make a route's as well."""
+    _, key = world.user()
+    answer = world.api.get(path, key)
+    assert (answer.status_code, answer.json["error"]) == (404, {"code": "not_found", "message": said})
+
+
+def test_a_method_a_route_lacks_is_refused_after_the_key_check(world: World) -> None:
+    """Flask refused it 405 before any key was looked at: an anonymous caller learnt which methods an /api path
+    has, where the contract says every /api route needs the key. OPTIONS is after the same check."""
+    _, key = world.user()
+    for anonymous in (world.api.call("PATCH", "/api/me"), world.api.call("PUT", "/api/admin/models")):
+        assert (anonymous.status_code, anonymous.json["error"]["code"]) == (401, "missing_api_key")
+        assert anonymous.headers["WWW-Authenticate"] == "Bearer"
+    unknown = world.api.call("PATCH", "/api/me", "not-a-key")
+    assert (unknown.status_code, unknown.json["error"]["code"]) == (401, "invalid_api_key")
+    keyed = world.api.call("PATCH", "/api/me", key)
+    assert (keyed.status_code, keyed.json["error"]["code"], set(keyed.headers["Allow"].split(", "))) == (
+        405, "method_not_allowed", {"GET", "HEAD", "OPTIONS"})
+    assert world.api.call("OPTIONS", "/api/me").status_code == 401
+    assert world.api.call("OPTIONS", "/api/me", key).status_code == 204
+
+
+def test_a_validators_refusal_is_said_in_its_own_words(world: World) -> None:
+    """pydantic's "Value error, " led each such sentence."""
+    _, key = world.user()
+    refused = world.api.post("/api/admin/users", world.admin_key, {"name": "x", "balance": "5_000"})
+    assert (refused.status_code, refused.json["error"]["code"]) == (422, "validation_failed")
+    assert refused.json["error"]["message"].startswith("Invalid value for 'balance': an amount is written")
+    conversation_id = world.conversation(key, world.agent(world.model()))
+    nul = world.send(key, conversation_id, "a\x00b")
+    assert (nul.status_code, nul.json["error"]) == (422, {
+        "code": "validation_failed", "message": "Invalid value for 'content': must not contain NUL characters."})
+
+
 def test_an_unmatched_path_and_a_body_without_its_content_type_say_what_is_wrong(world: World) -> None:
     _, key = world.user()
     unmatched = world.api.get("/api/messages/0", key)
@@ -362,7 +404,7 @@ def test_a_patch_setting_a_required_field_to_null_names_the_field_not_the_body(w
     model_id = world.model()
     response = world.api.patch(f"/api/admin/models/{model_id}", world.admin_key, {"name": None})
     assert (response.status_code, response.json["error"]) == (422, {
-        "code": "validation_failed", "message": "Invalid request body: Value error, name cannot be null."})
+        "code": "validation_failed", "message": "Invalid request body: name cannot be null."})
 
 
 def test_the_largest_balance_a_money_column_holds_is_accepted_and_one_quantum_more_is_not() -> None:

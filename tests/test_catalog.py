@@ -42,7 +42,7 @@ def test_a_model_whose_base_url_ends_with_the_path_the_sdk_adds_is_refused(world
     the SDK adds `/chat/completions` to it, and every call of every agent on the model answered 404 (`llm_error`)."""
     admin = world.admin_key
     body = {"name": "gpt", "model": "gpt-4o-mini", "input_price_per_1k": "1", "output_price_per_1k": "1"}
-    says = ("Invalid value for 'base_url': Value error, must be the API's base URL, to which the client adds "
+    says = ("Invalid value for 'base_url': must be the API's base URL, to which the client adds "
             "/chat/completions: drop /chat/completions from its end (https://host/v1).")
     for url in ("https://api.example.test/v1/chat/completions", "https://api.example.test/v1/Chat/Completions/"):
         refused = world.api.post("/api/admin/models", admin, {**body, "base_url": url})

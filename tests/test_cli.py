@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -371,7 +373,7 @@ def test_debug_execute_waiting_past_its_timeout_says_so_in_json(world: World) ->
     log = json.loads(result.stdout)
     hint = " (is a worker serving the `debug` queue running?)" if log["status"] == "pending" else ""
     assert (result.returncode, json.loads(result.stderr)["error"]) == (1, {
-        "code": "still_running", "message": f"debug log {log['id']} is still {log['status']} after 0.5s{hint}"})
+        "code": "still_running", "message": f"test run {log['id']} is still {log['status']} after 0.5s{hint}"})
 
 
 def test_seeding_the_demo_again_reuses_its_user_and_follows_the_mock_upstream_to_its_new_port(tmp_path: Path) -> None:
@@ -792,7 +794,7 @@ def test_a_debug_run_no_worker_takes_asks_for_one_and_an_interrupted_wait_is_one
     log = json.loads(result.stdout)
     assert (result.returncode, log["status"], json.loads(result.stderr)["error"]) == (1, "pending", {
         "code": "still_running",
-        "message": f"debug log {log['id']} is still pending after 0.5s (is a worker serving the `debug` queue "
+        "message": f"test run {log['id']} is still pending after 0.5s (is a worker serving the `debug` queue "
                    "running?)"})
 
     def runs() -> int:
@@ -1098,3 +1100,50 @@ def test_an_option_without_a_fallback_says_none_in_its_help(capsys: pytest.Captu
     with pytest.raises(SystemExit):
         main(["worker", "--help"])
     assert "default: AGENTQ_WORKER_METRICS_PORT, else none" in " ".join(capsys.readouterr().out.split())
+
+
+def _parsers_of(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    """Every command's parser, by its usage's program name (`agentq dlq show`)."""
+    yield parser.prog, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                yield from _parsers_of(command)
+
+
+def test_every_argument_of_every_command_says_what_it_is() -> None:
+    """`users create`'s name and flags, `dlq show`'s id and `debug`'s agent and content had no help; an operator
+    could not tell a dead letter's id from its run's."""
+    from cli.main import build_parser
+
+    unsaid = [f"{prog} {action.dest}" for prog, parser in _parsers_of(build_parser()) for action in parser._actions
+              if action.help is None and not isinstance(action, argparse._SubParsersAction)]
+    assert unsaid == []
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    ([], "Every command reads its settings (DATABASE_URL, REDIS_URL, AGENTQ_*) from the environment or from a .env "
+         "file in the working directory"),
+    (["mock-llm"], "--host HOST the address it listens on (default: 127.0.0.1)"),
+    (["mock-llm"], "--port PORT the port it listens on (default: 8765)"),
+    (["demo", "seed"], "(default: http://127.0.0.1:8765/v1)"),
+    (["demo", "seed"], "(default: var/demo-api-key)"),
+    (["dlq", "requeue"], "the dead letter's id, as `dlq list` prints it (its `id`, not its `run_id`)"),
+    (["users", "create"], "the credit the account opens with, a decimal amount (default: 0)"),
+])
+def test_a_commands_help_gives_its_defaults_and_where_settings_come_from(
+        args: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from cli.main import main
+
+    with pytest.raises(SystemExit):
+        main([*args, "--help"])
+    assert says in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_cursor_no_listing_printed_is_a_usage_error_in_the_shells_words() -> None:
+    """It was `invalid_cursor` "cursor is not one this API returned.", exit 1: the API's words and a failure's
+    status for what the operator typed."""
+    result = subprocess.run([str(VENV_BIN / "agentq"), "dlq", "list", "--cursor", "zzz"], env=child_env(), cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr.splitlines()[-1]) == (
+        2, "agentq dlq list: error: argument --cursor: 'zzz' is not a next_cursor that `dlq list` printed")

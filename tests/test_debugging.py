@@ -330,6 +330,8 @@ def test_an_execution_test_that_switched_to_its_fallback_before_its_worker_died_
 @pytest.mark.parametrize(("upstream_model", "output", "outcome", "error"), [
     ("echo;fail=503", "", "server_error", "HTTP 503"),
     ("echo;cut_after=2", "echo: hello", "stream_cut", "the stream broke"),
+    # a typo in a test's model was played as plain `echo`: the mock refuses it, and the admin reads which part
+    ("echo;gpa=0.1", "", "bad_request", "HTTP 400: Error code: 400 - the mock upstream knows no directive 'gpa'"),
 ])
 def test_an_execution_test_whose_models_all_fail_ends_as_llm_error_with_the_text_they_sent(
         world: World, upstream: UpstreamLog, upstream_model: str, output: str, outcome: str, error: str) -> None:

@@ -196,9 +196,8 @@ def test_a_dead_workers_turn_is_taken_over_once_it_left_the_list_not_when_its_le
     and the survivor's sweep ends its lease once it has gone a renewal and a half (15 s) unrenewed, half a lease
     before it would have run out; the delivery that takes the turn over records the dead call as `interrupted`
     (its lease's token kept) and answers, charged once."""
-    lease = {"AGENTQ_LEASE_SECONDS": "30"}
-    first, second = (stack.start_worker(restart=False, wait=False, **lease),
-                     stack.start_worker(restart=False, wait=False, **lease))
+    first, second = (stack.start_worker(restart=False, wait=False, AGENTQ_LEASE_SECONDS="30"),
+                     stack.start_worker(restart=False, wait=False, AGENTQ_LEASE_SECONDS="30"))
     stack.wait_ready(first)
     stack.wait_ready(second)
     slow = "echo;words=30;gap=0.1"

@@ -83,11 +83,11 @@ def test_threads_take_turns_over_the_pools_and_each_keeps_its_own(upstream: Upst
     upstream.clear()
     for index in range(4):
         thread = threading.Thread(target=lambda i=index: client.post(
-            f"{MOCK_URL}/chat/completions", json={"model": f"thread-{i}", "messages": []}).raise_for_status())
+            f"{MOCK_URL}/chat/completions", json={"model": f"echo;word=thread-{i}", "messages": []}).raise_for_status())
         thread.start()
         thread.join()
     client.close()
-    ports = {r["body"]["model"]: r["client_port"] for r in upstream.requests()}
+    ports = {r["body"]["model"].removeprefix("echo;word="): r["client_port"] for r in upstream.requests()}
     assert ports["thread-0"] == ports["thread-2"]
     assert ports["thread-1"] == ports["thread-3"]
     assert ports["thread-0"] != ports["thread-1"]

@@ -43,6 +43,7 @@ class AgentqAPI(OpenAPI):
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> AgentqAPI:
+    from web.auth import load_principal_before_a_method_refusal
     from web.routes import admin, chat, console, conversations, debug, health, me, ops, streaming
 
     app = AgentqAPI(
@@ -63,6 +64,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> AgentqAPI:
     app.url_map.converters["id"] = IdConverter
     install_error_handlers(app)
     count_every_request(app)
+    app.before_request(load_principal_before_a_method_refusal)
     for blueprint in (health.bp, me.bp, admin.bp, conversations.bp, streaming.bp, debug.bp, ops.bp):
         app.register_api(blueprint)
     app.register_blueprint(console.bp)

@@ -12,10 +12,11 @@ from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy.exc
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, current_app, jsonify, request
 from gunicorn.http import errors as http_errors
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException, NotFound
+from werkzeug.routing import Map, UnicodeConverter
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from app.errors import AgentqError, InvalidConfiguration, error_object
@@ -38,10 +39,13 @@ def on_validation_error(exc: ValidationError) -> Response:
     first = errors[0] if errors else {"loc": (), "type": "model_type", "msg": "invalid"}
     if not first["loc"] and first["type"] in _BODY_SHAPE_ERRORS:
         return error_response(400, "malformed_body", "The request body must be a JSON object.")
+    # pydantic prefixes the words of a validator's own ValueError with its exception's name, which is no
+    # sentence of the API's (as `app.config` says of a setting)
+    said = str(first["msg"]).removeprefix("Value error, ")
     if not first["loc"]:  # a rule across fields (a PATCH setting a required one to null)
-        return error_response(422, "validation_failed", f"Invalid request body: {first['msg']}.")
+        return error_response(422, "validation_failed", f"Invalid request body: {said}.")
     where = ".".join(str(part) for part in first["loc"])
-    return error_response(422, "validation_failed", f"Invalid value for '{where}': {first['msg']}.")
+    return error_response(422, "validation_failed", f"Invalid value for '{where}': {said}.")
 
 
 _SETUP_ANSWERS: dict[str, tuple[str, str]] = {
@@ -92,13 +96,33 @@ def _http(exc: HTTPException) -> WerkzeugResponse:
         return error_response(413, "content_too_large", "The request body is larger than this route accepts.")
     code = (exc.name or "error").lower().replace(" ", "_")
     message = exc.description or exc.name
-    if exc.code == 404 and message == NotFound.description:
-        # No route matched (an id must be a whole number from 1): Werkzeug's text speaks of URLs typed by hand.
-        message = "Nothing is found at this path (ids are whole numbers from 1)."
+    if exc.code == 404 and message == NotFound.description:  # Werkzeug's text speaks of URLs typed by hand
+        message = "Nothing is found at this path" + (
+            " (ids are whole numbers from 1)." if _matched_but_for_its_ids(request.path) else ".")
     response = error_response(exc.code, code, message)
     if exc.code == 405:
         response.headers["Allow"] = exc.get_response().headers.get("Allow", "")
     return response
+
+
+def _matched_but_for_its_ids(path: str) -> bool:
+    """Whether a route would have matched `path` if its ids were any path segment (`/api/messages/abc`): only
+    then is the id's form the reason nothing is found."""
+    loose = current_app.extensions.get(_LOOSE_IDS)
+    if loose is None:  # the routes are registered after the handlers: read once, at the first miss
+        loose = current_app.extensions[_LOOSE_IDS] = Map(
+            [rule.empty() for rule in current_app.url_map.iter_rules() if "<id:" in rule.rule],
+            converters={"id": UnicodeConverter})
+    try:
+        loose.bind("").match(path)
+    except NotFound:
+        return False
+    except HTTPException:  # the path of a route of another method, or one to redirect to
+        pass
+    return True
+
+
+_LOOSE_IDS = "agentq.routes_with_any_ids"
 
 
 def _unexpected(exc: Exception) -> Response:
