@@ -162,6 +162,10 @@ def stream_chat(
         return attempt.completion(messages, max_tokens)
 
 
+TOOL_CALL_FINISHES = frozenset({"tool_calls", "function_call"})
+"""The `finish_reason`s of a model that ends its turn asking for a tool to be called (the second, OpenAI's older)."""
+
+
 class _Attempt:
     """One streamed completion under way: what it has produced, and why it ended when it ended early
     (the stop or the watchdog shut its socket, and a read then failed or ended). Its watch (the deadline,
@@ -264,9 +268,10 @@ class _Attempt:
         """Why a stream that finished so holds no answer to keep, as a failure's words (the fallback is called);
         None when it does. The provider's content filter cut the answer short, whatever it had sent; a model
         that asked for a tool and wrote nothing answered nothing (agentq sends no tools, and calls none)."""
-        if finish == "content_filter":
+        reason = finish.lower()
+        if reason == "content_filter":
             return "the provider's content filter stopped the answer"
-        if finish in ("tool_calls", "function_call") and not self.parts:
+        if reason in TOOL_CALL_FINISHES and not self.parts:
             return "the model asked for a tool instead of answering"
         return None
 
@@ -326,11 +331,12 @@ def read_chunk(chunk: Any) -> tuple[list[str], Usage | None, str | None]:
     finish: str | None = None
     for choice in chunk.get("choices") or ():
         delta = choice.get("delta") or {}
-        for field in ("content", "refusal"):
-            if text := delta.get(field):
-                if not isinstance(text, str):
-                    raise TypeError(f"a delta's {field} is not a string")
-                texts.append(text)
+        if text := delta.get("content"):
+            if not isinstance(text, str):
+                raise TypeError("a delta's content is not a string")
+            texts.append(text)
+        if isinstance(refusal := delta.get("refusal"), str) and refusal:  # a flag elsewhere is no text of ours
+            texts.append(refusal)
         finish = finish or choice.get("finish_reason") or None
     return texts, _usage(chunk.get("usage")), None if finish is None else str(finish)
 

@@ -20,7 +20,7 @@ Five cracks, one sweep every `AGENTQ_RECOVERY_INTERVAL_SECONDS`:
   retry is not raced by the sweep's message, even behind a backlog;
 - a `processing` turn whose worker process has left the workers' list (`app.worker_presence`: its lease token
   names it, `app.lease_tokens`) and has not renewed its lease for a renewal period and a half
-  (`holder_silence_seconds`): its lease is ended then, 15 s after its last renewal with the default 30 s lease
+  (`app.silent_holders`): its lease is ended then, 15 s after its last renewal with the default 30 s lease
   rather than 30 s, and the turn is sent again; the delivery that takes it over records the dead worker's
   calls as from a lease that ran out. A holder still listed keeps its lease until it runs out (it is alive,
   its renewals held up), and one alive after all renews its lease back unless a delivery took the turn first;
@@ -66,8 +66,6 @@ from app.deadline_bound import deadline_cutoff, end_past_deadline, unheld_past_d
 from app.dispatch import receipt_key_of_send, receipt_look_seconds
 from app.failure_logs import OUTAGE_REPEAT_SECONDS, log_failure, said_again
 from app.in_flight import answer_in_flight, in_flight, status_is
-from app.lease_tokens import holder_of
-from app.leases import renewal_seconds
 from app.models import ConversationMessage, DebugRun, Turn, table
 from app.models.base import utc_now
 from app.pending_bound import end_pending_too_long, pending_cutoff, waited_too_long
@@ -75,9 +73,9 @@ from app.prepared import Prepared
 from app.redis_client import get_redis
 from app.redis_epoch import leave_sweep_mark, mark_epoch, redis_at_sweep
 from app.run_kinds import DEBUG_RUN, TURN, RunKind
+from app.silent_holders import end_silent_lease, renewed_by, runs_of_gone_holders
 from app.takeover_gate import TakeoverGate
 from app.turn_status import TurnStatus
-from app.worker_presence import PRESENCE_TTL_SECONDS, present_processes
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +119,13 @@ class _Conditions:
     """Runs past their deadline by the bound's margin that no delivery holds: ended, not sent
     (`app.deadline_bound`)."""
     silent: ColumnElement[bool]
-    """Runs held by a lease its holder has not renewed for `holder_silence_seconds`: due if that holder has left
-    the workers' list too (`_holders_gone`)."""
+    """Runs held by a lease its holder has not renewed for a while: due if that holder has left the workers' list
+    too (`app.silent_holders`)."""
 
 
 def _due(status: Any, enqueued_at: Any, created_at: Any, lease_token: Any, lease_expires_at: Any, deadline_at: Any,
          *, redis_lost: bool, take_over: bool) -> _Conditions:
-    """The four cracks as conditions on a run's columns (a turn's, or an admin test run's), so the
+    """The five cracks as conditions on a run's columns (a turn's, or an admin test run's), so the
     database returns only what is due, or due unless Redis holds its send's receipt; without `take_over`,
     no run held by a lease (expired or overdue) is."""
     now = bindparam("now", type_=DateTime(timezone=True))
@@ -193,39 +191,6 @@ def _revoke_overdue(kind: RunKind, ident: int, token: str | None) -> bool:
     return revoked
 
 
-def holder_silence_seconds() -> float:
-    """How long a lease may go unrenewed before the sweep asks whether its holder is alive: a renewal and a half
-    (a live holder renews every `renewal_seconds`, and one a little late is not judged), and no less than a
-    presence's time to live (a process that died stays on the workers' list that long)."""
-    return max(1.5 * renewal_seconds(), PRESENCE_TTL_SECONDS)
-
-
-def _holders_gone(rows: list[Any]) -> list[Any]:
-    """The rows, a silent one only if the process its lease token names has left the workers' list (one read of
-    Redis for them all). A holder still listed is alive, its renewals held up (its database slow or away for it
-    alone), and keeps its lease until it runs out; so does one whose token names no process (an earlier
-    release's), and every one while Redis does not answer."""
-    silent = [row for row in rows if row.silent and not row.overdue]
-    if not silent:
-        return rows
-    try:
-        present = present_processes()
-    except redis.RedisError:
-        present = None
-    gone = {row[0] for row in silent if present is not None
-            and (holder := holder_of(row.lease_token)) is not None and holder not in present}
-    return [row for row in rows if not (row.silent and not row.overdue) or row[0] in gone]
-
-
-def _end_silent_lease(kind: RunKind, ident: int, token: str, now: datetime) -> bool:
-    with transaction() as session:
-        ended = kind.end_lease_now(session, ident, token, now)
-    if ended:
-        log.warning("%s %s: the worker process holding it left the workers' list and has not renewed its lease for "
-                    "%g s; its lease is ended now and it is sent again", kind.label, ident, holder_silence_seconds())
-    return ended
-
-
 def _without_receipt(rows: list[Any], kind: RunKind, report: RecoveryReport) -> list[Any]:
     """The due rows, and the unconfirmed ones whose send left no receipt in Redis (one round trip for all).
     Redis unreachable: only the due ones (a send would fail as well), and the report says so."""
@@ -244,14 +209,21 @@ def _without_receipt(rows: list[Any], kind: RunKind, report: RecoveryReport) -> 
     return [row for row in rows if not row.unconfirmed or row[0] in lost]
 
 
+def _judged_silent(row: Any) -> bool:
+    """A run due only because its lease went unrenewed (one also overdue is revoked as overdue)."""
+    return bool(row.silent) and not row.overdue
+
+
 def _send_due(rows: list[Any], kind: RunKind, now: datetime, sent: list[int], report: RecoveryReport) -> None:
-    """Send each due run again (an overdue one once its lease is revoked, a silent one once its lease is ended),
-    unless another sweeper just did."""
-    for row in _holders_gone(_without_receipt(rows, kind, report)):
+    """Send each due run again (an overdue one once its lease is revoked, a silent one once its lease is ended, if
+    its holder is gone), unless another sweeper just did."""
+    due = _without_receipt(rows, kind, report)
+    gone = runs_of_gone_holders([row for row in due if _judged_silent(row)])
+    for row in due:
         ident = row[0]
         if row.overdue and not _revoke_overdue(kind, ident, row.lease_token):
             continue
-        if row.silent and not row.overdue and not _end_silent_lease(kind, ident, row.lease_token, now):
+        if _judged_silent(row) and (ident not in gone or not end_silent_lease(kind, ident, row.lease_token, now)):
             continue
         marked = _claim_send(kind, ident, row.enqueued_at)
         if marked is not None:
@@ -306,7 +278,7 @@ def recover_once(*, first_sweep: bool = False, gate: TakeoverGate | None = None)
                    "receipts_since": unsent_before - timedelta(seconds=receipt_look_seconds(first_sweep=first_sweep)),
                    "stale_before": now - timedelta(seconds=settings.stale_pending_seconds),
                    "sent_before": now - timedelta(seconds=settings.lease_seconds),
-                   "renewed_by": now + timedelta(seconds=settings.lease_seconds - holder_silence_seconds()),
+                   "renewed_by": renewed_by(now),
                    "pending_before": pending_cutoff(now), "deadline_before": deadline_cutoff(now)}
         turns, runs = due.turns(session, cutoffs).rows, due.runs(session, cutoffs).rows
     report.ended = _end_or_send(turns, TURN, cutoffs, report.sent, report, redis_reachable=redis_now.reachable)

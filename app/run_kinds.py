@@ -121,13 +121,16 @@ class RunKind:
                             .values(lease_token=None, lease_expires_at=swept_after, **counted)
                             .execution_options(synchronize_session=False)) == 1
 
-    def end_lease_now(self, session: Session, ident: int, token: str, now: datetime) -> bool:
-        """Run out lease `token` at `now`, its token kept: the next claim takes the run over from it and records
-        its holder's calls (`app.interrupted_calls`), as from a lease that ran out by itself, and a holder alive
-        after all renews it back as it would one that ran out. False when `token` no longer holds it."""
-        return rows_changed(session, update(self.model).where(self.key == ident, self.model.lease_token == token)
-                            .values(lease_expires_at=now)
-                            .execution_options(synchronize_session=False)) == 1
+    def end_lease_now(self, session: Session, ident: int, token: str, now: datetime, *,
+                      unrenewed_before: datetime) -> bool:
+        """Run out lease `token` at `now`, its token kept, if it still expires before `unrenewed_before` (its
+        holder has not renewed it since it was judged silent: `app.silent_holders`). The next claim takes the run
+        over from it as from a lease that ran out by itself (a turn's takeover records the holder's calls:
+        `app.interrupted_calls`), and a holder alive after all renews it back as it would such a lease. False
+        when `token` no longer holds it, or was renewed."""
+        return rows_changed(session, update(self.model).where(
+            self.key == ident, self.model.lease_token == token, self.model.lease_expires_at < unrenewed_before)
+            .values(lease_expires_at=now).execution_options(synchronize_session=False)) == 1
 
     def renew_leases(self, session: Session, pairs: Sequence[tuple[int, str]], expires: datetime) -> list[RenewedLease]:
         """Move on to `expires` the lease of each run still held by its token of `pairs` (run, lease token): those

@@ -13,13 +13,15 @@ from __future__ import annotations
 import re
 
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+"""NUL, and any surrogate: a Python string holds a valid pair as the one character it encodes."""
 
 QUOTE_LIMIT = 2000
 """The most characters of another side's words kept and logged: an error page of 20 MB was stored whole in each
 failed attempt's row and logged on each attempt's line."""
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-"""NUL, and any surrogate: a Python string holds a valid pair as the one character it encodes."""
+"""What a log line or a terminal acts on rather than shows: the C0 and C1 controls, and the two Unicode line
+breaks."""
 
 
 def unstorable(text: str) -> str | None:
@@ -44,5 +46,11 @@ def quoted(text: str) -> str:
     """Another side's words as agentq stores and logs them: storable, at most `QUOTE_LIMIT` characters, each
     control character written as its escape, so a line break cannot start a line of the log that looks like
     agentq's own, nor an escape sequence drive the terminal of an operator reading it."""
-    kept = text if len(text) <= QUOTE_LIMIT else f"{text[:QUOTE_LIMIT]}… ({len(text) - QUOTE_LIMIT} characters more)"
-    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), storable(kept))
+    said = _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"),
+                        storable(text[:QUOTE_LIMIT * 8]))  # no escape is longer than 6 characters
+    if len(said) <= QUOTE_LIMIT and len(text) <= QUOTE_LIMIT * 8:
+        return said
+    kept = said[:QUOTE_LIMIT]
+    if (escape := kept.rfind("\\", max(0, QUOTE_LIMIT - 6))) != -1:  # not half of an escape
+        kept = kept[:escape]
+    return f"{kept}… (cut at {QUOTE_LIMIT} characters)"

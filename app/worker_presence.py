@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
@@ -31,7 +31,7 @@ from pydantic import TypeAdapter, ValidationError
 from app.failure_logs import log_failure
 from app.lease_tokens import this_process
 from app.models.base import utc_now
-from app.redis_client import get_redis, key
+from app.redis_client import get_redis, key, lua_script
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,16 @@ _STORED = TypeAdapter(WorkerPresence)
 """A presence as Redis keeps it, JSON, written and read by pydantic from the dataclass's own fields."""
 
 
+def listed_since_key() -> str:
+    """When Redis began holding the workers' list, by its own clock (`absent_processes`)."""
+    return key("workers", "listed-since")
+
+
 def publish(presence: WorkerPresence) -> None:
     pipe = get_redis().pipeline(transaction=False)
     pipe.set(_presence_key(presence.id), _STORED.dump_json(presence), px=int(PRESENCE_TTL_SECONDS * 1000))
     pipe.sadd(_index_key(), presence.id)
+    lua_script("mark_workers_listed")(keys=[listed_since_key()], client=pipe)
     pipe.execute()
 
 
@@ -92,25 +98,30 @@ def withdraw(ident: str) -> None:
 def live_workers() -> list[WorkerPresence]:
     """Every worker process whose presence has not expired, by host and pid. A presence this release cannot
     read (another release's, during a rolling deploy) is left out, not a failure of every page that lists."""
-    live = [presence for body in _presences().values() if (presence := _readable(body)) is not None]
-    return sorted(live, key=lambda presence: (presence.host, presence.pid))
-
-
-def present_processes() -> set[str]:
-    """The ids of the worker processes whose presence has not expired, whether or not this release can read it:
-    a process of another release is alive too, and holds its leases (`app.recovery`)."""
-    return set(_presences())
-
-
-def _presences() -> dict[str, bytes]:
-    """Each unexpired presence by its process's id; the ids of those expired are dropped from the index."""
     client = get_redis()
     idents = [ident.decode() for ident in cast(set[bytes], client.smembers(_index_key()))]
     bodies = cast(list[bytes | None], client.mget([_presence_key(i) for i in idents])) if idents else []
     expired = [ident for ident, body in zip(idents, bodies, strict=True) if body is None]
     if expired:
         client.srem(_index_key(), *expired)
-    return {ident: body for ident, body in zip(idents, bodies, strict=True) if body is not None}
+    live = [presence for body in bodies if body is not None and (presence := _readable(body)) is not None]
+    return sorted(live, key=lambda presence: (presence.host, presence.pid))
+
+
+def absent_processes(idents: Collection[str]) -> set[str] | None:
+    """Those of `idents` that have no presence in Redis (readable by this release or not: a process of another
+    release is alive too); None while the list cannot be taken for whole: Redis has held it for less than a
+    presence's time to live (it was flushed, restarted empty, or failed over since), and a live process may not
+    have published into it yet. A read only, of each process's own key (`app.silent_holders`)."""
+    asked = list(idents)
+    pipe = get_redis().pipeline(transaction=False)
+    pipe.get(listed_since_key())
+    pipe.time()
+    pipe.mget([_presence_key(ident) for ident in asked])
+    since, (seconds, _), bodies = pipe.execute()
+    if since is None or seconds - int(since) < PRESENCE_TTL_SECONDS:
+        return None
+    return {ident for ident, body in zip(asked, bodies, strict=True) if body is None}
 
 
 def _readable(body: bytes) -> WorkerPresence | None:

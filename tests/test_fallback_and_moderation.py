@@ -260,7 +260,8 @@ def test_what_a_provider_says_is_kept_and_logged_bounded_and_on_one_line(
     assert error is not None
     escaped = forged.replace("\n", "\\n").replace("\x1b", "\\x1b")
     assert error.startswith(f"HTTP 500: Error code: 500 - {escaped}EEE")
-    assert error.endswith(" characters more)") and len(error) < 2100
+    assert error.endswith("… (cut at 2000 characters)")
+    assert len(error) == len("HTTP 500: ") + 2000 + len("… (cut at 2000 characters)")
     assert "\n" not in error and "\x1b" not in error
 
 

@@ -871,14 +871,17 @@ def test_only_a_takeover_of_a_lease_never_given_up_has_a_predecessor_whose_calls
 
 
 def test_a_sweep_ends_the_unrenewed_lease_of_a_process_gone_from_the_workers_list_and_no_other(
-        world: World, workers: Workers, swept_once: None, settings_of: Callable[..., None]) -> None:
-    """With a 30 s lease, four turns whose leases have 10 s left: three unrenewed for 20 s, one renewed just now.
-    The sweep ends, and sends again, only the unrenewed lease whose token names a process gone from the workers'
-    list; a listed process (its database cut off) keeps its lease, as does a token naming no process (an earlier
-    release's) and a process gone but renewing (the list is Redis's view, the lease the database's). The lease
-    is ended with its token kept, so the delivery that takes the turn over has a predecessor (and runs it)."""
+        world: World, workers: Workers, swept_once: None, redis_client: redis.Redis,
+        settings_of: Callable[..., None]) -> None:
+    """With a 30 s lease, four turns: three whose leases went unrenewed for 20 s, one renewed just now. While Redis
+    has held the workers' list for less than a presence's time to live (it was just flushed: a live process may
+    not have published into it yet), no lease is ended. Once it has, the sweep ends, and sends again, only the
+    unrenewed lease whose token names a process gone from the list; a listed process (its database cut off) keeps
+    its lease, as does a token naming no process (an earlier release's) and a process gone but renewing (the list
+    is Redis's view, the lease the database's). The lease is ended with its token kept, so the delivery that takes
+    the turn over has a predecessor (and runs it)."""
     from app.recovery import recover_once
-    from app.worker_presence import WorkerPresence, WorkerState, publish
+    from app.worker_presence import WorkerPresence, WorkerState, listed_since_key, publish
 
     settings_of(AGENTQ_LEASE_SECONDS="30")
     listed, gone = uuid.uuid4().hex, uuid.uuid4().hex
@@ -889,6 +892,7 @@ def test_a_sweep_ends_the_unrenewed_lease_of_a_process_gone_from_the_workers_lis
     with transaction() as session:
         session.execute(update(Turn).where(Turn.assistant_message_id == turns["renewing"]).values(
             lease_expires_at=now + timedelta(seconds=29)))
+
     def leases() -> dict[str, tuple[str | None, datetime | None]]:
         with transaction() as session:
             rows = session.execute(select(Turn.assistant_message_id, Turn.lease_token, Turn.lease_expires_at)
@@ -897,17 +901,37 @@ def test_a_sweep_ends_the_unrenewed_lease_of_a_process_gone_from_the_workers_lis
         return {name: by_id[turn_id] for name, turn_id in turns.items()}
 
     before = leases()
+    assert {name: token for name, (token, _) in before.items()} == tokens
+    assert (recover_once().sent, leases()) == ([], before)  # the list is younger than a presence's time to live
+
+    redis_client.set(listed_since_key(), cast(tuple[int, int], redis_client.time())[0] - 60)
     swept = recover_once()
     assert (swept.sent, swept.debug_sent) == ([turns["gone"]], [])
     after = leases()
     assert {name: after[name] for name in ("listed", "unnamed", "renewing")} == {
         name: before[name] for name in ("listed", "unnamed", "renewing")}
-    assert {name: token for name, (token, _) in before.items()} == tokens
     wait_for(lambda: _answer_status(turns["gone"]) == "success", timeout=15, what="the turn taken over and run")
     with transaction() as session:
         assert session.scalar(select(Turn.deliveries).where(Turn.assistant_message_id == turns["gone"])) == 3
         assert session.scalars(select(ModelAttempt.outcome).where(ModelAttempt.message_id == turns["gone"])).all() == [
             "success"]
+
+
+def test_a_silent_lease_renewed_after_the_sweeps_look_is_not_ended(world: World) -> None:
+    """The sweep reads which leases are silent, then ends each: a holder that renewed in between keeps its lease
+    (the end is written only if the lease still expires before the silence's bound), where the token alone let the
+    end run out a lease just renewed."""
+    from app.run_kinds import TURN
+
+    token = f"{uuid.uuid4().hex}.e5"
+    turn = _processing_turn(world, token=token)  # its lease expires 10 s from now
+    renewed_expiry, now = _lease_expiry(turn.turn_id), utc_now()
+    with transaction() as session:
+        assert not TURN.end_lease_now(session, turn.turn_id, token, now, unrenewed_before=now + timedelta(seconds=5))
+    assert _lease_expiry(turn.turn_id) == renewed_expiry
+    with transaction() as session:
+        assert TURN.end_lease_now(session, turn.turn_id, token, now, unrenewed_before=now + timedelta(seconds=15))
+    assert _lease_expiry(turn.turn_id) == now
 
 
 def test_a_processing_run_whose_lease_was_revoked_with_no_expiry_is_sent_again(
