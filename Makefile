@@ -30,12 +30,16 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 	@$(BIN)/python -m compileall -q -j 0 app cli web workers bench
 
-# Starts the local Redis if nothing answers on REDIS_URL's port (it keeps nothing on disk).
+# Starts the local Redis if nothing answers on REDIS_URL's port (it keeps nothing on disk); a REDIS_URL naming
+# another host is that host's to serve, and is only said not to answer.
 redis: install
 	@url=$(call quoted,$(call setting,REDIS_URL,redis://127.0.0.1:6379/0)); \
 	redis-cli -u "$$url" ping >/dev/null 2>&1 || \
-		redis-server --daemonize yes --bind 127.0.0.1 --save "" --appendonly no \
-			--port "$$(echo "$$url" | sed -E 's#^[a-z]+://([^@/]*@)?[^:/]*(:([0-9]+))?.*#\3#' | grep . || echo 6379)"
+	case "$$(echo "$$url" | sed -E 's#^[a-z]+://([^@/]*@)?([^:/]*).*#\2#')" in \
+		127.0.0.1|localhost|"") redis-server --daemonize yes --bind 127.0.0.1 --save "" --appendonly no \
+			--port "$$(echo "$$url" | sed -E 's#^[a-z]+://([^@/]*@)?[^:/]*(:([0-9]+))?.*#\3#' | grep . || echo 6379)";; \
+		*) echo "The Redis REDIS_URL names does not answer; make starts only a local one" >&2;; \
+	esac
 
 # Debian's headless Chromium and its driver, for the tests that open the pages in a real browser.
 chromium:

@@ -9,7 +9,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from tests.support import ROOT, VENV_BIN
+from tests.support import ROOT, VENV_BIN, free_port
 
 
 def _make_run_recipes(directory: Path, dotenv: str | None, *make_arguments: str, **environment: str) -> str:
@@ -59,3 +59,19 @@ def test_make_run_without_dotenv_has_the_defaults_and_an_empty_value_counts_as_n
     assert "AGENTQ_WEB_PORT='8000'" in recipes and "AGENTQ_DEMO_UPSTREAM_PORT='8765'" in recipes
     assert "AGENTQ_SHUTDOWN_GRACE_SECONDS='2'" in recipes
     assert "mkdir -p var && chmod 700 var" in recipes  # the demo administrator's key is in var/demo.json
+
+
+def test_make_starts_no_local_redis_for_a_redis_url_that_names_another_host(tmp_path: Path) -> None:
+    """The recipe took only the port of REDIS_URL: a Redis on another host that did not answer had a local one
+    started on its port, which nothing would use."""
+    for name in ("Makefile", "pyproject.toml"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    (tmp_path / ".venv").symlink_to(VENV_BIN.parent)
+    port = free_port()
+    env = {name: value for name, value in os.environ.items() if name not in ("REDIS_URL", "MAKEFLAGS", "MAKELEVEL")}
+    made = subprocess.run(["make", "--no-print-directory", "redis", f"REDIS_URL=redis://redis.invalid:{port}/0"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    assert "The Redis REDIS_URL names does not answer; make starts only a local one" in made.stderr
+    pinged = subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True, timeout=10)
+    assert pinged.stdout.strip() != "PONG"
