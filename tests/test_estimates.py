@@ -20,14 +20,14 @@ def test_ascii_text_counts_four_characters_a_token_and_other_text_one_a_characte
 
 def test_a_providers_token_counts_are_brought_into_the_range_they_are_charged_and_stored_in() -> None:
     """A negative count would credit the user, and one past INTEGER failed the settlement on every delivery."""
-    def usage(prompt: object, completion: object) -> tuple[int, int]:
+    def usage(prompt: object, completion: object) -> tuple[int, int] | None:
         chunk = {"choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion}}
         _, reported, _ = read_chunk(chunk)
-        assert reported is not None
-        return reported.prompt_tokens, reported.completion_tokens
+        return None if reported is None else (reported.prompt_tokens, reported.completion_tokens)
 
     assert usage(12, 7) == (12, 7)
-    assert usage(-5, None) == (0, 0)
+    assert usage(-5, 0) == (0, 0)
+    assert usage(-5, None) is None  # no count is no report: both are estimated
     assert usage(10**12, 3.0) == (TOKEN_COUNT_LIMIT, 3)
     for bad in ("12", float("inf"), True, [1]):
         with pytest.raises(TypeError):
