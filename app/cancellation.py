@@ -25,7 +25,7 @@ from app.in_flight import answer_in_flight
 from app.models import Conversation, ConversationMessage, table
 from app.models.base import utc_now
 from app.outages import is_outage
-from app.stop_bound import end_stopped_turns
+from app.stop_bound import end_stopped_turns, end_stops_of_gone_holders
 from app.stop_requests import publish_stop
 from app.turn_state import request_stop
 from app.turn_status import STOPPED, TurnStatus
@@ -39,15 +39,26 @@ def cancel_turn(principal: Principal, message_id: int) -> ConversationMessage:
     A processing turn is ended by its worker, within about half a second: the answer waits up to
     `AGENTQ_CANCEL_WAIT_SECONDS` for that end, so that it carries the turn `cancelled` with its text and
     the conversation free, as the contract words a stop. Answered at once, a client's next message was
-    refused as `conversation_busy` for that half second. A worker that does not end it in that time (it
-    died less than a lease ago: the delivery taking the turn over does) leaves the answer `processing`."""
+    refused as `conversation_busy` for that half second. A turn its worker does not end in that time is ended
+    here if that worker has left the workers' list (it died); one that died too recently to have left it is
+    answered `processing`, and ended by the delivery that takes it over or by an API process's look."""
     with transaction() as session:
         stopped = _stop(session, owned_turn_of(session, principal.id, message_id))
         message = session.get_one(ConversationMessage, message_id)
     _announce(stopped)
     if stopped is not None and stopped.ends_after_commit:
-        return _once_ended(message_id) or message
+        return _once_ended(message_id) or _ended_if_its_worker_is_gone(stopped.turn_id, message_id) or message
     return message
+
+
+def _ended_if_its_worker_is_gone(turn_id: int, message_id: int) -> ConversationMessage | None:
+    """Message `message_id` once its turn is ended here because the worker holding it has left the workers' list
+    (`app.stop_bound.end_stops_of_gone_holders`); None when it has not (its worker is listed, or the list cannot
+    be believed yet), and the delivery that takes the turn over, or the look of an API process, ends it."""
+    if not end_stops_of_gone_holders(only=turn_id):
+        return None
+    with transaction() as session:
+        return session.get_one(ConversationMessage, message_id)
 
 
 def _once_ended(message_id: int) -> ConversationMessage | None:
@@ -97,8 +108,8 @@ def delete_conversation(principal: Principal, conversation_id: int) -> None:
         with transaction() as session:
             stopped = _stop_in_flight(session, conversation_id)
     _announce(stopped)
-    if stopped is not None and stopped.ends_after_commit:
-        _once_ended(stopped.turn_id)
+    if stopped is not None and stopped.ends_after_commit and _once_ended(stopped.turn_id) is None:
+        end_stops_of_gone_holders(only=stopped.turn_id)
 
 
 def _stop_in_flight(session: Session, conversation_id: int) -> _Stopped | None:

@@ -47,6 +47,11 @@ _outage_said: dict[tuple[str, str], tuple[float, int]] = {}
 """For each logger and loop, when it last said an outage and how many failed rounds it has not said since."""
 _outage_said_lock = threading.Lock()
 
+_OUTAGE_SAID_KEPT = 256
+"""Past this many, what was said longer than `OUTAGE_REPEAT_SECONDS` ago is forgotten (it would be said at its next
+failure anyway; only its count of unsaid rounds goes): a few callers name a run in what they were doing, and an
+outage met by thousands of runs kept an entry for each, for the process's life."""
+
 
 def said_again(source: str, doing: str, counted: str = "rounds") -> str | None:
     """None while `doing`'s failure was said by `source` (a logger's name) within `OUTAGE_REPEAT_SECONDS` (this
@@ -58,6 +63,9 @@ def said_again(source: str, doing: str, counted: str = "rounds") -> str | None:
         if now - said_at < OUTAGE_REPEAT_SECONDS:
             _outage_said[key] = (said_at, unsaid + 1)
             return None
+        if len(_outage_said) >= _OUTAGE_SAID_KEPT:
+            for stale in [k for k, (at, _) in _outage_said.items() if now - at >= OUTAGE_REPEAT_SECONDS]:
+                del _outage_said[stale]
         _outage_said[key] = (now, 0)
     return f"; {unsaid} more {counted} failed alike since this was last said" if unsaid else ""
 

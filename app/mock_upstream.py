@@ -31,6 +31,7 @@ import math
 import ssl
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,9 +146,14 @@ def answer_words(body: dict[str, Any], script: Script) -> list[str]:
     return words + UNSTORABLE if script.unstorable else words
 
 
+KEPT = 10_000
+"""The most requests and stream fates the mock keeps (the oldest go first): the demo's upstream, left running,
+kept every request body it was sent (each conversation's history), about 6 MB a minute at 20 turns a second."""
+
+
 @dataclass
 class MockState:
-    requests: list[dict[str, Any]] = field(default_factory=list)
+    requests: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=KEPT))
     streams: dict[str, str] = field(default_factory=dict)
     cleared: int = 0
     """How many times the log was cleared: a request that arrived before a clear writes nothing after it (its
@@ -160,6 +166,8 @@ class MockState:
     def record(self, ident: str, fate: str, opened_in: int) -> None:
         if opened_in == self.cleared:
             self.streams[ident] = fate
+            if len(self.streams) > KEPT:
+                del self.streams[next(iter(self.streams))]
 
 
 STATE = web.AppKey("state", MockState)
@@ -281,7 +289,7 @@ async def moderations(request: web.Request) -> web.Response:
 
 
 async def list_requests(request: web.Request) -> web.Response:
-    return web.json_response(request.app[STATE].requests)
+    return web.json_response(list(request.app[STATE].requests))
 
 
 async def clear(request: web.Request) -> web.Response:

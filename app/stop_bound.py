@@ -10,6 +10,10 @@ running, nothing took it over: the turn stayed `processing` and its conversation
 ends, `cancelled`, each stopped turn whose lease ran out a lease ago or more, as the stop itself would have,
 keeping the text the dead worker streamed, unpaid; each end judged again under the turn's lock
 (`app.unheld_ends.abandon`), so a delivery that took the turn over since the look is left to end it.
+
+Sooner, whether or not a worker runs: a stopped turn whose worker has left the workers' list and gone silent
+(`app.silent_holders`) is ended the same way by that loop, and by the stop's own answer once its wait for the
+worker is over (`end_stops_of_gone_holders`), 15 s after the dead worker's last renewal with the default lease.
 """
 
 from __future__ import annotations
@@ -18,13 +22,17 @@ from datetime import datetime, timedelta
 from functools import cache
 
 import redis
-from sqlalchemy import ColumnElement, DateTime, Table, and_, bindparam
+from sqlalchemy import ColumnElement, DateTime, Table, and_, bindparam, select
 
 from app.claims import lease_over
+from app.clock import lease_now
 from app.config import get_settings
 from app.db import transaction
+from app.in_flight import answer_in_flight
+from app.models import ConversationMessage, Turn, table
 from app.prepared import Prepared
 from app.run_kinds import TURN
+from app.silent_holders import renewed_by, runs_of_gone_holders
 from app.turn_status import STOPPED, TurnStatus
 from app.unheld_ends import end_unheld, turn_ids_where
 from app.worker_presence import WorkerState, live_workers
@@ -68,10 +76,39 @@ def end_stops_no_delivery_carries_out(now: datetime) -> list[int]:
     return end_stopped_turns(found)
 
 
+@cache
+def _stopped_silent_turns() -> Prepared:
+    """The stopped turns `processing` under a lease still held (past `now`) but unrenewed for a while (expiring
+    before `renewed_by`: `app.silent_holders`), with their tokens. A lease that ran out is the other look's, and
+    the recovery sweep's."""
+    turns, messages = table(Turn), table(ConversationMessage)
+    expires = turns.c.lease_expires_at
+    return Prepared(select(turns.c.assistant_message_id, turns.c.lease_token)
+                    .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
+                    .where(answer_in_flight(messages), messages.c.status == TurnStatus.PROCESSING.value,
+                           turns.c.cancel_requested_at.is_not(None), turns.c.lease_token.is_not(None),
+                           expires > bindparam("now", type_=DateTime(timezone=True)),
+                           expires < bindparam("renewed_by", type_=DateTime(timezone=True))))
+
+
+def end_stops_of_gone_holders(only: int | None = None) -> list[int]:
+    """End, `cancelled`, each stopped turn whose worker has gone silent and left the workers' list (both signs, as
+    the recovery sweep reads them: `app.silent_holders`), at once, its lease revoked in the end's transaction,
+    rather than when another worker takes it over (with none running, a lease after its lease ran out);
+    `only` restricts the look to one turn (a stop's own answer). The ids it ended."""
+    with transaction() as session:
+        now = lease_now(session)
+        rows = _stopped_silent_turns()(session, {"now": now, "renewed_by": renewed_by(now)}).rows
+    silent = [row for row in rows if only is None or row[0] == only]
+    gone = runs_of_gone_holders(silent) if silent else set()
+    tokens = {row[0]: row.lease_token for row in silent if row[0] in gone}
+    return end_unheld(TURN, tokens, STOPPED, "stopped, its worker gone from the workers' list", revoking=tokens)
+
+
 def end_stopped_turns(turn_ids: list[int]) -> list[int]:
     """End, `cancelled`, each stopped turn no delivery holds (judged again under its lock): this look's, and one
     that no delivery held when the stop came (`app.cancellation`). The ids it ended."""
     return end_unheld(TURN, turn_ids, STOPPED, "stopped with no delivery holding it")
 
 
-__all__ = ["end_stopped_turns", "end_stops_no_delivery_carries_out"]
+__all__ = ["end_stopped_turns", "end_stops_no_delivery_carries_out", "end_stops_of_gone_holders"]

@@ -934,6 +934,29 @@ def test_a_silent_lease_renewed_after_the_sweeps_look_is_not_ended(world: World)
     assert _lease_expiry(turn.turn_id) == now
 
 
+def test_a_stop_of_a_turn_whose_worker_went_silent_and_left_the_list_ends_it_at_once(
+        world: World, swept_once: None, redis_client: redis.Redis, settings_of: Callable[..., None]) -> None:
+    """With a 30 s lease, two stopped turns whose leases went unrenewed for 20 s: the one whose worker left the
+    workers' list is ended `cancelled` by the stop itself, its lease revoked, where it stayed `processing` until
+    another worker took it over (with none running, a lease after its lease ran out); the one whose worker is still
+    listed (alive, its database cut off) is left to it."""
+    from app.cancellation import cancel_turn
+    from app.worker_presence import WorkerPresence, WorkerState, listed_since_key, publish
+
+    settings_of(AGENTQ_LEASE_SECONDS="30", AGENTQ_CANCEL_WAIT_SECONDS="0.2")
+    listed, gone = uuid.uuid4().hex, uuid.uuid4().hex
+    now = utc_now()
+    publish(WorkerPresence(listed, "elsewhere", 1, 4, 1, WorkerState.DATABASE_CUT_OFF, now, now))
+    redis_client.set(listed_since_key(), cast(tuple[int, int], redis_client.time())[0] - 60)
+    dead = _processing_turn(world, f"{gone}.f6", model="dead-worker")
+    alive = _processing_turn(world, f"{listed}.g7", model="cut-off-worker")
+
+    stops = {turn.turn_id: cancel_turn(Principal(turn.user_id, "alice", False), turn.turn_id).status
+             for turn in (dead, alive)}
+    assert stops == {dead.turn_id: "cancelled", alive.turn_id: "processing"}
+    assert (_turn_lease(dead.turn_id)[0], _turn_lease(alive.turn_id)[0]) == (None, f"{listed}.g7")
+
+
 def test_a_processing_run_whose_lease_was_revoked_with_no_expiry_is_sent_again(
         world: World, workers: Workers, swept_once: None) -> None:
     """A lease revoked with no expiry (`RunKind.revoke_lease` without `swept_after`: an overdue run's, a

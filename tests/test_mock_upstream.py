@@ -32,3 +32,16 @@ def test_every_directive_the_readme_lists_is_played(upstream: UpstreamLog) -> No
     answer = httpx.post(f"{upstream.base}/v1/chat/completions", follow_redirects=True,
                         json={"model": model, "messages": [{"role": "user", "content": "hi"}]})
     assert (answer.status_code, answer.json()["choices"][0]["message"]["content"]) == (200, "v0 v1 v2")
+
+
+def test_the_mock_keeps_its_latest_requests_and_stream_fates_only() -> None:
+    """The demo's upstream, left running, kept every request body it was sent: about 6 MB a minute at 20 turns
+    a second, never given back. It keeps the latest `KEPT` of each."""
+    from app.mock_upstream import KEPT, MockState
+
+    state = MockState()
+    for number in range(KEPT + 5):
+        state.log_request({"number": number}, opened_in=0)
+        state.record(f"stream-{number}", "completed", opened_in=0)
+    assert (len(state.requests), state.requests[0], state.requests[-1]) == (KEPT, {"number": 5}, {"number": KEPT + 4})
+    assert (len(state.streams), next(iter(state.streams))) == (KEPT, "stream-5")

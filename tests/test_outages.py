@@ -4,6 +4,7 @@ stream reader), so a real bug must not be among them."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -171,6 +172,20 @@ def test_a_background_loop_says_an_outage_once_and_again_with_what_it_did_not_sa
         "at most every 30 s",
         "a look for stop requests failed, a backing service is out of reach (ConnectionError: refused); trying "
         "again, said at most every 0 s; 3 more rounds failed alike since this was last said"]
+
+
+def test_what_was_said_of_outages_long_ago_is_forgotten_once_many_loops_said_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two callers name a run in what they were doing: an outage met by thousands of runs kept an entry for each
+    for the process's life. Past `_OUTAGE_SAID_KEPT` entries, those said longer than the repeat interval ago go."""
+    import app.failure_logs
+    from app.failure_logs import _OUTAGE_SAID_KEPT, OUTAGE_REPEAT_SECONDS, said_again
+
+    long_ago, lately = time.monotonic() - OUTAGE_REPEAT_SECONDS - 1, time.monotonic()
+    said = {("agentq.test", f"ending turn {run}"): (long_ago, 2) for run in range(_OUTAGE_SAID_KEPT - 1)}
+    monkeypatch.setattr(app.failure_logs, "_outage_said", {**said, ("agentq.test", "a sweep"): (lately, 0)})
+    assert said_again("agentq.test", "ending turn -1") == ""
+    assert set(app.failure_logs._outage_said) == {("agentq.test", "a sweep"), ("agentq.test", "ending turn -1")}
 
 
 def test_a_consumers_lost_redis_connection_is_a_warning_not_a_critical_line(monkeypatch: pytest.MonkeyPatch) -> None:
