@@ -69,7 +69,8 @@ def test_make_starts_no_local_redis_for_a_redis_url_that_names_another_host(tmp_
     (tmp_path / ".venv").symlink_to(VENV_BIN.parent)
     port = free_port()
     env = {name: value for name, value in os.environ.items() if name not in ("REDIS_URL", "MAKEFLAGS", "MAKELEVEL")}
-    made = subprocess.run(["make", "--no-print-directory", "redis", f"REDIS_URL=redis://redis.invalid:{port}/0"],
+    made = subprocess.run(["make", "--no-print-directory", "-o", "install", "redis",
+                           f"REDIS_URL=redis://redis.invalid:{port}/0"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert made.returncode == 0, made.stderr
     assert "The Redis REDIS_URL names does not answer; make starts only a local one" in made.stderr
