@@ -19,8 +19,8 @@ Five cracks, one sweep every `AGENTQ_RECOVERY_INTERVAL_SECONDS`:
   expiry as long as a pending turn's message is trusted (`app.deliveries.retry_hand_over`), so its
   retry is not raced by the sweep's message, even behind a backlog;
 - a `processing` turn whose worker process has left the workers' list (`app.worker_presence`: its lease token
-  names it, `app.lease_tokens`) and has not renewed its lease for a renewal period and a half
-  (`app.silent_holders`): its lease is ended then, 15 s after its last renewal with the default 30 s lease
+  names it, `app.lease_tokens`) and has not renewed its lease for two renewal periods
+  (`app.silent_holders`): its lease is ended then, 20 s after its last renewal with the default 30 s lease
   rather than 30 s, and the turn is sent again; the delivery that takes it over records the dead worker's
   calls as from a lease that ran out. A holder still listed keeps its lease until it runs out (it is alive,
   its renewals held up), and one alive after all renews its lease back unless a delivery took the turn first;

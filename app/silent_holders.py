@@ -1,7 +1,7 @@
 """A lease whose holder is gone: the worker process its token names (`app.lease_tokens`) has left the workers' list
 (`app.worker_presence`), and the lease has gone unrenewed for `holder_silence_seconds`. The recovery sweep ends
 such a lease then, its token kept, and sends the run again (`app.recovery`): a killed worker's turns go on about
-15 s after its last renewal with the default 30 s lease, not 30 s.
+20 s after its last renewal with the default 30 s lease, not 30 s.
 
 Both signs are needed, each read so that a live holder is not taken for gone. A holder still listed is alive,
 its renewals held up (its database slow or away for it alone), and keeps its lease until it runs out; one that
@@ -36,10 +36,11 @@ log = logging.getLogger(__name__)
 
 
 def holder_silence_seconds() -> float:
-    """How long a lease may go unrenewed before the sweep asks whether its holder is alive: a renewal period and
-    a half (a live holder renews every `renewal_seconds`, and one a little late is not judged), and no less than a
-    presence's time to live (a process that died stays on the workers' list that long)."""
-    return max(1.5 * renewal_seconds(), PRESENCE_TTL_SECONDS)
+    """How long a lease may go unrenewed before the sweep asks whether its holder is alive: two renewal periods (a
+    live holder renews every `renewal_seconds`; one late, or frozen for a few seconds, is not judged: with a period
+    and a half, a worker frozen 8 s just before its renewal lost its turns), and no less than a presence's time to
+    live (a process that died stays on the workers' list that long)."""
+    return max(2 * renewal_seconds(), PRESENCE_TTL_SECONDS)
 
 
 def renewed_by(now: datetime) -> datetime:

@@ -13,7 +13,7 @@ keeping the text the dead worker streamed, unpaid; each end judged again under t
 
 Sooner, whether or not a worker runs: a stopped turn whose worker has left the workers' list and gone silent
 (`app.silent_holders`) is ended the same way by that loop, and by the stop's own answer once its wait for the
-worker is over (`end_stops_of_gone_holders`), 15 s after the dead worker's last renewal with the default lease.
+worker is over (`end_stops_of_gone_holders`), 20 s after the dead worker's last renewal with the default lease.
 """
 
 from __future__ import annotations

@@ -59,6 +59,13 @@ def swept_once(world: World, redis_client: redis.Redis) -> None:
     redis_client.set(epoch_key(), epoch_value(server_run(redis_client)))
 
 
+def _lease_left(turn_id: int, seconds: float) -> None:
+    """The turn's lease runs out `seconds` from now (by the database's clock, which judges it)."""
+    with transaction() as session:
+        session.execute(text("UPDATE turns SET lease_expires_at = now() + make_interval(secs => :left) "
+                             "WHERE assistant_message_id = :turn"), {"left": seconds, "turn": turn_id})
+
+
 def _lease_expiry(turn_id: int) -> datetime | None:
     with transaction() as session:
         return session.scalar(select(Turn.lease_expires_at).where(Turn.assistant_message_id == turn_id))
@@ -873,7 +880,7 @@ def test_only_a_takeover_of_a_lease_never_given_up_has_a_predecessor_whose_calls
 def test_a_sweep_ends_the_unrenewed_lease_of_a_process_gone_from_the_workers_list_and_no_other(
         world: World, workers: Workers, swept_once: None, redis_client: redis.Redis,
         settings_of: Callable[..., None]) -> None:
-    """With a 30 s lease, four turns: three whose leases went unrenewed for 20 s, one renewed just now. While Redis
+    """With a 30 s lease, four turns: three whose leases went unrenewed for 25 s, one renewed just now. While Redis
     has held the workers' list for less than a presence's time to live (it was just flushed: a live process may
     not have published into it yet), no lease is ended. Once it has, the sweep ends, and sends again, only the
     unrenewed lease whose token names a process gone from the list; a listed process (its database cut off) keeps
@@ -889,9 +896,8 @@ def test_a_sweep_ends_the_unrenewed_lease_of_a_process_gone_from_the_workers_lis
     publish(WorkerPresence(listed, "elsewhere", 1, 4, 1, WorkerState.DATABASE_CUT_OFF, now, now))
     tokens = {"listed": f"{listed}.a1", "gone": f"{gone}.b2", "unnamed": "c3", "renewing": f"{gone}.d4"}
     turns = {name: _processing_turn(world, token, model=name).turn_id for name, token in tokens.items()}
-    with transaction() as session:
-        session.execute(update(Turn).where(Turn.assistant_message_id == turns["renewing"]).values(
-            lease_expires_at=now + timedelta(seconds=29)))
+    for name, left in (("listed", 5), ("gone", 5), ("unnamed", 5), ("renewing", 29)):
+        _lease_left(turns[name], left)
 
     def leases() -> dict[str, tuple[str | None, datetime | None]]:
         with transaction() as session:
@@ -936,7 +942,7 @@ def test_a_silent_lease_renewed_after_the_sweeps_look_is_not_ended(world: World)
 
 def test_a_stop_of_a_turn_whose_worker_went_silent_and_left_the_list_ends_it_at_once(
         world: World, swept_once: None, redis_client: redis.Redis, settings_of: Callable[..., None]) -> None:
-    """With a 30 s lease, two stopped turns whose leases went unrenewed for 20 s: the one whose worker left the
+    """With a 30 s lease, two stopped turns whose leases went unrenewed for 25 s: the one whose worker left the
     workers' list is ended `cancelled` by the stop itself, its lease revoked, where it stayed `processing` until
     another worker took it over (with none running, a lease after its lease ran out); the one whose worker is still
     listed (alive, its database cut off) is left to it."""
@@ -950,6 +956,8 @@ def test_a_stop_of_a_turn_whose_worker_went_silent_and_left_the_list_ends_it_at_
     redis_client.set(listed_since_key(), cast(tuple[int, int], redis_client.time())[0] - 60)
     dead = _processing_turn(world, f"{gone}.f6", model="dead-worker")
     alive = _processing_turn(world, f"{listed}.g7", model="cut-off-worker")
+    for turn in (dead, alive):
+        _lease_left(turn.turn_id, 5)
 
     stops = {turn.turn_id: cancel_turn(Principal(turn.user_id, "alice", False), turn.turn_id).status
              for turn in (dead, alive)}
