@@ -39,26 +39,32 @@ def cancel_turn(principal: Principal, message_id: int) -> ConversationMessage:
     A processing turn is ended by its worker, within about half a second: the answer waits up to
     `AGENTQ_CANCEL_WAIT_SECONDS` for that end, so that it carries the turn `cancelled` with its text and
     the conversation free, as the contract words a stop. Answered at once, a client's next message was
-    refused as `conversation_busy` for that half second. A turn its worker does not end in that time is ended
-    here if that worker has left the workers' list (it died); one that died too recently to have left it is
-    answered `processing`, and ended by the delivery that takes it over or by an API process's look."""
+    refused as `conversation_busy` for that half second. A turn whose worker has left the workers' list and gone
+    silent (it died) is ended here, with no wait; one whose worker died too recently for both is answered
+    `processing` after the wait, and ended by the delivery that takes it over or by an API process's look."""
     with transaction() as session:
         stopped = _stop(session, owned_turn_of(session, principal.id, message_id))
         message = session.get_one(ConversationMessage, message_id)
     _announce(stopped)
     if stopped is not None and stopped.ends_after_commit:
-        return _once_ended(message_id) or _ended_if_its_worker_is_gone(stopped.turn_id, message_id) or message
+        return _ended_if_its_worker_is_gone(stopped.turn_id, message_id) or _once_ended(message_id) or message
     return message
 
 
 def _ended_if_its_worker_is_gone(turn_id: int, message_id: int) -> ConversationMessage | None:
-    """Message `message_id` once its turn is ended here because the worker holding it has left the workers' list
-    (`app.stop_bound.end_stops_of_gone_holders`); None when it has not (its worker is listed, or the list cannot
-    be believed yet), and the delivery that takes the turn over, or the look of an API process, ends it."""
-    if not end_stops_of_gone_holders(only=turn_id):
+    """Message `message_id` once its turn is ended here, before any wait, because the worker holding it has left
+    the workers' list and gone silent (`app.stop_bound.end_stops_of_gone_holders`); None when it has not (its worker
+    is listed or renewing, or the list cannot be believed yet: the worker, the delivery that takes the turn over, or
+    an API process's look ends it), or the database stopped answering meanwhile (the stop is recorded either way)."""
+    try:
+        if not end_stops_of_gone_holders(only=turn_id):
+            return None
+        with transaction() as session:
+            return session.get_one(ConversationMessage, message_id)
+    except Exception as error:
+        if not is_outage(error):
+            raise
         return None
-    with transaction() as session:
-        return session.get_one(ConversationMessage, message_id)
 
 
 def _once_ended(message_id: int) -> ConversationMessage | None:
@@ -108,8 +114,9 @@ def delete_conversation(principal: Principal, conversation_id: int) -> None:
         with transaction() as session:
             stopped = _stop_in_flight(session, conversation_id)
     _announce(stopped)
-    if stopped is not None and stopped.ends_after_commit and _once_ended(stopped.turn_id) is None:
-        end_stops_of_gone_holders(only=stopped.turn_id)
+    if (stopped is not None and stopped.ends_after_commit
+            and _ended_if_its_worker_is_gone(stopped.turn_id, stopped.turn_id) is None):
+        _once_ended(stopped.turn_id)
 
 
 def _stop_in_flight(session: Session, conversation_id: int) -> _Stopped | None:

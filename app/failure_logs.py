@@ -50,7 +50,17 @@ _outage_said_lock = threading.Lock()
 _OUTAGE_SAID_KEPT = 256
 """Past this many, what was said longer than `OUTAGE_REPEAT_SECONDS` ago is forgotten (it would be said at its next
 failure anyway; only its count of unsaid rounds goes): a few callers name a run in what they were doing, and an
-outage met by thousands of runs kept an entry for each, for the process's life."""
+outage met by thousands of runs kept an entry for each, for the process's life. Looked for again only once the
+entries have doubled since, so that a look costs no more than the entries added before it."""
+_outage_said_prune_at = _OUTAGE_SAID_KEPT
+
+
+def _forget_what_was_said_long_ago(now: float) -> None:
+    """Under `_outage_said_lock`."""
+    global _outage_said_prune_at
+    for stale in [key for key, (at, _) in _outage_said.items() if now - at >= OUTAGE_REPEAT_SECONDS]:
+        del _outage_said[stale]
+    _outage_said_prune_at = max(_OUTAGE_SAID_KEPT, 2 * len(_outage_said))
 
 
 def said_again(source: str, doing: str, counted: str = "rounds") -> str | None:
@@ -63,9 +73,8 @@ def said_again(source: str, doing: str, counted: str = "rounds") -> str | None:
         if now - said_at < OUTAGE_REPEAT_SECONDS:
             _outage_said[key] = (said_at, unsaid + 1)
             return None
-        if len(_outage_said) >= _OUTAGE_SAID_KEPT:
-            for stale in [k for k, (at, _) in _outage_said.items() if now - at >= OUTAGE_REPEAT_SECONDS]:
-                del _outage_said[stale]
+        if len(_outage_said) >= _outage_said_prune_at:
+            _forget_what_was_said_long_ago(now)
         _outage_said[key] = (now, 0)
     return f"; {unsaid} more {counted} failed alike since this was last said" if unsaid else ""
 

@@ -18,11 +18,13 @@ worker is over (`end_stops_of_gone_holders`), 20 s after the dead worker's last 
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta
 from functools import cache
 
 import redis
 from sqlalchemy import ColumnElement, DateTime, Table, and_, bindparam, select
+from sqlalchemy.orm import Session
 
 from app.claims import lease_over
 from app.clock import lease_now
@@ -36,6 +38,8 @@ from app.silent_holders import renewed_by, runs_of_gone_holders
 from app.turn_status import STOPPED, TurnStatus
 from app.unheld_ends import end_unheld, turn_ids_where
 from app.worker_presence import WorkerState, live_workers
+
+log = logging.getLogger(__name__)
 
 
 def _stopped_unheld(turns: Table, messages: Table) -> ColumnElement[bool]:
@@ -93,16 +97,27 @@ def _stopped_silent_turns() -> Prepared:
 
 def end_stops_of_gone_holders(only: int | None = None) -> list[int]:
     """End, `cancelled`, each stopped turn whose worker has gone silent and left the workers' list (both signs, as
-    the recovery sweep reads them: `app.silent_holders`), at once, its lease revoked in the end's transaction,
-    rather than when another worker takes it over (with none running, a lease after its lease ran out);
-    `only` restricts the look to one turn (a stop's own answer). The ids it ended."""
+    the recovery sweep reads them: `app.silent_holders`), at once rather than when another worker takes it over
+    (with none running, a lease after its lease ran out); `only` restricts the look to one turn (a stop's own
+    answer). Each end first runs the lease out in its transaction, if still unrenewed (`RunKind.end_lease_now`):
+    a holder that renewed since the look keeps its turn, and ends it itself. The ids it ended."""
     with transaction() as session:
         now = lease_now(session)
-        rows = _stopped_silent_turns()(session, {"now": now, "renewed_by": renewed_by(now)}).rows
-    silent = [row for row in rows if only is None or row[0] == only]
+        bound = renewed_by(now)
+        rows = _stopped_silent_turns()(session, {"now": now, "renewed_by": bound}).rows
+    silent = [row for row in rows if only is None or row.assistant_message_id == only]
     gone = runs_of_gone_holders(silent) if silent else set()
-    tokens = {row[0]: row.lease_token for row in silent if row[0] in gone}
-    return end_unheld(TURN, tokens, STOPPED, "stopped, its worker gone from the workers' list", revoking=tokens)
+    tokens = {row.assistant_message_id: row.lease_token for row in silent if row.assistant_message_id in gone}
+
+    def taking_lease(unit: Session, turn_id: int) -> bool:
+        return TURN.end_lease_now(unit, turn_id, tokens[turn_id], now, unrenewed_before=bound)
+
+    ended = end_unheld(TURN, tokens, STOPPED, "stopped, its worker gone from the workers' list",
+                       taking_lease=taking_lease)
+    for turn_id in ended:
+        log.warning("turn %s was stopped while the worker holding it had left the workers' list and gone silent: "
+                    "ended cancelled with the text it had streamed, unpaid", turn_id)
+    return ended
 
 
 def end_stopped_turns(turn_ids: list[int]) -> list[int]:

@@ -15,7 +15,7 @@ run since the look, or another process ending it at once, changes nothing twice.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -151,16 +151,15 @@ def abandon(kind: RunKind, ident: int, reason: str, *, pending_before: datetime 
 
 def end_unheld(kind: RunKind, idents: Iterable[int], reason: str, found: str, *,
                pending_before: datetime | None = None, deadline_before: datetime | None = None,
-               revoking: Mapping[int, str] | None = None) -> list[int]:
+               taking_lease: Callable[[Session, int], bool] | None = None) -> list[int]:
     """End each run of `kind` (`abandon`) if its lock finds it still as the look `found` it (pending since before
-    `pending_before`, or processing past a deadline before `deadline_before`); the ids it ended. A run of
-    `revoking` has the lease of the token given there (a gone holder's) revoked first, in the same transaction,
-    and is left alone if that token no longer holds it. One that cannot be ended now (the database away for a
-    moment) is left to the next look, and the others are still ended."""
+    `pending_before`, or processing past a deadline before `deadline_before`); the ids it ended. With
+    `taking_lease`, each end first takes the run's lease from its holder in the same transaction, and is called off
+    when that fails (the holder renewed it, or another delivery holds it now). One that cannot be ended now (the
+    database away for a moment) is left to the next look, and the others are still ended."""
     ended = []
     for ident in idents:
-        token = None if revoking is None else revoking.get(ident)
-        unless = None if token is None else _unless_revoked(kind, ident, token)
+        unless = None if taking_lease is None else _unless_taken(taking_lease, ident)
         try:
             if abandon(kind, ident, reason, pending_before=pending_before, deadline_before=deadline_before,
                        unless=unless):
@@ -170,9 +169,10 @@ def end_unheld(kind: RunKind, idents: Iterable[int], reason: str, found: str, *,
     return ended
 
 
-def _unless_revoked(kind: RunKind, ident: int, token: str) -> Callable[[Session], bool]:
-    """An end's `unless` that revokes lease `token` on the run, and calls the end off when it no longer held it."""
-    return lambda session: not kind.revoke_lease(session, ident, token)
+def _unless_taken(taking_lease: Callable[[Session, int], bool], ident: int) -> Callable[[Session], bool]:
+    """An end's `unless` (asked first in its transaction) that takes the run's lease, and calls the end off when
+    it could not."""
+    return lambda session: not taking_lease(session, ident)
 
 
 __all__ = ["UnownedEnd", "abandon", "abandon_debug_run", "abandon_turn", "announce_unowned_end", "end_unheld",

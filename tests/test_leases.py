@@ -7,7 +7,7 @@ import time
 import uuid
 from contextlib import ExitStack
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 from sqlalchemy import select, text, update
@@ -24,7 +24,7 @@ from app.turn_status import TurnStatus
 from tests.support import SilentServer, wait_for
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Sequence
 
     import redis
 
@@ -337,7 +337,6 @@ def test_a_settlement_whose_commits_reply_was_lost_is_not_taken_for_a_lost_lease
     from collections.abc import Iterator
     from contextlib import contextmanager
     from decimal import Decimal
-    from typing import Any
 
     import psycopg
     import sqlalchemy.exc
@@ -963,6 +962,35 @@ def test_a_stop_of_a_turn_whose_worker_went_silent_and_left_the_list_ends_it_at_
              for turn in (dead, alive)}
     assert stops == {dead.turn_id: "cancelled", alive.turn_id: "processing"}
     assert (_turn_lease(dead.turn_id)[0], _turn_lease(alive.turn_id)[0]) == (None, f"{listed}.g7")
+
+
+def test_a_stopped_turns_lease_renewed_after_the_look_for_gone_workers_is_left_to_its_holder(
+        world: World, swept_once: None, redis_client: redis.Redis, settings_of: Callable[..., None],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The look reads the silent stopped turns, then asks Redis for their holders, then ends each: a holder that
+    came back and renewed in between (frozen, or cut off from both) kept its token, and a revoke by the token alone
+    took its turn, ended unpaid, though it was alive to end it and be paid. The end runs the lease out only if it
+    is still unrenewed."""
+    import app.stop_bound
+    from app.worker_presence import listed_since_key
+
+    settings_of(AGENTQ_LEASE_SECONDS="30")
+    redis_client.set(listed_since_key(), cast(tuple[int, int], redis_client.time())[0] - 60)
+    token = f"{uuid.uuid4().hex}.r1"
+    turn = _processing_turn(world, token)
+    _lease_left(turn.turn_id, 5)
+    with transaction() as session:
+        session.execute(update(Turn).where(Turn.assistant_message_id == turn.turn_id)
+                        .values(cancel_requested_at=utc_now()))
+    asked = app.stop_bound.runs_of_gone_holders
+
+    def renewed_meanwhile(silent: Sequence[Any]) -> set[int]:
+        _lease_left(turn.turn_id, 30)  # the holder's renewal, between the look's read and its end
+        return asked(silent)
+
+    monkeypatch.setattr(app.stop_bound, "runs_of_gone_holders", renewed_meanwhile)
+    assert (app.stop_bound.end_stops_of_gone_holders(only=turn.turn_id), _turn_lease(turn.turn_id)) == (
+        [], (token, 0, "processing"))
 
 
 def test_a_processing_run_whose_lease_was_revoked_with_no_expiry_is_sent_again(

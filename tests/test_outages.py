@@ -184,6 +184,7 @@ def test_what_was_said_of_outages_long_ago_is_forgotten_once_many_loops_said_one
     long_ago, lately = time.monotonic() - OUTAGE_REPEAT_SECONDS - 1, time.monotonic()
     said = {("agentq.test", f"ending turn {run}"): (long_ago, 2) for run in range(_OUTAGE_SAID_KEPT - 1)}
     monkeypatch.setattr(app.failure_logs, "_outage_said", {**said, ("agentq.test", "a sweep"): (lately, 0)})
+    monkeypatch.setattr(app.failure_logs, "_outage_said_prune_at", _OUTAGE_SAID_KEPT)
     assert said_again("agentq.test", "ending turn -1") == ""
     assert set(app.failure_logs._outage_said) == {("agentq.test", "a sweep"), ("agentq.test", "ending turn -1")}
 
