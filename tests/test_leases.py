@@ -964,6 +964,41 @@ def test_a_stop_of_a_turn_whose_worker_went_silent_and_left_the_list_ends_it_at_
     assert (_turn_lease(dead.turn_id)[0], _turn_lease(alive.turn_id)[0]) == (None, f"{listed}.g7")
 
 
+def test_an_api_processs_look_ends_a_gone_workers_stopped_turn_with_the_text_it_streamed_unpaid(
+        world: World, swept_once: None, redis_client: redis.Redis, settings_of: Callable[..., None]) -> None:
+    """A stop that came while the worker was still listed was answered `processing`; once the worker has left the
+    list and gone silent, an API process's look ends the turn `cancelled` with the text the dead worker had
+    streamed, unpaid, and records that call as `interrupted` (the provider bills it), where it waited for a
+    takeover (with no worker running, a lease after its lease ran out)."""
+    import json
+
+    from app.live_stream import stream_key
+    from app.models import CreditTransaction
+    from app.stop_bound import end_stops_of_gone_holders
+    from app.worker_presence import listed_since_key
+
+    settings_of(AGENTQ_LEASE_SECONDS="30")
+    redis_client.set(listed_since_key(), cast(tuple[int, int], redis_client.time())[0] - 60)
+    turn = _processing_turn(world, f"{uuid.uuid4().hex}.h8", model="streamed-then-gone")  # its delivery 2
+    _lease_left(turn.turn_id, 5)
+    with transaction() as session:
+        session.execute(update(Turn).where(Turn.assistant_message_id == turn.turn_id)
+                        .values(cancel_requested_at=utc_now()))
+    redis_client.xadd(stream_key(turn.turn_id), {
+        "type": "status", "a": 200, "data": json.dumps({"status": "processing", "model": "streamed-then-gone"})})
+    redis_client.xadd(stream_key(turn.turn_id), {"type": "delta", "a": 200, "o": 0, "data": "half an answer"})
+
+    assert end_stops_of_gone_holders() == [turn.turn_id]
+    with transaction() as session:
+        answer = session.get_one(ConversationMessage, turn.turn_id)
+        assert (answer.status, answer.content, answer.model) == ("cancelled", "half an answer", "streamed-then-gone")
+        charges = session.scalars(select(CreditTransaction.id).where(CreditTransaction.message_id == turn.turn_id))
+        assert charges.all() == []
+        attempts = session.execute(select(ModelAttempt.delivery, ModelAttempt.model_name, ModelAttempt.outcome)
+                                   .where(ModelAttempt.message_id == turn.turn_id)).all()
+    assert [tuple(attempt) for attempt in attempts] == [(2, "streamed-then-gone", "interrupted")]
+
+
 def test_a_stopped_turns_lease_renewed_after_the_look_for_gone_workers_is_left_to_its_holder(
         world: World, swept_once: None, redis_client: redis.Redis, settings_of: Callable[..., None],
         monkeypatch: pytest.MonkeyPatch) -> None:
