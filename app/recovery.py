@@ -73,7 +73,7 @@ from app.prepared import Prepared
 from app.redis_client import get_redis
 from app.redis_epoch import leave_sweep_mark, mark_epoch, redis_at_sweep
 from app.run_kinds import DEBUG_RUN, TURN, RunKind
-from app.silent_holders import end_silent_lease, renewed_by, runs_of_gone_holders
+from app.silent_holders import end_silent_lease, renewed_by, runs_of_gone_holders, silent_lease
 from app.takeover_gate import TakeoverGate
 from app.turn_status import TurnStatus
 
@@ -143,8 +143,7 @@ def _due(status: Any, enqueued_at: Any, created_at: Any, lease_token: Any, lease
     held = not_(lease_not_held(lease_token, lease_expires_at, now))
     overdue = and_(processing, held, deadline_at < now) if take_over else false()
     expired = and_(processing, over, not_just_sent) if take_over else false()
-    silent = and_(processing, held, lease_expires_at < bindparam("renewed_by", type_=DateTime(timezone=True))) \
-        if take_over else false()
+    silent = and_(processing, silent_lease(lease_token, lease_expires_at, now)) if take_over else false()
     due = or_(and_(pending, unsent), expired, overdue, silent)
     past_deadline = unheld_past_deadline(status, lease_token, lease_expires_at, deadline_at) if take_over else false()
     return _Conditions(due=or_(due, handed_over) if redis_lost else due, overdue=overdue,

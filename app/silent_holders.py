@@ -24,7 +24,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import redis
+from sqlalchemy import ColumnElement, DateTime, and_, bindparam, not_
+from sqlalchemy.orm import Session
 
+from app.claims import lease_not_held
 from app.config import get_settings
 from app.db import transaction
 from app.lease_tokens import holder_of
@@ -49,6 +52,15 @@ def renewed_by(now: datetime) -> datetime:
     return now + timedelta(seconds=get_settings().lease_seconds - holder_silence_seconds())
 
 
+def silent_lease(lease_token: ColumnElement[str | None], lease_expires_at: ColumnElement[datetime | None],
+                 now: ColumnElement[datetime]) -> ColumnElement[bool]:
+    """A lease still held (`app.claims.lease_not_held`, negated) that expires before the `renewed_by` parameter
+    (`renewed_by`): unrenewed for `holder_silence_seconds`. The recovery sweep's and the stop look's rule
+    (`app.stop_bound`)."""
+    return and_(not_(lease_not_held(lease_token, lease_expires_at, now)),
+                lease_expires_at < bindparam("renewed_by", type_=DateTime(timezone=True)))
+
+
 def runs_of_gone_holders(silent: Sequence[Any]) -> set[int]:
     """Of the `silent` rows (a run's id first, its `lease_token`), the runs whose holder has left the workers' list
     (one read of Redis for them all); none while Redis does not answer or the list is not yet whole, and none of
@@ -63,11 +75,17 @@ def runs_of_gone_holders(silent: Sequence[Any]) -> set[int]:
     return set() if absent is None else {ident for ident, holder in holders.items() if holder in absent}
 
 
+def take_silent_lease(unit: Session, kind: RunKind, ident: int, token: str, now: datetime) -> bool:
+    """In the caller's transaction: run out, at `now`, the lease `token` holds on the run if it is still unrenewed
+    (`RunKind.end_lease_now`); False when its holder renewed it since it was judged silent, or another process
+    ended it first."""
+    return kind.end_lease_now(unit, ident, token, now, unrenewed_before=renewed_by(now))
+
+
 def end_silent_lease(kind: RunKind, ident: int, token: str, now: datetime) -> bool:
-    """End, at `now`, the lease `token` holds on the run if it is still unrenewed: False when its holder renewed it
-    meanwhile, or another sweeper ended it first."""
+    """`take_silent_lease` in a transaction of its own, for the recovery sweep, which then sends the run again."""
     with transaction() as session:
-        ended = kind.end_lease_now(session, ident, token, now, unrenewed_before=renewed_by(now))
+        ended = take_silent_lease(session, kind, ident, token, now)
     if ended:
         log.warning("%s %s: the worker process holding it left the workers' list and has not renewed its lease for "
                     "%g s or more; its lease is ended now and it is sent again", kind.label, ident,
@@ -75,4 +93,5 @@ def end_silent_lease(kind: RunKind, ident: int, token: str, now: datetime) -> bo
     return ended
 
 
-__all__ = ["end_silent_lease", "holder_silence_seconds", "renewed_by", "runs_of_gone_holders"]
+__all__ = ["end_silent_lease", "holder_silence_seconds", "renewed_by", "runs_of_gone_holders", "silent_lease",
+           "take_silent_lease"]

@@ -12,8 +12,8 @@ keeping the text the dead worker streamed, unpaid; each end judged again under t
 (`app.unheld_ends.abandon`), so a delivery that took the turn over since the look is left to end it.
 
 Sooner, whether or not a worker runs: a stopped turn whose worker has left the workers' list and gone silent
-(`app.silent_holders`) is ended the same way by that loop, and by the stop's own answer once its wait for the
-worker is over (`end_stops_of_gone_holders`), 20 s after the dead worker's last renewal with the default lease.
+(`app.silent_holders`) is ended the same way by that loop, and by the stop's own answer before it waits for the
+worker (`end_stops_of_gone_holders`), 20 s after the dead worker's last renewal with the default lease.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from app.in_flight import answer_in_flight
 from app.models import ConversationMessage, Turn, table
 from app.prepared import Prepared
 from app.run_kinds import TURN
-from app.silent_holders import renewed_by, runs_of_gone_holders
+from app.silent_holders import renewed_by, runs_of_gone_holders, silent_lease, take_silent_lease
 from app.turn_status import STOPPED, TurnStatus
 from app.unheld_ends import end_unheld, turn_ids_where
 from app.worker_presence import WorkerState, live_workers
@@ -86,13 +86,12 @@ def _stopped_silent_turns() -> Prepared:
     before `renewed_by`: `app.silent_holders`), with their tokens. A lease that ran out is the other look's, and
     the recovery sweep's."""
     turns, messages = table(Turn), table(ConversationMessage)
-    expires = turns.c.lease_expires_at
+    now = bindparam("now", type_=DateTime(timezone=True))
     return Prepared(select(turns.c.assistant_message_id, turns.c.lease_token)
                     .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
                     .where(answer_in_flight(messages), messages.c.status == TurnStatus.PROCESSING.value,
-                           turns.c.cancel_requested_at.is_not(None), turns.c.lease_token.is_not(None),
-                           expires > bindparam("now", type_=DateTime(timezone=True)),
-                           expires < bindparam("renewed_by", type_=DateTime(timezone=True))))
+                           turns.c.cancel_requested_at.is_not(None),
+                           silent_lease(turns.c.lease_token, turns.c.lease_expires_at, now)))
 
 
 def end_stops_of_gone_holders(only: int | None = None) -> list[int]:
@@ -103,14 +102,13 @@ def end_stops_of_gone_holders(only: int | None = None) -> list[int]:
     a holder that renewed since the look keeps its turn, and ends it itself. The ids it ended."""
     with transaction() as session:
         now = lease_now(session)
-        bound = renewed_by(now)
-        rows = _stopped_silent_turns()(session, {"now": now, "renewed_by": bound}).rows
+        rows = _stopped_silent_turns()(session, {"now": now, "renewed_by": renewed_by(now)}).rows
     silent = [row for row in rows if only is None or row.assistant_message_id == only]
-    gone = runs_of_gone_holders(silent) if silent else set()
+    gone = runs_of_gone_holders(silent)
     tokens = {row.assistant_message_id: row.lease_token for row in silent if row.assistant_message_id in gone}
 
     def taking_lease(unit: Session, turn_id: int) -> bool:
-        return TURN.end_lease_now(unit, turn_id, tokens[turn_id], now, unrenewed_before=bound)
+        return take_silent_lease(unit, TURN, turn_id, tokens[turn_id], now)
 
     ended = end_unheld(TURN, tokens, STOPPED, "stopped, its worker gone from the workers' list",
                        taking_lease=taking_lease)
