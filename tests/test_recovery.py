@@ -230,6 +230,32 @@ def test_a_dead_workers_turn_is_taken_over_once_it_left_the_list_not_when_its_le
     print(f"\ntakeover {taken_after:.2f}s after SIGKILL, {float(lease_left):.1f}s of the dead lease left then")
 
 
+def test_a_stop_of_a_turn_whose_killed_worker_left_the_list_and_went_silent_is_answered_cancelled() -> None:
+    """With the default 30 s lease and no worker left: a stop of a turn whose worker was SIGKILLed was answered
+    `processing`, and the turn stayed so until a lease after its lease ran out. Once the worker has left the
+    workers' list and its lease has gone 20 s unrenewed, the stop's own answer is the turn `cancelled`, with the
+    text the dead worker streamed, unpaid, its call recorded as `interrupted`."""
+    with stack_on_shared_redis("gone-stop", AGENTQ_LEASE_SECONDS="30") as stack:
+        stack.init().start_web()
+        worker = stack.start_worker(restart=False)
+        _, key = stack.user("stopped-after-its-worker")
+        agent_id = slow_agent(stack, "gone-stop-model", "echo;words=60;gap=0.1")
+        turn = stack.send(key, stack.conversation(key, agent_id), "stop me once my worker is gone")
+        wait_for(lambda: len(streamed_by(stack, turn["id"], 100).split()) >= 3, what="the first words")
+        worker.kill_group()
+        streamed = streamed_by(stack, turn["id"], 100)
+        wait_for(lambda: stack.sql("SELECT lease_expires_at < now() + interval '10 seconds' FROM turns "
+                                   "WHERE assistant_message_id = %(id)s", {"id": turn["id"]}) == [(True,)],
+                 timeout=40, interval=0.2, what="the dead worker's lease to go 20 s unrenewed")
+
+        stopped = stack.call("POST", f"/api/messages/{turn['id']}/cancel", key)
+        assert stopped.status_code == 202
+        assert (stopped.json()["status"], stopped.json()["content"], charges(stack, turn["id"])) == (
+            "cancelled", streamed, 0)
+        assert stack.sql("SELECT delivery, outcome FROM model_attempts WHERE message_id = %(id)s",
+                         {"id": turn["id"]}) == [(1, "interrupted")]
+
+
 def test_a_turn_taken_over_from_a_dead_worker_runs_as_things_stand_at_the_takeover(stack: Stack) -> None:
     """Two turns in the hands of a worker that is killed (one kill, one takeover, for both cases).
 
