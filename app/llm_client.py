@@ -16,6 +16,7 @@ CPU for a streamed answer (`make bench`, floor (b) against floor (b')).
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -35,6 +36,8 @@ from app.turn_status import STOPPED
 from app.upstream_clients import EndpointUnusable, client_for
 from app.upstream_transport import guarding
 
+log = logging.getLogger(__name__)
+
 CONNECT_TIMEOUT_SECONDS = 10.0
 """The most a new connection's TCP connect (and TLS handshake) may take, within the attempt's own timeout."""
 
@@ -42,6 +45,12 @@ FINISHED_STREAM_GRACE_SECONDS = 2.0
 """How long the end of a stream whose answer is finished (its `finish_reason` seen) may take to arrive: the
 usage chunk and `[DONE]` follow at once from a healthy provider, and one that then holds the stream open
 must not turn a whole answer into a timeout and a second, fallback, call."""
+
+ANSWER_CHARS_PER_TOKEN = 128
+"""The most characters an answer may bring for each token its request allowed, far past what any tokenizer puts
+in one token: only a provider that ignored `max_tokens` (or an endpoint that is no model) sends more, and the
+answer is cut there, as a model's own limit cuts it, so that a worker's memory, the live stream and the stored
+answer stay bounded however long the stream runs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +138,7 @@ def stream_chat(
         body["temperature"] = temperature
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
-    with _Attempt(timeout_seconds, stop) as attempt:
+    with _Attempt(timeout_seconds, stop, max_tokens) as attempt:
         try:
             with guarding(attempt.watch):
                 stream = open_chat_stream(client_for(target), body,
@@ -142,6 +151,10 @@ def stream_chat(
         try:
             for chunk in stream:
                 attempt.take(chunk, on_delta)
+                if attempt.cut:
+                    log.warning("model %s sent more than %s characters, past the %s tokens its request allowed: "
+                                "the answer is cut there", target.name, attempt.room, max_tokens)
+                    break
             attempt.release_held(on_delta)
             attempt.check_finished()
         except AttemptFailed:
@@ -171,11 +184,16 @@ class _Attempt:
     (the stop or the watchdog shut its socket, and a read then failed or ended). Its watch (the deadline,
     the stop) is kept until the attempt's block ends, however it ends."""
 
-    def __init__(self, timeout_seconds: float, stop: threading.Event) -> None:
+    def __init__(self, timeout_seconds: float, stop: threading.Event, max_tokens: int | None) -> None:
         self.started = time.monotonic()
         self.timeout_seconds = timeout_seconds
         self.connect_seconds = min(timeout_seconds, CONNECT_TIMEOUT_SECONDS)
         self.parts: list[str] = []
+        self.length = 0
+        self.room = None if max_tokens is None else max_tokens * ANSWER_CHARS_PER_TOKEN
+        """The answer's most characters (`ANSWER_CHARS_PER_TOKEN`); None: unbounded."""
+        self.cut = False
+        """The answer reached `room` and ends there: the rest of the stream is not read."""
         self.held = ""
         """Half of a surrogate pair that ended the last piece, until the next piece brings the other half."""
         self.first_token_ms: int | None = None
@@ -256,6 +274,8 @@ class _Attempt:
         for piece in texts:
             if text := self._storable(piece):
                 self._add(text, on_delta)
+            if self.cut:
+                return
         if finish is not None and not self.finished:
             if (unanswered := self._not_an_answer(finish)) is not None:
                 raise self.failed(FailureKind.BAD_RESPONSE, unanswered, said=f"finish_reason {finish}")
@@ -289,9 +309,15 @@ class _Attempt:
         return storable(text)
 
     def _add(self, text: str, on_delta: Callable[[str], None]) -> None:
+        if self.room is not None and self.length + len(text) > self.room:
+            text, self.held = text[:self.room - self.length], ""
+            self.cut = self.finished = True
+        if not text:
+            return
         if self.first_token_ms is None:
             self.first_token_ms = self._elapsed_ms()
         self.parts.append(text)
+        self.length += len(text)
         on_delta(text)
 
     def release_held(self, on_delta: Callable[[str], None]) -> None:

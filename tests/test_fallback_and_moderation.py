@@ -220,6 +220,28 @@ def test_a_refusal_the_model_streams_is_its_answer(world: World, canned: CannedU
         "success", "I can't help with that.", 12, 6)
 
 
+def test_an_answer_far_past_the_tokens_its_request_allowed_is_cut_at_its_bound(world: World,
+                                                                              canned: CannedUpstream) -> None:
+    """A provider that ignores `max_tokens` (or an endpoint that is no model) streamed an answer as long as it
+    liked, all of it held in the worker, streamed and stored: it is cut at 128 characters a token allowed and
+    ends there, charged at the tokens allowed, the rest of the stream unread (its usage report with it)."""
+    piece = "abcdefghij" * 10
+    canned.answers["endless"] = CannedUpstream.stream(
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+        *({"choices": [{"index": 0, "delta": {"content": piece}}]} for _ in range(100)),
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 4}})
+    agent_id = world.agent(world.model("endless-model", upstream="endless", base_url=canned.base_url), max_tokens=4)
+    _, key = world.user(balance="10")
+    done = world.wait_terminal(key, world.send(key, world.conversation(key, agent_id)).json["assistant_message"]["id"])
+    prompt = estimate_tokens_of_messages(canned.requests[0]["messages"])
+    cost = token_cost(prompt, 4, Decimal("0.001"), Decimal("0.002"))
+    assert (done["status"], done["content"], done["prompt_tokens"], done["completion_tokens"], done["cost"]) == (
+        "success", (piece * 6)[:512], prompt, 4, f"{cost:.6f}")
+    assert attempts(done["id"]) == [("endless-model", "success")]
+    assert world.api.get("/api/me", key).json["balance"] == f"{Decimal(10) - cost:.6f}"
+
+
 @pytest.mark.parametrize(("answer", "said", "kept"), [
     (_answer("The first half", finish="content_filter"),
      "the provider's content filter stopped the answer: finish_reason content_filter", "The first half\n\n"),
