@@ -7,10 +7,16 @@ from __future__ import annotations
 from app.config import get_settings
 
 
+def namespaced(name: str) -> str:
+    """A key under the broker namespace, `<namespace>:<name>`: the broker's own, and agentq's that go with its
+    messages (`app.dispatch.receipt_key`), so that one namespace is one deployment's whole broker state."""
+    return f"{get_settings().broker_namespace}:{name}"
+
+
 def broker_key(queue: str, suffix: str = "") -> str:
     """The Redis broker's key for a queue, `<namespace>:<queue>` (its list of messages waiting), and its other
     keys by their suffix (below)."""
-    return f"{get_settings().broker_namespace}:{queue}{suffix}"
+    return namespaced(f"{queue}{suffix}")
 
 
 def delayed_bodies_key(queue: str) -> str:

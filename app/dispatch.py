@@ -23,6 +23,7 @@ import dramatiq
 from dramatiq import Message
 from redis.client import Pipeline
 
+from app.broker_keys import namespaced
 from app.config import get_settings
 from app.failure_logs import warn_of_sparingly
 from app.models.base import as_utc
@@ -47,7 +48,7 @@ def message_id(actor: str, ident: int, enqueued_at: datetime) -> str:
 
 
 def receipt_key(message: str) -> str:
-    return f"{get_settings().broker_namespace}:sent:{message}"
+    return namespaced(f"sent:{message}")
 
 
 def receipt_key_of_send(actor: str, ident: int, enqueued_at: datetime) -> str:

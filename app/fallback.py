@@ -10,12 +10,14 @@ way. The primary's failure stays in sight: its attempt is recorded with its kind
 WARNING naming the fallback, and counted (`agentq_fallbacks_total`). Nothing switches after a stop, with no
 time left before the run's deadline, or once the run is no longer this delivery's. The calls themselves are
 `app.model_calls`; the claim bounds a delivery by `most_calls`, and a dead delivery's calls are recorded in
-`attempt_order`. This module imports nothing heavy, so that the API's processes, which judge a run's bounds
-and record a dead worker's calls, never load the HTTP client for it.
+`attempt_order`. This module owns the policy's decisions (`attempt_order`, `attempt_seconds`, `switches_after`);
+`app.model_calls.call_with_fallback` follows them. It imports nothing heavy, so that the API's processes, which
+judge a run's bounds and record a dead worker's calls, never load the HTTP client for it.
 """
 
 from __future__ import annotations
 
+from app.failure_kinds import FailureKind
 from app.model_target import ModelTarget
 
 
@@ -32,3 +34,16 @@ def attempt_order(primary: ModelTarget, fallback: ModelTarget | None, *,
 def most_calls(*, has_fallback: bool) -> int:
     """How many models a run calls at most (`attempt_order`): its deadline gives each call a whole timeout."""
     return 2 if has_fallback else 1
+
+
+def attempt_seconds(timeout_seconds: float, ends_by: float | None, now: float) -> float:
+    """How long the next attempt may take: the agent's timeout, at most what is left of the delivery's model
+    time before its run's deadline (`ends_by`, on the same clock as `now`; None: no deadline). Nothing left
+    (zero or less) means no attempt: the deadline bounds the whole run, each call within it."""
+    return timeout_seconds if ends_by is None else min(timeout_seconds, round(ends_by - now, 3))
+
+
+def switches_after(failure: FailureKind) -> bool:
+    """Whether a failed attempt lets the run call its next model: every failure does but a stop, which ends
+    the run's calls (the module's docstring says why a refusal switches too)."""
+    return failure is not FailureKind.CANCELLED

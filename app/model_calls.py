@@ -20,8 +20,7 @@ from app.agent_setup import AgentParams
 from app.answer_sink import AnswerSink
 from app.attempts import AttemptRecord
 from app.config import get_settings
-from app.failure_kinds import FailureKind
-from app.fallback import attempt_order
+from app.fallback import attempt_order, attempt_seconds, switches_after
 from app.llm_client import AttemptFailed, Completion, stream_chat
 from app.model_target import ModelTarget
 from app.token_estimates import estimate_answer_tokens, estimate_tokens_of_messages
@@ -122,8 +121,7 @@ def call_with_fallback(
             outcome.cancelled = True
             outcome.note(f"{target.name}: cancelled before the call")
             return outcome
-        timeout = params.timeout_seconds if ends_by is None else min(params.timeout_seconds,
-                                                                      round(ends_by - time.monotonic(), 3))
+        timeout = attempt_seconds(params.timeout_seconds, ends_by, time.monotonic())
         if timeout <= 0:
             outcome.note(f"{target.name}: not called, no time left before the run's deadline")
             return outcome
@@ -136,7 +134,7 @@ def call_with_fallback(
                                      on_delta=sink.delta, stop=stop)
         except AttemptFailed as failure:
             _record_failure(outcome, target, failure, messages, max_tokens)
-            if failure.kind is FailureKind.CANCELLED:  # a stop ends the run's calls; every failure switches
+            if not switches_after(failure.kind):  # a stop: the run's calls end there, cancelled
                 outcome.cancelled = True
                 outcome.stopped_call = outcome.attempts[-1] if failure.partial else None
                 return outcome

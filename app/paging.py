@@ -27,6 +27,12 @@ def page_of(rows: list[Row], limit: int, cursor: Callable[[Row], Cursor]) -> tup
 LARGEST_PAGE = 500
 """The most rows a client may ask a page of a long list (the ledger, the dead letters) to hold."""
 
+LARGEST_CONVERSATION_PAGE = 100
+"""The most conversations a page of a user's list holds: each is read with its activity, for a chat sidebar."""
+
+LARGEST_LOG_PAGE = 200
+"""The most rows a page of an admin's logs holds (test runs, failed turns), each with its text."""
+
 PAGE_OF_A_WHOLE_LIST = 500
 """How many rows `every_row` reads at a time."""
 

@@ -24,7 +24,7 @@ class IdConverter(IntegerConverter):
     (PATCH /api/admin/models/0). Ids come from sequences that start at 1, which would need 10**18 rows to
     reach the bound."""
 
-    regex = r"[1-9][0-9]{0,17}"
+    regex = f"[1-9][0-9]{{0,{len(str(LARGEST_PATH_ID)) - 1}}}"
 
     def __init__(self, url_map: Any) -> None:
         super().__init__(url_map, min=1, max=LARGEST_PATH_ID)

@@ -28,7 +28,7 @@ from app.models.catalog import (
     TIMEOUT_SECONDS_RANGE,
 )
 from app.money import written_plainly
-from app.paging import LARGEST_PAGE
+from app.paging import LARGEST_CONVERSATION_PAGE, LARGEST_LOG_PAGE, LARGEST_PAGE
 from app.text import unstorable
 
 
@@ -228,7 +228,7 @@ class Query(CachedSchemaModel):
 
 
 class PageQuery(Query):
-    limit: Annotated[int, Field(ge=1, le=100)] = 20
+    limit: Annotated[int, Field(ge=1, le=LARGEST_CONVERSATION_PAGE)] = 20
     cursor: Annotated[str | None, Field(max_length=500)] = None
 
 
@@ -240,7 +240,7 @@ class LedgerQuery(Query):
 
 class DebugLogQuery(Query):
     agent_id: Annotated[int | None, Field(ge=1, le=LARGEST_ID)] = None
-    limit: Annotated[int | None, Field(ge=1, le=200)] = None
+    limit: Annotated[int | None, Field(ge=1, le=LARGEST_LOG_PAGE)] = None
     """Without it, every log (the contract's shape); with it, a page and its `next_before_id`."""
     before_id: Annotated[int | None, Field(ge=1, le=LARGEST_ID)] = None
 
@@ -254,7 +254,7 @@ class DeadLetterQuery(Query):
 
 class FailureQuery(Query):
     hours: Annotated[float, Field(gt=0, le=24 * 365)] = 24
-    limit: Annotated[int, Field(ge=1, le=200)] = 20
+    limit: Annotated[int, Field(ge=1, le=LARGEST_LOG_PAGE)] = 20
 
 
 class DebugCostQuery(Query):
