@@ -123,8 +123,9 @@ class _Conditions:
     too (`app.silent_holders`)."""
 
 
-def _due(status: Any, enqueued_at: Any, created_at: Any, lease_token: Any, lease_expires_at: Any, deadline_at: Any,
-         *, redis_lost: bool, take_over: bool) -> _Conditions:
+def _due(status: ColumnElement[str], enqueued_at: ColumnElement[datetime | None], created_at: ColumnElement[datetime],
+         lease_token: ColumnElement[str | None], lease_expires_at: ColumnElement[datetime | None],
+         deadline_at: ColumnElement[datetime | None], *, redis_lost: bool, take_over: bool) -> _Conditions:
     """The five cracks as conditions on a run's columns (a turn's, or an admin test run's), so the
     database returns only what is due, or due unless Redis holds its send's receipt; without `take_over`,
     no run held by a lease (expired or overdue) is."""
