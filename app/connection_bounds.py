@@ -223,7 +223,8 @@ def count_lost_connections(engine: Engine) -> None:
 
 
 def bound_server_answers(engine: Engine) -> None:
-    """Make the engine's new connections `AnswerBoundConnection`s."""
+    """Every connection the engine opens waits a bounded time for its server's answers
+    (`AnswerBoundConnection`): a pool's connection is made here, whoever asks for it."""
 
     @event.listens_for(engine, "do_connect")
     def _connect(_dialect: Dialect, _record: ConnectionPoolEntry, cargs: tuple[Any, ...],

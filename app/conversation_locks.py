@@ -119,7 +119,9 @@ def _stale_turn_owner(owner: str) -> bool:
 
 
 def _forget_idle_slots(user_id: int) -> None:
-    """Drop slots of conversations the database says are idle."""
+    """Drop the user's slots that the database, which decides the limit, says no turn holds: a slot whose
+    holder died before its release would otherwise refuse the user's turns (a 429 the database does not
+    confirm) until it runs out."""
     with transaction() as session:
         active = {str(cid) for cid in active_conversation_ids(session, user_id)}
     client = get_redis()

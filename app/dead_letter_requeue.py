@@ -152,7 +152,8 @@ def _send(row: DeadLetter) -> None:
 
 
 def requeue(dead_letter_id: int) -> RequeueOutcome:
-    """Requeue one dead letter; its outcome in the shape of `requeue_all`'s."""
+    """Requeue one dead letter; its outcome in the shape of `requeue_all`'s, so that the API and the command
+    line render both the same way."""
     return RequeueOutcome([_requeue(dead_letter_id).id], {})
 
 

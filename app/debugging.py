@@ -174,7 +174,8 @@ def list_debug_logs(agent_id: int | None = None, limit: int = 50, before_id: int
 
 
 def every_debug_log(agent_id: int | None = None, before_id: int | None = None) -> Iterator[DebugRun]:
-    """Every log (of one agent), newest first, read a page at a time."""
+    """Every log (of one agent), newest first, read a page at a time so that a long history is never held
+    whole: the contract's unpaged list is streamed from it."""
     return every_row(lambda cursor: list_debug_logs(agent_id, PAGE_OF_A_WHOLE_LIST, cursor), before_id)
 
 

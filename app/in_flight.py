@@ -29,7 +29,8 @@ def status_is(status: SQLColumnExpression[str], *values: str) -> ColumnElement[b
 
 
 def in_flight(status: SQLColumnExpression[str]) -> ColumnElement[bool]:
-    """`status` is pending or processing (see `status_is`)."""
+    """A run not yet ended (`IN_FLIGHT_VALUES`): what the conversation's lock, the user's limit and the recovery
+    sweep count, asked of the database in one shape (`status_is`)."""
     return status_is(status, *IN_FLIGHT_VALUES)
 
 

@@ -72,7 +72,8 @@ class _TimedBody:
 
 
 def with_timed_body(application: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
-    """The WSGI application, reading request bodies through `_TimedBody`."""
+    """The WSGI application, reading request bodies through `_TimedBody`, so that a body that stops arriving is
+    a 408 for its client rather than an error of the application's."""
 
     def timed(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         connection = environ.get("gunicorn.socket")
