@@ -1063,7 +1063,8 @@ def test_a_stream_whose_client_stopped_reading_is_closed_and_frees_its_slot(worl
     """A client that stopped reading without closing held its stream's thread in a write for as long as it stayed
     connected, once the socket's buffers were full, and one of its user's stream slots with it. A write that cannot
     start within `AGENTQ_STREAM_WRITE_TIMEOUT_SECONDS` now ends the response."""
-    long_answer = world.agent(world.model(name="long", upstream="echo;words=20000;word=" + "x" * 170))
+    long_answer = world.agent(world.model(name="long", upstream="echo;words=20000;word=" + "x" * 170),
+                              max_tokens=100_000)  # its 3.4 MB within the answer's bound, past any socket buffer
     quiet = world.agent(world.model(name="quiet", upstream="echo;ttft=60"))
     _, key = world.user("stops-reading")
     flood = world.send(key, world.conversation(key, long_answer), "a lot").json["assistant_message"]["id"]
@@ -1078,6 +1079,10 @@ def test_a_stream_whose_client_stopped_reading_is_closed_and_frees_its_slot(worl
         stalled.connect(("127.0.0.1", port))
         stalled.sendall(f"GET /api/messages/{flood}/stream HTTP/1.1\r\nHost: agentq\r\n"
                         f"Authorization: Bearer {key}\r\n\r\n".encode())
+        stalled.settimeout(30)
+        # Its answer begun (read without taking it), it holds one of the user's two slots before the other stream
+        # asks: on a loaded host the other was served first, and the one nobody reads was refused 429.
+        assert stalled.recv(12, socket.MSG_PEEK) == b"HTTP/1.1 200"
         with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {key}"}) as client:
             held = client.send(client.build_request("GET", url.format(waiting)), stream=True)
             assert held.status_code == 200
@@ -1089,7 +1094,6 @@ def test_a_stream_whose_client_stopped_reading_is_closed_and_frees_its_slot(worl
             wait_for(admitted, timeout=60, interval=0.5, what="the slot of the stream nobody reads to be freed")
             held.close()
         received = bytearray()
-        stalled.settimeout(30)
         while chunk := stalled.recv(65536):
             received += chunk
         assert b"event: delta" in received
