@@ -538,7 +538,8 @@ def test_a_stale_settlement_after_the_takeovers_charge_is_a_lost_lease_not_a_dat
 
 def test_a_turn_charged_a_second_time_moves_neither_its_ledger_nor_the_balance(world: World) -> None:
     """The charge statement writes no second row for a turn, and the balance moves only by the row the
-    statement wrote: a second charge of one turn, by whichever caller, leaves both as the first left them."""
+    statement wrote: a second charge of one turn, by whichever caller, leaves both as the first left them, a
+    credit between the two included (the second takes the balance as it is, not as the first charge left it)."""
     from app import ledger
 
     agent_id = world.agent(world.model())
@@ -550,10 +551,12 @@ def test_a_turn_charged_a_second_time_moves_neither_its_ledger_nor_the_balance(w
         session.add(answer)
         session.flush()
         answer_id = answer.id
-    for cost in ("0.25", "0.5"):
-        with transaction() as session:
-            ledger.charge_turn(session, user_id, answer_id, Decimal(cost), Decimal(0))
-    assert world.api.get("/api/me", key).json["balance"] == "4.750000"
+    with transaction() as session:
+        ledger.charge_turn(session, user_id, answer_id, Decimal("0.25"), Decimal(0))
+    assert world.api.post(f"/api/admin/users/{user_id}/credits", world.admin_key, {"amount": "1"}).status_code == 200
+    with transaction() as session:
+        ledger.charge_turn(session, user_id, answer_id, Decimal("0.5"), Decimal(0))
+    assert world.api.get("/api/me", key).json["balance"] == "5.750000"
     with transaction() as session:
         assert [t.amount for t in session.query(CreditTransaction).filter_by(message_id=answer_id)] == [
             Decimal("-0.25")]
@@ -644,18 +647,22 @@ def test_of_two_deletes_at_once_one_is_204_and_the_other_404(
     assert httpx.delete(f"{web_server}{path}", headers={"Authorization": f"Bearer {auth}"}).status_code == 404
 
 
-def test_the_database_alone_keeps_the_limit_of_active_conversations_when_redis_is_out_of_reach(world: World) -> None:
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "idempotency-keyed"])
+def test_the_database_alone_keeps_the_limit_of_active_conversations_when_redis_is_out_of_reach(
+        world: World, keyed: bool) -> None:
     """With Redis up its script refuses the user's fourth conversation first, so the database's own count, which
     no index backs, was never what refused it: an off-by-one there would have given users a conversation more
-    whenever Redis is away. Here the API cannot reach Redis."""
+    whenever Redis is away. Here the API cannot reach Redis; a POST with an `Idempotency-Key` takes its own
+    path through the intake (a retry of it answers the first 202), and is counted the same."""
     with api_process("web-limit-without-redis", REDIS_URL="redis://127.0.0.1:9/0") as (url, _):
         agent_id = world.agent(world.model("slow-without-redis", upstream="echo;ttft=3"), timeout_seconds=20)
         _, key = world.user()
         conversations = [world.conversation(key, agent_id, project_id=i) for i in range(4)]
 
         def post(conversation_id: int) -> httpx.Response:
+            keys = {"Idempotency-Key": f"send-{conversation_id}"} if keyed else {}
             return httpx.post(f"{url}/api/conversations/{conversation_id}/messages", timeout=30,
-                              headers={"Authorization": f"Bearer {key}"}, json={"content": "hi"})
+                              headers={"Authorization": f"Bearer {key}", **keys}, json={"content": "hi"})
 
         assert [post(c).status_code for c in conversations[:3]] == [202] * 3
         refused = post(conversations[3])

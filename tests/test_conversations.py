@@ -42,6 +42,28 @@ def test_a_conversation_with_messages_is_not_reused(world: World) -> None:
     assert second.status_code == 201 and second.json["id"] != first
 
 
+def test_an_empty_conversation_older_than_the_window_is_not_reused(world: World) -> None:
+    """The window bounds the reuse: a user coming back to an agent after it creates a new conversation."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from app.config import get_settings
+    from app.db import transaction
+    from app.models import Conversation
+    from app.models.base import utc_now
+
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    first = world.api.post("/api/conversations", key, {"agent_id": agent_id})
+    window = timedelta(seconds=get_settings().dedup_window_seconds)
+    with transaction() as session:
+        session.execute(update(Conversation).where(Conversation.id == first.json["id"])
+                        .values(created_at=utc_now() - window - timedelta(seconds=1)))
+    again = world.api.post("/api/conversations", key, {"agent_id": agent_id})
+    assert (first.status_code, again.status_code) == (201, 201) and again.json["id"] != first.json["id"]
+
+
 def test_dedup_window_zero_always_creates(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     from app.config import Settings, get_settings
 

@@ -169,6 +169,21 @@ def test_both_failing_is_an_llm_error_with_both_reasons_and_no_charge(world: Wor
                                .where(ModelAttempt.message_id == assistant["id"])).all() == [(0, 0), (0, 0)]
 
 
+def test_the_fallbacks_answer_is_charged_at_the_fallbacks_prices(world: World, upstream: UpstreamLog) -> None:
+    """The model that answered is the one paid: a failed primary priced a thousand times dearer costs the user
+    nothing of its price (its failure is unpaid), in the answer's cost and in the ledger."""
+    agent_id = world.agent(world.model("dear-primary", upstream="echo;fail=500", price_in="1", price_out="2"),
+                           world.model("cheap-fallback", price_in="0.001", price_out="0.002"))
+    _, key = world.user(balance="10")
+    done = world.wait_terminal(key, world.send(key, world.conversation(key, agent_id), "hello world")
+                               .json["assistant_message"]["id"])
+    cost = token_cost(done["prompt_tokens"], done["completion_tokens"], Decimal("0.001"), Decimal("0.002"))
+    assert (done["status"], done["model"], done["cost"]) == ("success", "cheap-fallback", f"{cost:.6f}")
+    assert [t["amount"] for t in world.api.get("/api/me/transactions", key).json["items"]
+            if t["message_id"] == done["id"]] == [f"{-cost:.6f}"]
+    assert world.api.get("/api/me", key).json["balance"] == f"{Decimal(10) - cost:.6f}"
+
+
 @pytest.fixture
 def canned() -> Iterator[CannedUpstream]:
     """A provider of the test's own, for what the mock upstream does not send: its answers are set per model."""

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import uuid
 from contextlib import AbstractContextManager, ExitStack
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, cast
 
 import pytest
@@ -489,8 +491,6 @@ def test_a_turn_stopped_while_its_message_waits_for_a_retry_ends_cancelled_at_on
 def test_a_purged_dead_letter_is_not_brought_back_by_a_late_record(world: World) -> None:
     """The worker's record of a death can come after the operator purged the letter (the listing adopted it
     from the broker first): the broker no longer holds the message, so no row comes back."""
-    import uuid
-
     import dramatiq
 
     from app.db import transaction
@@ -536,6 +536,28 @@ def test_a_turn_requeued_before_the_worker_ended_its_dead_run_is_not_ended_with_
     done = world.wait_terminal(key, turn_id)
     assert (done["status"], done["content"]) == ("success", "echo: again, please")
     assert ledger_rows(turn_id) == 1
+
+
+def test_a_dead_message_of_a_turn_that_ended_leaves_its_end_and_its_charge(world: World) -> None:
+    """A duplicate delivery of a turn that another already ended (a redelivery after a broker's failover) may
+    run out of retries during an outage and die: its end of the run is refused by the turns' status guard,
+    which alone protects an ended turn (it holds no lease), so the answer, its status and its charge stand."""
+    import dramatiq
+
+    from app.message_outcomes import message_died
+
+    agent_id = world.agent(world.model())
+    _, key = world.user(balance="10")
+    done = world.wait_terminal(key, world.send(key, world.conversation(key, agent_id)).json["assistant_message"]["id"])
+    assert done["status"] == "success"
+    late: dramatiq.Message[Any] = dramatiq.Message(
+        queue_name="turns", actor_name="run_turn", args=(done["id"],), kwargs={},
+        options={"redis_message_id": uuid.uuid4().hex, "retries": 3,
+                 "traceback": "psycopg.OperationalError: the database went away\n"})
+    message_died(late)
+    assert world.message(key, done["id"]) == done
+    assert ledger_rows(done["id"]) == 1
+    assert world.api.get("/api/me", key).json["balance"] == f"{Decimal(10) - Decimal(done['cost']):.6f}"
 
 
 def test_the_dlq_command_lists_shows_requeues_and_purges(world: World, redis_client: redis.Redis) -> None:

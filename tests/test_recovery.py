@@ -264,19 +264,27 @@ def test_a_turn_taken_over_from_a_dead_worker_runs_as_things_stand_at_the_takeov
     (unpaid: that call died unrecorded with its worker); its agent is given another model meanwhile, and the
     text is still named as the model that wrote it (it was named as the agent's new model). The other's agent
     grows dearer meanwhile (a larger answer limit): the delivery that took it over kept the dead worker's
-    reservation without pricing it again, and ran (and charged) past what its user could cover."""
+    reservation without pricing it again, and ran (and charged) past what its user could cover. A third's user
+    has exactly its worst case: the takeover holds only what that grew by since (nothing), not the whole of it
+    again on top of the dead worker's hold, which that user cannot cover, and it answers, charged once."""
     stopped_agent = slow_agent(stack, "dies-then-stopped", "echo;words=60;gap=0.1")
     dearer_agent = stack.agent(stack.model("grows-dearer", "echo;words=60;gap=0.1", input_price_per_1k="0",
                                            output_price_per_1k="1"), max_tokens=10)
     _, key = stack.user("stopped-orphan")
     poor_id, poor = stack.user("priced-again", balance="1")
+    exact_agent = stack.agent(stack.model("as-it-was", "echo;words=60;gap=0.1", input_price_per_1k="0",
+                                          output_price_per_1k="1"), max_tokens=10)
+    exact_id, exact = stack.user("exactly-the-worst-case", balance="0.01")
     worker = stack.start_worker(restart=False)
     stopped = stack.send(key, stack.conversation(key, stopped_agent), "keep what you said")
     dearer = stack.send(poor, stack.conversation(poor, dearer_agent), "hello")
+    covered = stack.send(exact, stack.conversation(exact, exact_agent), "hello")
     url = f"{stack.base_url}/api/messages/{stopped['id']}/stream"
     seen, following_events, following = follow_from_the_start(stack, key, stopped["id"])
-    stack.wait_status(poor, dearer["id"], ("processing",))
-    assert stack.sql("SELECT reserved FROM users WHERE id = %(id)s", {"id": poor_id}) == [(Decimal("0.01"),)]
+    for user, turn in ((poor, dearer), (exact, covered)):
+        stack.wait_status(user, turn["id"], ("processing",))
+    assert stack.sql("SELECT id, reserved FROM users WHERE id IN (%(poor)s, %(exact)s) ORDER BY id",
+                     {"poor": poor_id, "exact": exact_id}) == [(poor_id, Decimal("0.01")), (exact_id, Decimal("0.01"))]
     worker.kill_group()
     assert stack.call("POST", f"/api/messages/{stopped['id']}/cancel", key).status_code == 202
     # The stopped turn is held out of reach (a lease far ahead) until a worker runs: a worker slow to boot (a busy
@@ -308,6 +316,12 @@ def test_a_turn_taken_over_from_a_dead_worker_runs_as_things_stand_at_the_takeov
     assert stack.sql("SELECT balance, reserved FROM users WHERE id = %(id)s", {"id": poor_id}) == [
         (Decimal("1"), Decimal("0"))]
     assert (deliveries(stack, dearer["id"]), charges(stack, dearer["id"])) == (2, 0)
+
+    done = stack.wait_terminal(exact, covered["id"], timeout=15)
+    assert (done["status"], done["completion_tokens"], done["cost"]) == ("success", 10, "0.010000"), done
+    assert stack.sql("SELECT balance, reserved FROM users WHERE id = %(id)s", {"id": exact_id}) == [
+        (Decimal("0"), Decimal("0"))]
+    assert (deliveries(stack, covered["id"]), charges(stack, covered["id"])) == (2, 1)
 
 
 def wait_for_its_lease_to_run_out(stack: Stack, turn_id: int) -> None:

@@ -740,6 +740,19 @@ def test_the_pending_bound_counts_a_test_runs_wait_from_its_status_not_from_its_
         workers.start()
 
 
+def test_an_idempotency_key_is_one_users_own(world: World) -> None:
+    """Two users' clients make their keys alike (a counter, a hash of the text): each user's key names only their
+    own turn, and another user's is neither answered with it nor refused as reused."""
+    agent_id = world.agent(world.model())
+    (_, alice), (_, bob) = world.user("alice"), world.user("bob")
+    headers = {"Idempotency-Key": "message-1"}
+    theirs = [world.send(k, world.conversation(k, agent_id), "hello", headers=headers) for k in (alice, bob)]
+    assert [r.status_code for r in theirs] == [202, 202], theirs[1].json
+    assert theirs[0].json["assistant_message"]["id"] != theirs[1].json["assistant_message"]["id"]
+    assert theirs[0].json["assistant_message"]["conversation_id"] != theirs[1].json["assistant_message"][
+        "conversation_id"]
+
+
 def test_an_idempotency_key_belongs_to_one_conversation_and_one_message(world: World) -> None:
     agent_id = world.agent(world.model())
     _, key = world.user()
