@@ -248,6 +248,31 @@ def a_turn_in_a_workers_hands(world: World, upstream: UpstreamLog) -> tuple[int,
     return user_id, key, conversation_id, assistant
 
 
+def test_a_claim_its_user_cannot_cover_holds_nothing_of_the_balance_or_on_the_turn(
+        world: World, upstream: UpstreamLog) -> None:
+    """A takeover whose worst case has grown past what the user can cover is refused (`affordable` false) and
+    ends the turn `insufficient_balance`: the turn's row must keep only what its earlier delivery holds, since
+    a later end or takeover releases that amount from the user's reservations (more would free other turns'
+    holds), and the user's reservations stay as they were."""
+    from app.models import Turn, User
+    from app.turn_state import claim_turn
+
+    agent_id = world.agent(world.model(upstream="echo;ttft=60"), timeout_seconds=120)
+    user_id, key = world.user(balance="5")
+    assistant = world.send(key, world.conversation(key, agent_id)).json["assistant_message"]
+    the_only_call(upstream)
+    with transaction() as session:
+        before = (session.get_one(Turn, assistant["id"]).reserved_amount, session.get_one(User, user_id).reserved)
+        assert before[0] == before[1] > 0
+        session.get_one(Turn, assistant["id"]).lease_expires_at = None  # its worker taken for dead
+        session.flush()
+        claim = claim_turn(session, assistant["id"], lease_seconds=300, hold=lambda _claim: Decimal("6"))
+        assert (claim.outcome.value, claim.affordable) == ("taken_over", False)
+        assert (session.get_one(Turn, assistant["id"]).reserved_amount,
+                session.get_one(User, user_id).reserved) == before
+        session.rollback()  # the turn is the session worker's again, as it was
+
+
 def test_a_worker_that_lost_its_lease_stops_and_cannot_write(world: World, upstream: UpstreamLog) -> None:
     """Another owner takes the turn over: the first worker stops its upstream call and writes nothing."""
     from app.claims import LeaseLost
