@@ -694,6 +694,24 @@ def test_the_database_alone_keeps_the_limit_of_active_conversations_when_redis_i
         assert (refused.status_code, refused.json()["error"]["code"]) == (429, "too_many_active_conversations")
 
 
+def test_a_busy_conversation_is_409_before_the_limit_is_429_when_redis_is_out_of_reach(world: World) -> None:
+    """A second message to a conversation whose turn is in flight is `conversation_busy`, as with Redis up, even
+    when that turn also fills the user's limit: the database's checks come in the same order as the script's."""
+    with api_process("web-busy-without-redis", REDIS_URL="redis://127.0.0.1:9/0",
+                     AGENTQ_MAX_ACTIVE_CONVERSATIONS="1") as (url, _):
+        agent_id = world.agent(world.model("slow-busy-without-redis", upstream="echo;ttft=3"), timeout_seconds=20)
+        _, key = world.user()
+        conversation_id = world.conversation(key, agent_id)
+
+        def post() -> httpx.Response:
+            return httpx.post(f"{url}/api/conversations/{conversation_id}/messages", timeout=30,
+                              headers={"Authorization": f"Bearer {key}"}, json={"content": "hi"})
+
+        assert post().status_code == 202
+        busy = post()
+        assert (busy.status_code, busy.json()["error"]["code"]) == (409, "conversation_busy")
+
+
 def test_a_lock_left_by_an_intake_that_died_refuses_nothing_the_database_allows(
         world: World, redis_client: redis.Redis) -> None:
     """An API process that died while it accepted a message leaves the conversation's lock to its intake (it
