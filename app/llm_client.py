@@ -17,7 +17,6 @@ CPU for a streamed answer (`make bench`, floor (b) against floor (b')).
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from typing import Any
 import httpx2
 
 from app.attempt_watchdog import watch_attempt
+from app.chat_chunks import Usage, no_answer_in, read_chunk
 from app.failure_kinds import UNBILLED, FailureKind
 from app.model_target import ModelTarget
 from app.openai_sdk import openai
@@ -51,13 +51,6 @@ ANSWER_CHARS_PER_TOKEN = 128
 in one token: only a provider that ignored `max_tokens` (or an endpoint that is no model) sends more, and the
 answer is cut there, as a model's own limit cuts it, so that a worker's memory, the live stream and the stored
 answer stay bounded however long the stream runs."""
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    reported: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,10 +168,6 @@ def stream_chat(
         return attempt.completion(messages, max_tokens)
 
 
-TOOL_CALL_FINISHES = frozenset({"tool_calls", "function_call"})
-"""The `finish_reason`s of a model that ends its turn asking for a tool to be called (the second, OpenAI's older)."""
-
-
 class _Attempt:
     """One streamed completion under way: what it has produced, and why it ended when it ended early
     (the stop or the watchdog shut its socket, and a read then failed or ended). Its watch (the deadline,
@@ -277,23 +266,12 @@ class _Attempt:
             if self.cut:
                 return
         if finish is not None and not self.finished:
-            if (unanswered := self._not_an_answer(finish)) is not None:
+            if (unanswered := no_answer_in(finish, has_text=bool(self.parts))) is not None:
                 raise self.failed(FailureKind.BAD_RESPONSE, unanswered, said=f"finish_reason {finish}")
             self.finished = True
             self.watch.bound(FINISHED_STREAM_GRACE_SECONDS)
         if self.watch.remaining() < 0 and not self.finished:
             raise self.failed(FailureKind.TIMEOUT, f"the attempt ran past {self.timeout_seconds:g}s")
-
-    def _not_an_answer(self, finish: str) -> str | None:
-        """Why a stream that finished so holds no answer to keep, as a failure's words (the fallback is called);
-        None when it does. The provider's content filter cut the answer short, whatever it had sent; a model
-        that asked for a tool and wrote nothing answered nothing (agentq sends no tools, and calls none)."""
-        reason = finish.lower()
-        if reason == "content_filter":
-            return "the provider's content filter stopped the answer"
-        if reason in TOOL_CALL_FINISHES and not self.parts:
-            return "the model asked for a tool instead of answering"
-        return None
 
     def _storable(self, piece: str) -> str:
         """The piece as the database can store it (`app.text.storable`), with the high surrogate a piece ends in
@@ -342,51 +320,3 @@ class _Attempt:
                       usage.completion_tokens if max_tokens is None else min(usage.completion_tokens, max_tokens),
                       usage.reported)
         return Completion(text, usage, self.first_token_ms, self._elapsed_ms())
-
-
-def read_chunk(chunk: Any) -> tuple[list[str], Usage | None, str | None]:
-    """The answer's text pieces as sent (`_Attempt` makes them what the database can store), the reported usage and
-    the `finish_reason` that ends the answer, if the chunk has one (a body that ends without one was cut, by a
-    proxy that closed it cleanly or by the watchdog), in one decoded chunk, read in one pass over its choices.
-    A delta's `refusal` is text of the answer: the model's own words for what it will not do, which its reader
-    is owed as much as any other answer.
-
-    Raises TypeError or AttributeError when the chunk is not shaped like a chat completion chunk.
-    """
-    texts: list[str] = []
-    finish: str | None = None
-    for choice in chunk.get("choices") or ():
-        delta = choice.get("delta") or {}
-        if text := delta.get("content"):
-            if not isinstance(text, str):
-                raise TypeError("a delta's content is not a string")
-            texts.append(text)
-        if isinstance(refusal := delta.get("refusal"), str) and refusal:  # a flag elsewhere is no text of ours
-            texts.append(refusal)
-        finish = finish or choice.get("finish_reason") or None
-    return texts, _usage(chunk.get("usage")), None if finish is None else str(finish)
-
-
-def _usage(reported: Any) -> Usage | None:
-    """A usage report that counts both the prompt and the answer; one without either count (a gateway's own
-    field names, a null) reports nothing, and both are estimated, as when the usage chunk is missing: taken
-    for zero, it made the turn free."""
-    if not reported:
-        return None
-    prompt, completion = reported.get("prompt_tokens"), reported.get("completion_tokens")
-    if prompt is None or completion is None:
-        return None
-    return Usage(_token_count(prompt), _token_count(completion), reported=True)
-
-
-TOKEN_COUNT_LIMIT = (2**31 - 1) // 2
-"""The largest token count stored: half of what an answer's INTEGER columns hold, so that the two counts'
-sum (`total_tokens`) fits as well."""
-
-
-def _token_count(reported: Any) -> int:
-    """A provider's token count as it is charged and stored: a negative one would credit the user, and one
-    past the columns' range failed the settlement on every delivery, so both are brought into range."""
-    if isinstance(reported, bool) or not isinstance(reported, int | float) or not math.isfinite(reported):
-        raise TypeError("a usage count is not a number")
-    return min(max(int(reported), 0), TOKEN_COUNT_LIMIT)

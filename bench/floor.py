@@ -118,7 +118,8 @@ def _sdk(base_url: str, model: str, completions: int, threads: int, call: str) -
 
     import openai
 
-    from app.llm_client import open_chat_stream, read_chunk
+    from app.chat_chunks import read_chunk
+    from app.llm_client import open_chat_stream
     from app.model_target import ModelTarget
     from app.upstream_clients import client_for
 

@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from app.llm_client import TOKEN_COUNT_LIMIT, read_chunk
+from app.chat_chunks import TOKEN_COUNT_LIMIT, read_chunk
 from app.money import MAX_AMOUNT, token_cost
 from app.token_estimates import estimate_tokens
 
