@@ -30,7 +30,7 @@ from app.config import get_settings
 from app.conversations import require_owned_answer
 from app.db import transaction
 from app.in_flight import answer_status
-from app.live_stream import read_entry, stored_answer_attempt, stream_key
+from app.live_stream import answer_links, read_entry, stored_answer_attempt, stream_key
 from app.models import ConversationMessage
 from app.outages import is_outage
 from app.redis_client import SOCKET_TIMEOUT_SECONDS, StreamEntry, get_redis
@@ -130,7 +130,8 @@ def _finish_from_database(loaded: tuple[ConversationMessage, int], cursor: Curso
     if cursor is not None and cursor.offset == 0:
         cursor = None  # nothing received yet, so nothing to void: the text from its start, without a restart
     status = {"status": message.status, "model": message.model}
-    if cursor is not None and (cursor.attempt != final_attempt or cursor.offset > len(content)):
+    if cursor is not None and (cursor.offset > len(content) or (
+            cursor.attempt != final_attempt and not _holds_start_of_answer(message.id, cursor))):
         # Its id names the stored text (`final`): resuming from it must not read the live stream's voided text.
         # The restart is the status event too: one event for the one status.
         cursor = Cursor(FINAL, final_attempt, 0)
@@ -141,6 +142,14 @@ def _finish_from_database(loaded: tuple[ConversationMessage, int], cursor: Curso
     if len(content) > start:
         yield StreamEvent("delta", {"text": content[start:]}, Cursor(FINAL, final_attempt, len(content)).event_id())
     yield StreamEvent("done", message)
+
+
+def _holds_start_of_answer(message_id: int, cursor: Cursor) -> bool:
+    """Whether a reader at `cursor`, in an attempt the stored answer is not named by, holds the start of the
+    stored answer: that attempt's text up to there went on in the attempts after it (`continue` entries), link
+    by link to the stored answer's, as kept once the live stream, which holds those entries, is gone
+    (`app.live_stream.answer_links`)."""
+    return answer_links(message_id).get(cursor.attempt, -1) >= cursor.offset
 
 
 def _terminal(message_id: int) -> bool:

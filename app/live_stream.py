@@ -66,6 +66,34 @@ def stored_answer_attempt(session: Session, turn_id: int) -> int:
     return attempt_number(delivery, max(attempts - 1, 0))
 
 
+Links = tuple[tuple[int, int], ...]
+"""The `continue` entries that lead to an attempt, as (the attempt readers followed, the length of its text that
+went on in the next): a reader in one of those attempts at no more than that length holds the start of the
+later one's text, link by link."""
+
+
+def links_key(turn_id: int) -> str:
+    return key("turn", turn_id, "links")
+
+
+def answer_links(turn_id: int) -> dict[int, int]:
+    """The links of an ended turn's stored answer (`Links`, kept by `app.live_stream_writer` when its readers
+    followed more than one attempt, for as long as a running turn's stream is kept): by attempt, how much of its
+    text begins the stored answer. Empty when none were kept, or when Redis cannot be read: a reader in such an
+    attempt is then sent the stored answer whole, after a `restart`."""
+    try:
+        kept = cast(bytes | None, get_redis().get(links_key(turn_id)))
+        pairs = [link.split(b":") for link in kept.split(b",")] if kept else []
+        return {int(attempt): int(length) for attempt, length in pairs}
+    except (redis.RedisError, ValueError):  # a value no writer of agentq's made: no link is believed
+        return {}
+
+
+def write_links(links: Links) -> str:
+    """`Links` as `answer_links` reads them back."""
+    return ",".join(f"{attempt}:{length}" for attempt, length in links)
+
+
 @dataclass(frozen=True, slots=True)
 class Streamed:
     """The text of the last attempt a turn's live stream holds, the model its `status` entry named (None
@@ -80,6 +108,8 @@ class Streamed:
     model: str | None
     attempt: int
     own_from: int = 0
+    links: Links = ()
+    """The `continue` entries that lead to this attempt since the last `restart`."""
 
 
 class EntryRead(NamedTuple):
@@ -131,7 +161,7 @@ def text_streamed(turn_id: int, *, since: int = 0) -> Streamed | None:
     followed = [attempt for attempt in read.values() if attempt.delivery >= since
                 and (attempt.streamed_text or attempt.restarted)]
     last = followed[-1] if followed else None
-    return (Streamed(last.text, last.model, last.number, last.own_from)
+    return (Streamed(last.text, last.model, last.number, last.own_from, last.links)
             if last is not None and last.text and not last.missing else None)
 
 
@@ -160,6 +190,8 @@ class StreamedAttempt:
     last_ms: int = 0
     own_from: int = 0
     """Where the text the call wrote begins (`Streamed.own_from`)."""
+    links: Links = ()
+    """The `continue` entries that lead to it (`Streamed.links`)."""
 
     @property
     def delivery(self) -> int:
@@ -228,11 +260,14 @@ def _read_stream(turn_id: int) -> dict[int, StreamedAttempt] | None:
         if read.kind == "status":
             model = read.payload.get("model")
             attempt.model = model if isinstance(model, str) else attempt.model
-            attempt.restarted = attempt.restarted or read.payload.get("restart") is True
+            if read.payload.get("restart") is True:
+                attempt.restarted, attempt.links = True, ()
         elif read.kind == "delta":
             _add_text(attempt, read.start, read.text, at_ms)
         elif read.kind == "continue":
-            _continue_text(attempt, found.get(read.payload["from"]), read.start, read.payload["own_from"])
+            followed = found.get(read.payload["from"])
+            _continue_text(attempt, followed, read.start, read.payload["own_from"])
+            attempt.links = (*(followed.links if followed is not None else ()), (read.payload["from"], read.start))
     return dict(sorted(found.items()))
 
 

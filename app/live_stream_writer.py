@@ -20,7 +20,7 @@ from app import metrics
 from app.answer_sink import AnswerSink
 from app.config import get_settings
 from app.failure_logs import warn_of_repeated
-from app.live_stream import Streamed, attempt_number, stream_key
+from app.live_stream import Links, Streamed, attempt_number, links_key, stream_key, write_links
 from app.redis_client import get_redis
 from app.turn_status import TurnStatus
 
@@ -141,6 +141,8 @@ class _Followed:
     model: str | None
     pieces: list[str]
     own_from: int = 0
+    links: Links = ()
+    """The `continue` entries that lead to it (`Streamed.links`)."""
 
 
 @dataclass
@@ -152,6 +154,7 @@ class _Repeat:
     attempt: int
     held: str
     own_from: int
+    links: Links
     matched: int = 0
 
     @property
@@ -179,13 +182,14 @@ class TurnStream(AnswerSink):
                  attempt: int | None = None) -> None:
         """`attempt`: the attempt an end that no worker held names its stored answer by (`app.unheld_ends`),
         where a delivery's first is `attempt_number(delivery, 0)`."""
+        self._turn_id = turn_id
         self._key = stream_key(turn_id)
         self._delivery = delivery
         self._index = -1
         self._attempt = attempt_number(delivery, 0) if attempt is None else attempt
         self._offset = 0
         self._followed = (None if readers_hold is None else _Followed(
-            readers_hold.attempt, readers_hold.model, [readers_hold.text], readers_hold.own_from))
+            readers_hold.attempt, readers_hold.model, [readers_hold.text], readers_hold.own_from, readers_hold.links))
         self._repeat: _Repeat | None = None
 
     def _add(self, fields: StreamFields, expire: bool = False) -> None:
@@ -216,7 +220,7 @@ class TurnStream(AnswerSink):
         readers_restart = False
         if restart or self._delivery > 1:
             if (held := self.readers_text()) is not None:
-                self._repeat = _Repeat(model_name, held.attempt, held.text, held.own_from)
+                self._repeat = _Repeat(model_name, held.attempt, held.text, held.own_from, held.links)
             else:
                 readers_restart = self._followed is None
         if self._repeat is None:
@@ -256,8 +260,20 @@ class TurnStream(AnswerSink):
         between them) would say the call wrote from past the end of the text."""
         moved = self._readers_moved(repeat.attempt, len(repeat.held), own_from)
         self._offset = len(repeat.held)
-        self._followed = _Followed(self._attempt, repeat.model, [repeat.held], own_from)
+        self._followed = _Followed(self._attempt, repeat.model, [repeat.held], own_from,
+                                   (*repeat.links, (repeat.attempt, len(repeat.held))))
         _publisher.add_together(self._key, [(moved, True), *([(self._delta(text), False)] if text else [])])
+
+    def _keep_links(self, links: Links) -> None:
+        """The attempts readers followed on the way to the stored answer, and how much of each begins it, kept past
+        the live stream's end for as long as a running turn's stream is (`AGENTQ_STREAM_TTL_SECONDS`): a reader
+        that resumes from one of them once the stream is gone is sent the rest of the stored answer, not all of it
+        again after a `restart` (`app.answer_stream`). Only for a turn whose readers followed more than one attempt
+        (a fallback, a takeover); best effort, as every write of the stream is."""
+        try:
+            get_redis().set(links_key(self._turn_id), write_links(links), ex=get_settings().stream_ttl_seconds)
+        except redis.RedisError as exc:
+            warn_of_repeated(log, exc, "keeping the links of a turn's answer", "its readers may be sent a restart")
 
     def _readers_moved(self, attempt: int, length: int, own_from: int) -> StreamFields:
         return {"type": "continue", "a": self._attempt, "from": attempt, "o": length, "s": own_from}
@@ -274,7 +290,7 @@ class TurnStream(AnswerSink):
         turn stores as its content, so that their deltas concatenate to it; None when they hold nothing."""
         followed = self._followed
         text = "".join(followed.pieces) if followed is not None else ""
-        return (Streamed(text, followed.model, followed.attempt, followed.own_from)
+        return (Streamed(text, followed.model, followed.attempt, followed.own_from, followed.links)
                 if followed is not None and text else None)
 
     def finished(self, status: TurnStatus, model: str | None, content: str | None = None) -> None:
@@ -286,6 +302,9 @@ class TurnStream(AnswerSink):
         held = self.held_by_readers()
         if content and held is not None and held.text == content:
             self._add(self._readers_moved(held.attempt, len(content), held.own_from), expire=True)
+        readers = self.readers_text()
+        if content and readers is not None and readers.text == content and (readers.links or held is not None):
+            self._keep_links((*readers.links, (readers.attempt, len(content))))
         self._repeat = None
         metrics.observe_terminal(status.value)
         payload = {"status": status.value, "model": model}

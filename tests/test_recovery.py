@@ -27,6 +27,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.deliveries import SETTLEMENT_RESERVE_SECONDS
+from app.live_stream import attempt_number
 from app.money import token_cost
 from app.token_estimates import estimate_tokens, estimate_tokens_of_messages
 from tests.conftest import UpstreamLog
@@ -432,7 +433,9 @@ def test_a_takeover_whose_model_answers_otherwise_goes_on_after_the_text_its_rea
     """A worker is killed mid-answer, and its agent is given another model before the takeover, whose answer
     departs from the dead worker's words: a reader following through the takeover keeps those words and is
     sent the new answer after them, a paragraph on, and its deltas concatenate to the stored content, as the
-    contract says. The takeover sent a `restart` and stored the new answer alone. Its own call is charged."""
+    contract says. The takeover sent a `restart` and stored the new answer alone. Its own call is charged. Once
+    the live stream is gone (its expiry a minute after the end), a reader resuming from the dead worker's words is
+    sent the rest of the stored answer: it was sent a `restart` and the whole answer again."""
     agent_id = slow_agent(stack, "dies-mid-answer", "echo;words=60;gap=0.1")
     _, key = stack.user("answered-otherwise")
     worker = stack.start_worker(restart=False)
@@ -454,6 +457,14 @@ def test_a_takeover_whose_model_answers_otherwise_goes_on_after_the_text_its_rea
     assert "".join(e.json()["text"] for e in following_events if e.event == "delta") == done["content"]
     assert "".join(e.json()["text"] for e in read_sse(url, key) if e.event == "delta") == done["content"]
     assert (deliveries(stack, turn["id"]), charges(stack, turn["id"])) == (2, 1)
+    deltas = [e for e in following_events if e.event == "delta"]
+    dead_ones = [i for i, e in enumerate(deltas) if e.id.split(".")[1] == str(attempt_number(1, 0))]
+    middle = dead_ones[len(dead_ones) // 2]
+    stack.redis.client().delete(f"{stack.key_prefix}:turn:{turn['id']}:stream")  # as its expiry does
+    resumed = read_sse(url, key, last_event_id=deltas[middle].id)
+    assert not any(e.event == "status" and e.json().get("restart") for e in resumed), [e.data for e in resumed]
+    assert "".join(e.json()["text"] for e in deltas[:middle + 1]) + "".join(
+        e.json()["text"] for e in resumed if e.event == "delta") == done["content"]
 
 
 def test_a_stop_while_a_takeover_repeats_an_answer_that_went_on_after_other_text_keeps_it_unpaid(

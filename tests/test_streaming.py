@@ -475,6 +475,35 @@ def test_a_fallback_that_repeats_what_readers_hold_goes_on_from_its_end(
     assert "".join(e.json()["text"] for e in late if e.event == "delta") == answer
 
 
+@pytest.mark.parametrize("fallback_upstream", ["echo;words=8;gap=0.02", "echo;words=3;word=v;gap=0.02"],
+                         ids=["repeats", "departs"])
+def test_a_reader_resuming_from_the_primarys_text_once_the_live_stream_is_gone_gets_the_rest(
+        world: World, web_server: str, redis_client: redis.Redis, fallback_upstream: str) -> None:
+    """The primary streamed words and was cut; the fallback repeated them and went on, or departed from them a
+    paragraph on. A reader resuming with an id of the primary's text once the live stream is gone (its expiry,
+    a minute after the end) was sent a `restart` and the whole answer again, though the stored answer begins
+    with what it holds: it is sent the rest. An id past what of the primary's text the answer kept is one whose
+    text the answer does not begin with: that one is still sent the answer whole, after a `restart`."""
+    from app.live_stream import attempt_number, stream_key
+
+    key, message_id = turn_falling_back(world, "echo;words=30;gap=0.02;cut_after=6", fallback_upstream)
+    url = f"{web_server}/api/messages/{message_id}/stream"
+    events = read_sse(url, key)
+    content = events[-1].json()["content"]
+    deltas = [e for e in events if e.event == "delta"]
+    primary = [i for i, e in enumerate(deltas) if (e.id or "").split(".")[1] == str(attempt_number(1, 0))]
+    middle = primary[len(primary) // 2]
+    kept = "".join(e.json()["text"] for e in deltas[:primary[-1] + 1])
+    redis_client.delete(stream_key(message_id))  # as its expiry does
+    resumed = read_sse(url, key, last_event_id=deltas[middle].id)
+    assert not any(e.event == "status" and e.json().get("restart") for e in resumed), [e.data for e in resumed]
+    assert "".join(e.json()["text"] for e in deltas[:middle + 1]) + visible_text(resumed) == content
+    entry = (deltas[middle].id or "").split("/")[1].split(".")[0]
+    past = read_sse(url, key, last_event_id=f"{message_id}/{entry}.{attempt_number(1, 0)}.{len(kept) + 1}")
+    assert [e.json().get("restart") for e in past if e.event == "status"] == [True]
+    assert visible_text(past) == content
+
+
 def test_a_stop_while_the_fallback_repeats_what_readers_hold_keeps_that_text(
         world: World, web_server: str, upstream: UpstreamLog, redis_client: redis.Redis, patient_stops: None) -> None:
     """The fallback was still repeating, slowly, the words the primary streamed before its cut when the stop
@@ -519,8 +548,12 @@ def test_resuming_from_a_restart_sent_from_the_stored_text_never_replays_voided_
     assert visible_text(back) == content
     again = read_sse(url, key, last_event_id=restart.id)
     assert "".join(e.json()["text"] for e in again if e.event == "delta") == content
-    # An id of the stored text from the voided primary's attempt: the restart is the one status event.
-    voided = read_sse(url, key, last_event_id=f"{message_id}/final.{attempt_number(1, 0)}.3")
+    # An id in the primary's attempt within what the answer kept of it (the fallback repeated those words): the
+    # rest, no restart. Past it, words the answer does not begin with: the restart is the one status event.
+    within = read_sse(url, key, last_event_id=f"{message_id}/final.{attempt_number(1, 0)}.3")
+    assert [e.json() for e in within if e.event == "status"] == [{"status": "success", "model": "fallback"}]
+    assert content[:3] + visible_text(within) == content
+    voided = read_sse(url, key, last_event_id=f"{message_id}/final.{attempt_number(1, 0)}.{len(content)}")
     assert [e.json() for e in voided if e.event == "status"] == [{"status": "success", "model": "fallback",
                                                                   "restart": True}]
     assert visible_text(voided) == content
