@@ -131,7 +131,8 @@ def _finish_from_database(loaded: tuple[ConversationMessage, int], cursor: Curso
         cursor = None  # nothing received yet, so nothing to void: the text from its start, without a restart
     status = {"status": message.status, "model": message.model}
     if cursor is not None and (cursor.offset > len(content) or (
-            cursor.attempt != final_attempt and not _holds_start_of_answer(message.id, cursor))):
+            cursor.attempt != final_attempt and not _holds_start_of_answer(message.id, cursor, final_attempt,
+                                                                           len(content)))):
         # Its id names the stored text (`final`): resuming from it must not read the live stream's voided text.
         # The restart is the status event too: one event for the one status.
         cursor = Cursor(FINAL, final_attempt, 0)
@@ -144,12 +145,16 @@ def _finish_from_database(loaded: tuple[ConversationMessage, int], cursor: Curso
     yield StreamEvent("done", message)
 
 
-def _holds_start_of_answer(message_id: int, cursor: Cursor) -> bool:
+def _holds_start_of_answer(message_id: int, cursor: Cursor, final_attempt: int, length: int) -> bool:
     """Whether a reader at `cursor`, in an attempt the stored answer is not named by, holds the start of the
     stored answer: that attempt's text up to there went on in the attempts after it (`continue` entries), link
     by link to the stored answer's, as kept once the live stream, which holds those entries, is gone
-    (`app.live_stream.answer_links`)."""
-    return answer_links(message_id).get(cursor.attempt, -1) >= cursor.offset
+    (`app.live_stream.answer_links`). Links whose last is not this answer (its attempt, its whole length) are
+    another run's (one left behind by a requeue): none of them is believed."""
+    links = answer_links(message_id)
+    if not links or links[-1] != (final_attempt, length):
+        return False
+    return dict(links).get(cursor.attempt, -1) >= cursor.offset
 
 
 def _terminal(message_id: int) -> bool:

@@ -36,11 +36,12 @@ def stream_key(turn_id: int) -> str:
 
 
 def forget(turn_id: int) -> None:
-    """Drop a turn's live stream before it runs again (a requeue), so a reader follows the new run live
-    instead of first reading the old run to its `done`. Best effort: the new run's attempts are numbered
-    apart from the old one's, so a stream left behind costs a reader the live view, never the text."""
+    """Drop a turn's live stream, and its stored answer's links, before it runs again (a requeue), so a reader
+    follows the new run live instead of first reading the old run to its `done`. Best effort: the new run's
+    attempts are numbered apart from the old one's, so a stream left behind costs a reader the live view, never
+    the text, and links left behind name another answer than the one stored next (`answer_links`' last link)."""
     try:
-        get_redis().delete(stream_key(turn_id))
+        get_redis().delete(stream_key(turn_id), links_key(turn_id))
     except redis.RedisError:
         log.warning("could not drop the old live stream of turn %s", turn_id)
 
@@ -76,17 +77,18 @@ def links_key(turn_id: int) -> str:
     return key("turn", turn_id, "links")
 
 
-def answer_links(turn_id: int) -> dict[int, int]:
-    """The links of an ended turn's stored answer (`Links`, kept by `app.live_stream_writer` when its readers
-    followed more than one attempt, for as long as a running turn's stream is kept): by attempt, how much of its
-    text begins the stored answer. Empty when none were kept, or when Redis cannot be read: a reader in such an
-    attempt is then sent the stored answer whole, after a `restart`."""
+def answer_links(turn_id: int) -> Links:
+    """The links of an ended turn's stored answer, kept by `app.live_stream_writer` when its readers followed
+    more than one attempt, for as long as a running turn's stream is kept: each attempt readers followed on the
+    way, with how much of its text begins the stored answer, the last being the attempt the answer is named by,
+    at its whole length. Empty when none were kept, or when Redis cannot be read: a reader in such an attempt
+    is then sent the stored answer whole, after a `restart`."""
     try:
         kept = cast(bytes | None, get_redis().get(links_key(turn_id)))
         pairs = [link.split(b":") for link in kept.split(b",")] if kept else []
-        return {int(attempt): int(length) for attempt, length in pairs}
+        return tuple((int(attempt), int(length)) for attempt, length in pairs)
     except (redis.RedisError, ValueError):  # a value no writer of agentq's made: no link is believed
-        return {}
+        return ()
 
 
 def write_links(links: Links) -> str:

@@ -304,7 +304,7 @@ class TurnStream(AnswerSink):
             self._add(self._readers_moved(held.attempt, len(content), held.own_from), expire=True)
         readers = self.readers_text()
         if content and readers is not None and readers.text == content and (readers.links or held is not None):
-            self._keep_links((*readers.links, (readers.attempt, len(content))))
+            self._keep_links((*readers.links, (readers.attempt, len(content)), (self._attempt, len(content))))
         self._repeat = None
         metrics.observe_terminal(status.value)
         payload = {"status": status.value, "model": model}

@@ -484,7 +484,7 @@ def test_a_reader_resuming_from_the_primarys_text_once_the_live_stream_is_gone_g
     a minute after the end) was sent a `restart` and the whole answer again, though the stored answer begins
     with what it holds: it is sent the rest. An id past what of the primary's text the answer kept is one whose
     text the answer does not begin with: that one is still sent the answer whole, after a `restart`."""
-    from app.live_stream import attempt_number, stream_key
+    from app.live_stream import attempt_number, links_key, stream_key
 
     key, message_id = turn_falling_back(world, "echo;words=30;gap=0.02;cut_after=6", fallback_upstream)
     url = f"{web_server}/api/messages/{message_id}/stream"
@@ -502,6 +502,11 @@ def test_a_reader_resuming_from_the_primarys_text_once_the_live_stream_is_gone_g
     past = read_sse(url, key, last_event_id=f"{message_id}/{entry}.{attempt_number(1, 0)}.{len(kept) + 1}")
     assert [e.json().get("restart") for e in past if e.event == "status"] == [True]
     assert visible_text(past) == content
+    # Links of another answer (a run an operator requeued since) are not believed, whatever they say.
+    redis_client.set(links_key(message_id), f"{attempt_number(1, 0)}:{len(content)},{attempt_number(9, 0)}:9")
+    other = read_sse(url, key, last_event_id=deltas[middle].id)
+    assert [e.json().get("restart") for e in other if e.event == "status"] == [True]
+    assert visible_text(other) == content
 
 
 def test_a_stop_while_the_fallback_repeats_what_readers_hold_keeps_that_text(
