@@ -302,10 +302,10 @@ class TurnStream(AnswerSink):
         held = self.held_by_readers()
         if content and held is not None and held.text == content:
             self._add(self._readers_moved(held.attempt, len(content), held.own_from), expire=True)
-        readers = self.readers_text()
-        if content and readers is not None and readers.text == content and (readers.links or held is not None):
-            self._keep_links((*readers.links, (readers.attempt, len(content)), (self._attempt, len(content))))
         self._repeat = None
         metrics.observe_terminal(status.value)
         payload = {"status": status.value, "model": model}
         self._add({"type": "done", "a": self._attempt, "data": json.dumps(payload)}, expire=True)
+        readers = self.readers_text()  # after the `done` is queued: the links are for readers who come back later
+        if content and readers is not None and readers.text == content and (readers.links or held is not None):
+            self._keep_links((*readers.links, (readers.attempt, len(content)), (self._attempt, len(content))))
