@@ -10,7 +10,9 @@ bounded length and expires, so an abandoned one costs nothing. The database stay
 arriving after the stream is gone, or finding a gap in it (Redis lost data mid-turn), is served from the stored
 message (see `app.answer_stream`). The worker writes it (`app.live_stream_writer`), best effort: a
 Redis failure never fails a turn. Here: its keys, its entries read, and what it holds of a turn's calls read
-back by the delivery that runs the turn on.
+back by the delivery that runs the turn on; and, past the stream's expiry, the links of a stored answer whose
+readers followed more than one attempt (`answer_links`), so that a reader resuming from an earlier one is
+still sent only the rest.
 """
 
 from __future__ import annotations
