@@ -113,6 +113,56 @@ def test_admin_can_create_users_and_move_credit_never_below_zero(world: World) -
     assert world.api.post("/api/admin/users/999999/credits", world.admin_key, {"amount": "1"}).status_code == 404
 
 
+def test_an_opening_balance_below_one_is_credited_with_its_ledger_row(world: World) -> None:
+    """A user opened with a fraction of a unit has it, and the ledger row that explains it; one opened with nothing
+    has no row, so that the ledger's sum is the balance either way."""
+    created = world.api.post("/api/admin/users", world.admin_key, {"name": "erin", "balance": "0.5"})
+    assert (created.status_code, created.json["balance"]) == (201, "0.500000")
+    key = created.json["api_key"]
+    me = world.api.get("/api/me", key).json
+    assert (me["balance"], me["available_balance"]) == ("0.500000", "0.500000")
+    assert [(t["amount"], t["balance_after"], t["message_id"]) for t in world.api.get(
+        "/api/me/transactions", key).json["items"]] == [("0.500000", "0.500000", None)]
+    empty = world.api.post("/api/admin/users", world.admin_key, {"name": "fred", "balance": "0"})
+    assert (empty.status_code, empty.json["balance"]) == (201, "0.000000")
+    assert world.api.get("/api/me/transactions", empty.json["api_key"]).json["items"] == []
+
+
+def test_a_users_ledger_holds_only_their_own_rows(world: World) -> None:
+    _, alice = world.user("alice", balance="7")
+    bob_id, bob = world.user("bob", balance="3")
+    assert world.api.post(f"/api/admin/users/{bob_id}/credits", world.admin_key, {"amount": "2"}).status_code == 200
+    mine = world.api.get("/api/me/transactions", alice).json["items"]
+    assert [(t["amount"], t["balance_after"]) for t in mine] == [("7.000000", "7.000000")]
+    paged = world.api.get("/api/me/transactions?limit=1", alice).json
+    assert (len(paged["items"]), paged["next_cursor"]) == (1, None)
+    assert [t["amount"] for t in world.api.get("/api/me/transactions", bob).json["items"]] == ["2.000000", "3.000000"]
+
+
+def test_the_bearer_scheme_is_read_in_any_case(world: World) -> None:
+    """HTTP's authentication schemes are case-insensitive (RFC 9110, 11.1): a client or proxy that writes `bearer`
+    is the same caller."""
+    user_id, key = world.user("dora", balance="1")
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        response = world.api.get("/api/me", headers={"Authorization": f"{scheme} {key}"})
+        assert (response.status_code, response.json["id"]) == (200, user_id), scheme
+
+
+def test_a_user_message_has_no_answer_stream(world: World) -> None:
+    """Only an assistant message is streamed: the id of the user's own message beside it is not found."""
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    accepted = world.send(key, world.conversation(key, agent_id), "hello")
+    assert accepted.status_code == 202
+    response = world.api.get(f"/api/messages/{accepted.json['user_message']['id']}/stream", key)
+    assert (response.status_code, response.json["error"]["code"]) == (404, "not_found")
+    opened = world.api.get(f"/api/messages/{accepted.json['assistant_message']['id']}/stream", key, buffered=False)
+    try:
+        assert opened.status_code == 200
+    finally:
+        opened.close()
+
+
 def test_a_users_key_can_be_replaced_and_the_old_one_stops_working(world: World, database: str) -> None:
     """A leaked key could only be revoked by editing the database. A new one is shown once, by the API or the
     command line; the old one is refused at once by the process that replaced it, and by the others within

@@ -428,6 +428,40 @@ def test_debug_logs_are_listed_newest_first_in_pages(world: World, monkeypatch: 
     assert (missing.status_code, missing.json["error"]["code"]) == (404, "not_found")
 
 
+def test_an_execution_test_of_a_blocked_input_calls_no_model(world: World, upstream: UpstreamLog) -> None:
+    """A test run is moderated as a user's turn is: a blocked input ends it `content_violation`, no model
+    called, no cost logged, no balance touched."""
+    agent_id = world.agent(world.model(price_in="1", price_out="2"))
+    world.user("alice", balance="10")
+    balances, ledger_size = _balances(), _ledger_size()
+    log = _wait_log(world, _execute(world, agent_id, "please say the Forbidden-Word now"))
+    assert (log["status"], log["error_message"], log["model"], log["cost"], log["output"]) == (
+        "content_violation", "moderation: blocked term 'forbidden-word'", None, None, "")
+    assert upstream.requests() == []
+    assert (_balances(), _ledger_size()) == (balances, ledger_size)
+
+
+def test_a_log_written_before_its_model_id_was_kept_counts_under_the_live_model_of_its_name(world: World) -> None:
+    """Names recur after deletes: such a log counts, by model, under the live model of its name, not under a
+    deleted namesake (here the newer row), nor under none."""
+    from app.db import transaction
+    from app.models import DebugRun
+
+    live, gone = world.model("placeholder"), world.model("named")
+    agent_id = world.agent(live)
+    assert world.api.delete(f"/api/admin/models/{gone}", world.admin_key).status_code == 204
+    assert world.api.patch(f"/api/admin/models/{live}", world.admin_key, {"name": "named"}).status_code == 200
+    assert gone > live
+    admin_id = world.api.get("/api/me", world.admin_key).json["id"]
+    with transaction() as session:
+        session.add(DebugRun(agent_id=agent_id, admin_id=admin_id, input="old", status="success", output="x",
+                             model="named", model_id=None, prompt_tokens=3, completion_tokens=2,
+                             cost=Decimal("0.5")))
+    response = world.api.get("/api/admin/debug-costs?group_by=model", world.admin_key)
+    assert (response.status_code, response.json["items"]) == (200, [
+        {"key": live, "runs": 1, "prompt_tokens": 3, "completion_tokens": 2, "cost": "0.500000"}])
+
+
 def test_the_cost_summary_adds_up_across_runs_agents_models_and_admins(world: World) -> None:
     from app.users import create_user
 

@@ -8,6 +8,7 @@ import pytest
 
 from app.chat_chunks import TOKEN_COUNT_LIMIT, read_chunk
 from app.money import MAX_AMOUNT, token_cost
+from app.prompt import build_prompt
 from app.token_estimates import estimate_tokens
 
 
@@ -47,3 +48,19 @@ def test_a_cost_on_a_half_millionth_rounds_up_as_the_database_rounds_it() -> Non
 def test_a_cost_is_at_most_what_a_money_column_holds() -> None:
     assert token_cost(1000, 500, Decimal("1.5"), Decimal("2")) == Decimal("2.500000")
     assert token_cost(10**8, 10**6, MAX_AMOUNT, MAX_AMOUNT) == MAX_AMOUNT
+
+
+QUESTION, ANSWER = {"role": "user", "content": "abcd"}, {"role": "assistant", "content": "dcba"}
+"""Each 5 tokens (1 of text, 4 of a message's framing); a prompt adds 2 for the reply's priming: with no system
+prompt and the new message "abcd", a window of 27 and 10 tokens of answer room leave exactly 10 for history."""
+
+
+def test_history_that_fills_the_window_exactly_is_kept_whole() -> None:
+    prompt = build_prompt("", [QUESTION, ANSWER], "abcd", context_window=27, max_tokens=10)
+    assert (prompt.messages, prompt.estimated_tokens) == ([QUESTION, ANSWER, QUESTION], 5 + 5 + 5 + 2)
+
+
+def test_a_history_cut_to_fit_never_starts_with_an_answer() -> None:
+    """A window one token short takes the oldest question away: its answer, alone, would be an answer to nothing."""
+    prompt = build_prompt("", [QUESTION, ANSWER], "abcd", context_window=26, max_tokens=10)
+    assert (prompt.messages, prompt.estimated_tokens) == ([QUESTION], 5 + 2)

@@ -18,14 +18,13 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, cast
 
 import pytest
+import redis
 from sqlalchemy import select, text
 
 from tests.conftest import child_env
 from tests.support import ROOT, agentq, refusing, wait_for
 
 if TYPE_CHECKING:
-    import redis
-
     from app.redis_client import StreamEntry
     from tests.conftest import Api, UpstreamLog, Workers, World
 
@@ -558,6 +557,67 @@ def test_a_dead_message_of_a_turn_that_ended_leaves_its_end_and_its_charge(world
     assert world.message(key, done["id"]) == done
     assert ledger_rows(done["id"]) == 1
     assert world.api.get("/api/me", key).json["balance"] == f"{Decimal(10) - Decimal(done['cost']):.6f}"
+
+
+def test_requeue_all_skips_with_its_reason_a_deleted_conversations_letter_and_one_of_a_user_at_the_limit(
+        world: World) -> None:
+    """Requeue-all skips, each with the reason a single requeue would give, a letter whose conversation was
+    deleted and one whose user has the most conversations in flight (a 429 alone), and requeues it once the
+    user is under the limit again."""
+    from app.db import transaction
+
+    api, admin = world.api, world.admin_key
+    agent_id = world.agent(world.model())
+    _, key = world.user(balance="10")
+    (gone_conversation, gone), (_, kept) = dead_turns(world, key, agent_id, "gone", "kept")
+    assert api.delete(f"/api/conversations/{gone_conversation}", key).status_code == 204
+    letters = {item["args"][0]: item["id"] for item in api.get("/api/admin/dead-letters", admin).json["items"]}
+    gone_letter, kept_letter = letters[gone["id"]], letters[kept["id"]]
+    others = [world.conversation(key, agent_id, project_id=i) for i in range(3)]
+    with transaction() as session:  # three conversations in flight: AGENTQ_MAX_ACTIVE_CONVERSATIONS
+        session.execute(text("INSERT INTO conversation_messages (conversation_id, seq, role, content, status, "
+                             "created_at, updated_at) SELECT id, 1, 'assistant', '', 'processing', now(), now() "
+                             "FROM conversations WHERE id = ANY(:ids)"), {"ids": others})
+    try:
+        refused = api.post("/api/admin/dead-letters/requeue-all", admin)
+        assert (refused.status_code, refused.json["requeued"]) == (202, [])
+        assert {item["id"]: item["reason"] for item in refused.json["skipped"]} == {
+            gone_letter: f"Dead letter {gone_letter}: its conversation was deleted, so its turn is not run again.",
+            kept_letter: f"Dead letter {kept_letter}: its user already has 3 conversations with a turn in flight; "
+                         "requeue it when one ends."}
+        assert world.message(key, kept["id"])["status"] == "error"
+    finally:
+        with transaction() as session:
+            session.execute(text("DELETE FROM conversation_messages WHERE conversation_id = ANY(:ids)"),
+                            {"ids": others})
+    again = api.post("/api/admin/dead-letters/requeue-all", admin)
+    assert (again.status_code, again.json["requeued"]) == (202, [kept_letter])
+    assert [item["id"] for item in again.json["skipped"]] == [gone_letter]
+    assert world.wait_terminal(key, kept["id"])["status"] == "success"
+
+
+def test_a_requeued_letter_the_broker_still_holds_is_taken_out_by_the_next_listing(
+        world: World, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The requeue's own take of the broker's entry failed (Redis refused it): the letter is requeued all the same,
+    and the next listing takes the entry out, so that it is neither listed nor requeued again."""
+    import app.dead_letter_requeue
+
+    api, admin = world.api, world.admin_key
+    agent_id = world.agent(world.model())
+    _, key = world.user()
+    turn = dead_turn(world, key, agent_id, "kept by the broker")[1]
+    item = api.get("/api/admin/dead-letters", admin).json["items"][0]
+
+    def refused(queue: str, ident: str) -> None:
+        raise redis.ConnectionError("refused")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(app.dead_letter_requeue, "take_entry", refused)
+        assert api.post(f"/api/admin/dead-letters/{item['id']}/requeue", admin).status_code == 202
+    assert world.wait_terminal(key, turn["id"])["status"] == "success"
+    assert dead_count(redis_client) == 1
+    assert api.get("/api/admin/dead-letters", admin).json["items"] == []
+    assert dead_count(redis_client) == 0
 
 
 def test_the_dlq_command_lists_shows_requeues_and_purges(world: World, redis_client: redis.Redis) -> None:

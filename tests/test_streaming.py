@@ -499,6 +499,9 @@ def test_a_reader_resuming_from_the_primarys_text_once_the_live_stream_is_gone_g
     assert not any(e.event == "status" and e.json().get("restart") for e in resumed), [e.data for e in resumed]
     assert "".join(e.json()["text"] for e in deltas[:middle + 1]) + visible_text(resumed) == content
     entry = (deltas[middle].id or "").split("/")[1].split(".")[0]
+    at_its_end = read_sse(url, key, last_event_id=f"{message_id}/{entry}.{attempt_number(1, 0)}.{len(kept)}")
+    assert not any(e.event == "status" and e.json().get("restart") for e in at_its_end)
+    assert kept + visible_text(at_its_end) == content
     past = read_sse(url, key, last_event_id=f"{message_id}/{entry}.{attempt_number(1, 0)}.{len(kept) + 1}")
     assert [e.json().get("restart") for e in past if e.event == "status"] == [True]
     assert visible_text(past) == content
