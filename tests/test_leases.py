@@ -964,6 +964,32 @@ def test_a_stop_of_a_turn_whose_worker_went_silent_and_left_the_list_ends_it_at_
     assert (_turn_lease(dead.turn_id)[0], _turn_lease(alive.turn_id)[0]) == (None, f"{listed}.g7")
 
 
+def test_an_api_processs_look_leaves_a_stopped_turn_to_a_worker_process_that_takes_runs(world: World) -> None:
+    """A stopped turn whose lease ran out is the API's to end only while no worker takes runs: a worker's sweep
+    sends it again, and the delivery that takes it over ends it, paid for what it generated."""
+    import app.stop_bound
+    from app.clock import lease_now
+    from app.config import get_settings
+    from app.worker_presence import WorkerPresence, WorkerState, publish, withdraw
+
+    turn = _processing_turn(world, "gone-holder.p1")
+    with transaction() as session:  # stopped, its lease out a minute ago, its message just sent (no sweep sends it)
+        session.execute(text("UPDATE turns SET lease_expires_at = now() - interval '60 seconds', enqueued_at = now(), "
+                             "cancel_requested_at = now() WHERE assistant_message_id = :turn"), {"turn": turn.turn_id})
+        now = lease_now(session)
+        expired_before = now - timedelta(seconds=get_settings().lease_seconds)
+        found = list(app.stop_bound._stopped_turns()(session, {"expired_before": expired_before}).scalars())
+    assert turn.turn_id in found  # the look finds it: only a worker that takes runs keeps it from ending it
+    publish(WorkerPresence(id="taking-runs", host="elsewhere", pid=1, threads=1, running=0,
+                           state=WorkerState.TAKING_RUNS, started_at=now, seen_at=now))
+    try:
+        assert app.stop_bound.end_stops_no_delivery_carries_out(now) == []
+    finally:
+        withdraw("taking-runs")
+    with transaction() as session:
+        assert session.get_one(ConversationMessage, turn.turn_id).status == "processing"
+
+
 def test_an_api_processs_look_ends_a_gone_workers_stopped_turn_with_the_text_it_streamed_unpaid(
         world: World, swept_once: None, redis_client: redis.Redis, settings_of: Callable[..., None]) -> None:
     """A stop that came while the worker was still listed was answered `processing`; once the worker has left the

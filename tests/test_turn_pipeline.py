@@ -403,6 +403,58 @@ def test_a_first_sweep_that_could_not_ask_redis_for_receipts_says_so_and_sends_n
     assert world.wait_terminal(key, stranded)["status"] == "success"
 
 
+def test_a_worker_process_keeps_its_first_sweeps_look_back_until_a_sweep_could_ask_redis_for_receipts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recovery loop's part of the rule above: each sweep that could not ask for receipts leaves the next one a
+    first sweep, and the first that could ends the look-back."""
+    import threading
+
+    import app.recovery
+
+    calls: list[bool] = []
+    fourth = threading.Event()
+
+    def sweep(*, first_sweep: bool, gate: object) -> app.recovery.RecoveryReport:
+        calls.append(first_sweep)
+        if len(calls) >= 4:
+            fourth.set()
+        return app.recovery.RecoveryReport(receipts_unchecked=len(calls) <= 2)
+
+    monkeypatch.setattr(app.recovery, "recover_once", sweep)
+    loop = app.recovery.RecoveryLoop()
+    loop.start()
+    try:
+        assert fourth.wait(15)
+    finally:
+        loop.stop()
+    assert calls[:4] == [True, True, True, False]
+
+
+def test_a_sweep_after_redis_lost_its_data_whose_sends_failed_leaves_redis_taken_for_lost(
+        world: World, redis_client: redis.Redis, workers: Workers, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis lost its data (no epoch key) and the sweep's sends failed: the epoch is not marked, so the next sweep
+    still takes Redis for lost and sends every pending run again; once a sweep has sent them all, it is marked."""
+    import app.recovery
+    from app.redis_epoch import epoch_key
+    from tests.conftest import point_the_broker_at_a_closed_port
+
+    wait_for(lambda: redis_client.exists(epoch_key()), what="a recovery sweep after the Redis flush")
+    workers.stop_all()  # their own sweeps, which reach Redis, would send the turn and mark the epoch
+    try:
+        key, turn_id = _committed_never_sent(world, "sent after redis lost it", sent_seconds_ago=1)
+        redis_client.delete(epoch_key())
+        with monkeypatch.context() as broker_down:
+            point_the_broker_at_a_closed_port(broker_down)
+            failed = app.recovery.recover_once()
+        assert (failed.redis_lost, failed.sent, failed.unsent, redis_client.exists(epoch_key())) == (True, [], 1, 0)
+        again = app.recovery.recover_once()
+        assert (again.redis_lost, again.sent, again.unsent, redis_client.exists(epoch_key())) == (
+            True, [turn_id], 0, 1)
+    finally:
+        workers.start()
+    assert world.wait_terminal(key, turn_id)["status"] == "success"
+
+
 def test_a_sweep_while_redis_is_out_of_reach_sends_nothing_and_says_so_once(
         world: World, redis_client: redis.Redis, workers: Workers, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
