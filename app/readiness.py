@@ -16,6 +16,7 @@ from app.models import User
 from app.redis_client import get_redis, key, redis_location
 from app.schema import SchemaIncomplete, missing_columns
 from app.setup_problems import SetupProblem, setup_problem
+from app.sqlite_engine import lock_waits_within
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +95,10 @@ def _database() -> tuple[str, SetupProblem | None]:
     """The database check as `/readyz` shows it, and the setup step its failure calls for, if any. A probe
     answers within moments or not at all: a server that does not answer its query within the connect timeout
     fails it, as one that does not accept the connection does."""
+    bound = get_settings().db_connect_timeout_seconds
     try:
-        with (answers_within(get_settings().db_connect_timeout_seconds),
-              get_engine().connect() as connection):  # one query proves the database is reached and set up
+        with (answers_within(bound), get_engine().connect() as connection,
+              lock_waits_within(connection, bound)):  # one query proves the database is reached and set up
             connection.execute(select(User.id).limit(1))
     except Exception as exc:
         problem = setup_problem(exc)

@@ -11,6 +11,7 @@ import functools
 import json
 import re
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -48,7 +49,7 @@ def sqlite_deployment(mock_upstream: Process, tmp_path_factory: pytest.TempPathF
     worker = Process("sqlite-worker", agentq("worker", "--processes", "1", "--threads", "4"), env, LOG_DIR).start()
     wait_http(f"http://127.0.0.1:{port}/healthz")
     yield {"url": f"http://127.0.0.1:{port}", "key": demo["api_key"], "agent_id": str(demo["agent_id"]),
-           "key_file": str(work / "key")}
+           "key_file": str(work / "key"), "database": str(work / "agentq.sqlite3")}
     web.stop()
     worker.stop()
 
@@ -65,6 +66,27 @@ def test_readme_curl_session_answers_on_the_sqlite_default(sqlite_deployment: di
     assert final["content"] == "echo: Hello, agent!"
     assert final["model"] == "demo-echo"
     assert final["cost"] == "0.000018"
+
+
+def test_readiness_answers_within_its_bound_while_another_writer_holds_the_file(
+        sqlite_deployment: dict[str, str]) -> None:
+    """An operator's `sqlite3` shell left in a write transaction holds the file's lock, which every transaction
+    waits for: `/readyz` waited the whole 30 s busy timeout for it. It answers 503 within its probe's bound (the
+    connect timeout, 5 s), and 200 once the lock is let go."""
+    import sqlite3
+
+    holder = sqlite3.connect(sqlite_deployment["database"], isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        asked = time.monotonic()
+        held = httpx.get(f"{sqlite_deployment['url']}/readyz", timeout=60)
+        waited = time.monotonic() - asked
+        assert (held.status_code, held.json()["checks"]["database"]) == (503, "error: OperationalError")
+        assert waited < 15, f"/readyz answered after {waited:.1f}s"
+    finally:
+        holder.rollback()
+        holder.close()
+    assert httpx.get(f"{sqlite_deployment['url']}/readyz", timeout=60).status_code == 200
 
 
 def test_idempotent_redelivery_and_balance_on_sqlite(sqlite_deployment: dict[str, str]) -> None:
