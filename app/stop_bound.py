@@ -23,15 +23,13 @@ from datetime import datetime, timedelta
 from functools import cache
 
 import redis
-from sqlalchemy import ColumnElement, DateTime, Table, and_, bindparam, select
+from sqlalchemy import ColumnElement, DateTime, Table, and_, bindparam
 from sqlalchemy.orm import Session
 
 from app.claims import lease_over
 from app.clock import lease_now
 from app.config import get_settings
 from app.db import transaction
-from app.in_flight import answer_in_flight
-from app.models import ConversationMessage, Turn, table
 from app.prepared import Prepared
 from app.run_kinds import TURN
 from app.silent_holders import renewed_by, runs_of_gone_holders, silent_lease, take_silent_lease
@@ -42,13 +40,17 @@ from app.worker_presence import WorkerState, live_workers
 log = logging.getLogger(__name__)
 
 
+def _stopped(turns: Table, messages: Table) -> ColumnElement[bool]:
+    """A turn `processing` whose user asked it to stop."""
+    return and_(messages.c.status == TurnStatus.PROCESSING.value, turns.c.cancel_requested_at.is_not(None))
+
+
 def _stopped_unheld(turns: Table, messages: Table) -> ColumnElement[bool]:
-    """A turn `processing` whose user asked it to stop, whose lease ran out before the `expired_before`
-    parameter: by the recovery sweep's rule (`lease_over`), so a turn a failed delivery handed to its retry, or
-    one a stopping worker is sending on, is left to the delivery that takes it, until that window too is over."""
+    """A stopped turn whose lease ran out before the `expired_before` parameter: by the recovery sweep's rule
+    (`lease_over`), so a turn a failed delivery handed to its retry, or one a stopping worker is sending on, is
+    left to the delivery that takes it, until that window too is over."""
     expired_before = bindparam("expired_before", type_=DateTime(timezone=True))
-    return and_(messages.c.status == TurnStatus.PROCESSING.value, turns.c.cancel_requested_at.is_not(None),
-                lease_over(turns.c.lease_expires_at, expired_before))
+    return and_(_stopped(turns, messages), lease_over(turns.c.lease_expires_at, expired_before))
 
 
 @cache
@@ -81,17 +83,17 @@ def end_stops_no_delivery_carries_out(now: datetime) -> list[int]:
 
 
 @cache
-def _stopped_silent_turns() -> Prepared:
-    """The stopped turns `processing` under a lease still held (past `now`) but unrenewed for a while (expiring
-    before `renewed_by`: `app.silent_holders`), with their tokens. A lease that ran out is the other look's, and
-    the recovery sweep's."""
-    turns, messages = table(Turn), table(ConversationMessage)
+def _stopped_silent_turns(one: bool) -> Prepared:
+    """The stopped turns under a lease still held (past `now`) but unrenewed for a while (expiring before
+    `renewed_by`: `app.silent_holders`), with their tokens; with `one`, only the turn `only` (a stop's own look).
+    A lease that ran out is the other look's, and the recovery sweep's."""
     now = bindparam("now", type_=DateTime(timezone=True))
-    return Prepared(select(turns.c.assistant_message_id, turns.c.lease_token)
-                    .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
-                    .where(answer_in_flight(messages), messages.c.status == TurnStatus.PROCESSING.value,
-                           turns.c.cancel_requested_at.is_not(None),
-                           silent_lease(turns.c.lease_token, turns.c.lease_expires_at, now)))
+
+    def stopped_silent(turns: Table, messages: Table) -> ColumnElement[bool]:
+        silent = and_(_stopped(turns, messages), silent_lease(turns.c.lease_token, turns.c.lease_expires_at, now))
+        return and_(silent, turns.c.assistant_message_id == bindparam("only")) if one else silent
+
+    return turn_ids_where(stopped_silent, "lease_token")
 
 
 def end_stops_of_gone_holders(only: int | None = None) -> list[int]:
@@ -102,8 +104,8 @@ def end_stops_of_gone_holders(only: int | None = None) -> list[int]:
     a holder that renewed since the look keeps its turn, and ends it itself. The ids it ended."""
     with transaction() as session:
         now = lease_now(session)
-        rows = _stopped_silent_turns()(session, {"now": now, "renewed_by": renewed_by(now)}).rows
-    silent = [row for row in rows if only is None or row.assistant_message_id == only]
+        asked = {"now": now, "renewed_by": renewed_by(now), **({} if only is None else {"only": only})}
+        silent = _stopped_silent_turns(only is not None)(session, asked).rows
     gone = runs_of_gone_holders(silent)
     tokens = {row.assistant_message_id: row.lease_token for row in silent if row.assistant_message_id in gone}
 

@@ -119,11 +119,11 @@ def abandon_debug_run(run_id: int, reason: str, *, pending_before: datetime | No
     return TurnStatus.ERROR if ended else None
 
 
-def turn_ids_where(turn: Callable[[Table, Table], ColumnElement[bool]]) -> Prepared:
+def turn_ids_where(turn: Callable[[Table, Table], ColumnElement[bool]], *columns: str) -> Prepared:
     """A look's query: the ids of the turns in flight for which `turn(turns, messages)` holds (a turn's status is
-    on its answer's row)."""
+    on its answer's row), each with the turn's `columns` after it."""
     turns, messages = table(Turn), table(ConversationMessage)
-    return Prepared(select(turns.c.assistant_message_id)
+    return Prepared(select(turns.c.assistant_message_id, *(turns.c[name] for name in columns))
                     .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
                     .where(answer_in_flight(messages), turn(turns, messages)))
 
