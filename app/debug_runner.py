@@ -45,7 +45,7 @@ class _ClaimedRun:
     ends_by: float | None
     agent: AgentSetup
     content: str
-    fallen_back: bool
+    fell_back: bool
 
 
 def run_debug_run(run_id: int) -> None:
@@ -86,8 +86,8 @@ def _run(claimed: _ClaimedRun) -> None:
         verdict = moderate(content)
         outcome = None if not verdict.passed else call_with_fallback(
             agent.primary, agent.fallback, lambda target: agent.prompt_for(target, [], content).messages,
-            agent.params, AnswerSink(), holding.stop, ends_by=ends_by, fallen_back=claimed.fallen_back,
-            before_fallback_call=lambda: DEBUG_RUN.mark_fallen_back(run_id, token, ends_by=ends_by,
+            agent.params, AnswerSink(), holding.stop, ends_by=ends_by, fell_back=claimed.fell_back,
+            before_fallback_call=lambda: DEBUG_RUN.mark_fell_back(run_id, token, ends_by=ends_by,
                                                                     stop=holding.stop))
         keeper.ending(holding, stopped=outcome is not None and outcome.cut_short)
         if outcome is None:
@@ -103,12 +103,11 @@ def _record_result(run_id: int, token: str, delivery: int, outcome: Outcome, lat
     """The run's result: the cost logged, None without an answer. A failed run keeps the text its last attempt
     produced, as a failed turn does, for the admin to see where it broke; it names no model, since none
     answered and the cost analysis counts runs under the model that did."""
-    completion, model = outcome.completion, outcome.model
+    completion, model, cost = outcome.completion, outcome.model, outcome.answer_cost
     if completion is None or model is None:
         _record_end(run_id, token, delivery, outcome.attempts, TurnStatus.LLM_ERROR, output=outcome.partial,
                     latency_ms=latency_ms, error_message=outcome.error_message_in_full)
         return None
-    cost = model.cost(completion.usage.prompt_tokens, completion.usage.completion_tokens)
     _record_end(run_id, token, delivery, outcome.attempts, TurnStatus.SUCCESS, output=completion.text,
                 model=model.name, model_id=model.id, prompt_tokens=completion.usage.prompt_tokens,
                 completion_tokens=completion.usage.completion_tokens, cost=cost, latency_ms=latency_ms,

@@ -158,7 +158,7 @@ def attempts_end_by(time_left: float | None) -> float | None:
 
 def fallback_mark_wait(ends_by: float | None) -> float:
     """How long a delivery waits a database outage out to record its switch to the fallback
-    (`RunKind.mark_fallen_back`): the model time it has left (`ends_by`, from `attempts_end_by`), less a
+    (`RunKind.mark_fell_back`): the model time it has left (`ends_by`, from `attempts_end_by`), less a
     connection timeout, which a try started at the limit may still take. The fallback's call then gets what
     remains, or is not made. None (a delivery run without a deadline, which only a test builds): one try."""
     if ends_by is None:

@@ -22,13 +22,13 @@ from app.model_target import ModelTarget
 
 
 def attempt_order(primary: ModelTarget, fallback: ModelTarget | None, *,
-                  fallen_back: bool = False) -> list[ModelTarget]:
+                  fell_back: bool = False) -> list[ModelTarget]:
     """The models a run may call, in the order it calls them: the fallback at most once, after the primary. A
     run that already switched to its fallback in an earlier delivery (whose worker died during the fallback's
     call) calls the fallback alone: the switch happens once a run, not once a delivery."""
     if fallback is None:
         return [primary]
-    return [fallback] if fallen_back else [primary, fallback]
+    return [fallback] if fell_back else [primary, fallback]
 
 
 def most_calls(*, has_fallback: bool) -> int:

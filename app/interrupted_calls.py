@@ -52,7 +52,7 @@ def record_interrupted_calls(turn_id: int, predecessor: int, recorded_by: str, a
     the model at its index; after a switch nothing names its model, and it is not recorded. Best effort: a
     failure here is logged and never stops the turn."""
     try:
-        targets = attempt_order(agent.primary, agent.fallback, fallen_back=False)
+        targets = attempt_order(agent.primary, agent.fallback, fell_back=False)
         answer_limit, in_order = get_settings().answer_limit(agent.params.max_tokens), not fell_back
         streamed = attempts_streamed(turn_id, up_to=predecessor)
         if streamed is None:

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 from app import metrics
 from app.agent_setup import AgentParams
@@ -58,6 +59,15 @@ class Outcome:
         an end is no reason for a run handed back at shutdown to take its lease back (`LeaseKeeper.ending`)."""
         return self.cancelled or self.disowned
 
+    @property
+    def answer_cost(self) -> Decimal | None:
+        """The answer at the prices of the model that gave it (the fallback's, when it answered): one figure for
+        what a turn is charged and what a test run logs. None without an answer."""
+        if self.completion is None or self.model is None:
+            return None
+        usage = self.completion.usage
+        return self.model.cost(usage.prompt_tokens, usage.completion_tokens)
+
     def note(self, error: str, in_full: str | None = None) -> None:
         self.failures.append((error, in_full or error))
 
@@ -101,11 +111,11 @@ def call_with_fallback(
     stop: threading.Event,
     *,
     ends_by: float | None = None,
-    fallen_back: bool = False,
+    fell_back: bool = False,
     before_fallback_call: Callable[[], bool] | None = None,
 ) -> Outcome:
     """Each model in turn (`attempt_order`) until one answers or a failure does not allow the next; only the
-    fallback for a run that switched to it in an earlier delivery (`fallen_back`). `before_fallback_call` is told
+    fallback for a run that switched to it in an earlier delivery (`fell_back`). `before_fallback_call` is told
     before the fallback is called after the primary failed, so that the run remembers the switch; False
     from it (the run is no longer this delivery's) ends the attempts there.
 
@@ -113,7 +123,7 @@ def call_with_fallback(
     its run's deadline (`ends_by`, on `time.monotonic()`, from `app.deliveries.attempts_end_by`; None: no
     deadline): an attempt with nothing left is not made."""
     outcome = Outcome()
-    targets = attempt_order(primary, fallback, fallen_back=fallen_back)
+    targets = attempt_order(primary, fallback, fell_back=fell_back)
     for index, target in enumerate(targets):
         if stop.is_set():
             # A stop before this target's call: before the first, nothing was streamed; before the fallback's

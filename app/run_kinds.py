@@ -190,7 +190,7 @@ class RunKind:
             return bool(session.scalar(select(exists().where(
                 self.key == ident, self.model.lease_token.is_(None), self.model.updated_at == stamp))))
 
-    def mark_fallen_back(self, ident: int, token: str, *, ends_by: float | None, stop: threading.Event) -> bool:
+    def mark_fell_back(self, ident: int, token: str, *, ends_by: float | None, stop: threading.Event) -> bool:
         """The delivery holding lease `token` switches the run to its fallback: a delivery that takes the run
         over (its worker died during the fallback's call) reads this with its claim and calls the fallback
         alone, where it called the primary that had just failed again, switching twice in one run (the

@@ -58,7 +58,7 @@ class TurnContext:
     reserved: Decimal
     delivery: int
     """This delivery's number (`deliveries` at its claim), which names its stream's attempts and records."""
-    fallen_back: bool
+    fell_back: bool
     """An earlier delivery switched the run to its fallback (`Turn.fell_back`): this one calls the fallback alone."""
     gives_up: str | None
     """Why this delivery ends the turn as `error` without a model call (`app.deliveries.give_up_reason`)."""
@@ -82,7 +82,7 @@ def _load_context(unit: Unit, claim: ClaimResult) -> TurnContext:
         turn_id=turn.assistant_message_id, question_id=turn.user_message_id, token=claim.token,
         user_id=turn.user_id, conversation_id=turn.conversation_id, content=inputs.content,
         history=history_before(unit, turn.conversation_id, inputs.seq),
-        agent=inputs.agent, reserved=turn.reserved_amount, delivery=claim.deliveries, fallen_back=turn.fell_back,
+        agent=inputs.agent, reserved=turn.reserved_amount, delivery=claim.deliveries, fell_back=turn.fell_back,
         gives_up=give_up_reason(claim.deliveries, claim.time_left, claim.handed_back),
         ends_by=attempts_end_by(claim.time_left),
     )
@@ -115,7 +115,7 @@ def _run_turn(turn_id: int) -> None:
     log.info("turn %s %s (delivery %s)", turn_id, claim.outcome.value, context.delivery)
     if claim.predecessor is not None:
         record_interrupted_calls(turn_id, claim.predecessor, f"delivery {context.delivery}, which took the turn over",
-                                 context.agent, context.prompt_for, fell_back=context.fallen_back)
+                                 context.agent, context.prompt_for, fell_back=context.fell_back)
     since = first_delivery_since_requeue(context.delivery)  # a requeue starts anew: none of the earlier text
     stream = TurnStream(turn_id, context.delivery,
                         text_streamed(turn_id, since=since) if context.delivery > since else None)
@@ -171,8 +171,8 @@ def _end_of(context: TurnContext, stop: threading.Event, stream: TurnStream) -> 
     if not verdict.passed:
         return partial(_settle_failure, context, TurnStatus.CONTENT_VIOLATION, verdict.error_message, stream), False
     outcome = call_with_fallback(agent.primary, agent.fallback, context.prompt_for, agent.params, stream, stop,
-                                 ends_by=context.ends_by, fallen_back=context.fallen_back,
-                                 before_fallback_call=lambda: TURN.mark_fallen_back(
+                                 ends_by=context.ends_by, fell_back=context.fell_back,
+                                 before_fallback_call=lambda: TURN.mark_fell_back(
                                      context.turn_id, context.token, ends_by=context.ends_by, stop=stop))
     elapsed_ms = int((time.monotonic() - started) * 1000)
     if outcome.completion is not None:
@@ -188,7 +188,7 @@ def _streamed_by(context: TurnContext, held: Streamed) -> str:
     announced it: an admin may have changed the agent's models, or renamed that one, since; the one this
     delivery calls first when the stream no longer names it (the entry trimmed away): the fallback for a run that
     switched to it in an earlier delivery (`Turn.fell_back`)."""
-    first = attempt_order(context.agent.primary, context.agent.fallback, fallen_back=context.fallen_back)[0]
+    first = attempt_order(context.agent.primary, context.agent.fallback, fell_back=context.fell_back)[0]
     return held.model or first.name
 
 
@@ -258,10 +258,9 @@ def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, mod
 
 def _settle_success(context: TurnContext, outcome: Outcome, elapsed_ms: int, stream: TurnStream) -> None:
     """A whole answer is a success (or `cancelled`, paid for, when a stop landed before it was written)."""
-    completion, model = outcome.completion, outcome.model
+    completion, model, cost = outcome.completion, outcome.model, outcome.answer_cost
     assert completion is not None and model is not None
     usage = completion.usage
-    cost = model.cost(usage.prompt_tokens, usage.completion_tokens)
     _settle(context, TurnStatus.SUCCESS, stream, model=model.name, cost=cost, outcome=outcome, content=completion.text,
             success_tokens=usage.prompt_tokens + usage.completion_tokens,
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,

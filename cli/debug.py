@@ -66,7 +66,7 @@ def cmd_debug_execute(args: argparse.Namespace) -> int:
 
 def add_debug_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     debug = sub.add_parser("debug", help="admin debugging: route test, prompt preview, execution test")
-    commands = debug.add_subparsers(dest="debug_command", required=True)
+    commands = debug.add_subparsers(dest="debug_command", metavar="COMMAND", required=True)
     helps = {
         "route": ("the routing decision of a turn, without calling a model", cmd_debug_route),
         "prompt": ("the messages a turn would send upstream, without calling a model", cmd_debug_prompt),

@@ -72,7 +72,7 @@ DEAD_LETTER_ID = "the dead letter's id, as `dlq list` prints it (its `id`, not i
 
 def add_dlq_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dlq = sub.add_parser("dlq", help="dead letters: messages whose retries ran out")
-    commands = dlq.add_subparsers(dest="dlq_command", required=True)
+    commands = dlq.add_subparsers(dest="dlq_command", metavar="COMMAND", required=True)
     listing = commands.add_parser("list", help="list the dead letters, newest first")
     listing.add_argument("--limit", type=page_size, help="a page of at most this many, with its next_cursor")
     listing.add_argument("--cursor", type=listing_cursor, help="start after this next_cursor of an earlier page")

@@ -177,12 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="agentq", description="agentq: LLM agent turns on Dramatiq workers.",
         epilog="Every command reads its settings (DATABASE_URL, REDIS_URL, AGENTQ_*) from the environment or from "
                "a .env file in the working directory; a variable already set wins.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
+    db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", metavar="COMMAND",
+                                                                      required=True)
     db.add_parser("init", help="create or upgrade the schema (safe to run twice)").set_defaults(func=cmd_db_init)
 
-    users = sub.add_parser("users", help="accounts").add_subparsers(dest="users_command", required=True)
+    users = sub.add_parser("users", help="accounts").add_subparsers(dest="users_command", metavar="COMMAND",
+                                                                    required=True)
     create = users.add_parser("create", help="create a user and print its API key once")
     create.add_argument("name", help="the user's name")
     create.add_argument("--admin", action="store_true", help="make the user an administrator (the admin routes)")
@@ -226,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--tls-key", default=None, help="the certificate's private key (PEM)")
     mock.set_defaults(func=cmd_mock_llm)
 
-    demo = sub.add_parser("demo", help="the built-in demo").add_subparsers(dest="demo_command", required=True)
+    demo = sub.add_parser("demo", help="the built-in demo").add_subparsers(dest="demo_command", metavar="COMMAND",
+                                                                           required=True)
     seed = demo.add_parser("seed", help="create (or reuse) the demo user, model and agent")
     seed.add_argument("--mock-url", default="http://127.0.0.1:8765/v1",
                       help="the mock upstream's base URL, which the demo model calls (default: %(default)s)")

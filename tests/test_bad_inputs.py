@@ -289,8 +289,8 @@ def test_a_text_over_its_length_is_told_in_characters(world: World) -> None:
 @pytest.mark.parametrize(("path", "said"), [
     ("/nonexistent", "Nothing is found at this path."),
     ("/api/nowhere/7", "Nothing is found at this path."),
-    ("/api/messages/abc", "Nothing is found at this path (ids are whole numbers from 1)."),
-    ("/api/messages/0/stream", "Nothing is found at this path (ids are whole numbers from 1)."),
+    ("/api/messages/abc", "Nothing is found at this path (ids are whole numbers from 1 to 999999999999999999)."),
+    ("/api/messages/0/stream", "Nothing is found at this path (ids are whole numbers from 1 to 999999999999999999)."),
 ])
 def test_only_a_path_that_a_whole_number_id_would_match_is_told_what_ids_are(
         world: World, path: str, said: str) -> None:
@@ -332,7 +332,8 @@ def test_an_unmatched_path_and_a_body_without_its_content_type_say_what_is_wrong
     _, key = world.user()
     unmatched = world.api.get("/api/messages/0", key)
     assert (unmatched.status_code, unmatched.json["error"]) == (404, {
-        "code": "not_found", "message": "Nothing is found at this path (ids are whole numbers from 1)."})
+        "code": "not_found",
+        "message": "Nothing is found at this path (ids are whole numbers from 1 to 999999999999999999)."})
     untyped = world.api.call("POST", "/api/conversations", key, data=b'{"agent_id": 1}', content_type="text/plain")
     assert (untyped.status_code, untyped.json["error"]) == (400, {
         "code": "malformed_body",
@@ -344,7 +345,8 @@ def test_a_body_that_is_not_json_says_where_it_fails(world: World) -> None:
     """`NaN` and `Infinity` are not JSON (RFC 8259), though Python's parser takes them: a message whose body held
     one was accepted and its turn run, and a credit of `Infinity` was judged as a number (422). A body nested too
     deeply to read, or one that is no JSON at all, was told only that it must be a JSON object; a number whose
-    exponent is past a Decimal's was a 500."""
+    exponent is past a Decimal's was a 500. JSON that is no object (an array, a string) was told to be sent as
+    JSON, which it was: it is told what it is instead."""
     user_id, key = world.user()
     conversation_id = world.conversation(key, world.agent(world.model()))
     balance = world.api.get("/api/me", key).json["balance"]
@@ -355,7 +357,9 @@ def test_a_body_that_is_not_json_says_where_it_fails(world: World) -> None:
                             (key, "/api/conversations", b'{"agent_id": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
                             (key, "/api/conversations", b'{"agent_id": 1, "n": 1e999999999999999999999}'),
                             (key, "/api/conversations", b'{"agent_id": 1,}'),
-                            (key, "/api/conversations", b"[1]")):
+                            (key, "/api/conversations", b"[1]"),
+                            (key, "/api/conversations", b'"{\\"agent_id\\": 1}"'),
+                            (key, "/api/conversations", b"null")):
         answer = world.api.call("POST", path, who, data=body, content_type="application/json")
         said.append((answer.status_code, answer.json["error"]["code"],
                      answer.json["error"]["message"].removeprefix("The request body must be a JSON object, sent "
@@ -367,7 +371,9 @@ def test_a_body_that_is_not_json_says_where_it_fails(world: World) -> None:
                     (400, "malformed_body", " (the number 1e999999999999999999999 is out of range)."),
                     (400, "malformed_body", " (it is not JSON: Expecting property name enclosed in double quotes: "
                                             "line 1 column 16 (char 15))."),
-                    (400, "malformed_body", ".")]
+                    (400, "malformed_body", " (it is a JSON array)."),
+                    (400, "malformed_body", " (it is a JSON string)."),
+                    (400, "malformed_body", " (it is JSON null).")]
     assert world.api.get(f"/api/conversations/{conversation_id}/messages", key).json["items"] == []
     assert world.api.get("/api/me", key).json["balance"] == balance
 

@@ -336,6 +336,9 @@ def test_a_setting_that_cannot_work_stops_the_command_with_one_json_error(args: 
     (["users", "create", "tiny", "--balance", "0.0000001"], "with at most 6 decimals, not 0.0000001"),
     (["dlq", "requeue"], "one of the arguments id --all is required"),
     (["dlq", "purge", "5", "--all"], "not allowed with argument id"),
+    # named by the parser's attribute, `dlq_command`, which no operator typed or was shown
+    (["dlq"], "agentq dlq: error: the following arguments are required: COMMAND"),
+    ([], "agentq: error: the following arguments are required: COMMAND"),
 ])
 def test_an_id_or_a_wait_out_of_range_or_a_missing_choice_is_a_usage_error(args: list[str], says: str) -> None:
     """An id past the database's integer was its `bigint out of range` traceback; a negative wait was taken, and

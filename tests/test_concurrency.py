@@ -550,7 +550,7 @@ def test_a_stale_settlement_after_the_takeovers_charge_is_a_lost_lease_not_a_dat
         turn_id=assistant["id"], question_id=question_of(assistant["id"]), token=stale_token, user_id=user_id,
         conversation_id=conversation_id, content="hi", history=[],
         agent=AgentSetup("", AgentParams(120, None, None), target, None), reserved=reserved, delivery=1,
-        fallen_back=False, gives_up=None, ends_by=None)
+        fell_back=False, gives_up=None, ends_by=None)
     with pytest.raises(LeaseLost):
         _settle(stale, TurnStatus.SUCCESS, TurnStream(assistant["id"], 1), model=target.name, cost=Decimal("0.5"),
                 success_tokens=7, content="the stale answer", prompt_tokens=3, completion_tokens=4, latency_ms=5)

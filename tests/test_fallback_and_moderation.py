@@ -768,7 +768,7 @@ def test_a_delivery_that_finds_its_lease_gone_when_it_records_the_switch_does_no
     outcome = call_with_fallback(mock_target("primary", "echo;fail=503"), mock_target("fallback", "echo;words=3"),
                                  lambda _target: [{"role": "user", "content": "hi"}],
                                  AgentParams(timeout_seconds=10, temperature=None, max_tokens=None), AnswerSink(), stop,
-                                 before_fallback_call=lambda: TURN.mark_fallen_back(
+                                 before_fallback_call=lambda: TURN.mark_fell_back(
                                      turn_id, "a-lease-taken-over", ends_by=None, stop=stop))
     assert (outcome.completion, outcome.failures[-1][0]) == (None, "fallback: not called, the run is no longer this "
                                                                 "delivery's")

@@ -85,10 +85,15 @@ def _why_it_is_not(body: bytes) -> str:
     if not request.is_json:
         return f" (it was sent as {request.mimetype or 'no Content-Type'})"
     try:
-        current_app.json.loads(body)
+        document = current_app.json.loads(body)
     except ValueError as exc:  # JSONDecodeError, a byte that is no UTF-8 (UnicodeDecodeError) and ours
         return f" ({'it is not JSON: ' if isinstance(exc, JSONDecodeError) else ''}{str(exc).rstrip('.')})"
-    return ""
+    return f" (it is {_JSON_KINDS.get(type(document), 'another JSON value')})"
+
+
+_JSON_KINDS: dict[type, str] = {list: "a JSON array", str: "a JSON string", int: "a JSON number",
+                                float: "a JSON number", bool: "a JSON boolean", type(None): "JSON null"}
+"""What a parsed JSON document that is no object is, named as JSON names it, for the 400 that refuses it."""
 
 
 def _cut_at_the_limit(body: bytes) -> bool:

@@ -22,6 +22,7 @@ from werkzeug.wrappers import Response as WerkzeugResponse
 from app.errors import AgentqError, InvalidConfiguration, error_object
 from app.outages import REDIS_UNAVAILABLE, in_one_line, is_outage
 from app.setup_problems import SetupProblem, setup_problem
+from web.schemas import LARGEST_PATH_ID
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def _http(exc: HTTPException) -> WerkzeugResponse:
     message = exc.description or exc.name
     if exc.code == 404 and message == NotFound.description:  # Werkzeug's text speaks of URLs typed by hand
         message = "Nothing is found at this path" + (
-            " (ids are whole numbers from 1)." if _matched_but_for_its_ids(request.path) else ".")
+            f" (ids are whole numbers from 1 to {LARGEST_PATH_ID})." if _matched_but_for_its_ids(request.path) else ".")
     response = error_response(exc.code, code, message)
     if exc.code == 405:
         response.headers["Allow"] = exc.get_response().headers.get("Allow", "")

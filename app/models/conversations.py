@@ -146,7 +146,7 @@ class Turn(Base):
     cost_estimated: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
     fell_back: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
     """The run switched to its agent's fallback model, in a delivery since its last requeue: a delivery that
-    takes it over calls the fallback alone, since a run switches once (`app.run_kinds.RunKind.mark_fallen_back`)."""
+    takes it over calls the fallback alone, since a run switches once (`app.run_kinds.RunKind.mark_fell_back`)."""
     cancel_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = created_at_column()
     updated_at: Mapped[datetime] = updated_at_column()

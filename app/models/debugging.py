@@ -47,7 +47,7 @@ class DebugRun(Base):
     keep killing or stalling their workers, not for a rolling restart; the run's deadline still bounds them."""
     fell_back: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
     """The run switched to its agent's fallback model, in a delivery since its last requeue: a delivery that
-    takes it over calls the fallback alone, since a run switches once (`app.run_kinds.RunKind.mark_fallen_back`)."""
+    takes it over calls the fallback alone, since a run switches once (`app.run_kinds.RunKind.mark_fell_back`)."""
     created_at: Mapped[datetime] = created_at_column()
     updated_at: Mapped[datetime] = updated_at_column()
 
