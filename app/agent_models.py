@@ -46,9 +46,9 @@ def agent_targets(session: Session, agent: Agent) -> tuple[ModelTarget, ModelTar
 
 def max_cost(target: ModelTarget, messages: list[dict[str, str]], max_tokens: int | None) -> Decimal:
     """The most a turn can cost on `target`: its prompt at the most a provider may count it (its UTF-8
-    bytes, which the charge is capped at too) and an answer as long as allowed. Priced at the estimate (a
-    token per four ASCII characters), a prompt of characters a tokenizer splits finely (punctuation, emoji)
-    was charged up to four times what was reserved, past the balance: the operator paid the rest."""
+    bytes, which the charge is capped at too) and an answer as long as allowed. Not the estimate (a token per
+    four ASCII characters): a tokenizer may split punctuation or emoji into up to four times as many tokens,
+    and a reservation below the charge would let a turn cost more than its user's balance."""
     return target.cost(most_tokens_of_messages(messages), get_settings().answer_limit(max_tokens))
 
 

@@ -57,7 +57,7 @@ def requeued(session: Session, redis_message_id: str) -> bool:
 def _hold_conversation_open(session: Session, row: DeadLetter, conversation_id: int) -> None:
     """Take the conversation's row unless it was deleted since it was read (409 `conversation_deleted`): a
     delete that committed between that read and this requeue's commit found no turn in flight to stop, and
-    the requeued turn ran, and was charged, in a conversation its user could no longer see or stop. Held
+    the requeued turn would run, and be charged, in a conversation its user can no longer see or stop. Held
     now, the row makes a delete wait for this commit, after which it finds the turn and stops it. Taken
     last, once no turn of the conversation is in flight, so no settlement (which takes the conversation
     before the user) holds it while this transaction holds the user."""

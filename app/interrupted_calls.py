@@ -100,8 +100,8 @@ def _record(attempt: StreamedAttempt, recorded_by: str, targets: Sequence[ModelT
 def record_calls_of_dead_deliveries(turn_id: int) -> None:
     """After an end no delivery made (a stop, a bound, a dead message: `app.unheld_ends`) of a turn that was
     processing: record the calls its deliveries that died had streamed, as the delivery taking the turn over
-    does (`app.turn_runner`). The turn no longer gets one; before, those calls, which the provider bills, were
-    left in no record. Best effort, as that delivery's recording is."""
+    does (`app.turn_runner`): the turn gets no such delivery, and those calls, which the provider bills, would be
+    in no record. Best effort, as that delivery's recording is."""
     try:
         with plain_transaction() as connection:
             row = turn_with_its_agent(connection, turn_id)

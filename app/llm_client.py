@@ -213,7 +213,7 @@ class _Attempt:
         """The model finished its answer: the stream failing, running out of time or being stopped after that
         (while its usage and `[DONE]` were awaited) loses nothing of the answer. A stop then ends the turn
         `cancelled` with the whole answer, charged at the usage the provider reported (the settlement's
-        `StoppedMeanwhile`); taken for a stop mid-answer, it was charged at an estimate instead."""
+        `StoppedMeanwhile`), not at the estimate a stop mid-answer is charged."""
         return self.finished
 
     def _elapsed_ms(self) -> int:
