@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -87,57 +87,106 @@ ACK_NOT_WRITTEN = "Failed to post_process_message("
 fails for a lost connection (Redis out of reach or refusing writes), every five seconds until it is written."""
 
 
+def _starts_with(record: logging.LogRecord, start: str | tuple[str, ...]) -> bool:
+    return isinstance(record.msg, str) and record.msg.startswith(start)
+
+
+def _is_consumer_lost_redis(record: logging.LogRecord) -> bool:
+    return _starts_with(record, CONSUMER_LOST_REDIS)
+
+
+def _is_consumer_restart(record: logging.LogRecord) -> bool:
+    return _starts_with(record, CONSUMER_RESTARTS)
+
+
+def _is_ack_not_written(record: logging.LogRecord) -> bool:
+    return _starts_with(record, ACK_NOT_WRITTEN) and isinstance(record.args, tuple) and len(record.args) == 3
+
+
+def _is_outage_traceback(record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return error is not None and _starts_with(record, ONE_LINE_IN_AN_OUTAGE) and is_outage(error)
+
+
+def _ack_not_written_in_one_line(record: logging.LogRecord) -> bool:
+    """Dramatiq's three-line warning, as one line said sparingly."""
+    if (since := said_again(ACK_NOT_WRITTEN, "a thread's ack", "tries")) is None:
+        return False
+    assert isinstance(record.args, tuple)
+    message, error, every = record.args
+    record.msg = ("the ack or nack of %s could not be written (%s); each is tried again every %s s until Redis "
+                  "takes it, said at most every %g s%s")
+    record.args = (message, in_one_line(error) if isinstance(error, BaseException) else error, every,
+                   OUTAGE_REPEAT_SECONDS, since)
+    return True
+
+
+def _outage_traceback_as_warning(record: logging.LogRecord) -> bool:
+    """The line without its traceback, naming the outage, and saying where a retry that was not sent goes."""
+    assert record.exc_info is not None and record.exc_info[1] is not None
+    error = record.exc_info[1]
+    said = record.getMessage().rstrip(".")
+    unsent = isinstance(record.args, tuple) and any(isinstance(arg, Retries) for arg in record.args)
+    record.levelno, record.levelname = logging.WARNING, "WARNING"
+    record.msg, record.args = "%s: %s (a backing service is out of reach)%s", (
+        said, in_one_line(error), RETRY_NOT_SENT if unsent else "")
+    record.exc_info, record.exc_text = None, None
+    return True
+
+
+LogRule = tuple[Callable[[logging.LogRecord], bool], Callable[[logging.LogRecord], bool]]
+"""Which records a rule is for, and how it rewrites one: False drops the record."""
+
+
 class OutageFailureFilter(logging.Filter):
-    """Dramatiq logs every delivery that raised as an error with its traceback. One that failed because a
-    backing service is out of reach is retried for minutes (`app.deliveries.retry_failed`): a database
-    restart with a hundred runs queued wrote a hundred tracebacks at every retry. It is one warning line.
-    So is a consumer's lost connection to Redis, which Dramatiq says at CRITICAL at every try of every
-    consumer, three seconds apart, with an INFO line about the next try: four queues a process wrote 88 lines
-    in 30 s of an outage, though nothing is lost and the consumers start again by themselves. A process says
-    it once, and again at most every `OUTAGE_REPEAT_SECONDS` with the count of tries not said, like every
-    background loop; the next-try lines after a lost connection are not written. So is an ack or a nack that
-    Redis did not take, which Dramatiq's thread tries again every five seconds with a three-line warning; and a
-    middleware's hook that an outage failed (the Retries middleware's send of a retry that Redis did not take in
-    time), which Dramatiq says at CRITICAL with its traceback."""
+    """Dramatiq says an outage the deployment rides out as a failure, at every try, often with a traceback;
+    an operator read hundreds of lines, and was paged on CRITICAL, for nothing lost. Here each is one line:
+
+    - a delivery an outage failed is retried for minutes (`app.deliveries.retry_failed`): a warning without its
+      traceback (a database restart with a hundred runs queued wrote a hundred tracebacks at every retry);
+    - a middleware's hook an outage failed (the Retries middleware's send of a retry), said at CRITICAL with a
+      traceback: the same warning, saying where the unsent retry's run goes;
+    - a consumer's lost Redis connection, said at CRITICAL by every consumer every 3 s though each starts again
+      by itself (four queues wrote 88 lines in 30 s): a warning, once a process and again at most every
+      `OUTAGE_REPEAT_SECONDS` with the count of tries not said;
+    - the line about a consumer's next try after a lost connection: not written;
+    - an ack or a nack Redis did not take, a three-line warning every 5 s until it is written: one line, said
+      at most every `OUTAGE_REPEAT_SECONDS`.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self._reconnecting: set[int | None] = set()
         """The consumer threads whose last line was a lost connection, whose next-try line is not written."""
+        self._rules: tuple[LogRule, ...] = (
+            (_is_consumer_lost_redis, self._consumer_lost_redis_as_warning),
+            (_is_consumer_restart, self._restart_after_lost_redis_dropped),
+            (_is_ack_not_written, _ack_not_written_in_one_line),
+            (_is_outage_traceback, _outage_traceback_as_warning),
+        )
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str) and record.msg.startswith(CONSUMER_LOST_REDIS):
-            self._reconnecting.add(record.thread)
-            if (since := said_again(CONSUMER_LOST_REDIS, "the consumers' connection to Redis", "tries")) is None:
-                return False
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg += (f" (Redis is out of reach; each of this process's consumers tries again every 3 s, said "
-                           f"at most every {OUTAGE_REPEAT_SECONDS:g} s{since})")
-            return True
-        if isinstance(record.msg, str) and record.msg.startswith(CONSUMER_RESTARTS) \
-                and record.thread in self._reconnecting:
-            self._reconnecting.discard(record.thread)
-            return False
-        if isinstance(record.msg, str) and record.msg.startswith(ACK_NOT_WRITTEN) \
-                and isinstance(record.args, tuple) and len(record.args) == 3:
-            if (since := said_again(ACK_NOT_WRITTEN, "a thread's ack", "tries")) is None:
-                return False
-            message, error, every = record.args
-            record.msg = ("the ack or nack of %s could not be written (%s); each is tried again every %s s until Redis "
-                          "takes it, said at most every %g s%s")
-            record.args = (message, in_one_line(error) if isinstance(error, BaseException) else error, every,
-                           OUTAGE_REPEAT_SECONDS, since)
-            return True
-        error = record.exc_info[1] if record.exc_info else None
-        if error is not None and isinstance(record.msg, str) and record.msg.startswith(ONE_LINE_IN_AN_OUTAGE) \
-                and is_outage(error):
-            said = record.getMessage().rstrip(".")
-            unsent = isinstance(record.args, tuple) and any(isinstance(arg, Retries) for arg in record.args)
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg, record.args = "%s: %s (a backing service is out of reach)%s", (
-                said, in_one_line(error), RETRY_NOT_SENT if unsent else "")
-            record.exc_info, record.exc_text = None, None
+        for matches, rewrite in self._rules:
+            if matches(record):
+                return rewrite(record)
         return True
+
+    def _consumer_lost_redis_as_warning(self, record: logging.LogRecord) -> bool:
+        """Said once for all this process's consumers, and again sparingly."""
+        self._reconnecting.add(record.thread)
+        if (since := said_again(CONSUMER_LOST_REDIS, "the consumers' connection to Redis", "tries")) is None:
+            return False
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg += (f" (Redis is out of reach; each of this process's consumers tries again every 3 s, said "
+                       f"at most every {OUTAGE_REPEAT_SECONDS:g} s{since})")
+        return True
+
+    def _restart_after_lost_redis_dropped(self, record: logging.LogRecord) -> bool:
+        """A restart after another failure (a bug's) is still written."""
+        if record.thread not in self._reconnecting:
+            return True
+        self._reconnecting.discard(record.thread)
+        return False
 
 
 class JsonFormatter(logging.Formatter):
