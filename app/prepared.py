@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from psycopg.rows import namedtuple_row
 from sqlalchemy import Boolean, DateTime, Float, Integer, Numeric, String
@@ -201,40 +201,80 @@ def then(unit: Unit | Batch, check: Callable[[], None]) -> None:
         check()
 
 
-def _run(unit: Unit, statements: list[tuple[Prepared, Params | Sequence[Params] | None]]) -> list[Rows]:
+Statements = list[tuple[Prepared, Params | Sequence[Params] | None]]
+
+
+def _run(unit: Unit, statements: Statements) -> list[Rows]:
+    """SQLite's values need SQLAlchemy's type processing; PostgreSQL's are read as they are by psycopg."""
     connection = unit if isinstance(unit, Connection) else unit.connection()
+    if connection.dialect.name != "postgresql":
+        return _run_through_sqlalchemy(connection, statements)
+    return _run_on_psycopg(connection, statements)
+
+
+def _run_through_sqlalchemy(connection: Connection, statements: Statements) -> list[Rows]:
+    results = []
+    for prepared, params in statements:
+        result = connection.execute(cast(Executable, prepared.statement), params)
+        results.append(Rows(list(result) if result.returns_rows else [], result.rowcount))
+    return results
+
+
+class _DriverRun(NamedTuple):
+    """One statement as psycopg runs it: its SQL, once for each parameter set."""
+
+    sql: str
+    param_sets: list[dict[str, Any]]
+    many: bool
+    """Given a sequence of parameter sets (an executemany): only the count of rows changed is returned."""
+
+
+def _driver_run(form: _DriverForm, params: Params | Sequence[Params] | None) -> _DriverRun:
+    return _DriverRun(form.sql, [_complete(form, p) for p in _param_sets(params)], _many(params))
+
+
+def _run_on_psycopg(connection: Connection, statements: Statements) -> list[Rows]:
+    """On the unit's own psycopg connection, inside its transaction: one statement run once alone, more in
+    psycopg's pipeline, one round trip for them all."""
     dialect = connection.dialect
-    if dialect.name != "postgresql":
-        results = []
-        for prepared, params in statements:
-            result = connection.execute(cast(Executable, prepared.statement), params)
-            results.append(Rows(list(result) if result.returns_rows else [], result.rowcount))
-        return results
-    work = [(prepared._form(dialect), params) for prepared, params in statements]
-    runs = [(form.sql, [_complete(form, p) for p in _param_sets(params)], _many(params)) for form, params in work]
+    runs = [_driver_run(prepared._form(dialect), params) for prepared, params in statements]
     driver = connection.connection.driver_connection
     assert driver is not None, "a pooled connection holds its driver's"
     cursors: list[list[Any]] = []
     try:
-        if len(runs) == 1 and len(runs[0][1]) == 1:
-            cursors = [_execute(driver, runs[0][0], runs[0][1])]
+        if len(runs) == 1 and len(runs[0].param_sets) == 1:
+            cursors = [_execute(driver, runs[0].sql, runs[0].param_sets)]
         else:
             with driver.pipeline():
-                cursors = [_execute(driver, sql, batch) for sql, batch, _ in runs]
-        return [Rows([], sum(c.rowcount for c in cs)) if many
-                else Rows(cs[0].fetchall() if cs[0].description is not None else [], cs[0].rowcount)
-                for cs, (_, _, many) in zip(cursors, runs, strict=True)]
+                cursors = [_execute(driver, run.sql, run.param_sets) for run in runs]
+        return [_rows(run_cursors, run.many) for run_cursors, run in zip(cursors, runs, strict=True)]
     except dialect.loaded_dbapi.Error as exc:
-        lost = connection_lost(exc, driver)
-        if lost:
-            connection.invalidate(exc)
-            connection.engine.dispose()
-        raise DBAPIError.instance("; ".join(sql for sql, _, _ in runs), [b for _, b, _ in runs], exc,
-                                  dialect.loaded_dbapi.Error, connection_invalidated=lost, dialect=dialect) from exc
+        raise _as_sqlalchemy_error(connection, driver, runs, exc) from exc
     finally:
-        for cs in cursors:
-            for cursor in cs:
+        for run_cursors in cursors:
+            for cursor in run_cursors:
                 cursor.close()
+
+
+def _rows(cursors: list[Any], many: bool) -> Rows:
+    if many:
+        return Rows([], sum(cursor.rowcount for cursor in cursors))
+    cursor = cursors[0]
+    return Rows(cursor.fetchall() if cursor.description is not None else [], cursor.rowcount)
+
+
+def _as_sqlalchemy_error(connection: Connection, driver: Any, runs: list[_DriverRun],
+                         error: Exception) -> BaseException:
+    """The error SQLAlchemy would have raised, so that callers catch one kind (an `IntegrityError` stays one);
+    a lost connection is invalidated and the pool emptied, as SQLAlchemy does."""
+    dialect = connection.dialect
+    lost = connection_lost(error, driver)
+    if lost:
+        connection.invalidate(error)
+        connection.engine.dispose()
+    return DBAPIError.instance(
+        "; ".join(run.sql for run in runs), [run.param_sets for run in runs], error, dialect.loaded_dbapi.Error,
+        connection_invalidated=lost, dialect=dialect)
 
 
 def _many(params: Params | Sequence[Params] | None) -> bool:
