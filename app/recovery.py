@@ -82,13 +82,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RecoveryReport:
+    """What a sweep sent, and what kept it from sending, for its loop and its tests. The runs it ends (waiting too
+    long for a worker, or past their deadline under no lease) are not here: each end is logged as it is written
+    (`app.unheld_ends.abandon`)."""
+
     sent: list[int] = field(default_factory=list)
     debug_sent: list[int] = field(default_factory=list)
-    ended: list[int] = field(default_factory=list)
-    """Turns ended as `error` (`cancelled` where their users had asked them to stop): waiting too long for a
-    worker (`app.pending_bound`), or past their deadline with no delivery holding them (`app.deadline_bound`)."""
-    debug_ended: list[int] = field(default_factory=list)
-    """Admin test runs ended the same way."""
     redis_lost: bool = False
     unsent: int = 0
     receipts_unchecked: bool = False
@@ -151,6 +150,37 @@ def _due(status: ColumnElement[str], enqueued_at: ColumnElement[datetime | None]
                        unconfirmed=and_(unconfirmed, not_(due)), past_deadline=past_deadline, silent=silent)
 
 
+class _Cutoffs(NamedTuple):
+    """The moments one sweep judges runs by, all from the database's clock; named as the due-runs queries' binds."""
+
+    now: datetime
+    unsent_before: datetime
+    """A run committed before this and never sent is due (its own process had `enqueue_grace_seconds` to send it)."""
+    receipts_since: datetime
+    """A run sent since this, and before `unsent_before`, is due unless its send left a receipt in Redis."""
+    stale_before: datetime
+    """A pending run sent before this is due again (`stale_pending_seconds`)."""
+    sent_before: datetime
+    """A run whose lease ran out is due only if it was not sent again since this (a lease ago)."""
+    renewed_by: datetime
+    """A lease that expires before this went unrenewed (`app.silent_holders.renewed_by`)."""
+    pending_before: datetime
+    """A run pending since before this waited too long and is ended (`app.pending_bound`)."""
+    deadline_before: datetime
+    """A run past a deadline before this that no delivery holds is ended (`app.deadline_bound`)."""
+
+
+def _cutoffs(now: datetime, *, first_sweep: bool) -> _Cutoffs:
+    settings = get_settings()
+    unsent_before = now - timedelta(seconds=settings.enqueue_grace_seconds)
+    return _Cutoffs(now=now, unsent_before=unsent_before,
+                    receipts_since=unsent_before - timedelta(seconds=receipt_look_seconds(first_sweep=first_sweep)),
+                    stale_before=now - timedelta(seconds=settings.stale_pending_seconds),
+                    sent_before=now - timedelta(seconds=settings.lease_seconds),
+                    renewed_by=renewed_by(now), pending_before=pending_cutoff(now),
+                    deadline_before=deadline_cutoff(now))
+
+
 class _DueRuns(NamedTuple):
     turns: Prepared
     runs: Prepared
@@ -167,13 +197,13 @@ def _due_runs(redis_lost: bool, take_over: bool) -> _DueRuns:
     run_too_long = waited_too_long(runs.c.status, runs.c.updated_at)
     return _DueRuns(
         turns=Prepared(
-            select(turns.c.assistant_message_id, turns.c.enqueued_at, turns.c.lease_token,
+            select(turns.c.assistant_message_id.label("ident"), turns.c.enqueued_at, turns.c.lease_token,
                    turn.overdue.label("overdue"), turn.silent.label("silent"), turn.unconfirmed.label("unconfirmed"),
                    turn_too_long.label("waited_too_long"), turn.past_deadline.label("past_deadline"))
             .join_from(turns, messages, messages.c.id == turns.c.assistant_message_id)
             .where(answer_in_flight(messages), or_(turn.due, turn.unconfirmed, turn_too_long, turn.past_deadline))),
         runs=Prepared(
-            select(runs.c.id, runs.c.enqueued_at, runs.c.lease_token, run.overdue.label("overdue"),
+            select(runs.c.id.label("ident"), runs.c.enqueued_at, runs.c.lease_token, run.overdue.label("overdue"),
                    run.silent.label("silent"), run.unconfirmed.label("unconfirmed"),
                    run_too_long.label("waited_too_long"), run.past_deadline.label("past_deadline"))
             .where(in_flight(runs.c.status), or_(run.due, run.unconfirmed, run_too_long, run.past_deadline))),
@@ -200,13 +230,13 @@ def _without_receipt(rows: list[Any], kind: RunKind, report: RecoveryReport) -> 
     try:
         pipe = get_redis().pipeline(transaction=False)
         for row in unconfirmed:
-            pipe.exists(receipt_key_of_send(kind.actor, row[0], row.enqueued_at))
+            pipe.exists(receipt_key_of_send(kind.actor, row.ident, row.enqueued_at))
         received = pipe.execute()
     except redis.RedisError:
         report.receipts_unchecked = True
         return [row for row in rows if not row.unconfirmed]
-    lost = {row[0] for row, found in zip(unconfirmed, received, strict=True) if not found}
-    return [row for row in rows if not row.unconfirmed or row[0] in lost]
+    lost = {row.ident for row, found in zip(unconfirmed, received, strict=True) if not found}
+    return [row for row in rows if not row.unconfirmed or row.ident in lost]
 
 
 def _judged_silent(row: Any) -> bool:
@@ -220,7 +250,7 @@ def _send_due(rows: list[Any], kind: RunKind, now: datetime, sent: list[int], re
     due = _without_receipt(rows, kind, report)
     gone = runs_of_gone_holders([row for row in due if _judged_silent(row)])
     for row in due:
-        ident = row[0]
+        ident = row.ident
         if row.overdue and not _revoke_overdue(kind, ident, row.lease_token):
             continue
         if _judged_silent(row) and (ident not in gone or not end_silent_lease(kind, ident, row.lease_token, now)):
@@ -236,19 +266,17 @@ def _send_due(rows: list[Any], kind: RunKind, now: datetime, sent: list[int], re
                 report.unsent += 1
 
 
-def _end_or_send(rows: list[Any], kind: RunKind, cutoffs: dict[str, datetime], sent: list[int],
-                 report: RecoveryReport, *, redis_reachable: bool) -> list[int]:
+def _end_or_send(rows: list[Any], kind: RunKind, cutoffs: _Cutoffs, sent: list[int], report: RecoveryReport, *,
+                 redis_reachable: bool) -> None:
     """End the rows that waited too long (`app.pending_bound`) or are past their deadline under no lease
-    (`app.deadline_bound`), and send the others that are due, unless Redis did not answer as the sweep began;
-    the ids ended."""
-    ended = end_pending_too_long(kind, [row[0] for row in rows if row.waited_too_long], cutoffs["pending_before"])
-    ended += end_past_deadline(kind, [row[0] for row in rows if row.past_deadline], cutoffs["deadline_before"])
+    (`app.deadline_bound`), and send the others that are due, unless Redis did not answer as the sweep began."""
+    end_pending_too_long(kind, [row.ident for row in rows if row.waited_too_long], cutoffs.pending_before)
+    end_past_deadline(kind, [row.ident for row in rows if row.past_deadline], cutoffs.deadline_before)
     due = [row for row in rows if not (row.waited_too_long or row.past_deadline)]
     if redis_reachable:
-        _send_due(due, kind, cutoffs["now"], sent, report)
+        _send_due(due, kind, cutoffs.now, sent, report)
     else:
         report.unsent += len(due)
-    return ended
 
 
 def _say_unsent_while_redis_is_away(report: RecoveryReport) -> None:
@@ -269,21 +297,14 @@ def recover_once(*, first_sweep: bool = False, gate: TakeoverGate | None = None)
     lost_run = redis_now.lost_run
     report = RecoveryReport(redis_lost=lost_run is not None, receipts_unchecked=not redis_now.reachable)
     sweep_mark = leave_sweep_mark(lost_run) if lost_run is not None else None
-    settings = get_settings()
     with transaction() as session:
         now = gate.database_now(session) if gate is not None else lease_now(session)
         due = _due_runs(report.redis_lost, gate is None or gate.open)
-        unsent_before = now - timedelta(seconds=settings.enqueue_grace_seconds)
-        cutoffs = {"now": now, "unsent_before": unsent_before,
-                   "receipts_since": unsent_before - timedelta(seconds=receipt_look_seconds(first_sweep=first_sweep)),
-                   "stale_before": now - timedelta(seconds=settings.stale_pending_seconds),
-                   "sent_before": now - timedelta(seconds=settings.lease_seconds),
-                   "renewed_by": renewed_by(now),
-                   "pending_before": pending_cutoff(now), "deadline_before": deadline_cutoff(now)}
-        turns, runs = due.turns(session, cutoffs).rows, due.runs(session, cutoffs).rows
-    report.ended = _end_or_send(turns, TURN, cutoffs, report.sent, report, redis_reachable=redis_now.reachable)
-    report.debug_ended = _end_or_send(runs, DEBUG_RUN, cutoffs, report.debug_sent, report,
-                                      redis_reachable=redis_now.reachable)
+        cutoffs = _cutoffs(now, first_sweep=first_sweep)
+        binds = cutoffs._asdict()
+        turns, runs = due.turns(session, binds).rows, due.runs(session, binds).rows
+    _end_or_send(turns, TURN, cutoffs, report.sent, report, redis_reachable=redis_now.reachable)
+    _end_or_send(runs, DEBUG_RUN, cutoffs, report.debug_sent, report, redis_reachable=redis_now.reachable)
     if not redis_now.reachable:
         _say_unsent_while_redis_is_away(report)
     if report.redis_lost and report.unsent == 0:
