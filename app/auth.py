@@ -38,9 +38,9 @@ class Principal:
             raise Forbidden("This route is for administrators.")
 
 
-def admin_by_id(user_id: int) -> Principal:
-    """An administrator named by id rather than by key: the command line acts as one, since a test run
-    records who ran it."""
+def require_admin(user_id: int) -> Principal:
+    """The command line names its administrator by id, holding no key: it is refused, as the admin routes refuse a
+    user's key, unless that user is one, and acts as that principal, since a test run records who ran it."""
     with transaction() as session:
         user = session.get(User, user_id)
         if user is None:
