@@ -3,7 +3,8 @@
 With `AGENTQ_LOG_JSON=true` every record is one JSON object on one line (for a log shipper);
 otherwise a plain line. `run_context` puts a run's id in a context variable for the duration of
 the run, so every line logged while it runs, from any module, carries `turn_id` without passing it;
-an admin test run's lines carry its `debug_log_id` the same way.
+an admin test run's lines carry its `debug_log_id` the same way, and an API request's lines its
+`request_id` (`web.request_ids`).
 Dramatiq's CLI configures logging in each worker process itself, so the worker calls
 `configure_logging` again once the process has booted.
 """
@@ -26,8 +27,9 @@ from app.outages import in_one_line, is_outage
 
 _turn_id: ContextVar[int | None] = ContextVar("agentq_turn_id", default=None)
 _debug_run_id: ContextVar[int | None] = ContextVar("agentq_debug_run_id", default=None)
+_request_id: ContextVar[str | None] = ContextVar("agentq_request_id", default=None)
 
-PLAIN_FORMAT = "[%(asctime)s] [PID %(process)d] [%(threadName)s] [%(name)s] [%(levelname)s] %(turn)s%(message)s"
+PLAIN_FORMAT = "[%(asctime)s] [PID %(process)d] [%(threadName)s] [%(name)s] [%(levelname)s] %(about)s%(message)s"
 
 
 @contextmanager
@@ -48,14 +50,22 @@ def log_as_run(turn_id: int | None, debug_run_id: int | None) -> None:
     _debug_run_id.set(debug_run_id)
 
 
-class TurnIdFilter(logging.Filter):
-    """Stamps each record with the turn, or the admin test run, this thread runs (or None)."""
+def log_as_request(request_id: str | None) -> None:
+    """The API request this thread answers from now on (None once it is answered): set and cleared by the
+    request's own hooks (`web.request_ids`), which Flask calls separately."""
+    _request_id.set(request_id)
+
+
+class RunIdFilter(logging.Filter):
+    """Stamps each record with the API request this thread answers and the turn, or the admin test run, it
+    runs (each None when there is none), and, for the plain format, says them before the message."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        turn_id, debug_run_id = _turn_id.get(), _debug_run_id.get()
-        record.turn_id, record.debug_log_id = turn_id, debug_run_id
-        record.turn = (f"[turn {turn_id}] " if turn_id is not None
-                       else f"[test run {debug_run_id}] " if debug_run_id is not None else "")
+        turn_id, debug_run_id, request_id = _turn_id.get(), _debug_run_id.get(), _request_id.get()
+        record.turn_id, record.debug_log_id, record.request_id = turn_id, debug_run_id, request_id
+        record.about = ((f"[request {request_id}] " if request_id is not None else "")
+                        + (f"[turn {turn_id}] " if turn_id is not None
+                           else f"[test run {debug_run_id}] " if debug_run_id is not None else ""))
         return True
 
 
@@ -199,7 +209,7 @@ class JsonFormatter(logging.Formatter):
             "process": record.process,
             "thread": record.threadName,
         }
-        for field in ("turn_id", "debug_log_id"):
+        for field in ("request_id", "turn_id", "debug_log_id"):
             if (ident := getattr(record, field, None)) is not None:
                 payload[field] = ident
         if record.exc_info:
@@ -211,7 +221,7 @@ def configure_logging() -> None:
     """Replace the root logger's handlers with one on stderr (as it is now) in agentq's format."""
     settings = get_settings()
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(TurnIdFilter())
+    handler.addFilter(RunIdFilter())
     handler.addFilter(OutageFailureFilter())
     handler.setFormatter(JsonFormatter() if settings.log_json else logging.Formatter(PLAIN_FORMAT))
     root = logging.getLogger()
@@ -254,14 +264,14 @@ def gunicorn_logconfig() -> dict[str, object]:
     """The same handler for gunicorn's own loggers, as the `logconfig_dict` it applies in every process."""
     settings = get_settings()
     formatter: dict[str, object] = {"()": JsonFormatter} if settings.log_json else {"format": PLAIN_FORMAT}
-    handler = {"class": "logging.StreamHandler", "formatter": "agentq", "filters": ["turn"],
+    handler = {"class": "logging.StreamHandler", "formatter": "agentq", "filters": ["run_ids"],
                "stream": "ext://sys.stderr"}
     gunicorn_logger = {"level": settings.log_level.upper(), "handlers": ["agentq"], "propagate": False}
     access_logger = {**gunicorn_logger, "level": "INFO" if settings.access_log else "WARNING"}
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"turn": {"()": TurnIdFilter}},
+        "filters": {"run_ids": {"()": RunIdFilter}},
         "formatters": {"agentq": formatter},
         "handlers": {"agentq": handler},
         "root": {"level": settings.log_level.upper(), "handlers": ["agentq"]},
@@ -270,4 +280,4 @@ def gunicorn_logconfig() -> dict[str, object]:
     }
 
 
-__all__ = ["JsonFormatter", "configure_logging", "gunicorn_logconfig", "log_as_run", "run_context"]
+__all__ = ["JsonFormatter", "configure_logging", "gunicorn_logconfig", "log_as_request", "log_as_run", "run_context"]

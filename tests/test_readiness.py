@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sqlite3
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -148,6 +150,38 @@ def test_every_request_is_counted_and_timed_by_the_route_it_matched(world: World
     assert not [series for series in after if any("987654321" in v or "123456789" in v for _, v in series[1])]
 
 
+def test_a_request_is_named_in_its_answer_and_on_each_of_its_log_lines(world: World) -> None:
+    """An operator told of a failed request had nothing to find its lines by: each is now stamped with the
+    request's id, the client's `X-Request-ID` when it is a plain token (a proxy's, so that both logs share it),
+    else a new one; sent back on every response, a refusal's too, and written in the access line."""
+    _, key = world.user()
+    conversation_id = world.conversation(key, world.agent(world.model()))
+    with api_process("web-request-ids", AGENTQ_ACCESS_LOG="true", AGENTQ_LOG_JSON="true") as (url, web):
+        auth = {"Authorization": f"Bearer {key}"}
+        sent = httpx.post(f"{url}/api/conversations/{conversation_id}/messages", json={"content": "hi"},
+                          headers={**auth, "X-Request-ID": "ticket-4711"})
+        assert (sent.status_code, sent.headers["X-Request-ID"]) == (202, "ticket-4711")
+        turn_id = sent.json()["assistant_message"]["id"]
+
+        def lines_of(request_id: str) -> list[dict[str, object]]:
+            return [line for line in map(json.loads, web.output().splitlines())
+                    if line.get("request_id") == request_id or str(line["message"]).endswith(f" {request_id}")]
+
+        def both_lines() -> list[dict[str, object]] | None:
+            lines = lines_of("ticket-4711")
+            return lines if len(lines) == 2 else None
+
+        queued, access = wait_for(both_lines, what="the request's two lines")
+        assert (queued["logger"], queued["message"]) == ("app.outbox", f"turn {turn_id} sent to queue turns")
+        assert access["logger"] == "gunicorn.access" and "request_id" not in access
+        for refused_with in ("two words", "x" * 129, None):
+            refused = httpx.get(f"{url}/api/nowhere", headers={**auth, **(
+                {"X-Request-ID": refused_with} if refused_with is not None else {})})
+            given = refused.headers["X-Request-ID"]
+            assert refused.status_code == 404 and re.fullmatch("[0-9a-f]{32}", given)
+            wait_for(partial(lines_of, given), what="the refusal's access line")
+
+
 def test_an_access_log_is_written_only_when_asked_for(web_server: str) -> None:
     """`AGENTQ_ACCESS_LOG=true` writes one line a request in agentq's format (JSON here), with the status, the
     size and the time; by default none, as before (a proxy in front usually keeps one)."""
@@ -161,6 +195,7 @@ def test_an_access_log_is_written_only_when_asked_for(web_server: str) -> None:
         [line] = wait_for(access_lines, what="the request's access line")
         message = str(line["message"])
         assert message.startswith('127.0.0.1 "GET /api/me HTTP/1.1" 401 ') and line["level"] == "INFO"
-        assert " bytes " in message and message.endswith(' ms "python-httpx/' + httpx.__version__ + '"')
+        agent = re.escape(f' ms "python-httpx/{httpx.__version__}" ')
+        assert " bytes " in message and re.search(agent + "[0-9a-f]{32}$", message)
     assert httpx.get(f"{web_server}/api/me", headers={"Authorization": "Bearer nobody"}).status_code == 401
     assert "gunicorn.access" not in (LOG_DIR / "web.log").read_text()

@@ -11,6 +11,7 @@ from werkzeug.routing import IntegerConverter
 from web.bodies import SafeJSONProvider
 from web.errors import install_error_handlers, on_validation_error
 from web.headers import guard_every_response
+from web.request_ids import name_every_request
 from web.request_metrics import count_every_request
 from web.schemas import LARGEST_PATH_ID, ErrorResponse
 
@@ -63,6 +64,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> AgentqAPI:
         app.config.update(test_config)
     app.url_map.converters["id"] = IdConverter
     install_error_handlers(app)
+    name_every_request(app)
     count_every_request(app)
     app.before_request(load_principal_before_a_method_refusal)
     for blueprint in (health.bp, me.bp, admin.bp, conversations.bp, streaming.bp, debug.bp, ops.bp):

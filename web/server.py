@@ -21,9 +21,11 @@ from app.errors import error_object
 from web.client_timeouts import with_timed_body
 from web.connection_intake import ConnectionIntake
 
-ACCESS_LOG_FORMAT = '%(h)s "%(r)s" %(s)s %(B)s bytes %(M)s ms "%(a)s"'
+ACCESS_LOG_FORMAT = '%(h)s "%(r)s" %(s)s %(B)s bytes %(M)s ms "%(a)s" %({x-request-id}o)s'
 """An access line: the client's address, the request line, the status, the body's bytes, the time to the end of
-the response (an answer stream's whole length), and the client's user agent; no key (it is a header)."""
+the response (an answer stream's whole length), the client's user agent and the request's id (`web.request_ids`,
+from the response: the line is written after the request's own lines, its context gone); no key (it is a
+header)."""
 
 
 class ApiLogger(Logger):
