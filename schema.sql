@@ -98,9 +98,8 @@ CREATE TABLE IF NOT EXISTS conversation_messages (
     CONSTRAINT pk_conversation_messages PRIMARY KEY (id),
     CONSTRAINT fk_conversation_messages_conversation_id FOREIGN KEY (conversation_id) REFERENCES conversations (id),
     CONSTRAINT uq_conversation_messages_seq UNIQUE (conversation_id, seq),
-    CONSTRAINT ck_conversation_messages_role_known CHECK (role IN ('user', 'assistant')),
-    CONSTRAINT ck_conversation_messages_status_known CHECK (status IN ('pending', 'processing', 'success', 'error',
-        'insufficient_balance', 'content_violation', 'llm_error', 'cancelled'))
+    CONSTRAINT ck_conversation_messages_role_known CHECK (role IN ('user', 'assistant'))
+    -- ck_conversation_messages_status_known: below, after the tables.
 );
 CREATE INDEX IF NOT EXISTS idx_conversation_messages_status ON conversation_messages (status);
 -- By status, then by when the message last changed: the operators' look at recent failures reads those of
@@ -190,9 +189,8 @@ CREATE TABLE IF NOT EXISTS admin_debug_logs (
     CONSTRAINT pk_admin_debug_logs PRIMARY KEY (id),
     CONSTRAINT fk_admin_debug_logs_agent_id FOREIGN KEY (agent_id) REFERENCES agents (id),
     CONSTRAINT fk_admin_debug_logs_admin_id FOREIGN KEY (admin_id) REFERENCES users (id),
-    CONSTRAINT fk_admin_debug_logs_model_id FOREIGN KEY (model_id) REFERENCES llm_models (id),
-    CONSTRAINT ck_admin_debug_logs_status_known CHECK (status IN ('pending', 'processing', 'success', 'error',
-        'insufficient_balance', 'content_violation', 'llm_error', 'cancelled'))
+    CONSTRAINT fk_admin_debug_logs_model_id FOREIGN KEY (model_id) REFERENCES llm_models (id)
+    -- ck_admin_debug_logs_status_known: below, after the tables.
 );
 ALTER TABLE admin_debug_logs ADD COLUMN IF NOT EXISTS deadline_at timestamp with time zone;
 ALTER TABLE admin_debug_logs ADD COLUMN IF NOT EXISTS deliveries integer DEFAULT 0 NOT NULL;
@@ -247,3 +245,42 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 -- The listing's order, newest first, a page at a time.
 CREATE INDEX IF NOT EXISTS idx_dead_letters_open_by_time ON dead_letters (dead_at, id) WHERE requeued_at IS NULL;
 DROP INDEX IF EXISTS idx_dead_letters_open;
+
+-- The statuses of a turn and of a test run (app.turn_status.TurnStatus, in its order), the CHECK of both
+-- tables' `status`, written here once rather than in their CREATE TABLE: a CREATE TABLE IF NOT EXISTS leaves an
+-- existing table as an earlier release made it, and every write of a status added since failed its CHECK.
+-- A constraint whose list is this one already is left alone: reading the catalog locks no table, so a `db init`
+-- with nothing to change still waits for no session. Another (or a missing one) is replaced in one ALTER TABLE,
+-- under its ACCESS EXCLUSIVE lock (which lock_timeout bounds), every row checked against the new list while the
+-- lock is held. Adding it NOT VALID and then validating it would not shorten that: the drop's lock lasts until
+-- `db init` commits, so the validation's scan would run under it all the same. A large table can be given the
+-- new list beforehand without that lock (README, "When the database has no schema"); one given it NOT VALID
+-- is validated here, under a lock that lets reads and writes go on.
+DO $$
+DECLARE
+    wanted text[] := ARRAY['pending', 'processing', 'success', 'error', 'insufficient_balance',
+                           'content_violation', 'llm_error', 'cancelled'];
+    checked record;
+    present text[];
+    validated boolean;
+BEGIN
+    FOR checked IN SELECT * FROM (VALUES ('conversation_messages', 'ck_conversation_messages_status_known'),
+                                         ('admin_debug_logs', 'ck_admin_debug_logs_status_known')) AS t (tbl, name)
+    LOOP
+        SELECT c.convalidated, ARRAY(SELECT literal[1] FROM regexp_matches(pg_get_constraintdef(c.oid),
+                                     '''([^'']*)''', 'g') WITH ORDINALITY AS m (literal, place) ORDER BY place)
+            INTO validated, present
+            FROM pg_constraint c WHERE c.conrelid = checked.tbl::regclass AND c.conname = checked.name;
+        -- Concatenated, not format()'s: `db init` sends this file through a driver that takes its placeholders
+        -- for parameters.
+        IF present IS DISTINCT FROM wanted THEN
+            EXECUTE 'ALTER TABLE ' || quote_ident(checked.tbl)
+                || ' DROP CONSTRAINT IF EXISTS ' || quote_ident(checked.name)
+                || ', ADD CONSTRAINT ' || quote_ident(checked.name) || ' CHECK (status IN ('
+                || (SELECT string_agg(quote_literal(status), ', ') FROM unnest(wanted) AS status) || '))';
+        ELSIF NOT validated THEN
+            EXECUTE 'ALTER TABLE ' || quote_ident(checked.tbl)
+                || ' VALIDATE CONSTRAINT ' || quote_ident(checked.name);
+        END IF;
+    END LOOP;
+END $$;

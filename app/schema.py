@@ -3,10 +3,12 @@
 Every statement of `schema.sql` is idempotent, so `agentq db init` is safe to run twice and from
 several machines at once (an advisory lock serialises them); a column added after a release is
 added to an older database by its `ALTER TABLE … ADD COLUMN IF NOT EXISTS` (and again to one it was
-dropped from by hand; a column of the first release is not, having no such statement). On SQLite the models
-create what is missing, and a column a table lacks is added to it when it is nullable or has a default;
-a file written before money was kept in millionths there has its amounts converted once, and a table whose ids
-must never be given again (`sqlite_autoincrement`) made before it was declared so is rebuilt once.
+dropped from by hand; a column of the first release is not, having no such statement), and a status CHECK
+whose list is not this release's is replaced. On SQLite the models create what is missing, and a column a table
+lacks is added to it when it is nullable or has a default; a file written before money was kept in millionths
+there has its amounts converted once, and a table is rebuilt where SQLite cannot alter it in place
+(`app.sqlite_rebuilds`): one made before its ids were never to be given again, one whose status CHECK holds another
+list than this release's.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from sqlalchemy import Column, Connection, Engine, MetaData, Numeric, Table, inspect, text
+from sqlalchemy import Column, Connection, Engine, Numeric, Table, inspect, text
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.schema import CreateColumn, CreateTable
+from sqlalchemy.schema import CreateColumn
 
 from app.config import get_settings
 from app.connection_bounds import answers_within
@@ -29,6 +31,7 @@ from app.key_variables import models_refused_now
 from app.models import Base
 from app.money import MILLIONTHS
 from app.setup_problems import lacks_a_column
+from app.sqlite_rebuilds import ids_never_reused, statuses_of_this_release
 from app.sqlite_upgrades import mark_money_in_millionths, money_in_millionths
 
 SCHEMA_FILE = Path(__file__).parent / "schema.sql"
@@ -49,7 +52,9 @@ class SchemaReport:
     converted_money_columns: int = 0
     """On SQLite, the money columns of an older file converted to millionths (once)."""
     rebuilt_tables: list[str] = field(default_factory=list)
-    """On SQLite, the tables of an older file rebuilt (once, rows kept) so that their ids are never given again."""
+    """On SQLite, the tables of an older file rebuilt (once, rows and ids kept) as the models declare them, which
+    SQLite cannot alter in place: so that their ids are never given again, or that their status CHECK takes every
+    status of this release."""
     refused_key_variables: list[dict[str, Any]] = field(default_factory=list)
     """Live models whose `api_key_env` names a variable that `AGENTQ_MODEL_KEY_VARIABLES`, as this process
     has it, does not allow (`app.key_variables.models_refused_now`)."""
@@ -93,7 +98,7 @@ def init_schema() -> SchemaReport:
     fresh = not inspect(engine).get_table_names()
     Base.metadata.create_all(engine)
     added = _add_missing_columns(engine)
-    rebuilt = _ids_never_reused(engine)
+    rebuilt = ids_never_reused(engine) + statuses_of_this_release(engine)
     _replace_indexes(engine)
     _check_complete(engine, missing_columns(engine), added)
     converted = _money_in_millionths(engine, fresh)
@@ -108,10 +113,21 @@ class SchemaLocked(AgentqError):
 
 
 def schema_statements(sql: str) -> list[str]:
-    """`schema.sql`'s statements, one by one: each ends with a semicolon at the end of its line."""
-    chunks = re.split(r";[ \t]*$", sql, flags=re.MULTILINE)
-    return [chunk.strip() + ";" for chunk in chunks
+    """`schema.sql`'s statements, one by one: each ends with a semicolon at the end of its line, outside a
+    `$$`-quoted body (a `DO` block's statements end so too, and run with it)."""
+    chunks, lines, in_body = [], [], False
+    for line in sql.splitlines():
+        lines.append(line)
+        in_body ^= line.count("$$") % 2 == 1
+        if not in_body and _ENDS_A_STATEMENT.search(line):
+            chunks.append("\n".join(lines))
+            lines = []
+    chunks.append("\n".join(lines))
+    return [chunk.strip() for chunk in chunks
             if any(line.strip() and not line.strip().startswith("--") for line in chunk.splitlines())]
+
+
+_ENDS_A_STATEMENT = re.compile(r";[ \t]*$")
 
 
 _ADDS_A_COLUMN = re.compile(r"^ALTER TABLE (\w+) ADD COLUMN IF NOT EXISTS (\w+)", re.MULTILINE)
@@ -165,30 +181,6 @@ def _check_complete(engine: Engine, missing: list[str], added: list[str] | None 
 def _refused_key_variables(engine: Engine) -> list[dict[str, Any]]:
     with engine.connect() as connection:
         return [asdict(model) for model in models_refused_now(connection)]
-
-
-def _ids_never_reused(engine: Engine) -> list[str]:
-    """Rebuild, rows and ids kept, each table the models declare `sqlite_autoincrement` that a SQLite file made
-    before that has without it (SQLite cannot add it in place): a new table, the rows copied, the old one
-    dropped, the new one renamed. Its indexes went with the old table; `_replace_indexes` makes them again.
-    No other table refers to these, so no foreign key needs to be turned off."""
-    rebuilt = []
-    with engine.begin() as connection:
-        for table in Base.metadata.sorted_tables:
-            if not table.dialect_options["sqlite"]["autoincrement"]:
-                continue
-            made_as = connection.exec_driver_sql("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
-                                                 (table.name,)).scalar_one()
-            if "AUTOINCREMENT" in made_as.upper():
-                continue
-            staging = table.to_metadata(MetaData(), name=f"{table.name}__rebuilt")
-            connection.execute(CreateTable(staging))
-            columns = ", ".join(column.name for column in table.columns)
-            connection.exec_driver_sql(f"INSERT INTO {staging.name} ({columns}) SELECT {columns} FROM {table.name}")
-            connection.exec_driver_sql(f"DROP TABLE {table.name}")
-            connection.exec_driver_sql(f"ALTER TABLE {staging.name} RENAME TO {table.name}")
-            rebuilt.append(table.name)
-    return rebuilt
 
 
 REPLACED_INDEXES = ("idx_conversation_messages_role_status", "idx_dead_letters_open")

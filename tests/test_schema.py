@@ -9,9 +9,11 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import psycopg
+import pytest
 from sqlalchemy import create_engine, inspect, text
 
 from app.models import Base
+from app.turn_status import TurnStatus
 from tests.conftest import child_env
 from tests.stack import drop_database, scratch_database
 from tests.support import ROOT, agentq
@@ -228,3 +230,113 @@ def test_a_purged_dead_letters_id_is_never_given_again_on_sqlite(tmp_path: Path)
                                "AND name LIKE 'idx_%'").fetchall() == [("idx_dead_letters_open_by_time",)]
         rebuilt.execute("DELETE FROM dead_letters WHERE id = 2")
         assert _dead_letter(rebuilt, "c") == 3
+
+
+STATUS_TABLES = ("conversation_messages", "admin_debug_logs")
+EARLIER_STATUSES = ", ".join(f"'{status}'" for status in TurnStatus if status is not TurnStatus.CANCELLED)
+"""The status list of a release before `cancelled` was added."""
+
+
+def _runs_in_every_status_table(connection: psycopg.Connection | sqlite3.Connection) -> None:
+    """An assistant message (id 7) and a test run (id 5) that ended before the upgrade, and an attempt that refers
+    to both, each with the rows it refers to."""
+    for statement in ("INSERT INTO users (name, api_key_hash) VALUES ('u', 'h')",
+                      "INSERT INTO llm_models (name, model, input_price_per_1k, output_price_per_1k) "
+                      "VALUES ('m', 'm', 0, 0)",
+                      "INSERT INTO agents (name, system_prompt, model_id) VALUES ('a', 'p', 1)",
+                      "INSERT INTO conversations (user_id, agent_id) VALUES (1, 1)",
+                      "INSERT INTO conversation_messages (id, conversation_id, seq, role, status) "
+                      "VALUES (7, 1, 2, 'assistant', 'success')",
+                      "INSERT INTO admin_debug_logs (id, agent_id, admin_id, status, input) "
+                      "VALUES (5, 1, 1, 'error', 'x')",
+                      "INSERT INTO model_attempts (message_id, debug_log_id, model_name, outcome, latency_ms) "
+                      "VALUES (7, 5, 'm', 'ok', 1)"):
+        connection.execute(statement)
+
+
+def _cancel_both(connection: psycopg.Connection | sqlite3.Connection) -> None:
+    connection.execute("UPDATE conversation_messages SET status = 'cancelled' WHERE id = 7")
+    connection.execute("UPDATE admin_debug_logs SET status = 'cancelled' WHERE id = 5")
+
+
+def test_db_init_gives_an_older_postgresql_database_the_statuses_of_this_release() -> None:
+    """`CREATE TABLE IF NOT EXISTS` leaves a table of an earlier release with its status CHECK: every write of a
+    status added since (a stop's `cancelled`) failed it, though a fresh database took it. `db init` replaces a
+    CHECK whose list is not this release's, rows kept, and leaves one that is alone (the same constraint)."""
+    name = scratch_database("agentq_schema")
+    checks = ("SELECT conname, oid FROM pg_constraint WHERE conname IN "
+              "('ck_conversation_messages_status_known', 'ck_admin_debug_logs_status_known') ORDER BY conname")
+    try:
+        with psycopg.connect(f"{PG}/{name}", autocommit=True) as conn:
+            conn.execute((ROOT / "schema.sql").read_text())
+            for table in STATUS_TABLES:
+                conn.execute(f"ALTER TABLE {table} DROP CONSTRAINT ck_{table}_status_known, "
+                             f"ADD CONSTRAINT ck_{table}_status_known CHECK (status IN ({EARLIER_STATUSES}))")
+            _runs_in_every_status_table(conn)
+            with pytest.raises(psycopg.errors.CheckViolation):
+                _cancel_both(conn)
+        db_init(f"{PG}/{name}")
+        with psycopg.connect(f"{PG}/{name}", autocommit=True) as conn:
+            _cancel_both(conn)
+            assert conn.execute("SELECT id, status FROM conversation_messages UNION ALL "
+                                "SELECT id, status FROM admin_debug_logs").fetchall() == [(7, "cancelled"),
+                                                                                          (5, "cancelled")]
+            upgraded = conn.execute(checks).fetchall()
+        db_init(f"{PG}/{name}")
+        with psycopg.connect(f"{PG}/{name}", autocommit=True) as conn:
+            assert conn.execute(checks).fetchall() == upgraded and len(upgraded) == 2
+    finally:
+        drop_database(name)
+
+
+
+def test_db_init_validates_the_statuses_an_operator_gave_a_large_table_beforehand() -> None:
+    """An operator gives a large table this release's list without holding it while every row is checked (README):
+    the CHECK added NOT VALID, in a moment, then validated under a lock that lets turns go on. `db init` finds the
+    list its own, and validates one left NOT VALID rather than leave it so or replace it."""
+    name = scratch_database("agentq_schema")
+    check = ("SELECT oid, convalidated FROM pg_constraint WHERE conname = 'ck_conversation_messages_status_known'")
+    try:
+        with psycopg.connect(f"{PG}/{name}", autocommit=True) as conn:
+            conn.execute((ROOT / "schema.sql").read_text())
+            statuses = ", ".join(f"'{status}'" for status in TurnStatus)
+            conn.execute("ALTER TABLE conversation_messages DROP CONSTRAINT ck_conversation_messages_status_known, "
+                         "ADD CONSTRAINT ck_conversation_messages_status_known "
+                         f"CHECK (status IN ({statuses})) NOT VALID")
+            added, _ = conn.execute(check).fetchone() or (None, None)
+        db_init(f"{PG}/{name}")
+        with psycopg.connect(f"{PG}/{name}", autocommit=True) as conn:
+            assert conn.execute(check).fetchone() == (added, True)
+    finally:
+        drop_database(name)
+
+def test_db_init_rebuilds_an_older_sqlite_files_tables_for_the_statuses_of_this_release(tmp_path: Path) -> None:
+    """SQLite cannot alter a CHECK: `db init` rebuilds, once, a table whose status CHECK an earlier release made
+    with another list, its rows, ids and indexes kept, the rows of other tables that refer to it still doing so."""
+    path = tmp_path / "older.sqlite3"
+    db_init(f"sqlite:///{path}")
+    with sqlite3.connect(path) as older:
+        for table in STATUS_TABLES:
+            made_as, = older.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()
+            indexes = [sql for sql, in older.execute("SELECT sql FROM sqlite_master WHERE type = 'index' "
+                                                     "AND tbl_name = ? AND sql IS NOT NULL", (table,))]
+            older.execute(f"DROP TABLE {table}")
+            older.execute(made_as.replace(", 'cancelled'", ""))
+            for index in indexes:
+                older.execute(index)
+        older.execute("PRAGMA foreign_keys = ON")
+        _runs_in_every_status_table(older)
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK constraint failed"):
+            _cancel_both(older)
+    reports = [json.loads(db_init(f"sqlite:///{path}").stdout)["rebuilt_tables"] for _ in range(2)]
+    assert sorted(reports[0]) == sorted(STATUS_TABLES) and reports[1] == []
+    with sqlite3.connect(path) as rebuilt:
+        _cancel_both(rebuilt)
+        assert rebuilt.execute("SELECT id, status FROM conversation_messages UNION ALL "
+                               "SELECT id, status FROM admin_debug_logs").fetchall() == [(7, "cancelled"),
+                                                                                         (5, "cancelled")]
+        assert rebuilt.execute("SELECT message_id, debug_log_id FROM model_attempts").fetchall() == [(7, 5)]
+        assert rebuilt.execute("PRAGMA foreign_key_check").fetchall() == []
+        kept = {name for name, in rebuilt.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND "
+                                                  "tbl_name IN ('conversation_messages', 'admin_debug_logs')")}
+    assert {index.name for table in STATUS_TABLES for index in Base.metadata.tables[table].indexes} <= kept
