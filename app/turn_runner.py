@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from functools import partial
-from typing import Any
 
 from app import conversation_locks, ledger, metrics
 from app.agent_setup import AgentSetup
@@ -206,9 +205,21 @@ def _worst_case(context: TurnContext, turn: TurnRow) -> Decimal:
     return max(context.agent.worst_case_cost(context.history, context.content) - turn.reserved_amount, Decimal(0))
 
 
-def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, model: str | None = None,
-            cost: Decimal | None = None, success_tokens: int | None = None, outcome: Outcome | None = None,
-            **answer: Any) -> TurnStatus:
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """What a turn's end stores on its answer besides its model and cost (`finish_turn`'s other columns)."""
+
+    content: str = ""
+    error_message: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cost_estimated: bool = False
+    latency_ms: int | None = None
+
+
+def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, answer: _Answer, *,
+            model: str | None = None, cost: Decimal | None = None, success_tokens: int | None = None,
+            outcome: Outcome | None = None) -> TurnStatus:
     """End the turn in one batch: both messages and the answer, the statistics, the money, the attempts
     (written on their own if the batch fails: `app.attempts.settling`). A database outage is waited out
     rather than raised (the lease keeper renews the lease once the database is back): the model calls are
@@ -227,7 +238,7 @@ def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, mod
     if cost is not None and target not in CHARGED:
         raise ValueError(f"a turn that ends {target.value} is not charged")
     if (kept := stream.readers_text()) is not None:
-        answer["content"] = kept.text
+        answer = replace(answer, content=kept.text)
     try:
         with settling(outcome.attempts if outcome else (), delivery=context.delivery, message_id=context.turn_id,
                       settled_again_after=(StoppedMeanwhile,)) as attempts:
@@ -235,7 +246,10 @@ def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, mod
             def write() -> None:
                 with plain_transaction() as connection, Batch(connection) as batch:
                     finish_turn(batch, context.turn_id, context.question_id, context.token, target,
-                                model=model, cost=cost, at=attempts.at, **answer)
+                                model=model, cost=cost, at=attempts.at, content=answer.content,
+                                error_message=answer.error_message, prompt_tokens=answer.prompt_tokens,
+                                completion_tokens=answer.completion_tokens, cost_estimated=answer.cost_estimated,
+                                latency_ms=answer.latency_ms)
                     record_turn_end(batch, context.conversation_id, success_tokens)
                     ledger.settle_turn(batch, context.user_id, context.turn_id, cost, context.reserved)
                     attempts.write(batch)
@@ -245,14 +259,14 @@ def _settle(context: TurnContext, target: TurnStatus, stream: TurnStream, *, mod
         if cost is None and stream.held_by_readers() is not None:
             # An unpaid end with no text of its own (a delivery given up, out of time or deliveries, before any
             # call) keeps what readers hold of an earlier delivery's call, as any stop does.
-            return _settle_cancelled(context, outcome or Outcome(cancelled=True), answer.get("latency_ms"), stream)
-        return _settle(context, TurnStatus.CANCELLED, stream, model=model, cost=cost, outcome=outcome,
-                       **{**answer, "error_message": STOPPED})
+            return _settle_cancelled(context, outcome or Outcome(cancelled=True), answer.latency_ms, stream)
+        return _settle(context, TurnStatus.CANCELLED, stream, replace(answer, error_message=STOPPED), model=model,
+                       cost=cost, outcome=outcome)
     metrics.observe_cost("turn", cost)
-    stream.finished(target, model, answer.get("content"))
+    stream.finished(target, model, answer.content)
     log.info("turn %s ended %s: %s, cost %s%s", context.turn_id, target.value,
              f"model {model}" if model else "no model answered", cost if cost is not None else 0,
-             f"; {answer['error_message']}" if answer.get("error_message") else "")
+             f"; {answer.error_message}" if answer.error_message else "")
     return target
 
 
@@ -261,10 +275,10 @@ def _settle_success(context: TurnContext, outcome: Outcome, elapsed_ms: int, str
     completion, model, cost = outcome.completion, outcome.model, outcome.answer_cost
     assert completion is not None and model is not None
     usage = completion.usage
-    _settle(context, TurnStatus.SUCCESS, stream, model=model.name, cost=cost, outcome=outcome, content=completion.text,
-            success_tokens=usage.prompt_tokens + usage.completion_tokens,
-            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-            cost_estimated=not usage.reported, latency_ms=elapsed_ms)
+    _settle(context, TurnStatus.SUCCESS, stream,
+            _Answer(completion.text, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                    cost_estimated=not usage.reported, latency_ms=elapsed_ms),
+            model=model.name, cost=cost, outcome=outcome, success_tokens=usage.prompt_tokens + usage.completion_tokens)
 
 
 def _settle_cancelled(context: TurnContext, outcome: Outcome, elapsed_ms: int | None,
@@ -281,10 +295,11 @@ def _settle_cancelled(context: TurnContext, outcome: Outcome, elapsed_ms: int | 
     name, paid = model.name if model else None, outcome.stopped_call
     if held is not None:  # this delivery's call is still repeating what readers hold, or was never made
         name, paid = _streamed_by(context, held), None
-    return _settle(context, TurnStatus.CANCELLED, stream, model=name, cost=paid.cost if paid else Decimal(0),
-                   outcome=outcome, content=outcome.partial, prompt_tokens=paid.prompt_tokens if paid else 0,
-                   completion_tokens=paid.completion_tokens if paid else 0, cost_estimated=True,
-                   latency_ms=elapsed_ms, error_message=STOPPED)
+    answer = _Answer(outcome.partial, STOPPED, prompt_tokens=paid.prompt_tokens if paid else 0,
+                     completion_tokens=paid.completion_tokens if paid else 0, cost_estimated=True,
+                     latency_ms=elapsed_ms)
+    return _settle(context, TurnStatus.CANCELLED, stream, answer, model=name, cost=paid.cost if paid else Decimal(0),
+                   outcome=outcome)
 
 
 def _settle_failure(context: TurnContext, status: TurnStatus, reason: str, stream: TurnStream,
@@ -296,8 +311,8 @@ def _settle_failure(context: TurnContext, status: TurnStatus, reason: str, strea
     first."""
     kept = stream.readers_text()
     name = _streamed_by(context, kept) if kept is not None else model.name if model else None
-    return _settle(context, status, stream, model=name, outcome=outcome, error_message=reason,
-                   latency_ms=elapsed_ms, content=content)
+    return _settle(context, status, stream, _Answer(content, reason, latency_ms=elapsed_ms), model=name,
+                   outcome=outcome)
 
 
 __all__ = ["run_turn"]

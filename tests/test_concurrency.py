@@ -531,7 +531,7 @@ def test_a_stale_settlement_after_the_takeovers_charge_is_a_lost_lease_not_a_dat
     from app.model_target import ModelTarget
     from app.models import CreditTransaction, Turn
     from app.prepared import Batch
-    from app.turn_runner import TurnContext, _settle
+    from app.turn_runner import TurnContext, _Answer, _settle
     from app.turn_state import finish_turn
     from app.turn_status import TurnStatus
 
@@ -552,8 +552,9 @@ def test_a_stale_settlement_after_the_takeovers_charge_is_a_lost_lease_not_a_dat
         agent=AgentSetup("", AgentParams(120, None, None), target, None), reserved=reserved, delivery=1,
         fell_back=False, gives_up=None, ends_by=None)
     with pytest.raises(LeaseLost):
-        _settle(stale, TurnStatus.SUCCESS, TurnStream(assistant["id"], 1), model=target.name, cost=Decimal("0.5"),
-                success_tokens=7, content="the stale answer", prompt_tokens=3, completion_tokens=4, latency_ms=5)
+        _settle(stale, TurnStatus.SUCCESS, TurnStream(assistant["id"], 1),
+                _Answer("the stale answer", prompt_tokens=3, completion_tokens=4, latency_ms=5), model=target.name,
+                cost=Decimal("0.5"), success_tokens=7)
     assert world.message(key, assistant["id"])["content"] == "the takeover's answer"
     assert world.api.get("/api/me", key).json["balance"] == "4.750000"
     with transaction() as session:

@@ -372,9 +372,9 @@ def test_a_settlement_whose_commits_reply_was_lost_is_not_taken_for_a_lost_lease
         conversation_id=turn.conversation_id, content="hi", history=[],
         agent=AgentSetup("", AgentParams(120, None, None), target, None), reserved=Decimal(0), delivery=2,
         fell_back=False, gives_up=None, ends_by=None)
-    turn_runner._settle(context, TurnStatus.SUCCESS, TurnStream(turn.turn_id, 2), model=target.name,
-                        cost=Decimal("0.5"), success_tokens=7, content="the answer", prompt_tokens=3,
-                        completion_tokens=4, latency_ms=5)
+    turn_runner._settle(context, TurnStatus.SUCCESS, TurnStream(turn.turn_id, 2),
+                        turn_runner._Answer("the answer", prompt_tokens=3, completion_tokens=4, latency_ms=5),
+                        model=target.name, cost=Decimal("0.5"), success_tokens=7)
     assert dropped == [True]
     with transaction() as session:
         answer = session.get_one(ConversationMessage, turn.turn_id)
