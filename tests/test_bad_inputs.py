@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from app.config import get_settings
+from tests.conftest import MOCK_URL
 
 if TYPE_CHECKING:
     from tests.conftest import World
@@ -314,6 +315,25 @@ def test_a_method_a_route_lacks_is_refused_after_the_key_check(world: World) -> 
         405, "method_not_allowed", {"GET", "HEAD", "OPTIONS"})
     assert world.api.call("OPTIONS", "/api/me").status_code == 401
     assert world.api.call("OPTIONS", "/api/me", key).status_code == 204
+
+
+def test_a_name_with_a_line_break_or_a_control_character_is_refused(world: World) -> None:
+    """An admin's model named "a\\nb" or with an escape sequence wrote a second line, or a terminal's control
+    sequence, into every log line that named it (a fallback's warning, a turn's end): a forged line. Names are
+    one line of printable text; an emoji's joiner or a no-break space is still a name's."""
+    said = "must not contain line breaks or control characters."
+    model_body = {"model": "echo", "base_url": MOCK_URL, "input_price_per_1k": "0", "output_price_per_1k": "0"}
+    for path, body, field in (("/api/admin/models", {**model_body, "name": "a\nb"}, "name"),
+                              ("/api/admin/models", {**model_body, "name": "ok", "model": "gpt\x1b[2J"}, "model"),
+                              ("/api/admin/agents", {"name": "a\rb", "system_prompt": "s", "model_id": 1}, "name"),
+                              ("/api/admin/users", {"name": "x\u2028y"}, "name"),
+                              ("/api/admin/users", {"name": "x\x85y"}, "name")):
+        refused = world.api.post(path, world.admin_key, body)
+        assert (refused.status_code, refused.json["error"]) == (422, {
+            "code": "validation_failed", "message": f"Invalid value for '{field}': {said}"}), body
+    family, spaced = "\U0001F468\u200D\U0001F469\u200D\U0001F467", "no\u00a0break"
+    assert world.api.get(f"/api/admin/models/{world.model(family)}", world.admin_key).json["name"] == family
+    assert world.api.post("/api/admin/users", world.admin_key, {"name": spaced}).status_code == 201
 
 
 def test_a_validators_refusal_is_said_in_its_own_words(world: World) -> None:

@@ -188,14 +188,21 @@ def test_an_access_log_is_written_only_when_asked_for(web_server: str) -> None:
     with api_process("web-access-log", AGENTQ_ACCESS_LOG="true", AGENTQ_LOG_JSON="true") as (url, web):
         assert httpx.get(f"{url}/api/me", headers={"Authorization": "Bearer nobody"}).status_code == 401
 
-        def access_lines() -> list[dict[str, object]]:
-            return [line for line in map(json.loads, web.output().splitlines())
-                    if line["logger"] == "gunicorn.access" and "/api/me" in str(line["message"])]
+        def access_lines(path: str = "/api/me") -> list[dict[str, object]]:
+            return [line for line in map(json.loads, filter(None, web.output().split("\n")))
+                    if line["logger"] == "gunicorn.access" and path in str(line["message"])]
 
         [line] = wait_for(access_lines, what="the request's access line")
         message = str(line["message"])
         assert message.startswith('127.0.0.1 "GET /api/me HTTP/1.1" 401 ') and line["level"] == "INFO"
         agent = re.escape(f' ms "python-httpx/{httpx.__version__}" ')
         assert " bytes " in message and re.search(agent + "[0-9a-f]{32}$", message)
+        # A C1 control (NEL) in what the client sent is a line break to Unicode's line readers: written escaped.
+        forged = b"x\x85[2026-12-06 16:30:00,000] [app.auth] [CRITICAL] a line the client wrote"
+        assert httpx.get(f"{url}/healthz", headers={b"User-Agent": forged}).status_code == 200
+        [forging] = wait_for(partial(access_lines, "the client wrote"), what="the forged request's line")
+        assert re.search(re.escape('"x\\x85[2026-12-06 16:30:00,000] [app.auth] [CRITICAL] a line the client wrote" ')
+                         + "[0-9a-f]{32}$", str(forging["message"]))
+        assert "\x85" not in web.output()
     assert httpx.get(f"{web_server}/api/me", headers={"Authorization": "Bearer nobody"}).status_code == 401
     assert "gunicorn.access" not in (LOG_DIR / "web.log").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import unicodedata
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -44,6 +45,14 @@ def _not_blank(text: str) -> str:
     return text
 
 
+def _one_line(text: str) -> str:
+    """A name is written into log lines and pages as it is: a line break or a control character in one (an
+    escape sequence, a carriage return) would forge or garble the lines that name it."""
+    if any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in text):
+        raise ValueError("must not contain line breaks or control characters")
+    return text
+
+
 def _plain_amount(value: Any) -> Any:
     """Money given as text must be plain digits (`app.money.written_plainly`); a JSON number is read as one."""
     return written_plainly(value) if isinstance(value, str) else value
@@ -56,7 +65,7 @@ count characters of the text as given (after it, pydantic counts "items after va
 Text = Annotated[str, Strict(), STORABLE]
 Ident = Annotated[int, Strict(), Field(ge=1, le=LARGEST_ID)]
 Name = Annotated[str, Strict(), StringConstraints(min_length=1, max_length=SHORT_TEXT_CHARS), STORABLE,
-                 AfterValidator(_not_blank)]
+                 AfterValidator(_not_blank), AfterValidator(_one_line)]
 Price = Annotated[Decimal, BeforeValidator(_plain_amount), Field(ge=0, max_digits=18, decimal_places=6)]
 Amount = Annotated[Decimal, BeforeValidator(_plain_amount), Field(max_digits=18, decimal_places=6)]
 

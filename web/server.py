@@ -40,6 +40,14 @@ class ApiLogger(Logger):
         if self.access_log.isEnabledFor(logging.INFO):
             super().access(resp, req, environ, request_time)
 
+    def atoms(self, resp: Any, req: Any, environ: Any, request_time: Any) -> dict[str, Any]:
+        """What a client sent (its request line, user agent, any header), with what is not printable escaped:
+        gunicorn refuses CR, LF and ESC in a request, but not a C1 control such as NEL (U+0085), which a reader
+        that splits lines by Unicode's rules takes for a line break, so an anonymous client could write a line
+        that reads as agentq's own into the access log."""
+        return {name: _printable(value) if isinstance(value, str) else value
+                for name, value in super().atoms(resp, req, environ, request_time).items()}
+
     def exception(self, msg: str, *args: Any, **kwargs: Any) -> None:
         if isinstance(sys.exc_info()[1], BlockingIOError):  # a blocking socket's receive or send timeout
             self.warning("a client sent or took nothing for longer than its timeout in the middle of a request "
@@ -47,6 +55,12 @@ class ApiLogger(Logger):
                          "AGENTQ_STREAM_WRITE_TIMEOUT_SECONDS); its connection is closed")
             return
         super().exception(msg, *args, **kwargs)
+
+
+def _printable(text: str) -> str:
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in text)
 
 
 _REFUSALS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], int, str, str], ...] = (
