@@ -38,7 +38,7 @@ class Principal:
             raise Forbidden("This route is for administrators.")
 
 
-def require_admin(user_id: int) -> Principal:
+def admin_principal(user_id: int) -> Principal:
     """The command line names its administrator by id, holding no key: it is refused, as the admin routes refuse a
     user's key, unless that user is one, and acts as that principal, since a test run records who ran it."""
     with transaction() as session:

@@ -56,7 +56,7 @@ def log_as_request(request_id: str | None) -> None:
     _request_id.set(request_id)
 
 
-class RunIdFilter(logging.Filter):
+class ContextIdsFilter(logging.Filter):
     """Stamps each record with the API request this thread answers and the turn, or the admin test run, it
     runs (each None when there is none), and, for the plain format, says them before the message."""
 
@@ -221,7 +221,7 @@ def configure_logging() -> None:
     """Replace the root logger's handlers with one on stderr (as it is now) in agentq's format."""
     settings = get_settings()
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(RunIdFilter())
+    handler.addFilter(ContextIdsFilter())
     handler.addFilter(OutageFailureFilter())
     handler.setFormatter(JsonFormatter() if settings.log_json else logging.Formatter(PLAIN_FORMAT))
     root = logging.getLogger()
@@ -271,7 +271,7 @@ def gunicorn_logconfig() -> dict[str, object]:
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"run_ids": {"()": RunIdFilter}},
+        "filters": {"run_ids": {"()": ContextIdsFilter}},
         "formatters": {"agentq": formatter},
         "handlers": {"agentq": handler},
         "root": {"level": settings.log_level.upper(), "handlers": ["agentq"]},

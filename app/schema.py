@@ -31,7 +31,7 @@ from app.key_variables import models_refused_now
 from app.models import Base
 from app.money import MILLIONTHS
 from app.setup_problems import lacks_a_column
-from app.sqlite_rebuilds import ids_never_reused, statuses_of_this_release
+from app.sqlite_rebuilds import rebuilt_for_ids_never_reused, rebuilt_for_this_releases_statuses
 from app.sqlite_upgrades import mark_money_in_millionths, money_in_millionths
 
 SCHEMA_FILE = Path(__file__).parent / "schema.sql"
@@ -98,7 +98,7 @@ def init_schema() -> SchemaReport:
     fresh = not inspect(engine).get_table_names()
     Base.metadata.create_all(engine)
     added = _add_missing_columns(engine)
-    rebuilt = ids_never_reused(engine) + statuses_of_this_release(engine)
+    rebuilt = rebuilt_for_ids_never_reused(engine) + rebuilt_for_this_releases_statuses(engine)
     _replace_indexes(engine)
     _check_complete(engine, missing_columns(engine), added)
     converted = _money_in_millionths(engine, fresh)

@@ -16,10 +16,10 @@ from sqlalchemy.schema import CreateTable
 from app.models import Base
 from app.models.conversations import ALL_STATUSES_SQL
 
-__all__ = ["ids_never_reused", "statuses_of_this_release"]
+__all__ = ["rebuilt_for_ids_never_reused", "rebuilt_for_this_releases_statuses"]
 
 
-def ids_never_reused(engine: Engine) -> list[str]:
+def rebuilt_for_ids_never_reused(engine: Engine) -> list[str]:
     """Rebuild each table the models declare `sqlite_autoincrement` that a SQLite file made before that has
     without it (SQLite cannot add it in place). No other table refers to these, so foreign keys stay on."""
     rebuilt = []
@@ -32,7 +32,7 @@ def ids_never_reused(engine: Engine) -> list[str]:
     return rebuilt
 
 
-def statuses_of_this_release(engine: Engine) -> list[str]:
+def rebuilt_for_this_releases_statuses(engine: Engine) -> list[str]:
     """Rebuild each table whose status CHECK a SQLite file holds with another list than the models'
     (`app.turn_status.TurnStatus`): SQLite cannot alter a CHECK and `create_all` leaves a table that exists as it
     is, so every write of a status added since failed it. Other tables refer to these (a turn to its messages):

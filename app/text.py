@@ -24,6 +24,26 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 breaks."""
 
 
+def _escape(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode("ascii")
+
+
+def not_one_line(text: str) -> str | None:
+    """Why `text`, a name, is not one line of text, as the end of a sentence about the field; None when it is.
+    Names are written into log lines as they are, where a line break or an escape sequence would forge or
+    garble the lines that name them."""
+    return "must not contain line breaks or control characters" if _CONTROL.search(text) else None
+
+
+def one_line(text: str) -> str:
+    """What another side sent (a client's user agent, say), as a log line may hold it: each control character
+    and line break written as its escape, and a backslash doubled, so that an escape the text held reads apart
+    from one made here."""
+    if not _CONTROL.search(text) and "\\" not in text:
+        return text
+    return _CONTROL.sub(_escape, text.replace("\\", "\\\\"))
+
+
 def unstorable(text: str) -> str | None:
     """Why `text` cannot be stored, as the end of a sentence about the field; None when it can."""
     if "\x00" in text:
@@ -46,8 +66,7 @@ def quoted(text: str) -> str:
     """Another side's words as agentq stores and logs them: storable, at most `QUOTE_LIMIT` characters, each
     control character written as its escape, so a line break cannot start a line of the log that looks like
     agentq's own, nor an escape sequence drive the terminal of an operator reading it."""
-    said = _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"),
-                        storable(text[:QUOTE_LIMIT * 8]))  # no escape is longer than 6 characters
+    said = _CONTROL.sub(_escape, storable(text[:QUOTE_LIMIT * 8]))  # no escape is longer than 6 characters
     if len(said) <= QUOTE_LIMIT and len(text) <= QUOTE_LIMIT * 8:
         return said
     kept = said[:QUOTE_LIMIT]

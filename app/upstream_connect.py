@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import httpcore2
 
 from app.attempt_watchdog import TICK_SECONDS
-from app.endpoint_urls import LINK_LOCAL_REFUSED, is_link_local
+from app.endpoint_urls import METADATA_REFUSED, is_metadata_address
 
 
 class AttemptGuard(Protocol):
@@ -158,8 +158,8 @@ def connect(address: _Address, guard: AttemptGuard, give_up: float, local_addres
     `OSError` is a connect error, as in httpcore's own backend, so the SDK reports it."""
     family, sockaddr = address
     step = f"connecting to {sockaddr[0]}:{sockaddr[1]}"
-    if is_link_local(sockaddr[0]):
-        raise httpcore2.ConnectError(f"{step} was refused: an endpoint {LINK_LOCAL_REFUSED}")
+    if is_metadata_address(sockaddr[0]):
+        raise httpcore2.ConnectError(f"{step} was refused: an endpoint {METADATA_REFUSED}")
     if guard.ended():
         raise httpcore2.ConnectTimeout(f"{step} was given up: the attempt was stopped or ran out of time")
     try:

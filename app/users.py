@@ -16,7 +16,7 @@ from app.errors import NotFound, ValidationFailed
 from app.models import CreditTransaction, User, table
 from app.money import checked_balance
 from app.paging import PAGE_OF_A_WHOLE_LIST, every_row, page_of
-from app.text import unstorable
+from app.text import not_one_line, unstorable
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +38,7 @@ def create_user(name: str, *, is_admin: bool = False, balance: Decimal = Decimal
         raise ValidationFailed("name must not be blank.")
     if len(name.strip()) > NAME_MAX_CHARS:
         raise ValidationFailed(f"name must be at most {NAME_MAX_CHARS} characters.")
-    if (problem := unstorable(name)) is not None:
+    if (problem := unstorable(name) or not_one_line(name)) is not None:
         raise ValidationFailed(f"name {problem}.")
     try:
         checked_balance(balance)

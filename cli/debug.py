@@ -14,20 +14,20 @@ from cli.output import print_error, print_json
 
 def cmd_debug_route(args: argparse.Namespace) -> int:
     from app import debugging
-    from app.auth import require_admin
+    from app.auth import admin_principal
     from web import render
 
-    require_admin(args.admin_id)
+    admin_principal(args.admin_id)
     print_json(render.route_decision(debugging.route_decision(args.agent_id, args.content, args.conversation_id)))
     return 0
 
 
 def cmd_debug_prompt(args: argparse.Namespace) -> int:
     from app import debugging
-    from app.auth import require_admin
+    from app.auth import admin_principal
     from web import render
 
-    require_admin(args.admin_id)
+    admin_principal(args.admin_id)
     print_json(render.prompt_preview(debugging.preview_prompt(args.agent_id, args.content, args.conversation_id)))
     return 0
 
@@ -40,13 +40,13 @@ error): the run itself is printed as for a success."""
 
 def cmd_debug_execute(args: argparse.Namespace) -> int:
     from app import debugging
-    from app.auth import require_admin
+    from app.auth import admin_principal
     from web import render
     from workers.broker import install_broker
 
     if args.timeout is not None and not args.wait:  # before the run is written: it would be started regardless
         args.parser.error("--timeout is how long --wait waits: give --wait too")
-    admin = require_admin(args.admin_id)
+    admin = admin_principal(args.admin_id)
     install_broker()
     log_id = debugging.start_debug_run(admin, args.agent_id, args.content)
     if not args.wait:

@@ -379,7 +379,8 @@ def test_a_body_that_is_not_json_says_where_it_fails(world: World) -> None:
                             (key, "/api/conversations", b'{"agent_id": 1,}'),
                             (key, "/api/conversations", b"[1]"),
                             (key, "/api/conversations", b'"{\\"agent_id\\": 1}"'),
-                            (key, "/api/conversations", b"null")):
+                            (key, "/api/conversations", b"null"),
+                            (key, "/api/conversations", b"1.5")):
         answer = world.api.call("POST", path, who, data=body, content_type="application/json")
         said.append((answer.status_code, answer.json["error"]["code"],
                      answer.json["error"]["message"].removeprefix("The request body must be a JSON object, sent "
@@ -393,7 +394,8 @@ def test_a_body_that_is_not_json_says_where_it_fails(world: World) -> None:
                                             "line 1 column 16 (char 15))."),
                     (400, "malformed_body", " (it is a JSON array)."),
                     (400, "malformed_body", " (it is a JSON string)."),
-                    (400, "malformed_body", " (it is JSON null).")]
+                    (400, "malformed_body", " (it is JSON null)."),
+                    (400, "malformed_body", " (it is a JSON number).")]
     assert world.api.get(f"/api/conversations/{conversation_id}/messages", key).json["items"] == []
     assert world.api.get("/api/me", key).json["balance"] == balance
 

@@ -289,7 +289,6 @@ def test_db_init_gives_an_older_postgresql_database_the_statuses_of_this_release
         drop_database(name)
 
 
-
 def test_db_init_validates_the_statuses_an_operator_gave_a_large_table_beforehand() -> None:
     """An operator gives a large table this release's list without holding it while every row is checked (README):
     the CHECK added NOT VALID, in a moment, then validated under a lock that lets turns go on. `db init` finds the
@@ -309,6 +308,7 @@ def test_db_init_validates_the_statuses_an_operator_gave_a_large_table_beforehan
             assert conn.execute(check).fetchone() == (added, True)
     finally:
         drop_database(name)
+
 
 def test_db_init_rebuilds_an_older_sqlite_files_tables_for_the_statuses_of_this_release(tmp_path: Path) -> None:
     """SQLite cannot alter a CHECK: `db init` rebuilds, once, a table whose status CHECK an earlier release made

@@ -202,28 +202,33 @@ def test_a_stalled_name_lookup_ends_at_the_attempts_deadline_or_its_stop(monkeyp
         released.set()
 
 
-def test_an_endpoint_at_a_link_local_address_is_refused_whatever_names_it(
+def test_an_endpoint_at_a_cloud_metadata_address_is_refused_however_it_is_written(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A model's endpoint at 169.254.169.254 (or any link-local address) reached the cloud's metadata service, its
-    answer shown to the admin in the failed call's error. Refused when written (422), and at the connect when a
-    host name resolves there or an address is written as a number; the lookup alone is stood in for, as no
-    name service here answers with such an address on demand."""
+    """A model's endpoint at 169.254.169.254 reached the cloud's instance metadata service, its answer shown to the
+    admin in the failed call's error. Refused when written (422), the address however the URL writes it (a
+    number, hexadecimal, inside IPv6) and the metadata addresses clouds keep outside link-local; and at the
+    connect, when a host name resolves there. Only the lookup is stood in for: no name service here answers with
+    such an address on demand."""
     from app import upstream_connect
     from app.llm_client import AttemptFailed
 
     body = {"name": "imds", "model": "echo", "input_price_per_1k": "0", "output_price_per_1k": "0"}
-    for url in ("http://169.254.169.254/latest", "http://[fe80::1]/v1", "http://[::ffff:169.254.169.254]/v1"):
+    for url in ("http://169.254.169.254/latest", "http://[fe80::1]/v1", "http://[::ffff:169.254.169.254]/v1",
+                "http://2852039166/v1", "http://0xa9fea9fe/v1", "http://[64:ff9b::a9fe:a9fe]/v1",
+                "http://[2002:a9fe:a9fe::]/v1", "http://[fd00:ec2::254]/v1", "http://100.100.100.200/v1"):
         refused = world.api.post("/api/admin/models", world.admin_key, {**body, "base_url": url})
         assert (refused.status_code, refused.json["error"]["message"]) == (422, (
-            "Invalid value for 'base_url': must not be at a link-local address (169.254.0.0/16, fe80::/10), where "
-            "cloud metadata answers.")), url
+            "Invalid value for 'base_url': must not be at a cloud's instance metadata address (link-local, or one a "
+            "cloud keeps elsewhere).")), url
+    for url in ("http://10.0.0.5/v1", "http://[fd00:ec2::1]/v1", "http://100.100.100.201/v1"):  # private: allowed
+        assert world.api.post("/api/admin/models", world.admin_key, {**body, "name": url, "base_url": url}
+                              ).status_code == 201, url
     monkeypatch.setattr(upstream_connect, "resolve_host",
                         lambda host, port: socket.getaddrinfo("169.254.169.254", port, type=socket.SOCK_STREAM))
-    for host in ("metadata.upstream.test", "2852039166"):  # a name that resolves there; the address as a number
-        failed, took = _attempt_at(host, 80, 10.0, threading.Event())
-        assert isinstance(failed, AttemptFailed) and failed.kind == "connection_error", failed
-        assert "connecting to 169.254.169.254:80 was refused: an endpoint must not be at a link-local" in (
-            failed.in_full) and took < 2, (failed.in_full, took)
+    failed, took = _attempt_at("metadata.upstream.test", 80, 10.0, threading.Event())
+    assert isinstance(failed, AttemptFailed) and failed.kind == "connection_error", failed
+    assert "connecting to 169.254.169.254:80 was refused: an endpoint must not be at a cloud's instance metadata" in (
+        failed.in_full) and took < 2, (failed.in_full, took)
 
 
 def test_a_stalled_connect_ends_at_the_attempts_deadline_or_its_stop() -> None:

@@ -92,7 +92,8 @@ def _why_it_is_not(body: bytes) -> str:
 
 
 _JSON_KINDS: dict[type, str] = {list: "a JSON array", str: "a JSON string", int: "a JSON number",
-                                float: "a JSON number", bool: "a JSON boolean", type(None): "JSON null"}
+                                Decimal: "a JSON number", float: "a JSON number", bool: "a JSON boolean",
+                                type(None): "JSON null"}
 """What a parsed JSON document that is no object is, named as JSON names it, for the 400 that refuses it."""
 
 

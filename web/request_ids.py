@@ -3,8 +3,9 @@
 A client, or the proxy in front, may name its request with `X-Request-ID`; that id is kept when it is a plain
 token (at most 128 characters of letters, digits and `._:+/=-`), so that the proxy's log and agentq's share it,
 and any other value is replaced, since it is written into log lines and a header. A request without one is
-given a new one. It is sent back on every response, errors included, stamped on every line logged while the
-request is handled (`app.logging_setup.log_as_request`), and written in the access log line.
+given a new one. It is sent back on every response the application answers, errors included (not on what
+gunicorn refuses before the application sees a request: one it cannot parse), stamped on every line logged while
+the request is handled (`app.logging_setup.log_as_request`), and written in the access log line.
 """
 
 from __future__ import annotations

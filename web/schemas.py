@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import unicodedata
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -30,7 +29,7 @@ from app.models.catalog import (
 )
 from app.money import written_plainly
 from app.paging import LARGEST_CONVERSATION_PAGE, LARGEST_LOG_PAGE, LARGEST_PAGE
-from app.text import unstorable
+from app.text import not_one_line, unstorable
 
 
 def _storable(text: str) -> str:
@@ -46,10 +45,8 @@ def _not_blank(text: str) -> str:
 
 
 def _one_line(text: str) -> str:
-    """A name is written into log lines and pages as it is: a line break or a control character in one (an
-    escape sequence, a carriage return) would forge or garble the lines that name it."""
-    if any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in text):
-        raise ValueError("must not contain line breaks or control characters")
+    if (problem := not_one_line(text)) is not None:
+        raise ValueError(problem)
     return text
 
 

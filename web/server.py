@@ -18,6 +18,7 @@ from gunicorn.glogging import Logger
 from gunicorn.http import errors as http_errors
 
 from app.errors import error_object
+from app.text import one_line
 from web.client_timeouts import with_timed_body
 from web.connection_intake import ConnectionIntake
 
@@ -45,7 +46,7 @@ class ApiLogger(Logger):
         gunicorn refuses CR, LF and ESC in a request, but not a C1 control such as NEL (U+0085), which a reader
         that splits lines by Unicode's rules takes for a line break, so an anonymous client could write a line
         that reads as agentq's own into the access log."""
-        return {name: _printable(value) if isinstance(value, str) else value
+        return {name: one_line(value) if isinstance(value, str) else value
                 for name, value in super().atoms(resp, req, environ, request_time).items()}
 
     def exception(self, msg: str, *args: Any, **kwargs: Any) -> None:
@@ -55,12 +56,6 @@ class ApiLogger(Logger):
                          "AGENTQ_STREAM_WRITE_TIMEOUT_SECONDS); its connection is closed")
             return
         super().exception(msg, *args, **kwargs)
-
-
-def _printable(text: str) -> str:
-    if text.isprintable():
-        return text
-    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in text)
 
 
 _REFUSALS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], int, str, str], ...] = (
