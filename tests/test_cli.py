@@ -146,6 +146,11 @@ def test_users_create_refuses_a_name_the_column_cannot_hold_with_the_contracts_e
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert json.loads(result.stderr)["error"]["code"] == "validation_failed"
+    # and a name of two lines, which the API refuses too: it would forge a line of every log that names it
+    result = subprocess.run([str(VENV_BIN / "agentq"), "users", "create", "a\nb"], env=child_env(), cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, json.loads(result.stderr)["error"]) == (1, {
+        "code": "validation_failed", "message": "name must not contain line breaks or control characters."})
 
 
 @pytest.mark.parametrize(("args", "says"), [
