@@ -26,6 +26,7 @@ from redis.client import Pipeline
 from app.broker_keys import namespaced
 from app.config import get_settings
 from app.failure_logs import warn_of_sparingly
+from app.logging_setup import logged_request_id
 from app.models.base import as_utc
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,10 @@ log = logging.getLogger(__name__)
 Delivered = dramatiq.Message[Any] | dramatiq.MessageProxy
 """A message as the broker hands it to middleware (a proxy of it) or to an actor."""
 
+
+REQUEST_ID_OPTION = "request_id"
+"""The message option that carries the API request that sent it (`web.request_ids`), for the worker's lines; a
+send of the recovery sweep carries none."""
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 RECEIPT_SWEEPS = 3
@@ -84,8 +89,9 @@ def enqueue(queue: str, actor: str, ident: int, enqueued_at: datetime | None) ->
     take it, which is logged here and handled by the caller's outbox. `enqueued_at` is the outbox mark
     the caller wrote for this send (None for a send that wrote none: an Idempotency-Key's replay)."""
     named: dict[str, Any] = {} if enqueued_at is None else {"message_id": message_id(actor, ident, enqueued_at)}
-    message: Message[Any] = Message(queue_name=queue, actor_name=actor, args=(ident,), kwargs={}, options={},
-                                    **named)
+    request_id = logged_request_id()  # an API request's: the worker's lines about the run name it too
+    message: Message[Any] = Message(queue_name=queue, actor_name=actor, args=(ident,), kwargs={},
+                                    options={} if request_id is None else {REQUEST_ID_OPTION: request_id}, **named)
     try:
         dramatiq.get_broker().enqueue(message)
     except Exception as exc:

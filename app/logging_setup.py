@@ -52,8 +52,14 @@ def log_as_run(turn_id: int | None, debug_run_id: int | None) -> None:
 
 def log_as_request(request_id: str | None) -> None:
     """The API request this thread answers from now on (None once it is answered): set and cleared by the
-    request's own hooks (`web.request_ids`), which Flask calls separately."""
+    request's own hooks (`web.request_ids`), which Flask calls separately; and, in a worker, the request that
+    sent the delivery this thread runs (`app.message_outcomes`)."""
     _request_id.set(request_id)
+
+
+def logged_request_id() -> str | None:
+    """The request this thread's lines name now, which a message it sends carries on to the worker's."""
+    return _request_id.get()
 
 
 class ContextIdsFilter(logging.Filter):
@@ -280,4 +286,5 @@ def gunicorn_logconfig() -> dict[str, object]:
     }
 
 
-__all__ = ["JsonFormatter", "configure_logging", "gunicorn_logconfig", "log_as_request", "log_as_run", "run_context"]
+__all__ = ["JsonFormatter", "configure_logging", "gunicorn_logconfig", "log_as_request", "log_as_run",
+           "logged_request_id", "run_context"]

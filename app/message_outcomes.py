@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session
 from app import dead_letter_requeue, dead_letters
 from app.database_reach import reach
 from app.deliveries import RunGivenUp
-from app.dispatch import Delivered
-from app.logging_setup import log_as_run, run_context
+from app.dispatch import REQUEST_ID_OPTION, Delivered
+from app.logging_setup import log_as_request, log_as_run, run_context
 from app.run_kinds import RunKind, run_of
 from app.unheld_ends import abandon
 
@@ -24,8 +24,11 @@ log = logging.getLogger(__name__)
 
 def delivery_started(message: Delivered) -> None:
     """Until the delivery ends, this thread's log lines, Dramatiq's own about it included (its failure, its
-    retry), carry its run's id."""
+    retry), carry its run's id, and the id of the API request that sent it, when one did: an operator following
+    a request finds the worker's lines of its turn by the same id."""
     log_as_run(*_logged_ids(run_of(message.actor_name, message.args)))
+    request_id = message.options.get(REQUEST_ID_OPTION)
+    log_as_request(request_id if isinstance(request_id, str) else None)
 
 
 def _logged_ids(run: tuple[RunKind, int] | None) -> tuple[int | None, int | None]:
@@ -35,6 +38,7 @@ def _logged_ids(run: tuple[RunKind, int] | None) -> tuple[int | None, int | None
 
 def delivery_ended() -> None:
     log_as_run(None, None)
+    log_as_request(None)
 
 
 def delivery_failed(message: Delivered, exception: BaseException) -> None:

@@ -27,6 +27,22 @@ def _running(workers: Workers, upstream: UpstreamLog) -> None:
     """Every test here needs a worker and a clean upstream log."""
 
 
+def test_a_turns_worker_lines_name_the_api_request_that_sent_it(world: World, workers: Workers) -> None:
+    """An operator following a request's `X-Request-ID` found its API lines, but the worker's lines of its turn
+    named only the turn: the message carries the request's id, and each line of its delivery names both."""
+    _, key = world.user()
+    conversation_id = world.conversation(key, world.agent(world.model()))
+    sent = world.send(key, conversation_id, headers={"X-Request-ID": "ticket-4712"})
+    turn_id = sent.json["assistant_message"]["id"]
+    assert world.wait_terminal(key, turn_id)["status"] == "success"
+    named = f"[request ticket-4712] [turn {turn_id}] turn {turn_id} ended success"
+
+    def the_end_named() -> list[str]:
+        return [line for process in workers.processes for line in process.output().splitlines() if named in line]
+
+    assert len(wait_for(the_end_named, what="the worker's line of the turn's end, naming the request")) == 1
+
+
 def test_a_turn_is_answered_stored_and_charged_once(world: World, upstream: UpstreamLog) -> None:
     model_id = world.model(price_in="1.000000", price_out="2.000000")
     agent_id = world.agent(model_id)
