@@ -52,7 +52,8 @@ def test_the_document_says_what_a_client_can_count_on(api: Api) -> None:
     assert schemas["Credited"]["properties"]["balance"]["pattern"] == r"^-?[0-9]+\.[0-9]{6}$"
     assert document["paths"]["/api/messages/{message_id}"]["get"]["parameters"] == [{
         "name": "message_id", "in": "path", "required": True,
-        "schema": {"title": "Message Id", "type": "integer", "minimum": 1, "maximum": 10**18 - 1}}]
+        "schema": {"title": "Message Id", "type": "integer", "minimum": 1, "maximum": 10**18 - 1}},
+        {"$ref": "#/components/parameters/X-Request-ID"}]
     forbidding = sorted({path.split("/")[2] for path, operations in document["paths"].items()
                          for operation in operations.values() if "403" in operation["responses"]})
     assert forbidding == ["admin"]
@@ -62,3 +63,18 @@ def test_the_document_says_what_a_client_can_count_on(api: Api) -> None:
 
 def test_the_test_app_checks_each_response_against_its_documented_model(api: Api) -> None:
     assert api.client.application.validate_response is True
+
+
+def test_the_document_says_every_operation_takes_and_answers_a_request_id(api: Api) -> None:
+    """`X-Request-ID` (`web.request_ids`) was in no operation of the document, so a generated client neither sent
+    nor read it; each operation now takes it, once, and each of its documented answers carries it."""
+    document = api.get("/openapi.json").json
+    parameter = document["components"]["parameters"]["X-Request-ID"]
+    assert (parameter["in"], parameter["required"], parameter["schema"]["pattern"]) == (
+        "header", False, "^[A-Za-z0-9._:+/=-]{1,128}$")
+    operations = [operation for operations in document["paths"].values() for operation in operations.values()]
+    assert all(operation["parameters"].count({"$ref": "#/components/parameters/X-Request-ID"}) == 1
+               for operation in operations)
+    assert all(answer["headers"]["X-Request-ID"] == {"$ref": "#/components/headers/X-Request-ID"}
+               for operation in operations for answer in operation["responses"].values())
+    assert api.get("/openapi.json").json == document  # documented once, not again at each ask

@@ -11,7 +11,7 @@ from werkzeug.routing import IntegerConverter
 from web.bodies import SafeJSONProvider
 from web.errors import install_error_handlers, on_validation_error
 from web.headers import guard_every_response
-from web.request_ids import name_every_request
+from web.request_ids import document_request_ids, name_every_request
 from web.request_metrics import count_every_request
 from web.schemas import LARGEST_PATH_ID, ErrorResponse
 
@@ -33,6 +33,10 @@ class IdConverter(IntegerConverter):
 
 class AgentqAPI(OpenAPI):
     json_provider_class = SafeJSONProvider
+
+    def generate_spec_json(self) -> None:
+        super().generate_spec_json()
+        document_request_ids(self.spec_json)
 
     def make_default_options_response(self) -> Response:
         """An OPTIONS request is answered 204 with its `Allow` header: Flask's own answer is a 200 with an empty

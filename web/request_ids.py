@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from typing import Any
 
 from flask import Flask, Response, g, request
 
@@ -19,6 +20,7 @@ from app.logging_setup import log_as_request
 
 HEADER = "X-Request-ID"
 _PLAIN_TOKEN = re.compile(r"[A-Za-z0-9._:+/=-]{1,128}")
+_SCHEMA = {"type": "string", "pattern": f"^{_PLAIN_TOKEN.pattern}$"}
 
 
 def name_every_request(app: Flask) -> None:
@@ -45,3 +47,22 @@ def _sent_back(response: Response) -> Response:
 
 def _forgotten(_: BaseException | None) -> None:
     log_as_request(None)
+
+
+def document_request_ids(document: dict[str, Any]) -> None:
+    """The OpenAPI document says it too, so that a generated client sends and reads the header: an optional
+    parameter of every operation, and a header of every response it documents."""
+    components = document.setdefault("components", {})
+    components.setdefault("parameters", {})[HEADER] = {
+        "name": HEADER, "in": "header", "required": False, "schema": _SCHEMA,
+        "description": "Names the request in agentq's log lines and the worker's lines of the turn it sends; "
+                       "a value of another form is replaced by a new id."}
+    components.setdefault("headers", {})[HEADER] = {
+        "schema": _SCHEMA, "description": "The request's id: the one sent, or a new one."}
+    parameter, header = {"$ref": f"#/components/parameters/{HEADER}"}, {"$ref": f"#/components/headers/{HEADER}"}
+    for operations in document.get("paths", {}).values():
+        for operation in operations.values():
+            if parameter not in (parameters := operation.setdefault("parameters", [])):
+                parameters.append(parameter)
+            for response in operation.get("responses", {}).values():
+                response.setdefault("headers", {})[HEADER] = header
