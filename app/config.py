@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", validation_alias="REDIS_URL")
 
     max_active_conversations: int = Field(default=3, ge=1, le=1_000_000)
+    max_turns_per_minute: int = Field(default=0, ge=0, le=1_000_000)
     dedup_window_seconds: int = Field(default=300, ge=0, le=YEAR)
     max_content_chars: int = Field(default=32000, ge=1, le=10_000_000)
     blocked_terms: str = ""

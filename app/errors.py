@@ -16,6 +16,8 @@ def error_object(code: str, message: str) -> dict[str, dict[str, str]]:
 class AgentqError(Exception):
     status = 400
     code = "bad_request"
+    retry_after: int | None = None
+    """Seconds after which the same request may be answered otherwise (an HTTP `Retry-After`), when known."""
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
@@ -69,6 +71,15 @@ class TooManyActiveConversations(AgentqError):
         super().__init__(message or f"You already have {conversation_count(limit)} with a turn in flight; wait for one "
                                     "to end.")
         self.limit = limit
+
+
+class TooManyTurns(AgentqError):
+    status = 429
+    code = "too_many_turns"
+
+    def __init__(self, limit: int, *, retry_after: int) -> None:
+        super().__init__(f"You may start {limit} turn{'' if limit == 1 else 's'} a minute; retry in {retry_after} s.")
+        self.limit, self.retry_after = limit, retry_after
 
 
 def conversation_count(count: int) -> str:

@@ -20,13 +20,21 @@ from app.auth import Principal
 from app.config import get_settings
 from app.conversations import require_owned
 from app.db import plain_transaction, transaction
-from app.errors import ContentTooLarge, ConversationBusy, NotFound, TooManyActiveConversations, ValidationFailed
+from app.errors import (
+    ContentTooLarge,
+    ConversationBusy,
+    NotFound,
+    TooManyActiveConversations,
+    TooManyTurns,
+    ValidationFailed,
+)
 from app.in_flight import check_can_start
 from app.models import Agent, Conversation, ConversationMessage, Turn, User, table
 from app.models.base import utc_now
 from app.prepared import Batch, Prepared, Rows, Unit
 from app.run_kinds import TURN
 from app.text import unstorable
+from app.turn_rate import take_turn_token
 from app.turn_status import TurnStatus
 
 
@@ -214,7 +222,8 @@ def _answered_again(replay: AcceptedTurn) -> AcceptedTurn:
 
 
 def submit_turn(principal: Principal, conversation_id: int, content: str, idempotency_key: str | None) -> AcceptedTurn:
-    """Accept one turn (202) or refuse it: 404 not theirs, 409 busy, 429 over the per-user limit, 413/422 bad content.
+    """Accept one turn (202) or refuse it: 404 not theirs, 409 busy, 429 over the per-user limits (turns in flight,
+    turns a minute: `app.turn_rate`), 413/422 bad content.
 
     Whoever refuses (the content check, the Redis fast path or the database), another user's conversation is 404 first,
     so a refusal never tells anyone that a conversation exists or is busy; and a request with an
@@ -227,6 +236,11 @@ def submit_turn(principal: Principal, conversation_id: int, content: str, idempo
         raise
     if idempotency_key is not None and (replay := _owned_replay(principal, conversation_id, idempotency_key, content)):
         return _answered_again(replay)
+    try:
+        take_turn_token(principal.id)
+    except TooManyTurns:
+        _owned_replay(principal, conversation_id, None, content)  # another user's conversation is 404 first
+        raise
     try:
         lock = conversation_locks.acquire_turn_slots(principal.id, conversation_id)
     except (ConversationBusy, TooManyActiveConversations):

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 import psycopg
@@ -693,6 +693,46 @@ def test_the_database_alone_keeps_the_limit_of_active_conversations_when_redis_i
         assert [post(c).status_code for c in conversations[:3]] == [202] * 3
         refused = post(conversations[3])
         assert (refused.status_code, refused.json()["error"]["code"]) == (429, "too_many_active_conversations")
+
+
+def test_a_user_past_their_turns_a_minute_is_refused_until_a_token_comes_back(
+        world: World, settings_of: Callable[..., None], redis_client: redis.Redis) -> None:
+    """A key, even one with no credit, could start turns without end, each storing its message (a turn its user
+    cannot afford ends `insufficient_balance`; it is not refused). With `AGENTQ_MAX_TURNS_PER_MINUTE` a user gets a
+    burst of that many, then that many a minute: the next is 429 `too_many_turns`, saying when to retry, and stores
+    nothing; a replay of an `Idempotency-Key` starts nothing and is answered; another user's conversation is still
+    404 first, and another user has tokens of their own. With Redis out of reach a turn is accepted, uncounted."""
+    from app.turn_rate import bucket_key
+
+    settings_of(AGENTQ_MAX_TURNS_PER_MINUTE="2")
+    agent_id = world.agent(world.model("rate", upstream="echo;ttft=5"), timeout_seconds=30)
+    alice, key = world.user()
+    conversations = [world.conversation(key, agent_id, project_id=n) for n in range(3)]
+    first = world.send(key, conversations[0], headers={"Idempotency-Key": "first"})
+    assert (first.status_code, world.send(key, conversations[1]).status_code) == (202, 202)
+    refused = world.send(key, conversations[2])
+    after = int(refused.headers["Retry-After"])
+    assert (refused.status_code, refused.json["error"]) == (429, {
+        "code": "too_many_turns", "message": f"You may start 2 turns a minute; retry in {after} s."})
+    assert 1 <= after <= 30
+    assert world.api.get(f"/api/conversations/{conversations[2]}/messages", key).json["items"] == []
+    replayed = world.send(key, conversations[0], headers={"Idempotency-Key": "first"})
+    assert (replayed.status_code, replayed.json) == (202, first.json)
+    _, other = world.user("bob")
+    assert world.send(key, world.conversation(other, agent_id)).status_code == 404
+    assert world.send(other, world.conversation(other, agent_id)).status_code == 202
+    # A token comes back after half a minute at 2 a minute: the bucket's last take moved 31 s back, as time would.
+    bucket = bucket_key(alice)
+    taken_at = cast(bytes, redis_client.hget(bucket, "at"))
+    redis_client.hset(bucket, "at", str(int(taken_at) - 31_000))
+    assert world.send(key, conversations[2]).status_code == 202
+    with api_process("web-rate-without-redis", REDIS_URL="redis://127.0.0.1:9/0",
+                     AGENTQ_MAX_TURNS_PER_MINUTE="1") as (url, _):
+        _, carol = world.user("carol")
+        sent = [httpx.post(f"{url}/api/conversations/{world.conversation(carol, agent_id, project_id=n)}/messages",
+                           headers={"Authorization": f"Bearer {carol}"}, json={"content": "hi"}, timeout=30)
+                for n in range(2)]
+        assert [answer.status_code for answer in sent] == [202, 202]
 
 
 def test_a_busy_conversation_is_409_before_the_limit_is_429_when_redis_is_out_of_reach(world: World) -> None:

@@ -85,6 +85,8 @@ def _domain(exc: AgentqError) -> Response:
     if (problem := setup_problem(exc)) is not None:  # a SQLite file not made, or awaiting its upgrade
         return _setup_step_response(problem, exc)
     response = error_response(exc.status, exc.code, exc.message)
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(exc.retry_after)
     if exc.status == 401:
         response.headers["WWW-Authenticate"] = "Bearer"  # RFC 6750: which credentials the route takes
     return response
