@@ -88,7 +88,7 @@ def _run(claimed: _ClaimedRun) -> None:
             agent.primary, agent.fallback, lambda target: agent.prompt_for(target, [], content).messages,
             agent.params, AnswerSink(), holding.stop, ends_by=ends_by, fell_back=claimed.fell_back,
             before_fallback_call=lambda: DEBUG_RUN.mark_fell_back(run_id, token, ends_by=ends_by,
-                                                                    stop=holding.stop))
+                                                                  stop=holding.stop))
         keeper.ending(holding, stopped=outcome is not None and outcome.cut_short)
         if outcome is None:
             _record_end(run_id, token, claimed.delivery, (), TurnStatus.CONTENT_VIOLATION,

@@ -306,6 +306,9 @@ class TurnStream(AnswerSink):
         metrics.observe_terminal(status.value)
         payload = {"status": status.value, "model": model}
         self._add({"type": "done", "a": self._attempt, "data": json.dumps(payload)}, expire=True)
-        readers = self.readers_text()  # after the `done` is queued: the links are for readers who come back later
-        if content and readers is not None and readers.text == content and (readers.links or held is not None):
+        # After the `done` is queued: the links are for readers who come back later. Readers hold `held` when it
+        # is not None; otherwise they followed this attempt, whose text is joined only when links lead to it.
+        followed = self._followed
+        readers = held or (self.readers_text() if followed is not None and followed.links else None)
+        if content and readers is not None and readers.text == content:
             self._keep_links((*readers.links, (readers.attempt, len(content)), (self._attempt, len(content))))

@@ -25,6 +25,20 @@ longest write agentq makes, so that a busy moment is waited out, not failed."""
 
 
 @contextlib.contextmanager
+def pragma_for_a_while(connection: Connection, pragma: str, during: object, after: object) -> Iterator[None]:
+    """A SQLite connection's `pragma` set to `during` until the block ends, then to `after`, the engine's own
+    setting (the pool hands the connection on). Set before the connection's transaction begins: SQLite ignores
+    some pragmas inside one, and applies the others to the next."""
+    driver = connection.connection.driver_connection
+    assert driver is not None, "a pooled connection holds its driver's"
+    driver.execute(f"PRAGMA {pragma}={during}")
+    try:
+        yield
+    finally:
+        driver.execute(f"PRAGMA {pragma}={after}")
+
+
+@contextlib.contextmanager
 def lock_waits_within(connection: Connection, seconds: float) -> Iterator[None]:
     """On SQLite, this connection's wait for the file's write lock bounded by `seconds` instead of the busy
     timeout, for a probe that must answer within moments (`/readyz`): an outside writer holding the lock (an
@@ -32,13 +46,8 @@ def lock_waits_within(connection: Connection, seconds: float) -> Iterator[None]:
     if connection.dialect.name != "sqlite":
         yield
         return
-    driver = connection.connection.driver_connection  # no transaction begun: the pragma applies to the next one
-    assert driver is not None
-    driver.execute(f"PRAGMA busy_timeout={int(seconds * 1000)}")
-    try:
+    with pragma_for_a_while(connection, "busy_timeout", int(seconds * 1000), BUSY_TIMEOUT_MS):
         yield
-    finally:
-        driver.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
 
 def sqlite_engine(url: str, create: bool) -> Engine:

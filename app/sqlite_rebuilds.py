@@ -7,14 +7,12 @@ its indexes go with the old table, and `app.schema` makes them again.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 from sqlalchemy import CheckConstraint, Connection, Engine, MetaData, Table
 from sqlalchemy.schema import CreateTable
 
 from app.models import Base
 from app.models.conversations import ALL_STATUSES_SQL
+from app.sqlite_engine import pragma_for_a_while
 
 __all__ = ["rebuilt_for_ids_never_reused", "rebuilt_for_this_releases_statuses"]
 
@@ -41,7 +39,8 @@ def rebuilt_for_this_releases_statuses(engine: Engine) -> list[str]:
     old one's name and ids. A second `db init` waits for the write lock (`BEGIN IMMEDIATE`) and finds the list
     up to date."""
     rebuilt = []
-    with engine.connect() as connection, _foreign_keys_off(connection), connection.begin():
+    with (engine.connect() as connection, pragma_for_a_while(connection, "foreign_keys", "OFF", "ON"),
+          connection.begin()):
         for table in Base.metadata.sorted_tables:
             made_as = _made_as(connection, table)
             if any(check not in made_as for check in _status_checks(table)):
@@ -54,19 +53,6 @@ def _status_checks(table: Table) -> list[str]:
     """The table's CHECKs of the statuses' list, as SQLAlchemy writes them in a SQLite table's statement."""
     return [f"CONSTRAINT {check.name} CHECK ({check.sqltext})" for check in table.constraints
             if isinstance(check, CheckConstraint) and str(check.sqltext) == ALL_STATUSES_SQL]
-
-
-@contextmanager
-def _foreign_keys_off(connection: Connection) -> Iterator[None]:
-    """Foreign keys off on this SQLite connection until the block ends, then on again (the pool hands it on).
-    Set before its transaction begins: inside one, SQLite ignores the pragma."""
-    driver = connection.connection.driver_connection
-    assert driver is not None, "a pooled connection holds its driver's"
-    driver.execute("PRAGMA foreign_keys=OFF")
-    try:
-        yield
-    finally:
-        driver.execute("PRAGMA foreign_keys=ON")
 
 
 def _made_as(connection: Connection, table: Table) -> str:

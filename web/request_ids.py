@@ -14,9 +14,9 @@ import re
 import uuid
 from typing import Any
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, request
 
-from app.logging_setup import log_as_request
+from app.logging_setup import log_as_request, logged_request_id
 
 HEADER = "X-Request-ID"
 _PLAIN_TOKEN = re.compile(r"[A-Za-z0-9._:+/=-]{1,128}")
@@ -35,12 +35,11 @@ def request_id_of(given: str | None) -> str:
 
 
 def _named() -> None:
-    g.request_id = request_id_of(request.headers.get(HEADER))
-    log_as_request(g.request_id)
+    log_as_request(request_id_of(request.headers.get(HEADER)))
 
 
 def _sent_back(response: Response) -> Response:
-    if (request_id := g.get("request_id")) is not None:
+    if (request_id := logged_request_id()) is not None:
         response.headers[HEADER] = request_id
     return response
 

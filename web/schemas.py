@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -32,10 +33,16 @@ from app.paging import LARGEST_CONVERSATION_PAGE, LARGEST_LOG_PAGE, LARGEST_PAGE
 from app.text import not_one_line, unstorable
 
 
-def _storable(text: str) -> str:
-    if (problem := unstorable(text)) is not None:
-        raise ValueError(problem)
-    return text
+def _refused_by(problem_of: Callable[[str], str | None]) -> AfterValidator:
+    """A validator of text that one of `app.text`'s rules refuses, in that rule's words (the rule owns them: the
+    command line says them too)."""
+
+    def check(text: str) -> str:
+        if (problem := problem_of(text)) is not None:
+            raise ValueError(problem)
+        return text
+
+    return AfterValidator(check)
 
 
 def _not_blank(text: str) -> str:
@@ -44,25 +51,19 @@ def _not_blank(text: str) -> str:
     return text
 
 
-def _one_line(text: str) -> str:
-    if (problem := not_one_line(text)) is not None:
-        raise ValueError(problem)
-    return text
-
-
 def _plain_amount(value: Any) -> Any:
     """Money given as text must be plain digits (`app.money.written_plainly`); a JSON number is read as one."""
     return written_plainly(value) if isinstance(value, str) else value
 
 
-STORABLE = AfterValidator(_storable)
+STORABLE = _refused_by(unstorable)
 """Storable text (`app.text.unstorable`); each text type below puts its bounds before this check, so that they
 count characters of the text as given (after it, pydantic counts "items after validation" in its message)."""
 
 Text = Annotated[str, Strict(), STORABLE]
 Ident = Annotated[int, Strict(), Field(ge=1, le=LARGEST_ID)]
 Name = Annotated[str, Strict(), StringConstraints(min_length=1, max_length=SHORT_TEXT_CHARS), STORABLE,
-                 AfterValidator(_not_blank), AfterValidator(_one_line)]
+                 AfterValidator(_not_blank), _refused_by(not_one_line)]
 Price = Annotated[Decimal, BeforeValidator(_plain_amount), Field(ge=0, max_digits=18, decimal_places=6)]
 Amount = Annotated[Decimal, BeforeValidator(_plain_amount), Field(max_digits=18, decimal_places=6)]
 
